@@ -1,0 +1,34 @@
+# The README's two commands: `make demo` and `make test`. Both create or refresh .venv/ first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ryzanstein-installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench-pipeline up lint clean
+
+# Re-installs when pyproject.toml changes or the venv is missing/broken. torch is pinned to the
+# local CPU build on the project machines; GPU users install their own torch into .venv first.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@test -x $(BIN)/ryzanstein
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/ryzanstein demo
+
+test: install
+	@rc=0; $(BIN)/python -m pytest $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
+
+bench-pipeline: install
+	$(BIN)/python benchmarks/pipeline.py
+
+up: install
+	$(BIN)/ryzanstein up
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -1,0 +1,10 @@
+import argparse
+import sys
+
+from balancer.cli import configure, run
+from broker.cli_common import add_common
+
+parser = argparse.ArgumentParser(prog="python -m balancer", description="One ryzanstein balancer.")
+add_common(parser)
+configure(parser)
+sys.exit(run(parser.parse_args()))

@@ -1,0 +1,10 @@
+import argparse
+import sys
+
+from broker.cli import configure, run
+from broker.cli_common import add_common
+
+parser = argparse.ArgumentParser(prog="python -m broker", description="The embedded Redis in the foreground.")
+add_common(parser)
+configure(parser)
+sys.exit(run(parser.parse_args()))

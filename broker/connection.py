@@ -1,0 +1,123 @@
+"""Connections to Redis that survive blips, the URL resolution order, and the Redis clock."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import redis
+import redis.asyncio
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from broker import embedded
+from broker.errors import ConfigError
+from broker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Errors after which a process waits and retries instead of exiting.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ConnectionError,
+    OSError,
+)
+
+
+def resolve_url(settings: Settings, *, wait_s: float = 0.0) -> str:
+    """--redis-url / RYZ_REDIS_URL, else the embedded broker a running ``up``/``broker`` announced.
+
+    ``wait_s`` lets processes started together with the broker (a Procfile) wait for its announcement.
+    """
+    if settings.redis_url:
+        return settings.redis_url
+    deadline = time.monotonic() + wait_s
+    while True:
+        url = embedded.discover(prefix=settings.prefix)
+        if url:
+            return url
+        if time.monotonic() >= deadline:
+            raise ConfigError(
+                "no Redis to talk to: pass --redis-url (or set RYZ_REDIS_URL), "
+                "or start the embedded one with `ryzanstein up` or `ryzanstein broker`"
+            )
+        time.sleep(0.1)
+
+
+def _kwargs(settings: Settings) -> dict[str, object]:
+    return {
+        "socket_timeout": settings.socket_timeout_s,
+        "socket_connect_timeout": settings.connect_timeout_s,
+        "health_check_interval": 30,
+        "retry": Retry(ExponentialBackoff(cap=settings.reconnect_cap_s, base=settings.reconnect_base_s), 3),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+    }
+
+
+def connect(url: str, settings: Settings, *, decode_responses: bool = False) -> redis.Redis:
+    """A client for ``url`` (redis://, rediss://, unix://, with user:password) that retries blips."""
+    return redis.Redis.from_url(url, decode_responses=decode_responses, **_kwargs(settings))
+
+
+def connect_async(url: str, settings: Settings, *, decode_responses: bool = False) -> redis.asyncio.Redis:
+    from redis.asyncio.retry import Retry as AsyncRetry
+
+    kwargs = _kwargs(settings)
+    kwargs["retry"] = AsyncRetry(ExponentialBackoff(cap=settings.reconnect_cap_s, base=settings.reconnect_base_s), 3)
+    return redis.asyncio.Redis.from_url(url, decode_responses=decode_responses, **kwargs)
+
+
+def backoff_delays(settings: Settings) -> Iterator[float]:
+    """Jittered exponential delays for a loop that lost Redis; endless."""
+    delay = settings.reconnect_base_s
+    while True:
+        yield delay * (0.5 + random.random() / 2)
+        delay = min(delay * 2, settings.reconnect_cap_s)
+
+
+class RedisClock:
+    """Milliseconds on the Redis server's clock, estimated locally (one TIME call per refresh).
+
+    Heartbeats and request deadlines are stamped with Redis' clock, so processes on hosts with
+    skewed clocks still agree on ages and deadlines.
+    """
+
+    def __init__(self, time_fn: Callable[[], tuple[int, int]], *, refresh_s: float = 30.0,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._time_fn = time_fn
+        self._monotonic = monotonic
+        self._refresh_s = refresh_s
+        self._offset_ms = 0.0
+        self._synced_at: float | None = None
+
+    def now_ms(self) -> float:
+        mono = self._monotonic()
+        if self._synced_at is None or mono - self._synced_at >= self._refresh_s:
+            try:
+                secs, micros = self._time_fn()
+                self._offset_ms = secs * 1000.0 + micros / 1000.0 - mono * 1000.0
+                self._synced_at = mono
+            except TRANSIENT_ERRORS:
+                if self._synced_at is None:
+                    raise
+        return mono * 1000.0 + self._offset_ms
+
+
+def retry_forever(fn: Callable[[], object], settings: Settings, *, what: str,
+                  stop: threading.Event | None = None) -> None:
+    """Call ``fn`` until it gets through a Redis outage (or ``stop`` is set)."""
+    delays = backoff_delays(settings)
+    while stop is None or not stop.is_set():
+        try:
+            fn()
+            return
+        except TRANSIENT_ERRORS as exc:
+            delay = next(delays)
+            log.warning("%s: redis unavailable (%s); retrying in %.2fs", what, exc, delay)
+            time.sleep(delay)

@@ -1,0 +1,43 @@
+"""The project's exceptions: one base, a few named kinds, each with the error code clients see."""
+
+from __future__ import annotations
+
+
+class RyzansteinError(Exception):
+    """Base of every ryzanstein error. ``code`` is the ``error`` event code a client receives."""
+
+    code = "internal"
+
+
+class InvalidRequest(RyzansteinError):
+    """The request breaks the protocol or a limit; the message says which field and why."""
+
+    code = "invalid_request"
+
+
+class Overloaded(RyzansteinError):
+    code = "overloaded"
+
+
+class RequestTimeout(RyzansteinError):
+    code = "timeout"
+
+
+class Unavailable(RyzansteinError):
+    """No live worker group could take the request."""
+
+    code = "unavailable"
+
+
+class RequestFailed(RyzansteinError):
+    """Raised by clients when a request ended with an ``error`` event."""
+
+    def __init__(self, request_id: str, code: str, message: str) -> None:
+        super().__init__(f"request {request_id} failed: {code}: {message}")
+        self.request_id = request_id
+        self.code = code
+        self.message = message
+
+
+class ConfigError(RyzansteinError):
+    """Bad configuration or environment (no Redis reachable, unknown model, ...)."""

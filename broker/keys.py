@@ -1,0 +1,115 @@
+"""Every Redis key name ryzanstein uses, built here and nowhere else.
+
+Redis Cluster: a Lua script may only touch keys of one hash slot. Keys that one script touches
+together share a hash tag: a per-group key carries ``{<prefix>:g:<name>}``, and the state of a
+request lives in a *companion* of its reply stream (``companion``), which hashes to the same slot as
+the reply stream itself even though the reply stream's name (fixed by the protocol) has no tag.
+
+Key schema (``p`` is the prefix, ``ryz`` by default):
+
+| key | type | what |
+|---|---|---|
+| ``p:requests`` | stream | ingress; consumer group ``balancers`` |
+| ``p:cancel`` | stream | cancellations, read by every balancer and group |
+| ``p:result:<id>`` | stream | default reply stream of request ``<id>`` |
+| ``{<reply>}:state:<id>`` | hash | owner group, epoch, tokens published, final flag (companion of the reply) |
+| ``p:groups`` | zset | registered groups, scored by last heartbeat (ms, Redis clock) |
+| ``{p:groups}:info:<name>`` | hash | a group's heartbeat: load, limits, identity |
+| ``{p:g:<name>}:queue`` | stream | a group's work queue; consumer group ``group`` |
+| ``{p:g:<name>}:accepting`` | string | present while the group takes new work |
+| ``{p:g:<name>}:seen:<id>:<epoch>`` | string | dispatch marker: makes routing idempotent |
+| ``p:client:<uuid>`` | stream | shared reply stream of one client instance |
+"""
+
+from __future__ import annotations
+
+import binascii
+import itertools
+from dataclasses import dataclass
+from functools import lru_cache
+
+INGRESS_GROUP = "balancers"
+QUEUE_GROUP = "group"
+CLUSTER_SLOTS = 16384
+
+
+def hash_tag(key: str) -> str | None:
+    """The part of ``key`` Redis Cluster hashes, if the key has a non-empty ``{...}`` tag."""
+    start = key.find("{")
+    if start < 0:
+        return None
+    end = key.find("}", start + 1)
+    if end <= start + 1:
+        return None
+    return key[start + 1 : end]
+
+
+def key_slot(key: str) -> int:
+    """The Redis Cluster hash slot of ``key``: CRC16/XMODEM of its hash tag, or of the whole key."""
+    return binascii.crc_hqx((hash_tag(key) or key).encode(), 0) % CLUSTER_SLOTS
+
+
+@lru_cache(maxsize=1024)
+def _slot_tag(slot: int) -> str:
+    """The shortest tag of ``[0-9a-z]`` that hashes to ``slot`` (four characters reach every slot)."""
+    for size in itertools.count(1):
+        for chars in itertools.product("0123456789abcdefghijklmnopqrstuvwxyz", repeat=size):
+            if binascii.crc_hqx("".join(chars).encode(), 0) % CLUSTER_SLOTS == slot:
+                return "".join(chars)
+    raise AssertionError("unreachable")
+
+
+def companion(key: str, suffix: str) -> str:
+    """A key in the same cluster hash slot as ``key``.
+
+    A key without a tag hashes as a whole, so ``{key}`` as a tag lands in the same slot; a key
+    that already has a tag keeps it. A '}' in an untagged key (``replies}1``, ``a{}b``) would end
+    a ``{key}`` tag early, so such a key gets a short tag of its slot instead: ``{<tag>}:key:suffix``.
+    """
+    if hash_tag(key) is not None:
+        return f"{key}:{suffix}"
+    if key and "}" not in key:
+        return f"{{{key}}}:{suffix}"
+    return f"{{{_slot_tag(key_slot(key))}}}:{key}:{suffix}"
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key names under one prefix."""
+
+    prefix: str = "ryz"
+
+    @property
+    def requests(self) -> str:
+        return f"{self.prefix}:requests"
+
+    @property
+    def cancel(self) -> str:
+        return f"{self.prefix}:cancel"
+
+    def result(self, request_id: str) -> str:
+        return f"{self.prefix}:result:{request_id}"
+
+    @staticmethod
+    def state(reply_key: str, request_id: str) -> str:
+        """State of one request; per request, since several requests may share a reply stream."""
+        return companion(reply_key, f"state:{request_id}")
+
+    @property
+    def groups(self) -> str:
+        return f"{self.prefix}:groups"
+
+    def group_info(self, name: str) -> str:
+        return companion(self.groups, f"info:{name}")
+
+    def group_queue(self, name: str) -> str:
+        return f"{{{self.prefix}:g:{name}}}:queue"
+
+    def group_accepting(self, name: str) -> str:
+        return f"{{{self.prefix}:g:{name}}}:accepting"
+
+    def dispatch_marker(self, group: str, request_id: str, epoch: int) -> str:
+        return f"{{{self.prefix}:g:{group}}}:seen:{request_id}:{epoch}"
+
+    def client_replies(self, client_id: str) -> str:
+        return f"{self.prefix}:client:{client_id}"

@@ -1,0 +1,390 @@
+"""The wire protocol: ingress entries -> validated ``GenerationRequest``; result events -> fields.
+
+Ingress entries come from any Redis client, so every value arrives as bytes and may be anything.
+``parse_request`` turns any input into either a valid request or an ``InvalidRequest`` whose message
+names the field and the problem; it never raises anything else (fuzzed in tests/broker).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any, Literal
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from broker.errors import InvalidRequest
+
+ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+FinishReason = Literal["stop", "length", "cancelled"]
+INT64_MIN, UINT64_MAX = -(1 << 63), (1 << 64) - 1
+MAX_STOP_STRINGS = 16
+MAX_KEY_BYTES = 512
+
+
+class SamplingParams(BaseModel):
+    """How to pick tokens; validated bounds match CONTRACT.md."""
+
+    model_config = ConfigDict(frozen=True, strict=True)
+
+    max_tokens: int = Field(default=16, ge=1, le=1 << 31)
+    temperature: float = Field(default=1.0, ge=0.0, le=1e6)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0, le=1 << 31)
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=UINT64_MAX)
+    stop: tuple[str, ...] = Field(default=(), max_length=MAX_STOP_STRINGS)
+
+
+class GenerationRequest(BaseModel):
+    """One validated request, as the balancer forwards it to a worker group."""
+
+    model_config = ConfigDict(frozen=True, strict=True)
+
+    id: str = Field(pattern=f"^{ID_RE.pattern}$", min_length=1, max_length=128)  # pydantic searches: anchor it
+    prompt: str | None = None
+    prompt_ids: tuple[int, ...] | None = None
+    sampling: SamplingParams = SamplingParams()
+    stream: bool = False
+    priority: int = Field(default=0, ge=INT64_MIN, le=(1 << 63) - 1)
+    timeout_s: float | None = Field(default=None, gt=0.0)
+    reply_to: str
+    # Milliseconds on the Redis clock when the request first entered the ingress stream.
+    enqueued_ms: int = 0
+    # Set when a group hands the request back (draining) or is failed over: the balancer takes the
+    # request over from this owner, if it still holds this epoch (see scripts.CLAIM_OWNER).
+    takeover_from: str | None = None
+    takeover_epoch: int = 0
+
+    @property
+    def deadline_ms(self) -> float | None:
+        """When the request times out, on the Redis clock; None without ``timeout_s``."""
+        if self.timeout_s is None:
+            return None
+        return self.enqueued_ms + self.timeout_s * 1000.0
+
+    def to_wire(self) -> bytes:
+        return msgpack.packb(self.model_dump(mode="python"), use_bin_type=True)
+
+    def to_ingress(self, *, from_owner: str, epoch: int) -> dict[str, bytes]:
+        """Fields that put this request back on the ingress stream, taken over from ``from_owner``."""
+        payload = {
+            "id": self.id,
+            "prompt": self.prompt,
+            "prompt_ids": list(self.prompt_ids) if self.prompt_ids is not None else None,
+            **self.sampling.model_dump(exclude={"stop"}),
+            "stop": list(self.sampling.stop),
+            "stream": self.stream,
+            "priority": self.priority,
+            "timeout_s": self.timeout_s,
+            "reply_to": self.reply_to,
+            "_enqueued_ms": self.enqueued_ms,
+            "_takeover": [from_owner, epoch],
+        }
+        return {"payload": msgpack.packb({k: v for k, v in payload.items() if v is not None}, use_bin_type=True)}
+
+    @classmethod
+    def from_wire(cls, data: bytes) -> GenerationRequest:
+        raw = msgpack.unpackb(data, raw=False)
+        raw["sampling"] = SamplingParams(**{**raw["sampling"], "stop": tuple(raw["sampling"]["stop"])})
+        if raw.get("prompt_ids") is not None:
+            raw["prompt_ids"] = tuple(raw["prompt_ids"])
+        return cls(**raw)
+
+
+# --- parsing ------------------------------------------------------------------------------------
+
+_TRUE = {"1", "true"}
+_FALSE = {"0", "false"}
+
+
+def _text(name: str, value: Any) -> str:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidRequest(f"field '{name}': not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if isinstance(value, str):
+        return value
+    raise InvalidRequest(f"field '{name}': expected text, got {type(value).__name__}")
+
+
+def _show(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:40] + "...")
+
+
+def _int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or isinstance(value, float):
+        raise InvalidRequest(f"field '{name}': expected an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    text = _text(name, value).strip()
+    if not re.fullmatch(r"[+-]?\d{1,20}", text):
+        raise InvalidRequest(f"field '{name}': expected an integer, got {_show(text)}")
+    return int(text)
+
+
+def _float(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise InvalidRequest(f"field '{name}': expected a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        number = float(value)
+    else:
+        text = _text(name, value).strip()
+        try:
+            number = float(text)
+        except ValueError:
+            raise InvalidRequest(f"field '{name}': expected a number, got {_show(text)}") from None
+    if not math.isfinite(number):
+        raise InvalidRequest(f"field '{name}': must be a finite number")
+    return number
+
+
+def _bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    text = _text(name, value).strip().lower() if not isinstance(value, int) else str(value)
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise InvalidRequest(f"field '{name}': expected 0, 1, true or false, got {_show(text)}")
+
+
+def _json_list(name: str, value: Any) -> list[Any]:
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    text = _text(name, value)
+    try:
+        parsed = json.loads(text)
+    except (ValueError, RecursionError):
+        raise InvalidRequest(f"field '{name}': expected a JSON array, got {_show(text)}") from None
+    if not isinstance(parsed, list):
+        raise InvalidRequest(f"field '{name}': expected a JSON array, got {type(parsed).__name__}")
+    return parsed
+
+
+def _token_ids(value: Any) -> tuple[int, ...]:
+    items = _json_list("prompt_ids", value)
+    if not items:
+        raise InvalidRequest("field 'prompt_ids': must not be empty")
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise InvalidRequest(f"field 'prompt_ids': every item must be an integer, got {item!r:.40}")
+        if item < 0 or item > UINT64_MAX:
+            raise InvalidRequest(f"field 'prompt_ids': token id {item} is out of range")
+    return tuple(items)
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    items = _json_list("stop", value)
+    if len(items) > MAX_STOP_STRINGS:
+        raise InvalidRequest(f"field 'stop': at most {MAX_STOP_STRINGS} stop strings, got {len(items)}")
+    out = []
+    for item in items:
+        text = _text("stop", item) if isinstance(item, (str, bytes)) else None
+        if not text:
+            raise InvalidRequest(f"field 'stop': every item must be a non-empty string, got {item!r:.40}")
+        out.append(text)
+    return tuple(out)
+
+
+def _fields_size(fields: dict[Any, Any]) -> int:
+    return sum(len(k) + (len(v) if isinstance(v, (bytes, str)) else 8) for k, v in fields.items())
+
+
+def _unpack_payload(data: Any) -> dict[str, Any]:
+    if not isinstance(data, bytes):
+        data = _text("payload", data).encode("utf-8")
+    try:
+        obj = msgpack.unpackb(data, raw=True, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types on malformed input
+        raise InvalidRequest(f"field 'payload': not valid msgpack ({type(exc).__name__})") from None
+    if not isinstance(obj, dict):
+        raise InvalidRequest(f"field 'payload': expected a msgpack map, got {type(obj).__name__}")
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        if isinstance(key, bytes):
+            try:
+                key = key.decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+        if isinstance(key, str):
+            out[key] = value
+    return out
+
+
+def parse_request(
+    fields: dict[bytes, bytes] | dict[str, Any],
+    *,
+    entry_id: str,
+    prefix: str,
+    max_request_bytes: int,
+    default_max_tokens: int = 16,
+) -> GenerationRequest:
+    """Validate one ingress entry. Raises ``InvalidRequest`` (and nothing else) on bad input."""
+    try:
+        return _parse(fields, entry_id, prefix, max_request_bytes, default_max_tokens)
+    except InvalidRequest:
+        raise
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"] if p != "sampling") or "request"
+        raise InvalidRequest(f"field '{where}': {err['msg']}") from None
+    except Exception as exc:  # last line of defence: a bad request must never crash a process
+        raise InvalidRequest(f"request could not be parsed: {type(exc).__name__}") from None
+
+
+def _parse(
+    fields: dict[Any, Any], entry_id: str, prefix: str, max_bytes: int, default_max_tokens: int
+) -> GenerationRequest:
+    size = _fields_size(fields)
+    if size > max_bytes:
+        raise InvalidRequest(f"request is {size} bytes, over the limit of {max_bytes} bytes")
+    raw: dict[str, Any] = {}
+    for key, value in fields.items():
+        if isinstance(key, bytes):
+            try:
+                key = key.decode("utf-8")
+            except UnicodeDecodeError:
+                continue  # unknown (and unreadable) field names are ignored, like any unknown field
+        raw[key] = value
+    if "payload" in raw:
+        raw = _unpack_payload(raw["payload"])
+
+    request_id = entry_id if raw.get("id") is None else _text("id", raw["id"])
+    if not ID_RE.fullmatch(request_id):
+        raise InvalidRequest(f"field 'id': must be 1-128 characters of [A-Za-z0-9_.:-], got {_show(request_id)}")
+
+    has_prompt, has_ids = raw.get("prompt") is not None, raw.get("prompt_ids") is not None
+    if has_prompt == has_ids:
+        raise InvalidRequest("exactly one of 'prompt' and 'prompt_ids' must be given")
+    prompt = _text("prompt", raw["prompt"]) if has_prompt else None
+    if prompt == "":
+        raise InvalidRequest("field 'prompt': must not be empty")
+    prompt_ids = _token_ids(raw["prompt_ids"]) if has_ids else None
+
+    sampling: dict[str, Any] = {"max_tokens": default_max_tokens}
+    for name, convert in (("max_tokens", _int), ("temperature", _float), ("top_p", _float), ("top_k", _int)):
+        if raw.get(name) is not None:
+            sampling[name] = convert(name, raw[name])
+    if raw.get("seed") is not None:
+        sampling["seed"] = _int("seed", raw["seed"])
+    if raw.get("stop") is not None:
+        sampling["stop"] = _stop(raw["stop"])
+
+    reply_to = f"{prefix}:result:{request_id}"
+    if raw.get("reply_to") is not None:
+        reply_to = _text("reply_to", raw["reply_to"])
+        if not reply_to or len(reply_to.encode()) > MAX_KEY_BYTES:
+            raise InvalidRequest(f"field 'reply_to': must be a key name of 1-{MAX_KEY_BYTES} bytes")
+        if reply_to in (f"{prefix}:requests", f"{prefix}:cancel"):
+            raise InvalidRequest("field 'reply_to': must not be one of ryzanstein's own streams")
+
+    enqueued_ms = entry_ms(entry_id)
+    takeover_from, takeover_epoch = None, 0
+    # Internal fields, set only when ryzanstein itself puts a request back (to_ingress).
+    if isinstance(raw.get("_enqueued_ms"), int) and not isinstance(raw["_enqueued_ms"], bool):
+        enqueued_ms = raw["_enqueued_ms"]
+    takeover = raw.get("_takeover")
+    if isinstance(takeover, (list, tuple)) and len(takeover) == 2 and isinstance(takeover[1], int):
+        takeover_from, takeover_epoch = _text("_takeover", takeover[0]), takeover[1]
+
+    return GenerationRequest(
+        id=request_id,
+        prompt=prompt,
+        prompt_ids=prompt_ids,
+        sampling=SamplingParams(**sampling),
+        stream=_bool("stream", raw["stream"]) if raw.get("stream") is not None else False,
+        priority=_int("priority", raw["priority"]) if raw.get("priority") is not None else 0,
+        timeout_s=_float("timeout_s", raw["timeout_s"]) if raw.get("timeout_s") is not None else None,
+        reply_to=reply_to,
+        enqueued_ms=enqueued_ms,
+        takeover_from=takeover_from,
+        takeover_epoch=takeover_epoch,
+    )
+
+
+def entry_ms(entry_id: str | bytes) -> int:
+    """The millisecond part of a stream entry id ("1700000000000-0")."""
+    if isinstance(entry_id, bytes):
+        entry_id = entry_id.decode()
+    return int(entry_id.split("-", 1)[0])
+
+
+def best_effort_reply_to(fields: dict[Any, Any], *, entry_id: str, prefix: str) -> tuple[str, str]:
+    """(request id, reply stream) for an error about a request that failed validation.
+
+    The client looks for its result under the id it sent, so use that when it is usable as part of a
+    key, and the entry id otherwise.
+    """
+    raw = {(k.decode("utf-8", "replace") if isinstance(k, bytes) else str(k)): v for k, v in fields.items()}
+    if "payload" in raw:
+        try:
+            raw = _unpack_payload(raw["payload"])
+        except InvalidRequest:
+            raw = {}
+    request_id = entry_id
+    value = raw.get("id")
+    if isinstance(value, (bytes, str)):
+        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+        if 0 < len(text.encode()) <= MAX_KEY_BYTES:
+            request_id = text
+    reply_to = f"{prefix}:result:{request_id}"
+    value = raw.get("reply_to")
+    if isinstance(value, (bytes, str)):
+        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+        if 0 < len(text.encode()) <= MAX_KEY_BYTES and text not in (f"{prefix}:requests", f"{prefix}:cancel"):
+            reply_to = text
+    return request_id, reply_to
+
+
+def limit_problem(prompt_ids: list[int] | tuple[int, ...], max_tokens: int, *, vocab_size: int,
+                  max_context: int) -> str | None:
+    """Why a tokenized request cannot run on a model (vocabulary, context length), or None."""
+    if not prompt_ids:
+        return "the prompt encodes to no tokens"
+    top = max(prompt_ids)
+    if top >= vocab_size:
+        return f"prompt_ids: token id {top} is outside the vocabulary (size {vocab_size})"
+    need = len(prompt_ids) + max_tokens
+    if need > max_context:
+        return (f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) = {need} exceeds the "
+                f"model's context length of {max_context}")
+    return None
+
+
+# --- result events ------------------------------------------------------------------------------
+
+
+def token_event(request_id: str, index: int, token_id: int, text: str) -> dict[str, str]:
+    return {"id": request_id, "event": "token", "index": str(index), "token_id": str(token_id), "text": text}
+
+
+def done_event(
+    request_id: str,
+    *,
+    text: str,
+    token_ids: list[int],
+    finish_reason: FinishReason,
+    prompt_tokens: int,
+) -> dict[str, str]:
+    return {
+        "id": request_id,
+        "event": "done",
+        "text": text,
+        "token_ids": json.dumps(token_ids, separators=(",", ":")),
+        "finish_reason": finish_reason,
+        "prompt_tokens": str(prompt_tokens),
+        "completion_tokens": str(len(token_ids)),
+    }
+
+
+def error_event(request_id: str, code: str, message: str) -> dict[str, str]:
+    return {"id": request_id, "event": "error", "code": code, "message": message}
+
+
+FINAL_EVENTS = frozenset({"done", "error"})

@@ -1,0 +1,86 @@
+"""The worker-group registry: what a group publishes in its heartbeat, and how readers see it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from broker.keys import Keys
+
+_INT_FIELDS = ("tp", "kv_capacity_tokens", "kv_used_tokens", "running", "waiting", "queue_depth",
+               "leader_pid", "max_context", "vocab_size", "completed", "heartbeat_ms")
+
+
+@dataclass(slots=True)
+class GroupLoad:
+    """What a group reports every heartbeat (all of it, each time: a heartbeat is the whole truth)."""
+
+    name: str
+    tp: int
+    model: str
+    kv_dtype: str
+    kv_capacity_tokens: int
+    kv_used_tokens: int
+    running: int
+    waiting: int
+    queue_depth: int
+    leader_pid: int
+    host: str
+    max_context: int  # longest prompt + max_tokens the group accepts
+    vocab_size: int  # token ids must be below this
+    state: str = "ready"  # ready | draining
+    completed: int = 0  # requests finished since start
+    tokens_per_s: float = 0.0  # recent generation rate
+
+    def to_fields(self) -> list[str]:
+        return [str(x) for kv in asdict(self).items() for x in kv]
+
+
+@dataclass(slots=True)
+class GroupStatus(GroupLoad):
+    heartbeat_ms: int = 0
+    alive: bool = False
+    heartbeat_age_s: float = 0.0
+
+    @property
+    def routable(self) -> bool:
+        return self.alive and self.state == "ready"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_group(info: dict[bytes, bytes], *, now_ms: float, dead_after_s: float) -> GroupStatus | None:
+    """A group's status from its info hash; None when the hash is incomplete (being removed)."""
+    raw = {k.decode(): v.decode() for k, v in info.items()}
+    known = {f.name for f in fields(GroupStatus)}
+    try:
+        values: dict[str, Any] = {k: v for k, v in raw.items() if k in known}
+        for name in _INT_FIELDS:
+            values[name] = int(values[name])
+        values["tokens_per_s"] = float(values.get("tokens_per_s", 0.0))
+        values.pop("alive", None)
+        values.pop("heartbeat_age_s", None)
+        status = GroupStatus(**values)
+    except (KeyError, ValueError, TypeError):
+        return None
+    status.heartbeat_age_s = max(0.0, (now_ms - status.heartbeat_ms) / 1000.0)
+    status.alive = status.heartbeat_age_s <= dead_after_s
+    return status
+
+
+def read_groups(redis: Any, keys: Keys, *, dead_after_s: float) -> list[GroupStatus]:
+    """Every registered group, alive or not, with ages on the Redis clock."""
+    names = [n.decode() for n in redis.zrange(keys.groups, 0, -1)]
+    pipe = redis.pipeline(transaction=False)
+    pipe.time()
+    for name in names:
+        pipe.hgetall(keys.group_info(name))
+    (secs, micros), *infos = pipe.execute()
+    now_ms = secs * 1000.0 + micros / 1000.0
+    out = []
+    for info in infos:
+        status = parse_group(info, now_ms=now_ms, dead_after_s=dead_after_s) if info else None
+        if status is not None:
+            out.append(status)
+    return sorted(out, key=lambda g: g.name)

@@ -1,0 +1,60 @@
+"""Every tunable of ryzanstein, named once, with its default and why.
+
+Each field can be overridden by an environment variable ``RYZ_<FIELD>`` (for example
+``RYZ_REDIS_URL``, ``RYZ_PREFIX``, ``RYZ_HEARTBEAT_INTERVAL_S``); command-line flags override both.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RYZ_", extra="ignore")
+
+    # --- connection -------------------------------------------------------------------------
+    redis_url: str | None = Field(
+        default=None, description="Redis URL; unset means the embedded broker (see broker.embedded)."
+    )
+    prefix: str = Field(default="ryz", description="Prefix of every key name ryzanstein uses.")
+    # Socket timeout must stay above the longest blocking read below, or idle reads would time out.
+    socket_timeout_s: float = 10.0
+    connect_timeout_s: float = 5.0
+    # Reconnect backoff after a Redis error: exponential from base to cap, forever (a blip must never
+    # kill a process, and honcho stops the whole Procfile when one process exits).
+    reconnect_base_s: float = 0.05
+    reconnect_cap_s: float = 2.0
+
+    # --- requests ---------------------------------------------------------------------------
+    max_request_bytes: int = Field(default=1 << 20, description="Limit on the summed size of a request's fields.")
+    default_max_tokens: int = 16
+    result_ttl_s: int = Field(default=3600, description="Reply streams and request state expire after this.")
+    # A request that finds no live worker group waits this long (or until its own timeout_s) before it
+    # ends with error code `unavailable`.
+    no_group_wait_s: float = 30.0
+
+    # --- balancer ---------------------------------------------------------------------------
+    balancer_batch_max: int = Field(default=128, description="Most ingress entries read in one batch.")
+    balancer_block_ms: int = Field(default=100, description="Blocking read on the ingress stream when idle.")
+    # Pending ingress entries idle this long belong to a balancer that died (or stalled): any balancer
+    # may claim them. Dispatch is idempotent, so a false positive costs work, never a duplicate.
+    claim_idle_ms: int = 5000
+    groups_refresh_s: float = Field(default=0.25, description="How often a balancer re-reads group heartbeats.")
+
+    # --- worker groups ----------------------------------------------------------------------
+    heartbeat_interval_s: float = 1.0
+    # A group whose last heartbeat is older than this is dead: not routed to, shown alive=false.
+    dead_after_s: float = 3.0
+    # Dead groups stay listed (alive=false) this long, then are removed from the registry.
+    forget_dead_after_s: float = 600.0
+    worker_block_ms: int = Field(default=50, description="Blocking read on the group queue when idle.")
+    worker_max_batch: int = Field(default=256, description="Most requests a group holds at once.")
+    drain_timeout_s: float = Field(
+        default=30.0, description="On SIGTERM, time to finish held requests before handing the rest back."
+    )
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment, with explicit (e.g. command-line) values on top; None means unset."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,48 @@
+"""The ``echo`` engine: no model, returns the prompt's tokens. For measuring the pipeline alone.
+
+One token per running request per step, like a model decoding; the last prompt token ends the
+request with finish_reason "stop" (as an EOS would), unless max_tokens ends it first. Imports no torch.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from gpu_workers.engine import EngineInfo, EngineRequest, EngineStats, StepOutput
+from gpu_workers.tokenizer import ByteTokenizer
+
+ECHO_MAX_CONTEXT = 1 << 20
+
+
+class EchoEngine:
+    def __init__(self, *, max_context: int = ECHO_MAX_CONTEXT) -> None:
+        self.tokenizer = ByteTokenizer()
+        self.info = EngineInfo(model="echo", vocab_size=256, max_context=max_context)
+        # request id -> (prompt ids, position of the next token to echo)
+        self._running: OrderedDict[str, tuple[list[int], int]] = OrderedDict()
+
+    def add(self, request: EngineRequest) -> None:
+        self._running[request.request_id] = (request.prompt_ids, len(request.output_ids))
+
+    def abort(self, request_id: str) -> None:
+        self._running.pop(request_id, None)
+
+    def step(self) -> list[StepOutput]:
+        out = []
+        for request_id, (prompt, pos) in list(self._running.items()):
+            last = pos + 1 >= len(prompt)
+            out.append(StepOutput(request_id, prompt[pos], "stop" if last else None))
+            if last:
+                del self._running[request_id]
+            else:
+                self._running[request_id] = (prompt, pos + 1)
+        return out
+
+    def has_work(self) -> bool:
+        return bool(self._running)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(running=len(self._running), waiting=0)
+
+    def close(self) -> None:
+        self._running.clear()

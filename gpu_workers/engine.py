@@ -1,0 +1,75 @@
+"""The engine interface a worker group drives, whatever generates the tokens.
+
+The group loop (gpu_workers.group) owns Redis, detokenization, stop strings and limits; an engine
+owns only token generation: requests join (``add``), every ``step`` advances each running request by
+at most one token, and requests leave when the engine finishes them or the loop ``abort``s them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from broker.protocol import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    model: str  # what `status` shows
+    vocab_size: int  # token ids must be below this
+    max_context: int  # prompt + generated tokens, at most
+    eos_token_ids: frozenset[int] = frozenset()
+    tp: int = 1
+    kv_dtype: str = "none"
+
+
+@dataclass(slots=True)
+class EngineRequest:
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    priority: int = 0
+    # Tokens already generated (and published) elsewhere: generation continues after them.
+    output_ids: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutput:
+    request_id: str
+    token_id: int
+    # Set when the engine itself ends the request with this token ("stop" for EOS-like ends).
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    running: int
+    waiting: int
+    kv_capacity_tokens: int = 0
+    kv_used_tokens: int = 0
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class Engine(Protocol):
+    info: EngineInfo
+    tokenizer: Tokenizer
+
+    def add(self, request: EngineRequest) -> None:
+        """Admit a request; it starts generating at a later step."""
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request now and free what it holds; unknown ids are ignored."""
+
+    def step(self) -> list[StepOutput]:
+        """Advance every running request by at most one token."""
+
+    def has_work(self) -> bool: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def close(self) -> None: ...

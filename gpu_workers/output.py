@@ -1,0 +1,92 @@
+"""Turning generated token ids into the protocol's text deltas, with stop strings and limits.
+
+Plain Python, no Redis and no torch: unit-tested in tests/gpu_workers/test_output.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from broker.protocol import SamplingParams
+from gpu_workers.engine import Tokenizer
+from gpu_workers.tokenizer import IncrementalDetokenizer
+
+
+@dataclass(frozen=True, slots=True)
+class TokenResult:
+    index: int  # 0-based position in the completion
+    token_id: int
+    text: str  # the text this token makes visible (may be "", or carry held-back text)
+    finish_reason: str | None  # stop | length when this token ends the request
+
+
+class OutputState:
+    """The completion of one request as it grows, one token at a time.
+
+    Text that could be the start of a stop string is held back until it is resolved, so a client
+    never sees part of a stop string; the joined deltas always equal the final ``text``.
+    """
+
+    def __init__(
+        self,
+        *,
+        sampling: SamplingParams,
+        prompt_ids: list[int],
+        tokenizer: Tokenizer,
+        eos_token_ids: frozenset[int],
+        max_context: int,
+    ) -> None:
+        self.sampling = sampling
+        self.prompt_len = len(prompt_ids)
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self._emitted = 0
+        self._eos = eos_token_ids
+        self._max_context = max_context
+        self._stops = sampling.stop
+        self._longest_stop = max((len(s) for s in self._stops), default=0)
+        self._detok = IncrementalDetokenizer(tokenizer, prompt_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def push(self, token_id: int, *, engine_finish: str | None = None) -> TokenResult:
+        """Add one generated token; returns its event and whether it ends the request."""
+        assert self.finish_reason is None, "token after the end of a completion"
+        index = len(self.token_ids)
+        self.token_ids.append(token_id)
+        searched_from = max(0, len(self.text) - self._longest_stop + 1)
+        self.text += self._detok.push(token_id)
+
+        finish = None
+        if token_id in self._eos or engine_finish is not None:
+            finish = engine_finish or "stop"
+        elif len(self.token_ids) >= self.sampling.max_tokens:
+            finish = "length"
+        elif self.prompt_len + len(self.token_ids) >= self._max_context:
+            finish = "length"
+        if finish is not None:
+            self.text += self._detok.flush()
+        if self._stops and (cut := self._find_stop(searched_from)) is not None:
+            self.text = self.text[:cut]
+            finish = "stop"
+
+        visible = len(self.text) if finish is not None else len(self.text) - self._held_back()
+        delta = self.text[self._emitted : visible] if visible > self._emitted else ""
+        self._emitted = max(self._emitted, visible)
+        self.finish_reason = finish
+        return TokenResult(index=index, token_id=token_id, text=delta, finish_reason=finish)
+
+    def _find_stop(self, start: int) -> int | None:
+        positions = [p for s in self._stops if (p := self.text.find(s, start)) >= 0]
+        return min(positions) if positions else None
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of ``text`` that is a proper prefix of a stop string."""
+        for size in range(min(self._longest_stop - 1, len(self.text)), 0, -1):
+            tail = self.text[-size:]
+            if any(s.startswith(tail) for s in self._stops):
+                return size
+        return 0

@@ -1,0 +1,476 @@
+"""The Python client: put requests on the ingress stream, read their events from reply streams.
+
+``Client`` blocks: each wait is its own XREAD on the request's reply stream. ``AsyncClient`` gives
+every request it submits the same reply stream (``Keys.client_replies``) and reads it with one
+dispatcher task that hands events to the waiting requests, so a thousand requests in flight cost one
+blocking read instead of a thousand.
+
+Both speak only the flat-field protocol of CONTRACT.md, so their requests look like any other
+client's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any
+
+from broker.connection import TRANSIENT_ERRORS, backoff_delays, connect, connect_async, resolve_url
+from broker.errors import InvalidRequest, RyzansteinError
+from broker.keys import Keys
+from broker.settings import Settings, load_settings
+from producer.request import (
+    Completion,
+    Event,
+    Handle,
+    RequestOptions,
+    event_id,
+    new_request_id,
+    request_fields,
+)
+
+if TYPE_CHECKING:
+    import redis
+    import redis.asyncio
+    from typing_extensions import Self, Unpack
+
+__all__ = ["AsyncClient", "Client", "ClientClosed", "Completion", "Event", "Handle", "RequestOptions"]
+
+log = logging.getLogger(__name__)
+
+# Most entries one XREAD returns; a reader loops for more.
+READ_COUNT = 512
+# The stream id before every real entry: read from the start.
+STREAM_START = "0-0"
+# How many request ids a client remembers the non-default reply stream of, for result(id).
+REMEMBER_REPLY_STREAMS = 4096
+
+
+def _client_settings(redis_url: str | None, prefix: str | None, settings: Settings | None) -> Settings:
+    base = settings if settings is not None else load_settings()
+    updates = {k: v for k, v in (("redis_url", redis_url), ("prefix", prefix)) if v is not None}
+    return base.model_copy(update=updates) if updates else base
+
+
+def _stream_entries(reply: Any) -> list[tuple[Any, Any]]:
+    """The entries of an XREAD reply on one stream (RESP2 list or RESP3 map)."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):  # RESP3: {stream: [entries]}
+        return [entry for value in reply.values() for entry in value[0]]
+    return [entry for _stream, entries in reply for entry in entries]
+
+
+class _Deadline:
+    """When a wait gives up, and how long the next blocking read may last."""
+
+    def __init__(self, timeout: float | None, *, max_block_ms: int, request_id: str) -> None:
+        self.at = None if timeout is None else time.monotonic() + timeout
+        self.timeout = timeout
+        self.max_block_ms = max_block_ms
+        self.request_id = request_id
+
+    def remaining(self) -> float | None:
+        """Seconds left (None: no deadline); TimeoutError once none are."""
+        if self.at is None:
+            return None
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no final event for request {self.request_id} within {self.timeout}s")
+        return left
+
+    def block_ms(self) -> int:
+        left = self.remaining()
+        if left is None:
+            return self.max_block_ms
+        return max(1, min(self.max_block_ms, int(left * 1000)))
+
+
+class _ClientBase:
+    def __init__(self, redis_url: str | None, prefix: str | None, settings: Settings | None) -> None:
+        self.settings = _client_settings(redis_url, prefix, settings)
+        self.keys = Keys(self.settings.prefix)
+        self.url = resolve_url(self.settings)
+        # A blocking read must end before the socket timeout, or an idle wait would look like a dead
+        # connection.
+        self._max_block_ms = max(1, int(self.settings.socket_timeout_s * 500))
+        # Reply streams of the latest requests submitted with an explicit (or the shared) reply_to, so
+        # that result(id) finds them; oldest first.
+        self._reply_streams: dict[str, str] = {}
+
+    def _prepare(
+        self, prompt: str | None, options: RequestOptions, *, default_reply: str | None
+    ) -> tuple[Handle, dict[str, str]]:
+        request_id = options.pop("request_id", None) or new_request_id()
+        reply_to = options.pop("reply_to", None)
+        fields = request_fields(prompt, request_id=request_id, reply_to=reply_to or default_reply, **options)
+        if reply_to is not None:
+            self._remember(request_id, reply_to)
+        return Handle(request_id, reply_to or default_reply or self.keys.result(request_id)), fields
+
+    def _remember(self, request_id: str, reply_to: str) -> None:
+        self._reply_streams[request_id] = reply_to
+        while len(self._reply_streams) > REMEMBER_REPLY_STREAMS:
+            del self._reply_streams[next(iter(self._reply_streams))]
+
+    def _handle(self, request: Handle | str) -> Handle:
+        if isinstance(request, Handle):
+            return request
+        return Handle(request, self._reply_streams.get(request) or self.keys.result(request))
+
+    def _deadline(self, timeout: float | None, request_id: str) -> _Deadline:
+        return _Deadline(timeout, max_block_ms=self._max_block_ms, request_id=request_id)
+
+
+class Client(_ClientBase):
+    """A blocking client. Requests reply to their own stream, ``{prefix}:result:{id}``, by default.
+
+    ``redis_url`` and ``prefix`` override ``settings`` (which default to the environment); without a
+    URL the client finds the embedded broker of a running ``ryzanstein up``.
+    """
+
+    def __init__(
+        self, redis_url: str | None = None, *, prefix: str | None = None, settings: Settings | None = None
+    ) -> None:
+        super().__init__(redis_url, prefix, settings)
+        self._redis: redis.Redis = connect(self.url, self.settings)
+
+    def submit(self, prompt: str | None = None, **options: Unpack[RequestOptions]) -> Handle:
+        """Put a request on the ingress stream; returns at once with the handle to wait on."""
+        handle, fields = self._prepare(prompt, options, default_reply=None)
+        self._redis.xadd(self.keys.requests, fields)  # type: ignore[arg-type]
+        return handle
+
+    def events(self, request: Handle | str, *, timeout: float | None = None) -> Iterator[Event]:
+        """The request's events in order, from the first, up to and including its final one.
+
+        Raises TimeoutError when ``timeout`` seconds pass before the final event.
+        """
+        handle = self._handle(request)
+        deadline = self._deadline(timeout, handle.id)
+        last_id = STREAM_START
+        delays: Iterator[float] | None = None
+        while True:
+            block_ms = deadline.block_ms()  # TimeoutError is an OSError: not in the try
+            try:
+                reply = self._redis.xread({handle.reply_to: last_id}, count=READ_COUNT, block=block_ms)
+            except TRANSIENT_ERRORS as exc:
+                delays = delays or backoff_delays(self.settings)
+                delay = next(delays)
+                log.warning("reading %s failed (%s); retrying in %.2fs", handle.reply_to, exc, delay)
+                left = deadline.remaining()
+                time.sleep(delay if left is None else min(delay, left))
+                continue
+            delays = None
+            for entry_id, raw in _stream_entries(reply):
+                last_id = entry_id
+                event = Event.from_entry(entry_id, raw)
+                if event is None or event.id != handle.id:
+                    continue
+                yield event
+                if event.final:
+                    return
+
+    def result(self, request: Handle | str, *, timeout: float | None = None) -> Completion:
+        """Wait for the request's final event: its Completion, or RequestFailed for an error."""
+        for event in self.events(request, timeout=timeout):
+            if event.final:
+                return Completion.from_event(event)
+        raise AssertionError("unreachable: events() ends with a final event")
+
+    def stream(
+        self, prompt: str | None = None, *, timeout: float | None = None, **options: Unpack[RequestOptions]
+    ) -> Iterator[str]:
+        """Submit with ``stream=True`` (now, not on first iteration); iterate the text deltas."""
+        options["stream"] = True
+        handle = self.submit(prompt, **options)
+        return self._deltas(handle, timeout)
+
+    def _deltas(self, handle: Handle, timeout: float | None) -> Iterator[str]:
+        for event in self.events(handle, timeout=timeout):
+            event.raise_for_error()
+            if event.kind == "token" and event.text:
+                yield event.text
+
+    def generate(
+        self, prompt: str | None = None, *, timeout: float | None = None, **options: Unpack[RequestOptions]
+    ) -> Completion:
+        """Submit and wait: the Completion, RequestFailed on an error event."""
+        return self.result(self.submit(prompt, **options), timeout=timeout)
+
+    def cancel(self, request: Handle | str) -> None:
+        """Ask for the request to end; it finishes with ``finish_reason`` ``cancelled``."""
+        self._redis.xadd(self.keys.cancel, {"id": self._handle(request).id})
+
+    def close(self) -> None:
+        self._redis.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class ClientClosed(RyzansteinError):
+    """The AsyncClient was closed while a request was still being waited for."""
+
+
+class AsyncClient(_ClientBase):
+    """An asyncio client whose requests all reply to one stream of its own.
+
+    ``reply_to`` (``{prefix}:client:<uuid>``) is read by one dispatcher task, started with the first
+    request, that routes each event by its ``id`` to the queue of the request it belongs to, and
+    trims the stream behind itself every ``trim_every`` entries. Events of a request are held until
+    ``result``/``events``/``stream`` take them, so each request should be waited for once.
+    A request submitted with an explicit ``reply_to``, or an id this client did not submit, is read
+    from its own stream instead.
+    """
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        prefix: str | None = None,
+        settings: Settings | None = None,
+        trim_every: int = 256,
+    ) -> None:
+        super().__init__(redis_url, prefix, settings)
+        self._redis: redis.asyncio.Redis = connect_async(self.url, self.settings)
+        self.client_id = new_request_id()
+        self.reply_to = self.keys.client_replies(self.client_id)
+        self.trim_every = trim_every
+        self._pending: dict[str, asyncio.Queue[Event | BaseException]] = {}
+        self._dispatcher: asyncio.Task[None] | None = None
+        # XADDs waiting for the writer task: (stream, fields, settled when sent).
+        self._outbox: list[tuple[str, dict[str, str], asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        # The last entry the dispatcher consumed: a restarted read resumes after it, losing nothing.
+        self._last_id = STREAM_START
+        self._closed = False
+
+    async def submit(self, prompt: str | None = None, **options: Unpack[RequestOptions]) -> Handle:
+        """Put a request on the ingress stream; returns at once with the handle to wait on."""
+        if self._closed:
+            raise ClientClosed("the client is closed")
+        shared = options.get("reply_to") in (None, self.reply_to)
+        handle, fields = self._prepare(prompt, options, default_reply=self.reply_to if shared else None)
+        if shared:
+            self._remember(handle.id, self.reply_to)
+            if handle.id in self._pending:
+                raise InvalidRequest(f"request {handle.id} is already in flight on this client")
+            # Registered before the XADD: its first event may be read before xadd() returns.
+            self._pending[handle.id] = asyncio.Queue()
+            self._ensure_dispatcher()
+        try:
+            await self._send(self.keys.requests, fields)
+        except BaseException:
+            self._pending.pop(handle.id, None)
+            raise
+        return handle
+
+    def _handle(self, request: Handle | str) -> Handle:
+        if isinstance(request, str) and request in self._pending:
+            return Handle(request, self.reply_to)
+        return super()._handle(request)
+
+    async def events(self, request: Handle | str, *, timeout: float | None = None) -> AsyncIterator[Event]:
+        """The request's events in order, up to and including its final one.
+
+        Raises TimeoutError when ``timeout`` seconds pass before the final event; the events that
+        arrive later are kept for the next call.
+        """
+        handle = self._handle(request)
+        deadline = self._deadline(timeout, handle.id)
+        queue = self._pending.get(handle.id) if handle.reply_to == self.reply_to else None
+        if queue is None:
+            async for event in self._read_stream(handle, deadline):
+                yield event
+            return
+        while True:
+            try:
+                item = await asyncio.wait_for(queue.get(), deadline.remaining())
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+                raise TimeoutError(f"no final event for request {handle.id} within {timeout}s") from None
+            if isinstance(item, BaseException):
+                raise item
+            if item.final:
+                self._pending.pop(handle.id, None)
+            yield item
+            if item.final:
+                return
+
+    async def _read_stream(self, handle: Handle, deadline: _Deadline) -> AsyncIterator[Event]:
+        """Events of one request read straight from its reply stream (not the shared one)."""
+        last_id = STREAM_START
+        delays: Iterator[float] | None = None
+        while True:
+            block_ms = deadline.block_ms()  # TimeoutError is an OSError: not in the try
+            try:
+                reply = await self._redis.xread({handle.reply_to: last_id}, count=READ_COUNT, block=block_ms)
+            except TRANSIENT_ERRORS as exc:
+                delays = delays or backoff_delays(self.settings)
+                delay = next(delays)
+                log.warning("reading %s failed (%s); retrying in %.2fs", handle.reply_to, exc, delay)
+                left = deadline.remaining()
+                await asyncio.sleep(delay if left is None else min(delay, left))
+                continue
+            delays = None
+            for entry_id, raw in _stream_entries(reply):
+                last_id = entry_id
+                event = Event.from_entry(entry_id, raw)
+                if event is None or event.id != handle.id:
+                    continue
+                yield event
+                if event.final:
+                    return
+
+    async def result(self, request: Handle | str, *, timeout: float | None = None) -> Completion:
+        """Wait for the request's final event: its Completion, or RequestFailed for an error."""
+        async for event in self.events(request, timeout=timeout):
+            if event.final:
+                return Completion.from_event(event)
+        raise AssertionError("unreachable: events() ends with a final event")
+
+    async def stream(
+        self, prompt: str | None = None, *, timeout: float | None = None, **options: Unpack[RequestOptions]
+    ) -> AsyncIterator[str]:
+        """Submit with ``stream=True`` and iterate the text deltas as they arrive."""
+        options["stream"] = True
+        handle = await self.submit(prompt, **options)
+        async for event in self.events(handle, timeout=timeout):
+            event.raise_for_error()
+            if event.kind == "token" and event.text:
+                yield event.text
+
+    async def generate(
+        self, prompt: str | None = None, *, timeout: float | None = None, **options: Unpack[RequestOptions]
+    ) -> Completion:
+        """Submit and wait: the Completion, RequestFailed on an error event."""
+        return await self.result(await self.submit(prompt, **options), timeout=timeout)
+
+    async def cancel(self, request: Handle | str) -> None:
+        """Ask for the request to end; it finishes with ``finish_reason`` ``cancelled``."""
+        await self._send(self.keys.cancel, {"id": self._handle(request).id})
+
+    # --- the writer -------------------------------------------------------------------------
+
+    def _send(self, stream: str, fields: dict[str, str]) -> asyncio.Future[None]:
+        """XADD through the writer, which sends what piles up meanwhile as one pipeline."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._outbox.append((stream, fields, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write())
+        return future
+
+    async def _write(self) -> None:
+        """Send the outbox until it is empty, one pipeline (one round trip) per batch.
+
+        One writer at a time keeps the XADDs in submission order and the connections in use few:
+        a thousand concurrent submits would otherwise each take a connection from the pool.
+        """
+        while self._outbox:
+            batch, self._outbox = self._outbox, []
+            pipe = self._redis.pipeline(transaction=False)
+            for stream, fields, _ in batch:
+                pipe.xadd(stream, fields)  # type: ignore[arg-type]
+            try:
+                results = await pipe.execute(raise_on_error=False)
+            except Exception as exc:  # redis-py already retried blips; the submitters get the error
+                for *_, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            except BaseException:
+                for *_, future in batch:
+                    future.cancel()
+                raise
+            for (*_, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(None)
+
+    # --- the dispatcher ---------------------------------------------------------------------
+
+    def _ensure_dispatcher(self) -> None:
+        if self._dispatcher is None or self._dispatcher.done():
+            self._dispatcher = asyncio.get_running_loop().create_task(
+                self._dispatch(), name=f"ryzanstein-dispatch-{self.client_id}"
+            )
+
+    async def _dispatch(self) -> None:
+        """Read the shared reply stream forever, routing each event to its request's queue."""
+        delays: Iterator[float] | None = None
+        since_trim = 0
+        try:
+            while True:
+                try:
+                    reply = await self._redis.xread(
+                        {self.reply_to: self._last_id}, count=READ_COUNT, block=self._max_block_ms
+                    )
+                    entries = _stream_entries(reply)
+                    for entry_id, raw in entries:
+                        self._route(Event.from_entry(entry_id, raw))
+                        self._last_id = event_id(entry_id)
+                    since_trim += len(entries)
+                    if since_trim >= self.trim_every:
+                        # Everything before the last consumed entry is in the queues already.
+                        await self._redis.xtrim(self.reply_to, minid=self._last_id, approximate=True)
+                        since_trim = 0
+                except TRANSIENT_ERRORS as exc:
+                    delays = delays or backoff_delays(self.settings)
+                    delay = next(delays)
+                    log.warning("reading %s failed (%s); retrying in %.2fs", self.reply_to, exc, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                delays = None
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Not a blip: fail the waiting requests rather than leave them hanging; the next
+            # submit starts a fresh dispatcher that resumes after self._last_id.
+            log.exception("the reply dispatcher of %s stopped", self.reply_to)
+            self._fail_pending(exc)
+
+    def _route(self, event: Event | None) -> None:
+        if event is None:
+            return
+        queue = self._pending.get(event.id)
+        if queue is None:
+            log.debug("event for request %s that no one here waits for; dropped", event.id)
+            return
+        queue.put_nowait(event)
+
+    def _fail_pending(self, exc: BaseException) -> None:
+        for queue in self._pending.values():
+            queue.put_nowait(exc)
+        self._pending.clear()
+
+    async def close(self) -> None:
+        """Stop the dispatcher, fail requests still waited for, delete the shared stream."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                await self._writer  # submits already made are sent, not dropped
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._dispatcher
+        self._fail_pending(ClientClosed("the client was closed before the request finished"))
+        with contextlib.suppress(*TRANSIENT_ERRORS):
+            await self._redis.delete(self.reply_to)
+        await self._redis.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

@@ -1,0 +1,150 @@
+"""``ryzanstein up``: the whole stack as one process tree, and ``Stack`` for programs and tests.
+
+Children: the embedded redis-server (unless a URL is given), one balancer, N worker groups, each
+its own process started with this Python. A child that exits unexpectedly is restarted (with
+backoff); Ctrl-C or SIGTERM drains the groups, stops the balancer, then the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+
+from broker.cli_common import settings_from_args, setup_logging
+from broker.embedded import EmbeddedRedis, announce, die_with_parent, withdraw
+from broker.settings import Settings
+
+log = logging.getLogger("ryzanstein.up")
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+
+
+@dataclass
+class Stack:
+    """A balancer and ``groups`` worker groups on ``redis_url`` (or a new embedded Redis)."""
+
+    settings: Settings
+    model: str = "echo"
+    groups: int = 1
+    tp: int = 1
+    worker_args: list[str] = field(default_factory=list)
+    quiet: bool = False
+    redis: EmbeddedRedis | None = None
+    children: list[Child] = field(default_factory=list)
+    url: str = ""
+
+    def start(self) -> Stack:
+        if self.settings.redis_url:
+            self.url = self.settings.redis_url
+        else:
+            self.redis = EmbeddedRedis().start()
+            self.url = self.redis.url
+            announce(self.url, prefix=self.settings.prefix)
+        common = ["--redis-url", self.url, "--prefix", self.settings.prefix]
+        py = [sys.executable, "-m"]
+        self.children.append(Child("balancer", [*py, "balancer", *common]))
+        base = f"{socket.gethostname()}-{os.getpid()}"
+        for i in range(self.groups):
+            self.children.append(Child(
+                f"worker{i}",
+                [*py, "gpu_workers", *common, "--model", self.model, "--tp", str(self.tp),
+                 "--group", f"{base}-g{i}", *self.worker_args],
+            ))
+        for child in self.children:
+            self._spawn(child)
+        return self
+
+    def _spawn(self, child: Child) -> None:
+        out = subprocess.DEVNULL if self.quiet else None
+        # Own session: a terminal's Ctrl-C reaches only `up`, which stops children in order. If `up`
+        # itself is killed, the kernel kills them (nothing is lost: their work stays in Redis).
+        child.proc = subprocess.Popen(child.argv, stdout=out, stderr=out, start_new_session=True,
+                                      preexec_fn=lambda: die_with_parent(signal.SIGKILL))
+
+    def supervise(self) -> None:
+        """Restart children that exited (call now and then)."""
+        now = time.monotonic()
+        for child in self.children:
+            if child.proc is not None and child.proc.poll() is not None and now >= child.next_start:
+                child.restarts += 1
+                delay = min(30.0, 0.5 * 2 ** min(child.restarts, 6))
+                log.warning("%s exited with %s; restarting (restart %d)", child.name, child.proc.returncode,
+                            child.restarts)
+                child.next_start = now + delay
+                self._spawn(child)
+
+    def stop(self, *, timeout_s: float = 30.0) -> None:
+        """Workers drain first (they finish or hand back work), then the balancer, then Redis."""
+        workers = [c for c in self.children if c.name.startswith("worker")]
+        others = [c for c in self.children if not c.name.startswith("worker")]
+        for group in (workers, others):
+            for child in group:
+                if child.proc is not None and child.proc.poll() is None:
+                    child.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            for child in group:
+                if child.proc is None:
+                    continue
+                try:
+                    child.proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    child.proc.kill()
+                    child.proc.wait()
+        if self.redis is not None:
+            withdraw(prefix=self.settings.prefix)
+            self.redis.stop()
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="echo", help="model SPEC for every group (default: echo)")
+    parser.add_argument("--groups", type=int, default=1, help="number of worker groups (default 1)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per group (default 1)")
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging(args)
+    settings = settings_from_args(args)
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stack = Stack(settings, model=args.model, groups=args.groups, tp=args.tp).start()
+    print(f"ryzanstein up: Redis at {stack.url} (prefix {settings.prefix!r}); "
+          f"{args.groups} group(s) of {args.model}. Ctrl-C stops.", flush=True)
+    print(f"  try: ryzanstein submit --redis-url {stack.url} \"hello\"", flush=True)
+    try:
+        while not stop.wait(0.5):
+            stack.supervise()
+            if stack.redis is not None and stack.redis.proc is not None and stack.redis.proc.poll() is not None:
+                print("embedded redis-server exited; stopping", file=sys.stderr, flush=True)
+                break
+    finally:
+        print("stopping: draining worker groups...", flush=True)
+        stack.stop()
+        print("stopped", flush=True)
+    return 0

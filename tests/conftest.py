@@ -1,0 +1,60 @@
+"""Shared fixtures: one real redis-server per test session (our embedded launcher), flushed per test."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from broker.embedded import EmbeddedRedis
+from broker.keys import Keys
+from broker.settings import Settings
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    """A real redis-server on a free loopback port, for the whole session."""
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: EmbeddedRedis) -> Iterator[str]:
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    yield redis_server.url
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A fresh key prefix per test, so leftovers of one test never leak into another."""
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def keys(prefix: str) -> Keys:
+    return Keys(prefix)
+
+
+@pytest.fixture
+def settings(redis_url: str, prefix: str) -> Settings:
+    return Settings(redis_url=redis_url, prefix=prefix)
+
+
+@pytest.fixture
+def subprocess_env(redis_url: str, prefix: str) -> dict[str, str]:
+    """Environment for ryzanstein child processes pointed at the test server."""
+    env = dict(os.environ)
+    env.update(RYZ_REDIS_URL=redis_url, RYZ_PREFIX=prefix, PYTHONUNBUFFERED="1")
+    return env
