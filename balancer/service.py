@@ -68,6 +68,13 @@ class Final:
     takeover_epoch: int = 0
 
 
+def _raise_transient(results: list[Any]) -> None:
+    """A lost connection mid-pipeline is retried by the loop; other errors are per request."""
+    for raw in results:
+        if isinstance(raw, TRANSIENT_ERRORS):
+            raise raw
+
+
 class Balancer:
     def __init__(
         self,
@@ -121,6 +128,10 @@ class Balancer:
                 delay = next(delays)
                 log.warning("redis unavailable (%s); retrying in %.2fs", exc, delay)
                 self.stop.wait(delay)
+            except Exception:
+                # Never die on one bad entry or an unexpected reply: what was not acked is retried.
+                log.exception("balancer tick failed; retrying")
+                self.stop.wait(next(backoff_delays(self.settings)))
         log.info("balancer %s stopped; %d waiting requests stay pending for other balancers",
                  self.name, len(self.waiting))
 
@@ -142,8 +153,14 @@ class Balancer:
             self._housekeeping()
 
     def _read(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        # Waiting requests are re-checked every tick; block anyway while none of them can be routed
+        # (no live group, or all refused work lately): without it the loop spins on Redis for as long
+        # as requests wait for a group (up to no_group_wait_s, e.g. while workers load a model).
+        now = self._monotonic()
+        can_route = any(g.routable and self._closed_until.get(g.name, 0.0) <= now
+                        for g in self.router.groups)
+        block = None if self.waiting and can_route else self.settings.balancer_block_ms
         pipe = self.redis.pipeline(transaction=False)
-        block = None if self.waiting else self.settings.balancer_block_ms
         pipe.xreadgroup(INGRESS_GROUP, self.name, {self.keys.requests: ">"},
                         count=self.settings.balancer_batch_max, block=block)
         pipe.xread({self.keys.cancel: self._cancel_cursor}, count=1000)
@@ -230,22 +247,28 @@ class Balancer:
 
     def _dispatch(self, assignments: list[tuple[Waiting, str]], finals: list[Final]) -> None:
         ttl_ms = self.settings.result_ttl_s * 1000
+
         # Phase 1: pin each request to its group (or learn where it is pinned already).
-        pipe = self.redis.pipeline(transaction=False)
-        for w, group in assignments:
-            self.scripts.claim_owner(keys=[self.keys.state(w.request.reply_to, w.request.id)],
-                                     args=[group, ttl_ms, w.takeover_from or "", w.takeover_epoch], client=pipe)
-        for f in finals:
-            self.scripts.claim_owner(keys=[self.keys.state(f.reply_to, f.request_id)],
-                                     args=[PUBLISHER, ttl_ms, f.takeover_from or "", f.takeover_epoch], client=pipe)
-        claims = pipe.execute()
+        def claim(pipe: Any) -> None:
+            for w, group in assignments:
+                self.scripts.claim_owner(keys=[self.keys.state(w.request.reply_to, w.request.id)],
+                                         args=[group, ttl_ms, w.takeover_from or "", w.takeover_epoch], client=pipe)
+            for f in finals:
+                self.scripts.claim_owner(keys=[self.keys.state(f.reply_to, f.request_id)],
+                                         args=[PUBLISHER, ttl_ms, f.takeover_from or "", f.takeover_epoch],
+                                         client=pipe)
+
+        _, claims = self.scripts.execute(claim)
+        _raise_transient(claims)
 
         # Phase 2: queue pinned requests once; write the balancer's own final events.
         acks: list[bytes] = []
         sent: list[tuple[Waiting, str, int]] = []
-        pipe = self.redis.pipeline(transaction=False)
-        for (w, _candidate), (owner, epoch, finished) in zip(assignments, claims):
-            owner = owner.decode()
+        for (w, _candidate), raw in zip(assignments, claims[: len(assignments)]):
+            if isinstance(raw, Exception):
+                log.error("request %s: cannot claim: %s; will retry", w.request.id, raw)
+                continue
+            owner, epoch, finished = raw[0].decode(), int(raw[1]), raw[2]
             if finished:
                 acks.append(w.entry_id)
                 del self.waiting[w.entry_id]
@@ -253,27 +276,35 @@ class Balancer:
             target = self.router.find(owner)
             if target is None or not target.routable:
                 # pinned to a group that is gone, or by a balancer that never finished it: take over
-                w.takeover_from, w.takeover_epoch = owner, int(epoch)
+                w.takeover_from, w.takeover_epoch = owner, epoch
                 continue
-            self.scripts.dispatch(
-                keys=[self.keys.group_queue(owner), self.keys.dispatch_marker(owner, w.request.id, int(epoch)),
-                      self.keys.group_accepting(owner)],
-                args=[w.request.to_wire(), int(epoch), ttl_ms], client=pipe)
-            sent.append((w, owner, int(epoch)))
-        published: list[Final] = []
-        for f, (owner, epoch, finished) in zip(finals, claims[len(assignments):]):
-            if not finished and owner.decode() == PUBLISHER:
-                self.scripts.publish(keys=[f.reply_to, self.keys.state(f.reply_to, f.request_id)],
-                                     args=[PUBLISHER, int(epoch), ttl_ms, pack_events([("f", 0, f.fields)])],
-                                     client=pipe)
-                published.append(f)
+            sent.append((w, owner, epoch))
+        published: list[tuple[Final, int]] = []
+        for f, raw in zip(finals, claims[len(assignments):]):
+            if isinstance(raw, Exception):
+                log.error("request %s: cannot claim: %s", f.request_id, raw)
+            elif not raw[2] and raw[0].decode() == PUBLISHER:
+                published.append((f, int(raw[1])))
             acks.append(f.entry_id)  # finished, owned by a group, or published now
-        results = pipe.execute(raise_on_error=False)
+
+        def dispatch(pipe: Any) -> None:
+            for w, group, epoch in sent:
+                self.scripts.dispatch(
+                    keys=[self.keys.group_queue(group), self.keys.dispatch_marker(group, w.request.id, epoch),
+                          self.keys.group_accepting(group)],
+                    args=[w.request.to_wire(), epoch, ttl_ms], client=pipe)
+            for f, epoch in published:
+                self.scripts.publish(keys=[f.reply_to, self.keys.state(f.reply_to, f.request_id)],
+                                     args=[PUBLISHER, epoch, ttl_ms, pack_events([("f", 0, f.fields)])],
+                                     client=pipe)
+
+        _, results = self.scripts.execute(dispatch) if sent or published else (None, [])
+        _raise_transient(results)
         for (w, group, epoch), raw in zip(sent, results[: len(sent)]):
             if isinstance(raw, Exception):
-                raise raw
-            status = raw[0].decode()
-            if status == "closed":
+                log.error("request %s: cannot dispatch to %s: %s; will retry", w.request.id, group, raw)
+                continue
+            if raw[0] == b"closed":
                 # draining or failed over: route elsewhere, taking the request over from it
                 self._closed_until[group] = self._monotonic() + CLOSED_GROUP_PAUSE_S
                 w.takeover_from, w.takeover_epoch = group, epoch
@@ -281,7 +312,7 @@ class Balancer:
             acks.append(w.entry_id)
             del self.waiting[w.entry_id]
             self.counts["dispatched"] += 1
-        for f, raw in zip(published, results[len(sent):]):
+        for (f, _epoch), raw in zip(published, results[len(sent):]):
             if isinstance(raw, Exception):
                 log.error("request %s: cannot publish to %r: %s", f.request_id, f.reply_to, raw)
         self._ack(acks)

@@ -112,6 +112,7 @@ class EmbeddedRedis:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 log = (self.dir / "redis.log").read_text(errors="replace")[-2000:] if (self.dir / "redis.log").exists() else ""
+                self.stop()  # removes our own temp dir
                 raise ConfigError(f"embedded redis-server exited with {self.proc.returncode}: {log}")
             if self._answers():
                 return self

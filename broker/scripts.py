@@ -12,10 +12,14 @@ The request state hash (``{<reply>}:state:<id>``, see broker.keys) carries:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
+from redis.exceptions import NoScriptError
+
+T = TypeVar("T")
 
 CLAIM_OWNER = """
 -- Pin a request to a group, learn the group it is already pinned to, or take it over from a group
@@ -100,18 +104,6 @@ redis.call('PEXPIRE', KEYS[2], ARGV[3])
 return {status, nxt}
 """
 
-RELEASE = """
--- Give a request back (group draining): drop ownership so that it can be routed again.
--- KEYS[1] = request state hash
--- ARGV[1] = owner giving it back
--- ARGV[2] = owner's epoch
--- Returns 1 when released, 0 when the caller no longer owned it or it is finished.
-local s = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'final')
-if s[3] or s[1] ~= ARGV[1] or s[2] ~= ARGV[2] then return 0 end
-redis.call('HDEL', KEYS[1], 'owner')
-return 1
-"""
-
 HEARTBEAT = """
 -- Record a group's heartbeat, stamped with the Redis server's clock (no skew between hosts).
 -- KEYS[1] = group registry zset
@@ -146,12 +138,52 @@ def publish_result(raw: Any) -> PublishResult:
     return PublishResult(status=status, next_index=int(raw[1]))
 
 
+class Script:
+    """One Lua script, called by SHA. Direct calls load it when Redis lacks it (after a restart);
+    pipelined calls (``client=pipe``) go out as plain EVALSHA, without redis-py's SCRIPT EXISTS round
+    trip per pipeline: ``Scripts.execute`` reloads and re-runs a pipeline that met NOSCRIPT."""
+
+    def __init__(self, redis: Any, source: str) -> None:
+        self._script = redis.register_script(source)
+        self.sha: str = self._script.sha
+
+    def __call__(self, *, keys: list[Any], args: list[Any], client: Any = None) -> Any:
+        if client is None:
+            return self._script(keys=keys, args=args)
+        return client.evalsha(self.sha, len(keys), *keys, *args)
+
+
 class Scripts:
-    """The scripts registered on one client (sync or asyncio); call with ``client=pipeline`` to batch."""
+    """The scripts registered on one (sync) client."""
 
     def __init__(self, redis: Any) -> None:
-        self.claim_owner = redis.register_script(CLAIM_OWNER)
-        self.dispatch = redis.register_script(DISPATCH)
-        self.publish = redis.register_script(PUBLISH)
-        self.release = redis.register_script(RELEASE)
-        self.heartbeat = redis.register_script(HEARTBEAT)
+        self.redis = redis
+        self.claim_owner = Script(redis, CLAIM_OWNER)
+        self.dispatch = Script(redis, DISPATCH)
+        self.publish = Script(redis, PUBLISH)
+        self.heartbeat = Script(redis, HEARTBEAT)
+        self._all = (self.claim_owner, self.dispatch, self.publish, self.heartbeat)
+        self._sources = (CLAIM_OWNER, DISPATCH, PUBLISH, HEARTBEAT)
+
+    def load(self) -> None:
+        """Make sure Redis has every script (a restarted or flushed server has none)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for source in self._sources:
+            pipe.script_load(source)
+        pipe.execute()
+
+    def execute(self, build: Callable[[Any], T]) -> tuple[T, list[Any]]:
+        """Run the commands ``build(pipe)`` adds as one pipeline; (build's value, results).
+
+        Errors come back in the results, not raised. If Redis lost the scripts, they are loaded and
+        the pipeline is built and run again, so what ``build`` adds must be safe to repeat (our
+        scripts are: claims, dispatches and publishes are idempotent).
+        """
+        for _attempt in range(2):
+            pipe = self.redis.pipeline(transaction=False)
+            value = build(pipe)
+            results = pipe.execute(raise_on_error=False)
+            if not any(isinstance(r, NoScriptError) for r in results):
+                return value, results
+            self.load()
+        raise RuntimeError("Redis keeps losing the Lua scripts")

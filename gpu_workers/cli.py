@@ -43,5 +43,4 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     retry_forever(group.register, settings, what="group registration")
     print(f"worker group {group.name} serving {engine.info.model} on {url}", flush=True)
-    group.run()
-    return 0
+    return group.run()

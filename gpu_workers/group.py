@@ -109,8 +109,11 @@ class WorkerGroup:
                     self._ack([entry_id])
             log.info("group %s recovered %d pending requests", self.name, len(entries))
 
-    def run(self) -> None:
-        """Serve until ``drain()`` has finished or handed back everything, then deregister."""
+    def run(self) -> int:
+        """Serve until ``drain()`` has finished or handed back everything, then deregister.
+
+        Returns the process exit code: 0 after a drain, 3 when the group found itself failed over.
+        """
         delays = None
         drain_deadline: float | None = None
         while not self.stop_now.is_set():
@@ -131,12 +134,21 @@ class WorkerGroup:
                     # this group recovers it, or balancers fail it over.
                     log.error("redis unreachable while draining (%s); exiting without hand-back", exc)
                     self.engine.close()
-                    return
+                    return 0
                 delays = delays or backoff_delays(self.settings)
                 delay = next(delays)
                 log.warning("redis unavailable (%s); retrying in %.2fs", exc, delay)
                 time.sleep(delay)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # Balancers declared this group dead (it stalled past dead_after_s) and moved its
+                # work: everything it still holds is fenced. Exit so that a fresh start re-registers.
+                log.error("group %s was failed over while unresponsive; exiting", self.name)
+                self.engine.close()
+                return 3
         self.deregister()
+        return 0
 
     def drain(self) -> None:
         """Stop taking work; finish what is held (up to drain_timeout_s), hand back the rest.
@@ -279,19 +291,22 @@ class WorkerGroup:
         if not batch:
             return
         ttl_ms = self.settings.result_ttl_s * 1000
-        pipe = self.redis.pipeline(transaction=False)
-        for held in batch:
-            reply = held.request.reply_to
-            self.scripts.publish(
-                keys=[reply, self.keys.state(reply, held.request.id)],
-                args=[self.name, held.epoch, ttl_ms, pack_events(held.events)],
-                client=pipe,
-            )
-        results = pipe.execute(raise_on_error=False)
+
+        def publish(pipe: Any) -> None:
+            for held in batch:
+                reply = held.request.reply_to
+                self.scripts.publish(
+                    keys=[reply, self.keys.state(reply, held.request.id)],
+                    args=[self.name, held.epoch, ttl_ms, pack_events(held.events)],
+                    client=pipe,
+                )
+
+        _, results = self.scripts.execute(publish)
+        for raw in results:
+            if isinstance(raw, TRANSIENT_ERRORS):
+                raise raw  # nothing cleared: the events go out again (publishing is idempotent)
         done: list[Held] = []
         for held, raw in zip(batch, results):
-            if isinstance(raw, TRANSIENT_ERRORS):
-                raise raw
             held.events.clear()
             if isinstance(raw, Exception):
                 # e.g. reply_to names a key of another type: nothing can be delivered there

@@ -1,0 +1,307 @@
+"""The Lua scripts on a real Redis: ownership, idempotent dispatch, fenced in-order publishing, heartbeats."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from broker.keys import Keys
+from broker.protocol import done_event, error_event, token_event
+from broker.scripts import PublishResult, Scripts, pack_events, publish_result
+
+TTL_MS = 60_000
+RID = "req-1"
+
+
+@pytest.fixture
+def scripts(r: redis.Redis) -> Scripts:
+    return Scripts(r)
+
+
+@pytest.fixture
+def reply(keys: Keys) -> str:
+    return keys.result(RID)
+
+
+@pytest.fixture
+def state(keys: Keys, reply: str) -> str:
+    return keys.state(reply, RID)
+
+
+def claim(
+    scripts: Scripts,
+    state: str,
+    group: str,
+    *,
+    takeover: tuple[str, int] | None = None,
+    client: redis.Redis | None = None,
+) -> tuple[str, int, int]:
+    args: list[object] = [group, TTL_MS]
+    if takeover is not None:
+        args += [takeover[0], takeover[1]]
+    owner, epoch, finished = scripts.claim_owner(keys=[state], args=args, client=client)
+    return owner.decode(), int(epoch), int(finished)
+
+
+def tok(index: int) -> tuple[str, int, dict[str, str]]:
+    return ("t", index, token_event(RID, index, 100 + index, f" w{index}"))
+
+
+def done() -> tuple[str, int, dict[str, str]]:
+    return ("f", 0, done_event(RID, text="all", token_ids=[1, 2], finish_reason="stop", prompt_tokens=3))
+
+
+def publish(
+    scripts: Scripts,
+    reply: str,
+    state: str,
+    publisher: str,
+    epoch: int,
+    events: list[tuple[str, int, dict[str, str]]],
+) -> PublishResult:
+    raw = scripts.publish(keys=[reply, state], args=[publisher, epoch, TTL_MS, pack_events(events)])
+    return publish_result(raw)
+
+
+def written(r: redis.Redis, reply: str) -> list[dict[str, str]]:
+    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in r.xrange(reply)]
+
+
+def token_indices(r: redis.Redis, reply: str) -> list[int]:
+    return [int(ev["index"]) for ev in written(r, reply) if ev["event"] == "token"]
+
+
+# --- CLAIM_OWNER / RELEASE ------------------------------------------------------------------------------
+
+
+def test_first_claim_pins_the_owner_and_later_callers_learn_it(
+    r: redis.Redis, scripts: Scripts, state: str
+) -> None:
+    assert claim(scripts, state, "g1") == ("g1", 1, 0)
+    assert claim(scripts, state, "g2") == ("g1", 1, 0)
+    assert claim(scripts, state, "g1") == ("g1", 1, 0)
+    assert r.hget(state, "owner") == b"g1"
+    assert 0 < r.pttl(state) <= TTL_MS
+
+
+def test_takeover_from_the_current_owner_and_epoch(scripts: Scripts, state: str) -> None:
+    claim(scripts, state, "g1")
+    assert claim(scripts, state, "g2", takeover=("g1", 1)) == ("g2", 2, 0)
+    # A second, stale takeover (another balancer saw the same hand-back) does not move it again.
+    assert claim(scripts, state, "g3", takeover=("g1", 1)) == ("g2", 2, 0)
+    assert claim(scripts, state, "g3", takeover=("g2", 1)) == ("g2", 2, 0)
+    assert claim(scripts, state, "g3", takeover=("", 2)) == ("g2", 2, 0)
+    assert claim(scripts, state, "g3", takeover=("g2", 2)) == ("g3", 3, 0)
+
+
+def test_finished_request_reports_finished_and_is_not_reassigned(
+    r: redis.Redis, scripts: Scripts, reply: str, state: str
+) -> None:
+    claim(scripts, state, "g1")
+    assert publish(scripts, reply, state, "g1", 1, [done()]).status == "ok"
+    assert claim(scripts, state, "g2") == ("g1", 1, 1)
+    assert claim(scripts, state, "g2", takeover=("g1", 1)) == ("g1", 1, 1)
+    assert r.hget(state, "owner") == b"g1"
+
+
+def test_finished_before_any_claim(scripts: Scripts, reply: str, state: str) -> None:
+    # A balancer rejects a request it never routed: the error is the final event, nobody may claim it.
+    assert (
+        publish(scripts, reply, state, "balancer", 0, [("f", 0, error_event(RID, "timeout", "late"))]).status
+        == "ok"
+    )
+    assert claim(scripts, state, "g1") == ("", 0, 1)
+
+
+# --- DISPATCH -------------------------------------------------------------------------------------------
+
+
+def dispatch(scripts: Scripts, keys: Keys, group: str, epoch: int, payload: bytes = b"req") -> list[bytes]:
+    return scripts.dispatch(
+        keys=[keys.group_queue(group), keys.dispatch_marker(group, RID, epoch), keys.group_accepting(group)],
+        args=[payload, epoch, TTL_MS],
+    )
+
+
+def test_dispatch_is_idempotent_per_request_and_epoch(r: redis.Redis, scripts: Scripts, keys: Keys) -> None:
+    r.set(keys.group_accepting("g1"), 1)
+    status, entry_id = dispatch(scripts, keys, "g1", 1, b"\x81\xa1a\x01")
+    assert status == b"ok"
+    assert dispatch(scripts, keys, "g1", 1) == [b"dup"]
+    assert dispatch(scripts, keys, "g1", 1) == [b"dup"]
+    entries = r.xrange(keys.group_queue("g1"))
+    assert entries == [(entry_id, {b"r": b"\x81\xa1a\x01", b"e": b"1"})]
+    assert 0 < r.pttl(keys.dispatch_marker("g1", RID, 1)) <= TTL_MS
+
+    # A new epoch (the request was re-routed) is a new dispatch.
+    status, _ = dispatch(scripts, keys, "g1", 2)
+    assert status == b"ok"
+    assert r.xlen(keys.group_queue("g1")) == 2
+
+
+def test_dispatch_to_a_group_that_does_not_accept(r: redis.Redis, scripts: Scripts, keys: Keys) -> None:
+    assert dispatch(scripts, keys, "g1", 1) == [b"closed"]
+    assert not r.exists(keys.group_queue("g1"))
+    assert not r.exists(keys.dispatch_marker("g1", RID, 1))
+    # Once the group accepts, the same (request, epoch) still goes through: 'closed' left no marker.
+    r.set(keys.group_accepting("g1"), 1)
+    assert dispatch(scripts, keys, "g1", 1)[0] == b"ok"
+
+
+def test_claim_and_dispatch_in_one_pipeline(r: redis.Redis, scripts: Scripts, keys: Keys, state: str) -> None:
+    r.set(keys.group_accepting("g1"), 1)
+    pipe = r.pipeline(transaction=False)
+    scripts.claim_owner(keys=[state], args=["g1", TTL_MS], client=pipe)
+    scripts.dispatch(
+        keys=[keys.group_queue("g1"), keys.dispatch_marker("g1", RID, 1), keys.group_accepting("g1")],
+        args=[b"x", 1, TTL_MS],
+        client=pipe,
+    )
+    (owner, epoch, finished), (status, _) = pipe.execute()
+    assert (owner, epoch, finished, status) == (b"g1", 1, 0, b"ok")
+    assert r.xlen(keys.group_queue("g1")) == 1
+
+
+# --- PUBLISH --------------------------------------------------------------------------------------------
+
+
+def test_token_events_are_written_in_order(r: redis.Redis, scripts: Scripts, reply: str, state: str) -> None:
+    claim(scripts, state, "g1")
+    assert publish(scripts, reply, state, "g1", 1, [tok(0), tok(1), tok(2)]) == PublishResult("ok", 3)
+    assert publish(scripts, reply, state, "g1", 1, [tok(3)]) == PublishResult("ok", 4)
+    events = written(r, reply)
+    assert [ev["index"] for ev in events] == ["0", "1", "2", "3"]
+    assert events[1] == {"id": RID, "event": "token", "index": "1", "token_id": "101", "text": " w1"}
+
+
+def test_duplicate_token_indices_are_skipped(
+    r: redis.Redis, scripts: Scripts, reply: str, state: str
+) -> None:
+    claim(scripts, state, "g1")
+    publish(scripts, reply, state, "g1", 1, [tok(0), tok(1)])
+    # A retried batch, or a new owner replaying from the start: only the new tail is written.
+    assert publish(scripts, reply, state, "g1", 1, [tok(0), tok(1), tok(2)]) == PublishResult("ok", 3)
+    assert publish(scripts, reply, state, "g1", 1, [tok(1), tok(1)]) == PublishResult("ok", 3)
+    assert token_indices(r, reply) == [0, 1, 2]
+
+
+def test_a_gap_stops_writing(r: redis.Redis, scripts: Scripts, reply: str, state: str) -> None:
+    claim(scripts, state, "g1")
+    publish(scripts, reply, state, "g1", 1, [tok(0)])
+    assert publish(scripts, reply, state, "g1", 1, [tok(2), tok(3)]) == PublishResult("gap", 1)
+    assert token_indices(r, reply) == [0]
+    # Writes up to the gap, then stops; a final after the gap is not written either.
+    assert publish(scripts, reply, state, "g1", 1, [tok(1), tok(3), done()]) == PublishResult("gap", 2)
+    assert token_indices(r, reply) == [0, 1]
+    assert r.hget(state, "final") is None
+
+
+def test_final_is_written_once(r: redis.Redis, scripts: Scripts, reply: str, state: str) -> None:
+    claim(scripts, state, "g1")
+    assert publish(scripts, reply, state, "g1", 1, [tok(0), tok(1), done()]) == PublishResult("ok", 2)
+    assert publish(scripts, reply, state, "g1", 1, [done()]).status == "final"
+    assert publish(scripts, reply, state, "g1", 1, [tok(2)]).status == "final"
+    events = written(r, reply)
+    assert [ev["event"] for ev in events] == ["token", "token", "done"]
+    assert events[-1]["finish_reason"] == "stop"
+
+
+def test_events_after_a_final_in_the_same_batch_are_dropped(
+    r: redis.Redis, scripts: Scripts, reply: str, state: str
+) -> None:
+    claim(scripts, state, "g1")
+    err = ("f", 0, error_event(RID, "internal", "boom"))
+    assert publish(scripts, reply, state, "g1", 1, [tok(0), err, done(), tok(1)]) == PublishResult("ok", 1)
+    assert [ev["event"] for ev in written(r, reply)] == ["token", "error"]
+
+
+@pytest.mark.parametrize(("publisher", "epoch"), [("g2", 1), ("g1", 2), ("g1", 0), ("balancer", 1)])
+def test_publish_is_fenced_by_owner_and_epoch(
+    r: redis.Redis, scripts: Scripts, reply: str, state: str, publisher: str, epoch: int
+) -> None:
+    claim(scripts, state, "g1")
+    publish(scripts, reply, state, "g1", 1, [tok(0)])
+    before = r.hgetall(state)
+    assert publish(scripts, reply, state, publisher, epoch, [tok(1), done()]).status == "fenced"
+    assert token_indices(r, reply) == [0]
+    assert r.hgetall(state) == before
+
+
+def test_previous_owner_is_fenced_after_a_takeover(
+    r: redis.Redis, scripts: Scripts, reply: str, state: str
+) -> None:
+    claim(scripts, state, "g1")
+    publish(scripts, reply, state, "g1", 1, [tok(0), tok(1)])
+    assert claim(scripts, state, "g2", takeover=("g1", 1)) == ("g2", 2, 0)
+    assert publish(scripts, reply, state, "g1", 1, [tok(2), done()]).status == "fenced"
+    # The new owner regenerates from the start; the client still sees each index exactly once.
+    assert publish(scripts, reply, state, "g2", 2, [tok(0), tok(1), tok(2), done()]) == PublishResult("ok", 3)
+    assert token_indices(r, reply) == [0, 1, 2]
+    assert [ev["event"] for ev in written(r, reply)].count("done") == 1
+
+
+def test_publish_sets_ttls(r: redis.Redis, scripts: Scripts, reply: str, state: str) -> None:
+    claim(scripts, state, "g1")
+    publish(scripts, reply, state, "g1", 1, [tok(0)])
+    assert 0 < r.pttl(reply) <= TTL_MS
+    assert 0 < r.pttl(state) <= TTL_MS
+    r.persist(reply)
+    publish(scripts, reply, state, "g1", 1, [done()])
+    assert 0 < r.pttl(reply) <= TTL_MS
+
+
+def test_requests_sharing_a_reply_stream_finish_independently(
+    r: redis.Redis, scripts: Scripts, keys: Keys
+) -> None:
+    reply = keys.client_replies("c1")
+    state_a, state_b = keys.state(reply, "a"), keys.state(reply, "b")
+    claim(scripts, state_a, "g1")
+    claim(scripts, state_b, "g2")
+    assert publish(scripts, reply, state_a, "g1", 1, [tok(0), done()]) == PublishResult("ok", 1)
+    # b's first token and its final are not mistaken for duplicates of a's.
+    assert publish(scripts, reply, state_b, "g2", 1, [tok(0), tok(1), done()]) == PublishResult("ok", 2)
+    assert publish(scripts, reply, state_b, "g1", 1, [done()]).status == "fenced"
+    assert [ev["event"] for ev in written(r, reply)] == ["token", "done", "token", "token", "done"]
+
+
+def test_publish_result_accepts_str_and_bytes() -> None:
+    assert publish_result([b"gap", 4]) == PublishResult("gap", 4)
+    assert publish_result(["ok", "7"]) == PublishResult("ok", 7)
+
+
+# --- HEARTBEAT ------------------------------------------------------------------------------------------
+
+
+def _redis_ms(r: redis.Redis) -> int:
+    secs, micros = r.time()
+    return secs * 1000 + micros // 1000
+
+
+def test_heartbeat_stamps_with_the_server_clock(r: redis.Redis, scripts: Scripts, keys: Keys) -> None:
+    before = _redis_ms(r)
+    ms = int(
+        scripts.heartbeat(keys=[keys.groups, keys.group_info("g1")], args=["g1", "running", 3, "host", "h1"])
+    )
+    after = _redis_ms(r)
+    assert before <= ms <= after
+    info = r.hgetall(keys.group_info("g1"))
+    assert info == {b"heartbeat_ms": str(ms).encode(), b"running": b"3", b"host": b"h1"}
+    assert r.zscore(keys.groups, "g1") == ms
+
+
+def test_heartbeat_updates_the_registry(r: redis.Redis, scripts: Scripts, keys: Keys) -> None:
+    first = int(scripts.heartbeat(keys=[keys.groups, keys.group_info("g1")], args=["g1", "running", 3]))
+    scripts.heartbeat(keys=[keys.groups, keys.group_info("g2")], args=["g2", "running", 0])
+    second = int(scripts.heartbeat(keys=[keys.groups, keys.group_info("g1")], args=["g1", "running", 5]))
+    assert second >= first
+    assert r.zscore(keys.groups, "g1") == second
+    assert r.hget(keys.group_info("g1"), "running") == b"5"
+    assert r.hget(keys.group_info("g1"), "heartbeat_ms") == str(second).encode()
+    assert sorted(r.zrange(keys.groups, 0, -1)) == [b"g1", b"g2"]
+
+
+def test_pack_events_flattens_fields() -> None:
+    import msgpack
+
+    data = pack_events([("t", 0, {"a": "1", "b": "2"}), ("f", 0, {"event": "done"})])
+    assert msgpack.unpackb(data, raw=False) == [["t", 0, ["a", "1", "b", "2"]], ["f", 0, ["event", "done"]]]

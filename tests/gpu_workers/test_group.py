@@ -1,0 +1,449 @@
+"""WorkerGroup with the echo engine on the real test Redis, driven tick by tick."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+
+from broker.keys import QUEUE_GROUP, Keys
+from broker.protocol import parse_request
+from broker.registry import read_groups
+from broker.settings import Settings
+from gpu_workers.echo import EchoEngine
+from gpu_workers.group import CONSUMER, WorkerGroup
+from tests.gpu_workers.helpers import (
+    FakeClock,
+    FakeMonotonic,
+    assert_one_clean_completion,
+    enqueue,
+    events,
+    finals,
+    make_request,
+    pending,
+    run_until,
+    state_key,
+    take_over,
+    tokens,
+)
+
+MakeGroup = Callable[..., WorkerGroup]
+
+
+@pytest.fixture
+def mono() -> FakeMonotonic:
+    return FakeMonotonic()
+
+
+@pytest.fixture
+def make_group(r: redis.Redis, redis_url: str, prefix: str, mono: FakeMonotonic) -> MakeGroup:
+    def make(name: str = "g1", *, engine: EchoEngine | None = None, register: bool = True,
+             **overrides: Any) -> WorkerGroup:
+        settings = Settings(redis_url=redis_url, prefix=prefix, worker_block_ms=1, **overrides)
+        group = WorkerGroup(r, engine or EchoEngine(), settings=settings, name=name, monotonic=mono)
+        if register:
+            group.register()
+        return group
+
+    return make
+
+
+def finished(r: redis.Redis, *streams: str) -> Callable[[], bool]:
+    return lambda: all(finals(events(r, s)) for s in streams)
+
+
+# --- registration and heartbeat -------------------------------------------------------------------
+
+
+def test_register_publishes_heartbeat_and_accepting_flag(
+        r: redis.Redis, keys: Keys, make_group: MakeGroup) -> None:
+    group = make_group("g1", engine=EchoEngine(max_context=512))
+    assert r.get(keys.group_accepting("g1")) == b"1"
+    assert r.zscore(keys.groups, "g1") is not None
+    assert [g["name"] for g in r.xinfo_groups(keys.group_queue("g1"))] == [QUEUE_GROUP.encode()]
+    (status,) = read_groups(r, keys, dead_after_s=3.0)
+    assert status.name == "g1" and status.alive and status.routable
+    assert (status.model, status.vocab_size, status.max_context, status.tp) == ("echo", 256, 512, 1)
+    assert status.state == "ready" and status.leader_pid == os.getpid()
+    assert (status.running, status.waiting, status.queue_depth) == (0, 0, 0)
+    assert status.heartbeat_age_s < 3.0
+    assert group.name == "g1"
+
+
+def test_heartbeat_is_rate_limited_and_reports_load(r: redis.Redis, keys: Keys, make_group: MakeGroup,
+                                                    mono: FakeMonotonic) -> None:
+    group = make_group("g1", heartbeat_interval_s=1.0, worker_max_batch=2)
+    for n in range(3):
+        enqueue(r, keys, "g1", make_request(keys, f"r{n}", "long enough prompt"))
+    group.tick()  # reads two (max batch), leaves one queued
+    assert read_groups(r, keys, dead_after_s=3.0)[0].running == 0  # the interval has not passed
+    mono.advance(1.0)
+    group.tick()
+    status = read_groups(r, keys, dead_after_s=3.0)[0]
+    assert (status.running, status.queue_depth) == (2, 1)
+
+
+# --- serving --------------------------------------------------------------------------------------
+
+
+def test_request_gets_indexed_tokens_then_one_done_and_is_acked_only_after(
+        r: redis.Redis, keys: Keys, make_group: MakeGroup) -> None:
+    group = make_group()
+    prompt = "héllo 🦀!"
+    request = make_request(keys, "req-1", prompt)
+    enqueue(r, keys, "g1", request)
+    reply = keys.result("req-1")
+    ticks = 0
+    while not finals(events(r, reply)):
+        # until its final event is written, the queue entry stays (read and unacked, or unread)
+        assert r.xlen(keys.group_queue("g1")) == 1
+        group.tick()
+        ticks += 1
+        assert ticks < 100
+    assert r.xlen(keys.group_queue("g1")) == 0 and pending(r, keys, "g1") == 0
+    group.tick()
+    evs = events(r, reply)
+    done = assert_one_clean_completion(evs, text=prompt)
+    n = len(prompt.encode())
+    assert len(tokens(evs)) == n
+    assert json.loads(done["token_ids"]) == list(prompt.encode())
+    assert done["finish_reason"] == "stop"
+    assert (done["prompt_tokens"], done["completion_tokens"]) == (str(n), str(n))
+    assert all(e["id"] == "req-1" for e in evs)
+    assert group.held == {} and not group.engine.has_work() and group.completed == 1
+    # the reply stream and the state expire
+    assert 0 < r.pttl(reply) <= group.settings.result_ttl_s * 1000
+    assert 0 < r.pttl(state_key(keys, request)) <= group.settings.result_ttl_s * 1000
+
+
+def test_non_streaming_request_gets_only_the_done_event(
+        r: redis.Redis, keys: Keys, make_group: MakeGroup) -> None:
+    group = make_group()
+    enqueue(r, keys, "g1", make_request(keys, "a", "quiet", stream=False))
+    run_until(group.tick, finished(r, keys.result("a")))
+    evs = events(r, keys.result("a"))
+    assert len(evs) == 1
+    assert assert_one_clean_completion(evs, text="quiet", stream=False)["finish_reason"] == "stop"
+
+
+def test_max_tokens_and_stop_strings(r: redis.Redis, keys: Keys, make_group: MakeGroup) -> None:
+    group = make_group()
+    enqueue(r, keys, "g1", make_request(keys, "short", "abcdefgh", max_tokens=3))
+    enqueue(r, keys, "g1", make_request(keys, "stopped", "say hi STOP and more", stop=["STOP", "and"]))
+    run_until(group.tick, finished(r, keys.result("short"), keys.result("stopped")))
+    short = assert_one_clean_completion(events(r, keys.result("short")), text="abc")
+    assert short["finish_reason"] == "length"
+    stopped = assert_one_clean_completion(events(r, keys.result("stopped")), text="say hi ")
+    assert stopped["finish_reason"] == "stop"
+    assert json.loads(stopped["token_ids"]) == list(b"say hi STOP")
+    assert not group.engine.has_work() and group.held == {}
+
+
+def test_many_requests_to_one_client_stream(r: redis.Redis, keys: Keys, make_group: MakeGroup) -> None:
+    group = make_group()
+    shared = keys.client_replies("c1")
+    prompts = {f"m{n}": "x" * (n + 1) + "yz" for n in range(5)}
+    for rid, prompt in prompts.items():
+        enqueue(r, keys, "g1", make_request(keys, rid, prompt, reply_to=shared))
+    group.tick()
+    run_until(group.tick, lambda: not group.held)
+    evs = events(r, shared)
+    for rid, prompt in prompts.items():
+        assert_one_clean_completion([e for e in evs if e["id"] == rid], text=prompt)
+    assert not r.exists(keys.result("m0"))
+
+
+def test_invalid_requests_get_invalid_request_and_never_reach_the_engine(
+        r: redis.Redis, keys: Keys, make_group: MakeGroup) -> None:
+    group = make_group(engine=EchoEngine(max_context=16))
+    enqueue(r, keys, "g1", make_request(keys, "vocab", prompt_ids=[1, 300, 2]))
+    enqueue(r, keys, "g1", make_request(keys, "context", "0123456789", max_tokens=7))
+    enqueue(r, keys, "g1", make_request(keys, "fine", "0123456789", max_tokens=6))
+    added: list[str] = []
+    real_add = group.engine.add
+    group.engine.add = (  # type: ignore[method-assign]
+        lambda req: (added.append(req.request_id), real_add(req))[1])
+    run_until(group.tick, finished(r, *(keys.result(x) for x in ("vocab", "context", "fine"))))
+    assert added == ["fine"]
+    for rid, words in (("vocab", "vocabulary"), ("context", "context length")):
+        evs = events(r, keys.result(rid))
+        assert len(evs) == 1 and evs[0]["event"] == "error" and evs[0]["code"] == "invalid_request", evs
+        assert words in evs[0]["message"]
+    assert assert_one_clean_completion(events(r, keys.result("fine")))["finish_reason"] == "length"
+    assert r.xlen(keys.group_queue("g1")) == 0 and pending(r, keys, "g1") == 0
+
+
+def test_malformed_queue_entry_is_dropped_without_stopping_the_group(
+        r: redis.Redis, keys: Keys, make_group: MakeGroup) -> None:
+    group = make_group()
+    r.xadd(keys.group_queue("g1"), {"r": b"\xc1 not msgpack", "e": "1"})
+    enqueue(r, keys, "g1", make_request(keys, "ok", "fine"))
+    run_until(group.tick, finished(r, keys.result("ok")))
+    assert_one_clean_completion(events(r, keys.result("ok")), text="fine")
+    assert r.xlen(keys.group_queue("g1")) == 0 and pending(r, keys, "g1") == 0
+
+
+# --- cancel and timeout ---------------------------------------------------------------------------
+
+
+def test_cancel_mid_generation_ends_with_cancelled(r: redis.Redis, keys: Keys, make_group: MakeGroup) -> None:
+    group = make_group()
+    enqueue(r, keys, "g1", make_request(keys, "c", "a fairly long prompt to echo back"))
+    enqueue(r, keys, "g1", make_request(keys, "other", "keep going"))
+    for _ in range(3):
+        group.tick()
+    r.xadd(keys.cancel, {"id": "c"})
+    group.tick()
+    evs = events(r, keys.result("c"))
+    done = assert_one_clean_completion(evs, text="a f")
+    assert done["finish_reason"] == "cancelled" and json.loads(done["token_ids"]) == list(b"a f")
+    assert len(tokens(evs)) == 3
+    run_until(group.tick, finished(r, keys.result("other")))
+    assert events(r, keys.result("c")) == evs  # nothing after the final
+    assert_one_clean_completion(events(r, keys.result("other")), text="keep going")
+    assert r.xlen(keys.group_queue("g1")) == 0 and not group.engine.has_work()
+
+
+def test_cancel_that_arrives_before_the_request_is_read(
+        r: redis.Redis, keys: Keys, make_group: MakeGroup) -> None:
+    group = make_group()
+    r.xadd(keys.cancel, {"id": "early"})
+    enqueue(r, keys, "g1", make_request(keys, "early", "never generated"))
+    group.tick()
+    evs = events(r, keys.result("early"))
+    assert len(evs) == 1 and evs[0]["finish_reason"] == "cancelled" and evs[0]["token_ids"] == "[]"
+    assert not group.engine.has_work() and r.xlen(keys.group_queue("g1")) == 0
+
+
+def test_cancel_sent_before_the_group_started_is_not_applied(
+        r: redis.Redis, keys: Keys, make_group: MakeGroup) -> None:
+    r.xadd(keys.cancel, {"id": "old"})  # a stale cancellation of an earlier request with this id
+    group = make_group()
+    enqueue(r, keys, "g1", make_request(keys, "old", "hi"))
+    run_until(group.tick, finished(r, keys.result("old")))
+    assert finals(events(r, keys.result("old")))[0]["finish_reason"] == "stop"
+
+
+def test_deadline_passing_mid_generation_ends_with_timeout(
+        r: redis.Redis, keys: Keys, make_group: MakeGroup) -> None:
+    group = make_group()
+    t0 = 1_700_000_000_000
+    group.clock = FakeClock(t0 + 500)  # type: ignore[assignment]
+    enqueue(r, keys, "g1", make_request(keys, "slow", "x" * 40, timeout_s=2.0, enqueued_ms=t0))
+    enqueue(r, keys, "g1", make_request(keys, "patient", "y" * 40, enqueued_ms=t0))
+    for _ in range(4):
+        group.tick()
+    assert not finals(events(r, keys.result("slow")))
+    group.clock.ms = t0 + 1999
+    group.tick()
+    assert not finals(events(r, keys.result("slow")))
+    group.clock.ms = t0 + 2000
+    group.tick()
+    evs = events(r, keys.result("slow"))
+    final = assert_one_clean_completion(evs)
+    assert final["event"] == "error" and final["code"] == "timeout"
+    assert len(tokens(evs)) == 5
+    run_until(group.tick, finished(r, keys.result("patient")))
+    assert events(r, keys.result("slow")) == evs
+    assert_one_clean_completion(events(r, keys.result("patient")), text="y" * 40)
+    assert r.xlen(keys.group_queue("g1")) == 0 and pending(r, keys, "g1") == 0
+
+
+# --- ownership: fencing, re-delivery, recovery ----------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_taken_over_request_is_fenced(
+        r: redis.Redis, keys: Keys, make_group: MakeGroup, stream: bool) -> None:
+    group = make_group()
+    request = make_request(keys, "moved", "a prompt of some length", stream=stream)
+    epoch = enqueue(r, keys, "g1", request)
+    group.tick()
+    group.tick()
+    before = events(r, request.reply_to)
+    assert len(before) == (2 if stream else 0)
+    assert take_over(r, keys, request, to="g2", frm="g1", epoch=epoch) == ("g2", epoch + 1)
+    run_until(group.tick, lambda: not group.held)
+    group.tick()  # idle ticks block on the queue (~0.1 s each on a hz=10 server): keep them few
+    assert events(r, request.reply_to) == before  # the old owner wrote nothing more, no final
+    assert r.xlen(keys.group_queue("g1")) == 0 and pending(r, keys, "g1") == 0
+    assert not group.engine.has_work() and group.completed == 0
+
+
+def test_same_entry_delivered_twice_at_one_epoch_runs_once(r: redis.Redis, keys: Keys,
+                                                           make_group: MakeGroup) -> None:
+    group = make_group()
+    request = make_request(keys, "twice", "abc")
+    epoch = enqueue(r, keys, "g1", request)
+    r.xadd(keys.group_queue("g1"), {"r": request.to_wire(), "e": str(epoch)})  # a duplicate dispatch
+    run_until(group.tick, finished(r, request.reply_to))
+    run_until(group.tick, lambda: not group.held)
+    assert_one_clean_completion(events(r, request.reply_to), text="abc")
+    assert r.xlen(keys.group_queue("g1")) == 0 and pending(r, keys, "g1") == 0
+
+
+def test_newer_epoch_of_a_held_request_replaces_it_without_duplicate_tokens(
+        r: redis.Redis, keys: Keys, make_group: MakeGroup) -> None:
+    group = make_group()
+    request = make_request(keys, "again", "0123456789")
+    epoch = enqueue(r, keys, "g1", request)
+    for _ in range(4):
+        group.tick()
+    # handed back and routed to the same group again (a new epoch)
+    assert take_over(r, keys, request, to="g1", frm="g1", epoch=epoch) == ("g1", epoch + 1)
+    r.xadd(keys.group_queue("g1"), {"r": request.to_wire(), "e": str(epoch + 1)})
+    run_until(group.tick, finished(r, request.reply_to))
+    assert_one_clean_completion(events(r, request.reply_to), text="0123456789")
+    assert r.xlen(keys.group_queue("g1")) == 0 and pending(r, keys, "g1") == 0
+
+
+def test_restarted_group_recovers_what_its_predecessor_left_unfinished(
+        r: redis.Redis, keys: Keys, make_group: MakeGroup) -> None:
+    first = make_group("g1")
+    requests = [make_request(keys, f"rec{n}", f"recover me {n} please") for n in range(3)]
+    for request in requests:
+        enqueue(r, keys, "g1", request)
+    for _ in range(5):
+        first.tick()
+    assert all(len(tokens(events(r, q.reply_to))) == 5 for q in requests)
+    assert pending(r, keys, "g1") == 3
+    # `first` dies here; a new process of the same group starts
+    second = make_group("g1")
+    assert set(second.held) == {q.id for q in requests}
+    run_until(second.tick, finished(r, *(q.reply_to for q in requests)))
+    for request in requests:
+        assert_one_clean_completion(events(r, request.reply_to), text=request.prompt)
+    assert r.xlen(keys.group_queue("g1")) == 0 and pending(r, keys, "g1") == 0
+
+
+def test_recovery_of_entries_read_but_never_started(
+        r: redis.Redis, keys: Keys, make_group: MakeGroup) -> None:
+    make_group("g1")
+    request = make_request(keys, "read-only", "was read, then the leader died")
+    enqueue(r, keys, "g1", request)
+    read = r.xreadgroup(QUEUE_GROUP, CONSUMER, {keys.group_queue("g1"): ">"})
+    assert len(read[0][1]) == 1
+    again = make_group("g1")
+    run_until(again.tick, finished(r, request.reply_to))
+    assert_one_clean_completion(events(r, request.reply_to), text=request.prompt)
+    assert pending(r, keys, "g1") == 0
+
+
+def test_recovery_after_final_written_but_not_acked(
+        r: redis.Redis, keys: Keys, make_group: MakeGroup) -> None:
+    first = make_group("g1")
+    request = make_request(keys, "almost", "done")
+    enqueue(r, keys, "g1", request)
+    first._ack = lambda entry_ids: None  # type: ignore[method-assign]  # dies between publish and ack
+    run_until(first.tick, finished(r, request.reply_to))
+    assert pending(r, keys, "g1") == 1
+    second = make_group("g1")
+    assert set(second.held) == {"almost"}
+    run_until(second.tick, lambda: not second.held)
+    assert_one_clean_completion(events(r, request.reply_to), text="done")
+    assert r.xlen(keys.group_queue("g1")) == 0 and pending(r, keys, "g1") == 0
+    assert second.completed == 0
+
+
+# --- draining -------------------------------------------------------------------------------------
+
+
+def ingress(r: redis.Redis, keys: Keys, prefix: str) -> list[Any]:
+    """The ingress entries, parsed as a balancer would."""
+    return [parse_request(fields, entry_id=eid.decode(), prefix=prefix, max_request_bytes=1 << 20)
+            for eid, fields in r.xrange(keys.requests)]
+
+
+def test_drain_finishes_held_requests_and_hands_back_queued_ones(
+        r: redis.Redis, keys: Keys, prefix: str, make_group: MakeGroup) -> None:
+    group = make_group("g1", worker_max_batch=2)
+    held = [make_request(keys, f"h{n}", f"held request {n}", enqueued_ms=1234) for n in range(2)]
+    queued = make_request(keys, "q", "still queued", enqueued_ms=1234, timeout_s=99.0, stop=["zz"])
+    for request in [*held, queued]:
+        enqueue(r, keys, "g1", request)
+    group.tick()
+    assert set(group.held) == {"h0", "h1"}
+
+    seen: list[tuple[bool, str]] = []
+    real_tick = group.tick
+
+    def observed_tick() -> None:
+        info = r.hgetall(keys.group_info("g1"))
+        seen.append((bool(r.exists(keys.group_accepting("g1"))), info[b"state"].decode()))
+        real_tick()
+
+    group.tick = observed_tick  # type: ignore[method-assign]
+    group.drain()
+    group.run()
+
+    assert seen and set(seen) == {(False, "draining")}  # closed before finishing what it held
+    for request in held:
+        assert_one_clean_completion(events(r, request.reply_to), text=request.prompt)
+    assert events(r, queued.reply_to) == []
+    (back,) = ingress(r, keys, prefix)
+    assert (back.id, back.takeover_from, back.takeover_epoch) == ("q", "g1", 1)
+    assert (back.prompt, back.enqueued_ms, back.timeout_s) == ("still queued", 1234, 99.0)
+    assert back.sampling.stop == ("zz",)
+    assert r.zscore(keys.groups, "g1") is None and not r.exists(keys.group_info("g1"))
+    assert not r.exists(keys.group_accepting("g1"))
+    assert r.xlen(keys.group_queue("g1")) == 0 and pending(r, keys, "g1") == 0
+
+
+def test_second_drain_hands_everything_back_at_once(
+        r: redis.Redis, keys: Keys, prefix: str, make_group: MakeGroup) -> None:
+    group = make_group("g1", worker_max_batch=1)
+    first, second = make_request(keys, "a", "a long prompt"), make_request(keys, "b", "another one")
+    enqueue(r, keys, "g1", first)
+    enqueue(r, keys, "g1", second)
+    group.tick()
+    group.tick()
+    published = events(r, first.reply_to)
+    assert len(published) == 2
+    def no_tick() -> None:
+        raise AssertionError("a second drain() must hand back without another tick")
+
+    group.tick = no_tick  # type: ignore[method-assign]
+    group.drain()
+    group.drain()
+    group.run()
+    assert events(r, first.reply_to) == published  # no final: the next owner finishes it
+    assert {(q.id, q.takeover_from, q.takeover_epoch) for q in ingress(r, keys, prefix)} == {
+        ("a", "g1", 1), ("b", "g1", 1)}
+    assert not group.engine.has_work()
+    assert r.zscore(keys.groups, "g1") is None and not r.exists(keys.group_accepting("g1"))
+    assert r.xlen(keys.group_queue("g1")) == 0 and pending(r, keys, "g1") == 0
+
+
+def test_drain_timeout_hands_back_what_is_still_held(
+        r: redis.Redis, keys: Keys, prefix: str, make_group: MakeGroup, mono: FakeMonotonic) -> None:
+    group = make_group("g1", drain_timeout_s=5.0)
+    request = make_request(keys, "long", "x" * 100)
+    enqueue(r, keys, "g1", request)
+    group.tick()
+    real_tick, ticks = group.tick, []
+
+    def slow_tick() -> None:
+        ticks.append(1)
+        mono.advance(2.0)
+        real_tick()
+
+    group.tick = slow_tick  # type: ignore[method-assign]
+    group.drain()
+    group.run()
+    assert len(ticks) == 3  # 0 s, 2 s, 4 s: then 6 s is past the 5 s drain timeout
+    assert len(tokens(events(r, request.reply_to))) == 4 and not finals(events(r, request.reply_to))
+    assert [(q.id, q.takeover_from) for q in ingress(r, keys, prefix)] == [("long", "g1")]
+    assert r.zscore(keys.groups, "g1") is None
+
+
+def test_drain_of_an_idle_group_deregisters_at_once(
+        r: redis.Redis, keys: Keys, make_group: MakeGroup) -> None:
+    group = make_group("g1")
+    group.drain()
+    group.run()
+    assert r.zscore(keys.groups, "g1") is None and not r.exists(keys.group_accepting("g1"))
+    assert r.xlen(keys.requests) == 0
