@@ -36,7 +36,7 @@ class Settings(BaseSettings):
 
     # --- balancer ---------------------------------------------------------------------------
     balancer_batch_max: int = Field(default=128, description="Most ingress entries read in one batch.")
-    balancer_block_ms: int = Field(default=100, description="Blocking read on the ingress stream when idle.")
+    balancer_block_ms: int = Field(default=500, description="Blocking read on the ingress stream when idle.")
     # Pending ingress entries idle this long belong to a balancer that died (or stalled): any balancer
     # may claim them. Dispatch is idempotent, so a false positive costs work, never a duplicate.
     claim_idle_ms: int = 5000
@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     dead_after_s: float = 3.0
     # Dead groups stay listed (alive=false) this long, then are removed from the registry.
     forget_dead_after_s: float = 600.0
-    worker_block_ms: int = Field(default=50, description="Blocking read on the group queue when idle.")
+    worker_block_ms: int = Field(default=1000, description="Longest blocking read on the group queue when idle.")
     worker_max_batch: int = Field(default=256, description="Most requests a group holds at once.")
     drain_timeout_s: float = Field(
         default=30.0, description="On SIGTERM, time to finish held requests before handing the rest back."

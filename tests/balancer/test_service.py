@@ -89,6 +89,12 @@ def state(r: redis.Redis, keys: Keys, request_id: str) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in raw.items()}
 
 
+def settled(balancer: Balancer, r: redis.Redis, keys: Keys) -> bool:
+    """Every ingress entry acknowledged and deleted, once the balancer sent its deferred acks."""
+    balancer.flush_acks()
+    return ingress_settled(r, keys)
+
+
 def ingress_settled(r: redis.Redis, keys: Keys) -> bool:
     """Every ingress entry acknowledged and deleted."""
     return r.xlen(keys.requests) == 0 and r.xpending(keys.requests, INGRESS_GROUP)["pending"] == 0
@@ -219,7 +225,7 @@ def test_no_live_group_waits_then_fails_unavailable(
     balancer.clock.ms = t0 + 5_000
     balancer.process([])
     assert "5.0s" in only_error(r, keys.result("w"), "unavailable")["message"]
-    assert not balancer.waiting and ingress_settled(r, keys)
+    assert not balancer.waiting and settled(balancer, r, keys)
 
 
 def test_waiting_request_goes_to_a_group_that_appears(
@@ -232,7 +238,7 @@ def test_waiting_request_goes_to_a_group_that_appears(
     balancer.refresh_groups()
     balancer.process([])
     assert [q.id for q, _ in queued(r, keys, "g1")] == ["late"]
-    assert ingress_settled(r, keys) and not balancer.waiting
+    assert settled(balancer, r, keys) and not balancer.waiting
 
 
 def test_deadline_passed_before_dispatch_is_a_timeout(
@@ -258,7 +264,7 @@ def test_timeout_applies_while_waiting_for_a_group(
     balancer.clock.ms = entry_ms(eid) + 2_000
     balancer.process([])
     only_error(r, keys.result("t"), "timeout")
-    assert ingress_settled(r, keys)
+    assert settled(balancer, r, keys)
 
 
 def test_cancelled_before_dispatch(r: redis.Redis, keys: Keys, make_balancer: MakeBalancer) -> None:
@@ -282,7 +288,7 @@ def test_cancelled_while_waiting_for_a_group(r: redis.Redis, keys: Keys, make_ba
     r.xadd(keys.cancel, {"id": "c"})
     balancer.tick()
     assert [e["finish_reason"] for e in events(r, keys.result("c"))] == ["cancelled"]
-    assert not balancer.waiting and ingress_settled(r, keys)
+    assert not balancer.waiting and settled(balancer, r, keys)
 
 
 # --- crash safety: reclaim and duplicate processing ------------------------------------------------
@@ -344,7 +350,8 @@ def test_same_entry_processed_by_two_balancers_dispatches_once(
     second.process(entries)
     assert len(queued(r, keys, "g1")) + len(queued(r, keys, "g2")) == 1
     assert state(r, keys, "dup")["epoch"] == "1"
-    assert ingress_settled(r, keys)
+    first.flush_acks()
+    assert settled(second, r, keys)
 
 
 # --- re-routing: closed groups, failover, forgetting ----------------------------------------------
@@ -361,7 +368,7 @@ def test_group_that_stopped_accepting_is_taken_over(
     balancer.process([])
     assert [(q.id, e) for q, e in queued(r, keys, "busy")] == [("moved", 2)]
     assert state(r, keys, "moved") == {"owner": "busy", "epoch": "2"}
-    assert queued(r, keys, "closing") == [] and ingress_settled(r, keys)
+    assert queued(r, keys, "closing") == [] and settled(balancer, r, keys)
 
 
 def test_dead_group_is_failed_over_to_a_live_one(r: redis.Redis, keys: Keys, prefix: str,
