@@ -365,7 +365,7 @@ class Balancer:
         Returns how many requests were moved.
         """
         queue = self.keys.group_queue(group)
-        lock = f"{queue}:failover"
+        lock = self.keys.group_failover_lock(group)
         if not self.redis.set(lock, self.name, nx=True, px=30_000):
             return 0  # another balancer is on it
         moved = 0

@@ -18,6 +18,7 @@ Key schema (``p`` is the prefix, ``ryz`` by default):
 | ``{p:g:<name>}:queue`` | stream | a group's work queue; consumer group ``group`` |
 | ``{p:g:<name>}:accepting`` | string | present while the group takes new work |
 | ``{p:g:<name>}:seen:<id>:<epoch>`` | string | dispatch marker: makes routing idempotent |
+| ``{p:g:<name>}:failover`` | string | lock held by the balancer failing a dead group over |
 | ``p:client:<uuid>`` | stream | shared reply stream of one client instance |
 """
 
@@ -108,8 +109,16 @@ class Keys:
     def group_accepting(self, name: str) -> str:
         return f"{{{self.prefix}:g:{name}}}:accepting"
 
+    def group_failover_lock(self, name: str) -> str:
+        return f"{{{self.prefix}:g:{name}}}:failover"
+
     def dispatch_marker(self, group: str, request_id: str, epoch: int) -> str:
         return f"{{{self.prefix}:g:{group}}}:seen:{request_id}:{epoch}"
+
+    def is_internal(self, key: str) -> bool:
+        """Whether ``key`` is one of ryzanstein's own keys (never a valid ``reply_to``)."""
+        own = (self.requests, self.cancel, self.groups)
+        return key in own or key.startswith((f"{{{self.groups}}}:", f"{{{self.prefix}:g:"))
 
     def client_replies(self, client_id: str) -> str:
         return f"{self.prefix}:client:{client_id}"

@@ -16,6 +16,7 @@ import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from broker.errors import InvalidRequest
+from broker.keys import Keys
 
 ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -281,8 +282,8 @@ def _parse(
         reply_to = _text("reply_to", raw["reply_to"])
         if not reply_to or len(reply_to.encode()) > MAX_KEY_BYTES:
             raise InvalidRequest(f"field 'reply_to': must be a key name of 1-{MAX_KEY_BYTES} bytes")
-        if reply_to in (f"{prefix}:requests", f"{prefix}:cancel"):
-            raise InvalidRequest("field 'reply_to': must not be one of ryzanstein's own streams")
+        if Keys(prefix).is_internal(reply_to):
+            raise InvalidRequest("field 'reply_to': must not be one of ryzanstein's own keys")
 
     enqueued_ms = entry_ms(entry_id)
     takeover_from, takeover_epoch = None, 0
@@ -337,7 +338,7 @@ def best_effort_reply_to(fields: dict[Any, Any], *, entry_id: str, prefix: str) 
     value = raw.get("reply_to")
     if isinstance(value, (bytes, str)):
         text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-        if 0 < len(text.encode()) <= MAX_KEY_BYTES and text not in (f"{prefix}:requests", f"{prefix}:cancel"):
+        if 0 < len(text.encode()) <= MAX_KEY_BYTES and not Keys(prefix).is_internal(text):
             reply_to = text
     return request_id, reply_to
 

@@ -52,9 +52,9 @@ class GroupStatus(GroupLoad):
 
 def parse_group(info: dict[bytes, bytes], *, now_ms: float, dead_after_s: float) -> GroupStatus | None:
     """A group's status from its info hash; None when the hash is incomplete (being removed)."""
-    raw = {k.decode(): v.decode() for k, v in info.items()}
     known = {f.name for f in fields(GroupStatus)}
     try:
+        raw = {k.decode(): v.decode() for k, v in info.items()}
         values: dict[str, Any] = {k: v for k, v in raw.items() if k in known}
         for name in _INT_FIELDS:
             values[name] = int(values[name])
@@ -62,7 +62,7 @@ def parse_group(info: dict[bytes, bytes], *, now_ms: float, dead_after_s: float)
         values.pop("alive", None)
         values.pop("heartbeat_age_s", None)
         status = GroupStatus(**values)
-    except (KeyError, ValueError, TypeError):
+    except (KeyError, ValueError, TypeError):  # UnicodeDecodeError is a ValueError
         return None
     status.heartbeat_age_s = max(0.0, (now_ms - status.heartbeat_ms) / 1000.0)
     status.alive = status.heartbeat_age_s <= dead_after_s

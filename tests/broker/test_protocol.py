@@ -745,3 +745,18 @@ def test_error_event() -> None:
 def test_final_events() -> None:
     assert sorted(FINAL_EVENTS) == ["done", "error"]
     assert token_event("r", 0, 0, "")["event"] not in FINAL_EVENTS
+
+
+@pytest.mark.parametrize("key", ["PFX:requests", "PFX:cancel", "PFX:groups", "{PFX:groups}:info:g1",
+                                 "{PFX:g:g1}:queue", "{PFX:g:g1}:accepting"])
+def test_reply_to_must_not_name_an_internal_key(key: str) -> None:
+    reply_to = key.replace("PFX", "ryz")
+    with pytest.raises(InvalidRequest, match="reply_to"):
+        parse_request({b"prompt": b"hi", b"reply_to": reply_to.encode()}, entry_id="1-0", prefix="ryz",
+                      max_request_bytes=1 << 20)
+
+
+def test_reply_to_may_be_any_other_key_under_the_prefix() -> None:
+    request = parse_request({b"prompt": b"hi", b"reply_to": b"ryz:my-replies"}, entry_id="1-0", prefix="ryz",
+                            max_request_bytes=1 << 20)
+    assert request.reply_to == "ryz:my-replies"
