@@ -152,6 +152,11 @@ class Balancer:
             self._next_claim = now + self.settings.claim_idle_ms / 3000.0
             entries += self._reclaim()
         fresh = self._read()
+        after_read = self._monotonic()
+        if fresh and after_read >= self._next_refresh:
+            # The read may have blocked a while: route by heartbeats read now, not before it.
+            self._next_refresh = after_read + self.settings.groups_refresh_s
+            self.refresh_groups()
         self.process(entries + fresh)
         if len(fresh) < self.settings.balancer_batch_max:
             self.flush_acks()  # no full batch behind: the next read may block, acknowledge now

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,15 @@ def test_thousand_requests_over_two_groups_answered_exactly_once(procs: Procs, r
     procs.worker("g1")
     procs.worker("g2")
     wait_groups(r, keys, {"g1", "g2"})
+
+    def balancer_routes_to_both() -> bool:  # its view of the registry refreshes every 250 ms
+        probe = send_many(r, keys, 4, tag=f"probe{time.monotonic_ns()}-")
+        wait_for(lambda: all_finished(r, keys, probe), what="probe results")
+        owners = {r.hget(keys.state(keys.result(rid), rid), "owner") for rid in probe}
+        return owners == {b"g1", b"g2"}
+
+    wait_for(balancer_routes_to_both, what="the balancer to route to both groups")
+    base = sum(g.completed for g in read_groups(r, keys, dead_after_s=3.0))
     ids = send_many(r, keys, 1000, tag="k", stream="1", max_tokens="64")
     wait_for(lambda: all_finished(r, keys, ids), timeout=60, what="1000 results")
     for rid in ids:
@@ -89,7 +99,7 @@ def test_thousand_requests_over_two_groups_answered_exactly_once(procs: Procs, r
 
     def both_reported() -> bool:
         completed.update({g.name: g.completed for g in read_groups(r, keys, dead_after_s=3.0)})
-        return sum(completed.values()) == 1000
+        return sum(completed.values()) - base >= 1000  # probes may be counted after `base`
 
     wait_for(both_reported, timeout=5, what="heartbeats counting 1000 completions")
     assert min(completed.values()) > 100, completed  # both groups took a real share
