@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 # Most entries one XREAD returns; a reader loops for more.
 READ_COUNT = 512
+# The dispatcher's blocking read: short, so that close() never needs to cancel a blocked read.
+DISPATCH_BLOCK_MS = 200
 # The stream id before every real entry: read from the start.
 STREAM_START = "0-0"
 # How many request ids a client remembers the non-default reply stream of, for result(id).
@@ -409,10 +411,10 @@ class AsyncClient(_ClientBase):
         delays: Iterator[float] | None = None
         since_trim = 0
         try:
-            while True:
+            while not self._closed:
                 try:
                     reply = await self._redis.xread(
-                        {self.reply_to: self._last_id}, count=READ_COUNT, block=self._max_block_ms
+                        {self.reply_to: self._last_id}, count=READ_COUNT, block=DISPATCH_BLOCK_MS
                     )
                     entries = _stream_entries(reply)
                     for entry_id, raw in entries:
@@ -461,9 +463,13 @@ class AsyncClient(_ClientBase):
             with contextlib.suppress(Exception):
                 await self._writer  # submits already made are sent, not dropped
         if self._dispatcher is not None:
-            self._dispatcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._dispatcher
+            # The dispatcher sees _closed within one short read; cancelling a blocked XREAD can hang
+            # in redis-py, so it is only the fallback.
+            done, _ = await asyncio.wait([self._dispatcher], timeout=2.0)
+            if not done:
+                self._dispatcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._dispatcher
         self._fail_pending(ClientClosed("the client was closed before the request finished"))
         with contextlib.suppress(*TRANSIENT_ERRORS):
             await self._redis.delete(self.reply_to)
