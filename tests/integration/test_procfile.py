@@ -110,7 +110,8 @@ def test_procfile_runs_three_groups_serves_and_stops(tmp_path: Path, monkeypatch
         started |= _descendants(honcho.pid)
 
         client.xadd(keys.requests, {"id": "procfile-1", "prompt": "through the Procfile", "max_tokens": "64"})
-        finals = wait_for(lambda: final_events(client, keys.result("procfile-1")), timeout=30, what="the done event")
+        finals = wait_for(lambda: final_events(client, keys.result("procfile-1")), timeout=30,
+                          what="the done event")
         assert len(finals) == 1
         assert finals[0][b"event"] == b"done", finals[0]
         assert finals[0][b"text"] == b"through the Procfile"
