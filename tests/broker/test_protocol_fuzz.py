@@ -22,26 +22,12 @@ from broker.protocol import (
     parse_request,
 )
 
+from tests.broker.test_protocol import TEXT_FIELDS
+
 PREFIX = "ryz"
 ENTRY = "1700000000000-0"
-FIELD_NAMES = [
-    "id",
-    "prompt",
-    "prompt_ids",
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "seed",
-    "stop",
-    "stream",
-    "priority",
-    "timeout_s",
-    "reply_to",
-    "payload",
-    "_takeover",
-    "_enqueued_ms",
-]
+# The contract's request fields, plus the payload form and the internal fields ryzanstein sets itself.
+FIELD_NAMES = [*TEXT_FIELDS, "payload", "_takeover", "_enqueued_ms"]
 
 fuzz = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
