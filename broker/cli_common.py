@@ -21,10 +21,10 @@ def add_common(parser: argparse.ArgumentParser) -> None:
                         help="include prompt text in request log lines (default: $RYZ_LOG_PROMPTS, else never)")
 
 
-def add_metrics(parser: argparse.ArgumentParser) -> None:
+def add_metrics(parser: argparse.ArgumentParser, *, what: str = "") -> None:
     """``--metrics-port``/``--metrics-host`` for the processes that serve /metrics, /livez, /readyz."""
     parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
-                        help="serve /metrics, /livez and /readyz on PORT; 0 picks a free port "
+                        help=f"serve /metrics, /livez and /readyz on PORT; {what}0 picks a free port "
                              "(default: $RYZ_METRICS_PORT, else no endpoint)")
     parser.add_argument("--metrics-host", default=None, metavar="ADDR",
                         help="address the endpoint listens on (default: $RYZ_METRICS_HOST, else 0.0.0.0)")
