@@ -26,7 +26,7 @@ def test_metrics_reference_lists_exactly_the_served_metrics() -> None:
         **served(BalancerTelemetry(enabled=True, ready_within_s=3, live_within_s=60).registry),
         **served(GroupTelemetry("g", enabled=True, now_ms=lambda: 0.0, ready_within_s=3, live_within_s=60).registry),
     }
-    rows = dict(re.findall(r"^\| `(ryz_\w+)` \| (\w+) \|", OPERATIONS, flags=re.M))
+    rows = dict(re.findall(r"^\| `(ryz_\w+)` \| (\w+) \|", OPERATIONS, flags=re.MULTILINE))
     assert rows == metrics
     mentioned = {re.sub(r"_(bucket|sum|count)$", "", n) for n in re.findall(r"\bryz_\w+", OPERATIONS)
                  if not n.endswith("_")}  # not `ryz_group_*`
@@ -35,7 +35,7 @@ def test_metrics_reference_lists_exactly_the_served_metrics() -> None:
 
 KIB = 1024
 ROW = re.compile(r"^\| ([^|]+) \| (\d+) \| (\d+) x (\d+) \| ([\d.]+) KiB \| ([\d.]+) KiB \| ([\d.]+) KiB \| ~([\d,]+) \|$",
-                 re.M)
+                 re.MULTILINE)
 
 
 @pytest.mark.parametrize("row", ROW.findall(OPERATIONS), ids=lambda row: row[0])
