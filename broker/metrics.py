@@ -16,19 +16,23 @@ TCP check or a bare HTTP answer from a side thread would not show.
 
 from __future__ import annotations
 
+import bisect
 import errno
+import itertools
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.utils import floatToGoString
 
 from broker.errors import ConfigError
 
@@ -46,6 +50,43 @@ INTER_TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 TOKEN_COUNT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000, 20_000, 50_000,
                        100_000, 200_000)
+
+
+class BatchHistogram:
+    """A histogram of one fixed label set that records many equal observations in one call.
+
+    A decode step gives every request in the batch the same inter-token gap: recording it once with
+    a count keeps the cost per step instead of per token (prometheus_client's ``observe`` takes one
+    value at a time, ~2 us each). Exposed like any Prometheus histogram.
+    """
+
+    def __init__(self, name: str, documentation: str, *, buckets: Sequence[float], labels: dict[str, str],
+                 registry: CollectorRegistry, namespace: str = NAMESPACE) -> None:
+        self.name = f"{namespace}_{name}"
+        self.documentation = documentation
+        self.bounds = sorted(float(b) for b in buckets)
+        self.labels = dict(labels)
+        self._counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self._sum = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe(self, value: float, count: int = 1) -> None:
+        with self._lock:
+            self._counts[bisect.bisect_left(self.bounds, value)] += count
+            self._sum += value * count
+
+    def collect(self) -> list[HistogramMetricFamily]:
+        with self._lock:
+            counts, total = list(self._counts), self._sum
+        family = HistogramMetricFamily(self.name, self.documentation, labels=list(self.labels))
+        cumulative = list(itertools.accumulate(counts))
+        bounds = [*(floatToGoString(b) for b in self.bounds), "+Inf"]
+        family.add_metric(list(self.labels.values()), list(zip(bounds, cumulative, strict=True)), total)
+        return [family]
+
+    def describe(self) -> list[HistogramMetricFamily]:
+        return [HistogramMetricFamily(self.name, self.documentation, labels=list(self.labels))]
 
 
 def new_registry() -> CollectorRegistry:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter as Tally
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from broker.metrics import (
     LATENCY_BUCKETS,
     NAMESPACE,
     TOKEN_COUNT_BUCKETS,
+    BatchHistogram,
     Probe,
     new_registry,
 )
@@ -79,8 +81,8 @@ class GroupTelemetry:
                                     LATENCY_BUCKETS)
         self.ttft = histogram("time_to_first_token_seconds",
                               "From enqueue until the first generated token.", LATENCY_BUCKETS)
-        self.itl = histogram("inter_token_latency_seconds",
-                             "Between two consecutive tokens of one request.", INTER_TOKEN_BUCKETS)
+        self.itl = BatchHistogram("inter_token_latency_seconds", "Between two consecutive tokens of one request.",
+                                  buckets=INTER_TOKEN_BUCKETS, labels={"group": group}, registry=reg)
         self.e2e = histogram("e2e_request_latency_seconds",
                              "From enqueue until the final event, for requests this group finished.",
                              LATENCY_BUCKETS)
@@ -122,7 +124,8 @@ class GroupTelemetry:
         if not self.enabled or not outputs:
             return
         now, counted = self._now_ms(), 0
-        ttft, itl = self.ttft.labels(self.group), self.itl.labels(self.group)
+        ttft = self.ttft.labels(self.group)
+        gaps: Tally[float] = Tally()  # previous token time -> requests; mostly one: the last step
         for out in outputs:
             timing = self._timings.get(out.request_id)
             if timing is None:
@@ -131,8 +134,10 @@ class GroupTelemetry:
             if timing.last_token_ms is None:
                 ttft.observe(max(0.0, now - timing.start_ms) / 1000.0)
             else:
-                itl.observe(max(0.0, now - timing.last_token_ms) / 1000.0)
+                gaps[timing.last_token_ms] += 1
             timing.last_token_ms = now
+        for last, count in gaps.items():
+            self.itl.observe(max(0.0, now - last) / 1000.0, count)
         self.iteration_tokens.labels(self.group).observe(len(outputs))
         self.generation_tokens.labels(self.group).inc(counted)
 

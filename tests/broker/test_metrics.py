@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import Counter
 
 from broker.errors import ConfigError
-from broker.metrics import MetricsServer, Probe, new_registry, serve_metrics
+from broker.metrics import BatchHistogram, MetricsServer, Probe, new_registry, serve_metrics
 from tests.gpu_workers.helpers import FakeMonotonic
 
 
@@ -101,3 +101,18 @@ def test_a_port_in_use_is_a_config_error() -> None:
         taken.listen()
         with pytest.raises(ConfigError, match=f"metrics port {taken.getsockname()[1]} .* in use"):
             MetricsServer(new_registry(), probe(FakeMonotonic()), host="127.0.0.1", port=taken.getsockname()[1])
+
+
+def test_batch_histogram_records_many_equal_observations_at_once() -> None:
+    registry = new_registry()
+    hist = BatchHistogram("gap_seconds", "Gaps.", buckets=(0.01, 0.1, 1.0), labels={"group": "g"},
+                          registry=registry)
+    hist.observe(0.01, 3)  # on a bound: counted in that bucket (le is inclusive)
+    hist.observe(0.5)
+    hist.observe(100.0, 2)
+
+    def value(suffix: str, **labels: str) -> float | None:
+        return registry.get_sample_value(f"ryz_gap_seconds{suffix}", {"group": "g", **labels})
+
+    assert [value("_bucket", le=le) for le in ("0.01", "0.1", "1.0", "+Inf")] == [3, 3, 4, 6]
+    assert value("_count") == 6 and value("_sum") == pytest.approx(0.03 + 0.5 + 200.0)
