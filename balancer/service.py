@@ -24,9 +24,11 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from balancer.router import Router
+from balancer.telemetry import BalancerTelemetry
 from broker.connection import TRANSIENT_ERRORS, RedisClock, backoff_delays
 from broker.errors import InvalidRequest
 from broker.keys import INGRESS_GROUP, Keys
+from broker.logs import request_extra
 from broker.protocol import (
     GenerationRequest,
     best_effort_reply_to,
@@ -105,6 +107,9 @@ class Balancer:
         self._claim_cursor = "0-0"
         self._to_ack: list[bytes] = []  # done with, acknowledged with the next read
         self._failed_over: dict[str, int] = {}  # dead group -> heartbeat_ms when its queue was taken over
+        self.telemetry = BalancerTelemetry(enabled=settings.metrics_port is not None,
+                                           ready_within_s=settings.dead_after_s,
+                                           live_within_s=settings.liveness_timeout_s, monotonic=monotonic)
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -191,6 +196,7 @@ class Balancer:
         entries = [e for _s, items in (fresh or []) for e in items]
         if entries:
             self.batch_sizes[len(entries)] += 1
+            self.telemetry.read(len(entries))
         return entries
 
     def _reclaim(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
@@ -225,6 +231,7 @@ class Balancer:
                 rid, reply = best_effort_reply_to(fields, entry_id=eid, prefix=self.settings.prefix)
                 finals.append(Final(entry_id, rid, reply, error_event(rid, exc.code, str(exc))))
                 self.counts["invalid_request"] += 1
+                self.telemetry.finished(rid, finals[-1].fields)
                 continue
             self.waiting[entry_id] = Waiting(entry_id, request, now_ms, request.takeover_from,
                                              request.takeover_epoch)
@@ -258,6 +265,7 @@ class Balancer:
                     continue
             del self.waiting[w.entry_id]
             self.counts[final["code"] if final["event"] == "error" else "cancelled"] += 1
+            self.telemetry.finished(request.id, final)
             finals.append(Final(w.entry_id, request.id, request.reply_to, final, w.takeover_from, w.takeover_epoch))
         if assignments or finals:
             self._dispatch(assignments, finals)
@@ -283,7 +291,8 @@ class Balancer:
         sent: list[tuple[Waiting, str, int]] = []
         for (w, _candidate), raw in zip(assignments, claims[: len(assignments)]):
             if isinstance(raw, Exception):
-                log.error("request %s: cannot claim: %s; will retry", w.request.id, raw)
+                log.error("request %s: cannot claim: %s; will retry", w.request.id, raw,
+                          extra=request_extra(w.request.id))
                 continue
             owner, epoch, finished = raw[0].decode(), int(raw[1]), raw[2]
             if finished:
@@ -299,7 +308,7 @@ class Balancer:
         published: list[tuple[Final, int]] = []
         for f, raw in zip(finals, claims[len(assignments):]):
             if isinstance(raw, Exception):
-                log.error("request %s: cannot claim: %s", f.request_id, raw)
+                log.error("request %s: cannot claim: %s", f.request_id, raw, extra=request_extra(f.request_id))
             elif not raw[2] and raw[0].decode() == PUBLISHER:
                 published.append((f, int(raw[1])))
             acks.append(f.entry_id)  # finished, owned by a group, or published now
@@ -319,7 +328,8 @@ class Balancer:
         _raise_transient(results)
         for (w, group, epoch), raw in zip(sent, results[: len(sent)]):
             if isinstance(raw, Exception):
-                log.error("request %s: cannot dispatch to %s: %s; will retry", w.request.id, group, raw)
+                log.error("request %s: cannot dispatch to %s: %s; will retry", w.request.id, group, raw,
+                          extra=request_extra(w.request.id))
                 continue
             if raw[0] == b"closed":
                 # draining or failed over: route elsewhere, taking the request over from it
@@ -329,9 +339,11 @@ class Balancer:
             acks.append(w.entry_id)
             del self.waiting[w.entry_id]
             self.counts["dispatched"] += 1
+            self.telemetry.dispatched(w.request.id, group, epoch=epoch, taken_from=w.takeover_from)
         for (f, _epoch), raw in zip(published, results[len(sent):]):
             if isinstance(raw, Exception):
-                log.error("request %s: cannot publish to %r: %s", f.request_id, f.reply_to, raw)
+                log.error("request %s: cannot publish to %r: %s", f.request_id, f.reply_to, raw,
+                          extra=request_extra(f.request_id))
         self._ack(acks)
 
     def _ack(self, entry_ids: list[bytes]) -> None:
@@ -354,6 +366,7 @@ class Balancer:
     def refresh_groups(self) -> None:
         groups = read_groups(self.redis, self.keys, dead_after_s=self.settings.dead_after_s)
         self.router.update(groups)
+        self.telemetry.groups(groups, waiting=len(self.waiting))
         for g in groups:
             if not g.alive and self._failed_over.get(g.name) != g.heartbeat_ms:
                 self.fail_over(g.name)
@@ -395,6 +408,7 @@ class Balancer:
             self.redis.delete(queue)
         finally:
             self.redis.delete(lock)
+        self.telemetry.failed_over(group, moved)
         if moved:
             log.warning("group %s is dead: moved %d requests to other groups", group, moved)
         return moved

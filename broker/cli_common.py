@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import sys
-import time
 
+from broker.logs import configure_logging
 from broker.settings import Settings, load_settings
 
 
@@ -17,28 +14,29 @@ def add_common(parser: argparse.ArgumentParser) -> None:
                              "Default: $RYZ_REDIS_URL, else the embedded broker of `ryzanstein up`/`broker`.")
     parser.add_argument("--prefix", default=None, help="key prefix (default: $RYZ_PREFIX, else 'ryz')")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    parser.add_argument("--log-format", default=None, choices=["text", "json"],
+                        help="text, or json: one JSON object per line (default: $RYZ_LOG_FORMAT, else text)")
+    parser.add_argument("--log-json", action="store_true", help="the same as --log-format json")
+    parser.add_argument("--log-prompts", action="store_true", default=None,
+                        help="include prompt text in request log lines (default: $RYZ_LOG_PROMPTS, else never)")
+
+
+def add_metrics(parser: argparse.ArgumentParser, *, what: str = "") -> None:
+    """``--metrics-port``/``--metrics-host`` for the processes that serve /metrics, /livez, /readyz."""
+    parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                        help=f"serve /metrics, /livez and /readyz on PORT; {what}0 picks a free port "
+                             "(default: $RYZ_METRICS_PORT, else no endpoint)")
+    parser.add_argument("--metrics-host", default=None, metavar="ADDR",
+                        help="address the endpoint listens on (default: $RYZ_METRICS_HOST, else 0.0.0.0)")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    return load_settings(redis_url=args.redis_url, prefix=args.prefix)
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": round(time.time(), 3), "level": record.levelname, "logger": record.name, "msg": record.getMessage()}
-        for key in ("request_id", "group"):
-            if hasattr(record, key):
-                out[key] = getattr(record, key)
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out)
+    log_format = "json" if getattr(args, "log_json", False) else getattr(args, "log_format", None)
+    return load_settings(redis_url=args.redis_url, prefix=args.prefix, log_format=log_format,
+                         log_prompts=getattr(args, "log_prompts", None),
+                         metrics_port=getattr(args, "metrics_port", None),
+                         metrics_host=getattr(args, "metrics_host", None))
 
 
 def setup_logging(args: argparse.Namespace) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if getattr(args, "log_json", False):
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
-    logging.basicConfig(level=getattr(args, "log_level", "INFO"), handlers=[handler], force=True)
+    configure_logging(level=getattr(args, "log_level", "INFO"), fmt=settings_from_args(args).log_format)

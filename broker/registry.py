@@ -31,9 +31,10 @@ class GroupLoad:
     state: str = "ready"  # ready | draining
     completed: int = 0  # requests finished since start
     tokens_per_s: float = 0.0  # recent generation rate
+    metrics_port: int | None = None  # of the leader's /metrics endpoint on ``host``; None: not served
 
     def to_fields(self) -> list[str]:
-        return [str(x) for kv in asdict(self).items() for x in kv]
+        return [x for k, v in asdict(self).items() for x in (k, "" if v is None else str(v))]
 
 
 @dataclass(slots=True)
@@ -59,6 +60,7 @@ def parse_group(info: dict[bytes, bytes], *, now_ms: float, dead_after_s: float)
         for name in _INT_FIELDS:
             values[name] = int(values[name])
         values["tokens_per_s"] = float(values.get("tokens_per_s", 0.0))
+        values["metrics_port"] = int(values["metrics_port"]) if values.get("metrics_port") else None
         values.pop("alive", None)
         values.pop("heartbeat_age_s", None)
         status = GroupStatus(**values)

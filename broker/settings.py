@@ -6,6 +6,8 @@ Each field can be overridden by an environment variable ``RYZ_<FIELD>`` (for exa
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -53,6 +55,20 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(
         default=30.0, description="On SIGTERM, time to finish held requests before handing the rest back."
     )
+
+    # --- operations: metrics, probes, logs --------------------------------------------------
+    # The HTTP endpoint of a balancer or group leader: /metrics (Prometheus), /livez, /readyz.
+    # None: no endpoint. 0: a free port chosen at start (a group publishes it in its heartbeat, and
+    # `status` shows it). Two processes on one host need distinct ports: see docs/OPERATIONS.md.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str = Field(default="0.0.0.0", description="Interface the metrics endpoint listens on.")
+    # /livez fails once the process' loop has made no progress (a successful heartbeat or registry
+    # read) for this long: a hung engine, or Redis unreachable for that long. Restarting cures the
+    # first and does no harm in the second (the work is in Redis).
+    liveness_timeout_s: float = Field(default=60.0, gt=0)
+    log_format: Literal["text", "json"] = Field(default="text", description="json: one JSON object per line.")
+    # Prompt text is never logged unless this is set (prompts may hold personal data).
+    log_prompts: bool = False
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -7,8 +7,9 @@ import logging
 import signal
 from types import FrameType
 
-from broker.cli_common import settings_from_args, setup_logging
+from broker.cli_common import add_metrics, settings_from_args, setup_logging
 from broker.connection import connect, resolve_url, retry_forever
+from broker.metrics import serve_metrics
 from gpu_workers.group import WorkerGroup
 from gpu_workers.models import KV_DTYPES, EngineOptions, build_engine
 
@@ -25,6 +26,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--wait-broker", type=float, default=30.0,
                         help="seconds to wait for an embedded broker to appear when no URL is given")
+    add_metrics(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,6 +36,9 @@ def run(args: argparse.Namespace) -> int:
     engine = build_engine(args.model, EngineOptions(tp=args.tp, kv_dtype=args.kv_dtype,
                                                      kv_memory=args.kv_memory, device=args.device))
     group = WorkerGroup(connect(url, settings), engine, settings=settings, name=args.group)
+    server = serve_metrics(group.telemetry.registry, group.telemetry.probe, host=settings.metrics_host,
+                           port=settings.metrics_port)
+    group.telemetry.port = server.port if server is not None else None
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("signal %d: draining (again to hand back at once)", signum)

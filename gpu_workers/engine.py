@@ -47,6 +47,8 @@ class EngineStats:
     waiting: int
     kv_capacity_tokens: int = 0
     kv_used_tokens: int = 0
+    # Fraction of prompt tokens served from the prefix cache lately; None for engines without one.
+    prefix_cache_hit_rate: float | None = None
 
 
 class Tokenizer(Protocol):

@@ -22,12 +22,14 @@ from redis.exceptions import ResponseError
 
 from broker.connection import TRANSIENT_ERRORS, RedisClock, backoff_delays
 from broker.keys import QUEUE_GROUP, Keys
+from broker.logs import request_extra
 from broker.protocol import GenerationRequest, done_event, error_event, limit_problem, token_event
 from broker.registry import GroupLoad
 from broker.scripts import Scripts, pack_events, publish_result
 from broker.settings import Settings
 from gpu_workers.engine import Engine, EngineRequest
 from gpu_workers.output import OutputState
+from gpu_workers.telemetry import GroupTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,10 @@ class WorkerGroup:
         self._last_step_t = monotonic()
         self._hurry = False
         self._to_ack: list[bytes] = []  # finished entries, acknowledged with the next read
+        self.telemetry = GroupTelemetry(
+            self.name, enabled=settings.metrics_port is not None, now_ms=lambda: self.clock.now_ms(),
+            log_prompts=settings.log_prompts, ready_within_s=settings.dead_after_s,
+            live_within_s=settings.liveness_timeout_s, monotonic=monotonic)
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -240,6 +246,7 @@ class WorkerGroup:
         )
         held = Held(entry_id=entry_id, request=request, epoch=epoch, output=output)
         self.held[request.id] = held
+        self.telemetry.admitted(request, prompt_tokens=len(prompt_ids))
         problem = limit_problem(prompt_ids, request.sampling.max_tokens, vocab_size=info.vocab_size,
                                 max_context=info.max_context)
         if problem is not None:
@@ -267,6 +274,7 @@ class WorkerGroup:
         if not self.engine.has_work():
             return
         outputs = self.engine.step()
+        self.telemetry.step(outputs)
         now = self._monotonic()
         elapsed = max(now - self._last_step_t, 1e-6)
         self._last_step_t = now
@@ -291,10 +299,13 @@ class WorkerGroup:
             prompt_tokens=out.prompt_len,
         )))
         held.final = True
+        self.telemetry.finished(held.request.id, finish_reason, prompt_tokens=out.prompt_len,
+                                completion_tokens=len(out.token_ids))
 
     def _finish_error(self, held: Held, code: str, message: str) -> None:
         held.events.append(("f", 0, error_event(held.request.id, code, message)))
         held.final = True
+        self.telemetry.failed(held.request.id, code, message)
 
     def _publish(self) -> None:
         batch = [h for h in self.held.values() if h.events]
@@ -320,16 +331,20 @@ class WorkerGroup:
             held.events.clear()
             if isinstance(raw, Exception):
                 # e.g. reply_to names a key of another type: nothing can be delivered there
-                log.error("request %s: cannot publish to %r: %s", held.request.id, held.request.reply_to, raw)
+                log.error("request %s: cannot publish to %r: %s", held.request.id, held.request.reply_to, raw,
+                          extra=request_extra(held.request.id))
                 done.append(held)
                 continue
             status = publish_result(raw).status
             if status in ("fenced", "final"):
                 # moved to another group, or finished already (a re-delivered entry): not ours now
                 self.engine.abort(held.request.id)
+                self.telemetry.let_go(held.request.id, status)
                 done.append(held)
             elif status == "gap":
-                log.error("request %s: token gap at publish; ending it", held.request.id)
+                log.error("request %s: token gap at publish; ending it", held.request.id,
+                          extra=request_extra(held.request.id))
+                self.telemetry.let_go(held.request.id, "gap")
                 self.engine.abort(held.request.id)
                 done.append(held)
             elif held.final:
@@ -378,6 +393,7 @@ class WorkerGroup:
             state="draining" if self.draining else "ready",
             completed=self.completed,
             tokens_per_s=round(self._tokens_ewma, 1),
+            metrics_port=self.telemetry.port,
         )
 
     def heartbeat(self, *, force: bool = False) -> None:
@@ -387,10 +403,12 @@ class WorkerGroup:
         self._next_heartbeat = now + self.settings.heartbeat_interval_s
         queued = self.redis.xlen(self.keys.group_queue(self.name))
         self._queue_depth = max(0, queued - len(self.held))
+        load = self.load()
         self.scripts.heartbeat(
             keys=[self.keys.groups, self.keys.group_info(self.name)],
-            args=[self.name, *self.load().to_fields()],
+            args=[self.name, *load.to_fields()],
         )
+        self.telemetry.heartbeat(load, self.engine.stats(), held=self.held)
 
     # --- draining --------------------------------------------------------------------------------
 
@@ -427,4 +445,5 @@ class WorkerGroup:
         # epoch check and the dispatch marker make harmless; the reverse order could lose it.
         self.redis.xadd(self.keys.requests, request.to_ingress(from_owner=self.name, epoch=epoch))
         self._ack([entry_id])
-        log.info("handed back request %s", request.id)
+        self.telemetry.let_go(request.id, "handed_back")
+        log.info("handed back request %s", request.id, extra=request_extra(request.id, group=self.name))

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("gpu_workers.cli", "one worker group of K ranks"),
     "submit": ("producer.submit", "send one request and print the result"),
     "status": ("producer.status", "worker groups, their health and load, queue depths"),
+    "health": ("producer.health", "exit 0 if a process, a group, or the deployment is healthy (for probes)"),
     "demo": ("producer.demo", "start the stack on the embedded Redis, send a few requests, print, stop"),
 }
 

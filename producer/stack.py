@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from types import FrameType
 
-from broker.cli_common import settings_from_args, setup_logging
+from broker.cli_common import add_metrics, settings_from_args, setup_logging
 from broker.embedded import EmbeddedRedis, announce, die_with_parent, withdraw
 from broker.settings import Settings
 
@@ -56,19 +56,27 @@ class Stack:
             self.redis = EmbeddedRedis().start()
             self.url = self.redis.url
             announce(self.url, prefix=self.settings.prefix)
-        common = ["--redis-url", self.url, "--prefix", self.settings.prefix]
+        common = ["--redis-url", self.url, "--prefix", self.settings.prefix,
+                  "--log-format", self.settings.log_format, *(["--log-prompts"] if self.settings.log_prompts else [])]
         py = [sys.executable, "-m"]
-        self.children.append(Child("balancer", [*py, "balancer", *common]))
+        self.children.append(Child("balancer", [*py, "balancer", *common, *self._metrics_args(0)]))
         base = f"{socket.gethostname()}-{os.getpid()}"
         for i in range(self.groups):
             self.children.append(Child(
                 f"worker{i}",
                 [*py, "gpu_workers", *common, "--model", self.model, "--tp", str(self.tp),
-                 "--group", f"{base}-g{i}", *self.worker_args],
+                 "--group", f"{base}-g{i}", *self._metrics_args(1 + i), *self.worker_args],
             ))
         for child in self.children:
             self._spawn(child)
         return self
+
+    def _metrics_args(self, offset: int) -> list[str]:
+        """The balancer serves metrics on the base port, group i on base + 1 + i (0: each a free port)."""
+        base = self.settings.metrics_port
+        if base is None:
+            return []
+        return ["--metrics-port", str(base + offset if base else 0), "--metrics-host", self.settings.metrics_host]
 
     def _spawn(self, child: Child) -> None:
         out = subprocess.DEVNULL if self.quiet else None
@@ -121,6 +129,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="echo", help="model SPEC for every group (default: echo)")
     parser.add_argument("--groups", type=int, default=1, help="number of worker groups (default 1)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per group (default 1)")
+    add_metrics(parser, what="the balancer serves metrics on PORT, group i on PORT+1+i; ")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -137,6 +146,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"ryzanstein up: Redis at {stack.url} (prefix {settings.prefix!r}); "
           f"{args.groups} group(s) of {args.model}. Ctrl-C stops.", flush=True)
     print(f"  try: ryzanstein submit --redis-url {stack.url} \"hello\"", flush=True)
+    if settings.metrics_port:
+        print(f"  metrics: balancer on port {settings.metrics_port}, groups on "
+              f"{settings.metrics_port + 1}..{settings.metrics_port + args.groups} (/metrics, /livez, /readyz)",
+              flush=True)
     try:
         while not stop.wait(0.5):
             stack.supervise()

@@ -1,4 +1,10 @@
-"""``ryzanstein status``: the worker groups, their health and load, and the ingress depth."""
+"""``ryzanstein status``: the worker groups, their health and load, balancers, and queue depths.
+
+One snapshot is read from Redis (the group registry, the ingress stream and its consumer group);
+``--watch`` reads one every few seconds, clears the terminal, and adds each group's request rate
+since the previous snapshot. ``--json`` prints the snapshot as one JSON object (one per line with
+``--watch``), with the fields CONTRACT.md promises and more.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +13,15 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any, TextIO
+
+from redis.exceptions import ResponseError
 
 from broker.cli_common import settings_from_args, setup_logging
 from broker.connection import TRANSIENT_ERRORS, connect, resolve_url
-from broker.keys import Keys
+from broker.keys import INGRESS_GROUP, Keys
 from broker.registry import GroupStatus, read_groups
 from broker.settings import Settings
 
@@ -31,18 +40,79 @@ def configure(parser: argparse.ArgumentParser) -> None:
         const=DEFAULT_WATCH_S,
         default=None,
         metavar="SECONDS",
-        help=f"refresh every SECONDS (default {DEFAULT_WATCH_S:g}) until Ctrl-C",
+        help=f"refresh every SECONDS (default {DEFAULT_WATCH_S:g}) until Ctrl-C, with request rates",
     )
 
 
-def read_status(redis: Any, keys: Keys, *, dead_after_s: float) -> tuple[list[GroupStatus], int]:
-    """Every registered group, alive or not, and the length of the ingress stream."""
-    return read_groups(redis, keys, dead_after_s=dead_after_s), int(redis.xlen(keys.requests))
+@dataclass(frozen=True, slots=True)
+class BalancerInfo:
+    """A consumer of the ingress stream, as Redis sees it."""
+
+    name: str
+    pending: int  # entries it read and has not acknowledged
+    idle_s: float  # since it last read
 
 
-def status_json(groups: list[GroupStatus], ingress_depth: int) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    groups: list[GroupStatus]
+    ingress_depth: int  # entries on the ingress stream (new, or read and not yet acknowledged)
+    ingress_pending: int  # of those, read by a balancer and not yet acknowledged
+    balancers: list[BalancerInfo]
+    taken_at_s: float  # monotonic seconds, for rates between two snapshots
+
+
+def read_snapshot(redis: Any, keys: Keys, *, dead_after_s: float, now_s: float) -> Snapshot:
+    """Everything ``status`` shows, as Redis has it now (``now_s``: the caller's monotonic time)."""
+    groups = read_groups(redis, keys, dead_after_s=dead_after_s)
+    pipe = redis.pipeline(transaction=False)
+    pipe.xlen(keys.requests)
+    pipe.xinfo_groups(keys.requests)
+    pipe.xinfo_consumers(keys.requests, INGRESS_GROUP)
+    depth, infos, consumers = pipe.execute(raise_on_error=False)
+    if isinstance(depth, Exception):
+        raise depth
+    pending = 0
+    if not isinstance(infos, ResponseError):  # no ingress stream yet: no balancer ever started
+        pending = sum(int(g["pending"]) for g in infos if _text(g["name"]) == INGRESS_GROUP)
+    balancers = [] if isinstance(consumers, ResponseError) else [
+        BalancerInfo(_text(c["name"]), int(c["pending"]), int(c["idle"]) / 1000.0) for c in consumers
+    ]
+    return Snapshot(groups, int(depth), pending, sorted(balancers, key=lambda b: b.name), now_s)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def request_rates(previous: Snapshot, current: Snapshot) -> dict[str, float]:
+    """Requests per second each group finished between two snapshots (same leader in both)."""
+    elapsed = current.taken_at_s - previous.taken_at_s
+    if elapsed <= 0:
+        return {}
+    before = {(g.name, g.leader_pid): g.completed for g in previous.groups}
+    rates = {}
+    for g in current.groups:
+        done_before = before.get((g.name, g.leader_pid))
+        if done_before is not None and g.completed >= done_before:
+            rates[g.name] = (g.completed - done_before) / elapsed
+    return rates
+
+
+def status_json(snapshot: Snapshot, rates: dict[str, float] | None = None) -> dict[str, Any]:
     """What ``status --json`` prints."""
-    return {"groups": [g.to_json() for g in groups], "ingress_depth": ingress_depth}
+    groups = []
+    for g in snapshot.groups:
+        row = g.to_json()
+        if rates is not None and g.name in rates:
+            row["requests_per_s"] = round(rates[g.name], 3)
+        groups.append(row)
+    return {
+        "groups": groups,
+        "ingress_depth": snapshot.ingress_depth,
+        "ingress_pending": snapshot.ingress_pending,
+        "balancers": [asdict(b) for b in snapshot.balancers],
+    }
 
 
 def _state(group: GroupStatus) -> str:
@@ -54,59 +124,49 @@ def _state(group: GroupStatus) -> str:
 def _kv(group: GroupStatus) -> str:
     used, capacity = group.kv_used_tokens, group.kv_capacity_tokens
     if capacity <= 0:
-        return f"{used}/0"
+        return "-"  # no KV cache (the echo engine)
     return f"{used}/{capacity} ({100 * used / capacity:.0f}%)"
 
 
-def render_table(groups: list[GroupStatus], ingress_depth: int) -> str:
-    """The groups as an aligned table, with the ingress length below."""
-    if not groups:
-        return f"no worker groups registered\ningress: {ingress_depth} entries"
-    header = (
-        "GROUP",
-        "STATE",
-        "TP",
-        "MODEL",
-        "KV DTYPE",
-        "KV USED/CAPACITY",
-        "RUN",
-        "WAIT",
-        "QUEUE",
-        "TOK/S",
-        "HEARTBEAT",
-        "LEADER",
-    )
-    rows = [header] + [
-        (
-            g.name,
-            _state(g),
-            str(g.tp),
-            g.model,
-            g.kv_dtype,
-            _kv(g),
-            str(g.running),
-            str(g.waiting),
-            str(g.queue_depth),
-            f"{g.tokens_per_s:.1f}",
-            f"{g.heartbeat_age_s:.1f}s ago",
-            f"{g.leader_pid}@{g.host}",
-        )
-        for g in groups
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
-    alive = sum(g.alive for g in groups)
-    lines.append(f"\n{alive}/{len(groups)} groups alive; ingress: {ingress_depth} entries")
-    return "\n".join(lines)
+def _columns(rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
 
 
-def show(redis: Any, keys: Keys, settings: Settings, *, as_json: bool, out: TextIO) -> None:
-    """Print the status once."""
-    groups, ingress_depth = read_status(redis, keys, dead_after_s=settings.dead_after_s)
-    if as_json:
-        print(json.dumps(status_json(groups, ingress_depth)), file=out, flush=True)
+def render_table(snapshot: Snapshot, *, rates: dict[str, float] | None = None, title: str | None = None) -> str:
+    """The snapshot for a person: groups, balancers, then totals and the ingress depth."""
+    lines = [title, ""] if title else []
+    groups = snapshot.groups
+    if groups:
+        header = ("GROUP", "STATE", "TP", "MODEL", "KV DTYPE", "KV USED/CAPACITY", "RUN", "WAIT", "QUEUE",
+                  "TOK/S", "REQ/S", "HEARTBEAT", "LEADER", "METRICS")
+        lines += _columns([header] + [
+            (g.name, _state(g), str(g.tp), g.model, g.kv_dtype, _kv(g), str(g.running), str(g.waiting),
+             str(g.queue_depth), f"{g.tokens_per_s:.1f}",
+             f"{rates[g.name]:.1f}" if rates is not None and g.name in rates else "-",
+             f"{g.heartbeat_age_s:.1f}s ago", f"{g.leader_pid}@{g.host}",
+             f"{g.host}:{g.metrics_port}" if g.metrics_port is not None else "-")
+            for g in groups
+        ])
     else:
-        print(render_table(groups, ingress_depth), file=out, flush=True)
+        lines.append("no worker groups registered")
+    if snapshot.balancers:
+        lines.append("")
+        lines += _columns([("BALANCER", "PENDING", "LAST READ")] + [
+            (b.name, str(b.pending), f"{b.idle_s:.1f}s ago") for b in snapshot.balancers
+        ])
+    live = [g for g in groups if g.alive]
+    if groups:
+        draining = sum(g.state == "draining" for g in live)
+        totals = (f"{len(live)}/{len(groups)} groups alive"
+                  + (f" ({draining} draining)" if draining else "")
+                  + f"; running {sum(g.running for g in live)}, waiting {sum(g.waiting for g in live)}, "
+                  f"queued {sum(g.queue_depth for g in live)}; {sum(g.tokens_per_s for g in live):.1f} tok/s")
+        if rates:
+            totals += f", {sum(rates.get(g.name, 0.0) for g in live):.1f} req/s"
+        lines += ["", totals]
+    lines.append(f"ingress: {snapshot.ingress_depth} entries ({snapshot.ingress_pending} being routed by balancers)")
+    return "\n".join(lines)
 
 
 def watch(
@@ -122,25 +182,45 @@ def watch(
         sleep(interval_s)
 
 
+class _Viewer:
+    """Reads snapshots and prints them; remembers the last one for request rates."""
+
+    def __init__(self, redis: Any, keys: Keys, settings: Settings, *, as_json: bool, out: TextIO,
+                 clear: bool = False, prefix: str = "") -> None:
+        self.redis, self.keys, self.settings = redis, keys, settings
+        self.as_json, self.out, self.clear, self.prefix = as_json, out, clear, prefix
+        self.previous: Snapshot | None = None
+
+    def show(self, *, every_s: float | None = None) -> None:
+        """Print one snapshot; ``every_s``: the --watch interval, for the title."""
+        snapshot = read_snapshot(self.redis, self.keys, dead_after_s=self.settings.dead_after_s,
+                                 now_s=time.monotonic())
+        rates = request_rates(self.previous, snapshot) if self.previous is not None else None
+        self.previous = snapshot
+        if self.as_json:
+            print(json.dumps(status_json(snapshot, rates)), file=self.out, flush=True)
+            return
+        title = (f"ryzanstein status: prefix {self.prefix!r}, {time.strftime('%H:%M:%S')}, "
+                 f"every {every_s:g}s (Ctrl-C stops)") if every_s else None
+        text = render_table(snapshot, rates=rates, title=title)
+        print((_CLEAR_SCREEN if self.clear else "") + text, file=self.out, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     setup_logging(args)
     settings = settings_from_args(args)
     keys = Keys(settings.prefix)
     redis = connect(resolve_url(settings), settings)
     out = sys.stdout
+    viewer = _Viewer(redis, keys, settings, as_json=args.json, out=out,
+                     clear=out.isatty() and not args.json, prefix=settings.prefix)
     try:
         if args.watch is None:
-            show(redis, keys, settings, as_json=args.json, out=out)
+            viewer.show()
             return 0
-        clear = out.isatty() and not args.json
-
-        def step() -> None:
-            if clear:
-                out.write(_CLEAR_SCREEN)
-            show(redis, keys, settings, as_json=args.json, out=out)
-
+        interval = max(0.1, args.watch)
         with contextlib.suppress(KeyboardInterrupt):
-            watch(step, max(0.1, args.watch))
+            watch(lambda: viewer.show(every_s=interval), interval)
         return 0
     finally:
         redis.close()

@@ -1,13 +1,16 @@
 """The repo's Procfile under honcho: the embedded broker, a balancer and three worker groups find each
-other with no URL configured, serve a request, and all stop on one SIGTERM to honcho."""
+other with no URL configured, each group with its own name and metrics port, serve a request, and all
+stop on one SIGTERM to honcho."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -66,6 +69,27 @@ def _still_running(identities: set[Identity]) -> set[Identity]:
     return {(pid, start) for pid, start in identities if pid in procs and procs[pid][1] == start}
 
 
+def _free_port_base() -> int:
+    """A honcho base port whose Procfile ports (base + 100 for the balancer, + 200.. for workers) are free."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1] - 200
+        if base < 1024 or base + 200 + WORKERS > 65535:
+            continue
+        try:
+            probes = [socket.socket() for _ in range(WORKERS + 1)]
+            for probe, port in zip(probes, [base + 100, *range(base + 200, base + 200 + WORKERS)], strict=True):
+                probe.bind(("0.0.0.0", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+    raise AssertionError("no free port range for the Procfile")
+
+
 def _alive_groups(r: redis.Redis, keys: Keys) -> list[GroupStatus]:
     return [g for g in read_groups(r, keys, dead_after_s=3.0) if g.routable]
 
@@ -82,6 +106,7 @@ def test_procfile_runs_three_groups_serves_and_stops(tmp_path: Path, monkeypatch
         RYZ_PREFIX=prefix,
         XDG_RUNTIME_DIR=str(runtime_dir),
         PYTHONUNBUFFERED="1",
+        PORT=str(base := _free_port_base()),  # honcho's base port, as `honcho start -p BASE` sets it
     )
     # discover() below must look where the Procfile's broker announces itself.
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime_dir))
@@ -106,7 +131,12 @@ def test_procfile_runs_three_groups_serves_and_stops(tmp_path: Path, monkeypatch
                           timeout=60, what=f"{WORKERS} alive worker groups")
         names = {g.name for g in groups}
         assert len(names) == WORKERS, f"group names are not distinct: {sorted(names)}"
+        assert names == {f"{socket.gethostname()}-worker.{n}" for n in range(1, WORKERS + 1)}
         assert {g.model for g in groups} == {"echo"}
+        assert sorted(g.metrics_port for g in groups) == list(range(base + 200, base + 200 + WORKERS))
+        for port in (base + 100, base + 200):  # the balancer's and the first group's endpoints
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+                assert b"ryz_" in answer.read()
         started |= _descendants(honcho.pid)
 
         client.xadd(keys.requests, {"id": "procfile-1", "prompt": "through the Procfile", "max_tokens": "64"})

@@ -131,20 +131,8 @@ def test_table_marks_dead_and_draining_groups(
     lines = out.splitlines()
     assert code == 0
     assert lines[0].split() == [
-        "GROUP",
-        "STATE",
-        "TP",
-        "MODEL",
-        "KV",
-        "DTYPE",
-        "KV",
-        "USED/CAPACITY",
-        "RUN",
-        "WAIT",
-        "QUEUE",
-        "TOK/S",
-        "HEARTBEAT",
-        "LEADER",
+        "GROUP", "STATE", "TP", "MODEL", "KV", "DTYPE", "KV", "USED/CAPACITY", "RUN", "WAIT", "QUEUE",
+        "TOK/S", "REQ/S", "HEARTBEAT", "LEADER", "METRICS",
     ]
     rows = {line.split()[0]: line for line in lines[1:4]}
     assert rows["g-alive"].split()[1] == "ready"
@@ -153,13 +141,17 @@ def test_table_marks_dead_and_draining_groups(
     assert "1024/4096 (25%)" in rows["g-alive"] and "4242@node-a" in rows["g-alive"]
     column = lines[0].index("MODEL")
     assert all(line[column:].startswith("random:tiny") for line in lines[1:4])  # aligned
-    assert lines[-1] == "2/3 groups alive; ingress: 4 entries"
+    # the dead group's load is not counted in the totals
+    assert lines[-2] == "2/3 groups alive (1 draining); running 6, waiting 2, queued 10; 246.8 tok/s"
+    assert lines[-1] == "ingress: 4 entries (0 being routed by balancers)"
 
 
 def test_empty_registry(redis_url: str, prefix: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_status(redis_url, prefix, capsys) == (0, "no worker groups registered\ningress: 0 entries\n")
+    assert run_status(redis_url, prefix, capsys) == (
+        0, "no worker groups registered\ningress: 0 entries (0 being routed by balancers)\n")
     code, out = run_status(redis_url, prefix, capsys, "--json")
-    assert code == 0 and json.loads(out) == {"groups": [], "ingress_depth": 0}
+    assert code == 0
+    assert json.loads(out) == {"groups": [], "ingress_depth": 0, "ingress_pending": 0, "balancers": []}
 
 
 def test_dead_after_is_the_settings_threshold(r: redis.Redis, keys: Keys) -> None:

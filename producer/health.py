@@ -1,0 +1,76 @@
+"""``ryzanstein health``: exit 0 when healthy, 1 when not; for probes, healthchecks and scripts.
+
+Three questions, by the options given:
+
+- ``--metrics-port P``: does the process serving on port P (on ``--host``, default loopback) pass
+  its liveness probe (``/livez``), or with ``--ready`` its readiness probe (``/readyz``)? For
+  container healthchecks: it needs no Redis URL and no curl in the image.
+- ``--group NAME``: is group NAME heartbeating (``alive`` in the registry), and with ``--ready``
+  also taking work (not draining)?
+- neither: does Redis answer, and is at least one group alive and taking work (the deployment
+  can serve)?
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import urllib.error
+import urllib.request
+
+from broker.cli_common import settings_from_args, setup_logging
+from broker.connection import TRANSIENT_ERRORS, connect, resolve_url
+from broker.keys import Keys
+from broker.registry import read_groups
+
+HTTP_TIMEOUT_S = 3.0
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                        help="probe the process serving metrics on PORT (/livez, or /readyz with --ready)")
+    parser.add_argument("--host", default="127.0.0.1", help="host of --metrics-port (default 127.0.0.1)")
+    parser.add_argument("--group", default=None, metavar="NAME", help="check this group's heartbeat in Redis")
+    parser.add_argument("--ready", action="store_true",
+                        help="also require that it takes work (ready, not draining)")
+
+
+def probe_http(host: str, port: int, *, ready: bool) -> tuple[bool, str]:
+    """(healthy, what the endpoint said) for the probe endpoint of one process."""
+    url = f"http://{host}:{port}/{'readyz' if ready else 'livez'}"
+    try:
+        with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as answer:
+            return True, answer.read().decode(errors="replace").strip()
+    except urllib.error.HTTPError as exc:
+        return False, exc.read().decode(errors="replace").strip() or f"HTTP {exc.code}"
+    except (OSError, ValueError) as exc:
+        return False, f"{url}: {exc}"
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging(args)
+    if args.metrics_port is not None:
+        ok, said = probe_http(args.host, args.metrics_port, ready=args.ready)
+        print(said, flush=True)
+        return 0 if ok else 1
+    settings = settings_from_args(args)
+    redis = connect(resolve_url(settings), settings)
+    try:
+        groups = read_groups(redis, Keys(settings.prefix), dead_after_s=settings.dead_after_s)
+    except TRANSIENT_ERRORS as exc:
+        print(f"redis unavailable: {exc}", flush=True)
+        return 1
+    finally:
+        redis.close()
+    if args.group is not None:
+        group = next((g for g in groups if g.name == args.group), None)
+        if group is None:
+            print(f"group {args.group}: not registered", flush=True)
+            return 1
+        ok = group.routable if args.ready else group.alive
+        print(json.dumps({"group": group.name, "alive": group.alive, "state": group.state,
+                          "heartbeat_age_s": round(group.heartbeat_age_s, 3)}), flush=True)
+        return 0 if ok else 1
+    serving = [g.name for g in groups if g.routable]
+    print(f"{len(serving)} of {len(groups)} groups alive and taking work", flush=True)
+    return 0 if serving else 1

@@ -1,0 +1,112 @@
+"""The status view from registry data: live, dead and draining groups, rates, balancers; time passed in."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import redis
+
+from broker.keys import INGRESS_GROUP, Keys
+from broker.registry import GroupLoad, GroupStatus, parse_group
+from producer.status import Snapshot, read_snapshot, render_table, request_rates, status_json
+
+NOW_MS = 1_800_000_000_000
+LOAD = GroupLoad(name="g-live", tp=1, model="echo", kv_dtype="none", kv_capacity_tokens=0, kv_used_tokens=0,
+                 running=2, waiting=1, queue_depth=3, leader_pid=10, host="node-a", max_context=4096,
+                 vocab_size=256, completed=100, tokens_per_s=50.0, metrics_port=9101)
+
+
+def status_of(load: GroupLoad, *, age_s: float, now_ms: float = NOW_MS) -> GroupStatus:
+    """What ``read_groups`` makes of the heartbeat ``load`` wrote ``age_s`` before ``now_ms``."""
+    fields = load.to_fields()
+    info = {k.encode(): v.encode() for k, v in zip(fields[::2], fields[1::2], strict=True)}
+    info[b"heartbeat_ms"] = str(int(now_ms - age_s * 1000)).encode()
+    status = parse_group(info, now_ms=now_ms, dead_after_s=3.0)
+    assert status is not None
+    return status
+
+
+def three_groups(*, completed: int = 100, leader_pid: int = 10, now_ms: float = NOW_MS) -> list[GroupStatus]:
+    return [
+        status_of(replace(LOAD, completed=completed, leader_pid=leader_pid), age_s=0.4, now_ms=now_ms),
+        status_of(replace(LOAD, name="g-dead", running=7, metrics_port=None), age_s=12.0, now_ms=now_ms),
+        status_of(replace(LOAD, name="g-drain", state="draining", kv_capacity_tokens=2048, kv_used_tokens=512,
+                          tokens_per_s=10.0), age_s=1.0, now_ms=now_ms),
+    ]
+
+
+def snapshot(groups: list[GroupStatus], *, at_s: float = 100.0) -> Snapshot:
+    return Snapshot(groups=groups, ingress_depth=5, ingress_pending=2, balancers=[], taken_at_s=at_s)
+
+
+def rows(text: str) -> dict[str, list[str]]:
+    return {line.split()[0]: line.split() for line in text.splitlines() if line.startswith("g-")}
+
+
+def test_live_dead_and_draining_groups_render_with_their_health() -> None:
+    text = render_table(snapshot(three_groups()))
+
+    table = rows(text)
+    assert table["g-live"][1] == "ready" and table["g-dead"][1] == "DEAD" and table["g-drain"][1] == "DRAINING"
+    live_line = next(line for line in text.splitlines() if line.startswith("g-live"))
+    dead_line = next(line for line in text.splitlines() if line.startswith("g-dead"))
+    assert "0.4s ago" in live_line and "12.0s ago" in dead_line
+    assert live_line.endswith("node-a:9101") and dead_line.endswith(" -")  # metrics endpoint, or none
+    assert "512/2048 (25%)" in text  # KV use of the group that has a cache; "-" for the echo ones
+    assert table["g-live"][5] == "-"
+    lines = text.splitlines()
+    # totals count live groups only: the dead group's 7 running requests are not being served
+    assert lines[-2] == "2/3 groups alive (1 draining); running 4, waiting 2, queued 6; 60.0 tok/s"
+    assert lines[-1] == "ingress: 5 entries (2 being routed by balancers)"
+
+
+def test_request_rates_between_two_snapshots() -> None:
+    before = snapshot(three_groups(completed=100), at_s=100.0)
+    after = snapshot(three_groups(completed=160, now_ms=NOW_MS + 2000), at_s=102.0)
+
+    rates = request_rates(before, after)
+
+    assert rates == {"g-live": 30.0, "g-dead": 0.0, "g-drain": 0.0}
+    text = render_table(after, rates=rates, title="ryzanstein status: prefix 'ryz'")
+    assert text.splitlines()[0] == "ryzanstein status: prefix 'ryz'"
+    assert rows(text)["g-live"][10] == "30.0"
+    assert text.splitlines()[-2].endswith("; 60.0 tok/s, 30.0 req/s")
+
+
+def test_no_rate_across_a_restart_or_without_elapsed_time() -> None:
+    before = snapshot(three_groups(completed=100), at_s=100.0)
+    restarted = snapshot(three_groups(completed=5, leader_pid=11), at_s=102.0)
+
+    assert "g-live" not in request_rates(before, restarted)
+    assert request_rates(before, replace(before, taken_at_s=100.0)) == {}
+    assert rows(render_table(restarted, rates=request_rates(before, restarted)))["g-live"][10] == "-"
+
+
+def test_json_keeps_the_contract_fields_and_adds_rates_and_endpoints() -> None:
+    before = snapshot(three_groups(completed=100), at_s=100.0)
+    after = snapshot(three_groups(completed=160), at_s=102.0)
+
+    out = json.loads(json.dumps(status_json(after, request_rates(before, after))))
+
+    groups = {g["name"]: g for g in out["groups"]}
+    assert groups["g-live"]["requests_per_s"] == 30.0 and groups["g-live"]["metrics_port"] == 9101
+    assert groups["g-dead"]["alive"] is False and groups["g-dead"]["metrics_port"] is None
+    assert groups["g-drain"]["state"] == "draining" and groups["g-drain"]["alive"] is True
+    assert (out["ingress_depth"], out["ingress_pending"], out["balancers"]) == (5, 2, [])
+
+
+def test_snapshot_lists_balancers_and_what_they_hold(r: redis.Redis, keys: Keys) -> None:
+    r.xgroup_create(keys.requests, INGRESS_GROUP, id="0", mkstream=True)
+    for i in range(3):
+        r.xadd(keys.requests, {"id": f"q{i}", "prompt": "x"})
+    r.xreadgroup(INGRESS_GROUP, "bal-1", {keys.requests: ">"}, count=2)
+
+    snap = read_snapshot(r, keys, dead_after_s=3.0, now_s=7.0)
+
+    assert (snap.ingress_depth, snap.ingress_pending, snap.taken_at_s) == (3, 2, 7.0)
+    assert [(b.name, b.pending) for b in snap.balancers] == [("bal-1", 2)]
+    assert 0.0 <= snap.balancers[0].idle_s < 5.0
+    text = render_table(snap)
+    assert "no worker groups registered" in text
+    assert [line.split()[:2] for line in text.splitlines() if line.startswith("bal-1")] == [["bal-1", "2"]]
