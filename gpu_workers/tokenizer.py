@@ -7,6 +7,8 @@ that never split a UTF-8 character.
 
 from __future__ import annotations
 
+import os
+
 from gpu_workers.engine import Tokenizer
 
 REPLACEMENT = "\ufffd"
@@ -35,24 +37,51 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer: Tokenizer, context_ids: list[int] | None = None) -> None:
         self._tokenizer = tokenizer
-        self._ids: list[int] = list(context_ids or [])[-4:]
+        self._ids = _context_window(tokenizer, list(context_ids or []))
         self._prefix_offset = 0  # start of the window decoded for context
-        self._read = len(self._ids)  # ids before this have been emitted as text
+        self._read = len(self._ids)  # ids before this have been emitted as text (or are context)
 
     def push(self, token_id: int) -> str:
         """Add one generated id; return the text it completes (maybe empty)."""
         self._ids.append(token_id)
-        before = self._tokenizer.decode(self._ids[self._prefix_offset : self._read])
-        after = self._tokenizer.decode(self._ids[self._prefix_offset :])
-        if len(after) > len(before) and not after.endswith(REPLACEMENT):
-            self._prefix_offset = self._read
-            self._read = len(self._ids)
-            return after[len(before) :]
-        return ""
+        return self._advance(final=False)
 
     def flush(self) -> str:
         """Whatever is still held back (an incomplete character decodes as U+FFFD)."""
+        return self._advance(final=True)
+
+    def _advance(self, *, final: bool) -> str:
         before = self._tokenizer.decode(self._ids[self._prefix_offset : self._read])
         after = self._tokenizer.decode(self._ids[self._prefix_offset :])
-        self._prefix_offset = self._read = len(self._ids)
-        return after[len(before) :] if len(after) > len(before) else ""
+        if after.endswith(REPLACEMENT) and not final:
+            return ""
+        if after.startswith(before):
+            delta, next_prefix = after[len(before) :], self._read
+        else:
+            # Context ended mid-character: its trailing U+FFFD became the character the generated
+            # bytes complete. The window keeps its start, so that it does not open mid-character.
+            delta, next_prefix = after[len(os.path.commonprefix([before, after])) :], self._prefix_offset
+        if delta or final:
+            self._prefix_offset, self._read = next_prefix, len(self._ids)
+        return delta
+
+
+_MAX_CONTEXT_WINDOW = 32
+
+
+def _context_window(tokenizer: Tokenizer, context: list[int]) -> list[int]:
+    """The last context ids, as few as decode to some text that opens on a whole character.
+
+    Some text, because decoders strip the leading space of the first token they see (Llama 2's
+    Strip, Metaspace): it must be a context token, not the first generated one. A whole character,
+    because a window cut mid-character decodes with a leading U+FFFD, and byte-fallback decoders
+    then garble the whole run of byte tokens, the generated ones that join it included.
+    """
+    start = len(context)
+    while start > max(0, len(context) - _MAX_CONTEXT_WINDOW):
+        start -= 1
+        text = tokenizer.decode(context[start:])
+        if text and not text.startswith(REPLACEMENT):
+            break
+    return context[start:]
+

@@ -1,0 +1,151 @@
+"""A model directory's tokenizer, with the special tokens the engine needs.
+
+``tokenizer.json`` runs in the ``tokenizers`` library, as transformers' ``AutoTokenizer`` runs it:
+encoding adds the special tokens of its post-processor (Llama 2's and Llama 3's put a BOS in
+front), decoding skips special tokens. Like transformers 5, ``add_bos_token``/``add_eos_token``
+in tokenizer_config.json are ignored when a tokenizer.json exists. (transformers 5's
+model-specific classes, e.g. ``LlamaTokenizer``, rebuild the pre-tokenizer from their own code
+rather than the file; where the two differ, as for Llama 2's leading spaces, the file is what
+the model was trained with and wins here.) A directory without tokenizer.json (``random:<preset>``
+models) gets the byte-level ``ByteTokenizer``. transformers is not needed at serving time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+
+from broker.errors import ConfigError
+from gpu_workers.engine import Tokenizer
+from gpu_workers.tokenizer import ByteTokenizer
+
+_U32_END = 1 << 32
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedTokenizer:
+    tokenizer: Tokenizer
+    eos_token_ids: frozenset[int]  # generation ends at any of these
+    bos_token_id: int | None
+    chat_template: str | None  # the Jinja source, rendered by the chat endpoint
+
+
+class HFTokenizer:
+    """A ``tokenizers.Tokenizer`` behind the engine's ``Tokenizer`` protocol.
+
+    ``encode`` adds what the post-processor adds and turns added tokens written in the text into
+    their ids, as transformers does; ``decode`` drops special tokens (``skip_special_tokens=True``)
+    and ids the vocabulary lacks (a model's padded embedding rows, a client's stray ids).
+    """
+
+    def __init__(self, backend: tokenizers.Tokenizer) -> None:
+        self.backend = backend
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=True).ids
+
+    def decode(self, ids: list[int]) -> str:
+        # The Rust side takes u32 ids and raises on larger ones; unknown smaller ones it skips.
+        return self.backend.decode([i for i in ids if 0 <= i < _U32_END], skip_special_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+
+def load_tokenizer(model_dir: Path, *, vocab_size: int) -> LoadedTokenizer:
+    """The tokenizer of ``model_dir`` (a model with ``vocab_size`` embeddings) and its special tokens.
+
+    EOS ids come from generation_config.json's ``eos_token_id`` (an int or a list), else
+    config.json's, else tokenizer_config.json's ``eos_token``; the BOS id likewise. The chat
+    template is chat_template.jinja or tokenizer_config.json's ``chat_template``.
+    """
+    model_dir = Path(model_dir)
+    config = _json_object(model_dir / "tokenizer_config.json")
+    path = model_dir / "tokenizer.json"
+    token_to_id: Callable[[str], int | None]
+    if path.is_file():
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # noqa: BLE001 - the Rust side raises plain Exception for any parse error
+            raise ConfigError(f"{path}: unreadable tokenizer.json: {e}") from None
+        base = backend.get_vocab_size(with_added_tokens=False)
+        if base > vocab_size:
+            raise ConfigError(f"{path}: {base} tokens, but the model has only {vocab_size} embeddings")
+        tokenizer: Tokenizer = HFTokenizer(backend)
+        token_to_id = backend.token_to_id
+    else:
+        tokenizer = ByteTokenizer(vocab_size)
+        token_to_id = _no_token_ids
+
+    configs = [_json_object(model_dir / "generation_config.json"), _json_object(model_dir / "config.json")]
+    bos = _special_ids("bos", configs, config, token_to_id)
+    return LoadedTokenizer(
+        tokenizer=tokenizer,
+        eos_token_ids=frozenset(_special_ids("eos", configs, config, token_to_id)),
+        bos_token_id=bos[0] if bos else None,
+        chat_template=_chat_template(model_dir, config),
+    )
+
+
+def _special_ids(
+    kind: str,
+    configs: list[dict[str, Any]],
+    tokenizer_config: dict[str, Any],
+    token_to_id: Callable[[str], int | None],
+) -> list[int]:
+    """``{kind}_token_id`` (an int or a list) of the first of ``configs`` that has one, else the id
+    of tokenizer_config.json's ``{kind}_token``; [] when none says."""
+    for source in configs:
+        value = source.get(f"{kind}_token_id")
+        ids = [v for v in (value if isinstance(value, list) else [value]) if _is_token_id(v)]
+        if ids:
+            return ids
+    token = _token_text(tokenizer_config.get(f"{kind}_token"))
+    token_id = token_to_id(token) if token is not None else None
+    return [token_id] if token_id is not None else []
+
+
+def _chat_template(model_dir: Path, config: dict[str, Any]) -> str | None:
+    """chat_template.jinja (how transformers 5 saves it), else tokenizer_config.json's entry, which
+    older checkpoints may write as a list of named templates (the "default" one is taken)."""
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default", next(iter(named.values()), None))
+    return template if isinstance(template, str) else None
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or an AddedToken dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _no_token_ids(token: str) -> int | None:
+    return None
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """A JSON object file's contents; {} when the file does not exist."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: unreadable JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: not a JSON object")
+    return raw
