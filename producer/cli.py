@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("gpu_workers.cli", "one worker group of K ranks"),
     "submit": ("producer.submit", "send one request and print the result"),
     "status": ("producer.status", "worker groups, their health and load, queue depths"),
+    "gateway": ("producer.gateway.cli", "an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)"),
+    "batch": ("producer.batch.cli", "offline batch jobs on RQ: submit a JSONL file of prompts, run workers, watch progress"),
     "demo": ("producer.demo", "start the stack on the embedded Redis, send a few requests, print, stop"),
 }
 
