@@ -12,14 +12,18 @@ again (PROTOCOL.md: a duplicate id is a re-delivery) — its result comes to the
 stream is trimmed only behind results already synced to the output file. Should a request be
 finished in Redis but its result be gone (the output file was deleted, say), it is sent anew under
 a fresh id.
+
+Errors that say "not now" rather than "not this request" (``unavailable``: no live group for a
+while; ``overloaded``) do not end a line: it is sent again, under a fresh id, after a backoff.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,12 +52,16 @@ from producer.request import Completion, Event, RequestOptions, request_fields
 
 log = logging.getLogger(__name__)
 
-_RID_RE = re.compile(r"^batch\.(?P<job>[^.]+)\.(?P<line>\d+)(?:\.\d+)?$")
+_RID_RE = re.compile(r"^batch\.(?P<job>[^.]+)\.(?P<line>\d+)(?:\.[0-9a-z]+)?$")
 READ_BLOCK_MS = 1000
+# Error codes after which a line is sent again instead of getting an error record.
+TRANSIENT_CODES = frozenset({"unavailable", "overloaded"})
+# Seconds before the 1st, 2nd... re-send of a line that met a transient error (the last one repeats).
+BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 
 
-def request_id(job_id: str, line: int, *, attempt: int = 0) -> str:
-    """The request id of one line of one job; ``attempt`` > 0 only when a lost result is redone."""
+def request_id(job_id: str, line: int, *, attempt: int | str = 0) -> str:
+    """The request id of one line of one job; ``attempt`` only when the line is sent again."""
     base = f"batch.{job_id}.{line}"
     return base if attempt == 0 else f"{base}.{attempt}"
 
@@ -86,6 +94,7 @@ class Progress:
     done: int = 0  # lines with a record in the output (results and errors)
     errors: int = 0  # of which error records
     run: int = 0  # how many times the job has started (1 + retries and requeues)
+    resent: int = 0  # lines sent again after a transient error (this run)
 
     def to_meta(self) -> dict[str, Any]:
         return {**asdict(self), "updated_at": time.time()}
@@ -96,7 +105,7 @@ class BatchRun:
 
     def __init__(self, r: redis.Redis, spec: BatchSpec, *, job_id: str, settings: Settings,
                  save_progress: Callable[[Progress], None], run: int = 1,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, backoff_s: Sequence[float] = BACKOFF_S) -> None:
         self.redis = r
         self.spec = spec
         self.job_id = job_id
@@ -105,10 +114,13 @@ class BatchRun:
         self.reply_to = self.keys.batch_replies(job_id)
         self.save_progress = save_progress
         self.clock = clock
+        self.backoff_s = tuple(backoff_s)
         self.progress = Progress(run=run)
         self.resumed = run > 1
         self._pending: dict[int, tuple[str, LineRequest]] = {}  # line -> (request id, request) in flight
         self._early: dict[int, Event] = {}  # line -> final event read before its line was reached
+        self._later: list[tuple[float, int, LineRequest]] = []  # heap: (when, line, request) to send again
+        self._tries: dict[int, int] = {}  # line -> times sent again after a transient error
         self._last_id = STREAM_START
         self._template: ChatTemplate | None = None
         self._out: OutputFile | None = None
@@ -145,10 +157,10 @@ class BatchRun:
                     self._send(to_send)
                     to_send = []
                 while len(self._pending) >= self.spec.window:
-                    self._read_replies(block_ms=READ_BLOCK_MS)
+                    self._wait()
             self._send(to_send)
-            while self._pending:
-                self._read_replies(block_ms=READ_BLOCK_MS)
+            while self._pending or self._later:
+                self._wait()
         finally:
             self._save(force=True)
             self._out.close()
@@ -183,13 +195,35 @@ class BatchRun:
 
     # --- sending and receiving ----------------------------------------------------------------
 
-    def _send(self, batch: list[LineRequest]) -> None:
-        """XADD the requests of ``batch`` in one pipeline."""
+    def _wait(self) -> None:
+        """Read results for up to a second (less when a re-send is due), re-sending what is due."""
+        self._send_due()
+        block_ms = READ_BLOCK_MS
+        if self._later:
+            block_ms = max(1, min(block_ms, int((self._later[0][0] - self.clock()) * 1000)))
+        self._read_replies(block_ms=block_ms)
+        self._send_due()
+
+    def _send_due(self) -> None:
+        """Send again the lines whose backoff is over, as far as the window has room."""
+        due: list[LineRequest] = []
+        now = self.clock()
+        while self._later and self._later[0][0] <= now and len(self._pending) + len(due) < self.spec.window:
+            due.append(heapq.heappop(self._later)[2])
+        if due:
+            attempt = {req.line: f"{self.progress.run}t{self._tries[req.line]}" for req in due}
+            self._send(due, ids={req.line: request_id(self.job_id, req.line, attempt=attempt[req.line])
+                                 for req in due})
+            self.progress.resent += len(due)
+
+    def _send(self, batch: list[LineRequest], *, ids: dict[int, str] | None = None) -> None:
+        """XADD the requests of ``batch`` in one pipeline (under ``ids``, or the lines' own)."""
         if not batch:
             return
-        ids = {req.line: request_id(self.job_id, req.line) for req in batch}
-        if self.resumed:
-            ids = self._renew_lost(ids)
+        if ids is None:
+            ids = {req.line: request_id(self.job_id, req.line) for req in batch}
+            if self.resumed:
+                ids = self._renew_lost(ids)
         pipe = self.redis.pipeline(transaction=False)
         for req in batch:
             options: RequestOptions = dict(req.options)  # type: ignore[assignment]
@@ -240,6 +274,9 @@ class BatchRun:
     def _finish(self, req: LineRequest, event: Event) -> None:
         if event.kind == "error":
             code, message = event.fields.get("code", "internal"), event.fields.get("message", "")
+            if code in TRANSIENT_CODES:
+                self._send_later(req, code)
+                return
             self._write(error_record(req.line, req.user_id, code, message))
             return
         try:
@@ -248,6 +285,13 @@ class BatchRun:
             self._write(error_record(req.line, req.user_id, "internal", str(exc)))
             return
         self._write(result_record(req.line, req.user_id, done))
+
+    def _send_later(self, req: LineRequest, code: str) -> None:
+        tries = self._tries.get(req.line, 0)
+        delay = self.backoff_s[min(tries, len(self.backoff_s) - 1)]
+        self._tries[req.line] = tries + 1
+        log.info("batch job %s: line %d got %s; sending it again in %gs", self.job_id, req.line, code, delay)
+        heapq.heappush(self._later, (self.clock() + delay, req.line, req))
 
     # --- output, progress, trimming -----------------------------------------------------------
 
@@ -268,8 +312,9 @@ class BatchRun:
         self._saved_at = now
         if self._out is not None:
             self._out.sync()
-            # Results read but not yet written (their lines come later) must stay in the stream.
-            if not self._early and self._last_id != STREAM_START:
+            # Results read but not yet written (their lines come later, or are to be sent again)
+            # must stay in the stream.
+            if not self._early and not self._later and self._last_id != STREAM_START:
                 self._retry(lambda: self.redis.xtrim(self.reply_to, minid=self._last_id, approximate=True))
         self._retry(lambda: self.save_progress(self.progress))
 

@@ -124,6 +124,7 @@ def job_view(job: Job) -> dict[str, Any]:
         "done": meta.get("done", 0),
         "errors": meta.get("errors", 0),
         "run": meta.get("run", 0),
+        "resent": meta.get("resent", 0),
         "retries_left": job.retries_left,
         "enqueued_at": _iso(job.enqueued_at),
         "started_at": _iso(job.started_at),
