@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -106,7 +106,7 @@ class ChatTemplate:
     source: str
     bos_token: str = ""
     eos_token: str = ""
-    origin: str = "fallback"  # where it came from, for logs and /health
+    origin: str = field(default="fallback", compare=False)  # where it came from, for messages
 
     def __post_init__(self) -> None:
         try:
