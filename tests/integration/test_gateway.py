@@ -247,10 +247,10 @@ def test_deadline_past_is_504(stack: Stack) -> None:
 
 
 def test_deadline_past_mid_stream_ends_the_stream_with_an_error(stack: Stack) -> None:
-    stream = _client(stack.url).completions.create(model="echo", prompt="a" * LONG, max_tokens=LONG, stream=True,
-                                                   extra_body={"timeout_s": 0.3})
     received = []
-    with pytest.raises(openai.APIError) as caught:
+    with pytest.raises(openai.APIError) as caught:  # raised while iterating the stream
+        stream = _client(stack.url).completions.create(model="echo", prompt="a" * LONG, max_tokens=LONG,
+                                                       stream=True, extra_body={"timeout_s": 1.0})
         for chunk in stream:
             received.append(chunk.choices[0].text)
     assert received and set("".join(received)) == {"a"}  # tokens came, then the error
@@ -272,6 +272,7 @@ def test_over_max_concurrency_is_429(stack: Stack) -> None:
     body = {"model": "echo", "prompt": "a" * LONG, "max_tokens": LONG, "stream": True}
     with httpx.stream("POST", f"{stack.limited_url}/completions", json=body, timeout=30) as held:
         assert held.status_code == 200
+        held_id = held.headers["x-request-id"]
         lines = held.iter_lines()  # kept: a discarded line iterator closes the connection
         next(lines)  # the one slot is taken while this stream is open
         with pytest.raises(openai.RateLimitError) as caught:
@@ -280,6 +281,7 @@ def test_over_max_concurrency_is_429(stack: Stack) -> None:
     # Closing the stream cancels its request and frees the slot.
     health_url = f"{_root(stack.limited_url)}/health"
     wait_for(lambda: httpx.get(health_url, timeout=10).json()["in_flight"] == 0, what="the slot to be freed")
+    wait_for(lambda: held_id in _cancelled_ids(stack, "0-0"), what="the held request's cancel")
     assert _client(stack.limited_url).completions.create(model="echo", prompt="ok").choices[0].text == "ok"
 
 
