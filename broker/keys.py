@@ -20,6 +20,9 @@ Key schema (``p`` is the prefix, ``ryz`` by default):
 | ``{p:g:<name>}:seen:<id>:<epoch>`` | string | dispatch marker: makes routing idempotent |
 | ``{p:g:<name>}:failover`` | string | lock held by the balancer failing a dead group over |
 | ``p:client:<uuid>`` | stream | shared reply stream of one client instance |
+| ``p:batch:<job>:replies`` | stream | reply stream of the requests of one batch job |
+
+RQ keeps batch jobs under its own ``rq:`` keys; the name of their queue (``p:batch``) is built here.
 """
 
 from __future__ import annotations
@@ -122,3 +125,12 @@ class Keys:
 
     def client_replies(self, client_id: str) -> str:
         return f"{self.prefix}:client:{client_id}"
+
+    @property
+    def batch_queue(self) -> str:
+        """The name of the RQ queue of batch jobs (RQ stores it as ``rq:queue:<name>``)."""
+        return f"{self.prefix}:batch"
+
+    def batch_replies(self, job_id: str) -> str:
+        """Where the requests of one batch job reply; the same across retries of the job."""
+        return f"{self.prefix}:batch:{job_id}:replies"

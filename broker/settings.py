@@ -70,6 +70,14 @@ class Settings(BaseSettings):
     # Prompt text is never logged unless this is set (prompts may hold personal data).
     log_prompts: bool = False
 
+    # --- batch jobs (RQ) --------------------------------------------------------------------
+    # A batch worker heartbeats its running job; a job not heartbeated this long is abandoned (its
+    # worker died) and RQ retries it, from where its output file ends.
+    batch_heartbeat_ttl_s: int = Field(default=60, ge=1)
+    batch_progress_interval_s: float = Field(
+        default=1.0, description="How often a batch job syncs its output file and saves its progress."
+    )
+
 
 def load_settings(**overrides: object) -> Settings:
     """Settings from the environment, with explicit (e.g. command-line) values on top; None means unset."""

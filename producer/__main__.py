@@ -1,4 +1,8 @@
-"""``python -m producer "prompt" ...``: the same as ``ryzanstein submit``."""
+"""``python -m producer "prompt" ...``: the same as ``ryzanstein submit``.
+
+``python -m producer gateway ...`` and ``python -m producer batch ...`` are ``ryzanstein gateway``
+and ``ryzanstein batch`` (the client surfaces a Procfile or a supervisor runs as modules).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,16 @@ import sys
 
 from broker.cli_common import add_common
 from broker.errors import ConfigError
-from producer import submit
+from producer import cli, submit
+
+# First arguments that name a command instead of being a prompt.
+COMMANDS = ("gateway", "batch")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:
+        return cli.main(argv)
     parser = argparse.ArgumentParser(
         prog="python -m producer", description="Send one request and print the result."
     )

@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "submit": ("producer.submit", "send one request and print the result"),
     "status": ("producer.status", "worker groups, their health and load, queue depths"),
     "health": ("producer.health", "exit 0 if a process, a group, or the deployment is healthy (for probes)"),
+    "gateway": ("producer.gateway.cli", "an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)"),
+    "batch": ("producer.batch.cli", "offline batch jobs on RQ: submit a JSONL file of prompts, run workers, watch progress"),
     "demo": ("producer.demo", "start the stack on the embedded Redis, send a few requests, print, stop"),
 }
 

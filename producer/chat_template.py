@@ -1,0 +1,233 @@
+"""Chat messages -> one prompt: the model's Jinja chat template, or a plain documented fallback.
+
+A Hugging Face model directory carries its template in ``tokenizer_config.json`` (``chat_template``,
+a string or a list of named templates) or, in newer exports, in ``chat_template.jinja``. It is
+rendered the way ``transformers`` renders it: a sandboxed Jinja environment with ``trim_blocks`` and
+``lstrip_blocks``, the variables ``messages``, ``add_generation_prompt``, ``bos_token`` and
+``eos_token``, and the helpers ``raise_exception`` and ``strftime_now``. Templates come from model
+repositories, so they are untrusted code: the sandbox is not optional.
+
+Without a template, ``FALLBACK_TEMPLATE`` applies: one ``<role>: <content>`` line per message, then
+``assistant:`` for the model to continue::
+
+    system: You are terse.
+    user: Hello!
+    assistant:
+
+The rendered prompt contains the template's ``bos_token`` when the template writes it, so the
+engine should tokenize chat prompts without adding special tokens of its own (as ``transformers``
+does for ``apply_chat_template``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, ClassVar
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from broker.errors import ConfigError, InvalidRequest
+
+log = logging.getLogger(__name__)
+
+FALLBACK_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """``{% generation %}...{% endgeneration %}`` (marks assistant text for training): rendered as is."""
+
+    tags: ClassVar[set[str]] = {"generation"}
+
+    def parse(self, parser: Any) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller: Any) -> str:
+        return str(caller())
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    # Jinja's own tojson escapes HTML characters, which would change the prompt.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+def _token_text(value: Any) -> str:
+    """A special token as tokenizer_config.json stores it: a string, or an AddedToken dict."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return value["content"]
+    return ""
+
+
+def _pick_template(value: Any) -> str | None:
+    """``chat_template`` is a string, or a list of ``{"name", "template"}``: take "default"."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, Mapping)}
+        chosen = named.get("default")
+        return chosen if isinstance(chosen, str) else None
+    return None
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A compiled chat template and the special tokens it may refer to."""
+
+    source: str
+    bos_token: str = ""
+    eos_token: str = ""
+    origin: str = field(default="fallback", compare=False)  # where it came from, for messages
+
+    def __post_init__(self) -> None:
+        try:
+            compiled = _environment().from_string(self.source)
+        except jinja2.exceptions.TemplateError as exc:
+            raise ConfigError(f"chat template from {self.origin} does not compile: {exc}") from None
+        object.__setattr__(self, "_compiled", compiled)
+
+    @classmethod
+    def fallback(cls) -> ChatTemplate:
+        return cls(FALLBACK_TEMPLATE)
+
+    @classmethod
+    def from_path(cls, path: str | Path) -> ChatTemplate | None:
+        """The template of a model directory, a tokenizer_config.json, or a Jinja file; None if it has none."""
+        path = Path(path)
+        if path.is_dir():
+            config = _read_config(path / "tokenizer_config.json")
+            jinja_file = path / "chat_template.jinja"
+            source = jinja_file.read_text(encoding="utf-8") if jinja_file.is_file() else None
+            source = source or _pick_template(config.get("chat_template"))
+        elif path.suffix == ".json":
+            config = _read_config(path)
+            source = _pick_template(config.get("chat_template"))
+        elif path.is_file():
+            config, source = {}, path.read_text(encoding="utf-8")
+        else:
+            raise ConfigError(f"chat template: {path} is neither a model directory nor a file")
+        if not source:
+            return None
+        return cls(source, _token_text(config.get("bos_token")), _token_text(config.get("eos_token")),
+                   origin=str(path))
+
+    def render(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True) -> str:
+        """The prompt for ``messages``; InvalidRequest when the template refuses them."""
+        try:
+            return str(self._compiled.render(  # type: ignore[attr-defined]
+                messages=[dict(m) for m in messages],
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+            ))
+        except jinja2.exceptions.TemplateError as exc:
+            raise InvalidRequest(f"field 'messages': the chat template refused them: {exc}") from None
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise InvalidRequest(f"field 'messages': the chat template failed on them: {exc}") from None
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    return config if isinstance(config, dict) else {}
+
+
+def normalize_messages(messages: Any) -> list[dict[str, Any]]:
+    """OpenAI-style messages checked and flattened: ``content`` as text (text parts joined).
+
+    InvalidRequest names what is wrong; tool calls and non-text parts are not supported.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("field 'messages': expected a non-empty array of messages")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise InvalidRequest(f"field 'messages': item {i} is not an object")
+        role = message.get("role")
+        if role not in ROLES:
+            raise InvalidRequest(f"field 'messages': item {i} has role {role!r}; expected one of {sorted(ROLES)}")
+        content = message.get("content")
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise InvalidRequest(f"field 'messages': item {i} has a content part that is not text")
+                texts.append(part["text"])
+            content = "".join(texts)
+        elif content is None:
+            content = ""
+        elif not isinstance(content, str):
+            raise InvalidRequest(f"field 'messages': item {i} has content that is neither text nor parts")
+        if message.get("tool_calls"):
+            raise InvalidRequest(f"field 'messages': item {i} has tool_calls, which this server does not support")
+        entry: dict[str, Any] = {"role": role, "content": content}
+        if isinstance(message.get("name"), str):
+            entry["name"] = message["name"]
+        out.append(entry)
+    return out
+
+
+class TemplateSource:
+    """Which template serves a model: an explicit one, else the model directory's, else the fallback.
+
+    ``explicit`` (``--chat-template``/``--model-dir``) wins for every model. Otherwise a model spec
+    that is a local directory (the ``model`` a worker group heartbeats) is looked into once and its
+    template kept; specs like ``echo`` or ``random:tiny`` get the fallback.
+    """
+
+    def __init__(self, explicit: str | Path | None = None) -> None:
+        self._explicit = None
+        if explicit is not None:
+            self._explicit = ChatTemplate.from_path(explicit)
+            if self._explicit is None:
+                raise ConfigError(f"{explicit} has no chat template (tokenizer_config.json chat_template "
+                                  "or chat_template.jinja)")
+        self._by_model: dict[str, ChatTemplate] = {}
+
+    def for_model(self, model: str | None) -> ChatTemplate:
+        if self._explicit is not None:
+            return self._explicit
+        if not model:
+            return ChatTemplate.fallback()
+        if model not in self._by_model:
+            template = None
+            if Path(model).is_dir():
+                try:
+                    template = ChatTemplate.from_path(model)
+                except ConfigError as exc:
+                    log.warning("%s; chat prompts for %s use the plain fallback template", exc, model)
+            self._by_model[model] = template or ChatTemplate.fallback()
+        return self._by_model[model]

@@ -1,0 +1,453 @@
+"""The OpenAI-compatible HTTP gateway: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``,
+``/health``, on Starlette.
+
+Every request becomes one ryzanstein request on the ingress stream, sent through one ``AsyncClient``
+(all replies on one shared stream, read by one task). Streaming responses are server-sent events in
+OpenAI's chunk format, ending with ``data: [DONE]``. A client that goes away before its response is
+complete gets its request cancelled (``XADD {p}:cancel``), so the worker group stops generating for
+no one.
+
+Errors that the request itself causes are found before anything is sent where possible (the same
+validation the balancer runs), else from the request's first event: a streaming response starts
+only once the first event is in, so a request the balancer or the group refuses still gets a plain
+HTTP error rather than a stream that fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from broker.connection import TRANSIENT_ERRORS, connect_async
+from broker.errors import InvalidRequest, RequestFailed
+from broker.keys import Keys
+from broker.protocol import parse_request
+from broker.settings import Settings
+from producer.chat_template import TemplateSource
+from producer.client import AsyncClient, Completion, Event, Handle
+from producer.gateway.config import GatewayConfig
+from producer.gateway.errors import ApiError
+from producer.gateway.groups import LiveGroups
+from producer.gateway.schema import (
+    SSE_DONE,
+    Generation,
+    Responder,
+    parse_chat,
+    parse_completion,
+    parse_json,
+    sse,
+)
+from producer.request import request_fields
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# How much longer than a request's server-side deadline the gateway waits for its final event.
+WAIT_GRACE_S = 10.0
+
+
+class _Disconnect:
+    """Watches an HTTP request's ``receive`` channel for the client going away."""
+
+    def __init__(self, receive: Receive) -> None:
+        self.task = asyncio.ensure_future(self._listen(receive))
+
+    @staticmethod
+    async def _listen(receive: Receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    def close(self) -> None:
+        self.task.cancel()
+
+
+class _Disconnected(Exception):
+    """The client went away while its response was being prepared."""
+
+
+@dataclass
+class _StreamState:
+    handle: Handle
+    disconnect: _Disconnect
+    finished: bool = False  # the final event was read: nothing to cancel
+
+
+class _EventStream(StreamingResponse):
+    """A server-sent-event response that runs ``on_close`` when it ends, whatever ended it.
+
+    The body generator's own ``finally`` is not enough: a generator that never started (the client
+    left before the first chunk) never runs it.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, body: AsyncIterator[bytes], *, on_close: Callable[[], Awaitable[None]],
+                 headers: dict[str, str]) -> None:
+        super().__init__(body, headers=headers)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                with contextlib.suppress(Exception):
+                    await self.body_iterator.aclose()  # type: ignore[attr-defined]
+                await self._on_close()
+
+
+class Gateway:
+    """The application state: one AsyncClient, the registry view, the chat templates, the admission count."""
+
+    def __init__(self, settings: Settings, url: str, config: GatewayConfig) -> None:
+        self.settings = settings
+        self.url = url
+        self.config = config
+        self.keys = Keys(settings.prefix)
+        self.templates = TemplateSource(config.chat_template)
+        self.started = int(time.time())
+        self.in_flight = 0
+        self._client: AsyncClient | None = None
+        self._redis: Any = None
+        self._groups: LiveGroups | None = None
+        self._drains: set[asyncio.Task[None]] = set()
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._client = AsyncClient(self.url, settings=self.settings)
+        self._redis = connect_async(self.url, self.settings)
+        self._groups = LiveGroups(self._redis, self.keys, dead_after_s=self.settings.dead_after_s)
+
+    async def stop(self) -> None:
+        for task in list(self._drains):
+            task.cancel()
+        if self._client is not None:
+            await self._client.close()
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    @property
+    def client(self) -> AsyncClient:
+        assert self._client is not None, "the gateway is not started"
+        return self._client
+
+    @property
+    def groups(self) -> LiveGroups:
+        assert self._groups is not None, "the gateway is not started"
+        return self._groups
+
+    # --- routes -------------------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        try:
+            await self._redis.ping()
+            groups = await self.groups.get()
+        except TRANSIENT_ERRORS as exc:
+            return JSONResponse({"status": "unavailable", "reason": f"Redis is unreachable: {exc}"}, 503)
+        if not groups:
+            return JSONResponse({"status": "unavailable", "reason": "no live worker group"}, 503)
+        return JSONResponse({"status": "ok", "groups": len(groups), "models": sorted({g.model for g in groups}),
+                             "in_flight": self.in_flight})
+
+    async def models(self, request: Request) -> Response:
+        try:
+            models = await self.groups.models()
+        except TRANSIENT_ERRORS as exc:
+            return ApiError("unavailable", f"Redis is unreachable: {exc}").response()
+        return JSONResponse({"object": "list", "data": [self._model_card(m) for m in models]})
+
+    async def model(self, request: Request) -> Response:
+        try:
+            model = self._resolve_model(request.path_params["model"], await self.groups.models())
+        except TRANSIENT_ERRORS as exc:
+            return ApiError("unavailable", f"Redis is unreachable: {exc}").response()
+        except ApiError as exc:
+            return exc.response()
+        return JSONResponse(self._model_card(model))
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, "completion")
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, "chat")
+
+    # --- generation ---------------------------------------------------------------------------
+
+    def _model_card(self, model: str) -> dict[str, Any]:
+        return {"id": model, "object": "model", "created": self.started, "owned_by": "ryzanstein"}
+
+    @staticmethod
+    def _resolve_model(requested: str, served: list[str]) -> str:
+        """The served model spec ``requested`` names: the spec itself, or a model directory's name."""
+        if requested in served:
+            return requested
+        for model in served:
+            if Path(model).name == requested:
+                return model
+        if not served:
+            raise ApiError("unavailable", "no live worker group")
+        raise ApiError("model_not_found", f"model {requested!r} is not served here; served: {served}", "model")
+
+    async def _prepare(self, request: Request, kind: str) -> Generation:
+        """The validated request, its model resolved and its chat prompt rendered; ApiError otherwise."""
+        body = parse_json(await request.body())
+        if kind == "completion":
+            gen = parse_completion(body)
+        else:
+            gen = parse_chat(body, default_max_tokens=self.config.chat_max_tokens)
+        try:
+            served = await self.groups.models()
+        except TRANSIENT_ERRORS as exc:
+            raise ApiError("unavailable", f"Redis is unreachable: {exc}") from None
+        gen.model = self._resolve_model(gen.model, served)
+        if kind == "chat":
+            try:
+                gen.prompt = self.templates.for_model(gen.model).render(gen.messages)
+            except InvalidRequest as exc:
+                raise ApiError.from_code(exc.code, str(exc)) from None
+        deadline = gen.options.get("timeout_s")
+        limit = self.config.request_timeout_s
+        gen.options["timeout_s"] = limit if deadline is None else min(deadline, limit)
+        return gen
+
+    def _check_fields(self, gen: Generation, request_id: str) -> None:
+        """Run the balancer's validation here, so that a bad request is a 400 at once."""
+        try:
+            fields = request_fields(gen.prompt, request_id=request_id, prompt_ids=gen.prompt_ids,
+                                    stream=gen.stream, **gen.options)
+            parse_request(fields, entry_id="0-0", prefix=self.keys.prefix,
+                          max_request_bytes=self.settings.max_request_bytes,
+                          default_max_tokens=self.settings.default_max_tokens)
+        except InvalidRequest as exc:
+            raise ApiError.from_code(exc.code, str(exc)) from None
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ApiError("invalid_request", f"request could not be built: {exc}") from None
+
+    async def _generate(self, request: Request, kind: str) -> Response:
+        request_id = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
+        headers = {"x-request-id": request_id}
+        admitted = False
+        try:
+            gen = await self._prepare(request, kind)
+            self._check_fields(gen, request_id)
+            if self.in_flight >= self.config.max_concurrency:
+                raise ApiError("overloaded", f"the gateway has {self.in_flight} requests in flight, its limit "
+                                             f"(--max-concurrency {self.config.max_concurrency}); retry later")
+            self.in_flight += 1
+            admitted = True
+            responder = Responder(kind, request_id, int(time.time()), gen.model)  # type: ignore[arg-type]
+            handle = await self.client.submit(gen.prompt, request_id=request_id, prompt_ids=gen.prompt_ids,
+                                              stream=gen.stream, **gen.options)
+            wait_s = float(gen.options["timeout_s"] or self.config.request_timeout_s) + WAIT_GRACE_S
+            if gen.stream:
+                response = await self._start_stream(request, gen, responder, handle, wait_s, headers)
+                admitted = False  # the stream releases its slot when it ends
+                return response
+            return await self._complete(request, responder, handle, wait_s, headers)
+        except ApiError as exc:
+            if exc.status >= 500:
+                log.warning("request %s: %s: %s", request_id, exc.code, exc.message)
+            return exc.response(headers)
+        except _Disconnected:
+            return Response(status_code=499, headers=headers)  # nginx's "client closed request"; no one reads it
+        except TRANSIENT_ERRORS as exc:
+            return ApiError("unavailable", f"Redis is unreachable: {exc}").response(headers)
+        except Exception:
+            log.exception("request %s failed", request_id)
+            return ApiError("internal", "internal error in the gateway").response(headers)
+        finally:
+            if admitted:
+                self.in_flight -= 1
+
+    async def _race(self, awaitable: Awaitable[T], disconnect: _Disconnect) -> T:
+        """``awaitable``'s result, or _Disconnected if the client goes away first."""
+        task = asyncio.ensure_future(awaitable)
+        try:
+            await asyncio.wait({task, disconnect.task}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            raise
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        raise _Disconnected()
+
+    async def _complete(self, request: Request, responder: Responder, handle: Handle, wait_s: float,
+                        headers: dict[str, str]) -> Response:
+        disconnect = _Disconnect(request.receive)
+        try:
+            done = await self._race(self.client.result(handle, timeout=wait_s), disconnect)
+        except _Disconnected:
+            await self._abandon(handle, "the client went away")
+            raise
+        except RequestFailed as exc:
+            raise ApiError.from_code(exc.code, exc.message) from None
+        except TimeoutError:
+            await self._abandon(handle, "no final event in time")
+            raise ApiError("timeout", f"no result within {wait_s:g}s") from None
+        finally:
+            disconnect.close()
+        return JSONResponse(responder.full(done), headers=headers)
+
+    async def _start_stream(self, request: Request, gen: Generation, responder: Responder, handle: Handle,
+                            wait_s: float, headers: dict[str, str]) -> Response:
+        events = aiter(self.client.events(handle, timeout=wait_s))
+        disconnect = _Disconnect(request.receive)
+        try:
+            first = await self._race(anext(events), disconnect)
+        except _Disconnected:
+            disconnect.close()
+            await self._abandon(handle, "the client went away")
+            raise
+        except TimeoutError:
+            disconnect.close()
+            await self._abandon(handle, "no event in time")
+            raise ApiError("timeout", f"no result within {wait_s:g}s") from None
+        except BaseException:
+            disconnect.close()
+            raise
+        if first.kind == "error":
+            disconnect.close()
+            raise ApiError.from_code(first.fields.get("code", "internal"), first.fields.get("message", ""))
+        state = _StreamState(handle, disconnect)
+        body = self._stream(gen, responder, events, first, state)
+        return _EventStream(body, on_close=lambda: self._end_stream(state),
+                            headers={**headers, "cache-control": "no-cache"})
+
+    async def _stream(self, gen: Generation, responder: Responder, events: AsyncIterator[Event], first: Event,
+                      state: _StreamState) -> AsyncIterator[bytes]:
+        """The SSE body: chunks until the final event, or until the client goes away."""
+        usage_field = gen.include_usage
+        if gen.kind == "chat":
+            yield sse(responder.chunk("", first=True, with_usage_field=usage_field))
+        sent: list[str] = []
+        event = first
+        while True:
+            if event.kind == "token":
+                if event.text:
+                    sent.append(event.text)
+                    yield sse(responder.chunk(event.text, with_usage_field=usage_field))
+            elif event.kind == "done":
+                state.finished = True
+                done = Completion.from_event(event)
+                joined = "".join(sent)
+                # The deltas joined equal the done text (PROTOCOL.md); should they not, send the rest.
+                rest = done.text[len(joined):] if done.text.startswith(joined) else ""
+                if gen.kind == "chat":
+                    last = responder.chunk(rest or None, finish_reason=done.finish_reason,
+                                           with_usage_field=usage_field)
+                else:
+                    last = responder.chunk(rest, finish_reason=done.finish_reason, with_usage_field=usage_field)
+                yield sse(last)
+                if gen.include_usage:
+                    yield sse(responder.usage_chunk(done))
+                yield SSE_DONE
+                return
+            elif event.kind == "error":
+                state.finished = True
+                error = ApiError.from_code(event.fields.get("code", "internal"), event.fields.get("message", ""))
+                yield sse(error.body())
+                return
+            try:
+                event = await self._race(anext(events), state.disconnect)
+            except _Disconnected:
+                return
+            except TimeoutError:
+                yield sse(ApiError("timeout", "no further event in time").body())
+                return
+
+    async def _end_stream(self, state: _StreamState) -> None:
+        """Runs once per stream however it ended: frees the slot, cancels an unfinished request."""
+        state.disconnect.close()
+        self.in_flight -= 1
+        if not state.finished:
+            await self._abandon(state.handle, "the stream ended before the request did")
+
+    async def _abandon(self, handle: Handle, why: str) -> None:
+        """Cancel a request whose response no one will read, and take its final event off the client."""
+        log.info("request %s: %s; cancelling it", handle.id, why)
+        try:
+            await self.client.cancel(handle)
+        except TRANSIENT_ERRORS as exc:
+            log.warning("request %s: cancel not sent: %s", handle.id, exc)
+        task = asyncio.get_running_loop().create_task(self._drain(handle))
+        self._drains.add(task)
+        task.add_done_callback(self._drains.discard)
+
+    async def _drain(self, handle: Handle) -> None:
+        # The shared-stream client holds a request's events until someone reads the final one.
+        try:
+            done = await self.client.result(handle, timeout=self.config.request_timeout_s + WAIT_GRACE_S)
+            log.info("request %s ended %s after it was abandoned", handle.id, done.finish_reason)
+        except RequestFailed as exc:
+            log.info("request %s ended with error %s after it was abandoned", handle.id, exc.code)
+        except (TimeoutError, asyncio.CancelledError, Exception) as exc:  # noqa: BLE001 - nothing to report to
+            log.debug("request %s: no final event read after it was abandoned (%r)", handle.id, exc)
+
+
+def create_app(settings: Settings, url: str, config: GatewayConfig | None = None) -> Starlette:
+    """The ASGI application of a gateway on ``url`` (the Redis to enqueue on)."""
+    gateway = Gateway(settings, url, config or GatewayConfig())
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    routes = [
+        Route("/health", gateway.health, methods=["GET"]),
+        Route("/v1/models", gateway.models, methods=["GET"]),
+        Route("/v1/models/{model:path}", gateway.model, methods=["GET"]),
+        Route("/v1/completions", gateway.completions, methods=["POST"]),
+        Route("/v1/chat/completions", gateway.chat_completions, methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.gateway = gateway
+    return app
+
+
+class _Server(uvicorn.Server):
+    """Says where it listens once the socket is bound (the port is only known then, with --port 0)."""
+
+    async def startup(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
+        await super().startup(sockets)
+        if self.should_exit:
+            return
+        for server in self.servers:
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                shown = f"[{host}]" if ":" in host else host
+                print(f"ryzanstein gateway: serving http://{shown}:{port}/v1 (Ctrl-C stops it)", flush=True)
+
+
+def serve(app: Starlette, *, host: str, port: int, access_log: bool = False) -> bool:
+    """Run ``app`` on uvicorn until SIGINT/SIGTERM; False if it could not start (port taken...)."""
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
+    server = _Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=access_log,
+                                    log_level=level, lifespan="on", timeout_graceful_shutdown=5))
+    server.run()
+    return server.started

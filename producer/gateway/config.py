@@ -1,0 +1,15 @@
+"""The gateway's options (light: the CLI imports it to build ``--help`` without loading the web stack)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """What ``ryzanstein gateway`` takes besides the connection."""
+
+    request_timeout_s: float = 600.0  # server-side deadline of every request (timeout_s), at most
+    max_concurrency: int = 256  # requests in flight through this gateway; more get 429
+    chat_max_tokens: int = 1024  # chat requests that set neither max_tokens nor max_completion_tokens
+    chat_template: str | None = None  # a model directory, tokenizer_config.json or Jinja file

@@ -1,0 +1,58 @@
+"""The gateway's view of the worker-group registry: which groups are alive, which models they serve.
+
+Read with the asyncio Redis client and kept for ``max_age_s``, so that a busy gateway reads the
+registry a few times a second rather than once per request.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from broker.keys import Keys
+from broker.registry import GroupStatus, parse_group
+
+
+async def read_groups_async(redis: Any, keys: Keys, *, dead_after_s: float) -> list[GroupStatus]:
+    """Every registered group, alive or not, with ages on the Redis clock (``broker.registry.read_groups``)."""
+    names = [n.decode() for n in await redis.zrange(keys.groups, 0, -1)]
+    pipe = redis.pipeline(transaction=False)
+    pipe.time()
+    for name in names:
+        pipe.hgetall(keys.group_info(name))
+    (secs, micros), *infos = await pipe.execute()
+    now_ms = secs * 1000.0 + micros / 1000.0
+    out = []
+    for info in infos:
+        status = parse_group(info, now_ms=now_ms, dead_after_s=dead_after_s) if info else None
+        if status is not None:
+            out.append(status)
+    return sorted(out, key=lambda g: g.name)
+
+
+class LiveGroups:
+    """The routable groups (alive, not draining), re-read when older than ``max_age_s``."""
+
+    def __init__(self, redis: Any, keys: Keys, *, dead_after_s: float, max_age_s: float = 0.5,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._dead_after_s = dead_after_s
+        self._max_age_s = max_age_s
+        self._clock = clock
+        self._groups: list[GroupStatus] = []
+        self._read_at: float | None = None
+
+    async def get(self) -> list[GroupStatus]:
+        """Routable groups; raises the Redis error when the registry cannot be read."""
+        now = self._clock()
+        if self._read_at is None or now - self._read_at >= self._max_age_s:
+            groups = await read_groups_async(self._redis, self._keys, dead_after_s=self._dead_after_s)
+            self._groups = [g for g in groups if g.routable]
+            self._read_at = now
+        return self._groups
+
+    async def models(self) -> list[str]:
+        """The model specs the routable groups serve, each once, sorted."""
+        return sorted({g.model for g in await self.get()})

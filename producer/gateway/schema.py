@@ -1,0 +1,268 @@
+"""The OpenAI request and response shapes the gateway speaks, and their mapping to ryzanstein requests.
+
+Requests are validated here: what ryzanstein cannot do (``n`` > 1, logprobs, tools, penalties...)
+is refused with a 400 naming the parameter, rather than silently ignored; parameters that change
+nothing in the output (``user``, ``metadata``, ``store``...) are accepted and ignored. Extensions:
+``top_k``, ``priority`` and ``timeout_s`` (seconds; the server-side deadline), sent by the openai
+package through ``extra_body``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from broker.errors import InvalidRequest
+from producer.chat_template import normalize_messages
+from producer.gateway.errors import ApiError
+from producer.request import Completion, RequestOptions
+
+Kind = Literal["completion", "chat"]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    """Fields both endpoints share. Unknown fields are ignored, as OpenAI-compatible servers do."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    # ryzanstein extensions
+    top_k: int | None = None
+    priority: int | None = None
+    timeout_s: float | None = None
+
+
+class CompletionBody(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+    logprobs: int | None = None
+
+
+class ChatBody(_Common):
+    messages: list[Any]
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+
+
+@dataclass
+class Generation:
+    """One validated OpenAI request, as the gateway will send it."""
+
+    kind: Kind
+    model: str
+    stream: bool
+    include_usage: bool
+    prompt: str | None = None  # completions: the text; chat: filled in once the template is rendered
+    prompt_ids: list[int] | None = None
+    messages: list[dict[str, Any]] = field(default_factory=list)  # chat only
+    options: RequestOptions = field(default_factory=lambda: RequestOptions())
+
+
+def _validation_error(exc: ValidationError) -> ApiError:
+    err = exc.errors()[0]
+    param = str(err["loc"][0]) if err["loc"] else None
+    return ApiError("invalid_request", f"field '{param or 'body'}': {err['msg']}", param)
+
+
+def _refuse(param: str, why: str) -> ApiError:
+    return ApiError("invalid_request", f"field '{param}': {why}", param)
+
+
+def _check_unsupported(body: _Common) -> None:
+    if body.n not in (None, 1):
+        raise _refuse("n", "only n=1 is supported")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name) not in (None, 0, 0.0):
+            raise _refuse(name, "penalties are not supported; leave it unset or 0")
+    if body.logit_bias:
+        raise _refuse("logit_bias", "not supported")
+    if body.stream_options is not None and not body.stream:
+        raise _refuse("stream_options", "only allowed when stream is true")
+
+
+def _options(body: _Common, max_tokens: int | None) -> RequestOptions:
+    options: RequestOptions = {
+        "max_tokens": max_tokens,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "top_k": body.top_k,
+        "seed": body.seed,
+        "stop": body.stop,
+        "priority": body.priority,
+        "timeout_s": body.timeout_s,
+    }
+    if isinstance(body.stop, list) and not body.stop:
+        options["stop"] = None
+    return options
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise ApiError("invalid_request", f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError("invalid_request", "the request body must be a JSON object")
+    return body
+
+
+def parse_completion(raw: dict[str, Any]) -> Generation:
+    """A ``/v1/completions`` body; ApiError (400) for what is invalid or unsupported."""
+    try:
+        body = CompletionBody.model_validate(raw)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+    _check_unsupported(body)
+    if body.best_of not in (None, 1):
+        raise _refuse("best_of", "only best_of=1 is supported")
+    if body.echo:
+        raise _refuse("echo", "echoing the prompt is not supported")
+    if body.suffix:
+        raise _refuse("suffix", "not supported")
+    if body.logprobs is not None:
+        raise _refuse("logprobs", "not supported")
+    prompt: str | None = None
+    prompt_ids: list[int] | None = None
+    value = body.prompt
+    if isinstance(value, list) and value and not isinstance(value[0], int):
+        if len(value) != 1:
+            raise _refuse("prompt", "only one prompt per request is supported")
+        value = value[0]
+    if isinstance(value, str):
+        prompt = value
+    else:
+        prompt_ids = list(value)
+    return Generation(
+        kind="completion",
+        model=body.model,
+        stream=bool(body.stream),
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        prompt=prompt,
+        prompt_ids=prompt_ids,
+        options=_options(body, body.max_tokens),
+    )
+
+
+def parse_chat(raw: dict[str, Any], *, default_max_tokens: int) -> Generation:
+    """A ``/v1/chat/completions`` body; ApiError (400) for what is invalid or unsupported."""
+    try:
+        body = ChatBody.model_validate(raw)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+    _check_unsupported(body)
+    if body.logprobs or body.top_logprobs:
+        raise _refuse("logprobs", "not supported")
+    for name in ("tools", "functions"):
+        if getattr(body, name):
+            raise _refuse(name, "tool calling is not supported")
+    if body.tool_choice not in (None, "none") or body.function_call not in (None, "none"):
+        raise _refuse("tool_choice", "tool calling is not supported")
+    if body.response_format and body.response_format.get("type", "text") != "text":
+        raise _refuse("response_format", "only the text format is supported")
+    try:
+        messages = normalize_messages(body.messages)
+    except InvalidRequest as exc:
+        raise ApiError.from_code("invalid_request", str(exc)) from None
+    max_tokens = body.max_completion_tokens or body.max_tokens or default_max_tokens
+    return Generation(
+        kind="chat",
+        model=body.model,
+        stream=bool(body.stream),
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        messages=messages,
+        options=_options(body, max_tokens),
+    )
+
+
+# --- responses ----------------------------------------------------------------------------------
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+@dataclass(frozen=True)
+class Responder:
+    """Builds the response objects of one request (same id, creation time and model throughout)."""
+
+    kind: Kind
+    response_id: str
+    created: int
+    model: str
+
+    def _envelope(self, obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {"id": self.response_id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": None, "choices": choices, **extra}
+
+    def full(self, done: Completion) -> dict[str, Any]:
+        """The non-streaming response."""
+        if self.kind == "completion":
+            choice: dict[str, Any] = {"index": 0, "text": done.text, "logprobs": None,
+                                      "finish_reason": done.finish_reason}
+            obj = "text_completion"
+        else:
+            choice = {"index": 0, "message": {"role": "assistant", "content": done.text},
+                      "logprobs": None, "finish_reason": done.finish_reason}
+            obj = "chat.completion"
+        return self._envelope(obj, [choice], usage=usage(done.prompt_tokens, done.completion_tokens))
+
+    def chunk(self, text: str | None, *, finish_reason: str | None = None, first: bool = False,
+              with_usage_field: bool = False) -> dict[str, Any]:
+        """One streamed chunk: a text delta and/or the finish reason (``first``: chat's role delta)."""
+        if self.kind == "completion":
+            choice: dict[str, Any] = {"index": 0, "text": text or "", "logprobs": None,
+                                      "finish_reason": finish_reason}
+            obj = "text_completion"
+        else:
+            delta: dict[str, Any] = {}
+            if first:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            obj = "chat.completion.chunk"
+        extra = {"usage": None} if with_usage_field else {}
+        return self._envelope(obj, [choice], **extra)
+
+    def usage_chunk(self, done: Completion) -> dict[str, Any]:
+        """The last chunk when ``stream_options.include_usage``: no choices, the usage."""
+        obj = "text_completion" if self.kind == "completion" else "chat.completion.chunk"
+        return self._envelope(obj, [], usage=usage(done.prompt_tokens, done.completion_tokens))
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    """One server-sent event: ``data: <json>`` and a blank line."""
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
+
+
+SSE_DONE = sse("[DONE]")

@@ -1,0 +1,243 @@
+"""Batch jobs: reading lines, the output file, a run against the protocol stub (resuming included), and
+the job on RQ's queue with a BatchWorker. The real pipeline, with a worker killed mid-job, is in
+tests/integration/test_batch.py."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from rq.job import Job
+
+from broker.keys import Keys
+from broker.protocol import done_event
+from broker.scripts import Scripts, pack_events
+from broker.settings import Settings
+from producer.batch import cli as batch_cli
+from producer.batch.job import BatchRun, BatchSpec, Progress, line_of, request_id
+from producer.batch.lines import BadLine, LineRequest, parse_line, scan_output
+from producer.batch.queue import BatchWorker, batch_queue, job_view, submit_job
+from tests.producer.conftest import Responder
+
+# --- lines --------------------------------------------------------------------------------------
+
+
+def test_good_lines() -> None:
+    line = parse_line(3, json.dumps({"id": "q3", "prompt": "hi", "max_tokens": 5, "stop": ".", "note": "ignored"}),
+                      defaults={"temperature": 0.0, "max_tokens": 9})
+    assert line == LineRequest(3, "q3", prompt="hi", options={"max_tokens": 5, "temperature": 0.0, "stop": ["."]})
+    ids = parse_line(4, '{"prompt_ids": [1, 2], "seed": 7}')
+    assert isinstance(ids, LineRequest) and ids.prompt_ids == [1, 2] and ids.options == {"seed": 7}
+    chat = parse_line(5, json.dumps({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 4}))
+    assert isinstance(chat, LineRequest) and chat.messages == [{"role": "user", "content": "x"}]
+    assert chat.options == {"max_tokens": 4}
+    openai_form = {"custom_id": "c6", "method": "POST", "url": "/v1/chat/completions",
+                   "body": {"model": "m", "messages": [{"role": "user", "content": "y"}], "max_tokens": 3}}
+    parsed = parse_line(6, json.dumps(openai_form))
+    assert isinstance(parsed, LineRequest) and parsed.user_id == "c6" and parsed.options == {"max_tokens": 3}
+    assert parse_line(7, "   \n") is None
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "not a JSON object"),
+    ('{"id": "x"}', "exactly one of"),
+    ('{"prompt": "a", "prompt_ids": [1]}', "exactly one of"),
+    ('{"prompt": 5}', "field 'prompt'"),
+    ('{"prompt": ""}', "field 'prompt'"),
+    ('{"prompt": "a", "max_tokens": 1.5}', "field 'max_tokens'"),
+    ('{"prompt": "a", "temperature": -1}', "field 'temperature'"),
+    ('{"prompt": "a", "stop": [1]}', "field 'stop'"),
+    ('{"prompt_ids": ["a"]}', "field 'prompt_ids'"),
+    ('{"messages": [{"role": "robot", "content": "x"}]}', "field 'messages'"),
+])
+def test_bad_lines_say_why(text: str, reason: str) -> None:
+    bad = parse_line(9, text)
+    assert isinstance(bad, BadLine) and bad.line == 9
+    assert reason in bad.message
+
+
+def test_scan_output_cuts_a_torn_line_and_counts(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"line":1,"text":"a"}\n{"line":2,"error":{"code":"x"}}\nnot ours\n{"line":1,"text":"again"}\n'
+                   '{"line":3,"te')
+    state = scan_output(out)
+    assert (state.done, state.errors) == ({1, 2}, 1)
+    assert out.read_text().endswith('"again"}\n')  # the torn record is gone, the rest kept
+    assert scan_output(tmp_path / "missing.jsonl").done == set()
+
+
+def test_request_ids_name_their_line() -> None:
+    assert request_id("j1", 12) == "batch.j1.12"
+    assert request_id("j1", 12, attempt=3) == "batch.j1.12.3"
+    assert [line_of(request_id("a-b", 7)), line_of("batch.a-b.7.2"), line_of("other")] == [7, 7, None]
+
+
+# --- a run against the stub ---------------------------------------------------------------------
+
+
+def _write_input(path: Path, n: int, bad: dict[int, str] | None = None) -> None:
+    rows = []
+    for i in range(1, n + 1):
+        rows.append((bad or {}).get(i) or json.dumps({"id": f"q{i}", "prompt": f"line {i}", "max_tokens": 8}))
+    path.write_text("\n".join(rows) + "\n\n")
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(raw) for raw in path.read_text().splitlines()]
+
+
+def _run(r: redis.Redis, spec: BatchSpec, *, job_id: str = "j1", run: int = 1) -> tuple[Progress, list[Progress]]:
+    saved: list[Progress] = []
+    settings = Settings(prefix=spec.prefix, batch_progress_interval_s=0)
+    progress = BatchRun(r, spec, job_id=job_id, settings=settings, run=run,
+                        save_progress=lambda p: saved.append(Progress(**vars(p)))).run()
+    return progress, saved
+
+
+def test_run_answers_every_line_once(responder: Responder, r: redis.Redis, keys: Keys, tmp_path: Path) -> None:
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write_input(source, 40, bad={7: "{oops", 8: '{"prompt": "fail:internal"}',
+                                  9: json.dumps({"messages": [{"role": "user", "content": "hey you"}]})})
+    spec = BatchSpec(input=str(source), output=str(out), prefix=keys.prefix, window=3)
+    progress, saved = _run(r, spec)
+    records = {rec["line"]: rec for rec in _records(out)}
+    assert sorted(records) == list(range(1, 41))
+    assert len(_records(out)) == 40
+    assert records[1] == {"line": 1, "id": "q1", "text": "line 1", "finish_reason": "stop",
+                          "usage": {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}}
+    assert records[7]["error"]["code"] == "invalid_request" and "JSON" in records[7]["error"]["message"]
+    assert records[8]["error"] == {"code": "internal", "message": "the responder was told to fail"}
+    assert records[9]["text"] == "user: hey you\nassistant:"  # the stub echoes the rendered chat prompt
+    assert (progress.total, progress.done, progress.errors) == (40, 40, 2)
+    assert saved[0].done == 0 and saved[-1].done == 40  # progress went out as the job went
+    assert not r.exists(keys.batch_replies("j1"))  # the reply stream is removed at the end
+    assert len(responder.requests) == 39  # every line but the bad JSON one was sent, once
+    assert all(req.reply_to == keys.batch_replies("j1") for req in responder.requests)
+
+
+def test_window_bounds_requests_in_flight(responder: Responder, r: redis.Redis, keys: Keys,
+                                          tmp_path: Path) -> None:
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write_input(source, 20)
+    in_flight: list[int] = []
+
+    class Watched(BatchRun):
+        def _send(self, batch: list[LineRequest]) -> None:
+            super()._send(batch)
+            in_flight.append(len(self._pending))
+
+    spec = BatchSpec(input=str(source), output=str(out), prefix=keys.prefix, window=3)
+    Watched(r, spec, job_id="w", settings=Settings(prefix=keys.prefix), save_progress=lambda p: None).run()
+    assert max(in_flight) == 3
+    assert len(_records(out)) == 20
+
+
+class FlakyPipeline(Responder):
+    """The stub, answering the first request of each ``flaky ...`` prompt with a transient error."""
+
+    def __init__(self, url: str, keys: Keys, code: str) -> None:
+        super().__init__(url, keys)
+        self.code = code
+        self.failed: set[bytes] = set()
+
+    def _answer(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
+        prompt = fields.get(b"prompt", b"")
+        if prompt.startswith(b"flaky") and prompt not in self.failed:
+            self.failed.add(prompt)
+            fields = {**fields, b"prompt": f"fail:{self.code}".encode()}
+        super()._answer(entry_id, fields)
+
+
+@pytest.mark.parametrize("code", ["unavailable", "overloaded"])
+def test_transient_errors_send_the_line_again(r: redis.Redis, keys: Keys, redis_url: str, tmp_path: Path,
+                                              code: str) -> None:
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps({"prompt": f"{kind} {i}"}) + "\n"
+                              for i, kind in enumerate(["flaky", "steady", "flaky", "steady"], 1)))
+    pipeline = FlakyPipeline(redis_url, keys, code)
+    pipeline.start()
+    try:
+        spec = BatchSpec(input=str(source), output=str(out), prefix=keys.prefix, window=2)
+        progress = BatchRun(r, spec, job_id="t", settings=Settings(prefix=keys.prefix), save_progress=lambda p: None,
+                            backoff_s=(0.05,)).run()
+    finally:
+        pipeline.stop()
+    assert {rec["line"]: rec["text"] for rec in _records(out)} == {1: "flaky 1", 2: "steady 2", 3: "flaky 3",
+                                                                    4: "steady 4"}
+    assert (progress.done, progress.errors, progress.resent) == (4, 0, 2)
+    assert sorted(req.id for req in pipeline.requests) == sorted(
+        [request_id("t", i) for i in (1, 2, 3, 4)] + [request_id("t", 1, attempt="1t1"),
+                                                      request_id("t", 3, attempt="1t1")])
+
+
+def test_resumed_run_uses_results_left_in_redis_and_skips_done_lines(
+    responder: Responder, r: redis.Redis, keys: Keys, tmp_path: Path
+) -> None:
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write_input(source, 10)
+    reply = keys.batch_replies("j2")
+    # An earlier run wrote lines 1-3 (and was killed mid-write of line 4)...
+    out.write_text("".join(json.dumps({"line": i, "id": f"q{i}", "text": f"line {i}"}) + "\n" for i in (1, 2, 3))
+                   + '{"line": 4, "te')
+    # ...line 5 finished while no one was reading (its event waits on the reply stream)...
+    scripts = Scripts(r)
+    rid5 = request_id("j2", 5)
+    done5 = done_event(rid5, text="from the earlier run", token_ids=[1], finish_reason="stop", prompt_tokens=1)
+    scripts.publish(keys=[reply, keys.state(reply, rid5)], args=["g", 1, 60_000, pack_events([("f", 0, done5)])])
+    # ...and line 6 finished too, but its event is gone (trimmed, or the stream deleted).
+    rid6 = request_id("j2", 6)
+    done6 = done_event(rid6, text="lost", token_ids=[1], finish_reason="stop", prompt_tokens=1)
+    scripts.publish(keys=[f"{reply}-gone", keys.state(reply, rid6)], args=["g", 1, 60_000,
+                                                                           pack_events([("f", 0, done6)])])
+    spec = BatchSpec(input=str(source), output=str(out), prefix=keys.prefix, window=4)
+    progress, _ = _run(r, spec, job_id="j2", run=2)
+    records = _records(out)
+    assert sorted(rec["line"] for rec in records) == list(range(1, 11))  # each line once, torn line 4 redone
+    by_line = {rec["line"]: rec for rec in records}
+    assert by_line[5]["text"] == "from the earlier run"
+    assert by_line[6]["text"] == "line 6" and by_line[4]["text"] == "line 4"
+    sent = {req.id for req in responder.requests}
+    assert sent == {request_id("j2", i) for i in (4, 7, 8, 9, 10)} | {request_id("j2", 6, attempt=2)}
+    assert (progress.done, progress.total, progress.run) == (10, 10, 2)
+
+
+# --- on RQ --------------------------------------------------------------------------------------
+
+
+def test_job_on_rq_runs_in_a_batch_worker_and_reports_progress(
+    responder: Responder, r: redis.Redis, keys: Keys, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write_input(source, 25, bad={5: "[]"})
+    spec = BatchSpec(input=str(source), output=str(out), prefix=keys.prefix, window=4)
+    job = submit_job(r, keys, spec, retries=2, retry_interval=[0])
+    queued = job_view(job)
+    assert (queued["status"], queued["done"], queued["total"]) == ("queued", 0, None)
+    worker = BatchWorker([batch_queue(r, keys)], connection=r, heartbeat_ttl_s=5)
+    assert worker.work(burst=True)
+    job = Job.fetch(job.id, connection=r)
+    view = job_view(job)
+    assert (view["status"], view["done"], view["total"], view["errors"], view["run"]) == ("finished", 25, 25, 1, 1)
+    assert view["retries_left"] == 2
+    assert job.return_value() == {"total": 25, "done": 25, "errors": 1, "run": 1, "resent": 0}
+    assert sorted(rec["line"] for rec in _records(out)) == list(range(1, 26))
+
+    capsys.readouterr()
+    args = argparse.Namespace(job_id=None, json=False, watch=None, limit=20)
+    assert batch_cli._status(args, r, keys) == 0
+    assert capsys.readouterr().out.startswith(
+        f"{job.id}  finished  [{'#' * batch_cli.BAR_WIDTH}] 100%  25/25 lines, 1 errors")
+    args.job_id, args.json = job.id, True
+    assert batch_cli._status(args, r, keys) == 0
+    assert json.loads(capsys.readouterr().out) == job_view(job)
+
+
+def test_progress_bar() -> None:
+    assert batch_cli.progress_bar(0, None, width=4) == "[----]    ?"
+    assert batch_cli.progress_bar(1, 4, width=4) == "[#---]  25%"
+    assert batch_cli.progress_bar(4, 4, width=4) == "[####] 100%"

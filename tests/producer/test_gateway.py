@@ -1,0 +1,202 @@
+"""The gateway's request parsing, error mapping and registry view; and, in front of the protocol stub
+(tests/producer/conftest.py), how every error code a request can end with reaches an OpenAI client.
+
+The real pipeline behind a gateway process is tested in tests/integration/test_gateway.py. The stub
+is needed here for codes the pipeline does not produce on demand: no balancer emits ``overloaded``
+yet, and ``internal`` is not written by this build.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+import redis
+import uvicorn
+
+from broker.connection import connect_async
+from broker.keys import Keys
+from broker.registry import GroupLoad
+from broker.settings import Settings
+from producer.gateway.app import create_app
+from producer.gateway.config import GatewayConfig
+from producer.gateway.errors import ApiError
+from producer.gateway.groups import LiveGroups
+from producer.gateway.schema import Responder, parse_chat, parse_completion
+from producer.request import Completion
+from tests.producer.conftest import Responder as StubPipeline
+
+# --- parsing ------------------------------------------------------------------------------------
+
+
+def test_completion_request_maps_to_ryzanstein_options() -> None:
+    gen = parse_completion({"model": "m", "prompt": "hi", "max_tokens": 7, "temperature": 0.5, "top_p": 0.9,
+                            "seed": 3, "stop": "x", "stream": True, "stream_options": {"include_usage": True},
+                            "user": "ignored", "top_k": 4, "priority": -1, "timeout_s": 2.5})
+    assert (gen.kind, gen.model, gen.prompt, gen.prompt_ids, gen.stream, gen.include_usage) == (
+        "completion", "m", "hi", None, True, True)
+    assert gen.options == {"max_tokens": 7, "temperature": 0.5, "top_p": 0.9, "top_k": 4, "seed": 3, "stop": "x",
+                           "priority": -1, "timeout_s": 2.5}
+    assert parse_completion({"model": "m", "prompt": [1, 2]}).prompt_ids == [1, 2]
+    assert parse_completion({"model": "m", "prompt": ["one"]}).prompt == "one"
+    assert parse_completion({"model": "m", "prompt": [[5, 6]]}).prompt_ids == [5, 6]
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"n": 2}, "n"),
+    ({"best_of": 3}, "best_of"),
+    ({"echo": True}, "echo"),
+    ({"suffix": "s"}, "suffix"),
+    ({"logprobs": 1}, "logprobs"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"frequency_penalty": -1}, "frequency_penalty"),
+    ({"logit_bias": {"1": 2}}, "logit_bias"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": {"text": "a"}}, "prompt"),
+    ({"max_tokens": "many"}, "max_tokens"),
+    ({"model": None}, "model"),
+])
+def test_completion_refusals_name_the_parameter(body: dict[str, Any], param: str) -> None:
+    with pytest.raises(ApiError) as caught:
+        parse_completion({"model": "m", "prompt": "x", **body})
+    assert (caught.value.status, caught.value.code, caught.value.param) == (400, "invalid_request", param)
+
+
+def test_chat_request() -> None:
+    messages = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    gen = parse_chat({"model": "m", "messages": messages, "max_tokens": 9, "max_completion_tokens": 5},
+                     default_max_tokens=100)
+    assert gen.messages == [{"role": "user", "content": "ab"}]
+    assert gen.options["max_tokens"] == 5  # max_completion_tokens wins
+    assert gen.prompt is None  # rendered later, with the served model's template
+    assert parse_chat({"model": "m", "messages": messages}, default_max_tokens=100).options["max_tokens"] == 100
+    for body, param in [({"tools": [{"type": "function"}]}, "tools"), ({"tool_choice": "required"}, "tool_choice"),
+                        ({"response_format": {"type": "json_object"}}, "response_format"),
+                        ({"logprobs": True}, "logprobs"), ({"messages": []}, "messages")]:
+        with pytest.raises(ApiError) as caught:
+            parse_chat({"model": "m", "messages": messages, **body}, default_max_tokens=1)
+        assert caught.value.param == param
+    assert parse_chat({"model": "m", "messages": messages, "response_format": {"type": "text"}},
+                      default_max_tokens=1).kind == "chat"
+
+
+def test_api_error_shape_and_statuses() -> None:
+    error = ApiError.from_code("invalid_request", "field 'temperature': Input should be >= 0")
+    assert error.body() == {"error": {"message": "field 'temperature': Input should be >= 0",
+                                      "type": "invalid_request_error", "param": "temperature",
+                                      "code": "invalid_request"}}
+    statuses = {code: ApiError.from_code(code, "m").status
+                for code in ("invalid_request", "model_not_found", "overloaded", "timeout", "unavailable",
+                             "internal", "something_new")}
+    assert statuses == {"invalid_request": 400, "model_not_found": 404, "overloaded": 429, "timeout": 504,
+                        "unavailable": 503, "internal": 500, "something_new": 500}
+    assert ApiError.from_code("something_new", "m").code == "something_new"  # passed on as is
+
+
+def test_response_shapes() -> None:
+    done = Completion(id="r", text="hey", token_ids=[1, 2, 3], finish_reason="length", prompt_tokens=4,
+                      completion_tokens=3)
+    chat = Responder("chat", "chatcmpl-1", 100, "m")
+    full = chat.full(done)
+    assert full["object"] == "chat.completion"
+    assert full["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "hey"}, "logprobs": None,
+                                "finish_reason": "length"}]
+    assert full["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+    assert chat.chunk("", first=True)["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chat.chunk(None, finish_reason="stop")["choices"][0]["delta"] == {}
+    assert "usage" not in chat.chunk("x") and chat.chunk("x", with_usage_field=True)["usage"] is None
+    assert chat.usage_chunk(done)["choices"] == []
+    text = Responder("completion", "cmpl-1", 100, "m")
+    assert text.full(done)["choices"][0]["text"] == "hey"
+    assert text.chunk("y")["object"] == "text_completion"
+
+
+# --- the registry view --------------------------------------------------------------------------
+
+
+def _register_group(r: redis.Redis, keys: Keys, name: str, model: str, *, ahead_s: float = 0.0,
+                    state: str = "ready") -> None:
+    """A registry entry as a group's heartbeat writes it, stamped ``ahead_s`` past the Redis clock."""
+    secs, micros = r.time()
+    beat_ms = int(secs * 1000 + micros / 1000 + ahead_s * 1000)
+    load = GroupLoad(name=name, tp=1, model=model, kv_dtype="fp8_e4m3", kv_capacity_tokens=0, kv_used_tokens=0,
+                     running=0, waiting=0, queue_depth=0, leader_pid=1, host="stub", max_context=1 << 20,
+                     vocab_size=256, state=state)
+    r.hset(keys.group_info(name), mapping={**dict(zip(*[iter(load.to_fields())] * 2)), "heartbeat_ms": beat_ms})
+    r.zadd(keys.groups, {name: beat_ms})
+
+
+def test_live_groups_are_cached_for_max_age(redis_url: str, r: redis.Redis, keys: Keys) -> None:
+    async def main() -> None:
+        now = [0.0]
+        client = connect_async(redis_url, Settings())
+        groups = LiveGroups(client, keys, dead_after_s=3.0, max_age_s=0.5, clock=lambda: now[0])
+        try:
+            assert await groups.get() == []
+            _register_group(r, keys, "a", "m1")
+            _register_group(r, keys, "b", "m2", state="draining")  # not routable
+            _register_group(r, keys, "c", "m3", ahead_s=-10)  # its heartbeat stopped 10 s ago
+            now[0] = 0.4
+            assert await groups.get() == []  # still the cached read
+            now[0] = 0.5
+            assert [g.name for g in await groups.get()] == ["a"]
+            assert await groups.models() == ["m1"]
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+# --- error codes, through a live gateway in front of the stub -----------------------------------
+
+
+@pytest.fixture
+def stub_gateway(responder: StubPipeline, r: redis.Redis, keys: Keys, settings: Settings,
+                 redis_url: str) -> Iterator[str]:
+    # The stub answers requests but runs no group; this registry entry, stamped an hour ahead, keeps
+    # the gateway seeing one live group for the whole test without a heartbeat thread.
+    _register_group(r, keys, "stub", "stub-model", ahead_s=3600)
+    app = create_app(settings, redis_url, GatewayConfig())
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on"))
+    thread = threading.Thread(target=server.run, name="gateway", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:  # another thread's server: poll its flag
+        assert thread.is_alive() and time.monotonic() < deadline, "the gateway did not start"
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}/v1"
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_stub_gateway_answers(stub_gateway: str) -> None:
+    client = openai.OpenAI(base_url=stub_gateway, api_key="unused", max_retries=0)
+    done = client.completions.create(model="stub-model", prompt="two words", max_tokens=8)
+    assert done.choices[0].text == "two words"
+
+
+ERROR_CASES = [
+    ("overloaded", 429, openai.RateLimitError),
+    ("timeout", 504, openai.InternalServerError),
+    ("unavailable", 503, openai.InternalServerError),
+    ("internal", 500, openai.InternalServerError),
+    ("invalid_request", 400, openai.BadRequestError),
+]
+
+
+def test_error_events_reach_openai_clients_as_http_statuses(stub_gateway: str) -> None:
+    client = openai.OpenAI(base_url=stub_gateway, api_key="unused", max_retries=0)
+    for code, status, error_class in ERROR_CASES:
+        for stream in (False, True):  # a stream starts only after the first event: errors are plain HTTP
+            with pytest.raises(error_class) as caught:
+                client.completions.create(model="stub-model", prompt=f"fail:{code}", stream=stream)
+            assert caught.value.status_code == status, (code, stream)
+            assert caught.value.code == code
+            assert caught.value.message.endswith("the responder was told to fail")
