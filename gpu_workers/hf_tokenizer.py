@@ -76,17 +76,20 @@ def load_tokenizer(model_dir: Path, *, vocab_size: int) -> LoadedTokenizer:
         base = backend.get_vocab_size(with_added_tokens=False)
         if base > vocab_size:
             raise ConfigError(f"{path}: {base} tokens, but the model has only {vocab_size} embeddings")
-        tokenizer: Tokenizer = HFTokenizer(backend)
+        tokenizer: Tokenizer | None = HFTokenizer(backend)
         token_to_id = backend.token_to_id
     else:
-        tokenizer = ByteTokenizer(vocab_size)
+        tokenizer = None
         token_to_id = _no_token_ids
 
     configs = [_json_object(model_dir / "generation_config.json"), _json_object(model_dir / "config.json")]
     bos = _special_ids("bos", configs, config, token_to_id)
+    eos = frozenset(_special_ids("eos", configs, config, token_to_id))
+    if tokenizer is None:
+        tokenizer = ByteTokenizer(vocab_size, specials=eos | frozenset(bos))
     return LoadedTokenizer(
         tokenizer=tokenizer,
-        eos_token_ids=frozenset(_special_ids("eos", configs, config, token_to_id)),
+        eos_token_ids=eos,
         bos_token_id=bos[0] if bos else None,
         chat_template=_chat_template(model_dir, config),
     )

@@ -1,5 +1,5 @@
-"""Engines from a ``--model SPEC``: ``echo`` here; model directories and ``random:<preset>`` plug in
-through the same function when the model engine lands."""
+"""Engines from a ``--model SPEC``: ``echo``, ``random:<preset>`` or a Hugging Face model directory
+(or hub id, fetched when the machine is online)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,16 @@ def build_engine(spec: str, options: EngineOptions) -> Engine:
         from gpu_workers.echo import EchoEngine
 
         return EchoEngine()
-    raise ConfigError(
-        f"model {spec!r}: this build serves only the diagnostic 'echo' engine; the Llama-family "
-        "engine (model directories and random:<preset>) is not part of it yet"
-    )
+    if options.tp != 1:
+        raise ConfigError(f"--tp {options.tp}: tensor-parallel groups are not part of this build yet; use --tp 1")
+    from gpu_workers.llm_engine import LlamaEngine, LlamaEngineOptions
+    from gpu_workers.model.loader import resolve_model
+    from gpu_workers.model.presets import materialize
+
+    if spec.startswith("random:"):
+        model_dir = materialize(spec.removeprefix("random:"))
+    else:
+        model_dir = resolve_model(spec)
+    return LlamaEngine(model_dir, name=spec, options=LlamaEngineOptions(
+        kv_dtype=options.kv_dtype, kv_memory=options.kv_memory, device=options.device,
+    ))

@@ -14,17 +14,40 @@ from gpu_workers.engine import Tokenizer
 REPLACEMENT = "\ufffd"
 
 
-class ByteTokenizer:
-    """UTF-8 bytes as token ids; ids at or above 256 (specials of a larger vocab) decode to nothing."""
+_SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 
-    def __init__(self, vocab_size: int = 256) -> None:
+
+def _pseudo_word(token_id: int) -> bytes:
+    """A made-up ASCII word for an id past the bytes: " kalo", " medu"... (one per id)."""
+    k, word = token_id - 256, " "
+    while True:
+        word += _SYLLABLES[k % len(_SYLLABLES)]
+        k //= len(_SYLLABLES)
+        if k == 0:
+            return word.encode("ascii")
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids 0..255: the echo engine's tokenizer, and the fallback for models
+    without a tokenizer.json (random:<preset>). Ids from 256 up decode to made-up words, so that a
+    random model's output is visible gibberish rather than nothing. ``specials`` (EOS, BOS) and ids
+    outside the vocabulary decode to nothing."""
+
+    def __init__(self, vocab_size: int = 256, *, specials: frozenset[int] = frozenset()) -> None:
         self.vocab_size = vocab_size
+        self.specials = specials
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
     def decode(self, ids: list[int]) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+        out = bytearray()
+        for i in ids:
+            if 0 <= i < 256:
+                out.append(i)
+            elif 256 <= i < self.vocab_size and i not in self.specials:
+                out += _pseudo_word(i)
+        return out.decode("utf-8", errors="replace")
 
 
 class IncrementalDetokenizer:

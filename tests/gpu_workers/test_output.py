@@ -33,7 +33,7 @@ def state(*, max_tokens: int = 100, stop: Sequence[str] = (), prompt: Sequence[i
     return OutputState(
         sampling=SamplingParams(max_tokens=max_tokens, stop=tuple(stop)),
         prompt_ids=list(prompt),
-        tokenizer=tokenizer or ByteTokenizer(vocab_size=257),  # type: ignore[arg-type]
+        tokenizer=tokenizer or ByteTokenizer(vocab_size=257, specials=frozenset({EOS})),  # type: ignore[arg-type]
         eos_token_ids=eos,
         max_context=max_context,
     )

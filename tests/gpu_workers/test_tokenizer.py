@@ -36,9 +36,13 @@ def test_byte_tokenizer_round_trip() -> None:
         assert tok.decode(ids) == text
 
 
-def test_byte_tokenizer_ignores_ids_past_the_bytes() -> None:
-    tok = ByteTokenizer(vocab_size=300)
-    assert tok.decode([104, 256, 105, 299]) == "hi"
+def test_byte_tokenizer_shows_ids_past_the_bytes_as_distinct_made_up_words() -> None:
+    tok = ByteTokenizer(vocab_size=32000)
+    words = [tok.decode([i]) for i in range(256, 32000)]
+    assert len(set(words)) == len(words)
+    assert all(w.startswith(" ") and w[1:].isascii() and w[1:].isalpha() for w in words)
+    assert tok.decode([104, 256, 105, 257]) == "h" + words[0] + "i" + words[1]
+    assert tok.decode([104, 32000, -1, 105]) == "hi"  # outside the vocabulary: nothing
 
 
 def test_byte_tokenizer_decodes_broken_utf8_with_replacement() -> None:

@@ -1,0 +1,182 @@
+"""The Llama-family engine: scheduler, paged KV cache, model runner and sampler behind ``Engine``.
+
+Each ``step`` asks the scheduler which tokens to compute (every running decode, then prefill chunks
+under the token budget), runs them through the model in one flattened batch, samples one token for
+every sequence that reached its last token, and reports those tokens. Stop strings, detokenization
+and Redis stay in the group loop (gpu_workers.group); this module only turns requests into tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from broker.errors import ConfigError
+from broker.protocol import SamplingParams
+from gpu_workers.block_manager import BlockManager
+from gpu_workers.engine import EngineInfo, EngineRequest, EngineStats, StepOutput
+from gpu_workers.hf_tokenizer import load_tokenizer
+from gpu_workers.kv_memory import kv_budget_bytes
+from gpu_workers.model.config import load_config
+from gpu_workers.model.kv_cache import kv_bytes_per_token
+from gpu_workers.model_runner import Chunk, ModelRunner
+from gpu_workers.sampler import sample
+from gpu_workers.scheduler import Scheduler, SchedulerConfig
+from gpu_workers.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+BLOCK_SIZE = 16
+SEED_MASK = (1 << 63) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class LlamaEngineOptions:
+    kv_dtype: str = "fp8_e4m3"
+    kv_memory: str | None = None  # "2GiB", "500MB", a byte count, or None for a share of free memory
+    device: str = "cpu"
+    dtype: torch.dtype | None = None  # None: fp32 on CPU, bf16 on CUDA
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 512  # per-step token budget (chunked prefill)
+    prefix_caching: bool = True
+
+
+@dataclass(slots=True)
+class _RequestState:
+    """What the engine keeps per request besides its Sequence."""
+
+    sampling: SamplingParams
+    seed: int  # the request's seed, or one drawn at admission: sampling depends on (seed, token index)
+    max_total_tokens: int  # prompt + every generated token (those made elsewhere included), at most
+
+
+class LlamaEngine:
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        name: str,
+        options: LlamaEngineOptions = LlamaEngineOptions(),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        started = time.perf_counter()
+        self.config = load_config(model_dir)
+        specials = load_tokenizer(model_dir, vocab_size=self.config.vocab_size)
+        self.tokenizer = specials.tokenizer
+        self._clock = clock
+
+        bytes_per_token = kv_bytes_per_token(self.config, options.kv_dtype)
+        budget = kv_budget_bytes(options.kv_memory, device=options.device)
+        num_blocks = budget // (bytes_per_token * BLOCK_SIZE)
+        model_len = self.config.max_context
+        if num_blocks < 1:
+            raise ConfigError(
+                f"--kv-memory {options.kv_memory!r} holds no block of {BLOCK_SIZE} tokens "
+                f"({bytes_per_token * BLOCK_SIZE} bytes with kv dtype {options.kv_dtype})"
+            )
+        # Never more blocks than every sequence at full length could use.
+        num_blocks = min(num_blocks, -(-options.max_num_seqs * model_len // BLOCK_SIZE))
+        self.runner = ModelRunner(
+            model_dir, num_blocks=num_blocks, block_size=BLOCK_SIZE, kv_dtype=options.kv_dtype,
+            dtype=options.dtype, device=options.device,
+        )
+        self.blocks = BlockManager(num_blocks, BLOCK_SIZE, prefix_caching=options.prefix_caching)
+        self.scheduler = Scheduler(self.blocks, SchedulerConfig(
+            max_num_seqs=options.max_num_seqs, max_num_batched_tokens=options.max_num_batched_tokens,
+        ))
+        capacity = num_blocks * BLOCK_SIZE
+        self.info = EngineInfo(
+            model=name,
+            vocab_size=self.config.vocab_size,
+            # One request alone always fits in the cache, so the scheduler can always finish it.
+            max_context=min(model_len, capacity),
+            eos_token_ids=frozenset(specials.eos_token_ids),
+            tp=1,
+            kv_dtype=options.kv_dtype,
+        )
+        self._requests: dict[str, _RequestState] = {}
+        log.info(
+            "engine %s ready in %.1fs: %d KV blocks (%d tokens, %.1f MiB, %s), max context %d",
+            name, time.perf_counter() - started, num_blocks, capacity,
+            num_blocks * BLOCK_SIZE * bytes_per_token / 2**20, options.kv_dtype, self.info.max_context,
+        )
+
+    # --- Engine protocol -------------------------------------------------------------------------
+
+    def add(self, request: EngineRequest) -> None:
+        sampling = request.sampling
+        seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
+        tokens = [*request.prompt_ids, *request.output_ids]
+        max_total = min(len(request.prompt_ids) + sampling.max_tokens, self.info.max_context)
+        self._requests[request.request_id] = _RequestState(sampling, seed & SEED_MASK, max_total)
+        self.scheduler.add(Sequence(
+            request_id=request.request_id,
+            token_ids=tokens,
+            num_prompt_tokens=len(request.prompt_ids),
+            priority=request.priority,
+            arrival=self._clock(),
+            max_num_tokens=max_total,
+        ))
+
+    def abort(self, request_id: str) -> None:
+        if self._requests.pop(request_id, None) is not None:
+            self.scheduler.abort(request_id)
+
+    def step(self) -> list[StepOutput]:
+        plan = self.scheduler.schedule(self._clock())
+        if not plan.chunks:
+            return []
+        chunks = [
+            Chunk(
+                token_ids=c.seq.token_ids[c.start : c.start + c.num_tokens],
+                start=c.start,
+                block_table=c.seq.block_table,
+                want_logits=c.samples,
+            )
+            for c in plan.chunks
+        ]
+        logits = self.runner.run(chunks)
+        sampled_seqs = [c.seq for c in plan.chunks if c.samples]
+        states = [self._requests[s.request_id] for s in sampled_seqs]
+        tokens = sample(
+            logits,
+            [st.sampling for st in states],
+            seeds=[st.seed for st in states],
+            steps=[s.num_tokens - s.num_prompt_tokens for s in sampled_seqs],
+        ) if sampled_seqs else []
+        self.scheduler.postprocess(plan, {s.request_id: t for s, t in zip(sampled_seqs, tokens)})
+
+        outputs = []
+        for seq, state, token in zip(sampled_seqs, states, tokens):
+            finish = None
+            if token in self.info.eos_token_ids:
+                finish = "stop"
+            elif seq.num_tokens >= state.max_total_tokens:
+                finish = "length"
+            if finish is not None:
+                self._requests.pop(seq.request_id, None)
+                self.scheduler.finish(seq.request_id)
+            outputs.append(StepOutput(seq.request_id, token, finish))
+        return outputs
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running=self.scheduler.num_running,
+            waiting=self.scheduler.num_waiting,
+            kv_capacity_tokens=self.blocks.capacity_tokens,
+            kv_used_tokens=self.blocks.used_tokens,
+            prefix_cache_hit_rate=self.blocks.hit_rate,
+        )
+
+    def close(self) -> None:
+        for request_id in list(self._requests):
+            self.abort(request_id)

@@ -1,0 +1,143 @@
+"""Paged attention over the KV cache for a flattened, unpadded batch of tokens.
+
+A step's tokens are laid out decode tokens first (one per sequence, each attending to everything
+its sequence has cached), then prefill chunks (several tokens of one sequence, attending causally
+to the ``start`` tokens already cached and to each other). Every layer first writes all new K/V
+into their cache slots, then attends:
+
+- decode: batched over sequences. Decoding sequences come sorted by context length, split into a
+  few groups (one on GPUs) so that padding each to its longest context (masked) wastes little.
+  The queries of each KV head are viewed as [Hkv, B, G, D], so grouped-query attention never
+  repeats K/V. Two ways to read the cache:
+  - in place (fp32 cache on a CPU): a sampled matmul (SDDMM, ``torch.sparse.sampled_addmm``)
+    computes exactly the (query row, context slot) scores from the pool, and ``embedding_bag``
+    sums the V rows weighted by the probabilities: nothing is copied, which on CPUs (memory
+    bound at decode) is 2-3x faster than gathering;
+  - gathered (other dtypes, GPUs): the group's blocks are copied into [Hkv, B, L, D] (converted
+    from the storage dtype), then two batched matmuls.
+- prefill: a loop over chunks using ``scaled_dot_product_attention`` (GQA handled by the kernel),
+  with a causal mask offset by ``start``. A chunk with nothing cached attends to its fresh K/V
+  directly (with an fp8 cache that first chunk sees unquantized values, as in vLLM).
+
+Softmax runs in fp32 (explicitly for decode; SDPA kernels accumulate in fp32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpu_workers.model.kv_cache import KVCache
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    first: int  # index of its first token in the step's flattened tokens
+    length: int  # tokens computed now
+    start: int  # tokens of this sequence already cached (prefix-cache hits, earlier chunks)
+    kv_slots: torch.Tensor | None  # [start + length] cache slots of its whole context; None if start == 0
+    mask: torch.Tensor | None  # [length, start + length] bool, True where a key is visible; None if start == 0
+
+
+@dataclass(slots=True)
+class DecodeGroup:
+    first: int  # index of its first token (= sequence) among the step's tokens
+    count: int  # sequences in the group, one token each
+    block_tables: torch.Tensor  # [B, MB] blocks of each sequence, padded
+    bias: torch.Tensor  # [1, B, 1, L] fp32, L = MB * block_size: 0 for the context, -inf beyond
+    # In-place reads only: row (h, b, g) lists the K/V rows ``h * num_slots + slot`` of sequence
+    # b's L context slots, [Hkv * B * G, L]; and the same as a sparse CSR pattern for the SDDMM.
+    kv_index: torch.Tensor | None = None
+    score_pattern: torch.Tensor | None = None
+
+
+@dataclass(slots=True)
+class AttentionBatch:
+    """What attention needs to know about a step, built once per step and shared by all layers."""
+
+    slot_mapping: torch.Tensor  # [T] cache slot of every new token
+    num_decode: int = 0  # tokens [0, num_decode) are decode tokens, one per sequence
+    decode_groups: list[DecodeGroup] = field(default_factory=list)  # covering [0, num_decode) in order
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    # Dynamic NTK RoPE only: each token's sequence length at the end of its chunk, when some
+    # sequence is past max_position_embeddings (None otherwise).
+    rope_seq_lens: torch.Tensor | None = None
+
+
+class PagedAttention(nn.Module):
+    def __init__(self, layer: int, *, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch, cache: KVCache
+    ) -> torch.Tensor:
+        """Attention output [T, H * D] for queries ``q`` [T, H, D] and new keys/values [T, Hkv, D]."""
+        cache.write(self.layer, batch.slot_mapping, k, v)
+        nd = batch.num_decode
+        if not batch.prefills:
+            return self._decode(q, batch, cache)
+        out = torch.empty_like(q)
+        if nd:
+            out[:nd] = self._decode(q[:nd], batch, cache).view(nd, self.num_heads, self.head_dim)
+        for p in batch.prefills:
+            span = slice(p.first, p.first + p.length)
+            out[span] = self._prefill(q[span], k[span], v[span], p, cache)
+        return out.view(q.shape[0], -1)
+
+    def _decode(self, q: torch.Tensor, batch: AttentionBatch, cache: KVCache) -> torch.Tensor:
+        """[B, H * D] for decode queries ``q`` [B, H, D]."""
+        if len(batch.decode_groups) == 1:
+            return self._decode_group(q, batch.decode_groups[0], cache)
+        out = q.new_empty(q.shape[0], self.num_heads * self.head_dim)
+        for g in batch.decode_groups:
+            out[g.first : g.first + g.count] = self._decode_group(q[g.first : g.first + g.count], g, cache)
+        return out
+
+    def _decode_group(self, q: torch.Tensor, group: DecodeGroup, cache: KVCache) -> torch.Tensor:
+        b, heads, d = q.shape
+        kv_heads = self.num_kv_heads
+        qg = (q * self.scale).view(b, kv_heads, heads // kv_heads, d).transpose(0, 1)  # [Hkv, B, G, D]
+        if group.kv_index is not None:
+            k_rows, v_rows = cache.in_place(self.layer)  # [Hkv * S, D] each
+            rows, length = group.kv_index.shape
+            scores = torch.sparse.sampled_addmm(group.score_pattern, qg.reshape(rows, d), k_rows.t(), beta=0.0)
+            scores = scores.values().view(*qg.shape[:3], length)  # [Hkv, B, G, L]
+            probs = torch.softmax(scores.add_(group.bias), dim=-1)
+            out = F.embedding_bag(group.kv_index, v_rows, mode="sum", per_sample_weights=probs.view(rows, length))
+            out = out.view(qg.shape)  # [Hkv, B, G, D]
+        else:
+            kv = cache.gather_blocks(self.layer, group.block_tables)  # K, V [Hkv, B, L, D]
+            scores = torch.matmul(qg, kv.k.transpose(-1, -2)).float()  # [Hkv, B, G, L]
+            if kv.k_scale is not None:
+                scores.mul_(kv.k_scale[:, :, None, :])
+            probs = torch.softmax(scores.add_(group.bias), dim=-1).to(q.dtype)
+            if kv.v_scale is not None:
+                probs.mul_(kv.v_scale[:, :, None, :])
+            out = torch.matmul(probs, kv.v)  # [Hkv, B, G, D]
+        return out.permute(1, 0, 2, 3).reshape(b, heads * d)
+
+    def _prefill(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: PrefillChunk, cache: KVCache
+    ) -> torch.Tensor:
+        if p.start == 0:
+            keys, values = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, n, D]
+        else:
+            keys, values = cache.gather(self.layer, p.kv_slots)  # [Hkv, start + n, D]
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None],  # [1, H, n, D]
+            keys[None],
+            values[None],
+            attn_mask=p.mask,
+            is_causal=p.start == 0,
+            scale=self.scale,
+            enable_gqa=True,
+        )
+        return out[0].transpose(0, 1)  # [n, H, D]

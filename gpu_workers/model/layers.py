@@ -1,0 +1,228 @@
+"""Tensor-parallel building blocks: norms, sharded linears, vocab-parallel embedding and LM head.
+
+Sharding follows Megatron: a column-parallel linear splits its output features over ranks (no
+communication, the output stays sharded); a row-parallel linear splits its input features and
+all-reduces the partial sums. Attention is column-parallel by heads (QKV) then row-parallel (o_proj);
+the MLP is column-parallel (gate+up) then row-parallel (down): one all-reduce per block.
+
+Each parameter carries a ``weight_loader(param, loaded, shard_id=None)`` that narrows the full
+checkpoint tensor to this rank's shard. ``loaded`` is a torch.Tensor or a lazy checkpoint tensor
+(``gpu_workers.model.loader.CheckpointTensor``) that reads only the narrowed part from disk.
+Collectives are plain lines in ``forward`` guarded by ``tp.size > 1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True, slots=True)
+class TPContext:
+    """This process's place in its tensor-parallel group; ``group`` is a torch.distributed
+    ProcessGroup (None: the default group, or no communication at size 1)."""
+
+    rank: int = 0
+    size: int = 1
+    group: Any = None
+
+
+class Loadable(Protocol):
+    """A checkpoint tensor: torch.Tensor, or a lazy one that reads its part on ``load()``."""
+
+    @property
+    def shape(self) -> Any: ...
+
+    def narrow(self, dim: int, start: int, length: int) -> Any: ...
+
+
+def _take(loaded: Loadable, dim: int, start: int, length: int) -> torch.Tensor:
+    """``loaded`` narrowed along ``dim``, read into memory."""
+    part = loaded.narrow(dim, start, length)
+    return part if isinstance(part, torch.Tensor) else part.load()
+
+
+def _read(loaded: Loadable) -> torch.Tensor:
+    return loaded if isinstance(loaded, torch.Tensor) else loaded.load()
+
+
+def _check_shape(loaded: Loadable, expected: tuple[int, ...]) -> None:
+    if tuple(loaded.shape) != tuple(expected):
+        raise ValueError(f"checkpoint shape {tuple(loaded.shape)}, model expects {tuple(expected)}")
+
+
+def default_weight_loader(param: nn.Parameter, loaded: Loadable, shard_id: Any = None) -> None:
+    """Replicated parameters (norms): the whole tensor on every rank."""
+    _check_shape(loaded, param.shape)
+    param.data.copy_(_read(loaded))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, *, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # transformers' LlamaRMSNorm: statistics in fp32, scale applied in the input dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class _Linear(nn.Module):
+    """A linear layer holding this rank's [out_local, in_local] weight slice."""
+
+    def __init__(self, in_local: int, out_local: int, *, bias: bool, tp: TPContext, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.tp = tp
+        self.weight = nn.Parameter(torch.empty(out_local, in_local, dtype=dtype), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_local, dtype=dtype), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Loadable, shard_id: Any = None) -> None:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def _split(total: int, tp: TPContext, what: str) -> int:
+    if total % tp.size:
+        raise ValueError(f"{what} {total} does not split over {tp.size} ranks")
+    return total // tp.size
+
+
+class ColumnParallelLinear(_Linear):
+    """Output features split over ranks; the output stays sharded."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, tp: TPContext, dtype: torch.dtype) -> None:
+        self.out_features = out_features
+        super().__init__(in_features, _split(out_features, tp, "output size"), bias=bias, tp=tp, dtype=dtype)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Loadable, shard_id: Any = None) -> None:
+        size = param.shape[0]
+        _check_shape(loaded, (self.out_features, *param.shape[1:]))
+        param.data.copy_(_take(loaded, 0, self.tp.rank * size, size))
+
+
+class MergedColumnParallelLinear(_Linear):
+    """Several column-parallel linears of one input in one matmul (gate and up projections):
+    the output is this rank's slice of each, concatenated; ``shard_id`` is the part's index."""
+
+    def __init__(
+        self, in_features: int, out_sizes: list[int], *, bias: bool, tp: TPContext, dtype: torch.dtype
+    ) -> None:
+        self.out_sizes = out_sizes
+        self.local_sizes = [_split(s, tp, "output size") for s in out_sizes]
+        super().__init__(in_features, sum(self.local_sizes), bias=bias, tp=tp, dtype=dtype)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Loadable, shard_id: Any = None) -> None:
+        _check_shape(loaded, (self.out_sizes[shard_id], *param.shape[1:]))
+        size = self.local_sizes[shard_id]
+        offset = sum(self.local_sizes[:shard_id])
+        param.data.narrow(0, offset, size).copy_(_take(loaded, 0, self.tp.rank * size, size))
+
+
+class QKVParallelLinear(_Linear):
+    """q, k and v projections in one matmul, split over ranks by heads.
+
+    Output layout per rank: [q heads | k heads | v heads], each head ``head_dim`` wide. When there
+    are more ranks than KV heads, each KV head is replicated on ``tp.size / num_kv_heads`` ranks.
+    """
+
+    def __init__(
+        self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, *,
+        bias: bool, tp: TPContext, dtype: torch.dtype,
+    ) -> None:
+        self.head_dim = head_dim
+        self.num_heads = _split(num_heads, tp, "attention heads")
+        self.num_kv_heads = max(1, num_kv_heads // tp.size)
+        self.total_heads = {"q": num_heads, "k": num_kv_heads, "v": num_kv_heads}
+        # index of this rank's first KV head (replicas of one head sit on consecutive ranks)
+        kv_first = tp.rank * num_kv_heads // tp.size if tp.size > num_kv_heads else tp.rank * self.num_kv_heads
+        self._first_head = {"q": tp.rank * self.num_heads, "k": kv_first, "v": kv_first}
+        local = {"q": self.num_heads, "k": self.num_kv_heads, "v": self.num_kv_heads}
+        self._local_heads = local
+        self._offset = {"q": 0, "k": local["q"], "v": local["q"] + local["k"]}
+        super().__init__(hidden_size, (local["q"] + 2 * local["k"]) * head_dim, bias=bias, tp=tp, dtype=dtype)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Loadable, shard_id: Any = None) -> None:
+        d = self.head_dim
+        _check_shape(loaded, (self.total_heads[shard_id] * d, *param.shape[1:]))
+        size = self._local_heads[shard_id] * d
+        part = _take(loaded, 0, self._first_head[shard_id] * d, size)
+        param.data.narrow(0, self._offset[shard_id] * d, size).copy_(part)
+
+
+class RowParallelLinear(_Linear):
+    """Input features split over ranks; partial outputs are summed across ranks. The bias is
+    added once, by rank 0, before the sum."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, tp: TPContext, dtype: torch.dtype) -> None:
+        self.in_features = in_features
+        super().__init__(_split(in_features, tp, "input size"), out_features, bias=bias, tp=tp, dtype=dtype)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Loadable, shard_id: Any = None) -> None:
+        if param.dim() == 1:  # bias: whole, used by rank 0
+            default_weight_loader(param, loaded)
+            return
+        size = param.shape[1]
+        _check_shape(loaded, (param.shape[0], self.in_features))
+        param.data.copy_(_take(loaded, 1, self.tp.rank * size, size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias if self.tp.rank == 0 else None)
+        if self.tp.size > 1:
+            dist.all_reduce(y, group=self.tp.group)
+        return y
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding rows split over ranks (vocab padded to a multiple of the ranks); each rank looks
+    up the ids it owns, zeros the others, and the all-reduce assembles the rows."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, *, tp: TPContext, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.tp = tp
+        self.vocab_size = vocab_size
+        self.rows = -(-vocab_size // tp.size)  # ceil
+        self.first = tp.rank * self.rows
+        self.weight = nn.Parameter(torch.empty(self.rows, hidden_size, dtype=dtype), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+
+    def weight_loader(self, param: nn.Parameter, loaded: Loadable, shard_id: Any = None) -> None:
+        _check_shape(loaded, (self.vocab_size, param.shape[1]))
+        real = max(0, min(self.rows, self.vocab_size - self.first))  # the last rank may hold padding
+        param.data[real:].zero_()
+        param.data[:real].copy_(_take(loaded, 0, self.first, real))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        mine = (ids >= self.first) & (ids < self.first + self.rows)
+        y = F.embedding((ids - self.first) * mine, self.weight) * mine[:, None].to(self.weight.dtype)
+        dist.all_reduce(y, group=self.tp.group)
+        return y
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Output projection to the vocabulary, rows split like the embedding (and shared with it when
+    the checkpoint ties them); logits are all-gathered so every rank sees the full vocabulary."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.weight)  # [N, V / tp]
+        if self.tp.size > 1:
+            parts = [torch.empty_like(logits) for _ in range(self.tp.size)]
+            dist.all_gather(parts, logits, group=self.tp.group)
+            logits = torch.cat(parts, dim=-1)[:, : self.vocab_size]
+        return logits

@@ -1,0 +1,140 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2) over a paged KV cache.
+
+Parameter names follow transformers' so that checkpoint names map onto them through
+``STACKED_PARAMS`` alone: q/k/v projections load into shards of ``qkv_proj``, gate/up into shards
+of ``gate_up_proj``; every other tensor has the same name here and in the checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpu_workers.model.attention import AttentionBatch, PagedAttention
+from gpu_workers.model.config import ModelConfig
+from gpu_workers.model.kv_cache import KVCache
+from gpu_workers.model.layers import (
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RMSNorm,
+    RowParallelLinear,
+    TPContext,
+    VocabParallelEmbedding,
+)
+from gpu_workers.model.rope import RotaryEmbedding, apply_rotary
+
+# (checkpoint name part, our parameter name part, shard id)
+STACKED_PARAMS: tuple[tuple[str, str, Any], ...] = (
+    (".q_proj.", ".qkv_proj.", "q"),
+    (".k_proj.", ".qkv_proj.", "k"),
+    (".v_proj.", ".qkv_proj.", "v"),
+    (".gate_proj.", ".gate_up_proj.", 0),
+    (".up_proj.", ".gate_up_proj.", 1),
+)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, tp: TPContext, dtype: torch.dtype) -> None:
+        super().__init__()
+        d = config.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, d, config.num_attention_heads, config.num_key_value_heads,
+            bias=config.qkv_bias, tp=tp, dtype=dtype,
+        )
+        self.num_heads = self.qkv_proj.num_heads  # on this rank
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.head_dim = d
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * d, config.hidden_size, bias=config.o_bias, tp=tp, dtype=dtype
+        )
+        self.attn = PagedAttention(layer, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=d)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch, cache: KVCache
+    ) -> torch.Tensor:
+        t, h, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)  # [T, (H + 2 Hkv) * D]
+        qk = apply_rotary(qkv[:, : (h + hkv) * d].view(t, h + hkv, d), cos, sin)  # q and k rotate together
+        q, k = qk.split([h, hkv], dim=1)  # [T, H, D], [T, Hkv, D]
+        v = qkv[:, (h + hkv) * d :].view(t, hkv, d)
+        return self.o_proj(self.attn(q, k, v, batch, cache))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig, tp: TPContext, dtype: torch.dtype) -> None:
+        super().__init__()
+        size = config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [size, size], bias=config.mlp_bias, tp=tp, dtype=dtype
+        )
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=config.mlp_bias, tp=tp, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, I / tp] each
+        return self.down_proj(F.silu(gate).mul_(up))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, tp: TPContext, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+        self.self_attn = LlamaAttention(config, layer, tp, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+        self.mlp = LlamaMLP(config, tp, dtype)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch, cache: KVCache
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, tp: TPContext, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp=tp, dtype=dtype)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, tp, dtype) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, tp: TPContext | None = None, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        tp = tp or TPContext()
+        config.check_tp(tp.size)
+        self.config = config
+        self.dtype = dtype
+        self.model = LlamaModel(config, tp, dtype)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp=tp, dtype=dtype)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary = RotaryEmbedding(config)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, kv_cache: KVCache
+    ) -> torch.Tensor:
+        """Final hidden states [T, hidden] of tokens ``input_ids`` [T] at ``positions`` [T]."""
+        cos, sin = self.rotary(positions, self.dtype, batch.rope_seq_lens)  # [T, 1, D / 2] each
+        x = self.model.embed_tokens(input_ids)  # [T, hidden]
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, batch, kv_cache)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [N, vocab] for final hidden states [N, hidden]."""
+        return self.lm_head(hidden).float()
+
+    def checkpoint_map(self) -> dict[str, tuple[str, Any]]:
+        """Every checkpoint tensor name this model needs -> (parameter name, shard id or None)."""
+        out: dict[str, tuple[str, Any]] = {}
+        for name, _ in self.named_parameters():  # a tied lm_head is listed once, as the embedding
+            for ckpt_part, ours, shard in STACKED_PARAMS:
+                if ours in name:
+                    out[name.replace(ours, ckpt_part)] = (name, shard)
+            if not any(ours in name for _, ours, _ in STACKED_PARAMS):
+                out[name] = (name, None)
+        return out

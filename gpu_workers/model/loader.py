@@ -1,0 +1,160 @@
+"""Finding a model (``resolve_model``) and loading its safetensors weights (``load_weights``).
+
+Weights are read lazily: each parameter's ``weight_loader`` narrows a ``CheckpointTensor`` to its
+tensor-parallel shard, and only that part is read from the memory-mapped file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from broker.errors import ConfigError
+from gpu_workers.model.layers import default_weight_loader
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Buffers some checkpoints carry that the model recomputes.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model(spec: str) -> Path:
+    """The local directory of the model named by ``spec``.
+
+    A directory is used as it is; ``random:<preset>`` is written once into the cache (see
+    ``presets``); ``owner/name`` is fetched from the Hugging Face hub (config, tokenizer and
+    safetensors files only), which needs ``huggingface_hub`` and network or a warm HF cache.
+    """
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    if spec.startswith("random:"):
+        from gpu_workers.model.presets import materialize
+
+        return materialize(spec.removeprefix("random:"))
+    if not _HUB_ID.match(spec):
+        raise ConfigError(f"model {spec!r}: no such directory, and not random:<preset> or a hub id (owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ConfigError(
+            f"model {spec!r}: no such directory, and huggingface_hub is not installed to fetch it "
+            "from the hub; download it and pass its directory"
+        ) from None
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    try:
+        return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as e:  # noqa: BLE001 - hub errors have many types; all mean "not available"
+        why = "offline (HF_HUB_OFFLINE is set) and not in the local Hugging Face cache" if offline else str(e)
+        raise ConfigError(
+            f"model {spec!r}: no such directory, and fetching it from the Hugging Face hub failed: {why}"
+        ) from None
+
+
+class CheckpointTensor:
+    """A tensor in an open safetensors file; ``narrow`` is free, ``load`` reads just that part."""
+
+    def __init__(self, file_slice: Any, shape: tuple[int, ...], ranges: tuple[slice, ...] | None = None) -> None:
+        self._slice = file_slice
+        self._shape = shape
+        self._ranges = ranges or tuple(slice(0, n) for n in shape)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(r.stop - r.start for r in self._ranges)
+
+    def narrow(self, dim: int, start: int, length: int) -> CheckpointTensor:
+        r = self._ranges[dim]
+        if start < 0 or r.start + start + length > r.stop:
+            raise ValueError(f"narrow({dim}, {start}, {length}) outside shape {self.shape}")
+        ranges = list(self._ranges)
+        ranges[dim] = slice(r.start + start, r.start + start + length)
+        return CheckpointTensor(self._slice, self._shape, tuple(ranges))
+
+    def load(self) -> torch.Tensor:
+        if not self._shape:
+            return self._slice[...]
+        return self._slice[self._ranges]
+
+
+def checkpoint_files(model_dir: Path) -> dict[str, Path]:
+    """Tensor name -> file holding it, from the index of a sharded checkpoint or the single file."""
+    model_dir = Path(model_dir)
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{index}: unreadable index: {e}") from None
+        files = {name: model_dir / file for name, file in weight_map.items()}
+        for file in set(files.values()):
+            if not file.is_file():
+                raise ConfigError(f"{index} names {file.name}, which is missing")
+        return files
+    single = model_dir / SINGLE_FILE
+    if single.is_file():
+        with safe_open(single, framework="pt") as f:
+            return {name: single for name in f.keys()}
+    raise ConfigError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are supported)")
+
+
+def load_weights(model: nn.Module, model_dir: Path) -> None:
+    """Fill ``model``'s parameters from the checkpoint in ``model_dir``, each rank its own shards.
+
+    The model says which checkpoint tensors it needs (``checkpoint_map``); the checkpoint must hold
+    exactly those, apart from recomputed buffers and an ``lm_head.weight`` the config ties to the
+    embedding. Both kinds of mismatch are reported by name before anything is read.
+    """
+    began = time.perf_counter()
+    files = checkpoint_files(model_dir)
+    wanted: dict[str, tuple[str, Any]] = model.checkpoint_map()  # type: ignore[operator]
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    present = {n for n in files if not n.endswith(IGNORED_SUFFIXES) and not (tied and n == "lm_head.weight")}
+    missing = sorted(set(wanted) - present)
+    unexpected = sorted(present - set(wanted))
+    if missing or unexpected:
+        problems = []
+        if missing:
+            problems.append(f"missing tensors: {_names(missing)}")
+        if unexpected:
+            problems.append(f"unexpected tensors: {_names(unexpected)}")
+        raise ConfigError(f"{model_dir}: checkpoint does not match the model: {'; '.join(problems)}")
+
+    params = dict(model.named_parameters())
+    with ExitStack() as stack:
+        handles = {
+            file: stack.enter_context(safe_open(file, framework="pt", device="cpu"))
+            for file in sorted({files[n] for n in wanted})
+        }
+        for name, (param_name, shard_id) in wanted.items():
+            file_slice = handles[files[name]].get_slice(name)
+            tensor = CheckpointTensor(file_slice, tuple(file_slice.get_shape()))
+            param = params[param_name]
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            try:
+                loader(param, tensor, shard_id)
+            except (ValueError, RuntimeError) as e:
+                raise ConfigError(f"{model_dir}: tensor {name}: {e}") from None
+    size = sum(p.numel() * p.element_size() for p in params.values())
+    log.info(
+        "loaded %d tensors (%.2f GB as %s) from %s in %.1fs",
+        len(wanted), size / 1e9, next(iter(params.values())).dtype, model_dir, time.perf_counter() - began,
+    )
+
+
+def _names(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

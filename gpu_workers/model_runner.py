@@ -1,0 +1,218 @@
+"""The engine's only door to torch: one ``run`` per step turns chunks of sequences into logits.
+
+The scheduler decides what each sequence computes this step (a ``Chunk``: new tokens, how many of
+its tokens are already cached, its block table); ``ModelRunner.run`` flattens all chunks into one
+unpadded batch of tokens, builds the attention metadata once, runs the model, and returns fp32
+logits for the chunks that end at a sequence's last token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import warnings
+
+import torch
+
+from broker.errors import ConfigError
+from gpu_workers.model.attention import AttentionBatch, DecodeGroup, PrefillChunk
+from gpu_workers.model.config import ModelConfig, load_config
+from gpu_workers.model.kv_cache import STORAGE_DTYPES, KVCache
+from gpu_workers.model.layers import TPContext
+from gpu_workers.model.llama import LlamaForCausalLM
+from gpu_workers.model.loader import load_weights
+
+# Decode attention gathers each group's K/V into one buffer; on CPUs groups of about this many
+# (padded) context tokens keep that buffer in cache (measured on random:small, fp32).
+CPU_DECODE_GROUP_TOKENS = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    token_ids: list[int]  # the new tokens this step computes (1 for a decode step)
+    start: int  # position of token_ids[0] = tokens of this sequence already in the KV cache
+    block_table: list[int]  # the sequence's cache blocks, covering at least start + len(token_ids) tokens
+    want_logits: bool  # True when the chunk ends at the sequence's last token (a token gets sampled)
+
+
+@dataclass(slots=True)
+class _Step:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    batch: AttentionBatch
+    logit_rows: torch.Tensor  # [N] rows of the flattened tokens whose logits are returned
+
+
+class ModelRunner:
+    """A loaded model and its KV cache on one device (one tensor-parallel rank)."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        num_blocks: int,
+        block_size: int = 16,
+        kv_dtype: str = "fp32",
+        dtype: torch.dtype | None = None,
+        device: str = "cpu",
+        tp: TPContext | None = None,
+        decode_group_tokens: int | None = None,
+    ) -> None:
+        """``decode_group_tokens``: most padded context tokens per decode attention group (None:
+        CPU_DECODE_GROUP_TOKENS on CPUs, all decodes in one group on GPUs)."""
+        if kv_dtype not in STORAGE_DTYPES:
+            raise ConfigError(f"kv_dtype {kv_dtype!r}: one of {', '.join(STORAGE_DTYPES)}")
+        self.device = torch.device(device)
+        # bf16 matmuls are 2-3x slower than fp32 on the project's CPUs
+        self.dtype = dtype or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
+        self.tp = tp or TPContext()
+        self.block_size = block_size
+        self.decode_group_tokens = decode_group_tokens or (
+            CPU_DECODE_GROUP_TOKENS if self.device.type == "cpu" else None
+        )
+        self.config: ModelConfig = load_config(Path(model_dir))
+        with torch.device(self.device):
+            self.model = LlamaForCausalLM(self.config, self.tp, self.dtype)
+        load_weights(self.model, Path(model_dir))
+        self.kv_cache = KVCache(
+            num_layers=self.config.num_hidden_layers,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            num_kv_heads=self.config.kv_heads_per_rank(self.tp.size),
+            head_dim=self.config.head_dim,
+            kv_dtype=kv_dtype,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    def run(self, chunks: list[Chunk]) -> torch.Tensor:
+        """fp32 logits [n, vocab] of the chunks with ``want_logits``, in the order given.
+
+        Chunks may come in any order, one per sequence; each writes its tokens' K/V into its blocks.
+        """
+        with torch.inference_mode():
+            if not chunks:
+                return torch.empty(0, self.config.vocab_size, device=self.device)
+            step = self._prepare(chunks)
+            hidden = self.model(step.input_ids, step.positions, step.batch, self.kv_cache)  # [T, hidden]
+            return self.model.compute_logits(hidden.index_select(0, step.logit_rows))
+
+    def _prepare(self, chunks: list[Chunk]) -> _Step:
+        """Flatten ``chunks`` (decodes first, then prefill chunks) and build attention metadata."""
+        for c in chunks:
+            if not c.token_ids:
+                raise ValueError("a chunk has no tokens")
+            if len(c.block_table) * self.block_size < c.start + len(c.token_ids):
+                raise ValueError(
+                    f"block table of {len(c.block_table)} blocks cannot hold {c.start + len(c.token_ids)} tokens"
+                )
+        # decodes sorted by context length, so that groups of similar lengths pad little
+        decodes = sorted((i for i, c in enumerate(chunks) if len(c.token_ids) == 1), key=lambda i: chunks[i].start)
+        prefills = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1]
+        first_row = {i: row for row, i in enumerate(decodes)}  # chunk index -> its first token's row
+
+        batch = AttentionBatch(slot_mapping=torch.empty(0), num_decode=len(decodes))
+        ids = [chunks[i].token_ids[0] for i in decodes]
+        positions = [torch.tensor([chunks[i].start for i in decodes], dtype=torch.long)]
+        slots = self._add_decodes(batch, [chunks[i] for i in decodes], positions[0])
+        for i in prefills:
+            c = chunks[i]
+            first_row[i] = len(ids)
+            ids.extend(c.token_ids)
+            positions.append(torch.arange(c.start, c.start + len(c.token_ids)))
+            slots.append(self._add_prefill(batch, c, first_row[i]))
+        batch.slot_mapping = self._to_device(torch.cat(slots))
+        batch.rope_seq_lens = self._rope_seq_lens([chunks[i] for i in decodes + prefills])
+        rows = [first_row[i] + len(c.token_ids) - 1 for i, c in enumerate(chunks) if c.want_logits]
+        return _Step(
+            input_ids=self._to_device(torch.tensor(ids, dtype=torch.long)),
+            positions=self._to_device(torch.cat(positions)),
+            batch=batch,
+            logit_rows=self._to_device(torch.tensor(rows, dtype=torch.long)),
+        )
+
+    def _add_decodes(self, batch: AttentionBatch, decodes: list[Chunk], positions: torch.Tensor) -> list[torch.Tensor]:
+        """Decode groups into ``batch``; returns the new tokens' cache slots, group by group."""
+        bs = self.block_size
+        slots = []
+        for first, group in self._decode_groups(decodes):
+            pos = positions[first : first + len(group)]  # [B]
+            used = [c.start // bs + 1 for c in group]
+            width = used[-1]
+            table = torch.tensor(
+                [c.block_table[:n] + [0] * (width - n) for c, n in zip(group, used)], dtype=torch.long
+            )  # [B, MB], padded with block 0 (masked)
+            slots.append(table.gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs)
+            beyond = torch.arange(width * bs)[None, :] > pos[:, None]  # [B, L]
+            bias = torch.zeros(beyond.shape, dtype=torch.float32).masked_fill_(beyond, float("-inf"))
+            group_meta = DecodeGroup(first, len(group), self._to_device(table), self._to_device(bias[None, :, None, :]))
+            if self.kv_cache.reads_in_place:
+                self._add_in_place_index(group_meta, table)
+            batch.decode_groups.append(group_meta)
+        return slots
+
+    def _add_in_place_index(self, group: DecodeGroup, table: torch.Tensor) -> None:
+        """The K/V row index and SDDMM pattern of in-place decode attention (see attention.py)."""
+        bs, cache = self.block_size, self.kv_cache
+        kv_heads = cache.num_kv_heads
+        per_kv_head = self.model.model.layers[0].self_attn.num_heads // kv_heads  # G
+        b, width = table.shape
+        length = width * bs
+        slots = (table[:, :, None] * bs + torch.arange(bs)).view(b, length)  # [B, L]
+        heads = torch.arange(kv_heads)[:, None, None, None] * (cache.num_blocks * bs)
+        index = (heads + slots[None, :, None, :]).expand(kv_heads, b, per_kv_head, length)
+        group.kv_index = index.reshape(-1, length).contiguous()  # [Hkv * B * G, L]
+        rows = group.kv_index.shape[0]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+            group.score_pattern = torch.sparse_csr_tensor(
+                torch.arange(0, rows * length + 1, length),
+                group.kv_index.view(-1),
+                torch.zeros(rows * length, dtype=cache.dtype),
+                size=(rows, kv_heads * cache.num_blocks * bs),
+                check_invariants=False,
+            )
+
+    def _add_prefill(self, batch: AttentionBatch, c: Chunk, first: int) -> torch.Tensor:
+        """A prefill chunk into ``batch``; returns its new tokens' cache slots."""
+        bs = self.block_size
+        end = c.start + len(c.token_ids)
+        blocks = torch.tensor(c.block_table[: -(-end // bs)], dtype=torch.long)
+        context_slots = (blocks[:, None] * bs + torch.arange(bs)).view(-1)[:end]  # [end]
+        kv_slots = mask = None
+        if c.start:
+            kv_slots = self._to_device(context_slots)
+            queries = torch.arange(c.start, end)
+            mask = self._to_device(torch.arange(end)[None, :] <= queries[:, None])  # [n, end]
+        batch.prefills.append(PrefillChunk(first, len(c.token_ids), c.start, kv_slots, mask))
+        return context_slots[c.start :]
+
+    def _rope_seq_lens(self, ordered: list[Chunk]) -> torch.Tensor | None:
+        """Per-token sequence lengths for dynamic NTK RoPE, when some sequence needs scaling."""
+        if self.config.rope_scaling.type != "dynamic":
+            return None
+        ends = [c.start + len(c.token_ids) for c in ordered]
+        if max(ends) <= self.config.max_position_embeddings:
+            return None
+        lens = torch.tensor(ends).repeat_interleave(torch.tensor([len(c.token_ids) for c in ordered]))
+        return self._to_device(lens)
+
+    def _decode_groups(self, decodes: list[Chunk]) -> list[tuple[int, list[Chunk]]]:
+        """(index of the first, chunks) of consecutive runs of ``decodes`` (sorted by length) whose
+        padded K/V stays within the group budget; one group when there is no budget."""
+        if self.decode_group_tokens is None:
+            return [(0, decodes)] if decodes else []
+        groups: list[tuple[int, list[Chunk]]] = []
+        first = 0
+        for i, c in enumerate(decodes):
+            padded = (i - first + 1) * (c.start // self.block_size + 1) * self.block_size
+            if i > first and padded > self.decode_group_tokens:
+                groups.append((first, decodes[first:i]))
+                first = i
+        if decodes:
+            groups.append((first, decodes[first:]))
+        return groups
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.device.type == "cpu" else t.to(self.device, non_blocking=True)

@@ -1,0 +1,154 @@
+"""Logits of ModelRunner against transformers on the same random checkpoints (fp32)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpu_workers.model.kv_cache import KVCache
+from gpu_workers.model_runner import Chunk, ModelRunner
+from tests.gpu_workers.model.hf_models import (
+    CONFIGS,
+    assert_close,
+    build,
+    random_tokens,
+    reference_logits,
+    save,
+)
+
+REL = 1e-4
+
+
+def _block_tables(rng: random.Random, lengths: list[int], block_size: int, num_blocks: int) -> list[list[int]]:
+    """Non-contiguous, shuffled blocks covering each length."""
+    pool = list(range(num_blocks))
+    rng.shuffle(pool)
+    tables = []
+    for n in lengths:
+        need = -(-n // block_size)
+        tables.append(pool[:need])
+        del pool[:need]
+    return tables
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, object]:
+    name = request.param
+    model = build(name)
+    return name, save(model, tmp_path_factory.mktemp(name)), model
+
+
+def test_whole_prompts_in_one_run(checkpoint: tuple[str, Path, object]) -> None:
+    """(a) a batch of prompts of different lengths, each prefilled whole, in one run."""
+    name, path, hf = checkpoint
+    rng = random.Random(1)
+    # 60 > max_position_embeddings of the dynamic-RoPE config: its scaling is exercised
+    prompts = [random_tokens(rng, n) for n in (13, 1, 60, 7, 2)]
+    runner = ModelRunner(path, num_blocks=64, block_size=4)
+    tables = _block_tables(rng, [len(p) for p in prompts], 4, 64)
+    logits = runner.run([Chunk(p, 0, t, True) for p, t in zip(prompts, tables)])
+    assert logits.shape == (len(prompts), runner.config.vocab_size) and logits.dtype == torch.float32
+    # transformers' dynamic RoPE keeps state across calls; growing lengths make each call exact
+    for i in sorted(range(len(prompts)), key=lambda i: len(prompts[i])):
+        ref = reference_logits(hf, prompts[i])[-1]
+        assert_close(logits[i], ref, rel=REL, what=f"{name} prompt {i} ({len(prompts[i])} tokens)")
+
+
+@pytest.mark.parametrize("group_tokens,reads", [(None, "in-place"), (8, "in-place"), (8, "gathered")],
+                         ids=["one-decode-group", "small-decode-groups", "gathered-kv"])
+def test_chunked_prefill_and_decode(
+    checkpoint: tuple[str, Path, object], group_tokens: int | None, reads: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(b) prompts in random-size chunks over several runs, then decode steps, every chunk's last
+    token compared; chunks shuffled within a run, block tables shuffled and non-contiguous. Decode
+    attention reads an fp32 cache in place on CPUs; "gathered" forces the path GPUs and other
+    cache dtypes take."""
+    name, path, hf = checkpoint
+    monkeypatch.setattr(KVCache, "reads_in_place", property(lambda self: reads == "in-place"))
+    rng = random.Random(2)
+    block_size = 4
+    prompts = [random_tokens(rng, n) for n in (17, 5, 30, 1)]
+    decode_steps = 6
+    # whole sequences stay within max_position_embeddings (48 for dynamic RoPE): transformers'
+    # dynamic scaling of a whole sequence would differ from one computed chunk by chunk
+    sequences = [p + random_tokens(rng, decode_steps) for p in prompts]
+    tables = _block_tables(rng, [len(s) for s in sequences], block_size, 64)
+    runner = ModelRunner(path, num_blocks=64, block_size=block_size, decode_group_tokens=group_tokens)
+    refs = [reference_logits(hf, s) for s in sequences]
+
+    done = [0] * len(sequences)
+    checked = 0
+    while any(d < len(s) for d, s in zip(done, sequences)):
+        chunks, owners = [], []
+        for i, seq in enumerate(sequences):
+            if done[i] == len(seq) or rng.random() < 0.2:  # sometimes a sequence sits a step out
+                continue
+            in_prompt = done[i] < len(prompts[i])
+            n = min(rng.randint(1, 8), len(prompts[i]) - done[i]) if in_prompt else 1
+            chunks.append(Chunk(seq[done[i] : done[i] + n], done[i], tables[i], want_logits=rng.random() < 0.8))
+            owners.append(i)
+        order = list(range(len(chunks)))
+        rng.shuffle(order)
+        chunks, owners = [chunks[j] for j in order], [owners[j] for j in order]
+        if not chunks:
+            continue
+        logits = runner.run(chunks)
+        assert logits.shape[0] == sum(c.want_logits for c in chunks)
+        row = 0
+        for chunk, i in zip(chunks, owners):
+            end = chunk.start + len(chunk.token_ids)
+            if chunk.want_logits:
+                assert_close(logits[row], refs[i][end - 1], rel=REL, what=f"{name} seq {i} at {end - 1}")
+                row += 1
+                checked += 1
+            done[i] = end
+    assert checked >= 20
+
+
+def test_prefix_shared_blocks(checkpoint: tuple[str, Path, object]) -> None:
+    """A second sequence reuses the first one's cached prefix blocks (a prefix-cache hit)."""
+    name, path, hf = checkpoint
+    rng = random.Random(3)
+    prefix = random_tokens(rng, 8)  # two whole blocks of 4
+    a, b = prefix + random_tokens(rng, 5), prefix + random_tokens(rng, 9)
+    runner = ModelRunner(path, num_blocks=16, block_size=4)
+    runner.run([Chunk(a, 0, [7, 2, 9, 4], True)])
+    logits = runner.run([Chunk(b[8:], 8, [7, 2, 11, 5, 0], True), Chunk([3], len(a), [7, 2, 9, 4], True)])
+    assert_close(logits[0], reference_logits(hf, b)[-1], rel=REL, what=f"{name} prefix hit")
+    assert_close(logits[1], reference_logits(hf, a + [3])[-1], rel=REL, what=f"{name} decode after it")
+
+
+def test_sharded_checkpoint(tmp_path: Path) -> None:
+    """(c) save_pretrained with a small max_shard_size writes model.safetensors.index.json."""
+    hf = build("qwen2")
+    path = save(hf, tmp_path, max_shard_size="100KB")
+    assert (path / "model.safetensors.index.json").is_file()
+    assert len(list(path.glob("*.safetensors"))) > 2
+    rng = random.Random(4)
+    prompt = random_tokens(rng, 11)
+    runner = ModelRunner(path, num_blocks=8, block_size=16)
+    logits = runner.run([Chunk(prompt, 0, [3], True)])
+    assert_close(logits[0], reference_logits(hf, prompt)[-1], rel=REL, what="sharded qwen2")
+
+
+def test_greedy_generation_matches(tmp_path: Path) -> None:
+    """Greedy decoding picks the same tokens as transformers (margins checked to be clear)."""
+    hf = build("llama-gqa", std=0.3)
+    path = save(hf, tmp_path)
+    rng = random.Random(5)
+    prompts = [random_tokens(rng, n) for n in (6, 3, 11)]
+    runner = ModelRunner(path, num_blocks=32, block_size=4)
+    tables = _block_tables(rng, [len(p) + 10 for p in prompts], 4, 32)
+    seqs = [list(p) for p in prompts]
+    logits = runner.run([Chunk(p, 0, t, True) for p, t in zip(prompts, tables)])
+    for _ in range(10):
+        for s, row in zip(seqs, logits):
+            ref = reference_logits(hf, s)[-1]
+            top2 = ref.topk(2).values
+            assert top2[0] - top2[1] > 1e-3, "test model lacks a clear greedy margin"
+            assert int(row.argmax()) == int(ref.argmax())
+            s.append(int(row.argmax()))
+        logits = runner.run([Chunk([s[-1]], len(s) - 1, t, True) for s, t in zip(seqs, tables)])

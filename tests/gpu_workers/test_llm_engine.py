@@ -1,0 +1,172 @@
+"""The Llama engine in-process (no Redis): greedy tokens equal transformers', with batching, prefix
+cache hits, preemption and migration; sampling, limits and aborts behave."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from broker.protocol import SamplingParams
+from gpu_workers.engine import EngineRequest
+from gpu_workers.llm_engine import LlamaEngine, LlamaEngineOptions
+from tests.gpu_workers.reference import MIN_MARGIN, Reference, hf_greedy, save_hf_model
+
+NEW_TOKENS = 24
+GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_hf_model(tmp_path_factory.mktemp("llama"), family="llama")
+
+
+def prompts_of(lengths: list[int], *, seed: int = 0, prefix: list[int] | None = None) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [(prefix or []) + [rng.randrange(320) for _ in range(n)] for n in lengths]
+
+
+def engine_for(model_dir: Path, **options: object) -> LlamaEngine:
+    return LlamaEngine(model_dir, name="test", options=LlamaEngineOptions(**{"kv_dtype": "fp32", "kv_memory": "4MiB", **options}))
+
+
+def generate(engine: LlamaEngine, requests: list[EngineRequest], *, max_steps: int = 2000) -> dict[str, list[int]]:
+    """Run until every request is done; the tokens of each, checking each ends exactly once."""
+    out: dict[str, list[int]] = {r.request_id: [] for r in requests}
+    finished: dict[str, str] = {}
+    for r in requests:
+        engine.add(r)
+    for _ in range(max_steps):
+        if not engine.has_work():
+            break
+        for step in engine.step():
+            assert step.request_id not in finished, f"{step.request_id} produced a token after finishing"
+            out[step.request_id].append(step.token_id)
+            if step.finish_reason is not None:
+                finished[step.request_id] = step.finish_reason
+    assert not engine.has_work(), "engine did not finish its requests"
+    assert set(finished) == set(out), f"never finished: {set(out) - set(finished)}"
+    return out
+
+
+def greedy_requests(prompts: list[list[int]], sampling: SamplingParams = GREEDY) -> list[EngineRequest]:
+    return [EngineRequest(f"r{i}", p, sampling) for i, p in enumerate(prompts)]
+
+
+def assert_clear(reference: Reference) -> None:
+    assert reference.min_margin >= MIN_MARGIN, f"reference has a near-tie ({reference.min_margin:.2e})"
+
+
+def test_batch_of_different_lengths_matches_transformers(llama_dir: Path) -> None:
+    prompts = prompts_of([3, 17, 40, 64, 129])
+    reference = hf_greedy(llama_dir, prompts, NEW_TOKENS)
+    assert_clear(reference)
+    out = generate(engine_for(llama_dir, max_num_batched_tokens=64, max_num_seqs=16), greedy_requests(prompts))
+    assert [out[f"r{i}"] for i in range(len(prompts))] == reference.tokens
+
+
+def test_shared_prefixes_hit_the_prefix_cache_and_still_match(llama_dir: Path) -> None:
+    prefix = prompts_of([48], seed=7)[0]
+    prompts = prompts_of([5, 9, 21], seed=8, prefix=prefix)
+    reference = hf_greedy(llama_dir, prompts, NEW_TOKENS)
+    assert_clear(reference)
+    engine = engine_for(llama_dir)
+    first = generate(engine, greedy_requests(prompts[:1]))
+    rest = generate(engine, [EngineRequest(f"r{i}", p, GREEDY) for i, p in enumerate(prompts) if i])
+    assert engine.stats().prefix_cache_hit_rate > 0.3
+    assert [first["r0"], rest["r1"], rest["r2"]] == reference.tokens
+
+
+def test_preemption_under_a_tiny_kv_cache_keeps_tokens_exact(llama_dir: Path) -> None:
+    prompts = prompts_of([40, 41, 42, 43, 44, 45])
+    reference = hf_greedy(llama_dir, prompts, NEW_TOKENS)
+    assert_clear(reference)
+    # 2 layers x 2 (K, V) x 2 KV heads x 16 dims x 4 bytes = 512 bytes per token: 10 blocks of 16 tokens,
+    # while the six requests need 4 blocks each at their longest.
+    engine = engine_for(llama_dir, kv_memory=str(10 * 16 * 512))
+    assert engine.stats().kv_capacity_tokens == 160
+    out = generate(engine, greedy_requests(prompts))
+    assert engine.scheduler.num_preemptions > 0
+    assert [out[f"r{i}"] for i in range(len(prompts))] == reference.tokens
+    assert engine.stats().kv_used_tokens == 0
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("mistral", {}),
+    ("qwen2", {"num_key_value_heads": 1}),
+    ("llama", {"tie_word_embeddings": True, "head_dim": 24, "num_key_value_heads": 4}),
+])
+def test_other_families_match_transformers(tmp_path: Path, family: str, overrides: dict[str, object]) -> None:
+    model_dir = save_hf_model(tmp_path, family=family, seed=3, **overrides)
+    prompts = prompts_of([7, 33], seed=5)
+    reference = hf_greedy(model_dir, prompts, 12)
+    assert_clear(reference)
+    sampling = SamplingParams(max_tokens=12, temperature=0.0)
+    out = generate(engine_for(model_dir), greedy_requests(prompts, sampling))
+    assert [out["r0"], out["r1"]] == reference.tokens
+
+
+def test_a_migrated_request_continues_from_its_published_tokens(llama_dir: Path) -> None:
+    prompt = prompts_of([30], seed=11)[0]
+    reference = hf_greedy(llama_dir, [prompt], NEW_TOKENS)
+    assert_clear(reference)
+    done = reference.tokens[0][:10]
+    out = generate(engine_for(llama_dir), [EngineRequest("m", prompt, GREEDY, output_ids=done)])
+    assert out["m"] == reference.tokens[0][10:]  # the remaining budget, continuing the same path
+
+
+def test_eos_ends_with_stop_and_max_tokens_with_length(tmp_path: Path) -> None:
+    prompt = prompts_of([12], seed=2)[0]
+    plain = save_hf_model(tmp_path / "plain", seed=4)
+    path = hf_greedy(plain, [prompt], 8).tokens[0]
+    eos = path[5]
+    with_eos = save_hf_model(tmp_path / "eos", seed=4, eos_token_id=eos)
+    engine = engine_for(with_eos)
+    assert eos in engine.info.eos_token_ids
+    finishes: list[tuple[int, str | None]] = []
+    engine.add(EngineRequest("e", prompt, SamplingParams(max_tokens=8, temperature=0.0)))
+    while engine.has_work():
+        finishes += [(s.token_id, s.finish_reason) for s in engine.step()]
+    first_eos = path.index(eos)
+    assert finishes[-1] == (eos, "stop") and len(finishes) == first_eos + 1
+
+    engine = engine_for(plain)
+    engine.add(EngineRequest("l", prompt, SamplingParams(max_tokens=3, temperature=0.0)))
+    steps = []
+    while engine.has_work():
+        steps += engine.step()
+    assert [s.finish_reason for s in steps] == [None, None, "length"]
+
+
+def test_seeded_sampling_does_not_depend_on_batch_neighbours(llama_dir: Path) -> None:
+    seeded = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=1234)
+    prompt = prompts_of([20], seed=9)[0]
+    alone = generate(engine_for(llama_dir), [EngineRequest("s", prompt, seeded)])["s"]
+    neighbours = [EngineRequest(f"n{i}", p, SamplingParams(max_tokens=16, temperature=1.0))
+                  for i, p in enumerate(prompts_of([5, 50, 13], seed=10))]
+    crowded = generate(engine_for(llama_dir, max_num_batched_tokens=32, max_num_seqs=16), [*neighbours, EngineRequest("s", prompt, seeded)])
+    assert crowded["s"] == alone
+    other_seed = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=99)
+    assert generate(engine_for(llama_dir), [EngineRequest("o", prompt, other_seed)])["o"] != alone
+
+
+def test_abort_frees_the_requests_blocks_at_once(llama_dir: Path) -> None:
+    engine = engine_for(llama_dir)
+    engine.add(EngineRequest("a", prompts_of([70])[0], GREEDY))
+    engine.add(EngineRequest("b", prompts_of([20])[0], GREEDY))
+    for _ in range(3):
+        engine.step()
+    assert engine.stats().kv_used_tokens > 0
+    engine.abort("a")
+    engine.abort("b")
+    engine.abort("never-added")
+    assert engine.stats().kv_used_tokens == 0
+    assert not engine.has_work() and engine.step() == []
+
+
+def test_kv_memory_too_small_for_one_block_is_a_clear_error(llama_dir: Path) -> None:
+    from broker.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="holds no block"):
+        engine_for(llama_dir, kv_memory="1KiB")

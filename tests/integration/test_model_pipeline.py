@@ -1,0 +1,62 @@
+"""The Llama engine behind the whole pipeline (Redis, balancer, worker process): greedy tokens equal
+transformers' for a batch of prompts of different lengths, with shared prefixes, and under
+preemption forced by a tiny KV cache."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import redis
+
+from broker.keys import Keys
+from producer.client import Client
+from tests.gpu_workers.reference import MIN_MARGIN, hf_greedy, save_hf_model
+from tests.integration.conftest import Procs, wait_groups
+
+pytestmark = pytest.mark.integration
+NEW_TOKENS = 20
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_hf_model(tmp_path_factory.mktemp("pipeline-llama"), family="llama", seed=2)
+
+
+def workload() -> list[list[int]]:
+    rng = random.Random(42)
+    shared = [rng.randrange(320) for _ in range(40)]
+    lengths = [2, 9, 16, 31, 57, 88]
+    alone = [[rng.randrange(320) for _ in range(n)] for n in lengths]
+    return alone + [shared + [rng.randrange(320) for _ in range(n)] for n in (3, 11, 20)]
+
+
+def serve(client: Client, prompts: list[list[int]]) -> list[list[int]]:
+    handles = [client.submit(prompt_ids=p, max_tokens=NEW_TOKENS, temperature=0.0, stream=True) for p in prompts]
+    out = []
+    for handle in handles:
+        done = client.result(handle, timeout=120)
+        assert done.finish_reason == "length" and done.prompt_tokens == len(prompts[len(out)])
+        out.append(done.token_ids)
+    return out
+
+
+@pytest.mark.parametrize("kv_memory", ["8MiB", str(12 * 16 * 512)], ids=["roomy", "tiny-kv-preempts"])
+def test_greedy_tokens_equal_transformers_generate(procs: Procs, r: redis.Redis, keys: Keys, redis_url: str,
+                                                    model_dir: Path, kv_memory: str) -> None:
+    prompts = workload()
+    reference = hf_greedy(model_dir, prompts, NEW_TOKENS)
+    assert reference.min_margin >= MIN_MARGIN
+    procs.balancer()
+    procs.worker("llama", "--model", str(model_dir), "--kv-dtype", "fp32", "--kv-memory", kv_memory)
+    wait_groups(r, keys, {"llama"}, timeout=60)
+    with Client(redis_url, prefix=keys.prefix) as client:
+        assert serve(client, prompts) == reference.tokens
+        # the same prompts again: the shared prefixes are now in the prefix cache, and tokens stay exact
+        assert serve(client, prompts) == reference.tokens
+    info = {k.decode(): v.decode() for k, v in r.hgetall(keys.group_info("llama")).items()}
+    assert info["model"] == str(model_dir)
+    assert int(info["kv_capacity_tokens"]) > 0
+    assert json.loads(info.get("kv_used_tokens", "0")) >= 0
