@@ -26,11 +26,20 @@ DOC_USES = list(doc_uses())
 
 @cache
 def help_flags(command: str) -> frozenset[str]:
-    """The flags ``ryzanstein <command> --help`` lists, from the installed entry point's own output."""
-    answer = subprocess.run([sys.executable, "-m", "producer.cli", command, "--help"],
+    """The flags ``ryzanstein <command> --help`` lists, from the installed entry point's own output,
+    with those of its verbs (``batch submit --help`` ...) when it has some."""
+    text = _help(command)
+    verbs = re.search(r"positional arguments:\n  VERB\n((?:    \S.*\n|      .*\n)+)", text)
+    for verb in re.findall(r"^    (\w+)", verbs.group(1), flags=re.M) if verbs else []:
+        text += _help(command, verb)
+    return frozenset(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", text))
+
+
+def _help(*words: str) -> str:
+    answer = subprocess.run([sys.executable, "-m", "producer.cli", *words, "--help"],
                             capture_output=True, text=True, timeout=60, check=False)
     assert answer.returncode == 0, answer.stderr
-    return frozenset(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", answer.stdout))
+    return answer.stdout
 
 
 def test_the_files_use_the_commands_that_matter() -> None:
