@@ -32,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     url = resolve_url(settings, wait_s=args.wait_broker)
     engine = build_engine(args.model, EngineOptions(tp=args.tp, kv_dtype=args.kv_dtype,
-                                                     kv_memory=args.kv_memory, device=args.device))
+                                                     kv_memory=args.kv_memory, device=args.device,
+                                                     echo_token_delay_ms=settings.echo_token_delay_ms))
     group = WorkerGroup(connect(url, settings), engine, settings=settings, name=args.group)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -17,6 +17,7 @@ class EngineOptions:
     kv_dtype: str = "fp8_e4m3"
     kv_memory: str | None = None
     device: str = "cpu"
+    echo_token_delay_ms: float = 0.0  # the echo engine's time per step (see Settings)
 
 
 def build_engine(spec: str, options: EngineOptions) -> Engine:
@@ -26,7 +27,7 @@ def build_engine(spec: str, options: EngineOptions) -> Engine:
             raise ConfigError("--model echo runs on one process: --tp must be 1")
         from gpu_workers.echo import EchoEngine
 
-        return EchoEngine()
+        return EchoEngine(token_delay_s=options.echo_token_delay_ms / 1000.0)
     raise ConfigError(
         f"model {spec!r}: this build serves only the diagnostic 'echo' engine; the Llama-family "
         "engine (model directories and random:<preset>) is not part of it yet"
