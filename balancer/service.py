@@ -225,7 +225,10 @@ class Balancer:
         now = self._monotonic()
         can_route = any(g.routable and self._closed_until.get(g.name, 0.0) <= now
                         for g in self.router.groups)
-        block = None if self.waiting and can_route else self.settings.balancer_block_ms
+        # An idle read still wakes for the next registry refresh: a group's death is noticed within
+        # dead_after_s + groups_refresh_s of its last heartbeat, busy or not.
+        until_refresh_ms = max(1, int((self._next_refresh - now) * 1000))
+        block = None if self.waiting and can_route else min(self.settings.balancer_block_ms, until_refresh_ms)
         pipe = self.redis.pipeline(transaction=False)
         acks = len(self._to_ack)
         if acks:

@@ -42,8 +42,8 @@ class Settings(BaseSettings):
     balancer_batch_wait_ms: float = Field(default=2.0, ge=0.0, le=5.0)
     # Pending ingress entries idle this long belong to a balancer that died (or stalled): any balancer
     # may claim them (checked every claim_idle_ms / 3, so a dead balancer's requests move within
-    # 4/3 of this). Dispatch is idempotent, so a false positive costs work, never a duplicate.
-    claim_idle_ms: int = 3000
+    # 4/3 of this, under 3 s). Dispatch is idempotent, so a false positive costs work, never a duplicate.
+    claim_idle_ms: int = 2000
     groups_refresh_s: float = Field(default=0.25, description="How often a balancer re-reads group heartbeats.")
     stats_interval_s: float = Field(default=1.0, description="How often a balancer writes its own stats key.")
     # Prefix affinity: requests whose prompts share this many leading characters (or token ids) go to

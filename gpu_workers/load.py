@@ -16,17 +16,21 @@ class LoadMeter:
 
     The step time is the time between two tokens of one request (inter-token latency): it grows with
     the batch the engine runs, so routing reads it as how slow a new request would be served there.
+    A window without a step (idle) forgets it: an idle group would serve a new request at once, and a
+    stale value (a step that took long because the process was stopped) must not keep work away.
     """
 
     window_start: float
     tokens: int = 0
     latency_ewma_s: float = 0.0
     steps: int = 0
+    window_steps: int = 0
 
     def step(self, seconds: float, tokens: int) -> None:
         """One engine step took ``seconds`` and produced ``tokens`` tokens."""
         self.tokens += tokens
         self.steps += 1
+        self.window_steps += 1
         if self.steps == 1:
             self.latency_ewma_s = seconds
         else:
@@ -38,5 +42,9 @@ class LoadMeter:
         return self.tokens / elapsed if elapsed > 0 else 0.0
 
     def reset(self, now: float) -> None:
+        if self.window_steps == 0:
+            self.latency_ewma_s = 0.0
+            self.steps = 0
         self.window_start = now
         self.tokens = 0
+        self.window_steps = 0

@@ -96,3 +96,8 @@ def test_load_meter_rate_and_latency() -> None:
     assert meter.tokens_per_s(now=12.0) == 124 / 2.0
     meter.reset(now=12.0)
     assert meter.tokens_per_s(now=13.0) == 0.0 and meter.tokens_per_s(now=12.0) == 0.0
+    assert meter.latency_ewma_s > 0  # the window had steps: kept
+    meter.reset(now=13.0)
+    assert meter.latency_ewma_s == 0.0  # a window without a step: idle, forgotten
+    meter.step(5.0, tokens=1)  # the first step after idling starts afresh
+    assert meter.latency_ewma_s == 5.0
