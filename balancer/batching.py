@@ -3,9 +3,9 @@
 A balancer handles whatever one read returned as one batch (one claim pipeline, one dispatch
 pipeline), so bigger batches mean fewer round trips per request under load. Waiting for them costs
 latency, though, so the batcher waits after a read only under load, when entries queue up while the
-balancer works (recent reads returned more than one on average) and the arrival rate promises more
-within ``max_wait_s``; then at most ``max_wait_s``, and no longer than the batch needs to fill. A
-lone request, or a client sending one request after another, never waits. Time is passed in.
+balancer works (recent reads returned two or more on average) and the arrival rate promises at least
+two more within ``max_wait_s``; then at most ``max_wait_s``, and no longer than the batch needs to
+fill. A lone request, or a client sending one request after another, never waits. Time is passed in.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 RATE_TAU_S = 0.05  # the arrival rate estimate forgets with this time constant
 SIZE_ALPHA = 0.25  # weight of the newest read in the average read size
-QUEUED_UP = 1.5  # average read size above which entries are taken to queue up (under load)
+QUEUED_UP = 2.0  # average read size from which entries are taken to queue up (under load)
+MIN_GAIN = 2.0  # entries a wait must be expected to bring, at least
 
 
 def bucket(size: int) -> str:
@@ -48,8 +49,8 @@ class AdaptiveBatcher:
         """How long to wait for more after a read of ``n`` entries."""
         if n <= 0 or n >= self.max_batch or self.max_wait_s <= 0 or self.rate <= 0:
             return 0.0
-        if self.read_size < QUEUED_UP or self.rate * self.max_wait_s < 1.0:
-            return 0.0  # nothing queues up, or not even one more expected: waiting only adds latency
+        if self.read_size < QUEUED_UP or self.rate * self.max_wait_s < MIN_GAIN:
+            return 0.0  # nothing queues up, or too little is expected: waiting would only add latency
         return min(self.max_wait_s, (self.max_batch - n) / self.rate)
 
     def record(self, size: int) -> None:

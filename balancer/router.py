@@ -69,8 +69,18 @@ class Router:
              exclude: frozenset[str] = frozenset(), bounded: bool = True) -> GroupStatus | None:
         """The group for one request (and remember that it served ``prefix``); None when no routable
         group is left (``bounded``: none with room for ``cost``)."""
-        groups = [g for g in self.routable(exclude=exclude) if not bounded or self.has_room(g, cost)]
-        candidates = [self.candidate(g) for g in groups]
+        candidates: list[Candidate] = []
+        by_name: dict[str, GroupStatus] = {}
+        for g in self.groups:
+            if not g.routable or g.name in exclude:
+                continue
+            load = self.queue_load(g)
+            if bounded and not has_room(load.requests, load.tokens, cost, max_requests=self.limits.group_requests,
+                                        max_tokens=self.limits.group_tokens):
+                continue
+            candidates.append(Candidate(g.name, requests=load.requests, tokens=load.tokens,
+                                        kv_utilization=g.kv_utilization, latency_ewma_ms=g.latency_ewma_ms))
+            by_name[g.name] = g
         self._turn += 1
         decision: Decision | None
         if self.adaptive:
@@ -82,7 +92,7 @@ class Router:
             return None
         self.affinity_hits += decision.affinity
         self.affinity.record(prefix, decision.name, now)
-        return self.find(decision.name)
+        return by_name[decision.name]
 
     def sent(self, name: str, cost: int = 1) -> None:
         sent = self.sent_since.setdefault(name, [0, 0])

@@ -41,8 +41,9 @@ CLAIM_OWNER = """
 -- Every (re)assignment bumps the epoch, which fences the previous owner's publishes.
 local s = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'final')
 if s[3] then return {s[1] or '', tonumber(s[2] or '0'), 1, '', ''} end
-local ids = KEYS[2] and redis.call('GET', KEYS[2]) or ''
-local text = KEYS[3] and redis.call('GET', KEYS[3]) or ''
+-- Only an owner publishes tokens: without one there is nothing to read.
+local ids = s[1] and KEYS[2] and redis.call('GET', KEYS[2]) or ''
+local text = s[1] and KEYS[3] and redis.call('GET', KEYS[3]) or ''
 local from = ARGV[3] or ''
 if s[1] and not (from ~= '' and s[1] == from and s[2] == ARGV[4]) then
   return {s[1], tonumber(s[2]), 0, ids, text}
@@ -172,7 +173,7 @@ end
 redis.call('HSET', KEYS[2], 'next', nxt)
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-if record and final then
+if record and final and nxt > 0 then
   redis.call('DEL', KEYS[3], KEYS[4])
 elseif record and nxt > 0 then
   redis.call('PEXPIRE', KEYS[3], ARGV[3])
