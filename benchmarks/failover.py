@@ -129,7 +129,10 @@ def kills(args: argparse.Namespace, log_dir: Path) -> dict[str, object]:
                 stack.group(name)
 
             def routable(want: set[str]) -> bool:
-                return want <= {g.name for g in read_groups(r, keys, dead_after_s=3.0) if g.routable}
+                if not want <= {g.name for g in read_groups(r, keys, dead_after_s=3.0) if g.routable}:
+                    return False
+                time.sleep(0.5)  # the balancer sees them at its next registry refresh (every 0.25 s)
+                return True
 
             wait_until(lambda: routable(set(names)), timeout=60, what="groups")
             detections: list[float] = []
@@ -160,8 +163,10 @@ def kills(args: argparse.Namespace, log_dir: Path) -> dict[str, object]:
                 stack.procs[victim].kill()
                 secs, micros = r.time()
                 kill_ms = secs * 1000 + micros // 1000
-                accepting = keys.group_accepting(victim)
-                wait_until(lambda: not r.exists(accepting), timeout=15, what="failover")
+                def failed_over(accepting: str = keys.group_accepting(victim)) -> bool:
+                    return not r.exists(accepting)
+
+                wait_until(failed_over, timeout=15, what="failover")
                 detections.append((time.monotonic() - t_kill) * 1000)
                 wait_until(finished, timeout=120, what="wave to finish")
                 for rid in ids:

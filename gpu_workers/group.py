@@ -35,7 +35,7 @@ from broker.settings import Settings
 from gpu_workers.engine import Engine, EngineRequest
 from gpu_workers.holding import Event, Held, Holding
 from gpu_workers.isolation import Isolation
-from gpu_workers.load import LoadMeter
+from gpu_workers.load import LoadMeter, group_load
 from gpu_workers.output import OutputState
 from gpu_workers.publisher import Publisher
 
@@ -474,33 +474,10 @@ class WorkerGroup:
     # --- heartbeat -------------------------------------------------------------------------------
 
     def load(self) -> GroupLoad:
-        stats = self.engine.stats()
-        info = self.engine.info
         now = self._monotonic()
-        queued_tokens, running_tokens = self.holding.tokens()
-        load = GroupLoad(
-            name=self.name,
-            tp=info.tp,
-            model=info.model,
-            kv_dtype=info.kv_dtype,
-            kv_capacity_tokens=stats.kv_capacity_tokens,
-            kv_used_tokens=stats.kv_used_tokens,
-            running=stats.running,
-            waiting=stats.waiting,
-            queue_depth=self._queue_depth,
-            leader_pid=os.getpid(),
-            host=socket.gethostname(),
-            max_context=info.max_context,
-            vocab_size=info.vocab_size,
-            state="draining" if self.draining else "starting" if self._starting else "ready",
-            completed=self.completed,
-            tokens_per_s=round(self.meter.tokens_per_s(now), 1),
-            queued_tokens=queued_tokens,
-            running_tokens=running_tokens,
-            kv_utilization=round(stats.kv_used_tokens / stats.kv_capacity_tokens, 4) if stats.kv_capacity_tokens else 0.0,
-            latency_ewma_ms=round(self.meter.latency_ewma_s * 1000, 3),
-            fenced=self.fenced,
-        )
+        state = "draining" if self.draining else "starting" if self._starting else "ready"
+        load = group_load(self.name, self.engine, self.holding, self.meter, now=now, state=state,
+                          queue_depth=self._queue_depth, completed=self.completed, fenced=self.fenced)
         self.meter.reset(now)
         return load
 

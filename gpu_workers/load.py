@@ -1,11 +1,18 @@
-"""What a worker group measures about itself for its heartbeat: recent token rate, step latency.
+"""What a worker group reports about itself in its heartbeat: recent token rate, step latency, and
+the requests and tokens it holds.
 
 Plain Python with time passed in, so that it is unit-tested without sleeping.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
+
+from broker.registry import GroupLoad
+from gpu_workers.engine import Engine
+from gpu_workers.holding import Holding
 
 LATENCY_ALPHA = 0.2  # weight of the newest step in the latency EWMA: about the last 5-10 steps count
 
@@ -48,3 +55,34 @@ class LoadMeter:
         self.window_start = now
         self.tokens = 0
         self.window_steps = 0
+
+
+def group_load(name: str, engine: Engine, holding: Holding, meter: LoadMeter, *, now: float, state: str,
+               queue_depth: int, completed: int, fenced: int) -> GroupLoad:
+    """One heartbeat's worth: identity and limits, engine stats, what is held, the meter's readings."""
+    stats = engine.stats()
+    info = engine.info
+    queued_tokens, running_tokens = holding.tokens()
+    return GroupLoad(
+        name=name,
+        tp=info.tp,
+        model=info.model,
+        kv_dtype=info.kv_dtype,
+        kv_capacity_tokens=stats.kv_capacity_tokens,
+        kv_used_tokens=stats.kv_used_tokens,
+        running=stats.running,
+        waiting=stats.waiting,
+        queue_depth=queue_depth,
+        leader_pid=os.getpid(),
+        host=socket.gethostname(),
+        max_context=info.max_context,
+        vocab_size=info.vocab_size,
+        state=state,
+        completed=completed,
+        tokens_per_s=round(meter.tokens_per_s(now), 1),
+        queued_tokens=queued_tokens,
+        running_tokens=running_tokens,
+        kv_utilization=round(stats.kv_used_tokens / stats.kv_capacity_tokens, 4) if stats.kv_capacity_tokens else 0.0,
+        latency_ewma_ms=round(meter.latency_ewma_s * 1000, 3),
+        fenced=fenced,
+    )

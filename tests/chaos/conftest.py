@@ -159,6 +159,7 @@ class Chaos:
     def wait_groups(self, names: set[str], *, timeout: float = 30.0) -> None:
         wait_for(lambda: names <= {g.name for g in groups(self.r, self.keys).values() if g.routable},
                  timeout=timeout, what=f"groups {sorted(names)}")
+        time.sleep(0.5)  # balancers see them at their next registry refresh (every 0.25 s)
 
     def wait_finished(self, jobs: list[Job], *, timeout: float = 60.0) -> None:
         ids = [j.id for j in jobs]
