@@ -186,10 +186,11 @@ class Balancer:
         return float(self.redis.info("server").get("uptime_in_seconds", 1 << 30))
 
     def _retry(self, fn: Callable[[], object]) -> None:
+        """Call ``fn`` once from an error handler; a failure is logged and the loop tries again."""
         try:
             fn()
-        except TRANSIENT_ERRORS as exc:
-            log.warning("redis unavailable (%s)", exc)
+        except Exception as exc:
+            log.warning("%s failed (%s); trying again", getattr(fn, "__name__", "call"), exc)
 
     # --- one iteration ---------------------------------------------------------------------------
 

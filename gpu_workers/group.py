@@ -128,10 +128,13 @@ class WorkerGroup:
         is gone) drops what it held, which has moved, and registers again.
         """
         delays = None
-        reconnected = False
+        reconnected = rejoin = False
         drain_deadline: float | None = None
         while not self.stop_now.is_set():
             try:
+                if rejoin:
+                    self._rejoin()
+                    rejoin = reconnected = False
                 if reconnected:
                     self._recover()
                     reconnected = False
@@ -166,7 +169,7 @@ class WorkerGroup:
                     log.error("group %s was failed over while draining; nothing left to hand back", self.name)
                     self._drop_all()
                     break
-                self._rejoin()
+                rejoin = True  # done at the top of the loop, where a Redis error is retried
             except Exception:
                 # Never die: what is not acknowledged is retried, and requests that break the engine
                 # end with `internal` (see _step_failed).

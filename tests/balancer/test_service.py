@@ -743,3 +743,24 @@ def test_a_busy_balancer_waits_briefly_for_a_larger_batch(
         mono.advance(0.001)
     assert waits and max(waits) <= 0.004
     assert max(balancer.batch_sizes) == 7  # 4 read, then 3 more after the wait
+
+
+def test_a_lost_ingress_consumer_group_is_created_again(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer) -> None:
+    import threading
+    import time
+
+    fake_group(r, keys, "g1")
+    balancer = make_balancer()
+    r.delete(keys.requests)  # Redis came back without its data (no persistence)
+    submit(r, keys, id="after", prompt="x")  # the stream exists again, without the consumer group
+    runner = threading.Thread(target=balancer.run)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not queued(r, keys, "g1") and time.monotonic() < deadline:
+            time.sleep(0.02)  # the balancer runs on its own thread: watch what it does in Redis
+    finally:
+        balancer.stop.set()
+        runner.join(10)
+    assert [q.id for q, _ in queued(r, keys, "g1")] == ["after"]
