@@ -24,7 +24,7 @@ continue on other groups from the tokens already streamed. Entries of a balancer
 over after 2 s.
 
 Settings (environment): RYZ_GROUP_MAX_REQUESTS (4096), RYZ_GROUP_MAX_TOKENS (8388608),
-RYZ_TOTAL_MAX_REQUESTS (16384), RYZ_TOTAL_MAX_TOKENS (67108864), RYZ_BALANCER_BATCH_WAIT_MS (2),
+RYZ_TOTAL_MAX_REQUESTS (16384), RYZ_TOTAL_MAX_TOKENS (67108864), RYZ_BALANCER_BATCH_WAIT_MS (1),
 RYZ_DEAD_AFTER_S (3), RYZ_CLAIM_IDLE_MS (2000), RYZ_AFFINITY_PREFIX_CHARS (128), RYZ_NO_GROUP_WAIT_S
 (30); all in broker/settings.py. Stats (batch sizes, counts, detection times): {prefix}:balancer:<name>.
 """

@@ -341,8 +341,8 @@ class Balancer:
                     f"the worker groups hold {total_requests} requests and {total_tokens} tokens, at the bounds of "
                     f"{self.limits.total_requests} and {self.limits.total_tokens}; retry later"))
             else:
-                group = self.router.pick(prefix=w.prefix, cost=w.cost, now=now, exclude=closed | full,
-                                         bounded=not w.moved)
+                group = self.router.pick(prefix=w.prefix, cost=w.cost, now=now,
+                                         exclude=closed if w.moved else closed | full, bounded=not w.moved)
                 if group is None:
                     if not self.router.routable(exclude=closed) or w.moved:
                         held_back += 1
