@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.ryzanstein-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench-pipeline bench-serving up lint clean
+.PHONY: install demo test bench-pipeline bench-serving bench-failover up lint clean
 
 # Re-installs when pyproject.toml changes or the venv is missing/broken. torch is pinned to the
 # local CPU build on the project machines; GPU users install their own torch into .venv first.
@@ -29,6 +29,9 @@ bench-pipeline: install
 
 bench-serving: install
 	$(BIN)/python benchmarks/serving.py
+
+bench-failover: install
+	$(BIN)/python benchmarks/failover.py
 
 up: install
 	$(BIN)/ryzanstein up

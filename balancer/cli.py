@@ -15,7 +15,25 @@ from broker.metrics import serve_metrics
 log = logging.getLogger("balancer")
 
 
+EPILOG = """\
+Reads {prefix}:requests as consumer group 'balancers', validates, admits and routes each request to
+a worker group's queue. Routing: the group with the least load (queued and running requests and
+tokens, KV utilization, step latency), preferring one that served the prompt's first 128 characters
+recently (its prefix cache), near-equal groups in turn. Admission: past the queue bounds a request
+ends at once with error 'overloaded'. A group whose heartbeat is 3 s old is failed over: its requests
+continue on other groups from the tokens already streamed. Entries of a balancer that died are taken
+over after 2 s.
+
+Settings (environment): RYZ_GROUP_MAX_REQUESTS (4096), RYZ_GROUP_MAX_TOKENS (8388608),
+RYZ_TOTAL_MAX_REQUESTS (16384), RYZ_TOTAL_MAX_TOKENS (67108864), RYZ_BALANCER_BATCH_WAIT_MS (1),
+RYZ_DEAD_AFTER_S (3), RYZ_CLAIM_IDLE_MS (2000), RYZ_AFFINITY_PREFIX_CHARS (128), RYZ_NO_GROUP_WAIT_S
+(30); all in broker/settings.py. Stats (batch sizes, counts, detection times): {prefix}:balancer:<name>.
+"""
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
     parser.add_argument("--name", default=None, help="consumer name (default: <host>-<pid>-<random>)")
     parser.add_argument("--wait-broker", type=float, default=30.0,
                         help="seconds to wait for an embedded broker to appear when no URL is given")

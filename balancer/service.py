@@ -10,6 +10,7 @@ re-processed entry never runs twice.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -23,7 +24,11 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
+from balancer.admission import Limits, request_cost
+from balancer.batching import AdaptiveBatcher
+from balancer.failover import Failover
 from balancer.router import Router
+from balancer.routing import AffinityTable, RoutingPolicy, prefix_key
 from balancer.telemetry import BalancerTelemetry
 from broker.connection import TRANSIENT_ERRORS, RedisClock, backoff_delays
 from broker.errors import InvalidRequest
@@ -37,14 +42,15 @@ from broker.protocol import (
     limit_problem,
     parse_request,
 )
-from broker.registry import read_groups
-from broker.scripts import Scripts, pack_events
+from broker.registry import read_groups, read_queue_loads
+from broker.scripts import Claim, Scripts, claim_result, pack_events
 from broker.settings import Settings
 
 log = logging.getLogger(__name__)
 
 PUBLISHER = "balancer"  # owner name under which balancers publish the final events they decide
 CLOSED_GROUP_PAUSE_S = 2.0  # a group that refused work is skipped this long (its heartbeat catches up)
+DISPATCH_ROUNDS = 3  # a request refused by a full or closed group is routed again, at most this often
 
 
 @dataclass(slots=True)
@@ -56,11 +62,15 @@ class Waiting:
     since_ms: float  # when it started waiting (Redis clock)
     takeover_from: str | None = None
     takeover_epoch: int = 0
+    # Moved from a failed or draining group: accepted before, so admitted past the queue bounds.
+    moved: bool = False
+    prefix: str | None = None  # affinity key of the prompt's prefix
+    cost: int = 1  # tokens it may occupy (admission.request_cost), once a group is in view
 
 
 @dataclass(slots=True)
 class Final:
-    """A final event the balancer itself writes (invalid, cancelled, timed out, no group)."""
+    """A final event the balancer itself writes (invalid, cancelled, timed out, overloaded, no group)."""
 
     entry_id: bytes
     request_id: str
@@ -68,6 +78,13 @@ class Final:
     fields: dict[str, str]
     takeover_from: str | None = None
     takeover_epoch: int = 0
+
+    def with_progress(self, claim: Claim) -> dict[str, str]:
+        """A cancellation of a request that moved mid-stream reports what its stream carried."""
+        if self.fields.get("finish_reason") != "cancelled" or not claim.output_ids:
+            return self.fields
+        return done_event(self.request_id, text=claim.output_text, token_ids=list(claim.output_ids),
+                          finish_reason="cancelled", prompt_tokens=int(self.fields.get("prompt_tokens", "0")))
 
 
 def _raise_transient(results: list[Any]) -> None:
@@ -85,6 +102,9 @@ class Balancer:
         settings: Settings,
         name: str | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        redis_uptime_s: Callable[[], float] | None = None,
+        adaptive_routing: bool = True,
     ) -> None:
         self.redis = redis
         self.settings = settings
@@ -92,24 +112,37 @@ class Balancer:
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.scripts = Scripts(redis)
         self.clock = RedisClock(redis.time)
-        self.router = Router()
+        self.limits = Limits.from_settings(settings)
+        self.router = Router(policy=RoutingPolicy(), limits=self.limits, adaptive=adaptive_routing,
+                             affinity=AffinityTable(ttl_s=settings.affinity_ttl_s))
+        self.batcher = AdaptiveBatcher(max_batch=settings.balancer_batch_max,
+                                       max_wait_s=settings.balancer_batch_wait_ms / 1000.0)
         self.stop = threading.Event()
         self.waiting: dict[bytes, Waiting] = {}
-        self.batch_sizes: Counter[int] = Counter()
-        self.counts: Counter[str] = Counter()  # dispatched, invalid_request, cancelled, ...
+        self.counts: Counter[str] = Counter()  # dispatched, invalid_request, cancelled, overloaded, ...
+        self.detections_ms: list[float] = []  # heartbeat age of each group this balancer failed over
         self._monotonic = monotonic
+        self._sleep = sleep
+        self.failover = Failover(redis, self.scripts, self.keys, settings=settings, owner=self.name,
+                                 redis_uptime_s=redis_uptime_s or self._redis_uptime_s)
         self._cancelled: dict[str, float] = {}
         self._cancel_cursor = b"0-0"
-        self._closed_until: dict[str, float] = {}
+        self._closed_until: dict[str, float] = {}  # refused work as closed: skipped until then
+        self._full_until: dict[str, float] = {}  # refused work as full: no room until then
         self._next_refresh = 0.0
         self._next_claim = 0.0
         self._next_housekeeping = 0.0
+        self._next_stats = 0.0
         self._claim_cursor = "0-0"
         self._to_ack: list[bytes] = []  # done with, acknowledged with the next read
         self._failed_over: dict[str, int] = {}  # dead group -> heartbeat_ms when its queue was taken over
         self.telemetry = BalancerTelemetry(enabled=settings.metrics_port is not None,
                                            ready_within_s=settings.dead_after_s,
                                            live_within_s=settings.liveness_timeout_s, monotonic=monotonic)
+
+    @property
+    def batch_sizes(self) -> Counter[int]:
+        return self.batcher.sizes
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -134,6 +167,15 @@ class Balancer:
                 delay = next(delays)
                 log.warning("redis unavailable (%s); retrying in %.2fs", exc, delay)
                 self.stop.wait(delay)
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    # Redis lost the ingress stream (restarted without persistence): start it again.
+                    log.error("the ingress consumer group is gone (%s); creating it again", exc)
+                    self.stop.wait(next(delays := delays or backoff_delays(self.settings)))
+                    self._retry(self.setup)
+                    continue
+                log.exception("balancer tick failed; retrying")
+                self.stop.wait(next(backoff_delays(self.settings)))
             except Exception:
                 # Never die on one bad entry or an unexpected reply: what was not acked is retried.
                 log.exception("balancer tick failed; retrying")
@@ -144,6 +186,16 @@ class Balancer:
             pass  # left pending: another balancer re-processes them harmlessly
         log.info("balancer %s stopped; %d waiting requests stay pending for other balancers",
                  self.name, len(self.waiting))
+
+    def _redis_uptime_s(self) -> float:
+        return float(self.redis.info("server").get("uptime_in_seconds", 1 << 30))
+
+    def _retry(self, fn: Callable[[], object]) -> None:
+        """Call ``fn`` once from an error handler; a failure is logged and the loop tries again."""
+        try:
+            fn()
+        except Exception as exc:
+            log.warning("%s failed (%s); trying again", getattr(fn, "__name__", "call"), exc)
 
     # --- one iteration ---------------------------------------------------------------------------
 
@@ -165,6 +217,9 @@ class Balancer:
         self.process(entries + fresh)
         if len(fresh) < self.settings.balancer_batch_max:
             self.flush_acks()  # no full batch behind: the next read may block, acknowledge now
+        if after_read >= self._next_stats:
+            self._next_stats = after_read + self.settings.stats_interval_s
+            self.write_stats()
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + 30.0
             self._housekeeping()
@@ -176,7 +231,10 @@ class Balancer:
         now = self._monotonic()
         can_route = any(g.routable and self._closed_until.get(g.name, 0.0) <= now
                         for g in self.router.groups)
-        block = None if self.waiting and can_route else self.settings.balancer_block_ms
+        # An idle read still wakes for the next registry refresh: a group's death is noticed within
+        # dead_after_s + groups_refresh_s of its last heartbeat, busy or not.
+        until_refresh_ms = max(1, int((self._next_refresh - now) * 1000))
+        block = None if self.waiting and can_route else min(self.settings.balancer_block_ms, until_refresh_ms)
         pipe = self.redis.pipeline(transaction=False)
         acks = len(self._to_ack)
         if acks:
@@ -194,8 +252,16 @@ class Balancer:
                 if fields.get(b"id"):
                     self._cancelled[fields[b"id"].decode("utf-8", "replace")] = now_ms
         entries = [e for _s, items in (fresh or []) for e in items]
+        self.batcher.observe(len(entries), self._monotonic())
+        wait = self.batcher.wait_s(len(entries))
+        if wait > 0:
+            # Under load: a moment's wait makes this batch larger (fewer round trips per request).
+            self._sleep(wait)
+            more = self.redis.xreadgroup(INGRESS_GROUP, self.name, {self.keys.requests: ">"},
+                                         count=self.settings.balancer_batch_max - len(entries))
+            entries += [e for _s, items in (more or []) for e in items]
+        self.batcher.record(len(entries))
         if entries:
-            self.batch_sizes[len(entries)] += 1
             self.telemetry.read(len(entries))
         return entries
 
@@ -212,11 +278,12 @@ class Balancer:
         if gone:
             self._ack(gone)
         if len(claimed) > len(gone):
+            self.counts["reclaimed"] += len(claimed) - len(gone)
             log.info("claimed %d pending requests of stopped balancers", len(claimed) - len(gone))
         return [(eid, fields) for eid, fields in claimed if fields]
 
     def process(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
-        """Validate new entries, then route everything waiting (new first in priority order)."""
+        """Validate new entries, then route everything waiting (in priority order)."""
         now_ms = self.clock.now_ms()
         finals: list[Final] = []
         for entry_id, fields in entries:
@@ -233,53 +300,91 @@ class Balancer:
                 self.counts["invalid_request"] += 1
                 self.telemetry.finished(rid, finals[-1].fields)
                 continue
-            self.waiting[entry_id] = Waiting(entry_id, request, now_ms, request.takeover_from,
-                                             request.takeover_epoch)
-        if not self.waiting and not finals:
-            return
+            moved = request.takeover_from is not None
+            self.waiting[entry_id] = Waiting(
+                entry_id, request, now_ms, request.takeover_from, request.takeover_epoch, moved=moved,
+                prefix=prefix_key(request, chars=self.settings.affinity_prefix_chars,
+                                  tokens=self.settings.affinity_prefix_tokens))
+        for _round in range(DISPATCH_ROUNDS):
+            assignments, more = self._route(now_ms)
+            finals += more
+            if not assignments and not finals:
+                return
+            refused = self._dispatch(assignments, finals)
+            finals = []
+            if not refused:
+                return
 
+    def _route(self, now_ms: float) -> tuple[list[tuple[Waiting, str]], list[Final]]:
+        """A group for every waiting request that can go now, or its final event."""
         assignments: list[tuple[Waiting, str]] = []
+        finals: list[Final] = []
         now = self._monotonic()
         closed = frozenset(g for g, until in self._closed_until.items() if until > now)
+        full = frozenset(g for g, until in self._full_until.items() if until > now)
+        routable = self.router.routable()
+        max_context = max((g.max_context for g in routable), default=1 << 31)
+        total = self.router.totals()
+        total_requests, total_tokens = total.requests, total.tokens
+        held_back = 0  # requests that stay waiting here: bounded like the groups' queues
         for w in sorted(self.waiting.values(), key=lambda w: (w.request.priority, w.request.enqueued_ms)):
             request, final = w.request, None
+            w.cost = request_cost(request, max_context=max_context)
             if request.id in self._cancelled:
                 final = done_event(request.id, text="", token_ids=[], finish_reason="cancelled", prompt_tokens=0)
             elif request.deadline_ms is not None and now_ms >= request.deadline_ms:
                 final = error_event(request.id, "timeout", f"deadline of {request.timeout_s}s passed before dispatch")
+            elif not routable:
+                if now_ms - w.since_ms >= self.settings.no_group_wait_s * 1000:
+                    final = error_event(request.id, "unavailable",
+                                        f"no live worker group for {self.settings.no_group_wait_s}s")
+                elif w.moved or held_back < self.limits.total_requests:
+                    held_back += 1
+                    continue  # stays waiting
+                else:
+                    final = error_event(request.id, "overloaded", f"{held_back} requests wait for a worker group already")
+            elif not w.moved and (total_requests + 1 > self.limits.total_requests
+                                  or total_tokens + w.cost > self.limits.total_tokens):
+                final = error_event(request.id, "overloaded", (
+                    f"the worker groups hold {total_requests} requests and {total_tokens} tokens, at the bounds of "
+                    f"{self.limits.total_requests} and {self.limits.total_tokens}; retry later"))
             else:
-                group = self.router.pick(exclude=closed)
+                group = self.router.pick(prefix=w.prefix, cost=w.cost, now=now,
+                                         exclude=closed if w.moved else closed | full, bounded=not w.moved)
                 if group is None:
-                    if now_ms - w.since_ms >= self.settings.no_group_wait_s * 1000:
-                        final = error_event(request.id, "unavailable",
-                                            f"no live worker group for {self.settings.no_group_wait_s}s")
-                    else:
-                        continue  # stays waiting
+                    if not self.router.routable(exclude=closed) or w.moved:
+                        held_back += 1
+                        continue  # every group refused work lately: try again next tick
+                    final = error_event(request.id, "overloaded", (
+                        f"every worker group is at its queue bound ({self.limits.group_requests} requests, "
+                        f"{self.limits.group_tokens} tokens); retry later"))
                 elif request.prompt_ids is not None and (problem := limit_problem(
                         request.prompt_ids, request.sampling.max_tokens,
                         vocab_size=group.vocab_size, max_context=group.max_context)):
                     final = error_event(request.id, "invalid_request", problem)
                 else:
-                    self.router.sent(group.name)
+                    self.router.sent(group.name, w.cost)
+                    total_requests += 1
+                    total_tokens += w.cost
                     assignments.append((w, group.name))
                     continue
             del self.waiting[w.entry_id]
             self.counts[final["code"] if final["event"] == "error" else "cancelled"] += 1
             self.telemetry.finished(request.id, final)
             finals.append(Final(w.entry_id, request.id, request.reply_to, final, w.takeover_from, w.takeover_epoch))
-        if assignments or finals:
-            self._dispatch(assignments, finals)
+        return assignments, finals
 
-    def _dispatch(self, assignments: list[tuple[Waiting, str]], finals: list[Final]) -> None:
+    def _dispatch(self, assignments: list[tuple[Waiting, str]], finals: list[Final]) -> bool:
+        """Claim, then queue or publish. True when some group refused (full or closed): route again."""
         ttl_ms = self.settings.result_ttl_s * 1000
 
         # Phase 1: pin each request to its group (or learn where it is pinned already).
         def claim(pipe: Any) -> None:
             for w, group in assignments:
-                self.scripts.claim_owner(keys=[self.keys.state(w.request.reply_to, w.request.id)],
+                self.scripts.claim_owner(keys=list(self.keys.progress(w.request.reply_to, w.request.id)),
                                          args=[group, ttl_ms, w.takeover_from or "", w.takeover_epoch], client=pipe)
             for f in finals:
-                self.scripts.claim_owner(keys=[self.keys.state(f.reply_to, f.request_id)],
+                self.scripts.claim_owner(keys=list(self.keys.progress(f.reply_to, f.request_id)),
                                          args=[PUBLISHER, ttl_ms, f.takeover_from or "", f.takeover_epoch],
                                          client=pipe)
 
@@ -294,57 +399,69 @@ class Balancer:
                 log.error("request %s: cannot claim: %s; will retry", w.request.id, raw,
                           extra=request_extra(w.request.id))
                 continue
-            owner, epoch, finished = raw[0].decode(), int(raw[1]), raw[2]
-            if finished:
+            got = claim_result(raw)
+            if got.finished:
                 acks.append(w.entry_id)
                 del self.waiting[w.entry_id]
                 continue
-            target = self.router.find(owner)
+            target = self.router.find(got.owner)
             if target is None or not target.routable:
                 # pinned to a group that is gone, or by a balancer that never finished it: take over
-                w.takeover_from, w.takeover_epoch = owner, epoch
+                w.takeover_from, w.takeover_epoch = got.owner, got.epoch
                 continue
-            sent.append((w, owner, epoch))
-        published: list[tuple[Final, int]] = []
+            if got.output_ids != w.request.output_ids:
+                # moved mid-generation: the new group continues after what the stream carries already
+                w.request = w.request.model_copy(update={"output_ids": got.output_ids})
+            sent.append((w, got.owner, got.epoch))
+        published: list[tuple[Final, int, dict[str, str]]] = []
         for f, raw in zip(finals, claims[len(assignments):]):
             if isinstance(raw, Exception):
                 log.error("request %s: cannot claim: %s", f.request_id, raw, extra=request_extra(f.request_id))
-            elif not raw[2] and raw[0].decode() == PUBLISHER:
-                published.append((f, int(raw[1])))
+            else:
+                got = claim_result(raw)
+                if not got.finished and got.owner == PUBLISHER:
+                    published.append((f, got.epoch, f.with_progress(got)))
             acks.append(f.entry_id)  # finished, owned by a group, or published now
 
         def dispatch(pipe: Any) -> None:
             for w, group, epoch in sent:
+                bounded = not w.moved
                 self.scripts.dispatch(
                     keys=[self.keys.group_queue(group), self.keys.dispatch_marker(group, w.request.id, epoch),
-                          self.keys.group_accepting(group)],
-                    args=[w.request.to_wire(), epoch, ttl_ms], client=pipe)
-            for f, epoch in published:
-                self.scripts.publish(keys=[f.reply_to, self.keys.state(f.reply_to, f.request_id)],
-                                     args=[PUBLISHER, epoch, ttl_ms, pack_events([("f", 0, f.fields)])],
+                          self.keys.group_accepting(group), self.keys.group_queue_tokens(group)],
+                    args=[w.request.to_wire(), epoch, ttl_ms, w.cost,
+                          self.limits.group_requests if bounded else 0, self.limits.group_tokens if bounded else 0],
+                    client=pipe)
+            for f, epoch, fields in published:
+                self.scripts.publish(keys=[f.reply_to, *self.keys.progress(f.reply_to, f.request_id)],
+                                     args=[PUBLISHER, epoch, ttl_ms, pack_events([("f", 0, fields)])],
                                      client=pipe)
 
         _, results = self.scripts.execute(dispatch) if sent or published else (None, [])
         _raise_transient(results)
+        refused = False
         for (w, group, epoch), raw in zip(sent, results[: len(sent)]):
             if isinstance(raw, Exception):
                 log.error("request %s: cannot dispatch to %s: %s; will retry", w.request.id, group, raw,
                           extra=request_extra(w.request.id))
                 continue
-            if raw[0] == b"closed":
-                # draining or failed over: route elsewhere, taking the request over from it
-                self._closed_until[group] = self._monotonic() + CLOSED_GROUP_PAUSE_S
+            if raw[0] in (b"closed", b"full"):
+                # draining or failed over, or at its bound: route elsewhere, taking the request over
+                pause = CLOSED_GROUP_PAUSE_S if raw[0] == b"closed" else self.settings.groups_refresh_s
+                (self._closed_until if raw[0] == b"closed" else self._full_until)[group] = self._monotonic() + pause
                 w.takeover_from, w.takeover_epoch = group, epoch
+                refused = True
                 continue
             acks.append(w.entry_id)
             del self.waiting[w.entry_id]
             self.counts["dispatched"] += 1
             self.telemetry.dispatched(w.request.id, group, epoch=epoch, taken_from=w.takeover_from)
-        for (f, _epoch), raw in zip(published, results[len(sent):]):
+        for (f, _epoch, _fields), raw in zip(published, results[len(sent):]):
             if isinstance(raw, Exception):
                 log.error("request %s: cannot publish to %r: %s", f.request_id, f.reply_to, raw,
                           extra=request_extra(f.request_id))
         self._ack(acks)
+        return refused
 
     def _ack(self, entry_ids: list[bytes]) -> None:
         """Acknowledge (and delete) ingress entries with the next read: one round trip less per batch.
@@ -365,53 +482,53 @@ class Balancer:
 
     def refresh_groups(self) -> None:
         groups = read_groups(self.redis, self.keys, dead_after_s=self.settings.dead_after_s)
-        self.router.update(groups)
+        loads = read_queue_loads(self.redis, self.keys, [g.name for g in groups if g.routable])
+        self.router.update(groups, loads)
         self.telemetry.groups(groups, waiting=len(self.waiting))
         for g in groups:
-            if not g.alive and self._failed_over.get(g.name) != g.heartbeat_ms:
-                self.fail_over(g.name)
+            if (not g.alive and self._failed_over.get(g.name) != g.heartbeat_ms
+                    and self.fail_over(g.name) is not None):
                 self._failed_over[g.name] = g.heartbeat_ms
             if g.heartbeat_age_s > self.settings.forget_dead_after_s:
                 self.redis.zrem(self.keys.groups, g.name)
                 self.redis.delete(self.keys.group_info(g.name))
 
-    def fail_over(self, group: str) -> int:
-        """Put a dead group's queued and in-flight requests back on the ingress stream.
+    def fail_over(self, group: str) -> int | None:
+        """Put a dead group's requests back on the ingress stream (balancer.failover); how many moved,
+        None when not done now."""
+        done = self.failover.fail_over(group)
+        if done is None:
+            return None
+        self.counts["failovers"] += 1
+        self.detections_ms.append(done.heartbeat_age_ms)
+        self.telemetry.failed_over(group, done.moved)
+        return done.moved
 
-        The group's accepting flag goes first, so no balancer adds to the queue meanwhile; each
-        request is taken over from the dead group's epoch, which fences the group should it wake.
-        Returns how many requests were moved.
-        """
-        queue = self.keys.group_queue(group)
-        lock = self.keys.group_failover_lock(group)
-        if not self.redis.set(lock, self.name, nx=True, px=30_000):
-            return 0  # another balancer is on it
-        moved = 0
-        try:
-            self.redis.delete(self.keys.group_accepting(group))
-            cursor = "-"
-            while True:
-                entries = self.redis.xrange(queue, min=cursor, max="+", count=500)
-                if not entries:
-                    break
-                pipe = self.redis.pipeline(transaction=False)
-                for entry_id, fields in entries:
-                    try:
-                        request = GenerationRequest.from_wire(fields[b"r"])
-                        pipe.xadd(self.keys.requests, request.to_ingress(from_owner=group, epoch=int(fields[b"e"])))
-                        moved += 1
-                    except Exception:
-                        log.exception("dropping malformed queue entry %s of %s", entry_id, group)
-                pipe.xdel(queue, *[e for e, _ in entries])
-                pipe.execute()
-                cursor = "(" + entries[-1][0].decode()
-            self.redis.delete(queue)
-        finally:
-            self.redis.delete(lock)
-        self.telemetry.failed_over(group, moved)
-        if moved:
-            log.warning("group %s is dead: moved %d requests to other groups", group, moved)
-        return moved
+    # --- stats and housekeeping --------------------------------------------------------------------
+
+    def stats(self) -> dict[str, str]:
+        """What this balancer reports about itself (its stats key; ``ryzanstein status`` can show it)."""
+        return {
+            "name": self.name,
+            "heartbeat_ms": str(int(self.clock.now_ms())),
+            "batches": str(sum(self.batcher.sizes.values())),
+            "batch_sizes": json.dumps(self.batcher.histogram(), separators=(",", ":")),
+            "arrival_rate": f"{self.batcher.rate:.1f}",
+            "waiting": str(len(self.waiting)),
+            "counts": json.dumps(dict(self.counts), separators=(",", ":")),
+            "affinity_hits": str(self.router.affinity_hits),
+            "detections_ms": json.dumps([round(x) for x in self.detections_ms[-20:]]),
+        }
+
+    def write_stats(self) -> None:
+        ttl_ms = int(max(10.0, 5 * self.settings.stats_interval_s) * 1000)
+        stats = self.stats()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(self.keys.balancer_stats(self.name), mapping=stats)
+        pipe.pexpire(self.keys.balancer_stats(self.name), ttl_ms)
+        pipe.zadd(self.keys.balancers, {self.name: int(stats["heartbeat_ms"])})
+        pipe.zremrangebyscore(self.keys.balancers, "-inf", int(stats["heartbeat_ms"]) - ttl_ms)
+        pipe.execute()
 
     def _housekeeping(self) -> None:
         """Forget old cancellations; trim the cancel stream; drop long-gone balancer consumers."""

@@ -69,12 +69,14 @@ class EmbeddedRedis:
         port: int | None = None,
         unix_socket: bool = False,
         appendonly: bool = False,
+        appendfsync: str = "everysec",
         data_dir: str | None = None,
         binary: str | None = None,
     ) -> None:
         self.binary = binary or redis_server_binary()
         self.unix_socket = unix_socket
         self.appendonly = appendonly
+        self.appendfsync = appendfsync  # "always": a killed server loses no acknowledged write
         self._own_dir = data_dir is None
         self.dir = Path(data_dir or tempfile.mkdtemp(prefix="ryz-redis-"))
         self.port = 0 if unix_socket else (port or free_port())
@@ -95,6 +97,7 @@ class EmbeddedRedis:
             "--dir", str(self.dir),
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", self.appendfsync,
             "--daemonize", "no",
             "--protected-mode", "yes",
             "--loglevel", "warning",

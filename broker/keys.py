@@ -13,12 +13,17 @@ Key schema (``p`` is the prefix, ``ryz`` by default):
 | ``p:cancel`` | stream | cancellations, read by every balancer and group |
 | ``p:result:<id>`` | stream | default reply stream of request ``<id>`` |
 | ``{<reply>}:state:<id>`` | hash | owner group, epoch, tokens published, final flag (companion of the reply) |
+| ``{<reply>}:gen:<id>`` | string | token ids published so far, ``"id,id,"`` (until the final event) |
+| ``{<reply>}:gentext:<id>`` | string | text published so far: the joined token deltas (until the final event) |
 | ``p:groups`` | zset | registered groups, scored by last heartbeat (ms, Redis clock) |
 | ``{p:groups}:info:<name>`` | hash | a group's heartbeat: load, limits, identity |
 | ``{p:g:<name>}:queue`` | stream | a group's work queue; consumer group ``group`` |
+| ``{p:g:<name>}:tokens`` | string | tokens (prompt + max_tokens) of the entries in the group's queue |
 | ``{p:g:<name>}:accepting`` | string | present while the group takes new work |
 | ``{p:g:<name>}:seen:<id>:<epoch>`` | string | dispatch marker: makes routing idempotent |
 | ``{p:g:<name>}:failover`` | string | lock held by the balancer failing a dead group over |
+| ``p:balancers`` | zset | balancers, scored by their last stats write (ms) |
+| ``p:balancer:<name>`` | hash | a balancer's stats: batch-size histogram, counts, failovers |
 | ``p:client:<uuid>`` | stream | shared reply stream of one client instance |
 | ``p:batch:<job>:replies`` | stream | reply stream of the requests of one batch job |
 
@@ -99,6 +104,22 @@ class Keys:
         """State of one request; per request, since several requests may share a reply stream."""
         return companion(reply_key, f"state:{request_id}")
 
+    @staticmethod
+    def generated(reply_key: str, request_id: str) -> str:
+        """Token ids a streamed request has published so far: what a new owner continues from."""
+        return companion(reply_key, f"gen:{request_id}")
+
+    @staticmethod
+    def generated_text(reply_key: str, request_id: str) -> str:
+        """The text a streamed request has published so far (its joined token deltas)."""
+        return companion(reply_key, f"gentext:{request_id}")
+
+    @staticmethod
+    def progress(reply_key: str, request_id: str) -> tuple[str, str, str]:
+        """State, generated ids and generated text of one request: the keys CLAIM_OWNER reads."""
+        return (Keys.state(reply_key, request_id), Keys.generated(reply_key, request_id),
+                Keys.generated_text(reply_key, request_id))
+
     @property
     def groups(self) -> str:
         return f"{self.prefix}:groups"
@@ -109,6 +130,9 @@ class Keys:
     def group_queue(self, name: str) -> str:
         return f"{{{self.prefix}:g:{name}}}:queue"
 
+    def group_queue_tokens(self, name: str) -> str:
+        return f"{{{self.prefix}:g:{name}}}:tokens"
+
     def group_accepting(self, name: str) -> str:
         return f"{{{self.prefix}:g:{name}}}:accepting"
 
@@ -118,10 +142,18 @@ class Keys:
     def dispatch_marker(self, group: str, request_id: str, epoch: int) -> str:
         return f"{{{self.prefix}:g:{group}}}:seen:{request_id}:{epoch}"
 
+    @property
+    def balancers(self) -> str:
+        return f"{self.prefix}:balancers"
+
+    def balancer_stats(self, name: str) -> str:
+        return f"{self.prefix}:balancer:{name}"
+
     def is_internal(self, key: str) -> bool:
         """Whether ``key`` is one of ryzanstein's own keys (never a valid ``reply_to``)."""
-        own = (self.requests, self.cancel, self.groups)
-        return key in own or key.startswith((f"{{{self.groups}}}:", f"{{{self.prefix}:g:"))
+        own = (self.requests, self.cancel, self.groups, self.balancers)
+        return key in own or key.startswith((f"{{{self.groups}}}:", f"{{{self.prefix}:g:",
+                                             f"{self.prefix}:balancer:"))
 
     def client_replies(self, client_id: str) -> str:
         return f"{self.prefix}:client:{client_id}"

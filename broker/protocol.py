@@ -57,6 +57,9 @@ class GenerationRequest(BaseModel):
     # request over from this owner, if it still holds this epoch (see scripts.CLAIM_OWNER).
     takeover_from: str | None = None
     takeover_epoch: int = 0
+    # Set by the balancer when it dispatches a request taken over mid-generation: the token ids
+    # already published, which the new group continues after (never on the ingress stream).
+    output_ids: tuple[int, ...] = ()
 
     @property
     def deadline_ms(self) -> float | None:
@@ -89,8 +92,9 @@ class GenerationRequest(BaseModel):
     def from_wire(cls, data: bytes) -> GenerationRequest:
         raw = msgpack.unpackb(data, raw=False)
         raw["sampling"] = SamplingParams(**{**raw["sampling"], "stop": tuple(raw["sampling"]["stop"])})
-        if raw.get("prompt_ids") is not None:
-            raw["prompt_ids"] = tuple(raw["prompt_ids"])
+        for name in ("prompt_ids", "output_ids"):
+            if raw.get(name) is not None:
+                raw[name] = tuple(raw[name])
         return cls(**raw)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -9,6 +10,9 @@ from broker.keys import Keys
 
 _INT_FIELDS = ("tp", "kv_capacity_tokens", "kv_used_tokens", "running", "waiting", "queue_depth",
                "leader_pid", "max_context", "vocab_size", "completed", "heartbeat_ms")
+# Load fields added later: a heartbeat from an older group may lack them (they read as 0).
+_OPTIONAL_INT_FIELDS = ("queued_tokens", "running_tokens", "fenced")
+_OPTIONAL_FLOAT_FIELDS = ("tokens_per_s", "kv_utilization", "latency_ewma_ms")
 
 
 @dataclass(slots=True)
@@ -28,10 +32,17 @@ class GroupLoad:
     host: str
     max_context: int  # longest prompt + max_tokens the group accepts
     vocab_size: int  # token ids must be below this
-    state: str = "ready"  # ready | draining
+    state: str = "ready"  # starting | ready | draining: only a ready group is routed to
     completed: int = 0  # requests finished since start
-    tokens_per_s: float = 0.0  # recent generation rate
     metrics_port: int | None = None  # of the leader's /metrics endpoint on ``host``; None: not served
+    tokens_per_s: float = 0.0  # tokens generated per second since the previous heartbeat
+    # queued: dispatched to the group, not yet in its engine (= queue_depth requests); their
+    # prompt + max_tokens. running: in the engine (= running + waiting requests); prompt + generated.
+    queued_tokens: int = 0
+    running_tokens: int = 0
+    kv_utilization: float = 0.0  # kv_used_tokens / kv_capacity_tokens (0 without a KV cache)
+    latency_ewma_ms: float = 0.0  # engine step time (the time between two tokens of a request), EWMA
+    fenced: int = 0  # publishes refused since start: requests that had moved to another group
 
     def to_fields(self) -> list[str]:
         return [x for k, v in asdict(self).items() for x in (k, "" if v is None else str(v))]
@@ -59,7 +70,12 @@ def parse_group(info: dict[bytes, bytes], *, now_ms: float, dead_after_s: float)
         values: dict[str, Any] = {k: v for k, v in raw.items() if k in known}
         for name in _INT_FIELDS:
             values[name] = int(values[name])
-        values["tokens_per_s"] = float(values.get("tokens_per_s", 0.0))
+        for name in _OPTIONAL_INT_FIELDS:
+            values[name] = int(values.get(name, 0))
+        for name in _OPTIONAL_FLOAT_FIELDS:
+            values[name] = float(values.get(name, 0.0))
+            if not math.isfinite(values[name]):
+                raise ValueError(name)
         values["metrics_port"] = int(values["metrics_port"]) if values.get("metrics_port") else None
         values.pop("alive", None)
         values.pop("heartbeat_age_s", None)
@@ -86,3 +102,21 @@ def read_groups(redis: Any, keys: Keys, *, dead_after_s: float) -> list[GroupSta
         if status is not None:
             out.append(status)
     return sorted(out, key=lambda g: g.name)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueLoad:
+    """What a group's queue stream holds now: entries dispatched and not finished, and their cost."""
+
+    requests: int
+    tokens: int
+
+
+def read_queue_loads(redis: Any, keys: Keys, names: list[str]) -> dict[str, QueueLoad]:
+    """Exact queue lengths and queued-token counters of ``names`` (one round trip)."""
+    pipe = redis.pipeline(transaction=False)
+    for name in names:
+        pipe.xlen(keys.group_queue(name))
+        pipe.get(keys.group_queue_tokens(name))
+    raw = pipe.execute()
+    return {name: QueueLoad(int(raw[2 * i]), max(0, int(raw[2 * i + 1] or 0))) for i, name in enumerate(names)}

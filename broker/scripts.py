@@ -8,6 +8,8 @@ The request state hash (``{<reply>}:state:<id>``, see broker.keys) carries:
   epoch  - bumped whenever ownership is (re)assigned; a publisher must present the current one
   next   - index of the next token event to write (token events are never duplicated or skipped)
   final  - present once the one final event (done or error) is written
+Next to it, until the final event, the token ids and the text a streamed request has published
+(``{<reply>}:gen:<id>``, ``{<reply>}:gentext:<id>``): a new owner continues from them.
 """
 
 from __future__ import annotations
@@ -25,52 +27,115 @@ CLAIM_OWNER = """
 -- Pin a request to a group, learn the group it is already pinned to, or take it over from a group
 -- that handed it back (draining) or died.
 -- KEYS[1] = request state hash
+-- KEYS[2] = (optional) the request's generated token ids ("id,id,", written by PUBLISH)
+-- KEYS[3] = (optional) the request's generated text (the joined token deltas, written by PUBLISH)
 -- ARGV[1] = group the caller would route to
 -- ARGV[2] = state TTL, ms
 -- ARGV[3] = (optional) owner the request is taken over from; '' or absent for none
 -- ARGV[4] = (optional) that owner's epoch: the takeover happens only if both still match
--- Returns {owner, epoch, finished}: an existing owner wins over ARGV[1] (unless taken over);
--- finished is 1 when the request already has its final event (nothing left to dispatch).
+-- Returns {owner, epoch, finished, ids, text}: an existing owner wins over ARGV[1] (unless taken
+-- over); finished is 1 when the request already has its final event (nothing left to dispatch).
+-- ids and text are what the request's token events carried so far ('' when none): a new owner
+-- continues from them. Read here, in the step that fences the previous owner, they cannot change
+-- any more except through the owner returned.
 -- Every (re)assignment bumps the epoch, which fences the previous owner's publishes.
 local s = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'final')
-if s[3] then return {s[1] or '', tonumber(s[2] or '0'), 1} end
+if s[3] then return {s[1] or '', tonumber(s[2] or '0'), 1, '', ''} end
+-- Only an owner publishes tokens: without one there is nothing to read.
+local ids = s[1] and KEYS[2] and redis.call('GET', KEYS[2]) or ''
+local text = s[1] and KEYS[3] and redis.call('GET', KEYS[3]) or ''
 local from = ARGV[3] or ''
 if s[1] and not (from ~= '' and s[1] == from and s[2] == ARGV[4]) then
-  return {s[1], tonumber(s[2]), 0}
+  return {s[1], tonumber(s[2]), 0, ids, text}
 end
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 redis.call('HSET', KEYS[1], 'owner', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return {ARGV[1], epoch, 0}
+return {ARGV[1], epoch, 0, ids, text}
 """
 
 DISPATCH = """
--- Put a request on a group's queue, at most once per (request, epoch), while the group accepts work.
+-- Put a request on a group's queue, at most once per (request, epoch), while the group accepts work
+-- and its queue is within its bounds.
 -- KEYS[1] = the group's queue stream
 -- KEYS[2] = dispatch marker of (request id, epoch), in the group's slot
 -- KEYS[3] = the group's accepting flag (deleted when it drains or is failed over)
+-- KEYS[4] = (optional) the group's queued-token counter (the summed cost of its queue entries)
 -- ARGV[1] = the request, msgpack (GenerationRequest.to_wire)
 -- ARGV[2] = epoch
 -- ARGV[3] = marker TTL, ms
--- Returns {'ok', entry id}, {'dup'} when this (request, epoch) was dispatched before, or {'closed'}
--- when the group takes no more work (the caller routes elsewhere).
+-- ARGV[4] = the request's cost, tokens (prompt + max_tokens)
+-- ARGV[5] = most entries the queue may hold (0: no bound)
+-- ARGV[6] = most tokens the queue may hold (0: no bound)
+-- Returns {'ok', entry id}, {'dup'} when this (request, epoch) was dispatched before, {'closed'}
+-- when the group takes no more work, or {'full'} when the request would break a bound (the caller
+-- routes elsewhere). An empty queue takes any request, however costly.
 if redis.call('EXISTS', KEYS[3]) == 0 then return {'closed'} end
-if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[3]) then
-  return {'ok', redis.call('XADD', KEYS[1], '*', 'r', ARGV[1], 'e', ARGV[2])}
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'dup'} end
+local cost = tonumber(ARGV[4] or '0')
+local n = redis.call('XLEN', KEYS[1])
+if n > 0 then
+  local max_n, max_tokens = tonumber(ARGV[5] or '0'), tonumber(ARGV[6] or '0')
+  if max_n > 0 and n >= max_n then return {'full'} end
+  local queued = KEYS[4] and math.max(0, tonumber(redis.call('GET', KEYS[4]) or '0')) or 0
+  if max_tokens > 0 and queued + cost > max_tokens then return {'full'} end
 end
-return {'dup'}
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
+local id = redis.call('XADD', KEYS[1], '*', 'r', ARGV[1], 'e', ARGV[2], 'c', cost)
+if KEYS[4] then redis.call('INCRBY', KEYS[4], cost) end
+return {'ok', id}
+"""
+
+ACK = """
+-- Acknowledge and delete a group's finished queue entries, and take their cost off its counter.
+-- KEYS[1] = the group's queue stream
+-- KEYS[2] = the group's queued-token counter
+-- ARGV[1] = the queue's consumer group
+-- ARGV[2..] = entry ids
+-- Only entries still in the stream count, so repeating an acknowledgement (a retry after a lost
+-- reply) never takes a cost off twice. Returns the tokens freed.
+local freed = 0
+for i = 2, #ARGV do
+  local entry = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])
+  if #entry > 0 then
+    local f = entry[1][2]
+    for j = 1, #f, 2 do
+      if f[j] == 'c' then freed = freed + tonumber(f[j + 1]) end
+    end
+    redis.call('XDEL', KEYS[1], ARGV[i])
+  end
+end
+if #ARGV > 1 then redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2)) end
+if freed > 0 and redis.call('DECRBY', KEYS[2], freed) <= 0 then redis.call('DEL', KEYS[2]) end
+return freed
+"""
+
+RETIRE_QUEUE = """
+-- Delete a failed-over group's queue (and with it its consumer group) once it is empty, with its
+-- token counter. A queue that took entries again (the group came back meanwhile) is left alone.
+-- KEYS[1] = the group's queue stream
+-- KEYS[2] = the group's queued-token counter
+-- Returns 1 when deleted.
+if redis.call('XLEN', KEYS[1]) > 0 then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+return 1
 """
 
 PUBLISH = """
 -- Write result events for one request, fenced by ownership, in order and at most once.
 -- KEYS[1] = reply stream
 -- KEYS[2] = request state hash
+-- KEYS[3] = (optional) the request's generated token ids ("id,id,")
+-- KEYS[4] = (optional) the request's generated text (the joined token deltas)
 -- ARGV[1] = publisher (group name; the balancer for requests it never routed)
 -- ARGV[2] = publisher's epoch
 -- ARGV[3] = TTL of reply stream and state, ms
--- ARGV[4] = msgpack array of events, each {kind, index, {field, value, ...}}; kind 't' is a token
---           event with its index, 'f' a final event (done/error), which ends the request
--- A publisher must own the request (CLAIM_OWNER) unless nobody ever claimed it.
+-- ARGV[4] = msgpack array of events, each {kind, index, {field, value, ...}, token id, text}; kind
+--           't' is a token event with its index, token id and text delta, 'f' a final event
+--           (done/error), which ends the request
+-- A publisher must own the request (CLAIM_OWNER) unless nobody ever claimed it. Each token written
+-- is appended to KEYS[3] and KEYS[4], so that a new owner can continue after it; both go with the
+-- final event.
 -- Returns {status, next}: status 'ok', 'fenced' (another owner or epoch: nothing written), 'final'
 -- (already finished: nothing written) or 'gap' (a token index past `next`: stopped there).
 local owner = redis.call('HGET', KEYS[2], 'owner')
@@ -83,10 +148,16 @@ if redis.call('HEXISTS', KEYS[2], 'final') == 1 then
 end
 local nxt = tonumber(redis.call('HGET', KEYS[2], 'next') or '0')
 local status = 'ok'
+local final = false
+local record = KEYS[3] and KEYS[4]
 for _, ev in ipairs(cmsgpack.unpack(ARGV[4])) do
   if ev[1] == 't' then
     if ev[2] == nxt then
       redis.call('XADD', KEYS[1], '*', unpack(ev[3]))
+      if record then
+        redis.call('APPEND', KEYS[3], ev[4] .. ',')
+        if ev[5] ~= '' then redis.call('APPEND', KEYS[4], ev[5]) end
+      end
       nxt = nxt + 1
     elseif ev[2] > nxt then
       status = 'gap'
@@ -95,12 +166,19 @@ for _, ev in ipairs(cmsgpack.unpack(ARGV[4])) do
   else
     redis.call('XADD', KEYS[1], '*', unpack(ev[3]))
     redis.call('HSET', KEYS[2], 'final', '1')
+    final = true
     break
   end
 end
 redis.call('HSET', KEYS[2], 'next', nxt)
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
+if record and final and nxt > 0 then
+  redis.call('DEL', KEYS[3], KEYS[4])
+elseif record and nxt > 0 then
+  redis.call('PEXPIRE', KEYS[3], ARGV[3])
+  redis.call('PEXPIRE', KEYS[4], ARGV[3])
+end
 return {status, nxt}
 """
 
@@ -120,11 +198,15 @@ return ms
 
 
 def pack_events(events: list[tuple[str, int, dict[str, str]]]) -> bytes:
-    """Encode events for PUBLISH: (kind 't'/'f', index, fields)."""
-    return msgpack.packb(
-        [[kind, index, [x for kv in fields.items() for x in kv]] for kind, index, fields in events],
-        use_bin_type=False,
-    )
+    """Encode events for PUBLISH: (kind 't'/'f', index, fields); token events carry token_id and text."""
+    packed: list[list[Any]] = []
+    for kind, index, fields in events:
+        flat = [x for kv in fields.items() for x in kv]
+        if kind == "t":
+            packed.append([kind, index, flat, int(fields["token_id"]), fields["text"]])
+        else:
+            packed.append([kind, index, flat])
+    return msgpack.packb(packed, use_bin_type=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +218,27 @@ class PublishResult:
 def publish_result(raw: Any) -> PublishResult:
     status = raw[0].decode() if isinstance(raw[0], bytes) else raw[0]
     return PublishResult(status=status, next_index=int(raw[1]))
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What CLAIM_OWNER answered."""
+
+    owner: str
+    epoch: int
+    finished: bool
+    output_ids: tuple[int, ...] = ()  # token ids published so far
+    output_text: str = ""  # their text, as the token events carried it
+
+
+def claim_result(raw: Any) -> Claim:
+    def text(value: Any) -> str:
+        return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+    ids = text(raw[3]) if len(raw) > 3 else ""
+    return Claim(owner=text(raw[0]), epoch=int(raw[1]), finished=bool(int(raw[2])),
+                 output_ids=tuple(int(x) for x in ids.split(",") if x),
+                 output_text=text(raw[4]) if len(raw) > 4 else "")
 
 
 class Script:
@@ -162,8 +265,9 @@ class Scripts:
         self.dispatch = Script(redis, DISPATCH)
         self.publish = Script(redis, PUBLISH)
         self.heartbeat = Script(redis, HEARTBEAT)
-        self._all = (self.claim_owner, self.dispatch, self.publish, self.heartbeat)
-        self._sources = (CLAIM_OWNER, DISPATCH, PUBLISH, HEARTBEAT)
+        self.ack = Script(redis, ACK)
+        self.retire_queue = Script(redis, RETIRE_QUEUE)
+        self._sources = (CLAIM_OWNER, DISPATCH, PUBLISH, HEARTBEAT, ACK, RETIRE_QUEUE)
 
     def load(self) -> None:
         """Make sure Redis has every script (a restarted or flushed server has none)."""

@@ -37,12 +37,34 @@ class Settings(BaseSettings):
     no_group_wait_s: float = 30.0
 
     # --- balancer ---------------------------------------------------------------------------
-    balancer_batch_max: int = Field(default=128, description="Most ingress entries read in one batch.")
+    balancer_batch_max: int = Field(default=128, ge=1, description="Most ingress entries read in one batch.")
     balancer_block_ms: int = Field(default=500, description="Blocking read on the ingress stream when idle.")
+    # Adaptive batching: after a read, a busy balancer waits up to this long for more entries, but only
+    # when entries queue up and the arrival rate promises two more within it (so from about 2,000
+    # requests/s at 1 ms); an idle one never waits.
+    balancer_batch_wait_ms: float = Field(default=1.0, ge=0.0, le=5.0)
     # Pending ingress entries idle this long belong to a balancer that died (or stalled): any balancer
-    # may claim them. Dispatch is idempotent, so a false positive costs work, never a duplicate.
-    claim_idle_ms: int = 5000
+    # may claim them (checked every claim_idle_ms / 3, so a dead balancer's requests move within
+    # 4/3 of this, under 3 s). Dispatch is idempotent, so a false positive costs work, never a duplicate.
+    claim_idle_ms: int = 2000
     groups_refresh_s: float = Field(default=0.25, description="How often a balancer re-reads group heartbeats.")
+    stats_interval_s: float = Field(default=1.0, description="How often a balancer writes its own stats key.")
+    # Prefix affinity: requests whose prompts share this many leading characters (or token ids) go to
+    # a group that served that prefix recently (its KV prefix cache may still hold it).
+    affinity_prefix_chars: int = 128
+    affinity_prefix_tokens: int = 32
+    affinity_ttl_s: float = 300.0
+
+    # --- admission control --------------------------------------------------------------------
+    # Bounds on what waits for or runs on a group (its queue stream: dispatched and not finished),
+    # in requests and in tokens (prompt + max_tokens, estimated before tokenizing). A request that
+    # finds every group at its bound, or the whole system at its total, ends at once with error
+    # `overloaded`. Requests moved from a failed or draining group were accepted already: they are
+    # admitted past the bounds.
+    group_max_requests: int = Field(default=4096, ge=1)
+    group_max_tokens: int = Field(default=1 << 23, ge=1)
+    total_max_requests: int = Field(default=16384, ge=1)
+    total_max_tokens: int = Field(default=1 << 26, ge=1)
 
     # --- worker groups ----------------------------------------------------------------------
     heartbeat_interval_s: float = 1.0
@@ -51,10 +73,13 @@ class Settings(BaseSettings):
     # Dead groups stay listed (alive=false) this long, then are removed from the registry.
     forget_dead_after_s: float = 600.0
     worker_block_ms: int = Field(default=1000, description="Longest blocking read on the group queue when idle.")
-    worker_max_batch: int = Field(default=256, description="Most requests a group holds at once.")
+    worker_max_batch: int = Field(default=256, ge=1, description="Most requests in a group's engine at once.")
     drain_timeout_s: float = Field(
-        default=30.0, description="On SIGTERM, time to finish held requests before handing the rest back."
+        default=30.0, description="On SIGTERM, time to finish running requests before handing the rest back."
     )
+    # The echo engine sleeps this long per step (one token per running request): a stand-in for a
+    # model's decode step, so that tests and benchmarks can kill things mid-stream.
+    echo_token_delay_ms: float = Field(default=0.0, ge=0.0)
 
     # --- operations: metrics, probes, logs --------------------------------------------------
     # The HTTP endpoint of a balancer or group leader: /metrics (Prometheus), /livez, /readyz.

@@ -16,7 +16,21 @@ from gpu_workers.models import KV_DTYPES, EngineOptions, build_engine
 log = logging.getLogger("gpu_workers")
 
 
+EPILOG = """\
+Reads its queue {prefix:g:<group>}:queue, runs up to RYZ_WORKER_MAX_BATCH (256) requests at once by
+priority, publishes token/done/error events, and heartbeats its load every second
+(RYZ_HEARTBEAT_INTERVAL_S). A request that moved here from a failed group continues from the tokens
+its stream already carries. A request the engine fails on ends alone with error 'internal'.
+Signals: SIGTERM drains (hands back what has not started, finishes the rest for up to
+RYZ_DRAIN_TIMEOUT_S), a second one hands everything back, a third stops at once. A group failed over
+while it was unresponsive registers again when it wakes. RYZ_ECHO_TOKEN_DELAY_MS makes each echo
+step take that long (for tests and benchmarks).
+"""
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
     parser.add_argument("--model", default="echo",
                         help="model SPEC: a Hugging Face directory, random:<preset>, or echo (default)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks in this group (default 1)")
@@ -34,14 +48,15 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     url = resolve_url(settings, wait_s=args.wait_broker)
     engine = build_engine(args.model, EngineOptions(tp=args.tp, kv_dtype=args.kv_dtype,
-                                                     kv_memory=args.kv_memory, device=args.device))
+                                                     kv_memory=args.kv_memory, device=args.device,
+                                                     echo_token_delay_ms=settings.echo_token_delay_ms))
     group = WorkerGroup(connect(url, settings), engine, settings=settings, name=args.group)
     server = serve_metrics(group.telemetry.registry, group.telemetry.probe, host=settings.metrics_host,
                            port=settings.metrics_port)
     group.telemetry.port = server.port if server is not None else None
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal %d: draining (again to hand back at once)", signum)
+        log.info("signal %d: draining (again: hand back at once; a third time: stop now)", signum)
         group.drain()
 
     signal.signal(signal.SIGTERM, on_signal)

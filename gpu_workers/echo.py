@@ -1,12 +1,16 @@
 """The ``echo`` engine: no model, returns the prompt's tokens. For measuring the pipeline alone.
 
 One token per running request per step, like a model decoding; the last prompt token ends the
-request with finish_reason "stop" (as an EOS would), unless max_tokens ends it first. Imports no torch.
+request with finish_reason "stop" (as an EOS would), unless max_tokens ends it first. A request that
+arrives with ``output_ids`` (moved from another group) continues after them. ``token_delay_s`` makes
+each step take that long, like a model's decode step (``RYZ_ECHO_TOKEN_DELAY_MS``). Imports no torch.
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from gpu_workers.engine import EngineInfo, EngineRequest, EngineStats, StepOutput
 from gpu_workers.tokenizer import ByteTokenizer
@@ -15,8 +19,11 @@ ECHO_MAX_CONTEXT = 1 << 20
 
 
 class EchoEngine:
-    def __init__(self, *, max_context: int = ECHO_MAX_CONTEXT) -> None:
+    def __init__(self, *, max_context: int = ECHO_MAX_CONTEXT, token_delay_s: float = 0.0,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self.tokenizer = ByteTokenizer()
+        self.token_delay_s = token_delay_s
+        self._sleep = sleep
         self.info = EngineInfo(model="echo", vocab_size=256, max_context=max_context)
         # request id -> (prompt ids, position of the next token to echo)
         self._running: OrderedDict[str, tuple[list[int], int]] = OrderedDict()
@@ -28,6 +35,8 @@ class EchoEngine:
         self._running.pop(request_id, None)
 
     def step(self) -> list[StepOutput]:
+        if self.token_delay_s > 0 and self._running:
+            self._sleep(self.token_delay_s)
         out = []
         for request_id, (prompt, pos) in list(self._running.items()):
             last = pos + 1 >= len(prompt)

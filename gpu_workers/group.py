@@ -1,10 +1,17 @@
 """The worker group's leader loop: queue in, engine steps, events out, heartbeats.
 
 One iteration (``tick``): read new requests from the group queue (blocking only when idle) and
-cancellations, step the engine once, publish every event of the step in one pipeline, and
-acknowledge a queue entry only in the pipeline that writes its final event. Publishing goes through
-the PUBLISH script, which fences by owner and epoch and drops duplicate token indices, so
+cancellations, end what was cancelled or timed out, move queued requests into the engine (by
+priority, up to ``worker_max_batch``), step the engine once, publish every event of the step in one
+pipeline, and acknowledge a queue entry only once its final event is written. Publishing goes
+through the PUBLISH script, which fences by owner and epoch and drops duplicate token indices, so
 re-processing an entry after a crash can never duplicate or fork what a client has seen.
+
+A request that arrives with ``output_ids`` was moved here mid-generation: its output state replays
+those tokens (no events) and the engine continues after them, so indices, deltas and the final text
+carry on exactly where the previous owner stopped. An engine that raises is never fatal: the request
+it raised on ends with error ``internal`` (found by trying the suspects one at a time) and the rest
+goes on.
 """
 
 from __future__ import annotations
@@ -15,38 +22,29 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from broker.connection import TRANSIENT_ERRORS, RedisClock, backoff_delays
 from broker.keys import QUEUE_GROUP, Keys
 from broker.logs import request_extra
 from broker.protocol import GenerationRequest, done_event, error_event, limit_problem, token_event
 from broker.registry import GroupLoad
-from broker.scripts import Scripts, pack_events, publish_result
+from broker.scripts import Scripts
 from broker.settings import Settings
 from gpu_workers.engine import Engine, EngineRequest
+from gpu_workers.holding import Event, Held, Holding
+from gpu_workers.isolation import Isolation
+from gpu_workers.load import LoadMeter, group_load
 from gpu_workers.output import OutputState
+from gpu_workers.publisher import Publisher
 from gpu_workers.telemetry import GroupTelemetry
 
 log = logging.getLogger(__name__)
 
 CONSUMER = "leader"
-Event = tuple[str, int, dict[str, str]]  # (kind 't'/'f', token index, fields) for PUBLISH
-
-
-@dataclass(slots=True)
-class Held:
-    """A request this group has read from its queue and not yet finished."""
-
-    entry_id: bytes
-    request: GenerationRequest
-    epoch: int
-    output: OutputState
-    events: list[Event] = field(default_factory=list)  # produced, not yet published
-    final: bool = False
+READ_CHUNK = 512  # most queue entries read at once
 
 
 class WorkerGroup:
@@ -67,18 +65,22 @@ class WorkerGroup:
         self.scripts = Scripts(redis)
         self.clock = RedisClock(redis.time)
         self._monotonic = monotonic
-        self.held: dict[str, Held] = {}
+        self.holding = Holding()
+        self.held: dict[str, Held] = self.holding.held  # request id -> what the group holds of it
         self.draining = False
-        self.stop_now = threading.Event()
+        self.stop_now = threading.Event()  # leave at once; what is held stays in Redis for failover
         self.completed = 0
+        self.fenced = 0
+        self.meter = LoadMeter(window_start=monotonic())
+        self._running = self.holding.running  # ids of the requests in the engine
+        self.publisher = Publisher(self.scripts, self.keys, group=self.name, ttl_ms=settings.result_ttl_s * 1000)
+        self.isolation = Isolation(self.holding)  # after an engine step raised: one request at a time
         self._cancelled: dict[str, float] = {}  # request id -> when seen (Redis ms)
         self._cancel_cursor = b"0-0"
         self._next_heartbeat = 0.0
         self._queue_depth = 0
-        self._tokens_ewma = 0.0
-        self._last_step_t = monotonic()
         self._hurry = False
-        self._to_ack: list[bytes] = []  # finished entries, acknowledged with the next read
+        self._starting = False
         self.telemetry = GroupTelemetry(
             self.name, enabled=settings.metrics_port is not None, now_ms=lambda: self.clock.now_ms(),
             log_prompts=settings.log_prompts, ready_within_s=settings.dead_after_s,
@@ -88,6 +90,8 @@ class WorkerGroup:
 
     def register(self) -> None:
         queue = self.keys.group_queue(self.name)
+        self._starting = True
+        self.heartbeat(force=True)  # alive but not routable yet: nobody fails it over or routes to it
         try:
             self.redis.xgroup_create(queue, QUEUE_GROUP, id="0", mkstream=True)
         except ResponseError as exc:
@@ -97,12 +101,17 @@ class WorkerGroup:
         self._cancel_cursor = last[0][0] if last else b"0-0"
         self._recover()
         self.redis.set(self.keys.group_accepting(self.name), "1")
+        self._starting = False
         self.heartbeat(force=True)
         log.info("group %s registered (model %s)", self.name, self.engine.info.model)
 
     def _recover(self) -> None:
-        """Admit the entries a previous incarnation of this group read but never finished."""
-        queue, cursor = self.keys.group_queue(self.name), "0"
+        """Admit the entries a previous incarnation of this group read but never finished.
+
+        Also run after every reconnect: a Redis that restarted from an older AOF may have entries
+        pending again that this process had finished and acknowledged.
+        """
+        queue, cursor, acking = self.keys.group_queue(self.name), "0", set(self.publisher.to_ack)
         while True:
             batch = self.redis.xreadgroup(QUEUE_GROUP, CONSUMER, {queue: cursor}, count=500)
             entries = [e for _s, es in (batch or []) for e in es]
@@ -110,6 +119,8 @@ class WorkerGroup:
                 return
             for entry_id, fields in entries:
                 cursor = entry_id
+                if entry_id in acking:
+                    continue
                 if fields:
                     self._admit(entry_id, fields)
                 else:  # deleted after it was read: nothing left to do
@@ -119,12 +130,20 @@ class WorkerGroup:
     def run(self) -> int:
         """Serve until ``drain()`` has finished or handed back everything, then deregister.
 
-        Returns the process exit code: 0 after a drain, 3 when the group found itself failed over.
+        Returns the process exit code (0). A group failed over while it was unresponsive (its queue
+        is gone) drops what it held, which has moved, and registers again.
         """
         delays = None
+        reconnected = rejoin = False
         drain_deadline: float | None = None
         while not self.stop_now.is_set():
             try:
+                if rejoin:
+                    self._rejoin()
+                    rejoin = reconnected = False
+                if reconnected:
+                    self._recover()
+                    reconnected = False
                 if self.draining and drain_deadline is None:
                     drain_deadline = self._monotonic() + self.settings.drain_timeout_s
                     self._close_queue()
@@ -142,26 +161,39 @@ class WorkerGroup:
                     log.error("redis unreachable while draining (%s); exiting without hand-back", exc)
                     self.engine.close()
                     return 0
+                reconnected = True
                 delays = delays or backoff_delays(self.settings)
                 delay = next(delays)
                 log.warning("redis unavailable (%s); retrying in %.2fs", exc, delay)
                 time.sleep(delay)
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
-                    raise
-                # Balancers declared this group dead (it stalled past dead_after_s) and moved its
-                # work: everything it still holds is fenced. Exit so that a fresh start re-registers.
-                log.error("group %s was failed over while unresponsive; exiting", self.name)
-                self.engine.close()
-                return 3
+                    log.exception("group tick failed; retrying")
+                    time.sleep(next(delays := delays or backoff_delays(self.settings)))
+                    continue
+                if self.draining:
+                    log.error("group %s was failed over while draining; nothing left to hand back", self.name)
+                    self._drop_all()
+                    break
+                rejoin = True  # done at the top of the loop, where a Redis error is retried
+            except Exception:
+                # Never die: what is not acknowledged is retried, and requests that break the engine
+                # end with `internal` (see _step_failed).
+                log.exception("group tick failed; retrying")
+                time.sleep(next(delays := delays or backoff_delays(self.settings)))
+        if self.stop_now.is_set():
+            log.warning("group %s stopping now: %d held requests stay in Redis for failover",
+                        self.name, len(self.held))
+            self.engine.close()
+            return 0
         self.deregister()
         return 0
 
     def drain(self) -> None:
-        """Stop taking work; finish what is held (up to drain_timeout_s), hand back the rest.
-
-        A second call hands back at once.
-        """
+        """Stop taking work; hand back what has not started, finish the rest (up to drain_timeout_s),
+        hand back what is left. A second call hands back at once; a third stops at once."""
+        if self._hurry:
+            self.stop_now.set()
         if self.draining:
             self._hurry = True
         self.draining = True
@@ -178,12 +210,28 @@ class WorkerGroup:
             log.warning("could not deregister (%s); the group will show as dead", exc)
         self.engine.close()
 
+    def _rejoin(self) -> None:
+        """Balancers declared this group dead (it stalled past dead_after_s) and moved its work: all
+        it holds belongs to other groups now (its publishes are fenced). Start afresh."""
+        log.error("group %s was failed over while unresponsive: dropping %d moved requests, registering again",
+                  self.name, len(self.held))
+        self._drop_all()
+        self.register()
+
+    def _drop_all(self) -> None:
+        for rid in list(self._running):
+            self.engine.abort(rid)
+        self.holding.clear()
+        self.publisher.clear()
+        self.isolation.clear()
+
     # --- one iteration ---------------------------------------------------------------------------
 
     def tick(self) -> None:
         self._read_inputs()
-        now_ms = self.clock.now_ms()
-        self._apply_cancels_and_deadlines(now_ms)
+        for held in self.holding.expired(self.clock.now_ms()):
+            self._finish_error(held, "timeout", f"deadline of {held.request.timeout_s}s passed")
+        self._fill_engine()
         self._step_engine()
         self._publish()
         if not self.held and not self.engine.has_work():
@@ -192,9 +240,8 @@ class WorkerGroup:
 
     def _read_inputs(self) -> None:
         pipe = self.redis.pipeline(transaction=False)
-        acks = len(self._to_ack)
-        self._queue_acks(pipe)
-        room = self.settings.worker_max_batch - len(self.held)
+        acks = self.publisher.queue_acks(pipe)
+        room = min(READ_CHUNK, self.settings.group_max_requests - len(self.held))
         read_queue = not self.draining and room > 0
         idle = not self.held and not self.engine.has_work()
         if read_queue:
@@ -203,25 +250,33 @@ class WorkerGroup:
             block = max(1, min(self.settings.worker_block_ms, until_heartbeat_ms)) if idle else None
             pipe.xreadgroup(QUEUE_GROUP, CONSUMER, {self.keys.group_queue(self.name): ">"}, count=room, block=block)
         pipe.xread({self.keys.cancel: self._cancel_cursor}, count=1000)
-        results = pipe.execute()
-        del self._to_ack[:acks]
-        results = results[2:] if acks else results
-        cancels = results[-1]
-        for _stream, entries in cancels or []:
+        results = pipe.execute(raise_on_error=False)
+        ack_result, results = (results[0], results[1:]) if acks else (None, results)
+        for raw in results:
+            if isinstance(raw, Exception):
+                raise raw
+        for _stream, entries in results[-1] or []:
             for entry_id, fields in entries:
                 self._cancel_cursor = entry_id
                 rid = fields.get(b"id")
                 if rid:
-                    self._cancelled[rid.decode("utf-8", "replace")] = self.clock.now_ms()
+                    self._cancel(rid.decode("utf-8", "replace"))
         if read_queue:
             for _stream, entries in results[0] or []:
                 for entry_id, fields in entries:
                     self._admit(entry_id, fields)
+        if isinstance(ack_result, NoScriptError):
+            self.scripts.load()  # Redis restarted: the acknowledgements go again with the next read
+        elif isinstance(ack_result, Exception):
+            raise ack_result
+        else:
+            del self.publisher.to_ack[:acks]
 
     def _admit(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         try:
             request = GenerationRequest.from_wire(fields[b"r"])
             epoch = int(fields[b"e"])
+            cost = int(fields.get(b"c", b"0"))
         except Exception:  # a malformed queue entry is a bug upstream; drop it loudly, never crash
             log.exception("dropping malformed queue entry %s", entry_id)
             self._ack([entry_id])
@@ -233,67 +288,157 @@ class WorkerGroup:
             if old.epoch >= epoch:
                 self._ack([entry_id])
                 return
-            self.engine.abort(request.id)
+            self._stop(old)
+            self._forget(old)
             self._ack([old.entry_id])
+        held = Held(entry_id=entry_id, request=request, epoch=epoch, cost=cost)
+        self.holding.add(held)
         info = self.engine.info
-        prompt_ids = list(request.prompt_ids) if request.prompt_ids is not None else self.engine.tokenizer.encode(request.prompt or "")
-        output = OutputState(
-            sampling=request.sampling,
-            prompt_ids=prompt_ids,
-            tokenizer=self.engine.tokenizer,
-            eos_token_ids=info.eos_token_ids,
-            max_context=info.max_context,
-        )
-        held = Held(entry_id=entry_id, request=request, epoch=epoch, output=output)
-        self.held[request.id] = held
-        self.telemetry.admitted(request, prompt_tokens=len(prompt_ids))
-        problem = limit_problem(prompt_ids, request.sampling.max_tokens, vocab_size=info.vocab_size,
+        try:
+            held.prompt_ids = (list(request.prompt_ids) if request.prompt_ids is not None
+                               else self.engine.tokenizer.encode(request.prompt or ""))
+            held.output = OutputState(sampling=request.sampling, prompt_ids=held.prompt_ids,
+                                      tokenizer=self.engine.tokenizer, eos_token_ids=info.eos_token_ids,
+                                      max_context=info.max_context)
+        except Exception as exc:
+            log.exception("request %s: cannot tokenize its prompt", request.id)
+            self._finish_error(held, "internal", f"the prompt could not be tokenized ({type(exc).__name__})")
+            return
+        self.telemetry.admitted(request, prompt_tokens=len(held.prompt_ids))
+        problem = limit_problem(held.prompt_ids, request.sampling.max_tokens, vocab_size=info.vocab_size,
                                 max_context=info.max_context)
         if problem is not None:
             self._finish_error(held, "invalid_request", problem)
             return
-        self.engine.add(
-            EngineRequest(request.id, prompt_ids, request.sampling, priority=request.priority)
-        )
+        if request.output_ids and not self._replay(held):
+            return
+        now_ms = self.clock.now_ms()
+        if request.id in self._cancelled:
+            self._finish(held, "cancelled")
+        elif request.deadline_ms is not None and now_ms >= request.deadline_ms:
+            self._finish_error(held, "timeout", f"deadline of {request.timeout_s}s passed")
+        else:
+            self.holding.queue(held)
 
-    def _apply_cancels_and_deadlines(self, now_ms: float) -> None:
-        for rid, held in list(self.held.items()):
-            if held.final:
-                continue
-            if rid in self._cancelled:
-                self.engine.abort(rid)
-                self._finish(held, "cancelled")
-            elif held.request.deadline_ms is not None and now_ms >= held.request.deadline_ms:
-                self.engine.abort(rid)
-                self._finish_error(held, "timeout", f"deadline of {held.request.timeout_s}s passed")
+    def _replay(self, held: Held) -> bool:
+        """Feed the tokens another group published into the output state, writing nothing: the
+        next token gets the next index and the text deltas go on where the client's stream stops.
+        False when the request ended (it should have ended with them already)."""
+        output = held.output
+        assert output is not None
+        try:
+            for token_id in held.request.output_ids:
+                output.push(token_id)
+                if output.finished:
+                    break
+        except Exception as exc:
+            log.exception("request %s: cannot continue from its published tokens", held.request.id)
+            self._finish_error(held, "internal", f"cannot continue a moved request ({type(exc).__name__})")
+            return False
+        if output.finish_reason is not None:
+            self._finish(held, output.finish_reason)
+            return False
+        return True
+
+    def _cancel(self, rid: str) -> None:
+        now_ms = self.clock.now_ms()
+        self._cancelled[rid] = now_ms
+        held = self.held.get(rid)
+        if held is not None and not held.final:
+            self._finish(held, "cancelled")
         horizon = now_ms - 600_000  # remember cancellations for 10 minutes
-        if self._cancelled and next(iter(self._cancelled.values())) < horizon:
+        if next(iter(self._cancelled.values())) < horizon:
             self._cancelled = {k: v for k, v in self._cancelled.items() if v >= horizon}
+
+    def _fill_engine(self) -> None:
+        """Queued requests into the engine by (priority, arrival), up to worker_max_batch running."""
+        if self.isolation.active:
+            if self._running:
+                return  # a suspect is stepping alone
+            while self.isolation.active and not self._running:
+                suspect = self.isolation.next_suspect()
+                if suspect is not None:
+                    self._start(suspect)
+            if self.isolation.active:
+                return
+        while len(self._running) < self.settings.worker_max_batch:
+            held = self.holding.next_queued()
+            if held is None:
+                return
+            self._start(held)
+
+    def _start(self, held: Held) -> None:
+        assert held.output is not None
+        request = held.request
+        try:
+            self.engine.add(EngineRequest(request.id, held.prompt_ids, request.sampling, priority=request.priority,
+                                          output_ids=list(held.output.token_ids)))
+        except Exception as exc:
+            log.exception("request %s: the engine refused it", request.id)
+            self._finish_error(held, "internal", f"the engine failed on this request ({type(exc).__name__})")
+            return
+        self.holding.started(held)
 
     def _step_engine(self) -> None:
         if not self.engine.has_work():
             return
-        outputs = self.engine.step()
+        started = self._monotonic()
+        try:
+            outputs = self.engine.step()
+        except Exception:
+            log.exception("engine step failed with %d requests running", len(self._running))
+            self._step_failed()
+            return
+        self.meter.step(self._monotonic() - started, len(outputs))
         self.telemetry.step(outputs)
-        now = self._monotonic()
-        elapsed = max(now - self._last_step_t, 1e-6)
-        self._last_step_t = now
-        self._tokens_ewma = 0.9 * self._tokens_ewma + 0.1 * (len(outputs) / elapsed)
         for out in outputs:
             held = self.held.get(out.request_id)
-            if held is None or held.final:
+            if held is None or held.final or held.output is None:
                 continue
-            result = held.output.push(out.token_id, engine_finish=out.finish_reason)
+            try:
+                result = held.output.push(out.token_id, engine_finish=out.finish_reason)
+            except Exception as exc:
+                log.exception("request %s: cannot process token %r", held.request.id, out.token_id)
+                self._finish_error(held, "internal", f"output processing failed ({type(exc).__name__})")
+                continue
             if held.request.stream:
-                held.events.append(("t", result.index, token_event(held.request.id, result.index, result.token_id, result.text)))
+                self._emit(held, ("t", result.index, token_event(held.request.id, result.index, result.token_id,
+                                                                 result.text)))
             if result.finish_reason is not None:
-                if out.finish_reason is None:
-                    self.engine.abort(held.request.id)
+                if out.finish_reason is not None:  # the engine has let go of it already
+                    self.holding.stopped(held)
                 self._finish(held, result.finish_reason)
+        if self.isolation.active:
+            # The suspect stepped alone without failing: cleared; it runs with the others afterwards.
+            for rid in list(self._running):
+                self._stop(self.held[rid])
+                self.isolation.passed(self.held[rid])
+
+    def _step_failed(self) -> None:
+        """The engine raised in a step: find the request it raised on (gpu_workers.isolation)."""
+        running = [self.held[rid] for rid in self._running]
+        for held in running:
+            self._stop(held)
+        blamed = self.isolation.failed(running)
+        if blamed is not None:
+            self._finish_error(blamed, "internal", "the engine failed while generating this request")
+        else:
+            log.warning("isolating the request that broke the engine among %d", len(running))
+
+    def _stop(self, held: Held) -> None:
+        """Take a request out of the engine (its KV blocks are freed now)."""
+        if held.running:
+            self.engine.abort(held.request.id)
+            self.holding.stopped(held)
+
+    def _emit(self, held: Held, event: Event) -> None:
+        self.publisher.emit(held, event)
 
     def _finish(self, held: Held, finish_reason: str) -> None:
+        self._stop(held)
         out = held.output
-        held.events.append(("f", 0, done_event(
+        assert out is not None
+        self._emit(held, ("f", 0, done_event(
             held.request.id, text=out.text, token_ids=out.token_ids,
             finish_reason=finish_reason,  # type: ignore[arg-type]
             prompt_tokens=out.prompt_len,
@@ -303,98 +448,56 @@ class WorkerGroup:
                                 completion_tokens=len(out.token_ids))
 
     def _finish_error(self, held: Held, code: str, message: str) -> None:
-        held.events.append(("f", 0, error_event(held.request.id, code, message)))
+        self._stop(held)
+        self._emit(held, ("f", 0, error_event(held.request.id, code, message)))
         held.final = True
         self.telemetry.failed(held.request.id, code, message)
 
     def _publish(self) -> None:
-        batch = [h for h in self.held.values() if h.events]
-        if not batch:
-            return
-        ttl_ms = self.settings.result_ttl_s * 1000
-
-        def publish(pipe: Any) -> None:
-            for held in batch:
-                reply = held.request.reply_to
-                self.scripts.publish(
-                    keys=[reply, self.keys.state(reply, held.request.id)],
-                    args=[self.name, held.epoch, ttl_ms, pack_events(held.events)],
-                    client=pipe,
-                )
-
-        _, results = self.scripts.execute(publish)
-        for raw in results:
-            if isinstance(raw, TRANSIENT_ERRORS):
-                raise raw  # nothing cleared: the events go out again (publishing is idempotent)
         done: list[Held] = []
-        for held, raw in zip(batch, results):
-            held.events.clear()
-            if isinstance(raw, Exception):
-                # e.g. reply_to names a key of another type: nothing can be delivered there
-                log.error("request %s: cannot publish to %r: %s", held.request.id, held.request.reply_to, raw,
-                          extra=request_extra(held.request.id))
-                done.append(held)
-                continue
-            status = publish_result(raw).status
-            if status in ("fenced", "final"):
-                # moved to another group, or finished already (a re-delivered entry): not ours now
-                self.engine.abort(held.request.id)
-                self.telemetry.let_go(held.request.id, status)
+        for held, status in self.publisher.publish():
+            if status in ("fenced", "final", "error"):
+                # moved to another group, finished already (a re-delivered entry), or undeliverable
+                self.fenced += status == "fenced"
+                if status != "error":
+                    self.telemetry.let_go(held.request.id, status)
                 done.append(held)
             elif status == "gap":
+                # Never expected (a new owner continues at the published index), but a request must not
+                # end without its final event: say so once the tokens before the gap are written.
                 log.error("request %s: token gap at publish; ending it", held.request.id,
                           extra=request_extra(held.request.id))
-                self.telemetry.let_go(held.request.id, "gap")
-                self.engine.abort(held.request.id)
-                done.append(held)
+                held.final = False
+                self._finish_error(held, "internal", "token index gap at publish")
             elif held.final:
                 self.completed += 1
                 done.append(held)
         for held in done:
-            del self.held[held.request.id]
+            self._stop(held)
+            self._forget(held)
         self._ack([h.entry_id for h in done])
+
+    def _forget(self, held: Held) -> None:
+        self.holding.forget(held)
+        self.publisher.discard(held)
 
     def _ack(self, entry_ids: list[bytes]) -> None:
         """Acknowledge (and delete) queue entries with the next read: one round trip less per step."""
-        self._to_ack.extend(entry_ids)
-
-    def _queue_acks(self, pipe: Any) -> None:
-        if self._to_ack:
-            queue = self.keys.group_queue(self.name)
-            pipe.xack(queue, QUEUE_GROUP, *self._to_ack)
-            pipe.xdel(queue, *self._to_ack)
+        self.publisher.to_ack.extend(entry_ids)
 
     def _flush_acks(self) -> None:
-        if self._to_ack:
-            pipe = self.redis.pipeline(transaction=False)
-            self._queue_acks(pipe)
-            pipe.execute()
-            self._to_ack.clear()
+        self.publisher.flush_acks()
 
     # --- heartbeat -------------------------------------------------------------------------------
 
     def load(self) -> GroupLoad:
-        stats = self.engine.stats()
-        info = self.engine.info
-        return GroupLoad(
-            name=self.name,
-            tp=info.tp,
-            model=info.model,
-            kv_dtype=info.kv_dtype,
-            kv_capacity_tokens=stats.kv_capacity_tokens,
-            kv_used_tokens=stats.kv_used_tokens,
-            running=stats.running,
-            waiting=stats.waiting,
-            queue_depth=self._queue_depth,
-            leader_pid=os.getpid(),
-            host=socket.gethostname(),
-            max_context=info.max_context,
-            vocab_size=info.vocab_size,
-            state="draining" if self.draining else "ready",
-            completed=self.completed,
-            tokens_per_s=round(self._tokens_ewma, 1),
-            metrics_port=self.telemetry.port,
-        )
+        now = self._monotonic()
+        state = "draining" if self.draining else "starting" if self._starting else "ready"
+        load = group_load(self.name, self.engine, self.holding, self.meter, now=now, state=state,
+                          queue_depth=self._queue_depth, completed=self.completed, fenced=self.fenced,
+                          metrics_port=self.telemetry.port)
+        self.meter.reset(now)
+        return load
 
     def heartbeat(self, *, force: bool = False) -> None:
         now = self._monotonic()
@@ -402,7 +505,7 @@ class WorkerGroup:
             return
         self._next_heartbeat = now + self.settings.heartbeat_interval_s
         queued = self.redis.xlen(self.keys.group_queue(self.name))
-        self._queue_depth = max(0, queued - len(self.held))
+        self._queue_depth = max(0, queued - len(self._running))
         load = self.load()
         self.scripts.heartbeat(
             keys=[self.keys.groups, self.keys.group_info(self.name)],
@@ -413,18 +516,25 @@ class WorkerGroup:
     # --- draining --------------------------------------------------------------------------------
 
     def _close_queue(self) -> None:
-        """Take no more work: balancers see the group closed atomically at dispatch."""
+        """Take no more work (balancers see the group closed atomically at dispatch); hand back at once
+        what has not started: another group can start it sooner than this one finishes."""
         self.redis.delete(self.keys.group_accepting(self.name))
         self.heartbeat(force=True)
-        log.info("group %s draining: finishing %d held requests", self.name, len(self.held))
+        waiting = self.holding.waiting()
+        for held in waiting:
+            self._hand_back(held.request, held.epoch, held.entry_id)
+            self._forget(held)
+        self._flush_acks()
+        log.info("group %s draining: finishing %d running requests, handed back %d", self.name,
+                 len(self._running), len(waiting))
 
     def _hand_back_all(self) -> None:
         """Put every request still held, or still queued, back on the ingress stream."""
         queue = self.keys.group_queue(self.name)
-        for held in list(self.held.values()):
-            self.engine.abort(held.request.id)
+        for held in self.holding.values():
+            self._stop(held)
             self._hand_back(held.request, held.epoch, held.entry_id)
-        self.held.clear()
+        self.holding.clear()
         while True:
             batch = self.redis.xreadgroup(QUEUE_GROUP, CONSUMER, {queue: ">"}, count=500)
             entries = [e for _s, es in (batch or []) for e in es]
@@ -439,6 +549,7 @@ class WorkerGroup:
                     continue
                 self._hand_back(request, epoch, entry_id)
             self._flush_acks()
+        self._flush_acks()
 
     def _hand_back(self, request: GenerationRequest, epoch: int, entry_id: bytes) -> None:
         # XADD first, then ack: a crash in between leaves a duplicate entry, which CLAIM_OWNER's

@@ -17,6 +17,7 @@ class EngineOptions:
     kv_dtype: str = "fp8_e4m3"
     kv_memory: str | None = None
     device: str = "cpu"
+    echo_token_delay_ms: float = 0.0  # the echo engine's time per step (see Settings)
 
 
 def build_engine(spec: str, options: EngineOptions) -> Engine:
@@ -26,7 +27,7 @@ def build_engine(spec: str, options: EngineOptions) -> Engine:
             raise ConfigError("--model echo runs on one process: --tp must be 1")
         from gpu_workers.echo import EchoEngine
 
-        return EchoEngine()
+        return EchoEngine(token_delay_s=options.echo_token_delay_ms / 1000.0)
     if options.tp != 1:
         raise ConfigError(f"--tp {options.tp}: tensor-parallel groups are not part of this build yet; use --tp 1")
     from gpu_workers.llm_engine import LlamaEngine, LlamaEngineOptions

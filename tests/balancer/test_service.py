@@ -52,7 +52,9 @@ def make_settings(redis_url: str, prefix: str) -> Callable[..., Settings]:
 def make_balancer(
         r: redis.Redis, make_settings: Callable[..., Settings], mono: FakeMonotonic) -> MakeBalancer:
     def make(name: str = "b1", **overrides: Any) -> Balancer:
-        balancer = Balancer(r, settings=make_settings(**overrides), name=name, monotonic=mono)
+        # A Redis up for long: the restart grace of failover (tested on its own) does not apply.
+        balancer = Balancer(r, settings=make_settings(**overrides), name=name, monotonic=mono,
+                            redis_uptime_s=lambda: 1e9)
         balancer.setup()
         return balancer
 
@@ -72,6 +74,13 @@ def fake_group(r: redis.Redis, keys: Keys, name: str, *, vocab_size: int = 256, 
         r.zadd(keys.groups, {name: old})
     if accepting:
         r.set(keys.group_accepting(name), "1")
+
+
+def fill(r: redis.Redis, keys: Keys, group: str, n: int) -> None:
+    """Queue entries another balancer put on ``group``."""
+    for i in range(n):
+        other = GenerationRequest(id=f"other-{group}-{i}", prompt="o", reply_to=keys.result(f"other-{i}"))
+        r.xadd(keys.group_queue(group), {"r": other.to_wire(), "e": "1", "c": "1"})
 
 
 def queued(r: redis.Redis, keys: Keys, group: str) -> list[tuple[GenerationRequest, int]]:
@@ -363,10 +372,9 @@ def test_group_that_stopped_accepting_is_taken_over(
     fake_group(r, keys, "busy", running=5)
     balancer = make_balancer()
     submit(r, keys, id="moved", prompt="x")
-    balancer.tick()  # routed to "closing" (least loaded): DISPATCH answers closed
-    assert queued(r, keys, "closing") == [] and list(balancer.waiting)
-    balancer.process([])
+    balancer.tick()  # routed to "closing" (least loaded): DISPATCH answers closed; routed again at once
     assert [(q.id, e) for q, e in queued(r, keys, "busy")] == [("moved", 2)]
+    assert not balancer.waiting
     assert state(r, keys, "moved") == {"owner": "busy", "epoch": "2"}
     assert queued(r, keys, "closing") == [] and settled(balancer, r, keys)
 
@@ -489,6 +497,9 @@ def test_handed_back_request_cancelled_before_redispatch(
     evs = events(r, keys.result("gone"))
     assert [e["event"] for e in evs] == ["token", "token", "done"]
     assert evs[-1]["finish_reason"] == "cancelled"
+    # it reports what its stream carried (the balancer has no tokenizer: the record of PUBLISH)
+    assert (evs[-1]["text"], evs[-1]["token_ids"]) == ("ca", "[99,97]")
+    assert_one_clean_completion(evs)
     assert state(r, keys, "gone")["owner"] == PUBLISHER
     assert ingress_settled(r, keys)
 
@@ -532,3 +543,224 @@ def test_ingress_read_blocks_unless_a_waiting_request_can_be_routed(
     assert blocks == [None]  # a waiting request can go somewhere now: do not wait for new ones
     balancer.process([])
     assert [q.id for q, _ in queued(r, keys, "open")] == ["w"]
+
+
+# --- admission control ------------------------------------------------------------------------------
+
+
+def test_requests_past_every_groups_bound_are_overloaded_at_once(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer) -> None:
+    fake_group(r, keys, "g1")
+    fake_group(r, keys, "g2")
+    balancer = make_balancer(group_max_requests=2)
+    for n in range(7):
+        submit(r, keys, id=f"o{n}", prompt="x", priority=0 if n < 5 else -1)  # the last two go first
+    balancer.tick()
+    accepted = {q.id for g in ("g1", "g2") for q, _ in queued(r, keys, g)}
+    assert len(accepted) == 4 and {"o5", "o6"} <= accepted
+    rejected = [f"o{n}" for n in range(7) if f"o{n}" not in accepted]
+    for rid in rejected:
+        assert "queue bound" in only_error(r, keys.result(rid), "overloaded")["message"]
+    assert balancer.counts["overloaded"] == 3 and not balancer.waiting
+    assert ingress_settled(r, keys)
+
+
+def test_the_token_bound_counts_prompt_and_max_tokens(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer) -> None:
+    fake_group(r, keys, "g1")
+    balancer = make_balancer(group_max_tokens=100)
+    submit(r, keys, id="big", prompt="x" * 40, max_tokens=50)  # 90 tokens
+    submit(r, keys, id="fits", prompt="y", max_tokens=9)  # 10 more: exactly at the bound
+    submit(r, keys, id="over", prompt="z", max_tokens=1)
+    balancer.tick()
+    assert [q.id for q, _ in queued(r, keys, "g1")] == ["big", "fits"]
+    only_error(r, keys.result("over"), "overloaded")
+    assert int(r.get(keys.group_queue_tokens("g1"))) == 100
+
+
+def test_the_total_bound_holds_across_groups(r: redis.Redis, keys: Keys, make_balancer: MakeBalancer) -> None:
+    for name in ("g1", "g2", "g3"):
+        fake_group(r, keys, name)
+    balancer = make_balancer(total_max_requests=4)
+    for n in range(6):
+        submit(r, keys, id=f"t{n}", prompt="x")
+    balancer.tick()
+    assert sum(len(queued(r, keys, g)) for g in ("g1", "g2", "g3")) == 4
+    assert "bounds" in only_error(r, keys.result("t5"), "overloaded")["message"]
+
+
+def test_requests_waiting_for_a_group_are_bounded_too(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer) -> None:
+    balancer = make_balancer(total_max_requests=3)
+    for n in range(5):
+        submit(r, keys, id=f"w{n}", prompt="x")
+    balancer.tick()  # no group yet: three wait, the others cannot
+    assert len(balancer.waiting) == 3
+    for n in (3, 4):
+        assert "wait for a worker group" in only_error(r, keys.result(f"w{n}"), "overloaded")["message"]
+
+
+def test_a_group_full_in_redis_but_not_in_the_balancers_view_sends_the_request_elsewhere(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer) -> None:
+    fake_group(r, keys, "g1")
+    fake_group(r, keys, "g2")
+    fill(r, keys, "g2", 3)  # busier, so g1 is picked first
+    balancer = make_balancer(group_max_requests=4)
+    balancer.refresh_groups()
+    fill(r, keys, "g1", 4)  # another balancer filled g1 after this one read its queue
+    submit(r, keys, id="re", prompt="x")
+    ((_s, entries),) = r.xreadgroup(INGRESS_GROUP, "b1", {keys.requests: ">"})
+    balancer.process(entries)
+    assert [(q.id, e) for q, e in queued(r, keys, "g2")][3:] == [("re", 2)]  # taken over from g1's epoch
+    assert settled(balancer, r, keys)
+
+
+def test_moved_requests_are_admitted_past_the_bounds(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer) -> None:
+    fake_group(r, keys, "doomed")
+    balancer = make_balancer(group_max_requests=2, total_max_requests=2)
+    submit(r, keys, id="m1", prompt="x")
+    submit(r, keys, id="m2", prompt="x")
+    balancer.tick()
+    fake_group(r, keys, "doomed", age_s=10)
+    fake_group(r, keys, "full")
+    fill(r, keys, "full", 2)
+    balancer.refresh_groups()  # fails "doomed" over
+    balancer.tick()
+    assert sorted(q.id for q, _ in queued(r, keys, "full"))[:2] == ["m1", "m2"]
+    assert balancer.counts["overloaded"] == 0
+
+
+# --- migration: the new group continues from what the stream carries ----------------------------------
+
+
+def test_a_request_moved_mid_stream_is_dispatched_with_its_published_tokens(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer,
+        make_group: Callable[..., WorkerGroup]) -> None:
+    first = make_group("first")
+    balancer = make_balancer()
+    prompt = "naïve café, déjà vu"
+    submit(r, keys, id="mig", prompt=prompt, stream=1, max_tokens=100)
+    balancer.tick()
+    for _ in range(6):
+        first.tick()
+    published = [int(e["token_id"]) for e in tokens(events(r, keys.result("mig")))]
+    assert published == list(prompt.encode()[:6])
+    # first stalls; its heartbeat ages past dead_after_s; a balancer fails it over
+    r.hset(keys.group_info("first"), "heartbeat_ms", 1)
+    r.zadd(keys.groups, {"first": 1})
+    second = make_group("second")
+    balancer.refresh_groups()
+    balancer.tick()
+    ((moved, epoch),) = queued(r, keys, "second")
+    assert (moved.output_ids, epoch) == (tuple(published), 2)
+    run_until(second.tick, lambda: bool(finals(events(r, keys.result("mig")))))
+    assert_one_clean_completion(events(r, keys.result("mig")), text=prompt)
+    # first wakes up: fenced, then finds its queue gone and starts afresh
+    evs = events(r, keys.result("mig"))
+    first._step_engine()
+    first._publish()
+    assert events(r, keys.result("mig")) == evs and first.fenced == 1
+    with pytest.raises(redis.ResponseError, match="NOGROUP"):
+        first.tick()
+
+
+def test_balancer_detections_are_recorded(r: redis.Redis, keys: Keys, make_balancer: MakeBalancer) -> None:
+    fake_group(r, keys, "gone", age_s=4)
+    balancer = make_balancer(dead_after_s=3.0)
+    balancer.refresh_groups()
+    assert balancer.counts["failovers"] == 1
+    (detection,) = balancer.detections_ms
+    assert 4000 <= detection < 5000
+
+
+def test_no_failover_while_redis_has_just_restarted(
+        r: redis.Redis, keys: Keys, make_settings: Callable[..., Settings], mono: FakeMonotonic) -> None:
+    uptime = [1.0]
+    balancer = Balancer(r, settings=make_settings(), name="b1", monotonic=mono, redis_uptime_s=lambda: uptime[0])
+    balancer.setup()
+    fake_group(r, keys, "quiet", age_s=10)  # its last heartbeat is from before the restart
+    balancer.refresh_groups()
+    assert r.exists(keys.group_accepting("quiet")) and balancer.counts["failovers"] == 0
+    uptime[0] = 4.5  # it had the time to reconnect and heartbeat, and did not
+    balancer.refresh_groups()
+    assert not r.exists(keys.group_accepting("quiet")) and balancer.counts["failovers"] == 1
+
+
+def test_no_failover_of_a_group_that_heartbeat_since_it_was_read(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer) -> None:
+    fake_group(r, keys, "slow", age_s=10)
+    balancer = make_balancer()
+    real_age = balancer.failover.heartbeat_age_ms
+    balancer.failover.heartbeat_age_ms = (  # type: ignore[method-assign]
+        lambda group: (fake_group(r, keys, "slow"), real_age(group))[1])  # it beats just then
+    balancer.refresh_groups()
+    assert r.exists(keys.group_accepting("slow")) and balancer.counts["failovers"] == 0
+
+
+# --- stats ------------------------------------------------------------------------------------------
+
+
+def test_stats_key_reports_the_batch_size_histogram(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer) -> None:
+    fake_group(r, keys, "g1")
+    balancer = make_balancer(balancer_batch_wait_ms=0.0)
+    submit(r, keys, id="one", prompt="x")
+    balancer.tick()
+    for n in range(5):
+        submit(r, keys, id=f"five{n}", prompt="x")
+    balancer.tick()
+    balancer.write_stats()
+    stats = {k.decode(): v.decode() for k, v in r.hgetall(keys.balancer_stats("b1")).items()}
+    assert json.loads(stats["batch_sizes"]) == {"1": 1, "5-8": 1}
+    assert json.loads(stats["counts"])["dispatched"] == 6
+    assert 0 < r.pttl(keys.balancer_stats("b1")) <= 10_000
+    assert r.zrange(keys.balancers, 0, -1) == [b"b1"]
+
+
+def test_a_busy_balancer_waits_briefly_for_a_larger_batch(
+        r: redis.Redis, keys: Keys, make_settings: Callable[..., Settings], mono: FakeMonotonic) -> None:
+    fake_group(r, keys, "g1")
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        for n in range(3):  # what arrives meanwhile
+            submit(r, keys, id=f"late{len(waits)}-{n}", prompt="x")
+
+    balancer = Balancer(r, settings=make_settings(balancer_batch_wait_ms=4.0), name="b1", monotonic=mono,
+                        sleep=sleep, redis_uptime_s=lambda: 1e9)
+    balancer.setup()
+    for _ in range(3):
+        submit(r, keys, id=f"idle{_}", prompt="x")
+        balancer.tick()
+        mono.advance(1.0)
+    assert waits == []  # one request at a time: never a wait
+    for tick in range(20):  # a burst: 4 entries every millisecond
+        for n in range(4):
+            submit(r, keys, id=f"burst{tick}-{n}", prompt="x")
+        balancer.tick()
+        mono.advance(0.001)
+    assert waits and max(waits) <= 0.004
+    assert max(balancer.batch_sizes) == 7  # 4 read, then 3 more after the wait
+
+
+def test_a_lost_ingress_consumer_group_is_created_again(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer) -> None:
+    import threading
+    import time
+
+    fake_group(r, keys, "g1")
+    balancer = make_balancer()
+    r.delete(keys.requests)  # Redis came back without its data (no persistence)
+    submit(r, keys, id="after", prompt="x")  # the stream exists again, without the consumer group
+    runner = threading.Thread(target=balancer.run)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not queued(r, keys, "g1") and time.monotonic() < deadline:
+            time.sleep(0.02)  # the balancer runs on its own thread: watch what it does in Redis
+    finally:
+        balancer.stop.set()
+        runner.join(10)
+    assert [q.id for q, _ in queued(r, keys, "g1")] == ["after"]

@@ -25,7 +25,7 @@ def make_balancer(r: redis.Redis, redis_url: str, prefix: str, mono: FakeMonoton
     def make(name: str = "b1", *, metrics: bool = True, **overrides: Any) -> Balancer:
         settings = Settings(redis_url=redis_url, prefix=prefix, balancer_block_ms=1,
                             metrics_port=0 if metrics else None, **overrides)
-        balancer = Balancer(r, settings=settings, name=name, monotonic=mono)
+        balancer = Balancer(r, settings=settings, name=name, monotonic=mono, redis_uptime_s=lambda: 1e9)
         balancer.setup()
         return balancer
 

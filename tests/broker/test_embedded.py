@@ -89,7 +89,8 @@ def test_unix_socket_mode() -> None:
 
 
 def test_appendonly_writes_an_aof_and_data_survives_kill_and_restart(tmp_path: Path) -> None:
-    server = EmbeddedRedis(appendonly=True, data_dir=str(tmp_path)).start()
+    # appendfsync always: with everysec, a busy machine can delay the AOF write past the SIGKILL.
+    server = EmbeddedRedis(appendonly=True, appendfsync="always", data_dir=str(tmp_path)).start()
     client = redis.Redis.from_url(server.url)
     client.set("survivor", "yes")
     client.xadd("stream", {"f": "v"})

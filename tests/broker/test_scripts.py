@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import redis
 
-from broker.keys import Keys
+from broker.keys import QUEUE_GROUP, Keys
 from broker.protocol import done_event, error_event, token_event
-from broker.scripts import PublishResult, Scripts, pack_events, publish_result
+from broker.scripts import Claim, PublishResult, Scripts, claim_result, pack_events, publish_result
 
 TTL_MS = 60_000
 RID = "req-1"
@@ -28,6 +28,12 @@ def state(keys: Keys, reply: str) -> str:
     return keys.state(reply, RID)
 
 
+def progress(state: str) -> list[str]:
+    """The keys CLAIM_OWNER and PUBLISH read next to the state (its companions: same request)."""
+    prefix = state.rsplit(":state:", 1)[0]
+    return [state, f"{prefix}:gen:{RID}", f"{prefix}:gentext:{RID}"]
+
+
 def claim(
     scripts: Scripts,
     state: str,
@@ -39,7 +45,7 @@ def claim(
     args: list[object] = [group, TTL_MS]
     if takeover is not None:
         args += [takeover[0], takeover[1]]
-    owner, epoch, finished = scripts.claim_owner(keys=[state], args=args, client=client)
+    owner, epoch, finished, *_ = scripts.claim_owner(keys=progress(state), args=args, client=client)
     return owner.decode(), int(epoch), int(finished)
 
 
@@ -59,7 +65,7 @@ def publish(
     epoch: int,
     events: list[tuple[str, int, dict[str, str]]],
 ) -> PublishResult:
-    raw = scripts.publish(keys=[reply, state], args=[publisher, epoch, TTL_MS, pack_events(events)])
+    raw = scripts.publish(keys=[reply, *progress(state)], args=[publisher, epoch, TTL_MS, pack_events(events)])
     return publish_result(raw)
 
 
@@ -116,10 +122,12 @@ def test_finished_before_any_claim(scripts: Scripts, reply: str, state: str) -> 
 # --- DISPATCH -------------------------------------------------------------------------------------------
 
 
-def dispatch(scripts: Scripts, keys: Keys, group: str, epoch: int, payload: bytes = b"req") -> list[bytes]:
+def dispatch(scripts: Scripts, keys: Keys, group: str, epoch: int, payload: bytes = b"req", *, rid: str = RID,
+             cost: int = 0, max_requests: int = 0, max_tokens: int = 0) -> list[bytes]:
     return scripts.dispatch(
-        keys=[keys.group_queue(group), keys.dispatch_marker(group, RID, epoch), keys.group_accepting(group)],
-        args=[payload, epoch, TTL_MS],
+        keys=[keys.group_queue(group), keys.dispatch_marker(group, rid, epoch), keys.group_accepting(group),
+              keys.group_queue_tokens(group)],
+        args=[payload, epoch, TTL_MS, cost, max_requests, max_tokens],
     )
 
 
@@ -130,7 +138,7 @@ def test_dispatch_is_idempotent_per_request_and_epoch(r: redis.Redis, scripts: S
     assert dispatch(scripts, keys, "g1", 1) == [b"dup"]
     assert dispatch(scripts, keys, "g1", 1) == [b"dup"]
     entries = r.xrange(keys.group_queue("g1"))
-    assert entries == [(entry_id, {b"r": b"\x81\xa1a\x01", b"e": b"1"})]
+    assert entries == [(entry_id, {b"r": b"\x81\xa1a\x01", b"e": b"1", b"c": b"0"})]
     assert 0 < r.pttl(keys.dispatch_marker("g1", RID, 1)) <= TTL_MS
 
     # A new epoch (the request was re-routed) is a new dispatch.
@@ -151,13 +159,14 @@ def test_dispatch_to_a_group_that_does_not_accept(r: redis.Redis, scripts: Scrip
 def test_claim_and_dispatch_in_one_pipeline(r: redis.Redis, scripts: Scripts, keys: Keys, state: str) -> None:
     r.set(keys.group_accepting("g1"), 1)
     pipe = r.pipeline(transaction=False)
-    scripts.claim_owner(keys=[state], args=["g1", TTL_MS], client=pipe)
+    scripts.claim_owner(keys=progress(state), args=["g1", TTL_MS], client=pipe)
     scripts.dispatch(
-        keys=[keys.group_queue("g1"), keys.dispatch_marker("g1", RID, 1), keys.group_accepting("g1")],
-        args=[b"x", 1, TTL_MS],
+        keys=[keys.group_queue("g1"), keys.dispatch_marker("g1", RID, 1), keys.group_accepting("g1"),
+              keys.group_queue_tokens("g1")],
+        args=[b"x", 1, TTL_MS, 5, 0, 0],
         client=pipe,
     )
-    (owner, epoch, finished), (status, _) = pipe.execute()
+    (owner, epoch, finished, _ids, _text), (status, _) = pipe.execute()
     assert (owner, epoch, finished, status) == (b"g1", 1, 0, b"ok")
     assert r.xlen(keys.group_queue("g1")) == 1
 
@@ -269,6 +278,91 @@ def test_publish_result_accepts_str_and_bytes() -> None:
     assert publish_result(["ok", "7"]) == PublishResult("ok", 7)
 
 
+# --- progress: what a new owner continues from -----------------------------------------------------
+
+
+def test_published_tokens_are_recorded_once_and_returned_by_a_takeover(
+    r: redis.Redis, scripts: Scripts, reply: str, state: str
+) -> None:
+    claim(scripts, state, "g1")
+    publish(scripts, reply, state, "g1", 1, [tok(0), tok(1)])
+    publish(scripts, reply, state, "g1", 1, [tok(1), tok(2)])  # a retry: index 1 is not recorded again
+    raw = scripts.claim_owner(keys=progress(state), args=["g2", TTL_MS, "g1", 1])
+    assert claim_result(raw) == Claim("g2", 2, False, (100, 101, 102), " w0 w1 w2")
+    # the fenced old owner adds nothing; the new owner's tokens continue the record
+    publish(scripts, reply, state, "g1", 1, [tok(3)])
+    publish(scripts, reply, state, "g2", 2, [tok(3)])
+    raw = scripts.claim_owner(keys=progress(state), args=["g3", TTL_MS])
+    assert claim_result(raw) == Claim("g2", 2, False, (100, 101, 102, 103), " w0 w1 w2 w3")
+    for key in progress(state)[1:]:
+        assert 0 < r.pttl(key) <= TTL_MS
+
+
+def test_the_record_goes_with_the_final_event(r: redis.Redis, scripts: Scripts, reply: str, state: str) -> None:
+    claim(scripts, state, "g1")
+    publish(scripts, reply, state, "g1", 1, [tok(0), ("t", 1, token_event(RID, 1, 7, ""))])
+    assert r.get(progress(state)[1]) == b"100,7,"
+    assert r.get(progress(state)[2]) == b" w0"  # an empty delta (held back text) adds nothing
+    publish(scripts, reply, state, "g1", 1, [done()])
+    assert not r.exists(*progress(state)[1:])
+    assert claim_result(scripts.claim_owner(keys=progress(state), args=["g2", TTL_MS, "g1", 1])) == Claim(
+        "g1", 1, True)
+
+
+def test_a_first_claim_has_no_progress(scripts: Scripts, state: str) -> None:
+    assert claim_result(scripts.claim_owner(keys=progress(state), args=["g1", TTL_MS])) == Claim("g1", 1, False)
+
+
+# --- admission bounds in DISPATCH, ACK, RETIRE_QUEUE ---------------------------------------------------
+
+
+def test_dispatch_refuses_past_the_request_bound(r: redis.Redis, scripts: Scripts, keys: Keys) -> None:
+    r.set(keys.group_accepting("g1"), 1)
+    for n in range(3):
+        assert dispatch(scripts, keys, "g1", 1, rid=f"q{n}", cost=10, max_requests=3)[0] == b"ok"
+    assert dispatch(scripts, keys, "g1", 1, rid="q3", cost=10, max_requests=3) == [b"full"]
+    assert not r.exists(keys.dispatch_marker("g1", "q3", 1))  # 'full' leaves no marker: it may come again
+    assert dispatch(scripts, keys, "g1", 1, rid="q0", cost=10, max_requests=3) == [b"dup"]  # a replay is no new work
+    assert dispatch(scripts, keys, "g1", 1, rid="q3", cost=10, max_requests=0)[0] == b"ok"  # unbounded (moved)
+    assert r.xlen(keys.group_queue("g1")) == 4 and int(r.get(keys.group_queue_tokens("g1"))) == 40
+
+
+def test_dispatch_refuses_past_the_token_bound_but_an_empty_queue_takes_anything(
+    r: redis.Redis, scripts: Scripts, keys: Keys
+) -> None:
+    r.set(keys.group_accepting("g1"), 1)
+    assert dispatch(scripts, keys, "g1", 1, rid="huge", cost=500, max_tokens=100)[0] == b"ok"
+    assert dispatch(scripts, keys, "g1", 1, rid="small", cost=1, max_tokens=100) == [b"full"]
+    r.delete(keys.group_queue("g1"), keys.group_queue_tokens("g1"))
+    assert dispatch(scripts, keys, "g1", 1, rid="a", cost=60, max_tokens=100)[0] == b"ok"
+    assert dispatch(scripts, keys, "g1", 1, rid="b", cost=40, max_tokens=100)[0] == b"ok"
+    assert dispatch(scripts, keys, "g1", 1, rid="c", cost=1, max_tokens=100) == [b"full"]
+
+
+def test_ack_takes_the_cost_off_once(r: redis.Redis, scripts: Scripts, keys: Keys) -> None:
+    r.set(keys.group_accepting("g1"), 1)
+    queue, counter = keys.group_queue("g1"), keys.group_queue_tokens("g1")
+    r.xgroup_create(queue, QUEUE_GROUP, id="0", mkstream=True)
+    ids = [dispatch(scripts, keys, "g1", 1, rid=f"a{n}", cost=10 + n)[1] for n in range(3)]
+    r.xreadgroup(QUEUE_GROUP, "leader", {queue: ">"})
+    assert scripts.ack(keys=[queue, counter], args=[QUEUE_GROUP, ids[0], ids[1]]) == 21
+    assert scripts.ack(keys=[queue, counter], args=[QUEUE_GROUP, ids[0], ids[1]]) == 0  # a retried ack
+    assert int(r.get(counter)) == 12 and r.xlen(queue) == 1
+    assert r.xpending(queue, QUEUE_GROUP)["pending"] == 1
+    assert scripts.ack(keys=[queue, counter], args=[QUEUE_GROUP, ids[2]]) == 12
+    assert not r.exists(counter) and r.xpending(queue, QUEUE_GROUP)["pending"] == 0
+
+
+def test_retire_queue_deletes_only_an_empty_queue(r: redis.Redis, scripts: Scripts, keys: Keys) -> None:
+    r.set(keys.group_accepting("g1"), 1)
+    queue, counter = keys.group_queue("g1"), keys.group_queue_tokens("g1")
+    (_ok, entry) = dispatch(scripts, keys, "g1", 1, cost=3)
+    assert scripts.retire_queue(keys=[queue, counter], args=[]) == 0  # the group came back: it keeps it
+    r.xdel(queue, entry)
+    assert scripts.retire_queue(keys=[queue, counter], args=[]) == 1
+    assert not r.exists(queue) and not r.exists(counter)
+
+
 # --- HEARTBEAT ------------------------------------------------------------------------------------------
 
 
@@ -303,5 +397,18 @@ def test_heartbeat_updates_the_registry(r: redis.Redis, scripts: Scripts, keys: 
 def test_pack_events_flattens_fields() -> None:
     import msgpack
 
-    data = pack_events([("t", 0, {"a": "1", "b": "2"}), ("f", 0, {"event": "done"})])
-    assert msgpack.unpackb(data, raw=False) == [["t", 0, ["a", "1", "b", "2"]], ["f", 0, ["event", "done"]]]
+    data = pack_events([("t", 0, {"token_id": "7", "text": "x"}), ("f", 0, {"event": "done"})])
+    assert msgpack.unpackb(data, raw=False) == [
+        ["t", 0, ["token_id", "7", "text", "x"], 7, "x"], ["f", 0, ["event", "done"]]]
+
+
+def test_callers_that_pass_no_record_keys_still_work(r: redis.Redis, scripts: Scripts, keys: Keys,
+                                                      reply: str, state: str) -> None:
+    # Older callers (or other tools) pass only reply + state, and only the queue's first three keys.
+    assert scripts.claim_owner(keys=[state], args=["g1", TTL_MS])[:3] == [b"g1", 1, 0]
+    raw = scripts.publish(keys=[reply, state], args=["g1", 1, TTL_MS, pack_events([tok(0), done()])])
+    assert publish_result(raw) == PublishResult("ok", 1)
+    r.set(keys.group_accepting("g1"), 1)
+    status = scripts.dispatch(keys=[keys.group_queue("g1"), keys.dispatch_marker("g1", RID, 1),
+                                    keys.group_accepting("g1")], args=[b"x", 1, TTL_MS])
+    assert status[0] == b"ok"

@@ -8,7 +8,7 @@ from typing import Any
 
 from broker.keys import QUEUE_GROUP, Keys
 from broker.protocol import FINAL_EVENTS, GenerationRequest, SamplingParams
-from broker.scripts import Scripts
+from broker.scripts import Scripts, claim_result
 
 TTL_MS = 60_000
 
@@ -58,26 +58,32 @@ def state_key(keys: Keys, request: GenerationRequest) -> str:
     return keys.state(request.reply_to, request.id)
 
 
-def enqueue(r: Any, keys: Keys, group: str, request: GenerationRequest) -> int:
-    """Route ``request`` to ``group`` the way a balancer does (CLAIM_OWNER, then DISPATCH); its epoch."""
-    scripts = Scripts(r)
-    owner, epoch, finished = scripts.claim_owner(keys=[state_key(keys, request)], args=[group, TTL_MS, "", 0])
-    assert owner.decode() == group and not finished
-    status = scripts.dispatch(
+def dispatch(r: Any, keys: Keys, group: str, request: GenerationRequest, epoch: int, *, cost: int = 0) -> bytes:
+    """DISPATCH ``request`` at ``epoch`` (no queue bounds); the entry id."""
+    status = Scripts(r).dispatch(
         keys=[keys.group_queue(group), keys.dispatch_marker(group, request.id, epoch),
-              keys.group_accepting(group)],
-        args=[request.to_wire(), epoch, TTL_MS],
+              keys.group_accepting(group), keys.group_queue_tokens(group)],
+        args=[request.to_wire(), epoch, TTL_MS, cost, 0, 0],
     )
     assert status[0] == b"ok", status
-    return int(epoch)
+    return bytes(status[1])
+
+
+def enqueue(r: Any, keys: Keys, group: str, request: GenerationRequest, *, cost: int = 0) -> int:
+    """Route ``request`` to ``group`` the way a balancer does (CLAIM_OWNER, then DISPATCH); its epoch."""
+    claim = claim_result(Scripts(r).claim_owner(keys=list(keys.progress(request.reply_to, request.id)),
+                                                args=[group, TTL_MS, "", 0]))
+    assert claim.owner == group and not claim.finished
+    dispatch(r, keys, group, request, claim.epoch, cost=cost)
+    return claim.epoch
 
 
 def take_over(
         r: Any, keys: Keys, request: GenerationRequest, *, to: str, frm: str, epoch: int) -> tuple[str, int]:
     """CLAIM_OWNER with takeover: (owner, epoch) afterwards."""
-    owner, new_epoch, _ = Scripts(r).claim_owner(keys=[state_key(keys, request)],
-                                                 args=[to, TTL_MS, frm, epoch])
-    return owner.decode(), int(new_epoch)
+    claim = claim_result(Scripts(r).claim_owner(keys=list(keys.progress(request.reply_to, request.id)),
+                                                args=[to, TTL_MS, frm, epoch]))
+    return claim.owner, claim.epoch
 
 
 def events(r: Any, stream: str) -> list[dict[str, str]]:

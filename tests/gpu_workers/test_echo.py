@@ -60,3 +60,19 @@ def test_close_drops_everything() -> None:
     engine.add(request("a", [1, 2, 3]))
     engine.close()
     assert not engine.has_work() and engine.step() == []
+
+
+def test_token_delay_makes_each_step_take_that_long() -> None:
+    slept: list[float] = []
+    engine = EchoEngine(token_delay_s=0.02, sleep=slept.append)
+    assert engine.step() == [] and slept == []  # nothing to do: no delay
+    engine.add(request("a", [1, 2]))
+    engine.add(request("b", [3]))
+    engine.step()
+    assert slept == [0.02]  # one step, however many requests it advances
+
+
+def test_a_moved_request_continues_after_its_output_ids() -> None:
+    engine = EchoEngine()
+    engine.add(request("m", [5, 6, 7, 8], output_ids=[5, 6]))
+    assert [engine.step() for _ in range(2)] == [[StepOutput("m", 7)], [StepOutput("m", 8, "stop")]]

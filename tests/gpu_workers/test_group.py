@@ -11,8 +11,9 @@ import pytest
 import redis
 
 from broker.keys import QUEUE_GROUP, Keys
-from broker.protocol import parse_request
+from broker.protocol import parse_request, token_event
 from broker.registry import read_groups
+from broker.scripts import Scripts, claim_result
 from broker.settings import Settings
 from gpu_workers.echo import EchoEngine
 from gpu_workers.group import CONSUMER, WorkerGroup
@@ -20,6 +21,7 @@ from tests.gpu_workers.helpers import (
     FakeClock,
     FakeMonotonic,
     assert_one_clean_completion,
+    dispatch,
     enqueue,
     events,
     finals,
@@ -361,12 +363,14 @@ def ingress(r: redis.Redis, keys: Keys, prefix: str) -> list[Any]:
 def test_drain_finishes_held_requests_and_hands_back_queued_ones(
         r: redis.Redis, keys: Keys, prefix: str, make_group: MakeGroup) -> None:
     group = make_group("g1", worker_max_batch=2)
-    held = [make_request(keys, f"h{n}", f"held request {n}", enqueued_ms=1234) for n in range(2)]
-    queued = make_request(keys, "q", "still queued", enqueued_ms=1234, timeout_s=99.0, stop=["zz"])
+    t0 = int(r.time()[0]) * 1000
+    held = [make_request(keys, f"h{n}", f"held request {n}", enqueued_ms=t0) for n in range(2)]
+    queued = make_request(keys, "q", "still queued", enqueued_ms=t0, timeout_s=99.0, stop=["zz"])
     for request in [*held, queued]:
         enqueue(r, keys, "g1", request)
     group.tick()
-    assert set(group.held) == {"h0", "h1"}
+    assert set(group.held) == {"h0", "h1", "q"}
+    assert {rid for rid, h in group.held.items() if h.running} == {"h0", "h1"}  # worker_max_batch
 
     seen: list[tuple[bool, str]] = []
     real_tick = group.tick
@@ -386,7 +390,7 @@ def test_drain_finishes_held_requests_and_hands_back_queued_ones(
     assert events(r, queued.reply_to) == []
     (back,) = ingress(r, keys, prefix)
     assert (back.id, back.takeover_from, back.takeover_epoch) == ("q", "g1", 1)
-    assert (back.prompt, back.enqueued_ms, back.timeout_s) == ("still queued", 1234, 99.0)
+    assert (back.prompt, back.enqueued_ms, back.timeout_s) == ("still queued", t0, 99.0)
     assert back.sampling.stop == ("zz",)
     assert r.zscore(keys.groups, "g1") is None and not r.exists(keys.group_info("g1"))
     assert not r.exists(keys.group_accepting("g1"))
@@ -447,3 +451,243 @@ def test_drain_of_an_idle_group_deregisters_at_once(
     group.run()
     assert r.zscore(keys.groups, "g1") is None and not r.exists(keys.group_accepting("g1"))
     assert r.xlen(keys.requests) == 0
+
+
+# --- migration: continuing a request from the tokens another group published ------------------------
+
+
+def publish_as(r: redis.Redis, keys: Keys, request: Any, group: str, epoch: int, token_ids: list[int]) -> None:
+    """What a previous owner streamed before it died: token events 0..k-1 with the deltas it sent."""
+    from broker.scripts import Scripts, pack_events
+    from gpu_workers.output import OutputState
+    from gpu_workers.tokenizer import ByteTokenizer
+
+    out = OutputState(sampling=request.sampling, prompt_ids=list((request.prompt or "").encode()),
+                      tokenizer=ByteTokenizer(), eos_token_ids=frozenset(), max_context=1 << 20)
+    events = []
+    for token_id in token_ids:
+        res = out.push(token_id)
+        events.append(("t", res.index, token_event(request.id, res.index, res.token_id, res.text)))
+    raw = Scripts(r).publish(keys=[request.reply_to, *keys.progress(request.reply_to, request.id)],
+                             args=[group, epoch, 60_000, pack_events(events)])
+    assert raw[0] == b"ok"
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3, 9, 14])
+def test_moved_request_continues_after_the_published_tokens(
+        r: redis.Redis, keys: Keys, make_group: MakeGroup, cut: int) -> None:
+    prompt = "héllo wörld STOP and more"  # multi-byte characters and a stop string around the cuts
+    request = make_request(keys, "moved", prompt, stop=["STOP"])
+    r.set(keys.group_accepting("dead"), "1")
+    epoch = enqueue(r, keys, "dead", request)  # pinned to a group that is about to die
+    raw = list(prompt.encode())
+    publish_as(r, keys, request, "dead", epoch, raw[:cut])
+    _owner, new_epoch = take_over(r, keys, request, to="g1", frm="dead", epoch=epoch)
+    claim = claim_result(Scripts(r).claim_owner(keys=list(keys.progress(request.reply_to, request.id)),
+                                                args=["g1", 60_000]))
+    assert claim.output_ids == tuple(raw[:cut])
+    group = make_group("g1")
+    moved = request.model_copy(update={"output_ids": claim.output_ids})
+    dispatch(r, keys, "g1", moved, new_epoch)
+    run_until(group.tick, finished(r, request.reply_to))
+    final = assert_one_clean_completion(events(r, request.reply_to), text="héllo wörld ")
+    assert json.loads(final["token_ids"]) == list("héllo wörld STOP".encode())
+    assert final["finish_reason"] == "stop"
+    assert not r.exists(*keys.progress(request.reply_to, request.id)[1:])  # the record went with the final
+
+
+def test_moved_request_whose_published_tokens_already_end_it(
+        r: redis.Redis, keys: Keys, make_group: MakeGroup) -> None:
+    group = make_group("g1")
+    request = make_request(keys, "ended", "abcdef", max_tokens=3)
+    r.set(keys.group_accepting("dead"), "1")
+    epoch = enqueue(r, keys, "dead", request)
+    take_over(r, keys, request, to="g1", frm="dead", epoch=epoch)
+    dispatch(r, keys, "g1", request.model_copy(update={"output_ids": (97, 98, 99)}), epoch + 1)
+    added: list[str] = []
+    group.engine.add = lambda req: added.append(req.request_id)  # type: ignore[method-assign]
+    run_until(group.tick, finished(r, request.reply_to))
+    (final,) = finals(events(r, request.reply_to))
+    assert (final["finish_reason"], final["text"]) == ("length", "abc") and added == []
+
+
+def test_a_publish_gap_ends_the_request_with_an_internal_error(
+        r: redis.Redis, keys: Keys, make_group: MakeGroup) -> None:
+    group = make_group("g1")
+    request = make_request(keys, "gap", "abcdef")
+    # Claims to continue after 2 tokens the stream never carried: its first token would be index 2.
+    epoch = enqueue(r, keys, "g1", request.model_copy(update={"output_ids": (97, 98)}))
+    assert epoch == 1
+    run_until(group.tick, finished(r, request.reply_to))
+    run_until(group.tick, lambda: not group.held)
+    (final,) = events(r, request.reply_to)
+    assert (final["event"], final["code"]) == ("error", "internal")
+    assert r.xlen(keys.group_queue("g1")) == 0 and not group.engine.has_work()
+
+
+# --- queued requests: priority, cancel and deadline before they run ------------------------------------
+
+
+def test_priority_decides_which_queued_request_runs_first(
+        r: redis.Redis, keys: Keys, make_group: MakeGroup) -> None:
+    group = make_group("g1", worker_max_batch=1)
+    for rid, priority in (("late", 5), ("first", -1), ("second", 0), ("third", 0)):
+        enqueue(r, keys, "g1", make_request(keys, rid, "ab", priority=priority))
+    order: list[str] = []
+    real_add = group.engine.add
+    group.engine.add = lambda req: (order.append(req.request_id), real_add(req))[1]  # type: ignore[method-assign]
+    run_until(group.tick, finished(r, *(keys.result(x) for x in ("late", "first", "second", "third"))))
+    assert order == ["first", "second", "third", "late"]
+
+
+def test_cancel_and_deadline_end_queued_requests_at_once(
+        r: redis.Redis, keys: Keys, make_group: MakeGroup) -> None:
+    group = make_group("g1", worker_max_batch=1)
+    t0 = 1_700_000_000_000
+    group.clock = FakeClock(t0)  # type: ignore[assignment]
+    enqueue(r, keys, "g1", make_request(keys, "busy", "x" * 50, enqueued_ms=t0))
+    enqueue(r, keys, "g1", make_request(keys, "cancel-me", "never runs", enqueued_ms=t0))
+    enqueue(r, keys, "g1", make_request(keys, "expire-me", "never runs", enqueued_ms=t0, timeout_s=1.0))
+    group.tick()
+    assert {rid for rid, h in group.held.items() if h.running} == {"busy"}
+    r.xadd(keys.cancel, {"id": "cancel-me"})
+    group.clock.ms = t0 + 1000
+    group.tick()
+    (cancelled,) = events(r, keys.result("cancel-me"))
+    assert (cancelled["finish_reason"], cancelled["token_ids"]) == ("cancelled", "[]")
+    (expired,) = events(r, keys.result("expire-me"))
+    assert expired["code"] == "timeout"
+    assert len(tokens(events(r, keys.result("busy")))) == 2  # it went on, one token per step
+
+
+# --- a request that breaks the engine -----------------------------------------------------------------
+
+
+class PoisonEngine(EchoEngine):
+    """Echo, except that a step fails while a prompt byte '!' is the next token, and add() fails for '#'."""
+
+    def add(self, request: Any) -> None:
+        if 35 in request.prompt_ids:
+            raise RuntimeError("cannot add")
+        super().add(request)
+
+    def step(self) -> list[Any]:
+        if any(prompt[pos] == 33 for prompt, pos in self._running.values()):
+            raise RuntimeError("kernel crashed")
+        return super().step()
+
+
+def test_a_request_that_breaks_the_engine_ends_alone_with_internal(
+        r: redis.Redis, keys: Keys, make_group: MakeGroup) -> None:
+    group = make_group("g1", engine=PoisonEngine())
+    prompts = {"ok1": "fine request", "bad": "goes wrong! here", "ok2": "also fine, longer one",
+               "refused": "has a # in it", "ok3": "z"}
+    for rid, prompt in prompts.items():
+        enqueue(r, keys, "g1", make_request(keys, rid, prompt))
+    run_until(group.tick, finished(r, *(keys.result(x) for x in prompts)), limit=400)
+    for rid in ("ok1", "ok2", "ok3"):
+        assert_one_clean_completion(events(r, keys.result(rid)), text=prompts[rid])
+    for rid in ("bad", "refused"):
+        evs = events(r, keys.result(rid))
+        final = assert_one_clean_completion(evs)
+        assert (final["event"], final["code"]) == ("error", "internal")
+    assert len(tokens(events(r, keys.result("bad")))) == len("goes wrong")  # streamed up to the bad token
+    assert not group.isolation.active and not group.engine.has_work()
+    # the group goes on serving
+    enqueue(r, keys, "g1", make_request(keys, "after", "still here"))
+    run_until(group.tick, finished(r, keys.result("after")))
+    assert_one_clean_completion(events(r, keys.result("after")), text="still here")
+
+
+# --- failed over while alive, stopping now --------------------------------------------------------------
+
+
+def test_a_group_failed_over_while_stalled_drops_what_moved_and_registers_again(
+        r: redis.Redis, keys: Keys, make_group: MakeGroup) -> None:
+    group = make_group("g1")
+    request = make_request(keys, "moving", "a long enough prompt")
+    epoch = enqueue(r, keys, "g1", request)
+    for _ in range(3):
+        group.tick()
+    group._read_inputs()
+    group._step_engine()  # it stalls here, with a token to publish, and a balancer declares it dead:
+    before = events(r, request.reply_to)
+    take_over(r, keys, request, to="g2", frm="g1", epoch=epoch)
+    r.delete(keys.group_accepting("g1"), keys.group_queue("g1"))
+    group._publish()  # it wakes up
+    assert events(r, request.reply_to) == before and group.fenced == 1
+    ticks = []
+    real_tick = group.tick
+
+    def tick() -> None:
+        ticks.append(1)
+        if len(ticks) == 3:
+            group.stop_now.set()
+        real_tick()
+
+    group.tick = tick  # type: ignore[method-assign]
+    assert group.run() == 0  # finds its queue gone, registers again
+    assert events(r, request.reply_to) == before
+    assert group.held == {}
+    assert r.get(keys.group_accepting("g1")) == b"1"
+    assert [g["name"] for g in r.xinfo_groups(keys.group_queue("g1"))] == [QUEUE_GROUP.encode()]
+    assert r.zscore(keys.groups, "g1") is not None  # stop_now: still registered, left to failover
+    enqueue(r, keys, "g1", make_request(keys, "new", "served after rejoining"))
+    group.tick = real_tick  # type: ignore[method-assign]
+    run_until(group.tick, finished(r, keys.result("new")))
+    assert_one_clean_completion(events(r, keys.result("new")), text="served after rejoining")
+
+
+def test_third_signal_stops_at_once_leaving_work_for_failover(
+        r: redis.Redis, keys: Keys, make_group: MakeGroup) -> None:
+    group = make_group("g1")
+    enqueue(r, keys, "g1", make_request(keys, "held", "x" * 50))
+    group.tick()
+    group.drain()
+    group.drain()
+    group.drain()
+    assert group.stop_now.is_set()
+    assert group.run() == 0
+    assert pending(r, keys, "g1") == 1 and r.zscore(keys.groups, "g1") is not None
+    assert r.xlen(keys.requests) == 0  # nothing handed back: the balancers fail it over
+
+
+def test_recover_after_a_reconnect_readmits_entries_it_no_longer_holds(
+        r: redis.Redis, keys: Keys, make_group: MakeGroup) -> None:
+    group = make_group("g1")
+    request = make_request(keys, "lost", "abc")
+    enqueue(r, keys, "g1", request)
+    group.tick()
+    group.holding.clear()  # as after Redis came back from an older AOF: the group forgot it
+    group.engine.close()
+    group._recover()
+    assert set(group.held) == {"lost"}
+    run_until(group.tick, finished(r, request.reply_to))
+    assert_one_clean_completion(events(r, request.reply_to), text="abc")
+
+
+# --- heartbeat load -----------------------------------------------------------------------------------
+
+
+def test_heartbeat_reports_tokens_latency_and_rate(
+        r: redis.Redis, keys: Keys, make_group: MakeGroup, mono: FakeMonotonic) -> None:
+    engine = EchoEngine()
+    real_step = engine.step
+
+    def slow_step() -> Any:
+        mono.advance(0.05)  # each step takes 50 ms
+        return real_step()
+
+    engine.step = slow_step  # type: ignore[method-assign]
+    group = make_group("g1", engine=engine, worker_max_batch=1, heartbeat_interval_s=1.0)
+    enqueue(r, keys, "g1", make_request(keys, "a", "x" * 30, max_tokens=40), cost=70)
+    enqueue(r, keys, "g1", make_request(keys, "b", "y" * 30, max_tokens=40), cost=70)
+    for _ in range(10):
+        group.tick()
+    mono.advance(0.5)
+    group.tick()  # 11 steps in 1.05 s since the registration heartbeat
+    (status,) = read_groups(r, keys, dead_after_s=3.0)
+    assert (status.running, status.queue_depth) == (1, 1)
+    assert status.queued_tokens == 70 and status.running_tokens == 30 + 11
+    assert status.latency_ewma_ms == pytest.approx(50.0)
+    assert status.tokens_per_s == pytest.approx(11 / 1.05, rel=0.01)

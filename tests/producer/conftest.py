@@ -84,7 +84,9 @@ class Responder:
         # The state key is per (reply stream, request): Keys.state(reply_to) alone would be shared by
         # every request on one client's reply stream (see the report on broker.keys).
         state = companion(reply_to, f"state:{request_id}")
-        raw = self.scripts.publish(keys=[reply_to, state], args=[PUBLISHER, 1, TTL_MS, pack_events(events)])
+        assert state == Keys.state(reply_to, request_id)
+        raw = self.scripts.publish(keys=[reply_to, *Keys.progress(reply_to, request_id)],
+                                   args=[PUBLISHER, 1, TTL_MS, pack_events(events)])
         assert publish_result(raw).status == "ok", raw
         if events and events[-1][0] == "f":
             self.finals[request_id] += 1

@@ -1,0 +1,96 @@
+"""Failing a dead worker group over: its queued and in-flight requests go back to the ingress stream.
+
+The group's accepting flag goes first, so no balancer adds to its queue meanwhile; then every entry
+of its queue, read or not, is put back on ``{p}:requests`` with takeover information (the dead group
+and the entry's epoch) and deleted from the queue, and the empty queue is retired (RETIRE_QUEUE), which
+a stalled group notices (``NOGROUP``) when it wakes. Balancers then route the requests like new ones,
+taking them over with a new epoch (CLAIM_OWNER), which fences the old group, and learning the tokens
+already streamed, which the new group continues after.
+
+Only one balancer does it (a lock per group), and only when it is sure: the heartbeat is read again
+under the lock, and a Redis that restarted less than ``dead_after_s + heartbeat_interval_s`` ago gets
+no failovers, since every heartbeat is old after a restart until the groups have reconnected.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from broker.keys import Keys
+from broker.protocol import GenerationRequest
+from broker.scripts import Scripts
+from broker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+LOCK_MS = 30_000
+
+
+@dataclass(frozen=True, slots=True)
+class FailedOver:
+    moved: int  # requests put back on the ingress stream
+    heartbeat_age_ms: float  # how old the group's last heartbeat was: the detection time
+
+
+class Failover:
+    def __init__(self, redis: Any, scripts: Scripts, keys: Keys, *, settings: Settings, owner: str,
+                 redis_uptime_s: Callable[[], float]) -> None:
+        self.redis = redis
+        self.scripts = scripts
+        self.keys = keys
+        self.settings = settings
+        self.owner = owner
+        self.redis_uptime_s = redis_uptime_s
+
+    def fail_over(self, group: str) -> FailedOver | None:
+        """Move the dead ``group``'s requests; None when not done now (another balancer is on it,
+        the group beat again, or Redis restarted too recently to judge)."""
+        lock = self.keys.group_failover_lock(group)
+        if not self.redis.set(lock, self.owner, nx=True, px=LOCK_MS):
+            return None
+        try:
+            age_ms = self.heartbeat_age_ms(group)
+            if age_ms is not None and age_ms <= self.settings.dead_after_s * 1000:
+                return None
+            if self.redis_uptime_s() < self.settings.dead_after_s + self.settings.heartbeat_interval_s:
+                return None
+            moved = self._move(group)
+        finally:
+            self.redis.delete(lock)
+        log.warning("group %s is dead (heartbeat %.1fs old): moved %d requests to other groups",
+                    group, (age_ms or 0.0) / 1000, moved)
+        return FailedOver(moved, age_ms or 0.0)
+
+    def _move(self, group: str) -> int:
+        queue = self.keys.group_queue(group)
+        self.redis.delete(self.keys.group_accepting(group))
+        moved, cursor = 0, "-"
+        while True:
+            entries = self.redis.xrange(queue, min=cursor, max="+", count=500)
+            if not entries:
+                break
+            pipe = self.redis.pipeline(transaction=False)
+            for entry_id, fields in entries:
+                try:
+                    request = GenerationRequest.from_wire(fields[b"r"])
+                    pipe.xadd(self.keys.requests, request.to_ingress(from_owner=group, epoch=int(fields[b"e"])))
+                    moved += 1
+                except Exception:
+                    log.exception("dropping malformed queue entry %s of %s", entry_id, group)
+            # XADD before XDEL: a crash in between leaves duplicates, which takeover makes harmless
+            pipe.xdel(queue, *[e for e, _ in entries])
+            pipe.execute()
+            cursor = "(" + entries[-1][0].decode()
+        self.scripts.retire_queue(keys=[queue, self.keys.group_queue_tokens(group)], args=[])
+        return moved
+
+    def heartbeat_age_ms(self, group: str) -> float | None:
+        """How old the group's heartbeat is now, on the Redis clock; None when it is not registered."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.time()
+        pipe.zscore(self.keys.groups, group)
+        (secs, micros), score = pipe.execute()
+        return None if score is None else secs * 1000.0 + micros / 1000.0 - score

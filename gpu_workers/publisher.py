@@ -1,0 +1,90 @@
+"""Events out of a worker group: one pipeline of PUBLISH calls per step, then the acknowledgements.
+
+PUBLISH (broker.scripts) fences by owner and epoch and writes token indices in order, once; the
+queue entry of a request is acknowledged (ACK: deleted, its cost taken off the queue's token
+counter) only after its final event is written, and then with the group's next read, to save a
+round trip per step.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from broker.connection import TRANSIENT_ERRORS
+from broker.keys import QUEUE_GROUP, Keys
+from broker.scripts import Scripts, pack_events, publish_result
+from gpu_workers.holding import Event, Held
+
+log = logging.getLogger(__name__)
+
+
+class Publisher:
+    def __init__(self, scripts: Scripts, keys: Keys, *, group: str, ttl_ms: int) -> None:
+        self.scripts = scripts
+        self.keys = keys
+        self.group = group
+        self.ttl_ms = ttl_ms
+        self.to_ack: list[bytes] = []  # finished queue entries, acknowledged with the next read
+        self._dirty: dict[str, Held] = {}  # held requests with events to publish
+
+    def emit(self, held: Held, event: Event) -> None:
+        held.events.append(event)
+        self._dirty[held.request.id] = held
+
+    def discard(self, held: Held) -> None:
+        self._dirty.pop(held.request.id, None)
+
+    def clear(self) -> None:
+        self._dirty.clear()
+        self.to_ack.clear()
+
+    def publish(self) -> list[tuple[Held, str]]:
+        """Write every pending event; (held, PUBLISH status or 'error') for each request written to.
+
+        On a lost connection nothing is cleared: the same events go out again (PUBLISH is idempotent).
+        """
+        batch = [h for h in self._dirty.values() if h.events]
+        self._dirty.clear()
+        if not batch:
+            return []
+
+        def build(pipe: Any) -> None:
+            for held in batch:
+                reply, rid = held.request.reply_to, held.request.id
+                self.scripts.publish(
+                    keys=[reply, *self.keys.progress(reply, rid)],
+                    args=[self.group, held.epoch, self.ttl_ms, pack_events(held.events)],
+                    client=pipe,
+                )
+
+        try:
+            _, results = self.scripts.execute(build)
+            for raw in results:
+                if isinstance(raw, TRANSIENT_ERRORS):
+                    raise raw
+        except BaseException:
+            self._dirty.update((h.request.id, h) for h in batch)
+            raise
+        out: list[tuple[Held, str]] = []
+        for held, raw in zip(batch, results):
+            held.events.clear()
+            if isinstance(raw, Exception):
+                # e.g. reply_to names a key of another type: nothing can be delivered there
+                log.error("request %s: cannot publish to %r: %s", held.request.id, held.request.reply_to, raw)
+                out.append((held, "error"))
+            else:
+                out.append((held, publish_result(raw).status))
+        return out
+
+    def queue_acks(self, pipe: Any) -> int:
+        """Add the pending acknowledgements to ``pipe``; how many (0: nothing added)."""
+        if self.to_ack:
+            self.scripts.ack(keys=[self.keys.group_queue(self.group), self.keys.group_queue_tokens(self.group)],
+                             args=[QUEUE_GROUP, *self.to_ack], client=pipe)
+        return len(self.to_ack)
+
+    def flush_acks(self) -> None:
+        if self.to_ack:
+            self.scripts.execute(self.queue_acks)
+            self.to_ack.clear()
