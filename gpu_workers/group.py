@@ -36,6 +36,7 @@ from broker.settings import Settings
 from gpu_workers.engine import Engine, EngineRequest
 from gpu_workers.holding import Event, Held, Holding
 from gpu_workers.isolation import Isolation
+from gpu_workers.keepalive import StepKeepalive
 from gpu_workers.load import LoadMeter, group_load
 from gpu_workers.output import OutputState
 from gpu_workers.publisher import Publisher
@@ -85,6 +86,9 @@ class WorkerGroup:
             self.name, enabled=settings.metrics_port is not None, now_ms=lambda: self.clock.now_ms(),
             log_prompts=settings.log_prompts, ready_within_s=settings.dead_after_s,
             live_within_s=settings.liveness_timeout_s, monotonic=monotonic)
+        self._heartbeat_fields: list[str] | None = None  # of the last heartbeat, repeated by keepalive
+        self.keepalive = StepKeepalive(self._repeat_heartbeat, interval_s=settings.heartbeat_interval_s,
+                                       max_step_s=settings.liveness_timeout_s, monotonic=monotonic)
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -133,6 +137,13 @@ class WorkerGroup:
         Returns the process exit code (0). A group failed over while it was unresponsive (its queue
         is gone) drops what it held, which has moved, and registers again.
         """
+        self.keepalive.start()
+        try:
+            return self._serve()
+        finally:
+            self.keepalive.stop()
+
+    def _serve(self) -> int:
         delays = None
         reconnected = rejoin = False
         drain_deadline: float | None = None
@@ -383,12 +394,15 @@ class WorkerGroup:
         if not self.engine.has_work():
             return
         started = self._monotonic()
+        self.keepalive.step_started()
         try:
             outputs = self.engine.step()
         except Exception:
             log.exception("engine step failed with %d requests running", len(self._running))
             self._step_failed()
             return
+        finally:
+            self.keepalive.step_ended()
         self.meter.step(self._monotonic() - started, len(outputs))
         self.telemetry.step(outputs)
         for out in outputs:
@@ -507,11 +521,19 @@ class WorkerGroup:
         queued = self.redis.xlen(self.keys.group_queue(self.name))
         self._queue_depth = max(0, queued - len(self._running))
         load = self.load()
+        self._heartbeat_fields = load.to_fields()
         self.scripts.heartbeat(
             keys=[self.keys.groups, self.keys.group_info(self.name)],
-            args=[self.name, *load.to_fields()],
+            args=[self.name, *self._heartbeat_fields],
         )
         self.telemetry.heartbeat(load, self.engine.stats(), held=self.held)
+
+    def _repeat_heartbeat(self) -> None:
+        """The last heartbeat again, freshly stamped (from the keepalive thread, during a long step)."""
+        fields = self._heartbeat_fields
+        if fields is not None:
+            self.scripts.heartbeat(keys=[self.keys.groups, self.keys.group_info(self.name)],
+                                   args=[self.name, *fields])
 
     # --- draining --------------------------------------------------------------------------------
 
