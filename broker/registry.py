@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import json
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from broker.keys import Keys
 
 _INT_FIELDS = ("tp", "kv_capacity_tokens", "kv_used_tokens", "running", "waiting", "queue_depth",
                "leader_pid", "max_context", "vocab_size", "completed", "heartbeat_ms")
+_LIST_FIELDS = ("rank_weight_bytes", "rank_kv_bytes")  # JSON arrays of ints in the hash
 
 
 @dataclass(slots=True)
@@ -32,9 +34,18 @@ class GroupLoad:
     completed: int = 0  # requests finished since start
     tokens_per_s: float = 0.0  # recent generation rate
     metrics_port: int | None = None  # of the leader's /metrics endpoint on ``host``; None: not served
+    # What each of the ``tp`` ranks holds, in rank order: its weights and its KV cache (its heads).
+    rank_weight_bytes: list[int] = field(default_factory=list)
+    rank_kv_bytes: list[int] = field(default_factory=list)
 
     def to_fields(self) -> list[str]:
-        return [x for k, v in asdict(self).items() for x in (k, "" if v is None else str(v))]
+        return [x for k, v in asdict(self).items() for x in (k, _field_text(v))]
+
+
+def _field_text(value: Any) -> str:
+    if value is None:
+        return ""
+    return json.dumps(value) if isinstance(value, list) else str(value)
 
 
 @dataclass(slots=True)
@@ -61,6 +72,8 @@ def parse_group(info: dict[bytes, bytes], *, now_ms: float, dead_after_s: float)
             values[name] = int(values[name])
         values["tokens_per_s"] = float(values.get("tokens_per_s", 0.0))
         values["metrics_port"] = int(values["metrics_port"]) if values.get("metrics_port") else None
+        for name in _LIST_FIELDS:  # absent in heartbeats of older groups
+            values[name] = [int(n) for n in json.loads(values.get(name) or "[]")]
         values.pop("alive", None)
         values.pop("heartbeat_age_s", None)
         status = GroupStatus(**values)
