@@ -394,6 +394,8 @@ class WorkerGroup:
             completed=self.completed,
             tokens_per_s=round(self._tokens_ewma, 1),
             metrics_port=self.telemetry.port,
+            rank_weight_bytes=list(info.rank_weight_bytes),
+            rank_kv_bytes=list(info.rank_kv_bytes),
         )
 
     def heartbeat(self, *, force: bool = False) -> None:
