@@ -144,6 +144,19 @@ def test_hung_rank_stops_the_group_within_the_timeout(
 
 
 @pytest.mark.chaos
+def test_idle_group_notices_a_lost_rank(procs: Procs, r: redis.Redis, keys: Keys, model_dir: Path) -> None:
+    """With nothing to compute the leader pings its ranks; a lost one stops it before the next heartbeat."""
+    leader, follower = start_group(procs, model_dir, "tp")
+    wait_groups(r, keys, {"tp"}, timeout=60)
+    lost_ms = redis_ms(r)
+    os.kill(follower, signal.SIGKILL)
+    began = time.monotonic()
+    assert leader.wait(timeout=10) == EXIT_ENGINE_FAILED
+    assert time.monotonic() - began < 3.0  # a ping interval (0.5 s), then the next heartbeat (1 s)
+    assert int(r.hget(keys.group_info("tp"), "heartbeat_ms")) <= lost_ms + 1500
+
+
+@pytest.mark.chaos
 def test_killed_leader_takes_its_ranks_along(procs: Procs, r: redis.Redis, keys: Keys, model_dir: Path) -> None:
     leader, follower = start_group(procs, model_dir, "tp")
     wait_groups(r, keys, {"tp"}, timeout=60)
