@@ -228,7 +228,8 @@ def _spawn(env: RankEnv, rank: int, argv: list[str]) -> subprocess.Popen[bytes]:
     }
     return subprocess.Popen(
         [sys.executable, "-m", "gpu_workers", *argv], env=child_env, stdin=subprocess.DEVNULL,
-        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        # no other thread runs yet (ranks start before the engine, the metrics server and the pinger)
+        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
     )
 
 

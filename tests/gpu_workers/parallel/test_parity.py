@@ -30,12 +30,13 @@ NEW_TOKENS = 12
 KV_BLOCKS = 7  # 112 token slots for 4 prompts of up to 60 tokens + 12 each: preemptions
 
 CONFIGS: dict[str, dict[str, Any]] = {
-    "llama-kv-split": dict(family="llama", seed=3),
-    "llama-mqa-kv-replicated-tied-odd-vocab": dict(family="llama", seed=4, num_key_value_heads=1,
-                                                   tie_word_embeddings=True, vocab_size=321),
-    "qwen2-6-heads-2-kv": dict(family="qwen2", seed=5, hidden_size=96, num_attention_heads=6, num_key_value_heads=2),
-    "llama-mha-bias-headdim24": dict(family="llama", seed=6, num_key_value_heads=4, head_dim=24,
-                                     attention_bias=True, mlp_bias=True),
+    "llama-kv-split": {"family": "llama", "seed": 3},
+    "llama-mqa-kv-replicated-tied-odd-vocab": {"family": "llama", "seed": 4, "num_key_value_heads": 1,
+                                               "tie_word_embeddings": True, "vocab_size": 321},
+    "qwen2-6-heads-2-kv": {"family": "qwen2", "seed": 5, "hidden_size": 96, "num_attention_heads": 6,
+                           "num_key_value_heads": 2},
+    "llama-mha-bias-headdim24": {"family": "llama", "seed": 6, "num_key_value_heads": 4, "head_dim": 24,
+                                 "attention_bias": True, "mlp_bias": True},
 }
 
 

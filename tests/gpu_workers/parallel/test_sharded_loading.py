@@ -18,7 +18,7 @@ from tests.gpu_workers.reference import save_hf_model
 
 def checkpoint_bytes(path: Path) -> dict[str, torch.Tensor]:
     with safe_open(path / "model.safetensors", framework="pt") as f:
-        return {name: f.get_tensor(name) for name in f.keys()}
+        return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open is no dict
 
 
 @pytest.mark.parametrize("kv_heads", [2, 1], ids=["kv-split", "kv-replicated"])

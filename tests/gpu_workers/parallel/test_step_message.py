@@ -14,7 +14,15 @@ import pytest
 
 from gpu_workers.block_manager import BlockManager
 from gpu_workers.model_runner import Chunk
-from gpu_workers.parallel.step_message import CHUNK_FIELDS, HEADER, PING, STOP, StepDecoder, StepEncoder, control_message
+from gpu_workers.parallel.step_message import (
+    CHUNK_FIELDS,
+    HEADER,
+    PING,
+    STOP,
+    StepDecoder,
+    StepEncoder,
+    control_message,
+)
 from gpu_workers.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from gpu_workers.sequence import Sequence
 
