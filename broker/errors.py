@@ -41,3 +41,8 @@ class RequestFailed(RyzansteinError):
 
 class ConfigError(RyzansteinError):
     """Bad configuration or environment (no Redis reachable, unknown model, ...)."""
+
+
+class EngineFailed(RyzansteinError):
+    """The engine can no longer step: a rank of its tensor-parallel group died or stopped
+    answering. The group must stop (no heartbeat, no more events) and leave its work to failover."""

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from broker.keys import Keys
@@ -13,6 +14,7 @@ _INT_FIELDS = ("tp", "kv_capacity_tokens", "kv_used_tokens", "running", "waiting
 # Load fields added later: a heartbeat from an older group may lack them (they read as 0).
 _OPTIONAL_INT_FIELDS = ("queued_tokens", "running_tokens", "fenced")
 _OPTIONAL_FLOAT_FIELDS = ("tokens_per_s", "kv_utilization", "latency_ewma_ms")
+_LIST_FIELDS = ("rank_weight_bytes", "rank_kv_bytes")  # JSON arrays of ints in the hash
 
 
 @dataclass(slots=True)
@@ -43,9 +45,18 @@ class GroupLoad:
     kv_utilization: float = 0.0  # kv_used_tokens / kv_capacity_tokens (0 without a KV cache)
     latency_ewma_ms: float = 0.0  # engine step time (the time between two tokens of a request), EWMA
     fenced: int = 0  # publishes refused since start: requests that had moved to another group
+    # What each of the ``tp`` ranks holds, in rank order: its weights and its KV cache (its heads).
+    rank_weight_bytes: list[int] = field(default_factory=list)
+    rank_kv_bytes: list[int] = field(default_factory=list)
 
     def to_fields(self) -> list[str]:
-        return [x for k, v in asdict(self).items() for x in (k, "" if v is None else str(v))]
+        return [x for k, v in asdict(self).items() for x in (k, _field_text(v))]
+
+
+def _field_text(value: Any) -> str:
+    if value is None:
+        return ""
+    return json.dumps(value) if isinstance(value, list) else str(value)
 
 
 @dataclass(slots=True)
@@ -77,6 +88,8 @@ def parse_group(info: dict[bytes, bytes], *, now_ms: float, dead_after_s: float)
             if not math.isfinite(values[name]):
                 raise ValueError(name)
         values["metrics_port"] = int(values["metrics_port"]) if values.get("metrics_port") else None
+        for name in _LIST_FIELDS:  # absent in heartbeats of older groups
+            values[name] = [int(n) for n in json.loads(values.get(name) or "[]")]
         values.pop("alive", None)
         values.pop("heartbeat_age_s", None)
         status = GroupStatus(**values)

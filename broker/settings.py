@@ -80,6 +80,13 @@ class Settings(BaseSettings):
     # The echo engine sleeps this long per step (one token per running request): a stand-in for a
     # model's decode step, so that tests and benchmarks can kill things mid-stream.
     echo_token_delay_ms: float = Field(default=0.0, ge=0.0)
+    # A tensor-parallel rank that waits longer than this in a collective (a peer died or hangs) stops
+    # the whole group: the leader stops heartbeating and exits, and balancers fail its work over.
+    # Idle leaders ping their ranks several times within it, so only a stuck peer ever reaches it.
+    tp_timeout_s: float = Field(default=5.0, gt=0)
+    # Longest wait for the other ranks while a group starts: rendezvous, then weight loading (ranks
+    # load at different speeds; a large model on a slow disk needs minutes).
+    tp_startup_timeout_s: float = Field(default=600.0, gt=0)
 
     # --- operations: metrics, probes, logs --------------------------------------------------
     # The HTTP endpoint of a balancer or group leader: /metrics (Prometheus), /livez, /readyz.

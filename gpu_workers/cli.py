@@ -1,17 +1,26 @@
-"""``ryzanstein worker`` / ``python -m gpu_workers``: one worker group."""
+"""``ryzanstein worker`` / ``python -m gpu_workers``: one worker group, of one process or of K ranks.
+
+With ``--tp K`` this process becomes rank 0, the leader, and starts ranks 1..K-1 itself; under
+torchrun (RANK, WORLD_SIZE, ... set) every rank runs this same command, and rank 0 leads. Only the
+leader talks to Redis; the other ranks compute what it sends them (gpu_workers.parallel).
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import signal
+from pathlib import Path
 from types import FrameType
 
 from broker.cli_common import add_metrics, settings_from_args, setup_logging
 from broker.connection import connect, resolve_url, retry_forever
+from broker.errors import EngineFailed
 from broker.metrics import serve_metrics
+from broker.settings import Settings
+from gpu_workers.engine import EXIT_ENGINE_FAILED, Engine
 from gpu_workers.group import WorkerGroup
-from gpu_workers.models import KV_DTYPES, EngineOptions, build_engine
+from gpu_workers.models import KV_DTYPES, EngineOptions, build_engine, model_dir
 
 log = logging.getLogger("gpu_workers")
 
@@ -33,23 +42,74 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.add_argument("--model", default="echo",
                         help="model SPEC: a Hugging Face directory, random:<preset>, or echo (default)")
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks in this group (default 1)")
+    parser.add_argument("--tp", type=int, default=None,
+                        help="tensor-parallel ranks in this group: this process starts K-1 more on this host "
+                             "(default 1, or WORLD_SIZE under torchrun, which starts every rank itself)")
     parser.add_argument("--group", default=None, help="group name (default: <host>-<pid>; unique per group)")
     parser.add_argument("--kv-dtype", default="fp8_e4m3", choices=KV_DTYPES, help="KV cache dtype")
-    parser.add_argument("--kv-memory", default=None, help="KV cache size, e.g. 2GiB (default: a share of free memory)")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--kv-memory", default=None,
+                        help="KV cache size per rank, e.g. 2GiB (default: a share of free memory)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cpu, or cuda: one GPU per rank, by LOCAL_RANK (default cpu)")
+    parser.add_argument("--tp-timeout", type=float, default=None, metavar="SECONDS",
+                        help="a rank waiting longer than this on another stops the whole group "
+                             "(default: $RYZ_TP_TIMEOUT_S, else 5)")
     parser.add_argument("--wait-broker", type=float, default=30.0,
                         help="seconds to wait for an embedded broker to appear when no URL is given")
     add_metrics(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    from gpu_workers.parallel.launch import group_size, rank_env
+
     setup_logging(args)
     settings = settings_from_args(args)
-    url = resolve_url(settings, wait_s=args.wait_broker)
-    engine = build_engine(args.model, EngineOptions(tp=args.tp, kv_dtype=args.kv_dtype,
-                                                     kv_memory=args.kv_memory, device=args.device,
-                                                     echo_token_delay_ms=settings.echo_token_delay_ms))
+    if args.tp_timeout is not None:
+        settings = settings.model_copy(update={"tp_timeout_s": args.tp_timeout})
+    tp = group_size(args.tp)
+    options = EngineOptions(tp=tp, kv_dtype=args.kv_dtype, kv_memory=args.kv_memory, device=args.device,
+                            echo_token_delay_ms=settings.echo_token_delay_ms)
+    if tp == 1:
+        url = resolve_url(settings, wait_s=args.wait_broker)
+        return _lead(args, settings, url, build_engine(args.model, options))
+    env = rank_env()
+    leader = env is None or env.rank == 0
+    # before any rank starts: the leader finds Redis, and a model that cannot split K ways is refused
+    url = resolve_url(settings, wait_s=args.wait_broker) if leader else ""
+    return _run_rank(args, settings, url, options)
+
+
+def _run_rank(args: argparse.Namespace, settings: Settings, url: str, options: EngineOptions) -> int:
+    from gpu_workers.model.config import load_config
+    from gpu_workers.parallel.follower import run_follower
+    from gpu_workers.parallel.launch import start_group
+
+    if args.model == "echo":
+        return _lead(args, settings, url, build_engine(args.model, options))  # refuses --tp > 1
+    path = model_dir(args.model)
+    load_config(path).check_tp(options.tp)
+    group = start_group(options.tp, device=args.device, follower_argv=_follower_argv(args, settings, path, options.tp),
+                        timeout_s=settings.tp_timeout_s, startup_timeout_s=settings.tp_startup_timeout_s)
+    code = EXIT_ENGINE_FAILED
+    try:
+        if not group.is_leader:
+            code = run_follower(path, options.llama(), group)
+        else:
+            code = _lead(args, settings, url, build_engine(args.model, options, group=group))
+        return code
+    finally:
+        group.close(grace_s=0.0 if code == EXIT_ENGINE_FAILED else 5.0)
+
+
+def _follower_argv(args: argparse.Namespace, settings: Settings, path: Path, tp: int) -> list[str]:
+    """What a rank this leader starts runs: the same model and cache, without Redis."""
+    argv = ["--model", str(path), "--tp", str(tp), "--kv-dtype", args.kv_dtype, "--device", args.device,
+            "--tp-timeout", str(settings.tp_timeout_s), "--log-level", args.log_level,
+            "--log-format", settings.log_format]
+    return argv + (["--kv-memory", args.kv_memory] if args.kv_memory else [])
+
+
+def _lead(args: argparse.Namespace, settings: Settings, url: str, engine: Engine) -> int:
     group = WorkerGroup(connect(url, settings), engine, settings=settings, name=args.group)
     server = serve_metrics(group.telemetry.registry, group.telemetry.probe, host=settings.metrics_host,
                            port=settings.metrics_port)
@@ -61,6 +121,11 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    retry_forever(group.register, settings, what="group registration")
-    print(f"worker group {group.name} serving {engine.info.model} on {url}", flush=True)
-    return group.run()
+    try:
+        retry_forever(group.register, settings, what="group registration")
+        print(f"worker group {group.name} serving {engine.info.model} on {url}"
+              + (f" with {engine.info.tp} tensor-parallel ranks" if engine.info.tp > 1 else ""), flush=True)
+        return group.run()
+    except EngineFailed as exc:
+        log.error("group %s: %s; exiting", group.name, exc)
+        return EXIT_ENGINE_FAILED

@@ -12,6 +12,10 @@ from typing import Protocol
 
 from broker.protocol import SamplingParams
 
+# A worker process whose engine raised ``broker.errors.EngineFailed`` (a tensor-parallel rank died
+# or hangs) exits with this code, having published nothing more and left its work to failover.
+EXIT_ENGINE_FAILED = 4
+
 
 @dataclass(frozen=True, slots=True)
 class EngineInfo:
@@ -21,6 +25,9 @@ class EngineInfo:
     eos_token_ids: frozenset[int] = frozenset()
     tp: int = 1
     kv_dtype: str = "none"
+    # What each rank of the group holds, in rank order (empty for engines without a model).
+    rank_weight_bytes: tuple[int, ...] = ()
+    rank_kv_bytes: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -68,10 +75,11 @@ class Engine(Protocol):
         """Drop a request now and free what it holds; unknown ids are ignored."""
 
     def step(self) -> list[StepOutput]:
-        """Advance every running request by at most one token."""
+        """Advance every running request by at most one token; EngineFailed when it never can again."""
 
     def has_work(self) -> bool: ...
 
-    def stats(self) -> EngineStats: ...
+    def stats(self) -> EngineStats:
+        """The current load; EngineFailed once the engine has failed (so no heartbeat goes out)."""
 
     def close(self) -> None: ...

@@ -27,6 +27,7 @@ from typing import Any
 from redis.exceptions import NoScriptError, ResponseError
 
 from broker.connection import TRANSIENT_ERRORS, RedisClock, backoff_delays
+from broker.errors import EngineFailed
 from broker.keys import QUEUE_GROUP, Keys
 from broker.logs import request_extra
 from broker.protocol import GenerationRequest, done_event, error_event, limit_problem, token_event
@@ -187,6 +188,8 @@ class WorkerGroup:
                     self._drop_all()
                     break
                 rejoin = True  # done at the top of the loop, where a Redis error is retried
+            except EngineFailed:
+                raise  # no heartbeat, no events: the work stays in Redis for failover
             except Exception:
                 # Never die: what is not acknowledged is retried, and requests that break the engine
                 # end with `internal` (see _step_failed).
@@ -397,6 +400,8 @@ class WorkerGroup:
         self.keepalive.step_started()
         try:
             outputs = self.engine.step()
+        except EngineFailed:
+            raise  # the engine can never step again (a rank died): the whole group stops
         except Exception:
             log.exception("engine step failed with %d requests running", len(self._running))
             self._step_failed()

@@ -42,7 +42,9 @@ def available_host_bytes() -> int:
     raise ConfigError("cannot read available memory from /proc/meminfo: pass --kv-memory SIZE")
 
 
-def kv_budget_bytes(kv_memory: str | None, *, device: str) -> int:
+def kv_budget_bytes(kv_memory: str | None, *, device: str, ranks_on_host: int = 1) -> int:
+    """One rank's KV cache bytes: ``--kv-memory`` as given (a per-rank size), else a share of its
+    device's free memory, or on CPU of the host's available memory split between the host's ranks."""
     if kv_memory is not None:
         return parse_size(kv_memory)
     if device.startswith("cuda"):
@@ -50,4 +52,4 @@ def kv_budget_bytes(kv_memory: str | None, *, device: str) -> int:
 
         free, _total = torch.cuda.mem_get_info()
         return int(free * CUDA_FREE_SHARE)
-    return int(available_host_bytes() * CPU_FREE_SHARE)
+    return int(available_host_bytes() * CPU_FREE_SHARE) // ranks_on_host

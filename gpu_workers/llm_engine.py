@@ -9,7 +9,9 @@ and Redis stay in the group loop (gpu_workers.group); this module only turns req
 from __future__ import annotations
 
 import logging
+import os
 import random
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +28,8 @@ from gpu_workers.kv_memory import kv_budget_bytes
 from gpu_workers.model.config import load_config
 from gpu_workers.model.kv_cache import kv_bytes_per_token
 from gpu_workers.model_runner import Chunk, ModelRunner
+from gpu_workers.parallel.launch import RankReport, TensorParallelGroup, peak_rss_bytes
+from gpu_workers.parallel.runner import LeaderRunner
 from gpu_workers.sampler import sample
 from gpu_workers.scheduler import Scheduler, SchedulerConfig
 from gpu_workers.sequence import Sequence
@@ -64,28 +68,28 @@ class LlamaEngine:
         name: str,
         options: LlamaEngineOptions = LlamaEngineOptions(),
         clock: Callable[[], float] = time.monotonic,
+        tp: TensorParallelGroup | None = None,
     ) -> None:
+        """``tp``: this process's tensor-parallel group, of which it is the leader (rank 0); None:
+        one process holds the whole model."""
         started = time.perf_counter()
         self.config = load_config(model_dir)
         specials = load_tokenizer(model_dir, vocab_size=self.config.vocab_size)
         self.tokenizer = specials.tokenizer
         self._clock = clock
 
-        bytes_per_token = kv_bytes_per_token(self.config, options.kv_dtype)
-        budget = kv_budget_bytes(options.kv_memory, device=options.device)
-        num_blocks = budget // (bytes_per_token * BLOCK_SIZE)
+        runner = build_runner(model_dir, options, tp=tp)
+        num_blocks = runner.kv_cache.num_blocks
         model_len = self.config.max_context
-        if num_blocks < 1:
-            raise ConfigError(
-                f"--kv-memory {options.kv_memory!r} holds no block of {BLOCK_SIZE} tokens "
-                f"({bytes_per_token * BLOCK_SIZE} bytes with kv dtype {options.kv_dtype})"
+        report = rank_report(runner, tp, load_s=time.perf_counter() - started)
+        self.ranks = tp.gather_reports(report) if tp is not None else [report]
+        for r in self.ranks:
+            log.info(
+                "rank %d (pid %d on %s): weights %.1f MiB, KV cache %.1f MiB, loaded in %.1fs, peak RSS %.1f MiB",
+                r.rank, r.pid, r.host, r.weight_bytes / 2**20, r.kv_bytes / 2**20, r.load_s, r.peak_rss_bytes / 2**20,
             )
-        # Never more blocks than every sequence at full length could use.
-        num_blocks = min(num_blocks, -(-options.max_num_seqs * model_len // BLOCK_SIZE))
-        self.runner = ModelRunner(
-            model_dir, num_blocks=num_blocks, block_size=BLOCK_SIZE, kv_dtype=options.kv_dtype,
-            dtype=options.dtype, device=options.device,
-        )
+        # rank 0 tells the other ranks what to compute each step (only once all have started)
+        self.runner: ModelRunner | LeaderRunner = LeaderRunner(runner, tp) if tp is not None else runner
         self.blocks = BlockManager(num_blocks, BLOCK_SIZE, prefix_caching=options.prefix_caching)
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(
             max_num_seqs=options.max_num_seqs, max_num_batched_tokens=options.max_num_batched_tokens,
@@ -97,14 +101,16 @@ class LlamaEngine:
             # One request alone always fits in the cache, so the scheduler can always finish it.
             max_context=min(model_len, capacity),
             eos_token_ids=frozenset(specials.eos_token_ids),
-            tp=1,
+            tp=tp.size if tp is not None else 1,
             kv_dtype=options.kv_dtype,
+            rank_weight_bytes=tuple(r.weight_bytes for r in self.ranks),
+            rank_kv_bytes=tuple(r.kv_bytes for r in self.ranks),
         )
         self._requests: dict[str, _RequestState] = {}
         log.info(
-            "engine %s ready in %.1fs: %d KV blocks (%d tokens, %.1f MiB, %s), max context %d",
+            "engine %s ready in %.1fs: %d KV blocks (%d tokens, %.1f MiB per rank, %s), max context %d",
             name, time.perf_counter() - started, num_blocks, capacity,
-            num_blocks * BLOCK_SIZE * bytes_per_token / 2**20, options.kv_dtype, self.info.max_context,
+            runner.kv_cache.bytes_per_block() * num_blocks / 2**20, options.kv_dtype, self.info.max_context,
         )
 
     # --- Engine protocol -------------------------------------------------------------------------
@@ -127,6 +133,7 @@ class LlamaEngine:
     def abort(self, request_id: str) -> None:
         if self._requests.pop(request_id, None) is not None:
             self.scheduler.abort(request_id)
+            self.runner.release(request_id)
 
     def step(self) -> list[StepOutput]:
         plan = self.scheduler.schedule(self._clock())
@@ -138,6 +145,7 @@ class LlamaEngine:
                 start=c.start,
                 block_table=c.seq.block_table,
                 want_logits=c.samples,
+                seq=c.seq,
             )
             for c in plan.chunks
         ]
@@ -162,6 +170,7 @@ class LlamaEngine:
             if finish is not None:
                 self._requests.pop(seq.request_id, None)
                 self.scheduler.finish(seq.request_id)
+                self.runner.release(seq.request_id)
             outputs.append(StepOutput(seq.request_id, token, finish))
         return outputs
 
@@ -169,6 +178,7 @@ class LlamaEngine:
         return self.scheduler.has_work()
 
     def stats(self) -> EngineStats:
+        self.runner.check()  # a group that lost a rank must not report itself alive
         return EngineStats(
             running=self.scheduler.num_running,
             waiting=self.scheduler.num_waiting,
@@ -180,3 +190,39 @@ class LlamaEngine:
     def close(self) -> None:
         for request_id in list(self._requests):
             self.abort(request_id)
+        self.runner.close()
+
+
+def build_runner(model_dir: Path, options: LlamaEngineOptions, *, tp: TensorParallelGroup | None) -> ModelRunner:
+    """This rank's model runner (its shards of the weights), with as many KV blocks as the tightest
+    rank's budget holds: every rank of a group must have the same blocks, since block tables are shared.
+    Followers call this too, with the same options, so the ranks' collectives pair up."""
+    config = load_config(model_dir)
+    size = tp.size if tp is not None else 1
+    bytes_per_token = kv_bytes_per_token(config, options.kv_dtype, size)
+    budget = kv_budget_bytes(options.kv_memory, device=options.device, ranks_on_host=tp.local_size if tp else 1)
+    num_blocks = budget // (bytes_per_token * BLOCK_SIZE)
+    # Never more blocks than every sequence at full length could use.
+    num_blocks = min(num_blocks, -(-options.max_num_seqs * config.max_context // BLOCK_SIZE))
+    if tp is not None:
+        num_blocks = tp.agree_min(num_blocks)
+    if num_blocks < 1:
+        raise ConfigError(
+            f"--kv-memory {options.kv_memory!r} holds no block of {BLOCK_SIZE} tokens "
+            f"({bytes_per_token * BLOCK_SIZE} bytes per rank with kv dtype {options.kv_dtype})"
+        )
+    return ModelRunner(
+        model_dir, num_blocks=num_blocks, block_size=BLOCK_SIZE, kv_dtype=options.kv_dtype,
+        dtype=options.dtype, device=tp.device if tp is not None else options.device,
+        tp=tp.context if tp is not None else None,
+    )
+
+
+def rank_report(runner: ModelRunner, tp: TensorParallelGroup | None, *, load_s: float) -> RankReport:
+    """What this rank holds, once loaded."""
+    cache = runner.kv_cache
+    return RankReport(
+        rank=tp.rank if tp is not None else 0, host=socket.gethostname(), pid=os.getpid(),
+        weight_bytes=runner.weight_bytes(), kv_bytes=cache.bytes_per_block() * cache.num_blocks,
+        load_s=round(load_s, 3), peak_rss_bytes=peak_rss_bytes(),
+    )

@@ -86,4 +86,6 @@ def group_load(name: str, engine: Engine, holding: Holding, meter: LoadMeter, *,
         latency_ewma_ms=round(meter.latency_ewma_s * 1000, 3),
         fenced=fenced,
         metrics_port=metrics_port,
+        rank_weight_bytes=list(info.rank_weight_bytes),
+        rank_kv_bytes=list(info.rank_kv_bytes),
     )

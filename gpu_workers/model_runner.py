@@ -8,10 +8,10 @@ logits for the chunks that end at a sequence's last token.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-
-import warnings
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +22,9 @@ from gpu_workers.model.kv_cache import STORAGE_DTYPES, KVCache
 from gpu_workers.model.layers import TPContext
 from gpu_workers.model.llama import LlamaForCausalLM
 from gpu_workers.model.loader import load_weights
+
+if TYPE_CHECKING:
+    from gpu_workers.sequence import Sequence
 
 # Decode attention gathers each group's K/V into one buffer; on CPUs groups of about this many
 # (padded) context tokens keep that buffer in cache (measured on random:small, fp32).
@@ -34,6 +37,9 @@ class Chunk:
     start: int  # position of token_ids[0] = tokens of this sequence already in the KV cache
     block_table: list[int]  # the sequence's cache blocks, covering at least start + len(token_ids) tokens
     want_logits: bool  # True when the chunk ends at the sequence's last token (a token gets sampled)
+    # The scheduler's sequence (request id, all its tokens): what a tensor-parallel leader needs to
+    # tell the other ranks only what they have not seen (gpu_workers.parallel.step_message).
+    seq: Sequence | None = None
 
 
 @dataclass(slots=True)
@@ -97,6 +103,19 @@ class ModelRunner:
             step = self._prepare(chunks)
             hidden = self.model(step.input_ids, step.positions, step.batch, self.kv_cache)  # [T, hidden]
             return self.model.compute_logits(hidden.index_select(0, step.logit_rows))
+
+    def release(self, request_id: str) -> None:
+        """A sequence is gone for good. One rank keeps no per-sequence state: nothing to forget."""
+
+    def check(self) -> None:
+        """Raise ``EngineFailed`` once steps can no longer run; one rank alone always can."""
+
+    def close(self) -> None:
+        """Nothing to stop on one rank."""
+
+    def weight_bytes(self) -> int:
+        """Bytes of this rank's parameters (a tied LM head counted once)."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def _prepare(self, chunks: list[Chunk]) -> _Step:
         """Flatten ``chunks`` (decodes first, then prefill chunks) and build attention metadata."""

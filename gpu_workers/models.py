@@ -4,9 +4,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from broker.errors import ConfigError
 from gpu_workers.engine import Engine
+
+if TYPE_CHECKING:
+    from gpu_workers.llm_engine import LlamaEngineOptions
+    from gpu_workers.parallel.launch import TensorParallelGroup
 
 KV_DTYPES = ("fp8_e4m3", "fp8_e5m2", "bf16", "fp16", "fp32")
 
@@ -15,29 +21,39 @@ KV_DTYPES = ("fp8_e4m3", "fp8_e5m2", "bf16", "fp16", "fp32")
 class EngineOptions:
     tp: int = 1
     kv_dtype: str = "fp8_e4m3"
-    kv_memory: str | None = None
+    kv_memory: str | None = None  # per rank
     device: str = "cpu"
     echo_token_delay_ms: float = 0.0  # the echo engine's time per step (see Settings)
 
+    def llama(self) -> LlamaEngineOptions:
+        from gpu_workers.llm_engine import LlamaEngineOptions
 
-def build_engine(spec: str, options: EngineOptions) -> Engine:
-    """The engine named by ``spec``; ConfigError with the reason when it cannot be built."""
+        return LlamaEngineOptions(kv_dtype=self.kv_dtype, kv_memory=self.kv_memory, device=self.device)
+
+
+def model_dir(spec: str) -> Path:
+    """The directory of a model ``spec`` (not ``echo``): written first for ``random:<preset>``."""
+    from gpu_workers.model.loader import resolve_model
+    from gpu_workers.model.presets import materialize
+
+    if spec.startswith("random:"):
+        return materialize(spec.removeprefix("random:"))
+    return resolve_model(spec)
+
+
+def build_engine(spec: str, options: EngineOptions, *, group: TensorParallelGroup | None = None) -> Engine:
+    """The engine named by ``spec``; ConfigError with the reason when it cannot be built.
+
+    With ``options.tp`` > 1, ``group`` is the started tensor-parallel group this process leads.
+    """
     if spec == "echo":
         if options.tp != 1:
             raise ConfigError("--model echo runs on one process: --tp must be 1")
         from gpu_workers.echo import EchoEngine
 
         return EchoEngine(token_delay_s=options.echo_token_delay_ms / 1000.0)
-    if options.tp != 1:
-        raise ConfigError(f"--tp {options.tp}: tensor-parallel groups are not part of this build yet; use --tp 1")
-    from gpu_workers.llm_engine import LlamaEngine, LlamaEngineOptions
-    from gpu_workers.model.loader import resolve_model
-    from gpu_workers.model.presets import materialize
+    if options.tp != (group.size if group is not None else 1):
+        raise ConfigError(f"--tp {options.tp} needs a started group of {options.tp} ranks (see gpu_workers.parallel)")
+    from gpu_workers.llm_engine import LlamaEngine
 
-    if spec.startswith("random:"):
-        model_dir = materialize(spec.removeprefix("random:"))
-    else:
-        model_dir = resolve_model(spec)
-    return LlamaEngine(model_dir, name=spec, options=LlamaEngineOptions(
-        kv_dtype=options.kv_dtype, kv_memory=options.kv_memory, device=options.device,
-    ))
+    return LlamaEngine(model_dir(spec), name=spec, options=options.llama(), tp=group)

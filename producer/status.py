@@ -128,6 +128,23 @@ def _kv(group: GroupStatus) -> str:
     return f"{used}/{capacity} ({100 * used / capacity:.0f}%)"
 
 
+def _size(n: int) -> str:
+    for unit, scale in (("G", 2**30), ("M", 2**20), ("K", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}" if n < 10 * scale else f"{n // scale}{unit}"
+    return f"{n}B"
+
+
+def _rank_memory(group: GroupStatus) -> str:
+    """Weights + KV cache of each rank: ``1.9G+512M x2`` when the ranks hold alike, else one per rank."""
+    if not group.rank_weight_bytes:
+        return "-"  # no model (the echo engine), or a group from before this field
+    per = [f"{_size(w)}+{_size(kv)}" for w, kv in zip(group.rank_weight_bytes, group.rank_kv_bytes)]
+    if len(set(per)) == 1:
+        return per[0] if len(per) == 1 else f"{per[0]} x{len(per)}"
+    return ",".join(per)
+
+
 def _columns(rows: Sequence[Sequence[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
@@ -138,10 +155,10 @@ def render_table(snapshot: Snapshot, *, rates: dict[str, float] | None = None, t
     lines = [title, ""] if title else []
     groups = snapshot.groups
     if groups:
-        header = ("GROUP", "STATE", "TP", "MODEL", "KV DTYPE", "KV USED/CAPACITY", "RUN", "WAIT", "QUEUE",
-                  "TOK/S", "REQ/S", "HEARTBEAT", "LEADER", "METRICS")
+        header = ("GROUP", "STATE", "TP", "MODEL", "KV DTYPE", "KV USED/CAPACITY", "WEIGHTS+KV/RANK", "RUN", "WAIT",
+                  "QUEUE", "TOK/S", "REQ/S", "HEARTBEAT", "LEADER", "METRICS")
         lines += _columns([header] + [
-            (g.name, _state(g), str(g.tp), g.model, g.kv_dtype, _kv(g), str(g.running), str(g.waiting),
+            (g.name, _state(g), str(g.tp), g.model, g.kv_dtype, _kv(g), _rank_memory(g), str(g.running), str(g.waiting),
              str(g.queue_depth), f"{g.tokens_per_s:.1f}",
              f"{rates[g.name]:.1f}" if rates is not None and g.name in rates else "-",
              f"{g.heartbeat_age_s:.1f}s ago", f"{g.leader_pid}@{g.host}",

@@ -217,12 +217,17 @@ class VocabParallelEmbedding(nn.Module):
 
 class ParallelLMHead(VocabParallelEmbedding):
     """Output projection to the vocabulary, rows split like the embedding (and shared with it when
-    the checkpoint ties them); logits are all-gathered so every rank sees the full vocabulary."""
+    the checkpoint ties them). Only rank 0 samples, so the logits are gathered there alone: rank 0
+    returns [N, vocab], the other ranks their own [N, V / tp] part, which nothing reads.
+
+    Split rather than replicated: on CPUs a replicated head costs rank 0 a [N, hidden] x
+    [hidden, V / tp] matmul more per step than the gather does (benchmarks/tensor_parallel.py)."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = F.linear(hidden, self.weight)  # [N, V / tp]
         if self.tp.size > 1:
-            parts = [torch.empty_like(logits) for _ in range(self.tp.size)]
-            dist.all_gather(parts, logits, group=self.tp.group)
-            logits = torch.cat(parts, dim=-1)[:, : self.vocab_size]
+            parts = [torch.empty_like(logits) for _ in range(self.tp.size)] if self.tp.rank == 0 else None
+            dist.gather(logits, parts, dst=0, group=self.tp.group)  # group rank 0 is global rank 0
+            if parts is not None:
+                logits = torch.cat(parts, dim=-1)[:, : self.vocab_size]
         return logits

@@ -45,6 +45,8 @@ LOAD = GroupLoad(
     max_context=2048,
     vocab_size=32000,
     tokens_per_s=123.4,
+    rank_weight_bytes=[2_040_109_465, 2_040_109_465],
+    rank_kv_bytes=[512 * 2**20, 512 * 2**20],
 )
 
 
@@ -119,6 +121,7 @@ def test_json_lists_alive_and_dead_groups(
         "leader_pid": 4242,
         "host": "node-a",
     }
+    assert alive["rank_weight_bytes"] == [2_040_109_465] * 2 and alive["rank_kv_bytes"] == [512 * 2**20] * 2
     assert groups["g-dead"]["alive"] is False and 9.0 <= groups["g-dead"]["heartbeat_age_s"] < 20.0
     assert groups["g-drain"]["alive"] is True and groups["g-drain"]["state"] == "draining"
 
@@ -131,14 +134,15 @@ def test_table_marks_dead_and_draining_groups(
     lines = out.splitlines()
     assert code == 0
     assert lines[0].split() == [
-        "GROUP", "STATE", "TP", "MODEL", "KV", "DTYPE", "KV", "USED/CAPACITY", "RUN", "WAIT", "QUEUE",
-        "TOK/S", "REQ/S", "HEARTBEAT", "LEADER", "METRICS",
+        "GROUP", "STATE", "TP", "MODEL", "KV", "DTYPE", "KV", "USED/CAPACITY", "WEIGHTS+KV/RANK", "RUN", "WAIT",
+        "QUEUE", "TOK/S", "REQ/S", "HEARTBEAT", "LEADER", "METRICS",
     ]
     rows = {line.split()[0]: line for line in lines[1:4]}
     assert rows["g-alive"].split()[1] == "ready"
     assert rows["g-dead"].split()[1] == "DEAD"
     assert rows["g-drain"].split()[1] == "DRAINING"
     assert "1024/4096 (25%)" in rows["g-alive"] and "4242@node-a" in rows["g-alive"]
+    assert rows["g-alive"].split()[7:9] == ["1.9G+512M", "x2"]  # weights + KV cache, alike on both ranks
     column = lines[0].index("MODEL")
     assert all(line[column:].startswith("random:tiny") for line in lines[1:4])  # aligned
     # the dead group's load is not counted in the totals

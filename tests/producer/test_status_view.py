@@ -70,7 +70,7 @@ def test_request_rates_between_two_snapshots() -> None:
     assert rates == {"g-live": 30.0, "g-dead": 0.0, "g-drain": 0.0}
     text = render_table(after, rates=rates, title="ryzanstein status: prefix 'ryz'")
     assert text.splitlines()[0] == "ryzanstein status: prefix 'ryz'"
-    assert rows(text)["g-live"][10] == "30.0"
+    assert rows(text)["g-live"][11] == "30.0"
     assert text.splitlines()[-2].endswith("; 60.0 tok/s, 30.0 req/s")
 
 
@@ -80,7 +80,7 @@ def test_no_rate_across_a_restart_or_without_elapsed_time() -> None:
 
     assert "g-live" not in request_rates(before, restarted)
     assert request_rates(before, replace(before, taken_at_s=100.0)) == {}
-    assert rows(render_table(restarted, rates=request_rates(before, restarted)))["g-live"][10] == "-"
+    assert rows(render_table(restarted, rates=request_rates(before, restarted)))["g-live"][11] == "-"
 
 
 def test_json_keeps_the_contract_fields_and_adds_rates_and_endpoints() -> None:

@@ -3,7 +3,8 @@
 Each layer's ranks are built in one process from the same full weights; combining their partial
 results (concatenation for column-parallel outputs, sum for row-parallel ones) must give the
 single-rank result. Then a whole model runs as two and four ranks in threads whose collectives
-meet in memory, and must give the single-rank logits.
+meet in memory, and rank 0 must get the single-rank logits. tests/gpu_workers/parallel runs real
+rank processes.
 """
 
 from __future__ import annotations
@@ -36,29 +37,33 @@ def _ranks(size: int) -> list[TPContext]:
 
 
 class _Recorder:
-    """Single-process stand-ins for collectives: all_reduce leaves the partial sum as it is,
-    all_gather puts this rank's part in its own place and zeros elsewhere; so summing the ranks'
-    outputs combines them. ``calls`` lists the collectives made, ``rank`` is the rank running."""
+    """Single-process stand-ins for collectives: all_reduce leaves the partial sum as it is;
+    gather (on rank 0, the only rank given a list) puts its part in its own place and zeros
+    elsewhere, so summing what each rank contributes combines them. ``calls`` lists the collectives
+    made, ``rank`` is the rank running."""
 
     def __init__(self) -> None:
         self.calls: list[str] = []
         self.rank = 0
+        self.gathered: list[torch.Tensor] = []  # what each rank sent to the gathers
 
     def all_reduce(self, t: torch.Tensor, group: object = None) -> None:
         self.calls.append("all_reduce")
 
-    def all_gather(self, parts: list[torch.Tensor], t: torch.Tensor, group: object = None) -> None:
-        self.calls.append("all_gather")
-        for p in parts:
-            p.zero_()
-        parts[self.rank].copy_(t)
+    def gather(self, t: torch.Tensor, parts: list[torch.Tensor] | None = None, dst: int = 0,
+               group: object = None) -> None:
+        self.calls.append("gather")
+        assert dst == 0 and (parts is not None) == (self.rank == 0), "only rank 0 receives the gather"
+        self.gathered.append(t.clone())
+        for i, p in enumerate(parts or []):
+            p.zero_() if i != self.rank else p.copy_(t)
 
 
 @pytest.fixture
 def collectives(monkeypatch: pytest.MonkeyPatch) -> _Recorder:
     recorder = _Recorder()
     monkeypatch.setattr(dist, "all_reduce", recorder.all_reduce)
-    monkeypatch.setattr(dist, "all_gather", recorder.all_gather)
+    monkeypatch.setattr(dist, "gather", recorder.gather)
     return recorder
 
 
@@ -135,13 +140,15 @@ def test_vocab_parallel_embedding_and_head(collectives: _Recorder) -> None:
     assert torch.equal(embeds[1](ids) + embeds[2](ids), embeds[0](ids))
     h = torch.randn(3, hidden)
     full = heads[0](h)
-    partial = []
+    outputs = []
     for rank, head in enumerate(heads[1:]):
         collectives.rank = rank
-        partial.append(head(h))
-    assert partial[0].shape == full.shape == (3, vocab)
-    assert torch.allclose(partial[0] + partial[1], full, atol=1e-6)
-    assert collectives.calls == ["all_reduce", "all_reduce", "all_gather", "all_gather"]
+        outputs.append(head(h))
+    assert outputs[0].shape == full.shape == (3, vocab)  # rank 0: the whole vocabulary
+    assert outputs[1].shape == (3, 6)  # rank 1: its own part, padding row included
+    assert torch.allclose(torch.cat(collectives.gathered, dim=-1)[:, :vocab], full, atol=1e-6)
+    assert torch.allclose(outputs[0][:, :6], full[:, :6], atol=1e-6)
+    assert collectives.calls == ["all_reduce", "all_reduce", "gather", "gather"]
 
 
 class _ThreadGroup:
@@ -161,10 +168,11 @@ class _ThreadGroup:
         self.barrier.wait()  # nobody overwrites a slot before every rank has summed
         t.copy_(total)
 
-    def all_gather(self, parts: list[torch.Tensor], t: torch.Tensor, group: object = None) -> None:
+    def gather(self, t: torch.Tensor, parts: list[torch.Tensor] | None = None, dst: int = 0,
+               group: object = None) -> None:
         self.slots[self.local.rank] = t.clone()
         self.barrier.wait()
-        for p, s in zip(parts, self.slots):
+        for p, s in zip(parts or [], self.slots):
             p.copy_(s)
         self.barrier.wait()
 
@@ -174,7 +182,7 @@ def test_whole_model_ranks_match_one_rank(tmp_path: Path, monkeypatch: pytest.Mo
     path = save(build("qwen2"), tmp_path)  # 4 heads, 2 KV heads, q/k/v bias
     group = _ThreadGroup(size)
     monkeypatch.setattr(dist, "all_reduce", group.all_reduce)
-    monkeypatch.setattr(dist, "all_gather", group.all_gather)
+    monkeypatch.setattr(dist, "gather", group.gather)
     single = ModelRunner(path, num_blocks=16, block_size=4)
     ranks = [ModelRunner(path, num_blocks=16, block_size=4, tp=tp) for tp in _ranks(size)]
     assert ranks[0].kv_cache.num_kv_heads == max(1, 2 // size)
@@ -197,6 +205,5 @@ def test_whole_model_ranks_match_one_rank(tmp_path: Path, monkeypatch: pytest.Mo
             t.start()
         for t in threads:
             t.join()
-        for rank, logits in enumerate(results):
-            assert logits is not None
-            assert_close(logits, expected, rel=1e-5, what=f"tp={size} rank {rank}")
+        assert results[0] is not None  # only rank 0 gets the whole vocabulary's logits
+        assert_close(results[0], expected, rel=1e-5, what=f"tp={size} rank 0")

@@ -1,0 +1,108 @@
+"""A real 2-rank gloo group (two processes) through LlamaEngine: greedy tokens identical to one
+process and to transformers, logits close at every step, on configs that shard differently:
+KV heads split, one KV head replicated on both ranks (with tied embeddings and an odd vocabulary,
+so the last rank's vocabulary shard is padded), 3 query heads per rank sharing one KV head (Qwen2,
+q/k/v bias), and attention and MLP biases with head_dim 24. The KV cache is small enough that
+sequences are preempted and recomputed, so block tables change under the followers."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from gpu_workers.llm_engine import BLOCK_SIZE, LlamaEngine
+from gpu_workers.model.config import load_config
+from gpu_workers.model.kv_cache import kv_bytes_per_token
+from tests.gpu_workers.model.hf_models import assert_close
+from tests.gpu_workers.parallel.tp_leader import options, run_greedy
+from tests.gpu_workers.reference import MIN_MARGIN, hf_greedy, save_hf_model
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[3]
+NEW_TOKENS = 12
+KV_BLOCKS = 7  # 112 token slots for 4 prompts of up to 60 tokens + 12 each: preemptions
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "llama-kv-split": {"family": "llama", "seed": 3},
+    "llama-mqa-kv-replicated-tied-odd-vocab": {"family": "llama", "seed": 4, "num_key_value_heads": 1,
+                                               "tie_word_embeddings": True, "vocab_size": 321},
+    "qwen2-6-heads-2-kv": {"family": "qwen2", "seed": 5, "hidden_size": 96, "num_attention_heads": 6,
+                           "num_key_value_heads": 2},
+    "llama-mha-bias-headdim24": {"family": "llama", "seed": 6, "num_key_value_heads": 4, "head_dim": 24,
+                                 "attention_bias": True, "mlp_bias": True},
+}
+
+
+def prompts() -> list[list[int]]:
+    rng = random.Random(11)
+    shared = [rng.randrange(320) for _ in range(20)]
+    return [[rng.randrange(320) for _ in range(n)] for n in (3, 33, 60)] + [shared + [rng.randrange(320) for _ in range(9)]]
+
+
+def kv_memory(model_dir: Path, tp: int) -> int:
+    """Per-rank bytes for exactly KV_BLOCKS blocks: the same cache, so the same schedule, at any tp."""
+    return kv_bytes_per_token(load_config(model_dir), "fp32", tp) * BLOCK_SIZE * KV_BLOCKS
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """Each config's model directory and what the 2-rank group made of it (one leader process for all)."""
+    root = tmp_path_factory.mktemp("tp-parity")
+    dirs = {name: save_hf_model(root / name, **cfg) for name, cfg in CONFIGS.items()}
+    job = {"tp": 2, "models": [
+        {"dir": str(d), "kv_memory": kv_memory(d, 2), "prompts": prompts(), "max_tokens": NEW_TOKENS,
+         "batched_tokens": 32}
+        for d in dirs.values()
+    ]}
+    (root / "job.json").write_text(json.dumps(job))
+    done = subprocess.run([sys.executable, "-m", "tests.gpu_workers.parallel.tp_leader", str(root / "job.json"),
+                           str(root / "out.pt")], cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    results = torch.load(root / "out.pt")
+    return {name: (d, r) for (name, d), r in zip(dirs.items(), results)}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_two_ranks_match_one_process_and_transformers(runs: dict[str, tuple[Path, dict[str, Any]]], name: str) -> None:
+    model_dir, tp2 = runs[name]
+    model = {"kv_memory": kv_memory(model_dir, 1), "batched_tokens": 32}
+    single = LlamaEngine(model_dir, name="tp1", options=options(model))
+    tp1 = run_greedy(single, prompts(), NEW_TOKENS)
+    reference = hf_greedy(model_dir, prompts(), NEW_TOKENS)
+    assert reference.min_margin >= MIN_MARGIN, f"reference has a near-tie ({reference.min_margin:.2e})"
+
+    assert tp2["tp"] == 2 and tp2["follower_codes"] == [0]
+    assert tp2["capacity"] == single.stats().kv_capacity_tokens == KV_BLOCKS * BLOCK_SIZE
+    assert tp2["preemptions"] == tp1["preemptions"] > 0
+    assert tp2["tokens"] == tp1["tokens"] == reference.tokens
+    assert len(tp2["logits"]) == len(tp1["logits"])
+    for step, (a, b) in enumerate(zip(tp2["logits"], tp1["logits"], strict=True)):
+        assert a.shape == b.shape
+        assert_close(a, b, rel=1e-5, what=f"{name} step {step}")
+
+
+def test_each_rank_holds_its_share(runs: dict[str, tuple[Path, dict[str, Any]]]) -> None:
+    """Weights: the sharded parts halve, norms are replicated; KV: each rank holds only its heads
+    (half of them when they split, the one head when it is replicated)."""
+    for name, (model_dir, tp2) in runs.items():
+        config = load_config(model_dir)
+        single = LlamaEngine(model_dir, name="tp1", options=options({"kv_memory": kv_memory(model_dir, 1),
+                                                                        "batched_tokens": 32}))
+        whole = single.ranks[0].weight_bytes
+        ranks = tp2["ranks"]
+        assert [r["rank"] for r in ranks] == [0, 1]
+        norms = 4 * config.hidden_size * (2 * config.num_hidden_layers + 1)
+        kv_dup = 0 if config.num_key_value_heads >= 2 else 2 * config.num_hidden_layers * config.head_dim * config.hidden_size * 4
+        row_bias = config.num_hidden_layers * config.hidden_size * 4 * (config.o_bias + config.mlp_bias)  # whole on each rank
+        padding = (-config.vocab_size % 2) * config.hidden_size * 4 * (1 if config.tie_word_embeddings else 2)
+        assert sum(r["weight_bytes"] for r in ranks) == whole + norms + kv_dup + row_bias + padding, name
+        assert tp2["kv_heads"] == max(1, config.num_key_value_heads // 2)
+        assert all(r["kv_bytes"] == KV_BLOCKS * BLOCK_SIZE * kv_bytes_per_token(config, "fp32", 2) for r in ranks)
+        assert all(r["load_s"] > 0 and r["peak_rss_bytes"] > 0 for r in ranks)
