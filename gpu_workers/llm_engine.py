@@ -24,7 +24,7 @@ from gpu_workers.engine import EngineInfo, EngineRequest, EngineStats, StepOutpu
 from gpu_workers.hf_tokenizer import load_tokenizer
 from gpu_workers.kv_memory import kv_budget_bytes
 from gpu_workers.model.config import load_config
-from gpu_workers.model.kv_cache import kv_bytes_per_token
+from gpu_workers.model.kv_cache import kv_bytes_per_block
 from gpu_workers.model_runner import Chunk, ModelRunner
 from gpu_workers.sampler import sample
 from gpu_workers.scheduler import Scheduler, SchedulerConfig
@@ -71,14 +71,15 @@ class LlamaEngine:
         self.tokenizer = specials.tokenizer
         self._clock = clock
 
-        bytes_per_token = kv_bytes_per_token(self.config, options.kv_dtype)
+        # the real size of a block, fp8 scales included: kv_capacity_tokens is what the memory holds
+        bytes_per_block = kv_bytes_per_block(self.config, options.kv_dtype, block_size=BLOCK_SIZE)
         budget = kv_budget_bytes(options.kv_memory, device=options.device)
-        num_blocks = budget // (bytes_per_token * BLOCK_SIZE)
+        num_blocks = budget // bytes_per_block
         model_len = self.config.max_context
         if num_blocks < 1:
             raise ConfigError(
                 f"--kv-memory {options.kv_memory!r} holds no block of {BLOCK_SIZE} tokens "
-                f"({bytes_per_token * BLOCK_SIZE} bytes with kv dtype {options.kv_dtype})"
+                f"({bytes_per_block} bytes with kv dtype {options.kv_dtype})"
             )
         # Never more blocks than every sequence at full length could use.
         num_blocks = min(num_blocks, -(-options.max_num_seqs * model_len // BLOCK_SIZE))
@@ -104,7 +105,7 @@ class LlamaEngine:
         log.info(
             "engine %s ready in %.1fs: %d KV blocks (%d tokens, %.1f MiB, %s), max context %d",
             name, time.perf_counter() - started, num_blocks, capacity,
-            num_blocks * BLOCK_SIZE * bytes_per_token / 2**20, options.kv_dtype, self.info.max_context,
+            num_blocks * bytes_per_block / 2**20, options.kv_dtype, self.info.max_context,
         )
 
     # --- Engine protocol -------------------------------------------------------------------------
