@@ -14,7 +14,6 @@ import torch.distributed as dist
 
 from broker.protocol import SamplingParams
 from gpu_workers.engine import EngineRequest
-from gpu_workers.llm_engine import LlamaEngine
 from gpu_workers.model import fp8_kernels
 from gpu_workers.model_runner import Chunk, ModelRunner
 from tests.gpu_workers.model.hf_models import assert_close, build, random_tokens, save
