@@ -46,7 +46,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="tensor-parallel ranks in this group: this process starts K-1 more on this host "
                              "(default 1, or WORLD_SIZE under torchrun, which starts every rank itself)")
     parser.add_argument("--group", default=None, help="group name (default: <host>-<pid>; unique per group)")
-    parser.add_argument("--kv-dtype", default="fp8_e4m3", choices=KV_DTYPES, help="KV cache dtype")
+    parser.add_argument("--kv-dtype", default="fp8_e4m3", choices=KV_DTYPES, metavar="D",
+                        help="KV cache dtype: fp8_e4m3 (default; a scale per block and KV head), fp8_e5m2, "
+                             "fp8_e4m3_per_tensor (one static scale per layer), bf16, fp16, fp32")
     parser.add_argument("--kv-memory", default=None,
                         help="KV cache size per rank, e.g. 2GiB (default: a share of free memory)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],

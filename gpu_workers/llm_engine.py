@@ -26,7 +26,7 @@ from gpu_workers.engine import EngineInfo, EngineRequest, EngineStats, StepOutpu
 from gpu_workers.hf_tokenizer import load_tokenizer
 from gpu_workers.kv_memory import kv_budget_bytes
 from gpu_workers.model.config import load_config
-from gpu_workers.model.kv_cache import kv_bytes_per_token
+from gpu_workers.model.kv_cache import kv_bytes_per_block
 from gpu_workers.model_runner import Chunk, ModelRunner
 from gpu_workers.parallel.launch import RankReport, TensorParallelGroup, peak_rss_bytes
 from gpu_workers.parallel.runner import LeaderRunner
@@ -199,9 +199,10 @@ def build_runner(model_dir: Path, options: LlamaEngineOptions, *, tp: TensorPara
     Followers call this too, with the same options, so the ranks' collectives pair up."""
     config = load_config(model_dir)
     size = tp.size if tp is not None else 1
-    bytes_per_token = kv_bytes_per_token(config, options.kv_dtype, size)
+    # the real size of a block, fp8 scales included: kv_capacity_tokens is what the memory holds
+    bytes_per_block = kv_bytes_per_block(config, options.kv_dtype, block_size=BLOCK_SIZE, tp_size=size)
     budget = kv_budget_bytes(options.kv_memory, device=options.device, ranks_on_host=tp.local_size if tp else 1)
-    num_blocks = budget // (bytes_per_token * BLOCK_SIZE)
+    num_blocks = budget // bytes_per_block
     # Never more blocks than every sequence at full length could use.
     num_blocks = min(num_blocks, -(-options.max_num_seqs * config.max_context // BLOCK_SIZE))
     if tp is not None:
@@ -209,7 +210,7 @@ def build_runner(model_dir: Path, options: LlamaEngineOptions, *, tp: TensorPara
     if num_blocks < 1:
         raise ConfigError(
             f"--kv-memory {options.kv_memory!r} holds no block of {BLOCK_SIZE} tokens "
-            f"({bytes_per_token * BLOCK_SIZE} bytes per rank with kv dtype {options.kv_dtype})"
+            f"({bytes_per_block} bytes per rank with kv dtype {options.kv_dtype})"
         )
     return ModelRunner(
         model_dir, num_blocks=num_blocks, block_size=BLOCK_SIZE, kv_dtype=options.kv_dtype,

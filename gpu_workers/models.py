@@ -14,7 +14,9 @@ if TYPE_CHECKING:
     from gpu_workers.llm_engine import LlamaEngineOptions
     from gpu_workers.parallel.launch import TensorParallelGroup
 
-KV_DTYPES = ("fp8_e4m3", "fp8_e5m2", "bf16", "fp16", "fp32")
+# fp8 formats keep one scale per block per KV head; fp8_e4m3_per_tensor one static scale per layer
+# (vLLM's uncalibrated default), offered for comparison (gpu_workers/model/kv_cache.py)
+KV_DTYPES = ("fp8_e4m3", "fp8_e5m2", "fp8_e4m3_per_tensor", "bf16", "fp16", "fp32")
 
 
 @dataclass(frozen=True, slots=True)

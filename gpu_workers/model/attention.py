@@ -8,13 +8,15 @@ into their cache slots, then attends:
 - decode: batched over sequences. Decoding sequences come sorted by context length, split into a
   few groups (one on GPUs) so that padding each to its longest context (masked) wastes little.
   The queries of each KV head are viewed as [Hkv, B, G, D], so grouped-query attention never
-  repeats K/V. Two ways to read the cache:
+  repeats K/V. Three ways to read the cache:
   - in place (fp32 cache on a CPU): a sampled matmul (SDDMM, ``torch.sparse.sampled_addmm``)
     computes exactly the (query row, context slot) scores from the pool, and ``embedding_bag``
     sums the V rows weighted by the probabilities: nothing is copied, which on CPUs (memory
     bound at decode) is 2-3x faster than gathering;
+  - fused fp8 (fp8 cache on a CPU): the cache's kernels compute the scores, and the weighted sum
+    of V, straight from the fp8 codes of the listed blocks (no K/V copy at all, 1 byte per value);
   - gathered (other dtypes, GPUs): the group's blocks are copied into [Hkv, B, L, D] (converted
-    from the storage dtype), then two batched matmuls.
+    from the storage dtype), then two batched matmuls; fp8 scales multiply scores and probabilities.
 - prefill: a loop over chunks using ``scaled_dot_product_attention`` (GQA handled by the kernel),
   with a causal mask offset by ``start``. A chunk with nothing cached attends to its fresh K/V
   directly (with an fp8 cache that first chunk sees unquantized values, as in vLLM).
@@ -113,14 +115,18 @@ class PagedAttention(nn.Module):
             probs = torch.softmax(scores.add_(group.bias), dim=-1)
             out = F.embedding_bag(group.kv_index, v_rows, mode="sum", per_sample_weights=probs.view(rows, length))
             out = out.view(qg.shape)  # [Hkv, B, G, D]
+        elif cache.fused_decode:
+            scores = cache.decode_scores(self.layer, qg, group.block_tables)  # [Hkv, B, G, L]
+            probs = torch.softmax(scores.add_(group.bias), dim=-1)
+            out = cache.decode_weighted_sum(self.layer, probs, group.block_tables)  # [Hkv, B, G, D]
         else:
             kv = cache.gather_blocks(self.layer, group.block_tables)  # K, V [Hkv, B, L, D]
             scores = torch.matmul(qg, kv.k.transpose(-1, -2)).float()  # [Hkv, B, G, L]
             if kv.k_scale is not None:
-                scores.mul_(kv.k_scale[:, :, None, :])
+                scores.mul_(kv.k_scale)
             probs = torch.softmax(scores.add_(group.bias), dim=-1).to(q.dtype)
             if kv.v_scale is not None:
-                probs.mul_(kv.v_scale[:, :, None, :])
+                probs.mul_(kv.v_scale)
             out = torch.matmul(probs, kv.v)  # [Hkv, B, G, D]
         return out.permute(1, 0, 2, 3).reshape(b, heads * d)
 

@@ -1,0 +1,189 @@
+"""The fused fp8 KV-cache kernels of fp8_kernels.c, compiled on first use and loaded with ctypes.
+
+One shared library per (head_dim, block_size), built with the machine's C compiler (``$CC``, else
+``cc``) for the CPU it runs on (``-march=native``) and cached under the ryzanstein cache directory,
+keyed by the source, the flags, the compiler and the CPU's feature flags: a cache shared between
+different machines never hands one a library built for another. Building takes well under a second.
+
+Where no compiler works, ``load`` logs why once and returns None: the cache then falls back to
+gathering and converting blocks with torch (slower, same results up to float rounding).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from gpu_workers.model.presets import default_cache_dir
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("fp8_kernels.c")
+FLAGS = (
+    "-O3", "-march=native", "-fPIC", "-shared", "-fopenmp",
+    # lets the compiler vectorize float sums (reassociation only: no fast-math flush-to-zero)
+    "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
+)
+FORMAT_CODES = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}
+BUILD_TIMEOUT_S = 120
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+_SIGNATURES = {
+    "fp8_decode_scores": [_P, _P, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_int, ctypes.c_int],
+    "fp8_decode_weighted_sum": [_P, _P, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_int, ctypes.c_int],
+    "fp8_dequantize_rows": [_P, _P, _P, _I, ctypes.c_int, ctypes.c_int],
+}
+
+
+class KernelError(RuntimeError):
+    """A kernel refused its input (a block id outside the pool)."""
+
+
+class Fp8Kernels:
+    """Typed entry points into one compiled library; all tensors are CPU tensors."""
+
+    def __init__(self, lib: ctypes.CDLL, *, head_dim: int, block_size: int) -> None:
+        self.head_dim = head_dim
+        self.block_size = block_size
+        for name, argtypes in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes = argtypes
+            fn.restype = ctypes.c_int
+        self._lib = lib
+
+    def decode_scores(
+        self, codes: torch.Tensor, scales: torch.Tensor, tables: torch.Tensor, q: torch.Tensor,
+        dtype: torch.dtype, out: torch.Tensor,
+    ) -> torch.Tensor:
+        """``out`` [Hkv, B, G, L] = scaled K . q for K ``codes`` [Hkv, NB, bs, D] of fp8 ``dtype``,
+        ``scales`` [Hkv, NB] (or 0-dim: one for all), ``tables`` [B, MB], ``q`` [Hkv, B, G, D] fp32."""
+        heads, num_blocks = codes.shape[:2]
+        batch, width = tables.shape
+        groups = q.shape[2]
+        length = width * self.block_size
+        self._check(codes, tables, q, out, (heads, batch, groups, self.head_dim), (heads, batch, groups, length))
+        rc = self._lib.fp8_decode_scores(
+            codes.data_ptr(), scales.data_ptr(), *_scale_strides(scales), tables.data_ptr(), q.data_ptr(),
+            out.data_ptr(), heads, batch, width, groups, num_blocks, FORMAT_CODES[dtype], torch.get_num_threads(),
+        )
+        return self._result(rc, out)
+
+    def decode_weighted_sum(
+        self, codes: torch.Tensor, scales: torch.Tensor, tables: torch.Tensor, probs: torch.Tensor,
+        dtype: torch.dtype, out: torch.Tensor,
+    ) -> torch.Tensor:
+        """``out`` [Hkv, B, G, D] = probs-weighted sums of scaled V rows (``probs`` [Hkv, B, G, L])."""
+        heads, num_blocks = codes.shape[:2]
+        batch, width = tables.shape
+        groups = probs.shape[2]
+        length = width * self.block_size
+        self._check(codes, tables, probs, out, (heads, batch, groups, length), (heads, batch, groups, self.head_dim))
+        rc = self._lib.fp8_decode_weighted_sum(
+            codes.data_ptr(), scales.data_ptr(), *_scale_strides(scales), tables.data_ptr(), probs.data_ptr(),
+            out.data_ptr(), heads, batch, width, groups, num_blocks, FORMAT_CODES[dtype],
+            torch.get_num_threads(),
+        )
+        return self._result(rc, out)
+
+    def dequantize_rows(self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """fp32 values [..., D] of ``codes`` [..., D], each row times its scale (``scales`` [...])."""
+        codes, scales = codes.contiguous(), scales.to(torch.float32).expand(codes.shape[:-1]).contiguous()
+        if codes.shape[-1] != self.head_dim or codes.dtype != torch.uint8:
+            raise ValueError(f"codes {tuple(codes.shape)} {codes.dtype}: expected uint8 rows of {self.head_dim}")
+        out = torch.empty(codes.shape, dtype=torch.float32)
+        rows = codes.numel() // self.head_dim
+        self._lib.fp8_dequantize_rows(
+            codes.data_ptr(), scales.data_ptr(), out.data_ptr(), rows, FORMAT_CODES[dtype], torch.get_num_threads()
+        )
+        return out
+
+    def _check(
+        self, codes: torch.Tensor, tables: torch.Tensor, x: torch.Tensor, out: torch.Tensor,
+        x_shape: tuple[int, ...], out_shape: tuple[int, ...],
+    ) -> None:
+        ok = (
+            codes.dtype == torch.uint8 and codes.is_contiguous()
+            and tuple(codes.shape[2:]) == (self.block_size, self.head_dim)
+            and tables.dtype == torch.int64 and tables.is_contiguous()
+            and x.dtype == out.dtype == torch.float32 and x.is_contiguous() and out.is_contiguous()
+            and tuple(x.shape) == x_shape and tuple(out.shape) == out_shape
+        )
+        if not ok:
+            raise ValueError(
+                f"fp8 kernel arguments: codes {tuple(codes.shape)} {codes.dtype}, tables {tuple(tables.shape)} "
+                f"{tables.dtype}, input {tuple(x.shape)} {x.dtype} (expected {x_shape}), out {tuple(out.shape)} "
+                f"(expected {out_shape})"
+            )
+
+    @staticmethod
+    def _result(rc: int, out: torch.Tensor) -> torch.Tensor:
+        if rc != 0:
+            raise KernelError("a block table names a block outside the KV cache")
+        return out
+
+
+def _scale_strides(scales: torch.Tensor) -> tuple[int, int]:
+    """(head stride, block stride) of a [Hkv, NB] scale tensor; (0, 0) for one scale for all."""
+    if scales.dim() == 0:
+        return 0, 0
+    if scales.dtype != torch.float32 or scales.dim() != 2:
+        raise ValueError(f"scales {tuple(scales.shape)} {scales.dtype}: expected fp32 [heads, blocks] or 0-dim")
+    return scales.stride(0), scales.stride(1)
+
+
+@functools.cache
+def load(head_dim: int, block_size: int) -> Fp8Kernels | None:
+    """The kernels for this shape, built if needed; None (logged once) where they cannot be built."""
+    try:
+        path = _build(head_dim, block_size)
+        return Fp8Kernels(ctypes.CDLL(str(path)), head_dim=head_dim, block_size=block_size)
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("fused fp8 KV kernels unavailable (%s); falling back to torch (slower decode)", e)
+        return None
+
+
+def _build(head_dim: int, block_size: int) -> Path:
+    compiler = os.environ.get("CC") or "cc"
+    if shutil.which(compiler) is None:
+        raise OSError(f"no C compiler {compiler!r} on PATH")
+    defines = (f"-DDIM={head_dim}", f"-DBS={block_size}")
+    source = SOURCE.read_bytes()
+    version = subprocess.run([compiler, "--version"], capture_output=True, timeout=30, check=True).stdout
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS + defines).encode(), version, _cpu_flags()]))
+    out_dir = default_cache_dir() / "kernels"
+    path = out_dir / f"fp8-d{head_dim}-bs{block_size}-{key.hexdigest()[:16]}.so"
+    if path.exists():
+        return path
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=out_dir)
+    os.close(fd)
+    try:
+        done = subprocess.run(
+            [compiler, *FLAGS, *defines, "-o", tmp, str(SOURCE)], capture_output=True, text=True, check=False,
+            timeout=BUILD_TIMEOUT_S,
+        )
+        if done.returncode != 0:
+            raise OSError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
+        os.replace(tmp, path)  # atomic: a racing build leaves one complete library
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _cpu_flags() -> bytes:
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            return next((line for line in f if line.startswith(b"flags")), b"")
+    except OSError:
+        return b""

@@ -1,0 +1,194 @@
+"""fp8 numerics (power-of-two scales, quantization, code values) and the fused CPU kernels."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from gpu_workers.model import fp8_kernels
+from gpu_workers.model.fp8 import FP8_MAX, MIN_SCALE, code_values, pow2_scale, quantize, quantize_per_vector
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+# (mantissa bits, exponent of the smallest subnormal) of each format
+SPEC = {E4M3: (3, -9), E5M2: (2, -16)}
+FORMATS = pytest.mark.parametrize("dtype", [E4M3, E5M2], ids=["e4m3", "e5m2"])
+
+
+def awkward_values(n: int, d: int) -> torch.Tensor:
+    """Rows spanning ~70 orders of magnitude: normal values, subnormal-range ones, zeros, outliers."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g) * torch.exp(torch.randn(n, 1, generator=g) * 8)
+    x[0] = 0.0
+    x[1, 3] = 1e6  # one outlier among values of ~1
+    x[1, :3] = 1e-3
+    x[2] = 1e-30
+    x[3, ::2] = 1e38  # near the fp32 max
+    x[4, 5] = 1e-40  # an fp32 subnormal
+    return x
+
+
+def bound(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round-to-nearest error bound: half a unit in the last place, relative for normals, absolute
+    (scale x the smallest subnormal / 2) for subnormals."""
+    mantissa, min_exp = SPEC[dtype]
+    return x.abs() * 2.0 ** -(mantissa + 1) + scale * 2.0 ** (min_exp - 1)
+
+
+def test_pow2_scale_is_the_smallest_power_of_two_that_fits() -> None:
+    amax = torch.tensor([0.0, 1e-45, 1.0, 448.0, 449.0, 448.0 * 2**-3, 1e30, 3.4e38, float("inf")])
+    s = pow2_scale(amax, E4M3)
+    mantissa, _ = torch.frexp(s)
+    assert (mantissa == 0.5).all(), "not powers of two"
+    assert torch.equal(s[:2], torch.full((2,), MIN_SCALE))
+    fits = amax[2:7]
+    assert (fits / s[2:7] <= 448).all() and (fits / (s[2:7] / 2) > 448).all()
+    assert s[3] == 1.0 and s[4] == 2.0 and s[5] == 2**-3
+    # inputs are clamped to 2^127 first (so that no code times its scale passes the fp32 max)
+    assert torch.isfinite(s).all() and s[-1] == s[-2] == 2.0**127 / 256
+
+
+@FORMATS
+def test_round_trip_error_bounds_with_block_scales(dtype: torch.dtype) -> None:
+    x = awkward_values(32, 16)
+    scale = pow2_scale(x.abs().amax(-1), dtype)[:, None]
+    codes = quantize(x, scale, dtype)
+    back = code_values(codes, dtype, torch.float32) * scale
+    assert codes.dtype == torch.uint8 and torch.isfinite(back).all()
+    assert (back[0] == 0).all() and (back[2] > 0).all()  # zeros stay zero; tiny values keep their own scale
+    err, limit = (back - x).abs(), bound(x, scale, dtype)
+    assert (err <= limit * 1.0001).all(), f"worst error/bound {(err / limit).max():.3f}"
+    # the outlier sets its row's scale: the small values there lose their bits (absolute bound) and no more
+    assert err[1, 3] <= 1e6 * 2.0 ** -(SPEC[dtype][0] + 1)
+
+
+@FORMATS
+def test_round_trip_error_bounds_with_vector_scales(dtype: torch.dtype) -> None:
+    x = awkward_values(32, 16)
+    codes, scale = quantize_per_vector(x, dtype)
+    back = code_values(codes, dtype, torch.float32) * scale[:, None]
+    assert torch.isfinite(back).all() and (scale > 0).all()
+    err = (back - x).abs()
+    assert (err <= bound(x, scale[:, None], dtype) * 1.0001).all()
+    assert torch.allclose(back[2], x[2], rtol=0.07)  # its own scale: 1e-30 survives
+
+
+@FORMATS
+def test_saturation_never_makes_nan_or_inf(dtype: torch.dtype) -> None:
+    x = torch.tensor([[3.4e38, -3.4e38, 1e-45, 0.0, -0.0, 5e4, 1e5]])
+    for scale in (torch.tensor(1.0), pow2_scale(x.abs().amax(-1), dtype)):  # static 1.0 saturates at fp8 max
+        back = code_values(quantize(x, scale, dtype), dtype, torch.float32) * scale
+        assert torch.isfinite(back).all()
+        assert back[0, 0] > 0 > back[0, 1]
+    static = code_values(quantize(x, torch.tensor(1.0), dtype), dtype, torch.float32)
+    assert static[0, 0] == static[0, -1] == FP8_MAX[dtype] == -static[0, 1]
+
+
+@FORMATS
+def test_rescaling_by_a_power_of_two_is_exact(dtype: torch.dtype) -> None:
+    x = torch.randn(64, 16) * 3
+    scale = pow2_scale(x.abs().amax(), dtype)
+    codes = quantize(x, scale, dtype)
+    values = code_values(codes, dtype, torch.float32)
+    # what growing a block's scale 4x does to its codes; they stay clear of the subnormals here
+    rescaled = quantize(values / 4, torch.tensor(1.0), dtype)
+    assert torch.equal(code_values(rescaled, dtype, torch.float32) * (scale * 4), values * scale)
+
+
+@FORMATS
+def test_code_values_table_matches_the_cast(dtype: torch.dtype) -> None:
+    codes = torch.arange(256, dtype=torch.uint8)
+    cast = codes.view(dtype).float()
+    ok = torch.isfinite(cast)
+    assert torch.equal(code_values(codes, dtype, torch.float32)[ok], cast[ok])
+    kernels = fp8_kernels.load(16, 4)
+    if kernels is not None:
+        rows = codes.view(16, 16)
+        scales = torch.full((16,), 0.25)
+        got = kernels.dequantize_rows(rows, scales, dtype).view(-1)
+        assert torch.equal(got[ok], cast[ok] * 0.25)
+
+
+# --- fused kernels -------------------------------------------------------------------------------
+
+
+def dequantized_blocks(codes: torch.Tensor, scales: torch.Tensor, tables: torch.Tensor,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """The values [Hkv, B, MB * bs, D] of the blocks ``tables`` [B, MB] lists, dequantized with torch."""
+    heads, num_blocks, bs, d = codes.shape
+    b, mb = tables.shape
+    ids = tables.reshape(-1)
+    block_scales = scales.expand(heads, num_blocks)[:, ids]  # [Hkv, B * MB]
+    values = code_values(codes[:, ids], dtype, torch.float32) * block_scales[..., None, None]
+    return values.view(heads, b, mb * bs, d)
+
+
+def need_kernels(head_dim: int, block_size: int) -> fp8_kernels.Fp8Kernels:
+    kernels = fp8_kernels.load(head_dim, block_size)
+    if kernels is None:
+        pytest.skip("no C compiler: the fused kernels cannot be built here")
+    return kernels
+
+
+@FORMATS
+@pytest.mark.parametrize("head_dim,block_size,groups", [(64, 16, 4), (32, 16, 1), (16, 4, 3), (24, 16, 2)],
+                         ids=["avx512-path", "g1", "generic-bs4", "generic-d24"])
+@pytest.mark.parametrize("per_tensor", [False, True], ids=["block-scales", "one-scale"])
+def test_fused_decode_matches_torch(dtype: torch.dtype, head_dim: int, block_size: int, groups: int,
+                                    per_tensor: bool) -> None:
+    kernels = need_kernels(head_dim, block_size)
+    g = torch.Generator().manual_seed(1)
+    heads, num_blocks = 2, 9
+    magnitudes = torch.rand(heads, num_blocks, 1, 1, generator=g) * 5  # blocks of different scales
+    x = torch.randn(heads, num_blocks, block_size, head_dim, generator=g) * magnitudes
+    scales = torch.tensor(0.5) if per_tensor else pow2_scale(x.abs().amax((-1, -2)), dtype)  # [Hkv, NB]
+    codes = quantize(x, scales if per_tensor else scales[..., None, None], dtype).contiguous()
+    tables = torch.tensor([[4, 0, 8], [2, 2, 7], [5, 1, 3]])
+    q = torch.randn(heads, 3, groups, head_dim, generator=g)
+    values = dequantized_blocks(codes, scales, tables, dtype)  # [Hkv, B, L, D]
+    ref_scores = q @ values.transpose(-1, -2)
+
+    scores = torch.empty_like(ref_scores)
+    kernels.decode_scores(codes, scales, tables, q, dtype, scores)
+    torch.testing.assert_close(scores, ref_scores, rtol=1e-5, atol=1e-5 * ref_scores.abs().max().item())
+    probs = torch.softmax(ref_scores, dim=-1)
+    probs[1, 2, :, -block_size:] = 0.0  # a padded block: skipped, and must not matter
+    expected = probs @ values
+    out = torch.empty_like(expected)
+    kernels.decode_weighted_sum(codes, scales, tables, probs, dtype, out)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def test_kernels_refuse_blocks_outside_the_pool_and_bad_shapes() -> None:
+    kernels = need_kernels(16, 4)
+    codes = torch.zeros(2, 5, 4, 16, dtype=torch.uint8)
+    scales = torch.ones(2, 5)
+    q = torch.randn(2, 1, 2, 16)
+    out = torch.empty(2, 1, 2, 8)
+    with pytest.raises(fp8_kernels.KernelError):
+        kernels.decode_scores(codes, scales, torch.tensor([[0, 5]]), q, E4M3, out)
+    with pytest.raises(fp8_kernels.KernelError):
+        kernels.decode_weighted_sum(codes, scales, torch.tensor([[-1, 0]]), out, E4M3, torch.empty(2, 1, 2, 16))
+    with pytest.raises(ValueError):
+        kernels.decode_scores(codes, scales, torch.tensor([[0, 1]]), q.double(), E4M3, out)
+    with pytest.raises(ValueError):
+        kernels.decode_scores(codes, scales, torch.tensor([[0, 1, 2]]), q, E4M3, out)  # out too short
+    kernels.decode_scores(codes, scales, torch.tensor([[0, 4]]), q, E4M3, out)
+    assert (out == 0).all()
+
+
+def test_no_compiler_means_no_kernels_and_a_warning(monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with caplog.at_level(logging.WARNING, logger="gpu_workers.model.fp8_kernels"):
+        assert fp8_kernels.load.__wrapped__(16, 4) is None
+    assert "falling back to torch" in caplog.text
+
+
+def test_libraries_are_cached_per_shape(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RYZ_CACHE_DIR", str(tmp_path))
+    need_kernels(16, 4)
+    first = fp8_kernels._build(16, 4)
+    assert fp8_kernels._build(16, 4) == first and first.exists()
+    assert fp8_kernels._build(32, 4) != first

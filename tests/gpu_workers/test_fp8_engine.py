@@ -1,0 +1,152 @@
+"""The Llama engine on an fp8 KV cache: greedy tokens of clear-margin sequences equal the fp32
+cache's (batched, with prefix-cache hits, under preemption), tensor-parallel ranks keep their heads'
+blocks in fp8, and a fixed --kv-memory holds ~4x the fp32 tokens."""
+
+from __future__ import annotations
+
+import random
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from broker.protocol import SamplingParams
+from gpu_workers.engine import EngineRequest
+from gpu_workers.model import fp8_kernels
+from gpu_workers.model_runner import Chunk, ModelRunner
+from tests.gpu_workers.model.hf_models import assert_close, build, random_tokens, save
+from tests.gpu_workers.model.test_tensor_parallel import _ranks, _ThreadGroup
+from tests.gpu_workers.reference import save_hf_model
+from tests.gpu_workers.test_llm_engine import engine_for, generate
+
+NEW_TOKENS = 6
+GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0)
+# On this model an e4m3 cache moves next-token logits by at most ~0.05 of their standard deviation
+# (measured over 24-token generations): a top-1/top-2 gap of twice that cannot flip.
+FP8_MARGIN = 0.1
+CANDIDATES = 100
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_hf_model(tmp_path_factory.mktemp("llama"), family="llama")
+
+
+def fp32_greedy(model_dir: Path, prompts: list[list[int]]) -> tuple[list[list[int]], list[float]]:
+    """Greedy continuations of ``prompts`` on an fp32 KV cache (the engine's fp32 path matches
+    transformers to ~1e-6, tests/gpu_workers/test_llm_engine.py), and each one's smallest
+    top-1/top-2 logit gap relative to the logits' standard deviation."""
+    per_seq = -(-(max(map(len, prompts)) + NEW_TOKENS) // 16)
+    runner = ModelRunner(model_dir, num_blocks=per_seq * len(prompts), block_size=16, kv_dtype="fp32")
+    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(len(prompts))]
+    logits = runner.run([Chunk(p, 0, t, True) for p, t in zip(prompts, tables)])
+    tokens: list[list[int]] = [[] for _ in prompts]
+    margins = torch.full((len(prompts),), float("inf"))
+    for step in range(NEW_TOKENS):
+        top = logits.topk(2, dim=-1).values
+        margins = torch.minimum(margins, (top[:, 0] - top[:, 1]) / logits.std(dim=-1))
+        for seq, token in zip(tokens, logits.argmax(dim=-1).tolist()):
+            seq.append(token)
+        if step + 1 < NEW_TOKENS:
+            logits = runner.run([Chunk([seq[-1]], len(p) + step, t, True) for p, seq, t in zip(prompts, tokens, tables)])
+    return tokens, margins.tolist()
+
+
+def clear_prompts(
+    model_dir: Path, count: int, *, prefix: list[int] | None = None, lengths: tuple[int, ...] = (5, 12, 20, 40)
+) -> tuple[list[list[int]], list[list[int]]]:
+    """``count`` prompts (``prefix`` and random tokens, of one of ``lengths``) whose greedy
+    continuations keep a top-1/top-2 gap of at least FP8_MARGIN at every step, and those continuations."""
+    rngs = [random.Random(seed) for seed in range(CANDIDATES)]
+    candidates = [(prefix or []) + [rng.randrange(320) for _ in range(rng.choice(lengths))] for rng in rngs]
+    tokens, margins = fp32_greedy(model_dir, candidates)
+    clear = [i for i, margin in enumerate(margins) if margin >= FP8_MARGIN][:count]
+    assert len(clear) == count, f"fewer than {count} clear-margin prompts among {CANDIDATES}"
+    return [candidates[i] for i in clear], [tokens[i] for i in clear]
+
+
+def requests(prompts: list[list[int]]) -> list[EngineRequest]:
+    return [EngineRequest(f"r{i}", p, GREEDY) for i, p in enumerate(prompts)]
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["fused-kernels", "torch-gather"])
+def test_fp8_greedy_matches_the_fp32_reference(llama_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                               kernels: bool) -> None:
+    if not kernels:
+        monkeypatch.setattr(fp8_kernels, "load", lambda *a: None)
+    prompts, expected = clear_prompts(llama_dir, 5)
+    engine = engine_for(llama_dir, kv_dtype="fp8_e4m3", max_num_batched_tokens=32, max_num_seqs=16)
+    assert engine.runner.kv_cache.fused_decode is kernels
+    out = generate(engine, requests(prompts))
+    assert [out[f"r{i}"] for i in range(len(prompts))] == expected
+
+
+def test_fp8_prefix_cache_hits_keep_tokens(llama_dir: Path) -> None:
+    prefix = [random.Random(7).randrange(320) for _ in range(48)]
+    prompts, expected = clear_prompts(llama_dir, 3, prefix=prefix)
+    engine = engine_for(llama_dir, kv_dtype="fp8_e4m3")
+    first = generate(engine, requests(prompts[:1]))
+    rest = generate(engine, [EngineRequest(f"r{i}", p, GREEDY) for i, p in enumerate(prompts) if i])
+    assert engine.stats().prefix_cache_hit_rate > 0.3
+    assert [first["r0"], rest["r1"], rest["r2"]] == expected
+
+
+def test_fp8_preemption_keeps_tokens_and_capacity_is_honest(llama_dir: Path) -> None:
+    # 44-token prompts take 3 blocks and need a 4th at their 5th token: six of them cannot all fit
+    prompts, expected = clear_prompts(llama_dir, 6, lengths=(44,))
+    # 2 layers x 2 (K, V) x 2 KV heads x (16 x 16 one-byte values + a 4-byte scale) = 2,080 bytes a block
+    engine = engine_for(llama_dir, kv_dtype="fp8_e4m3", kv_memory=str(10 * 2080 + 2079))
+    assert engine.stats().kv_capacity_tokens == 160
+    cache = engine.runner.kv_cache
+    allocated = cache.values.numel() + cache.scales.numel() * 4
+    assert allocated == 10 * 2080 == cache.bytes_per_block() * 10
+    out = generate(engine, requests(prompts))
+    assert engine.scheduler.num_preemptions > 0
+    assert [out[f"r{i}"] for i in range(len(prompts))] == expected
+    assert engine.stats().kv_used_tokens == 0
+
+
+def test_capacity_at_a_fixed_kv_memory(llama_dir: Path) -> None:
+    capacity = {d: engine_for(llama_dir, kv_dtype=d, kv_memory="1MiB").stats().kv_capacity_tokens
+                for d in ("fp32", "bf16", "fp8_e4m3", "fp8_e5m2", "fp8_e4m3_per_tensor")}
+    assert capacity["fp8_e4m3"] == capacity["fp8_e5m2"]
+    assert capacity["fp8_e4m3"] >= 3.8 * capacity["fp32"]
+    assert capacity["fp8_e4m3"] >= 1.9 * capacity["bf16"]
+    assert capacity["fp8_e4m3_per_tensor"] == 4 * capacity["fp32"]  # no per-block scales to store
+
+
+def test_tensor_parallel_ranks_keep_their_heads_in_fp8(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scales are per KV head, so each rank's fp8 blocks hold exactly the single rank's codes for its
+    heads: two ranks give the single rank's logits."""
+    path = save(build("qwen2"), tmp_path)  # 2 KV heads
+    group = _ThreadGroup(2)
+    monkeypatch.setattr(dist, "all_reduce", group.all_reduce)
+    monkeypatch.setattr(dist, "gather", group.gather)
+    single = ModelRunner(path, num_blocks=16, block_size=4, kv_dtype="fp8_e4m3")
+    ranks = [ModelRunner(path, num_blocks=16, block_size=4, kv_dtype="fp8_e4m3", tp=tp) for tp in _ranks(2)]
+    assert ranks[0].kv_cache.num_kv_heads == 1
+
+    rng = random.Random(0)
+    prompts = [random_tokens(rng, n) for n in (9, 4)]
+    tables = [[3, 1, 8, 0], [5, 2]]
+    steps = [[Chunk(p, 0, t, True) for p, t in zip(prompts, tables)]]
+    steps += [[Chunk([7 + i], len(p) + i, t, True) for p, t in zip(prompts, tables)] for i in range(3)]
+    for chunks in steps:
+        expected = single.run(chunks)
+        results: list[torch.Tensor | None] = [None, None]
+
+        def run_rank(rank: int, chunks: list[Chunk] = chunks, results: list = results) -> None:
+            group.local.rank = rank
+            results[rank] = ranks[rank].run(chunks)
+
+        threads = [threading.Thread(target=run_rank, args=(r,)) for r in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results[0] is not None  # only rank 0 gathers the whole vocabulary (it samples)
+        assert_close(results[0], expected, rel=1e-4, what="fp8 tp=2 rank 0")
+    for rank, runner in enumerate(ranks):
+        assert torch.equal(runner.kv_cache.values[:, :, 0], single.kv_cache.values[:, :, rank])
