@@ -25,10 +25,22 @@ from gpu_workers.models import KV_DTYPES, EngineOptions, build_engine, model_dir
 log = logging.getLogger("gpu_workers")
 
 
+EPILOG = """\
+Tensor parallelism: with --tp K this process is rank 0, the leader (Redis, scheduling, sampling),
+and starts ranks 1..K-1 (python -m gpu_workers, which die with it). Under torchrun (RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT set) every rank runs this same command and rank 0
+leads; a group can then span hosts. If any rank dies or waits on another longer than --tp-timeout,
+the whole group stops and its requests fail over to other groups.
+Exit codes: 0 drained, 2 bad configuration, 3 failed over while unresponsive, 4 a rank was lost.
+"""
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
     parser.add_argument("--model", default="echo",
                         help="model SPEC: a Hugging Face directory, random:<preset>, or echo (default)")
-    parser.add_argument("--tp", type=int, default=None,
+    parser.add_argument("--tp", type=int, default=None, metavar="K",
                         help="tensor-parallel ranks in this group: this process starts K-1 more on this host "
                              "(default 1, or WORLD_SIZE under torchrun, which starts every rank itself)")
     parser.add_argument("--group", default=None, help="group name (default: <host>-<pid>; unique per group)")
