@@ -22,6 +22,7 @@ import torch
 
 from broker.keys import QUEUE_GROUP, Keys
 from broker.protocol import SamplingParams
+from broker.registry import read_groups
 from gpu_workers.engine import EXIT_ENGINE_FAILED, EngineRequest
 from gpu_workers.llm_engine import LlamaEngine, LlamaEngineOptions
 from producer.cli import main
@@ -91,8 +92,8 @@ def gone(pid: int) -> bool:
     return state in ("Z", "X")  # a zombie has exited; its new parent reaps it
 
 
-def submit(r: redis.Redis, keys: Keys) -> list[str]:
-    ids = [f"q{i}" for i in range(len(prompts()))]
+def submit(r: redis.Redis, keys: Keys, *, tag: str = "q") -> list[str]:
+    ids = [f"{tag}{i}" for i in range(len(prompts()))]
     for rid, p in zip(ids, prompts()):
         r.xadd(keys.requests, {"id": rid, "prompt_ids": json.dumps(p), "max_tokens": str(NEW_TOKENS),
                                "temperature": "0", "stream": "1"})
@@ -175,10 +176,12 @@ def test_killed_leader_takes_its_ranks_along(procs: Procs, r: redis.Redis, keys:
     wait_for(lambda: gone(follower), timeout=TP_TIMEOUT_S + 3, what="the rank to exit with its leader")
 
 
-def test_torchrun_starts_the_ranks(procs: Procs, r: redis.Redis, keys: Keys, model_dir: Path, redis_url: str,
-                                   reference: list[list[int]], capsys: pytest.CaptureFixture[str]) -> None:
-    """Under torchrun every rank runs the worker module and rank 0 leads; ``status`` shows tp and
-    what each rank holds."""
+def test_torchrun_group_beside_a_spawned_one(procs: Procs, r: redis.Redis, keys: Keys, model_dir: Path,
+                                             redis_url: str, reference: list[list[int]],
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Under torchrun every rank runs the worker module and rank 0 leads; a ``--tp 2`` group starts
+    on the same host at the same time without a port of its own to collide on; both serve exact
+    tokens, and ``status`` shows tp and what each rank holds."""
     log = open(procs.log_dir / "torchrun.log", "wb")  # noqa: SIM115
     torchrun = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -186,17 +189,22 @@ def test_torchrun_starts_the_ranks(procs: Procs, r: redis.Redis, keys: Keys, mod
         env=procs.env, stdout=log, stderr=subprocess.STDOUT)
     log.close()
     procs.started.append(torchrun)
+    start_group(procs, model_dir, "tp")
     procs.balancer()
-    wait_groups(r, keys, {"tr"}, timeout=60)
-    ids = submit(r, keys)
-    wait_for(lambda: all_finished(r, keys, ids), timeout=60, what="requests served by the torchrun group")
-    for rid, expected in zip(ids, reference):
+    wait_groups(r, keys, {"tr", "tp"}, timeout=60)
+    ids = submit(r, keys) + submit(r, keys, tag="again")
+    wait_for(lambda: all_finished(r, keys, ids), timeout=60, what="requests served by both groups")
+    for rid, expected in zip(ids, reference * 2):
         (done,) = final_events(r, keys.result(rid))
         assert json.loads(done[b"token_ids"]) == expected
 
+    wait_for(lambda: sum(g.completed for g in read_groups(r, keys, dead_after_s=3.0)) == len(ids),
+             timeout=5, what="the heartbeats to count every request")  # (every second)
     assert main(["status", "--json", "--redis-url", redis_url, "--prefix", keys.prefix]) == 0
-    (group,) = json.loads(capsys.readouterr().out)["groups"]
-    assert group["tp"] == 2 and group["alive"]
-    weights, kv = group["rank_weight_bytes"], group["rank_kv_bytes"]
-    assert len(weights) == 2 and weights[0] == weights[1] > 0
-    assert len(kv) == 2 and kv[0] == kv[1] and 7 * 2**20 < kv[0] <= 8 * 2**20  # --kv-memory is per rank
+    groups = json.loads(capsys.readouterr().out)["groups"]
+    assert {g["name"] for g in groups} == {"tp", "tr"}
+    for group in groups:
+        assert group["tp"] == 2 and group["alive"]
+        weights, kv = group["rank_weight_bytes"], group["rank_kv_bytes"]
+        assert len(weights) == 2 and weights[0] == weights[1] > 0
+        assert len(kv) == 2 and kv[0] == kv[1] and 7 * 2**20 < kv[0] <= 8 * 2**20  # --kv-memory is per rank
