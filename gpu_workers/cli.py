@@ -34,6 +34,13 @@ Signals: SIGTERM drains (hands back what has not started, finishes the rest for 
 RYZ_DRAIN_TIMEOUT_S), a second one hands everything back, a third stops at once. A group failed over
 while it was unresponsive registers again when it wakes. RYZ_ECHO_TOKEN_DELAY_MS makes each echo
 step take that long (for tests and benchmarks).
+
+Tensor parallelism: with --tp K this process is rank 0, the leader (Redis, scheduling, sampling),
+and starts ranks 1..K-1 (python -m gpu_workers, which die with it). Under torchrun (RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT set) every rank runs this same command and rank 0
+leads; a group can then span hosts. If any rank dies or waits on another longer than --tp-timeout,
+the whole group stops and its requests fail over to other groups.
+Exit codes: 0 drained (or stopped), 2 bad configuration, 4 a rank was lost.
 """
 
 
@@ -42,7 +49,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.add_argument("--model", default="echo",
                         help="model SPEC: a Hugging Face directory, random:<preset>, or echo (default)")
-    parser.add_argument("--tp", type=int, default=None,
+    parser.add_argument("--tp", type=int, default=None, metavar="K",
                         help="tensor-parallel ranks in this group: this process starts K-1 more on this host "
                              "(default 1, or WORLD_SIZE under torchrun, which starts every rank itself)")
     parser.add_argument("--group", default=None, help="group name (default: <host>-<pid>; unique per group)")

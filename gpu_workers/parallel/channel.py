@@ -55,12 +55,16 @@ class LeaderChannel:
     @contextmanager
     def exclusive(self) -> Iterator[None]:
         """The group for one step: its message and the layers' collectives, nothing in between.
-        A collective error in it (RuntimeError: torch.distributed's errors) becomes EngineFailed."""
+
+        Any error in it ends the group (EngineFailed): a collective error means a lost rank, and
+        any other leaves the followers inside a step the leader will not finish, so the ranks'
+        collectives could never pair up again.
+        """
         with self._lock:
             self.check()
             try:
                 yield
-            except RuntimeError as exc:
+            except Exception as exc:
                 self._fail(exc)
                 raise EngineFailed(self._failure or str(exc)) from exc
             finally:
@@ -96,8 +100,9 @@ class LeaderChannel:
 
     def _fail(self, exc: BaseException) -> None:
         if self._failure is None:
-            self._failure = f"tensor-parallel group lost a rank: {str(exc).splitlines()[0] if str(exc) else exc!r}"
-            log.error("%s", self._failure)
+            what = str(exc).splitlines()[0] if str(exc) else repr(exc)
+            self._failure = f"tensor-parallel group broken: {type(exc).__name__}: {what}"
+            log.error("%s", self._failure, exc_info=not isinstance(exc, RuntimeError))
 
     def _keep_alive(self) -> None:
         while not self._closed.wait(self.ping_interval_s / 2):

@@ -12,7 +12,6 @@ import signal
 
 import torch
 
-from broker.errors import EngineFailed
 from gpu_workers.engine import EXIT_ENGINE_FAILED
 from gpu_workers.model_runner import Chunk, ModelRunner
 from gpu_workers.parallel.channel import FollowerChannel, LeaderChannel
@@ -74,7 +73,10 @@ def serve_follower(runner: ModelRunner, group: TensorParallelGroup) -> int:
                 continue
             runner.run(decoder.decode(message))
             steps += 1
-        except (RuntimeError, EngineFailed) as exc:
+        except RuntimeError as exc:  # torch.distributed's errors: the leader or another rank is gone
             first = str(exc).splitlines()[0] if str(exc) else repr(exc)
             log.error("rank %d: tensor-parallel group lost a rank (%s); exiting", group.rank, first)
+            return EXIT_ENGINE_FAILED
+        except Exception:  # a bug: this rank cannot follow the leader's steps any more
+            log.exception("rank %d: step failed; exiting", group.rank)
             return EXIT_ENGINE_FAILED
