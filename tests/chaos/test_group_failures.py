@@ -1,7 +1,6 @@
 """A worker group dies (SIGKILL) or hangs (SIGSTOP) with requests mid-stream: they move and continue.
 
-Not here: killing a non-leader rank of a tensor-parallel group (TP=2), which needs the tensor-parallel
-groups of a later build.
+Killing a non-leader rank of a tensor-parallel group (TP=2): test_tensor_parallel_rank.py.
 """
 
 from __future__ import annotations
