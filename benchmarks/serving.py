@@ -262,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[Timings] = []
     log(f"ryzanstein: {args.requests} requests through Redis ...")
     runs.append(run_ryzanstein(args.model, args.kv_dtype, work))
+    log(f"  {runs[-1].summary()}")
     log(f"engine alone: decode at batch {args.decode_batch} ...")
     decode = engine_decode(args.model, args.kv_dtype, batch=args.decode_batch, context=300, steps=10)
     decode["share_of_peak"] = round(decode["gflops"] / peak, 3)
@@ -270,8 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_transformers:
         log(f"transformers generate, static batches of {args.static_batch} ...")
         runs.append(run_hf_static(model_dir, work, batch_size=args.static_batch))
+        log(f"  {runs[-1].summary()}")
         log("transformers continuous batching ...")
         runs.append(run_hf_continuous(model_dir, work))
+        log(f"  {runs[-1].summary()}")
     results["runs"] = {t.name: t.summary() for t in runs}
 
     ours = runs[0].summary()["output_tok_per_s"]
