@@ -41,6 +41,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import log, pct, write_results  # noqa: E402
+
 import redis  # noqa: E402
 
 from balancer.admission import request_cost  # noqa: E402
@@ -51,16 +53,6 @@ from broker.keys import Keys  # noqa: E402
 from broker.protocol import GenerationRequest, SamplingParams  # noqa: E402
 from broker.registry import GroupStatus, QueueLoad, read_groups  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
 def dist(values: list[float]) -> dict[str, float]:
@@ -343,10 +335,7 @@ def main(argv: list[str] | None = None) -> int:
           "has no prefix cache:\n a hit is a request placed on a group that holds its system prompt in a "
           "simulated LRU of prefixes.)")
 
-    out = args.out or RESULTS / f"failover-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    write_results(results, "failover", args.out)
     return 0
 
 

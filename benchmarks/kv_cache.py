@@ -47,6 +47,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import log, write_results  # noqa: E402
+
 import torch
 
 from gpu_workers.kv_memory import parse_size
@@ -55,16 +57,11 @@ from gpu_workers.model.kv_cache import KVCache, kv_bytes_per_block, kv_bytes_per
 from gpu_workers.model.presets import default_cache_dir, materialize
 from gpu_workers.model_runner import Chunk, ModelRunner
 
-RESULTS = ROOT / "benchmarks" / "results"
 BLOCK = 16
 DEFAULT = "fp8_e4m3"
 FORMATS = ["fp32", "bf16", "fp8_e4m3", "fp8_e5m2", "fp8_e4m3_per_tensor", "fp8_e4m3_per_token"]
 TORCH_FALLBACK = "fp8_e4m3 (torch)"
 CLEAR_GAP = 0.1  # a "clear" top-1: logit gap to the runner-up >= this x the logits' std
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def load_average() -> float:
@@ -420,10 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     results["targets"] = targets(results)
     results["load_end"] = load_average()
     print_report(results)
-    out = args.out or RESULTS / f"kv_cache-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    write_results(results, "kv_cache", args.out)
     return 0
 
 

@@ -21,22 +21,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import matmul_peak_gflops  # noqa: E402
+
 import torch  # noqa: E402
 
 from gpu_workers.model.config import ModelConfig  # noqa: E402
 from gpu_workers.model.loader import resolve_model  # noqa: E402
 from gpu_workers.model_runner import Chunk, ModelRunner  # noqa: E402
-
-
-def matmul_peak(size: int = 2048, iters: int = 20) -> float:
-    """GFLOP/s of an fp32 [size, size] @ [size, size] matmul (as benchmarks/serving.py measures it)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    for _ in range(3):
-        a @ b
-    start = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    return 2 * size**3 * iters / (time.perf_counter() - start) / 1e9
 
 
 def linear_flops_per_token(cfg: ModelConfig) -> int:
@@ -89,10 +80,10 @@ def main(argv: list[str] | None = None) -> int:
             positions[j] += 1
         return time.perf_counter() - t
 
-    peak_before = matmul_peak()
+    peak_before = matmul_peak_gflops()
     step(), step()
     times = [step() for _ in range(args.steps)]
-    peak = max(peak_before, matmul_peak())
+    peak = max(peak_before, matmul_peak_gflops())
     flops = linear_flops_per_token(runner.config) * batch
     median, best = statistics.median(times), min(times)
     print(f"{args.model} {args.kv_dtype} KV, batch {batch}, contexts {args.context[0]}-{args.context[1]}: "

@@ -30,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import log, pct, print_targets, write_results  # noqa: E402
+
 import redis  # noqa: E402
 
 from broker.embedded import EmbeddedRedis  # noqa: E402
@@ -37,22 +39,12 @@ from broker.settings import Settings  # noqa: E402
 from producer.client import AsyncClient, Client  # noqa: E402
 from producer.stack import Stack  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
 PROMPT = "x"  # one byte: the echo engine answers with exactly one token
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
 def ms(seconds: list[float]) -> dict[str, float]:
     return {"p50_ms": round(pct(seconds, 50) * 1000, 3), "p99_ms": round(pct(seconds, 99) * 1000, 3),
             "mean_ms": round(statistics.fmean(seconds) * 1000, 3), "n": len(seconds)}
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # --- ryzanstein ---------------------------------------------------------------------------------
@@ -242,14 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'path':<44} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9}")
     for name, rps, p50, p99 in rows:
         print(f"{name:<44} {rps:>10} {p50!s:>9} {p99!s:>9}")
-    print("\nTargets:")
-    for name, ok in targets.items():
-        print(f"  [{'met' if ok else 'MISSED'}] {name}")
+    print_targets(targets)
 
-    out = args.out or RESULTS / f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    write_results(results, "pipeline", args.out)
     return 0
 
 

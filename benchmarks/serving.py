@@ -35,22 +35,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import log, matmul_peak_gflops, pct, print_targets, write_results  # noqa: E402
+
 import torch  # noqa: E402
 
 from broker.settings import Settings  # noqa: E402
 from producer.client import AsyncClient  # noqa: E402
 from producer.stack import Stack  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
 @dataclass
@@ -86,16 +78,6 @@ class Timings:
             "tpot_p50_ms": round(pct(tpot, 50) * 1000, 1),
             "tpot_p99_ms": round(pct(tpot, 99) * 1000, 1),
         }
-
-
-def matmul_peak_gflops(size: int = 2048, iters: int = 20) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    for _ in range(3):
-        a @ b
-    start = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    return 2 * size**3 * iters / (time.perf_counter() - start) / 1e9
 
 
 # --- ryzanstein -----------------------------------------------------------------------------------
@@ -298,14 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nfp32 matmul peak {peak:.0f} GFLOP/s; decode at batch {args.decode_batch}: {decode['ms_per_step']} ms/step, "
           f"{decode['gflops']} GFLOP/s in linear layers = {decode['share_of_peak']:.0%} of peak")
     print("(times in ms; TTFT counts from the moment all requests were submitted)")
-    print("\nTargets:")
-    for name, ok in targets.items():
-        print(f"  [{'met' if ok else 'MISSED'}] {name}")
+    print_targets(targets)
 
-    out = args.out or RESULTS / f"serving-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    write_results(results, "serving", args.out)
     return 0
 
 

@@ -39,16 +39,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import log  # noqa: E402
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 RESULTS = ROOT / "benchmarks" / "results"
 TIMED = ("all_reduce", "gather", "broadcast")
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 class CollectiveTimer:
