@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 import msgpack
 from redis.exceptions import NoScriptError
 
+from broker.wire import Batch, Wire
+
 T = TypeVar("T")
 
 CLAIM_OWNER = """
@@ -261,6 +263,7 @@ class Scripts:
 
     def __init__(self, redis: Any) -> None:
         self.redis = redis
+        self.wire = Wire(redis)  # the hot loops' round trips (broker.wire)
         self.claim_owner = Script(redis, CLAIM_OWNER)
         self.dispatch = Script(redis, DISPATCH)
         self.publish = Script(redis, PUBLISH)
@@ -277,16 +280,16 @@ class Scripts:
         pipe.execute()
 
     def execute(self, build: Callable[[Any], T]) -> tuple[T, list[Any]]:
-        """Run the commands ``build(pipe)`` adds as one pipeline; (build's value, results).
+        """Run the commands ``build(batch)`` adds in one round trip; (build's value, results).
 
         Errors come back in the results, not raised. If Redis lost the scripts, they are loaded and
         the pipeline is built and run again, so what ``build`` adds must be safe to repeat (our
         scripts are: claims, dispatches and publishes are idempotent).
         """
         for _attempt in range(2):
-            pipe = self.redis.pipeline(transaction=False)
-            value = build(pipe)
-            results = pipe.execute(raise_on_error=False)
+            batch = Batch()
+            value = build(batch)
+            results = self.wire.execute(batch)
             if not any(isinstance(r, NoScriptError) for r in results):
                 return value, results
             self.load()

@@ -34,6 +34,7 @@ from broker.protocol import GenerationRequest, done_event, error_event, limit_pr
 from broker.registry import GroupLoad
 from broker.scripts import Scripts
 from broker.settings import Settings
+from broker.wire import Batch
 from gpu_workers.engine import Engine, EngineRequest
 from gpu_workers.holding import Event, Held, Holding
 from gpu_workers.isolation import Isolation
@@ -253,8 +254,8 @@ class WorkerGroup:
         self.heartbeat()
 
     def _read_inputs(self) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        acks = self.publisher.queue_acks(pipe)
+        batch = Batch()
+        acks = self.publisher.queue_acks(batch)
         room = min(READ_CHUNK, self.settings.group_max_requests - len(self.held))
         read_queue = not self.draining and room > 0
         idle = not self.held and not self.engine.has_work()
@@ -262,9 +263,9 @@ class WorkerGroup:
             # Idle: block until work arrives, but wake for the next heartbeat.
             until_heartbeat_ms = int((self._next_heartbeat - self._monotonic()) * 1000)
             block = max(1, min(self.settings.worker_block_ms, until_heartbeat_ms)) if idle else None
-            pipe.xreadgroup(QUEUE_GROUP, CONSUMER, {self.keys.group_queue(self.name): ">"}, count=room, block=block)
-        pipe.xread({self.keys.cancel: self._cancel_cursor}, count=1000)
-        results = pipe.execute(raise_on_error=False)
+            batch.xreadgroup(QUEUE_GROUP, CONSUMER, {self.keys.group_queue(self.name): ">"}, count=room, block=block)
+        batch.xread({self.keys.cancel: self._cancel_cursor}, count=1000)
+        results = self.scripts.wire.execute(batch)
         ack_result, results = (results[0], results[1:]) if acks else (None, results)
         for raw in results:
             if isinstance(raw, Exception):
