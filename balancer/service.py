@@ -32,7 +32,7 @@ from balancer.routing import AffinityTable, RoutingPolicy, prefix_key
 from balancer.telemetry import BalancerTelemetry
 from broker.connection import TRANSIENT_ERRORS, RedisClock, backoff_delays
 from broker.errors import InvalidRequest
-from broker.keys import INGRESS_GROUP, Keys
+from broker.keys import INGRESS_GROUP, QUEUE_GROUP, Keys
 from broker.logs import request_extra
 from broker.protocol import (
     GenerationRequest,
@@ -44,12 +44,14 @@ from broker.protocol import (
 )
 from broker.registry import read_groups, read_queue_loads
 from broker.scripts import Claim, Scripts, claim_result, pack_events
+from broker.wire import Batch
 from broker.settings import Settings
 
 log = logging.getLogger(__name__)
 
 PUBLISHER = "balancer"  # owner name under which balancers publish the final events they decide
 CLOSED_GROUP_PAUSE_S = 2.0  # a group that refused work is skipped this long (its heartbeat catches up)
+FIRST_EPOCH = 1  # the epoch CLAIM_OWNER gives a request nobody claimed before
 DISPATCH_ROUNDS = 3  # a request refused by a full or closed group is routed again, at most this often
 
 
@@ -66,6 +68,7 @@ class Waiting:
     moved: bool = False
     prefix: str | None = None  # affinity key of the prompt's prefix
     cost: int = 1  # tokens it may occupy (admission.request_cost), once a group is in view
+    claimed: bool = False  # a claim was tried: the next dispatch waits for the claim's answer
 
 
 @dataclass(slots=True)
@@ -214,9 +217,9 @@ class Balancer:
             # The read may have blocked a while: route by heartbeats read now, not before it.
             self._next_refresh = after_read + self.settings.groups_refresh_s
             self.refresh_groups()
+        # Acknowledgements go out with the next read's pipeline, ahead of its (possibly blocking)
+        # XREADGROUP: Redis runs them at once, so no round trip of their own is needed.
         self.process(entries + fresh)
-        if len(fresh) < self.settings.balancer_batch_max:
-            self.flush_acks()  # no full batch behind: the next read may block, acknowledge now
         if after_read >= self._next_stats:
             self._next_stats = after_read + self.settings.stats_interval_s
             self.write_stats()
@@ -235,15 +238,19 @@ class Balancer:
         # dead_after_s + groups_refresh_s of its last heartbeat, busy or not.
         until_refresh_ms = max(1, int((self._next_refresh - now) * 1000))
         block = None if self.waiting and can_route else min(self.settings.balancer_block_ms, until_refresh_ms)
-        pipe = self.redis.pipeline(transaction=False)
+        batch = Batch()
         acks = len(self._to_ack)
         if acks:
-            pipe.xack(self.keys.requests, INGRESS_GROUP, *self._to_ack)
-            pipe.xdel(self.keys.requests, *self._to_ack)
-        pipe.xreadgroup(INGRESS_GROUP, self.name, {self.keys.requests: ">"},
-                        count=self.settings.balancer_batch_max, block=block)
-        pipe.xread({self.keys.cancel: self._cancel_cursor}, count=1000)
-        *_, fresh, cancels = pipe.execute()
+            batch.xack(self.keys.requests, INGRESS_GROUP, *self._to_ack)
+            batch.xdel(self.keys.requests, *self._to_ack)
+        batch.xreadgroup(INGRESS_GROUP, self.name, {self.keys.requests: ">"},
+                         count=self.settings.balancer_batch_max, block=block)
+        batch.xread({self.keys.cancel: self._cancel_cursor}, count=1000)
+        results = self.scripts.wire.execute(batch)
+        for raw in results:
+            if isinstance(raw, Exception):
+                raise raw
+        *_, fresh, cancels = results
         del self._to_ack[:acks]
         now_ms = self.clock.now_ms()
         for _stream, items in cancels or []:
@@ -375,31 +382,52 @@ class Balancer:
         return assignments, finals
 
     def _dispatch(self, assignments: list[tuple[Waiting, str]], finals: list[Final]) -> bool:
-        """Claim, then queue or publish. True when some group refused (full or closed): route again."""
+        """Claim, then queue or publish. True when some group refused (full or closed): route again.
+
+        A request nobody claimed before is claimed and queued in one round trip: its DISPATCH rides
+        in the claim's pipeline with the epoch a first claim gives (FIRST_EPOCH). Where the claim
+        says otherwise (the request was pinned before: a re-submitted id, a re-read entry), that
+        entry is taken back off the queue and the request goes where its claim says. The two calls
+        stay separate scripts: their keys live in different cluster slots.
+        """
         ttl_ms = self.settings.result_ttl_s * 1000
+        eager = [w.takeover_from is None and not w.moved and not w.claimed for w, _group in assignments]
 
         # Phase 1: pin each request to its group (or learn where it is pinned already).
         def claim(pipe: Any) -> None:
-            for w, group in assignments:
+            for (w, group), first in zip(assignments, eager):
                 self.scripts.claim_owner(keys=list(self.keys.progress(w.request.reply_to, w.request.id)),
                                          args=[group, ttl_ms, w.takeover_from or "", w.takeover_epoch], client=pipe)
+                if first:
+                    self._queue(pipe, w, group, FIRST_EPOCH)
             for f in finals:
                 self.scripts.claim_owner(keys=list(self.keys.progress(f.reply_to, f.request_id)),
                                          args=[PUBLISHER, ttl_ms, f.takeover_from or "", f.takeover_epoch],
                                          client=pipe)
 
-        _, claims = self.scripts.execute(claim)
-        _raise_transient(claims)
+        _, results = self.scripts.execute(claim)
+        _raise_transient(results)
+        replies = iter(results)
 
         # Phase 2: queue pinned requests once; write the balancer's own final events.
         acks: list[bytes] = []
         sent: list[tuple[Waiting, str, int]] = []
-        for (w, _candidate), raw in zip(assignments, claims[: len(assignments)]):
-            if isinstance(raw, Exception):
+        retract: list[tuple[str, Any]] = []  # (group, DISPATCH reply) of eager entries the claim overruled
+        refused = False
+        for (w, candidate), first in zip(assignments, eager):
+            raw = next(replies)
+            queued = next(replies) if first else None
+            w.claimed = True
+            got = None if isinstance(raw, Exception) else claim_result(raw)
+            if first:
+                if got is not None and not got.finished and (got.owner, got.epoch) == (candidate, FIRST_EPOCH):
+                    refused |= self._queued(w, candidate, FIRST_EPOCH, queued, acks)
+                    continue
+                retract.append((candidate, queued))
+            if got is None:
                 log.error("request %s: cannot claim: %s; will retry", w.request.id, raw,
                           extra=request_extra(w.request.id))
                 continue
-            got = claim_result(raw)
             if got.finished:
                 acks.append(w.entry_id)
                 del self.waiting[w.entry_id]
@@ -414,7 +442,8 @@ class Balancer:
                 w.request = w.request.model_copy(update={"output_ids": got.output_ids})
             sent.append((w, got.owner, got.epoch))
         published: list[tuple[Final, int, dict[str, str]]] = []
-        for f, raw in zip(finals, claims[len(assignments):]):
+        for f in finals:
+            raw = next(replies)
             if isinstance(raw, Exception):
                 log.error("request %s: cannot claim: %s", f.request_id, raw, extra=request_extra(f.request_id))
             else:
@@ -425,43 +454,55 @@ class Balancer:
 
         def dispatch(pipe: Any) -> None:
             for w, group, epoch in sent:
-                bounded = not w.moved
-                self.scripts.dispatch(
-                    keys=[self.keys.group_queue(group), self.keys.dispatch_marker(group, w.request.id, epoch),
-                          self.keys.group_accepting(group), self.keys.group_queue_tokens(group)],
-                    args=[w.request.to_wire(), epoch, ttl_ms, w.cost,
-                          self.limits.group_requests if bounded else 0, self.limits.group_tokens if bounded else 0],
-                    client=pipe)
+                self._queue(pipe, w, group, epoch)
             for f, epoch, fields in published:
                 self.scripts.publish(keys=[f.reply_to, *self.keys.progress(f.reply_to, f.request_id)],
                                      args=[PUBLISHER, epoch, ttl_ms, pack_events([("f", 0, fields)])],
                                      client=pipe)
+            for group, queued in retract:
+                if not isinstance(queued, Exception) and queued[0] == b"ok":
+                    # never run: were the group to read it first, its publishes are fenced (wrong epoch)
+                    self.scripts.ack(keys=[self.keys.group_queue(group), self.keys.group_queue_tokens(group)],
+                                     args=[QUEUE_GROUP, queued[1]], client=pipe)
 
-        _, results = self.scripts.execute(dispatch) if sent or published else (None, [])
+        _, results = self.scripts.execute(dispatch) if sent or published or retract else (None, [])
         _raise_transient(results)
-        refused = False
         for (w, group, epoch), raw in zip(sent, results[: len(sent)]):
-            if isinstance(raw, Exception):
-                log.error("request %s: cannot dispatch to %s: %s; will retry", w.request.id, group, raw,
-                          extra=request_extra(w.request.id))
-                continue
-            if raw[0] in (b"closed", b"full"):
-                # draining or failed over, or at its bound: route elsewhere, taking the request over
-                pause = CLOSED_GROUP_PAUSE_S if raw[0] == b"closed" else self.settings.groups_refresh_s
-                (self._closed_until if raw[0] == b"closed" else self._full_until)[group] = self._monotonic() + pause
-                w.takeover_from, w.takeover_epoch = group, epoch
-                refused = True
-                continue
-            acks.append(w.entry_id)
-            del self.waiting[w.entry_id]
-            self.counts["dispatched"] += 1
-            self.telemetry.dispatched(w.request.id, group, epoch=epoch, taken_from=w.takeover_from)
+            refused |= self._queued(w, group, epoch, raw, acks)
         for (f, _epoch, _fields), raw in zip(published, results[len(sent):]):
             if isinstance(raw, Exception):
                 log.error("request %s: cannot publish to %r: %s", f.request_id, f.reply_to, raw,
                           extra=request_extra(f.request_id))
         self._ack(acks)
         return refused
+
+    def _queue(self, pipe: Any, w: Waiting, group: str, epoch: int) -> None:
+        """Add the DISPATCH of ``w`` to ``group``'s queue under ``epoch`` to ``pipe``."""
+        bounded = not w.moved
+        self.scripts.dispatch(
+            keys=[self.keys.group_queue(group), self.keys.dispatch_marker(group, w.request.id, epoch),
+                  self.keys.group_accepting(group), self.keys.group_queue_tokens(group)],
+            args=[w.request.to_wire(), epoch, self.settings.result_ttl_s * 1000, w.cost,
+                  self.limits.group_requests if bounded else 0, self.limits.group_tokens if bounded else 0],
+            client=pipe)
+
+    def _queued(self, w: Waiting, group: str, epoch: int, raw: Any, acks: list[bytes]) -> bool:
+        """Take in a DISPATCH reply; True when the group refused (full or closed): route again."""
+        if isinstance(raw, Exception):
+            log.error("request %s: cannot dispatch to %s: %s; will retry", w.request.id, group, raw,
+                      extra=request_extra(w.request.id))
+            return False
+        if raw[0] in (b"closed", b"full"):
+            # draining or failed over, or at its bound: route elsewhere, taking the request over
+            pause = CLOSED_GROUP_PAUSE_S if raw[0] == b"closed" else self.settings.groups_refresh_s
+            (self._closed_until if raw[0] == b"closed" else self._full_until)[group] = self._monotonic() + pause
+            w.takeover_from, w.takeover_epoch = group, epoch
+            return True
+        acks.append(w.entry_id)
+        del self.waiting[w.entry_id]
+        self.counts["dispatched"] += 1
+        self.telemetry.dispatched(w.request.id, group, epoch=epoch, taken_from=w.takeover_from)
+        return False
 
     def _ack(self, entry_ids: list[bytes]) -> None:
         """Acknowledge (and delete) ingress entries with the next read: one round trip less per batch.

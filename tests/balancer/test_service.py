@@ -19,6 +19,7 @@ from broker.protocol import GenerationRequest, entry_ms, parse_request
 from broker.registry import GroupLoad, read_groups
 from broker.scripts import Scripts
 from broker.settings import Settings
+from broker.wire import Batch
 from gpu_workers.echo import EchoEngine
 from gpu_workers.group import CONSUMER, WorkerGroup
 from tests.gpu_workers.helpers import (
@@ -131,7 +132,7 @@ def test_valid_request_lands_on_the_group_queue_once(
     assert request.sampling.temperature == 0.5 and request.enqueued_ms == entry_ms(eid)
     assert request.reply_to == keys.result(eid.decode()) and epoch == 1
     assert state(r, keys, request.id) == {"owner": "g1", "epoch": "1"}
-    assert ingress_settled(r, keys)
+    assert settled(balancer, r, keys)
     balancer.tick()
     balancer.process([(eid, {b"prompt": b"hello"})])  # a replay of the same entry
     assert len(queued(r, keys, "g1")) == 1
@@ -170,7 +171,7 @@ def test_invalid_requests_get_one_error_each_and_leave_valid_ones_alone(
         assert only_error(r, f"{prefix}:mine:{rid}", "invalid_request")["id"] == f"{rid}-custom"
         assert not r.exists(keys.result(f"{rid}-custom"))
     assert not r.exists(keys.result("ok-1")) and not r.exists(keys.result("ok-2"))
-    assert ingress_settled(r, keys)
+    assert settled(balancer, r, keys)
     assert balancer.counts["invalid_request"] == 2 * len(BAD_REQUESTS)
 
 
@@ -191,7 +192,7 @@ def test_error_for_an_unusable_id_goes_to_the_entry_id(
     eid = submit(r, keys, payload=b"\xc1not msgpack")
     balancer.tick()
     assert only_error(r, keys.result(eid.decode()), "invalid_request")["id"] == eid.decode()
-    assert ingress_settled(r, keys)
+    assert settled(balancer, r, keys)
 
 
 def test_priority_order_within_a_batch(r: redis.Redis, keys: Keys, make_balancer: MakeBalancer) -> None:
@@ -260,7 +261,7 @@ def test_deadline_passed_before_dispatch_is_a_timeout(
     balancer.tick()
     only_error(r, keys.result("late"), "timeout")
     assert [q.id for q, _ in queued(r, keys, "g1")] == ["in-time"]
-    assert ingress_settled(r, keys)
+    assert settled(balancer, r, keys)
 
 
 def test_timeout_applies_while_waiting_for_a_group(
@@ -287,7 +288,7 @@ def test_cancelled_before_dispatch(r: redis.Redis, keys: Keys, make_balancer: Ma
     assert (done["event"], done["finish_reason"]) == ("done", "cancelled")
     assert (done["token_ids"], done["text"]) == ("[]", "")
     assert [q.id for q, _ in queued(r, keys, "g1")] == ["kept"]
-    assert ingress_settled(r, keys)
+    assert settled(balancer, r, keys)
 
 
 def test_cancelled_while_waiting_for_a_group(r: redis.Redis, keys: Keys, make_balancer: MakeBalancer) -> None:
@@ -324,6 +325,7 @@ def test_entries_of_a_dead_balancer_are_claimed_once_idle(
     assert [(q.id, e) for q, e in queued(r, keys, "g1")] == [("orphan", 1)]
     assert state(r, keys, "orphan")["epoch"] == "1"
     # the other balancer's entry is not idle long enough to be taken from it
+    balancer.flush_acks()
     info = r.xpending_range(keys.requests, INGRESS_GROUP, min="-", max="+", count=10)
     assert [(p["message_id"], p["consumer"]) for p in info] == [(recent, b"slow")]
 
@@ -342,7 +344,7 @@ def test_entry_dispatched_by_a_balancer_that_died_before_acking_runs_once(
     heir.tick()
     assert [(q.id, e) for q, e in queued(r, keys, "g1")] == [("once", 1)]
     assert state(r, keys, "once") == {"owner": "g1", "epoch": "1"}
-    assert ingress_settled(r, keys)
+    assert settled(heir, r, keys)
 
 
 def test_same_entry_processed_by_two_balancers_dispatches_once(
@@ -386,6 +388,7 @@ def test_dead_group_is_failed_over_to_a_live_one(r: redis.Redis, keys: Keys, pre
     for n in range(3):
         submit(r, keys, id=f"f{n}", prompt="x", stream=1)
     balancer.tick()
+    balancer.flush_acks()
     assert len(queued(r, keys, "doomed")) == 3
     r.xgroup_create(keys.group_queue("doomed"), QUEUE_GROUP, id="0")
     r.xreadgroup(QUEUE_GROUP, CONSUMER, {keys.group_queue("doomed"): ">"}, count=1)  # one was in flight
@@ -409,7 +412,7 @@ def test_dead_group_is_failed_over_to_a_live_one(r: redis.Redis, keys: Keys, pre
     assert sorted((q.id, e) for q, e in queued(r, keys, "alive")) == [("f0", 2), ("f1", 2), ("f2", 2)]
     for n in range(3):
         assert state(r, keys, f"f{n}") == {"owner": "alive", "epoch": "2"}
-    assert ingress_settled(r, keys)
+    assert settled(balancer, r, keys)
     balancer.refresh_groups()
     assert r.xlen(keys.requests) == 0  # the same dead heartbeat is failed over once
 
@@ -449,7 +452,7 @@ def test_request_through_balancer_and_worker_group(r: redis.Redis, keys: Keys, m
     run_until(group.tick, lambda: bool(finals(events(r, keys.result("e2e")))))
     done = assert_one_clean_completion(events(r, keys.result("e2e")), text="héllo, wörld")
     assert done["finish_reason"] == "stop"
-    assert ingress_settled(r, keys)
+    assert settled(balancer, r, keys)
 
 
 def test_handed_back_request_continues_on_another_group_without_duplicates(
@@ -461,6 +464,7 @@ def test_handed_back_request_continues_on_another_group_without_duplicates(
     submit(r, keys, id="mover", prompt=prompt, stream=1, max_tokens=200)
     submit(r, keys, id="waiter", prompt="queued behind it", stream=1)
     balancer.tick()
+    balancer.flush_acks()
     for _ in range(5):
         leaving.tick()
     assert len(tokens(events(r, keys.result("mover")))) == 5
@@ -477,7 +481,7 @@ def test_handed_back_request_continues_on_another_group_without_duplicates(
     run_until(staying.tick, lambda: all(finals(events(r, keys.result(x))) for x in ("mover", "waiter")))
     assert_one_clean_completion(events(r, keys.result("mover")), text=prompt)
     assert_one_clean_completion(events(r, keys.result("waiter")), text="queued behind it")
-    assert ingress_settled(r, keys)
+    assert settled(balancer, r, keys)
 
 
 def test_handed_back_request_cancelled_before_redispatch(
@@ -501,7 +505,7 @@ def test_handed_back_request_cancelled_before_redispatch(
     assert (evs[-1]["text"], evs[-1]["token_ids"]) == ("ca", "[99,97]")
     assert_one_clean_completion(evs)
     assert state(r, keys, "gone")["owner"] == PUBLISHER
-    assert ingress_settled(r, keys)
+    assert settled(balancer, r, keys)
 
 
 # --- reading ingress ------------------------------------------------------------------------------
@@ -510,21 +514,14 @@ def test_handed_back_request_cancelled_before_redispatch(
 def test_ingress_read_blocks_unless_a_waiting_request_can_be_routed(
         r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, monkeypatch: pytest.MonkeyPatch) -> None:
     blocks: list[int | None] = []
-    real_pipeline = r.pipeline
+    real_read = Batch.xreadgroup
 
-    def recording_pipeline(*args: Any, **kwargs: Any) -> Any:
-        pipe = real_pipeline(*args, **kwargs)
-        real_read = pipe.xreadgroup
-
-        def xreadgroup(*a: Any, **k: Any) -> Any:
-            blocks.append(k.get("block"))
-            return real_read(*a, **k)
-
-        pipe.xreadgroup = xreadgroup  # type: ignore[method-assign]
-        return pipe
+    def xreadgroup(self: Batch, *a: Any, **k: Any) -> None:
+        blocks.append(k.get("block"))
+        real_read(self, *a, **k)
 
     balancer = make_balancer(balancer_block_ms=7)
-    monkeypatch.setattr(r, "pipeline", recording_pipeline)
+    monkeypatch.setattr(Batch, "xreadgroup", xreadgroup)
     submit(r, keys, id="w", prompt="x")
     balancer.tick()
     balancer.tick()  # waiting, but no group: nothing to gain from spinning
@@ -562,7 +559,7 @@ def test_requests_past_every_groups_bound_are_overloaded_at_once(
     for rid in rejected:
         assert "queue bound" in only_error(r, keys.result(rid), "overloaded")["message"]
     assert balancer.counts["overloaded"] == 3 and not balancer.waiting
-    assert ingress_settled(r, keys)
+    assert settled(balancer, r, keys)
 
 
 def test_the_token_bound_counts_prompt_and_max_tokens(
