@@ -347,6 +347,31 @@ def test_entry_dispatched_by_a_balancer_that_died_before_acking_runs_once(
     assert settled(heir, r, keys)
 
 
+def test_resubmitted_id_goes_nowhere_but_its_first_group(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new request is claimed and queued in one round trip; a re-submitted id (claimed already)
+    has that eager queue entry taken back, its cost too, and stays where its claim says."""
+    fake_group(r, keys, "g1")
+    fake_group(r, keys, "g2")
+    balancer = make_balancer()
+    balancer.refresh_groups()
+    submit(r, keys, id="twice", prompt="x")
+    balancer.tick()
+    ((home, _),) = [(g, q) for g in ("g1", "g2") for q in queued(r, keys, g)]
+    other = "g2" if home == "g1" else "g1"
+    cost = int(r.get(keys.group_queue_tokens(home)))
+    monkeypatch.setattr(type(balancer.router), "pick", lambda self, **_: self.find(other))
+    submit(r, keys, id="twice", prompt="x")
+    balancer.tick()
+    assert [(q.id, e) for q, e in queued(r, keys, home)] == [("twice", 1)]
+    # the eager entry went to the other group's queue (the stream exists) and was taken back
+    assert r.exists(keys.group_queue(other)) and queued(r, keys, other) == []
+    assert int(r.get(keys.group_queue_tokens(other)) or 0) == 0
+    assert int(r.get(keys.group_queue_tokens(home))) == cost
+    assert state(r, keys, "twice") == {"owner": home, "epoch": "1"}
+    assert settled(balancer, r, keys)
+
+
 def test_same_entry_processed_by_two_balancers_dispatches_once(
         r: redis.Redis, keys: Keys, make_balancer: MakeBalancer) -> None:
     fake_group(r, keys, "g1")
