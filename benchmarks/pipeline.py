@@ -9,7 +9,9 @@ process) and measures, in one run on one machine:
 - sustained throughput: many 1-token requests kept in flight by the async client;
 - latency at fixed offered loads (open loop: requests sent on a schedule, whatever comes back);
 - the same echo function through RQ's SimpleWorker (jobs/s), and a raw round trip (XADD + blocking
-  XREAD through one echo process that answers with XADD) as the floor for latency.
+  XREAD through one echo process that answers with XADD) as the floor for latency. Raw round trips
+  and unloaded requests are taken in alternating blocks while the stack is up and idle, so that both
+  meet the same machine state (on a VM one alone swings by 2x from run to run).
 
 Prints a table and writes JSON to benchmarks/results/pipeline-<timestamp>.json.
 """
@@ -48,18 +50,6 @@ def ms(seconds: list[float]) -> dict[str, float]:
 
 
 # --- ryzanstein ---------------------------------------------------------------------------------
-
-
-def unloaded(url: str, prefix: str, n: int) -> list[float]:
-    out = []
-    with Client(url, prefix=prefix) as client:
-        for _ in range(20):  # warm up connections and scripts
-            client.generate(PROMPT, max_tokens=1, timeout=30)
-        for _ in range(n):
-            t0 = time.perf_counter()
-            client.generate(PROMPT, max_tokens=1, timeout=30)
-            out.append(time.perf_counter() - t0)
-    return out
 
 
 async def sustained(url: str, prefix: str, n: int, window: int) -> tuple[float, list[float]]:
@@ -123,25 +113,53 @@ while True:
 """
 
 
-def raw_round_trip(url: str, n: int) -> list[float]:
-    proc = subprocess.Popen([sys.executable, "-c", RAW_ECHO, url])
-    r = redis.Redis.from_url(url)
-    try:
+class RawEcho:
+    """The floor for latency: XADD + blocking XREAD through one echo process that answers with XADD."""
+
+    def __init__(self, url: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", RAW_ECHO, url])
+        self.redis = redis.Redis.from_url(url)
+        self.sent = 0
         time.sleep(0.5)  # let the echo process block on its read (it reads from "$")
+        self.round_trips(20)  # warm up
+
+    def round_trips(self, n: int) -> list[float]:
         out = []
-        for i in range(n + 20):
-            key = f"raw:out:{i}"
+        for _ in range(n):
+            key = f"raw:out:{self.sent}"
             t0 = time.perf_counter()
-            r.xadd("raw:in", {"id": str(i), "prompt": PROMPT})
-            got = r.xread({key: "0-0"}, block=10_000)
-            elapsed = time.perf_counter() - t0
+            self.redis.xadd("raw:in", {"id": str(self.sent), "prompt": PROMPT})
+            got = self.redis.xread({key: "0-0"}, block=10_000)
+            out.append(time.perf_counter() - t0)
             assert got, "raw echo did not answer"
-            if i >= 20:
-                out.append(elapsed)
+            self.sent += 1
         return out
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def interleaved(url: str, prefix: str, n: int, rounds: int = 10) -> tuple[list[float], list[float]]:
+    """(raw round trips, unloaded latencies): ``n`` of each, taken in alternating blocks so that the
+    machine's state (CPU idle states, caches, other load) weighs on both alike."""
+    raw: list[float] = []
+    idle: list[float] = []
+    echo = RawEcho(url)
+    try:
+        with Client(url, prefix=prefix) as client:
+            for _ in range(20):  # warm up connections and scripts
+                client.generate(PROMPT, max_tokens=1, timeout=30)
+            for i in range(rounds):
+                block = n // rounds + (i < n % rounds)
+                raw += echo.round_trips(block)
+                for _ in range(block):
+                    t0 = time.perf_counter()
+                    client.generate(PROMPT, max_tokens=1, timeout=30)
+                    idle.append(time.perf_counter() - t0)
     finally:
-        proc.kill()
-        proc.wait()
+        echo.close()
+    return raw, idle
 
 
 def rq_simpleworker(url: str, n: int) -> float:
@@ -187,16 +205,14 @@ def main(argv: list[str] | None = None) -> int:
         results["redis_version"] = redis.Redis.from_url(url).info("server")["redis_version"]
         log(f"redis-server {results['redis_version']} at {url}")
 
-        log(f"raw round trip x{args.latency_samples} ...")
-        raw = raw_round_trip(url, args.latency_samples)
         log(f"RQ SimpleWorker, {args.rq_jobs} jobs ...")
         rq_rate = rq_simpleworker(url, args.rq_jobs)
 
         settings = Settings(redis_url=url, prefix="bench")
         with Stack(settings, groups=args.groups, quiet=True) as stack:
             Client(url, prefix="bench").generate(PROMPT, max_tokens=1, timeout=60)  # stack is up
-            log(f"unloaded latency x{args.latency_samples} ...")
-            idle = unloaded(url, "bench", args.latency_samples)
+            log(f"raw round trip and unloaded latency, x{args.latency_samples} each, interleaved ...")
+            raw, idle = interleaved(url, "bench", args.latency_samples)
             log(f"sustained: {args.requests} requests, {args.window} in flight ...")
             rate, sustained_lat = asyncio.run(sustained(url, "bench", args.requests, args.window))
             loads = {}
