@@ -166,7 +166,9 @@ class ModelRunner:
             beyond = torch.arange(width * bs)[None, :] > pos[:, None]  # [B, L]
             bias = torch.zeros(beyond.shape, dtype=torch.float32).masked_fill_(beyond, float("-inf"))
             group_meta = DecodeGroup(first, len(group), self._to_device(table), self._to_device(bias[None, :, None, :]))
-            if self.kv_cache.reads_in_place:
+            if self.kv_cache.fused_attention:
+                group_meta.lens = pos + 1
+            elif self.kv_cache.reads_in_place:
                 self._add_in_place_index(group_meta, table)
             batch.decode_groups.append(group_meta)
         return slots
@@ -220,7 +222,8 @@ class ModelRunner:
     def _decode_groups(self, decodes: list[Chunk]) -> list[tuple[int, list[Chunk]]]:
         """(index of the first, chunks) of consecutive runs of ``decodes`` (sorted by length) whose
         padded K/V stays within the group budget; one group when there is no budget."""
-        if self.decode_group_tokens is None:
+        if self.decode_group_tokens is None or self.kv_cache.fused_attention:
+            # (the fused fp32 kernel reads each sequence up to its own length: padding costs nothing)
             return [(0, decodes)] if decodes else []
         groups: list[tuple[int, list[Chunk]]] = []
         first = 0

@@ -8,8 +8,12 @@ into their cache slots, then attends:
 - decode: batched over sequences. Decoding sequences come sorted by context length, split into a
   few groups (one on GPUs) so that padding each to its longest context (masked) wastes little.
   The queries of each KV head are viewed as [Hkv, B, G, D], so grouped-query attention never
-  repeats K/V. Three ways to read the cache:
-  - in place (fp32 cache on a CPU): a sampled matmul (SDDMM, ``torch.sparse.sampled_addmm``)
+  repeats K/V. Four ways to read the cache:
+  - fused fp32 (fp32 cache on a CPU, where the kernels build): one kernel per layer computes the
+    scores, the softmax and the weighted sum of V for each (KV head, sequence), reading every K and
+    V row once for the head's G queries and only up to the sequence's length; all decodes form one
+    group, since padding costs nothing there;
+  - in place (fp32 cache on a CPU, without the kernels): a sampled matmul (SDDMM, ``torch.sparse.sampled_addmm``)
     computes exactly the (query row, context slot) scores from the pool, and ``embedding_bag``
     sums the V rows weighted by the probabilities: nothing is copied, which on CPUs (memory
     bound at decode) is 2-3x faster than gathering;
@@ -54,6 +58,8 @@ class DecodeGroup:
     # b's L context slots, [Hkv * B * G, L]; and the same as a sparse CSR pattern for the SDDMM.
     kv_index: torch.Tensor | None = None
     score_pattern: torch.Tensor | None = None
+    # Fused fp32 reads only: each sequence's context length (its new token included), [B] int64.
+    lens: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -107,7 +113,9 @@ class PagedAttention(nn.Module):
         b, heads, d = q.shape
         kv_heads = self.num_kv_heads
         qg = (q * self.scale).view(b, kv_heads, heads // kv_heads, d).transpose(0, 1)  # [Hkv, B, G, D]
-        if group.kv_index is not None:
+        if group.lens is not None:
+            out = cache.decode_attention(self.layer, qg, group.block_tables, group.lens)  # [Hkv, B, G, D]
+        elif group.kv_index is not None:
             k_rows, v_rows = cache.in_place(self.layer)  # [Hkv * S, D] each
             rows, length = group.kv_index.shape
             scores = torch.sparse.sampled_addmm(group.score_pattern, qg.reshape(rows, d), k_rows.t(), beta=0.0)

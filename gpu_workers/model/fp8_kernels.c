@@ -1,4 +1,5 @@
-/* Fused fp8 KV-cache kernels for CPUs (built and loaded by fp8_kernels.py).
+/* Fused KV-cache kernels for CPUs (built and loaded by fp8_kernels.py): decode attention over fp8 blocks,
+ * and over fp32 blocks (f32_decode_attention, at the end).
  *
  * Decode attention reads the cache's fp8 codes where they lie and converts them in registers, so no
  * fp32 copy of K or V is ever written: torch's fp8 -> fp32 cast is a scalar loop on CPUs, and even a
@@ -16,7 +17,9 @@
  * DIM (head_dim) and BS (block size) are compile-time constants: fp8_kernels.py compiles one library
  * per pair. Every function returns 0, or -1 when a block id is out of range (nothing is read then).
  */
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -179,4 +182,63 @@ int fp8_dequantize_rows(const uint8_t *codes, const float *scales, float *out, i
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) convert(codes + r * DIM, out + r * DIM, DIM, scales[r], fmt);
     return 0;
+}
+
+/* Decode attention over an fp32 cache, fused (scores, softmax, weighted sum of V) per (KV head, sequence):
+ * out[h, b, g] = sum_t softmax_t(q[h, b, g] . K[h, t]) V[h, t] over the lens[b] tokens of sequence b, which lie
+ * in the blocks tables[b, :]. q comes scaled. Each K and V row is read once for all the head's G queries, only up
+ * to the sequence's length (no padding). Pools: [heads, num_blocks, BS, DIM] float. Returns -1 for a bad block id
+ * or length, -2 when scratch memory cannot be had. */
+int f32_decode_attention(const float *k_pool, const float *v_pool, const int64_t *tables, const int64_t *lens,
+                         const float *q, float *out, int64_t heads, int64_t batch, int64_t width, int64_t groups,
+                         int64_t num_blocks, int threads) {
+    if (!tables_valid(tables, batch * width, num_blocks)) return -1;
+    for (int64_t b = 0; b < batch; b++)
+        if (lens[b] < 1 || lens[b] > width * BS) return -1;
+    const int64_t n = heads * batch, span = width * BS;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *s = malloc(sizeof(float) * (size_t)(groups * span));
+        if (!s) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t i = 0; i < n; i++) {
+            if (!s) continue;
+            const int64_t h = i / batch, b = i % batch, len = lens[b];
+            const float *qh = q + i * groups * DIM;
+            float *o = out + i * groups * DIM;
+            for (int64_t j = 0; j * BS < len; j++) {
+                const float *kb = k_pool + (h * num_blocks + tables[b * width + j]) * BS * DIM;
+                const int tn = len - j * BS < BS ? (int)(len - j * BS) : BS;
+                for (int t = 0; t < tn; t++)
+                    for (int64_t g = 0; g < groups; g++) {
+                        float acc = 0.0f;
+                        for (int d = 0; d < DIM; d++) acc += qh[g * DIM + d] * kb[t * DIM + d];
+                        s[g * span + j * BS + t] = acc;
+                    }
+            }
+            for (int64_t g = 0; g < groups; g++) {
+                float *sg = s + g * span, top = sg[0], sum = 0.0f;
+                for (int64_t t = 1; t < len; t++) top = sg[t] > top ? sg[t] : top;
+                for (int64_t t = 0; t < len; t++) sum += (sg[t] = expf(sg[t] - top));
+                const float inv = 1.0f / sum;
+                for (int64_t t = 0; t < len; t++) sg[t] *= inv;
+            }
+            memset(o, 0, sizeof(float) * groups * DIM);
+            for (int64_t j = 0; j * BS < len; j++) {
+                const float *vb = v_pool + (h * num_blocks + tables[b * width + j]) * BS * DIM;
+                const int tn = len - j * BS < BS ? (int)(len - j * BS) : BS;
+                for (int t = 0; t < tn; t++)
+                    for (int64_t g = 0; g < groups; g++) {
+                        const float w = s[g * span + j * BS + t];
+                        for (int d = 0; d < DIM; d++) o[g * DIM + d] += w * vb[t * DIM + d];
+                    }
+            }
+        }
+        free(s);
+    }
+    return failed ? -2 : 0;
 }

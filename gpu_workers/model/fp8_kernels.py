@@ -1,4 +1,5 @@
-"""The fused fp8 KV-cache kernels of fp8_kernels.c, compiled on first use and loaded with ctypes.
+"""The fused KV-cache kernels of fp8_kernels.c (decode attention over fp8 blocks, and over fp32 blocks),
+compiled on first use and loaded with ctypes.
 
 One shared library per (head_dim, block_size), built with the machine's C compiler (``$CC``, else
 ``cc``) for the CPU it runs on (``-march=native``) and cached under the ryzanstein cache directory,
@@ -33,6 +34,7 @@ FLAGS = (
     # lets the compiler vectorize float sums (reassociation only: no fast-math flush-to-zero)
     "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
 )
+LIBS = ("-lm",)
 FORMAT_CODES = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}
 BUILD_TIMEOUT_S = 120
 
@@ -42,6 +44,7 @@ _SIGNATURES = {
     "fp8_decode_scores": [_P, _P, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_int, ctypes.c_int],
     "fp8_decode_weighted_sum": [_P, _P, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_int, ctypes.c_int],
     "fp8_dequantize_rows": [_P, _P, _P, _I, ctypes.c_int, ctypes.c_int],
+    "f32_decode_attention": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_int],
 }
 
 
@@ -94,6 +97,38 @@ class Fp8Kernels:
             torch.get_num_threads(),
         )
         return self._result(rc, out)
+
+    def decode_attention_f32(
+        self, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, q: torch.Tensor,
+        out: torch.Tensor,
+    ) -> torch.Tensor:
+        """``out`` [Hkv, B, G, D] = attention of the scaled queries ``q`` [Hkv, B, G, D] over the first
+        ``lens`` [B] tokens of each sequence's blocks ``tables`` [B, MB], K and V pools [Hkv, NB, bs, D] fp32."""
+        heads, num_blocks = k_pool.shape[:2]
+        batch, width = tables.shape
+        groups = q.shape[2]
+        shape = (heads, batch, groups, self.head_dim)
+        ok = (
+            k_pool.dtype == v_pool.dtype == q.dtype == out.dtype == torch.float32
+            and k_pool.is_contiguous() and v_pool.is_contiguous() and q.is_contiguous() and out.is_contiguous()
+            and k_pool.shape == v_pool.shape and tuple(k_pool.shape[2:]) == (self.block_size, self.head_dim)
+            and tables.dtype == lens.dtype == torch.int64 and tables.is_contiguous() and lens.is_contiguous()
+            and tuple(lens.shape) == (batch,) and tuple(q.shape) == tuple(out.shape) == shape
+        )
+        if not ok:
+            raise ValueError(
+                f"f32 attention arguments: pools {tuple(k_pool.shape)} {k_pool.dtype}, tables {tuple(tables.shape)}, "
+                f"lens {tuple(lens.shape)} {lens.dtype}, q {tuple(q.shape)} (expected {shape}), out {tuple(out.shape)}"
+            )
+        rc = self._lib.f32_decode_attention(
+            k_pool.data_ptr(), v_pool.data_ptr(), tables.data_ptr(), lens.data_ptr(), q.data_ptr(), out.data_ptr(),
+            heads, batch, width, groups, num_blocks, torch.get_num_threads(),
+        )
+        if rc == -2:
+            raise MemoryError("f32_decode_attention: no scratch memory for the scores")
+        if rc != 0:
+            raise KernelError("a block table names a block outside the KV cache, or a length outside its blocks")
+        return out
 
     def dequantize_rows(self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """fp32 values [..., D] of ``codes`` [..., D], each row times its scale (``scales`` [...])."""
@@ -159,7 +194,7 @@ def _build(head_dim: int, block_size: int) -> Path:
     defines = (f"-DDIM={head_dim}", f"-DBS={block_size}")
     source = SOURCE.read_bytes()
     version = subprocess.run([compiler, "--version"], capture_output=True, timeout=30, check=True).stdout
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS + defines).encode(), version, _cpu_flags()]))
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS + defines + LIBS).encode(), version, _cpu_flags()]))
     out_dir = default_cache_dir() / "kernels"
     path = out_dir / f"fp8-d{head_dim}-bs{block_size}-{key.hexdigest()[:16]}.so"
     if path.exists():
@@ -169,7 +204,7 @@ def _build(head_dim: int, block_size: int) -> Path:
     os.close(fd)
     try:
         done = subprocess.run(
-            [compiler, *FLAGS, *defines, "-o", tmp, str(SOURCE)], capture_output=True, text=True, check=False,
+            [compiler, *FLAGS, *defines, "-o", tmp, str(SOURCE), *LIBS], capture_output=True, text=True, check=False,
             timeout=BUILD_TIMEOUT_S,
         )
         if done.returncode != 0:

@@ -156,7 +156,9 @@ class KVCache:
             fill = STATIC_SCALE if self.format.scale == "tensor" else 1.0
             self.scales = torch.full(scale_shape[self.format.scale], fill, dtype=SCALE_DTYPE, device=device)
         self.kernels: fp8_kernels.Fp8Kernels | None = None
-        if fused_kernels and self.format.scale in ("block", "tensor") and self.values.device.type == "cpu":
+        fp32_on_cpu = self.values.dtype == dtype == torch.float32
+        if fused_kernels and self.values.device.type == "cpu" and (self.format.scale in ("block", "tensor")
+                                                                   or fp32_on_cpu):
             self.kernels = fp8_kernels.load(head_dim, block_size)
         # Reused buffers: large fresh allocations cost page faults on every decode step.
         self._workspace: dict[str, torch.Tensor] = {}
@@ -239,7 +241,22 @@ class KVCache:
     def fused_decode(self) -> bool:
         """Whether decode attention runs in the fused fp8 kernels (``decode_scores`` and
         ``decode_weighted_sum``): an fp8 cache with per-block or per-tensor scales, fp32 compute, a CPU."""
-        return self.kernels is not None and self.dtype == torch.float32
+        return self.kernels is not None and self.fp8 and self.dtype == torch.float32
+
+    @property
+    def fused_attention(self) -> bool:
+        """Whether decode attention runs whole in one fused kernel (``decode_attention``): an fp32
+        cache on a CPU, read where it lies up to each sequence's length."""
+        return self.kernels is not None and not self.fp8 and self.values.dtype == self.dtype == torch.float32
+
+    def decode_attention(self, layer: int, q: torch.Tensor, block_tables: torch.Tensor,
+                         lens: torch.Tensor) -> torch.Tensor:
+        """Attention [Hkv, B, G, D] of scaled queries ``q`` [Hkv, B, G, D] over the first ``lens`` [B]
+        tokens of the blocks ``block_tables`` [B, MB] list."""
+        assert self.kernels is not None
+        k, v = (self._pool(layer, i) for i in (0, 1))
+        out = torch.empty(q.shape, dtype=torch.float32)
+        return self.kernels.decode_attention_f32(k, v, block_tables, lens, q.contiguous(), out)
 
     def decode_scores(self, layer: int, q: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
         """Scores [Hkv, B, G, L] of queries ``q`` [Hkv, B, G, D] against the K of the blocks

@@ -195,3 +195,41 @@ def test_libraries_are_cached_per_shape(tmp_path: object, monkeypatch: pytest.Mo
     first = fp8_kernels._build(16, 4)
     assert fp8_kernels._build(16, 4) == first and first.exists()
     assert fp8_kernels._build(32, 4) != first
+
+
+# --- the fused fp32 decode attention (same library) -------------------------------------------------
+
+
+@pytest.mark.parametrize("head_dim,block_size,groups", [(64, 16, 4), (32, 16, 1), (16, 4, 3)])
+def test_fused_fp32_attention_matches_torch_at_every_length(head_dim: int, block_size: int, groups: int) -> None:
+    kernels = need_kernels(head_dim, block_size)
+    gen = torch.Generator().manual_seed(3)
+    heads, num_blocks, batch, width = 2, 40, 5, 6
+    k_pool = torch.randn(heads, num_blocks, block_size, head_dim, generator=gen)
+    v_pool = torch.randn(heads, num_blocks, block_size, head_dim, generator=gen)
+    tables = torch.randperm(num_blocks, generator=gen)[: batch * width].view(batch, width).contiguous()
+    # lengths from one token to every slot of the table, some ending mid-block
+    lens = torch.tensor([1, block_size, block_size + 1, width * block_size - 3, width * block_size])
+    q = torch.randn(heads, batch, groups, head_dim, generator=gen) * head_dim**-0.5
+    out = kernels.decode_attention_f32(k_pool, v_pool, tables, lens, q, torch.empty_like(q))
+    for b in range(batch):
+        n = int(lens[b])
+        keys = k_pool[:, tables[b]].reshape(heads, -1, head_dim)[:, :n]  # [H, n, D]
+        values = v_pool[:, tables[b]].reshape(heads, -1, head_dim)[:, :n]
+        ref = torch.softmax(q[:, b] @ keys.transpose(-1, -2), dim=-1) @ values  # [H, G, D]
+        torch.testing.assert_close(out[:, b], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_fp32_attention_refuses_bad_blocks_and_lengths() -> None:
+    kernels = need_kernels(16, 4)
+    k_pool = torch.zeros(1, 3, 4, 16)
+    q = torch.zeros(1, 1, 1, 16)
+    with pytest.raises(fp8_kernels.KernelError):
+        kernels.decode_attention_f32(k_pool, k_pool, torch.tensor([[3]]), torch.tensor([2]), q, torch.empty_like(q))
+    for bad_len in (0, 5):  # nothing to attend to; more tokens than the listed block holds
+        with pytest.raises(fp8_kernels.KernelError):
+            kernels.decode_attention_f32(k_pool, k_pool, torch.tensor([[1]]), torch.tensor([bad_len]), q,
+                                         torch.empty_like(q))
+    with pytest.raises(ValueError):  # lengths must be int64
+        kernels.decode_attention_f32(k_pool, k_pool, torch.tensor([[1]]), torch.tensor([2], dtype=torch.int32), q,
+                                     torch.empty_like(q))

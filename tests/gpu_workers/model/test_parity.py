@@ -57,16 +57,19 @@ def test_whole_prompts_in_one_run(checkpoint: tuple[str, Path, object]) -> None:
         assert_close(logits[i], ref, rel=REL, what=f"{name} prompt {i} ({len(prompts[i])} tokens)")
 
 
-@pytest.mark.parametrize("group_tokens,reads", [(None, "in-place"), (8, "in-place"), (8, "gathered")],
-                         ids=["one-decode-group", "small-decode-groups", "gathered-kv"])
+@pytest.mark.parametrize("group_tokens,reads", [(8, "fused"), (None, "in-place"), (8, "in-place"), (8, "gathered")],
+                         ids=["fused-kernel", "one-decode-group", "small-decode-groups", "gathered-kv"])
 def test_chunked_prefill_and_decode(
     checkpoint: tuple[str, Path, object], group_tokens: int | None, reads: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """(b) prompts in random-size chunks over several runs, then decode steps, every chunk's last
     token compared; chunks shuffled within a run, block tables shuffled and non-contiguous. Decode
-    attention reads an fp32 cache in place on CPUs; "gathered" forces the path GPUs and other
-    cache dtypes take."""
+    attention over an fp32 cache on CPUs runs in the fused kernel ("fused"), or without it reads the
+    cache in place; "gathered" forces the path GPUs and other cache dtypes take."""
     name, path, hf = checkpoint
+    real_fused = KVCache.fused_attention
+    monkeypatch.setattr(KVCache, "fused_attention",
+                        property(lambda self: reads == "fused" and real_fused.fget(self)))  # type: ignore[attr-defined]
     monkeypatch.setattr(KVCache, "reads_in_place", property(lambda self: reads == "in-place"))
     rng = random.Random(2)
     block_size = 4
@@ -77,6 +80,8 @@ def test_chunked_prefill_and_decode(
     sequences = [p + random_tokens(rng, decode_steps) for p in prompts]
     tables = _block_tables(rng, [len(s) for s in sequences], block_size, 64)
     runner = ModelRunner(path, num_blocks=64, block_size=block_size, decode_group_tokens=group_tokens)
+    if reads == "fused" and not runner.kv_cache.fused_attention:
+        pytest.skip("no C compiler: the fused kernels cannot be built here")
     refs = [reference_logits(hf, s) for s in sequences]
 
     done = [0] * len(sequences)
