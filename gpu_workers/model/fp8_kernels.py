@@ -183,7 +183,7 @@ def load(head_dim: int, block_size: int) -> Fp8Kernels | None:
         path = _build(head_dim, block_size)
         return Fp8Kernels(ctypes.CDLL(str(path)), head_dim=head_dim, block_size=block_size)
     except (OSError, subprocess.SubprocessError) as e:
-        log.warning("fused fp8 KV kernels unavailable (%s); falling back to torch (slower decode)", e)
+        log.warning("fused KV-cache kernels unavailable (%s); falling back to torch (slower decode)", e)
         return None
 
 
