@@ -87,7 +87,10 @@ def test_cuda_image_builds_on_pytorch_cuda() -> None:
     assert base and base.group(1).startswith("pytorch/pytorch:2.13") and "cuda" in base.group(1)
     assert instructions["FROM"] == "${BASE_IMAGE}"
     cpu_runs = [a for k, a in dockerfile_instructions(DEPLOY / "Dockerfile") if k == "RUN"]
-    assert "download.pytorch.org/whl/cpu" in cpu_runs[0]  # torch first, not the CUDA wheels from PyPI
+    (torch_run,) = [i for i, a in enumerate(cpu_runs) if "torch==" in a]
+    (package_run,) = [i for i, a in enumerate(cpu_runs) if "pip install ." in a]
+    # torch first, and from the CPU index, not the CUDA wheels from PyPI
+    assert "download.pytorch.org/whl/cpu" in cpu_runs[torch_run] and torch_run < package_run
 
 
 # --- docker compose --------------------------------------------------------------------------------
