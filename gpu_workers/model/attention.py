@@ -8,17 +8,15 @@ into their cache slots, then attends:
 - decode: batched over sequences. Decoding sequences come sorted by context length, split into a
   few groups (one on GPUs) so that padding each to its longest context (masked) wastes little.
   The queries of each KV head are viewed as [Hkv, B, G, D], so grouped-query attention never
-  repeats K/V. Four ways to read the cache:
-  - fused fp32 (fp32 cache on a CPU, where the kernels build): one kernel per layer computes the
-    scores, the softmax and the weighted sum of V for each (KV head, sequence), reading every K and
-    V row once for the head's G queries and only up to the sequence's length; all decodes form one
-    group, since padding costs nothing there;
-  - in place (fp32 cache on a CPU, without the kernels): a sampled matmul (SDDMM, ``torch.sparse.sampled_addmm``)
-    computes exactly the (query row, context slot) scores from the pool, and ``embedding_bag``
-    sums the V rows weighted by the probabilities: nothing is copied, which on CPUs (memory
-    bound at decode) is 2-3x faster than gathering;
-  - fused fp8 (fp8 cache on a CPU): the cache's kernels compute the scores, and the weighted sum
-    of V, straight from the fp8 codes of the listed blocks (no K/V copy at all, 1 byte per value);
+  repeats K/V. Three ways to read the cache:
+  - fused (an fp32 cache, or an fp8 one with per-block or per-tensor scales, on a CPU where the
+    kernels build): one kernel per layer computes the scores, the softmax and the weighted sum of V
+    for each (KV head, sequence), reading every K and V row once for the head's G queries and only
+    up to the sequence's length, fp8 codes converted as they are read (1 byte per value read); all
+    decodes form one group, since padding costs nothing there;
+  - in place (fp32 cache on a CPU, without the kernels): a sampled matmul (SDDMM,
+    ``torch.sparse.sampled_addmm``) computes exactly the (query row, context slot) scores from the
+    pool, and ``embedding_bag`` sums the V rows weighted by the probabilities: nothing is copied;
   - gathered (other dtypes, GPUs): the group's blocks are copied into [Hkv, B, L, D] (converted
     from the storage dtype), then two batched matmuls; fp8 scales multiply scores and probabilities.
 - prefill: a loop over chunks using ``scaled_dot_product_attention`` (GQA handled by the kernel),
@@ -123,10 +121,6 @@ class PagedAttention(nn.Module):
             probs = torch.softmax(scores.add_(group.bias), dim=-1)
             out = F.embedding_bag(group.kv_index, v_rows, mode="sum", per_sample_weights=probs.view(rows, length))
             out = out.view(qg.shape)  # [Hkv, B, G, D]
-        elif cache.fused_decode:
-            scores = cache.decode_scores(self.layer, qg, group.block_tables)  # [Hkv, B, G, L]
-            probs = torch.softmax(scores.add_(group.bias), dim=-1)
-            out = cache.decode_weighted_sum(self.layer, probs, group.block_tables)  # [Hkv, B, G, D]
         else:
             kv = cache.gather_blocks(self.layer, group.block_tables)  # K, V [Hkv, B, L, D]
             scores = torch.matmul(qg, kv.k.transpose(-1, -2)).float()  # [Hkv, B, G, L]

@@ -41,10 +41,10 @@ BUILD_TIMEOUT_S = 120
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 _SIGNATURES = {
-    "fp8_decode_scores": [_P, _P, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_int, ctypes.c_int],
-    "fp8_decode_weighted_sum": [_P, _P, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_int, ctypes.c_int],
     "fp8_dequantize_rows": [_P, _P, _P, _I, ctypes.c_int, ctypes.c_int],
     "f32_decode_attention": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_int],
+    "fp8_decode_attention": [_P, _P, _P, _P, _I, _I, _P, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_int,
+                             ctypes.c_int],
 }
 
 
@@ -63,40 +63,6 @@ class Fp8Kernels:
             fn.argtypes = argtypes
             fn.restype = ctypes.c_int
         self._lib = lib
-
-    def decode_scores(
-        self, codes: torch.Tensor, scales: torch.Tensor, tables: torch.Tensor, q: torch.Tensor,
-        dtype: torch.dtype, out: torch.Tensor,
-    ) -> torch.Tensor:
-        """``out`` [Hkv, B, G, L] = scaled K . q for K ``codes`` [Hkv, NB, bs, D] of fp8 ``dtype``,
-        ``scales`` [Hkv, NB] (or 0-dim: one for all), ``tables`` [B, MB], ``q`` [Hkv, B, G, D] fp32."""
-        heads, num_blocks = codes.shape[:2]
-        batch, width = tables.shape
-        groups = q.shape[2]
-        length = width * self.block_size
-        self._check(codes, tables, q, out, (heads, batch, groups, self.head_dim), (heads, batch, groups, length))
-        rc = self._lib.fp8_decode_scores(
-            codes.data_ptr(), scales.data_ptr(), *_scale_strides(scales), tables.data_ptr(), q.data_ptr(),
-            out.data_ptr(), heads, batch, width, groups, num_blocks, FORMAT_CODES[dtype], torch.get_num_threads(),
-        )
-        return self._result(rc, out)
-
-    def decode_weighted_sum(
-        self, codes: torch.Tensor, scales: torch.Tensor, tables: torch.Tensor, probs: torch.Tensor,
-        dtype: torch.dtype, out: torch.Tensor,
-    ) -> torch.Tensor:
-        """``out`` [Hkv, B, G, D] = probs-weighted sums of scaled V rows (``probs`` [Hkv, B, G, L])."""
-        heads, num_blocks = codes.shape[:2]
-        batch, width = tables.shape
-        groups = probs.shape[2]
-        length = width * self.block_size
-        self._check(codes, tables, probs, out, (heads, batch, groups, length), (heads, batch, groups, self.head_dim))
-        rc = self._lib.fp8_decode_weighted_sum(
-            codes.data_ptr(), scales.data_ptr(), *_scale_strides(scales), tables.data_ptr(), probs.data_ptr(),
-            out.data_ptr(), heads, batch, width, groups, num_blocks, FORMAT_CODES[dtype],
-            torch.get_num_threads(),
-        )
-        return self._result(rc, out)
 
     def decode_attention_f32(
         self, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, q: torch.Tensor,
@@ -124,11 +90,38 @@ class Fp8Kernels:
             k_pool.data_ptr(), v_pool.data_ptr(), tables.data_ptr(), lens.data_ptr(), q.data_ptr(), out.data_ptr(),
             heads, batch, width, groups, num_blocks, torch.get_num_threads(),
         )
-        if rc == -2:
-            raise MemoryError("f32_decode_attention: no scratch memory for the scores")
-        if rc != 0:
-            raise KernelError("a block table names a block outside the KV cache, or a length outside its blocks")
-        return out
+        return _checked(rc, "f32_decode_attention", out)
+
+    def decode_attention_fp8(
+        self, k_codes: torch.Tensor, v_codes: torch.Tensor, k_scales: torch.Tensor, v_scales: torch.Tensor,
+        tables: torch.Tensor, lens: torch.Tensor, q: torch.Tensor, dtype: torch.dtype, out: torch.Tensor,
+    ) -> torch.Tensor:
+        """``decode_attention_f32`` over fp8 ``dtype`` code pools [Hkv, NB, bs, D] (uint8) with their
+        scales [Hkv, NB] (or 0-dim: one for all)."""
+        heads, num_blocks = k_codes.shape[:2]
+        batch, width = tables.shape
+        groups = q.shape[2]
+        shape = (heads, batch, groups, self.head_dim)
+        ok = (
+            k_codes.dtype == v_codes.dtype == torch.uint8 and k_codes.shape == v_codes.shape
+            and k_codes.is_contiguous() and v_codes.is_contiguous()
+            and tuple(k_codes.shape[2:]) == (self.block_size, self.head_dim)
+            and _scale_strides(k_scales) == _scale_strides(v_scales)
+            and q.dtype == out.dtype == torch.float32 and q.is_contiguous() and out.is_contiguous()
+            and tables.dtype == lens.dtype == torch.int64 and tables.is_contiguous() and lens.is_contiguous()
+            and tuple(lens.shape) == (batch,) and tuple(q.shape) == tuple(out.shape) == shape
+        )
+        if not ok:
+            raise ValueError(
+                f"fp8 attention arguments: codes {tuple(k_codes.shape)} {k_codes.dtype}, tables {tuple(tables.shape)}, "
+                f"lens {tuple(lens.shape)} {lens.dtype}, q {tuple(q.shape)} (expected {shape}), out {tuple(out.shape)}"
+            )
+        rc = self._lib.fp8_decode_attention(
+            k_codes.data_ptr(), v_codes.data_ptr(), k_scales.data_ptr(), v_scales.data_ptr(), *_scale_strides(k_scales),
+            tables.data_ptr(), lens.data_ptr(), q.data_ptr(), out.data_ptr(), heads, batch, width, groups,
+            num_blocks, FORMAT_CODES[dtype], torch.get_num_threads(),
+        )
+        return _checked(rc, "fp8_decode_attention", out)
 
     def dequantize_rows(self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """fp32 values [..., D] of ``codes`` [..., D], each row times its scale (``scales`` [...])."""
@@ -142,29 +135,13 @@ class Fp8Kernels:
         )
         return out
 
-    def _check(
-        self, codes: torch.Tensor, tables: torch.Tensor, x: torch.Tensor, out: torch.Tensor,
-        x_shape: tuple[int, ...], out_shape: tuple[int, ...],
-    ) -> None:
-        ok = (
-            codes.dtype == torch.uint8 and codes.is_contiguous()
-            and tuple(codes.shape[2:]) == (self.block_size, self.head_dim)
-            and tables.dtype == torch.int64 and tables.is_contiguous()
-            and x.dtype == out.dtype == torch.float32 and x.is_contiguous() and out.is_contiguous()
-            and tuple(x.shape) == x_shape and tuple(out.shape) == out_shape
-        )
-        if not ok:
-            raise ValueError(
-                f"fp8 kernel arguments: codes {tuple(codes.shape)} {codes.dtype}, tables {tuple(tables.shape)} "
-                f"{tables.dtype}, input {tuple(x.shape)} {x.dtype} (expected {x_shape}), out {tuple(out.shape)} "
-                f"(expected {out_shape})"
-            )
 
-    @staticmethod
-    def _result(rc: int, out: torch.Tensor) -> torch.Tensor:
-        if rc != 0:
-            raise KernelError("a block table names a block outside the KV cache")
-        return out
+def _checked(rc: int, name: str, out: torch.Tensor) -> torch.Tensor:
+    if rc == -2:
+        raise MemoryError(f"{name}: no scratch memory for the scores")
+    if rc != 0:
+        raise KernelError("a block table names a block outside the KV cache, or a length outside its blocks")
+    return out
 
 
 def _scale_strides(scales: torch.Tensor) -> tuple[int, int]:

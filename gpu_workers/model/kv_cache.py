@@ -26,10 +26,11 @@ formats store uint8 codes of ``value / scale`` (gpu_workers.model.fp8) with fp32
 - per token (``fp8_e4m3_per_token``): one exact scale per (token, KV head), 4 bytes per token per
   head: the alternative per-block scales were measured against; not offered on the command line.
 
-Reads: on CPUs, decode attention over fp8 blocks runs in fused kernels (``decode_scores``,
-``decode_weighted_sum``: gpu_workers.model.fp8_kernels) that convert codes in registers, reading
-only the blocks each sequence lists; elsewhere (GPUs, or no C compiler) ``gather_blocks`` copies the
-blocks and converts them, returning the scales for attention to apply to scores and probabilities.
+Reads: on CPUs, decode attention over fp8 (and fp32) blocks runs in one fused kernel
+(``decode_attention``: gpu_workers.model.fp8_kernels) that converts codes as it reads them, only the
+blocks each sequence lists and only up to its length; elsewhere (GPUs, or no C compiler)
+``gather_blocks`` copies the blocks and converts them, returning the scales for attention to apply
+to scores and probabilities.
 
 The pool must start zeroed: attention reads whole blocks and masks the unused slots, and a masked
 NaN would still poison the weighted sum (no write ever produces a NaN or inf code).
@@ -238,16 +239,12 @@ class KVCache:
         return k.view(-1, self.head_dim), v.view(-1, self.head_dim)
 
     @property
-    def fused_decode(self) -> bool:
-        """Whether decode attention runs in the fused fp8 kernels (``decode_scores`` and
-        ``decode_weighted_sum``): an fp8 cache with per-block or per-tensor scales, fp32 compute, a CPU."""
-        return self.kernels is not None and self.fp8 and self.dtype == torch.float32
-
-    @property
     def fused_attention(self) -> bool:
         """Whether decode attention runs whole in one fused kernel (``decode_attention``): an fp32
-        cache on a CPU, read where it lies up to each sequence's length."""
-        return self.kernels is not None and not self.fp8 and self.values.dtype == self.dtype == torch.float32
+        cache, or an fp8 one with per-block or per-tensor scales, on a CPU, with fp32 compute; blocks
+        are read where they lie, up to each sequence's length."""
+        return self.kernels is not None and self.dtype == torch.float32 and (
+            self.fp8 or self.values.dtype == torch.float32)
 
     def decode_attention(self, layer: int, q: torch.Tensor, block_tables: torch.Tensor,
                          lens: torch.Tensor) -> torch.Tensor:
@@ -256,25 +253,11 @@ class KVCache:
         assert self.kernels is not None
         k, v = (self._pool(layer, i) for i in (0, 1))
         out = torch.empty(q.shape, dtype=torch.float32)
+        if self.fp8:
+            assert self.scales is not None
+            return self.kernels.decode_attention_fp8(k, v, self.scales[layer, 0], self.scales[layer, 1], block_tables,
+                                                     lens, q.contiguous(), self.storage_dtype, out)
         return self.kernels.decode_attention_f32(k, v, block_tables, lens, q.contiguous(), out)
-
-    def decode_scores(self, layer: int, q: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-        """Scores [Hkv, B, G, L] of queries ``q`` [Hkv, B, G, D] against the K of the blocks
-        ``block_tables`` [B, MB] lists (L = MB * block_size); the tensor is reused by the next call."""
-        assert self.kernels is not None and self.scales is not None
-        b, mb = block_tables.shape
-        out = self._buffer("scores", torch.float32, (self.num_kv_heads, b, q.shape[2], mb * self.block_size))
-        return self.kernels.decode_scores(
-            self._pool(layer, 0), self.scales[layer, 0], block_tables, q.contiguous(), self.storage_dtype, out
-        )
-
-    def decode_weighted_sum(self, layer: int, probs: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-        """Sums [Hkv, B, G, D] of the V rows of ``block_tables`` [B, MB] weighted by ``probs`` [Hkv, B, G, L]."""
-        assert self.kernels is not None and self.scales is not None
-        out = torch.empty(*probs.shape[:3], self.head_dim, dtype=torch.float32)
-        return self.kernels.decode_weighted_sum(
-            self._pool(layer, 1), self.scales[layer, 1], block_tables, probs.contiguous(), self.storage_dtype, out
-        )
 
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V [Hkv, S, D] in the compute dtype for cache ``slots`` [S] (one sequence's context)."""

@@ -78,7 +78,7 @@ def test_fp8_greedy_matches_the_fp32_reference(llama_dir: Path, monkeypatch: pyt
         monkeypatch.setattr(fp8_kernels, "load", lambda *a: None)
     prompts, expected = clear_prompts(llama_dir, 5)
     engine = engine_for(llama_dir, kv_dtype="fp8_e4m3", max_num_batched_tokens=32, max_num_seqs=16)
-    assert engine.runner.kv_cache.fused_decode is kernels
+    assert engine.runner.kv_cache.fused_attention is kernels
     out = generate(engine, requests(prompts))
     assert [out[f"r{i}"] for i in range(len(prompts))] == expected
 

@@ -135,32 +135,30 @@ def need_kernels(head_dim: int, block_size: int) -> fp8_kernels.Fp8Kernels:
 
 
 @FORMATS
-@pytest.mark.parametrize("head_dim,block_size,groups", [(64, 16, 4), (32, 16, 1), (16, 4, 3), (24, 16, 2)],
-                         ids=["avx512-path", "g1", "generic-bs4", "generic-d24"])
+@pytest.mark.parametrize("head_dim,block_size,groups", [(64, 16, 4), (32, 16, 1), (16, 4, 3), (24, 16, 2)])
 @pytest.mark.parametrize("per_tensor", [False, True], ids=["block-scales", "one-scale"])
-def test_fused_decode_matches_torch(dtype: torch.dtype, head_dim: int, block_size: int, groups: int,
-                                    per_tensor: bool) -> None:
+def test_fused_fp8_attention_matches_torch(dtype: torch.dtype, head_dim: int, block_size: int, groups: int,
+                                           per_tensor: bool) -> None:
     kernels = need_kernels(head_dim, block_size)
     g = torch.Generator().manual_seed(1)
     heads, num_blocks = 2, 9
-    magnitudes = torch.rand(heads, num_blocks, 1, 1, generator=g) * 5  # blocks of different scales
-    x = torch.randn(heads, num_blocks, block_size, head_dim, generator=g) * magnitudes
-    scales = torch.tensor(0.5) if per_tensor else pow2_scale(x.abs().amax((-1, -2)), dtype)  # [Hkv, NB]
-    codes = quantize(x, scales if per_tensor else scales[..., None, None], dtype).contiguous()
+    pools = []
+    for _ in range(2):  # K, V: blocks of different magnitudes
+        x = torch.randn(heads, num_blocks, block_size, head_dim, generator=g) * torch.rand(
+            heads, num_blocks, 1, 1, generator=g) * 5
+        scales = torch.tensor(0.5) if per_tensor else pow2_scale(x.abs().amax((-1, -2)), dtype)  # [Hkv, NB]
+        pools.append((quantize(x, scales if per_tensor else scales[..., None, None], dtype).contiguous(), scales))
+    (k_codes, k_scales), (v_codes, v_scales) = pools
     tables = torch.tensor([[4, 0, 8], [2, 2, 7], [5, 1, 3]])
-    q = torch.randn(heads, 3, groups, head_dim, generator=g)
-    values = dequantized_blocks(codes, scales, tables, dtype)  # [Hkv, B, L, D]
-    ref_scores = q @ values.transpose(-1, -2)
-
-    scores = torch.empty_like(ref_scores)
-    kernels.decode_scores(codes, scales, tables, q, dtype, scores)
-    torch.testing.assert_close(scores, ref_scores, rtol=1e-5, atol=1e-5 * ref_scores.abs().max().item())
-    probs = torch.softmax(ref_scores, dim=-1)
-    probs[1, 2, :, -block_size:] = 0.0  # a padded block: skipped, and must not matter
-    expected = probs @ values
-    out = torch.empty_like(expected)
-    kernels.decode_weighted_sum(codes, scales, tables, probs, dtype, out)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    lens = torch.tensor([3 * block_size, 1, 2 * block_size + 1])  # whole, one token, mid-block
+    q = torch.randn(heads, 3, groups, head_dim, generator=g) * head_dim**-0.5
+    keys = dequantized_blocks(k_codes, k_scales, tables, dtype)  # [Hkv, B, L, D]
+    values = dequantized_blocks(v_codes, v_scales, tables, dtype)
+    out = kernels.decode_attention_fp8(k_codes, v_codes, k_scales, v_scales, tables, lens, q, dtype,
+                                       torch.empty_like(q))
+    for b, n in enumerate(lens.tolist()):
+        ref = torch.softmax(q[:, b] @ keys[:, b, :n].transpose(-1, -2), dim=-1) @ values[:, b, :n]
+        torch.testing.assert_close(out[:, b], ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
 def test_kernels_refuse_blocks_outside_the_pool_and_bad_shapes() -> None:
@@ -168,17 +166,19 @@ def test_kernels_refuse_blocks_outside_the_pool_and_bad_shapes() -> None:
     codes = torch.zeros(2, 5, 4, 16, dtype=torch.uint8)
     scales = torch.ones(2, 5)
     q = torch.randn(2, 1, 2, 16)
-    out = torch.empty(2, 1, 2, 8)
-    with pytest.raises(fp8_kernels.KernelError):
-        kernels.decode_scores(codes, scales, torch.tensor([[0, 5]]), q, E4M3, out)
-    with pytest.raises(fp8_kernels.KernelError):
-        kernels.decode_weighted_sum(codes, scales, torch.tensor([[-1, 0]]), out, E4M3, torch.empty(2, 1, 2, 16))
+
+    def attend(tables: list[list[int]], lens: list[int], query: torch.Tensor = q) -> torch.Tensor:
+        return kernels.decode_attention_fp8(codes, codes, scales, scales, torch.tensor(tables), torch.tensor(lens),
+                                            query, E4M3, torch.empty_like(query))
+
+    for tables, lens in (([[0, 5]], [8]), ([[-1, 0]], [8]), ([[0, 1]], [9]), ([[0, 1]], [0])):
+        with pytest.raises(fp8_kernels.KernelError):
+            attend(tables, lens)
     with pytest.raises(ValueError):
-        kernels.decode_scores(codes, scales, torch.tensor([[0, 1]]), q.double(), E4M3, out)
+        attend([[0, 1]], [8], q.double())
     with pytest.raises(ValueError):
-        kernels.decode_scores(codes, scales, torch.tensor([[0, 1, 2]]), q, E4M3, out)  # out too short
-    kernels.decode_scores(codes, scales, torch.tensor([[0, 4]]), q, E4M3, out)
-    assert (out == 0).all()
+        attend([[0, 1]], [8, 8])  # a length per sequence
+    assert (attend([[0, 4]], [8]) == 0).all()  # all-zero V: zero out, whatever the scores
 
 
 def test_no_compiler_means_no_kernels_and_a_warning(monkeypatch: pytest.MonkeyPatch,

@@ -120,10 +120,10 @@ def test_block_gather_matches_slot_gather(kv_dtype: str) -> None:
         assert torch.equal(k[:, 0, :4], x[20:24].transpose(0, 1))
 
 
-@pytest.mark.parametrize("kv_dtype", ["fp8_e4m3", "fp8_e5m2", "fp8_e4m3_per_tensor"])
-def test_fused_decode_matches_the_gathered_path(kv_dtype: str) -> None:
+@pytest.mark.parametrize("kv_dtype", ["fp32", "fp8_e4m3", "fp8_e5m2", "fp8_e4m3_per_tensor"])
+def test_fused_attention_matches_the_gathered_path(kv_dtype: str) -> None:
     fused = make_cache(kv_dtype, block_size=16, head_dim=64, num_kv_heads=2)
-    if not fused.fused_decode:
+    if not fused.fused_attention:
         pytest.skip("no C compiler: the fused kernels cannot be built here")
     plain = make_cache(kv_dtype, block_size=16, head_dim=64, num_kv_heads=2, fused=False)
     x = torch.randn(96, 2, 64)
@@ -131,13 +131,13 @@ def test_fused_decode_matches_the_gathered_path(kv_dtype: str) -> None:
         cache.write(1, torch.arange(96), x, x.flip(0))
     tables = torch.tensor([[4, 0, 2], [1, 5, 0]])
     q = torch.randn(2, 2, 3, 64)  # [Hkv, B, G, D]
+    out = fused.decode_attention(1, q, tables, torch.tensor([48, 40]))
     bias = torch.zeros(1, 2, 1, 48)
     bias[:, 1, :, 40:] = float("-inf")
-    probs = torch.softmax(fused.decode_scores(1, q, tables).clone().add_(bias), dim=-1)
-    out = fused.decode_weighted_sum(1, probs, tables)
     kv = plain.gather_blocks(1, tables)
-    scores = (q @ kv.k.transpose(-1, -2)) * kv.k_scale
-    expected = (torch.softmax(scores + bias, dim=-1) * kv.v_scale) @ kv.v
+    scores = q @ kv.k.transpose(-1, -2)
+    probs = torch.softmax(scores * (kv.k_scale if kv.k_scale is not None else 1) + bias, dim=-1)
+    expected = (probs * (kv.v_scale if kv.v_scale is not None else 1)) @ kv.v
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
