@@ -27,7 +27,7 @@
 #error "compile with -DDIM=<head_dim> -DBS=<block_size>"
 #endif
 
-enum { E4M3 = 0, E5M2 = 1 };
+enum { E4M3 = 0, E5M2 = 1, F32 = 2 };
 
 /* Exact value of an fp8 code (e4m3fn or e5m2), subnormals included. Normal codes are rebiased into
  * an fp32 exponent and subnormal ones computed from their mantissa, so no fp32 subnormal appears
@@ -68,68 +68,25 @@ int fp8_dequantize_rows(const uint8_t *codes, const float *scales, float *out, i
     return 0;
 }
 
-/* Decode attention over an fp32 cache: out[h, b, g] = sum_t softmax_t(q[h, b, g] . K[h, t]) V[h, t] over the
- * lens[b] tokens of sequence b, which lie in the blocks tables[b, :]. */
-int f32_decode_attention(const float *k_pool, const float *v_pool, const int64_t *tables, const int64_t *lens,
-                         const float *q, float *out, int64_t heads, int64_t batch, int64_t width, int64_t groups,
-                         int64_t num_blocks, int threads) {
-    if (!tables_valid(tables, batch * width, num_blocks)) return -1;
-    for (int64_t b = 0; b < batch; b++)
-        if (lens[b] < 1 || lens[b] > width * BS) return -1;
-    const int64_t n = heads * batch, span = width * BS;
-    int failed = 0;
-#pragma omp parallel num_threads(threads)
-    {
-        float *s = malloc(sizeof(float) * (size_t)(groups * span));
-        if (!s) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(dynamic, 4)
-        for (int64_t i = 0; i < n; i++) {
-            if (!s) continue;
-            const int64_t h = i / batch, b = i % batch, len = lens[b];
-            const float *qh = q + i * groups * DIM;
-            float *o = out + i * groups * DIM;
-            for (int64_t j = 0; j * BS < len; j++) {
-                const float *kb = k_pool + (h * num_blocks + tables[b * width + j]) * BS * DIM;
-                const int tn = len - j * BS < BS ? (int)(len - j * BS) : BS;
-                for (int t = 0; t < tn; t++)
-                    for (int64_t g = 0; g < groups; g++) {
-                        float acc = 0.0f;
-                        for (int d = 0; d < DIM; d++) acc += qh[g * DIM + d] * kb[t * DIM + d];
-                        s[g * span + j * BS + t] = acc;
-                    }
-            }
-            for (int64_t g = 0; g < groups; g++) {
-                float *sg = s + g * span, top = sg[0], sum = 0.0f;
-                for (int64_t t = 1; t < len; t++) top = sg[t] > top ? sg[t] : top;
-                for (int64_t t = 0; t < len; t++) sum += (sg[t] = expf(sg[t] - top));
-                const float inv = 1.0f / sum;
-                for (int64_t t = 0; t < len; t++) sg[t] *= inv;
-            }
-            memset(o, 0, sizeof(float) * groups * DIM);
-            for (int64_t j = 0; j * BS < len; j++) {
-                const float *vb = v_pool + (h * num_blocks + tables[b * width + j]) * BS * DIM;
-                const int tn = len - j * BS < BS ? (int)(len - j * BS) : BS;
-                for (int t = 0; t < tn; t++)
-                    for (int64_t g = 0; g < groups; g++) {
-                        const float w = s[g * span + j * BS + t];
-                        for (int d = 0; d < DIM; d++) o[g * DIM + d] += w * vb[t * DIM + d];
-                    }
-            }
-        }
-        free(s);
-    }
-    return failed ? -2 : 0;
+/* Rows [0, n) of block blk of head h: an fp32 pool's rows where they lie; an fp8 pool's converted (times
+ * their scale) into scratch. */
+static inline const float *block_rows(const void *pool, const float *scales, int64_t scale_head_stride,
+                                      int64_t scale_block_stride, int64_t h, int64_t blk, int64_t num_blocks, int n,
+                                      int fmt, float *scratch) {
+    const int64_t first = (h * num_blocks + blk) * BS * DIM;
+    if (fmt == F32) return (const float *)pool + first;
+    convert((const uint8_t *)pool + first, scratch, n * DIM, scales[h * scale_head_stride + blk * scale_block_stride],
+            fmt);
+    return scratch;
 }
 
-/* The same over an fp8 cache: K and V codes with their scales, each block's rows converted once (times their
- * scale) into a block-sized scratch and used for all G queries. */
-int fp8_decode_attention(const uint8_t *k_codes, const uint8_t *v_codes, const float *k_scales,
-                         const float *v_scales, int64_t scale_head_stride, int64_t scale_block_stride,
-                         const int64_t *tables, const int64_t *lens, const float *q, float *out, int64_t heads,
-                         int64_t batch, int64_t width, int64_t groups, int64_t num_blocks, int fmt, int threads) {
+/* Decode attention: out[h, b, g] = sum_t softmax_t(q[h, b, g] . K[h, t]) V[h, t] over the lens[b] tokens of
+ * sequence b, which lie in the blocks tables[b, :]. K and V pools are fp32 (fmt F32; scales unused) or fp8
+ * codes (E4M3, E5M2) with their scales; each block's rows serve all G queries of the head. */
+int decode_attention(const void *k_pool, const void *v_pool, const float *k_scales, const float *v_scales,
+                     int64_t scale_head_stride, int64_t scale_block_stride, const int64_t *tables, const int64_t *lens,
+                     const float *q, float *out, int64_t heads, int64_t batch, int64_t width, int64_t groups,
+                     int64_t num_blocks, int fmt, int threads) {
     if (!tables_valid(tables, batch * width, num_blocks)) return -1;
     for (int64_t b = 0; b < batch; b++)
         if (lens[b] < 1 || lens[b] > width * BS) return -1;
@@ -138,7 +95,7 @@ int fp8_decode_attention(const uint8_t *k_codes, const uint8_t *v_codes, const f
 #pragma omp parallel num_threads(threads)
     {
         float *s = malloc(sizeof(float) * (size_t)(groups * span));
-        float block[BS * DIM];
+        float scratch[BS * DIM];
         if (!s) {
 #pragma omp atomic write
             failed = 1;
@@ -150,14 +107,13 @@ int fp8_decode_attention(const uint8_t *k_codes, const uint8_t *v_codes, const f
             const float *qh = q + i * groups * DIM;
             float *o = out + i * groups * DIM;
             for (int64_t j = 0; j * BS < len; j++) {
-                const int64_t blk = tables[b * width + j];
-                const float scale = k_scales[h * scale_head_stride + blk * scale_block_stride];
                 const int tn = len - j * BS < BS ? (int)(len - j * BS) : BS;
-                convert(k_codes + (h * num_blocks + blk) * BS * DIM, block, tn * DIM, scale, fmt);
+                const float *rows = block_rows(k_pool, k_scales, scale_head_stride, scale_block_stride, h,
+                                               tables[b * width + j], num_blocks, tn, fmt, scratch);
                 for (int t = 0; t < tn; t++)
                     for (int64_t g = 0; g < groups; g++) {
                         float acc = 0.0f;
-                        for (int d = 0; d < DIM; d++) acc += qh[g * DIM + d] * block[t * DIM + d];
+                        for (int d = 0; d < DIM; d++) acc += qh[g * DIM + d] * rows[t * DIM + d];
                         s[g * span + j * BS + t] = acc;
                     }
             }
@@ -170,14 +126,13 @@ int fp8_decode_attention(const uint8_t *k_codes, const uint8_t *v_codes, const f
             }
             memset(o, 0, sizeof(float) * groups * DIM);
             for (int64_t j = 0; j * BS < len; j++) {
-                const int64_t blk = tables[b * width + j];
-                const float scale = v_scales[h * scale_head_stride + blk * scale_block_stride];
                 const int tn = len - j * BS < BS ? (int)(len - j * BS) : BS;
-                convert(v_codes + (h * num_blocks + blk) * BS * DIM, block, tn * DIM, scale, fmt);
+                const float *rows = block_rows(v_pool, v_scales, scale_head_stride, scale_block_stride, h,
+                                               tables[b * width + j], num_blocks, tn, fmt, scratch);
                 for (int t = 0; t < tn; t++)
                     for (int64_t g = 0; g < groups; g++) {
                         const float w = s[g * span + j * BS + t];
-                        for (int d = 0; d < DIM; d++) o[g * DIM + d] += w * block[t * DIM + d];
+                        for (int d = 0; d < DIM; d++) o[g * DIM + d] += w * rows[t * DIM + d];
                     }
             }
         }

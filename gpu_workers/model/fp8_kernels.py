@@ -36,15 +36,14 @@ FLAGS = (
 )
 LIBS = ("-lm",)
 FORMAT_CODES = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}
+F32_CODE = 2
 BUILD_TIMEOUT_S = 120
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 _SIGNATURES = {
     "fp8_dequantize_rows": [_P, _P, _P, _I, ctypes.c_int, ctypes.c_int],
-    "f32_decode_attention": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_int],
-    "fp8_decode_attention": [_P, _P, _P, _P, _I, _I, _P, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_int,
-                             ctypes.c_int],
+    "decode_attention": [_P, _P, _P, _P, _I, _I, _P, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_int, ctypes.c_int],
 }
 
 
@@ -64,48 +63,24 @@ class Fp8Kernels:
             fn.restype = ctypes.c_int
         self._lib = lib
 
-    def decode_attention_f32(
-        self, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, q: torch.Tensor,
-        out: torch.Tensor,
-    ) -> torch.Tensor:
-        """``out`` [Hkv, B, G, D] = attention of the scaled queries ``q`` [Hkv, B, G, D] over the first
-        ``lens`` [B] tokens of each sequence's blocks ``tables`` [B, MB], K and V pools [Hkv, NB, bs, D] fp32."""
-        heads, num_blocks = k_pool.shape[:2]
-        batch, width = tables.shape
-        groups = q.shape[2]
-        shape = (heads, batch, groups, self.head_dim)
-        ok = (
-            k_pool.dtype == v_pool.dtype == q.dtype == out.dtype == torch.float32
-            and k_pool.is_contiguous() and v_pool.is_contiguous() and q.is_contiguous() and out.is_contiguous()
-            and k_pool.shape == v_pool.shape and tuple(k_pool.shape[2:]) == (self.block_size, self.head_dim)
-            and tables.dtype == lens.dtype == torch.int64 and tables.is_contiguous() and lens.is_contiguous()
-            and tuple(lens.shape) == (batch,) and tuple(q.shape) == tuple(out.shape) == shape
-        )
-        if not ok:
-            raise ValueError(
-                f"f32 attention arguments: pools {tuple(k_pool.shape)} {k_pool.dtype}, tables {tuple(tables.shape)}, "
-                f"lens {tuple(lens.shape)} {lens.dtype}, q {tuple(q.shape)} (expected {shape}), out {tuple(out.shape)}"
-            )
-        rc = self._lib.f32_decode_attention(
-            k_pool.data_ptr(), v_pool.data_ptr(), tables.data_ptr(), lens.data_ptr(), q.data_ptr(), out.data_ptr(),
-            heads, batch, width, groups, num_blocks, torch.get_num_threads(),
-        )
-        return _checked(rc, "f32_decode_attention", out)
-
-    def decode_attention_fp8(
-        self, k_codes: torch.Tensor, v_codes: torch.Tensor, k_scales: torch.Tensor, v_scales: torch.Tensor,
+    def decode_attention(
+        self, k_pool: torch.Tensor, v_pool: torch.Tensor, k_scales: torch.Tensor | None, v_scales: torch.Tensor | None,
         tables: torch.Tensor, lens: torch.Tensor, q: torch.Tensor, dtype: torch.dtype, out: torch.Tensor,
     ) -> torch.Tensor:
-        """``decode_attention_f32`` over fp8 ``dtype`` code pools [Hkv, NB, bs, D] (uint8) with their
+        """``out`` [Hkv, B, G, D] = attention of the scaled queries ``q`` [Hkv, B, G, D] over the first
+        ``lens`` [B] tokens of each sequence's blocks ``tables`` [B, MB]. K and V pools [Hkv, NB, bs, D]
+        hold fp32 values (``dtype`` float32, scales None) or the uint8 codes of fp8 ``dtype`` with their
         scales [Hkv, NB] (or 0-dim: one for all)."""
-        heads, num_blocks = k_codes.shape[:2]
+        heads, num_blocks = k_pool.shape[:2]
         batch, width = tables.shape
-        groups = q.shape[2]
-        shape = (heads, batch, groups, self.head_dim)
+        shape = (heads, batch, q.shape[2], self.head_dim)
+        fp8 = dtype in FORMAT_CODES
+        if k_scales is None or v_scales is None:
+            k_scales = v_scales = torch.zeros((), dtype=torch.float32)
         ok = (
-            k_codes.dtype == v_codes.dtype == torch.uint8 and k_codes.shape == v_codes.shape
-            and k_codes.is_contiguous() and v_codes.is_contiguous()
-            and tuple(k_codes.shape[2:]) == (self.block_size, self.head_dim)
+            k_pool.dtype == v_pool.dtype == (torch.uint8 if fp8 else torch.float32) and (fp8 or dtype == torch.float32)
+            and k_pool.shape == v_pool.shape and k_pool.is_contiguous() and v_pool.is_contiguous()
+            and tuple(k_pool.shape[2:]) == (self.block_size, self.head_dim)
             and _scale_strides(k_scales) == _scale_strides(v_scales)
             and q.dtype == out.dtype == torch.float32 and q.is_contiguous() and out.is_contiguous()
             and tables.dtype == lens.dtype == torch.int64 and tables.is_contiguous() and lens.is_contiguous()
@@ -113,15 +88,20 @@ class Fp8Kernels:
         )
         if not ok:
             raise ValueError(
-                f"fp8 attention arguments: codes {tuple(k_codes.shape)} {k_codes.dtype}, tables {tuple(tables.shape)}, "
-                f"lens {tuple(lens.shape)} {lens.dtype}, q {tuple(q.shape)} (expected {shape}), out {tuple(out.shape)}"
+                f"decode attention arguments: pools {tuple(k_pool.shape)} {k_pool.dtype} as {dtype}, tables "
+                f"{tuple(tables.shape)}, lens {tuple(lens.shape)} {lens.dtype}, q {tuple(q.shape)} {q.dtype} "
+                f"(expected {shape}), out {tuple(out.shape)}"
             )
-        rc = self._lib.fp8_decode_attention(
-            k_codes.data_ptr(), v_codes.data_ptr(), k_scales.data_ptr(), v_scales.data_ptr(), *_scale_strides(k_scales),
-            tables.data_ptr(), lens.data_ptr(), q.data_ptr(), out.data_ptr(), heads, batch, width, groups,
-            num_blocks, FORMAT_CODES[dtype], torch.get_num_threads(),
+        rc = self._lib.decode_attention(
+            k_pool.data_ptr(), v_pool.data_ptr(), k_scales.data_ptr(), v_scales.data_ptr(), *_scale_strides(k_scales),
+            tables.data_ptr(), lens.data_ptr(), q.data_ptr(), out.data_ptr(), heads, batch, width, shape[2],
+            num_blocks, FORMAT_CODES.get(dtype, F32_CODE), torch.get_num_threads(),
         )
-        return _checked(rc, "fp8_decode_attention", out)
+        if rc == -2:
+            raise MemoryError("decode_attention: no scratch memory for the scores")
+        if rc != 0:
+            raise KernelError("a block table names a block outside the KV cache, or a length outside its blocks")
+        return out
 
     def dequantize_rows(self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """fp32 values [..., D] of ``codes`` [..., D], each row times its scale (``scales`` [...])."""
@@ -134,14 +114,6 @@ class Fp8Kernels:
             codes.data_ptr(), scales.data_ptr(), out.data_ptr(), rows, FORMAT_CODES[dtype], torch.get_num_threads()
         )
         return out
-
-
-def _checked(rc: int, name: str, out: torch.Tensor) -> torch.Tensor:
-    if rc == -2:
-        raise MemoryError(f"{name}: no scratch memory for the scores")
-    if rc != 0:
-        raise KernelError("a block table names a block outside the KV cache, or a length outside its blocks")
-    return out
 
 
 def _scale_strides(scales: torch.Tensor) -> tuple[int, int]:

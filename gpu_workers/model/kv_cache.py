@@ -253,11 +253,9 @@ class KVCache:
         assert self.kernels is not None
         k, v = (self._pool(layer, i) for i in (0, 1))
         out = torch.empty(q.shape, dtype=torch.float32)
-        if self.fp8:
-            assert self.scales is not None
-            return self.kernels.decode_attention_fp8(k, v, self.scales[layer, 0], self.scales[layer, 1], block_tables,
-                                                     lens, q.contiguous(), self.storage_dtype, out)
-        return self.kernels.decode_attention_f32(k, v, block_tables, lens, q.contiguous(), out)
+        k_scales, v_scales = (self.scales[layer, 0], self.scales[layer, 1]) if self.scales is not None else (None, None)
+        return self.kernels.decode_attention(k, v, k_scales, v_scales, block_tables, lens, q.contiguous(),
+                                             self.storage_dtype, out)
 
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V [Hkv, S, D] in the compute dtype for cache ``slots`` [S] (one sequence's context)."""

@@ -154,8 +154,7 @@ def test_fused_fp8_attention_matches_torch(dtype: torch.dtype, head_dim: int, bl
     q = torch.randn(heads, 3, groups, head_dim, generator=g) * head_dim**-0.5
     keys = dequantized_blocks(k_codes, k_scales, tables, dtype)  # [Hkv, B, L, D]
     values = dequantized_blocks(v_codes, v_scales, tables, dtype)
-    out = kernels.decode_attention_fp8(k_codes, v_codes, k_scales, v_scales, tables, lens, q, dtype,
-                                       torch.empty_like(q))
+    out = kernels.decode_attention(k_codes, v_codes, k_scales, v_scales, tables, lens, q, dtype, torch.empty_like(q))
     for b, n in enumerate(lens.tolist()):
         ref = torch.softmax(q[:, b] @ keys[:, b, :n].transpose(-1, -2), dim=-1) @ values[:, b, :n]
         torch.testing.assert_close(out[:, b], ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
@@ -168,8 +167,8 @@ def test_kernels_refuse_blocks_outside_the_pool_and_bad_shapes() -> None:
     q = torch.randn(2, 1, 2, 16)
 
     def attend(tables: list[list[int]], lens: list[int], query: torch.Tensor = q) -> torch.Tensor:
-        return kernels.decode_attention_fp8(codes, codes, scales, scales, torch.tensor(tables), torch.tensor(lens),
-                                            query, E4M3, torch.empty_like(query))
+        return kernels.decode_attention(codes, codes, scales, scales, torch.tensor(tables), torch.tensor(lens),
+                                        query, E4M3, torch.empty_like(query))
 
     for tables, lens in (([[0, 5]], [8]), ([[-1, 0]], [8]), ([[0, 1]], [9]), ([[0, 1]], [0])):
         with pytest.raises(fp8_kernels.KernelError):
@@ -211,7 +210,7 @@ def test_fused_fp32_attention_matches_torch_at_every_length(head_dim: int, block
     # lengths from one token to every slot of the table, some ending mid-block
     lens = torch.tensor([1, block_size, block_size + 1, width * block_size - 3, width * block_size])
     q = torch.randn(heads, batch, groups, head_dim, generator=gen) * head_dim**-0.5
-    out = kernels.decode_attention_f32(k_pool, v_pool, tables, lens, q, torch.empty_like(q))
+    out = kernels.decode_attention(k_pool, v_pool, None, None, tables, lens, q, torch.float32, torch.empty_like(q))
     for b in range(batch):
         n = int(lens[b])
         keys = k_pool[:, tables[b]].reshape(heads, -1, head_dim)[:, :n]  # [H, n, D]
@@ -225,11 +224,12 @@ def test_fused_fp32_attention_refuses_bad_blocks_and_lengths() -> None:
     k_pool = torch.zeros(1, 3, 4, 16)
     q = torch.zeros(1, 1, 1, 16)
     with pytest.raises(fp8_kernels.KernelError):
-        kernels.decode_attention_f32(k_pool, k_pool, torch.tensor([[3]]), torch.tensor([2]), q, torch.empty_like(q))
+        kernels.decode_attention(k_pool, k_pool, None, None, torch.tensor([[3]]), torch.tensor([2]), q, torch.float32,
+                                 torch.empty_like(q))
     for bad_len in (0, 5):  # nothing to attend to; more tokens than the listed block holds
         with pytest.raises(fp8_kernels.KernelError):
-            kernels.decode_attention_f32(k_pool, k_pool, torch.tensor([[1]]), torch.tensor([bad_len]), q,
-                                         torch.empty_like(q))
+            kernels.decode_attention(k_pool, k_pool, None, None, torch.tensor([[1]]), torch.tensor([bad_len]), q,
+                                     torch.float32, torch.empty_like(q))
     with pytest.raises(ValueError):  # lengths must be int64
-        kernels.decode_attention_f32(k_pool, k_pool, torch.tensor([[1]]), torch.tensor([2], dtype=torch.int32), q,
-                                     torch.empty_like(q))
+        kernels.decode_attention(k_pool, k_pool, None, None, torch.tensor([[1]]), torch.tensor([2], dtype=torch.int32),
+                                 q, torch.float32, torch.empty_like(q))
