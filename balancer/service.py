@@ -44,8 +44,8 @@ from broker.protocol import (
 )
 from broker.registry import read_groups, read_queue_loads
 from broker.scripts import Claim, Scripts, claim_result, pack_events
-from broker.wire import Batch
 from broker.settings import Settings
+from broker.wire import Batch
 
 log = logging.getLogger(__name__)
 
