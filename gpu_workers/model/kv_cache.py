@@ -129,7 +129,7 @@ class KVCache:
         kv_dtype: str = "fp32", dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
         fused_kernels: bool = True,
     ) -> None:
-        """``fused_kernels``: use the fused fp8 kernels on CPUs where they build (False: torch only)."""
+        """``fused_kernels``: use the fused decode-attention kernels on CPUs where they build (False: torch only)."""
         self.kv_dtype = kv_dtype
         self.format = kv_format(kv_dtype)
         self.storage_dtype = self.format.storage
