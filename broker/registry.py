@@ -107,7 +107,13 @@ def read_groups(redis: Any, keys: Keys, *, dead_after_s: float) -> list[GroupSta
     pipe.time()
     for name in names:
         pipe.hgetall(keys.group_info(name))
-    (secs, micros), *infos = pipe.execute()
+    return groups_from_reply(pipe.execute(), dead_after_s=dead_after_s)
+
+
+def groups_from_reply(reply: list[Any], *, dead_after_s: float) -> list[GroupStatus]:
+    """The groups of a ``[TIME, HGETALL info...]`` pipeline reply, sorted by name; ages on the
+    Redis clock. Shared by ``read_groups`` and the gateway's asyncio reader."""
+    (secs, micros), *infos = reply
     now_ms = secs * 1000.0 + micros / 1000.0
     out = []
     for info in infos:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from broker.keys import Keys
-from broker.registry import GroupStatus, parse_group
+from broker.registry import GroupStatus, groups_from_reply
 
 
 async def read_groups_async(redis: Any, keys: Keys, *, dead_after_s: float) -> list[GroupStatus]:
@@ -21,14 +21,7 @@ async def read_groups_async(redis: Any, keys: Keys, *, dead_after_s: float) -> l
     pipe.time()
     for name in names:
         pipe.hgetall(keys.group_info(name))
-    (secs, micros), *infos = await pipe.execute()
-    now_ms = secs * 1000.0 + micros / 1000.0
-    out = []
-    for info in infos:
-        status = parse_group(info, now_ms=now_ms, dead_after_s=dead_after_s) if info else None
-        if status is not None:
-            out.append(status)
-    return sorted(out, key=lambda g: g.name)
+    return groups_from_reply(await pipe.execute(), dead_after_s=dead_after_s)
 
 
 class LiveGroups:
