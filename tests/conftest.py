@@ -12,6 +12,7 @@ import redis
 from broker.embedded import EmbeddedRedis
 from broker.keys import Keys
 from broker.settings import Settings
+from tests.gpu_workers.helpers import FakeMonotonic
 
 
 @pytest.fixture(scope="session")
@@ -58,3 +59,9 @@ def subprocess_env(redis_url: str, prefix: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(RYZ_REDIS_URL=redis_url, RYZ_PREFIX=prefix, PYTHONUNBUFFERED="1")
     return env
+
+
+@pytest.fixture
+def mono() -> FakeMonotonic:
+    """A monotonic clock that moves only when a test advances it."""
+    return FakeMonotonic()

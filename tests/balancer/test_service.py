@@ -36,11 +36,6 @@ MakeBalancer = Callable[..., Balancer]
 
 
 @pytest.fixture
-def mono() -> FakeMonotonic:
-    return FakeMonotonic()
-
-
-@pytest.fixture
 def make_settings(redis_url: str, prefix: str) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
         base: dict[str, Any] = {"balancer_block_ms": 1, "worker_block_ms": 1}

@@ -16,11 +16,6 @@ from tests.gpu_workers.helpers import FakeClock, FakeMonotonic
 
 
 @pytest.fixture
-def mono() -> FakeMonotonic:
-    return FakeMonotonic()
-
-
-@pytest.fixture
 def make_balancer(r: redis.Redis, redis_url: str, prefix: str, mono: FakeMonotonic) -> MakeBalancer:
     def make(name: str = "b1", *, metrics: bool = True, **overrides: Any) -> Balancer:
         settings = Settings(redis_url=redis_url, prefix=prefix, balancer_block_ms=1,

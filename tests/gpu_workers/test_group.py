@@ -37,11 +37,6 @@ MakeGroup = Callable[..., WorkerGroup]
 
 
 @pytest.fixture
-def mono() -> FakeMonotonic:
-    return FakeMonotonic()
-
-
-@pytest.fixture
 def make_group(r: redis.Redis, redis_url: str, prefix: str, mono: FakeMonotonic) -> MakeGroup:
     def make(name: str = "g1", *, engine: EchoEngine | None = None, register: bool = True,
              **overrides: Any) -> WorkerGroup:

@@ -30,11 +30,6 @@ MakeGroup = Callable[..., WorkerGroup]
 
 
 @pytest.fixture
-def mono() -> FakeMonotonic:
-    return FakeMonotonic()
-
-
-@pytest.fixture
 def make_group(r: redis.Redis, redis_url: str, prefix: str, mono: FakeMonotonic) -> MakeGroup:
     def make(name: str = "g1", *, metrics: bool = True, **overrides: Any) -> WorkerGroup:
         settings = Settings(redis_url=redis_url, prefix=prefix, worker_block_ms=1,
