@@ -5,19 +5,17 @@ blocks in fp8, and a fixed --kv-memory holds ~4x the fp32 tokens."""
 from __future__ import annotations
 
 import random
-import threading
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from broker.protocol import SamplingParams
 from gpu_workers.engine import EngineRequest
 from gpu_workers.model import fp8_kernels
 from gpu_workers.model_runner import Chunk, ModelRunner
-from tests.gpu_workers.model.hf_models import assert_close, build, random_tokens, save
-from tests.gpu_workers.model.test_tensor_parallel import _ranks, _ThreadGroup
+from tests.gpu_workers.model.hf_models import build, save
+from tests.gpu_workers.model.test_tensor_parallel import ranks_match_one_rank
 from tests.gpu_workers.reference import save_hf_model
 from tests.gpu_workers.test_llm_engine import engine_for, generate
 
@@ -121,32 +119,7 @@ def test_tensor_parallel_ranks_keep_their_heads_in_fp8(tmp_path: Path, monkeypat
     """Scales are per KV head, so each rank's fp8 blocks hold exactly the single rank's codes for its
     heads: two ranks give the single rank's logits."""
     path = save(build("qwen2"), tmp_path)  # 2 KV heads
-    group = _ThreadGroup(2)
-    monkeypatch.setattr(dist, "all_reduce", group.all_reduce)
-    monkeypatch.setattr(dist, "gather", group.gather)
-    single = ModelRunner(path, num_blocks=16, block_size=4, kv_dtype="fp8_e4m3")
-    ranks = [ModelRunner(path, num_blocks=16, block_size=4, kv_dtype="fp8_e4m3", tp=tp) for tp in _ranks(2)]
+    single, ranks = ranks_match_one_rank(path, 2, monkeypatch, kv_dtype="fp8_e4m3", rel=1e-4)
     assert ranks[0].kv_cache.num_kv_heads == 1
-
-    rng = random.Random(0)
-    prompts = [random_tokens(rng, n) for n in (9, 4)]
-    tables = [[3, 1, 8, 0], [5, 2]]
-    steps = [[Chunk(p, 0, t, True) for p, t in zip(prompts, tables)]]
-    steps += [[Chunk([7 + i], len(p) + i, t, True) for p, t in zip(prompts, tables)] for i in range(3)]
-    for chunks in steps:
-        expected = single.run(chunks)
-        results: list[torch.Tensor | None] = [None, None]
-
-        def run_rank(rank: int, chunks: list[Chunk] = chunks, results: list = results) -> None:
-            group.local.rank = rank
-            results[rank] = ranks[rank].run(chunks)
-
-        threads = [threading.Thread(target=run_rank, args=(r,)) for r in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert results[0] is not None  # only rank 0 gathers the whole vocabulary (it samples)
-        assert_close(results[0], expected, rel=1e-4, what="fp8 tp=2 rank 0")
     for rank, runner in enumerate(ranks):
         assert torch.equal(runner.kv_cache.values[:, :, 0], single.kv_cache.values[:, :, rank])

@@ -177,15 +177,16 @@ class _ThreadGroup:
         self.barrier.wait()
 
 
-@pytest.mark.parametrize("size", [2, 4], ids=["tp2", "tp4-kv-replicated"])
-def test_whole_model_ranks_match_one_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int) -> None:
-    path = save(build("qwen2"), tmp_path)  # 4 heads, 2 KV heads, q/k/v bias
+def ranks_match_one_rank(path: Path, size: int, monkeypatch: pytest.MonkeyPatch, *, kv_dtype: str = "fp32",
+                         rel: float = 1e-5) -> tuple[ModelRunner, list[ModelRunner]]:
+    """Prefill then decode two prompts on one runner and on ``size`` rank runners (threads standing
+    in for processes); rank 0's logits must match the single runner's at every step. Returns the
+    runners, for checks of what each holds."""
     group = _ThreadGroup(size)
     monkeypatch.setattr(dist, "all_reduce", group.all_reduce)
     monkeypatch.setattr(dist, "gather", group.gather)
-    single = ModelRunner(path, num_blocks=16, block_size=4)
-    ranks = [ModelRunner(path, num_blocks=16, block_size=4, tp=tp) for tp in _ranks(size)]
-    assert ranks[0].kv_cache.num_kv_heads == max(1, 2 // size)
+    single = ModelRunner(path, num_blocks=16, block_size=4, kv_dtype=kv_dtype)
+    ranks = [ModelRunner(path, num_blocks=16, block_size=4, kv_dtype=kv_dtype, tp=tp) for tp in _ranks(size)]
 
     rng = random.Random(0)
     prompts = [random_tokens(rng, n) for n in (9, 4)]
@@ -205,5 +206,13 @@ def test_whole_model_ranks_match_one_rank(tmp_path: Path, monkeypatch: pytest.Mo
             t.start()
         for t in threads:
             t.join()
-        assert results[0] is not None  # only rank 0 gets the whole vocabulary's logits
-        assert_close(results[0], expected, rel=1e-5, what=f"tp={size} rank 0")
+        assert results[0] is not None  # only rank 0 gets the whole vocabulary's logits (it samples)
+        assert_close(results[0], expected, rel=rel, what=f"{kv_dtype} tp={size} rank 0")
+    return single, ranks
+
+
+@pytest.mark.parametrize("size", [2, 4], ids=["tp2", "tp4-kv-replicated"])
+def test_whole_model_ranks_match_one_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int) -> None:
+    path = save(build("qwen2"), tmp_path)  # 4 heads, 2 KV heads, q/k/v bias
+    _single, ranks = ranks_match_one_rank(path, size, monkeypatch)
+    assert ranks[0].kv_cache.num_kv_heads == max(1, 2 // size)
