@@ -163,13 +163,15 @@ class ModelRunner:
                 [c.block_table[:n] + [0] * (width - n) for c, n in zip(group, used)], dtype=torch.long
             )  # [B, MB], padded with block 0 (masked)
             slots.append(table.gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs)
-            beyond = torch.arange(width * bs)[None, :] > pos[:, None]  # [B, L]
-            bias = torch.zeros(beyond.shape, dtype=torch.float32).masked_fill_(beyond, float("-inf"))
-            group_meta = DecodeGroup(first, len(group), self._to_device(table), self._to_device(bias[None, :, None, :]))
+            group_meta = DecodeGroup(first, len(group), self._to_device(table))
             if self.kv_cache.fused_attention:
-                group_meta.lens = pos + 1
-            elif self.kv_cache.reads_in_place:
-                self._add_in_place_index(group_meta, table)
+                group_meta.lens = pos + 1  # the kernel stops at each sequence's length: no mask
+            else:
+                beyond = torch.arange(width * bs)[None, :] > pos[:, None]  # [B, L]
+                bias = torch.zeros(beyond.shape, dtype=torch.float32).masked_fill_(beyond, float("-inf"))
+                group_meta.bias = self._to_device(bias[None, :, None, :])
+                if self.kv_cache.reads_in_place:
+                    self._add_in_place_index(group_meta, table)
             batch.decode_groups.append(group_meta)
         return slots
 

@@ -51,12 +51,13 @@ class DecodeGroup:
     first: int  # index of its first token (= sequence) among the step's tokens
     count: int  # sequences in the group, one token each
     block_tables: torch.Tensor  # [B, MB] blocks of each sequence, padded
-    bias: torch.Tensor  # [1, B, 1, L] fp32, L = MB * block_size: 0 for the context, -inf beyond
+    # [1, B, 1, L] fp32, L = MB * block_size: 0 for the context, -inf beyond (not for fused reads)
+    bias: torch.Tensor | None = None
     # In-place reads only: row (h, b, g) lists the K/V rows ``h * num_slots + slot`` of sequence
     # b's L context slots, [Hkv * B * G, L]; and the same as a sparse CSR pattern for the SDDMM.
     kv_index: torch.Tensor | None = None
     score_pattern: torch.Tensor | None = None
-    # Fused fp32 reads only: each sequence's context length (its new token included), [B] int64.
+    # Fused reads only: each sequence's context length (its new token included), [B] int64.
     lens: torch.Tensor | None = None
 
 
