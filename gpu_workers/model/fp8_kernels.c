@@ -80,9 +80,38 @@ static inline const float *block_rows(const void *pool, const float *scales, int
     return scratch;
 }
 
+/* e^x for x <= 0 (softmax numerators), in a form the compiler vectorizes: x = n ln2 + r with |r| <= ln2/2,
+ * e^r by Cephes' degree-6 polynomial (relative error ~2e-7, as expf), 2^n put into the exponent bits. Below
+ * -87 (where e^x nears fp32's smallest normal) it returns e^-87 ~ 1.6e-38, nothing next to the maximum's 1. */
+static inline float exp_neg(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float n = floorf(x * 1.44269504088896341f + 0.5f);
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* Start fetching the next block's rows while this one is computed on: blocks lie anywhere in the pool, and
+ * the hardware prefetcher does not follow a jump to another block. */
+static inline void prefetch_block(const void *pool, int64_t h, int64_t blk, int64_t num_blocks, int fmt) {
+    const int64_t row_bytes = fmt == F32 ? (int64_t)sizeof(float) : 1;
+    const char *first = (const char *)pool + (h * num_blocks + blk) * BS * DIM * row_bytes;
+    for (int64_t c = 0; c < BS * DIM * row_bytes; c += 64) __builtin_prefetch(first + c);
+}
+
 /* Decode attention: out[h, b, g] = sum_t softmax_t(q[h, b, g] . K[h, t]) V[h, t] over the lens[b] tokens of
  * sequence b, which lie in the blocks tables[b, :]. K and V pools are fp32 (fmt F32; scales unused) or fp8
- * codes (E4M3, E5M2) with their scales; each block's rows serve all G queries of the head. */
+ * codes (E4M3, E5M2) with their scales; each block's rows serve all G queries of the head. The softmax's
+ * division is applied to the G output rows at the end instead of to every weight. */
 int decode_attention(const void *k_pool, const void *v_pool, const float *k_scales, const float *v_scales,
                      int64_t scale_head_stride, int64_t scale_block_stride, const int64_t *tables, const int64_t *lens,
                      const float *q, float *out, int64_t heads, int64_t batch, int64_t width, int64_t groups,
@@ -94,7 +123,7 @@ int decode_attention(const void *k_pool, const void *v_pool, const float *k_scal
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        float *s = malloc(sizeof(float) * (size_t)(groups * span));
+        float *s = malloc(sizeof(float) * (size_t)(groups * span + groups)); /* scores, then 1 / sums */
         float scratch[BS * DIM];
         if (!s) {
 #pragma omp atomic write
@@ -104,37 +133,57 @@ int decode_attention(const void *k_pool, const void *v_pool, const float *k_scal
         for (int64_t i = 0; i < n; i++) {
             if (!s) continue;
             const int64_t h = i / batch, b = i % batch, len = lens[b];
+            const int64_t *table = tables + b * width;
             const float *qh = q + i * groups * DIM;
-            float *o = out + i * groups * DIM;
+            float *o = out + i * groups * DIM, *inv = s + groups * span;
             for (int64_t j = 0; j * BS < len; j++) {
                 const int tn = len - j * BS < BS ? (int)(len - j * BS) : BS;
-                const float *rows = block_rows(k_pool, k_scales, scale_head_stride, scale_block_stride, h,
-                                               tables[b * width + j], num_blocks, tn, fmt, scratch);
-                for (int t = 0; t < tn; t++)
-                    for (int64_t g = 0; g < groups; g++) {
+                if ((j + 1) * BS < len) prefetch_block(k_pool, h, table[j + 1], num_blocks, fmt);
+                const float *rows = block_rows(k_pool, k_scales, scale_head_stride, scale_block_stride, h, table[j],
+                                               num_blocks, tn, fmt, scratch);
+                for (int64_t g = 0; g < groups; g++) {
+                    const float *qg = qh + g * DIM;
+                    float *sg = s + g * span + j * BS;
+                    for (int t = 0; t < tn; t++) {
+                        const float *r = rows + t * DIM;
                         float acc = 0.0f;
-                        for (int d = 0; d < DIM; d++) acc += qh[g * DIM + d] * rows[t * DIM + d];
-                        s[g * span + j * BS + t] = acc;
+#pragma omp simd reduction(+ : acc)
+                        for (int d = 0; d < DIM; d++) acc += qg[d] * r[d];
+                        sg[t] = acc;
                     }
+                }
             }
             for (int64_t g = 0; g < groups; g++) {
                 float *sg = s + g * span, top = sg[0], sum = 0.0f;
+#pragma omp simd reduction(max : top)
                 for (int64_t t = 1; t < len; t++) top = sg[t] > top ? sg[t] : top;
-                for (int64_t t = 0; t < len; t++) sum += (sg[t] = expf(sg[t] - top));
-                const float inv = 1.0f / sum;
-                for (int64_t t = 0; t < len; t++) sg[t] *= inv;
+#pragma omp simd reduction(+ : sum)
+                for (int64_t t = 0; t < len; t++) sum += (sg[t] = exp_neg(sg[t] - top));
+                inv[g] = 1.0f / sum;
             }
             memset(o, 0, sizeof(float) * groups * DIM);
             for (int64_t j = 0; j * BS < len; j++) {
                 const int tn = len - j * BS < BS ? (int)(len - j * BS) : BS;
-                const float *rows = block_rows(v_pool, v_scales, scale_head_stride, scale_block_stride, h,
-                                               tables[b * width + j], num_blocks, tn, fmt, scratch);
-                for (int t = 0; t < tn; t++)
-                    for (int64_t g = 0; g < groups; g++) {
-                        const float w = s[g * span + j * BS + t];
-                        for (int d = 0; d < DIM; d++) o[g * DIM + d] += w * rows[t * DIM + d];
+                if ((j + 1) * BS < len) prefetch_block(v_pool, h, table[j + 1], num_blocks, fmt);
+                const float *rows = block_rows(v_pool, v_scales, scale_head_stride, scale_block_stride, h, table[j],
+                                               num_blocks, tn, fmt, scratch);
+                for (int64_t g = 0; g < groups; g++) {
+                    const float *sg = s + g * span + j * BS;
+                    float *og = o + g * DIM, acc[DIM]; /* the row in registers across the block's tokens */
+#pragma omp simd
+                    for (int d = 0; d < DIM; d++) acc[d] = og[d];
+                    for (int t = 0; t < tn; t++) {
+                        const float w = sg[t], *r = rows + t * DIM;
+#pragma omp simd
+                        for (int d = 0; d < DIM; d++) acc[d] += w * r[d];
                     }
+#pragma omp simd
+                    for (int d = 0; d < DIM; d++) og[d] = acc[d];
+                }
             }
+            for (int64_t g = 0; g < groups; g++)
+#pragma omp simd
+                for (int d = 0; d < DIM; d++) o[g * DIM + d] *= inv[g];
         }
         free(s);
     }

@@ -233,3 +233,20 @@ def test_fused_fp32_attention_refuses_bad_blocks_and_lengths() -> None:
     with pytest.raises(ValueError):  # lengths must be int64
         kernels.decode_attention(k_pool, k_pool, None, None, torch.tensor([[1]]), torch.tensor([2], dtype=torch.int32),
                                  q, torch.float32, torch.empty_like(q))
+
+
+@pytest.mark.parametrize("sharpness", [1.0, 30.0, 300.0], ids=["soft", "sharp", "one-hot"])
+def test_fused_fp32_attention_softmax_holds_for_wide_score_ranges(sharpness: float) -> None:
+    """The kernel's own exp: scores spread over hundreds (most weights underflow next to the largest)."""
+    kernels = need_kernels(64, 16)
+    gen = torch.Generator().manual_seed(4)
+    k_pool, v_pool = (torch.randn(2, 12, 16, 64, generator=gen) for _ in range(2))
+    tables = torch.arange(12).view(2, 6)
+    lens = torch.tensor([96, 77])
+    q = torch.randn(2, 2, 4, 64, generator=gen) * sharpness / 8
+    out = kernels.decode_attention(k_pool, v_pool, None, None, tables, lens, q, torch.float32, torch.empty_like(q))
+    for b in range(2):
+        n = int(lens[b])
+        keys, values = (pool[:, tables[b]].reshape(2, -1, 64)[:, :n] for pool in (k_pool, v_pool))
+        ref = torch.softmax(q[:, b].double() @ keys.double().transpose(-1, -2), dim=-1) @ values.double()
+        torch.testing.assert_close(out[:, b].double(), ref, rtol=1e-5, atol=1e-5)
