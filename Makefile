@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.ryzanstein-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench-pipeline bench-serving bench-failover up lint clean
+.PHONY: install demo test bench-pipeline bench-serving bench-failover bench-matmul up lint clean
 
 # Re-installs when pyproject.toml changes or the venv is missing/broken. torch is pinned to the
 # local CPU build on the project machines; GPU users install their own torch into .venv first.
@@ -32,6 +32,9 @@ bench-serving: install
 
 bench-failover: install
 	$(BIN)/python benchmarks/failover.py
+
+bench-matmul: install
+	$(BIN)/python benchmarks/matmul.py
 
 up: install
 	$(BIN)/ryzanstein up

@@ -22,17 +22,36 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-def matmul_peak_gflops(size: int = 2048, iters: int = 20) -> float:
-    """GFLOP/s of an fp32 [size, size] @ [size, size] matmul: this machine's practical peak."""
+MATMUL_LIBRARIES = ("mkl", "onednn", "onednn-packed")
+
+
+def matmul_gflops(library: str, m: int, k: int, n: int, iters: int = 20) -> float:
+    """GFLOP/s of an fp32 [m, k] x [k, n] product through ``library``: "mkl" (torch's matmul, MKL's
+    sgemm on CPUs), "onednn" (oneDNN's linear on a dense weight) or "onednn-packed" (on a weight
+    packed in oneDNN's layout: what the engine's large layers run)."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    from gpu_workers.model import layers
+
+    x, w = torch.randn(m, k), torch.randn(n, k)  # w as a linear layer holds it: [out, in]
+    w_t = w.t()
+    packed = layers.pack_weight(w) if library == "onednn-packed" else w
+    fn = (lambda: x @ w_t) if library == "mkl" else (lambda: layers.onednn_linear(x, packed))
     for _ in range(3):
-        a @ b
+        fn()
     start = time.perf_counter()
     for _ in range(iters):
-        a @ b
-    return 2 * size**3 * iters / (time.perf_counter() - start) / 1e9
+        fn()
+    return 2 * m * k * n * iters / (time.perf_counter() - start) / 1e9
+
+
+def matmul_peak_gflops(size: int = 2048, iters: int = 20) -> float:
+    """This machine's practical fp32 peak: the fastest library on a [size, size] square matmul (on
+    the AMD CPUs measured here oneDNN is ~20% faster than MKL: benchmarks/matmul.py)."""
+    from gpu_workers.model.layers import onednn_available
+
+    libraries = MATMUL_LIBRARIES if onednn_available() else MATMUL_LIBRARIES[:1]
+    return max(matmul_gflops(lib, size, size, size, iters) for lib in libraries)
 
 
 def print_targets(targets: dict[str, bool]) -> None:

@@ -81,6 +81,7 @@ class ModelRunner:
         with torch.device(self.device):
             self.model = LlamaForCausalLM(self.config, self.tp, self.dtype)
         load_weights(self.model, Path(model_dir))
+        self.model.pack_weights()
         self.kv_cache = KVCache(
             num_layers=self.config.num_hidden_layers,
             num_blocks=num_blocks,
@@ -114,8 +115,8 @@ class ModelRunner:
         """Nothing to stop on one rank."""
 
     def weight_bytes(self) -> int:
-        """Bytes of this rank's parameters (a tied LM head counted once)."""
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        """Bytes of this rank's weights: parameters (a tied LM head counted once) and packed copies."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters()) + self.model.packed_bytes()
 
     def _prepare(self, chunks: list[Chunk]) -> _Step:
         """Flatten ``chunks`` (decodes first, then prefill chunks) and build attention metadata."""

@@ -18,6 +18,7 @@ from gpu_workers.model.config import ModelConfig
 from gpu_workers.model.kv_cache import KVCache
 from gpu_workers.model.layers import (
     MergedColumnParallelLinear,
+    PackedWeight,
     ParallelLMHead,
     QKVParallelLinear,
     RMSNorm,
@@ -123,6 +124,23 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, batch, kv_cache)
         return self.model.norm(x)
+
+    def pack_weights(self) -> None:
+        """Once the weights are loaded: large fp32 CPU linears switch to oneDNN's packed layout
+        (``layers.PackedWeight``); a tied LM head keeps the dense weight the embedding reads."""
+        for module in self.modules():
+            if isinstance(module, PackedWeight) and module is not self.lm_head:
+                module.pack()
+        self.lm_head.pack(keep_dense=self.lm_head.weight is self.model.embed_tokens.weight)
+
+    def packed_bytes(self) -> int:
+        return sum(m.packed_bytes() for m in self.modules() if isinstance(m, PackedWeight))
+
+    def num_weights(self) -> int:
+        """Weights this rank holds, dense or packed, each counted once."""
+        packed = sum(m.packed.numel() for m in self.modules()
+                     if isinstance(m, PackedWeight) and m.packed is not None and m.weight.numel() == 0)
+        return sum(p.numel() for p in self.parameters()) + packed
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits [N, vocab] for final hidden states [N, hidden]."""

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpu_workers.model import layers
 from gpu_workers.model.kv_cache import KVCache
 from gpu_workers.model_runner import Chunk, ModelRunner
 from tests.gpu_workers.model.hf_models import (
@@ -55,6 +56,27 @@ def test_whole_prompts_in_one_run(checkpoint: tuple[str, Path, object]) -> None:
     for i in sorted(range(len(prompts)), key=lambda i: len(prompts[i])):
         ref = reference_logits(hf, prompts[i])[-1]
         assert_close(logits[i], ref, rel=REL, what=f"{name} prompt {i} ({len(prompts[i])} tokens)")
+
+
+def test_packed_weights(checkpoint: tuple[str, Path, object], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every linear packed for oneDNN (the threshold lowered to pack these small ones): same logits,
+    dense copies freed, except a tied LM head's, which the embedding still reads."""
+    if not layers.onednn_available():
+        pytest.skip("this torch has no oneDNN linear")
+    monkeypatch.setattr(layers, "ONEDNN_MIN_WEIGHTS", 0)
+    name, path, hf = checkpoint
+    rng = random.Random(3)
+    prompts = [random_tokens(rng, n) for n in (9, 1, 20)]
+    runner = ModelRunner(path, num_blocks=64, block_size=4)
+    model = runner.model
+    assert model.lm_head.packed is not None and model.model.layers[0].mlp.down_proj.weight.numel() == 0
+    tied = runner.config.tie_word_embeddings
+    assert (model.lm_head.weight.numel() > 0) == tied and model.model.embed_tokens.weight.numel() > 0
+    assert runner.weight_bytes() > sum(p.numel() * p.element_size() for p in model.parameters())
+    tables = _block_tables(rng, [len(p) for p in prompts], 4, 64)
+    logits = runner.run([Chunk(p, 0, t, True) for p, t in zip(prompts, tables)])
+    for i, prompt in enumerate(prompts):
+        assert_close(logits[i], reference_logits(hf, prompt)[-1], rel=REL, what=f"{name} packed, prompt {i}")
 
 
 @pytest.mark.parametrize("group_tokens,reads", [(8, "fused"), (None, "in-place"), (8, "in-place"), (8, "gathered")],
