@@ -100,12 +100,13 @@ static inline float exp_neg(float x) {
     return p * scale;
 }
 
-/* Start fetching the next block's rows while this one is computed on: blocks lie anywhere in the pool, and
- * the hardware prefetcher does not follow a jump to another block. */
+/* Start fetching the next block's rows while this one is computed on: blocks lie anywhere in the pool, and the
+ * hardware prefetcher does not follow a jump to another block. Into L2 (prefetcht1), which measured ~15% faster
+ * than into L1 for fp32 blocks: L1's few fill buffers stay free for the current block's loads. */
 static inline void prefetch_block(const void *pool, int64_t h, int64_t blk, int64_t num_blocks, int fmt) {
     const int64_t row_bytes = fmt == F32 ? (int64_t)sizeof(float) : 1;
     const char *first = (const char *)pool + (h * num_blocks + blk) * BS * DIM * row_bytes;
-    for (int64_t c = 0; c < BS * DIM * row_bytes; c += 64) __builtin_prefetch(first + c);
+    for (int64_t c = 0; c < BS * DIM * row_bytes; c += 64) __builtin_prefetch(first + c, 0, 2);
 }
 
 /* Decode attention: out[h, b, g] = sum_t softmax_t(q[h, b, g] . K[h, t]) V[h, t] over the lens[b] tokens of
