@@ -27,7 +27,8 @@ from gpu_workers.model.config import load_config  # noqa: E402
 from gpu_workers.model.loader import resolve_model  # noqa: E402
 
 def layer_shapes(model: str) -> dict[str, tuple[int, int, int]]:
-    """name -> (in, out, count per forward) of the model's linear layers (one rank, merged as the engine runs them)."""
+    """name -> (in, out, count per forward) of the model's linear layers (one rank, merged as the
+    engine runs them)."""
     cfg = load_config(resolve_model(model))
     h, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     n = cfg.num_hidden_layers
@@ -62,12 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     for rows in args.rows:
         for name, (k, n, count) in shapes.items():
             log(f"{rows} rows, {name} [{k} -> {n}] ...")
+            speeds = gflops_by_library(rows, k, n, args.iters)
             rows_out.append({"rows": rows, "layer": name, "in": k, "out": n, "per_forward": count,
-                             **{lib: round(v, 1) for lib, v in gflops_by_library(rows, k, n, args.iters).items()}})
+                             **{lib: round(v, 1) for lib, v in speeds.items()}})
 
     print(f"\n{args.model}: fp32 GFLOP/s, {torch.get_num_threads()} threads")
     print(f"{'rows':>5} {'layer':>8} {'shape':>12} " + " ".join(f"{lib:>14}" for lib in MATMUL_LIBRARIES))
-    print(f"{'':>5} {'square':>8} {'2048x2048':>12} " + " ".join(f"{square[lib]:>14.0f}" for lib in MATMUL_LIBRARIES))
+    print(f"{'':>5} {'square':>8} {'2048x2048':>12} "
+          + " ".join(f"{square[lib]:>14.0f}" for lib in MATMUL_LIBRARIES))
     for r in rows_out:
         print(f"{r['rows']:>5} {r['layer']:>8} {str(r['in']) + 'x' + str(r['out']):>12} "
               + " ".join(f"{r[lib]:>14.0f}" for lib in MATMUL_LIBRARIES))
@@ -76,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     totals = {}
     for rows in args.rows:
         mix = [r for r in rows_out if r["rows"] == rows]
-        totals[rows] = {lib: round(sum(2 * rows * r["in"] * r["out"] * r["per_forward"] / (r[lib] * 1e9) for r in mix) * 1e3, 2)
-                        for lib in MATMUL_LIBRARIES}
+        totals[rows] = {
+            lib: round(sum(2 * rows * r["in"] * r["out"] * r["per_forward"] / (r[lib] * 1e9) for r in mix) * 1e3, 2)
+            for lib in MATMUL_LIBRARIES}
         print(f"{rows:>5} rows: " + ", ".join(f"{lib} {ms}" for lib, ms in totals[rows].items()))
     write_results({"benchmark": "matmul", "model": args.model, "threads": torch.get_num_threads(),
                    "torch": torch.__version__, "square_2048": {k: round(v, 1) for k, v in square.items()},

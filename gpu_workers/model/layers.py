@@ -78,7 +78,8 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def packable(weight: torch.Tensor) -> bool:
     """Whether ``weight`` goes through oneDNN: fp32, on a CPU, large."""
-    return _ONEDNN and weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.numel() >= ONEDNN_MIN_WEIGHTS
+    return (_ONEDNN and weight.dtype == torch.float32 and weight.device.type == "cpu"
+            and weight.numel() >= ONEDNN_MIN_WEIGHTS)
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
