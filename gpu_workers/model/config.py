@@ -64,8 +64,6 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     sliding_window: int | None = None  # as configured; only used to cap max_context
-    bos_token_id: int | None = None
-    eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str | None = None  # the checkpoint's dtype, one of DTYPES, if stated
 
     def kv_heads_per_rank(self, tp_size: int) -> int:
@@ -93,8 +91,8 @@ def load_config(model_dir: Path) -> ModelConfig:
     attention and sliding-window attention are the same computation, so capping keeps results
     exact without implementing sliding windows.
 
-    EOS ids are those of config.json and generation_config.json together (the latter often lists
-    several, e.g. Llama 3 instruct's end-of-turn token).
+    Special tokens (BOS, EOS) are not model configuration here: ``gpu_workers.hf_tokenizer`` reads
+    them, with the tokenizer.
     """
     path = Path(model_dir) / "config.json"
     try:
@@ -105,15 +103,14 @@ def load_config(model_dir: Path) -> ModelConfig:
         raise ConfigError(f"{path}: unreadable config.json: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: config.json is not a JSON object")
-    gen = _read_generation_config(Path(model_dir) / "generation_config.json")
     try:
-        return parse_config(raw, generation=gen)
+        return parse_config(raw)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 
 
-def parse_config(raw: dict[str, Any], *, generation: dict[str, Any] | None = None) -> ModelConfig:
-    """``ModelConfig`` from the parsed config.json (and generation_config.json) contents."""
+def parse_config(raw: dict[str, Any]) -> ModelConfig:
+    """``ModelConfig`` from the parsed config.json contents."""
     arch = _architecture(raw)
     model_type = ARCHITECTURES[arch]
     r = _Reader(raw)
@@ -150,14 +147,6 @@ def parse_config(raw: dict[str, Any], *, generation: dict[str, Any] | None = Non
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not supported (one of {', '.join(DTYPES)})")
 
-    gen = generation or {}
-    eos: list[int] = []
-    for source in (raw.get("eos_token_id"), gen.get("eos_token_id")):
-        for token in source if isinstance(source, list) else [source]:
-            if isinstance(token, int) and token not in eos:
-                eos.append(token)
-    bos = raw.get("bos_token_id", gen.get("bos_token_id"))
-
     return ModelConfig(
         architecture=arch,
         vocab_size=r.integer("vocab_size"),
@@ -177,8 +166,6 @@ def parse_config(raw: dict[str, Any], *, generation: dict[str, Any] | None = Non
         o_bias=o_bias,
         mlp_bias=mlp_bias,
         sliding_window=window,
-        bos_token_id=bos if isinstance(bos, int) else None,
-        eos_token_ids=tuple(eos),
         torch_dtype=dtype,
     )
 
@@ -244,16 +231,6 @@ def _sliding_window(raw: dict[str, Any], model_type: str, num_layers: int) -> in
     if window is not None and (not isinstance(window, int) or window <= 0):
         raise ConfigError(f"sliding_window must be a positive integer or null, got {window!r}")
     return window
-
-
-def _read_generation_config(path: Path) -> dict[str, Any]:
-    try:
-        gen = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: unreadable generation_config.json: {e}") from None
-    return gen if isinstance(gen, dict) else {}
 
 
 class _Reader:

@@ -35,7 +35,6 @@ def test_transformers_configs_read_as_meant(tmp_path: Path) -> None:
 
     c = load_config(_saved(tmp_path / "b", "llama-mqa-tied"))
     assert (c.num_key_value_heads, c.tie_word_embeddings, c.head_dim, c.qkv_bias) == (1, True, 16, False)
-    assert c.bos_token_id == 1 and c.eos_token_ids == (2,)
 
     c = load_config(_saved(tmp_path / "c", "qwen2"))
     assert (c.architecture, c.qkv_bias, c.o_bias, c.mlp_bias, c.sliding_window) == ("Qwen2ForCausalLM", True, False, False, None)
@@ -62,14 +61,12 @@ def test_sliding_window_caps_the_context() -> None:
     assert parse_config(_raw(**qwen, use_sliding_window=True, max_window_layers=2)).max_context == 32768
 
 
-def test_legacy_rope_scaling_and_generation_eos(tmp_path: Path) -> None:
-    raw = _raw(rope_scaling={"type": "linear", "factor": 4}, rope_theta=1000.0, eos_token_id=[5, 6], bos_token_id=0,
-               torch_dtype="bfloat16")
+def test_legacy_rope_scaling(tmp_path: Path) -> None:
+    raw = _raw(rope_scaling={"type": "linear", "factor": 4}, rope_theta=1000.0, torch_dtype="bfloat16")
     (tmp_path / "config.json").write_text(json.dumps(raw))
-    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [6, 9]}))
     c = load_config(tmp_path)
     assert c.rope_scaling == RopeScaling(type="linear", factor=4.0) and c.rope_theta == 1000.0
-    assert c.eos_token_ids == (5, 6, 9) and c.bos_token_id == 0 and c.torch_dtype == "bfloat16"
+    assert c.torch_dtype == "bfloat16"
     assert c.num_key_value_heads == 4 and c.head_dim == 16
 
 

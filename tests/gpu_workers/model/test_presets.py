@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from broker.errors import ConfigError
+from gpu_workers.hf_tokenizer import load_tokenizer
 from gpu_workers.model import presets
 from gpu_workers.model.loader import resolve_model
 from gpu_workers.model.presets import PRESETS, materialize
@@ -66,7 +67,8 @@ def test_loaded_through_the_ordinary_path(tmp_path: Path, monkeypatch: pytest.Mo
     assert path.parent.parent == tmp_path
     runner = ModelRunner(path, num_blocks=4, block_size=16)
     config = runner.config
-    assert config.vocab_size > 255 and config.eos_token_ids == (config.vocab_size - 1,)
+    assert config.vocab_size > 255
+    assert load_tokenizer(path, vocab_size=config.vocab_size).eos_token_ids == {config.vocab_size - 1}
     assert runner.model.num_weights() == PRESETS["tiny"].num_params()
     assert 15e6 < PRESETS["tiny"].num_params() < 25e6
     assert 150e6 < PRESETS["small"].num_params() < 160e6
