@@ -39,7 +39,8 @@ class HFTokenizer:
     """A ``tokenizers.Tokenizer`` behind the engine's ``Tokenizer`` protocol.
 
     ``encode`` adds what the post-processor adds and turns added tokens written in the text into
-    their ids, as transformers does; ``decode`` drops special tokens (``skip_special_tokens=True``)
+    their ids, as transformers does, except that a text already starting with the token the
+    post-processor puts in front (a chat prompt rendered with its BOS) does not get it twice; ``decode`` drops special tokens (``skip_special_tokens=True``)
     and ids the vocabulary lacks (a model's padded embedding rows, a client's stray ids).
     """
 
@@ -47,7 +48,13 @@ class HFTokenizer:
         self.backend = backend
 
     def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=True).ids
+        encoding = self.backend.encode(text, add_special_tokens=True)
+        ids, added = encoding.ids, encoding.special_tokens_mask  # added: 1 where the post-processor put a token
+        if len(ids) > 1 and added[0] and not added[1] and ids[0] == ids[1]:
+            # The text starts with the token the post-processor puts in front (a rendered chat template
+            # writes its BOS): one BOS, as transformers' apply_chat_template gives, not two.
+            return ids[1:]
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         # The Rust side takes u32 ids and raises on larger ones; unknown smaller ones it skips.

@@ -14,9 +14,9 @@ Without a template, ``FALLBACK_TEMPLATE`` applies: one ``<role>: <content>`` lin
     user: Hello!
     assistant:
 
-The rendered prompt contains the template's ``bos_token`` when the template writes it, so the
-engine should tokenize chat prompts without adding special tokens of its own (as ``transformers``
-does for ``apply_chat_template``).
+The rendered prompt contains the template's ``bos_token`` when the template writes it; the worker's
+tokenizer then does not put a second one in front (``gpu_workers.hf_tokenizer``), so the ids are
+those of ``transformers``' ``apply_chat_template``.
 """
 
 from __future__ import annotations
