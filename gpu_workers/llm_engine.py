@@ -196,27 +196,39 @@ class LlamaEngine:
 def build_runner(model_dir: Path, options: LlamaEngineOptions, *, tp: TensorParallelGroup | None) -> ModelRunner:
     """This rank's model runner (its shards of the weights), with as many KV blocks as the tightest
     rank's budget holds: every rank of a group must have the same blocks, since block tables are shared.
+    The budget is read once the weights are loaded, so a share of free memory leaves theirs alone.
     Followers call this too, with the same options, so the ranks' collectives pair up."""
     config = load_config(model_dir)
     size = tp.size if tp is not None else 1
     # the real size of a block, fp8 scales included: kv_capacity_tokens is what the memory holds
     bytes_per_block = kv_bytes_per_block(config, options.kv_dtype, block_size=BLOCK_SIZE, tp_size=size)
-    budget = kv_budget_bytes(options.kv_memory, device=options.device, ranks_on_host=tp.local_size if tp else 1)
-    num_blocks = budget // bytes_per_block
     # Never more blocks than every sequence at full length could use.
-    num_blocks = min(num_blocks, -(-options.max_num_seqs * config.max_context // BLOCK_SIZE))
-    if tp is not None:
-        num_blocks = tp.agree_min(num_blocks)
-    if num_blocks < 1:
-        raise ConfigError(
-            f"--kv-memory {options.kv_memory!r} holds no block of {BLOCK_SIZE} tokens "
-            f"({bytes_per_block} bytes per rank with kv dtype {options.kv_dtype})"
-        )
-    return ModelRunner(
-        model_dir, num_blocks=num_blocks, block_size=BLOCK_SIZE, kv_dtype=options.kv_dtype,
+    most = -(-options.max_num_seqs * config.max_context // BLOCK_SIZE)
+    local_ranks = tp.local_size if tp else 1
+
+    def blocks() -> int:
+        budget = kv_budget_bytes(options.kv_memory, device=options.device, ranks_on_host=local_ranks)
+        return min(budget // bytes_per_block, most)
+
+    def check(num_blocks: int) -> None:
+        if num_blocks < 1:
+            budget = f"--kv-memory {options.kv_memory!r}" if options.kv_memory else "the free memory's share"
+            raise ConfigError(f"{budget} holds no KV block of {BLOCK_SIZE} tokens ({bytes_per_block} bytes "
+                              f"per rank with kv dtype {options.kv_dtype})")
+
+    if options.kv_memory is not None:
+        check(blocks())  # a size that holds nothing fails before minutes of loading
+    runner = ModelRunner(
+        model_dir, num_blocks=None, block_size=BLOCK_SIZE, kv_dtype=options.kv_dtype,
         dtype=options.dtype, device=tp.device if tp is not None else options.device,
         tp=tp.context if tp is not None else None,
     )
+    num_blocks = blocks()  # a share of free memory is measured now, with the weights loaded
+    if tp is not None:
+        num_blocks = tp.agree_min(num_blocks)  # every rank, before any of them can refuse
+    check(num_blocks)
+    runner.allocate_kv_cache(num_blocks)
+    return runner
 
 
 def rank_report(runner: ModelRunner, tp: TensorParallelGroup | None, *, load_s: float) -> RankReport:

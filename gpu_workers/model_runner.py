@@ -57,7 +57,7 @@ class ModelRunner:
         self,
         model_dir: Path,
         *,
-        num_blocks: int,
+        num_blocks: int | None,
         block_size: int = 16,
         kv_dtype: str = "fp32",
         dtype: torch.dtype | None = None,
@@ -65,8 +65,10 @@ class ModelRunner:
         tp: TPContext | None = None,
         decode_group_tokens: int | None = None,
     ) -> None:
-        """``decode_group_tokens``: most padded context tokens per decode attention group (None:
-        CPU_DECODE_GROUP_TOKENS on CPUs, all decodes in one group on GPUs)."""
+        """``num_blocks``: KV cache blocks, or None to size the cache later (``allocate_kv_cache``),
+        once the loaded weights show how much memory is left. ``decode_group_tokens``: most padded
+        context tokens per decode attention group (None: CPU_DECODE_GROUP_TOKENS on CPUs, all
+        decodes in one group on GPUs)."""
         if kv_dtype not in STORAGE_DTYPES:
             raise ConfigError(f"kv_dtype {kv_dtype!r}: one of {', '.join(STORAGE_DTYPES)}")
         self.device = torch.device(device)
@@ -82,13 +84,20 @@ class ModelRunner:
             self.model = LlamaForCausalLM(self.config, self.tp, self.dtype)
         load_weights(self.model, Path(model_dir))
         self.model.pack_weights()
+        self.kv_dtype = kv_dtype
+        self.kv_cache: KVCache
+        if num_blocks is not None:
+            self.allocate_kv_cache(num_blocks)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """The KV cache of ``num_blocks`` blocks (once, before the first ``run``)."""
         self.kv_cache = KVCache(
             num_layers=self.config.num_hidden_layers,
             num_blocks=num_blocks,
-            block_size=block_size,
+            block_size=self.block_size,
             num_kv_heads=self.config.kv_heads_per_rank(self.tp.size),
             head_dim=self.config.head_dim,
-            kv_dtype=kv_dtype,
+            kv_dtype=self.kv_dtype,
             dtype=self.dtype,
             device=self.device,
         )

@@ -168,5 +168,36 @@ def test_abort_frees_the_requests_blocks_at_once(llama_dir: Path) -> None:
 def test_kv_memory_too_small_for_one_block_is_a_clear_error(llama_dir: Path) -> None:
     from broker.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="holds no block"):
+    with pytest.raises(ConfigError, match="holds no KV block"):
         engine_for(llama_dir, kv_memory="1KiB")
+
+
+def test_kv_memory_too_small_fails_before_the_weights_load(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from broker.errors import ConfigError
+    from gpu_workers import model_runner
+
+    loads: list[Path] = []
+    monkeypatch.setattr(model_runner, "load_weights", lambda model, path: loads.append(path))
+    with pytest.raises(ConfigError, match="holds no KV block"):
+        engine_for(llama_dir, kv_memory="1KiB")
+    assert loads == []
+
+
+def test_default_kv_budget_is_measured_with_the_weights_loaded(llama_dir: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the share of free device memory must leave the weights' memory alone: read it after."""
+    from gpu_workers import llm_engine, model_runner
+
+    events: list[str] = []
+    real_load = model_runner.load_weights
+    monkeypatch.setattr(model_runner, "load_weights", lambda *a: (events.append("weights"), real_load(*a))[1])
+
+    def budget(kv_memory: str | None, *, device: str, ranks_on_host: int = 1) -> int:
+        events.append(f"budget {kv_memory}")
+        return 1 << 20
+
+    monkeypatch.setattr(llm_engine, "kv_budget_bytes", budget)
+    engine = engine_for(llama_dir, kv_memory=None)
+    assert events == ["weights", "budget None"]
+    assert engine.stats().kv_capacity_tokens > 0
+    engine.close()
