@@ -25,33 +25,53 @@ def pct(values: list[float], q: float) -> float:
 MATMUL_LIBRARIES = ("mkl", "onednn", "onednn-packed")
 
 
-def matmul_gflops(library: str, m: int, k: int, n: int, iters: int = 20) -> float:
-    """GFLOP/s of an fp32 [m, k] x [k, n] product through ``library``: "mkl" (torch's matmul, MKL's
-    sgemm on CPUs), "onednn" (oneDNN's linear on a dense weight) or "onednn-packed" (on a weight
-    packed in oneDNN's layout: what the engine's large layers run)."""
-    import torch
+class Matmuls:
+    """The operands of an fp32 [m, k] x [k, n] product, allocated once: measuring it again and again
+    (between an engine's steps) then allocates and frees nothing. Freeing 16 MB operands between
+    steps moved glibc's malloc thresholds so that the engine's next step page-faulted ~2,000 times
+    (+10 ms per decode step here): the yardstick must not disturb what it measures."""
 
-    from gpu_workers.model import layers
+    def __init__(self, m: int, k: int, n: int) -> None:
+        import torch
 
-    x, w = torch.randn(m, k), torch.randn(n, k)  # w as a linear layer holds it: [out, in]
-    w_t = w.t()
-    packed = layers.pack_weight(w) if library == "onednn-packed" else w
-    fn = (lambda: x @ w_t) if library == "mkl" else (lambda: layers.onednn_linear(x, packed))
-    for _ in range(3):
-        fn()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return 2 * m * k * n * iters / (time.perf_counter() - start) / 1e9
+        from gpu_workers.model import layers
+
+        self.flops = 2 * m * k * n
+        self.x, self.w = torch.randn(m, k), torch.randn(n, k)  # w as a linear layer holds it: [out, in]
+        self.w_t = self.w.t()
+        self.packed = layers.pack_weight(self.w) if layers.onednn_available() else None
+        self.libraries = MATMUL_LIBRARIES if self.packed is not None else MATMUL_LIBRARIES[:1]
+
+    def gflops(self, library: str, iters: int = 20) -> float:
+        """GFLOP/s through ``library``: "mkl" (torch's matmul, MKL's sgemm on CPUs), "onednn"
+        (oneDNN's linear on a dense weight) or "onednn-packed" (on a weight packed in oneDNN's
+        layout: what the engine's large layers run)."""
+        from gpu_workers.model import layers
+
+        if library == "mkl":
+            def fn() -> object:
+                return self.x @ self.w_t
+        else:
+            weight = self.packed if library == "onednn-packed" else self.w
+
+            def fn() -> object:
+                return layers.onednn_linear(self.x, weight)
+        for _ in range(3):
+            fn()
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return self.flops * iters / (time.perf_counter() - start) / 1e9
+
+    def peak(self, iters: int = 20) -> float:
+        """The fastest library's GFLOP/s."""
+        return max(self.gflops(lib, iters) for lib in self.libraries)
 
 
 def matmul_peak_gflops(size: int = 2048, iters: int = 20) -> float:
     """This machine's practical fp32 peak: the fastest library on a [size, size] square matmul (on
     the AMD CPUs measured here oneDNN is ~20% faster than MKL: benchmarks/matmul.py)."""
-    from gpu_workers.model.layers import onednn_available
-
-    libraries = MATMUL_LIBRARIES if onednn_available() else MATMUL_LIBRARIES[:1]
-    return max(matmul_gflops(lib, size, size, size, iters) for lib in libraries)
+    return Matmuls(size, size, size).peak(iters)
 
 
 def print_targets(targets: dict[str, bool]) -> None:

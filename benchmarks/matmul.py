@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.common import MATMUL_LIBRARIES, log, matmul_gflops, write_results  # noqa: E402
+from benchmarks.common import MATMUL_LIBRARIES, Matmuls, log, write_results  # noqa: E402
 from gpu_workers.model import layers  # noqa: E402
 from gpu_workers.model.config import load_config  # noqa: E402
 from gpu_workers.model.loader import resolve_model  # noqa: E402
@@ -38,10 +38,11 @@ def layer_shapes(model: str) -> dict[str, tuple[int, int, int]]:
 
 def gflops_by_library(rows: int, k: int, n: int, iters: int, rounds: int = 3) -> dict[str, float]:
     """Each library's best of ``rounds``, the libraries taking turns."""
+    operands = Matmuls(rows, k, n)
     best = dict.fromkeys(MATMUL_LIBRARIES, 0.0)
     for _ in range(rounds):
         for lib in MATMUL_LIBRARIES:
-            best[lib] = max(best[lib], matmul_gflops(lib, rows, k, n, iters))
+            best[lib] = max(best[lib], operands.gflops(lib, iters))
     return best
 
 

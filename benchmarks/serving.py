@@ -41,7 +41,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import log, matmul_peak_gflops, pct, print_targets, write_results  # noqa: E402
+from benchmarks.common import Matmuls, log, matmul_peak_gflops, pct, print_targets, write_results  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -132,10 +132,12 @@ def engine_decode(model: str, kv_dtype: str, *, batch: int, context: int, steps:
     while len(engine.step()) < batch:  # until every prompt is prefilled and all of them decode
         pass
     # Steps and matmul-peak measurements alternate, so that both meet the same machine state (on a
-    # VM either alone moves by 1.5x from minute to minute); medians of each.
+    # VM either alone moves by 1.5x from minute to minute); medians of each. The peak's operands are
+    # allocated once (see Matmuls).
+    yardstick = Matmuls(2048, 2048, 2048)
     times, peaks = [], []
     for _ in range(steps):
-        peaks.append(matmul_peak_gflops(iters=5))
+        peaks.append(yardstick.peak(iters=5))
         t0 = time.perf_counter()
         outputs = engine.step()
         times.append(time.perf_counter() - t0)
