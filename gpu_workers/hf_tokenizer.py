@@ -40,8 +40,9 @@ class HFTokenizer:
 
     ``encode`` adds what the post-processor adds and turns added tokens written in the text into
     their ids, as transformers does, except that a text already starting with the token the
-    post-processor puts in front (a chat prompt rendered with its BOS) does not get it twice; ``decode`` drops special tokens (``skip_special_tokens=True``)
-    and ids the vocabulary lacks (a model's padded embedding rows, a client's stray ids).
+    post-processor puts in front (a chat prompt rendered with its BOS) does not get it twice;
+    ``decode`` drops special tokens (``skip_special_tokens=True``) and ids the vocabulary lacks (a
+    model's padded embedding rows, a client's stray ids).
     """
 
     def __init__(self, backend: tokenizers.Tokenizer) -> None:
