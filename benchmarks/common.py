@@ -22,6 +22,20 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
+def linear_shapes(cfg: Any) -> dict[str, tuple[int, int, int]]:
+    """name -> (in, out, count per forward) of a model's linear layers (``ModelConfig`` ``cfg``; one
+    rank, merged as the engine runs them)."""
+    h, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    n = cfg.num_hidden_layers
+    return {"qkv": (h, q + 2 * kv, n), "o": (q, h, n), "gate_up": (h, 2 * cfg.intermediate_size, n),
+            "down": (cfg.intermediate_size, h, n), "lm_head": (h, cfg.vocab_size, 1)}
+
+
+def linear_flops_per_token(cfg: Any) -> int:
+    """FLOPs of one token through every linear layer (the LM head included)."""
+    return sum(2 * k * n * count for k, n, count in linear_shapes(cfg).values())
+
+
 MATMUL_LIBRARIES = ("mkl", "onednn", "onednn-packed")
 
 

@@ -21,20 +21,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.common import MATMUL_LIBRARIES, Matmuls, log, write_results  # noqa: E402
+from benchmarks.common import MATMUL_LIBRARIES, Matmuls, linear_shapes, log, write_results  # noqa: E402
 from gpu_workers.model import layers  # noqa: E402
 from gpu_workers.model.config import load_config  # noqa: E402
 from gpu_workers.model.loader import resolve_model  # noqa: E402
-
-def layer_shapes(model: str) -> dict[str, tuple[int, int, int]]:
-    """name -> (in, out, count per forward) of the model's linear layers (one rank, merged as the
-    engine runs them)."""
-    cfg = load_config(resolve_model(model))
-    h, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    n = cfg.num_hidden_layers
-    return {"qkv": (h, q + 2 * kv, n), "o": (q, h, n), "gate_up": (h, 2 * cfg.intermediate_size, n),
-            "down": (cfg.intermediate_size, h, n), "lm_head": (h, cfg.vocab_size, 1)}
-
 
 def gflops_by_library(rows: int, k: int, n: int, iters: int, rounds: int = 3) -> dict[str, float]:
     """Each library's best of ``rounds``, the libraries taking turns."""
@@ -59,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     log("2048x2048 squares ...")
     square = gflops_by_library(2048, 2048, 2048, iters=5)
-    shapes = layer_shapes(args.model)
+    shapes = linear_shapes(load_config(resolve_model(args.model)))
     rows_out = []
     for rows in args.rows:
         for name, (k, n, count) in shapes.items():

@@ -21,19 +21,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import matmul_peak_gflops  # noqa: E402
+from benchmarks.common import linear_flops_per_token, matmul_peak_gflops  # noqa: E402
 
 import torch  # noqa: E402
 
-from gpu_workers.model.config import ModelConfig  # noqa: E402
 from gpu_workers.model.loader import resolve_model  # noqa: E402
 from gpu_workers.model_runner import Chunk, ModelRunner  # noqa: E402
-
-
-def linear_flops_per_token(cfg: ModelConfig) -> int:
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    per_layer = cfg.hidden_size * (q + 2 * kv) + q * cfg.hidden_size + 3 * cfg.hidden_size * cfg.intermediate_size
-    return 2 * (cfg.num_hidden_layers * per_layer + cfg.hidden_size * cfg.vocab_size)
 
 
 def main(argv: list[str] | None = None) -> int:

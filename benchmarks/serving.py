@@ -41,7 +41,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import Matmuls, log, matmul_peak_gflops, pct, print_targets, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    Matmuls, linear_flops_per_token, log, matmul_peak_gflops, pct, print_targets, write_results,
+)
 
 import torch  # noqa: E402
 
@@ -143,13 +145,9 @@ def engine_decode(model: str, kv_dtype: str, *, batch: int, context: int, steps:
         times.append(time.perf_counter() - t0)
         assert len(outputs) == batch, "a sequence left the decode batch"
     per_step = statistics.median(times)
-    cfg = engine.config
-    q_out = cfg.num_attention_heads * cfg.head_dim
-    kv_out = 2 * cfg.num_key_value_heads * cfg.head_dim
-    per_layer = cfg.hidden_size * (q_out + kv_out) + q_out * cfg.hidden_size + 3 * cfg.hidden_size * cfg.intermediate_size
-    linear_params = cfg.num_hidden_layers * per_layer + cfg.hidden_size * cfg.vocab_size
+    flops = linear_flops_per_token(engine.config) * batch
     engine.close()
-    return {"ms_per_step": round(per_step * 1000, 2), "gflops": 2 * linear_params * batch / per_step / 1e9,
+    return {"ms_per_step": round(per_step * 1000, 2), "gflops": flops / per_step / 1e9,
             "peak_gflops": statistics.median(peaks)}
 
 
