@@ -241,10 +241,9 @@ class KVCache:
     @property
     def fused_attention(self) -> bool:
         """Whether decode attention runs whole in one fused kernel (``decode_attention``): an fp32
-        cache, or an fp8 one with per-block or per-tensor scales, on a CPU, with fp32 compute; blocks
-        are read where they lie, up to each sequence's length."""
-        return self.kernels is not None and self.dtype == torch.float32 and (
-            self.fp8 or self.values.dtype == torch.float32)
+        cache, or an fp8 one with per-block or per-tensor scales (the caches the kernels are loaded
+        for), on a CPU, with fp32 compute; blocks are read where they lie, up to each sequence's length."""
+        return self.kernels is not None and self.dtype == torch.float32
 
     def decode_attention(self, layer: int, q: torch.Tensor, block_tables: torch.Tensor,
                          lens: torch.Tensor) -> torch.Tensor:
