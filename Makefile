@@ -36,6 +36,9 @@ bench-failover: install
 bench-matmul: install
 	$(BIN)/python benchmarks/matmul.py
 
+lint: install
+	$(BIN)/ruff check .
+
 up: install
 	$(BIN)/ryzanstein up
 

@@ -197,7 +197,7 @@ class Balancer:
         """Call ``fn`` once from an error handler; a failure is logged and the loop tries again."""
         try:
             fn()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever broke, the loop goes on and tries again
             log.warning("%s failed (%s); trying again", getattr(fn, "__name__", "call"), exc)
 
     # --- one iteration ---------------------------------------------------------------------------

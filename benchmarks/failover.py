@@ -41,18 +41,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import log, pct, write_results  # noqa: E402
+import redis
 
-import redis  # noqa: E402
-
-from balancer.admission import request_cost  # noqa: E402
-from balancer.router import Router  # noqa: E402
-from balancer.routing import prefix_key  # noqa: E402
-from broker.embedded import EmbeddedRedis  # noqa: E402
-from broker.keys import Keys  # noqa: E402
-from broker.protocol import GenerationRequest, SamplingParams  # noqa: E402
-from broker.registry import GroupStatus, QueueLoad, read_groups  # noqa: E402
-
+from balancer.admission import request_cost
+from balancer.router import Router
+from balancer.routing import prefix_key
+from benchmarks.common import log, pct, write_results
+from broker.embedded import EmbeddedRedis
+from broker.keys import Keys
+from broker.protocol import GenerationRequest, SamplingParams
+from broker.registry import GroupStatus, QueueLoad, read_groups
 
 
 def dist(values: list[float]) -> dict[str, float]:

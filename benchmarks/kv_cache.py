@@ -34,7 +34,6 @@ Prints tables; writes JSON to benchmarks/results/kv_cache-<timestamp>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -47,10 +46,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import log, write_results  # noqa: E402
-
 import torch
 
+from benchmarks.common import log, write_results
 from gpu_workers.kv_memory import parse_size
 from gpu_workers.model.config import load_config
 from gpu_workers.model.kv_cache import KVCache, kv_bytes_per_block, kv_bytes_per_token

@@ -19,12 +19,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.common import MATMUL_LIBRARIES, Matmuls, linear_shapes, log, write_results  # noqa: E402
-from gpu_workers.model import layers  # noqa: E402
-from gpu_workers.model.config import load_config  # noqa: E402
-from gpu_workers.model.loader import resolve_model  # noqa: E402
+from benchmarks.common import MATMUL_LIBRARIES, Matmuls, linear_shapes, log, write_results
+from gpu_workers.model import layers
+from gpu_workers.model.config import load_config
+from gpu_workers.model.loader import resolve_model
+
 
 def gflops_by_library(rows: int, k: int, n: int, iters: int, rounds: int = 3) -> dict[str, float]:
     """Each library's best of ``rounds``, the libraries taking turns."""

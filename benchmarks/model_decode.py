@@ -21,12 +21,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import linear_flops_per_token, matmul_peak_gflops  # noqa: E402
+import torch
 
-import torch  # noqa: E402
-
-from gpu_workers.model.loader import resolve_model  # noqa: E402
-from gpu_workers.model_runner import Chunk, ModelRunner  # noqa: E402
+from benchmarks.common import linear_flops_per_token, matmul_peak_gflops
+from gpu_workers.model.loader import resolve_model
+from gpu_workers.model_runner import Chunk, ModelRunner
 
 
 def main(argv: list[str] | None = None) -> int:

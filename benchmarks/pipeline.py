@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import statistics
@@ -32,14 +31,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import log, pct, print_targets, write_results  # noqa: E402
+import redis
 
-import redis  # noqa: E402
-
-from broker.embedded import EmbeddedRedis  # noqa: E402
-from broker.settings import Settings  # noqa: E402
-from producer.client import AsyncClient, Client  # noqa: E402
-from producer.stack import Stack  # noqa: E402
+from benchmarks.common import log, pct, print_targets, write_results
+from broker.embedded import EmbeddedRedis
+from broker.settings import Settings
+from producer.client import AsyncClient, Client
+from producer.stack import Stack
 
 PROMPT = "x"  # one byte: the echo engine answers with exactly one token
 
@@ -209,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         rq_rate = rq_simpleworker(url, args.rq_jobs)
 
         settings = Settings(redis_url=url, prefix="bench")
-        with Stack(settings, groups=args.groups, quiet=True) as stack:
+        with Stack(settings, groups=args.groups, quiet=True):
             Client(url, prefix="bench").generate(PROMPT, max_tokens=1, timeout=60)  # stack is up
             log(f"raw round trip and unloaded latency, x{args.latency_samples} each, interleaved ...")
             raw, idle = interleaved(url, "bench", args.latency_samples)

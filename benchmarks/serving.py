@@ -41,16 +41,20 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (  # noqa: E402
-    Matmuls, linear_flops_per_token, log, matmul_peak_gflops, pct, print_targets, write_results,
+import torch
+
+from benchmarks.common import (
+    Matmuls,
+    linear_flops_per_token,
+    log,
+    matmul_peak_gflops,
+    pct,
+    print_targets,
+    write_results,
 )
-
-import torch  # noqa: E402
-
-from broker.settings import Settings  # noqa: E402
-from producer.client import AsyncClient  # noqa: E402
-from producer.stack import Stack  # noqa: E402
-
+from broker.settings import Settings
+from producer.client import AsyncClient
+from producer.stack import Stack
 
 
 @dataclass
@@ -154,7 +158,7 @@ def engine_decode(model: str, kv_dtype: str, *, batch: int, context: int, steps:
 # --- transformers ---------------------------------------------------------------------------------
 
 
-def _hf_model(model_dir: Path):  # noqa: ANN202
+def _hf_model(model_dir: Path):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -165,7 +169,7 @@ def run_hf_static(model_dir: Path, work: Workload, *, batch_size: int) -> Timing
     from transformers import LogitsProcessor, LogitsProcessorList
 
     model = _hf_model(model_dir)
-    timings = Timings("transformers generate, static batches of %d" % batch_size)
+    timings = Timings(f"transformers generate, static batches of {batch_size}")
     steps: list[float] = []
 
     class StepClock(LogitsProcessor):

@@ -39,11 +39,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import log  # noqa: E402
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from benchmarks.common import log
 
 RESULTS = ROOT / "benchmarks" / "results"
 TIMED = ("all_reduce", "gather", "broadcast")

@@ -24,8 +24,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from broker.errors import ConfigError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 _PR_SET_PDEATHSIG = 1
 
@@ -109,7 +113,8 @@ class EmbeddedRedis:
 
     def start(self, *, timeout_s: float = 10.0) -> EmbeddedRedis:
         self.proc = subprocess.Popen(
-            self._argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, preexec_fn=die_with_parent
+            self._argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,  # noqa: PLW1509 - prctl(PR_SET_PDEATHSIG) runs in the child alone
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -163,8 +168,10 @@ class EmbeddedRedis:
             self.proc.kill()
             self.proc.wait()
 
-    def __enter__(self) -> EmbeddedRedis:
-        return self.start() if self.proc is None else self
+    def __enter__(self) -> Self:
+        if self.proc is None:
+            self.start()
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

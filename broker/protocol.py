@@ -120,7 +120,7 @@ def _show(text: str) -> str:
 
 
 def _int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or isinstance(value, float):
+    if isinstance(value, (bool, float)):
         raise InvalidRequest(f"field '{name}': expected an integer, got {value!r}")
     if isinstance(value, int):
         return value
@@ -206,7 +206,7 @@ def _unpack_payload(data: Any) -> dict[str, Any]:
         data = _text("payload", data).encode("utf-8")
     try:
         obj = msgpack.unpackb(data, raw=True, strict_map_key=False)
-    except Exception as exc:  # msgpack raises several unrelated types on malformed input
+    except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types on malformed input
         raise InvalidRequest(f"field 'payload': not valid msgpack ({type(exc).__name__})") from None
     if not isinstance(obj, dict):
         raise InvalidRequest(f"field 'payload': expected a msgpack map, got {type(obj).__name__}")
@@ -239,7 +239,7 @@ def parse_request(
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"] if p != "sampling") or "request"
         raise InvalidRequest(f"field '{where}': {err['msg']}") from None
-    except Exception as exc:  # last line of defence: a bad request must never crash a process
+    except Exception as exc:  # noqa: BLE001 - last line of defence: a bad request must never crash a process
         raise InvalidRequest(f"request could not be parsed: {type(exc).__name__}") from None
 
 

@@ -63,9 +63,8 @@ class OutputState:
         finish = None
         if token_id in self._eos or engine_finish is not None:
             finish = engine_finish or "stop"
-        elif len(self.token_ids) >= self.sampling.max_tokens:
-            finish = "length"
-        elif self.prompt_len + len(self.token_ids) >= self._max_context:
+        elif (len(self.token_ids) >= self.sampling.max_tokens
+              or self.prompt_len + len(self.token_ids) >= self._max_context):
             finish = "length"
         if finish is not None:
             self.text += self._detok.flush()

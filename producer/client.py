@@ -381,7 +381,7 @@ class AsyncClient(_ClientBase):
                 pipe.xadd(stream, fields)  # type: ignore[arg-type]
             try:
                 results = await pipe.execute(raise_on_error=False)
-            except Exception as exc:  # redis-py already retried blips; the submitters get the error
+            except Exception as exc:  # noqa: BLE001 - redis-py already retried blips; the submitters get the error
                 for *_, future in batch:
                     if not future.done():
                         future.set_exception(exc)

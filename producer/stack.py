@@ -18,10 +18,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from broker.cli_common import add_metrics, settings_from_args, setup_logging
 from broker.embedded import EmbeddedRedis, announce, die_with_parent, withdraw
 from broker.settings import Settings
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 log = logging.getLogger("ryzanstein.up")
 
@@ -83,7 +87,7 @@ class Stack:
         # Own session: a terminal's Ctrl-C reaches only `up`, which stops children in order. If `up`
         # itself is killed, the kernel kills them (nothing is lost: their work stays in Redis).
         child.proc = subprocess.Popen(child.argv, stdout=out, stderr=out, start_new_session=True,
-                                      preexec_fn=lambda: die_with_parent(signal.SIGKILL))
+                                      preexec_fn=lambda: die_with_parent(signal.SIGKILL))  # noqa: PLW1509 - prctl only
 
     def supervise(self) -> None:
         """Restart children that exited (call now and then)."""
@@ -118,8 +122,9 @@ class Stack:
             withdraw(prefix=self.settings.prefix)
             self.redis.stop()
 
-    def __enter__(self) -> Stack:
-        return self.start()
+    def __enter__(self) -> Self:
+        self.start()
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

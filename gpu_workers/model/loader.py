@@ -107,7 +107,7 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
     single = model_dir / SINGLE_FILE
     if single.is_file():
         with safe_open(single, framework="pt") as f:
-            return {name: single for name in f.keys()}
+            return {name: single for name in f.keys()}  # noqa: SIM118 - a safetensors handle, not a dict
     raise ConfigError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are supported)")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
 from balancer.admission import Limits
@@ -48,7 +49,7 @@ def test_ties_and_near_ties_take_turns() -> None:
     r = router(group("a"), group("b", running=1), group("c"), group("busy", running=90))
     picks = [r.pick().name for _ in range(9)]  # type: ignore[union-attr]
     assert Counter(picks) == {"a": 3, "b": 3, "c": 3}
-    assert all(x != y for x, y in zip(picks, picks[1:]))
+    assert all(x != y for x, y in itertools.pairwise(picks))
 
 
 def test_sent_requests_count_until_the_next_reading() -> None:

@@ -21,7 +21,6 @@ from broker.protocol import (
     best_effort_reply_to,
     parse_request,
 )
-
 from tests.broker.test_protocol import TEXT_FIELDS
 
 PREFIX = "ryz"

@@ -94,7 +94,7 @@ def test_replies_of_a_failed_batch_never_leak_into_the_next(r: redis.Redis) -> N
         nonlocal calls
         calls += 1
         if calls == 1:
-            raise socket.timeout("timed out")
+            raise TimeoutError("timed out")
         return real_read(*args, **kwargs)
 
     conn.read_response = fail_once

@@ -30,7 +30,7 @@ def help_flags(command: str) -> frozenset[str]:
     with those of its verbs (``batch submit --help`` ...) when it has some."""
     text = _help(command)
     verbs = re.search(r"positional arguments:\n  VERB\n((?:    \S.*\n|      .*\n)+)", text)
-    for verb in re.findall(r"^    (\w+)", verbs.group(1), flags=re.M) if verbs else []:
+    for verb in re.findall(r"^    (\w+)", verbs.group(1), flags=re.MULTILINE) if verbs else []:
         text += _help(command, verb)
     return frozenset(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", text))
 

@@ -27,11 +27,11 @@ def save_hf_model(path: Path, *, family: str = "llama", seed: int = 0, **overrid
     import transformers
 
     config_cls, model_cls = (getattr(transformers, name) for name in FAMILIES[family])
-    fields: dict[str, object] = dict(
-        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, eos_token_id=None, bos_token_id=None,
-        pad_token_id=None, tie_word_embeddings=False,
-    )
+    fields: dict[str, object] = {
+        "vocab_size": 320, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+        "eos_token_id": None, "bos_token_id": None, "pad_token_id": None, "tie_word_embeddings": False,
+    }
     fields.update(overrides)
     torch.manual_seed(seed)
     model = model_cls(config_cls(**fields)).eval()
