@@ -213,12 +213,11 @@ class ModelRunner:
         end = c.start + len(c.token_ids)
         blocks = torch.tensor(c.block_table[: -(-end // bs)], dtype=torch.long)
         context_slots = (blocks[:, None] * bs + torch.arange(bs)).view(-1)[:end]  # [end]
-        kv_slots = mask = None
+        mask = None
         if c.start:
-            kv_slots = self._to_device(context_slots)
             queries = torch.arange(c.start, end)
             mask = self._to_device(torch.arange(end)[None, :] <= queries[:, None])  # [n, end]
-        batch.prefills.append(PrefillChunk(first, len(c.token_ids), c.start, kv_slots, mask))
+        batch.prefills.append(PrefillChunk(first, len(c.token_ids), c.start, self._to_device(context_slots), mask))
         return context_slots[c.start :]
 
     def _rope_seq_lens(self, ordered: list[Chunk]) -> torch.Tensor | None:

@@ -20,8 +20,13 @@ into their cache slots, then attends:
   - gathered (other dtypes, GPUs): the group's blocks are copied into [Hkv, B, L, D] (converted
     from the storage dtype), then two batched matmuls; fp8 scales multiply scores and probabilities.
 - prefill: a loop over chunks using ``scaled_dot_product_attention`` (GQA handled by the kernel),
-  with a causal mask offset by ``start``. A chunk with nothing cached attends to its fresh K/V
-  directly (with an fp8 cache that first chunk sees unquantized values, as in vLLM).
+  with a causal mask offset by ``start``. Every chunk reads its whole context, its own new tokens
+  included, back from the cache, exactly as decode reads it (fp8 codes dequantized, bf16 rounded):
+  a token's K/V look the same to every later query whichever step wrote them, so a request's
+  logits do not depend on what was cached before it or on how its prompt was chunked. (vLLM lets
+  a first chunk attend to its unquantized K/V; that made a warm prefix cache change answers.)
+  Only where the cache stores the compute dtype itself does a first chunk use its fresh K/V: they
+  are the very values a read would return.
 
 Softmax runs in fp32 (explicitly for decode; SDPA kernels accumulate in fp32).
 """
@@ -42,7 +47,7 @@ class PrefillChunk:
     first: int  # index of its first token in the step's flattened tokens
     length: int  # tokens computed now
     start: int  # tokens of this sequence already cached (prefix-cache hits, earlier chunks)
-    kv_slots: torch.Tensor | None  # [start + length] cache slots of its whole context; None if start == 0
+    kv_slots: torch.Tensor  # [start + length] cache slots of its whole context
     mask: torch.Tensor | None  # [length, start + length] bool, True where a key is visible; None if start == 0
 
 
@@ -136,7 +141,7 @@ class PagedAttention(nn.Module):
     def _prefill(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: PrefillChunk, cache: KVCache
     ) -> torch.Tensor:
-        if p.start == 0:
+        if p.start == 0 and cache.stores_compute_dtype:
             keys, values = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, n, D]
         else:
             keys, values = cache.gather(self.layer, p.kv_slots)  # [Hkv, start + n, D]
