@@ -48,6 +48,17 @@ class GroupLoad:
     # What each of the ``tp`` ranks holds, in rank order: its weights and its KV cache (its heads).
     rank_weight_bytes: list[int] = field(default_factory=list)
     rank_kv_bytes: list[int] = field(default_factory=list)
+    # The names requests reach this group's model by (``model``), the first one canonical; and a
+    # fingerprint of its weights, which tells two versions served under one name apart.
+    served_models: list[str] = field(default_factory=list)
+    weights: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.served_models:  # a group without names serves its model under its spec
+            self.served_models = [self.model]
+
+    def serves(self, model: str) -> bool:
+        return model in self.served_models
 
     def to_fields(self) -> list[str]:
         return [x for k, v in asdict(self).items() for x in (k, _field_text(v))]
@@ -90,6 +101,11 @@ def parse_group(info: dict[bytes, bytes], *, now_ms: float, dead_after_s: float)
         values["metrics_port"] = int(values["metrics_port"]) if values.get("metrics_port") else None
         for name in _LIST_FIELDS:  # absent in heartbeats of older groups
             values[name] = [int(n) for n in json.loads(values.get(name) or "[]")]
+        # absent in heartbeats of older groups: they serve their model under its spec
+        served = json.loads(values.get("served_models") or "[]") or [values["model"]]
+        if not all(isinstance(n, str) for n in served):
+            raise ValueError("served_models")
+        values["served_models"] = served
         values.pop("alive", None)
         values.pop("heartbeat_age_s", None)
         status = GroupStatus(**values)

@@ -21,6 +21,7 @@ from broker.settings import Settings
 from gpu_workers.engine import EXIT_ENGINE_FAILED, Engine
 from gpu_workers.group import WorkerGroup
 from gpu_workers.models import KV_DTYPES, EngineOptions, build_engine, model_dir
+from gpu_workers.served import served_model_names, weights_fingerprint
 
 log = logging.getLogger("gpu_workers")
 
@@ -49,6 +50,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.add_argument("--model", default="echo",
                         help="model SPEC: a Hugging Face directory, random:<preset>, or echo (default)")
+    parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                        help="names requests reach this model by (their 'model' field; the first is its "
+                             "canonical name); default: the directory's last component, the hub id, "
+                             "random:<preset> or echo")
     parser.add_argument("--tp", type=int, default=None, metavar="K",
                         help="tensor-parallel ranks in this group: this process starts K-1 more on this host "
                              "(default 1, or WORLD_SIZE under torchrun, which starts every rank itself)")
@@ -76,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tp_timeout is not None:
         settings = settings.model_copy(update={"tp_timeout_s": args.tp_timeout})
     tp = group_size(args.tp)
+    served_model_names(args.model, args.served_model_name)  # a bad name fails before the model loads
     options = EngineOptions(tp=tp, kv_dtype=args.kv_dtype, kv_memory=args.kv_memory, device=args.device,
                             echo_token_delay_ms=settings.echo_token_delay_ms)
     if tp == 1:
@@ -119,7 +125,9 @@ def _follower_argv(args: argparse.Namespace, settings: Settings, path: Path, tp:
 
 
 def _lead(args: argparse.Namespace, settings: Settings, url: str, engine: Engine) -> int:
-    group = WorkerGroup(connect(url, settings), engine, settings=settings, name=args.group)
+    group = WorkerGroup(connect(url, settings), engine, settings=settings, name=args.group,
+                        served_models=served_model_names(args.model, args.served_model_name),
+                        weights=weights_fingerprint(None if args.model == "echo" else model_dir(args.model)))
     server = serve_metrics(group.telemetry.registry, group.telemetry.probe, host=settings.metrics_host,
                            port=settings.metrics_port)
     group.telemetry.port = server.port if server is not None else None
@@ -132,7 +140,7 @@ def _lead(args: argparse.Namespace, settings: Settings, url: str, engine: Engine
     signal.signal(signal.SIGINT, on_signal)
     try:
         retry_forever(group.register, settings, what="group registration")
-        print(f"worker group {group.name} serving {engine.info.model} on {url}"
+        print(f"worker group {group.name} serving {engine.info.model} as {', '.join(group.served_models)} on {url}"
               + (f" with {engine.info.tp} tensor-parallel ranks" if engine.info.tp > 1 else ""), flush=True)
         return group.run()
     except EngineFailed as exc:

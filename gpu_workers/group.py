@@ -42,6 +42,7 @@ from gpu_workers.keepalive import StepKeepalive
 from gpu_workers.load import LoadMeter, group_load
 from gpu_workers.output import OutputState
 from gpu_workers.publisher import Publisher
+from gpu_workers.served import default_served_name
 from gpu_workers.telemetry import GroupTelemetry
 
 log = logging.getLogger(__name__)
@@ -59,9 +60,15 @@ class WorkerGroup:
         settings: Settings,
         name: str | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        served_models: list[str] | None = None,
+        weights: str = "",
     ) -> None:
+        """``served_models``: the names requests reach this group by (default: the engine's model's
+        default name, gpu_workers.served); ``weights``: their fingerprint ("" when unknown)."""
         self.redis = redis
         self.engine = engine
+        self.served_models = served_models or [default_served_name(engine.info.model)]
+        self.weights = weights
         self.settings = settings
         self.keys = Keys(settings.prefix)
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
@@ -325,6 +332,11 @@ class WorkerGroup:
         if problem is not None:
             self._finish_error(held, "invalid_request", problem)
             return
+        if request.output_ids and request.weights and self.weights and request.weights != self.weights:
+            self._finish_error(held, "unavailable", (
+                f"{len(request.output_ids)} tokens of this request came from other weights ({request.weights}) "
+                f"than this group's ({self.weights}) and no group with those weights took it over"))
+            return
         if request.output_ids and not self._replay(held):
             return
         now_ms = self.clock.now_ms()
@@ -515,7 +527,8 @@ class WorkerGroup:
         state = "draining" if self.draining else "starting" if self._starting else "ready"
         load = group_load(self.name, self.engine, self.holding, self.meter, now=now, state=state,
                           queue_depth=self._queue_depth, completed=self.completed, fenced=self.fenced,
-                          metrics_port=self.telemetry.port)
+                          metrics_port=self.telemetry.port, served_models=self.served_models,
+                          weights=self.weights)
         self.meter.reset(now)
         return load
 

@@ -58,7 +58,8 @@ class LoadMeter:
 
 
 def group_load(name: str, engine: Engine, holding: Holding, meter: LoadMeter, *, now: float, state: str,
-               queue_depth: int, completed: int, fenced: int, metrics_port: int | None = None) -> GroupLoad:
+               queue_depth: int, completed: int, fenced: int, metrics_port: int | None = None,
+               served_models: list[str] | None = None, weights: str = "") -> GroupLoad:
     """One heartbeat's worth: identity and limits, engine stats, what is held, the meter's readings."""
     stats = engine.stats()
     info = engine.info
@@ -88,4 +89,6 @@ def group_load(name: str, engine: Engine, holding: Holding, meter: LoadMeter, *,
         metrics_port=metrics_port,
         rank_weight_bytes=list(info.rank_weight_bytes),
         rank_kv_bytes=list(info.rank_kv_bytes),
+        served_models=list(served_models or [info.model]),
+        weights=weights,
     )
