@@ -13,12 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from broker.errors import InvalidRequest, ModelNotFound
-from broker.registry import GroupStatus
-
-
-def served_names(groups: Sequence[GroupStatus]) -> list[str]:
-    """Every name the groups serve, sorted."""
-    return sorted({name for g in groups for name in g.served_models})
+from broker.registry import GroupStatus, served_names
 
 
 def resolve_model(requested: str | None, groups: Sequence[GroupStatus], *, default: str | None) -> str | None:
@@ -33,7 +28,7 @@ def resolve_model(requested: str | None, groups: Sequence[GroupStatus], *, defau
     if requested is not None:
         if any(g.serves(requested) for g in groups):
             return requested
-        raise ModelNotFound(f"model {requested!r} is not served here; served models: {', '.join(served_names(groups))}")
+        raise ModelNotFound(f"model {requested!r} is not served here; served models: {', '.join(served_names(list(groups)))}")
     # Without a name: the models live now (a dead group's model is not "served" to a request that
     # names none), or all registered ones while none is alive. A model is its groups' name list.
     alive = [g for g in groups if g.alive] or list(groups)
@@ -44,5 +39,5 @@ def resolve_model(requested: str | None, groups: Sequence[GroupStatus], *, defau
         if any(g.serves(default) for g in groups):
             return default
         raise ModelNotFound(f"the default model {default!r} is not served here; served models: "
-                            f"{', '.join(served_names(groups))}")
+                            f"{', '.join(served_names(list(groups)))}")
     raise InvalidRequest(f"field 'model': required, several models are served: {', '.join(served_names(alive))}")

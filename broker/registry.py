@@ -116,6 +116,11 @@ def parse_group(info: dict[bytes, bytes], *, now_ms: float, dead_after_s: float)
     return status
 
 
+def served_names(groups: list[GroupStatus] | tuple[GroupStatus, ...]) -> list[str]:
+    """Every name the groups serve (their ``served_models``), each once, sorted."""
+    return sorted({name for g in groups for name in g.served_models})
+
+
 def read_groups(redis: Any, keys: Keys, *, dead_after_s: float) -> list[GroupStatus]:
     """Every registered group, alive or not, with ages on the Redis clock."""
     names = [n.decode() for n in redis.zrange(keys.groups, 0, -1)]

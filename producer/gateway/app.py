@@ -23,7 +23,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
@@ -197,12 +196,10 @@ class Gateway:
 
     @staticmethod
     def _resolve_model(requested: str, served: list[str]) -> str:
-        """The served model spec ``requested`` names: the spec itself, or a model directory's name."""
+        """``requested`` when a routable group serves that name (``--served-model-name``); ApiError
+        ``model_not_found`` otherwise, or ``unavailable`` with no routable group."""
         if requested in served:
             return requested
-        for model in served:
-            if Path(model).name == requested:
-                return model
         if not served:
             raise ApiError("unavailable", "no live worker group")
         raise ApiError("model_not_found", f"model {requested!r} is not served here; served: {served}", "model")
@@ -219,6 +216,7 @@ class Gateway:
         except TRANSIENT_ERRORS as exc:
             raise ApiError("unavailable", f"Redis is unreachable: {exc}") from None
         gen.model = self._resolve_model(gen.model, served)
+        gen.options["model"] = gen.model  # the balancer routes by it
         if kind == "chat":
             try:
                 gen.prompt = self.templates.for_model(gen.model).render(gen.messages)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from broker.keys import Keys
-from broker.registry import GroupStatus, groups_from_reply
+from broker.registry import GroupStatus, groups_from_reply, served_names
 
 
 async def read_groups_async(redis: Any, keys: Keys, *, dead_after_s: float) -> list[GroupStatus]:
@@ -47,5 +47,5 @@ class LiveGroups:
         return self._groups
 
     async def models(self) -> list[str]:
-        """The model specs the routable groups serve, each once, sorted."""
-        return sorted({g.model for g in await self.get()})
+        """The names the routable groups serve (``--served-model-name``), each once, sorted."""
+        return served_names(await self.get())
