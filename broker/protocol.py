@@ -327,7 +327,7 @@ def _parse(
     takeover = raw.get("_takeover")
     if isinstance(takeover, (list, tuple)) and len(takeover) == 2 and isinstance(takeover[1], int):
         takeover_from, takeover_epoch = _text("_takeover", takeover[0]), takeover[1]
-    weights = raw.get("_weights") if isinstance(raw.get("_weights"), str) else None
+    weights = _text("_weights", raw["_weights"]) if isinstance(raw.get("_weights"), (bytes, str)) else None
 
     return GenerationRequest(
         id=request_id,
