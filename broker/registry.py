@@ -14,7 +14,7 @@ _INT_FIELDS = ("tp", "kv_capacity_tokens", "kv_used_tokens", "running", "waiting
 # Load fields added later: a heartbeat from an older group may lack them (they read as 0).
 _OPTIONAL_INT_FIELDS = ("queued_tokens", "running_tokens", "fenced")
 _OPTIONAL_FLOAT_FIELDS = ("tokens_per_s", "kv_utilization", "latency_ewma_ms")
-_LIST_FIELDS = ("rank_weight_bytes", "rank_kv_bytes")  # JSON arrays of ints in the hash
+_LIST_FIELDS = ("rank_weight_bytes", "rank_kv_bytes", "eos_token_ids")  # JSON arrays of ints in the hash
 
 
 @dataclass(slots=True)
@@ -52,6 +52,12 @@ class GroupLoad:
     # fingerprint of its weights, which tells two versions served under one name apart.
     served_models: list[str] = field(default_factory=list)
     weights: str = ""
+    # What clients need to render chat and end turns with no model files (broker.chat): the SHA-256
+    # of the chat template ("" when the model has none), its special tokens' texts, the EOS ids.
+    chat_template: str = ""
+    bos_token: str = ""
+    eos_token: str = ""
+    eos_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.served_models:  # a group without names serves its model under its spec

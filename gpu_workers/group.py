@@ -26,6 +26,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError, ResponseError
 
+from broker.chat import publish_template, template_digest
 from broker.connection import TRANSIENT_ERRORS, RedisClock, backoff_delays
 from broker.errors import EngineFailed
 from broker.keys import QUEUE_GROUP, Keys
@@ -69,6 +70,8 @@ class WorkerGroup:
         self.engine = engine
         self.served_models = served_models or [default_served_name(engine.info.model)]
         self.weights = weights
+        template = engine.info.chat_template
+        self.chat_template = template_digest(template) if template else ""
         self.settings = settings
         self.keys = Keys(settings.prefix)
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
@@ -113,6 +116,8 @@ class WorkerGroup:
         last = self.redis.xrevrange(self.keys.cancel, count=1)
         self._cancel_cursor = last[0][0] if last else b"0-0"
         self._recover()
+        if self.engine.info.chat_template:
+            publish_template(self.redis, self.keys, self.engine.info.chat_template)
         self.redis.set(self.keys.group_accepting(self.name), "1")
         self._starting = False
         self.heartbeat(force=True)
@@ -528,7 +533,7 @@ class WorkerGroup:
         load = group_load(self.name, self.engine, self.holding, self.meter, now=now, state=state,
                           queue_depth=self._queue_depth, completed=self.completed, fenced=self.fenced,
                           metrics_port=self.telemetry.port, served_models=self.served_models,
-                          weights=self.weights)
+                          weights=self.weights, chat_template=self.chat_template)
         self.meter.reset(now)
         return load
 

@@ -34,14 +34,12 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from broker.chat import PLAIN_CHAT_TEMPLATE
 from broker.errors import ConfigError, InvalidRequest
 
 log = logging.getLogger(__name__)
 
-FALLBACK_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
+FALLBACK_TEMPLATE = PLAIN_CHAT_TEMPLATE
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
 
