@@ -15,13 +15,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from balancer.models import resolve_model
 from broker.connection import TRANSIENT_ERRORS, backoff_delays, connect, connect_async, resolve_url
-from broker.errors import InvalidRequest, RyzansteinError
+from broker.errors import InvalidRequest, RyzansteinError, Unavailable
 from broker.keys import Keys
+from broker.registry import read_groups
 from broker.settings import Settings, load_settings
+from producer.chat_template import TemplateSource, normalize_messages, registry_template
 from producer.request import (
     Completion,
     Event,
@@ -139,6 +142,7 @@ class Client(_ClientBase):
     ) -> None:
         super().__init__(redis_url, prefix, settings)
         self._redis: redis.Redis = connect(self.url, self.settings)
+        self._templates = TemplateSource()  # chat templates read from the registry, by digest
 
     def submit(self, prompt: str | None = None, **options: Unpack[RequestOptions]) -> Handle:
         """Put a request on the ingress stream; returns at once with the handle to wait on."""
@@ -202,6 +206,30 @@ class Client(_ClientBase):
     ) -> Completion:
         """Submit and wait: the Completion, RequestFailed on an error event."""
         return self.result(self.submit(prompt, **options), timeout=timeout)
+
+    def chat(
+        self, messages: Sequence[Mapping[str, Any]], *, timeout: float | None = None,
+        **options: Unpack[RequestOptions],
+    ) -> Completion:
+        """Render OpenAI-style ``messages`` with the chat template of the model (``model``, else the
+        only one served, else the balancers' default) as its groups publish it, then generate.
+
+        Needs no model files: the template comes from the registry (broker.chat). Raises
+        InvalidRequest for bad messages or a model without a template, ModelNotFound for a name no
+        group serves, Unavailable when no group is registered; RequestFailed as ``generate``.
+        """
+        prompt = self.render_chat(messages, model=options.get("model"))
+        return self.generate(prompt, timeout=timeout, **options)
+
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], *, model: str | None = None) -> str:
+        """The prompt ``chat`` would send for ``messages`` (with the generation prompt)."""
+        groups = read_groups(self._redis, self.keys, dead_after_s=self.settings.dead_after_s)
+        name = resolve_model(model, groups, default=self.settings.default_model)
+        if name is None:
+            raise Unavailable("no worker group is registered: no chat template to render with")
+        live = [g for g in groups if g.alive] + [g for g in groups if not g.alive]
+        template = registry_template(self._redis, self.keys, live, name, source=self._templates)
+        return template.render(normalize_messages(list(messages)))
 
     def cancel(self, request: Handle | str) -> None:
         """Ask for the request to end; it finishes with ``finish_reason`` ``cancelled``."""
