@@ -50,14 +50,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.add_argument("--model", default="echo",
                         help="model SPEC: a Hugging Face directory, random:<preset>, or echo (default)")
-    parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
-                        help="names requests reach this model by (their 'model' field; the first is its "
-                             "canonical name); default: the directory's last component, the hub id, "
-                             "random:<preset> or echo")
     parser.add_argument("--tp", type=int, default=None, metavar="K",
                         help="tensor-parallel ranks in this group: this process starts K-1 more on this host "
                              "(default 1, or WORLD_SIZE under torchrun, which starts every rank itself)")
     parser.add_argument("--group", default=None, help="group name (default: <host>-<pid>; unique per group)")
+    add_engine_args(parser)
+    parser.add_argument("--wait-broker", type=float, default=30.0,
+                        help="seconds to wait for an embedded broker to appear when no URL is given")
+    add_metrics(parser)
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """The engine flags ``worker`` and ``up`` share (``up`` passes them on to every group)."""
+    parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                        help="names requests reach this model by (their 'model' field; the first is its "
+                             "canonical name); default: the directory's last component, the hub id, "
+                             "random:<preset> or echo")
     parser.add_argument("--kv-dtype", default="fp8_e4m3", choices=KV_DTYPES, metavar="D",
                         help="KV cache dtype: fp8_e4m3 (default; a scale per block and KV head), fp8_e5m2, "
                              "fp8_e4m3_per_tensor (one static scale per layer), bf16, fp16, fp32")
@@ -68,9 +76,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp-timeout", type=float, default=None, metavar="SECONDS",
                         help="a rank waiting longer than this on another stops the whole group "
                              "(default: $RYZ_TP_TIMEOUT_S, else 5)")
-    parser.add_argument("--wait-broker", type=float, default=30.0,
-                        help="seconds to wait for an embedded broker to appear when no URL is given")
-    add_metrics(parser)
+
+
+def engine_argv(args: argparse.Namespace) -> list[str]:
+    """The engine flags of ``args`` (parsed with ``add_engine_args``) as a worker's command line."""
+    argv = ["--kv-dtype", args.kv_dtype, "--device", args.device]
+    if args.served_model_name:
+        argv += ["--served-model-name", *args.served_model_name]
+    if args.kv_memory is not None:
+        argv += ["--kv-memory", args.kv_memory]
+    if args.tp_timeout is not None:
+        argv += ["--tp-timeout", str(args.tp_timeout)]
+    return argv
 
 
 def run(args: argparse.Namespace) -> int:
