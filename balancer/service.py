@@ -363,7 +363,7 @@ class Balancer:
                 else:
                     final = error_event(request.id, "overloaded", f"{held_back} requests wait for a worker group already")
             elif not w.moved and (total[0] + 1 > self.limits.total_requests
-                                                        or total[1] + w.cost > self.limits.total_tokens):
+                                  or total[1] + w.cost > self.limits.total_tokens):
                 final = error_event(request.id, "overloaded", (
                     f"the worker groups{_of(model)} hold {total[0]} requests and {total[1]} tokens, at the bounds "
                     f"of {self.limits.total_requests} and {self.limits.total_tokens}; retry later"))

@@ -166,7 +166,7 @@ class Gateway:
             return JSONResponse({"status": "unavailable", "reason": f"Redis is unreachable: {exc}"}, 503)
         if not groups:
             return JSONResponse({"status": "unavailable", "reason": "no live worker group"}, 503)
-        return JSONResponse({"status": "ok", "groups": len(groups), "models": sorted({g.model for g in groups}),
+        return JSONResponse({"status": "ok", "groups": len(groups), "models": served_names(groups),
                              "in_flight": self.in_flight})
 
     async def models(self, request: Request) -> Response:
