@@ -1,5 +1,5 @@
-"""Several models on one Redis, as real processes: two echo groups under two served names,
-random:tiny, and a saved transformers checkpoint. Every request is answered only by a group of its
+"""Several models on one Redis, as real processes: two echo groups under their own served names
+(one with an alias), random:tiny, and a saved transformers checkpoint. Every request is answered only by a group of its
 model (its token ids are that model's greedy tokens, and its owner a group serving that name); an
 unknown name is refused at once; a model whose only group is killed waits for a group of its own
 while the others serve."""
@@ -14,6 +14,7 @@ import redis
 
 from broker.errors import RequestFailed
 from broker.keys import Keys
+from broker.registry import GroupStatus, read_groups
 from gpu_workers.model.presets import materialize
 from producer.client import Client
 from tests.gpu_workers.reference import MIN_MARGIN, hf_greedy, save_hf_model
@@ -49,17 +50,19 @@ def test_each_model_answers_only_its_own_requests(procs: Procs, r: redis.Redis, 
     expected = {"echo-a": [p[:NEW_TOKENS] for p in PROMPTS], "echo-b": [p[:NEW_TOKENS] for p in PROMPTS],
                 "random:tiny": tiny.tokens, "ckpt-chat": ckpt.tokens}
     assert len({str(v) for v in expected.values()}) == 3  # the llama models' greedy tokens differ from echo's
-    groups = {"echo-a": {"e1"}, "echo-b": {"e2"}, "random:tiny": {"tiny"}, "ckpt-chat": {"ckpt"}}
+    expected["echo-a2"] = expected["echo-a"]  # an alias of echo-a
+    groups = {"echo-a": {"e1"}, "echo-a2": {"e1"}, "echo-b": {"e2"}, "random:tiny": {"tiny"}, "ckpt-chat": {"ckpt"}}
 
     procs.balancer(**FAST)
-    procs.worker("e1", "--served-model-name", "echo-a", **FAST)
+    procs.worker("e1", "--served-model-name", "echo-a", "echo-a2", **FAST)
     procs.worker("e2", "--served-model-name", "echo-b", **FAST)
     procs.worker("tiny", "--model", "random:tiny", "--kv-dtype", "fp32", **FAST)
     ckpt_proc = procs.worker("ckpt", "--model", str(checkpoint), "--kv-dtype", "fp32", **FAST)
     wait_groups(r, keys, {"e1", "e2", "tiny", "ckpt"}, timeout=90)
 
     with Client(redis_url, prefix=keys.prefix) as client:
-        for model, n in (("echo-a", 200), ("echo-b", 200), ("random:tiny", 100), ("ckpt-chat", 100)):
+        for model, n in (("echo-a", 200), ("echo-a2", 50), ("echo-b", 200), ("random:tiny", 100),
+                         ("ckpt-chat", 100)):
             for request_id, prompt, token_ids in serve(client, model, n, model.replace(":", "-")):
                 assert token_ids == expected[model][prompt], (model, request_id)
                 assert owner(r, keys, request_id) in groups[model], (model, request_id)
@@ -69,7 +72,7 @@ def test_each_model_answers_only_its_own_requests(procs: Procs, r: redis.Redis, 
         assert unknown.value.code == "model_not_found" and "ckpt-chat" in unknown.value.message
         with pytest.raises(RequestFailed) as unnamed:
             client.generate("hi", timeout=5)
-        assert unnamed.value.code == "invalid_request" and "echo-a, echo-b" in unnamed.value.message
+        assert unnamed.value.code == "invalid_request" and "echo-a, echo-a2, echo-b" in unnamed.value.message
 
         # the only group of ckpt-chat dies with requests in flight; random:tiny keeps serving
         in_flight = [client.submit(prompt_ids=PROMPTS[i % 4], max_tokens=NEW_TOKENS, temperature=0.0,
@@ -90,7 +93,5 @@ def test_each_model_answers_only_its_own_requests(procs: Procs, r: redis.Redis, 
         assert {owner(r, keys, f"waits-{i}") for i in range(40)} == {"ckpt2"}
 
 
-def _groups(r: redis.Redis, keys: Keys) -> list:
-    from broker.registry import read_groups
-
+def _groups(r: redis.Redis, keys: Keys) -> list[GroupStatus]:
     return read_groups(r, keys, dead_after_s=1.5)
