@@ -238,8 +238,7 @@ class Balancer:
         # (no live group, or all refused work lately): without it the loop spins on Redis for as long
         # as requests wait for a group (up to no_group_wait_s, e.g. while workers load a model).
         now = self._monotonic()
-        can_route = any(g.routable and self._closed_until.get(g.name, 0.0) <= now
-                        for g in self.router.groups)
+        can_route = self._can_route_waiting(now)
         # An idle read still wakes for the next registry refresh: a group's death is noticed within
         # dead_after_s + groups_refresh_s of its last heartbeat, busy or not.
         until_refresh_ms = max(1, int((self._next_refresh - now) * 1000))
@@ -277,6 +276,14 @@ class Balancer:
         if entries:
             self.telemetry.read(len(entries))
         return entries
+
+    def _can_route_waiting(self, now: float) -> bool:
+        """Whether a routable group, not paused, serves the model of some waiting request (any group
+        for one whose model is not resolved yet)."""
+        wanted = {w.request.model if w.model_resolved else None for w in self.waiting.values()}
+        return any(g.routable and self._closed_until.get(g.name, 0.0) <= now
+                   and (None in wanted or any(g.serves(m) for m in wanted if m is not None))
+                   for g in self.router.groups)
 
     def _reclaim(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
         """Entries of balancers that died (idle past claim_idle_ms) become ours; ours stay fresh."""

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any
 
+import pytest
 import redis
 
 from broker.keys import QUEUE_GROUP, Keys
 from broker.protocol import GenerationRequest
 from broker.settings import Settings
+from broker.wire import Batch
 from gpu_workers.echo import EchoEngine
 from gpu_workers.group import CONSUMER, WorkerGroup
 from tests.balancer import test_service
@@ -240,3 +243,27 @@ def test_through_real_groups_of_two_echo_models(
     for n in range(40):
         assert_one_clean_completion(events(r, keys.result(f"r{n}")), text=f"hello {n}", stream=False)
         assert state(r, keys, f"r{n}")["owner"] == ("ga" if n % 2 else "gb")
+
+
+def test_requests_waiting_for_a_dead_model_do_not_make_the_balancer_spin(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocks: list[int | None] = []
+    real_read = Batch.xreadgroup
+
+    def xreadgroup(self: Batch, *a: Any, **k: Any) -> None:
+        blocks.append(k.get("block"))
+        real_read(self, *a, **k)
+
+    fake_group(r, keys, "a1", served=["model-a"], age_s=10)  # dead
+    fake_group(r, keys, "b1", served=["model-b"])
+    balancer = make_balancer(balancer_block_ms=7, dead_after_s=3.0)
+    monkeypatch.setattr(Batch, "xreadgroup", xreadgroup)
+    submit(r, keys, id="a", prompt="x", model="model-a")
+    balancer.tick()
+    balancer.tick()  # it waits for model-a; model-b's live group cannot take it: block
+    assert blocks == [7, 7] and list(balancer.waiting)
+    fake_group(r, keys, "a2", served=["model-a"])
+    balancer.refresh_groups()
+    blocks.clear()
+    balancer._read()
+    assert blocks == [None]  # now it can go: do not wait for new entries
