@@ -43,7 +43,7 @@ from gpu_workers.keepalive import StepKeepalive
 from gpu_workers.load import LoadMeter, group_load
 from gpu_workers.output import OutputState
 from gpu_workers.publisher import Publisher
-from gpu_workers.served import default_served_name
+from gpu_workers.served import default_served_name, foreign_weights
 from gpu_workers.telemetry import GroupTelemetry
 
 log = logging.getLogger(__name__)
@@ -337,10 +337,8 @@ class WorkerGroup:
         if problem is not None:
             self._finish_error(held, "invalid_request", problem)
             return
-        if request.output_ids and request.weights and self.weights and request.weights != self.weights:
-            self._finish_error(held, "unavailable", (
-                f"{len(request.output_ids)} tokens of this request came from other weights ({request.weights}) "
-                f"than this group's ({self.weights}) and no group with those weights took it over"))
+        if (problem := foreign_weights(request, self.weights)) is not None:
+            self._finish_error(held, "unavailable", problem)
             return
         if request.output_ids and not self._replay(held):
             return

@@ -12,7 +12,7 @@ import hashlib
 from pathlib import Path
 
 from broker.errors import ConfigError
-from broker.protocol import MODEL_NAME_RE
+from broker.protocol import MODEL_NAME_RE, GenerationRequest
 
 SAMPLES_PER_FILE = 16  # evenly spaced reads per weights file
 SAMPLE_BYTES = 1 << 16  # of 64 KiB each: 1 MiB per file, whatever the model's size
@@ -68,3 +68,12 @@ def weights_fingerprint(path: Path | None) -> str:
                 f.seek(max(0, size - SAMPLE_BYTES) * i // max(1, SAMPLES_PER_FILE - 1))
                 digest.update(f.read(SAMPLE_BYTES))
     return digest.hexdigest()
+
+
+def foreign_weights(request: GenerationRequest, weights: str) -> str | None:
+    """Why a group with ``weights`` must not continue ``request``: its tokens so far came from other
+    weights (an older or newer version of the model); None when it may (no tokens yet, or no stamp)."""
+    if not request.output_ids or not request.weights or not weights or request.weights == weights:
+        return None
+    return (f"{len(request.output_ids)} tokens of this request came from other weights ({request.weights}) "
+            f"than this group's ({weights}) and no group with those weights took it over")
