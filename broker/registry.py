@@ -137,6 +137,16 @@ def read_groups(redis: Any, keys: Keys, *, dead_after_s: float) -> list[GroupSta
     return groups_from_reply(pipe.execute(), dead_after_s=dead_after_s)
 
 
+async def read_groups_async(redis: Any, keys: Keys, *, dead_after_s: float) -> list[GroupStatus]:
+    """``read_groups`` on an asyncio Redis client."""
+    names = [n.decode() for n in await redis.zrange(keys.groups, 0, -1)]
+    pipe = redis.pipeline(transaction=False)
+    pipe.time()
+    for name in names:
+        pipe.hgetall(keys.group_info(name))
+    return groups_from_reply(await pipe.execute(), dead_after_s=dead_after_s)
+
+
 def groups_from_reply(reply: list[Any], *, dead_after_s: float) -> list[GroupStatus]:
     """The groups of a ``[TIME, HGETALL info...]`` pipeline reply, sorted by name; ages on the
     Redis clock. Shared by ``read_groups`` and the gateway's asyncio reader."""

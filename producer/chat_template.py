@@ -34,10 +34,12 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from broker.chat import PLAIN_CHAT_TEMPLATE, read_template
+from balancer.models import resolve_model
+from broker.chat import PLAIN_CHAT_TEMPLATE, read_template, template_text
 from broker.errors import ConfigError, InvalidRequest, ModelNotFound, Unavailable
 from broker.keys import Keys
-from broker.registry import GroupLoad
+from broker.registry import GroupLoad, GroupStatus, read_groups, read_groups_async
+from broker.settings import Settings
 
 FALLBACK_TEMPLATE = PLAIN_CHAT_TEMPLATE
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -256,3 +258,32 @@ def registry_template(redis: Any, keys: Keys, groups: Sequence[GroupLoad], model
     if group is None:
         raise ModelNotFound(f"model {model!r} is not served here")
     return (source or TemplateSource()).for_group(group, lambda digest: read_template(redis, keys, digest))
+
+
+def chat_group(groups: Sequence[GroupStatus], model: str | None, settings: Settings) -> GroupStatus:
+    """A group (a live one if there is one) of the model a chat request goes to: ``model``, else the
+    only one served, else the balancers' default (balancer.models' rule). Unavailable when no group
+    is registered, ModelNotFound / InvalidRequest as ``resolve_model``."""
+    name = resolve_model(model, groups, default=settings.default_model)
+    if name is None:
+        raise Unavailable("no worker group is registered: no chat template to render with")
+    return min((g for g in groups if g.serves(name)), key=lambda g: (not g.alive, g.name))
+
+
+def render_chat(redis: Any, keys: Keys, settings: Settings, messages: Sequence[Mapping[str, Any]], *,
+                model: str | None, source: TemplateSource) -> str:
+    """The prompt for ``messages`` with the template ``model``'s groups publish (see ``chat_group``)."""
+    group = chat_group(read_groups(redis, keys, dead_after_s=settings.dead_after_s), model, settings)
+    return source.for_group(group, lambda digest: read_template(redis, keys, digest)).render(
+        normalize_messages(list(messages)))
+
+
+async def render_chat_async(redis: Any, keys: Keys, settings: Settings, messages: Sequence[Mapping[str, Any]], *,
+                            model: str | None, source: TemplateSource) -> str:
+    """``render_chat`` on an asyncio Redis client."""
+    group = chat_group(await read_groups_async(redis, keys, dead_after_s=settings.dead_after_s), model, settings)
+    template = source.cached(group)
+    if template is None:
+        raw = await redis.get(keys.chat_template(group.chat_template)) if group.chat_template else None
+        template = source.for_group(group, lambda digest: template_text(raw, digest))
+    return template.render(normalize_messages(list(messages)))

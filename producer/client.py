@@ -18,13 +18,11 @@ import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from balancer.models import resolve_model
 from broker.connection import TRANSIENT_ERRORS, backoff_delays, connect, connect_async, resolve_url
-from broker.errors import InvalidRequest, RyzansteinError, Unavailable
+from broker.errors import InvalidRequest, RyzansteinError
 from broker.keys import Keys
-from broker.registry import read_groups
 from broker.settings import Settings, load_settings
-from producer.chat_template import TemplateSource, normalize_messages, registry_template
+from producer.chat_template import TemplateSource, render_chat, render_chat_async
 from producer.request import (
     Completion,
     Event,
@@ -223,13 +221,7 @@ class Client(_ClientBase):
 
     def render_chat(self, messages: Sequence[Mapping[str, Any]], *, model: str | None = None) -> str:
         """The prompt ``chat`` would send for ``messages`` (with the generation prompt)."""
-        groups = read_groups(self._redis, self.keys, dead_after_s=self.settings.dead_after_s)
-        name = resolve_model(model, groups, default=self.settings.default_model)
-        if name is None:
-            raise Unavailable("no worker group is registered: no chat template to render with")
-        live = [g for g in groups if g.alive] + [g for g in groups if not g.alive]
-        template = registry_template(self._redis, self.keys, live, name, source=self._templates)
-        return template.render(normalize_messages(list(messages)))
+        return render_chat(self._redis, self.keys, self.settings, messages, model=model, source=self._templates)
 
     def cancel(self, request: Handle | str) -> None:
         """Ask for the request to end; it finishes with ``finish_reason`` ``cancelled``."""
@@ -270,6 +262,7 @@ class AsyncClient(_ClientBase):
     ) -> None:
         super().__init__(redis_url, prefix, settings)
         self._redis: redis.asyncio.Redis = connect_async(self.url, self.settings)
+        self._templates = TemplateSource()  # chat templates read from the registry, by digest
         self.client_id = new_request_id()
         self.reply_to = self.keys.client_replies(self.client_id)
         self.trim_every = trim_every
@@ -381,6 +374,19 @@ class AsyncClient(_ClientBase):
     ) -> Completion:
         """Submit and wait: the Completion, RequestFailed on an error event."""
         return await self.result(await self.submit(prompt, **options), timeout=timeout)
+
+    async def chat(
+        self, messages: Sequence[Mapping[str, Any]], *, timeout: float | None = None,
+        **options: Unpack[RequestOptions],
+    ) -> Completion:
+        """``Client.chat`` for asyncio: render ``messages`` with the model's published template, generate."""
+        prompt = await self.render_chat(messages, model=options.get("model"))
+        return await self.generate(prompt, timeout=timeout, **options)
+
+    async def render_chat(self, messages: Sequence[Mapping[str, Any]], *, model: str | None = None) -> str:
+        """The prompt ``chat`` would send for ``messages`` (``Client.render_chat``)."""
+        return await render_chat_async(self._redis, self.keys, self.settings, messages, model=model,
+                                       source=self._templates)
 
     async def cancel(self, request: Handle | str) -> None:
         """Ask for the request to end; it finishes with ``finish_reason`` ``cancelled``."""
