@@ -157,7 +157,8 @@ def _lead(args: argparse.Namespace, settings: Settings, url: str, engine: Engine
     signal.signal(signal.SIGINT, on_signal)
     try:
         retry_forever(group.register, settings, what="group registration")
-        print(f"worker group {group.name} serving {engine.info.model} as {', '.join(group.served_models)} on {url}"
+        names = "" if group.served_models == [engine.info.model] else f" as {', '.join(group.served_models)}"
+        print(f"worker group {group.name} serving {engine.info.model}{names} on {url}"
               + (f" with {engine.info.tp} tensor-parallel ranks" if engine.info.tp > 1 else ""), flush=True)
         return group.run()
     except EngineFailed as exc:

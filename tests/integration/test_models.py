@@ -53,7 +53,7 @@ def test_each_model_answers_only_its_own_requests(procs: Procs, r: redis.Redis, 
     expected["echo-a2"] = expected["echo-a"]  # an alias of echo-a
     groups = {"echo-a": {"e1"}, "echo-a2": {"e1"}, "echo-b": {"e2"}, "random:tiny": {"tiny"}, "ckpt-chat": {"ckpt"}}
 
-    procs.balancer(**FAST)
+    procs.balancer(**FAST, RYZ_NO_GROUP_WAIT_S="300")  # ckpt-chat's requests wait out its restart
     procs.worker("e1", "--served-model-name", "echo-a", "echo-a2", **FAST)
     procs.worker("e2", "--served-model-name", "echo-b", **FAST)
     procs.worker("tiny", "--model", "random:tiny", "--kv-dtype", "fp32", **FAST)
@@ -68,10 +68,10 @@ def test_each_model_answers_only_its_own_requests(procs: Procs, r: redis.Redis, 
                 assert owner(r, keys, request_id) in groups[model], (model, request_id)
 
         with pytest.raises(RequestFailed) as unknown:
-            client.generate("hi", model="smollm2", timeout=5)
+            client.generate("hi", model="smollm2", timeout=60)
         assert unknown.value.code == "model_not_found" and "ckpt-chat" in unknown.value.message
         with pytest.raises(RequestFailed) as unnamed:
-            client.generate("hi", timeout=5)
+            client.generate("hi", timeout=60)
         assert unnamed.value.code == "invalid_request" and "echo-a, echo-a2, echo-b" in unnamed.value.message
 
         # the only group of ckpt-chat dies with requests in flight; random:tiny keeps serving
