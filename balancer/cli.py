@@ -21,10 +21,10 @@ a worker group's queue. Routing: the group with the least load (queued and runni
 tokens, KV utilization, step latency), preferring one that served the prompt's first 128 characters
 recently (its prefix cache), near-equal groups in turn. Admission: past the queue bounds a request
 ends at once with error 'overloaded'. A group whose heartbeat is 3 s old is failed over: its requests
-continue on other groups of the same model from the tokens already streamed. Requests
-name a served model ('model'); without one they go to the only model served, else to
---default-model. A name no group serves ends at once with error 'model_not_found'. Entries of a balancer that died are taken
-over after 2 s.
+continue on other groups of the same model from the tokens already streamed. Entries of a balancer
+that died are taken over after 2 s. Models: a request names a served model ('model'); without one it
+goes to the only model served, else to --default-model; a name no group serves ends at once with
+error 'model_not_found'.
 
 Settings (environment): RYZ_GROUP_MAX_REQUESTS (4096), RYZ_GROUP_MAX_TOKENS (8388608),
 RYZ_TOTAL_MAX_REQUESTS (16384), RYZ_TOTAL_MAX_TOKENS (67108864), RYZ_BALANCER_BATCH_WAIT_MS (1),

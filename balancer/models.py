@@ -28,7 +28,8 @@ def resolve_model(requested: str | None, groups: Sequence[GroupStatus], *, defau
     if requested is not None:
         if any(g.serves(requested) for g in groups):
             return requested
-        raise ModelNotFound(f"model {requested!r} is not served here; served models: {', '.join(served_names(list(groups)))}")
+        raise ModelNotFound(f"model {requested!r} is not served here; served models: "
+                            f"{', '.join(served_names(list(groups)))}")
     # Without a name: the models live now (a dead group's model is not "served" to a request that
     # names none), or all registered ones while none is alive. A model is its groups' name list.
     alive = [g for g in groups if g.alive] or list(groups)

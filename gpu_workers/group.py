@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 CONSUMER = "leader"
 READ_CHUNK = 512  # most queue entries read at once
+TEMPLATE_REPUBLISH_S = 30.0  # how often the chat template is written again (broker.chat)
 
 
 class WorkerGroup:
@@ -72,6 +73,7 @@ class WorkerGroup:
         self.weights = weights
         template = engine.info.chat_template
         self.chat_template = template_digest(template) if template else ""
+        self._next_template_publish = 0.0
         self.settings = settings
         self.keys = Keys(settings.prefix)
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
@@ -116,8 +118,6 @@ class WorkerGroup:
         last = self.redis.xrevrange(self.keys.cancel, count=1)
         self._cancel_cursor = last[0][0] if last else b"0-0"
         self._recover()
-        if self.engine.info.chat_template:
-            publish_template(self.redis, self.keys, self.engine.info.chat_template)
         self.redis.set(self.keys.group_accepting(self.name), "1")
         self._starting = False
         self.heartbeat(force=True)
@@ -540,6 +540,10 @@ class WorkerGroup:
         if not force and now < self._next_heartbeat:
             return
         self._next_heartbeat = now + self.settings.heartbeat_interval_s
+        if self.engine.info.chat_template and now >= self._next_template_publish:
+            # again now and then: a Redis restarted without persistence lost it (the heartbeat is rewritten)
+            publish_template(self.redis, self.keys, self.engine.info.chat_template)
+            self._next_template_publish = now + TEMPLATE_REPUBLISH_S
         queued = self.redis.xlen(self.keys.group_queue(self.name))
         self._queue_depth = max(0, queued - len(self._running))
         load = self.load()

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import redis
 
+from broker.chat import PLAIN_CHAT_TEMPLATE, read_template
 from broker.keys import QUEUE_GROUP, Keys
 from broker.protocol import GenerationRequest
 from broker.settings import Settings
@@ -267,3 +268,18 @@ def test_requests_waiting_for_a_dead_model_do_not_make_the_balancer_spin(
     blocks.clear()
     balancer._read()
     assert blocks == [None]  # now it can go: do not wait for new entries
+
+
+def test_a_group_publishes_its_chat_template_again_after_redis_lost_it(
+        r: redis.Redis, keys: Keys, make_settings: Callable[..., Settings], mono: FakeMonotonic) -> None:
+    group = WorkerGroup(r, EchoEngine(), settings=make_settings(), name="g", monotonic=mono)
+    group.register()
+    info = {k.decode(): v.decode() for k, v in r.hgetall(keys.group_info("g")).items()}
+    assert read_template(r, keys, info["chat_template"]) == PLAIN_CHAT_TEMPLATE
+    r.delete(keys.chat_template(info["chat_template"]))  # a Redis restarted without persistence
+    mono.advance(29.0)
+    group.heartbeat(force=True)
+    assert read_template(r, keys, info["chat_template"]) is None
+    mono.advance(1.0)
+    group.heartbeat(force=True)
+    assert read_template(r, keys, info["chat_template"]) == PLAIN_CHAT_TEMPLATE
