@@ -31,11 +31,11 @@ def resolve_model(requested: str | None, groups: Sequence[GroupStatus], *, defau
         raise ModelNotFound(f"model {requested!r} is not served here; served models: "
                             f"{', '.join(served_names(list(groups)))}")
     # Without a name: the models live now (a dead group's model is not "served" to a request that
-    # names none), or all registered ones while none is alive. A model is its groups' name list.
+    # names none), or all registered ones while none is alive; a model is known by its canonical name.
     alive = [g for g in groups if g.alive] or list(groups)
-    models = {tuple(g.served_models) for g in alive}
+    models = {g.served_models[0] for g in alive if g.served_models}
     if len(models) == 1:
-        return next(iter(models))[0]
+        return models.pop()
     if default is not None:
         if any(g.serves(default) for g in groups):
             return default

@@ -36,6 +36,7 @@ def test_an_unknown_name_is_model_not_found_naming_what_is_served() -> None:
 def test_without_a_name_the_only_model_is_served_under_its_first_name() -> None:
     assert resolve_model(None, [CHAT], default=None) == "chat"
     assert resolve_model(None, [CHAT, group("g3", "chat", "chat-latest")], default=None) == "chat"
+    assert resolve_model(None, [CHAT, group("g3", "chat")], default=None) == "chat"  # one model, fewer aliases
     assert resolve_model(None, [TINY, group("g4", "tiny")], default="chat") == "tiny"
 
 
