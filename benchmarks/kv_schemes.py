@@ -101,14 +101,18 @@ ACTIVE: list[tuple[Quant, Quant, bool] | None] = [None]
 def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attention_mask: torch.Tensor | None, **kwargs: object) -> tuple[torch.Tensor, None]:
     """Causal attention [B, T, H, D] over the active scheme's dequantized K/V ([B, H(kv), T, D] in)."""
+    if ACTIVE[0] is None:  # the fp32 reference, and generation (queries fewer than keys there)
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     t = key.shape[2]
     group = query.shape[1] // key.shape[1]
     k, v = key, value
-    kq, vq = (k, v) if ACTIVE[0] is None else (ACTIVE[0][0](k), ACTIVE[0][1](v))
+    kq, vq = ACTIVE[0][0](k), ACTIVE[0][1](v)
     k, v, kq, vq = (x.repeat_interleave(group, 1) for x in (k, v, kq, vq))
     pos = torch.arange(t)
     own = (pos[:, None] // BS) == (pos[None, :] // BS)  # [T, T] key in the query's own block
-    newest = ACTIVE[0] is not None and ACTIVE[0][2]
+    newest = ACTIVE[0][2]
     scale = query.shape[-1] ** -0.5
     scores = query @ kq.transpose(-1, -2)
     if newest:
