@@ -96,9 +96,15 @@ def test_preemption_under_a_tiny_kv_cache_keeps_tokens_exact(llama_dir: Path) ->
     ("mistral", {}),
     ("qwen2", {"num_key_value_heads": 1}),
     ("llama", {"tie_word_embeddings": True, "head_dim": 24, "num_key_value_heads": 4}),
-])
+    ("mistral", {"sliding_window": 9}),
+    ("qwen3", {"use_sliding_window": True, "sliding_window": 10, "max_window_layers": 1, "seed": 6}),
+    ("phi3", {"sliding_window": 11}),
+    ("gemma3", {"head_dim": 16, "sliding_window": 9, "layer_types": ["sliding_attention", "full_attention"],
+                "final_logit_softcapping": 30.0}),
+], ids=["mistral", "qwen2-mqa", "llama-tied-headdim24", "mistral-window9", "qwen3-window10", "phi3-window11",
+        "gemma3-window9"])
 def test_other_families_match_transformers(tmp_path: Path, family: str, overrides: dict[str, object]) -> None:
-    model_dir = save_hf_model(tmp_path, family=family, seed=3, **overrides)
+    model_dir = save_hf_model(tmp_path, family=family, **{"seed": 3, **overrides})  # seeds with clear margins
     prompts = prompts_of([7, 33], seed=5)
     reference = hf_greedy(model_dir, prompts, 12)
     assert_clear(reference)
