@@ -65,5 +65,6 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) ->
             tokens.append(out.sequences[0, len(prompt):].tolist())
             for scores in out.scores:
                 top = scores[0].topk(2).values
-                margins.append(float((top[0] - top[1]) / scores[0].std()))
+                finite = scores[0][scores[0].isfinite()]  # a generation config may mask tokens with -inf
+                margins.append(float((top[0] - top[1]) / finite.std()))
     return Reference(tokens, min(margins))
