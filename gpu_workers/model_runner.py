@@ -18,9 +18,9 @@ import torch
 from broker.errors import ConfigError
 from gpu_workers.model.attention import AttentionBatch, DecodeGroup, PrefillChunk
 from gpu_workers.model.config import ModelConfig, load_config
+from gpu_workers.model.families import model_class
 from gpu_workers.model.kv_cache import STORAGE_DTYPES, KVCache
 from gpu_workers.model.layers import TPContext
-from gpu_workers.model.families import model_class
 from gpu_workers.model.loader import load_weights
 
 if TYPE_CHECKING:
@@ -83,6 +83,7 @@ class ModelRunner:
         # distinct sliding windows of the model's layers: each gets its own view of every step
         self.windows = sorted({w for i in range(self.config.num_hidden_layers)
                                if (w := self.config.layer_window(i)) is not None})
+        self.full_layers = any(self.config.layer_window(i) is None for i in range(self.config.num_hidden_layers))
         with torch.device(self.device):
             self.model = model_class(self.config)(self.config, self.tp, self.dtype)
         load_weights(self.model, Path(model_dir))
@@ -179,6 +180,8 @@ class ModelRunner:
                 [c.block_table[:n] + [0] * (width - n) for c, n in zip(group, used)], dtype=torch.long
             )  # [B, MB], padded with block 0 (masked)
             slots.append(table.gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs)
+            if not self.full_layers:  # every layer reads its window's view (blocks before it may be gone)
+                continue
             group_meta = DecodeGroup(first, len(group), self._to_device(table))
             if self.kv_cache.fused_attention:
                 group_meta.lens = pos + 1  # the kernel stops at each sequence's length: no mask
