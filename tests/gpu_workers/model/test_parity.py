@@ -179,3 +179,24 @@ def test_greedy_generation_matches(tmp_path: Path) -> None:
             assert int(row.argmax()) == int(ref.argmax())
             s.append(int(row.argmax()))
         logits = runner.run([Chunk([s[-1]], len(s) - 1, t, True) for s, t in zip(seqs, tables)])
+
+
+@pytest.mark.parametrize("kv_dtype", ["bf16", "fp8_e4m3", "fp8_e5m2", "fp8_e4m3_per_tensor"])
+@pytest.mark.parametrize("name", ["gemma3", "mistral"])
+def test_sliding_windows_read_the_same_keys_in_decode_and_prefill(tmp_path: Path, name: str, kv_dtype: str) -> None:
+    """In every KV format, a sliding-window layer's decode (block tables cut to the window) and a
+    prefill chunk's read (the window's slots gathered) see the same cached keys: a token decoded
+    alone and the same token ending a two-token chunk get the same logits, along a sequence
+    five times the window. (Against transformers, these formats differ by their rounding.)"""
+    path = save(build(name), tmp_path)
+    rng = random.Random(6)
+    seq = random_tokens(rng, 31)
+    table = [9, 3, 12, 0, 5, 7, 1, 14]
+    decoded, chunked = (ModelRunner(path, num_blocks=16, block_size=4, kv_dtype=kv_dtype) for _ in "ab")
+    for runner in (decoded, chunked):
+        runner.run([Chunk(seq[:11], 0, table, False)])
+    for p in range(11, 31, 2):
+        decoded.run([Chunk([seq[p]], p, table, False)])
+        alone = decoded.run([Chunk([seq[p + 1]], p + 1, table, True)])[0]
+        in_chunk = chunked.run([Chunk(seq[p : p + 2], p, table, True)])[0]
+        assert_close(alone, in_chunk, rel=1e-5, what=f"{name} {kv_dtype} at {p + 1}")
