@@ -28,6 +28,15 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "Phi3ForCausalLM": "phi3",
     "Gemma3ForCausalLM": "gemma3_text",
+    "Gemma3ForConditionalGeneration": "gemma3_text",  # its text model alone (Gemma 3 4B, 12B, 27B)
+}
+# Where the text model's tensors lie in a multimodal checkpoint (the vision tower's are not read).
+CHECKPOINT_PREFIXES = {"Gemma3ForConditionalGeneration": "language_model."}
+# Gemma3TextConfig's defaults for the fields published configs leave out (the 4B's text_config is sparse).
+_GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "rms_norm_eps": 1e-6,
+    "query_pre_attn_scalar": 256, "sliding_window": 4096,
 }
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -87,6 +96,7 @@ class ModelConfig:
     sliding_rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     query_pre_attn_scalar: float | None = None  # attention scores scaled by its -1/2 power, not head_dim's
     final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap)
+    checkpoint_prefix: str = ""  # of the text model's tensor names (a multimodal checkpoint's language_model.)
 
     def layer_window(self, layer: int) -> int | None:
         """The sliding window of ``layer`` (tokens it attends to, its own included), or None: all."""
@@ -146,6 +156,14 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
     """``ModelConfig`` from the parsed config.json contents."""
     arch = _architecture(raw)
     model_type = ARCHITECTURES[arch]
+    if arch == "Gemma3ForConditionalGeneration":
+        text = raw.get("text_config")
+        if not isinstance(text, dict):
+            raise ConfigError(f"text_config must be an object, got {text!r}")
+        outer = ("dtype", "torch_dtype", "tie_word_embeddings", "quantization_config")
+        raw = {**{k: raw[k] for k in outer if k in raw}, **text}
+    if model_type == "gemma3_text":
+        raw = {**_GEMMA3_TEXT_DEFAULTS, **raw}
     r = _Reader(raw)
 
     act_field = "hidden_activation" if model_type == "gemma3_text" else "hidden_act"
@@ -219,7 +237,10 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         sliding_rope_theta=sliding_theta,
         sliding_rope_scaling=sliding_rope,
         query_pre_attn_scalar=r.number("query_pre_attn_scalar", default=256) if gemma else None,
-        final_logit_softcapping=_optional_number(raw, "final_logit_softcapping") if gemma else None,
+        # transformers' Gemma3ForConditionalGeneration leaves its text config's cap unapplied
+        final_logit_softcapping=(_optional_number(raw, "final_logit_softcapping")
+                                 if gemma and arch not in CHECKPOINT_PREFIXES else None),
+        checkpoint_prefix=CHECKPOINT_PREFIXES.get(arch, ""),
     )
 
 

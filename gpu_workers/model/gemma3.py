@@ -14,6 +14,9 @@ Gemma 3 is the Llama decoder with these differences, each a line or a class here
 - logits are soft-capped, ``cap * tanh(logits / cap)``, when ``final_logit_softcapping`` is set.
 
 Parameter names are transformers'; checkpoints load through ``LlamaForCausalLM.checkpoint_map``.
+A ``Gemma3ForConditionalGeneration`` checkpoint (4B and up) serves its text model: its tensors under
+``language_model.``, the vision tower unread, and no logit softcapping (transformers' multimodal
+class does not apply it either).
 """
 
 from __future__ import annotations

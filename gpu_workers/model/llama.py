@@ -191,4 +191,11 @@ class LlamaForCausalLM(nn.Module):
                     out[name.replace(ours, ckpt_part)] = (name, shard)
             if not any(ours in name for _, ours, _ in stacked):
                 out[name] = (name, None)
-        return out
+        prefix = self.config.checkpoint_prefix
+        return {prefix + ckpt: target for ckpt, target in out.items()} if prefix else out
+
+    def ignored_checkpoint_tensors(self, name: str) -> bool:
+        """Whether the checkpoint tensor ``name`` is not this model's to read (a multimodal
+        checkpoint's vision tower and projector, beside its text model)."""
+        prefix = self.config.checkpoint_prefix
+        return bool(prefix) and not name.startswith(prefix)

@@ -84,6 +84,21 @@ def test_gemma3_numerics_and_rope_per_layer_type(tmp_path: Path) -> None:
     assert legacy.sliding_rope_scaling == RopeScaling() and legacy.final_logit_softcapping is None
 
 
+def test_gemma3_multimodal_config_reads_its_sparse_text_config() -> None:
+    """Gemma 3 4B's published config.json: the text model's fields under text_config, most left to
+    Gemma3TextConfig's defaults; dtype and tied embeddings at the top."""
+    c = parse_config({"architectures": ["Gemma3ForConditionalGeneration"], "torch_dtype": "bfloat16", "text_config": {
+        "hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text", "num_attention_heads": 8,
+        "num_hidden_layers": 34, "num_key_value_heads": 4, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+        "sliding_window": 1024}, "vision_config": {"model_type": "siglip_vision_model"}})
+    assert (c.vocab_size, c.head_dim, c.attention_scale, c.torch_dtype) == (262208, 256, 256**-0.5, "bfloat16")
+    assert (c.rope_theta, c.rope_scaling, c.sliding_rope_theta) == (1e6, RopeScaling("linear", 8.0), 1e4)
+    assert c.tie_word_embeddings and c.checkpoint_prefix == "language_model." and c.max_context == 131072
+    assert [c.layer_window(i) for i in range(6)] == [1024] * 5 + [None]
+    with pytest.raises(ConfigError, match="text_config must be an object"):
+        parse_config({"architectures": ["Gemma3ForConditionalGeneration"]})
+
+
 def test_qwen3_and_phi3(tmp_path: Path) -> None:
     q = load_config(_saved(tmp_path / "q", "qwen3-bias-sliding"))
     assert (q.qk_norm, q.qkv_bias, q.o_bias, q.mlp_bias, q.layer_window(1)) == (True, True, True, False, 6)
@@ -114,7 +129,7 @@ def test_legacy_rope_scaling(tmp_path: Path) -> None:
     ({"vocab_size": "big"}, "vocab_size must be a positive integer, got 'big'"),
     ({"attention_bias": "yes"}, "attention_bias must be true or false"),
     ({"dtype": "int8"}, "dtype 'int8'"),
-    ({"architectures": ["Gemma3ForConditionalGeneration"]}, "'Gemma3ForConditionalGeneration'"),
+    ({"architectures": ["PaliGemmaForConditionalGeneration"]}, "'PaliGemmaForConditionalGeneration'"),
     ({"architectures": ["Gemma3ForCausalLM"], "attn_logit_softcapping": 50.0}, "attn_logit_softcapping 50.0"),
     ({"architectures": ["Gemma3ForCausalLM"], "use_bidirectional_attention": True}, "use_bidirectional_attention"),
     ({"architectures": ["Gemma3ForCausalLM"], "hidden_activation": "silu"}, "hidden_activation 'silu'"),
