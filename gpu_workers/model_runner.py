@@ -148,7 +148,12 @@ class ModelRunner:
         batch = AttentionBatch(slot_mapping=torch.empty(0), num_decode=len(decodes))
         ids = [chunks[i].token_ids[0] for i in decodes]
         positions = [torch.tensor([chunks[i].start for i in decodes], dtype=torch.long)]
-        slots = self._add_decodes(batch, [chunks[i] for i in decodes], positions[0])
+        # A window that holds every sequence's whole context reads what full attention reads: its
+        # layers take the step itself (and the fused kernels with it).
+        longest = max(c.start + len(c.token_ids) for c in chunks)
+        narrow = [w for w in self.windows if w < longest]
+        full_view = self.full_layers or len(narrow) < len(self.windows)
+        slots = self._add_decodes(batch, [chunks[i] for i in decodes], positions[0], groups=full_view)
         for i in prefills:
             c = chunks[i]
             first_row[i] = len(ids)
@@ -158,8 +163,8 @@ class ModelRunner:
         batch.slot_mapping = self._to_device(torch.cat(slots))
         batch.rope_seq_lens = self._rope_seq_lens([chunks[i] for i in decodes + prefills])
         for window in self.windows:
-            batch.windowed[window] = self._windowed(batch, window, [chunks[i] for i in decodes],
-                                                    [(chunks[i], first_row[i]) for i in prefills])
+            batch.windowed[window] = batch if window not in narrow else self._windowed(
+                batch, window, [chunks[i] for i in decodes], [(chunks[i], first_row[i]) for i in prefills])
         rows = [first_row[i] + len(c.token_ids) - 1 for i, c in enumerate(chunks) if c.want_logits]
         return _Step(
             input_ids=self._to_device(torch.tensor(ids, dtype=torch.long)),
@@ -168,8 +173,10 @@ class ModelRunner:
             logit_rows=self._to_device(torch.tensor(rows, dtype=torch.long)),
         )
 
-    def _add_decodes(self, batch: AttentionBatch, decodes: list[Chunk], positions: torch.Tensor) -> list[torch.Tensor]:
-        """Decode groups into ``batch``; returns the new tokens' cache slots, group by group."""
+    def _add_decodes(self, batch: AttentionBatch, decodes: list[Chunk], positions: torch.Tensor, *,
+                     groups: bool = True) -> list[torch.Tensor]:
+        """Decode groups into ``batch`` (unless ``groups`` is False: no layer reads them); returns the
+        new tokens' cache slots, group by group."""
         bs = self.block_size
         slots = []
         for first, group in self._decode_groups(decodes):
@@ -180,7 +187,7 @@ class ModelRunner:
                 [c.block_table[:n] + [0] * (width - n) for c, n in zip(group, used)], dtype=torch.long
             )  # [B, MB], padded with block 0 (masked)
             slots.append(table.gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs)
-            if not self.full_layers:  # every layer reads its window's view (blocks before it may be gone)
+            if not groups:  # every layer reads its window's view (blocks before it may be gone)
                 continue
             group_meta = DecodeGroup(first, len(group), self._to_device(table))
             if self.kv_cache.fused_attention:
