@@ -263,10 +263,8 @@ class ModelRunner:
         for c, row in prefills:
             end = c.start + len(c.token_ids)
             lo = max(0, c.start + 1 - window)  # the first key any of the chunk's queries sees
-            kv_slots = mask = None
-            if c.start == 0 and end <= window:  # the window holds every key: plain causal attention
-                pass
-            else:
+            kv_slots = mask = None  # (a first chunk within the window: plain causal attention)
+            if c.start or end > window:
                 keys = torch.arange(lo, end)[None, :]  # [1, S]
                 queries = torch.arange(c.start, end)[:, None]  # [n, 1]
                 mask = self._to_device((keys <= queries) & (keys > queries - window))  # [n, S]

@@ -83,7 +83,8 @@ class AttentionBatch:
     # sequence is past max_position_embeddings (None otherwise).
     rope_seq_lens: torch.Tensor | None = None
     # Sliding-window layers' views of this step, by window: the same tokens and slot mapping, with
-    # decode groups and prefill chunks that read only the window (never nested further).
+    # decode groups and prefill chunks that read only the window; the step itself when the window
+    # holds every sequence's whole context.
     windowed: dict[int, AttentionBatch] = field(default_factory=dict)
 
 
