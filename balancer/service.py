@@ -27,10 +27,12 @@ from redis.exceptions import ResponseError
 from balancer.admission import Limits, request_cost
 from balancer.batching import AdaptiveBatcher
 from balancer.failover import Failover
+from balancer.reclaim import Reclaimer
 from balancer.router import Router
 from balancer.routing import AffinityTable, RoutingPolicy, prefix_key
 from balancer.telemetry import BalancerTelemetry
 from broker.connection import TRANSIENT_ERRORS, RedisClock, backoff_delays
+from broker.dead_letter import Attempts, DeadLetters, describe, is_transient
 from broker.errors import InvalidRequest
 from broker.keys import INGRESS_GROUP, QUEUE_GROUP, Keys
 from broker.logs import request_extra
@@ -90,6 +92,16 @@ class Final:
                           finish_reason="cancelled", prompt_tokens=int(self.fields.get("prompt_tokens", "0")))
 
 
+def _claim(raw: Any) -> tuple[Claim | None, BaseException | None]:
+    """A CLAIM_OWNER reply, or the problem with it (an error reply, or a reply of another shape)."""
+    if isinstance(raw, Exception):
+        return None, raw
+    try:
+        return claim_result(raw), None
+    except Exception as exc:  # noqa: BLE001 - an unexpected reply ends that request, never the loop
+        return None, TypeError(f"CLAIM_OWNER replied {raw!r:.80} ({type(exc).__name__})")
+
+
 def _raise_transient(results: list[Any]) -> None:
     """A lost connection mid-pipeline is retried by the loop; other errors are per request."""
     for raw in results:
@@ -136,12 +148,16 @@ class Balancer:
         self._next_claim = 0.0
         self._next_housekeeping = 0.0
         self._next_stats = 0.0
-        self._claim_cursor = "0-0"
+        self.reclaimer = Reclaimer(redis, self.keys, consumer=self.name, min_idle_ms=settings.claim_idle_ms,
+                                   count=settings.balancer_batch_max)
+        self.attempts = Attempts()  # entries whose handling failed, backing off before the next try
         self._to_ack: list[bytes] = []  # done with, acknowledged with the next read
         self._failed_over: dict[str, int] = {}  # dead group -> heartbeat_ms when its queue was taken over
         self.telemetry = BalancerTelemetry(enabled=settings.metrics_port is not None,
                                            ready_within_s=settings.dead_after_s,
                                            live_within_s=settings.liveness_timeout_s, monotonic=monotonic)
+        self.dead_letters = DeadLetters(redis, self.scripts, self.keys, publisher=PUBLISHER,
+                                        ttl_ms=settings.result_ttl_s * 1000, on_dead=self.telemetry.dead_lettered)
 
     @property
     def batch_sizes(self) -> Counter[int]:
@@ -178,11 +194,12 @@ class Balancer:
                     self._retry(self.setup)
                     continue
                 log.exception("balancer tick failed; retrying")
-                self.stop.wait(next(backoff_delays(self.settings)))
+                self.stop.wait(next(delays := delays or backoff_delays(self.settings)))
             except Exception:
-                # Never die on one bad entry or an unexpected reply: what was not acked is retried.
+                # Never die on an unexpected reply: what was not acked is retried, after a backoff that
+                # grows while the failures go on (per-request failures never get here: _give_up).
                 log.exception("balancer tick failed; retrying")
-                self.stop.wait(next(backoff_delays(self.settings)))
+                self.stop.wait(next(delays := delays or backoff_delays(self.settings)))
         try:
             self.flush_acks()
         except TRANSIENT_ERRORS:
@@ -234,10 +251,15 @@ class Balancer:
         now = self._monotonic()
         can_route = any(g.routable and self._closed_until.get(g.name, 0.0) <= now
                         for g in self.router.groups)
+        # Entries that failed lately wait out their backoff: they alone are no reason not to block.
+        ready = bool(self.waiting) and (not len(self.attempts)
+                                        or any(self.attempts.ready(e, now=now) for e in self.waiting))
         # An idle read still wakes for the next registry refresh: a group's death is noticed within
         # dead_after_s + groups_refresh_s of its last heartbeat, busy or not.
-        until_refresh_ms = max(1, int((self._next_refresh - now) * 1000))
-        block = None if self.waiting and can_route else min(self.settings.balancer_block_ms, until_refresh_ms)
+        retry = self.attempts.next_retry()
+        wake = min(self._next_refresh, retry) if retry is not None and retry > now else self._next_refresh
+        until_ms = max(1, int((wake - now) * 1000))
+        block = None if ready and can_route else min(self.settings.balancer_block_ms, until_ms)
         batch = Batch()
         acks = len(self._to_ack)
         if acks:
@@ -273,21 +295,50 @@ class Balancer:
         return entries
 
     def _reclaim(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        """Entries of balancers that died (idle past claim_idle_ms) become ours; ours stay fresh."""
+        """Entries of balancers that died (idle past claim_idle_ms) become ours; ours stay fresh.
+
+        Deleted entries are acknowledged, entries delivered too often given up (balancer.reclaim)."""
         if self.waiting:
             self.redis.xclaim(self.keys.requests, INGRESS_GROUP, self.name, 0, list(self.waiting), justid=True)
-        reply = self.redis.xautoclaim(self.keys.requests, INGRESS_GROUP, self.name,
-                                      self.settings.claim_idle_ms, self._claim_cursor,
-                                      count=self.settings.balancer_batch_max)
-        self._claim_cursor = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
-        claimed = [(eid, fields) for eid, fields in reply[1] if eid not in self.waiting]
-        gone = [eid for eid, fields in claimed if not fields]  # deleted after it was read
-        if gone:
-            self._ack(gone)
-        if len(claimed) > len(gone):
-            self.counts["reclaimed"] += len(claimed) - len(gone)
-            log.info("claimed %d pending requests of stopped balancers", len(claimed) - len(gone))
-        return [(eid, fields) for eid, fields in claimed if fields]
+        found = self.reclaimer.claim(skip=self.waiting)
+        if found.gone:
+            self._ack(found.gone)
+        for entry_id, fields, deliveries in found.overdelivered:
+            rid, reply = best_effort_reply_to(fields, entry_id=entry_id.decode(), prefix=self.settings.prefix)
+            self._give_up(entry_id, rid, reply, f"delivered {deliveries} times and never handled",
+                          fields=fields)
+        if found.entries:
+            self.counts["reclaimed"] += len(found.entries)
+            log.info("claimed %d pending requests of stopped balancers", len(found.entries))
+        return found.entries
+
+    # --- requests that cannot be handled -----------------------------------------------------------
+
+    def _give_up(self, entry_id: bytes, request_id: str | None, reply_to: str | None,
+                 problem: BaseException | str, *, reply_to_failed: bool = False,
+                 fields: dict[bytes, bytes] | None = None) -> None:
+        """End a request that cannot be handled (broker.dead_letter) and acknowledge its entry."""
+        reason = describe(problem)
+        code = "internal"
+        if isinstance(problem, ResponseError) and reason.startswith(("WRONGTYPE", "NOPERM")):
+            code, reason = "invalid_request", f"field 'reply_to': events cannot be written there ({reason})"
+        delivered = self.dead_letters.give_up(
+            source=self.keys.requests, entry_id=entry_id, request_id=request_id, reply_to=reply_to,
+            reason=reason, code=code, reply_to_failed=reply_to_failed, fields=fields)
+        self.waiting.pop(entry_id, None)
+        self.attempts.forget(entry_id)
+        self.counts[code if delivered else "dead_letter"] += 1
+        if delivered and request_id is not None:
+            self.telemetry.finished(request_id, {"event": "error", "code": code, "message": reason})
+        self._ack([entry_id])
+
+    def _request_failed(self, w: Waiting, problem: BaseException, *, reply_to_failed: bool = False) -> None:
+        """Handling ``w`` failed: retried after a backoff when the failure may pass, else given up."""
+        if is_transient(problem) and not self.attempts.failed(w.entry_id, now=self._monotonic()):
+            log.warning("request %s: %s; will retry", w.request.id, describe(problem),
+                        extra=request_extra(w.request.id))
+            return
+        self._give_up(w.entry_id, w.request.id, w.request.reply_to, problem, reply_to_failed=reply_to_failed)
 
     def process(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         """Validate new entries, then route everything waiting (in priority order)."""
@@ -296,22 +347,16 @@ class Balancer:
         for entry_id, fields in entries:
             if entry_id in self.waiting:
                 continue
-            eid = entry_id.decode()
             try:
-                request = parse_request(fields, entry_id=eid, prefix=self.settings.prefix,
-                                        max_request_bytes=self.settings.max_request_bytes,
-                                        default_max_tokens=self.settings.default_max_tokens)
-            except InvalidRequest as exc:
-                rid, reply = best_effort_reply_to(fields, entry_id=eid, prefix=self.settings.prefix)
-                finals.append(Final(entry_id, rid, reply, error_event(rid, exc.code, str(exc))))
-                self.counts["invalid_request"] += 1
-                self.telemetry.finished(rid, finals[-1].fields)
+                final = self._admit(entry_id, fields, now_ms)
+            except Exception as exc:
+                if isinstance(exc, TRANSIENT_ERRORS):
+                    raise
+                rid, reply = best_effort_reply_to(fields, entry_id=entry_id.decode(), prefix=self.settings.prefix)
+                self._give_up(entry_id, rid, reply, exc, fields=fields)
                 continue
-            moved = request.takeover_from is not None
-            self.waiting[entry_id] = Waiting(
-                entry_id, request, now_ms, request.takeover_from, request.takeover_epoch, moved=moved,
-                prefix=prefix_key(request, chars=self.settings.affinity_prefix_chars,
-                                  tokens=self.settings.affinity_prefix_tokens))
+            if final is not None:
+                finals.append(final)
         for _round in range(DISPATCH_ROUNDS):
             assignments, more = self._route(now_ms)
             finals += more
@@ -321,6 +366,26 @@ class Balancer:
             finals = []
             if not refused:
                 return
+
+    def _admit(self, entry_id: bytes, fields: dict[bytes, bytes], now_ms: float) -> Final | None:
+        """Validate one entry: it waits for a group, or gets its final event (returned)."""
+        eid = entry_id.decode()
+        try:
+            request = parse_request(fields, entry_id=eid, prefix=self.settings.prefix,
+                                    max_request_bytes=self.settings.max_request_bytes,
+                                    default_max_tokens=self.settings.default_max_tokens)
+        except InvalidRequest as exc:
+            rid, reply = best_effort_reply_to(fields, entry_id=eid, prefix=self.settings.prefix)
+            final = Final(entry_id, rid, reply, error_event(rid, exc.code, str(exc)))
+            self.counts["invalid_request"] += 1
+            self.telemetry.finished(rid, final.fields)
+            return final
+        moved = request.takeover_from is not None
+        self.waiting[entry_id] = Waiting(
+            entry_id, request, now_ms, request.takeover_from, request.takeover_epoch, moved=moved,
+            prefix=prefix_key(request, chars=self.settings.affinity_prefix_chars,
+                              tokens=self.settings.affinity_prefix_tokens))
+        return None
 
     def _route(self, now_ms: float) -> tuple[list[tuple[Waiting, str]], list[Final]]:
         """A group for every waiting request that can go now, or its final event."""
@@ -335,46 +400,54 @@ class Balancer:
         total_requests, total_tokens = total.requests, total.tokens
         held_back = 0  # requests that stay waiting here: bounded like the groups' queues
         for w in sorted(self.waiting.values(), key=lambda w: (w.request.priority, w.request.enqueued_ms)):
-            request, final = w.request, None
-            w.cost = request_cost(request, max_context=max_context)
-            if request.id in self._cancelled:
-                final = done_event(request.id, text="", token_ids=[], finish_reason="cancelled", prompt_tokens=0)
-            elif request.deadline_ms is not None and now_ms >= request.deadline_ms:
-                final = error_event(request.id, "timeout", f"deadline of {request.timeout_s}s passed before dispatch")
-            elif not routable:
-                if now_ms - w.since_ms >= self.settings.no_group_wait_s * 1000:
-                    final = error_event(request.id, "unavailable",
-                                        f"no live worker group for {self.settings.no_group_wait_s}s")
-                elif w.moved or held_back < self.limits.total_requests:
-                    held_back += 1
-                    continue  # stays waiting
-                else:
-                    final = error_event(request.id, "overloaded", f"{held_back} requests wait for a worker group already")
-            elif not w.moved and (total_requests + 1 > self.limits.total_requests
-                                  or total_tokens + w.cost > self.limits.total_tokens):
-                final = error_event(request.id, "overloaded", (
-                    f"the worker groups hold {total_requests} requests and {total_tokens} tokens, at the bounds of "
-                    f"{self.limits.total_requests} and {self.limits.total_tokens}; retry later"))
-            else:
-                group = self.router.pick(prefix=w.prefix, cost=w.cost, now=now,
-                                         exclude=closed if w.moved else closed | full, bounded=not w.moved)
-                if group is None:
-                    if not self.router.routable(exclude=closed) or w.moved:
+            if not self.attempts.ready(w.entry_id, now=now):
+                continue  # failed lately: backing off (see _request_failed)
+            try:
+                request, final = w.request, None
+                w.cost = request_cost(request, max_context=max_context)
+                if request.id in self._cancelled:
+                    final = done_event(request.id, text="", token_ids=[], finish_reason="cancelled", prompt_tokens=0)
+                elif request.deadline_ms is not None and now_ms >= request.deadline_ms:
+                    final = error_event(request.id, "timeout", f"deadline of {request.timeout_s}s passed before dispatch")
+                elif not routable:
+                    if now_ms - w.since_ms >= self.settings.no_group_wait_s * 1000:
+                        final = error_event(request.id, "unavailable",
+                                            f"no live worker group for {self.settings.no_group_wait_s}s")
+                    elif w.moved or held_back < self.limits.total_requests:
                         held_back += 1
-                        continue  # every group refused work lately: try again next tick
+                        continue  # stays waiting
+                    else:
+                        final = error_event(request.id, "overloaded", f"{held_back} requests wait for a worker group already")
+                elif not w.moved and (total_requests + 1 > self.limits.total_requests
+                                      or total_tokens + w.cost > self.limits.total_tokens):
                     final = error_event(request.id, "overloaded", (
-                        f"every worker group is at its queue bound ({self.limits.group_requests} requests, "
-                        f"{self.limits.group_tokens} tokens); retry later"))
-                elif request.prompt_ids is not None and (problem := limit_problem(
-                        request.prompt_ids, request.sampling.max_tokens,
-                        vocab_size=group.vocab_size, max_context=group.max_context)):
-                    final = error_event(request.id, "invalid_request", problem)
+                        f"the worker groups hold {total_requests} requests and {total_tokens} tokens, at the bounds of "
+                        f"{self.limits.total_requests} and {self.limits.total_tokens}; retry later"))
                 else:
-                    self.router.sent(group.name, w.cost)
-                    total_requests += 1
-                    total_tokens += w.cost
-                    assignments.append((w, group.name))
-                    continue
+                    group = self.router.pick(prefix=w.prefix, cost=w.cost, now=now,
+                                             exclude=closed if w.moved else closed | full, bounded=not w.moved)
+                    if group is None:
+                        if not self.router.routable(exclude=closed) or w.moved:
+                            held_back += 1
+                            continue  # every group refused work lately: try again next tick
+                        final = error_event(request.id, "overloaded", (
+                            f"every worker group is at its queue bound ({self.limits.group_requests} requests, "
+                            f"{self.limits.group_tokens} tokens); retry later"))
+                    elif request.prompt_ids is not None and (problem := limit_problem(
+                            request.prompt_ids, request.sampling.max_tokens,
+                            vocab_size=group.vocab_size, max_context=group.max_context)):
+                        final = error_event(request.id, "invalid_request", problem)
+                    else:
+                        self.router.sent(group.name, w.cost)
+                        total_requests += 1
+                        total_tokens += w.cost
+                        assignments.append((w, group.name))
+                        continue
+            except Exception as exc:
+                if isinstance(exc, TRANSIENT_ERRORS):
+                    raise
+                self._give_up(w.entry_id, w.request.id, w.request.reply_to, exc)
+                continue
             del self.waiting[w.entry_id]
             self.counts[final["code"] if final["event"] == "error" else "cancelled"] += 1
             self.telemetry.finished(request.id, final)
@@ -396,12 +469,13 @@ class Balancer:
         # Phase 1: pin each request to its group (or learn where it is pinned already).
         def claim(pipe: Any) -> None:
             for (w, group), first in zip(assignments, eager):
-                self.scripts.claim_owner(keys=list(self.keys.progress(w.request.reply_to, w.request.id)),
+                self.scripts.claim_owner(keys=[*self.keys.progress(w.request.reply_to, w.request.id),
+                                               w.request.reply_to],
                                          args=[group, ttl_ms, w.takeover_from or "", w.takeover_epoch], client=pipe)
                 if first:
                     self._queue(pipe, w, group, FIRST_EPOCH)
             for f in finals:
-                self.scripts.claim_owner(keys=list(self.keys.progress(f.reply_to, f.request_id)),
+                self.scripts.claim_owner(keys=[*self.keys.progress(f.reply_to, f.request_id), f.reply_to],
                                          args=[PUBLISHER, ttl_ms, f.takeover_from or "", f.takeover_epoch],
                                          client=pipe)
 
@@ -418,15 +492,15 @@ class Balancer:
             raw = next(replies)
             queued = next(replies) if first else None
             w.claimed = True
-            got = None if isinstance(raw, Exception) else claim_result(raw)
+            got, problem = _claim(raw)
             if first:
                 if got is not None and not got.finished and (got.owner, got.epoch) == (candidate, FIRST_EPOCH):
                     refused |= self._queued(w, candidate, FIRST_EPOCH, queued, acks)
                     continue
                 retract.append((candidate, queued))
             if got is None:
-                log.error("request %s: cannot claim: %s; will retry", w.request.id, raw,
-                          extra=request_extra(w.request.id))
+                # CLAIM_OWNER touches only keys of the reply stream's: its error is about them
+                self._request_failed(w, problem, reply_to_failed=True)
                 continue
             if got.finished:
                 acks.append(w.entry_id)
@@ -443,13 +517,12 @@ class Balancer:
             sent.append((w, got.owner, got.epoch))
         published: list[tuple[Final, int, dict[str, str]]] = []
         for f in finals:
-            raw = next(replies)
-            if isinstance(raw, Exception):
-                log.error("request %s: cannot claim: %s", f.request_id, raw, extra=request_extra(f.request_id))
-            else:
-                got = claim_result(raw)
-                if not got.finished and got.owner == PUBLISHER:
-                    published.append((f, got.epoch, f.with_progress(got)))
+            got, problem = _claim(next(replies))
+            if got is None:
+                self._give_up(f.entry_id, f.request_id, f.reply_to, problem, reply_to_failed=True)
+                continue
+            if not got.finished and got.owner == PUBLISHER:
+                published.append((f, got.epoch, f.with_progress(got)))
             acks.append(f.entry_id)  # finished, owned by a group, or published now
 
         def dispatch(pipe: Any) -> None:
@@ -471,8 +544,7 @@ class Balancer:
             refused |= self._queued(w, group, epoch, raw, acks)
         for (f, _epoch, _fields), raw in zip(published, results[len(sent):]):
             if isinstance(raw, Exception):
-                log.error("request %s: cannot publish to %r: %s", f.request_id, f.reply_to, raw,
-                          extra=request_extra(f.request_id))
+                self._give_up(f.entry_id, f.request_id, f.reply_to, raw, reply_to_failed=True)
         self._ack(acks)
         return refused
 
@@ -488,9 +560,8 @@ class Balancer:
 
     def _queued(self, w: Waiting, group: str, epoch: int, raw: Any, acks: list[bytes]) -> bool:
         """Take in a DISPATCH reply; True when the group refused (full or closed): route again."""
-        if isinstance(raw, Exception):
-            log.error("request %s: cannot dispatch to %s: %s; will retry", w.request.id, group, raw,
-                      extra=request_extra(w.request.id))
+        if isinstance(raw, Exception) or not isinstance(raw, list) or not raw:
+            self._request_failed(w, raw if isinstance(raw, Exception) else TypeError(f"DISPATCH replied {raw!r:.80}"))
             return False
         if raw[0] in (b"closed", b"full"):
             # draining or failed over, or at its bound: route elsewhere, taking the request over
@@ -510,6 +581,8 @@ class Balancer:
         Until then they stay pending; should this balancer die first, re-processing them is harmless.
         """
         self._to_ack.extend(entry_ids)
+        for entry_id in entry_ids:
+            self.attempts.forget(entry_id)
 
     def flush_acks(self) -> None:
         if self._to_ack:

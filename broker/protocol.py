@@ -286,8 +286,8 @@ def _parse(
         reply_to = _text("reply_to", raw["reply_to"])
         if not reply_to or len(reply_to.encode()) > MAX_KEY_BYTES:
             raise InvalidRequest(f"field 'reply_to': must be a key name of 1-{MAX_KEY_BYTES} bytes")
-        if Keys(prefix).is_internal(reply_to):
-            raise InvalidRequest("field 'reply_to': must not be one of ryzanstein's own keys")
+        if problem := Keys(prefix).reply_to_problem(reply_to, request_id):
+            raise InvalidRequest(f"field 'reply_to': {problem}")
 
     enqueued_ms = entry_ms(entry_id)
     takeover_from, takeover_epoch = None, 0
@@ -342,7 +342,7 @@ def best_effort_reply_to(fields: dict[Any, Any], *, entry_id: str, prefix: str) 
     value = raw.get("reply_to")
     if isinstance(value, (bytes, str)):
         text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-        if 0 < len(text.encode()) <= MAX_KEY_BYTES and not Keys(prefix).is_internal(text):
+        if 0 < len(text.encode()) <= MAX_KEY_BYTES and Keys(prefix).reply_to_problem(text, request_id) is None:
             reply_to = text
     return request_id, reply_to
 

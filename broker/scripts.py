@@ -34,6 +34,7 @@ CLAIM_OWNER = """
 -- ARGV[1] = group the caller would route to
 -- ARGV[2] = state TTL, ms
 -- ARGV[3] = (optional) owner the request is taken over from; '' or absent for none
+-- KEYS[4] = (optional) the request's reply stream: an existing key of another type is an error
 -- ARGV[4] = (optional) that owner's epoch: the takeover happens only if both still match
 -- Returns {owner, epoch, finished, ids, text}: an existing owner wins over ARGV[1] (unless taken
 -- over); finished is 1 when the request already has its final event (nothing left to dispatch).
@@ -41,6 +42,12 @@ CLAIM_OWNER = """
 -- continues from them. Read here, in the step that fences the previous owner, they cannot change
 -- any more except through the owner returned.
 -- Every (re)assignment bumps the epoch, which fences the previous owner's publishes.
+if KEYS[4] then
+  local t = redis.call('TYPE', KEYS[4])['ok']
+  if t ~= 'none' and t ~= 'stream' then
+    return redis.error_reply('WRONGTYPE the reply stream is a ' .. t .. ', not a stream')
+  end
+end
 local s = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'final')
 if s[3] then return {s[1] or '', tonumber(s[2] or '0'), 1, '', ''} end
 -- Only an owner publishes tokens: without one there is nothing to read.
