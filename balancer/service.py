@@ -28,6 +28,7 @@ from balancer.admission import Limits, request_cost
 from balancer.batching import AdaptiveBatcher
 from balancer.failover import Failover
 from balancer.reclaim import Reclaimer
+from balancer.request_ids import hold_ids
 from balancer.router import Router
 from balancer.routing import AffinityTable, RoutingPolicy, prefix_key
 from balancer.telemetry import BalancerTelemetry
@@ -344,6 +345,7 @@ class Balancer:
         """Validate new entries, then route everything waiting (in priority order)."""
         now_ms = self.clock.now_ms()
         finals: list[Final] = []
+        admitted: list[Waiting] = []
         for entry_id, fields in entries:
             if entry_id in self.waiting:
                 continue
@@ -357,6 +359,9 @@ class Balancer:
                 continue
             if final is not None:
                 finals.append(final)
+            elif entry_id in self.waiting:
+                admitted.append(self.waiting[entry_id])
+        finals += self._refuse_duplicates(admitted)
         for _round in range(DISPATCH_ROUNDS):
             assignments, more = self._route(now_ms)
             finals += more
@@ -366,6 +371,27 @@ class Balancer:
             finals = []
             if not refused:
                 return
+
+    def _refuse_duplicates(self, admitted: list[Waiting]) -> list[Final]:
+        """Hold the ids of new requests; the final events of those whose id is in use (request_ids)."""
+        new = [w for w in admitted if not w.moved]
+        holders = hold_ids(self.scripts.wire, self.keys, [(w.entry_id, w.request.id, w.request.reply_to) for w in new],
+                           ttl_ms=self.settings.result_ttl_s * 1000)
+        finals: list[Final] = []
+        for w, holder in zip(new, holders):
+            if holder is None or holder.entry_id == w.entry_id.decode():
+                continue
+            del self.waiting[w.entry_id]
+            self.counts["duplicate_id"] += 1
+            if holder.reply_to == w.request.reply_to:
+                self._ack([w.entry_id])  # a retry: the first request's events on this stream answer it
+                continue
+            event = error_event(w.request.id, "duplicate_id", (
+                f"request id {w.request.id!r} is in use by another request (ingress entry {holder.entry_id}) "
+                "while its result lasts; send this request with another id"))
+            self.telemetry.finished(w.request.id, event)
+            finals.append(Final(w.entry_id, w.request.id, w.request.reply_to, event))
+        return finals
 
     def _admit(self, entry_id: bytes, fields: dict[bytes, bytes], now_ms: float) -> Final | None:
         """Validate one entry: it waits for a group, or gets its final event (returned)."""

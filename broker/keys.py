@@ -22,6 +22,7 @@ Key schema (``p`` is the prefix, ``ryz`` by default):
 | ``{p:g:<name>}:accepting`` | string | present while the group takes new work |
 | ``{p:g:<name>}:seen:<id>:<epoch>`` | string | dispatch marker: makes routing idempotent |
 | ``{p:g:<name>}:failover`` | string | lock held by the balancer failing a dead group over |
+| ``p:id:<id>`` | string | the ingress entry that used request id ``<id>`` first, and its reply stream |
 | ``p:dead`` | stream | dead letters: entries that could not be handled, with the reason |
 | ``p:balancers`` | zset | balancers, scored by their last stats write (ms) |
 | ``p:balancer:<name>`` | hash | a balancer's stats: batch-size histogram, counts, failovers |
@@ -146,6 +147,10 @@ class Keys:
     def dispatch_marker(self, group: str, request_id: str, epoch: int) -> str:
         return f"{{{self.prefix}:g:{group}}}:seen:{request_id}:{epoch}"
 
+    def request_id(self, request_id: str) -> str:
+        """Who holds a request id: the ingress entry that used it first, and its reply stream."""
+        return f"{self.prefix}:id:{request_id}"
+
     @property
     def dead(self) -> str:
         """Dead letters: entries given up after bounded attempts (broker.dead_letter)."""
@@ -162,7 +167,7 @@ class Keys:
         """Whether ``key`` is one of ryzanstein's own keys (never a valid ``reply_to``)."""
         own = (self.requests, self.cancel, self.groups, self.balancers, self.dead)
         return key in own or key.startswith((f"{{{self.groups}}}:", f"{{{self.prefix}:g:",
-                                             f"{self.prefix}:balancer:"))
+                                             f"{self.prefix}:balancer:", f"{self.prefix}:id:"))
 
     def reply_to_problem(self, key: str, request_id: str) -> str | None:
         """Why ``key`` may not be the reply stream of request ``request_id``; None when it may.

@@ -238,3 +238,57 @@ def test_transient_errors_are_the_servers_not_the_requests() -> None:
     assert not is_transient(redis.exceptions.ResponseError("WRONGTYPE Operation against a key"))
     assert not is_transient(redis.exceptions.ResponseError("NOPERM this user has no permissions"))
     assert not is_transient(TypeError("A tuple item must be str"))
+
+
+# --- duplicate ids ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("first_done", [False, True])
+def test_a_duplicate_id_with_its_own_reply_stream_gets_duplicate_id_there(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, make_settings: Callable[..., Settings],
+        mono: FakeMonotonic, first_done: bool) -> None:
+    """In flight or finished, the first request keeps its id; the second is told, on its own stream."""
+    balancer = make_balancer()
+    group = WorkerGroup(r, EchoEngine(), settings=make_settings(), name="g1", monotonic=mono)
+    group.register()
+    balancer.refresh_groups()
+    submit(r, keys, id="dup", prompt="first", max_tokens=2)
+    balancer.tick()
+    if first_done:
+        run_until(group.tick, lambda: bool(finals(events(r, keys.result("dup")))), limit=20)
+    submit(r, keys, id="dup", prompt="second", max_tokens=2, reply_to="app:mine")
+    submit(r, keys, id="dup", prompt="third", max_tokens=2, reply_to="app:mine")  # and again, same stream
+    run_until(lambda: (balancer.tick(), group.tick()), lambda: settled(balancer, r, keys)
+              and bool(finals(events(r, keys.result("dup")))), limit=30)
+    assert one_final(r, keys.result("dup"))["text"] == "fi"  # echo: the first request's first 2 tokens
+    refused = events(r, "app:mine")
+    assert [e["code"] for e in refused] == ["duplicate_id"]  # the third is a retry of the second
+    assert "dup" in refused[0]["message"]
+    assert balancer.counts["duplicate_id"] == 2
+
+
+def test_a_retry_on_the_same_stream_is_answered_by_the_first_request(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer) -> None:
+    balancer = make_balancer()
+    fake_group(r, keys, "g1")
+    submit(r, keys, id="again", prompt="x")
+    submit(r, keys, id="again", prompt="x")
+    balancer.tick()
+    assert settled(balancer, r, keys)
+    assert [req.id for req, _ in queued(r, keys, "g1")] == ["again"]
+    assert events(r, keys.result("again")) == []  # nothing but what the first request's group writes
+
+
+def test_a_re_read_entry_and_a_moved_request_keep_their_id(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer) -> None:
+    """The same entry processed twice (a balancer died) and failover's re-enqueued copy are no duplicates."""
+    fake_group(r, keys, "g1")
+    first = make_balancer("b0")
+    submit(r, keys, id="mine", prompt="x")
+    first.tick()  # dispatched, acknowledgement not sent: the balancer dies here
+    (eid,) = [e for e, _ in r.xrange(keys.requests)]
+    r.xclaim(keys.requests, INGRESS_GROUP, "dead", 0, [eid], idle=10_000, justid=True)
+    heir = make_balancer("heir")
+    heir.tick()
+    assert settled(heir, r, keys) and heir.counts["duplicate_id"] == 0
+    assert events(r, keys.result("mine")) == []
