@@ -14,7 +14,7 @@ from pathlib import Path
 from types import FrameType
 
 from broker.cli_common import add_metrics, settings_from_args, setup_logging
-from broker.connection import connect, resolve_url, retry_forever
+from broker.connection import connect, mask_url, resolve_url, retry_forever
 from broker.errors import EngineFailed
 from broker.metrics import serve_metrics
 from broker.settings import Settings
@@ -132,7 +132,7 @@ def _lead(args: argparse.Namespace, settings: Settings, url: str, engine: Engine
     signal.signal(signal.SIGINT, on_signal)
     try:
         retry_forever(group.register, settings, what="group registration")
-        print(f"worker group {group.name} serving {engine.info.model} on {url}"
+        print(f"worker group {group.name} serving {engine.info.model} on {mask_url(url)}"
               + (f" with {engine.info.tp} tensor-parallel ranks" if engine.info.tp > 1 else ""), flush=True)
         return group.run()
     except EngineFailed as exc:

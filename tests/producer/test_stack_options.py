@@ -45,3 +45,14 @@ def test_balancer_gets_the_base_port_and_group_i_the_next_ones() -> None:
 def test_no_port_or_free_ports(port: int | None, expected: int | None) -> None:
     started = children(Settings(redis_url="redis://127.0.0.1:1", metrics_port=port), groups=2)
     assert [child_settings(c).metrics_port for c in started] == [expected] * 3
+
+
+def test_children_get_the_url_in_their_environment_not_on_their_command_line() -> None:
+    """Command lines are world-readable (ps): a password in the URL must not be there."""
+    url = "redis://app:s3cret@127.0.0.1:1"
+    settings = Settings(redis_url=url)
+    stack = Stack(settings, groups=1)
+    stack._spawn = lambda child: None  # type: ignore[method-assign]
+    stack.start()
+    assert all("s3cret" not in " ".join(c.argv) for c in stack.children)
+    assert stack.child_env["RYZ_REDIS_URL"] == url
