@@ -46,7 +46,7 @@ from broker.protocol import (
     parse_request,
 )
 from broker.registry import read_groups, read_queue_loads
-from broker.scripts import Claim, Scripts, claim_result, pack_events
+from broker.scripts import OVERSIZE_FIELD, Claim, Scripts, claim_result, ingress_entries, pack_events
 from broker.settings import Settings
 from broker.wire import Batch
 
@@ -149,8 +149,11 @@ class Balancer:
         self._next_claim = 0.0
         self._next_housekeeping = 0.0
         self._next_stats = 0.0
+        # Entries one read may return: their bodies fit in balancer_read_bytes (larger ones are stubs).
+        self._read_count = max(1, min(settings.balancer_batch_max,
+                                      settings.balancer_read_bytes // settings.max_request_bytes))
         self.reclaimer = Reclaimer(redis, self.keys, consumer=self.name, min_idle_ms=settings.claim_idle_ms,
-                                   count=settings.balancer_batch_max)
+                                   count=self._read_count)
         self.attempts = Attempts()  # entries whose handling failed, backing off before the next try
         self._to_ack: list[bytes] = []  # done with, acknowledged with the next read
         self._failed_over: dict[str, int] = {}  # dead group -> heartbeat_ms when its queue was taken over
@@ -261,15 +264,20 @@ class Balancer:
         wake = min(self._next_refresh, retry) if retry is not None and retry > now else self._next_refresh
         until_ms = max(1, int((wake - now) * 1000))
         block = None if ready and can_route else min(self.settings.balancer_block_ms, until_ms)
-        batch = Batch()
         acks = len(self._to_ack)
-        if acks:
-            batch.xack(self.keys.requests, INGRESS_GROUP, *self._to_ack)
-            batch.xdel(self.keys.requests, *self._to_ack)
-        batch.xreadgroup(INGRESS_GROUP, self.name, {self.keys.requests: ">"},
-                         count=self.settings.balancer_batch_max, block=block)
-        batch.xread({self.keys.cancel: self._cancel_cursor}, count=1000)
-        results = self.scripts.wire.execute(batch)
+
+        def build(batch: Batch) -> None:
+            if acks:
+                batch.xack(self.keys.requests, INGRESS_GROUP, *self._to_ack[:acks])
+                batch.xdel(self.keys.requests, *self._to_ack[:acks])
+            if block is None:
+                self._read_ingress(batch, self._read_count)
+            else:
+                # Idle: one entry at a time, whatever its size; the rest follow without blocking.
+                batch.xreadgroup(INGRESS_GROUP, self.name, {self.keys.requests: ">"}, count=1, block=block)
+            batch.xread({self.keys.cancel: self._cancel_cursor}, count=1000)
+
+        _, results = self.scripts.execute(build)
         for raw in results:
             if isinstance(raw, Exception):
                 raise raw
@@ -281,19 +289,34 @@ class Balancer:
                 self._cancel_cursor = entry_id
                 if fields.get(b"id"):
                     self._cancelled[fields[b"id"].decode("utf-8", "replace")] = now_ms
-        entries = [e for _s, items in (fresh or []) for e in items]
+        if block is None:
+            entries = ingress_entries(fresh)
+        else:
+            entries = [e for _s, items in (fresh or []) for e in items]
+            if entries and self._read_count > 1:
+                entries += self._read_more(self._read_count - 1)
         self.batcher.observe(len(entries), self._monotonic())
         wait = self.batcher.wait_s(len(entries))
-        if wait > 0:
+        if wait > 0 and len(entries) < self._read_count:
             # Under load: a moment's wait makes this batch larger (fewer round trips per request).
             self._sleep(wait)
-            more = self.redis.xreadgroup(INGRESS_GROUP, self.name, {self.keys.requests: ">"},
-                                         count=self.settings.balancer_batch_max - len(entries))
-            entries += [e for _s, items in (more or []) for e in items]
+            entries += self._read_more(self._read_count - len(entries))
         self.batcher.record(len(entries))
         if entries:
             self.telemetry.read(len(entries))
         return entries
+
+    def _read_ingress(self, client: Any, count: int) -> None:
+        """Add a non-blocking read of up to ``count`` new entries to ``client`` (READ_INGRESS)."""
+        self.scripts.read_ingress(keys=[self.keys.requests],
+                                  args=[INGRESS_GROUP, self.name, count, self.settings.max_request_bytes],
+                                  client=client)
+
+    def _read_more(self, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        _, (raw,) = self.scripts.execute(lambda batch: self._read_ingress(batch, count))
+        if isinstance(raw, Exception):
+            raise raw
+        return ingress_entries(raw)
 
     def _reclaim(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
         """Entries of balancers that died (idle past claim_idle_ms) become ours; ours stay fresh.
@@ -397,6 +420,9 @@ class Balancer:
         """Validate one entry: it waits for a group, or gets its final event (returned)."""
         eid = entry_id.decode()
         try:
+            if OVERSIZE_FIELD in fields:  # a stub of READ_INGRESS: the body stayed in Redis
+                raise InvalidRequest(f"request is {int(fields[OVERSIZE_FIELD])} bytes, over the limit of "
+                                     f"{self.settings.max_request_bytes} bytes")
             request = parse_request(fields, entry_id=eid, prefix=self.settings.prefix,
                                     max_request_bytes=self.settings.max_request_bytes,
                                     default_max_tokens=self.settings.default_max_tokens)

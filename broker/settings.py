@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     # --- balancer ---------------------------------------------------------------------------
     balancer_batch_max: int = Field(default=128, ge=1, description="Most ingress entries read in one batch.")
     balancer_block_ms: int = Field(default=500, description="Blocking read on the ingress stream when idle.")
+    # Memory a balancer's ingress read may hold: a read asks for at most this // max_request_bytes
+    # entries (and balancer_batch_max). Larger entries come back as stubs (broker.scripts.READ_INGRESS),
+    # except from the idle blocking read, which takes one entry at a time; Redis's proto-max-bulk-len
+    # and client-query-buffer-limit bound that one (docs/OPERATIONS.md, "Memory").
+    balancer_read_bytes: int = Field(default=128 << 20, ge=1)
     # Adaptive batching: after a read, a busy balancer waits up to this long for more entries, but only
     # when entries queue up and the arrival rate promises two more within it (so from about 2,000
     # requests/s at 1 ms); an idle one never waits.

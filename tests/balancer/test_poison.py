@@ -292,3 +292,43 @@ def test_a_re_read_entry_and_a_moved_request_keep_their_id(
     heir.tick()
     assert settled(heir, r, keys) and heir.counts["duplicate_id"] == 0
     assert events(r, keys.result("mine")) == []
+
+
+# --- memory: hostile sizes ------------------------------------------------------------------------------
+
+
+def test_oversize_entries_are_refused_without_their_bodies_leaving_redis(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the idle read's one entry, oversize entries come to the balancer as stubs (READ_INGRESS)."""
+    import balancer.service as service
+
+    balancer = make_balancer(max_request_bytes=64 << 10, balancer_read_bytes=256 << 10)
+    assert balancer._read_count == 4  # 256 KiB of entries of at most 64 KiB
+    fake_group(r, keys, "g1")
+    held: list[int] = []
+    real = service.ingress_entries
+
+    def measured(raw: Any) -> Any:
+        entries = real(raw)
+        held.append(sum(len(k) + len(v) for _id, f in entries for k, v in f.items()))
+        return entries
+
+    monkeypatch.setattr(service, "ingress_entries", measured)
+    big = b"x" * (2 << 20)
+    for i in range(6):
+        submit(r, keys, id=f"big{i}", prompt=big, reply_to=f"app:big{i}")
+    submit(r, keys, id="good", prompt="small")
+    for _ in range(4):
+        balancer.tick()
+    assert settled(balancer, r, keys)
+    assert held and max(held) < 4096  # stubs: ids and sizes, never the 2 MiB prompts
+    for i in range(6):
+        final = one_final(r, f"app:big{i}")
+        assert final["code"] == "invalid_request" and "over the limit" in final["message"]
+    assert [req.id for req, _ in queued(r, keys, "g1")] == ["good"]
+
+
+def test_the_read_batch_is_bounded_in_bytes(make_balancer: MakeBalancer) -> None:
+    assert make_balancer(max_request_bytes=1 << 20, balancer_read_bytes=8 << 20)._read_count == 8
+    assert make_balancer(max_request_bytes=1 << 20, balancer_read_bytes=1)._read_count == 1
+    assert make_balancer(max_request_bytes=1 << 10, balancer_batch_max=100)._read_count == 100

@@ -542,18 +542,26 @@ def test_ingress_read_blocks_unless_a_waiting_request_can_be_routed(
         blocks.append(k.get("block"))
         real_read(self, *a, **k)
 
+    real_script_read = Balancer._read_ingress
+
+    def read_ingress(self: Balancer, client: Any, count: int) -> None:
+        blocks.append(None)  # the non-blocking read (READ_INGRESS)
+        real_script_read(self, client, count)
+
     balancer = make_balancer(balancer_block_ms=7)
     monkeypatch.setattr(Batch, "xreadgroup", xreadgroup)
+    monkeypatch.setattr(Balancer, "_read_ingress", read_ingress)
+    balancer.scripts.load()
     submit(r, keys, id="w", prompt="x")
-    balancer.tick()
+    balancer.tick()  # the blocking read takes one entry, then reads on without blocking (None)
     balancer.tick()  # waiting, but no group: nothing to gain from spinning
-    assert blocks == [7, 7] and list(balancer.waiting)
+    assert blocks == [7, None, 7] and list(balancer.waiting)
 
     fake_group(r, keys, "closing", accepting=False)
     balancer.refresh_groups()
     balancer.tick()  # "closing" looks routable: no block; routed there, it refuses and is paused
     balancer.tick()  # the only group is paused: block again
-    assert blocks[2:] == [None, 7] and list(balancer.waiting)
+    assert blocks[3:] == [None, 7] and list(balancer.waiting)
 
     fake_group(r, keys, "open")
     balancer.refresh_groups()
