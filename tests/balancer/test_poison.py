@@ -300,7 +300,7 @@ def test_a_re_read_entry_and_a_moved_request_keep_their_id(
 def test_oversize_entries_are_refused_without_their_bodies_leaving_redis(
         r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, monkeypatch: pytest.MonkeyPatch) -> None:
     """Past the idle read's one entry, oversize entries come to the balancer as stubs (READ_INGRESS)."""
-    import balancer.service as service
+    from balancer import service
 
     balancer = make_balancer(max_request_bytes=64 << 10, balancer_read_bytes=256 << 10)
     assert balancer._read_count == 4  # 256 KiB of entries of at most 64 KiB
