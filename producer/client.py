@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -22,6 +23,7 @@ from broker.connection import TRANSIENT_ERRORS, backoff_delays, connect, connect
 from broker.errors import InvalidRequest, RyzansteinError
 from broker.keys import Keys
 from broker.settings import Settings, load_settings
+from producer.expiry import ExpiryCheck
 from producer.request import (
     Completion,
     Event,
@@ -143,18 +145,20 @@ class Client(_ClientBase):
     def submit(self, prompt: str | None = None, **options: Unpack[RequestOptions]) -> Handle:
         """Put a request on the ingress stream; returns at once with the handle to wait on."""
         handle, fields = self._prepare(prompt, options, default_reply=None)
-        self._redis.xadd(self.keys.requests, fields)  # type: ignore[arg-type]
-        return handle
+        entry_id = self._redis.xadd(self.keys.requests, fields)  # type: ignore[arg-type]
+        return dataclasses.replace(handle, entry_id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
 
     def events(self, request: Handle | str, *, timeout: float | None = None) -> Iterator[Event]:
         """The request's events in order, from the first, up to and including its final one.
 
-        Raises TimeoutError when ``timeout`` seconds pass before the final event.
+        Raises TimeoutError when ``timeout`` seconds pass before the final event, ResultExpired when
+        the request has no result any more (producer.expiry).
         """
         handle = self._handle(request)
         deadline = self._deadline(timeout, handle.id)
         last_id = STREAM_START
         delays: Iterator[float] | None = None
+        expiry = ExpiryCheck(self.keys, handle, result_ttl_s=self.settings.result_ttl_s)
         while True:
             block_ms = deadline.block_ms()  # TimeoutError is an OSError: not in the try
             try:
@@ -167,6 +171,10 @@ class Client(_ClientBase):
                 time.sleep(delay if left is None else min(delay, left))
                 continue
             delays = None
+            if not reply and last_id == STREAM_START:
+                pipe = self._redis.pipeline(transaction=False)
+                expiry.add(pipe)
+                expiry.verdict(pipe.execute())
             for entry_id, raw in _stream_entries(reply):
                 last_id = entry_id
                 event = Event.from_entry(entry_id, raw)
@@ -177,7 +185,8 @@ class Client(_ClientBase):
                     return
 
     def result(self, request: Handle | str, *, timeout: float | None = None) -> Completion:
-        """Wait for the request's final event: its Completion, or RequestFailed for an error."""
+        """Wait for the request's final event: its Completion, or RequestFailed for an error
+        (ResultExpired, code ``expired``, when it has no result any more)."""
         for event in self.events(request, timeout=timeout):
             if event.final:
                 return Completion.from_event(event)
@@ -309,6 +318,7 @@ class AsyncClient(_ClientBase):
         """Events of one request read straight from its reply stream (not the shared one)."""
         last_id = STREAM_START
         delays: Iterator[float] | None = None
+        expiry = ExpiryCheck(self.keys, handle, result_ttl_s=self.settings.result_ttl_s)
         while True:
             block_ms = deadline.block_ms()  # TimeoutError is an OSError: not in the try
             try:
@@ -321,6 +331,10 @@ class AsyncClient(_ClientBase):
                 await asyncio.sleep(delay if left is None else min(delay, left))
                 continue
             delays = None
+            if not reply and last_id == STREAM_START:
+                pipe = self._redis.pipeline(transaction=False)
+                expiry.add(pipe)
+                expiry.verdict(await pipe.execute())
             for entry_id, raw in _stream_entries(reply):
                 last_id = entry_id
                 event = Event.from_entry(entry_id, raw)

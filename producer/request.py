@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, TypedDict
 
 from broker.errors import InvalidRequest, RequestFailed
@@ -38,6 +38,9 @@ class Handle:
 
     id: str
     reply_to: str
+    # The ingress entry that carried it (XADD's reply), when this client sent it: lets a reader tell
+    # a result that expired from one not written yet (producer.expiry).
+    entry_id: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
