@@ -32,6 +32,7 @@ from balancer.request_ids import hold_ids
 from balancer.router import Router
 from balancer.routing import AffinityTable, RoutingPolicy, prefix_key
 from balancer.telemetry import BalancerTelemetry
+from broker.cancellation import Cancellations
 from broker.connection import TRANSIENT_ERRORS, RedisClock, backoff_delays
 from broker.dead_letter import Attempts, DeadLetters, describe, is_transient
 from broker.errors import InvalidRequest
@@ -141,7 +142,7 @@ class Balancer:
         self._sleep = sleep
         self.failover = Failover(redis, self.scripts, self.keys, settings=settings, owner=self.name,
                                  redis_uptime_s=redis_uptime_s or self._redis_uptime_s)
-        self._cancelled: dict[str, float] = {}
+        self._cancelled = Cancellations()  # cancel entries read lately
         self._cancel_cursor = b"0-0"
         self._closed_until: dict[str, float] = {}  # refused work as closed: skipped until then
         self._full_until: dict[str, float] = {}  # refused work as full: no room until then
@@ -287,8 +288,7 @@ class Balancer:
         for _stream, items in cancels or []:
             for entry_id, fields in items:
                 self._cancel_cursor = entry_id
-                if fields.get(b"id"):
-                    self._cancelled[fields[b"id"].decode("utf-8", "replace")] = now_ms
+                self._cancelled.add(fields, now_ms)
         if block is None:
             entries = ingress_entries(fresh)
         else:
@@ -457,7 +457,7 @@ class Balancer:
             try:
                 request, final = w.request, None
                 w.cost = request_cost(request, max_context=max_context)
-                if request.id in self._cancelled:
+                if self._cancelled.matches(request.id, request.cancel_token):
                     final = done_event(request.id, text="", token_ids=[], finish_reason="cancelled", prompt_tokens=0)
                 elif request.deadline_ms is not None and now_ms >= request.deadline_ms:
                     final = error_event(request.id, "timeout", f"deadline of {request.timeout_s}s passed before dispatch")
@@ -700,7 +700,7 @@ class Balancer:
         """Forget old cancellations; trim the cancel stream; drop long-gone balancer consumers."""
         now_ms = self.clock.now_ms()
         horizon = now_ms - 600_000
-        self._cancelled = {k: v for k, v in self._cancelled.items() if v >= horizon}
+        self._cancelled.prune(now_ms)
         self.redis.xtrim(self.keys.cancel, minid=f"{int(horizon)}-0", approximate=True)
         for consumer in self.redis.xinfo_consumers(self.keys.requests, INGRESS_GROUP):
             if consumer["pending"] == 0 and consumer["idle"] > 3_600_000 and consumer["name"] != self.name.encode():

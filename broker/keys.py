@@ -27,6 +27,7 @@ Key schema (``p`` is the prefix, ``ryz`` by default):
 | ``p:balancers`` | zset | balancers, scored by their last stats write (ms) |
 | ``p:balancer:<name>`` | hash | a balancer's stats: batch-size histogram, counts, failovers |
 | ``p:client:<uuid>`` | stream | shared reply stream of one client instance |
+| ``p:t:<tenant>:...`` | stream | reply streams of a tenant's clients (``result:<id>``, ``client:<uuid>``) |
 | ``p:batch:<job>:replies`` | stream | reply stream of the requests of one batch job |
 
 RQ keeps batch jobs under its own ``rq:`` keys; the name of their queue (``p:batch``) is built here.
@@ -186,7 +187,17 @@ class Keys:
             return f"must not be another request's result stream (only {self.result(request_id)!r} under {results!r})"
         return None
 
-    def client_replies(self, client_id: str) -> str:
+    def tenant_space(self, tenant: str) -> str:
+        """The key prefix of one tenant's reply streams: its Redis user may read nothing else."""
+        return f"{self.prefix}:t:{tenant}:"
+
+    def reply_stream(self, request_id: str, *, tenant: str | None = None) -> str:
+        """Where a client's request replies by default: its own result stream, in its tenant's space."""
+        return self.result(request_id) if tenant is None else f"{self.tenant_space(tenant)}result:{request_id}"
+
+    def client_replies(self, client_id: str, *, tenant: str | None = None) -> str:
+        if tenant is not None:
+            return f"{self.tenant_space(tenant)}client:{client_id}"
         return f"{self.prefix}:client:{client_id}"
 
     @property

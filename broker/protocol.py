@@ -23,6 +23,7 @@ FinishReason = Literal["stop", "length", "cancelled"]
 INT64_MIN, UINT64_MAX = -(1 << 63), (1 << 64) - 1
 MAX_STOP_STRINGS = 16
 MAX_KEY_BYTES = 512
+MAX_TOKEN_BYTES = 256
 
 
 class SamplingParams(BaseModel):
@@ -51,6 +52,8 @@ class GenerationRequest(BaseModel):
     priority: int = Field(default=0, ge=INT64_MIN, le=(1 << 63) - 1)
     timeout_s: float | None = Field(default=None, gt=0.0)
     reply_to: str
+    # A secret of the client's: only a cancel entry that carries it ends the request (broker.cancellation).
+    cancel_token: str | None = Field(default=None, repr=False)
     # Milliseconds on the Redis clock when the request first entered the ingress stream.
     enqueued_ms: int = 0
     # Set when a group hands the request back (draining) or is failed over: the balancer takes the
@@ -83,6 +86,7 @@ class GenerationRequest(BaseModel):
             "priority": self.priority,
             "timeout_s": self.timeout_s,
             "reply_to": self.reply_to,
+            "cancel_token": self.cancel_token,
             "_enqueued_ms": self.enqueued_ms,
             "_takeover": [from_owner, epoch],
         }
@@ -289,6 +293,12 @@ def _parse(
         if problem := Keys(prefix).reply_to_problem(reply_to, request_id):
             raise InvalidRequest(f"field 'reply_to': {problem}")
 
+    cancel_token = None
+    if raw.get("cancel_token") is not None:
+        cancel_token = _text("cancel_token", raw["cancel_token"])
+        if not 1 <= len(cancel_token.encode()) <= MAX_TOKEN_BYTES:
+            raise InvalidRequest(f"field 'cancel_token': must be 1-{MAX_TOKEN_BYTES} bytes")
+
     enqueued_ms = entry_ms(entry_id)
     takeover_from, takeover_epoch = None, 0
     # Internal fields, set only when ryzanstein itself puts a request back (to_ingress).
@@ -307,6 +317,7 @@ def _parse(
         priority=_int("priority", raw["priority"]) if raw.get("priority") is not None else 0,
         timeout_s=_float("timeout_s", raw["timeout_s"]) if raw.get("timeout_s") is not None else None,
         reply_to=reply_to,
+        cancel_token=cancel_token,
         enqueued_ms=enqueued_ms,
         takeover_from=takeover_from,
         takeover_epoch=takeover_epoch,

@@ -20,6 +20,9 @@ class Settings(BaseSettings):
         default=None, description="Redis URL; unset means the embedded broker (see broker.embedded)."
     )
     prefix: str = Field(default="ryz", description="Prefix of every key name ryzanstein uses.")
+    # Clients of a tenant (docs/OPERATIONS.md, "Tenants") reply to streams under {prefix}:t:<tenant>:,
+    # the only keys their Redis user may read.
+    tenant: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     # Socket timeout must stay above the longest blocking read below, or idle reads would time out.
     socket_timeout_s: float = 10.0
     connect_timeout_s: float = 5.0

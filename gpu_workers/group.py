@@ -26,6 +26,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError, ResponseError
 
+from broker.cancellation import Cancellations, applies
 from broker.connection import TRANSIENT_ERRORS, RedisClock, backoff_delays
 from broker.dead_letter import DeadLetters, describe
 from broker.errors import EngineFailed
@@ -82,7 +83,7 @@ class WorkerGroup:
         self._running = self.holding.running  # ids of the requests in the engine
         self.publisher = Publisher(self.scripts, self.keys, group=self.name, ttl_ms=settings.result_ttl_s * 1000)
         self.isolation = Isolation(self.holding)  # after an engine step raised: one request at a time
-        self._cancelled: dict[str, float] = {}  # request id -> when seen (Redis ms)
+        self._cancelled = Cancellations()  # cancel entries read lately
         self._cancel_cursor = b"0-0"
         self._next_heartbeat = 0.0
         self._queue_depth = 0
@@ -287,9 +288,7 @@ class WorkerGroup:
         for _stream, entries in results[-1] or []:
             for entry_id, fields in entries:
                 self._cancel_cursor = entry_id
-                rid = fields.get(b"id")
-                if rid:
-                    self._cancel(rid.decode("utf-8", "replace"))
+                self._cancel(fields)
         if read_queue:
             for _stream, entries in results[0] or []:
                 for entry_id, fields in entries:
@@ -369,7 +368,7 @@ class WorkerGroup:
         if request.output_ids and not self._replay(held):
             return
         now_ms = self.clock.now_ms()
-        if request.id in self._cancelled:
+        if self._cancelled.matches(request.id, request.cancel_token):
             self._finish(held, "cancelled")
         elif request.deadline_ms is not None and now_ms >= request.deadline_ms:
             self._finish_error(held, "timeout", f"deadline of {request.timeout_s}s passed")
@@ -396,15 +395,16 @@ class WorkerGroup:
             return False
         return True
 
-    def _cancel(self, rid: str) -> None:
+    def _cancel(self, fields: dict[bytes, bytes]) -> None:
+        """One cancel entry: the request it names ends, if the entry is its owner's (broker.cancellation)."""
         now_ms = self.clock.now_ms()
-        self._cancelled[rid] = now_ms
-        held = self.held.get(rid)
-        if held is not None and not held.final:
-            self._finish(held, "cancelled")
-        horizon = now_ms - 600_000  # remember cancellations for 10 minutes
-        if next(iter(self._cancelled.values())) < horizon:
-            self._cancelled = {k: v for k, v in self._cancelled.items() if v >= horizon}
+        got = self._cancelled.add(fields, now_ms)
+        if got is not None:
+            rid, token = got
+            held = self.held.get(rid)
+            if held is not None and not held.final and applies(held.request.cancel_token, token):
+                self._finish(held, "cancelled")
+        self._cancelled.prune(now_ms)
 
     def _fill_engine(self) -> None:
         """Queued requests into the engine by (priority, arrival), up to worker_max_batch running."""

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
@@ -104,16 +105,31 @@ class _ClientBase:
         # Reply streams of the latest requests submitted with an explicit (or the shared) reply_to, so
         # that result(id) finds them; oldest first.
         self._reply_streams: dict[str, str] = {}
+        self._tokens: dict[str, str] = {}  # cancel tokens of the latest requests, oldest first
 
     def _prepare(
         self, prompt: str | None, options: RequestOptions, *, default_reply: str | None
     ) -> tuple[Handle, dict[str, str]]:
         request_id = options.pop("request_id", None) or new_request_id()
         reply_to = options.pop("reply_to", None)
-        fields = request_fields(prompt, request_id=request_id, reply_to=reply_to or default_reply, **options)
+        tenant = self.settings.tenant
+        default_reply = default_reply or (self.keys.reply_stream(request_id, tenant=tenant) if tenant else None)
+        token = secrets.token_hex(16)  # only this client can cancel the request (broker.cancellation)
+        fields = request_fields(prompt, request_id=request_id, reply_to=reply_to or default_reply,
+                                cancel_token=token, **options)
+        self._tokens[request_id] = token
+        while len(self._tokens) > REMEMBER_REPLY_STREAMS:
+            del self._tokens[next(iter(self._tokens))]
         if reply_to is not None:
             self._remember(request_id, reply_to)
-        return Handle(request_id, reply_to or default_reply or self.keys.result(request_id)), fields
+        reply = reply_to or default_reply or self.keys.result(request_id)
+        return Handle(request_id, reply, cancel_token=token), fields
+
+    def _cancel_fields(self, request: Handle | str) -> dict[str, str]:
+        """The cancel entry for a request: its id, and its token when this client sent it."""
+        handle = self._handle(request)
+        token = handle.cancel_token or self._tokens.get(handle.id)
+        return {"id": handle.id, **({"token": token} if token else {})}
 
     def _remember(self, request_id: str, reply_to: str) -> None:
         self._reply_streams[request_id] = reply_to
@@ -123,7 +139,8 @@ class _ClientBase:
     def _handle(self, request: Handle | str) -> Handle:
         if isinstance(request, Handle):
             return request
-        return Handle(request, self._reply_streams.get(request) or self.keys.result(request))
+        return Handle(request, self._reply_streams.get(request)
+                      or self.keys.reply_stream(request, tenant=self.settings.tenant))
 
     def _deadline(self, timeout: float | None, request_id: str) -> _Deadline:
         return _Deadline(timeout, max_block_ms=self._max_block_ms, request_id=request_id)
@@ -214,7 +231,7 @@ class Client(_ClientBase):
 
     def cancel(self, request: Handle | str) -> None:
         """Ask for the request to end; it finishes with ``finish_reason`` ``cancelled``."""
-        self._redis.xadd(self.keys.cancel, {"id": self._handle(request).id})
+        self._redis.xadd(self.keys.cancel, self._cancel_fields(request))  # type: ignore[arg-type]
 
     def close(self) -> None:
         self._redis.close()
@@ -252,7 +269,7 @@ class AsyncClient(_ClientBase):
         super().__init__(redis_url, prefix, settings)
         self._redis: redis.asyncio.Redis = connect_async(self.url, self.settings)
         self.client_id = new_request_id()
-        self.reply_to = self.keys.client_replies(self.client_id)
+        self.reply_to = self.keys.client_replies(self.client_id, tenant=self.settings.tenant)
         self.trim_every = trim_every
         self._pending: dict[str, asyncio.Queue[Event | BaseException]] = {}
         self._dispatcher: asyncio.Task[None] | None = None
@@ -370,7 +387,7 @@ class AsyncClient(_ClientBase):
 
     async def cancel(self, request: Handle | str) -> None:
         """Ask for the request to end; it finishes with ``finish_reason`` ``cancelled``."""
-        await self._send(self.keys.cancel, {"id": self._handle(request).id})
+        await self._send(self.keys.cancel, self._cancel_fields(request))
 
     # --- the writer -------------------------------------------------------------------------
 

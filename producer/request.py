@@ -41,6 +41,8 @@ class Handle:
     # The ingress entry that carried it (XADD's reply), when this client sent it: lets a reader tell
     # a result that expired from one not written yet (producer.expiry).
     entry_id: str | None = field(default=None, compare=False)
+    # The request's cancel token (a secret: only a cancel carrying it ends the request).
+    cancel_token: str | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +141,7 @@ def request_fields(
     priority: int | None = None,
     timeout_s: float | None = None,
     reply_to: str | None = None,
+    cancel_token: str | None = None,
 ) -> dict[str, str]:
     """The ingress entry for one request: flat string fields, only those that are set.
 
@@ -168,4 +171,6 @@ def request_fields(
         fields["stream"] = "1"
     if reply_to is not None:
         fields["reply_to"] = reply_to
+    if cancel_token is not None:
+        fields["cancel_token"] = cancel_token
     return fields

@@ -332,3 +332,37 @@ def test_the_read_batch_is_bounded_in_bytes(make_balancer: MakeBalancer) -> None
     assert make_balancer(max_request_bytes=1 << 20, balancer_read_bytes=8 << 20)._read_count == 8
     assert make_balancer(max_request_bytes=1 << 20, balancer_read_bytes=1)._read_count == 1
     assert make_balancer(max_request_bytes=1 << 10, balancer_batch_max=100)._read_count == 100
+
+
+# --- cancel tokens ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["balancer", "group"])
+def test_only_the_owners_cancel_ends_a_request_sent_with_a_token(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, make_settings: Callable[..., Settings],
+        mono: FakeMonotonic, where: str) -> None:
+    """Knowing the id is not enough: the cancel must carry the request's cancel_token; old-form
+    requests (no token) stay cancellable by id."""
+    balancer = make_balancer()
+    group = WorkerGroup(r, EchoEngine(), settings=make_settings(echo_token_delay_ms=0), name="g1", monotonic=mono)
+    group.register()
+    balancer.refresh_groups()
+    if where == "balancer":  # the cancels arrive before the requests are dispatched
+        r.xadd(keys.cancel, {"id": "victim"})
+        r.xadd(keys.cancel, {"id": "victim", "token": "guessed"})
+        r.xadd(keys.cancel, {"id": "mine", "token": "s3cret"})
+        r.xadd(keys.cancel, {"id": "old"})
+    submit(r, keys, id="victim", prompt="x" * 20, max_tokens=12, cancel_token="v-secret")
+    submit(r, keys, id="mine", prompt="x" * 20, max_tokens=12, cancel_token="s3cret")
+    submit(r, keys, id="old", prompt="x" * 20, max_tokens=12)
+    balancer.tick()
+    if where == "group":  # admitted by the group first, then the cancels
+        group.tick()
+        r.xadd(keys.cancel, {"id": "victim"})
+        r.xadd(keys.cancel, {"id": "victim", "token": "guessed"})
+        r.xadd(keys.cancel, {"id": "mine", "token": "s3cret"})
+        r.xadd(keys.cancel, {"id": "old"})
+    run_until(lambda: (balancer.tick(), group.tick()),
+              lambda: all(finals(events(r, keys.result(i))) for i in ("victim", "mine", "old")), limit=100)
+    reasons = {i: one_final(r, keys.result(i)).get("finish_reason") for i in ("victim", "mine", "old")}
+    assert reasons == {"victim": "length", "mine": "cancelled", "old": "cancelled"}
