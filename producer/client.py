@@ -191,7 +191,7 @@ class Client(_ClientBase):
             if not reply and last_id == STREAM_START:
                 pipe = self._redis.pipeline(transaction=False)
                 expiry.add(pipe)
-                expiry.verdict(pipe.execute())
+                expiry.verdict(pipe.execute(raise_on_error=False))
             for entry_id, raw in _stream_entries(reply):
                 last_id = entry_id
                 event = Event.from_entry(entry_id, raw)
@@ -351,7 +351,7 @@ class AsyncClient(_ClientBase):
             if not reply and last_id == STREAM_START:
                 pipe = self._redis.pipeline(transaction=False)
                 expiry.add(pipe)
-                expiry.verdict(await pipe.execute())
+                expiry.verdict(await pipe.execute(raise_on_error=False))
             for entry_id, raw in _stream_entries(reply):
                 last_id = entry_id
                 event = Event.from_entry(entry_id, raw)

@@ -25,20 +25,26 @@ class ExpiryCheck:
         self.handle = handle
         self.result_ttl_s = result_ttl_s
         self._misses = 0
-        self._needed = 1 if handle.entry_id else 2
 
     def add(self, pipe: Any) -> None:
-        """Add the look-up to a redis-py pipeline (sync or async): 1 or 2 commands."""
+        """Add the look-up to a redis-py pipeline (sync or async, ``raise_on_error=False`` when
+        executed: a tenant's Redis user may see only some of these keys)."""
         h = self.handle
-        pipe.exists(self.keys.state(h.reply_to, h.id), self.keys.request_id(h.id))
+        pipe.exists(self.keys.state(h.reply_to, h.id))
+        pipe.exists(self.keys.request_id(h.id))
         if h.entry_id:
             pipe.xrange(self.keys.requests, h.entry_id, h.entry_id, count=1)
 
     def verdict(self, results: list[Any]) -> None:
-        """Raise ResultExpired when nothing of the request is left (often enough in a row)."""
-        left = bool(results[0]) or (len(results) > 1 and bool(results[1]))
+        """Raise ResultExpired when nothing of the request is left (often enough in a row). Look-ups
+        the server refused (NOPERM) tell nothing; without the entry's, two misses are needed."""
+        seen = [r for r in results if not isinstance(r, Exception)]
+        if not seen:
+            return
+        left = any(bool(r) for r in seen)
+        exact = len(results) == 3 and not isinstance(results[2], Exception)
         self._misses = 0 if left else self._misses + 1
-        if self._misses >= self._needed:
+        if self._misses >= (1 if exact else 2):
             h = self.handle
             raise ResultExpired(h.id, (
                 f"no result for request {h.id} on {h.reply_to!r}: it expired (results last {self.result_ttl_s:g}s "
