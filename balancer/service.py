@@ -344,7 +344,7 @@ class Balancer:
         """End a request that cannot be handled (broker.dead_letter) and acknowledge its entry."""
         reason = describe(problem)
         code = "internal"
-        if isinstance(problem, ResponseError) and reason.startswith(("WRONGTYPE", "NOPERM")):
+        if isinstance(problem, ResponseError) and ("WRONGTYPE" in reason or "NOPERM" in reason):
             code, reason = "invalid_request", f"field 'reply_to': events cannot be written there ({reason})"
         delivered = self.dead_letters.give_up(
             source=self.keys.requests, entry_id=entry_id, request_id=request_id, reply_to=reply_to,

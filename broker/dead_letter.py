@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.exceptions import ResponseError
+from redis.exceptions import NoPermissionError, ResponseError
 
 from broker.connection import TRANSIENT_ERRORS
 from broker.keys import Keys
@@ -57,6 +57,8 @@ def describe(exc: BaseException | str) -> str:
     """A short reason for logs, error messages and ``{p}:dead``: the Redis reply, else the type."""
     if isinstance(exc, str):
         return exc
+    if isinstance(exc, NoPermissionError):  # redis-py drops the NOPERM prefix of the reply
+        return f"NOPERM {exc}"[:300]
     if isinstance(exc, ResponseError):
         return str(exc)[:300]
     return f"{type(exc).__name__}: {str(exc)[:200]}"

@@ -91,11 +91,17 @@ def test_tenants_are_kept_apart(as_user: Callable[[str], str], prefix: str, keys
     bob_client.cancel(kept.id)  # with bob's (wrong) token, were any remembered
     alice.cancel(ended)
     mine = bob_client.submit("bob's own", max_tokens=3)
+    # a reply_to outside what the pipeline's user may write: NOPERM, once; the error goes to the default
+    bob.xadd(keys.requests, {"id": "stray", "prompt": "hi", "reply_to": "elsewhere:inbox"})
 
     serve(lambda: all(finals(events(app, h.reply_to)) for h in (kept, ended, mine)))
     assert alice.result(kept, timeout=5).finish_reason == "length"
     assert alice.result(ended, timeout=5).finish_reason == "cancelled"
     assert bob_client.result(mine, timeout=5).text == "bob"
+    serve(lambda: bool(finals(events(app, keys.result("stray")))))
+    [stray] = finals(events(app, keys.result("stray")))
+    assert stray["code"] == "invalid_request" and "NOPERM" in stray["message"]
+    assert balancer.counts["invalid_request"] == 1 and not balancer.waiting
     with pytest.raises(redis.exceptions.NoPermissionError):
         bob.xrange(kept.reply_to)
     for client in (alice, bob_client):
