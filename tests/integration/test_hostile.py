@@ -13,10 +13,10 @@ from tests.integration.conftest import Procs, final_events, wait_for, wait_group
 def test_the_issues_cases_1_and_2_on_real_processes(procs: Procs, r: redis.Redis, keys: Keys) -> None:
     # case 1: two entries read by a balancer that dies; one is XDELed; then balancers start
     r.xgroup_create(keys.requests, INGRESS_GROUP, id="0", mkstream=True)
-    first = r.xadd(keys.requests, {"id": "kept", "prompt": "still here"})
-    r.xadd(keys.requests, {"id": "deleted", "prompt": "gone"})
+    r.xadd(keys.requests, {"id": "kept", "prompt": "still here"})
+    deleted = r.xadd(keys.requests, {"id": "deleted", "prompt": "gone"})
     r.xreadgroup(INGRESS_GROUP, "died", {keys.requests: ">"})
-    r.xdel(keys.requests, [e for e, _ in r.xrange(keys.requests) if e != first][0])
+    r.xdel(keys.requests, deleted)
     balancer = procs.balancer(RYZ_CLAIM_IDLE_MS="300")
     group = procs.worker("g1")
     wait_groups(r, keys, {"g1"})
