@@ -19,7 +19,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import ResponseError
@@ -27,19 +26,19 @@ from redis.exceptions import ResponseError
 from balancer.admission import Limits, request_cost
 from balancer.batching import AdaptiveBatcher
 from balancer.failover import Failover
+from balancer.ingress import IngressReader
+from balancer.pending import Final, Waiting, claim_reply
+from balancer.poison import PoisonHandling
 from balancer.reclaim import Reclaimer
-from balancer.request_ids import hold_ids
 from balancer.router import Router
 from balancer.routing import AffinityTable, RoutingPolicy, prefix_key
 from balancer.telemetry import BalancerTelemetry
 from broker.cancellation import Cancellations
 from broker.connection import TRANSIENT_ERRORS, RedisClock, backoff_delays
-from broker.dead_letter import Attempts, DeadLetters, describe, is_transient
+from broker.dead_letter import Attempts, DeadLetters
 from broker.errors import InvalidRequest
 from broker.keys import INGRESS_GROUP, QUEUE_GROUP, Keys
-from broker.logs import request_extra
 from broker.protocol import (
-    GenerationRequest,
     best_effort_reply_to,
     done_event,
     error_event,
@@ -47,9 +46,8 @@ from broker.protocol import (
     parse_request,
 )
 from broker.registry import read_groups, read_queue_loads
-from broker.scripts import OVERSIZE_FIELD, Claim, Scripts, claim_result, ingress_entries, pack_events
+from broker.scripts import OVERSIZE_FIELD, Scripts, pack_events
 from broker.settings import Settings
-from broker.wire import Batch
 
 log = logging.getLogger(__name__)
 
@@ -59,51 +57,6 @@ FIRST_EPOCH = 1  # the epoch CLAIM_OWNER gives a request nobody claimed before
 DISPATCH_ROUNDS = 3  # a request refused by a full or closed group is routed again, at most this often
 
 
-@dataclass(slots=True)
-class Waiting:
-    """An ingress entry read but not yet dispatched (no group yet, or re-routing)."""
-
-    entry_id: bytes
-    request: GenerationRequest
-    since_ms: float  # when it started waiting (Redis clock)
-    takeover_from: str | None = None
-    takeover_epoch: int = 0
-    # Moved from a failed or draining group: accepted before, so admitted past the queue bounds.
-    moved: bool = False
-    prefix: str | None = None  # affinity key of the prompt's prefix
-    cost: int = 1  # tokens it may occupy (admission.request_cost), once a group is in view
-    claimed: bool = False  # a claim was tried: the next dispatch waits for the claim's answer
-
-
-@dataclass(slots=True)
-class Final:
-    """A final event the balancer itself writes (invalid, cancelled, timed out, overloaded, no group)."""
-
-    entry_id: bytes
-    request_id: str
-    reply_to: str
-    fields: dict[str, str]
-    takeover_from: str | None = None
-    takeover_epoch: int = 0
-
-    def with_progress(self, claim: Claim) -> dict[str, str]:
-        """A cancellation of a request that moved mid-stream reports what its stream carried."""
-        if self.fields.get("finish_reason") != "cancelled" or not claim.output_ids:
-            return self.fields
-        return done_event(self.request_id, text=claim.output_text, token_ids=list(claim.output_ids),
-                          finish_reason="cancelled", prompt_tokens=int(self.fields.get("prompt_tokens", "0")))
-
-
-def _claim(raw: Any) -> tuple[Claim | None, BaseException | None]:
-    """A CLAIM_OWNER reply, or the problem with it (an error reply, or a reply of another shape)."""
-    if isinstance(raw, Exception):
-        return None, raw
-    try:
-        return claim_result(raw), None
-    except Exception as exc:  # noqa: BLE001 - an unexpected reply ends that request, never the loop
-        return None, TypeError(f"CLAIM_OWNER replied {raw!r:.80} ({type(exc).__name__})")
-
-
 def _raise_transient(results: list[Any]) -> None:
     """A lost connection mid-pipeline is retried by the loop; other errors are per request."""
     for raw in results:
@@ -111,7 +64,7 @@ def _raise_transient(results: list[Any]) -> None:
             raise raw
 
 
-class Balancer:
+class Balancer(IngressReader, PoisonHandling):
     def __init__(
         self,
         redis: Any,
@@ -249,121 +202,6 @@ class Balancer:
             self._next_housekeeping = now + 30.0
             self._housekeeping()
 
-    def _read(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        # Waiting requests are re-checked every tick; block anyway while none of them can be routed
-        # (no live group, or all refused work lately): without it the loop spins on Redis for as long
-        # as requests wait for a group (up to no_group_wait_s, e.g. while workers load a model).
-        now = self._monotonic()
-        can_route = any(g.routable and self._closed_until.get(g.name, 0.0) <= now
-                        for g in self.router.groups)
-        # Entries that failed lately wait out their backoff: they alone are no reason not to block.
-        ready = bool(self.waiting) and (not len(self.attempts)
-                                        or any(self.attempts.ready(e, now=now) for e in self.waiting))
-        # An idle read still wakes for the next registry refresh: a group's death is noticed within
-        # dead_after_s + groups_refresh_s of its last heartbeat, busy or not.
-        retry = self.attempts.next_retry()
-        wake = min(self._next_refresh, retry) if retry is not None and retry > now else self._next_refresh
-        until_ms = max(1, int((wake - now) * 1000))
-        block = None if ready and can_route else min(self.settings.balancer_block_ms, until_ms)
-        acks = len(self._to_ack)
-
-        def build(batch: Batch) -> None:
-            if acks:
-                batch.xack(self.keys.requests, INGRESS_GROUP, *self._to_ack[:acks])
-                batch.xdel(self.keys.requests, *self._to_ack[:acks])
-            if block is None:
-                self._read_ingress(batch, self._read_count)
-            else:
-                # Idle: one entry at a time, whatever its size; the rest follow without blocking.
-                batch.xreadgroup(INGRESS_GROUP, self.name, {self.keys.requests: ">"}, count=1, block=block)
-            batch.xread({self.keys.cancel: self._cancel_cursor}, count=1000)
-
-        _, results = self.scripts.execute(build)
-        for raw in results:
-            if isinstance(raw, Exception):
-                raise raw
-        *_, fresh, cancels = results
-        del self._to_ack[:acks]
-        now_ms = self.clock.now_ms()
-        for _stream, items in cancels or []:
-            for entry_id, fields in items:
-                self._cancel_cursor = entry_id
-                self._cancelled.add(fields, now_ms)
-        if block is None:
-            entries = ingress_entries(fresh)
-        else:
-            entries = [e for _s, items in (fresh or []) for e in items]
-            if entries and self._read_count > 1:
-                entries += self._read_more(self._read_count - 1)
-        self.batcher.observe(len(entries), self._monotonic())
-        wait = self.batcher.wait_s(len(entries))
-        if wait > 0 and len(entries) < self._read_count:
-            # Under load: a moment's wait makes this batch larger (fewer round trips per request).
-            self._sleep(wait)
-            entries += self._read_more(self._read_count - len(entries))
-        self.batcher.record(len(entries))
-        if entries:
-            self.telemetry.read(len(entries))
-        return entries
-
-    def _read_ingress(self, client: Any, count: int) -> None:
-        """Add a non-blocking read of up to ``count`` new entries to ``client`` (READ_INGRESS)."""
-        self.scripts.read_ingress(keys=[self.keys.requests],
-                                  args=[INGRESS_GROUP, self.name, count, self.settings.max_request_bytes],
-                                  client=client)
-
-    def _read_more(self, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        _, (raw,) = self.scripts.execute(lambda batch: self._read_ingress(batch, count))
-        if isinstance(raw, Exception):
-            raise raw
-        return ingress_entries(raw)
-
-    def _reclaim(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        """Entries of balancers that died (idle past claim_idle_ms) become ours; ours stay fresh.
-
-        Deleted entries are acknowledged, entries delivered too often given up (balancer.reclaim)."""
-        if self.waiting:
-            self.redis.xclaim(self.keys.requests, INGRESS_GROUP, self.name, 0, list(self.waiting), justid=True)
-        found = self.reclaimer.claim(skip=self.waiting)
-        if found.gone:
-            self._ack(found.gone)
-        for entry_id, fields, deliveries in found.overdelivered:
-            rid, reply = best_effort_reply_to(fields, entry_id=entry_id.decode(), prefix=self.settings.prefix)
-            self._give_up(entry_id, rid, reply, f"delivered {deliveries} times and never handled",
-                          fields=fields)
-        if found.entries:
-            self.counts["reclaimed"] += len(found.entries)
-            log.info("claimed %d pending requests of stopped balancers", len(found.entries))
-        return found.entries
-
-    # --- requests that cannot be handled -----------------------------------------------------------
-
-    def _give_up(self, entry_id: bytes, request_id: str | None, reply_to: str | None,
-                 problem: BaseException | str, *, reply_to_failed: bool = False,
-                 fields: dict[bytes, bytes] | None = None) -> None:
-        """End a request that cannot be handled (broker.dead_letter) and acknowledge its entry."""
-        reason = describe(problem)
-        code = "internal"
-        if isinstance(problem, ResponseError) and ("WRONGTYPE" in reason or "NOPERM" in reason):
-            code, reason = "invalid_request", f"field 'reply_to': events cannot be written there ({reason})"
-        delivered = self.dead_letters.give_up(
-            source=self.keys.requests, entry_id=entry_id, request_id=request_id, reply_to=reply_to,
-            reason=reason, code=code, reply_to_failed=reply_to_failed, fields=fields)
-        self.waiting.pop(entry_id, None)
-        self.attempts.forget(entry_id)
-        self.counts[code if delivered else "dead_letter"] += 1
-        if delivered and request_id is not None:
-            self.telemetry.finished(request_id, {"event": "error", "code": code, "message": reason})
-        self._ack([entry_id])
-
-    def _request_failed(self, w: Waiting, problem: BaseException, *, reply_to_failed: bool = False) -> None:
-        """Handling ``w`` failed: retried after a backoff when the failure may pass, else given up."""
-        if is_transient(problem) and not self.attempts.failed(w.entry_id, now=self._monotonic()):
-            log.warning("request %s: %s; will retry", w.request.id, describe(problem),
-                        extra=request_extra(w.request.id))
-            return
-        self._give_up(w.entry_id, w.request.id, w.request.reply_to, problem, reply_to_failed=reply_to_failed)
-
     def process(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         """Validate new entries, then route everything waiting (in priority order)."""
         now_ms = self.clock.now_ms()
@@ -394,27 +232,6 @@ class Balancer:
             finals = []
             if not refused:
                 return
-
-    def _refuse_duplicates(self, admitted: list[Waiting]) -> list[Final]:
-        """Hold the ids of new requests; the final events of those whose id is in use (request_ids)."""
-        new = [w for w in admitted if not w.moved]
-        holders = hold_ids(self.scripts.wire, self.keys, [(w.entry_id, w.request.id, w.request.reply_to) for w in new],
-                           ttl_ms=self.settings.result_ttl_s * 1000)
-        finals: list[Final] = []
-        for w, holder in zip(new, holders):
-            if holder is None or holder.entry_id == w.entry_id.decode():
-                continue
-            del self.waiting[w.entry_id]
-            self.counts["duplicate_id"] += 1
-            if holder.reply_to == w.request.reply_to:
-                self._ack([w.entry_id])  # a retry: the first request's events on this stream answer it
-                continue
-            event = error_event(w.request.id, "duplicate_id", (
-                f"request id {w.request.id!r} is in use by another request (ingress entry {holder.entry_id}) "
-                "while its result lasts; send this request with another id"))
-            self.telemetry.finished(w.request.id, event)
-            finals.append(Final(w.entry_id, w.request.id, w.request.reply_to, event))
-        return finals
 
     def _admit(self, entry_id: bytes, fields: dict[bytes, bytes], now_ms: float) -> Final | None:
         """Validate one entry: it waits for a group, or gets its final event (returned)."""
@@ -544,7 +361,7 @@ class Balancer:
             raw = next(replies)
             queued = next(replies) if first else None
             w.claimed = True
-            got, problem = _claim(raw)
+            got, problem = claim_reply(raw)
             if first:
                 if got is not None and not got.finished and (got.owner, got.epoch) == (candidate, FIRST_EPOCH):
                     refused |= self._queued(w, candidate, FIRST_EPOCH, queued, acks)
@@ -569,7 +386,7 @@ class Balancer:
             sent.append((w, got.owner, got.epoch))
         published: list[tuple[Final, int, dict[str, str]]] = []
         for f in finals:
-            got, problem = _claim(next(replies))
+            got, problem = claim_reply(next(replies))
             if got is None:
                 self._give_up(f.entry_id, f.request_id, f.reply_to, problem, reply_to_failed=True)
                 continue

@@ -300,20 +300,20 @@ def test_a_re_read_entry_and_a_moved_request_keep_their_id(
 def test_oversize_entries_are_refused_without_their_bodies_leaving_redis(
         r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, monkeypatch: pytest.MonkeyPatch) -> None:
     """Past the idle read's one entry, oversize entries come to the balancer as stubs (READ_INGRESS)."""
-    from balancer import service
+    from balancer import ingress
 
     balancer = make_balancer(max_request_bytes=64 << 10, balancer_read_bytes=256 << 10)
     assert balancer._read_count == 4  # 256 KiB of entries of at most 64 KiB
     fake_group(r, keys, "g1")
     held: list[int] = []
-    real = service.ingress_entries
+    real = ingress.ingress_entries
 
     def measured(raw: Any) -> Any:
         entries = real(raw)
         held.append(sum(len(k) + len(v) for _id, f in entries for k, v in f.items()))
         return entries
 
-    monkeypatch.setattr(service, "ingress_entries", measured)
+    monkeypatch.setattr(ingress, "ingress_entries", measured)
     big = b"x" * (2 << 20)
     for i in range(6):
         submit(r, keys, id=f"big{i}", prompt=big, reply_to=f"app:big{i}")
