@@ -28,7 +28,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from broker.cancellation import Cancellations, applies
 from broker.connection import TRANSIENT_ERRORS, RedisClock, backoff_delays
-from broker.dead_letter import DeadLetters, describe
+from broker.dead_letter import DeadLetters
 from broker.errors import EngineFailed
 from broker.keys import QUEUE_GROUP, Keys
 from broker.logs import request_extra
@@ -39,6 +39,7 @@ from broker.settings import Settings
 from broker.wire import Batch
 from gpu_workers.engine import Engine, EngineRequest
 from gpu_workers.holding import Event, Held, Holding
+from gpu_workers.intake import CONSUMER, QueueIntake
 from gpu_workers.isolation import Isolation
 from gpu_workers.keepalive import StepKeepalive
 from gpu_workers.load import LoadMeter, group_load
@@ -48,14 +49,10 @@ from gpu_workers.telemetry import GroupTelemetry
 
 log = logging.getLogger(__name__)
 
-CONSUMER = "leader"
 READ_CHUNK = 512  # most queue entries read at once
-# Deliveries of one queue entry (first read, then a re-read at every start and reconnect) before a
-# starting group gives it up: an entry that keeps killing the group goes to {p}:dead.
-MAX_DELIVERIES = 10
 
 
-class WorkerGroup:
+class WorkerGroup(QueueIntake):
     def __init__(
         self,
         redis: Any,
@@ -117,36 +114,6 @@ class WorkerGroup:
         self._starting = False
         self.heartbeat(force=True)
         log.info("group %s registered (model %s)", self.name, self.engine.info.model)
-
-    def _recover(self, *, starting: bool = False) -> None:
-        """Admit the entries a previous incarnation of this group read but never finished.
-
-        Also run after every reconnect: a Redis that restarted from an older AOF may have entries
-        pending again that this process had finished and acknowledged. A starting group gives up
-        the entries delivered more than MAX_DELIVERIES times (they may be what stopped it before).
-        """
-        queue, cursor, acking = self.keys.group_queue(self.name), "0", set(self.publisher.to_ack)
-        while True:
-            batch = self.redis.xreadgroup(QUEUE_GROUP, CONSUMER, {queue: cursor}, count=500)
-            entries = [e for _s, es in (batch or []) for e in es]
-            if not entries:
-                return
-            deliveries: dict[bytes, int] = {}
-            if starting:
-                rows = self.redis.xpending_range(queue, QUEUE_GROUP, min=entries[0][0], max=entries[-1][0],
-                                                 count=len(entries), consumername=CONSUMER)
-                deliveries = {row["message_id"]: int(row["times_delivered"]) for row in rows}
-            for entry_id, fields in entries:
-                cursor = entry_id
-                if entry_id in acking:
-                    continue
-                if not fields:  # deleted after it was read: nothing left to do
-                    self._ack([entry_id])
-                elif deliveries.get(entry_id, 0) > MAX_DELIVERIES:
-                    self._give_up_entry(entry_id, fields, f"delivered {deliveries[entry_id]} times and never finished")
-                else:
-                    self._admit_safely(entry_id, fields)
-            log.info("group %s recovered %d pending requests", self.name, len(entries))
 
     def run(self) -> int:
         """Serve until ``drain()`` has finished or handed back everything, then deregister.
@@ -299,33 +266,6 @@ class WorkerGroup:
             raise ack_result
         else:
             del self.publisher.to_ack[:acks]
-
-    def _admit_safely(self, entry_id: bytes, fields: dict[bytes, bytes] | None) -> None:
-        """``_admit``, where any failure ends that entry (broker.dead_letter), never the loop."""
-        try:
-            self._admit(entry_id, fields or {})
-        except Exception as exc:
-            if isinstance(exc, TRANSIENT_ERRORS):
-                raise
-            log.exception("cannot admit queue entry %s", entry_id)
-            held = next((h for h in self.held.values() if h.entry_id == entry_id), None)
-            if held is not None:
-                self._stop(held)
-                self._forget(held)
-            self._give_up_entry(entry_id, fields or {}, describe(exc))
-
-    def _give_up_entry(self, entry_id: bytes, fields: dict[bytes, bytes], reason: str) -> None:
-        """End the request of a queue entry that cannot be handled: its error, else {p}:dead."""
-        request: GenerationRequest | None
-        try:
-            request, epoch = GenerationRequest.from_wire(fields[b"r"]), int(fields[b"e"])
-        except Exception:  # noqa: BLE001 - not even readable: to {p}:dead as it is
-            request, epoch = None, 0
-        self.dead_letters.give_up(source=self.keys.group_queue(self.name), entry_id=entry_id,
-                                  request_id=request.id if request else None,
-                                  reply_to=request.reply_to if request else None, reason=reason, epoch=epoch,
-                                  fields=None if request else fields)
-        self._ack([entry_id])
 
     def _admit(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         try:
@@ -518,13 +458,7 @@ class WorkerGroup:
         done: list[Held] = []
         for held, status in self.publisher.publish():
             if status == "error":
-                # The reply stream refused the events (of another type, or NOPERM): the error goes to
-                # the request's default result stream, else the entry to {p}:dead.
-                problem = describe(self.publisher.errors.pop(held.request.id, "publish failed"))
-                self.dead_letters.give_up(
-                    source=self.keys.group_queue(self.name), entry_id=held.entry_id, request_id=held.request.id,
-                    reply_to=held.request.reply_to, reason=f"events cannot be written to the reply stream ({problem})",
-                    code="invalid_request", epoch=held.epoch, reply_to_failed=True)
+                self._undeliverable(held)
             if status in ("fenced", "final", "error"):
                 # moved to another group, finished already (a re-delivered entry), or undeliverable
                 self.fenced += status == "fenced"

@@ -12,7 +12,8 @@ import redis
 from broker.keys import QUEUE_GROUP, Keys
 from broker.settings import Settings
 from gpu_workers.echo import EchoEngine
-from gpu_workers.group import CONSUMER, MAX_DELIVERIES, WorkerGroup
+from gpu_workers.group import CONSUMER, WorkerGroup
+from gpu_workers.intake import MAX_DELIVERIES
 from tests.gpu_workers.helpers import FakeMonotonic, enqueue, events, finals, make_request, run_until
 
 
