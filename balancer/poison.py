@@ -66,7 +66,9 @@ class PoisonHandling:
             log.warning("request %s: %s; will retry", w.request.id, describe(problem),
                         extra=request_extra(w.request.id))
             return
-        self._give_up(w.entry_id, w.request.id, w.request.reply_to, problem, reply_to_failed=reply_to_failed)
+        # a failure that may pass says nothing against the reply stream: the error may still go there
+        self._give_up(w.entry_id, w.request.id, w.request.reply_to, problem,
+                      reply_to_failed=reply_to_failed and not is_transient(problem))
 
     def _refuse_duplicates(self, admitted: list[Waiting]) -> list[Final]:
         """Hold the ids of new requests; the final events of those whose id is in use (request_ids)."""

@@ -366,3 +366,34 @@ def test_only_the_owners_cancel_ends_a_request_sent_with_a_token(
               lambda: all(finals(events(r, keys.result(i))) for i in ("victim", "mine", "old")), limit=100)
     reasons = {i: one_final(r, keys.result(i)).get("finish_reason") for i in ("victim", "mine", "old")}
     assert reasons == {"victim": "length", "mine": "cancelled", "old": "cancelled"}
+
+
+def test_a_failure_that_may_pass_is_retried_with_backoff_then_given_up(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, mono: FakeMonotonic) -> None:
+    """A claim answered BUSY (a server-side condition, not the request's fault) for one request: it
+    is tried again only after its backoff, MAX_ATTEMPTS times in all, then ends with its error."""
+    balancer = make_balancer()
+    fake_group(r, keys, "g1")
+    claim = balancer.scripts.claim_owner
+    tries: list[float] = []
+
+    class Flaky:
+        sha = claim.sha
+
+        def __call__(self, *, keys: list[Any], args: list[Any], client: Any = None) -> Any:
+            if "flaky" in keys[0]:
+                tries.append(mono())
+                return client._add(("EVAL", "return redis.error_reply('BUSY simulated')", 0))
+            return claim(keys=keys, args=args, client=client)
+
+    balancer.scripts.claim_owner = Flaky()  # type: ignore[assignment]
+    submit(r, keys, id="flaky", prompt="x")
+    submit(r, keys, id="fine", prompt="x")
+    ticks = run_until(lambda: (balancer.tick(), mono.advance(0.02), fake_group(r, keys, "g1")),
+                      lambda: bool(finals(events(r, keys.result("flaky")))), limit=60)
+    assert len(tries) == 3 and ticks >= 15  # MAX_ATTEMPTS, over 0.3 s of ticks every 20 ms: not once per tick
+    assert tries[1] - tries[0] >= 0.1 and tries[2] - tries[1] >= 0.2  # the backoff doubles
+    final = one_final(r, keys.result("flaky"))
+    assert final["code"] == "internal" and "BUSY" in final["message"]
+    assert [req.id for req, _ in queued(r, keys, "g1")] == ["fine"]
+    assert settled(balancer, r, keys) and not balancer.waiting
