@@ -56,6 +56,9 @@ class IngressReader:
         def _ack(self, entry_ids: list[bytes]) -> None:
             ...
 
+        def _can_route_waiting(self, now: float) -> bool:
+            ...
+
         def _give_up(self, entry_id: bytes, request_id: str | None, reply_to: str | None,
                      problem: BaseException | str, *, reply_to_failed: bool = False,
                      fields: dict[bytes, bytes] | None = None) -> None:
@@ -66,8 +69,7 @@ class IngressReader:
         # (no live group, or all refused work lately): without it the loop spins on Redis for as long
         # as requests wait for a group (up to no_group_wait_s, e.g. while workers load a model).
         now = self._monotonic()
-        can_route = any(g.routable and self._closed_until.get(g.name, 0.0) <= now
-                        for g in self.router.groups)
+        can_route = self._can_route_waiting(now)
         # Entries that failed lately wait out their backoff: they alone are no reason not to block.
         ready = bool(self.waiting) and (not len(self.attempts)
                                         or any(self.attempts.ready(e, now=now) for e in self.waiting))

@@ -23,6 +23,7 @@ class Waiting:
     prefix: str | None = None  # affinity key of the prompt's prefix
     cost: int = 1  # tokens it may occupy (admission.request_cost), once a group is in view
     claimed: bool = False  # a claim was tried: the next dispatch waits for the claim's answer
+    model_resolved: bool = False  # request.model names a model some group serves (balancer.models)
 
 
 @dataclass(slots=True)
