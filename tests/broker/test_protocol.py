@@ -769,7 +769,7 @@ def _pipeline_keys() -> list[str]:
     return [
         k.requests, k.cancel, k.groups, k.group_info("g"), k.group_queue("g"), k.group_queue_tokens("g"),
         k.group_accepting("g"), k.group_failover_lock("g"), k.dispatch_marker("g", "abc", 1), k.balancers,
-        k.balancer_stats("b"), k.dead, k.request_id("abc"), k.request_id("other"),
+        k.balancer_stats("b"), k.dead, k.request_id("abc"), k.request_id("other"), k.chat_template("0" * 64),
         *k.progress(k.result("abc"), "abc"), *k.progress(k.result("victim"), "victim"),
         *k.progress("app:replies", "victim"), *k.progress("{app}:replies", "victim"),
         *k.progress("replies}1", "victim"), *k.progress(k.client_replies("c1"), "victim"),
