@@ -84,6 +84,10 @@ class Engine(Protocol):
 
     def has_work(self) -> bool: ...
 
+    def not_started(self) -> list[str]:
+        """Ids of the requests added that no step has computed a token of yet (vLLM's never-scheduled
+        waiting requests): they hold nothing here, so a draining group hands them back at once."""
+
     def stats(self) -> EngineStats:
         """The current load; EngineFailed once the engine has failed (so no heartbeat goes out)."""
 

@@ -186,6 +186,9 @@ class LlamaEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def not_started(self) -> list[str]:
+        return self.scheduler.not_started()
+
     def stats(self) -> EngineStats:
         self.runner.check()  # a group that lost a rank must not report itself alive
         return EngineStats(

@@ -168,6 +168,10 @@ class Scheduler:
         """Waiting sequences in the order they would start."""
         return [seq for _, seq in sorted(self._waiting, key=lambda entry: entry[0])]
 
+    def not_started(self) -> list[str]:
+        """Ids of the waiting sequences never scheduled (a preempted one has been): in start order."""
+        return [seq.request_id for seq in self.waiting if seq.first_scheduled is None]
+
     # -- a step --------------------------------------------------------------------------------
 
     def schedule(self, now: float) -> SchedulerOutput:
