@@ -41,6 +41,9 @@ class EngineRequest:
     prompt_ids: list[int]
     sampling: SamplingParams
     priority: int = 0
+    # When the request times out, in seconds on the service's clock (Redis TIME), or None: among equal
+    # priorities the earlier deadline starts first. Only ever compared with other requests' deadlines.
+    deadline: float | None = None
     # Tokens already generated (and published) elsewhere: generation continues after them.
     output_ids: list[int] = field(default_factory=list)
 

@@ -383,8 +383,9 @@ class WorkerGroup(QueueIntake):
         assert held.output is not None
         request = held.request
         try:
+            deadline = request.deadline_ms / 1000 if request.deadline_ms is not None else None
             self.engine.add(EngineRequest(request.id, held.prompt_ids, request.sampling, priority=request.priority,
-                                          output_ids=list(held.output.token_ids)))
+                                          deadline=deadline, output_ids=list(held.output.token_ids)))
         except Exception as exc:
             log.exception("request %s: the engine refused it", request.id)
             self._finish_error(held, "internal", f"the engine failed on this request ({type(exc).__name__})")

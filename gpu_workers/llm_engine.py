@@ -136,6 +136,7 @@ class LlamaEngine:
             num_prompt_tokens=len(request.prompt_ids),
             priority=request.priority,
             arrival=self._clock(),
+            deadline=request.deadline,
             max_num_tokens=max_total,
         ))
 
