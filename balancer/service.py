@@ -185,6 +185,8 @@ class Balancer:
                 self.stop.wait(next(backoff_delays(self.settings)))
         try:
             self.flush_acks()
+            # No longer a reader of the ingress stream: health checks of the path see it at once.
+            self.redis.zrem(self.keys.balancers, self.name)
         except TRANSIENT_ERRORS:
             pass  # left pending: another balancer re-processes them harmlessly
         log.info("balancer %s stopped; %d waiting requests stay pending for other balancers",
@@ -562,7 +564,7 @@ class Balancer:
         }
 
     def write_stats(self) -> None:
-        ttl_ms = int(max(10.0, 5 * self.settings.stats_interval_s) * 1000)
+        ttl_ms = int(max(self.settings.balancer_dead_after_s, 5 * self.settings.stats_interval_s) * 1000)
         stats = self.stats()
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(self.keys.balancer_stats(self.name), mapping=stats)

@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     claim_idle_ms: int = 2000
     groups_refresh_s: float = Field(default=0.25, description="How often a balancer re-reads group heartbeats.")
     stats_interval_s: float = Field(default=1.0, description="How often a balancer writes its own stats key.")
+    # A balancer whose stats key (written after each ingress read) is older than this has stopped
+    # reading: it drops out of `{p}:balancers`, and health checks of the path fail while no balancer
+    # reads. Generous: a CPU-starved balancer that reads late is not a dead one.
+    balancer_dead_after_s: float = Field(default=10.0, gt=0)
     # Prefix affinity: requests whose prompts share this many leading characters (or token ids) go to
     # a group that served that prefix recently (its KV prefix cache may still hold it).
     affinity_prefix_chars: int = 128

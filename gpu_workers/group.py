@@ -90,7 +90,8 @@ class WorkerGroup:
             live_within_s=settings.liveness_timeout_s, monotonic=monotonic)
         self._heartbeat_fields: list[str] | None = None  # of the last heartbeat, repeated by keepalive
         self.keepalive = StepKeepalive(self._repeat_heartbeat, interval_s=settings.heartbeat_interval_s,
-                                       max_step_s=settings.liveness_timeout_s, monotonic=monotonic)
+                                       max_step_s=settings.liveness_timeout_s, monotonic=monotonic,
+                                       probe=self.telemetry.probe)
 
     # --- lifecycle -------------------------------------------------------------------------------
 
