@@ -32,6 +32,7 @@ from balancer.routing import AffinityTable, RoutingPolicy, prefix_key
 from balancer.telemetry import BalancerTelemetry
 from broker.connection import TRANSIENT_ERRORS, RedisClock, backoff_delays
 from broker.errors import InvalidRequest
+from broker.failures import describe, raise_if_fatal
 from broker.keys import INGRESS_GROUP, QUEUE_GROUP, Keys
 from broker.logs import request_extra
 from broker.protocol import (
@@ -166,11 +167,17 @@ class Balancer:
                 self.tick()
                 delays = None
             except TRANSIENT_ERRORS as exc:
+                raise_if_fatal(exc)
                 delays = delays or backoff_delays(self.settings)
                 delay = next(delays)
                 log.warning("redis unavailable (%s); retrying in %.2fs", exc, delay)
                 self.stop.wait(delay)
             except ResponseError as exc:
+                raise_if_fatal(exc)
+                if (problem := describe(exc)) is not None:  # out of memory, a read-only replica
+                    log.warning("%s; retrying", problem.line)
+                    self.stop.wait(next(delays := delays or backoff_delays(self.settings)))
+                    continue
                 if "NOGROUP" in str(exc):
                     # Redis lost the ingress stream (restarted without persistence): start it again.
                     log.error("the ingress consumer group is gone (%s); creating it again", exc)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import threading
 from pathlib import Path
 from types import FrameType
 
@@ -124,14 +125,20 @@ def _lead(args: argparse.Namespace, settings: Settings, url: str, engine: Engine
                            port=settings.metrics_port)
     group.telemetry.port = server.port if server is not None else None
 
+    stopping = threading.Event()  # a signal before registration: nothing to drain, stop at once
+
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("signal %d: draining (again: hand back at once; a third time: stop now)", signum)
+        stopping.set()
         group.drain()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        retry_forever(group.register, settings, what="group registration")
+        if not retry_forever(group.register, settings, what="group registration", stop=stopping):
+            log.info("group %s stopped before it registered", group.name)
+            engine.close()
+            return 0
         print(f"worker group {group.name} serving {engine.info.model} on {url}"
               + (f" with {engine.info.tp} tensor-parallel ranks" if engine.info.tp > 1 else ""), flush=True)
         return group.run()

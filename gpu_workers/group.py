@@ -28,6 +28,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from broker.connection import TRANSIENT_ERRORS, RedisClock, backoff_delays
 from broker.errors import EngineFailed
+from broker.failures import describe, raise_if_fatal
 from broker.keys import QUEUE_GROUP, Keys
 from broker.logs import request_extra
 from broker.protocol import GenerationRequest, done_event, error_event, limit_problem, token_event
@@ -169,10 +170,13 @@ class WorkerGroup:
                 self.tick()
                 delays = None
             except TRANSIENT_ERRORS as exc:
-                if drain_deadline is not None and (self._hurry or self._monotonic() >= drain_deadline):
-                    # Nothing held was acknowledged, so it all stays pending in Redis: a restart of
-                    # this group recovers it, or balancers fail it over.
-                    log.error("redis unreachable while draining (%s); exiting without hand-back", exc)
+                raise_if_fatal(exc)
+                if self.draining:
+                    # Asked to stop and Redis is gone (under honcho or systemd it may have stopped
+                    # first): nothing held was acknowledged, so it all stays pending in Redis, where a
+                    # restart of this group recovers it or balancers fail it over. One signal is enough.
+                    log.warning("redis unreachable while draining (%s); stopping: %d held requests stay "
+                                "in Redis for failover", exc, len(self.held))
                     self.engine.close()
                     return 0
                 reconnected = True
@@ -181,8 +185,13 @@ class WorkerGroup:
                 log.warning("redis unavailable (%s); retrying in %.2fs", exc, delay)
                 time.sleep(delay)
             except ResponseError as exc:
+                raise_if_fatal(exc)
                 if "NOGROUP" not in str(exc):
-                    log.exception("group tick failed; retrying")
+                    problem = describe(exc)  # out of memory, a read-only replica: one line, no traceback
+                    if problem is not None:
+                        log.warning("%s; retrying", problem.line)
+                    else:
+                        log.exception("group tick failed; retrying")
                     time.sleep(next(delays := delays or backoff_delays(self.settings)))
                     continue
                 if self.draining:

@@ -19,8 +19,11 @@ import json
 import urllib.error
 import urllib.request
 
+from redis.exceptions import RedisError
+
 from broker.cli_common import settings_from_args, setup_logging
 from broker.connection import TRANSIENT_ERRORS, connect, resolve_url
+from broker.failures import describe
 from broker.keys import Keys
 from broker.path_health import judge, read_path
 
@@ -58,8 +61,9 @@ def run(args: argparse.Namespace) -> int:
     redis = connect(resolve_url(settings), settings)
     try:
         view = read_path(redis, Keys(settings.prefix), dead_after_s=settings.dead_after_s)
-    except TRANSIENT_ERRORS as exc:
-        print(f"redis unavailable: {exc}", flush=True)
+    except (*TRANSIENT_ERRORS, RedisError) as exc:
+        problem = describe(exc, settings.redis_url)
+        print(f"unhealthy: {problem.line if problem else exc}", flush=True)
         return 1
     finally:
         redis.close()
