@@ -201,3 +201,28 @@ def test_default_kv_budget_is_measured_with_the_weights_loaded(llama_dir: Path,
     assert events == ["weights", "budget None"]
     assert engine.stats().kv_capacity_tokens > 0
     engine.close()
+
+
+def test_default_kv_budget_follows_the_cgroup_and_never_exceeds_what_sequences_can_use(
+        llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --kv-memory on a CPU: a quarter of what the pod's cgroup still allows, and never more
+    blocks than max_num_seqs sequences at the model's full context could fill."""
+    from gpu_workers import kv_memory
+
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    (tmp_path / "self").write_text("0::/\n")
+    (cgroup / "memory.current").write_text("0\n")
+    monkeypatch.setattr(kv_memory, "CGROUP_ROOT", cgroup)
+    monkeypatch.setattr(kv_memory, "SELF_CGROUP", tmp_path / "self")
+
+    (cgroup / "memory.max").write_text(f"{8 << 20}\n")  # an 8 MiB pod on this (much larger) host
+    engine = engine_for(llama_dir, kv_memory=None)
+    block_bytes = engine.runner.kv_cache.bytes_per_block()
+    assert engine.blocks.num_blocks == (2 << 20) // block_bytes  # 25% of 8 MiB
+    engine.close()
+
+    (cgroup / "memory.max").write_text("max\n")  # no limit: the host's memory, capped by what fits
+    engine = engine_for(llama_dir, kv_memory=None, max_num_seqs=2)
+    assert engine.blocks.num_blocks == -(-2 * engine.config.max_context // 16)
+    engine.close()
