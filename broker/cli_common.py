@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -64,6 +65,10 @@ def run_command(prog: str, run: Callable[[argparse.Namespace], int | None], args
         problem = (describe(exc.__cause__, url) if exc.__cause__ is not None else None) or exc.problem
         print(f"{prog}: {problem.line}", file=sys.stderr, flush=True)
         return problem.exit_code
+    except BrokenPipeError:  # our output's reader left (`ryzanstein status | head`): not an error to report
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (RedisError, OSError) as exc:
         problem = describe(exc, getattr(args, "redis_url", None) or os.environ.get("RYZ_REDIS_URL"))
         if problem is None:

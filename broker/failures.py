@@ -79,7 +79,8 @@ def describe(exc: BaseException, url: str | None = None) -> Problem | None:
                        False, EXIT_UNAVAILABLE)
     if isinstance(exc, rex.BusyLoadingError):
         return Problem(f"{server} is loading its data set: try again shortly", False, EXIT_UNAVAILABLE)
-    network = (rex.ConnectionError, rex.TimeoutError, ConnectionError, TimeoutError, ssl.SSLError, socket.gaierror)
+    # redis-py wraps socket errors in its own; a bare BrokenPipeError is our stdout closing (`| head`)
+    network = (rex.ConnectionError, rex.TimeoutError, ssl.SSLError, socket.gaierror)
     if isinstance(exc, network) and _is_tls(exc):
         return Problem(f"TLS with {server} failed ({said}): check rediss:// and ssl_ca_certs / ssl_certfile / "
                        f"ssl_keyfile in the URL", True, EXIT_FATAL)

@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     # read) for this long: a hung engine, or Redis unreachable for that long. Restarting cures the
     # first and does no harm in the second (the work is in Redis).
     liveness_timeout_s: float = Field(default=60.0, gt=0)
+    # A group leader logs a stats line at INFO this often while it has work (running, waiting, prompt
+    # and generation tokens/s, KV cache use, prefix-cache hits), as vLLM does; 0 turns it off.
+    stats_log_interval_s: float = Field(default=10.0, ge=0)
     log_format: Literal["text", "json"] = Field(default="text", description="json: one JSON object per line.")
     # Prompt text is never logged unless this is set (prompts may hold personal data).
     log_prompts: bool = False

@@ -88,7 +88,8 @@ class WorkerGroup:
         self.telemetry = GroupTelemetry(
             self.name, enabled=settings.metrics_port is not None, now_ms=lambda: self.clock.now_ms(),
             log_prompts=settings.log_prompts, ready_within_s=settings.dead_after_s,
-            live_within_s=settings.liveness_timeout_s, monotonic=monotonic)
+            live_within_s=settings.liveness_timeout_s, stats_log_interval_s=settings.stats_log_interval_s,
+            monotonic=monotonic)
         self._heartbeat_fields: list[str] | None = None  # of the last heartbeat, repeated by keepalive
         self.keepalive = StepKeepalive(self._repeat_heartbeat, interval_s=settings.heartbeat_interval_s,
                                        max_step_s=settings.liveness_timeout_s, monotonic=monotonic,

@@ -34,6 +34,7 @@ from broker.metrics import (
 from broker.protocol import GenerationRequest
 from broker.registry import GroupLoad
 from gpu_workers.engine import EngineStats, StepOutput
+from gpu_workers.stats_log import StatsLine
 
 log = logging.getLogger("gpu_workers")
 
@@ -46,9 +47,10 @@ class _Timing:
 
 class GroupTelemetry:
     def __init__(self, group: str, *, enabled: bool, now_ms: Callable[[], float], log_prompts: bool = False,
-                 ready_within_s: float, live_within_s: float,
+                 ready_within_s: float, live_within_s: float, stats_log_interval_s: float = 0.0,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.group = group
+        self.stats_line = StatsLine(interval_s=stats_log_interval_s, monotonic=monotonic)
         self.enabled = enabled
         self.log_prompts = log_prompts
         self.port: int | None = None  # of the metrics endpoint, once it serves; published in heartbeats
@@ -111,6 +113,7 @@ class GroupTelemetry:
                       request.sampling.max_tokens,
                       extra=request_extra(request.id, group=self.group, **prompt_extra(
                           request.prompt, request.prompt_ids, log_prompts=self.log_prompts)))
+        self.stats_line.prompt(prompt_tokens)
         if not self.enabled:
             return
         now = self._now_ms()
@@ -121,6 +124,7 @@ class GroupTelemetry:
 
     def step(self, outputs: Sequence[StepOutput]) -> None:
         """One engine step produced ``outputs`` (one token per request at most)."""
+        self.stats_line.generated(len(outputs))
         if not self.enabled or not outputs:
             return
         now, counted = self._now_ms(), 0
@@ -180,6 +184,7 @@ class GroupTelemetry:
     def heartbeat(self, load: GroupLoad, stats: EngineStats, *, held: Container[str]) -> None:
         """A heartbeat was written just now: load gauges, and progress for the probes."""
         self.probe.progress(accepting=load.state == "ready")
+        self.stats_line.heartbeat(load, stats)
         if not self.enabled:
             return
         for rid in [rid for rid in self._timings if rid not in held]:

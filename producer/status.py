@@ -118,6 +118,8 @@ def status_json(snapshot: Snapshot, rates: dict[str, float] | None = None) -> di
 def _state(group: GroupStatus) -> str:
     if not group.alive:
         return "DEAD"
+    if group.state == "loading":
+        return f"loading:{group.phase}" if group.phase else "loading"
     return "DRAINING" if group.state == "draining" else group.state
 
 
