@@ -43,7 +43,7 @@ from gpu_workers.keepalive import StepKeepalive
 from gpu_workers.load import LoadMeter, group_load
 from gpu_workers.output import OutputState
 from gpu_workers.publisher import Publisher
-from gpu_workers.telemetry import GroupTelemetry
+from gpu_workers.telemetry import GroupTelemetry, model_display_name
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class WorkerGroup:
             self.name, enabled=settings.metrics_port is not None, now_ms=lambda: self.clock.now_ms(),
             log_prompts=settings.log_prompts, ready_within_s=settings.dead_after_s,
             live_within_s=settings.liveness_timeout_s, stats_log_interval_s=settings.stats_log_interval_s,
-            monotonic=monotonic)
+            model_name=model_display_name(engine.info.model), monotonic=monotonic)
         self._heartbeat_fields: list[str] | None = None  # of the last heartbeat, repeated by keepalive
         self.keepalive = StepKeepalive(self._repeat_heartbeat, interval_s=settings.heartbeat_interval_s,
                                        max_step_s=settings.liveness_timeout_s, monotonic=monotonic,

@@ -74,7 +74,11 @@ def test_shared_prefixes_hit_the_prefix_cache_and_still_match(llama_dir: Path) -
     engine = engine_for(llama_dir)
     first = generate(engine, greedy_requests(prompts[:1]))
     rest = generate(engine, [EngineRequest(f"r{i}", p, GREEDY) for i, p in enumerate(prompts) if i])
-    assert engine.stats().prefix_cache_hit_rate > 0.3
+    stats = engine.stats()
+    assert stats.prefix_cache_hit_rate > 0.3
+    # the totals the metrics count: every prompt token queried, the shared prefix's full blocks hit
+    assert stats.prefix_cache_queries == sum(map(len, prompts))
+    assert stats.prefix_cache_hits == 2 * (len(prefix) // 16 * 16)
     assert [first["r0"], rest["r1"], rest["r2"]] == reference.tokens
 
 
@@ -88,6 +92,7 @@ def test_preemption_under_a_tiny_kv_cache_keeps_tokens_exact(llama_dir: Path) ->
     assert engine.stats().kv_capacity_tokens == 160
     out = generate(engine, greedy_requests(prompts))
     assert engine.scheduler.num_preemptions > 0
+    assert engine.stats().num_preemptions == engine.scheduler.num_preemptions
     assert [out[f"r{i}"] for i in range(len(prompts))] == reference.tokens
     assert engine.stats().kv_used_tokens == 0
 
