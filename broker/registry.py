@@ -54,6 +54,14 @@ class GroupLoad:
         return [x for k, v in asdict(self).items() for x in (k, _field_text(v))]
 
 
+def model_display_name(spec: str) -> str:
+    """The ``model_name`` label of a model spec: a directory's or file's name, else the spec itself
+    (``random:tiny``, ``echo``), as the gateway lists models."""
+    if spec.startswith(("random:", "echo")) or "/" not in spec:
+        return spec
+    return spec.rstrip("/").rsplit("/", 1)[-1] or spec
+
+
 def _field_text(value: Any) -> str:
     if value is None:
         return ""

@@ -32,7 +32,7 @@ from broker.failures import describe, raise_if_fatal
 from broker.keys import QUEUE_GROUP, Keys
 from broker.logs import request_extra
 from broker.protocol import GenerationRequest, done_event, error_event, limit_problem, token_event
-from broker.registry import GroupLoad
+from broker.registry import GroupLoad, model_display_name
 from broker.scripts import Scripts
 from broker.settings import Settings
 from broker.wire import Batch
@@ -43,7 +43,7 @@ from gpu_workers.keepalive import StepKeepalive
 from gpu_workers.load import LoadMeter, group_load
 from gpu_workers.output import OutputState
 from gpu_workers.publisher import Publisher
-from gpu_workers.telemetry import GroupTelemetry, model_display_name
+from gpu_workers.telemetry import GroupTelemetry
 
 log = logging.getLogger(__name__)
 

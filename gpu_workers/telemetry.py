@@ -47,14 +47,6 @@ class _Timing:
     first_token_ms: float | None = None
 
 
-def model_display_name(spec: str) -> str:
-    """The ``model_name`` label of a model spec: a directory's or file's name, else the spec itself
-    (``random:tiny``, ``echo``), as the gateway lists models."""
-    if spec.startswith(("random:", "echo")) or "/" not in spec:
-        return spec
-    return spec.rstrip("/").rsplit("/", 1)[-1] or spec
-
-
 class GroupTelemetry:
     def __init__(self, group: str, *, enabled: bool, now_ms: Callable[[], float], log_prompts: bool = False,
                  ready_within_s: float, live_within_s: float, stats_log_interval_s: float = 0.0,
