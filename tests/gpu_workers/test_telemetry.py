@@ -201,3 +201,15 @@ def test_preemption_and_prefix_cache_counters_follow_the_engine_totals() -> None
                         held=())
     assert (value("ryz_num_preemptions_total"), value("ryz_prefix_cache_queries_total"),
             value("ryz_prefix_cache_hits_total")) == (5, 160, 70)
+
+
+def test_a_busy_group_logs_its_stats_line_at_info(r: redis.Redis, keys: Keys, make_group: MakeGroup,
+                                                   mono: FakeMonotonic, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gpu_workers.stats")
+    group = make_group(stats_log_interval_s=10.0, metrics=False)  # logged with or without metrics
+    enqueue(r, keys, "g1", make_request(keys, "a", "abcd", enqueued_ms=T0))
+    run_until(group.tick, lambda: bool(finals(events(r, keys.result("a")))))
+    mono.advance(10.0)
+    group.heartbeat(force=True)
+    (line,) = [rec.getMessage() for rec in caplog.records if rec.name == "gpu_workers.stats"]
+    assert line.startswith("running 0, waiting 0, queued 0; prompt 0.4 tok/s, generation 0.4 tok/s;")
