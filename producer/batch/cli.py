@@ -198,12 +198,18 @@ def progress_meter(done: int, total: int | None, elapsed_s: float, *, width: int
     return tqdm.format_meter(done, total or None, max(0.0, elapsed_s), ncols=width, ascii=True, unit=" lines")
 
 
+def _utc(moment: str | datetime) -> datetime:
+    """A naive UTC datetime (RQ writes naive or aware ones, depending on its version)."""
+    value = datetime.fromisoformat(moment) if isinstance(moment, str) else moment
+    return value.astimezone(timezone.utc).replace(tzinfo=None) if value.tzinfo is not None else value
+
+
 def _elapsed_s(view: dict[str, Any], now: datetime) -> float:
     started = view.get("started_at")
     if not started:
         return 0.0
-    end = datetime.fromisoformat(view["ended_at"]) if view.get("ended_at") else now
-    return (end - datetime.fromisoformat(started)).total_seconds()
+    end = _utc(view["ended_at"]) if view.get("ended_at") else _utc(now)
+    return (end - _utc(started)).total_seconds()
 
 
 def render_job(view: dict[str, Any], *, now: datetime | None = None) -> str:

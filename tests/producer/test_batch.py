@@ -253,6 +253,8 @@ def test_progress_shows_rate_elapsed_and_time_left() -> None:
     ended = batch_cli.render_job({**view, "status": "finished", "done": 1000, "ended_at": "2026-11-30T10:03:20"},
                                  now=datetime(2026, 11, 30, 12, 0))
     assert "1000/1000 [03:20<00:00," in ended  # elapsed stops at the end
+    aware = {**view, "started_at": "2026-11-30T10:00:00+00:00"}  # RQ 3 writes aware times
+    assert "[01:30<01:50," in batch_cli.render_job(aware, now=datetime(2026, 11, 30, 10, 1, 30))
 
 
 def test_a_queued_job_without_a_batch_worker_gets_a_hint() -> None:
