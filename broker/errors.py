@@ -15,6 +15,12 @@ class InvalidRequest(RyzansteinError):
     code = "invalid_request"
 
 
+class ModelNotFound(InvalidRequest):
+    """The request names a model that no registered worker group serves."""
+
+    code = "model_not_found"
+
+
 class Overloaded(RyzansteinError):
     code = "overloaded"
 

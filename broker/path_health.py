@@ -22,7 +22,7 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from broker.keys import INGRESS_GROUP, Keys
-from broker.registry import GroupStatus, groups_from_reply
+from broker.registry import GroupStatus, groups_from_reply, served_names
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +40,7 @@ class PathHealth:
     ok: bool
     reason: str  # one line for people: "ok", or what is broken
     serving: list[str] = field(default_factory=list)  # routable groups
-    models: list[str] = field(default_factory=list)  # the models they serve
+    models: list[str] = field(default_factory=list)  # the model names they serve
 
     def to_json(self) -> dict[str, Any]:
         return {"status": "ok" if self.ok else "unavailable", "reason": self.reason,
@@ -51,7 +51,7 @@ def judge(view: PathView, *, balancer_dead_after_s: float) -> PathHealth:
     """The path's health from ``view``: unhealthy when no balancer reads recently, when requests
     wait unread past ``balancer_dead_after_s``, or when no group is alive and ready."""
     serving = [g for g in view.groups if g.routable]
-    models = sorted({g.model for g in serving})
+    models = served_names(serving)
     problems = []
     waiting = f" ({view.unread} requests waiting)" if view.unread else ""
     if view.balancer_age_s is None:

@@ -26,13 +26,14 @@ from typing import Any
 
 from redis.exceptions import NoScriptError, ResponseError
 
+from broker.chat import publish_template, template_digest
 from broker.connection import TRANSIENT_ERRORS, RedisClock, backoff_delays
 from broker.errors import EngineFailed
 from broker.failures import describe, raise_if_fatal
 from broker.keys import QUEUE_GROUP, Keys
 from broker.logs import request_extra
 from broker.protocol import GenerationRequest, done_event, error_event, limit_problem, token_event
-from broker.registry import GroupLoad, model_display_name
+from broker.registry import GroupLoad
 from broker.scripts import Scripts
 from broker.settings import Settings
 from broker.wire import Batch
@@ -43,12 +44,14 @@ from gpu_workers.keepalive import StepKeepalive
 from gpu_workers.load import LoadMeter, group_load
 from gpu_workers.output import OutputState
 from gpu_workers.publisher import Publisher
+from gpu_workers.served import default_served_name, foreign_weights
 from gpu_workers.telemetry import GroupTelemetry
 
 log = logging.getLogger(__name__)
 
 CONSUMER = "leader"
 READ_CHUNK = 512  # most queue entries read at once
+TEMPLATE_REPUBLISH_S = 30.0  # how often the chat template is written again (broker.chat)
 
 
 class WorkerGroup:
@@ -60,9 +63,18 @@ class WorkerGroup:
         settings: Settings,
         name: str | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        served_models: list[str] | None = None,
+        weights: str = "",
     ) -> None:
+        """``served_models``: the names requests reach this group by (default: the engine's model's
+        default name, gpu_workers.served); ``weights``: their fingerprint ("" when unknown)."""
         self.redis = redis
         self.engine = engine
+        self.served_models = served_models or [default_served_name(engine.info.model)]
+        self.weights = weights
+        template = engine.info.chat_template
+        self.chat_template = template_digest(template) if template else ""
+        self._next_template_publish = 0.0
         self.settings = settings
         self.keys = Keys(settings.prefix)
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
@@ -89,7 +101,7 @@ class WorkerGroup:
             self.name, enabled=settings.metrics_port is not None, now_ms=lambda: self.clock.now_ms(),
             log_prompts=settings.log_prompts, ready_within_s=settings.dead_after_s,
             live_within_s=settings.liveness_timeout_s, stats_log_interval_s=settings.stats_log_interval_s,
-            model_name=model_display_name(engine.info.model), monotonic=monotonic)
+            model_name=self.served_models[0], monotonic=monotonic)  # vLLM's label: the served name
         self._heartbeat_fields: list[str] | None = None  # of the last heartbeat, repeated by keepalive
         self.keepalive = StepKeepalive(self._repeat_heartbeat, interval_s=settings.heartbeat_interval_s,
                                        max_step_s=settings.liveness_timeout_s, monotonic=monotonic,
@@ -336,6 +348,9 @@ class WorkerGroup:
         if problem is not None:
             self._finish_error(held, "invalid_request", problem)
             return
+        if (problem := foreign_weights(request, self.weights)) is not None:
+            self._finish_error(held, "unavailable", problem)
+            return
         if request.output_ids and not self._replay(held):
             return
         now_ms = self.clock.now_ms()
@@ -526,7 +541,8 @@ class WorkerGroup:
         state = "draining" if self.draining else "starting" if self._starting else "ready"
         load = group_load(self.name, self.engine, self.holding, self.meter, now=now, state=state,
                           queue_depth=self._queue_depth, completed=self.completed, fenced=self.fenced,
-                          metrics_port=self.telemetry.port)
+                          metrics_port=self.telemetry.port, served_models=self.served_models,
+                          weights=self.weights, chat_template=self.chat_template)
         self.meter.reset(now)
         return load
 
@@ -535,6 +551,10 @@ class WorkerGroup:
         if not force and now < self._next_heartbeat:
             return
         self._next_heartbeat = now + self.settings.heartbeat_interval_s
+        if self.engine.info.chat_template and now >= self._next_template_publish:
+            # again now and then: a Redis restarted without persistence lost it (the heartbeat is rewritten)
+            publish_template(self.redis, self.keys, self.engine.info.chat_template)
+            self._next_template_publish = now + TEMPLATE_REPUBLISH_S
         queued = self.redis.xlen(self.keys.group_queue(self.name))
         self._queue_depth = max(0, queued - len(self._running))
         load = self.load()

@@ -124,8 +124,9 @@ class LoadingBeacon:
             pipe.execute()
 
 
-def loading_load(name: str, *, model: str, tp: int, kv_dtype: str) -> GroupLoad:
-    """What a loading group publishes: its identity, nothing to route by yet."""
+def loading_load(name: str, *, model: str, tp: int, kv_dtype: str, served_models: list[str] | None = None
+                 ) -> GroupLoad:
+    """What a loading group publishes: its identity and the names it will serve, nothing to route by yet."""
     return GroupLoad(name=name, tp=tp, model=model, kv_dtype=kv_dtype, kv_capacity_tokens=0, kv_used_tokens=0,
                      running=0, waiting=0, queue_depth=0, leader_pid=os.getpid(), host=socket.gethostname(),
-                     max_context=0, vocab_size=0, state="loading")
+                     max_context=0, vocab_size=0, state="loading", served_models=list(served_models or []))

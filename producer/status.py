@@ -23,7 +23,7 @@ from redis.exceptions import ResponseError
 from broker.cli_common import settings_from_args, setup_logging
 from broker.connection import TRANSIENT_ERRORS, connect, resolve_url
 from broker.keys import INGRESS_GROUP, Keys
-from broker.registry import GroupStatus, model_display_name, read_groups
+from broker.registry import GroupStatus, read_groups
 from broker.settings import Settings
 
 DEFAULT_WATCH_S = 2.0
@@ -117,10 +117,32 @@ def status_json(snapshot: Snapshot, rates: dict[str, float] | None = None) -> di
         groups.append(row)
     return {
         "groups": groups,
+        "models": models_json(snapshot.groups),
         "ingress_depth": snapshot.ingress_depth,
         "ingress_pending": snapshot.ingress_pending,
         "balancers": [asdict(b) for b in snapshot.balancers],
     }
+
+
+def model_name(group: GroupStatus) -> str:
+    """The canonical name of the model a group serves (its first served name)."""
+    return group.served_models[0] if group.served_models else group.model
+
+
+def models_json(groups: Sequence[GroupStatus]) -> dict[str, dict[str, Any]]:
+    """The groups by served model (canonical name): their names, aliases, how many are alive, and
+    the weights fingerprints among them (two during a rolling upgrade)."""
+    out: dict[str, dict[str, Any]] = {}
+    for g in sorted(groups, key=lambda g: (model_name(g), g.name)):
+        entry = out.setdefault(model_name(g), {"groups": [], "aliases": [], "alive": 0, "weights": []})
+        entry["groups"].append(g.name)
+        entry["alive"] += g.alive
+        for alias in g.served_models[1:]:
+            if alias not in entry["aliases"]:
+                entry["aliases"].append(alias)
+        if g.weights and g.weights not in entry["weights"]:
+            entry["weights"].append(g.weights)
+    return out
 
 
 def _state(group: GroupStatus) -> str:
@@ -179,7 +201,7 @@ def _group_columns(rates: dict[str, float] | None) -> list[_Column]:
         _Column("GROUP", 100, lambda g: g.name),
         _Column("STATE", 100, _state),
         _Column("TP", 40, lambda g: str(g.tp)),
-        _Column("MODEL", 80, lambda g: g.model, ("MODEL", lambda g: model_display_name(g.model))),
+        _Column("MODEL", 80, model_name),  # the served name, never a machine path
         _Column("KV DTYPE", 30, lambda g: g.kv_dtype),
         _Column("KV USED/CAPACITY", 82, _kv, ("KV", kv_share)),
         _Column("WEIGHTS+KV/RANK", 15, _rank_memory),
@@ -235,7 +257,7 @@ def render_table(snapshot: Snapshot, *, rates: dict[str, float] | None = None, t
     """The snapshot for a person, within ``width`` columns: groups, balancers, then totals and the
     ingress depth."""
     lines = [title, ""] if title else []
-    groups = snapshot.groups
+    groups = sorted(snapshot.groups, key=lambda g: (model_name(g), g.name))  # grouped by model
     if groups:
         lines += _fit(_group_columns(rates), groups, width)
     else:
@@ -259,6 +281,12 @@ def render_table(snapshot: Snapshot, *, rates: dict[str, float] | None = None, t
             load += f", {sum(rates.get(g.name, 0.0) for g in live):.1f} req/s"
         totals = f"{alive}; {load}"
         lines += ["", totals] if len(totals) <= width else ["", f"{alive};", load]
+        models = models_json(groups)
+        if len(models) > 1:
+            lines += [f"  {name}: {m['alive']}/{len(m['groups'])} groups alive"
+                      + (f", aliases {', '.join(m['aliases'])}" if m["aliases"] else "")
+                      + (f", {len(m['weights'])} weights versions" if len(m["weights"]) > 1 else "")
+                      for name, m in models.items()]
     lines.append(f"ingress: {snapshot.ingress_depth} entries ({snapshot.ingress_pending} being routed by balancers)")
     return "\n".join(lines)
 

@@ -66,9 +66,10 @@ def test_a_loading_group_is_listed_with_its_phase_then_withdrawn(r: redis.Redis,
 
 def test_a_start_up_that_fails_while_loading_leaves_no_registry_entry(r: redis.Redis, keys: Keys,
                                                                        settings: Settings, redis_url: str) -> None:
-    args = argparse.Namespace(group="g1", model="random:tiny", kv_dtype="fp8_e4m3")
+    args = argparse.Namespace(group="g1", model="random:tiny", kv_dtype="fp8_e4m3", served_model_name=None)
     with pytest.raises(ConfigError), cli._announce_loading(settings, redis_url, args, tp=1):
         args.loading_beacon.beat()
-        assert [g.state for g in read_groups(r, keys, dead_after_s=3.0)] == ["loading"]
+        assert [(g.state, g.served_models) for g in read_groups(r, keys, dead_after_s=3.0)] == [
+            ("loading", ["random:tiny"])]  # the names it will serve: health and status group by them
         raise ConfigError("the model cannot be loaded")
     assert read_groups(r, keys, dead_after_s=3.0) == []

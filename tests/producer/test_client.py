@@ -43,6 +43,8 @@ def test_every_option_survives_the_servers_parser(keys: Keys) -> None:
         top_k=3,
         seed=-9,
         stop=["\n", "END"],
+        stop_token_ids=[2, 0],
+        model="org/chat-v2",
         stream=True,
         priority=-2,
         timeout_s=1.5,
@@ -59,7 +61,9 @@ def test_every_option_survives_the_servers_parser(keys: Keys) -> None:
         "top_k": 3,
         "seed": -9,
         "stop": ("\n", "END"),
+        "stop_token_ids": (2, 0),
     }
+    assert request.model == "org/chat-v2"
     assert (request.stream, request.priority, request.timeout_s, request.reply_to) == (
         True,
         -2,

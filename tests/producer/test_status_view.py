@@ -135,11 +135,11 @@ def test_an_idle_balancer_says_idle_and_a_stopped_one_gone() -> None:
 
 
 def test_the_table_fits_80_columns_and_uses_more_when_there_are_more() -> None:
-    long = [status_of(replace(LOAD, name="worker-0.pool-a", model="/models/Llama-3.1-8B-Instruct",
+    long = [status_of(replace(LOAD, name="worker-0.pool-a", model="/models/Llama-3.1-8B-Instruct", served_models=["Llama-3.1-8B-Instruct"],
                               state=state, rank_weight_bytes=[2 << 30] * 2, rank_kv_bytes=[1 << 30] * 2,
                               kv_capacity_tokens=524288, kv_used_tokens=131072, host="a-long-node-name-17"),
                       age_s=0.4) for state in ("ready", "draining")]
-    loading = status_of(replace(LOAD, name="worker-1.pool-a", model="/models/Llama-3.1-8B-Instruct",
+    loading = status_of(replace(LOAD, name="worker-1.pool-a", model="/models/Llama-3.1-8B-Instruct", served_models=["Llama-3.1-8B-Instruct"],
                                 state="loading", phase="KV allocation", kv_capacity_tokens=0), age_s=0.2)
     snap = snapshot([*long, loading])
     narrow = render_table(snap, width=80)
@@ -147,10 +147,33 @@ def test_the_table_fits_80_columns_and_uses_more_when_there_are_more() -> None:
     header = narrow.splitlines()[0].split()
     assert header[:2] == ["GROUP", "STATE"] and {"RUN", "WAIT", "QUEUE", "KV"} <= set(header)
     table = rows(narrow.replace("worker-", "g-"))
-    assert table["g-0.pool-a"][2] == "Llama-3.1-8B-Instruct"  # the model's name, not its path
+    assert table["g-0.pool-a"][2] == "Llama-3.1-8B-Instruct"  # the served name, not the path
     assert "25%" in table["g-0.pool-a"]
     assert table["g-1.pool-a"][1] == "loading:KV"  # a loading group is listed, with its phase
     assert "(1 draining, 1 loading)" in narrow
     wide = render_table(snap, width=240)
-    assert "WEIGHTS+KV/RANK" in wide and "/models/Llama-3.1-8B-Instruct" in wide and "131072/524288 (25%)" in wide
+    assert "WEIGHTS+KV/RANK" in wide and "131072/524288 (25%)" in wide
     assert max(map(len, wide.splitlines())) > 80
+
+
+def test_groups_are_shown_by_served_model_with_their_names_and_versions() -> None:
+    groups = [
+        status_of(replace(LOAD, name="g-b1", model="/srv/models/chat-v2", served_models=["chat", "chat-latest"],
+                          weights="w2"), age_s=0.1),
+        status_of(replace(LOAD, name="g-a1", model="random:tiny", served_models=["random:tiny"], weights="t"),
+                  age_s=0.1),
+        status_of(replace(LOAD, name="g-a0", model="/srv/models/chat-v1", served_models=["chat"], weights="w1"),
+                  age_s=9.0),
+    ]
+    text = render_table(snapshot(groups), width=200)
+    table = [line.split() for line in text.splitlines() if line.startswith("g-")]
+    assert [(row[0], row[3]) for row in table] == [("g-a0", "chat"), ("g-b1", "chat"), ("g-a1", "random:tiny")]
+    assert "/srv/models" not in text
+    assert "  chat: 1/2 groups alive, aliases chat-latest, 2 weights versions" in text.splitlines()
+    assert "  random:tiny: 1/1 groups alive" in text.splitlines()
+    out = json.loads(json.dumps(status_json(snapshot(groups))))
+    assert out["models"] == {
+        "chat": {"groups": ["g-a0", "g-b1"], "aliases": ["chat-latest"], "alive": 1, "weights": ["w1", "w2"]},
+        "random:tiny": {"groups": ["g-a1"], "aliases": [], "alive": 1, "weights": ["t"]}}
+    assert {g["name"]: g["model"] for g in out["groups"]}["g-b1"] == "/srv/models/chat-v2"  # the key kept as it was
+    assert {g["name"]: g["served_models"] for g in out["groups"]}["g-b1"] == ["chat", "chat-latest"]
