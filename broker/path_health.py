@@ -8,7 +8,9 @@ A process that answers is not a path that works: with no balancer running, reque
   ingress read, about every second) is younger than ``balancer_dead_after_s``; and no request has
   waited unread on the ingress stream for longer than that (a balancer that heartbeats but does not
   read would leave them there);
-- a **group** serves: at least one registered group is alive and ready (``GroupStatus.routable``).
+- a **group** serves: at least one registered group is alive and ready (``GroupStatus.routable``),
+  and so for every model name a registered group serves (a model whose groups all died, or are
+  still loading, cannot be served).
 
 ``judge`` is the rule, a pure function; ``read_path`` and ``read_path_async`` read its inputs in
 two round trips with the sync and the asyncio Redis clients.
@@ -64,6 +66,10 @@ def judge(view: PathView, *, balancer_dead_after_s: float) -> PathHealth:
     if not serving:
         loading = [g for g in view.groups if g.alive and g.state in ("loading", "starting")]
         problems.append("no live worker group" + (f" ({len(loading)} loading)" if loading else ""))
+    else:  # every model a registered group serves (or served lately, or is loading) has a live group
+        missing = sorted(set(served_names(view.groups)) - set(models))
+        if missing:
+            problems.append(f"no live worker group serves {', '.join(missing)}")
     names = [g.name for g in serving]
     if problems:
         return PathHealth(False, "; ".join(problems), names, models)

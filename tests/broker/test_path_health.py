@@ -57,6 +57,18 @@ def test_each_broken_part_makes_the_path_unhealthy(change: dict[str, object], sa
     assert not health.ok and health.reason == says
 
 
+def test_a_model_without_a_live_group_makes_the_path_unhealthy() -> None:
+    chat = _group("g2")
+    chat.served_models = ["chat"]  # type: ignore[attr-defined]
+    dead_chat = _group("g3", alive=False)
+    dead_chat.served_models = ["chat"]  # type: ignore[attr-defined]
+    assert judge(dataclasses.replace(HEALTHY, groups=[_group(), chat, dead_chat]),  # type: ignore[list-item]
+                 balancer_dead_after_s=LIMIT_S).ok
+    health = judge(dataclasses.replace(HEALTHY, groups=[_group(), dead_chat]),  # type: ignore[list-item]
+                   balancer_dead_after_s=LIMIT_S)
+    assert not health.ok and health.reason == "no live worker group serves chat" and health.models == ["m"]
+
+
 def test_requests_waiting_less_than_the_limit_are_not_a_problem() -> None:
     view = dataclasses.replace(HEALTHY, unread=5, oldest_unread_age_s=LIMIT_S - 1)
     assert judge(view, balancer_dead_after_s=LIMIT_S).ok
