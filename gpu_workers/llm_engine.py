@@ -198,6 +198,9 @@ class LlamaEngine:
             kv_capacity_tokens=self.blocks.capacity_tokens,
             kv_used_tokens=self.blocks.used_tokens,
             prefix_cache_hit_rate=self.blocks.hit_rate,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=self.blocks.prefix_query_tokens,
+            prefix_cache_hits=self.blocks.prefix_hit_tokens,
         )
 
     def close(self) -> None:

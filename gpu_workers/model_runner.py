@@ -22,6 +22,7 @@ from gpu_workers.model.families import model_class
 from gpu_workers.model.kv_cache import STORAGE_DTYPES, KVCache
 from gpu_workers.model.layers import TPContext
 from gpu_workers.model.loader import load_weights
+from gpu_workers.startup import phase
 
 if TYPE_CHECKING:
     from gpu_workers.sequence import Sequence
@@ -84,10 +85,13 @@ class ModelRunner:
         self.windows = sorted({w for i in range(self.config.num_hidden_layers)
                                if (w := self.config.layer_window(i)) is not None})
         self.full_layers = any(self.config.layer_window(i) is None for i in range(self.config.num_hidden_layers))
-        with torch.device(self.device):
-            self.model = model_class(self.config)(self.config, self.tp, self.dtype)
-        load_weights(self.model, Path(model_dir))
-        self.model.pack_weights()
+        where = f"{model_dir}, rank {self.tp.rank} of {self.tp.size}" if self.tp.size > 1 else str(model_dir)
+        with phase("load", where):
+            with torch.device(self.device):
+                self.model = model_class(self.config)(self.config, self.tp, self.dtype)
+            load_weights(self.model, Path(model_dir))
+        with phase("pack"):
+            self.model.pack_weights()
         self.kv_dtype = kv_dtype
         self.kv_cache: KVCache
         if num_blocks is not None:
@@ -95,7 +99,11 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """The KV cache of ``num_blocks`` blocks (once, before the first ``run``)."""
-        self.kv_cache = KVCache(
+        with phase("KV allocation", f"{num_blocks} blocks of {self.block_size} tokens, {self.kv_dtype}"):
+            self.kv_cache = self._new_kv_cache(num_blocks)
+
+    def _new_kv_cache(self, num_blocks: int) -> KVCache:
+        return KVCache(
             num_layers=self.config.num_hidden_layers,
             num_blocks=num_blocks,
             block_size=self.block_size,

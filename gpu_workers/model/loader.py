@@ -21,6 +21,7 @@ from torch import nn
 
 from broker.errors import ConfigError
 from gpu_workers.model.layers import default_weight_loader
+from gpu_workers.startup import track
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
             file: stack.enter_context(safe_open(file, framework="pt", device="cpu"))
             for file in sorted({files[n] for n in wanted})
         }
-        for name, (param_name, shard_id) in wanted.items():
+        for name, (param_name, shard_id) in track(wanted.items(), total=len(wanted), what="loading weights"):
             file_slice = handles[files[name]].get_slice(name)
             tensor = CheckpointTensor(file_slice, tuple(file_slice.get_shape()))
             param = params[param_name]

@@ -75,7 +75,11 @@ def test_shared_prefixes_hit_the_prefix_cache_and_still_match(llama_dir: Path) -
     engine = engine_for(llama_dir)
     first = generate(engine, greedy_requests(prompts[:1]))
     rest = generate(engine, [EngineRequest(f"r{i}", p, GREEDY) for i, p in enumerate(prompts) if i])
-    assert engine.stats().prefix_cache_hit_rate > 0.3
+    stats = engine.stats()
+    assert stats.prefix_cache_hit_rate > 0.3
+    # the totals the metrics count: every prompt token queried, the shared prefix's full blocks hit
+    assert stats.prefix_cache_queries == sum(map(len, prompts))
+    assert stats.prefix_cache_hits == 2 * (len(prefix) // 16 * 16)
     assert [first["r0"], rest["r1"], rest["r2"]] == reference.tokens
 
 
@@ -89,6 +93,7 @@ def test_preemption_under_a_tiny_kv_cache_keeps_tokens_exact(llama_dir: Path) ->
     assert engine.stats().kv_capacity_tokens == 160
     out = generate(engine, greedy_requests(prompts))
     assert engine.scheduler.num_preemptions > 0
+    assert engine.stats().num_preemptions == engine.scheduler.num_preemptions
     assert [out[f"r{i}"] for i in range(len(prompts))] == reference.tokens
     assert engine.stats().kv_used_tokens == 0
 
@@ -253,3 +258,28 @@ def test_deadline_orders_what_waits_among_equal_priorities(llama_dir: Path) -> N
     engine.step()
     assert [s.request_id for s in engine.scheduler.running] == ["tight"]
     assert engine.not_started() == ["loose", "none", "low"]
+
+
+def test_default_kv_budget_follows_the_cgroup_and_never_exceeds_what_sequences_can_use(
+        llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --kv-memory on a CPU: a quarter of what the pod's cgroup still allows, and never more
+    blocks than max_num_seqs sequences at the model's full context could fill."""
+    from gpu_workers import kv_memory
+
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    (tmp_path / "self").write_text("0::/\n")
+    (cgroup / "memory.current").write_text("0\n")
+    monkeypatch.setattr(kv_memory, "CGROUP_ROOT", cgroup)
+    monkeypatch.setattr(kv_memory, "SELF_CGROUP", tmp_path / "self")
+
+    (cgroup / "memory.max").write_text(f"{8 << 20}\n")  # an 8 MiB pod on this (much larger) host
+    engine = engine_for(llama_dir, kv_memory=None)
+    block_bytes = engine.runner.kv_cache.bytes_per_block()
+    assert engine.blocks.num_blocks == (2 << 20) // block_bytes  # 25% of 8 MiB
+    engine.close()
+
+    (cgroup / "memory.max").write_text("max\n")  # no limit: the host's memory, capped by what fits
+    engine = engine_for(llama_dir, kv_memory=None, max_num_seqs=2)
+    assert engine.blocks.num_blocks == -(-2 * engine.config.max_context // 16)
+    engine.close()
