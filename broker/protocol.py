@@ -23,6 +23,9 @@ FinishReason = Literal["stop", "length", "cancelled"]
 INT64_MIN, UINT64_MAX = -(1 << 63), (1 << 64) - 1
 MAX_STOP_STRINGS = 16
 MAX_KEY_BYTES = 512
+MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias
+MAX_BAD_WORDS = 128
+LOGIT_BIAS_LIMIT = 100.0  # |bias| at most, as OpenAI's API
 
 
 class SamplingParams(BaseModel):
@@ -36,6 +39,26 @@ class SamplingParams(BaseModel):
     top_k: int = Field(default=0, ge=0, le=1 << 31)
     seed: int | None = Field(default=None, ge=INT64_MIN, le=UINT64_MAX)
     stop: tuple[str, ...] = Field(default=(), max_length=MAX_STOP_STRINGS)
+    # --- sampling controls, with vLLM's meanings (docs/PROTOCOL.md, "Sampling controls") ---
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    min_tokens: int = Field(default=0, ge=0, le=1 << 31)
+    ignore_eos: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = Field(default=(), max_length=MAX_LOGIT_BIAS)  # (token id, bias)
+    bad_words: tuple[str, ...] = Field(default=(), max_length=MAX_BAD_WORDS)
+
+    @classmethod
+    def from_dump(cls, raw: dict[str, Any]) -> SamplingParams:
+        """The inverse of ``model_dump`` after a msgpack round trip (arrays come back as lists)."""
+        raw = dict(raw)
+        for name in ("stop", "bad_words"):
+            if name in raw:
+                raw[name] = tuple(raw[name])
+        if "logit_bias" in raw:
+            raw["logit_bias"] = tuple((int(t), float(b)) for t, b in raw["logit_bias"])
+        return cls(**raw)
 
 
 class GenerationRequest(BaseModel):
@@ -77,8 +100,10 @@ class GenerationRequest(BaseModel):
             "id": self.id,
             "prompt": self.prompt,
             "prompt_ids": list(self.prompt_ids) if self.prompt_ids is not None else None,
-            **self.sampling.model_dump(exclude={"stop"}),
+            **self.sampling.model_dump(exclude={"stop", "logit_bias", "bad_words"}),
             "stop": list(self.sampling.stop),
+            "logit_bias": {str(t): b for t, b in self.sampling.logit_bias},
+            "bad_words": list(self.sampling.bad_words),
             "stream": self.stream,
             "priority": self.priority,
             "timeout_s": self.timeout_s,
@@ -91,7 +116,7 @@ class GenerationRequest(BaseModel):
     @classmethod
     def from_wire(cls, data: bytes) -> GenerationRequest:
         raw = msgpack.unpackb(data, raw=False)
-        raw["sampling"] = SamplingParams(**{**raw["sampling"], "stop": tuple(raw["sampling"]["stop"])})
+        raw["sampling"] = SamplingParams.from_dump(raw["sampling"])
         for name in ("prompt_ids", "output_ids"):
             if raw.get(name) is not None:
                 raw[name] = tuple(raw[name])
@@ -280,6 +305,10 @@ def _parse(
         sampling["seed"] = _int("seed", raw["seed"])
     if raw.get("stop") is not None:
         sampling["stop"] = _stop(raw["stop"])
+    sampling.update(_controls(raw))
+    if sampling.get("min_tokens", 0) > sampling["max_tokens"] >= 1:
+        raise InvalidRequest(f"field 'min_tokens': must be at most max_tokens ({sampling['max_tokens']}), "
+                             f"got {sampling['min_tokens']}")
 
     reply_to = f"{prefix}:result:{request_id}"
     if raw.get("reply_to") is not None:
@@ -311,6 +340,67 @@ def _parse(
         takeover_from=takeover_from,
         takeover_epoch=takeover_epoch,
     )
+
+
+# --- sampling controls (vLLM's SamplingParams fields) ---------------------------------------------
+
+
+def _controls(raw: dict[str, Any]) -> dict[str, Any]:
+    """The sampling controls a request sets (penalties, min_p, min_tokens, ignore_eos, logit_bias,
+    bad_words), converted; their bounds are checked by ``SamplingParams``."""
+    out: dict[str, Any] = {}
+    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
+        if raw.get(name) is not None:
+            out[name] = _float(name, raw[name])
+    if raw.get("min_tokens") is not None:
+        out["min_tokens"] = _int("min_tokens", raw["min_tokens"])
+    if raw.get("ignore_eos") is not None:
+        out["ignore_eos"] = _bool("ignore_eos", raw["ignore_eos"])
+    if raw.get("logit_bias") is not None:
+        out["logit_bias"] = _logit_bias(raw["logit_bias"])
+    if raw.get("bad_words") is not None:
+        out["bad_words"] = _bad_words(raw["bad_words"])
+    return out
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """A JSON object (flat field) or msgpack map of token id -> bias in [-100, 100], in id order."""
+    if isinstance(value, dict):
+        items = value
+    else:
+        text = _text("logit_bias", value)
+        try:
+            items = json.loads(text)
+        except (ValueError, RecursionError):
+            raise InvalidRequest(f"field 'logit_bias': expected a JSON object, got {_show(text)}") from None
+        if not isinstance(items, dict):
+            raise InvalidRequest(f"field 'logit_bias': expected a JSON object, got {type(items).__name__}")
+    if len(items) > MAX_LOGIT_BIAS:
+        raise InvalidRequest(f"field 'logit_bias': at most {MAX_LOGIT_BIAS} entries, got {len(items)}")
+    out: dict[int, float] = {}
+    for key, bias in items.items():
+        token = _int("logit_bias", key)
+        if token < 0 or token > UINT64_MAX:
+            raise InvalidRequest(f"field 'logit_bias': token id {token} is out of range")
+        number = _float("logit_bias", bias)
+        if abs(number) > LOGIT_BIAS_LIMIT:
+            raise InvalidRequest(f"field 'logit_bias': bias {number} for token {token} is outside "
+                                 f"[-{LOGIT_BIAS_LIMIT:g}, {LOGIT_BIAS_LIMIT:g}]")
+        out[token] = number
+    return tuple(sorted(out.items()))
+
+
+def _bad_words(value: Any) -> tuple[str, ...]:
+    items = _json_list("bad_words", value)
+    if len(items) > MAX_BAD_WORDS:
+        raise InvalidRequest(f"field 'bad_words': at most {MAX_BAD_WORDS} words, got {len(items)}")
+    out = []
+    for item in items:
+        text = _text("bad_words", item) if isinstance(item, (str, bytes)) else None
+        if not text or not text.strip():
+            raise InvalidRequest(f"field 'bad_words': every item must be a non-blank string, got {item!r:.40}")
+        out.append(text)
+    return tuple(out)
 
 
 def entry_ms(entry_id: str | bytes) -> int:
@@ -348,7 +438,7 @@ def best_effort_reply_to(fields: dict[Any, Any], *, entry_id: str, prefix: str) 
 
 
 def limit_problem(prompt_ids: list[int] | tuple[int, ...], max_tokens: int, *, vocab_size: int,
-                  max_context: int) -> str | None:
+                  max_context: int, logit_bias: tuple[tuple[int, float], ...] = ()) -> str | None:
     """Why a tokenized request cannot run on a model (vocabulary, context length), or None."""
     if not prompt_ids:
         return "the prompt encodes to no tokens"
@@ -356,6 +446,8 @@ def limit_problem(prompt_ids: list[int] | tuple[int, ...], max_tokens: int, *, v
     if top >= vocab_size:
         return f"prompt_ids: token id {top} is outside the vocabulary (size {vocab_size})"
     need = len(prompt_ids) + max_tokens
+    if logit_bias and (bad := max(t for t, _ in logit_bias)) >= vocab_size:
+        return f"logit_bias: token id {bad} is outside the vocabulary (size {vocab_size})"
     if need > max_context:
         return (f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) = {need} exceeds the "
                 f"model's context length of {max_context}")

@@ -59,7 +59,8 @@ class EngineStats:
 
 
 class Tokenizer(Protocol):
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """``add_special_tokens``: what the tokenizer's post-processor adds (a BOS), as transformers'."""
 
     def decode(self, ids: list[int]) -> str: ...
 

@@ -61,14 +61,16 @@ class OutputState:
         self.text += self._detok.push(token_id)
 
         finish = None
-        if token_id in self._eos or engine_finish is not None:
+        if (token_id in self._eos and not self.sampling.ignore_eos) or engine_finish is not None:
             finish = engine_finish or "stop"
         elif (len(self.token_ids) >= self.sampling.max_tokens
               or self.prompt_len + len(self.token_ids) >= self._max_context):
             finish = "length"
         if finish is not None:
             self.text += self._detok.flush()
-        if self._stops and (cut := self._find_stop(searched_from)) is not None:
+        # vLLM's rule: stop strings count only from min_tokens on (the stop ids are masked until then)
+        if (self._stops and len(self.token_ids) > self.sampling.min_tokens
+                and (cut := self._find_stop(searched_from)) is not None):
             self.text = self.text[:cut]
             finish = "stop"
 

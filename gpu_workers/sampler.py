@@ -1,10 +1,12 @@
-"""Picking the next token of each request from its logits: greedy, temperature, top-k, top-p.
+"""Picking the next token of each request from its logits: the request's controls (logit bias,
+bad words, min_tokens, penalties: gpu_workers.logits_processors), then greedy, or temperature,
+min-p, top-k, top-p and a draw.
 
 Seeded sampling is reproducible whatever the batch: a row's token depends only on its logits, its
-parameters, its seed and the index of the token being generated. The randomness is counter-based:
-one uniform number per row, hashed from (seed, step) on the host with splitmix64, drives an
-inverse-CDF draw. No generator state survives a call, so a request that migrates to another worker
-group after k tokens goes on with exactly the draws it would have had.
+parameters, its tokens so far, its seed and the index of the token being generated. The randomness
+is counter-based: one uniform number per row, hashed from (seed, step) on the host with
+splitmix64, drives an inverse-CDF draw. No generator state survives a call, so a request that
+migrates to another worker group after k tokens goes on with exactly the draws it would have had.
 """
 
 from __future__ import annotations
@@ -16,22 +18,35 @@ import numpy as np
 import torch
 
 from broker.protocol import SamplingParams
+from gpu_workers.logits_processors import RowContext, apply_controls, is_controlled
 
 _MASK64 = (1 << 64) - 1
 
 
 def sample(
-    logits: torch.Tensor, params: Sequence[SamplingParams], *, seeds: Sequence[int], steps: Sequence[int]
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    *,
+    seeds: Sequence[int],
+    steps: Sequence[int],
+    contexts: Sequence[RowContext] | None = None,
 ) -> list[int]:
     """The next token id of each row of ``logits`` (``[N, V]``, one row per request).
 
     ``seeds[i]`` is row i's seed (any int: the engine draws one at admission for requests without),
     ``steps[i]`` the 0-based index of the token being generated, counted over the whole completion.
-    Temperature 0 is greedy (argmax); otherwise temperature, then top-k, then top-p, then a draw.
+    ``contexts[i]``: row i's tokens so far, for its controls (penalties, bad words, min_tokens;
+    None: no row has any). The controls apply first, in vLLM's order; then temperature 0 is greedy
+    (argmax); otherwise temperature, then min-p (tokens less likely than ``min_p`` times the
+    likeliest go: vLLM's order, before top-k and top-p), then top-k, then top-p, then a draw.
     """
     n, vocab = logits.shape
-    if not len(params) == len(seeds) == len(steps) == n:
+    if not len(params) == len(seeds) == len(steps) == n or (contexts is not None and len(contexts) != n):
         raise ValueError(f"{n} logit rows but {len(params)} params, {len(seeds)} seeds, {len(steps)} steps")
+    if contexts is not None and any(is_controlled(p, c) for p, c in zip(params, contexts)):
+        processed = logits.float()
+        logits = processed.clone() if processed is logits else processed
+        apply_controls(logits, params, contexts)
     rows = [i for i, p in enumerate(params) if p.temperature > 0.0]
     if not rows:
         return logits.argmax(dim=-1).tolist()
@@ -40,6 +55,14 @@ def sample(
     device = logits.device
     temperature = torch.tensor([p.temperature for p in chosen], device=device)
     x = _scaled(logits if len(rows) == n else logits[rows], temperature)  # [S, V], a fresh tensor
+    floored = [j for j, p in enumerate(chosen) if p.min_p > 0.0]
+    if floored:
+        # In x each row's likeliest token is 0 and exp2(x) is the probability relative to it.
+        floor = torch.tensor([math.log2(chosen[j].min_p) for j in floored], device=device).unsqueeze(-1)
+        part = x if len(floored) == len(rows) else x[floored]  # [M, V]
+        part.masked_fill_(part < floor, float("-inf"))
+        if part is not x:
+            x[floored] = part
     filtered = [j for j, p in enumerate(chosen) if 0 < p.top_k < vocab or p.top_p < 1.0]
     if filtered:
         part = x if len(filtered) == len(rows) else x[filtered]  # [F, V]

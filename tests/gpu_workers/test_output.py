@@ -236,3 +236,35 @@ def test_deltas_join_to_the_final_text(text: str, stops: list[str], max_tokens: 
     for r in results:
         shown += r.text
         assert out.text.startswith(shown)
+
+
+# --- sampling controls that change when a completion ends --------------------------------------------
+
+
+def controlled_state(**sampling: object) -> OutputState:
+    return OutputState(
+        sampling=SamplingParams(**sampling),  # type: ignore[arg-type]
+        prompt_ids=[1],
+        tokenizer=ByteTokenizer(vocab_size=257, specials=frozenset({EOS})),
+        eos_token_ids=frozenset({EOS}),
+        max_context=10_000,
+    )
+
+
+def test_ignore_eos_goes_on_through_eos_to_max_tokens() -> None:
+    out = controlled_state(max_tokens=4, ignore_eos=True)
+    results = [out.push(t) for t in (65, EOS, EOS, 66)]
+    assert [r.finish_reason for r in results] == [None, None, None, "length"]
+    assert out.text == "AB"  # EOS is a special token: no text
+    # without it, the first EOS ends the completion
+    out = controlled_state(max_tokens=4)
+    assert [out.push(t).finish_reason for t in (65, EOS)] == [None, "stop"]
+
+
+def test_stop_strings_count_only_after_min_tokens() -> None:
+    # vLLM's rule: a stop string is looked for once more than min_tokens tokens are generated
+    # (a stop string completed before that is not looked for again, as in vLLM)
+    for min_tokens, expected in ((0, "a"), (2, "ax"), (4, "axxyy")):
+        out = controlled_state(max_tokens=20, min_tokens=min_tokens, stop=("x",))
+        results = feed_text(out, "axxyyxz")
+        assert out.finish_reason == "stop" and out.text == expected and joined(results) == expected
