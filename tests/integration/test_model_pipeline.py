@@ -14,7 +14,7 @@ import redis
 from broker.keys import Keys
 from producer.client import Client
 from tests.gpu_workers.reference import MIN_MARGIN, hf_greedy, save_hf_model
-from tests.integration.conftest import Procs, wait_groups
+from tests.integration.conftest import Procs, final_events, wait_for, wait_groups
 
 pytestmark = pytest.mark.integration
 NEW_TOKENS = 20
@@ -60,3 +60,29 @@ def test_greedy_tokens_equal_transformers_generate(procs: Procs, r: redis.Redis,
     assert info["model"] == str(model_dir)
     assert int(info["kv_capacity_tokens"]) > 0
     assert json.loads(info.get("kv_used_tokens", "0")) >= 0
+
+
+def test_sampling_controls_as_flat_fields_through_the_pipeline(procs: Procs, r: redis.Redis, keys: Keys,
+                                                                model_dir: Path) -> None:
+    """What redis-cli sends: flat text fields. A +100 bias makes a token the greedy choice; the
+    repetition penalty still leaves it first (its logit is positive); bad_words bans it again."""
+    procs.balancer()
+    procs.worker("llama", "--model", str(model_dir), "--kv-dtype", "fp32", "--kv-memory", "8MiB")
+    wait_groups(r, keys, {"llama"}, timeout=60)
+    base = {"prompt_ids": "[5, 6, 7]", "max_tokens": "6", "temperature": "0"}
+    requests = {
+        "biased": {**base, "logit_bias": '{"65": 100}', "repetition_penalty": "1.5", "min_tokens": "2"},
+        "banned": {**base, "logit_bias": '{"65": 100}', "bad_words": '["A"]', "ignore_eos": "1"},
+        "too_big": {**base, "logit_bias": '{"320": 1}'},
+        "bad_field": {**base, "min_p": "2"},
+    }
+    for rid, fields in requests.items():
+        r.xadd(keys.requests, {"id": rid, **fields})
+    finals = {}
+    for rid in requests:
+        finals[rid] = wait_for(lambda rid=rid: final_events(r, keys.result(rid)), timeout=60, what=rid)[0]
+    assert json.loads(finals["biased"][b"token_ids"]) == [65] * 6
+    banned = json.loads(finals["banned"][b"token_ids"])
+    assert len(banned) == 6 and 65 not in banned
+    for rid, field in (("too_big", b"logit_bias"), ("bad_field", b"min_p")):
+        assert finals[rid][b"code"] == b"invalid_request" and field in finals[rid][b"message"]
