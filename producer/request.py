@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, TypedDict
 
@@ -30,6 +30,15 @@ class RequestOptions(TypedDict, total=False):
     timeout_s: float | None  # server-side deadline from enqueue (not how long the client waits)
     request_id: str | None  # default: a fresh uuid4 hex
     reply_to: str | None  # default: the client's choice (see Client / AsyncClient)
+    # sampling controls, with vLLM's meanings (PROTOCOL.md, "Sampling controls")
+    presence_penalty: float | None  # [-2, 2]
+    frequency_penalty: float | None  # [-2, 2]
+    repetition_penalty: float | None  # (0, 2]; 1 = off
+    min_p: float | None  # [0, 1]
+    min_tokens: int | None  # no EOS or stop string before this many tokens
+    ignore_eos: bool  # go on through EOS
+    logit_bias: Mapping[int | str, float] | None  # token id -> bias in [-100, 100]
+    bad_words: Sequence[str] | None  # words the output never contains
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +145,14 @@ def request_fields(
     priority: int | None = None,
     timeout_s: float | None = None,
     reply_to: str | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    repetition_penalty: float | None = None,
+    min_p: float | None = None,
+    min_tokens: int | None = None,
+    ignore_eos: bool = False,
+    logit_bias: Mapping[int | str, float] | None = None,
+    bad_words: Sequence[str] | None = None,
 ) -> dict[str, str]:
     """The ingress entry for one request: flat string fields, only those that are set.
 
@@ -165,4 +182,35 @@ def request_fields(
         fields["stream"] = "1"
     if reply_to is not None:
         fields["reply_to"] = reply_to
+    fields.update(_control_fields(presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                  repetition_penalty=repetition_penalty, min_p=min_p, min_tokens=min_tokens,
+                                  ignore_eos=ignore_eos, logit_bias=logit_bias, bad_words=bad_words))
+    return fields
+
+
+def _control_fields(
+    *,
+    presence_penalty: float | None,
+    frequency_penalty: float | None,
+    repetition_penalty: float | None,
+    min_p: float | None,
+    min_tokens: int | None,
+    ignore_eos: bool,
+    logit_bias: Mapping[int | str, float] | None,
+    bad_words: Sequence[str] | None,
+) -> dict[str, str]:
+    """The sampling-control fields that are set, as flat text."""
+    fields = {}
+    for name, number in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty),
+                         ("repetition_penalty", repetition_penalty), ("min_p", min_p)):
+        if number is not None:
+            fields[name] = repr(float(number))
+    if min_tokens is not None:
+        fields["min_tokens"] = str(int(min_tokens))
+    if ignore_eos:
+        fields["ignore_eos"] = "1"
+    if logit_bias is not None:
+        fields["logit_bias"] = json.dumps({str(k): float(v) for k, v in logit_bias.items()})
+    if bad_words is not None:
+        fields["bad_words"] = json.dumps(list(bad_words))
     return fields

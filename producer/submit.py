@@ -41,6 +41,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="stop sequence, not included in the output (repeatable)",
     )
     parser.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    controls = parser.add_argument_group("sampling controls (vLLM's meanings; docs/PROTOCOL.md)")
+    controls.add_argument("--presence-penalty", type=float, default=None, metavar="X", help="in [-2, 2]")
+    controls.add_argument("--frequency-penalty", type=float, default=None, metavar="X", help="in [-2, 2]")
+    controls.add_argument("--repetition-penalty", type=float, default=None, metavar="X", help="in (0, 2]; 1 is off")
+    controls.add_argument("--min-p", type=float, default=None, metavar="P", help="in [0, 1]")
+    controls.add_argument("--min-tokens", type=int, default=None, metavar="N",
+                          help="no EOS or stop string before N tokens")
+    controls.add_argument("--ignore-eos", action="store_true", help="go on through the model's EOS token")
+    controls.add_argument("--logit-bias", default=None, metavar="JSON",
+                          help="""token id -> bias in [-100, 100]: '{"50256": -100}'""")
+    controls.add_argument("--bad-word", dest="bad_words", action="append", default=None, metavar="W",
+                          help="a word the output never contains (repeatable)")
     parser.add_argument("--priority", type=int, default=None, help="lower is served earlier (default 0)")
     parser.add_argument(
         "--timeout",
@@ -91,8 +103,28 @@ def _options(args: argparse.Namespace) -> tuple[str | None, RequestOptions]:
         "timeout_s": args.timeout,
         "request_id": args.request_id,
         "reply_to": args.reply_to,
+        "presence_penalty": args.presence_penalty,
+        "frequency_penalty": args.frequency_penalty,
+        "repetition_penalty": args.repetition_penalty,
+        "min_p": args.min_p,
+        "min_tokens": args.min_tokens,
+        "ignore_eos": args.ignore_eos,
+        "logit_bias": _logit_bias(args.logit_bias),
+        "bad_words": args.bad_words,
     }
     return prompt, options
+
+
+def _logit_bias(text: str | None) -> dict[str, float] | None:
+    if text is None:
+        return None
+    try:
+        bias = json.loads(text)
+    except ValueError:
+        bias = None
+    if not isinstance(bias, dict) or not all(isinstance(v, (int, float)) for v in bias.values()):
+        raise ValueError(f"--logit-bias: expected a JSON object of token id -> number, got {text!r:.60}")
+    return bias
 
 
 def event_json(event: Event) -> dict[str, Any]:

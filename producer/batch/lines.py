@@ -9,7 +9,8 @@ Input: JSON Lines, one request per line, e.g.::
 
 Exactly one of ``prompt``, ``prompt_ids`` and ``messages`` (chat: rendered with the chat template);
 optional request fields as in the protocol (``max_tokens`` — ``max_completion_tokens`` is the same
-—, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``, ``priority``, ``timeout_s``); optional
+—, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``, ``priority``, ``timeout_s``, and the
+sampling controls ``presence_penalty`` ... ``bad_words``); optional
 ``id``, echoed in the result. A line in OpenAI's batch format (``custom_id`` + ``body``) is read as
 its body with ``custom_id`` as the id. Other fields are ignored; blank lines are skipped.
 
@@ -36,7 +37,10 @@ from producer.chat_template import normalize_messages
 from producer.request import Completion, RequestOptions
 
 # Request fields a line may set, besides its prompt.
-OPTION_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "priority", "timeout_s")
+OPTION_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "priority", "timeout_s",
+                 # sampling controls (PROTOCOL.md)
+                 "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens", "ignore_eos",
+                 "logit_bias", "bad_words")
 PROMPT_FIELDS = ("prompt", "prompt_ids", "messages")
 _CHECK_ID = "batch-line"  # a valid request id, only for validating a line's fields
 

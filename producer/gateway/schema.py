@@ -1,10 +1,11 @@
 """The OpenAI request and response shapes the gateway speaks, and their mapping to ryzanstein requests.
 
-Requests are validated here: what ryzanstein cannot do (``n`` > 1, logprobs, tools, penalties...)
+Requests are validated here: what ryzanstein cannot do (``n`` > 1, logprobs, tools...)
 is refused with a 400 naming the parameter, rather than silently ignored; parameters that change
-nothing in the output (``user``, ``metadata``, ``store``...) are accepted and ignored. Extensions:
-``top_k``, ``priority`` and ``timeout_s`` (seconds; the server-side deadline), sent by the openai
-package through ``extra_body``.
+nothing in the output (``user``, ``metadata``, ``store``...) are accepted and ignored. Extensions, sent
+by the openai package through ``extra_body``: vLLM's ``repetition_penalty``, ``min_p``,
+``min_tokens``, ``ignore_eos``, ``bad_words``; ryzanstein's ``top_k``, ``priority`` and
+``timeout_s`` (seconds; the server-side deadline).
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ class _Common(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    # vLLM's sampling extensions (sent by the openai package through ``extra_body``)
+    repetition_penalty: float | None = None
+    min_p: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    bad_words: list[str] | None = None
     # ryzanstein extensions
     top_k: int | None = None
     priority: int | None = None
@@ -99,13 +106,13 @@ def _refuse(param: str, why: str) -> ApiError:
 def _check_unsupported(body: _Common) -> None:
     if body.n not in (None, 1):
         raise _refuse("n", "only n=1 is supported")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, name) not in (None, 0, 0.0):
-            raise _refuse(name, "penalties are not supported; leave it unset or 0")
-    if body.logit_bias:
-        raise _refuse("logit_bias", "not supported")
     if body.stream_options is not None and not body.stream:
         raise _refuse("stream_options", "only allowed when stream is true")
+
+
+# Sampling controls, passed on as the protocol fields of the same names when set.
+CONTROLS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens", "ignore_eos",
+            "logit_bias", "bad_words")
 
 
 def _options(body: _Common, max_tokens: int | None) -> RequestOptions:
@@ -119,6 +126,9 @@ def _options(body: _Common, max_tokens: int | None) -> RequestOptions:
         "priority": body.priority,
         "timeout_s": body.timeout_s,
     }
+    for name in CONTROLS:
+        if (value := getattr(body, name)) is not None:
+            options[name] = value  # type: ignore[literal-required]
     if isinstance(body.stop, list) and not body.stop:
         options["stop"] = None
     return options

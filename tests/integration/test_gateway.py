@@ -208,6 +208,12 @@ def test_bad_parameters_are_400_in_openai_shape(stack: Stack) -> None:
         ({"prompt": "x", "logprobs": 2}, "logprobs"),
         ({"prompt": ["a", "b"]}, "prompt"),
         ({"prompt": "x", "stop": [""]}, "stop"),
+        ({"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+        ({"prompt": "x", "logit_bias": {"1": 101}}, "logit_bias"),
+        ({"prompt": "x", "extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
+        ({"prompt": "x", "extra_body": {"min_p": 1.5}}, "min_p"),
+        ({"prompt": "x", "max_tokens": 4, "extra_body": {"min_tokens": 5}}, "min_tokens"),
+        ({"prompt": "x", "extra_body": {"bad_words": [" "]}}, "bad_words"),
     ]
     for args, param in cases:
         with pytest.raises(openai.BadRequestError) as caught:

@@ -47,6 +47,14 @@ def test_every_option_survives_the_servers_parser(keys: Keys) -> None:
         priority=-2,
         timeout_s=1.5,
         reply_to="elsewhere",
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        repetition_penalty=1.25,
+        min_p=0.05,
+        min_tokens=2,
+        ignore_eos=True,
+        logit_bias={3: -100, "4": 1.5},
+        bad_words=["no", "not this"],
     )
 
     request = parse_request(fields, entry_id="1-0", prefix=keys.prefix, max_request_bytes=1 << 20)
@@ -59,6 +67,14 @@ def test_every_option_survives_the_servers_parser(keys: Keys) -> None:
         "top_k": 3,
         "seed": -9,
         "stop": ("\n", "END"),
+        "presence_penalty": 0.5,
+        "frequency_penalty": -0.5,
+        "repetition_penalty": 1.25,
+        "min_p": 0.05,
+        "min_tokens": 2,
+        "ignore_eos": True,
+        "logit_bias": ((3, -100.0), (4, 1.5)),
+        "bad_words": ("no", "not this"),
     }
     assert (request.stream, request.priority, request.timeout_s, request.reply_to) == (
         True,

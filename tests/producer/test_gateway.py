@@ -47,15 +47,22 @@ def test_completion_request_maps_to_ryzanstein_options() -> None:
     assert parse_completion({"model": "m", "prompt": [[5, 6]]}).prompt_ids == [5, 6]
 
 
+def test_sampling_controls_map_to_the_protocol_fields() -> None:
+    controls = {"presence_penalty": 0.5, "frequency_penalty": -1.0, "repetition_penalty": 1.3, "min_p": 0.1,
+                "min_tokens": 2, "ignore_eos": True, "logit_bias": {"7": -100.0}, "bad_words": ["no"]}
+    gen = parse_completion({"model": "m", "prompt": "hi", **controls})
+    assert gen.options == {"max_tokens": None, "temperature": None, "top_p": None, "top_k": None, "seed": None,
+                           "stop": None, "priority": None, "timeout_s": None, **controls}
+    assert parse_chat({"model": "m", "messages": [{"role": "user", "content": "x"}], **controls},
+                      default_max_tokens=9).options["logit_bias"] == {"7": -100.0}
+
+
 @pytest.mark.parametrize(("body", "param"), [
     ({"n": 2}, "n"),
     ({"best_of": 3}, "best_of"),
     ({"echo": True}, "echo"),
     ({"suffix": "s"}, "suffix"),
     ({"logprobs": 1}, "logprobs"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
-    ({"frequency_penalty": -1}, "frequency_penalty"),
-    ({"logit_bias": {"1": 2}}, "logit_bias"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"prompt": ["a", "b"]}, "prompt"),
     ({"prompt": {"text": "a"}}, "prompt"),
