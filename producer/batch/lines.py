@@ -12,7 +12,9 @@ optional request fields as in the protocol (``max_tokens`` — ``max_completion_
 —, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``, ``priority``, ``timeout_s``, and the
 sampling controls ``presence_penalty`` ... ``bad_words``); optional
 ``id``, echoed in the result. A line in OpenAI's batch format (``custom_id`` + ``body``) is read as
-its body with ``custom_id`` as the id. Other fields are ignored; blank lines are skipped.
+its body with ``custom_id`` as the id. Fields the protocol refuses by name (``n``, ``guided_json``...:
+``broker.protocol.UNHONOURED_FIELDS``) make the line bad; other fields are ignored; blank lines are
+skipped.
 
 Output: one JSON object per input line, in the order the results come in::
 
@@ -32,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.errors import InvalidRequest
-from broker.protocol import parse_request
+from broker.protocol import parse_request, unhonoured_field
 from producer.chat_template import normalize_messages
 from producer.request import Completion, RequestOptions
 
@@ -84,6 +86,8 @@ def parse_line(line: int, text: str, *, defaults: RequestOptions | None = None,
     user_id = _scalar_id(obj.get("id"))
     if isinstance(obj.get("body"), dict) and "custom_id" in obj:
         user_id, obj = _scalar_id(obj["custom_id"]), obj["body"]
+    if (refused := unhonoured_field(obj)) is not None:
+        return BadLine(line, user_id, f"field '{refused}': not supported by this server (leave it unset)")
     given = [name for name in PROMPT_FIELDS if obj.get(name) is not None]
     if len(given) != 1:
         return BadLine(line, user_id, "exactly one of 'prompt', 'prompt_ids' and 'messages' must be given")

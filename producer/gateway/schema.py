@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from broker.errors import InvalidRequest
+from broker.protocol import UNHONOURED_FIELDS, unhonoured_field
 from producer.chat_template import normalize_messages
 from producer.gateway.errors import ApiError
 from producer.request import Completion, RequestOptions
@@ -103,6 +104,32 @@ def _refuse(param: str, why: str) -> ApiError:
     return ApiError("invalid_request", f"field '{param}': {why}", param)
 
 
+# What the gateway refuses by name when set to a value that would change the output: the protocol's
+# list (vLLM's fields, sent through ``extra_body``) and OpenAI's and vLLM's chat-only fields.
+# ``logprobs`` and ``top_logprobs`` are checked with the endpoints' own shapes.
+_OFF, _ON = frozenset({"0", "false"}), frozenset({"1", "true"})
+UNHONOURED_PARAMS: dict[str, frozenset[str] | None] = {
+    **{k: v for k, v in UNHONOURED_FIELDS.items() if k not in ("logprobs", "top_logprobs")},
+    "audio": None,
+    "prediction": None,
+    "web_search_options": None,
+    "modalities": frozenset({'["text"]'}),
+    "echo": _OFF,
+    "add_generation_prompt": _ON,
+    "continue_final_message": _OFF,
+    "chat_template": None,
+    "chat_template_kwargs": frozenset({"{}"}),
+    "documents": None,
+    "mm_processor_kwargs": None,
+    "return_tokens_as_token_ids": _OFF,
+}
+
+
+def _check_unhonoured(raw: dict[str, Any]) -> None:
+    if (name := unhonoured_field(raw, UNHONOURED_PARAMS)) is not None:
+        raise _refuse(name, "not supported by this server; leave it unset")
+
+
 def _check_unsupported(body: _Common) -> None:
     if body.n not in (None, 1):
         raise _refuse("n", "only n=1 is supported")
@@ -151,6 +178,7 @@ def parse_completion(raw: dict[str, Any]) -> Generation:
     except ValidationError as exc:
         raise _validation_error(exc) from None
     _check_unsupported(body)
+    _check_unhonoured(raw)
     if body.best_of not in (None, 1):
         raise _refuse("best_of", "only best_of=1 is supported")
     if body.echo:
@@ -188,6 +216,7 @@ def parse_chat(raw: dict[str, Any], *, default_max_tokens: int) -> Generation:
     except ValidationError as exc:
         raise _validation_error(exc) from None
     _check_unsupported(body)
+    _check_unhonoured(raw)
     if body.logprobs or body.top_logprobs:
         raise _refuse("logprobs", "not supported")
     for name in ("tools", "functions"):

@@ -9,7 +9,15 @@ from typing import Any
 import msgpack
 import pytest
 
-from broker.protocol import MAX_BAD_WORDS, MAX_LOGIT_BIAS, GenerationRequest, limit_problem, parse_request
+from broker.errors import InvalidRequest
+from broker.protocol import (
+    MAX_BAD_WORDS,
+    MAX_LOGIT_BIAS,
+    UNHONOURED_FIELDS,
+    GenerationRequest,
+    limit_problem,
+    parse_request,
+)
 from tests.broker.test_protocol import packed, parse, rejected
 
 BASE = {"prompt": "hi"}
@@ -94,3 +102,50 @@ def test_re_enqueued_request_keeps_the_controls() -> None:
 def parse_fields(fields: dict[Any, Any]) -> GenerationRequest:
     return parse_request({k.encode(): v for k, v in fields.items()}, entry_id="1700000000000-5", prefix="ryz",
                          max_request_bytes=1 << 20)
+
+
+# --- fields known elsewhere and not honoured here -------------------------------------------------
+
+REFUSED = [  # (field, a value that would change the output)
+    ("n", "2"), ("best_of", "3"), ("use_beam_search", "true"), ("length_penalty", "0.5"), ("logprobs", "1"),
+    ("top_logprobs", "5"), ("prompt_logprobs", "0"), ("allowed_token_ids", "[1, 2]"),
+    ("logits_processors", '["x"]'), ("guided_json", '{"type": "object"}'), ("guided_regex", "a+"),
+    ("guided_choice", '["a", "b"]'), ("guided_grammar", "root ::= 'a'"), ("structured_outputs", '{"json": {}}'),
+    ("response_format", '{"type": "json_object"}'), ("include_stop_str_in_output", "1"),
+    ("skip_special_tokens", "false"), ("spaces_between_special_tokens", "0"), ("truncate_prompt_tokens", "10"),
+]
+NEUTRAL = [  # (field, as a flat field, as a native msgpack value)
+    ("n", "1", 1), ("best_of", "1", 1), ("use_beam_search", "False", False), ("length_penalty", "1.0", 1.0),
+    ("logprobs", "0", False), ("top_logprobs", "0", 0), ("response_format", '{"type": "text"}', {"type": "text"}),
+    ("response_format", "text", "text"), ("include_stop_str_in_output", "false", False),
+    ("skip_special_tokens", "true", True), ("guided_json", "null", None),
+]
+
+
+def test_the_refusal_table_is_covered() -> None:
+    assert {name for name, _ in REFUSED} == set(UNHONOURED_FIELDS)
+
+
+@pytest.mark.parametrize("field,value", REFUSED)
+def test_every_unhonoured_field_is_refused_by_name(field: str, value: str) -> None:
+    assert "not supported" in rejected({**BASE, field: value}, field)
+    # the msgpack form too, with the value as a native msgpack value where it is JSON
+    try:
+        native = json.loads(value)
+    except ValueError:
+        native = value
+    with pytest.raises(InvalidRequest) as caught:
+        parse_request(packed({"prompt": "hi", field: native}), entry_id="1-0", prefix="ryz",
+                      max_request_bytes=1 << 20)
+    assert f"'{field}'" in str(caught.value)
+
+
+@pytest.mark.parametrize("field,flat,native", NEUTRAL)
+def test_neutral_values_of_unhonoured_fields_are_accepted(field: str, flat: str, native: Any) -> None:
+    assert parse({**BASE, field: flat}).prompt == "hi"
+    fields = packed({"prompt": "hi", field: native})
+    assert parse_request(fields, entry_id="1-0", prefix="ryz", max_request_bytes=1 << 20).prompt == "hi"
+
+
+def test_unknown_fields_stay_ignored() -> None:
+    assert parse({**BASE, "frobnicate": "yes", "guided_decoding_backend": "xgrammar"}).prompt == "hi"

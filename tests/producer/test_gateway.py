@@ -207,3 +207,41 @@ def test_error_events_reach_openai_clients_as_http_statuses(stub_gateway: str) -
             assert caught.value.status_code == status, (code, stream)
             assert caught.value.code == code
             assert caught.value.message.endswith("the responder was told to fail")
+
+
+# --- never silent: known parameters this server does not honour ----------------------------------
+
+REFUSED_SAMPLES: dict[str, Any] = {  # a value of each that would change the output
+    "n": 2, "best_of": 2, "use_beam_search": True, "length_penalty": 0.5, "prompt_logprobs": 1,
+    "allowed_token_ids": [1, 2], "logits_processors": ["x"], "guided_json": {"type": "object"},
+    "guided_regex": "a+", "guided_choice": ["a", "b"], "guided_grammar": "root ::= 'a'",
+    "structured_outputs": {"json": {}}, "response_format": {"type": "json_object"},
+    "include_stop_str_in_output": True, "skip_special_tokens": False, "spaces_between_special_tokens": False,
+    "truncate_prompt_tokens": 8, "audio": {"voice": "alloy"}, "prediction": {"type": "content"},
+    "web_search_options": {}, "modalities": ["text", "audio"], "echo": True, "add_generation_prompt": False,
+    "continue_final_message": True, "chat_template": "{{ messages }}", "chat_template_kwargs": {"x": 1},
+    "documents": [{"text": "d"}], "mm_processor_kwargs": {"a": 1}, "return_tokens_as_token_ids": True,
+}
+
+
+def test_every_refused_parameter_is_a_400_naming_it() -> None:
+    from producer.gateway.schema import UNHONOURED_PARAMS
+
+    assert set(REFUSED_SAMPLES) == set(UNHONOURED_PARAMS)
+    messages = [{"role": "user", "content": "x"}]
+    for name, value in REFUSED_SAMPLES.items():
+        for parse in (lambda b: parse_completion({"model": "m", "prompt": "x", **b}),
+                      lambda b: parse_chat({"model": "m", "messages": messages, **b}, default_max_tokens=4)):
+            with pytest.raises(ApiError) as caught:
+                parse({name: value})
+            assert (caught.value.status, caught.value.param) == (400, name), name
+            assert name in caught.value.message
+
+
+def test_neutral_values_and_unknown_parameters_pass() -> None:
+    neutral = {"n": 1, "best_of": 1, "use_beam_search": False, "skip_special_tokens": True, "echo": False,
+               "add_generation_prompt": True, "modalities": ["text"], "chat_template_kwargs": {},
+               "response_format": {"type": "text"}, "guided_json": None, "some_new_thing": {"a": 1}}
+    assert parse_completion({"model": "m", "prompt": "x", **neutral}).prompt == "x"
+    assert parse_chat({"model": "m", "messages": [{"role": "user", "content": "x"}], **neutral},
+                      default_max_tokens=4).kind == "chat"
