@@ -26,6 +26,7 @@ MAX_KEY_BYTES = 512
 MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias
 MAX_BAD_WORDS = 128
 LOGIT_BIAS_LIMIT = 100.0  # |bias| at most, as OpenAI's API
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API
 
 
 class SamplingParams(BaseModel):
@@ -48,6 +49,9 @@ class SamplingParams(BaseModel):
     ignore_eos: bool = False
     logit_bias: tuple[tuple[int, float], ...] = Field(default=(), max_length=MAX_LOGIT_BIAS)  # (token id, bias)
     bad_words: tuple[str, ...] = Field(default=(), max_length=MAX_BAD_WORDS)
+    # --- logprobs (docs/PROTOCOL.md, "Logprobs") ---
+    logprobs: bool = False  # token and done events carry each generated token's logprob
+    top_logprobs: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)  # and this many likeliest alternatives
 
     @classmethod
     def from_dump(cls, raw: dict[str, Any]) -> SamplingParams:
@@ -362,6 +366,12 @@ def _controls(raw: dict[str, Any]) -> dict[str, Any]:
         out["logit_bias"] = _logit_bias(raw["logit_bias"])
     if raw.get("bad_words") is not None:
         out["bad_words"] = _bad_words(raw["bad_words"])
+    if raw.get("logprobs") is not None:
+        out["logprobs"] = _bool("logprobs", raw["logprobs"])
+    if raw.get("top_logprobs") is not None:
+        out["top_logprobs"] = _int("top_logprobs", raw["top_logprobs"])
+        if out["top_logprobs"] > 0 and not out.get("logprobs"):
+            raise InvalidRequest("field 'top_logprobs': needs logprobs set to true")
     return out
 
 
@@ -417,8 +427,6 @@ UNHONOURED_FIELDS: dict[str, frozenset[str] | None] = {
     "best_of": frozenset({"1"}),
     "use_beam_search": _OFF,
     "length_penalty": frozenset({"1", "1.0"}),
-    "logprobs": _OFF,
-    "top_logprobs": frozenset({"0"}),
     "prompt_logprobs": None,
     "allowed_token_ids": None,
     "logits_processors": None,
@@ -537,8 +545,29 @@ def limit_problem(prompt_ids: list[int] | tuple[int, ...], max_tokens: int, *, v
 # --- result events ------------------------------------------------------------------------------
 
 
-def token_event(request_id: str, index: int, token_id: int, text: str) -> dict[str, str]:
-    return {"id": request_id, "event": "token", "index": str(index), "token_id": str(token_id), "text": text}
+def token_event(request_id: str, index: int, token_id: int, text: str,
+                logprobs: dict[str, Any] | None = None) -> dict[str, str]:
+    """``logprobs``: this token's entry of the done event's ``logprobs`` (``token_logprobs``), or None."""
+    event = {"id": request_id, "event": "token", "index": str(index), "token_id": str(token_id), "text": text}
+    if logprobs is not None:
+        event["logprob"] = repr(logprobs["logprob"])
+        event["top_logprobs"] = _json(logprobs["top_logprobs"])
+    return event
+
+
+def token_logprobs(token_id: int, text: str, logprob: float, top: list[tuple[int, str, float]]) -> dict[str, Any]:
+    """One generated token's logprobs as events carry them: ``{"token_id", "text", "logprob",
+    "top_logprobs": [{"token_id", "text", "logprob"}, ...]}``, likeliest first. JSON has no -inf:
+    a logprob below -9999 is written as -9999.0, as vLLM's OpenAI server does."""
+    return {"token_id": token_id, "text": text, "logprob": max(logprob, LOGPROB_FLOOR),
+            "top_logprobs": [{"token_id": t, "text": s, "logprob": max(lp, LOGPROB_FLOOR)} for t, s, lp in top]}
+
+
+LOGPROB_FLOOR = -9999.0
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def done_event(
@@ -548,7 +577,11 @@ def done_event(
     token_ids: list[int],
     finish_reason: FinishReason,
     prompt_tokens: int,
+    logprobs: list[dict[str, Any] | None] | None = None,
 ) -> dict[str, str]:
+    """``logprobs``: one ``token_logprobs`` entry per token id (None for a token generated before
+    the request moved to this group), or None when the request did not ask for them."""
+    extra = {"logprobs": _json(logprobs)} if logprobs is not None else {}
     return {
         "id": request_id,
         "event": "done",
@@ -557,6 +590,7 @@ def done_event(
         "finish_reason": finish_reason,
         "prompt_tokens": str(prompt_tokens),
         "completion_tokens": str(len(token_ids)),
+        **extra,
     }
 
 

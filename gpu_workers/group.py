@@ -416,14 +416,14 @@ class WorkerGroup:
             if held is None or held.final or held.output is None:
                 continue
             try:
-                result = held.output.push(out.token_id, engine_finish=out.finish_reason)
+                result = held.output.push(out.token_id, engine_finish=out.finish_reason, logprobs=out.logprobs)
             except Exception as exc:
                 log.exception("request %s: cannot process token %r", held.request.id, out.token_id)
                 self._finish_error(held, "internal", f"output processing failed ({type(exc).__name__})")
                 continue
             if held.request.stream:
                 self._emit(held, ("t", result.index, token_event(held.request.id, result.index, result.token_id,
-                                                                 result.text)))
+                                                                 result.text, result.logprobs)))
             if result.finish_reason is not None:
                 if out.finish_reason is not None:  # the engine has let go of it already
                     self.holding.stopped(held)
@@ -461,7 +461,7 @@ class WorkerGroup:
         self._emit(held, ("f", 0, done_event(
             held.request.id, text=out.text, token_ids=out.token_ids,
             finish_reason=finish_reason,  # type: ignore[arg-type]
-            prompt_tokens=out.prompt_len,
+            prompt_tokens=out.prompt_len, logprobs=out.logprobs,
         )))
         held.final = True
         self.telemetry.finished(held.request.id, finish_reason, prompt_tokens=out.prompt_len,

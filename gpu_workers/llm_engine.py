@@ -31,7 +31,7 @@ from gpu_workers.model.kv_cache import kv_bytes_per_block
 from gpu_workers.model_runner import Chunk, ModelRunner
 from gpu_workers.parallel.launch import RankReport, TensorParallelGroup, peak_rss_bytes
 from gpu_workers.parallel.runner import LeaderRunner
-from gpu_workers.sampler import sample
+from gpu_workers.sampler import sample_with_logprobs
 from gpu_workers.scheduler import Scheduler, SchedulerConfig
 from gpu_workers.sequence import Sequence
 
@@ -158,18 +158,21 @@ class LlamaEngine:
         logits = self.runner.run(chunks)
         sampled_seqs = [c.seq for c in plan.chunks if c.samples]
         states = [self._requests[s.request_id] for s in sampled_seqs]
-        tokens = sample(
+        sampled = sample_with_logprobs(
             logits,
             [st.sampling for st in states],
             seeds=[st.seed for st in states],
             steps=[s.num_tokens - s.num_prompt_tokens for s in sampled_seqs],
             contexts=[RowContext(s.token_ids, s.num_prompt_tokens, st.stop_ids, st.bad_words_ids)
                       for s, st in zip(sampled_seqs, states)],
-        ) if sampled_seqs else []
+            top_logprobs=[st.sampling.top_logprobs if st.sampling.logprobs else None for st in states],
+        ) if sampled_seqs else None
+        tokens = sampled.token_ids if sampled is not None else []
+        logprobs = sampled.logprobs if sampled is not None else []
         self.scheduler.postprocess(plan, {s.request_id: t for s, t in zip(sampled_seqs, tokens)})
 
         outputs = []
-        for seq, state, token in zip(sampled_seqs, states, tokens):
+        for seq, state, token, token_logprobs in zip(sampled_seqs, states, tokens, logprobs):
             finish = None
             if token in state.stop_ids:
                 finish = "stop"
@@ -179,7 +182,7 @@ class LlamaEngine:
                 self._requests.pop(seq.request_id, None)
                 self.scheduler.finish(seq.request_id)
                 self.runner.release(seq.request_id)
-            outputs.append(StepOutput(seq.request_id, token, finish))
+            outputs.append(StepOutput(seq.request_id, token, finish, token_logprobs))
         return outputs
 
     def has_work(self) -> bool:

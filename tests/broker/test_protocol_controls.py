@@ -107,8 +107,8 @@ def parse_fields(fields: dict[Any, Any]) -> GenerationRequest:
 # --- fields known elsewhere and not honoured here -------------------------------------------------
 
 REFUSED = [  # (field, a value that would change the output)
-    ("n", "2"), ("best_of", "3"), ("use_beam_search", "true"), ("length_penalty", "0.5"), ("logprobs", "1"),
-    ("top_logprobs", "5"), ("prompt_logprobs", "0"), ("allowed_token_ids", "[1, 2]"),
+    ("n", "2"), ("best_of", "3"), ("use_beam_search", "true"), ("length_penalty", "0.5"),
+    ("prompt_logprobs", "0"), ("allowed_token_ids", "[1, 2]"),
     ("logits_processors", '["x"]'), ("guided_json", '{"type": "object"}'), ("guided_regex", "a+"),
     ("guided_choice", '["a", "b"]'), ("guided_grammar", "root ::= 'a'"), ("structured_outputs", '{"json": {}}'),
     ("response_format", '{"type": "json_object"}'), ("include_stop_str_in_output", "1"),
@@ -116,7 +116,7 @@ REFUSED = [  # (field, a value that would change the output)
 ]
 NEUTRAL = [  # (field, as a flat field, as a native msgpack value)
     ("n", "1", 1), ("best_of", "1", 1), ("use_beam_search", "False", False), ("length_penalty", "1.0", 1.0),
-    ("logprobs", "0", False), ("top_logprobs", "0", 0), ("response_format", '{"type": "text"}', {"type": "text"}),
+    ("response_format", '{"type": "text"}', {"type": "text"}),
     ("response_format", "text", "text"), ("include_stop_str_in_output", "false", False),
     ("skip_special_tokens", "true", True), ("guided_json", "null", None),
 ]
