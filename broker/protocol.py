@@ -547,11 +547,12 @@ def limit_problem(prompt_ids: list[int] | tuple[int, ...], max_tokens: int, *, v
 
 def token_event(request_id: str, index: int, token_id: int, text: str,
                 logprobs: dict[str, Any] | None = None) -> dict[str, str]:
-    """``logprobs``: this token's entry of the done event's ``logprobs`` (``token_logprobs``), or None."""
+    """``logprobs``: this token's entry of the done event's ``logprobs`` (``token_logprobs``), or
+    None; sent as ``logprob`` (the number alone, for reading by eye) and ``logprobs`` (the entry)."""
     event = {"id": request_id, "event": "token", "index": str(index), "token_id": str(token_id), "text": text}
     if logprobs is not None:
         event["logprob"] = repr(logprobs["logprob"])
-        event["top_logprobs"] = _json(logprobs["top_logprobs"])
+        event["logprobs"] = _json(logprobs)
     return event
 
 

@@ -6,11 +6,10 @@ Plain Python, no Redis and no torch: unit-tested in tests/gpu_workers/test_outpu
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import Any
 
 from broker.protocol import SamplingParams, token_logprobs
-from gpu_workers.engine import TokenLogprobs, Tokenizer
+from gpu_workers.engine import Tokenizer, TokenLogprobs
 from gpu_workers.tokenizer import IncrementalDetokenizer
 
 

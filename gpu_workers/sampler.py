@@ -66,7 +66,7 @@ def sample_with_logprobs(
     controls, temperature, min-p, top-k and top-p (vLLM 0.x's default; greedy rows: the
     log-softmax of the controlled logits). Tokens those filters removed have -inf.
     """
-    n, vocab = logits.shape
+    n = logits.shape[0]
     if not len(params) == len(seeds) == len(steps) == n or any(
             extra is not None and len(extra) != n for extra in (contexts, top_logprobs)):
         raise ValueError(f"{n} logit rows but {len(params)} params, {len(seeds)} seeds, {len(steps)} steps")

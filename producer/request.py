@@ -39,6 +39,8 @@ class RequestOptions(TypedDict, total=False):
     ignore_eos: bool  # go on through EOS
     logit_bias: Mapping[int | str, float] | None  # token id -> bias in [-100, 100]
     bad_words: Sequence[str] | None  # words the output never contains
+    logprobs: bool  # events carry each token's logprob (PROTOCOL.md, "Logprobs")
+    top_logprobs: int | None  # and this many likeliest alternatives (0-20; needs logprobs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +61,10 @@ class Completion:
     finish_reason: str  # stop | length | cancelled
     prompt_tokens: int
     completion_tokens: int
+    # One entry per token id when the request asked for logprobs (PROTOCOL.md, "Logprobs"):
+    # {"token_id", "text", "logprob", "top_logprobs": [{"token_id", "text", "logprob"}]}, or None
+    # for a token generated before the request moved between groups.
+    logprobs: list[dict[str, Any] | None] | None = None
 
     @classmethod
     def from_event(cls, event: Event) -> Completion:
@@ -70,6 +76,9 @@ class Completion:
             token_ids = json.loads(event.fields["token_ids"])
             if not isinstance(token_ids, list) or not all(isinstance(t, int) for t in token_ids):
                 raise ValueError("token_ids is not a JSON array of integers")
+            logprobs = json.loads(event.fields["logprobs"]) if "logprobs" in event.fields else None
+            if logprobs is not None and (not isinstance(logprobs, list) or len(logprobs) != len(token_ids)):
+                raise ValueError("logprobs is not a JSON array with one entry per token")
             return cls(
                 id=event.id,
                 text=event.fields["text"],
@@ -77,12 +86,17 @@ class Completion:
                 finish_reason=event.fields["finish_reason"],
                 prompt_tokens=int(event.fields["prompt_tokens"]),
                 completion_tokens=int(event.fields["completion_tokens"]),
+                logprobs=logprobs,
             )
         except (KeyError, ValueError) as exc:
             raise RequestFailed(event.id, "internal", f"malformed done event: {exc!r}") from None
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as JSON values; ``logprobs`` only when the request asked for them."""
+        out = asdict(self)
+        if out["logprobs"] is None:
+            del out["logprobs"]
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +125,16 @@ class Event:
     def text(self) -> str:
         """A token event's text delta, a done event's whole text; "" otherwise."""
         return self.fields.get("text", "")
+
+    @property
+    def logprobs(self) -> dict[str, Any] | None:
+        """A token event's logprobs entry (see ``Completion.logprobs``); None when it has none."""
+        raw = self.fields.get("logprobs")
+        try:
+            entry = json.loads(raw) if raw is not None else None
+        except ValueError:
+            return None
+        return entry if isinstance(entry, dict) else None
 
     def raise_for_error(self) -> None:
         if self.kind == "error":
@@ -153,6 +177,8 @@ def request_fields(
     ignore_eos: bool = False,
     logit_bias: Mapping[int | str, float] | None = None,
     bad_words: Sequence[str] | None = None,
+    logprobs: bool = False,
+    top_logprobs: int | None = None,
 ) -> dict[str, str]:
     """The ingress entry for one request: flat string fields, only those that are set.
 
@@ -185,6 +211,10 @@ def request_fields(
     fields.update(_control_fields(presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                                   repetition_penalty=repetition_penalty, min_p=min_p, min_tokens=min_tokens,
                                   ignore_eos=ignore_eos, logit_bias=logit_bias, bad_words=bad_words))
+    if logprobs:
+        fields["logprobs"] = "1"
+    if top_logprobs is not None:
+        fields["top_logprobs"] = str(int(top_logprobs))
     return fields
 
 

@@ -342,10 +342,18 @@ class Gateway:
         if gen.kind == "chat":
             yield sse(responder.chunk("", first=True, with_usage_field=usage_field))
         sent: list[str] = []
+        wants_logprobs = bool(gen.options.get("logprobs"))
+        offset = 0  # text offset of the next token (completions' logprobs.text_offset)
         event = first
         while True:
             if event.kind == "token":
-                if event.text:
+                entry = event.logprobs if wants_logprobs else None
+                if entry is not None:  # a chunk per token, each with its logprobs, text or not
+                    sent.append(event.text)
+                    yield sse(responder.chunk(event.text, with_usage_field=usage_field,
+                                              logprobs=responder.logprobs([entry], text_offset=offset)))
+                    offset += len(entry["text"])
+                elif event.text:
                     sent.append(event.text)
                     yield sse(responder.chunk(event.text, with_usage_field=usage_field))
             elif event.kind == "done":

@@ -1,6 +1,6 @@
 """The OpenAI request and response shapes the gateway speaks, and their mapping to ryzanstein requests.
 
-Requests are validated here: what ryzanstein cannot do (``n`` > 1, logprobs, tools...)
+Requests are validated here: what ryzanstein cannot do (``n`` > 1, tools...)
 is refused with a 400 naming the parameter, rather than silently ignored; parameters that change
 nothing in the output (``user``, ``metadata``, ``store``...) are accepted and ignored. Extensions, sent
 by the openai package through ``extra_body``: vLLM's ``repetition_penalty``, ``min_p``,
@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from broker.errors import InvalidRequest
-from broker.protocol import UNHONOURED_FIELDS, unhonoured_field
+from broker.protocol import MAX_TOP_LOGPROBS, UNHONOURED_FIELDS, unhonoured_field
 from producer.chat_template import normalize_messages
 from producer.gateway.errors import ApiError
 from producer.request import Completion, RequestOptions
@@ -185,8 +185,8 @@ def parse_completion(raw: dict[str, Any]) -> Generation:
         raise _refuse("echo", "echoing the prompt is not supported")
     if body.suffix:
         raise _refuse("suffix", "not supported")
-    if body.logprobs is not None:
-        raise _refuse("logprobs", "not supported")
+    if body.logprobs is not None and not 0 <= body.logprobs <= MAX_TOP_LOGPROBS:
+        raise _refuse("logprobs", f"must be in 0..{MAX_TOP_LOGPROBS}")
     prompt: str | None = None
     prompt_ids: list[int] | None = None
     value = body.prompt
@@ -205,8 +205,17 @@ def parse_completion(raw: dict[str, Any]) -> Generation:
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         prompt=prompt,
         prompt_ids=prompt_ids,
-        options=_options(body, body.max_tokens),
+        options=_with_logprobs(_options(body, body.max_tokens), body.logprobs is not None, body.logprobs),
     )
+
+
+def _with_logprobs(options: RequestOptions, wanted: bool, top: int | None) -> RequestOptions:
+    if wanted:
+        options["logprobs"] = True
+        options["top_logprobs"] = top or 0
+    elif top:
+        raise _refuse("top_logprobs", "needs logprobs set to true")
+    return options
 
 
 def parse_chat(raw: dict[str, Any], *, default_max_tokens: int) -> Generation:
@@ -217,8 +226,6 @@ def parse_chat(raw: dict[str, Any], *, default_max_tokens: int) -> Generation:
         raise _validation_error(exc) from None
     _check_unsupported(body)
     _check_unhonoured(raw)
-    if body.logprobs or body.top_logprobs:
-        raise _refuse("logprobs", "not supported")
     for name in ("tools", "functions"):
         if getattr(body, name):
             raise _refuse(name, "tool calling is not supported")
@@ -237,7 +244,7 @@ def parse_chat(raw: dict[str, Any], *, default_max_tokens: int) -> Generation:
         stream=bool(body.stream),
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         messages=messages,
-        options=_options(body, max_tokens),
+        options=_with_logprobs(_options(body, max_tokens), bool(body.logprobs), body.top_logprobs),
     )
 
 
@@ -262,23 +269,43 @@ class Responder:
         return {"id": self.response_id, "object": obj, "created": self.created, "model": self.model,
                 "system_fingerprint": None, "choices": choices, **extra}
 
+    def logprobs(self, entries: list[dict[str, Any] | None] | None, *, text_offset: int = 0) -> dict[str, Any] | None:
+        """OpenAI's ``logprobs`` object of a choice for these tokens' entries (``Completion.logprobs``);
+        entries that are None (tokens generated before the request moved between groups) are left out."""
+        if entries is None:
+            return None
+        known = [e for e in entries if e is not None]
+        if self.kind == "chat":
+            return {"content": [{**_chat_token(e), "top_logprobs": [_chat_token(t) for t in e["top_logprobs"]]}
+                                for e in known]}
+        offsets = []
+        for e in known:
+            offsets.append(text_offset)
+            text_offset += len(e["text"])
+        # The legacy shape's top_logprobs map text to logprob, and hold the sampled token too (as vLLM's).
+        top = [{**{t["text"]: t["logprob"] for t in reversed(e["top_logprobs"])}, e["text"]: e["logprob"]}
+               for e in known]
+        return {"tokens": [e["text"] for e in known], "token_logprobs": [e["logprob"] for e in known],
+                "top_logprobs": top, "text_offset": offsets}
+
     def full(self, done: Completion) -> dict[str, Any]:
         """The non-streaming response."""
         if self.kind == "completion":
-            choice: dict[str, Any] = {"index": 0, "text": done.text, "logprobs": None,
+            choice: dict[str, Any] = {"index": 0, "text": done.text, "logprobs": self.logprobs(done.logprobs),
                                       "finish_reason": done.finish_reason}
             obj = "text_completion"
         else:
             choice = {"index": 0, "message": {"role": "assistant", "content": done.text},
-                      "logprobs": None, "finish_reason": done.finish_reason}
+                      "logprobs": self.logprobs(done.logprobs), "finish_reason": done.finish_reason}
             obj = "chat.completion"
         return self._envelope(obj, [choice], usage=usage(done.prompt_tokens, done.completion_tokens))
 
     def chunk(self, text: str | None, *, finish_reason: str | None = None, first: bool = False,
-              with_usage_field: bool = False) -> dict[str, Any]:
-        """One streamed chunk: a text delta and/or the finish reason (``first``: chat's role delta)."""
+              with_usage_field: bool = False, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One streamed chunk: a text delta and/or the finish reason (``first``: chat's role delta),
+        with the ``logprobs`` object of its tokens (``Responder.logprobs``)."""
         if self.kind == "completion":
-            choice: dict[str, Any] = {"index": 0, "text": text or "", "logprobs": None,
+            choice: dict[str, Any] = {"index": 0, "text": text or "", "logprobs": logprobs,
                                       "finish_reason": finish_reason}
             obj = "text_completion"
         else:
@@ -287,7 +314,7 @@ class Responder:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             obj = "chat.completion.chunk"
         extra = {"usage": None} if with_usage_field else {}
         return self._envelope(obj, [choice], **extra)
@@ -296,6 +323,10 @@ class Responder:
         """The last chunk when ``stream_options.include_usage``: no choices, the usage."""
         obj = "text_completion" if self.kind == "completion" else "chat.completion.chunk"
         return self._envelope(obj, [], usage=usage(done.prompt_tokens, done.completion_tokens))
+
+
+def _chat_token(entry: dict[str, Any]) -> dict[str, Any]:
+    return {"token": entry["text"], "logprob": entry["logprob"], "bytes": list(entry["text"].encode("utf-8"))}
 
 
 def sse(data: dict[str, Any] | str) -> bytes:

@@ -205,7 +205,7 @@ def test_bad_parameters_are_400_in_openai_shape(stack: Stack) -> None:
         ({"prompt": "x", "top_p": 0}, "top_p"),
         ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
         ({"prompt": "x", "n": 2}, "n"),
-        ({"prompt": "x", "logprobs": 2}, "logprobs"),
+        ({"prompt": "x", "logprobs": 30}, "logprobs"),
         ({"prompt": ["a", "b"]}, "prompt"),
         ({"prompt": "x", "stop": [""]}, "stop"),
         ({"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),

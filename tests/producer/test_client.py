@@ -55,6 +55,8 @@ def test_every_option_survives_the_servers_parser(keys: Keys) -> None:
         ignore_eos=True,
         logit_bias={3: -100, "4": 1.5},
         bad_words=["no", "not this"],
+        logprobs=True,
+        top_logprobs=4,
     )
 
     request = parse_request(fields, entry_id="1-0", prefix=keys.prefix, max_request_bytes=1 << 20)
@@ -75,6 +77,8 @@ def test_every_option_survives_the_servers_parser(keys: Keys) -> None:
         "ignore_eos": True,
         "logit_bias": ((3, -100.0), (4, 1.5)),
         "bad_words": ("no", "not this"),
+        "logprobs": True,
+        "top_logprobs": 4,
     }
     assert (request.stream, request.priority, request.timeout_s, request.reply_to) == (
         True,

@@ -62,7 +62,8 @@ def test_sampling_controls_map_to_the_protocol_fields() -> None:
     ({"best_of": 3}, "best_of"),
     ({"echo": True}, "echo"),
     ({"suffix": "s"}, "suffix"),
-    ({"logprobs": 1}, "logprobs"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"logprobs": -1}, "logprobs"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"prompt": ["a", "b"]}, "prompt"),
     ({"prompt": {"text": "a"}}, "prompt"),
@@ -85,7 +86,7 @@ def test_chat_request() -> None:
     assert parse_chat({"model": "m", "messages": messages}, default_max_tokens=100).options["max_tokens"] == 100
     for body, param in [({"tools": [{"type": "function"}]}, "tools"), ({"tool_choice": "required"}, "tool_choice"),
                         ({"response_format": {"type": "json_object"}}, "response_format"),
-                        ({"logprobs": True}, "logprobs"), ({"messages": []}, "messages")]:
+                        ({"top_logprobs": 2}, "top_logprobs"), ({"messages": []}, "messages")]:
         with pytest.raises(ApiError) as caught:
             parse_chat({"model": "m", "messages": messages, **body}, default_max_tokens=1)
         assert caught.value.param == param
