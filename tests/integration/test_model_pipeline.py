@@ -75,6 +75,8 @@ def test_sampling_controls_as_flat_fields_through_the_pipeline(procs: Procs, r: 
         "banned": {**base, "logit_bias": '{"65": 100}', "bad_words": '["A"]', "ignore_eos": "1"},
         "too_big": {**base, "logit_bias": '{"320": 1}'},
         "bad_field": {**base, "min_p": "2"},
+        "logprobs": {**base, "logprobs": "1", "top_logprobs": "2", "stream": "1"},
+        "top_alone": {**base, "top_logprobs": "2"},
     }
     for rid, fields in requests.items():
         r.xadd(keys.requests, {"id": rid, **fields})
@@ -84,5 +86,12 @@ def test_sampling_controls_as_flat_fields_through_the_pipeline(procs: Procs, r: 
     assert json.loads(finals["biased"][b"token_ids"]) == [65] * 6
     banned = json.loads(finals["banned"][b"token_ids"])
     assert len(banned) == 6 and 65 not in banned
-    for rid, field in (("too_big", b"logit_bias"), ("bad_field", b"min_p")):
+    done = json.loads(finals["logprobs"][b"logprobs"])
+    tokens = [f for _, f in r.xrange(keys.result("logprobs")) if f[b"event"] == b"token"]
+    assert len(done) == len(tokens) == 6
+    for entry, event in zip(done, tokens):
+        assert entry["token_id"] == int(event[b"token_id"]) and entry["logprob"] == float(event[b"logprob"]) <= 0
+        assert json.loads(event[b"logprobs"]) == entry and len(entry["top_logprobs"]) == 2
+        assert entry["top_logprobs"][0]["logprob"] == entry["logprob"]  # greedy: the likeliest
+    for rid, field in (("too_big", b"logit_bias"), ("bad_field", b"min_p"), ("top_alone", b"top_logprobs")):
         assert finals[rid][b"code"] == b"invalid_request" and field in finals[rid][b"message"]
