@@ -579,10 +579,13 @@ def done_event(
     finish_reason: FinishReason,
     prompt_tokens: int,
     logprobs: list[dict[str, Any] | None] | None = None,
+    served: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """``logprobs``: one ``token_logprobs`` entry per token id (None for a token generated before
-    the request moved to this group), or None when the request did not ask for them."""
+    the request moved to this group), or None when the request did not ask for them. ``served``:
+    ``model``, ``group`` and the timings ``queue_s``, ``ttft_s``, ``total_s`` (seconds as text)."""
     extra = {"logprobs": _json(logprobs)} if logprobs is not None else {}
+    extra.update(served or {})
     return {
         "id": request_id,
         "event": "done",

@@ -393,6 +393,8 @@ class WorkerGroup:
             self._finish_error(held, "internal", f"the engine failed on this request ({type(exc).__name__})")
             return
         self.holding.started(held)
+        if held.started_ms is None:
+            held.started_ms = self.clock.now_ms()
 
     def _step_engine(self) -> None:
         if not self.engine.has_work():
@@ -421,6 +423,8 @@ class WorkerGroup:
                 log.exception("request %s: cannot process token %r", held.request.id, out.token_id)
                 self._finish_error(held, "internal", f"output processing failed ({type(exc).__name__})")
                 continue
+            if held.first_token_ms is None:
+                held.first_token_ms = self.clock.now_ms()
             if held.request.stream:
                 self._emit(held, ("t", result.index, token_event(held.request.id, result.index, result.token_id,
                                                                  result.text, result.logprobs)))
@@ -462,6 +466,7 @@ class WorkerGroup:
             held.request.id, text=out.text, token_ids=out.token_ids,
             finish_reason=finish_reason,  # type: ignore[arg-type]
             prompt_tokens=out.prompt_len, logprobs=out.logprobs,
+            served=held.served(model=self.engine.info.model, group=self.name, now_ms=self.clock.now_ms()),
         )))
         held.final = True
         self.telemetry.finished(held.request.id, finish_reason, prompt_tokens=out.prompt_len,

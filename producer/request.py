@@ -65,6 +65,14 @@ class Completion:
     # {"token_id", "text", "logprob", "top_logprobs": [{"token_id", "text", "logprob"}]}, or None
     # for a token generated before the request moved between groups.
     logprobs: list[dict[str, Any] | None] | None = None
+    # Who served it, and when (seconds from the request's entry into the ingress stream, on the
+    # Redis clock): first scheduled in the group that finished it, its first token there, its end.
+    # None where the done event does not say (a request cancelled before it reached a group).
+    model: str | None = None
+    group: str | None = None
+    queue_s: float | None = None
+    ttft_s: float | None = None
+    total_s: float | None = None
 
     @classmethod
     def from_event(cls, event: Event) -> Completion:
@@ -87,6 +95,9 @@ class Completion:
                 prompt_tokens=int(event.fields["prompt_tokens"]),
                 completion_tokens=int(event.fields["completion_tokens"]),
                 logprobs=logprobs,
+                model=event.fields.get("model"),
+                group=event.fields.get("group"),
+                **{name: _seconds(event.fields.get(name)) for name in ("queue_s", "ttft_s", "total_s")},
             )
         except (KeyError, ValueError) as exc:
             raise RequestFailed(event.id, "internal", f"malformed done event: {exc!r}") from None
@@ -94,8 +105,9 @@ class Completion:
     def to_json(self) -> dict[str, Any]:
         """The fields as JSON values; ``logprobs`` only when the request asked for them."""
         out = asdict(self)
-        if out["logprobs"] is None:
-            del out["logprobs"]
+        for name in ("logprobs", "model", "group", "queue_s", "ttft_s", "total_s"):
+            if out[name] is None:
+                del out[name]
         return out
 
 
@@ -138,7 +150,11 @@ class Event:
 
     def raise_for_error(self) -> None:
         if self.kind == "error":
-            raise RequestFailed(self.id, self.fields.get("code", "internal"), self.fields.get("message", ""))
+            raise RequestFailed.of(self.id, self.fields.get("code", "internal"), self.fields.get("message", ""))
+
+
+def _seconds(value: str | None) -> float | None:
+    return float(value) if value is not None else None
 
 
 def _text(value: bytes | str) -> str:

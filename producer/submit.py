@@ -1,19 +1,22 @@
 """``ryzanstein submit``: send one request and print its result.
 
 Exit status: 0 on a ``done`` event, 1 on an ``error`` event or when no result came within
-``--wait``, 2 for a bad command line or no Redis to talk to.
+``--wait``, 2 for a bad command line or no Redis to talk to, 130 when interrupted (Ctrl-C). A
+request given up on (``--wait`` passed, Ctrl-C) is cancelled.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import Any, TextIO
 
 from broker.cli_common import settings_from_args, setup_logging
+from broker.connection import TRANSIENT_ERRORS
 from broker.errors import RequestFailed
-from producer.client import Client, Completion, Event, RequestOptions
+from producer.client import Client, Completion, Event, Handle, RequestOptions
 
 DEFAULT_WAIT_S = 300.0
 
@@ -170,6 +173,17 @@ def run(args: argparse.Namespace) -> int:
             print(f"error {exc.code}: {exc.message}", file=sys.stderr)
             return 1
         except TimeoutError:
-            print(f"error: no result for request {handle.id} within {args.wait:g}s", file=sys.stderr)
+            _cancel(client, handle)
+            print(f"error: no result for request {handle.id} within {args.wait:g}s; cancelled it", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            _cancel(client, handle)
+            print(f"\nryzanstein submit: interrupted; request {handle.id} cancelled", file=sys.stderr)
+            return 130
     return 0
+
+
+def _cancel(client: Client, handle: Handle) -> None:
+    """Cancel an abandoned request, so that its group stops generating for no one (best effort)."""
+    with contextlib.suppress(*TRANSIENT_ERRORS):
+        client.cancel(handle)

@@ -297,7 +297,8 @@ class Gateway:
                         headers: dict[str, str]) -> Response:
         disconnect = _Disconnect(request.receive)
         try:
-            done = await self._race(self.client.result(handle, timeout=wait_s), disconnect)
+            # the gateway cancels and drains what it abandons itself (_abandon)
+            done = await self._race(self.client.result(handle, timeout=wait_s, cancel_on_timeout=False), disconnect)
         except _Disconnected:
             await self._abandon(handle, "the client went away")
             raise
