@@ -153,6 +153,21 @@ class Event:
             raise RequestFailed.of(self.id, self.fields.get("code", "internal"), self.fields.get("message", ""))
 
 
+def _int_text(name: str, value: Any) -> str:
+    """An option as protocol text; InvalidRequest naming it (never a bare ValueError) if it is none."""
+    try:
+        return str(int(value))
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidRequest(f"field '{name}': expected an integer, got {value!r:.40}") from None
+
+
+def _float_text(name: str, value: Any) -> str:
+    try:
+        return repr(float(value))
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidRequest(f"field '{name}': expected a number, got {value!r:.40}") from None
+
+
 def _seconds(value: str | None) -> float | None:
     return float(value) if value is not None else None
 
@@ -214,10 +229,10 @@ def request_fields(
         fields["prompt_ids"] = json.dumps([int(t) for t in prompt_ids], separators=(",", ":"))
     for name, value in (("max_tokens", max_tokens), ("top_k", top_k), ("seed", seed), ("priority", priority)):
         if value is not None:
-            fields[name] = str(int(value))
+            fields[name] = _int_text(name, value)
     for name, number in (("temperature", temperature), ("top_p", top_p), ("timeout_s", timeout_s)):
         if number is not None:
-            fields[name] = repr(float(number))
+            fields[name] = _float_text(name, number)
     if stop is not None:
         fields["stop"] = json.dumps([stop] if isinstance(stop, str) else list(stop))
     if stream:
@@ -230,7 +245,7 @@ def request_fields(
     if logprobs:
         fields["logprobs"] = "1"
     if top_logprobs is not None:
-        fields["top_logprobs"] = str(int(top_logprobs))
+        fields["top_logprobs"] = _int_text("top_logprobs", top_logprobs)
     return fields
 
 
@@ -250,13 +265,13 @@ def _control_fields(
     for name, number in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty),
                          ("repetition_penalty", repetition_penalty), ("min_p", min_p)):
         if number is not None:
-            fields[name] = repr(float(number))
+            fields[name] = _float_text(name, number)
     if min_tokens is not None:
-        fields["min_tokens"] = str(int(min_tokens))
+        fields["min_tokens"] = _int_text("min_tokens", min_tokens)
     if ignore_eos:
         fields["ignore_eos"] = "1"
     if logit_bias is not None:
-        fields["logit_bias"] = json.dumps({str(k): float(v) for k, v in logit_bias.items()})
+        fields["logit_bias"] = json.dumps({str(k): float(_float_text("logit_bias", v)) for k, v in logit_bias.items()})
     if bad_words is not None:
         fields["bad_words"] = json.dumps(list(bad_words))
     return fields

@@ -158,3 +158,15 @@ def test_completion_reads_who_served_it_and_when() -> None:
     bare = Completion.from_event(Event("r", "done", {k: v for k, v in fields.items() if k not in
                                                     ("model", "group", "queue_s", "ttft_s", "total_s")}))
     assert bare.model is None and "model" not in bare.to_json()
+
+
+@pytest.mark.parametrize("option,value", [("max_tokens", "many"), ("temperature", "hot"), ("min_tokens", None),
+                                          ("logit_bias", {"1": "x"}), ("top_logprobs", 1.5j)])
+def test_bad_option_types_are_invalid_requests_naming_the_option(option: str, value: object) -> None:
+    from producer.request import request_fields
+
+    if value is None:
+        value = object()
+    with pytest.raises(InvalidRequest) as caught:
+        request_fields("p", request_id="r", **{option: value})  # type: ignore[arg-type]
+    assert f"'{option}'" in str(caught.value)
