@@ -13,3 +13,4 @@ class GatewayConfig:
     max_concurrency: int = 256  # requests in flight through this gateway; more get 429
     chat_max_tokens: int = 1024  # chat requests that set neither max_tokens nor max_completion_tokens
     chat_template: str | None = None  # a model directory, tokenizer_config.json or Jinja file
+    api_keys: tuple[str, ...] = ()  # with any, /v1 needs "Authorization: Bearer <one of them>"
