@@ -164,7 +164,7 @@ class Client(_ClientBase):
     after ``retry_delay`` (0: never, the default).
 
     A request the caller abandons is cancelled on the server: ``result``/``generate`` past their
-    ``timeout`` (unless ``cancel_on_timeout=False``) or interrupted (Ctrl-C), a ``stream`` closed or
+    ``timeout`` or interrupted (Ctrl-C) (unless ``cancel_abandoned=False``), a ``stream`` closed or
     left before its end. Errors are ``RequestFailed.of`` the event's code (``InvalidRequest``,
     ``Overloaded``, ``RequestTimeout``, ... all ``RyzansteinError`` with ``.code``); a wait past
     its ``timeout`` raises ``WaitTimeout`` (a ``RequestTimeout`` and a ``TimeoutError``).
@@ -214,23 +214,21 @@ class Client(_ClientBase):
                     return
 
     def result(self, request: Handle | str, *, timeout: float | None = None,
-               cancel_on_timeout: bool = True) -> Completion:
+               cancel_abandoned: bool = True) -> Completion:
         """Wait for the request's final event: its Completion, or RequestFailed for an error.
 
-        Past ``timeout`` seconds: WaitTimeout, the request cancelled unless ``cancel_on_timeout``
-        is False (then a later call can wait on). Interrupted (KeyboardInterrupt): cancelled too.
+        Past ``timeout`` seconds: WaitTimeout. A wait given up on, past its timeout or interrupted
+        (KeyboardInterrupt), cancels the request unless ``cancel_abandoned`` is False (then a later
+        call can wait on).
         """
         handle = self._handle(request)
         try:
             for event in self.events(handle, timeout=timeout):
                 if event.final:
                     return Completion.from_event(event)
-        except WaitTimeout:
-            if cancel_on_timeout:
+        except (WaitTimeout, KeyboardInterrupt):
+            if cancel_abandoned:
                 self._abandon(handle)
-            raise
-        except KeyboardInterrupt:
-            self._abandon(handle)
             raise
         raise AssertionError("unreachable: events() ends with a final event")
 
@@ -427,24 +425,21 @@ class AsyncClient(_ClientBase):
                     return
 
     async def result(self, request: Handle | str, *, timeout: float | None = None,
-                     cancel_on_timeout: bool = True) -> Completion:
+                     cancel_abandoned: bool = True) -> Completion:
         """Wait for the request's final event: its Completion, or RequestFailed for an error.
 
-        Past ``timeout`` seconds: WaitTimeout, the request cancelled unless ``cancel_on_timeout``
-        is False (its events are then kept for a later call). A waiting task that is cancelled
-        (``asyncio`` cancellation, ``wait_for``) cancels the request too.
+        Past ``timeout`` seconds: WaitTimeout. A wait given up on, past its timeout or by
+        cancelling the waiting task (``asyncio`` cancellation, ``wait_for``), cancels the request
+        unless ``cancel_abandoned`` is False (its events are then kept for a later call).
         """
         handle = self._handle(request)
         try:
             async for event in self.events(handle, timeout=timeout):
                 if event.final:
                     return Completion.from_event(event)
-        except WaitTimeout:
-            if cancel_on_timeout:
+        except (WaitTimeout, asyncio.CancelledError):
+            if cancel_abandoned:
                 self._abandon(handle)
-            raise
-        except asyncio.CancelledError:
-            self._abandon(handle)
             raise
         raise AssertionError("unreachable: events() ends with a final event")
 

@@ -300,7 +300,7 @@ class Gateway:
         disconnect = _Disconnect(request.receive)
         try:
             # the gateway cancels and drains what it abandons itself (_abandon)
-            done = await self._race(self.client.result(handle, timeout=wait_s, cancel_on_timeout=False), disconnect)
+            done = await self._race(self.client.result(handle, timeout=wait_s, cancel_abandoned=False), disconnect)
         except _Disconnected:
             await self._abandon(handle, "the client went away")
             raise

@@ -68,7 +68,7 @@ def test_a_wait_past_its_timeout_cancels_the_request(redis_url: str, keys: Keys,
         # told not to, the client leaves it running, and can wait on
         kept = client.submit("hang")
         with pytest.raises(WaitTimeout):
-            client.result(kept, timeout=0.1, cancel_on_timeout=False)
+            client.result(kept, timeout=0.1, cancel_abandoned=False)
         time.sleep(0.2)
         assert kept.id in responder.hanging
         client.cancel(kept)
