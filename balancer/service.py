@@ -366,7 +366,7 @@ class Balancer:
                         f"every worker group is at its queue bound ({self.limits.group_requests} requests, "
                         f"{self.limits.group_tokens} tokens); retry later"))
                 elif request.prompt_ids is not None and (problem := limit_problem(
-                        request.prompt_ids, request.sampling.max_tokens,
+                        request.prompt_ids, request.sampling.needed_tokens,
                         vocab_size=group.vocab_size, max_context=group.max_context)):
                     final = error_event(request.id, "invalid_request", problem)
                 else:

@@ -49,9 +49,17 @@ class SamplingParams(BaseModel):
     ignore_eos: bool = False
     logit_bias: tuple[tuple[int, float], ...] = Field(default=(), max_length=MAX_LOGIT_BIAS)  # (token id, bias)
     bad_words: tuple[str, ...] = Field(default=(), max_length=MAX_BAD_WORDS)
+    # With it, max_tokens is a ceiling: a prompt that leaves less room in the model's context gets
+    # the room it leaves (the gateway's chat requests without max_tokens), not invalid_request.
+    fit_max_tokens: bool = False
     # --- logprobs (docs/PROTOCOL.md, "Logprobs") ---
     logprobs: bool = False  # token and done events carry each generated token's logprob
     top_logprobs: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)  # and this many likeliest alternatives
+
+    @property
+    def needed_tokens(self) -> int:
+        """The fewest tokens the request needs room for after its prompt (``limit_problem``)."""
+        return 1 if self.fit_max_tokens else self.max_tokens
 
     @classmethod
     def from_dump(cls, raw: dict[str, Any]) -> SamplingParams:
@@ -366,6 +374,8 @@ def _controls(raw: dict[str, Any]) -> dict[str, Any]:
         out["logit_bias"] = _logit_bias(raw["logit_bias"])
     if raw.get("bad_words") is not None:
         out["bad_words"] = _bad_words(raw["bad_words"])
+    if raw.get("fit_max_tokens") is not None:
+        out["fit_max_tokens"] = _bool("fit_max_tokens", raw["fit_max_tokens"])
     if raw.get("logprobs") is not None:
         out["logprobs"] = _bool("logprobs", raw["logprobs"])
     if raw.get("top_logprobs") is not None:
@@ -527,7 +537,8 @@ def best_effort_reply_to(fields: dict[Any, Any], *, entry_id: str, prefix: str) 
 
 def limit_problem(prompt_ids: list[int] | tuple[int, ...], max_tokens: int, *, vocab_size: int,
                   max_context: int, logit_bias: tuple[tuple[int, float], ...] = ()) -> str | None:
-    """Why a tokenized request cannot run on a model (vocabulary, context length), or None."""
+    """Why a tokenized request cannot run on a model (vocabulary, context length), or None.
+    ``max_tokens``: the room it needs after the prompt (``SamplingParams.needed_tokens``)."""
     if not prompt_ids:
         return "the prompt encodes to no tokens"
     top = max(prompt_ids)

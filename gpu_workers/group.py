@@ -320,7 +320,7 @@ class WorkerGroup:
             self._finish_error(held, "internal", f"the prompt could not be tokenized ({type(exc).__name__})")
             return
         self.telemetry.admitted(request, prompt_tokens=len(held.prompt_ids))
-        problem = limit_problem(held.prompt_ids, request.sampling.max_tokens, vocab_size=info.vocab_size,
+        problem = limit_problem(held.prompt_ids, request.sampling.needed_tokens, vocab_size=info.vocab_size,
                                 max_context=info.max_context, logit_bias=request.sampling.logit_bias)
         if problem is not None:
             self._finish_error(held, "invalid_request", problem)

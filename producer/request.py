@@ -39,6 +39,7 @@ class RequestOptions(TypedDict, total=False):
     ignore_eos: bool  # go on through EOS
     logit_bias: Mapping[int | str, float] | None  # token id -> bias in [-100, 100]
     bad_words: Sequence[str] | None  # words the output never contains
+    fit_max_tokens: bool  # max_tokens is a ceiling: a long prompt gets the room it leaves
     logprobs: bool  # events carry each token's logprob (PROTOCOL.md, "Logprobs")
     top_logprobs: int | None  # and this many likeliest alternatives (0-20; needs logprobs)
 
@@ -210,6 +211,7 @@ def request_fields(
     bad_words: Sequence[str] | None = None,
     logprobs: bool = False,
     top_logprobs: int | None = None,
+    fit_max_tokens: bool = False,
 ) -> dict[str, str]:
     """The ingress entry for one request: flat string fields, only those that are set.
 
@@ -242,6 +244,8 @@ def request_fields(
     fields.update(_control_fields(presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                                   repetition_penalty=repetition_penalty, min_p=min_p, min_tokens=min_tokens,
                                   ignore_eos=ignore_eos, logit_bias=logit_bias, bad_words=bad_words))
+    if fit_max_tokens:
+        fields["fit_max_tokens"] = "1"
     if logprobs:
         fields["logprobs"] = "1"
     if top_logprobs is not None:

@@ -36,7 +36,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--chat-max-tokens", type=int, default=DEFAULTS.chat_max_tokens, metavar="N",
-        help=f"max_tokens of chat requests that set none (default {DEFAULTS.chat_max_tokens})",
+        help="chat requests that set no max_tokens get the rest of the model's context, up to N "
+             f"(default {DEFAULTS.chat_max_tokens})",
     )
     parser.add_argument(
         "--api-key", dest="api_keys", action="append", default=None, metavar="KEY",

@@ -237,14 +237,18 @@ def parse_chat(raw: dict[str, Any], *, default_max_tokens: int) -> Generation:
         messages = normalize_messages(body.messages)
     except InvalidRequest as exc:
         raise ApiError.from_code("invalid_request", str(exc)) from None
-    max_tokens = body.max_completion_tokens or body.max_tokens or default_max_tokens
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    options = _with_logprobs(_options(body, max_tokens or default_max_tokens), bool(body.logprobs),
+                             body.top_logprobs)
+    if max_tokens is None:  # the rest of the context, up to the default (as vLLM's None)
+        options["fit_max_tokens"] = True
     return Generation(
         kind="chat",
         model=body.model,
         stream=bool(body.stream),
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         messages=messages,
-        options=_with_logprobs(_options(body, max_tokens), bool(body.logprobs), body.top_logprobs),
+        options=options,
     )
 
 

@@ -74,6 +74,16 @@ def test_min_tokens_may_not_exceed_max_tokens() -> None:
     assert "max_tokens" in rejected({**BASE, "max_tokens": "5", "min_tokens": "6"}, "min_tokens")
 
 
+def test_fit_max_tokens_makes_max_tokens_a_ceiling() -> None:
+    fitted = parse({**BASE, "max_tokens": "100", "fit_max_tokens": "1"}).sampling
+    assert (fitted.max_tokens, fitted.fit_max_tokens, fitted.needed_tokens) == (100, True, 1)
+    assert parse({**BASE, "max_tokens": "100"}).sampling.needed_tokens == 100
+    prompt = [1] * 40
+    assert "exceeds" in limit_problem(prompt, 100, vocab_size=10, max_context=50)  # type: ignore[operator]
+    assert limit_problem(prompt, fitted.needed_tokens, vocab_size=10, max_context=50) is None
+    assert "exceeds" in limit_problem([1] * 50, 1, vocab_size=10, max_context=50)  # type: ignore[operator]
+
+
 def test_logit_bias_ids_are_checked_against_the_vocabulary() -> None:
     assert limit_problem([1], 4, vocab_size=100, max_context=50, logit_bias=((99, 1.0),)) is None
     problem = limit_problem([1], 4, vocab_size=100, max_context=50, logit_bias=((3, 1.0), (100, 1.0)))

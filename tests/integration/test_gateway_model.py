@@ -107,3 +107,13 @@ def test_logprobs_and_controls_through_the_openai_client(procs: Procs, r: redis.
     done = client.completions.create(model=model, prompt=prompt, max_tokens=NEW, temperature=0,
                                      extra_body={"repetition_penalty": 1.5})
     assert done.choices[0].text == decode(penalized) != decode(tokens)
+
+    # chat without max_tokens: the rest of the context (the default, 1024, is more), never a 400
+    long = [{"role": "user", "content": "y" * 990}]
+    filled = client.chat.completions.create(model=model, messages=long, temperature=0)
+    assert filled.choices[0].finish_reason == "length"
+    assert filled.usage.prompt_tokens + filled.usage.completion_tokens == 1024  # the model's context
+    assert 0 < filled.usage.completion_tokens < 1024 - 990
+    with pytest.raises(openai.BadRequestError) as caught:  # a max_tokens the client sent is kept
+        client.chat.completions.create(model=model, messages=long, max_tokens=100)
+    assert "context length" in caught.value.message

@@ -57,6 +57,7 @@ def test_every_option_survives_the_servers_parser(keys: Keys) -> None:
         bad_words=["no", "not this"],
         logprobs=True,
         top_logprobs=4,
+        fit_max_tokens=True,
     )
 
     request = parse_request(fields, entry_id="1-0", prefix=keys.prefix, max_request_bytes=1 << 20)
@@ -77,6 +78,7 @@ def test_every_option_survives_the_servers_parser(keys: Keys) -> None:
         "ignore_eos": True,
         "logit_bias": ((3, -100.0), (4, 1.5)),
         "bad_words": ("no", "not this"),
+        "fit_max_tokens": True,
         "logprobs": True,
         "top_logprobs": 4,
     }

@@ -83,7 +83,9 @@ def test_chat_request() -> None:
     assert gen.messages == [{"role": "user", "content": "ab"}]
     assert gen.options["max_tokens"] == 5  # max_completion_tokens wins
     assert gen.prompt is None  # rendered later, with the served model's template
-    assert parse_chat({"model": "m", "messages": messages}, default_max_tokens=100).options["max_tokens"] == 100
+    defaulted = parse_chat({"model": "m", "messages": messages}, default_max_tokens=100).options
+    assert (defaulted["max_tokens"], defaulted.get("fit_max_tokens")) == (100, True)  # a ceiling: fits the context
+    assert "fit_max_tokens" not in gen.options  # max_tokens the client sent is kept as sent
     for body, param in [({"tools": [{"type": "function"}]}, "tools"), ({"tool_choice": "required"}, "tool_choice"),
                         ({"response_format": {"type": "json_object"}}, "response_format"),
                         ({"top_logprobs": 2}, "top_logprobs"), ({"messages": []}, "messages")]:
