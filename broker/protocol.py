@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from broker.errors import InvalidRequest
 from broker.keys import Keys
+from broker.refused import unhonoured_field
 
 ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -423,82 +424,6 @@ def _bad_words(value: Any) -> tuple[str, ...]:
             raise InvalidRequest(f"field 'bad_words': every item must be a non-blank string, got {item!r:.40}")
         out.append(text)
     return tuple(out)
-
-
-# --- fields known elsewhere that this server does not honour ----------------------------------------
-
-_OFF, _ON = frozenset({"0", "false"}), frozenset({"1", "true"})
-# Request fields of vLLM's and OpenAI's APIs that ryzanstein does not honour (yet), with the values
-# that change nothing (None: every value changes something). Set to anything else, a request ends
-# with invalid_request naming the field, rather than running as if it had not been sent. Fields
-# named nowhere stay ignored (CONTRACT.md).
-UNHONOURED_FIELDS: dict[str, frozenset[str] | None] = {
-    "n": frozenset({"1"}),
-    "best_of": frozenset({"1"}),
-    "use_beam_search": _OFF,
-    "length_penalty": frozenset({"1", "1.0"}),
-    "prompt_logprobs": None,
-    "allowed_token_ids": None,
-    "logits_processors": None,
-    "guided_json": None,
-    "guided_regex": None,
-    "guided_choice": None,
-    "guided_grammar": None,
-    "structured_outputs": None,
-    "response_format": frozenset({"text", '{"type":"text"}'}),
-    "include_stop_str_in_output": _OFF,
-    "skip_special_tokens": _ON,
-    "spaces_between_special_tokens": _ON,
-    "truncate_prompt_tokens": None,
-}
-
-
-def unhonoured_field(raw: dict[str, Any], table: dict[str, frozenset[str] | None] = UNHONOURED_FIELDS) -> str | None:
-    """The first field of ``table`` that ``raw`` (field name -> value, as sent) sets to a value that
-    would change the output; None when there is none. Unset and null values count as not sent."""
-    for name, neutral in table.items():
-        value = raw.get(name)
-        if value is None:
-            continue
-        canonical = _canonical(value)
-        if canonical != "null" and (neutral is None or canonical not in neutral):
-            return name
-    return None
-
-
-def _canonical(value: Any) -> str:
-    """A value as comparable text: JSON text parsed, then booleans as true/false, numbers as
-    Python writes them, text lower-cased and stripped, maps and arrays as compact sorted JSON."""
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except (ValueError, RecursionError):
-            return value.strip().lower()
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return value.strip().lower()
-    try:
-        return json.dumps(_decoded(value), sort_keys=True, separators=(",", ":"), default=repr)
-    except (TypeError, ValueError, RecursionError):
-        return repr(value)
-
-
-def _decoded(value: Any) -> Any:
-    """msgpack's raw strings (bytes) inside maps and arrays, as text."""
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, dict):
-        return {str(_decoded(k)): _decoded(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_decoded(v) for v in value]
-    return value
 
 
 def entry_ms(entry_id: str | bytes) -> int:

@@ -13,7 +13,7 @@ optional request fields as in the protocol (``max_tokens`` — ``max_completion_
 sampling controls ``presence_penalty`` ... ``bad_words``); optional
 ``id``, echoed in the result. A line in OpenAI's batch format (``custom_id`` + ``body``) is read as
 its body with ``custom_id`` as the id. Fields the protocol refuses by name (``n``, ``guided_json``...:
-``broker.protocol.UNHONOURED_FIELDS``) make the line bad; other fields are ignored; blank lines are
+``broker.refused.UNHONOURED_FIELDS``) make the line bad; other fields are ignored; blank lines are
 skipped.
 
 Output: one JSON object per input line, in the order the results come in::
@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from broker.errors import InvalidRequest
-from broker.protocol import parse_request, unhonoured_field
+from broker.protocol import parse_request
+from broker.refused import unhonoured_field
 from producer.chat_template import normalize_messages
 from producer.request import Completion, RequestOptions
 

@@ -17,7 +17,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from broker.errors import InvalidRequest
-from broker.protocol import MAX_TOP_LOGPROBS, UNHONOURED_FIELDS, unhonoured_field
+from broker.protocol import MAX_TOP_LOGPROBS
+from broker.refused import UNHONOURED_FIELDS, unhonoured_field
 from producer.chat_template import normalize_messages
 from producer.gateway.errors import ApiError
 from producer.request import Completion, RequestOptions

@@ -13,11 +13,11 @@ from broker.errors import InvalidRequest
 from broker.protocol import (
     MAX_BAD_WORDS,
     MAX_LOGIT_BIAS,
-    UNHONOURED_FIELDS,
     GenerationRequest,
     limit_problem,
     parse_request,
 )
+from broker.refused import UNHONOURED_FIELDS
 from tests.broker.test_protocol import packed, parse, rejected
 
 BASE = {"prompt": "hi"}
