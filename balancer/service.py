@@ -27,6 +27,7 @@ from redis.exceptions import ResponseError
 from balancer.admission import Limits, request_cost
 from balancer.batching import AdaptiveBatcher
 from balancer.failover import Failover
+from balancer.models import resolve_model
 from balancer.router import Router
 from balancer.routing import AffinityTable, RoutingPolicy, prefix_key
 from balancer.telemetry import BalancerTelemetry
@@ -69,6 +70,7 @@ class Waiting:
     prefix: str | None = None  # affinity key of the prompt's prefix
     cost: int = 1  # tokens it may occupy (admission.request_cost), once a group is in view
     claimed: bool = False  # a claim was tried: the next dispatch waits for the claim's answer
+    model_resolved: bool = False  # request.model names a model some group serves (balancer.models)
 
 
 @dataclass(slots=True)
@@ -88,6 +90,10 @@ class Final:
             return self.fields
         return done_event(self.request_id, text=claim.output_text, token_ids=list(claim.output_ids),
                           finish_reason="cancelled", prompt_tokens=int(self.fields.get("prompt_tokens", "0")))
+
+
+def _of(model: str | None) -> str:
+    return f" of model {model!r}" if model is not None else ""
 
 
 def _raise_transient(results: list[Any]) -> None:
@@ -232,8 +238,7 @@ class Balancer:
         # (no live group, or all refused work lately): without it the loop spins on Redis for as long
         # as requests wait for a group (up to no_group_wait_s, e.g. while workers load a model).
         now = self._monotonic()
-        can_route = any(g.routable and self._closed_until.get(g.name, 0.0) <= now
-                        for g in self.router.groups)
+        can_route = self._can_route_waiting(now)
         # An idle read still wakes for the next registry refresh: a group's death is noticed within
         # dead_after_s + groups_refresh_s of its last heartbeat, busy or not.
         until_refresh_ms = max(1, int((self._next_refresh - now) * 1000))
@@ -271,6 +276,14 @@ class Balancer:
         if entries:
             self.telemetry.read(len(entries))
         return entries
+
+    def _can_route_waiting(self, now: float) -> bool:
+        """Whether a routable group, not paused, serves the model of some waiting request (any group
+        for one whose model is not resolved yet)."""
+        wanted = {w.request.model if w.model_resolved else None for w in self.waiting.values()}
+        return any(g.routable and self._closed_until.get(g.name, 0.0) <= now
+                   and (None in wanted or any(g.serves(m) for m in wanted if m is not None))
+                   for g in self.router.groups)
 
     def _reclaim(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
         """Entries of balancers that died (idle past claim_idle_ms) become ours; ours stay fresh."""
@@ -323,56 +336,63 @@ class Balancer:
                 return
 
     def _route(self, now_ms: float) -> tuple[list[tuple[Waiting, str]], list[Final]]:
-        """A group for every waiting request that can go now, or its final event."""
+        """A group for every waiting request that can go now, or its final event. Each request goes
+        to a group of its model (balancer.models); the admission bounds count each model's groups."""
         assignments: list[tuple[Waiting, str]] = []
         finals: list[Final] = []
         now = self._monotonic()
         closed = frozenset(g for g, until in self._closed_until.items() if until > now)
         full = frozenset(g for g, until in self._full_until.items() if until > now)
-        routable = self.router.routable()
-        max_context = max((g.max_context for g in routable), default=1 << 31)
-        total = self.router.totals()
-        total_requests, total_tokens = total.requests, total.tokens
+        totals: dict[str | None, list[int]] = {}  # model -> [requests, tokens] on its groups, as sent
         held_back = 0  # requests that stay waiting here: bounded like the groups' queues
         for w in sorted(self.waiting.values(), key=lambda w: (w.request.priority, w.request.enqueued_ms)):
             request, final = w.request, None
-            w.cost = request_cost(request, max_context=max_context)
+            model, unroutable = self._model_of(w)
+            routable = self.router.routable(model=model)
+            w.cost = request_cost(request, max_context=max((g.max_context for g in routable), default=1 << 31))
+            if model not in totals:
+                load = self.router.totals(model=model)
+                totals[model] = [load.requests, load.tokens]
+            total = totals[model]
             if request.id in self._cancelled:
                 final = done_event(request.id, text="", token_ids=[], finish_reason="cancelled", prompt_tokens=0)
             elif request.deadline_ms is not None and now_ms >= request.deadline_ms:
                 final = error_event(request.id, "timeout", f"deadline of {request.timeout_s}s passed before dispatch")
+            elif unroutable is not None:
+                final = unroutable
             elif not routable:
                 if now_ms - w.since_ms >= self.settings.no_group_wait_s * 1000:
-                    final = error_event(request.id, "unavailable",
-                                        f"no live worker group for {self.settings.no_group_wait_s}s")
+                    final = error_event(request.id, "unavailable", f"no live worker group{_of(model)} for "
+                                                                   f"{self.settings.no_group_wait_s}s")
                 elif w.moved or held_back < self.limits.total_requests:
                     held_back += 1
                     continue  # stays waiting
                 else:
                     final = error_event(request.id, "overloaded", f"{held_back} requests wait for a worker group already")
-            elif not w.moved and (total_requests + 1 > self.limits.total_requests
-                                  or total_tokens + w.cost > self.limits.total_tokens):
+            elif not w.moved and (total[0] + 1 > self.limits.total_requests
+                                  or total[1] + w.cost > self.limits.total_tokens):
                 final = error_event(request.id, "overloaded", (
-                    f"the worker groups hold {total_requests} requests and {total_tokens} tokens, at the bounds of "
-                    f"{self.limits.total_requests} and {self.limits.total_tokens}; retry later"))
+                    f"the worker groups{_of(model)} hold {total[0]} requests and {total[1]} tokens, at the bounds "
+                    f"of {self.limits.total_requests} and {self.limits.total_tokens}; retry later"))
             else:
                 group = self.router.pick(prefix=w.prefix, cost=w.cost, now=now,
-                                         exclude=closed if w.moved else closed | full, bounded=not w.moved)
+                                         exclude=closed if w.moved else closed | full, bounded=not w.moved,
+                                         model=model, weights=request.weights if w.moved else None)
                 if group is None:
-                    if not self.router.routable(exclude=closed) or w.moved:
+                    if not self.router.routable(exclude=closed, model=model) or w.moved:
                         held_back += 1
                         continue  # every group refused work lately: try again next tick
                     final = error_event(request.id, "overloaded", (
-                        f"every worker group is at its queue bound ({self.limits.group_requests} requests, "
-                        f"{self.limits.group_tokens} tokens); retry later"))
+                        f"every worker group{_of(model)} is at its queue bound ({self.limits.group_requests} "
+                        f"requests, {self.limits.group_tokens} tokens); retry later"))
                 elif request.prompt_ids is not None and (problem := limit_problem(
                         request.prompt_ids, request.sampling.needed_tokens,
                         vocab_size=group.vocab_size, max_context=group.max_context)):
                     final = error_event(request.id, "invalid_request", problem)
                 else:
                     self.router.sent(group.name, w.cost)
-                    total_requests += 1
-                    total_tokens += w.cost
+                    total[0] += 1
+                    total[1] += w.cost
                     assignments.append((w, group.name))
                     continue
             del self.waiting[w.entry_id]
@@ -380,6 +400,21 @@ class Balancer:
             self.telemetry.finished(request.id, final)
             finals.append(Final(w.entry_id, request.id, request.reply_to, final, w.takeover_from, w.takeover_epoch))
         return assignments, finals
+
+    def _model_of(self, w: Waiting) -> tuple[str | None, dict[str, str] | None]:
+        """The served model ``w`` goes to (then set on its request, so that it stays on that model
+        when it moves), None while no group is registered; or the error event when there is none."""
+        if w.model_resolved:
+            return w.request.model, None
+        try:
+            model = resolve_model(w.request.model, self.router.groups, default=self.settings.default_model)
+        except InvalidRequest as exc:
+            return None, error_event(w.request.id, exc.code, str(exc))
+        if model is not None:
+            w.model_resolved = True
+            if model != w.request.model:
+                w.request = w.request.model_copy(update={"model": model})
+        return model, None
 
     def _dispatch(self, assignments: list[tuple[Waiting, str]], finals: list[Final]) -> bool:
         """Claim, then queue or publish. True when some group refused (full or closed): route again.
@@ -482,9 +517,19 @@ class Balancer:
         self.scripts.dispatch(
             keys=[self.keys.group_queue(group), self.keys.dispatch_marker(group, w.request.id, epoch),
                   self.keys.group_accepting(group), self.keys.group_queue_tokens(group)],
-            args=[w.request.to_wire(), epoch, self.settings.result_ttl_s * 1000, w.cost,
+            args=[self._wire(w, group), epoch, self.settings.result_ttl_s * 1000, w.cost,
                   self.limits.group_requests if bounded else 0, self.limits.group_tokens if bounded else 0],
             client=pipe)
+
+    def _wire(self, w: Waiting, group: str) -> bytes:
+        """``w``'s request as queued for ``group``: stamped with the group's weights fingerprint, unless
+        it carries tokens already, which keep the stamp of the weights that made them."""
+        if not w.request.output_ids:
+            target = self.router.find(group)
+            weights = target.weights or None if target is not None else None
+            if weights != w.request.weights:
+                w.request = w.request.model_copy(update={"weights": weights})
+        return w.request.to_wire()
 
     def _queued(self, w: Waiting, group: str, epoch: int, raw: Any, acks: list[bytes]) -> bool:
         """Take in a DISPATCH reply; True when the group refused (full or closed): route again."""

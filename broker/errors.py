@@ -15,6 +15,12 @@ class InvalidRequest(RyzansteinError):
     code = "invalid_request"
 
 
+class ModelNotFound(InvalidRequest):
+    """The request names a model that no registered worker group serves."""
+
+    code = "model_not_found"
+
+
 class Overloaded(RyzansteinError):
     code = "overloaded"
 
@@ -27,12 +33,6 @@ class Unavailable(RyzansteinError):
     """No live worker group could take the request."""
 
     code = "unavailable"
-
-
-class ModelNotFound(RyzansteinError):
-    """The request named a model no live worker group serves."""
-
-    code = "model_not_found"
 
 
 class DuplicateId(RyzansteinError):

@@ -17,6 +17,7 @@ Key schema (``p`` is the prefix, ``ryz`` by default):
 | ``{<reply>}:gentext:<id>`` | string | text published so far: the joined token deltas (until the final event) |
 | ``p:groups`` | zset | registered groups, scored by last heartbeat (ms, Redis clock) |
 | ``{p:groups}:info:<name>`` | hash | a group's heartbeat: load, limits, identity |
+| ``{p:groups}:template:<sha256>`` | string | a chat template's source, under its digest (broker.chat) |
 | ``{p:g:<name>}:queue`` | stream | a group's work queue; consumer group ``group`` |
 | ``{p:g:<name>}:tokens`` | string | tokens (prompt + max_tokens) of the entries in the group's queue |
 | ``{p:g:<name>}:accepting`` | string | present while the group takes new work |
@@ -126,6 +127,10 @@ class Keys:
 
     def group_info(self, name: str) -> str:
         return companion(self.groups, f"info:{name}")
+
+    def chat_template(self, digest: str) -> str:
+        """A chat template's Jinja source, under its SHA-256 (broker.chat)."""
+        return companion(self.groups, f"template:{digest}")
 
     def group_queue(self, name: str) -> str:
         return f"{{{self.prefix}:g:{name}}}:queue"

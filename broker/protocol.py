@@ -20,9 +20,12 @@ from broker.keys import Keys
 from broker.refused import unhonoured_field
 
 ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+# A served model name: a directory's last component, a hub id ("org/name"), an alias; no spaces.
+MODEL_NAME_RE = re.compile(r"[A-Za-z0-9_.:/@+=-]{1,256}")
 FinishReason = Literal["stop", "length", "cancelled"]
 INT64_MIN, UINT64_MAX = -(1 << 63), (1 << 64) - 1
 MAX_STOP_STRINGS = 16
+MAX_STOP_TOKEN_IDS = 64
 MAX_KEY_BYTES = 512
 MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias
 MAX_BAD_WORDS = 128
@@ -41,6 +44,7 @@ class SamplingParams(BaseModel):
     top_k: int = Field(default=0, ge=0, le=1 << 31)
     seed: int | None = Field(default=None, ge=INT64_MIN, le=UINT64_MAX)
     stop: tuple[str, ...] = Field(default=(), max_length=MAX_STOP_STRINGS)
+    stop_token_ids: tuple[int, ...] = Field(default=(), max_length=MAX_STOP_TOKEN_IDS)  # end on any of them
     # --- sampling controls, with vLLM's meanings (docs/PROTOCOL.md, "Sampling controls") ---
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
@@ -66,7 +70,7 @@ class SamplingParams(BaseModel):
     def from_dump(cls, raw: dict[str, Any]) -> SamplingParams:
         """The inverse of ``model_dump`` after a msgpack round trip (arrays come back as lists)."""
         raw = dict(raw)
-        for name in ("stop", "bad_words"):
+        for name in ("stop", "stop_token_ids", "bad_words"):
             if name in raw:
                 raw[name] = tuple(raw[name])
         if "logit_bias" in raw:
@@ -87,6 +91,8 @@ class GenerationRequest(BaseModel):
     priority: int = Field(default=0, ge=INT64_MIN, le=(1 << 63) - 1)
     timeout_s: float | None = Field(default=None, gt=0.0)
     reply_to: str
+    # The served model name asked for; the balancer sets the one it routed to before dispatch.
+    model: str | None = Field(default=None, pattern=f"^{MODEL_NAME_RE.pattern}$")
     # Milliseconds on the Redis clock when the request first entered the ingress stream.
     enqueued_ms: int = 0
     # Set when a group hands the request back (draining) or is failed over: the balancer takes the
@@ -96,6 +102,9 @@ class GenerationRequest(BaseModel):
     # Set by the balancer when it dispatches a request taken over mid-generation: the token ids
     # already published, which the new group continues after (never on the ingress stream).
     output_ids: tuple[int, ...] = ()
+    # Fingerprint of the weights that generated ``output_ids`` (set by the balancer at dispatch): a
+    # group with other weights refuses to continue such a request (no answer mixes two versions).
+    weights: str | None = None
 
     @property
     def deadline_ms(self) -> float | None:
@@ -113,16 +122,19 @@ class GenerationRequest(BaseModel):
             "id": self.id,
             "prompt": self.prompt,
             "prompt_ids": list(self.prompt_ids) if self.prompt_ids is not None else None,
-            **self.sampling.model_dump(exclude={"stop", "logit_bias", "bad_words"}),
+            **self.sampling.model_dump(exclude={"stop", "stop_token_ids", "logit_bias", "bad_words"}),
             "stop": list(self.sampling.stop),
+            "stop_token_ids": list(self.sampling.stop_token_ids) or None,
             "logit_bias": {str(t): b for t, b in self.sampling.logit_bias},
             "bad_words": list(self.sampling.bad_words),
+            "model": self.model,
             "stream": self.stream,
             "priority": self.priority,
             "timeout_s": self.timeout_s,
             "reply_to": self.reply_to,
             "_enqueued_ms": self.enqueued_ms,
             "_takeover": [from_owner, epoch],
+            "_weights": self.weights,
         }
         return {"payload": msgpack.packb({k: v for k, v in payload.items() if v is not None}, use_bin_type=True)}
 
@@ -210,16 +222,30 @@ def _json_list(name: str, value: Any) -> list[Any]:
     return parsed
 
 
-def _token_ids(value: Any) -> tuple[int, ...]:
-    items = _json_list("prompt_ids", value)
-    if not items:
-        raise InvalidRequest("field 'prompt_ids': must not be empty")
+def _token_ids(value: Any, name: str = "prompt_ids", *, empty_ok: bool = False) -> tuple[int, ...]:
+    items = _json_list(name, value)
+    if not items and not empty_ok:
+        raise InvalidRequest(f"field '{name}': must not be empty")
     for item in items:
         if isinstance(item, bool) or not isinstance(item, int):
-            raise InvalidRequest(f"field 'prompt_ids': every item must be an integer, got {item!r:.40}")
+            raise InvalidRequest(f"field '{name}': every item must be an integer, got {item!r:.40}")
         if item < 0 or item > UINT64_MAX:
-            raise InvalidRequest(f"field 'prompt_ids': token id {item} is out of range")
+            raise InvalidRequest(f"field '{name}': token id {item} is out of range")
     return tuple(items)
+
+
+def _stop_token_ids(value: Any) -> tuple[int, ...]:
+    ids = _token_ids(value, "stop_token_ids", empty_ok=True)
+    if len(ids) > MAX_STOP_TOKEN_IDS:
+        raise InvalidRequest(f"field 'stop_token_ids': at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}")
+    return ids
+
+
+def _model(value: Any) -> str:
+    name = _text("model", value)
+    if not MODEL_NAME_RE.fullmatch(name):
+        raise InvalidRequest(f"field 'model': must be 1-256 characters of [A-Za-z0-9_.:/@+=-], got {_show(name)}")
+    return name
 
 
 def _stop(value: Any) -> tuple[str, ...]:
@@ -320,6 +346,8 @@ def _parse(
         sampling["seed"] = _int("seed", raw["seed"])
     if raw.get("stop") is not None:
         sampling["stop"] = _stop(raw["stop"])
+    if raw.get("stop_token_ids") is not None:
+        sampling["stop_token_ids"] = _stop_token_ids(raw["stop_token_ids"])
     sampling.update(_controls(raw))
     if sampling.get("min_tokens", 0) > sampling["max_tokens"] >= 1:
         raise InvalidRequest(f"field 'min_tokens': must be at most max_tokens ({sampling['max_tokens']}), "
@@ -341,6 +369,7 @@ def _parse(
     takeover = raw.get("_takeover")
     if isinstance(takeover, (list, tuple)) and len(takeover) == 2 and isinstance(takeover[1], int):
         takeover_from, takeover_epoch = _text("_takeover", takeover[0]), takeover[1]
+    weights = _text("_weights", raw["_weights"]) if isinstance(raw.get("_weights"), (bytes, str)) else None
 
     return GenerationRequest(
         id=request_id,
@@ -351,9 +380,11 @@ def _parse(
         priority=_int("priority", raw["priority"]) if raw.get("priority") is not None else 0,
         timeout_s=_float("timeout_s", raw["timeout_s"]) if raw.get("timeout_s") is not None else None,
         reply_to=reply_to,
+        model=_model(raw["model"]) if raw.get("model") is not None else None,
         enqueued_ms=enqueued_ms,
         takeover_from=takeover_from,
         takeover_epoch=takeover_epoch,
+        weights=weights,
     )
 
 

@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     # A request that finds no live worker group waits this long (or until its own timeout_s) before it
     # ends with error code `unavailable`.
     no_group_wait_s: float = 30.0
+    # The served model name a request without `model` goes to when the groups serve several models
+    # (with one, that one); unset: such a request ends with `invalid_request` naming the served models.
+    default_model: str | None = None
 
     # --- balancer ---------------------------------------------------------------------------
     balancer_batch_max: int = Field(default=128, ge=1, description="Most ingress entries read in one batch.")

@@ -26,6 +26,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError, ResponseError
 
+from broker.chat import publish_template, template_digest
 from broker.connection import TRANSIENT_ERRORS, RedisClock, backoff_delays
 from broker.errors import EngineFailed
 from broker.keys import QUEUE_GROUP, Keys
@@ -42,12 +43,14 @@ from gpu_workers.keepalive import StepKeepalive
 from gpu_workers.load import LoadMeter, group_load
 from gpu_workers.output import OutputState
 from gpu_workers.publisher import Publisher
+from gpu_workers.served import default_served_name, foreign_weights
 from gpu_workers.telemetry import GroupTelemetry
 
 log = logging.getLogger(__name__)
 
 CONSUMER = "leader"
 READ_CHUNK = 512  # most queue entries read at once
+TEMPLATE_REPUBLISH_S = 30.0  # how often the chat template is written again (broker.chat)
 
 
 class WorkerGroup:
@@ -59,9 +62,18 @@ class WorkerGroup:
         settings: Settings,
         name: str | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        served_models: list[str] | None = None,
+        weights: str = "",
     ) -> None:
+        """``served_models``: the names requests reach this group by (default: the engine's model's
+        default name, gpu_workers.served); ``weights``: their fingerprint ("" when unknown)."""
         self.redis = redis
         self.engine = engine
+        self.served_models = served_models or [default_served_name(engine.info.model)]
+        self.weights = weights
+        template = engine.info.chat_template
+        self.chat_template = template_digest(template) if template else ""
+        self._next_template_publish = 0.0
         self.settings = settings
         self.keys = Keys(settings.prefix)
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
@@ -325,6 +337,9 @@ class WorkerGroup:
         if problem is not None:
             self._finish_error(held, "invalid_request", problem)
             return
+        if (problem := foreign_weights(request, self.weights)) is not None:
+            self._finish_error(held, "unavailable", problem)
+            return
         if request.output_ids and not self._replay(held):
             return
         now_ms = self.clock.now_ms()
@@ -520,7 +535,8 @@ class WorkerGroup:
         state = "draining" if self.draining else "starting" if self._starting else "ready"
         load = group_load(self.name, self.engine, self.holding, self.meter, now=now, state=state,
                           queue_depth=self._queue_depth, completed=self.completed, fenced=self.fenced,
-                          metrics_port=self.telemetry.port)
+                          metrics_port=self.telemetry.port, served_models=self.served_models,
+                          weights=self.weights, chat_template=self.chat_template)
         self.meter.reset(now)
         return load
 
@@ -529,6 +545,10 @@ class WorkerGroup:
         if not force and now < self._next_heartbeat:
             return
         self._next_heartbeat = now + self.settings.heartbeat_interval_s
+        if self.engine.info.chat_template and now >= self._next_template_publish:
+            # again now and then: a Redis restarted without persistence lost it (the heartbeat is rewritten)
+            publish_template(self.redis, self.keys, self.engine.info.chat_template)
+            self._next_template_publish = now + TEMPLATE_REPUBLISH_S
         queued = self.redis.xlen(self.keys.group_queue(self.name))
         self._queue_depth = max(0, queued - len(self._running))
         load = self.load()

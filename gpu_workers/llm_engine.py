@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from broker.chat import PLAIN_CHAT_TEMPLATE
 from broker.errors import ConfigError
 from broker.protocol import SamplingParams
 from gpu_workers.block_manager import BlockManager
@@ -59,7 +60,7 @@ class _RequestState:
     sampling: SamplingParams
     seed: int  # the request's seed, or one drawn at admission: sampling depends on (seed, token index)
     max_total_tokens: int  # prompt + every generated token (those made elsewhere included), at most
-    stop_ids: frozenset[int]  # the ids that end it (EOS unless ignore_eos); masked before min_tokens
+    stop_ids: frozenset[int]  # the ids that end it (EOS unless ignore_eos, stop_token_ids); masked before min_tokens
     bad_words_ids: tuple[tuple[int, ...], ...]  # bad_words, tokenized
 
 
@@ -78,6 +79,7 @@ class LlamaEngine:
         started = time.perf_counter()
         self.config = load_config(model_dir)
         specials = load_tokenizer(model_dir, vocab_size=self.config.vocab_size)
+        has_tokenizer_json = (Path(model_dir) / "tokenizer.json").is_file()
         self.tokenizer = specials.tokenizer
         self._clock = clock
 
@@ -108,6 +110,10 @@ class LlamaEngine:
             kv_dtype=options.kv_dtype,
             rank_weight_bytes=tuple(r.weight_bytes for r in self.ranks),
             rank_kv_bytes=tuple(r.kv_bytes for r in self.ranks),
+            # a model without a tokenizer.json (random:<preset>) speaks bytes: the plain byte template
+            chat_template=specials.chat_template or (None if has_tokenizer_json else PLAIN_CHAT_TEMPLATE),
+            bos_token=specials.bos_token,
+            eos_token=specials.eos_token,
         )
         self._requests: dict[str, _RequestState] = {}
         log.info(
@@ -123,7 +129,7 @@ class LlamaEngine:
         seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
         tokens = [*request.prompt_ids, *request.output_ids]
         max_total = min(len(request.prompt_ids) + sampling.max_tokens, self.info.max_context)
-        stop_ids = frozenset() if sampling.ignore_eos else self.info.eos_token_ids
+        stop_ids = (frozenset() if sampling.ignore_eos else self.info.eos_token_ids) | frozenset(sampling.stop_token_ids)
         bad_words = bad_words_token_ids(sampling.bad_words, self.tokenizer) if sampling.bad_words else ()
         self._requests[request.request_id] = _RequestState(sampling, seed & SEED_MASK, max_total, stop_ids,
                                                            bad_words)

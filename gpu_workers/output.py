@@ -44,7 +44,8 @@ class OutputState:
         self.text = ""
         self.finish_reason: str | None = None
         self._emitted = 0
-        self._eos = eos_token_ids
+        # the request's own end tokens too; ignore_eos leaves those, as vLLM's does
+        self._eos = (frozenset() if sampling.ignore_eos else eos_token_ids) | frozenset(sampling.stop_token_ids)
         self._max_context = max_context
         self._stops = sampling.stop
         self._longest_stop = max((len(s) for s in self._stops), default=0)
@@ -73,7 +74,7 @@ class OutputState:
         self.text += self._detok.push(token_id)
 
         finish = None
-        if (token_id in self._eos and not self.sampling.ignore_eos) or engine_finish is not None:
+        if token_id in self._eos or engine_finish is not None:
             finish = engine_finish or "stop"
         elif (len(self.token_ids) >= self.sampling.max_tokens
               or self.prompt_len + len(self.token_ids) >= self._max_context):

@@ -16,13 +16,14 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from broker.connection import TRANSIENT_ERRORS, backoff_delays, connect, connect_async, resolve_url
 from broker.errors import InvalidRequest, RequestFailed, RyzansteinError, WaitTimeout
 from broker.keys import Keys
 from broker.settings import Settings, load_settings
+from producer.chat_template import TemplateSource, render_chat, render_chat_async
 from producer.request import (
     Completion,
     Event,
@@ -176,6 +177,7 @@ class Client(_ClientBase):
     ) -> None:
         super().__init__(redis_url, prefix, settings, max_retries=max_retries, retry_backoff_s=retry_backoff_s)
         self._redis: redis.Redis = connect(self.url, self.settings)
+        self._templates = TemplateSource()  # chat templates read from the registry, by digest
 
     def submit(self, prompt: str | None = None, **options: Unpack[RequestOptions]) -> Handle:
         """Put a request on the ingress stream; returns at once with the handle to wait on."""
@@ -273,6 +275,24 @@ class Client(_ClientBase):
                 time.sleep(retry_delay(attempt, self.retry_backoff_s))
         raise AssertionError("unreachable: the last attempt returns or raises")
 
+    def chat(
+        self, messages: Sequence[Mapping[str, Any]], *, timeout: float | None = None,
+        **options: Unpack[RequestOptions],
+    ) -> Completion:
+        """Render OpenAI-style ``messages`` with the chat template of the model (``model``, else the
+        only one served, else the balancers' default) as its groups publish it, then generate.
+
+        Needs no model files: the template comes from the registry (broker.chat). Raises
+        InvalidRequest for bad messages or a model without a template, ModelNotFound for a name no
+        group serves, Unavailable when no group is registered; RequestFailed as ``generate``.
+        """
+        prompt = self.render_chat(messages, model=options.get("model"))
+        return self.generate(prompt, timeout=timeout, **options)
+
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], *, model: str | None = None) -> str:
+        """The prompt ``chat`` would send for ``messages`` (with the generation prompt)."""
+        return render_chat(self._redis, self.keys, self.settings, messages, model=model, source=self._templates)
+
     def cancel(self, request: Handle | str) -> None:
         """Ask for the request to end; it finishes with ``finish_reason`` ``cancelled``."""
         self._redis.xadd(self.keys.cancel, {"id": self._handle(request).id})
@@ -333,6 +353,7 @@ class AsyncClient(_ClientBase):
     ) -> None:
         super().__init__(redis_url, prefix, settings, max_retries=max_retries, retry_backoff_s=retry_backoff_s)
         self._redis: redis.asyncio.Redis = connect_async(self.url, self.settings)
+        self._templates = TemplateSource()  # chat templates read from the registry, by digest
         self.client_id = new_request_id()
         self.reply_to = self.keys.client_replies(self.client_id)
         self.trim_every = trim_every
@@ -490,6 +511,19 @@ class AsyncClient(_ClientBase):
                     raise
                 await asyncio.sleep(retry_delay(attempt, self.retry_backoff_s))
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def chat(
+        self, messages: Sequence[Mapping[str, Any]], *, timeout: float | None = None,
+        **options: Unpack[RequestOptions],
+    ) -> Completion:
+        """``Client.chat`` for asyncio: render ``messages`` with the model's published template, generate."""
+        prompt = await self.render_chat(messages, model=options.get("model"))
+        return await self.generate(prompt, timeout=timeout, **options)
+
+    async def render_chat(self, messages: Sequence[Mapping[str, Any]], *, model: str | None = None) -> str:
+        """The prompt ``chat`` would send for ``messages`` (``Client.render_chat``)."""
+        return await render_chat_async(self._redis, self.keys, self.settings, messages, model=model,
+                                       source=self._templates)
 
     async def cancel(self, request: Handle | str) -> None:
         """Ask for the request to end; it finishes with ``finish_reason`` ``cancelled``."""

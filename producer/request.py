@@ -25,6 +25,8 @@ class RequestOptions(TypedDict, total=False):
     top_k: int | None  # 0 = off
     seed: int | None
     stop: str | Sequence[str] | None  # one stop string or several
+    stop_token_ids: Sequence[int] | None  # generation ends on any of these token ids
+    model: str | None  # a served model name; default: the only model served (or the configured default)
     stream: bool  # also send one `token` event per generated token
     priority: int | None  # lower is served earlier
     timeout_s: float | None  # server-side deadline from enqueue (not how long the client waits)
@@ -197,6 +199,8 @@ def request_fields(
     top_k: int | None = None,
     seed: int | None = None,
     stop: str | Sequence[str] | None = None,
+    stop_token_ids: Sequence[int] | None = None,
+    model: str | None = None,
     stream: bool = False,
     priority: int | None = None,
     timeout_s: float | None = None,
@@ -237,6 +241,10 @@ def request_fields(
             fields[name] = _float_text(name, number)
     if stop is not None:
         fields["stop"] = json.dumps([stop] if isinstance(stop, str) else list(stop))
+    if stop_token_ids is not None:
+        fields["stop_token_ids"] = json.dumps([int(t) for t in stop_token_ids], separators=(",", ":"))
+    if model is not None:
+        fields["model"] = model
     if stream:
         fields["stream"] = "1"
     if reply_to is not None:

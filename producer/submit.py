@@ -43,6 +43,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="stop sequence, not included in the output (repeatable)",
     )
+    parser.add_argument("--stop-token-id", dest="stop_token_ids", type=int, action="append", default=None,
+                        metavar="ID", help="token id that ends generation (repeatable)")
+    parser.add_argument("--model", default=None, metavar="NAME",
+                        help="served model name (default: the only model served, or the balancers' default)")
     parser.add_argument("--stream", action="store_true", help="print the text as it is generated")
     controls = parser.add_argument_group("sampling controls (vLLM's meanings; docs/PROTOCOL.md)")
     controls.add_argument("--presence-penalty", type=float, default=None, metavar="X", help="in [-2, 2]")
@@ -101,6 +105,8 @@ def _options(args: argparse.Namespace) -> tuple[str | None, RequestOptions]:
         "top_k": args.top_k,
         "seed": args.seed,
         "stop": args.stop,
+        "stop_token_ids": args.stop_token_ids,
+        "model": args.model,
         "stream": args.stream,
         "priority": args.priority,
         "timeout_s": args.timeout,

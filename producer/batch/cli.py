@@ -59,7 +59,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="server-side deadline of each request, for lines that set none")
     submit.add_argument("--chat-template", default=None, metavar="PATH",
                         help="chat template for 'messages' lines: a model directory, tokenizer_config.json or "
-                             "Jinja file (default: the served model directory's, else 'role: content' lines)")
+                             "Jinja file (default: the one the served model's groups publish)")
     submit.add_argument("--model-dir", default=None, metavar="DIR", help="same as --chat-template DIR")
     submit.add_argument("--retries", type=int, default=DEFAULT_RETRIES, metavar="N",
                         help=f"times RQ retries the job after a failure or a dead worker (default {DEFAULT_RETRIES})")

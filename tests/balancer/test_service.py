@@ -58,11 +58,14 @@ def make_balancer(
 
 
 def fake_group(r: redis.Redis, keys: Keys, name: str, *, vocab_size: int = 256, max_context: int = 4096,
-               running: int = 0, state: str = "ready", accepting: bool = True, age_s: float = 0.0) -> None:
-    """Register a group the way a WorkerGroup does (HEARTBEAT script), optionally aged ``age_s``."""
+               running: int = 0, state: str = "ready", accepting: bool = True, age_s: float = 0.0,
+               served: list[str] | None = None, weights: str = "") -> None:
+    """Register a group the way a WorkerGroup does (HEARTBEAT script), optionally aged ``age_s``;
+    it serves the model ``fake`` unless ``served`` names others."""
     load = GroupLoad(name=name, tp=1, model="fake", kv_dtype="none", kv_capacity_tokens=0, kv_used_tokens=0,
                      running=running, waiting=0, queue_depth=0, leader_pid=1, host="h",
-                     max_context=max_context, vocab_size=vocab_size, state=state)
+                     max_context=max_context, vocab_size=vocab_size, state=state,
+                     served_models=served or ["fake"], weights=weights)
     ms = int(Scripts(r).heartbeat(keys=[keys.groups, keys.group_info(name)], args=[name, *load.to_fields()]))
     if age_s:
         old = ms - int(age_s * 1000)

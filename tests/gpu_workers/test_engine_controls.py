@@ -108,6 +108,10 @@ def test_min_tokens_and_ignore_eos_around_an_eos_token(tmp_path: Path) -> None:
         "plain": SamplingParams(max_tokens=NEW, temperature=0.0),
         "ignore_eos": SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True),
         "min_tokens": SamplingParams(max_tokens=NEW, temperature=0.0, min_tokens=8),
+        # the request's own stop token: ends it even with ignore_eos, and is masked before min_tokens too
+        "own_stop": SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True, stop_token_ids=(path[5],)),
+        "own_stop_min": SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True, min_tokens=8,
+                                       stop_token_ids=(eos,)),
     }.items():
         engine.add(EngineRequest(name, prompt, params))
         finishes[name], tokens[name] = [], []
@@ -122,3 +126,5 @@ def test_min_tokens_and_ignore_eos_around_an_eos_token(tmp_path: Path) -> None:
     assert eos not in tokens["min_tokens"][:8] and len(tokens["min_tokens"]) > 8
     assert tokens["min_tokens"] == min_new[: len(tokens["min_tokens"])]
     assert finishes["min_tokens"][-1] == ("stop" if tokens["min_tokens"][-1] == eos else "length")
+    assert tokens["own_stop"] == path[: path.index(path[5]) + 1] and finishes["own_stop"][-1] == "stop"
+    assert tokens["own_stop_min"] == tokens["min_tokens"]  # the same rule for a stop_token_id as for EOS

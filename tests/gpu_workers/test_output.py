@@ -238,6 +238,22 @@ def test_deltas_join_to_the_final_text(text: str, stops: list[str], max_tokens: 
         assert out.text.startswith(shown)
 
 
+def test_stop_token_ids_end_the_request_like_eos() -> None:
+    out = OutputState(
+        sampling=SamplingParams(max_tokens=100, stop_token_ids=(ord("!"), ord("?"))),
+        prompt_ids=[1],
+        tokenizer=ByteTokenizer(vocab_size=257, specials=frozenset({EOS})),
+        eos_token_ids=frozenset({EOS}),
+        max_context=10_000,
+    )
+    results = [out.push(t) for t in b"hi?"]
+    assert [r.finish_reason for r in results] == [None, None, "stop"]
+    assert out.token_ids == list(b"hi?")
+    # EOS still ends a request that has its own stop tokens
+    other = state()
+    assert other.push(EOS).finish_reason == "stop"
+
+
 # --- sampling controls that change when a completion ends --------------------------------------------
 
 
@@ -268,3 +284,8 @@ def test_stop_strings_count_only_after_min_tokens() -> None:
         out = controlled_state(max_tokens=20, min_tokens=min_tokens, stop=("x",))
         results = feed_text(out, "axxyyxz")
         assert out.finish_reason == "stop" and out.text == expected and joined(results) == expected
+
+
+def test_ignore_eos_leaves_the_requests_own_stop_token_ids() -> None:
+    out = controlled_state(max_tokens=8, ignore_eos=True, stop_token_ids=(ord("!"),))
+    assert [out.push(t).finish_reason for t in (65, EOS, ord("!"))] == [None, None, "stop"]

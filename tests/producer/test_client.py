@@ -43,6 +43,8 @@ def test_every_option_survives_the_servers_parser(keys: Keys) -> None:
         top_k=3,
         seed=-9,
         stop=["\n", "END"],
+        stop_token_ids=[2, 0],
+        model="org/chat-v2",
         stream=True,
         priority=-2,
         timeout_s=1.5,
@@ -70,6 +72,7 @@ def test_every_option_survives_the_servers_parser(keys: Keys) -> None:
         "top_k": 3,
         "seed": -9,
         "stop": ("\n", "END"),
+        "stop_token_ids": (2, 0),
         "presence_penalty": 0.5,
         "frequency_penalty": -0.5,
         "repetition_penalty": 1.25,
@@ -82,6 +85,7 @@ def test_every_option_survives_the_servers_parser(keys: Keys) -> None:
         "logprobs": True,
         "top_logprobs": 4,
     }
+    assert request.model == "org/chat-v2"
     assert (request.stream, request.priority, request.timeout_s, request.reply_to) == (
         True,
         -2,

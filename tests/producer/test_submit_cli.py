@@ -46,6 +46,10 @@ def test_options_reach_the_request(submit, responder: Responder) -> None:
         "X",
         "--stop",
         "Y",
+        "--stop-token-id",
+        "9",
+        "--model",
+        "echo",
         "--priority",
         "3",
         "--timeout",
@@ -58,8 +62,8 @@ def test_options_reach_the_request(submit, responder: Responder) -> None:
     [request] = responder.requests
     assert request.id == "cli-1"
     assert request.sampling == SamplingParams(max_tokens=2, temperature=0.0, top_p=0.9, top_k=5, seed=7,
-                                              stop=("X", "Y"))
-    assert (request.priority, request.timeout_s, request.stream) == (3, 30.0, False)
+                                              stop=("X", "Y"), stop_token_ids=(9,))
+    assert (request.priority, request.timeout_s, request.stream, request.model) == (3, 30.0, False, "echo")
 
 
 def test_sampling_controls_reach_the_request(submit, responder: Responder) -> None:
