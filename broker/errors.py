@@ -93,6 +93,14 @@ class WaitTimeout(RequestTimeout, TimeoutError):
     not to). A ``TimeoutError`` too, as clients raised before."""
 
 
+class ResultExpired(RequestFailed):
+    """Raised by clients reading a request that has no result any more: it expired (results last
+    ``result_ttl_s``), or the id was never handled. Code ``expired``."""
+
+    def __init__(self, request_id: str, message: str) -> None:
+        super().__init__(request_id, "expired", message)
+
+
 class ConfigError(RyzansteinError):
     """Bad configuration or environment (no Redis reachable, unknown model, ...)."""
 

@@ -27,6 +27,7 @@ INT64_MIN, UINT64_MAX = -(1 << 63), (1 << 64) - 1
 MAX_STOP_STRINGS = 16
 MAX_STOP_TOKEN_IDS = 64
 MAX_KEY_BYTES = 512
+MAX_TOKEN_BYTES = 256
 MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias
 MAX_BAD_WORDS = 128
 LOGIT_BIAS_LIMIT = 100.0  # |bias| at most, as OpenAI's API
@@ -91,6 +92,8 @@ class GenerationRequest(BaseModel):
     priority: int = Field(default=0, ge=INT64_MIN, le=(1 << 63) - 1)
     timeout_s: float | None = Field(default=None, gt=0.0)
     reply_to: str
+    # A secret of the client's: only a cancel entry that carries it ends the request (broker.cancellation).
+    cancel_token: str | None = Field(default=None, repr=False)
     # The served model name asked for; the balancer sets the one it routed to before dispatch.
     model: str | None = Field(default=None, pattern=f"^{MODEL_NAME_RE.pattern}$")
     # Milliseconds on the Redis clock when the request first entered the ingress stream.
@@ -132,6 +135,7 @@ class GenerationRequest(BaseModel):
             "priority": self.priority,
             "timeout_s": self.timeout_s,
             "reply_to": self.reply_to,
+            "cancel_token": self.cancel_token,
             "_enqueued_ms": self.enqueued_ms,
             "_takeover": [from_owner, epoch],
             "_weights": self.weights,
@@ -358,8 +362,14 @@ def _parse(
         reply_to = _text("reply_to", raw["reply_to"])
         if not reply_to or len(reply_to.encode()) > MAX_KEY_BYTES:
             raise InvalidRequest(f"field 'reply_to': must be a key name of 1-{MAX_KEY_BYTES} bytes")
-        if Keys(prefix).is_internal(reply_to):
-            raise InvalidRequest("field 'reply_to': must not be one of ryzanstein's own keys")
+        if problem := Keys(prefix).reply_to_problem(reply_to, request_id):
+            raise InvalidRequest(f"field 'reply_to': {problem}")
+
+    cancel_token = None
+    if raw.get("cancel_token") is not None:
+        cancel_token = _text("cancel_token", raw["cancel_token"])
+        if not 1 <= len(cancel_token.encode()) <= MAX_TOKEN_BYTES:
+            raise InvalidRequest(f"field 'cancel_token': must be 1-{MAX_TOKEN_BYTES} bytes")
 
     enqueued_ms = entry_ms(entry_id)
     takeover_from, takeover_epoch = None, 0
@@ -380,6 +390,7 @@ def _parse(
         priority=_int("priority", raw["priority"]) if raw.get("priority") is not None else 0,
         timeout_s=_float("timeout_s", raw["timeout_s"]) if raw.get("timeout_s") is not None else None,
         reply_to=reply_to,
+        cancel_token=cancel_token,
         model=_model(raw["model"]) if raw.get("model") is not None else None,
         enqueued_ms=enqueued_ms,
         takeover_from=takeover_from,
@@ -486,7 +497,7 @@ def best_effort_reply_to(fields: dict[Any, Any], *, entry_id: str, prefix: str) 
     value = raw.get("reply_to")
     if isinstance(value, (bytes, str)):
         text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-        if 0 < len(text.encode()) <= MAX_KEY_BYTES and not Keys(prefix).is_internal(text):
+        if 0 < len(text.encode()) <= MAX_KEY_BYTES and Keys(prefix).reply_to_problem(text, request_id) is None:
             reply_to = text
     return request_id, reply_to
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from types import FrameType
 
 from broker.cli_common import add_metrics, settings_from_args, setup_logging
-from broker.connection import connect, resolve_url, retry_forever
+from broker.connection import connect, mask_url, resolve_url, retry_forever
 from broker.errors import EngineFailed
 from broker.metrics import serve_metrics
 from broker.settings import Settings
@@ -158,7 +158,7 @@ def _lead(args: argparse.Namespace, settings: Settings, url: str, engine: Engine
     try:
         retry_forever(group.register, settings, what="group registration")
         names = "" if group.served_models == [engine.info.model] else f" as {', '.join(group.served_models)}"
-        print(f"worker group {group.name} serving {engine.info.model}{names} on {url}"
+        print(f"worker group {group.name} serving {engine.info.model}{names} on {mask_url(url)}"
               + (f" with {engine.info.tp} tensor-parallel ranks" if engine.info.tp > 1 else ""), flush=True)
         return group.run()
     except EngineFailed as exc:

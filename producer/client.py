@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -24,6 +26,7 @@ from broker.errors import InvalidRequest, RequestFailed, RyzansteinError, WaitTi
 from broker.keys import Keys
 from broker.settings import Settings, load_settings
 from producer.chat_template import TemplateSource, render_chat, render_chat_async
+from producer.expiry import ExpiryCheck
 from producer.request import (
     Completion,
     Event,
@@ -131,16 +134,31 @@ class _ClientBase:
         # Reply streams of the latest requests submitted with an explicit (or the shared) reply_to, so
         # that result(id) finds them; oldest first.
         self._reply_streams: dict[str, str] = {}
+        self._tokens: dict[str, str] = {}  # cancel tokens of the latest requests, oldest first
 
     def _prepare(
         self, prompt: str | None, options: RequestOptions, *, default_reply: str | None
     ) -> tuple[Handle, dict[str, str]]:
         request_id = options.pop("request_id", None) or new_request_id()
         reply_to = options.pop("reply_to", None)
-        fields = request_fields(prompt, request_id=request_id, reply_to=reply_to or default_reply, **options)
+        tenant = self.settings.tenant
+        default_reply = default_reply or (self.keys.reply_stream(request_id, tenant=tenant) if tenant else None)
+        token = secrets.token_hex(16)  # only this client can cancel the request (broker.cancellation)
+        fields = request_fields(prompt, request_id=request_id, reply_to=reply_to or default_reply,
+                                cancel_token=token, **options)
+        self._tokens[request_id] = token
+        while len(self._tokens) > REMEMBER_REPLY_STREAMS:
+            del self._tokens[next(iter(self._tokens))]
         if reply_to is not None:
             self._remember(request_id, reply_to)
-        return Handle(request_id, reply_to or default_reply or self.keys.result(request_id)), fields
+        reply = reply_to or default_reply or self.keys.result(request_id)
+        return Handle(request_id, reply, cancel_token=token), fields
+
+    def _cancel_fields(self, request: Handle | str) -> dict[str, str]:
+        """The cancel entry for a request: its id, and its token when this client sent it."""
+        handle = self._handle(request)
+        token = handle.cancel_token or self._tokens.get(handle.id)
+        return {"id": handle.id, **({"token": token} if token else {})}
 
     def _remember(self, request_id: str, reply_to: str) -> None:
         self._reply_streams[request_id] = reply_to
@@ -150,7 +168,8 @@ class _ClientBase:
     def _handle(self, request: Handle | str) -> Handle:
         if isinstance(request, Handle):
             return request
-        return Handle(request, self._reply_streams.get(request) or self.keys.result(request))
+        return Handle(request, self._reply_streams.get(request)
+                      or self.keys.reply_stream(request, tenant=self.settings.tenant))
 
     def _deadline(self, timeout: float | None, request_id: str) -> _Deadline:
         return _Deadline(timeout, max_block_ms=self._max_block_ms, request_id=request_id)
@@ -182,18 +201,20 @@ class Client(_ClientBase):
     def submit(self, prompt: str | None = None, **options: Unpack[RequestOptions]) -> Handle:
         """Put a request on the ingress stream; returns at once with the handle to wait on."""
         handle, fields = self._prepare(prompt, options, default_reply=None)
-        self._redis.xadd(self.keys.requests, fields)  # type: ignore[arg-type]
-        return handle
+        entry_id = self._redis.xadd(self.keys.requests, fields)  # type: ignore[arg-type]
+        return dataclasses.replace(handle, entry_id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
 
     def events(self, request: Handle | str, *, timeout: float | None = None) -> Iterator[Event]:
         """The request's events in order, from the first, up to and including its final one.
 
-        Raises TimeoutError when ``timeout`` seconds pass before the final event.
+        Raises TimeoutError when ``timeout`` seconds pass before the final event, ResultExpired when
+        the request has no result any more (producer.expiry).
         """
         handle = self._handle(request)
         deadline = self._deadline(timeout, handle.id)
         last_id = STREAM_START
         delays: Iterator[float] | None = None
+        expiry = ExpiryCheck(self.keys, handle, result_ttl_s=self.settings.result_ttl_s)
         while True:
             block_ms = deadline.block_ms()  # TimeoutError is an OSError: not in the try
             try:
@@ -206,6 +227,10 @@ class Client(_ClientBase):
                 time.sleep(delay if left is None else min(delay, left))
                 continue
             delays = None
+            if not reply and last_id == STREAM_START:
+                pipe = self._redis.pipeline(transaction=False)
+                expiry.add(pipe)
+                expiry.verdict(pipe.execute(raise_on_error=False))
             for entry_id, raw in _stream_entries(reply):
                 last_id = entry_id
                 event = Event.from_entry(entry_id, raw)
@@ -219,9 +244,9 @@ class Client(_ClientBase):
                cancel_abandoned: bool = True) -> Completion:
         """Wait for the request's final event: its Completion, or RequestFailed for an error.
 
-        Past ``timeout`` seconds: WaitTimeout. A wait given up on, past its timeout or interrupted
-        (KeyboardInterrupt), cancels the request unless ``cancel_abandoned`` is False (then a later
-        call can wait on).
+        Past ``timeout`` seconds: WaitTimeout; ResultExpired (code ``expired``) when it has no result
+        any more. A wait given up on, past its timeout or interrupted (KeyboardInterrupt), cancels
+        the request unless ``cancel_abandoned`` is False (then a later call can wait on).
         """
         handle = self._handle(request)
         try:
@@ -295,7 +320,7 @@ class Client(_ClientBase):
 
     def cancel(self, request: Handle | str) -> None:
         """Ask for the request to end; it finishes with ``finish_reason`` ``cancelled``."""
-        self._redis.xadd(self.keys.cancel, {"id": self._handle(request).id})
+        self._redis.xadd(self.keys.cancel, self._cancel_fields(request))  # type: ignore[arg-type]
 
     def close(self) -> None:
         self._redis.close()
@@ -355,7 +380,7 @@ class AsyncClient(_ClientBase):
         self._redis: redis.asyncio.Redis = connect_async(self.url, self.settings)
         self._templates = TemplateSource()  # chat templates read from the registry, by digest
         self.client_id = new_request_id()
-        self.reply_to = self.keys.client_replies(self.client_id)
+        self.reply_to = self.keys.client_replies(self.client_id, tenant=self.settings.tenant)
         self.trim_every = trim_every
         self._pending: dict[str, asyncio.Queue[Event | BaseException]] = {}
         self._dispatcher: asyncio.Task[None] | None = None
@@ -424,6 +449,7 @@ class AsyncClient(_ClientBase):
         """Events of one request read straight from its reply stream (not the shared one)."""
         last_id = STREAM_START
         delays: Iterator[float] | None = None
+        expiry = ExpiryCheck(self.keys, handle, result_ttl_s=self.settings.result_ttl_s)
         while True:
             block_ms = deadline.block_ms()  # TimeoutError is an OSError: not in the try
             try:
@@ -436,6 +462,10 @@ class AsyncClient(_ClientBase):
                 await asyncio.sleep(delay if left is None else min(delay, left))
                 continue
             delays = None
+            if not reply and last_id == STREAM_START:
+                pipe = self._redis.pipeline(transaction=False)
+                expiry.add(pipe)
+                expiry.verdict(await pipe.execute(raise_on_error=False))
             for entry_id, raw in _stream_entries(reply):
                 last_id = entry_id
                 event = Event.from_entry(entry_id, raw)
@@ -469,7 +499,7 @@ class AsyncClient(_ClientBase):
         wait (it may run while a task is being cancelled): the writer sends the cancel."""
         if self._closed:
             return
-        self._send(self.keys.cancel, {"id": handle.id}).add_done_callback(_consume)
+        self._send(self.keys.cancel, self._cancel_fields(handle)).add_done_callback(_consume)
         queue = self._pending.get(handle.id)
         if queue is None:
             return
@@ -527,7 +557,7 @@ class AsyncClient(_ClientBase):
 
     async def cancel(self, request: Handle | str) -> None:
         """Ask for the request to end; it finishes with ``finish_reason`` ``cancelled``."""
-        await self._send(self.keys.cancel, {"id": self._handle(request).id})
+        await self._send(self.keys.cancel, self._cancel_fields(request))
 
     # --- the writer -------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, TypedDict
 
 from broker.errors import InvalidRequest, RequestFailed
@@ -52,6 +52,11 @@ class Handle:
 
     id: str
     reply_to: str
+    # The ingress entry that carried it (XADD's reply), when this client sent it: lets a reader tell
+    # a result that expired from one not written yet (producer.expiry).
+    entry_id: str | None = field(default=None, compare=False)
+    # The request's cancel token (a secret: only a cancel carrying it ends the request).
+    cancel_token: str | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +210,7 @@ def request_fields(
     priority: int | None = None,
     timeout_s: float | None = None,
     reply_to: str | None = None,
+    cancel_token: str | None = None,
     presence_penalty: float | None = None,
     frequency_penalty: float | None = None,
     repetition_penalty: float | None = None,
@@ -249,6 +255,8 @@ def request_fields(
         fields["stream"] = "1"
     if reply_to is not None:
         fields["reply_to"] = reply_to
+    if cancel_token is not None:
+        fields["cancel_token"] = cancel_token
     fields.update(_control_fields(presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                                   repetition_penalty=repetition_penalty, min_p=min_p, min_tokens=min_tokens,
                                   ignore_eos=ignore_eos, logit_bias=logit_bias, bad_words=bad_words))

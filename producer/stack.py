@@ -21,6 +21,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from broker.cli_common import add_metrics, settings_from_args, setup_logging
+from broker.connection import mask_url
 from broker.embedded import EmbeddedRedis, announce, die_with_parent, withdraw
 from broker.errors import ConfigError
 from broker.settings import Settings
@@ -68,7 +69,10 @@ class Stack:
             self.redis = EmbeddedRedis().start()
             self.url = self.redis.url
             announce(self.url, prefix=self.settings.prefix)
-        common = ["--redis-url", self.url, "--prefix", self.settings.prefix,
+        # The URL (with its password, if any) goes to the children in their environment: their
+        # command lines are world-readable (ps, /proc/<pid>/cmdline).
+        self.child_env = {**os.environ, "RYZ_REDIS_URL": self.url}
+        common = ["--prefix", self.settings.prefix,
                   "--log-format", self.settings.log_format, *(["--log-prompts"] if self.settings.log_prompts else [])]
         py = [sys.executable, "-m"]
         self.children.append(Child("balancer", [*py, "balancer", *common, *self._metrics_args(0),
@@ -96,7 +100,7 @@ class Stack:
         out = subprocess.DEVNULL if self.quiet else None
         # Own session: a terminal's Ctrl-C reaches only `up`, which stops children in order. If `up`
         # itself is killed, the kernel kills them (nothing is lost: their work stays in Redis).
-        child.proc = subprocess.Popen(child.argv, stdout=out, stderr=out, start_new_session=True,
+        child.proc = subprocess.Popen(child.argv, stdout=out, stderr=out, start_new_session=True, env=self.child_env,
                                       preexec_fn=lambda: die_with_parent(signal.SIGKILL))  # noqa: PLW1509 - prctl only
 
     def supervise(self) -> None:
@@ -168,9 +172,13 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     stack = Stack(settings, models=models, groups=args.groups, tp=args.tp, worker_args=engine_argv(args),
                   balancer_args=["--default-model", args.default_model] if args.default_model else []).start()
-    print(f"ryzanstein up: Redis at {stack.url} (prefix {settings.prefix!r}); "
+    shown = mask_url(stack.url)
+    print(f"ryzanstein up: Redis at {shown} (prefix {settings.prefix!r}); "
           f"{args.groups} group(s) of {', '.join(models)}. Ctrl-C stops.", flush=True)
-    print(f"  try: ryzanstein submit --redis-url {stack.url} \"hello\"", flush=True)
+    if shown == stack.url:
+        print(f"  try: ryzanstein submit --redis-url {stack.url} \"hello\"", flush=True)
+    else:
+        print("  try: ryzanstein submit \"hello\"   (with RYZ_REDIS_URL set to the URL)", flush=True)
     if settings.metrics_port:
         print(f"  metrics: balancer on port {settings.metrics_port}, groups on "
               f"{settings.metrics_port + 1}..{settings.metrics_port + args.groups * len(models)} "

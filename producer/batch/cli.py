@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from broker.cli_common import add_common, settings_from_args, setup_logging
-from broker.connection import connect, resolve_url
+from broker.connection import connect, mask_url, resolve_url
 from broker.errors import ConfigError
 from broker.keys import Keys
 
@@ -167,7 +167,7 @@ def _worker(args: argparse.Namespace, settings: Any, keys: Keys) -> int:
     conn = connect(url, settings)
     worker = BatchWorker([batch_queue(conn, keys)], connection=conn, name=args.name,
                          heartbeat_ttl_s=settings.batch_heartbeat_ttl_s)
-    print(f"batch worker {worker.name} on queue {keys.batch_queue} at {url}", flush=True)
+    print(f"batch worker {worker.name} on queue {keys.batch_queue} at {mask_url(url)}", flush=True)
     worker.work(burst=args.burst, with_scheduler=True, logging_level=args.log_level)
     return 0
 
