@@ -55,7 +55,7 @@ def test_logprobs_and_controls_through_the_openai_client(procs: Procs, r: redis.
     wait_groups(r, keys, {"llama"}, timeout=60)
     url = wait_for(lambda: served_url(log), timeout=30, what="the gateway")
     client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
-    model = str(model_dir)
+    model = model_dir.name  # the served name: the directory's last component
     prompt = [17, 250, 3, 99, 140, 8, 61]
 
     # completions, not streamed: each token's logprob and top alternatives against transformers
