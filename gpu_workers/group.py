@@ -462,7 +462,8 @@ class WorkerGroup(QueueIntake):
             held.request.id, text=out.text, token_ids=out.token_ids,
             finish_reason=finish_reason,  # type: ignore[arg-type]
             prompt_tokens=out.prompt_len, logprobs=out.logprobs,
-            served=held.served(model=self.engine.info.model, group=self.name, now_ms=self.clock.now_ms()),
+            served=held.served(model=held.request.model or self.served_models[0], group=self.name,
+                               now_ms=self.clock.now_ms()),
         )))
         held.final = True
         self.telemetry.finished(held.request.id, finish_reason, prompt_tokens=out.prompt_len,

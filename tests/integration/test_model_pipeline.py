@@ -84,6 +84,10 @@ def test_sampling_controls_as_flat_fields_through_the_pipeline(procs: Procs, r: 
     for rid in requests:
         finals[rid] = wait_for(lambda rid=rid: final_events(r, keys.result(rid)), timeout=60, what=rid)[0]
     assert json.loads(finals["biased"][b"token_ids"]) == [65] * 6
+    # who served it: the served name (the directory's last component) and the group
+    assert (finals["biased"][b"model"], finals["biased"][b"group"]) == (model_dir.name.encode(), b"llama")
+    assert 0 <= float(finals["biased"][b"queue_s"]) <= float(finals["biased"][b"ttft_s"]) <= float(
+        finals["biased"][b"total_s"])
     banned = json.loads(finals["banned"][b"token_ids"])
     assert len(banned) == 6 and 65 not in banned
     done = json.loads(finals["logprobs"][b"logprobs"])
