@@ -72,6 +72,11 @@ class EngineStats:
     kv_used_tokens: int = 0
     # Fraction of prompt tokens served from the prefix cache lately; None for engines without one.
     prefix_cache_hit_rate: float | None = None
+    # Totals since the engine started: preemptions, and prompt tokens looked up in / found in the
+    # prefix cache (vLLM's num_preemptions, prefix_cache_queries, prefix_cache_hits).
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
 
 class Tokenizer(Protocol):

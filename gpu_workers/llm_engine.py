@@ -96,8 +96,11 @@ class LlamaEngine:
         # rank 0 tells the other ranks what to compute each step (only once all have started)
         self.runner: ModelRunner | LeaderRunner = LeaderRunner(runner, tp) if tp is not None else runner
         self.blocks = BlockManager(num_blocks, BLOCK_SIZE, prefix_caching=options.prefix_caching)
+        windows = {self.config.layer_window(i) for i in range(self.config.num_hidden_layers)}
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(
             max_num_seqs=options.max_num_seqs, max_num_batched_tokens=options.max_num_batched_tokens,
+            # blocks before the window are given back only when no layer reads them (not Gemma 3's)
+            sliding_window=next(iter(windows)) if len(windows) == 1 else None,
         ))
         capacity = num_blocks * BLOCK_SIZE
         self.info = EngineInfo(
@@ -202,6 +205,9 @@ class LlamaEngine:
             kv_capacity_tokens=self.blocks.capacity_tokens,
             kv_used_tokens=self.blocks.used_tokens,
             prefix_cache_hit_rate=self.blocks.hit_rate,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=self.blocks.prefix_query_tokens,
+            prefix_cache_hits=self.blocks.prefix_hit_tokens,
         )
 
     def close(self) -> None:

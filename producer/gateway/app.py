@@ -38,6 +38,7 @@ from broker.chat import template_text
 from broker.connection import TRANSIENT_ERRORS, connect_async
 from broker.errors import InvalidRequest, RequestFailed, RyzansteinError
 from broker.keys import Keys
+from broker.path_health import judge, read_path_async
 from broker.protocol import parse_request
 from broker.registry import GroupStatus, served_names
 from broker.settings import Settings
@@ -161,15 +162,14 @@ class Gateway:
     # --- routes -------------------------------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
+        """200 while the path works (a balancer reads the ingress stream, a group serves), else 503
+        with the reason (broker.path_health)."""
         try:
-            await self._redis.ping()
-            groups = await self.groups.get()
+            view = await read_path_async(self._redis, self.keys, dead_after_s=self.settings.dead_after_s)
         except TRANSIENT_ERRORS as exc:
             return JSONResponse({"status": "unavailable", "reason": f"Redis is unreachable: {exc}"}, 503)
-        if not groups:
-            return JSONResponse({"status": "unavailable", "reason": "no live worker group"}, 503)
-        return JSONResponse({"status": "ok", "groups": len(groups), "models": served_names(groups),
-                             "in_flight": self.in_flight})
+        health = judge(view, balancer_dead_after_s=self.settings.balancer_dead_after_s)
+        return JSONResponse({**health.to_json(), "in_flight": self.in_flight}, 200 if health.ok else 503)
 
     async def models(self, request: Request) -> Response:
         try:

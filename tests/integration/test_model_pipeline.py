@@ -62,6 +62,32 @@ def test_greedy_tokens_equal_transformers_generate(procs: Procs, r: redis.Redis,
     assert json.loads(info.get("kv_used_tokens", "0")) >= 0
 
 
+# Each family with a sliding window shorter than most sequences (Gemma 3: a sliding then a global layer).
+FAMILIES = {
+    "qwen3": {"family": "qwen3", "seed": 6, "use_sliding_window": True, "sliding_window": 24, "max_window_layers": 1},
+    "phi3": {"family": "phi3", "seed": 7, "sliding_window": 24},
+    "gemma3": {"family": "gemma3", "seed": 2, "num_key_value_heads": 1, "head_dim": 16, "sliding_window": 24,
+               "layer_types": ["sliding_attention", "full_attention"]},
+}
+
+
+# Gemma 3, the family furthest from Llama, runs always; the others with the slow tests (the engine's own
+# tests, tests/gpu_workers/test_llm_engine.py, compare their greedy tokens always).
+@pytest.mark.parametrize("family", [pytest.param(f, marks=[] if f == "gemma3" else [pytest.mark.slow]) for f in FAMILIES])
+def test_each_family_greedy_through_the_pipeline(procs: Procs, r: redis.Redis, keys: Keys, redis_url: str,
+                                                  tmp_path: Path, family: str) -> None:
+    model_dir = save_hf_model(tmp_path / family, **FAMILIES[family])
+    prompts = workload()[3:]  # 31 to 60 tokens, three of them sharing a 40-token prefix
+    reference = hf_greedy(model_dir, prompts, NEW_TOKENS)
+    assert reference.min_margin >= MIN_MARGIN, f"reference has a near-tie ({reference.min_margin:.2e})"
+    procs.balancer()
+    procs.worker(family, "--model", str(model_dir), "--kv-dtype", "fp32", "--kv-memory", "8MiB")
+    wait_groups(r, keys, {family}, timeout=60)
+    with Client(redis_url, prefix=keys.prefix) as client:
+        assert serve(client, prompts) == reference.tokens
+        assert serve(client, prompts) == reference.tokens  # again, from the prefix cache
+
+
 def test_sampling_controls_as_flat_fields_through_the_pipeline(procs: Procs, r: redis.Redis, keys: Keys,
                                                                 model_dir: Path) -> None:
     """What redis-cli sends: flat text fields. A +100 bias makes a token the greedy choice; the

@@ -2,8 +2,8 @@
 (tests/producer/conftest.py), how every error code a request can end with reaches an OpenAI client.
 
 The real pipeline behind a gateway process is tested in tests/integration/test_gateway.py. The stub
-is needed here for codes the pipeline does not produce on demand: no balancer emits ``overloaded``
-yet, and ``internal`` is not written by this build.
+is needed here for codes the pipeline does not produce on demand (``overloaded`` needs every group's
+queue at its bounds, ``internal`` an engine that fails).
 """
 
 from __future__ import annotations

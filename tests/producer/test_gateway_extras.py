@@ -48,7 +48,7 @@ def test_v1_needs_one_of_the_keys(gateway: TestClient) -> None:
     # outside /v1: open, as vLLM's server leaves it
     assert gateway.get("/version").json() == {"version": package_version()}
     assert gateway.get("/metrics").status_code == 200
-    assert gateway.get("/health").status_code == 200
+    assert gateway.get("/health").status_code in (200, 503)  # answered (the stub runs no balancer), not 401
 
 
 def test_metrics_count_and_time_http_requests(gateway: TestClient) -> None:
