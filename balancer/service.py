@@ -332,7 +332,7 @@ class Balancer(IngressReader, PoisonHandling):
                             f"every worker group{_of(model)} is at its queue bound ({self.limits.group_requests} "
                             f"requests, {self.limits.group_tokens} tokens); retry later"))
                     elif request.prompt_ids is not None and (problem := limit_problem(
-                            request.prompt_ids, request.sampling.max_tokens,
+                            request.prompt_ids, request.sampling.needed_tokens,
                             vocab_size=group.vocab_size, max_context=group.max_context)):
                         final = error_event(request.id, "invalid_request", problem)
                     else:

@@ -324,8 +324,8 @@ class WorkerGroup(QueueIntake):
             self._finish_error(held, "internal", f"the prompt could not be tokenized ({type(exc).__name__})")
             return
         self.telemetry.admitted(request, prompt_tokens=len(held.prompt_ids))
-        problem = limit_problem(held.prompt_ids, request.sampling.max_tokens, vocab_size=info.vocab_size,
-                                max_context=info.max_context)
+        problem = limit_problem(held.prompt_ids, request.sampling.needed_tokens, vocab_size=info.vocab_size,
+                                max_context=info.max_context, logit_bias=request.sampling.logit_bias)
         if problem is not None:
             self._finish_error(held, "invalid_request", problem)
             return
@@ -402,6 +402,8 @@ class WorkerGroup(QueueIntake):
             self._finish_error(held, "internal", f"the engine failed on this request ({type(exc).__name__})")
             return
         self.holding.started(held)
+        if held.started_ms is None:
+            held.started_ms = self.clock.now_ms()
 
     def _step_engine(self) -> None:
         if not self.engine.has_work():
@@ -425,14 +427,16 @@ class WorkerGroup(QueueIntake):
             if held is None or held.final or held.output is None:
                 continue
             try:
-                result = held.output.push(out.token_id, engine_finish=out.finish_reason)
+                result = held.output.push(out.token_id, engine_finish=out.finish_reason, logprobs=out.logprobs)
             except Exception as exc:
                 log.exception("request %s: cannot process token %r", held.request.id, out.token_id)
                 self._finish_error(held, "internal", f"output processing failed ({type(exc).__name__})")
                 continue
+            if held.first_token_ms is None:
+                held.first_token_ms = self.clock.now_ms()
             if held.request.stream:
                 self._emit(held, ("t", result.index, token_event(held.request.id, result.index, result.token_id,
-                                                                 result.text)))
+                                                                 result.text, result.logprobs)))
             if result.finish_reason is not None:
                 if out.finish_reason is not None:  # the engine has let go of it already
                     self.holding.stopped(held)
@@ -470,7 +474,9 @@ class WorkerGroup(QueueIntake):
         self._emit(held, ("f", 0, done_event(
             held.request.id, text=out.text, token_ids=out.token_ids,
             finish_reason=finish_reason,  # type: ignore[arg-type]
-            prompt_tokens=out.prompt_len,
+            prompt_tokens=out.prompt_len, logprobs=out.logprobs,
+            served=held.served(model=held.request.model or self.served_models[0], group=self.name,
+                               now_ms=self.clock.now_ms()),
         )))
         held.final = True
         self.telemetry.finished(held.request.id, finish_reason, prompt_tokens=out.prompt_len,

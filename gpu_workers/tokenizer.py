@@ -37,8 +37,8 @@ class ByteTokenizer:
         self.vocab_size = vocab_size
         self.specials = specials
 
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return list(text.encode("utf-8"))  # bytes: no special tokens either way
 
     def decode(self, ids: list[int]) -> str:
         out = bytearray()

@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP gateway: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``,
-``/health``, on Starlette.
+``/health``, ``/version``, ``/metrics`` (producer.gateway.extras, with ``--api-key``), on Starlette.
 
 Every request becomes one ryzanstein request on the ingress stream, sent through one ``AsyncClient``
 (all replies on one shared stream, read by one task). Streaming responses are server-sent events in
@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import anyio
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -45,6 +46,7 @@ from producer.chat_template import ChatTemplate, TemplateSource
 from producer.client import AsyncClient, Completion, Event, Handle
 from producer.gateway.config import GatewayConfig
 from producer.gateway.errors import ApiError
+from producer.gateway.extras import ApiKeys, HttpMetrics, gateway_registry, metrics_endpoint, version_endpoint
 from producer.gateway.groups import LiveGroups
 from producer.gateway.schema import (
     SSE_DONE,
@@ -320,7 +322,8 @@ class Gateway:
                         headers: dict[str, str]) -> Response:
         disconnect = _Disconnect(request.receive)
         try:
-            done = await self._race(self.client.result(handle, timeout=wait_s), disconnect)
+            # the gateway cancels and drains what it abandons itself (_abandon)
+            done = await self._race(self.client.result(handle, timeout=wait_s, cancel_abandoned=False), disconnect)
         except _Disconnected:
             await self._abandon(handle, "the client went away")
             raise
@@ -365,10 +368,18 @@ class Gateway:
         if gen.kind == "chat":
             yield sse(responder.chunk("", first=True, with_usage_field=usage_field))
         sent: list[str] = []
+        wants_logprobs = bool(gen.options.get("logprobs"))
+        offset = 0  # text offset of the next token (completions' logprobs.text_offset)
         event = first
         while True:
             if event.kind == "token":
-                if event.text:
+                entry = event.logprobs if wants_logprobs else None
+                if entry is not None:  # a chunk per token, each with its logprobs, text or not
+                    sent.append(event.text)
+                    yield sse(responder.chunk(event.text, with_usage_field=usage_field,
+                                              logprobs=responder.logprobs([entry], text_offset=offset)))
+                    offset += len(entry["text"])
+                elif event.text:
                     sent.append(event.text)
                     yield sse(responder.chunk(event.text, with_usage_field=usage_field))
             elif event.kind == "done":
@@ -447,9 +458,16 @@ def create_app(settings: Settings, url: str, config: GatewayConfig | None = None
         Route("/v1/models/{model:path}", gateway.model, methods=["GET"]),
         Route("/v1/completions", gateway.completions, methods=["POST"]),
         Route("/v1/chat/completions", gateway.chat_completions, methods=["POST"]),
+        Route("/version", version_endpoint, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    registry = gateway_registry()
+    middleware = [Middleware(HttpMetrics, registry=registry)]  # outermost: refused requests count too
+    if gateway.config.api_keys:
+        middleware.append(Middleware(ApiKeys, keys=gateway.config.api_keys))
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
     app.state.gateway = gateway
+    app.state.metrics_registry = registry
     return app
 
 

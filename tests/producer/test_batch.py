@@ -43,6 +43,13 @@ def test_good_lines() -> None:
     assert parse_line(7, "   \n") is None
 
 
+def test_sampling_controls_are_passed_on() -> None:
+    controls = {"presence_penalty": 0.5, "frequency_penalty": 1.0, "repetition_penalty": 1.2, "min_p": 0.1,
+                "min_tokens": 1, "ignore_eos": True, "logit_bias": {"5": -100}, "bad_words": ["x"]}
+    line = parse_line(2, json.dumps({"prompt": "hi", **controls}))
+    assert isinstance(line, LineRequest) and line.options == controls
+
+
 @pytest.mark.parametrize(("text", "reason"), [
     ("{not json", "not valid JSON"),
     ("[1, 2]", "not a JSON object"),
@@ -55,6 +62,11 @@ def test_good_lines() -> None:
     ('{"prompt": "a", "stop": [1]}', "field 'stop'"),
     ('{"prompt_ids": ["a"]}', "field 'prompt_ids'"),
     ('{"messages": [{"role": "robot", "content": "x"}]}', "field 'messages'"),
+    ('{"prompt": "a", "repetition_penalty": 0}', "field 'repetition_penalty'"),
+    ('{"prompt": "a", "logit_bias": {"1": 200}}', "field 'logit_bias'"),
+    ('{"prompt": "a", "bad_words": "no"}', "field 'bad_words'"),
+    ('{"prompt": "a", "n": 2}', "field 'n'"),
+    ('{"custom_id": "c", "body": {"prompt": "a", "guided_regex": "x+"}}', "field 'guided_regex'"),
 ])
 def test_bad_lines_say_why(text: str, reason: str) -> None:
     bad = parse_line(9, text)
