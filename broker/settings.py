@@ -89,6 +89,14 @@ class Settings(BaseSettings):
     forget_dead_after_s: float = 600.0
     worker_block_ms: int = Field(default=1000, description="Longest blocking read on the group queue when idle.")
     worker_max_batch: int = Field(default=256, ge=1, description="Most requests in a group's engine at once.")
+    # A model engine's continuous batch (vLLM's names): sequences running at once, and tokens computed
+    # per step (decodes plus prefill chunks; at least max_num_seqs, so prefills progress beside a full
+    # batch of decodes). What the group holds beyond these waits, up to worker_max_batch. The echo
+    # engine has no such limits.
+    max_num_seqs: int = Field(default=128, ge=1, description="Most sequences a model engine runs at once.")
+    max_num_batched_tokens: int = Field(
+        default=512, ge=1, description="Most tokens a model engine computes in one step (chunked prefill)."
+    )
     drain_timeout_s: float = Field(
         default=30.0, description="On SIGTERM, time to finish running requests before handing the rest back."
     )

@@ -34,9 +34,10 @@ log = logging.getLogger("gpu_workers")
 
 
 EPILOG = """\
-Reads its queue {prefix:g:<group>}:queue, runs up to RYZ_WORKER_MAX_BATCH (256) requests at once by
-priority, publishes token/done/error events, and heartbeats its load every second
-(RYZ_HEARTBEAT_INTERVAL_S). A request that moved here from a failed group continues from the tokens
+Reads its queue {prefix:g:<group>}:queue, holds up to RYZ_WORKER_MAX_BATCH (256) requests in its
+engine by priority (a model engine runs up to --max-num-seqs of them, computing at most
+--max-num-batched-tokens tokens per step; the rest wait there), publishes token/done/error
+events, and heartbeats its load every second (RYZ_HEARTBEAT_INTERVAL_S). A request that moved here from a failed group continues from the tokens
 its stream already carries. A request the engine fails on ends alone with error 'internal'.
 Signals: SIGTERM drains (hands back what has not started, finishes the rest for up to
 RYZ_DRAIN_TIMEOUT_S), a second one hands everything back, a third stops at once. A group failed over
@@ -83,6 +84,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp-timeout", type=float, default=None, metavar="SECONDS",
                         help="a rank waiting longer than this on another stops the whole group "
                              "(default: $RYZ_TP_TIMEOUT_S, else 5)")
+    parser.add_argument("--max-num-seqs", type=int, default=None, metavar="N",
+                        help="most sequences the model engine runs at once (default: $RYZ_MAX_NUM_SEQS, "
+                             "else 128; the echo engine has no limit)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
+                        help="most tokens the model engine computes per step, decodes and prefill chunks "
+                             "together; at least --max-num-seqs (default: $RYZ_MAX_NUM_BATCHED_TOKENS, else 512)")
 
 
 def engine_argv(args: argparse.Namespace) -> list[str]:
@@ -94,20 +101,31 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
         argv += ["--kv-memory", args.kv_memory]
     if args.tp_timeout is not None:
         argv += ["--tp-timeout", str(args.tp_timeout)]
+    for flag, value in (("--max-num-seqs", args.max_num_seqs), ("--max-num-batched-tokens", args.max_num_batched_tokens)):
+        if value is not None:
+            argv += [flag, str(value)]
     return argv
+
+
+def worker_options(args: argparse.Namespace, settings: Settings, *, tp: int) -> tuple[Settings, EngineOptions]:
+    """``settings`` with the engine flags given on top, and the engine options they make.
+    ConfigError for limits the engine cannot work with."""
+    flags = {"tp_timeout_s": args.tp_timeout, "max_num_seqs": args.max_num_seqs,
+             "max_num_batched_tokens": args.max_num_batched_tokens}
+    settings = settings.model_copy(update={name: value for name, value in flags.items() if value is not None})
+    options = EngineOptions(tp=tp, kv_dtype=args.kv_dtype, kv_memory=args.kv_memory, device=args.device,
+                            echo_token_delay_ms=settings.echo_token_delay_ms, max_num_seqs=settings.max_num_seqs,
+                            max_num_batched_tokens=settings.max_num_batched_tokens)
+    return settings, options
 
 
 def run(args: argparse.Namespace) -> int:
     from gpu_workers.parallel.launch import group_size, rank_env
 
     setup_logging(args)
-    settings = settings_from_args(args)
-    if args.tp_timeout is not None:
-        settings = settings.model_copy(update={"tp_timeout_s": args.tp_timeout})
-    tp = group_size(args.tp)
+    settings, options = worker_options(args, settings_from_args(args), tp=group_size(args.tp))
     served_model_names(args.model, args.served_model_name)  # a bad name fails before the model loads
-    options = EngineOptions(tp=tp, kv_dtype=args.kv_dtype, kv_memory=args.kv_memory, device=args.device,
-                            echo_token_delay_ms=settings.echo_token_delay_ms)
+    tp = options.tp
     env = rank_env() if tp > 1 else None
     if env is not None and env.rank != 0:
         return _run_rank(args, settings, "", options)  # a follower: no Redis, no registry entry
@@ -156,7 +174,7 @@ def _run_rank(args: argparse.Namespace, settings: Settings, url: str, options: E
         return _lead(args, settings, url, build_engine(args.model, options))  # refuses --tp > 1
     path = model_dir(args.model)
     load_config(path).check_tp(options.tp)
-    group = start_group(options.tp, device=args.device, follower_argv=_follower_argv(args, settings, path, options.tp),
+    group = start_group(options.tp, device=args.device, follower_argv=_follower_argv(args, settings, path, options),
                         timeout_s=settings.tp_timeout_s, startup_timeout_s=settings.tp_startup_timeout_s)
     code = EXIT_ENGINE_FAILED
     try:
@@ -169,11 +187,12 @@ def _run_rank(args: argparse.Namespace, settings: Settings, url: str, options: E
         group.close(grace_s=0.0 if code == EXIT_ENGINE_FAILED else 5.0)
 
 
-def _follower_argv(args: argparse.Namespace, settings: Settings, path: Path, tp: int) -> list[str]:
-    """What a rank this leader starts runs: the same model and cache, without Redis."""
-    argv = ["--model", str(path), "--tp", str(tp), "--kv-dtype", args.kv_dtype, "--device", args.device,
+def _follower_argv(args: argparse.Namespace, settings: Settings, path: Path, options: EngineOptions) -> list[str]:
+    """What a rank this leader starts runs: the same model, cache and limits, without Redis."""
+    argv = ["--model", str(path), "--tp", str(options.tp), "--kv-dtype", args.kv_dtype, "--device", args.device,
             "--tp-timeout", str(settings.tp_timeout_s), "--log-level", args.log_level,
-            "--log-format", settings.log_format]
+            "--log-format", settings.log_format, "--max-num-seqs", str(options.max_num_seqs),
+            "--max-num-batched-tokens", str(options.max_num_batched_tokens)]
     return argv + (["--kv-memory", args.kv_memory] if args.kv_memory else [])
 
 

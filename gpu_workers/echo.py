@@ -31,20 +31,24 @@ class EchoEngine:
                                chat_template=PLAIN_CHAT_TEMPLATE)
         # request id -> (prompt ids, position of the next token to echo)
         self._running: OrderedDict[str, tuple[list[int], int]] = OrderedDict()
+        self._added: set[str] = set()  # since the last step: not started yet
         self._logprobs: dict[str, int] = {}  # request id -> top_logprobs, for those that asked
 
     def add(self, request: EngineRequest) -> None:
         self._running[request.request_id] = (request.prompt_ids, len(request.output_ids))
+        self._added.add(request.request_id)
         if request.sampling.logprobs:
             self._logprobs[request.request_id] = request.sampling.top_logprobs
 
     def abort(self, request_id: str) -> None:
         self._running.pop(request_id, None)
+        self._added.discard(request_id)
         self._logprobs.pop(request_id, None)
 
     def step(self) -> list[StepOutput]:
         if self.token_delay_s > 0 and self._running:
             self._sleep(self.token_delay_s)
+        self._added.clear()
         out = []
         for request_id, (prompt, pos) in list(self._running.items()):
             last = pos + 1 >= len(prompt)
@@ -61,8 +65,12 @@ class EchoEngine:
     def has_work(self) -> bool:
         return bool(self._running)
 
+    def not_started(self) -> list[str]:
+        return [rid for rid in self._running if rid in self._added]
+
     def stats(self) -> EngineStats:
         return EngineStats(running=len(self._running), waiting=0)
 
     def close(self) -> None:
         self._running.clear()
+        self._added.clear()

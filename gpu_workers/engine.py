@@ -41,6 +41,9 @@ class EngineRequest:
     prompt_ids: list[int]
     sampling: SamplingParams
     priority: int = 0
+    # When the request times out, in seconds on the service's clock (Redis TIME), or None: among equal
+    # priorities the earlier deadline starts first. Only ever compared with other requests' deadlines.
+    deadline: float | None = None
     # Tokens already generated (and published) elsewhere: generation continues after them.
     output_ids: list[int] = field(default_factory=list)
 
@@ -100,6 +103,10 @@ class Engine(Protocol):
         """Advance every running request by at most one token; EngineFailed when it never can again."""
 
     def has_work(self) -> bool: ...
+
+    def not_started(self) -> list[str]:
+        """Ids of the requests added that no step has computed a token of yet (vLLM's never-scheduled
+        waiting requests): they hold nothing here, so a draining group hands them back at once."""
 
     def stats(self) -> EngineStats:
         """The current load; EngineFailed once the engine has failed (so no heartbeat goes out)."""

@@ -210,8 +210,9 @@ class WorkerGroup(QueueIntake):
         return 0
 
     def drain(self) -> None:
-        """Stop taking work; hand back what has not started, finish the rest (up to drain_timeout_s),
-        hand back what is left. A second call hands back at once; a third stops at once."""
+        """Stop taking work; hand back what has not started (queued here or waiting in the engine),
+        finish the rest (up to drain_timeout_s), hand back what is left. A second call hands back at
+        once; a third stops at once."""
         if self._hurry:
             self.stop_now.set()
         if self.draining:
@@ -393,8 +394,9 @@ class WorkerGroup(QueueIntake):
         assert held.output is not None
         request = held.request
         try:
+            deadline = request.deadline_ms / 1000 if request.deadline_ms is not None else None
             self.engine.add(EngineRequest(request.id, held.prompt_ids, request.sampling, priority=request.priority,
-                                          output_ids=list(held.output.token_ids)))
+                                          deadline=deadline, output_ids=list(held.output.token_ids)))
         except Exception as exc:
             log.exception("request %s: the engine refused it", request.id)
             self._finish_error(held, "internal", f"the engine failed on this request ({type(exc).__name__})")
@@ -565,9 +567,13 @@ class WorkerGroup(QueueIntake):
 
     def _close_queue(self) -> None:
         """Take no more work (balancers see the group closed atomically at dispatch); hand back at once
-        what has not started: another group can start it sooner than this one finishes."""
+        what has not started, here or in the engine: another group can start it sooner than this one
+        finishes."""
         self.redis.delete(self.keys.group_accepting(self.name))
         self.heartbeat(force=True)
+        unstarted = [self.held[rid] for rid in self.engine.not_started() if rid in self.held]
+        for held in unstarted:
+            self._stop(held)
         waiting = self.holding.waiting()
         for held in waiting:
             self._hand_back(held.request, held.epoch, held.entry_id)

@@ -142,6 +142,7 @@ class LlamaEngine:
             num_prompt_tokens=len(request.prompt_ids),
             priority=request.priority,
             arrival=self._clock(),
+            deadline=request.deadline,
             max_num_tokens=max_total,
         ))
 
@@ -196,6 +197,9 @@ class LlamaEngine:
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
+
+    def not_started(self) -> list[str]:
+        return self.scheduler.not_started()
 
     def stats(self) -> EngineStats:
         self.runner.check()  # a group that lost a rank must not report itself alive

@@ -87,9 +87,6 @@ class SchedulerOutput:
     def num_batched_tokens(self) -> int:
         return sum(c.num_tokens for c in self.chunks)
 
-    @property
-    def is_empty(self) -> bool:
-        return not self.chunks
 
 
 class Scheduler:
@@ -167,6 +164,10 @@ class Scheduler:
     def waiting(self) -> list[Sequence]:
         """Waiting sequences in the order they would start."""
         return [seq for _, seq in sorted(self._waiting, key=lambda entry: entry[0])]
+
+    def not_started(self) -> list[str]:
+        """Ids of the waiting sequences never scheduled (a preempted one has been): in start order."""
+        return [seq.request_id for seq in self.waiting if seq.first_scheduled is None]
 
     # -- a step --------------------------------------------------------------------------------
 

@@ -249,6 +249,17 @@ def test_sliding_window_blocks_are_given_back_while_generating(tmp_path: Path) -
     assert kept.scheduler.num_preemptions > 0
 
 
+def test_deadline_orders_what_waits_among_equal_priorities(llama_dir: Path) -> None:
+    engine = engine_for(llama_dir, max_num_seqs=1, max_num_batched_tokens=16)
+    for rid, priority, deadline in (("none", 0, None), ("loose", 0, 50.0), ("tight", 0, 10.0), ("low", 1, 1.0)):
+        engine.add(EngineRequest(rid, [5, 6, 7], GREEDY, priority=priority, deadline=deadline))
+    assert [s.request_id for s in engine.scheduler.waiting] == ["tight", "loose", "none", "low"]
+    assert engine.not_started() == ["tight", "loose", "none", "low"]
+    engine.step()
+    assert [s.request_id for s in engine.scheduler.running] == ["tight"]
+    assert engine.not_started() == ["loose", "none", "low"]
+
+
 def test_default_kv_budget_follows_the_cgroup_and_never_exceeds_what_sequences_can_use(
         llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without --kv-memory on a CPU: a quarter of what the pod's cgroup still allows, and never more
