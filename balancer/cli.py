@@ -9,7 +9,7 @@ from types import FrameType
 
 from balancer.service import Balancer
 from broker.cli_common import add_metrics, settings_from_args, setup_logging
-from broker.connection import connect, resolve_url, retry_forever
+from broker.connection import connect, mask_url, resolve_url, retry_forever
 from broker.metrics import serve_metrics
 
 log = logging.getLogger("balancer")
@@ -62,6 +62,6 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     retry_forever(balancer.setup, settings, what="balancer setup", stop=balancer.stop)
-    print(f"balancer {balancer.name} on {url}", flush=True)
+    print(f"balancer {balancer.name} on {mask_url(url)}", flush=True)
     balancer.run()
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ from redis.retry import Retry
 
 from broker import embedded
 from broker.errors import ConfigError
+from broker.failures import raise_if_fatal
 from broker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,17 @@ def resolve_url(settings: Settings, *, wait_s: float = 0.0) -> str:
                 "or start the embedded one with `ryzanstein up` or `ryzanstein broker`"
             )
         time.sleep(0.1)
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password shown as ``***``, for logs and terminals (never print a secret).
+
+    ``redis://user:secret@host:6379/0`` -> ``redis://user:***@host:6379/0``; a URL without a password
+    is returned as it is. Works for every scheme accepted (``rediss://``, ``unix://``, ``redis+cluster://``
+    with several hosts); a ``password=`` query option is masked too.
+    """
+    masked = re.sub(r"^([a-z+]+://[^/@:]*:)[^@/]*@", r"\1***@", url, flags=re.IGNORECASE)
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", masked, flags=re.IGNORECASE)
 
 
 def _kwargs(settings: Settings) -> dict[str, object]:
@@ -110,14 +123,22 @@ class RedisClock:
 
 
 def retry_forever(fn: Callable[[], object], settings: Settings, *, what: str,
-                  stop: threading.Event | None = None) -> None:
-    """Call ``fn`` until it gets through a Redis outage (or ``stop`` is set)."""
+                  stop: threading.Event | None = None) -> bool:
+    """Call ``fn`` until it gets through a Redis outage (True), or ``stop`` is set first (False).
+
+    Raises ``broker.failures.FatalRedisError`` on what waiting cannot cure (credentials, TLS).
+    """
     delays = backoff_delays(settings)
     while stop is None or not stop.is_set():
         try:
             fn()
-            return
+            return True
         except TRANSIENT_ERRORS as exc:
+            raise_if_fatal(exc)
             delay = next(delays)
             log.warning("%s: redis unavailable (%s); retrying in %.2fs", what, exc, delay)
-            time.sleep(delay)
+            if stop is not None:
+                stop.wait(delay)
+            else:
+                time.sleep(delay)
+    return False

@@ -20,6 +20,9 @@ class Settings(BaseSettings):
         default=None, description="Redis URL; unset means the embedded broker (see broker.embedded)."
     )
     prefix: str = Field(default="ryz", description="Prefix of every key name ryzanstein uses.")
+    # Clients of a tenant (docs/OPERATIONS.md, "Tenants") reply to streams under {prefix}:t:<tenant>:,
+    # the only keys their Redis user may read.
+    tenant: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     # Socket timeout must stay above the longest blocking read below, or idle reads would time out.
     socket_timeout_s: float = 10.0
     connect_timeout_s: float = 5.0
@@ -42,6 +45,11 @@ class Settings(BaseSettings):
     # --- balancer ---------------------------------------------------------------------------
     balancer_batch_max: int = Field(default=128, ge=1, description="Most ingress entries read in one batch.")
     balancer_block_ms: int = Field(default=500, description="Blocking read on the ingress stream when idle.")
+    # Memory a balancer's ingress read may hold: a read asks for at most this // max_request_bytes
+    # entries (and balancer_batch_max). Larger entries come back as stubs (broker.scripts.READ_INGRESS),
+    # except from the idle blocking read, which takes one entry at a time; Redis's proto-max-bulk-len
+    # and client-query-buffer-limit bound that one (docs/OPERATIONS.md, "Memory").
+    balancer_read_bytes: int = Field(default=128 << 20, ge=1)
     # Adaptive batching: after a read, a busy balancer waits up to this long for more entries, but only
     # when entries queue up and the arrival rate promises two more within it (so from about 2,000
     # requests/s at 1 ms); an idle one never waits.
@@ -52,6 +60,10 @@ class Settings(BaseSettings):
     claim_idle_ms: int = 2000
     groups_refresh_s: float = Field(default=0.25, description="How often a balancer re-reads group heartbeats.")
     stats_interval_s: float = Field(default=1.0, description="How often a balancer writes its own stats key.")
+    # A balancer whose stats key (written after each ingress read) is older than this has stopped
+    # reading: it drops out of `{p}:balancers`, and health checks of the path fail while no balancer
+    # reads. Generous: a CPU-starved balancer that reads late is not a dead one.
+    balancer_dead_after_s: float = Field(default=10.0, gt=0)
     # Prefix affinity: requests whose prompts share this many leading characters (or token ids) go to
     # a group that served that prefix recently (its KV prefix cache may still hold it).
     affinity_prefix_chars: int = 128
@@ -77,6 +89,14 @@ class Settings(BaseSettings):
     forget_dead_after_s: float = 600.0
     worker_block_ms: int = Field(default=1000, description="Longest blocking read on the group queue when idle.")
     worker_max_batch: int = Field(default=256, ge=1, description="Most requests in a group's engine at once.")
+    # A model engine's continuous batch (vLLM's names): sequences running at once, and tokens computed
+    # per step (decodes plus prefill chunks; at least max_num_seqs, so prefills progress beside a full
+    # batch of decodes). What the group holds beyond these waits, up to worker_max_batch. The echo
+    # engine has no such limits.
+    max_num_seqs: int = Field(default=128, ge=1, description="Most sequences a model engine runs at once.")
+    max_num_batched_tokens: int = Field(
+        default=512, ge=1, description="Most tokens a model engine computes in one step (chunked prefill)."
+    )
     drain_timeout_s: float = Field(
         default=30.0, description="On SIGTERM, time to finish running requests before handing the rest back."
     )
@@ -101,6 +121,9 @@ class Settings(BaseSettings):
     # read) for this long: a hung engine, or Redis unreachable for that long. Restarting cures the
     # first and does no harm in the second (the work is in Redis).
     liveness_timeout_s: float = Field(default=60.0, gt=0)
+    # A group leader logs a stats line at INFO this often while it has work (running, waiting, prompt
+    # and generation tokens/s, KV cache use, prefix-cache hits), as vLLM does; 0 turns it off.
+    stats_log_interval_s: float = Field(default=10.0, ge=0)
     log_format: Literal["text", "json"] = Field(default="text", description="json: one JSON object per line.")
     # Prompt text is never logged unless this is set (prompts may hold personal data).
     log_prompts: bool = False

@@ -8,28 +8,36 @@ leader talks to Redis; the other ranks compute what it sends them (gpu_workers.p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import signal
+import socket
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
 from broker.cli_common import add_metrics, settings_from_args, setup_logging
-from broker.connection import connect, resolve_url, retry_forever
+from broker.connection import connect, mask_url, resolve_url, retry_forever
 from broker.errors import EngineFailed
+from broker.keys import Keys
 from broker.metrics import serve_metrics
 from broker.settings import Settings
 from gpu_workers.engine import EXIT_ENGINE_FAILED, Engine
 from gpu_workers.group import WorkerGroup
 from gpu_workers.models import KV_DTYPES, EngineOptions, build_engine, model_dir
 from gpu_workers.served import served_model_names, weights_fingerprint
+from gpu_workers.startup import LoadingBeacon, loading_load
 
 log = logging.getLogger("gpu_workers")
 
 
 EPILOG = """\
-Reads its queue {prefix:g:<group>}:queue, runs up to RYZ_WORKER_MAX_BATCH (256) requests at once by
-priority, publishes token/done/error events, and heartbeats its load every second
-(RYZ_HEARTBEAT_INTERVAL_S). A request that moved here from a failed group continues from the tokens
+Reads its queue {prefix:g:<group>}:queue, holds up to RYZ_WORKER_MAX_BATCH (256) requests in its
+engine by priority (a model engine runs up to --max-num-seqs of them, computing at most
+--max-num-batched-tokens tokens per step; the rest wait there), publishes token/done/error
+events, and heartbeats its load every second (RYZ_HEARTBEAT_INTERVAL_S). A request that moved here from a failed group continues from the tokens
 its stream already carries. A request the engine fails on ends alone with error 'internal'.
 Signals: SIGTERM drains (hands back what has not started, finishes the rest for up to
 RYZ_DRAIN_TIMEOUT_S), a second one hands everything back, a third stops at once. A group failed over
@@ -76,6 +84,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp-timeout", type=float, default=None, metavar="SECONDS",
                         help="a rank waiting longer than this on another stops the whole group "
                              "(default: $RYZ_TP_TIMEOUT_S, else 5)")
+    parser.add_argument("--max-num-seqs", type=int, default=None, metavar="N",
+                        help="most sequences the model engine runs at once (default: $RYZ_MAX_NUM_SEQS, "
+                             "else 128; the echo engine has no limit)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
+                        help="most tokens the model engine computes per step, decodes and prefill chunks "
+                             "together; at least --max-num-seqs (default: $RYZ_MAX_NUM_BATCHED_TOKENS, else 512)")
 
 
 def engine_argv(args: argparse.Namespace) -> list[str]:
@@ -87,28 +101,68 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
         argv += ["--kv-memory", args.kv_memory]
     if args.tp_timeout is not None:
         argv += ["--tp-timeout", str(args.tp_timeout)]
+    for flag, value in (("--max-num-seqs", args.max_num_seqs), ("--max-num-batched-tokens", args.max_num_batched_tokens)):
+        if value is not None:
+            argv += [flag, str(value)]
     return argv
+
+
+def worker_options(args: argparse.Namespace, settings: Settings, *, tp: int) -> tuple[Settings, EngineOptions]:
+    """``settings`` with the engine flags given on top, and the engine options they make.
+    ConfigError for limits the engine cannot work with."""
+    flags = {"tp_timeout_s": args.tp_timeout, "max_num_seqs": args.max_num_seqs,
+             "max_num_batched_tokens": args.max_num_batched_tokens}
+    settings = settings.model_copy(update={name: value for name, value in flags.items() if value is not None})
+    options = EngineOptions(tp=tp, kv_dtype=args.kv_dtype, kv_memory=args.kv_memory, device=args.device,
+                            echo_token_delay_ms=settings.echo_token_delay_ms, max_num_seqs=settings.max_num_seqs,
+                            max_num_batched_tokens=settings.max_num_batched_tokens)
+    return settings, options
 
 
 def run(args: argparse.Namespace) -> int:
     from gpu_workers.parallel.launch import group_size, rank_env
 
     setup_logging(args)
-    settings = settings_from_args(args)
-    if args.tp_timeout is not None:
-        settings = settings.model_copy(update={"tp_timeout_s": args.tp_timeout})
-    tp = group_size(args.tp)
+    settings, options = worker_options(args, settings_from_args(args), tp=group_size(args.tp))
     served_model_names(args.model, args.served_model_name)  # a bad name fails before the model loads
-    options = EngineOptions(tp=tp, kv_dtype=args.kv_dtype, kv_memory=args.kv_memory, device=args.device,
-                            echo_token_delay_ms=settings.echo_token_delay_ms)
-    if tp == 1:
-        url = resolve_url(settings, wait_s=args.wait_broker)
-        return _lead(args, settings, url, build_engine(args.model, options))
-    env = rank_env()
-    leader = env is None or env.rank == 0
-    # before any rank starts: the leader finds Redis, and a model that cannot split K ways is refused
-    url = resolve_url(settings, wait_s=args.wait_broker) if leader else ""
-    return _run_rank(args, settings, url, options)
+    tp = options.tp
+    env = rank_env() if tp > 1 else None
+    if env is not None and env.rank != 0:
+        return _run_rank(args, settings, "", options)  # a follower: no Redis, no registry entry
+    # the leader: finds Redis first, then shows the group as loading while the model loads
+    url = resolve_url(settings, wait_s=args.wait_broker)
+    args.group = args.group or f"{socket.gethostname()}-{os.getpid()}"
+    log.info("start-up: group %s, model %s, %d rank(s), KV %s", args.group, args.model, tp, args.kv_dtype)
+    # SIGTERM while loading: unwind (the registry entry is withdrawn) instead of dying where we stand
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    with _announce_loading(settings, url, args, tp=tp):
+        if tp == 1:
+            return _lead(args, settings, url, build_engine(args.model, options))
+        return _run_rank(args, settings, url, options)
+
+
+def _exit_on_signal(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _announce_loading(settings: Settings, url: str, args: argparse.Namespace, *, tp: int) -> Iterator[None]:
+    """The group in the registry as ``loading`` (with its phase) until it registers (``_lead``);
+    withdrawn if start-up fails or is interrupted."""
+    redis = connect(url, settings)
+    load = loading_load(args.group, model=args.model, tp=tp, kv_dtype=args.kv_dtype,
+                        served_models=served_model_names(args.model, args.served_model_name))
+    beacon = LoadingBeacon(redis, Keys(settings.prefix), load, interval_s=settings.heartbeat_interval_s)
+    args.loading_beacon = beacon
+    beacon.start()
+    try:
+        yield
+    except BaseException:
+        beacon.withdraw()
+        raise
+    finally:
+        beacon.stop()
+        redis.close()
 
 
 def _run_rank(args: argparse.Namespace, settings: Settings, url: str, options: EngineOptions) -> int:
@@ -120,7 +174,7 @@ def _run_rank(args: argparse.Namespace, settings: Settings, url: str, options: E
         return _lead(args, settings, url, build_engine(args.model, options))  # refuses --tp > 1
     path = model_dir(args.model)
     load_config(path).check_tp(options.tp)
-    group = start_group(options.tp, device=args.device, follower_argv=_follower_argv(args, settings, path, options.tp),
+    group = start_group(options.tp, device=args.device, follower_argv=_follower_argv(args, settings, path, options),
                         timeout_s=settings.tp_timeout_s, startup_timeout_s=settings.tp_startup_timeout_s)
     code = EXIT_ENGINE_FAILED
     try:
@@ -133,11 +187,12 @@ def _run_rank(args: argparse.Namespace, settings: Settings, url: str, options: E
         group.close(grace_s=0.0 if code == EXIT_ENGINE_FAILED else 5.0)
 
 
-def _follower_argv(args: argparse.Namespace, settings: Settings, path: Path, tp: int) -> list[str]:
-    """What a rank this leader starts runs: the same model and cache, without Redis."""
-    argv = ["--model", str(path), "--tp", str(tp), "--kv-dtype", args.kv_dtype, "--device", args.device,
+def _follower_argv(args: argparse.Namespace, settings: Settings, path: Path, options: EngineOptions) -> list[str]:
+    """What a rank this leader starts runs: the same model, cache and limits, without Redis."""
+    argv = ["--model", str(path), "--tp", str(options.tp), "--kv-dtype", args.kv_dtype, "--device", args.device,
             "--tp-timeout", str(settings.tp_timeout_s), "--log-level", args.log_level,
-            "--log-format", settings.log_format]
+            "--log-format", settings.log_format, "--max-num-seqs", str(options.max_num_seqs),
+            "--max-num-batched-tokens", str(options.max_num_batched_tokens)]
     return argv + (["--kv-memory", args.kv_memory] if args.kv_memory else [])
 
 
@@ -149,16 +204,25 @@ def _lead(args: argparse.Namespace, settings: Settings, url: str, engine: Engine
                            port=settings.metrics_port)
     group.telemetry.port = server.port if server is not None else None
 
+    stopping = threading.Event()  # a signal before registration: nothing to drain, stop at once
+
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("signal %d: draining (again: hand back at once; a third time: stop now)", signum)
+        stopping.set()
         group.drain()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    beacon = getattr(args, "loading_beacon", None)
+    if beacon is not None:
+        beacon.stop()  # from here on the group's own heartbeats speak for it
     try:
-        retry_forever(group.register, settings, what="group registration")
+        if not retry_forever(group.register, settings, what="group registration", stop=stopping):
+            log.info("group %s stopped before it registered", group.name)
+            engine.close()
+            return 0
         names = "" if group.served_models == [engine.info.model] else f" as {', '.join(group.served_models)}"
-        print(f"worker group {group.name} serving {engine.info.model}{names} on {url}"
+        print(f"worker group {group.name} serving {engine.info.model}{names} on {mask_url(url)}"
               + (f" with {engine.info.tp} tensor-parallel ranks" if engine.info.tp > 1 else ""), flush=True)
         return group.run()
     except EngineFailed as exc:

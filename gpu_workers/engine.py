@@ -41,8 +41,20 @@ class EngineRequest:
     prompt_ids: list[int]
     sampling: SamplingParams
     priority: int = 0
+    # When the request times out, in seconds on the service's clock (Redis TIME), or None: among equal
+    # priorities the earlier deadline starts first. Only ever compared with other requests' deadlines.
+    deadline: float | None = None
     # Tokens already generated (and published) elsewhere: generation continues after them.
     output_ids: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """A generated token's log-probability (natural log) and the likeliest alternatives, from the
+    distribution it was drawn from (gpu_workers.sampler.sample_with_logprobs)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), likeliest first
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +63,8 @@ class StepOutput:
     token_id: int
     # Set when the engine itself ends the request with this token ("stop" for EOS-like ends).
     finish_reason: str | None = None
+    # Set for requests that asked for logprobs.
+    logprobs: TokenLogprobs | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,10 +75,16 @@ class EngineStats:
     kv_used_tokens: int = 0
     # Fraction of prompt tokens served from the prefix cache lately; None for engines without one.
     prefix_cache_hit_rate: float | None = None
+    # Totals since the engine started: preemptions, and prompt tokens looked up in / found in the
+    # prefix cache (vLLM's num_preemptions, prefix_cache_queries, prefix_cache_hits).
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
 
 class Tokenizer(Protocol):
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """``add_special_tokens``: what the tokenizer's post-processor adds (a BOS), as transformers'."""
 
     def decode(self, ids: list[int]) -> str: ...
 
@@ -83,6 +103,10 @@ class Engine(Protocol):
         """Advance every running request by at most one token; EngineFailed when it never can again."""
 
     def has_work(self) -> bool: ...
+
+    def not_started(self) -> list[str]:
+        """Ids of the requests added that no step has computed a token of yet (vLLM's never-scheduled
+        waiting requests): they hold nothing here, so a draining group hands them back at once."""
 
     def stats(self) -> EngineStats:
         """The current load; EngineFailed once the engine has failed (so no heartbeat goes out)."""

@@ -26,9 +26,12 @@ from typing import Any
 
 from redis.exceptions import NoScriptError, ResponseError
 
+from broker.cancellation import Cancellations, applies
 from broker.chat import publish_template, template_digest
 from broker.connection import TRANSIENT_ERRORS, RedisClock, backoff_delays
+from broker.dead_letter import DeadLetters
 from broker.errors import EngineFailed
+from broker.failures import describe, raise_if_fatal
 from broker.keys import QUEUE_GROUP, Keys
 from broker.logs import request_extra
 from broker.protocol import GenerationRequest, done_event, error_event, limit_problem, token_event
@@ -38,6 +41,7 @@ from broker.settings import Settings
 from broker.wire import Batch
 from gpu_workers.engine import Engine, EngineRequest
 from gpu_workers.holding import Event, Held, Holding
+from gpu_workers.intake import CONSUMER, QueueIntake
 from gpu_workers.isolation import Isolation
 from gpu_workers.keepalive import StepKeepalive
 from gpu_workers.load import LoadMeter, group_load
@@ -48,12 +52,11 @@ from gpu_workers.telemetry import GroupTelemetry
 
 log = logging.getLogger(__name__)
 
-CONSUMER = "leader"
 READ_CHUNK = 512  # most queue entries read at once
 TEMPLATE_REPUBLISH_S = 30.0  # how often the chat template is written again (broker.chat)
 
 
-class WorkerGroup:
+class WorkerGroup(QueueIntake):
     def __init__(
         self,
         redis: Any,
@@ -90,7 +93,7 @@ class WorkerGroup:
         self._running = self.holding.running  # ids of the requests in the engine
         self.publisher = Publisher(self.scripts, self.keys, group=self.name, ttl_ms=settings.result_ttl_s * 1000)
         self.isolation = Isolation(self.holding)  # after an engine step raised: one request at a time
-        self._cancelled: dict[str, float] = {}  # request id -> when seen (Redis ms)
+        self._cancelled = Cancellations()  # cancel entries read lately
         self._cancel_cursor = b"0-0"
         self._next_heartbeat = 0.0
         self._queue_depth = 0
@@ -99,10 +102,14 @@ class WorkerGroup:
         self.telemetry = GroupTelemetry(
             self.name, enabled=settings.metrics_port is not None, now_ms=lambda: self.clock.now_ms(),
             log_prompts=settings.log_prompts, ready_within_s=settings.dead_after_s,
-            live_within_s=settings.liveness_timeout_s, monotonic=monotonic)
+            live_within_s=settings.liveness_timeout_s, stats_log_interval_s=settings.stats_log_interval_s,
+            model_name=self.served_models[0], monotonic=monotonic)  # vLLM's label: the served name
         self._heartbeat_fields: list[str] | None = None  # of the last heartbeat, repeated by keepalive
+        self.dead_letters = DeadLetters(redis, self.scripts, self.keys, publisher=self.name,
+                                        ttl_ms=settings.result_ttl_s * 1000, on_dead=self.telemetry.dead_lettered)
         self.keepalive = StepKeepalive(self._repeat_heartbeat, interval_s=settings.heartbeat_interval_s,
-                                       max_step_s=settings.liveness_timeout_s, monotonic=monotonic)
+                                       max_step_s=settings.liveness_timeout_s, monotonic=monotonic,
+                                       probe=self.telemetry.probe)
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -117,33 +124,11 @@ class WorkerGroup:
                 raise
         last = self.redis.xrevrange(self.keys.cancel, count=1)
         self._cancel_cursor = last[0][0] if last else b"0-0"
-        self._recover()
+        self._recover(starting=True)
         self.redis.set(self.keys.group_accepting(self.name), "1")
         self._starting = False
         self.heartbeat(force=True)
         log.info("group %s registered (model %s)", self.name, self.engine.info.model)
-
-    def _recover(self) -> None:
-        """Admit the entries a previous incarnation of this group read but never finished.
-
-        Also run after every reconnect: a Redis that restarted from an older AOF may have entries
-        pending again that this process had finished and acknowledged.
-        """
-        queue, cursor, acking = self.keys.group_queue(self.name), "0", set(self.publisher.to_ack)
-        while True:
-            batch = self.redis.xreadgroup(QUEUE_GROUP, CONSUMER, {queue: cursor}, count=500)
-            entries = [e for _s, es in (batch or []) for e in es]
-            if not entries:
-                return
-            for entry_id, fields in entries:
-                cursor = entry_id
-                if entry_id in acking:
-                    continue
-                if fields:
-                    self._admit(entry_id, fields)
-                else:  # deleted after it was read: nothing left to do
-                    self._ack([entry_id])
-            log.info("group %s recovered %d pending requests", self.name, len(entries))
 
     def run(self) -> int:
         """Serve until ``drain()`` has finished or handed back everything, then deregister.
@@ -180,10 +165,13 @@ class WorkerGroup:
                 self.tick()
                 delays = None
             except TRANSIENT_ERRORS as exc:
-                if drain_deadline is not None and (self._hurry or self._monotonic() >= drain_deadline):
-                    # Nothing held was acknowledged, so it all stays pending in Redis: a restart of
-                    # this group recovers it, or balancers fail it over.
-                    log.error("redis unreachable while draining (%s); exiting without hand-back", exc)
+                raise_if_fatal(exc)
+                if self.draining:
+                    # Asked to stop and Redis is gone (under honcho or systemd it may have stopped
+                    # first): nothing held was acknowledged, so it all stays pending in Redis, where a
+                    # restart of this group recovers it or balancers fail it over. One signal is enough.
+                    log.warning("redis unreachable while draining (%s); stopping: %d held requests stay "
+                                "in Redis for failover", exc, len(self.held))
                     self.engine.close()
                     return 0
                 reconnected = True
@@ -192,8 +180,13 @@ class WorkerGroup:
                 log.warning("redis unavailable (%s); retrying in %.2fs", exc, delay)
                 time.sleep(delay)
             except ResponseError as exc:
+                raise_if_fatal(exc)
                 if "NOGROUP" not in str(exc):
-                    log.exception("group tick failed; retrying")
+                    problem = describe(exc)  # out of memory, a read-only replica: one line, no traceback
+                    if problem is not None:
+                        log.warning("%s; retrying", problem.line)
+                    else:
+                        log.exception("group tick failed; retrying")
                     time.sleep(next(delays := delays or backoff_delays(self.settings)))
                     continue
                 if self.draining:
@@ -217,8 +210,9 @@ class WorkerGroup:
         return 0
 
     def drain(self) -> None:
-        """Stop taking work; hand back what has not started, finish the rest (up to drain_timeout_s),
-        hand back what is left. A second call hands back at once; a third stops at once."""
+        """Stop taking work; hand back what has not started (queued here or waiting in the engine),
+        finish the rest (up to drain_timeout_s), hand back what is left. A second call hands back at
+        once; a third stops at once."""
         if self._hurry:
             self.stop_now.set()
         if self.draining:
@@ -285,13 +279,11 @@ class WorkerGroup:
         for _stream, entries in results[-1] or []:
             for entry_id, fields in entries:
                 self._cancel_cursor = entry_id
-                rid = fields.get(b"id")
-                if rid:
-                    self._cancel(rid.decode("utf-8", "replace"))
+                self._cancel(fields)
         if read_queue:
             for _stream, entries in results[0] or []:
                 for entry_id, fields in entries:
-                    self._admit(entry_id, fields)
+                    self._admit_safely(entry_id, fields)
         if isinstance(ack_result, NoScriptError):
             self.scripts.load()  # Redis restarted: the acknowledgements go again with the next read
         elif isinstance(ack_result, Exception):
@@ -304,9 +296,9 @@ class WorkerGroup:
             request = GenerationRequest.from_wire(fields[b"r"])
             epoch = int(fields[b"e"])
             cost = int(fields.get(b"c", b"0"))
-        except Exception:  # a malformed queue entry is a bug upstream; drop it loudly, never crash
-            log.exception("dropping malformed queue entry %s", entry_id)
-            self._ack([entry_id])
+        except Exception as exc:  # a malformed queue entry is a bug upstream: never crash on it
+            log.exception("malformed queue entry %s", entry_id)
+            self._give_up_entry(entry_id, fields, f"malformed queue entry ({type(exc).__name__})")
             return
         if request.id in self.held:
             old = self.held[request.id]
@@ -332,8 +324,8 @@ class WorkerGroup:
             self._finish_error(held, "internal", f"the prompt could not be tokenized ({type(exc).__name__})")
             return
         self.telemetry.admitted(request, prompt_tokens=len(held.prompt_ids))
-        problem = limit_problem(held.prompt_ids, request.sampling.max_tokens, vocab_size=info.vocab_size,
-                                max_context=info.max_context)
+        problem = limit_problem(held.prompt_ids, request.sampling.needed_tokens, vocab_size=info.vocab_size,
+                                max_context=info.max_context, logit_bias=request.sampling.logit_bias)
         if problem is not None:
             self._finish_error(held, "invalid_request", problem)
             return
@@ -343,7 +335,7 @@ class WorkerGroup:
         if request.output_ids and not self._replay(held):
             return
         now_ms = self.clock.now_ms()
-        if request.id in self._cancelled:
+        if self._cancelled.matches(request.id, request.cancel_token):
             self._finish(held, "cancelled")
         elif request.deadline_ms is not None and now_ms >= request.deadline_ms:
             self._finish_error(held, "timeout", f"deadline of {request.timeout_s}s passed")
@@ -370,15 +362,16 @@ class WorkerGroup:
             return False
         return True
 
-    def _cancel(self, rid: str) -> None:
+    def _cancel(self, fields: dict[bytes, bytes]) -> None:
+        """One cancel entry: the request it names ends, if the entry is its owner's (broker.cancellation)."""
         now_ms = self.clock.now_ms()
-        self._cancelled[rid] = now_ms
-        held = self.held.get(rid)
-        if held is not None and not held.final:
-            self._finish(held, "cancelled")
-        horizon = now_ms - 600_000  # remember cancellations for 10 minutes
-        if next(iter(self._cancelled.values())) < horizon:
-            self._cancelled = {k: v for k, v in self._cancelled.items() if v >= horizon}
+        got = self._cancelled.add(fields, now_ms)
+        if got is not None:
+            rid, token = got
+            held = self.held.get(rid)
+            if held is not None and not held.final and applies(held.request.cancel_token, token):
+                self._finish(held, "cancelled")
+        self._cancelled.prune(now_ms)
 
     def _fill_engine(self) -> None:
         """Queued requests into the engine by (priority, arrival), up to worker_max_batch running."""
@@ -401,13 +394,16 @@ class WorkerGroup:
         assert held.output is not None
         request = held.request
         try:
+            deadline = request.deadline_ms / 1000 if request.deadline_ms is not None else None
             self.engine.add(EngineRequest(request.id, held.prompt_ids, request.sampling, priority=request.priority,
-                                          output_ids=list(held.output.token_ids)))
+                                          deadline=deadline, output_ids=list(held.output.token_ids)))
         except Exception as exc:
             log.exception("request %s: the engine refused it", request.id)
             self._finish_error(held, "internal", f"the engine failed on this request ({type(exc).__name__})")
             return
         self.holding.started(held)
+        if held.started_ms is None:
+            held.started_ms = self.clock.now_ms()
 
     def _step_engine(self) -> None:
         if not self.engine.has_work():
@@ -431,14 +427,16 @@ class WorkerGroup:
             if held is None or held.final or held.output is None:
                 continue
             try:
-                result = held.output.push(out.token_id, engine_finish=out.finish_reason)
+                result = held.output.push(out.token_id, engine_finish=out.finish_reason, logprobs=out.logprobs)
             except Exception as exc:
                 log.exception("request %s: cannot process token %r", held.request.id, out.token_id)
                 self._finish_error(held, "internal", f"output processing failed ({type(exc).__name__})")
                 continue
+            if held.first_token_ms is None:
+                held.first_token_ms = self.clock.now_ms()
             if held.request.stream:
                 self._emit(held, ("t", result.index, token_event(held.request.id, result.index, result.token_id,
-                                                                 result.text)))
+                                                                 result.text, result.logprobs)))
             if result.finish_reason is not None:
                 if out.finish_reason is not None:  # the engine has let go of it already
                     self.holding.stopped(held)
@@ -476,7 +474,9 @@ class WorkerGroup:
         self._emit(held, ("f", 0, done_event(
             held.request.id, text=out.text, token_ids=out.token_ids,
             finish_reason=finish_reason,  # type: ignore[arg-type]
-            prompt_tokens=out.prompt_len,
+            prompt_tokens=out.prompt_len, logprobs=out.logprobs,
+            served=held.served(model=held.request.model or self.served_models[0], group=self.name,
+                               now_ms=self.clock.now_ms()),
         )))
         held.final = True
         self.telemetry.finished(held.request.id, finish_reason, prompt_tokens=out.prompt_len,
@@ -491,6 +491,8 @@ class WorkerGroup:
     def _publish(self) -> None:
         done: list[Held] = []
         for held, status in self.publisher.publish():
+            if status == "error":
+                self._undeliverable(held)
             if status in ("fenced", "final", "error"):
                 # moved to another group, finished already (a re-delivered entry), or undeliverable
                 self.fenced += status == "fenced"
@@ -565,9 +567,13 @@ class WorkerGroup:
 
     def _close_queue(self) -> None:
         """Take no more work (balancers see the group closed atomically at dispatch); hand back at once
-        what has not started: another group can start it sooner than this one finishes."""
+        what has not started, here or in the engine: another group can start it sooner than this one
+        finishes."""
         self.redis.delete(self.keys.group_accepting(self.name))
         self.heartbeat(force=True)
+        unstarted = [self.held[rid] for rid in self.engine.not_started() if rid in self.held]
+        for held in unstarted:
+            self._stop(held)
         waiting = self.holding.waiting()
         for held in waiting:
             self._hand_back(held.request, held.epoch, held.entry_id)

@@ -26,11 +26,24 @@ class EngineOptions:
     kv_memory: str | None = None  # per rank
     device: str = "cpu"
     echo_token_delay_ms: float = 0.0  # the echo engine's time per step (see Settings)
+    max_num_seqs: int = 128  # a model engine's batch limits (see Settings); echo has none
+    max_num_batched_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        """ConfigError for limits the scheduler cannot work with (before any model loads)."""
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"--max-num-seqs (RYZ_MAX_NUM_SEQS) must be at least 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ConfigError(
+                f"--max-num-batched-tokens (RYZ_MAX_NUM_BATCHED_TOKENS) is {self.max_num_batched_tokens}: it must "
+                f"be at least --max-num-seqs ({self.max_num_seqs}), so prefills progress beside a full batch of "
+                "decodes")
 
     def llama(self) -> LlamaEngineOptions:
         from gpu_workers.llm_engine import LlamaEngineOptions
 
-        return LlamaEngineOptions(kv_dtype=self.kv_dtype, kv_memory=self.kv_memory, device=self.device)
+        return LlamaEngineOptions(kv_dtype=self.kv_dtype, kv_memory=self.kv_memory, device=self.device,
+                                  max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens)
 
 
 def model_dir(spec: str) -> Path:

@@ -55,6 +55,9 @@ class SchedulerConfig:
     # Split long prefills over steps. Off, a prefill runs whole in one step; so that no sequence
     # waits forever, the step's first prefill may then exceed what is left of the budget.
     chunked_prefill: bool = True
+    # Every layer's sliding window (tokens a query sees, its own included), when all layers have
+    # one: blocks wholly before a running sequence's window are given back after each step.
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -84,9 +87,6 @@ class SchedulerOutput:
     def num_batched_tokens(self) -> int:
         return sum(c.num_tokens for c in self.chunks)
 
-    @property
-    def is_empty(self) -> bool:
-        return not self.chunks
 
 
 class Scheduler:
@@ -165,6 +165,10 @@ class Scheduler:
         """Waiting sequences in the order they would start."""
         return [seq for _, seq in sorted(self._waiting, key=lambda entry: entry[0])]
 
+    def not_started(self) -> list[str]:
+        """Ids of the waiting sequences never scheduled (a preempted one has been): in start order."""
+        return [seq.request_id for seq in self.waiting if seq.first_scheduled is None]
+
     # -- a step --------------------------------------------------------------------------------
 
     def schedule(self, now: float) -> SchedulerOutput:
@@ -209,6 +213,10 @@ class Scheduler:
                     raise KeyError(f"no sampled token for request {seq.request_id}")
                 seq.token_ids.append(sampled[seq.request_id])
             self.block_manager.mark_computed(seq)
+            if (window := self.config.sliding_window) is not None:
+                # the next query, at position num_computed_tokens, sees keys from here on
+                first_key = max(0, seq.num_computed_tokens + 1 - window)
+                self.block_manager.release_before(seq, first_key // self.block_manager.block_size)
 
     # -- internals -----------------------------------------------------------------------------
 

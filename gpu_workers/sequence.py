@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import KW_ONLY, dataclass, field
-from typing import Any
 
 
 class SequenceStatus(enum.Enum):
@@ -34,15 +33,19 @@ class Sequence:
     _: KW_ONLY
     priority: int = 0  # lower is served first
     arrival: float = 0.0  # seconds, on the engine's clock
-    deadline: float | None = None  # seconds, same clock; earlier is served first among equals
+    # Seconds on the service's clock (the request's timeout), only compared with other deadlines;
+    # earlier is served first among equal priorities, None last.
+    deadline: float | None = None
     # The most tokens (prompt + output) this sequence can ever hold; lets the scheduler reject at
     # `add` what could never fit in the cache. None when unknown.
     max_num_tokens: int | None = None
-    data: Any = None  # the engine's own per-request object (sampling params, output state, ...)
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0  # leading tokens whose K/V are in the cache
     num_cached_tokens: int = 0  # prefix-cache hit at the last allocation, in tokens (stats)
     block_table: list[int] = field(default_factory=list)  # physical block of each block_size tokens
+    # Leading entries of block_table already given back (wholly before every layer's sliding
+    # window: nothing reads them again); their ids are stale, other sequences may hold them now.
+    num_released_blocks: int = 0
     first_scheduled: float | None = None  # when it first got a chunk (queue-time stats)
 
     def __post_init__(self) -> None:

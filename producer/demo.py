@@ -8,6 +8,7 @@ import asyncio
 import time
 
 from broker.cli_common import settings_from_args, setup_logging
+from broker.connection import mask_url
 from broker.errors import RequestFailed
 from producer.client import AsyncClient, Client
 from producer.stack import Stack
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
               "engine at work: tokens, streaming, stop strings, limits. Serve a real checkpoint with "
               "--model /path/to/hf-model-dir for meaningful text.)")
     with Stack(settings, model=args.model, groups=args.groups, quiet=True) as stack:
-        print(f"Redis at {stack.url}\n")
+        print(f"Redis at {mask_url(stack.url)}\n")
         with Client(stack.url, prefix=settings.prefix) as client:
             print("Sync client:")
             done = client.generate("Hello, ryzanstein!", max_tokens=64, timeout=300)

@@ -21,8 +21,10 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from broker.cli_common import add_metrics, settings_from_args, setup_logging
+from broker.connection import mask_url
 from broker.embedded import EmbeddedRedis, announce, die_with_parent, withdraw
 from broker.errors import ConfigError
+from broker.failures import EXIT_FATAL
 from broker.settings import Settings
 from gpu_workers.cli import add_engine_args, engine_argv
 
@@ -68,7 +70,10 @@ class Stack:
             self.redis = EmbeddedRedis().start()
             self.url = self.redis.url
             announce(self.url, prefix=self.settings.prefix)
-        common = ["--redis-url", self.url, "--prefix", self.settings.prefix,
+        # The URL (with its password, if any) goes to the children in their environment: their
+        # command lines are world-readable (ps, /proc/<pid>/cmdline).
+        self.child_env = {**os.environ, "RYZ_REDIS_URL": self.url}
+        common = ["--prefix", self.settings.prefix,
                   "--log-format", self.settings.log_format, *(["--log-prompts"] if self.settings.log_prompts else [])]
         py = [sys.executable, "-m"]
         self.children.append(Child("balancer", [*py, "balancer", *common, *self._metrics_args(0),
@@ -96,14 +101,18 @@ class Stack:
         out = subprocess.DEVNULL if self.quiet else None
         # Own session: a terminal's Ctrl-C reaches only `up`, which stops children in order. If `up`
         # itself is killed, the kernel kills them (nothing is lost: their work stays in Redis).
-        child.proc = subprocess.Popen(child.argv, stdout=out, stderr=out, start_new_session=True,
+        child.proc = subprocess.Popen(child.argv, stdout=out, stderr=out, start_new_session=True, env=self.child_env,
                                       preexec_fn=lambda: die_with_parent(signal.SIGKILL))  # noqa: PLW1509 - prctl only
 
     def supervise(self) -> None:
-        """Restart children that exited (call now and then)."""
+        """Restart children that exited (call now and then); raises ConfigError when one exited
+        for a reason restarting cannot cure (exit code 2: bad configuration, credentials, TLS)."""
         now = time.monotonic()
         for child in self.children:
             if child.proc is not None and child.proc.poll() is not None and now >= child.next_start:
+                if child.proc.returncode == EXIT_FATAL:
+                    # bad configuration (its one line is above): restarting cannot cure it
+                    raise ConfigError(f"{child.name} exited with code {EXIT_FATAL} (configuration); stopping")
                 child.restarts += 1
                 delay = min(30.0, 0.5 * 2 ** min(child.restarts, 6))
                 log.warning("%s exited with %s; restarting (restart %d)", child.name, child.proc.returncode,
@@ -168,9 +177,13 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     stack = Stack(settings, models=models, groups=args.groups, tp=args.tp, worker_args=engine_argv(args),
                   balancer_args=["--default-model", args.default_model] if args.default_model else []).start()
-    print(f"ryzanstein up: Redis at {stack.url} (prefix {settings.prefix!r}); "
+    shown = mask_url(stack.url)
+    print(f"ryzanstein up: Redis at {shown} (prefix {settings.prefix!r}); "
           f"{args.groups} group(s) of {', '.join(models)}. Ctrl-C stops.", flush=True)
-    print(f"  try: ryzanstein submit --redis-url {stack.url} \"hello\"", flush=True)
+    if shown == stack.url:
+        print(f"  try: ryzanstein submit --redis-url {stack.url} \"hello\"", flush=True)
+    else:
+        print("  try: ryzanstein submit \"hello\"   (with RYZ_REDIS_URL set to the URL)", flush=True)
     if settings.metrics_port:
         print(f"  metrics: balancer on port {settings.metrics_port}, groups on "
               f"{settings.metrics_port + 1}..{settings.metrics_port + args.groups * len(models)} "

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import redis
 
+from balancer.service import Balancer
 from broker.chat import PLAIN_CHAT_TEMPLATE, read_template
 from broker.keys import QUEUE_GROUP, Keys
 from broker.protocol import GenerationRequest
@@ -255,14 +256,22 @@ def test_requests_waiting_for_a_dead_model_do_not_make_the_balancer_spin(
         blocks.append(k.get("block"))
         real_read(self, *a, **k)
 
+    real_script_read = Balancer._read_ingress
+
+    def read_ingress(self: Balancer, client: Any, count: int) -> None:
+        blocks.append(None)  # the non-blocking read (READ_INGRESS)
+        real_script_read(self, client, count)
+
     fake_group(r, keys, "a1", served=["model-a"], age_s=10)  # dead
     fake_group(r, keys, "b1", served=["model-b"])
     balancer = make_balancer(balancer_block_ms=7, dead_after_s=3.0)
+    balancer.scripts.load()
     monkeypatch.setattr(Batch, "xreadgroup", xreadgroup)
+    monkeypatch.setattr(Balancer, "_read_ingress", read_ingress)
     submit(r, keys, id="a", prompt="x", model="model-a")
-    balancer.tick()
+    balancer.tick()  # the blocking read takes one entry, then reads on without blocking (None)
     balancer.tick()  # it waits for model-a; model-b's live group cannot take it: block
-    assert blocks == [7, 7] and list(balancer.waiting)
+    assert blocks == [7, None, 7] and list(balancer.waiting)
     fake_group(r, keys, "a2", served=["model-a"])
     balancer.refresh_groups()
     blocks.clear()

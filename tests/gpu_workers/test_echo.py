@@ -76,3 +76,16 @@ def test_a_moved_request_continues_after_its_output_ids() -> None:
     engine = EchoEngine()
     engine.add(request("m", [5, 6, 7, 8], output_ids=[5, 6]))
     assert [engine.step() for _ in range(2)] == [[StepOutput("m", 7)], [StepOutput("m", 8, "stop")]]
+
+
+def test_not_started_lists_what_was_added_since_the_last_step() -> None:
+    engine = EchoEngine()
+    engine.add(request("a", [1, 2, 3]))
+    engine.add(request("b", [4, 5]))
+    assert engine.not_started() == ["a", "b"]
+    engine.step()
+    engine.add(request("c", [6, 7]))
+    engine.abort("b")
+    assert engine.not_started() == ["c"]
+    engine.step()
+    assert engine.not_started() == []

@@ -535,6 +535,20 @@ def test_priority_decides_which_queued_request_runs_first(
     assert order == ["first", "second", "third", "late"]
 
 
+def test_the_engine_gets_each_request_s_deadline_in_seconds_on_the_redis_clock(
+        r: redis.Redis, keys: Keys, make_group: MakeGroup) -> None:
+    group = make_group("g1")
+    t0 = 1_700_000_000_000
+    group.clock = FakeClock(t0)  # type: ignore[assignment]
+    for rid, timeout_s in (("none", None), ("tight", 2.0)):
+        enqueue(r, keys, "g1", make_request(keys, rid, "ab", enqueued_ms=t0, timeout_s=timeout_s))
+    added: dict[str, float | None] = {}
+    real_add = group.engine.add
+    group.engine.add = lambda req: (added.update({req.request_id: req.deadline}), real_add(req))[1]  # type: ignore[method-assign]
+    group.tick()
+    assert added == {"none": None, "tight": (t0 + 2000) / 1000}
+
+
 def test_cancel_and_deadline_end_queued_requests_at_once(
         r: redis.Redis, keys: Keys, make_group: MakeGroup) -> None:
     group = make_group("g1", worker_max_batch=1)

@@ -211,6 +211,21 @@ def test_preemption_takes_the_worst_running_and_keeps_its_tokens() -> None:
     assert b.token_ids == b_tokens + [1005]
 
 
+def test_not_started_lists_the_waiting_never_scheduled_not_the_preempted() -> None:
+    s = sched(num_blocks=4, budget=16, max_num_seqs=3, caching=False)
+    for rid, priority in (("a", 0), ("b", 1), ("c", 0), ("late", 2), ("later", 3)):
+        s.add(make(rid, 4, priority=priority))
+    assert s.not_started() == ["a", "c", "b", "late", "later"]  # in the order they would start
+    step(s)  # a, c, b start (max_num_seqs 3)
+    assert s.not_started() == ["late", "later"]
+    out = step(s)  # b is preempted: it waits again, but it has started (and generated a token)
+    assert [seq.request_id for seq in out.preempted] == ["b"]
+    assert [seq.request_id for seq in s.waiting] == ["b", "late", "later"]
+    assert s.not_started() == ["late", "later"]
+    s.abort("late")
+    assert s.not_started() == ["later"]
+
+
 def test_a_sequence_may_preempt_itself_when_it_is_the_worst() -> None:
     s = sched(num_blocks=2, caching=False)
     s.add(make("a", 2, priority=0))

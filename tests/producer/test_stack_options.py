@@ -86,3 +86,14 @@ def test_one_served_name_for_several_models_is_refused() -> None:
 def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
     [action] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     return action.choices[name]
+
+
+def test_children_get_the_url_in_their_environment_not_on_their_command_line() -> None:
+    """Command lines are world-readable (ps): a password in the URL must not be there."""
+    url = "redis://app:s3cret@127.0.0.1:1"
+    settings = Settings(redis_url=url)
+    stack = Stack(settings, groups=1)
+    stack._spawn = lambda child: None  # type: ignore[method-assign]
+    stack.start()
+    assert all("s3cret" not in " ".join(c.argv) for c in stack.children)
+    assert stack.child_env["RYZ_REDIS_URL"] == url
