@@ -121,8 +121,13 @@ class ChatTemplate:
 
     @classmethod
     def from_path(cls, path: str | Path) -> ChatTemplate | None:
-        """The template of a model directory, a tokenizer_config.json, or a Jinja file; None if it has none."""
+        """The template of a model directory, a GGUF file (its metadata's), a tokenizer_config.json, or a
+        Jinja file; None if it has none."""
         path = Path(path)
+        if _is_gguf(path):
+            from gpu_workers.model.loader import resolve_model  # the GGUF's metadata, as a model directory
+
+            path = resolve_model(str(path))
         if path.is_dir():
             config = _read_config(path / "tokenizer_config.json")
             jinja_file = path / "chat_template.jinja"
@@ -200,11 +205,19 @@ def normalize_messages(messages: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _is_gguf(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 class TemplateSource:
     """Which template serves a model: an explicit one, else the model directory's, else the fallback.
 
     ``explicit`` (``--chat-template``/``--model-dir``) wins for every model. Otherwise a model spec
-    that is a local directory (the ``model`` a worker group heartbeats) is looked into once and its
+    that is a local directory or GGUF file (the ``model`` a worker group heartbeats) is looked into once and its
     template kept; specs like ``echo`` or ``random:tiny`` get the fallback.
     """
 
@@ -224,7 +237,7 @@ class TemplateSource:
             return ChatTemplate.fallback()
         if model not in self._by_model:
             template = None
-            if Path(model).is_dir():
+            if Path(model).is_dir() or _is_gguf(Path(model)):
                 try:
                     template = ChatTemplate.from_path(model)
                 except ConfigError as exc:

@@ -31,7 +31,7 @@ import torch
 from broker.errors import ConfigError
 
 LINK_NAME = "model.gguf"  # in a materialized directory: the GGUF file the weights are read from
-FORMAT_VERSION = 1  # bump when the files written change, so stale caches are not rewritten in place
+FORMAT_VERSION = 2  # bump when the files written change, so stale caches are not rewritten in place
 
 # GGUF general.architecture -> (our config's architectures entry, transformers model_type)
 ARCHITECTURES = {

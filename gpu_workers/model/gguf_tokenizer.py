@@ -138,8 +138,10 @@ def tokenizer_files(meta: dict[str, Any], source: Path) -> dict[str, Any]:
         AddedToken(t, special=True, normalized=False) for t, kind_ in zip(tokens, types)
         if kind_ == CONTROL and (alphabet is None or set(t) <= alphabet)
     ])
+    vocab = tokenizer.get_vocab()  # a user-defined token respelled in the vocabulary (Gemma's spaces) stays as is
     tokenizer.add_tokens([
-        AddedToken(t, special=False, normalized=False) for t, kind_ in zip(tokens, types) if kind_ == USER_DEFINED
+        AddedToken(t, special=False, normalized=False) for t, kind_ in zip(tokens, types)
+        if kind_ == USER_DEFINED and t in vocab
     ])
 
     def special(key: str) -> int | None:
