@@ -131,7 +131,7 @@ class Stack:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="echo", help="model SPEC for every group (default: echo)")
+    parser.add_argument("--model", default="echo", help="model SPEC for every group: a Hugging Face directory, a .gguf file, random:<preset>, or echo (default)")
     parser.add_argument("--groups", type=int, default=1, help="number of worker groups (default 1)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per group (default 1)")
     add_metrics(parser, what="the balancer serves metrics on PORT, group i on PORT+1+i; ")
