@@ -159,8 +159,13 @@ def engine_decode(model: str, kv_dtype: str, *, batch: int, context: int, steps:
 
 
 def _hf_model(model_dir: Path):
+    """transformers' model of ``model_dir``; for a GGUF model, transformers' own loading of the file."""
     from transformers import AutoModelForCausalLM
 
+    gguf = model_dir / "model.gguf"  # a directory resolve_model made from a GGUF file
+    if gguf.exists():
+        file = gguf.resolve()
+        return AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32).eval()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     return model.eval()
 
@@ -253,7 +258,8 @@ def run_hf_continuous(model_dir: Path, work: Workload) -> Timings:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="random:small", help="random:<preset> or a model directory")
+    parser.add_argument("--model", default="random:small", help="random:<preset>, a model directory or a .gguf file "
+                        "(transformers then loads the same file with its own GGUF loader)")
     parser.add_argument("--kv-dtype", default="fp32", help="KV cache dtype of the worker group (default fp32, "
                                                            "the same as transformers' cache)")
     parser.add_argument("--requests", type=int, default=128)

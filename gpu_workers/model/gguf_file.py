@@ -31,7 +31,7 @@ import torch
 from broker.errors import ConfigError
 
 LINK_NAME = "model.gguf"  # in a materialized directory: the GGUF file the weights are read from
-FORMAT_VERSION = 2  # bump when the files written change, so stale caches are not rewritten in place
+FORMAT_VERSION = 3  # bump when the files written change, so stale caches are not rewritten in place
 
 # GGUF general.architecture -> (our config's architectures entry, transformers model_type)
 ARCHITECTURES = {
@@ -101,6 +101,9 @@ def gguf_config(meta: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]:
     tokens = meta.get("tokenizer.ggml.tokens")
     config["vocab_size"] = meta.get(f"{arch}.vocab_size", len(tokens) if tokens is not None else None)
     config["tie_word_embeddings"] = "output.weight" not in tensor_names
+    if arch == "llama":  # llama.cpp uses the biases a file has; the metadata does not say
+        config["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
+        config["mlp_bias"] = "blk.0.ffn_up.bias" in tensor_names
     scaling = meta.get(f"{arch}.rope.scaling.type")
     if scaling not in (None, "none"):
         factor = meta.get(f"{arch}.rope.scaling.factor")
@@ -148,8 +151,8 @@ class GGUFTensor:
 
         kind = self._tensor.tensor_type
         data = self._tensor.data
-        if len(self._full) == 1:
-            values = gguf.quants.dequantize(np.asarray(data)[self._ranges[0]], kind)
+        if len(self._full) == 1:  # norms and biases: small, dequantized whole
+            values = gguf.quants.dequantize(np.asarray(data), kind).reshape(-1)[self._row_index()]
         else:
             rows = self._row_index()
             data = np.asarray(data).reshape(self._full[0], -1)[rows]  # [rows, bytes or elements per row]
@@ -213,9 +216,9 @@ def gguf_tensors(reader: Any, config: dict[str, Any], wanted: list[str], *, sour
 
 
 def _layout(arch: str, stored: str, config: dict[str, Any]) -> _Layout:
-    if arch == "llama" and stored.endswith(".attn_q.weight"):
+    if arch == "llama" and stored.endswith((".attn_q.weight", ".attn_q.bias")):
         return _Layout(permute_heads=config["num_attention_heads"])
-    if arch == "llama" and stored.endswith(".attn_k.weight"):
+    if arch == "llama" and stored.endswith((".attn_k.weight", ".attn_k.bias")):
         return _Layout(permute_heads=config.get("num_key_value_heads", config["num_attention_heads"]))
     if arch == "gemma3" and stored.endswith("norm.weight"):
         return _Layout(add=-1.0)

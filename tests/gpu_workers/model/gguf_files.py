@@ -23,14 +23,14 @@ _K_SCALES = {"Q4_K": (0, 2), "Q6_K": (208,)}
 
 
 def llama_model(*, vocab: int, hidden: int = 256, heads: int = 4, kv_heads: int = 2, layers: int = 2,
-                tied: bool = False, seed: int = 0) -> torch.nn.Module:
+                tied: bool = False, bias: bool = False, seed: int = 0) -> torch.nn.Module:
     """A random transformers Llama whose dims fit 256-wide quantization blocks."""
     import transformers
 
     config = transformers.LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tied,
+        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tied, attention_bias=bias, mlp_bias=bias,
         bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )
     torch.manual_seed(seed)
@@ -116,9 +116,9 @@ def write_gguf(path: Path, model: torch.nn.Module, *, arch: str = "llama", quant
             continue
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         array = tensor.float().numpy()
-        if arch == "llama" and name.endswith("attn_q.weight"):
+        if arch == "llama" and name.endswith(("attn_q.weight", "attn_q.bias")):
             array = _permute(array, config.num_attention_heads)
-        elif arch == "llama" and name.endswith("attn_k.weight"):
+        elif arch == "llama" and name.endswith(("attn_k.weight", "attn_k.bias")):
             array = _permute(array, config.num_key_value_heads)
         if arch == "gemma3" and name.endswith("norm.weight"):
             array = array + 1.0

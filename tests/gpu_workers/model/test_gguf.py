@@ -59,6 +59,25 @@ def test_tensors_match_transformers_dequantized(quant: str, tmp_path: Path) -> N
         assert torch.equal(tensors[name].load(), reference[name].float()), name
 
 
+def test_biases_are_found_and_unpermuted_like_their_weights(tmp_path: Path) -> None:
+    """Llama with attention and MLP biases (llama.cpp permutes q/k biases as their rows; transformers'
+    GGUF loader ignores biases, so the reference is the model the F32 file was written from)."""
+    source = llama_model(vocab=vocab_size(), bias=True)
+    path = write_gguf(tmp_path / "b.gguf", source, quant="F32")
+    model_dir = resolve_model(str(path))
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["attention_bias"] is True and config["mlp_bias"] is True
+    reference = source.state_dict()
+    wanted = [n for n in reference if not n.endswith("rotary_emb.inv_freq")]
+    tensors = gguf_tensors(open_reader(path), config, wanted, source=path)
+    for name in wanted:
+        assert torch.equal(tensors[name].load(), reference[name].float()), name
+    runner = ModelRunner(model_dir, num_blocks=16, block_size=8)
+    prompt = [random.Random(2).randrange(vocab_size()) for _ in range(9)]
+    logits = runner.run([Chunk(prompt, 0, [0, 1], True)])
+    assert_close(logits[0], reference_logits(source, prompt)[-1], rel=1e-4, what="biased llama GGUF")
+
+
 def test_logits_match_transformers_on_a_mixed_file(tmp_path: Path) -> None:
     """Q4_K attention, Q6_K down projection, Q8_0 embedding, Q4_0 the rest: the engine's logits
     (and greedy tokens) equal transformers' on the same file."""
