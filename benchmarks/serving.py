@@ -120,6 +120,8 @@ def run_ryzanstein(model: str, kv_dtype: str, work: Workload) -> Timings:
     settings = Settings(prefix="bench-serving")
     with Stack(settings, model=model, groups=1, quiet=True,
                worker_args=["--kv-dtype", kv_dtype]) as stack:
+        if stack.wait_until_serving(timeout_s=600) is None:
+            raise RuntimeError("no worker group became ready within 600 s")
         return asyncio.run(_serve(stack.url, settings.prefix, work))
 
 

@@ -27,7 +27,6 @@ import redis
 from broker.cli_common import settings_from_args, setup_logging
 from broker.errors import RequestFailed
 from broker.keys import Keys
-from broker.registry import read_groups
 from broker.settings import Settings
 from producer.client import AsyncClient, Client
 from producer.stack import Stack
@@ -87,7 +86,9 @@ def run(args: argparse.Namespace) -> int:
               "--model /path/to/model.gguf or an HF model directory for meaningful text.)")
     with Stack(settings, model=model, groups=groups, quiet=True) as stack:
         print(f"Redis at {stack.url}")
-        _wait_until_serving(settings, stack.url, timeout_s=600)
+        print("Waiting for the worker group(s) to load the model...", flush=True)
+        waited = stack.wait_until_serving(timeout_s=600)
+        print(f"ready after {waited:.0f}s\n" if waited is not None else "none ready after 600s; sending anyway\n")
         if real:
             _real_model(settings, stack.url, model)
         else:
@@ -95,22 +96,6 @@ def run(args: argparse.Namespace) -> int:
         print("\nStopping (worker groups drain first)...")
     print("Done.")
     return 0
-
-
-def _wait_until_serving(settings: Settings, url: str, *, timeout_s: float) -> None:
-    """Block until some worker group is ready (its model loaded), saying how long it took."""
-    began = time.monotonic()
-    print("Waiting for a worker group to load its model...", flush=True)
-    r = redis.Redis.from_url(url)
-    try:
-        while time.monotonic() - began < timeout_s:
-            if any(g.routable for g in read_groups(r, Keys(settings.prefix), dead_after_s=settings.dead_after_s)):
-                print(f"ready after {time.monotonic() - began:.0f}s\n", flush=True)
-                return
-            time.sleep(0.5)
-    finally:
-        r.close()
-    print(f"no group ready after {timeout_s:.0f}s; sending anyway\n", flush=True)
 
 
 def _real_model(settings: Settings, url: str, model: str) -> None:

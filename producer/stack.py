@@ -20,8 +20,12 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING
 
+import redis
+
 from broker.cli_common import add_metrics, settings_from_args, setup_logging
 from broker.embedded import EmbeddedRedis, announce, die_with_parent, withdraw
+from broker.keys import Keys
+from broker.registry import read_groups
 from broker.settings import Settings
 
 if TYPE_CHECKING:
@@ -74,6 +78,23 @@ class Stack:
         for child in self.children:
             self._spawn(child)
         return self
+
+    def wait_until_serving(self, *, timeout_s: float, poll_s: float = 0.5) -> float | None:
+        """Seconds until some worker group was ready (its model loaded), or None after ``timeout_s``.
+
+        The balancer fails a request that finds no live group for ``no_group_wait_s`` (30 s), which a
+        model's load on a busy machine can exceed: callers that send right after start wait here first."""
+        began = time.monotonic()
+        r = redis.Redis.from_url(self.url)
+        try:
+            while time.monotonic() - began < timeout_s:
+                groups = read_groups(r, Keys(self.settings.prefix), dead_after_s=self.settings.dead_after_s)
+                if any(g.routable for g in groups):
+                    return time.monotonic() - began
+                time.sleep(poll_s)
+        finally:
+            r.close()
+        return None
 
     def _metrics_args(self, offset: int) -> list[str]:
         """The balancer serves metrics on the base port, group i on base + 1 + i (0: each a free port)."""
