@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from broker.settings import Settings
 from gpu_workers.model import packaged
 from producer import demo
+from producer.stack import Stack
 
 
 def _not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -44,3 +46,12 @@ def test_the_installed_wheel_is_served_as_its_gguf_file() -> None:
     assert (model, why) == (str(path), None)
     with Path(model).open("rb") as f:
         assert f.read(4) == b"GGUF"
+
+
+def test_wait_until_serving_sees_a_ready_group_or_gives_up(settings: Settings) -> None:
+    """With no group it returns None at the deadline; with an echo group, the seconds it waited."""
+    with Stack(settings, model="echo", groups=0, quiet=True) as empty:
+        assert empty.wait_until_serving(timeout_s=0.5, poll_s=0.1) is None
+    with Stack(settings, model="echo", groups=1, quiet=True) as stack:
+        waited = stack.wait_until_serving(timeout_s=60, poll_s=0.1)
+        assert waited is not None and 0 <= waited < 60
