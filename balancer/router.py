@@ -3,7 +3,8 @@
 The view: each group's last heartbeat (health, KV utilization, step latency), its queue as last read
 (requests and tokens dispatched and not finished), and what this balancer sent it since that reading.
 Only routable groups (alive, ``ready``) are candidates, so a new group takes work from its first
-heartbeat and a draining or dead one from none; with admission bounds, only those with room.
+heartbeat and a draining or dead one from none; with admission bounds, only those with room; with a
+``model``, only those serving it (balancer.models).
 """
 
 from __future__ import annotations
@@ -57,8 +58,10 @@ class Router:
         return Candidate(group.name, requests=load.requests, tokens=load.tokens,
                          kv_utilization=group.kv_utilization, latency_ewma_ms=group.latency_ewma_ms)
 
-    def routable(self, *, exclude: frozenset[str] = frozenset()) -> list[GroupStatus]:
-        return [g for g in self.groups if g.routable and g.name not in exclude]
+    def routable(self, *, exclude: frozenset[str] = frozenset(), model: str | None = None) -> list[GroupStatus]:
+        """Groups that take work now (of ``model``, when given), but those in ``exclude``."""
+        return [g for g in self.groups
+                if g.routable and g.name not in exclude and (model is None or g.serves(model))]
 
     def has_room(self, group: GroupStatus, cost: int) -> bool:
         load = self.queue_load(group)
@@ -66,14 +69,17 @@ class Router:
                         max_tokens=self.limits.group_tokens)
 
     def pick(self, *, prefix: str | None = None, cost: int = 1, now: float = 0.0,
-             exclude: frozenset[str] = frozenset(), bounded: bool = True) -> GroupStatus | None:
+             exclude: frozenset[str] = frozenset(), bounded: bool = True, model: str | None = None,
+             weights: str | None = None) -> GroupStatus | None:
         """The group for one request (and remember that it served ``prefix``); None when no routable
-        group is left (``bounded``: none with room for ``cost``)."""
+        group is left (``bounded``: none with room for ``cost``). With ``model``, only groups serving
+        it; with ``weights``, groups with that weights fingerprint if any can take it."""
+        groups = self.routable(exclude=exclude, model=model)
+        if weights is not None and any(g.weights == weights for g in groups):
+            groups = [g for g in groups if g.weights == weights]
         candidates: list[Candidate] = []
         by_name: dict[str, GroupStatus] = {}
-        for g in self.groups:
-            if not g.routable or g.name in exclude:
-                continue
+        for g in groups:
             load = self.queue_load(g)
             if bounded and not has_room(load.requests, load.tokens, cost, max_requests=self.limits.group_requests,
                                         max_tokens=self.limits.group_tokens):
@@ -99,9 +105,9 @@ class Router:
         sent[0] += 1
         sent[1] += cost
 
-    def totals(self) -> QueueLoad:
-        """Requests and tokens on all routable groups together."""
-        loads = [self.queue_load(g) for g in self.groups if g.routable]
+    def totals(self, *, model: str | None = None) -> QueueLoad:
+        """Requests and tokens on all routable groups (of ``model``, when given) together."""
+        loads = [self.queue_load(g) for g in self.routable(model=model)]
         return QueueLoad(sum(x.requests for x in loads), sum(x.tokens for x in loads))
 
     def find(self, name: str) -> GroupStatus | None:

@@ -19,7 +19,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import ResponseError
@@ -27,15 +26,20 @@ from redis.exceptions import ResponseError
 from balancer.admission import Limits, request_cost
 from balancer.batching import AdaptiveBatcher
 from balancer.failover import Failover
+from balancer.ingress import IngressReader
+from balancer.models import resolve_model
+from balancer.pending import Final, Waiting, claim_reply
+from balancer.poison import PoisonHandling
+from balancer.reclaim import Reclaimer
 from balancer.router import Router
 from balancer.routing import AffinityTable, RoutingPolicy, prefix_key
 from balancer.telemetry import BalancerTelemetry
+from broker.cancellation import Cancellations
 from broker.connection import TRANSIENT_ERRORS, RedisClock, backoff_delays
+from broker.dead_letter import Attempts, DeadLetters
 from broker.errors import InvalidRequest
 from broker.keys import INGRESS_GROUP, QUEUE_GROUP, Keys
-from broker.logs import request_extra
 from broker.protocol import (
-    GenerationRequest,
     best_effort_reply_to,
     done_event,
     error_event,
@@ -43,9 +47,8 @@ from broker.protocol import (
     parse_request,
 )
 from broker.registry import read_groups, read_queue_loads
-from broker.scripts import Claim, Scripts, claim_result, pack_events
+from broker.scripts import OVERSIZE_FIELD, Scripts, pack_events
 from broker.settings import Settings
-from broker.wire import Batch
 
 log = logging.getLogger(__name__)
 
@@ -55,39 +58,8 @@ FIRST_EPOCH = 1  # the epoch CLAIM_OWNER gives a request nobody claimed before
 DISPATCH_ROUNDS = 3  # a request refused by a full or closed group is routed again, at most this often
 
 
-@dataclass(slots=True)
-class Waiting:
-    """An ingress entry read but not yet dispatched (no group yet, or re-routing)."""
-
-    entry_id: bytes
-    request: GenerationRequest
-    since_ms: float  # when it started waiting (Redis clock)
-    takeover_from: str | None = None
-    takeover_epoch: int = 0
-    # Moved from a failed or draining group: accepted before, so admitted past the queue bounds.
-    moved: bool = False
-    prefix: str | None = None  # affinity key of the prompt's prefix
-    cost: int = 1  # tokens it may occupy (admission.request_cost), once a group is in view
-    claimed: bool = False  # a claim was tried: the next dispatch waits for the claim's answer
-
-
-@dataclass(slots=True)
-class Final:
-    """A final event the balancer itself writes (invalid, cancelled, timed out, overloaded, no group)."""
-
-    entry_id: bytes
-    request_id: str
-    reply_to: str
-    fields: dict[str, str]
-    takeover_from: str | None = None
-    takeover_epoch: int = 0
-
-    def with_progress(self, claim: Claim) -> dict[str, str]:
-        """A cancellation of a request that moved mid-stream reports what its stream carried."""
-        if self.fields.get("finish_reason") != "cancelled" or not claim.output_ids:
-            return self.fields
-        return done_event(self.request_id, text=claim.output_text, token_ids=list(claim.output_ids),
-                          finish_reason="cancelled", prompt_tokens=int(self.fields.get("prompt_tokens", "0")))
+def _of(model: str | None) -> str:
+    return f" of model {model!r}" if model is not None else ""
 
 
 def _raise_transient(results: list[Any]) -> None:
@@ -97,7 +69,7 @@ def _raise_transient(results: list[Any]) -> None:
             raise raw
 
 
-class Balancer:
+class Balancer(IngressReader, PoisonHandling):
     def __init__(
         self,
         redis: Any,
@@ -128,7 +100,7 @@ class Balancer:
         self._sleep = sleep
         self.failover = Failover(redis, self.scripts, self.keys, settings=settings, owner=self.name,
                                  redis_uptime_s=redis_uptime_s or self._redis_uptime_s)
-        self._cancelled: dict[str, float] = {}
+        self._cancelled = Cancellations()  # cancel entries read lately
         self._cancel_cursor = b"0-0"
         self._closed_until: dict[str, float] = {}  # refused work as closed: skipped until then
         self._full_until: dict[str, float] = {}  # refused work as full: no room until then
@@ -136,12 +108,19 @@ class Balancer:
         self._next_claim = 0.0
         self._next_housekeeping = 0.0
         self._next_stats = 0.0
-        self._claim_cursor = "0-0"
+        # Entries one read may return: their bodies fit in balancer_read_bytes (larger ones are stubs).
+        self._read_count = max(1, min(settings.balancer_batch_max,
+                                      settings.balancer_read_bytes // settings.max_request_bytes))
+        self.reclaimer = Reclaimer(redis, self.keys, consumer=self.name, min_idle_ms=settings.claim_idle_ms,
+                                   count=self._read_count)
+        self.attempts = Attempts()  # entries whose handling failed, backing off before the next try
         self._to_ack: list[bytes] = []  # done with, acknowledged with the next read
         self._failed_over: dict[str, int] = {}  # dead group -> heartbeat_ms when its queue was taken over
         self.telemetry = BalancerTelemetry(enabled=settings.metrics_port is not None,
                                            ready_within_s=settings.dead_after_s,
                                            live_within_s=settings.liveness_timeout_s, monotonic=monotonic)
+        self.dead_letters = DeadLetters(redis, self.scripts, self.keys, publisher=PUBLISHER,
+                                        ttl_ms=settings.result_ttl_s * 1000, on_dead=self.telemetry.dead_lettered)
 
     @property
     def batch_sizes(self) -> Counter[int]:
@@ -178,11 +157,12 @@ class Balancer:
                     self._retry(self.setup)
                     continue
                 log.exception("balancer tick failed; retrying")
-                self.stop.wait(next(backoff_delays(self.settings)))
+                self.stop.wait(next(delays := delays or backoff_delays(self.settings)))
             except Exception:
-                # Never die on one bad entry or an unexpected reply: what was not acked is retried.
+                # Never die on an unexpected reply: what was not acked is retried, after a backoff that
+                # grows while the failures go on (per-request failures never get here: _give_up).
                 log.exception("balancer tick failed; retrying")
-                self.stop.wait(next(backoff_delays(self.settings)))
+                self.stop.wait(next(delays := delays or backoff_delays(self.settings)))
         try:
             self.flush_acks()
         except TRANSIENT_ERRORS:
@@ -227,91 +207,35 @@ class Balancer:
             self._next_housekeeping = now + 30.0
             self._housekeeping()
 
-    def _read(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        # Waiting requests are re-checked every tick; block anyway while none of them can be routed
-        # (no live group, or all refused work lately): without it the loop spins on Redis for as long
-        # as requests wait for a group (up to no_group_wait_s, e.g. while workers load a model).
-        now = self._monotonic()
-        can_route = any(g.routable and self._closed_until.get(g.name, 0.0) <= now
-                        for g in self.router.groups)
-        # An idle read still wakes for the next registry refresh: a group's death is noticed within
-        # dead_after_s + groups_refresh_s of its last heartbeat, busy or not.
-        until_refresh_ms = max(1, int((self._next_refresh - now) * 1000))
-        block = None if self.waiting and can_route else min(self.settings.balancer_block_ms, until_refresh_ms)
-        batch = Batch()
-        acks = len(self._to_ack)
-        if acks:
-            batch.xack(self.keys.requests, INGRESS_GROUP, *self._to_ack)
-            batch.xdel(self.keys.requests, *self._to_ack)
-        batch.xreadgroup(INGRESS_GROUP, self.name, {self.keys.requests: ">"},
-                         count=self.settings.balancer_batch_max, block=block)
-        batch.xread({self.keys.cancel: self._cancel_cursor}, count=1000)
-        results = self.scripts.wire.execute(batch)
-        for raw in results:
-            if isinstance(raw, Exception):
-                raise raw
-        *_, fresh, cancels = results
-        del self._to_ack[:acks]
-        now_ms = self.clock.now_ms()
-        for _stream, items in cancels or []:
-            for entry_id, fields in items:
-                self._cancel_cursor = entry_id
-                if fields.get(b"id"):
-                    self._cancelled[fields[b"id"].decode("utf-8", "replace")] = now_ms
-        entries = [e for _s, items in (fresh or []) for e in items]
-        self.batcher.observe(len(entries), self._monotonic())
-        wait = self.batcher.wait_s(len(entries))
-        if wait > 0:
-            # Under load: a moment's wait makes this batch larger (fewer round trips per request).
-            self._sleep(wait)
-            more = self.redis.xreadgroup(INGRESS_GROUP, self.name, {self.keys.requests: ">"},
-                                         count=self.settings.balancer_batch_max - len(entries))
-            entries += [e for _s, items in (more or []) for e in items]
-        self.batcher.record(len(entries))
-        if entries:
-            self.telemetry.read(len(entries))
-        return entries
-
-    def _reclaim(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        """Entries of balancers that died (idle past claim_idle_ms) become ours; ours stay fresh."""
-        if self.waiting:
-            self.redis.xclaim(self.keys.requests, INGRESS_GROUP, self.name, 0, list(self.waiting), justid=True)
-        reply = self.redis.xautoclaim(self.keys.requests, INGRESS_GROUP, self.name,
-                                      self.settings.claim_idle_ms, self._claim_cursor,
-                                      count=self.settings.balancer_batch_max)
-        self._claim_cursor = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
-        claimed = [(eid, fields) for eid, fields in reply[1] if eid not in self.waiting]
-        gone = [eid for eid, fields in claimed if not fields]  # deleted after it was read
-        if gone:
-            self._ack(gone)
-        if len(claimed) > len(gone):
-            self.counts["reclaimed"] += len(claimed) - len(gone)
-            log.info("claimed %d pending requests of stopped balancers", len(claimed) - len(gone))
-        return [(eid, fields) for eid, fields in claimed if fields]
+    def _can_route_waiting(self, now: float) -> bool:
+        """Whether a routable group, not paused, serves the model of some waiting request (any group
+        for one whose model is not resolved yet)."""
+        wanted = {w.request.model if w.model_resolved else None for w in self.waiting.values()}
+        return any(g.routable and self._closed_until.get(g.name, 0.0) <= now
+                   and (None in wanted or any(g.serves(m) for m in wanted if m is not None))
+                   for g in self.router.groups)
 
     def process(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         """Validate new entries, then route everything waiting (in priority order)."""
         now_ms = self.clock.now_ms()
         finals: list[Final] = []
+        admitted: list[Waiting] = []
         for entry_id, fields in entries:
             if entry_id in self.waiting:
                 continue
-            eid = entry_id.decode()
             try:
-                request = parse_request(fields, entry_id=eid, prefix=self.settings.prefix,
-                                        max_request_bytes=self.settings.max_request_bytes,
-                                        default_max_tokens=self.settings.default_max_tokens)
-            except InvalidRequest as exc:
-                rid, reply = best_effort_reply_to(fields, entry_id=eid, prefix=self.settings.prefix)
-                finals.append(Final(entry_id, rid, reply, error_event(rid, exc.code, str(exc))))
-                self.counts["invalid_request"] += 1
-                self.telemetry.finished(rid, finals[-1].fields)
+                final = self._admit(entry_id, fields, now_ms)
+            except Exception as exc:
+                if isinstance(exc, TRANSIENT_ERRORS):
+                    raise
+                rid, reply = best_effort_reply_to(fields, entry_id=entry_id.decode(), prefix=self.settings.prefix)
+                self._give_up(entry_id, rid, reply, exc, fields=fields)
                 continue
-            moved = request.takeover_from is not None
-            self.waiting[entry_id] = Waiting(
-                entry_id, request, now_ms, request.takeover_from, request.takeover_epoch, moved=moved,
-                prefix=prefix_key(request, chars=self.settings.affinity_prefix_chars,
-                                  tokens=self.settings.affinity_prefix_tokens))
+            if final is not None:
+                finals.append(final)
+            elif entry_id in self.waiting:
+                admitted.append(self.waiting[entry_id])
+        finals += self._refuse_duplicates(admitted)
         for _round in range(DISPATCH_ROUNDS):
             assignments, more = self._route(now_ms)
             finals += more
@@ -322,64 +246,117 @@ class Balancer:
             if not refused:
                 return
 
+    def _admit(self, entry_id: bytes, fields: dict[bytes, bytes], now_ms: float) -> Final | None:
+        """Validate one entry: it waits for a group, or gets its final event (returned)."""
+        eid = entry_id.decode()
+        try:
+            if OVERSIZE_FIELD in fields:  # a stub of READ_INGRESS: the body stayed in Redis
+                raise InvalidRequest(f"request is {int(fields[OVERSIZE_FIELD])} bytes, over the limit of "
+                                     f"{self.settings.max_request_bytes} bytes")
+            request = parse_request(fields, entry_id=eid, prefix=self.settings.prefix,
+                                    max_request_bytes=self.settings.max_request_bytes,
+                                    default_max_tokens=self.settings.default_max_tokens)
+        except InvalidRequest as exc:
+            rid, reply = best_effort_reply_to(fields, entry_id=eid, prefix=self.settings.prefix)
+            final = Final(entry_id, rid, reply, error_event(rid, exc.code, str(exc)))
+            self.counts["invalid_request"] += 1
+            self.telemetry.finished(rid, final.fields)
+            return final
+        moved = request.takeover_from is not None
+        self.waiting[entry_id] = Waiting(
+            entry_id, request, now_ms, request.takeover_from, request.takeover_epoch, moved=moved,
+            prefix=prefix_key(request, chars=self.settings.affinity_prefix_chars,
+                              tokens=self.settings.affinity_prefix_tokens))
+        return None
+
     def _route(self, now_ms: float) -> tuple[list[tuple[Waiting, str]], list[Final]]:
-        """A group for every waiting request that can go now, or its final event."""
+        """A group for every waiting request that can go now, or its final event. Each request goes
+        to a group of its model (balancer.models); the admission bounds count each model's groups."""
         assignments: list[tuple[Waiting, str]] = []
         finals: list[Final] = []
         now = self._monotonic()
         closed = frozenset(g for g, until in self._closed_until.items() if until > now)
         full = frozenset(g for g, until in self._full_until.items() if until > now)
-        routable = self.router.routable()
-        max_context = max((g.max_context for g in routable), default=1 << 31)
-        total = self.router.totals()
-        total_requests, total_tokens = total.requests, total.tokens
+        totals: dict[str | None, list[int]] = {}  # model -> [requests, tokens] on its groups, as sent
         held_back = 0  # requests that stay waiting here: bounded like the groups' queues
         for w in sorted(self.waiting.values(), key=lambda w: (w.request.priority, w.request.enqueued_ms)):
-            request, final = w.request, None
-            w.cost = request_cost(request, max_context=max_context)
-            if request.id in self._cancelled:
-                final = done_event(request.id, text="", token_ids=[], finish_reason="cancelled", prompt_tokens=0)
-            elif request.deadline_ms is not None and now_ms >= request.deadline_ms:
-                final = error_event(request.id, "timeout", f"deadline of {request.timeout_s}s passed before dispatch")
-            elif not routable:
-                if now_ms - w.since_ms >= self.settings.no_group_wait_s * 1000:
-                    final = error_event(request.id, "unavailable",
-                                        f"no live worker group for {self.settings.no_group_wait_s}s")
-                elif w.moved or held_back < self.limits.total_requests:
-                    held_back += 1
-                    continue  # stays waiting
-                else:
-                    final = error_event(request.id, "overloaded", f"{held_back} requests wait for a worker group already")
-            elif not w.moved and (total_requests + 1 > self.limits.total_requests
-                                  or total_tokens + w.cost > self.limits.total_tokens):
-                final = error_event(request.id, "overloaded", (
-                    f"the worker groups hold {total_requests} requests and {total_tokens} tokens, at the bounds of "
-                    f"{self.limits.total_requests} and {self.limits.total_tokens}; retry later"))
-            else:
-                group = self.router.pick(prefix=w.prefix, cost=w.cost, now=now,
-                                         exclude=closed if w.moved else closed | full, bounded=not w.moved)
-                if group is None:
-                    if not self.router.routable(exclude=closed) or w.moved:
+            if not self.attempts.ready(w.entry_id, now=now):
+                continue  # failed lately: backing off (see _request_failed)
+            try:
+                request, final = w.request, None
+                model, unroutable = self._model_of(w)
+                routable = self.router.routable(model=model)
+                w.cost = request_cost(request, max_context=max((g.max_context for g in routable), default=1 << 31))
+                if model not in totals:
+                    load = self.router.totals(model=model)
+                    totals[model] = [load.requests, load.tokens]
+                total = totals[model]
+                if self._cancelled.matches(request.id, request.cancel_token):
+                    final = done_event(request.id, text="", token_ids=[], finish_reason="cancelled", prompt_tokens=0)
+                elif request.deadline_ms is not None and now_ms >= request.deadline_ms:
+                    final = error_event(request.id, "timeout", f"deadline of {request.timeout_s}s passed before dispatch")
+                elif unroutable is not None:
+                    final = unroutable
+                elif not routable:
+                    if now_ms - w.since_ms >= self.settings.no_group_wait_s * 1000:
+                        final = error_event(request.id, "unavailable", f"no live worker group{_of(model)} for "
+                                                                       f"{self.settings.no_group_wait_s}s")
+                    elif w.moved or held_back < self.limits.total_requests:
                         held_back += 1
-                        continue  # every group refused work lately: try again next tick
+                        continue  # stays waiting
+                    else:
+                        final = error_event(request.id, "overloaded", f"{held_back} requests wait for a worker group already")
+                elif not w.moved and (total[0] + 1 > self.limits.total_requests
+                                      or total[1] + w.cost > self.limits.total_tokens):
                     final = error_event(request.id, "overloaded", (
-                        f"every worker group is at its queue bound ({self.limits.group_requests} requests, "
-                        f"{self.limits.group_tokens} tokens); retry later"))
-                elif request.prompt_ids is not None and (problem := limit_problem(
-                        request.prompt_ids, request.sampling.max_tokens,
-                        vocab_size=group.vocab_size, max_context=group.max_context)):
-                    final = error_event(request.id, "invalid_request", problem)
+                        f"the worker groups{_of(model)} hold {total[0]} requests and {total[1]} tokens, at the bounds "
+                        f"of {self.limits.total_requests} and {self.limits.total_tokens}; retry later"))
                 else:
-                    self.router.sent(group.name, w.cost)
-                    total_requests += 1
-                    total_tokens += w.cost
-                    assignments.append((w, group.name))
-                    continue
+                    group = self.router.pick(prefix=w.prefix, cost=w.cost, now=now,
+                                             exclude=closed if w.moved else closed | full, bounded=not w.moved,
+                                             model=model, weights=request.weights if w.moved else None)
+                    if group is None:
+                        if not self.router.routable(exclude=closed, model=model) or w.moved:
+                            held_back += 1
+                            continue  # every group refused work lately: try again next tick
+                        final = error_event(request.id, "overloaded", (
+                            f"every worker group{_of(model)} is at its queue bound ({self.limits.group_requests} "
+                            f"requests, {self.limits.group_tokens} tokens); retry later"))
+                    elif request.prompt_ids is not None and (problem := limit_problem(
+                            request.prompt_ids, request.sampling.max_tokens,
+                            vocab_size=group.vocab_size, max_context=group.max_context)):
+                        final = error_event(request.id, "invalid_request", problem)
+                    else:
+                        self.router.sent(group.name, w.cost)
+                        total[0] += 1
+                        total[1] += w.cost
+                        assignments.append((w, group.name))
+                        continue
+            except Exception as exc:
+                if isinstance(exc, TRANSIENT_ERRORS):
+                    raise
+                self._give_up(w.entry_id, w.request.id, w.request.reply_to, exc)
+                continue
             del self.waiting[w.entry_id]
             self.counts[final["code"] if final["event"] == "error" else "cancelled"] += 1
             self.telemetry.finished(request.id, final)
             finals.append(Final(w.entry_id, request.id, request.reply_to, final, w.takeover_from, w.takeover_epoch))
         return assignments, finals
+
+    def _model_of(self, w: Waiting) -> tuple[str | None, dict[str, str] | None]:
+        """The served model ``w`` goes to (then set on its request, so that it stays on that model
+        when it moves), None while no group is registered; or the error event when there is none."""
+        if w.model_resolved:
+            return w.request.model, None
+        try:
+            model = resolve_model(w.request.model, self.router.groups, default=self.settings.default_model)
+        except InvalidRequest as exc:
+            return None, error_event(w.request.id, exc.code, str(exc))
+        if model is not None:
+            w.model_resolved = True
+            if model != w.request.model:
+                w.request = w.request.model_copy(update={"model": model})
+        return model, None
 
     def _dispatch(self, assignments: list[tuple[Waiting, str]], finals: list[Final]) -> bool:
         """Claim, then queue or publish. True when some group refused (full or closed): route again.
@@ -396,12 +373,13 @@ class Balancer:
         # Phase 1: pin each request to its group (or learn where it is pinned already).
         def claim(pipe: Any) -> None:
             for (w, group), first in zip(assignments, eager):
-                self.scripts.claim_owner(keys=list(self.keys.progress(w.request.reply_to, w.request.id)),
+                self.scripts.claim_owner(keys=[*self.keys.progress(w.request.reply_to, w.request.id),
+                                               w.request.reply_to],
                                          args=[group, ttl_ms, w.takeover_from or "", w.takeover_epoch], client=pipe)
                 if first:
                     self._queue(pipe, w, group, FIRST_EPOCH)
             for f in finals:
-                self.scripts.claim_owner(keys=list(self.keys.progress(f.reply_to, f.request_id)),
+                self.scripts.claim_owner(keys=[*self.keys.progress(f.reply_to, f.request_id), f.reply_to],
                                          args=[PUBLISHER, ttl_ms, f.takeover_from or "", f.takeover_epoch],
                                          client=pipe)
 
@@ -418,15 +396,15 @@ class Balancer:
             raw = next(replies)
             queued = next(replies) if first else None
             w.claimed = True
-            got = None if isinstance(raw, Exception) else claim_result(raw)
+            got, problem = claim_reply(raw)
             if first:
                 if got is not None and not got.finished and (got.owner, got.epoch) == (candidate, FIRST_EPOCH):
                     refused |= self._queued(w, candidate, FIRST_EPOCH, queued, acks)
                     continue
                 retract.append((candidate, queued))
             if got is None:
-                log.error("request %s: cannot claim: %s; will retry", w.request.id, raw,
-                          extra=request_extra(w.request.id))
+                # CLAIM_OWNER touches only keys of the reply stream's: its error is about them
+                self._request_failed(w, problem, reply_to_failed=True)
                 continue
             if got.finished:
                 acks.append(w.entry_id)
@@ -443,13 +421,12 @@ class Balancer:
             sent.append((w, got.owner, got.epoch))
         published: list[tuple[Final, int, dict[str, str]]] = []
         for f in finals:
-            raw = next(replies)
-            if isinstance(raw, Exception):
-                log.error("request %s: cannot claim: %s", f.request_id, raw, extra=request_extra(f.request_id))
-            else:
-                got = claim_result(raw)
-                if not got.finished and got.owner == PUBLISHER:
-                    published.append((f, got.epoch, f.with_progress(got)))
+            got, problem = claim_reply(next(replies))
+            if got is None:
+                self._give_up(f.entry_id, f.request_id, f.reply_to, problem, reply_to_failed=True)
+                continue
+            if not got.finished and got.owner == PUBLISHER:
+                published.append((f, got.epoch, f.with_progress(got)))
             acks.append(f.entry_id)  # finished, owned by a group, or published now
 
         def dispatch(pipe: Any) -> None:
@@ -471,8 +448,7 @@ class Balancer:
             refused |= self._queued(w, group, epoch, raw, acks)
         for (f, _epoch, _fields), raw in zip(published, results[len(sent):]):
             if isinstance(raw, Exception):
-                log.error("request %s: cannot publish to %r: %s", f.request_id, f.reply_to, raw,
-                          extra=request_extra(f.request_id))
+                self._give_up(f.entry_id, f.request_id, f.reply_to, raw, reply_to_failed=True)
         self._ack(acks)
         return refused
 
@@ -482,15 +458,24 @@ class Balancer:
         self.scripts.dispatch(
             keys=[self.keys.group_queue(group), self.keys.dispatch_marker(group, w.request.id, epoch),
                   self.keys.group_accepting(group), self.keys.group_queue_tokens(group)],
-            args=[w.request.to_wire(), epoch, self.settings.result_ttl_s * 1000, w.cost,
+            args=[self._wire(w, group), epoch, self.settings.result_ttl_s * 1000, w.cost,
                   self.limits.group_requests if bounded else 0, self.limits.group_tokens if bounded else 0],
             client=pipe)
 
+    def _wire(self, w: Waiting, group: str) -> bytes:
+        """``w``'s request as queued for ``group``: stamped with the group's weights fingerprint, unless
+        it carries tokens already, which keep the stamp of the weights that made them."""
+        if not w.request.output_ids:
+            target = self.router.find(group)
+            weights = target.weights or None if target is not None else None
+            if weights != w.request.weights:
+                w.request = w.request.model_copy(update={"weights": weights})
+        return w.request.to_wire()
+
     def _queued(self, w: Waiting, group: str, epoch: int, raw: Any, acks: list[bytes]) -> bool:
         """Take in a DISPATCH reply; True when the group refused (full or closed): route again."""
-        if isinstance(raw, Exception):
-            log.error("request %s: cannot dispatch to %s: %s; will retry", w.request.id, group, raw,
-                      extra=request_extra(w.request.id))
+        if isinstance(raw, Exception) or not isinstance(raw, list) or not raw:
+            self._request_failed(w, raw if isinstance(raw, Exception) else TypeError(f"DISPATCH replied {raw!r:.80}"))
             return False
         if raw[0] in (b"closed", b"full"):
             # draining or failed over, or at its bound: route elsewhere, taking the request over
@@ -510,6 +495,8 @@ class Balancer:
         Until then they stay pending; should this balancer die first, re-processing them is harmless.
         """
         self._to_ack.extend(entry_ids)
+        for entry_id in entry_ids:
+            self.attempts.forget(entry_id)
 
     def flush_acks(self) -> None:
         if self._to_ack:
@@ -575,7 +562,7 @@ class Balancer:
         """Forget old cancellations; trim the cancel stream; drop long-gone balancer consumers."""
         now_ms = self.clock.now_ms()
         horizon = now_ms - 600_000
-        self._cancelled = {k: v for k, v in self._cancelled.items() if v >= horizon}
+        self._cancelled.prune(now_ms)
         self.redis.xtrim(self.keys.cancel, minid=f"{int(horizon)}-0", approximate=True)
         for consumer in self.redis.xinfo_consumers(self.keys.requests, INGRESS_GROUP):
             if consumer["pending"] == 0 and consumer["idle"] > 3_600_000 and consumer["name"] != self.name.encode():

@@ -47,6 +47,9 @@ class BalancerTelemetry:
         self.failover_requests = Counter(
             "balancer_failover_requests", "Requests moved back to the ingress stream by failovers.",
             namespace=ns, registry=reg)
+        self.dead_letters = Counter(
+            "dead_letters", "Entries given up after bounded attempts: moved to the {p}:dead stream.",
+            namespace=ns, registry=reg)
         self.batch_size = Histogram(
             "balancer_batch_size", "Ingress entries per read (up to balancer_batch_max).",
             namespace=ns, registry=reg, buckets=BATCH_BUCKETS)
@@ -89,6 +92,11 @@ class BalancerTelemetry:
             log.debug("request ended by the balancer: %s%s", outcome,
                       f": {event['message']}" if "message" in event else "",
                       extra=request_extra(request_id, outcome=outcome))
+
+    def dead_lettered(self) -> None:
+        """An entry went to the dead-letter stream (broker.dead_letter)."""
+        if self.enabled:
+            self.dead_letters.inc()
 
     def failed_over(self, group: str, moved: int) -> None:
         if self.enabled:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -48,6 +49,17 @@ def resolve_url(settings: Settings, *, wait_s: float = 0.0) -> str:
                 "or start the embedded one with `ryzanstein up` or `ryzanstein broker`"
             )
         time.sleep(0.1)
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password shown as ``***``, for logs and terminals (never print a secret).
+
+    ``redis://user:secret@host:6379/0`` -> ``redis://user:***@host:6379/0``; a URL without a password
+    is returned as it is. Works for every scheme accepted (``rediss://``, ``unix://``, ``redis+cluster://``
+    with several hosts); a ``password=`` query option is masked too.
+    """
+    masked = re.sub(r"^([a-z+]+://[^/@:]*:)[^@/]*@", r"\1***@", url, flags=re.IGNORECASE)
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", masked, flags=re.IGNORECASE)
 
 
 def _kwargs(settings: Settings) -> dict[str, object]:

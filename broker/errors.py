@@ -15,6 +15,12 @@ class InvalidRequest(RyzansteinError):
     code = "invalid_request"
 
 
+class ModelNotFound(InvalidRequest):
+    """The request names a model that no registered worker group serves."""
+
+    code = "model_not_found"
+
+
 class Overloaded(RyzansteinError):
     code = "overloaded"
 
@@ -37,6 +43,14 @@ class RequestFailed(RyzansteinError):
         self.request_id = request_id
         self.code = code
         self.message = message
+
+
+class ResultExpired(RequestFailed):
+    """Raised by clients reading a request that has no result any more: it expired (results last
+    ``result_ttl_s``), or the id was never handled. Code ``expired``."""
+
+    def __init__(self, request_id: str, message: str) -> None:
+        super().__init__(request_id, "expired", message)
 
 
 class ConfigError(RyzansteinError):

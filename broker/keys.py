@@ -17,14 +17,18 @@ Key schema (``p`` is the prefix, ``ryz`` by default):
 | ``{<reply>}:gentext:<id>`` | string | text published so far: the joined token deltas (until the final event) |
 | ``p:groups`` | zset | registered groups, scored by last heartbeat (ms, Redis clock) |
 | ``{p:groups}:info:<name>`` | hash | a group's heartbeat: load, limits, identity |
+| ``{p:groups}:template:<sha256>`` | string | a chat template's source, under its digest (broker.chat) |
 | ``{p:g:<name>}:queue`` | stream | a group's work queue; consumer group ``group`` |
 | ``{p:g:<name>}:tokens`` | string | tokens (prompt + max_tokens) of the entries in the group's queue |
 | ``{p:g:<name>}:accepting`` | string | present while the group takes new work |
 | ``{p:g:<name>}:seen:<id>:<epoch>`` | string | dispatch marker: makes routing idempotent |
 | ``{p:g:<name>}:failover`` | string | lock held by the balancer failing a dead group over |
+| ``p:id:<id>`` | string | the ingress entry that used request id ``<id>`` first, and its reply stream |
+| ``p:dead`` | stream | dead letters: entries that could not be handled, with the reason |
 | ``p:balancers`` | zset | balancers, scored by their last stats write (ms) |
 | ``p:balancer:<name>`` | hash | a balancer's stats: batch-size histogram, counts, failovers |
 | ``p:client:<uuid>`` | stream | shared reply stream of one client instance |
+| ``p:t:<tenant>:...`` | stream | reply streams of a tenant's clients (``result:<id>``, ``client:<uuid>``) |
 | ``p:batch:<job>:replies`` | stream | reply stream of the requests of one batch job |
 
 RQ keeps batch jobs under its own ``rq:`` keys; the name of their queue (``p:batch``) is built here.
@@ -34,10 +38,13 @@ from __future__ import annotations
 
 import binascii
 import itertools
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
 INGRESS_GROUP = "balancers"
+# The suffixes of a request's state keys (Keys.state, generated, generated_text): see companion.
+_COMPANION = re.compile(r":(state|gen|gentext):")
 QUEUE_GROUP = "group"
 CLUSTER_SLOTS = 16384
 
@@ -127,6 +134,10 @@ class Keys:
     def group_info(self, name: str) -> str:
         return companion(self.groups, f"info:{name}")
 
+    def chat_template(self, digest: str) -> str:
+        """A chat template's Jinja source, under its SHA-256 (broker.chat)."""
+        return companion(self.groups, f"template:{digest}")
+
     def group_queue(self, name: str) -> str:
         return f"{{{self.prefix}:g:{name}}}:queue"
 
@@ -142,6 +153,15 @@ class Keys:
     def dispatch_marker(self, group: str, request_id: str, epoch: int) -> str:
         return f"{{{self.prefix}:g:{group}}}:seen:{request_id}:{epoch}"
 
+    def request_id(self, request_id: str) -> str:
+        """Who holds a request id: the ingress entry that used it first, and its reply stream."""
+        return f"{self.prefix}:id:{request_id}"
+
+    @property
+    def dead(self) -> str:
+        """Dead letters: entries given up after bounded attempts (broker.dead_letter)."""
+        return f"{self.prefix}:dead"
+
     @property
     def balancers(self) -> str:
         return f"{self.prefix}:balancers"
@@ -151,11 +171,38 @@ class Keys:
 
     def is_internal(self, key: str) -> bool:
         """Whether ``key`` is one of ryzanstein's own keys (never a valid ``reply_to``)."""
-        own = (self.requests, self.cancel, self.groups, self.balancers)
+        own = (self.requests, self.cancel, self.groups, self.balancers, self.dead)
         return key in own or key.startswith((f"{{{self.groups}}}:", f"{{{self.prefix}:g:",
-                                             f"{self.prefix}:balancer:"))
+                                             f"{self.prefix}:balancer:", f"{self.prefix}:id:"))
 
-    def client_replies(self, client_id: str) -> str:
+    def reply_to_problem(self, key: str, request_id: str) -> str | None:
+        """Why ``key`` may not be the reply stream of request ``request_id``; None when it may.
+
+        Never one of the pipeline's own keys (``is_internal``), never the state of a request (a
+        companion: ``state``, ``generated``, ``generated_text``, under anyone's reply stream), never
+        the default result stream of another request, nor RQ's keys (batch jobs). Any other stream
+        name (or a key that does not exist yet) is the client's to choose.
+        """
+        if self.is_internal(key) or key.startswith("rq:"):
+            return "must not be one of ryzanstein's own keys"
+        if hash_tag(key) is not None and _COMPANION.search(key):
+            return "must not be the state of a request"
+        results = f"{self.prefix}:result:"
+        if key.startswith(results) and key != self.result(request_id):
+            return f"must not be another request's result stream (only {self.result(request_id)!r} under {results!r})"
+        return None
+
+    def tenant_space(self, tenant: str) -> str:
+        """The key prefix of one tenant's reply streams: its Redis user may read nothing else."""
+        return f"{self.prefix}:t:{tenant}:"
+
+    def reply_stream(self, request_id: str, *, tenant: str | None = None) -> str:
+        """Where a client's request replies by default: its own result stream, in its tenant's space."""
+        return self.result(request_id) if tenant is None else f"{self.tenant_space(tenant)}result:{request_id}"
+
+    def client_replies(self, client_id: str, *, tenant: str | None = None) -> str:
+        if tenant is not None:
+            return f"{self.tenant_space(tenant)}client:{client_id}"
         return f"{self.prefix}:client:{client_id}"
 
     @property

@@ -19,10 +19,14 @@ from broker.errors import InvalidRequest
 from broker.keys import Keys
 
 ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+# A served model name: a directory's last component, a hub id ("org/name"), an alias; no spaces.
+MODEL_NAME_RE = re.compile(r"[A-Za-z0-9_.:/@+=-]{1,256}")
 FinishReason = Literal["stop", "length", "cancelled"]
 INT64_MIN, UINT64_MAX = -(1 << 63), (1 << 64) - 1
 MAX_STOP_STRINGS = 16
+MAX_STOP_TOKEN_IDS = 64
 MAX_KEY_BYTES = 512
+MAX_TOKEN_BYTES = 256
 
 
 class SamplingParams(BaseModel):
@@ -36,6 +40,7 @@ class SamplingParams(BaseModel):
     top_k: int = Field(default=0, ge=0, le=1 << 31)
     seed: int | None = Field(default=None, ge=INT64_MIN, le=UINT64_MAX)
     stop: tuple[str, ...] = Field(default=(), max_length=MAX_STOP_STRINGS)
+    stop_token_ids: tuple[int, ...] = Field(default=(), max_length=MAX_STOP_TOKEN_IDS)  # end on any of them
 
 
 class GenerationRequest(BaseModel):
@@ -51,6 +56,10 @@ class GenerationRequest(BaseModel):
     priority: int = Field(default=0, ge=INT64_MIN, le=(1 << 63) - 1)
     timeout_s: float | None = Field(default=None, gt=0.0)
     reply_to: str
+    # A secret of the client's: only a cancel entry that carries it ends the request (broker.cancellation).
+    cancel_token: str | None = Field(default=None, repr=False)
+    # The served model name asked for; the balancer sets the one it routed to before dispatch.
+    model: str | None = Field(default=None, pattern=f"^{MODEL_NAME_RE.pattern}$")
     # Milliseconds on the Redis clock when the request first entered the ingress stream.
     enqueued_ms: int = 0
     # Set when a group hands the request back (draining) or is failed over: the balancer takes the
@@ -60,6 +69,9 @@ class GenerationRequest(BaseModel):
     # Set by the balancer when it dispatches a request taken over mid-generation: the token ids
     # already published, which the new group continues after (never on the ingress stream).
     output_ids: tuple[int, ...] = ()
+    # Fingerprint of the weights that generated ``output_ids`` (set by the balancer at dispatch): a
+    # group with other weights refuses to continue such a request (no answer mixes two versions).
+    weights: str | None = None
 
     @property
     def deadline_ms(self) -> float | None:
@@ -77,21 +89,27 @@ class GenerationRequest(BaseModel):
             "id": self.id,
             "prompt": self.prompt,
             "prompt_ids": list(self.prompt_ids) if self.prompt_ids is not None else None,
-            **self.sampling.model_dump(exclude={"stop"}),
+            **self.sampling.model_dump(exclude={"stop", "stop_token_ids"}),
             "stop": list(self.sampling.stop),
+            "stop_token_ids": list(self.sampling.stop_token_ids) or None,
+            "model": self.model,
             "stream": self.stream,
             "priority": self.priority,
             "timeout_s": self.timeout_s,
             "reply_to": self.reply_to,
+            "cancel_token": self.cancel_token,
             "_enqueued_ms": self.enqueued_ms,
             "_takeover": [from_owner, epoch],
+            "_weights": self.weights,
         }
         return {"payload": msgpack.packb({k: v for k, v in payload.items() if v is not None}, use_bin_type=True)}
 
     @classmethod
     def from_wire(cls, data: bytes) -> GenerationRequest:
         raw = msgpack.unpackb(data, raw=False)
-        raw["sampling"] = SamplingParams(**{**raw["sampling"], "stop": tuple(raw["sampling"]["stop"])})
+        sampling = raw["sampling"]
+        raw["sampling"] = SamplingParams(**{**sampling, "stop": tuple(sampling["stop"]),
+                                            "stop_token_ids": tuple(sampling.get("stop_token_ids", ()))})
         for name in ("prompt_ids", "output_ids"):
             if raw.get(name) is not None:
                 raw[name] = tuple(raw[name])
@@ -172,16 +190,30 @@ def _json_list(name: str, value: Any) -> list[Any]:
     return parsed
 
 
-def _token_ids(value: Any) -> tuple[int, ...]:
-    items = _json_list("prompt_ids", value)
-    if not items:
-        raise InvalidRequest("field 'prompt_ids': must not be empty")
+def _token_ids(value: Any, name: str = "prompt_ids", *, empty_ok: bool = False) -> tuple[int, ...]:
+    items = _json_list(name, value)
+    if not items and not empty_ok:
+        raise InvalidRequest(f"field '{name}': must not be empty")
     for item in items:
         if isinstance(item, bool) or not isinstance(item, int):
-            raise InvalidRequest(f"field 'prompt_ids': every item must be an integer, got {item!r:.40}")
+            raise InvalidRequest(f"field '{name}': every item must be an integer, got {item!r:.40}")
         if item < 0 or item > UINT64_MAX:
-            raise InvalidRequest(f"field 'prompt_ids': token id {item} is out of range")
+            raise InvalidRequest(f"field '{name}': token id {item} is out of range")
     return tuple(items)
+
+
+def _stop_token_ids(value: Any) -> tuple[int, ...]:
+    ids = _token_ids(value, "stop_token_ids", empty_ok=True)
+    if len(ids) > MAX_STOP_TOKEN_IDS:
+        raise InvalidRequest(f"field 'stop_token_ids': at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}")
+    return ids
+
+
+def _model(value: Any) -> str:
+    name = _text("model", value)
+    if not MODEL_NAME_RE.fullmatch(name):
+        raise InvalidRequest(f"field 'model': must be 1-256 characters of [A-Za-z0-9_.:/@+=-], got {_show(name)}")
+    return name
 
 
 def _stop(value: Any) -> tuple[str, ...]:
@@ -280,14 +312,22 @@ def _parse(
         sampling["seed"] = _int("seed", raw["seed"])
     if raw.get("stop") is not None:
         sampling["stop"] = _stop(raw["stop"])
+    if raw.get("stop_token_ids") is not None:
+        sampling["stop_token_ids"] = _stop_token_ids(raw["stop_token_ids"])
 
     reply_to = f"{prefix}:result:{request_id}"
     if raw.get("reply_to") is not None:
         reply_to = _text("reply_to", raw["reply_to"])
         if not reply_to or len(reply_to.encode()) > MAX_KEY_BYTES:
             raise InvalidRequest(f"field 'reply_to': must be a key name of 1-{MAX_KEY_BYTES} bytes")
-        if Keys(prefix).is_internal(reply_to):
-            raise InvalidRequest("field 'reply_to': must not be one of ryzanstein's own keys")
+        if problem := Keys(prefix).reply_to_problem(reply_to, request_id):
+            raise InvalidRequest(f"field 'reply_to': {problem}")
+
+    cancel_token = None
+    if raw.get("cancel_token") is not None:
+        cancel_token = _text("cancel_token", raw["cancel_token"])
+        if not 1 <= len(cancel_token.encode()) <= MAX_TOKEN_BYTES:
+            raise InvalidRequest(f"field 'cancel_token': must be 1-{MAX_TOKEN_BYTES} bytes")
 
     enqueued_ms = entry_ms(entry_id)
     takeover_from, takeover_epoch = None, 0
@@ -297,6 +337,7 @@ def _parse(
     takeover = raw.get("_takeover")
     if isinstance(takeover, (list, tuple)) and len(takeover) == 2 and isinstance(takeover[1], int):
         takeover_from, takeover_epoch = _text("_takeover", takeover[0]), takeover[1]
+    weights = _text("_weights", raw["_weights"]) if isinstance(raw.get("_weights"), (bytes, str)) else None
 
     return GenerationRequest(
         id=request_id,
@@ -307,9 +348,12 @@ def _parse(
         priority=_int("priority", raw["priority"]) if raw.get("priority") is not None else 0,
         timeout_s=_float("timeout_s", raw["timeout_s"]) if raw.get("timeout_s") is not None else None,
         reply_to=reply_to,
+        cancel_token=cancel_token,
+        model=_model(raw["model"]) if raw.get("model") is not None else None,
         enqueued_ms=enqueued_ms,
         takeover_from=takeover_from,
         takeover_epoch=takeover_epoch,
+        weights=weights,
     )
 
 
@@ -342,7 +386,7 @@ def best_effort_reply_to(fields: dict[Any, Any], *, entry_id: str, prefix: str) 
     value = raw.get("reply_to")
     if isinstance(value, (bytes, str)):
         text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-        if 0 < len(text.encode()) <= MAX_KEY_BYTES and not Keys(prefix).is_internal(text):
+        if 0 < len(text.encode()) <= MAX_KEY_BYTES and Keys(prefix).reply_to_problem(text, request_id) is None:
             reply_to = text
     return request_id, reply_to
 

@@ -14,7 +14,7 @@ _INT_FIELDS = ("tp", "kv_capacity_tokens", "kv_used_tokens", "running", "waiting
 # Load fields added later: a heartbeat from an older group may lack them (they read as 0).
 _OPTIONAL_INT_FIELDS = ("queued_tokens", "running_tokens", "fenced")
 _OPTIONAL_FLOAT_FIELDS = ("tokens_per_s", "kv_utilization", "latency_ewma_ms")
-_LIST_FIELDS = ("rank_weight_bytes", "rank_kv_bytes")  # JSON arrays of ints in the hash
+_LIST_FIELDS = ("rank_weight_bytes", "rank_kv_bytes", "eos_token_ids")  # JSON arrays of ints in the hash
 
 
 @dataclass(slots=True)
@@ -48,6 +48,23 @@ class GroupLoad:
     # What each of the ``tp`` ranks holds, in rank order: its weights and its KV cache (its heads).
     rank_weight_bytes: list[int] = field(default_factory=list)
     rank_kv_bytes: list[int] = field(default_factory=list)
+    # The names requests reach this group's model by (``model``), the first one canonical; and a
+    # fingerprint of its weights, which tells two versions served under one name apart.
+    served_models: list[str] = field(default_factory=list)
+    weights: str = ""
+    # What clients need to render chat and end turns with no model files (broker.chat): the SHA-256
+    # of the chat template ("" when the model has none), its special tokens' texts, the EOS ids.
+    chat_template: str = ""
+    bos_token: str = ""
+    eos_token: str = ""
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.served_models:  # a group without names serves its model under its spec
+            self.served_models = [self.model]
+
+    def serves(self, model: str) -> bool:
+        return model in self.served_models
 
     def to_fields(self) -> list[str]:
         return [x for k, v in asdict(self).items() for x in (k, _field_text(v))]
@@ -90,6 +107,11 @@ def parse_group(info: dict[bytes, bytes], *, now_ms: float, dead_after_s: float)
         values["metrics_port"] = int(values["metrics_port"]) if values.get("metrics_port") else None
         for name in _LIST_FIELDS:  # absent in heartbeats of older groups
             values[name] = [int(n) for n in json.loads(values.get(name) or "[]")]
+        # absent in heartbeats of older groups: they serve their model under its spec
+        served = json.loads(values.get("served_models") or "[]") or [values["model"]]
+        if not all(isinstance(n, str) for n in served):
+            raise ValueError("served_models")
+        values["served_models"] = served
         values.pop("alive", None)
         values.pop("heartbeat_age_s", None)
         status = GroupStatus(**values)
@@ -100,6 +122,11 @@ def parse_group(info: dict[bytes, bytes], *, now_ms: float, dead_after_s: float)
     return status
 
 
+def served_names(groups: list[GroupStatus] | tuple[GroupStatus, ...]) -> list[str]:
+    """Every name the groups serve (their ``served_models``), each once, sorted."""
+    return sorted({name for g in groups for name in g.served_models})
+
+
 def read_groups(redis: Any, keys: Keys, *, dead_after_s: float) -> list[GroupStatus]:
     """Every registered group, alive or not, with ages on the Redis clock."""
     names = [n.decode() for n in redis.zrange(keys.groups, 0, -1)]
@@ -108,6 +135,16 @@ def read_groups(redis: Any, keys: Keys, *, dead_after_s: float) -> list[GroupSta
     for name in names:
         pipe.hgetall(keys.group_info(name))
     return groups_from_reply(pipe.execute(), dead_after_s=dead_after_s)
+
+
+async def read_groups_async(redis: Any, keys: Keys, *, dead_after_s: float) -> list[GroupStatus]:
+    """``read_groups`` on an asyncio Redis client."""
+    names = [n.decode() for n in await redis.zrange(keys.groups, 0, -1)]
+    pipe = redis.pipeline(transaction=False)
+    pipe.time()
+    for name in names:
+        pipe.hgetall(keys.group_info(name))
+    return groups_from_reply(await pipe.execute(), dead_after_s=dead_after_s)
 
 
 def groups_from_reply(reply: list[Any], *, dead_after_s: float) -> list[GroupStatus]:

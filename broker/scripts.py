@@ -34,6 +34,7 @@ CLAIM_OWNER = """
 -- ARGV[1] = group the caller would route to
 -- ARGV[2] = state TTL, ms
 -- ARGV[3] = (optional) owner the request is taken over from; '' or absent for none
+-- KEYS[4] = (optional) the request's reply stream: an existing key of another type is an error
 -- ARGV[4] = (optional) that owner's epoch: the takeover happens only if both still match
 -- Returns {owner, epoch, finished, ids, text}: an existing owner wins over ARGV[1] (unless taken
 -- over); finished is 1 when the request already has its final event (nothing left to dispatch).
@@ -41,6 +42,12 @@ CLAIM_OWNER = """
 -- continues from them. Read here, in the step that fences the previous owner, they cannot change
 -- any more except through the owner returned.
 -- Every (re)assignment bumps the epoch, which fences the previous owner's publishes.
+if KEYS[4] then
+  local t = redis.call('TYPE', KEYS[4])['ok']
+  if t ~= 'none' and t ~= 'stream' then
+    return redis.error_reply('WRONGTYPE the reply stream is a ' .. t .. ', not a stream')
+  end
+end
 local s = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'final')
 if s[3] then return {s[1] or '', tonumber(s[2] or '0'), 1, '', ''} end
 -- Only an owner publishes tokens: without one there is nothing to read.
@@ -184,6 +191,51 @@ end
 return {status, nxt}
 """
 
+READ_INGRESS = """
+-- Read new ingress entries for a balancer (XREADGROUP, never blocking), returning entries over the
+-- size limit as stubs: the balancer refuses them without holding their bodies in its memory.
+-- KEYS[1] = the ingress stream
+-- ARGV[1] = consumer group
+-- ARGV[2] = consumer
+-- ARGV[3] = most entries to read
+-- ARGV[4] = largest entry returned whole, bytes (field names and values summed)
+-- Returns {{id, {field, value, ...}}, ...}; a stub is {id, {OVERSIZE_FIELD, size, [id, v], [reply_to, v]}}
+-- (its id and reply_to only when they are short).
+local got = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS', KEYS[1], '>')
+if not got then return {} end
+local limit = tonumber(ARGV[4])
+local out = {}
+for _, e in ipairs(got[1][2]) do
+  local f, size = e[2], 0
+  for i = 1, #f do size = size + #f[i] end
+  if size > limit then
+    local stub = {'__ryz_oversize', tostring(size)}
+    for i = 1, #f - 1, 2 do
+      if (f[i] == 'id' or f[i] == 'reply_to') and #f[i + 1] <= 512 then
+        stub[#stub + 1] = f[i]
+        stub[#stub + 1] = f[i + 1]
+      end
+    end
+    out[#out + 1] = {e[1], stub}
+  else
+    out[#out + 1] = e
+  end
+end
+return out
+"""
+
+OVERSIZE_FIELD = b"__ryz_oversize"  # in READ_INGRESS's stub of an entry over the size limit: its size
+
+
+def ingress_entries(raw: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """READ_INGRESS's reply as (entry id, fields) pairs, like redis-py's XREADGROUP entries."""
+    out = []
+    for entry_id, flat in raw or []:
+        it = iter(flat or [])
+        out.append((entry_id, dict(zip(it, it))))
+    return out
+
+
 HEARTBEAT = """
 -- Record a group's heartbeat, stamped with the Redis server's clock (no skew between hosts).
 -- KEYS[1] = group registry zset
@@ -270,7 +322,8 @@ class Scripts:
         self.heartbeat = Script(redis, HEARTBEAT)
         self.ack = Script(redis, ACK)
         self.retire_queue = Script(redis, RETIRE_QUEUE)
-        self._sources = (CLAIM_OWNER, DISPATCH, PUBLISH, HEARTBEAT, ACK, RETIRE_QUEUE)
+        self.read_ingress = Script(redis, READ_INGRESS)
+        self._sources = (CLAIM_OWNER, DISPATCH, PUBLISH, HEARTBEAT, ACK, RETIRE_QUEUE, READ_INGRESS)
 
     def load(self) -> None:
         """Make sure Redis has every script (a restarted or flushed server has none)."""

@@ -20,6 +20,9 @@ class Settings(BaseSettings):
         default=None, description="Redis URL; unset means the embedded broker (see broker.embedded)."
     )
     prefix: str = Field(default="ryz", description="Prefix of every key name ryzanstein uses.")
+    # Clients of a tenant (docs/OPERATIONS.md, "Tenants") reply to streams under {prefix}:t:<tenant>:,
+    # the only keys their Redis user may read.
+    tenant: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     # Socket timeout must stay above the longest blocking read below, or idle reads would time out.
     socket_timeout_s: float = 10.0
     connect_timeout_s: float = 5.0
@@ -35,10 +38,18 @@ class Settings(BaseSettings):
     # A request that finds no live worker group waits this long (or until its own timeout_s) before it
     # ends with error code `unavailable`.
     no_group_wait_s: float = 30.0
+    # The served model name a request without `model` goes to when the groups serve several models
+    # (with one, that one); unset: such a request ends with `invalid_request` naming the served models.
+    default_model: str | None = None
 
     # --- balancer ---------------------------------------------------------------------------
     balancer_batch_max: int = Field(default=128, ge=1, description="Most ingress entries read in one batch.")
     balancer_block_ms: int = Field(default=500, description="Blocking read on the ingress stream when idle.")
+    # Memory a balancer's ingress read may hold: a read asks for at most this // max_request_bytes
+    # entries (and balancer_batch_max). Larger entries come back as stubs (broker.scripts.READ_INGRESS),
+    # except from the idle blocking read, which takes one entry at a time; Redis's proto-max-bulk-len
+    # and client-query-buffer-limit bound that one (docs/OPERATIONS.md, "Memory").
+    balancer_read_bytes: int = Field(default=128 << 20, ge=1)
     # Adaptive batching: after a read, a busy balancer waits up to this long for more entries, but only
     # when entries queue up and the arrival rate promises two more within it (so from about 2,000
     # requests/s at 1 ms); an idle one never waits.

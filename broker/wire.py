@@ -44,6 +44,13 @@ class Batch:
     def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> None:
         self._add(("EVALSHA", sha, numkeys, *keys_and_args))
 
+    def set_nx(self, name: Any, value: Any, *, px: int) -> None:
+        """SET name value NX PX px: OK, or None when the key exists."""
+        self._add(("SET", name, value, "NX", "PX", px))
+
+    def get(self, name: Any) -> None:
+        self._add(("GET", name))
+
     def xack(self, name: Any, group: str, *ids: Any) -> None:
         self._add(("XACK", name, group, *ids))
 

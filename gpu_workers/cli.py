@@ -14,13 +14,14 @@ from pathlib import Path
 from types import FrameType
 
 from broker.cli_common import add_metrics, settings_from_args, setup_logging
-from broker.connection import connect, resolve_url, retry_forever
+from broker.connection import connect, mask_url, resolve_url, retry_forever
 from broker.errors import EngineFailed
 from broker.metrics import serve_metrics
 from broker.settings import Settings
 from gpu_workers.engine import EXIT_ENGINE_FAILED, Engine
 from gpu_workers.group import WorkerGroup
 from gpu_workers.models import KV_DTYPES, EngineOptions, build_engine, model_dir
+from gpu_workers.served import served_model_names, weights_fingerprint
 
 log = logging.getLogger("gpu_workers")
 
@@ -53,6 +54,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="tensor-parallel ranks in this group: this process starts K-1 more on this host "
                              "(default 1, or WORLD_SIZE under torchrun, which starts every rank itself)")
     parser.add_argument("--group", default=None, help="group name (default: <host>-<pid>; unique per group)")
+    add_engine_args(parser)
+    parser.add_argument("--wait-broker", type=float, default=30.0,
+                        help="seconds to wait for an embedded broker to appear when no URL is given")
+    add_metrics(parser)
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """The engine flags ``worker`` and ``up`` share (``up`` passes them on to every group)."""
+    parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                        help="names requests reach this model by (their 'model' field; the first is its "
+                             "canonical name); default: the directory's last component, the hub id, "
+                             "random:<preset> or echo")
     parser.add_argument("--kv-dtype", default="fp8_e4m3", choices=KV_DTYPES, metavar="D",
                         help="KV cache dtype: fp8_e4m3 (default; a scale per block and KV head), fp8_e5m2, "
                              "fp8_e4m3_per_tensor (one static scale per layer), bf16, fp16, fp32")
@@ -63,9 +76,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp-timeout", type=float, default=None, metavar="SECONDS",
                         help="a rank waiting longer than this on another stops the whole group "
                              "(default: $RYZ_TP_TIMEOUT_S, else 5)")
-    parser.add_argument("--wait-broker", type=float, default=30.0,
-                        help="seconds to wait for an embedded broker to appear when no URL is given")
-    add_metrics(parser)
+
+
+def engine_argv(args: argparse.Namespace) -> list[str]:
+    """The engine flags of ``args`` (parsed with ``add_engine_args``) as a worker's command line."""
+    argv = ["--kv-dtype", args.kv_dtype, "--device", args.device]
+    if args.served_model_name:
+        argv += ["--served-model-name", *args.served_model_name]
+    if args.kv_memory is not None:
+        argv += ["--kv-memory", args.kv_memory]
+    if args.tp_timeout is not None:
+        argv += ["--tp-timeout", str(args.tp_timeout)]
+    return argv
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tp_timeout is not None:
         settings = settings.model_copy(update={"tp_timeout_s": args.tp_timeout})
     tp = group_size(args.tp)
+    served_model_names(args.model, args.served_model_name)  # a bad name fails before the model loads
     options = EngineOptions(tp=tp, kv_dtype=args.kv_dtype, kv_memory=args.kv_memory, device=args.device,
                             echo_token_delay_ms=settings.echo_token_delay_ms)
     if tp == 1:
@@ -119,7 +142,9 @@ def _follower_argv(args: argparse.Namespace, settings: Settings, path: Path, tp:
 
 
 def _lead(args: argparse.Namespace, settings: Settings, url: str, engine: Engine) -> int:
-    group = WorkerGroup(connect(url, settings), engine, settings=settings, name=args.group)
+    group = WorkerGroup(connect(url, settings), engine, settings=settings, name=args.group,
+                        served_models=served_model_names(args.model, args.served_model_name),
+                        weights=weights_fingerprint(None if args.model == "echo" else model_dir(args.model)))
     server = serve_metrics(group.telemetry.registry, group.telemetry.probe, host=settings.metrics_host,
                            port=settings.metrics_port)
     group.telemetry.port = server.port if server is not None else None
@@ -132,7 +157,8 @@ def _lead(args: argparse.Namespace, settings: Settings, url: str, engine: Engine
     signal.signal(signal.SIGINT, on_signal)
     try:
         retry_forever(group.register, settings, what="group registration")
-        print(f"worker group {group.name} serving {engine.info.model} on {url}"
+        names = "" if group.served_models == [engine.info.model] else f" as {', '.join(group.served_models)}"
+        print(f"worker group {group.name} serving {engine.info.model}{names} on {mask_url(url)}"
               + (f" with {engine.info.tp} tensor-parallel ranks" if engine.info.tp > 1 else ""), flush=True)
         return group.run()
     except EngineFailed as exc:

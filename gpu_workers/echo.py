@@ -12,6 +12,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+from broker.chat import PLAIN_CHAT_TEMPLATE
 from gpu_workers.engine import EngineInfo, EngineRequest, EngineStats, StepOutput
 from gpu_workers.tokenizer import ByteTokenizer
 
@@ -24,7 +25,8 @@ class EchoEngine:
         self.tokenizer = ByteTokenizer()
         self.token_delay_s = token_delay_s
         self._sleep = sleep
-        self.info = EngineInfo(model="echo", vocab_size=256, max_context=max_context)
+        self.info = EngineInfo(model="echo", vocab_size=256, max_context=max_context,
+                               chat_template=PLAIN_CHAT_TEMPLATE)
         # request id -> (prompt ids, position of the next token to echo)
         self._running: OrderedDict[str, tuple[list[int], int]] = OrderedDict()
 

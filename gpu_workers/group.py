@@ -26,7 +26,10 @@ from typing import Any
 
 from redis.exceptions import NoScriptError, ResponseError
 
+from broker.cancellation import Cancellations, applies
+from broker.chat import publish_template, template_digest
 from broker.connection import TRANSIENT_ERRORS, RedisClock, backoff_delays
+from broker.dead_letter import DeadLetters
 from broker.errors import EngineFailed
 from broker.keys import QUEUE_GROUP, Keys
 from broker.logs import request_extra
@@ -37,20 +40,22 @@ from broker.settings import Settings
 from broker.wire import Batch
 from gpu_workers.engine import Engine, EngineRequest
 from gpu_workers.holding import Event, Held, Holding
+from gpu_workers.intake import CONSUMER, QueueIntake
 from gpu_workers.isolation import Isolation
 from gpu_workers.keepalive import StepKeepalive
 from gpu_workers.load import LoadMeter, group_load
 from gpu_workers.output import OutputState
 from gpu_workers.publisher import Publisher
+from gpu_workers.served import default_served_name, foreign_weights
 from gpu_workers.telemetry import GroupTelemetry
 
 log = logging.getLogger(__name__)
 
-CONSUMER = "leader"
 READ_CHUNK = 512  # most queue entries read at once
+TEMPLATE_REPUBLISH_S = 30.0  # how often the chat template is written again (broker.chat)
 
 
-class WorkerGroup:
+class WorkerGroup(QueueIntake):
     def __init__(
         self,
         redis: Any,
@@ -59,9 +64,18 @@ class WorkerGroup:
         settings: Settings,
         name: str | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        served_models: list[str] | None = None,
+        weights: str = "",
     ) -> None:
+        """``served_models``: the names requests reach this group by (default: the engine's model's
+        default name, gpu_workers.served); ``weights``: their fingerprint ("" when unknown)."""
         self.redis = redis
         self.engine = engine
+        self.served_models = served_models or [default_served_name(engine.info.model)]
+        self.weights = weights
+        template = engine.info.chat_template
+        self.chat_template = template_digest(template) if template else ""
+        self._next_template_publish = 0.0
         self.settings = settings
         self.keys = Keys(settings.prefix)
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
@@ -78,7 +92,7 @@ class WorkerGroup:
         self._running = self.holding.running  # ids of the requests in the engine
         self.publisher = Publisher(self.scripts, self.keys, group=self.name, ttl_ms=settings.result_ttl_s * 1000)
         self.isolation = Isolation(self.holding)  # after an engine step raised: one request at a time
-        self._cancelled: dict[str, float] = {}  # request id -> when seen (Redis ms)
+        self._cancelled = Cancellations()  # cancel entries read lately
         self._cancel_cursor = b"0-0"
         self._next_heartbeat = 0.0
         self._queue_depth = 0
@@ -89,6 +103,8 @@ class WorkerGroup:
             log_prompts=settings.log_prompts, ready_within_s=settings.dead_after_s,
             live_within_s=settings.liveness_timeout_s, monotonic=monotonic)
         self._heartbeat_fields: list[str] | None = None  # of the last heartbeat, repeated by keepalive
+        self.dead_letters = DeadLetters(redis, self.scripts, self.keys, publisher=self.name,
+                                        ttl_ms=settings.result_ttl_s * 1000, on_dead=self.telemetry.dead_lettered)
         self.keepalive = StepKeepalive(self._repeat_heartbeat, interval_s=settings.heartbeat_interval_s,
                                        max_step_s=settings.liveness_timeout_s, monotonic=monotonic)
 
@@ -105,33 +121,11 @@ class WorkerGroup:
                 raise
         last = self.redis.xrevrange(self.keys.cancel, count=1)
         self._cancel_cursor = last[0][0] if last else b"0-0"
-        self._recover()
+        self._recover(starting=True)
         self.redis.set(self.keys.group_accepting(self.name), "1")
         self._starting = False
         self.heartbeat(force=True)
         log.info("group %s registered (model %s)", self.name, self.engine.info.model)
-
-    def _recover(self) -> None:
-        """Admit the entries a previous incarnation of this group read but never finished.
-
-        Also run after every reconnect: a Redis that restarted from an older AOF may have entries
-        pending again that this process had finished and acknowledged.
-        """
-        queue, cursor, acking = self.keys.group_queue(self.name), "0", set(self.publisher.to_ack)
-        while True:
-            batch = self.redis.xreadgroup(QUEUE_GROUP, CONSUMER, {queue: cursor}, count=500)
-            entries = [e for _s, es in (batch or []) for e in es]
-            if not entries:
-                return
-            for entry_id, fields in entries:
-                cursor = entry_id
-                if entry_id in acking:
-                    continue
-                if fields:
-                    self._admit(entry_id, fields)
-                else:  # deleted after it was read: nothing left to do
-                    self._ack([entry_id])
-            log.info("group %s recovered %d pending requests", self.name, len(entries))
 
     def run(self) -> int:
         """Serve until ``drain()`` has finished or handed back everything, then deregister.
@@ -273,13 +267,11 @@ class WorkerGroup:
         for _stream, entries in results[-1] or []:
             for entry_id, fields in entries:
                 self._cancel_cursor = entry_id
-                rid = fields.get(b"id")
-                if rid:
-                    self._cancel(rid.decode("utf-8", "replace"))
+                self._cancel(fields)
         if read_queue:
             for _stream, entries in results[0] or []:
                 for entry_id, fields in entries:
-                    self._admit(entry_id, fields)
+                    self._admit_safely(entry_id, fields)
         if isinstance(ack_result, NoScriptError):
             self.scripts.load()  # Redis restarted: the acknowledgements go again with the next read
         elif isinstance(ack_result, Exception):
@@ -292,9 +284,9 @@ class WorkerGroup:
             request = GenerationRequest.from_wire(fields[b"r"])
             epoch = int(fields[b"e"])
             cost = int(fields.get(b"c", b"0"))
-        except Exception:  # a malformed queue entry is a bug upstream; drop it loudly, never crash
-            log.exception("dropping malformed queue entry %s", entry_id)
-            self._ack([entry_id])
+        except Exception as exc:  # a malformed queue entry is a bug upstream: never crash on it
+            log.exception("malformed queue entry %s", entry_id)
+            self._give_up_entry(entry_id, fields, f"malformed queue entry ({type(exc).__name__})")
             return
         if request.id in self.held:
             old = self.held[request.id]
@@ -325,10 +317,13 @@ class WorkerGroup:
         if problem is not None:
             self._finish_error(held, "invalid_request", problem)
             return
+        if (problem := foreign_weights(request, self.weights)) is not None:
+            self._finish_error(held, "unavailable", problem)
+            return
         if request.output_ids and not self._replay(held):
             return
         now_ms = self.clock.now_ms()
-        if request.id in self._cancelled:
+        if self._cancelled.matches(request.id, request.cancel_token):
             self._finish(held, "cancelled")
         elif request.deadline_ms is not None and now_ms >= request.deadline_ms:
             self._finish_error(held, "timeout", f"deadline of {request.timeout_s}s passed")
@@ -355,15 +350,16 @@ class WorkerGroup:
             return False
         return True
 
-    def _cancel(self, rid: str) -> None:
+    def _cancel(self, fields: dict[bytes, bytes]) -> None:
+        """One cancel entry: the request it names ends, if the entry is its owner's (broker.cancellation)."""
         now_ms = self.clock.now_ms()
-        self._cancelled[rid] = now_ms
-        held = self.held.get(rid)
-        if held is not None and not held.final:
-            self._finish(held, "cancelled")
-        horizon = now_ms - 600_000  # remember cancellations for 10 minutes
-        if next(iter(self._cancelled.values())) < horizon:
-            self._cancelled = {k: v for k, v in self._cancelled.items() if v >= horizon}
+        got = self._cancelled.add(fields, now_ms)
+        if got is not None:
+            rid, token = got
+            held = self.held.get(rid)
+            if held is not None and not held.final and applies(held.request.cancel_token, token):
+                self._finish(held, "cancelled")
+        self._cancelled.prune(now_ms)
 
     def _fill_engine(self) -> None:
         """Queued requests into the engine by (priority, arrival), up to worker_max_batch running."""
@@ -476,6 +472,8 @@ class WorkerGroup:
     def _publish(self) -> None:
         done: list[Held] = []
         for held, status in self.publisher.publish():
+            if status == "error":
+                self._undeliverable(held)
             if status in ("fenced", "final", "error"):
                 # moved to another group, finished already (a re-delivered entry), or undeliverable
                 self.fenced += status == "fenced"
@@ -515,7 +513,8 @@ class WorkerGroup:
         state = "draining" if self.draining else "starting" if self._starting else "ready"
         load = group_load(self.name, self.engine, self.holding, self.meter, now=now, state=state,
                           queue_depth=self._queue_depth, completed=self.completed, fenced=self.fenced,
-                          metrics_port=self.telemetry.port)
+                          metrics_port=self.telemetry.port, served_models=self.served_models,
+                          weights=self.weights, chat_template=self.chat_template)
         self.meter.reset(now)
         return load
 
@@ -524,6 +523,10 @@ class WorkerGroup:
         if not force and now < self._next_heartbeat:
             return
         self._next_heartbeat = now + self.settings.heartbeat_interval_s
+        if self.engine.info.chat_template and now >= self._next_template_publish:
+            # again now and then: a Redis restarted without persistence lost it (the heartbeat is rewritten)
+            publish_template(self.redis, self.keys, self.engine.info.chat_template)
+            self._next_template_publish = now + TEMPLATE_REPUBLISH_S
         queued = self.redis.xlen(self.keys.group_queue(self.name))
         self._queue_depth = max(0, queued - len(self._running))
         load = self.load()

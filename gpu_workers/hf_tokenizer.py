@@ -33,6 +33,9 @@ class LoadedTokenizer:
     eos_token_ids: frozenset[int]  # generation ends at any of these
     bos_token_id: int | None
     chat_template: str | None  # the Jinja source, rendered by the chat endpoint
+    # The special tokens' texts, as a chat template sees them (``bos_token``, ``eos_token``).
+    bos_token: str = ""
+    eos_token: str = ""
 
 
 class HFTokenizer:
@@ -68,9 +71,13 @@ class HFTokenizer:
 def load_tokenizer(model_dir: Path, *, vocab_size: int) -> LoadedTokenizer:
     """The tokenizer of ``model_dir`` (a model with ``vocab_size`` embeddings) and its special tokens.
 
-    EOS ids come from generation_config.json's ``eos_token_id`` (an int or a list), else
-    config.json's, else tokenizer_config.json's ``eos_token``; the BOS id likewise. The chat
-    template is chat_template.jinja or tokenizer_config.json's ``chat_template``.
+    EOS ids are the union of generation_config.json's ``eos_token_id`` (an int or a list),
+    config.json's, and the id of tokenizer_config.json's ``eos_token``: a chat model's end of turn
+    (``<|im_end|>``, ``<|eot_id|>``) is often only the tokenizer's EOS, while generation_config.json
+    names the pretraining ``<|endoftext|>``; transformers' chat usage (the Llama 3 and Qwen model
+    cards pass both to ``generate``) and vLLM (tokenizer EOS plus generation_config's ids as stop
+    tokens) stop at either. The BOS id is the first one given, in that order. The chat template is
+    chat_template.jinja or tokenizer_config.json's ``chat_template``.
     """
     model_dir = Path(model_dir)
     config = _json_object(model_dir / "tokenizer_config.json")
@@ -92,7 +99,7 @@ def load_tokenizer(model_dir: Path, *, vocab_size: int) -> LoadedTokenizer:
 
     configs = [_json_object(model_dir / "generation_config.json"), _json_object(model_dir / "config.json")]
     bos = _special_ids("bos", configs, config, token_to_id)
-    eos = frozenset(_special_ids("eos", configs, config, token_to_id))
+    eos = frozenset(_all_special_ids("eos", configs, config, token_to_id))
     if tokenizer is None:
         tokenizer = ByteTokenizer(vocab_size, specials=eos | frozenset(bos))
     return LoadedTokenizer(
@@ -100,6 +107,8 @@ def load_tokenizer(model_dir: Path, *, vocab_size: int) -> LoadedTokenizer:
         eos_token_ids=eos,
         bos_token_id=bos[0] if bos else None,
         chat_template=_chat_template(model_dir, config),
+        bos_token=_token_text(config.get("bos_token")) or "",
+        eos_token=_token_text(config.get("eos_token")) or "",
     )
 
 
@@ -119,6 +128,25 @@ def _special_ids(
     token = _token_text(tokenizer_config.get(f"{kind}_token"))
     token_id = token_to_id(token) if token is not None else None
     return [token_id] if token_id is not None else []
+
+
+def _all_special_ids(
+    kind: str,
+    configs: list[dict[str, Any]],
+    tokenizer_config: dict[str, Any],
+    token_to_id: Callable[[str], int | None],
+) -> list[int]:
+    """Every ``{kind}_token_id`` of ``configs`` (ints or lists) and the id of tokenizer_config.json's
+    ``{kind}_token``, each once."""
+    ids: list[int] = []
+    for source in configs:
+        value = source.get(f"{kind}_token_id")
+        ids += [v for v in (value if isinstance(value, list) else [value]) if _is_token_id(v)]
+    token = _token_text(tokenizer_config.get(f"{kind}_token"))
+    token_id = token_to_id(token) if token is not None else None
+    if token_id is not None:
+        ids.append(token_id)
+    return list(dict.fromkeys(ids))
 
 
 def _chat_template(model_dir: Path, config: dict[str, Any]) -> str | None:

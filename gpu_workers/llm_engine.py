@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from broker.chat import PLAIN_CHAT_TEMPLATE
 from broker.errors import ConfigError
 from broker.protocol import SamplingParams
 from gpu_workers.block_manager import BlockManager
@@ -75,6 +76,7 @@ class LlamaEngine:
         started = time.perf_counter()
         self.config = load_config(model_dir)
         specials = load_tokenizer(model_dir, vocab_size=self.config.vocab_size)
+        has_tokenizer_json = (Path(model_dir) / "tokenizer.json").is_file()
         self.tokenizer = specials.tokenizer
         self._clock = clock
 
@@ -105,6 +107,10 @@ class LlamaEngine:
             kv_dtype=options.kv_dtype,
             rank_weight_bytes=tuple(r.weight_bytes for r in self.ranks),
             rank_kv_bytes=tuple(r.kv_bytes for r in self.ranks),
+            # a model without a tokenizer.json (random:<preset>) speaks bytes: the plain byte template
+            chat_template=specials.chat_template or (None if has_tokenizer_json else PLAIN_CHAT_TEMPLATE),
+            bos_token=specials.bos_token,
+            eos_token=specials.eos_token,
         )
         self._requests: dict[str, _RequestState] = {}
         log.info(

@@ -58,8 +58,10 @@ class LoadMeter:
 
 
 def group_load(name: str, engine: Engine, holding: Holding, meter: LoadMeter, *, now: float, state: str,
-               queue_depth: int, completed: int, fenced: int, metrics_port: int | None = None) -> GroupLoad:
-    """One heartbeat's worth: identity and limits, engine stats, what is held, the meter's readings."""
+               queue_depth: int, completed: int, fenced: int, metrics_port: int | None = None,
+               served_models: list[str] | None = None, weights: str = "", chat_template: str = "") -> GroupLoad:
+    """One heartbeat's worth: identity and limits, engine stats, what is held, the meter's readings;
+    ``chat_template``: the digest of the engine's template as published (broker.chat)."""
     stats = engine.stats()
     info = engine.info
     queued_tokens, running_tokens = holding.tokens()
@@ -88,4 +90,10 @@ def group_load(name: str, engine: Engine, holding: Holding, meter: LoadMeter, *,
         metrics_port=metrics_port,
         rank_weight_bytes=list(info.rank_weight_bytes),
         rank_kv_bytes=list(info.rank_kv_bytes),
+        served_models=list(served_models or [info.model]),
+        weights=weights,
+        chat_template=chat_template,
+        bos_token=info.bos_token,
+        eos_token=info.eos_token,
+        eos_token_ids=sorted(info.eos_token_ids),
     )

@@ -42,7 +42,7 @@ class OutputState:
         self.text = ""
         self.finish_reason: str | None = None
         self._emitted = 0
-        self._eos = eos_token_ids
+        self._eos = eos_token_ids | frozenset(sampling.stop_token_ids)  # the request's own end tokens too
         self._max_context = max_context
         self._stops = sampling.stop
         self._longest_stop = max((len(s) for s in self._stops), default=0)

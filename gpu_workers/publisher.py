@@ -27,6 +27,7 @@ class Publisher:
         self.ttl_ms = ttl_ms
         self.to_ack: list[bytes] = []  # finished queue entries, acknowledged with the next read
         self._dirty: dict[str, Held] = {}  # held requests with events to publish
+        self.errors: dict[str, Exception] = {}  # request id -> why its last publish failed ('error')
 
     def emit(self, held: Held, event: Event) -> None:
         held.events.append(event)
@@ -72,6 +73,7 @@ class Publisher:
             if isinstance(raw, Exception):
                 # e.g. reply_to names a key of another type: nothing can be delivered there
                 log.error("request %s: cannot publish to %r: %s", held.request.id, held.request.reply_to, raw)
+                self.errors[held.request.id] = raw
                 out.append((held, "error"))
             else:
                 out.append((held, publish_result(raw).status))

@@ -74,6 +74,7 @@ class GroupTelemetry:
         self.released = counter("requests_released", "Requests this group let go unfinished: handed_back "
                                 "(drain), fenced (moved to another group), final (finished elsewhere), gap.",
                                 "reason")
+        self.dead_letters = counter("dead_letters", "Queue entries given up: moved to the {p}:dead stream.")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of admitted requests.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
         self.queue_time = histogram("request_queue_time_seconds",
@@ -168,6 +169,11 @@ class GroupTelemetry:
         self.failure.labels(self.group, code).inc()
         if timing is not None:
             self.e2e.labels(self.group).observe(max(0.0, self._now_ms() - timing.start_ms) / 1000.0)
+
+    def dead_lettered(self) -> None:
+        """A queue entry went to the dead-letter stream (broker.dead_letter)."""
+        if self.enabled:
+            self.dead_letters.labels(self.group).inc()
 
     def let_go(self, request_id: str, reason: str) -> None:
         """The group stops working on a request it did not finish (``reason``: handed_back, fenced, ...)."""

@@ -1,14 +1,15 @@
-"""Chat messages -> one prompt: the model's Jinja chat template, or a plain documented fallback.
+"""Chat messages -> one prompt: the model's Jinja chat template, as its groups publish it.
 
 A Hugging Face model directory carries its template in ``tokenizer_config.json`` (``chat_template``,
-a string or a list of named templates) or, in newer exports, in ``chat_template.jinja``. It is
-rendered the way ``transformers`` renders it: a sandboxed Jinja environment with ``trim_blocks`` and
+a string or a list of named templates) or, in newer exports, in ``chat_template.jinja``; the worker
+groups serving it publish it in the registry (broker.chat), where clients read it. It is rendered the way ``transformers`` renders it: a sandboxed Jinja environment with ``trim_blocks`` and
 ``lstrip_blocks``, the variables ``messages``, ``add_generation_prompt``, ``bos_token`` and
 ``eos_token``, and the helpers ``raise_exception`` and ``strftime_now``. Templates come from model
 repositories, so they are untrusted code: the sandbox is not optional.
 
-Without a template, ``FALLBACK_TEMPLATE`` applies: one ``<role>: <content>`` line per message, then
-``assistant:`` for the model to continue::
+Models without a tokenizer of their own (``echo``, ``random:<preset>``) publish ``FALLBACK_TEMPLATE``
+(broker.chat's plain template): one ``<role>: <content>`` line per message, then ``assistant:`` for
+the model to continue::
 
     system: You are terse.
     user: Hello!
@@ -22,8 +23,7 @@ those of ``transformers``' ``apply_chat_template``.
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -34,14 +34,14 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from broker.errors import ConfigError, InvalidRequest
+from balancer.models import resolve_model
+from broker.chat import PLAIN_CHAT_TEMPLATE, read_template, template_text
+from broker.errors import ConfigError, InvalidRequest, ModelNotFound, Unavailable
+from broker.keys import Keys
+from broker.registry import GroupLoad, GroupStatus, read_groups, read_groups_async
+from broker.settings import Settings
 
-log = logging.getLogger(__name__)
-
-FALLBACK_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
+FALLBACK_TEMPLATE = PLAIN_CHAT_TEMPLATE
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
 
@@ -214,11 +214,17 @@ def _is_gguf(path: Path) -> bool:
 
 
 class TemplateSource:
-    """Which template serves a model: an explicit one, else the model directory's, else the fallback.
+    """Which template serves a model: an explicit one, else the one its groups publish (broker.chat).
 
+<<<<<<< HEAD
     ``explicit`` (``--chat-template``/``--model-dir``) wins for every model. Otherwise a model spec
     that is a local directory or GGUF file (the ``model`` a worker group heartbeats) is looked into once and its
     template kept; specs like ``echo`` or ``random:tiny`` get the fallback.
+=======
+    ``explicit`` (``--chat-template``/``--model-dir``) wins for every model. Otherwise the template
+    is the one a group of the model publishes in the registry, read once per digest; a model that
+    publishes none gets an error, never a silent fallback (the prompt would not be the model's).
+>>>>>>> main
     """
 
     def __init__(self, explicit: str | Path | None = None) -> None:
@@ -228,8 +234,9 @@ class TemplateSource:
             if self._explicit is None:
                 raise ConfigError(f"{explicit} has no chat template (tokenizer_config.json chat_template "
                                   "or chat_template.jinja)")
-        self._by_model: dict[str, ChatTemplate] = {}
+        self._by_digest: dict[tuple[str, str, str], ChatTemplate] = {}
 
+<<<<<<< HEAD
     def for_model(self, model: str | None) -> ChatTemplate:
         if self._explicit is not None:
             return self._explicit
@@ -244,3 +251,75 @@ class TemplateSource:
                     log.warning("%s; chat prompts for %s use the plain fallback template", exc, model)
             self._by_model[model] = template or ChatTemplate.fallback()
         return self._by_model[model]
+=======
+    @property
+    def explicit(self) -> ChatTemplate | None:
+        return self._explicit
+
+    def cached(self, group: GroupLoad) -> ChatTemplate | None:
+        """The template for ``group``'s model when no Redis read is needed (explicit, or read before)."""
+        return self._explicit or self._by_digest.get(_card(group))
+
+    def for_group(self, group: GroupLoad, read: Callable[[str], str | None]) -> ChatTemplate:
+        """The template for the model ``group`` serves; ``read(digest)`` fetches a published source.
+
+        Raises InvalidRequest when the model publishes no template, Unavailable when its template is
+        not in Redis (a Redis restarted without persistence, until the group registers again).
+        """
+        if (template := self.cached(group)) is not None:
+            return template
+        model = group.served_models[0] if group.served_models else group.model
+        if not group.chat_template:
+            raise InvalidRequest(f"model {model!r} has no chat template (neither chat_template.jinja nor "
+                                 "tokenizer_config.json's chat_template): send a prompt instead")
+        source = read(group.chat_template)
+        if source is None:
+            raise Unavailable(f"the chat template of model {model!r} ({group.chat_template[:12]}) is not in Redis")
+        template = ChatTemplate(source, group.bos_token, group.eos_token,
+                                origin=f"model {model!r} (template {group.chat_template[:12]})")
+        self._by_digest[_card(group)] = template
+        return template
+
+
+def _card(group: GroupLoad) -> tuple[str, str, str]:
+    return (group.chat_template, group.bos_token, group.eos_token)
+
+
+def registry_template(redis: Any, keys: Keys, groups: Sequence[GroupLoad], model: str, *,
+                      source: TemplateSource | None = None) -> ChatTemplate:
+    """The chat template of ``model`` as its groups publish it (the first that serves it);
+    ModelNotFound when none does, and TemplateSource.for_group's errors."""
+    group = next((g for g in groups if g.serves(model)), None)
+    if group is None:
+        raise ModelNotFound(f"model {model!r} is not served here")
+    return (source or TemplateSource()).for_group(group, lambda digest: read_template(redis, keys, digest))
+
+
+def chat_group(groups: Sequence[GroupStatus], model: str | None, settings: Settings) -> GroupStatus:
+    """A group (a live one if there is one) of the model a chat request goes to: ``model``, else the
+    only one served, else the balancers' default (balancer.models' rule). Unavailable when no group
+    is registered, ModelNotFound / InvalidRequest as ``resolve_model``."""
+    name = resolve_model(model, groups, default=settings.default_model)
+    if name is None:
+        raise Unavailable("no worker group is registered: no chat template to render with")
+    return min((g for g in groups if g.serves(name)), key=lambda g: (not g.alive, g.name))
+
+
+def render_chat(redis: Any, keys: Keys, settings: Settings, messages: Sequence[Mapping[str, Any]], *,
+                model: str | None, source: TemplateSource) -> str:
+    """The prompt for ``messages`` with the template ``model``'s groups publish (see ``chat_group``)."""
+    group = chat_group(read_groups(redis, keys, dead_after_s=settings.dead_after_s), model, settings)
+    return source.for_group(group, lambda digest: read_template(redis, keys, digest)).render(
+        normalize_messages(list(messages)))
+
+
+async def render_chat_async(redis: Any, keys: Keys, settings: Settings, messages: Sequence[Mapping[str, Any]], *,
+                            model: str | None, source: TemplateSource) -> str:
+    """``render_chat`` on an asyncio Redis client."""
+    group = chat_group(await read_groups_async(redis, keys, dead_after_s=settings.dead_after_s), model, settings)
+    template = source.cached(group)
+    if template is None:
+        raw = await redis.get(keys.chat_template(group.chat_template)) if group.chat_template else None
+        template = source.for_group(group, lambda digest: template_text(raw, digest))
+    return template.render(normalize_messages(list(messages)))
+>>>>>>> main

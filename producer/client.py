@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from broker.connection import TRANSIENT_ERRORS, backoff_delays, connect, connect_async, resolve_url
 from broker.errors import InvalidRequest, RyzansteinError
 from broker.keys import Keys
 from broker.settings import Settings, load_settings
+from producer.chat_template import TemplateSource, render_chat, render_chat_async
+from producer.expiry import ExpiryCheck
 from producer.request import (
     Completion,
     Event,
@@ -102,16 +106,31 @@ class _ClientBase:
         # Reply streams of the latest requests submitted with an explicit (or the shared) reply_to, so
         # that result(id) finds them; oldest first.
         self._reply_streams: dict[str, str] = {}
+        self._tokens: dict[str, str] = {}  # cancel tokens of the latest requests, oldest first
 
     def _prepare(
         self, prompt: str | None, options: RequestOptions, *, default_reply: str | None
     ) -> tuple[Handle, dict[str, str]]:
         request_id = options.pop("request_id", None) or new_request_id()
         reply_to = options.pop("reply_to", None)
-        fields = request_fields(prompt, request_id=request_id, reply_to=reply_to or default_reply, **options)
+        tenant = self.settings.tenant
+        default_reply = default_reply or (self.keys.reply_stream(request_id, tenant=tenant) if tenant else None)
+        token = secrets.token_hex(16)  # only this client can cancel the request (broker.cancellation)
+        fields = request_fields(prompt, request_id=request_id, reply_to=reply_to or default_reply,
+                                cancel_token=token, **options)
+        self._tokens[request_id] = token
+        while len(self._tokens) > REMEMBER_REPLY_STREAMS:
+            del self._tokens[next(iter(self._tokens))]
         if reply_to is not None:
             self._remember(request_id, reply_to)
-        return Handle(request_id, reply_to or default_reply or self.keys.result(request_id)), fields
+        reply = reply_to or default_reply or self.keys.result(request_id)
+        return Handle(request_id, reply, cancel_token=token), fields
+
+    def _cancel_fields(self, request: Handle | str) -> dict[str, str]:
+        """The cancel entry for a request: its id, and its token when this client sent it."""
+        handle = self._handle(request)
+        token = handle.cancel_token or self._tokens.get(handle.id)
+        return {"id": handle.id, **({"token": token} if token else {})}
 
     def _remember(self, request_id: str, reply_to: str) -> None:
         self._reply_streams[request_id] = reply_to
@@ -121,7 +140,8 @@ class _ClientBase:
     def _handle(self, request: Handle | str) -> Handle:
         if isinstance(request, Handle):
             return request
-        return Handle(request, self._reply_streams.get(request) or self.keys.result(request))
+        return Handle(request, self._reply_streams.get(request)
+                      or self.keys.reply_stream(request, tenant=self.settings.tenant))
 
     def _deadline(self, timeout: float | None, request_id: str) -> _Deadline:
         return _Deadline(timeout, max_block_ms=self._max_block_ms, request_id=request_id)
@@ -139,22 +159,25 @@ class Client(_ClientBase):
     ) -> None:
         super().__init__(redis_url, prefix, settings)
         self._redis: redis.Redis = connect(self.url, self.settings)
+        self._templates = TemplateSource()  # chat templates read from the registry, by digest
 
     def submit(self, prompt: str | None = None, **options: Unpack[RequestOptions]) -> Handle:
         """Put a request on the ingress stream; returns at once with the handle to wait on."""
         handle, fields = self._prepare(prompt, options, default_reply=None)
-        self._redis.xadd(self.keys.requests, fields)  # type: ignore[arg-type]
-        return handle
+        entry_id = self._redis.xadd(self.keys.requests, fields)  # type: ignore[arg-type]
+        return dataclasses.replace(handle, entry_id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
 
     def events(self, request: Handle | str, *, timeout: float | None = None) -> Iterator[Event]:
         """The request's events in order, from the first, up to and including its final one.
 
-        Raises TimeoutError when ``timeout`` seconds pass before the final event.
+        Raises TimeoutError when ``timeout`` seconds pass before the final event, ResultExpired when
+        the request has no result any more (producer.expiry).
         """
         handle = self._handle(request)
         deadline = self._deadline(timeout, handle.id)
         last_id = STREAM_START
         delays: Iterator[float] | None = None
+        expiry = ExpiryCheck(self.keys, handle, result_ttl_s=self.settings.result_ttl_s)
         while True:
             block_ms = deadline.block_ms()  # TimeoutError is an OSError: not in the try
             try:
@@ -167,6 +190,10 @@ class Client(_ClientBase):
                 time.sleep(delay if left is None else min(delay, left))
                 continue
             delays = None
+            if not reply and last_id == STREAM_START:
+                pipe = self._redis.pipeline(transaction=False)
+                expiry.add(pipe)
+                expiry.verdict(pipe.execute(raise_on_error=False))
             for entry_id, raw in _stream_entries(reply):
                 last_id = entry_id
                 event = Event.from_entry(entry_id, raw)
@@ -177,7 +204,8 @@ class Client(_ClientBase):
                     return
 
     def result(self, request: Handle | str, *, timeout: float | None = None) -> Completion:
-        """Wait for the request's final event: its Completion, or RequestFailed for an error."""
+        """Wait for the request's final event: its Completion, or RequestFailed for an error
+        (ResultExpired, code ``expired``, when it has no result any more)."""
         for event in self.events(request, timeout=timeout):
             if event.final:
                 return Completion.from_event(event)
@@ -203,9 +231,27 @@ class Client(_ClientBase):
         """Submit and wait: the Completion, RequestFailed on an error event."""
         return self.result(self.submit(prompt, **options), timeout=timeout)
 
+    def chat(
+        self, messages: Sequence[Mapping[str, Any]], *, timeout: float | None = None,
+        **options: Unpack[RequestOptions],
+    ) -> Completion:
+        """Render OpenAI-style ``messages`` with the chat template of the model (``model``, else the
+        only one served, else the balancers' default) as its groups publish it, then generate.
+
+        Needs no model files: the template comes from the registry (broker.chat). Raises
+        InvalidRequest for bad messages or a model without a template, ModelNotFound for a name no
+        group serves, Unavailable when no group is registered; RequestFailed as ``generate``.
+        """
+        prompt = self.render_chat(messages, model=options.get("model"))
+        return self.generate(prompt, timeout=timeout, **options)
+
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], *, model: str | None = None) -> str:
+        """The prompt ``chat`` would send for ``messages`` (with the generation prompt)."""
+        return render_chat(self._redis, self.keys, self.settings, messages, model=model, source=self._templates)
+
     def cancel(self, request: Handle | str) -> None:
         """Ask for the request to end; it finishes with ``finish_reason`` ``cancelled``."""
-        self._redis.xadd(self.keys.cancel, {"id": self._handle(request).id})
+        self._redis.xadd(self.keys.cancel, self._cancel_fields(request))  # type: ignore[arg-type]
 
     def close(self) -> None:
         self._redis.close()
@@ -242,8 +288,9 @@ class AsyncClient(_ClientBase):
     ) -> None:
         super().__init__(redis_url, prefix, settings)
         self._redis: redis.asyncio.Redis = connect_async(self.url, self.settings)
+        self._templates = TemplateSource()  # chat templates read from the registry, by digest
         self.client_id = new_request_id()
-        self.reply_to = self.keys.client_replies(self.client_id)
+        self.reply_to = self.keys.client_replies(self.client_id, tenant=self.settings.tenant)
         self.trim_every = trim_every
         self._pending: dict[str, asyncio.Queue[Event | BaseException]] = {}
         self._dispatcher: asyncio.Task[None] | None = None
@@ -309,6 +356,7 @@ class AsyncClient(_ClientBase):
         """Events of one request read straight from its reply stream (not the shared one)."""
         last_id = STREAM_START
         delays: Iterator[float] | None = None
+        expiry = ExpiryCheck(self.keys, handle, result_ttl_s=self.settings.result_ttl_s)
         while True:
             block_ms = deadline.block_ms()  # TimeoutError is an OSError: not in the try
             try:
@@ -321,6 +369,10 @@ class AsyncClient(_ClientBase):
                 await asyncio.sleep(delay if left is None else min(delay, left))
                 continue
             delays = None
+            if not reply and last_id == STREAM_START:
+                pipe = self._redis.pipeline(transaction=False)
+                expiry.add(pipe)
+                expiry.verdict(await pipe.execute(raise_on_error=False))
             for entry_id, raw in _stream_entries(reply):
                 last_id = entry_id
                 event = Event.from_entry(entry_id, raw)
@@ -354,9 +406,22 @@ class AsyncClient(_ClientBase):
         """Submit and wait: the Completion, RequestFailed on an error event."""
         return await self.result(await self.submit(prompt, **options), timeout=timeout)
 
+    async def chat(
+        self, messages: Sequence[Mapping[str, Any]], *, timeout: float | None = None,
+        **options: Unpack[RequestOptions],
+    ) -> Completion:
+        """``Client.chat`` for asyncio: render ``messages`` with the model's published template, generate."""
+        prompt = await self.render_chat(messages, model=options.get("model"))
+        return await self.generate(prompt, timeout=timeout, **options)
+
+    async def render_chat(self, messages: Sequence[Mapping[str, Any]], *, model: str | None = None) -> str:
+        """The prompt ``chat`` would send for ``messages`` (``Client.render_chat``)."""
+        return await render_chat_async(self._redis, self.keys, self.settings, messages, model=model,
+                                       source=self._templates)
+
     async def cancel(self, request: Handle | str) -> None:
         """Ask for the request to end; it finishes with ``finish_reason`` ``cancelled``."""
-        await self._send(self.keys.cancel, {"id": self._handle(request).id})
+        await self._send(self.keys.cancel, self._cancel_fields(request))
 
     # --- the writer -------------------------------------------------------------------------
 

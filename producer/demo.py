@@ -25,6 +25,7 @@ from pathlib import Path
 import redis
 
 from broker.cli_common import settings_from_args, setup_logging
+from broker.connection import mask_url
 from broker.errors import RequestFailed
 from broker.keys import Keys
 from broker.settings import Settings
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
               "engine at work: tokens, streaming, stop strings, limits. Serve a real model with "
               "--model /path/to/model.gguf or an HF model directory for meaningful text.)")
     with Stack(settings, model=model, groups=groups, quiet=True) as stack:
-        print(f"Redis at {stack.url}")
+        print(f"Redis at {mask_url(stack.url)}")
         print("Waiting for the worker group(s) to load the model...", flush=True)
         waited = stack.wait_until_serving(timeout_s=600)
         print(f"ready after {waited:.0f}s\n" if waited is not None else "none ready after 600s; sending anyway\n")

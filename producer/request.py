@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, TypedDict
 
 from broker.errors import InvalidRequest, RequestFailed
@@ -25,6 +25,8 @@ class RequestOptions(TypedDict, total=False):
     top_k: int | None  # 0 = off
     seed: int | None
     stop: str | Sequence[str] | None  # one stop string or several
+    stop_token_ids: Sequence[int] | None  # generation ends on any of these token ids
+    model: str | None  # a served model name; default: the only model served (or the configured default)
     stream: bool  # also send one `token` event per generated token
     priority: int | None  # lower is served earlier
     timeout_s: float | None  # server-side deadline from enqueue (not how long the client waits)
@@ -38,6 +40,11 @@ class Handle:
 
     id: str
     reply_to: str
+    # The ingress entry that carried it (XADD's reply), when this client sent it: lets a reader tell
+    # a result that expired from one not written yet (producer.expiry).
+    entry_id: str | None = field(default=None, compare=False)
+    # The request's cancel token (a secret: only a cancel carrying it ends the request).
+    cancel_token: str | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,10 +139,13 @@ def request_fields(
     top_k: int | None = None,
     seed: int | None = None,
     stop: str | Sequence[str] | None = None,
+    stop_token_ids: Sequence[int] | None = None,
+    model: str | None = None,
     stream: bool = False,
     priority: int | None = None,
     timeout_s: float | None = None,
     reply_to: str | None = None,
+    cancel_token: str | None = None,
 ) -> dict[str, str]:
     """The ingress entry for one request: flat string fields, only those that are set.
 
@@ -161,8 +171,14 @@ def request_fields(
             fields[name] = repr(float(number))
     if stop is not None:
         fields["stop"] = json.dumps([stop] if isinstance(stop, str) else list(stop))
+    if stop_token_ids is not None:
+        fields["stop_token_ids"] = json.dumps([int(t) for t in stop_token_ids], separators=(",", ":"))
+    if model is not None:
+        fields["model"] = model
     if stream:
         fields["stream"] = "1"
     if reply_to is not None:
         fields["reply_to"] = reply_to
+    if cancel_token is not None:
+        fields["cancel_token"] = cancel_token
     return fields

@@ -23,10 +23,13 @@ from typing import TYPE_CHECKING
 import redis
 
 from broker.cli_common import add_metrics, settings_from_args, setup_logging
+from broker.connection import mask_url
 from broker.embedded import EmbeddedRedis, announce, die_with_parent, withdraw
+from broker.errors import ConfigError
 from broker.keys import Keys
 from broker.registry import read_groups
 from broker.settings import Settings
+from gpu_workers.cli import add_engine_args, engine_argv
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -45,13 +48,19 @@ class Child:
 
 @dataclass
 class Stack:
-    """A balancer and ``groups`` worker groups on ``redis_url`` (or a new embedded Redis)."""
+    """A balancer and ``groups`` worker groups of each model on ``redis_url`` (or a new embedded Redis).
+
+    ``models``: several model SPECs, ``groups`` groups of each (default: ``[model]``);
+    ``worker_args``: engine flags every group gets; ``balancer_args``: the balancer's own.
+    """
 
     settings: Settings
     model: str = "echo"
     groups: int = 1
     tp: int = 1
     worker_args: list[str] = field(default_factory=list)
+    models: list[str] | None = None
+    balancer_args: list[str] = field(default_factory=list)
     quiet: bool = False
     redis: EmbeddedRedis | None = None
     children: list[Child] = field(default_factory=list)
@@ -64,15 +73,20 @@ class Stack:
             self.redis = EmbeddedRedis().start()
             self.url = self.redis.url
             announce(self.url, prefix=self.settings.prefix)
-        common = ["--redis-url", self.url, "--prefix", self.settings.prefix,
+        # The URL (with its password, if any) goes to the children in their environment: their
+        # command lines are world-readable (ps, /proc/<pid>/cmdline).
+        self.child_env = {**os.environ, "RYZ_REDIS_URL": self.url}
+        common = ["--prefix", self.settings.prefix,
                   "--log-format", self.settings.log_format, *(["--log-prompts"] if self.settings.log_prompts else [])]
         py = [sys.executable, "-m"]
-        self.children.append(Child("balancer", [*py, "balancer", *common, *self._metrics_args(0)]))
+        self.children.append(Child("balancer", [*py, "balancer", *common, *self._metrics_args(0),
+                                                 *self.balancer_args]))
         base = f"{socket.gethostname()}-{os.getpid()}"
-        for i in range(self.groups):
+        specs = [spec for spec in (self.models or [self.model]) for _ in range(self.groups)]
+        for i, spec in enumerate(specs):
             self.children.append(Child(
                 f"worker{i}",
-                [*py, "gpu_workers", *common, "--model", self.model, "--tp", str(self.tp),
+                [*py, "gpu_workers", *common, "--model", spec, "--tp", str(self.tp),
                  "--group", f"{base}-g{i}", *self._metrics_args(1 + i), *self.worker_args],
             ))
         for child in self.children:
@@ -107,7 +121,7 @@ class Stack:
         out = subprocess.DEVNULL if self.quiet else None
         # Own session: a terminal's Ctrl-C reaches only `up`, which stops children in order. If `up`
         # itself is killed, the kernel kills them (nothing is lost: their work stays in Redis).
-        child.proc = subprocess.Popen(child.argv, stdout=out, stderr=out, start_new_session=True,
+        child.proc = subprocess.Popen(child.argv, stdout=out, stderr=out, start_new_session=True, env=self.child_env,
                                       preexec_fn=lambda: die_with_parent(signal.SIGKILL))  # noqa: PLW1509 - prctl only
 
     def supervise(self) -> None:
@@ -152,9 +166,15 @@ class Stack:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="echo", help="model SPEC for every group: a Hugging Face directory, a .gguf file, random:<preset>, or echo (default)")
-    parser.add_argument("--groups", type=int, default=1, help="number of worker groups (default 1)")
+    parser.add_argument("--model", action="append", default=None, metavar="SPEC",
+                        help="model SPEC: a Hugging Face directory, a .gguf file, random:<preset>, or echo "
+                             "(default); repeat it to serve several models, each by its default served name "
+                             "(requests pick one with their 'model' field)")
+    parser.add_argument("--groups", type=int, default=1, help="worker groups of each model (default 1)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per group (default 1)")
+    parser.add_argument("--default-model", default=None, metavar="NAME",
+                        help="served model name for requests without 'model' when several are served")
+    add_engine_args(parser)
     add_metrics(parser, what="the balancer serves metrics on PORT, group i on PORT+1+i; ")
 
 
@@ -166,15 +186,25 @@ def run(args: argparse.Namespace) -> int:
     def on_signal(_signum: int, _frame: FrameType | None) -> None:
         stop.set()
 
+    models = args.model or ["echo"]
+    if args.served_model_name and len(models) > 1:
+        raise ConfigError("--served-model-name names one model: with several --model, each is served "
+                          "under its default name (or start `ryzanstein worker` groups for other names)")
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    stack = Stack(settings, model=args.model, groups=args.groups, tp=args.tp).start()
-    print(f"ryzanstein up: Redis at {stack.url} (prefix {settings.prefix!r}); "
-          f"{args.groups} group(s) of {args.model}. Ctrl-C stops.", flush=True)
-    print(f"  try: ryzanstein submit --redis-url {stack.url} \"hello\"", flush=True)
+    stack = Stack(settings, models=models, groups=args.groups, tp=args.tp, worker_args=engine_argv(args),
+                  balancer_args=["--default-model", args.default_model] if args.default_model else []).start()
+    shown = mask_url(stack.url)
+    print(f"ryzanstein up: Redis at {shown} (prefix {settings.prefix!r}); "
+          f"{args.groups} group(s) of {', '.join(models)}. Ctrl-C stops.", flush=True)
+    if shown == stack.url:
+        print(f"  try: ryzanstein submit --redis-url {stack.url} \"hello\"", flush=True)
+    else:
+        print("  try: ryzanstein submit \"hello\"   (with RYZ_REDIS_URL set to the URL)", flush=True)
     if settings.metrics_port:
         print(f"  metrics: balancer on port {settings.metrics_port}, groups on "
-              f"{settings.metrics_port + 1}..{settings.metrics_port + args.groups} (/metrics, /livez, /readyz)",
+              f"{settings.metrics_port + 1}..{settings.metrics_port + args.groups * len(models)} "
+              "(/metrics, /livez, /readyz)",
               flush=True)
     try:
         while not stop.wait(0.5):

@@ -109,10 +109,32 @@ def status_json(snapshot: Snapshot, rates: dict[str, float] | None = None) -> di
         groups.append(row)
     return {
         "groups": groups,
+        "models": models_json(snapshot.groups),
         "ingress_depth": snapshot.ingress_depth,
         "ingress_pending": snapshot.ingress_pending,
         "balancers": [asdict(b) for b in snapshot.balancers],
     }
+
+
+def model_name(group: GroupStatus) -> str:
+    """The canonical name of the model a group serves (its first served name)."""
+    return group.served_models[0] if group.served_models else group.model
+
+
+def models_json(groups: Sequence[GroupStatus]) -> dict[str, dict[str, Any]]:
+    """The groups by served model (canonical name): their names, aliases, how many are alive, and
+    the weights fingerprints among them (two during a rolling upgrade)."""
+    out: dict[str, dict[str, Any]] = {}
+    for g in sorted(groups, key=lambda g: (model_name(g), g.name)):
+        entry = out.setdefault(model_name(g), {"groups": [], "aliases": [], "alive": 0, "weights": []})
+        entry["groups"].append(g.name)
+        entry["alive"] += g.alive
+        for alias in g.served_models[1:]:
+            if alias not in entry["aliases"]:
+                entry["aliases"].append(alias)
+        if g.weights and g.weights not in entry["weights"]:
+            entry["weights"].append(g.weights)
+    return out
 
 
 def _state(group: GroupStatus) -> str:
@@ -153,12 +175,12 @@ def _columns(rows: Sequence[Sequence[str]]) -> list[str]:
 def render_table(snapshot: Snapshot, *, rates: dict[str, float] | None = None, title: str | None = None) -> str:
     """The snapshot for a person: groups, balancers, then totals and the ingress depth."""
     lines = [title, ""] if title else []
-    groups = snapshot.groups
+    groups = sorted(snapshot.groups, key=lambda g: (model_name(g), g.name))  # grouped by model
     if groups:
         header = ("GROUP", "STATE", "TP", "MODEL", "KV DTYPE", "KV USED/CAPACITY", "WEIGHTS+KV/RANK", "RUN", "WAIT",
                   "QUEUE", "TOK/S", "REQ/S", "HEARTBEAT", "LEADER", "METRICS")
         lines += _columns([header] + [
-            (g.name, _state(g), str(g.tp), g.model, g.kv_dtype, _kv(g), _rank_memory(g), str(g.running), str(g.waiting),
+            (g.name, _state(g), str(g.tp), model_name(g), g.kv_dtype, _kv(g), _rank_memory(g), str(g.running), str(g.waiting),
              str(g.queue_depth), f"{g.tokens_per_s:.1f}",
              f"{rates[g.name]:.1f}" if rates is not None and g.name in rates else "-",
              f"{g.heartbeat_age_s:.1f}s ago", f"{g.leader_pid}@{g.host}",
@@ -182,6 +204,12 @@ def render_table(snapshot: Snapshot, *, rates: dict[str, float] | None = None, t
         if rates:
             totals += f", {sum(rates.get(g.name, 0.0) for g in live):.1f} req/s"
         lines += ["", totals]
+        models = models_json(groups)
+        if len(models) > 1:
+            lines += [f"  {name}: {m['alive']}/{len(m['groups'])} groups alive"
+                      + (f", aliases {', '.join(m['aliases'])}" if m["aliases"] else "")
+                      + (f", {len(m['weights'])} weights versions" if len(m["weights"]) > 1 else "")
+                      for name, m in models.items()]
     lines.append(f"ingress: {snapshot.ingress_depth} entries ({snapshot.ingress_pending} being routed by balancers)")
     return "\n".join(lines)
 

@@ -40,6 +40,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="stop sequence, not included in the output (repeatable)",
     )
+    parser.add_argument("--stop-token-id", dest="stop_token_ids", type=int, action="append", default=None,
+                        metavar="ID", help="token id that ends generation (repeatable)")
+    parser.add_argument("--model", default=None, metavar="NAME",
+                        help="served model name (default: the only model served, or the balancers' default)")
     parser.add_argument("--stream", action="store_true", help="print the text as it is generated")
     parser.add_argument("--priority", type=int, default=None, help="lower is served earlier (default 0)")
     parser.add_argument(
@@ -86,6 +90,8 @@ def _options(args: argparse.Namespace) -> tuple[str | None, RequestOptions]:
         "top_k": args.top_k,
         "seed": args.seed,
         "stop": args.stop,
+        "stop_token_ids": args.stop_token_ids,
+        "model": args.model,
         "stream": args.stream,
         "priority": args.priority,
         "timeout_s": args.timeout,

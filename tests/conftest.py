@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 
@@ -65,3 +66,24 @@ def subprocess_env(redis_url: str, prefix: str) -> dict[str, str]:
 def mono() -> FakeMonotonic:
     """A monotonic clock that moves only when a test advances it."""
     return FakeMonotonic()
+
+
+@pytest.fixture(scope="session")
+def redis7_server() -> Iterator[EmbeddedRedis]:
+    """The system redis-server (7.x on this project's machines) for the whole session."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("no redis-server on PATH")
+    with EmbeddedRedis(binary=binary) as server:
+        yield server
+
+
+@pytest.fixture(params=["bundled", "system"])
+def any_redis(request: pytest.FixtureRequest) -> Iterator[redis.Redis]:
+    """A flushed client of the bundled redis-server (6.2), then of the system one (7): behaviour
+    that differs between versions (XAUTOCLAIM of deleted entries, ACL) is tested on both."""
+    server = request.getfixturevalue("redis_server" if request.param == "bundled" else "redis7_server")
+    client = redis.Redis.from_url(server.url)
+    client.flushall()
+    yield client
+    client.close()

@@ -33,13 +33,27 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+# What a hub download fetches: config.json, generation_config.json, tokenizer.json,
+# tokenizer_config.json, special_tokens_map.json (*.json); the weights; the chat template as
+# transformers 5 saves it (chat_template.jinja, or several in additional_chat_templates/); and the
+# files of tokenizers without a tokenizer.json (SentencePiece's tokenizer.model, BPE's vocab/merges).
+HUB_FILES = ("*.json", "*.safetensors", "*.jinja", "additional_chat_templates/*", "tokenizer.model",
+             "*.tiktoken", "merges.txt", "vocab.txt")
+
+
 def resolve_model(spec: str) -> Path:
     """The local directory of the model named by ``spec``.
 
+<<<<<<< HEAD
     A directory is used as it is; a GGUF file gets a directory of its metadata in the cache (see
     ``gguf_file.materialize_gguf``), whose weights are read from the file itself; ``random:<preset>`` is written once into the cache (see
     ``presets``); ``owner/name`` is fetched from the Hugging Face hub (config, tokenizer and
     safetensors files only), which needs ``huggingface_hub`` and network or a warm HF cache.
+=======
+    A directory is used as it is; ``random:<preset>`` is written once into the cache (see
+    ``presets``); ``owner/name`` is fetched from the Hugging Face hub (``HUB_FILES``: config,
+    generation config, weights, and every file the tokenizer and chat template need), which needs ``huggingface_hub`` and network or a warm HF cache.
+>>>>>>> main
     """
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -66,7 +80,7 @@ def resolve_model(spec: str) -> Path:
         ) from None
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
-        return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors"]))
+        return Path(snapshot_download(spec, allow_patterns=list(HUB_FILES)))
     except Exception as e:  # noqa: BLE001 - hub errors have many types; all mean "not available"
         why = "offline (HF_HUB_OFFLINE is set) and not in the local Hugging Face cache" if offline else str(e)
         raise ConfigError(

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from broker.cli_common import add_common, settings_from_args, setup_logging
-from broker.connection import connect, resolve_url
+from broker.connection import connect, mask_url, resolve_url
 from broker.errors import ConfigError
 from broker.keys import Keys
 
@@ -59,7 +59,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="server-side deadline of each request, for lines that set none")
     submit.add_argument("--chat-template", default=None, metavar="PATH",
                         help="chat template for 'messages' lines: a model directory, tokenizer_config.json or "
-                             "Jinja file (default: the served model directory's, else 'role: content' lines)")
+                             "Jinja file (default: the one the served model's groups publish)")
     submit.add_argument("--model-dir", default=None, metavar="DIR", help="same as --chat-template DIR")
     submit.add_argument("--retries", type=int, default=DEFAULT_RETRIES, metavar="N",
                         help=f"times RQ retries the job after a failure or a dead worker (default {DEFAULT_RETRIES})")
@@ -167,7 +167,7 @@ def _worker(args: argparse.Namespace, settings: Any, keys: Keys) -> int:
     conn = connect(url, settings)
     worker = BatchWorker([batch_queue(conn, keys)], connection=conn, name=args.name,
                          heartbeat_ttl_s=settings.batch_heartbeat_ttl_s)
-    print(f"batch worker {worker.name} on queue {keys.batch_queue} at {url}", flush=True)
+    print(f"batch worker {worker.name} on queue {keys.batch_queue} at {mask_url(url)}", flush=True)
     worker.work(burst=args.burst, with_scheduler=True, logging_level=args.log_level)
     return 0
 

@@ -30,8 +30,9 @@ from typing import Any
 
 import redis
 
+from balancer.models import resolve_model
 from broker.connection import TRANSIENT_ERRORS, backoff_delays
-from broker.errors import InvalidRequest, RequestFailed
+from broker.errors import InvalidRequest, RequestFailed, Unavailable
 from broker.keys import Keys
 from broker.registry import read_groups
 from broker.settings import Settings, load_settings
@@ -46,7 +47,7 @@ from producer.batch.lines import (
     result_record,
     scan_output,
 )
-from producer.chat_template import ChatTemplate, TemplateSource
+from producer.chat_template import ChatTemplate, TemplateSource, registry_template
 from producer.client import READ_COUNT, STREAM_START, _stream_entries
 from producer.request import Completion, Event, RequestOptions, request_fields
 
@@ -173,24 +174,26 @@ class BatchRun:
         if isinstance(parsed, LineRequest) and parsed.messages is not None:
             try:
                 prompt = self._chat_template().render(parsed.messages)
-            except InvalidRequest as exc:
+            except (InvalidRequest, Unavailable) as exc:
                 return BadLine(line, parsed.user_id, str(exc))
             parsed = LineRequest(line, parsed.user_id, prompt=prompt, options=parsed.options)
         return parsed
 
     def _chat_template(self) -> ChatTemplate:
-        """The template for chat lines: the job's, else that of the model the groups serve."""
+        """The template for chat lines: the job's, else the one the groups of the served model (the
+        only one, or the balancers' default) publish in the registry (broker.chat)."""
         if self._template is None:
-            if self.spec.chat_template:
-                self._template = TemplateSource(self.spec.chat_template).for_model(None)
+            source = TemplateSource(self.spec.chat_template)
+            if source.explicit is not None:
+                self._template = source.explicit
             else:
                 groups = self._retry(lambda: read_groups(self.redis, self.keys,
                                                          dead_after_s=self.settings.dead_after_s))
-                models = sorted({g.model for g in groups if g.alive}) or sorted({g.model for g in groups})
-                if len(models) > 1:
-                    log.warning("groups serve several models (%s); chat lines use the template of %s",
-                                models, models[0])
-                self._template = TemplateSource().for_model(models[0] if models else None)
+                model = resolve_model(None, groups, default=self.settings.default_model)
+                if model is None:
+                    raise Unavailable("no worker group is registered: no chat template for 'messages' lines")
+                self._template = self._retry(lambda: registry_template(self.redis, self.keys, groups, model,
+                                                                       source=source))
         return self._template
 
     # --- sending and receiving ----------------------------------------------------------------

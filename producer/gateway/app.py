@@ -23,7 +23,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
@@ -34,12 +33,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from broker.chat import template_text
 from broker.connection import TRANSIENT_ERRORS, connect_async
-from broker.errors import InvalidRequest, RequestFailed
+from broker.errors import InvalidRequest, RequestFailed, RyzansteinError
 from broker.keys import Keys
 from broker.protocol import parse_request
+from broker.registry import GroupStatus, served_names
 from broker.settings import Settings
-from producer.chat_template import TemplateSource
+from producer.chat_template import ChatTemplate, TemplateSource
 from producer.client import AsyncClient, Completion, Event, Handle
 from producer.gateway.config import GatewayConfig
 from producer.gateway.errors import ApiError
@@ -165,24 +166,25 @@ class Gateway:
             return JSONResponse({"status": "unavailable", "reason": f"Redis is unreachable: {exc}"}, 503)
         if not groups:
             return JSONResponse({"status": "unavailable", "reason": "no live worker group"}, 503)
-        return JSONResponse({"status": "ok", "groups": len(groups), "models": sorted({g.model for g in groups}),
+        return JSONResponse({"status": "ok", "groups": len(groups), "models": served_names(groups),
                              "in_flight": self.in_flight})
 
     async def models(self, request: Request) -> Response:
         try:
-            models = await self.groups.models()
+            groups = await self.groups.get()
         except TRANSIENT_ERRORS as exc:
             return ApiError("unavailable", f"Redis is unreachable: {exc}").response()
-        return JSONResponse({"object": "list", "data": [self._model_card(m) for m in models]})
+        return JSONResponse({"object": "list", "data": [self._model_card(m, groups) for m in served_names(groups)]})
 
     async def model(self, request: Request) -> Response:
         try:
-            model = self._resolve_model(request.path_params["model"], await self.groups.models())
+            groups = await self.groups.get()
+            model = self._resolve_model(request.path_params["model"], served_names(groups))
         except TRANSIENT_ERRORS as exc:
             return ApiError("unavailable", f"Redis is unreachable: {exc}").response()
         except ApiError as exc:
             return exc.response()
-        return JSONResponse(self._model_card(model))
+        return JSONResponse(self._model_card(model, groups))
 
     async def completions(self, request: Request) -> Response:
         return await self._generate(request, "completion")
@@ -192,17 +194,19 @@ class Gateway:
 
     # --- generation ---------------------------------------------------------------------------
 
-    def _model_card(self, model: str) -> dict[str, Any]:
-        return {"id": model, "object": "model", "created": self.started, "owned_by": "ryzanstein"}
+    def _model_card(self, model: str, groups: list[GroupStatus]) -> dict[str, Any]:
+        """OpenAI's model object, with vLLM's ``max_model_len``: the longest context (prompt +
+        max_tokens) a group serving ``model`` accepts."""
+        max_len = max((g.max_context for g in groups if g.serves(model)), default=0)
+        return {"id": model, "object": "model", "created": self.started, "owned_by": "ryzanstein",
+                "max_model_len": max_len}
 
     @staticmethod
     def _resolve_model(requested: str, served: list[str]) -> str:
-        """The served model spec ``requested`` names: the spec itself, or a model directory's name."""
+        """``requested`` when a routable group serves that name (``--served-model-name``); ApiError
+        ``model_not_found`` otherwise, or ``unavailable`` with no routable group."""
         if requested in served:
             return requested
-        for model in served:
-            if Path(model).name == requested:
-                return model
         if not served:
             raise ApiError("unavailable", "no live worker group")
         raise ApiError("model_not_found", f"model {requested!r} is not served here; served: {served}", "model")
@@ -219,15 +223,34 @@ class Gateway:
         except TRANSIENT_ERRORS as exc:
             raise ApiError("unavailable", f"Redis is unreachable: {exc}") from None
         gen.model = self._resolve_model(gen.model, served)
+        gen.options["model"] = gen.model  # the balancer routes by it
         if kind == "chat":
+            template = await self._chat_template(gen.model)
             try:
-                gen.prompt = self.templates.for_model(gen.model).render(gen.messages)
+                gen.prompt = template.render(gen.messages)
             except InvalidRequest as exc:
                 raise ApiError.from_code(exc.code, str(exc)) from None
         deadline = gen.options.get("timeout_s")
         limit = self.config.request_timeout_s
         gen.options["timeout_s"] = limit if deadline is None else min(deadline, limit)
         return gen
+
+    async def _chat_template(self, model: str) -> ChatTemplate:
+        """The template of ``model``: --chat-template's, else the one its groups publish (read from
+        Redis once per digest); ApiError when the model has none or Redis lacks it."""
+        group = next((g for g in await self.groups.get() if g.serves(model)), None)
+        if group is None:
+            raise ApiError("unavailable", f"no live worker group serves model {model!r}")
+        cached = self.templates.cached(group)
+        if cached is not None:
+            return cached
+        try:
+            raw = await self._redis.get(self.keys.chat_template(group.chat_template)) if group.chat_template else None
+            return self.templates.for_group(group, lambda digest: template_text(raw, digest))
+        except TRANSIENT_ERRORS as exc:
+            raise ApiError("unavailable", f"Redis is unreachable: {exc}") from None
+        except RyzansteinError as exc:
+            raise ApiError.from_code(exc.code, str(exc)) from None
 
     def _check_fields(self, gen: Generation, request_id: str) -> None:
         """Run the balancer's validation here, so that a bad request is a 400 at once."""

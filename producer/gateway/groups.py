@@ -11,17 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from broker.keys import Keys
-from broker.registry import GroupStatus, groups_from_reply
-
-
-async def read_groups_async(redis: Any, keys: Keys, *, dead_after_s: float) -> list[GroupStatus]:
-    """Every registered group, alive or not, with ages on the Redis clock (``broker.registry.read_groups``)."""
-    names = [n.decode() for n in await redis.zrange(keys.groups, 0, -1)]
-    pipe = redis.pipeline(transaction=False)
-    pipe.time()
-    for name in names:
-        pipe.hgetall(keys.group_info(name))
-    return groups_from_reply(await pipe.execute(), dead_after_s=dead_after_s)
+from broker.registry import GroupStatus, read_groups_async, served_names
 
 
 class LiveGroups:
@@ -47,5 +37,5 @@ class LiveGroups:
         return self._groups
 
     async def models(self) -> list[str]:
-        """The model specs the routable groups serve, each once, sorted."""
-        return sorted({g.model for g in await self.get()})
+        """The names the routable groups serve (``--served-model-name``), each once, sorted."""
+        return served_names(await self.get())

@@ -58,11 +58,14 @@ def make_balancer(
 
 
 def fake_group(r: redis.Redis, keys: Keys, name: str, *, vocab_size: int = 256, max_context: int = 4096,
-               running: int = 0, state: str = "ready", accepting: bool = True, age_s: float = 0.0) -> None:
-    """Register a group the way a WorkerGroup does (HEARTBEAT script), optionally aged ``age_s``."""
+               running: int = 0, state: str = "ready", accepting: bool = True, age_s: float = 0.0,
+               served: list[str] | None = None, weights: str = "") -> None:
+    """Register a group the way a WorkerGroup does (HEARTBEAT script), optionally aged ``age_s``;
+    it serves the model ``fake`` unless ``served`` names others."""
     load = GroupLoad(name=name, tp=1, model="fake", kv_dtype="none", kv_capacity_tokens=0, kv_used_tokens=0,
                      running=running, waiting=0, queue_depth=0, leader_pid=1, host="h",
-                     max_context=max_context, vocab_size=vocab_size, state=state)
+                     max_context=max_context, vocab_size=vocab_size, state=state,
+                     served_models=served or ["fake"], weights=weights)
     ms = int(Scripts(r).heartbeat(keys=[keys.groups, keys.group_info(name)], args=[name, *load.to_fields()]))
     if age_s:
         old = ms - int(age_s * 1000)
@@ -356,6 +359,8 @@ def test_resubmitted_id_goes_nowhere_but_its_first_group(
     other = "g2" if home == "g1" else "g1"
     cost = int(r.get(keys.group_queue_tokens(home)))
     monkeypatch.setattr(type(balancer.router), "pick", lambda self, **_: self.find(other))
+    # Its id's holder gone (expired, or pinned by an older release): only the claim tells.
+    r.delete(keys.request_id("twice"))
     submit(r, keys, id="twice", prompt="x")
     balancer.tick()
     assert [(q.id, e) for q, e in queued(r, keys, home)] == [("twice", 1)]
@@ -540,18 +545,26 @@ def test_ingress_read_blocks_unless_a_waiting_request_can_be_routed(
         blocks.append(k.get("block"))
         real_read(self, *a, **k)
 
+    real_script_read = Balancer._read_ingress
+
+    def read_ingress(self: Balancer, client: Any, count: int) -> None:
+        blocks.append(None)  # the non-blocking read (READ_INGRESS)
+        real_script_read(self, client, count)
+
     balancer = make_balancer(balancer_block_ms=7)
     monkeypatch.setattr(Batch, "xreadgroup", xreadgroup)
+    monkeypatch.setattr(Balancer, "_read_ingress", read_ingress)
+    balancer.scripts.load()
     submit(r, keys, id="w", prompt="x")
-    balancer.tick()
+    balancer.tick()  # the blocking read takes one entry, then reads on without blocking (None)
     balancer.tick()  # waiting, but no group: nothing to gain from spinning
-    assert blocks == [7, 7] and list(balancer.waiting)
+    assert blocks == [7, None, 7] and list(balancer.waiting)
 
     fake_group(r, keys, "closing", accepting=False)
     balancer.refresh_groups()
     balancer.tick()  # "closing" looks routable: no block; routed there, it refuses and is paused
     balancer.tick()  # the only group is paused: block again
-    assert blocks[2:] == [None, 7] and list(balancer.waiting)
+    assert blocks[3:] == [None, 7] and list(balancer.waiting)
 
     fake_group(r, keys, "open")
     balancer.refresh_groups()

@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from broker import connection, embedded
-from broker.connection import RedisClock, backoff_delays, connect, connect_async, resolve_url
+from broker.connection import RedisClock, backoff_delays, connect, connect_async, mask_url, resolve_url
 from broker.embedded import EmbeddedRedis
 from broker.errors import ConfigError
 from broker.settings import Settings, load_settings
@@ -249,3 +249,38 @@ def test_clock_tracks_a_real_server(r: redis.Redis) -> None:
     secs, micros = r.time()
     server_ms = secs * 1000 + micros / 1000
     assert abs(clock.now_ms() - server_ms) < 1000
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("redis://app:s3cr%40t@db:6379/0", "redis://app:***@db:6379/0"),
+    ("rediss://:onlypass@db:6380", "rediss://:***@db:6380"),
+    ("unix://app:pw@/run/redis.sock?db=1", "unix://app:***@/run/redis.sock?db=1"),
+    ("redis+cluster://u:pw@a:7000,b:7001", "redis+cluster://u:***@a:7000,b:7001"),
+    ("redis://db:6379/0?password=pw&db=2", "redis://db:6379/0?password=***&db=2"),
+    ("redis://127.0.0.1:6390", "redis://127.0.0.1:6390"),
+    ("unix:///tmp/r.sock", "unix:///tmp/r.sock"),
+])
+def test_mask_url_hides_the_password(url: str, shown: str) -> None:
+    assert mask_url(url) == shown
+
+
+def test_a_balancer_never_prints_its_password(r: redis.Redis, redis_url: str, subprocess_env: dict[str, str]) -> None:
+    """Given in the environment (as docs/OPERATIONS.md advises), the password stays out of the output."""
+    import subprocess
+    import sys
+
+    user, password = f"u{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    r.acl_setuser(user, enabled=True, passwords=[f"+{password}"], keys=["*"], commands=["+@all"])
+    env = {**subprocess_env, "RYZ_REDIS_URL": redis_url.replace("redis://", f"redis://{user}:{password}@")}
+    proc = subprocess.Popen([sys.executable, "-m", "balancer"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("balancer ") and f"{user}:***@" in line, line
+        assert password not in line
+        assert password not in Path(f"/proc/{proc.pid}/cmdline").read_text()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        r.acl_deluser(user)

@@ -11,6 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from broker.errors import InvalidRequest
+from broker.keys import Keys
 from broker.protocol import (
     FINAL_EVENTS,
     MAX_KEY_BYTES,
@@ -760,3 +761,32 @@ def test_reply_to_may_be_any_other_key_under_the_prefix() -> None:
     request = parse_request({b"prompt": b"hi", b"reply_to": b"ryz:my-replies"}, entry_id="1-0", prefix="ryz",
                             max_request_bytes=1 << 20)
     assert request.reply_to == "ryz:my-replies"
+
+
+def _pipeline_keys() -> list[str]:
+    """One key of every kind the pipeline owns (broker.keys), under PREFIX."""
+    k = Keys(PREFIX)
+    return [
+        k.requests, k.cancel, k.groups, k.group_info("g"), k.group_queue("g"), k.group_queue_tokens("g"),
+        k.group_accepting("g"), k.group_failover_lock("g"), k.dispatch_marker("g", "abc", 1), k.balancers,
+        k.balancer_stats("b"), k.dead, k.request_id("abc"), k.request_id("other"), k.chat_template("0" * 64),
+        *k.progress(k.result("abc"), "abc"), *k.progress(k.result("victim"), "victim"),
+        *k.progress("app:replies", "victim"), *k.progress("{app}:replies", "victim"),
+        *k.progress("replies}1", "victim"), *k.progress(k.client_replies("c1"), "victim"),
+        k.result("victim"), k.result("abc-not"), "rq:queue:" + k.batch_queue, "rq:job:1",
+    ]
+
+
+@pytest.mark.parametrize("key", _pipeline_keys())
+def test_reply_to_is_never_a_pipeline_key_nor_another_requests_result(key: str) -> None:
+    """Every key kind the pipeline writes, including per-request state of any reply stream, and the
+    default result stream of any other id: refused before dispatch, and never the best-effort target."""
+    rejected({"id": "abc", "prompt": "x", "reply_to": key}, "reply_to")
+    assert best_effort_reply_to(wire({"id": "abc", "max_tokens": "x", "reply_to": key}),
+                                entry_id=ENTRY, prefix=PREFIX) == ("abc", f"{PREFIX}:result:abc")
+
+
+@pytest.mark.parametrize("key", [f"{PREFIX}:result:abc", f"{PREFIX}:client:1234", f"{PREFIX}:batch:j1:replies",
+                                 "app:replies", "{app}:replies", "my:state", "{app}:stately"])
+def test_reply_to_of_a_client_chosen_stream_still_works(key: str) -> None:
+    assert parse({"id": "abc", "prompt": "x", "reply_to": key}).reply_to == key

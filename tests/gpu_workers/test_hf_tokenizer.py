@@ -161,22 +161,38 @@ def sp_dir(tmp_path: Path, **files: Any) -> Path:
     return write(tmp_path, tokenizer=fixtures.sentencepiece_json(), **files)
 
 
-def test_eos_from_generation_config_int(tmp_path: Path) -> None:
+def test_eos_is_the_union_of_generation_config_config_and_the_tokenizer(tmp_path: Path) -> None:
     loaded = load_tokenizer(sp_dir(tmp_path, generation_config={"eos_token_id": 7}, config={"eos_token_id": 9}),
                             vocab_size=1000)
-    assert loaded.eos_token_ids == {7}
+    assert loaded.eos_token_ids == {7, 9, 2}  # 2: tokenizer_config.json's eos_token "</s>"
+    assert (loaded.bos_token, loaded.eos_token) == ("<s>", "</s>")
+
+
+@pytest.mark.parametrize("generation", [{"eos_token_id": 0}, {"eos_token_id": [0, 1]}, {}])
+@pytest.mark.parametrize("eos_token", ["<|im_end|>", {"content": "<|im_end|>", "special": True}])
+def test_a_chat_models_end_of_turn_ends_generation_whatever_generation_config_says(
+        tmp_path: Path, generation: dict[str, Any], eos_token: Any) -> None:
+    """The issue's failing input: a chat model copy whose generation_config.json names only the
+    pretraining EOS (0) while the tokenizer's EOS is <|im_end|> must stop at the end of a turn."""
+    directory = write(tmp_path, tokenizer=fixtures.byte_level_json(), generation_config=generation,
+                      tokenizer_config={"eos_token": eos_token, "bos_token": None})
+    loaded = load_tokenizer(directory, vocab_size=1000)
+    im_end = loaded.tokenizer.token_to_id("<|im_end|>")  # type: ignore[attr-defined]
+    assert im_end is not None and im_end in loaded.eos_token_ids
+    given = generation.get("eos_token_id", [])
+    assert set(given if isinstance(given, list) else [given]) <= loaded.eos_token_ids
 
 
 def test_eos_from_generation_config_list(tmp_path: Path) -> None:
     loaded = load_tokenizer(sp_dir(tmp_path, generation_config={"eos_token_id": [2, 300, 301], "bos_token_id": 1}),
                             vocab_size=1000)
     assert loaded.eos_token_ids == {2, 300, 301}
-    assert loaded.bos_token_id == 1
+    assert loaded.bos_token_id == 1  # the BOS is the first one given (generation_config.json first)
 
 
 def test_eos_and_bos_from_config_json_without_generation_config(tmp_path: Path) -> None:
     loaded = load_tokenizer(sp_dir(tmp_path, config={"eos_token_id": [5, 6], "bos_token_id": 4}), vocab_size=1000)
-    assert loaded.eos_token_ids == {5, 6}
+    assert loaded.eos_token_ids == {5, 6, 2}
     assert loaded.bos_token_id == 4
 
 

@@ -236,3 +236,19 @@ def test_deltas_join_to_the_final_text(text: str, stops: list[str], max_tokens: 
     for r in results:
         shown += r.text
         assert out.text.startswith(shown)
+
+
+def test_stop_token_ids_end_the_request_like_eos() -> None:
+    out = OutputState(
+        sampling=SamplingParams(max_tokens=100, stop_token_ids=(ord("!"), ord("?"))),
+        prompt_ids=[1],
+        tokenizer=ByteTokenizer(vocab_size=257, specials=frozenset({EOS})),
+        eos_token_ids=frozenset({EOS}),
+        max_context=10_000,
+    )
+    results = [out.push(t) for t in b"hi?"]
+    assert [r.finish_reason for r in results] == [None, None, "stop"]
+    assert out.token_ids == list(b"hi?")
+    # EOS still ends a request that has its own stop tokens
+    other = state()
+    assert other.push(EOS).finish_reason == "stop"

@@ -36,10 +36,11 @@ class Procs:
     log_dir: Path
     started: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def spawn(self, module: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def spawn(self, module: str, *args: str, env: dict[str, str] | None = None,
+              cwd: Path | None = None) -> subprocess.Popen[bytes]:
         log = open(self.log_dir / f"{len(self.started):02d}-{module}.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen([sys.executable, "-m", module, *args], env={**self.env, **(env or {})},
-                                stdout=log, stderr=subprocess.STDOUT)
+                                stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
         log.close()
         self.started.append(proc)
         return proc

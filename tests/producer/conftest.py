@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import redis
 
+from broker.chat import PLAIN_CHAT_TEMPLATE, publish_template
 from broker.errors import InvalidRequest
 from broker.keys import Keys, companion
 from broker.protocol import (
@@ -31,6 +32,7 @@ from broker.protocol import (
     parse_request,
     token_event,
 )
+from broker.registry import GroupLoad
 from broker.scripts import Scripts, pack_events, publish_result
 
 PUBLISHER = "test-responder"
@@ -140,3 +142,14 @@ def responder(redis_url: str, keys: Keys) -> Iterator[Responder]:
     answering.start()
     yield answering
     answering.stop()
+
+
+def register_group(r: redis.Redis, keys: Keys, name: str = "stub", *, served: tuple[str, ...] = ("echo",),
+                   template: str | None = PLAIN_CHAT_TEMPLATE, bos_token: str = "", eos_token: str = "") -> None:
+    """A group in the registry as a worker registers one (heartbeat, published chat template), for
+    clients that read the registry; the Responder answers the requests."""
+    load = GroupLoad(name=name, tp=1, model=served[0], kv_dtype="none", kv_capacity_tokens=0, kv_used_tokens=0,
+                     running=0, waiting=0, queue_depth=0, leader_pid=1, host="h", max_context=4096,
+                     vocab_size=256, served_models=list(served), bos_token=bos_token, eos_token=eos_token,
+                     chat_template=publish_template(r, keys, template) if template is not None else "")
+    Scripts(r).heartbeat(keys=[keys.groups, keys.group_info(name)], args=[name, *load.to_fields()])

@@ -21,7 +21,7 @@ from producer.batch import cli as batch_cli
 from producer.batch.job import BatchRun, BatchSpec, Progress, line_of, request_id
 from producer.batch.lines import BadLine, LineRequest, parse_line, scan_output
 from producer.batch.queue import BatchWorker, batch_queue, job_view, submit_job
-from tests.producer.conftest import Responder
+from tests.producer.conftest import Responder, register_group
 
 # --- lines --------------------------------------------------------------------------------------
 
@@ -100,6 +100,7 @@ def _run(r: redis.Redis, spec: BatchSpec, *, job_id: str = "j1", run: int = 1) -
 
 
 def test_run_answers_every_line_once(responder: Responder, r: redis.Redis, keys: Keys, tmp_path: Path) -> None:
+    register_group(r, keys)  # an echo group: its published template renders chat lines
     source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     _write_input(source, 40, bad={7: "{oops", 8: '{"prompt": "fail:internal"}',
                                   9: json.dumps({"messages": [{"role": "user", "content": "hey you"}]})})

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from broker.errors import ConfigError, InvalidRequest
+from broker.chat import template_digest
+from broker.errors import ConfigError, InvalidRequest, Unavailable
+from broker.registry import GroupLoad
 from producer.chat_template import ChatTemplate, TemplateSource, normalize_messages
 
 CHATML = (
@@ -97,17 +99,33 @@ def test_chat_template_jinja_file_wins_and_named_templates_pick_default(tmp_path
     assert ChatTemplate.from_path(model).render([{"role": "user", "content": "x"}]) == "D1"  # type: ignore[union-attr]
 
 
-def test_template_source_prefers_explicit_then_model_directory_then_fallback(tmp_path: Path) -> None:
+def _group(template: str = "", **fields: str) -> GroupLoad:
+    return GroupLoad(name="g", tp=1, model="/srv/chat", kv_dtype="none", kv_capacity_tokens=0, kv_used_tokens=0,
+                     running=0, waiting=0, queue_depth=0, leader_pid=1, host="h", max_context=64, vocab_size=256,
+                     served_models=["chat"], chat_template=template, **fields)  # type: ignore[arg-type]
+
+
+def test_template_source_prefers_explicit_then_the_published_template_and_never_falls_back(tmp_path: Path) -> None:
     model = _model_dir(tmp_path / "model", {"chat_template": CHATML})
     plain = _model_dir(tmp_path / "plain", {"bos_token": "<s>"})  # a model without a template
     messages = [{"role": "user", "content": "Hi"}]
+    published = {template_digest(CHATML): CHATML}
+    reads: list[str] = []
+
+    def read(digest: str) -> str | None:
+        reads.append(digest)
+        return published.get(digest)
+
     source = TemplateSource()
-    assert source.for_model(str(model)).render(messages).startswith("<|im_start|>user")
-    assert source.for_model(str(plain)).render(messages) == "user: Hi\nassistant:"
-    assert source.for_model("echo").render(messages) == "user: Hi\nassistant:"
-    assert source.for_model(None).render(messages) == "user: Hi\nassistant:"
+    group = _group(template_digest(CHATML), bos_token="<s>")
+    assert source.for_group(group, read).render(messages) == "<s><|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert source.for_group(group, read) is source.cached(group) and len(reads) == 1  # read once per digest
+    with pytest.raises(InvalidRequest, match="model 'chat' has no chat template"):
+        source.for_group(_group(""), read)  # never the plain template in its place
+    with pytest.raises(Unavailable, match="not in Redis"):
+        source.for_group(_group(template_digest("gone")), read)
     explicit = TemplateSource(model)
-    assert explicit.for_model("echo").render(messages).startswith("<|im_start|>user")
+    assert explicit.for_group(_group(""), read).render(messages).startswith("<|im_start|>user")
     with pytest.raises(ConfigError, match="has no chat template"):
         TemplateSource(plain)
     with pytest.raises(ConfigError):

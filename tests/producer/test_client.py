@@ -27,6 +27,7 @@ def test_submit_sends_only_the_fields_that_are_set(client: Client, r: redis.Redi
     handle = client.submit("hi there", max_tokens=5)
 
     [(_entry_id, fields)] = r.xrange(keys.requests)
+    assert fields.pop(b"cancel_token").decode() == handle.cancel_token  # a fresh secret per request
     assert fields == {b"id": handle.id.encode(), b"prompt": b"hi there", b"max_tokens": b"5"}
     assert handle == Handle(handle.id, keys.result(handle.id))
     assert len(handle.id) == 32
@@ -43,6 +44,8 @@ def test_every_option_survives_the_servers_parser(keys: Keys) -> None:
         top_k=3,
         seed=-9,
         stop=["\n", "END"],
+        stop_token_ids=[2, 0],
+        model="org/chat-v2",
         stream=True,
         priority=-2,
         timeout_s=1.5,
@@ -59,7 +62,9 @@ def test_every_option_survives_the_servers_parser(keys: Keys) -> None:
         "top_k": 3,
         "seed": -9,
         "stop": ("\n", "END"),
+        "stop_token_ids": (2, 0),
     }
+    assert request.model == "org/chat-v2"
     assert (request.stream, request.priority, request.timeout_s, request.reply_to) == (
         True,
         -2,
@@ -185,8 +190,11 @@ def test_cancel_writes_the_id_to_the_cancel_stream(
 ) -> None:
     handle = client.submit("hang")
     client.cancel(handle)
+    client.cancel(handle.id)  # by id alone: the client remembers the token of what it sent
 
-    assert [fields for _, fields in r.xrange(keys.cancel)] == [{b"id": handle.id.encode()}]
+    token = handle.cancel_token
+    assert token and [fields for _, fields in r.xrange(keys.cancel)] == [
+        {b"id": handle.id.encode(), b"token": token.encode()}] * 2
     assert client.result(handle, timeout=5).finish_reason == "cancelled"
 
 

@@ -19,6 +19,7 @@ import pytest
 import redis
 import uvicorn
 
+from broker.chat import template_digest
 from broker.connection import connect_async
 from broker.keys import Keys
 from broker.registry import GroupLoad
@@ -30,6 +31,7 @@ from producer.gateway.groups import LiveGroups
 from producer.gateway.schema import Responder, parse_chat, parse_completion
 from producer.request import Completion
 from tests.producer.conftest import Responder as StubPipeline
+from tests.producer.conftest import register_group
 
 # --- parsing ------------------------------------------------------------------------------------
 
@@ -200,3 +202,29 @@ def test_error_events_reach_openai_clients_as_http_statuses(stub_gateway: str) -
             assert caught.value.status_code == status, (code, stream)
             assert caught.value.code == code
             assert caught.value.message.endswith("the responder was told to fail")
+
+
+CHATML = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_chat_uses_the_published_template_or_fails_and_models_carry_max_model_len(
+        stub_gateway: str, r: redis.Redis, keys: Keys) -> None:
+    register_group(r, keys, "chat-group", served=("chat", "chat-alias"), template=CHATML, bos_token="<s>")
+    r.hset(keys.group_info("chat-group"), "heartbeat_ms", int(r.hget(keys.group_info("chat-group"),
+                                                                      "heartbeat_ms")) + 3_600_000)
+    client = openai.OpenAI(base_url=stub_gateway, api_key="unused", max_retries=0)
+    # registered before the gateway's first registry read (at its first request)
+    models = {m.id: m.model_extra["max_model_len"] for m in client.models.list().data}  # type: ignore[index]
+    assert models == {"chat": 4096, "chat-alias": 4096, "stub-model": 1 << 20}
+    messages = [{"role": "user", "content": "Hi"}]
+    for name in ("chat", "chat-alias"):
+        done = client.chat.completions.create(model=name, messages=messages, max_tokens=100)  # type: ignore[arg-type]
+        # the stub echoes the rendered prompt (without its trailing newline)
+        assert done.choices[0].message.content == "<s><|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant"
+    with pytest.raises(openai.BadRequestError, match="'stub-model' has no chat template") as caught:
+        client.chat.completions.create(model="stub-model", messages=messages)  # type: ignore[arg-type]
+    assert caught.value.code == "invalid_request"
+    r.delete(keys.chat_template(template_digest(CHATML)))  # read once per digest: it keeps serving it
+    done = client.chat.completions.create(model="chat", messages=messages, max_tokens=100)  # type: ignore[arg-type]
+    assert done.choices[0].message.content.startswith("<s><|im_start|>")

@@ -155,7 +155,7 @@ def test_empty_registry(redis_url: str, prefix: str, capsys: pytest.CaptureFixtu
         0, "no worker groups registered\ningress: 0 entries (0 being routed by balancers)\n")
     code, out = run_status(redis_url, prefix, capsys, "--json")
     assert code == 0
-    assert json.loads(out) == {"groups": [], "ingress_depth": 0, "ingress_pending": 0, "balancers": []}
+    assert json.loads(out) == {"groups": [], "models": {}, "ingress_depth": 0, "ingress_pending": 0, "balancers": []}
 
 
 def test_dead_after_is_the_settings_threshold(r: redis.Redis, keys: Keys) -> None:

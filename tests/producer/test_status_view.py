@@ -110,3 +110,26 @@ def test_snapshot_lists_balancers_and_what_they_hold(r: redis.Redis, keys: Keys)
     text = render_table(snap)
     assert "no worker groups registered" in text
     assert [line.split()[:2] for line in text.splitlines() if line.startswith("bal-1")] == [["bal-1", "2"]]
+
+
+def test_groups_are_shown_by_served_model_with_their_names_and_versions() -> None:
+    groups = [
+        status_of(replace(LOAD, name="g-b1", model="/srv/models/chat-v2", served_models=["chat", "chat-latest"],
+                          weights="w2"), age_s=0.1),
+        status_of(replace(LOAD, name="g-a1", model="random:tiny", served_models=["random:tiny"], weights="t"),
+                  age_s=0.1),
+        status_of(replace(LOAD, name="g-a0", model="/srv/models/chat-v1", served_models=["chat"], weights="w1"),
+                  age_s=9.0),
+    ]
+    text = render_table(snapshot(groups))
+    table = [line.split() for line in text.splitlines() if line.startswith("g-")]
+    assert [(row[0], row[3]) for row in table] == [("g-a0", "chat"), ("g-b1", "chat"), ("g-a1", "random:tiny")]
+    assert "/srv/models" not in text
+    assert "  chat: 1/2 groups alive, aliases chat-latest, 2 weights versions" in text.splitlines()
+    assert "  random:tiny: 1/1 groups alive" in text.splitlines()
+    out = json.loads(json.dumps(status_json(snapshot(groups))))
+    assert out["models"] == {
+        "chat": {"groups": ["g-a0", "g-b1"], "aliases": ["chat-latest"], "alive": 1, "weights": ["w1", "w2"]},
+        "random:tiny": {"groups": ["g-a1"], "aliases": [], "alive": 1, "weights": ["t"]}}
+    assert {g["name"]: g["model"] for g in out["groups"]}["g-b1"] == "/srv/models/chat-v2"  # the key kept as it was
+    assert {g["name"]: g["served_models"] for g in out["groups"]}["g-b1"] == ["chat", "chat-latest"]

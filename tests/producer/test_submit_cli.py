@@ -45,6 +45,10 @@ def test_options_reach_the_request(submit, responder: Responder) -> None:
         "X",
         "--stop",
         "Y",
+        "--stop-token-id",
+        "9",
+        "--model",
+        "echo",
         "--priority",
         "3",
         "--timeout",
@@ -63,8 +67,9 @@ def test_options_reach_the_request(submit, responder: Responder) -> None:
         "top_k": 5,
         "seed": 7,
         "stop": ("X", "Y"),
+        "stop_token_ids": (9,),
     }
-    assert (request.priority, request.timeout_s, request.stream) == (3, 30.0, False)
+    assert (request.priority, request.timeout_s, request.stream, request.model) == (3, 30.0, False, "echo")
 
 
 def test_json_prints_the_done_event(submit, responder: Responder) -> None:

@@ -121,3 +121,17 @@ def test_resolve_model_offline_error_is_clear(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert "model 'someone/some-model': no such directory" in out.stdout
     assert "offline (HF_HUB_OFFLINE is set) and not in the local Hugging Face cache" in out.stdout
+
+
+def test_a_hub_download_fetches_every_file_the_tokenizer_and_template_need() -> None:
+    from huggingface_hub.utils import filter_repo_objects
+
+    from gpu_workers.model.loader import HUB_FILES
+
+    needed = ["config.json", "generation_config.json", "model-00001-of-00002.safetensors",
+              "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "chat_template.jinja", "additional_chat_templates/tool_use.jinja", "tokenizer.model",
+              "merges.txt", "vocab.txt", "qwen.tiktoken"]
+    unneeded = ["pytorch_model.bin", "model.gguf", "onnx/model.onnx", "flax_model.msgpack", "README.md",
+                "original/consolidated.00.pth", "LICENSE"]
+    assert list(filter_repo_objects(needed + unneeded, allow_patterns=list(HUB_FILES))) == needed

@@ -1,0 +1,151 @@
+"""A balancer's reads of the ingress stream: new entries (bounded in count and bytes), cancels,
+and the entries of balancers that died (balancer.reclaim). Part of ``Balancer`` (a mixin: the
+state it uses is the balancer's, declared below)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from balancer.reclaim import Reclaimer
+from broker.cancellation import Cancellations
+from broker.dead_letter import Attempts
+from broker.keys import INGRESS_GROUP, Keys
+from broker.protocol import best_effort_reply_to
+from broker.scripts import Scripts, ingress_entries
+from broker.settings import Settings
+from broker.wire import Batch
+
+if TYPE_CHECKING:
+    from collections import Counter
+
+    from balancer.batching import AdaptiveBatcher
+    from balancer.pending import Waiting
+    from balancer.router import Router
+    from balancer.telemetry import BalancerTelemetry
+    from broker.connection import RedisClock
+
+log = logging.getLogger("balancer.service")
+
+
+class IngressReader:
+    redis: Any
+    settings: Settings
+    keys: Keys
+    name: str
+    scripts: Scripts
+    clock: RedisClock
+    router: Router
+    batcher: AdaptiveBatcher
+    telemetry: BalancerTelemetry
+    reclaimer: Reclaimer
+    attempts: Attempts
+    waiting: dict[bytes, Waiting]
+    counts: Counter[str]
+    _cancelled: Cancellations
+    _cancel_cursor: bytes
+    _closed_until: dict[str, float]
+    _next_refresh: float
+    _read_count: int
+    _to_ack: list[bytes]
+    _monotonic: Callable[[], float]
+    _sleep: Callable[[float], None]
+
+    if TYPE_CHECKING:  # the Balancer's own
+        def _ack(self, entry_ids: list[bytes]) -> None:
+            ...
+
+        def _can_route_waiting(self, now: float) -> bool:
+            ...
+
+        def _give_up(self, entry_id: bytes, request_id: str | None, reply_to: str | None,
+                     problem: BaseException | str, *, reply_to_failed: bool = False,
+                     fields: dict[bytes, bytes] | None = None) -> None:
+            ...
+
+    def _read(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        # Waiting requests are re-checked every tick; block anyway while none of them can be routed
+        # (no live group, or all refused work lately): without it the loop spins on Redis for as long
+        # as requests wait for a group (up to no_group_wait_s, e.g. while workers load a model).
+        now = self._monotonic()
+        can_route = self._can_route_waiting(now)
+        # Entries that failed lately wait out their backoff: they alone are no reason not to block.
+        ready = bool(self.waiting) and (not len(self.attempts)
+                                        or any(self.attempts.ready(e, now=now) for e in self.waiting))
+        # An idle read still wakes for the next registry refresh: a group's death is noticed within
+        # dead_after_s + groups_refresh_s of its last heartbeat, busy or not.
+        retry = self.attempts.next_retry()
+        wake = min(self._next_refresh, retry) if retry is not None and retry > now else self._next_refresh
+        until_ms = max(1, int((wake - now) * 1000))
+        block = None if ready and can_route else min(self.settings.balancer_block_ms, until_ms)
+        acks = len(self._to_ack)
+
+        def build(batch: Batch) -> None:
+            if acks:
+                batch.xack(self.keys.requests, INGRESS_GROUP, *self._to_ack[:acks])
+                batch.xdel(self.keys.requests, *self._to_ack[:acks])
+            if block is None:
+                self._read_ingress(batch, self._read_count)
+            else:
+                # Idle: one entry at a time, whatever its size; the rest follow without blocking.
+                batch.xreadgroup(INGRESS_GROUP, self.name, {self.keys.requests: ">"}, count=1, block=block)
+            batch.xread({self.keys.cancel: self._cancel_cursor}, count=1000)
+
+        _, results = self.scripts.execute(build)
+        for raw in results:
+            if isinstance(raw, Exception):
+                raise raw
+        *_, fresh, cancels = results
+        del self._to_ack[:acks]
+        now_ms = self.clock.now_ms()
+        for _stream, items in cancels or []:
+            for entry_id, fields in items:
+                self._cancel_cursor = entry_id
+                self._cancelled.add(fields, now_ms)
+        if block is None:
+            entries = ingress_entries(fresh)
+        else:
+            entries = [e for _s, items in (fresh or []) for e in items]
+            if entries and self._read_count > 1:
+                entries += self._read_more(self._read_count - 1)
+        self.batcher.observe(len(entries), self._monotonic())
+        wait = self.batcher.wait_s(len(entries))
+        if wait > 0 and len(entries) < self._read_count:
+            # Under load: a moment's wait makes this batch larger (fewer round trips per request).
+            self._sleep(wait)
+            entries += self._read_more(self._read_count - len(entries))
+        self.batcher.record(len(entries))
+        if entries:
+            self.telemetry.read(len(entries))
+        return entries
+
+    def _read_ingress(self, client: Any, count: int) -> None:
+        """Add a non-blocking read of up to ``count`` new entries to ``client`` (READ_INGRESS)."""
+        self.scripts.read_ingress(keys=[self.keys.requests],
+                                  args=[INGRESS_GROUP, self.name, count, self.settings.max_request_bytes],
+                                  client=client)
+
+    def _read_more(self, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        _, (raw,) = self.scripts.execute(lambda batch: self._read_ingress(batch, count))
+        if isinstance(raw, Exception):
+            raise raw
+        return ingress_entries(raw)
+
+    def _reclaim(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """Entries of balancers that died (idle past claim_idle_ms) become ours; ours stay fresh.
+
+        Deleted entries are acknowledged, entries delivered too often given up (balancer.reclaim)."""
+        if self.waiting:
+            self.redis.xclaim(self.keys.requests, INGRESS_GROUP, self.name, 0, list(self.waiting), justid=True)
+        found = self.reclaimer.claim(skip=self.waiting)
+        if found.gone:
+            self._ack(found.gone)
+        for entry_id, fields, deliveries in found.overdelivered:
+            rid, reply = best_effort_reply_to(fields, entry_id=entry_id.decode(), prefix=self.settings.prefix)
+            self._give_up(entry_id, rid, reply, f"delivered {deliveries} times and never handled",
+                          fields=fields)
+        if found.entries:
+            self.counts["reclaimed"] += len(found.entries)
+            log.info("claimed %d pending requests of stopped balancers", len(found.entries))
+        return found.entries

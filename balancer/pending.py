@@ -1,0 +1,55 @@
+"""What a balancer holds between reading an ingress entry and acknowledging it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from broker.protocol import GenerationRequest, done_event
+from broker.scripts import Claim, claim_result
+
+
+@dataclass(slots=True)
+class Waiting:
+    """An ingress entry read but not yet dispatched (no group yet, or re-routing)."""
+
+    entry_id: bytes
+    request: GenerationRequest
+    since_ms: float  # when it started waiting (Redis clock)
+    takeover_from: str | None = None
+    takeover_epoch: int = 0
+    # Moved from a failed or draining group: accepted before, so admitted past the queue bounds.
+    moved: bool = False
+    prefix: str | None = None  # affinity key of the prompt's prefix
+    cost: int = 1  # tokens it may occupy (admission.request_cost), once a group is in view
+    claimed: bool = False  # a claim was tried: the next dispatch waits for the claim's answer
+    model_resolved: bool = False  # request.model names a model some group serves (balancer.models)
+
+
+@dataclass(slots=True)
+class Final:
+    """A final event the balancer itself writes (invalid, cancelled, timed out, overloaded, no group)."""
+
+    entry_id: bytes
+    request_id: str
+    reply_to: str
+    fields: dict[str, str]
+    takeover_from: str | None = None
+    takeover_epoch: int = 0
+
+    def with_progress(self, claim: Claim) -> dict[str, str]:
+        """A cancellation of a request that moved mid-stream reports what its stream carried."""
+        if self.fields.get("finish_reason") != "cancelled" or not claim.output_ids:
+            return self.fields
+        return done_event(self.request_id, text=claim.output_text, token_ids=list(claim.output_ids),
+                          finish_reason="cancelled", prompt_tokens=int(self.fields.get("prompt_tokens", "0")))
+
+
+def claim_reply(raw: Any) -> tuple[Claim | None, BaseException | None]:
+    """A CLAIM_OWNER reply, or the problem with it (an error reply, or a reply of another shape)."""
+    if isinstance(raw, Exception):
+        return None, raw
+    try:
+        return claim_result(raw), None
+    except Exception as exc:  # noqa: BLE001 - an unexpected reply ends that request, never the loop
+        return None, TypeError(f"CLAIM_OWNER replied {raw!r:.80} ({type(exc).__name__})")

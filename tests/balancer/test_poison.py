@@ -1,0 +1,399 @@
+"""Entries that cannot be handled never wedge a balancer: each ends with an error where one can be
+written, else sits on ``{p}:dead`` with its reason; the balancer keeps serving everything else.
+
+Issue "Shared use without trust", cases 1 and 2 and their kinds, on the bundled Redis 6.2 and the
+system Redis 7 (``any_redis``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+
+from balancer.router import Router
+from balancer.service import Balancer
+from broker.dead_letter import Attempts, is_transient
+from broker.keys import INGRESS_GROUP, Keys
+from broker.settings import Settings
+from gpu_workers.echo import EchoEngine
+from gpu_workers.group import WorkerGroup
+from tests.balancer.test_service import fake_group, queued, submit
+from tests.gpu_workers.helpers import FakeMonotonic, events, finals, run_until
+
+MakeBalancer = Callable[..., Balancer]
+
+
+@pytest.fixture
+def r(any_redis: redis.Redis) -> redis.Redis:
+    return any_redis
+
+
+@pytest.fixture
+def make_settings(prefix: str) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        return Settings(prefix=prefix, **{"balancer_block_ms": 1, "worker_block_ms": 1, **overrides})
+
+    return make
+
+
+@pytest.fixture
+def make_balancer(r: redis.Redis, make_settings: Callable[..., Settings], mono: FakeMonotonic) -> MakeBalancer:
+    def make(name: str = "b1", **overrides: Any) -> Balancer:
+        balancer = Balancer(r, settings=make_settings(**overrides), name=name, monotonic=mono,
+                            redis_uptime_s=lambda: 1e9)
+        balancer.setup()
+        return balancer
+
+    return make
+
+
+def settled(balancer: Balancer, r: redis.Redis, keys: Keys) -> bool:
+    balancer.flush_acks()
+    return r.xlen(keys.requests) == 0 and r.xpending(keys.requests, INGRESS_GROUP)["pending"] == 0
+
+
+def dead(r: redis.Redis, keys: Keys) -> list[dict[str, str]]:
+    return events(r, keys.dead)
+
+
+def one_final(r: redis.Redis, stream: str) -> dict[str, str]:
+    got = finals(events(r, stream))
+    assert len(got) == 1, events(r, stream)
+    return got[0]
+
+
+# --- case 1: deleted pending entries ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("deleted", [[0], [1], [0, 1]])
+def test_a_deleted_pending_entry_is_acknowledged_and_the_balancer_serves_on(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, mono: FakeMonotonic, deleted: list[int]) -> None:
+    """Two entries read by a balancer that died, some of them XDELed by an operator: Redis 6.2's
+    XAUTOCLAIM returns those as nil; 7 reports their ids apart. Either way: acknowledged, skipped."""
+    first = make_balancer("b0")  # creates the consumer group
+    fake_group(r, keys, "g1")
+    ids = [submit(r, keys, id=f"r{i}", prompt="hi") for i in range(2)]
+    r.xreadgroup(INGRESS_GROUP, "died", {keys.requests: ">"})
+    for i in deleted:
+        r.xdel(keys.requests, ids[i])
+    del first
+    for attempt in range(2):  # a restarted balancer must not wedge either
+        balancer = make_balancer(f"b{attempt + 1}", claim_idle_ms=0)
+        for _ in range(3):
+            balancer.tick()
+            mono.advance(1.0)
+        assert settled(balancer, r, keys)
+    assert sorted(req.id for req, _epoch in queued(r, keys, "g1")) == [f"r{i}" for i in range(2) if i not in deleted]
+    submit(r, keys, id="fresh", prompt="after")
+    balancer.tick()
+    assert "fresh" in [req.id for req, _epoch in queued(r, keys, "g1")]
+
+
+def test_an_entry_delivered_too_often_is_given_up(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, mono: FakeMonotonic) -> None:
+    """An entry whose balancers keep dying on it (five claims) is not tried a sixth time."""
+    make_balancer("b0")
+    fake_group(r, keys, "g1")
+    submit(r, keys, id="killer", prompt="x")
+    r.xreadgroup(INGRESS_GROUP, "died", {keys.requests: ">"})
+    for i in range(5):
+        r.xautoclaim(keys.requests, INGRESS_GROUP, f"died{i}", 0, "0-0")
+    balancer = make_balancer("b1", claim_idle_ms=0)
+    balancer.tick()
+    assert settled(balancer, r, keys)
+    assert queued(r, keys, "g1") == []
+    assert one_final(r, keys.result("killer"))["code"] == "internal"
+
+
+# --- case 2: a request whose keys Redis refuses -----------------------------------------------------
+
+
+def test_a_request_whose_state_key_has_another_type_ends_on_the_dead_stream(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, mono: FakeMonotonic) -> None:
+    """What case 2's first request did to victim7 (a stream where its state lives): claims fail with
+    WRONGTYPE. Tried once, then on {p}:dead with the reason; the balancer goes on serving."""
+    balancer = make_balancer()
+    fake_group(r, keys, "g1")
+    r.xadd(keys.state(keys.result("victim7"), "victim7"), {"id": "step1", "event": "done"})
+    submit(r, keys, id="victim7", prompt="hello", max_tokens=3)
+    submit(r, keys, id="other", prompt="hello")
+    ticks = run_until(lambda: (balancer.tick(), mono.advance(0.05)), lambda: settled(balancer, r, keys), limit=20)
+    assert ticks <= 2
+    [letter] = dead(r, keys)
+    assert letter["id"] == "victim7" and "WRONGTYPE" in letter["reason"]
+    assert balancer.counts["dead_letter"] == 1
+    assert [req.id for req, _epoch in queued(r, keys, "g1")] == ["other"]
+    assert not balancer.waiting
+
+
+@pytest.mark.parametrize("kind", ["string", "hash", "list", "set", "zset"])
+def test_reply_to_of_another_type_gets_its_error_on_the_default_stream(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, mono: FakeMonotonic, kind: str) -> None:
+    """An existing key of another type as reply_to: the error goes to {p}:result:<id>."""
+    make = {"string": lambda k: r.set(k, "v"), "hash": lambda k: r.hset(k, "f", "v"),
+            "list": lambda k: r.rpush(k, "v"), "set": lambda k: r.sadd(k, "v"),
+            "zset": lambda k: r.zadd(k, {"v": 1})}
+    make[kind]("app:inbox")
+    balancer = make_balancer()
+    fake_group(r, keys, "g1")
+    submit(r, keys, id="q1", prompt="x", reply_to="app:inbox")
+    submit(r, keys, id="bad1", prompt="x", max_tokens="many", reply_to="app:inbox")  # invalid as well
+    run_until(lambda: (balancer.tick(), mono.advance(0.05)), lambda: settled(balancer, r, keys), limit=10)
+    for rid in ("q1", "bad1"):
+        final = one_final(r, keys.result(rid))
+        assert final["event"] == "error" and final["code"] == "invalid_request", final
+        assert "reply_to" in final["message"] and kind in final["message"]
+    assert r.type("app:inbox").decode() == kind
+    assert queued(r, keys, "g1") == [] and dead(r, keys) == []
+
+
+def test_an_exception_while_routing_one_request_ends_that_request_only(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, monkeypatch: pytest.MonkeyPatch) -> None:
+    balancer = make_balancer()
+    fake_group(r, keys, "g1")
+    pick = Router.pick
+
+    def fragile(self: Router, *, cost: int, **kw: Any) -> Any:
+        if cost > 700:
+            raise KeyError("routing bug")
+        return pick(self, cost=cost, **kw)
+
+    monkeypatch.setattr(Router, "pick", fragile)
+    submit(r, keys, id="a", prompt="fine")
+    submit(r, keys, id="b", prompt="this one breaks the router", max_tokens=777)
+    submit(r, keys, id="c", prompt="fine too")
+    balancer.tick()
+    assert settled(balancer, r, keys)
+    assert sorted(req.id for req, _ in queued(r, keys, "g1")) == ["a", "c"]
+    final = one_final(r, keys.result("b"))
+    assert final["code"] == "internal" and "KeyError" in final["message"]
+
+
+def test_an_exception_while_validating_one_entry_ends_that_entry_only(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, monkeypatch: pytest.MonkeyPatch) -> None:
+    from balancer import service
+
+    parse = service.parse_request
+
+    def fragile(fields: dict[bytes, bytes], **kw: Any) -> Any:
+        if fields.get(b"prompt") == b"boom":
+            raise RuntimeError("validation bug")
+        return parse(fields, **kw)
+
+    monkeypatch.setattr(service, "parse_request", fragile)
+    balancer = make_balancer()
+    fake_group(r, keys, "g1")
+    submit(r, keys, id="a", prompt="fine")
+    submit(r, keys, id="b", prompt="boom")
+    balancer.tick()
+    assert settled(balancer, r, keys)
+    assert [req.id for req, _ in queued(r, keys, "g1")] == ["a"]
+    assert one_final(r, keys.result("b"))["code"] == "internal"
+
+
+def test_case_2_end_to_end_with_a_real_group(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, make_settings: Callable[..., Settings],
+        mono: FakeMonotonic) -> None:
+    """The issue's commands: step1 aims its reply_to at victim7's state key; victim7 is answered."""
+    balancer = make_balancer()
+    group = WorkerGroup(r, EchoEngine(), settings=make_settings(), name="g1", monotonic=mono)
+    group.register()
+    balancer.refresh_groups()
+    submit(r, keys, id="step1", prompt="hi", max_tokens=2, reply_to=keys.state(keys.result("victim7"), "victim7"))
+    submit(r, keys, id="victim7", prompt="hello", max_tokens=3)
+
+    def step() -> None:
+        balancer.tick()
+        group.tick()
+        mono.advance(0.05)
+
+    run_until(step, lambda: bool(finals(events(r, keys.result("victim7")))), limit=50)
+    assert one_final(r, keys.result("victim7"))["event"] == "done"
+    refused = one_final(r, keys.result("step1"))
+    assert refused["code"] == "invalid_request" and "reply_to" in refused["message"]
+    assert r.type(keys.state(keys.result("victim7"), "victim7")) == b"hash"
+
+
+# --- bounded retries -------------------------------------------------------------------------------------
+
+
+def test_attempts_back_off_and_give_up_after_the_bound() -> None:
+    attempts = Attempts(max_attempts=3, base_s=0.1)
+    assert attempts.ready(b"1-0", now=0.0)
+    assert not attempts.failed(b"1-0", now=0.0)
+    assert not attempts.ready(b"1-0", now=0.05) and attempts.ready(b"1-0", now=0.1)
+    assert not attempts.failed(b"1-0", now=0.1)
+    assert not attempts.ready(b"1-0", now=0.25) and attempts.ready(b"1-0", now=0.31)
+    assert attempts.failed(b"1-0", now=0.3)
+    attempts.forget(b"1-0")
+    assert attempts.ready(b"1-0", now=0.3) and attempts.next_retry() is None
+
+
+def test_transient_errors_are_the_servers_not_the_requests() -> None:
+    assert is_transient(redis.exceptions.ResponseError("LOADING Redis is loading the dataset in memory"))
+    assert is_transient(redis.exceptions.ConnectionError("gone"))
+    assert not is_transient(redis.exceptions.ResponseError("WRONGTYPE Operation against a key"))
+    assert not is_transient(redis.exceptions.ResponseError("NOPERM this user has no permissions"))
+    assert not is_transient(TypeError("A tuple item must be str"))
+
+
+# --- duplicate ids ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("first_done", [False, True])
+def test_a_duplicate_id_with_its_own_reply_stream_gets_duplicate_id_there(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, make_settings: Callable[..., Settings],
+        mono: FakeMonotonic, first_done: bool) -> None:
+    """In flight or finished, the first request keeps its id; the second is told, on its own stream."""
+    balancer = make_balancer()
+    group = WorkerGroup(r, EchoEngine(), settings=make_settings(), name="g1", monotonic=mono)
+    group.register()
+    balancer.refresh_groups()
+    submit(r, keys, id="dup", prompt="first", max_tokens=2)
+    balancer.tick()
+    if first_done:
+        run_until(group.tick, lambda: bool(finals(events(r, keys.result("dup")))), limit=20)
+    submit(r, keys, id="dup", prompt="second", max_tokens=2, reply_to="app:mine")
+    submit(r, keys, id="dup", prompt="third", max_tokens=2, reply_to="app:mine")  # and again, same stream
+    run_until(lambda: (balancer.tick(), group.tick()), lambda: settled(balancer, r, keys)
+              and bool(finals(events(r, keys.result("dup")))), limit=30)
+    assert one_final(r, keys.result("dup"))["text"] == "fi"  # echo: the first request's first 2 tokens
+    refused = events(r, "app:mine")
+    assert [e["code"] for e in refused] == ["duplicate_id"]  # the third is a retry of the second
+    assert "dup" in refused[0]["message"]
+    assert balancer.counts["duplicate_id"] == 2
+
+
+def test_a_retry_on_the_same_stream_is_answered_by_the_first_request(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer) -> None:
+    balancer = make_balancer()
+    fake_group(r, keys, "g1")
+    submit(r, keys, id="again", prompt="x")
+    submit(r, keys, id="again", prompt="x")
+    balancer.tick()
+    assert settled(balancer, r, keys)
+    assert [req.id for req, _ in queued(r, keys, "g1")] == ["again"]
+    assert events(r, keys.result("again")) == []  # nothing but what the first request's group writes
+
+
+def test_a_re_read_entry_and_a_moved_request_keep_their_id(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer) -> None:
+    """The same entry processed twice (a balancer died) and failover's re-enqueued copy are no duplicates."""
+    fake_group(r, keys, "g1")
+    first = make_balancer("b0")
+    submit(r, keys, id="mine", prompt="x")
+    first.tick()  # dispatched, acknowledgement not sent: the balancer dies here
+    (eid,) = [e for e, _ in r.xrange(keys.requests)]
+    r.xclaim(keys.requests, INGRESS_GROUP, "dead", 0, [eid], idle=10_000, justid=True)
+    heir = make_balancer("heir")
+    heir.tick()
+    assert settled(heir, r, keys) and heir.counts["duplicate_id"] == 0
+    assert events(r, keys.result("mine")) == []
+
+
+# --- memory: hostile sizes ------------------------------------------------------------------------------
+
+
+def test_oversize_entries_are_refused_without_their_bodies_leaving_redis(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the idle read's one entry, oversize entries come to the balancer as stubs (READ_INGRESS)."""
+    from balancer import ingress
+
+    balancer = make_balancer(max_request_bytes=64 << 10, balancer_read_bytes=256 << 10)
+    assert balancer._read_count == 4  # 256 KiB of entries of at most 64 KiB
+    fake_group(r, keys, "g1")
+    held: list[int] = []
+    real = ingress.ingress_entries
+
+    def measured(raw: Any) -> Any:
+        entries = real(raw)
+        held.append(sum(len(k) + len(v) for _id, f in entries for k, v in f.items()))
+        return entries
+
+    monkeypatch.setattr(ingress, "ingress_entries", measured)
+    big = b"x" * (2 << 20)
+    for i in range(6):
+        submit(r, keys, id=f"big{i}", prompt=big, reply_to=f"app:big{i}")
+    submit(r, keys, id="good", prompt="small")
+    for _ in range(4):
+        balancer.tick()
+    assert settled(balancer, r, keys)
+    assert held and max(held) < 4096  # stubs: ids and sizes, never the 2 MiB prompts
+    for i in range(6):
+        final = one_final(r, f"app:big{i}")
+        assert final["code"] == "invalid_request" and "over the limit" in final["message"]
+    assert [req.id for req, _ in queued(r, keys, "g1")] == ["good"]
+
+
+def test_the_read_batch_is_bounded_in_bytes(make_balancer: MakeBalancer) -> None:
+    assert make_balancer(max_request_bytes=1 << 20, balancer_read_bytes=8 << 20)._read_count == 8
+    assert make_balancer(max_request_bytes=1 << 20, balancer_read_bytes=1)._read_count == 1
+    assert make_balancer(max_request_bytes=1 << 10, balancer_batch_max=100)._read_count == 100
+
+
+# --- cancel tokens ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["balancer", "group"])
+def test_only_the_owners_cancel_ends_a_request_sent_with_a_token(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, make_settings: Callable[..., Settings],
+        mono: FakeMonotonic, where: str) -> None:
+    """Knowing the id is not enough: the cancel must carry the request's cancel_token; old-form
+    requests (no token) stay cancellable by id."""
+    balancer = make_balancer()
+    group = WorkerGroup(r, EchoEngine(), settings=make_settings(echo_token_delay_ms=0), name="g1", monotonic=mono)
+    group.register()
+    balancer.refresh_groups()
+    if where == "balancer":  # the cancels arrive before the requests are dispatched
+        r.xadd(keys.cancel, {"id": "victim"})
+        r.xadd(keys.cancel, {"id": "victim", "token": "guessed"})
+        r.xadd(keys.cancel, {"id": "mine", "token": "s3cret"})
+        r.xadd(keys.cancel, {"id": "old"})
+    submit(r, keys, id="victim", prompt="x" * 20, max_tokens=12, cancel_token="v-secret")
+    submit(r, keys, id="mine", prompt="x" * 20, max_tokens=12, cancel_token="s3cret")
+    submit(r, keys, id="old", prompt="x" * 20, max_tokens=12)
+    balancer.tick()
+    if where == "group":  # admitted by the group first, then the cancels
+        group.tick()
+        r.xadd(keys.cancel, {"id": "victim"})
+        r.xadd(keys.cancel, {"id": "victim", "token": "guessed"})
+        r.xadd(keys.cancel, {"id": "mine", "token": "s3cret"})
+        r.xadd(keys.cancel, {"id": "old"})
+    run_until(lambda: (balancer.tick(), group.tick()),
+              lambda: all(finals(events(r, keys.result(i))) for i in ("victim", "mine", "old")), limit=100)
+    reasons = {i: one_final(r, keys.result(i)).get("finish_reason") for i in ("victim", "mine", "old")}
+    assert reasons == {"victim": "length", "mine": "cancelled", "old": "cancelled"}
+
+
+def test_a_failure_that_may_pass_is_retried_with_backoff_then_given_up(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, mono: FakeMonotonic) -> None:
+    """A claim answered BUSY (a server-side condition, not the request's fault) for one request: it
+    is tried again only after its backoff, MAX_ATTEMPTS times in all, then ends with its error."""
+    balancer = make_balancer()
+    fake_group(r, keys, "g1")
+    claim = balancer.scripts.claim_owner
+    tries: list[float] = []
+
+    class Flaky:
+        sha = claim.sha
+
+        def __call__(self, *, keys: list[Any], args: list[Any], client: Any = None) -> Any:
+            if "flaky" in keys[0]:
+                tries.append(mono())
+                return client._add(("EVAL", "return redis.error_reply('BUSY simulated')", 0))
+            return claim(keys=keys, args=args, client=client)
+
+    balancer.scripts.claim_owner = Flaky()  # type: ignore[assignment]
+    submit(r, keys, id="flaky", prompt="x")
+    submit(r, keys, id="fine", prompt="x")
+    ticks = run_until(lambda: (balancer.tick(), mono.advance(0.02), fake_group(r, keys, "g1")),
+                      lambda: bool(finals(events(r, keys.result("flaky")))), limit=60)
+    assert len(tries) == 3 and ticks >= 15  # MAX_ATTEMPTS, over 0.3 s of ticks every 20 ms: not once per tick
+    assert tries[1] - tries[0] >= 0.1 and tries[2] - tries[1] >= 0.2  # the backoff doubles
+    final = one_final(r, keys.result("flaky"))
+    assert final["code"] == "internal" and "BUSY" in final["message"]
+    assert [req.id for req, _ in queued(r, keys, "g1")] == ["fine"]
+    assert settled(balancer, r, keys) and not balancer.waiting
