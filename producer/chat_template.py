@@ -216,15 +216,9 @@ def _is_gguf(path: Path) -> bool:
 class TemplateSource:
     """Which template serves a model: an explicit one, else the one its groups publish (broker.chat).
 
-<<<<<<< HEAD
-    ``explicit`` (``--chat-template``/``--model-dir``) wins for every model. Otherwise a model spec
-    that is a local directory or GGUF file (the ``model`` a worker group heartbeats) is looked into once and its
-    template kept; specs like ``echo`` or ``random:tiny`` get the fallback.
-=======
     ``explicit`` (``--chat-template``/``--model-dir``) wins for every model. Otherwise the template
     is the one a group of the model publishes in the registry, read once per digest; a model that
     publishes none gets an error, never a silent fallback (the prompt would not be the model's).
->>>>>>> main
     """
 
     def __init__(self, explicit: str | Path | None = None) -> None:
@@ -236,22 +230,6 @@ class TemplateSource:
                                   "or chat_template.jinja)")
         self._by_digest: dict[tuple[str, str, str], ChatTemplate] = {}
 
-<<<<<<< HEAD
-    def for_model(self, model: str | None) -> ChatTemplate:
-        if self._explicit is not None:
-            return self._explicit
-        if not model:
-            return ChatTemplate.fallback()
-        if model not in self._by_model:
-            template = None
-            if Path(model).is_dir() or _is_gguf(Path(model)):
-                try:
-                    template = ChatTemplate.from_path(model)
-                except ConfigError as exc:
-                    log.warning("%s; chat prompts for %s use the plain fallback template", exc, model)
-            self._by_model[model] = template or ChatTemplate.fallback()
-        return self._by_model[model]
-=======
     @property
     def explicit(self) -> ChatTemplate | None:
         return self._explicit
@@ -322,4 +300,3 @@ async def render_chat_async(redis: Any, keys: Keys, settings: Settings, messages
         raw = await redis.get(keys.chat_template(group.chat_template)) if group.chat_template else None
         template = source.for_group(group, lambda digest: template_text(raw, digest))
     return template.render(normalize_messages(list(messages)))
->>>>>>> main

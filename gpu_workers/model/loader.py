@@ -44,16 +44,11 @@ HUB_FILES = ("*.json", "*.safetensors", "*.jinja", "additional_chat_templates/*"
 def resolve_model(spec: str) -> Path:
     """The local directory of the model named by ``spec``.
 
-<<<<<<< HEAD
     A directory is used as it is; a GGUF file gets a directory of its metadata in the cache (see
-    ``gguf_file.materialize_gguf``), whose weights are read from the file itself; ``random:<preset>`` is written once into the cache (see
-    ``presets``); ``owner/name`` is fetched from the Hugging Face hub (config, tokenizer and
-    safetensors files only), which needs ``huggingface_hub`` and network or a warm HF cache.
-=======
-    A directory is used as it is; ``random:<preset>`` is written once into the cache (see
-    ``presets``); ``owner/name`` is fetched from the Hugging Face hub (``HUB_FILES``: config,
-    generation config, weights, and every file the tokenizer and chat template need), which needs ``huggingface_hub`` and network or a warm HF cache.
->>>>>>> main
+    ``gguf_file.materialize_gguf``), whose weights are read from the file itself; ``random:<preset>``
+    is written once into the cache (see ``presets``); ``owner/name`` is fetched from the Hugging Face
+    hub (``HUB_FILES``: config, generation config, weights, and every file the tokenizer and chat
+    template need), which needs ``huggingface_hub`` and network or a warm HF cache.
     """
     path = Path(spec).expanduser()
     if path.is_dir():
