@@ -20,7 +20,6 @@ import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import redis
 
@@ -100,9 +99,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _real_model(settings: Settings, url: str, model: str) -> None:
-    prefix = settings.prefix
+    from gpu_workers.served import default_served_name
     from producer.chat_template import ChatTemplate
 
+    prefix = settings.prefix
     template = ChatTemplate.from_path(model) or ChatTemplate.fallback()
 
     def chat(question: str) -> str:
@@ -122,7 +122,7 @@ def _real_model(settings: Settings, url: str, model: str) -> None:
 
     print("\nOpenAI-compatible gateway (POST /v1/chat/completions):")
     with _Gateway(settings, url) as base:
-        body = {"model": Path(model).name, "temperature": 0, "max_tokens": 48,
+        body = {"model": default_served_name(model), "temperature": 0, "max_tokens": 48,
                 "messages": [{"role": "user", "content": "What is the capital of Japan?"}]}
         request = urllib.request.Request(f"{base}/v1/chat/completions", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
