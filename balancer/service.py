@@ -38,6 +38,7 @@ from broker.cancellation import Cancellations
 from broker.connection import TRANSIENT_ERRORS, RedisClock, backoff_delays
 from broker.dead_letter import Attempts, DeadLetters
 from broker.errors import InvalidRequest
+from broker.failures import describe, raise_if_fatal
 from broker.keys import INGRESS_GROUP, QUEUE_GROUP, Keys
 from broker.protocol import (
     best_effort_reply_to,
@@ -145,11 +146,17 @@ class Balancer(IngressReader, PoisonHandling):
                 self.tick()
                 delays = None
             except TRANSIENT_ERRORS as exc:
+                raise_if_fatal(exc)
                 delays = delays or backoff_delays(self.settings)
                 delay = next(delays)
                 log.warning("redis unavailable (%s); retrying in %.2fs", exc, delay)
                 self.stop.wait(delay)
             except ResponseError as exc:
+                raise_if_fatal(exc)
+                if (problem := describe(exc)) is not None:  # out of memory, a read-only replica
+                    log.warning("%s; retrying", problem.line)
+                    self.stop.wait(next(delays := delays or backoff_delays(self.settings)))
+                    continue
                 if "NOGROUP" in str(exc):
                     # Redis lost the ingress stream (restarted without persistence): start it again.
                     log.error("the ingress consumer group is gone (%s); creating it again", exc)
@@ -165,6 +172,8 @@ class Balancer(IngressReader, PoisonHandling):
                 self.stop.wait(next(delays := delays or backoff_delays(self.settings)))
         try:
             self.flush_acks()
+            # No longer a reader of the ingress stream: health checks of the path see it at once.
+            self.redis.zrem(self.keys.balancers, self.name)
         except TRANSIENT_ERRORS:
             pass  # left pending: another balancer re-processes them harmlessly
         log.info("balancer %s stopped; %d waiting requests stay pending for other balancers",
@@ -323,7 +332,7 @@ class Balancer(IngressReader, PoisonHandling):
                             f"every worker group{_of(model)} is at its queue bound ({self.limits.group_requests} "
                             f"requests, {self.limits.group_tokens} tokens); retry later"))
                     elif request.prompt_ids is not None and (problem := limit_problem(
-                            request.prompt_ids, request.sampling.max_tokens,
+                            request.prompt_ids, request.sampling.needed_tokens,
                             vocab_size=group.vocab_size, max_context=group.max_context)):
                         final = error_event(request.id, "invalid_request", problem)
                     else:
@@ -549,7 +558,7 @@ class Balancer(IngressReader, PoisonHandling):
         }
 
     def write_stats(self) -> None:
-        ttl_ms = int(max(10.0, 5 * self.settings.stats_interval_s) * 1000)
+        ttl_ms = int(max(self.settings.balancer_dead_after_s, 5 * self.settings.stats_interval_s) * 1000)
         stats = self.stats()
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(self.keys.balancer_stats(self.name), mapping=stats)

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable
 
+from redis.exceptions import RedisError
+
+from broker.errors import ConfigError
+from broker.failures import FatalRedisError, describe
 from broker.logs import configure_logging
 from broker.settings import Settings, load_settings
 
@@ -40,3 +49,32 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def setup_logging(args: argparse.Namespace) -> None:
     configure_logging(level=getattr(args, "log_level", "INFO"), fmt=settings_from_args(args).log_format)
+
+
+def run_command(prog: str, run: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
+    """``run(args)``'s exit code; what the environment got wrong becomes one line on stderr instead
+    of a traceback: bad configuration (2), Redis credentials, permissions or TLS (2), Redis
+    unreachable or out of memory (1). Ctrl-C is 130. Bugs still show their traceback."""
+    try:
+        return int(run(args) or 0)
+    except ConfigError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except FatalRedisError as exc:
+        url = getattr(args, "redis_url", None) or os.environ.get("RYZ_REDIS_URL")
+        problem = (describe(exc.__cause__, url) if exc.__cause__ is not None else None) or exc.problem
+        print(f"{prog}: {problem.line}", file=sys.stderr, flush=True)
+        return problem.exit_code
+    except BrokenPipeError:  # our output's reader left (`ryzanstein status | head`): not an error to report
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except (RedisError, OSError) as exc:
+        problem = describe(exc, getattr(args, "redis_url", None) or os.environ.get("RYZ_REDIS_URL"))
+        if problem is None:
+            raise
+        logging.getLogger(prog).debug("failed", exc_info=True)
+        print(f"{prog}: {problem.line}", file=sys.stderr, flush=True)
+        return problem.exit_code
+    except KeyboardInterrupt:
+        return 130

@@ -18,6 +18,7 @@ from redis.retry import Retry
 
 from broker import embedded
 from broker.errors import ConfigError
+from broker.failures import raise_if_fatal
 from broker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -122,14 +123,22 @@ class RedisClock:
 
 
 def retry_forever(fn: Callable[[], object], settings: Settings, *, what: str,
-                  stop: threading.Event | None = None) -> None:
-    """Call ``fn`` until it gets through a Redis outage (or ``stop`` is set)."""
+                  stop: threading.Event | None = None) -> bool:
+    """Call ``fn`` until it gets through a Redis outage (True), or ``stop`` is set first (False).
+
+    Raises ``broker.failures.FatalRedisError`` on what waiting cannot cure (credentials, TLS).
+    """
     delays = backoff_delays(settings)
     while stop is None or not stop.is_set():
         try:
             fn()
-            return
+            return True
         except TRANSIENT_ERRORS as exc:
+            raise_if_fatal(exc)
             delay = next(delays)
             log.warning("%s: redis unavailable (%s); retrying in %.2fs", what, exc, delay)
-            time.sleep(delay)
+            if stop is not None:
+                stop.wait(delay)
+            else:
+                time.sleep(delay)
+    return False

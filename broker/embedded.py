@@ -115,6 +115,9 @@ class EmbeddedRedis:
         self.proc = subprocess.Popen(
             self._argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             preexec_fn=die_with_parent,  # noqa: PLW1509 - prctl(PR_SET_PDEATHSIG) runs in the child alone
+            # A session of its own: a signal to our process group (Ctrl-C in a terminal, honcho's and
+            # systemd's stop) reaches us, not the server; we stop it once its clients have left.
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -119,6 +119,16 @@ class Probe:
         self._monotonic = monotonic
         self._last: float | None = None
         self._accepting = False
+        self._step_started: float | None = None
+
+    def step_started(self) -> None:
+        """One long unit of work began (an engine step): until it ends, the loop is alive and ready
+        for up to ``live_within_s``, however late its next round trip to Redis comes. A step slowed
+        down by a starved CPU is not a dead process; one that runs past the limit is hung."""
+        self._step_started = self._monotonic()
+
+    def step_ended(self) -> None:
+        self._step_started = None
 
     def progress(self, *, accepting: bool = True) -> None:
         """The loop reached Redis just now; ``accepting`` is False while the process drains."""
@@ -130,6 +140,15 @@ class Probe:
         if self._last is None:
             return ProbeResult(live=True, ready=False, reason="starting", progress_age_s=None)
         age = max(0.0, now - self._last)
+        started = self._step_started
+        if started is not None and age > self.ready_within_s:
+            running = max(0.0, now - started)
+            if running > self.live_within_s:
+                return ProbeResult(False, False, f"one step has run for {running:.1f}s (limit "
+                                   f"{self.live_within_s:g}s)", age)
+            if not self._accepting:
+                return ProbeResult(True, False, "draining", age)
+            return ProbeResult(True, True, f"busy: one step has run for {running:.1f}s", age)
         if age > self.live_within_s:
             return ProbeResult(False, False, f"no progress for {age:.1f}s (limit {self.live_within_s:g}s)", age)
         if age > self.ready_within_s:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from broker.errors import InvalidRequest
 from broker.keys import Keys
+from broker.refused import unhonoured_field
 
 ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 # A served model name: a directory's last component, a hub id ("org/name"), an alias; no spaces.
@@ -27,6 +28,10 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_TOKEN_IDS = 64
 MAX_KEY_BYTES = 512
 MAX_TOKEN_BYTES = 256
+MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias
+MAX_BAD_WORDS = 128
+LOGIT_BIAS_LIMIT = 100.0  # |bias| at most, as OpenAI's API
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API
 
 
 class SamplingParams(BaseModel):
@@ -41,6 +46,37 @@ class SamplingParams(BaseModel):
     seed: int | None = Field(default=None, ge=INT64_MIN, le=UINT64_MAX)
     stop: tuple[str, ...] = Field(default=(), max_length=MAX_STOP_STRINGS)
     stop_token_ids: tuple[int, ...] = Field(default=(), max_length=MAX_STOP_TOKEN_IDS)  # end on any of them
+    # --- sampling controls, with vLLM's meanings (docs/PROTOCOL.md, "Sampling controls") ---
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    min_tokens: int = Field(default=0, ge=0, le=1 << 31)
+    ignore_eos: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = Field(default=(), max_length=MAX_LOGIT_BIAS)  # (token id, bias)
+    bad_words: tuple[str, ...] = Field(default=(), max_length=MAX_BAD_WORDS)
+    # With it, max_tokens is a ceiling: a prompt that leaves less room in the model's context gets
+    # the room it leaves (the gateway's chat requests without max_tokens), not invalid_request.
+    fit_max_tokens: bool = False
+    # --- logprobs (docs/PROTOCOL.md, "Logprobs") ---
+    logprobs: bool = False  # token and done events carry each generated token's logprob
+    top_logprobs: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)  # and this many likeliest alternatives
+
+    @property
+    def needed_tokens(self) -> int:
+        """The fewest tokens the request needs room for after its prompt (``limit_problem``)."""
+        return 1 if self.fit_max_tokens else self.max_tokens
+
+    @classmethod
+    def from_dump(cls, raw: dict[str, Any]) -> SamplingParams:
+        """The inverse of ``model_dump`` after a msgpack round trip (arrays come back as lists)."""
+        raw = dict(raw)
+        for name in ("stop", "stop_token_ids", "bad_words"):
+            if name in raw:
+                raw[name] = tuple(raw[name])
+        if "logit_bias" in raw:
+            raw["logit_bias"] = tuple((int(t), float(b)) for t, b in raw["logit_bias"])
+        return cls(**raw)
 
 
 class GenerationRequest(BaseModel):
@@ -89,9 +125,11 @@ class GenerationRequest(BaseModel):
             "id": self.id,
             "prompt": self.prompt,
             "prompt_ids": list(self.prompt_ids) if self.prompt_ids is not None else None,
-            **self.sampling.model_dump(exclude={"stop", "stop_token_ids"}),
+            **self.sampling.model_dump(exclude={"stop", "stop_token_ids", "logit_bias", "bad_words"}),
             "stop": list(self.sampling.stop),
             "stop_token_ids": list(self.sampling.stop_token_ids) or None,
+            "logit_bias": {str(t): b for t, b in self.sampling.logit_bias},
+            "bad_words": list(self.sampling.bad_words),
             "model": self.model,
             "stream": self.stream,
             "priority": self.priority,
@@ -107,9 +145,7 @@ class GenerationRequest(BaseModel):
     @classmethod
     def from_wire(cls, data: bytes) -> GenerationRequest:
         raw = msgpack.unpackb(data, raw=False)
-        sampling = raw["sampling"]
-        raw["sampling"] = SamplingParams(**{**sampling, "stop": tuple(sampling["stop"]),
-                                            "stop_token_ids": tuple(sampling.get("stop_token_ids", ()))})
+        raw["sampling"] = SamplingParams.from_dump(raw["sampling"])
         for name in ("prompt_ids", "output_ids"):
             if raw.get(name) is not None:
                 raw[name] = tuple(raw[name])
@@ -293,6 +329,8 @@ def _parse(
         raw = _unpack_payload(raw["payload"])
 
     request_id = entry_id if raw.get("id") is None else _text("id", raw["id"])
+    if (name := unhonoured_field(raw)) is not None:
+        raise InvalidRequest(f"field '{name}': not supported by this server (leave it unset)")
     if not ID_RE.fullmatch(request_id):
         raise InvalidRequest(f"field 'id': must be 1-128 characters of [A-Za-z0-9_.:-], got {_show(request_id)}")
 
@@ -314,6 +352,10 @@ def _parse(
         sampling["stop"] = _stop(raw["stop"])
     if raw.get("stop_token_ids") is not None:
         sampling["stop_token_ids"] = _stop_token_ids(raw["stop_token_ids"])
+    sampling.update(_controls(raw))
+    if sampling.get("min_tokens", 0) > sampling["max_tokens"] >= 1:
+        raise InvalidRequest(f"field 'min_tokens': must be at most max_tokens ({sampling['max_tokens']}), "
+                             f"got {sampling['min_tokens']}")
 
     reply_to = f"{prefix}:result:{request_id}"
     if raw.get("reply_to") is not None:
@@ -357,6 +399,75 @@ def _parse(
     )
 
 
+# --- sampling controls (vLLM's SamplingParams fields) ---------------------------------------------
+
+
+def _controls(raw: dict[str, Any]) -> dict[str, Any]:
+    """The sampling controls a request sets (penalties, min_p, min_tokens, ignore_eos, logit_bias,
+    bad_words), converted; their bounds are checked by ``SamplingParams``."""
+    out: dict[str, Any] = {}
+    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
+        if raw.get(name) is not None:
+            out[name] = _float(name, raw[name])
+    if raw.get("min_tokens") is not None:
+        out["min_tokens"] = _int("min_tokens", raw["min_tokens"])
+    if raw.get("ignore_eos") is not None:
+        out["ignore_eos"] = _bool("ignore_eos", raw["ignore_eos"])
+    if raw.get("logit_bias") is not None:
+        out["logit_bias"] = _logit_bias(raw["logit_bias"])
+    if raw.get("bad_words") is not None:
+        out["bad_words"] = _bad_words(raw["bad_words"])
+    if raw.get("fit_max_tokens") is not None:
+        out["fit_max_tokens"] = _bool("fit_max_tokens", raw["fit_max_tokens"])
+    if raw.get("logprobs") is not None:
+        out["logprobs"] = _bool("logprobs", raw["logprobs"])
+    if raw.get("top_logprobs") is not None:
+        out["top_logprobs"] = _int("top_logprobs", raw["top_logprobs"])
+        if out["top_logprobs"] > 0 and not out.get("logprobs"):
+            raise InvalidRequest("field 'top_logprobs': needs logprobs set to true")
+    return out
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """A JSON object (flat field) or msgpack map of token id -> bias in [-100, 100], in id order."""
+    if isinstance(value, dict):
+        items = value
+    else:
+        text = _text("logit_bias", value)
+        try:
+            items = json.loads(text)
+        except (ValueError, RecursionError):
+            raise InvalidRequest(f"field 'logit_bias': expected a JSON object, got {_show(text)}") from None
+        if not isinstance(items, dict):
+            raise InvalidRequest(f"field 'logit_bias': expected a JSON object, got {type(items).__name__}")
+    if len(items) > MAX_LOGIT_BIAS:
+        raise InvalidRequest(f"field 'logit_bias': at most {MAX_LOGIT_BIAS} entries, got {len(items)}")
+    out: dict[int, float] = {}
+    for key, bias in items.items():
+        token = _int("logit_bias", key)
+        if token < 0 or token > UINT64_MAX:
+            raise InvalidRequest(f"field 'logit_bias': token id {token} is out of range")
+        number = _float("logit_bias", bias)
+        if abs(number) > LOGIT_BIAS_LIMIT:
+            raise InvalidRequest(f"field 'logit_bias': bias {number} for token {token} is outside "
+                                 f"[-{LOGIT_BIAS_LIMIT:g}, {LOGIT_BIAS_LIMIT:g}]")
+        out[token] = number
+    return tuple(sorted(out.items()))
+
+
+def _bad_words(value: Any) -> tuple[str, ...]:
+    items = _json_list("bad_words", value)
+    if len(items) > MAX_BAD_WORDS:
+        raise InvalidRequest(f"field 'bad_words': at most {MAX_BAD_WORDS} words, got {len(items)}")
+    out = []
+    for item in items:
+        text = _text("bad_words", item) if isinstance(item, (str, bytes)) else None
+        if not text or not text.strip():
+            raise InvalidRequest(f"field 'bad_words': every item must be a non-blank string, got {item!r:.40}")
+        out.append(text)
+    return tuple(out)
+
+
 def entry_ms(entry_id: str | bytes) -> int:
     """The millisecond part of a stream entry id ("1700000000000-0")."""
     if isinstance(entry_id, bytes):
@@ -392,14 +503,17 @@ def best_effort_reply_to(fields: dict[Any, Any], *, entry_id: str, prefix: str) 
 
 
 def limit_problem(prompt_ids: list[int] | tuple[int, ...], max_tokens: int, *, vocab_size: int,
-                  max_context: int) -> str | None:
-    """Why a tokenized request cannot run on a model (vocabulary, context length), or None."""
+                  max_context: int, logit_bias: tuple[tuple[int, float], ...] = ()) -> str | None:
+    """Why a tokenized request cannot run on a model (vocabulary, context length), or None.
+    ``max_tokens``: the room it needs after the prompt (``SamplingParams.needed_tokens``)."""
     if not prompt_ids:
         return "the prompt encodes to no tokens"
     top = max(prompt_ids)
     if top >= vocab_size:
         return f"prompt_ids: token id {top} is outside the vocabulary (size {vocab_size})"
     need = len(prompt_ids) + max_tokens
+    if logit_bias and (bad := max(t for t, _ in logit_bias)) >= vocab_size:
+        return f"logit_bias: token id {bad} is outside the vocabulary (size {vocab_size})"
     if need > max_context:
         return (f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) = {need} exceeds the "
                 f"model's context length of {max_context}")
@@ -409,8 +523,30 @@ def limit_problem(prompt_ids: list[int] | tuple[int, ...], max_tokens: int, *, v
 # --- result events ------------------------------------------------------------------------------
 
 
-def token_event(request_id: str, index: int, token_id: int, text: str) -> dict[str, str]:
-    return {"id": request_id, "event": "token", "index": str(index), "token_id": str(token_id), "text": text}
+def token_event(request_id: str, index: int, token_id: int, text: str,
+                logprobs: dict[str, Any] | None = None) -> dict[str, str]:
+    """``logprobs``: this token's entry of the done event's ``logprobs`` (``token_logprobs``), or
+    None; sent as ``logprob`` (the number alone, for reading by eye) and ``logprobs`` (the entry)."""
+    event = {"id": request_id, "event": "token", "index": str(index), "token_id": str(token_id), "text": text}
+    if logprobs is not None:
+        event["logprob"] = repr(logprobs["logprob"])
+        event["logprobs"] = _json(logprobs)
+    return event
+
+
+def token_logprobs(token_id: int, text: str, logprob: float, top: list[tuple[int, str, float]]) -> dict[str, Any]:
+    """One generated token's logprobs as events carry them: ``{"token_id", "text", "logprob",
+    "top_logprobs": [{"token_id", "text", "logprob"}, ...]}``, likeliest first. JSON has no -inf:
+    a logprob below -9999 is written as -9999.0, as vLLM's OpenAI server does."""
+    return {"token_id": token_id, "text": text, "logprob": max(logprob, LOGPROB_FLOOR),
+            "top_logprobs": [{"token_id": t, "text": s, "logprob": max(lp, LOGPROB_FLOOR)} for t, s, lp in top]}
+
+
+LOGPROB_FLOOR = -9999.0
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def done_event(
@@ -420,7 +556,14 @@ def done_event(
     token_ids: list[int],
     finish_reason: FinishReason,
     prompt_tokens: int,
+    logprobs: list[dict[str, Any] | None] | None = None,
+    served: dict[str, str] | None = None,
 ) -> dict[str, str]:
+    """``logprobs``: one ``token_logprobs`` entry per token id (None for a token generated before
+    the request moved to this group), or None when the request did not ask for them. ``served``:
+    ``model``, ``group`` and the timings ``queue_s``, ``ttft_s``, ``total_s`` (seconds as text)."""
+    extra = {"logprobs": _json(logprobs)} if logprobs is not None else {}
+    extra.update(served or {})
     return {
         "id": request_id,
         "event": "done",
@@ -429,6 +572,7 @@ def done_event(
         "finish_reason": finish_reason,
         "prompt_tokens": str(prompt_tokens),
         "completion_tokens": str(len(token_ids)),
+        **extra,
     }
 
 

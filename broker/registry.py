@@ -34,7 +34,7 @@ class GroupLoad:
     host: str
     max_context: int  # longest prompt + max_tokens the group accepts
     vocab_size: int  # token ids must be below this
-    state: str = "ready"  # starting | ready | draining: only a ready group is routed to
+    state: str = "ready"  # loading | starting | ready | draining: only a ready group is routed to
     completed: int = 0  # requests finished since start
     metrics_port: int | None = None  # of the leader's /metrics endpoint on ``host``; None: not served
     tokens_per_s: float = 0.0  # tokens generated per second since the previous heartbeat
@@ -48,6 +48,7 @@ class GroupLoad:
     # What each of the ``tp`` ranks holds, in rank order: its weights and its KV cache (its heads).
     rank_weight_bytes: list[int] = field(default_factory=list)
     rank_kv_bytes: list[int] = field(default_factory=list)
+    phase: str = ""  # while loading: the start-up phase (load, pack, KV allocation, kernel compile)
     # The names requests reach this group's model by (``model``), the first one canonical; and a
     # fingerprint of its weights, which tells two versions served under one name apart.
     served_models: list[str] = field(default_factory=list)

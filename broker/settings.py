@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     claim_idle_ms: int = 2000
     groups_refresh_s: float = Field(default=0.25, description="How often a balancer re-reads group heartbeats.")
     stats_interval_s: float = Field(default=1.0, description="How often a balancer writes its own stats key.")
+    # A balancer whose stats key (written after each ingress read) is older than this has stopped
+    # reading: it drops out of `{p}:balancers`, and health checks of the path fail while no balancer
+    # reads. Generous: a CPU-starved balancer that reads late is not a dead one.
+    balancer_dead_after_s: float = Field(default=10.0, gt=0)
     # Prefix affinity: requests whose prompts share this many leading characters (or token ids) go to
     # a group that served that prefix recently (its KV prefix cache may still hold it).
     affinity_prefix_chars: int = 128
@@ -109,6 +113,9 @@ class Settings(BaseSettings):
     # read) for this long: a hung engine, or Redis unreachable for that long. Restarting cures the
     # first and does no harm in the second (the work is in Redis).
     liveness_timeout_s: float = Field(default=60.0, gt=0)
+    # A group leader logs a stats line at INFO this often while it has work (running, waiting, prompt
+    # and generation tokens/s, KV cache use, prefix-cache hits), as vLLM does; 0 turns it off.
+    stats_log_interval_s: float = Field(default=10.0, ge=0)
     log_format: Literal["text", "json"] = Field(default="text", description="json: one JSON object per line.")
     # Prompt text is never logged unless this is set (prompts may hold personal data).
     log_prompts: bool = False

@@ -1,15 +1,10 @@
 import argparse
 import sys
 
-from broker.cli_common import add_common
-from broker.errors import ConfigError
+from broker.cli_common import add_common, run_command
 from gpu_workers.cli import configure, run
 
 parser = argparse.ArgumentParser(prog="python -m gpu_workers", description="One ryzanstein worker group.")
 add_common(parser)
 configure(parser)
-try:
-    sys.exit(run(parser.parse_args()))
-except ConfigError as exc:
-    print(f"python -m gpu_workers: {exc}", file=sys.stderr)
-    sys.exit(2)
+sys.exit(run_command("python -m gpu_workers", run, parser.parse_args()))

@@ -12,6 +12,10 @@ Sequences with a common prefix share its full blocks (ref count > 1). A shared o
 never written again: writes go to slots at or after ``num_computed_tokens``, which lie in blocks past
 every full computed one, and only full computed blocks are ever shared.
 
+Sliding windows: when every layer of the model attends only to its last ``W`` tokens, a running
+sequence gives back the blocks wholly before the window of its next token (``release_before``);
+the scheduler does so after every step.
+
 A freed block that carries a hash keeps its K/V and stays findable: free cached blocks form an LRU,
 and a later lookup revives them. A fresh block is taken from never-hashed free blocks first, then by
 evicting the least recently freed cached block (its hash is dropped).
@@ -179,11 +183,23 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         """Release ``seq``'s blocks (tail first, so its tail is evicted first) and reset its progress."""
-        for b in reversed(seq.block_table):
+        for b in reversed(seq.block_table[seq.num_released_blocks :]):
             self._release(b)
         seq.block_table = []
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_released_blocks = 0
         self._chains.pop(seq, None)
+
+    def release_before(self, seq: Sequence, num_blocks: int) -> int:
+        """Give back ``seq``'s first ``num_blocks`` blocks while it runs: a model whose every layer
+        attends through a sliding window never reads them again. They stay in the block table as
+        stale ids (positions keep their index); computed ones stay findable in the prefix cache like
+        any freed block. Call after ``mark_computed``. Returns how many were released now."""
+        num_blocks = min(num_blocks, len(seq.block_table), seq.num_computed_tokens // self.block_size)
+        released = range(seq.num_released_blocks, num_blocks)
+        for i in reversed(released):
+            self._release(seq.block_table[i])
+        seq.num_released_blocks = max(seq.num_released_blocks, num_blocks)
+        return len(released)
 
     # -- internals -----------------------------------------------------------------------------
 

@@ -8,20 +8,27 @@ leader talks to Redis; the other ranks compute what it sends them (gpu_workers.p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import signal
+import socket
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
 from broker.cli_common import add_metrics, settings_from_args, setup_logging
 from broker.connection import connect, mask_url, resolve_url, retry_forever
 from broker.errors import EngineFailed
+from broker.keys import Keys
 from broker.metrics import serve_metrics
 from broker.settings import Settings
 from gpu_workers.engine import EXIT_ENGINE_FAILED, Engine
 from gpu_workers.group import WorkerGroup
 from gpu_workers.models import KV_DTYPES, EngineOptions, build_engine, model_dir
 from gpu_workers.served import served_model_names, weights_fingerprint
+from gpu_workers.startup import LoadingBeacon, loading_load
 
 log = logging.getLogger("gpu_workers")
 
@@ -101,14 +108,43 @@ def run(args: argparse.Namespace) -> int:
     served_model_names(args.model, args.served_model_name)  # a bad name fails before the model loads
     options = EngineOptions(tp=tp, kv_dtype=args.kv_dtype, kv_memory=args.kv_memory, device=args.device,
                             echo_token_delay_ms=settings.echo_token_delay_ms)
-    if tp == 1:
-        url = resolve_url(settings, wait_s=args.wait_broker)
-        return _lead(args, settings, url, build_engine(args.model, options))
-    env = rank_env()
-    leader = env is None or env.rank == 0
-    # before any rank starts: the leader finds Redis, and a model that cannot split K ways is refused
-    url = resolve_url(settings, wait_s=args.wait_broker) if leader else ""
-    return _run_rank(args, settings, url, options)
+    env = rank_env() if tp > 1 else None
+    if env is not None and env.rank != 0:
+        return _run_rank(args, settings, "", options)  # a follower: no Redis, no registry entry
+    # the leader: finds Redis first, then shows the group as loading while the model loads
+    url = resolve_url(settings, wait_s=args.wait_broker)
+    args.group = args.group or f"{socket.gethostname()}-{os.getpid()}"
+    log.info("start-up: group %s, model %s, %d rank(s), KV %s", args.group, args.model, tp, args.kv_dtype)
+    # SIGTERM while loading: unwind (the registry entry is withdrawn) instead of dying where we stand
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    with _announce_loading(settings, url, args, tp=tp):
+        if tp == 1:
+            return _lead(args, settings, url, build_engine(args.model, options))
+        return _run_rank(args, settings, url, options)
+
+
+def _exit_on_signal(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _announce_loading(settings: Settings, url: str, args: argparse.Namespace, *, tp: int) -> Iterator[None]:
+    """The group in the registry as ``loading`` (with its phase) until it registers (``_lead``);
+    withdrawn if start-up fails or is interrupted."""
+    redis = connect(url, settings)
+    load = loading_load(args.group, model=args.model, tp=tp, kv_dtype=args.kv_dtype,
+                        served_models=served_model_names(args.model, args.served_model_name))
+    beacon = LoadingBeacon(redis, Keys(settings.prefix), load, interval_s=settings.heartbeat_interval_s)
+    args.loading_beacon = beacon
+    beacon.start()
+    try:
+        yield
+    except BaseException:
+        beacon.withdraw()
+        raise
+    finally:
+        beacon.stop()
+        redis.close()
 
 
 def _run_rank(args: argparse.Namespace, settings: Settings, url: str, options: EngineOptions) -> int:
@@ -149,14 +185,23 @@ def _lead(args: argparse.Namespace, settings: Settings, url: str, engine: Engine
                            port=settings.metrics_port)
     group.telemetry.port = server.port if server is not None else None
 
+    stopping = threading.Event()  # a signal before registration: nothing to drain, stop at once
+
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("signal %d: draining (again: hand back at once; a third time: stop now)", signum)
+        stopping.set()
         group.drain()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    beacon = getattr(args, "loading_beacon", None)
+    if beacon is not None:
+        beacon.stop()  # from here on the group's own heartbeats speak for it
     try:
-        retry_forever(group.register, settings, what="group registration")
+        if not retry_forever(group.register, settings, what="group registration", stop=stopping):
+            log.info("group %s stopped before it registered", group.name)
+            engine.close()
+            return 0
         names = "" if group.served_models == [engine.info.model] else f" as {', '.join(group.served_models)}"
         print(f"worker group {group.name} serving {engine.info.model}{names} on {mask_url(url)}"
               + (f" with {engine.info.tp} tensor-parallel ranks" if engine.info.tp > 1 else ""), flush=True)

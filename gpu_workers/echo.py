@@ -3,7 +3,9 @@
 One token per running request per step, like a model decoding; the last prompt token ends the
 request with finish_reason "stop" (as an EOS would), unless max_tokens ends it first. A request that
 arrives with ``output_ids`` (moved from another group) continues after them. ``token_delay_s`` makes
-each step take that long, like a model's decode step (``RYZ_ECHO_TOKEN_DELAY_MS``). Imports no torch.
+each step take that long, like a model's decode step (``RYZ_ECHO_TOKEN_DELAY_MS``). Sampling
+parameters change nothing; a request that asks for logprobs gets 0 for each token (it was certain),
+and itself as its one alternative. Imports no torch.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from broker.chat import PLAIN_CHAT_TEMPLATE
-from gpu_workers.engine import EngineInfo, EngineRequest, EngineStats, StepOutput
+from gpu_workers.engine import EngineInfo, EngineRequest, EngineStats, StepOutput, TokenLogprobs
 from gpu_workers.tokenizer import ByteTokenizer
 
 ECHO_MAX_CONTEXT = 1 << 20
@@ -29,12 +31,16 @@ class EchoEngine:
                                chat_template=PLAIN_CHAT_TEMPLATE)
         # request id -> (prompt ids, position of the next token to echo)
         self._running: OrderedDict[str, tuple[list[int], int]] = OrderedDict()
+        self._logprobs: dict[str, int] = {}  # request id -> top_logprobs, for those that asked
 
     def add(self, request: EngineRequest) -> None:
         self._running[request.request_id] = (request.prompt_ids, len(request.output_ids))
+        if request.sampling.logprobs:
+            self._logprobs[request.request_id] = request.sampling.top_logprobs
 
     def abort(self, request_id: str) -> None:
         self._running.pop(request_id, None)
+        self._logprobs.pop(request_id, None)
 
     def step(self) -> list[StepOutput]:
         if self.token_delay_s > 0 and self._running:
@@ -42,9 +48,12 @@ class EchoEngine:
         out = []
         for request_id, (prompt, pos) in list(self._running.items()):
             last = pos + 1 >= len(prompt)
-            out.append(StepOutput(request_id, prompt[pos], "stop" if last else None))
+            top = self._logprobs.get(request_id)
+            logprobs = TokenLogprobs(0.0, ((prompt[pos], 0.0),) if top else ()) if top is not None else None
+            out.append(StepOutput(request_id, prompt[pos], "stop" if last else None, logprobs))
             if last:
                 del self._running[request_id]
+                self._logprobs.pop(request_id, None)
             else:
                 self._running[request_id] = (prompt, pos + 1)
         return out

@@ -46,11 +46,22 @@ class EngineRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """A generated token's log-probability (natural log) and the likeliest alternatives, from the
+    distribution it was drawn from (gpu_workers.sampler.sample_with_logprobs)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), likeliest first
+
+
+@dataclass(frozen=True, slots=True)
 class StepOutput:
     request_id: str
     token_id: int
     # Set when the engine itself ends the request with this token ("stop" for EOS-like ends).
     finish_reason: str | None = None
+    # Set for requests that asked for logprobs.
+    logprobs: TokenLogprobs | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,10 +72,16 @@ class EngineStats:
     kv_used_tokens: int = 0
     # Fraction of prompt tokens served from the prefix cache lately; None for engines without one.
     prefix_cache_hit_rate: float | None = None
+    # Totals since the engine started: preemptions, and prompt tokens looked up in / found in the
+    # prefix cache (vLLM's num_preemptions, prefix_cache_queries, prefix_cache_hits).
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
 
 class Tokenizer(Protocol):
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """``add_special_tokens``: what the tokenizer's post-processor adds (a BOS), as transformers'."""
 
     def decode(self, ids: list[int]) -> str: ...
 

@@ -31,6 +31,7 @@ from broker.chat import publish_template, template_digest
 from broker.connection import TRANSIENT_ERRORS, RedisClock, backoff_delays
 from broker.dead_letter import DeadLetters
 from broker.errors import EngineFailed
+from broker.failures import describe, raise_if_fatal
 from broker.keys import QUEUE_GROUP, Keys
 from broker.logs import request_extra
 from broker.protocol import GenerationRequest, done_event, error_event, limit_problem, token_event
@@ -101,12 +102,14 @@ class WorkerGroup(QueueIntake):
         self.telemetry = GroupTelemetry(
             self.name, enabled=settings.metrics_port is not None, now_ms=lambda: self.clock.now_ms(),
             log_prompts=settings.log_prompts, ready_within_s=settings.dead_after_s,
-            live_within_s=settings.liveness_timeout_s, monotonic=monotonic)
+            live_within_s=settings.liveness_timeout_s, stats_log_interval_s=settings.stats_log_interval_s,
+            model_name=self.served_models[0], monotonic=monotonic)  # vLLM's label: the served name
         self._heartbeat_fields: list[str] | None = None  # of the last heartbeat, repeated by keepalive
         self.dead_letters = DeadLetters(redis, self.scripts, self.keys, publisher=self.name,
                                         ttl_ms=settings.result_ttl_s * 1000, on_dead=self.telemetry.dead_lettered)
         self.keepalive = StepKeepalive(self._repeat_heartbeat, interval_s=settings.heartbeat_interval_s,
-                                       max_step_s=settings.liveness_timeout_s, monotonic=monotonic)
+                                       max_step_s=settings.liveness_timeout_s, monotonic=monotonic,
+                                       probe=self.telemetry.probe)
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -162,10 +165,13 @@ class WorkerGroup(QueueIntake):
                 self.tick()
                 delays = None
             except TRANSIENT_ERRORS as exc:
-                if drain_deadline is not None and (self._hurry or self._monotonic() >= drain_deadline):
-                    # Nothing held was acknowledged, so it all stays pending in Redis: a restart of
-                    # this group recovers it, or balancers fail it over.
-                    log.error("redis unreachable while draining (%s); exiting without hand-back", exc)
+                raise_if_fatal(exc)
+                if self.draining:
+                    # Asked to stop and Redis is gone (under honcho or systemd it may have stopped
+                    # first): nothing held was acknowledged, so it all stays pending in Redis, where a
+                    # restart of this group recovers it or balancers fail it over. One signal is enough.
+                    log.warning("redis unreachable while draining (%s); stopping: %d held requests stay "
+                                "in Redis for failover", exc, len(self.held))
                     self.engine.close()
                     return 0
                 reconnected = True
@@ -174,8 +180,13 @@ class WorkerGroup(QueueIntake):
                 log.warning("redis unavailable (%s); retrying in %.2fs", exc, delay)
                 time.sleep(delay)
             except ResponseError as exc:
+                raise_if_fatal(exc)
                 if "NOGROUP" not in str(exc):
-                    log.exception("group tick failed; retrying")
+                    problem = describe(exc)  # out of memory, a read-only replica: one line, no traceback
+                    if problem is not None:
+                        log.warning("%s; retrying", problem.line)
+                    else:
+                        log.exception("group tick failed; retrying")
                     time.sleep(next(delays := delays or backoff_delays(self.settings)))
                     continue
                 if self.draining:
@@ -312,8 +323,8 @@ class WorkerGroup(QueueIntake):
             self._finish_error(held, "internal", f"the prompt could not be tokenized ({type(exc).__name__})")
             return
         self.telemetry.admitted(request, prompt_tokens=len(held.prompt_ids))
-        problem = limit_problem(held.prompt_ids, request.sampling.max_tokens, vocab_size=info.vocab_size,
-                                max_context=info.max_context)
+        problem = limit_problem(held.prompt_ids, request.sampling.needed_tokens, vocab_size=info.vocab_size,
+                                max_context=info.max_context, logit_bias=request.sampling.logit_bias)
         if problem is not None:
             self._finish_error(held, "invalid_request", problem)
             return
@@ -389,6 +400,8 @@ class WorkerGroup(QueueIntake):
             self._finish_error(held, "internal", f"the engine failed on this request ({type(exc).__name__})")
             return
         self.holding.started(held)
+        if held.started_ms is None:
+            held.started_ms = self.clock.now_ms()
 
     def _step_engine(self) -> None:
         if not self.engine.has_work():
@@ -412,14 +425,16 @@ class WorkerGroup(QueueIntake):
             if held is None or held.final or held.output is None:
                 continue
             try:
-                result = held.output.push(out.token_id, engine_finish=out.finish_reason)
+                result = held.output.push(out.token_id, engine_finish=out.finish_reason, logprobs=out.logprobs)
             except Exception as exc:
                 log.exception("request %s: cannot process token %r", held.request.id, out.token_id)
                 self._finish_error(held, "internal", f"output processing failed ({type(exc).__name__})")
                 continue
+            if held.first_token_ms is None:
+                held.first_token_ms = self.clock.now_ms()
             if held.request.stream:
                 self._emit(held, ("t", result.index, token_event(held.request.id, result.index, result.token_id,
-                                                                 result.text)))
+                                                                 result.text, result.logprobs)))
             if result.finish_reason is not None:
                 if out.finish_reason is not None:  # the engine has let go of it already
                     self.holding.stopped(held)
@@ -457,7 +472,9 @@ class WorkerGroup(QueueIntake):
         self._emit(held, ("f", 0, done_event(
             held.request.id, text=out.text, token_ids=out.token_ids,
             finish_reason=finish_reason,  # type: ignore[arg-type]
-            prompt_tokens=out.prompt_len,
+            prompt_tokens=out.prompt_len, logprobs=out.logprobs,
+            served=held.served(model=held.request.model or self.served_models[0], group=self.name,
+                               now_ms=self.clock.now_ms()),
         )))
         held.final = True
         self.telemetry.finished(held.request.id, finish_reason, prompt_tokens=out.prompt_len,

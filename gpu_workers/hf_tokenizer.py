@@ -51,7 +51,9 @@ class HFTokenizer:
     def __init__(self, backend: tokenizers.Tokenizer) -> None:
         self.backend = backend
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        if not add_special_tokens:
+            return list(self.backend.encode(text, add_special_tokens=False).ids)
         encoding = self.backend.encode(text, add_special_tokens=True)
         ids, added = encoding.ids, encoding.special_tokens_mask  # added: 1 where the post-processor put a token
         if len(ids) > 1 and added[0] and not added[1] and ids[0] == ids[1]:

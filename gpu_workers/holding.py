@@ -33,6 +33,18 @@ class Held:
     events: list[Event] = field(default_factory=list)  # produced, not yet published
     final: bool = False
     running: bool = False  # in the engine now
+    # Redis-clock milliseconds: first started in the engine here, first token generated here.
+    started_ms: float | None = None
+    first_token_ms: float | None = None
+
+    def served(self, *, model: str, group: str, now_ms: float) -> dict[str, str]:
+        """The done event's ``served`` fields (broker.protocol.done_event)."""
+        out = {"model": model, "group": group}
+        enqueued = self.request.enqueued_ms
+        for name, at in (("queue_s", self.started_ms), ("ttft_s", self.first_token_ms), ("total_s", now_ms)):
+            if at is not None and enqueued:
+                out[name] = f"{max(0.0, at - enqueued) / 1000:.6f}"
+        return out
 
     @property
     def tokens(self) -> int:

@@ -5,7 +5,7 @@ The group loop heartbeats between steps. A single step of a real model can take 
 would fail a healthy group over. So while a step runs, a side thread repeats the loop's last
 heartbeat every interval — but only for ``max_step_s``: an engine that hangs stops beating and is
 failed over, and a process that is killed or stopped (SIGSTOP, a GC pause holds every thread) stops
-beating at once, as before.
+beating at once, as before. The leader's readiness probe follows the same rule (``Probe.step_started``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 from broker.connection import TRANSIENT_ERRORS
+from broker.metrics import Probe
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,10 @@ class StepKeepalive:
         interval_s: float,
         max_step_s: float,
         monotonic: Callable[[], float] = time.monotonic,
+        probe: Probe | None = None,
     ) -> None:
         self._beat = beat
+        self._probe = probe  # told when steps start and end: a long step keeps the process ready
         self.interval_s = interval_s
         self.max_step_s = max_step_s
         self._monotonic = monotonic
@@ -40,9 +43,13 @@ class StepKeepalive:
 
     def step_started(self) -> None:
         self._step_started = self._last_beat = self._monotonic()
+        if self._probe is not None:
+            self._probe.step_started()
 
     def step_ended(self) -> None:
         self._step_started = None
+        if self._probe is not None:
+            self._probe.step_ended()
 
     def check(self) -> bool:
         """Beat if a step has run for an interval since the last beat, and not past max_step_s."""

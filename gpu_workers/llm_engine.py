@@ -26,12 +26,13 @@ from gpu_workers.block_manager import BlockManager
 from gpu_workers.engine import EngineInfo, EngineRequest, EngineStats, StepOutput
 from gpu_workers.hf_tokenizer import load_tokenizer
 from gpu_workers.kv_memory import kv_budget_bytes
+from gpu_workers.logits_processors import RowContext, bad_words_token_ids
 from gpu_workers.model.config import load_config
 from gpu_workers.model.kv_cache import kv_bytes_per_block
 from gpu_workers.model_runner import Chunk, ModelRunner
 from gpu_workers.parallel.launch import RankReport, TensorParallelGroup, peak_rss_bytes
 from gpu_workers.parallel.runner import LeaderRunner
-from gpu_workers.sampler import sample
+from gpu_workers.sampler import sample_with_logprobs
 from gpu_workers.scheduler import Scheduler, SchedulerConfig
 from gpu_workers.sequence import Sequence
 
@@ -59,6 +60,8 @@ class _RequestState:
     sampling: SamplingParams
     seed: int  # the request's seed, or one drawn at admission: sampling depends on (seed, token index)
     max_total_tokens: int  # prompt + every generated token (those made elsewhere included), at most
+    stop_ids: frozenset[int]  # the ids that end it (EOS unless ignore_eos, stop_token_ids); masked before min_tokens
+    bad_words_ids: tuple[tuple[int, ...], ...]  # bad_words, tokenized
 
 
 class LlamaEngine:
@@ -93,8 +96,11 @@ class LlamaEngine:
         # rank 0 tells the other ranks what to compute each step (only once all have started)
         self.runner: ModelRunner | LeaderRunner = LeaderRunner(runner, tp) if tp is not None else runner
         self.blocks = BlockManager(num_blocks, BLOCK_SIZE, prefix_caching=options.prefix_caching)
+        windows = {self.config.layer_window(i) for i in range(self.config.num_hidden_layers)}
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(
             max_num_seqs=options.max_num_seqs, max_num_batched_tokens=options.max_num_batched_tokens,
+            # blocks before the window are given back only when no layer reads them (not Gemma 3's)
+            sliding_window=next(iter(windows)) if len(windows) == 1 else None,
         ))
         capacity = num_blocks * BLOCK_SIZE
         self.info = EngineInfo(
@@ -126,7 +132,10 @@ class LlamaEngine:
         seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
         tokens = [*request.prompt_ids, *request.output_ids]
         max_total = min(len(request.prompt_ids) + sampling.max_tokens, self.info.max_context)
-        self._requests[request.request_id] = _RequestState(sampling, seed & SEED_MASK, max_total)
+        stop_ids = (frozenset() if sampling.ignore_eos else self.info.eos_token_ids) | frozenset(sampling.stop_token_ids)
+        bad_words = bad_words_token_ids(sampling.bad_words, self.tokenizer) if sampling.bad_words else ()
+        self._requests[request.request_id] = _RequestState(sampling, seed & SEED_MASK, max_total, stop_ids,
+                                                           bad_words)
         self.scheduler.add(Sequence(
             request_id=request.request_id,
             token_ids=tokens,
@@ -158,18 +167,23 @@ class LlamaEngine:
         logits = self.runner.run(chunks)
         sampled_seqs = [c.seq for c in plan.chunks if c.samples]
         states = [self._requests[s.request_id] for s in sampled_seqs]
-        tokens = sample(
+        sampled = sample_with_logprobs(
             logits,
             [st.sampling for st in states],
             seeds=[st.seed for st in states],
             steps=[s.num_tokens - s.num_prompt_tokens for s in sampled_seqs],
-        ) if sampled_seqs else []
+            contexts=[RowContext(s.token_ids, s.num_prompt_tokens, st.stop_ids, st.bad_words_ids)
+                      for s, st in zip(sampled_seqs, states)],
+            top_logprobs=[st.sampling.top_logprobs if st.sampling.logprobs else None for st in states],
+        ) if sampled_seqs else None
+        tokens = sampled.token_ids if sampled is not None else []
+        logprobs = sampled.logprobs if sampled is not None else []
         self.scheduler.postprocess(plan, {s.request_id: t for s, t in zip(sampled_seqs, tokens)})
 
         outputs = []
-        for seq, state, token in zip(sampled_seqs, states, tokens):
+        for seq, state, token, token_logprobs in zip(sampled_seqs, states, tokens, logprobs):
             finish = None
-            if token in self.info.eos_token_ids:
+            if token in state.stop_ids:
                 finish = "stop"
             elif seq.num_tokens >= state.max_total_tokens:
                 finish = "length"
@@ -177,7 +191,7 @@ class LlamaEngine:
                 self._requests.pop(seq.request_id, None)
                 self.scheduler.finish(seq.request_id)
                 self.runner.release(seq.request_id)
-            outputs.append(StepOutput(seq.request_id, token, finish))
+            outputs.append(StepOutput(seq.request_id, token, finish, token_logprobs))
         return outputs
 
     def has_work(self) -> bool:
@@ -191,6 +205,9 @@ class LlamaEngine:
             kv_capacity_tokens=self.blocks.capacity_tokens,
             kv_used_tokens=self.blocks.used_tokens,
             prefix_cache_hit_rate=self.blocks.hit_rate,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=self.blocks.prefix_query_tokens,
+            prefix_cache_hits=self.blocks.prefix_hit_tokens,
         )
 
     def close(self) -> None:

@@ -18,10 +18,11 @@ import torch
 from broker.errors import ConfigError
 from gpu_workers.model.attention import AttentionBatch, DecodeGroup, PrefillChunk
 from gpu_workers.model.config import ModelConfig, load_config
+from gpu_workers.model.families import model_class
 from gpu_workers.model.kv_cache import STORAGE_DTYPES, KVCache
 from gpu_workers.model.layers import TPContext
-from gpu_workers.model.llama import LlamaForCausalLM
 from gpu_workers.model.loader import load_weights
+from gpu_workers.startup import phase
 
 if TYPE_CHECKING:
     from gpu_workers.sequence import Sequence
@@ -80,10 +81,17 @@ class ModelRunner:
             CPU_DECODE_GROUP_TOKENS if self.device.type == "cpu" else None
         )
         self.config: ModelConfig = load_config(Path(model_dir))
-        with torch.device(self.device):
-            self.model = LlamaForCausalLM(self.config, self.tp, self.dtype)
-        load_weights(self.model, Path(model_dir))
-        self.model.pack_weights()
+        # distinct sliding windows of the model's layers: each gets its own view of every step
+        self.windows = sorted({w for i in range(self.config.num_hidden_layers)
+                               if (w := self.config.layer_window(i)) is not None})
+        self.full_layers = any(self.config.layer_window(i) is None for i in range(self.config.num_hidden_layers))
+        where = f"{model_dir}, rank {self.tp.rank} of {self.tp.size}" if self.tp.size > 1 else str(model_dir)
+        with phase("load", where):
+            with torch.device(self.device):
+                self.model = model_class(self.config)(self.config, self.tp, self.dtype)
+            load_weights(self.model, Path(model_dir))
+        with phase("pack"):
+            self.model.pack_weights()
         self.kv_dtype = kv_dtype
         self.kv_cache: KVCache
         if num_blocks is not None:
@@ -91,7 +99,11 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """The KV cache of ``num_blocks`` blocks (once, before the first ``run``)."""
-        self.kv_cache = KVCache(
+        with phase("KV allocation", f"{num_blocks} blocks of {self.block_size} tokens, {self.kv_dtype}"):
+            self.kv_cache = self._new_kv_cache(num_blocks)
+
+    def _new_kv_cache(self, num_blocks: int) -> KVCache:
+        return KVCache(
             num_layers=self.config.num_hidden_layers,
             num_blocks=num_blocks,
             block_size=self.block_size,
@@ -144,7 +156,12 @@ class ModelRunner:
         batch = AttentionBatch(slot_mapping=torch.empty(0), num_decode=len(decodes))
         ids = [chunks[i].token_ids[0] for i in decodes]
         positions = [torch.tensor([chunks[i].start for i in decodes], dtype=torch.long)]
-        slots = self._add_decodes(batch, [chunks[i] for i in decodes], positions[0])
+        # A window that holds every sequence's whole context reads what full attention reads: its
+        # layers take the step itself (and the fused kernels with it).
+        longest = max(c.start + len(c.token_ids) for c in chunks)
+        narrow = [w for w in self.windows if w < longest]
+        full_view = self.full_layers or len(narrow) < len(self.windows)
+        slots = self._add_decodes(batch, [chunks[i] for i in decodes], positions[0], groups=full_view)
         for i in prefills:
             c = chunks[i]
             first_row[i] = len(ids)
@@ -153,6 +170,9 @@ class ModelRunner:
             slots.append(self._add_prefill(batch, c, first_row[i]))
         batch.slot_mapping = self._to_device(torch.cat(slots))
         batch.rope_seq_lens = self._rope_seq_lens([chunks[i] for i in decodes + prefills])
+        for window in self.windows:
+            batch.windowed[window] = batch if window not in narrow else self._windowed(
+                batch, window, [chunks[i] for i in decodes], [(chunks[i], first_row[i]) for i in prefills])
         rows = [first_row[i] + len(c.token_ids) - 1 for i, c in enumerate(chunks) if c.want_logits]
         return _Step(
             input_ids=self._to_device(torch.tensor(ids, dtype=torch.long)),
@@ -161,8 +181,10 @@ class ModelRunner:
             logit_rows=self._to_device(torch.tensor(rows, dtype=torch.long)),
         )
 
-    def _add_decodes(self, batch: AttentionBatch, decodes: list[Chunk], positions: torch.Tensor) -> list[torch.Tensor]:
-        """Decode groups into ``batch``; returns the new tokens' cache slots, group by group."""
+    def _add_decodes(self, batch: AttentionBatch, decodes: list[Chunk], positions: torch.Tensor, *,
+                     groups: bool = True) -> list[torch.Tensor]:
+        """Decode groups into ``batch`` (unless ``groups`` is False: no layer reads them); returns the
+        new tokens' cache slots, group by group."""
         bs = self.block_size
         slots = []
         for first, group in self._decode_groups(decodes):
@@ -173,6 +195,8 @@ class ModelRunner:
                 [c.block_table[:n] + [0] * (width - n) for c, n in zip(group, used)], dtype=torch.long
             )  # [B, MB], padded with block 0 (masked)
             slots.append(table.gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs)
+            if not groups:  # every layer reads its window's view (blocks before it may be gone)
+                continue
             group_meta = DecodeGroup(first, len(group), self._to_device(table))
             if self.kv_cache.fused_attention:
                 group_meta.lens = pos + 1  # the kernel stops at each sequence's length: no mask
@@ -221,6 +245,44 @@ class ModelRunner:
         batch.prefills.append(PrefillChunk(first, len(c.token_ids), c.start, kv_slots, mask))
         return context_slots[c.start :]
 
+    def _windowed(self, batch: AttentionBatch, window: int, decodes: list[Chunk],
+                  prefills: list[tuple[Chunk, int]]) -> AttentionBatch:
+        """The view of ``batch`` for layers with a sliding ``window``: a query at position p sees
+        keys p - window < k <= p. Decode block tables start at the block holding the window's first
+        key, and prefill chunks gather keys from the first one any of their queries sees."""
+        bs = self.block_size
+        view = AttentionBatch(slot_mapping=batch.slot_mapping, num_decode=batch.num_decode,
+                              rope_seq_lens=batch.rope_seq_lens)
+        spans = [(max(0, c.start + 1 - window) // bs, c.start // bs + 1) for c in decodes]  # blocks [lo, hi)
+        for start, group in self._decode_groups(decodes, [hi - lo for lo, hi in spans], fused=False):
+            span = spans[start : start + len(group)]
+            width = max(hi - lo for lo, hi in span)
+            table = torch.tensor([c.block_table[lo:hi] + [0] * (width - hi + lo) for c, (lo, hi) in zip(group, span)],
+                                 dtype=torch.long)  # [B, MB]
+            pos = torch.tensor([c.start for c in group])[:, None]  # [B, 1]
+            key = torch.tensor([lo * bs for lo, _ in span])[:, None] + torch.arange(width * bs)[None, :]  # [B, L]
+            hidden = (key > pos) | (key <= pos - window)
+            bias = torch.zeros(hidden.shape, dtype=torch.float32).masked_fill_(hidden, float("-inf"))
+            group_meta = DecodeGroup(start, len(group), self._to_device(table),
+                                     bias=self._to_device(bias[None, :, None, :]))
+            if self.kv_cache.reads_in_place:
+                self._add_in_place_index(group_meta, table)
+            view.decode_groups.append(group_meta)
+        for c, row in prefills:
+            end = c.start + len(c.token_ids)
+            lo = max(0, c.start + 1 - window)  # the first key any of the chunk's queries sees
+            kv_slots = mask = None  # (a first chunk within the window: plain causal attention)
+            if c.start or end > window:
+                keys = torch.arange(lo, end)[None, :]  # [1, S]
+                queries = torch.arange(c.start, end)[:, None]  # [n, 1]
+                mask = self._to_device((keys <= queries) & (keys > queries - window))  # [n, S]
+                if c.start:
+                    blocks = torch.tensor(c.block_table[lo // bs : -(-end // bs)], dtype=torch.long)
+                    slots = (blocks[:, None] * bs + torch.arange(bs)).view(-1)[lo % bs : lo % bs + end - lo]
+                    kv_slots = self._to_device(slots)
+            view.prefills.append(PrefillChunk(row, len(c.token_ids), c.start, kv_slots, mask))
+        return view
+
     def _rope_seq_lens(self, ordered: list[Chunk]) -> torch.Tensor | None:
         """Per-token sequence lengths for dynamic NTK RoPE, when some sequence needs scaling."""
         if self.config.rope_scaling.type != "dynamic":
@@ -231,19 +293,23 @@ class ModelRunner:
         lens = torch.tensor(ends).repeat_interleave(torch.tensor([len(c.token_ids) for c in ordered]))
         return self._to_device(lens)
 
-    def _decode_groups(self, decodes: list[Chunk]) -> list[tuple[int, list[Chunk]]]:
+    def _decode_groups(self, decodes: list[Chunk], widths: list[int] | None = None, *,
+                       fused: bool = True) -> list[tuple[int, list[Chunk]]]:
         """(index of the first, chunks) of consecutive runs of ``decodes`` (sorted by length) whose
-        padded K/V stays within the group budget; one group when there is no budget."""
-        if self.decode_group_tokens is None or self.kv_cache.fused_attention:
+        padded K/V stays within the group budget; one group when there is no budget. ``widths``:
+        the blocks each reads (default: all its blocks); ``fused``: whether the fused kernel reads them."""
+        if self.decode_group_tokens is None or (fused and self.kv_cache.fused_attention):
             # (the fused fp32 kernel reads each sequence up to its own length: padding costs nothing)
             return [(0, decodes)] if decodes else []
+        if widths is None:
+            widths = [c.start // self.block_size + 1 for c in decodes]
         groups: list[tuple[int, list[Chunk]]] = []
-        first = 0
-        for i, c in enumerate(decodes):
-            padded = (i - first + 1) * (c.start // self.block_size + 1) * self.block_size
-            if i > first and padded > self.decode_group_tokens:
+        first = widest = 0
+        for i in range(len(decodes)):
+            widest = max(widest, widths[i])
+            if i > first and (i - first + 1) * widest * self.block_size > self.decode_group_tokens:
                 groups.append((first, decodes[first:i]))
-                first = i
+                first, widest = i, widths[i]
         if decodes:
             groups.append((first, decodes[first:]))
         return groups

@@ -6,9 +6,10 @@ Plain Python, no Redis and no torch: unit-tested in tests/gpu_workers/test_outpu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from broker.protocol import SamplingParams
-from gpu_workers.engine import Tokenizer
+from broker.protocol import SamplingParams, token_logprobs
+from gpu_workers.engine import Tokenizer, TokenLogprobs
 from gpu_workers.tokenizer import IncrementalDetokenizer
 
 
@@ -18,6 +19,7 @@ class TokenResult:
     token_id: int
     text: str  # the text this token makes visible (may be "", or carry held-back text)
     finish_reason: str | None  # stop | length when this token ends the request
+    logprobs: dict[str, Any] | None = None  # broker.protocol.token_logprobs, for requests that asked
 
 
 class OutputState:
@@ -42,21 +44,32 @@ class OutputState:
         self.text = ""
         self.finish_reason: str | None = None
         self._emitted = 0
-        self._eos = eos_token_ids | frozenset(sampling.stop_token_ids)  # the request's own end tokens too
+        # the request's own end tokens too; ignore_eos leaves those, as vLLM's does
+        self._eos = (frozenset() if sampling.ignore_eos else eos_token_ids) | frozenset(sampling.stop_token_ids)
         self._max_context = max_context
         self._stops = sampling.stop
         self._longest_stop = max((len(s) for s in self._stops), default=0)
         self._detok = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self._tokenizer = tokenizer
+        # One entry per token id when the request asked for logprobs (None for tokens replayed from
+        # another group, whose logprobs are not known here); None otherwise.
+        self.logprobs: list[dict[str, Any] | None] | None = [] if sampling.logprobs else None
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def push(self, token_id: int, *, engine_finish: str | None = None) -> TokenResult:
-        """Add one generated token; returns its event and whether it ends the request."""
+    def push(self, token_id: int, *, engine_finish: str | None = None,
+             logprobs: TokenLogprobs | None = None) -> TokenResult:
+        """Add one generated token (with its logprobs, if the engine computed them); returns its
+        event and whether it ends the request."""
         assert self.finish_reason is None, "token after the end of a completion"
         index = len(self.token_ids)
         self.token_ids.append(token_id)
+        rendered = None
+        if self.logprobs is not None:
+            rendered = self._render(token_id, logprobs) if logprobs is not None else None
+            self.logprobs.append(rendered)
         searched_from = max(0, len(self.text) - self._longest_stop + 1)
         self.text += self._detok.push(token_id)
 
@@ -68,7 +81,9 @@ class OutputState:
             finish = "length"
         if finish is not None:
             self.text += self._detok.flush()
-        if self._stops and (cut := self._find_stop(searched_from)) is not None:
+        # vLLM's rule: stop strings count only from min_tokens on (the stop ids are masked until then)
+        if (self._stops and len(self.token_ids) > self.sampling.min_tokens
+                and (cut := self._find_stop(searched_from)) is not None):
             self.text = self.text[:cut]
             finish = "stop"
 
@@ -76,7 +91,12 @@ class OutputState:
         delta = self.text[self._emitted : visible] if visible > self._emitted else ""
         self._emitted = max(self._emitted, visible)
         self.finish_reason = finish
-        return TokenResult(index=index, token_id=token_id, text=delta, finish_reason=finish)
+        return TokenResult(index=index, token_id=token_id, text=delta, finish_reason=finish, logprobs=rendered)
+
+    def _render(self, token_id: int, logprobs: TokenLogprobs) -> dict[str, Any]:
+        """Each token's own text: ``decode([id])``, which may be part of a character."""
+        top = [(t, self._tokenizer.decode([t]), lp) for t, lp in logprobs.top]
+        return token_logprobs(token_id, self._tokenizer.decode([token_id]), logprobs.logprob, top)
 
     def _find_stop(self, start: int) -> int | None:
         positions = [p for s in self._stops if (p := self.text.find(s, start)) >= 0]

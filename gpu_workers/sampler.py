@@ -1,62 +1,142 @@
-"""Picking the next token of each request from its logits: greedy, temperature, top-k, top-p.
+"""Picking the next token of each request from its logits: the request's controls (logit bias,
+bad words, min_tokens, penalties: gpu_workers.logits_processors), then greedy, or temperature,
+min-p, top-k, top-p and a draw.
 
 Seeded sampling is reproducible whatever the batch: a row's token depends only on its logits, its
-parameters, its seed and the index of the token being generated. The randomness is counter-based:
-one uniform number per row, hashed from (seed, step) on the host with splitmix64, drives an
-inverse-CDF draw. No generator state survives a call, so a request that migrates to another worker
-group after k tokens goes on with exactly the draws it would have had.
+parameters, its tokens so far, its seed and the index of the token being generated. The randomness
+is counter-based: one uniform number per row, hashed from (seed, step) on the host with
+splitmix64, drives an inverse-CDF draw. No generator state survives a call, so a request that
+migrates to another worker group after k tokens goes on with exactly the draws it would have had.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from broker.protocol import SamplingParams
+from gpu_workers.engine import TokenLogprobs
+from gpu_workers.logits_processors import RowContext, apply_controls, is_controlled
 
 _MASK64 = (1 << 64) - 1
 
 
+@dataclass(frozen=True, slots=True)
+class Sampled:
+    token_ids: list[int]  # one per row
+    logprobs: list[TokenLogprobs | None]  # one per row: None where not asked for
+
+
 def sample(
-    logits: torch.Tensor, params: Sequence[SamplingParams], *, seeds: Sequence[int], steps: Sequence[int]
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    *,
+    seeds: Sequence[int],
+    steps: Sequence[int],
+    contexts: Sequence[RowContext] | None = None,
 ) -> list[int]:
-    """The next token id of each row of ``logits`` (``[N, V]``, one row per request).
+    """The next token id of each row of ``logits``: ``sample_with_logprobs`` without logprobs."""
+    return sample_with_logprobs(logits, params, seeds=seeds, steps=steps, contexts=contexts).token_ids
+
+
+def sample_with_logprobs(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    *,
+    seeds: Sequence[int],
+    steps: Sequence[int],
+    contexts: Sequence[RowContext] | None = None,
+    top_logprobs: Sequence[int | None] | None = None,
+) -> Sampled:
+    """The next token id of each row of ``logits`` (``[N, V]``, one row per request), and its logprobs.
 
     ``seeds[i]`` is row i's seed (any int: the engine draws one at admission for requests without),
     ``steps[i]`` the 0-based index of the token being generated, counted over the whole completion.
-    Temperature 0 is greedy (argmax); otherwise temperature, then top-k, then top-p, then a draw.
-    """
-    n, vocab = logits.shape
-    if not len(params) == len(seeds) == len(steps) == n:
-        raise ValueError(f"{n} logit rows but {len(params)} params, {len(seeds)} seeds, {len(steps)} steps")
-    rows = [i for i, p in enumerate(params) if p.temperature > 0.0]
-    if not rows:
-        return logits.argmax(dim=-1).tolist()
+    ``contexts[i]``: row i's tokens so far, for its controls (penalties, bad words, min_tokens;
+    None: no row has any). The controls apply first, in vLLM's order; then temperature 0 is greedy
+    (argmax); otherwise temperature, then min-p (tokens less likely than ``min_p`` times the
+    likeliest go: vLLM's order, before top-k and top-p), then top-k, then top-p, then a draw.
 
-    chosen = [params[i] for i in rows]
+    ``top_logprobs[i]``: None, or how many of the likeliest tokens row i reports besides the one
+    drawn. Logprobs (natural log) are those of the distribution the token was drawn from: after the
+    controls, temperature, min-p, top-k and top-p (vLLM 0.x's default; greedy rows: the
+    log-softmax of the controlled logits). Tokens those filters removed have -inf.
+    """
+    n = logits.shape[0]
+    if not len(params) == len(seeds) == len(steps) == n or any(
+            extra is not None and len(extra) != n for extra in (contexts, top_logprobs)):
+        raise ValueError(f"{n} logit rows but {len(params)} params, {len(seeds)} seeds, {len(steps)} steps")
+    want = list(top_logprobs) if top_logprobs is not None else [None] * n
+    if contexts is not None and any(is_controlled(p, c) for p, c in zip(params, contexts)):
+        processed = logits.float()
+        logits = processed.clone() if processed is logits else processed
+        apply_controls(logits, params, contexts)
     device = logits.device
+    rows = [i for i, p in enumerate(params) if p.temperature > 0.0]
+    greedy = [i for i, p in enumerate(params) if p.temperature == 0.0]
+    out = torch.empty(n, dtype=torch.long, device=device)
+    logprob_rows: list[int] = []  # rows of `logprobs` below, in this order
+    logprobs: list[torch.Tensor] = []  # [W, V] blocks
+    if greedy:
+        out[greedy] = (logits if len(greedy) == n else logits[greedy]).argmax(dim=-1)
+        if wanted := [i for i in greedy if want[i] is not None]:
+            logprob_rows += wanted
+            logprobs.append(torch.log_softmax(logits[wanted].float(), dim=-1))
+    if rows:
+        x = _filtered(logits if len(rows) == n else logits[rows], [params[i] for i in rows])  # [S, V]
+        if wanted := [j for j, i in enumerate(rows) if want[i] is not None]:
+            logprob_rows += [rows[j] for j in wanted]
+            logprobs.append(torch.log_softmax(x[wanted] * math.log(2.0), dim=-1))  # back to base e
+        u = torch.tensor([_uniform(seeds[i], steps[i]) for i in rows], device=device)
+        out[rows] = _draw(x.exp2_(), u)
+    token_ids = out.tolist()
+    reported: list[TokenLogprobs | None] = [None] * n
+    if logprob_rows:
+        lp = torch.cat(logprobs) if len(logprobs) > 1 else logprobs[0]  # [W, V]
+        for r, entry in zip(logprob_rows, _summarize(lp, [token_ids[i] for i in logprob_rows],
+                                                      [want[i] or 0 for i in logprob_rows])):
+            reported[r] = entry
+    return Sampled(token_ids, reported)
+
+
+def _filtered(logits: torch.Tensor, chosen: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, min-p, top-k and top-p on the rows to draw from: ``[S, V]`` base-2 logits
+    (``_scaled``), -inf where a filter removed the token. A fresh tensor."""
+    device, vocab = logits.device, logits.shape[-1]
     temperature = torch.tensor([p.temperature for p in chosen], device=device)
-    x = _scaled(logits if len(rows) == n else logits[rows], temperature)  # [S, V], a fresh tensor
+    x = _scaled(logits, temperature)  # [S, V], a fresh tensor
+    floored = [j for j, p in enumerate(chosen) if p.min_p > 0.0]
+    if floored:
+        # In x each row's likeliest token is 0 and exp2(x) is the probability relative to it.
+        floor = torch.tensor([math.log2(chosen[j].min_p) for j in floored], device=device).unsqueeze(-1)
+        part = x if len(floored) == len(chosen) else x[floored]  # [M, V]
+        part.masked_fill_(part < floor, float("-inf"))
+        if part is not x:
+            x[floored] = part
     filtered = [j for j, p in enumerate(chosen) if 0 < p.top_k < vocab or p.top_p < 1.0]
     if filtered:
-        part = x if len(filtered) == len(rows) else x[filtered]  # [F, V]
+        part = x if len(filtered) == len(chosen) else x[filtered]  # [F, V]
         cutoff = _cutoff(part, [chosen[j].top_k for j in filtered], [chosen[j].top_p for j in filtered])
         part.masked_fill_(part < cutoff, float("-inf"))
         if part is not x:
             x[filtered] = part
-    u = torch.tensor([_uniform(seeds[i], steps[i]) for i in rows], device=device)
-    drawn = _draw(x.exp2_(), u)
+    return x
 
-    if len(rows) == n:
-        return drawn.tolist()
-    out = torch.empty(n, dtype=torch.long, device=device)
-    greedy = [i for i, p in enumerate(params) if p.temperature == 0.0]
-    out[greedy] = logits[greedy].argmax(dim=-1)
-    out[rows] = drawn
-    return out.tolist()
+
+def _summarize(lp: torch.Tensor, tokens: list[int], ks: list[int]) -> list[TokenLogprobs]:
+    """Per row of ``lp`` (``[W, V]`` log-probabilities): the drawn token's and the ``k`` likeliest."""
+    chosen = lp.gather(-1, torch.tensor(tokens, device=lp.device).unsqueeze(-1)).squeeze(-1).tolist()
+    top_k = max(ks)
+    values: list[list[float]] = [[] for _ in tokens]
+    ids: list[list[int]] = [[] for _ in tokens]
+    if top_k:
+        top = lp.topk(min(top_k, lp.shape[-1]), dim=-1)
+        values, ids = top.values.tolist(), top.indices.tolist()
+    return [TokenLogprobs(chosen[r], tuple(zip(ids[r][:k], values[r][:k]))) for r, k in enumerate(ks)]
 
 
 def _scaled(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,9 @@ class SchedulerConfig:
     # Split long prefills over steps. Off, a prefill runs whole in one step; so that no sequence
     # waits forever, the step's first prefill may then exceed what is left of the budget.
     chunked_prefill: bool = True
+    # Every layer's sliding window (tokens a query sees, its own included), when all layers have
+    # one: blocks wholly before a running sequence's window are given back after each step.
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -209,6 +212,10 @@ class Scheduler:
                     raise KeyError(f"no sampled token for request {seq.request_id}")
                 seq.token_ids.append(sampled[seq.request_id])
             self.block_manager.mark_computed(seq)
+            if (window := self.config.sliding_window) is not None:
+                # the next query, at position num_computed_tokens, sees keys from here on
+                first_key = max(0, seq.num_computed_tokens + 1 - window)
+                self.block_manager.release_before(seq, first_key // self.block_manager.block_size)
 
     # -- internals -----------------------------------------------------------------------------
 

@@ -43,6 +43,9 @@ class Sequence:
     num_computed_tokens: int = 0  # leading tokens whose K/V are in the cache
     num_cached_tokens: int = 0  # prefix-cache hit at the last allocation, in tokens (stats)
     block_table: list[int] = field(default_factory=list)  # physical block of each block_size tokens
+    # Leading entries of block_table already given back (wholly before every layer's sliding
+    # window: nothing reads them again); their ids are stale, other sequences may hold them now.
+    num_released_blocks: int = 0
     first_scheduled: float | None = None  # when it first got a chunk (queue-time stats)
 
     def __post_init__(self) -> None:

@@ -37,8 +37,8 @@ class ByteTokenizer:
         self.vocab_size = vocab_size
         self.specials = specials
 
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return list(text.encode("utf-8"))  # bytes: no special tokens either way
 
     def decode(self, ids: list[int]) -> str:
         out = bytearray()
@@ -79,7 +79,10 @@ class IncrementalDetokenizer:
         if after.endswith(REPLACEMENT) and not final:
             return ""
         if after.startswith(before):
-            delta, next_prefix = after[len(before) :], self._read
+            # A window text ending in U+FFFD may end mid-character (a context cut inside a real
+            # U+FFFD lands here too): the next window keeps its start rather than open there.
+            delta = after[len(before) :]
+            next_prefix = self._prefix_offset if before.endswith(REPLACEMENT) else self._read
         else:
             # Context ended mid-character: its trailing U+FFFD became the character the generated
             # bytes complete. The window keeps its start, so that it does not open mid-character.

@@ -9,8 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from broker.cli_common import add_common
-from broker.errors import ConfigError
+from broker.cli_common import add_common, run_command
 from producer import cli, submit
 
 # First arguments that name a command instead of being a prompt.
@@ -26,14 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_common(parser)
     submit.configure(parser)
-    args = parser.parse_args(argv)
-    try:
-        return submit.run(args)
-    except ConfigError as exc:
-        print(f"python -m producer: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_command("python -m producer", submit.run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,7 @@ import argparse
 import importlib
 import sys
 
-from broker.cli_common import add_common
-from broker.errors import ConfigError
+from broker.cli_common import add_common, run_command
 
 # subcommand -> module with configure(parser) and run(args) -> exit code
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -39,13 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return int(importlib.import_module(args._module).run(args) or 0)
-    except ConfigError as exc:
-        print(f"ryzanstein {args.command}: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_command(f"ryzanstein {args.command}", importlib.import_module(args._module).run, args)
 
 
 if __name__ == "__main__":

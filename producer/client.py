@@ -15,13 +15,14 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from broker.connection import TRANSIENT_ERRORS, backoff_delays, connect, connect_async, resolve_url
-from broker.errors import InvalidRequest, RyzansteinError
+from broker.errors import InvalidRequest, RequestFailed, RyzansteinError, WaitTimeout
 from broker.keys import Keys
 from broker.settings import Settings, load_settings
 from producer.chat_template import TemplateSource, render_chat, render_chat_async
@@ -85,7 +86,7 @@ class _Deadline:
             return None
         left = self.at - time.monotonic()
         if left <= 0:
-            raise TimeoutError(f"no final event for request {self.request_id} within {self.timeout}s")
+            raise WaitTimeout(f"no final event for request {self.request_id} within {self.timeout}s")
         return left
 
     def block_ms(self) -> int:
@@ -95,8 +96,35 @@ class _Deadline:
         return max(1, min(self.max_block_ms, int(left * 1000)))
 
 
+# Error codes worth sending a request again for, after a backoff (PROTOCOL.md, "Error codes").
+RETRY_CODES = frozenset({"overloaded", "unavailable"})
+MAX_RETRY_DELAY_S = 8.0
+
+
+def retry_delay(attempt: int, base_s: float) -> float:
+    """Seconds before retry ``attempt`` (0-based): ``base_s * 2**attempt`` up to 8 s, less up to a
+    quarter at random so that clients refused together do not come back together (as the openai
+    package's backoff)."""
+    delay = min(MAX_RETRY_DELAY_S, base_s * 2.0**attempt)
+    return delay * (1.0 - 0.25 * random.random())
+
+
+def _retry_options(options: RequestOptions, attempt: int) -> RequestOptions:
+    """The options of retry ``attempt`` (1-based): a fresh id (an id is taken once it was used)."""
+    given = options.get("request_id")
+    return {**options, "request_id": f"{given}.retry{attempt}" if given else None}
+
+
+def _consume(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("cancel not sent: %s", future.exception())
+
+
 class _ClientBase:
-    def __init__(self, redis_url: str | None, prefix: str | None, settings: Settings | None) -> None:
+    def __init__(self, redis_url: str | None, prefix: str | None, settings: Settings | None, *,
+                 max_retries: int = 0, retry_backoff_s: float = 0.5) -> None:
+        self.max_retries = max_retries
+        self.retry_backoff_s = retry_backoff_s
         self.settings = _client_settings(redis_url, prefix, settings)
         self.keys = Keys(self.settings.prefix)
         self.url = resolve_url(self.settings)
@@ -151,13 +179,22 @@ class Client(_ClientBase):
     """A blocking client. Requests reply to their own stream, ``{prefix}:result:{id}``, by default.
 
     ``redis_url`` and ``prefix`` override ``settings`` (which default to the environment); without a
-    URL the client finds the embedded broker of a running ``ryzanstein up``.
+    URL the client finds the embedded broker of a running ``ryzanstein up``. ``max_retries``:
+    how often ``generate`` sends a request again that ended with ``overloaded`` or ``unavailable``,
+    after ``retry_delay`` (0: never, the default).
+
+    A request the caller abandons is cancelled on the server: ``result``/``generate`` past their
+    ``timeout`` or interrupted (Ctrl-C) (unless ``cancel_abandoned=False``), a ``stream`` closed or
+    left before its end. Errors are ``RequestFailed.of`` the event's code (``InvalidRequest``,
+    ``Overloaded``, ``RequestTimeout``, ... all ``RyzansteinError`` with ``.code``); a wait past
+    its ``timeout`` raises ``WaitTimeout`` (a ``RequestTimeout`` and a ``TimeoutError``).
     """
 
     def __init__(
-        self, redis_url: str | None = None, *, prefix: str | None = None, settings: Settings | None = None
+        self, redis_url: str | None = None, *, prefix: str | None = None, settings: Settings | None = None,
+        max_retries: int = 0, retry_backoff_s: float = 0.5,
     ) -> None:
-        super().__init__(redis_url, prefix, settings)
+        super().__init__(redis_url, prefix, settings, max_retries=max_retries, retry_backoff_s=retry_backoff_s)
         self._redis: redis.Redis = connect(self.url, self.settings)
         self._templates = TemplateSource()  # chat templates read from the registry, by digest
 
@@ -203,33 +240,65 @@ class Client(_ClientBase):
                 if event.final:
                     return
 
-    def result(self, request: Handle | str, *, timeout: float | None = None) -> Completion:
-        """Wait for the request's final event: its Completion, or RequestFailed for an error
-        (ResultExpired, code ``expired``, when it has no result any more)."""
-        for event in self.events(request, timeout=timeout):
-            if event.final:
-                return Completion.from_event(event)
+    def result(self, request: Handle | str, *, timeout: float | None = None,
+               cancel_abandoned: bool = True) -> Completion:
+        """Wait for the request's final event: its Completion, or RequestFailed for an error.
+
+        Past ``timeout`` seconds: WaitTimeout; ResultExpired (code ``expired``) when it has no result
+        any more. A wait given up on, past its timeout or interrupted (KeyboardInterrupt), cancels
+        the request unless ``cancel_abandoned`` is False (then a later call can wait on).
+        """
+        handle = self._handle(request)
+        try:
+            for event in self.events(handle, timeout=timeout):
+                if event.final:
+                    return Completion.from_event(event)
+        except (WaitTimeout, KeyboardInterrupt):
+            if cancel_abandoned:
+                self._abandon(handle)
+            raise
         raise AssertionError("unreachable: events() ends with a final event")
+
+    def _abandon(self, handle: Handle) -> None:
+        """Cancel a request no one waits for any more; best effort (Redis may be gone)."""
+        with contextlib.suppress(*TRANSIENT_ERRORS):
+            self.cancel(handle)
 
     def stream(
         self, prompt: str | None = None, *, timeout: float | None = None, **options: Unpack[RequestOptions]
     ) -> Iterator[str]:
-        """Submit with ``stream=True`` (now, not on first iteration); iterate the text deltas."""
+        """Submit with ``stream=True`` (now, not on first iteration); iterate the text deltas.
+        Closing the iterator (or leaving a ``for`` loop over it) before the end cancels the request."""
         options["stream"] = True
         handle = self.submit(prompt, **options)
-        return self._deltas(handle, timeout)
+        return _Deltas(self._deltas(handle, timeout), lambda: self._abandon(handle))
 
     def _deltas(self, handle: Handle, timeout: float | None) -> Iterator[str]:
-        for event in self.events(handle, timeout=timeout):
-            event.raise_for_error()
-            if event.kind == "token" and event.text:
-                yield event.text
+        finished = False
+        try:
+            for event in self.events(handle, timeout=timeout):
+                finished = event.final
+                event.raise_for_error()
+                if event.kind == "token" and event.text:
+                    yield event.text
+        finally:
+            if not finished:  # closed, left with break, timed out or interrupted: no one reads on
+                self._abandon(handle)
 
     def generate(
         self, prompt: str | None = None, *, timeout: float | None = None, **options: Unpack[RequestOptions]
     ) -> Completion:
-        """Submit and wait: the Completion, RequestFailed on an error event."""
-        return self.result(self.submit(prompt, **options), timeout=timeout)
+        """Submit and wait: the Completion, RequestFailed on an error event (after ``max_retries``
+        retries for ``overloaded``/``unavailable``, each with a fresh request id)."""
+        for attempt in range(self.max_retries + 1):
+            try:
+                return self.result(self.submit(prompt, **_retry_options(options, attempt) if attempt else options),
+                                   timeout=timeout)
+            except RequestFailed as exc:
+                if exc.code not in RETRY_CODES or attempt == self.max_retries:
+                    raise
+                time.sleep(retry_delay(attempt, self.retry_backoff_s))
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def chat(
         self, messages: Sequence[Mapping[str, Any]], *, timeout: float | None = None,
@@ -263,6 +332,25 @@ class Client(_ClientBase):
         self.close()
 
 
+class _Deltas(Iterator[str]):
+    """A stream's text deltas; ``close`` cancels the request also before the first delta (a
+    generator that never started runs nothing when closed)."""
+
+    def __init__(self, deltas: Iterator[str], abandon: Callable[[], None]) -> None:
+        self._deltas = deltas
+        self._abandon: Callable[[], None] | None = abandon
+
+    def __next__(self) -> str:
+        self._abandon = None  # started: the generator itself cancels when it is left early
+        return next(self._deltas)
+
+    def close(self) -> None:
+        if self._abandon is not None:
+            self._abandon()
+            self._abandon = None
+        self._deltas.close()  # type: ignore[attr-defined]
+
+
 class ClientClosed(RyzansteinError):
     """The AsyncClient was closed while a request was still being waited for."""
 
@@ -285,8 +373,10 @@ class AsyncClient(_ClientBase):
         prefix: str | None = None,
         settings: Settings | None = None,
         trim_every: int = 256,
+        max_retries: int = 0,
+        retry_backoff_s: float = 0.5,
     ) -> None:
-        super().__init__(redis_url, prefix, settings)
+        super().__init__(redis_url, prefix, settings, max_retries=max_retries, retry_backoff_s=retry_backoff_s)
         self._redis: redis.asyncio.Redis = connect_async(self.url, self.settings)
         self._templates = TemplateSource()  # chat templates read from the registry, by digest
         self.client_id = new_request_id()
@@ -300,6 +390,8 @@ class AsyncClient(_ClientBase):
         # The last entry the dispatcher consumed: a restarted read resumes after it, losing nothing.
         self._last_id = STREAM_START
         self._closed = False
+        # Requests abandoned by their waiter: their events are dropped, up to the final one.
+        self._abandoned: set[str] = set()
 
     async def submit(self, prompt: str | None = None, **options: Unpack[RequestOptions]) -> Handle:
         """Put a request on the ingress stream; returns at once with the handle to wait on."""
@@ -335,6 +427,7 @@ class AsyncClient(_ClientBase):
         handle = self._handle(request)
         deadline = self._deadline(timeout, handle.id)
         queue = self._pending.get(handle.id) if handle.reply_to == self.reply_to else None
+        self._abandoned.discard(handle.id)  # waited for again
         if queue is None:
             async for event in self._read_stream(handle, deadline):
                 yield event
@@ -343,7 +436,7 @@ class AsyncClient(_ClientBase):
             try:
                 item = await asyncio.wait_for(queue.get(), deadline.remaining())
             except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
-                raise TimeoutError(f"no final event for request {handle.id} within {timeout}s") from None
+                raise WaitTimeout(f"no final event for request {handle.id} within {timeout}s") from None
             if isinstance(item, BaseException):
                 raise item
             if item.final:
@@ -382,12 +475,40 @@ class AsyncClient(_ClientBase):
                 if event.final:
                     return
 
-    async def result(self, request: Handle | str, *, timeout: float | None = None) -> Completion:
-        """Wait for the request's final event: its Completion, or RequestFailed for an error."""
-        async for event in self.events(request, timeout=timeout):
-            if event.final:
-                return Completion.from_event(event)
+    async def result(self, request: Handle | str, *, timeout: float | None = None,
+                     cancel_abandoned: bool = True) -> Completion:
+        """Wait for the request's final event: its Completion, or RequestFailed for an error.
+
+        Past ``timeout`` seconds: WaitTimeout. A wait given up on, past its timeout or by
+        cancelling the waiting task (``asyncio`` cancellation, ``wait_for``), cancels the request
+        unless ``cancel_abandoned`` is False (its events are then kept for a later call).
+        """
+        handle = self._handle(request)
+        try:
+            async for event in self.events(handle, timeout=timeout):
+                if event.final:
+                    return Completion.from_event(event)
+        except (WaitTimeout, asyncio.CancelledError):
+            if cancel_abandoned:
+                self._abandon(handle)
+            raise
         raise AssertionError("unreachable: events() ends with a final event")
+
+    def _abandon(self, handle: Handle) -> None:
+        """Cancel a request no one waits for any more, and drop its events from now on. Does not
+        wait (it may run while a task is being cancelled): the writer sends the cancel."""
+        if self._closed:
+            return
+        self._send(self.keys.cancel, self._cancel_fields(handle)).add_done_callback(_consume)
+        queue = self._pending.get(handle.id)
+        if queue is None:
+            return
+        while not queue.empty():  # its final event may be in already
+            item = queue.get_nowait()
+            if isinstance(item, BaseException) or item.final:
+                self._pending.pop(handle.id, None)
+                return
+        self._abandoned.add(handle.id)
 
     async def stream(
         self, prompt: str | None = None, *, timeout: float | None = None, **options: Unpack[RequestOptions]
@@ -395,16 +516,31 @@ class AsyncClient(_ClientBase):
         """Submit with ``stream=True`` and iterate the text deltas as they arrive."""
         options["stream"] = True
         handle = await self.submit(prompt, **options)
-        async for event in self.events(handle, timeout=timeout):
-            event.raise_for_error()
-            if event.kind == "token" and event.text:
-                yield event.text
+        finished = False
+        try:
+            async for event in self.events(handle, timeout=timeout):
+                finished = event.final
+                event.raise_for_error()
+                if event.kind == "token" and event.text:
+                    yield event.text
+        finally:
+            if not finished:  # closed, left with break, timed out or cancelled: no one reads on
+                self._abandon(handle)
 
     async def generate(
         self, prompt: str | None = None, *, timeout: float | None = None, **options: Unpack[RequestOptions]
     ) -> Completion:
-        """Submit and wait: the Completion, RequestFailed on an error event."""
-        return await self.result(await self.submit(prompt, **options), timeout=timeout)
+        """Submit and wait: the Completion, RequestFailed on an error event (after ``max_retries``
+        retries for ``overloaded``/``unavailable``, each with a fresh request id)."""
+        for attempt in range(self.max_retries + 1):
+            handle = await self.submit(prompt, **_retry_options(options, attempt) if attempt else options)
+            try:
+                return await self.result(handle, timeout=timeout)
+            except RequestFailed as exc:
+                if exc.code not in RETRY_CODES or attempt == self.max_retries:
+                    raise
+                await asyncio.sleep(retry_delay(attempt, self.retry_backoff_s))
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def chat(
         self, messages: Sequence[Mapping[str, Any]], *, timeout: float | None = None,
@@ -507,6 +643,11 @@ class AsyncClient(_ClientBase):
 
     def _route(self, event: Event | None) -> None:
         if event is None:
+            return
+        if event.id in self._abandoned:
+            if event.final:
+                self._abandoned.discard(event.id)
+                self._pending.pop(event.id, None)
             return
         queue = self._pending.get(event.id)
         if queue is None:

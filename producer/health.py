@@ -7,8 +7,9 @@ Three questions, by the options given:
   container healthchecks: it needs no Redis URL and no curl in the image.
 - ``--group NAME``: is group NAME heartbeating (``alive`` in the registry), and with ``--ready``
   also taking work (not draining)?
-- neither: does Redis answer, and is at least one group alive and taking work (the deployment
-  can serve)?
+- neither: does the request path work: Redis answers, a balancer reads the ingress stream (no
+  request waits unread), and at least one group is alive and taking work
+  (``broker.path_health``)?
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ import json
 import urllib.error
 import urllib.request
 
+from redis.exceptions import RedisError
+
 from broker.cli_common import settings_from_args, setup_logging
 from broker.connection import TRANSIENT_ERRORS, connect, resolve_url
+from broker.failures import describe
 from broker.keys import Keys
-from broker.registry import read_groups
+from broker.path_health import judge, read_path
 
 HTTP_TIMEOUT_S = 3.0
 
@@ -56,14 +60,15 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     redis = connect(resolve_url(settings), settings)
     try:
-        groups = read_groups(redis, Keys(settings.prefix), dead_after_s=settings.dead_after_s)
-    except TRANSIENT_ERRORS as exc:
-        print(f"redis unavailable: {exc}", flush=True)
+        view = read_path(redis, Keys(settings.prefix), dead_after_s=settings.dead_after_s)
+    except (*TRANSIENT_ERRORS, RedisError) as exc:
+        problem = describe(exc, settings.redis_url)
+        print(f"unhealthy: {problem.line if problem else exc}", flush=True)
         return 1
     finally:
         redis.close()
     if args.group is not None:
-        group = next((g for g in groups if g.name == args.group), None)
+        group = next((g for g in view.groups if g.name == args.group), None)
         if group is None:
             print(f"group {args.group}: not registered", flush=True)
             return 1
@@ -71,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"group": group.name, "alive": group.alive, "state": group.state,
                           "heartbeat_age_s": round(group.heartbeat_age_s, 3)}), flush=True)
         return 0 if ok else 1
-    serving = [g.name for g in groups if g.routable]
-    print(f"{len(serving)} of {len(groups)} groups alive and taking work", flush=True)
-    return 0 if serving else 1
+    health = judge(view, balancer_dead_after_s=settings.balancer_dead_after_s)
+    served = f"{len(health.serving)} of {len(view.groups)} groups alive and taking work"
+    print(f"ok: {served}; a balancer reads the ingress stream" if health.ok
+          else f"unhealthy: {health.reason} ({served})", flush=True)
+    return 0 if health.ok else 1

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypedDict
 
@@ -32,6 +32,18 @@ class RequestOptions(TypedDict, total=False):
     timeout_s: float | None  # server-side deadline from enqueue (not how long the client waits)
     request_id: str | None  # default: a fresh uuid4 hex
     reply_to: str | None  # default: the client's choice (see Client / AsyncClient)
+    # sampling controls, with vLLM's meanings (PROTOCOL.md, "Sampling controls")
+    presence_penalty: float | None  # [-2, 2]
+    frequency_penalty: float | None  # [-2, 2]
+    repetition_penalty: float | None  # (0, 2]; 1 = off
+    min_p: float | None  # [0, 1]
+    min_tokens: int | None  # no EOS or stop string before this many tokens
+    ignore_eos: bool  # go on through EOS
+    logit_bias: Mapping[int | str, float] | None  # token id -> bias in [-100, 100]
+    bad_words: Sequence[str] | None  # words the output never contains
+    fit_max_tokens: bool  # max_tokens is a ceiling: a long prompt gets the room it leaves
+    logprobs: bool  # events carry each token's logprob (PROTOCOL.md, "Logprobs")
+    top_logprobs: int | None  # and this many likeliest alternatives (0-20; needs logprobs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +69,18 @@ class Completion:
     finish_reason: str  # stop | length | cancelled
     prompt_tokens: int
     completion_tokens: int
+    # One entry per token id when the request asked for logprobs (PROTOCOL.md, "Logprobs"):
+    # {"token_id", "text", "logprob", "top_logprobs": [{"token_id", "text", "logprob"}]}, or None
+    # for a token generated before the request moved between groups.
+    logprobs: list[dict[str, Any] | None] | None = None
+    # Who served it, and when (seconds from the request's entry into the ingress stream, on the
+    # Redis clock): first scheduled in the group that finished it, its first token there, its end.
+    # None where the done event does not say (a request cancelled before it reached a group).
+    model: str | None = None
+    group: str | None = None
+    queue_s: float | None = None
+    ttft_s: float | None = None
+    total_s: float | None = None
 
     @classmethod
     def from_event(cls, event: Event) -> Completion:
@@ -68,6 +92,9 @@ class Completion:
             token_ids = json.loads(event.fields["token_ids"])
             if not isinstance(token_ids, list) or not all(isinstance(t, int) for t in token_ids):
                 raise ValueError("token_ids is not a JSON array of integers")
+            logprobs = json.loads(event.fields["logprobs"]) if "logprobs" in event.fields else None
+            if logprobs is not None and (not isinstance(logprobs, list) or len(logprobs) != len(token_ids)):
+                raise ValueError("logprobs is not a JSON array with one entry per token")
             return cls(
                 id=event.id,
                 text=event.fields["text"],
@@ -75,12 +102,21 @@ class Completion:
                 finish_reason=event.fields["finish_reason"],
                 prompt_tokens=int(event.fields["prompt_tokens"]),
                 completion_tokens=int(event.fields["completion_tokens"]),
+                logprobs=logprobs,
+                model=event.fields.get("model"),
+                group=event.fields.get("group"),
+                **{name: _seconds(event.fields.get(name)) for name in ("queue_s", "ttft_s", "total_s")},
             )
         except (KeyError, ValueError) as exc:
             raise RequestFailed(event.id, "internal", f"malformed done event: {exc!r}") from None
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as JSON values; ``logprobs`` only when the request asked for them."""
+        out = asdict(self)
+        for name in ("logprobs", "model", "group", "queue_s", "ttft_s", "total_s"):
+            if out[name] is None:
+                del out[name]
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,9 +146,38 @@ class Event:
         """A token event's text delta, a done event's whole text; "" otherwise."""
         return self.fields.get("text", "")
 
+    @property
+    def logprobs(self) -> dict[str, Any] | None:
+        """A token event's logprobs entry (see ``Completion.logprobs``); None when it has none."""
+        raw = self.fields.get("logprobs")
+        try:
+            entry = json.loads(raw) if raw is not None else None
+        except ValueError:
+            return None
+        return entry if isinstance(entry, dict) else None
+
     def raise_for_error(self) -> None:
         if self.kind == "error":
-            raise RequestFailed(self.id, self.fields.get("code", "internal"), self.fields.get("message", ""))
+            raise RequestFailed.of(self.id, self.fields.get("code", "internal"), self.fields.get("message", ""))
+
+
+def _int_text(name: str, value: Any) -> str:
+    """An option as protocol text; InvalidRequest naming it (never a bare ValueError) if it is none."""
+    try:
+        return str(int(value))
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidRequest(f"field '{name}': expected an integer, got {value!r:.40}") from None
+
+
+def _float_text(name: str, value: Any) -> str:
+    try:
+        return repr(float(value))
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidRequest(f"field '{name}': expected a number, got {value!r:.40}") from None
+
+
+def _seconds(value: str | None) -> float | None:
+    return float(value) if value is not None else None
 
 
 def _text(value: bytes | str) -> str:
@@ -146,6 +211,17 @@ def request_fields(
     timeout_s: float | None = None,
     reply_to: str | None = None,
     cancel_token: str | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    repetition_penalty: float | None = None,
+    min_p: float | None = None,
+    min_tokens: int | None = None,
+    ignore_eos: bool = False,
+    logit_bias: Mapping[int | str, float] | None = None,
+    bad_words: Sequence[str] | None = None,
+    logprobs: bool = False,
+    top_logprobs: int | None = None,
+    fit_max_tokens: bool = False,
 ) -> dict[str, str]:
     """The ingress entry for one request: flat string fields, only those that are set.
 
@@ -165,10 +241,10 @@ def request_fields(
         fields["prompt_ids"] = json.dumps([int(t) for t in prompt_ids], separators=(",", ":"))
     for name, value in (("max_tokens", max_tokens), ("top_k", top_k), ("seed", seed), ("priority", priority)):
         if value is not None:
-            fields[name] = str(int(value))
+            fields[name] = _int_text(name, value)
     for name, number in (("temperature", temperature), ("top_p", top_p), ("timeout_s", timeout_s)):
         if number is not None:
-            fields[name] = repr(float(number))
+            fields[name] = _float_text(name, number)
     if stop is not None:
         fields["stop"] = json.dumps([stop] if isinstance(stop, str) else list(stop))
     if stop_token_ids is not None:
@@ -181,4 +257,41 @@ def request_fields(
         fields["reply_to"] = reply_to
     if cancel_token is not None:
         fields["cancel_token"] = cancel_token
+    fields.update(_control_fields(presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                  repetition_penalty=repetition_penalty, min_p=min_p, min_tokens=min_tokens,
+                                  ignore_eos=ignore_eos, logit_bias=logit_bias, bad_words=bad_words))
+    if fit_max_tokens:
+        fields["fit_max_tokens"] = "1"
+    if logprobs:
+        fields["logprobs"] = "1"
+    if top_logprobs is not None:
+        fields["top_logprobs"] = _int_text("top_logprobs", top_logprobs)
+    return fields
+
+
+def _control_fields(
+    *,
+    presence_penalty: float | None,
+    frequency_penalty: float | None,
+    repetition_penalty: float | None,
+    min_p: float | None,
+    min_tokens: int | None,
+    ignore_eos: bool,
+    logit_bias: Mapping[int | str, float] | None,
+    bad_words: Sequence[str] | None,
+) -> dict[str, str]:
+    """The sampling-control fields that are set, as flat text."""
+    fields = {}
+    for name, number in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty),
+                         ("repetition_penalty", repetition_penalty), ("min_p", min_p)):
+        if number is not None:
+            fields[name] = _float_text(name, number)
+    if min_tokens is not None:
+        fields["min_tokens"] = _int_text("min_tokens", min_tokens)
+    if ignore_eos:
+        fields["ignore_eos"] = "1"
+    if logit_bias is not None:
+        fields["logit_bias"] = json.dumps({str(k): float(_float_text("logit_bias", v)) for k, v in logit_bias.items()})
+    if bad_words is not None:
+        fields["bad_words"] = json.dumps(list(bad_words))
     return fields

@@ -26,6 +26,7 @@ from broker.cli_common import add_metrics, settings_from_args, setup_logging
 from broker.connection import mask_url
 from broker.embedded import EmbeddedRedis, announce, die_with_parent, withdraw
 from broker.errors import ConfigError
+from broker.failures import EXIT_FATAL
 from broker.keys import Keys
 from broker.registry import read_groups
 from broker.settings import Settings
@@ -125,10 +126,14 @@ class Stack:
                                       preexec_fn=lambda: die_with_parent(signal.SIGKILL))  # noqa: PLW1509 - prctl only
 
     def supervise(self) -> None:
-        """Restart children that exited (call now and then)."""
+        """Restart children that exited (call now and then); raises ConfigError when one exited
+        for a reason restarting cannot cure (exit code 2: bad configuration, credentials, TLS)."""
         now = time.monotonic()
         for child in self.children:
             if child.proc is not None and child.proc.poll() is not None and now >= child.next_start:
+                if child.proc.returncode == EXIT_FATAL:
+                    # bad configuration (its one line is above): restarting cannot cure it
+                    raise ConfigError(f"{child.name} exited with code {EXIT_FATAL} (configuration); stopping")
                 child.restarts += 1
                 delay = min(30.0, 0.5 * 2 ** min(child.restarts, 6))
                 log.warning("%s exited with %s; restarting (restart %d)", child.name, child.proc.returncode,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ from broker.registry import GroupStatus, read_groups
 from broker.settings import Settings
 
 DEFAULT_WATCH_S = 2.0
+IDLE_AFTER_S = 2.0  # a live balancer that read nothing for this long is idle (its reads return empty)
 _CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
 
@@ -50,7 +52,8 @@ class BalancerInfo:
 
     name: str
     pending: int  # entries it read and has not acknowledged
-    idle_s: float  # since it last read
+    idle_s: float  # since it last read entries (Redis does not count reads that return nothing)
+    heartbeat_age_s: float | None = None  # of its stats key, written after every read; None: none
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,14 +72,19 @@ def read_snapshot(redis: Any, keys: Keys, *, dead_after_s: float, now_s: float) 
     pipe.xlen(keys.requests)
     pipe.xinfo_groups(keys.requests)
     pipe.xinfo_consumers(keys.requests, INGRESS_GROUP)
-    depth, infos, consumers = pipe.execute(raise_on_error=False)
+    pipe.time()
+    pipe.zrange(keys.balancers, 0, -1, withscores=True)
+    depth, infos, consumers, (secs, micros), beats = pipe.execute(raise_on_error=False)
     if isinstance(depth, Exception):
         raise depth
+    now_ms = secs * 1000.0 + micros / 1000.0
+    beat_age = {_text(name): max(0.0, (now_ms - score) / 1000.0) for name, score in beats}
     pending = 0
     if not isinstance(infos, ResponseError):  # no ingress stream yet: no balancer ever started
         pending = sum(int(g["pending"]) for g in infos if _text(g["name"]) == INGRESS_GROUP)
     balancers = [] if isinstance(consumers, ResponseError) else [
-        BalancerInfo(_text(c["name"]), int(c["pending"]), int(c["idle"]) / 1000.0) for c in consumers
+        BalancerInfo(_text(c["name"]), int(c["pending"]), int(c["idle"]) / 1000.0, beat_age.get(_text(c["name"])))
+        for c in consumers
     ]
     return Snapshot(groups, int(depth), pending, sorted(balancers, key=lambda b: b.name), now_s)
 
@@ -140,6 +148,8 @@ def models_json(groups: Sequence[GroupStatus]) -> dict[str, dict[str, Any]]:
 def _state(group: GroupStatus) -> str:
     if not group.alive:
         return "DEAD"
+    if group.state == "loading":
+        return f"loading:{group.phase.split()[0]}" if group.phase else "loading"  # loading:KV, loading:pack
     return "DRAINING" if group.state == "draining" else group.state
 
 
@@ -172,38 +182,105 @@ def _columns(rows: Sequence[Sequence[str]]) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
 
 
-def render_table(snapshot: Snapshot, *, rates: dict[str, float] | None = None, title: str | None = None) -> str:
-    """The snapshot for a person: groups, balancers, then totals and the ingress depth."""
+@dataclass(frozen=True, slots=True)
+class _Column:
+    header: str
+    priority: int  # the lowest are compacted first, then dropped, until the table fits
+    full: Callable[[GroupStatus], str]
+    compact: tuple[str, Callable[[GroupStatus], str]] | None = None  # (header, value) when space is short
+
+
+def _group_columns(rates: dict[str, float] | None) -> list[_Column]:
+    def rate(g: GroupStatus) -> str:
+        return f"{rates[g.name]:.1f}" if rates is not None and g.name in rates else "-"
+
+    def kv_share(g: GroupStatus) -> str:
+        return f"{100 * g.kv_used_tokens / g.kv_capacity_tokens:.0f}%" if g.kv_capacity_tokens > 0 else "-"
+
+    return [
+        _Column("GROUP", 100, lambda g: g.name),
+        _Column("STATE", 100, _state),
+        _Column("TP", 40, lambda g: str(g.tp)),
+        _Column("MODEL", 80, model_name),  # the served name, never a machine path
+        _Column("KV DTYPE", 30, lambda g: g.kv_dtype),
+        _Column("KV USED/CAPACITY", 82, _kv, ("KV", kv_share)),
+        _Column("WEIGHTS+KV/RANK", 15, _rank_memory),
+        _Column("RUN", 90, lambda g: str(g.running)),
+        _Column("WAIT", 90, lambda g: str(g.waiting)),
+        _Column("QUEUE", 85, lambda g: str(g.queue_depth)),
+        _Column("TOK/S", 70, lambda g: f"{g.tokens_per_s:.1f}"),
+        _Column("REQ/S", 50, rate),
+        _Column("HEARTBEAT", 65, lambda g: f"{g.heartbeat_age_s:.1f}s ago", ("BEAT", lambda g: f"{g.heartbeat_age_s:.1f}s")),
+        _Column("LEADER", 20, lambda g: f"{g.leader_pid}@{g.host}"),
+        _Column("METRICS", 10, lambda g: f"{g.host}:{g.metrics_port}" if g.metrics_port is not None else "-"),
+    ]
+
+
+def _fit(columns: list[_Column], groups: list[GroupStatus], width: int) -> list[str]:
+    """The group table within ``width`` characters: columns taken by priority while they fit (in
+    their compact rendering), then widened to their full rendering by priority while that fits. The
+    identifying columns (GROUP, STATE) are kept whatever the width."""
+    forms = [c.compact or (c.header, c.full) for c in columns]
+
+    def lines(kept: list[int]) -> list[str]:
+        kept = sorted(kept)
+        return _columns([[forms[i][0] for i in kept]] + [[forms[i][1](g) for i in kept] for g in groups])
+
+    def fits(kept: list[int]) -> bool:
+        return max(len(line) for line in lines(kept)) <= width
+
+    by_priority = sorted(range(len(columns)), key=lambda i: -columns[i].priority)
+    kept: list[int] = []
+    for i in by_priority:
+        if columns[i].priority >= 100 or fits([*kept, i]):
+            kept.append(i)
+    for i in by_priority:
+        if i in kept and columns[i].compact is not None:
+            compact, forms[i] = forms[i], (columns[i].header, columns[i].full)
+            if not fits(kept):
+                forms[i] = compact
+    return lines(kept)
+
+
+def _balancer_state(b: BalancerInfo, *, dead_after_s: float) -> str:
+    """What a balancer is doing: reading (just read entries), routing (holds entries), idle (nothing
+    to read: its reads block and return empty, which Redis does not count as activity), or gone."""
+    if b.heartbeat_age_s is None or b.heartbeat_age_s > dead_after_s:
+        return "GONE"
+    if b.pending:
+        return "routing"
+    return "idle" if b.idle_s > IDLE_AFTER_S else "reading"
+
+
+def render_table(snapshot: Snapshot, *, rates: dict[str, float] | None = None, title: str | None = None,
+                 width: int = 80, balancer_dead_after_s: float = 10.0) -> str:
+    """The snapshot for a person, within ``width`` columns: groups, balancers, then totals and the
+    ingress depth."""
     lines = [title, ""] if title else []
     groups = sorted(snapshot.groups, key=lambda g: (model_name(g), g.name))  # grouped by model
     if groups:
-        header = ("GROUP", "STATE", "TP", "MODEL", "KV DTYPE", "KV USED/CAPACITY", "WEIGHTS+KV/RANK", "RUN", "WAIT",
-                  "QUEUE", "TOK/S", "REQ/S", "HEARTBEAT", "LEADER", "METRICS")
-        lines += _columns([header] + [
-            (g.name, _state(g), str(g.tp), model_name(g), g.kv_dtype, _kv(g), _rank_memory(g), str(g.running), str(g.waiting),
-             str(g.queue_depth), f"{g.tokens_per_s:.1f}",
-             f"{rates[g.name]:.1f}" if rates is not None and g.name in rates else "-",
-             f"{g.heartbeat_age_s:.1f}s ago", f"{g.leader_pid}@{g.host}",
-             f"{g.host}:{g.metrics_port}" if g.metrics_port is not None else "-")
-            for g in groups
-        ])
+        lines += _fit(_group_columns(rates), groups, width)
     else:
         lines.append("no worker groups registered")
     if snapshot.balancers:
         lines.append("")
-        lines += _columns([("BALANCER", "PENDING", "LAST READ")] + [
-            (b.name, str(b.pending), f"{b.idle_s:.1f}s ago") for b in snapshot.balancers
+        lines += _columns([("BALANCER", "STATE", "PENDING", "LAST SEEN")] + [
+            (b.name, _balancer_state(b, dead_after_s=balancer_dead_after_s), str(b.pending),
+             "-" if b.heartbeat_age_s is None else f"{b.heartbeat_age_s:.1f}s ago")
+            for b in snapshot.balancers
         ])
     live = [g for g in groups if g.alive]
     if groups:
         draining = sum(g.state == "draining" for g in live)
-        totals = (f"{len(live)}/{len(groups)} groups alive"
-                  + (f" ({draining} draining)" if draining else "")
-                  + f"; running {sum(g.running for g in live)}, waiting {sum(g.waiting for g in live)}, "
-                  f"queued {sum(g.queue_depth for g in live)}; {sum(g.tokens_per_s for g in live):.1f} tok/s")
+        loading = sum(g.state == "loading" for g in live)
+        states = ", ".join(f"{n} {what}" for n, what in ((draining, "draining"), (loading, "loading")) if n)
+        alive = f"{len(live)}/{len(groups)} groups alive" + (f" ({states})" if states else "")
+        load = (f"running {sum(g.running for g in live)}, waiting {sum(g.waiting for g in live)}, "
+                f"queued {sum(g.queue_depth for g in live)}; {sum(g.tokens_per_s for g in live):.1f} tok/s")
         if rates:
-            totals += f", {sum(rates.get(g.name, 0.0) for g in live):.1f} req/s"
-        lines += ["", totals]
+            load += f", {sum(rates.get(g.name, 0.0) for g in live):.1f} req/s"
+        totals = f"{alive}; {load}"
+        lines += ["", totals] if len(totals) <= width else ["", f"{alive};", load]
         models = models_json(groups)
         if len(models) > 1:
             lines += [f"  {name}: {m['alive']}/{len(m['groups'])} groups alive"
@@ -247,7 +324,8 @@ class _Viewer:
             return
         title = (f"ryzanstein status: prefix {self.prefix!r}, {time.strftime('%H:%M:%S')}, "
                  f"every {every_s:g}s (Ctrl-C stops)") if every_s else None
-        text = render_table(snapshot, rates=rates, title=title)
+        text = render_table(snapshot, rates=rates, title=title, width=shutil.get_terminal_size((80, 24)).columns,
+                            balancer_dead_after_s=self.settings.balancer_dead_after_s)
         print((_CLEAR_SCREEN if self.clear else "") + text, file=self.out, flush=True)
 
 

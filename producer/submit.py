@@ -1,19 +1,22 @@
 """``ryzanstein submit``: send one request and print its result.
 
 Exit status: 0 on a ``done`` event, 1 on an ``error`` event or when no result came within
-``--wait``, 2 for a bad command line or no Redis to talk to.
+``--wait``, 2 for a bad command line or no Redis to talk to, 130 when interrupted (Ctrl-C). A
+request given up on (``--wait`` passed, Ctrl-C) is cancelled.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import Any, TextIO
 
 from broker.cli_common import settings_from_args, setup_logging
+from broker.connection import TRANSIENT_ERRORS
 from broker.errors import RequestFailed
-from producer.client import Client, Completion, Event, RequestOptions
+from producer.client import Client, Completion, Event, Handle, RequestOptions
 
 DEFAULT_WAIT_S = 300.0
 
@@ -45,6 +48,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, metavar="NAME",
                         help="served model name (default: the only model served, or the balancers' default)")
     parser.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    controls = parser.add_argument_group("sampling controls (vLLM's meanings; docs/PROTOCOL.md)")
+    controls.add_argument("--presence-penalty", type=float, default=None, metavar="X", help="in [-2, 2]")
+    controls.add_argument("--frequency-penalty", type=float, default=None, metavar="X", help="in [-2, 2]")
+    controls.add_argument("--repetition-penalty", type=float, default=None, metavar="X", help="in (0, 2]; 1 is off")
+    controls.add_argument("--min-p", type=float, default=None, metavar="P", help="in [0, 1]")
+    controls.add_argument("--min-tokens", type=int, default=None, metavar="N",
+                          help="no EOS or stop string before N tokens")
+    controls.add_argument("--ignore-eos", action="store_true", help="go on through the model's EOS token")
+    controls.add_argument("--logit-bias", default=None, metavar="JSON",
+                          help="""token id -> bias in [-100, 100]: '{"50256": -100}'""")
+    controls.add_argument("--bad-word", dest="bad_words", action="append", default=None, metavar="W",
+                          help="a word the output never contains (repeatable)")
     parser.add_argument("--priority", type=int, default=None, help="lower is served earlier (default 0)")
     parser.add_argument(
         "--timeout",
@@ -97,8 +112,28 @@ def _options(args: argparse.Namespace) -> tuple[str | None, RequestOptions]:
         "timeout_s": args.timeout,
         "request_id": args.request_id,
         "reply_to": args.reply_to,
+        "presence_penalty": args.presence_penalty,
+        "frequency_penalty": args.frequency_penalty,
+        "repetition_penalty": args.repetition_penalty,
+        "min_p": args.min_p,
+        "min_tokens": args.min_tokens,
+        "ignore_eos": args.ignore_eos,
+        "logit_bias": _logit_bias(args.logit_bias),
+        "bad_words": args.bad_words,
     }
     return prompt, options
+
+
+def _logit_bias(text: str | None) -> dict[str, float] | None:
+    if text is None:
+        return None
+    try:
+        bias = json.loads(text)
+    except ValueError:
+        bias = None
+    if not isinstance(bias, dict) or not all(isinstance(v, (int, float)) for v in bias.values()):
+        raise ValueError(f"--logit-bias: expected a JSON object of token id -> number, got {text!r:.60}")
+    return bias
 
 
 def event_json(event: Event) -> dict[str, Any]:
@@ -144,6 +179,17 @@ def run(args: argparse.Namespace) -> int:
             print(f"error {exc.code}: {exc.message}", file=sys.stderr)
             return 1
         except TimeoutError:
-            print(f"error: no result for request {handle.id} within {args.wait:g}s", file=sys.stderr)
+            _cancel(client, handle)
+            print(f"error: no result for request {handle.id} within {args.wait:g}s; cancelled it", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            _cancel(client, handle)
+            print(f"\nryzanstein submit: interrupted; request {handle.id} cancelled", file=sys.stderr)
+            return 130
     return 0
+
+
+def _cancel(client: Client, handle: Handle) -> None:
+    """Cancel an abandoned request, so that its group stops generating for no one (best effort)."""
+    with contextlib.suppress(*TRANSIENT_ERRORS):
+        client.cancel(handle)

@@ -23,6 +23,12 @@ into their cache slots, then attends:
   with a causal mask offset by ``start``. A chunk with nothing cached attends to its fresh K/V
   directly (with an fp8 cache that first chunk sees unquantized values, as in vLLM).
 
+Sliding-window layers (``sliding_window`` W: a query at position p sees keys p - W < k <= p, as
+transformers' ``sliding_window_overlay``) read the step's view for their window
+(``AttentionBatch.windowed``): decode block tables cut to the blocks that hold the window, with the
+slots outside it masked, and prefill chunks whose keys start at the first one in any query's window.
+Blocks wholly before the window are never read.
+
 Softmax runs in fp32 (explicitly for decode; SDPA kernels accumulate in fp32).
 """
 
@@ -42,8 +48,12 @@ class PrefillChunk:
     first: int  # index of its first token in the step's flattened tokens
     length: int  # tokens computed now
     start: int  # tokens of this sequence already cached (prefix-cache hits, earlier chunks)
-    kv_slots: torch.Tensor | None  # [start + length] cache slots of its whole context; None if start == 0
-    mask: torch.Tensor | None  # [length, start + length] bool, True where a key is visible; None if start == 0
+    # [S] cache slots of the keys it attends to (its context, or the part in its window); None: it
+    # attends only to its own fresh K/V (nothing cached before it)
+    kv_slots: torch.Tensor | None
+    # [length, S] bool (or [length, length] when kv_slots is None), True where a key is visible;
+    # None: plain causal attention over its own tokens
+    mask: torch.Tensor | None
 
 
 @dataclass(slots=True)
@@ -72,22 +82,32 @@ class AttentionBatch:
     # Dynamic NTK RoPE only: each token's sequence length at the end of its chunk, when some
     # sequence is past max_position_embeddings (None otherwise).
     rope_seq_lens: torch.Tensor | None = None
+    # Sliding-window layers' views of this step, by window: the same tokens and slot mapping, with
+    # decode groups and prefill chunks that read only the window; the step itself when the window
+    # holds every sequence's whole context.
+    windowed: dict[int, AttentionBatch] = field(default_factory=dict)
 
 
 class PagedAttention(nn.Module):
-    def __init__(self, layer: int, *, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(self, layer: int, *, num_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None,
+                 sliding_window: int | None = None) -> None:
+        """``scale``: of the query-key products (default ``head_dim ** -0.5``); ``sliding_window``:
+        tokens each query sees, its own included (None: all before it)."""
         super().__init__()
         self.layer = layer
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.scale = head_dim**-0.5
+        self.scale = head_dim**-0.5 if scale is None else scale
+        self.sliding_window = sliding_window
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch, cache: KVCache
     ) -> torch.Tensor:
         """Attention output [T, H * D] for queries ``q`` [T, H, D] and new keys/values [T, Hkv, D]."""
         cache.write(self.layer, batch.slot_mapping, k, v)
+        if self.sliding_window is not None:
+            batch = batch.windowed[self.sliding_window]
         nd = batch.num_decode
         if not batch.prefills:
             return self._decode(q, batch, cache)
@@ -136,16 +156,16 @@ class PagedAttention(nn.Module):
     def _prefill(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: PrefillChunk, cache: KVCache
     ) -> torch.Tensor:
-        if p.start == 0:
+        if p.kv_slots is None:
             keys, values = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, n, D]
         else:
-            keys, values = cache.gather(self.layer, p.kv_slots)  # [Hkv, start + n, D]
+            keys, values = cache.gather(self.layer, p.kv_slots)  # [Hkv, S, D]
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None],  # [1, H, n, D]
             keys[None],
             values[None],
             attn_mask=p.mask,
-            is_causal=p.start == 0,
+            is_causal=p.mask is None,
             scale=self.scale,
             enable_gqa=True,
         )

@@ -46,6 +46,7 @@ import torch
 from gpu_workers.model import fp8_kernels
 from gpu_workers.model.config import ModelConfig
 from gpu_workers.model.fp8 import SCALE_DTYPE, code_values, pow2_scale, quantize, quantize_per_vector
+from gpu_workers.startup import phase
 
 ScaleScheme = Literal["block", "tensor", "token"]
 
@@ -160,7 +161,8 @@ class KVCache:
         fp32_on_cpu = self.values.dtype == dtype == torch.float32
         if fused_kernels and self.values.device.type == "cpu" and (self.format.scale in ("block", "tensor")
                                                                    or fp32_on_cpu):
-            self.kernels = fp8_kernels.load(head_dim, block_size)
+            with phase("kernel compile", f"fused decode attention, head_dim {head_dim}"):  # cached after once
+                self.kernels = fp8_kernels.load(head_dim, block_size)
         # Reused buffers: large fresh allocations cost page faults on every decode step.
         self._workspace: dict[str, torch.Tensor] = {}
         self._plan: _WritePlan | None = None

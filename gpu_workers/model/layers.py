@@ -139,6 +139,16 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: the scale is ``1 + weight``, applied in fp32 before the cast back
+    (transformers' Gemma3RMSNorm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * (1.0 + self.weight.float())).to(x.dtype)
+
+
 class _Linear(PackedWeight, nn.Module):
     """A linear layer holding this rank's [out_local, in_local] weight slice."""
 
@@ -158,6 +168,11 @@ class _Linear(PackedWeight, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.packed)
+
+
+def _offsets(sizes: list[int]) -> list[int]:
+    """Where each of consecutive parts of ``sizes`` begins."""
+    return [sum(sizes[:i]) for i in range(len(sizes))]
 
 
 def _split(total: int, tp: TPContext, what: str) -> int:
@@ -191,6 +206,11 @@ class MergedColumnParallelLinear(_Linear):
         super().__init__(in_features, sum(self.local_sizes), bias=bias, tp=tp, dtype=dtype)
 
     def weight_loader(self, param: nn.Parameter, loaded: Loadable, shard_id: Any = None) -> None:
+        if shard_id is None:  # the parts fused in one checkpoint tensor (Phi-3's gate_up_proj), in order
+            _check_shape(loaded, (sum(self.out_sizes), *param.shape[1:]))
+            for part, offset in enumerate(_offsets(self.out_sizes)):
+                self.weight_loader(param, loaded.narrow(0, offset, self.out_sizes[part]), part)
+            return
         _check_shape(loaded, (self.out_sizes[shard_id], *param.shape[1:]))
         size = self.local_sizes[shard_id]
         offset = sum(self.local_sizes[:shard_id])
@@ -222,6 +242,12 @@ class QKVParallelLinear(_Linear):
 
     def weight_loader(self, param: nn.Parameter, loaded: Loadable, shard_id: Any = None) -> None:
         d = self.head_dim
+        if shard_id is None:  # q, k and v fused in one checkpoint tensor (Phi-3's qkv_proj), in order
+            sizes = [self.total_heads[part] * d for part in "qkv"]
+            _check_shape(loaded, (sum(sizes), *param.shape[1:]))
+            for part, offset, size in zip("qkv", _offsets(sizes), sizes):
+                self.weight_loader(param, loaded.narrow(0, offset, size), part)
+            return
         _check_shape(loaded, (self.total_heads[shard_id] * d, *param.shape[1:]))
         size = self._local_heads[shard_id] * d
         part = _take(loaded, 0, self._first_head[shard_id] * d, size)

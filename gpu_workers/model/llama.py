@@ -1,8 +1,13 @@
-"""The Llama-family decoder (Llama, Mistral, Qwen2) over a paged KV cache.
+"""The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3) over a paged KV cache.
 
 Parameter names follow transformers' so that checkpoint names map onto them through
 ``STACKED_PARAMS`` alone: q/k/v projections load into shards of ``qkv_proj``, gate/up into shards
-of ``gate_up_proj``; every other tensor has the same name here and in the checkpoint.
+of ``gate_up_proj``; every other tensor has the same name here and in the checkpoint. Phi-3
+checkpoints hold ``qkv_proj`` and ``gate_up_proj`` already fused: each loads whole, and the layers'
+``weight_loader`` splits it into its parts (and each part into this rank's shard).
+
+Qwen3 normalizes each query and key head (``q_norm``, ``k_norm``) before RoPE. Layers with a
+sliding window (``ModelConfig.layer_window``) attend only to it.
 """
 
 from __future__ import annotations
@@ -36,9 +41,15 @@ STACKED_PARAMS: tuple[tuple[str, str, Any], ...] = (
     (".gate_proj.", ".gate_up_proj.", 0),
     (".up_proj.", ".gate_up_proj.", 1),
 )
+# Checkpoints whose tensors are already fused like ours (loaded whole, shard id None).
+FUSED_CHECKPOINTS = ("phi3",)
+# The MLP's gate activation by transformers' ACT2FN name.
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 class LlamaAttention(nn.Module):
+    norm_class: type[RMSNorm] = RMSNorm  # of the q/k norms
+
     def __init__(self, config: ModelConfig, layer: int, tp: TPContext, dtype: torch.dtype) -> None:
         super().__init__()
         d = config.head_dim
@@ -52,14 +63,22 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(
             config.num_attention_heads * d, config.hidden_size, bias=config.o_bias, tp=tp, dtype=dtype
         )
-        self.attn = PagedAttention(layer, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=d)
+        if config.qk_norm:  # over each head's D features: replicated on every rank
+            self.q_norm = self.norm_class(d, eps=config.rms_norm_eps, dtype=dtype)
+            self.k_norm = self.norm_class(d, eps=config.rms_norm_eps, dtype=dtype)
+        self.qk_norm = config.qk_norm
+        self.attn = PagedAttention(layer, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=d,
+                                   scale=config.attention_scale, sliding_window=config.layer_window(layer))
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch, cache: KVCache
     ) -> torch.Tensor:
         t, h, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)  # [T, (H + 2 Hkv) * D]
-        qk = apply_rotary(qkv[:, : (h + hkv) * d].view(t, h + hkv, d), cos, sin)  # q and k rotate together
+        qk = qkv[:, : (h + hkv) * d].view(t, h + hkv, d)
+        if self.qk_norm:
+            qk = torch.cat((self.q_norm(qk[:, :h]), self.k_norm(qk[:, h:])), dim=1)
+        qk = apply_rotary(qk, cos, sin)  # q and k rotate together
         q, k = qk.split([h, hkv], dim=1)  # [T, H, D], [T, Hkv, D]
         v = qkv[:, (h + hkv) * d :].view(t, hkv, d)
         return self.o_proj(self.attn(q, k, v, batch, cache))
@@ -73,10 +92,11 @@ class LlamaMLP(nn.Module):
             config.hidden_size, [size, size], bias=config.mlp_bias, tp=tp, dtype=dtype
         )
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias=config.mlp_bias, tp=tp, dtype=dtype)
+        self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, I / tp] each
-        return self.down_proj(F.silu(gate).mul_(up))
+        return self.down_proj(self.act(gate).mul_(up))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -95,34 +115,49 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TPContext, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, tp: TPContext, dtype: torch.dtype, *,
+                 layer_class: type[nn.Module] = LlamaDecoderLayer, norm_class: type[RMSNorm] = RMSNorm) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp=tp, dtype=dtype)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, tp, dtype) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+        self.layers = nn.ModuleList(layer_class(config, i, tp, dtype) for i in range(config.num_hidden_layers))
+        self.norm = norm_class(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
 
 
 class LlamaForCausalLM(nn.Module):
+    layer_class: type[nn.Module] = LlamaDecoderLayer
+    norm_class: type[RMSNorm] = RMSNorm
+
     def __init__(self, config: ModelConfig, tp: TPContext | None = None, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         tp = tp or TPContext()
         config.check_tp(tp.size)
         self.config = config
         self.dtype = dtype
-        self.model = LlamaModel(config, tp, dtype)
+        self.model = LlamaModel(config, tp, dtype, layer_class=self.layer_class, norm_class=self.norm_class)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp=tp, dtype=dtype)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(config)
+        # sliding-window layers with a RoPE of their own (Gemma 3's local base)
+        self.sliding_rotary = None
+        if config.sliding_rope_theta is not None:
+            self.sliding_rotary = RotaryEmbedding(config, theta=config.sliding_rope_theta,
+                                                  scaling=config.sliding_rope_scaling)
+        self.sliding_layers = {i for i in range(config.num_hidden_layers) if config.layer_window(i) is not None}
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings [T, hidden] of ``input_ids`` [T]."""
+        return self.model.embed_tokens(input_ids)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, kv_cache: KVCache
     ) -> torch.Tensor:
         """Final hidden states [T, hidden] of tokens ``input_ids`` [T] at ``positions`` [T]."""
-        cos, sin = self.rotary(positions, self.dtype, batch.rope_seq_lens)  # [T, 1, D / 2] each
-        x = self.model.embed_tokens(input_ids)  # [T, hidden]
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, batch, kv_cache)
+        rope = self.rotary(positions, self.dtype, batch.rope_seq_lens)  # cos, sin [T, 1, D / 2] each
+        local_rope = rope if self.sliding_rotary is None else self.sliding_rotary(positions, self.dtype)
+        x = self.embed(input_ids)  # [T, hidden]
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, *(local_rope if i in self.sliding_layers else rope), batch, kv_cache)
         return self.model.norm(x)
 
     def pack_weights(self) -> None:
@@ -149,10 +184,18 @@ class LlamaForCausalLM(nn.Module):
     def checkpoint_map(self) -> dict[str, tuple[str, Any]]:
         """Every checkpoint tensor name this model needs -> (parameter name, shard id or None)."""
         out: dict[str, tuple[str, Any]] = {}
+        stacked = () if self.config.model_type in FUSED_CHECKPOINTS else STACKED_PARAMS
         for name, _ in self.named_parameters():  # a tied lm_head is listed once, as the embedding
-            for ckpt_part, ours, shard in STACKED_PARAMS:
+            for ckpt_part, ours, shard in stacked:
                 if ours in name:
                     out[name.replace(ours, ckpt_part)] = (name, shard)
-            if not any(ours in name for _, ours, _ in STACKED_PARAMS):
+            if not any(ours in name for _, ours, _ in stacked):
                 out[name] = (name, None)
-        return out
+        prefix = self.config.checkpoint_prefix
+        return {prefix + ckpt: target for ckpt, target in out.items()} if prefix else out
+
+    def ignored_checkpoint_tensors(self, name: str) -> bool:
+        """Whether the checkpoint tensor ``name`` is not this model's to read (a multimodal
+        checkpoint's vision tower and projector, beside its text model)."""
+        prefix = self.config.checkpoint_prefix
+        return bool(prefix) and not name.startswith(prefix)

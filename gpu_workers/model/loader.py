@@ -22,6 +22,7 @@ from torch import nn
 
 from broker.errors import ConfigError
 from gpu_workers.model.layers import default_weight_loader
+from gpu_workers.startup import track
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +135,9 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
     """Fill ``model``'s parameters from the checkpoint in ``model_dir``, each rank its own shards.
 
     The model says which checkpoint tensors it needs (``checkpoint_map``); the checkpoint must hold
-    exactly those, apart from recomputed buffers and an ``lm_head.weight`` the config ties to the
-    embedding. Both kinds of mismatch are reported by name before anything is read.
+    exactly those, apart from recomputed buffers, an ``lm_head.weight`` the config ties to the
+    embedding, and what the model says is not its own (``ignored_checkpoint_tensors``: a multimodal
+    checkpoint's vision tower). Both kinds of mismatch are reported by name before anything is read.
     """
     began = time.perf_counter()
     if (Path(model_dir) / GGUF_LINK).exists():
@@ -145,7 +147,9 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
     files = checkpoint_files(model_dir)
     wanted: dict[str, tuple[str, Any]] = model.checkpoint_map()  # type: ignore[operator]
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    present = {n for n in files if not n.endswith(IGNORED_SUFFIXES) and not (tied and n == "lm_head.weight")}
+    ignored = getattr(model, "ignored_checkpoint_tensors", lambda name: False)
+    present = {n for n in files if not n.endswith(IGNORED_SUFFIXES) and not (tied and n.endswith("lm_head.weight"))
+               and not ignored(n)}
     missing = sorted(set(wanted) - present)
     unexpected = sorted(present - set(wanted))
     if missing or unexpected:
@@ -162,7 +166,7 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
             file: stack.enter_context(safe_open(file, framework="pt", device="cpu"))
             for file in sorted({files[n] for n in wanted})
         }
-        for name, (param_name, shard_id) in wanted.items():
+        for name, (param_name, shard_id) in track(wanted.items(), total=len(wanted), what="loading weights"):
             file_slice = handles[files[name]].get_slice(name)
             tensor = CheckpointTensor(file_slice, tuple(file_slice.get_shape()))
             param = params[param_name]

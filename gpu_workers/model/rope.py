@@ -16,15 +16,17 @@ import math
 
 import torch
 
-from gpu_workers.model.config import ModelConfig
+from gpu_workers.model.config import ModelConfig, RopeScaling
 
 
-def inv_frequencies(config: ModelConfig, *, device: torch.device | str | None = None) -> torch.Tensor:
-    """Inverse frequencies [head_dim / 2] fp32 (dynamic NTK: as within max_position_embeddings)."""
+def inv_frequencies(config: ModelConfig, *, device: torch.device | str | None = None,
+                    theta: float | None = None, scaling: RopeScaling | None = None) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2] fp32 (dynamic NTK: as within max_position_embeddings), of
+    the config's RoPE or of another ``theta`` and ``scaling`` (Gemma 3's sliding-window layers)."""
     dim = config.head_dim
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
-    inv_freq = 1.0 / (config.rope_theta**exponents)
-    rope = config.rope_scaling
+    inv_freq = 1.0 / ((theta or config.rope_theta) ** exponents)
+    rope = scaling or config.rope_scaling
     if rope.type == "linear":
         inv_freq = inv_freq / rope.factor
     elif rope.type == "llama3":
@@ -57,11 +59,13 @@ def dynamic_inv_frequencies(config: ModelConfig, seq_lens: torch.Tensor) -> torc
 class RotaryEmbedding(torch.nn.Module):
     """cos/sin tables for a step's positions, computed once and shared by all layers."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, *, theta: float | None = None, scaling: RopeScaling | None = None) -> None:
+        """The config's RoPE, or one of another ``theta`` and ``scaling`` (never dynamic)."""
         super().__init__()
         self.config = config
+        self.dynamic = scaling is None and config.rope_scaling.type == "dynamic"
         self.inv_freq: torch.Tensor
-        self.register_buffer("inv_freq", inv_frequencies(config), persistent=False)
+        self.register_buffer("inv_freq", inv_frequencies(config, theta=theta, scaling=scaling), persistent=False)
 
     def forward(
         self, positions: torch.Tensor, dtype: torch.dtype, seq_lens: torch.Tensor | None = None
@@ -71,7 +75,7 @@ class RotaryEmbedding(torch.nn.Module):
         ``seq_lens`` [T] (dynamic NTK only; None when no sequence is past max_position_embeddings)
         is each token's sequence length at the end of its chunk.
         """
-        if seq_lens is not None and self.config.rope_scaling.type == "dynamic":
+        if seq_lens is not None and self.dynamic:
             freqs = positions.float()[:, None] * dynamic_inv_frequencies(self.config, seq_lens)
         else:
             freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]

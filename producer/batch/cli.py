@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -68,12 +69,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     submit.add_argument("--json", action="store_true", help="print the job as one JSON object")
     _add_common_after(submit)
 
-    worker = verbs.add_parser("worker", help="run batch jobs (an RQ SimpleWorker)",
-                              description="Run batch jobs from the batch queue, one at a time, in this process "
-                                          "(an RQ SimpleWorker that heartbeats its job). Run several for "
-                                          "several jobs at once. SIGTERM stops it after the current job; a "
-                                          "second one at once (the job is then retried later).")
-    worker.add_argument("--name", default=None, help="worker name (default: RQ's, unique)")
+    worker = verbs.add_parser("worker", help="run batch jobs (RQ SimpleWorkers)",
+                              description="Run batch jobs from the batch queue: each worker runs one job at a "
+                                          "time in its process (an RQ SimpleWorker that heartbeats its job); "
+                                          "--jobs N runs N such workers (an RQ WorkerPool) for N jobs at once. "
+                                          "SIGTERM stops it after the current job; a second one at once (the "
+                                          "job is then retried later).")
+    worker.add_argument("--name", default=None, help="worker name (default: RQ's, unique; not with --jobs)")
+    worker.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="run up to N jobs at once, each in a worker process of its own (default 1)")
     worker.add_argument("--burst", action="store_true", help="quit when the queue is empty")
     worker.add_argument("--wait-broker", type=float, default=30.0, metavar="S",
                         help="without a URL, wait this long for the embedded broker to be announced (default 30)")
@@ -165,6 +169,17 @@ def _worker(args: argparse.Namespace, settings: Any, keys: Keys) -> int:
 
     url = resolve_url(settings, wait_s=args.wait_broker)
     conn = connect(url, settings)
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs {args.jobs}: at least 1")
+    if args.jobs > 1:
+        from rq.worker_pool import WorkerPool
+
+        # RQ's pool forks the workers, restarts any that die, and stops them all on SIGTERM/SIGINT;
+        # each BatchWorker reads its heartbeat TTL from the environment (RYZ_BATCH_HEARTBEAT_TTL_S).
+        pool = WorkerPool([batch_queue(conn, keys)], connection=conn, num_workers=args.jobs, worker_class=BatchWorker)
+        print(f"batch workers: {args.jobs} on queue {keys.batch_queue} at {url}", flush=True)
+        pool.start(burst=args.burst, logging_level=args.log_level)
+        return 0
     worker = BatchWorker([batch_queue(conn, keys)], connection=conn, name=args.name,
                          heartbeat_ttl_s=settings.batch_heartbeat_ttl_s)
     print(f"batch worker {worker.name} on queue {keys.batch_queue} at {mask_url(url)}", flush=True)
@@ -175,21 +190,33 @@ def _worker(args: argparse.Namespace, settings: Any, keys: Keys) -> int:
 # --- status -------------------------------------------------------------------------------------
 
 
-def progress_bar(done: int, total: int | None, *, width: int = BAR_WIDTH) -> str:
-    """``[#######-------]  45%`` (no percentage while the total is not known yet)."""
-    if not total:
-        return "[" + "-" * width + "]    ?"
-    fraction = min(1.0, done / total)
-    filled = int(fraction * width)
-    return "[" + "#" * filled + "-" * (width - filled) + f"] {fraction * 100:3.0f}%"
+def progress_meter(done: int, total: int | None, elapsed_s: float, *, width: int = BAR_WIDTH + 40) -> str:
+    """tqdm's meter: ``45%|#####     | 45/100 [00:10<00:12, 4.50 lines/s]`` (rate, elapsed and time
+    left; without a total yet, the count and the rate)."""
+    from tqdm import tqdm
+
+    return tqdm.format_meter(done, total or None, max(0.0, elapsed_s), ncols=width, ascii=True, unit=" lines")
 
 
-def render_job(view: dict[str, Any]) -> str:
-    """One job as a line: id, status, progress bar, counts, output file."""
-    total = view.get("total")
-    counts = f"{view.get('done', 0)}/{total if total is not None else '?'}"
-    line = f"{view['id']}  {view['status']:<9} {progress_bar(view.get('done', 0), total)}  {counts} lines"
-    line += f", {view.get('errors', 0)} errors"
+def _utc(moment: str | datetime) -> datetime:
+    """A naive UTC datetime (RQ writes naive or aware ones, depending on its version)."""
+    value = datetime.fromisoformat(moment) if isinstance(moment, str) else moment
+    return value.astimezone(timezone.utc).replace(tzinfo=None) if value.tzinfo is not None else value
+
+
+def _elapsed_s(view: dict[str, Any], now: datetime) -> float:
+    started = view.get("started_at")
+    if not started:
+        return 0.0
+    end = _utc(view["ended_at"]) if view.get("ended_at") else _utc(now)
+    return (end - _utc(started)).total_seconds()
+
+
+def render_job(view: dict[str, Any], *, now: datetime | None = None) -> str:
+    """One job as a line: id, status, progress meter (rate, elapsed, ETA), errors, output file."""
+    now = now or datetime.now(timezone.utc).replace(tzinfo=None)  # RQ's times are naive UTC
+    meter = progress_meter(view.get("done", 0), view.get("total"), _elapsed_s(view, now))
+    line = f"{view['id']}  {view['status']:<9} {meter}, {view.get('errors', 0)} errors"
     if view.get("run", 0) > 1:
         line += f", run {view['run']}"
     line += f"  -> {view.get('output')}"
@@ -212,24 +239,53 @@ def _views(args: argparse.Namespace, conn: Any, keys: Keys) -> list[dict[str, An
         return None
 
 
-def _show(views: list[dict[str, Any]], *, as_json: bool, single: bool, out: TextIO) -> None:
-    if as_json:
-        print(json.dumps(views[0] if single else {"jobs": views}), file=out, flush=True)
-    elif not views:
-        print("no batch jobs", file=out, flush=True)
-    else:
-        print("\n".join(render_job(v) for v in views), file=out, flush=True)
+def no_worker_hint(views: list[dict[str, Any]], workers: int, queue: str) -> str | None:
+    """A line for queued jobs that no batch worker will ever take."""
+    if workers == 0 and any(v["status"] in ("queued", "scheduled", "deferred") for v in views):
+        return f"hint: no batch worker is running on {queue}: start one with `ryzanstein batch worker`"
+    return None
+
+
+def _text(views: list[dict[str, Any]], hint: str | None) -> str:
+    text = "\n".join(render_job(v) for v in views) if views else "no batch jobs"
+    return text + (f"\n{hint}" if hint else "")
+
+
+class _Screen:
+    """Where --watch prints: on a terminal each refresh redraws the previous one in place; elsewhere
+    (a log, a pipe) a refresh is printed only when it changed."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.terminal = out.isatty()
+        self._last: str | None = None
+
+    def show(self, text: str) -> None:
+        if self.terminal:
+            up = f"\x1b[{self._last.count(chr(10)) + 1}F\x1b[J" if self._last is not None else ""  # up, clear
+            print(up + text, file=self.out, flush=True)
+        elif text != self._last:
+            print(text, file=self.out, flush=True)
+        self._last = text
 
 
 def _status(args: argparse.Namespace, conn: Any, keys: Keys) -> int:
+    from rq import Worker
+
+    from producer.batch.queue import batch_queue
+
     single = args.job_id is not None
-    out = sys.stdout
+    screen = _Screen(sys.stdout)
     while True:
         views = _views(args, conn, keys)
         if views is None:
             print(f"ryzanstein batch status: no job {args.job_id}", file=sys.stderr)
             return 1
-        _show(views, as_json=args.json, single=single, out=out)
+        if args.json:
+            print(json.dumps(views[0] if single else {"jobs": views}), flush=True)
+        else:
+            hint = no_worker_hint(views, Worker.count(queue=batch_queue(conn, keys)), keys.batch_queue)
+            screen.show(_text(views, hint))
         if args.watch is None or all(v["status"] in ENDED for v in views):
             return 0
         try:

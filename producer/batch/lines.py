@@ -9,9 +9,12 @@ Input: JSON Lines, one request per line, e.g.::
 
 Exactly one of ``prompt``, ``prompt_ids`` and ``messages`` (chat: rendered with the chat template);
 optional request fields as in the protocol (``max_tokens`` — ``max_completion_tokens`` is the same
-—, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``, ``priority``, ``timeout_s``); optional
+—, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``, ``priority``, ``timeout_s``, and the
+sampling controls ``presence_penalty`` ... ``bad_words``); optional
 ``id``, echoed in the result. A line in OpenAI's batch format (``custom_id`` + ``body``) is read as
-its body with ``custom_id`` as the id. Other fields are ignored; blank lines are skipped.
+its body with ``custom_id`` as the id. Fields the protocol refuses by name (``n``, ``guided_json``...:
+``broker.refused.UNHONOURED_FIELDS``) make the line bad; other fields are ignored; blank lines are
+skipped.
 
 Output: one JSON object per input line, in the order the results come in::
 
@@ -32,11 +35,15 @@ from typing import Any
 
 from broker.errors import InvalidRequest
 from broker.protocol import parse_request
+from broker.refused import unhonoured_field
 from producer.chat_template import normalize_messages
 from producer.request import Completion, RequestOptions
 
 # Request fields a line may set, besides its prompt.
-OPTION_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "priority", "timeout_s")
+OPTION_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "priority", "timeout_s",
+                 # sampling controls (PROTOCOL.md)
+                 "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens", "ignore_eos",
+                 "logit_bias", "bad_words")
 PROMPT_FIELDS = ("prompt", "prompt_ids", "messages")
 _CHECK_ID = "batch-line"  # a valid request id, only for validating a line's fields
 
@@ -80,6 +87,8 @@ def parse_line(line: int, text: str, *, defaults: RequestOptions | None = None,
     user_id = _scalar_id(obj.get("id"))
     if isinstance(obj.get("body"), dict) and "custom_id" in obj:
         user_id, obj = _scalar_id(obj["custom_id"]), obj["body"]
+    if (refused := unhonoured_field(obj)) is not None:
+        return BadLine(line, user_id, f"field '{refused}': not supported by this server (leave it unset)")
     given = [name for name in PROMPT_FIELDS if obj.get(name) is not None]
     if len(given) != 1:
         return BadLine(line, user_id, "exactly one of 'prompt', 'prompt_ids' and 'messages' must be given")

@@ -34,6 +34,7 @@ from rq.worker import WorkerStatus
 
 from broker.connection import TRANSIENT_ERRORS
 from broker.keys import Keys
+from broker.settings import Settings
 from producer.batch.job import BatchSpec, run_batch
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,11 @@ def submit_job(connection: redis.Redis, keys: Keys, spec: BatchSpec, *, retries:
 class BatchWorker(SimpleWorker):
     """A SimpleWorker that heartbeats its job while it runs, with a short abandonment TTL."""
 
-    def __init__(self, queues: Any, *, heartbeat_ttl_s: int, **kwargs: Any) -> None:
+    def __init__(self, queues: Any, *, heartbeat_ttl_s: int | None = None, **kwargs: Any) -> None:
+        """``heartbeat_ttl_s``: None reads ``batch_heartbeat_ttl_s`` from the settings (the environment),
+        as RQ's WorkerPool, which passes no extra arguments, creates it."""
+        if heartbeat_ttl_s is None:
+            heartbeat_ttl_s = Settings().batch_heartbeat_ttl_s
         self.heartbeat_ttl_s = max(1, int(heartbeat_ttl_s))
         # RQ runs registry maintenance between two blocking dequeues of worker_ttl - 15 s: both every TTL.
         kwargs.setdefault("worker_ttl", self.heartbeat_ttl_s + 15)

@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP gateway: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``,
-``/health``, on Starlette.
+``/health``, ``/version``, ``/metrics`` (producer.gateway.extras, with ``--api-key``), on Starlette.
 
 Every request becomes one ryzanstein request on the ingress stream, sent through one ``AsyncClient``
 (all replies on one shared stream, read by one task). Streaming responses are server-sent events in
@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import anyio
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -37,6 +38,7 @@ from broker.chat import template_text
 from broker.connection import TRANSIENT_ERRORS, connect_async
 from broker.errors import InvalidRequest, RequestFailed, RyzansteinError
 from broker.keys import Keys
+from broker.path_health import judge, read_path_async
 from broker.protocol import parse_request
 from broker.registry import GroupStatus, served_names
 from broker.settings import Settings
@@ -44,6 +46,7 @@ from producer.chat_template import ChatTemplate, TemplateSource
 from producer.client import AsyncClient, Completion, Event, Handle
 from producer.gateway.config import GatewayConfig
 from producer.gateway.errors import ApiError
+from producer.gateway.extras import ApiKeys, HttpMetrics, gateway_registry, metrics_endpoint, version_endpoint
 from producer.gateway.groups import LiveGroups
 from producer.gateway.schema import (
     SSE_DONE,
@@ -159,15 +162,14 @@ class Gateway:
     # --- routes -------------------------------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
+        """200 while the path works (a balancer reads the ingress stream, a group serves), else 503
+        with the reason (broker.path_health)."""
         try:
-            await self._redis.ping()
-            groups = await self.groups.get()
+            view = await read_path_async(self._redis, self.keys, dead_after_s=self.settings.dead_after_s)
         except TRANSIENT_ERRORS as exc:
             return JSONResponse({"status": "unavailable", "reason": f"Redis is unreachable: {exc}"}, 503)
-        if not groups:
-            return JSONResponse({"status": "unavailable", "reason": "no live worker group"}, 503)
-        return JSONResponse({"status": "ok", "groups": len(groups), "models": served_names(groups),
-                             "in_flight": self.in_flight})
+        health = judge(view, balancer_dead_after_s=self.settings.balancer_dead_after_s)
+        return JSONResponse({**health.to_json(), "in_flight": self.in_flight}, 200 if health.ok else 503)
 
     async def models(self, request: Request) -> Response:
         try:
@@ -320,7 +322,8 @@ class Gateway:
                         headers: dict[str, str]) -> Response:
         disconnect = _Disconnect(request.receive)
         try:
-            done = await self._race(self.client.result(handle, timeout=wait_s), disconnect)
+            # the gateway cancels and drains what it abandons itself (_abandon)
+            done = await self._race(self.client.result(handle, timeout=wait_s, cancel_abandoned=False), disconnect)
         except _Disconnected:
             await self._abandon(handle, "the client went away")
             raise
@@ -365,10 +368,18 @@ class Gateway:
         if gen.kind == "chat":
             yield sse(responder.chunk("", first=True, with_usage_field=usage_field))
         sent: list[str] = []
+        wants_logprobs = bool(gen.options.get("logprobs"))
+        offset = 0  # text offset of the next token (completions' logprobs.text_offset)
         event = first
         while True:
             if event.kind == "token":
-                if event.text:
+                entry = event.logprobs if wants_logprobs else None
+                if entry is not None:  # a chunk per token, each with its logprobs, text or not
+                    sent.append(event.text)
+                    yield sse(responder.chunk(event.text, with_usage_field=usage_field,
+                                              logprobs=responder.logprobs([entry], text_offset=offset)))
+                    offset += len(entry["text"])
+                elif event.text:
                     sent.append(event.text)
                     yield sse(responder.chunk(event.text, with_usage_field=usage_field))
             elif event.kind == "done":
@@ -447,9 +458,16 @@ def create_app(settings: Settings, url: str, config: GatewayConfig | None = None
         Route("/v1/models/{model:path}", gateway.model, methods=["GET"]),
         Route("/v1/completions", gateway.completions, methods=["POST"]),
         Route("/v1/chat/completions", gateway.chat_completions, methods=["POST"]),
+        Route("/version", version_endpoint, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    registry = gateway_registry()
+    middleware = [Middleware(HttpMetrics, registry=registry)]  # outermost: refused requests count too
+    if gateway.config.api_keys:
+        middleware.append(Middleware(ApiKeys, keys=gateway.config.api_keys))
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
     app.state.gateway = gateway
+    app.state.metrics_registry = registry
     return app
 
 

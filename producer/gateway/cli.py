@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from broker.cli_common import settings_from_args, setup_logging
 from broker.connection import resolve_url
@@ -35,7 +36,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--chat-max-tokens", type=int, default=DEFAULTS.chat_max_tokens, metavar="N",
-        help=f"max_tokens of chat requests that set none (default {DEFAULTS.chat_max_tokens})",
+        help="chat requests that set no max_tokens get the rest of the model's context, up to N "
+             f"(default {DEFAULTS.chat_max_tokens})",
+    )
+    parser.add_argument(
+        "--api-key", dest="api_keys", action="append", default=None, metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on /v1 (repeatable: any of the keys; default: "
+             "$RYZ_API_KEY if set, else no key needed)",
     )
     parser.add_argument("--access-log", action="store_true", help="log every HTTP request")
     parser.add_argument("--wait-broker", type=float, default=30.0, metavar="S",
@@ -48,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     url = resolve_url(settings, wait_s=args.wait_broker)
     if args.chat_template and args.chat_template_dir:
         raise ConfigError("give --chat-template or --model-dir, not both")
+    if any(not key.strip() for key in args.api_keys or ()):
+        raise ConfigError("--api-key must not be empty")
     for flag, value in (("--request-timeout", args.request_timeout), ("--max-concurrency", args.max_concurrency),
                         ("--chat-max-tokens", args.chat_max_tokens)):
         if not value > 0:
@@ -57,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         max_concurrency=args.max_concurrency,
         chat_max_tokens=args.chat_max_tokens,
         chat_template=args.chat_template or args.chat_template_dir,
+        api_keys=tuple(args.api_keys or ([os.environ["RYZ_API_KEY"]] if os.environ.get("RYZ_API_KEY") else [])),
     )
     from producer.gateway.app import create_app, serve
 

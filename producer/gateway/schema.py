@@ -1,10 +1,11 @@
 """The OpenAI request and response shapes the gateway speaks, and their mapping to ryzanstein requests.
 
-Requests are validated here: what ryzanstein cannot do (``n`` > 1, logprobs, tools, penalties...)
+Requests are validated here: what ryzanstein cannot do (``n`` > 1, tools...)
 is refused with a 400 naming the parameter, rather than silently ignored; parameters that change
-nothing in the output (``user``, ``metadata``, ``store``...) are accepted and ignored. Extensions:
-``top_k``, ``priority`` and ``timeout_s`` (seconds; the server-side deadline), sent by the openai
-package through ``extra_body``.
+nothing in the output (``user``, ``metadata``, ``store``...) are accepted and ignored. Extensions, sent
+by the openai package through ``extra_body``: vLLM's ``repetition_penalty``, ``min_p``,
+``min_tokens``, ``ignore_eos``, ``bad_words``; ryzanstein's ``top_k``, ``priority`` and
+``timeout_s`` (seconds; the server-side deadline).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from broker.errors import InvalidRequest
+from broker.protocol import MAX_TOP_LOGPROBS
+from broker.refused import UNHONOURED_FIELDS, unhonoured_field
 from producer.chat_template import normalize_messages
 from producer.gateway.errors import ApiError
 from producer.request import Completion, RequestOptions
@@ -46,6 +49,12 @@ class _Common(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    # vLLM's sampling extensions (sent by the openai package through ``extra_body``)
+    repetition_penalty: float | None = None
+    min_p: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    bad_words: list[str] | None = None
     # ryzanstein extensions
     top_k: int | None = None
     priority: int | None = None
@@ -96,16 +105,42 @@ def _refuse(param: str, why: str) -> ApiError:
     return ApiError("invalid_request", f"field '{param}': {why}", param)
 
 
+# What the gateway refuses by name when set to a value that would change the output: the protocol's
+# list (vLLM's fields, sent through ``extra_body``) and OpenAI's and vLLM's chat-only fields.
+# ``logprobs`` and ``top_logprobs`` are checked with the endpoints' own shapes.
+_OFF, _ON = frozenset({"0", "false"}), frozenset({"1", "true"})
+UNHONOURED_PARAMS: dict[str, frozenset[str] | None] = {
+    **{k: v for k, v in UNHONOURED_FIELDS.items() if k not in ("logprobs", "top_logprobs")},
+    "audio": None,
+    "prediction": None,
+    "web_search_options": None,
+    "modalities": frozenset({'["text"]'}),
+    "echo": _OFF,
+    "add_generation_prompt": _ON,
+    "continue_final_message": _OFF,
+    "chat_template": None,
+    "chat_template_kwargs": frozenset({"{}"}),
+    "documents": None,
+    "mm_processor_kwargs": None,
+    "return_tokens_as_token_ids": _OFF,
+}
+
+
+def _check_unhonoured(raw: dict[str, Any]) -> None:
+    if (name := unhonoured_field(raw, UNHONOURED_PARAMS)) is not None:
+        raise _refuse(name, "not supported by this server; leave it unset")
+
+
 def _check_unsupported(body: _Common) -> None:
     if body.n not in (None, 1):
         raise _refuse("n", "only n=1 is supported")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, name) not in (None, 0, 0.0):
-            raise _refuse(name, "penalties are not supported; leave it unset or 0")
-    if body.logit_bias:
-        raise _refuse("logit_bias", "not supported")
     if body.stream_options is not None and not body.stream:
         raise _refuse("stream_options", "only allowed when stream is true")
+
+
+# Sampling controls, passed on as the protocol fields of the same names when set.
+CONTROLS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens", "ignore_eos",
+            "logit_bias", "bad_words")
 
 
 def _options(body: _Common, max_tokens: int | None) -> RequestOptions:
@@ -119,6 +154,9 @@ def _options(body: _Common, max_tokens: int | None) -> RequestOptions:
         "priority": body.priority,
         "timeout_s": body.timeout_s,
     }
+    for name in CONTROLS:
+        if (value := getattr(body, name)) is not None:
+            options[name] = value  # type: ignore[literal-required]
     if isinstance(body.stop, list) and not body.stop:
         options["stop"] = None
     return options
@@ -141,14 +179,15 @@ def parse_completion(raw: dict[str, Any]) -> Generation:
     except ValidationError as exc:
         raise _validation_error(exc) from None
     _check_unsupported(body)
+    _check_unhonoured(raw)
     if body.best_of not in (None, 1):
         raise _refuse("best_of", "only best_of=1 is supported")
     if body.echo:
         raise _refuse("echo", "echoing the prompt is not supported")
     if body.suffix:
         raise _refuse("suffix", "not supported")
-    if body.logprobs is not None:
-        raise _refuse("logprobs", "not supported")
+    if body.logprobs is not None and not 0 <= body.logprobs <= MAX_TOP_LOGPROBS:
+        raise _refuse("logprobs", f"must be in 0..{MAX_TOP_LOGPROBS}")
     prompt: str | None = None
     prompt_ids: list[int] | None = None
     value = body.prompt
@@ -167,8 +206,17 @@ def parse_completion(raw: dict[str, Any]) -> Generation:
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         prompt=prompt,
         prompt_ids=prompt_ids,
-        options=_options(body, body.max_tokens),
+        options=_with_logprobs(_options(body, body.max_tokens), body.logprobs is not None, body.logprobs),
     )
+
+
+def _with_logprobs(options: RequestOptions, wanted: bool, top: int | None) -> RequestOptions:
+    if wanted:
+        options["logprobs"] = True
+        options["top_logprobs"] = top or 0
+    elif top:
+        raise _refuse("top_logprobs", "needs logprobs set to true")
+    return options
 
 
 def parse_chat(raw: dict[str, Any], *, default_max_tokens: int) -> Generation:
@@ -178,8 +226,7 @@ def parse_chat(raw: dict[str, Any], *, default_max_tokens: int) -> Generation:
     except ValidationError as exc:
         raise _validation_error(exc) from None
     _check_unsupported(body)
-    if body.logprobs or body.top_logprobs:
-        raise _refuse("logprobs", "not supported")
+    _check_unhonoured(raw)
     for name in ("tools", "functions"):
         if getattr(body, name):
             raise _refuse(name, "tool calling is not supported")
@@ -191,14 +238,18 @@ def parse_chat(raw: dict[str, Any], *, default_max_tokens: int) -> Generation:
         messages = normalize_messages(body.messages)
     except InvalidRequest as exc:
         raise ApiError.from_code("invalid_request", str(exc)) from None
-    max_tokens = body.max_completion_tokens or body.max_tokens or default_max_tokens
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    options = _with_logprobs(_options(body, max_tokens or default_max_tokens), bool(body.logprobs),
+                             body.top_logprobs)
+    if max_tokens is None:  # the rest of the context, up to the default (as vLLM's None)
+        options["fit_max_tokens"] = True
     return Generation(
         kind="chat",
         model=body.model,
         stream=bool(body.stream),
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         messages=messages,
-        options=_options(body, max_tokens),
+        options=options,
     )
 
 
@@ -223,23 +274,43 @@ class Responder:
         return {"id": self.response_id, "object": obj, "created": self.created, "model": self.model,
                 "system_fingerprint": None, "choices": choices, **extra}
 
+    def logprobs(self, entries: list[dict[str, Any] | None] | None, *, text_offset: int = 0) -> dict[str, Any] | None:
+        """OpenAI's ``logprobs`` object of a choice for these tokens' entries (``Completion.logprobs``);
+        entries that are None (tokens generated before the request moved between groups) are left out."""
+        if entries is None:
+            return None
+        known = [e for e in entries if e is not None]
+        if self.kind == "chat":
+            return {"content": [{**_chat_token(e), "top_logprobs": [_chat_token(t) for t in e["top_logprobs"]]}
+                                for e in known]}
+        offsets = []
+        for e in known:
+            offsets.append(text_offset)
+            text_offset += len(e["text"])
+        # The legacy shape's top_logprobs map text to logprob, and hold the sampled token too (as vLLM's).
+        top = [{**{t["text"]: t["logprob"] for t in reversed(e["top_logprobs"])}, e["text"]: e["logprob"]}
+               for e in known]
+        return {"tokens": [e["text"] for e in known], "token_logprobs": [e["logprob"] for e in known],
+                "top_logprobs": top, "text_offset": offsets}
+
     def full(self, done: Completion) -> dict[str, Any]:
         """The non-streaming response."""
         if self.kind == "completion":
-            choice: dict[str, Any] = {"index": 0, "text": done.text, "logprobs": None,
+            choice: dict[str, Any] = {"index": 0, "text": done.text, "logprobs": self.logprobs(done.logprobs),
                                       "finish_reason": done.finish_reason}
             obj = "text_completion"
         else:
             choice = {"index": 0, "message": {"role": "assistant", "content": done.text},
-                      "logprobs": None, "finish_reason": done.finish_reason}
+                      "logprobs": self.logprobs(done.logprobs), "finish_reason": done.finish_reason}
             obj = "chat.completion"
         return self._envelope(obj, [choice], usage=usage(done.prompt_tokens, done.completion_tokens))
 
     def chunk(self, text: str | None, *, finish_reason: str | None = None, first: bool = False,
-              with_usage_field: bool = False) -> dict[str, Any]:
-        """One streamed chunk: a text delta and/or the finish reason (``first``: chat's role delta)."""
+              with_usage_field: bool = False, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One streamed chunk: a text delta and/or the finish reason (``first``: chat's role delta),
+        with the ``logprobs`` object of its tokens (``Responder.logprobs``)."""
         if self.kind == "completion":
-            choice: dict[str, Any] = {"index": 0, "text": text or "", "logprobs": None,
+            choice: dict[str, Any] = {"index": 0, "text": text or "", "logprobs": logprobs,
                                       "finish_reason": finish_reason}
             obj = "text_completion"
         else:
@@ -248,7 +319,7 @@ class Responder:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             obj = "chat.completion.chunk"
         extra = {"usage": None} if with_usage_field else {}
         return self._envelope(obj, [choice], **extra)
@@ -257,6 +328,10 @@ class Responder:
         """The last chunk when ``stream_options.include_usage``: no choices, the usage."""
         obj = "text_completion" if self.kind == "completion" else "chat.completion.chunk"
         return self._envelope(obj, [], usage=usage(done.prompt_tokens, done.completion_tokens))
+
+
+def _chat_token(entry: dict[str, Any]) -> dict[str, Any]:
+    return {"token": entry["text"], "logprob": entry["logprob"], "bytes": list(entry["text"].encode("utf-8"))}
 
 
 def sse(data: dict[str, Any] | str) -> bytes:

@@ -49,6 +49,42 @@ def test_a_draining_process_is_live_and_not_ready() -> None:
     assert p.check().ready
 
 
+def test_a_long_step_keeps_the_process_ready_until_the_liveness_limit() -> None:
+    mono = FakeMonotonic()
+    p = probe(mono)
+    p.progress()
+    p.step_started()
+    mono.advance(6.7)  # past the ready window: a step slowed down by a starved CPU
+    result = p.check()
+    assert (result.live, result.ready, result.reason) == (True, True, "busy: one step has run for 6.7s")
+    mono.advance(53.4)  # 60.1 s into one step: hung
+    result = p.check()
+    assert (result.live, result.ready) == (False, False) and result.reason.startswith("one step has run for 60.1s")
+    p.step_ended()
+    p.progress()
+    assert p.check().ready
+
+
+def test_between_steps_the_ready_window_applies_again() -> None:
+    mono = FakeMonotonic()
+    p = probe(mono)
+    p.progress()
+    p.step_started()
+    mono.advance(1.0)
+    p.step_ended()  # the step ended, but the loop has not reached Redis since: stalled elsewhere
+    mono.advance(2.5)
+    assert not p.check().ready
+
+
+def test_a_draining_process_in_a_long_step_is_not_ready() -> None:
+    mono = FakeMonotonic()
+    p = probe(mono)
+    p.progress(accepting=False)
+    p.step_started()
+    mono.advance(10)
+    assert (p.check().live, p.check().ready, p.check().reason) == (True, False, "draining")
+
+
 def get(url: str) -> tuple[int, str, str]:
     try:
         with urllib.request.urlopen(url, timeout=5) as answer:

@@ -72,7 +72,10 @@ def procfile_uses() -> Iterator[Use]:
     for line in (REPO / "Procfile").read_text().splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
             name, cmd = line.split(":", 1)
-            argv = _ryzanstein_argv(shlex.split(expand(cmd)))
+            words = shlex.split(expand(cmd))
+            while words and (words[0] == "exec" or re.fullmatch(r"\w+=\S*", words[0])):
+                words = words[1:]  # `VAR=value exec ryzanstein ...`: the command is what follows
+            argv = _ryzanstein_argv(words)
             assert argv is not None, f"Procfile line {name!r} does not run ryzanstein"
             yield Use(f"Procfile:{name}", argv)
 

@@ -45,9 +45,9 @@ def _help(*words: str) -> str:
 def test_the_files_use_the_commands_that_matter() -> None:
     used = {(u.where.split(":")[0], u.argv[1]) for u in DEPLOY_USES}
     assert {("Procfile", "broker"), ("Procfile", "balancer"), ("Procfile", "worker")} <= used
-    assert {c for f, c in used if f == "docker-compose.yml"} == {"balancer", "worker", "health"}
-    assert {c for f, c in used if f.startswith("k8s/")} == {"balancer", "worker"}
-    assert {c for f, c in used if f.startswith("systemd/")} == {"balancer", "worker"}
+    assert {c for f, c in used if f == "docker-compose.yml"} == {"balancer", "worker", "gateway", "health"}
+    assert {c for f, c in used if f.startswith("k8s/")} == {"balancer", "worker", "gateway"}
+    assert {c for f, c in used if f.startswith("systemd/")} == {"balancer", "worker", "gateway"}
     assert {"worker", "balancer", "status", "up", "submit"} <= {u.command for u in DOC_USES}
 
 

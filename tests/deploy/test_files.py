@@ -55,7 +55,9 @@ def test_there_are_the_promised_files() -> None:
     names = {str(p.relative_to(DEPLOY)) for p in DEPLOY.rglob("*") if p.is_file()}
     assert {"Dockerfile", "Dockerfile.cuda", "docker-compose.yml", "k8s/kustomization.yaml", "k8s/redis.yaml",
             "k8s/balancer.yaml", "k8s/worker.yaml", "k8s/worker-gpu.yaml", "k8s/servicemonitor.yaml",
-            "systemd/ryzanstein-balancer@.service", "systemd/ryzanstein-worker@.service"} <= names
+            "k8s/gateway.yaml", "k8s/models.yaml", "monitoring/grafana-dashboard.json", "monitoring/alerts.yml",
+            "systemd/ryzanstein-balancer@.service", "systemd/ryzanstein-worker@.service",
+            "systemd/ryzanstein-gateway@.service"} <= names
 
 
 # --- Dockerfiles -----------------------------------------------------------------------------------
@@ -115,8 +117,19 @@ def test_compose_redis_persists_and_workers_scale() -> None:
     assert (DEPLOY / gpu["build"]["context"] / gpu["build"]["dockerfile"]).is_file()
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["count"] == int(gpu["command"][gpu["command"].index("--tp") + 1])
-    prometheus = services["prometheus"]["volumes"][0].split(":")[0]
-    assert (DEPLOY / prometheus).is_file()
+    for name in ("prometheus", "grafana"):
+        for volume in services[name]["volumes"]:
+            assert (DEPLOY / volume.split(":")[0]).is_file(), volume
+    # served end to end: a published gateway, a real model from the mounted directory
+    gateway = services["gateway"]
+    assert gateway["command"][:1] == ["gateway"] and gateway["command"][gateway["command"].index("--host") + 1] == "0.0.0.0"
+    (published,) = gateway["ports"]
+    assert published.endswith(":" + gateway["command"][gateway["command"].index("--port") + 1])
+    assert gateway["healthcheck"]["test"] == ["CMD", "ryzanstein", "health"]  # the whole path
+    worker = services["worker"]
+    model = worker["command"][worker["command"].index("--model") + 1]
+    assert model != "echo" and any(v.endswith(":/models:ro") for v in worker["volumes"])
+    assert services["redis"]["ports"] == ["127.0.0.1:${RYZ_REDIS_PORT:-6379}:6379"]
 
 
 # --- Kubernetes ------------------------------------------------------------------------------------
@@ -154,6 +167,17 @@ def test_references_between_objects_resolve() -> None:
                     assert secret["key"] in by_kind["Secret"][secret["name"]]["stringData"], where
             for source in container.get("envFrom", []):
                 assert source["configMapRef"]["name"] in by_kind["ConfigMap"], where
+    for where, workload in workloads.items():  # every volume claim is defined (no undefined PVC)
+        for volume in workload["spec"]["template"]["spec"].get("volumes", []):
+            claim = volume.get("persistentVolumeClaim")
+            if claim:
+                assert claim["claimName"] in by_kind["PersistentVolumeClaim"], where
+    for ingress in by_kind["Ingress"].values():
+        for rule in ingress["spec"]["rules"]:
+            for path in rule["http"]["paths"]:
+                backend = path["backend"]["service"]
+                ports = {p["name"] for p in by_kind["Service"][backend["name"]]["spec"]["ports"]}
+                assert backend["port"]["name"] in ports
     for service in by_kind["Service"].values():  # every Service selects some pods
         assert any(service["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items()
                    for w in workloads.values()), service["metadata"]["name"]
@@ -165,6 +189,11 @@ def test_ryzanstein_pods_have_meaningful_probes_and_are_scraped() -> None:
     paths = set()
     for where, workload in k8s_workloads():
         pod = workload["spec"]["template"]
+        if workload["metadata"]["name"] == "gateway":  # HTTP, no metrics endpoint: its /health is the path's
+            (container,) = containers(workload)
+            assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+            assert container["livenessProbe"]["tcpSocket"] == {"port": "http"}
+            continue
         for container in containers(workload):
             ports = {p["name"]: p["containerPort"] for p in container["ports"]}
             assert ports["metrics"] == metrics_port, where
@@ -236,3 +265,4 @@ def test_systemd_units(path: Path) -> None:
     assert "%i" in service["ExecStart"]  # the instance names the metrics port: instances never collide
     if "worker" in path.name:
         assert float(service["TimeoutStopSec"]) > DRAIN_S
+    assert service["RestartPreventExitStatus"] == "2"  # a configuration error is not restarted in a loop

@@ -16,6 +16,9 @@ FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "mistral": ("MistralConfig", "MistralForCausalLM"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
 }
 # Smallest top-1 minus top-2 logit gap, relative to the logits' standard deviation, that the
 # references must keep: fp32 rounding differences between two correct implementations are ~1e-6.
@@ -62,5 +65,6 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) ->
             tokens.append(out.sequences[0, len(prompt):].tolist())
             for scores in out.scores:
                 top = scores[0].topk(2).values
-                margins.append(float((top[0] - top[1]) / scores[0].std()))
+                finite = scores[0][scores[0].isfinite()]  # a generation config may mask tokens with -inf
+                margins.append(float((top[0] - top[1]) / finite.std()))
     return Reference(tokens, min(margins))

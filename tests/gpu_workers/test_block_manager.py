@@ -24,7 +24,7 @@ def compute(bm: BlockManager, s: Sequence, num_tokens: int | None = None) -> Non
 
 
 def check_refs(bm: BlockManager, *live: Sequence) -> None:
-    held = Counter(b for s in live for b in s.block_table)
+    held = Counter(b for s in live for b in s.block_table[s.num_released_blocks :])
     assert [blk.ref_count for blk in bm.blocks] == [held[i] for i in range(bm.num_blocks)]
     assert bm.num_free_blocks == sum(1 for blk in bm.blocks if blk.ref_count == 0)
     assert bm.num_free_blocks + bm.num_used_blocks == bm.num_blocks
@@ -248,3 +248,28 @@ def test_allocate_rejects_a_sequence_that_already_holds_blocks() -> None:
     assert bm.allocate(a, 3)
     with pytest.raises(ValueError, match="holds no blocks"):
         bm.allocate(a, 3)
+
+
+def test_release_before_gives_back_leading_blocks_once() -> None:
+    """Blocks wholly before a sliding window go back while the sequence runs: they stay listed
+    (stale) in its table, others can take them, a cached one stays findable, and ``free`` releases
+    only the rest."""
+    bm = BlockManager(6, BS)
+    a = seq("a", list(range(14)))
+    assert bm.allocate(a, 14)
+    first = list(a.block_table)
+    compute(bm, a, 9)
+    assert bm.release_before(a, 3) == 2  # only computed blocks: block 2 holds uncomputed token 9
+    assert a.block_table == first and a.num_released_blocks == 2
+    check_refs(bm, a)
+    assert bm.release_before(a, 2) == 0  # nothing twice
+    b = seq("b", list(range(6)))  # a's first block (tokens 0-3) is still cached
+    assert bm.allocate(b, 6) and b.block_table[0] == first[0] and b.num_cached_tokens == 4
+    check_refs(bm, a, b)
+    c = seq("c", [99] * 8)
+    assert bm.allocate(c, 8)  # the last fresh block, then a's second one, evicted from the cache
+    assert first[1] in c.block_table
+    check_refs(bm, a, b, c)
+    bm.free(a)
+    assert a.num_released_blocks == 0 and a.block_table == []
+    check_refs(bm, b, c)

@@ -94,3 +94,28 @@ def test_a_group_in_a_long_step_keeps_heartbeating(r: redis.Redis, redis_url: st
         group.drain()
         runner.join(30)
     assert not runner.is_alive()
+
+
+def test_a_group_in_a_long_step_stays_ready_past_dead_after_s(r: redis.Redis, redis_url: str, prefix: str) -> None:
+    # A CPU-starved or large-model step outlasting dead_after_s: the loop has not reached Redis for
+    # longer than the ready window, yet the group is working, so /readyz must say ready ("busy").
+    settings = Settings(redis_url=redis_url, prefix=prefix, worker_block_ms=1, heartbeat_interval_s=0.1,
+                        dead_after_s=0.3)
+    engine = BlockingEngine()
+    group = WorkerGroup(r, engine, settings=settings, name="slow")
+    group.register()
+    enqueue(r, group.keys, "slow", make_request(group.keys, "long", "hi"))
+    runner = threading.Thread(target=group.run, daemon=True)
+    runner.start()
+    probe = group.telemetry.probe
+    try:
+        assert engine.in_step.wait(10)
+        wait_for(lambda: probe.check().reason.startswith("busy: one step has run for"), timeout=10,
+                 what="the probe to see a step longer than the ready window")
+        assert probe.check().ready and probe.check().live
+    finally:
+        engine.release.set()
+        group.drain()
+        group.drain()
+        runner.join(30)
+    assert not runner.is_alive()

@@ -3,6 +3,7 @@ cache hits, preemption and migration; sampling, limits and aborts behave."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -74,7 +75,11 @@ def test_shared_prefixes_hit_the_prefix_cache_and_still_match(llama_dir: Path) -
     engine = engine_for(llama_dir)
     first = generate(engine, greedy_requests(prompts[:1]))
     rest = generate(engine, [EngineRequest(f"r{i}", p, GREEDY) for i, p in enumerate(prompts) if i])
-    assert engine.stats().prefix_cache_hit_rate > 0.3
+    stats = engine.stats()
+    assert stats.prefix_cache_hit_rate > 0.3
+    # the totals the metrics count: every prompt token queried, the shared prefix's full blocks hit
+    assert stats.prefix_cache_queries == sum(map(len, prompts))
+    assert stats.prefix_cache_hits == 2 * (len(prefix) // 16 * 16)
     assert [first["r0"], rest["r1"], rest["r2"]] == reference.tokens
 
 
@@ -88,6 +93,7 @@ def test_preemption_under_a_tiny_kv_cache_keeps_tokens_exact(llama_dir: Path) ->
     assert engine.stats().kv_capacity_tokens == 160
     out = generate(engine, greedy_requests(prompts))
     assert engine.scheduler.num_preemptions > 0
+    assert engine.stats().num_preemptions == engine.scheduler.num_preemptions
     assert [out[f"r{i}"] for i in range(len(prompts))] == reference.tokens
     assert engine.stats().kv_used_tokens == 0
 
@@ -96,9 +102,15 @@ def test_preemption_under_a_tiny_kv_cache_keeps_tokens_exact(llama_dir: Path) ->
     ("mistral", {}),
     ("qwen2", {"num_key_value_heads": 1}),
     ("llama", {"tie_word_embeddings": True, "head_dim": 24, "num_key_value_heads": 4}),
-])
+    ("mistral", {"sliding_window": 9}),
+    ("qwen3", {"use_sliding_window": True, "sliding_window": 10, "max_window_layers": 1, "seed": 6}),
+    ("phi3", {"sliding_window": 11}),
+    ("gemma3", {"head_dim": 16, "sliding_window": 9, "layer_types": ["sliding_attention", "full_attention"],
+                "final_logit_softcapping": 30.0}),
+], ids=["mistral", "qwen2-mqa", "llama-tied-headdim24", "mistral-window9", "qwen3-window10", "phi3-window11",
+        "gemma3-window9"])
 def test_other_families_match_transformers(tmp_path: Path, family: str, overrides: dict[str, object]) -> None:
-    model_dir = save_hf_model(tmp_path, family=family, seed=3, **overrides)
+    model_dir = save_hf_model(tmp_path, family=family, **{"seed": 3, **overrides})  # seeds with clear margins
     prompts = prompts_of([7, 33], seed=5)
     reference = hf_greedy(model_dir, prompts, 12)
     assert_clear(reference)
@@ -200,4 +212,63 @@ def test_default_kv_budget_is_measured_with_the_weights_loaded(llama_dir: Path,
     engine = engine_for(llama_dir, kv_memory=None)
     assert events == ["weights", "budget None"]
     assert engine.stats().kv_capacity_tokens > 0
+    engine.close()
+
+
+def test_sliding_window_blocks_are_given_back_while_generating(tmp_path: Path) -> None:
+    """Every Mistral layer slides over 16 tokens: a running sequence gives back the blocks before its
+    window, so three 80-token sequences run side by side in 12 blocks (they would need 15, and do
+    preempt each other when the blocks are kept), with tokens still equal to transformers'."""
+    model_dir = save_hf_model(tmp_path, family="mistral", seed=3, sliding_window=16)
+    prompts = prompts_of([40, 41, 42], seed=9)
+    sampling = SamplingParams(max_tokens=40, temperature=0.0)
+    reference = hf_greedy(model_dir, prompts, 40)
+    assert_clear(reference)
+    # 2 layers x 2 (K, V) x 2 KV heads x 16 dims x 4 bytes = 512 bytes per token
+    kv = {"kv_memory": str(12 * 16 * 512), "max_num_batched_tokens": 64, "max_num_seqs": 8}
+    engine = engine_for(model_dir, **kv)
+    assert engine.scheduler.config.sliding_window == 16
+    used: list[int] = []  # blocks in use after each step
+    step = engine.step
+
+    def recording_step() -> list:
+        outputs = step()
+        used.append(engine.blocks.num_used_blocks)
+        return outputs
+
+    engine.step = recording_step  # type: ignore[method-assign]
+    out = generate(engine, greedy_requests(prompts, sampling))
+    assert [out[f"r{i}"] for i in range(3)] == reference.tokens
+    assert engine.scheduler.num_preemptions == 0
+    assert max(used[-30:]) <= 3 * 3  # decoding: each holds its window's (at most) two blocks and the next one
+
+    kept = engine_for(model_dir, **kv)
+    kept.scheduler.config = dataclasses.replace(kept.scheduler.config, sliding_window=None)
+    out = generate(kept, greedy_requests(prompts, sampling))
+    assert [out[f"r{i}"] for i in range(3)] == reference.tokens
+    assert kept.scheduler.num_preemptions > 0
+
+
+def test_default_kv_budget_follows_the_cgroup_and_never_exceeds_what_sequences_can_use(
+        llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --kv-memory on a CPU: a quarter of what the pod's cgroup still allows, and never more
+    blocks than max_num_seqs sequences at the model's full context could fill."""
+    from gpu_workers import kv_memory
+
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    (tmp_path / "self").write_text("0::/\n")
+    (cgroup / "memory.current").write_text("0\n")
+    monkeypatch.setattr(kv_memory, "CGROUP_ROOT", cgroup)
+    monkeypatch.setattr(kv_memory, "SELF_CGROUP", tmp_path / "self")
+
+    (cgroup / "memory.max").write_text(f"{8 << 20}\n")  # an 8 MiB pod on this (much larger) host
+    engine = engine_for(llama_dir, kv_memory=None)
+    block_bytes = engine.runner.kv_cache.bytes_per_block()
+    assert engine.blocks.num_blocks == (2 << 20) // block_bytes  # 25% of 8 MiB
+    engine.close()
+
+    (cgroup / "memory.max").write_text("max\n")  # no limit: the host's memory, capped by what fits
+    engine = engine_for(llama_dir, kv_memory=None, max_num_seqs=2)
+    assert engine.blocks.num_blocks == -(-2 * engine.config.max_context // 16)
     engine.close()

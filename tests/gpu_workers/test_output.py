@@ -252,3 +252,40 @@ def test_stop_token_ids_end_the_request_like_eos() -> None:
     # EOS still ends a request that has its own stop tokens
     other = state()
     assert other.push(EOS).finish_reason == "stop"
+
+
+# --- sampling controls that change when a completion ends --------------------------------------------
+
+
+def controlled_state(**sampling: object) -> OutputState:
+    return OutputState(
+        sampling=SamplingParams(**sampling),  # type: ignore[arg-type]
+        prompt_ids=[1],
+        tokenizer=ByteTokenizer(vocab_size=257, specials=frozenset({EOS})),
+        eos_token_ids=frozenset({EOS}),
+        max_context=10_000,
+    )
+
+
+def test_ignore_eos_goes_on_through_eos_to_max_tokens() -> None:
+    out = controlled_state(max_tokens=4, ignore_eos=True)
+    results = [out.push(t) for t in (65, EOS, EOS, 66)]
+    assert [r.finish_reason for r in results] == [None, None, None, "length"]
+    assert out.text == "AB"  # EOS is a special token: no text
+    # without it, the first EOS ends the completion
+    out = controlled_state(max_tokens=4)
+    assert [out.push(t).finish_reason for t in (65, EOS)] == [None, "stop"]
+
+
+def test_stop_strings_count_only_after_min_tokens() -> None:
+    # vLLM's rule: a stop string is looked for once more than min_tokens tokens are generated
+    # (a stop string completed before that is not looked for again, as in vLLM)
+    for min_tokens, expected in ((0, "a"), (2, "ax"), (4, "axxyy")):
+        out = controlled_state(max_tokens=20, min_tokens=min_tokens, stop=("x",))
+        results = feed_text(out, "axxyyxz")
+        assert out.finish_reason == "stop" and out.text == expected and joined(results) == expected
+
+
+def test_ignore_eos_leaves_the_requests_own_stop_token_ids() -> None:
+    out = controlled_state(max_tokens=8, ignore_eos=True, stop_token_ids=(ord("!"),))
+    assert [out.push(t).finish_reason for t in (65, EOS, ord("!"))] == [None, None, "stop"]

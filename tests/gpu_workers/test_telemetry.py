@@ -43,7 +43,8 @@ def make_group(r: redis.Redis, redis_url: str, prefix: str, mono: FakeMonotonic)
 
 
 def sample(group: WorkerGroup, name: str, **labels: str) -> float | None:
-    return group.telemetry.registry.get_sample_value(name, {"group": group.name, **labels})
+    return group.telemetry.registry.get_sample_value(
+        name, {"group": group.name, "model_name": group.telemetry.model_name, **labels})
 
 
 def tick(group: WorkerGroup, *, after_ms: float = 0.0) -> None:
@@ -71,6 +72,12 @@ def test_latencies_counts_and_outcomes_follow_the_requests(
     assert sample(group, "ryz_inter_token_latency_seconds_sum") == pytest.approx(0.3)
     assert sample(group, "ryz_e2e_request_latency_seconds_count") == 3
     assert sample(group, "ryz_e2e_request_latency_seconds_sum") == pytest.approx(0.25 + 0.35 + 0.45)
+    # from admission (T0 + 250): both first tokens in that tick; b ends 100 ms later, a 200 ms later
+    assert sample(group, "ryz_request_prefill_time_seconds_count") == 2
+    assert sample(group, "ryz_request_prefill_time_seconds_sum") == pytest.approx(0.0)
+    assert sample(group, "ryz_request_decode_time_seconds_sum") == pytest.approx(0.1 + 0.2)
+    assert sample(group, "ryz_request_inference_time_seconds_count") == 2
+    assert sample(group, "ryz_request_inference_time_seconds_sum") == pytest.approx(0.1 + 0.2)
     assert sample(group, "ryz_request_success_total", finished_reason="stop") == 1
     assert sample(group, "ryz_request_success_total", finished_reason="length") == 1
     assert sample(group, "ryz_request_failure_total", code="invalid_request") == 1
@@ -97,7 +104,7 @@ def test_heartbeat_sets_load_gauges_and_readiness(
     assert sample(group, "ryz_kv_cache_usage_perc") == 0.0  # echo has no KV cache
     assert sample(group, "ryz_prefix_cache_hit_rate") is None  # nor a prefix cache: not reported
     assert group.telemetry.registry.get_sample_value(
-        "ryz_group_info", {"group": "g1", "model": "echo", "tp": "1", "kv_dtype": "none"}) == 1
+        "ryz_group_info", {"group": "g1", "model_name": "echo", "model": "echo", "tp": "1", "kv_dtype": "none"}) == 1
     assert group.telemetry.probe.check().ready
     mono.advance(group.settings.dead_after_s + 0.5)  # no heartbeat since: balancers would give it up
     assert not group.telemetry.probe.check().ready and group.telemetry.probe.check().live
@@ -172,3 +179,37 @@ def test_request_log_lines_carry_the_request_id_and_prompts_only_when_asked(
     assert all(getattr(rec, "request_id", None) == rid for rid, recs in about.items() for rec in recs)
     everything = " ".join(f"{rec.getMessage()} {vars(rec)}" for rec in caplog.records)
     assert (SECRET in everything) is log_prompts
+
+
+def test_preemption_and_prefix_cache_counters_follow_the_engine_totals() -> None:
+    from broker.registry import GroupLoad
+    from gpu_workers.engine import EngineStats
+    from gpu_workers.telemetry import GroupTelemetry
+
+    telemetry = GroupTelemetry("g1", enabled=True, now_ms=lambda: 0.0, ready_within_s=3, live_within_s=60,
+                               model_name="llama-3")
+    load = GroupLoad(name="g1", tp=1, model="/models/llama-3", kv_dtype="fp8_e4m3", kv_capacity_tokens=16,
+                     kv_used_tokens=0, running=0, waiting=0, queue_depth=0, leader_pid=1, host="h", max_context=8,
+                     vocab_size=9)
+
+    def value(name: str) -> float | None:
+        return telemetry.registry.get_sample_value(name, {"group": "g1", "model_name": "llama-3"})
+
+    telemetry.heartbeat(load, EngineStats(0, 0, num_preemptions=3, prefix_cache_queries=100, prefix_cache_hits=40),
+                        held=())
+    telemetry.heartbeat(load, EngineStats(0, 0, num_preemptions=5, prefix_cache_queries=160, prefix_cache_hits=70),
+                        held=())
+    assert (value("ryz_num_preemptions_total"), value("ryz_prefix_cache_queries_total"),
+            value("ryz_prefix_cache_hits_total")) == (5, 160, 70)
+
+
+def test_a_busy_group_logs_its_stats_line_at_info(r: redis.Redis, keys: Keys, make_group: MakeGroup,
+                                                   mono: FakeMonotonic, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gpu_workers.stats")
+    group = make_group(stats_log_interval_s=10.0, metrics=False)  # logged with or without metrics
+    enqueue(r, keys, "g1", make_request(keys, "a", "abcd", enqueued_ms=T0))
+    run_until(group.tick, lambda: bool(finals(events(r, keys.result("a")))))
+    mono.advance(10.0)
+    group.heartbeat(force=True)
+    (line,) = [rec.getMessage() for rec in caplog.records if rec.name == "gpu_workers.stats"]
+    assert line.startswith("running 0, waiting 0, queued 0; prompt 0.4 tok/s, generation 0.4 tok/s;")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gpu_workers.engine import Tokenizer
@@ -151,6 +151,9 @@ def test_real_tokenizers_deltas_after_a_prompt_are_the_text_it_adds(name: str, p
 
 @settings(max_examples=300, deadline=None)
 @given(names, texts, st.integers(min_value=0, max_value=200))
+# a cut inside a real U+FFFD (byte-fallback tokens): the window must not reopen mid-character
+@example("sentencepiece-metaspace", f"0 0 日🦀 {REPLACEMENT}<|im_end|>", 14)
+@example("sentencepiece", f"0 0 日🦀 {REPLACEMENT}<|im_end|>", 15)
 def test_real_tokenizers_resume_after_any_cut(name: str, text: str, cut: int) -> None:
     """Ids already generated elsewhere as context, the rest pushed: what a migrated request sees.
 

@@ -108,7 +108,7 @@ def test_batch_of_500_killed_mid_job_and_resumed_answers_every_line_once(
         assert cut < LINES, "the job finished before the worker was killed: nothing was interrupted"
         mid = _status(subprocess_env, job_id)
         assert mid["status"] == "started" and mid["total"] == LINES and 100 <= mid["done"] <= cut < LINES
-        assert _cli(subprocess_env, "status", job_id).startswith(f"{job_id}  started   [")
+        assert _cli(subprocess_env, "status", job_id).startswith(f"{job_id}  started   ")
 
         start_worker()
         wait_for(lambda: Job.fetch(job_id, connection=r).get_status() == JobStatus.FINISHED, timeout=45,

@@ -205,9 +205,17 @@ def test_bad_parameters_are_400_in_openai_shape(stack: Stack) -> None:
         ({"prompt": "x", "top_p": 0}, "top_p"),
         ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
         ({"prompt": "x", "n": 2}, "n"),
-        ({"prompt": "x", "logprobs": 2}, "logprobs"),
+        ({"prompt": "x", "logprobs": 30}, "logprobs"),
         ({"prompt": ["a", "b"]}, "prompt"),
         ({"prompt": "x", "stop": [""]}, "stop"),
+        ({"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+        ({"prompt": "x", "logit_bias": {"1": 101}}, "logit_bias"),
+        ({"prompt": "x", "extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
+        ({"prompt": "x", "extra_body": {"min_p": 1.5}}, "min_p"),
+        ({"prompt": "x", "max_tokens": 4, "extra_body": {"min_tokens": 5}}, "min_tokens"),
+        ({"prompt": "x", "extra_body": {"bad_words": [" "]}}, "bad_words"),
+        ({"prompt": "x", "extra_body": {"guided_json": {"type": "object"}}}, "guided_json"),
+        ({"prompt": "x", "extra_body": {"ignore_eos": True, "use_beam_search": True}}, "use_beam_search"),
     ]
     for args, param in cases:
         with pytest.raises(openai.BadRequestError) as caught:
@@ -265,7 +273,8 @@ def test_no_live_group_is_503(stack: Stack) -> None:
     assert client.models.list().data == []
     health = httpx.get(f"{_root(stack.empty_url)}/health", timeout=10)
     assert health.status_code == 503
-    assert health.json() == {"status": "unavailable", "reason": "no live worker group"}
+    assert health.json()["status"] == "unavailable"
+    assert health.json()["reason"] == "no balancer is running; no live worker group"
 
 
 def test_over_max_concurrency_is_429(stack: Stack) -> None:

@@ -65,7 +65,7 @@ def test_metrics_appear_and_move_when_requests_flow(
     assert get(group_port, "/readyz")[0] == 200 and get(group_port, "/livez")[0] == 200
 
     wait_for(lambda: value(scrape(balancer_port), "ryz_group_up", group="m1") == 1, what="balancer sees m1")
-    assert value(scrape(group_port), "ryz_request_success_total", group="m1", finished_reason="stop") == 0
+    assert value(scrape(group_port), "ryz_request_success_total", group="m1", model_name="echo", finished_reason="stop") == 0
 
     prompts = {f"m{i}": f"private words {i}" for i in range(20)}
     pipe = r.pipeline(transaction=False)
@@ -79,13 +79,13 @@ def test_metrics_appear_and_move_when_requests_flow(
     generated = sum(len(p) for p in prompts.values())  # echo: one token per prompt byte
     # the leader records a request when it produces the final event, before the client sees it
     after_g = scrape(group_port)
-    assert value(after_g, "ryz_request_success_total", group="m1", finished_reason="stop") == 20
-    assert value(after_g, "ryz_e2e_request_latency_seconds_count", group="m1") == 20
-    assert value(after_g, "ryz_time_to_first_token_seconds_count", group="m1") == 20
-    assert value(after_g, "ryz_request_queue_time_seconds_count", group="m1") == 20
-    assert value(after_g, "ryz_inter_token_latency_seconds_count", group="m1") == generated - 20
-    assert value(after_g, "ryz_generation_tokens_total", group="m1") == generated
-    assert 0 < value(after_g, "ryz_e2e_request_latency_seconds_sum", group="m1") < 20 * 30
+    assert value(after_g, "ryz_request_success_total", group="m1", model_name="echo", finished_reason="stop") == 20
+    assert value(after_g, "ryz_e2e_request_latency_seconds_count", group="m1", model_name="echo") == 20
+    assert value(after_g, "ryz_time_to_first_token_seconds_count", group="m1", model_name="echo") == 20
+    assert value(after_g, "ryz_request_queue_time_seconds_count", group="m1", model_name="echo") == 20
+    assert value(after_g, "ryz_inter_token_latency_seconds_count", group="m1", model_name="echo") == generated - 20
+    assert value(after_g, "ryz_generation_tokens_total", group="m1", model_name="echo") == generated
+    assert 0 < value(after_g, "ryz_e2e_request_latency_seconds_sum", group="m1", model_name="echo") < 20 * 30
     assert value(after_g, "process_resident_memory_bytes") > 0
 
     after_b = scrape(balancer_port)

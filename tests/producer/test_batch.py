@@ -5,6 +5,7 @@ tests/integration/test_batch.py."""
 from __future__ import annotations
 
 import argparse
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,13 @@ def test_good_lines() -> None:
     assert parse_line(7, "   \n") is None
 
 
+def test_sampling_controls_are_passed_on() -> None:
+    controls = {"presence_penalty": 0.5, "frequency_penalty": 1.0, "repetition_penalty": 1.2, "min_p": 0.1,
+                "min_tokens": 1, "ignore_eos": True, "logit_bias": {"5": -100}, "bad_words": ["x"]}
+    line = parse_line(2, json.dumps({"prompt": "hi", **controls}))
+    assert isinstance(line, LineRequest) and line.options == controls
+
+
 @pytest.mark.parametrize(("text", "reason"), [
     ("{not json", "not valid JSON"),
     ("[1, 2]", "not a JSON object"),
@@ -54,6 +62,11 @@ def test_good_lines() -> None:
     ('{"prompt": "a", "stop": [1]}', "field 'stop'"),
     ('{"prompt_ids": ["a"]}', "field 'prompt_ids'"),
     ('{"messages": [{"role": "robot", "content": "x"}]}', "field 'messages'"),
+    ('{"prompt": "a", "repetition_penalty": 0}', "field 'repetition_penalty'"),
+    ('{"prompt": "a", "logit_bias": {"1": 200}}', "field 'logit_bias'"),
+    ('{"prompt": "a", "bad_words": "no"}', "field 'bad_words'"),
+    ('{"prompt": "a", "n": 2}', "field 'n'"),
+    ('{"custom_id": "c", "body": {"prompt": "a", "guided_regex": "x+"}}', "field 'guided_regex'"),
 ])
 def test_bad_lines_say_why(text: str, reason: str) -> None:
     bad = parse_line(9, text)
@@ -231,14 +244,82 @@ def test_job_on_rq_runs_in_a_batch_worker_and_reports_progress(
     capsys.readouterr()
     args = argparse.Namespace(job_id=None, json=False, watch=None, limit=20)
     assert batch_cli._status(args, r, keys) == 0
-    assert capsys.readouterr().out.startswith(
-        f"{job.id}  finished  [{'#' * batch_cli.BAR_WIDTH}] 100%  25/25 lines, 1 errors")
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"{job.id}  finished  100%|") and "| 25/25 [" in printed and ", 1 errors" in printed
+    assert "hint:" not in printed  # nothing queued
     args.job_id, args.json = job.id, True
     assert batch_cli._status(args, r, keys) == 0
     assert json.loads(capsys.readouterr().out) == job_view(job)
 
 
-def test_progress_bar() -> None:
-    assert batch_cli.progress_bar(0, None, width=4) == "[----]    ?"
-    assert batch_cli.progress_bar(1, 4, width=4) == "[#---]  25%"
-    assert batch_cli.progress_bar(4, 4, width=4) == "[####] 100%"
+def test_progress_shows_rate_elapsed_and_time_left() -> None:
+    from datetime import datetime
+
+    view = {"id": "j1", "status": "started", "done": 450, "total": 1000, "errors": 2, "output": "out.jsonl",
+            "started_at": "2026-11-30T10:00:00", "ended_at": None}
+    line = batch_cli.render_job(view, now=datetime(2026, 11, 30, 10, 1, 30))
+    # 450 lines in 90 s: 5 lines/s, 550 left: 01:50
+    assert line == ("j1  started    45%|" + line.split("|")[1] + "| 450/1000 [01:30<01:50,  5.00 lines/s], 2 errors"
+                    "  -> out.jsonl")
+    queued = batch_cli.render_job({**view, "status": "queued", "done": 0, "total": None, "started_at": None})
+    assert queued.startswith("j1  queued    0 lines [00:00, ? lines/s]")
+    ended = batch_cli.render_job({**view, "status": "finished", "done": 1000, "ended_at": "2026-11-30T10:03:20"},
+                                 now=datetime(2026, 11, 30, 12, 0))
+    assert "1000/1000 [03:20<00:00," in ended  # elapsed stops at the end
+    aware = {**view, "started_at": "2026-11-30T10:00:00+00:00"}  # RQ 3 writes aware times
+    assert "[01:30<01:50," in batch_cli.render_job(aware, now=datetime(2026, 11, 30, 10, 1, 30))
+
+
+def test_a_queued_job_without_a_batch_worker_gets_a_hint() -> None:
+    views = [{"id": "j1", "status": "queued"}]
+    assert batch_cli.no_worker_hint(views, 0, "ryz:batch") == (
+        "hint: no batch worker is running on ryz:batch: start one with `ryzanstein batch worker`")
+    assert batch_cli.no_worker_hint(views, 1, "ryz:batch") is None
+    assert batch_cli.no_worker_hint([{"id": "j1", "status": "finished"}], 0, "ryz:batch") is None
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_watch_redraws_in_place_on_a_terminal_and_prints_changes_elsewhere() -> None:
+    terminal = _Terminal()
+    screen = batch_cli._Screen(terminal)
+    screen.show("a 10%\nb 20%")
+    screen.show("a 50%\nb 60%")
+    assert terminal.getvalue() == "a 10%\nb 20%\n\x1b[2F\x1b[Ja 50%\nb 60%\n"  # up two lines, clear, redraw
+    log = io.StringIO()
+    screen = batch_cli._Screen(log)
+    for text in ("a 10%", "a 10%", "a 50%"):
+        screen.show(text)
+    assert log.getvalue() == "a 10%\na 50%\n"
+
+
+def test_a_worker_with_jobs_2_runs_two_jobs_at_once(responder: Responder, r: redis.Redis, keys: Keys,
+                                                    tmp_path: Path, subprocess_env: dict[str, str]) -> None:
+    import subprocess
+    import sys
+
+    from tests.integration.conftest import wait_for
+
+    (tmp_path / "hang.jsonl").write_text(json.dumps({"id": "h", "prompt": "hang"}) + "\n")
+    _write_input(tmp_path / "quick.jsonl", 3)
+    hanging = submit_job(r, keys, BatchSpec(input=str(tmp_path / "hang.jsonl"), output=str(tmp_path / "h.out"),
+                                            prefix=keys.prefix), retries=0, retry_interval=[0])
+    quick = submit_job(r, keys, BatchSpec(input=str(tmp_path / "quick.jsonl"), output=str(tmp_path / "q.out"),
+                                          prefix=keys.prefix), retries=0, retry_interval=[0])
+    pool = subprocess.Popen([sys.executable, "-m", "producer.cli", "batch", "worker", "--jobs", "2", "--burst"],
+                            env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        # the quick job, queued behind one that never ends by itself, finishes: it ran beside it
+        wait_for(lambda: job_view(Job.fetch(quick.id, connection=r))["status"] == "finished", timeout=60,
+                 what="the second job to finish while the first runs")
+        assert job_view(Job.fetch(hanging.id, connection=r))["status"] == "started"
+        r.xadd(keys.cancel, {"id": request_id(hanging.id, 1)})  # let the first one end
+        assert pool.wait(60) == 0
+    finally:
+        if pool.poll() is None:
+            pool.kill()
+            pool.wait()
+    assert job_view(Job.fetch(hanging.id, connection=r))["status"] == "finished"

@@ -50,6 +50,17 @@ def test_every_option_survives_the_servers_parser(keys: Keys) -> None:
         priority=-2,
         timeout_s=1.5,
         reply_to="elsewhere",
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        repetition_penalty=1.25,
+        min_p=0.05,
+        min_tokens=2,
+        ignore_eos=True,
+        logit_bias={3: -100, "4": 1.5},
+        bad_words=["no", "not this"],
+        logprobs=True,
+        top_logprobs=4,
+        fit_max_tokens=True,
     )
 
     request = parse_request(fields, entry_id="1-0", prefix=keys.prefix, max_request_bytes=1 << 20)
@@ -63,6 +74,17 @@ def test_every_option_survives_the_servers_parser(keys: Keys) -> None:
         "seed": -9,
         "stop": ("\n", "END"),
         "stop_token_ids": (2, 0),
+        "presence_penalty": 0.5,
+        "frequency_penalty": -0.5,
+        "repetition_penalty": 1.25,
+        "min_p": 0.05,
+        "min_tokens": 2,
+        "ignore_eos": True,
+        "logit_bias": ((3, -100.0), (4, 1.5)),
+        "bad_words": ("no", "not this"),
+        "fit_max_tokens": True,
+        "logprobs": True,
+        "top_logprobs": 4,
     }
     assert request.model == "org/chat-v2"
     assert (request.stream, request.priority, request.timeout_s, request.reply_to) == (

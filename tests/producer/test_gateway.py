@@ -2,8 +2,8 @@
 (tests/producer/conftest.py), how every error code a request can end with reaches an OpenAI client.
 
 The real pipeline behind a gateway process is tested in tests/integration/test_gateway.py. The stub
-is needed here for codes the pipeline does not produce on demand: no balancer emits ``overloaded``
-yet, and ``internal`` is not written by this build.
+is needed here for codes the pipeline does not produce on demand (``overloaded`` needs every group's
+queue at its bounds, ``internal`` an engine that fails).
 """
 
 from __future__ import annotations
@@ -49,15 +49,23 @@ def test_completion_request_maps_to_ryzanstein_options() -> None:
     assert parse_completion({"model": "m", "prompt": [[5, 6]]}).prompt_ids == [5, 6]
 
 
+def test_sampling_controls_map_to_the_protocol_fields() -> None:
+    controls = {"presence_penalty": 0.5, "frequency_penalty": -1.0, "repetition_penalty": 1.3, "min_p": 0.1,
+                "min_tokens": 2, "ignore_eos": True, "logit_bias": {"7": -100.0}, "bad_words": ["no"]}
+    gen = parse_completion({"model": "m", "prompt": "hi", **controls})
+    assert gen.options == {"max_tokens": None, "temperature": None, "top_p": None, "top_k": None, "seed": None,
+                           "stop": None, "priority": None, "timeout_s": None, **controls}
+    assert parse_chat({"model": "m", "messages": [{"role": "user", "content": "x"}], **controls},
+                      default_max_tokens=9).options["logit_bias"] == {"7": -100.0}
+
+
 @pytest.mark.parametrize(("body", "param"), [
     ({"n": 2}, "n"),
     ({"best_of": 3}, "best_of"),
     ({"echo": True}, "echo"),
     ({"suffix": "s"}, "suffix"),
-    ({"logprobs": 1}, "logprobs"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
-    ({"frequency_penalty": -1}, "frequency_penalty"),
-    ({"logit_bias": {"1": 2}}, "logit_bias"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"logprobs": -1}, "logprobs"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"prompt": ["a", "b"]}, "prompt"),
     ({"prompt": {"text": "a"}}, "prompt"),
@@ -77,10 +85,12 @@ def test_chat_request() -> None:
     assert gen.messages == [{"role": "user", "content": "ab"}]
     assert gen.options["max_tokens"] == 5  # max_completion_tokens wins
     assert gen.prompt is None  # rendered later, with the served model's template
-    assert parse_chat({"model": "m", "messages": messages}, default_max_tokens=100).options["max_tokens"] == 100
+    defaulted = parse_chat({"model": "m", "messages": messages}, default_max_tokens=100).options
+    assert (defaulted["max_tokens"], defaulted.get("fit_max_tokens")) == (100, True)  # a ceiling: fits the context
+    assert "fit_max_tokens" not in gen.options  # max_tokens the client sent is kept as sent
     for body, param in [({"tools": [{"type": "function"}]}, "tools"), ({"tool_choice": "required"}, "tool_choice"),
                         ({"response_format": {"type": "json_object"}}, "response_format"),
-                        ({"logprobs": True}, "logprobs"), ({"messages": []}, "messages")]:
+                        ({"top_logprobs": 2}, "top_logprobs"), ({"messages": []}, "messages")]:
         with pytest.raises(ApiError) as caught:
             parse_chat({"model": "m", "messages": messages, **body}, default_max_tokens=1)
         assert caught.value.param == param
@@ -228,3 +238,41 @@ def test_chat_uses_the_published_template_or_fails_and_models_carry_max_model_le
     r.delete(keys.chat_template(template_digest(CHATML)))  # read once per digest: it keeps serving it
     done = client.chat.completions.create(model="chat", messages=messages, max_tokens=100)  # type: ignore[arg-type]
     assert done.choices[0].message.content.startswith("<s><|im_start|>")
+
+
+# --- never silent: known parameters this server does not honour ----------------------------------
+
+REFUSED_SAMPLES: dict[str, Any] = {  # a value of each that would change the output
+    "n": 2, "best_of": 2, "use_beam_search": True, "length_penalty": 0.5, "prompt_logprobs": 1,
+    "allowed_token_ids": [1, 2], "logits_processors": ["x"], "guided_json": {"type": "object"},
+    "guided_regex": "a+", "guided_choice": ["a", "b"], "guided_grammar": "root ::= 'a'",
+    "structured_outputs": {"json": {}}, "response_format": {"type": "json_object"},
+    "include_stop_str_in_output": True, "skip_special_tokens": False, "spaces_between_special_tokens": False,
+    "truncate_prompt_tokens": 8, "audio": {"voice": "alloy"}, "prediction": {"type": "content"},
+    "web_search_options": {}, "modalities": ["text", "audio"], "echo": True, "add_generation_prompt": False,
+    "continue_final_message": True, "chat_template": "{{ messages }}", "chat_template_kwargs": {"x": 1},
+    "documents": [{"text": "d"}], "mm_processor_kwargs": {"a": 1}, "return_tokens_as_token_ids": True,
+}
+
+
+def test_every_refused_parameter_is_a_400_naming_it() -> None:
+    from producer.gateway.schema import UNHONOURED_PARAMS
+
+    assert set(REFUSED_SAMPLES) == set(UNHONOURED_PARAMS)
+    messages = [{"role": "user", "content": "x"}]
+    for name, value in REFUSED_SAMPLES.items():
+        for parse in (lambda b: parse_completion({"model": "m", "prompt": "x", **b}),
+                      lambda b: parse_chat({"model": "m", "messages": messages, **b}, default_max_tokens=4)):
+            with pytest.raises(ApiError) as caught:
+                parse({name: value})
+            assert (caught.value.status, caught.value.param) == (400, name), name
+            assert name in caught.value.message
+
+
+def test_neutral_values_and_unknown_parameters_pass() -> None:
+    neutral = {"n": 1, "best_of": 1, "use_beam_search": False, "skip_special_tokens": True, "echo": False,
+               "add_generation_prompt": True, "modalities": ["text"], "chat_template_kwargs": {},
+               "response_format": {"type": "text"}, "guided_json": None, "some_new_thing": {"a": 1}}
+    assert parse_completion({"model": "m", "prompt": "x", **neutral}).prompt == "x"
+    assert parse_chat({"model": "m", "messages": [{"role": "user", "content": "x"}], **neutral},
+                      default_max_tokens=4).kind == "chat"

@@ -127,8 +127,9 @@ def test_json_lists_alive_and_dead_groups(
 
 
 def test_table_marks_dead_and_draining_groups(
-    registry: None, redis_url: str, prefix: str, capsys: pytest.CaptureFixture[str]
+    registry: None, redis_url: str, prefix: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # a wide terminal: every column
     code, out = run_status(redis_url, prefix, capsys)
 
     lines = out.splitlines()

@@ -45,7 +45,7 @@ def rows(text: str) -> dict[str, list[str]]:
 
 
 def test_live_dead_and_draining_groups_render_with_their_health() -> None:
-    text = render_table(snapshot(three_groups()))
+    text = render_table(snapshot(three_groups()), width=200)
 
     table = rows(text)
     assert table["g-live"][1] == "ready" and table["g-dead"][1] == "DEAD" and table["g-drain"][1] == "DRAINING"
@@ -68,7 +68,7 @@ def test_request_rates_between_two_snapshots() -> None:
     rates = request_rates(before, after)
 
     assert rates == {"g-live": 30.0, "g-dead": 0.0, "g-drain": 0.0}
-    text = render_table(after, rates=rates, title="ryzanstein status: prefix 'ryz'")
+    text = render_table(after, rates=rates, title="ryzanstein status: prefix 'ryz'", width=200)
     assert text.splitlines()[0] == "ryzanstein status: prefix 'ryz'"
     assert rows(text)["g-live"][11] == "30.0"
     assert text.splitlines()[-2].endswith("; 60.0 tok/s, 30.0 req/s")
@@ -80,7 +80,7 @@ def test_no_rate_across_a_restart_or_without_elapsed_time() -> None:
 
     assert "g-live" not in request_rates(before, restarted)
     assert request_rates(before, replace(before, taken_at_s=100.0)) == {}
-    assert rows(render_table(restarted, rates=request_rates(before, restarted)))["g-live"][11] == "-"
+    assert rows(render_table(restarted, rates=request_rates(before, restarted), width=200))["g-live"][11] == "-"
 
 
 def test_json_keeps_the_contract_fields_and_adds_rates_and_endpoints() -> None:
@@ -101,15 +101,59 @@ def test_snapshot_lists_balancers_and_what_they_hold(r: redis.Redis, keys: Keys)
     for i in range(3):
         r.xadd(keys.requests, {"id": f"q{i}", "prompt": "x"})
     r.xreadgroup(INGRESS_GROUP, "bal-1", {keys.requests: ">"}, count=2)
+    r.xreadgroup(INGRESS_GROUP, "bal-2", {keys.requests: ">"}, count=1)
+    r.xack(keys.requests, INGRESS_GROUP, r.xinfo_consumers(keys.requests, INGRESS_GROUP)[1]["name"] and
+           r.xpending_range(keys.requests, INGRESS_GROUP, "-", "+", 10, consumername="bal-2")[0]["message_id"])
+    secs, micros = r.time()
+    now_ms = secs * 1000 + micros // 1000
+    r.zadd(keys.balancers, {"bal-1": now_ms - 500, "bal-2": now_ms - 300})  # both heartbeat: alive
 
     snap = read_snapshot(r, keys, dead_after_s=3.0, now_s=7.0)
 
     assert (snap.ingress_depth, snap.ingress_pending, snap.taken_at_s) == (3, 2, 7.0)
-    assert [(b.name, b.pending) for b in snap.balancers] == [("bal-1", 2)]
-    assert 0.0 <= snap.balancers[0].idle_s < 5.0
+    assert [(b.name, b.pending) for b in snap.balancers] == [("bal-1", 2), ("bal-2", 0)]
+    assert 0.0 <= snap.balancers[0].idle_s < 5.0 and 0.3 <= snap.balancers[0].heartbeat_age_s < 5.0  # type: ignore[operator]
     text = render_table(snap)
     assert "no worker groups registered" in text
-    assert [line.split()[:2] for line in text.splitlines() if line.startswith("bal-1")] == [["bal-1", "2"]]
+    assert [line.split()[:3] for line in text.splitlines() if line.startswith("bal-")] == [
+        ["bal-1", "routing", "2"], ["bal-2", "reading", "0"]]
+
+
+def test_an_idle_balancer_says_idle_and_a_stopped_one_gone() -> None:
+    from producer.status import BalancerInfo
+
+    # Redis' idle time of a balancer whose blocking reads return nothing grows, though it reads all along
+    idle = BalancerInfo("bal-idle", pending=0, idle_s=26.6, heartbeat_age_s=0.4)
+    gone = BalancerInfo("bal-gone", pending=3, idle_s=40.0, heartbeat_age_s=None)
+    stale = BalancerInfo("bal-stale", pending=0, idle_s=40.0, heartbeat_age_s=30.0)
+    text = render_table(Snapshot(groups=[], ingress_depth=0, ingress_pending=0, balancers=[idle, gone, stale],
+                                 taken_at_s=0.0))
+    states = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.startswith("bal-")}
+    assert states == {"bal-idle": ["idle", "0", "0.4s", "ago"], "bal-gone": ["GONE", "3", "-"],
+                      "bal-stale": ["GONE", "0", "30.0s", "ago"]}
+    assert "26.6" not in text
+
+
+def test_the_table_fits_80_columns_and_uses_more_when_there_are_more() -> None:
+    long = [status_of(replace(LOAD, name="worker-0.pool-a", model="/models/Llama-3.1-8B-Instruct", served_models=["Llama-3.1-8B-Instruct"],
+                              state=state, rank_weight_bytes=[2 << 30] * 2, rank_kv_bytes=[1 << 30] * 2,
+                              kv_capacity_tokens=524288, kv_used_tokens=131072, host="a-long-node-name-17"),
+                      age_s=0.4) for state in ("ready", "draining")]
+    loading = status_of(replace(LOAD, name="worker-1.pool-a", model="/models/Llama-3.1-8B-Instruct", served_models=["Llama-3.1-8B-Instruct"],
+                                state="loading", phase="KV allocation", kv_capacity_tokens=0), age_s=0.2)
+    snap = snapshot([*long, loading])
+    narrow = render_table(snap, width=80)
+    assert max(map(len, narrow.splitlines())) <= 80, narrow
+    header = narrow.splitlines()[0].split()
+    assert header[:2] == ["GROUP", "STATE"] and {"RUN", "WAIT", "QUEUE", "KV"} <= set(header)
+    table = rows(narrow.replace("worker-", "g-"))
+    assert table["g-0.pool-a"][2] == "Llama-3.1-8B-Instruct"  # the served name, not the path
+    assert "25%" in table["g-0.pool-a"]
+    assert table["g-1.pool-a"][1] == "loading:KV"  # a loading group is listed, with its phase
+    assert "(1 draining, 1 loading)" in narrow
+    wide = render_table(snap, width=240)
+    assert "WEIGHTS+KV/RANK" in wide and "131072/524288 (25%)" in wide
+    assert max(map(len, wide.splitlines())) > 80
 
 
 def test_groups_are_shown_by_served_model_with_their_names_and_versions() -> None:
@@ -121,7 +165,7 @@ def test_groups_are_shown_by_served_model_with_their_names_and_versions() -> Non
         status_of(replace(LOAD, name="g-a0", model="/srv/models/chat-v1", served_models=["chat"], weights="w1"),
                   age_s=9.0),
     ]
-    text = render_table(snapshot(groups))
+    text = render_table(snapshot(groups), width=200)
     table = [line.split() for line in text.splitlines() if line.startswith("g-")]
     assert [(row[0], row[3]) for row in table] == [("g-a0", "chat"), ("g-b1", "chat"), ("g-a1", "random:tiny")]
     assert "/srv/models" not in text

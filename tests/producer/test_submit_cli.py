@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from broker.protocol import SamplingParams
 from producer import __main__ as producer_main
 from producer.cli import main
 from tests.producer.conftest import Responder
@@ -60,16 +61,21 @@ def test_options_reach_the_request(submit, responder: Responder) -> None:
     assert (code, out) == (0, "one two\n")
     [request] = responder.requests
     assert request.id == "cli-1"
-    assert request.sampling.model_dump() == {
-        "max_tokens": 2,
-        "temperature": 0.0,
-        "top_p": 0.9,
-        "top_k": 5,
-        "seed": 7,
-        "stop": ("X", "Y"),
-        "stop_token_ids": (9,),
-    }
+    assert request.sampling == SamplingParams(max_tokens=2, temperature=0.0, top_p=0.9, top_k=5, seed=7,
+                                              stop=("X", "Y"), stop_token_ids=(9,))
     assert (request.priority, request.timeout_s, request.stream, request.model) == (3, 30.0, False, "echo")
+
+
+def test_sampling_controls_reach_the_request(submit, responder: Responder) -> None:
+    code, _, _ = submit("one two three", "--max-tokens", "3", "--presence-penalty", "0.5", "--frequency-penalty",
+                        "-1", "--repetition-penalty", "1.3", "--min-p", "0.1", "--min-tokens", "2", "--ignore-eos",
+                        "--logit-bias", '{"7": -100, "9": 2.5}', "--bad-word", "foo", "--bad-word", "bar baz")
+    assert code == 0
+    [request] = responder.requests
+    assert request.sampling == SamplingParams(max_tokens=3, presence_penalty=0.5, frequency_penalty=-1.0,
+                                              repetition_penalty=1.3, min_p=0.1, min_tokens=2, ignore_eos=True,
+                                              logit_bias=((7, -100.0), (9, 2.5)), bad_words=("foo", "bar baz"))
+    assert submit("x", "--logit-bias", "[1]")[0] == 2
 
 
 def test_json_prints_the_done_event(submit, responder: Responder) -> None:

@@ -16,8 +16,9 @@ BASE: dict[str, Any] = {
 }
 
 # name -> (transformers class name, config overrides); together they cover GQA, MQA, tied
-# embeddings, Qwen2's q/k/v bias, Llama's attention/MLP bias, head_dim != hidden / heads and the
-# supported RoPE scalings.
+# embeddings, Qwen2's q/k/v bias, Llama's attention/MLP bias, head_dim != hidden / heads, the
+# supported RoPE scalings, sliding windows (every layer, or some), and the Qwen3, Phi-3 and Gemma 3
+# families.
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama-gqa": ("Llama", {"num_key_value_heads": 2}),
     "llama-mqa-tied": ("Llama", {"num_key_value_heads": 1, "tie_word_embeddings": True}),
@@ -32,8 +33,23 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 32,
     }}),
-    "mistral": ("Mistral", {"num_key_value_heads": 2, "sliding_window": 4096}),
+    "mistral": ("Mistral", {"num_key_value_heads": 2, "sliding_window": 7}),
     "qwen2": ("Qwen2", {"num_key_value_heads": 2}),
+    # q/k norms and biases; the second layer slides over 6 tokens
+    "qwen3-bias-sliding": ("Qwen3", {"num_key_value_heads": 2, "attention_bias": True, "use_sliding_window": True,
+                                     "sliding_window": 6, "max_window_layers": 1}),
+    # fused qkv_proj and gate_up_proj; every layer slides over 7 tokens
+    "phi3-sliding": ("Phi3", {"num_key_value_heads": 2, "sliding_window": 7, "bos_token_id": None,
+                              "eos_token_id": None, "pad_token_id": None}),
+    # a sliding layer (window 6, its own RoPE base) then a global one (linear RoPE scaling); MQA, tied
+    # embeddings, query_pre_attn_scalar != head_dim, soft-capped logits
+    "gemma3": ("Gemma3Text", {
+        "num_key_value_heads": 1, "head_dim": 16, "query_pre_attn_scalar": 24, "final_logit_softcapping": 3.0,
+        "sliding_window": 6, "layer_types": ["sliding_attention", "full_attention"], "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+        },
+    }),
 }
 
 
@@ -45,7 +61,7 @@ def build(name: str, *, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
     family, overrides = CONFIGS[name]
     config = getattr(transformers, f"{family}Config")(**{**BASE, **overrides})
     torch.manual_seed(seed)
-    model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
+    model = getattr(transformers, f"{family.removesuffix('Text')}ForCausalLM")(config).eval()
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if "norm" in pname:

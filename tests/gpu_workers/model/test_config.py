@@ -40,7 +40,8 @@ def test_transformers_configs_read_as_meant(tmp_path: Path) -> None:
     assert (c.architecture, c.qkv_bias, c.o_bias, c.mlp_bias, c.sliding_window) == ("Qwen2ForCausalLM", True, False, False, None)
 
     c = load_config(_saved(tmp_path / "d", "mistral"))
-    assert c.sliding_window == 4096 and c.max_context == 256  # the window is wider than the context
+    assert c.sliding_window == 7 and c.max_context == 256  # the window no longer caps the context
+    assert [c.layer_window(i) for i in range(2)] == [7, 7]
 
     c = load_config(_saved(tmp_path / "e", "llama-llama3"))
     assert c.rope_theta == 500000.0
@@ -50,15 +51,59 @@ def test_transformers_configs_read_as_meant(tmp_path: Path) -> None:
     assert c.rope_scaling.type == "dynamic" and c.max_context == 96  # stretched by the factor
 
 
-def test_sliding_window_caps_the_context() -> None:
+def test_sliding_windows_by_layer() -> None:
+    """Which layers slide, and over how many tokens, as each family's transformers config says."""
     mistral = parse_config(_raw(architectures=["MistralForCausalLM"], max_position_embeddings=32768))
-    assert mistral.sliding_window == 4096 and mistral.max_context == 4096  # transformers' default window
+    assert mistral.sliding_window == 4096 and mistral.max_context == 32768  # transformers' default window
+    assert mistral.layer_window(0) == mistral.layer_window(1) == 4096
     assert parse_config(_raw(architectures=["MistralForCausalLM"], sliding_window=None)).sliding_window is None
-    qwen = {"architectures": ["Qwen2ForCausalLM"], "max_position_embeddings": 32768, "sliding_window": 1024}
-    assert parse_config(_raw(**qwen)).max_context == 32768  # use_sliding_window defaults to false
-    assert parse_config(_raw(**qwen, use_sliding_window=True, max_window_layers=1)).max_context == 1024
-    # every layer below max_window_layers: full attention everywhere
-    assert parse_config(_raw(**qwen, use_sliding_window=True, max_window_layers=2)).max_context == 32768
+    for arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        qwen = {"architectures": [arch], "max_position_embeddings": 32768, "sliding_window": 1024}
+        assert parse_config(_raw(**qwen)).sliding_window is None  # use_sliding_window defaults to false
+        c = parse_config(_raw(**qwen, use_sliding_window=True, max_window_layers=1))
+        assert (c.layer_window(0), c.layer_window(1), c.max_context) == (None, 1024, 32768)
+        # every layer below max_window_layers: full attention everywhere
+        assert parse_config(_raw(**qwen, use_sliding_window=True, max_window_layers=2)).sliding_window is None
+    phi = parse_config(_raw(architectures=["Phi3ForCausalLM"], sliding_window=2047))
+    assert phi.layer_window(1) == 2047 and phi.max_context == 4096
+    gemma = parse_config(_raw(architectures=["Gemma3ForCausalLM"], num_hidden_layers=7, sliding_window=512))
+    assert [gemma.layer_window(i) for i in range(7)] == [512] * 5 + [None, 512]  # every sixth layer global
+
+
+def test_gemma3_numerics_and_rope_per_layer_type(tmp_path: Path) -> None:
+    c = load_config(_saved(tmp_path, "gemma3"))
+    assert (c.model_type, c.hidden_act, c.qk_norm, c.tie_word_embeddings) == ("gemma3_text", "gelu_pytorch_tanh", True, True)
+    assert c.attention_scale == 24**-0.5 and c.final_logit_softcapping == 3.0
+    assert (c.rope_theta, c.rope_scaling) == (10000.0, RopeScaling(type="linear", factor=2.0))
+    assert (c.sliding_rope_theta, c.sliding_rope_scaling) == (100.0, RopeScaling())
+    # the pre-transformers-5 form of the same fields (the published Gemma 3 270M config.json)
+    legacy = parse_config(_raw(architectures=["Gemma3ForCausalLM"], rope_theta=1e6, rope_local_base_freq=1e4,
+                               rope_scaling={"rope_type": "linear", "factor": 8.0}, query_pre_attn_scalar=256,
+                               head_dim=256, final_logit_softcapping=None))
+    assert (legacy.rope_theta, legacy.rope_scaling.factor, legacy.sliding_rope_theta) == (1e6, 8.0, 1e4)
+    assert legacy.sliding_rope_scaling == RopeScaling() and legacy.final_logit_softcapping is None
+
+
+def test_gemma3_multimodal_config_reads_its_sparse_text_config() -> None:
+    """Gemma 3 4B's published config.json: the text model's fields under text_config, most left to
+    Gemma3TextConfig's defaults; dtype and tied embeddings at the top."""
+    c = parse_config({"architectures": ["Gemma3ForConditionalGeneration"], "torch_dtype": "bfloat16", "text_config": {
+        "hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text", "num_attention_heads": 8,
+        "num_hidden_layers": 34, "num_key_value_heads": 4, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+        "sliding_window": 1024}, "vision_config": {"model_type": "siglip_vision_model"}})
+    assert (c.vocab_size, c.head_dim, c.attention_scale, c.torch_dtype) == (262208, 256, 256**-0.5, "bfloat16")
+    assert (c.rope_theta, c.rope_scaling, c.sliding_rope_theta) == (1e6, RopeScaling("linear", 8.0), 1e4)
+    assert c.tie_word_embeddings and c.checkpoint_prefix == "language_model." and c.max_context == 131072
+    assert [c.layer_window(i) for i in range(6)] == [1024] * 5 + [None]
+    with pytest.raises(ConfigError, match="text_config must be an object"):
+        parse_config({"architectures": ["Gemma3ForConditionalGeneration"]})
+
+
+def test_qwen3_and_phi3(tmp_path: Path) -> None:
+    q = load_config(_saved(tmp_path / "q", "qwen3-bias-sliding"))
+    assert (q.qk_norm, q.qkv_bias, q.o_bias, q.mlp_bias, q.layer_window(1)) == (True, True, True, False, 6)
+    p = load_config(_saved(tmp_path / "p", "phi3-sliding"))
+    assert (p.model_type, p.qk_norm, p.qkv_bias, p.layer_window(0)) == ("phi3", False, False, 7)
 
 
 def test_legacy_rope_scaling(tmp_path: Path) -> None:
@@ -84,6 +129,14 @@ def test_legacy_rope_scaling(tmp_path: Path) -> None:
     ({"vocab_size": "big"}, "vocab_size must be a positive integer, got 'big'"),
     ({"attention_bias": "yes"}, "attention_bias must be true or false"),
     ({"dtype": "int8"}, "dtype 'int8'"),
+    ({"architectures": ["PaliGemmaForConditionalGeneration"]}, "'PaliGemmaForConditionalGeneration'"),
+    ({"architectures": ["Gemma3ForCausalLM"], "attn_logit_softcapping": 50.0}, "attn_logit_softcapping 50.0"),
+    ({"architectures": ["Gemma3ForCausalLM"], "use_bidirectional_attention": True}, "use_bidirectional_attention"),
+    ({"architectures": ["Gemma3ForCausalLM"], "hidden_activation": "silu"}, "hidden_activation 'silu'"),
+    ({"architectures": ["Gemma3ForCausalLM"], "layer_types": ["full_attention"]}, "for each of the 2 layers"),
+    ({"architectures": ["Phi3ForCausalLM"], "rope_scaling": {"rope_type": "longrope"}}, "rope type 'longrope'"),
+    ({"architectures": ["Phi3ForCausalLM"], "partial_rotary_factor": 0.75}, "partial_rotary_factor 0.75"),
+    ({"architectures": ["MistralForCausalLM"], "sliding_window": 0}, "sliding_window must be a positive"),
 ])
 def test_refusals_name_the_offender(fields: dict[str, Any], named: str) -> None:
     with pytest.raises(ConfigError) as e:

@@ -12,6 +12,7 @@ from gpu_workers.model import layers
 from gpu_workers.model.kv_cache import KVCache
 from gpu_workers.model_runner import Chunk, ModelRunner
 from tests.gpu_workers.model.hf_models import (
+    BASE,
     CONFIGS,
     assert_close,
     build,
@@ -179,3 +180,56 @@ def test_greedy_generation_matches(tmp_path: Path) -> None:
             assert int(row.argmax()) == int(ref.argmax())
             s.append(int(row.argmax()))
         logits = runner.run([Chunk([s[-1]], len(s) - 1, t, True) for s, t in zip(seqs, tables)])
+
+
+@pytest.mark.parametrize("kv_dtype", ["bf16", "fp8_e4m3", "fp8_e5m2", "fp8_e4m3_per_tensor"])
+@pytest.mark.parametrize("name", ["gemma3", "mistral"])
+def test_sliding_windows_read_the_same_keys_in_decode_and_prefill(tmp_path: Path, name: str, kv_dtype: str) -> None:
+    """In every KV format, a sliding-window layer's decode (block tables cut to the window) and a
+    prefill chunk's read (the window's slots gathered) see the same cached keys: a token decoded
+    alone and the same token ending a two-token chunk get the same logits, along a sequence
+    five times the window. (Against transformers, these formats differ by their rounding.)"""
+    path = save(build(name), tmp_path)
+    rng = random.Random(6)
+    seq = random_tokens(rng, 31)
+    table = [9, 3, 12, 0, 5, 7, 1, 14]
+    decoded, chunked = (ModelRunner(path, num_blocks=16, block_size=4, kv_dtype=kv_dtype) for _ in "ab")
+    for runner in (decoded, chunked):
+        runner.run([Chunk(seq[:11], 0, table, False)])
+    for p in range(11, 31, 2):
+        decoded.run([Chunk([seq[p]], p, table, False)])
+        alone = decoded.run([Chunk([seq[p + 1]], p + 1, table, True)])[0]
+        in_chunk = chunked.run([Chunk(seq[p : p + 2], p, table, True)])[0]
+        assert_close(alone, in_chunk, rel=1e-5, what=f"{name} {kv_dtype} at {p + 1}")
+
+
+def test_gemma3_multimodal_checkpoint_serves_its_text_model(tmp_path: Path) -> None:
+    """A ``Gemma3ForConditionalGeneration`` checkpoint (Gemma 3 4B and up): its text model loads from
+    the ``language_model.`` tensors, the vision tower is left unread, and text logits equal
+    transformers' multimodal model's on a text-only prompt (which, unlike Gemma3ForCausalLM, does
+    not apply the text config's final_logit_softcapping: 3.0 here)."""
+    import transformers
+
+    text = transformers.Gemma3TextConfig(**{**BASE, **CONFIGS["gemma3"][1]})
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=32, patch_size=8)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=299, boi_token_index=297, eoi_token_index=298)
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for pname, p in hf.named_parameters():
+            p.uniform_(0.5, 1.5) if "norm" in pname else p.normal_(0.0, 0.1)
+    path = save(hf, tmp_path)
+    rng = random.Random(7)
+    prompt = [rng.randrange(297) for _ in range(20)]  # text only: no image, begin- or end-of-image token
+    runner = ModelRunner(path, num_blocks=16, block_size=4)
+    assert runner.config.checkpoint_prefix == "language_model." and runner.config.layer_window(0) == 6
+    assert runner.config.final_logit_softcapping is None
+    table = [4, 9, 1, 12, 7, 0]
+    logits = [runner.run([Chunk(prompt[:13], 0, table, True)])[0]]
+    logits += [runner.run([Chunk([t], 13 + i, table, True)])[0] for i, t in enumerate(prompt[13:])]
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor([prompt])).logits[0].float()
+    for i, row in enumerate(logits):
+        assert_close(row, ref[12 + i], rel=REL, what=f"multimodal gemma3 at {12 + i}")

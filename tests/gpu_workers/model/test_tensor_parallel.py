@@ -115,6 +115,28 @@ def test_qkv_shards_by_heads(kv_heads: int) -> None:
         assert all(torch.allclose(vp, f_v, atol=1e-6) for vp in v_parts)
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["kv-split", "kv-split-gqa", "kv-replicated"])
+def test_fused_checkpoint_tensors_split_like_their_parts(kv_heads: int) -> None:
+    """Phi-3's fused qkv_proj and gate_up_proj (shard id None) load into each rank exactly what
+    their q, k, v (gate, up) parts load."""
+    heads, d, hidden, inter = 4, 3, 8, 10
+    q, k, v = torch.randn(heads * d, hidden), torch.randn(kv_heads * d, hidden), torch.randn(kv_heads * d, hidden)
+    gate, up = torch.randn(inter, hidden), torch.randn(inter, hidden)
+    for tp in [TPContext(), *_ranks(2)]:
+        by_parts, fused = (QKVParallelLinear(hidden, d, heads, kv_heads, bias=False, tp=tp, dtype=F32) for _ in "ab")
+        for shard, w in zip("qkv", (q, k, v)):
+            by_parts.weight.weight_loader(by_parts.weight, w, shard)
+        fused.weight.weight_loader(fused.weight, torch.cat([q, k, v]))
+        assert torch.equal(fused.weight, by_parts.weight)
+        by_parts, fused = (MergedColumnParallelLinear(hidden, [inter, inter], bias=False, tp=tp, dtype=F32) for _ in "ab")
+        by_parts.weight.weight_loader(by_parts.weight, gate, 0)
+        by_parts.weight.weight_loader(by_parts.weight, up, 1)
+        fused.weight.weight_loader(fused.weight, torch.cat([gate, up]))
+        assert torch.equal(fused.weight, by_parts.weight)
+    with pytest.raises(ValueError, match="checkpoint shape"):
+        fused.weight.weight_loader(fused.weight, torch.cat([gate, up, up]))
+
+
 def test_row_parallel_partials_sum(collectives: _Recorder) -> None:
     w, b, x = torch.randn(6, 10), torch.randn(6), torch.randn(4, 10)
     layers = [RowParallelLinear(10, 6, bias=True, tp=tp, dtype=F32) for tp in [TPContext(), *_ranks(2)]]
@@ -216,3 +238,12 @@ def test_whole_model_ranks_match_one_rank(tmp_path: Path, monkeypatch: pytest.Mo
     path = save(build("qwen2"), tmp_path)  # 4 heads, 2 KV heads, q/k/v bias
     _single, ranks = ranks_match_one_rank(path, size, monkeypatch)
     assert ranks[0].kv_cache.num_kv_heads == max(1, 2 // size)
+
+
+@pytest.mark.parametrize("name", ["qwen3-bias-sliding", "phi3-sliding", "gemma3", "mistral"])
+def test_each_family_ranks_match_one_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Two ranks of every family (q/k norms replicated, Phi-3's fused tensors split, Gemma 3's one
+    KV head replicated), with sequences longer than their sliding windows."""
+    path = save(build(name), tmp_path)
+    single, _ranks = ranks_match_one_rank(path, 2, monkeypatch)
+    assert single.config.sliding_window is not None

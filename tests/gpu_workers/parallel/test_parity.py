@@ -2,8 +2,10 @@
 process and to transformers, logits close at every step, on configs that shard differently:
 one KV head replicated on both ranks (with tied embeddings and an odd vocabulary, so the last
 rank's vocabulary shard is padded), 3 query heads per rank sharing their one KV head (Qwen2, q/k/v
-bias), and 2 KV heads per rank with attention and MLP biases and head_dim 24. The KV cache is small enough that
-sequences are preempted and recomputed, so block tables change under the followers."""
+bias), 2 KV heads per rank with attention and MLP biases and head_dim 24, and the Qwen3 (q/k norms),
+Phi-3 (fused tensors split per rank) and Gemma 3 families with sliding windows shorter than the
+sequences. The KV cache is small enough that sequences are preempted and recomputed, so block tables
+change under the followers."""
 
 from __future__ import annotations
 
@@ -37,6 +39,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
                            "num_key_value_heads": 2},
     "llama-mha-bias-headdim24": {"family": "llama", "seed": 6, "num_key_value_heads": 4, "head_dim": 24,
                                  "attention_bias": True, "mlp_bias": True},
+    "qwen3-qk-norm-bias-window16": {"family": "qwen3", "seed": 7, "num_key_value_heads": 2, "attention_bias": True,
+                                    "use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1},
+    "phi3-fused-window20": {"family": "phi3", "seed": 7, "num_key_value_heads": 2, "sliding_window": 20},
+    "gemma3-mqa-window16": {"family": "gemma3", "seed": 8, "num_key_value_heads": 1, "head_dim": 16,
+                            "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]},
 }
 
 
@@ -108,7 +115,9 @@ def test_each_rank_holds_its_share(runs: dict[str, tuple[Path, dict[str, Any]]])
         whole = single.ranks[0].weight_bytes
         ranks = tp2["ranks"]
         assert [r["rank"] for r in ranks] == [0, 1]
-        norms = 4 * config.hidden_size * (2 * config.num_hidden_layers + 1)
+        norms_per_layer = 4 if config.model_type == "gemma3_text" else 2  # Gemma: pre and post norms
+        norms = 4 * config.hidden_size * (norms_per_layer * config.num_hidden_layers + 1)
+        norms += 4 * 2 * config.head_dim * config.num_hidden_layers * config.qk_norm  # q/k norms
         kv_dup = 0 if config.num_key_value_heads >= 2 else 2 * config.num_hidden_layers * config.head_dim * config.hidden_size * 4
         row_bias = config.num_hidden_layers * config.hidden_size * 4 * (config.o_bias + config.mlp_bias)  # whole on each rank
         padding = (-config.vocab_size % 2) * config.hidden_size * 4 * (1 if config.tie_word_embeddings else 2)
