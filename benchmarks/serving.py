@@ -120,6 +120,8 @@ def run_ryzanstein(model: str, kv_dtype: str, work: Workload) -> Timings:
     settings = Settings(prefix="bench-serving")
     with Stack(settings, model=model, groups=1, quiet=True,
                worker_args=["--kv-dtype", kv_dtype]) as stack:
+        if stack.wait_until_serving(timeout_s=600) is None:
+            raise RuntimeError("no worker group became ready within 600 s")
         return asyncio.run(_serve(stack.url, settings.prefix, work))
 
 
@@ -159,8 +161,13 @@ def engine_decode(model: str, kv_dtype: str, *, batch: int, context: int, steps:
 
 
 def _hf_model(model_dir: Path):
+    """transformers' model of ``model_dir``; for a GGUF model, transformers' own loading of the file."""
     from transformers import AutoModelForCausalLM
 
+    gguf = model_dir / "model.gguf"  # a directory resolve_model made from a GGUF file
+    if gguf.exists():
+        file = gguf.resolve()
+        return AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32).eval()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     return model.eval()
 
@@ -253,7 +260,8 @@ def run_hf_continuous(model_dir: Path, work: Workload) -> Timings:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="random:small", help="random:<preset> or a model directory")
+    parser.add_argument("--model", default="random:small", help="random:<preset>, a model directory or a .gguf file "
+                        "(transformers then loads the same file with its own GGUF loader)")
     parser.add_argument("--kv-dtype", default="fp32", help="KV cache dtype of the worker group (default fp32, "
                                                            "the same as transformers' cache)")
     parser.add_argument("--requests", type=int, default=128)

@@ -57,7 +57,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
     parser.add_argument("--model", default="echo",
-                        help="model SPEC: a Hugging Face directory, random:<preset>, or echo (default)")
+                        help="model SPEC: a Hugging Face directory, a .gguf file (llama, gemma3), random:<preset>, or echo (default)")
     parser.add_argument("--tp", type=int, default=None, metavar="K",
                         help="tensor-parallel ranks in this group: this process starts K-1 more on this host "
                              "(default 1, or WORLD_SIZE under torchrun, which starts every rank itself)")

@@ -121,8 +121,13 @@ class ChatTemplate:
 
     @classmethod
     def from_path(cls, path: str | Path) -> ChatTemplate | None:
-        """The template of a model directory, a tokenizer_config.json, or a Jinja file; None if it has none."""
+        """The template of a model directory, a GGUF file (its metadata's), a tokenizer_config.json, or a
+        Jinja file; None if it has none."""
         path = Path(path)
+        if _is_gguf(path):
+            from gpu_workers.model.loader import resolve_model  # the GGUF's metadata, as a model directory
+
+            path = resolve_model(str(path))
         if path.is_dir():
             config = _read_config(path / "tokenizer_config.json")
             jinja_file = path / "chat_template.jinja"
@@ -198,6 +203,14 @@ def normalize_messages(messages: Any) -> list[dict[str, Any]]:
             entry["name"] = message["name"]
         out.append(entry)
     return out
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 class TemplateSource:

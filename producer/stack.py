@@ -20,11 +20,15 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING
 
+import redis
+
 from broker.cli_common import add_metrics, settings_from_args, setup_logging
 from broker.connection import mask_url
 from broker.embedded import EmbeddedRedis, announce, die_with_parent, withdraw
 from broker.errors import ConfigError
 from broker.failures import EXIT_FATAL
+from broker.keys import Keys
+from broker.registry import read_groups
 from broker.settings import Settings
 from gpu_workers.cli import add_engine_args, engine_argv
 
@@ -90,6 +94,23 @@ class Stack:
             self._spawn(child)
         return self
 
+    def wait_until_serving(self, *, timeout_s: float, poll_s: float = 0.5) -> float | None:
+        """Seconds until some worker group was ready (its model loaded), or None after ``timeout_s``.
+
+        The balancer fails a request that finds no live group for ``no_group_wait_s`` (30 s), which a
+        model's load on a busy machine can exceed: callers that send right after start wait here first."""
+        began = time.monotonic()
+        r = redis.Redis.from_url(self.url)
+        try:
+            while time.monotonic() - began < timeout_s:
+                groups = read_groups(r, Keys(self.settings.prefix), dead_after_s=self.settings.dead_after_s)
+                if any(g.routable for g in groups):
+                    return time.monotonic() - began
+                time.sleep(poll_s)
+        finally:
+            r.close()
+        return None
+
     def _metrics_args(self, offset: int) -> list[str]:
         """The balancer serves metrics on the base port, group i on base + 1 + i (0: each a free port)."""
         base = self.settings.metrics_port
@@ -151,8 +172,9 @@ class Stack:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", default=None, metavar="SPEC",
-                        help="model SPEC (default: echo); repeat it to serve several models, each by "
-                             "its default served name (requests pick one with their 'model' field)")
+                        help="model SPEC: a Hugging Face directory, a .gguf file, random:<preset>, or echo "
+                             "(default); repeat it to serve several models, each by its default served name "
+                             "(requests pick one with their 'model' field)")
     parser.add_argument("--groups", type=int, default=1, help="worker groups of each model (default 1)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per group (default 1)")
     parser.add_argument("--default-model", default=None, metavar="NAME",

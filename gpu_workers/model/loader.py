@@ -1,7 +1,8 @@
-"""Finding a model (``resolve_model``) and loading its safetensors weights (``load_weights``).
+"""Finding a model (``resolve_model``) and loading its weights (``load_weights``): safetensors, or
+a GGUF file (``gguf_file``).
 
-Weights are read lazily: each parameter's ``weight_loader`` narrows a ``CheckpointTensor`` to its
-tensor-parallel shard, and only that part is read from the memory-mapped file.
+Weights are read lazily: each parameter's ``weight_loader`` narrows a ``CheckpointTensor`` (or a
+``GGUFTensor``) to its tensor-parallel shard, and only that part is read from the memory-mapped file.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from gpu_workers.startup import track
 log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
+GGUF_LINK = "model.gguf"  # gguf_file.LINK_NAME: a directory materialized from a GGUF file
 INDEX_FILE = "model.safetensors.index.json"
 # Buffers some checkpoints carry that the model recomputes.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -43,13 +45,22 @@ HUB_FILES = ("*.json", "*.safetensors", "*.jinja", "additional_chat_templates/*"
 def resolve_model(spec: str) -> Path:
     """The local directory of the model named by ``spec``.
 
-    A directory is used as it is; ``random:<preset>`` is written once into the cache (see
-    ``presets``); ``owner/name`` is fetched from the Hugging Face hub (``HUB_FILES``: config,
-    generation config, weights, and every file the tokenizer and chat template need), which needs ``huggingface_hub`` and network or a warm HF cache.
+    A directory is used as it is; a GGUF file gets a directory of its metadata in the cache (see
+    ``gguf_file.materialize_gguf``), whose weights are read from the file itself; ``random:<preset>``
+    is written once into the cache (see ``presets``); ``owner/name`` is fetched from the Hugging Face
+    hub (``HUB_FILES``: config, generation config, weights, and every file the tokenizer and chat
+    template need), which needs ``huggingface_hub`` and network or a warm HF cache.
     """
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
+    if path.is_file():
+        from gpu_workers.model.gguf_file import is_gguf, materialize_gguf
+        from gpu_workers.model.presets import default_cache_dir
+
+        if not is_gguf(path):
+            raise ConfigError(f"model {spec!r}: a file, but not a GGUF file (pass a model directory or a .gguf file)")
+        return materialize_gguf(path, cache_dir=default_cache_dir())
     if spec.startswith("random:"):
         from gpu_workers.model.presets import materialize
 
@@ -129,6 +140,10 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
     checkpoint's vision tower). Both kinds of mismatch are reported by name before anything is read.
     """
     began = time.perf_counter()
+    if (Path(model_dir) / GGUF_LINK).exists():
+        _load_gguf_weights(model, Path(model_dir))
+        log.info("loaded %s in %.1fs", (Path(model_dir) / GGUF_LINK).resolve(), time.perf_counter() - began)
+        return
     files = checkpoint_files(model_dir)
     wanted: dict[str, tuple[str, Any]] = model.checkpoint_map()  # type: ignore[operator]
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
@@ -165,6 +180,26 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
         "loaded %d tensors (%.2f GB as %s) from %s in %.1fs",
         len(wanted), size / 1e9, next(iter(params.values())).dtype, model_dir, time.perf_counter() - began,
     )
+
+
+def _load_gguf_weights(model: nn.Module, model_dir: Path) -> None:
+    """``load_weights`` for a directory materialized from a GGUF file: each rank dequantizes only
+    the rows (and block-aligned columns) of its shards."""
+    from gpu_workers.model.gguf_file import gguf_tensors, open_reader
+
+    source = (model_dir / GGUF_LINK).resolve()
+    config = json.loads((model_dir / "config.json").read_text())
+    reader = open_reader(source)
+    wanted: dict[str, tuple[str, Any]] = model.checkpoint_map()  # type: ignore[operator]
+    tensors = gguf_tensors(reader, config, list(wanted), source=source)
+    params = dict(model.named_parameters())
+    for name, (param_name, shard_id) in wanted.items():
+        param = params[param_name]
+        loader = getattr(param, "weight_loader", default_weight_loader)
+        try:
+            loader(param, tensors[name], shard_id)
+        except (ValueError, RuntimeError) as e:
+            raise ConfigError(f"{source}: tensor {name}: {e}") from None
 
 
 def _names(names: list[str], limit: int = 8) -> str:

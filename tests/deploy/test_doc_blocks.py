@@ -53,6 +53,7 @@ NOT_HERE = {
     "ryzanstein worker": "starts a worker group: the test's own stands for it",
     "ryzanstein gateway": "starts a gateway: the test's own stands for it",
     ".venv/bin/ryzanstein up": "starts a stack: the test's own stands for it",
+    ".venv/bin/python -m pip": "installs from the package index (tests reach no network)",
     "curl -s localhost:8000": "the compose stack's gateway",
 }
 # Documented outputs that show a deployment in another state than the test's (a failure example).
