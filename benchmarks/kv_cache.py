@@ -3,6 +3,7 @@
     python benchmarks/kv_cache.py                   (everything: ~15 minutes on 2 cores)
     python benchmarks/kv_cache.py --quick           (fewer steps, 64-token generations: ~2 minutes)
     python benchmarks/kv_cache.py --parts memory,accuracy
+    python benchmarks/kv_cache.py --model model.gguf --parts memory,accuracy   (a real model: ~5 minutes)
 
 Formats: fp32, bf16, fp8_e4m3 (the default: a power-of-two scale per block and KV head), fp8_e5m2,
 fp8_e4m3_per_tensor (one static scale of 1.0 per layer for K and V, vLLM's uncalibrated default)
@@ -26,7 +27,10 @@ and fp8_e4m3_per_token (a scale per token and KV head: what per-block scales wer
   scaled up for peaked next-token distributions, at transformers' default initializer_range and a
   larger one, plus variants whose K/V magnitudes resemble trained models' (small V values; outlier
   K channels), built so that their outputs equal the plain checkpoint's in exact arithmetic:
-  per-block scales do not care about magnitudes, static per-tensor scales do.
+  per-block scales do not care about magnitudes, static per-tensor scales do. With a real model
+  (--model a checkpoint directory or a GGUF file, not random:), accuracy runs on that model alone,
+  over varied text prompts (chat turns through its chat template, code, prose, a long context:
+  benchmarks/real_model.py), --gen-tokens each (128 unless given).
 
 Prints tables; writes JSON to benchmarks/results/kv_cache-<timestamp>.json.
 """
@@ -49,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 import torch
 
 from benchmarks.common import log, write_results
+from benchmarks.real_model import model_dir_of, text_prompts
 from gpu_workers.kv_memory import parse_size
 from gpu_workers.model.config import load_config
 from gpu_workers.model.kv_cache import KVCache, kv_bytes_per_block, kv_bytes_per_token
@@ -282,17 +287,23 @@ def compare(ref: torch.Tensor, got: torch.Tensor) -> dict[str, float]:
         "top1_agreement_clear": agree[clear].double().mean().item() if clear.any() else float("nan"),
         "tokens_kept_mean": first_miss.double().mean().item(),
         "tokens_kept_min": int(first_miss.min()),
+        "greedy_equal": (first_miss == gen).double().mean().item(),  # sequences whose greedy run equals fp32's
         "logit_rel_error": ((got - ref).norm(dim=-1) / ref.norm(dim=-1)).mean().item(),
     }
 
 
-def accuracy(models: list[tuple[str, Path]], *, sequences: int, prompt_len: int, gen: int) -> dict[str, object]:
+def accuracy(models: list[tuple[str, Path]], *, sequences: int, prompt_len: int, gen: int,
+             real: bool = False) -> dict[str, object]:
+    """Each format against the fp32 cache on each model: random prompts, or (``real``) text ones."""
     out: dict[str, object] = {}
     for label, model_dir in models:
         started = time.perf_counter()
         vocab = load_config(model_dir).vocab_size
         rng = random.Random(1)
-        prompts = [[rng.randrange(vocab) for _ in range(prompt_len)] for _ in range(sequences)]
+        if real:
+            prompts = [ids for _, ids in text_prompts(model_dir)]
+        else:
+            prompts = [[rng.randrange(vocab) for _ in range(prompt_len)] for _ in range(sequences)]
         ref = teacher_forced_logits(model_dir, "fp32", prompts, gen, None)
         forced = ref.argmax(dim=-1).tolist()
         log_p = torch.log_softmax(ref.double(), dim=-1)
@@ -336,7 +347,7 @@ def print_report(results: dict[str, object]) -> None:
     if "accuracy" in results:
         print(f"\nAccuracy against the fp32 cache: {results['sequences']} sequences x {results['gen_tokens']} "
               f"generated tokens, teacher-forced")
-        print(f"{'model':<22} {'format':<22} {'mean KL':>9} {'top-1':>7} {'clear':>7} {'kept':>6} {'min':>4} {'logit rel':>9}")
+        print(f"{'model':<22} {'format':<22} {'mean KL':>9} {'top-1':>7} {'clear':>7} {'kept':>6} {'min':>4} {'equal':>6} {'logit rel':>9}")
         for model, rows in results["accuracy"].items():  # type: ignore[union-attr]
             ref = rows["reference"]
             print(f"{model:<22} (fp32: entropy {ref['entropy_nats']:.2f} of {ref['uniform_entropy_nats']:.2f} nats, "
@@ -346,7 +357,7 @@ def print_report(results: dict[str, object]) -> None:
                     continue
                 print(f"{'':<22} {fmt:<22} {r['mean_kl']:>9.2e} {r['top1_agreement']:>7.2%} "
                       f"{r['top1_agreement_clear']:>7.2%} {r['tokens_kept_mean']:>6.1f} {r['tokens_kept_min']:>4} "
-                      f"{r['logit_rel_error']:>9.2e}")
+                      f"{r.get('greedy_equal', float('nan')):>6.0%} {r['logit_rel_error']:>9.2e}")
     print("\nTargets:")
     for name, ok in results["targets"].items():  # type: ignore[union-attr]
         print(f"  [{'met' if ok else 'MISSED'}] {name}")
@@ -377,7 +388,9 @@ def targets(results: dict[str, object]) -> dict[str, bool]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="random:small", help="model for memory and speed (random:<preset> or a directory)")
+    parser.add_argument("--model", default="random:small",
+                        help="model for memory and speed (random:<preset>, a checkpoint directory or a .gguf file); "
+                             "a real one is also the only accuracy model, with text prompts")
     parser.add_argument("--kv-memory", default="4GiB")
     parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence for 'sequences that fit'")
     parser.add_argument("--batch", type=int, default=64)
@@ -387,16 +400,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--sequences", type=int, default=4, help="sequences per accuracy model")
     parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--gen-tokens", type=int, default=256)
+    parser.add_argument("--gen-tokens", type=int, default=None, help="generated tokens per accuracy sequence "
+                        "(default 256 on random models, 128 on a real one)")
     parser.add_argument("--parts", default="memory,speed,accuracy")
     parser.add_argument("--quick", action="store_true", help="2 rounds of 4 steps, 64-token generations, fewer models")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    real = not args.model.startswith("random:")
     if args.quick:
-        args.steps, args.rounds, args.gen_tokens = 4, 2, 64
+        args.steps, args.rounds, args.gen_tokens = 4, 2, args.gen_tokens or 64
+    args.gen_tokens = args.gen_tokens or (128 if real else 256)
     parts = set(args.parts.split(","))
 
-    model_dir = materialize(args.model.removeprefix("random:")) if args.model.startswith("random:") else Path(args.model)
+    model_dir = model_dir_of(Path(args.model)) if real else materialize(args.model.removeprefix("random:"))
     results: dict[str, object] = {
         "benchmark": "kv_cache", "model": args.model, "kv_memory": args.kv_memory, "seq_len": args.seq_len,
         "context": list(args.context), "sequences": args.sequences, "gen_tokens": args.gen_tokens,
@@ -410,8 +426,11 @@ def main(argv: list[str] | None = None) -> int:
         results["speed"] = speed(model_dir, batch=args.batch, context=tuple(args.context), memory_batch=args.memory_batch,
                                  steps=args.steps, rounds=args.rounds)
     if "accuracy" in parts:
-        results["accuracy"] = accuracy(accuracy_models(args.quick), sequences=args.sequences,
-                                       prompt_len=args.prompt_len, gen=args.gen_tokens)
+        models = [(Path(args.model).name, model_dir)] if real else accuracy_models(args.quick)
+        results["accuracy"] = accuracy(models, sequences=args.sequences, prompt_len=args.prompt_len,
+                                       gen=args.gen_tokens, real=real)
+        if real:
+            results["sequences"] = len(text_prompts(model_dir))
     results["targets"] = targets(results)
     results["load_end"] = load_average()
     print_report(results)

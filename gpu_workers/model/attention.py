@@ -20,8 +20,13 @@ into their cache slots, then attends:
   - gathered (other dtypes, GPUs): the group's blocks are copied into [Hkv, B, L, D] (converted
     from the storage dtype), then two batched matmuls; fp8 scales multiply scores and probabilities.
 - prefill: a loop over chunks using ``scaled_dot_product_attention`` (GQA handled by the kernel),
-  with a causal mask offset by ``start``. A chunk with nothing cached attends to its fresh K/V
-  directly (with an fp8 cache that first chunk sees unquantized values, as in vLLM).
+  with a causal mask offset by ``start``. Every chunk reads its whole context, its own new tokens
+  included, back from the cache, exactly as decode reads it (fp8 codes dequantized, bf16 rounded):
+  a token's K/V look the same to every later query whichever step wrote them, so a request's
+  logits do not depend on what was cached before it or on how its prompt was chunked. (vLLM lets
+  a first chunk attend to its unquantized K/V; that made a warm prefix cache change answers.)
+  Only where the cache stores the compute dtype itself does a first chunk use its fresh K/V: they
+  are the very values a read would return.
 
 Sliding-window layers (``sliding_window`` W: a query at position p sees keys p - W < k <= p, as
 transformers' ``sliding_window_overlay``) read the step's view for their window
@@ -49,7 +54,7 @@ class PrefillChunk:
     length: int  # tokens computed now
     start: int  # tokens of this sequence already cached (prefix-cache hits, earlier chunks)
     # [S] cache slots of the keys it attends to (its context, or the part in its window); None: it
-    # attends only to its own fresh K/V (nothing cached before it)
+    # attends only to its own new tokens (nothing cached before it), read back from their slots
     kv_slots: torch.Tensor | None
     # [length, S] bool (or [length, length] when kv_slots is None), True where a key is visible;
     # None: plain causal attention over its own tokens
@@ -116,7 +121,7 @@ class PagedAttention(nn.Module):
             out[:nd] = self._decode(q[:nd], batch, cache).view(nd, self.num_heads, self.head_dim)
         for p in batch.prefills:
             span = slice(p.first, p.first + p.length)
-            out[span] = self._prefill(q[span], k[span], v[span], p, cache)
+            out[span] = self._prefill(q[span], k[span], v[span], batch.slot_mapping[span], p, cache)
         return out.view(q.shape[0], -1)
 
     def _decode(self, q: torch.Tensor, batch: AttentionBatch, cache: KVCache) -> torch.Tensor:
@@ -154,12 +159,14 @@ class PagedAttention(nn.Module):
         return out.permute(1, 0, 2, 3).reshape(b, heads * d)
 
     def _prefill(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: PrefillChunk, cache: KVCache
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, own_slots: torch.Tensor, p: PrefillChunk,
+        cache: KVCache,
     ) -> torch.Tensor:
-        if p.kv_slots is None:
+        """[n, H, D] for a chunk's queries ``q`` [n, H, D]; its new K/V ``k``, ``v`` [n, Hkv, D] lie at ``own_slots`` [n]."""
+        if p.kv_slots is None and cache.stores_compute_dtype:
             keys, values = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, n, D]
-        else:
-            keys, values = cache.gather(self.layer, p.kv_slots)  # [Hkv, S, D]
+        else:  # read back as stored, as decode reads them
+            keys, values = cache.gather(self.layer, own_slots if p.kv_slots is None else p.kv_slots)  # [Hkv, S, D]
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None],  # [1, H, n, D]
             keys[None],

@@ -230,6 +230,12 @@ class KVCache:
     # --- reads ----------------------------------------------------------------------------------
 
     @property
+    def stores_compute_dtype(self) -> bool:
+        """Whether the cache holds K/V exactly as computed (values in the compute dtype): reading a
+        token back returns the very tensor written."""
+        return self.values.dtype == self.dtype
+
+    @property
     def reads_in_place(self) -> bool:
         """Whether decode attention can read K/V where they lie (``in_place``), with no gather:
         fp32 values on a CPU, where sparse kernels index the pool directly."""
