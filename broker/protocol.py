@@ -252,17 +252,24 @@ def _model(value: Any) -> str:
     return name
 
 
-def _stop(value: Any) -> tuple[str, ...]:
-    items = _json_list("stop", value)
-    if len(items) > MAX_STOP_STRINGS:
-        raise InvalidRequest(f"field 'stop': at most {MAX_STOP_STRINGS} stop strings, got {len(items)}")
+def _strings(field: str, value: Any, *, limit: int, noun: str, blank_ok: bool) -> tuple[str, ...]:
+    """A JSON array (or list) of at most ``limit`` non-empty strings; ``blank_ok=False`` refuses
+    whitespace-only ones too. Raises InvalidRequest naming ``field``."""
+    items = _json_list(field, value)
+    if len(items) > limit:
+        raise InvalidRequest(f"field {field!r}: at most {limit} {noun}, got {len(items)}")
     out = []
     for item in items:
-        text = _text("stop", item) if isinstance(item, (str, bytes)) else None
-        if not text:
-            raise InvalidRequest(f"field 'stop': every item must be a non-empty string, got {item!r:.40}")
+        text = _text(field, item) if isinstance(item, (str, bytes)) else None
+        if not text or not (blank_ok or text.strip()):
+            kind = "non-empty" if blank_ok else "non-blank"
+            raise InvalidRequest(f"field {field!r}: every item must be a {kind} string, got {item!r:.40}")
         out.append(text)
     return tuple(out)
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    return _strings("stop", value, limit=MAX_STOP_STRINGS, noun="stop strings", blank_ok=True)
 
 
 def _fields_size(fields: dict[Any, Any]) -> int:
@@ -456,16 +463,7 @@ def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
 
 
 def _bad_words(value: Any) -> tuple[str, ...]:
-    items = _json_list("bad_words", value)
-    if len(items) > MAX_BAD_WORDS:
-        raise InvalidRequest(f"field 'bad_words': at most {MAX_BAD_WORDS} words, got {len(items)}")
-    out = []
-    for item in items:
-        text = _text("bad_words", item) if isinstance(item, (str, bytes)) else None
-        if not text or not text.strip():
-            raise InvalidRequest(f"field 'bad_words': every item must be a non-blank string, got {item!r:.40}")
-        out.append(text)
-    return tuple(out)
+    return _strings("bad_words", value, limit=MAX_BAD_WORDS, noun="words", blank_ok=False)
 
 
 def entry_ms(entry_id: str | bytes) -> int:
