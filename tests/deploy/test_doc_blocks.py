@@ -54,7 +54,7 @@ NOT_HERE = {
     "ryzanstein gateway": "starts a gateway: the test's own stands for it",
     ".venv/bin/ryzanstein up": "starts a stack: the test's own stands for it",
     ".venv/bin/python -m pip": "installs from the package index (tests reach no network)",
-    ".venv/bin/python benchmarks/": "runs a benchmark (minutes), on a model file of the reader's",
+    ".venv/bin/python benchmarks": "runs a benchmark (minutes), on a model file of the reader's",
     "curl -s localhost:8000": "the compose stack's gateway",
 }
 # Documented outputs that show a deployment in another state than the test's (a failure example).
