@@ -265,6 +265,9 @@ class Balancer(IngressReader, PoisonHandling):
             request = parse_request(fields, entry_id=eid, prefix=self.settings.prefix,
                                     max_request_bytes=self.settings.max_request_bytes,
                                     default_max_tokens=self.settings.default_max_tokens)
+            # What cannot be serialized cannot be queued: found here, it ends this entry alone
+            # (the guard around _admit), rather than failing every later dispatch pipeline.
+            request.to_wire()
         except InvalidRequest as exc:
             rid, reply = best_effort_reply_to(fields, entry_id=eid, prefix=self.settings.prefix)
             final = Final(entry_id, rid, reply, error_event(rid, exc.code, str(exc)))

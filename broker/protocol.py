@@ -165,6 +165,12 @@ def _text(name: str, value: Any) -> str:
         except UnicodeDecodeError as exc:
             raise InvalidRequest(f"field '{name}': not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     if isinstance(value, str):
+        if not value.isascii():
+            try:  # JSON escapes can spell lone surrogates ("\ud800"), which no UTF-8 writer accepts
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InvalidRequest(f"field '{name}': not encodable as UTF-8 ({exc.reason} at "
+                                     f"character {exc.start})") from None
         return value
     raise InvalidRequest(f"field '{name}': expected text, got {type(value).__name__}")
 

@@ -194,6 +194,50 @@ def test_an_exception_while_validating_one_entry_ends_that_entry_only(
     assert one_final(r, keys.result("b"))["code"] == "internal"
 
 
+@pytest.mark.parametrize("field", ["stop", "bad_words"])
+def test_a_string_no_utf8_writer_accepts_ends_that_request_only(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, field: str) -> None:
+    """A JSON escape spelling a lone surrogate (valid JSON, no UTF-8 string): refused by name at
+    validation; it once failed every dispatch pipeline, so nothing after it was served, for good."""
+    balancer = make_balancer()
+    fake_group(r, keys, "g1")
+    submit(r, keys, id="a", prompt="fine")
+    submit(r, keys, id="b", prompt="hi", **{field: '["\\ud800"]'})
+    submit(r, keys, id="c", prompt="fine too")
+    balancer.tick()
+    assert settled(balancer, r, keys)
+    assert sorted(req.id for req, _ in queued(r, keys, "g1")) == ["a", "c"]
+    final = one_final(r, keys.result("b"))
+    assert final["code"] == "invalid_request" and f"'{field}'" in final["message"]
+    submit(r, keys, id="d", prompt="after it")
+    balancer.tick()
+    assert sorted(req.id for req, _ in queued(r, keys, "g1")) == ["a", "c", "d"]
+
+
+def test_a_request_that_cannot_be_serialized_ends_that_request_only(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kind: whatever makes one request's queue entry unwritable ends that request at admission."""
+    from broker.protocol import GenerationRequest
+
+    to_wire = GenerationRequest.to_wire
+
+    def fragile(self: GenerationRequest) -> bytes:
+        if self.id == "b":
+            raise TypeError("cannot serialize")
+        return to_wire(self)
+
+    monkeypatch.setattr(GenerationRequest, "to_wire", fragile)
+    balancer = make_balancer()
+    fake_group(r, keys, "g1")
+    for rid in "abc":
+        submit(r, keys, id=rid, prompt="fine")
+    balancer.tick()
+    assert settled(balancer, r, keys)
+    assert sorted(req.id for req, _ in queued(r, keys, "g1")) == ["a", "c"]
+    final = one_final(r, keys.result("b"))
+    assert final["code"] == "internal" and "TypeError" in final["message"]
+
+
 def test_case_2_end_to_end_with_a_real_group(
         r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, make_settings: Callable[..., Settings],
         mono: FakeMonotonic) -> None:
