@@ -86,6 +86,12 @@ def test_tenants_are_kept_apart(as_user: Callable[[str], str], prefix: str, keys
                     lambda: bob.hgetall(keys.state(kept.reply_to, kept.id))):
         with pytest.raises(redis.exceptions.NoPermissionError):
             attempt()
+    # bob may only XADD to the shared streams (a selector): not trim or delete others' requests there
+    for attempt in (lambda: bob.xtrim(keys.requests, maxlen=0), lambda: bob.delete(keys.requests),
+                    lambda: bob.xtrim(keys.cancel, maxlen=0), lambda: bob.delete(keys.cancel),
+                    lambda: bob.xdel(keys.requests, "0-1"), lambda: bob.xadd(kept.reply_to + "x", {"a": "b"})):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            attempt()
     # ... and knowing alice's ids is not enough to cancel her requests
     bob.xadd(keys.cancel, {"id": kept.id})
     bob_client.cancel(kept.id)  # with bob's (wrong) token, were any remembered
