@@ -492,18 +492,31 @@ def best_effort_reply_to(fields: dict[Any, Any], *, entry_id: str, prefix: str) 
         except InvalidRequest:
             raw = {}
     request_id = entry_id
-    value = raw.get("id")
-    if isinstance(value, (bytes, str)):
-        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-        if 0 < len(text.encode()) <= MAX_KEY_BYTES:
-            request_id = text
+    text = _key_text(raw.get("id"))
+    if text is not None:
+        request_id = text
     reply_to = f"{prefix}:result:{request_id}"
-    value = raw.get("reply_to")
-    if isinstance(value, (bytes, str)):
-        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-        if 0 < len(text.encode()) <= MAX_KEY_BYTES and Keys(prefix).reply_to_problem(text, request_id) is None:
-            reply_to = text
+    text = _key_text(raw.get("reply_to"))
+    if text is not None and Keys(prefix).reply_to_problem(text, request_id) is None:
+        reply_to = text
     return request_id, reply_to
+
+
+def _key_text(value: Any) -> str | None:
+    """``value`` as text usable in a key name, or None: bytes that are not UTF-8 are not decoded with
+    replacement characters, which would let different ids (or streams) meet under one key."""
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    if not isinstance(value, str):
+        return None
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate (from a JSON escape)
+        return None
+    return value if 0 < size <= MAX_KEY_BYTES else None
 
 
 def limit_problem(prompt_ids: list[int] | tuple[int, ...], max_tokens: int, *, vocab_size: int,

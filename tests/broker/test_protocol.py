@@ -666,6 +666,10 @@ def test_best_effort_keeps_an_id_that_fails_the_pattern() -> None:
         {b"id": b"x" * (MAX_KEY_BYTES + 1)},
         {b"payload": b"\xc1"},
         {b"payload": msgpack.packb([1])},
+        # not UTF-8: decoded with replacement characters, b"\xff" and b"\xfe" met under one key
+        {b"id": b"\xff"},
+        {b"id": b"\xfe"},
+        {b"payload": msgpack.packb({"id": b"\xff", "prompt": "hi"}, use_bin_type=True)},
     ],
 )
 def test_best_effort_falls_back_to_the_entry_id(fields: dict[bytes, bytes]) -> None:
@@ -673,7 +677,8 @@ def test_best_effort_falls_back_to_the_entry_id(fields: dict[bytes, bytes]) -> N
 
 
 @pytest.mark.parametrize(
-    "reply_to", [b"", f"{PREFIX}:requests".encode(), f"{PREFIX}:cancel".encode(), b"x" * (MAX_KEY_BYTES + 1)]
+    "reply_to", [b"", f"{PREFIX}:requests".encode(), f"{PREFIX}:cancel".encode(), b"x" * (MAX_KEY_BYTES + 1),
+                 b"\xfe\x00", b"\xff\x00"]
 )
 def test_best_effort_never_replies_to_an_unusable_key(reply_to: bytes) -> None:
     assert best_effort_reply_to({b"id": b"abc", b"reply_to": reply_to}, entry_id=ENTRY, prefix=PREFIX) == (
