@@ -70,6 +70,26 @@ class PoisonHandling:
         self._give_up(w.entry_id, w.request.id, w.request.reply_to, problem,
                       reply_to_failed=reply_to_failed and not is_transient(problem))
 
+    def _hold_for_refused(self, refused: list[Final]) -> list[Final]:
+        """Entries that failed validation hold their ids too (a later request with the id gets
+        ``duplicate_id``, not silence). One whose id another request holds on the same reply stream
+        goes to ``{p}:dead`` instead: its error there would be taken for that request's answer, and
+        would end that request's state."""
+        if not refused:
+            return refused
+        holders = hold_ids(self.scripts.wire, self.keys, [(f.entry_id, f.request_id, f.reply_to) for f in refused],
+                           ttl_ms=self.settings.result_ttl_s * 1000)
+        kept: list[Final] = []
+        for f, holder in zip(refused, holders):
+            if holder is None or holder.entry_id == f.entry_id.decode() or holder.reply_to != f.reply_to:
+                kept.append(f)
+                continue
+            self.counts["duplicate_id"] += 1
+            self._give_up(f.entry_id, None, f.reply_to, (
+                f"request id {f.request_id!r} is in use by ingress entry {holder.entry_id} on the same reply stream, "
+                f"and this entry is invalid: {f.fields.get('message', '')}"))
+        return kept
+
     def _refuse_duplicates(self, admitted: list[Waiting]) -> list[Final]:
         """Hold the ids of new requests; the final events of those whose id is in use (request_ids)."""
         new = [w for w in admitted if not w.moved]

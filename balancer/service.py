@@ -244,7 +244,7 @@ class Balancer(IngressReader, PoisonHandling):
                 finals.append(final)
             elif entry_id in self.waiting:
                 admitted.append(self.waiting[entry_id])
-        finals += self._refuse_duplicates(admitted)
+        finals = self._hold_for_refused(finals) + self._refuse_duplicates(admitted)
         for _round in range(DISPATCH_ROUNDS):
             assignments, more = self._route(now_ms)
             finals += more

@@ -261,6 +261,39 @@ def test_case_2_end_to_end_with_a_real_group(
     assert r.type(keys.state(keys.result("victim7"), "victim7")) == b"hash"
 
 
+@pytest.mark.parametrize("invalid", [{"temperature": "-1"}, {"n": "2"}, {"max_tokens": "0"}])
+def test_an_invalid_entry_with_a_waiting_requests_id_never_answers_it(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, invalid: dict[str, str]) -> None:
+    """An invalid entry reusing the id of a request that waits (here: for a group) on the same
+    stream: its error would be that request's answer and end its state, so it goes to {p}:dead."""
+    balancer = make_balancer()
+    submit(r, keys, id="v4", prompt="hello")
+    balancer.tick()  # no group yet: v4 waits
+    submit(r, keys, id="v4", prompt="hi", **invalid)
+    balancer.tick()
+    assert events(r, keys.result("v4")) == []
+    [record] = dead(r, keys)
+    assert "in use" in record["reason"] and record["reply_to"] == keys.result("v4")
+    fake_group(r, keys, "g1")
+    balancer.refresh_groups()
+    balancer.tick()
+    assert [(req.id, req.prompt) for req, _ in queued(r, keys, "g1")] == [("v4", "hello")]
+    assert settled(balancer, r, keys)
+
+
+def test_an_invalid_entry_holds_its_id(r: redis.Redis, keys: Keys, make_balancer: MakeBalancer) -> None:
+    """Refused first, the id is still taken: a later request with it on another stream is told."""
+    balancer = make_balancer()
+    fake_group(r, keys, "g1")
+    submit(r, keys, id="v6", prompt="hi", temperature="-1")
+    balancer.tick()
+    assert one_final(r, keys.result("v6"))["code"] == "invalid_request"
+    submit(r, keys, id="v6", prompt="mine", reply_to="inbox:v6")
+    balancer.tick()
+    assert one_final(r, "inbox:v6")["code"] == "duplicate_id"
+    assert queued(r, keys, "g1") == [] and settled(balancer, r, keys)
+
+
 # --- bounded retries -------------------------------------------------------------------------------------
 
 
