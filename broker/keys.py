@@ -187,6 +187,9 @@ class Keys:
             return "must not be one of ryzanstein's own keys"
         if hash_tag(key) is not None and _COMPANION.search(key):
             return "must not be the state of a request"
+        if len(key) > 2 and key[0] == "{" and key[-1] == "}" and hash_tag(key) == key[1:-1]:
+            # companion("{K}", s) == companion("K", s): it would share the state keys of stream K
+            return f"must not be a hash tag alone ({key!r} shares its state keys with {key[1:-1]!r})"
         results = f"{self.prefix}:result:"
         if key.startswith(results) and key != self.result(request_id):
             return f"must not be another request's result stream (only {self.result(request_id)!r} under {results!r})"

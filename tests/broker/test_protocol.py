@@ -779,6 +779,8 @@ def _pipeline_keys() -> list[str]:
         *k.progress("app:replies", "victim"), *k.progress("{app}:replies", "victim"),
         *k.progress("replies}1", "victim"), *k.progress(k.client_replies("c1"), "victim"),
         k.result("victim"), k.result("abc-not"), "rq:queue:" + k.batch_queue, "rq:job:1",
+        # a hash tag alone shares the state keys of the key inside it (companion("{K}") == companion("K"))
+        "{" + k.result("victim") + "}", "{" + k.result("abc") + "}", "{app:replies}",
     ]
 
 
