@@ -20,6 +20,7 @@ from broker.keys import Keys
 from broker.refused import unhonoured_field
 
 ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+ENTRY_ID_RE = re.compile(r"[0-9]+-[0-9]+")  # a stream entry id, as XADD * makes them
 # A served model name: a directory's last component, a hub id ("org/name"), an alias; no spaces.
 MODEL_NAME_RE = re.compile(r"[A-Za-z0-9_.:/@+=-]{1,256}")
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -173,6 +174,15 @@ def _text(name: str, value: Any) -> str:
                                      f"character {exc.start})") from None
         return value
     raise InvalidRequest(f"field '{name}': expected text, got {type(value).__name__}")
+
+
+def _future_entry_id(request_id: str, entry_id: str) -> bool:
+    """Whether ``request_id`` reads as a stream entry id at or after ``entry_id`` (the request's own)."""
+    if not ENTRY_ID_RE.fullmatch(request_id) or not ENTRY_ID_RE.fullmatch(entry_id):
+        return False
+    ms, seq = request_id.split("-")
+    own_ms, own_seq = entry_id.split("-")
+    return (int(ms), int(seq)) >= (int(own_ms), int(own_seq)) and request_id != entry_id
 
 
 def _show(text: str) -> str:
@@ -346,6 +356,10 @@ def _parse(
         raise InvalidRequest(f"field '{name}': not supported by this server (leave it unset)")
     if not ID_RE.fullmatch(request_id):
         raise InvalidRequest(f"field 'id': must be 1-128 characters of [A-Za-z0-9_.:-], got {_show(request_id)}")
+    if raw.get("_takeover") is None and _future_entry_id(request_id, entry_id):
+        # a later request sent without an id gets that entry id as its id: taken now, it would be squatted
+        raise InvalidRequest(f"field 'id': {_show(request_id)} has the shape of a stream entry id after this "
+                             "request's own; such ids are the ids of later requests sent without 'id'")
 
     has_prompt, has_ids = raw.get("prompt") is not None, raw.get("prompt_ids") is not None
     if has_prompt == has_ids:
@@ -493,8 +507,8 @@ def best_effort_reply_to(fields: dict[Any, Any], *, entry_id: str, prefix: str) 
             raw = {}
     request_id = entry_id
     text = _key_text(raw.get("id"))
-    if text is not None:
-        request_id = text
+    if text is not None and (raw.get("_takeover") is not None or not _future_entry_id(text, entry_id)):
+        request_id = text  # (a later entry's id is not this request's to answer under)
     reply_to = f"{prefix}:result:{request_id}"
     text = _key_text(raw.get("reply_to"))
     if text is not None and Keys(prefix).reply_to_problem(text, request_id) is None:

@@ -294,6 +294,23 @@ def test_an_invalid_entry_holds_its_id(r: redis.Redis, keys: Keys, make_balancer
     assert queued(r, keys, "g1") == [] and settled(balancer, r, keys)
 
 
+def test_a_request_sent_without_an_id_cannot_be_squatted(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer) -> None:
+    """Without 'id', the entry id is the request id: an attacker sending the id a later entry will
+    get must neither answer that request nor end it (it was acked as a 'retry' of the attacker's)."""
+    balancer = make_balancer()
+    fake_group(r, keys, "g1")
+    squatted = "9000000000000-0"
+    attacker = r.xadd(keys.requests, {"id": squatted, "prompt": "PWNED"}, id="8000000000000-0").decode()
+    balancer.tick()
+    assert one_final(r, keys.result(attacker))["code"] == "invalid_request"
+    r.xadd(keys.requests, {"prompt": "victim's question"}, id=squatted)
+    balancer.tick()
+    assert events(r, keys.result(squatted)) == []  # no answer but its own: it is queued, not refused
+    assert [(req.id, req.prompt) for req, _ in queued(r, keys, "g1")] == [(squatted, "victim's question")]
+    assert settled(balancer, r, keys)
+
+
 # --- bounded retries -------------------------------------------------------------------------------------
 
 

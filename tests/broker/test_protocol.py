@@ -137,6 +137,15 @@ def test_good_ids(value: str) -> None:
     assert req.reply_to == f"{PREFIX}:result:{value}"
 
 
+@pytest.mark.parametrize("value", ["1700000000000-6", "1700000000001-0", "99999999999999-0"])
+def test_an_id_shaped_like_a_later_entry_id_is_refused_and_answered_under_the_entry_id(value: str) -> None:
+    """Such an id is a later request's sent without 'id' (its entry id): squatting it would hand that
+    request this one's answer. Its own error goes to its entry id's stream, not the squatted one."""
+    rejected({"id": value, "prompt": "x"}, "id")
+    assert best_effort_reply_to(wire({"id": value, "prompt": "x"}), entry_id=ENTRY, prefix=PREFIX) == (
+        ENTRY, f"{PREFIX}:result:{ENTRY}")
+
+
 @pytest.mark.parametrize("value", ["", "A" * 129, "a b", "a/b", "a{b}", "é", "a\n", "\na", "a*", "req#1"])
 def test_bad_ids(value: str) -> None:
     rejected({"id": value, "prompt": "x"}, "id")
