@@ -102,7 +102,7 @@ class IngressReader:
         for _stream, items in cancels or []:
             for entry_id, fields in items:
                 self._cancel_cursor = entry_id
-                self._cancelled.add(fields, now_ms)
+                self._cancelled.add(fields, now_ms, entry_id=entry_id)
         if block is None:
             entries = ingress_entries(fresh)
         else:

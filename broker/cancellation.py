@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from broker.protocol import is_later_entry_id
+
 HORIZON_MS = 600_000  # cancels are remembered for 10 minutes
 MAX_TOKENS_PER_ID = 32  # tokens kept per request id (a flood of wrong ones cannot grow it further)
 
@@ -30,10 +32,16 @@ class Cancellations:
         self._seen: dict[str, tuple[float, set[str | None]]] = {}
         self._next_prune = 0.0
 
-    def add(self, fields: dict[Any, Any], now_ms: float) -> tuple[str, str | None] | None:
-        """Take in one cancel entry's fields; its (request id, token), or None when it names no id."""
+    def add(self, fields: dict[Any, Any], now_ms: float, *, entry_id: bytes | str | None = None
+            ) -> tuple[str, str | None] | None:
+        """Take in one cancel entry's fields; its (request id, token), or None when it names no id,
+        or names a stream entry id later than the cancel's own ``entry_id`` (the id a later request
+        sent without 'id' will get: remembered, it would cancel that request before it is sent)."""
         rid = _text(fields.get(b"id", fields.get("id")))
         if not rid:
+            return None
+        own = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        if own is not None and is_later_entry_id(rid, own):
             return None
         token = _text(fields.get(b"token", fields.get("token"))) or None
         _when, tokens = self._seen.get(rid, (now_ms, set()))

@@ -176,7 +176,7 @@ def _text(name: str, value: Any) -> str:
     raise InvalidRequest(f"field '{name}': expected text, got {type(value).__name__}")
 
 
-def _future_entry_id(request_id: str, entry_id: str) -> bool:
+def is_later_entry_id(request_id: str, entry_id: str) -> bool:
     """Whether ``request_id`` reads as a stream entry id at or after ``entry_id`` (the request's own)."""
     if not ENTRY_ID_RE.fullmatch(request_id) or not ENTRY_ID_RE.fullmatch(entry_id):
         return False
@@ -356,7 +356,7 @@ def _parse(
         raise InvalidRequest(f"field '{name}': not supported by this server (leave it unset)")
     if not ID_RE.fullmatch(request_id):
         raise InvalidRequest(f"field 'id': must be 1-128 characters of [A-Za-z0-9_.:-], got {_show(request_id)}")
-    if raw.get("_takeover") is None and _future_entry_id(request_id, entry_id):
+    if raw.get("_takeover") is None and is_later_entry_id(request_id, entry_id):
         # a later request sent without an id gets that entry id as its id: taken now, it would be squatted
         raise InvalidRequest(f"field 'id': {_show(request_id)} has the shape of a stream entry id after this "
                              "request's own; such ids are the ids of later requests sent without 'id'")
@@ -507,7 +507,7 @@ def best_effort_reply_to(fields: dict[Any, Any], *, entry_id: str, prefix: str) 
             raw = {}
     request_id = entry_id
     text = _key_text(raw.get("id"))
-    if text is not None and (raw.get("_takeover") is not None or not _future_entry_id(text, entry_id)):
+    if text is not None and (raw.get("_takeover") is not None or not is_later_entry_id(text, entry_id)):
         request_id = text  # (a later entry's id is not this request's to answer under)
     reply_to = f"{prefix}:result:{request_id}"
     text = _key_text(raw.get("reply_to"))

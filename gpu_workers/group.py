@@ -279,7 +279,7 @@ class WorkerGroup(QueueIntake):
         for _stream, entries in results[-1] or []:
             for entry_id, fields in entries:
                 self._cancel_cursor = entry_id
-                self._cancel(fields)
+                self._cancel(fields, entry_id)
         if read_queue:
             for _stream, entries in results[0] or []:
                 for entry_id, fields in entries:
@@ -362,10 +362,10 @@ class WorkerGroup(QueueIntake):
             return False
         return True
 
-    def _cancel(self, fields: dict[bytes, bytes]) -> None:
+    def _cancel(self, fields: dict[bytes, bytes], entry_id: bytes | None = None) -> None:
         """One cancel entry: the request it names ends, if the entry is its owner's (broker.cancellation)."""
         now_ms = self.clock.now_ms()
-        got = self._cancelled.add(fields, now_ms)
+        got = self._cancelled.add(fields, now_ms, entry_id=entry_id)
         if got is not None:
             rid, token = got
             held = self.held.get(rid)

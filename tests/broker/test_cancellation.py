@@ -34,3 +34,14 @@ def test_a_flood_of_wrong_tokens_is_bounded_and_old_cancels_are_forgotten() -> N
     seen.prune(HORIZON_MS + 1)
     assert "r1" not in seen and "late" in seen
     assert seen.add({b"token": b"x"}, 0) is None  # names no request
+
+
+def test_a_cancel_naming_a_later_entry_id_is_not_remembered() -> None:
+    """A request sent without 'id' gets its entry id as id: a cancel naming an entry id later than
+    its own would otherwise wait (10 minutes) for that request and cancel it as it arrives."""
+    seen = Cancellations()
+    assert seen.add({b"id": b"9000000000000-0"}, 0.0, entry_id=b"8000000000000-0") is None
+    assert "9000000000000-0" not in seen
+    assert seen.add({b"id": b"7000000000000-0"}, 0.0, entry_id=b"8000000000000-0") == ("7000000000000-0", None)
+    assert seen.matches("7000000000000-0", None)
+    assert seen.add({b"id": b"my-request"}, 0.0, entry_id=b"8000000000000-0") == ("my-request", None)
