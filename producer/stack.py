@@ -31,6 +31,7 @@ from broker.keys import Keys
 from broker.registry import read_groups
 from broker.settings import Settings
 from gpu_workers.cli import add_engine_args, engine_argv
+from gpu_workers.served import default_served_name
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -183,6 +184,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_metrics(parser, what="the balancer serves metrics on PORT, group i on PORT+1+i; ")
 
 
+def submit_hint(url: str, *, prefix: str, models: list[str], default_model: str | None) -> str:
+    """The `ryzanstein submit` line that reaches a stack: with its prefix when not the default, a
+    model when several are served and none is the default; a URL with a password stays out of it."""
+    extra = "" if prefix == "ryz" else f" --prefix {prefix}"
+    if len(models) > 1 and not default_model:
+        extra += f" --model {default_served_name(models[0])}"
+    if mask_url(url) == url:
+        return f"try: ryzanstein submit --redis-url {url}{extra} \"hello\""
+    return f"try: ryzanstein submit{extra} \"hello\"   (with RYZ_REDIS_URL set to the URL)"
+
+
 def run(args: argparse.Namespace) -> int:
     setup_logging(args)
     settings = settings_from_args(args)
@@ -202,10 +214,8 @@ def run(args: argparse.Namespace) -> int:
     shown = mask_url(stack.url)
     print(f"ryzanstein up: Redis at {shown} (prefix {settings.prefix!r}); "
           f"{args.groups} group(s) of {', '.join(models)}. Ctrl-C stops.", flush=True)
-    if shown == stack.url:
-        print(f"  try: ryzanstein submit --redis-url {stack.url} \"hello\"", flush=True)
-    else:
-        print("  try: ryzanstein submit \"hello\"   (with RYZ_REDIS_URL set to the URL)", flush=True)
+    print(f"  {submit_hint(stack.url, prefix=settings.prefix, models=models, default_model=args.default_model)}",
+          flush=True)
     if settings.metrics_port:
         print(f"  metrics: balancer on port {settings.metrics_port}, groups on "
               f"{settings.metrics_port + 1}..{settings.metrics_port + args.groups * len(models)} "

@@ -97,3 +97,17 @@ def test_children_get_the_url_in_their_environment_not_on_their_command_line() -
     stack.start()
     assert all("s3cret" not in " ".join(c.argv) for c in stack.children)
     assert stack.child_env["RYZ_REDIS_URL"] == url
+
+
+def test_the_submit_hint_reaches_the_stack_it_is_printed_for() -> None:
+    """Run as printed, the hint must reach this stack: its prefix, and a model when several are served."""
+    from producer.stack import submit_hint
+
+    url = "redis://127.0.0.1:7000"
+    assert submit_hint(url, prefix="ryz", models=["echo"], default_model=None) == (
+        f'try: ryzanstein submit --redis-url {url} "hello"')
+    assert submit_hint(url, prefix="brk", models=["echo", "random:tiny"], default_model=None) == (
+        f'try: ryzanstein submit --redis-url {url} --prefix brk --model echo "hello"')
+    assert "--model" not in submit_hint(url, prefix="ryz", models=["echo", "random:tiny"], default_model="echo")
+    secret = submit_hint("redis://:pw@127.0.0.1:7000", prefix="ryz", models=["echo"], default_model=None)
+    assert "pw" not in secret and "RYZ_REDIS_URL" in secret
