@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 import redis
 
-from balancer.service import Balancer
 from broker.chat import PLAIN_CHAT_TEMPLATE, read_template
 from broker.keys import QUEUE_GROUP, Keys
 from broker.protocol import GenerationRequest
 from broker.settings import Settings
-from broker.wire import Batch
 from gpu_workers.echo import EchoEngine
 from gpu_workers.group import CONSUMER, WorkerGroup
 from tests.balancer import test_service
@@ -29,6 +26,7 @@ from tests.balancer.test_service import (
     fill,
     only_error,
     queued,
+    record_read_blocks,
     settled,
     state,
     submit,
@@ -249,25 +247,11 @@ def test_through_real_groups_of_two_echo_models(
 
 def test_requests_waiting_for_a_dead_model_do_not_make_the_balancer_spin(
         r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, monkeypatch: pytest.MonkeyPatch) -> None:
-    blocks: list[int | None] = []
-    real_read = Batch.xreadgroup
-
-    def xreadgroup(self: Batch, *a: Any, **k: Any) -> None:
-        blocks.append(k.get("block"))
-        real_read(self, *a, **k)
-
-    real_script_read = Balancer._read_ingress
-
-    def read_ingress(self: Balancer, client: Any, count: int) -> None:
-        blocks.append(None)  # the non-blocking read (READ_INGRESS)
-        real_script_read(self, client, count)
-
     fake_group(r, keys, "a1", served=["model-a"], age_s=10)  # dead
     fake_group(r, keys, "b1", served=["model-b"])
     balancer = make_balancer(balancer_block_ms=7, dead_after_s=3.0)
     balancer.scripts.load()
-    monkeypatch.setattr(Batch, "xreadgroup", xreadgroup)
-    monkeypatch.setattr(Balancer, "_read_ingress", read_ingress)
+    blocks = record_read_blocks(monkeypatch)
     submit(r, keys, id="a", prompt="x", model="model-a")
     balancer.tick()  # the blocking read takes one entry, then reads on without blocking (None)
     balancer.tick()  # it waits for model-a; model-b's live group cannot take it: block

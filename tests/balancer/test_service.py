@@ -536,24 +536,29 @@ def test_handed_back_request_cancelled_before_redispatch(
 # --- reading ingress ------------------------------------------------------------------------------
 
 
-def test_ingress_read_blocks_unless_a_waiting_request_can_be_routed(
-        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, monkeypatch: pytest.MonkeyPatch) -> None:
+def record_read_blocks(monkeypatch: pytest.MonkeyPatch) -> list[int | None]:
+    """Each ingress read's BLOCK from now on, in order: the blocking XREADGROUP's milliseconds, or
+    None for the non-blocking READ_INGRESS script."""
     blocks: list[int | None] = []
-    real_read = Batch.xreadgroup
+    real_read, real_script_read = Batch.xreadgroup, Balancer._read_ingress
 
     def xreadgroup(self: Batch, *a: Any, **k: Any) -> None:
         blocks.append(k.get("block"))
         real_read(self, *a, **k)
 
-    real_script_read = Balancer._read_ingress
-
     def read_ingress(self: Balancer, client: Any, count: int) -> None:
-        blocks.append(None)  # the non-blocking read (READ_INGRESS)
+        blocks.append(None)
         real_script_read(self, client, count)
 
-    balancer = make_balancer(balancer_block_ms=7)
     monkeypatch.setattr(Batch, "xreadgroup", xreadgroup)
     monkeypatch.setattr(Balancer, "_read_ingress", read_ingress)
+    return blocks
+
+
+def test_ingress_read_blocks_unless_a_waiting_request_can_be_routed(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, monkeypatch: pytest.MonkeyPatch) -> None:
+    balancer = make_balancer(balancer_block_ms=7)
+    blocks = record_read_blocks(monkeypatch)
     balancer.scripts.load()
     submit(r, keys, id="w", prompt="x")
     balancer.tick()  # the blocking read takes one entry, then reads on without blocking (None)
