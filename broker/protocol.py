@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from broker.errors import InvalidRequest
 from broker.keys import Keys
 from broker.refused import unhonoured_field
+from broker.structured import StructuredOutput, parse_structured
 
 ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 ENTRY_ID_RE = re.compile(r"[0-9]+-[0-9]+")  # a stream entry id, as XADD * makes them
@@ -62,6 +63,8 @@ class SamplingParams(BaseModel):
     # --- logprobs (docs/PROTOCOL.md, "Logprobs") ---
     logprobs: bool = False  # token and done events carry each generated token's logprob
     top_logprobs: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)  # and this many likeliest alternatives
+    # --- structured output (docs/PROTOCOL.md, "Structured output"): what the completion must match ---
+    structured: StructuredOutput | None = None
 
     @property
     def needed_tokens(self) -> int:
@@ -77,6 +80,8 @@ class SamplingParams(BaseModel):
                 raw[name] = tuple(raw[name])
         if "logit_bias" in raw:
             raw["logit_bias"] = tuple((int(t), float(b)) for t, b in raw["logit_bias"])
+        if isinstance(raw.get("structured"), dict):
+            raw["structured"] = StructuredOutput(**raw["structured"])
         return cls(**raw)
 
 
@@ -126,7 +131,8 @@ class GenerationRequest(BaseModel):
             "id": self.id,
             "prompt": self.prompt,
             "prompt_ids": list(self.prompt_ids) if self.prompt_ids is not None else None,
-            **self.sampling.model_dump(exclude={"stop", "stop_token_ids", "logit_bias", "bad_words"}),
+            **self.sampling.model_dump(exclude={"stop", "stop_token_ids", "logit_bias", "bad_words", "structured"}),
+            **(self.sampling.structured.to_fields() if self.sampling.structured is not None else {}),
             "stop": list(self.sampling.stop),
             "stop_token_ids": list(self.sampling.stop_token_ids) or None,
             "logit_bias": {str(t): b for t, b in self.sampling.logit_bias},
@@ -446,6 +452,8 @@ def _controls(raw: dict[str, Any]) -> dict[str, Any]:
         out["bad_words"] = _bad_words(raw["bad_words"])
     if raw.get("fit_max_tokens") is not None:
         out["fit_max_tokens"] = _bool("fit_max_tokens", raw["fit_max_tokens"])
+    if (structured := parse_structured(raw)) is not None:
+        out["structured"] = structured
     if raw.get("logprobs") is not None:
         out["logprobs"] = _bool("logprobs", raw["logprobs"])
     if raw.get("top_logprobs") is not None:

@@ -421,6 +421,9 @@ class WorkerGroup(QueueIntake):
         finally:
             self.keepalive.step_ended()
         self.meter.step(self._monotonic() - started, len(outputs))
+        for rejection in self.engine.rejected():  # dropped by the engine (a grammar that does not compile)
+            if (dropped := self.held.get(rejection.request_id)) is not None and not dropped.final:
+                self._finish_error(dropped, rejection.code, rejection.message)
         self.telemetry.step(outputs)
         for out in outputs:
             held = self.held.get(out.request_id)

@@ -44,6 +44,13 @@ class RequestOptions(TypedDict, total=False):
     fit_max_tokens: bool  # max_tokens is a ceiling: a long prompt gets the room it leaves
     logprobs: bool  # events carry each token's logprob (PROTOCOL.md, "Logprobs")
     top_logprobs: int | None  # and this many likeliest alternatives (0-20; needs logprobs)
+    # structured output (PROTOCOL.md, "Structured output"): at most one of these
+    guided_json: Mapping[str, Any] | str | None  # a JSON schema (or its JSON text) the output matches
+    guided_regex: str | None  # a regular expression the output matches
+    guided_choice: Sequence[str] | None  # the output is one of these strings
+    guided_grammar: str | None  # an EBNF (GBNF, `root ::= ...`) or Lark grammar the output matches
+    response_format: Mapping[str, Any] | str | None  # OpenAI's: {"type": "json_object"} or {"type": "json_schema", ...}
+    structured_outputs: Mapping[str, Any] | str | None  # vLLM's: {"json": ...} or regex, choice, grammar, json_object
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +229,12 @@ def request_fields(
     logprobs: bool = False,
     top_logprobs: int | None = None,
     fit_max_tokens: bool = False,
+    guided_json: Mapping[str, Any] | str | None = None,
+    guided_regex: str | None = None,
+    guided_choice: Sequence[str] | None = None,
+    guided_grammar: str | None = None,
+    response_format: Mapping[str, Any] | str | None = None,
+    structured_outputs: Mapping[str, Any] | str | None = None,
 ) -> dict[str, str]:
     """The ingress entry for one request: flat string fields, only those that are set.
 
@@ -266,6 +279,12 @@ def request_fields(
         fields["logprobs"] = "1"
     if top_logprobs is not None:
         fields["top_logprobs"] = _int_text("top_logprobs", top_logprobs)
+    for name, value in (("guided_json", guided_json), ("guided_regex", guided_regex),
+                        ("guided_choice", guided_choice), ("guided_grammar", guided_grammar),
+                        ("response_format", response_format), ("structured_outputs", structured_outputs)):
+        if value is not None:
+            fields[name] = value if isinstance(value, str) else json.dumps(
+                list(value) if name == "guided_choice" else dict(value), ensure_ascii=False)  # type: ignore[arg-type]
     return fields
 
 
