@@ -74,7 +74,10 @@ def parse_structured(raw: dict[str, Any]) -> StructuredOutput | None:
 
 
 def _neutral(name: str, value: Any) -> bool:
-    """Values that constrain nothing: ``response_format`` ``text`` (or ``{"type": "text"}``)."""
+    """Values that constrain nothing: JSON ``null`` (as unset), ``response_format`` ``text`` (or
+    ``{"type": "text"}``)."""
+    if isinstance(value, (str, bytes)) and value.strip() in ("null", b"null"):
+        return True
     if name != "response_format":
         return False
     obj = _object_or_text(name, value)
