@@ -12,7 +12,11 @@ compare: ``pip install xgrammar``) and the seeded random JSON schemas of benchma
 - mask time per token: one valid instance of each schema (``json.dumps``, the separators both engines
   are set to), tokenized by the model's tokenizer, replayed token by token: before each token the
   engine fills the [1, 49152/32] bitmask, then accepts the token. The first mask of a request and the
-  others are reported apart (llguidance builds its lexer lazily, at the first mask).
+  others are reported apart (llguidance builds its lexer lazily, at the first mask);
+- validity: on a byte vocabulary (256 byte tokens and an EOS, where every byte, control characters
+  included, is one token), a seeded random walk through each schema's masks (a uniformly drawn allowed
+  token each step; EOS, where allowed, with probability 0.2) until the grammar ends: how many of the
+  documents fail to parse or to validate (``jsonschema``). A grammar engine must score 0.
 
 One thread each (the engines' own thread pools off). Prints a table and writes
 benchmarks/results/grammar_engines-<timestamp>.json.
@@ -49,11 +53,15 @@ class Llguidance:
 
     def __init__(self, tok: Any, vocab: int, eos: list[int]) -> None:
         import llguidance
-        import llguidance.torch
+        import llguidance.numpy
 
-        self.llg, self.lt = llguidance, llguidance.torch
+        self.llg, self.lt = llguidance, llguidance.numpy
         self.version = llguidance.__version__
-        self.tokenizer = llguidance.LLTokenizer(tok.backend_tokenizer.to_str(), n_vocab=vocab, eos_token=eos)
+        if tok is None:  # the byte vocabulary
+            self.tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Bytes()), n_vocab=vocab,
+                                                    eos_token=eos)
+        else:
+            self.tokenizer = llguidance.LLTokenizer(tok.backend_tokenizer.to_str(), n_vocab=vocab, eos_token=eos)
         self.bitmask = self.lt.allocate_token_bitmask(1, vocab)
 
     def compile(self, schema: dict[str, Any]) -> Any:
@@ -71,6 +79,20 @@ class Llguidance:
     def accept(self, matcher: Any, token: int) -> bool:
         return bool(matcher.consume_token(token))
 
+    def ended(self, matcher: Any) -> bool:
+        return bool(matcher.is_stopped())
+
+
+class _Bytes:
+    """A byte vocabulary as llguidance's TokenizerWrapper reads one: ids 0..255 the bytes, 256 EOS."""
+
+    tokens = [bytes([i]) for i in range(256)] + [b"<|eos|>"]
+    special_token_ids = [256]
+    eos_token_id, bos_token_id = 256, None
+
+    def __call__(self, text: bytes) -> list[int]:
+        return list(text)
+
 
 class Xgrammar:
     name = "xgrammar"
@@ -82,7 +104,11 @@ class Xgrammar:
         from importlib.metadata import version
 
         self.version = version("xgrammar")
-        self.info = xgrammar.TokenizerInfo.from_huggingface(tok, vocab_size=vocab, stop_token_ids=eos)
+        if tok is None:  # the byte vocabulary
+            self.info = xgrammar.TokenizerInfo([bytes([i]) for i in range(256)] + [b""], xgrammar.VocabType.RAW,
+                                               vocab_size=vocab, stop_token_ids=eos)
+        else:
+            self.info = xgrammar.TokenizerInfo.from_huggingface(tok, vocab_size=vocab, stop_token_ids=eos)
         self.compiler = xgrammar.GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
         self.bitmask = xgrammar.allocate_token_bitmask(1, vocab)
 
@@ -96,6 +122,9 @@ class Xgrammar:
 
     def accept(self, matcher: Any, token: int) -> bool:
         return bool(matcher.accept_token(token))
+
+    def ended(self, matcher: Any) -> bool:
+        return bool(matcher.is_terminated())
 
 
 def measure(engine: Any, schemas: list[dict[str, Any]], docs: list[list[int]]) -> dict[str, Any]:
@@ -119,6 +148,37 @@ def measure(engine: Any, schemas: list[dict[str, Any]], docs: list[list[int]]) -
         "masks": len(first_us) + len(next_us),
         "documents_rejected": rejected,
     }
+
+
+def validity(engine: Any, schemas: list[dict[str, Any]], *, seed: int, max_tokens: int = 2000) -> dict[str, int]:
+    """Random walks through the masks of ``engine`` (on the byte vocabulary): documents that end
+    and fail to parse or validate, and walks that never end."""
+    import jsonschema
+
+    invalid = unfinished = 0
+    for k, schema in enumerate(schemas):
+        rng, matcher, out = random.Random(seed + k), engine.compile(schema), bytearray()
+        for _ in range(max_tokens):
+            if engine.ended(matcher):
+                break
+            engine.fill(matcher)
+            words = engine.bitmask[0].tolist()
+            allowed = [t for t in range(257) if (words[t // 32] >> (t % 32)) & 1]
+            token = 256 if 256 in allowed and (rng.random() < 0.2 or allowed == [256]) else rng.choice(
+                [t for t in allowed if t != 256])
+            if not engine.accept(matcher, token):
+                raise AssertionError(f"{engine.name}: refused token {token} from its own mask")
+            if token == 256:
+                break
+            out.append(token)
+        else:
+            unfinished += 1
+            continue
+        try:
+            jsonschema.validate(json.loads(out.decode("utf-8")), schema)
+        except (ValueError, jsonschema.ValidationError):
+            invalid += 1
+    return {"invalid": invalid, "unfinished": unfinished, "documents": len(schemas)}
 
 
 def main() -> None:
@@ -157,15 +217,18 @@ def main() -> None:
             continue
         log(f"{cls.name} {engine.version}: measuring")
         results["engines"][cls.name] = {"version": engine.version, "tokenizer_setup_s": setup_s,
-                                        **measure(engine, schemas, docs)}
+                                        **measure(engine, schemas, docs),
+                                        "byte_vocab_walks": validity(cls(None, 257, [256]), schemas, seed=args.seed)}
 
     print(f"\n{args.schemas} random JSON schemas, {results['tokens']} tokens, vocabulary {vocab} (SmolLM2-135M)")
     print(f"{'engine':<12} {'setup s':>8} {'compile ms p50/p99':>20} {'1st mask us p50':>16} "
-          f"{'mask us mean':>13} {'p50':>7} {'p99':>8}")
+          f"{'mask us mean':>13} {'p50':>7} {'p99':>8} {'invalid docs (bytes)':>21}")
     for name, r in results["engines"].items():
+        walks = r["byte_vocab_walks"]
         print(f"{name:<12} {r['tokenizer_setup_s']:>8.2f} {r['compile_ms']['p50']:>9.2f}/{r['compile_ms']['p99']:<10.2f} "
               f"{r['first_mask_us']['p50']:>16.0f} {r['mask_us']['mean']:>13.1f} {r['mask_us']['p50']:>7.1f} "
-              f"{r['mask_us']['p99']:>8.1f}")
+              f"{r['mask_us']['p99']:>8.1f} {walks['invalid']:>14}/{walks['documents']}"
+              + (f" ({walks['unfinished']} unended)" if walks["unfinished"] else ""))
     write_results(results, "grammar_engines")
 
 

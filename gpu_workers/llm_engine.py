@@ -226,7 +226,7 @@ class LlamaEngine:
         sampled_seqs = [c.seq for c in plan.chunks if c.samples]
         states = [self._requests[s.request_id] for s in sampled_seqs]
         constrained = [i for i, st in enumerate(states) if st.grammar is not None]
-        # The masks are filled while the model runs (xgrammar releases the GIL); rows in sampling order.
+        # The masks are filled while the model runs (llguidance releases the GIL); rows in sampling order.
         masks = self._mask_pool.submit(self.grammars.fill, [states[i].grammar for i in constrained], constrained,
                                        len(states)) if constrained else None
         logits = self.runner.run(chunks)
@@ -247,14 +247,14 @@ class LlamaEngine:
         outputs = []
         for seq, state, token, token_logprobs in zip(sampled_seqs, states, tokens, logprobs):
             finish = None
-            if state.grammar is not None and not state.grammar.accept_token(token):
+            if state.grammar is not None and not state.grammar.consume_token(token):
                 log.error("request %s: the grammar refused the sampled token %d", seq.request_id, token)
                 self._reject(seq.request_id, "internal", "the sampled token does not match the structured output")
                 self.scheduler.finish(seq.request_id)
                 self.runner.release(seq.request_id)
                 continue
-            if token in state.stop_ids or (state.grammar is not None and state.grammar.is_terminated()):
-                finish = "stop"  # (a terminated grammar accepted an EOS that ignore_eos does not stop on)
+            if token in state.stop_ids or (state.grammar is not None and state.grammar.is_stopped()):
+                finish = "stop"  # the grammar is complete: nothing but EOS could follow (vLLM stops there too)
             elif seq.num_tokens >= state.max_total_tokens:
                 finish = "length"
             if finish is not None:
