@@ -13,12 +13,17 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import redis
 
 from benchmarks.json_schemas import random_schemas
-from broker.protocol import SamplingParams
+from broker.keys import Keys
+from broker.protocol import SamplingParams, parse_request
+from broker.settings import Settings
 from broker.structured import StructuredOutput
 from gpu_workers.engine import EngineRequest, Rejection, StepOutput
+from gpu_workers.group import WorkerGroup
 from gpu_workers.llm_engine import LlamaEngine
+from tests.gpu_workers.helpers import FakeMonotonic, enqueue, events, finals, run_until
 from tests.gpu_workers.reference import save_hf_model
 from tests.gpu_workers.test_llm_engine import engine_for
 
@@ -202,3 +207,26 @@ def test_random_draws_stay_reproducible_under_a_grammar(model_dir: Path) -> None
     first, _, _ = run(engine_for(model_dir), [request])
     again, _, _ = run(engine_for(model_dir), [request])
     assert first == again
+
+
+def test_a_group_answers_a_spec_that_does_not_compile_with_invalid_request(
+        r: redis.Redis, redis_url: str, prefix: str, keys: Keys, mono: FakeMonotonic, model_dir: Path) -> None:
+    """Through a worker group on the real test Redis: the error event names the field the client
+    sent; the constrained request beside it completes."""
+    engine = engine_for(model_dir)
+    group = WorkerGroup(r, engine, settings=Settings(redis_url=redis_url, prefix=prefix, worker_block_ms=1),
+                        name="g1", monotonic=mono)
+    group.register()
+    bad = parse_request({"id": "bad", "prompt": "x", "response_format": json.dumps(
+        {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "frobnicate"}}})},
+        entry_id="1-0", prefix=prefix, max_request_bytes=1 << 20)
+    good = parse_request({"id": "good", "prompt": "x", "guided_choice": '["up", "down"]', "max_tokens": "20",
+                          "temperature": "0"}, entry_id="1-1", prefix=prefix, max_request_bytes=1 << 20)
+    for request in (bad, good):
+        enqueue(r, keys, "g1", request)
+    run_until(group.tick, lambda: all(finals(events(r, keys.result(x))) for x in ("bad", "good")), limit=500)
+    (error,) = events(r, keys.result("bad"))
+    assert (error["event"], error["code"]) == ("error", "invalid_request")
+    assert "'response_format'" in error["message"] and "frobnicate" in error["message"]
+    done = finals(events(r, keys.result("good")))[0]
+    assert done["event"] == "done" and done["text"] in ("up", "down") and done["finish_reason"] == "stop"
