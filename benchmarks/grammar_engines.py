@@ -86,9 +86,10 @@ class Llguidance:
 class _Bytes:
     """A byte vocabulary as llguidance's TokenizerWrapper reads one: ids 0..255 the bytes, 256 EOS."""
 
-    tokens = [bytes([i]) for i in range(256)] + [b"<|eos|>"]
-    special_token_ids = [256]
-    eos_token_id, bos_token_id = 256, None
+    def __init__(self) -> None:
+        self.tokens = [bytes([i]) for i in range(256)] + [b"<|eos|>"]
+        self.special_token_ids = [256]
+        self.eos_token_id, self.bos_token_id = 256, None
 
     def __call__(self, text: bytes) -> list[int]:
         return list(text)
@@ -98,7 +99,7 @@ class Xgrammar:
     name = "xgrammar"
 
     def __init__(self, tok: Any, vocab: int, eos: list[int]) -> None:
-        import xgrammar
+        import xgrammar  # type: ignore[import-not-found]  # optional: pip install xgrammar
 
         self.xgr = xgrammar
         from importlib.metadata import version
@@ -128,7 +129,10 @@ class Xgrammar:
 
 
 def measure(engine: Any, schemas: list[dict[str, Any]], docs: list[list[int]]) -> dict[str, Any]:
-    compile_ms, first_us, next_us, rejected = [], [], [], 0
+    compile_ms: list[float] = []
+    first_us: list[float] = []
+    next_us: list[float] = []
+    rejected = 0
     for schema, tokens in zip(schemas, docs):
         start = time.perf_counter()
         matcher = engine.compile(schema)
@@ -153,7 +157,7 @@ def measure(engine: Any, schemas: list[dict[str, Any]], docs: list[list[int]]) -
 def validity(engine: Any, schemas: list[dict[str, Any]], *, seed: int, max_tokens: int = 2000) -> dict[str, int]:
     """Random walks through the masks of ``engine`` (on the byte vocabulary): documents that end
     and fail to parse or validate, and walks that never end."""
-    import jsonschema
+    import jsonschema  # type: ignore[import-untyped]
 
     invalid = unfinished = 0
     for k, schema in enumerate(schemas):

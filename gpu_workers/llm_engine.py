@@ -36,7 +36,7 @@ from gpu_workers.parallel.runner import LeaderRunner
 from gpu_workers.sampler import sample_with_logprobs
 from gpu_workers.scheduler import Scheduler, SchedulerConfig
 from gpu_workers.sequence import Sequence
-from gpu_workers.structured_output import Grammars, GrammarMatcher
+from gpu_workers.structured_output import GrammarMatcher, Grammars
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ class LlamaEngine:
                 self.scheduler.add(seq)
             except InvalidRequest as exc:
                 self._reject(request_id, "invalid_request", str(exc))
-            except Exception as exc:  # noqa: BLE001 - the compile thread's failure is this request's alone
+            except Exception as exc:  # the compile thread's failure is this request's alone
                 log.exception("request %s: structured output failed to compile", request_id)
                 self._reject(request_id, "internal", f"structured output failed to compile ({type(exc).__name__})")
 
@@ -225,10 +225,10 @@ class LlamaEngine:
         ]
         sampled_seqs = [c.seq for c in plan.chunks if c.samples]
         states = [self._requests[s.request_id] for s in sampled_seqs]
-        constrained = [i for i, st in enumerate(states) if st.grammar is not None]
+        matchers = {i: st.grammar for i, st in enumerate(states) if st.grammar is not None}  # row -> matcher
         # The masks are filled while the model runs (llguidance releases the GIL); rows in sampling order.
-        masks = self._mask_pool.submit(self.grammars.fill, [states[i].grammar for i in constrained], constrained,
-                                       len(states)) if constrained else None
+        masks = self._mask_pool.submit(self.grammars.fill, list(matchers.values()), list(matchers),
+                                       len(states)) if matchers else None
         logits = self.runner.run(chunks)
         sampled = sample_with_logprobs(
             logits,

@@ -31,7 +31,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import llguidance as llg
 import llguidance.numpy as llg_np  # (llguidance.torch would import torch.compile's machinery)
@@ -41,12 +41,16 @@ import torch
 from broker.errors import InvalidRequest
 from broker.structured import StructuredOutput
 from gpu_workers.engine import Tokenizer
+from gpu_workers.tokenizer import ByteTokenizer
+
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
 
 GrammarMatcher = llg.LLMatcher  # one request's grammar state: consume_token, is_stopped
 CACHE_ENTRIES = 256  # compiled grammars kept for reuse, per worker group
 # JSON as Python's json.dumps writes it (", ", ": "), with no other whitespace: a model cannot pad it
 # with spaces or newlines forever. Defaults: a schema's own "x-guidance" options override them.
-JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +166,7 @@ class _ByteVocabulary:
     """``ByteTokenizer`` as llguidance's ``TokenizerWrapper`` reads a tokenizer: each id's bytes
     (special ids get a name; llguidance marks them special), and an encoder."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int, eos: Sequence[int]) -> None:
+    def __init__(self, tokenizer: ByteTokenizer, vocab_size: int, eos: Sequence[int]) -> None:
         specials = set(tokenizer.specials) | set(eos)
         self.tokens = [f"<|special_{i}|>".encode() if i in specials else bytes([i]) if i < 256
                        else tokenizer.decode([i]).encode("utf-8") for i in range(vocab_size)]
@@ -178,7 +182,6 @@ def token_index(tokenizer: Tokenizer, *, vocab_size: int, eos_token_ids: Sequenc
     """llguidance's index of the vocabulary. An ``HFTokenizer`` is read from its tokenizer.json (Rust
     ``tokenizers``, as the engine's), the ``ByteTokenizer`` is spelled out (ids 0..255 are the bytes)."""
     from gpu_workers.hf_tokenizer import HFTokenizer
-    from gpu_workers.tokenizer import ByteTokenizer
 
     eos = list(eos_token_ids)
     if isinstance(tokenizer, HFTokenizer):

@@ -279,12 +279,22 @@ def request_fields(
         fields["logprobs"] = "1"
     if top_logprobs is not None:
         fields["top_logprobs"] = _int_text("top_logprobs", top_logprobs)
-    for name, value in (("guided_json", guided_json), ("guided_regex", guided_regex),
-                        ("guided_choice", guided_choice), ("guided_grammar", guided_grammar),
-                        ("response_format", response_format), ("structured_outputs", structured_outputs)):
-        if value is not None:
-            fields[name] = value if isinstance(value, str) else json.dumps(
-                list(value) if name == "guided_choice" else dict(value), ensure_ascii=False)  # type: ignore[arg-type]
+    fields.update(_structured_fields(guided_json=guided_json, guided_regex=guided_regex, guided_choice=guided_choice,
+                                     guided_grammar=guided_grammar, response_format=response_format,
+                                     structured_outputs=structured_outputs))
+    return fields
+
+
+def _structured_fields(**given: Mapping[str, Any] | Sequence[str] | str | None) -> dict[str, str]:
+    """The structured-output fields that are set, as flat text: text as it is, maps and arrays as JSON."""
+    fields = {}
+    for name, value in given.items():
+        if isinstance(value, str):
+            fields[name] = value
+        elif isinstance(value, Mapping):
+            fields[name] = json.dumps(dict(value), ensure_ascii=False)
+        elif value is not None:
+            fields[name] = json.dumps(list(value), ensure_ascii=False)
     return fields
 
 
