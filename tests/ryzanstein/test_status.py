@@ -11,8 +11,8 @@ import redis
 from broker.keys import Keys
 from broker.registry import GroupLoad, read_groups
 from broker.scripts import Scripts
-from producer import status
-from producer.cli import main
+from ryzanstein import status
+from ryzanstein.cli import main
 
 CONTRACT_FIELDS = {
     "name",
