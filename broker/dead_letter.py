@@ -137,8 +137,9 @@ class DeadLetters:
     def _publish_error(self, reply: str, request_id: str, code: str, reason: str, *, epoch: int) -> bool:
         event = error_event(request_id, code, reason)
         try:
-            raw = self.scripts.publish(keys=[reply, *self.keys.progress(reply, request_id)],
-                                       args=[self.publisher, epoch, self.ttl_ms, pack_events([("f", 0, event)])])
+            raw = self.scripts.publish(reply_stream=reply, progress=self.keys.progress(reply, request_id),
+                                       publisher=self.publisher, epoch=epoch, ttl_ms=self.ttl_ms,
+                                       events=pack_events([("f", 0, event)]))
             publish_result(raw)
         except Exception as exc:
             if isinstance(exc, TRANSIENT_ERRORS):

@@ -100,7 +100,7 @@ class GenerationRequest(BaseModel):
     # Milliseconds on the Redis clock when the request first entered the ingress stream.
     enqueued_ms: int = 0
     # Set when a group hands the request back (draining) or is failed over: the balancer takes the
-    # request over from this owner, if it still holds this epoch (see scripts.CLAIM_OWNER).
+    # request over from this owner, if it still holds this epoch (see broker.lua.CLAIM_OWNER).
     takeover_from: str | None = None
     takeover_epoch: int = 0
     # Set by the balancer when it dispatches a request taken over mid-generation: the token ids

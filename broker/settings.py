@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     balancer_batch_max: int = Field(default=128, ge=1, description="Most ingress entries read in one batch.")
     balancer_block_ms: int = Field(default=500, description="Blocking read on the ingress stream when idle.")
     # Memory a balancer's ingress read may hold: a read asks for at most this // max_request_bytes
-    # entries (and balancer_batch_max). Larger entries come back as stubs (broker.scripts.READ_INGRESS),
+    # entries (and balancer_batch_max). Larger entries come back as stubs (broker.lua.READ_INGRESS),
     # except from the idle blocking read, which takes one entry at a time; Redis's proto-max-bulk-len
     # and client-query-buffer-limit bound that one (docs/OPERATIONS.md, "Memory").
     balancer_read_bytes: int = Field(default=128 << 20, ge=1)

@@ -53,11 +53,9 @@ class Publisher:
         def build(pipe: Any) -> None:
             for held in batch:
                 reply, rid = held.request.reply_to, held.request.id
-                self.scripts.publish(
-                    keys=[reply, *self.keys.progress(reply, rid)],
-                    args=[self.group, held.epoch, self.ttl_ms, pack_events(held.events)],
-                    client=pipe,
-                )
+                self.scripts.publish(reply_stream=reply, progress=self.keys.progress(reply, rid),
+                                     publisher=self.group, epoch=held.epoch, ttl_ms=self.ttl_ms,
+                                     events=pack_events(held.events), client=pipe)
 
         try:
             _, results = self.scripts.execute(build)
@@ -82,8 +80,9 @@ class Publisher:
     def queue_acks(self, pipe: Any) -> int:
         """Add the pending acknowledgements to ``pipe``; how many (0: nothing added)."""
         if self.to_ack:
-            self.scripts.ack(keys=[self.keys.group_queue(self.group), self.keys.group_queue_tokens(self.group)],
-                             args=[QUEUE_GROUP, *self.to_ack], client=pipe)
+            self.scripts.ack(queue=self.keys.group_queue(self.group),
+                             queue_tokens=self.keys.group_queue_tokens(self.group), consumer_group=QUEUE_GROUP,
+                             entry_ids=self.to_ack, client=pipe)
         return len(self.to_ack)
 
     def flush_acks(self) -> None:

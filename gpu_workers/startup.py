@@ -92,8 +92,8 @@ class LoadingBeacon:
 
     def beat(self) -> None:
         self._load.phase = current_phase()
-        self._scripts.heartbeat(keys=[self._keys.groups, self._keys.group_info(self._load.name)],
-                                args=[self._load.name, *self._load.to_fields()])
+        self._scripts.heartbeat(registry=self._keys.groups, info=self._keys.group_info(self._load.name),
+                                group=self._load.name, fields=self._load.to_fields())
 
     def _run(self) -> None:
         while not self._stop.is_set():

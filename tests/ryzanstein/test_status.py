@@ -52,7 +52,8 @@ LOAD = GroupLoad(
 
 def heartbeat(r: redis.Redis, keys: Keys, load: GroupLoad) -> None:
     """What a live group does every heartbeat."""
-    Scripts(r).heartbeat(keys=[keys.groups, keys.group_info(load.name)], args=[load.name, *load.to_fields()])
+    Scripts(r).heartbeat(registry=keys.groups, info=keys.group_info(load.name), group=load.name,
+                         fields=load.to_fields())
 
 
 def stale_heartbeat(r: redis.Redis, keys: Keys, load: GroupLoad, *, age_s: float) -> None:
