@@ -48,7 +48,7 @@ from broker.protocol import (
     parse_request,
 )
 from broker.registry import read_groups, read_queue_loads
-from broker.scripts import OVERSIZE_FIELD, Scripts, pack_events
+from broker.scripts import OVERSIZE_FIELD, Claim, Scripts, pack_events
 from broker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -408,15 +408,15 @@ class Balancer(IngressReader, PoisonHandling):
             raw = next(replies)
             queued = next(replies) if first else None
             w.claimed = True
-            got, problem = claim_reply(raw)
+            got = claim_reply(raw)
             if first:
-                if got is not None and not got.finished and (got.owner, got.epoch) == (candidate, FIRST_EPOCH):
+                if isinstance(got, Claim) and not got.finished and (got.owner, got.epoch) == (candidate, FIRST_EPOCH):
                     refused |= self._queued(w, candidate, FIRST_EPOCH, queued, acks)
                     continue
                 retract.append((candidate, queued))
-            if got is None:
+            if isinstance(got, Exception):
                 # CLAIM_OWNER touches only keys of the reply stream's: its error is about them
-                self._request_failed(w, problem, reply_to_failed=True)
+                self._request_failed(w, got, reply_to_failed=True)
                 continue
             if got.finished:
                 acks.append(w.entry_id)
@@ -433,9 +433,9 @@ class Balancer(IngressReader, PoisonHandling):
             sent.append((w, got.owner, got.epoch))
         published: list[tuple[Final, int, dict[str, str]]] = []
         for f in finals:
-            got, problem = claim_reply(next(replies))
-            if got is None:
-                self._give_up(f.entry_id, f.request_id, f.reply_to, problem, reply_to_failed=True)
+            got = claim_reply(next(replies))
+            if isinstance(got, Exception):
+                self._give_up(f.entry_id, f.request_id, f.reply_to, got, reply_to_failed=True)
                 continue
             if not got.finished and got.owner == PUBLISHER:
                 published.append((f, got.epoch, f.with_progress(got)))

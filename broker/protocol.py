@@ -118,7 +118,8 @@ class GenerationRequest(BaseModel):
         return self.enqueued_ms + self.timeout_s * 1000.0
 
     def to_wire(self) -> bytes:
-        return msgpack.packb(self.model_dump(mode="python"), use_bin_type=True)
+        packed: bytes = msgpack.packb(self.model_dump(mode="python"), use_bin_type=True)
+        return packed
 
     def to_ingress(self, *, from_owner: str, epoch: int) -> dict[str, bytes]:
         """Fields that put this request back on the ingress stream, taken over from ``from_owner``."""

@@ -69,7 +69,8 @@ def pack_events(events: list[tuple[str, int, dict[str, str]]]) -> bytes:
             packed.append([kind, index, flat, int(fields["token_id"]), fields["text"]])
         else:
             packed.append([kind, index, flat])
-    return msgpack.packb(packed, use_bin_type=False)
+    data: bytes = msgpack.packb(packed, use_bin_type=False)
+    return data
 
 
 @dataclass(frozen=True, slots=True)

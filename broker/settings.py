@@ -6,7 +6,7 @@ Each field can be overridden by an environment variable ``RYZ_<FIELD>`` (for exa
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -141,6 +141,6 @@ class Settings(BaseSettings):
     )
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     """Settings from the environment, with explicit (e.g. command-line) values on top; None means unset."""
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
