@@ -50,6 +50,7 @@ from broker.protocol import (
 from broker.registry import read_groups, read_queue_loads
 from broker.scripts import OVERSIZE_FIELD, Claim, Scripts, pack_events
 from broker.settings import Settings
+from broker.wire import Batch
 
 log = logging.getLogger(__name__)
 
@@ -383,7 +384,7 @@ class Balancer(IngressReader, PoisonHandling):
         eager = [w.takeover_from is None and not w.moved and not w.claimed for w, _group in assignments]
 
         # Phase 1: pin each request to its group (or learn where it is pinned already).
-        def claim(pipe: Any) -> None:
+        def claim(pipe: Batch) -> None:
             for (w, group), first in zip(assignments, eager):
                 self.scripts.claim_owner(progress=self.keys.progress(w.request.reply_to, w.request.id),
                                          reply_stream=w.request.reply_to, group=group, ttl_ms=ttl_ms,
@@ -441,7 +442,7 @@ class Balancer(IngressReader, PoisonHandling):
                 published.append((f, got.epoch, f.with_progress(got)))
             acks.append(f.entry_id)  # finished, owned by a group, or published now
 
-        def dispatch(pipe: Any) -> None:
+        def dispatch(pipe: Batch) -> None:
             for w, group, epoch in sent:
                 self._queue(pipe, w, group, epoch)
             for f, epoch, fields in published:
@@ -464,7 +465,7 @@ class Balancer(IngressReader, PoisonHandling):
         self._ack(acks)
         return refused
 
-    def _queue(self, pipe: Any, w: Waiting, group: str, epoch: int) -> None:
+    def _queue(self, pipe: Batch, w: Waiting, group: str, epoch: int) -> None:
         """Add the DISPATCH of ``w`` to ``group``'s queue under ``epoch`` to ``pipe``."""
         bounded = not w.moved
         self.scripts.dispatch(

@@ -25,7 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis import Redis
 from redis.exceptions import NoPermissionError, ResponseError
+from redis.typing import EncodableT, FieldT
 
 from broker.connection import TRANSIENT_ERRORS
 from broker.keys import Keys
@@ -100,7 +102,7 @@ class Attempts:
 class DeadLetters:
     """Ends requests that cannot be handled (see the module docstring); ``on_dead`` counts them."""
 
-    def __init__(self, redis: Any, scripts: Scripts, keys: Keys, *, publisher: str, ttl_ms: int,
+    def __init__(self, redis: Redis, scripts: Scripts, keys: Keys, *, publisher: str, ttl_ms: int,
                  on_dead: Callable[[], None] = lambda: None) -> None:
         self.redis = redis
         self.scripts = scripts
@@ -151,7 +153,7 @@ class DeadLetters:
 
     def _dead(self, *, source: str, entry_id: bytes | str, request_id: str | None, reply_to: str | None,
               reason: str, fields: dict[Any, Any] | None) -> None:
-        record: dict[str, Any] = {
+        record: dict[FieldT, EncodableT] = {
             "source": source,
             "entry_id": entry_id,
             "id": request_id or "",

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import msgpack
-import redis
+from redis import Redis
 from redis.exceptions import NoScriptError
 
 from broker.keys import Progress
@@ -111,7 +111,7 @@ class _Script:
     pipelined calls go out as plain EVALSHA, without redis-py's SCRIPT EXISTS round trip per
     pipeline: ``Scripts.execute`` reloads and re-runs a pipeline that met NOSCRIPT."""
 
-    def __init__(self, redis: redis.Redis, source: str) -> None:
+    def __init__(self, redis: Redis, source: str) -> None:
         self._script = redis.register_script(source)
         self.sha: str = self._script.sha
 
@@ -131,7 +131,7 @@ def _progress_keys(progress: Progress) -> list[str]:
 class Scripts:
     """The scripts registered on one (sync) client, one method per script."""
 
-    def __init__(self, redis: redis.Redis) -> None:
+    def __init__(self, redis: Redis) -> None:
         self.redis = redis
         self.wire = Wire(redis)  # the hot loops' round trips (broker.wire)
         self._claim_owner = _Script(redis, CLAIM_OWNER)

@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from redis import Redis
 from redis.exceptions import ResponseError
 
 PackCommand = Callable[[tuple[Any, ...]], bytes]
@@ -101,7 +102,7 @@ class Wire:
     """Batches sent over one connection of its own, made as ``redis``'s pool makes its connections
     (same address, credentials, TLS and timeouts); closed by ``close`` or with the object."""
 
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: Redis) -> None:
         self._pool = redis.connection_pool
         self._conn: Any = None
         self._lock = threading.Lock()

@@ -9,11 +9,11 @@ round trip per step.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from broker.connection import TRANSIENT_ERRORS
 from broker.keys import QUEUE_GROUP, Keys
 from broker.scripts import Scripts, pack_events, publish_result
+from broker.wire import Batch
 from gpu_workers.holding import Event, Held
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class Publisher:
         if not batch:
             return []
 
-        def build(pipe: Any) -> None:
+        def build(pipe: Batch) -> None:
             for held in batch:
                 reply, rid = held.request.reply_to, held.request.id
                 self.scripts.publish(reply_stream=reply, progress=self.keys.progress(reply, rid),
@@ -77,7 +77,7 @@ class Publisher:
                 out.append((held, publish_result(raw).status))
         return out
 
-    def queue_acks(self, pipe: Any) -> int:
+    def queue_acks(self, pipe: Batch) -> int:
         """Add the pending acknowledgements to ``pipe``; how many (0: nothing added)."""
         if self.to_ack:
             self.scripts.ack(queue=self.keys.group_queue(self.group),

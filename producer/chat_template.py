@@ -33,6 +33,8 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
 from balancer.models import resolve_model
 from broker.chat import PLAIN_CHAT_TEMPLATE, read_template, template_text
@@ -265,7 +267,7 @@ def _card(group: GroupLoad) -> tuple[str, str, str]:
     return (group.chat_template, group.bos_token, group.eos_token)
 
 
-def registry_template(redis: Any, keys: Keys, groups: Sequence[GroupLoad], model: str, *,
+def registry_template(redis: Redis, keys: Keys, groups: Sequence[GroupLoad], model: str, *,
                       source: TemplateSource | None = None) -> ChatTemplate:
     """The chat template of ``model`` as its groups publish it (the first that serves it);
     ModelNotFound when none does, and TemplateSource.for_group's errors."""
@@ -285,7 +287,7 @@ def chat_group(groups: Sequence[GroupStatus], model: str | None, settings: Setti
     return min((g for g in groups if g.serves(name)), key=lambda g: (not g.alive, g.name))
 
 
-def render_chat(redis: Any, keys: Keys, settings: Settings, messages: Sequence[Mapping[str, Any]], *,
+def render_chat(redis: Redis, keys: Keys, settings: Settings, messages: Sequence[Mapping[str, Any]], *,
                 model: str | None, source: TemplateSource) -> str:
     """The prompt for ``messages`` with the template ``model``'s groups publish (see ``chat_group``)."""
     group = chat_group(read_groups(redis, keys, dead_after_s=settings.dead_after_s), model, settings)
@@ -293,7 +295,7 @@ def render_chat(redis: Any, keys: Keys, settings: Settings, messages: Sequence[M
         normalize_messages(list(messages)))
 
 
-async def render_chat_async(redis: Any, keys: Keys, settings: Settings, messages: Sequence[Mapping[str, Any]], *,
+async def render_chat_async(redis: AsyncRedis, keys: Keys, settings: Settings, messages: Sequence[Mapping[str, Any]], *,
                             model: str | None, source: TemplateSource) -> str:
     """``render_chat`` on an asyncio Redis client."""
     group = chat_group(await read_groups_async(redis, keys, dead_after_s=settings.dead_after_s), model, settings)
