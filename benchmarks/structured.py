@@ -45,7 +45,7 @@ from benchmarks.json_schemas import random_schemas
 from broker.errors import RequestFailed
 from broker.settings import Settings
 from producer.client import AsyncClient
-from producer.stack import Stack
+from ryzanstein.stack import Stack
 
 PROMPT = "Write one JSON document about item {i}, nothing else:\n"
 
