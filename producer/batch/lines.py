@@ -9,10 +9,11 @@ Input: JSON Lines, one request per line, e.g.::
 
 Exactly one of ``prompt``, ``prompt_ids`` and ``messages`` (chat: rendered with the chat template);
 optional request fields as in the protocol (``max_tokens`` — ``max_completion_tokens`` is the same
-—, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``, ``priority``, ``timeout_s``, and the
-sampling controls ``presence_penalty`` ... ``bad_words``); optional
-``id``, echoed in the result. A line in OpenAI's batch format (``custom_id`` + ``body``) is read as
-its body with ``custom_id`` as the id. Fields the protocol refuses by name (``n``, ``guided_json``...:
+—, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``, ``priority``, ``timeout_s``, the
+sampling controls ``presence_penalty`` ... ``bad_words``, and structured output: ``guided_json``,
+``guided_regex``, ``guided_choice``, ``guided_grammar``, ``response_format``, ``structured_outputs``);
+optional ``id``, echoed in the result. A line in OpenAI's batch format (``custom_id`` + ``body``) is
+read as its body with ``custom_id`` as the id. Fields the protocol refuses by name (``n``, ``best_of``...:
 ``broker.refused.UNHONOURED_FIELDS``) make the line bad; other fields are ignored; blank lines are
 skipped.
 
@@ -43,7 +44,10 @@ from producer.request import Completion, GenerationOptions
 OptionField = Literal["max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "priority", "timeout_s",
                       # sampling controls (PROTOCOL.md)
                       "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens",
-                      "ignore_eos", "logit_bias", "bad_words"]
+                      "ignore_eos", "logit_bias", "bad_words",
+                      # structured output (PROTOCOL.md)
+                      "guided_json", "guided_regex", "guided_choice", "guided_grammar", "response_format",
+                      "structured_outputs"]
 OPTION_FIELDS: tuple[OptionField, ...] = get_args(OptionField)
 PROMPT_FIELDS = ("prompt", "prompt_ids", "messages")
 _CHECK_ID = "batch-line"  # a valid request id, only for validating a line's fields
