@@ -62,6 +62,7 @@ def test_every_option_survives_the_servers_parser(keys: Keys) -> None:
         logprobs=True,
         top_logprobs=4,
         fit_max_tokens=True,
+        guided_choice=["yes", "no"],
     )
 
     request = parse_request(fields, entry_id="1-0", prefix=keys.prefix, max_request_bytes=1 << 20)
@@ -86,6 +87,7 @@ def test_every_option_survives_the_servers_parser(keys: Keys) -> None:
         "fit_max_tokens": True,
         "logprobs": True,
         "top_logprobs": 4,
+        "structured": {"kind": "choice", "spec": '["yes", "no"]', "field": "guided_choice"},
     }
     assert request.model == "org/chat-v2"
     assert (request.stream, request.priority, request.timeout_s, request.reply_to) == (
