@@ -50,6 +50,7 @@ from broker.protocol import (
 from broker.registry import read_groups, read_queue_loads
 from broker.scripts import OVERSIZE_FIELD, Scripts, pack_events
 from broker.settings import Settings
+from broker.signing import SigningKey
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,7 @@ class Balancer(IngressReader, PoisonHandling):
         self.telemetry = BalancerTelemetry(enabled=settings.metrics_port is not None,
                                            ready_within_s=settings.dead_after_s,
                                            live_within_s=settings.liveness_timeout_s, monotonic=monotonic)
+        self.signing = SigningKey(redis, self.keys, monotonic=monotonic)  # checks moved requests' signatures
         self.dead_letters = DeadLetters(redis, self.scripts, self.keys, publisher=PUBLISHER,
                                         ttl_ms=settings.result_ttl_s * 1000, on_dead=self.telemetry.dead_lettered)
 
@@ -136,6 +138,7 @@ class Balancer(IngressReader, PoisonHandling):
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+        self.signing.get()
         last = self.redis.xrevrange(self.keys.cancel, count=1)
         self._cancel_cursor = last[0][0] if last else b"0-0"
 
@@ -264,12 +267,14 @@ class Balancer(IngressReader, PoisonHandling):
                                      f"{self.settings.max_request_bytes} bytes")
             request = parse_request(fields, entry_id=eid, prefix=self.settings.prefix,
                                     max_request_bytes=self.settings.max_request_bytes,
-                                    default_max_tokens=self.settings.default_max_tokens)
+                                    default_max_tokens=self.settings.default_max_tokens,
+                                    signing_key=self.signing.for_entry(fields))
             # What cannot be serialized cannot be queued: found here, it ends this entry alone
             # (the guard around _admit), rather than failing every later dispatch pipeline.
             request.to_wire()
         except InvalidRequest as exc:
-            rid, reply = best_effort_reply_to(fields, entry_id=eid, prefix=self.settings.prefix)
+            rid, reply = best_effort_reply_to(fields, entry_id=eid, prefix=self.settings.prefix,
+                                              signing_key=self.signing.for_entry(fields))
             final = Final(entry_id, rid, reply, error_event(rid, exc.code, str(exc)))
             self.counts["invalid_request"] += 1
             self.telemetry.finished(rid, final.fields)
