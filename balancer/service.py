@@ -30,8 +30,8 @@ from balancer.ingress import IngressReader
 from balancer.models import resolve_model
 from balancer.pending import Final, Waiting, claim_reply
 from balancer.poison import FIRST_EPOCH, PUBLISHER, PoisonHandling, Voided
-from balancer.request_ids import add_hold, is_duplicate, read_hold
 from balancer.reclaim import Reclaimer
+from balancer.request_ids import add_hold, is_duplicate, read_hold
 from balancer.router import Router
 from balancer.routing import AffinityTable, RoutingPolicy, prefix_key
 from balancer.telemetry import BalancerTelemetry

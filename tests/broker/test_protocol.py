@@ -12,7 +12,6 @@ from pydantic import ValidationError
 
 from broker.errors import InvalidRequest
 from broker.keys import Keys
-from broker.signing import sign
 from broker.protocol import (
     FINAL_EVENTS,
     MAX_KEY_BYTES,
@@ -27,6 +26,7 @@ from broker.protocol import (
     parse_request,
     token_event,
 )
+from broker.signing import sign
 
 PREFIX = "ryz"
 ENTRY = "1700000000000-5"
