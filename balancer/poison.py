@@ -88,8 +88,8 @@ class PoisonHandling:
         self.telemetry.finished(w.request.id, event)
         return Final(w.entry_id, w.request.id, w.request.reply_to, event)
 
-    def _duplicate_of_claimed(self, w: Waiting, holder: Holder, got: Claim | None, problem: BaseException | None,
-                              candidate: str, queued: Any, voided: list[Voided], acks: list[bytes]) -> None:
+    def _duplicate_of_claimed(self, w: Waiting, holder: Holder, got: Claim | Exception, candidate: str,
+                              queued: Any, voided: list[Voided], acks: list[bytes]) -> None:
         """A new request claimed and queued in one round trip whose id another entry holds.
 
         Its queue entry is taken back by the caller (retract). Where the claim pinned the request to
@@ -101,10 +101,10 @@ class PoisonHandling:
         del self.waiting[w.entry_id]
         self.counts["duplicate_id"] += 1
         same = holder.reply_to == w.request.reply_to
-        if got is None:
+        if isinstance(got, Exception):
             # never on the first request's stream: only {p}:dead hears of it
             self._give_up(w.entry_id, None, w.request.reply_to, f"request id {w.request.id!r} is in use by "
-                          f"ingress entry {holder.entry_id}, and this request's reply stream failed: {problem}")
+                          f"ingress entry {holder.entry_id}, and this request's reply stream failed: {got}")
             return
         pinned = not got.finished and (got.owner, got.epoch) == (candidate, FIRST_EPOCH)
         if same:
@@ -125,11 +125,11 @@ class PoisonHandling:
         ttl_ms = self.settings.result_ttl_s * 1000
         for v in voided:
             reply, rid = v.waiting.request.reply_to, v.waiting.request.id
-            self.scripts.claim_owner(keys=[*self.keys.progress(reply, rid), reply],
-                                     args=[PUBLISHER, ttl_ms, v.candidate, FIRST_EPOCH], client=pipe)
+            self.scripts.claim_owner(progress=self.keys.progress(reply, rid), reply_stream=reply, group=PUBLISHER,
+                                     ttl_ms=ttl_ms, taken_from=v.candidate, taken_from_epoch=FIRST_EPOCH, client=pipe)
             if v.event is not None:
-                self.scripts.publish(keys=[reply, *self.keys.progress(reply, rid)],
-                                     args=[PUBLISHER, FIRST_EPOCH + 1, ttl_ms, pack_events([("f", 0, v.event)])],
+                self.scripts.publish(reply_stream=reply, progress=self.keys.progress(reply, rid), publisher=PUBLISHER,
+                                     epoch=FIRST_EPOCH + 1, ttl_ms=ttl_ms, events=pack_events([("f", 0, v.event)]),
                                      client=pipe)
 
     def _voided(self, voided: list[Voided], results: list[Any], acks: list[bytes]) -> None:
