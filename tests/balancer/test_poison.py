@@ -7,6 +7,7 @@ system Redis 7 (``any_redis``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +20,7 @@ from balancer.router import Router
 from balancer.service import PUBLISHER, Balancer
 from broker.dead_letter import Attempts, is_transient
 from broker.keys import INGRESS_GROUP, Keys, Progress
+from broker.scripts import CLAIM_OWNER, DISPATCH, READ_INGRESS
 from broker.settings import Settings
 from broker.signing import REFRESH_S, SigningKey
 from gpu_workers.echo import EchoEngine
@@ -373,8 +375,8 @@ def test_a_new_request_holds_its_id_in_the_round_trip_that_claims_and_queues_it(
     balancer.tick()  # registry read, stats written: not due again in this test
     batches: list[list[str]] = []  # the commands of each round trip
     real = balancer.scripts.wire.execute
-    shas = {balancer.scripts.claim_owner.sha: "CLAIM_OWNER", balancer.scripts.dispatch.sha: "DISPATCH",
-            balancer.scripts.read_ingress.sha: "READ_INGRESS"}
+    shas = {hashlib.sha1(source.encode()).hexdigest(): name for name, source in
+            (("CLAIM_OWNER", CLAIM_OWNER), ("DISPATCH", DISPATCH), ("READ_INGRESS", READ_INGRESS))}
 
     def counted(batch: Any) -> list[Any]:
         batches.append([shas.get(c[1], "?") if c[0] == "EVALSHA" else c[0] for c in batch.commands])
