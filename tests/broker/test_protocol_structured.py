@@ -84,6 +84,6 @@ def test_choice_count_is_bounded() -> None:
 def test_round_trips_through_the_group_queue_and_re_enqueueing(fields: dict[str, Any]) -> None:
     request = parse({**BASE, **fields})
     assert GenerationRequest.from_wire(request.to_wire()) == request
-    again = parse_request(request.to_ingress(from_owner="g1", epoch=3), entry_id=ENTRY, prefix=PREFIX,
-                          max_request_bytes=1 << 20)
+    again = parse_request(request.to_ingress(from_owner="g1", epoch=3, signing_key=b"k"), entry_id=ENTRY,
+                          prefix=PREFIX, max_request_bytes=1 << 20, signing_key=b"k")
     assert again.sampling.structured == request.sampling.structured
