@@ -139,9 +139,12 @@ PUBLISH = """
 -- ARGV[1] = publisher (group name; the balancer for requests it never routed)
 -- ARGV[2] = publisher's epoch
 -- ARGV[3] = TTL of reply stream and state, ms
--- ARGV[4] = msgpack array of events, each {kind, index, {field, value, ...}, token id, text}; kind
---           't' is a token event with its index, token id and text delta, 'f' a final event
---           (done/error), which ends the request
+-- ARGV[4] = msgpack array of events, each {kind, index, {field, value, ...}, token id, text[, choice]};
+--           kind 't' is a token event with its index, token id and text delta, 'f' a final event
+--           (done/error), which ends the request. A token event of a request with several
+--           completions names its completion (choice): indices then count per completion (state
+--           field 'next:<choice>'), and the token id and text it records are framed with it
+--           ("<choice>:<id>", "<choice>:<bytes>:<text>": pack_events, claim_result).
 -- A publisher must own the request (CLAIM_OWNER) unless nobody ever claimed it. Each token written
 -- is appended to KEYS[3] and KEYS[4], so that a new owner can continue after it; both go with the
 -- final event.
@@ -156,22 +159,29 @@ if redis.call('HEXISTS', KEYS[2], 'final') == 1 then
   return {'final', 0}
 end
 local nxt = tonumber(redis.call('HGET', KEYS[2], 'next') or '0')
+local nexts = {}  -- choice -> its next index, for the choices met here
 local status = 'ok'
 local final = false
 local record = KEYS[3] and KEYS[4]
 for _, ev in ipairs(cmsgpack.unpack(ARGV[4])) do
   if ev[1] == 't' then
-    if ev[2] == nxt then
+    local choice = ev[6]
+    local at = nxt
+    if choice then
+      at = nexts[choice] or tonumber(redis.call('HGET', KEYS[2], 'next:' .. choice) or '0')
+    end
+    if ev[2] == at then
       redis.call('XADD', KEYS[1], '*', unpack(ev[3]))
       if record then
         redis.call('APPEND', KEYS[3], ev[4] .. ',')
         if ev[5] ~= '' then redis.call('APPEND', KEYS[4], ev[5]) end
       end
-      nxt = nxt + 1
-    elseif ev[2] > nxt then
+      at = at + 1
+    elseif ev[2] > at then
       status = 'gap'
-      break
     end
+    if choice then nexts[choice] = at else nxt = at end
+    if status == 'gap' then break end
   else
     redis.call('XADD', KEYS[1], '*', unpack(ev[3]))
     redis.call('HSET', KEYS[2], 'final', '1')
@@ -180,11 +190,14 @@ for _, ev in ipairs(cmsgpack.unpack(ARGV[4])) do
   end
 end
 redis.call('HSET', KEYS[2], 'next', nxt)
+for choice, at in pairs(nexts) do
+  redis.call('HSET', KEYS[2], 'next:' .. choice, at)
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-if record and final and nxt > 0 then
+if record and final then
   redis.call('DEL', KEYS[3], KEYS[4])
-elseif record and nxt > 0 then
+elseif record then
   redis.call('PEXPIRE', KEYS[3], ARGV[3])
   redis.call('PEXPIRE', KEYS[4], ARGV[3])
 end
@@ -252,11 +265,16 @@ return ms
 
 
 def pack_events(events: list[tuple[str, int, dict[str, str]]]) -> bytes:
-    """Encode events for PUBLISH: (kind 't'/'f', index, fields); token events carry token_id and text."""
+    """Encode events for PUBLISH: (kind 't'/'f', index, fields); token events carry token_id and
+    text, and, with a ``choice`` field (n > 1), the choice and their records framed with it."""
     packed: list[list[Any]] = []
     for kind, index, fields in events:
         flat = [x for kv in fields.items() for x in kv]
-        if kind == "t":
+        if kind == "t" and "choice" in fields:
+            choice, text = int(fields["choice"]), fields["text"]
+            framed = f"{choice}:{len(text.encode())}:{text}" if text else ""
+            packed.append([kind, index, flat, f"{choice}:{int(fields['token_id'])}", framed, choice])
+        elif kind == "t":
             packed.append([kind, index, flat, int(fields["token_id"]), fields["text"]])
         else:
             packed.append([kind, index, flat])
@@ -283,6 +301,9 @@ class Claim:
     finished: bool
     output_ids: tuple[int, ...] = ()  # token ids published so far
     output_text: str = ""  # their text, as the token events carried it
+    # The same per completion, for a request with several (n > 1): index = the completion's.
+    choice_ids: tuple[tuple[int, ...], ...] = ()
+    choice_texts: tuple[str, ...] = ()
 
 
 def claim_result(raw: Any) -> Claim:
@@ -290,9 +311,35 @@ def claim_result(raw: Any) -> Claim:
         return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
     ids = text(raw[3]) if len(raw) > 3 else ""
-    return Claim(owner=text(raw[0]), epoch=int(raw[1]), finished=bool(int(raw[2])),
+    owner, epoch, finished = text(raw[0]), int(raw[1]), bool(int(raw[2]))
+    if ":" in ids:  # a request with several completions: "<choice>:<id>," records (pack_events)
+        raw_text = raw[4] if len(raw) > 4 else b""
+        choice_ids, choice_texts = _framed_progress(ids, raw_text if isinstance(raw_text, bytes) else
+                                                    str(raw_text).encode())
+        return Claim(owner=owner, epoch=epoch, finished=finished, choice_ids=choice_ids, choice_texts=choice_texts)
+    return Claim(owner=owner, epoch=epoch, finished=finished,
                  output_ids=tuple(int(x) for x in ids.split(",") if x),
                  output_text=text(raw[4]) if len(raw) > 4 else "")
+
+
+def _framed_progress(ids: str, texts: bytes) -> tuple[tuple[tuple[int, ...], ...], tuple[str, ...]]:
+    """Per-completion token ids and texts from PUBLISH's framed records of a request with several."""
+    per_ids: dict[int, list[int]] = {}
+    for record in ids.split(","):
+        if record:
+            choice, token = record.split(":")
+            per_ids.setdefault(int(choice), []).append(int(token))
+    per_text: dict[int, bytes] = {}
+    pos = 0
+    while pos < len(texts):
+        colon = texts.index(b":", pos)
+        second = texts.index(b":", colon + 1)
+        choice, size = int(texts[pos:colon]), int(texts[colon + 1 : second])
+        per_text[choice] = per_text.get(choice, b"") + texts[second + 1 : second + 1 + size]
+        pos = second + 1 + size
+    count = max([*per_ids, *per_text], default=-1) + 1
+    return (tuple(tuple(per_ids.get(c, ())) for c in range(count)),
+            tuple(per_text.get(c, b"").decode("utf-8", "replace") for c in range(count)))
 
 
 class Script:
