@@ -29,6 +29,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from broker.cancellation import Cancellations, applies
 from broker.chat import publish_template, template_digest
+from broker.tokenizers import publish_tokenizer, tokenizer_digest
 from broker.connection import TRANSIENT_ERRORS, RedisClock, backoff_delays
 from broker.dead_letter import DeadLetters
 from broker.errors import EngineFailed
@@ -50,6 +51,7 @@ from gpu_workers.output import OutputState, ranked_choices, render_prompt_logpro
 from gpu_workers.publisher import Publisher
 from gpu_workers.served import default_served_name, foreign_weights
 from gpu_workers.telemetry import GroupTelemetry
+from gpu_workers.hf_tokenizer import tokenizer_spec
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,8 @@ class WorkerGroup(QueueIntake):
         template = engine.info.chat_template
         self.chat_template = template_digest(template) if template else ""
         self._next_template_publish = 0.0
+        self._tokenizer_spec = tokenizer_spec(engine.tokenizer)  # published with the template
+        self.tokenizer_digest = tokenizer_digest(self._tokenizer_spec) if self._tokenizer_spec else ""
         self.settings = settings
         self.keys = Keys(settings.prefix)
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
@@ -591,7 +595,8 @@ class WorkerGroup(QueueIntake):
         load = group_load(self.name, self.engine, self.holding, self.meter, now=now, state=state,
                           queue_depth=self._queue_depth, completed=self.completed, fenced=self.fenced,
                           metrics_port=self.telemetry.port, served_models=self.served_models,
-                          weights=self.weights, chat_template=self.chat_template)
+                          weights=self.weights, chat_template=self.chat_template,
+                          tokenizer=self.tokenizer_digest)
         self.meter.reset(now)
         return load
 
@@ -600,9 +605,12 @@ class WorkerGroup(QueueIntake):
         if not force and now < self._next_heartbeat:
             return
         self._next_heartbeat = now + self.settings.heartbeat_interval_s
-        if self.engine.info.chat_template and now >= self._next_template_publish:
-            # again now and then: a Redis restarted without persistence lost it (the heartbeat is rewritten)
-            publish_template(self.redis, self.keys, self.engine.info.chat_template)
+        if now >= self._next_template_publish:
+            # again now and then: a Redis restarted without persistence lost them (the heartbeat is rewritten)
+            if self.engine.info.chat_template:
+                publish_template(self.redis, self.keys, self.engine.info.chat_template)
+            if self._tokenizer_spec:
+                publish_tokenizer(self.redis, self.keys, self._tokenizer_spec)
             self._next_template_publish = now + TEMPLATE_REPUBLISH_S
         queued = self.redis.xlen(self.keys.group_queue(self.name))
         self._queue_depth = max(0, queued - len(self._running))
