@@ -327,8 +327,8 @@ def _framed_progress(ids: str, texts: bytes) -> tuple[tuple[tuple[int, ...], ...
     per_ids: dict[int, list[int]] = {}
     for record in ids.split(","):
         if record:
-            choice, token = record.split(":")
-            per_ids.setdefault(int(choice), []).append(int(token))
+            index, token = record.split(":")
+            per_ids.setdefault(int(index), []).append(int(token))
     per_text: dict[int, bytes] = {}
     pos = 0
     while pos < len(texts):

@@ -29,19 +29,27 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from broker.cancellation import Cancellations, applies
 from broker.chat import publish_template, template_digest
-from broker.tokenizers import publish_tokenizer, tokenizer_digest
 from broker.connection import TRANSIENT_ERRORS, RedisClock, backoff_delays
 from broker.dead_letter import DeadLetters
 from broker.errors import EngineFailed
 from broker.failures import describe, raise_if_fatal
 from broker.keys import QUEUE_GROUP, Keys
 from broker.logs import request_extra
-from broker.protocol import GenerationRequest, choice_entry, done_event, error_event, limit_problem, token_event
+from broker.protocol import (
+    GenerationRequest,
+    choice_entry,
+    done_event,
+    error_event,
+    limit_problem,
+    token_event,
+)
 from broker.registry import GroupLoad
 from broker.scripts import Scripts
 from broker.settings import Settings
+from broker.tokenizers import publish_tokenizer, tokenizer_digest
 from broker.wire import Batch
 from gpu_workers.engine import Engine, EngineRequest
+from gpu_workers.hf_tokenizer import tokenizer_spec
 from gpu_workers.holding import Event, Held, Holding, engine_id, split_engine_id
 from gpu_workers.intake import CONSUMER, QueueIntake
 from gpu_workers.isolation import Isolation
@@ -51,7 +59,6 @@ from gpu_workers.output import OutputState, ranked_choices, render_prompt_logpro
 from gpu_workers.publisher import Publisher
 from gpu_workers.served import default_served_name, foreign_weights
 from gpu_workers.telemetry import GroupTelemetry
-from gpu_workers.hf_tokenizer import tokenizer_spec
 
 log = logging.getLogger(__name__)
 

@@ -176,7 +176,7 @@ class ModelRunner:
         for window in self.windows:
             batch.windowed[window] = batch if window not in narrow else self._windowed(
                 batch, window, [chunks[i] for i in decodes], [(chunks[i], first_row[i]) for i in prefills])
-        rows = []
+        rows: list[int] = []
         for i, c in enumerate(chunks):
             if c.all_logits:
                 rows.extend(range(first_row[i], first_row[i] + len(c.token_ids)))

@@ -76,7 +76,7 @@ class Choice:
     @classmethod
     def from_json(cls, raw: Any) -> Choice:
         if not isinstance(raw, dict):
-            raise ValueError("a choice is not a JSON object")
+            raise TypeError("a choice is not a JSON object")
         token_ids = raw["token_ids"]
         if not isinstance(token_ids, list) or not all(isinstance(t, int) for t in token_ids):
             raise ValueError("a choice's token_ids is not a JSON array of integers")

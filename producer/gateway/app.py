@@ -49,7 +49,6 @@ from producer.gateway.config import GatewayConfig
 from producer.gateway.errors import ApiError
 from producer.gateway.extras import ApiKeys, HttpMetrics, gateway_registry, metrics_endpoint, version_endpoint
 from producer.gateway.groups import LiveGroups
-from producer.gateway.tokenize import DetokenizeBody, TokenizeBody, TokenizerCache, parse_body
 from producer.gateway.schema import (
     SSE_DONE,
     Generation,
@@ -60,6 +59,7 @@ from producer.gateway.schema import (
     sse,
     vllm_prompt_logprobs,
 )
+from producer.gateway.tokenize import DetokenizeBody, TokenizeBody, TokenizerCache, parse_body
 from producer.request import request_fields
 
 log = logging.getLogger(__name__)

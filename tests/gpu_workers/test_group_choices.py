@@ -70,7 +70,7 @@ def test_each_completion_streams_with_its_own_indices_and_the_done_carries_all(
     assert len(finals(evs)) == 1 and evs[-1]["event"] == "done"
     streams = per_choice(evs)
     assert sorted(streams) == [0, 1, 2]
-    for c, toks in streams.items():
+    for toks in streams.values():
         assert [int(e["index"]) for e in toks] == [0, 1, 2]
         assert "".join(e["text"] for e in toks) == "abc"
         # the token that ends a completion says how (a non-final event: more may follow)
@@ -146,7 +146,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_best_of_returns_the_n_completions_with_the_highest_cumulative_logprob(
         r: redis.Redis, redis_url: str, prefix: str, keys: Keys, mono: FakeMonotonic, model_dir: Path) -> None:
     group = group_of(r, redis_url, prefix, mono, engine=engine_for(model_dir))
-    sampling = dict(n=2, best_of=4, temperature=1.5, seed=77, max_tokens=5, ignore_eos=True)
+    sampling = {"n": 2, "best_of": 4, "temperature": 1.5, "seed": 77, "max_tokens": 5, "ignore_eos": True}
     req = GenerationRequest(id="bo", prompt_ids=(5, 17, 99, 3, 42), sampling=SamplingParams(**sampling),
                             reply_to=keys.result("bo"))
     enqueue(r, keys, "g1", req)

@@ -263,7 +263,7 @@ def test_every_refused_parameter_is_a_400_naming_it() -> None:
     for name, value in REFUSED_SAMPLES.items():
         for parse in (lambda b: parse_completion({"model": "m", "prompt": "x", **b}),
                       lambda b: parse_chat({"model": "m", "messages": messages, **b}, default_max_tokens=4)):
-            if name == "echo" and parse(({})).kind == "completion":
+            if name == "echo" and parse({}).kind == "completion":
                 continue  # completions honour echo
             with pytest.raises(ApiError) as caught:
                 parse({name: value})
