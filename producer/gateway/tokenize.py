@@ -11,16 +11,17 @@ the worker groups of the model publish in the registry (broker.tokenizers): the 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from broker.errors import RyzansteinError
 from broker.registry import GroupStatus
 from broker.tokenizers import tokenizer_text
-from gpu_workers.engine import Tokenizer
-from gpu_workers.hf_tokenizer import tokenizer_from_spec
 from producer.gateway.errors import ApiError
+
+if TYPE_CHECKING:
+    from gpu_workers.engine import Tokenizer
 
 
 class TokenizeBody(BaseModel):
@@ -65,6 +66,9 @@ class TokenizerCache:
         spec = tokenizer_text(await redis.get(keys.tokenizer(digest)), digest)
         if spec is None:
             raise ApiError("unavailable", f"the tokenizer of model {group.model!r} ({digest[:12]}) is not in Redis")
+        # the worker groups' own tokenizer classes (tokenizers' Rust, no torch), only once one is needed
+        from gpu_workers.hf_tokenizer import tokenizer_from_spec
+
         try:
             tokenizer = tokenizer_from_spec(spec)
         except RyzansteinError as exc:

@@ -87,24 +87,27 @@ def test_events() -> None:
 def test_publish_counts_indices_per_completion_and_a_new_owner_reads_each_back(r: redis.Redis, keys: Keys) -> None:
     scripts = Scripts(r)
     reply = keys.result("m")
-    progress = list(keys.progress(reply, "m"))
-    claim = claim_result(scripts.claim_owner(keys=progress, args=["g1", 60_000]))
+    progress = keys.progress(reply, "m")
+    claim = claim_result(scripts.claim_owner(progress=progress, group="g1", ttl_ms=60_000))
 
     def publish(events: list[tuple[int, int, int, str]]) -> bytes:
         packed_events = pack_events([("t", i, token_event("m", i, t, text, choice=c)) for c, i, t, text in events])
-        return scripts.publish(keys=[reply, *progress], args=["g1", claim.epoch, 60_000, packed_events])[0]
+        return scripts.publish(reply_stream=reply, progress=progress, publisher="g1", epoch=claim.epoch,
+                               ttl_ms=60_000, events=packed_events)[0]
 
     assert publish([(0, 0, 10, "é"), (1, 0, 20, "b"), (0, 1, 11, "x")]) == b"ok"
     assert publish([(0, 1, 11, "x"), (1, 1, 21, ""), (0, 2, 12, "ü")]) == b"ok"  # (0, 1) again: dropped
     assert publish([(1, 3, 23, "z")]) == b"gap"  # completion 1 is at index 2
     written = [(e[b"choice"], e[b"index"]) for _id, e in r.xrange(reply)]
     assert written == [(b"0", b"0"), (b"1", b"0"), (b"0", b"1"), (b"1", b"1"), (b"0", b"2")]
-    again = claim_result(scripts.claim_owner(keys=progress, args=["g2", 60_000, "g1", claim.epoch]))
+    again = claim_result(scripts.claim_owner(progress=progress, group="g2", ttl_ms=60_000, taken_from="g1",
+                                             taken_from_epoch=claim.epoch))
     assert again.choice_ids == ((10, 11, 12), (20, 21)) and again.choice_texts == ("éxü", "b")
     assert again.output_ids == () and again.owner == "g2"
     final = pack_events([("f", 0, done_event("m", text="", token_ids=[], finish_reason="stop", prompt_tokens=1))])
-    assert scripts.publish(keys=[reply, *progress], args=["g2", again.epoch, 60_000, final])[0] == b"ok"
-    assert not r.exists(*progress[1:])
+    assert scripts.publish(reply_stream=reply, progress=progress, publisher="g2", epoch=again.epoch, ttl_ms=60_000,
+                           events=final)[0] == b"ok"
+    assert not r.exists(progress.generated, progress.generated_text)
 
 
 def test_a_cancel_while_moving_reports_each_completion_as_its_stream_carried() -> None:

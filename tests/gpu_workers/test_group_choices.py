@@ -96,10 +96,11 @@ def test_a_moved_request_continues_each_completion_after_what_its_stream_carried
                 res = states[c].push(ids[step])
                 sent.append(("t", res.index, token_event(req.id, res.index, res.token_id, res.text, choice=c,
                                                          finish_reason=res.finish_reason)))
-    assert Scripts(r).publish(keys=[req.reply_to, *keys.progress(req.reply_to, req.id)],
-                              args=["dead", epoch, 60_000, pack_events(sent)])[0] == b"ok"
+    assert Scripts(r).publish(reply_stream=req.reply_to, progress=keys.progress(req.reply_to, req.id),
+                              publisher="dead", epoch=epoch, ttl_ms=60_000, events=pack_events(sent))[0] == b"ok"
     _owner, new_epoch = take_over(r, keys, req, to="g1", frm="dead", epoch=epoch)
-    claim = claim_result(Scripts(r).claim_owner(keys=list(keys.progress(req.reply_to, req.id)), args=["g1", 60_000]))
+    claim = claim_result(Scripts(r).claim_owner(progress=keys.progress(req.reply_to, req.id), group="g1",
+                                                ttl_ms=60_000))
     assert claim.choice_ids == ((97, 98), (97,), (97, 98, 99)) and claim.choice_texts == ("ab", "a", "abc")
     group = group_of(r, redis_url, prefix, mono)
     dispatch(r, keys, "g1", req.model_copy(update={"choice_output_ids": claim.choice_ids}), new_epoch)
