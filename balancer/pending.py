@@ -24,6 +24,7 @@ class Waiting:
     cost: int = 1  # tokens it may occupy (admission.request_cost), once a group is in view
     claimed: bool = False  # a claim was tried: the next dispatch waits for the claim's answer
     model_resolved: bool = False  # request.model names a model some group serves (balancer.models)
+    held: bool = False  # its id is held (balancer.request_ids), or it needs no hold (moved)
 
 
 @dataclass(slots=True)
@@ -36,6 +37,8 @@ class Final:
     fields: dict[str, str]
     takeover_from: str | None = None
     takeover_epoch: int = 0
+    hold: bool = False  # the entry's id is held with its claim (a new request's: balancer.request_ids)
+    invalid: bool = False  # the entry failed validation (a duplicate of it goes to {p}:dead)
 
     def with_progress(self, claim: Claim) -> dict[str, str]:
         """A cancellation of a request that moved mid-stream reports what its stream carried."""

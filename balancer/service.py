@@ -29,8 +29,9 @@ from balancer.failover import Failover
 from balancer.ingress import IngressReader
 from balancer.models import resolve_model
 from balancer.pending import Final, Waiting, claim_reply
-from balancer.poison import PoisonHandling
+from balancer.poison import FIRST_EPOCH, PUBLISHER, PoisonHandling, Voided
 from balancer.reclaim import Reclaimer
+from balancer.request_ids import add_hold, is_duplicate, read_hold
 from balancer.router import Router
 from balancer.routing import AffinityTable, RoutingPolicy, prefix_key
 from balancer.telemetry import BalancerTelemetry
@@ -50,13 +51,12 @@ from broker.protocol import (
 from broker.registry import read_groups, read_queue_loads
 from broker.scripts import OVERSIZE_FIELD, Claim, Scripts, pack_events
 from broker.settings import Settings
+from broker.signing import SigningKey
 from broker.wire import Batch
 
 log = logging.getLogger(__name__)
 
-PUBLISHER = "balancer"  # owner name under which balancers publish the final events they decide
 CLOSED_GROUP_PAUSE_S = 2.0  # a group that refused work is skipped this long (its heartbeat catches up)
-FIRST_EPOCH = 1  # the epoch CLAIM_OWNER gives a request nobody claimed before
 DISPATCH_ROUNDS = 3  # a request refused by a full or closed group is routed again, at most this often
 
 
@@ -117,10 +117,12 @@ class Balancer(IngressReader, PoisonHandling):
                                    count=self._read_count)
         self.attempts = Attempts()  # entries whose handling failed, backing off before the next try
         self._to_ack: list[bytes] = []  # done with, acknowledged with the next read
+        self._duplicates: list[Final] = []  # duplicate_id events found by _dispatch, for its next round
         self._failed_over: dict[str, int] = {}  # dead group -> heartbeat_ms when its queue was taken over
         self.telemetry = BalancerTelemetry(enabled=settings.metrics_port is not None,
                                            ready_within_s=settings.dead_after_s,
                                            live_within_s=settings.liveness_timeout_s, monotonic=monotonic)
+        self.signing = SigningKey(redis, self.keys, monotonic=monotonic)  # checks moved requests' signatures
         self.dead_letters = DeadLetters(redis, self.scripts, self.keys, publisher=PUBLISHER,
                                         ttl_ms=settings.result_ttl_s * 1000, on_dead=self.telemetry.dead_lettered)
 
@@ -137,6 +139,7 @@ class Balancer(IngressReader, PoisonHandling):
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+        self.signing.get()
         last = self.redis.xrevrange(self.keys.cancel, count=1)
         self._cancel_cursor = last[0][0] if last else b"0-0"
 
@@ -229,7 +232,6 @@ class Balancer(IngressReader, PoisonHandling):
         """Validate new entries, then route everything waiting (in priority order)."""
         now_ms = self.clock.now_ms()
         finals: list[Final] = []
-        admitted: list[Waiting] = []
         for entry_id, fields in entries:
             if entry_id in self.waiting:
                 continue
@@ -243,18 +245,17 @@ class Balancer(IngressReader, PoisonHandling):
                 continue
             if final is not None:
                 finals.append(final)
-            elif entry_id in self.waiting:
-                admitted.append(self.waiting[entry_id])
-        finals = self._hold_for_refused(finals) + self._refuse_duplicates(admitted)
         for _round in range(DISPATCH_ROUNDS):
             assignments, more = self._route(now_ms)
             finals += more
-            if not assignments and not finals:
+            if not assignments and not finals and all(w.held for w in self.waiting.values()):
                 return
             refused = self._dispatch(assignments, finals)
-            finals = []
-            if not refused:
+            finals, self._duplicates = self._duplicates, []
+            if not refused and not finals:
                 return
+        if finals:
+            self._dispatch([], finals)
 
     def _admit(self, entry_id: bytes, fields: dict[bytes, bytes], now_ms: float) -> Final | None:
         """Validate one entry: it waits for a group, or gets its final event (returned)."""
@@ -265,19 +266,21 @@ class Balancer(IngressReader, PoisonHandling):
                                      f"{self.settings.max_request_bytes} bytes")
             request = parse_request(fields, entry_id=eid, prefix=self.settings.prefix,
                                     max_request_bytes=self.settings.max_request_bytes,
-                                    default_max_tokens=self.settings.default_max_tokens)
+                                    default_max_tokens=self.settings.default_max_tokens,
+                                    signing_key=self.signing.for_entry(fields))
             # What cannot be serialized cannot be queued: found here, it ends this entry alone
             # (the guard around _admit), rather than failing every later dispatch pipeline.
             request.to_wire()
         except InvalidRequest as exc:
-            rid, reply = best_effort_reply_to(fields, entry_id=eid, prefix=self.settings.prefix)
-            final = Final(entry_id, rid, reply, error_event(rid, exc.code, str(exc)))
+            rid, reply = best_effort_reply_to(fields, entry_id=eid, prefix=self.settings.prefix,
+                                              signing_key=self.signing.for_entry(fields))
+            final = Final(entry_id, rid, reply, error_event(rid, exc.code, str(exc)), hold=True, invalid=True)
             self.counts["invalid_request"] += 1
             self.telemetry.finished(rid, final.fields)
             return final
         moved = request.takeover_from is not None
         self.waiting[entry_id] = Waiting(
-            entry_id, request, now_ms, request.takeover_from, request.takeover_epoch, moved=moved,
+            entry_id, request, now_ms, request.takeover_from, request.takeover_epoch, moved=moved, held=moved,
             prefix=prefix_key(request, chars=self.settings.affinity_prefix_chars,
                               tokens=self.settings.affinity_prefix_tokens))
         return None
@@ -353,7 +356,8 @@ class Balancer(IngressReader, PoisonHandling):
             del self.waiting[w.entry_id]
             self.counts[final["code"] if final["event"] == "error" else "cancelled"] += 1
             self.telemetry.finished(request.id, final)
-            finals.append(Final(w.entry_id, request.id, request.reply_to, final, w.takeover_from, w.takeover_epoch))
+            finals.append(Final(w.entry_id, request.id, request.reply_to, final, w.takeover_from, w.takeover_epoch,
+                                hold=not w.held))
         return assignments, finals
 
     def _model_of(self, w: Waiting) -> tuple[str | None, dict[str, str] | None]:
@@ -372,26 +376,43 @@ class Balancer(IngressReader, PoisonHandling):
         return model, None
 
     def _dispatch(self, assignments: list[tuple[Waiting, str]], finals: list[Final]) -> bool:
-        """Claim, then queue or publish. True when some group refused (full or closed): route again.
+        """Claim, then queue or publish. True when some group refused (full or closed), or a request is
+        to be taken over: route again.
 
         A request nobody claimed before is claimed and queued in one round trip: its DISPATCH rides
         in the claim's pipeline with the epoch a first claim gives (FIRST_EPOCH). Where the claim
         says otherwise (the request was pinned before: a re-submitted id, a re-read entry), that
         entry is taken back off the queue and the request goes where its claim says. The two calls
         stay separate scripts: their keys live in different cluster slots.
+
+        New requests hold their ids in the same round trip, ahead of their claims (balancer.request_ids):
+        routed ones, waiting ones, then the entries the balancer ends itself. A duplicate's eager
+        claim and queue entry are undone in the second round trip (``_duplicate_of_claimed``).
         """
         ttl_ms = self.settings.result_ttl_s * 1000
         eager = [w.takeover_from is None and not w.moved and not w.claimed for w, _group in assignments]
+        holds = [not w.held for w, _group in assignments]
+        routed = {w.entry_id for w, _group in assignments}
+        unheld = [w for w in self.waiting.values() if not w.held and w.entry_id not in routed]
+
+        def hold(pipe: Batch, entry_id: bytes, request_id: str, reply_to: str) -> None:
+            add_hold(pipe, self.keys, entry_id, request_id, reply_to, ttl_ms=ttl_ms)
 
         # Phase 1: pin each request to its group (or learn where it is pinned already).
         def claim(pipe: Batch) -> None:
-            for (w, group), first in zip(assignments, eager):
+            for (w, group), first, held in zip(assignments, eager, holds):
+                if held:
+                    hold(pipe, w.entry_id, w.request.id, w.request.reply_to)
                 self.scripts.claim_owner(progress=self.keys.progress(w.request.reply_to, w.request.id),
                                          reply_stream=w.request.reply_to, group=group, ttl_ms=ttl_ms,
                                          taken_from=w.takeover_from, taken_from_epoch=w.takeover_epoch, client=pipe)
                 if first:
                     self._queue(pipe, w, group, FIRST_EPOCH)
+            for w in unheld:
+                hold(pipe, w.entry_id, w.request.id, w.request.reply_to)
             for f in finals:
+                if f.hold:
+                    hold(pipe, f.entry_id, f.request_id, f.reply_to)
                 self.scripts.claim_owner(progress=self.keys.progress(f.reply_to, f.request_id),
                                          reply_stream=f.reply_to, group=PUBLISHER, ttl_ms=ttl_ms,
                                          taken_from=f.takeover_from, taken_from_epoch=f.takeover_epoch, client=pipe)
@@ -404,12 +425,20 @@ class Balancer(IngressReader, PoisonHandling):
         acks: list[bytes] = []
         sent: list[tuple[Waiting, str, int]] = []
         retract: list[tuple[str, Any]] = []  # (group, DISPATCH reply) of eager entries the claim overruled
+        voided: list[Voided] = []  # claims of duplicates, undone
         refused = False
-        for (w, candidate), first in zip(assignments, eager):
+        for (w, candidate), first, held in zip(assignments, eager, holds):
+            holder = read_hold(replies) if held else None
             raw = next(replies)
             queued = next(replies) if first else None
-            w.claimed = True
+            w.claimed = w.held = True
             got = claim_reply(raw)
+            if is_duplicate(holder, w.entry_id):
+                assert holder is not None
+                if first:
+                    retract.append((candidate, queued))
+                self._duplicate_of_claimed(w, holder, got, candidate, queued, voided, acks)
+                continue
             if first:
                 if isinstance(got, Claim) and not got.finished and (got.owner, got.epoch) == (candidate, FIRST_EPOCH):
                     refused |= self._queued(w, candidate, FIRST_EPOCH, queued, acks)
@@ -426,16 +455,32 @@ class Balancer(IngressReader, PoisonHandling):
             target = self.router.find(got.owner)
             if target is None or not target.routable:
                 # pinned to a group that is gone, or by a balancer that never finished it: take over
+                # (at once: the balancer's pin may be a duplicate's, undone in this round trip)
                 w.takeover_from, w.takeover_epoch = got.owner, got.epoch
+                refused = True
                 continue
             if (got.output_ids, got.choice_ids) != (w.request.output_ids, w.request.choice_output_ids):
                 # moved mid-generation: the new group continues after what the stream carries already
                 w.request = w.request.model_copy(update={"output_ids": got.output_ids,
                                                          "choice_output_ids": got.choice_ids})
             sent.append((w, got.owner, got.epoch))
+        for w in unheld:
+            holder = read_hold(replies)
+            w.held = True
+            if is_duplicate(holder, w.entry_id):
+                assert holder is not None
+                if (final := self._duplicate_of_waiting(w, holder)) is not None:
+                    self._duplicates.append(final)
         published: list[tuple[Final, int, dict[str, str]]] = []
         for f in finals:
+            holder = read_hold(replies) if f.hold else None
             got = claim_reply(next(replies))
+            if is_duplicate(holder, f.entry_id):
+                assert holder is not None
+                instead = self._duplicate_final(f, holder)
+                if instead is None:
+                    continue
+                f = instead
             if isinstance(got, Exception):
                 self._give_up(f.entry_id, f.request_id, f.reply_to, got, reply_to_failed=True)
                 continue
@@ -455,14 +500,17 @@ class Balancer(IngressReader, PoisonHandling):
                     # never run: were the group to read it first, its publishes are fenced (wrong epoch)
                     self.scripts.ack(queue=self.keys.group_queue(group), queue_tokens=self.keys.group_queue_tokens(group),
                                      consumer_group=QUEUE_GROUP, entry_ids=[queued[1]], client=pipe)
+            self._void(pipe, voided)
 
-        _, results = self.scripts.execute(dispatch) if sent or published or retract else (None, [])
+        _, results = self.scripts.execute(dispatch) if sent or published or retract or voided else (None, [])
         _raise_transient(results)
         for (w, group, epoch), raw in zip(sent, results[: len(sent)]):
             refused |= self._queued(w, group, epoch, raw, acks)
         for (f, _epoch, _fields), raw in zip(published, results[len(sent):]):
             if isinstance(raw, Exception):
                 self._give_up(f.entry_id, f.request_id, f.reply_to, raw, reply_to_failed=True)
+        retracted = sum(1 for _group, queued in retract if not isinstance(queued, Exception) and queued[0] == b"ok")
+        self._voided(voided, results[len(sent) + len(published) + retracted:], acks)
         self._ack(acks)
         return refused
 

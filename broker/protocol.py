@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from broker.errors import InvalidRequest
 from broker.keys import Keys
 from broker.refused import unhonoured_field
+from broker.signing import SIGNATURE_FIELD, sign, verify
 
 ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 ENTRY_ID_RE = re.compile(r"[0-9]+-[0-9]+")  # a stream entry id, as XADD * makes them
@@ -150,8 +151,9 @@ class GenerationRequest(BaseModel):
         packed: bytes = msgpack.packb(self.model_dump(mode="python"), use_bin_type=True)
         return packed
 
-    def to_ingress(self, *, from_owner: str, epoch: int) -> dict[str, bytes]:
-        """Fields that put this request back on the ingress stream, taken over from ``from_owner``."""
+    def to_ingress(self, *, from_owner: str, epoch: int, signing_key: bytes) -> dict[str, bytes | str]:
+        """Fields that put this request back on the ingress stream, taken over from ``from_owner``:
+        a msgpack ``payload`` with the internal fields, signed under ``signing_key`` (broker.signing)."""
         payload = {
             "id": self.id,
             "prompt": self.prompt,
@@ -171,7 +173,8 @@ class GenerationRequest(BaseModel):
             "_takeover": [from_owner, epoch],
             "_weights": self.weights,
         }
-        return {"payload": msgpack.packb({k: v for k, v in payload.items() if v is not None}, use_bin_type=True)}
+        packed = msgpack.packb({k: v for k, v in payload.items() if v is not None}, use_bin_type=True)
+        return {"payload": packed, SIGNATURE_FIELD: sign(signing_key, packed)}
 
     @classmethod
     def from_wire(cls, data: bytes) -> GenerationRequest:
@@ -352,10 +355,15 @@ def parse_request(
     prefix: str,
     max_request_bytes: int,
     default_max_tokens: int = 16,
+    signing_key: bytes | None = None,
 ) -> GenerationRequest:
-    """Validate one ingress entry. Raises ``InvalidRequest`` (and nothing else) on bad input."""
+    """Validate one ingress entry. Raises ``InvalidRequest`` (and nothing else) on bad input.
+
+    Fields whose names start with ``_`` are the pipeline's own (``to_ingress``): they count only in
+    a ``payload`` signed under ``signing_key`` (broker.signing); anywhere else they are refused.
+    """
     try:
-        return _parse(fields, entry_id, prefix, max_request_bytes, default_max_tokens)
+        return _parse(fields, entry_id, prefix, max_request_bytes, default_max_tokens, signing_key)
     except InvalidRequest:
         raise
     except ValidationError as exc:
@@ -366,8 +374,14 @@ def parse_request(
         raise InvalidRequest(f"request could not be parsed: {type(exc).__name__}") from None
 
 
+def _signed(raw: dict[str, Any], signing_key: bytes | None) -> bool:
+    """Whether the entry (its fields, names decoded) is a payload signed by the pipeline."""
+    return verify(signing_key, raw.get("payload"), raw.get(SIGNATURE_FIELD))
+
+
 def _parse(
-    fields: dict[Any, Any], entry_id: str, prefix: str, max_bytes: int, default_max_tokens: int
+    fields: dict[Any, Any], entry_id: str, prefix: str, max_bytes: int, default_max_tokens: int,
+    signing_key: bytes | None,
 ) -> GenerationRequest:
     size = _fields_size(fields)
     if size > max_bytes:
@@ -380,15 +394,20 @@ def _parse(
             except UnicodeDecodeError:
                 continue  # unknown (and unreadable) field names are ignored, like any unknown field
         raw[key] = value
+    signed = _signed(raw, signing_key)
     if "payload" in raw:
         raw = _unpack_payload(raw["payload"])
+    if not signed and (internal := next((k for k in raw if k.startswith("_")), None)) is not None:
+        # a client's entry never claims what only the pipeline may: a takeover, an earlier arrival
+        raise InvalidRequest(f"field {_show(internal)}: names starting with '_' are internal to the pipeline "
+                             "(docs/PROTOCOL.md); leave them out")
 
     request_id = entry_id if raw.get("id") is None else _text("id", raw["id"])
     if (name := unhonoured_field(raw)) is not None:
         raise InvalidRequest(f"field '{name}': not supported by this server (leave it unset)")
     if not ID_RE.fullmatch(request_id):
         raise InvalidRequest(f"field 'id': must be 1-128 characters of [A-Za-z0-9_.:-], got {_show(request_id)}")
-    if raw.get("_takeover") is None and is_later_entry_id(request_id, entry_id):
+    if not signed and is_later_entry_id(request_id, entry_id):
         # a later request sent without an id gets that entry id as its id: taken now, it would be squatted
         raise InvalidRequest(f"field 'id': {_show(request_id)} has the shape of a stream entry id after this "
                              "request's own; such ids are the ids of later requests sent without 'id'")
@@ -434,7 +453,7 @@ def _parse(
 
     enqueued_ms = entry_ms(entry_id)
     takeover_from, takeover_epoch = None, 0
-    # Internal fields, set only when ryzanstein itself puts a request back (to_ingress).
+    # Internal fields, set only when ryzanstein itself puts a request back (to_ingress): signed.
     if isinstance(raw.get("_enqueued_ms"), int) and not isinstance(raw["_enqueued_ms"], bool):
         enqueued_ms = raw["_enqueued_ms"]
     takeover = raw.get("_takeover")
@@ -542,13 +561,16 @@ def entry_ms(entry_id: str | bytes) -> int:
     return int(entry_id.split("-", 1)[0])
 
 
-def best_effort_reply_to(fields: dict[Any, Any], *, entry_id: str, prefix: str) -> tuple[str, str]:
+def best_effort_reply_to(fields: dict[Any, Any], *, entry_id: str, prefix: str,
+                         signing_key: bytes | None = None) -> tuple[str, str]:
     """(request id, reply stream) for an error about a request that failed validation.
 
     The client looks for its result under the id it sent, so use that when it is usable as part of a
-    key, and the entry id otherwise.
+    key, and the entry id otherwise (also for an id shaped like a later entry id, unless the pipeline
+    signed the entry: ``parse_request``).
     """
     raw = {(k.decode("utf-8", "replace") if isinstance(k, bytes) else str(k)): v for k, v in fields.items()}
+    signed = _signed(raw, signing_key)
     if "payload" in raw:
         try:
             raw = _unpack_payload(raw["payload"])
@@ -556,7 +578,7 @@ def best_effort_reply_to(fields: dict[Any, Any], *, entry_id: str, prefix: str) 
             raw = {}
     request_id = entry_id
     text = _key_text(raw.get("id"))
-    if text is not None and (raw.get("_takeover") is not None or not is_later_entry_id(text, entry_id)):
+    if text is not None and (signed or not is_later_entry_id(text, entry_id)):
         request_id = text  # (a later entry's id is not this request's to answer under)
     reply_to = f"{prefix}:result:{request_id}"
     text = _key_text(raw.get("reply_to"))

@@ -46,6 +46,7 @@ from broker.protocol import (
 from broker.registry import GroupLoad
 from broker.scripts import Scripts
 from broker.settings import Settings
+from broker.signing import SigningKey
 from broker.tokenizers import publish_tokenizer, tokenizer_digest
 from broker.wire import Batch
 from gpu_workers.engine import Engine, EngineRequest
@@ -681,7 +682,9 @@ class WorkerGroup(QueueIntake):
     def _hand_back(self, request: GenerationRequest, epoch: int, entry_id: bytes) -> None:
         # XADD first, then ack: a crash in between leaves a duplicate entry, which CLAIM_OWNER's
         # epoch check and the dispatch marker make harmless; the reverse order could lose it.
-        self.redis.xadd(self.keys.requests, request.to_ingress(from_owner=self.name, epoch=epoch))
+        signing_key = SigningKey(self.redis, self.keys).get()  # signed: no client can forge a hand-back
+        self.redis.xadd(self.keys.requests, request.to_ingress(from_owner=self.name, epoch=epoch,
+                                                               signing_key=signing_key))
         self._ack([entry_id])
         self.telemetry.let_go(request.id, "handed_back")
         log.info("handed back request %s", request.id, extra=request_extra(request.id, group=self.name))

@@ -61,14 +61,14 @@ def test_round_trips_through_the_group_queue_and_re_enqueueing() -> None:
     req = parse({**BASE, "n": "2", "best_of": "4", "prompt_logprobs": "3"})
     moved = req.model_copy(update={"choice_output_ids": ((1, 2), (), (3,), (4, 5))})
     assert GenerationRequest.from_wire(moved.to_wire()) == moved
-    again = parse_request_fields(req.to_ingress(from_owner="g", epoch=2))
+    again = parse_request_fields(req.to_ingress(from_owner="g", epoch=2, signing_key=b"k"))
     assert again.sampling == req.sampling
 
 
-def parse_request_fields(fields: dict[str, bytes]) -> GenerationRequest:
+def parse_request_fields(fields: dict[str, bytes | str]) -> GenerationRequest:
     from broker.protocol import parse_request
     return parse_request({k.encode(): v for k, v in fields.items()}, entry_id="1700000000000-5", prefix="ryz",
-                         max_request_bytes=1 << 20)
+                         max_request_bytes=1 << 20, signing_key=b"k")
 
 
 def test_events() -> None:

@@ -103,7 +103,7 @@ def test_group_queue_round_trip_keeps_the_controls() -> None:
 
 def test_re_enqueued_request_keeps_the_controls() -> None:
     req = controlled_request()
-    fields: dict[Any, Any] = req.to_ingress(from_owner="g-1", epoch=3)
+    fields: dict[Any, Any] = req.to_ingress(from_owner="g-1", epoch=3, signing_key=b"k")
     assert "logit_bias" in msgpack.unpackb(fields["payload"], raw=False)
     again = parse_fields(fields)
     assert again.sampling == req.sampling
@@ -111,7 +111,7 @@ def test_re_enqueued_request_keeps_the_controls() -> None:
 
 def parse_fields(fields: dict[Any, Any]) -> GenerationRequest:
     return parse_request({k.encode(): v for k, v in fields.items()}, entry_id="1700000000000-5", prefix="ryz",
-                         max_request_bytes=1 << 20)
+                         max_request_bytes=1 << 20, signing_key=b"k")
 
 
 # --- fields known elsewhere and not honoured here -------------------------------------------------
