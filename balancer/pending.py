@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from broker.protocol import GenerationRequest, done_event
+from broker.protocol import GenerationRequest, choice_entry, done_event
 from broker.scripts import Claim, claim_result
 
 
@@ -42,10 +42,16 @@ class Final:
 
     def with_progress(self, claim: Claim) -> dict[str, str]:
         """A cancellation of a request that moved mid-stream reports what its stream carried."""
-        if self.fields.get("finish_reason") != "cancelled" or not claim.output_ids:
+        if self.fields.get("finish_reason") != "cancelled" or not (claim.output_ids or claim.choice_ids):
             return self.fields
+        prompt_tokens = int(self.fields.get("prompt_tokens", "0"))
+        if claim.choice_ids:  # several completions: each as far as its stream went
+            choices = [choice_entry(c, text=text, token_ids=list(ids), finish_reason="cancelled")
+                       for c, (ids, text) in enumerate(zip(claim.choice_ids, claim.choice_texts))]
+            return done_event(self.request_id, text=choices[0]["text"], token_ids=choices[0]["token_ids"],
+                              finish_reason="cancelled", prompt_tokens=prompt_tokens, choices=choices)
         return done_event(self.request_id, text=claim.output_text, token_ids=list(claim.output_ids),
-                          finish_reason="cancelled", prompt_tokens=int(self.fields.get("prompt_tokens", "0")))
+                          finish_reason="cancelled", prompt_tokens=prompt_tokens)
 
 
 def claim_reply(raw: Any) -> Claim | Exception:

@@ -459,9 +459,10 @@ class Balancer(IngressReader, PoisonHandling):
                 w.takeover_from, w.takeover_epoch = got.owner, got.epoch
                 refused = True
                 continue
-            if got.output_ids != w.request.output_ids:
+            if (got.output_ids, got.choice_ids) != (w.request.output_ids, w.request.choice_output_ids):
                 # moved mid-generation: the new group continues after what the stream carries already
-                w.request = w.request.model_copy(update={"output_ids": got.output_ids})
+                w.request = w.request.model_copy(update={"output_ids": got.output_ids,
+                                                         "choice_output_ids": got.choice_ids})
             sent.append((w, got.owner, got.epoch))
         for w in unheld:
             holder = read_hold(replies)
@@ -526,7 +527,7 @@ class Balancer(IngressReader, PoisonHandling):
     def _wire(self, w: Waiting, group: str) -> bytes:
         """``w``'s request as queued for ``group``: stamped with the group's weights fingerprint, unless
         it carries tokens already, which keep the stamp of the weights that made them."""
-        if not w.request.output_ids:
+        if not w.request.output_ids and not w.request.choice_output_ids:
             target = self.router.find(group)
             weights = target.weights or None if target is not None else None
             if weights != w.request.weights:

@@ -150,6 +150,10 @@ class Keys:
         """A chat template's Jinja source, under its SHA-256 (broker.chat)."""
         return companion(self.groups, f"template:{digest}")
 
+    def tokenizer(self, digest: str) -> str:
+        """A model's tokenizer (broker.tokenizers), under its SHA-256."""
+        return companion(self.groups, f"tokenizer:{digest}")
+
     def group_queue(self, name: str) -> str:
         return f"{{{self.prefix}:g:{name}}}:queue"
 

@@ -35,6 +35,7 @@ MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias
 MAX_BAD_WORDS = 128
 LOGIT_BIAS_LIMIT = 100.0  # |bias| at most, as OpenAI's API
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API
+MAX_N = 128  # completions of one request (n, best_of), as OpenAI's API bounds n
 
 
 class SamplingParams(BaseModel):
@@ -64,8 +65,35 @@ class SamplingParams(BaseModel):
     # --- logprobs (docs/PROTOCOL.md, "Logprobs") ---
     logprobs: bool = False  # token and done events carry each generated token's logprob
     top_logprobs: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)  # and this many likeliest alternatives
+    # The prompt tokens' logprobs, with this many likeliest alternatives each (None: not asked).
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    # --- several completions (docs/PROTOCOL.md, "Several completions") ---
+    n: int = Field(default=1, ge=1, le=MAX_N)  # completions returned
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)  # generated, the n likeliest returned (None: n)
+
     # --- structured output (docs/PROTOCOL.md, "Structured output"): what the completion must match ---
     structured: StructuredOutput | None = None
+
+    @property
+    def num_sequences(self) -> int:
+        """Completions generated: ``best_of``, else ``n``."""
+        return self.best_of if self.best_of is not None else self.n
+
+    def for_choice(self, choice: int, *, leader: bool = True) -> SamplingParams:
+        """The parameters of completion ``choice`` (0-based) of a request with several, as the
+        engine runs it: seed ``seed + choice`` (vLLM's rule: each completion is reproducible on its
+        own, and completion 0 is what the request with n=1 gives); with ``best_of`` > ``n``, logprobs
+        on (the ranking needs them); prompt logprobs on the ``leader`` only (one prefill computes them)."""
+        if self.num_sequences == 1 and leader:
+            return self
+        update: dict[str, Any] = {"n": 1, "best_of": None}
+        if self.seed is not None:
+            update["seed"] = (self.seed + choice) & UINT64_MAX
+        if self.num_sequences > self.n:
+            update["logprobs"] = True
+        if not leader:
+            update["prompt_logprobs"] = None
+        return self.model_copy(update=update)
 
     @property
     def needed_tokens(self) -> int:
@@ -112,6 +140,8 @@ class GenerationRequest(BaseModel):
     # Set by the balancer when it dispatches a request taken over mid-generation: the token ids
     # already published, which the new group continues after (never on the ingress stream).
     output_ids: tuple[int, ...] = ()
+    # The same for a request with several completions (n > 1): the ids published per completion.
+    choice_output_ids: tuple[tuple[int, ...], ...] = ()
     # Fingerprint of the weights that generated ``output_ids`` (set by the balancer at dispatch): a
     # group with other weights refuses to continue such a request (no answer mixes two versions).
     weights: str | None = None
@@ -160,6 +190,8 @@ class GenerationRequest(BaseModel):
         for name in ("prompt_ids", "output_ids"):
             if raw.get(name) is not None:
                 raw[name] = tuple(raw[name])
+        if raw.get("choice_output_ids") is not None:
+            raw["choice_output_ids"] = tuple(tuple(ids) for ids in raw["choice_output_ids"])
         return cls(**raw)
 
 
@@ -406,6 +438,8 @@ def _parse(
     if raw.get("stop_token_ids") is not None:
         sampling["stop_token_ids"] = _stop_token_ids(raw["stop_token_ids"])
     sampling.update(_controls(raw))
+    stream = _bool("stream", raw["stream"]) if raw.get("stream") is not None else False
+    _check_choices(sampling, stream=stream)
     if sampling.get("min_tokens", 0) > sampling["max_tokens"] >= 1:
         raise InvalidRequest(f"field 'min_tokens': must be at most max_tokens ({sampling['max_tokens']}), "
                              f"got {sampling['min_tokens']}")
@@ -439,7 +473,7 @@ def _parse(
         prompt=prompt,
         prompt_ids=prompt_ids,
         sampling=SamplingParams(**sampling),
-        stream=_bool("stream", raw["stream"]) if raw.get("stream") is not None else False,
+        stream=stream,
         priority=_int("priority", raw["priority"]) if raw.get("priority") is not None else 0,
         timeout_s=_float("timeout_s", raw["timeout_s"]) if raw.get("timeout_s") is not None else None,
         reply_to=reply_to,
@@ -480,7 +514,22 @@ def _controls(raw: dict[str, Any]) -> dict[str, Any]:
         out["top_logprobs"] = _int("top_logprobs", raw["top_logprobs"])
         if out["top_logprobs"] > 0 and not out.get("logprobs"):
             raise InvalidRequest("field 'top_logprobs': needs logprobs set to true")
+    for name in ("prompt_logprobs", "n", "best_of"):
+        if raw.get(name) is not None:
+            out[name] = _int(name, raw[name])
     return out
+
+
+def _check_choices(sampling: dict[str, Any], *, stream: bool) -> None:
+    """``best_of`` (when set) is at least ``n``, and equals it when streaming: the completions
+    returned are only known at the end (vLLM's and OpenAI's rule)."""
+    n, best_of = sampling.get("n", 1), sampling.get("best_of")
+    if best_of is None or not isinstance(n, int) or n < 1:
+        return  # (bounds: SamplingParams)
+    if best_of < n:
+        raise InvalidRequest(f"field 'best_of': must be at least n ({n}), got {best_of}")
+    if stream and best_of > n:
+        raise InvalidRequest(f"field 'best_of': must equal n ({n}) when streaming, got {best_of}")
 
 
 def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
@@ -586,13 +635,20 @@ def limit_problem(prompt_ids: list[int] | tuple[int, ...], max_tokens: int, *, v
 
 
 def token_event(request_id: str, index: int, token_id: int, text: str,
-                logprobs: dict[str, Any] | None = None) -> dict[str, str]:
+                logprobs: dict[str, Any] | None = None, *, choice: int | None = None,
+                finish_reason: str | None = None) -> dict[str, str]:
     """``logprobs``: this token's entry of the done event's ``logprobs`` (``token_logprobs``), or
-    None; sent as ``logprob`` (the number alone, for reading by eye) and ``logprobs`` (the entry)."""
+    None; sent as ``logprob`` (the number alone, for reading by eye) and ``logprobs`` (the entry).
+    ``choice``: the completion it belongs to, for requests with several (n > 1; ``index`` counts
+    within that completion); ``finish_reason``: set on the token that ends its completion (n > 1)."""
     event = {"id": request_id, "event": "token", "index": str(index), "token_id": str(token_id), "text": text}
     if logprobs is not None:
         event["logprob"] = repr(logprobs["logprob"])
         event["logprobs"] = _json(logprobs)
+    if choice is not None:
+        event["choice"] = str(choice)
+    if finish_reason is not None:
+        event["finish_reason"] = finish_reason
     return event
 
 
@@ -620,11 +676,22 @@ def done_event(
     prompt_tokens: int,
     logprobs: list[dict[str, Any] | None] | None = None,
     served: dict[str, str] | None = None,
+    choices: list[dict[str, Any]] | None = None,
+    prompt_logprobs: list[dict[str, Any] | None] | None = None,
 ) -> dict[str, str]:
     """``logprobs``: one ``token_logprobs`` entry per token id (None for a token generated before
     the request moved to this group), or None when the request did not ask for them. ``served``:
-    ``model``, ``group`` and the timings ``queue_s``, ``ttft_s``, ``total_s`` (seconds as text)."""
+    ``model``, ``group`` and the timings ``queue_s``, ``ttft_s``, ``total_s`` (seconds as text).
+    ``choices``: for a request with several completions, each as ``choice_entry`` makes it, the
+    first also given by ``text``...``logprobs``; ``completion_tokens`` then counts all of them.
+    ``prompt_logprobs``: one entry per prompt token (None for the first), when asked for."""
     extra = {"logprobs": _json(logprobs)} if logprobs is not None else {}
+    if prompt_logprobs is not None:
+        extra["prompt_logprobs"] = _json(prompt_logprobs)
+    completion_tokens = len(token_ids)
+    if choices is not None:
+        extra["choices"] = _json(choices)
+        completion_tokens = sum(len(c["token_ids"]) for c in choices)
     extra.update(served or {})
     return {
         "id": request_id,
@@ -633,9 +700,23 @@ def done_event(
         "token_ids": json.dumps(token_ids, separators=(",", ":")),
         "finish_reason": finish_reason,
         "prompt_tokens": str(prompt_tokens),
-        "completion_tokens": str(len(token_ids)),
+        "completion_tokens": str(completion_tokens),
         **extra,
     }
+
+
+def choice_entry(index: int, *, text: str, token_ids: list[int], finish_reason: str,
+                 logprobs: list[dict[str, Any] | None] | None = None,
+                 cumulative_logprob: float | None = None) -> dict[str, Any]:
+    """One completion of a done event's ``choices``: ``{"index", "text", "token_ids",
+    "finish_reason"}``, with ``logprobs`` when asked for and ``cumulative_logprob`` when known (the
+    sum of its tokens' logprobs: what ``best_of`` ranks by)."""
+    entry: dict[str, Any] = {"index": index, "text": text, "token_ids": token_ids, "finish_reason": finish_reason}
+    if logprobs is not None:
+        entry["logprobs"] = logprobs
+    if cumulative_logprob is not None:
+        entry["cumulative_logprob"] = cumulative_logprob if math.isfinite(cumulative_logprob) else LOGPROB_FLOOR
+    return entry
 
 
 def error_event(request_id: str, code: str, message: str) -> dict[str, str]:

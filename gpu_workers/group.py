@@ -16,6 +16,7 @@ goes on.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -34,19 +35,28 @@ from broker.errors import EngineFailed
 from broker.failures import describe, raise_if_fatal
 from broker.keys import QUEUE_GROUP, Keys
 from broker.logs import request_extra
-from broker.protocol import GenerationRequest, done_event, error_event, limit_problem, token_event
+from broker.protocol import (
+    GenerationRequest,
+    choice_entry,
+    done_event,
+    error_event,
+    limit_problem,
+    token_event,
+)
 from broker.registry import GroupLoad
 from broker.scripts import Scripts
 from broker.settings import Settings
 from broker.signing import SigningKey
+from broker.tokenizers import publish_tokenizer, tokenizer_digest
 from broker.wire import Batch
 from gpu_workers.engine import Engine, EngineRequest
-from gpu_workers.holding import Event, Held, Holding
+from gpu_workers.hf_tokenizer import tokenizer_spec
+from gpu_workers.holding import Event, Held, Holding, engine_id, split_engine_id
 from gpu_workers.intake import CONSUMER, QueueIntake
 from gpu_workers.isolation import Isolation
 from gpu_workers.keepalive import StepKeepalive
 from gpu_workers.load import LoadMeter, group_load
-from gpu_workers.output import OutputState
+from gpu_workers.output import OutputState, ranked_choices, render_prompt_logprobs
 from gpu_workers.publisher import Publisher
 from gpu_workers.served import default_served_name, foreign_weights
 from gpu_workers.telemetry import GroupTelemetry
@@ -78,6 +88,8 @@ class WorkerGroup(QueueIntake):
         template = engine.info.chat_template
         self.chat_template = template_digest(template) if template else ""
         self._next_template_publish = 0.0
+        self._tokenizer_spec = tokenizer_spec(engine.tokenizer)  # published with the template
+        self.tokenizer_digest = tokenizer_digest(self._tokenizer_spec) if self._tokenizer_spec else ""
         self.settings = settings
         self.keys = Keys(settings.prefix)
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
@@ -241,8 +253,10 @@ class WorkerGroup(QueueIntake):
         self.register()
 
     def _drop_all(self) -> None:
-        for rid in list(self._running):
-            self.engine.abort(rid)
+        for held in self.holding.values():
+            if held.running:
+                for engine_request_id in held.engine_ids():
+                    self.engine.abort(engine_request_id)
         self.holding.clear()
         self.publisher.clear()
         self.isolation.clear()
@@ -317,9 +331,13 @@ class WorkerGroup(QueueIntake):
         try:
             held.prompt_ids = (list(request.prompt_ids) if request.prompt_ids is not None
                                else self.engine.tokenizer.encode(request.prompt or ""))
-            held.output = OutputState(sampling=request.sampling, prompt_ids=held.prompt_ids,
-                                      tokenizer=self.engine.tokenizer, eos_token_ids=info.eos_token_ids,
-                                      max_context=info.max_context)
+            held.choices = [OutputState(sampling=request.sampling, prompt_ids=held.prompt_ids,
+                                        tokenizer=self.engine.tokenizer, eos_token_ids=info.eos_token_ids,
+                                        max_context=info.max_context)
+                            for _ in range(request.sampling.num_sequences)]
+            held.output = held.choices[0]
+            if len(held.choices) == 1:
+                held.choices = []
         except Exception as exc:
             log.exception("request %s: cannot tokenize its prompt", request.id)
             self._finish_error(held, "internal", f"the prompt could not be tokenized ({type(exc).__name__})")
@@ -333,7 +351,7 @@ class WorkerGroup(QueueIntake):
         if (problem := foreign_weights(request, self.weights)) is not None:
             self._finish_error(held, "unavailable", problem)
             return
-        if request.output_ids and not self._replay(held):
+        if (request.output_ids or request.choice_output_ids) and not self._replay(held):
             return
         now_ms = self.clock.now_ms()
         if self._cancelled.matches(request.id, request.cancel_token):
@@ -347,19 +365,24 @@ class WorkerGroup(QueueIntake):
         """Feed the tokens another group published into the output state, writing nothing: the
         next token gets the next index and the text deltas go on where the client's stream stops.
         False when the request ended (it should have ended with them already)."""
-        output = held.output
-        assert output is not None
+        assert held.output is not None
+        request = held.request
+        # (a request with several completions continues each from its own tokens)
+        replays = list(zip(held.choices, request.choice_output_ids)) if held.choices else [
+            (held.output, request.output_ids)]
         try:
-            for token_id in held.request.output_ids:
-                output.push(token_id)
-                if output.finished:
-                    break
+            for output, token_ids in replays:
+                for token_id in token_ids:
+                    output.push(token_id)
+                    if output.finished:
+                        break
         except Exception as exc:
             log.exception("request %s: cannot continue from its published tokens", held.request.id)
             self._finish_error(held, "internal", f"cannot continue a moved request ({type(exc).__name__})")
             return False
-        if output.finish_reason is not None:
-            self._finish(held, output.finish_reason)
+        outputs = held.choices or [held.output]
+        if all(o.finished for o in outputs):
+            self._finish(held, outputs[0].finish_reason or "stop")
             return False
         return True
 
@@ -394,12 +417,27 @@ class WorkerGroup(QueueIntake):
     def _start(self, held: Held) -> None:
         assert held.output is not None
         request = held.request
+        deadline = request.deadline_ms / 1000 if request.deadline_ms is not None else None
         try:
-            deadline = request.deadline_ms / 1000 if request.deadline_ms is not None else None
-            self.engine.add(EngineRequest(request.id, held.prompt_ids, request.sampling, priority=request.priority,
-                                          deadline=deadline, output_ids=list(held.output.token_ids)))
+            if not held.choices:
+                self.engine.add(EngineRequest(request.id, held.prompt_ids, request.sampling,
+                                              priority=request.priority, deadline=deadline,
+                                              output_ids=list(held.output.token_ids)))
+            else:
+                # One engine request per completion still generating; the first computes the prompt
+                # (and its logprobs), the others share its blocks through the prefix cache.
+                unfinished = [c for c, o in enumerate(held.choices) if not o.finished]
+                leader = engine_id(request.id, unfinished[0])
+                for c in unfinished:
+                    self.engine.add(EngineRequest(
+                        engine_id(request.id, c), held.prompt_ids,
+                        request.sampling.for_choice(c, leader=c == unfinished[0]), priority=request.priority,
+                        deadline=deadline, output_ids=list(held.choices[c].token_ids),
+                        shares_prefix_with=None if c == unfinished[0] else leader))
         except Exception as exc:
             log.exception("request %s: the engine refused it", request.id)
+            for engine_request_id in held.engine_ids():
+                self.engine.abort(engine_request_id)
             self._finish_error(held, "internal", f"the engine failed on this request ({type(exc).__name__})")
             return
         self.holding.started(held)
@@ -423,15 +461,25 @@ class WorkerGroup(QueueIntake):
             self.keepalive.step_ended()
         self.meter.step(self._monotonic() - started, len(outputs))
         for rejection in self.engine.rejected():  # dropped by the engine (a grammar that does not compile)
-            if (dropped := self.held.get(rejection.request_id)) is not None and not dropped.final:
+            # (a completion of several: the request ends with its error, the others are aborted)
+            if (dropped := self.held.get(split_engine_id(rejection.request_id)[0])) is not None and not dropped.final:
                 self._finish_error(dropped, rejection.code, rejection.message)
-        self.telemetry.step(outputs)
+        self.telemetry.step([out if split_engine_id(out.request_id)[1] is None else
+                             dataclasses.replace(out, request_id=split_engine_id(out.request_id)[0])
+                             for out in outputs])
         for out in outputs:
-            held = self.held.get(out.request_id)
+            request_id, choice = split_engine_id(out.request_id)
+            held = self.held.get(request_id)
             if held is None or held.final or held.output is None:
                 continue
+            output = held.output if choice is None else held.choices[choice]
+            if output.finished:
+                continue
             try:
-                result = held.output.push(out.token_id, engine_finish=out.finish_reason, logprobs=out.logprobs)
+                result = output.push(out.token_id, engine_finish=out.finish_reason, logprobs=out.logprobs)
+                if out.prompt_logprobs is not None:
+                    held.prompt_logprobs = render_prompt_logprobs(self.engine.tokenizer, held.prompt_ids,
+                                                                  out.prompt_logprobs)
             except Exception as exc:
                 log.exception("request %s: cannot process token %r", held.request.id, out.token_id)
                 self._finish_error(held, "internal", f"output processing failed ({type(exc).__name__})")
@@ -439,12 +487,19 @@ class WorkerGroup(QueueIntake):
             if held.first_token_ms is None:
                 held.first_token_ms = self.clock.now_ms()
             if held.request.stream:
-                self._emit(held, ("t", result.index, token_event(held.request.id, result.index, result.token_id,
-                                                                 result.text, result.logprobs)))
-            if result.finish_reason is not None:
-                if out.finish_reason is not None:  # the engine has let go of it already
-                    self.holding.stopped(held)
-                self._finish(held, result.finish_reason)
+                event = token_event(held.request.id, result.index, result.token_id, result.text, result.logprobs,
+                                    choice=choice, finish_reason=result.finish_reason if held.choices else None)
+                self._emit(held, ("t", result.index, event))
+            if result.finish_reason is None:
+                continue
+            if choice is not None:
+                if out.finish_reason is None:  # a stop string or a limit: the engine still runs it
+                    self.engine.abort(out.request_id)
+                if not all(o.finished for o in held.choices):
+                    continue  # the request ends with its last completion
+            if out.finish_reason is not None or choice is not None:  # the engine has let go of it already
+                self.holding.stopped(held)
+            self._finish(held, result.finish_reason)
         if self.isolation.active:
             # The suspect stepped alone without failing: cleared; it runs with the others afterwards.
             for rid in list(self._running):
@@ -465,7 +520,8 @@ class WorkerGroup(QueueIntake):
     def _stop(self, held: Held) -> None:
         """Take a request out of the engine (its KV blocks are freed now)."""
         if held.running:
-            self.engine.abort(held.request.id)
+            for engine_request_id in held.engine_ids():
+                self.engine.abort(engine_request_id)
             self.holding.stopped(held)
 
     def _emit(self, held: Held, event: Event) -> None:
@@ -475,16 +531,30 @@ class WorkerGroup(QueueIntake):
         self._stop(held)
         out = held.output
         assert out is not None
-        self._emit(held, ("f", 0, done_event(
+        choices = None
+        if held.choices:
+            # Several completions: the done event carries them all (the request's one final event),
+            # ``text`` and the like repeat the first; those still going end with this reason.
+            for o in held.choices:
+                o.end(finish_reason)
+            returned = ranked_choices(held.choices, held.request.sampling.n)
+            choices = [choice_entry(i, text=o.text, token_ids=o.token_ids, finish_reason=o.finish_reason or finish_reason,
+                                    logprobs=o.logprobs, cumulative_logprob=o.cumulative_logprob)
+                       for i, o in enumerate(returned)]
+            out = returned[0]
+            finish_reason = finish_reason if finish_reason == "cancelled" else out.finish_reason or finish_reason
+        event = done_event(
             held.request.id, text=out.text, token_ids=out.token_ids,
             finish_reason=finish_reason,  # type: ignore[arg-type]
             prompt_tokens=out.prompt_len, logprobs=out.logprobs,
             served=held.served(model=held.request.model or self.served_models[0], group=self.name,
                                now_ms=self.clock.now_ms()),
-        )))
+            choices=choices, prompt_logprobs=held.prompt_logprobs,
+        )
+        self._emit(held, ("f", 0, event))
         held.final = True
         self.telemetry.finished(held.request.id, finish_reason, prompt_tokens=out.prompt_len,
-                                completion_tokens=len(out.token_ids))
+                                completion_tokens=int(event["completion_tokens"]))
 
     def _finish_error(self, held: Held, code: str, message: str) -> None:
         self._stop(held)
@@ -537,7 +607,8 @@ class WorkerGroup(QueueIntake):
         load = group_load(self.name, self.engine, self.holding, self.meter, now=now, state=state,
                           queue_depth=self._queue_depth, completed=self.completed, fenced=self.fenced,
                           metrics_port=self.telemetry.port, served_models=self.served_models,
-                          weights=self.weights, chat_template=self.chat_template)
+                          weights=self.weights, chat_template=self.chat_template,
+                          tokenizer=self.tokenizer_digest)
         self.meter.reset(now)
         return load
 
@@ -546,9 +617,12 @@ class WorkerGroup(QueueIntake):
         if not force and now < self._next_heartbeat:
             return
         self._next_heartbeat = now + self.settings.heartbeat_interval_s
-        if self.engine.info.chat_template and now >= self._next_template_publish:
-            # again now and then: a Redis restarted without persistence lost it (the heartbeat is rewritten)
-            publish_template(self.redis, self.keys, self.engine.info.chat_template)
+        if now >= self._next_template_publish:
+            # again now and then: a Redis restarted without persistence lost them (the heartbeat is rewritten)
+            if self.engine.info.chat_template:
+                publish_template(self.redis, self.keys, self.engine.info.chat_template)
+            if self._tokenizer_spec:
+                publish_tokenizer(self.redis, self.keys, self._tokenizer_spec)
             self._next_template_publish = now + TEMPLATE_REPUBLISH_S
         queued = self.redis.xlen(self.keys.group_queue(self.name))
         self._queue_depth = max(0, queued - len(self._running))
@@ -573,7 +647,9 @@ class WorkerGroup(QueueIntake):
         finishes."""
         self.redis.delete(self.keys.group_accepting(self.name))
         self.heartbeat(force=True)
-        unstarted = [self.held[rid] for rid in self.engine.not_started() if rid in self.held]
+        not_started = set(self.engine.not_started())
+        unstarted = [h for h in self.held.values() if h.running and not h.final
+                     and all(eid in not_started for eid in h.engine_ids(unfinished=True))]
         for held in unstarted:
             self._stop(held)
         waiting = self.holding.waiting()

@@ -28,6 +28,7 @@ from broker.settings import Settings, load_settings
 from producer.chat_template import TemplateSource, render_chat, render_chat_async
 from producer.expiry import ExpiryCheck
 from producer.request import (
+    Choice,
     Completion,
     Event,
     GenerationOptions,
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
     import redis.asyncio
     from typing_extensions import Self, Unpack
 
-__all__ = ["AsyncClient", "Client", "ClientClosed", "Completion", "Event", "Handle", "RequestOptions"]
+__all__ = ["AsyncClient", "Choice", "Client", "ClientClosed", "Completion", "Event", "Handle", "RequestOptions"]
 
 log = logging.getLogger(__name__)
 

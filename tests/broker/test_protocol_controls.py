@@ -117,8 +117,7 @@ def parse_fields(fields: dict[Any, Any]) -> GenerationRequest:
 # --- fields known elsewhere and not honoured here -------------------------------------------------
 
 REFUSED = [  # (field, a value that would change the output)
-    ("n", "2"), ("best_of", "3"), ("use_beam_search", "true"), ("length_penalty", "0.5"),
-    ("prompt_logprobs", "0"), ("allowed_token_ids", "[1, 2]"),
+    ("use_beam_search", "true"), ("length_penalty", "0.5"), ("allowed_token_ids", "[1, 2]"),
     ("logits_processors", '["x"]'), ("guided_whitespace_pattern", " +"), ("include_stop_str_in_output", "1"),
     ("skip_special_tokens", "false"), ("spaces_between_special_tokens", "0"), ("truncate_prompt_tokens", "10"),
 ]

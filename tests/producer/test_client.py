@@ -62,6 +62,9 @@ def test_every_option_survives_the_servers_parser(keys: Keys) -> None:
         logprobs=True,
         top_logprobs=4,
         fit_max_tokens=True,
+        prompt_logprobs=2,
+        n=3,
+        best_of=3,
         guided_choice=["yes", "no"],
     )
 
@@ -87,6 +90,9 @@ def test_every_option_survives_the_servers_parser(keys: Keys) -> None:
         "fit_max_tokens": True,
         "logprobs": True,
         "top_logprobs": 4,
+        "prompt_logprobs": 2,
+        "n": 3,
+        "best_of": 3,
         "structured": {"kind": "choice", "spec": '["yes", "no"]', "field": "guided_choice"},
     }
     assert request.model == "org/chat-v2"
