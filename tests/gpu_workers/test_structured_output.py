@@ -230,3 +230,25 @@ def test_a_group_answers_a_spec_that_does_not_compile_with_invalid_request(
     assert "'response_format'" in error["message"] and "frobnicate" in error["message"]
     done = finals(events(r, keys.result("good")))[0]
     assert done["event"] == "done" and done["text"] in ("up", "down") and done["finish_reason"] == "stop"
+
+
+def test_every_completion_of_n_matches_its_schema(
+        r: redis.Redis, redis_url: str, prefix: str, keys: Keys, mono: FakeMonotonic, model_dir: Path) -> None:
+    """n=3 with a schema, through a worker group: each completion has its own matcher (the
+    compiled grammar is shared), and each validates."""
+    schema = random_schemas(5, seed=31)[4]
+    group = WorkerGroup(r, engine_for(model_dir), settings=Settings(redis_url=redis_url, prefix=prefix,
+                                                                   worker_block_ms=1), name="g1", monotonic=mono)
+    group.register()
+    request = parse_request({"id": "n3", "prompt": "x", "guided_json": json.dumps(schema), "n": "3", "seed": "4",
+                             "max_tokens": "600", "stream": "1"}, entry_id="1-0", prefix=prefix,
+                            max_request_bytes=1 << 20)
+    enqueue(r, keys, "g1", request)
+    run_until(group.tick, lambda: bool(finals(events(r, keys.result("n3")))), limit=3000)
+    done = finals(events(r, keys.result("n3")))[0]
+    assert done["event"] == "done", done
+    choices = json.loads(done["choices"])
+    assert len(choices) == 3 and len({c["text"] for c in choices}) > 1
+    for choice in choices:
+        assert choice["finish_reason"] == "stop"
+        jsonschema.validate(json.loads(choice["text"]), schema)
