@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import msgpack
 from redis.exceptions import NoScriptError
 
+from broker.protocol import GenerationRequest
 from broker.wire import Batch, Wire
 
 T = TypeVar("T")
@@ -94,6 +95,21 @@ local id = redis.call('XADD', KEYS[1], '*', 'r', ARGV[1], 'e', ARGV[2], 'c', cos
 if KEYS[4] then redis.call('INCRBY', KEYS[4], cost) end
 return {'ok', id}
 """
+
+
+@dataclass(frozen=True, slots=True)
+class QueueEntry:
+    """A group queue entry, as DISPATCH writes it (fields r, e, c)."""
+
+    request: GenerationRequest  # r: the request, msgpack (GenerationRequest.to_wire)
+    epoch: int  # e: the epoch it was dispatched under; the group publishes under it
+    cost: int  # c: tokens it adds to the queue's token counter (0 in entries written before it existed)
+
+
+def queue_entry(fields: dict[bytes, bytes]) -> QueueEntry:
+    """Decode a queue entry's fields; KeyError or ValueError (msgpack's, pydantic's) when malformed."""
+    return QueueEntry(GenerationRequest.from_wire(fields[b"r"]), int(fields[b"e"]), int(fields.get(b"c", b"0")))
+
 
 ACK = """
 -- Acknowledge and delete a group's finished queue entries, and take their cost off its counter.
