@@ -30,15 +30,13 @@ from balancer.ingress import IngressReader
 from balancer.models import resolve_model
 from balancer.pending import Final, Waiting, claim_reply
 from balancer.poison import PoisonHandling
-from balancer.reclaim import Reclaimer
 from balancer.router import Router
 from balancer.routing import AffinityTable, RoutingPolicy, prefix_key
 from balancer.telemetry import BalancerTelemetry
-from broker.cancellation import Cancellations
-from broker.connection import TRANSIENT_ERRORS, RedisClock, backoff_delays
+from broker.connection import TRANSIENT_ERRORS, RedisClock
+from broker.consumer import Next, StreamConsumer, serve
 from broker.dead_letter import Attempts, DeadLetters
 from broker.errors import InvalidRequest
-from broker.failures import describe, raise_if_fatal
 from broker.keys import INGRESS_GROUP, QUEUE_GROUP, Keys
 from broker.protocol import (
     best_effort_reply_to,
@@ -50,6 +48,7 @@ from broker.protocol import (
 from broker.registry import read_groups, read_queue_loads
 from broker.scripts import OVERSIZE_FIELD, Scripts, pack_events
 from broker.settings import Settings
+from broker.wire import Batch
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +100,6 @@ class Balancer(IngressReader, PoisonHandling):
         self._sleep = sleep
         self.failover = Failover(redis, self.scripts, self.keys, settings=settings, owner=self.name,
                                  redis_uptime_s=redis_uptime_s or self._redis_uptime_s)
-        self._cancelled = Cancellations()  # cancel entries read lately
-        self._cancel_cursor = b"0-0"
         self._closed_until: dict[str, float] = {}  # refused work as closed: skipped until then
         self._full_until: dict[str, float] = {}  # refused work as full: no room until then
         self._next_refresh = 0.0
@@ -112,10 +109,11 @@ class Balancer(IngressReader, PoisonHandling):
         # Entries one read may return: their bodies fit in balancer_read_bytes (larger ones are stubs).
         self._read_count = max(1, min(settings.balancer_batch_max,
                                       settings.balancer_read_bytes // settings.max_request_bytes))
-        self.reclaimer = Reclaimer(redis, self.keys, consumer=self.name, min_idle_ms=settings.claim_idle_ms,
-                                   count=self._read_count)
+        self.ingress = StreamConsumer(
+            redis, self.scripts, stream=self.keys.requests, group=INGRESS_GROUP, consumer=self.name,
+            cancel_stream=self.keys.cancel, cancel_horizon_ms=int(settings.cancel_horizon_s * 1000),
+            clock=self.clock, ack=self._write_acks)
         self.attempts = Attempts()  # entries whose handling failed, backing off before the next try
-        self._to_ack: list[bytes] = []  # done with, acknowledged with the next read
         self._failed_over: dict[str, int] = {}  # dead group -> heartbeat_ms when its queue was taken over
         self.telemetry = BalancerTelemetry(enabled=settings.metrics_port is not None,
                                            ready_within_s=settings.dead_after_s,
@@ -130,46 +128,29 @@ class Balancer(IngressReader, PoisonHandling):
     # --- lifecycle -------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        try:
-            # From id 0: requests sent before the first balancer started are served too.
-            self.redis.xgroup_create(self.keys.requests, INGRESS_GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-        last = self.redis.xrevrange(self.keys.cancel, count=1)
-        self._cancel_cursor = last[0][0] if last else b"0-0"
+        # From id 0: requests sent before the first balancer started are served too.
+        self.ingress.create_group()
 
     def run(self) -> None:
-        delays = None
-        while not self.stop.is_set():
-            try:
-                self.tick()
-                delays = None
-            except TRANSIENT_ERRORS as exc:
-                raise_if_fatal(exc)
-                delays = delays or backoff_delays(self.settings)
-                delay = next(delays)
-                log.warning("redis unavailable (%s); retrying in %.2fs", exc, delay)
-                self.stop.wait(delay)
-            except ResponseError as exc:
-                raise_if_fatal(exc)
-                if (problem := describe(exc)) is not None:  # out of memory, a read-only replica
-                    log.warning("%s; retrying", problem.line)
-                    self.stop.wait(next(delays := delays or backoff_delays(self.settings)))
-                    continue
-                if "NOGROUP" in str(exc):
-                    # Redis lost the ingress stream (restarted without persistence): start it again.
-                    log.error("the ingress consumer group is gone (%s); creating it again", exc)
-                    self.stop.wait(next(delays := delays or backoff_delays(self.settings)))
-                    self._retry(self.setup)
-                    continue
-                log.exception("balancer tick failed; retrying")
-                self.stop.wait(next(delays := delays or backoff_delays(self.settings)))
-            except Exception:
-                # Never die on an unexpected reply: what was not acked is retried, after a backoff that
-                # grows while the failures go on (per-request failures never get here: _give_up).
-                log.exception("balancer tick failed; retrying")
-                self.stop.wait(next(delays := delays or backoff_delays(self.settings)))
+        recreate = False
+
+        def iteration() -> bool:
+            nonlocal recreate
+            if recreate:
+                recreate = False
+                self._retry(self.setup)
+            self.tick()
+            return True
+
+        def on_nogroup(exc: ResponseError) -> Next:
+            nonlocal recreate
+            # Redis lost the ingress stream (restarted without persistence): start it again.
+            log.error("the ingress consumer group is gone (%s); creating it again", exc)
+            recreate = True
+            return Next.BACKOFF
+
+        serve(iteration, settings=self.settings, what="balancer", stopped=self.stop.is_set, wait=self.stop.wait,
+              on_nogroup=on_nogroup)
         try:
             self.flush_acks()
             # No longer a reader of the ingress stream: health checks of the path see it at once.
@@ -303,7 +284,7 @@ class Balancer(IngressReader, PoisonHandling):
                     load = self.router.totals(model=model)
                     totals[model] = [load.requests, load.tokens]
                 total = totals[model]
-                if self._cancelled.matches(request.id, request.cancel_token):
+                if self.ingress.cancels.matches(request.id, request.cancel_token):
                     final = done_event(request.id, text="", token_ids=[], finish_reason="cancelled", prompt_tokens=0)
                 elif request.deadline_ms is not None and now_ms >= request.deadline_ms:
                     final = error_event(request.id, "timeout", f"deadline of {request.timeout_s}s passed before dispatch")
@@ -506,17 +487,17 @@ class Balancer(IngressReader, PoisonHandling):
 
         Until then they stay pending; should this balancer die first, re-processing them is harmless.
         """
-        self._to_ack.extend(entry_ids)
+        self.ingress.ack(entry_ids)
         for entry_id in entry_ids:
             self.attempts.forget(entry_id)
 
     def flush_acks(self) -> None:
-        if self._to_ack:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.xack(self.keys.requests, INGRESS_GROUP, *self._to_ack)
-            pipe.xdel(self.keys.requests, *self._to_ack)
-            pipe.execute()
-            self._to_ack.clear()
+        self.ingress.flush_acks()
+
+    def _write_acks(self, batch: Batch, entry_ids: list[bytes]) -> None:
+        """Acknowledge and delete ingress entries (XACK, XDEL)."""
+        batch.xack(self.keys.requests, INGRESS_GROUP, *entry_ids)
+        batch.xdel(self.keys.requests, *entry_ids)
 
     # --- groups: health and failover -------------------------------------------------------------
 
@@ -572,10 +553,7 @@ class Balancer(IngressReader, PoisonHandling):
 
     def _housekeeping(self) -> None:
         """Forget old cancellations; trim the cancel stream; drop long-gone balancer consumers."""
-        now_ms = self.clock.now_ms()
-        horizon = now_ms - 600_000
-        self._cancelled.prune(now_ms)
-        self.redis.xtrim(self.keys.cancel, minid=f"{int(horizon)}-0", approximate=True)
+        self.ingress.trim_cancels()
         for consumer in self.redis.xinfo_consumers(self.keys.requests, INGRESS_GROUP):
             if consumer["pending"] == 0 and consumer["idle"] > 3_600_000 and consumer["name"] != self.name.encode():
                 self.redis.xgroup_delconsumer(self.keys.requests, INGRESS_GROUP, consumer["name"])

@@ -8,7 +8,9 @@ queue are both a ``StreamConsumer`` driven by ``serve``.
   of the next read in that read's round trip (Redis runs them at once, so they cost no round trip
   of their own), or at once with ``flush_acks``; the stream's owner says how an entry is
   acknowledged (XACK + XDEL on the ingress stream, the ACK script on a group queue);
-- re-reading its own pending entries (``own_pending``: a restarted group's unfinished work),
+- reclaiming: re-reading its own pending entries (``own_pending``: a restarted group's unfinished
+  work), keeping those it works on fresh (``keep``) and claiming the entries of consumers that died
+  (``claim_idle``: a stopped balancer's ingress entries; broker.reclaim),
 - the cancel feed: every read also reads ``{p}:cancel`` from a cursor that starts at its last entry,
   and what it reads is remembered for ``cancel_horizon_s`` (broker.cancellation), so a cancel that
   comes before its request still applies; ``trim_cancels`` trims the stream to that horizon.
@@ -32,6 +34,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from broker.cancellation import Cancellations
 from broker.connection import TRANSIENT_ERRORS, RedisClock, backoff_delays
 from broker.failures import describe, raise_if_fatal
+from broker.reclaim import Reclaimed, Reclaimer
 from broker.scripts import Scripts
 from broker.settings import Settings
 from broker.wire import Batch
@@ -78,6 +81,7 @@ class StreamConsumer:
         self._write_ack = ack
         self._to_ack: list[bytes] = []  # done with, acknowledged with the next read
         self._cancel_cursor: bytes = b"0-0"
+        self._reclaimer: Reclaimer | None = None
 
     # --- the consumer group ----------------------------------------------------------------------
 
@@ -108,6 +112,20 @@ class StreamConsumer:
             acking = set(self._to_ack)
             cursor = entries[-1][0]
             yield [(eid, fields, deliveries.get(eid, 0)) for eid, fields in entries if eid not in acking]
+
+    def keep(self, entry_ids: list[bytes]) -> None:
+        """Reset the idle time of these pending entries of ours: nobody's ``claim_idle`` takes them."""
+        if entry_ids:
+            self.redis.xclaim(self.stream, self.group, self.consumer, 0, entry_ids, justid=True)
+
+    def claim_idle(self, *, min_idle_ms: int, count: int, skip: set[bytes] | dict[bytes, Any]) -> Reclaimed:
+        """Claim entries pending on any consumer and idle past ``min_idle_ms`` (their consumer died or
+        stalled), up to ``count`` per call, a cursor moving through the pending list (broker.reclaim);
+        those in ``skip`` (ours already) are left out."""
+        if self._reclaimer is None:
+            self._reclaimer = Reclaimer(self.redis, stream=self.stream, group=self.group, consumer=self.consumer,
+                                        min_idle_ms=min_idle_ms, count=count)
+        return self._reclaimer.claim(skip=skip)
 
     def new_entries(self, *, count: int) -> Iterator[list[Entry]]:
         """Entries never delivered to any consumer, read (and so taken) a chunk at a time, without

@@ -542,9 +542,9 @@ def record_read_blocks(monkeypatch: pytest.MonkeyPatch) -> list[int | None]:
     blocks: list[int | None] = []
     real_read, real_script_read = Batch.xreadgroup, Balancer._read_ingress
 
-    def xreadgroup(self: Batch, *a: Any, **k: Any) -> None:
+    def xreadgroup(self: Batch, *a: Any, **k: Any) -> int:
         blocks.append(k.get("block"))
-        real_read(self, *a, **k)
+        return real_read(self, *a, **k)
 
     def read_ingress(self: Balancer, client: Any, count: int) -> None:
         blocks.append(None)
