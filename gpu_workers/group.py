@@ -25,13 +25,13 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
+from broker.cancellation import applies
 from broker.chat import publish_template, template_digest
 from broker.connection import TRANSIENT_ERRORS, RedisClock
 from broker.consumer import Next, StreamConsumer, serve
 from broker.dead_letter import DeadLetters
 from broker.errors import EngineFailed
 from broker.keys import QUEUE_GROUP, Keys
-from broker.cancellation import applies
 from broker.logs import request_extra
 from broker.protocol import GenerationRequest
 from broker.registry import GroupLoad
