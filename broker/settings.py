@@ -100,6 +100,10 @@ class Settings(BaseSettings):
     max_num_batched_tokens: int = Field(
         default=512, ge=1, description="Most tokens a model engine computes in one step (chunked prefill)."
     )
+    # A CPU worker's torch intra-op threads per rank; None: the CPUs it may use (affinity, capped by
+    # the cgroup's CPU quota) shared between the host's ranks, or OMP_NUM_THREADS where set
+    # (gpu_workers/cpu_threads.py).
+    threads: int | None = Field(default=None, ge=1, description="torch threads per worker rank (CPU).")
     drain_timeout_s: float = Field(
         default=30.0, description="On SIGTERM, time to finish running requests before handing the rest back."
     )
