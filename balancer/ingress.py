@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from balancer.batching import AdaptiveBatcher
     from balancer.pending import Waiting
-    from balancer.router import Router
+    from balancer.routing import Router
     from balancer.telemetry import BalancerTelemetry
     from broker.connection import RedisClock
 

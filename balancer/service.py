@@ -30,8 +30,7 @@ from balancer.ingress import IngressReader
 from balancer.models import resolve_model
 from balancer.pending import Final, Waiting, claim_reply
 from balancer.poison import PoisonHandling
-from balancer.router import Router
-from balancer.routing import AffinityTable, RoutingPolicy, prefix_key
+from balancer.routing import AffinityTable, Router, RoutingPolicy, prefix_key
 from balancer.telemetry import BalancerTelemetry
 from broker.connection import TRANSIENT_ERRORS, RedisClock
 from broker.consumer import Next, StreamConsumer, serve

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis
 
-from balancer.router import Router
+from balancer.routing import Router
 from balancer.service import Balancer
 from broker.dead_letter import Attempts, is_transient
 from broker.keys import INGRESS_GROUP, Keys
