@@ -23,11 +23,11 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from balancer.admission import Limits, request_cost
+from balancer.admission import Limits
 from balancer.batching import AdaptiveBatcher
+from balancer.decision import Rules, decide
 from balancer.failover import Failover
 from balancer.ingress import IngressReader
-from balancer.models import resolve_model
 from balancer.pending import Final, Waiting, claim_reply
 from balancer.poison import PoisonHandling
 from balancer.routing import AffinityTable, Router, RoutingPolicy, prefix_key
@@ -39,9 +39,7 @@ from broker.errors import InvalidRequest
 from broker.keys import INGRESS_GROUP, QUEUE_GROUP, Keys
 from broker.protocol import (
     best_effort_reply_to,
-    done_event,
     error_event,
-    limit_problem,
     parse_request,
 )
 from broker.registry import read_groups, read_queue_loads
@@ -55,10 +53,6 @@ PUBLISHER = "balancer"  # owner name under which balancers publish the final eve
 CLOSED_GROUP_PAUSE_S = 2.0  # a group that refused work is skipped this long (its heartbeat catches up)
 FIRST_EPOCH = 1  # the epoch CLAIM_OWNER gives a request nobody claimed before
 DISPATCH_ROUNDS = 3  # a request refused by a full or closed group is routed again, at most this often
-
-
-def _of(model: str | None) -> str:
-    return f" of model {model!r}" if model is not None else ""
 
 
 def _raise_transient(results: list[Any]) -> None:
@@ -87,6 +81,7 @@ class Balancer(IngressReader, PoisonHandling):
         self.scripts = Scripts(redis)
         self.clock = RedisClock(redis.time)
         self.limits = Limits.from_settings(settings)
+        self.rules = Rules(self.limits, no_group_wait_s=settings.no_group_wait_s, default_model=settings.default_model)
         self.router = Router(policy=RoutingPolicy(), limits=self.limits, adaptive=adaptive_routing,
                              affinity=AffinityTable(ttl_s=settings.affinity_ttl_s))
         self.batcher = AdaptiveBatcher(max_batch=settings.balancer_batch_max,
@@ -262,93 +257,23 @@ class Balancer(IngressReader, PoisonHandling):
         return None
 
     def _route(self, now_ms: float) -> tuple[list[tuple[Waiting, str]], list[Final]]:
-        """A group for every waiting request that can go now, or its final event. Each request goes
-        to a group of its model (balancer.models); the admission bounds count each model's groups."""
-        assignments: list[tuple[Waiting, str]] = []
-        finals: list[Final] = []
+        """A group for every waiting request that can go now, or its final event (balancer.decision)."""
         now = self._monotonic()
-        closed = frozenset(g for g, until in self._closed_until.items() if until > now)
-        full = frozenset(g for g, until in self._full_until.items() if until > now)
-        totals: dict[str | None, list[int]] = {}  # model -> [requests, tokens] on its groups, as sent
-        held_back = 0  # requests that stay waiting here: bounded like the groups' queues
-        for w in sorted(self.waiting.values(), key=lambda w: (w.request.priority, w.request.enqueued_ms)):
-            if not self.attempts.ready(w.entry_id, now=now):
-                continue  # failed lately: backing off (see _request_failed)
-            try:
-                request, final = w.request, None
-                model, unroutable = self._model_of(w)
-                routable = self.router.routable(model=model)
-                w.cost = request_cost(request, max_context=max((g.max_context for g in routable), default=1 << 31))
-                if model not in totals:
-                    load = self.router.totals(model=model)
-                    totals[model] = [load.requests, load.tokens]
-                total = totals[model]
-                if self.ingress.cancels.matches(request.id, request.cancel_token):
-                    final = done_event(request.id, text="", token_ids=[], finish_reason="cancelled", prompt_tokens=0)
-                elif request.deadline_ms is not None and now_ms >= request.deadline_ms:
-                    final = error_event(request.id, "timeout", f"deadline of {request.timeout_s}s passed before dispatch")
-                elif unroutable is not None:
-                    final = unroutable
-                elif not routable:
-                    if now_ms - w.since_ms >= self.settings.no_group_wait_s * 1000:
-                        final = error_event(request.id, "unavailable", f"no live worker group{_of(model)} for "
-                                                                       f"{self.settings.no_group_wait_s}s")
-                    elif w.moved or held_back < self.limits.total_requests:
-                        held_back += 1
-                        continue  # stays waiting
-                    else:
-                        final = error_event(request.id, "overloaded", f"{held_back} requests wait for a worker group already")
-                elif not w.moved and (total[0] + 1 > self.limits.total_requests
-                                      or total[1] + w.cost > self.limits.total_tokens):
-                    final = error_event(request.id, "overloaded", (
-                        f"the worker groups{_of(model)} hold {total[0]} requests and {total[1]} tokens, at the bounds "
-                        f"of {self.limits.total_requests} and {self.limits.total_tokens}; retry later"))
-                else:
-                    group = self.router.pick(prefix=w.prefix, cost=w.cost, now=now,
-                                             exclude=closed if w.moved else closed | full, bounded=not w.moved,
-                                             model=model, weights=request.weights if w.moved else None)
-                    if group is None:
-                        if not self.router.routable(exclude=closed, model=model) or w.moved:
-                            held_back += 1
-                            continue  # every group refused work lately: try again next tick
-                        final = error_event(request.id, "overloaded", (
-                            f"every worker group{_of(model)} is at its queue bound ({self.limits.group_requests} "
-                            f"requests, {self.limits.group_tokens} tokens); retry later"))
-                    elif request.prompt_ids is not None and (problem := limit_problem(
-                            request.prompt_ids, request.sampling.needed_tokens,
-                            vocab_size=group.vocab_size, max_context=group.max_context)):
-                        final = error_event(request.id, "invalid_request", problem)
-                    else:
-                        self.router.sent(group.name, w.cost)
-                        total[0] += 1
-                        total[1] += w.cost
-                        assignments.append((w, group.name))
-                        continue
-            except Exception as exc:
-                if isinstance(exc, TRANSIENT_ERRORS):
-                    raise
-                self._give_up(w.entry_id, w.request.id, w.request.reply_to, exc)
-                continue
+        decision = decide(
+            list(self.waiting.values()), router=self.router, rules=self.rules, now_ms=now_ms, now=now,
+            closed=frozenset(g for g, until in self._closed_until.items() if until > now),
+            full=frozenset(g for g, until in self._full_until.items() if until > now),
+            cancelled=self.ingress.cancels.matches, ready=lambda entry_id: self.attempts.ready(entry_id, now=now))
+        for w, exc in decision.failed:
+            self._give_up(w.entry_id, w.request.id, w.request.reply_to, exc)
+        finals: list[Final] = []
+        for w, final in decision.finals:
             del self.waiting[w.entry_id]
             self.counts[final["code"] if final["event"] == "error" else "cancelled"] += 1
-            self.telemetry.finished(request.id, final)
-            finals.append(Final(w.entry_id, request.id, request.reply_to, final, w.takeover_from, w.takeover_epoch))
-        return assignments, finals
-
-    def _model_of(self, w: Waiting) -> tuple[str | None, dict[str, str] | None]:
-        """The served model ``w`` goes to (then set on its request, so that it stays on that model
-        when it moves), None while no group is registered; or the error event when there is none."""
-        if w.model_resolved:
-            return w.request.model, None
-        try:
-            model = resolve_model(w.request.model, self.router.groups, default=self.settings.default_model)
-        except InvalidRequest as exc:
-            return None, error_event(w.request.id, exc.code, str(exc))
-        if model is not None:
-            w.model_resolved = True
-            if model != w.request.model:
-                w.request = w.request.model_copy(update={"model": model})
-        return model, None
+            self.telemetry.finished(w.request.id, final)
+            finals.append(Final(w.entry_id, w.request.id, w.request.reply_to, final, w.takeover_from,
+                                w.takeover_epoch))
+        return decision.assignments, finals
 
     def _dispatch(self, assignments: list[tuple[Waiting, str]], finals: list[Final]) -> bool:
         """Claim, then queue or publish. True when some group refused (full or closed): route again.
