@@ -20,7 +20,8 @@ from balancer.pending import Waiting
 from balancer.routing import Router
 from broker.connection import TRANSIENT_ERRORS
 from broker.errors import InvalidRequest
-from broker.protocol import done_event, error_event, limit_problem
+from broker.events import done_event, error_event
+from broker.protocol import limit_problem
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 from broker.consumer import StreamConsumer
 from broker.dead_letter import Attempts
 from broker.keys import INGRESS_GROUP, Keys
-from broker.protocol import best_effort_reply_to
 from broker.scripts import Scripts, ingress_entries
 from broker.settings import Settings
+from broker.validation import best_effort_reply_to
 from broker.wire import Batch
 
 if TYPE_CHECKING:

@@ -12,9 +12,9 @@ from redis.exceptions import ResponseError
 from balancer.pending import Final, Waiting
 from balancer.request_ids import hold_ids
 from broker.dead_letter import Attempts, DeadLetters, describe, is_transient
+from broker.events import error_event
 from broker.keys import Keys
 from broker.logs import request_extra
-from broker.protocol import error_event
 from broker.scripts import Scripts
 from broker.settings import Settings
 

@@ -36,15 +36,12 @@ from broker.connection import TRANSIENT_ERRORS, RedisClock
 from broker.consumer import Next, StreamConsumer, serve
 from broker.dead_letter import Attempts, DeadLetters
 from broker.errors import InvalidRequest
+from broker.events import error_event
 from broker.keys import INGRESS_GROUP, QUEUE_GROUP, Keys
-from broker.protocol import (
-    best_effort_reply_to,
-    error_event,
-    parse_request,
-)
 from broker.registry import read_groups, read_queue_loads
 from broker.scripts import OVERSIZE_FIELD, Scripts, pack_events
 from broker.settings import Settings
+from broker.validation import best_effort_reply_to, parse_request
 from broker.wire import Batch
 
 log = logging.getLogger(__name__)

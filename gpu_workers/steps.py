@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 from broker.consumer import StreamConsumer
 from broker.errors import EngineFailed
+from broker.events import done_event, error_event, token_event
 from broker.logs import request_extra
-from broker.protocol import done_event, error_event, token_event
 from gpu_workers.engine import Engine, EngineRequest
 from gpu_workers.holding import Event, Held, Holding
 from gpu_workers.isolation import Isolation

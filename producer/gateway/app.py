@@ -39,9 +39,9 @@ from broker.connection import TRANSIENT_ERRORS, connect_async
 from broker.errors import InvalidRequest, RequestFailed, RyzansteinError
 from broker.keys import Keys
 from broker.path_health import judge, read_path_async
-from broker.protocol import parse_request
 from broker.registry import GroupStatus, served_names
 from broker.settings import Settings
+from broker.validation import parse_request
 from producer.chat_template import ChatTemplate, TemplateSource
 from producer.client import AsyncClient, Completion, Event, Handle
 from producer.gateway.config import GatewayConfig

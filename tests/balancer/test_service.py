@@ -15,10 +15,11 @@ import redis
 
 from balancer.service import PUBLISHER, Balancer
 from broker.keys import INGRESS_GROUP, QUEUE_GROUP, Keys
-from broker.protocol import GenerationRequest, entry_ms, parse_request
+from broker.protocol import GenerationRequest, entry_ms
 from broker.registry import GroupLoad, read_groups
 from broker.scripts import Scripts
 from broker.settings import Settings
+from broker.validation import parse_request
 from broker.wire import Batch
 from gpu_workers.echo import EchoEngine
 from gpu_workers.group import CONSUMER, WorkerGroup

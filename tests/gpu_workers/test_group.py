@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 import redis
 
+from broker.events import token_event
 from broker.keys import QUEUE_GROUP, Keys
-from broker.protocol import parse_request, token_event
 from broker.registry import read_groups
 from broker.scripts import Scripts, claim_result
 from broker.settings import Settings
+from broker.validation import parse_request
 from gpu_workers.echo import EchoEngine
 from gpu_workers.group import CONSUMER, GroupState, WorkerGroup
 from tests.gpu_workers.helpers import (
