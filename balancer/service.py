@@ -26,9 +26,10 @@ from redis.exceptions import ResponseError
 from balancer.admission import Limits
 from balancer.batching import AdaptiveBatcher
 from balancer.decision import Rules, decide
+from balancer.dispatch import PUBLISHER, Dispatcher
 from balancer.failover import Failover
 from balancer.ingress import IngressReader
-from balancer.pending import Final, Waiting, claim_reply
+from balancer.pending import Final, Waiting
 from balancer.poison import PoisonHandling
 from balancer.routing import AffinityTable, Router, RoutingPolicy, prefix_key
 from balancer.telemetry import BalancerTelemetry
@@ -37,29 +38,19 @@ from broker.consumer import Next, StreamConsumer, serve
 from broker.dead_letter import Attempts, DeadLetters
 from broker.errors import InvalidRequest
 from broker.events import error_event
-from broker.keys import INGRESS_GROUP, QUEUE_GROUP, Keys
+from broker.keys import INGRESS_GROUP, Keys
 from broker.registry import read_groups, read_queue_loads
-from broker.scripts import OVERSIZE_FIELD, Scripts, pack_events
+from broker.scripts import OVERSIZE_FIELD, Scripts
 from broker.settings import Settings
 from broker.validation import best_effort_reply_to, parse_request
 from broker.wire import Batch
 
 log = logging.getLogger(__name__)
 
-PUBLISHER = "balancer"  # owner name under which balancers publish the final events they decide
-CLOSED_GROUP_PAUSE_S = 2.0  # a group that refused work is skipped this long (its heartbeat catches up)
-FIRST_EPOCH = 1  # the epoch CLAIM_OWNER gives a request nobody claimed before
 DISPATCH_ROUNDS = 3  # a request refused by a full or closed group is routed again, at most this often
 
 
-def _raise_transient(results: list[Any]) -> None:
-    """A lost connection mid-pipeline is retried by the loop; other errors are per request."""
-    for raw in results:
-        if isinstance(raw, TRANSIENT_ERRORS):
-            raise raw
-
-
-class Balancer(IngressReader, PoisonHandling):
+class Balancer(IngressReader, PoisonHandling, Dispatcher):
     def __init__(
         self,
         redis: Any,
@@ -271,137 +262,6 @@ class Balancer(IngressReader, PoisonHandling):
             finals.append(Final(w.entry_id, w.request.id, w.request.reply_to, final, w.takeover_from,
                                 w.takeover_epoch))
         return decision.assignments, finals
-
-    def _dispatch(self, assignments: list[tuple[Waiting, str]], finals: list[Final]) -> bool:
-        """Claim, then queue or publish. True when some group refused (full or closed): route again.
-
-        A request nobody claimed before is claimed and queued in one round trip: its DISPATCH rides
-        in the claim's pipeline with the epoch a first claim gives (FIRST_EPOCH). Where the claim
-        says otherwise (the request was pinned before: a re-submitted id, a re-read entry), that
-        entry is taken back off the queue and the request goes where its claim says. The two calls
-        stay separate scripts: their keys live in different cluster slots.
-        """
-        ttl_ms = self.settings.result_ttl_s * 1000
-        eager = [w.takeover_from is None and not w.moved and not w.claimed for w, _group in assignments]
-
-        # Phase 1: pin each request to its group (or learn where it is pinned already).
-        def claim(pipe: Any) -> None:
-            for (w, group), first in zip(assignments, eager):
-                self.scripts.claim_owner(keys=[*self.keys.progress(w.request.reply_to, w.request.id),
-                                               w.request.reply_to],
-                                         args=[group, ttl_ms, w.takeover_from or "", w.takeover_epoch], client=pipe)
-                if first:
-                    self._queue(pipe, w, group, FIRST_EPOCH)
-            for f in finals:
-                self.scripts.claim_owner(keys=[*self.keys.progress(f.reply_to, f.request_id), f.reply_to],
-                                         args=[PUBLISHER, ttl_ms, f.takeover_from or "", f.takeover_epoch],
-                                         client=pipe)
-
-        _, results = self.scripts.execute(claim)
-        _raise_transient(results)
-        replies = iter(results)
-
-        # Phase 2: queue pinned requests once; write the balancer's own final events.
-        acks: list[bytes] = []
-        sent: list[tuple[Waiting, str, int]] = []
-        retract: list[tuple[str, Any]] = []  # (group, DISPATCH reply) of eager entries the claim overruled
-        refused = False
-        for (w, candidate), first in zip(assignments, eager):
-            raw = next(replies)
-            queued = next(replies) if first else None
-            w.claimed = True
-            got, problem = claim_reply(raw)
-            if first:
-                if got is not None and not got.finished and (got.owner, got.epoch) == (candidate, FIRST_EPOCH):
-                    refused |= self._queued(w, candidate, FIRST_EPOCH, queued, acks)
-                    continue
-                retract.append((candidate, queued))
-            if got is None:
-                # CLAIM_OWNER touches only keys of the reply stream's: its error is about them
-                self._request_failed(w, problem, reply_to_failed=True)
-                continue
-            if got.finished:
-                acks.append(w.entry_id)
-                del self.waiting[w.entry_id]
-                continue
-            target = self.router.find(got.owner)
-            if target is None or not target.routable:
-                # pinned to a group that is gone, or by a balancer that never finished it: take over
-                w.takeover_from, w.takeover_epoch = got.owner, got.epoch
-                continue
-            if got.output_ids != w.request.output_ids:
-                # moved mid-generation: the new group continues after what the stream carries already
-                w.request = w.request.model_copy(update={"output_ids": got.output_ids})
-            sent.append((w, got.owner, got.epoch))
-        published: list[tuple[Final, int, dict[str, str]]] = []
-        for f in finals:
-            got, problem = claim_reply(next(replies))
-            if got is None:
-                self._give_up(f.entry_id, f.request_id, f.reply_to, problem, reply_to_failed=True)
-                continue
-            if not got.finished and got.owner == PUBLISHER:
-                published.append((f, got.epoch, f.with_progress(got)))
-            acks.append(f.entry_id)  # finished, owned by a group, or published now
-
-        def dispatch(pipe: Any) -> None:
-            for w, group, epoch in sent:
-                self._queue(pipe, w, group, epoch)
-            for f, epoch, fields in published:
-                self.scripts.publish(keys=[f.reply_to, *self.keys.progress(f.reply_to, f.request_id)],
-                                     args=[PUBLISHER, epoch, ttl_ms, pack_events([("f", 0, fields)])],
-                                     client=pipe)
-            for group, queued in retract:
-                if not isinstance(queued, Exception) and queued[0] == b"ok":
-                    # never run: were the group to read it first, its publishes are fenced (wrong epoch)
-                    self.scripts.ack(keys=[self.keys.group_queue(group), self.keys.group_queue_tokens(group)],
-                                     args=[QUEUE_GROUP, queued[1]], client=pipe)
-
-        _, results = self.scripts.execute(dispatch) if sent or published or retract else (None, [])
-        _raise_transient(results)
-        for (w, group, epoch), raw in zip(sent, results[: len(sent)]):
-            refused |= self._queued(w, group, epoch, raw, acks)
-        for (f, _epoch, _fields), raw in zip(published, results[len(sent):]):
-            if isinstance(raw, Exception):
-                self._give_up(f.entry_id, f.request_id, f.reply_to, raw, reply_to_failed=True)
-        self._ack(acks)
-        return refused
-
-    def _queue(self, pipe: Any, w: Waiting, group: str, epoch: int) -> None:
-        """Add the DISPATCH of ``w`` to ``group``'s queue under ``epoch`` to ``pipe``."""
-        bounded = not w.moved
-        self.scripts.dispatch(
-            keys=[self.keys.group_queue(group), self.keys.dispatch_marker(group, w.request.id, epoch),
-                  self.keys.group_accepting(group), self.keys.group_queue_tokens(group)],
-            args=[self._wire(w, group), epoch, self.settings.result_ttl_s * 1000, w.cost,
-                  self.limits.group_requests if bounded else 0, self.limits.group_tokens if bounded else 0],
-            client=pipe)
-
-    def _wire(self, w: Waiting, group: str) -> bytes:
-        """``w``'s request as queued for ``group``: stamped with the group's weights fingerprint, unless
-        it carries tokens already, which keep the stamp of the weights that made them."""
-        if not w.request.output_ids:
-            target = self.router.find(group)
-            weights = target.weights or None if target is not None else None
-            if weights != w.request.weights:
-                w.request = w.request.model_copy(update={"weights": weights})
-        return w.request.to_wire()
-
-    def _queued(self, w: Waiting, group: str, epoch: int, raw: Any, acks: list[bytes]) -> bool:
-        """Take in a DISPATCH reply; True when the group refused (full or closed): route again."""
-        if isinstance(raw, Exception) or not isinstance(raw, list) or not raw:
-            self._request_failed(w, raw if isinstance(raw, Exception) else TypeError(f"DISPATCH replied {raw!r:.80}"))
-            return False
-        if raw[0] in (b"closed", b"full"):
-            # draining or failed over, or at its bound: route elsewhere, taking the request over
-            pause = CLOSED_GROUP_PAUSE_S if raw[0] == b"closed" else self.settings.groups_refresh_s
-            (self._closed_until if raw[0] == b"closed" else self._full_until)[group] = self._monotonic() + pause
-            w.takeover_from, w.takeover_epoch = group, epoch
-            return True
-        acks.append(w.entry_id)
-        del self.waiting[w.entry_id]
-        self.counts["dispatched"] += 1
-        self.telemetry.dispatched(w.request.id, group, epoch=epoch, taken_from=w.takeover_from)
-        return False
 
     def _ack(self, entry_ids: list[bytes]) -> None:
         """Acknowledge (and delete) ingress entries with the next read: one round trip less per batch.

@@ -1,0 +1,195 @@
+"""The balancer's dispatcher: carries out what balancer.decision decided, in two round trips.
+
+First each request is pinned to its group (CLAIM_OWNER), then queued at most once per epoch
+(DISPATCH); the balancer's own final events are published under their claim. A request nobody
+claimed before is claimed and queued in one round trip. Replies are taken by handle (the index each
+command's reply has in its round trip), never by counting. Part of ``Balancer`` (a mixin: the state
+it uses is the balancer's, declared below).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from balancer.pending import Final, Waiting, claim_reply
+from balancer.routing import Router
+from balancer.telemetry import BalancerTelemetry
+from broker.connection import TRANSIENT_ERRORS
+from broker.keys import QUEUE_GROUP, Keys
+from broker.scripts import Scripts, pack_events
+from broker.settings import Settings
+from broker.wire import Batch
+
+if TYPE_CHECKING:
+    from balancer.admission import Limits
+
+PUBLISHER = "balancer"  # owner name under which balancers publish the final events they decide
+CLOSED_GROUP_PAUSE_S = 2.0  # a group that refused work is skipped this long (its heartbeat catches up)
+FIRST_EPOCH = 1  # the epoch CLAIM_OWNER gives a request nobody claimed before
+
+
+def _raise_transient(results: list[Any]) -> None:
+    """A lost connection mid-pipeline is retried by the loop; other errors are per request."""
+    for raw in results:
+        if isinstance(raw, TRANSIENT_ERRORS):
+            raise raw
+
+
+class Dispatcher:
+    settings: Settings
+    keys: Keys
+    scripts: Scripts
+    router: Router
+    limits: Limits
+    telemetry: BalancerTelemetry
+    waiting: dict[bytes, Waiting]
+    counts: Counter[str]
+    _closed_until: dict[str, float]
+    _full_until: dict[str, float]
+    _monotonic: Callable[[], float]
+
+    if TYPE_CHECKING:  # the Balancer's own
+        def _ack(self, entry_ids: list[bytes]) -> None: ...
+
+        def _give_up(self, entry_id: bytes, request_id: str | None, reply_to: str | None,
+                     problem: BaseException | str, *, reply_to_failed: bool = False,
+                     fields: dict[bytes, bytes] | None = None) -> None: ...
+
+        def _request_failed(self, w: Waiting, problem: BaseException, *, reply_to_failed: bool = False) -> None: ...
+
+    def _dispatch(self, assignments: list[tuple[Waiting, str]], finals: list[Final]) -> bool:
+        """Claim, then queue or publish. True when some group refused (full or closed): route again.
+
+        A request nobody claimed before is claimed and queued in one round trip: its DISPATCH rides
+        in the claim's pipeline with the epoch a first claim gives (FIRST_EPOCH). Where the claim
+        says otherwise (the request was pinned before: a re-submitted id, a re-read entry), that
+        entry is taken back off the queue and the request goes where its claim says. The two calls
+        stay separate scripts: their keys live in different cluster slots.
+        """
+        ttl_ms = self.settings.result_ttl_s * 1000
+        eager = [w.takeover_from is None and not w.moved and not w.claimed for w, _group in assignments]
+
+        # Phase 1: pin each request to its group (or learn where it is pinned already).
+        def claim(pipe: Batch) -> tuple[list[tuple[int, int | None]], list[int]]:
+            sent = []  # per assignment: (CLAIM_OWNER handle, eager DISPATCH handle or None)
+            for (w, group), first in zip(assignments, eager):
+                claimed = self.scripts.claim_owner(
+                    keys=[*self.keys.progress(w.request.reply_to, w.request.id), w.request.reply_to],
+                    args=[group, ttl_ms, w.takeover_from or "", w.takeover_epoch], client=pipe)
+                sent.append((claimed, self._queue(pipe, w, group, FIRST_EPOCH) if first else None))
+            published = [self.scripts.claim_owner(keys=[*self.keys.progress(f.reply_to, f.request_id), f.reply_to],
+                                                  args=[PUBLISHER, ttl_ms, f.takeover_from or "", f.takeover_epoch],
+                                                  client=pipe)
+                         for f in finals]
+            return sent, published
+
+        (claim_handles, final_handles), results = self.scripts.execute(claim)
+        _raise_transient(results)
+
+        # Phase 2: queue pinned requests once; write the balancer's own final events.
+        acks: list[bytes] = []
+        sent: list[tuple[Waiting, str, int]] = []
+        retract: list[tuple[str, Any]] = []  # (group, DISPATCH reply) of eager entries the claim overruled
+        refused = False
+        for (w, candidate), first, (claimed, eager_queued) in zip(assignments, eager, claim_handles):
+            raw = results[claimed]
+            queued = results[eager_queued] if eager_queued is not None else None
+            w.claimed = True
+            got, problem = claim_reply(raw)
+            if first:
+                if got is not None and not got.finished and (got.owner, got.epoch) == (candidate, FIRST_EPOCH):
+                    refused |= self._queued(w, candidate, FIRST_EPOCH, queued, acks)
+                    continue
+                retract.append((candidate, queued))
+            if got is None:
+                # CLAIM_OWNER touches only keys of the reply stream's: its error is about them
+                self._request_failed(w, problem, reply_to_failed=True)
+                continue
+            if got.finished:
+                acks.append(w.entry_id)
+                del self.waiting[w.entry_id]
+                continue
+            target = self.router.find(got.owner)
+            if target is None or not target.routable:
+                # pinned to a group that is gone, or by a balancer that never finished it: take over
+                w.takeover_from, w.takeover_epoch = got.owner, got.epoch
+                continue
+            if got.output_ids != w.request.output_ids:
+                # moved mid-generation: the new group continues after what the stream carries already
+                w.request = w.request.model_copy(update={"output_ids": got.output_ids})
+            sent.append((w, got.owner, got.epoch))
+        published: list[tuple[Final, int, dict[str, str]]] = []
+        for f, handle in zip(finals, final_handles):
+            got, problem = claim_reply(results[handle])
+            if got is None:
+                self._give_up(f.entry_id, f.request_id, f.reply_to, problem, reply_to_failed=True)
+                continue
+            if not got.finished and got.owner == PUBLISHER:
+                published.append((f, got.epoch, f.with_progress(got)))
+            acks.append(f.entry_id)  # finished, owned by a group, or published now
+
+        def dispatch(pipe: Batch) -> tuple[list[int], list[int]]:
+            queued = [self._queue(pipe, w, group, epoch) for w, group, epoch in sent]
+            publishes = [self.scripts.publish(keys=[f.reply_to, *self.keys.progress(f.reply_to, f.request_id)],
+                                              args=[PUBLISHER, epoch, ttl_ms, pack_events([("f", 0, fields)])],
+                                              client=pipe)
+                         for f, epoch, fields in published]
+            for group, reply in retract:
+                if not isinstance(reply, Exception) and reply[0] == b"ok":
+                    # never run: were the group to read it first, its publishes are fenced (wrong epoch)
+                    self.scripts.ack(keys=[self.keys.group_queue(group), self.keys.group_queue_tokens(group)],
+                                     args=[QUEUE_GROUP, reply[1]], client=pipe)
+            return queued, publishes
+
+        if not (sent or published or retract):
+            self._ack(acks)
+            return refused
+        (queue_handles, publish_handles), results = self.scripts.execute(dispatch)
+        _raise_transient(results)
+        for (w, group, epoch), handle in zip(sent, queue_handles):
+            refused |= self._queued(w, group, epoch, results[handle], acks)
+        for (f, _epoch, _fields), handle in zip(published, publish_handles):
+            if isinstance(raw := results[handle], Exception):
+                self._give_up(f.entry_id, f.request_id, f.reply_to, raw, reply_to_failed=True)
+        self._ack(acks)
+        return refused
+
+    def _queue(self, pipe: Batch, w: Waiting, group: str, epoch: int) -> int:
+        """Add the DISPATCH of ``w`` to ``group``'s queue under ``epoch`` to ``pipe``; its reply's handle."""
+        bounded = not w.moved
+        return self.scripts.dispatch(  # type: ignore[no-any-return]
+            keys=[self.keys.group_queue(group), self.keys.dispatch_marker(group, w.request.id, epoch),
+                  self.keys.group_accepting(group), self.keys.group_queue_tokens(group)],
+            args=[self._wire(w, group), epoch, self.settings.result_ttl_s * 1000, w.cost,
+                  self.limits.group_requests if bounded else 0, self.limits.group_tokens if bounded else 0],
+            client=pipe)
+
+    def _wire(self, w: Waiting, group: str) -> bytes:
+        """``w``'s request as queued for ``group``: stamped with the group's weights fingerprint, unless
+        it carries tokens already, which keep the stamp of the weights that made them."""
+        if not w.request.output_ids:
+            target = self.router.find(group)
+            weights = target.weights or None if target is not None else None
+            if weights != w.request.weights:
+                w.request = w.request.model_copy(update={"weights": weights})
+        return w.request.to_wire()
+
+    def _queued(self, w: Waiting, group: str, epoch: int, raw: Any, acks: list[bytes]) -> bool:
+        """Take in a DISPATCH reply; True when the group refused (full or closed): route again."""
+        if isinstance(raw, Exception) or not isinstance(raw, list) or not raw:
+            self._request_failed(w, raw if isinstance(raw, Exception) else TypeError(f"DISPATCH replied {raw!r:.80}"))
+            return False
+        if raw[0] in (b"closed", b"full"):
+            # draining or failed over, or at its bound: route elsewhere, taking the request over
+            pause = CLOSED_GROUP_PAUSE_S if raw[0] == b"closed" else self.settings.groups_refresh_s
+            (self._closed_until if raw[0] == b"closed" else self._full_until)[group] = self._monotonic() + pause
+            w.takeover_from, w.takeover_epoch = group, epoch
+            return True
+        acks.append(w.entry_id)
+        del self.waiting[w.entry_id]
+        self.counts["dispatched"] += 1
+        self.telemetry.dispatched(w.request.id, group, epoch=epoch, taken_from=w.takeover_from)
+        return False
+
