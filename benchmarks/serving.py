@@ -53,7 +53,7 @@ from benchmarks.common import (
     write_results,
 )
 from broker.settings import Settings
-from producer.client import AsyncClient
+from producer.async_client import AsyncClient
 from producer.stack import Stack
 
 

