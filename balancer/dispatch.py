@@ -104,6 +104,7 @@ class Dispatcher:
                     continue
                 retract.append((candidate, queued))
             if got is None:
+                assert problem is not None  # claim_reply gives one or the other
                 # CLAIM_OWNER touches only keys of the reply stream's: its error is about them
                 self._request_failed(w, problem, reply_to_failed=True)
                 continue
@@ -124,6 +125,7 @@ class Dispatcher:
         for f, handle in zip(finals, final_handles):
             got, problem = claim_reply(results[handle])
             if got is None:
+                assert problem is not None
                 self._give_up(f.entry_id, f.request_id, f.reply_to, problem, reply_to_failed=True)
                 continue
             if not got.finished and got.owner == PUBLISHER:
