@@ -18,7 +18,7 @@ from balancer.routing import Router
 from balancer.telemetry import BalancerTelemetry
 from broker.connection import TRANSIENT_ERRORS
 from broker.keys import QUEUE_GROUP, Keys
-from broker.scripts import Scripts, pack_events
+from broker.scripts import Claim, Scripts, pack_events
 from broker.settings import Settings
 from broker.wire import Batch
 
@@ -76,13 +76,14 @@ class Dispatcher:
             sent = []  # per assignment: (CLAIM_OWNER handle, eager DISPATCH handle or None)
             for (w, group), first in zip(assignments, eager):
                 claimed = self.scripts.claim_owner(
-                    keys=[*self.keys.progress(w.request.reply_to, w.request.id), w.request.reply_to],
-                    args=[group, ttl_ms, w.takeover_from or "", w.takeover_epoch], client=pipe)
+                    progress=self.keys.progress(w.request.reply_to, w.request.id), reply_stream=w.request.reply_to,
+                    group=group, ttl_ms=ttl_ms, taken_from=w.takeover_from, taken_from_epoch=w.takeover_epoch,
+                    client=pipe)
                 sent.append((claimed, self._queue(pipe, w, group, FIRST_EPOCH) if first else None))
-            published = [self.scripts.claim_owner(keys=[*self.keys.progress(f.reply_to, f.request_id), f.reply_to],
-                                                  args=[PUBLISHER, ttl_ms, f.takeover_from or "", f.takeover_epoch],
-                                                  client=pipe)
-                         for f in finals]
+            published = [self.scripts.claim_owner(
+                progress=self.keys.progress(f.reply_to, f.request_id), reply_stream=f.reply_to, group=PUBLISHER,
+                ttl_ms=ttl_ms, taken_from=f.takeover_from, taken_from_epoch=f.takeover_epoch, client=pipe)
+                for f in finals]
             return sent, published
 
         (claim_handles, final_handles), results = self.scripts.execute(claim)
@@ -94,19 +95,17 @@ class Dispatcher:
         retract: list[tuple[str, Any]] = []  # (group, DISPATCH reply) of eager entries the claim overruled
         refused = False
         for (w, candidate), first, (claimed, eager_queued) in zip(assignments, eager, claim_handles):
-            raw = results[claimed]
             queued = results[eager_queued] if eager_queued is not None else None
             w.claimed = True
-            got, problem = claim_reply(raw)
+            got = claim_reply(results[claimed])
             if first:
-                if got is not None and not got.finished and (got.owner, got.epoch) == (candidate, FIRST_EPOCH):
+                if isinstance(got, Claim) and not got.finished and (got.owner, got.epoch) == (candidate, FIRST_EPOCH):
                     refused |= self._queued(w, candidate, FIRST_EPOCH, queued, acks)
                     continue
                 retract.append((candidate, queued))
-            if got is None:
-                assert problem is not None  # claim_reply gives one or the other
+            if isinstance(got, Exception):
                 # CLAIM_OWNER touches only keys of the reply stream's: its error is about them
-                self._request_failed(w, problem, reply_to_failed=True)
+                self._request_failed(w, got, reply_to_failed=True)
                 continue
             if got.finished:
                 acks.append(w.entry_id)
@@ -123,10 +122,9 @@ class Dispatcher:
             sent.append((w, got.owner, got.epoch))
         published: list[tuple[Final, int, dict[str, str]]] = []
         for f, handle in zip(finals, final_handles):
-            got, problem = claim_reply(results[handle])
-            if got is None:
-                assert problem is not None
-                self._give_up(f.entry_id, f.request_id, f.reply_to, problem, reply_to_failed=True)
+            got = claim_reply(results[handle])
+            if isinstance(got, Exception):
+                self._give_up(f.entry_id, f.request_id, f.reply_to, got, reply_to_failed=True)
                 continue
             if not got.finished and got.owner == PUBLISHER:
                 published.append((f, got.epoch, f.with_progress(got)))
@@ -134,15 +132,15 @@ class Dispatcher:
 
         def dispatch(pipe: Batch) -> tuple[list[int], list[int]]:
             queued = [self._queue(pipe, w, group, epoch) for w, group, epoch in sent]
-            publishes = [self.scripts.publish(keys=[f.reply_to, *self.keys.progress(f.reply_to, f.request_id)],
-                                              args=[PUBLISHER, epoch, ttl_ms, pack_events([("f", 0, fields)])],
-                                              client=pipe)
-                         for f, epoch, fields in published]
+            publishes = [self.scripts.publish(
+                reply_stream=f.reply_to, progress=self.keys.progress(f.reply_to, f.request_id), publisher=PUBLISHER,
+                epoch=epoch, ttl_ms=ttl_ms, events=pack_events([("f", 0, fields)]), client=pipe)
+                for f, epoch, fields in published]
             for group, reply in retract:
                 if not isinstance(reply, Exception) and reply[0] == b"ok":
                     # never run: were the group to read it first, its publishes are fenced (wrong epoch)
-                    self.scripts.ack(keys=[self.keys.group_queue(group), self.keys.group_queue_tokens(group)],
-                                     args=[QUEUE_GROUP, reply[1]], client=pipe)
+                    self.scripts.ack(queue=self.keys.group_queue(group), queue_tokens=self.keys.group_queue_tokens(group),
+                                     consumer_group=QUEUE_GROUP, entry_ids=[reply[1]], client=pipe)
             return queued, publishes
 
         if not (sent or published or retract):
@@ -161,12 +159,13 @@ class Dispatcher:
     def _queue(self, pipe: Batch, w: Waiting, group: str, epoch: int) -> int:
         """Add the DISPATCH of ``w`` to ``group``'s queue under ``epoch`` to ``pipe``; its reply's handle."""
         bounded = not w.moved
-        return self.scripts.dispatch(  # type: ignore[no-any-return]
-            keys=[self.keys.group_queue(group), self.keys.dispatch_marker(group, w.request.id, epoch),
-                  self.keys.group_accepting(group), self.keys.group_queue_tokens(group)],
-            args=[self._wire(w, group), epoch, self.settings.result_ttl_s * 1000, w.cost,
-                  self.limits.group_requests if bounded else 0, self.limits.group_tokens if bounded else 0],
-            client=pipe)
+        handle: int = self.scripts.dispatch(
+            queue=self.keys.group_queue(group), marker=self.keys.dispatch_marker(group, w.request.id, epoch),
+            accepting=self.keys.group_accepting(group), queue_tokens=self.keys.group_queue_tokens(group),
+            request=self._wire(w, group), epoch=epoch, marker_ttl_ms=self.settings.result_ttl_s * 1000,
+            cost=w.cost, max_entries=self.limits.group_requests if bounded else 0,
+            max_tokens=self.limits.group_tokens if bounded else 0, client=pipe)
+        return handle
 
     def _wire(self, w: Waiting, group: str) -> bytes:
         """``w``'s request as queued for ``group``: stamped with the group's weights fingerprint, unless

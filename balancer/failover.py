@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.keys import Keys
-from broker.scripts import Scripts, queue_entry
+from broker.lua import queue_entry
+from broker.scripts import Scripts
 from broker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class Failover:
             pipe.xdel(queue, *[e for e, _ in entries])
             pipe.execute()
             cursor = "(" + entries[-1][0].decode()
-        self.scripts.retire_queue(keys=[queue, self.keys.group_queue_tokens(group)], args=[])
+        self.scripts.retire_queue(queue=queue, queue_tokens=self.keys.group_queue_tokens(group))
         return moved
 
     def heartbeat_age_ms(self, group: str) -> float | None:

@@ -38,7 +38,7 @@ from broker.embedded import EmbeddedRedis
 from broker.settings import Settings
 from producer.async_client import AsyncClient
 from producer.client import Client
-from producer.stack import Stack
+from ryzanstein.stack import Stack
 
 PROMPT = "x"  # one byte: the echo engine answers with exactly one token
 

@@ -54,7 +54,7 @@ from benchmarks.common import (
 )
 from broker.settings import Settings
 from producer.async_client import AsyncClient
-from producer.stack import Stack
+from ryzanstein.stack import Stack
 
 
 @dataclass

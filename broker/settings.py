@@ -6,7 +6,7 @@ Each field can be overridden by an environment variable ``RYZ_<FIELD>`` (for exa
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     balancer_batch_max: int = Field(default=128, ge=1, description="Most ingress entries read in one batch.")
     balancer_block_ms: int = Field(default=500, description="Blocking read on the ingress stream when idle.")
     # Memory a balancer's ingress read may hold: a read asks for at most this // max_request_bytes
-    # entries (and balancer_batch_max). Larger entries come back as stubs (broker.scripts.READ_INGRESS),
+    # entries (and balancer_batch_max). Larger entries come back as stubs (broker.lua.READ_INGRESS),
     # except from the idle blocking read, which takes one entry at a time; Redis's proto-max-bulk-len
     # and client-query-buffer-limit bound that one (docs/OPERATIONS.md, "Memory").
     balancer_read_bytes: int = Field(default=128 << 20, ge=1)
@@ -144,6 +144,6 @@ class Settings(BaseSettings):
     )
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     """Settings from the environment, with explicit (e.g. command-line) values on top; None means unset."""
     return Settings(**{k: v for k, v in overrides.items() if v is not None})

@@ -33,9 +33,10 @@ from broker.dead_letter import DeadLetters
 from broker.errors import EngineFailed
 from broker.keys import QUEUE_GROUP, Keys
 from broker.logs import request_extra
+from broker.lua import queue_entry
 from broker.protocol import GenerationRequest
 from broker.registry import GroupLoad
-from broker.scripts import Scripts, queue_entry
+from broker.scripts import Scripts
 from broker.settings import Settings
 from broker.wire import Batch
 from gpu_workers.engine import Engine
@@ -290,8 +291,8 @@ class WorkerGroup(QueueIntake, EngineSteps):
 
     def _write_acks(self, batch: Batch, entry_ids: list[bytes]) -> None:
         """Acknowledge (and delete) finished queue entries, taking their cost off the token counter (ACK)."""
-        self.scripts.ack(keys=[self.queue.stream, self.keys.group_queue_tokens(self.name)],
-                         args=[QUEUE_GROUP, *entry_ids], client=batch)
+        self.scripts.ack(queue=self.queue.stream, queue_tokens=self.keys.group_queue_tokens(self.name),
+                         consumer_group=QUEUE_GROUP, entry_ids=entry_ids, client=batch)
 
     def _flush_acks(self) -> None:
         self.queue.flush_acks()
@@ -320,18 +321,16 @@ class WorkerGroup(QueueIntake, EngineSteps):
         self._queue_depth = max(0, queued - len(self._running))
         load = self.load()
         self._heartbeat_fields = load.to_fields()
-        self.scripts.heartbeat(
-            keys=[self.keys.groups, self.keys.group_info(self.name)],
-            args=[self.name, *self._heartbeat_fields],
-        )
+        self.scripts.heartbeat(registry=self.keys.groups, info=self.keys.group_info(self.name), group=self.name,
+                               fields=self._heartbeat_fields)
         self.telemetry.heartbeat(load, self.engine.stats(), held=self.held)
 
     def _repeat_heartbeat(self) -> None:
         """The last heartbeat again, freshly stamped (from the keepalive thread, during a long step)."""
         fields = self._heartbeat_fields
         if fields is not None:
-            self.scripts.heartbeat(keys=[self.keys.groups, self.keys.group_info(self.name)],
-                                   args=[self.name, *fields])
+            self.scripts.heartbeat(registry=self.keys.groups, info=self.keys.group_info(self.name), group=self.name,
+                                   fields=fields)
 
     # --- draining --------------------------------------------------------------------------------
 

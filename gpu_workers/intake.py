@@ -17,8 +17,8 @@ from broker.connection import TRANSIENT_ERRORS, RedisClock
 from broker.consumer import StreamConsumer
 from broker.dead_letter import DeadLetters, describe
 from broker.keys import Keys
+from broker.lua import queue_entry
 from broker.protocol import limit_problem
-from broker.scripts import queue_entry
 from gpu_workers.engine import Engine
 from gpu_workers.holding import Held, Holding
 from gpu_workers.output import OutputState

@@ -8,11 +8,11 @@ consumer (broker.consumer) owns those acknowledgements.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from broker.connection import TRANSIENT_ERRORS
 from broker.keys import Keys
 from broker.scripts import Scripts, pack_events, publish_result
+from broker.wire import Batch
 from gpu_workers.holding import Event, Held
 
 log = logging.getLogger(__name__)
@@ -47,14 +47,12 @@ class Publisher:
         if not batch:
             return []
 
-        def build(pipe: Any) -> None:
+        def build(pipe: Batch) -> None:
             for held in batch:
                 reply, rid = held.request.reply_to, held.request.id
-                self.scripts.publish(
-                    keys=[reply, *self.keys.progress(reply, rid)],
-                    args=[self.group, held.epoch, self.ttl_ms, pack_events(held.events)],
-                    client=pipe,
-                )
+                self.scripts.publish(reply_stream=reply, progress=self.keys.progress(reply, rid),
+                                     publisher=self.group, epoch=held.epoch, ttl_ms=self.ttl_ms,
+                                     events=pack_events(held.events), client=pipe)
 
         try:
             _, results = self.scripts.execute(build)

@@ -11,8 +11,8 @@ from broker.errors import ConfigError
 from broker.settings import Settings
 from gpu_workers.cli import _follower_argv, engine_argv, worker_options
 from gpu_workers.engine_spec import EngineOptions
-from producer.cli import build_parser
-from producer.stack import Stack
+from ryzanstein.cli import build_parser
+from ryzanstein.stack import Stack
 
 
 @pytest.fixture(autouse=True)
