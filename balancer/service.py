@@ -26,11 +26,11 @@ from redis.exceptions import ResponseError
 from balancer.admission import Limits
 from balancer.batching import AdaptiveBatcher
 from balancer.decision import Rules, decide
-from balancer.dispatch import PUBLISHER, Dispatcher
+from balancer.dispatch import Dispatcher
 from balancer.failover import Failover
 from balancer.ingress import IngressReader
 from balancer.pending import Final, Waiting
-from balancer.poison import PoisonHandling
+from balancer.poison import PUBLISHER, PoisonHandling
 from balancer.routing import AffinityTable, Router, RoutingPolicy, prefix_key
 from balancer.telemetry import BalancerTelemetry
 from broker.connection import TRANSIENT_ERRORS, RedisClock
@@ -42,6 +42,7 @@ from broker.keys import INGRESS_GROUP, Keys
 from broker.registry import read_groups, read_queue_loads
 from broker.scripts import OVERSIZE_FIELD, Scripts
 from broker.settings import Settings
+from broker.signing import SigningKey
 from broker.validation import best_effort_reply_to, parse_request
 from broker.wire import Batch
 
@@ -96,10 +97,12 @@ class Balancer(IngressReader, PoisonHandling, Dispatcher):
             cancel_stream=self.keys.cancel, cancel_horizon_ms=int(settings.cancel_horizon_s * 1000),
             clock=self.clock, ack=self._write_acks)
         self.attempts = Attempts()  # entries whose handling failed, backing off before the next try
+        self._duplicates: list[Final] = []  # duplicate_id events found by _dispatch, for its next round
         self._failed_over: dict[str, int] = {}  # dead group -> heartbeat_ms when its queue was taken over
         self.telemetry = BalancerTelemetry(enabled=settings.metrics_port is not None,
                                            ready_within_s=settings.dead_after_s,
                                            live_within_s=settings.liveness_timeout_s, monotonic=monotonic)
+        self.signing = SigningKey(redis, self.keys, monotonic=monotonic)  # checks moved requests' signatures
         self.dead_letters = DeadLetters(redis, self.scripts, self.keys, publisher=PUBLISHER,
                                         ttl_ms=settings.result_ttl_s * 1000, on_dead=self.telemetry.dead_lettered)
 
@@ -112,6 +115,7 @@ class Balancer(IngressReader, PoisonHandling, Dispatcher):
     def setup(self) -> None:
         # From id 0: requests sent before the first balancer started are served too.
         self.ingress.create_group()
+        self.signing.get()
 
     def run(self) -> None:
         recreate = False
@@ -191,7 +195,6 @@ class Balancer(IngressReader, PoisonHandling, Dispatcher):
         """Validate new entries, then route everything waiting (in priority order)."""
         now_ms = self.clock.now_ms()
         finals: list[Final] = []
-        admitted: list[Waiting] = []
         for entry_id, fields in entries:
             if entry_id in self.waiting:
                 continue
@@ -205,18 +208,17 @@ class Balancer(IngressReader, PoisonHandling, Dispatcher):
                 continue
             if final is not None:
                 finals.append(final)
-            elif entry_id in self.waiting:
-                admitted.append(self.waiting[entry_id])
-        finals = self._hold_for_refused(finals) + self._refuse_duplicates(admitted)
         for _round in range(DISPATCH_ROUNDS):
             assignments, more = self._route(now_ms)
             finals += more
-            if not assignments and not finals:
+            if not assignments and not finals and all(w.held for w in self.waiting.values()):
                 return
             refused = self._dispatch(assignments, finals)
-            finals = []
-            if not refused:
+            finals, self._duplicates = self._duplicates, []
+            if not refused and not finals:
                 return
+        if finals:
+            self._dispatch([], finals)
 
     def _admit(self, entry_id: bytes, fields: dict[bytes, bytes], now_ms: float) -> Final | None:
         """Validate one entry: it waits for a group, or gets its final event (returned)."""
@@ -227,19 +229,21 @@ class Balancer(IngressReader, PoisonHandling, Dispatcher):
                                      f"{self.settings.max_request_bytes} bytes")
             request = parse_request(fields, entry_id=eid, prefix=self.settings.prefix,
                                     max_request_bytes=self.settings.max_request_bytes,
-                                    default_max_tokens=self.settings.default_max_tokens)
+                                    default_max_tokens=self.settings.default_max_tokens,
+                                    signing_key=self.signing.for_entry(fields))
             # What cannot be serialized cannot be queued: found here, it ends this entry alone
             # (the guard around _admit), rather than failing every later dispatch pipeline.
             request.to_wire()
         except InvalidRequest as exc:
-            rid, reply = best_effort_reply_to(fields, entry_id=eid, prefix=self.settings.prefix)
-            final = Final(entry_id, rid, reply, error_event(rid, exc.code, str(exc)))
+            rid, reply = best_effort_reply_to(fields, entry_id=eid, prefix=self.settings.prefix,
+                                              signing_key=self.signing.for_entry(fields))
+            final = Final(entry_id, rid, reply, error_event(rid, exc.code, str(exc)), hold=True, invalid=True)
             self.counts["invalid_request"] += 1
             self.telemetry.finished(rid, final.fields)
             return final
         moved = request.takeover_from is not None
         self.waiting[entry_id] = Waiting(
-            entry_id, request, now_ms, request.takeover_from, request.takeover_epoch, moved=moved,
+            entry_id, request, now_ms, request.takeover_from, request.takeover_epoch, moved=moved, held=moved,
             prefix=prefix_key(request, chars=self.settings.affinity_prefix_chars,
                               tokens=self.settings.affinity_prefix_tokens))
         return None
@@ -260,7 +264,7 @@ class Balancer(IngressReader, PoisonHandling, Dispatcher):
             self.counts[final["code"] if final["event"] == "error" else "cancelled"] += 1
             self.telemetry.finished(w.request.id, final)
             finals.append(Final(w.entry_id, w.request.id, w.request.reply_to, final, w.takeover_from,
-                                w.takeover_epoch))
+                                w.takeover_epoch, hold=not w.held))
         return decision.assignments, finals
 
     def _ack(self, entry_ids: list[bytes]) -> None:

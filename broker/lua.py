@@ -145,9 +145,12 @@ PUBLISH = """
 -- ARGV[1] = publisher (group name; the balancer for requests it never routed)
 -- ARGV[2] = publisher's epoch
 -- ARGV[3] = TTL of reply stream and state, ms
--- ARGV[4] = msgpack array of events, each {kind, index, {field, value, ...}, token id, text}; kind
---           't' is a token event with its index, token id and text delta, 'f' a final event
---           (done/error), which ends the request
+-- ARGV[4] = msgpack array of events, each {kind, index, {field, value, ...}, token id, text[, choice]};
+--           kind 't' is a token event with its index, token id and text delta, 'f' a final event
+--           (done/error), which ends the request. A token event of a request with several
+--           completions names its completion (choice): indices then count per completion (state
+--           field 'next:<choice>'), and the token id and text it records are framed with it
+--           ("<choice>:<id>", "<choice>:<bytes>:<text>": pack_events, claim_result).
 -- A publisher must own the request (CLAIM_OWNER) unless nobody ever claimed it. Each token written
 -- is appended to KEYS[3] and KEYS[4], so that a new owner can continue after it; both go with the
 -- final event.
@@ -162,22 +165,29 @@ if redis.call('HEXISTS', KEYS[2], 'final') == 1 then
   return {'final', 0}
 end
 local nxt = tonumber(redis.call('HGET', KEYS[2], 'next') or '0')
+local nexts = {}  -- choice -> its next index, for the choices met here
 local status = 'ok'
 local final = false
 local record = KEYS[3] and KEYS[4]
 for _, ev in ipairs(cmsgpack.unpack(ARGV[4])) do
   if ev[1] == 't' then
-    if ev[2] == nxt then
+    local choice = ev[6]
+    local at = nxt
+    if choice then
+      at = nexts[choice] or tonumber(redis.call('HGET', KEYS[2], 'next:' .. choice) or '0')
+    end
+    if ev[2] == at then
       redis.call('XADD', KEYS[1], '*', unpack(ev[3]))
       if record then
         redis.call('APPEND', KEYS[3], ev[4] .. ',')
         if ev[5] ~= '' then redis.call('APPEND', KEYS[4], ev[5]) end
       end
-      nxt = nxt + 1
-    elseif ev[2] > nxt then
+      at = at + 1
+    elseif ev[2] > at then
       status = 'gap'
-      break
     end
+    if choice then nexts[choice] = at else nxt = at end
+    if status == 'gap' then break end
   else
     redis.call('XADD', KEYS[1], '*', unpack(ev[3]))
     redis.call('HSET', KEYS[2], 'final', '1')
@@ -186,11 +196,14 @@ for _, ev in ipairs(cmsgpack.unpack(ARGV[4])) do
   end
 end
 redis.call('HSET', KEYS[2], 'next', nxt)
+for choice, at in pairs(nexts) do
+  redis.call('HSET', KEYS[2], 'next:' .. choice, at)
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-if record and final and nxt > 0 then
+if record and final then
   redis.call('DEL', KEYS[3], KEYS[4])
-elseif record and nxt > 0 then
+elseif record then
   redis.call('PEXPIRE', KEYS[3], ARGV[3])
   redis.call('PEXPIRE', KEYS[4], ARGV[3])
 end

@@ -14,6 +14,8 @@ from typing import Any, Literal
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field
 
+from broker.signing import SIGNATURE_FIELD, sign
+
 ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 ENTRY_ID_RE = re.compile(r"[0-9]+-[0-9]+")  # a stream entry id, as XADD * makes them
 # A served model name: a directory's last component, a hub id ("org/name"), an alias; no spaces.
@@ -28,6 +30,7 @@ MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias
 MAX_BAD_WORDS = 128
 LOGIT_BIAS_LIMIT = 100.0  # |bias| at most, as OpenAI's API
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API
+MAX_N = 128  # completions of one request (n, best_of), as OpenAI's API bounds n
 
 
 class SamplingParams(BaseModel):
@@ -57,6 +60,32 @@ class SamplingParams(BaseModel):
     # --- logprobs (docs/PROTOCOL.md, "Logprobs") ---
     logprobs: bool = False  # token and done events carry each generated token's logprob
     top_logprobs: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)  # and this many likeliest alternatives
+    # The prompt tokens' logprobs, with this many likeliest alternatives each (None: not asked).
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    # --- several completions (docs/PROTOCOL.md, "Several completions") ---
+    n: int = Field(default=1, ge=1, le=MAX_N)  # completions returned
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)  # generated, the n likeliest returned (None: n)
+
+    @property
+    def num_sequences(self) -> int:
+        """Completions generated: ``best_of``, else ``n``."""
+        return self.best_of if self.best_of is not None else self.n
+
+    def for_choice(self, choice: int, *, leader: bool = True) -> SamplingParams:
+        """The parameters of completion ``choice`` (0-based) of a request with several, as the
+        engine runs it: seed ``seed + choice`` (vLLM's rule: each completion is reproducible on its
+        own, and completion 0 is what the request with n=1 gives); with ``best_of`` > ``n``, logprobs
+        on (the ranking needs them); prompt logprobs on the ``leader`` only (one prefill computes them)."""
+        if self.num_sequences == 1 and leader:
+            return self
+        update: dict[str, Any] = {"n": 1, "best_of": None}
+        if self.seed is not None:
+            update["seed"] = (self.seed + choice) & UINT64_MAX
+        if self.num_sequences > self.n:
+            update["logprobs"] = True
+        if not leader:
+            update["prompt_logprobs"] = None
+        return self.model_copy(update=update)
 
     @property
     def needed_tokens(self) -> int:
@@ -101,6 +130,8 @@ class GenerationRequest(BaseModel):
     # Set by the balancer when it dispatches a request taken over mid-generation: the token ids
     # already published, which the new group continues after (never on the ingress stream).
     output_ids: tuple[int, ...] = ()
+    # The same for a request with several completions (n > 1): the ids published per completion.
+    choice_output_ids: tuple[tuple[int, ...], ...] = ()
     # Fingerprint of the weights that generated ``output_ids`` (set by the balancer at dispatch): a
     # group with other weights refuses to continue such a request (no answer mixes two versions).
     weights: str | None = None
@@ -116,8 +147,9 @@ class GenerationRequest(BaseModel):
         packed: bytes = msgpack.packb(self.model_dump(mode="python"), use_bin_type=True)
         return packed
 
-    def to_ingress(self, *, from_owner: str, epoch: int) -> dict[str, bytes]:
-        """Fields that put this request back on the ingress stream, taken over from ``from_owner``."""
+    def to_ingress(self, *, from_owner: str, epoch: int, signing_key: bytes) -> dict[str, bytes | str]:
+        """Fields that put this request back on the ingress stream, taken over from ``from_owner``:
+        a msgpack ``payload`` with the internal fields, signed under ``signing_key`` (broker.signing)."""
         payload = {
             "id": self.id,
             "prompt": self.prompt,
@@ -137,7 +169,8 @@ class GenerationRequest(BaseModel):
             "_takeover": [from_owner, epoch],
             "_weights": self.weights,
         }
-        return {"payload": msgpack.packb({k: v for k, v in payload.items() if v is not None}, use_bin_type=True)}
+        packed = msgpack.packb({k: v for k, v in payload.items() if v is not None}, use_bin_type=True)
+        return {"payload": packed, SIGNATURE_FIELD: sign(signing_key, packed)}
 
     @classmethod
     def from_wire(cls, data: bytes) -> GenerationRequest:
@@ -146,6 +179,8 @@ class GenerationRequest(BaseModel):
         for name in ("prompt_ids", "output_ids"):
             if raw.get(name) is not None:
                 raw[name] = tuple(raw[name])
+        if raw.get("choice_output_ids") is not None:
+            raw["choice_output_ids"] = tuple(tuple(ids) for ids in raw["choice_output_ids"])
         return cls(**raw)
 
 

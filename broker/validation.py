@@ -35,6 +35,7 @@ from broker.protocol import (
     is_later_entry_id,
 )
 from broker.refused import unhonoured_field
+from broker.signing import SIGNATURE_FIELD, verify
 
 # --- parsing ------------------------------------------------------------------------------------
 
@@ -194,10 +195,15 @@ def parse_request(
     prefix: str,
     max_request_bytes: int,
     default_max_tokens: int = 16,
+    signing_key: bytes | None = None,
 ) -> GenerationRequest:
-    """Validate one ingress entry. Raises ``InvalidRequest`` (and nothing else) on bad input."""
+    """Validate one ingress entry. Raises ``InvalidRequest`` (and nothing else) on bad input.
+
+    Fields whose names start with ``_`` are the pipeline's own (``to_ingress``): they count only in
+    a ``payload`` signed under ``signing_key`` (broker.signing); anywhere else they are refused.
+    """
     try:
-        return _parse(fields, entry_id, prefix, max_request_bytes, default_max_tokens)
+        return _parse(fields, entry_id, prefix, max_request_bytes, default_max_tokens, signing_key)
     except InvalidRequest:
         raise
     except ValidationError as exc:
@@ -208,8 +214,14 @@ def parse_request(
         raise InvalidRequest(f"request could not be parsed: {type(exc).__name__}") from None
 
 
+def _signed(raw: dict[str, Any], signing_key: bytes | None) -> bool:
+    """Whether the entry (its fields, names decoded) is a payload signed by the pipeline."""
+    return verify(signing_key, raw.get("payload"), raw.get(SIGNATURE_FIELD))
+
+
 def _parse(
-    fields: dict[Any, Any], entry_id: str, prefix: str, max_bytes: int, default_max_tokens: int
+    fields: dict[Any, Any], entry_id: str, prefix: str, max_bytes: int, default_max_tokens: int,
+    signing_key: bytes | None,
 ) -> GenerationRequest:
     size = _fields_size(fields)
     if size > max_bytes:
@@ -222,15 +234,20 @@ def _parse(
             except UnicodeDecodeError:
                 continue  # unknown (and unreadable) field names are ignored, like any unknown field
         raw[key] = value
+    signed = _signed(raw, signing_key)
     if "payload" in raw:
         raw = _unpack_payload(raw["payload"])
+    if not signed and (internal := next((k for k in raw if k.startswith("_")), None)) is not None:
+        # a client's entry never claims what only the pipeline may: a takeover, an earlier arrival
+        raise InvalidRequest(f"field {_show(internal)}: names starting with '_' are internal to the pipeline "
+                             "(docs/PROTOCOL.md); leave them out")
 
     request_id = entry_id if raw.get("id") is None else _text("id", raw["id"])
     if (name := unhonoured_field(raw)) is not None:
         raise InvalidRequest(f"field '{name}': not supported by this server (leave it unset)")
     if not ID_RE.fullmatch(request_id):
         raise InvalidRequest(f"field 'id': must be 1-128 characters of [A-Za-z0-9_.:-], got {_show(request_id)}")
-    if raw.get("_takeover") is None and is_later_entry_id(request_id, entry_id):
+    if not signed and is_later_entry_id(request_id, entry_id):
         # a later request sent without an id gets that entry id as its id: taken now, it would be squatted
         raise InvalidRequest(f"field 'id': {_show(request_id)} has the shape of a stream entry id after this "
                              "request's own; such ids are the ids of later requests sent without 'id'")
@@ -254,6 +271,8 @@ def _parse(
     if raw.get("stop_token_ids") is not None:
         sampling["stop_token_ids"] = _stop_token_ids(raw["stop_token_ids"])
     sampling.update(_controls(raw))
+    stream = _bool("stream", raw["stream"]) if raw.get("stream") is not None else False
+    _check_choices(sampling, stream=stream)
     if sampling.get("min_tokens", 0) > sampling["max_tokens"] >= 1:
         raise InvalidRequest(f"field 'min_tokens': must be at most max_tokens ({sampling['max_tokens']}), "
                              f"got {sampling['min_tokens']}")
@@ -274,7 +293,7 @@ def _parse(
 
     enqueued_ms = entry_ms(entry_id)
     takeover_from, takeover_epoch = None, 0
-    # Internal fields, set only when ryzanstein itself puts a request back (to_ingress).
+    # Internal fields, set only when ryzanstein itself puts a request back (to_ingress): signed.
     if isinstance(raw.get("_enqueued_ms"), int) and not isinstance(raw["_enqueued_ms"], bool):
         enqueued_ms = raw["_enqueued_ms"]
     takeover = raw.get("_takeover")
@@ -287,7 +306,7 @@ def _parse(
         prompt=prompt,
         prompt_ids=prompt_ids,
         sampling=SamplingParams(**sampling),
-        stream=_bool("stream", raw["stream"]) if raw.get("stream") is not None else False,
+        stream=stream,
         priority=_int("priority", raw["priority"]) if raw.get("priority") is not None else 0,
         timeout_s=_float("timeout_s", raw["timeout_s"]) if raw.get("timeout_s") is not None else None,
         reply_to=reply_to,
@@ -326,7 +345,22 @@ def _controls(raw: dict[str, Any]) -> dict[str, Any]:
         out["top_logprobs"] = _int("top_logprobs", raw["top_logprobs"])
         if out["top_logprobs"] > 0 and not out.get("logprobs"):
             raise InvalidRequest("field 'top_logprobs': needs logprobs set to true")
+    for name in ("prompt_logprobs", "n", "best_of"):
+        if raw.get(name) is not None:
+            out[name] = _int(name, raw[name])
     return out
+
+
+def _check_choices(sampling: dict[str, Any], *, stream: bool) -> None:
+    """``best_of`` (when set) is at least ``n``, and equals it when streaming: the completions
+    returned are only known at the end (vLLM's and OpenAI's rule)."""
+    n, best_of = sampling.get("n", 1), sampling.get("best_of")
+    if best_of is None or not isinstance(n, int) or n < 1:
+        return  # (bounds: SamplingParams)
+    if best_of < n:
+        raise InvalidRequest(f"field 'best_of': must be at least n ({n}), got {best_of}")
+    if stream and best_of > n:
+        raise InvalidRequest(f"field 'best_of': must equal n ({n}) when streaming, got {best_of}")
 
 
 def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
@@ -360,13 +394,16 @@ def _bad_words(value: Any) -> tuple[str, ...]:
     return _strings("bad_words", value, limit=MAX_BAD_WORDS, noun="words", blank_ok=False)
 
 
-def best_effort_reply_to(fields: dict[Any, Any], *, entry_id: str, prefix: str) -> tuple[str, str]:
+def best_effort_reply_to(fields: dict[Any, Any], *, entry_id: str, prefix: str,
+                         signing_key: bytes | None = None) -> tuple[str, str]:
     """(request id, reply stream) for an error about a request that failed validation.
 
     The client looks for its result under the id it sent, so use that when it is usable as part of a
-    key, and the entry id otherwise.
+    key, and the entry id otherwise (also for an id shaped like a later entry id, unless the pipeline
+    signed the entry: ``parse_request``).
     """
     raw = {(k.decode("utf-8", "replace") if isinstance(k, bytes) else str(k)): v for k, v in fields.items()}
+    signed = _signed(raw, signing_key)
     if "payload" in raw:
         try:
             raw = _unpack_payload(raw["payload"])
@@ -374,7 +411,7 @@ def best_effort_reply_to(fields: dict[Any, Any], *, entry_id: str, prefix: str) 
             raw = {}
     request_id = entry_id
     text = _key_text(raw.get("id"))
-    if text is not None and (raw.get("_takeover") is not None or not is_later_entry_id(text, entry_id)):
+    if text is not None and (signed or not is_later_entry_id(text, entry_id)):
         request_id = text  # (a later entry's id is not this request's to answer under)
     reply_to = f"{prefix}:result:{request_id}"
     text = _key_text(raw.get("reply_to"))

@@ -145,6 +145,7 @@ class BlockManager:
         seq.num_computed_tokens = seq.num_cached_tokens = num_hit_tokens
         if self.prefix_caching:
             self._chains[seq].num_registered = len(hits)
+        if self.prefix_caching and not seq.skip_prefix_cache:
             self.prefix_query_tokens += seq.num_tokens
             self.prefix_hit_tokens += num_hit_tokens
         return True
@@ -217,8 +218,11 @@ class BlockManager:
         if not self.prefix_caching:
             return []
         limit = (seq.num_tokens - 1) // self.block_size
+        hashes = self._chain(seq, limit).hashes[:limit]
+        if seq.skip_prefix_cache:
+            return []
         hits = []
-        for h in self._chain(seq, limit).hashes[:limit]:
+        for h in hashes:
             b = self._by_hash.get(h)
             if b is None:
                 break

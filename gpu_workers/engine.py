@@ -46,6 +46,10 @@ class EngineRequest:
     deadline: float | None = None
     # Tokens already generated (and published) elsewhere: generation continues after them.
     output_ids: list[int] = field(default_factory=list)
+    # Another request of this engine with the same prompt (a completion of the same n > 1 request):
+    # this one starts only once that one has computed the prompt (produced a token) or has gone, so
+    # that the prompt's full KV blocks come from the prefix cache instead of a second prefill.
+    shares_prefix_with: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +69,9 @@ class StepOutput:
     finish_reason: str | None = None
     # Set for requests that asked for logprobs.
     logprobs: TokenLogprobs | None = None
+    # With the first token of a request that asked for prompt logprobs: one entry per prompt token,
+    # None for the first (nothing predicts it), from the raw logits (no sampling controls).
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,8 +38,11 @@ from broker.protocol import GenerationRequest
 from broker.registry import GroupLoad
 from broker.scripts import Scripts
 from broker.settings import Settings
+from broker.signing import SigningKey
+from broker.tokenizers import publish_tokenizer, tokenizer_digest
 from broker.wire import Batch
 from gpu_workers.engine import Engine
+from gpu_workers.hf_tokenizer import tokenizer_spec
 from gpu_workers.holding import Held, Holding
 from gpu_workers.intake import CONSUMER, QueueIntake
 from gpu_workers.isolation import Isolation
@@ -95,6 +98,8 @@ class WorkerGroup(QueueIntake, EngineSteps):
         self.weights = weights
         template = engine.info.chat_template
         self.chat_template = template_digest(template) if template else ""
+        self._tokenizer_spec = tokenizer_spec(engine.tokenizer)  # published with the template
+        self.tokenizer_digest = tokenizer_digest(self._tokenizer_spec) if self._tokenizer_spec else ""
         self.settings = settings
         self.keys = Keys(settings.prefix)
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
@@ -241,8 +246,10 @@ class WorkerGroup(QueueIntake, EngineSteps):
         self.register()
 
     def _drop_all(self) -> None:
-        for rid in list(self._running):
-            self.engine.abort(rid)
+        for held in self.holding.values():
+            if held.running:
+                for engine_request_id in held.engine_ids():
+                    self.engine.abort(engine_request_id)
         self.holding.clear()
         self.publisher.clear()
         self.queue.drop_acks()
@@ -304,7 +311,8 @@ class WorkerGroup(QueueIntake, EngineSteps):
         load = group_load(self.name, self.engine, self.holding, self.meter, now=now, state=self.state.heartbeat,
                           queue_depth=self._queue_depth, completed=self.completed, fenced=self.fenced,
                           metrics_port=self.telemetry.port, served_models=self.served_models,
-                          weights=self.weights, chat_template=self.chat_template)
+                          weights=self.weights, chat_template=self.chat_template,
+                          tokenizer=self.tokenizer_digest)
         self.meter.reset(now)
         return load
 
@@ -313,9 +321,12 @@ class WorkerGroup(QueueIntake, EngineSteps):
         if not force and now < self._next_heartbeat:
             return
         self._next_heartbeat = now + self.settings.heartbeat_interval_s
-        if self.engine.info.chat_template and now >= self._next_template_publish:
-            # again now and then: a Redis restarted without persistence lost it (the heartbeat is rewritten)
-            publish_template(self.redis, self.keys, self.engine.info.chat_template)
+        if now >= self._next_template_publish:
+            # again now and then: a Redis restarted without persistence lost them (the heartbeat is rewritten)
+            if self.engine.info.chat_template:
+                publish_template(self.redis, self.keys, self.engine.info.chat_template)
+            if self._tokenizer_spec:
+                publish_tokenizer(self.redis, self.keys, self._tokenizer_spec)
             self._next_template_publish = now + TEMPLATE_REPUBLISH_S
         queued = self.redis.xlen(self.keys.group_queue(self.name))
         self._queue_depth = max(0, queued - len(self._running))
@@ -340,7 +351,9 @@ class WorkerGroup(QueueIntake, EngineSteps):
         finishes."""
         self.redis.delete(self.keys.group_accepting(self.name))
         self.heartbeat(force=True)
-        unstarted = [self.held[rid] for rid in self.engine.not_started() if rid in self.held]
+        not_started = set(self.engine.not_started())
+        unstarted = [h for h in self.held.values() if h.running and not h.final
+                     and all(eid in not_started for eid in h.engine_ids(unfinished=True))]
         for held in unstarted:
             self._stop(held)
         waiting = self.holding.waiting()
@@ -372,7 +385,9 @@ class WorkerGroup(QueueIntake, EngineSteps):
     def _hand_back(self, request: GenerationRequest, epoch: int, entry_id: bytes) -> None:
         # XADD first, then ack: a crash in between leaves a duplicate entry, which CLAIM_OWNER's
         # epoch check and the dispatch marker make harmless; the reverse order could lose it.
-        self.redis.xadd(self.keys.requests, request.to_ingress(from_owner=self.name, epoch=epoch))
+        signing_key = SigningKey(self.redis, self.keys).get()  # signed: no client can forge a hand-back
+        self.redis.xadd(self.keys.requests, request.to_ingress(from_owner=self.name, epoch=epoch,
+                                                               signing_key=signing_key))
         self.queue.ack([entry_id])
         self.telemetry.let_go(request.id, "handed_back")
         log.info("handed back request %s", request.id, extra=request_extra(request.id, group=self.name))

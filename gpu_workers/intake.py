@@ -111,9 +111,13 @@ class QueueIntake:
         try:
             held.prompt_ids = (list(request.prompt_ids) if request.prompt_ids is not None
                                else self.engine.tokenizer.encode(request.prompt or ""))
-            held.output = OutputState(sampling=request.sampling, prompt_ids=held.prompt_ids,
-                                      tokenizer=self.engine.tokenizer, eos_token_ids=info.eos_token_ids,
-                                      max_context=info.max_context)
+            held.choices = [OutputState(sampling=request.sampling, prompt_ids=held.prompt_ids,
+                                        tokenizer=self.engine.tokenizer, eos_token_ids=info.eos_token_ids,
+                                        max_context=info.max_context)
+                            for _ in range(request.sampling.num_sequences)]
+            held.output = held.choices[0]
+            if len(held.choices) == 1:
+                held.choices = []
         except Exception as exc:
             log.exception("request %s: cannot tokenize its prompt", request.id)
             self._finish_error(held, "internal", f"the prompt could not be tokenized ({type(exc).__name__})")
@@ -127,7 +131,7 @@ class QueueIntake:
         if (problem := foreign_weights(request, self.weights)) is not None:
             self._finish_error(held, "unavailable", problem)
             return
-        if request.output_ids and not self._replay(held):
+        if (request.output_ids or request.choice_output_ids) and not self._replay(held):
             return
         now_ms = self.clock.now_ms()
         if self.queue.cancels.matches(request.id, request.cancel_token):
@@ -141,19 +145,24 @@ class QueueIntake:
         """Feed the tokens another group published into the output state, writing nothing: the
         next token gets the next index and the text deltas go on where the client's stream stops.
         False when the request ended (it should have ended with them already)."""
-        output = held.output
-        assert output is not None
+        assert held.output is not None
+        request = held.request
+        # (a request with several completions continues each from its own tokens)
+        replays = list(zip(held.choices, request.choice_output_ids)) if held.choices else [
+            (held.output, request.output_ids)]
         try:
-            for token_id in held.request.output_ids:
-                output.push(token_id)
-                if output.finished:
-                    break
+            for output, token_ids in replays:
+                for token_id in token_ids:
+                    output.push(token_id)
+                    if output.finished:
+                        break
         except Exception as exc:
             log.exception("request %s: cannot continue from its published tokens", held.request.id)
             self._finish_error(held, "internal", f"cannot continue a moved request ({type(exc).__name__})")
             return False
-        if output.finish_reason is not None:
-            self._finish(held, output.finish_reason)
+        outputs = held.choices or [held.output]
+        if all(o.finished for o in outputs):
+            self._finish(held, outputs[0].finish_reason or "stop")
             return False
         return True
 

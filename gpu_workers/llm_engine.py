@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from broker.chat import PLAIN_CHAT_TEMPLATE
 from broker.protocol import SamplingParams
 from gpu_workers.block_manager import BlockManager
@@ -25,6 +27,7 @@ from gpu_workers.model.config import load_config
 from gpu_workers.model_runner import Chunk, ModelRunner
 from gpu_workers.parallel.launch import TensorParallelGroup
 from gpu_workers.parallel.runner import LeaderRunner
+from gpu_workers.prompt_logprobs import PromptLogprobs
 from gpu_workers.rank import BLOCK_SIZE, LlamaEngineOptions, build_runner, rank_report
 from gpu_workers.sampler import sample_with_logprobs
 from gpu_workers.scheduler import Scheduler, SchedulerConfig
@@ -47,6 +50,8 @@ class _RequestState:
     max_total_tokens: int  # prompt + every generated token (those made elsewhere included), at most
     stop_ids: frozenset[int]  # the ids that end it (EOS unless ignore_eos, stop_token_ids); masked before min_tokens
     bad_words_ids: tuple[tuple[int, ...], ...]  # bad_words, tokenized
+    prompt_logprobs: PromptLogprobs | None = None  # for requests that asked, until sent
+    started: bool = False  # has produced a token here (its prompt is in the cache)
 
 
 class LlamaEngine:
@@ -104,6 +109,8 @@ class LlamaEngine:
             eos_token=specials.eos_token,
         )
         self._requests: dict[str, _RequestState] = {}
+        # Requests waiting for the request they share their prompt with to compute it (add), by its id.
+        self._parked: dict[str, list[EngineRequest]] = {}
         log.info(
             "engine %s ready in %.1fs: %d KV blocks (%d tokens, %.1f MiB per rank, %s), max context %d",
             name, time.perf_counter() - started, num_blocks, capacity,
@@ -113,14 +120,23 @@ class LlamaEngine:
     # --- Engine protocol -------------------------------------------------------------------------
 
     def add(self, request: EngineRequest) -> None:
+        leader = request.shares_prefix_with
+        if leader is not None and leader in self._requests and not self._requests[leader].started:
+            self._parked.setdefault(leader, []).append(request)  # its prompt's blocks are being computed
+            return
+        self._admit(request)
+
+    def _admit(self, request: EngineRequest) -> None:
         sampling = request.sampling
         seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
         tokens = [*request.prompt_ids, *request.output_ids]
         max_total = min(len(request.prompt_ids) + sampling.max_tokens, self.info.max_context)
         stop_ids = (frozenset() if sampling.ignore_eos else self.info.eos_token_ids) | frozenset(sampling.stop_token_ids)
         bad_words = bad_words_token_ids(sampling.bad_words, self.tokenizer) if sampling.bad_words else ()
+        prompt_logprobs = (PromptLogprobs(list(request.prompt_ids), sampling.prompt_logprobs)
+                           if sampling.prompt_logprobs is not None else None)
         self._requests[request.request_id] = _RequestState(sampling, seed & SEED_MASK, max_total, stop_ids,
-                                                           bad_words)
+                                                           bad_words, prompt_logprobs)
         self.scheduler.add(Sequence(
             request_id=request.request_id,
             token_ids=tokens,
@@ -129,12 +145,23 @@ class LlamaEngine:
             arrival=self._clock(),
             deadline=request.deadline,
             max_num_tokens=max_total,
+            skip_prefix_cache=prompt_logprobs is not None,
         ))
 
+    def _release_parked(self, leader: str) -> None:
+        """The requests parked behind ``leader`` start: its prompt is cached, or it has gone."""
+        for request in self._parked.pop(leader, []):
+            self._admit(request)
+
     def abort(self, request_id: str) -> None:
+        for leader, parked in list(self._parked.items()):
+            if any(r.request_id == request_id for r in parked):
+                self._parked[leader] = [r for r in parked if r.request_id != request_id]
+                return
         if self._requests.pop(request_id, None) is not None:
             self.scheduler.abort(request_id)
             self.runner.release(request_id)
+            self._release_parked(request_id)
 
     def step(self) -> list[StepOutput]:
         plan = self.scheduler.schedule(self._clock())
@@ -147,10 +174,11 @@ class LlamaEngine:
                 block_table=c.seq.block_table,
                 want_logits=c.samples,
                 seq=c.seq,
+                all_logits=(p := self._requests[c.seq.request_id].prompt_logprobs) is not None and p.wants(c.start),
             )
             for c in plan.chunks
         ]
-        logits = self.runner.run(chunks)
+        logits = self._take_prompt_logits(chunks, self.runner.run(chunks))
         sampled_seqs = [c.seq for c in plan.chunks if c.samples]
         states = [self._requests[s.request_id] for s in sampled_seqs]
         sampled = sample_with_logprobs(
@@ -168,6 +196,12 @@ class LlamaEngine:
 
         outputs = []
         for seq, state, token, token_logprobs in zip(sampled_seqs, states, tokens, logprobs):
+            prompt_logprobs = None
+            if state.prompt_logprobs is not None:
+                prompt_logprobs, state.prompt_logprobs = tuple(state.prompt_logprobs.entries), None
+            if not state.started:
+                state.started = True
+                self._release_parked(seq.request_id)
             finish = None
             if token in state.stop_ids:
                 finish = "stop"
@@ -177,14 +211,34 @@ class LlamaEngine:
                 self._requests.pop(seq.request_id, None)
                 self.scheduler.finish(seq.request_id)
                 self.runner.release(seq.request_id)
-            outputs.append(StepOutput(seq.request_id, token, finish, token_logprobs))
+            outputs.append(StepOutput(seq.request_id, token, finish, token_logprobs, prompt_logprobs))
         return outputs
 
+    def _take_prompt_logits(self, chunks: list[Chunk], logits: torch.Tensor) -> torch.Tensor:
+        """Hand the rows of chunks with ``all_logits`` to their requests' prompt logprobs; the rows
+        left (``[S, V]``) are those to sample from, one per chunk with ``want_logits``."""
+        if not any(c.all_logits for c in chunks):
+            return logits
+        row, sample_rows = 0, []
+        for c in chunks:
+            if c.all_logits:
+                assert c.seq is not None
+                prompt = self._requests[c.seq.request_id].prompt_logprobs
+                assert prompt is not None
+                prompt.add(c.start, logits[row : row + len(c.token_ids)])
+                row += len(c.token_ids)
+                if c.want_logits:
+                    sample_rows.append(row - 1)
+            elif c.want_logits:
+                sample_rows.append(row)
+                row += 1
+        return logits[sample_rows]
+
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self._parked)
 
     def not_started(self) -> list[str]:
-        return self.scheduler.not_started()
+        return self.scheduler.not_started() + [r.request_id for parked in self._parked.values() for r in parked]
 
     def stats(self) -> EngineStats:
         self.runner.check()  # a group that lost a rank must not report itself alive
@@ -200,6 +254,7 @@ class LlamaEngine:
         )
 
     def close(self) -> None:
+        self._parked.clear()
         for request_id in list(self._requests):
             self.abort(request_id)
         self.runner.close()

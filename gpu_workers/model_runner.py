@@ -41,6 +41,8 @@ class Chunk:
     # The scheduler's sequence (request id, all its tokens): what a tensor-parallel leader needs to
     # tell the other ranks only what they have not seen (gpu_workers.parallel.step_message).
     seq: Sequence | None = None
+    # Logits of every token of the chunk, not only of its last (prompt logprobs).
+    all_logits: bool = False
 
 
 @dataclass(slots=True)
@@ -115,7 +117,8 @@ class ModelRunner:
         )
 
     def run(self, chunks: list[Chunk]) -> torch.Tensor:
-        """fp32 logits [n, vocab] of the chunks with ``want_logits``, in the order given.
+        """fp32 logits [n, vocab] of the chunks with ``want_logits``, in the order given; a chunk
+        with ``all_logits`` gives a row for each of its tokens instead (its last one included).
 
         Chunks may come in any order, one per sequence; each writes its tokens' K/V into its blocks.
         """
@@ -173,7 +176,12 @@ class ModelRunner:
         for window in self.windows:
             batch.windowed[window] = batch if window not in narrow else self._windowed(
                 batch, window, [chunks[i] for i in decodes], [(chunks[i], first_row[i]) for i in prefills])
-        rows = [first_row[i] + len(c.token_ids) - 1 for i, c in enumerate(chunks) if c.want_logits]
+        rows: list[int] = []
+        for i, c in enumerate(chunks):
+            if c.all_logits:
+                rows.extend(range(first_row[i], first_row[i] + len(c.token_ids)))
+            elif c.want_logits:
+                rows.append(first_row[i] + len(c.token_ids) - 1)
         return _Step(
             input_ids=self._to_device(torch.tensor(ids, dtype=torch.long)),
             positions=self._to_device(torch.cat(positions)),

@@ -27,6 +27,7 @@ from broker.settings import Settings, load_settings
 from producer.chat_template import TemplateSource, render_chat
 from producer.expiry import ExpiryCheck
 from producer.request import (
+    Choice,
     Completion,
     Event,
     GenerationOptions,
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     import redis.asyncio
     from typing_extensions import Self, Unpack
 
-__all__ = ["Client", "ClientClosed", "Completion", "Event", "Handle", "RequestOptions"]
+__all__ = ["Choice", "Client", "ClientClosed", "Completion", "Event", "Handle", "RequestOptions"]
 
 log = logging.getLogger(__name__)
 

@@ -424,7 +424,8 @@ def test_dead_group_is_failed_over_to_a_live_one(r: redis.Redis, keys: Keys, pre
     fake_group(r, keys, "alive")
     balancer.refresh_groups()
     assert not r.exists(keys.group_accepting("doomed")) and not r.exists(keys.group_queue("doomed"))
-    moved = [parse_request(f, entry_id=e.decode(), prefix=prefix, max_request_bytes=1 << 20)
+    moved = [parse_request(f, entry_id=e.decode(), prefix=prefix, max_request_bytes=1 << 20,
+                          signing_key=r.get(keys.signing_key))
              for e, f in r.xrange(keys.requests)]
     assert sorted((q.id, q.takeover_from, q.takeover_epoch) for q in moved) == [
         ("f0", "doomed", 1), ("f1", "doomed", 1), ("f2", "doomed", 1)]

@@ -352,7 +352,8 @@ def test_recovery_after_final_written_but_not_acked(
 
 def ingress(r: redis.Redis, keys: Keys, prefix: str) -> list[Any]:
     """The ingress entries, parsed as a balancer would."""
-    return [parse_request(fields, entry_id=eid.decode(), prefix=prefix, max_request_bytes=1 << 20)
+    return [parse_request(fields, entry_id=eid.decode(), prefix=prefix, max_request_bytes=1 << 20,
+                          signing_key=r.get(keys.signing_key))
             for eid, fields in r.xrange(keys.requests)]
 
 

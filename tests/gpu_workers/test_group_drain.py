@@ -40,7 +40,8 @@ def tiny_engine() -> LlamaEngine:
 
 
 def handed_back(r: redis.Redis, keys: Keys, prefix: str) -> list[Any]:
-    return [parse_request(fields, entry_id=eid.decode(), prefix=prefix, max_request_bytes=1 << 20)
+    return [parse_request(fields, entry_id=eid.decode(), prefix=prefix, max_request_bytes=1 << 20,
+                          signing_key=r.get(keys.signing_key))
             for eid, fields in r.xrange(keys.requests)]
 
 

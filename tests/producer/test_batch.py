@@ -65,7 +65,8 @@ def test_sampling_controls_are_passed_on() -> None:
     ('{"prompt": "a", "repetition_penalty": 0}', "field 'repetition_penalty'"),
     ('{"prompt": "a", "logit_bias": {"1": 200}}', "field 'logit_bias'"),
     ('{"prompt": "a", "bad_words": "no"}', "field 'bad_words'"),
-    ('{"prompt": "a", "n": 2}', "field 'n'"),
+    ('{"prompt": "a", "n": 0}', "field 'n'"),
+    ('{"prompt": "a", "n": 3, "best_of": 2}', "field 'best_of'"),
     ('{"custom_id": "c", "body": {"prompt": "a", "guided_regex": "x+"}}', "field 'guided_regex'"),
 ])
 def test_bad_lines_say_why(text: str, reason: str) -> None:

@@ -61,6 +61,9 @@ def test_every_option_survives_the_servers_parser(keys: Keys) -> None:
         logprobs=True,
         top_logprobs=4,
         fit_max_tokens=True,
+        prompt_logprobs=2,
+        n=3,
+        best_of=3,
     )
 
     request = parse_request(fields, entry_id="1-0", prefix=keys.prefix, max_request_bytes=1 << 20)
@@ -85,6 +88,9 @@ def test_every_option_survives_the_servers_parser(keys: Keys) -> None:
         "fit_max_tokens": True,
         "logprobs": True,
         "top_logprobs": 4,
+        "prompt_logprobs": 2,
+        "n": 3,
+        "best_of": 3,
     }
     assert request.model == "org/chat-v2"
     assert (request.stream, request.priority, request.timeout_s, request.reply_to) == (

@@ -60,9 +60,9 @@ def test_sampling_controls_map_to_the_protocol_fields() -> None:
 
 
 @pytest.mark.parametrize(("body", "param"), [
-    ({"n": 2}, "n"),
-    ({"best_of": 3}, "best_of"),
-    ({"echo": True}, "echo"),
+    ({"n": 0}, "n"),
+    ({"n": 3, "best_of": 2}, "best_of"),
+    ({"echo": True, "stream": True, "logprobs": 1}, "echo"),
     ({"suffix": "s"}, "suffix"),
     ({"logprobs": 21}, "logprobs"),
     ({"logprobs": -1}, "logprobs"),
@@ -243,7 +243,7 @@ def test_chat_uses_the_published_template_or_fails_and_models_carry_max_model_le
 # --- never silent: known parameters this server does not honour ----------------------------------
 
 REFUSED_SAMPLES: dict[str, Any] = {  # a value of each that would change the output
-    "n": 2, "best_of": 2, "use_beam_search": True, "length_penalty": 0.5, "prompt_logprobs": 1,
+    "use_beam_search": True, "length_penalty": 0.5,
     "allowed_token_ids": [1, 2], "logits_processors": ["x"], "guided_json": {"type": "object"},
     "guided_regex": "a+", "guided_choice": ["a", "b"], "guided_grammar": "root ::= 'a'",
     "structured_outputs": {"json": {}}, "response_format": {"type": "json_object"},
@@ -263,6 +263,8 @@ def test_every_refused_parameter_is_a_400_naming_it() -> None:
     for name, value in REFUSED_SAMPLES.items():
         for parse in (lambda b: parse_completion({"model": "m", "prompt": "x", **b}),
                       lambda b: parse_chat({"model": "m", "messages": messages, **b}, default_max_tokens=4)):
+            if name == "echo" and parse({}).kind == "completion":
+                continue  # completions honour echo
             with pytest.raises(ApiError) as caught:
                 parse({name: value})
             assert (caught.value.status, caught.value.param) == (400, name), name
@@ -276,3 +278,46 @@ def test_neutral_values_and_unknown_parameters_pass() -> None:
     assert parse_completion({"model": "m", "prompt": "x", **neutral}).prompt == "x"
     assert parse_chat({"model": "m", "messages": [{"role": "user", "content": "x"}], **neutral},
                       default_max_tokens=4).kind == "chat"
+
+
+# --- several completions, echo, prompt logprobs ---------------------------------------------------
+
+
+def test_choices_echo_and_prompt_logprobs_in_openai_shapes() -> None:
+    from producer.request import Choice
+
+    prompt_entries = [None, {"token_id": 66, "text": "B", "logprob": -0.5,
+                             "top_logprobs": [{"token_id": 67, "text": "C", "logprob": -0.25}]}]
+    entry = {"token_id": 120, "text": "x", "logprob": -1.0, "top_logprobs": []}
+    done = Completion(id="r", text="x", token_ids=[120], finish_reason="stop", prompt_tokens=2, completion_tokens=3,
+                      logprobs=[entry], prompt_logprobs=prompt_entries,
+                      choices=[Choice(0, "x", [120], "stop", [entry]), Choice(1, "yz", [121, 122], "length", [None, None])])
+    body = Responder("completion", "cmpl-1", 0, "m").full(done, echo="AB", prompt_entries=prompt_entries,
+                                                          prompt_logprobs=True)
+    first, second = body["choices"]
+    assert (first["index"], first["text"], second["index"], second["text"]) == (0, "ABx", 1, "AByz")
+    assert second["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 3
+    # echo + logprobs: the prompt's tokens first (the first one without a logprob), then the completion's
+    assert first["logprobs"]["tokens"] == ["A", "B", "x"]
+    assert first["logprobs"]["token_logprobs"] == [None, -0.5, -1.0]
+    assert first["logprobs"]["text_offset"] == [0, 1, 2]
+    assert first["logprobs"]["top_logprobs"][0] is None and first["logprobs"]["top_logprobs"][1] == {"C": -0.25, "B": -0.5}
+    # vLLM's prompt_logprobs shape: the prompt token (rank unknown: not among the alternatives) and the top ones
+    assert first["prompt_logprobs"] == [None, {"66": {"logprob": -0.5, "rank": None, "decoded_token": "B"},
+                                               "67": {"logprob": -0.25, "rank": 1, "decoded_token": "C"}}]
+    chat = Responder("chat", "chatcmpl-1", 0, "m").full(done, prompt_logprobs=True, prompt_entries=prompt_entries)
+    assert [c["message"]["content"] for c in chat["choices"]] == ["x", "yz"] and chat["prompt_logprobs"][0] is None
+    chunk = Responder("chat", "chatcmpl-1", 0, "m").chunk("y", index=1)
+    assert chunk["choices"][0]["index"] == 1
+
+
+def test_n_and_best_of_map_to_the_protocol_fields() -> None:
+    gen = parse_completion({"model": "m", "prompt": "x", "n": 3, "best_of": 5, "echo": True, "logprobs": 2})
+    assert (gen.n, gen.echo, gen.echo_text) == (3, True, "x")
+    assert (gen.options["n"], gen.options["best_of"], gen.options["prompt_logprobs"]) == (3, 5, 2)
+    chat = parse_chat({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2,
+                       "prompt_logprobs": 0}, default_max_tokens=4)
+    assert (chat.n, chat.prompt_logprobs, chat.options["prompt_logprobs"]) == (2, True, 0)
+    with pytest.raises(ApiError) as caught:
+        parse_completion({"model": "m", "prompt": "x", "n": 2, "best_of": 3, "stream": True})
+    assert caught.value.param == "best_of"
