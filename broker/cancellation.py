@@ -5,8 +5,8 @@ entry that carries the same token.
 sent with ``cancel_token <secret>`` needs ``XADD {p}:cancel * id <id> token <secret>``: under the
 ACL recipe of docs/OPERATIONS.md clients may write ``{p}:cancel`` and ``{p}:requests`` but read
 neither, so no one else learns the secret, and knowing a request's id is no longer enough to end it.
-Balancers and worker groups keep what they read for ``HORIZON_MS``, so that a cancel that comes
-before its request still applies.
+Balancers and worker groups keep what they read for a horizon (``Settings.cancel_horizon_s``, by
+10 minutes), so that a cancel that comes before its request still applies.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 from broker.protocol import is_later_entry_id
+from broker.settings import Settings
 
-HORIZON_MS = 600_000  # cancels are remembered for 10 minutes
+HORIZON_MS = int(Settings.model_fields["cancel_horizon_s"].default * 1000)  # the setting's default
 MAX_TOKENS_PER_ID = 32  # tokens kept per request id (a flood of wrong ones cannot grow it further)
 
 
@@ -28,7 +29,8 @@ def _text(value: Any) -> str | None:
 class Cancellations:
     """Cancel entries seen lately: request id -> (last seen, Redis ms; tokens, None for none)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, horizon_ms: float = HORIZON_MS) -> None:
+        self.horizon_ms = horizon_ms
         self._seen: dict[str, tuple[float, set[str | None]]] = {}
         self._next_prune = 0.0
 
@@ -58,11 +60,11 @@ class Cancellations:
         return cancel_token is None or cancel_token in seen[1]
 
     def prune(self, now_ms: float) -> None:
-        """Forget cancels older than HORIZON_MS (a pass at most once a minute)."""
+        """Forget cancels older than the horizon (a pass at most once a minute)."""
         if now_ms < self._next_prune:
             return
         self._next_prune = now_ms + 60_000
-        horizon = now_ms - HORIZON_MS
+        horizon = now_ms - self.horizon_ms
         self._seen = {k: v for k, v in self._seen.items() if v[0] >= horizon}
 
     def __contains__(self, request_id: str) -> bool:

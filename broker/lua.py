@@ -8,6 +8,10 @@ described in broker.scripts.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from broker.protocol import GenerationRequest
+
 CLAIM_OWNER = """
 -- Pin a request to a group, learn the group it is already pinned to, or take it over from a group
 -- that handed it back (draining) or died.
@@ -78,6 +82,21 @@ local id = redis.call('XADD', KEYS[1], '*', 'r', ARGV[1], 'e', ARGV[2], 'c', cos
 if KEYS[4] then redis.call('INCRBY', KEYS[4], cost) end
 return {'ok', id}
 """
+
+
+@dataclass(frozen=True, slots=True)
+class QueueEntry:
+    """A group queue entry, as DISPATCH writes it (fields r, e, c)."""
+
+    request: GenerationRequest  # r: the request, msgpack (GenerationRequest.to_wire)
+    epoch: int  # e: the epoch it was dispatched under; the group publishes under it
+    cost: int  # c: tokens it adds to the queue's token counter (0 in entries written before it existed)
+
+
+def queue_entry(fields: dict[bytes, bytes]) -> QueueEntry:
+    """Decode a queue entry's fields (the one place that reads them); KeyError or ValueError
+    (msgpack's, pydantic's) when malformed."""
+    return QueueEntry(GenerationRequest.from_wire(fields[b"r"]), int(fields[b"e"]), int(fields.get(b"c", b"0")))
 
 
 ACK = """

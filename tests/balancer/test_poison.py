@@ -16,7 +16,7 @@ import msgpack
 import pytest
 import redis
 
-from balancer.router import Router
+from balancer.routing import Router
 from balancer.service import PUBLISHER, Balancer
 from broker.dead_letter import Attempts, is_transient
 from broker.keys import INGRESS_GROUP, Keys, Progress
