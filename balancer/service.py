@@ -242,6 +242,8 @@ class Balancer(IngressReader, PoisonHandling, Dispatcher):
             self.telemetry.finished(rid, final.fields)
             return final
         moved = request.takeover_from is not None
+        if request.enqueued_ms > now_ms:  # an explicit entry id in the future (XADD <ms>-0): it counts
+            request = request.model_copy(update={"enqueued_ms": int(now_ms)})  # from now, not from then
         self.waiting[entry_id] = Waiting(
             entry_id, request, now_ms, request.takeover_from, request.takeover_epoch, moved=moved, held=moved,
             prefix=prefix_key(request, chars=self.settings.affinity_prefix_chars,

@@ -46,6 +46,9 @@ Entry = tuple[bytes, dict[bytes, bytes]]
 # Adds the acknowledgement of the given entry ids to a batch (the stream's owner says how).
 AckWriter = Callable[[Batch, list[bytes]], None]
 CANCEL_READ_COUNT = 1000  # most cancel entries one read takes in
+# longest cancel id or token one read takes in (longer ones name no request: ids are at most 128
+# characters, tokens 256 bytes); with CANCEL_READ_COUNT it bounds a read's memory, whatever is sent
+CANCEL_FIELD_BYTES = 512
 
 
 @dataclass(slots=True)
@@ -176,13 +179,19 @@ class StreamConsumer:
                 self._write_ack(batch, acks)
             first = len(batch)
             build(batch)
-            cancel_at = batch.xread({self.cancel_stream: self._cancel_cursor}, count=CANCEL_READ_COUNT)
+            cancel_at = self.scripts.read_cancels(cancel_stream=self.cancel_stream, after=self._cancel_cursor,
+                                                  count=CANCEL_READ_COUNT, max_field_bytes=CANCEL_FIELD_BYTES,
+                                                  client=batch)
             results = self.scripts.wire.execute(batch)
             own = results[first:cancel_at]
             if not any(isinstance(raw, NoScriptError) for raw in own):
                 break
             self.scripts.load()  # Redis lost the scripts (a restart): the caller's read goes again
-        for raw in [*own, results[cancel_at]]:
+        cancels = results[cancel_at]
+        if isinstance(cancels, NoScriptError):  # the caller's reads went through: not again; the
+            self.scripts.load()  # cancels wait for the next read (the cursor has not moved)
+            cancels = None
+        for raw in [*own, cancels]:
             if isinstance(raw, Exception):
                 raise raw
         ack_error = next((raw for raw in results[:first] if isinstance(raw, Exception)), None)
@@ -191,15 +200,16 @@ class StreamConsumer:
             ack_error = None
         elif ack_error is None:
             del self._to_ack[: len(acks)]
-        return Read(replies=own, cancels=self._take_cancels(results[cancel_at]), ack_error=ack_error)
+        return Read(replies=own, cancels=self._take_cancels(cancels), ack_error=ack_error)
 
     def _take_cancels(self, reply: Any) -> list[tuple[str, str | None]]:
         now_ms = self.clock.now_ms()
         seen: list[tuple[str, str | None]] = []
         for _stream, entries in reply or []:
-            for entry_id, fields in entries:
+            for entry_id, flat in entries:  # READ_CANCELS: fields flat, only id and token
                 self._cancel_cursor = entry_id
-                got = self.cancels.add(fields, now_ms, entry_id=entry_id)
+                it = iter(flat or [])
+                got = self.cancels.add(dict(zip(it, it)), now_ms, entry_id=entry_id)
                 if got is not None:
                     seen.append(got)
         self.cancels.prune(now_ms)

@@ -247,6 +247,34 @@ return out
 """
 
 
+READ_CANCELS = """
+-- Read the cancel feed after a cursor (XREAD, never blocking), keeping of each entry only what a
+-- cancel can use: 'id' and 'token' when each is at most ARGV[3] bytes (no request id or token is
+-- longer). A client may write anything there: one read returns at most ARGV[2] entries of bounded
+-- size, however large what was written, and the cursor still moves past every entry.
+-- KEYS[1] = the cancel stream
+-- ARGV[1] = cursor: entries after this id
+-- ARGV[2] = most entries to read
+-- ARGV[3] = longest id or token kept, bytes
+-- Returns {{stream, {{id, {field, value, ...}}, ...}}} like XREAD, or {} when nothing is new.
+local got = redis.call('XREAD', 'COUNT', ARGV[2], 'STREAMS', KEYS[1], ARGV[1])
+if not got then return {} end
+local limit = tonumber(ARGV[3])
+local out = {}
+for _, e in ipairs(got[1][2]) do
+  local f, kept = e[2], {}
+  for i = 1, #f - 1, 2 do
+    if (f[i] == 'id' or f[i] == 'token') and #f[i + 1] <= limit then
+      kept[#kept + 1] = f[i]
+      kept[#kept + 1] = f[i + 1]
+    end
+  end
+  out[#out + 1] = {e[1], kept}
+end
+return {{KEYS[1], out}}
+"""
+
+
 HEARTBEAT = """
 -- Record a group's heartbeat, stamped with the Redis server's clock (no skew between hosts).
 -- KEYS[1] = group registry zset

@@ -58,6 +58,36 @@ def test_the_cancel_feed_starts_after_the_last_cancel_and_remembers_for_its_hori
     assert "new" not in c.cancels
 
 
+def test_a_redis_without_the_cancel_script_loses_no_entry_and_no_cancel(r: redis.Redis, keys: Keys) -> None:
+    """The cancel feed is a script (READ_CANCELS): on a Redis that lost its scripts (a restart, a
+    SCRIPT FLUSH), the caller's reads in the same round trip went through and are not sent again
+    (a second XREADGROUP '>' would find nothing: the entries would sit unseen in the pending list);
+    the cancels come with the next read."""
+    c = consumer(r, keys)
+    c.create_group()
+    entry = r.xadd("s", {"x": "1"})
+    r.xadd(keys.cancel, {"id": "r1", "token": "t"})
+    r.script_flush()
+    got = c.read(lambda batch: batch.xreadgroup("g", "c", {"s": ">"}, count=10))
+    got.check()
+    assert [eid for _s, entries in got.replies[0] or [] for eid, _f in entries] == [entry]
+    assert got.cancels == []
+    assert c.read(lambda batch: None).cancels == [("r1", "t")]
+
+
+def test_cancel_entries_are_read_bounded_whatever_their_size(r: redis.Redis, keys: Keys) -> None:
+    """Only 'id' and 'token' of a cancel entry are read, and only when short enough to name a
+    request: a client writing megabytes to the cancel stream costs a reader nothing of it."""
+    c = consumer(r, keys)
+    c.create_group()
+    r.xadd(keys.cancel, {"id": "x" * (1 << 20), "blob": "y" * (1 << 20)})
+    r.xadd(keys.cancel, {"id": "r2", "token": "t" * 300, "extra": "z" * 1000})
+    r.xadd(keys.cancel, {"id": "r3"})
+    # the 1 MiB id names no request; r2's token is longer than any request's (256 bytes): no cancel
+    assert c.read(lambda batch: None).cancels == [("r3", None)]
+    assert "r2" not in c.cancels
+
+
 def test_serve_backs_off_on_a_lost_connection_and_hands_nogroup_to_its_caller() -> None:
     failures: list[Exception] = [RedisConnectionError("gone"), ResponseError("NOGROUP no such group"),
                                  RuntimeError("a bug")]
