@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.keys import Keys
-from broker.protocol import GenerationRequest
+from broker.lua import queue_entry
 from broker.scripts import Scripts
 from broker.settings import Settings
 from broker.signing import SigningKey
@@ -78,9 +78,9 @@ class Failover:
             pipe = self.redis.pipeline(transaction=False)
             for entry_id, fields in entries:
                 try:
-                    request = GenerationRequest.from_wire(fields[b"r"])
-                    pipe.xadd(self.keys.requests, request.to_ingress(from_owner=group, epoch=int(fields[b"e"]),
-                                                                       signing_key=signing_key))
+                    entry = queue_entry(fields)
+                    pipe.xadd(self.keys.requests, entry.request.to_ingress(from_owner=group, epoch=entry.epoch,
+                                                                             signing_key=signing_key))
                     moved += 1
                 except Exception:
                     log.exception("dropping malformed queue entry %s of %s", entry_id, group)

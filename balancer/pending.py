@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from broker.protocol import GenerationRequest, choice_entry, done_event
+from broker.events import choice_entry, done_event
+from broker.protocol import GenerationRequest
 from broker.scripts import Claim, claim_result
 
 

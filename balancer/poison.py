@@ -13,11 +13,12 @@ from redis.exceptions import ResponseError
 from balancer.pending import Final, Waiting
 from balancer.request_ids import Holder
 from broker.dead_letter import Attempts, DeadLetters, describe, is_transient
+from broker.events import error_event
 from broker.keys import Keys
 from broker.logs import request_extra
-from broker.protocol import error_event
 from broker.scripts import Claim, Scripts, pack_events
 from broker.settings import Settings
+from broker.wire import Batch
 
 if TYPE_CHECKING:
     from collections import Counter
@@ -119,25 +120,25 @@ class PoisonHandling:
         else:
             acks.append(w.entry_id)  # finished, or owned by another, on its stream: answered there
 
-    def _void(self, pipe: Any, voided: list[Voided]) -> None:
+    def _void(self, pipe: Batch, voided: list[Voided]) -> list[int | None]:
         """Add to ``pipe``: for each voided claim, the balancer's takeover (fencing the candidate
-        group), and the duplicate's error, published under the epoch that takeover gives."""
+        group), and the duplicate's error, published under the epoch that takeover gives. Returns the
+        handle of each publish (None where there is no error to publish)."""
         ttl_ms = self.settings.result_ttl_s * 1000
+        handles: list[int | None] = []
         for v in voided:
             reply, rid = v.waiting.request.reply_to, v.waiting.request.id
             self.scripts.claim_owner(progress=self.keys.progress(reply, rid), reply_stream=reply, group=PUBLISHER,
                                      ttl_ms=ttl_ms, taken_from=v.candidate, taken_from_epoch=FIRST_EPOCH, client=pipe)
-            if v.event is not None:
-                self.scripts.publish(reply_stream=reply, progress=self.keys.progress(reply, rid), publisher=PUBLISHER,
-                                     epoch=FIRST_EPOCH + 1, ttl_ms=ttl_ms, events=pack_events([("f", 0, v.event)]),
-                                     client=pipe)
+            handles.append(None if v.event is None else self.scripts.publish(
+                reply_stream=reply, progress=self.keys.progress(reply, rid), publisher=PUBLISHER,
+                epoch=FIRST_EPOCH + 1, ttl_ms=ttl_ms, events=pack_events([("f", 0, v.event)]), client=pipe))
+        return handles
 
-    def _voided(self, voided: list[Voided], results: list[Any], acks: list[bytes]) -> None:
-        """Take in the replies of ``_void``'s commands (in order)."""
-        replies = iter(results)
-        for v in voided:
-            next(replies)
-            published = next(replies) if v.event is not None else None
+    def _voided(self, voided: list[Voided], handles: list[int | None], results: list[Any], acks: list[bytes]) -> None:
+        """Take in the replies of ``_void``'s publishes (by their handles)."""
+        for v, handle in zip(voided, handles):
+            published = results[handle] if handle is not None else None
             if isinstance(published, Exception):
                 self._give_up(v.waiting.entry_id, None, v.waiting.request.reply_to, published)
                 continue

@@ -17,7 +17,6 @@ that failed validation, so an invalid entry never takes the id of a valid one re
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,19 +40,13 @@ class Holder:
         return cls(entry_id, reply_to)
 
 
-def add_hold(batch: Batch, keys: Keys, entry_id: bytes, request_id: str, reply_to: str, *, ttl_ms: int) -> None:
+def add_hold(batch: Batch, keys: Keys, entry_id: bytes, request_id: str, reply_to: str, *, ttl_ms: int) -> int:
     """Add the hold of ``request_id`` by ``entry_id`` (SET NX) and the read of its holder (GET) to
-    ``batch``: two replies, taken back by ``read_hold``."""
+    ``batch``; the GET's handle, whose reply ``Holder.parse`` reads (None when it could not be read:
+    an error reply, and the caller treats the id as its own, as before ids were held)."""
     key = keys.request_id(request_id)
     batch.set_nx(key, f"{entry_id.decode()} {reply_to}", px=ttl_ms)
-    batch.get(key)
-
-
-def read_hold(replies: Iterator[Any]) -> Holder | None:
-    """Who holds the id, from the two replies ``add_hold`` added; None when the reply could not be
-    read (an error reply: the caller treats the id as its own, as before ids were held)."""
-    next(replies)
-    return Holder.parse(next(replies))
+    return batch.get(key)
 
 
 def is_duplicate(holder: Holder | None, entry_id: bytes) -> bool:

@@ -201,7 +201,8 @@ class Keys:
 
         Never one of the pipeline's own keys (``is_internal``), never the state of a request (a
         companion: ``state``, ``generated``, ``generated_text``, under anyone's reply stream), never
-        the default result stream of another request, nor RQ's keys (batch jobs). Any other stream
+        the default result stream of another request (``{p}:result:<id>``, or a tenant's
+        ``{p}:t:<tenant>:result:<id>``), nor RQ's keys (batch jobs). Any other stream
         name (or a key that does not exist yet) is the client's to choose.
         """
         if self.is_internal(key) or key.startswith("rq:"):
@@ -214,6 +215,10 @@ class Keys:
         results = f"{self.prefix}:result:"
         if key.startswith(results) and key != self.result(request_id):
             return f"must not be another request's result stream (only {self.result(request_id)!r} under {results!r})"
+        tenants = f"{self.prefix}:t:"
+        if key.startswith(tenants) and ":result:" in key[len(tenants):] and not key.endswith(f":result:{request_id}"):
+            # a tenant's default result streams (reply_stream(id, tenant=...)): the request's own only
+            return f"must not be another request's result stream (a tenant's end in ':result:{request_id}')"
         return None
 
     def tenant_space(self, tenant: str) -> str:

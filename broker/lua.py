@@ -8,6 +8,10 @@ described in broker.scripts.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from broker.protocol import GenerationRequest
+
 CLAIM_OWNER = """
 -- Pin a request to a group, learn the group it is already pinned to, or take it over from a group
 -- that handed it back (draining) or died.
@@ -78,6 +82,21 @@ local id = redis.call('XADD', KEYS[1], '*', 'r', ARGV[1], 'e', ARGV[2], 'c', cos
 if KEYS[4] then redis.call('INCRBY', KEYS[4], cost) end
 return {'ok', id}
 """
+
+
+@dataclass(frozen=True, slots=True)
+class QueueEntry:
+    """A group queue entry, as DISPATCH writes it (fields r, e, c)."""
+
+    request: GenerationRequest  # r: the request, msgpack (GenerationRequest.to_wire)
+    epoch: int  # e: the epoch it was dispatched under; the group publishes under it
+    cost: int  # c: tokens it adds to the queue's token counter (0 in entries written before it existed)
+
+
+def queue_entry(fields: dict[bytes, bytes]) -> QueueEntry:
+    """Decode a queue entry's fields (the one place that reads them); KeyError or ValueError
+    (msgpack's, pydantic's) when malformed."""
+    return QueueEntry(GenerationRequest.from_wire(fields[b"r"]), int(fields[b"e"]), int(fields.get(b"c", b"0")))
 
 
 ACK = """
@@ -225,6 +244,34 @@ for _, e in ipairs(got[1][2]) do
   end
 end
 return out
+"""
+
+
+READ_CANCELS = """
+-- Read the cancel feed after a cursor (XREAD, never blocking), keeping of each entry only what a
+-- cancel can use: 'id' and 'token' when each is at most ARGV[3] bytes (no request id or token is
+-- longer). A client may write anything there: one read returns at most ARGV[2] entries of bounded
+-- size, however large what was written, and the cursor still moves past every entry.
+-- KEYS[1] = the cancel stream
+-- ARGV[1] = cursor: entries after this id
+-- ARGV[2] = most entries to read
+-- ARGV[3] = longest id or token kept, bytes
+-- Returns {{stream, {{id, {field, value, ...}}, ...}}} like XREAD, or {} when nothing is new.
+local got = redis.call('XREAD', 'COUNT', ARGV[2], 'STREAMS', KEYS[1], ARGV[1])
+if not got then return {} end
+local limit = tonumber(ARGV[3])
+local out = {}
+for _, e in ipairs(got[1][2]) do
+  local f, kept = e[2], {}
+  for i = 1, #f - 1, 2 do
+    if (f[i] == 'id' or f[i] == 'token') and #f[i + 1] <= limit then
+      kept[#kept + 1] = f[i]
+      kept[#kept + 1] = f[i + 1]
+    end
+  end
+  out[#out + 1] = {e[1], kept}
+end
+return {{KEYS[1], out}}
 """
 
 

@@ -35,6 +35,7 @@ from broker.lua import (
     HEARTBEAT,
     OVERSIZE_FIELD,
     PUBLISH,
+    READ_CANCELS,
     READ_INGRESS,
     RETIRE_QUEUE,
 )
@@ -175,7 +176,8 @@ class Scripts:
         self._ack = _Script(redis, ACK)
         self._retire_queue = _Script(redis, RETIRE_QUEUE)
         self._read_ingress = _Script(redis, READ_INGRESS)
-        self._sources = (CLAIM_OWNER, DISPATCH, PUBLISH, HEARTBEAT, ACK, RETIRE_QUEUE, READ_INGRESS)
+        self._read_cancels = _Script(redis, READ_CANCELS)
+        self._sources = (CLAIM_OWNER, DISPATCH, PUBLISH, HEARTBEAT, ACK, RETIRE_QUEUE, READ_INGRESS, READ_CANCELS)
 
     def claim_owner(self, *, progress: Progress, group: str, ttl_ms: int, reply_stream: str | None = None,
                     taken_from: str | None = None, taken_from_epoch: int = 0, client: Pipe | None = None) -> Any:
@@ -231,6 +233,13 @@ class Scripts:
         ``consumer_group``, never blocking; entries over ``max_entry_bytes`` come back as stubs
         (``OVERSIZE_FIELD``). Reply: ``ingress_entries``."""
         return self._read_ingress([ingress], [consumer_group, consumer, count, max_entry_bytes], client)
+
+    def read_cancels(self, *, cancel_stream: str, after: bytes | str, count: int, max_field_bytes: int,
+                     client: Pipe | None = None) -> Any:
+        """READ_CANCELS: up to ``count`` entries of ``cancel_stream`` after id ``after``, each reduced
+        to its ``id`` and ``token`` fields of at most ``max_field_bytes`` (others dropped). Reply:
+        XREAD's shape, ``[[stream, [(entry id, [field, value, ...]), ...]]]``."""
+        return self._read_cancels([cancel_stream], [after, count, max_field_bytes], client)
 
     def heartbeat(self, *, registry: str, info: str, group: str, fields: Sequence[str | bytes | int | float],
                   client: Pipe | None = None) -> Any:

@@ -44,7 +44,7 @@ class Held:
     first_token_ms: float | None = None
 
     def served(self, *, model: str, group: str, now_ms: float) -> dict[str, str]:
-        """The done event's ``served`` fields (broker.protocol.done_event)."""
+        """The done event's ``served`` fields (broker.events.done_event)."""
         out = {"model": model, "group": group}
         enqueued = self.request.enqueued_ms
         for name, at in (("queue_s", self.started_ms), ("ttft_s", self.first_token_ms), ("total_s", now_ms)):

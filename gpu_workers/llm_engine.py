@@ -9,9 +9,7 @@ and Redis stay in the group loop (gpu_workers.group); this module only turns req
 from __future__ import annotations
 
 import logging
-import os
 import random
-import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -21,19 +19,18 @@ from pathlib import Path
 import torch
 
 from broker.chat import PLAIN_CHAT_TEMPLATE
-from broker.errors import ConfigError, InvalidRequest
+from broker.errors import InvalidRequest
 from broker.protocol import SamplingParams
 from gpu_workers.block_manager import BlockManager
 from gpu_workers.engine import EngineInfo, EngineRequest, EngineStats, Rejection, StepOutput
 from gpu_workers.hf_tokenizer import load_tokenizer
-from gpu_workers.kv_memory import kv_budget_bytes
 from gpu_workers.logits_processors import RowContext, bad_words_token_ids
 from gpu_workers.model.config import load_config
-from gpu_workers.model.kv_cache import kv_bytes_per_block
 from gpu_workers.model_runner import Chunk, ModelRunner
-from gpu_workers.parallel.launch import RankReport, TensorParallelGroup, peak_rss_bytes
+from gpu_workers.parallel.launch import TensorParallelGroup
 from gpu_workers.parallel.runner import LeaderRunner
 from gpu_workers.prompt_logprobs import PromptLogprobs
+from gpu_workers.rank import BLOCK_SIZE, LlamaEngineOptions, build_runner, rank_report
 from gpu_workers.sampler import sample_with_logprobs
 from gpu_workers.scheduler import Scheduler, SchedulerConfig
 from gpu_workers.sequence import Sequence
@@ -41,19 +38,10 @@ from gpu_workers.structured_output import GrammarMatcher, Grammars
 
 log = logging.getLogger(__name__)
 
-BLOCK_SIZE = 16
 SEED_MASK = (1 << 63) - 1
+DEFAULT_OPTIONS = LlamaEngineOptions()
 
-
-@dataclass(frozen=True, slots=True)
-class LlamaEngineOptions:
-    kv_dtype: str = "fp8_e4m3"
-    kv_memory: str | None = None  # "2GiB", "500MB", a byte count, or None for a share of free memory
-    device: str = "cpu"
-    dtype: torch.dtype | None = None  # None: fp32 on CPU, bf16 on CUDA
-    max_num_seqs: int = 128
-    max_num_batched_tokens: int = 512  # per-step token budget (chunked prefill)
-    prefix_caching: bool = True
+__all__ = ["BLOCK_SIZE", "LlamaEngine", "LlamaEngineOptions"]  # the options live with the rank (gpu_workers.rank)
 
 
 @dataclass(slots=True)
@@ -80,7 +68,7 @@ class LlamaEngine:
         model_dir: Path,
         *,
         name: str,
-        options: LlamaEngineOptions = LlamaEngineOptions(),
+        options: LlamaEngineOptions = DEFAULT_OPTIONS,
         clock: Callable[[], float] = time.monotonic,
         tp: TensorParallelGroup | None = None,
     ) -> None:
@@ -120,7 +108,7 @@ class LlamaEngine:
             max_context=min(model_len, capacity),
             eos_token_ids=frozenset(specials.eos_token_ids),
             tp=tp.size if tp is not None else 1,
-            kv_dtype=options.kv_dtype,
+            kv_dtype=options.kv.name,
             rank_weight_bytes=tuple(r.weight_bytes for r in self.ranks),
             rank_kv_bytes=tuple(r.kv_bytes for r in self.ranks),
             # a model without a tokenizer.json (random:<preset>) speaks bytes: the plain byte template
@@ -139,7 +127,7 @@ class LlamaEngine:
         log.info(
             "engine %s ready in %.1fs: %d KV blocks (%d tokens, %.1f MiB per rank, %s), max context %d",
             name, time.perf_counter() - started, num_blocks, capacity,
-            runner.kv_cache.bytes_per_block() * num_blocks / 2**20, options.kv_dtype, self.info.max_context,
+            runner.kv_cache.bytes_per_block() * num_blocks / 2**20, options.kv, self.info.max_context,
         )
 
     # --- Engine protocol -------------------------------------------------------------------------
@@ -344,51 +332,3 @@ class LlamaEngine:
         self.grammars.close()
         self._mask_pool.shutdown(wait=False)
         self.runner.close()
-
-
-def build_runner(model_dir: Path, options: LlamaEngineOptions, *, tp: TensorParallelGroup | None) -> ModelRunner:
-    """This rank's model runner (its shards of the weights), with as many KV blocks as the tightest
-    rank's budget holds: every rank of a group must have the same blocks, since block tables are shared.
-    The budget is read once the weights are loaded, so a share of free memory leaves theirs alone.
-    Followers call this too, with the same options, so the ranks' collectives pair up."""
-    config = load_config(model_dir)
-    size = tp.size if tp is not None else 1
-    # the real size of a block, fp8 scales included: kv_capacity_tokens is what the memory holds
-    bytes_per_block = kv_bytes_per_block(config, options.kv_dtype, block_size=BLOCK_SIZE, tp_size=size)
-    # Never more blocks than every sequence at full length could use.
-    most = -(-options.max_num_seqs * config.max_context // BLOCK_SIZE)
-    local_ranks = tp.local_size if tp else 1
-
-    def blocks() -> int:
-        budget = kv_budget_bytes(options.kv_memory, device=options.device, ranks_on_host=local_ranks)
-        return min(budget // bytes_per_block, most)
-
-    def check(num_blocks: int) -> None:
-        if num_blocks < 1:
-            budget = f"--kv-memory {options.kv_memory!r}" if options.kv_memory else "the free memory's share"
-            raise ConfigError(f"{budget} holds no KV block of {BLOCK_SIZE} tokens ({bytes_per_block} bytes "
-                              f"per rank with kv dtype {options.kv_dtype})")
-
-    if options.kv_memory is not None:
-        check(blocks())  # a size that holds nothing fails before minutes of loading
-    runner = ModelRunner(
-        model_dir, num_blocks=None, block_size=BLOCK_SIZE, kv_dtype=options.kv_dtype,
-        dtype=options.dtype, device=tp.device if tp is not None else options.device,
-        tp=tp.context if tp is not None else None,
-    )
-    num_blocks = blocks()  # a share of free memory is measured now, with the weights loaded
-    if tp is not None:
-        num_blocks = tp.agree_min(num_blocks)  # every rank, before any of them can refuse
-    check(num_blocks)
-    runner.allocate_kv_cache(num_blocks)
-    return runner
-
-
-def rank_report(runner: ModelRunner, tp: TensorParallelGroup | None, *, load_s: float) -> RankReport:
-    """What this rank holds, once loaded."""
-    cache = runner.kv_cache
-    return RankReport(
-        rank=tp.rank if tp is not None else 0, host=socket.gethostname(), pid=os.getpid(),
-        weight_bytes=runner.weight_bytes(), kv_bytes=cache.bytes_per_block() * cache.num_blocks,
-        load_s=round(load_s, 3), peak_rss_bytes=peak_rss_bytes(),
-    )

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from broker.errors import ConfigError
 from gpu_workers.model.attention import AttentionBatch, DecodeGroup, PrefillChunk
 from gpu_workers.model.config import ModelConfig, load_config
 from gpu_workers.model.families import model_class
-from gpu_workers.model.kv_cache import STORAGE_DTYPES, KVCache
+from gpu_workers.model.kv_cache import KVCache
+from gpu_workers.model.kv_format import KVFormat, kv_format
 from gpu_workers.model.layers import TPContext
 from gpu_workers.model.loader import load_weights
 from gpu_workers.startup import phase
@@ -62,7 +62,7 @@ class ModelRunner:
         *,
         num_blocks: int | None,
         block_size: int = 16,
-        kv_dtype: str = "fp32",
+        kv_dtype: str | KVFormat = "fp32",
         dtype: torch.dtype | None = None,
         device: str = "cpu",
         tp: TPContext | None = None,
@@ -72,8 +72,7 @@ class ModelRunner:
         once the loaded weights show how much memory is left. ``decode_group_tokens``: most padded
         context tokens per decode attention group (None: CPU_DECODE_GROUP_TOKENS on CPUs, all
         decodes in one group on GPUs)."""
-        if kv_dtype not in STORAGE_DTYPES:
-            raise ConfigError(f"kv_dtype {kv_dtype!r}: one of {', '.join(STORAGE_DTYPES)}")
+        kv = kv_format(kv_dtype)  # ConfigError for an unknown name, before the model loads
         self.device = torch.device(device)
         # bf16 matmuls are 2-3x slower than fp32 on the project's CPUs
         self.dtype = dtype or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
@@ -94,7 +93,8 @@ class ModelRunner:
             load_weights(self.model, Path(model_dir))
         with phase("pack"):
             self.model.pack_weights()
-        self.kv_dtype = kv_dtype
+        self.kv_format = kv
+        self.kv_dtype = kv.name
         self.kv_cache: KVCache
         if num_blocks is not None:
             self.allocate_kv_cache(num_blocks)
@@ -111,7 +111,7 @@ class ModelRunner:
             block_size=self.block_size,
             num_kv_heads=self.config.kv_heads_per_rank(self.tp.size),
             head_dim=self.config.head_dim,
-            kv_dtype=self.kv_dtype,
+            kv_dtype=self.kv_format,
             dtype=self.dtype,
             device=self.device,
         )
@@ -221,7 +221,7 @@ class ModelRunner:
         """The K/V row index and SDDMM pattern of in-place decode attention (see attention.py)."""
         bs, cache = self.block_size, self.kv_cache
         kv_heads = cache.num_kv_heads
-        per_kv_head = self.config.num_attention_heads // self.tp.size // kv_heads  # G: query heads per KV head
+        per_kv_head = self.config.heads_per_rank(self.tp.size) // kv_heads  # G
         b, width = table.shape
         length = width * bs
         slots = (table[:, :, None] * bs + torch.arange(bs)).view(b, length)  # [B, L]

@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from broker.protocol import SamplingParams, token_logprobs
+from broker.events import token_logprobs
+from broker.protocol import SamplingParams
 from gpu_workers.engine import Tokenizer, TokenLogprobs
 from gpu_workers.tokenizer import IncrementalDetokenizer
 
@@ -19,7 +20,7 @@ class TokenResult:
     token_id: int
     text: str  # the text this token makes visible (may be "", or carry held-back text)
     finish_reason: str | None  # stop | length when this token ends the request
-    logprobs: dict[str, Any] | None = None  # broker.protocol.token_logprobs, for requests that asked
+    logprobs: dict[str, Any] | None = None  # broker.events.token_logprobs, for requests that asked
 
 
 class OutputState:

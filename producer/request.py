@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TypedDict
 
 from broker.errors import InvalidRequest, RequestFailed
-from broker.protocol import FINAL_EVENTS, ID_RE
+from broker.events import FINAL_EVENTS
+from broker.protocol import ID_RE
 
 
 class GenerationOptions(TypedDict, total=False):

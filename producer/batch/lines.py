@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from broker.errors import InvalidRequest
-from broker.protocol import parse_request
 from broker.refused import unhonoured_field
+from broker.validation import parse_request
 from producer.chat_template import normalize_messages
 from producer.request import Completion, GenerationOptions
 

@@ -19,33 +19,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import anyio
-import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
 from broker.chat import template_text
 from broker.connection import TRANSIENT_ERRORS, connect_async
 from broker.errors import InvalidRequest, RequestFailed, RyzansteinError
 from broker.keys import Keys
 from broker.path_health import judge, read_path_async
-from broker.protocol import parse_request
 from broker.registry import GroupStatus, served_names
 from broker.settings import Settings
+from broker.validation import parse_request
+from producer.async_client import AsyncClient
 from producer.chat_template import ChatTemplate, TemplateSource, normalize_messages
-from producer.client import AsyncClient, Completion, Event, Handle
+from producer.client import Completion, Event, Handle
 from producer.gateway.config import GatewayConfig
 from producer.gateway.errors import ApiError
 from producer.gateway.extras import ApiKeys, HttpMetrics, gateway_registry, metrics_endpoint, version_endpoint
@@ -60,6 +56,7 @@ from producer.gateway.schema import (
     sse,
     vllm_prompt_logprobs,
 )
+from producer.gateway.streams import Disconnect, Disconnected, EventStream, StreamState
 from producer.gateway.tokenize import DetokenizeBody, TokenizeBody, TokenizerCache, parse_body
 from producer.request import request_fields
 
@@ -68,58 +65,6 @@ T = TypeVar("T")
 
 # How much longer than a request's server-side deadline the gateway waits for its final event.
 WAIT_GRACE_S = 10.0
-
-
-class _Disconnect:
-    """Watches an HTTP request's ``receive`` channel for the client going away."""
-
-    def __init__(self, receive: Receive) -> None:
-        self.task = asyncio.ensure_future(self._listen(receive))
-
-    @staticmethod
-    async def _listen(receive: Receive) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-
-    def close(self) -> None:
-        self.task.cancel()
-
-
-class _Disconnected(Exception):
-    """The client went away while its response was being prepared."""
-
-
-@dataclass
-class _StreamState:
-    handle: Handle
-    disconnect: _Disconnect
-    finished: bool = False  # the final event was read: nothing to cancel
-
-
-class _EventStream(StreamingResponse):
-    """A server-sent-event response that runs ``on_close`` when it ends, whatever ended it.
-
-    The body generator's own ``finally`` is not enough: a generator that never started (the client
-    left before the first chunk) never runs it.
-    """
-
-    media_type = "text/event-stream"
-
-    def __init__(self, body: AsyncIterator[bytes], *, on_close: Callable[[], Awaitable[None]],
-                 headers: dict[str, str]) -> None:
-        super().__init__(body, headers=headers)
-        self._on_close = on_close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            with anyio.CancelScope(shield=True):
-                with contextlib.suppress(Exception):
-                    await self.body_iterator.aclose()  # type: ignore[attr-defined]
-                await self._on_close()
 
 
 class Gateway:
@@ -348,7 +293,7 @@ class Gateway:
             if exc.status >= 500:
                 log.warning("request %s: %s: %s", request_id, exc.code, exc.message)
             return exc.response(headers)
-        except _Disconnected:
+        except Disconnected:
             return Response(status_code=499, headers=headers)  # nginx's "client closed request"; no one reads it
         except TRANSIENT_ERRORS as exc:
             return ApiError("unavailable", f"Redis is unreachable: {exc}").response(headers)
@@ -359,8 +304,8 @@ class Gateway:
             if admitted:
                 self.in_flight -= 1
 
-    async def _race(self, awaitable: Awaitable[T], disconnect: _Disconnect) -> T:
-        """``awaitable``'s result, or _Disconnected if the client goes away first."""
+    async def _race(self, awaitable: Awaitable[T], disconnect: Disconnect) -> T:
+        """``awaitable``'s result, or Disconnected if the client goes away first."""
         task = asyncio.ensure_future(awaitable)
         try:
             await asyncio.wait({task, disconnect.task}, return_when=asyncio.FIRST_COMPLETED)
@@ -372,15 +317,15 @@ class Gateway:
         task.cancel()
         with contextlib.suppress(BaseException):
             await task
-        raise _Disconnected()
+        raise Disconnected()
 
     async def _complete(self, request: Request, gen: Generation, responder: Responder, handle: Handle,
                         wait_s: float, headers: dict[str, str]) -> Response:
-        disconnect = _Disconnect(request.receive)
+        disconnect = Disconnect(request.receive)
         try:
             # the gateway cancels and drains what it abandons itself (_abandon)
             done = await self._race(self.client.result(handle, timeout=wait_s, cancel_abandoned=False), disconnect)
-        except _Disconnected:
+        except Disconnected:
             await self._abandon(handle, "the client went away")
             raise
         except RequestFailed as exc:
@@ -397,10 +342,10 @@ class Gateway:
     async def _start_stream(self, request: Request, gen: Generation, responder: Responder, handle: Handle,
                             wait_s: float, headers: dict[str, str]) -> Response:
         events = aiter(self.client.events(handle, timeout=wait_s))
-        disconnect = _Disconnect(request.receive)
+        disconnect = Disconnect(request.receive)
         try:
             first = await self._race(anext(events), disconnect)
-        except _Disconnected:
+        except Disconnected:
             disconnect.close()
             await self._abandon(handle, "the client went away")
             raise
@@ -414,13 +359,13 @@ class Gateway:
         if first.kind == "error":
             disconnect.close()
             raise ApiError.from_code(first.fields.get("code", "internal"), first.fields.get("message", ""))
-        state = _StreamState(handle, disconnect)
+        state = StreamState(handle, disconnect)
         body = self._stream(gen, responder, events, first, state)
-        return _EventStream(body, on_close=lambda: self._end_stream(state),
+        return EventStream(body, on_close=lambda: self._end_stream(state),
                             headers={**headers, "cache-control": "no-cache"})
 
     async def _stream(self, gen: Generation, responder: Responder, events: AsyncIterator[Event], first: Event,
-                      state: _StreamState) -> AsyncIterator[bytes]:
+                      state: StreamState) -> AsyncIterator[bytes]:
         """The SSE body: chunks until the final event, or until the client goes away. With n > 1
         each token event's ``choice`` is its chunk's ``index``, and a completion's finish reason goes
         out as soon as its last token event says it (the rest at the done event)."""
@@ -479,13 +424,13 @@ class Gateway:
                 return
             try:
                 event = await self._race(anext(events), state.disconnect)
-            except _Disconnected:
+            except Disconnected:
                 return
             except TimeoutError:
                 yield sse(ApiError("timeout", "no further event in time").body())
                 return
 
-    async def _end_stream(self, state: _StreamState) -> None:
+    async def _end_stream(self, state: StreamState) -> None:
         """Runs once per stream however it ended: frees the slot, cancels an unfinished request."""
         state.disconnect.close()
         self.in_flight -= 1
@@ -545,26 +490,3 @@ def create_app(settings: Settings, url: str, config: GatewayConfig | None = None
     app.state.gateway = gateway
     app.state.metrics_registry = registry
     return app
-
-
-class _Server(uvicorn.Server):
-    """Says where it listens once the socket is bound (the port is only known then, with --port 0)."""
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        if self.should_exit:
-            return
-        for server in self.servers:
-            for sock in server.sockets:
-                host, port = sock.getsockname()[:2]
-                shown = f"[{host}]" if ":" in host else host
-                print(f"ryzanstein gateway: serving http://{shown}:{port}/v1 (Ctrl-C stops it)", flush=True)
-
-
-def serve(app: Starlette, *, host: str, port: int, access_log: bool = False) -> bool:
-    """Run ``app`` on uvicorn until SIGINT/SIGTERM; False if it could not start (port taken...)."""
-    level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
-    server = _Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=access_log,
-                                    log_level=level, lifespan="on", timeout_graceful_shutdown=5))
-    server.run()
-    return server.started

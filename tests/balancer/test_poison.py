@@ -16,11 +16,11 @@ import msgpack
 import pytest
 import redis
 
-from balancer.router import Router
+from balancer.routing import Router
 from balancer.service import PUBLISHER, Balancer
 from broker.dead_letter import Attempts, is_transient
 from broker.keys import INGRESS_GROUP, Keys, Progress
-from broker.scripts import CLAIM_OWNER, DISPATCH, READ_INGRESS
+from broker.lua import CLAIM_OWNER, DISPATCH, READ_CANCELS, READ_INGRESS
 from broker.settings import Settings
 from broker.signing import REFRESH_S, SigningKey
 from gpu_workers.echo import EchoEngine
@@ -376,7 +376,8 @@ def test_a_new_request_holds_its_id_in_the_round_trip_that_claims_and_queues_it(
     batches: list[list[str]] = []  # the commands of each round trip
     real = balancer.scripts.wire.execute
     shas = {hashlib.sha1(source.encode()).hexdigest(): name for name, source in
-            (("CLAIM_OWNER", CLAIM_OWNER), ("DISPATCH", DISPATCH), ("READ_INGRESS", READ_INGRESS))}
+            (("CLAIM_OWNER", CLAIM_OWNER), ("DISPATCH", DISPATCH), ("READ_INGRESS", READ_INGRESS),
+             ("READ_CANCELS", READ_CANCELS))}
 
     def counted(batch: Any) -> list[Any]:
         batches.append([shas.get(c[1], "?") if c[0] == "EVALSHA" else c[0] for c in batch.commands])
@@ -387,7 +388,7 @@ def test_a_new_request_holds_its_id_in_the_round_trip_that_claims_and_queues_it(
         submit(r, keys, id=f"n{i}", prompt="x", reply_to=f"app:n{i}")
     balancer.tick()
     *reads, claims = batches
-    assert all(set(read) <= {"XREADGROUP", "XREAD", "READ_INGRESS"} for read in reads), batches
+    assert all(set(read) <= {"XREADGROUP", "READ_CANCELS", "READ_INGRESS"} for read in reads), batches
     assert claims == ["SET", "GET", "CLAIM_OWNER", "DISPATCH"] * 3
     assert {r.get(keys.request_id(f"n{i}")).decode().split(" ")[1] for i in range(3)} == {"app:n0", "app:n1", "app:n2"}
     assert [q.id for q, _ in queued(r, keys, "g1")] == ["n0", "n1", "n2"]

@@ -15,10 +15,11 @@ import redis
 
 from balancer.service import PUBLISHER, Balancer
 from broker.keys import INGRESS_GROUP, QUEUE_GROUP, Keys
-from broker.protocol import GenerationRequest, entry_ms, parse_request
+from broker.protocol import GenerationRequest, entry_ms
 from broker.registry import GroupLoad, read_groups
 from broker.scripts import Scripts
 from broker.settings import Settings
+from broker.validation import parse_request
 from broker.wire import Batch
 from gpu_workers.echo import EchoEngine
 from gpu_workers.group import CONSUMER, WorkerGroup
@@ -544,9 +545,9 @@ def record_read_blocks(monkeypatch: pytest.MonkeyPatch) -> list[int | None]:
     blocks: list[int | None] = []
     real_read, real_script_read = Batch.xreadgroup, Balancer._read_ingress
 
-    def xreadgroup(self: Batch, *a: Any, **k: Any) -> None:
+    def xreadgroup(self: Batch, *a: Any, **k: Any) -> int:
         blocks.append(k.get("block"))
-        real_read(self, *a, **k)
+        return real_read(self, *a, **k)
 
     def read_ingress(self: Balancer, client: Any, count: int) -> None:
         blocks.append(None)

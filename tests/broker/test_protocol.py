@@ -11,22 +11,18 @@ import pytest
 from pydantic import ValidationError
 
 from broker.errors import InvalidRequest
+from broker.events import FINAL_EVENTS, done_event, error_event, token_event
 from broker.keys import Keys
 from broker.protocol import (
-    FINAL_EVENTS,
     MAX_KEY_BYTES,
     MAX_STOP_STRINGS,
     GenerationRequest,
     SamplingParams,
-    best_effort_reply_to,
-    done_event,
     entry_ms,
-    error_event,
     limit_problem,
-    parse_request,
-    token_event,
 )
 from broker.signing import sign
+from broker.validation import best_effort_reply_to, parse_request
 
 PREFIX = "ryz"
 ENTRY = "1700000000000-5"

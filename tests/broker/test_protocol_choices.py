@@ -10,15 +10,9 @@ import pytest
 import redis
 
 from balancer.pending import Final
+from broker.events import choice_entry, done_event, error_event, token_event
 from broker.keys import Keys
-from broker.protocol import (
-    GenerationRequest,
-    SamplingParams,
-    choice_entry,
-    done_event,
-    error_event,
-    token_event,
-)
+from broker.protocol import GenerationRequest, SamplingParams
 from broker.scripts import Claim, Scripts, claim_result, pack_events
 from tests.broker.test_protocol import parse, parse_payload, rejected
 
@@ -66,7 +60,7 @@ def test_round_trips_through_the_group_queue_and_re_enqueueing() -> None:
 
 
 def parse_request_fields(fields: dict[str, bytes | str]) -> GenerationRequest:
-    from broker.protocol import parse_request
+    from broker.validation import parse_request
     return parse_request({k.encode(): v for k, v in fields.items()}, entry_id="1700000000000-5", prefix="ryz",
                          max_request_bytes=1 << 20, signing_key=b"k")
 

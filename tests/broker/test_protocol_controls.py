@@ -10,14 +10,9 @@ import msgpack
 import pytest
 
 from broker.errors import InvalidRequest
-from broker.protocol import (
-    MAX_BAD_WORDS,
-    MAX_LOGIT_BIAS,
-    GenerationRequest,
-    limit_problem,
-    parse_request,
-)
+from broker.protocol import MAX_BAD_WORDS, MAX_LOGIT_BIAS, GenerationRequest, limit_problem
 from broker.refused import UNHONOURED_FIELDS
+from broker.validation import parse_request
 from tests.broker.test_protocol import packed, parse, rejected
 
 BASE = {"prompt": "hi"}

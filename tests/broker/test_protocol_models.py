@@ -7,7 +7,8 @@ import msgpack
 import pytest
 
 from broker.errors import InvalidRequest
-from broker.protocol import MAX_STOP_TOKEN_IDS, GenerationRequest, parse_request
+from broker.protocol import MAX_STOP_TOKEN_IDS, GenerationRequest
+from broker.validation import parse_request
 
 
 def parse(**fields: object) -> GenerationRequest:

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 import redis
 
+from broker.events import token_event
 from broker.keys import Keys
-from broker.protocol import GenerationRequest, SamplingParams, token_event
+from broker.protocol import GenerationRequest, SamplingParams
 from broker.scripts import Scripts, claim_result, pack_events
 from broker.settings import Settings
 from gpu_workers.echo import EchoEngine

@@ -14,8 +14,8 @@ import pytest
 import redis
 
 from broker.keys import Keys
-from broker.protocol import parse_request
 from broker.settings import Settings
+from broker.validation import parse_request
 from gpu_workers.group import WorkerGroup
 from gpu_workers.llm_engine import LlamaEngine, LlamaEngineOptions
 from gpu_workers.model.presets import materialize

@@ -14,8 +14,8 @@ import pytest
 import redis
 from rq.job import Job
 
+from broker.events import done_event
 from broker.keys import Keys
-from broker.protocol import done_event
 from broker.scripts import Scripts, pack_events
 from broker.settings import Settings
 from producer.batch import cli as batch_cli

@@ -11,8 +11,8 @@ import redis
 
 from broker.errors import InvalidRequest, RequestFailed
 from broker.keys import Keys
-from broker.protocol import parse_request
 from broker.settings import Settings
+from broker.validation import parse_request
 from producer.client import Client, Completion, Event, Handle
 from producer.request import request_fields
 from tests.producer.conftest import Responder
