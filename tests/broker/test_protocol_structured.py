@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from broker.protocol import GenerationRequest, parse_request
+from broker.protocol import GenerationRequest
 from broker.structured import MAX_CHOICES, StructuredOutput
+from broker.validation import parse_request
 from tests.broker.test_protocol import ENTRY, PREFIX, parse, parse_payload, rejected
 
 BASE = {"prompt": "hi"}

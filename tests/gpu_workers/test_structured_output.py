@@ -17,9 +17,10 @@ import redis
 
 from benchmarks.json_schemas import random_schemas
 from broker.keys import Keys
-from broker.protocol import SamplingParams, parse_request
+from broker.protocol import SamplingParams
 from broker.settings import Settings
 from broker.structured import StructuredOutput
+from broker.validation import parse_request
 from gpu_workers.engine import EngineRequest, Rejection, StepOutput
 from gpu_workers.group import WorkerGroup
 from gpu_workers.llm_engine import LlamaEngine

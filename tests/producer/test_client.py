@@ -266,7 +266,7 @@ def test_url_and_prefix_arguments_override_settings(redis_url: str) -> None:
 
 
 def test_structured_output_options_become_the_protocol_fields() -> None:
-    from broker.protocol import parse_request
+    from broker.validation import parse_request
 
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}}}
     for options, expected in (
