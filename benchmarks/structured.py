@@ -44,7 +44,7 @@ from benchmarks.common import log, pct, print_targets, write_results
 from benchmarks.json_schemas import random_schemas
 from broker.errors import RequestFailed
 from broker.settings import Settings
-from producer.client import AsyncClient
+from producer.async_client import AsyncClient
 from ryzanstein.stack import Stack
 
 PROMPT = "Write one JSON document about item {i}, nothing else:\n"
