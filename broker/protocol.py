@@ -15,6 +15,7 @@ import msgpack
 from pydantic import BaseModel, ConfigDict, Field
 
 from broker.signing import SIGNATURE_FIELD, sign
+from broker.structured import StructuredOutput
 
 ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 ENTRY_ID_RE = re.compile(r"[0-9]+-[0-9]+")  # a stream entry id, as XADD * makes them
@@ -66,6 +67,9 @@ class SamplingParams(BaseModel):
     n: int = Field(default=1, ge=1, le=MAX_N)  # completions returned
     best_of: int | None = Field(default=None, ge=1, le=MAX_N)  # generated, the n likeliest returned (None: n)
 
+    # --- structured output (docs/PROTOCOL.md, "Structured output"): what the completion must match ---
+    structured: StructuredOutput | None = None
+
     @property
     def num_sequences(self) -> int:
         """Completions generated: ``best_of``, else ``n``."""
@@ -101,6 +105,8 @@ class SamplingParams(BaseModel):
                 raw[name] = tuple(raw[name])
         if "logit_bias" in raw:
             raw["logit_bias"] = tuple((int(t), float(b)) for t, b in raw["logit_bias"])
+        if isinstance(raw.get("structured"), dict):
+            raw["structured"] = StructuredOutput(**raw["structured"])
         return cls(**raw)
 
 
@@ -154,7 +160,8 @@ class GenerationRequest(BaseModel):
             "id": self.id,
             "prompt": self.prompt,
             "prompt_ids": list(self.prompt_ids) if self.prompt_ids is not None else None,
-            **self.sampling.model_dump(exclude={"stop", "stop_token_ids", "logit_bias", "bad_words"}),
+            **self.sampling.model_dump(exclude={"stop", "stop_token_ids", "logit_bias", "bad_words", "structured"}),
+            **(self.sampling.structured.to_fields() if self.sampling.structured is not None else {}),
             "stop": list(self.sampling.stop),
             "stop_token_ids": list(self.sampling.stop_token_ids) or None,
             "logit_bias": {str(t): b for t, b in self.sampling.logit_bias},

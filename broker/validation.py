@@ -36,6 +36,7 @@ from broker.protocol import (
 )
 from broker.refused import unhonoured_field
 from broker.signing import SIGNATURE_FIELD, verify
+from broker.structured import parse_structured
 
 # --- parsing ------------------------------------------------------------------------------------
 
@@ -339,6 +340,8 @@ def _controls(raw: dict[str, Any]) -> dict[str, Any]:
         out["bad_words"] = _bad_words(raw["bad_words"])
     if raw.get("fit_max_tokens") is not None:
         out["fit_max_tokens"] = _bool("fit_max_tokens", raw["fit_max_tokens"])
+    if (structured := parse_structured(raw)) is not None:
+        out["structured"] = structured
     if raw.get("logprobs") is not None:
         out["logprobs"] = _bool("logprobs", raw["logprobs"])
     if raw.get("top_logprobs") is not None:

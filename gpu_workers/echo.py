@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from broker.chat import PLAIN_CHAT_TEMPLATE
-from gpu_workers.engine import EngineInfo, EngineRequest, EngineStats, StepOutput, TokenLogprobs
+from gpu_workers.engine import EngineInfo, EngineRequest, EngineStats, Rejection, StepOutput, TokenLogprobs
 from gpu_workers.tokenizer import ByteTokenizer
 
 ECHO_MAX_CONTEXT = 1 << 20
@@ -69,6 +69,9 @@ class EchoEngine:
             else:
                 self._running[request_id] = (prompt, pos + 1)
         return out
+
+    def rejected(self) -> list[Rejection]:
+        return []  # structured output, like every sampling field, is ignored here
 
     def has_work(self) -> bool:
         return bool(self._running)

@@ -75,6 +75,15 @@ class StepOutput:
 
 
 @dataclass(frozen=True, slots=True)
+class Rejection:
+    """A request the engine dropped without finishing it: it ends with an ``error`` event."""
+
+    request_id: str
+    code: str  # an error code of docs/PROTOCOL.md: invalid_request (a grammar that does not compile), internal
+    message: str  # for a person: names the field and the problem
+
+
+@dataclass(frozen=True, slots=True)
 class EngineStats:
     running: int
     waiting: int
@@ -111,6 +120,11 @@ class Engine(Protocol):
 
     def step(self) -> list[StepOutput]:
         """Advance every running request by at most one token; EngineFailed when it never can again."""
+
+    def rejected(self) -> list[Rejection]:
+        """The requests dropped since the last call (each once): they end with their error. An
+        engine drops a request it cannot run (its structured-output grammar does not compile for
+        this model) instead of raising in ``add``, which must not wait for a compile."""
 
     def has_work(self) -> bool: ...
 

@@ -12,15 +12,17 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from broker.chat import PLAIN_CHAT_TEMPLATE
+from broker.errors import InvalidRequest
 from broker.protocol import SamplingParams
 from gpu_workers.block_manager import BlockManager
-from gpu_workers.engine import EngineInfo, EngineRequest, EngineStats, StepOutput
+from gpu_workers.engine import EngineInfo, EngineRequest, EngineStats, Rejection, StepOutput
 from gpu_workers.hf_tokenizer import load_tokenizer
 from gpu_workers.logits_processors import RowContext, bad_words_token_ids
 from gpu_workers.model.config import load_config
@@ -32,6 +34,7 @@ from gpu_workers.rank import BLOCK_SIZE, LlamaEngineOptions, build_runner, rank_
 from gpu_workers.sampler import sample_with_logprobs
 from gpu_workers.scheduler import Scheduler, SchedulerConfig
 from gpu_workers.sequence import Sequence
+from gpu_workers.structured_output import GrammarMatcher, Grammars
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,11 @@ class _RequestState:
     bad_words_ids: tuple[tuple[int, ...], ...]  # bad_words, tokenized
     prompt_logprobs: PromptLogprobs | None = None  # for requests that asked, until sent
     started: bool = False  # has produced a token here (its prompt is in the cache)
+    # Structured output: the matcher, once compiled (gpu_workers.structured_output); advanced over
+    # every token of the sequence, the prompt's excepted.
+    grammar: GrammarMatcher | None = None
+    compiling: Future[GrammarMatcher] | None = None  # while compiling: the sequence is not scheduled yet
+    seq: Sequence | None = field(default=None, repr=False)  # while compiling: the sequence to schedule
 
 
 class LlamaEngine:
@@ -111,6 +119,11 @@ class LlamaEngine:
         self._requests: dict[str, _RequestState] = {}
         # Requests waiting for the request they share their prompt with to compute it (add), by its id.
         self._parked: dict[str, list[EngineRequest]] = {}
+        self.grammars = Grammars(self.tokenizer, vocab_size=self.config.vocab_size,
+                                 eos_token_ids=self.info.eos_token_ids)
+        self._compiling: dict[str, _RequestState] = {}  # held back from the scheduler until compiled
+        self._rejected: list[Rejection] = []
+        self._mask_pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
         log.info(
             "engine %s ready in %.1fs: %d KV blocks (%d tokens, %.1f MiB per rank, %s), max context %d",
             name, time.perf_counter() - started, num_blocks, capacity,
@@ -135,9 +148,8 @@ class LlamaEngine:
         bad_words = bad_words_token_ids(sampling.bad_words, self.tokenizer) if sampling.bad_words else ()
         prompt_logprobs = (PromptLogprobs(list(request.prompt_ids), sampling.prompt_logprobs)
                            if sampling.prompt_logprobs is not None else None)
-        self._requests[request.request_id] = _RequestState(sampling, seed & SEED_MASK, max_total, stop_ids,
-                                                           bad_words, prompt_logprobs)
-        self.scheduler.add(Sequence(
+        state = _RequestState(sampling, seed & SEED_MASK, max_total, stop_ids, bad_words, prompt_logprobs)
+        seq = Sequence(
             request_id=request.request_id,
             token_ids=tokens,
             num_prompt_tokens=len(request.prompt_ids),
@@ -146,7 +158,16 @@ class LlamaEngine:
             deadline=request.deadline,
             max_num_tokens=max_total,
             skip_prefix_cache=prompt_logprobs is not None,
-        ))
+        )
+        if sampling.structured is not None:
+            # compiled off the step path; scheduled once its matcher is ready (_schedule_compiled)
+            state.compiling = self.grammars.start(sampling.structured, output_ids=request.output_ids)
+            state.seq = seq
+            self._requests[request.request_id] = state
+            self._compiling[request.request_id] = state
+            return
+        self._requests[request.request_id] = state
+        self.scheduler.add(seq)
 
     def _release_parked(self, leader: str) -> None:
         """The requests parked behind ``leader`` start: its prompt is cached, or it has gone."""
@@ -159,13 +180,52 @@ class LlamaEngine:
                 self._parked[leader] = [r for r in parked if r.request_id != request_id]
                 return
         if self._requests.pop(request_id, None) is not None:
-            self.scheduler.abort(request_id)
-            self.runner.release(request_id)
+            if (state := self._compiling.pop(request_id, None)) is not None and state.compiling is not None:
+                state.compiling.cancel()  # (not scheduled yet)
+            else:
+                self.scheduler.abort(request_id)
+                self.runner.release(request_id)
             self._release_parked(request_id)
 
+    def rejected(self) -> list[Rejection]:
+        out, self._rejected = self._rejected, []
+        return out
+
+    def _schedule_compiled(self, *, block: bool) -> None:
+        """Hand the requests whose matcher is ready to the scheduler; drop those whose spec failed.
+        ``block``: nothing else to do, wait a little for a compile rather than spin."""
+        if block:
+            wait([s.compiling for s in self._compiling.values() if s.compiling is not None], timeout=0.01,
+                 return_when=FIRST_COMPLETED)
+        for request_id, state in list(self._compiling.items()):
+            future = state.compiling
+            if future is None or not future.done():
+                continue
+            del self._compiling[request_id]
+            state.compiling = None
+            seq, state.seq = state.seq, None
+            try:
+                state.grammar = future.result()
+                assert seq is not None
+                self.scheduler.add(seq)
+            except InvalidRequest as exc:
+                self._reject(request_id, "invalid_request", str(exc))
+            except Exception as exc:  # the compile thread's failure is this request's alone
+                log.exception("request %s: structured output failed to compile", request_id)
+                self._reject(request_id, "internal", f"structured output failed to compile ({type(exc).__name__})")
+
+    def _reject(self, request_id: str, code: str, message: str) -> None:
+        self._requests.pop(request_id, None)
+        self._rejected.append(Rejection(request_id, code, message))
+        self._release_parked(request_id)  # the completions sharing its prompt go on without it
+
     def step(self) -> list[StepOutput]:
+        if self._compiling:
+            self._schedule_compiled(block=False)
         plan = self.scheduler.schedule(self._clock())
         if not plan.chunks:
+            if self._compiling:
+                self._schedule_compiled(block=True)
             return []
         chunks = [
             Chunk(
@@ -178,9 +238,13 @@ class LlamaEngine:
             )
             for c in plan.chunks
         ]
-        logits = self._take_prompt_logits(chunks, self.runner.run(chunks))
         sampled_seqs = [c.seq for c in plan.chunks if c.samples]
         states = [self._requests[s.request_id] for s in sampled_seqs]
+        matchers = {i: st.grammar for i, st in enumerate(states) if st.grammar is not None}  # row -> matcher
+        # The masks are filled while the model runs (llguidance releases the GIL); rows in sampling order.
+        masks = self._mask_pool.submit(self.grammars.fill, list(matchers.values()), list(matchers),
+                                       len(states)) if matchers else None
+        logits = self._take_prompt_logits(chunks, self.runner.run(chunks))
         sampled = sample_with_logprobs(
             logits,
             [st.sampling for st in states],
@@ -189,6 +253,7 @@ class LlamaEngine:
             contexts=[RowContext(s.token_ids, s.num_prompt_tokens, st.stop_ids, st.bad_words_ids)
                       for s, st in zip(sampled_seqs, states)],
             top_logprobs=[st.sampling.top_logprobs if st.sampling.logprobs else None for st in states],
+            grammar=masks.result() if masks is not None else None,
         ) if sampled_seqs else None
         tokens = sampled.token_ids if sampled is not None else []
         logprobs = sampled.logprobs if sampled is not None else []
@@ -203,8 +268,14 @@ class LlamaEngine:
                 state.started = True
                 self._release_parked(seq.request_id)
             finish = None
-            if token in state.stop_ids:
-                finish = "stop"
+            if state.grammar is not None and not state.grammar.consume_token(token):
+                log.error("request %s: the grammar refused the sampled token %d", seq.request_id, token)
+                self._reject(seq.request_id, "internal", "the sampled token does not match the structured output")
+                self.scheduler.finish(seq.request_id)
+                self.runner.release(seq.request_id)
+                continue
+            if token in state.stop_ids or (state.grammar is not None and state.grammar.is_stopped()):
+                finish = "stop"  # the grammar is complete: nothing but EOS could follow (vLLM stops there too)
             elif seq.num_tokens >= state.max_total_tokens:
                 finish = "length"
             if finish is not None:
@@ -235,16 +306,17 @@ class LlamaEngine:
         return logits[sample_rows]
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or bool(self._parked)
+        return self.scheduler.has_work() or bool(self._parked) or bool(self._compiling)
 
     def not_started(self) -> list[str]:
-        return self.scheduler.not_started() + [r.request_id for parked in self._parked.values() for r in parked]
+        return [*self._compiling, *self.scheduler.not_started(),
+                *(r.request_id for parked in self._parked.values() for r in parked)]
 
     def stats(self) -> EngineStats:
         self.runner.check()  # a group that lost a rank must not report itself alive
         return EngineStats(
             running=self.scheduler.num_running,
-            waiting=self.scheduler.num_waiting,
+            waiting=self.scheduler.num_waiting + len(self._compiling),
             kv_capacity_tokens=self.blocks.capacity_tokens,
             kv_used_tokens=self.blocks.used_tokens,
             prefix_cache_hit_rate=self.blocks.hit_rate,
@@ -257,4 +329,6 @@ class LlamaEngine:
         self._parked.clear()
         for request_id in list(self._requests):
             self.abort(request_id)
+        self.grammars.close()
+        self._mask_pool.shutdown(wait=False)
         self.runner.close()

@@ -124,6 +124,10 @@ class EngineSteps:
         finally:
             self.keepalive.step_ended()
         self.meter.step(self._monotonic() - started, len(outputs))
+        for rejection in self.engine.rejected():  # dropped by the engine (a grammar that does not compile)
+            # (a completion of several: the request ends with its error, the others are aborted)
+            if (dropped := self.held.get(split_engine_id(rejection.request_id)[0])) is not None and not dropped.final:
+                self._finish_error(dropped, rejection.code, rejection.message)
         self.telemetry.step([out if split_engine_id(out.request_id)[1] is None else
                              dataclasses.replace(out, request_id=split_engine_id(out.request_id)[0])
                              for out in outputs])

@@ -45,6 +45,13 @@ class GenerationOptions(TypedDict, total=False):
     prompt_logprobs: int | None  # the prompt tokens' logprobs, with this many alternatives (0-20)
     n: int | None  # completions returned (PROTOCOL.md, "Several completions")
     best_of: int | None  # completions generated, the n likeliest returned (not with stream)
+    # structured output (PROTOCOL.md, "Structured output"): at most one of these
+    guided_json: Mapping[str, Any] | str | None  # a JSON schema (or its JSON text) the output matches
+    guided_regex: str | None  # a regular expression the output matches
+    guided_choice: Sequence[str] | None  # the output is one of these strings
+    guided_grammar: str | None  # an EBNF (GBNF, `root ::= ...`) or Lark grammar the output matches
+    response_format: Mapping[str, Any] | str | None  # OpenAI's: {"type": "json_object"} or {"type": "json_schema", ...}
+    structured_outputs: Mapping[str, Any] | str | None  # vLLM's: {"json": ...} or regex, choice, grammar, json_object
 
 
 class RequestOptions(GenerationOptions, total=False):
@@ -289,6 +296,12 @@ def request_fields(
     prompt_logprobs: int | None = None,
     n: int | None = None,
     best_of: int | None = None,
+    guided_json: Mapping[str, Any] | str | None = None,
+    guided_regex: str | None = None,
+    guided_choice: Sequence[str] | None = None,
+    guided_grammar: str | None = None,
+    response_format: Mapping[str, Any] | str | None = None,
+    structured_outputs: Mapping[str, Any] | str | None = None,
 ) -> dict[str, str]:
     """The ingress entry for one request: flat string fields, only those that are set.
 
@@ -336,6 +349,22 @@ def request_fields(
     for name, count in (("prompt_logprobs", prompt_logprobs), ("n", n), ("best_of", best_of)):
         if count is not None:
             fields[name] = _int_text(name, count)
+    fields.update(_structured_fields(guided_json=guided_json, guided_regex=guided_regex, guided_choice=guided_choice,
+                                     guided_grammar=guided_grammar, response_format=response_format,
+                                     structured_outputs=structured_outputs))
+    return fields
+
+
+def _structured_fields(**given: Mapping[str, Any] | Sequence[str] | str | None) -> dict[str, str]:
+    """The structured-output fields that are set, as flat text: text as it is, maps and arrays as JSON."""
+    fields = {}
+    for name, value in given.items():
+        if isinstance(value, str):
+            fields[name] = value
+        elif isinstance(value, Mapping):
+            fields[name] = json.dumps(dict(value), ensure_ascii=False)
+        elif value is not None:
+            fields[name] = json.dumps(list(value), ensure_ascii=False)
     return fields
 
 

@@ -9,10 +9,12 @@ Input: JSON Lines, one request per line, e.g.::
 
 Exactly one of ``prompt``, ``prompt_ids`` and ``messages`` (chat: rendered with the chat template);
 optional request fields as in the protocol (``max_tokens`` — ``max_completion_tokens`` is the same
-—, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``, ``priority``, ``timeout_s``, and the
-sampling controls ``presence_penalty`` ... ``bad_words``, ``n``/``best_of`` and ``prompt_logprobs``); optional
-``id``, echoed in the result. A line in OpenAI's batch format (``custom_id`` + ``body``) is read as
-its body with ``custom_id`` as the id. Fields the protocol refuses by name (``guided_json``, ``use_beam_search``...:
+—, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``, ``priority``, ``timeout_s``, the
+sampling controls ``presence_penalty`` ... ``bad_words``, ``n``/``best_of``, ``prompt_logprobs``, and
+structured output: ``guided_json``, ``guided_regex``, ``guided_choice``, ``guided_grammar``,
+``response_format``, ``structured_outputs``); optional ``id``, echoed in the result. A line in
+OpenAI's batch format (``custom_id`` + ``body``) is read as its body with ``custom_id`` as the id.
+Fields the protocol refuses by name (``use_beam_search``, ``allowed_token_ids``...:
 ``broker.refused.UNHONOURED_FIELDS``) make the line bad; other fields are ignored; blank lines are
 skipped.
 
@@ -45,7 +47,10 @@ OptionField = Literal["max_tokens", "temperature", "top_p", "top_k", "seed", "st
                       "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens",
                       "ignore_eos", "logit_bias", "bad_words",
                       # several completions (the record's "choices") and prompt logprobs (its "prompt_logprobs")
-                      "n", "best_of", "prompt_logprobs"]
+                      "n", "best_of", "prompt_logprobs",
+                      # structured output (PROTOCOL.md)
+                      "guided_json", "guided_regex", "guided_choice", "guided_grammar", "response_format",
+                      "structured_outputs"]
 OPTION_FIELDS: tuple[OptionField, ...] = get_args(OptionField)
 PROMPT_FIELDS = ("prompt", "prompt_ids", "messages")
 _CHECK_ID = "batch-line"  # a valid request id, only for validating a line's fields

@@ -4,8 +4,11 @@ Requests are validated here: what ryzanstein cannot do (tools, beam search...)
 is refused with a 400 naming the parameter, rather than silently ignored; parameters that change
 nothing in the output (``user``, ``metadata``, ``store``...) are accepted and ignored. Extensions, sent
 by the openai package through ``extra_body``: vLLM's ``repetition_penalty``, ``min_p``,
-``min_tokens``, ``ignore_eos``, ``bad_words``; ryzanstein's ``top_k``, ``priority`` and
-``timeout_s`` (seconds; the server-side deadline).
+``min_tokens``, ``ignore_eos``, ``bad_words``; structured output: OpenAI's ``response_format``
+(``json_object``, ``json_schema``) and vLLM's ``guided_json``, ``guided_regex``, ``guided_choice``,
+``guided_grammar``, ``structured_outputs`` (broker.structured; a shape it refuses is a 400 naming the
+field, a schema or grammar that does not compile one from the worker group); ryzanstein's
+``top_k``, ``priority`` and ``timeout_s`` (seconds; the server-side deadline).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from broker.errors import InvalidRequest
 from broker.protocol import MAX_N, MAX_TOP_LOGPROBS
 from broker.refused import UNHONOURED_FIELDS, unhonoured_field
+from broker.structured import StructuredOutput, parse_structured
 from producer.chat_template import normalize_messages
 from producer.gateway.errors import ApiError
 from producer.request import Completion, GenerationOptions
@@ -57,6 +61,13 @@ class _Common(BaseModel):
     min_tokens: int | None = None
     ignore_eos: bool | None = None
     bad_words: list[str] | None = None
+    # structured output (vLLM's guided_* fields through extra_body; OpenAI's response_format)
+    response_format: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
     # ryzanstein extensions
     top_k: int | None = None
     priority: int | None = None
@@ -79,7 +90,6 @@ class ChatBody(_Common):
     tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
 
 
 @dataclass
@@ -177,7 +187,21 @@ def _options(body: _Common, max_tokens: int | None) -> GenerationOptions:
             options[name] = value
     if isinstance(body.stop, list) and not body.stop:
         options["stop"] = None
+    if (structured := _structured(body)) is not None:
+        options.update(structured.to_fields())  # type: ignore[typeddict-item]
     return options
+
+
+def _structured(body: _Common) -> StructuredOutput | None:
+    """The request's structured-output constraint, checked as the protocol checks it (a 400 naming
+    the field); sent on as the one protocol field that reads back as it."""
+    raw = {name: getattr(body, name) for name in ("response_format", "guided_json", "guided_regex", "guided_choice",
+                                                  "guided_grammar", "structured_outputs")}
+    try:
+        return parse_structured({k: v for k, v in raw.items() if v is not None})
+    except InvalidRequest as exc:
+        param = next((k for k in raw if f"'{k}" in str(exc)), None)
+        raise ApiError("invalid_request", str(exc), param) from None
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -255,8 +279,6 @@ def parse_chat(raw: dict[str, Any], *, default_max_tokens: int) -> Generation:
             raise _refuse(name, "tool calling is not supported")
     if body.tool_choice not in (None, "none") or body.function_call not in (None, "none"):
         raise _refuse("tool_choice", "tool calling is not supported")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise _refuse("response_format", "only the text format is supported")
     try:
         messages = normalize_messages(body.messages)
     except InvalidRequest as exc:

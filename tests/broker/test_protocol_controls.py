@@ -113,9 +113,7 @@ def parse_fields(fields: dict[Any, Any]) -> GenerationRequest:
 
 REFUSED = [  # (field, a value that would change the output)
     ("use_beam_search", "true"), ("length_penalty", "0.5"), ("allowed_token_ids", "[1, 2]"),
-    ("logits_processors", '["x"]'), ("guided_json", '{"type": "object"}'), ("guided_regex", "a+"),
-    ("guided_choice", '["a", "b"]'), ("guided_grammar", "root ::= 'a'"), ("structured_outputs", '{"json": {}}'),
-    ("response_format", '{"type": "json_object"}'), ("include_stop_str_in_output", "1"),
+    ("logits_processors", '["x"]'), ("guided_whitespace_pattern", " +"), ("include_stop_str_in_output", "1"),
     ("skip_special_tokens", "false"), ("spaces_between_special_tokens", "0"), ("truncate_prompt_tokens", "10"),
 ]
 NEUTRAL = [  # (field, as a flat field, as a native msgpack value)

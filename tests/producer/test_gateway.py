@@ -89,7 +89,8 @@ def test_chat_request() -> None:
     assert (defaulted["max_tokens"], defaulted.get("fit_max_tokens")) == (100, True)  # a ceiling: fits the context
     assert "fit_max_tokens" not in gen.options  # max_tokens the client sent is kept as sent
     for body, param in [({"tools": [{"type": "function"}]}, "tools"), ({"tool_choice": "required"}, "tool_choice"),
-                        ({"response_format": {"type": "json_object"}}, "response_format"),
+                        ({"response_format": {"type": "xml"}},
+                         "response_format"),
                         ({"top_logprobs": 2}, "top_logprobs"), ({"messages": []}, "messages")]:
         with pytest.raises(ApiError) as caught:
             parse_chat({"model": "m", "messages": messages, **body}, default_max_tokens=1)
@@ -244,9 +245,7 @@ def test_chat_uses_the_published_template_or_fails_and_models_carry_max_model_le
 
 REFUSED_SAMPLES: dict[str, Any] = {  # a value of each that would change the output
     "use_beam_search": True, "length_penalty": 0.5,
-    "allowed_token_ids": [1, 2], "logits_processors": ["x"], "guided_json": {"type": "object"},
-    "guided_regex": "a+", "guided_choice": ["a", "b"], "guided_grammar": "root ::= 'a'",
-    "structured_outputs": {"json": {}}, "response_format": {"type": "json_object"},
+    "allowed_token_ids": [1, 2], "logits_processors": ["x"], "guided_whitespace_pattern": " ",
     "include_stop_str_in_output": True, "skip_special_tokens": False, "spaces_between_special_tokens": False,
     "truncate_prompt_tokens": 8, "audio": {"voice": "alloy"}, "prediction": {"type": "content"},
     "web_search_options": {}, "modalities": ["text", "audio"], "echo": True, "add_generation_prompt": False,
@@ -321,3 +320,42 @@ def test_n_and_best_of_map_to_the_protocol_fields() -> None:
     with pytest.raises(ApiError) as caught:
         parse_completion({"model": "m", "prompt": "x", "n": 2, "best_of": 3, "stream": True})
     assert caught.value.param == "best_of"
+
+
+# --- structured output ----------------------------------------------------------------------------
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+
+
+@pytest.mark.parametrize(("body", "fields"), [
+    ({"response_format": {"type": "json_object"}}, {"response_format": '{"type":"json_object"}'}),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}}},
+     {"response_format": '{"type":"json_schema","json_schema":{"name":"schema","schema":'
+                         '{"type":"object","properties":{"a":{"type":"integer"}},"required":["a"]}}}'}),
+    ({"guided_json": SCHEMA}, {"guided_json": '{"type":"object","properties":{"a":{"type":"integer"}},"required":["a"]}'}),
+    ({"guided_regex": "[0-9]+"}, {"guided_regex": "[0-9]+"}),
+    ({"guided_choice": ["yes", "no"]}, {"guided_choice": '["yes", "no"]'}),
+    ({"guided_grammar": 'root ::= "a"'}, {"guided_grammar": 'root ::= "a"'}),
+    ({"structured_outputs": {"regex": "a+"}}, {"structured_outputs": '{"regex":"a+"}'}),
+])
+def test_structured_output_maps_to_the_protocol_field(body: dict[str, Any], fields: dict[str, str]) -> None:
+    messages = [{"role": "user", "content": "x"}]
+    for gen in (parse_completion({"model": "m", "prompt": "x", **body}),
+                parse_chat({"model": "m", "messages": messages, **body}, default_max_tokens=4)):
+        assert {k: v for k, v in gen.options.items() if k in fields} == fields
+
+
+@pytest.mark.parametrize(("body", "param", "words"), [
+    ({"response_format": {"type": "xml"}}, "response_format", "'xml' is not supported"),
+    ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema"),
+    ({"guided_choice": []}, "guided_choice", "non-empty"),
+    ({"guided_json": "not a schema"}, "guided_json", "JSON schema"),
+    ({"guided_regex": ""}, "guided_regex", "empty"),
+    ({"structured_outputs": {"json": {}, "regex": "a"}}, "structured_outputs", "exactly one"),
+    ({"guided_json": SCHEMA, "guided_regex": "a"}, "guided_json", "at most one"),
+])
+def test_unsupported_structured_output_is_a_400_naming_the_field(body: dict[str, Any], param: str, words: str) -> None:
+    with pytest.raises(ApiError) as caught:
+        parse_completion({"model": "m", "prompt": "x", **body})
+    assert (caught.value.status, caught.value.param) == (400, param)
+    assert words in caught.value.message
