@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from redis.asyncio import Redis as AsyncRedis
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -63,7 +64,7 @@ class Gateway(Generating):
         self.started = int(time.time())
         self.in_flight = 0
         self._client: AsyncClient | None = None
-        self._redis: Any = None
+        self._redis: AsyncRedis | None = None
         self._groups: LiveGroups | None = None
         self._drains: set[asyncio.Task[None]] = set()
 
@@ -92,13 +93,18 @@ class Gateway(Generating):
         assert self._groups is not None, "the gateway is not started"
         return self._groups
 
+    @property
+    def redis(self) -> AsyncRedis:
+        assert self._redis is not None, "the gateway is not started"
+        return self._redis
+
     # --- routes -------------------------------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
         """200 while the path works (a balancer reads the ingress stream, a group serves), else 503
         with the reason (broker.path_health)."""
         try:
-            view = await read_path_async(self._redis, self.keys, dead_after_s=self.settings.dead_after_s)
+            view = await read_path_async(self.redis, self.keys, dead_after_s=self.settings.dead_after_s)
         except TRANSIENT_ERRORS as exc:
             return JSONResponse({"status": "unavailable", "reason": f"Redis is unreachable: {exc}"}, 503)
         health = judge(view, balancer_dead_after_s=self.settings.balancer_dead_after_s)
@@ -135,7 +141,7 @@ class Gateway(Generating):
                     text = (await self._chat_template(body.model)).render(messages)
                 except InvalidRequest as exc:
                     raise ApiError.from_code(exc.code, str(exc)) from None
-            tokenizer = await self.tokenizers.for_group(self._redis, self.keys, group)
+            tokenizer = await self.tokenizers.for_group(self.redis, self.keys, group)
             tokens = tokenizer.encode(text or "", add_special_tokens=body.add_special_tokens)
             return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": group.max_context})
         except InvalidRequest as exc:
@@ -153,7 +159,7 @@ class Gateway(Generating):
             if bad := [t for t in body.tokens if not 0 <= t < group.vocab_size]:
                 raise ApiError("invalid_request", f"field 'tokens': token id {bad[0]} is outside the vocabulary "
                                                   f"(size {group.vocab_size})", "tokens")
-            tokenizer = await self.tokenizers.for_group(self._redis, self.keys, group)
+            tokenizer = await self.tokenizers.for_group(self.redis, self.keys, group)
             return JSONResponse({"prompt": tokenizer.decode(body.tokens)})
         except ApiError as exc:
             return exc.response()
@@ -198,7 +204,7 @@ class Gateway(Generating):
         if cached is not None:
             return cached
         try:
-            raw = await self._redis.get(self.keys.chat_template(group.chat_template)) if group.chat_template else None
+            raw = await self.redis.get(self.keys.chat_template(group.chat_template)) if group.chat_template else None
             return self.templates.for_group(group, lambda digest: template_text(raw, digest))
         except TRANSIENT_ERRORS as exc:
             raise ApiError("unavailable", f"Redis is unreachable: {exc}") from None

@@ -29,6 +29,8 @@ from producer.gateway.streams import Disconnect, Disconnected, EventStream, Stre
 from producer.request import request_fields
 
 if TYPE_CHECKING:
+    from redis.asyncio import Redis as AsyncRedis
+
     from broker.keys import Keys
     from broker.registry import GroupStatus
     from broker.settings import Settings
@@ -50,7 +52,6 @@ class Generating:
     keys: Keys
     tokenizers: TokenizerCache
     in_flight: int
-    _redis: Any
     _drains: set[asyncio.Task[None]]
 
     if TYPE_CHECKING:  # the Gateway's own
@@ -59,6 +60,9 @@ class Generating:
 
         @property
         def groups(self) -> LiveGroups: ...
+
+        @property
+        def redis(self) -> AsyncRedis: ...
 
         @staticmethod
         def _resolve_model(requested: str, served: list[str]) -> str: ...
@@ -93,7 +97,7 @@ class Generating:
             except InvalidRequest as exc:
                 raise ApiError.from_code(exc.code, str(exc)) from None
         if gen.echo and gen.prompt_ids is not None:  # the echoed text of token ids, as the groups decode them
-            tokenizer = await self.tokenizers.for_group(self._redis, self.keys, await self._group_of(gen.model))
+            tokenizer = await self.tokenizers.for_group(self.redis, self.keys, await self._group_of(gen.model))
             gen.echo_text = tokenizer.decode(gen.prompt_ids)
         deadline = gen.options.get("timeout_s")
         limit = self.config.request_timeout_s
