@@ -22,12 +22,12 @@ import torch
 from broker.chat import PLAIN_CHAT_TEMPLATE
 from broker.errors import ConfigError
 from broker.protocol import SamplingParams
-from gpu_workers.block_manager import BlockManager
+from gpu_workers.block_manager import BlockManager, KVCacheGroups
 from gpu_workers.engine import EngineInfo, EngineRequest, EngineStats, StepOutput
 from gpu_workers.hf_tokenizer import load_tokenizer
 from gpu_workers.kv_memory import kv_budget_bytes
 from gpu_workers.logits_processors import RowContext, bad_words_token_ids
-from gpu_workers.model.config import load_config
+from gpu_workers.model.config import ModelConfig, load_config
 from gpu_workers.model.kv_cache import kv_bytes_per_block
 from gpu_workers.model_runner import Chunk, ModelRunner
 from gpu_workers.parallel.launch import RankReport, TensorParallelGroup, peak_rss_bytes
@@ -95,19 +95,18 @@ class LlamaEngine:
             )
         # rank 0 tells the other ranks what to compute each step (only once all have started)
         self.runner: ModelRunner | LeaderRunner = LeaderRunner(runner, tp) if tp is not None else runner
-        self.blocks = BlockManager(num_blocks, BLOCK_SIZE, prefix_caching=options.prefix_caching)
-        windows = {self.config.layer_window(i) for i in range(self.config.num_hidden_layers)}
+        self.blocks = BlockManager(num_blocks, BLOCK_SIZE, prefix_caching=options.prefix_caching,
+                                   groups=runner.kv_groups)
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(
             max_num_seqs=options.max_num_seqs, max_num_batched_tokens=options.max_num_batched_tokens,
-            # blocks before the window are given back only when no layer reads them (not Gemma 3's)
-            sliding_window=next(iter(windows)) if len(windows) == 1 else None,
         ))
-        capacity = num_blocks * BLOCK_SIZE
+        longest = self.blocks.longest_sequence(options.max_num_batched_tokens)
+        capacity = self.blocks.capacity_tokens
         self.info = EngineInfo(
             model=name,
             vocab_size=self.config.vocab_size,
             # One request alone always fits in the cache, so the scheduler can always finish it.
-            max_context=min(model_len, capacity),
+            max_context=model_len if longest is None else min(model_len, longest),
             eos_token_ids=frozenset(specials.eos_token_ids),
             tp=tp.size if tp is not None else 1,
             kv_dtype=options.kv_dtype,
@@ -120,9 +119,10 @@ class LlamaEngine:
         )
         self._requests: dict[str, _RequestState] = {}
         log.info(
-            "engine %s ready in %.1fs: %d KV blocks (%d tokens, %.1f MiB per rank, %s), max context %d",
-            name, time.perf_counter() - started, num_blocks, capacity,
-            runner.kv_cache.bytes_per_block() * num_blocks / 2**20, options.kv_dtype, self.info.max_context,
+            "engine %s ready in %.1fs: %d KV blocks of %d layers (%d tokens of every layer, %.1f MiB per "
+            "rank, %s), max context %d", name, time.perf_counter() - started, num_blocks,
+            runner.kv_groups.layers_per_block, capacity, runner.kv_cache.bytes_per_block() * num_blocks / 2**20,
+            options.kv_dtype, self.info.max_context,
         )
 
     # --- Engine protocol -------------------------------------------------------------------------
@@ -227,10 +227,14 @@ def build_runner(model_dir: Path, options: LlamaEngineOptions, *, tp: TensorPara
     Followers call this too, with the same options, so the ranks' collectives pair up."""
     config = load_config(model_dir)
     size = tp.size if tp is not None else 1
-    # the real size of a block, fp8 scales included: kv_capacity_tokens is what the memory holds
-    bytes_per_block = kv_bytes_per_block(config, options.kv_dtype, block_size=BLOCK_SIZE, tp_size=size)
+    groups = kv_cache_groups(config)
+    # the real size of a block (one KV cache group's layers), fp8 scales included: kv_capacity_tokens
+    # is what the memory holds
+    bytes_per_block = kv_bytes_per_block(config, options.kv_dtype, block_size=BLOCK_SIZE,
+                                         tp_size=size) // groups.num_groups
     # Never more blocks than every sequence at full length could use.
-    most = -(-options.max_num_seqs * config.max_context // BLOCK_SIZE)
+    most = options.max_num_seqs * groups.peak_blocks(config.max_context, BLOCK_SIZE,
+                                                     chunk=options.max_num_batched_tokens)
     local_ranks = tp.local_size if tp else 1
 
     def blocks() -> int:
@@ -238,17 +242,18 @@ def build_runner(model_dir: Path, options: LlamaEngineOptions, *, tp: TensorPara
         return min(budget // bytes_per_block, most)
 
     def check(num_blocks: int) -> None:
-        if num_blocks < 1:
+        if num_blocks < groups.num_groups:
             budget = f"--kv-memory {options.kv_memory!r}" if options.kv_memory else "the free memory's share"
-            raise ConfigError(f"{budget} holds no KV block of {BLOCK_SIZE} tokens ({bytes_per_block} bytes "
-                              f"per rank with kv dtype {options.kv_dtype})")
+            what = "no KV block" if groups.num_groups == 1 else f"fewer than {groups.num_groups} KV blocks (one per group)"
+            raise ConfigError(f"{budget} holds {what} of {BLOCK_SIZE} tokens ({bytes_per_block} bytes per rank "
+                              f"with kv dtype {options.kv_dtype})")
 
     if options.kv_memory is not None:
         check(blocks())  # a size that holds nothing fails before minutes of loading
     runner = ModelRunner(
         model_dir, num_blocks=None, block_size=BLOCK_SIZE, kv_dtype=options.kv_dtype,
         dtype=options.dtype, device=tp.device if tp is not None else options.device,
-        tp=tp.context if tp is not None else None,
+        tp=tp.context if tp is not None else None, kv_groups=groups,
     )
     num_blocks = blocks()  # a share of free memory is measured now, with the weights loaded
     if tp is not None:
@@ -256,6 +261,12 @@ def build_runner(model_dir: Path, options: LlamaEngineOptions, *, tp: TensorPara
     check(num_blocks)
     runner.allocate_kv_cache(num_blocks)
     return runner
+
+
+def kv_cache_groups(config: ModelConfig) -> KVCacheGroups:
+    """The engine's KV cache groups: layers of each attention kind in blocks of their own, so that
+    sliding-window layers keep only their window's blocks beside global ones (Gemma 3)."""
+    return KVCacheGroups.of([config.layer_window(i) for i in range(config.num_hidden_layers)])
 
 
 def rank_report(runner: ModelRunner, tp: TensorParallelGroup | None, *, load_s: float) -> RankReport:
