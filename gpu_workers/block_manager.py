@@ -374,11 +374,11 @@ class BlockManager:
             while n and run[n - 1] < n - self._skipped(n, window):
                 n -= 1
         skipped = self._skipped(n, self.groups.sliding_window) if self._sliding else 0
-        hits = []
+        hits: list[int] = []
         for i in range(n):
             for k in range(self._g):
                 b = found[k][i]
-                hits.append(NULL_BLOCK if k in self._sliding and i < skipped else b)  # type: ignore[arg-type]
+                hits.append(NULL_BLOCK if b is None or (k in self._sliding and i < skipped) else b)
         return n, skipped, hits
 
     def _skipped(self, num_hit: int, window: int | None) -> int:
