@@ -47,9 +47,10 @@ bench-matmul: install
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 up: install
 	$(BIN)/ryzanstein up
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache *.egg-info

@@ -84,7 +84,7 @@ class Failover:
             pipe.xdel(queue, *[e for e, _ in entries])
             pipe.execute()
             cursor = "(" + entries[-1][0].decode()
-        self.scripts.retire_queue(keys=[queue, self.keys.group_queue_tokens(group)], args=[])
+        self.scripts.retire_queue(queue=queue, queue_tokens=self.keys.group_queue_tokens(group))
         return moved
 
     def heartbeat_age_ms(self, group: str) -> float | None:

@@ -120,11 +120,10 @@ class IngressReader:
             self.telemetry.read(len(entries))
         return entries
 
-    def _read_ingress(self, client: Any, count: int) -> None:
+    def _read_ingress(self, client: Batch, count: int) -> None:
         """Add a non-blocking read of up to ``count`` new entries to ``client`` (READ_INGRESS)."""
-        self.scripts.read_ingress(keys=[self.keys.requests],
-                                  args=[INGRESS_GROUP, self.name, count, self.settings.max_request_bytes],
-                                  client=client)
+        self.scripts.read_ingress(ingress=self.keys.requests, consumer_group=INGRESS_GROUP, consumer=self.name,
+                                  count=count, max_entry_bytes=self.settings.max_request_bytes, client=client)
 
     def _read_more(self, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
         _, (raw,) = self.scripts.execute(lambda batch: self._read_ingress(batch, count))

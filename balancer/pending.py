@@ -45,11 +45,11 @@ class Final:
                           finish_reason="cancelled", prompt_tokens=int(self.fields.get("prompt_tokens", "0")))
 
 
-def claim_reply(raw: Any) -> tuple[Claim | None, BaseException | None]:
+def claim_reply(raw: Any) -> Claim | Exception:
     """A CLAIM_OWNER reply, or the problem with it (an error reply, or a reply of another shape)."""
     if isinstance(raw, Exception):
-        return None, raw
+        return raw
     try:
-        return claim_result(raw), None
+        return claim_result(raw)
     except Exception as exc:  # noqa: BLE001 - an unexpected reply ends that request, never the loop
-        return None, TypeError(f"CLAIM_OWNER replied {raw!r:.80} ({type(exc).__name__})")
+        return TypeError(f"CLAIM_OWNER replied {raw!r:.80} ({type(exc).__name__})")

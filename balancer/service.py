@@ -48,8 +48,9 @@ from broker.protocol import (
     parse_request,
 )
 from broker.registry import read_groups, read_queue_loads
-from broker.scripts import OVERSIZE_FIELD, Scripts, pack_events
+from broker.scripts import OVERSIZE_FIELD, Claim, Scripts, pack_events
 from broker.settings import Settings
+from broker.wire import Batch
 
 log = logging.getLogger(__name__)
 
@@ -383,17 +384,17 @@ class Balancer(IngressReader, PoisonHandling):
         eager = [w.takeover_from is None and not w.moved and not w.claimed for w, _group in assignments]
 
         # Phase 1: pin each request to its group (or learn where it is pinned already).
-        def claim(pipe: Any) -> None:
+        def claim(pipe: Batch) -> None:
             for (w, group), first in zip(assignments, eager):
-                self.scripts.claim_owner(keys=[*self.keys.progress(w.request.reply_to, w.request.id),
-                                               w.request.reply_to],
-                                         args=[group, ttl_ms, w.takeover_from or "", w.takeover_epoch], client=pipe)
+                self.scripts.claim_owner(progress=self.keys.progress(w.request.reply_to, w.request.id),
+                                         reply_stream=w.request.reply_to, group=group, ttl_ms=ttl_ms,
+                                         taken_from=w.takeover_from, taken_from_epoch=w.takeover_epoch, client=pipe)
                 if first:
                     self._queue(pipe, w, group, FIRST_EPOCH)
             for f in finals:
-                self.scripts.claim_owner(keys=[*self.keys.progress(f.reply_to, f.request_id), f.reply_to],
-                                         args=[PUBLISHER, ttl_ms, f.takeover_from or "", f.takeover_epoch],
-                                         client=pipe)
+                self.scripts.claim_owner(progress=self.keys.progress(f.reply_to, f.request_id),
+                                         reply_stream=f.reply_to, group=PUBLISHER, ttl_ms=ttl_ms,
+                                         taken_from=f.takeover_from, taken_from_epoch=f.takeover_epoch, client=pipe)
 
         _, results = self.scripts.execute(claim)
         _raise_transient(results)
@@ -408,15 +409,15 @@ class Balancer(IngressReader, PoisonHandling):
             raw = next(replies)
             queued = next(replies) if first else None
             w.claimed = True
-            got, problem = claim_reply(raw)
+            got = claim_reply(raw)
             if first:
-                if got is not None and not got.finished and (got.owner, got.epoch) == (candidate, FIRST_EPOCH):
+                if isinstance(got, Claim) and not got.finished and (got.owner, got.epoch) == (candidate, FIRST_EPOCH):
                     refused |= self._queued(w, candidate, FIRST_EPOCH, queued, acks)
                     continue
                 retract.append((candidate, queued))
-            if got is None:
+            if isinstance(got, Exception):
                 # CLAIM_OWNER touches only keys of the reply stream's: its error is about them
-                self._request_failed(w, problem, reply_to_failed=True)
+                self._request_failed(w, got, reply_to_failed=True)
                 continue
             if got.finished:
                 acks.append(w.entry_id)
@@ -433,26 +434,26 @@ class Balancer(IngressReader, PoisonHandling):
             sent.append((w, got.owner, got.epoch))
         published: list[tuple[Final, int, dict[str, str]]] = []
         for f in finals:
-            got, problem = claim_reply(next(replies))
-            if got is None:
-                self._give_up(f.entry_id, f.request_id, f.reply_to, problem, reply_to_failed=True)
+            got = claim_reply(next(replies))
+            if isinstance(got, Exception):
+                self._give_up(f.entry_id, f.request_id, f.reply_to, got, reply_to_failed=True)
                 continue
             if not got.finished and got.owner == PUBLISHER:
                 published.append((f, got.epoch, f.with_progress(got)))
             acks.append(f.entry_id)  # finished, owned by a group, or published now
 
-        def dispatch(pipe: Any) -> None:
+        def dispatch(pipe: Batch) -> None:
             for w, group, epoch in sent:
                 self._queue(pipe, w, group, epoch)
             for f, epoch, fields in published:
-                self.scripts.publish(keys=[f.reply_to, *self.keys.progress(f.reply_to, f.request_id)],
-                                     args=[PUBLISHER, epoch, ttl_ms, pack_events([("f", 0, fields)])],
-                                     client=pipe)
+                self.scripts.publish(reply_stream=f.reply_to, progress=self.keys.progress(f.reply_to, f.request_id),
+                                     publisher=PUBLISHER, epoch=epoch, ttl_ms=ttl_ms,
+                                     events=pack_events([("f", 0, fields)]), client=pipe)
             for group, queued in retract:
                 if not isinstance(queued, Exception) and queued[0] == b"ok":
                     # never run: were the group to read it first, its publishes are fenced (wrong epoch)
-                    self.scripts.ack(keys=[self.keys.group_queue(group), self.keys.group_queue_tokens(group)],
-                                     args=[QUEUE_GROUP, queued[1]], client=pipe)
+                    self.scripts.ack(queue=self.keys.group_queue(group), queue_tokens=self.keys.group_queue_tokens(group),
+                                     consumer_group=QUEUE_GROUP, entry_ids=[queued[1]], client=pipe)
 
         _, results = self.scripts.execute(dispatch) if sent or published or retract else (None, [])
         _raise_transient(results)
@@ -464,15 +465,15 @@ class Balancer(IngressReader, PoisonHandling):
         self._ack(acks)
         return refused
 
-    def _queue(self, pipe: Any, w: Waiting, group: str, epoch: int) -> None:
+    def _queue(self, pipe: Batch, w: Waiting, group: str, epoch: int) -> None:
         """Add the DISPATCH of ``w`` to ``group``'s queue under ``epoch`` to ``pipe``."""
         bounded = not w.moved
         self.scripts.dispatch(
-            keys=[self.keys.group_queue(group), self.keys.dispatch_marker(group, w.request.id, epoch),
-                  self.keys.group_accepting(group), self.keys.group_queue_tokens(group)],
-            args=[self._wire(w, group), epoch, self.settings.result_ttl_s * 1000, w.cost,
-                  self.limits.group_requests if bounded else 0, self.limits.group_tokens if bounded else 0],
-            client=pipe)
+            queue=self.keys.group_queue(group), marker=self.keys.dispatch_marker(group, w.request.id, epoch),
+            accepting=self.keys.group_accepting(group), queue_tokens=self.keys.group_queue_tokens(group),
+            request=self._wire(w, group), epoch=epoch, marker_ttl_ms=self.settings.result_ttl_s * 1000,
+            cost=w.cost, max_entries=self.limits.group_requests if bounded else 0,
+            max_tokens=self.limits.group_tokens if bounded else 0, client=pipe)
 
     def _wire(self, w: Waiting, group: str) -> bytes:
         """``w``'s request as queued for ``group``: stamped with the group's weights fingerprint, unless

@@ -37,7 +37,7 @@ from benchmarks.common import log, pct, print_targets, write_results
 from broker.embedded import EmbeddedRedis
 from broker.settings import Settings
 from producer.client import AsyncClient, Client
-from producer.stack import Stack
+from ryzanstein.stack import Stack
 
 PROMPT = "x"  # one byte: the echo engine answers with exactly one token
 

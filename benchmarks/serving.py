@@ -58,7 +58,7 @@ from benchmarks.common import (
 )
 from broker.settings import Settings
 from producer.client import AsyncClient
-from producer.stack import Stack
+from ryzanstein.stack import Stack
 
 
 @dataclass

@@ -13,7 +13,8 @@ Models without a tokenizer of their own (``echo``, ``random:<preset>``: byte-lev
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+
+from redis import Redis
 
 from broker.keys import Keys
 
@@ -28,7 +29,7 @@ def template_digest(source: str) -> str:
     return hashlib.sha256(source.encode("utf-8")).hexdigest()
 
 
-def publish_template(redis: Any, keys: Keys, source: str) -> str:
+def publish_template(redis: Redis, keys: Keys, source: str) -> str:
     """Store ``source`` under its digest (no expiry: it is small, and shared by every group of a
     model); returns the digest."""
     digest = template_digest(source)
@@ -44,6 +45,6 @@ def template_text(raw: bytes | str | None, digest: str) -> str | None:
     return text if template_digest(text) == digest else None
 
 
-def read_template(redis: Any, keys: Keys, digest: str) -> str | None:
+def read_template(redis: Redis, keys: Keys, digest: str) -> str | None:
     """The template published under ``digest``; None when Redis does not hold it (any more)."""
     return template_text(redis.get(keys.chat_template(digest)), digest)

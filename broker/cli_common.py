@@ -70,11 +70,11 @@ def run_command(prog: str, run: Callable[[argparse.Namespace], int | None], args
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except (RedisError, OSError) as exc:
-        problem = describe(exc, getattr(args, "redis_url", None) or os.environ.get("RYZ_REDIS_URL"))
-        if problem is None:
+        known = describe(exc, getattr(args, "redis_url", None) or os.environ.get("RYZ_REDIS_URL"))
+        if known is None:
             raise
         logging.getLogger(prog).debug("failed", exc_info=True)
-        print(f"{prog}: {problem.line}", file=sys.stderr, flush=True)
-        return problem.exit_code
+        print(f"{prog}: {known.line}", file=sys.stderr, flush=True)
+        return known.exit_code
     except KeyboardInterrupt:
         return 130

@@ -8,6 +8,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import TypedDict
 
 import redis
 import redis.asyncio
@@ -63,27 +64,39 @@ def mask_url(url: str) -> str:
     return re.sub(r"([?&]password=)[^&]*", r"\1***", masked, flags=re.IGNORECASE)
 
 
-def _kwargs(settings: Settings) -> dict[str, object]:
+class _ClientOptions(TypedDict):
+    """The options both clients get from the settings (the retry object differs: sync or asyncio)."""
+
+    socket_timeout: float
+    socket_connect_timeout: float
+    health_check_interval: int
+    retry_on_error: list[type[Exception]]
+
+
+def _options(settings: Settings) -> _ClientOptions:
     return {
         "socket_timeout": settings.socket_timeout_s,
         "socket_connect_timeout": settings.connect_timeout_s,
         "health_check_interval": 30,
-        "retry": Retry(ExponentialBackoff(cap=settings.reconnect_cap_s, base=settings.reconnect_base_s), 3),
         "retry_on_error": [RedisConnectionError, RedisTimeoutError],
     }
 
 
+def _backoff(settings: Settings) -> ExponentialBackoff:
+    return ExponentialBackoff(cap=settings.reconnect_cap_s, base=settings.reconnect_base_s)
+
+
 def connect(url: str, settings: Settings, *, decode_responses: bool = False) -> redis.Redis:
     """A client for ``url`` (redis://, rediss://, unix://, with user:password) that retries blips."""
-    return redis.Redis.from_url(url, decode_responses=decode_responses, **_kwargs(settings))
+    return redis.Redis.from_url(url, decode_responses=decode_responses, retry=Retry(_backoff(settings), 3),
+                                **_options(settings))
 
 
 def connect_async(url: str, settings: Settings, *, decode_responses: bool = False) -> redis.asyncio.Redis:
     from redis.asyncio.retry import Retry as AsyncRetry
 
-    kwargs = _kwargs(settings)
-    kwargs["retry"] = AsyncRetry(ExponentialBackoff(cap=settings.reconnect_cap_s, base=settings.reconnect_base_s), 3)
-    return redis.asyncio.Redis.from_url(url, decode_responses=decode_responses, **kwargs)
+    return redis.asyncio.Redis.from_url(url, decode_responses=decode_responses,
+                                        retry=AsyncRetry(_backoff(settings), 3), **_options(settings))
 
 
 def backoff_delays(settings: Settings) -> Iterator[float]:

@@ -25,7 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis import Redis
 from redis.exceptions import NoPermissionError, ResponseError
+from redis.typing import EncodableT, FieldT
 
 from broker.connection import TRANSIENT_ERRORS
 from broker.keys import Keys
@@ -100,7 +102,7 @@ class Attempts:
 class DeadLetters:
     """Ends requests that cannot be handled (see the module docstring); ``on_dead`` counts them."""
 
-    def __init__(self, redis: Any, scripts: Scripts, keys: Keys, *, publisher: str, ttl_ms: int,
+    def __init__(self, redis: Redis, scripts: Scripts, keys: Keys, *, publisher: str, ttl_ms: int,
                  on_dead: Callable[[], None] = lambda: None) -> None:
         self.redis = redis
         self.scripts = scripts
@@ -137,8 +139,9 @@ class DeadLetters:
     def _publish_error(self, reply: str, request_id: str, code: str, reason: str, *, epoch: int) -> bool:
         event = error_event(request_id, code, reason)
         try:
-            raw = self.scripts.publish(keys=[reply, *self.keys.progress(reply, request_id)],
-                                       args=[self.publisher, epoch, self.ttl_ms, pack_events([("f", 0, event)])])
+            raw = self.scripts.publish(reply_stream=reply, progress=self.keys.progress(reply, request_id),
+                                       publisher=self.publisher, epoch=epoch, ttl_ms=self.ttl_ms,
+                                       events=pack_events([("f", 0, event)]))
             publish_result(raw)
         except Exception as exc:
             if isinstance(exc, TRANSIENT_ERRORS):
@@ -150,7 +153,7 @@ class DeadLetters:
 
     def _dead(self, *, source: str, entry_id: bytes | str, request_id: str | None, reply_to: str | None,
               reason: str, fields: dict[Any, Any] | None) -> None:
-        record: dict[str, Any] = {
+        record: dict[FieldT, EncodableT] = {
             "source": source,
             "entry_id": entry_id,
             "id": request_id or "",

@@ -41,6 +41,7 @@ import itertools
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 INGRESS_GROUP = "balancers"
 # The suffixes of a request's state keys (Keys.state, generated, generated_text): see companion.
@@ -89,6 +90,16 @@ def companion(key: str, suffix: str) -> str:
     return f"{{{_slot_tag(key_slot(key))}}}:{key}:{suffix}"
 
 
+class Progress(NamedTuple):
+    """A request's keys that CLAIM_OWNER and PUBLISH read and write (``Keys.progress``): its state hash
+    and, for a new owner to continue from, the token ids and text it has published. A caller that
+    passes no ``generated`` keys gets the scripts' older behaviour: nothing is recorded."""
+
+    state: str
+    generated: str | None = None
+    generated_text: str | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Keys:
     """Key names under one prefix."""
@@ -122,10 +133,10 @@ class Keys:
         return companion(reply_key, f"gentext:{request_id}")
 
     @staticmethod
-    def progress(reply_key: str, request_id: str) -> tuple[str, str, str]:
+    def progress(reply_key: str, request_id: str) -> Progress:
         """State, generated ids and generated text of one request: the keys CLAIM_OWNER reads."""
-        return (Keys.state(reply_key, request_id), Keys.generated(reply_key, request_id),
-                Keys.generated_text(reply_key, request_id))
+        return Progress(Keys.state(reply_key, request_id), Keys.generated(reply_key, request_id),
+                        Keys.generated_text(reply_key, request_id))
 
     @property
     def groups(self) -> str:

@@ -21,10 +21,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.client import Pipeline as AsyncPipeline
+from redis.client import Pipeline
 from redis.exceptions import ResponseError
 
 from broker.keys import INGRESS_GROUP, Keys
-from broker.registry import GroupStatus, groups_from_reply, served_names
+from broker.registry import GroupStatus, groups_from_reply, served_names, zset_members
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +82,7 @@ def judge(view: PathView, *, balancer_dead_after_s: float) -> PathHealth:
 
 # --- reading ---------------------------------------------------------------------------------------
 
-def _first_pipeline(pipe: Any, keys: Keys, names: list[str]) -> None:
+def _first_pipeline(pipe: Pipeline | AsyncPipeline, keys: Keys, names: list[str]) -> None:
     pipe.time()
     for name in names:
         pipe.hgetall(keys.group_info(name))
@@ -117,9 +121,9 @@ def _unread(now_ms: float, first: list[Any], count: int) -> tuple[int, float | N
     return count, max(0.0, (now_ms - entry_ms) / 1000.0)
 
 
-def read_path(redis: Any, keys: Keys, *, dead_after_s: float) -> PathView:
+def read_path(redis: Redis, keys: Keys, *, dead_after_s: float) -> PathView:
     """The path as Redis shows it now (sync client); raises the Redis error when unreachable."""
-    names = [n.decode() if isinstance(n, bytes) else n for n in redis.zrange(keys.groups, 0, -1)]
+    names = zset_members(redis.zrange(keys.groups, 0, -1))
     pipe = redis.pipeline(transaction=False)
     _first_pipeline(pipe, keys, names)
     groups, now_ms, balancer_age_s, after, infos = _after_first(
@@ -132,9 +136,9 @@ def read_path(redis: Any, keys: Keys, *, dead_after_s: float) -> PathView:
     return PathView(groups, balancer_age_s, unread, age)
 
 
-async def read_path_async(redis: Any, keys: Keys, *, dead_after_s: float) -> PathView:
+async def read_path_async(redis: AsyncRedis, keys: Keys, *, dead_after_s: float) -> PathView:
     """``read_path`` with the asyncio client."""
-    names = [n.decode() if isinstance(n, bytes) else n for n in await redis.zrange(keys.groups, 0, -1)]
+    names = zset_members(await redis.zrange(keys.groups, 0, -1))
     pipe = redis.pipeline(transaction=False)
     _first_pipeline(pipe, keys, names)
     groups, now_ms, balancer_age_s, after, infos = _after_first(

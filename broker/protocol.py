@@ -100,7 +100,7 @@ class GenerationRequest(BaseModel):
     # Milliseconds on the Redis clock when the request first entered the ingress stream.
     enqueued_ms: int = 0
     # Set when a group hands the request back (draining) or is failed over: the balancer takes the
-    # request over from this owner, if it still holds this epoch (see scripts.CLAIM_OWNER).
+    # request over from this owner, if it still holds this epoch (see broker.lua.CLAIM_OWNER).
     takeover_from: str | None = None
     takeover_epoch: int = 0
     # Set by the balancer when it dispatches a request taken over mid-generation: the token ids
@@ -118,7 +118,8 @@ class GenerationRequest(BaseModel):
         return self.enqueued_ms + self.timeout_s * 1000.0
 
     def to_wire(self) -> bytes:
-        return msgpack.packb(self.model_dump(mode="python"), use_bin_type=True)
+        packed: bytes = msgpack.packb(self.model_dump(mode="python"), use_bin_type=True)
+        return packed
 
     def to_ingress(self, *, from_owner: str, epoch: int) -> dict[str, bytes]:
         """Fields that put this request back on the ingress stream, taken over from ``from_owner``."""

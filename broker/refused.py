@@ -56,10 +56,11 @@ def _canonical(value: Any) -> str:
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
     if isinstance(value, str):
+        text: str = value
         try:
-            value = json.loads(value)
+            value = json.loads(text)
         except (ValueError, RecursionError):
-            return value.strip().lower()
+            return text.strip().lower()
     if value is None:
         return "null"
     if isinstance(value, bool):

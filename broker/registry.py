@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
 from broker.keys import Keys
 
@@ -128,9 +132,22 @@ def served_names(groups: list[GroupStatus] | tuple[GroupStatus, ...]) -> list[st
     return sorted({name for g in groups for name in g.served_models})
 
 
-def read_groups(redis: Any, keys: Keys, *, dead_after_s: float) -> list[GroupStatus]:
+def zset_members(raw: Iterable[object]) -> list[str]:
+    """A ZRANGE reply (no scores) as text, from a client that decodes replies or one that does not."""
+    out = []
+    for member in raw:
+        if isinstance(member, bytes):
+            out.append(member.decode())
+        elif isinstance(member, str):
+            out.append(member)
+        else:
+            raise TypeError(f"not a sorted set member: {member!r:.60}")
+    return out
+
+
+def read_groups(redis: Redis, keys: Keys, *, dead_after_s: float) -> list[GroupStatus]:
     """Every registered group, alive or not, with ages on the Redis clock."""
-    names = [n.decode() for n in redis.zrange(keys.groups, 0, -1)]
+    names = zset_members(redis.zrange(keys.groups, 0, -1))
     pipe = redis.pipeline(transaction=False)
     pipe.time()
     for name in names:
@@ -138,9 +155,9 @@ def read_groups(redis: Any, keys: Keys, *, dead_after_s: float) -> list[GroupSta
     return groups_from_reply(pipe.execute(), dead_after_s=dead_after_s)
 
 
-async def read_groups_async(redis: Any, keys: Keys, *, dead_after_s: float) -> list[GroupStatus]:
+async def read_groups_async(redis: AsyncRedis, keys: Keys, *, dead_after_s: float) -> list[GroupStatus]:
     """``read_groups`` on an asyncio Redis client."""
-    names = [n.decode() for n in await redis.zrange(keys.groups, 0, -1)]
+    names = zset_members(await redis.zrange(keys.groups, 0, -1))
     pipe = redis.pipeline(transaction=False)
     pipe.time()
     for name in names:
@@ -169,7 +186,7 @@ class QueueLoad:
     tokens: int
 
 
-def read_queue_loads(redis: Any, keys: Keys, names: list[str]) -> dict[str, QueueLoad]:
+def read_queue_loads(redis: Redis, keys: Keys, names: list[str]) -> dict[str, QueueLoad]:
     """Exact queue lengths and queued-token counters of ``names`` (one round trip)."""
     pipe = redis.pipeline(transaction=False)
     for name in names:

@@ -1,7 +1,11 @@
-"""Lua scripts: the few steps that must be atomic. Each documents its KEYS and ARGV at the top.
+"""Calling the Lua scripts (broker.lua): one typed method per script, and the decoders of their replies.
 
-Every script touches keys of one Redis Cluster hash slot (see broker.keys). They are registered
-once per connection (``Scripts(redis)``) and called by SHA, also inside pipelines.
+``Scripts`` is the only place that orders a script's KEYS and ARGV: callers name their arguments
+(``scripts.dispatch(queue=..., epoch=..., ...)``), as rq's ``save_unique_job`` wraps its Lua. The
+scripts are registered once per connection (``Scripts(redis)``) and called by SHA, also inside
+pipelines (``client=``: a ``broker.wire.Batch`` or a redis-py pipeline); a call returns the script's
+raw reply, or what the pipeline's ``evalsha`` returns, and the reply's decoder (``claim_result``,
+``publish_result``, ``ingress_entries``) reads it once it has come back.
 
 The request state hash (``{<reply>}:state:<id>``, see broker.keys) carries:
   owner  - the group that may publish for the request (absent until routed)
@@ -14,217 +18,37 @@ Next to it, until the final event, the token ids and the text a streamed request
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import msgpack
+from redis import Redis
 from redis.exceptions import NoScriptError
 
+from broker.keys import Progress
+from broker.lua import (
+    ACK,
+    CLAIM_OWNER,
+    DISPATCH,
+    HEARTBEAT,
+    OVERSIZE_FIELD,
+    PUBLISH,
+    READ_INGRESS,
+    RETIRE_QUEUE,
+)
 from broker.wire import Batch, Wire
+
+__all__ = ["OVERSIZE_FIELD", "Claim", "Pipe", "PublishResult", "Scripts", "claim_result", "ingress_entries",
+           "pack_events", "publish_result"]
 
 T = TypeVar("T")
 
-CLAIM_OWNER = """
--- Pin a request to a group, learn the group it is already pinned to, or take it over from a group
--- that handed it back (draining) or died.
--- KEYS[1] = request state hash
--- KEYS[2] = (optional) the request's generated token ids ("id,id,", written by PUBLISH)
--- KEYS[3] = (optional) the request's generated text (the joined token deltas, written by PUBLISH)
--- ARGV[1] = group the caller would route to
--- ARGV[2] = state TTL, ms
--- ARGV[3] = (optional) owner the request is taken over from; '' or absent for none
--- KEYS[4] = (optional) the request's reply stream: an existing key of another type is an error
--- ARGV[4] = (optional) that owner's epoch: the takeover happens only if both still match
--- Returns {owner, epoch, finished, ids, text}: an existing owner wins over ARGV[1] (unless taken
--- over); finished is 1 when the request already has its final event (nothing left to dispatch).
--- ids and text are what the request's token events carried so far ('' when none): a new owner
--- continues from them. Read here, in the step that fences the previous owner, they cannot change
--- any more except through the owner returned.
--- Every (re)assignment bumps the epoch, which fences the previous owner's publishes.
-if KEYS[4] then
-  local t = redis.call('TYPE', KEYS[4])['ok']
-  if t ~= 'none' and t ~= 'stream' then
-    return redis.error_reply('WRONGTYPE the reply stream is a ' .. t .. ', not a stream')
-  end
-end
-local s = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'final')
-if s[3] then return {s[1] or '', tonumber(s[2] or '0'), 1, '', ''} end
--- Only an owner publishes tokens: without one there is nothing to read.
-local ids = s[1] and KEYS[2] and redis.call('GET', KEYS[2]) or ''
-local text = s[1] and KEYS[3] and redis.call('GET', KEYS[3]) or ''
-local from = ARGV[3] or ''
-if s[1] and not (from ~= '' and s[1] == from and s[2] == ARGV[4]) then
-  return {s[1], tonumber(s[2]), 0, ids, text}
-end
-local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
-redis.call('HSET', KEYS[1], 'owner', ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return {ARGV[1], epoch, 0, ids, text}
-"""
 
-DISPATCH = """
--- Put a request on a group's queue, at most once per (request, epoch), while the group accepts work
--- and its queue is within its bounds.
--- KEYS[1] = the group's queue stream
--- KEYS[2] = dispatch marker of (request id, epoch), in the group's slot
--- KEYS[3] = the group's accepting flag (deleted when it drains or is failed over)
--- KEYS[4] = (optional) the group's queued-token counter (the summed cost of its queue entries)
--- ARGV[1] = the request, msgpack (GenerationRequest.to_wire)
--- ARGV[2] = epoch
--- ARGV[3] = marker TTL, ms
--- ARGV[4] = the request's cost, tokens (prompt + max_tokens)
--- ARGV[5] = most entries the queue may hold (0: no bound)
--- ARGV[6] = most tokens the queue may hold (0: no bound)
--- Returns {'ok', entry id}, {'dup'} when this (request, epoch) was dispatched before, {'closed'}
--- when the group takes no more work, or {'full'} when the request would break a bound (the caller
--- routes elsewhere). An empty queue takes any request, however costly.
-if redis.call('EXISTS', KEYS[3]) == 0 then return {'closed'} end
-if redis.call('EXISTS', KEYS[2]) == 1 then return {'dup'} end
-local cost = tonumber(ARGV[4] or '0')
-local n = redis.call('XLEN', KEYS[1])
-if n > 0 then
-  local max_n, max_tokens = tonumber(ARGV[5] or '0'), tonumber(ARGV[6] or '0')
-  if max_n > 0 and n >= max_n then return {'full'} end
-  local queued = KEYS[4] and math.max(0, tonumber(redis.call('GET', KEYS[4]) or '0')) or 0
-  if max_tokens > 0 and queued + cost > max_tokens then return {'full'} end
-end
-redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
-local id = redis.call('XADD', KEYS[1], '*', 'r', ARGV[1], 'e', ARGV[2], 'c', cost)
-if KEYS[4] then redis.call('INCRBY', KEYS[4], cost) end
-return {'ok', id}
-"""
+class Pipe(Protocol):
+    """Where a pipelined script call goes: a ``broker.wire.Batch`` or a redis-py pipeline."""
 
-ACK = """
--- Acknowledge and delete a group's finished queue entries, and take their cost off its counter.
--- KEYS[1] = the group's queue stream
--- KEYS[2] = the group's queued-token counter
--- ARGV[1] = the queue's consumer group
--- ARGV[2..] = entry ids
--- Only entries still in the stream count, so repeating an acknowledgement (a retry after a lost
--- reply) never takes a cost off twice. Returns the tokens freed.
-local freed = 0
-for i = 2, #ARGV do
-  local entry = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])
-  if #entry > 0 then
-    local f = entry[1][2]
-    for j = 1, #f, 2 do
-      if f[j] == 'c' then freed = freed + tonumber(f[j + 1]) end
-    end
-    redis.call('XDEL', KEYS[1], ARGV[i])
-  end
-end
-if #ARGV > 1 then redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2)) end
-if freed > 0 and redis.call('DECRBY', KEYS[2], freed) <= 0 then redis.call('DEL', KEYS[2]) end
-return freed
-"""
-
-RETIRE_QUEUE = """
--- Delete a failed-over group's queue (and with it its consumer group) once it is empty, with its
--- token counter. A queue that took entries again (the group came back meanwhile) is left alone.
--- KEYS[1] = the group's queue stream
--- KEYS[2] = the group's queued-token counter
--- Returns 1 when deleted.
-if redis.call('XLEN', KEYS[1]) > 0 then return 0 end
-redis.call('DEL', KEYS[1], KEYS[2])
-return 1
-"""
-
-PUBLISH = """
--- Write result events for one request, fenced by ownership, in order and at most once.
--- KEYS[1] = reply stream
--- KEYS[2] = request state hash
--- KEYS[3] = (optional) the request's generated token ids ("id,id,")
--- KEYS[4] = (optional) the request's generated text (the joined token deltas)
--- ARGV[1] = publisher (group name; the balancer for requests it never routed)
--- ARGV[2] = publisher's epoch
--- ARGV[3] = TTL of reply stream and state, ms
--- ARGV[4] = msgpack array of events, each {kind, index, {field, value, ...}, token id, text}; kind
---           't' is a token event with its index, token id and text delta, 'f' a final event
---           (done/error), which ends the request
--- A publisher must own the request (CLAIM_OWNER) unless nobody ever claimed it. Each token written
--- is appended to KEYS[3] and KEYS[4], so that a new owner can continue after it; both go with the
--- final event.
--- Returns {status, next}: status 'ok', 'fenced' (another owner or epoch: nothing written), 'final'
--- (already finished: nothing written) or 'gap' (a token index past `next`: stopped there).
-local owner = redis.call('HGET', KEYS[2], 'owner')
-local epoch = redis.call('HGET', KEYS[2], 'epoch')
-if owner and (owner ~= ARGV[1] or epoch ~= ARGV[2]) then
-  return {'fenced', 0}
-end
-if redis.call('HEXISTS', KEYS[2], 'final') == 1 then
-  return {'final', 0}
-end
-local nxt = tonumber(redis.call('HGET', KEYS[2], 'next') or '0')
-local status = 'ok'
-local final = false
-local record = KEYS[3] and KEYS[4]
-for _, ev in ipairs(cmsgpack.unpack(ARGV[4])) do
-  if ev[1] == 't' then
-    if ev[2] == nxt then
-      redis.call('XADD', KEYS[1], '*', unpack(ev[3]))
-      if record then
-        redis.call('APPEND', KEYS[3], ev[4] .. ',')
-        if ev[5] ~= '' then redis.call('APPEND', KEYS[4], ev[5]) end
-      end
-      nxt = nxt + 1
-    elseif ev[2] > nxt then
-      status = 'gap'
-      break
-    end
-  else
-    redis.call('XADD', KEYS[1], '*', unpack(ev[3]))
-    redis.call('HSET', KEYS[2], 'final', '1')
-    final = true
-    break
-  end
-end
-redis.call('HSET', KEYS[2], 'next', nxt)
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
-if record and final and nxt > 0 then
-  redis.call('DEL', KEYS[3], KEYS[4])
-elseif record and nxt > 0 then
-  redis.call('PEXPIRE', KEYS[3], ARGV[3])
-  redis.call('PEXPIRE', KEYS[4], ARGV[3])
-end
-return {status, nxt}
-"""
-
-READ_INGRESS = """
--- Read new ingress entries for a balancer (XREADGROUP, never blocking), returning entries over the
--- size limit as stubs: the balancer refuses them without holding their bodies in its memory.
--- KEYS[1] = the ingress stream
--- ARGV[1] = consumer group
--- ARGV[2] = consumer
--- ARGV[3] = most entries to read
--- ARGV[4] = largest entry returned whole, bytes (field names and values summed)
--- Returns {{id, {field, value, ...}}, ...}; a stub is {id, {OVERSIZE_FIELD, size, [id, v], [reply_to, v]}}
--- (its id and reply_to only when they are short).
-local got = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS', KEYS[1], '>')
-if not got then return {} end
-local limit = tonumber(ARGV[4])
-local out = {}
-for _, e in ipairs(got[1][2]) do
-  local f, size = e[2], 0
-  for i = 1, #f do size = size + #f[i] end
-  if size > limit then
-    local stub = {'__ryz_oversize', tostring(size)}
-    for i = 1, #f - 1, 2 do
-      if (f[i] == 'id' or f[i] == 'reply_to') and #f[i + 1] <= 512 then
-        stub[#stub + 1] = f[i]
-        stub[#stub + 1] = f[i + 1]
-      end
-    end
-    out[#out + 1] = {e[1], stub}
-  else
-    out[#out + 1] = e
-  end
-end
-return out
-"""
-
-OVERSIZE_FIELD = b"__ryz_oversize"  # in READ_INGRESS's stub of an entry over the size limit: its size
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any: ...
 
 
 def ingress_entries(raw: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
@@ -236,21 +60,6 @@ def ingress_entries(raw: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
     return out
 
 
-HEARTBEAT = """
--- Record a group's heartbeat, stamped with the Redis server's clock (no skew between hosts).
--- KEYS[1] = group registry zset
--- KEYS[2] = the group's info hash
--- ARGV[1] = group name
--- ARGV[2..] = field, value, ... of the group's info
--- Returns the heartbeat time, ms.
-local t = redis.call('TIME')
-local ms = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-redis.call('HSET', KEYS[2], 'heartbeat_ms', ms, unpack(ARGV, 2))
-redis.call('ZADD', KEYS[1], ms, ARGV[1])
-return ms
-"""
-
-
 def pack_events(events: list[tuple[str, int, dict[str, str]]]) -> bytes:
     """Encode events for PUBLISH: (kind 't'/'f', index, fields); token events carry token_id and text."""
     packed: list[list[Any]] = []
@@ -260,7 +69,8 @@ def pack_events(events: list[tuple[str, int, dict[str, str]]]) -> bytes:
             packed.append([kind, index, flat, int(fields["token_id"]), fields["text"]])
         else:
             packed.append([kind, index, flat])
-    return msgpack.packb(packed, use_bin_type=False)
+    data: bytes = msgpack.packb(packed, use_bin_type=False)
+    return data
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,35 +105,104 @@ def claim_result(raw: Any) -> Claim:
                  output_text=text(raw[4]) if len(raw) > 4 else "")
 
 
-class Script:
-    """One Lua script, called by SHA. Direct calls load it when Redis lacks it (after a restart);
-    pipelined calls (``client=pipe``) go out as plain EVALSHA, without redis-py's SCRIPT EXISTS round
-    trip per pipeline: ``Scripts.execute`` reloads and re-runs a pipeline that met NOSCRIPT."""
 
-    def __init__(self, redis: Any, source: str) -> None:
+class _Script:
+    """One Lua script, called by SHA. Direct calls load it when Redis lacks it (after a restart);
+    pipelined calls go out as plain EVALSHA, without redis-py's SCRIPT EXISTS round trip per
+    pipeline: ``Scripts.execute`` reloads and re-runs a pipeline that met NOSCRIPT."""
+
+    def __init__(self, redis: Redis, source: str) -> None:
         self._script = redis.register_script(source)
         self.sha: str = self._script.sha
 
-    def __call__(self, *, keys: list[Any], args: list[Any], client: Any = None) -> Any:
+    def __call__(self, keys: Sequence[str], args: Sequence[str | bytes | int | float], client: Pipe | None) -> Any:
         if client is None:
             return self._script(keys=keys, args=args)
         return client.evalsha(self.sha, len(keys), *keys, *args)
 
 
-class Scripts:
-    """The scripts registered on one (sync) client."""
+def _progress_keys(progress: Progress) -> list[str]:
+    """The state key, then both record keys or neither (the scripts read them as a pair)."""
+    if progress.generated is None or progress.generated_text is None:
+        return [progress.state]
+    return [progress.state, progress.generated, progress.generated_text]
 
-    def __init__(self, redis: Any) -> None:
+
+class Scripts:
+    """The scripts registered on one (sync) client, one method per script."""
+
+    def __init__(self, redis: Redis) -> None:
         self.redis = redis
         self.wire = Wire(redis)  # the hot loops' round trips (broker.wire)
-        self.claim_owner = Script(redis, CLAIM_OWNER)
-        self.dispatch = Script(redis, DISPATCH)
-        self.publish = Script(redis, PUBLISH)
-        self.heartbeat = Script(redis, HEARTBEAT)
-        self.ack = Script(redis, ACK)
-        self.retire_queue = Script(redis, RETIRE_QUEUE)
-        self.read_ingress = Script(redis, READ_INGRESS)
+        self._claim_owner = _Script(redis, CLAIM_OWNER)
+        self._dispatch = _Script(redis, DISPATCH)
+        self._publish = _Script(redis, PUBLISH)
+        self._heartbeat = _Script(redis, HEARTBEAT)
+        self._ack = _Script(redis, ACK)
+        self._retire_queue = _Script(redis, RETIRE_QUEUE)
+        self._read_ingress = _Script(redis, READ_INGRESS)
         self._sources = (CLAIM_OWNER, DISPATCH, PUBLISH, HEARTBEAT, ACK, RETIRE_QUEUE, READ_INGRESS)
+
+    def claim_owner(self, *, progress: Progress, group: str, ttl_ms: int, reply_stream: str | None = None,
+                    taken_from: str | None = None, taken_from_epoch: int = 0, client: Pipe | None = None) -> Any:
+        """CLAIM_OWNER: pin the request whose keys are ``progress`` to ``group`` (or learn its owner).
+
+        ``reply_stream``, when given, must be a stream or absent (else a WRONGTYPE error reply); it
+        needs the record keys in ``progress``. ``taken_from``/``taken_from_epoch``: the owner and epoch
+        the request is taken over from (it moves only while both still hold). ``ttl_ms``: the state's
+        expiry. Reply: ``claim_result``.
+        """
+        keys = _progress_keys(progress)
+        if reply_stream is not None:
+            if len(keys) == 1:
+                raise ValueError("claim_owner: a reply_stream needs the progress' generated keys")
+            keys.append(reply_stream)
+        return self._claim_owner(keys, [group, ttl_ms, taken_from or "", taken_from_epoch], client)
+
+    def dispatch(self, *, queue: str, marker: str, accepting: str, queue_tokens: str | None, request: bytes,
+                 epoch: int, marker_ttl_ms: int, cost: int = 0, max_entries: int = 0, max_tokens: int = 0,
+                 client: Pipe | None = None) -> Any:
+        """DISPATCH: add ``request`` (msgpack, ``GenerationRequest.to_wire``) to a group's ``queue`` under
+        ``epoch``, once per ``marker`` (``Keys.dispatch_marker``, kept ``marker_ttl_ms``), while
+        ``accepting`` exists and the queue stays within ``max_entries`` entries and ``max_tokens``
+        tokens of ``cost`` (0: no bound; counted in ``queue_tokens``, None: not counted).
+
+        Reply: ``[b'ok', entry id]``, ``[b'dup']``, ``[b'closed']`` or ``[b'full']``.
+        """
+        keys = [queue, marker, accepting, *([queue_tokens] if queue_tokens is not None else [])]
+        return self._dispatch(keys, [request, epoch, marker_ttl_ms, cost, max_entries, max_tokens], client)
+
+    def publish(self, *, reply_stream: str, progress: Progress, publisher: str, epoch: int, ttl_ms: int,
+                events: bytes, client: Pipe | None = None) -> Any:
+        """PUBLISH: write ``events`` (``pack_events``) to ``reply_stream`` as ``publisher`` holding
+        ``epoch``, fenced and in order; the stream and state expire ``ttl_ms`` after. With the record
+        keys in ``progress``, the tokens written are recorded for a new owner. Reply: ``publish_result``.
+        """
+        return self._publish([reply_stream, *_progress_keys(progress)], [publisher, epoch, ttl_ms, events], client)
+
+    def ack(self, *, queue: str, queue_tokens: str, consumer_group: str, entry_ids: Sequence[bytes | str],
+            client: Pipe | None = None) -> Any:
+        """ACK: acknowledge and delete ``entry_ids`` of a group's ``queue`` (read by ``consumer_group``),
+        taking their cost off ``queue_tokens``. Reply: the tokens freed."""
+        return self._ack([queue, queue_tokens], [consumer_group, *entry_ids], client)
+
+    def retire_queue(self, *, queue: str, queue_tokens: str, client: Pipe | None = None) -> Any:
+        """RETIRE_QUEUE: delete a failed-over group's ``queue`` and ``queue_tokens`` once the queue is
+        empty. Reply: 1 when deleted, 0 when the queue took entries again."""
+        return self._retire_queue([queue, queue_tokens], [], client)
+
+    def read_ingress(self, *, ingress: str, consumer_group: str, consumer: str, count: int, max_entry_bytes: int,
+                     client: Pipe | None = None) -> Any:
+        """READ_INGRESS: read up to ``count`` new entries of ``ingress`` as ``consumer`` of
+        ``consumer_group``, never blocking; entries over ``max_entry_bytes`` come back as stubs
+        (``OVERSIZE_FIELD``). Reply: ``ingress_entries``."""
+        return self._read_ingress([ingress], [consumer_group, consumer, count, max_entry_bytes], client)
+
+    def heartbeat(self, *, registry: str, info: str, group: str, fields: Sequence[str | bytes | int | float],
+                  client: Pipe | None = None) -> Any:
+        """HEARTBEAT: stamp ``group``'s heartbeat in ``registry`` (``Keys.groups``) with the Redis clock
+        and write ``fields`` (field, value, ...) to its ``info`` hash. Reply: the time, ms (bytes)."""
+        return self._heartbeat([registry, info], [group, *fields], client)
 
     def load(self) -> None:
         """Make sure Redis has every script (a restarted or flushed server has none)."""
@@ -332,7 +211,7 @@ class Scripts:
             pipe.script_load(source)
         pipe.execute()
 
-    def execute(self, build: Callable[[Any], T]) -> tuple[T, list[Any]]:
+    def execute(self, build: Callable[[Batch], T]) -> tuple[T, list[Any]]:
         """Run the commands ``build(batch)`` adds in one round trip; (build's value, results).
 
         Errors come back in the results, not raised. If Redis lost the scripts, they are loaded and

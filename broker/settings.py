@@ -6,7 +6,7 @@ Each field can be overridden by an environment variable ``RYZ_<FIELD>`` (for exa
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     balancer_batch_max: int = Field(default=128, ge=1, description="Most ingress entries read in one batch.")
     balancer_block_ms: int = Field(default=500, description="Blocking read on the ingress stream when idle.")
     # Memory a balancer's ingress read may hold: a read asks for at most this // max_request_bytes
-    # entries (and balancer_batch_max). Larger entries come back as stubs (broker.scripts.READ_INGRESS),
+    # entries (and balancer_batch_max). Larger entries come back as stubs (broker.lua.READ_INGRESS),
     # except from the idle blocking read, which takes one entry at a time; Redis's proto-max-bulk-len
     # and client-query-buffer-limit bound that one (docs/OPERATIONS.md, "Memory").
     balancer_read_bytes: int = Field(default=128 << 20, ge=1)
@@ -97,6 +97,10 @@ class Settings(BaseSettings):
     max_num_batched_tokens: int = Field(
         default=512, ge=1, description="Most tokens a model engine computes in one step (chunked prefill)."
     )
+    # A CPU worker's torch intra-op threads per rank; None: the CPUs it may use (affinity, capped by
+    # the cgroup's CPU quota) shared between the host's ranks, or OMP_NUM_THREADS where set
+    # (gpu_workers/cpu_threads.py).
+    threads: int | None = Field(default=None, ge=1, description="torch threads per worker rank (CPU).")
     drain_timeout_s: float = Field(
         default=30.0, description="On SIGTERM, time to finish running requests before handing the rest back."
     )
@@ -137,6 +141,6 @@ class Settings(BaseSettings):
     )
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     """Settings from the environment, with explicit (e.g. command-line) values on top; None means unset."""
     return Settings(**{k: v for k, v in overrides.items() if v is not None})

@@ -17,14 +17,25 @@ error that leaves replies unread.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
+from redis import Redis
 from redis.exceptions import ResponseError
 
-try:  # redis[hiredis]: packs a command in C, several times faster than redis-py's own packer
-    from hiredis import pack_command as _pack_command
-except ImportError:  # pragma: no cover - hiredis is a dependency; a plain redis-py still works
-    _pack_command = None
+PackCommand = Callable[[tuple[Any, ...]], bytes]
+
+
+def _hiredis_packer() -> PackCommand | None:
+    """redis[hiredis]: packs a command in C, several times faster than redis-py's own packer."""
+    try:
+        from hiredis import pack_command
+    except ImportError:  # pragma: no cover - hiredis is a dependency; a plain redis-py still works
+        return None
+    return pack_command
+
+
+_pack_command = _hiredis_packer()
 
 
 class Batch:
@@ -91,7 +102,7 @@ class Wire:
     """Batches sent over one connection of its own, made as ``redis``'s pool makes its connections
     (same address, credentials, TLS and timeouts); closed by ``close`` or with the object."""
 
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: Redis) -> None:
         self._pool = redis.connection_pool
         self._conn: Any = None
         self._lock = threading.Lock()

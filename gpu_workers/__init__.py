@@ -1,0 +1,10 @@
+"""Worker groups: the model engine and the service loop that feeds it from Redis.
+
+Importing this package sets ``OMP_WAIT_POLICY=PASSIVE`` unless the operator chose a policy: libgomp
+(torch's CPU threads) reads it once, when torch is first imported, and its default spin-waiting
+collapses decode speed on a loaded host (gpu_workers/cpu_threads.py has the figures).
+"""
+
+import os as _os
+
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

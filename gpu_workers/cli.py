@@ -24,6 +24,7 @@ from broker.errors import EngineFailed
 from broker.keys import Keys
 from broker.metrics import serve_metrics
 from broker.settings import Settings
+from gpu_workers.cpu_threads import apply_threads
 from gpu_workers.engine import EXIT_ENGINE_FAILED, Engine
 from gpu_workers.group import WorkerGroup
 from gpu_workers.models import KV_DTYPES, EngineOptions, build_engine, model_dir
@@ -90,6 +91,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
                         help="most tokens the model engine computes per step, decodes and prefill chunks "
                              "together; at least --max-num-seqs (default: $RYZ_MAX_NUM_BATCHED_TOKENS, else 512)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch CPU threads per rank (default: $RYZ_THREADS, else $OMP_NUM_THREADS, else the "
+                             "CPUs this process may use, capped by its cgroup's CPU quota, shared by the host's "
+                             "ranks); threads sleep when idle (OMP_WAIT_POLICY=PASSIVE unless set)")
 
 
 def engine_argv(args: argparse.Namespace) -> list[str]:
@@ -101,7 +106,8 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
         argv += ["--kv-memory", args.kv_memory]
     if args.tp_timeout is not None:
         argv += ["--tp-timeout", str(args.tp_timeout)]
-    for flag, value in (("--max-num-seqs", args.max_num_seqs), ("--max-num-batched-tokens", args.max_num_batched_tokens)):
+    for flag, value in (("--max-num-seqs", args.max_num_seqs), ("--max-num-batched-tokens", args.max_num_batched_tokens),
+                        ("--threads", args.threads)):
         if value is not None:
             argv += [flag, str(value)]
     return argv
@@ -111,7 +117,7 @@ def worker_options(args: argparse.Namespace, settings: Settings, *, tp: int) -> 
     """``settings`` with the engine flags given on top, and the engine options they make.
     ConfigError for limits the engine cannot work with."""
     flags = {"tp_timeout_s": args.tp_timeout, "max_num_seqs": args.max_num_seqs,
-             "max_num_batched_tokens": args.max_num_batched_tokens}
+             "max_num_batched_tokens": args.max_num_batched_tokens, "threads": args.threads}
     settings = settings.model_copy(update={name: value for name, value in flags.items() if value is not None})
     options = EngineOptions(tp=tp, kv_dtype=args.kv_dtype, kv_memory=args.kv_memory, device=args.device,
                             echo_token_delay_ms=settings.echo_token_delay_ms, max_num_seqs=settings.max_num_seqs,
@@ -137,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _exit_on_signal)
     with _announce_loading(settings, url, args, tp=tp):
         if tp == 1:
+            if args.device == "cpu":
+                log.info("%d torch threads", apply_threads(settings.threads))
             return _lead(args, settings, url, build_engine(args.model, options))
         return _run_rank(args, settings, url, options)
 
@@ -175,7 +183,8 @@ def _run_rank(args: argparse.Namespace, settings: Settings, url: str, options: E
     path = model_dir(args.model)
     load_config(path).check_tp(options.tp)
     group = start_group(options.tp, device=args.device, follower_argv=_follower_argv(args, settings, path, options),
-                        timeout_s=settings.tp_timeout_s, startup_timeout_s=settings.tp_startup_timeout_s)
+                        timeout_s=settings.tp_timeout_s, startup_timeout_s=settings.tp_startup_timeout_s,
+                        threads=settings.threads)
     code = EXIT_ENGINE_FAILED
     try:
         if not group.is_leader:
@@ -193,6 +202,7 @@ def _follower_argv(args: argparse.Namespace, settings: Settings, path: Path, opt
             "--tp-timeout", str(settings.tp_timeout_s), "--log-level", args.log_level,
             "--log-format", settings.log_format, "--max-num-seqs", str(options.max_num_seqs),
             "--max-num-batched-tokens", str(options.max_num_batched_tokens)]
+    argv += ["--threads", str(settings.threads)] if settings.threads is not None else []
     return argv + (["--kv-memory", args.kv_memory] if args.kv_memory else [])
 
 

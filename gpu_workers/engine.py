@@ -91,7 +91,10 @@ class Tokenizer(Protocol):
 
 class Engine(Protocol):
     info: EngineInfo
-    tokenizer: Tokenizer
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """How the engine's model reads and writes text (read only: an engine's own kind may be narrower)."""
 
     def add(self, request: EngineRequest) -> None:
         """Admit a request; it starts generating at a later step."""

@@ -550,18 +550,16 @@ class WorkerGroup(QueueIntake):
         self._queue_depth = max(0, queued - len(self._running))
         load = self.load()
         self._heartbeat_fields = load.to_fields()
-        self.scripts.heartbeat(
-            keys=[self.keys.groups, self.keys.group_info(self.name)],
-            args=[self.name, *self._heartbeat_fields],
-        )
+        self.scripts.heartbeat(registry=self.keys.groups, info=self.keys.group_info(self.name), group=self.name,
+                               fields=self._heartbeat_fields)
         self.telemetry.heartbeat(load, self.engine.stats(), held=self.held)
 
     def _repeat_heartbeat(self) -> None:
         """The last heartbeat again, freshly stamped (from the keepalive thread, during a long step)."""
         fields = self._heartbeat_fields
         if fields is not None:
-            self.scripts.heartbeat(keys=[self.keys.groups, self.keys.group_info(self.name)],
-                                   args=[self.name, *fields])
+            self.scripts.heartbeat(registry=self.keys.groups, info=self.keys.group_info(self.name), group=self.name,
+                                   fields=fields)
 
     # --- draining --------------------------------------------------------------------------------
 

@@ -66,7 +66,7 @@ def _read_int(path: Path) -> int | None:
     return int(text) if text.isdigit() else None  # "max" (v2 without a limit), or unreadable
 
 
-def _chain(root: Path, relative: str) -> list[Path]:
+def cgroup_dirs(root: Path, relative: str) -> list[Path]:
     """``root/relative`` and its ancestors up to ``root``, those that exist, innermost first. Inside
     a container's cgroup namespace the path is ``/`` and ``root`` itself is the container's cgroup."""
     here = root / relative.strip("/")
@@ -86,9 +86,9 @@ def cgroup_room_bytes(*, root: Path = CGROUP_ROOT, self_cgroup: Path = SELF_CGRO
         hierarchy, _, rest = line.partition(":")
         controllers, _, path = rest.partition(":")
         if hierarchy == "0" and controllers == "":  # v2: the unified hierarchy
-            dirs, limit_file, usage_file, unlimited = _chain(root, path), "memory.max", "memory.current", None
+            dirs, limit_file, usage_file, unlimited = cgroup_dirs(root, path), "memory.max", "memory.current", None
         elif "memory" in controllers.split(","):  # v1: the memory controller's own hierarchy
-            dirs, limit_file, usage_file, unlimited = (_chain(root / "memory", path), "memory.limit_in_bytes",
+            dirs, limit_file, usage_file, unlimited = (cgroup_dirs(root / "memory", path), "memory.limit_in_bytes",
                                                        "memory.usage_in_bytes", _V1_UNLIMITED)
         else:
             continue

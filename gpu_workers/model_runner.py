@@ -247,7 +247,7 @@ class ModelRunner:
         """The K/V row index and SDDMM pattern of in-place decode attention (see attention.py)."""
         bs, cache = self.block_size, self.kv_cache
         kv_heads = cache.num_kv_heads
-        per_kv_head = self.model.model.layers[0].self_attn.num_heads // kv_heads  # G
+        per_kv_head = self.config.num_attention_heads // self.tp.size // kv_heads  # G: query heads per KV head
         b, width = table.shape
         length = width * bs
         slots = (table[:, :, None] * bs + torch.arange(bs)).view(b, length)  # [B, L]

@@ -9,11 +9,11 @@ round trip per step.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from broker.connection import TRANSIENT_ERRORS
 from broker.keys import QUEUE_GROUP, Keys
 from broker.scripts import Scripts, pack_events, publish_result
+from broker.wire import Batch
 from gpu_workers.holding import Event, Held
 
 log = logging.getLogger(__name__)
@@ -50,14 +50,12 @@ class Publisher:
         if not batch:
             return []
 
-        def build(pipe: Any) -> None:
+        def build(pipe: Batch) -> None:
             for held in batch:
                 reply, rid = held.request.reply_to, held.request.id
-                self.scripts.publish(
-                    keys=[reply, *self.keys.progress(reply, rid)],
-                    args=[self.group, held.epoch, self.ttl_ms, pack_events(held.events)],
-                    client=pipe,
-                )
+                self.scripts.publish(reply_stream=reply, progress=self.keys.progress(reply, rid),
+                                     publisher=self.group, epoch=held.epoch, ttl_ms=self.ttl_ms,
+                                     events=pack_events(held.events), client=pipe)
 
         try:
             _, results = self.scripts.execute(build)
@@ -79,11 +77,12 @@ class Publisher:
                 out.append((held, publish_result(raw).status))
         return out
 
-    def queue_acks(self, pipe: Any) -> int:
+    def queue_acks(self, pipe: Batch) -> int:
         """Add the pending acknowledgements to ``pipe``; how many (0: nothing added)."""
         if self.to_ack:
-            self.scripts.ack(keys=[self.keys.group_queue(self.group), self.keys.group_queue_tokens(self.group)],
-                             args=[QUEUE_GROUP, *self.to_ack], client=pipe)
+            self.scripts.ack(queue=self.keys.group_queue(self.group),
+                             queue_tokens=self.keys.group_queue_tokens(self.group), consumer_group=QUEUE_GROUP,
+                             entry_ids=self.to_ack, client=pipe)
         return len(self.to_ack)
 
     def flush_acks(self) -> None:

@@ -20,7 +20,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import TypeVar
+
+from redis import Redis
 
 from broker.connection import TRANSIENT_ERRORS
 from broker.keys import Keys
@@ -83,7 +85,7 @@ class LoadingBeacon:
     first heartbeat overwrites every field). If loading fails, ``withdraw`` removes the entry.
     """
 
-    def __init__(self, redis: Any, keys: Keys, load: GroupLoad, *, interval_s: float) -> None:
+    def __init__(self, redis: Redis, keys: Keys, load: GroupLoad, *, interval_s: float) -> None:
         self._redis, self._keys, self._load = redis, keys, load
         self._scripts = Scripts(redis)
         self.interval_s = interval_s
@@ -92,8 +94,8 @@ class LoadingBeacon:
 
     def beat(self) -> None:
         self._load.phase = current_phase()
-        self._scripts.heartbeat(keys=[self._keys.groups, self._keys.group_info(self._load.name)],
-                                args=[self._load.name, *self._load.to_fields()])
+        self._scripts.heartbeat(registry=self._keys.groups, info=self._keys.group_info(self._load.name),
+                                group=self._load.name, fields=self._load.to_fields())
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -27,12 +27,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import jinja2
 import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
 from balancer.models import resolve_model
 from broker.chat import PLAIN_CHAT_TEMPLATE, read_template, template_text
@@ -48,7 +50,9 @@ ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 class _GenerationTag(jinja2.ext.Extension):
     """``{% generation %}...{% endgeneration %}`` (marks assistant text for training): rendered as is."""
 
-    tags: ClassVar[set[str]] = {"generation"}
+    def __init__(self, environment: jinja2.Environment) -> None:
+        super().__init__(environment)
+        self.tags = {"generation"}  # jinja2 declares it per instance
 
     def parse(self, parser: Any) -> jinja2.nodes.Node:
         lineno = next(parser.stream).lineno
@@ -263,7 +267,7 @@ def _card(group: GroupLoad) -> tuple[str, str, str]:
     return (group.chat_template, group.bos_token, group.eos_token)
 
 
-def registry_template(redis: Any, keys: Keys, groups: Sequence[GroupLoad], model: str, *,
+def registry_template(redis: Redis, keys: Keys, groups: Sequence[GroupLoad], model: str, *,
                       source: TemplateSource | None = None) -> ChatTemplate:
     """The chat template of ``model`` as its groups publish it (the first that serves it);
     ModelNotFound when none does, and TemplateSource.for_group's errors."""
@@ -283,7 +287,7 @@ def chat_group(groups: Sequence[GroupStatus], model: str | None, settings: Setti
     return min((g for g in groups if g.serves(name)), key=lambda g: (not g.alive, g.name))
 
 
-def render_chat(redis: Any, keys: Keys, settings: Settings, messages: Sequence[Mapping[str, Any]], *,
+def render_chat(redis: Redis, keys: Keys, settings: Settings, messages: Sequence[Mapping[str, Any]], *,
                 model: str | None, source: TemplateSource) -> str:
     """The prompt for ``messages`` with the template ``model``'s groups publish (see ``chat_group``)."""
     group = chat_group(read_groups(redis, keys, dead_after_s=settings.dead_after_s), model, settings)
@@ -291,7 +295,7 @@ def render_chat(redis: Any, keys: Keys, settings: Settings, messages: Sequence[M
         normalize_messages(list(messages)))
 
 
-async def render_chat_async(redis: Any, keys: Keys, settings: Settings, messages: Sequence[Mapping[str, Any]], *,
+async def render_chat_async(redis: AsyncRedis, keys: Keys, settings: Settings, messages: Sequence[Mapping[str, Any]], *,
                             model: str | None, source: TemplateSource) -> str:
     """``render_chat`` on an asyncio Redis client."""
     group = chat_group(await read_groups_async(redis, keys, dead_after_s=settings.dead_after_s), model, settings)

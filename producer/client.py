@@ -30,6 +30,7 @@ from producer.expiry import ExpiryCheck
 from producer.request import (
     Completion,
     Event,
+    GenerationOptions,
     Handle,
     RequestOptions,
     event_id,
@@ -141,11 +142,13 @@ class _ClientBase:
     ) -> tuple[Handle, dict[str, str]]:
         request_id = options.pop("request_id", None) or new_request_id()
         reply_to = options.pop("reply_to", None)
+        # what is left: the generation options, prompt_ids and stream (request_fields' own arguments)
+        rest: GenerationOptions = options
         tenant = self.settings.tenant
         default_reply = default_reply or (self.keys.reply_stream(request_id, tenant=tenant) if tenant else None)
         token = secrets.token_hex(16)  # only this client can cancel the request (broker.cancellation)
         fields = request_fields(prompt, request_id=request_id, reply_to=reply_to or default_reply,
-                                cancel_token=token, **options)
+                                cancel_token=token, **rest)
         self._tokens[request_id] = token
         while len(self._tokens) > REMEMBER_REPLY_STREAMS:
             del self._tokens[next(iter(self._tokens))]

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from redis.asyncio.client import Pipeline as AsyncPipeline
+from redis.client import Pipeline
+
 from broker.errors import ResultExpired
 from broker.keys import Keys
 from producer.request import Handle
@@ -26,7 +29,7 @@ class ExpiryCheck:
         self.result_ttl_s = result_ttl_s
         self._misses = 0
 
-    def add(self, pipe: Any) -> None:
+    def add(self, pipe: Pipeline | AsyncPipeline) -> None:
         """Add the look-up to a redis-py pipeline (sync or async, ``raise_on_error=False`` when
         executed: a tenant's Redis user may see only some of these keys)."""
         h = self.handle

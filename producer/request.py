@@ -15,10 +15,10 @@ from broker.errors import InvalidRequest, RequestFailed
 from broker.protocol import FINAL_EVENTS, ID_RE
 
 
-class RequestOptions(TypedDict, total=False):
-    """Everything a request may carry besides its prompt (CONTRACT.md, "Requests"); None = unset."""
+class GenerationOptions(TypedDict, total=False):
+    """What a request asks of the generation (CONTRACT.md, "Requests"); None = unset. The gateway and
+    batch jobs, which name the request's id, input and streaming themselves, pass these through."""
 
-    prompt_ids: Sequence[int] | None  # token ids instead of a prompt
     max_tokens: int | None
     temperature: float | None  # 0 = greedy
     top_p: float | None
@@ -27,11 +27,8 @@ class RequestOptions(TypedDict, total=False):
     stop: str | Sequence[str] | None  # one stop string or several
     stop_token_ids: Sequence[int] | None  # generation ends on any of these token ids
     model: str | None  # a served model name; default: the only model served (or the configured default)
-    stream: bool  # also send one `token` event per generated token
     priority: int | None  # lower is served earlier
     timeout_s: float | None  # server-side deadline from enqueue (not how long the client waits)
-    request_id: str | None  # default: a fresh uuid4 hex
-    reply_to: str | None  # default: the client's choice (see Client / AsyncClient)
     # sampling controls, with vLLM's meanings (PROTOCOL.md, "Sampling controls")
     presence_penalty: float | None  # [-2, 2]
     frequency_penalty: float | None  # [-2, 2]
@@ -44,6 +41,15 @@ class RequestOptions(TypedDict, total=False):
     fit_max_tokens: bool  # max_tokens is a ceiling: a long prompt gets the room it leaves
     logprobs: bool  # events carry each token's logprob (PROTOCOL.md, "Logprobs")
     top_logprobs: int | None  # and this many likeliest alternatives (0-20; needs logprobs)
+
+
+class RequestOptions(GenerationOptions, total=False):
+    """Everything a request may carry besides its prompt (CONTRACT.md, "Requests"); None = unset."""
+
+    prompt_ids: Sequence[int] | None  # token ids instead of a prompt
+    stream: bool  # also send one `token` event per generated token
+    request_id: str | None  # default: a fresh uuid4 hex
+    reply_to: str | None  # default: the client's choice (see Client / AsyncClient)
 
 
 @dataclass(frozen=True, slots=True)

@@ -124,7 +124,7 @@ def _options(args: argparse.Namespace) -> tuple[str | None, RequestOptions]:
     return prompt, options
 
 
-def _logit_bias(text: str | None) -> dict[str, float] | None:
+def _logit_bias(text: str | None) -> dict[int | str, float] | None:
     if text is None:
         return None
     try:

@@ -168,6 +168,7 @@ class PagedAttention(nn.Module):
             scores = torch.matmul(qg, kv.k.transpose(-1, -2)).float()  # [Hkv, B, G, L]
             if kv.k_scale is not None:
                 scores.mul_(kv.k_scale)
+            assert group.bias is not None, "a gathered-read decode group comes with its bias (ModelRunner)"
             probs = torch.softmax(scores.add_(group.bias), dim=-1).to(q.dtype)
             if kv.v_scale is not None:
                 probs.mul_(kv.v_scale)

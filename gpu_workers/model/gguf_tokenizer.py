@@ -93,6 +93,7 @@ def _sentencepiece(meta: dict[str, Any], arch: str) -> tuple[Tokenizer, None]:
     tokens = list(meta["tokenizer.ggml.tokens"])
     unk_id = meta.get("tokenizer.ggml.unknown_token_id")
     unk = tokens[unk_id] if unk_id is not None else None
+    order: dict[str, float]
     if arch == "gemma3":
         # Gemma stores runs of spaces as spaces and lists its merges in vocabulary order, not by score
         tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
@@ -125,6 +126,7 @@ def tokenizer_files(meta: dict[str, Any], source: Path) -> dict[str, Any]:
     if "tokenizer.ggml.tokens" not in meta:
         raise ConfigError(f"{source}: the GGUF file has no tokenizer (tokenizer.ggml.tokens)")
     arch = meta.get("general.architecture", "")
+    alphabet: set[str] | None
     if kind == "gpt2":
         tokenizer, alphabet = _byte_level(meta)
     elif kind == "llama":

@@ -36,13 +36,19 @@ class TPContext:
     group: Any = None
 
 
-class Loadable(Protocol):
-    """A checkpoint tensor: torch.Tensor, or a lazy one that reads its part on ``load()``."""
+class LazyTensor(Protocol):
+    """A checkpoint tensor not read yet (a GGUF tensor): narrowed first, then read by ``load()``."""
 
     @property
     def shape(self) -> Any: ...
 
-    def narrow(self, dim: int, start: int, length: int) -> Any: ...
+    def narrow(self, dim: int, start: int, length: int) -> LazyTensor: ...
+
+    def load(self) -> torch.Tensor: ...
+
+
+# A checkpoint tensor: torch.Tensor, or a lazy one that reads its part on ``load()``.
+Loadable = torch.Tensor | LazyTensor
 
 
 def _take(loaded: Loadable, dim: int, start: int, length: int) -> torch.Tensor:
@@ -245,8 +251,8 @@ class QKVParallelLinear(_Linear):
         if shard_id is None:  # q, k and v fused in one checkpoint tensor (Phi-3's qkv_proj), in order
             sizes = [self.total_heads[part] * d for part in "qkv"]
             _check_shape(loaded, (sum(sizes), *param.shape[1:]))
-            for part, offset, size in zip("qkv", _offsets(sizes), sizes):
-                self.weight_loader(param, loaded.narrow(0, offset, size), part)
+            for name, offset, size in zip("qkv", _offsets(sizes), sizes):
+                self.weight_loader(param, loaded.narrow(0, offset, size), name)
             return
         _check_shape(loaded, (self.total_heads[shard_id] * d, *param.shape[1:]))
         size = self._local_heads[shard_id] * d

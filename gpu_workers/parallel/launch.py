@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from broker.errors import ConfigError
+from gpu_workers.cpu_threads import torch_threads
 from gpu_workers.engine import EXIT_ENGINE_FAILED
 from gpu_workers.model.layers import TPContext
 
@@ -170,11 +171,13 @@ class TensorParallelGroup:
 
 def start_group(
     size: int, *, device: str, follower_argv: list[str], timeout_s: float, startup_timeout_s: float,
-    environ: Mapping[str, str] = os.environ,
+    environ: Mapping[str, str] = os.environ, threads: int | None = None,
 ) -> TensorParallelGroup:
     """Join (under torchrun) or start (``--tp``) a group of ``size`` ranks and set up its process groups.
 
     ``follower_argv``: arguments of ``python -m gpu_workers`` for the ranks this process starts.
+    ``threads``: torch CPU threads of this rank (``--threads``; default: the host's usable CPUs shared
+    by its ranks, see gpu_workers.cpu_threads).
     """
     env = rank_env(environ)
     startup = timedelta(seconds=startup_timeout_s)
@@ -195,8 +198,10 @@ def start_group(
         cuda = device.startswith("cuda")
         if cuda:
             torch.cuda.set_device(env.local_rank)
-        elif "OMP_NUM_THREADS" not in environ:  # the host's cores, shared by its ranks
-            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // env.local_world_size))
+        else:  # the host's usable CPUs, shared by its ranks
+            count = torch_threads(threads, ranks_on_host=env.local_world_size, environ=environ)
+            if count is not None:
+                torch.set_num_threads(count)
         group = TensorParallelGroup(
             rank=env.rank, size=size, local_rank=env.local_rank, local_size=env.local_world_size,
             device=f"cuda:{env.local_rank}" if cuda else "cpu",

@@ -195,7 +195,8 @@ def progress_meter(done: int, total: int | None, elapsed_s: float, *, width: int
     left; without a total yet, the count and the rate)."""
     from tqdm import tqdm
 
-    return tqdm.format_meter(done, total or None, max(0.0, elapsed_s), ncols=width, ascii=True, unit=" lines")
+    # a total of 0 is no total to tqdm: no bar, no time left
+    return tqdm.format_meter(done, total or 0, max(0.0, elapsed_s), ncols=width, ascii=True, unit=" lines")
 
 
 def _utc(moment: str | datetime) -> datetime:

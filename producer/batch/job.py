@@ -49,7 +49,7 @@ from producer.batch.lines import (
 )
 from producer.chat_template import ChatTemplate, TemplateSource, registry_template
 from producer.client import READ_COUNT, STREAM_START, _stream_entries
-from producer.request import Completion, Event, RequestOptions, request_fields
+from producer.request import Completion, Event, request_fields
 
 log = logging.getLogger(__name__)
 
@@ -229,9 +229,8 @@ class BatchRun:
                 ids = self._renew_lost(ids)
         pipe = self.redis.pipeline(transaction=False)
         for req in batch:
-            options: RequestOptions = dict(req.options)  # type: ignore[assignment]
             fields = request_fields(req.prompt, request_id=ids[req.line], prompt_ids=req.prompt_ids,
-                                    reply_to=self.reply_to, **options)
+                                    reply_to=self.reply_to, **req.options)
             pipe.xadd(self.keys.requests, fields)  # type: ignore[arg-type]
         self._retry(pipe.execute)
         for req in batch:

@@ -31,19 +31,20 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from broker.errors import InvalidRequest
 from broker.protocol import parse_request
 from broker.refused import unhonoured_field
 from producer.chat_template import normalize_messages
-from producer.request import Completion, RequestOptions
+from producer.request import Completion, GenerationOptions
 
 # Request fields a line may set, besides its prompt.
-OPTION_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "priority", "timeout_s",
-                 # sampling controls (PROTOCOL.md)
-                 "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens", "ignore_eos",
-                 "logit_bias", "bad_words")
+OptionField = Literal["max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "priority", "timeout_s",
+                      # sampling controls (PROTOCOL.md)
+                      "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens",
+                      "ignore_eos", "logit_bias", "bad_words"]
+OPTION_FIELDS: tuple[OptionField, ...] = get_args(OptionField)
 PROMPT_FIELDS = ("prompt", "prompt_ids", "messages")
 _CHECK_ID = "batch-line"  # a valid request id, only for validating a line's fields
 
@@ -57,7 +58,7 @@ class LineRequest:
     prompt: str | None = None
     prompt_ids: list[int] | None = None
     messages: list[dict[str, Any]] | None = None  # chat: rendered into ``prompt`` before sending
-    options: RequestOptions = field(default_factory=lambda: RequestOptions())
+    options: GenerationOptions = field(default_factory=lambda: GenerationOptions())
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def _scalar_id(value: Any) -> Any:
     return value if isinstance(value, (str, int, float)) and not isinstance(value, bool) else None
 
 
-def parse_line(line: int, text: str, *, defaults: RequestOptions | None = None,
+def parse_line(line: int, text: str, *, defaults: GenerationOptions | None = None,
                max_request_bytes: int = 1 << 20) -> LineRequest | BadLine | None:
     """One input line; None for a blank one. Validated as a balancer would validate it."""
     if not text.strip():
@@ -114,7 +115,10 @@ def parse_line(line: int, text: str, *, defaults: RequestOptions | None = None,
                       max_request_bytes=max_request_bytes)
     except InvalidRequest as exc:
         return BadLine(line, user_id, str(exc))
-    options: RequestOptions = {name: fields[name] for name in OPTION_FIELDS if name in fields}  # type: ignore[misc]
+    options = GenerationOptions()
+    for name in OPTION_FIELDS:
+        if name in fields:
+            options[name] = fields[name]
     return LineRequest(line, user_id, prompt=obj.get("prompt") if given[0] == "prompt" else None,
                        prompt_ids=list(obj["prompt_ids"]) if given[0] == "prompt_ids" else None,
                        messages=messages, options=options)

@@ -92,7 +92,7 @@ class BatchWorker(SimpleWorker):
         while not stop.wait(self.heartbeat_ttl_s / 3):
             try:
                 self.maintain_heartbeats(job, execution)
-            except (*TRANSIENT_ERRORS, redis.RedisError) as exc:  # the next beat may get through in time
+            except TRANSIENT_ERRORS + (redis.RedisError,) as exc:  # the next beat may get through in time
                 log.warning("heartbeat of batch job %s failed: %s", job.id, exc)
 
 

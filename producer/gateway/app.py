@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -474,7 +475,7 @@ def create_app(settings: Settings, url: str, config: GatewayConfig | None = None
 class _Server(uvicorn.Server):
     """Says where it listens once the socket is bound (the port is only known then, with --port 0)."""
 
-    async def startup(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.should_exit:
             return

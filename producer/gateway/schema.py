@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -21,7 +21,7 @@ from broker.protocol import MAX_TOP_LOGPROBS
 from broker.refused import UNHONOURED_FIELDS, unhonoured_field
 from producer.chat_template import normalize_messages
 from producer.gateway.errors import ApiError
-from producer.request import Completion, RequestOptions
+from producer.request import Completion, GenerationOptions
 
 Kind = Literal["completion", "chat"]
 
@@ -92,7 +92,7 @@ class Generation:
     prompt: str | None = None  # completions: the text; chat: filled in once the template is rendered
     prompt_ids: list[int] | None = None
     messages: list[dict[str, Any]] = field(default_factory=list)  # chat only
-    options: RequestOptions = field(default_factory=lambda: RequestOptions())
+    options: GenerationOptions = field(default_factory=lambda: GenerationOptions())
 
 
 def _validation_error(exc: ValidationError) -> ApiError:
@@ -139,12 +139,13 @@ def _check_unsupported(body: _Common) -> None:
 
 
 # Sampling controls, passed on as the protocol fields of the same names when set.
-CONTROLS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens", "ignore_eos",
-            "logit_bias", "bad_words")
+Control = Literal["presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens", "ignore_eos",
+                  "logit_bias", "bad_words"]
+CONTROLS: tuple[Control, ...] = get_args(Control)
 
 
-def _options(body: _Common, max_tokens: int | None) -> RequestOptions:
-    options: RequestOptions = {
+def _options(body: _Common, max_tokens: int | None) -> GenerationOptions:
+    options: GenerationOptions = {
         "max_tokens": max_tokens,
         "temperature": body.temperature,
         "top_p": body.top_p,
@@ -156,7 +157,7 @@ def _options(body: _Common, max_tokens: int | None) -> RequestOptions:
     }
     for name in CONTROLS:
         if (value := getattr(body, name)) is not None:
-            options[name] = value  # type: ignore[literal-required]
+            options[name] = value
     if isinstance(body.stop, list) and not body.stop:
         options["stop"] = None
     return options
@@ -198,7 +199,7 @@ def parse_completion(raw: dict[str, Any]) -> Generation:
     if isinstance(value, str):
         prompt = value
     else:
-        prompt_ids = list(value)
+        prompt_ids = [t for t in value if isinstance(t, int)]  # every one: the body's type was validated
     return Generation(
         kind="completion",
         model=body.model,
@@ -210,7 +211,7 @@ def parse_completion(raw: dict[str, Any]) -> Generation:
     )
 
 
-def _with_logprobs(options: RequestOptions, wanted: bool, top: int | None) -> RequestOptions:
+def _with_logprobs(options: GenerationOptions, wanted: bool, top: int | None) -> GenerationOptions:
     if wanted:
         options["logprobs"] = True
         options["top_logprobs"] = top or 0

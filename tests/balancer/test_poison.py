@@ -16,7 +16,7 @@ import redis
 from balancer.router import Router
 from balancer.service import Balancer
 from broker.dead_letter import Attempts, is_transient
-from broker.keys import INGRESS_GROUP, Keys
+from broker.keys import INGRESS_GROUP, Keys, Progress
 from broker.settings import Settings
 from gpu_workers.echo import EchoEngine
 from gpu_workers.group import WorkerGroup
@@ -471,16 +471,13 @@ def test_a_failure_that_may_pass_is_retried_with_backoff_then_given_up(
     claim = balancer.scripts.claim_owner
     tries: list[float] = []
 
-    class Flaky:
-        sha = claim.sha
+    def flaky(*, progress: Progress, client: Any = None, **named: Any) -> Any:
+        if "flaky" in progress.state:
+            tries.append(mono())
+            return client._add(("EVAL", "return redis.error_reply('BUSY simulated')", 0))
+        return claim(progress=progress, client=client, **named)
 
-        def __call__(self, *, keys: list[Any], args: list[Any], client: Any = None) -> Any:
-            if "flaky" in keys[0]:
-                tries.append(mono())
-                return client._add(("EVAL", "return redis.error_reply('BUSY simulated')", 0))
-            return claim(keys=keys, args=args, client=client)
-
-    balancer.scripts.claim_owner = Flaky()  # type: ignore[assignment]
+    balancer.scripts.claim_owner = flaky  # type: ignore[method-assign]
     submit(r, keys, id="flaky", prompt="x")
     submit(r, keys, id="fine", prompt="x")
     ticks = run_until(lambda: (balancer.tick(), mono.advance(0.02), fake_group(r, keys, "g1")),

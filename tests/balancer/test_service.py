@@ -66,7 +66,8 @@ def fake_group(r: redis.Redis, keys: Keys, name: str, *, vocab_size: int = 256, 
                      running=running, waiting=0, queue_depth=0, leader_pid=1, host="h",
                      max_context=max_context, vocab_size=vocab_size, state=state,
                      served_models=served or ["fake"], weights=weights)
-    ms = int(Scripts(r).heartbeat(keys=[keys.groups, keys.group_info(name)], args=[name, *load.to_fields()]))
+    ms = int(Scripts(r).heartbeat(registry=keys.groups, info=keys.group_info(name), group=name,
+                                  fields=load.to_fields()))
     if age_s:
         old = ms - int(age_s * 1000)
         r.hset(keys.group_info(name), "heartbeat_ms", old)

@@ -120,7 +120,7 @@ def test_a_bug_is_not_described() -> None:
 
 
 def _ryz(*args: str, url: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "producer.cli", *args, "--redis-url", url], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "ryzanstein", *args, "--redis-url", url], cwd=REPO,
                           capture_output=True, text=True, timeout=60, check=False)
 
 

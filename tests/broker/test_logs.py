@@ -11,7 +11,7 @@ import pytest
 
 from broker.cli_common import settings_from_args
 from broker.logs import configure_logging, prompt_extra, request_extra
-from producer.cli import build_parser
+from ryzanstein.cli import build_parser
 
 
 @pytest.fixture

@@ -143,7 +143,7 @@ def test_health_command_fails_without_a_balancer(r: redis.Redis, keys: Keys, sub
     _register(r, keys)
 
     def health() -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "producer.cli", "health"], env=subprocess_env,
+        return subprocess.run([sys.executable, "-m", "ryzanstein", "health"], env=subprocess_env,
                               capture_output=True, text=True, timeout=60, check=False,
                               cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
 

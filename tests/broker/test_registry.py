@@ -143,7 +143,7 @@ def test_status_json_has_the_contract_fields() -> None:
 def heartbeat(r: redis.Redis, keys: Keys, group: GroupLoad) -> int:
     return int(
         Scripts(r).heartbeat(
-            keys=[keys.groups, keys.group_info(group.name)], args=[group.name, *group.to_fields()]
+            registry=keys.groups, info=keys.group_info(group.name), group=group.name, fields=group.to_fields()
         )
     )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import redis
 
-from broker.keys import QUEUE_GROUP, Keys
+from broker.keys import QUEUE_GROUP, Keys, Progress
 from broker.protocol import done_event, error_event, token_event
 from broker.scripts import Claim, PublishResult, Scripts, claim_result, pack_events, publish_result
 
@@ -28,10 +28,10 @@ def state(keys: Keys, reply: str) -> str:
     return keys.state(reply, RID)
 
 
-def progress(state: str) -> list[str]:
+def progress(state: str) -> Progress:
     """The keys CLAIM_OWNER and PUBLISH read next to the state (its companions: same request)."""
     prefix = state.rsplit(":state:", 1)[0]
-    return [state, f"{prefix}:gen:{RID}", f"{prefix}:gentext:{RID}"]
+    return Progress(state, f"{prefix}:gen:{RID}", f"{prefix}:gentext:{RID}")
 
 
 def claim(
@@ -40,12 +40,12 @@ def claim(
     group: str,
     *,
     takeover: tuple[str, int] | None = None,
-    client: redis.Redis | None = None,
+    client: redis.client.Pipeline | None = None,
 ) -> tuple[str, int, int]:
-    args: list[object] = [group, TTL_MS]
-    if takeover is not None:
-        args += [takeover[0], takeover[1]]
-    owner, epoch, finished, *_ = scripts.claim_owner(keys=progress(state), args=args, client=client)
+    taken_from, taken_from_epoch = takeover if takeover is not None else (None, 0)
+    owner, epoch, finished, *_ = scripts.claim_owner(progress=progress(state), group=group, ttl_ms=TTL_MS,
+                                                     taken_from=taken_from, taken_from_epoch=taken_from_epoch,
+                                                     client=client)
     return owner.decode(), int(epoch), int(finished)
 
 
@@ -65,7 +65,8 @@ def publish(
     epoch: int,
     events: list[tuple[str, int, dict[str, str]]],
 ) -> PublishResult:
-    raw = scripts.publish(keys=[reply, *progress(state)], args=[publisher, epoch, TTL_MS, pack_events(events)])
+    raw = scripts.publish(reply_stream=reply, progress=progress(state), publisher=publisher, epoch=epoch,
+                          ttl_ms=TTL_MS, events=pack_events(events))
     return publish_result(raw)
 
 
@@ -125,9 +126,10 @@ def test_finished_before_any_claim(scripts: Scripts, reply: str, state: str) -> 
 def dispatch(scripts: Scripts, keys: Keys, group: str, epoch: int, payload: bytes = b"req", *, rid: str = RID,
              cost: int = 0, max_requests: int = 0, max_tokens: int = 0) -> list[bytes]:
     return scripts.dispatch(
-        keys=[keys.group_queue(group), keys.dispatch_marker(group, rid, epoch), keys.group_accepting(group),
-              keys.group_queue_tokens(group)],
-        args=[payload, epoch, TTL_MS, cost, max_requests, max_tokens],
+        queue=keys.group_queue(group), marker=keys.dispatch_marker(group, rid, epoch),
+        accepting=keys.group_accepting(group), queue_tokens=keys.group_queue_tokens(group),
+        request=payload, epoch=epoch, marker_ttl_ms=TTL_MS, cost=cost, max_entries=max_requests,
+        max_tokens=max_tokens,
     )
 
 
@@ -159,11 +161,10 @@ def test_dispatch_to_a_group_that_does_not_accept(r: redis.Redis, scripts: Scrip
 def test_claim_and_dispatch_in_one_pipeline(r: redis.Redis, scripts: Scripts, keys: Keys, state: str) -> None:
     r.set(keys.group_accepting("g1"), 1)
     pipe = r.pipeline(transaction=False)
-    scripts.claim_owner(keys=progress(state), args=["g1", TTL_MS], client=pipe)
+    scripts.claim_owner(progress=progress(state), group="g1", ttl_ms=TTL_MS, client=pipe)
     scripts.dispatch(
-        keys=[keys.group_queue("g1"), keys.dispatch_marker("g1", RID, 1), keys.group_accepting("g1"),
-              keys.group_queue_tokens("g1")],
-        args=[b"x", 1, TTL_MS, 5, 0, 0],
+        queue=keys.group_queue("g1"), marker=keys.dispatch_marker("g1", RID, 1), accepting=keys.group_accepting("g1"),
+        queue_tokens=keys.group_queue_tokens("g1"), request=b"x", epoch=1, marker_ttl_ms=TTL_MS, cost=5,
         client=pipe,
     )
     (owner, epoch, finished, _ids, _text), (status, _) = pipe.execute()
@@ -287,12 +288,12 @@ def test_published_tokens_are_recorded_once_and_returned_by_a_takeover(
     claim(scripts, state, "g1")
     publish(scripts, reply, state, "g1", 1, [tok(0), tok(1)])
     publish(scripts, reply, state, "g1", 1, [tok(1), tok(2)])  # a retry: index 1 is not recorded again
-    raw = scripts.claim_owner(keys=progress(state), args=["g2", TTL_MS, "g1", 1])
+    raw = scripts.claim_owner(progress=progress(state), group="g2", ttl_ms=TTL_MS, taken_from="g1", taken_from_epoch=1)
     assert claim_result(raw) == Claim("g2", 2, False, (100, 101, 102), " w0 w1 w2")
     # the fenced old owner adds nothing; the new owner's tokens continue the record
     publish(scripts, reply, state, "g1", 1, [tok(3)])
     publish(scripts, reply, state, "g2", 2, [tok(3)])
-    raw = scripts.claim_owner(keys=progress(state), args=["g3", TTL_MS])
+    raw = scripts.claim_owner(progress=progress(state), group="g3", ttl_ms=TTL_MS)
     assert claim_result(raw) == Claim("g2", 2, False, (100, 101, 102, 103), " w0 w1 w2 w3")
     for key in progress(state)[1:]:
         assert 0 < r.pttl(key) <= TTL_MS
@@ -305,12 +306,13 @@ def test_the_record_goes_with_the_final_event(r: redis.Redis, scripts: Scripts, 
     assert r.get(progress(state)[2]) == b" w0"  # an empty delta (held back text) adds nothing
     publish(scripts, reply, state, "g1", 1, [done()])
     assert not r.exists(*progress(state)[1:])
-    assert claim_result(scripts.claim_owner(keys=progress(state), args=["g2", TTL_MS, "g1", 1])) == Claim(
-        "g1", 1, True)
+    assert claim_result(scripts.claim_owner(progress=progress(state), group="g2", ttl_ms=TTL_MS, taken_from="g1",
+                                            taken_from_epoch=1)) == Claim("g1", 1, True)
 
 
 def test_a_first_claim_has_no_progress(scripts: Scripts, state: str) -> None:
-    assert claim_result(scripts.claim_owner(keys=progress(state), args=["g1", TTL_MS])) == Claim("g1", 1, False)
+    assert claim_result(scripts.claim_owner(progress=progress(state), group="g1", ttl_ms=TTL_MS)) == Claim(
+        "g1", 1, False)
 
 
 # --- admission bounds in DISPATCH, ACK, RETIRE_QUEUE ---------------------------------------------------
@@ -345,11 +347,12 @@ def test_ack_takes_the_cost_off_once(r: redis.Redis, scripts: Scripts, keys: Key
     r.xgroup_create(queue, QUEUE_GROUP, id="0", mkstream=True)
     ids = [dispatch(scripts, keys, "g1", 1, rid=f"a{n}", cost=10 + n)[1] for n in range(3)]
     r.xreadgroup(QUEUE_GROUP, "leader", {queue: ">"})
-    assert scripts.ack(keys=[queue, counter], args=[QUEUE_GROUP, ids[0], ids[1]]) == 21
-    assert scripts.ack(keys=[queue, counter], args=[QUEUE_GROUP, ids[0], ids[1]]) == 0  # a retried ack
+    assert scripts.ack(queue=queue, queue_tokens=counter, consumer_group=QUEUE_GROUP, entry_ids=ids[:2]) == 21
+    assert scripts.ack(queue=queue, queue_tokens=counter, consumer_group=QUEUE_GROUP,
+                       entry_ids=ids[:2]) == 0  # a retried ack
     assert int(r.get(counter)) == 12 and r.xlen(queue) == 1
     assert r.xpending(queue, QUEUE_GROUP)["pending"] == 1
-    assert scripts.ack(keys=[queue, counter], args=[QUEUE_GROUP, ids[2]]) == 12
+    assert scripts.ack(queue=queue, queue_tokens=counter, consumer_group=QUEUE_GROUP, entry_ids=[ids[2]]) == 12
     assert not r.exists(counter) and r.xpending(queue, QUEUE_GROUP)["pending"] == 0
 
 
@@ -357,9 +360,9 @@ def test_retire_queue_deletes_only_an_empty_queue(r: redis.Redis, scripts: Scrip
     r.set(keys.group_accepting("g1"), 1)
     queue, counter = keys.group_queue("g1"), keys.group_queue_tokens("g1")
     (_ok, entry) = dispatch(scripts, keys, "g1", 1, cost=3)
-    assert scripts.retire_queue(keys=[queue, counter], args=[]) == 0  # the group came back: it keeps it
+    assert scripts.retire_queue(queue=queue, queue_tokens=counter) == 0  # the group came back: it keeps it
     r.xdel(queue, entry)
-    assert scripts.retire_queue(keys=[queue, counter], args=[]) == 1
+    assert scripts.retire_queue(queue=queue, queue_tokens=counter) == 1
     assert not r.exists(queue) and not r.exists(counter)
 
 
@@ -374,7 +377,8 @@ def _redis_ms(r: redis.Redis) -> int:
 def test_heartbeat_stamps_with_the_server_clock(r: redis.Redis, scripts: Scripts, keys: Keys) -> None:
     before = _redis_ms(r)
     ms = int(
-        scripts.heartbeat(keys=[keys.groups, keys.group_info("g1")], args=["g1", "running", 3, "host", "h1"])
+        scripts.heartbeat(registry=keys.groups, info=keys.group_info("g1"), group="g1",
+                          fields=["running", 3, "host", "h1"])
     )
     after = _redis_ms(r)
     assert before <= ms <= after
@@ -384,9 +388,9 @@ def test_heartbeat_stamps_with_the_server_clock(r: redis.Redis, scripts: Scripts
 
 
 def test_heartbeat_updates_the_registry(r: redis.Redis, scripts: Scripts, keys: Keys) -> None:
-    first = int(scripts.heartbeat(keys=[keys.groups, keys.group_info("g1")], args=["g1", "running", 3]))
-    scripts.heartbeat(keys=[keys.groups, keys.group_info("g2")], args=["g2", "running", 0])
-    second = int(scripts.heartbeat(keys=[keys.groups, keys.group_info("g1")], args=["g1", "running", 5]))
+    first = int(scripts.heartbeat(registry=keys.groups, info=keys.group_info("g1"), group="g1", fields=["running", 3]))
+    scripts.heartbeat(registry=keys.groups, info=keys.group_info("g2"), group="g2", fields=["running", 0])
+    second = int(scripts.heartbeat(registry=keys.groups, info=keys.group_info("g1"), group="g1", fields=["running", 5]))
     assert second >= first
     assert r.zscore(keys.groups, "g1") == second
     assert r.hget(keys.group_info("g1"), "running") == b"5"
@@ -405,10 +409,12 @@ def test_pack_events_flattens_fields() -> None:
 def test_callers_that_pass_no_record_keys_still_work(r: redis.Redis, scripts: Scripts, keys: Keys,
                                                       reply: str, state: str) -> None:
     # Older callers (or other tools) pass only reply + state, and only the queue's first three keys.
-    assert scripts.claim_owner(keys=[state], args=["g1", TTL_MS])[:3] == [b"g1", 1, 0]
-    raw = scripts.publish(keys=[reply, state], args=["g1", 1, TTL_MS, pack_events([tok(0), done()])])
+    assert scripts.claim_owner(progress=Progress(state), group="g1", ttl_ms=TTL_MS)[:3] == [b"g1", 1, 0]
+    raw = scripts.publish(reply_stream=reply, progress=Progress(state), publisher="g1", epoch=1, ttl_ms=TTL_MS,
+                          events=pack_events([tok(0), done()]))
     assert publish_result(raw) == PublishResult("ok", 1)
     r.set(keys.group_accepting("g1"), 1)
-    status = scripts.dispatch(keys=[keys.group_queue("g1"), keys.dispatch_marker("g1", RID, 1),
-                                    keys.group_accepting("g1")], args=[b"x", 1, TTL_MS])
+    status = scripts.dispatch(queue=keys.group_queue("g1"), marker=keys.dispatch_marker("g1", RID, 1),
+                              accepting=keys.group_accepting("g1"), queue_tokens=None, request=b"x", epoch=1,
+                              marker_ttl_ms=TTL_MS)
     assert status[0] == b"ok"

@@ -17,7 +17,7 @@ from functools import cache
 
 import pytest
 
-from producer.cli import COMMANDS, build_parser
+from ryzanstein.cli import COMMANDS, build_parser
 from tests.deploy.commands import DocUse, Use, deploy_uses, doc_uses
 
 DEPLOY_USES = deploy_uses()
@@ -36,7 +36,7 @@ def help_flags(command: str) -> frozenset[str]:
 
 
 def _help(*words: str) -> str:
-    answer = subprocess.run([sys.executable, "-m", "producer.cli", *words, "--help"],
+    answer = subprocess.run([sys.executable, "-m", "ryzanstein", *words, "--help"],
                             capture_output=True, text=True, timeout=60, check=False)
     assert answer.returncode == 0, answer.stderr
     return answer.stdout

@@ -139,7 +139,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     server = EmbeddedRedis().start()
     bin_dir = tmp / "bin"
     bin_dir.mkdir()
-    (bin_dir / "ryzanstein").write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m producer.cli \"$@\"\n")
+    (bin_dir / "ryzanstein").write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m ryzanstein \"$@\"\n")
     (bin_dir / "ryzanstein").chmod(0o755)
     redis_cli = Path(server.binary).with_name("redis-cli")
     if redis_cli.is_file():  # as on a terminal (--no-raw), where the docs' outputs were taken; --raw still wins

@@ -61,9 +61,9 @@ def state_key(keys: Keys, request: GenerationRequest) -> str:
 def dispatch(r: Any, keys: Keys, group: str, request: GenerationRequest, epoch: int, *, cost: int = 0) -> bytes:
     """DISPATCH ``request`` at ``epoch`` (no queue bounds); the entry id."""
     status = Scripts(r).dispatch(
-        keys=[keys.group_queue(group), keys.dispatch_marker(group, request.id, epoch),
-              keys.group_accepting(group), keys.group_queue_tokens(group)],
-        args=[request.to_wire(), epoch, TTL_MS, cost, 0, 0],
+        queue=keys.group_queue(group), marker=keys.dispatch_marker(group, request.id, epoch),
+        accepting=keys.group_accepting(group), queue_tokens=keys.group_queue_tokens(group),
+        request=request.to_wire(), epoch=epoch, marker_ttl_ms=TTL_MS, cost=cost,
     )
     assert status[0] == b"ok", status
     return bytes(status[1])
@@ -71,8 +71,8 @@ def dispatch(r: Any, keys: Keys, group: str, request: GenerationRequest, epoch: 
 
 def enqueue(r: Any, keys: Keys, group: str, request: GenerationRequest, *, cost: int = 0) -> int:
     """Route ``request`` to ``group`` the way a balancer does (CLAIM_OWNER, then DISPATCH); its epoch."""
-    claim = claim_result(Scripts(r).claim_owner(keys=list(keys.progress(request.reply_to, request.id)),
-                                                args=[group, TTL_MS, "", 0]))
+    claim = claim_result(Scripts(r).claim_owner(progress=keys.progress(request.reply_to, request.id),
+                                                group=group, ttl_ms=TTL_MS))
     assert claim.owner == group and not claim.finished
     dispatch(r, keys, group, request, claim.epoch, cost=cost)
     return claim.epoch
@@ -81,8 +81,8 @@ def enqueue(r: Any, keys: Keys, group: str, request: GenerationRequest, *, cost:
 def take_over(
         r: Any, keys: Keys, request: GenerationRequest, *, to: str, frm: str, epoch: int) -> tuple[str, int]:
     """CLAIM_OWNER with takeover: (owner, epoch) afterwards."""
-    claim = claim_result(Scripts(r).claim_owner(keys=list(keys.progress(request.reply_to, request.id)),
-                                                args=[to, TTL_MS, frm, epoch]))
+    claim = claim_result(Scripts(r).claim_owner(progress=keys.progress(request.reply_to, request.id),
+                                                group=to, ttl_ms=TTL_MS, taken_from=frm, taken_from_epoch=epoch))
     return claim.owner, claim.epoch
 
 

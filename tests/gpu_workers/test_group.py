@@ -463,8 +463,8 @@ def publish_as(r: redis.Redis, keys: Keys, request: Any, group: str, epoch: int,
     for token_id in token_ids:
         res = out.push(token_id)
         events.append(("t", res.index, token_event(request.id, res.index, res.token_id, res.text)))
-    raw = Scripts(r).publish(keys=[request.reply_to, *keys.progress(request.reply_to, request.id)],
-                             args=[group, epoch, 60_000, pack_events(events)])
+    raw = Scripts(r).publish(reply_stream=request.reply_to, progress=keys.progress(request.reply_to, request.id),
+                             publisher=group, epoch=epoch, ttl_ms=60_000, events=pack_events(events))
     assert raw[0] == b"ok"
 
 
@@ -478,8 +478,8 @@ def test_moved_request_continues_after_the_published_tokens(
     raw = list(prompt.encode())
     publish_as(r, keys, request, "dead", epoch, raw[:cut])
     _owner, new_epoch = take_over(r, keys, request, to="g1", frm="dead", epoch=epoch)
-    claim = claim_result(Scripts(r).claim_owner(keys=list(keys.progress(request.reply_to, request.id)),
-                                                args=["g1", 60_000]))
+    claim = claim_result(Scripts(r).claim_owner(progress=keys.progress(request.reply_to, request.id),
+                                                group="g1", ttl_ms=60_000))
     assert claim.output_ids == tuple(raw[:cut])
     group = make_group("g1")
     moved = request.model_copy(update={"output_ids": claim.output_ids})

@@ -11,8 +11,8 @@ from broker.errors import ConfigError
 from broker.settings import Settings
 from gpu_workers.cli import _follower_argv, engine_argv, worker_options
 from gpu_workers.models import EngineOptions
-from producer.cli import build_parser
-from producer.stack import Stack
+from ryzanstein.cli import build_parser
+from ryzanstein.stack import Stack
 
 
 @pytest.fixture(autouse=True)
@@ -69,3 +69,17 @@ def test_up_passes_the_limits_to_every_group_and_the_leader_to_its_ranks() -> No
     settings, options = worker_options(worker, Settings(redis_url="redis://127.0.0.1:1"), tp=2)
     rank = parser.parse_args(["worker", *_follower_argv(worker, settings, Path("/m"), options)])
     assert (rank.tp, rank.max_num_seqs, rank.max_num_batched_tokens) == (2, 4, 512)
+
+
+def test_threads_flag_reaches_the_settings_and_the_ranks_a_leader_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RYZ_THREADS", raising=False)
+    settings, _ = options_of()
+    assert settings.threads is None  # unset: the usable CPUs decide (gpu_workers.cpu_threads)
+    monkeypatch.setenv("RYZ_THREADS", "3")
+    assert options_of()[0].threads == 3
+    parser = build_parser()
+    worker = parser.parse_args(["worker", "--model", "random:tiny", "--tp", "2", "--threads", "1"])
+    settings, options = worker_options(worker, Settings(redis_url="redis://127.0.0.1:1"), tp=2)
+    assert settings.threads == 1
+    assert parser.parse_args(["worker", *_follower_argv(worker, settings, Path("/m"), options)]).threads == 1
+    assert "--threads" in engine_argv(parser.parse_args(["up", "--threads", "2"]))

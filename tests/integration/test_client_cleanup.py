@@ -59,7 +59,7 @@ def test_ctrl_c_in_submit_cancels_the_request(procs: Procs, r: redis.Redis, keys
     procs.balancer()
     procs.worker("slow", RYZ_ECHO_TOKEN_DELAY_MS=str(STEP_MS))
     wait_groups(r, keys, {"slow"})
-    submit = subprocess.Popen([sys.executable, "-m", "producer.cli", "submit", LONG, "--max-tokens", str(len(LONG)),
+    submit = subprocess.Popen([sys.executable, "-m", "ryzanstein", "submit", LONG, "--max-tokens", str(len(LONG)),
                                "--stream", "--id", "ctrl-c"], env=subprocess_env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

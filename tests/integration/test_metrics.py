@@ -21,7 +21,7 @@ from tests.integration.conftest import Procs, all_finished, final_events, wait_f
 pytestmark = pytest.mark.integration
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-RYZANSTEIN = [sys.executable, "-m", "producer.cli"]
+RYZANSTEIN = [sys.executable, "-m", "ryzanstein"]
 
 
 def free_port() -> int:

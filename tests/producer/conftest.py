@@ -87,8 +87,8 @@ class Responder:
         # every request on one client's reply stream (see the report on broker.keys).
         state = companion(reply_to, f"state:{request_id}")
         assert state == Keys.state(reply_to, request_id)
-        raw = self.scripts.publish(keys=[reply_to, *Keys.progress(reply_to, request_id)],
-                                   args=[PUBLISHER, 1, TTL_MS, pack_events(events)])
+        raw = self.scripts.publish(reply_stream=reply_to, progress=Keys.progress(reply_to, request_id),
+                                   publisher=PUBLISHER, epoch=1, ttl_ms=TTL_MS, events=pack_events(events))
         assert publish_result(raw).status == "ok", raw
         if events and events[-1][0] == "f":
             self.finals[request_id] += 1
@@ -152,4 +152,4 @@ def register_group(r: redis.Redis, keys: Keys, name: str = "stub", *, served: tu
                      running=0, waiting=0, queue_depth=0, leader_pid=1, host="h", max_context=4096,
                      vocab_size=256, served_models=list(served), bos_token=bos_token, eos_token=eos_token,
                      chat_template=publish_template(r, keys, template) if template is not None else "")
-    Scripts(r).heartbeat(keys=[keys.groups, keys.group_info(name)], args=[name, *load.to_fields()])
+    Scripts(r).heartbeat(registry=keys.groups, info=keys.group_info(name), group=name, fields=load.to_fields())

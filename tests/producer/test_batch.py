@@ -202,12 +202,13 @@ def test_resumed_run_uses_results_left_in_redis_and_skips_done_lines(
     scripts = Scripts(r)
     rid5 = request_id("j2", 5)
     done5 = done_event(rid5, text="from the earlier run", token_ids=[1], finish_reason="stop", prompt_tokens=1)
-    scripts.publish(keys=[reply, keys.state(reply, rid5)], args=["g", 1, 60_000, pack_events([("f", 0, done5)])])
+    scripts.publish(reply_stream=reply, progress=keys.progress(reply, rid5), publisher="g", epoch=1,
+                    ttl_ms=60_000, events=pack_events([("f", 0, done5)]))
     # ...and line 6 finished too, but its event is gone (trimmed, or the stream deleted).
     rid6 = request_id("j2", 6)
     done6 = done_event(rid6, text="lost", token_ids=[1], finish_reason="stop", prompt_tokens=1)
-    scripts.publish(keys=[f"{reply}-gone", keys.state(reply, rid6)], args=["g", 1, 60_000,
-                                                                           pack_events([("f", 0, done6)])])
+    scripts.publish(reply_stream=f"{reply}-gone", progress=keys.progress(reply, rid6), publisher="g", epoch=1,
+                    ttl_ms=60_000, events=pack_events([("f", 0, done6)]))
     spec = BatchSpec(input=str(source), output=str(out), prefix=keys.prefix, window=4)
     progress, _ = _run(r, spec, job_id="j2", run=2)
     records = _records(out)
@@ -309,7 +310,7 @@ def test_a_worker_with_jobs_2_runs_two_jobs_at_once(responder: Responder, r: red
                                             prefix=keys.prefix), retries=0, retry_interval=[0])
     quick = submit_job(r, keys, BatchSpec(input=str(tmp_path / "quick.jsonl"), output=str(tmp_path / "q.out"),
                                           prefix=keys.prefix), retries=0, retry_interval=[0])
-    pool = subprocess.Popen([sys.executable, "-m", "producer.cli", "batch", "worker", "--jobs", "2", "--burst"],
+    pool = subprocess.Popen([sys.executable, "-m", "ryzanstein", "batch", "worker", "--jobs", "2", "--burst"],
                             env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         # the quick job, queued behind one that never ends by itself, finishes: it ran beside it

@@ -9,7 +9,7 @@ import pytest
 
 from broker.protocol import SamplingParams
 from producer import __main__ as producer_main
-from producer.cli import main
+from ryzanstein.cli import main
 from tests.producer.conftest import Responder
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from producer.cli import main
+from ryzanstein.cli import main
 from tests.gpu_workers.reference import save_hf_model
 
 

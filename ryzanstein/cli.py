@@ -1,4 +1,6 @@
-"""``ryzanstein``: one command, the contract's subcommands (see CONTRACT.md / README.md)."""
+"""``ryzanstein`` (and ``python -m ryzanstein``): one command, the contract's subcommands (see CONTRACT.md /
+README.md). Each subcommand's module, imported only when the parser is built, owns its options
+(``configure``) and its run (``run``); this file owns only the table of them."""
 
 from __future__ import annotations
 
@@ -7,19 +9,19 @@ import importlib
 import sys
 
 from broker.cli_common import add_common, run_command
+from producer.__main__ import COMMANDS as FRONT_ENDS
 
 # subcommand -> module with configure(parser) and run(args) -> exit code
 COMMANDS: dict[str, tuple[str, str]] = {
-    "up": ("producer.stack", "the whole stack in one process tree: embedded Redis, a balancer, N worker groups"),
+    "up": ("ryzanstein.stack", "the whole stack in one process tree: embedded Redis, a balancer, N worker groups"),
     "broker": ("broker.cli", "the embedded Redis in the foreground"),
     "balancer": ("balancer.cli", "one balancer (several may run at once)"),
     "worker": ("gpu_workers.cli", "one worker group of K ranks"),
     "submit": ("producer.submit", "send one request and print the result"),
-    "status": ("producer.status", "worker groups, their health and load, queue depths"),
-    "health": ("producer.health", "exit 0 if a process, a group, or the deployment is healthy (for probes)"),
-    "gateway": ("producer.gateway.cli", "an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)"),
-    "batch": ("producer.batch.cli", "offline batch jobs on RQ: submit a JSONL file of prompts, run workers, watch progress"),
-    "demo": ("producer.demo", "start the stack on the embedded Redis, send a few requests, print, stop"),
+    "status": ("ryzanstein.status", "worker groups, their health and load, queue depths"),
+    "health": ("ryzanstein.health", "exit 0 if a process, a group, or the deployment is healthy (for probes)"),
+    **FRONT_ENDS,  # gateway, batch: the client front ends (producer/), also `python -m producer gateway|batch`
+    "demo": ("ryzanstein.demo", "start the stack on the embedded Redis, send a few requests, print, stop"),
 }
 
 

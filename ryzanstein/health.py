@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     redis = connect(resolve_url(settings), settings)
     try:
         view = read_path(redis, Keys(settings.prefix), dead_after_s=settings.dead_after_s)
-    except (*TRANSIENT_ERRORS, RedisError) as exc:
+    except TRANSIENT_ERRORS + (RedisError,) as exc:
         problem = describe(exc, settings.redis_url)
         print(f"unhealthy: {problem.line if problem else exc}", flush=True)
         return 1

@@ -10,8 +10,8 @@ import pytest
 
 from broker.settings import Settings
 from gpu_workers.model import packaged
-from producer import demo
-from producer.stack import Stack
+from ryzanstein import demo
+from ryzanstein.stack import Stack
 
 
 def _not_installed(monkeypatch: pytest.MonkeyPatch) -> None:

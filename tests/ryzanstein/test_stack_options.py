@@ -10,8 +10,8 @@ from broker.cli_common import settings_from_args
 from broker.errors import ConfigError
 from broker.settings import Settings
 from gpu_workers.cli import engine_argv
-from producer.cli import build_parser
-from producer.stack import Child, Stack, run
+from ryzanstein.cli import build_parser
+from ryzanstein.stack import Child, Stack, run
 
 
 @pytest.fixture(autouse=True)
@@ -101,7 +101,7 @@ def test_children_get_the_url_in_their_environment_not_on_their_command_line() -
 
 def test_the_submit_hint_reaches_the_stack_it_is_printed_for() -> None:
     """Run as printed, the hint must reach this stack: its prefix, and a model when several are served."""
-    from producer.stack import submit_hint
+    from ryzanstein.stack import submit_hint
 
     url = "redis://127.0.0.1:7000"
     assert submit_hint(url, prefix="ryz", models=["echo"], default_model=None) == (

@@ -9,7 +9,7 @@ import redis
 
 from broker.keys import INGRESS_GROUP, Keys
 from broker.registry import GroupLoad, GroupStatus, parse_group
-from producer.status import Snapshot, read_snapshot, render_table, request_rates, status_json
+from ryzanstein.status import Snapshot, read_snapshot, render_table, request_rates, status_json
 
 NOW_MS = 1_800_000_000_000
 LOAD = GroupLoad(name="g-live", tp=1, model="echo", kv_dtype="none", kv_capacity_tokens=0, kv_used_tokens=0,
@@ -120,7 +120,7 @@ def test_snapshot_lists_balancers_and_what_they_hold(r: redis.Redis, keys: Keys)
 
 
 def test_an_idle_balancer_says_idle_and_a_stopped_one_gone() -> None:
-    from producer.status import BalancerInfo
+    from ryzanstein.status import BalancerInfo
 
     # Redis' idle time of a balancer whose blocking reads return nothing grows, though it reads all along
     idle = BalancerInfo("bal-idle", pending=0, idle_s=26.6, heartbeat_age_s=0.4)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, TextIO
 
+from redis import Redis
 from redis.exceptions import ResponseError
 
 from broker.cli_common import settings_from_args, setup_logging
@@ -65,7 +66,7 @@ class Snapshot:
     taken_at_s: float  # monotonic seconds, for rates between two snapshots
 
 
-def read_snapshot(redis: Any, keys: Keys, *, dead_after_s: float, now_s: float) -> Snapshot:
+def read_snapshot(redis: Redis, keys: Keys, *, dead_after_s: float, now_s: float) -> Snapshot:
     """Everything ``status`` shows, as Redis has it now (``now_s``: the caller's monotonic time)."""
     groups = read_groups(redis, keys, dead_after_s=dead_after_s)
     pipe = redis.pipeline(transaction=False)
@@ -307,7 +308,7 @@ def watch(
 class _Viewer:
     """Reads snapshots and prints them; remembers the last one for request rates."""
 
-    def __init__(self, redis: Any, keys: Keys, settings: Settings, *, as_json: bool, out: TextIO,
+    def __init__(self, redis: Redis, keys: Keys, settings: Settings, *, as_json: bool, out: TextIO,
                  clear: bool = False, prefix: str = "") -> None:
         self.redis, self.keys, self.settings = redis, keys, settings
         self.as_json, self.out, self.clear, self.prefix = as_json, out, clear, prefix

@@ -11,8 +11,8 @@ import redis
 from broker.keys import Keys
 from broker.registry import GroupLoad, read_groups
 from broker.scripts import Scripts
-from producer import status
-from producer.cli import main
+from ryzanstein import status
+from ryzanstein.cli import main
 
 CONTRACT_FIELDS = {
     "name",
@@ -52,7 +52,8 @@ LOAD = GroupLoad(
 
 def heartbeat(r: redis.Redis, keys: Keys, load: GroupLoad) -> None:
     """What a live group does every heartbeat."""
-    Scripts(r).heartbeat(keys=[keys.groups, keys.group_info(load.name)], args=[load.name, *load.to_fields()])
+    Scripts(r).heartbeat(registry=keys.groups, info=keys.group_info(load.name), group=load.name,
+                         fields=load.to_fields())
 
 
 def stale_heartbeat(r: redis.Redis, keys: Keys, load: GroupLoad, *, age_s: float) -> None:
