@@ -320,3 +320,22 @@ def test_default_kv_budget_follows_the_cgroup_and_never_exceeds_what_sequences_c
     engine = engine_for(llama_dir, kv_memory=None, max_num_seqs=2)
     assert engine.blocks.num_blocks == -(-2 * engine.config.max_context // 16)
     engine.close()
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp8_e4m3", "bf16"])
+def test_gemma3_tokens_do_not_depend_on_what_the_sliding_groups_gave_back(tmp_path: Path, kv_dtype: str) -> None:
+    """A request's greedy tokens are the same on a cold engine and on one whose prefix cache holds
+    its first 64 tokens (four times the window: the sliding group serves the hit from its window's
+    blocks, placeholders before them) while neighbours run beside it in small chunks."""
+    model_dir = save_hf_model(tmp_path, family="gemma3", seed=3, head_dim=16, sliding_window=16,
+                              layer_types=["sliding_attention", "full_attention"])
+    prefix = prompts_of([64], seed=21)[0]
+    target, donor, neighbour = prompts_of([13, 30, 45], seed=22)
+    sampling = SamplingParams(max_tokens=16, temperature=0.0)
+    cold = generate(engine_for(model_dir, kv_dtype=kv_dtype), [EngineRequest("t", prefix + target, sampling)])
+    warm_engine = engine_for(model_dir, kv_dtype=kv_dtype, max_num_batched_tokens=24, max_num_seqs=8)
+    generate(warm_engine, [EngineRequest("donor", prefix + donor, sampling)])
+    warm = generate(warm_engine, [EngineRequest("t", prefix + target, sampling),
+                                  EngineRequest("n", neighbour, sampling)])
+    assert warm_engine.stats().prefix_cache_hits == 64  # its 4 prefix blocks: sliding block 3 and placeholders
+    assert warm["t"] == cold["t"]
