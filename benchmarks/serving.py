@@ -45,6 +45,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# Before torch: the engine measured in this process and transformers' runs wait for their OpenMP
+# threads as the workers do (gpu_workers sets the same; spinning on a loaded host made a 135M
+# model's decode step 30x slower: gpu_workers/cpu_threads.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch
 
 from benchmarks.common import (
