@@ -1,3 +1,5 @@
+"""``python -m balancer``: one balancer process (balancer.cli), without the ``ryzanstein`` command."""
+
 import argparse
 import sys
 

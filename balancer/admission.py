@@ -30,12 +30,16 @@ class Limits:
 
 
 def request_cost(request: GenerationRequest, *, max_context: int) -> int:
-    """Tokens the request may occupy: prompt + max_tokens, at most ``max_context`` (and at least 1)."""
+    """Tokens the request may occupy: prompt + max_tokens, at most ``max_context`` (and at least 1);
+    each further completion of a request with several (``best_of``, else ``n``) adds its max_tokens
+    (they share the prompt's KV blocks)."""
     if request.prompt_ids is not None:
         prompt = len(request.prompt_ids)
     else:
         prompt = len((request.prompt or "").encode("utf-8", "surrogatepass"))
-    return max(1, min(prompt + request.sampling.max_tokens, max_context))
+    max_tokens = request.sampling.max_tokens
+    more = (request.sampling.num_sequences - 1) * min(max_tokens, max_context)
+    return max(1, min(prompt + max_tokens, max_context)) + more
 
 
 def has_room(requests: int, tokens: int, cost: int, *, max_requests: int, max_tokens: int) -> bool:

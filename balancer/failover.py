@@ -2,7 +2,7 @@
 
 The group's accepting flag goes first, so no balancer adds to its queue meanwhile; then every entry
 of its queue, read or not, is put back on ``{p}:requests`` with takeover information (the dead group
-and the entry's epoch) and deleted from the queue, and the empty queue is retired (RETIRE_QUEUE), which
+and the entry's epoch; signed, broker.signing, so that no client can write such an entry) and deleted from the queue, and the empty queue is retired (RETIRE_QUEUE), which
 a stalled group notices (``NOGROUP``) when it wakes. Balancers then route the requests like new ones,
 taking them over with a new epoch (CLAIM_OWNER), which fences the old group, and learning the tokens
 already streamed, which the new group continues after.
@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.keys import Keys
-from broker.protocol import GenerationRequest
+from broker.lua import queue_entry
 from broker.scripts import Scripts
 from broker.settings import Settings
+from broker.signing import SigningKey
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class Failover:
         self.settings = settings
         self.owner = owner
         self.redis_uptime_s = redis_uptime_s
+        self.signing = SigningKey(redis, keys)
 
     def fail_over(self, group: str) -> FailedOver | None:
         """Move the dead ``group``'s requests; None when not done now (another balancer is on it,
@@ -68,6 +70,7 @@ class Failover:
         queue = self.keys.group_queue(group)
         self.redis.delete(self.keys.group_accepting(group))
         moved, cursor = 0, "-"
+        signing_key = self.signing.get()  # entries put back on the ingress stream carry its signature
         while True:
             entries = self.redis.xrange(queue, min=cursor, max="+", count=500)
             if not entries:
@@ -75,8 +78,9 @@ class Failover:
             pipe = self.redis.pipeline(transaction=False)
             for entry_id, fields in entries:
                 try:
-                    request = GenerationRequest.from_wire(fields[b"r"])
-                    pipe.xadd(self.keys.requests, request.to_ingress(from_owner=group, epoch=int(fields[b"e"])))
+                    entry = queue_entry(fields)
+                    pipe.xadd(self.keys.requests, entry.request.to_ingress(from_owner=group, epoch=entry.epoch,
+                                                                             signing_key=signing_key))
                     moved += 1
                 except Exception:
                     log.exception("dropping malformed queue entry %s of %s", entry_id, group)

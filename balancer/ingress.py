@@ -1,6 +1,7 @@
-"""A balancer's reads of the ingress stream: new entries (bounded in count and bytes), cancels,
-and the entries of balancers that died (balancer.reclaim). Part of ``Balancer`` (a mixin: the
-state it uses is the balancer's, declared below)."""
+"""A balancer's reads of the ingress stream: new entries (bounded in count and bytes) and the
+entries of balancers that died (broker.reclaim), through its ``StreamConsumer`` (broker.consumer,
+which reads the cancels beside them and sends the acknowledgements). Part of ``Balancer`` (a mixin:
+the state it uses is the balancer's, declared below)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,12 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from balancer.reclaim import Reclaimer
-from broker.cancellation import Cancellations
+from broker.consumer import StreamConsumer
 from broker.dead_letter import Attempts
 from broker.keys import INGRESS_GROUP, Keys
-from broker.protocol import best_effort_reply_to
 from broker.scripts import Scripts, ingress_entries
 from broker.settings import Settings
+from broker.validation import best_effort_reply_to
 from broker.wire import Batch
 
 if TYPE_CHECKING:
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from balancer.batching import AdaptiveBatcher
     from balancer.pending import Waiting
-    from balancer.router import Router
+    from balancer.routing import Router
     from balancer.telemetry import BalancerTelemetry
     from broker.connection import RedisClock
 
@@ -39,16 +39,13 @@ class IngressReader:
     router: Router
     batcher: AdaptiveBatcher
     telemetry: BalancerTelemetry
-    reclaimer: Reclaimer
+    ingress: StreamConsumer
     attempts: Attempts
     waiting: dict[bytes, Waiting]
     counts: Counter[str]
-    _cancelled: Cancellations
-    _cancel_cursor: bytes
     _closed_until: dict[str, float]
     _next_refresh: float
     _read_count: int
-    _to_ack: list[bytes]
     _monotonic: Callable[[], float]
     _sleep: Callable[[float], None]
 
@@ -79,30 +76,16 @@ class IngressReader:
         wake = min(self._next_refresh, retry) if retry is not None and retry > now else self._next_refresh
         until_ms = max(1, int((wake - now) * 1000))
         block = None if ready and can_route else min(self.settings.balancer_block_ms, until_ms)
-        acks = len(self._to_ack)
 
         def build(batch: Batch) -> None:
-            if acks:
-                batch.xack(self.keys.requests, INGRESS_GROUP, *self._to_ack[:acks])
-                batch.xdel(self.keys.requests, *self._to_ack[:acks])
             if block is None:
                 self._read_ingress(batch, self._read_count)
             else:
                 # Idle: one entry at a time, whatever its size; the rest follow without blocking.
                 batch.xreadgroup(INGRESS_GROUP, self.name, {self.keys.requests: ">"}, count=1, block=block)
-            batch.xread({self.keys.cancel: self._cancel_cursor}, count=1000)
 
-        _, results = self.scripts.execute(build)
-        for raw in results:
-            if isinstance(raw, Exception):
-                raise raw
-        *_, fresh, cancels = results
-        del self._to_ack[:acks]
-        now_ms = self.clock.now_ms()
-        for _stream, items in cancels or []:
-            for entry_id, fields in items:
-                self._cancel_cursor = entry_id
-                self._cancelled.add(fields, now_ms, entry_id=entry_id)
+        got = self.ingress.read(build)
+        (fresh,) = got.replies
         if block is None:
             entries = ingress_entries(fresh)
         else:
@@ -118,6 +101,7 @@ class IngressReader:
         self.batcher.record(len(entries))
         if entries:
             self.telemetry.read(len(entries))
+        got.check()
         return entries
 
     def _read_ingress(self, client: Batch, count: int) -> None:
@@ -134,10 +118,10 @@ class IngressReader:
     def _reclaim(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
         """Entries of balancers that died (idle past claim_idle_ms) become ours; ours stay fresh.
 
-        Deleted entries are acknowledged, entries delivered too often given up (balancer.reclaim)."""
-        if self.waiting:
-            self.redis.xclaim(self.keys.requests, INGRESS_GROUP, self.name, 0, list(self.waiting), justid=True)
-        found = self.reclaimer.claim(skip=self.waiting)
+        Deleted entries are acknowledged, entries delivered too often given up (broker.reclaim)."""
+        self.ingress.keep(list(self.waiting))
+        found = self.ingress.claim_idle(min_idle_ms=self.settings.claim_idle_ms, count=self._read_count,
+                                        skip=self.waiting)
         if found.gone:
             self._ack(found.gone)
         for entry_id, fields, deliveries in found.overdelivered:

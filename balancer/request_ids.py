@@ -8,6 +8,11 @@ draining group (``takeover_from``: the same request, with a new entry id, not ch
 - with a reply stream of its own, it ends with error ``duplicate_id`` there;
 - with the first request's reply stream (the default one of the id, typically), that stream
   carries the first request's events, which answer it too: it is acknowledged as a retry.
+
+A new request holds its id in the round trip that claims and queues it (``add_hold`` in the
+balancer's claim pipeline, ahead of its CLAIM_OWNER: no round trip of its own); the requests of one
+batch hold theirs in that pipeline's order: valid requests (routed, then waiting) before entries
+that failed validation, so an invalid entry never takes the id of a valid one read with it.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.keys import Keys
-from broker.wire import Batch, Wire
+from broker.wire import Batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,19 +40,15 @@ class Holder:
         return cls(entry_id, reply_to)
 
 
-def hold_ids(wire: Wire, keys: Keys, requests: list[tuple[bytes, str, str]], *, ttl_ms: int) -> list[Holder | None]:
-    """Hold each (entry id, request id, reply stream) in one round trip; who holds each id now.
+def add_hold(batch: Batch, keys: Keys, entry_id: bytes, request_id: str, reply_to: str, *, ttl_ms: int) -> int:
+    """Add the hold of ``request_id`` by ``entry_id`` (SET NX) and the read of its holder (GET) to
+    ``batch``; the GET's handle, whose reply ``Holder.parse`` reads (None when it could not be read:
+    an error reply, and the caller treats the id as its own, as before ids were held)."""
+    key = keys.request_id(request_id)
+    batch.set_nx(key, f"{entry_id.decode()} {reply_to}", px=ttl_ms)
+    return batch.get(key)
 
-    A holder equal to the caller's entry means the id is its own. None when the reply could not be
-    read (an error reply: the caller treats the id as its own, as before ids were held).
-    Raises the connection's errors.
-    """
-    if not requests:
-        return []
-    batch = Batch()
-    for entry_id, request_id, reply_to in requests:
-        key = keys.request_id(request_id)
-        batch.set_nx(key, f"{entry_id.decode()} {reply_to}", px=ttl_ms)
-        batch.get(key)
-    results = wire.execute(batch)
-    return [Holder.parse(results[2 * i + 1]) for i in range(len(requests))]
+
+def is_duplicate(holder: Holder | None, entry_id: bytes) -> bool:
+    """Whether the id is held by another entry than ``entry_id``."""
+    return holder is not None and holder.entry_id != entry_id.decode()

@@ -44,8 +44,7 @@ sys.path.insert(0, str(ROOT))
 import redis
 
 from balancer.admission import request_cost
-from balancer.router import Router
-from balancer.routing import prefix_key
+from balancer.routing import Router, prefix_key
 from benchmarks.common import log, pct, write_results
 from broker.embedded import EmbeddedRedis
 from broker.keys import Keys

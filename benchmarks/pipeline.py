@@ -36,7 +36,8 @@ import redis
 from benchmarks.common import log, pct, print_targets, write_results
 from broker.embedded import EmbeddedRedis
 from broker.settings import Settings
-from producer.client import AsyncClient, Client
+from producer.async_client import AsyncClient
+from producer.client import Client
 from ryzanstein.stack import Stack
 
 PROMPT = "x"  # one byte: the echo engine answers with exactly one token

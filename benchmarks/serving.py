@@ -62,7 +62,7 @@ from benchmarks.common import (
     write_results,
 )
 from broker.settings import Settings
-from producer.client import AsyncClient
+from producer.async_client import AsyncClient
 from ryzanstein.stack import Stack
 
 
@@ -138,7 +138,7 @@ def engine_decode(model: str, kv_dtype: str, *, batch: int, context: int, steps:
     """ms per decode step of ``batch`` sequences at ~``context`` tokens, and linear-layer GFLOP/s."""
     from broker.protocol import SamplingParams
     from gpu_workers.engine import EngineRequest
-    from gpu_workers.models import EngineOptions, build_engine
+    from gpu_workers.engine_spec import EngineOptions, build_engine
 
     engine = build_engine(model, EngineOptions(kv_dtype=kv_dtype, kv_memory="4GiB"))
     rng = random.Random(1)

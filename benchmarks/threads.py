@@ -46,7 +46,7 @@ def child(model: str, batch: int, context: int, steps: int) -> dict[str, float]:
 
     from broker.protocol import SamplingParams
     from gpu_workers.engine import EngineRequest
-    from gpu_workers.models import EngineOptions, build_engine
+    from gpu_workers.engine_spec import EngineOptions, build_engine
 
     engine = build_engine(model, EngineOptions(kv_dtype="fp32", kv_memory="2GiB"))
     rng = random.Random(1)

@@ -1,3 +1,5 @@
+"""``python -m broker``: the embedded Redis broker (broker.cli), without the ``ryzanstein`` command."""
+
 import argparse
 import sys
 

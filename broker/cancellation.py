@@ -5,18 +5,23 @@ entry that carries the same token.
 sent with ``cancel_token <secret>`` needs ``XADD {p}:cancel * id <id> token <secret>``: under the
 ACL recipe of docs/OPERATIONS.md clients may write ``{p}:cancel`` and ``{p}:requests`` but read
 neither, so no one else learns the secret, and knowing a request's id is no longer enough to end it.
-Balancers and worker groups keep what they read for ``HORIZON_MS``, so that a cancel that comes
-before its request still applies.
+Balancers and worker groups keep what they read for a horizon (``Settings.cancel_horizon_s``, by
+10 minutes), so that a cancel that comes before its request still applies.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
-from broker.protocol import is_later_entry_id
+from broker.protocol import ID_RE, MAX_TOKEN_BYTES, is_later_entry_id
+from broker.settings import Settings
 
-HORIZON_MS = 600_000  # cancels are remembered for 10 minutes
-MAX_TOKENS_PER_ID = 32  # tokens kept per request id (a flood of wrong ones cannot grow it further)
+HORIZON_MS = int(Settings.model_fields["cancel_horizon_s"].default * 1000)  # the setting's default
+# (request id, token) pairs remembered at most, the oldest forgotten first: memory stays bounded
+# whatever is written to the cancel stream, and a stranger's wrong tokens cannot push out the
+# owner's except by outnumbering every cancel of the last HORIZON_MS (a flood, seen in the metrics).
+MAX_REMEMBERED = 50_000
 
 
 def _text(value: Any) -> str | None:
@@ -26,47 +31,70 @@ def _text(value: Any) -> str | None:
 
 
 class Cancellations:
-    """Cancel entries seen lately: request id -> (last seen, Redis ms; tokens, None for none)."""
+    """Cancel entries seen lately: (request id, token or None) -> when last seen (Redis ms), oldest
+    first. Only what a request could match is kept: an id of the protocol's form (``ID_RE``) and a
+    token within the protocol's size; anything else is no request's cancel and is forgotten at once."""
 
-    def __init__(self) -> None:
-        self._seen: dict[str, tuple[float, set[str | None]]] = {}
+    def __init__(self, *, horizon_ms: float = HORIZON_MS, max_remembered: int = MAX_REMEMBERED) -> None:
+        self.horizon_ms = horizon_ms
+        self._pairs: OrderedDict[tuple[str, str | None], float] = OrderedDict()
+        self._ids: dict[str, int] = {}  # request id -> pairs remembered for it
+        self._max = max_remembered
         self._next_prune = 0.0
 
     def add(self, fields: dict[Any, Any], now_ms: float, *, entry_id: bytes | str | None = None
             ) -> tuple[str, str | None] | None:
-        """Take in one cancel entry's fields; its (request id, token), or None when it names no id,
-        or names a stream entry id later than the cancel's own ``entry_id`` (the id a later request
-        sent without 'id' will get: remembered, it would cancel that request before it is sent)."""
+        """Take in one cancel entry's fields; its (request id, token), or None when it names no id a
+        request can have, carries a token no request can have, or names a stream entry id later than
+        the cancel's own ``entry_id`` (the id a later request sent without 'id' will get: remembered,
+        it would cancel that request before it is sent)."""
         rid = _text(fields.get(b"id", fields.get("id")))
-        if not rid:
+        if not rid or len(rid) > 128 or not ID_RE.fullmatch(rid):
             return None
         own = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
         if own is not None and is_later_entry_id(rid, own):
             return None
         token = _text(fields.get(b"token", fields.get("token"))) or None
-        _when, tokens = self._seen.get(rid, (now_ms, set()))
-        if len(tokens) < MAX_TOKENS_PER_ID:
-            tokens.add(token)
-        self._seen[rid] = (now_ms, tokens)
-        return rid, token
+        if token is not None and len(token.encode()) > MAX_TOKEN_BYTES:
+            return None
+        pair = (rid, token)
+        if pair in self._pairs:
+            self._pairs.move_to_end(pair)
+        else:
+            self._ids[rid] = self._ids.get(rid, 0) + 1
+            while len(self._pairs) >= self._max:
+                self._forget_oldest()
+        self._pairs[pair] = now_ms
+        return pair
+
+    def _forget_oldest(self) -> None:
+        (rid, _token), _when = self._pairs.popitem(last=False)
+        left = self._ids[rid] - 1
+        if left:
+            self._ids[rid] = left
+        else:
+            del self._ids[rid]
 
     def matches(self, request_id: str, cancel_token: str | None) -> bool:
         """Whether a cancel seen for ``request_id`` applies to a request with ``cancel_token``."""
-        seen = self._seen.get(request_id)
-        if seen is None:
-            return False
-        return cancel_token is None or cancel_token in seen[1]
+        if cancel_token is None:
+            return request_id in self._ids
+        return (request_id, cancel_token) in self._pairs
 
     def prune(self, now_ms: float) -> None:
-        """Forget cancels older than HORIZON_MS (a pass at most once a minute)."""
+        """Forget cancels older than the horizon (a pass at most once a minute)."""
         if now_ms < self._next_prune:
             return
         self._next_prune = now_ms + 60_000
-        horizon = now_ms - HORIZON_MS
-        self._seen = {k: v for k, v in self._seen.items() if v[0] >= horizon}
+        horizon = now_ms - self.horizon_ms
+        while self._pairs and next(iter(self._pairs.values())) < horizon:
+            self._forget_oldest()
 
     def __contains__(self, request_id: str) -> bool:
-        return request_id in self._seen
+        return request_id in self._ids
+
+    def __len__(self) -> int:
+        return len(self._pairs)
 
 
 def applies(cancel_token: str | None, token: str | None) -> bool:

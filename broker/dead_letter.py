@@ -30,9 +30,9 @@ from redis.exceptions import NoPermissionError, ResponseError
 from redis.typing import EncodableT, FieldT
 
 from broker.connection import TRANSIENT_ERRORS
+from broker.events import error_event
 from broker.keys import Keys
 from broker.logs import request_extra
-from broker.protocol import error_event
 from broker.scripts import Scripts, pack_events, publish_result
 
 log = logging.getLogger(__name__)

@@ -25,6 +25,7 @@ Key schema (``p`` is the prefix, ``ryz`` by default):
 | ``{p:g:<name>}:failover`` | string | lock held by the balancer failing a dead group over |
 | ``p:id:<id>`` | string | the ingress entry that used request id ``<id>`` first, and its reply stream |
 | ``p:dead`` | stream | dead letters: entries that could not be handled, with the reason |
+| ``p:signing-key`` | string | HMAC key signing the internal fields of requests put back on ingress (broker.signing) |
 | ``p:balancers`` | zset | balancers, scored by their last stats write (ms) |
 | ``p:balancer:<name>`` | hash | a balancer's stats: batch-size histogram, counts, failovers |
 | ``p:client:<uuid>`` | stream | shared reply stream of one client instance |
@@ -149,6 +150,10 @@ class Keys:
         """A chat template's Jinja source, under its SHA-256 (broker.chat)."""
         return companion(self.groups, f"template:{digest}")
 
+    def tokenizer(self, digest: str) -> str:
+        """A model's tokenizer (broker.tokenizers), under its SHA-256."""
+        return companion(self.groups, f"tokenizer:{digest}")
+
     def group_queue(self, name: str) -> str:
         return f"{{{self.prefix}:g:{name}}}:queue"
 
@@ -174,6 +179,11 @@ class Keys:
         return f"{self.prefix}:dead"
 
     @property
+    def signing_key(self) -> str:
+        """The key that signs requests the pipeline puts back on the ingress stream (broker.signing)."""
+        return f"{self.prefix}:signing-key"
+
+    @property
     def balancers(self) -> str:
         return f"{self.prefix}:balancers"
 
@@ -182,7 +192,7 @@ class Keys:
 
     def is_internal(self, key: str) -> bool:
         """Whether ``key`` is one of ryzanstein's own keys (never a valid ``reply_to``)."""
-        own = (self.requests, self.cancel, self.groups, self.balancers, self.dead)
+        own = (self.requests, self.cancel, self.groups, self.balancers, self.dead, self.signing_key)
         return key in own or key.startswith((f"{{{self.groups}}}:", f"{{{self.prefix}:g:",
                                              f"{self.prefix}:balancer:", f"{self.prefix}:id:"))
 
@@ -191,7 +201,8 @@ class Keys:
 
         Never one of the pipeline's own keys (``is_internal``), never the state of a request (a
         companion: ``state``, ``generated``, ``generated_text``, under anyone's reply stream), never
-        the default result stream of another request, nor RQ's keys (batch jobs). Any other stream
+        the default result stream of another request (``{p}:result:<id>``, or a tenant's
+        ``{p}:t:<tenant>:result:<id>``), nor RQ's keys (batch jobs). Any other stream
         name (or a key that does not exist yet) is the client's to choose.
         """
         if self.is_internal(key) or key.startswith("rq:"):
@@ -204,6 +215,10 @@ class Keys:
         results = f"{self.prefix}:result:"
         if key.startswith(results) and key != self.result(request_id):
             return f"must not be another request's result stream (only {self.result(request_id)!r} under {results!r})"
+        tenants = f"{self.prefix}:t:"
+        if key.startswith(tenants) and ":result:" in key[len(tenants):] and not key.endswith(f":result:{request_id}"):
+            # a tenant's default result streams (reply_stream(id, tenant=...)): the request's own only
+            return f"must not be another request's result stream (a tenant's end in ':result:{request_id}')"
         return None
 
     def tenant_space(self, tenant: str) -> str:

@@ -8,6 +8,10 @@ described in broker.scripts.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from broker.protocol import GenerationRequest
+
 CLAIM_OWNER = """
 -- Pin a request to a group, learn the group it is already pinned to, or take it over from a group
 -- that handed it back (draining) or died.
@@ -80,6 +84,21 @@ return {'ok', id}
 """
 
 
+@dataclass(frozen=True, slots=True)
+class QueueEntry:
+    """A group queue entry, as DISPATCH writes it (fields r, e, c)."""
+
+    request: GenerationRequest  # r: the request, msgpack (GenerationRequest.to_wire)
+    epoch: int  # e: the epoch it was dispatched under; the group publishes under it
+    cost: int  # c: tokens it adds to the queue's token counter (0 in entries written before it existed)
+
+
+def queue_entry(fields: dict[bytes, bytes]) -> QueueEntry:
+    """Decode a queue entry's fields (the one place that reads them); KeyError or ValueError
+    (msgpack's, pydantic's) when malformed."""
+    return QueueEntry(GenerationRequest.from_wire(fields[b"r"]), int(fields[b"e"]), int(fields.get(b"c", b"0")))
+
+
 ACK = """
 -- Acknowledge and delete a group's finished queue entries, and take their cost off its counter.
 -- KEYS[1] = the group's queue stream
@@ -126,9 +145,12 @@ PUBLISH = """
 -- ARGV[1] = publisher (group name; the balancer for requests it never routed)
 -- ARGV[2] = publisher's epoch
 -- ARGV[3] = TTL of reply stream and state, ms
--- ARGV[4] = msgpack array of events, each {kind, index, {field, value, ...}, token id, text}; kind
---           't' is a token event with its index, token id and text delta, 'f' a final event
---           (done/error), which ends the request
+-- ARGV[4] = msgpack array of events, each {kind, index, {field, value, ...}, token id, text[, choice]};
+--           kind 't' is a token event with its index, token id and text delta, 'f' a final event
+--           (done/error), which ends the request. A token event of a request with several
+--           completions names its completion (choice): indices then count per completion (state
+--           field 'next:<choice>'), and the token id and text it records are framed with it
+--           ("<choice>:<id>", "<choice>:<bytes>:<text>": pack_events, claim_result).
 -- A publisher must own the request (CLAIM_OWNER) unless nobody ever claimed it. Each token written
 -- is appended to KEYS[3] and KEYS[4], so that a new owner can continue after it; both go with the
 -- final event.
@@ -143,22 +165,29 @@ if redis.call('HEXISTS', KEYS[2], 'final') == 1 then
   return {'final', 0}
 end
 local nxt = tonumber(redis.call('HGET', KEYS[2], 'next') or '0')
+local nexts = {}  -- choice -> its next index, for the choices met here
 local status = 'ok'
 local final = false
 local record = KEYS[3] and KEYS[4]
 for _, ev in ipairs(cmsgpack.unpack(ARGV[4])) do
   if ev[1] == 't' then
-    if ev[2] == nxt then
+    local choice = ev[6]
+    local at = nxt
+    if choice then
+      at = nexts[choice] or tonumber(redis.call('HGET', KEYS[2], 'next:' .. choice) or '0')
+    end
+    if ev[2] == at then
       redis.call('XADD', KEYS[1], '*', unpack(ev[3]))
       if record then
         redis.call('APPEND', KEYS[3], ev[4] .. ',')
         if ev[5] ~= '' then redis.call('APPEND', KEYS[4], ev[5]) end
       end
-      nxt = nxt + 1
-    elseif ev[2] > nxt then
+      at = at + 1
+    elseif ev[2] > at then
       status = 'gap'
-      break
     end
+    if choice then nexts[choice] = at else nxt = at end
+    if status == 'gap' then break end
   else
     redis.call('XADD', KEYS[1], '*', unpack(ev[3]))
     redis.call('HSET', KEYS[2], 'final', '1')
@@ -167,11 +196,14 @@ for _, ev in ipairs(cmsgpack.unpack(ARGV[4])) do
   end
 end
 redis.call('HSET', KEYS[2], 'next', nxt)
+for choice, at in pairs(nexts) do
+  redis.call('HSET', KEYS[2], 'next:' .. choice, at)
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-if record and final and nxt > 0 then
+if record and final then
   redis.call('DEL', KEYS[3], KEYS[4])
-elseif record and nxt > 0 then
+elseif record then
   redis.call('PEXPIRE', KEYS[3], ARGV[3])
   redis.call('PEXPIRE', KEYS[4], ARGV[3])
 end
@@ -212,6 +244,34 @@ for _, e in ipairs(got[1][2]) do
   end
 end
 return out
+"""
+
+
+READ_CANCELS = """
+-- Read the cancel feed after a cursor (XREAD, never blocking), keeping of each entry only what a
+-- cancel can use: 'id' and 'token' when each is at most ARGV[3] bytes (no request id or token is
+-- longer). A client may write anything there: one read returns at most ARGV[2] entries of bounded
+-- size, however large what was written, and the cursor still moves past every entry.
+-- KEYS[1] = the cancel stream
+-- ARGV[1] = cursor: entries after this id
+-- ARGV[2] = most entries to read
+-- ARGV[3] = longest id or token kept, bytes
+-- Returns {{stream, {{id, {field, value, ...}}, ...}}} like XREAD, or {} when nothing is new.
+local got = redis.call('XREAD', 'COUNT', ARGV[2], 'STREAMS', KEYS[1], ARGV[1])
+if not got then return {} end
+local limit = tonumber(ARGV[3])
+local out = {}
+for _, e in ipairs(got[1][2]) do
+  local f, kept = e[2], {}
+  for i = 1, #f - 1, 2 do
+    if (f[i] == 'id' or f[i] == 'token') and #f[i + 1] <= limit then
+      kept[#kept + 1] = f[i]
+      kept[#kept + 1] = f[i + 1]
+    end
+  end
+  out[#out + 1] = {e[1], kept}
+end
+return {{KEYS[1], out}}
 """
 
 

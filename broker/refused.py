@@ -17,19 +17,12 @@ _OFF, _ON = frozenset({"0", "false"}), frozenset({"1", "true"})
 # with invalid_request naming the field, rather than running as if it had not been sent. Fields
 # named nowhere stay ignored (CONTRACT.md).
 UNHONOURED_FIELDS: dict[str, frozenset[str] | None] = {
-    "n": frozenset({"1"}),
-    "best_of": frozenset({"1"}),
     "use_beam_search": _OFF,
     "length_penalty": frozenset({"1", "1.0"}),
-    "prompt_logprobs": None,
     "allowed_token_ids": None,
     "logits_processors": None,
-    "guided_json": None,
-    "guided_regex": None,
-    "guided_choice": None,
-    "guided_grammar": None,
-    "structured_outputs": None,
-    "response_format": frozenset({"text", '{"type":"text"}'}),
+    # structured output (guided_json, response_format...) is honoured: broker.structured
+    "guided_whitespace_pattern": None,
     "include_stop_str_in_output": _OFF,
     "skip_special_tokens": _ON,
     "spaces_between_special_tokens": _ON,

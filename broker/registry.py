@@ -63,6 +63,7 @@ class GroupLoad:
     bos_token: str = ""
     eos_token: str = ""
     eos_token_ids: list[int] = field(default_factory=list)
+    tokenizer: str = ""  # the SHA-256 of its tokenizer as published (broker.tokenizers); "" when none
 
     def __post_init__(self) -> None:
         if not self.served_models:  # a group without names serves its model under its spec

@@ -10,7 +10,8 @@ raw reply, or what the pipeline's ``evalsha`` returns, and the reply's decoder (
 The request state hash (``{<reply>}:state:<id>``, see broker.keys) carries:
   owner  - the group that may publish for the request (absent until routed)
   epoch  - bumped whenever ownership is (re)assigned; a publisher must present the current one
-  next   - index of the next token event to write (token events are never duplicated or skipped)
+  next   - index of the next token event to write (token events are never duplicated or skipped);
+           a request with several completions keeps one per completion, next:<choice>
   final  - present once the one final event (done or error) is written
 Next to it, until the final event, the token ids and the text a streamed request has published
 (``{<reply>}:gen:<id>``, ``{<reply>}:gentext:<id>``): a new owner continues from them.
@@ -34,6 +35,7 @@ from broker.lua import (
     HEARTBEAT,
     OVERSIZE_FIELD,
     PUBLISH,
+    READ_CANCELS,
     READ_INGRESS,
     RETIRE_QUEUE,
 )
@@ -61,11 +63,16 @@ def ingress_entries(raw: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
 
 
 def pack_events(events: list[tuple[str, int, dict[str, str]]]) -> bytes:
-    """Encode events for PUBLISH: (kind 't'/'f', index, fields); token events carry token_id and text."""
+    """Encode events for PUBLISH: (kind 't'/'f', index, fields); token events carry token_id and
+    text, and, with a ``choice`` field (n > 1), the choice and their records framed with it."""
     packed: list[list[Any]] = []
     for kind, index, fields in events:
         flat = [x for kv in fields.items() for x in kv]
-        if kind == "t":
+        if kind == "t" and "choice" in fields:
+            choice, text = int(fields["choice"]), fields["text"]
+            framed = f"{choice}:{len(text.encode())}:{text}" if text else ""
+            packed.append([kind, index, flat, f"{choice}:{int(fields['token_id'])}", framed, choice])
+        elif kind == "t":
             packed.append([kind, index, flat, int(fields["token_id"]), fields["text"]])
         else:
             packed.append([kind, index, flat])
@@ -93,6 +100,9 @@ class Claim:
     finished: bool
     output_ids: tuple[int, ...] = ()  # token ids published so far
     output_text: str = ""  # their text, as the token events carried it
+    # The same per completion, for a request with several (n > 1): index = the completion's.
+    choice_ids: tuple[tuple[int, ...], ...] = ()
+    choice_texts: tuple[str, ...] = ()
 
 
 def claim_result(raw: Any) -> Claim:
@@ -100,10 +110,35 @@ def claim_result(raw: Any) -> Claim:
         return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
     ids = text(raw[3]) if len(raw) > 3 else ""
-    return Claim(owner=text(raw[0]), epoch=int(raw[1]), finished=bool(int(raw[2])),
+    owner, epoch, finished = text(raw[0]), int(raw[1]), bool(int(raw[2]))
+    if ":" in ids:  # a request with several completions: "<choice>:<id>," records (pack_events)
+        raw_text = raw[4] if len(raw) > 4 else b""
+        choice_ids, choice_texts = _framed_progress(ids, raw_text if isinstance(raw_text, bytes) else
+                                                    str(raw_text).encode())
+        return Claim(owner=owner, epoch=epoch, finished=finished, choice_ids=choice_ids, choice_texts=choice_texts)
+    return Claim(owner=owner, epoch=epoch, finished=finished,
                  output_ids=tuple(int(x) for x in ids.split(",") if x),
                  output_text=text(raw[4]) if len(raw) > 4 else "")
 
+
+def _framed_progress(ids: str, texts: bytes) -> tuple[tuple[tuple[int, ...], ...], tuple[str, ...]]:
+    """Per-completion token ids and texts from PUBLISH's framed records of a request with several."""
+    per_ids: dict[int, list[int]] = {}
+    for record in ids.split(","):
+        if record:
+            index, token = record.split(":")
+            per_ids.setdefault(int(index), []).append(int(token))
+    per_text: dict[int, bytes] = {}
+    pos = 0
+    while pos < len(texts):
+        colon = texts.index(b":", pos)
+        second = texts.index(b":", colon + 1)
+        choice, size = int(texts[pos:colon]), int(texts[colon + 1 : second])
+        per_text[choice] = per_text.get(choice, b"") + texts[second + 1 : second + 1 + size]
+        pos = second + 1 + size
+    count = max([*per_ids, *per_text], default=-1) + 1
+    return (tuple(tuple(per_ids.get(c, ())) for c in range(count)),
+            tuple(per_text.get(c, b"").decode("utf-8", "replace") for c in range(count)))
 
 
 class _Script:
@@ -141,7 +176,8 @@ class Scripts:
         self._ack = _Script(redis, ACK)
         self._retire_queue = _Script(redis, RETIRE_QUEUE)
         self._read_ingress = _Script(redis, READ_INGRESS)
-        self._sources = (CLAIM_OWNER, DISPATCH, PUBLISH, HEARTBEAT, ACK, RETIRE_QUEUE, READ_INGRESS)
+        self._read_cancels = _Script(redis, READ_CANCELS)
+        self._sources = (CLAIM_OWNER, DISPATCH, PUBLISH, HEARTBEAT, ACK, RETIRE_QUEUE, READ_INGRESS, READ_CANCELS)
 
     def claim_owner(self, *, progress: Progress, group: str, ttl_ms: int, reply_stream: str | None = None,
                     taken_from: str | None = None, taken_from_epoch: int = 0, client: Pipe | None = None) -> Any:
@@ -197,6 +233,13 @@ class Scripts:
         ``consumer_group``, never blocking; entries over ``max_entry_bytes`` come back as stubs
         (``OVERSIZE_FIELD``). Reply: ``ingress_entries``."""
         return self._read_ingress([ingress], [consumer_group, consumer, count, max_entry_bytes], client)
+
+    def read_cancels(self, *, cancel_stream: str, after: bytes | str, count: int, max_field_bytes: int,
+                     client: Pipe | None = None) -> Any:
+        """READ_CANCELS: up to ``count`` entries of ``cancel_stream`` after id ``after``, each reduced
+        to its ``id`` and ``token`` fields of at most ``max_field_bytes`` (others dropped). Reply:
+        XREAD's shape, ``[[stream, [(entry id, [field, value, ...]), ...]]]``."""
+        return self._read_cancels([cancel_stream], [after, count, max_field_bytes], client)
 
     def heartbeat(self, *, registry: str, info: str, group: str, fields: Sequence[str | bytes | int | float],
                   client: Pipe | None = None) -> Any:

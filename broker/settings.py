@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     # The served model name a request without `model` goes to when the groups serve several models
     # (with one, that one); unset: such a request ends with `invalid_request` naming the served models.
     default_model: str | None = None
+    # Balancers and worker groups remember the cancel entries they read this long (and trim the cancel
+    # stream to it): a cancel sent before its request reaches them still applies within it.
+    cancel_horizon_s: float = Field(default=600.0, gt=0)
 
     # --- balancer ---------------------------------------------------------------------------
     balancer_batch_max: int = Field(default=128, ge=1, description="Most ingress entries read in one batch.")

@@ -39,7 +39,10 @@ _pack_command = _hiredis_packer()
 
 
 class Batch:
-    """Commands for one round trip, added with the names and arguments of redis-py's methods."""
+    """Commands for one round trip, added with the names and arguments of redis-py's methods.
+
+    Each method returns its command's handle: the index of its reply in ``Wire.execute``'s list, so
+    that callers take replies by handle, never by counting commands."""
 
     def __init__(self) -> None:
         self.commands: list[tuple[Any, ...]] = []
@@ -48,33 +51,34 @@ class Batch:
     def __len__(self) -> int:
         return len(self.commands)
 
-    def _add(self, args: tuple[Any, ...], *, stream: bool = False) -> None:
+    def _add(self, args: tuple[Any, ...], *, stream: bool = False) -> int:
         self.commands.append(args)
         self._streams.append(stream)
+        return len(self.commands) - 1
 
-    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> None:
-        self._add(("EVALSHA", sha, numkeys, *keys_and_args))
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> int:
+        return self._add(("EVALSHA", sha, numkeys, *keys_and_args))
 
-    def set_nx(self, name: Any, value: Any, *, px: int) -> None:
+    def set_nx(self, name: Any, value: Any, *, px: int) -> int:
         """SET name value NX PX px: OK, or None when the key exists."""
-        self._add(("SET", name, value, "NX", "PX", px))
+        return self._add(("SET", name, value, "NX", "PX", px))
 
-    def get(self, name: Any) -> None:
-        self._add(("GET", name))
+    def get(self, name: Any) -> int:
+        return self._add(("GET", name))
 
-    def xack(self, name: Any, group: str, *ids: Any) -> None:
-        self._add(("XACK", name, group, *ids))
+    def xack(self, name: Any, group: str, *ids: Any) -> int:
+        return self._add(("XACK", name, group, *ids))
 
-    def xdel(self, name: Any, *ids: Any) -> None:
-        self._add(("XDEL", name, *ids))
+    def xdel(self, name: Any, *ids: Any) -> int:
+        return self._add(("XDEL", name, *ids))
 
-    def xread(self, streams: dict[Any, Any], count: int | None = None, block: int | None = None) -> None:
-        self._add(("XREAD", *_read_options(count, block), "STREAMS", *streams, *streams.values()), stream=True)
+    def xread(self, streams: dict[Any, Any], count: int | None = None, block: int | None = None) -> int:
+        return self._add(("XREAD", *_read_options(count, block), "STREAMS", *streams, *streams.values()), stream=True)
 
     def xreadgroup(self, groupname: str, consumername: str, streams: dict[Any, Any], count: int | None = None,
-                   block: int | None = None) -> None:
-        self._add(("XREADGROUP", "GROUP", groupname, consumername, *_read_options(count, block),
-                   "STREAMS", *streams, *streams.values()), stream=True)
+                   block: int | None = None) -> int:
+        return self._add(("XREADGROUP", "GROUP", groupname, consumername, *_read_options(count, block),
+                          "STREAMS", *streams, *streams.values()), stream=True)
 
 
 def _read_options(count: int | None, block: int | None) -> tuple[Any, ...]:

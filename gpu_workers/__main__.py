@@ -1,3 +1,5 @@
+"""``python -m gpu_workers``: one worker group, or one rank of it (gpu_workers.cli), without the ``ryzanstein`` command."""
+
 import argparse
 import sys
 

@@ -260,6 +260,7 @@ class BlockManager:
         seq.num_released_blocks = skipped
         if self.prefix_caching:
             self._chains[seq].num_registered = num_hit
+        if self.prefix_caching and not seq.skip_prefix_cache:
             self.prefix_query_tokens += seq.num_tokens
             self.prefix_hit_tokens += num_hit_tokens
         return True
@@ -358,6 +359,8 @@ class BlockManager:
             return 0, 0, []
         limit = (seq.num_tokens - 1) // self.block_size
         hashes = self._chain(seq, limit).hashes[:limit]
+        if seq.skip_prefix_cache:
+            return 0, 0, []
         found = [[self._by_hash.get(self._group_hash(h, k)) for h in hashes] for k in range(self._g)]
         n = limit
         for k, window in enumerate(self.groups.windows):

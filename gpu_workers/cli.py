@@ -26,8 +26,8 @@ from broker.metrics import serve_metrics
 from broker.settings import Settings
 from gpu_workers.cpu_threads import apply_threads
 from gpu_workers.engine import EXIT_ENGINE_FAILED, Engine
+from gpu_workers.engine_spec import KV_DTYPES, EngineOptions, build_engine, model_dir
 from gpu_workers.group import WorkerGroup
-from gpu_workers.models import KV_DTYPES, EngineOptions, build_engine, model_dir
 from gpu_workers.served import served_model_names, weights_fingerprint
 from gpu_workers.startup import LoadingBeacon, loading_load
 

@@ -46,6 +46,10 @@ class EngineRequest:
     deadline: float | None = None
     # Tokens already generated (and published) elsewhere: generation continues after them.
     output_ids: list[int] = field(default_factory=list)
+    # Another request of this engine with the same prompt (a completion of the same n > 1 request):
+    # this one starts only once that one has computed the prompt (produced a token) or has gone, so
+    # that the prompt's full KV blocks come from the prefix cache instead of a second prefill.
+    shares_prefix_with: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +69,18 @@ class StepOutput:
     finish_reason: str | None = None
     # Set for requests that asked for logprobs.
     logprobs: TokenLogprobs | None = None
+    # With the first token of a request that asked for prompt logprobs: one entry per prompt token,
+    # None for the first (nothing predicts it), from the raw logits (no sampling controls).
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A request the engine dropped without finishing it: it ends with an ``error`` event."""
+
+    request_id: str
+    code: str  # an error code of docs/PROTOCOL.md: invalid_request (a grammar that does not compile), internal
+    message: str  # for a person: names the field and the problem
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +120,11 @@ class Engine(Protocol):
 
     def step(self) -> list[StepOutput]:
         """Advance every running request by at most one token; EngineFailed when it never can again."""
+
+    def rejected(self) -> list[Rejection]:
+        """The requests dropped since the last call (each once): they end with their error. An
+        engine drops a request it cannot run (its structured-output grammar does not compile for
+        this model) instead of raising in ``add``, which must not wait for a compile."""
 
     def has_work(self) -> bool: ...
 

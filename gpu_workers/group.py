@@ -7,48 +7,53 @@ pipeline, and acknowledge a queue entry only once its final event is written. Pu
 through the PUBLISH script, which fences by owner and epoch and drops duplicate token indices, so
 re-processing an entry after a crash can never duplicate or fork what a client has seen.
 
-A request that arrives with ``output_ids`` was moved here mid-generation: its output state replays
-those tokens (no events) and the engine continues after them, so indices, deltas and the final text
-carry on exactly where the previous owner stopped. An engine that raises is never fatal: the request
-it raised on ends with error ``internal`` (found by trying the suspects one at a time) and the rest
-goes on.
+The parts: the queue consumer (broker.consumer: reads, cancels, acknowledgements, the retry loop),
+admission of queue entries (gpu_workers.intake), the work on the engine (gpu_workers.steps), what
+the group holds (gpu_workers.holding). This module is the loop, the group's lifecycle
+(``GroupState``) and its heartbeat.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import socket
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 
-from broker.cancellation import Cancellations, applies
+from broker.cancellation import applies
 from broker.chat import publish_template, template_digest
-from broker.connection import TRANSIENT_ERRORS, RedisClock, backoff_delays
+from broker.connection import TRANSIENT_ERRORS, RedisClock
+from broker.consumer import Next, StreamConsumer, serve
 from broker.dead_letter import DeadLetters
 from broker.errors import EngineFailed
-from broker.failures import describe, raise_if_fatal
 from broker.keys import QUEUE_GROUP, Keys
 from broker.logs import request_extra
-from broker.protocol import GenerationRequest, done_event, error_event, limit_problem, token_event
+from broker.lua import queue_entry
+from broker.protocol import GenerationRequest
 from broker.registry import GroupLoad
 from broker.scripts import Scripts
 from broker.settings import Settings
+from broker.signing import SigningKey
+from broker.tokenizers import publish_tokenizer, tokenizer_digest
 from broker.wire import Batch
-from gpu_workers.engine import Engine, EngineRequest
-from gpu_workers.holding import Event, Held, Holding
+from gpu_workers.engine import Engine
+from gpu_workers.hf_tokenizer import tokenizer_spec
+from gpu_workers.holding import Held, Holding
 from gpu_workers.intake import CONSUMER, QueueIntake
 from gpu_workers.isolation import Isolation
 from gpu_workers.keepalive import StepKeepalive
 from gpu_workers.load import LoadMeter, group_load
-from gpu_workers.output import OutputState
 from gpu_workers.publisher import Publisher
-from gpu_workers.served import default_served_name, foreign_weights
+from gpu_workers.served import default_served_name
+from gpu_workers.steps import EngineSteps
 from gpu_workers.telemetry import GroupTelemetry
+
+__all__ = ["CONSUMER", "GroupState", "WorkerGroup"]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +61,24 @@ READ_CHUNK = 512  # most queue entries read at once
 TEMPLATE_REPUBLISH_S = 30.0  # how often the chat template is written again (broker.chat)
 
 
-class WorkerGroup(QueueIntake):
+class GroupState(enum.IntEnum):
+    """Where a group is in its life (as rq's WorkerStatus), in order: it only moves on, except that a
+    group failed over while it stalled starts again (``register``). Signals move it: the first
+    drains, the second hands back, the third stops."""
+
+    STARTING = 0  # registering and recovering its queue: alive, not routable yet
+    READY = 1  # taking work
+    DRAINING = 2  # takes no more work; finishes what runs (up to drain_timeout_s), hands back the rest
+    HANDING_BACK = 3  # hands back everything it holds at once, then deregisters
+    STOPPING = 4  # leaves at once; what it holds stays in Redis, where balancers fail it over
+
+    @property
+    def heartbeat(self) -> str:
+        """The state its heartbeat shows (broker.registry)."""
+        return "starting" if self is GroupState.STARTING else "ready" if self is GroupState.READY else "draining"
+
+
+class WorkerGroup(QueueIntake, EngineSteps):
     def __init__(
         self,
         redis: Any,
@@ -76,57 +98,53 @@ class WorkerGroup(QueueIntake):
         self.weights = weights
         template = engine.info.chat_template
         self.chat_template = template_digest(template) if template else ""
-        self._next_template_publish = 0.0
+        self._tokenizer_spec = tokenizer_spec(engine.tokenizer)  # published with the template
+        self.tokenizer_digest = tokenizer_digest(self._tokenizer_spec) if self._tokenizer_spec else ""
         self.settings = settings
         self.keys = Keys(settings.prefix)
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.state = GroupState.READY
         self.scripts = Scripts(redis)
         self.clock = RedisClock(redis.time)
         self._monotonic = monotonic
+        self.queue = StreamConsumer(
+            redis, self.scripts, stream=self.keys.group_queue(self.name), group=QUEUE_GROUP, consumer=CONSUMER,
+            cancel_stream=self.keys.cancel, cancel_horizon_ms=int(settings.cancel_horizon_s * 1000),
+            clock=self.clock, ack=self._write_acks)
         self.holding = Holding()
         self.held: dict[str, Held] = self.holding.held  # request id -> what the group holds of it
-        self.draining = False
-        self.stop_now = threading.Event()  # leave at once; what is held stays in Redis for failover
         self.completed = 0
         self.fenced = 0
         self.meter = LoadMeter(window_start=monotonic())
-        self._running = self.holding.running  # ids of the requests in the engine
         self.publisher = Publisher(self.scripts, self.keys, group=self.name, ttl_ms=settings.result_ttl_s * 1000)
         self.isolation = Isolation(self.holding)  # after an engine step raised: one request at a time
-        self._cancelled = Cancellations()  # cancel entries read lately
-        self._cancel_cursor = b"0-0"
-        self._next_heartbeat = 0.0
-        self._queue_depth = 0
-        self._hurry = False
-        self._starting = False
         self.telemetry = GroupTelemetry(
             self.name, enabled=settings.metrics_port is not None, now_ms=lambda: self.clock.now_ms(),
             log_prompts=settings.log_prompts, ready_within_s=settings.dead_after_s,
             live_within_s=settings.liveness_timeout_s, stats_log_interval_s=settings.stats_log_interval_s,
             model_name=self.served_models[0], monotonic=monotonic)  # vLLM's label: the served name
-        self._heartbeat_fields: list[str] | None = None  # of the last heartbeat, repeated by keepalive
         self.dead_letters = DeadLetters(redis, self.scripts, self.keys, publisher=self.name,
                                         ttl_ms=settings.result_ttl_s * 1000, on_dead=self.telemetry.dead_lettered)
         self.keepalive = StepKeepalive(self._repeat_heartbeat, interval_s=settings.heartbeat_interval_s,
                                        max_step_s=settings.liveness_timeout_s, monotonic=monotonic,
                                        probe=self.telemetry.probe)
+        # the heartbeat's own: when the next is due, and the last one's fields (keepalive repeats them)
+        self._next_heartbeat = 0.0
+        self._next_template_publish = 0.0
+        self._heartbeat_fields: list[str] | None = None
+        self._queue_depth = 0
 
     # --- lifecycle -------------------------------------------------------------------------------
 
     def register(self) -> None:
-        queue = self.keys.group_queue(self.name)
-        self._starting = True
+        if self.state < GroupState.DRAINING:
+            self.state = GroupState.STARTING
         self.heartbeat(force=True)  # alive but not routable yet: nobody fails it over or routes to it
-        try:
-            self.redis.xgroup_create(queue, QUEUE_GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-        last = self.redis.xrevrange(self.keys.cancel, count=1)
-        self._cancel_cursor = last[0][0] if last else b"0-0"
+        self.queue.create_group()
         self._recover(starting=True)
         self.redis.set(self.keys.group_accepting(self.name), "1")
-        self._starting = False
+        if self.state is GroupState.STARTING:
+            self.state = GroupState.READY
         self.heartbeat(force=True)
         log.info("group %s registered (model %s)", self.name, self.engine.info.model)
 
@@ -143,85 +161,73 @@ class WorkerGroup(QueueIntake):
             self.keepalive.stop()
 
     def _serve(self) -> int:
-        delays = None
-        reconnected = rejoin = False
+        redo: list[Callable[[], None]] = []  # done first in the next iteration (where errors are retried)
         drain_deadline: float | None = None
-        while not self.stop_now.is_set():
-            try:
-                if rejoin:
-                    self._rejoin()
-                    rejoin = reconnected = False
-                if reconnected:
-                    self._recover()
-                    reconnected = False
-                if self.draining and drain_deadline is None:
-                    drain_deadline = self._monotonic() + self.settings.drain_timeout_s
-                    self._close_queue()
-                if drain_deadline is not None and (
-                    not self.held or self._hurry or self._monotonic() >= drain_deadline
-                ):
-                    self._hand_back_all()
-                    break
-                self.tick()
-                delays = None
-            except TRANSIENT_ERRORS as exc:
-                raise_if_fatal(exc)
-                if self.draining:
-                    # Asked to stop and Redis is gone (under honcho or systemd it may have stopped
-                    # first): nothing held was acknowledged, so it all stays pending in Redis, where a
-                    # restart of this group recovers it or balancers fail it over. One signal is enough.
-                    log.warning("redis unreachable while draining (%s); stopping: %d held requests stay "
-                                "in Redis for failover", exc, len(self.held))
-                    self.engine.close()
-                    return 0
-                reconnected = True
-                delays = delays or backoff_delays(self.settings)
-                delay = next(delays)
-                log.warning("redis unavailable (%s); retrying in %.2fs", exc, delay)
-                time.sleep(delay)
-            except ResponseError as exc:
-                raise_if_fatal(exc)
-                if "NOGROUP" not in str(exc):
-                    problem = describe(exc)  # out of memory, a read-only replica: one line, no traceback
-                    if problem is not None:
-                        log.warning("%s; retrying", problem.line)
-                    else:
-                        log.exception("group tick failed; retrying")
-                    time.sleep(next(delays := delays or backoff_delays(self.settings)))
-                    continue
-                if self.draining:
-                    log.error("group %s was failed over while draining; nothing left to hand back", self.name)
-                    self._drop_all()
-                    break
-                rejoin = True  # done at the top of the loop, where a Redis error is retried
-            except EngineFailed:
-                raise  # no heartbeat, no events: the work stays in Redis for failover
-            except Exception:
-                # Never die: what is not acknowledged is retried, and requests that break the engine
-                # end with `internal` (see _step_failed).
-                log.exception("group tick failed; retrying")
-                time.sleep(next(delays := delays or backoff_delays(self.settings)))
-        if self.stop_now.is_set():
+        left_to_failover = False
+
+        def iteration() -> bool:
+            nonlocal drain_deadline
+            while redo:
+                redo[0]()
+                redo.pop(0)
+            if self.state >= GroupState.DRAINING and drain_deadline is None:
+                drain_deadline = self._monotonic() + self.settings.drain_timeout_s
+                self._close_queue()
+            if drain_deadline is not None and (not self.held or self.state >= GroupState.HANDING_BACK
+                                               or self._monotonic() >= drain_deadline):
+                self._hand_back_all()
+                return False
+            self.tick()
+            return True
+
+        def on_lost(exc: BaseException) -> Next:
+            nonlocal left_to_failover
+            if self.state >= GroupState.DRAINING:
+                # Asked to stop and Redis is gone (under honcho or systemd it may have stopped first):
+                # nothing held was acknowledged, so it all stays pending in Redis, where a restart of
+                # this group recovers it or balancers fail it over. One signal is enough.
+                log.warning("redis unreachable while draining (%s); stopping: %d held requests stay "
+                            "in Redis for failover", exc, len(self.held))
+                left_to_failover = True
+                return Next.LEAVE
+            if not redo:  # (a pending rejoin recovers too)
+                redo.append(self._recover)
+            return Next.BACKOFF
+
+        def on_nogroup(_exc: ResponseError) -> Next:
+            if self.state >= GroupState.DRAINING:
+                log.error("group %s was failed over while draining; nothing left to hand back", self.name)
+                self._drop_all()
+                return Next.LEAVE
+            redo[:] = [self._rejoin]  # registers again, which recovers too
+            return Next.RETRY
+
+        serve(iteration, settings=self.settings, what="group", wait=time.sleep, on_lost=on_lost,
+              on_nogroup=on_nogroup, stopped=lambda: self.state is GroupState.STOPPING, passthrough=(EngineFailed,))
+        if left_to_failover:
+            self.engine.close()
+        elif self.state is GroupState.STOPPING:
             log.warning("group %s stopping now: %d held requests stay in Redis for failover",
                         self.name, len(self.held))
             self.engine.close()
-            return 0
-        self.deregister()
+        else:
+            self.deregister()
         return 0
 
     def drain(self) -> None:
         """Stop taking work; hand back what has not started (queued here or waiting in the engine),
         finish the rest (up to drain_timeout_s), hand back what is left. A second call hands back at
         once; a third stops at once."""
-        if self._hurry:
-            self.stop_now.set()
-        if self.draining:
-            self._hurry = True
-        self.draining = True
+        if self.state >= GroupState.HANDING_BACK:
+            self.state = GroupState.STOPPING
+        elif self.state is GroupState.DRAINING:
+            self.state = GroupState.HANDING_BACK
+        else:
+            self.state = GroupState.DRAINING
 
     def deregister(self) -> None:
         try:
-            self._flush_acks()
+            self.queue.flush_acks()
             pipe = self.redis.pipeline(transaction=False)
             pipe.zrem(self.keys.groups, self.name)
             pipe.delete(self.keys.group_info(self.name), self.keys.group_accepting(self.name))
@@ -240,10 +246,13 @@ class WorkerGroup(QueueIntake):
         self.register()
 
     def _drop_all(self) -> None:
-        for rid in list(self._running):
-            self.engine.abort(rid)
+        for held in self.holding.values():
+            if held.running:
+                for engine_request_id in held.engine_ids():
+                    self.engine.abort(engine_request_id)
         self.holding.clear()
         self.publisher.clear()
+        self.queue.drop_acks()
         self.isolation.clear()
 
     # --- one iteration ---------------------------------------------------------------------------
@@ -260,280 +269,50 @@ class WorkerGroup(QueueIntake):
         self.heartbeat()
 
     def _read_inputs(self) -> None:
-        batch = Batch()
-        acks = self.publisher.queue_acks(batch)
         room = min(READ_CHUNK, self.settings.group_max_requests - len(self.held))
-        read_queue = not self.draining and room > 0
+        read_queue = self.state < GroupState.DRAINING and room > 0
         idle = not self.held and not self.engine.has_work()
+        # Idle: block until work arrives, but wake for the next heartbeat.
+        until_heartbeat_ms = int((self._next_heartbeat - self._monotonic()) * 1000)
+        block = max(1, min(self.settings.worker_block_ms, until_heartbeat_ms)) if idle else None
+
+        def build(batch: Batch) -> int | None:
+            if not read_queue:
+                return None
+            return batch.xreadgroup(QUEUE_GROUP, CONSUMER, {self.queue.stream: ">"}, count=room, block=block)
+
+        got = self.queue.read(build)
+        for rid, token in got.cancels:
+            self._cancel(rid, token)
         if read_queue:
-            # Idle: block until work arrives, but wake for the next heartbeat.
-            until_heartbeat_ms = int((self._next_heartbeat - self._monotonic()) * 1000)
-            block = max(1, min(self.settings.worker_block_ms, until_heartbeat_ms)) if idle else None
-            batch.xreadgroup(QUEUE_GROUP, CONSUMER, {self.keys.group_queue(self.name): ">"}, count=room, block=block)
-        batch.xread({self.keys.cancel: self._cancel_cursor}, count=1000)
-        results = self.scripts.wire.execute(batch)
-        ack_result, results = (results[0], results[1:]) if acks else (None, results)
-        for raw in results:
-            if isinstance(raw, Exception):
-                raise raw
-        for _stream, entries in results[-1] or []:
-            for entry_id, fields in entries:
-                self._cancel_cursor = entry_id
-                self._cancel(fields, entry_id)
-        if read_queue:
-            for _stream, entries in results[0] or []:
+            for _stream, entries in got.replies[0] or []:
                 for entry_id, fields in entries:
                     self._admit_safely(entry_id, fields)
-        if isinstance(ack_result, NoScriptError):
-            self.scripts.load()  # Redis restarted: the acknowledgements go again with the next read
-        elif isinstance(ack_result, Exception):
-            raise ack_result
-        else:
-            del self.publisher.to_ack[:acks]
+        got.check()
 
-    def _admit(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
-        try:
-            request = GenerationRequest.from_wire(fields[b"r"])
-            epoch = int(fields[b"e"])
-            cost = int(fields.get(b"c", b"0"))
-        except Exception as exc:  # a malformed queue entry is a bug upstream: never crash on it
-            log.exception("malformed queue entry %s", entry_id)
-            self._give_up_entry(entry_id, fields, f"malformed queue entry ({type(exc).__name__})")
-            return
-        if request.id in self.held:
-            old = self.held[request.id]
-            if old.entry_id == entry_id:
-                return
-            if old.epoch >= epoch:
-                self._ack([entry_id])
-                return
-            self._stop(old)
-            self._forget(old)
-            self._ack([old.entry_id])
-        held = Held(entry_id=entry_id, request=request, epoch=epoch, cost=cost)
-        self.holding.add(held)
-        info = self.engine.info
-        try:
-            held.prompt_ids = (list(request.prompt_ids) if request.prompt_ids is not None
-                               else self.engine.tokenizer.encode(request.prompt or ""))
-            held.output = OutputState(sampling=request.sampling, prompt_ids=held.prompt_ids,
-                                      tokenizer=self.engine.tokenizer, eos_token_ids=info.eos_token_ids,
-                                      max_context=info.max_context)
-        except Exception as exc:
-            log.exception("request %s: cannot tokenize its prompt", request.id)
-            self._finish_error(held, "internal", f"the prompt could not be tokenized ({type(exc).__name__})")
-            return
-        self.telemetry.admitted(request, prompt_tokens=len(held.prompt_ids))
-        problem = limit_problem(held.prompt_ids, request.sampling.needed_tokens, vocab_size=info.vocab_size,
-                                max_context=info.max_context, logit_bias=request.sampling.logit_bias)
-        if problem is not None:
-            self._finish_error(held, "invalid_request", problem)
-            return
-        if (problem := foreign_weights(request, self.weights)) is not None:
-            self._finish_error(held, "unavailable", problem)
-            return
-        if request.output_ids and not self._replay(held):
-            return
-        now_ms = self.clock.now_ms()
-        if self._cancelled.matches(request.id, request.cancel_token):
+    def _cancel(self, rid: str, token: str | None) -> None:
+        """A cancel entry read: the request it names ends, if the entry is its owner's (broker.cancellation)."""
+        held = self.held.get(rid)
+        if held is not None and not held.final and applies(held.request.cancel_token, token):
             self._finish(held, "cancelled")
-        elif request.deadline_ms is not None and now_ms >= request.deadline_ms:
-            self._finish_error(held, "timeout", f"deadline of {request.timeout_s}s passed")
-        else:
-            self.holding.queue(held)
 
-    def _replay(self, held: Held) -> bool:
-        """Feed the tokens another group published into the output state, writing nothing: the
-        next token gets the next index and the text deltas go on where the client's stream stops.
-        False when the request ended (it should have ended with them already)."""
-        output = held.output
-        assert output is not None
-        try:
-            for token_id in held.request.output_ids:
-                output.push(token_id)
-                if output.finished:
-                    break
-        except Exception as exc:
-            log.exception("request %s: cannot continue from its published tokens", held.request.id)
-            self._finish_error(held, "internal", f"cannot continue a moved request ({type(exc).__name__})")
-            return False
-        if output.finish_reason is not None:
-            self._finish(held, output.finish_reason)
-            return False
-        return True
-
-    def _cancel(self, fields: dict[bytes, bytes], entry_id: bytes | None = None) -> None:
-        """One cancel entry: the request it names ends, if the entry is its owner's (broker.cancellation)."""
-        now_ms = self.clock.now_ms()
-        got = self._cancelled.add(fields, now_ms, entry_id=entry_id)
-        if got is not None:
-            rid, token = got
-            held = self.held.get(rid)
-            if held is not None and not held.final and applies(held.request.cancel_token, token):
-                self._finish(held, "cancelled")
-        self._cancelled.prune(now_ms)
-
-    def _fill_engine(self) -> None:
-        """Queued requests into the engine by (priority, arrival), up to worker_max_batch running."""
-        if self.isolation.active:
-            if self._running:
-                return  # a suspect is stepping alone
-            while self.isolation.active and not self._running:
-                suspect = self.isolation.next_suspect()
-                if suspect is not None:
-                    self._start(suspect)
-            if self.isolation.active:
-                return
-        while len(self._running) < self.settings.worker_max_batch:
-            held = self.holding.next_queued()
-            if held is None:
-                return
-            self._start(held)
-
-    def _start(self, held: Held) -> None:
-        assert held.output is not None
-        request = held.request
-        try:
-            deadline = request.deadline_ms / 1000 if request.deadline_ms is not None else None
-            self.engine.add(EngineRequest(request.id, held.prompt_ids, request.sampling, priority=request.priority,
-                                          deadline=deadline, output_ids=list(held.output.token_ids)))
-        except Exception as exc:
-            log.exception("request %s: the engine refused it", request.id)
-            self._finish_error(held, "internal", f"the engine failed on this request ({type(exc).__name__})")
-            return
-        self.holding.started(held)
-        if held.started_ms is None:
-            held.started_ms = self.clock.now_ms()
-
-    def _step_engine(self) -> None:
-        if not self.engine.has_work():
-            return
-        started = self._monotonic()
-        self.keepalive.step_started()
-        try:
-            outputs = self.engine.step()
-        except EngineFailed:
-            raise  # the engine can never step again (a rank died): the whole group stops
-        except Exception:
-            log.exception("engine step failed with %d requests running", len(self._running))
-            self._step_failed()
-            return
-        finally:
-            self.keepalive.step_ended()
-        self.meter.step(self._monotonic() - started, len(outputs))
-        self.telemetry.step(outputs)
-        for out in outputs:
-            held = self.held.get(out.request_id)
-            if held is None or held.final or held.output is None:
-                continue
-            try:
-                result = held.output.push(out.token_id, engine_finish=out.finish_reason, logprobs=out.logprobs)
-            except Exception as exc:
-                log.exception("request %s: cannot process token %r", held.request.id, out.token_id)
-                self._finish_error(held, "internal", f"output processing failed ({type(exc).__name__})")
-                continue
-            if held.first_token_ms is None:
-                held.first_token_ms = self.clock.now_ms()
-            if held.request.stream:
-                self._emit(held, ("t", result.index, token_event(held.request.id, result.index, result.token_id,
-                                                                 result.text, result.logprobs)))
-            if result.finish_reason is not None:
-                if out.finish_reason is not None:  # the engine has let go of it already
-                    self.holding.stopped(held)
-                self._finish(held, result.finish_reason)
-        if self.isolation.active:
-            # The suspect stepped alone without failing: cleared; it runs with the others afterwards.
-            for rid in list(self._running):
-                self._stop(self.held[rid])
-                self.isolation.passed(self.held[rid])
-
-    def _step_failed(self) -> None:
-        """The engine raised in a step: find the request it raised on (gpu_workers.isolation)."""
-        running = [self.held[rid] for rid in self._running]
-        for held in running:
-            self._stop(held)
-        blamed = self.isolation.failed(running)
-        if blamed is not None:
-            self._finish_error(blamed, "internal", "the engine failed while generating this request")
-        else:
-            log.warning("isolating the request that broke the engine among %d", len(running))
-
-    def _stop(self, held: Held) -> None:
-        """Take a request out of the engine (its KV blocks are freed now)."""
-        if held.running:
-            self.engine.abort(held.request.id)
-            self.holding.stopped(held)
-
-    def _emit(self, held: Held, event: Event) -> None:
-        self.publisher.emit(held, event)
-
-    def _finish(self, held: Held, finish_reason: str) -> None:
-        self._stop(held)
-        out = held.output
-        assert out is not None
-        self._emit(held, ("f", 0, done_event(
-            held.request.id, text=out.text, token_ids=out.token_ids,
-            finish_reason=finish_reason,  # type: ignore[arg-type]
-            prompt_tokens=out.prompt_len, logprobs=out.logprobs,
-            served=held.served(model=held.request.model or self.served_models[0], group=self.name,
-                               now_ms=self.clock.now_ms()),
-        )))
-        held.final = True
-        self.telemetry.finished(held.request.id, finish_reason, prompt_tokens=out.prompt_len,
-                                completion_tokens=len(out.token_ids))
-
-    def _finish_error(self, held: Held, code: str, message: str) -> None:
-        self._stop(held)
-        self._emit(held, ("f", 0, error_event(held.request.id, code, message)))
-        held.final = True
-        self.telemetry.failed(held.request.id, code, message)
-
-    def _publish(self) -> None:
-        done: list[Held] = []
-        for held, status in self.publisher.publish():
-            if status == "error":
-                self._undeliverable(held)
-            if status in ("fenced", "final", "error"):
-                # moved to another group, finished already (a re-delivered entry), or undeliverable
-                self.fenced += status == "fenced"
-                if status != "error":
-                    self.telemetry.let_go(held.request.id, status)
-                done.append(held)
-            elif status == "gap":
-                # Never expected (a new owner continues at the published index), but a request must not
-                # end without its final event: say so once the tokens before the gap are written.
-                log.error("request %s: token gap at publish; ending it", held.request.id,
-                          extra=request_extra(held.request.id))
-                held.final = False
-                self._finish_error(held, "internal", "token index gap at publish")
-            elif held.final:
-                self.completed += 1
-                done.append(held)
-        for held in done:
-            self._stop(held)
-            self._forget(held)
-        self._ack([h.entry_id for h in done])
-
-    def _forget(self, held: Held) -> None:
-        self.holding.forget(held)
-        self.publisher.discard(held)
-
-    def _ack(self, entry_ids: list[bytes]) -> None:
-        """Acknowledge (and delete) queue entries with the next read: one round trip less per step."""
-        self.publisher.to_ack.extend(entry_ids)
+    def _write_acks(self, batch: Batch, entry_ids: list[bytes]) -> None:
+        """Acknowledge (and delete) finished queue entries, taking their cost off the token counter (ACK)."""
+        self.scripts.ack(queue=self.queue.stream, queue_tokens=self.keys.group_queue_tokens(self.name),
+                         consumer_group=QUEUE_GROUP, entry_ids=entry_ids, client=batch)
 
     def _flush_acks(self) -> None:
-        self.publisher.flush_acks()
+        self.queue.flush_acks()
 
     # --- heartbeat -------------------------------------------------------------------------------
 
     def load(self) -> GroupLoad:
         now = self._monotonic()
-        state = "draining" if self.draining else "starting" if self._starting else "ready"
-        load = group_load(self.name, self.engine, self.holding, self.meter, now=now, state=state,
+        load = group_load(self.name, self.engine, self.holding, self.meter, now=now, state=self.state.heartbeat,
                           queue_depth=self._queue_depth, completed=self.completed, fenced=self.fenced,
                           metrics_port=self.telemetry.port, served_models=self.served_models,
-                          weights=self.weights, chat_template=self.chat_template)
+                          weights=self.weights, chat_template=self.chat_template,
+                          tokenizer=self.tokenizer_digest)
         self.meter.reset(now)
         return load
 
@@ -542,9 +321,12 @@ class WorkerGroup(QueueIntake):
         if not force and now < self._next_heartbeat:
             return
         self._next_heartbeat = now + self.settings.heartbeat_interval_s
-        if self.engine.info.chat_template and now >= self._next_template_publish:
-            # again now and then: a Redis restarted without persistence lost it (the heartbeat is rewritten)
-            publish_template(self.redis, self.keys, self.engine.info.chat_template)
+        if now >= self._next_template_publish:
+            # again now and then: a Redis restarted without persistence lost them (the heartbeat is rewritten)
+            if self.engine.info.chat_template:
+                publish_template(self.redis, self.keys, self.engine.info.chat_template)
+            if self._tokenizer_spec:
+                publish_tokenizer(self.redis, self.keys, self._tokenizer_spec)
             self._next_template_publish = now + TEMPLATE_REPUBLISH_S
         queued = self.redis.xlen(self.keys.group_queue(self.name))
         self._queue_depth = max(0, queued - len(self._running))
@@ -569,7 +351,9 @@ class WorkerGroup(QueueIntake):
         finishes."""
         self.redis.delete(self.keys.group_accepting(self.name))
         self.heartbeat(force=True)
-        unstarted = [self.held[rid] for rid in self.engine.not_started() if rid in self.held]
+        not_started = set(self.engine.not_started())
+        unstarted = [h for h in self.held.values() if h.running and not h.final
+                     and all(eid in not_started for eid in h.engine_ids(unfinished=True))]
         for held in unstarted:
             self._stop(held)
         waiting = self.holding.waiting()
@@ -582,31 +366,28 @@ class WorkerGroup(QueueIntake):
 
     def _hand_back_all(self) -> None:
         """Put every request still held, or still queued, back on the ingress stream."""
-        queue = self.keys.group_queue(self.name)
         for held in self.holding.values():
             self._stop(held)
             self._hand_back(held.request, held.epoch, held.entry_id)
         self.holding.clear()
-        while True:
-            batch = self.redis.xreadgroup(QUEUE_GROUP, CONSUMER, {queue: ">"}, count=500)
-            entries = [e for _s, es in (batch or []) for e in es]
-            if not entries:
-                break
+        for entries in self.queue.new_entries(count=500):
             for entry_id, fields in entries:
                 try:
-                    request, epoch = GenerationRequest.from_wire(fields[b"r"]), int(fields[b"e"])
+                    entry = queue_entry(fields)
                 except Exception:
                     log.exception("dropping malformed queue entry %s", entry_id)
-                    self._ack([entry_id])
+                    self.queue.ack([entry_id])
                     continue
-                self._hand_back(request, epoch, entry_id)
+                self._hand_back(entry.request, entry.epoch, entry_id)
             self._flush_acks()
         self._flush_acks()
 
     def _hand_back(self, request: GenerationRequest, epoch: int, entry_id: bytes) -> None:
         # XADD first, then ack: a crash in between leaves a duplicate entry, which CLAIM_OWNER's
         # epoch check and the dispatch marker make harmless; the reverse order could lose it.
-        self.redis.xadd(self.keys.requests, request.to_ingress(from_owner=self.name, epoch=epoch))
-        self._ack([entry_id])
+        signing_key = SigningKey(self.redis, self.keys).get()  # signed: no client can forge a hand-back
+        self.redis.xadd(self.keys.requests, request.to_ingress(from_owner=self.name, epoch=epoch,
+                                                               signing_key=signing_key))
+        self.queue.ack([entry_id])
         self.telemetry.let_go(request.id, "handed_back")
         log.info("handed back request %s", request.id, extra=request_extra(request.id, group=self.name))

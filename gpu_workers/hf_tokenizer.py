@@ -190,3 +190,26 @@ def _json_object(path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: not a JSON object")
     return raw
+
+
+def tokenizer_spec(tokenizer: Tokenizer) -> str | None:
+    """``tokenizer`` as the registry stores it (broker.tokenizers), or None for a kind it cannot
+    store. ``tokenizer_from_spec`` makes an equal one back."""
+    if isinstance(tokenizer, HFTokenizer):
+        return json.dumps({"kind": "tokenizers", "json": tokenizer.backend.to_str()})
+    if isinstance(tokenizer, ByteTokenizer):
+        return json.dumps({"kind": "bytes", "vocab_size": tokenizer.vocab_size, "specials": sorted(tokenizer.specials)})
+    return None
+
+
+def tokenizer_from_spec(spec: str) -> Tokenizer:
+    """The tokenizer a registry entry describes; ConfigError for one it cannot read."""
+    try:
+        raw = json.loads(spec)
+        if raw["kind"] == "tokenizers":
+            return HFTokenizer(tokenizers.Tokenizer.from_str(raw["json"]))
+        if raw["kind"] == "bytes":
+            return ByteTokenizer(int(raw["vocab_size"]), specials=frozenset(int(i) for i in raw["specials"]))
+    except Exception as exc:  # noqa: BLE001 - json, a missing key, tokenizers' own errors
+        raise ConfigError(f"unreadable tokenizer in the registry ({type(exc).__name__})") from None
+    raise ConfigError(f"unknown tokenizer kind {raw.get('kind')!r} in the registry")

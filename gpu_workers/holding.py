@@ -12,6 +12,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from broker.protocol import GenerationRequest
 from gpu_workers.output import OutputState
@@ -30,6 +31,11 @@ class Held:
     seq: int = 0  # arrival order here (set by Holding.add): ties in priority go first come, first served
     prompt_ids: list[int] = field(default_factory=list)
     output: OutputState | None = None  # None only when the prompt could not even be tokenized
+    # A request with several completions (n > 1 or best_of): one output state each, ``output`` the
+    # first; empty for a request with one.
+    choices: list[OutputState] = field(default_factory=list)
+    # Rendered prompt logprobs (broker.protocol.token_logprobs per prompt token), once computed.
+    prompt_logprobs: list[dict[str, Any] | None] | None = None
     events: list[Event] = field(default_factory=list)  # produced, not yet published
     final: bool = False
     running: bool = False  # in the engine now
@@ -38,7 +44,7 @@ class Held:
     first_token_ms: float | None = None
 
     def served(self, *, model: str, group: str, now_ms: float) -> dict[str, str]:
-        """The done event's ``served`` fields (broker.protocol.done_event)."""
+        """The done event's ``served`` fields (broker.events.done_event)."""
         out = {"model": model, "group": group}
         enqueued = self.request.enqueued_ms
         for name, at in (("queue_s", self.started_ms), ("ttft_s", self.first_token_ms), ("total_s", now_ms)):
@@ -48,8 +54,32 @@ class Held:
 
     @property
     def tokens(self) -> int:
-        """Tokens in the engine's KV cache while it runs: prompt + generated."""
+        """Tokens in the engine's KV cache while it runs: prompt + generated (by every completion)."""
+        if self.choices:
+            return len(self.prompt_ids) + sum(len(o.token_ids) for o in self.choices)
         return len(self.prompt_ids) + (len(self.output.token_ids) if self.output is not None else 0)
+
+    def engine_ids(self, *, unfinished: bool = False) -> list[str]:
+        """The ids this request has in the engine: its own, or one per completion (``engine_id``);
+        ``unfinished``: only those of completions still generating."""
+        if not self.choices:
+            return [self.request.id]
+        return [engine_id(self.request.id, c) for c, o in enumerate(self.choices)
+                if not (unfinished and o.finished)]
+
+
+CHOICE_SEPARATOR = "#"  # never in a request id (broker.protocol.ID_RE)
+
+
+def engine_id(request_id: str, choice: int) -> str:
+    """The engine's id for completion ``choice`` of a request with several."""
+    return f"{request_id}{CHOICE_SEPARATOR}{choice}"
+
+
+def split_engine_id(engine_request_id: str) -> tuple[str, int | None]:
+    """(request id, completion) of an engine id; None for a request with one completion."""
+    request_id, sep, choice = engine_request_id.rpartition(CHOICE_SEPARATOR)
+    return (request_id, int(choice)) if sep else (engine_request_id, None)
 
 
 class Holding:

@@ -1,18 +1,30 @@
-"""A worker group's queue entries coming in, and those it cannot handle: recovered after a restart
-(bounded: MAX_DELIVERIES), admitted without ever stopping the loop, or ended (broker.dead_letter).
-Part of ``WorkerGroup`` (a mixin: the state it uses is the group's, declared below)."""
+"""A worker group's queue entries coming in: admitted (tokenized, checked, queued for the engine)
+without ever stopping the loop, recovered after a restart (bounded: MAX_DELIVERIES), or ended when
+they cannot be handled (broker.dead_letter). Part of ``WorkerGroup`` (a mixin: the state it uses is
+the group's, declared below).
+
+A request that arrives with ``output_ids`` was moved here mid-generation: its output state replays
+those tokens (no events) and the engine continues after them, so indices, deltas and the final text
+carry on exactly where the previous owner stopped.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from broker.connection import TRANSIENT_ERRORS
+from broker.connection import TRANSIENT_ERRORS, RedisClock
+from broker.consumer import StreamConsumer
 from broker.dead_letter import DeadLetters, describe
-from broker.keys import QUEUE_GROUP, Keys
-from broker.protocol import GenerationRequest
-from gpu_workers.holding import Held
+from broker.keys import Keys
+from broker.lua import queue_entry
+from broker.protocol import limit_problem
+from gpu_workers.engine import Engine
+from gpu_workers.holding import Held, Holding
+from gpu_workers.output import OutputState
 from gpu_workers.publisher import Publisher
+from gpu_workers.served import foreign_weights
+from gpu_workers.telemetry import GroupTelemetry
 
 log = logging.getLogger("gpu_workers.group")
 
@@ -23,21 +35,26 @@ MAX_DELIVERIES = 10
 
 
 class QueueIntake:
-    redis: Any
     keys: Keys
     name: str
+    engine: Engine
+    weights: str
+    clock: RedisClock
+    queue: StreamConsumer
     publisher: Publisher
     dead_letters: DeadLetters
+    telemetry: GroupTelemetry
+    holding: Holding
     held: dict[str, Held]
 
     if TYPE_CHECKING:  # the WorkerGroup's own
-        def _admit(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None: ...
-
-        def _ack(self, entry_ids: list[bytes]) -> None: ...
-
         def _stop(self, held: Held) -> None: ...
 
         def _forget(self, held: Held) -> None: ...
+
+        def _finish(self, held: Held, finish_reason: str) -> None: ...
+
+        def _finish_error(self, held: Held, code: str, message: str) -> None: ...
 
     def _recover(self, *, starting: bool = False) -> None:
         """Admit the entries a previous incarnation of this group read but never finished.
@@ -46,25 +63,12 @@ class QueueIntake:
         pending again that this process had finished and acknowledged. A starting group gives up
         the entries delivered more than MAX_DELIVERIES times (they may be what stopped it before).
         """
-        queue, cursor, acking = self.keys.group_queue(self.name), "0", set(self.publisher.to_ack)
-        while True:
-            batch = self.redis.xreadgroup(QUEUE_GROUP, CONSUMER, {queue: cursor}, count=500)
-            entries = [e for _s, es in (batch or []) for e in es]
-            if not entries:
-                return
-            deliveries: dict[bytes, int] = {}
-            if starting:
-                rows = self.redis.xpending_range(queue, QUEUE_GROUP, min=entries[0][0], max=entries[-1][0],
-                                                 count=len(entries), consumername=CONSUMER)
-                deliveries = {row["message_id"]: int(row["times_delivered"]) for row in rows}
-            for entry_id, fields in entries:
-                cursor = entry_id
-                if entry_id in acking:
-                    continue
+        for entries in self.queue.own_pending():
+            for entry_id, fields, deliveries in entries:
                 if not fields:  # deleted after it was read: nothing left to do
-                    self._ack([entry_id])
-                elif deliveries.get(entry_id, 0) > MAX_DELIVERIES:
-                    self._give_up_entry(entry_id, fields, f"delivered {deliveries[entry_id]} times and never finished")
+                    self.queue.ack([entry_id])
+                elif starting and deliveries > MAX_DELIVERIES:
+                    self._give_up_entry(entry_id, fields, f"delivered {deliveries} times and never finished")
                 else:
                     self._admit_safely(entry_id, fields)
             log.info("group %s recovered %d pending requests", self.name, len(entries))
@@ -83,18 +87,96 @@ class QueueIntake:
                 self._forget(held)
             self._give_up_entry(entry_id, fields or {}, describe(exc))
 
+    def _admit(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        try:
+            entry = queue_entry(fields)
+        except Exception as exc:  # a malformed queue entry is a bug upstream: never crash on it
+            log.exception("malformed queue entry %s", entry_id)
+            self._give_up_entry(entry_id, fields, f"malformed queue entry ({type(exc).__name__})")
+            return
+        request = entry.request
+        if request.id in self.held:
+            old = self.held[request.id]
+            if old.entry_id == entry_id:
+                return
+            if old.epoch >= entry.epoch:
+                self.queue.ack([entry_id])
+                return
+            self._stop(old)
+            self._forget(old)
+            self.queue.ack([old.entry_id])
+        held = Held(entry_id=entry_id, request=request, epoch=entry.epoch, cost=entry.cost)
+        self.holding.add(held)
+        info = self.engine.info
+        try:
+            held.prompt_ids = (list(request.prompt_ids) if request.prompt_ids is not None
+                               else self.engine.tokenizer.encode(request.prompt or ""))
+            held.choices = [OutputState(sampling=request.sampling, prompt_ids=held.prompt_ids,
+                                        tokenizer=self.engine.tokenizer, eos_token_ids=info.eos_token_ids,
+                                        max_context=info.max_context)
+                            for _ in range(request.sampling.num_sequences)]
+            held.output = held.choices[0]
+            if len(held.choices) == 1:
+                held.choices = []
+        except Exception as exc:
+            log.exception("request %s: cannot tokenize its prompt", request.id)
+            self._finish_error(held, "internal", f"the prompt could not be tokenized ({type(exc).__name__})")
+            return
+        self.telemetry.admitted(request, prompt_tokens=len(held.prompt_ids))
+        problem = limit_problem(held.prompt_ids, request.sampling.needed_tokens, vocab_size=info.vocab_size,
+                                max_context=info.max_context, logit_bias=request.sampling.logit_bias)
+        if problem is not None:
+            self._finish_error(held, "invalid_request", problem)
+            return
+        if (problem := foreign_weights(request, self.weights)) is not None:
+            self._finish_error(held, "unavailable", problem)
+            return
+        if (request.output_ids or request.choice_output_ids) and not self._replay(held):
+            return
+        now_ms = self.clock.now_ms()
+        if self.queue.cancels.matches(request.id, request.cancel_token):
+            self._finish(held, "cancelled")
+        elif request.deadline_ms is not None and now_ms >= request.deadline_ms:
+            self._finish_error(held, "timeout", f"deadline of {request.timeout_s}s passed")
+        else:
+            self.holding.queue(held)
+
+    def _replay(self, held: Held) -> bool:
+        """Feed the tokens another group published into the output state, writing nothing: the
+        next token gets the next index and the text deltas go on where the client's stream stops.
+        False when the request ended (it should have ended with them already)."""
+        assert held.output is not None
+        request = held.request
+        # (a request with several completions continues each from its own tokens)
+        replays = list(zip(held.choices, request.choice_output_ids)) if held.choices else [
+            (held.output, request.output_ids)]
+        try:
+            for output, token_ids in replays:
+                for token_id in token_ids:
+                    output.push(token_id)
+                    if output.finished:
+                        break
+        except Exception as exc:
+            log.exception("request %s: cannot continue from its published tokens", held.request.id)
+            self._finish_error(held, "internal", f"cannot continue a moved request ({type(exc).__name__})")
+            return False
+        outputs = held.choices or [held.output]
+        if all(o.finished for o in outputs):
+            self._finish(held, outputs[0].finish_reason or "stop")
+            return False
+        return True
+
     def _give_up_entry(self, entry_id: bytes, fields: dict[bytes, bytes], reason: str) -> None:
         """End the request of a queue entry that cannot be handled: its error, else {p}:dead."""
-        request: GenerationRequest | None
         try:
-            request, epoch = GenerationRequest.from_wire(fields[b"r"]), int(fields[b"e"])
+            entry = queue_entry(fields)
         except Exception:  # noqa: BLE001 - not even readable: to {p}:dead as it is
-            request, epoch = None, 0
+            entry = None
         self.dead_letters.give_up(source=self.keys.group_queue(self.name), entry_id=entry_id,
-                                  request_id=request.id if request else None,
-                                  reply_to=request.reply_to if request else None, reason=reason, epoch=epoch,
-                                  fields=None if request else fields)
-        self._ack([entry_id])
+                                  request_id=entry.request.id if entry else None,
+                                  reply_to=entry.request.reply_to if entry else None, reason=reason,
+                                  epoch=entry.epoch if entry else 0, fields=None if entry else fields)
+        self.queue.ack([entry_id])
 
     def _undeliverable(self, held: Held) -> None:
         """The reply stream refused the events (of another type, or NOPERM): the error goes to the

@@ -9,48 +9,39 @@ and Redis stay in the group loop (gpu_workers.group); this module only turns req
 from __future__ import annotations
 
 import logging
-import os
 import random
-import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from broker.chat import PLAIN_CHAT_TEMPLATE
-from broker.errors import ConfigError
+from broker.errors import InvalidRequest
 from broker.protocol import SamplingParams
-from gpu_workers.block_manager import BlockManager, KVCacheGroups
-from gpu_workers.engine import EngineInfo, EngineRequest, EngineStats, StepOutput
+from gpu_workers.block_manager import BlockManager
+from gpu_workers.engine import EngineInfo, EngineRequest, EngineStats, Rejection, StepOutput
 from gpu_workers.hf_tokenizer import load_tokenizer
-from gpu_workers.kv_memory import kv_budget_bytes
 from gpu_workers.logits_processors import RowContext, bad_words_token_ids
-from gpu_workers.model.config import ModelConfig, load_config
-from gpu_workers.model.kv_cache import kv_bytes_per_block
+from gpu_workers.model.config import load_config
 from gpu_workers.model_runner import Chunk, ModelRunner
-from gpu_workers.parallel.launch import RankReport, TensorParallelGroup, peak_rss_bytes
+from gpu_workers.parallel.launch import TensorParallelGroup
 from gpu_workers.parallel.runner import LeaderRunner
+from gpu_workers.prompt_logprobs import PromptLogprobs
+from gpu_workers.rank import BLOCK_SIZE, LlamaEngineOptions, build_runner, rank_report
 from gpu_workers.sampler import sample_with_logprobs
 from gpu_workers.scheduler import Scheduler, SchedulerConfig
 from gpu_workers.sequence import Sequence
+from gpu_workers.structured_output import GrammarMatcher, Grammars
 
 log = logging.getLogger(__name__)
 
-BLOCK_SIZE = 16
 SEED_MASK = (1 << 63) - 1
+DEFAULT_OPTIONS = LlamaEngineOptions()
 
-
-@dataclass(frozen=True, slots=True)
-class LlamaEngineOptions:
-    kv_dtype: str = "fp8_e4m3"
-    kv_memory: str | None = None  # "2GiB", "500MB", a byte count, or None for a share of free memory
-    device: str = "cpu"
-    dtype: torch.dtype | None = None  # None: fp32 on CPU, bf16 on CUDA
-    max_num_seqs: int = 128
-    max_num_batched_tokens: int = 512  # per-step token budget (chunked prefill)
-    prefix_caching: bool = True
+__all__ = ["BLOCK_SIZE", "LlamaEngine", "LlamaEngineOptions"]  # the options live with the rank (gpu_workers.rank)
 
 
 @dataclass(slots=True)
@@ -62,6 +53,13 @@ class _RequestState:
     max_total_tokens: int  # prompt + every generated token (those made elsewhere included), at most
     stop_ids: frozenset[int]  # the ids that end it (EOS unless ignore_eos, stop_token_ids); masked before min_tokens
     bad_words_ids: tuple[tuple[int, ...], ...]  # bad_words, tokenized
+    prompt_logprobs: PromptLogprobs | None = None  # for requests that asked, until sent
+    started: bool = False  # has produced a token here (its prompt is in the cache)
+    # Structured output: the matcher, once compiled (gpu_workers.structured_output); advanced over
+    # every token of the sequence, the prompt's excepted.
+    grammar: GrammarMatcher | None = None
+    compiling: Future[GrammarMatcher] | None = None  # while compiling: the sequence is not scheduled yet
+    seq: Sequence | None = field(default=None, repr=False)  # while compiling: the sequence to schedule
 
 
 class LlamaEngine:
@@ -70,7 +68,7 @@ class LlamaEngine:
         model_dir: Path,
         *,
         name: str,
-        options: LlamaEngineOptions = LlamaEngineOptions(),
+        options: LlamaEngineOptions = DEFAULT_OPTIONS,
         clock: Callable[[], float] = time.monotonic,
         tp: TensorParallelGroup | None = None,
     ) -> None:
@@ -109,7 +107,7 @@ class LlamaEngine:
             max_context=model_len if longest is None else min(model_len, longest),
             eos_token_ids=frozenset(specials.eos_token_ids),
             tp=tp.size if tp is not None else 1,
-            kv_dtype=options.kv_dtype,
+            kv_dtype=options.kv.name,
             rank_weight_bytes=tuple(r.weight_bytes for r in self.ranks),
             rank_kv_bytes=tuple(r.kv_bytes for r in self.ranks),
             # a model without a tokenizer.json (random:<preset>) speaks bytes: the plain byte template
@@ -118,25 +116,40 @@ class LlamaEngine:
             eos_token=specials.eos_token,
         )
         self._requests: dict[str, _RequestState] = {}
+        # Requests waiting for the request they share their prompt with to compute it (add), by its id.
+        self._parked: dict[str, list[EngineRequest]] = {}
+        self.grammars = Grammars(self.tokenizer, vocab_size=self.config.vocab_size,
+                                 eos_token_ids=self.info.eos_token_ids)
+        self._compiling: dict[str, _RequestState] = {}  # held back from the scheduler until compiled
+        self._rejected: list[Rejection] = []
+        self._mask_pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
         log.info(
             "engine %s ready in %.1fs: %d KV blocks of %d layers (%d tokens of every layer, %.1f MiB per "
             "rank, %s), max context %d", name, time.perf_counter() - started, num_blocks,
             runner.kv_groups.layers_per_block, capacity, runner.kv_cache.bytes_per_block() * num_blocks / 2**20,
-            options.kv_dtype, self.info.max_context,
+            options.kv, self.info.max_context,
         )
 
     # --- Engine protocol -------------------------------------------------------------------------
 
     def add(self, request: EngineRequest) -> None:
+        leader = request.shares_prefix_with
+        if leader is not None and leader in self._requests and not self._requests[leader].started:
+            self._parked.setdefault(leader, []).append(request)  # its prompt's blocks are being computed
+            return
+        self._admit(request)
+
+    def _admit(self, request: EngineRequest) -> None:
         sampling = request.sampling
         seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
         tokens = [*request.prompt_ids, *request.output_ids]
         max_total = min(len(request.prompt_ids) + sampling.max_tokens, self.info.max_context)
         stop_ids = (frozenset() if sampling.ignore_eos else self.info.eos_token_ids) | frozenset(sampling.stop_token_ids)
         bad_words = bad_words_token_ids(sampling.bad_words, self.tokenizer) if sampling.bad_words else ()
-        self._requests[request.request_id] = _RequestState(sampling, seed & SEED_MASK, max_total, stop_ids,
-                                                           bad_words)
-        self.scheduler.add(Sequence(
+        prompt_logprobs = (PromptLogprobs(list(request.prompt_ids), sampling.prompt_logprobs)
+                           if sampling.prompt_logprobs is not None else None)
+        state = _RequestState(sampling, seed & SEED_MASK, max_total, stop_ids, bad_words, prompt_logprobs)
+        seq = Sequence(
             request_id=request.request_id,
             token_ids=tokens,
             num_prompt_tokens=len(request.prompt_ids),
@@ -144,16 +157,75 @@ class LlamaEngine:
             arrival=self._clock(),
             deadline=request.deadline,
             max_num_tokens=max_total,
-        ))
+            skip_prefix_cache=prompt_logprobs is not None,
+        )
+        if sampling.structured is not None:
+            # compiled off the step path; scheduled once its matcher is ready (_schedule_compiled)
+            state.compiling = self.grammars.start(sampling.structured, output_ids=request.output_ids)
+            state.seq = seq
+            self._requests[request.request_id] = state
+            self._compiling[request.request_id] = state
+            return
+        self._requests[request.request_id] = state
+        self.scheduler.add(seq)
+
+    def _release_parked(self, leader: str) -> None:
+        """The requests parked behind ``leader`` start: its prompt is cached, or it has gone."""
+        for request in self._parked.pop(leader, []):
+            self._admit(request)
 
     def abort(self, request_id: str) -> None:
+        for leader, parked in list(self._parked.items()):
+            if any(r.request_id == request_id for r in parked):
+                self._parked[leader] = [r for r in parked if r.request_id != request_id]
+                return
         if self._requests.pop(request_id, None) is not None:
-            self.scheduler.abort(request_id)
-            self.runner.release(request_id)
+            if (state := self._compiling.pop(request_id, None)) is not None and state.compiling is not None:
+                state.compiling.cancel()  # (not scheduled yet)
+            else:
+                self.scheduler.abort(request_id)
+                self.runner.release(request_id)
+            self._release_parked(request_id)
+
+    def rejected(self) -> list[Rejection]:
+        out, self._rejected = self._rejected, []
+        return out
+
+    def _schedule_compiled(self, *, block: bool) -> None:
+        """Hand the requests whose matcher is ready to the scheduler; drop those whose spec failed.
+        ``block``: nothing else to do, wait a little for a compile rather than spin."""
+        if block:
+            wait([s.compiling for s in self._compiling.values() if s.compiling is not None], timeout=0.01,
+                 return_when=FIRST_COMPLETED)
+        for request_id, state in list(self._compiling.items()):
+            future = state.compiling
+            if future is None or not future.done():
+                continue
+            del self._compiling[request_id]
+            state.compiling = None
+            seq, state.seq = state.seq, None
+            try:
+                state.grammar = future.result()
+                assert seq is not None
+                self.scheduler.add(seq)
+            except InvalidRequest as exc:
+                self._reject(request_id, "invalid_request", str(exc))
+            except Exception as exc:  # the compile thread's failure is this request's alone
+                log.exception("request %s: structured output failed to compile", request_id)
+                self._reject(request_id, "internal", f"structured output failed to compile ({type(exc).__name__})")
+
+    def _reject(self, request_id: str, code: str, message: str) -> None:
+        self._requests.pop(request_id, None)
+        self._rejected.append(Rejection(request_id, code, message))
+        self._release_parked(request_id)  # the completions sharing its prompt go on without it
 
     def step(self) -> list[StepOutput]:
+        if self._compiling:
+            self._schedule_compiled(block=False)
         plan = self.scheduler.schedule(self._clock())
         if not plan.chunks:
+            if self._compiling:
+                self._schedule_compiled(block=True)
             return []
         chunks = [
             Chunk(
@@ -162,12 +234,17 @@ class LlamaEngine:
                 block_table=c.seq.block_table,
                 want_logits=c.samples,
                 seq=c.seq,
+                all_logits=(p := self._requests[c.seq.request_id].prompt_logprobs) is not None and p.wants(c.start),
             )
             for c in plan.chunks
         ]
-        logits = self.runner.run(chunks)
         sampled_seqs = [c.seq for c in plan.chunks if c.samples]
         states = [self._requests[s.request_id] for s in sampled_seqs]
+        matchers = {i: st.grammar for i, st in enumerate(states) if st.grammar is not None}  # row -> matcher
+        # The masks are filled while the model runs (llguidance releases the GIL); rows in sampling order.
+        masks = self._mask_pool.submit(self.grammars.fill, list(matchers.values()), list(matchers),
+                                       len(states)) if matchers else None
+        logits = self._take_prompt_logits(chunks, self.runner.run(chunks))
         sampled = sample_with_logprobs(
             logits,
             [st.sampling for st in states],
@@ -176,6 +253,7 @@ class LlamaEngine:
             contexts=[RowContext(s.token_ids, s.num_prompt_tokens, st.stop_ids, st.bad_words_ids)
                       for s, st in zip(sampled_seqs, states)],
             top_logprobs=[st.sampling.top_logprobs if st.sampling.logprobs else None for st in states],
+            grammar=masks.result() if masks is not None else None,
         ) if sampled_seqs else None
         tokens = sampled.token_ids if sampled is not None else []
         logprobs = sampled.logprobs if sampled is not None else []
@@ -183,29 +261,62 @@ class LlamaEngine:
 
         outputs = []
         for seq, state, token, token_logprobs in zip(sampled_seqs, states, tokens, logprobs):
+            prompt_logprobs = None
+            if state.prompt_logprobs is not None:
+                prompt_logprobs, state.prompt_logprobs = tuple(state.prompt_logprobs.entries), None
+            if not state.started:
+                state.started = True
+                self._release_parked(seq.request_id)
             finish = None
-            if token in state.stop_ids:
-                finish = "stop"
+            if state.grammar is not None and not state.grammar.consume_token(token):
+                log.error("request %s: the grammar refused the sampled token %d", seq.request_id, token)
+                self._reject(seq.request_id, "internal", "the sampled token does not match the structured output")
+                self.scheduler.finish(seq.request_id)
+                self.runner.release(seq.request_id)
+                continue
+            if token in state.stop_ids or (state.grammar is not None and state.grammar.is_stopped()):
+                finish = "stop"  # the grammar is complete: nothing but EOS could follow (vLLM stops there too)
             elif seq.num_tokens >= state.max_total_tokens:
                 finish = "length"
             if finish is not None:
                 self._requests.pop(seq.request_id, None)
                 self.scheduler.finish(seq.request_id)
                 self.runner.release(seq.request_id)
-            outputs.append(StepOutput(seq.request_id, token, finish, token_logprobs))
+            outputs.append(StepOutput(seq.request_id, token, finish, token_logprobs, prompt_logprobs))
         return outputs
 
+    def _take_prompt_logits(self, chunks: list[Chunk], logits: torch.Tensor) -> torch.Tensor:
+        """Hand the rows of chunks with ``all_logits`` to their requests' prompt logprobs; the rows
+        left (``[S, V]``) are those to sample from, one per chunk with ``want_logits``."""
+        if not any(c.all_logits for c in chunks):
+            return logits
+        row, sample_rows = 0, []
+        for c in chunks:
+            if c.all_logits:
+                assert c.seq is not None
+                prompt = self._requests[c.seq.request_id].prompt_logprobs
+                assert prompt is not None
+                prompt.add(c.start, logits[row : row + len(c.token_ids)])
+                row += len(c.token_ids)
+                if c.want_logits:
+                    sample_rows.append(row - 1)
+            elif c.want_logits:
+                sample_rows.append(row)
+                row += 1
+        return logits[sample_rows]
+
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self._parked) or bool(self._compiling)
 
     def not_started(self) -> list[str]:
-        return self.scheduler.not_started()
+        return [*self._compiling, *self.scheduler.not_started(),
+                *(r.request_id for parked in self._parked.values() for r in parked)]
 
     def stats(self) -> EngineStats:
         self.runner.check()  # a group that lost a rank must not report itself alive
         return EngineStats(
             running=self.scheduler.num_running,
-            waiting=self.scheduler.num_waiting,
+            waiting=self.scheduler.num_waiting + len(self._compiling),
             kv_capacity_tokens=self.blocks.capacity_tokens,
             kv_used_tokens=self.blocks.used_tokens,
             prefix_cache_hit_rate=self.blocks.hit_rate,
@@ -215,65 +326,9 @@ class LlamaEngine:
         )
 
     def close(self) -> None:
+        self._parked.clear()
         for request_id in list(self._requests):
             self.abort(request_id)
+        self.grammars.close()
+        self._mask_pool.shutdown(wait=False)
         self.runner.close()
-
-
-def build_runner(model_dir: Path, options: LlamaEngineOptions, *, tp: TensorParallelGroup | None) -> ModelRunner:
-    """This rank's model runner (its shards of the weights), with as many KV blocks as the tightest
-    rank's budget holds: every rank of a group must have the same blocks, since block tables are shared.
-    The budget is read once the weights are loaded, so a share of free memory leaves theirs alone.
-    Followers call this too, with the same options, so the ranks' collectives pair up."""
-    config = load_config(model_dir)
-    size = tp.size if tp is not None else 1
-    groups = kv_cache_groups(config)
-    # the real size of a block (one KV cache group's layers), fp8 scales included: kv_capacity_tokens
-    # is what the memory holds
-    bytes_per_block = kv_bytes_per_block(config, options.kv_dtype, block_size=BLOCK_SIZE,
-                                         tp_size=size) // groups.num_groups
-    # Never more blocks than every sequence at full length could use.
-    most = options.max_num_seqs * groups.peak_blocks(config.max_context, BLOCK_SIZE,
-                                                     chunk=options.max_num_batched_tokens)
-    local_ranks = tp.local_size if tp else 1
-
-    def blocks() -> int:
-        budget = kv_budget_bytes(options.kv_memory, device=options.device, ranks_on_host=local_ranks)
-        return min(budget // bytes_per_block, most)
-
-    def check(num_blocks: int) -> None:
-        if num_blocks < groups.num_groups:
-            budget = f"--kv-memory {options.kv_memory!r}" if options.kv_memory else "the free memory's share"
-            what = "no KV block" if groups.num_groups == 1 else f"fewer than {groups.num_groups} KV blocks (one per group)"
-            raise ConfigError(f"{budget} holds {what} of {BLOCK_SIZE} tokens ({bytes_per_block} bytes per rank "
-                              f"with kv dtype {options.kv_dtype})")
-
-    if options.kv_memory is not None:
-        check(blocks())  # a size that holds nothing fails before minutes of loading
-    runner = ModelRunner(
-        model_dir, num_blocks=None, block_size=BLOCK_SIZE, kv_dtype=options.kv_dtype,
-        dtype=options.dtype, device=tp.device if tp is not None else options.device,
-        tp=tp.context if tp is not None else None, kv_groups=groups,
-    )
-    num_blocks = blocks()  # a share of free memory is measured now, with the weights loaded
-    if tp is not None:
-        num_blocks = tp.agree_min(num_blocks)  # every rank, before any of them can refuse
-    check(num_blocks)
-    runner.allocate_kv_cache(num_blocks)
-    return runner
-
-
-def kv_cache_groups(config: ModelConfig) -> KVCacheGroups:
-    """The engine's KV cache groups: layers of each attention kind in blocks of their own, so that
-    sliding-window layers keep only their window's blocks beside global ones (Gemma 3)."""
-    return KVCacheGroups.of([config.layer_window(i) for i in range(config.num_hidden_layers)])
-
-
-def rank_report(runner: ModelRunner, tp: TensorParallelGroup | None, *, load_s: float) -> RankReport:
-    """What this rank holds, once loaded."""
-    cache = runner.kv_cache
-    return RankReport(
-        rank=tp.rank if tp is not None else 0, host=socket.gethostname(), pid=os.getpid(),
-        weight_bytes=runner.weight_bytes(), kv_bytes=cache.bytes_per_block() * cache.num_blocks,
-        load_s=round(load_s, 3), peak_rss_bytes=peak_rss_bytes(),
-    )

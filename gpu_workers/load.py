@@ -59,9 +59,11 @@ class LoadMeter:
 
 def group_load(name: str, engine: Engine, holding: Holding, meter: LoadMeter, *, now: float, state: str,
                queue_depth: int, completed: int, fenced: int, metrics_port: int | None = None,
-               served_models: list[str] | None = None, weights: str = "", chat_template: str = "") -> GroupLoad:
+               served_models: list[str] | None = None, weights: str = "", chat_template: str = "",
+               tokenizer: str = "") -> GroupLoad:
     """One heartbeat's worth: identity and limits, engine stats, what is held, the meter's readings;
-    ``chat_template``: the digest of the engine's template as published (broker.chat)."""
+    ``chat_template``, ``tokenizer``: the digests of the engine's template and tokenizer as published
+    (broker.chat, broker.tokenizers)."""
     stats = engine.stats()
     info = engine.info
     queued_tokens, running_tokens = holding.tokens()
@@ -96,4 +98,5 @@ def group_load(name: str, engine: Engine, holding: Holding, meter: LoadMeter, *,
         bos_token=info.bos_token,
         eos_token=info.eos_token,
         eos_token_ids=sorted(info.eos_token_ids),
+        tokenizer=tokenizer,
     )

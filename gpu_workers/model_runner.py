@@ -24,7 +24,8 @@ from gpu_workers.block_manager import KVCacheGroups
 from gpu_workers.model.attention import AttentionBatch, DecodeGroup, PagedAttention, PrefillChunk
 from gpu_workers.model.config import ModelConfig, load_config
 from gpu_workers.model.families import model_class
-from gpu_workers.model.kv_cache import STORAGE_DTYPES, KVCache
+from gpu_workers.model.kv_cache import KVCache
+from gpu_workers.model.kv_format import KVFormat, kv_format
 from gpu_workers.model.layers import TPContext
 from gpu_workers.model.loader import load_weights
 from gpu_workers.startup import phase
@@ -48,6 +49,8 @@ class Chunk:
     # The scheduler's sequence (request id, all its tokens): what a tensor-parallel leader needs to
     # tell the other ranks only what they have not seen (gpu_workers.parallel.step_message).
     seq: Sequence | None = None
+    # Logits of every token of the chunk, not only of its last (prompt logprobs).
+    all_logits: bool = False
 
 
 @dataclass(slots=True)
@@ -67,7 +70,7 @@ class ModelRunner:
         *,
         num_blocks: int | None,
         block_size: int = 16,
-        kv_dtype: str = "fp32",
+        kv_dtype: str | KVFormat = "fp32",
         dtype: torch.dtype | None = None,
         device: str = "cpu",
         tp: TPContext | None = None,
@@ -78,8 +81,7 @@ class ModelRunner:
         once the loaded weights show how much memory is left. ``decode_group_tokens``: most padded
         context tokens per decode attention group (None: CPU_DECODE_GROUP_TOKENS on CPUs, all
         decodes in one group on GPUs). ``kv_groups``: which layers share a block (default: all)."""
-        if kv_dtype not in STORAGE_DTYPES:
-            raise ConfigError(f"kv_dtype {kv_dtype!r}: one of {', '.join(STORAGE_DTYPES)}")
+        kv = kv_format(kv_dtype)  # ConfigError for an unknown name, before the model loads
         self.device = torch.device(device)
         # bf16 matmuls are 2-3x slower than fp32 on the project's CPUs
         self.dtype = dtype or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
@@ -109,7 +111,8 @@ class ModelRunner:
             load_weights(self.model, Path(model_dir))
         with phase("pack"):
             self.model.pack_weights()
-        self.kv_dtype = kv_dtype
+        self.kv_format = kv
+        self.kv_dtype = kv.name
         self.kv_cache: KVCache
         if num_blocks is not None:
             self.allocate_kv_cache(num_blocks)
@@ -126,13 +129,14 @@ class ModelRunner:
             block_size=self.block_size,
             num_kv_heads=self.config.kv_heads_per_rank(self.tp.size),
             head_dim=self.config.head_dim,
-            kv_dtype=self.kv_dtype,
+            kv_dtype=self.kv_format,
             dtype=self.dtype,
             device=self.device,
         )
 
     def run(self, chunks: list[Chunk]) -> torch.Tensor:
-        """fp32 logits [n, vocab] of the chunks with ``want_logits``, in the order given.
+        """fp32 logits [n, vocab] of the chunks with ``want_logits``, in the order given; a chunk
+        with ``all_logits`` gives a row for each of its tokens instead (its last one included).
 
         Chunks may come in any order, one per sequence; each writes its tokens' K/V into its blocks.
         """
@@ -188,7 +192,12 @@ class ModelRunner:
         batch = views[0]
         if num_groups > 1:
             batch.groups = views
-        rows = [first_row[i] + len(c.token_ids) - 1 for i, c in enumerate(chunks) if c.want_logits]
+        rows: list[int] = []
+        for i, c in enumerate(chunks):
+            if c.all_logits:
+                rows.extend(range(first_row[i], first_row[i] + len(c.token_ids)))
+            elif c.want_logits:
+                rows.append(first_row[i] + len(c.token_ids) - 1)
         return _Step(
             input_ids=self._to_device(torch.tensor(ids, dtype=torch.long)),
             positions=self._to_device(torch.cat(positions)),
@@ -247,7 +256,7 @@ class ModelRunner:
         """The K/V row index and SDDMM pattern of in-place decode attention (see attention.py)."""
         bs, cache = self.block_size, self.kv_cache
         kv_heads = cache.num_kv_heads
-        per_kv_head = self.config.num_attention_heads // self.tp.size // kv_heads  # G: query heads per KV head
+        per_kv_head = self.config.heads_per_rank(self.tp.size) // kv_heads  # G
         b, width = table.shape
         length = width * bs
         slots = (table[:, :, None] * bs + torch.arange(bs)).view(b, length)  # [B, L]

@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from broker.protocol import SamplingParams, token_logprobs
+from broker.events import token_logprobs
+from broker.protocol import SamplingParams
 from gpu_workers.engine import Tokenizer, TokenLogprobs
 from gpu_workers.tokenizer import IncrementalDetokenizer
 
@@ -19,7 +20,7 @@ class TokenResult:
     token_id: int
     text: str  # the text this token makes visible (may be "", or carry held-back text)
     finish_reason: str | None  # stop | length when this token ends the request
-    logprobs: dict[str, Any] | None = None  # broker.protocol.token_logprobs, for requests that asked
+    logprobs: dict[str, Any] | None = None  # broker.events.token_logprobs, for requests that asked
 
 
 class OutputState:
@@ -54,6 +55,8 @@ class OutputState:
         # One entry per token id when the request asked for logprobs (None for tokens replayed from
         # another group, whose logprobs are not known here); None otherwise.
         self.logprobs: list[dict[str, Any] | None] | None = [] if sampling.logprobs else None
+        # The sum of the tokens' logprobs while the engine reports every one (best_of ranks by it).
+        self.cumulative_logprob: float | None = 0.0
 
     @property
     def finished(self) -> bool:
@@ -67,6 +70,8 @@ class OutputState:
         index = len(self.token_ids)
         self.token_ids.append(token_id)
         rendered = None
+        if self.cumulative_logprob is not None:
+            self.cumulative_logprob = None if logprobs is None else self.cumulative_logprob + logprobs.logprob
         if self.logprobs is not None:
             rendered = self._render(token_id, logprobs) if logprobs is not None else None
             self.logprobs.append(rendered)
@@ -94,9 +99,13 @@ class OutputState:
         return TokenResult(index=index, token_id=token_id, text=delta, finish_reason=finish, logprobs=rendered)
 
     def _render(self, token_id: int, logprobs: TokenLogprobs) -> dict[str, Any]:
-        """Each token's own text: ``decode([id])``, which may be part of a character."""
-        top = [(t, self._tokenizer.decode([t]), lp) for t, lp in logprobs.top]
-        return token_logprobs(token_id, self._tokenizer.decode([token_id]), logprobs.logprob, top)
+        return render_logprobs(self._tokenizer, token_id, logprobs)
+
+    def end(self, finish_reason: str) -> None:
+        """End a completion from outside (the request was cancelled): its text as it stands."""
+        if self.finish_reason is None:
+            self.text += self._detok.flush()
+            self.finish_reason = finish_reason
 
     def _find_stop(self, start: int) -> int | None:
         positions = [p for s in self._stops if (p := self.text.find(s, start)) >= 0]
@@ -109,3 +118,27 @@ class OutputState:
             if any(s.startswith(tail) for s in self._stops):
                 return size
         return 0
+
+
+def render_logprobs(tokenizer: Tokenizer, token_id: int, logprobs: TokenLogprobs) -> dict[str, Any]:
+    """A token's logprobs as events carry them; each token's own text is ``decode([id])``, which
+    may be part of a character."""
+    top = [(t, tokenizer.decode([t]), lp) for t, lp in logprobs.top]
+    return token_logprobs(token_id, tokenizer.decode([token_id]), logprobs.logprob, top)
+
+
+def render_prompt_logprobs(tokenizer: Tokenizer, prompt_ids: list[int],
+                           entries: tuple[TokenLogprobs | None, ...]) -> list[dict[str, Any] | None]:
+    """The done event's ``prompt_logprobs``: one entry per prompt token (None where the engine has
+    none: the first token)."""
+    return [render_logprobs(tokenizer, t, e) if e is not None else None for t, e in zip(prompt_ids, entries)]
+
+
+def ranked_choices(choices: list[OutputState], n: int) -> list[OutputState]:
+    """The completions a request returns: all, in order, when it generated ``n``; else (best_of)
+    the ``n`` with the highest cumulative logprob, best first."""
+    if len(choices) <= n:
+        return choices
+    def score(o: OutputState) -> float:
+        return o.cumulative_logprob if o.cumulative_logprob is not None else float("-inf")
+    return sorted(choices, key=score, reverse=True)[:n]

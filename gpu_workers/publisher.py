@@ -1,9 +1,8 @@
-"""Events out of a worker group: one pipeline of PUBLISH calls per step, then the acknowledgements.
+"""Events out of a worker group: one pipeline of PUBLISH calls per step.
 
-PUBLISH (broker.scripts) fences by owner and epoch and writes token indices in order, once; the
-queue entry of a request is acknowledged (ACK: deleted, its cost taken off the queue's token
-counter) only after its final event is written, and then with the group's next read, to save a
-round trip per step.
+PUBLISH (broker.scripts) fences by owner and epoch and writes token indices in order, once. The
+queue entry of a request is acknowledged only after its final event is written; the group's queue
+consumer (broker.consumer) owns those acknowledgements.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from broker.connection import TRANSIENT_ERRORS
-from broker.keys import QUEUE_GROUP, Keys
+from broker.keys import Keys
 from broker.scripts import Scripts, pack_events, publish_result
 from broker.wire import Batch
 from gpu_workers.holding import Event, Held
@@ -25,7 +24,6 @@ class Publisher:
         self.keys = keys
         self.group = group
         self.ttl_ms = ttl_ms
-        self.to_ack: list[bytes] = []  # finished queue entries, acknowledged with the next read
         self._dirty: dict[str, Held] = {}  # held requests with events to publish
         self.errors: dict[str, Exception] = {}  # request id -> why its last publish failed ('error')
 
@@ -38,7 +36,6 @@ class Publisher:
 
     def clear(self) -> None:
         self._dirty.clear()
-        self.to_ack.clear()
 
     def publish(self) -> list[tuple[Held, str]]:
         """Write every pending event; (held, PUBLISH status or 'error') for each request written to.
@@ -76,16 +73,3 @@ class Publisher:
             else:
                 out.append((held, publish_result(raw).status))
         return out
-
-    def queue_acks(self, pipe: Batch) -> int:
-        """Add the pending acknowledgements to ``pipe``; how many (0: nothing added)."""
-        if self.to_ack:
-            self.scripts.ack(queue=self.keys.group_queue(self.group),
-                             queue_tokens=self.keys.group_queue_tokens(self.group), consumer_group=QUEUE_GROUP,
-                             entry_ids=self.to_ack, client=pipe)
-        return len(self.to_ack)
-
-    def flush_acks(self) -> None:
-        if self.to_ack:
-            self.scripts.execute(self.queue_acks)
-            self.to_ack.clear()

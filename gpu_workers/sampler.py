@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ import torch
 from broker.protocol import SamplingParams
 from gpu_workers.engine import TokenLogprobs
 from gpu_workers.logits_processors import RowContext, apply_controls, is_controlled
+
+if TYPE_CHECKING:
+    from gpu_workers.structured_output import TokenBitmask
 
 _MASK64 = (1 << 64) - 1
 
@@ -38,9 +42,11 @@ def sample(
     seeds: Sequence[int],
     steps: Sequence[int],
     contexts: Sequence[RowContext] | None = None,
+    grammar: TokenBitmask | None = None,
 ) -> list[int]:
     """The next token id of each row of ``logits``: ``sample_with_logprobs`` without logprobs."""
-    return sample_with_logprobs(logits, params, seeds=seeds, steps=steps, contexts=contexts).token_ids
+    return sample_with_logprobs(logits, params, seeds=seeds, steps=steps, contexts=contexts,
+                                grammar=grammar).token_ids
 
 
 def sample_with_logprobs(
@@ -51,6 +57,7 @@ def sample_with_logprobs(
     steps: Sequence[int],
     contexts: Sequence[RowContext] | None = None,
     top_logprobs: Sequence[int | None] | None = None,
+    grammar: TokenBitmask | None = None,
 ) -> Sampled:
     """The next token id of each row of ``logits`` (``[N, V]``, one row per request), and its logprobs.
 
@@ -65,16 +72,36 @@ def sample_with_logprobs(
     drawn. Logprobs (natural log) are those of the distribution the token was drawn from: after the
     controls, temperature, min-p, top-k and top-p (vLLM 0.x's default; greedy rows: the
     log-softmax of the controlled logits). Tokens those filters removed have -inf.
+
+    ``grammar``: the structured-output rows' allowed tokens (gpu_workers.structured_output), applied
+    before everything else, as vLLM applies its grammar bitmask: the others see -inf outside the
+    grammar. Where the controls then leave a constrained row nothing (``min_tokens`` or a bad word
+    banning the one token the grammar allows), the grammar wins: that row is drawn from its
+    grammar-masked logits alone, so that the output still matches.
     """
     n = logits.shape[0]
     if not len(params) == len(seeds) == len(steps) == n or any(
             extra is not None and len(extra) != n for extra in (contexts, top_logprobs)):
         raise ValueError(f"{n} logit rows but {len(params)} params, {len(seeds)} seeds, {len(steps)} steps")
     want = list(top_logprobs) if top_logprobs is not None else [None] * n
-    if contexts is not None and any(is_controlled(p, c) for p, c in zip(params, contexts)):
+    controlled = contexts is not None and any(is_controlled(p, c) for p, c in zip(params, contexts))
+    if controlled or grammar is not None:
         processed = logits.float()
         logits = processed.clone() if processed is logits else processed
+    guarded: torch.Tensor | None = None  # [G, V] the constrained rows before the controls
+    if grammar is not None:
+        grammar.apply(logits)
+        if controlled:
+            guarded = logits[list(grammar.rows)]  # a copy
+    if controlled:
+        assert contexts is not None
         apply_controls(logits, params, contexts)
+    if guarded is not None and grammar is not None:
+        rows_g = list(grammar.rows)
+        emptied = torch.isneginf(logits[rows_g]).all(dim=-1)  # [G]
+        if bool(emptied.any()):
+            restore = [r for r, e in zip(rows_g, emptied.tolist()) if e]
+            logits[restore] = guarded[emptied]
     device = logits.device
     rows = [i for i, p in enumerate(params) if p.temperature > 0.0]
     greedy = [i for i, p in enumerate(params) if p.temperature == 0.0]

@@ -49,6 +49,9 @@ class Sequence:
     # before their window, nothing reads them again; their entries are stale ids or NULL_BLOCK.
     num_released_blocks: int = 0
     first_scheduled: float | None = None  # when it first got a chunk (queue-time stats)
+    # Never take blocks from the prefix cache: every prompt token is computed (a request that asked
+    # for prompt logprobs needs the logits a cache hit would skip). Its blocks are still offered.
+    skip_prefix_cache: bool = False
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.token_ids)

@@ -73,7 +73,8 @@ def weights_fingerprint(path: Path | None) -> str:
 def foreign_weights(request: GenerationRequest, weights: str) -> str | None:
     """Why a group with ``weights`` must not continue ``request``: its tokens so far came from other
     weights (an older or newer version of the model); None when it may (no tokens yet, or no stamp)."""
-    if not request.output_ids or not request.weights or not weights or request.weights == weights:
+    made = len(request.output_ids) + sum(len(ids) for ids in request.choice_output_ids)
+    if not made or not request.weights or not weights or request.weights == weights:
         return None
-    return (f"{len(request.output_ids)} tokens of this request came from other weights ({request.weights}) "
+    return (f"{made} tokens of this request came from other weights ({request.weights}) "
             f"than this group's ({weights}) and no group with those weights took it over")

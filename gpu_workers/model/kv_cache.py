@@ -8,7 +8,7 @@ Layout per layer and K/V: [num_kv_heads, num_blocks, block_size, head_dim], head
 blocks of many sequences gathered for one head form one contiguous [tokens, head_dim] matrix per
 (head, sequence): attention then runs as a single batched matmul with no further copy.
 
-KV formats (``--kv-dtype``, ``KV_FORMATS``): fp32, bf16 and fp16 store values as they are. fp8
+KV formats (``--kv-dtype``, gpu_workers.model.kv_format): fp32, bf16 and fp16 store values as they are. fp8
 formats store uint8 codes of ``value / scale`` (gpu_workers.model.fp8) with fp32 scales:
 
 - per block (``fp8_e4m3``, the default, and ``fp8_e5m2``): one power-of-two scale per (block, KV
@@ -39,62 +39,27 @@ NaN would still poison the weighted sum (no write ever produces a NaN or inf cod
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from gpu_workers.model import fp8_kernels
 from gpu_workers.model.config import ModelConfig
 from gpu_workers.model.fp8 import SCALE_DTYPE, code_values, pow2_scale, quantize, quantize_per_vector
+from gpu_workers.model.kv_format import KV_FORMATS, KVFormat, kv_format
 from gpu_workers.startup import phase
 
-ScaleScheme = Literal["block", "tensor", "token"]
+__all__ = ["KV_FORMATS", "BlockKV", "KVCache", "KVFormat", "kv_bytes_per_block", "kv_bytes_per_token", "kv_format"]
 
-
-@dataclass(frozen=True, slots=True)
-class KVFormat:
-    """How one ``--kv-dtype`` stores K/V: the element dtype and, for fp8, what each scale covers."""
-
-    storage: torch.dtype
-    scale: ScaleScheme | None = None
-
-    @property
-    def fp8(self) -> bool:
-        return self.scale is not None
-
-    def bytes_per_head_block(self, block_size: int, head_dim: int) -> int:
-        """Bytes of one block of one KV head's K (or V), its scales included."""
-        scale_bytes = {None: 0, "tensor": 0, "block": 1, "token": block_size}[self.scale] * SCALE_DTYPE.itemsize
-        return block_size * head_dim * self.storage.itemsize + scale_bytes
-
-
-KV_FORMATS: dict[str, KVFormat] = {
-    "fp32": KVFormat(torch.float32),
-    "bf16": KVFormat(torch.bfloat16),
-    "fp16": KVFormat(torch.float16),
-    "fp8_e4m3": KVFormat(torch.float8_e4m3fn, "block"),
-    "fp8_e5m2": KVFormat(torch.float8_e5m2, "block"),
-    "fp8_e4m3_per_tensor": KVFormat(torch.float8_e4m3fn, "tensor"),
-    "fp8_e4m3_per_token": KVFormat(torch.float8_e4m3fn, "token"),
-}
-STORAGE_DTYPES: dict[str, torch.dtype] = {name: f.storage for name, f in KV_FORMATS.items()}
 STATIC_SCALE = 1.0  # per-tensor scheme: the scale of every layer's K and V
 
 
-def kv_format(kv_dtype: str) -> KVFormat:
-    try:
-        return KV_FORMATS[kv_dtype]
-    except KeyError:
-        raise ValueError(f"kv_dtype {kv_dtype!r}: one of {', '.join(KV_FORMATS)}") from None
-
-
-def kv_bytes_per_block(config: ModelConfig, kv_dtype: str, *, block_size: int, tp_size: int = 1) -> int:
+def kv_bytes_per_block(config: ModelConfig, kv_dtype: str | KVFormat, *, block_size: int, tp_size: int = 1) -> int:
     """Cache bytes one block takes on one rank, all layers, K and V, scales included."""
     per_head = kv_format(kv_dtype).bytes_per_head_block(block_size, config.head_dim)
     return config.num_hidden_layers * 2 * config.kv_heads_per_rank(tp_size) * per_head
 
 
-def kv_bytes_per_token(config: ModelConfig, kv_dtype: str, tp_size: int = 1, *, block_size: int = 16) -> float:
+def kv_bytes_per_token(config: ModelConfig, kv_dtype: str | KVFormat, tp_size: int = 1, *, block_size: int = 16) -> float:
     """Cache bytes one token takes on one rank, all layers, K and V, scales included (per-block
     scales make it a fraction: 0.25 bytes per token per head at 16-token blocks)."""
     return kv_bytes_per_block(config, kv_dtype, block_size=block_size, tp_size=tp_size) / block_size
@@ -127,12 +92,12 @@ class KVCache:
 
     def __init__(
         self, *, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-        kv_dtype: str = "fp32", dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+        kv_dtype: str | KVFormat = "fp32", dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
         fused_kernels: bool = True,
     ) -> None:
         """``fused_kernels``: use the fused decode-attention kernels on CPUs where they build (False: torch only)."""
-        self.kv_dtype = kv_dtype
         self.format = kv_format(kv_dtype)
+        self.kv_dtype = self.format.name
         self.storage_dtype = self.format.storage
         self.dtype = dtype  # what reads return: the model's compute dtype
         self.num_blocks = num_blocks

@@ -6,9 +6,9 @@ import logging
 import time
 from pathlib import Path
 
-from gpu_workers.llm_engine import LlamaEngineOptions, build_runner, rank_report
 from gpu_workers.parallel.launch import TensorParallelGroup
 from gpu_workers.parallel.runner import serve_follower
+from gpu_workers.rank import LlamaEngineOptions, build_runner, rank_report
 
 log = logging.getLogger(__name__)
 

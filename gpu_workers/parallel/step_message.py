@@ -16,7 +16,8 @@ Wire format: one flat int64 list, read in order.
                handle        the leader's number for the sequence (stable while it lives)
                start         tokens of the sequence already in the KV cache
                num_tokens    tokens this chunk computes
-               want_logits   1 when the chunk ends at the sequence's last token
+               want_logits   bit 0: the chunk ends at the sequence's last token; bit 1: logits
+                             of all its tokens (prompt logprobs)
                new_tokens    how many token ids for this sequence follow in the token section
                new_blocks    how many block ids for this sequence follow in the block section
                replace       1: those blocks are its whole table; 0: they extend it
@@ -86,7 +87,7 @@ class StepEncoder:
             new_blocks = table if replace else table[known:]
             if replace or new_blocks:
                 sent.table = list(table)
-            records += [sent.handle, c.start, len(c.token_ids), int(c.want_logits),
+            records += [sent.handle, c.start, len(c.token_ids), int(c.want_logits) | int(c.all_logits) << 1,
                         len(new_tokens), len(new_blocks), int(replace)]
             tokens += new_tokens
             blocks += new_blocks
@@ -132,7 +133,8 @@ class StepDecoder:
             blk += new_blocks
             if len(seq.tokens) < start + num_tokens:
                 raise ValueError(f"sequence {handle}: chunk ends at token {start + num_tokens}, {len(seq.tokens)} known")
-            chunks.append(Chunk(seq.tokens[start : start + num_tokens], start, seq.table, bool(want_logits)))
+            chunks.append(Chunk(seq.tokens[start : start + num_tokens], start, seq.table, bool(want_logits & 1),
+                                all_logits=bool(want_logits & 2)))
         if blk != length:
             raise ValueError(f"step message of {length} ints has {blk} ints of content")
         return chunks

@@ -9,10 +9,12 @@ Input: JSON Lines, one request per line, e.g.::
 
 Exactly one of ``prompt``, ``prompt_ids`` and ``messages`` (chat: rendered with the chat template);
 optional request fields as in the protocol (``max_tokens`` — ``max_completion_tokens`` is the same
-—, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``, ``priority``, ``timeout_s``, and the
-sampling controls ``presence_penalty`` ... ``bad_words``); optional
-``id``, echoed in the result. A line in OpenAI's batch format (``custom_id`` + ``body``) is read as
-its body with ``custom_id`` as the id. Fields the protocol refuses by name (``n``, ``guided_json``...:
+—, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``, ``priority``, ``timeout_s``, the
+sampling controls ``presence_penalty`` ... ``bad_words``, ``n``/``best_of``, ``prompt_logprobs``, and
+structured output: ``guided_json``, ``guided_regex``, ``guided_choice``, ``guided_grammar``,
+``response_format``, ``structured_outputs``); optional ``id``, echoed in the result. A line in
+OpenAI's batch format (``custom_id`` + ``body``) is read as its body with ``custom_id`` as the id.
+Fields the protocol refuses by name (``use_beam_search``, ``allowed_token_ids``...:
 ``broker.refused.UNHONOURED_FIELDS``) make the line bad; other fields are ignored; blank lines are
 skipped.
 
@@ -34,8 +36,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from broker.errors import InvalidRequest
-from broker.protocol import parse_request
 from broker.refused import unhonoured_field
+from broker.validation import parse_request
 from producer.chat_template import normalize_messages
 from producer.request import Completion, GenerationOptions
 
@@ -43,7 +45,12 @@ from producer.request import Completion, GenerationOptions
 OptionField = Literal["max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "priority", "timeout_s",
                       # sampling controls (PROTOCOL.md)
                       "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens",
-                      "ignore_eos", "logit_bias", "bad_words"]
+                      "ignore_eos", "logit_bias", "bad_words",
+                      # several completions (the record's "choices") and prompt logprobs (its "prompt_logprobs")
+                      "n", "best_of", "prompt_logprobs",
+                      # structured output (PROTOCOL.md)
+                      "guided_json", "guided_regex", "guided_choice", "guided_grammar", "response_format",
+                      "structured_outputs"]
 OPTION_FIELDS: tuple[OptionField, ...] = get_args(OptionField)
 PROMPT_FIELDS = ("prompt", "prompt_ids", "messages")
 _CHECK_ID = "batch-line"  # a valid request id, only for validating a line's fields
@@ -125,9 +132,17 @@ def parse_line(line: int, text: str, *, defaults: GenerationOptions | None = Non
 
 
 def result_record(line: int, user_id: Any, done: Completion) -> dict[str, Any]:
-    return {"line": line, "id": user_id, "text": done.text, "finish_reason": done.finish_reason,
-            "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-                      "total_tokens": done.prompt_tokens + done.completion_tokens}}
+    """A result line; with ``n`` > 1 also ``choices`` (``{"index", "text", "finish_reason"}`` each,
+    the first repeated at the top), with ``prompt_logprobs`` the done event's entries."""
+    record = {"line": line, "id": user_id, "text": done.text, "finish_reason": done.finish_reason,
+              "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+                        "total_tokens": done.prompt_tokens + done.completion_tokens}}
+    if done.choices is not None:
+        record["choices"] = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason}
+                             for c in done.choices]
+    if done.prompt_logprobs is not None:
+        record["prompt_logprobs"] = done.prompt_logprobs
+    return record
 
 
 def error_record(line: int, user_id: Any, code: str, message: str) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP gateway: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``,
-``/health``, ``/version``, ``/metrics`` (producer.gateway.extras, with ``--api-key``), on Starlette.
+``/health``, ``/version``, ``/metrics`` (producer.gateway.extras, with ``--api-key``), ``/tokenize`` and
+``/detokenize`` (producer.gateway.tokenize), on Starlette.
 
 Every request becomes one ryzanstein request on the ingress stream, sent through one ``AsyncClient``
 (all replies on one shared stream, read by one task). Streaming responses are server-sent events in
@@ -18,33 +19,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import anyio
-import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
 from broker.chat import template_text
 from broker.connection import TRANSIENT_ERRORS, connect_async
 from broker.errors import InvalidRequest, RequestFailed, RyzansteinError
 from broker.keys import Keys
 from broker.path_health import judge, read_path_async
-from broker.protocol import parse_request
 from broker.registry import GroupStatus, served_names
 from broker.settings import Settings
-from producer.chat_template import ChatTemplate, TemplateSource
-from producer.client import AsyncClient, Completion, Event, Handle
+from broker.validation import parse_request
+from producer.async_client import AsyncClient
+from producer.chat_template import ChatTemplate, TemplateSource, normalize_messages
+from producer.client import Completion, Event, Handle
 from producer.gateway.config import GatewayConfig
 from producer.gateway.errors import ApiError
 from producer.gateway.extras import ApiKeys, HttpMetrics, gateway_registry, metrics_endpoint, version_endpoint
@@ -57,7 +54,10 @@ from producer.gateway.schema import (
     parse_completion,
     parse_json,
     sse,
+    vllm_prompt_logprobs,
 )
+from producer.gateway.streams import Disconnect, Disconnected, EventStream, StreamState
+from producer.gateway.tokenize import DetokenizeBody, TokenizeBody, TokenizerCache, parse_body
 from producer.request import request_fields
 
 log = logging.getLogger(__name__)
@@ -65,58 +65,6 @@ T = TypeVar("T")
 
 # How much longer than a request's server-side deadline the gateway waits for its final event.
 WAIT_GRACE_S = 10.0
-
-
-class _Disconnect:
-    """Watches an HTTP request's ``receive`` channel for the client going away."""
-
-    def __init__(self, receive: Receive) -> None:
-        self.task = asyncio.ensure_future(self._listen(receive))
-
-    @staticmethod
-    async def _listen(receive: Receive) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-
-    def close(self) -> None:
-        self.task.cancel()
-
-
-class _Disconnected(Exception):
-    """The client went away while its response was being prepared."""
-
-
-@dataclass
-class _StreamState:
-    handle: Handle
-    disconnect: _Disconnect
-    finished: bool = False  # the final event was read: nothing to cancel
-
-
-class _EventStream(StreamingResponse):
-    """A server-sent-event response that runs ``on_close`` when it ends, whatever ended it.
-
-    The body generator's own ``finally`` is not enough: a generator that never started (the client
-    left before the first chunk) never runs it.
-    """
-
-    media_type = "text/event-stream"
-
-    def __init__(self, body: AsyncIterator[bytes], *, on_close: Callable[[], Awaitable[None]],
-                 headers: dict[str, str]) -> None:
-        super().__init__(body, headers=headers)
-        self._on_close = on_close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            with anyio.CancelScope(shield=True):
-                with contextlib.suppress(Exception):
-                    await self.body_iterator.aclose()  # type: ignore[attr-defined]
-                await self._on_close()
 
 
 class Gateway:
@@ -128,6 +76,7 @@ class Gateway:
         self.config = config
         self.keys = Keys(settings.prefix)
         self.templates = TemplateSource(config.chat_template)
+        self.tokenizers = TokenizerCache()
         self.started = int(time.time())
         self.in_flight = 0
         self._client: AsyncClient | None = None
@@ -189,6 +138,54 @@ class Gateway:
             return exc.response()
         return JSONResponse(self._model_card(model, groups))
 
+    async def tokenize(self, request: Request) -> Response:
+        """vLLM's ``/tokenize``: a prompt or chat messages -> ``{"tokens", "count", "max_model_len"}``."""
+        try:
+            body = parse_body(TokenizeBody, parse_json(await request.body()))
+            if (body.prompt is None) == (body.messages is None):
+                raise ApiError("invalid_request", "exactly one of 'prompt' and 'messages' must be given")
+            group = await self._group_of(body.model)
+            text = body.prompt
+            if body.messages is not None:
+                messages = normalize_messages(body.messages)
+                try:
+                    text = (await self._chat_template(body.model)).render(messages)
+                except InvalidRequest as exc:
+                    raise ApiError.from_code(exc.code, str(exc)) from None
+            tokenizer = await self.tokenizers.for_group(self._redis, self.keys, group)
+            tokens = tokenizer.encode(text or "", add_special_tokens=body.add_special_tokens)
+            return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": group.max_context})
+        except InvalidRequest as exc:
+            return ApiError.from_code(exc.code, str(exc)).response()
+        except ApiError as exc:
+            return exc.response()
+        except TRANSIENT_ERRORS as exc:
+            return ApiError("unavailable", f"Redis is unreachable: {exc}").response()
+
+    async def detokenize(self, request: Request) -> Response:
+        """vLLM's ``/detokenize``: token ids -> ``{"prompt"}``."""
+        try:
+            body = parse_body(DetokenizeBody, parse_json(await request.body()))
+            group = await self._group_of(body.model)
+            if bad := [t for t in body.tokens if not 0 <= t < group.vocab_size]:
+                raise ApiError("invalid_request", f"field 'tokens': token id {bad[0]} is outside the vocabulary "
+                                                  f"(size {group.vocab_size})", "tokens")
+            tokenizer = await self.tokenizers.for_group(self._redis, self.keys, group)
+            return JSONResponse({"prompt": tokenizer.decode(body.tokens)})
+        except ApiError as exc:
+            return exc.response()
+        except TRANSIENT_ERRORS as exc:
+            return ApiError("unavailable", f"Redis is unreachable: {exc}").response()
+
+    async def _group_of(self, model: str) -> GroupStatus:
+        """A live group serving ``model``; ApiError (404, 503) otherwise."""
+        groups = await self.groups.get()
+        model = self._resolve_model(model, served_names(groups))
+        group = next((g for g in groups if g.serves(model)), None)
+        if group is None:
+            raise ApiError("unavailable", f"no live worker group serves model {model!r}")
+        return group
+
     async def completions(self, request: Request) -> Response:
         return await self._generate(request, "completion")
 
@@ -233,6 +230,9 @@ class Gateway:
                 gen.prompt = template.render(gen.messages)
             except InvalidRequest as exc:
                 raise ApiError.from_code(exc.code, str(exc)) from None
+        if gen.echo and gen.prompt_ids is not None:  # the echoed text of token ids, as the groups decode them
+            tokenizer = await self.tokenizers.for_group(self._redis, self.keys, await self._group_of(gen.model))
+            gen.echo_text = tokenizer.decode(gen.prompt_ids)
         deadline = gen.options.get("timeout_s")
         limit = self.config.request_timeout_s
         gen.options["timeout_s"] = limit if deadline is None else min(deadline, limit)
@@ -288,12 +288,12 @@ class Gateway:
                 response = await self._start_stream(request, gen, responder, handle, wait_s, headers)
                 admitted = False  # the stream releases its slot when it ends
                 return response
-            return await self._complete(request, responder, handle, wait_s, headers)
+            return await self._complete(request, gen, responder, handle, wait_s, headers)
         except ApiError as exc:
             if exc.status >= 500:
                 log.warning("request %s: %s: %s", request_id, exc.code, exc.message)
             return exc.response(headers)
-        except _Disconnected:
+        except Disconnected:
             return Response(status_code=499, headers=headers)  # nginx's "client closed request"; no one reads it
         except TRANSIENT_ERRORS as exc:
             return ApiError("unavailable", f"Redis is unreachable: {exc}").response(headers)
@@ -304,8 +304,8 @@ class Gateway:
             if admitted:
                 self.in_flight -= 1
 
-    async def _race(self, awaitable: Awaitable[T], disconnect: _Disconnect) -> T:
-        """``awaitable``'s result, or _Disconnected if the client goes away first."""
+    async def _race(self, awaitable: Awaitable[T], disconnect: Disconnect) -> T:
+        """``awaitable``'s result, or Disconnected if the client goes away first."""
         task = asyncio.ensure_future(awaitable)
         try:
             await asyncio.wait({task, disconnect.task}, return_when=asyncio.FIRST_COMPLETED)
@@ -317,15 +317,15 @@ class Gateway:
         task.cancel()
         with contextlib.suppress(BaseException):
             await task
-        raise _Disconnected()
+        raise Disconnected()
 
-    async def _complete(self, request: Request, responder: Responder, handle: Handle, wait_s: float,
-                        headers: dict[str, str]) -> Response:
-        disconnect = _Disconnect(request.receive)
+    async def _complete(self, request: Request, gen: Generation, responder: Responder, handle: Handle,
+                        wait_s: float, headers: dict[str, str]) -> Response:
+        disconnect = Disconnect(request.receive)
         try:
             # the gateway cancels and drains what it abandons itself (_abandon)
             done = await self._race(self.client.result(handle, timeout=wait_s, cancel_abandoned=False), disconnect)
-        except _Disconnected:
+        except Disconnected:
             await self._abandon(handle, "the client went away")
             raise
         except RequestFailed as exc:
@@ -335,15 +335,17 @@ class Gateway:
             raise ApiError("timeout", f"no result within {wait_s:g}s") from None
         finally:
             disconnect.close()
-        return JSONResponse(responder.full(done), headers=headers)
+        return JSONResponse(responder.full(done, echo=gen.echo_text if gen.echo else None,
+                                          prompt_entries=done.prompt_logprobs, prompt_logprobs=gen.prompt_logprobs),
+                            headers=headers)
 
     async def _start_stream(self, request: Request, gen: Generation, responder: Responder, handle: Handle,
                             wait_s: float, headers: dict[str, str]) -> Response:
         events = aiter(self.client.events(handle, timeout=wait_s))
-        disconnect = _Disconnect(request.receive)
+        disconnect = Disconnect(request.receive)
         try:
             first = await self._race(anext(events), disconnect)
-        except _Disconnected:
+        except Disconnected:
             disconnect.close()
             await self._abandon(handle, "the client went away")
             raise
@@ -357,44 +359,60 @@ class Gateway:
         if first.kind == "error":
             disconnect.close()
             raise ApiError.from_code(first.fields.get("code", "internal"), first.fields.get("message", ""))
-        state = _StreamState(handle, disconnect)
+        state = StreamState(handle, disconnect)
         body = self._stream(gen, responder, events, first, state)
-        return _EventStream(body, on_close=lambda: self._end_stream(state),
+        return EventStream(body, on_close=lambda: self._end_stream(state),
                             headers={**headers, "cache-control": "no-cache"})
 
     async def _stream(self, gen: Generation, responder: Responder, events: AsyncIterator[Event], first: Event,
-                      state: _StreamState) -> AsyncIterator[bytes]:
-        """The SSE body: chunks until the final event, or until the client goes away."""
+                      state: StreamState) -> AsyncIterator[bytes]:
+        """The SSE body: chunks until the final event, or until the client goes away. With n > 1
+        each token event's ``choice`` is its chunk's ``index``, and a completion's finish reason goes
+        out as soon as its last token event says it (the rest at the done event)."""
         usage_field = gen.include_usage
-        if gen.kind == "chat":
-            yield sse(responder.chunk("", first=True, with_usage_field=usage_field))
-        sent: list[str] = []
+        for index in range(gen.n):
+            if gen.kind == "chat":
+                yield sse(responder.chunk("", first=True, with_usage_field=usage_field, index=index))
+            elif gen.echo:
+                yield sse(responder.chunk(gen.echo_text, with_usage_field=usage_field, index=index))
+        sent: dict[int, list[str]] = {}
+        ended: set[int] = set()
         wants_logprobs = bool(gen.options.get("logprobs"))
-        offset = 0  # text offset of the next token (completions' logprobs.text_offset)
+        offsets: dict[int, int] = {}  # text offset of each choice's next token (completions' logprobs.text_offset)
         event = first
         while True:
             if event.kind == "token":
+                index = event.choice
+                texts = sent.setdefault(index, [])
                 entry = event.logprobs if wants_logprobs else None
                 if entry is not None:  # a chunk per token, each with its logprobs, text or not
-                    sent.append(event.text)
-                    yield sse(responder.chunk(event.text, with_usage_field=usage_field,
-                                              logprobs=responder.logprobs([entry], text_offset=offset)))
-                    offset += len(entry["text"])
+                    texts.append(event.text)
+                    yield sse(responder.chunk(event.text, with_usage_field=usage_field, index=index,
+                                              logprobs=responder.logprobs([entry], text_offset=offsets.get(index, 0))))
+                    offsets[index] = offsets.get(index, 0) + len(entry["text"])
                 elif event.text:
-                    sent.append(event.text)
-                    yield sse(responder.chunk(event.text, with_usage_field=usage_field))
+                    texts.append(event.text)
+                    yield sse(responder.chunk(event.text, with_usage_field=usage_field, index=index))
+                reason = event.fields.get("finish_reason")
+                if reason is not None and not (gen.prompt_logprobs and index == 0):  # (those end with the done)
+                    ended.add(index)
+                    yield sse(responder.chunk(None if gen.kind == "chat" else "", finish_reason=reason,
+                                              with_usage_field=usage_field, index=index))
             elif event.kind == "done":
                 state.finished = True
                 done = Completion.from_event(event)
-                joined = "".join(sent)
-                # The deltas joined equal the done text (PROTOCOL.md); should they not, send the rest.
-                rest = done.text[len(joined):] if done.text.startswith(joined) else ""
-                if gen.kind == "chat":
-                    last = responder.chunk(rest or None, finish_reason=done.finish_reason,
-                                           with_usage_field=usage_field)
-                else:
-                    last = responder.chunk(rest, finish_reason=done.finish_reason, with_usage_field=usage_field)
-                yield sse(last)
+                for choice in done.all_choices():
+                    if choice.index in ended:
+                        continue
+                    joined = "".join(sent.get(choice.index, []))
+                    # The deltas joined equal the done text (PROTOCOL.md); should they not, send the rest.
+                    rest = choice.text[len(joined):] if choice.text.startswith(joined) else ""
+                    extra: dict[str, Any] = {}
+                    if gen.prompt_logprobs and choice.index == 0:  # known only now (vLLM sends them first)
+                        extra["prompt_logprobs"] = vllm_prompt_logprobs(done.prompt_logprobs)
+                    yield sse(responder.chunk(rest or None if gen.kind == "chat" else rest,
+                                              finish_reason=choice.finish_reason, with_usage_field=usage_field,
+                                              index=choice.index, **extra))
                 if gen.include_usage:
                     yield sse(responder.usage_chunk(done))
                 yield SSE_DONE
@@ -406,13 +424,13 @@ class Gateway:
                 return
             try:
                 event = await self._race(anext(events), state.disconnect)
-            except _Disconnected:
+            except Disconnected:
                 return
             except TimeoutError:
                 yield sse(ApiError("timeout", "no further event in time").body())
                 return
 
-    async def _end_stream(self, state: _StreamState) -> None:
+    async def _end_stream(self, state: StreamState) -> None:
         """Runs once per stream however it ended: frees the slot, cancels an unfinished request."""
         state.disconnect.close()
         self.in_flight -= 1
@@ -461,6 +479,8 @@ def create_app(settings: Settings, url: str, config: GatewayConfig | None = None
         Route("/v1/chat/completions", gateway.chat_completions, methods=["POST"]),
         Route("/version", version_endpoint, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/tokenize", gateway.tokenize, methods=["POST"]),
+        Route("/detokenize", gateway.detokenize, methods=["POST"]),
     ]
     registry = gateway_registry()
     middleware = [Middleware(HttpMetrics, registry=registry)]  # outermost: refused requests count too
@@ -470,26 +490,3 @@ def create_app(settings: Settings, url: str, config: GatewayConfig | None = None
     app.state.gateway = gateway
     app.state.metrics_registry = registry
     return app
-
-
-class _Server(uvicorn.Server):
-    """Says where it listens once the socket is bound (the port is only known then, with --port 0)."""
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        if self.should_exit:
-            return
-        for server in self.servers:
-            for sock in server.sockets:
-                host, port = sock.getsockname()[:2]
-                shown = f"[{host}]" if ":" in host else host
-                print(f"ryzanstein gateway: serving http://{shown}:{port}/v1 (Ctrl-C stops it)", flush=True)
-
-
-def serve(app: Starlette, *, host: str, port: int, access_log: bool = False) -> bool:
-    """Run ``app`` on uvicorn until SIGINT/SIGTERM; False if it could not start (port taken...)."""
-    level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
-    server = _Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=access_log,
-                                    log_level=level, lifespan="on", timeout_graceful_shutdown=5))
-    server.run()
-    return server.started

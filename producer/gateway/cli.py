@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         chat_template=args.chat_template or args.chat_template_dir,
         api_keys=tuple(args.api_keys or ([os.environ["RYZ_API_KEY"]] if os.environ.get("RYZ_API_KEY") else [])),
     )
-    from producer.gateway.app import create_app, serve
+    from producer.gateway.app import create_app
+    from producer.gateway.server import serve
 
     app = create_app(settings, url, config)
     return 0 if serve(app, host=args.host, port=args.port, access_log=args.access_log) else 1

@@ -26,7 +26,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from broker.metrics import new_registry
 
 # Routes reported by name; any other path counts as "other" (one series, however many paths are tried).
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/version", "/metrics")
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/version", "/metrics",
+          "/tokenize", "/detokenize")
 
 
 class ApiKeys:

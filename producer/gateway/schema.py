@@ -1,11 +1,14 @@
 """The OpenAI request and response shapes the gateway speaks, and their mapping to ryzanstein requests.
 
-Requests are validated here: what ryzanstein cannot do (``n`` > 1, tools...)
+Requests are validated here: what ryzanstein cannot do (tools, beam search...)
 is refused with a 400 naming the parameter, rather than silently ignored; parameters that change
 nothing in the output (``user``, ``metadata``, ``store``...) are accepted and ignored. Extensions, sent
 by the openai package through ``extra_body``: vLLM's ``repetition_penalty``, ``min_p``,
-``min_tokens``, ``ignore_eos``, ``bad_words``; ryzanstein's ``top_k``, ``priority`` and
-``timeout_s`` (seconds; the server-side deadline).
+``min_tokens``, ``ignore_eos``, ``bad_words``; structured output: OpenAI's ``response_format``
+(``json_object``, ``json_schema``) and vLLM's ``guided_json``, ``guided_regex``, ``guided_choice``,
+``guided_grammar``, ``structured_outputs`` (broker.structured; a shape it refuses is a 400 naming the
+field, a schema or grammar that does not compile one from the worker group); ryzanstein's
+``top_k``, ``priority`` and ``timeout_s`` (seconds; the server-side deadline).
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from broker.errors import InvalidRequest
-from broker.protocol import MAX_TOP_LOGPROBS
+from broker.protocol import MAX_N, MAX_TOP_LOGPROBS
 from broker.refused import UNHONOURED_FIELDS, unhonoured_field
+from broker.structured import StructuredOutput, parse_structured
 from producer.chat_template import normalize_messages
 from producer.gateway.errors import ApiError
 from producer.request import Completion, GenerationOptions
@@ -44,6 +48,8 @@ class _Common(BaseModel):
     temperature: float | None = None
     top_p: float | None = None
     n: int | None = None
+    best_of: int | None = None  # (chat: vLLM's extension)
+    prompt_logprobs: int | None = None  # vLLM's extension
     stop: str | list[str] | None = None
     seed: int | None = None
     presence_penalty: float | None = None
@@ -55,6 +61,13 @@ class _Common(BaseModel):
     min_tokens: int | None = None
     ignore_eos: bool | None = None
     bad_words: list[str] | None = None
+    # structured output (vLLM's guided_* fields through extra_body; OpenAI's response_format)
+    response_format: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
     # ryzanstein extensions
     top_k: int | None = None
     priority: int | None = None
@@ -65,7 +78,6 @@ class CompletionBody(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = None
     suffix: str | None = None
-    best_of: int | None = None
     logprobs: int | None = None
 
 
@@ -78,7 +90,6 @@ class ChatBody(_Common):
     tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
 
 
 @dataclass
@@ -93,6 +104,10 @@ class Generation:
     prompt_ids: list[int] | None = None
     messages: list[dict[str, Any]] = field(default_factory=list)  # chat only
     options: GenerationOptions = field(default_factory=lambda: GenerationOptions())
+    echo: bool = False  # completions: the prompt comes first in each choice's text (and logprobs)
+    echo_text: str = ""  # the prompt's text, for echo (filled in by the gateway for token-id prompts)
+    n: int = 1  # choices in the response
+    prompt_logprobs: bool = False  # vLLM's prompt_logprobs field was sent: the response shows them
 
 
 def _validation_error(exc: ValidationError) -> ApiError:
@@ -126,22 +141,34 @@ UNHONOURED_PARAMS: dict[str, frozenset[str] | None] = {
 }
 
 
-def _check_unhonoured(raw: dict[str, Any]) -> None:
-    if (name := unhonoured_field(raw, UNHONOURED_PARAMS)) is not None:
+# Completions honour ``echo`` (the prompt in front of each choice's text, and its logprobs).
+_COMPLETION_UNHONOURED = {k: v for k, v in UNHONOURED_PARAMS.items() if k != "echo"}
+
+
+def _check_unhonoured(raw: dict[str, Any], table: dict[str, frozenset[str] | None] = UNHONOURED_PARAMS) -> None:
+    if (name := unhonoured_field(raw, table)) is not None:
         raise _refuse(name, "not supported by this server; leave it unset")
 
 
 def _check_unsupported(body: _Common) -> None:
-    if body.n not in (None, 1):
-        raise _refuse("n", "only n=1 is supported")
     if body.stream_options is not None and not body.stream:
         raise _refuse("stream_options", "only allowed when stream is true")
+    n = body.n if body.n is not None else 1
+    if not 1 <= n <= MAX_N:
+        raise _refuse("n", f"must be in 1..{MAX_N}")
+    if body.best_of is not None and not n <= body.best_of <= MAX_N:
+        raise _refuse("best_of", f"must be in n..{MAX_N} (n is {n})")
+    if body.best_of is not None and body.stream and body.best_of > n:
+        raise _refuse("best_of", "must equal n when streaming")
 
 
 # Sampling controls, passed on as the protocol fields of the same names when set.
 Control = Literal["presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens", "ignore_eos",
                   "logit_bias", "bad_words"]
 CONTROLS: tuple[Control, ...] = get_args(Control)
+# The same for several completions and prompt logprobs (vLLM's extension).
+Passed = Literal[Control, "n", "best_of", "prompt_logprobs"]
+PASSED: tuple[Passed, ...] = (*CONTROLS, "n", "best_of", "prompt_logprobs")
 
 
 def _options(body: _Common, max_tokens: int | None) -> GenerationOptions:
@@ -155,12 +182,26 @@ def _options(body: _Common, max_tokens: int | None) -> GenerationOptions:
         "priority": body.priority,
         "timeout_s": body.timeout_s,
     }
-    for name in CONTROLS:
+    for name in PASSED:
         if (value := getattr(body, name)) is not None:
             options[name] = value
     if isinstance(body.stop, list) and not body.stop:
         options["stop"] = None
+    if (structured := _structured(body)) is not None:
+        options.update(structured.to_fields())  # type: ignore[typeddict-item]
     return options
+
+
+def _structured(body: _Common) -> StructuredOutput | None:
+    """The request's structured-output constraint, checked as the protocol checks it (a 400 naming
+    the field); sent on as the one protocol field that reads back as it."""
+    raw = {name: getattr(body, name) for name in ("response_format", "guided_json", "guided_regex", "guided_choice",
+                                                  "guided_grammar", "structured_outputs")}
+    try:
+        return parse_structured({k: v for k, v in raw.items() if v is not None})
+    except InvalidRequest as exc:
+        param = next((k for k in raw if f"'{k}" in str(exc)), None)
+        raise ApiError("invalid_request", str(exc), param) from None
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -180,11 +221,9 @@ def parse_completion(raw: dict[str, Any]) -> Generation:
     except ValidationError as exc:
         raise _validation_error(exc) from None
     _check_unsupported(body)
-    _check_unhonoured(raw)
-    if body.best_of not in (None, 1):
-        raise _refuse("best_of", "only best_of=1 is supported")
-    if body.echo:
-        raise _refuse("echo", "echoing the prompt is not supported")
+    _check_unhonoured(raw, _COMPLETION_UNHONOURED)
+    if body.echo and body.stream and body.logprobs is not None:
+        raise _refuse("echo", "not supported with stream and logprobs together")
     if body.suffix:
         raise _refuse("suffix", "not supported")
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_TOP_LOGPROBS:
@@ -200,6 +239,9 @@ def parse_completion(raw: dict[str, Any]) -> Generation:
         prompt = value
     else:
         prompt_ids = [t for t in value if isinstance(t, int)]  # every one: the body's type was validated
+    options = _with_logprobs(_options(body, body.max_tokens), body.logprobs is not None, body.logprobs)
+    if body.echo and body.logprobs is not None and body.prompt_logprobs is None:
+        options["prompt_logprobs"] = body.logprobs  # the echoed prompt's logprobs (OpenAI's echo)
     return Generation(
         kind="completion",
         model=body.model,
@@ -207,7 +249,11 @@ def parse_completion(raw: dict[str, Any]) -> Generation:
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         prompt=prompt,
         prompt_ids=prompt_ids,
-        options=_with_logprobs(_options(body, body.max_tokens), body.logprobs is not None, body.logprobs),
+        options=options,
+        echo=bool(body.echo),
+        echo_text=prompt or "",
+        n=body.n or 1,
+        prompt_logprobs=body.prompt_logprobs is not None,
     )
 
 
@@ -233,8 +279,6 @@ def parse_chat(raw: dict[str, Any], *, default_max_tokens: int) -> Generation:
             raise _refuse(name, "tool calling is not supported")
     if body.tool_choice not in (None, "none") or body.function_call not in (None, "none"):
         raise _refuse("tool_choice", "tool calling is not supported")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise _refuse("response_format", "only the text format is supported")
     try:
         messages = normalize_messages(body.messages)
     except InvalidRequest as exc:
@@ -251,6 +295,8 @@ def parse_chat(raw: dict[str, Any], *, default_max_tokens: int) -> Generation:
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         messages=messages,
         options=options,
+        n=body.n or 1,
+        prompt_logprobs=body.prompt_logprobs is not None,
     )
 
 
@@ -294,25 +340,64 @@ class Responder:
         return {"tokens": [e["text"] for e in known], "token_logprobs": [e["logprob"] for e in known],
                 "top_logprobs": top, "text_offset": offsets}
 
-    def full(self, done: Completion) -> dict[str, Any]:
-        """The non-streaming response."""
-        if self.kind == "completion":
-            choice: dict[str, Any] = {"index": 0, "text": done.text, "logprobs": self.logprobs(done.logprobs),
-                                      "finish_reason": done.finish_reason}
-            obj = "text_completion"
-        else:
-            choice = {"index": 0, "message": {"role": "assistant", "content": done.text},
-                      "logprobs": self.logprobs(done.logprobs), "finish_reason": done.finish_reason}
-            obj = "chat.completion"
-        return self._envelope(obj, [choice], usage=usage(done.prompt_tokens, done.completion_tokens))
+    def full(self, done: Completion, *, echo: str | None = None,
+             prompt_entries: list[dict[str, Any] | None] | None = None,
+             prompt_logprobs: bool = False) -> dict[str, Any]:
+        """The non-streaming response: a choice per completion (``n``). ``echo``: the prompt's
+        text, put in front of each completion's text (completions' ``echo``), with the prompt's
+        logprob entries ``prompt_entries`` in front of its logprobs; ``prompt_logprobs``: also
+        give those entries in vLLM's ``prompt_logprobs`` shape."""
+        choices = []
+        for c in done.all_choices():
+            logprobs = self.logprobs(c.logprobs)
+            if self.kind == "completion":
+                if echo is not None and logprobs is not None and prompt_entries is not None:
+                    logprobs = self._echoed_logprobs(echo, prompt_entries, c.logprobs or [])
+                choice: dict[str, Any] = {"index": c.index, "text": (echo or "") + c.text, "logprobs": logprobs,
+                                          "finish_reason": c.finish_reason}
+                if prompt_logprobs:
+                    choice["prompt_logprobs"] = vllm_prompt_logprobs(prompt_entries)
+            else:
+                choice = {"index": c.index, "message": {"role": "assistant", "content": c.text},
+                          "logprobs": logprobs, "finish_reason": c.finish_reason}
+            choices.append(choice)
+        obj = "text_completion" if self.kind == "completion" else "chat.completion"
+        extra: dict[str, Any] = {}
+        if prompt_logprobs and self.kind == "chat":
+            extra["prompt_logprobs"] = vllm_prompt_logprobs(prompt_entries)
+        return self._envelope(obj, choices, usage=usage(done.prompt_tokens, done.completion_tokens), **extra)
+
+    def _echoed_logprobs(self, echo: str, prompt: list[dict[str, Any] | None],
+                         generated: list[dict[str, Any] | None]) -> dict[str, Any]:
+        """Completions' legacy logprobs of an echoed prompt and its completion: the prompt's first
+        token has none (null, as OpenAI's); its text is what the others' texts leave of ``echo``."""
+        tail = self.logprobs(generated) or {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        rest = "".join(e["text"] for e in prompt if e is not None)
+        first = echo[: len(echo) - len(rest)] if echo.endswith(rest) else ""
+        head: dict[str, list[Any]] = {"tokens": [first], "token_logprobs": [None], "top_logprobs": [None],
+                                      "text_offset": [0]}
+        offset = len(first)
+        for e in prompt:
+            if e is None:  # the first prompt token, done above
+                continue
+            head["tokens"].append(e["text"])
+            head["token_logprobs"].append(e["logprob"])
+            head["top_logprobs"].append({**{t["text"]: t["logprob"] for t in reversed(e["top_logprobs"])},
+                                         e["text"]: e["logprob"]})
+            head["text_offset"].append(offset)
+            offset += len(e["text"])
+        tail["text_offset"] = [o + offset for o in tail["text_offset"]]
+        return {k: head[k] + tail[k] for k in head}
 
     def chunk(self, text: str | None, *, finish_reason: str | None = None, first: bool = False,
-              with_usage_field: bool = False, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-        """One streamed chunk: a text delta and/or the finish reason (``first``: chat's role delta),
-        with the ``logprobs`` object of its tokens (``Responder.logprobs``)."""
+              with_usage_field: bool = False, logprobs: dict[str, Any] | None = None,
+              index: int = 0, **extra: Any) -> dict[str, Any]:
+        """One streamed chunk of choice ``index``: a text delta and/or the finish reason (``first``:
+        chat's role delta), with the ``logprobs`` object of its tokens (``Responder.logprobs``);
+        ``extra``: more fields of the choice."""
         if self.kind == "completion":
-            choice: dict[str, Any] = {"index": 0, "text": text or "", "logprobs": logprobs,
-                                      "finish_reason": finish_reason}
+            choice: dict[str, Any] = {"index": index, "text": text or "", "logprobs": logprobs,
+                                      "finish_reason": finish_reason, **extra}
             obj = "text_completion"
         else:
             delta: dict[str, Any] = {}
@@ -320,15 +405,36 @@ class Responder:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason, **extra}
             obj = "chat.completion.chunk"
-        extra = {"usage": None} if with_usage_field else {}
-        return self._envelope(obj, [choice], **extra)
+        usage_field = {"usage": None} if with_usage_field else {}
+        return self._envelope(obj, [choice], **usage_field)
 
     def usage_chunk(self, done: Completion) -> dict[str, Any]:
         """The last chunk when ``stream_options.include_usage``: no choices, the usage."""
         obj = "text_completion" if self.kind == "completion" else "chat.completion.chunk"
         return self._envelope(obj, [], usage=usage(done.prompt_tokens, done.completion_tokens))
+
+
+def vllm_prompt_logprobs(entries: list[dict[str, Any] | None] | None) -> list[dict[str, Any] | None] | None:
+    """Prompt logprob entries (PROTOCOL.md) in vLLM's ``prompt_logprobs`` shape: per prompt token
+    None (the first) or ``{"<token id>": {"logprob", "rank", "decoded_token"}}`` holding the prompt
+    token and its likeliest alternatives; ``rank`` is 1 for the likeliest, None where not known (the
+    prompt token when it is not among the alternatives)."""
+    if entries is None:
+        return None
+    out: list[dict[str, Any] | None] = []
+    for e in entries:
+        if e is None:
+            out.append(None)
+            continue
+        ranked = {t["token_id"]: (rank, t) for rank, t in enumerate(e["top_logprobs"], start=1)}
+        item = {str(e["token_id"]): {"logprob": e["logprob"], "rank": ranked.get(e["token_id"], (None,))[0],
+                                     "decoded_token": e["text"]}}
+        for token_id, (rank, t) in ranked.items():
+            item.setdefault(str(token_id), {"logprob": t["logprob"], "rank": rank, "decoded_token": t["text"]})
+        out.append(item)
+    return out
 
 
 def _chat_token(entry: dict[str, Any]) -> dict[str, Any]:

@@ -62,7 +62,7 @@ def hostile(r: redis.Redis, keys: Keys, kind: str, blob: bytes, n: int, flag: bo
     elif kind == "other_result":
         r.xadd(keys.requests, {"id": f"h{n}", "prompt": "hi", "reply_to": keys.result(target)})
     elif kind == "wrong_type":
-        key = f"app:{n}"
+        key = f"app:{uuid.uuid4().hex[:8]}"  # a key of its own: another step may make app:<n> of the other type
         r.set(key, "v") if flag else r.hset(key, "f", "v")
         r.xadd(keys.requests, {"id": f"w{uuid.uuid4().hex[:6]}", "prompt": "hi", "reply_to": key})
     elif kind == "duplicate":

@@ -200,7 +200,8 @@ def test_a_moved_request_prefers_the_weights_that_began_it(
 
     moving = GenerationRequest(id="moving", prompt="x", reply_to=keys.result("moving"), model="chat",
                                weights="w1")
-    r.xadd(keys.requests, moving.to_ingress(from_owner="gone", epoch=0))
+    r.xadd(keys.requests, moving.to_ingress(from_owner="gone", epoch=0,
+                                                       signing_key=balancer.signing.get()))
     balancer.tick()
     assert queued_ids(r, keys, "v1") == ["moving"]  # its own weights, though more loaded
     assert queued(r, keys, "v1")[0][0].weights == "w1"

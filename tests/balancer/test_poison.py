@@ -7,20 +7,25 @@ system Redis 7 (``any_redis``).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from typing import Any
 
+import msgpack
 import pytest
 import redis
 
-from balancer.router import Router
-from balancer.service import Balancer
+from balancer.routing import Router
+from balancer.service import PUBLISHER, Balancer
 from broker.dead_letter import Attempts, is_transient
 from broker.keys import INGRESS_GROUP, Keys, Progress
+from broker.lua import CLAIM_OWNER, DISPATCH, READ_CANCELS, READ_INGRESS
 from broker.settings import Settings
+from broker.signing import REFRESH_S, SigningKey
 from gpu_workers.echo import EchoEngine
 from gpu_workers.group import WorkerGroup
-from tests.balancer.test_service import fake_group, queued, submit
+from tests.balancer.test_service import fake_group, queued, state, submit
 from tests.gpu_workers.helpers import FakeMonotonic, events, finals, run_until
 
 MakeBalancer = Callable[..., Balancer]
@@ -261,7 +266,7 @@ def test_case_2_end_to_end_with_a_real_group(
     assert r.type(keys.state(keys.result("victim7"), "victim7")) == b"hash"
 
 
-@pytest.mark.parametrize("invalid", [{"temperature": "-1"}, {"n": "2"}, {"max_tokens": "0"}])
+@pytest.mark.parametrize("invalid", [{"temperature": "-1"}, {"n": "0"}, {"max_tokens": "0"}])
 def test_an_invalid_entry_with_a_waiting_requests_id_never_answers_it(
         r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, invalid: dict[str, str]) -> None:
     """An invalid entry reusing the id of a request that waits (here: for a group) on the same
@@ -361,6 +366,78 @@ def test_a_duplicate_id_with_its_own_reply_stream_gets_duplicate_id_there(
     assert balancer.counts["duplicate_id"] == 2
 
 
+def test_a_new_request_holds_its_id_in_the_round_trip_that_claims_and_queues_it(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, mono: FakeMonotonic) -> None:
+    """After the reads, hold + claim + queue in one round trip for a batch of new requests (the
+    acks go with the next read): nothing else."""
+    balancer = make_balancer()
+    fake_group(r, keys, "g1")
+    balancer.tick()  # registry read, stats written: not due again in this test
+    batches: list[list[str]] = []  # the commands of each round trip
+    real = balancer.scripts.wire.execute
+    shas = {hashlib.sha1(source.encode()).hexdigest(): name for name, source in
+            (("CLAIM_OWNER", CLAIM_OWNER), ("DISPATCH", DISPATCH), ("READ_INGRESS", READ_INGRESS),
+             ("READ_CANCELS", READ_CANCELS))}
+
+    def counted(batch: Any) -> list[Any]:
+        batches.append([shas.get(c[1], "?") if c[0] == "EVALSHA" else c[0] for c in batch.commands])
+        return real(batch)
+
+    balancer.scripts.wire.execute = counted  # type: ignore[method-assign]
+    for i in range(3):
+        submit(r, keys, id=f"n{i}", prompt="x", reply_to=f"app:n{i}")
+    balancer.tick()
+    *reads, claims = batches
+    assert all(set(read) <= {"XREADGROUP", "READ_CANCELS", "READ_INGRESS"} for read in reads), batches
+    assert claims == ["SET", "GET", "CLAIM_OWNER", "DISPATCH"] * 3
+    assert {r.get(keys.request_id(f"n{i}")).decode().split(" ")[1] for i in range(3)} == {"app:n0", "app:n1", "app:n2"}
+    assert [q.id for q, _ in queued(r, keys, "g1")] == ["n0", "n1", "n2"]
+    assert settled(balancer, r, keys)
+
+
+@pytest.mark.parametrize("invalid_first", [False, True])
+def test_in_one_read_a_valid_request_keeps_its_id_from_an_invalid_entry(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, invalid_first: bool) -> None:
+    """Valid requests hold their ids before the invalid entries of the same read, whatever the
+    order: an entry refused for its own faults never answers (or ends) the request it shadows."""
+    balancer = make_balancer()
+    fake_group(r, keys, "g1")
+    sends = [lambda: submit(r, keys, id="mine", prompt="the question"),
+             lambda: submit(r, keys, id="mine", prompt="x", temperature="-1")]
+    for send in reversed(sends) if invalid_first else sends:
+        send()
+    balancer.tick()
+    assert [(q.id, q.prompt) for q, _ in queued(r, keys, "g1")] == [("mine", "the question")]
+    assert events(r, keys.result("mine")) == []
+    [record] = dead(r, keys)
+    assert "in use" in record["reason"]
+    assert state(r, keys, "mine") == {"owner": "g1", "epoch": "1"}
+    assert settled(balancer, r, keys)
+
+
+def test_a_duplicate_claimed_in_the_same_round_trip_is_undone_and_fenced(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer) -> None:
+    """Held, claimed and queued in one round trip, a duplicate with a stream of its own was pinned
+    and queued before its hold was known: its queue entry is taken back, and the balancer takes it
+    over (a group that read the entry meanwhile is fenced) to publish duplicate_id."""
+    balancer = make_balancer()
+    fake_group(r, keys, "g1")
+    submit(r, keys, id="taken", prompt="first")
+    balancer.tick()
+    cost = r.get(keys.group_queue_tokens("g1"))
+    submit(r, keys, id="taken", prompt="second", reply_to="app:second")
+    balancer.tick()
+    assert [(q.prompt, e) for q, e in queued(r, keys, "g1")] == [("first", 1)]
+    assert r.get(keys.group_queue_tokens("g1")) == cost  # the stray entry's cost taken off again
+    [final] = finals(events(r, "app:second"))
+    assert final["code"] == "duplicate_id" and len(events(r, "app:second")) == 1
+    second = {k.decode(): v.decode() for k, v in r.hgetall(keys.state("app:second", "taken")).items()}
+    assert (second["owner"], second["epoch"]) == (PUBLISHER, "2")  # the stray epoch-1 entry is fenced
+    assert state(r, keys, "taken") == {"owner": "g1", "epoch": "1"}
+    assert balancer.counts["duplicate_id"] == 1 and balancer.counts["dispatched"] == 1
+    assert settled(balancer, r, keys)
+
+
 def test_a_retry_on_the_same_stream_is_answered_by_the_first_request(
         r: redis.Redis, keys: Keys, make_balancer: MakeBalancer) -> None:
     balancer = make_balancer()
@@ -386,6 +463,58 @@ def test_a_re_read_entry_and_a_moved_request_keep_their_id(
     heir.tick()
     assert settled(heir, r, keys) and heir.counts["duplicate_id"] == 0
     assert events(r, keys.result("mine")) == []
+
+
+# --- forged internal fields ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("forged", [
+    {"_takeover": ["g1", 1]},  # the victim's owner and epoch: a continuation of it, with the attacker's prompt
+    {"_takeover": ["g1", 1], "_enqueued_ms": 1, "_sig": "00" * 32},
+    {"_enqueued_ms": 1},  # backdated: ahead of everything waiting, and past its own deadline
+])
+def test_a_forged_continuation_takes_nothing_over(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, forged: dict[str, Any]) -> None:
+    """Fields only the pipeline writes (a request moved off a group) are refused from a client,
+    whatever it knows of the victim: its id, reply stream, owning group and epoch."""
+    balancer = make_balancer()
+    fake_group(r, keys, "g1")
+    balancer.refresh_groups()
+    submit(r, keys, id="victim", prompt="the victim's question")
+    balancer.tick()
+    assert state(r, keys, "victim") == {"owner": "g1", "epoch": "1"}
+    fields = {"id": "victim", "prompt": "PWNED", "reply_to": keys.result("victim"), **forged}
+    signature = fields.pop("_sig", None)
+    r.xadd(keys.requests, {"payload": msgpack.packb(fields), **({"_sig": signature} if signature else {})})
+    r.xadd(keys.requests, {k: json.dumps(v) for k, v in forged.items() if k != "_sig"}
+           | {"id": "flat", "prompt": "PWNED"})
+    balancer.tick()
+    assert state(r, keys, "victim") == {"owner": "g1", "epoch": "1"}  # not taken over, not fenced
+    assert [(q.id, q.prompt) for q, _ in queued(r, keys, "g1")] == [("victim", "the victim's question")]
+    assert events(r, keys.result("victim")) == []  # the forgery holds no id: its error went to {p}:dead
+    [record] = dead(r, keys)
+    assert "in use" in record["reason"] and "internal" in record["reason"]
+    assert "internal to the pipeline" in one_final(r, keys.result("flat"))["message"]
+    assert settled(balancer, r, keys)
+
+
+def test_a_request_moved_by_the_pipeline_is_still_taken_over(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, mono: FakeMonotonic) -> None:
+    """The same fields, signed by the pipeline (failover, drain), do take the request over."""
+    balancer = make_balancer()
+    fake_group(r, keys, "g1")
+    balancer.refresh_groups()
+    submit(r, keys, id="moving", prompt="x")
+    balancer.tick()
+    [(request, epoch)] = queued(r, keys, "g1")
+    r.xadd(keys.requests, request.to_ingress(from_owner="g1", epoch=epoch, signing_key=r.get(keys.signing_key)))
+    r.delete(keys.signing_key)  # made anew: a balancer re-reads it when a signature does not verify
+    r.xadd(keys.requests, request.to_ingress(from_owner="g1", epoch=epoch, signing_key=SigningKey(r, keys).get()))
+    mono.advance(REFRESH_S)
+    balancer.tick()
+    assert state(r, keys, "moving")["epoch"] == "2"  # the first copy took it over; the second is a no-op
+    assert [e for _q, e in queued(r, keys, "g1")] == [1, 2] and dead(r, keys) == []
+    assert settled(balancer, r, keys)
 
 
 # --- memory: hostile sizes ------------------------------------------------------------------------------

@@ -6,8 +6,7 @@ import itertools
 from collections import Counter
 
 from balancer.admission import Limits
-from balancer.router import Router
-from balancer.routing import AffinityTable, RoutingPolicy
+from balancer.routing import AffinityTable, Router, RoutingPolicy
 from broker.registry import GroupStatus, QueueLoad
 
 

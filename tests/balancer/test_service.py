@@ -15,10 +15,11 @@ import redis
 
 from balancer.service import PUBLISHER, Balancer
 from broker.keys import INGRESS_GROUP, QUEUE_GROUP, Keys
-from broker.protocol import GenerationRequest, entry_ms, parse_request
+from broker.protocol import GenerationRequest, entry_ms
 from broker.registry import GroupLoad, read_groups
 from broker.scripts import Scripts
 from broker.settings import Settings
+from broker.validation import parse_request
 from broker.wire import Batch
 from gpu_workers.echo import EchoEngine
 from gpu_workers.group import CONSUMER, WorkerGroup
@@ -423,7 +424,8 @@ def test_dead_group_is_failed_over_to_a_live_one(r: redis.Redis, keys: Keys, pre
     fake_group(r, keys, "alive")
     balancer.refresh_groups()
     assert not r.exists(keys.group_accepting("doomed")) and not r.exists(keys.group_queue("doomed"))
-    moved = [parse_request(f, entry_id=e.decode(), prefix=prefix, max_request_bytes=1 << 20)
+    moved = [parse_request(f, entry_id=e.decode(), prefix=prefix, max_request_bytes=1 << 20,
+                          signing_key=r.get(keys.signing_key))
              for e, f in r.xrange(keys.requests)]
     assert sorted((q.id, q.takeover_from, q.takeover_epoch) for q in moved) == [
         ("f0", "doomed", 1), ("f1", "doomed", 1), ("f2", "doomed", 1)]
@@ -543,9 +545,9 @@ def record_read_blocks(monkeypatch: pytest.MonkeyPatch) -> list[int | None]:
     blocks: list[int | None] = []
     real_read, real_script_read = Batch.xreadgroup, Balancer._read_ingress
 
-    def xreadgroup(self: Batch, *a: Any, **k: Any) -> None:
+    def xreadgroup(self: Batch, *a: Any, **k: Any) -> int:
         blocks.append(k.get("block"))
-        real_read(self, *a, **k)
+        return real_read(self, *a, **k)
 
     def read_ingress(self: Balancer, client: Any, count: int) -> None:
         blocks.append(None)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from broker.cancellation import HORIZON_MS, MAX_TOKENS_PER_ID, Cancellations, applies
+from broker.cancellation import HORIZON_MS, Cancellations, applies
 
 
 def test_a_request_without_a_token_is_cancelled_by_any_cancel_of_its_id() -> None:
@@ -24,16 +24,34 @@ def test_a_request_with_a_token_is_cancelled_only_by_its_token() -> None:
     assert not applies("x", None) and not applies("x", "y")
 
 
-def test_a_flood_of_wrong_tokens_is_bounded_and_old_cancels_are_forgotten() -> None:
+def test_wrong_tokens_do_not_push_out_the_owners_and_memory_stays_bounded() -> None:
+    """A stranger's wrong tokens for an id are remembered beside the owner's, whichever came first
+    (the first-come cap this replaces made a request uncancellable after 32 wrong ones); the total
+    is bounded, the oldest pair forgotten first."""
+    seen = Cancellations(max_remembered=100)
+    for n in range(40):
+        seen.add({b"id": b"r1", b"token": f"wrong{n}".encode()}, 0)
+    seen.add({b"id": b"r1", b"token": b"RIGHT"}, 0)
+    assert seen.matches("r1", "RIGHT") and seen.matches("r1", "wrong39")
+    for n in range(100):  # a flood of other ids: the oldest pairs go first, the total stays 100
+        seen.add({b"id": f"x{n}".encode()}, 1)
+    assert len(seen) == 100 and "r1" not in seen and not seen.matches("r1", "RIGHT")
+    seen.add({b"id": b"x5"}, 2)  # seen again: now the newest
+    seen.add({b"id": b"y"}, 2)
+    assert "x5" in seen and "x0" not in seen
+
+
+def test_old_cancels_are_forgotten_and_no_request_cancels_are_not_kept() -> None:
     seen = Cancellations()
-    for n in range(10 * MAX_TOKENS_PER_ID):
-        seen.add({b"id": b"r1", b"token": str(n).encode()}, 0)
-    assert not seen.matches("r1", str(10 * MAX_TOKENS_PER_ID - 1))
-    assert seen.matches("r1", "0")
+    seen.add({b"id": b"r1", b"token": b"0"}, 0)
     seen.add({b"id": b"late"}, HORIZON_MS + 1)
     seen.prune(HORIZON_MS + 1)
-    assert "r1" not in seen and "late" in seen
+    assert "r1" not in seen and "late" in seen and len(seen) == 1
     assert seen.add({b"token": b"x"}, 0) is None  # names no request
+    assert seen.add({b"id": b"x" * 129}, 0) is None  # no request has such an id (1-128 of ID_RE)
+    assert seen.add({b"id": b"a b"}, 0) is None
+    assert seen.add({b"id": b"r2", b"token": b"t" * 257}, 0) is None  # no request has such a token
+    assert len(seen) == 1
 
 
 def test_a_cancel_naming_a_later_entry_id_is_not_remembered() -> None:

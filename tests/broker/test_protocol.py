@@ -11,21 +11,18 @@ import pytest
 from pydantic import ValidationError
 
 from broker.errors import InvalidRequest
+from broker.events import FINAL_EVENTS, done_event, error_event, token_event
 from broker.keys import Keys
 from broker.protocol import (
-    FINAL_EVENTS,
     MAX_KEY_BYTES,
     MAX_STOP_STRINGS,
     GenerationRequest,
     SamplingParams,
-    best_effort_reply_to,
-    done_event,
     entry_ms,
-    error_event,
     limit_problem,
-    parse_request,
-    token_event,
 )
+from broker.signing import sign
+from broker.validation import best_effort_reply_to, parse_request
 
 PREFIX = "ryz"
 ENTRY = "1700000000000-5"
@@ -628,11 +625,14 @@ def test_requests_are_immutable() -> None:
         req.prompt = "y"  # type: ignore[misc]
 
 
+SIGNING_KEY = b"k" * 64
+
+
 def test_to_ingress_round_trips_through_parse_and_keeps_the_original_enqueue_time() -> None:
     req = _full_request()
-    fields = req.to_ingress(from_owner="g-1", epoch=3)
+    fields = req.to_ingress(from_owner="g-1", epoch=3, signing_key=SIGNING_KEY)
     later = "1800000000000-0"
-    back = parse_request(fields, entry_id=later, prefix=PREFIX, max_request_bytes=LIMIT)
+    back = parse_request(fields, entry_id=later, prefix=PREFIX, max_request_bytes=LIMIT, signing_key=SIGNING_KEY)
     assert back.takeover_from == "g-1"
     assert back.takeover_epoch == 3
     assert back.enqueued_ms == req.enqueued_ms
@@ -643,6 +643,61 @@ def test_to_ingress_round_trips_through_parse_and_keeps_the_original_enqueue_tim
 def test_a_fresh_request_is_not_a_takeover() -> None:
     req = parse({"prompt": "x"})
     assert (req.takeover_from, req.takeover_epoch) == (None, 0)
+
+
+def _forged(**internal: Any) -> dict[str, Any]:
+    return {"id": "victim", "prompt": "x", "reply_to": "app:victim", **internal}
+
+
+FORGERIES = [
+    {"_takeover": ["g-1", 1]},  # claims the victim's epoch: would take its request over
+    {"_enqueued_ms": 1},  # backdated: would jump the queue (and end its own timeout)
+    {"_weights": "abc"},
+    {"_anything": "1"},  # the whole kind: every name starting with '_'
+]
+
+
+@pytest.mark.parametrize("internal", FORGERIES)
+def test_internal_fields_from_a_client_are_refused(internal: dict[str, Any]) -> None:
+    """A client's entry never claims what only the pipeline may (a takeover, an earlier arrival):
+    as flat fields, in an unsigned payload, signed under another key, or with the payload changed."""
+    payload = msgpack.packb(_forged(**internal), use_bin_type=True)
+    name = next(iter(internal))
+    flat = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in _forged(**internal).items()}
+    for fields in (flat, {"payload": payload}, {"payload": payload, "_sig": sign(b"guess", payload)},
+                   {"payload": msgpack.packb({**_forged(**internal), "prompt": "mine"}),  # changed after signing
+                    "_sig": sign(SIGNING_KEY, payload)},
+                   {"payload": payload, "_sig": "00" * 32}):
+        with pytest.raises(InvalidRequest, match=f"field '{name}': names starting with '_' are internal"):
+            parse_request(wire(fields), entry_id=ENTRY, prefix=PREFIX, max_request_bytes=LIMIT,
+                          signing_key=SIGNING_KEY)
+    # without the pipeline's key (a parser that has none) nothing is signed either
+    with pytest.raises(InvalidRequest, match="internal"):
+        parse_request({"payload": payload, "_sig": sign(SIGNING_KEY, payload)}, entry_id=ENTRY, prefix=PREFIX,
+                      max_request_bytes=LIMIT)
+    # signed by the pipeline, the same fields count
+    moved = parse_request({"payload": payload, "_sig": sign(SIGNING_KEY, payload)}, entry_id=ENTRY, prefix=PREFIX,
+                          max_request_bytes=LIMIT, signing_key=SIGNING_KEY)
+    assert moved.id == "victim"
+
+
+def test_a_signature_alone_is_refused_like_any_internal_field() -> None:
+    with pytest.raises(InvalidRequest, match="field '_sig'"):
+        parse_request(wire({"prompt": "x", "_sig": "00"}), entry_id=ENTRY, prefix=PREFIX, max_request_bytes=LIMIT,
+                      signing_key=SIGNING_KEY)
+
+
+def test_an_id_shaped_like_a_later_entry_id_passes_only_in_a_signed_entry() -> None:
+    """The squatting rule (a later request's entry id) is waived for the pipeline's moves alone."""
+    later = "1800000000000-0"
+    forged = {"payload": msgpack.packb({"id": later, "prompt": "x", "_takeover": ["g", 1]}, use_bin_type=True)}
+    with pytest.raises(InvalidRequest):
+        parse_request(forged, entry_id=ENTRY, prefix=PREFIX, max_request_bytes=LIMIT, signing_key=SIGNING_KEY)
+    assert best_effort_reply_to(forged, entry_id=ENTRY, prefix=PREFIX, signing_key=SIGNING_KEY)[0] == ENTRY
+    signed = {**forged, "_sig": sign(SIGNING_KEY, forged["payload"])}
+    assert parse_request(signed, entry_id=ENTRY, prefix=PREFIX, max_request_bytes=LIMIT,
+                         signing_key=SIGNING_KEY).id == later
+    assert best_effort_reply_to(signed, entry_id=ENTRY, prefix=PREFIX, signing_key=SIGNING_KEY)[0] == later
 
 
 # --- best_effort_reply_to -------------------------------------------------------------------------------
@@ -783,7 +838,7 @@ def _pipeline_keys() -> list[str]:
     return [
         k.requests, k.cancel, k.groups, k.group_info("g"), k.group_queue("g"), k.group_queue_tokens("g"),
         k.group_accepting("g"), k.group_failover_lock("g"), k.dispatch_marker("g", "abc", 1), k.balancers,
-        k.balancer_stats("b"), k.dead, k.request_id("abc"), k.request_id("other"), k.chat_template("0" * 64),
+        k.balancer_stats("b"), k.dead, k.request_id("abc"), k.request_id("other"), k.chat_template("0" * 64), k.signing_key,
         *k.progress(k.result("abc"), "abc"), *k.progress(k.result("victim"), "victim"),
         *k.progress("app:replies", "victim"), *k.progress("{app}:replies", "victim"),
         *k.progress("replies}1", "victim"), *k.progress(k.client_replies("c1"), "victim"),

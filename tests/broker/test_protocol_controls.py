@@ -10,14 +10,9 @@ import msgpack
 import pytest
 
 from broker.errors import InvalidRequest
-from broker.protocol import (
-    MAX_BAD_WORDS,
-    MAX_LOGIT_BIAS,
-    GenerationRequest,
-    limit_problem,
-    parse_request,
-)
+from broker.protocol import MAX_BAD_WORDS, MAX_LOGIT_BIAS, GenerationRequest, limit_problem
 from broker.refused import UNHONOURED_FIELDS
+from broker.validation import parse_request
 from tests.broker.test_protocol import packed, parse, rejected
 
 BASE = {"prompt": "hi"}
@@ -103,7 +98,7 @@ def test_group_queue_round_trip_keeps_the_controls() -> None:
 
 def test_re_enqueued_request_keeps_the_controls() -> None:
     req = controlled_request()
-    fields: dict[Any, Any] = req.to_ingress(from_owner="g-1", epoch=3)
+    fields: dict[Any, Any] = req.to_ingress(from_owner="g-1", epoch=3, signing_key=b"k")
     assert "logit_bias" in msgpack.unpackb(fields["payload"], raw=False)
     again = parse_fields(fields)
     assert again.sampling == req.sampling
@@ -111,17 +106,14 @@ def test_re_enqueued_request_keeps_the_controls() -> None:
 
 def parse_fields(fields: dict[Any, Any]) -> GenerationRequest:
     return parse_request({k.encode(): v for k, v in fields.items()}, entry_id="1700000000000-5", prefix="ryz",
-                         max_request_bytes=1 << 20)
+                         max_request_bytes=1 << 20, signing_key=b"k")
 
 
 # --- fields known elsewhere and not honoured here -------------------------------------------------
 
 REFUSED = [  # (field, a value that would change the output)
-    ("n", "2"), ("best_of", "3"), ("use_beam_search", "true"), ("length_penalty", "0.5"),
-    ("prompt_logprobs", "0"), ("allowed_token_ids", "[1, 2]"),
-    ("logits_processors", '["x"]'), ("guided_json", '{"type": "object"}'), ("guided_regex", "a+"),
-    ("guided_choice", '["a", "b"]'), ("guided_grammar", "root ::= 'a'"), ("structured_outputs", '{"json": {}}'),
-    ("response_format", '{"type": "json_object"}'), ("include_stop_str_in_output", "1"),
+    ("use_beam_search", "true"), ("length_penalty", "0.5"), ("allowed_token_ids", "[1, 2]"),
+    ("logits_processors", '["x"]'), ("guided_whitespace_pattern", " +"), ("include_stop_str_in_output", "1"),
     ("skip_special_tokens", "false"), ("spaces_between_special_tokens", "0"), ("truncate_prompt_tokens", "10"),
 ]
 NEUTRAL = [  # (field, as a flat field, as a native msgpack value)

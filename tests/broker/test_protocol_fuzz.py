@@ -11,16 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from broker.errors import InvalidRequest
-from broker.protocol import (
-    ID_RE,
-    INT64_MIN,
-    MAX_KEY_BYTES,
-    MAX_STOP_STRINGS,
-    UINT64_MAX,
-    GenerationRequest,
-    best_effort_reply_to,
-    parse_request,
-)
+from broker.protocol import ID_RE, INT64_MIN, MAX_KEY_BYTES, MAX_STOP_STRINGS, UINT64_MAX, GenerationRequest
+from broker.validation import best_effort_reply_to, parse_request
 from tests.broker.test_protocol import TEXT_FIELDS
 
 PREFIX = "ryz"

@@ -7,7 +7,8 @@ import msgpack
 import pytest
 
 from broker.errors import InvalidRequest
-from broker.protocol import MAX_STOP_TOKEN_IDS, GenerationRequest, parse_request
+from broker.protocol import MAX_STOP_TOKEN_IDS, GenerationRequest
+from broker.validation import parse_request
 
 
 def parse(**fields: object) -> GenerationRequest:
@@ -64,7 +65,7 @@ def test_model_stop_token_ids_and_weights_survive_the_queue_and_a_move() -> None
     request = parse(prompt="hi", model="chat", stop_token_ids="[9, 3]")
     request = request.model_copy(update={"weights": "abc123"})
     assert GenerationRequest.from_wire(request.to_wire()) == request
-    moved = parse_request(request.to_ingress(from_owner="g1", epoch=2), entry_id="2-0", prefix="ryz",
-                          max_request_bytes=1 << 20)
+    moved = parse_request(request.to_ingress(from_owner="g1", epoch=2, signing_key=b"k"), entry_id="2-0",
+                          prefix="ryz", max_request_bytes=1 << 20, signing_key=b"k")
     assert (moved.model, moved.sampling.stop_token_ids, moved.weights) == ("chat", (9, 3), "abc123")
     assert (moved.takeover_from, moved.takeover_epoch) == ("g1", 2)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import redis
 
+from broker.events import done_event, error_event, token_event
 from broker.keys import QUEUE_GROUP, Keys, Progress
-from broker.protocol import done_event, error_event, token_event
 from broker.scripts import Claim, PublishResult, Scripts, claim_result, pack_events, publish_result
 
 TTL_MS = 60_000

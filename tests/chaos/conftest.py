@@ -23,8 +23,9 @@ import pytest
 import redis
 
 from broker.embedded import EmbeddedRedis
+from broker.events import FINAL_EVENTS
 from broker.keys import INGRESS_GROUP, Keys
-from broker.protocol import FINAL_EVENTS, SamplingParams
+from broker.protocol import SamplingParams
 from broker.registry import GroupStatus, read_groups
 from gpu_workers.echo import EchoEngine
 from gpu_workers.engine import EngineRequest

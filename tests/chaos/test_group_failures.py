@@ -5,6 +5,7 @@ Killing a non-leader rank of a tensor-parallel group (TP=2): test_tensor_paralle
 
 from __future__ import annotations
 
+import json
 import signal
 import statistics
 import time
@@ -16,6 +17,7 @@ from tests.chaos.conftest import (
     check_completion,
     events,
     groups,
+    healthy,
     redis_ms,
     state,
     submit,
@@ -119,3 +121,42 @@ def test_group_sigstop_then_sigcont_is_fenced_and_rejoins(chaos: Chaos) -> None:
     assert len(moved) >= 20
     assert statistics.median(gaps) <= DETECTION_LIMIT_S * 1000 + 2000
     assert chaos.measured["served_after_rejoin"] > 0
+
+
+def test_requests_with_several_completions_move_mid_stream_and_end_once(chaos: Chaos) -> None:
+    """n=3, streamed: a group SIGKILLed mid-stream; each completion continues elsewhere after the
+    tokens its stream carried (per-completion indices), and each request ends with one done event."""
+    chaos.start(groups=2)
+    jobs = workload(40, tag="choices")
+    pipe = chaos.r.pipeline(transaction=False)
+    for job in jobs:
+        pipe.xadd(chaos.keys.requests, {"id": job.id, "prompt": job.prompt, "max_tokens": job.max_tokens,
+                                        "temperature": 0, "stream": 1, "n": 3,
+                                        **({"stop": json.dumps(list(job.stop))} if job.stop else {})})
+    pipe.execute()
+    ids = [j.id for j in jobs]
+    wait_for(lambda: any(state(chaos.r, chaos.keys, rid).get("owner") == "g1"
+                         and int(state(chaos.r, chaos.keys, rid).get("next:0", 0)) >= 8 for rid in ids),
+             what="g1 to be mid-stream")
+    killed_ms = redis_ms(chaos.r)
+    chaos.procs.started[1].send_signal(signal.SIGKILL)  # g1
+    chaos.wait_finished(jobs)
+    moved = 0
+    for job in jobs:
+        evs = events(chaos.r, chaos.keys, job.id)
+        finals = [e for _ms, e in evs if e["event"] in ("done", "error")]
+        assert len(finals) == 1 and evs[-1][1] is finals[0] and finals[0]["event"] == "done", job.id
+        want = healthy(job)
+        choices = json.loads(finals[0]["choices"])
+        assert [(c["text"], c["token_ids"], c["finish_reason"]) for c in choices] == [
+            (want["text"], want["token_ids"], want["finish_reason"])] * 3, job.id
+        for c in range(3):
+            tokens = [e for _ms, e in evs if e["event"] == "token" and e["choice"] == str(c)]
+            assert [int(t["index"]) for t in tokens] == list(range(len(tokens))), job.id
+            assert "".join(t["text"] for t in tokens) == want["text"], job.id
+        if int(state(chaos.r, chaos.keys, job.id).get("epoch", 1)) >= 2 and any(
+                ms <= killed_ms for ms, e in evs if e["event"] == "token") and any(
+                ms > killed_ms for ms, e in evs if e["event"] == "token"):
+            moved += 1
+    chaos.record(moved_mid_stream=moved)
+    assert moved >= 1

@@ -6,8 +6,9 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from broker.events import FINAL_EVENTS
 from broker.keys import QUEUE_GROUP, Keys
-from broker.protocol import FINAL_EVENTS, GenerationRequest, SamplingParams
+from broker.protocol import GenerationRequest, SamplingParams
 from broker.scripts import Scripts, claim_result
 
 TTL_MS = 60_000

@@ -10,13 +10,14 @@ from typing import Any
 import pytest
 import redis
 
+from broker.events import token_event
 from broker.keys import QUEUE_GROUP, Keys
-from broker.protocol import parse_request, token_event
 from broker.registry import read_groups
 from broker.scripts import Scripts, claim_result
 from broker.settings import Settings
+from broker.validation import parse_request
 from gpu_workers.echo import EchoEngine
-from gpu_workers.group import CONSUMER, WorkerGroup
+from gpu_workers.group import CONSUMER, GroupState, WorkerGroup
 from tests.gpu_workers.helpers import (
     FakeClock,
     FakeMonotonic,
@@ -335,7 +336,7 @@ def test_recovery_after_final_written_but_not_acked(
     first = make_group("g1")
     request = make_request(keys, "almost", "done")
     enqueue(r, keys, "g1", request)
-    first._ack = lambda entry_ids: None  # type: ignore[method-assign]  # dies between publish and ack
+    first.queue.ack = lambda entry_ids: None  # type: ignore[method-assign]  # dies between publish and ack
     run_until(first.tick, finished(r, request.reply_to))
     assert pending(r, keys, "g1") == 1
     second = make_group("g1")
@@ -351,7 +352,8 @@ def test_recovery_after_final_written_but_not_acked(
 
 def ingress(r: redis.Redis, keys: Keys, prefix: str) -> list[Any]:
     """The ingress entries, parsed as a balancer would."""
-    return [parse_request(fields, entry_id=eid.decode(), prefix=prefix, max_request_bytes=1 << 20)
+    return [parse_request(fields, entry_id=eid.decode(), prefix=prefix, max_request_bytes=1 << 20,
+                          signing_key=r.get(keys.signing_key))
             for eid, fields in r.xrange(keys.requests)]
 
 
@@ -631,7 +633,7 @@ def test_a_group_failed_over_while_stalled_drops_what_moved_and_registers_again(
     def tick() -> None:
         ticks.append(1)
         if len(ticks) == 3:
-            group.stop_now.set()
+            group.state = GroupState.STOPPING
         real_tick()
 
     group.tick = tick  # type: ignore[method-assign]
@@ -643,6 +645,7 @@ def test_a_group_failed_over_while_stalled_drops_what_moved_and_registers_again(
     assert r.zscore(keys.groups, "g1") is not None  # stop_now: still registered, left to failover
     enqueue(r, keys, "g1", make_request(keys, "new", "served after rejoining"))
     group.tick = real_tick  # type: ignore[method-assign]
+    group.state = GroupState.READY  # (stopped by hand above, not by signals: it serves on)
     run_until(group.tick, finished(r, keys.result("new")))
     assert_one_clean_completion(events(r, keys.result("new")), text="served after rejoining")
 
@@ -655,7 +658,7 @@ def test_third_signal_stops_at_once_leaving_work_for_failover(
     group.drain()
     group.drain()
     group.drain()
-    assert group.stop_now.is_set()
+    assert group.state is GroupState.STOPPING
     assert group.run() == 0
     assert pending(r, keys, "g1") == 1 and r.zscore(keys.groups, "g1") is not None
     assert r.xlen(keys.requests) == 0  # nothing handed back: the balancers fail it over

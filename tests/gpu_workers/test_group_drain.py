@@ -14,8 +14,8 @@ import pytest
 import redis
 
 from broker.keys import Keys
-from broker.protocol import parse_request
 from broker.settings import Settings
+from broker.validation import parse_request
 from gpu_workers.group import WorkerGroup
 from gpu_workers.llm_engine import LlamaEngine, LlamaEngineOptions
 from gpu_workers.model.presets import materialize
@@ -40,7 +40,8 @@ def tiny_engine() -> LlamaEngine:
 
 
 def handed_back(r: redis.Redis, keys: Keys, prefix: str) -> list[Any]:
-    return [parse_request(fields, entry_id=eid.decode(), prefix=prefix, max_request_bytes=1 << 20)
+    return [parse_request(fields, entry_id=eid.decode(), prefix=prefix, max_request_bytes=1 << 20,
+                          signing_key=r.get(keys.signing_key))
             for eid, fields in r.xrange(keys.requests)]
 
 

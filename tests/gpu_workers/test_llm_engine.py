@@ -198,7 +198,7 @@ def test_kv_memory_too_small_fails_before_the_weights_load(llama_dir: Path, monk
 def test_default_kv_budget_is_measured_with_the_weights_loaded(llama_dir: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """On CUDA the share of free device memory must leave the weights' memory alone: read it after."""
-    from gpu_workers import llm_engine, model_runner
+    from gpu_workers import model_runner, rank
 
     events: list[str] = []
     real_load = model_runner.load_weights
@@ -208,7 +208,7 @@ def test_default_kv_budget_is_measured_with_the_weights_loaded(llama_dir: Path,
         events.append(f"budget {kv_memory}")
         return 1 << 20
 
-    monkeypatch.setattr(llm_engine, "kv_budget_bytes", budget)
+    monkeypatch.setattr(rank, "kv_budget_bytes", budget)
     engine = engine_for(llama_dir, kv_memory=None)
     assert events == ["weights", "budget None"]
     assert engine.stats().kv_capacity_tokens > 0

@@ -10,7 +10,7 @@ import pytest
 from broker.errors import ConfigError
 from broker.settings import Settings
 from gpu_workers.cli import _follower_argv, engine_argv, worker_options
-from gpu_workers.models import EngineOptions
+from gpu_workers.engine_spec import EngineOptions
 from ryzanstein.cli import build_parser
 from ryzanstein.stack import Stack
 

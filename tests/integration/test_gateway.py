@@ -204,7 +204,8 @@ def test_bad_parameters_are_400_in_openai_shape(stack: Stack) -> None:
         ({"prompt": "x", "temperature": -1}, "temperature"),
         ({"prompt": "x", "top_p": 0}, "top_p"),
         ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
-        ({"prompt": "x", "n": 2}, "n"),
+        ({"prompt": "x", "n": 0}, "n"),
+        ({"prompt": "x", "n": 2, "best_of": 3, "stream": True}, "best_of"),
         ({"prompt": "x", "logprobs": 30}, "logprobs"),
         ({"prompt": ["a", "b"]}, "prompt"),
         ({"prompt": "x", "stop": [""]}, "stop"),
@@ -214,7 +215,9 @@ def test_bad_parameters_are_400_in_openai_shape(stack: Stack) -> None:
         ({"prompt": "x", "extra_body": {"min_p": 1.5}}, "min_p"),
         ({"prompt": "x", "max_tokens": 4, "extra_body": {"min_tokens": 5}}, "min_tokens"),
         ({"prompt": "x", "extra_body": {"bad_words": [" "]}}, "bad_words"),
-        ({"prompt": "x", "extra_body": {"guided_json": {"type": "object"}}}, "guided_json"),
+        ({"prompt": "x", "extra_body": {"guided_choice": []}}, "guided_choice"),
+        ({"prompt": "x", "extra_body": {"response_format": {"type": "xml"}}}, "response_format"),
+        ({"prompt": "x", "extra_body": {"guided_whitespace_pattern": " "}}, "guided_whitespace_pattern"),
         ({"prompt": "x", "extra_body": {"ignore_eos": True, "use_beam_search": True}}, "use_beam_search"),
     ]
     for args, param in cases:

@@ -117,3 +117,106 @@ def test_logprobs_and_controls_through_the_openai_client(procs: Procs, r: redis.
     with pytest.raises(openai.BadRequestError) as caught:  # a max_tokens the client sent is kept
         client.chat.completions.create(model=model, messages=long, max_tokens=100)
     assert "context length" in caught.value.message
+
+
+def prefix_counters(port: int) -> tuple[float, float]:
+    """(prefix_cache_queries, prefix_cache_hits) totals on a group's /metrics."""
+    from tests.integration.test_metrics import scrape
+
+    samples = scrape(port)
+    total = {name: sum(v for (n, _labels), v in samples.items() if n == name)
+             for name in ("ryz_prefix_cache_queries_total", "ryz_prefix_cache_hits_total")}
+    return total["ryz_prefix_cache_queries_total"], total["ryz_prefix_cache_hits_total"]
+
+
+def test_n_best_of_prompt_logprobs_and_tokenize_through_the_openai_client(
+        procs: Procs, r: redis.Redis, keys: Keys, model_dir: Path) -> None:
+    import httpx
+
+    from broker.registry import read_groups
+
+    procs.balancer()
+    procs.worker("llama", "--model", str(model_dir), "--kv-dtype", "fp32", "--kv-memory", "8MiB",
+                 "--metrics-port", "0", "--metrics-host", "127.0.0.1")
+    log = procs.log_dir / f"{len(procs.started):02d}-producer.log"
+    procs.spawn("producer", "gateway", "--port", "0")
+    wait_groups(r, keys, {"llama"}, timeout=60)
+    url = wait_for(lambda: served_url(log), timeout=30, what="the gateway")
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+    model = model_dir.name
+    (group,) = read_groups(r, keys, dead_after_s=10.0)
+    assert group.metrics_port
+    prompt = [(7 * i + 3) % 300 for i in range(40)]  # two full KV blocks (16 tokens) and a part
+
+    # n=4, seeded: one prefill, the three other completions find the prompt's two full blocks cached
+    before = wait_for(lambda: prefix_counters(group.metrics_port), what="the group's metrics")
+    four = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=1.0, seed=11, n=4)
+    assert sorted(c.index for c in four.choices) == [0, 1, 2, 3]
+    assert four.usage.completion_tokens == 4 * 8  # every completion counts (ignore_eos is not set, but 8 < its EOS)
+    wait_for(lambda: prefix_counters(group.metrics_port) == (before[0] + 4 * 40, before[1] + 3 * 32),
+             what="prefix-cache counters: 4 lookups of 40 tokens, 3 hits of 32")
+    # reproducible: the same request again, and each completion alone with seed 11 + index
+    again = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=1.0, seed=11, n=4)
+    assert [c.text for c in again.choices] == [c.text for c in four.choices]
+    for c in four.choices:
+        alone = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=1.0, seed=11 + c.index)
+        assert alone.choices[0].text == c.text
+    assert len({c.text for c in four.choices}) > 1
+
+    # streamed: each chunk names its choice; the deltas of each join to that choice's text
+    texts: dict[int, str] = {}
+    reasons: dict[int, str] = {}
+    for chunk in client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=1.0, seed=11,
+                                           n=4, stream=True):
+        for ch in chunk.choices:
+            texts[ch.index] = texts.get(ch.index, "") + ch.text
+            if ch.finish_reason:
+                reasons[ch.index] = ch.finish_reason
+    assert texts == {c.index: c.text for c in four.choices} and sorted(reasons) == [0, 1, 2, 3]
+    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                          temperature=1.0, seed=3, n=3)
+    assert [c.index for c in chat.choices] == [0, 1, 2]
+
+    # best_of: the n with the highest cumulative logprob among best_of, best first
+    best = client.completions.create(model=model, prompt=prompt, max_tokens=6, temperature=1.0, seed=5, n=2,
+                                     best_of=4, logprobs=0)
+    sums = [sum(c.logprobs.token_logprobs) for c in best.choices]
+    candidates = [sum(client.completions.create(model=model, prompt=prompt, max_tokens=6, temperature=1.0,
+                                                seed=5 + i, logprobs=0).choices[0].logprobs.token_logprobs)
+                  for i in range(4)]
+    assert sums == pytest.approx(sorted(candidates, reverse=True)[:2], abs=TOLERANCE)
+
+    # prompt logprobs (vLLM's field) and echo + logprobs: transformers' log-softmax of the prompt's logits
+    model_hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        expected = torch.log_softmax(model_hf(torch.tensor([prompt])).logits[0, :-1], dim=-1)  # [P - 1, V]
+    raw = httpx.post(f"{url}/completions", json={"model": model, "prompt": prompt, "max_tokens": 1,
+                                                 "prompt_logprobs": 2}, timeout=60).json()
+    entries = raw["choices"][0]["prompt_logprobs"]
+    assert entries[0] is None and len(entries) == len(prompt)
+    for p, entry in enumerate(entries[1:]):
+        assert entry[str(prompt[p + 1])]["logprob"] == pytest.approx(float(expected[p, prompt[p + 1]]), abs=TOLERANCE)
+        ranked = sorted((v["rank"], float(k)) for k, v in entry.items() if v["rank"] is not None and v["rank"] <= 2)
+        assert [int(t) for _rank, t in ranked] == expected[p].topk(2).indices.tolist()
+    echoed = client.completions.create(model=model, prompt=prompt, max_tokens=2, temperature=0, echo=True, logprobs=1)
+    lp = echoed.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(prompt) + 2
+    assert lp.token_logprobs[1:len(prompt)] == pytest.approx(
+        [float(expected[p, prompt[p + 1]]) for p in range(len(prompt) - 1)], abs=TOLERANCE)
+    decode = load_tokenizer(model_dir, vocab_size=320).tokenizer.decode
+    assert echoed.choices[0].text.startswith(decode(prompt))
+
+    # /tokenize and /detokenize: the ids and text the worker group's tokenizer gives
+    root = url.removesuffix("/v1")
+    tokenizer = load_tokenizer(model_dir, vocab_size=320).tokenizer
+    got = httpx.post(f"{root}/tokenize", json={"model": model, "prompt": "hello there"}).json()
+    assert got == {"tokens": tokenizer.encode("hello there"), "count": len(tokenizer.encode("hello there")),
+                   "max_model_len": group.max_context}
+    assert httpx.post(f"{root}/detokenize", json={"model": model, "tokens": got["tokens"]}).json() == {
+        "prompt": tokenizer.decode(got["tokens"])}
+    chat_ids = httpx.post(f"{root}/tokenize", json={"model": model, "messages": [
+        {"role": "user", "content": "hi"}]}).json()
+    done = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+    assert chat_ids["count"] == done.usage.prompt_tokens
+    assert httpx.post(f"{root}/tokenize", json={"model": "nope", "prompt": "x"}).status_code == 404
+    assert httpx.post(f"{root}/detokenize", json={"model": model, "tokens": [10**6]}).status_code == 400

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import msgpack
 import pytest
 import redis
 
@@ -83,7 +84,7 @@ def test_tenants_are_kept_apart(as_user: Callable[[str], str], prefix: str, keys
                     lambda: bob.xread({keys.cancel: "0-0"}), lambda: bob.xrange(kept.reply_to),
                     lambda: bob.xadd(kept.reply_to, {"id": kept.id, "event": "done"}),
                     lambda: bob.xrange(keys.result(kept.id)), lambda: bob.scan(0), lambda: bob.keys("*"),
-                    lambda: bob.hgetall(keys.state(kept.reply_to, kept.id))):
+                    lambda: bob.hgetall(keys.state(kept.reply_to, kept.id)), lambda: bob.get(keys.signing_key)):
         with pytest.raises(redis.exceptions.NoPermissionError):
             attempt()
     # bob may only XADD to the shared streams (a selector): not trim or delete others' requests there
@@ -97,17 +98,22 @@ def test_tenants_are_kept_apart(as_user: Callable[[str], str], prefix: str, keys
     bob_client.cancel(kept.id)  # with bob's (wrong) token, were any remembered
     alice.cancel(ended)
     mine = bob_client.submit("bob's own", max_tokens=3)
+    # nor to forge a continuation of one (the fields the pipeline signs when it moves a request)
+    forged = {"id": kept.id, "prompt": "bob's words", "reply_to": kept.reply_to, "_takeover": ["g1", 1]}
+    bob.xadd(keys.requests, {"payload": msgpack.packb(forged), "_sig": "00" * 32})
     # a reply_to outside what the pipeline's user may write: NOPERM, once; the error goes to the default
     bob.xadd(keys.requests, {"id": "stray", "prompt": "hi", "reply_to": "elsewhere:inbox"})
 
     serve(lambda: all(finals(events(app, h.reply_to)) for h in (kept, ended, mine)))
-    assert alice.result(kept, timeout=5).finish_reason == "length"
+    assert alice.result(kept, timeout=5).text == secret[:12] and alice.result(kept).finish_reason == "length"
     assert alice.result(ended, timeout=5).finish_reason == "cancelled"
     assert bob_client.result(mine, timeout=5).text == "bob"
     serve(lambda: bool(finals(events(app, keys.result("stray")))))
     [stray] = finals(events(app, keys.result("stray")))
     assert stray["code"] == "invalid_request" and "NOPERM" in stray["message"]
-    assert balancer.counts["invalid_request"] == 1 and not balancer.waiting
+    assert balancer.counts["invalid_request"] == 2 and not balancer.waiting  # the stray, the forgery
+    [record] = events(app, keys.dead)  # the forgery: refused, its error not written on alice's stream
+    assert "internal to the pipeline" in record["reason"] and record["reply_to"] == kept.reply_to
     with pytest.raises(redis.exceptions.NoPermissionError):
         bob.xrange(kept.reply_to)
     for client in (alice, bob_client):

@@ -1,6 +1,6 @@
 """A stand-in for the balancer and worker groups: a thread that answers requests as the protocol says.
 
-It parses each ingress entry with the real ``broker.protocol.parse_request`` (so a client that sends
+It parses each ingress entry with the real ``broker.validation.parse_request`` (so a client that sends
 a malformed request gets the same ``invalid_request`` error it would get from a balancer) and writes
 events with the real PUBLISH script. Prompts steer it:
 
@@ -23,17 +23,12 @@ import redis
 
 from broker.chat import PLAIN_CHAT_TEMPLATE, publish_template
 from broker.errors import InvalidRequest
+from broker.events import done_event, error_event, token_event
 from broker.keys import Keys, companion
-from broker.protocol import (
-    GenerationRequest,
-    best_effort_reply_to,
-    done_event,
-    error_event,
-    parse_request,
-    token_event,
-)
+from broker.protocol import GenerationRequest
 from broker.registry import GroupLoad
 from broker.scripts import Scripts, pack_events, publish_result
+from broker.validation import best_effort_reply_to, parse_request
 
 PUBLISHER = "test-responder"
 TTL_MS = 60_000

@@ -12,7 +12,8 @@ import redis
 from broker.errors import InvalidRequest, RequestFailed
 from broker.keys import Keys
 from broker.settings import Settings
-from producer.client import AsyncClient, ClientClosed, Handle
+from producer.async_client import AsyncClient
+from producer.client import ClientClosed, Handle
 from tests.producer.conftest import Responder
 
 

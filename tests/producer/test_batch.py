@@ -14,8 +14,8 @@ import pytest
 import redis
 from rq.job import Job
 
+from broker.events import done_event
 from broker.keys import Keys
-from broker.protocol import done_event
 from broker.scripts import Scripts, pack_events
 from broker.settings import Settings
 from producer.batch import cli as batch_cli
@@ -50,6 +50,16 @@ def test_sampling_controls_are_passed_on() -> None:
     assert isinstance(line, LineRequest) and line.options == controls
 
 
+@pytest.mark.parametrize("structured", [
+    {"guided_json": {"type": "object"}}, {"guided_regex": "[0-9]+"}, {"guided_choice": ["a", "b"]},
+    {"guided_grammar": 'root ::= "a"'}, {"response_format": {"type": "json_object"}},
+    {"structured_outputs": {"regex": "a+"}},
+])
+def test_structured_output_is_passed_on(structured: dict[str, object]) -> None:
+    line = parse_line(3, json.dumps({"custom_id": "s", "body": {"prompt": "hi", **structured}}))
+    assert isinstance(line, LineRequest) and line.options == structured
+
+
 @pytest.mark.parametrize(("text", "reason"), [
     ("{not json", "not valid JSON"),
     ("[1, 2]", "not a JSON object"),
@@ -65,8 +75,11 @@ def test_sampling_controls_are_passed_on() -> None:
     ('{"prompt": "a", "repetition_penalty": 0}', "field 'repetition_penalty'"),
     ('{"prompt": "a", "logit_bias": {"1": 200}}', "field 'logit_bias'"),
     ('{"prompt": "a", "bad_words": "no"}', "field 'bad_words'"),
-    ('{"prompt": "a", "n": 2}', "field 'n'"),
-    ('{"custom_id": "c", "body": {"prompt": "a", "guided_regex": "x+"}}', "field 'guided_regex'"),
+    ('{"prompt": "a", "n": 0}', "field 'n'"),
+    ('{"prompt": "a", "n": 3, "best_of": 2}', "field 'best_of'"),
+    ('{"custom_id": "c", "body": {"prompt": "a", "guided_whitespace_pattern": " "}}', "field 'guided_whitespace_pattern'"),
+    ('{"prompt": "a", "guided_choice": []}', "field 'guided_choice'"),
+    ('{"prompt": "a", "response_format": {"type": "xml"}}', "field 'response_format'"),
 ])
 def test_bad_lines_say_why(text: str, reason: str) -> None:
     bad = parse_line(9, text)

@@ -10,7 +10,8 @@ import redis
 
 from broker.errors import InvalidRequest, ModelNotFound, Unavailable
 from broker.keys import Keys
-from producer.client import AsyncClient, Client
+from producer.async_client import AsyncClient
+from producer.client import Client
 from tests.producer.conftest import Responder, register_group
 
 CHATML = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"

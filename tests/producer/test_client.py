@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 
@@ -10,8 +11,8 @@ import redis
 
 from broker.errors import InvalidRequest, RequestFailed
 from broker.keys import Keys
-from broker.protocol import parse_request
 from broker.settings import Settings
+from broker.validation import parse_request
 from producer.client import Client, Completion, Event, Handle
 from producer.request import request_fields
 from tests.producer.conftest import Responder
@@ -61,6 +62,10 @@ def test_every_option_survives_the_servers_parser(keys: Keys) -> None:
         logprobs=True,
         top_logprobs=4,
         fit_max_tokens=True,
+        prompt_logprobs=2,
+        n=3,
+        best_of=3,
+        guided_choice=["yes", "no"],
     )
 
     request = parse_request(fields, entry_id="1-0", prefix=keys.prefix, max_request_bytes=1 << 20)
@@ -85,6 +90,10 @@ def test_every_option_survives_the_servers_parser(keys: Keys) -> None:
         "fit_max_tokens": True,
         "logprobs": True,
         "top_logprobs": 4,
+        "prompt_logprobs": 2,
+        "n": 3,
+        "best_of": 3,
+        "structured": {"kind": "choice", "spec": '["yes", "no"]', "field": "guided_choice"},
     }
     assert request.model == "org/chat-v2"
     assert (request.stream, request.priority, request.timeout_s, request.reply_to) == (
@@ -254,3 +263,22 @@ def test_url_and_prefix_arguments_override_settings(redis_url: str) -> None:
     with Client(redis_url, prefix="other", settings=Settings(redis_url="redis://nowhere:1", prefix="x")) as c:
         assert (c.url, c.keys) == (redis_url, Keys("other"))
         assert c._redis.ping()
+
+
+def test_structured_output_options_become_the_protocol_fields() -> None:
+    from broker.validation import parse_request
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}}}
+    for options, expected in (
+        ({"guided_json": schema}, ("json", "guided_json")),
+        ({"guided_json": '{"type": "integer"}'}, ("json", "guided_json")),
+        ({"guided_regex": "[a-z]+"}, ("regex", "guided_regex")),
+        ({"guided_choice": ("yes", "no")}, ("choice", "guided_choice")),
+        ({"guided_grammar": 'root ::= "a"'}, ("grammar", "guided_grammar")),
+        ({"response_format": {"type": "json_object"}}, ("json_object", "response_format")),
+        ({"structured_outputs": {"choice": ["a"]}}, ("choice", "structured_outputs")),
+    ):
+        fields = request_fields("x", request_id="a", **options)  # type: ignore[arg-type]
+        structured = parse_request(fields, entry_id="1-0", prefix="ryz", max_request_bytes=1 << 20).sampling.structured
+        assert structured is not None and (structured.kind, structured.field) == expected, options
+    assert request_fields("x", request_id="a", guided_json=schema)["guided_json"] == json.dumps(schema)

@@ -22,7 +22,8 @@ from broker.errors import (
     WaitTimeout,
 )
 from broker.keys import Keys
-from producer.client import AsyncClient, Client, retry_delay
+from producer.async_client import AsyncClient
+from producer.client import Client, retry_delay
 from producer.request import Completion, Event
 from tests.producer.conftest import Responder
 

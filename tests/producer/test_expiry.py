@@ -12,7 +12,8 @@ import redis
 from broker.errors import ResultExpired
 from broker.keys import Keys
 from broker.settings import Settings
-from producer.client import AsyncClient, Client, Handle
+from producer.async_client import AsyncClient
+from producer.client import Client, Handle
 
 # Blocking reads of 100 ms (socket_timeout_s * 500): each check comes after one.
 FAST = {"socket_timeout_s": 0.2}

@@ -60,9 +60,9 @@ def test_sampling_controls_map_to_the_protocol_fields() -> None:
 
 
 @pytest.mark.parametrize(("body", "param"), [
-    ({"n": 2}, "n"),
-    ({"best_of": 3}, "best_of"),
-    ({"echo": True}, "echo"),
+    ({"n": 0}, "n"),
+    ({"n": 3, "best_of": 2}, "best_of"),
+    ({"echo": True, "stream": True, "logprobs": 1}, "echo"),
     ({"suffix": "s"}, "suffix"),
     ({"logprobs": 21}, "logprobs"),
     ({"logprobs": -1}, "logprobs"),
@@ -89,7 +89,8 @@ def test_chat_request() -> None:
     assert (defaulted["max_tokens"], defaulted.get("fit_max_tokens")) == (100, True)  # a ceiling: fits the context
     assert "fit_max_tokens" not in gen.options  # max_tokens the client sent is kept as sent
     for body, param in [({"tools": [{"type": "function"}]}, "tools"), ({"tool_choice": "required"}, "tool_choice"),
-                        ({"response_format": {"type": "json_object"}}, "response_format"),
+                        ({"response_format": {"type": "xml"}},
+                         "response_format"),
                         ({"top_logprobs": 2}, "top_logprobs"), ({"messages": []}, "messages")]:
         with pytest.raises(ApiError) as caught:
             parse_chat({"model": "m", "messages": messages, **body}, default_max_tokens=1)
@@ -243,10 +244,8 @@ def test_chat_uses_the_published_template_or_fails_and_models_carry_max_model_le
 # --- never silent: known parameters this server does not honour ----------------------------------
 
 REFUSED_SAMPLES: dict[str, Any] = {  # a value of each that would change the output
-    "n": 2, "best_of": 2, "use_beam_search": True, "length_penalty": 0.5, "prompt_logprobs": 1,
-    "allowed_token_ids": [1, 2], "logits_processors": ["x"], "guided_json": {"type": "object"},
-    "guided_regex": "a+", "guided_choice": ["a", "b"], "guided_grammar": "root ::= 'a'",
-    "structured_outputs": {"json": {}}, "response_format": {"type": "json_object"},
+    "use_beam_search": True, "length_penalty": 0.5,
+    "allowed_token_ids": [1, 2], "logits_processors": ["x"], "guided_whitespace_pattern": " ",
     "include_stop_str_in_output": True, "skip_special_tokens": False, "spaces_between_special_tokens": False,
     "truncate_prompt_tokens": 8, "audio": {"voice": "alloy"}, "prediction": {"type": "content"},
     "web_search_options": {}, "modalities": ["text", "audio"], "echo": True, "add_generation_prompt": False,
@@ -263,6 +262,8 @@ def test_every_refused_parameter_is_a_400_naming_it() -> None:
     for name, value in REFUSED_SAMPLES.items():
         for parse in (lambda b: parse_completion({"model": "m", "prompt": "x", **b}),
                       lambda b: parse_chat({"model": "m", "messages": messages, **b}, default_max_tokens=4)):
+            if name == "echo" and parse({}).kind == "completion":
+                continue  # completions honour echo
             with pytest.raises(ApiError) as caught:
                 parse({name: value})
             assert (caught.value.status, caught.value.param) == (400, name), name
@@ -276,3 +277,85 @@ def test_neutral_values_and_unknown_parameters_pass() -> None:
     assert parse_completion({"model": "m", "prompt": "x", **neutral}).prompt == "x"
     assert parse_chat({"model": "m", "messages": [{"role": "user", "content": "x"}], **neutral},
                       default_max_tokens=4).kind == "chat"
+
+
+# --- several completions, echo, prompt logprobs ---------------------------------------------------
+
+
+def test_choices_echo_and_prompt_logprobs_in_openai_shapes() -> None:
+    from producer.request import Choice
+
+    prompt_entries = [None, {"token_id": 66, "text": "B", "logprob": -0.5,
+                             "top_logprobs": [{"token_id": 67, "text": "C", "logprob": -0.25}]}]
+    entry = {"token_id": 120, "text": "x", "logprob": -1.0, "top_logprobs": []}
+    done = Completion(id="r", text="x", token_ids=[120], finish_reason="stop", prompt_tokens=2, completion_tokens=3,
+                      logprobs=[entry], prompt_logprobs=prompt_entries,
+                      choices=[Choice(0, "x", [120], "stop", [entry]), Choice(1, "yz", [121, 122], "length", [None, None])])
+    body = Responder("completion", "cmpl-1", 0, "m").full(done, echo="AB", prompt_entries=prompt_entries,
+                                                          prompt_logprobs=True)
+    first, second = body["choices"]
+    assert (first["index"], first["text"], second["index"], second["text"]) == (0, "ABx", 1, "AByz")
+    assert second["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 3
+    # echo + logprobs: the prompt's tokens first (the first one without a logprob), then the completion's
+    assert first["logprobs"]["tokens"] == ["A", "B", "x"]
+    assert first["logprobs"]["token_logprobs"] == [None, -0.5, -1.0]
+    assert first["logprobs"]["text_offset"] == [0, 1, 2]
+    assert first["logprobs"]["top_logprobs"][0] is None and first["logprobs"]["top_logprobs"][1] == {"C": -0.25, "B": -0.5}
+    # vLLM's prompt_logprobs shape: the prompt token (rank unknown: not among the alternatives) and the top ones
+    assert first["prompt_logprobs"] == [None, {"66": {"logprob": -0.5, "rank": None, "decoded_token": "B"},
+                                               "67": {"logprob": -0.25, "rank": 1, "decoded_token": "C"}}]
+    chat = Responder("chat", "chatcmpl-1", 0, "m").full(done, prompt_logprobs=True, prompt_entries=prompt_entries)
+    assert [c["message"]["content"] for c in chat["choices"]] == ["x", "yz"] and chat["prompt_logprobs"][0] is None
+    chunk = Responder("chat", "chatcmpl-1", 0, "m").chunk("y", index=1)
+    assert chunk["choices"][0]["index"] == 1
+
+
+def test_n_and_best_of_map_to_the_protocol_fields() -> None:
+    gen = parse_completion({"model": "m", "prompt": "x", "n": 3, "best_of": 5, "echo": True, "logprobs": 2})
+    assert (gen.n, gen.echo, gen.echo_text) == (3, True, "x")
+    assert (gen.options["n"], gen.options["best_of"], gen.options["prompt_logprobs"]) == (3, 5, 2)
+    chat = parse_chat({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2,
+                       "prompt_logprobs": 0}, default_max_tokens=4)
+    assert (chat.n, chat.prompt_logprobs, chat.options["prompt_logprobs"]) == (2, True, 0)
+    with pytest.raises(ApiError) as caught:
+        parse_completion({"model": "m", "prompt": "x", "n": 2, "best_of": 3, "stream": True})
+    assert caught.value.param == "best_of"
+
+
+# --- structured output ----------------------------------------------------------------------------
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+
+
+@pytest.mark.parametrize(("body", "fields"), [
+    ({"response_format": {"type": "json_object"}}, {"response_format": '{"type":"json_object"}'}),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}}},
+     {"response_format": '{"type":"json_schema","json_schema":{"name":"schema","schema":'
+                         '{"type":"object","properties":{"a":{"type":"integer"}},"required":["a"]}}}'}),
+    ({"guided_json": SCHEMA}, {"guided_json": '{"type":"object","properties":{"a":{"type":"integer"}},"required":["a"]}'}),
+    ({"guided_regex": "[0-9]+"}, {"guided_regex": "[0-9]+"}),
+    ({"guided_choice": ["yes", "no"]}, {"guided_choice": '["yes", "no"]'}),
+    ({"guided_grammar": 'root ::= "a"'}, {"guided_grammar": 'root ::= "a"'}),
+    ({"structured_outputs": {"regex": "a+"}}, {"structured_outputs": '{"regex":"a+"}'}),
+])
+def test_structured_output_maps_to_the_protocol_field(body: dict[str, Any], fields: dict[str, str]) -> None:
+    messages = [{"role": "user", "content": "x"}]
+    for gen in (parse_completion({"model": "m", "prompt": "x", **body}),
+                parse_chat({"model": "m", "messages": messages, **body}, default_max_tokens=4)):
+        assert {k: v for k, v in gen.options.items() if k in fields} == fields
+
+
+@pytest.mark.parametrize(("body", "param", "words"), [
+    ({"response_format": {"type": "xml"}}, "response_format", "'xml' is not supported"),
+    ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema"),
+    ({"guided_choice": []}, "guided_choice", "non-empty"),
+    ({"guided_json": "not a schema"}, "guided_json", "JSON schema"),
+    ({"guided_regex": ""}, "guided_regex", "empty"),
+    ({"structured_outputs": {"json": {}, "regex": "a"}}, "structured_outputs", "exactly one"),
+    ({"guided_json": SCHEMA, "guided_regex": "a"}, "guided_json", "at most one"),
+])
+def test_unsupported_structured_output_is_a_400_naming_the_field(body: dict[str, Any], param: str, words: str) -> None:
+    with pytest.raises(ApiError) as caught:
+        parse_completion({"model": "m", "prompt": "x", **body})
+    assert (caught.value.status, caught.value.param) == (400, param)
+    assert words in caught.value.message

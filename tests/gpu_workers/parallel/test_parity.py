@@ -20,9 +20,10 @@ from typing import Any
 import pytest
 import torch
 
-from gpu_workers.llm_engine import BLOCK_SIZE, LlamaEngine, kv_cache_groups
+from gpu_workers.llm_engine import LlamaEngine
 from gpu_workers.model.config import load_config
 from gpu_workers.model.kv_cache import kv_bytes_per_token
+from gpu_workers.rank import BLOCK_SIZE, kv_cache_groups
 from tests.gpu_workers.model.hf_models import assert_close
 from tests.gpu_workers.parallel.tp_leader import options, run_greedy
 from tests.gpu_workers.reference import MIN_MARGIN, hf_greedy, save_hf_model

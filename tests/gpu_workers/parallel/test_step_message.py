@@ -62,6 +62,19 @@ def test_prefill_then_decodes_send_each_token_once() -> None:
     assert as_tuples(decoder.decode(message)) == as_tuples([decode])
 
 
+def test_chunks_that_want_every_token_s_logits_say_so() -> None:
+    """Prompt logprobs: followers compute the same logit rows (the LM head gathers them to rank 0)."""
+    encoder, decoder = StepEncoder(), StepDecoder()
+    seq = Sequence("p", list(range(20, 28)), 8)
+    seq.block_table = [5, 6]
+    chunks = [Chunk(seq.token_ids[:5], 0, seq.block_table, False, seq=seq, all_logits=True)]
+    (got,) = decoder.decode(encoder.encode(chunks))
+    assert (got.want_logits, got.all_logits) == (False, True)
+    last = Chunk(seq.token_ids[5:], 5, seq.block_table, True, seq=seq, all_logits=True)
+    (got,) = decoder.decode(encoder.encode([last]))
+    assert (got.want_logits, got.all_logits) == (True, True)
+
+
 def test_released_sequences_are_forgotten_by_followers() -> None:
     encoder, decoder = StepEncoder(), StepDecoder()
     a, b = Sequence("a", [1, 2, 3], 3), Sequence("b", [4, 5], 2)

@@ -9,20 +9,19 @@ from typing import TYPE_CHECKING
 
 from broker.errors import ConfigError
 from gpu_workers.engine import Engine
+from gpu_workers.model.kv_format import KV_DTYPES, KVFormat, kv_format
 
 if TYPE_CHECKING:
     from gpu_workers.llm_engine import LlamaEngineOptions
     from gpu_workers.parallel.launch import TensorParallelGroup
 
-# fp8 formats keep one scale per block per KV head; fp8_e4m3_per_tensor one static scale per layer
-# (vLLM's uncalibrated default), offered for comparison (gpu_workers/model/kv_cache.py)
-KV_DTYPES = ("fp8_e4m3", "fp8_e5m2", "fp8_e4m3_per_tensor", "bf16", "fp16", "fp32")
+__all__ = ["KV_DTYPES", "EngineOptions", "build_engine", "model_dir"]
 
 
 @dataclass(frozen=True, slots=True)
 class EngineOptions:
     tp: int = 1
-    kv_dtype: str = "fp8_e4m3"
+    kv_dtype: KVFormat | str = "fp8_e4m3"  # --kv-dtype: parsed into its KVFormat here, once
     kv_memory: str | None = None  # per rank
     device: str = "cpu"
     echo_token_delay_ms: float = 0.0  # the echo engine's time per step (see Settings)
@@ -30,7 +29,9 @@ class EngineOptions:
     max_num_batched_tokens: int = 512
 
     def __post_init__(self) -> None:
-        """ConfigError for limits the scheduler cannot work with (before any model loads)."""
+        """ConfigError for an unknown KV format or limits the scheduler cannot work with (before any
+        model loads)."""
+        object.__setattr__(self, "kv_dtype", kv_format(self.kv_dtype))
         if self.max_num_seqs < 1:
             raise ConfigError(f"--max-num-seqs (RYZ_MAX_NUM_SEQS) must be at least 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < self.max_num_seqs:

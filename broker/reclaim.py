@@ -1,4 +1,5 @@
-"""Claiming the ingress entries of balancers that died: XAUTOCLAIM, made safe against what it returns.
+"""Claiming the pending entries of consumers that died (the ingress entries of balancers): XAUTOCLAIM,
+made safe against what it returns. Used through ``broker.consumer.StreamConsumer.claim_idle``.
 
 Two things make a claimed entry unusable, and neither may stop a balancer:
 
@@ -7,7 +8,7 @@ Two things make a claimed entry unusable, and neither may stop a balancer:
   Redis 6.2 claims it and returns it as nil, without its id (redis-py: ``(None, None)``). Its id
   is then found with ``XPENDING`` (which still lists it) and an empty ``XRANGE``; it is acknowledged.
 - **Entries claimed too often.** ``XAUTOCLAIM`` counts deliveries. An entry delivered more than
-  ``MAX_DELIVERIES`` times has outlived that many balancers (or restarts of one): whatever it does
+  ``MAX_DELIVERIES`` times has outlived that many consumers (or restarts of one): whatever it does
   to them, it is given up (``broker.dead_letter``) instead of being tried once more.
 """
 
@@ -17,11 +18,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.keys import INGRESS_GROUP, Keys
-
 log = logging.getLogger(__name__)
 
-MAX_DELIVERIES = 5  # deliveries of one ingress entry (first read + claims) before it is given up
+MAX_DELIVERIES = 5  # deliveries of one entry (first read + claims) before it is given up
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 
@@ -40,12 +39,13 @@ def _text(value: Any) -> str:
 
 
 class Reclaimer:
-    """One balancer's XAUTOCLAIM cursor over the ingress stream's pending entries."""
+    """One consumer's XAUTOCLAIM cursor over the pending entries of ``group`` on ``stream``."""
 
-    def __init__(self, redis: Any, keys: Keys, *, consumer: str, min_idle_ms: int, count: int,
+    def __init__(self, redis: Any, *, stream: str, group: str, consumer: str, min_idle_ms: int, count: int,
                  max_deliveries: int = MAX_DELIVERIES) -> None:
         self.redis = redis
-        self.keys = keys
+        self.stream = stream
+        self.group = group
         self.consumer = consumer
         self.min_idle_ms = min_idle_ms
         self.count = count
@@ -55,7 +55,7 @@ class Reclaimer:
     def claim(self, *, skip: set[bytes] | dict[bytes, Any]) -> Reclaimed:
         """Claim entries idle past ``min_idle_ms``; those in ``skip`` (ours already) are left out."""
         start = self.cursor
-        reply = self.redis.xautoclaim(self.keys.requests, INGRESS_GROUP, self.consumer, self.min_idle_ms,
+        reply = self.redis.xautoclaim(self.stream, self.group, self.consumer, self.min_idle_ms,
                                       start, count=self.count)
         self.cursor = _text(reply[0])
         raw = list(reply[1]) if len(reply) > 1 and reply[1] else []
@@ -89,7 +89,7 @@ class Reclaimer:
 
     def _pending(self, start: str, *, size: int) -> dict[bytes, int]:
         """Our pending entries from ``start`` on: entry id -> times delivered."""
-        rows = self.redis.xpending_range(self.keys.requests, INGRESS_GROUP, min=start, max="+", count=size,
+        rows = self.redis.xpending_range(self.stream, self.group, min=start, max="+", count=size,
                                          consumername=self.consumer)
         return {row["message_id"]: int(row["times_delivered"]) for row in rows or [] if row.get("message_id")}
 
@@ -99,6 +99,6 @@ class Reclaimer:
             return []
         pipe = self.redis.pipeline(transaction=False)
         for entry_id in candidates:
-            pipe.xrange(self.keys.requests, entry_id, entry_id, count=1)
+            pipe.xrange(self.stream, entry_id, entry_id, count=1)
         found = pipe.execute()
         return [eid for eid, rows in zip(candidates, found) if not rows]

@@ -1,0 +1,288 @@
+"""The one Redis stream-consumer loop: a balancer on the ingress stream and a worker group on its
+queue are both a ``StreamConsumer`` driven by ``serve``.
+
+``StreamConsumer`` owns, for one consumer of one consumer group of one stream:
+
+- the consumer group's creation (from id 0, the stream made if missing; an existing group is kept),
+- its acknowledgements: the loop hands it the entries it is done with (``ack``); they go out ahead
+  of the next read in that read's round trip (Redis runs them at once, so they cost no round trip
+  of their own), or at once with ``flush_acks``; the stream's owner says how an entry is
+  acknowledged (XACK + XDEL on the ingress stream, the ACK script on a group queue);
+- reclaiming: re-reading its own pending entries (``own_pending``: a restarted group's unfinished
+  work), keeping those it works on fresh (``keep``) and claiming the entries of consumers that died
+  (``claim_idle``: a stopped balancer's ingress entries; broker.reclaim),
+- the cancel feed: every read also reads ``{p}:cancel`` from a cursor that starts at its last entry,
+  and what it reads is remembered for ``cancel_horizon_s`` (broker.cancellation), so a cancel that
+  comes before its request still applies; ``trim_cancels`` trims the stream to that horizon.
+
+``serve`` is the loop around one iteration: a lost connection, a Redis that answers with an error,
+or a bug in one iteration is logged and retried after a jittered, growing backoff (a blip must
+never kill a process); a consumer group that vanished (NOGROUP: Redis restarted without
+persistence, or the stream was deleted) is handed to the caller, who re-creates it or stops.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from redis.exceptions import NoScriptError, ResponseError
+
+from broker.cancellation import Cancellations
+from broker.connection import TRANSIENT_ERRORS, RedisClock, backoff_delays
+from broker.failures import describe, raise_if_fatal
+from broker.reclaim import Reclaimed, Reclaimer
+from broker.scripts import Scripts
+from broker.settings import Settings
+from broker.wire import Batch
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Entry = tuple[bytes, dict[bytes, bytes]]
+# Adds the acknowledgement of the given entry ids to a batch (the stream's owner says how).
+AckWriter = Callable[[Batch, list[bytes]], None]
+CANCEL_READ_COUNT = 1000  # most cancel entries one read takes in
+# longest cancel id or token one read takes in (longer ones name no request: ids are at most 128
+# characters, tokens 256 bytes); with CANCEL_READ_COUNT it bounds a read's memory, whatever is sent
+CANCEL_FIELD_BYTES = 512
+
+
+@dataclass(slots=True)
+class Read:
+    """What one ``StreamConsumer.read`` brought: the caller's own replies (its read commands', in
+    the order its ``build`` added them) and the cancels read beside them."""
+
+    replies: list[Any]
+    cancels: list[tuple[str, str | None]] = field(default_factory=list)  # (request id, token), as read
+    # Why the acknowledgements sent with the read failed (they stay due): raised by ``check`` once
+    # the caller has taken in what it read (entries read and then dropped would stay pending).
+    ack_error: Exception | None = None
+
+    def check(self) -> None:
+        if self.ack_error is not None:
+            raise self.ack_error
+
+
+class StreamConsumer:
+    """One consumer (``consumer``) of ``group`` on ``stream``, and the cancel feed beside it."""
+
+    def __init__(self, redis: Any, scripts: Scripts, *, stream: str, group: str, consumer: str,
+                 cancel_stream: str, cancel_horizon_ms: int, clock: RedisClock, ack: AckWriter) -> None:
+        self.redis = redis
+        self.scripts = scripts
+        self.stream = stream
+        self.group = group
+        self.consumer = consumer
+        self.cancel_stream = cancel_stream
+        self.cancel_horizon_ms = cancel_horizon_ms
+        self.clock = clock
+        self.cancels = Cancellations(horizon_ms=cancel_horizon_ms)  # cancel entries read lately
+        self._write_ack = ack
+        self._to_ack: list[bytes] = []  # done with, acknowledged with the next read
+        self._cancel_cursor: bytes = b"0-0"
+        self._reclaimer: Reclaimer | None = None
+
+    # --- the consumer group ----------------------------------------------------------------------
+
+    def create_group(self) -> None:
+        """Create the consumer group (from id 0: entries added before it are read too) unless it exists;
+        the cancel feed starts after the last cancel entry (older ones were for earlier processes)."""
+        try:
+            self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        last = self.redis.xrevrange(self.cancel_stream, count=1)
+        self._cancel_cursor = last[0][0] if last else b"0-0"
+
+    def own_pending(self, *, count: int = 500) -> Iterator[list[tuple[bytes, dict[bytes, bytes] | None, int]]]:
+        """This consumer's pending entries (read before, never acknowledged), a chunk at a time:
+        (entry id, fields or None when deleted since, times delivered). Entries acknowledged but not
+        yet flushed are left out."""
+        cursor: bytes | str = "0"
+        while True:
+            reply = self.redis.xreadgroup(self.group, self.consumer, {self.stream: cursor}, count=count)
+            entries = [e for _s, es in (reply or []) for e in es]
+            if not entries:
+                return
+            rows = self.redis.xpending_range(self.stream, self.group, min=entries[0][0], max=entries[-1][0],
+                                             count=len(entries), consumername=self.consumer)
+            deliveries = {row["message_id"]: int(row["times_delivered"]) for row in rows}
+            acking = set(self._to_ack)
+            cursor = entries[-1][0]
+            yield [(eid, fields, deliveries.get(eid, 0)) for eid, fields in entries if eid not in acking]
+
+    def keep(self, entry_ids: list[bytes]) -> None:
+        """Reset the idle time of these pending entries of ours: nobody's ``claim_idle`` takes them."""
+        if entry_ids:
+            self.redis.xclaim(self.stream, self.group, self.consumer, 0, entry_ids, justid=True)
+
+    def claim_idle(self, *, min_idle_ms: int, count: int, skip: set[bytes] | dict[bytes, Any]) -> Reclaimed:
+        """Claim entries pending on any consumer and idle past ``min_idle_ms`` (their consumer died or
+        stalled), up to ``count`` per call, a cursor moving through the pending list (broker.reclaim);
+        those in ``skip`` (ours already) are left out."""
+        if self._reclaimer is None:
+            self._reclaimer = Reclaimer(self.redis, stream=self.stream, group=self.group, consumer=self.consumer,
+                                        min_idle_ms=min_idle_ms, count=count)
+        return self._reclaimer.claim(skip=skip)
+
+    def new_entries(self, *, count: int) -> Iterator[list[Entry]]:
+        """Entries never delivered to any consumer, read (and so taken) a chunk at a time, without
+        blocking, until none is left."""
+        while True:
+            reply = self.redis.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=count)
+            entries = [e for _s, es in (reply or []) for e in es]
+            if not entries:
+                return
+            yield entries
+
+    # --- acknowledgements ------------------------------------------------------------------------
+
+    def ack(self, entry_ids: list[bytes]) -> None:
+        """Acknowledge ``entry_ids`` with the next read. Until then they stay pending; should this
+        process die first, whoever reads them again must find them harmless to re-process."""
+        self._to_ack.extend(entry_ids)
+
+    @property
+    def acks_due(self) -> int:
+        return len(self._to_ack)
+
+    def flush_acks(self) -> None:
+        """Send the acknowledgements due now, in a round trip of their own."""
+        if self._to_ack:
+            acks = list(self._to_ack)
+            self.scripts.execute(lambda batch: self._write_ack(batch, acks))
+            del self._to_ack[: len(acks)]
+
+    def drop_acks(self) -> None:
+        """Forget the acknowledgements due (their entries have moved to another consumer)."""
+        self._to_ack.clear()
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def read(self, build: Callable[[Batch], object]) -> Read:
+        """One round trip: the acknowledgements due, then what ``build`` adds (the caller's reads of
+        the stream), then the cancel feed. Any error reply of the caller's commands or of the cancel
+        read is raised (the loop retries); the acknowledgements stay due when theirs failed on a
+        Redis that lost its scripts (a restart: they go again with the next read); another error of
+        theirs comes back in ``Read.ack_error`` (they stay due). What ``build`` adds
+        must be safe to send twice: it goes again, with the scripts loaded, when one of its scripts
+        was missing."""
+        acks = list(self._to_ack)
+        for _attempt in range(2):
+            batch = Batch()
+            if acks:
+                self._write_ack(batch, acks)
+            first = len(batch)
+            build(batch)
+            cancel_at = self.scripts.read_cancels(cancel_stream=self.cancel_stream, after=self._cancel_cursor,
+                                                  count=CANCEL_READ_COUNT, max_field_bytes=CANCEL_FIELD_BYTES,
+                                                  client=batch)
+            results = self.scripts.wire.execute(batch)
+            own = results[first:cancel_at]
+            if not any(isinstance(raw, NoScriptError) for raw in own):
+                break
+            self.scripts.load()  # Redis lost the scripts (a restart): the caller's read goes again
+        cancels = results[cancel_at]
+        if isinstance(cancels, NoScriptError):  # the caller's reads went through: not again; the
+            self.scripts.load()  # cancels wait for the next read (the cursor has not moved)
+            cancels = None
+        for raw in [*own, cancels]:
+            if isinstance(raw, Exception):
+                raise raw
+        ack_error = next((raw for raw in results[:first] if isinstance(raw, Exception)), None)
+        if isinstance(ack_error, NoScriptError):
+            self.scripts.load()  # the acknowledgements go again with the next read
+            ack_error = None
+        elif ack_error is None:
+            del self._to_ack[: len(acks)]
+        return Read(replies=own, cancels=self._take_cancels(cancels), ack_error=ack_error)
+
+    def _take_cancels(self, reply: Any) -> list[tuple[str, str | None]]:
+        now_ms = self.clock.now_ms()
+        seen: list[tuple[str, str | None]] = []
+        for _stream, entries in reply or []:
+            for entry_id, flat in entries:  # READ_CANCELS: fields flat, only id and token
+                self._cancel_cursor = entry_id
+                it = iter(flat or [])
+                got = self.cancels.add(dict(zip(it, it)), now_ms, entry_id=entry_id)
+                if got is not None:
+                    seen.append(got)
+        self.cancels.prune(now_ms)
+        return seen
+
+    def trim_cancels(self) -> None:
+        """Trim the cancel stream to the horizon (approximately: whole nodes only) and forget older cancels."""
+        now_ms = self.clock.now_ms()
+        self.cancels.prune(now_ms)
+        self.redis.xtrim(self.cancel_stream, minid=f"{int(now_ms - self.cancel_horizon_ms)}-0", approximate=True)
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+
+class Next(enum.Enum):
+    """What ``serve`` does after a failure its caller decided about."""
+
+    RETRY = "retry"  # the next iteration at once
+    BACKOFF = "backoff"  # the next iteration after the backoff delay
+    LEAVE = "leave"  # return from serve
+
+
+def serve(iteration: Callable[[], bool], *, settings: Settings, what: str, stopped: Callable[[], bool],
+          wait: Callable[[float], object], on_lost: Callable[[BaseException], Next] = lambda _exc: Next.BACKOFF,
+          on_nogroup: Callable[[ResponseError], Next], passthrough: tuple[type[BaseException], ...] = ()) -> None:
+    """Run ``iteration`` until ``stopped()`` or it returns False; never die of a Redis failure or a bug.
+
+    ``on_lost``: a lost connection (the default waits out the backoff and retries); ``on_nogroup``:
+    the consumer group is gone. Errors that waiting cannot cure (credentials, permissions) raise
+    ``FatalRedisError``; exceptions of ``passthrough`` types propagate as they are. ``wait``: sleeps
+    the given seconds (a stop event's ``wait`` cuts it short).
+    """
+    delays: Iterator[float] | None = None
+
+    def backoff() -> None:
+        nonlocal delays
+        delays = delays or backoff_delays(settings)
+        wait(next(delays))
+
+    while not stopped():
+        try:
+            if not iteration():
+                return
+            delays = None
+        except passthrough:
+            raise
+        except TRANSIENT_ERRORS as exc:
+            raise_if_fatal(exc)
+            then = on_lost(exc)
+            if then is Next.LEAVE:
+                return
+            if then is Next.BACKOFF:
+                delays = delays or backoff_delays(settings)
+                delay = next(delays)
+                log.warning("redis unavailable (%s); retrying in %.2fs", exc, delay)
+                wait(delay)
+        except ResponseError as exc:
+            raise_if_fatal(exc)
+            if (problem := describe(exc)) is not None:  # out of memory, a read-only replica: one line
+                log.warning("%s; retrying", problem.line)
+                backoff()
+            elif "NOGROUP" in str(exc):
+                then = on_nogroup(exc)
+                if then is Next.LEAVE:
+                    return
+                if then is Next.BACKOFF:
+                    backoff()
+            else:
+                log.exception("%s tick failed; retrying", what)
+                backoff()
+        except Exception:
+            # Never die on an unexpected reply or a bug: what was not acknowledged is retried, after a
+            # backoff that grows while the failures go on.
+            log.exception("%s tick failed; retrying", what)
+            backoff()

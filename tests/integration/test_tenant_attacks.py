@@ -1,0 +1,123 @@
+"""Attacks on the documented ACL recipe (docs/OPERATIONS.md, "Tenants") found by a fresh-eyes review
+of issue "Shared use without trust", on the system Redis 7. Each test shows one defect (fails until
+it is fixed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import redis
+
+from balancer.service import Balancer
+from broker.keys import Keys
+from broker.settings import Settings
+from gpu_workers.echo import EchoEngine
+from gpu_workers.group import WorkerGroup
+from producer.client import Client
+from tests.gpu_workers.helpers import FakeMonotonic, events, finals
+from tests.integration.test_tenants import as_user, server  # noqa: F401 - fixtures
+
+TRIMMING_XADDS = [
+    ("requests", ["MAXLEN", "0"]),
+    ("requests", ["MINID", "=", "9999999999999"]),
+    ("cancel", ["MAXLEN", "0"]),
+]
+
+
+# Not yet fixed (issue 14 stays open on it): Redis ACLs grant commands and keys, not arguments, so a
+# tenant allowed to XADD a shared stream may also trim it (MAXLEN/MINID) or give it an explicit id.
+# The fix is one ingress stream per tenant (its own keys, consumed by every balancer), the
+# multi-stream reading issue 19's sharded ingress needs too. strict: the day it holds, this fails.
+OPEN = pytest.mark.xfail(strict=True, reason="a tenant can trim or close the shared ingress streams (issue 14, open)")
+
+@OPEN
+@pytest.mark.parametrize(("stream", "trim"), TRIMMING_XADDS)
+def test_a_tenant_cannot_trim_the_shared_streams_through_xadd(
+        as_user: Callable[[str], str], prefix: str, keys: Keys, mono: FakeMonotonic,  # noqa: F811
+        stream: str, trim: list[str]) -> None:
+    """Defect: the recipe keeps XTRIM and DEL off the shared streams, but lets a tenant XADD to them,
+    and XADD takes MAXLEN/MINID: ``XADD ryz:requests MAXLEN 0 * id x prompt y`` from bob deletes
+    every entry no balancer has read yet: alice's requests are lost without any event (on
+    ``ryz:cancel``, her cancels are lost). The write-only selector must refuse trimming XADDs
+    (e.g. a recipe without XADD's trim arguments is not expressible in ACL: the shared streams need
+    another guard), or the pipeline must not depend on unread entries surviving.
+
+    Repro (redis-cli on Redis 7, after the docs' three ACL SETUSER lines):
+      XADD ryz:requests * id victim1 prompt secret          (as admin/alice; not read yet)
+      redis-cli --user bob --pass BOB-PASSWORD XADD ryz:requests MAXLEN 0 '*' id x prompt y
+      XLEN ryz:requests  -> 0 ; victim1 is never answered
+    """
+    app = redis.Redis.from_url(as_user("ryz-app"))
+    settings = Settings(prefix=prefix, balancer_block_ms=1, worker_block_ms=1)
+    balancer = Balancer(app, settings=settings, name="b1", monotonic=mono, redis_uptime_s=lambda: 1e9)
+    balancer.setup()
+    group = WorkerGroup(app, EchoEngine(), settings=settings, name="g1", monotonic=mono)
+    group.register()
+    balancer.refresh_groups()
+    alice = Client(settings=Settings(redis_url=as_user("alice"), prefix=prefix, tenant="alice"))
+    bob = redis.Redis.from_url(as_user("bob"))
+
+    if stream == "requests":
+        handle = alice.submit("alice's request", max_tokens=5)
+        expected = "length"
+    else:
+        handle = alice.submit("alice's long request " * 8, max_tokens=150)
+        alice.cancel(handle)  # her cancel, on ryz:cancel, not yet read by anyone
+        expected = "cancelled"
+    name = keys.requests if stream == "requests" else keys.cancel
+    try:
+        bob.execute_command("XADD", name, *trim, "*", "id", "bob-trim", "prompt", "y")
+    except redis.exceptions.NoPermissionError:
+        pass  # refused: what the recipe should do
+    for _ in range(100):
+        if finals(events(app, handle.reply_to)):
+            break
+        balancer.tick()
+        group.tick()
+    assert [e.get("finish_reason") for e in finals(events(app, handle.reply_to))] == [expected]
+    alice.close()
+
+
+@OPEN
+@pytest.mark.parametrize("stream", ["requests", "cancel"])
+def test_a_tenant_cannot_exhaust_the_entry_ids_of_the_shared_streams(
+        as_user: Callable[[str], str], prefix: str, keys: Keys, mono: FakeMonotonic,  # noqa: F811
+        stream: str) -> None:
+    """Defect: XADD with an explicit entry id is allowed by the recipe's write-only selector. bob
+    XADDs the largest possible id; from then on every ``XADD ... *`` on that stream fails with
+    "ERR The stream has exhausted the last possible ID", for every tenant, also after the balancer
+    has read and XDELed bob's entry (the stream keeps its last id): ingress (or cancel) is closed
+    for everyone until an operator deletes and re-creates the stream.
+
+    Repro (Redis 7, after the docs' ACL SETUSER lines):
+      redis-cli --user bob --pass BOB-PASSWORD XADD ryz:requests 18446744073709551615-18446744073709551615 id x prompt y
+      redis-cli XADD ryz:requests '*' id victim prompt hi   -> ERR The stream has exhausted the last possible ID
+    """
+    app = redis.Redis.from_url(as_user("ryz-app"))
+    settings = Settings(prefix=prefix, balancer_block_ms=1, worker_block_ms=1)
+    balancer = Balancer(app, settings=settings, name="b1", monotonic=mono, redis_uptime_s=lambda: 1e9)
+    balancer.setup()
+    group = WorkerGroup(app, EchoEngine(), settings=settings, name="g1", monotonic=mono)
+    group.register()
+    balancer.refresh_groups()
+    bob = redis.Redis.from_url(as_user("bob"))
+    name = keys.requests if stream == "requests" else keys.cancel
+    try:
+        bob.xadd(name, {"id": "bob-last", "prompt": "y"}, id="18446744073709551615-18446744073709551615")
+    except redis.exceptions.NoPermissionError:
+        pass  # refused: what the recipe should do
+    for _ in range(20):
+        balancer.tick()
+        group.tick()
+    alice = Client(settings=Settings(redis_url=as_user("alice"), prefix=prefix, tenant="alice"))
+    handle = alice.submit("alice's request", max_tokens=5)  # raises ResponseError while the ids are exhausted
+    alice.cancel(handle)
+    for _ in range(100):
+        if finals(events(app, handle.reply_to)):
+            break
+        balancer.tick()
+        group.tick()
+    assert len(finals(events(app, handle.reply_to))) == 1
+    alice.close()
