@@ -2,16 +2,20 @@
 
     python benchmarks/serving.py                 (or: make bench-serving)
     python benchmarks/serving.py --requests 32   (a quicker look)
+    python benchmarks/serving.py --model path/to/model.gguf --requests 8   (a real model)
 
 One run on one machine measures:
 
 - this machine's fp32 matmul peak (a large square matmul), the yardstick for the decode phase;
 - ryzanstein: the whole stack (embedded Redis, a balancer, one worker group of ``--model``) serving
   ``--requests`` greedy requests, prompt lengths uniform in 16-512 and output lengths uniform in
-  16-256 (seeded), all submitted at once with streaming; output tok/s, TTFT and TPOT p50/p99;
+  16-256 (seeded; random token ids), all submitted at once with streaming, each run to its output
+  length (``ignore_eos``, as transformers' runs below: a trained model would end some early);
+  output tok/s, TTFT and TPOT p50/p99;
 - the engine alone decoding a batch of 64 (no Redis): ms per step and the share of the matmul peak
   its linear layers reach;
-- transformers on the same weights and requests: ``generate`` in static batches of 32 in arrival
+- transformers on the same weights and requests (a GGUF file through transformers' own GGUF
+  loader, dequantized to fp32 as the engine does): ``generate`` in static batches of 32 in arrival
   order (the naive server: a batch runs until its longest request ends) and transformers' own
   continuous batching (``ContinuousBatchingManager``), timed per token, stopped after
   ``--hf-cb-limit-s`` (it is very slow on CPUs: the speedup over it is then a lower bound).
@@ -40,6 +44,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+# Before torch: the engine measured in this process and transformers' runs wait for their OpenMP
+# threads as the workers do (gpu_workers sets the same; spinning on a loaded host made a 135M
+# model's decode step 30x slower: gpu_workers/cpu_threads.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
@@ -104,7 +113,7 @@ async def _serve(url: str, prefix: str, work: Workload) -> Timings:
 
         async def one(i: int) -> None:
             handle = await client.submit(prompt_ids=work.prompts[i], max_tokens=work.output_lens[i],
-                                         temperature=0.0, stream=True)
+                                         temperature=0.0, ignore_eos=True, stream=True)
             async for event in client.events(handle, timeout=3600):
                 if event.kind == "token":
                     timings.token_times[i].append(time.perf_counter() - start)
@@ -133,7 +142,7 @@ def engine_decode(model: str, kv_dtype: str, *, batch: int, context: int, steps:
 
     engine = build_engine(model, EngineOptions(kv_dtype=kv_dtype, kv_memory="4GiB"))
     rng = random.Random(1)
-    greedy = SamplingParams(max_tokens=10_000, temperature=0.0)
+    greedy = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
     for i in range(batch):
         prompt = [rng.randrange(3, engine.info.vocab_size) for _ in range(context)]
         engine.add(EngineRequest(f"r{i}", prompt, greedy))

@@ -4,17 +4,30 @@ The cache is ``num_blocks`` blocks of ``block_size`` token slots each; a sequenc
 maps its i-th run of ``block_size`` tokens to a physical block. Plain Python, no torch: the model
 runner owns the tensors, this module only decides which block holds which tokens.
 
-Prefix caching: a full block is identified by a hash that chains the previous block's hash with its
-own token ids, so equal hashes mean equal whole prefixes. A block is entered in the hash table only
-once its K/V have been computed (``mark_computed``), so a lookup never hands out a block that is
-allocated but not filled yet (with chunked prefill a block can wait several steps for its K/V).
-Sequences with a common prefix share its full blocks (ref count > 1). A shared or hashed block is
-never written again: writes go to slots at or after ``num_computed_tokens``, which lie in blocks past
-every full computed one, and only full computed blocks are ever shared.
+KV cache groups (vLLM's hybrid KV cache manager): the model's layers are split into ``G`` groups of
+equally many layers, each group of one attention kind (full, or one sliding window), and a block
+holds the K/V of one group's layers. Each group has its own blocks, so a sequence holds ``G``
+blocks per ``block_size`` tokens, all from one shared pool; its ``block_table`` interleaves them:
+entry ``i * G + k`` is group ``k``'s block for tokens ``[i * block_size, (i + 1) * block_size)``.
+A model whose layers are all of one kind has one group and a plain table. Gemma 3 270M (15
+sliding-window layers of 512 tokens, 3 global) has six groups of three layers: one global, five
+sliding, and at long contexts a sequence holds about a sixth of the blocks the global group does
+per sliding group (``KVCacheGroups.peak_blocks``).
 
-Sliding windows: when every layer of the model attends only to its last ``W`` tokens, a running
-sequence gives back the blocks wholly before the window of its next token (``release_before``);
-the scheduler does so after every step.
+Sliding windows: a running sequence gives back its sliding groups' blocks wholly before the window
+of its next token (``release_out_of_window``, after every step); they stay in the table as stale
+ids (``num_released_blocks`` leading ones per sliding group).
+
+Prefix caching: a full block is identified by a hash that chains the previous block's hash with its
+own token ids, so equal hashes mean equal whole prefixes (plus the group, for a group's block). A
+block is entered in the hash table only once its K/V have been computed (``mark_computed``), so a
+lookup never hands out a block that is allocated but not filled yet (with chunked prefill a block
+can wait several steps for its K/V). Sequences with a common prefix share its full blocks (ref
+count > 1). A shared or hashed block is never written again: writes go to slots at or after
+``num_computed_tokens``, which lie in blocks past every full computed one, and only full computed
+blocks are ever shared. A hit of ``n`` blocks needs every full-attention group's first ``n`` blocks
+cached, but a sliding group's only from the one holding the first key the next query sees
+(``n * block_size - W + 1``): earlier entries are placeholders (``NULL_BLOCK``), counted as released.
 
 A freed block that carries a hash keeps its K/V and stays findable: free cached blocks form an LRU,
 and a later lookup revives them. A fresh block is taken from never-hashed free blocks first, then by
@@ -24,6 +37,7 @@ evicting the least recently freed cached block (its hash is dropped).
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
 from collections import OrderedDict, deque
 from collections.abc import Sequence as Tokens
@@ -32,6 +46,7 @@ from dataclasses import dataclass, field
 from gpu_workers.sequence import Sequence, SequenceStatus
 
 _DIGEST_SIZE = 16
+NULL_BLOCK = -1  # a sliding group's table entry before the window of a prefix hit: never read
 
 
 def block_hash(prev: bytes | None, token_ids: Tokens[int]) -> bytes:
@@ -44,11 +59,88 @@ def block_hash(prev: bytes | None, token_ids: Tokens[int]) -> bytes:
     return h.digest()
 
 
+@dataclass(frozen=True, slots=True)
+class KVCacheGroups:
+    """Which model layers share a KV block: ``layers[k]`` are group ``k``'s layers (equally many in
+    every group), ``windows[k]`` its sliding window in tokens (None: full attention, keeps all).
+
+    ``of(layer_windows)`` splits layers by kind into groups of ``gcd`` (count of each kind) layers;
+    ``single(layer_windows)`` is one group of every layer (every block holds every layer: what a
+    model runner used alone assumes), sliding only when all layers share one window.
+    """
+
+    windows: tuple[int | None, ...]
+    layers: tuple[tuple[int, ...], ...]
+
+    def __post_init__(self) -> None:
+        sizes = {len(g) for g in self.layers}
+        if len(self.windows) != len(self.layers) or len(sizes) != 1 or 0 in sizes:
+            raise ValueError(f"KV cache groups need equally many layers each, got {self.layers}")
+        if len({w for w in self.windows if w is not None}) > 1:
+            raise ValueError(f"KV cache groups slide over one window at most, got {self.windows}")
+
+    @classmethod
+    def single(cls, layer_windows: Tokens[int | None]) -> KVCacheGroups:
+        windows = set(layer_windows)
+        window = windows.pop() if len(windows) == 1 else None
+        return cls((window,), (tuple(range(len(layer_windows))),))
+
+    @classmethod
+    def of(cls, layer_windows: Tokens[int | None]) -> KVCacheGroups:
+        kinds: dict[int | None, list[int]] = {}
+        for layer, window in enumerate(layer_windows):
+            kinds.setdefault(window, []).append(layer)
+        size = math.gcd(*(len(layers) for layers in kinds.values()))
+        windows, groups = [], []
+        for window in sorted(kinds, key=lambda w: -1 if w is None else w):  # full attention first
+            layers = kinds[window]
+            for i in range(0, len(layers), size):
+                windows.append(window)
+                groups.append(tuple(layers[i : i + size]))
+        return cls(tuple(windows), tuple(groups))
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.layers)
+
+    @property
+    def layers_per_block(self) -> int:
+        return len(self.layers[0])
+
+    @property
+    def sliding_window(self) -> int | None:
+        return next((w for w in self.windows if w is not None), None)
+
+    def locate(self, layer: int) -> tuple[int, int]:
+        """(group, index of the layer within its group's blocks) of model layer ``layer``."""
+        for k, layers in enumerate(self.layers):
+            if layer in layers:
+                return k, layers.index(layer)
+        raise ValueError(f"layer {layer} is in no KV cache group")
+
+    def window_blocks(self, chunk: int, block_size: int) -> int:
+        """Blocks a sliding group holds at most while a step computes ``chunk`` tokens: those of the
+        keys the chunk's first query sees (``W - 1`` before it) up to its last token."""
+        window = self.sliding_window
+        assert window is not None
+        return (window + chunk - 2) // block_size + 2
+
+    def peak_blocks(self, num_tokens: int, block_size: int, *, chunk: int = 1) -> int:
+        """Blocks one sequence of ``num_tokens`` tokens holds at most, computed ``chunk`` tokens per
+        step (after its first chunk): every group holds every block but a sliding group its
+        window's (``window_blocks``)."""
+        n = -(-num_tokens // block_size)
+        return sum(n if w is None else min(n, self.window_blocks(chunk, block_size)) for w in self.windows)
+
+
+FULL_ATTENTION = KVCacheGroups((None,), ((0,),))  # a layout of one full-attention group
+
+
 @dataclass(eq=False, slots=True)
 class Block:
     block_id: int
     ref_count: int = 0  # block tables holding this block
-    hash: bytes | None = None  # set once full and computed: findable in the prefix cache
+    hash: bytes | None = None  # set once full and computed: findable in the prefix cache (its group's hash)
 
 
 @dataclass(slots=True)
@@ -56,24 +148,31 @@ class _Chain:
     """A live sequence's full-block hashes (memoized, token_ids only grow) and how many are done."""
 
     hashes: list[bytes] = field(default_factory=list)
-    num_registered: int = 0  # leading blocks of its table already offered to the hash table
+    num_registered: int = 0  # leading blocks (per group) of its table already offered to the hash table
 
 
 class BlockManager:
     """Allocates KV blocks to sequences, with ref counts and automatic prefix caching.
 
-    ``used_tokens`` counts blocks in use times ``block_size``: shared blocks count once, and the
-    unfilled tail of each sequence's last block counts as used (nothing else can take it).
+    ``groups``: the model's KV cache groups (default: one full-attention group). ``used_tokens``
+    counts blocks in use times ``block_size`` over the number of groups (tokens of every layer):
+    shared blocks count once, and the unfilled tail of each sequence's last block counts as used
+    (nothing else can take it); ``capacity_tokens`` likewise, so their ratio is the pool's use.
     Prefix-cache stats are in tokens: each successful ``allocate`` queries ``seq.num_tokens`` tokens
     and hits the tokens it found cached.
     """
 
-    def __init__(self, num_blocks: int, block_size: int = 16, *, prefix_caching: bool = True) -> None:
-        if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+    def __init__(self, num_blocks: int, block_size: int = 16, *, prefix_caching: bool = True,
+                 groups: KVCacheGroups = FULL_ATTENTION) -> None:
+        if num_blocks < groups.num_groups or block_size < 1:
+            raise ValueError(f"need num_blocks >= {groups.num_groups} (one per KV cache group) and "
+                             f"block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.prefix_caching = prefix_caching
+        self.groups = groups
+        self._g = groups.num_groups
+        self._sliding = [k for k, w in enumerate(groups.windows) if w is not None]
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._fresh: deque[int] = deque(range(num_blocks))  # free, no hash: taken first
         self._cached_free: OrderedDict[int, None] = OrderedDict()  # free, hashed: LRU first
@@ -99,11 +198,11 @@ class BlockManager:
 
     @property
     def capacity_tokens(self) -> int:
-        return self.num_blocks * self.block_size
+        return self.num_blocks * self.block_size // self._g
 
     @property
     def used_tokens(self) -> int:
-        return self.num_used_blocks * self.block_size
+        return self.num_used_blocks * self.block_size // self._g
 
     @property
     def hit_rate(self) -> float:
@@ -111,19 +210,33 @@ class BlockManager:
         return self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0
 
     def num_blocks_for(self, num_tokens: int) -> int:
+        """Blocks of one group that hold ``num_tokens`` tokens."""
         return -(-num_tokens // self.block_size)
 
     def num_appendable_tokens(self, seq: Sequence) -> int:
         """How many tokens after its computed ones ``seq`` could get slots for right now."""
-        return (len(seq.block_table) + self.num_free_blocks) * self.block_size - seq.num_computed_tokens
+        return ((len(seq.block_table) + self.num_free_blocks) // self._g * self.block_size
+                - seq.num_computed_tokens)
+
+    def longest_sequence(self, chunk: int = 1) -> int | None:
+        """The most tokens one sequence alone can hold, computed up to ``chunk`` tokens per step
+        (its sliding groups keeping only their window's blocks); None: no bound (every group slides)."""
+        bs, groups = self.block_size, self.groups
+        if all(w is not None for w in groups.windows) and groups.peak_blocks(2**62, bs, chunk=chunk) <= self.num_blocks:
+            return None
+        lo, hi = 0, self.num_blocks * bs + 1  # peak_blocks(lo) fits, peak_blocks(hi) does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if groups.peak_blocks(mid, bs, chunk=chunk) <= self.num_blocks else (lo, mid)
+        return lo
 
     # -- allocation ----------------------------------------------------------------------------
 
     def allocate(self, seq: Sequence, max_new_tokens: int) -> bool:
         """Give a waiting sequence its cached prefix and slots for up to ``max_new_tokens`` more.
 
-        Takes the longest run of cached full blocks matching its tokens (never all of them: the last
-        token is always left to compute, so there are logits to sample from), sets
+        Takes the longest cached prefix of its full blocks that every group can serve (never all of
+        them: the last token is always left to compute, so there are logits to sample from), sets
         ``num_computed_tokens`` and ``num_cached_tokens`` to the hit, and reserves blocks so that
         ``min(num_tokens, hit + max_new_tokens)`` tokens have slots. All or nothing: on False
         (not enough free blocks) nothing has changed.
@@ -132,30 +245,32 @@ class BlockManager:
             raise ValueError(f"allocate needs a waiting sequence that holds no blocks: {seq.request_id}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        hits = self._lookup(seq)
-        num_hit_tokens = len(hits) * self.block_size
+        num_hit, skipped, hits = self._lookup(seq)
+        num_hit_tokens = num_hit * self.block_size
         target = min(seq.num_tokens, num_hit_tokens + max_new_tokens)
-        num_new = self.num_blocks_for(target) - len(hits)
-        num_revived = sum(1 for b in hits if self.blocks[b].ref_count == 0)
+        num_new = (self.num_blocks_for(target) - num_hit) * self._g
+        taken = [b for b in hits if b != NULL_BLOCK]
+        num_revived = sum(1 for b in taken if self.blocks[b].ref_count == 0)
         if num_new > self.num_free_blocks - num_revived:
             return False
-        for b in hits:
+        for b in taken:
             self._take_cached(b)
         seq.block_table = hits + [self._take_fresh() for _ in range(num_new)]
         seq.num_computed_tokens = seq.num_cached_tokens = num_hit_tokens
+        seq.num_released_blocks = skipped
         if self.prefix_caching:
-            self._chains[seq].num_registered = len(hits)
+            self._chains[seq].num_registered = num_hit
         if self.prefix_caching and not seq.skip_prefix_cache:
             self.prefix_query_tokens += seq.num_tokens
             self.prefix_hit_tokens += num_hit_tokens
         return True
 
     def ensure_capacity(self, seq: Sequence, num_tokens: int) -> bool:
-        """Grow ``seq``'s block table so its first ``num_tokens`` tokens have slots.
+        """Grow ``seq``'s block table so its first ``num_tokens`` tokens have slots in every group.
 
         False when there are not enough free blocks, and then nothing has changed.
         """
-        num_new = self.num_blocks_for(num_tokens) - len(seq.block_table)
+        num_new = self.num_blocks_for(num_tokens) * self._g - len(seq.block_table)
         if num_new <= 0:
             return True
         if num_new > self.num_free_blocks:
@@ -172,37 +287,61 @@ class BlockManager:
         """
         if not self.prefix_caching:
             return
-        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table) // self._g)
         chain = self._chain(seq, num_full)
         for i in range(chain.num_registered, num_full):
-            block = self.blocks[seq.block_table[i]]
-            h = chain.hashes[i]
-            if block.hash is None and h not in self._by_hash:
-                block.hash = h
-                self._by_hash[h] = block.block_id
+            for k in range(self._g):
+                if k in self._sliding and i < seq.num_released_blocks:
+                    continue  # a placeholder, or given back already
+                block = self.blocks[seq.block_table[i * self._g + k]]
+                h = self._group_hash(chain.hashes[i], k)
+                if block.hash is None and h not in self._by_hash:
+                    block.hash = h
+                    self._by_hash[h] = block.block_id
         chain.num_registered = max(chain.num_registered, num_full)
 
     def free(self, seq: Sequence) -> None:
         """Release ``seq``'s blocks (tail first, so its tail is evicted first) and reset its progress."""
-        for b in reversed(seq.block_table[seq.num_released_blocks :]):
-            self._release(b)
+        for idx in reversed(range(len(seq.block_table))):
+            if not self._is_released(seq, idx):
+                self._release(seq.block_table[idx])
         seq.block_table = []
         seq.num_computed_tokens = seq.num_released_blocks = 0
         self._chains.pop(seq, None)
 
+    def release_out_of_window(self, seq: Sequence) -> int:
+        """Give back ``seq``'s sliding-group blocks wholly before the window of its next query (at
+        position ``num_computed_tokens``, which sees keys from ``num_computed_tokens - W + 1``).
+        Call after ``mark_computed``; returns how many blocks were released now."""
+        window = self.groups.sliding_window
+        if window is None:
+            return 0
+        first_key = max(0, seq.num_computed_tokens + 1 - window)
+        return self.release_before(seq, first_key // self.block_size)
+
     def release_before(self, seq: Sequence, num_blocks: int) -> int:
-        """Give back ``seq``'s first ``num_blocks`` blocks while it runs: a model whose every layer
-        attends through a sliding window never reads them again. They stay in the block table as
-        stale ids (positions keep their index); computed ones stay findable in the prefix cache like
-        any freed block. Call after ``mark_computed``. Returns how many were released now."""
-        num_blocks = min(num_blocks, len(seq.block_table), seq.num_computed_tokens // self.block_size)
-        released = range(seq.num_released_blocks, num_blocks)
-        for i in reversed(released):
-            self._release(seq.block_table[i])
+        """Give back the sliding groups' first ``num_blocks`` blocks of ``seq`` while it runs: no
+        layer of theirs reads them again. They stay in the block table as stale ids (positions keep
+        their index); computed ones stay findable in the prefix cache like any freed block. Call
+        after ``mark_computed``. Returns how many were released now."""
+        if not self._sliding:
+            return 0
+        num_blocks = min(num_blocks, len(seq.block_table) // self._g, seq.num_computed_tokens // self.block_size)
+        released = [i * self._g + k for i in range(seq.num_released_blocks, num_blocks) for k in self._sliding]
+        for idx in reversed(released):
+            self._release(seq.block_table[idx])
         seq.num_released_blocks = max(seq.num_released_blocks, num_blocks)
         return len(released)
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _is_released(self, seq: Sequence, idx: int) -> bool:
+        return idx // self._g < seq.num_released_blocks and idx % self._g in self._sliding
+
+    @staticmethod
+    def _group_hash(h: bytes, group: int) -> bytes:
+        """The hash table's key for group ``group``'s block of a prefix whose chained hash is ``h``."""
+        return h if group == 0 else h + group.to_bytes(2, "little")
 
     def _chain(self, seq: Sequence, num_full: int) -> _Chain:
         """``seq``'s chain state, with hashes extended to at least ``num_full`` full blocks."""
@@ -213,21 +352,41 @@ class BlockManager:
             chain.hashes.append(block_hash(prev, seq.token_ids[i * bs : (i + 1) * bs]))
         return chain
 
-    def _lookup(self, seq: Sequence) -> list[int]:
-        """Block ids of the longest cached run of ``seq``'s full blocks, leaving its last token out."""
+    def _lookup(self, seq: Sequence) -> tuple[int, int, list[int]]:
+        """The longest prefix hit for ``seq``, leaving its last token out: (blocks per group hit,
+        leading ones a sliding group skips, the interleaved table of the hit blocks)."""
         if not self.prefix_caching:
-            return []
+            return 0, 0, []
         limit = (seq.num_tokens - 1) // self.block_size
         hashes = self._chain(seq, limit).hashes[:limit]
         if seq.skip_prefix_cache:
-            return []
-        hits = []
-        for h in hashes:
-            b = self._by_hash.get(h)
-            if b is None:
-                break
-            hits.append(b)
-        return hits
+            return 0, 0, []
+        found = [[self._by_hash.get(self._group_hash(h, k)) for h in hashes] for k in range(self._g)]
+        n = limit
+        for k, window in enumerate(self.groups.windows):
+            if window is None:
+                n = next((i for i, b in enumerate(found[k][:n]) if b is None), n)
+        if self._sliding:
+            # run[i]: cached blocks ending at block i in every sliding group
+            run, length = [], 0
+            for i in range(n):
+                length = length + 1 if all(found[k][i] is not None for k in self._sliding) else 0
+                run.append(length)
+            window = self.groups.sliding_window
+            assert window is not None
+            while n and run[n - 1] < n - self._skipped(n, window):
+                n -= 1
+        skipped = self._skipped(n, self.groups.sliding_window) if self._sliding else 0
+        hits: list[int] = []
+        for i in range(n):
+            for k in range(self._g):
+                b = found[k][i]
+                hits.append(NULL_BLOCK if b is None or (k in self._sliding and i < skipped) else b)
+        return n, skipped, hits
+
+    def _skipped(self, num_hit: int, window: int | None) -> int:
+        """Leading blocks a sliding group needs not hold once ``num_hit`` blocks are computed."""
+        return 0 if window is None else max(0, num_hit * self.block_size + 1 - window) // self.block_size
 
     def _take_cached(self, block_id: int) -> None:
         block = self.blocks[block_id]

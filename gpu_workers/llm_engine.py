@@ -92,19 +92,18 @@ class LlamaEngine:
             )
         # rank 0 tells the other ranks what to compute each step (only once all have started)
         self.runner: ModelRunner | LeaderRunner = LeaderRunner(runner, tp) if tp is not None else runner
-        self.blocks = BlockManager(num_blocks, BLOCK_SIZE, prefix_caching=options.prefix_caching)
-        windows = {self.config.layer_window(i) for i in range(self.config.num_hidden_layers)}
+        self.blocks = BlockManager(num_blocks, BLOCK_SIZE, prefix_caching=options.prefix_caching,
+                                   groups=runner.kv_groups)
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(
             max_num_seqs=options.max_num_seqs, max_num_batched_tokens=options.max_num_batched_tokens,
-            # blocks before the window are given back only when no layer reads them (not Gemma 3's)
-            sliding_window=next(iter(windows)) if len(windows) == 1 else None,
         ))
-        capacity = num_blocks * BLOCK_SIZE
+        longest = self.blocks.longest_sequence(options.max_num_batched_tokens)
+        capacity = self.blocks.capacity_tokens
         self.info = EngineInfo(
             model=name,
             vocab_size=self.config.vocab_size,
             # One request alone always fits in the cache, so the scheduler can always finish it.
-            max_context=min(model_len, capacity),
+            max_context=model_len if longest is None else min(model_len, longest),
             eos_token_ids=frozenset(specials.eos_token_ids),
             tp=tp.size if tp is not None else 1,
             kv_dtype=options.kv.name,
@@ -124,9 +123,10 @@ class LlamaEngine:
         self._rejected: list[Rejection] = []
         self._mask_pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
         log.info(
-            "engine %s ready in %.1fs: %d KV blocks (%d tokens, %.1f MiB per rank, %s), max context %d",
-            name, time.perf_counter() - started, num_blocks, capacity,
-            runner.kv_cache.bytes_per_block() * num_blocks / 2**20, options.kv, self.info.max_context,
+            "engine %s ready in %.1fs: %d KV blocks of %d layers (%d tokens of every layer, %.1f MiB per "
+            "rank, %s), max context %d", name, time.perf_counter() - started, num_blocks,
+            runner.kv_groups.layers_per_block, capacity, runner.kv_cache.bytes_per_block() * num_blocks / 2**20,
+            options.kv, self.info.max_context,
         )
 
     # --- Engine protocol -------------------------------------------------------------------------

@@ -4,6 +4,10 @@ The scheduler decides what each sequence computes this step (a ``Chunk``: new to
 its tokens are already cached, its block table); ``ModelRunner.run`` flattens all chunks into one
 unpadded batch of tokens, builds the attention metadata once, runs the model, and returns fp32
 logits for the chunks that end at a sequence's last token.
+
+A runner built with ``kv_groups`` (gpu_workers.block_manager.KVCacheGroups, as the engine builds it)
+keeps each group's layers in blocks of their own: chunks then carry interleaved block tables, and
+every group gets its own view of the step. Without, one group holds every layer in every block.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gpu_workers.model.attention import AttentionBatch, DecodeGroup, PrefillChunk
+from broker.errors import ConfigError
+from gpu_workers.block_manager import KVCacheGroups
+from gpu_workers.model.attention import AttentionBatch, DecodeGroup, PagedAttention, PrefillChunk
 from gpu_workers.model.config import ModelConfig, load_config
 from gpu_workers.model.families import model_class
 from gpu_workers.model.kv_cache import KVCache
@@ -36,7 +42,9 @@ CPU_DECODE_GROUP_TOKENS = 4096
 class Chunk:
     token_ids: list[int]  # the new tokens this step computes (1 for a decode step)
     start: int  # position of token_ids[0] = tokens of this sequence already in the KV cache
-    block_table: list[int]  # the sequence's cache blocks, covering at least start + len(token_ids) tokens
+    # the sequence's cache blocks, covering at least start + len(token_ids) tokens in every KV cache
+    # group (interleaved: entry i * G + k is group k's i-th block)
+    block_table: list[int]
     want_logits: bool  # True when the chunk ends at the sequence's last token (a token gets sampled)
     # The scheduler's sequence (request id, all its tokens): what a tensor-parallel leader needs to
     # tell the other ranks only what they have not seen (gpu_workers.parallel.step_message).
@@ -67,11 +75,12 @@ class ModelRunner:
         device: str = "cpu",
         tp: TPContext | None = None,
         decode_group_tokens: int | None = None,
+        kv_groups: KVCacheGroups | None = None,
     ) -> None:
         """``num_blocks``: KV cache blocks, or None to size the cache later (``allocate_kv_cache``),
         once the loaded weights show how much memory is left. ``decode_group_tokens``: most padded
         context tokens per decode attention group (None: CPU_DECODE_GROUP_TOKENS on CPUs, all
-        decodes in one group on GPUs)."""
+        decodes in one group on GPUs). ``kv_groups``: which layers share a block (default: all)."""
         kv = kv_format(kv_dtype)  # ConfigError for an unknown name, before the model loads
         self.device = torch.device(device)
         # bf16 matmuls are 2-3x slower than fp32 on the project's CPUs
@@ -82,14 +91,23 @@ class ModelRunner:
             CPU_DECODE_GROUP_TOKENS if self.device.type == "cpu" else None
         )
         self.config: ModelConfig = load_config(Path(model_dir))
-        # distinct sliding windows of the model's layers: each gets its own view of every step
-        self.windows = sorted({w for i in range(self.config.num_hidden_layers)
-                               if (w := self.config.layer_window(i)) is not None})
-        self.full_layers = any(self.config.layer_window(i) is None for i in range(self.config.num_hidden_layers))
+        layer_windows = [self.config.layer_window(i) for i in range(self.config.num_hidden_layers)]
+        self.kv_groups = kv_groups or KVCacheGroups.single(layer_windows)
+        if sorted(i for g in self.kv_groups.layers for i in g) != list(range(len(layer_windows))):
+            raise ConfigError(f"KV cache groups {self.kv_groups.layers} do not list each of the model's "
+                              f"{len(layer_windows)} layers once")
+        # per group: the distinct sliding windows of its layers (each gets its own view of every
+        # step) and whether some layer of it attends to everything
+        self.group_windows = [sorted({w for i in g if (w := layer_windows[i]) is not None})
+                              for g in self.kv_groups.layers]
+        self.group_full = [any(layer_windows[i] is None for i in g) for g in self.kv_groups.layers]
         where = f"{model_dir}, rank {self.tp.rank} of {self.tp.size}" if self.tp.size > 1 else str(model_dir)
         with phase("load", where):
             with torch.device(self.device):
                 self.model = model_class(self.config)(self.config, self.tp, self.dtype)
+            for module in self.model.modules():
+                if isinstance(module, PagedAttention):
+                    module.place(*self.kv_groups.locate(module.layer))
             load_weights(self.model, Path(model_dir))
         with phase("pack"):
             self.model.pack_weights()
@@ -106,7 +124,7 @@ class ModelRunner:
 
     def _new_kv_cache(self, num_blocks: int) -> KVCache:
         return KVCache(
-            num_layers=self.config.num_hidden_layers,
+            num_layers=self.kv_groups.layers_per_block,
             num_blocks=num_blocks,
             block_size=self.block_size,
             num_kv_heads=self.config.kv_heads_per_rank(self.tp.size),
@@ -144,38 +162,36 @@ class ModelRunner:
 
     def _prepare(self, chunks: list[Chunk]) -> _Step:
         """Flatten ``chunks`` (decodes first, then prefill chunks) and build attention metadata."""
+        num_groups = self.kv_groups.num_groups
         for c in chunks:
             if not c.token_ids:
                 raise ValueError("a chunk has no tokens")
-            if len(c.block_table) * self.block_size < c.start + len(c.token_ids):
+            if len(c.block_table) // num_groups * self.block_size < c.start + len(c.token_ids):
                 raise ValueError(
-                    f"block table of {len(c.block_table)} blocks cannot hold {c.start + len(c.token_ids)} tokens"
+                    f"block table of {len(c.block_table)} blocks ({num_groups} KV cache groups) cannot "
+                    f"hold {c.start + len(c.token_ids)} tokens"
                 )
         # decodes sorted by context length, so that groups of similar lengths pad little
         decodes = sorted((i for i, c in enumerate(chunks) if len(c.token_ids) == 1), key=lambda i: chunks[i].start)
         prefills = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1]
         first_row = {i: row for row, i in enumerate(decodes)}  # chunk index -> its first token's row
-
-        batch = AttentionBatch(slot_mapping=torch.empty(0), num_decode=len(decodes))
         ids = [chunks[i].token_ids[0] for i in decodes]
         positions = [torch.tensor([chunks[i].start for i in decodes], dtype=torch.long)]
-        # A window that holds every sequence's whole context reads what full attention reads: its
-        # layers take the step itself (and the fused kernels with it).
-        longest = max(c.start + len(c.token_ids) for c in chunks)
-        narrow = [w for w in self.windows if w < longest]
-        full_view = self.full_layers or len(narrow) < len(self.windows)
-        slots = self._add_decodes(batch, [chunks[i] for i in decodes], positions[0], groups=full_view)
         for i in prefills:
             c = chunks[i]
             first_row[i] = len(ids)
             ids.extend(c.token_ids)
             positions.append(torch.arange(c.start, c.start + len(c.token_ids)))
-            slots.append(self._add_prefill(batch, c, first_row[i]))
-        batch.slot_mapping = self._to_device(torch.cat(slots))
-        batch.rope_seq_lens = self._rope_seq_lens([chunks[i] for i in decodes + prefills])
-        for window in self.windows:
-            batch.windowed[window] = batch if window not in narrow else self._windowed(
-                batch, window, [chunks[i] for i in decodes], [(chunks[i], first_row[i]) for i in prefills])
+        rope_seq_lens = self._rope_seq_lens([chunks[i] for i in decodes + prefills])
+        views = []
+        for k in range(num_groups):
+            own = chunks if num_groups == 1 else [
+                Chunk(c.token_ids, c.start, c.block_table[k::num_groups], c.want_logits) for c in chunks]
+            views.append(self._group_view(k, [own[i] for i in decodes], positions[0],
+                                          [(own[i], first_row[i]) for i in prefills], rope_seq_lens))
+        batch = views[0]
+        if num_groups > 1:
+            batch.groups = views
         rows: list[int] = []
         for i, c in enumerate(chunks):
             if c.all_logits:
@@ -188,6 +204,25 @@ class ModelRunner:
             batch=batch,
             logit_rows=self._to_device(torch.tensor(rows, dtype=torch.long)),
         )
+
+    def _group_view(self, group: int, decodes: list[Chunk], decode_positions: torch.Tensor,
+                    prefills: list[tuple[Chunk, int]], rope_seq_lens: torch.Tensor | None) -> AttentionBatch:
+        """KV cache group ``group``'s view of the step: ``decodes`` (sorted by length, at
+        ``decode_positions``) and ``prefills`` (with their first rows) over that group's tables."""
+        batch = AttentionBatch(slot_mapping=torch.empty(0), num_decode=len(decodes), rope_seq_lens=rope_seq_lens)
+        # A window that holds every sequence's whole context reads what full attention reads: its
+        # layers take the group's full view (and the fused kernels with it).
+        longest = max((c.start + len(c.token_ids) for c in [*decodes, *(c for c, _ in prefills)]), default=0)
+        windows = self.group_windows[group]
+        narrow = [w for w in windows if w < longest]
+        full_view = self.group_full[group] or len(narrow) < len(windows)
+        slots = self._add_decodes(batch, decodes, decode_positions, groups=full_view)
+        for c, row in prefills:
+            slots.append(self._add_prefill(batch, c, row, full=full_view))
+        batch.slot_mapping = self._to_device(torch.cat(slots))
+        for window in windows:
+            batch.windowed[window] = batch if window not in narrow else self._windowed(batch, window, decodes, prefills)
+        return batch
 
     def _add_decodes(self, batch: AttentionBatch, decodes: list[Chunk], positions: torch.Tensor, *,
                      groups: bool = True) -> list[torch.Tensor]:
@@ -239,10 +274,15 @@ class ModelRunner:
                 check_invariants=False,
             )
 
-    def _add_prefill(self, batch: AttentionBatch, c: Chunk, first: int) -> torch.Tensor:
-        """A prefill chunk into ``batch``; returns its new tokens' cache slots."""
+    def _add_prefill(self, batch: AttentionBatch, c: Chunk, first: int, *, full: bool = True) -> torch.Tensor:
+        """A prefill chunk into ``batch`` (unless ``full`` is False: no layer reads its whole
+        context); returns its new tokens' cache slots."""
         bs = self.block_size
         end = c.start + len(c.token_ids)
+        if not full:
+            blocks = torch.tensor(c.block_table[c.start // bs : -(-end // bs)], dtype=torch.long)
+            new_slots = (blocks[:, None] * bs + torch.arange(bs)).view(-1)
+            return new_slots[c.start % bs : c.start % bs + len(c.token_ids)]
         blocks = torch.tensor(c.block_table[: -(-end // bs)], dtype=torch.long)
         context_slots = (blocks[:, None] * bs + torch.arange(bs)).view(-1)[:end]  # [end]
         kv_slots = mask = None

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from broker.errors import ConfigError
+from gpu_workers.block_manager import KVCacheGroups
 from gpu_workers.kv_memory import kv_budget_bytes
-from gpu_workers.model.config import load_config
+from gpu_workers.model.config import ModelConfig, load_config
 from gpu_workers.model.kv_cache import kv_bytes_per_block
 from gpu_workers.model.kv_format import KVFormat, kv_format
 from gpu_workers.model_runner import ModelRunner
@@ -50,10 +51,13 @@ def build_runner(model_dir: Path, options: LlamaEngineOptions, *, tp: TensorPara
     Followers call this too, with the same options, so the ranks' collectives pair up."""
     config = load_config(model_dir)
     size = tp.size if tp is not None else 1
-    # the real size of a block, fp8 scales included: kv_capacity_tokens is what the memory holds
-    bytes_per_block = kv_bytes_per_block(config, options.kv, block_size=BLOCK_SIZE, tp_size=size)
+    groups = kv_cache_groups(config)
+    # the real size of a block (one KV cache group's layers), fp8 scales included: kv_capacity_tokens
+    # is what the memory holds
+    bytes_per_block = kv_bytes_per_block(config, options.kv, block_size=BLOCK_SIZE, tp_size=size) // groups.num_groups
     # Never more blocks than every sequence at full length could use.
-    most = -(-options.max_num_seqs * config.max_context // BLOCK_SIZE)
+    most = options.max_num_seqs * groups.peak_blocks(config.max_context, BLOCK_SIZE,
+                                                     chunk=options.max_num_batched_tokens)
     local_ranks = tp.local_size if tp else 1
 
     def blocks() -> int:
@@ -61,17 +65,18 @@ def build_runner(model_dir: Path, options: LlamaEngineOptions, *, tp: TensorPara
         return min(budget // bytes_per_block, most)
 
     def check(num_blocks: int) -> None:
-        if num_blocks < 1:
+        if num_blocks < groups.num_groups:
             budget = f"--kv-memory {options.kv_memory!r}" if options.kv_memory else "the free memory's share"
-            raise ConfigError(f"{budget} holds no KV block of {BLOCK_SIZE} tokens ({bytes_per_block} bytes "
-                              f"per rank with kv dtype {options.kv_dtype})")
+            what = "no KV block" if groups.num_groups == 1 else f"fewer than {groups.num_groups} KV blocks (one per group)"
+            raise ConfigError(f"{budget} holds {what} of {BLOCK_SIZE} tokens ({bytes_per_block} bytes per rank "
+                              f"with kv dtype {options.kv_dtype})")
 
     if options.kv_memory is not None:
         check(blocks())  # a size that holds nothing fails before minutes of loading
     runner = ModelRunner(
         model_dir, num_blocks=None, block_size=BLOCK_SIZE, kv_dtype=options.kv,
         dtype=options.dtype, device=tp.device if tp is not None else options.device,
-        tp=tp.context if tp is not None else None,
+        tp=tp.context if tp is not None else None, kv_groups=groups,
     )
     num_blocks = blocks()  # a share of free memory is measured now, with the weights loaded
     if tp is not None:
@@ -79,6 +84,12 @@ def build_runner(model_dir: Path, options: LlamaEngineOptions, *, tp: TensorPara
     check(num_blocks)
     runner.allocate_kv_cache(num_blocks)
     return runner
+
+
+def kv_cache_groups(config: ModelConfig) -> KVCacheGroups:
+    """The engine's KV cache groups: layers of each attention kind in blocks of their own, so that
+    sliding-window layers keep only their window's blocks beside global ones (Gemma 3)."""
+    return KVCacheGroups.of([config.layer_window(i) for i in range(config.num_hidden_layers)])
 
 
 def rank_report(runner: ModelRunner, tp: TensorParallelGroup | None, *, load_s: float) -> RankReport:

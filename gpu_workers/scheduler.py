@@ -55,9 +55,6 @@ class SchedulerConfig:
     # Split long prefills over steps. Off, a prefill runs whole in one step; so that no sequence
     # waits forever, the step's first prefill may then exceed what is left of the budget.
     chunked_prefill: bool = True
-    # Every layer's sliding window (tokens a query sees, its own included), when all layers have
-    # one: blocks wholly before a running sequence's window are given back after each step.
-    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -114,11 +111,11 @@ class Scheduler:
         if seq.status is not SequenceStatus.WAITING or seq.block_table or seq.num_computed_tokens:
             raise ValueError(f"request {seq.request_id}: only a fresh waiting sequence can be added")
         need = seq.max_num_tokens if seq.max_num_tokens is not None else seq.num_tokens
-        capacity = self.block_manager.capacity_tokens
-        if need > capacity:
+        capacity = self.block_manager.longest_sequence(self._max_chunk(seq))
+        if capacity is not None and need > capacity:
             raise EngineRequestError(
                 f"request {seq.request_id} may need {need} tokens of KV cache; the whole cache holds "
-                f"{capacity}"
+                f"{capacity} of one sequence"
             )
         deadline = math.inf if seq.deadline is None else seq.deadline
         self._order[seq] = (seq.priority, deadline, seq.arrival, self._num_added)
@@ -213,12 +210,14 @@ class Scheduler:
                     raise KeyError(f"no sampled token for request {seq.request_id}")
                 seq.token_ids.append(sampled[seq.request_id])
             self.block_manager.mark_computed(seq)
-            if (window := self.config.sliding_window) is not None:
-                # the next query, at position num_computed_tokens, sees keys from here on
-                first_key = max(0, seq.num_computed_tokens + 1 - window)
-                self.block_manager.release_before(seq, first_key // self.block_manager.block_size)
+            self.block_manager.release_out_of_window(seq)
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _max_chunk(self, seq: Sequence) -> int:
+        """The most tokens ``seq`` computes in one step: a first chunk never exceeds the budget
+        when prefills are chunked (later ones shrink to the free slots), else its whole prompt."""
+        return self.config.max_num_batched_tokens if self.config.chunked_prefill else seq.num_tokens
 
     def _schedule_running(self, seq: Sequence, want: int, step: _Step) -> None:
         """Give a running sequence up to ``want`` tokens, shrinking to the free slots, preempting

@@ -42,9 +42,11 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0  # leading tokens whose K/V are in the cache
     num_cached_tokens: int = 0  # prefix-cache hit at the last allocation, in tokens (stats)
-    block_table: list[int] = field(default_factory=list)  # physical block of each block_size tokens
-    # Leading entries of block_table already given back (wholly before every layer's sliding
-    # window: nothing reads them again); their ids are stale, other sequences may hold them now.
+    # Physical blocks, per block_size tokens one for each KV cache group, interleaved (entry i * G + k:
+    # group k's block for the i-th block_size tokens; gpu_workers.block_manager.KVCacheGroups).
+    block_table: list[int] = field(default_factory=list)
+    # Leading blocks (per group) that the sliding-window groups have given back or never held: wholly
+    # before their window, nothing reads them again; their entries are stale ids or NULL_BLOCK.
     num_released_blocks: int = 0
     first_scheduled: float | None = None  # when it first got a chunk (queue-time stats)
     # Never take blocks from the prefix cache: every prompt token is computed (a request that asked

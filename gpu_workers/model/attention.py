@@ -32,7 +32,12 @@ Sliding-window layers (``sliding_window`` W: a query at position p sees keys p -
 transformers' ``sliding_window_overlay``) read the step's view for their window
 (``AttentionBatch.windowed``): decode block tables cut to the blocks that hold the window, with the
 slots outside it masked, and prefill chunks whose keys start at the first one in any query's window.
-Blocks wholly before the window are never read.
+Blocks wholly before the window are never read (the block manager gives them back).
+
+KV cache groups (gpu_workers.block_manager.KVCacheGroups): each layer reads and writes its group's
+blocks, so each group has its own view of the step (``AttentionBatch.groups``: the same tokens, its
+own slot mapping and block tables), and the layer's K/V sit at its index within the group
+(``cache_layer``) in the cache's per-block layers.
 
 Softmax runs in fp32 (explicitly for decode; SDPA kernels accumulate in fp32).
 """
@@ -91,26 +96,37 @@ class AttentionBatch:
     # decode groups and prefill chunks that read only the window; the step itself when the window
     # holds every sequence's whole context.
     windowed: dict[int, AttentionBatch] = field(default_factory=dict)
+    # Every KV cache group's view of this step, by group (this batch is group 0's); empty: one group.
+    groups: list[AttentionBatch] = field(default_factory=list)
 
 
 class PagedAttention(nn.Module):
     def __init__(self, layer: int, *, num_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None,
                  sliding_window: int | None = None) -> None:
         """``scale``: of the query-key products (default ``head_dim ** -0.5``); ``sliding_window``:
-        tokens each query sees, its own included (None: all before it)."""
+        tokens each query sees, its own included (None: all before it). The layer's place in the KV
+        cache (``kv_group``, ``cache_layer``) is its model index in group 0 until ``place`` says."""
         super().__init__()
         self.layer = layer
+        self.kv_group = 0
+        self.cache_layer = layer
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = head_dim**-0.5 if scale is None else scale
         self.sliding_window = sliding_window
 
+    def place(self, kv_group: int, cache_layer: int) -> None:
+        """Read and write KV cache group ``kv_group``'s blocks, at layer ``cache_layer`` of them."""
+        self.kv_group, self.cache_layer = kv_group, cache_layer
+
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch, cache: KVCache
     ) -> torch.Tensor:
         """Attention output [T, H * D] for queries ``q`` [T, H, D] and new keys/values [T, Hkv, D]."""
-        cache.write(self.layer, batch.slot_mapping, k, v)
+        if batch.groups:
+            batch = batch.groups[self.kv_group]
+        cache.write(self.cache_layer, batch.slot_mapping, k, v)
         if self.sliding_window is not None:
             batch = batch.windowed[self.sliding_window]
         nd = batch.num_decode
@@ -138,9 +154,9 @@ class PagedAttention(nn.Module):
         kv_heads = self.num_kv_heads
         qg = (q * self.scale).view(b, kv_heads, heads // kv_heads, d).transpose(0, 1)  # [Hkv, B, G, D]
         if group.lens is not None:
-            out = cache.decode_attention(self.layer, qg, group.block_tables, group.lens)  # [Hkv, B, G, D]
+            out = cache.decode_attention(self.cache_layer, qg, group.block_tables, group.lens)  # [Hkv, B, G, D]
         elif group.kv_index is not None:
-            k_rows, v_rows = cache.in_place(self.layer)  # [Hkv * S, D] each
+            k_rows, v_rows = cache.in_place(self.cache_layer)  # [Hkv * S, D] each
             rows, length = group.kv_index.shape
             scores = torch.sparse.sampled_addmm(group.score_pattern, qg.reshape(rows, d), k_rows.t(), beta=0.0)
             scores = scores.values().view(*qg.shape[:3], length)  # [Hkv, B, G, L]
@@ -148,7 +164,7 @@ class PagedAttention(nn.Module):
             out = F.embedding_bag(group.kv_index, v_rows, mode="sum", per_sample_weights=probs.view(rows, length))
             out = out.view(qg.shape)  # [Hkv, B, G, D]
         else:
-            kv = cache.gather_blocks(self.layer, group.block_tables)  # K, V [Hkv, B, L, D]
+            kv = cache.gather_blocks(self.cache_layer, group.block_tables)  # K, V [Hkv, B, L, D]
             scores = torch.matmul(qg, kv.k.transpose(-1, -2)).float()  # [Hkv, B, G, L]
             if kv.k_scale is not None:
                 scores.mul_(kv.k_scale)
@@ -167,7 +183,7 @@ class PagedAttention(nn.Module):
         if p.kv_slots is None and cache.stores_compute_dtype:
             keys, values = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, n, D]
         else:  # read back as stored, as decode reads them
-            keys, values = cache.gather(self.layer, own_slots if p.kv_slots is None else p.kv_slots)  # [Hkv, S, D]
+            keys, values = cache.gather(self.cache_layer, own_slots if p.kv_slots is None else p.kv_slots)  # [Hkv, S, D]
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None],  # [1, H, n, D]
             keys[None],

@@ -3,12 +3,12 @@ cache hits, preemption and migration; sampling, limits and aborts behave."""
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from pathlib import Path
 
 import pytest
 
+from gpu_workers.block_manager import KVCacheGroups
 from gpu_workers.engine import EngineRequest
 from gpu_workers.llm_engine import LlamaEngine, LlamaEngineOptions
 from gpu_workers.sampling_params import SamplingParams
@@ -227,7 +227,7 @@ def test_sliding_window_blocks_are_given_back_while_generating(tmp_path: Path) -
     # 2 layers x 2 (K, V) x 2 KV heads x 16 dims x 4 bytes = 512 bytes per token
     kv = {"kv_memory": str(12 * 16 * 512), "max_num_batched_tokens": 64, "max_num_seqs": 8}
     engine = engine_for(model_dir, **kv)
-    assert engine.scheduler.config.sliding_window == 16
+    assert engine.blocks.groups.windows == (16,)
     used: list[int] = []  # blocks in use after each step
     step = engine.step
 
@@ -243,10 +243,47 @@ def test_sliding_window_blocks_are_given_back_while_generating(tmp_path: Path) -
     assert max(used[-30:]) <= 3 * 3  # decoding: each holds its window's (at most) two blocks and the next one
 
     kept = engine_for(model_dir, **kv)
-    kept.scheduler.config = dataclasses.replace(kept.scheduler.config, sliding_window=None)
+    kept.blocks.release_out_of_window = lambda seq: 0  # type: ignore[method-assign]
     out = generate(kept, greedy_requests(prompts, sampling))
     assert [out[f"r{i}"] for i in range(3)] == reference.tokens
     assert kept.scheduler.num_preemptions > 0
+
+
+def test_gemma3_sliding_layers_keep_only_their_window_beside_global_ones(tmp_path: Path) -> None:
+    """Gemma 3 interleaves sliding-window layers with global ones: each kind keeps its own blocks
+    (two KV cache groups of one layer here), the sliding group gives back what falls out of its
+    16-token window, and tokens still equal transformers' on prompts five times the window. At the
+    end each 99-token sequence holds 7 global blocks and 2 sliding ones (9 one-layer blocks, where
+    every layer keeping every block would take 7 two-layer blocks: 14); prefix hits beyond the window
+    serve the repeated prompt."""
+    model_dir = save_hf_model(tmp_path, family="gemma3", seed=3, head_dim=16, sliding_window=16,
+                              layer_types=["sliding_attention", "full_attention"])
+    prompts = prompts_of([80, 81, 82], seed=9)
+    sampling = SamplingParams(max_tokens=20, temperature=0.0)
+    reference = hf_greedy(model_dir, prompts, 20)
+    assert_clear(reference)
+    engine = engine_for(model_dir, max_num_batched_tokens=64, max_num_seqs=8)
+    assert engine.blocks.groups.windows == (None, 16) and engine.runner.kv_cache.num_layers == 1
+    held: list[dict[str, int]] = []  # blocks each running sequence holds, after each step
+    step = engine.step
+
+    def recording_step() -> list:
+        outputs = step()
+        bm = engine.blocks
+        held.append({s.request_id: sum(1 for i in range(len(s.block_table)) if not bm._is_released(s, i))
+                     for s in engine.scheduler.running})
+        return outputs
+
+    engine.step = recording_step  # type: ignore[method-assign]
+    out = generate(engine, greedy_requests(prompts, sampling))
+    assert [out[f"r{i}"] for i in range(3)] == reference.tokens
+    last = [h for h in held if len(h) == 3][-1]
+    assert last == {"r0": 7 + 2, "r1": 7 + 2, "r2": 7 + 2}, last
+    assert engine.blocks.groups.peak_blocks(99, 16) == 9 and KVCacheGroups.single([16, None]).peak_blocks(99, 16) == 7
+    # the same prompt again: every full block but the last hits, the sliding group's from its window
+    again = generate(engine, [EngineRequest("again", prompts[2], sampling)])
+    assert again["again"] == reference.tokens[2]
+    assert engine.stats().prefix_cache_hits >= 80
 
 
 def test_deadline_orders_what_waits_among_equal_priorities(llama_dir: Path) -> None:
@@ -283,3 +320,22 @@ def test_default_kv_budget_follows_the_cgroup_and_never_exceeds_what_sequences_c
     engine = engine_for(llama_dir, kv_memory=None, max_num_seqs=2)
     assert engine.blocks.num_blocks == -(-2 * engine.config.max_context // 16)
     engine.close()
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp8_e4m3", "bf16"])
+def test_gemma3_tokens_do_not_depend_on_what_the_sliding_groups_gave_back(tmp_path: Path, kv_dtype: str) -> None:
+    """A request's greedy tokens are the same on a cold engine and on one whose prefix cache holds
+    its first 64 tokens (four times the window: the sliding group serves the hit from its window's
+    blocks, placeholders before them) while neighbours run beside it in small chunks."""
+    model_dir = save_hf_model(tmp_path, family="gemma3", seed=3, head_dim=16, sliding_window=16,
+                              layer_types=["sliding_attention", "full_attention"])
+    prefix = prompts_of([64], seed=21)[0]
+    target, donor, neighbour = prompts_of([13, 30, 45], seed=22)
+    sampling = SamplingParams(max_tokens=16, temperature=0.0)
+    cold = generate(engine_for(model_dir, kv_dtype=kv_dtype), [EngineRequest("t", prefix + target, sampling)])
+    warm_engine = engine_for(model_dir, kv_dtype=kv_dtype, max_num_batched_tokens=24, max_num_seqs=8)
+    generate(warm_engine, [EngineRequest("donor", prefix + donor, sampling)])
+    warm = generate(warm_engine, [EngineRequest("t", prefix + target, sampling),
+                                  EngineRequest("n", neighbour, sampling)])
+    assert warm_engine.stats().prefix_cache_hits == 64  # its 4 prefix blocks: sliding block 3 and placeholders
+    assert warm["t"] == cold["t"]
