@@ -17,8 +17,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import cast
 
+from redis import Redis
+
+from broker.consumer import Entry
 from broker.keys import Keys
 from broker.lua import queue_entry
 from broker.scripts import Scripts
@@ -37,7 +40,7 @@ class FailedOver:
 
 
 class Failover:
-    def __init__(self, redis: Any, scripts: Scripts, keys: Keys, *, settings: Settings, owner: str,
+    def __init__(self, redis: Redis, scripts: Scripts, keys: Keys, *, settings: Settings, owner: str,
                  redis_uptime_s: Callable[[], float]) -> None:
         self.redis = redis
         self.scripts = scripts
@@ -72,7 +75,7 @@ class Failover:
         moved, cursor = 0, "-"
         signing_key = self.signing.get()  # entries put back on the ingress stream carry its signature
         while True:
-            entries = self.redis.xrange(queue, min=cursor, max="+", count=500)
+            entries = cast("list[Entry]", self.redis.xrange(queue, min=cursor, max="+", count=500))
             if not entries:
                 break
             pipe = self.redis.pipeline(transaction=False)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from redis import Redis
 
 from broker.consumer import StreamConsumer
 from broker.dead_letter import Attempts
@@ -30,7 +32,7 @@ log = logging.getLogger("balancer.service")
 
 
 class IngressReader:
-    redis: Any
+    redis: Redis
     settings: Settings
     keys: Keys
     name: str

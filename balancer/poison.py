@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from redis import Redis
 from redis.exceptions import ResponseError
 
 from balancer.pending import Final, Waiting
@@ -32,7 +33,7 @@ FIRST_EPOCH = 1  # the epoch CLAIM_OWNER gives a request nobody claimed before
 
 
 class PoisonHandling:
-    redis: Any
+    redis: Redis
     settings: Settings
     keys: Keys
     scripts: Scripts

@@ -19,9 +19,10 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
 
+from redis import Redis
 from redis.exceptions import ResponseError
+from redis.typing import EncodableT, FieldT
 
 from balancer.admission import Limits
 from balancer.batching import AdaptiveBatcher
@@ -54,7 +55,7 @@ DISPATCH_ROUNDS = 3  # a request refused by a full or closed group is routed aga
 class Balancer(IngressReader, PoisonHandling, Dispatcher):
     def __init__(
         self,
-        redis: Any,
+        redis: Redis,
         *,
         settings: Settings,
         name: str | None = None,
@@ -332,7 +333,8 @@ class Balancer(IngressReader, PoisonHandling, Dispatcher):
         ttl_ms = int(max(self.settings.balancer_dead_after_s, 5 * self.settings.stats_interval_s) * 1000)
         stats = self.stats()
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(self.keys.balancer_stats(self.name), mapping=stats)
+        fields: dict[FieldT, EncodableT] = {k: v for k, v in stats.items()}  # (redis-py's key type)
+        pipe.hset(self.keys.balancer_stats(self.name), mapping=fields)
         pipe.pexpire(self.keys.balancer_stats(self.name), ttl_ms)
         pipe.zadd(self.keys.balancers, {self.name: int(stats["heartbeat_ms"])})
         pipe.zremrangebyscore(self.keys.balancers, "-inf", int(stats["heartbeat_ms"]) - ttl_ms)

@@ -136,9 +136,9 @@ def run_ryzanstein(model: str, kv_dtype: str, work: Workload) -> Timings:
 
 def engine_decode(model: str, kv_dtype: str, *, batch: int, context: int, steps: int) -> dict[str, float]:
     """ms per decode step of ``batch`` sequences at ~``context`` tokens, and linear-layer GFLOP/s."""
-    from broker.protocol import SamplingParams
     from gpu_workers.engine import EngineRequest
     from gpu_workers.engine_spec import EngineOptions, build_engine
+    from gpu_workers.sampling_params import SamplingParams
 
     engine = build_engine(model, EngineOptions(kv_dtype=kv_dtype, kv_memory="4GiB"))
     rng = random.Random(1)

@@ -77,8 +77,8 @@ class CollectiveTimer:
 
 def decode_run(engine: Any, batch: int, *, prompt_len: int, warmup: int, steps: int,
                timer: CollectiveTimer | None, tag: str) -> dict[str, Any]:
-    from broker.protocol import SamplingParams
     from gpu_workers.engine import EngineRequest
+    from gpu_workers.sampling_params import SamplingParams
 
     rng = random.Random(batch)
     sampling = SamplingParams(max_tokens=warmup + steps + 2, temperature=0.0)

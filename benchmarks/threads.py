@@ -44,9 +44,9 @@ def child(model: str, batch: int, context: int, steps: int) -> dict[str, float]:
     """Run in a fresh process: ms per decode step (median of ``steps``) of ``batch`` sequences."""
     import random
 
-    from broker.protocol import SamplingParams
     from gpu_workers.engine import EngineRequest
     from gpu_workers.engine_spec import EngineOptions, build_engine
+    from gpu_workers.sampling_params import SamplingParams
 
     engine = build_engine(model, EngineOptions(kv_dtype="fp32", kv_memory="2GiB"))
     rng = random.Random(1)

@@ -27,9 +27,11 @@ import enum
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
+from redis import Redis
 from redis.exceptions import NoScriptError, ResponseError
+from redis.typing import StreamIdT
 
 from broker.cancellation import Cancellations
 from broker.connection import TRANSIENT_ERRORS, RedisClock, backoff_delays
@@ -43,6 +45,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Entry = tuple[bytes, dict[bytes, bytes]]
+# XREADGROUP's reply on a connection without decode_responses (every one here): per stream read,
+# (stream name, its entries). redis-py types replies for either setting, so they are cast to this.
+StreamsReply = list[tuple[bytes, list[Entry]]]
 # Adds the acknowledgement of the given entry ids to a batch (the stream's owner says how).
 AckWriter = Callable[[Batch, list[bytes]], None]
 CANCEL_READ_COUNT = 1000  # most cancel entries one read takes in
@@ -70,7 +75,7 @@ class Read:
 class StreamConsumer:
     """One consumer (``consumer``) of ``group`` on ``stream``, and the cancel feed beside it."""
 
-    def __init__(self, redis: Any, scripts: Scripts, *, stream: str, group: str, consumer: str,
+    def __init__(self, redis: Redis, scripts: Scripts, *, stream: str, group: str, consumer: str,
                  cancel_stream: str, cancel_horizon_ms: int, clock: RedisClock, ack: AckWriter) -> None:
         self.redis = redis
         self.scripts = scripts
@@ -96,7 +101,7 @@ class StreamConsumer:
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-        last = self.redis.xrevrange(self.cancel_stream, count=1)
+        last = cast("list[Entry]", self.redis.xrevrange(self.cancel_stream, count=1))
         self._cancel_cursor = last[0][0] if last else b"0-0"
 
     def own_pending(self, *, count: int = 500) -> Iterator[list[tuple[bytes, dict[bytes, bytes] | None, int]]]:
@@ -105,12 +110,14 @@ class StreamConsumer:
         yet flushed are left out."""
         cursor: bytes | str = "0"
         while True:
-            reply = self.redis.xreadgroup(self.group, self.consumer, {self.stream: cursor}, count=count)
+            reply = cast("StreamsReply | None",
+                         self.redis.xreadgroup(self.group, self.consumer, {self.stream: cursor}, count=count))
             entries = [e for _s, es in (reply or []) for e in es]
             if not entries:
                 return
-            rows = self.redis.xpending_range(self.stream, self.group, min=entries[0][0], max=entries[-1][0],
-                                             count=len(entries), consumername=self.consumer)
+            rows = cast("list[dict[str, Any]]", self.redis.xpending_range(
+                self.stream, self.group, min=entries[0][0], max=entries[-1][0], count=len(entries),
+                consumername=self.consumer))
             deliveries = {row["message_id"]: int(row["times_delivered"]) for row in rows}
             acking = set(self._to_ack)
             cursor = entries[-1][0]
@@ -119,7 +126,7 @@ class StreamConsumer:
     def keep(self, entry_ids: list[bytes]) -> None:
         """Reset the idle time of these pending entries of ours: nobody's ``claim_idle`` takes them."""
         if entry_ids:
-            self.redis.xclaim(self.stream, self.group, self.consumer, 0, entry_ids, justid=True)
+            self.redis.xclaim(self.stream, self.group, self.consumer, 0, list[StreamIdT](entry_ids), justid=True)
 
     def claim_idle(self, *, min_idle_ms: int, count: int, skip: set[bytes] | dict[bytes, Any]) -> Reclaimed:
         """Claim entries pending on any consumer and idle past ``min_idle_ms`` (their consumer died or
@@ -134,7 +141,8 @@ class StreamConsumer:
         """Entries never delivered to any consumer, read (and so taken) a chunk at a time, without
         blocking, until none is left."""
         while True:
-            reply = self.redis.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=count)
+            reply = cast("StreamsReply | None",
+                         self.redis.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=count))
             entries = [e for _s, es in (reply or []) for e in es]
             if not entries:
                 return

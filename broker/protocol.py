@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field
+from redis.typing import EncodableT, FieldT
 
 from broker.signing import SIGNATURE_FIELD, sign
 from broker.structured import StructuredOutput
@@ -153,7 +154,7 @@ class GenerationRequest(BaseModel):
         packed: bytes = msgpack.packb(self.model_dump(mode="python"), use_bin_type=True)
         return packed
 
-    def to_ingress(self, *, from_owner: str, epoch: int, signing_key: bytes) -> dict[str, bytes | str]:
+    def to_ingress(self, *, from_owner: str, epoch: int, signing_key: bytes) -> dict[FieldT, EncodableT]:
         """Fields that put this request back on the ingress stream, taken over from ``from_owner``:
         a msgpack ``payload`` with the internal fields, signed under ``signing_key`` (broker.signing)."""
         payload = {

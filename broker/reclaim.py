@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
+
+from redis import Redis
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ def _text(value: Any) -> str:
 class Reclaimer:
     """One consumer's XAUTOCLAIM cursor over the pending entries of ``group`` on ``stream``."""
 
-    def __init__(self, redis: Any, *, stream: str, group: str, consumer: str, min_idle_ms: int, count: int,
+    def __init__(self, redis: Redis, *, stream: str, group: str, consumer: str, min_idle_ms: int, count: int,
                  max_deliveries: int = MAX_DELIVERIES) -> None:
         self.redis = redis
         self.stream = stream
@@ -89,8 +91,9 @@ class Reclaimer:
 
     def _pending(self, start: str, *, size: int) -> dict[bytes, int]:
         """Our pending entries from ``start`` on: entry id -> times delivered."""
-        rows = self.redis.xpending_range(self.stream, self.group, min=start, max="+", count=size,
-                                         consumername=self.consumer)
+        rows = cast("list[dict[str, Any]] | None",  # (bytes ids: no decode_responses)
+                    self.redis.xpending_range(self.stream, self.group, min=start, max="+", count=size,
+                                              consumername=self.consumer))
         return {row["message_id"]: int(row["times_delivered"]) for row in rows or [] if row.get("message_id")}
 
     def _deleted(self, candidates: list[bytes]) -> list[bytes]:

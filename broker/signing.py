@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from redis import Redis
+
 from broker.keys import Keys
 
 SIGNATURE_FIELD = "_sig"  # the entry field next to ``payload`` that carries its signature (hex)
@@ -51,7 +53,7 @@ class SigningKey:
     second at most. Raises the connection's errors.
     """
 
-    def __init__(self, redis: Any, keys: Keys, *, monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, redis: Redis, keys: Keys, *, monotonic: Callable[[], float] = time.monotonic) -> None:
         self.redis = redis
         self.keys = keys
         self._monotonic = monotonic

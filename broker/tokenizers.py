@@ -14,7 +14,8 @@ tokenizer (GGUF files' rebuilt ones included), or ``{"kind": "bytes", "vocab_siz
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+
+from redis import Redis
 
 from broker.keys import Keys
 
@@ -24,7 +25,7 @@ def tokenizer_digest(spec: str) -> str:
     return hashlib.sha256(spec.encode("utf-8")).hexdigest()
 
 
-def publish_tokenizer(redis: Any, keys: Keys, spec: str) -> str:
+def publish_tokenizer(redis: Redis, keys: Keys, spec: str) -> str:
     """Store ``spec`` under its digest unless it is there already (no expiry); returns the digest."""
     digest = tokenizer_digest(spec)
     key = keys.tokenizer(digest)

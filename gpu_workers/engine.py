@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from broker.protocol import SamplingParams
+from gpu_workers.sampling_params import SamplingParams
 
 # A worker process whose engine raised ``broker.errors.EngineFailed`` (a tensor-parallel rank died
 # or hangs) exits with this code, having published nothing more and left its work to failover.

@@ -21,8 +21,8 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
 
+from redis import Redis
 from redis.exceptions import ResponseError
 
 from broker.cancellation import applies
@@ -81,7 +81,7 @@ class GroupState(enum.IntEnum):
 class WorkerGroup(QueueIntake, EngineSteps):
     def __init__(
         self,
-        redis: Any,
+        redis: Redis,
         engine: Engine,
         *,
         settings: Settings,

@@ -19,8 +19,6 @@ from pathlib import Path
 import torch
 
 from broker.chat import PLAIN_CHAT_TEMPLATE
-from broker.errors import InvalidRequest
-from broker.protocol import SamplingParams
 from gpu_workers.block_manager import BlockManager
 from gpu_workers.engine import EngineInfo, EngineRequest, EngineStats, Rejection, StepOutput
 from gpu_workers.hf_tokenizer import load_tokenizer
@@ -32,6 +30,7 @@ from gpu_workers.parallel.runner import LeaderRunner
 from gpu_workers.prompt_logprobs import PromptLogprobs
 from gpu_workers.rank import BLOCK_SIZE, LlamaEngineOptions, build_runner, rank_report
 from gpu_workers.sampler import sample_with_logprobs
+from gpu_workers.sampling_params import EngineRequestError, SamplingParams
 from gpu_workers.scheduler import Scheduler, SchedulerConfig
 from gpu_workers.sequence import Sequence
 from gpu_workers.structured_output import GrammarMatcher, Grammars
@@ -208,7 +207,7 @@ class LlamaEngine:
                 state.grammar = future.result()
                 assert seq is not None
                 self.scheduler.add(seq)
-            except InvalidRequest as exc:
+            except EngineRequestError as exc:
                 self._reject(request_id, "invalid_request", str(exc))
             except Exception as exc:  # the compile thread's failure is this request's alone
                 log.exception("request %s: structured output failed to compile", request_id)

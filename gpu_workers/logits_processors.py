@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from broker.protocol import SamplingParams
 from gpu_workers.engine import Tokenizer
+from gpu_workers.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True, slots=True)

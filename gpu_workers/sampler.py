@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from broker.protocol import SamplingParams
 from gpu_workers.engine import TokenLogprobs
 from gpu_workers.logits_processors import RowContext, apply_controls, is_controlled
+from gpu_workers.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from gpu_workers.structured_output import TokenBitmask

@@ -41,8 +41,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from broker.errors import InvalidRequest
 from gpu_workers.block_manager import BlockManager
+from gpu_workers.sampling_params import EngineRequestError
 from gpu_workers.sequence import Sequence, SequenceStatus
 
 _OrderKey = tuple[int, float, float, int]
@@ -105,7 +105,7 @@ class Scheduler:
     # -- queue ---------------------------------------------------------------------------------
 
     def add(self, seq: Sequence) -> None:
-        """Queue a new sequence. Raises InvalidRequest when it could never fit in the cache."""
+        """Queue a new sequence. Raises EngineRequestError when it could never fit in the cache."""
         if seq.request_id in self._seqs:
             raise ValueError(f"request {seq.request_id} is already scheduled")
         if seq.status is not SequenceStatus.WAITING or seq.block_table or seq.num_computed_tokens:
@@ -113,7 +113,7 @@ class Scheduler:
         need = seq.max_num_tokens if seq.max_num_tokens is not None else seq.num_tokens
         capacity = self.block_manager.longest_sequence(self._max_chunk(seq))
         if capacity is not None and need > capacity:
-            raise InvalidRequest(
+            raise EngineRequestError(
                 f"request {seq.request_id} may need {need} tokens of KV cache; the whole cache holds "
                 f"{capacity} of one sequence"
             )
@@ -232,7 +232,7 @@ class Scheduler:
                 return
             victim = max(self._running, key=self._order.__getitem__)
             if victim is seq and len(self._running) == 1:
-                raise InvalidRequest(
+                raise EngineRequestError(
                     f"request {seq.request_id} has outgrown the whole KV cache "
                     f"({bm.capacity_tokens} tokens); the engine must cap prompt + max tokens"
                 )

@@ -3,9 +3,10 @@ requests, publish, and let go of what is done. Part of ``WorkerGroup`` (a mixin:
 is the group's, declared below).
 
 A request ends exactly once (``_finish``/``_finish_error`` queue its final event); its queue entry
-is acknowledged only once that event is written (``_publish``). An engine that raises is never
-fatal: the request it raised on ends with error ``internal`` (gpu_workers.isolation) and the rest
-goes on.
+is acknowledged only once that event is written (``_publish``). Requests reach the engine as its
+own types (gpu_workers.engine_mapping); one it can never run (``EngineRequestError``) ends with
+``invalid_request``. An engine that raises otherwise is never fatal: the request it raised on ends
+with error ``internal`` (gpu_workers.isolation) and the rest goes on.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from broker.errors import EngineFailed
 from broker.events import choice_entry, done_event, error_event, token_event
 from broker.logs import request_extra
 from gpu_workers.engine import Engine, EngineRequest
+from gpu_workers.engine_mapping import engine_sampling
 from gpu_workers.holding import Event, Held, Holding, engine_id, split_engine_id
 from gpu_workers.isolation import Isolation
 from gpu_workers.keepalive import StepKeepalive
 from gpu_workers.load import LoadMeter
 from gpu_workers.output import ranked_choices, render_prompt_logprobs
 from gpu_workers.publisher import Publisher
+from gpu_workers.sampling_params import EngineRequestError
 from gpu_workers.telemetry import GroupTelemetry
 
 if TYPE_CHECKING:
@@ -84,7 +87,7 @@ class EngineSteps:
         deadline = request.deadline_ms / 1000 if request.deadline_ms is not None else None
         try:
             if not held.choices:
-                self.engine.add(EngineRequest(request.id, held.prompt_ids, request.sampling,
+                self.engine.add(EngineRequest(request.id, held.prompt_ids, engine_sampling(request.sampling),
                                               priority=request.priority, deadline=deadline,
                                               output_ids=list(held.output.token_ids)))
             else:
@@ -95,9 +98,15 @@ class EngineSteps:
                 for c in unfinished:
                     self.engine.add(EngineRequest(
                         engine_id(request.id, c), held.prompt_ids,
-                        request.sampling.for_choice(c, leader=c == unfinished[0]), priority=request.priority,
+                        engine_sampling(request.sampling.for_choice(c, leader=c == unfinished[0])),
+                        priority=request.priority,
                         deadline=deadline, output_ids=list(held.choices[c].token_ids),
                         shares_prefix_with=None if c == unfinished[0] else leader))
+        except EngineRequestError as exc:  # one the engine can never run (it could never fit its KV cache)
+            for engine_request_id in held.engine_ids():
+                self.engine.abort(engine_request_id)
+            self._finish_error(held, "invalid_request", str(exc))
+            return
         except Exception as exc:
             log.exception("request %s: the engine refused it", request.id)
             for engine_request_id in held.engine_ids():

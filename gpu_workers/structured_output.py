@@ -1,4 +1,4 @@
-"""Structured output in a worker group: requests' constraints (``broker.structured.StructuredOutput``)
+"""Structured output in a worker group: requests' constraints (``gpu_workers.sampling_params.StructuredSpec``)
 compiled against the model's vocabulary, and the per-step token masks that keep each constrained
 sequence inside its grammar.
 
@@ -38,9 +38,8 @@ import llguidance.numpy as llg_np  # (llguidance.torch would import torch.compil
 import numpy as np
 import torch
 
-from broker.errors import InvalidRequest
-from broker.structured import StructuredOutput
 from gpu_workers.engine import Tokenizer
+from gpu_workers.sampling_params import EngineRequestError, StructuredSpec
 from gpu_workers.tokenizer import ByteTokenizer
 
 if TYPE_CHECKING:
@@ -95,9 +94,9 @@ class Grammars:
         self._cache: OrderedDict[tuple[str, str], llg.LLMatcher] = OrderedDict()  # pristine matchers, LRU
         self._executor: llg.LLExecutor | None = None
 
-    def start(self, structured: StructuredOutput, *, output_ids: Sequence[int] = ()) -> Future[llg.LLMatcher]:
+    def start(self, structured: StructuredSpec, *, output_ids: Sequence[int] = ()) -> Future[llg.LLMatcher]:
         """A matcher for ``structured``, advanced over ``output_ids`` (tokens generated before a
-        move), compiled on the compile thread. The future raises ``InvalidRequest`` (naming the
+        move), compiled on the compile thread. The future raises ``EngineRequestError`` (naming the
         request field) when the spec does not compile or the tokens do not match it."""
         return self._compile_pool.submit(self._matcher, structured, tuple(output_ids))
 
@@ -117,7 +116,7 @@ class Grammars:
 
     # --- on the compile thread ----------------------------------------------------------------------
 
-    def _matcher(self, structured: StructuredOutput, output_ids: tuple[int, ...]) -> llg.LLMatcher:
+    def _matcher(self, structured: StructuredSpec, output_ids: tuple[int, ...]) -> llg.LLMatcher:
         key = (structured.kind, structured.spec)
         pristine = self._cache.get(key)
         if pristine is None:
@@ -126,10 +125,10 @@ class Grammars:
             try:
                 grammar = grammar_of(structured)
             except ValueError as exc:
-                raise InvalidRequest(f"field {structured.field!r}: {exc}") from None
+                raise EngineRequestError(f"field {structured.field!r}: {exc}") from None
             pristine = llg.LLMatcher(self._index, grammar, log_level=0)
             if pristine.is_error():
-                raise InvalidRequest(f"field {structured.field!r}: {_message(pristine.get_error())}")
+                raise EngineRequestError(f"field {structured.field!r}: {_message(pristine.get_error())}")
             self._cache[key] = pristine
             while len(self._cache) > CACHE_ENTRIES:
                 self._cache.popitem(last=False)
@@ -137,12 +136,12 @@ class Grammars:
             self._cache.move_to_end(key)
         matcher = pristine.deep_copy()
         if output_ids and not matcher.consume_tokens(list(output_ids)):
-            raise InvalidRequest(f"field {structured.field!r}: the tokens generated before the request moved to "
+            raise EngineRequestError(f"field {structured.field!r}: the tokens generated before the request moved to "
                                  f"this group do not match it ({_message(matcher.get_error())})")
         return matcher
 
 
-def grammar_of(structured: StructuredOutput) -> str:
+def grammar_of(structured: StructuredSpec) -> str:
     """``structured`` as an llguidance grammar. ValueError for a grammar whose dialect cannot be read."""
     kind, spec = structured.kind, structured.spec
     if kind == "json":
@@ -189,4 +188,4 @@ def token_index(tokenizer: Tokenizer, *, vocab_size: int, eos_token_ids: Sequenc
     if isinstance(tokenizer, ByteTokenizer):
         return llg.LLTokenizer(llg.TokenizerWrapper(_ByteVocabulary(tokenizer, vocab_size, eos)), n_vocab=vocab_size,
                                eos_token=eos or None)
-    raise InvalidRequest(f"structured output is not supported for this model's tokenizer ({type(tokenizer).__name__})")
+    raise EngineRequestError(f"structured output is not supported for this model's tokenizer ({type(tokenizer).__name__})")

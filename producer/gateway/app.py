@@ -1,6 +1,7 @@
-"""The OpenAI-compatible HTTP gateway: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``,
-``/health``, ``/version``, ``/metrics`` (producer.gateway.extras, with ``--api-key``), ``/tokenize`` and
-``/detokenize`` (producer.gateway.tokenize), on Starlette.
+"""The OpenAI-compatible HTTP gateway on Starlette: its state and lifecycle, the routes table, and the
+routes that read the registry: ``/v1/models``, ``/health``, ``/tokenize`` and ``/detokenize``
+(bodies: producer.gateway.tokenize); ``/version`` and ``/metrics`` are producer.gateway.extras' (with
+``--api-key``), ``/v1/completions`` and ``/v1/chat/completions`` producer.gateway.generate's.
 
 Every request becomes one ryzanstein request on the ingress stream, sent through one ``AsyncClient``
 (all replies on one shared stream, read by one task). Streaming responses are server-sent events in
@@ -17,14 +18,13 @@ HTTP error rather than a stream that fails.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any
 
+from redis.asyncio import Redis as AsyncRedis
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -33,41 +33,25 @@ from starlette.routing import Route
 
 from broker.chat import template_text
 from broker.connection import TRANSIENT_ERRORS, connect_async
-from broker.errors import InvalidRequest, RequestFailed, RyzansteinError
+from broker.errors import InvalidRequest, RyzansteinError
 from broker.keys import Keys
 from broker.path_health import judge, read_path_async
 from broker.registry import GroupStatus, served_names
 from broker.settings import Settings
-from broker.validation import parse_request
 from producer.async_client import AsyncClient
 from producer.chat_template import ChatTemplate, TemplateSource, normalize_messages
-from producer.client import Completion, Event, Handle
 from producer.gateway.config import GatewayConfig
 from producer.gateway.errors import ApiError
 from producer.gateway.extras import ApiKeys, HttpMetrics, gateway_registry, metrics_endpoint, version_endpoint
+from producer.gateway.generate import Generating
 from producer.gateway.groups import LiveGroups
-from producer.gateway.schema import (
-    SSE_DONE,
-    Generation,
-    Responder,
-    parse_chat,
-    parse_completion,
-    parse_json,
-    sse,
-    vllm_prompt_logprobs,
-)
-from producer.gateway.streams import Disconnect, Disconnected, EventStream, StreamState
+from producer.gateway.schema import parse_json
 from producer.gateway.tokenize import DetokenizeBody, TokenizeBody, TokenizerCache, parse_body
-from producer.request import request_fields
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-# How much longer than a request's server-side deadline the gateway waits for its final event.
-WAIT_GRACE_S = 10.0
 
 
-class Gateway:
+class Gateway(Generating):
     """The application state: one AsyncClient, the registry view, the chat templates, the admission count."""
 
     def __init__(self, settings: Settings, url: str, config: GatewayConfig) -> None:
@@ -80,7 +64,7 @@ class Gateway:
         self.started = int(time.time())
         self.in_flight = 0
         self._client: AsyncClient | None = None
-        self._redis: Any = None
+        self._redis: AsyncRedis | None = None
         self._groups: LiveGroups | None = None
         self._drains: set[asyncio.Task[None]] = set()
 
@@ -109,13 +93,18 @@ class Gateway:
         assert self._groups is not None, "the gateway is not started"
         return self._groups
 
+    @property
+    def redis(self) -> AsyncRedis:
+        assert self._redis is not None, "the gateway is not started"
+        return self._redis
+
     # --- routes -------------------------------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
         """200 while the path works (a balancer reads the ingress stream, a group serves), else 503
         with the reason (broker.path_health)."""
         try:
-            view = await read_path_async(self._redis, self.keys, dead_after_s=self.settings.dead_after_s)
+            view = await read_path_async(self.redis, self.keys, dead_after_s=self.settings.dead_after_s)
         except TRANSIENT_ERRORS as exc:
             return JSONResponse({"status": "unavailable", "reason": f"Redis is unreachable: {exc}"}, 503)
         health = judge(view, balancer_dead_after_s=self.settings.balancer_dead_after_s)
@@ -152,7 +141,7 @@ class Gateway:
                     text = (await self._chat_template(body.model)).render(messages)
                 except InvalidRequest as exc:
                     raise ApiError.from_code(exc.code, str(exc)) from None
-            tokenizer = await self.tokenizers.for_group(self._redis, self.keys, group)
+            tokenizer = await self.tokenizers.for_group(self.redis, self.keys, group)
             tokens = tokenizer.encode(text or "", add_special_tokens=body.add_special_tokens)
             return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": group.max_context})
         except InvalidRequest as exc:
@@ -170,7 +159,7 @@ class Gateway:
             if bad := [t for t in body.tokens if not 0 <= t < group.vocab_size]:
                 raise ApiError("invalid_request", f"field 'tokens': token id {bad[0]} is outside the vocabulary "
                                                   f"(size {group.vocab_size})", "tokens")
-            tokenizer = await self.tokenizers.for_group(self._redis, self.keys, group)
+            tokenizer = await self.tokenizers.for_group(self.redis, self.keys, group)
             return JSONResponse({"prompt": tokenizer.decode(body.tokens)})
         except ApiError as exc:
             return exc.response()
@@ -186,13 +175,7 @@ class Gateway:
             raise ApiError("unavailable", f"no live worker group serves model {model!r}")
         return group
 
-    async def completions(self, request: Request) -> Response:
-        return await self._generate(request, "completion")
-
-    async def chat_completions(self, request: Request) -> Response:
-        return await self._generate(request, "chat")
-
-    # --- generation ---------------------------------------------------------------------------
+    # --- models ---------------------------------------------------------------------------------
 
     def _model_card(self, model: str, groups: list[GroupStatus]) -> dict[str, Any]:
         """OpenAI's model object, with vLLM's ``max_model_len``: the longest context (prompt +
@@ -211,33 +194,6 @@ class Gateway:
             raise ApiError("unavailable", "no live worker group")
         raise ApiError("model_not_found", f"model {requested!r} is not served here; served: {served}", "model")
 
-    async def _prepare(self, request: Request, kind: str) -> Generation:
-        """The validated request, its model resolved and its chat prompt rendered; ApiError otherwise."""
-        body = parse_json(await request.body())
-        if kind == "completion":
-            gen = parse_completion(body)
-        else:
-            gen = parse_chat(body, default_max_tokens=self.config.chat_max_tokens)
-        try:
-            served = await self.groups.models()
-        except TRANSIENT_ERRORS as exc:
-            raise ApiError("unavailable", f"Redis is unreachable: {exc}") from None
-        gen.model = self._resolve_model(gen.model, served)
-        gen.options["model"] = gen.model  # the balancer routes by it
-        if kind == "chat":
-            template = await self._chat_template(gen.model)
-            try:
-                gen.prompt = template.render(gen.messages)
-            except InvalidRequest as exc:
-                raise ApiError.from_code(exc.code, str(exc)) from None
-        if gen.echo and gen.prompt_ids is not None:  # the echoed text of token ids, as the groups decode them
-            tokenizer = await self.tokenizers.for_group(self._redis, self.keys, await self._group_of(gen.model))
-            gen.echo_text = tokenizer.decode(gen.prompt_ids)
-        deadline = gen.options.get("timeout_s")
-        limit = self.config.request_timeout_s
-        gen.options["timeout_s"] = limit if deadline is None else min(deadline, limit)
-        return gen
-
     async def _chat_template(self, model: str) -> ChatTemplate:
         """The template of ``model``: --chat-template's, else the one its groups publish (read from
         Redis once per digest); ApiError when the model has none or Redis lacks it."""
@@ -248,215 +204,12 @@ class Gateway:
         if cached is not None:
             return cached
         try:
-            raw = await self._redis.get(self.keys.chat_template(group.chat_template)) if group.chat_template else None
+            raw = await self.redis.get(self.keys.chat_template(group.chat_template)) if group.chat_template else None
             return self.templates.for_group(group, lambda digest: template_text(raw, digest))
         except TRANSIENT_ERRORS as exc:
             raise ApiError("unavailable", f"Redis is unreachable: {exc}") from None
         except RyzansteinError as exc:
             raise ApiError.from_code(exc.code, str(exc)) from None
-
-    def _check_fields(self, gen: Generation, request_id: str) -> None:
-        """Run the balancer's validation here, so that a bad request is a 400 at once."""
-        try:
-            fields = request_fields(gen.prompt, request_id=request_id, prompt_ids=gen.prompt_ids,
-                                    stream=gen.stream, **gen.options)
-            parse_request(fields, entry_id="0-0", prefix=self.keys.prefix,
-                          max_request_bytes=self.settings.max_request_bytes,
-                          default_max_tokens=self.settings.default_max_tokens)
-        except InvalidRequest as exc:
-            raise ApiError.from_code(exc.code, str(exc)) from None
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise ApiError("invalid_request", f"request could not be built: {exc}") from None
-
-    async def _generate(self, request: Request, kind: str) -> Response:
-        request_id = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
-        headers = {"x-request-id": request_id}
-        admitted = False
-        try:
-            gen = await self._prepare(request, kind)
-            self._check_fields(gen, request_id)
-            if self.in_flight >= self.config.max_concurrency:
-                raise ApiError("overloaded", f"the gateway has {self.in_flight} requests in flight, its limit "
-                                             f"(--max-concurrency {self.config.max_concurrency}); retry later")
-            self.in_flight += 1
-            admitted = True
-            responder = Responder(kind, request_id, int(time.time()), gen.model)  # type: ignore[arg-type]
-            handle = await self.client.submit(gen.prompt, request_id=request_id, prompt_ids=gen.prompt_ids,
-                                              stream=gen.stream, **gen.options)
-            wait_s = float(gen.options["timeout_s"] or self.config.request_timeout_s) + WAIT_GRACE_S
-            if gen.stream:
-                response = await self._start_stream(request, gen, responder, handle, wait_s, headers)
-                admitted = False  # the stream releases its slot when it ends
-                return response
-            return await self._complete(request, gen, responder, handle, wait_s, headers)
-        except ApiError as exc:
-            if exc.status >= 500:
-                log.warning("request %s: %s: %s", request_id, exc.code, exc.message)
-            return exc.response(headers)
-        except Disconnected:
-            return Response(status_code=499, headers=headers)  # nginx's "client closed request"; no one reads it
-        except TRANSIENT_ERRORS as exc:
-            return ApiError("unavailable", f"Redis is unreachable: {exc}").response(headers)
-        except Exception:
-            log.exception("request %s failed", request_id)
-            return ApiError("internal", "internal error in the gateway").response(headers)
-        finally:
-            if admitted:
-                self.in_flight -= 1
-
-    async def _race(self, awaitable: Awaitable[T], disconnect: Disconnect) -> T:
-        """``awaitable``'s result, or Disconnected if the client goes away first."""
-        task = asyncio.ensure_future(awaitable)
-        try:
-            await asyncio.wait({task, disconnect.task}, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:
-            task.cancel()
-            raise
-        if task.done():
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-        raise Disconnected()
-
-    async def _complete(self, request: Request, gen: Generation, responder: Responder, handle: Handle,
-                        wait_s: float, headers: dict[str, str]) -> Response:
-        disconnect = Disconnect(request.receive)
-        try:
-            # the gateway cancels and drains what it abandons itself (_abandon)
-            done = await self._race(self.client.result(handle, timeout=wait_s, cancel_abandoned=False), disconnect)
-        except Disconnected:
-            await self._abandon(handle, "the client went away")
-            raise
-        except RequestFailed as exc:
-            raise ApiError.from_code(exc.code, exc.message) from None
-        except TimeoutError:
-            await self._abandon(handle, "no final event in time")
-            raise ApiError("timeout", f"no result within {wait_s:g}s") from None
-        finally:
-            disconnect.close()
-        return JSONResponse(responder.full(done, echo=gen.echo_text if gen.echo else None,
-                                          prompt_entries=done.prompt_logprobs, prompt_logprobs=gen.prompt_logprobs),
-                            headers=headers)
-
-    async def _start_stream(self, request: Request, gen: Generation, responder: Responder, handle: Handle,
-                            wait_s: float, headers: dict[str, str]) -> Response:
-        events = aiter(self.client.events(handle, timeout=wait_s))
-        disconnect = Disconnect(request.receive)
-        try:
-            first = await self._race(anext(events), disconnect)
-        except Disconnected:
-            disconnect.close()
-            await self._abandon(handle, "the client went away")
-            raise
-        except TimeoutError:
-            disconnect.close()
-            await self._abandon(handle, "no event in time")
-            raise ApiError("timeout", f"no result within {wait_s:g}s") from None
-        except BaseException:
-            disconnect.close()
-            raise
-        if first.kind == "error":
-            disconnect.close()
-            raise ApiError.from_code(first.fields.get("code", "internal"), first.fields.get("message", ""))
-        state = StreamState(handle, disconnect)
-        body = self._stream(gen, responder, events, first, state)
-        return EventStream(body, on_close=lambda: self._end_stream(state),
-                            headers={**headers, "cache-control": "no-cache"})
-
-    async def _stream(self, gen: Generation, responder: Responder, events: AsyncIterator[Event], first: Event,
-                      state: StreamState) -> AsyncIterator[bytes]:
-        """The SSE body: chunks until the final event, or until the client goes away. With n > 1
-        each token event's ``choice`` is its chunk's ``index``, and a completion's finish reason goes
-        out as soon as its last token event says it (the rest at the done event)."""
-        usage_field = gen.include_usage
-        for index in range(gen.n):
-            if gen.kind == "chat":
-                yield sse(responder.chunk("", first=True, with_usage_field=usage_field, index=index))
-            elif gen.echo:
-                yield sse(responder.chunk(gen.echo_text, with_usage_field=usage_field, index=index))
-        sent: dict[int, list[str]] = {}
-        ended: set[int] = set()
-        wants_logprobs = bool(gen.options.get("logprobs"))
-        offsets: dict[int, int] = {}  # text offset of each choice's next token (completions' logprobs.text_offset)
-        event = first
-        while True:
-            if event.kind == "token":
-                index = event.choice
-                texts = sent.setdefault(index, [])
-                entry = event.logprobs if wants_logprobs else None
-                if entry is not None:  # a chunk per token, each with its logprobs, text or not
-                    texts.append(event.text)
-                    yield sse(responder.chunk(event.text, with_usage_field=usage_field, index=index,
-                                              logprobs=responder.logprobs([entry], text_offset=offsets.get(index, 0))))
-                    offsets[index] = offsets.get(index, 0) + len(entry["text"])
-                elif event.text:
-                    texts.append(event.text)
-                    yield sse(responder.chunk(event.text, with_usage_field=usage_field, index=index))
-                reason = event.fields.get("finish_reason")
-                if reason is not None and not (gen.prompt_logprobs and index == 0):  # (those end with the done)
-                    ended.add(index)
-                    yield sse(responder.chunk(None if gen.kind == "chat" else "", finish_reason=reason,
-                                              with_usage_field=usage_field, index=index))
-            elif event.kind == "done":
-                state.finished = True
-                done = Completion.from_event(event)
-                for choice in done.all_choices():
-                    if choice.index in ended:
-                        continue
-                    joined = "".join(sent.get(choice.index, []))
-                    # The deltas joined equal the done text (PROTOCOL.md); should they not, send the rest.
-                    rest = choice.text[len(joined):] if choice.text.startswith(joined) else ""
-                    extra: dict[str, Any] = {}
-                    if gen.prompt_logprobs and choice.index == 0:  # known only now (vLLM sends them first)
-                        extra["prompt_logprobs"] = vllm_prompt_logprobs(done.prompt_logprobs)
-                    yield sse(responder.chunk(rest or None if gen.kind == "chat" else rest,
-                                              finish_reason=choice.finish_reason, with_usage_field=usage_field,
-                                              index=choice.index, **extra))
-                if gen.include_usage:
-                    yield sse(responder.usage_chunk(done))
-                yield SSE_DONE
-                return
-            elif event.kind == "error":
-                state.finished = True
-                error = ApiError.from_code(event.fields.get("code", "internal"), event.fields.get("message", ""))
-                yield sse(error.body())
-                return
-            try:
-                event = await self._race(anext(events), state.disconnect)
-            except Disconnected:
-                return
-            except TimeoutError:
-                yield sse(ApiError("timeout", "no further event in time").body())
-                return
-
-    async def _end_stream(self, state: StreamState) -> None:
-        """Runs once per stream however it ended: frees the slot, cancels an unfinished request."""
-        state.disconnect.close()
-        self.in_flight -= 1
-        if not state.finished:
-            await self._abandon(state.handle, "the stream ended before the request did")
-
-    async def _abandon(self, handle: Handle, why: str) -> None:
-        """Cancel a request whose response no one will read, and take its final event off the client."""
-        log.info("request %s: %s; cancelling it", handle.id, why)
-        try:
-            await self.client.cancel(handle)
-        except TRANSIENT_ERRORS as exc:
-            log.warning("request %s: cancel not sent: %s", handle.id, exc)
-        task = asyncio.get_running_loop().create_task(self._drain(handle))
-        self._drains.add(task)
-        task.add_done_callback(self._drains.discard)
-
-    async def _drain(self, handle: Handle) -> None:
-        # The shared-stream client holds a request's events until someone reads the final one.
-        try:
-            done = await self.client.result(handle, timeout=self.config.request_timeout_s + WAIT_GRACE_S)
-            log.info("request %s ended %s after it was abandoned", handle.id, done.finish_reason)
-        except RequestFailed as exc:
-            log.info("request %s ended with error %s after it was abandoned", handle.id, exc.code)
-        except (TimeoutError, asyncio.CancelledError, Exception) as exc:  # noqa: BLE001 - nothing to report to
-            log.debug("request %s: no final event read after it was abandoned (%r)", handle.id, exc)
 
 
 def create_app(settings: Settings, url: str, config: GatewayConfig | None = None) -> Starlette:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+
+from redis.asyncio import Redis as AsyncRedis
 
 from broker.keys import Keys
 from broker.registry import GroupStatus, read_groups_async, served_names
@@ -17,7 +18,7 @@ from broker.registry import GroupStatus, read_groups_async, served_names
 class LiveGroups:
     """The routable groups (alive, not draining), re-read when older than ``max_age_s``."""
 
-    def __init__(self, redis: Any, keys: Keys, *, dead_after_s: float, max_age_s: float = 0.5,
+    def __init__(self, redis: AsyncRedis, keys: Keys, *, dead_after_s: float, max_age_s: float = 0.5,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._redis = redis
         self._keys = keys

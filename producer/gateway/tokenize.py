@@ -14,8 +14,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+from redis.asyncio import Redis as AsyncRedis
 
 from broker.errors import RyzansteinError
+from broker.keys import Keys
 from broker.registry import GroupStatus
 from broker.tokenizers import tokenizer_text
 from producer.gateway.errors import ApiError
@@ -55,7 +57,7 @@ class TokenizerCache:
     def __init__(self) -> None:
         self._by_digest: dict[str, Tokenizer] = {}
 
-    async def for_group(self, redis: Any, keys: Any, group: GroupStatus) -> Tokenizer:
+    async def for_group(self, redis: AsyncRedis, keys: Keys, group: GroupStatus) -> Tokenizer:
         """The tokenizer ``group`` publishes; ApiError when it publishes none or Redis lacks it."""
         digest = group.tokenizer
         if not digest:

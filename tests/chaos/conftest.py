@@ -29,6 +29,7 @@ from broker.protocol import SamplingParams
 from broker.registry import GroupStatus, read_groups
 from gpu_workers.echo import EchoEngine
 from gpu_workers.engine import EngineRequest
+from gpu_workers.engine_mapping import engine_sampling
 from gpu_workers.output import OutputState
 from tests.integration.conftest import Procs, wait_for
 
@@ -64,7 +65,7 @@ def healthy(job: Job) -> dict[str, Any]:
     sampling = SamplingParams(max_tokens=job.max_tokens, stop=job.stop, temperature=0.0)
     out = OutputState(sampling=sampling, prompt_ids=prompt_ids, tokenizer=engine.tokenizer,
                       eos_token_ids=engine.info.eos_token_ids, max_context=engine.info.max_context)
-    engine.add(EngineRequest(job.id, prompt_ids, sampling))
+    engine.add(EngineRequest(job.id, prompt_ids, engine_sampling(sampling)))
     while out.finish_reason is None:
         (step,) = engine.step()
         out.push(step.token_id, engine_finish=step.finish_reason)

@@ -14,6 +14,7 @@ import pytest
 
 from broker.protocol import SamplingParams
 from gpu_workers.engine import EXIT_ENGINE_FAILED, EngineRequest
+from gpu_workers.engine_mapping import engine_sampling
 from gpu_workers.llm_engine import LlamaEngine, LlamaEngineOptions
 from gpu_workers.output import OutputState
 from tests.chaos.conftest import Chaos, Job, check_stream, redis_ms, state, submit, workload
@@ -36,7 +37,7 @@ def healthy(model_dir: Path, jobs: list[Job]) -> dict[str, dict[str, object]]:
         sampling = SamplingParams(max_tokens=job.max_tokens, stop=job.stop, temperature=0.0)
         outputs[job.id] = OutputState(sampling=sampling, prompt_ids=ids, tokenizer=engine.tokenizer,
                                       eos_token_ids=engine.info.eos_token_ids, max_context=engine.info.max_context)
-        engine.add(EngineRequest(job.id, ids, sampling))
+        engine.add(EngineRequest(job.id, ids, engine_sampling(sampling)))
     while engine.has_work():
         for step in engine.step():
             out = outputs[step.request_id]

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from broker.protocol import SamplingParams
 from gpu_workers.engine import EngineRequest
+from gpu_workers.engine_mapping import engine_sampling
 from gpu_workers.llm_engine import BLOCK_SIZE
 from tests.gpu_workers.reference import save_hf_model
 from tests.gpu_workers.test_llm_engine import engine_for, generate, prompts_of
@@ -24,7 +25,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def choice_requests(prompt: list[int], sampling: SamplingParams, n: int) -> list[EngineRequest]:
     """What a worker group adds for a request with ``n`` completions (gpu_workers.group._start)."""
-    return [EngineRequest(f"r#{c}", prompt, sampling.for_choice(c, leader=c == 0),
+    return [EngineRequest(f"r#{c}", prompt, engine_sampling(sampling.for_choice(c, leader=c == 0)),
                           shares_prefix_with=None if c == 0 else "r#0") for c in range(n)]
 
 
@@ -55,7 +56,7 @@ def test_completions_share_the_prompt_blocks_and_each_is_reproducible(model_dir:
     for c in range(4):
         alone = engine_for(model_dir)
         single = SamplingParams(max_tokens=6, temperature=0.9, seed=1234 + c)
-        assert generate(alone, [EngineRequest("x", prompt, single)])["x"] == outputs[f"r#{c}"]
+        assert generate(alone, [EngineRequest("x", prompt, engine_sampling(single))])["x"] == outputs[f"r#{c}"]
 
 
 def test_aborting_the_first_completion_starts_the_others(model_dir: Path) -> None:
@@ -73,9 +74,9 @@ def test_prompt_logprobs_equal_transformers_log_softmax_across_chunks_and_cache(
     prompt = prompts_of([3 * BLOCK_SIZE + 5], seed=3)[0]
     # small steps: the prompt is prefilled in several chunks
     engine = engine_for(model_dir, max_num_seqs=4, max_num_batched_tokens=16)
-    generate(engine, [EngineRequest("warm", prompt, SamplingParams(max_tokens=1, temperature=0.0))])
+    generate(engine, [EngineRequest("warm", prompt, engine_sampling(SamplingParams(max_tokens=1, temperature=0.0)))])
     before = engine.stats().prefix_cache_hits
-    engine.add(EngineRequest("p", prompt, SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=3)))
+    engine.add(EngineRequest("p", prompt, engine_sampling(SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=3))))
     steps = []
     while engine.has_work():
         steps += engine.step()

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from broker.protocol import SamplingParams
 from gpu_workers.echo import EchoEngine
 from gpu_workers.engine import EngineRequest, StepOutput
+from gpu_workers.sampling_params import SamplingParams
 
 
 def request(rid: str, prompt: list[int], **kwargs: object) -> EngineRequest:

@@ -4,6 +4,7 @@ frequency/presence by OpenAI's formula), and ``ignore_eos`` runs through EOS to 
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from pathlib import Path
 
@@ -19,8 +20,8 @@ from transformers import (
     SequenceBiasLogitsProcessor,
 )
 
-from broker.protocol import SamplingParams
 from gpu_workers.engine import EngineRequest
+from gpu_workers.sampling_params import SamplingParams
 from tests.gpu_workers.reference import MIN_MARGIN, hf_greedy, save_hf_model
 from tests.gpu_workers.test_llm_engine import engine_for, generate, prompts_of
 
@@ -84,7 +85,7 @@ def test_each_control_matches_transformers_in_one_batch(model_dir: Path) -> None
         assert margin >= MIN_MARGIN, f"{name}: reference has a near-tie ({margin:.2e})"
         assert tokens != plain, f"{name}: the control changes nothing on this prompt"
         expected[name] = tokens
-        requests.append(EngineRequest(name, prompt, params.model_copy(update={"max_tokens": NEW, "temperature": 0.0})))
+        requests.append(EngineRequest(name, prompt, dataclasses.replace(params, max_tokens=NEW, temperature=0.0)))
     requests.append(EngineRequest("plain", prompt, SamplingParams(max_tokens=NEW, temperature=0.0)))
     out = generate(engine_for(model_dir), requests)
     assert out.pop("plain") == plain

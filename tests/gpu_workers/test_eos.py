@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from broker.protocol import SamplingParams
 from gpu_workers.engine import EngineRequest
+from gpu_workers.engine_mapping import engine_sampling
 from gpu_workers.output import OutputState
 from tests.gpu_workers.test_llm_engine import engine_for, generate
 from tests.integration.test_chat_registry import MESSAGES, chat_model
@@ -47,7 +48,8 @@ def test_the_tokenizers_end_of_turn_stops_a_model_whose_generation_config_names_
 
     engine = engine_for(model)
     assert turn_end in engine.info.eos_token_ids
-    [ours] = generate(engine, [EngineRequest("r", prompt, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))]).values()
+    sampling = engine_sampling(SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
+    [ours] = generate(engine, [EngineRequest("r", prompt, sampling)]).values()
     assert ours == chat_usage  # ends at the turn's end, inventing no further turn
 
 

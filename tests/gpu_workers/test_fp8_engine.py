@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from broker.protocol import SamplingParams
 from gpu_workers.engine import EngineRequest
 from gpu_workers.model import fp8_kernels
 from gpu_workers.model_runner import Chunk, ModelRunner
+from gpu_workers.sampling_params import SamplingParams
 from tests.gpu_workers.model.hf_models import build, save
 from tests.gpu_workers.model.test_tensor_parallel import ranks_match_one_rank
 from tests.gpu_workers.reference import save_hf_model

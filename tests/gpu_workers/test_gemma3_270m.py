@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.protocol import SamplingParams
 from gpu_workers.model.presets import default_cache_dir
+from gpu_workers.sampling_params import SamplingParams
 from tests.gpu_workers.reference import MIN_MARGIN, hf_greedy
 from tests.gpu_workers.test_llm_engine import engine_for, generate, greedy_requests
 

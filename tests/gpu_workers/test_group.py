@@ -18,6 +18,7 @@ from broker.settings import Settings
 from broker.validation import parse_request
 from gpu_workers.echo import EchoEngine
 from gpu_workers.group import CONSUMER, GroupState, WorkerGroup
+from gpu_workers.sampling_params import EngineRequestError
 from tests.gpu_workers.helpers import (
     FakeClock,
     FakeMonotonic,
@@ -575,11 +576,14 @@ def test_cancel_and_deadline_end_queued_requests_at_once(
 
 
 class PoisonEngine(EchoEngine):
-    """Echo, except that a step fails while a prompt byte '!' is the next token, and add() fails for '#'."""
+    """Echo, except that a step fails while a prompt byte '!' is the next token, add() fails for '#',
+    and add() refuses '%' as a request it can never run."""
 
     def add(self, request: Any) -> None:
         if 35 in request.prompt_ids:
             raise RuntimeError("cannot add")
+        if 37 in request.prompt_ids:
+            raise EngineRequestError(f"request {request.request_id} may need 9999 tokens of KV cache")
         super().add(request)
 
     def step(self) -> list[Any]:
@@ -608,6 +612,21 @@ def test_a_request_that_breaks_the_engine_ends_alone_with_internal(
     enqueue(r, keys, "g1", make_request(keys, "after", "still here"))
     run_until(group.tick, finished(r, keys.result("after")))
     assert_one_clean_completion(events(r, keys.result("after")), text="still here")
+
+
+def test_a_request_the_engine_can_never_run_ends_alone_with_invalid_request(
+        r: redis.Redis, keys: Keys, make_group: MakeGroup) -> None:
+    group = make_group("g1", engine=PoisonEngine())
+    prompts = {"ok1": "fine request", "huge": "needs 100% of it", "ok2": "z"}
+    for rid, prompt in prompts.items():
+        enqueue(r, keys, "g1", make_request(keys, rid, prompt))
+    run_until(group.tick, finished(r, *(keys.result(x) for x in prompts)), limit=400)
+    for rid in ("ok1", "ok2"):
+        assert_one_clean_completion(events(r, keys.result(rid)), text=prompts[rid])
+    final = assert_one_clean_completion(events(r, keys.result("huge")))
+    assert (final["event"], final["code"]) == ("error", "invalid_request")
+    assert "9999 tokens of KV cache" in final["message"]
+    assert not group.engine.has_work()
 
 
 # --- failed over while alive, stopping now --------------------------------------------------------------

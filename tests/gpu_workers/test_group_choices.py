@@ -18,6 +18,7 @@ from broker.scripts import Scripts, claim_result, pack_events
 from broker.settings import Settings
 from gpu_workers.echo import EchoEngine
 from gpu_workers.engine import EngineRequest
+from gpu_workers.engine_mapping import engine_sampling
 from gpu_workers.group import WorkerGroup
 from gpu_workers.output import OutputState
 from gpu_workers.tokenizer import ByteTokenizer
@@ -160,7 +161,7 @@ def test_best_of_returns_the_n_completions_with_the_highest_cumulative_logprob(
     candidates = []
     for c in range(4):
         engine = engine_for(model_dir)
-        engine.add(EngineRequest("x", [5, 17, 99, 3, 42], req.sampling.for_choice(c)))
+        engine.add(EngineRequest("x", [5, 17, 99, 3, 42], engine_sampling(req.sampling.for_choice(c))))
         steps = [o for _ in range(5) for o in engine.step()]
         candidates.append(([o.token_id for o in steps], sum(o.logprobs.logprob for o in steps)))
     best = sorted(candidates, key=lambda t: t[1], reverse=True)[:2]

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from broker.protocol import SamplingParams
 from gpu_workers.block_manager import KVCacheGroups
 from gpu_workers.engine import EngineRequest
 from gpu_workers.llm_engine import LlamaEngine, LlamaEngineOptions
+from gpu_workers.sampling_params import SamplingParams
 from tests.gpu_workers.reference import MIN_MARGIN, Reference, hf_greedy, save_hf_model
 
 NEW_TOKENS = 24

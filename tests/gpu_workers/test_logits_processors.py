@@ -18,9 +18,9 @@ from transformers import (
     TemperatureLogitsWarper,
 )
 
-from broker.protocol import SamplingParams
 from gpu_workers.logits_processors import RowContext, apply_controls, bad_words_token_ids, is_controlled
 from gpu_workers.sampler import sample
+from gpu_workers.sampling_params import SamplingParams
 from tests.gpu_workers.tokenizer_fixtures import backend, byte_level_json
 
 VOCAB = 64

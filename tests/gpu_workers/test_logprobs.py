@@ -10,11 +10,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from broker.protocol import SamplingParams
+from broker import protocol
 from gpu_workers.engine import EngineRequest, TokenLogprobs
 from gpu_workers.logits_processors import RowContext
 from gpu_workers.output import OutputState
 from gpu_workers.sampler import sample, sample_with_logprobs
+from gpu_workers.sampling_params import SamplingParams
 from gpu_workers.tokenizer import ByteTokenizer
 from tests.gpu_workers.reference import save_hf_model
 from tests.gpu_workers.test_llm_engine import engine_for, prompts_of
@@ -93,14 +94,14 @@ def test_logprobs_are_taken_after_the_controls() -> None:
 
 
 def test_output_state_renders_token_texts_and_keeps_one_entry_per_token() -> None:
-    state = OutputState(sampling=SamplingParams(logprobs=True, top_logprobs=2), prompt_ids=[1],
+    state = OutputState(sampling=protocol.SamplingParams(logprobs=True, top_logprobs=2), prompt_ids=[1],
                         tokenizer=ByteTokenizer(), eos_token_ids=frozenset(), max_context=100)
     first = state.push(ord("h"), logprobs=TokenLogprobs(-0.5, ((ord("h"), -0.5), (ord("j"), -1.25))))
     state.push(ord("i"))  # replayed from another group: no logprobs known
     assert first.logprobs == {"token_id": 104, "text": "h", "logprob": -0.5, "top_logprobs": [
         {"token_id": 104, "text": "h", "logprob": -0.5}, {"token_id": 106, "text": "j", "logprob": -1.25}]}
     assert state.logprobs == [first.logprobs, None]
-    plain = OutputState(sampling=SamplingParams(), prompt_ids=[1], tokenizer=ByteTokenizer(),
+    plain = OutputState(sampling=protocol.SamplingParams(), prompt_ids=[1], tokenizer=ByteTokenizer(),
                         eos_token_ids=frozenset(), max_context=100)
     assert plain.push(5, logprobs=TokenLogprobs(0.0)).logprobs is None and plain.logprobs is None
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.protocol import SamplingParams
 from gpu_workers.engine import EngineRequest
+from gpu_workers.sampling_params import SamplingParams
 from tests.gpu_workers.test_llm_engine import engine_for, generate
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)

@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 import torch
 
-from broker.protocol import SamplingParams
 from gpu_workers.sampler import sample
+from gpu_workers.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
 NEG_INF = float("-inf")

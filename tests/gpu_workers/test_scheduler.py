@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.errors import InvalidRequest
 from gpu_workers.block_manager import BlockManager
+from gpu_workers.sampling_params import EngineRequestError
 from gpu_workers.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from gpu_workers.sequence import Sequence, SequenceStatus
 
@@ -316,9 +316,9 @@ def test_finish_unknown_raises() -> None:
 
 def test_add_refuses_what_could_never_fit_and_duplicates() -> None:
     s = sched(num_blocks=2)  # 8 tokens
-    with pytest.raises(InvalidRequest, match="whole cache holds 8"):
+    with pytest.raises(EngineRequestError, match="whole cache holds 8"):
         s.add(make("long", 9))
-    with pytest.raises(InvalidRequest):
+    with pytest.raises(EngineRequestError):
         s.add(make("grows", 3, max_num_tokens=9))
     s.add(make("ok", 3, max_num_tokens=8))
     with pytest.raises(ValueError, match="already"):
@@ -331,7 +331,7 @@ def test_a_sequence_outgrowing_the_whole_cache_alone_raises() -> None:
     step(s)
     step(s)
     step(s)  # 8 tokens computed... the ninth has no slot anywhere
-    with pytest.raises(InvalidRequest, match="outgrown"):
+    with pytest.raises(EngineRequestError, match="outgrown"):
         step(s)
 
 

@@ -17,13 +17,12 @@ import redis
 
 from benchmarks.json_schemas import random_schemas
 from broker.keys import Keys
-from broker.protocol import SamplingParams
 from broker.settings import Settings
-from broker.structured import StructuredOutput
 from broker.validation import parse_request
 from gpu_workers.engine import EngineRequest, Rejection, StepOutput
 from gpu_workers.group import WorkerGroup
 from gpu_workers.llm_engine import LlamaEngine
+from gpu_workers.sampling_params import SamplingParams, StructuredSpec
 from tests.gpu_workers.helpers import FakeMonotonic, enqueue, events, finals, run_until
 from tests.gpu_workers.reference import save_hf_model
 from tests.gpu_workers.test_llm_engine import engine_for
@@ -37,12 +36,12 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_hf_model(tmp_path_factory.mktemp("structured"), seed=3, vocab_size=VOCAB, eos_token_id=EOS)
 
 
-def sampling(structured: StructuredOutput | None, **kw: object) -> SamplingParams:
+def sampling(structured: StructuredSpec | None, **kw: object) -> SamplingParams:
     return SamplingParams(**{"max_tokens": 600, "temperature": 1.0, "structured": structured, **kw})  # type: ignore[arg-type]
 
 
-def json_schema(schema: dict[str, object]) -> StructuredOutput:
-    return StructuredOutput(kind="json", spec=json.dumps(schema))
+def json_schema(schema: dict[str, object]) -> StructuredSpec:
+    return StructuredSpec(kind="json", spec=json.dumps(schema))
 
 
 def run(engine: LlamaEngine, requests: list[EngineRequest], *, max_steps: int = 3000
@@ -93,11 +92,11 @@ def test_choice_regex_and_grammars_hold(model_dir: Path) -> None:
     engine = engine_for(model_dir)
     choices = ["alpha", "beta", "a longer choice", "dé\"jà"]
     specs = {
-        "choice": StructuredOutput(kind="choice", spec=json.dumps(choices), field="guided_choice"),
-        "regex": StructuredOutput(kind="regex", spec=r"[A-Z][a-z]{2,6}-[0-9]{3}", field="guided_regex"),
-        "ebnf": StructuredOutput(kind="grammar", spec='root ::= "(" num (" + " num)* ")"\nnum ::= [1-9] [0-9]?',
+        "choice": StructuredSpec(kind="choice", spec=json.dumps(choices), field="guided_choice"),
+        "regex": StructuredSpec(kind="regex", spec=r"[A-Z][a-z]{2,6}-[0-9]{3}", field="guided_regex"),
+        "ebnf": StructuredSpec(kind="grammar", spec='root ::= "(" num (" + " num)* ")"\nnum ::= [1-9] [0-9]?',
                                  field="guided_grammar"),
-        "lark": StructuredOutput(kind="grammar", spec='start: "yes" | "no" | "maybe " NUM\nNUM: /[0-9]{1,2}/',
+        "lark": StructuredSpec(kind="grammar", spec='start: "yes" | "no" | "maybe " NUM\nNUM: /[0-9]{1,2}/',
                                  field="guided_grammar"),
     }
     requests = [EngineRequest(f"{name}{k}", PROMPT, sampling(spec, seed=k, max_tokens=200))
@@ -115,7 +114,7 @@ def test_choice_regex_and_grammars_hold(model_dir: Path) -> None:
 def test_eos_only_where_the_grammar_accepts(model_dir: Path) -> None:
     """EOS biased to certainty still waits for the regex's fifth letter; then it ends the request."""
     engine = engine_for(model_dir)
-    regex = StructuredOutput(kind="regex", spec="[a-z]{5,9}", field="guided_regex")
+    regex = StructuredSpec(kind="regex", spec="[a-z]{5,9}", field="guided_regex")
     tokens, finished, _ = run(engine, [EngineRequest("r", PROMPT, sampling(regex, seed=1, logit_bias=((EOS, 100.0),)))])
     assert finished["r"] == "stop" and tokens["r"][-1] == EOS
     assert re.fullmatch("[a-z]{5}", text(engine, tokens["r"][:-1]))
@@ -125,7 +124,7 @@ def test_the_grammar_wins_over_controls_that_leave_nothing(model_dir: Path) -> N
     """min_tokens bans EOS, which is all a finished choice allows; ignore_eos would go on past it:
     the request still ends with exactly the choice."""
     engine = engine_for(model_dir)
-    choice = StructuredOutput(kind="choice", spec='["ok"]', field="guided_choice")
+    choice = StructuredSpec(kind="choice", spec='["ok"]', field="guided_choice")
     requests = [EngineRequest("min", PROMPT, sampling(choice, seed=2, min_tokens=8)),
                 EngineRequest("ign", PROMPT, sampling(choice, seed=3, ignore_eos=True)),
                 EngineRequest("bad", PROMPT, sampling(choice, seed=4, bad_words=("k",)))]
@@ -141,8 +140,8 @@ def test_a_spec_that_does_not_compile_ends_its_request_alone(model_dir: Path) ->
     good = json_schema({"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"]})
     requests = [
         EngineRequest("bad-type", PROMPT, sampling(json_schema({"type": "frobnicate"}))),
-        EngineRequest("bad-regex", PROMPT, sampling(StructuredOutput(kind="regex", spec="a(", field="guided_regex"))),
-        EngineRequest("bad-grammar", PROMPT, sampling(StructuredOutput(kind="grammar", spec="root ::= missing",
+        EngineRequest("bad-regex", PROMPT, sampling(StructuredSpec(kind="regex", spec="a(", field="guided_regex"))),
+        EngineRequest("bad-grammar", PROMPT, sampling(StructuredSpec(kind="grammar", spec="root ::= missing",
                                                                        field="guided_grammar"))),
         EngineRequest("good", PROMPT, sampling(good, seed=5)),
         EngineRequest("plain", PROMPT, sampling(None, seed=6, max_tokens=5, ignore_eos=True)),

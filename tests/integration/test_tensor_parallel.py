@@ -21,10 +21,10 @@ import redis
 import torch
 
 from broker.keys import QUEUE_GROUP, Keys
-from broker.protocol import SamplingParams
 from broker.registry import read_groups
 from gpu_workers.engine import EXIT_ENGINE_FAILED, EngineRequest
 from gpu_workers.llm_engine import LlamaEngine, LlamaEngineOptions
+from gpu_workers.sampling_params import SamplingParams
 from ryzanstein.cli import main
 from tests.gpu_workers.reference import save_hf_model
 from tests.integration.conftest import Procs, all_finished, final_events, wait_for, wait_groups

@@ -28,7 +28,8 @@ from producer.gateway.app import create_app
 from producer.gateway.config import GatewayConfig
 from producer.gateway.errors import ApiError
 from producer.gateway.groups import LiveGroups
-from producer.gateway.schema import Responder, parse_chat, parse_completion
+from producer.gateway.responses import Responder
+from producer.gateway.schema import parse_chat, parse_completion
 from producer.request import Completion
 from tests.producer.conftest import Responder as StubPipeline
 from tests.producer.conftest import register_group

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from broker.protocol import SamplingParams
 from gpu_workers.engine import EngineRequest
 from gpu_workers.llm_engine import LlamaEngine, LlamaEngineOptions
 from gpu_workers.model import config as model_config
 from gpu_workers.model.loader import resolve_model
 from gpu_workers.model.packaged import gemma3_270m_gguf, smollm2_gguf
+from gpu_workers.sampling_params import SamplingParams
 from producer.chat_template import ChatTemplate
 
 pytestmark = pytest.mark.slow

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from broker.protocol import SamplingParams
 from gpu_workers.engine import EngineRequest
 from gpu_workers.llm_engine import LlamaEngine, LlamaEngineOptions
 from gpu_workers.parallel.launch import start_group
+from gpu_workers.sampling_params import SamplingParams
 
 
 def options(model: dict[str, Any]) -> LlamaEngineOptions:
