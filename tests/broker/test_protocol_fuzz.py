@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from broker.errors import InvalidRequest
+from broker.keys import Keys
 from broker.protocol import ID_RE, INT64_MIN, MAX_KEY_BYTES, MAX_STOP_STRINGS, UINT64_MAX, GenerationRequest
 from broker.validation import best_effort_reply_to, parse_request
 from tests.broker.test_protocol import TEXT_FIELDS
@@ -214,8 +215,9 @@ def valid_requests(draw: st.DrawFn) -> dict[str, Any]:
         "stream": st.booleans(),
         "priority": st.integers(min_value=INT64_MIN, max_value=(1 << 63) - 1),
         "timeout_s": st.floats(min_value=0.0, exclude_min=True, **finite),
+        # valid reply_to names only (the rules of Keys.reply_to_problem: e.g. not "{0}", a hash tag alone)
         "reply_to": st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=40).filter(
-            lambda s: s not in (f"{PREFIX}:requests", f"{PREFIX}:cancel")
+            lambda s: Keys(PREFIX).reply_to_problem(s, "fuzz-id") is None
         ),
     }
     for name, strategy in optional.items():
