@@ -96,7 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     model = args.model or default_model()
-    rows = []
+    rows: list[dict[str, object]] = []
+    out = args.out or ROOT / "benchmarks" / "results" / f"threads-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every row: a run stopped early keeps what it measured
+        out.write_text(json.dumps({"model": model, "cpus": os.cpu_count(), "machine": platform.machine(),
+                                   "context": args.context, "steps": args.steps, "rows": rows}, indent=2) + "\n")
+
     print(f"model {model}, {os.cpu_count()} CPUs, context {args.context}, {args.steps} steps per point")
     print(f"| busy | batch | {' | '.join(f'threads={t} {w}' for t, w in CONFIGS)} | load |")
     print("|---|---|" + "---|" * len(CONFIGS) + "---|")
@@ -113,14 +120,12 @@ def main(argv: list[str] | None = None) -> int:
                              "configs": [{"threads": t, "wait": w, **r} for (t, w), r in zip(CONFIGS, results)]})
                 cells = " | ".join(f"{r['ms_per_step']:.1f} ms ({r['torch_threads']}t)" for r in results)
                 print(f"| {busy} | {batch} | {cells} | {max(r['load_1m'] for r in results):.1f} |", flush=True)
+                save()
         finally:
             stop.set()
             for p in spinners:
                 p.join()
-    out = args.out or ROOT / "benchmarks" / "results" / f"threads-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": model, "cpus": os.cpu_count(), "machine": platform.machine(),
-                               "context": args.context, "steps": args.steps, "rows": rows}, indent=2) + "\n")
+    save()
     print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     return 0
 
