@@ -6,9 +6,11 @@
 Both engines run the same prompts greedily (fp32 KV cache, batched). Reported:
 
 * greedy: prompts whose tokens are identical, and where each first diverges;
-* teacher-forced: both models read the fp32 engine's whole sequences (prompt + its greedy output)
-  in one prefill, and at every position the KL divergence KL(fp32 || quantized) of the next-token
-  distributions (mean and max, in nats) and how often their argmax agrees;
+* prefill: the largest difference of the prompts' logits (prefills of fewer than
+  ``quantization.DENSE_FROM_ROWS`` tokens take the int4 kernel, longer ones the exact dequantized path);
+* teacher-forced decode: each model prefills a prompt, then decodes the fp32 engine's greedy tokens
+  one step at a time (the int4 kernel's path); at every step the KL divergence KL(fp32 || quantized)
+  of the next-token distributions (mean and max, in nats) and how often their argmax agrees;
 * memory: each rank's weight bytes as the engine reports them (``rank_weight_bytes``).
 
 Writes JSON under benchmarks/results/.
@@ -58,11 +60,16 @@ def greedy(engine: LlamaEngine, prompts: list[list[int]], new_tokens: int) -> li
     return [out[f"r{i}"] for i in range(len(prompts))]
 
 
-def all_logits(engine: LlamaEngine, tokens: list[int]) -> torch.Tensor:
-    """fp32 logits [len(tokens), vocab] of one prefill of ``tokens`` (KV blocks from 0)."""
+def teacher_forced(engine: LlamaEngine, prompt: list[int], continuation: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of ``prompt``'s prefill [len(prompt), vocab], and of one decode step per token of
+    ``continuation`` but the last [len(continuation) - 1, vocab], each step fed that token (KV blocks
+    from 0): the decode steps of a single sequence, as a server runs them."""
     runner = engine.runner
-    blocks = list(range(-(-len(tokens) // runner.block_size)))
-    return runner.run([Chunk(tokens, 0, blocks, want_logits=True, all_logits=True)])
+    blocks = list(range(-(-(len(prompt) + len(continuation)) // runner.block_size)))
+    prefill = runner.run([Chunk(prompt, 0, blocks, want_logits=True, all_logits=True)])
+    steps = [runner.run([Chunk([token], len(prompt) + i, blocks, want_logits=True)])
+             for i, token in enumerate(continuation[:-1])]
+    return prefill, torch.cat(steps)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,35 +90,40 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(dirs["fp32"], vocab_size=load_config(dirs["fp32"]).vocab_size)
     prompts = [tokenizer.tokenizer.encode(text) for text in PROMPTS]
     options = LlamaEngineOptions(kv_dtype="fp32", kv_memory="256MiB")
-    tokens, logits, weight_bytes = {}, {}, {}
+    tokens: dict[str, list[list[int]]] = {}
+    prefills: dict[str, list[torch.Tensor]] = {}
+    steps: dict[str, list[torch.Tensor]] = {}
+    weight_bytes = {}
     for name, directory in dirs.items():
         log(f"{name}: loading and generating ...")
         engine = LlamaEngine(directory, name=name, options=options)
         weight_bytes[name] = [r.weight_bytes for r in engine.ranks]
         tokens[name] = greedy(engine, prompts, args.new_tokens)
-        if name == "fp32":
-            sequences = [p + t for p, t in zip(prompts, tokens[name])]
         with torch.inference_mode():
-            logits[name] = [all_logits(engine, seq)[len(p) - 1:-1] for seq, p in zip(sequences, prompts)]
+            forced = [teacher_forced(engine, p, t) for p, t in zip(prompts, tokens["fp32"])]
+        prefills[name] = [f[0] for f in forced]
+        steps[name] = [f[1] for f in forced]
         engine.close()
 
     same = [a == b for a, b in zip(tokens["fp32"], tokens["gguf"])]
     diverge = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
                for a, b in zip(tokens["fp32"], tokens["gguf"])]
-    ref = torch.cat(logits["fp32"]).log_softmax(-1)  # [positions, vocab]
-    got = torch.cat(logits["gguf"]).log_softmax(-1)
+    prefill_diff = max((a - b).abs().max().item() for a, b in zip(prefills["fp32"], prefills["gguf"]))
+    ref = torch.cat(steps["fp32"]).log_softmax(-1)  # [positions, vocab]
+    got = torch.cat(steps["gguf"]).log_softmax(-1)
     kl = (ref.exp() * (ref - got)).sum(-1)  # [positions]
     argmax = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
     result = {
         "benchmark": "quant_parity", "model": args.model, "prompts": len(prompts), "new_tokens": args.new_tokens,
         "greedy_identical": sum(same), "first_divergence": diverge,
         "teacher_forced_positions": int(kl.numel()), "kl_mean_nats": kl.mean().item(), "kl_max_nats": kl.max().item(),
-        "argmax_agreement": argmax, "rank_weight_bytes": weight_bytes,
+        "argmax_agreement": argmax, "prefill_logits_max_abs_diff": prefill_diff, "rank_weight_bytes": weight_bytes,
         "texts": {name: [tokenizer.tokenizer.decode(t) for t in tokens[name]] for name in tokens},
     }
     print(f"\n{args.model}, {len(prompts)} prompts x {args.new_tokens} greedy tokens:")
     print(f"  greedy tokens identical: {sum(same)}/{len(same)} (first divergence per prompt: {diverge})")
-    print(f"  teacher-forced over {kl.numel()} positions: KL(fp32 || gguf) mean {kl.mean():.2e} max {kl.max():.2e}"
+    print(f"  prefill logits (one step per prompt): largest difference {prefill_diff:.2e}")
+    print(f"  teacher-forced decode steps, {kl.numel()} positions: KL(fp32 || gguf) mean {kl.mean():.2e} max {kl.max():.2e}"
           f" nats, argmax agreement {argmax:.4f}")
     for name, b in weight_bytes.items():
         print(f"  weights {name}: {', '.join(f'{v / 2**20:.1f} MiB' for v in b)} per rank")

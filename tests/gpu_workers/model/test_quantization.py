@@ -4,6 +4,9 @@ torch's int4 CPU kernel, narrowed for tensor parallelism, and served on SmolLM2 
 
 from __future__ import annotations
 
+import random
+from pathlib import Path
+
 import gguf
 import numpy as np
 import pytest
@@ -196,3 +199,30 @@ def test_smollm2_served_4_bit() -> None:
     kl = (want.exp() * (want - got)).sum(-1)
     assert kl.mean() < 2e-3, kl
     assert (want.argmax(-1) == got.argmax(-1)).float().mean() >= 0.9
+
+
+def test_a_mixed_gguf_file_keeps_its_4_bit_layers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Q4_K q/k, Q4_1 v, Q4_0 the rest, Q6_K down projections and a Q8_0 embedding: the fused QKV
+    and gate/up layers stay 4-bit, the Q6_K ones and the embedding fp32; a 64-token prefill gives
+    the fp32 path's logits, a decode step (the int4 kernel) logits within bf16 rounding."""
+    from gpu_workers.model_runner import Chunk, ModelRunner
+    from tests.gpu_workers.model.gguf_files import llama_model, vocab_size, write_gguf
+
+    monkeypatch.setenv("RYZ_CACHE_DIR", str(tmp_path / "cache"))
+    quant = {"token_embd.weight": "Q8_0", "output.weight": "Q4_0", "*": "Q4_0"}
+    for layer in range(2):
+        quant.update({f"blk.{layer}.attn_q.weight": "Q4_K", f"blk.{layer}.attn_k.weight": "Q4_K",
+                      f"blk.{layer}.ffn_down.weight": "Q6_K", f"blk.{layer}.attn_v.weight": "Q4_1"})
+    path = write_gguf(tmp_path / "mixed.gguf", llama_model(vocab=vocab_size()), quant=quant)
+    runners = {q: ModelRunner(resolve_model(str(path), quantization=q), num_blocks=16, block_size=8)
+               for q in (None, "gguf")}
+    kept = {name.rsplit(".", 1)[-1] for name, m in runners["gguf"].model.named_modules()
+            if getattr(m, "quantized", None) is not None}
+    assert kept == {"qkv_proj", "o_proj", "gate_up_proj"}
+    assert runners["gguf"].weight_bytes() < 0.6 * runners[None].weight_bytes()
+    prompt = [random.Random(1).randrange(vocab_size()) for _ in range(64)]
+    prefill = {q: r.run([Chunk(prompt, 0, list(range(9)), True, all_logits=True)]) for q, r in runners.items()}
+    assert torch.allclose(prefill["gguf"], prefill[None], rtol=1e-4, atol=1e-4)
+    step = {q: r.run([Chunk([7], 64, list(range(9)), True)]) for q, r in runners.items()}
+    assert not torch.equal(step["gguf"], step[None])
+    assert torch.allclose(step["gguf"], step[None], rtol=0.05, atol=0.05 * step[None].abs().max().item())
