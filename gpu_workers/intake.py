@@ -134,7 +134,7 @@ class QueueIntake:
         if (request.output_ids or request.choice_output_ids) and not self._replay(held):
             return
         now_ms = self.clock.now_ms()
-        if self.queue.cancels.matches(request.id, request.cancel_token):
+        if self.queue.cancels.matches(request.id, request.cancel_token, request.tenant):
             self._finish(held, "cancelled")
         elif request.deadline_ms is not None and now_ms >= request.deadline_ms:
             self._finish_error(held, "timeout", f"deadline of {request.timeout_s}s passed")
