@@ -125,9 +125,7 @@ def _parse(
         raise InvalidRequest(f"field '{name}': not supported by this server (leave it unset)")
     if not ID_RE.fullmatch(request_id):
         raise InvalidRequest(f"field 'id': must be 1-128 characters of [A-Za-z0-9_.:-], got {show(request_id)}")
-    # (an entry id in the future, possible on a tenant's own stream, bounds ids by the clock instead)
-    bound = entry_id if now_ms is None or entry_ms(entry_id) <= now_ms else f"{int(now_ms)}-0"
-    if not signed and is_later_entry_id(request_id, bound):
+    if not signed and raw.get("id") is not None and _squats(request_id, entry_id, tenant, now_ms):
         # a later request sent without an id gets that entry id as its id: taken now, it would be squatted
         raise InvalidRequest(f"field 'id': {show(request_id)} has the shape of a stream entry id after this "
                              "request's own; such ids are the ids of later requests sent without 'id'")
@@ -185,6 +183,16 @@ def _parse(
         weights=weights,
         tenant=tenant,
     )
+
+
+def _squats(request_id: str, entry_id: str, tenant: str | None, now_ms: float | None) -> bool:
+    """Whether an explicit ``request_id`` is the id a later request sent without 'id' would get: an
+    entry id after this entry's own. A tenant's stream may carry entry ids ahead of the clock (it
+    names them itself) while later shared entries get ids by the clock: there the clock bounds it."""
+    if tenant is None or now_ms is None:
+        return is_later_entry_id(request_id, entry_id)
+    bound = f"{min(entry_ms(entry_id), int(now_ms))}-0"
+    return request_id == bound or is_later_entry_id(request_id, bound)
 
 
 def _model(value: Any) -> str:

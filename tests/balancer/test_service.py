@@ -549,9 +549,9 @@ def record_read_blocks(monkeypatch: pytest.MonkeyPatch) -> list[int | None]:
         blocks.append(k.get("block"))
         return real_read(self, *a, **k)
 
-    def read_ingress(self: Balancer, client: Any, count: int) -> None:
+    def read_ingress(self: Balancer, client: Any, count: int) -> list[str]:
         blocks.append(None)
-        real_script_read(self, client, count)
+        return real_script_read(self, client, count)
 
     monkeypatch.setattr(Batch, "xreadgroup", xreadgroup)
     monkeypatch.setattr(Balancer, "_read_ingress", read_ingress)

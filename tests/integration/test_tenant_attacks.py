@@ -1,6 +1,8 @@
 """Attacks on the documented ACL recipe (docs/OPERATIONS.md, "Tenants") found by a fresh-eyes review
-of issue "Shared use without trust", on the system Redis 7. Each test shows one defect (fails until
-it is fixed).
+of issue "Shared use without trust", on the system Redis 7: a tenant that may XADD a shared stream can
+trim it (MAXLEN/MINID) or close it (an explicit maximal entry id), since ACLs grant commands and
+keys, not arguments. Fixed by ingress and cancel streams per tenant (broker.sources): the recipe gives
+a tenant no shared stream, and what it does to its own hurts its own requests only.
 """
 
 from __future__ import annotations
@@ -26,13 +28,6 @@ TRIMMING_XADDS = [
 ]
 
 
-# Not yet fixed (issue 14 stays open on it): Redis ACLs grant commands and keys, not arguments, so a
-# tenant allowed to XADD a shared stream may also trim it (MAXLEN/MINID) or give it an explicit id.
-# The fix is one ingress stream per tenant (its own keys, consumed by every balancer), the
-# multi-stream reading issue 19's sharded ingress needs too. strict: the day it holds, this fails.
-OPEN = pytest.mark.xfail(strict=True, reason="a tenant can trim or close the shared ingress streams (issue 14, open)")
-
-@OPEN
 @pytest.mark.parametrize(("stream", "trim"), TRIMMING_XADDS)
 def test_a_tenant_cannot_trim_the_shared_streams_through_xadd(
         as_user: Callable[[str], str], prefix: str, keys: Keys, mono: FakeMonotonic,  # noqa: F811
@@ -80,7 +75,6 @@ def test_a_tenant_cannot_trim_the_shared_streams_through_xadd(
     alice.close()
 
 
-@OPEN
 @pytest.mark.parametrize("stream", ["requests", "cancel"])
 def test_a_tenant_cannot_exhaust_the_entry_ids_of_the_shared_streams(
         as_user: Callable[[str], str], prefix: str, keys: Keys, mono: FakeMonotonic,  # noqa: F811
