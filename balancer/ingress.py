@@ -159,7 +159,7 @@ class IngressReader:
         """(request id, reply stream) to tell about an entry that cannot be handled (by ref)."""
         stream, entry_id = self.ingress.locate(ref)
         return best_effort_reply_to(fields, entry_id=entry_id.decode(), prefix=self.settings.prefix,
-                                    signing_key=signing_key, tenant=self._tenant_of(stream))
+                                    signing_key=signing_key, tenant=self._tenant_of(stream), now_ms=self.clock.now_ms())
 
     def _reclaim(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
         """Entries of balancers that died (idle past claim_idle_ms) become ours; ours stay fresh.

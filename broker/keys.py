@@ -209,9 +209,9 @@ class Keys:
     def is_internal(self, key: str) -> bool:
         """Whether ``key`` is one of ryzanstein's own keys (never a valid ``reply_to``)."""
         own = (self.requests, self.cancel, self.groups, self.balancers, self.dead, self.signing_key, self.tenants)
-        if key.startswith(self.tenant_space("")):  # a tenant's ingress and cancel streams (no ':' in names)
-            tenant, _, rest = key[len(self.tenant_space("")):].partition(":")
-            return ":" not in tenant and rest in ("requests", "cancel")
+        tenants = f"{self.prefix}:t:"
+        if key.startswith(tenants):  # a tenant's ingress and cancel streams (no ':' in tenant names)
+            return key[len(tenants):].partition(":")[2] in ("requests", "cancel")
         return key in own or key.startswith((f"{{{self.groups}}}:", f"{{{self.prefix}:g:",
                                              f"{self.prefix}:balancer:", f"{self.prefix}:id:"))
 

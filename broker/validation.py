@@ -202,8 +202,8 @@ def _model(value: Any) -> str:
     return name
 
 
-def best_effort_reply_to(fields: dict[Any, Any], *, entry_id: str, prefix: str,
-                         signing_key: bytes | None = None, tenant: str | None = None) -> tuple[str, str]:
+def best_effort_reply_to(fields: dict[Any, Any], *, entry_id: str, prefix: str, signing_key: bytes | None = None,
+                         tenant: str | None = None, now_ms: float | None = None) -> tuple[str, str]:
     """(request id, reply stream) for an error about a request that failed validation.
 
     The client looks for its result under the id it sent, so use that when it is usable as part of a
@@ -221,7 +221,7 @@ def best_effort_reply_to(fields: dict[Any, Any], *, entry_id: str, prefix: str,
         tenant = named
     request_id = default_request_id(entry_id, tenant)
     text = _key_text(raw.get("id"))
-    if text is not None and (signed or not is_later_entry_id(text, entry_id)):
+    if text is not None and (signed or not _squats(text, entry_id, tenant, now_ms)):
         request_id = text  # (a later entry's id is not this request's to answer under)
     reply_to = Keys(prefix).reply_stream(request_id, tenant=tenant)
     text = _key_text(raw.get("reply_to"))
