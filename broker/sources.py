@@ -24,7 +24,6 @@ import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import cast
 
 from redis import Redis
 
@@ -62,7 +61,7 @@ def sources(keys: Keys, tenants: Iterable[str] = ()) -> list[Source]:
 def read_tenants(redis: Redis, keys: Keys) -> list[str]:
     """The tenants in ``{p}:tenants``, sorted; a member that is no valid tenant name is skipped (logged)."""
     out = []
-    for raw in cast("set[bytes | str]", redis.smembers(keys.tenants)):
+    for raw in redis.smembers(keys.tenants):
         name = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
         if TENANT_RE.fullmatch(name):
             out.append(name)
