@@ -179,6 +179,7 @@ class Balancer(IngressReader, PoisonHandling, Dispatcher):
         if now >= self._next_refresh:
             self._next_refresh = now + self.settings.groups_refresh_s
             self.refresh_sources()
+            self.signing.get()  # a key deleted and made anew: queue entries are signed under the new one
             self.refresh_groups()
         entries: list[tuple[bytes, dict[bytes, bytes]]] = []
         if now >= self._next_claim:

@@ -71,6 +71,19 @@ class SigningKey:
         assert self._key is not None
         return self._key
 
+    def current(self) -> bytes:
+        """The key kept (read from Redis first when none is)."""
+        return self._key if self._key is not None else self.get()
+
+    def verifies(self, payload: bytes, signature: Any) -> bool:
+        """Whether ``signature`` signs ``payload`` under the key kept, or, failing that, under the key
+        read again (rate-limited, as ``for_entry``)."""
+        if verify(self._key, payload, signature):
+            return True
+        if self._key is None or self._monotonic() - self._read_at >= REFRESH_S:
+            return verify(self.get(), payload, signature)
+        return False
+
     def for_entry(self, fields: dict[Any, Any]) -> bytes | None:
         """The key to check ``fields`` (an ingress entry) against: the one kept, or, when the entry
         carries a signature that does not verify under it, the key read again (rate-limited)."""

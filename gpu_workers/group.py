@@ -112,6 +112,7 @@ class WorkerGroup(QueueIntake, EngineSteps):
             redis, self.scripts, stream=self.keys.group_queue(self.name), group=QUEUE_GROUP, consumer=CONSUMER,
             cancel_stream=self.keys.cancel, cancel_horizon_ms=int(settings.cancel_horizon_s * 1000),
             clock=self.clock, ack=self._write_acks)
+        self.signing = SigningKey(redis, self.keys, monotonic=monotonic)  # queue entries' and hand-backs' key
         self.holding = Holding()
         self.held: dict[str, Held] = self.holding.held  # request id -> what the group holds of it
         self.completed = 0
@@ -376,7 +377,7 @@ class WorkerGroup(QueueIntake, EngineSteps):
         for entries in self.queue.new_entries(count=500):
             for entry_id, fields in entries:
                 try:
-                    entry = queue_entry(fields)
+                    entry = queue_entry(fields, signing=self.signing)
                 except Exception:
                     log.exception("dropping malformed queue entry %s", entry_id)
                     self.queue.ack([entry_id])
@@ -388,7 +389,7 @@ class WorkerGroup(QueueIntake, EngineSteps):
     def _hand_back(self, request: GenerationRequest, epoch: int, entry_id: bytes) -> None:
         # XADD first, then ack: a crash in between leaves a duplicate entry, which CLAIM_OWNER's
         # epoch check and the dispatch marker make harmless; the reverse order could lose it.
-        signing_key = SigningKey(self.redis, self.keys).get()  # signed: no client can forge a hand-back
+        signing_key = self.signing.get()  # signed: no client can forge a hand-back
         self.redis.xadd(self.keys.requests, request.to_ingress(from_owner=self.name, epoch=epoch,
                                                                signing_key=signing_key))
         self.queue.ack([entry_id])

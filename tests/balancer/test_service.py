@@ -29,6 +29,7 @@ from tests.gpu_workers.helpers import (
     assert_one_clean_completion,
     events,
     finals,
+    queue_fields,
     run_until,
     tokens,
 )
@@ -81,7 +82,7 @@ def fill(r: redis.Redis, keys: Keys, group: str, n: int) -> None:
     """Queue entries another balancer put on ``group``."""
     for i in range(n):
         other = GenerationRequest(id=f"other-{group}-{i}", prompt="o", reply_to=keys.result(f"other-{i}"))
-        r.xadd(keys.group_queue(group), {"r": other.to_wire(), "e": "1", "c": "1"})
+        r.xadd(keys.group_queue(group), queue_fields(r, keys, other, 1, 1))
 
 
 def queued(r: redis.Redis, keys: Keys, group: str) -> list[tuple[GenerationRequest, int]]:
