@@ -6,6 +6,7 @@ Part of ``Balancer`` (a mixin: the state it uses is the balancer's, declared bel
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -84,11 +85,11 @@ class IngressReader:
         until_ms = max(1, int((wake - now) * 1000))
         block = None if ready and can_route else min(self.settings.balancer_block_ms, until_ms)
 
-        streams: list[str] = []
+        read: list[tuple[str, int]] = []
 
         def build(batch: Batch) -> None:
             if block is None:
-                streams[:] = self._read_ingress(batch, self._read_count)
+                read[:] = self._read_ingress(batch, self._read_count)
             else:
                 # Idle: one entry of each stream at a time, whatever its size; the rest follow without blocking.
                 batch.xreadgroup(INGRESS_GROUP, self.name, dict.fromkeys(self.ingress.streams, ">"),
@@ -96,7 +97,9 @@ class IngressReader:
 
         got = self.ingress.read(build, raise_errors=False)
         if block is None:
-            entries = self._entries(streams, got.replies)
+            entries, full = self._entries(read, got.replies)
+            if full and len(entries) < self._read_count:  # some streams had less than their share
+                entries += self._read_more(self._read_count - len(entries), full)
         else:
             (fresh,) = got.replies
             if isinstance(fresh, ResponseError) and "NOGROUP" in str(fresh) and len(self.ingress.streams) > 1:
@@ -120,35 +123,52 @@ class IngressReader:
         got.check()
         return entries
 
-    def _read_ingress(self, client: Batch, count: int) -> list[str]:
-        """Add non-blocking reads of up to ``count`` new entries in all to ``client`` (READ_INGRESS, one
-        per stream): an equal share of each stream, the first share rotating (broker.sources.shares),
-        so that a stream flooded with entries delays no other. The streams read, in order."""
-        streams = self.ingress.streams
-        counts = shares(count, len(streams), start=self._read_start)
-        self._read_start = (self._read_start + 1) % len(streams)
+    def _read_ingress(self, client: Batch, count: int, streams: list[str] | None = None) -> list[tuple[str, int]]:
+        """Add non-blocking reads of up to ``count`` new entries in all of ``streams`` (default: every
+        ingress stream) to ``client`` (READ_INGRESS, one per stream): an equal share of each, the
+        first share rotating (broker.sources.shares), so that a stream flooded with entries delays
+        no other. The (stream, entries asked) read, in order."""
+        streams = streams if streams is not None else self.ingress.streams
+        counts = shares(count, len(streams), start=self._read_start % max(1, len(streams)))
+        self._read_start += 1
         read = [(stream, n) for stream, n in zip(streams, counts) if n > 0]
         for stream, n in read:
             self.scripts.read_ingress(ingress=stream, consumer_group=INGRESS_GROUP, consumer=self.name,
                                       count=n, max_entry_bytes=self.settings.max_request_bytes, client=client)
-        return [stream for stream, _n in read]
+        return read
 
-    def _entries(self, streams: list[str], replies: list[object]) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        """The entries (by ref) of READ_INGRESS ``replies`` of ``streams``. A tenant's stream deleted
-        since (NOGROUP) gets its consumer group again; any other error reply is raised."""
+    def _entries(self, read: list[tuple[str, int]], replies: list[object]
+                 ) -> tuple[list[tuple[bytes, dict[bytes, bytes]]], list[str]]:
+        """The entries (by ref) of READ_INGRESS ``replies`` to ``read``, and the streams that gave all
+        that was asked (they may hold more). A tenant's stream deleted since (NOGROUP) gets its
+        consumer group again; any other error reply is raised."""
         out: list[tuple[bytes, dict[bytes, bytes]]] = []
-        for stream, raw in zip(streams, replies):
+        full: list[str] = []
+        for (stream, asked), raw in zip(read, replies):
             if isinstance(raw, ResponseError) and "NOGROUP" in str(raw) and stream != self.ingress.stream:
                 self.ingress.recreate([stream])
             elif isinstance(raw, Exception):
                 raise raw
             else:
-                out += [(self.ingress.ref(stream, eid), f) for eid, f in ingress_entries(raw)]
-        return out
+                got = ingress_entries(raw)
+                out += [(self.ingress.ref(stream, eid), f) for eid, f in got]
+                if len(got) >= asked:
+                    full.append(stream)
+        return out, full
 
-    def _read_more(self, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        streams, replies = self.scripts.execute(lambda batch: self._read_ingress(batch, count))
-        return self._entries(streams, replies)
+    def _read_more(self, count: int, streams: list[str] | None = None) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """Up to ``count`` more entries of ``streams`` (default: all), without blocking: a fair share
+        of each; what the streams with fewer entries left goes, once more, to those that gave their
+        full share (max-min fair: a lone busy stream still fills the read)."""
+        out: list[tuple[bytes, dict[bytes, bytes]]] = []
+        for _pass in range(2):
+            left = count - len(out)
+            if left <= 0 or streams == []:
+                break
+            read, replies = self.scripts.execute(functools.partial(self._read_ingress, count=left, streams=streams))
+            got, streams = self._entries(read, replies)
+            out += got
+        return out
 
     def _tenant_of(self, stream: str) -> str | None:
         source = self.sources.get(stream)

@@ -550,9 +550,9 @@ def record_read_blocks(monkeypatch: pytest.MonkeyPatch) -> list[int | None]:
         blocks.append(k.get("block"))
         return real_read(self, *a, **k)
 
-    def read_ingress(self: Balancer, client: Any, count: int) -> list[str]:
+    def read_ingress(self: Balancer, client: Any, *args: Any, **kwargs: Any) -> list[tuple[str, int]]:
         blocks.append(None)
-        return real_script_read(self, client, count)
+        return real_script_read(self, client, *args, **kwargs)
 
     monkeypatch.setattr(Batch, "xreadgroup", xreadgroup)
     monkeypatch.setattr(Balancer, "_read_ingress", read_ingress)

@@ -68,6 +68,17 @@ def test_a_tenant_flooding_its_stream_delays_no_other(
     assert len(waiting_ids(balancer)) <= 2 * balancer._read_count
 
 
+def test_a_lone_busy_stream_still_fills_a_read(r: redis.Redis, keys: Keys, make_balancer: MakeBalancer) -> None:
+    """Shares left unused by idle streams go to the busy one: with 20 idle tenants, alice's backlog
+    fills a whole read (max-min fairness, not 1/21 of it)."""
+    r.sadd(keys.tenants, "alice", *(f"idle{n}" for n in range(20)))
+    balancer = make_balancer()
+    for n in range(300):
+        send(r, keys.tenant_requests("alice"), id=f"a{n}", prompt="flood")
+    balancer.tick()
+    assert len(balancer.waiting) == balancer._read_count > 21
+
+
 def test_a_tenants_request_is_bound_to_its_stream(r: redis.Redis, keys: Keys, make_balancer: MakeBalancer) -> None:
     """Its id without 'id' is '<tenant>:<entry id>', its default reply stream in the tenant's space,
     a reply_to outside that space is refused there; it is queued with its tenant."""
