@@ -202,13 +202,9 @@ class StreamConsumer:
             left = count - len(out.entries) - len(out.overdelivered)
             if left <= 0:
                 break
-            reclaimer = self._reclaimers.get(stream)
-            if reclaimer is None or reclaimer.count != left:
-                cursor = reclaimer.cursor if reclaimer is not None else "0-0"
-                reclaimer = self._reclaimers[stream] = Reclaimer(
-                    self.redis, stream=stream, group=self.group, consumer=self.consumer,
-                    min_idle_ms=min_idle_ms, count=left)
-                reclaimer.cursor = cursor
+            reclaimer = self._reclaimers.get(stream) or self._reclaimers.setdefault(stream, Reclaimer(
+                self.redis, stream=stream, group=self.group, consumer=self.consumer, min_idle_ms=min_idle_ms, count=left))
+            reclaimer.count = left
             ours = {eid for s, eid in map(self.locate, skip) if s == stream}
             try:
                 found = reclaimer.claim(skip=ours)

@@ -9,7 +9,7 @@ from balancer.service import Balancer
 from broker.keys import Keys
 from broker.lua import queue_entry
 from broker.settings import Settings
-from broker.signing import SigningKey
+from broker.signing import PREVIOUS_KEY_S, REFRESH_S, SigningKey, sign
 from gpu_workers.echo import EchoEngine
 from gpu_workers.group import WorkerGroup
 from tests.gpu_workers.helpers import FakeMonotonic, events, finals, run_until
@@ -36,3 +36,17 @@ def test_dispatched_entries_verify_also_after_the_key_is_made_anew(
     r.xadd(keys.requests, {"id": "q2", "prompt": "xyz", "max_tokens": "3"})
     run_until(lambda: (balancer.tick(), group.tick()), lambda: bool(finals(events(r, keys.result("q2")))))
     assert [e["event"] for e in finals(events(r, keys.result("q2")))] == ["done"] and not r.xlen(keys.dead)
+
+
+def test_the_key_before_a_change_stays_good_for_a_while(r: redis.Redis, keys: Keys, mono: FakeMonotonic) -> None:
+    """What was signed just before the key was made anew verifies for PREVIOUS_KEY_S, then no more;
+    a signature under no key of the pipeline never does."""
+    reader = SigningKey(r, keys, monotonic=mono)
+    old = reader.get()
+    r.delete(keys.signing_key)
+    new = SigningKey(r, keys).get()
+    mono.advance(REFRESH_S)
+    assert reader.verifies(b"x", sign(new, b"x"))  # read again on the miss
+    assert reader.verifies(b"x", sign(old, b"x")) and not reader.verifies(b"x", sign(b"k" * 64, b"x"))
+    mono.advance(PREVIOUS_KEY_S)
+    assert not reader.verifies(b"x", sign(old, b"x")) and reader.verifies(b"x", sign(new, b"x"))
