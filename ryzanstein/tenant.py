@@ -33,6 +33,10 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if args.action != "list" and (args.name is None or not TENANT_RE.fullmatch(args.name)):
         raise ConfigError(f"tenant {args.action} needs a NAME of 1-64 characters of [A-Za-z0-9_.-], got {args.name!r}")
+    if args.apply and args.name == "default":
+        raise ConfigError("tenant 'default' cannot be applied: it would rewrite Redis's default user")
+    if args.password is not None and (not args.password or any(c.isspace() for c in args.password)):
+        raise ConfigError("--password must be non-empty, without spaces")
     keys = Keys(settings.prefix)
     redis = connect(resolve_url(settings), settings)
     try:

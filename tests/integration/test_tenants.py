@@ -23,6 +23,7 @@ from broker.sources import tenant_acl
 from gpu_workers.echo import EchoEngine
 from gpu_workers.group import WorkerGroup
 from producer.client import Client
+from ryzanstein.cli import main
 from tests.gpu_workers.helpers import FakeMonotonic, events, finals, run_until
 
 OPERATIONS = (Path(__file__).parents[2] / "docs" / "OPERATIONS.md").read_text()
@@ -67,6 +68,19 @@ def as_user(server: EmbeddedRedis, prefix: str) -> Callable[[str], str]:
         return server.url.replace("redis://", f"redis://{user}:{password}@")
 
     return url
+
+
+def test_the_cli_applies_and_deletes_a_tenants_user(server: EmbeddedRedis, prefix: str, keys: Keys) -> None:
+    common = ["--redis-url", server.url, "--prefix", prefix]
+    assert main(["tenant", "add", "carol", "--password", "CAROL-PW", "--apply", *common]) == 0
+    carol = redis.Redis.from_url(server.url.replace("redis://", "redis://carol:CAROL-PW@"))
+    carol.xadd(keys.tenant_requests("carol"), {"id": "c1", "prompt": "hi"})
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        carol.xadd(keys.requests, {"id": "c2", "prompt": "hi"})
+    assert main(["tenant", "add", "default", "--apply", *common]) == 2  # Redis's own user: never rewritten
+    assert main(["tenant", "remove", "carol", "--apply", *common]) == 0
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis.from_url(server.url.replace("redis://", "redis://carol:CAROL-PW@")).ping()
 
 
 def test_tenants_are_kept_apart(as_user: Callable[[str], str], server: EmbeddedRedis, prefix: str, keys: Keys,
