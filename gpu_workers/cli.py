@@ -92,9 +92,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="most tokens the model engine computes per step, decodes and prefill chunks "
                              "together; at least --max-num-seqs (default: $RYZ_MAX_NUM_BATCHED_TOKENS, else 512)")
     parser.add_argument("--quantization", default=None, choices=["gguf"],
-                        help="gguf: serve a .gguf model's Q4_0/Q4_1/Q4_K linear weights 4-bit (torch's int4 "
-                             "CPU kernel, bf16 activations; faster decode at small batches, ~7x less weight "
-                             "memory); default: dequantize every weight to fp32")
+                        help="gguf: keep a .gguf model's Q4_0/Q4_1/Q4_K linear weights 4-bit (CPU only; torch's "
+                             "int4 kernel with bf16 activations below 64 tokens a step, exact fp32 dequantization "
+                             "from 64; ~0.9 bytes a weight against 4); default: dequantize every weight to fp32")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch CPU threads per rank (default: $RYZ_THREADS, else $OMP_NUM_THREADS, else the "
                              "CPUs this process may use, capped by its cgroup's CPU quota, shared by the host's "
