@@ -8,7 +8,8 @@ Two ways to start a group of K ranks, one code path after that:
   marking them as its own: they connect to its store directly and die with it.
 - ``torchrun --nproc-per-node K [--nnodes N ...] -m gpu_workers --tp K ...``: torchrun starts every
   rank, on any number of hosts, and sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT; the
-  ranks meet through ``env://``.
+  ranks meet through ``env://``, and gloo binds to the interface each host reaches MASTER_ADDR
+  through (gpu_workers.parallel.network).
 
 Process groups: the default group (gloo) serves startup, where ranks wait for each other's weight
 loading, and waits up to ``startup_timeout_s``. Serving uses groups with the short ``timeout_s``:
@@ -42,6 +43,7 @@ from broker.errors import ConfigError
 from gpu_workers.cpu_threads import torch_threads
 from gpu_workers.engine import EXIT_ENGINE_FAILED
 from gpu_workers.model.layers import TPContext
+from gpu_workers.parallel.network import choose_gloo_interface
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +197,8 @@ def start_group(
             raise ConfigError(f"--tp {size} but WORLD_SIZE is {env.world_size}")
         elif env.spawned:
             store = dist.TCPStore(env.master_addr, env.master_port, size, is_master=False, timeout=startup)
+        else:  # torchrun's ranks, maybe on several hosts: gloo over the network the rendezvous is on
+            choose_gloo_interface(env.master_addr, env.master_port, os.environ)
         cuda = device.startswith("cuda")
         if cuda:
             torch.cuda.set_device(env.local_rank)
