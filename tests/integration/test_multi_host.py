@@ -82,24 +82,30 @@ def run_on(procs: Procs, host: Host, name: str, *argv: str) -> subprocess.Popen[
     return proc
 
 
-def torchrun(procs: Procs, hosts: TwoHosts, host: Host, model_dir: Path, *, tp_timeout_s: float) -> subprocess.Popen[bytes]:
+def torchrun(procs: Procs, hosts: TwoHosts, host: Host, model_dir: Path, *, rendezvous: str,
+             tp_timeout_s: float) -> subprocess.Popen[bytes]:
     """One host's torchrun of a 2-rank group "mh", one rank per host, meeting at host A's address.
-    c10d ranks hosts by --local-addr, so A (.1) holds rank 0, the leader."""
+    c10d ranks the hosts by --local-addr, so A (.1) holds rank 0, the leader; static (the form of
+    deploy/k8s/worker-multihost.yaml) by --node-rank."""
+    if rendezvous == "c10d":
+        meet = ["--rdzv-backend", "c10d", "--rdzv-id", "mh", "--rdzv-endpoint", f"{hosts.a.address}:{RDZV_PORT}",
+                "--rdzv-conf", f"is_host={int(host is hosts.a)}", "--local-addr", host.address]
+    else:
+        meet = ["--node-rank", str(int(host is hosts.b)), "--master-addr", hosts.a.address,
+                "--master-port", str(RDZV_PORT)]
     return run_on(procs, host, f"torchrun-{host.name}", "-m", "torch.distributed.run",
-                  "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-id", "mh",
-                  "--rdzv-endpoint", f"{hosts.a.address}:{RDZV_PORT}",
-                  "--rdzv-conf", f"is_host={int(host is hosts.a)}", "--local-addr", host.address,
+                  "--nnodes", "2", "--nproc-per-node", "1", *meet,
                   "-m", "gpu_workers", "--model", str(model_dir), "--group", "mh", "--threads", "1",
                   "--tp-timeout", str(tp_timeout_s), *KV)
 
 
 def start_group(procs: Procs, hosts: TwoHosts, model_dir: Path, r: redis.Redis, keys: Keys, *,
-                tp_timeout_s: float = 30.0) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes], int, int]:
+                rendezvous: str = "c10d", tp_timeout_s: float = 30.0) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes], int, int]:
     """Both hosts' torchrun and a balancer (root namespace); waits for the group. Returns the two
     torchruns and the pids of the leader (rank 0, on A) and of the rank on B. The balancer fails a
     group over DEAD_AFTER_S after its last heartbeat: time for a test to look at the dead group's queue."""
-    on_a = torchrun(procs, hosts, hosts.a, model_dir, tp_timeout_s=tp_timeout_s)
-    on_b = torchrun(procs, hosts, hosts.b, model_dir, tp_timeout_s=tp_timeout_s)
+    on_a = torchrun(procs, hosts, hosts.a, model_dir, rendezvous=rendezvous, tp_timeout_s=tp_timeout_s)
+    on_b = torchrun(procs, hosts, hosts.b, model_dir, rendezvous=rendezvous, tp_timeout_s=tp_timeout_s)
     procs.balancer(RYZ_DEAD_AFTER_S=str(DEAD_AFTER_S))
     wait_groups(r, keys, {"mh"}, timeout=STARTUP_S)
     (leader,) = children(on_a.pid)
@@ -124,9 +130,10 @@ def test_each_host_picks_the_interface_towards_the_rendezvous(hosts: TwoHosts) -
     assert told == ["None", "lo"]
 
 
+@pytest.mark.parametrize("rendezvous", ["c10d", "static"])
 def test_group_across_two_hosts_serves_exact_tokens(net: Procs, hosts: TwoHosts, r: redis.Redis, keys: Keys,
-                                                    model_dir: Path, reference: list[list[int]]) -> None:
-    start_group(net, hosts, model_dir, r, keys)
+                                                    model_dir: Path, reference: list[list[int]], rendezvous: str) -> None:
+    start_group(net, hosts, model_dir, r, keys, rendezvous=rendezvous)
     ids = submit(r, keys)
     wait_for(lambda: all_finished(r, keys, ids), timeout=STARTUP_S, what="the two-host group to serve")
     for rid, expected in zip(ids, reference):
