@@ -184,9 +184,16 @@ def _run_rank(args: argparse.Namespace, settings: Settings, url: str, options: E
         return _lead(args, settings, url, build_engine(args.model, options))  # refuses --tp > 1
     path = model_dir(args.model)
     load_config(path).check_tp(options.tp)
-    group = start_group(options.tp, device=args.device, follower_argv=_follower_argv(args, settings, path, options),
-                        timeout_s=settings.tp_timeout_s, startup_timeout_s=settings.tp_startup_timeout_s,
-                        threads=settings.threads)
+    try:
+        group = start_group(options.tp, device=args.device, follower_argv=_follower_argv(args, settings, path, options),
+                            timeout_s=settings.tp_timeout_s, startup_timeout_s=settings.tp_startup_timeout_s,
+                            threads=settings.threads)
+    except EngineFailed as exc:
+        log.error("%s; exiting", exc)
+        beacon = getattr(args, "loading_beacon", None)
+        if beacon is not None:  # the leader: no group will come of this start
+            beacon.withdraw()
+        return EXIT_ENGINE_FAILED
     code = EXIT_ENGINE_FAILED
     try:
         if not group.is_leader:

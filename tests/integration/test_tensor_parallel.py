@@ -20,6 +20,7 @@ import pytest
 import redis
 import torch
 
+from broker.embedded import free_port
 from broker.keys import QUEUE_GROUP, Keys
 from broker.registry import read_groups
 from gpu_workers.engine import EXIT_ENGINE_FAILED, EngineRequest
@@ -216,3 +217,16 @@ def test_torchrun_group_beside_a_spawned_one(procs: Procs, r: redis.Redis, keys:
         weights, kv = group["rank_weight_bytes"], group["rank_kv_bytes"]
         assert len(weights) == 2 and weights[0] == weights[1] > 0
         assert len(kv) == 2 and kv[0] == kv[1] and 7 * 2**20 < kv[0] <= 8 * 2**20  # --kv-memory is per rank
+
+
+def test_a_rank_that_never_joins_ends_the_start(procs: Procs, r: redis.Redis, keys: Keys, model_dir: Path) -> None:
+    """Rank 0 under torchrun whose other rank never comes (on another host it failed before joining,
+    e.g. without the model files there): after tp_startup_timeout_s it exits 4 with a line that says
+    so, and its 'loading' entry leaves the registry."""
+    torchrun_env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RYZ_TP_STARTUP_TIMEOUT_S": "3"}
+    leader = procs.spawn("gpu_workers", "--model", str(model_dir), "--group", "alone", *KV, env=torchrun_env)
+    wait_for(lambda: r.zscore(keys.groups, "alone") is not None, timeout=60, what="the group to show as loading")
+    assert leader.wait(timeout=60) == EXIT_ENGINE_FAILED
+    assert "the 2 ranks did not all join the group within 3s" in procs.logs()
+    assert r.zscore(keys.groups, "alone") is None
