@@ -1,4 +1,4 @@
-"""Two "hosts" on this machine: network namespaces joined by a veth pair, with Redis on a third.
+"""Two "hosts" on this machine: network namespaces joined by a veth pair, Redis in the root one.
 
 ::
 
@@ -9,9 +9,9 @@
 
 Each host reaches Redis over a link of its own and the other host only over the group's link, so
 the ranks' traffic can take no other way, and each host has two interfaces besides loopback (the
-ranks must pick the right one). Namespaces and links get names unique to each ``TwoHosts`` and are
-deleted on exit, whatever happened; deleting a namespace deletes the veth ends in it, and with them
-their peers.
+ranks must pick the right one). Each host's processes see a host name of their own, which resolves
+nowhere. Namespaces and links get names unique to each ``TwoHosts`` and are deleted on exit,
+whatever happened; deleting a namespace deletes the veth ends in it, and with them their peers.
 """
 
 from __future__ import annotations
@@ -38,14 +38,21 @@ class NetnsUnavailable(Exception):
 @dataclass(frozen=True, slots=True)
 class Host:
     name: str  # "A" or "B"
-    netns: str
+    netns: str  # also the host name its processes see
     address: str  # on the group's link
     interface: str  # the group's link's end in this namespace
     redis_url: str  # Redis, reached over this host's own link to the root namespace
 
+    @property
+    def hostname(self) -> str:
+        return self.netns
+
     def argv(self, *command: str) -> list[str]:
-        """``command`` run inside this host's namespace (``ip netns exec`` execs it: same pid)."""
-        return ["ip", "netns", "exec", self.netns, *command]
+        """``command`` run inside this host's namespace, under its own host name (a UTS namespace of
+        its own; the name resolves nowhere, as on many real hosts). ``ip netns exec``, ``unshare``
+        and ``exec`` each replace the process: the pid returned is the command's."""
+        return ["ip", "netns", "exec", self.netns, "unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"',
+                self.hostname, *command]
 
 
 def _ip(*args: str) -> None:
@@ -76,8 +83,9 @@ class TwoHosts:
     def __init__(self) -> None:
         if os.geteuid() != 0:
             raise NetnsUnavailable("network namespaces need root")
-        if shutil.which("ip") is None:
-            raise NetnsUnavailable("no ip (iproute2) on PATH")
+        for tool in ("ip", "unshare"):
+            if shutil.which(tool) is None:
+                raise NetnsUnavailable(f"no {tool} on PATH (iproute2, util-linux)")
         token = secrets.token_hex(3)
         self._netns = [f"ryz-{token}-a", f"ryz-{token}-b"]
         self._link = f"rz{token}"  # + two letters: within the 15 characters of an interface name

@@ -111,7 +111,8 @@ def start_group(procs: Procs, hosts: TwoHosts, model_dir: Path, r: redis.Redis, 
     (leader,) = children(on_a.pid)
     (rank_b,) = children(on_b.pid)
     (group,) = read_groups(r, keys, dead_after_s=30.0)
-    assert group.leader_pid == leader and group.tp == 2
+    assert group.leader_pid == leader and group.tp == 2 and group.host == hosts.a.hostname
+    assert group.rank_hosts == [hosts.a.hostname, hosts.b.hostname]
     assert netns_of(leader) == hosts.a.netns and netns_of(rank_b) == hosts.b.netns
     return on_a, on_b, leader, rank_b
 
