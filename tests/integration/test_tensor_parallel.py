@@ -118,8 +118,9 @@ def lose_a_rank(procs: Procs, r: redis.Redis, keys: Keys, model_dir: Path, refer
                 sig: signal.Signals, *, within_s: float, tp_timeout_s: float) -> list[str]:
     """Start a 2-rank group, let it generate, send ``sig`` to its non-leader rank; check that the
     leader exits (within ``within_s``) and the rank is gone, that the heartbeat stopped and nothing
-    wrong or final was published, and that every request is still pending in the group's queue."""
-    procs.balancer()
+    wrong or final was published, and that every request is still pending in the group's queue (the
+    balancer waits 20 s, not 3, before it fails a silent group over: time to look, on a loaded host)."""
+    procs.balancer(RYZ_DEAD_AFTER_S="20")
     leader, follower = start_group(procs, model_dir, "tp", tp_timeout_s=tp_timeout_s)
     wait_groups(r, keys, {"tp"}, timeout=60)
     ids = submit(r, keys)
@@ -147,9 +148,9 @@ def test_killed_rank_stops_the_group_and_its_work_fails_over(
     procs: Procs, r: redis.Redis, keys: Keys, model_dir: Path, reference: list[list[int]]
 ) -> None:
     # Seen at once (the closed connection), not by the timeout: with a 30 s timeout, an exit within
-    # a few seconds can only come from the kill being noticed.
-    ids = lose_a_rank(procs, r, keys, model_dir, reference, signal.SIGKILL,
-                      within_s=1.0 + SCHEDULING_SLACK_S, tp_timeout_s=30.0)
+    # a third of it can only come from the kill being noticed (4.85 s was seen at a load of 11 on
+    # two cores, past the 4.5 s this allowed before).
+    ids = lose_a_rank(procs, r, keys, model_dir, reference, signal.SIGKILL, within_s=10.0, tp_timeout_s=30.0)
 
     procs.spawn("gpu_workers", "--model", str(model_dir), "--group", "solo", *KV)
     wait_for(lambda: all_finished(r, keys, ids), timeout=90, what="failover to finish every request")
