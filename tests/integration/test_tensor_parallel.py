@@ -34,8 +34,8 @@ pytestmark = pytest.mark.integration
 NEW_TOKENS = 128  # long enough that requests are mid-generation when a rank goes
 TP_TIMEOUT_S = 2.0
 # How late the test process may see an exit beyond the group's own bound, when CI's two cores are
-# shared with a whole suite (a leader was seen 1.08 s after a kill and 4.9 s after a stop there).
-SCHEDULING_SLACK_S = 3.5
+# shared with a whole suite (a leader was seen 4.9 s after a stop there, and 7.1 s at load 12).
+SCHEDULING_SLACK_S = 6.0
 KV = ["--kv-dtype", "fp32", "--kv-memory", "8MiB"]
 
 
