@@ -41,6 +41,7 @@ class Source:
     stream: str
     cancel: str
     tenant: str | None = None
+    removed: bool = False  # a tenant removed (``{p}:tenants:removed``): its entries are answered, not served
 
     def default_id(self, entry_id: str) -> str:
         """The request id of an entry sent without ``id``: its entry id, under the tenant's name."""
@@ -52,16 +53,22 @@ def default_request_id(entry_id: str, tenant: str | None) -> str:
     return entry_id if tenant is None else f"{tenant}:{entry_id}"
 
 
-def sources(keys: Keys, tenants: Iterable[str] = ()) -> list[Source]:
-    """The shared source first, then one per tenant (in the order given)."""
+def sources(keys: Keys, tenants: Iterable[str] = (), removed: Iterable[str] = ()) -> list[Source]:
+    """The shared source first, then one per tenant (in the order given), then one per ``removed``
+    tenant that is no tenant now: its stream is still read, so that what was sent there before (or
+    is still sent) gets an answer (``invalid_request``) rather than none."""
+    tenants = list(tenants)
     return [Source(keys.requests, keys.cancel),
-            *(Source(keys.tenant_requests(t), keys.tenant_cancel(t), t) for t in tenants)]
+            *(Source(keys.tenant_requests(t), keys.tenant_cancel(t), t) for t in tenants),
+            *(Source(keys.tenant_requests(t), keys.tenant_cancel(t), t, removed=True)
+              for t in removed if t not in tenants)]
 
 
-def read_tenants(redis: Redis, keys: Keys) -> list[str]:
-    """The tenants in ``{p}:tenants``, sorted; a member that is no valid tenant name is skipped (logged)."""
+def read_tenants(redis: Redis, keys: Keys, *, removed: bool = False) -> list[str]:
+    """The tenants in ``{p}:tenants`` (``removed``: in ``{p}:tenants:removed``), sorted; a member that
+    is no valid tenant name is skipped (logged)."""
     out = []
-    for raw in redis.smembers(keys.tenants):
+    for raw in redis.smembers(keys.tenants_removed if removed else keys.tenants):
         name = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
         if TENANT_RE.fullmatch(name):
             out.append(name)
