@@ -226,7 +226,8 @@ class Keys:
         """Why ``key`` may not be the reply stream of request ``request_id``; None when it may.
 
         A request of ``tenant`` (one that came in on the tenant's own ingress stream) replies only
-        inside the tenant's space (``tenant_space``): the only keys its client may read.
+        inside the tenant's space (``tenant_space``): the only keys its client may read; a request of
+        no tenant never replies under any tenant's space (nor its companions' ``{<space>``).
 
         Never one of the pipeline's own keys (``is_internal``), never the state of a request (a
         companion: ``state``, ``generated``, ``generated_text``, under anyone's reply stream), never
@@ -238,6 +239,9 @@ class Keys:
             return "must not be one of ryzanstein's own keys"
         if tenant is not None and not key.startswith(self.tenant_space(tenant)):
             return f"must name a stream of this request's tenant (under {self.tenant_space(tenant)!r})"
+        if tenant is None and key.startswith((f"{self.prefix}:t:", f"{{{self.prefix}:t:")):
+            # a tenant reads these (its user's keys): only its own requests write there
+            return f"must not name a tenant's key (under {self.prefix + ':t:'!r}): only its own requests reply there"
         if hash_tag(key) is not None and _COMPANION.search(key):
             return "must not be the state of a request"
         if len(key) > 2 and key[0] == "{" and key[-1] == "}" and hash_tag(key) == key[1:-1]:

@@ -286,3 +286,23 @@ def test_a_removed_tenants_requests_are_answered_not_lost(
     send(r, keys.tenant_requests("alice"), id="a4", prompt="back")
     b2.refresh_sources()
     run_until(b2.tick, lambda: [req.id for req, _e in queued(r, keys, "g1")] == ["a4"], limit=10)
+
+
+def test_a_shared_request_writes_nothing_into_a_tenants_keys(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer) -> None:
+    """A client of ``{p}:requests`` naming alice's AsyncClient stream (or a key her user reads, under
+    ``{<space>``) as reply_to would put events where alice takes them as answers: refused, answered on
+    its own default stream."""
+    r.sadd(keys.tenants, "alice")
+    balancer = make_balancer()
+    fake_group(r, keys, "g1")
+    balancer.refresh_groups()
+    targets = [keys.client_replies("uuid1", tenant="alice"), "{" + keys.tenant_space("alice") + "x}:y"]
+    for n, target in enumerate(targets):
+        send(r, keys.requests, id=f"s{n}", prompt="hi", reply_to=target)
+    balancer.tick()
+    for n, target in enumerate(targets):
+        [refused] = finals(events(r, keys.reply_stream(f"s{n}")))
+        assert refused["code"] == "invalid_request" and "tenant's key" in refused["message"]
+        assert not r.exists(target)
+    assert queued(r, keys, "g1") == []
