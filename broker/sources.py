@@ -78,8 +78,9 @@ def read_tenants(redis: Redis, keys: Keys, *, removed: bool = False) -> list[str
 
 
 def tenant_cancels(redis: Redis, keys: Keys) -> dict[str, str]:
-    """The tenants' cancel streams, each with its tenant (what a worker group reads besides ``{p}:cancel``)."""
-    return {keys.tenant_cancel(t): t for t in read_tenants(redis, keys)}
+    """The tenants' cancel streams, each with its tenant (what a worker group reads besides
+    ``{p}:cancel``); a removed tenant's too: its requests in flight can still be cancelled."""
+    return {keys.tenant_cancel(t): t for t in (*read_tenants(redis, keys), *read_tenants(redis, keys, removed=True))}
 
 
 def shares(total: int, streams: int, *, start: int = 0) -> list[int]:

@@ -306,3 +306,21 @@ def test_a_shared_request_writes_nothing_into_a_tenants_keys(
         assert refused["code"] == "invalid_request" and "tenant's key" in refused["message"]
         assert not r.exists(target)
     assert queued(r, keys, "g1") == []
+
+
+def test_a_removed_tenants_request_in_flight_can_still_be_cancelled(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, mono: FakeMonotonic) -> None:
+    """alice is removed while her request runs in a group: her cancel still ends it."""
+    r.sadd(keys.tenants, "alice")
+    balancer = make_balancer()
+    group = WorkerGroup(r, EchoEngine(), settings=balancer.settings, name="g1", monotonic=mono)
+    group.register()
+    balancer.refresh_groups()
+    reply = keys.client_replies("a", tenant="alice")
+    send(r, keys.tenant_requests("alice"), id="long", prompt="word " * 60, max_tokens=200, stream=1, reply_to=reply)
+    run_until(lambda: (balancer.tick(), group.tick()), lambda: len(events(r, reply)) >= 2, limit=50)
+    r.smove(keys.tenants, keys.tenants_removed, "alice")  # what `ryzanstein tenant remove` does
+    group.heartbeat(force=True)  # the group reads the tenants again
+    send(r, keys.tenant_cancel("alice"), id="long")
+    run_until(lambda: (balancer.tick(), group.tick()), lambda: bool(finals(events(r, reply))), limit=20)
+    assert [e.get("finish_reason") for e in finals(events(r, reply))] == ["cancelled"]
