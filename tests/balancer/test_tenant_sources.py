@@ -324,3 +324,24 @@ def test_a_removed_tenants_request_in_flight_can_still_be_cancelled(
     send(r, keys.tenant_cancel("alice"), id="long")
     run_until(lambda: (balancer.tick(), group.tick()), lambda: bool(finals(events(r, reply))), limit=20)
     assert [e.get("finish_reason") for e in finals(events(r, reply))] == ["cancelled"]
+
+
+def test_a_request_dispatched_before_its_tenants_removal_is_not_answered_again(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer) -> None:
+    """b1 queues alice's a1 and dies before acknowledging it; alice is removed; b2 claims the entry:
+    a1 stays with its group, no second (removal) answer, the entry acknowledged."""
+    r.sadd(keys.tenants, "alice")
+    fake_group(r, keys, "g1")
+    b1 = make_balancer("b1", claim_idle_ms=0)
+    b1.refresh_groups()
+    send(r, keys.tenant_requests("alice"), id="a1", prompt="hi")
+    b1.tick()
+    assert [req.id for req, _e in queued(r, keys, "g1")] == ["a1"]
+    r.smove(keys.tenants, keys.tenants_removed, "alice")
+    b2 = make_balancer("b2", claim_idle_ms=0)
+    b2.refresh_groups()
+    run_until(b2.tick, lambda: b2.counts["reclaimed"] >= 1, limit=10)
+    b2.tick()
+    b2.flush_acks()
+    assert events(r, keys.reply_stream("a1", tenant="alice")) == [] and events(r, keys.dead) == []
+    assert r.xlen(keys.tenant_requests("alice")) == 0 and [req.id for req, _e in queued(r, keys, "g1")] == ["a1"]
