@@ -187,23 +187,25 @@ def _parse(
 
 def _squats(request_id: str, entry_id: str, tenant: str | None, now_ms: float | None) -> str | None:
     """Why an explicit ``request_id`` is the id a later request sent without 'id' would get (None: it
-    is not): an entry id after this entry's own, or ``<tenant>:<entry id>``, the form of a tenant's
-    such ids (broker.sources.default_request_id), of another tenant or (own tenant) after this
-    entry's own. A tenant's stream may carry entry ids ahead of the clock (it names them itself)
-    while later shared entries get ids by the clock: there the clock bounds it."""
+    is not): an entry id after this entry's own, or ``<tenant>:<entry id>`` with such an entry id,
+    the id of a later request of that tenant (broker.sources.default_request_id; any tenant's, this
+    request's own or another's). A tenant's stream may carry entry ids ahead of the clock (it names
+    them itself) while later shared entries get ids by the clock: there the clock bounds it."""
     owner, colon, rest = request_id.partition(":")
-    if colon and TENANT_RE.fullmatch(owner) and ENTRY_ID_RE.fullmatch(rest):
-        if owner != tenant:
-            return (f"has the form '<tenant>:<entry id>' of tenant {show(owner)}'s requests sent without 'id' "
-                    "(docs/PROTOCOL.md, \"Tenants\"); choose another id")
-        request_id = rest
+    named = colon and TENANT_RE.fullmatch(owner) and ENTRY_ID_RE.fullmatch(rest)
+    later_id = rest if named else request_id
     if tenant is None or now_ms is None:
-        later = is_later_entry_id(request_id, entry_id)
+        later = is_later_entry_id(later_id, entry_id)
     else:
         bound = f"{min(entry_ms(entry_id), int(now_ms))}-0"
-        later = request_id == bound or is_later_entry_id(request_id, bound)
+        later = later_id == bound or is_later_entry_id(later_id, bound)
+    if not later:
+        return None
+    if named:
+        return (f"has the form '<tenant>:<entry id>' of the id a later request of tenant {show(owner)} sent "
+                "without 'id' gets (docs/PROTOCOL.md, \"Tenants\"); choose another id")
     return ("has the shape of a stream entry id after this request's own; such ids are the ids of later "
-            "requests sent without 'id'") if later else None
+            "requests sent without 'id'")
 
 
 def _model(value: Any) -> str:
