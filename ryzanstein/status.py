@@ -15,6 +15,7 @@ import json
 import shutil
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
@@ -56,7 +57,7 @@ class BalancerInfo:
     """A consumer of the ingress stream, as Redis sees it."""
 
     name: str
-    pending: int  # entries it read and has not acknowledged
+    pending: int  # entries it read and has not acknowledged (of every ingress stream)
     idle_s: float  # since it last read entries (Redis does not count reads that return nothing)
     heartbeat_age_s: float | None = None  # of its stats key, written after every read; None: none
 
@@ -81,13 +82,21 @@ def read_snapshot(redis: Redis, keys: Keys, *, dead_after_s: float, now_s: float
     pipe.zrange(keys.balancers, 0, -1, withscores=True)
     for stream, _tenant in streams:
         add_reads(pipe, stream)
+    for stream, _tenant in streams[1:]:
+        pipe.xinfo_consumers(stream, INGRESS_GROUP)
     consumers, (secs, micros), beats, *replies = pipe.execute(raise_on_error=False)
+    reads, held = replies[: 2 * len(streams)], replies[2 * len(streams):]
     depths = [depth_of(stream, tenant, length, infos)
-              for (stream, tenant), length, infos in zip(streams, replies[0::2], replies[1::2])]
+              for (stream, tenant), length, infos in zip(streams, reads[0::2], reads[1::2])]
+    pending: Counter[str] = Counter()  # each balancer's entries of the tenants' streams
+    for reply in held:
+        if isinstance(reply, list):  # (a tenant's stream not made yet: NOGROUP)
+            pending.update({_text(c["name"]): int(c["pending"]) for c in reply})
     now_ms = secs * 1000.0 + micros / 1000.0
     beat_age = {_text(name): max(0.0, (now_ms - score) / 1000.0) for name, score in beats}
     balancers = [] if isinstance(consumers, ResponseError) else [
-        BalancerInfo(_text(c["name"]), int(c["pending"]), int(c["idle"]) / 1000.0, beat_age.get(_text(c["name"])))
+        BalancerInfo(_text(c["name"]), int(c["pending"]) + pending[_text(c["name"])], int(c["idle"]) / 1000.0,
+                     beat_age.get(_text(c["name"])))
         for c in consumers
     ]
     return Snapshot(groups, sum(d.depth for d in depths), sum(d.pending for d in depths),
