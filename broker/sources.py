@@ -97,6 +97,15 @@ def shares(total: int, streams: int, *, start: int = 0) -> list[int]:
     return out
 
 
+def cancel_counts(feeds: list[str], shared: str, total: int) -> list[int]:
+    """Cancel entries to read from each of ``feeds`` in one read: ``total`` from the ``shared`` cancel
+    stream, and ``total`` shared equally among the tenants' (``shares``, at least one each): the
+    cost of a read does not grow with the tenants, and a tenant flooding its cancel stream delays
+    its own cancels only."""
+    tenants = iter(shares(total, sum(f != shared for f in feeds)))
+    return [total if f == shared else max(1, next(tenants)) for f in feeds]
+
+
 def tenant_acl(keys: Keys, tenant: str, password: str) -> str:
     """The ``ACL SETUSER`` command of docs/OPERATIONS.md ("Tenants") for ``tenant``: read and write
     its own keys (reply streams, ingress and cancel streams, their state companions' reads), nothing
