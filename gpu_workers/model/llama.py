@@ -12,7 +12,7 @@ sliding window (``ModelConfig.layer_window``) attend only to it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,9 @@ from gpu_workers.model.layers import (
     VocabParallelEmbedding,
 )
 from gpu_workers.model.rope import RotaryEmbedding, apply_rotary
+
+if TYPE_CHECKING:
+    from gpu_workers.kv_cache_groups import KVCacheGroups
 
 # (checkpoint name part, our parameter name part, shard id)
 STACKED_PARAMS: tuple[tuple[str, str, Any], ...] = (
@@ -145,6 +148,12 @@ class LlamaForCausalLM(nn.Module):
             self.sliding_rotary = RotaryEmbedding(config, theta=config.sliding_rope_theta,
                                                   scaling=config.sliding_rope_scaling)
         self.sliding_layers = {i for i in range(config.num_hidden_layers) if config.layer_window(i) is not None}
+
+    def place_kv_cache(self, groups: KVCacheGroups) -> None:
+        """Each layer's attention reads and writes its KV cache group's blocks, at its index in the group."""
+        for module in self.modules():
+            if isinstance(module, PagedAttention):
+                module.place(*groups.locate(module.layer))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings [T, hidden] of ``input_ids`` [T]."""
