@@ -119,7 +119,7 @@ class Wire:
                 self._conn = self._pool.connection_class(**self._pool.connection_kwargs)
             conn = self._conn
             try:
-                conn.send_packed_command(_pack(conn, batch.commands))
+                conn.send_packed_command(pack_commands(conn, batch.commands))
                 replies: list[Any] = []
                 for _ in batch.commands:
                     try:
@@ -141,8 +141,8 @@ class Wire:
                 self._conn = None
 
 
-
-def _pack(conn: Any, commands: list[tuple[Any, ...]]) -> Any:
+def pack_commands(conn: Any, commands: list[tuple[Any, ...]]) -> Any:
+    """``commands`` packed for one ``send_packed_command`` on ``conn``."""
     if _pack_command is None:
         return conn.pack_commands(commands)
     return [b"".join(_pack_command(command) for command in commands)]
