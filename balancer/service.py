@@ -34,7 +34,7 @@ from balancer.pending import Final, Waiting
 from balancer.poison import PUBLISHER, PoisonHandling
 from balancer.routing import AffinityTable, Router, RoutingPolicy, prefix_key
 from balancer.telemetry import BalancerTelemetry
-from broker.connection import TRANSIENT_ERRORS, RedisClock
+from broker.connection import TRANSIENT_ERRORS, RedisClock, server_time
 from broker.consumer import Next, StreamConsumer, serve
 from broker.dead_letter import Attempts, DeadLetters
 from broker.errors import InvalidRequest
@@ -69,7 +69,7 @@ class Balancer(IngressReader, PoisonHandling, Dispatcher):
         self.keys = Keys(settings.prefix)
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.scripts = Scripts(redis)
-        self.clock = RedisClock(redis.time)
+        self.clock = RedisClock(lambda: server_time(redis, self.keys.groups))
         self.limits = Limits.from_settings(settings)
         self.rules = Rules(self.limits, no_group_wait_s=settings.no_group_wait_s, default_model=settings.default_model)
         self.router = Router(policy=RoutingPolicy(), limits=self.limits, adaptive=adaptive_routing,

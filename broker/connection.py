@@ -208,3 +208,28 @@ def retry_forever(fn: Callable[[], object], settings: Settings, *, what: str,
             else:
                 time.sleep(delay)
     return False
+
+
+# TIME on the master of the key given: cluster pipelines refuse keyless commands, and on a cluster
+# the clock that matters is that of the node stamping the heartbeats (HEARTBEAT, on the registry's).
+_TIME_OF_KEY = "return redis.call('TIME')"
+
+
+def pipe_time(pipe: Any, key: str) -> None:
+    """Add TIME to ``pipe`` (sync or asyncio): on a cluster, the clock of ``key``'s master. Read the
+    reply with ``time_pair``."""
+    if is_cluster(pipe):
+        pipe.execute_command("EVAL", _TIME_OF_KEY, 1, key)  # ClusterPipeline.eval is refused
+    else:
+        pipe.time()
+
+
+def server_time(client: redis.Redis, key: str) -> tuple[int, int]:
+    """TIME as (seconds, microseconds); on a cluster, of ``key``'s master."""
+    return time_pair(client.eval(_TIME_OF_KEY, 1, key) if is_cluster(client) else client.time())
+
+
+def time_pair(raw: Any) -> tuple[int, int]:
+    """A TIME reply (redis-py's (int, int), or the script's two strings) as (seconds, microseconds)."""
+    secs, micros = raw
+    return int(secs), int(micros)

@@ -27,6 +27,7 @@ from redis.asyncio.client import Pipeline as AsyncPipeline
 from redis.client import Pipeline
 from redis.exceptions import ResponseError
 
+from broker.connection import pipe_time, time_pair
 from broker.keys import INGRESS_GROUP, Keys
 from broker.registry import GroupStatus, groups_from_reply, served_names, zset_members
 
@@ -83,7 +84,7 @@ def judge(view: PathView, *, balancer_dead_after_s: float) -> PathHealth:
 # --- reading ---------------------------------------------------------------------------------------
 
 def _first_pipeline(pipe: Pipeline | AsyncPipeline, keys: Keys, names: list[str]) -> None:
-    pipe.time()
+    pipe_time(pipe, keys.groups)
     for name in names:
         pipe.hgetall(keys.group_info(name))
     pipe.zrevrange(keys.balancers, 0, 0, withscores=True)
@@ -98,7 +99,7 @@ def _after_first(reply: list[Any], names: list[str], *, dead_after_s: float
         if isinstance(raw, Exception):
             raise raw
     groups = groups_from_reply(reply[: 1 + len(names)], dead_after_s=dead_after_s)
-    secs, micros = reply[0]
+    secs, micros = time_pair(reply[0])
     now_ms = secs * 1000.0 + micros / 1000.0
     youngest, infos = reply[1 + len(names)], reply[2 + len(names)]
     balancer_age_s = max(0.0, (now_ms - float(youngest[0][1])) / 1000.0) if youngest else None

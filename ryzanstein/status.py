@@ -22,7 +22,7 @@ from redis import Redis
 from redis.exceptions import ResponseError
 
 from broker.cli_common import settings_from_args, setup_logging
-from broker.connection import TRANSIENT_ERRORS, connect, resolve_url
+from broker.connection import TRANSIENT_ERRORS, connect, pipe_time, resolve_url, time_pair
 from broker.keys import INGRESS_GROUP, Keys
 from broker.registry import GroupStatus, read_groups
 from broker.settings import Settings
@@ -73,11 +73,12 @@ def read_snapshot(redis: Redis, keys: Keys, *, dead_after_s: float, now_s: float
     pipe.xlen(keys.requests)
     pipe.xinfo_groups(keys.requests)
     pipe.xinfo_consumers(keys.requests, INGRESS_GROUP)
-    pipe.time()
+    pipe_time(pipe, keys.groups)
     pipe.zrange(keys.balancers, 0, -1, withscores=True)
-    depth, infos, consumers, (secs, micros), beats = pipe.execute(raise_on_error=False)
+    depth, infos, consumers, raw_time, beats = pipe.execute(raise_on_error=False)
     if isinstance(depth, Exception):
         raise depth
+    secs, micros = time_pair(raw_time)
     now_ms = secs * 1000.0 + micros / 1000.0
     beat_age = {_text(name): max(0.0, (now_ms - score) / 1000.0) for name, score in beats}
     pending = 0

@@ -1,0 +1,120 @@
+"""The pipeline end to end on each kind of Redis: one server and a Redis Cluster (3 masters + 3
+replicas; tests/redis_cluster.py). Real balancer and worker processes, the Python clients (sync and
+asyncio) and ``ryzanstein status``; every URL is the backend's (``redis+cluster://`` for the cluster)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from broker.connection import connect
+from broker.keys import Keys
+from broker.settings import Settings
+from producer.async_client import AsyncClient
+from producer.client import Client
+from tests.integration.conftest import Procs, all_finished, final_events, send_many, wait_for, wait_groups
+
+pytestmark = pytest.mark.integration
+STARTUP_S = 120.0  # worker processes import torch: slow on a loaded 2-core CI box
+
+
+@pytest.fixture(params=["single", "cluster"])
+def redis_url(request: pytest.FixtureRequest, redis_url: str) -> str:
+    """The single server's URL (flushed), then the session cluster's (flushed)."""
+    if request.param == "cluster":
+        return str(request.getfixturevalue("cluster_url"))
+    return redis_url
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    client = connect(redis_url, Settings())
+    yield client
+    client.close()
+
+
+def test_submit_and_stream_with_both_clients(procs: Procs, r: redis.Redis, keys: Keys, redis_url: str) -> None:
+    procs.balancer()
+    procs.worker("g1", "--model", "random:tiny")
+    wait_groups(r, keys, {"g1"}, timeout=STARTUP_S)
+    client = Client(redis_url, prefix=keys.prefix)
+    deltas = list(client.stream("hello there", max_tokens=6, temperature=0))
+    result = client.generate("hello there", max_tokens=6, temperature=0, timeout=30)
+    assert len(deltas) == 6 and "".join(deltas) == result.text  # greedy: the same text twice
+    client.close()
+
+    async def both() -> list[str]:
+        aclient = AsyncClient(redis_url, prefix=keys.prefix)
+        got = [(await aclient.generate(f"p{i}", max_tokens=4, timeout=30)).text for i in range(3)]
+        await aclient.close()
+        return got
+
+    assert len(asyncio.run(both())) == 3
+
+
+def test_requests_on_every_master_answered_exactly_once(procs: Procs, r: redis.Redis, keys: Keys) -> None:
+    procs.balancer()
+    procs.worker("g1")
+    procs.worker("g2")
+    wait_groups(r, keys, {"g1", "g2"}, timeout=STARTUP_S)
+    ids = send_many(r, keys, 200, tag="m", stream="1", max_tokens="64")
+    wait_for(lambda: all_finished(r, keys, ids), timeout=60, what="200 results")
+    for rid in ids:
+        finals = final_events(r, keys.result(rid))
+        assert len(finals) == 1 and finals[0][b"text"] == f"echo {rid}".encode(), rid
+    assert r.xlen(keys.requests) == 0
+
+
+def test_cancel_mid_stream(procs: Procs, r: redis.Redis, keys: Keys, redis_url: str) -> None:
+    procs.balancer()
+    procs.worker("slow", RYZ_ECHO_TOKEN_DELAY_MS="50")
+    wait_groups(r, keys, {"slow"}, timeout=STARTUP_S)
+    client = Client(redis_url, prefix=keys.prefix)
+    handle = client.submit("a long prompt to echo slowly " * 4, max_tokens=200, stream=True)
+    wait_for(lambda: len(r.xrange(handle.reply_to)) >= 3, timeout=20, what="tokens to stream")
+    client.cancel(handle)
+    [final] = wait_for(lambda: final_events(r, handle.reply_to), timeout=10, what="the final event")
+    assert final[b"finish_reason"] == b"cancelled"
+    assert 0 < int(final[b"completion_tokens"]) < 200
+    client.close()
+
+
+@pytest.mark.chaos
+def test_killed_group_fails_over(procs: Procs, r: redis.Redis, keys: Keys) -> None:
+    procs.balancer()
+    victim = procs.worker("g1", RYZ_ECHO_TOKEN_DELAY_MS="20")
+    procs.worker("g2", RYZ_ECHO_TOKEN_DELAY_MS="20")
+    wait_groups(r, keys, {"g1", "g2"}, timeout=STARTUP_S)
+    ids = send_many(r, keys, 60, tag="f", stream="1", max_tokens="64")
+    wait_for(lambda: any(r.hget(keys.state(keys.result(rid), rid), "owner") == b"g1"
+                         and r.xlen(keys.result(rid)) >= 2 for rid in ids), what="g1 mid-stream")
+    victim.send_signal(signal.SIGKILL)
+    wait_for(lambda: all_finished(r, keys, ids), timeout=60, what="every request after the failover")
+    moved = 0
+    for rid in ids:
+        events = [f for _i, f in r.xrange(keys.result(rid))]
+        finals = [f for f in events if f[b"event"] in (b"done", b"error")]
+        assert len(finals) == 1 and finals[0][b"text"] == f"echo {rid}".encode(), rid
+        tokens = [int(f[b"index"]) for f in events if f[b"event"] == b"token"]
+        assert tokens == list(range(len(tokens))), rid  # never a token twice nor a gap
+        moved += r.hget(keys.state(keys.result(rid), rid), "epoch") != b"1"
+    assert moved >= 1
+
+
+def test_status_and_health(procs: Procs, r: redis.Redis, keys: Keys, subprocess_env: dict[str, str]) -> None:
+    procs.balancer()
+    procs.worker("g1")
+    wait_groups(r, keys, {"g1"}, timeout=STARTUP_S)
+    run = [sys.executable, "-m", "ryzanstein"]
+    status = subprocess.run([*run, "status", "--json"], env=subprocess_env, capture_output=True, text=True,
+                            timeout=30, check=True)
+    assert [g["name"] for g in json.loads(status.stdout)["groups"]] == ["g1"]
+    health = subprocess.run([*run, "health"], env=subprocess_env, capture_output=True, text=True, timeout=30)
+    assert health.returncode == 0, health.stdout + health.stderr
