@@ -116,7 +116,11 @@ class Wire:
             return []
         with self._lock:
             if self._conn is None:
-                self._conn = self._pool.connection_class(**self._pool.connection_kwargs)
+                fresh = self._pool.connection_class(**self._pool.connection_kwargs)
+                # Here, not in the first send: a Sentinel-managed connection asks the Sentinels for the
+                # master in its connect() (sending first would connect to its default address).
+                fresh.connect()
+                self._conn = fresh
             conn = self._conn
             try:
                 conn.send_packed_command(pack_commands(conn, batch.commands))

@@ -125,6 +125,7 @@ class ClusterWire:
                 node = self._cluster.get_default_node()  # an ASK target not in the slot map: its settings
             pool = node.redis_connection.connection_pool
             conn = pool.connection_class(**{**pool.connection_kwargs, "host": address[0], "port": address[1]})
+            conn.connect()
             self._conns[address] = conn
         return conn
 

@@ -226,10 +226,21 @@ class LocalSentinel:
                     f"sentinel failover-timeout {self.service} 2000\n")
             self._servers.spawn(self.sentinel_port, sentinel_conf=conf)
             self._servers.wait_ready([self.sentinel_port])
+            self._wait_replicated()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _wait_replicated(self, *, timeout_s: float = 20.0) -> None:
+        """Until the replica is in sync and the Sentinel knows it (else it would have no one to promote)."""
+        deadline = time.monotonic() + timeout_s
+        with redis.Redis(port=self.replica_port) as replica, redis.Redis(port=self.sentinel_port) as watcher:
+            while (replica.info("replication").get("master_link_status") != "up"
+                   or not watcher.sentinel_slaves(self.service)):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the replica did not sync, or the Sentinel did not find it")
+                time.sleep(0.05)
 
     def kill_master(self) -> None:
         self._servers.kill(self.master_port)
