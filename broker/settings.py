@@ -142,6 +142,10 @@ class Settings(BaseSettings):
     batch_progress_interval_s: float = Field(
         default=1.0, description="How often a batch job syncs its output file and saves its progress."
     )
+    # RQ runs on one Redis server only: with a Redis Cluster (redis+cluster://) for the pipeline, the
+    # batch jobs' RQ queue lives on this one (any single-server URL form); the requests still go to
+    # the cluster. Default: the pipeline's own Redis.
+    batch_redis_url: str | None = None
 
 
 def load_settings(**overrides: Any) -> Settings:

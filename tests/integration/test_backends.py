@@ -10,11 +10,13 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 
 from broker.connection import connect
+from broker.embedded import EmbeddedRedis
 from broker.keys import Keys
 from broker.settings import Settings
 from producer.async_client import AsyncClient
@@ -135,3 +137,28 @@ def test_status_and_health(procs: Procs, r: redis.Redis, keys: Keys, subprocess_
     assert [g["name"] for g in json.loads(status.stdout)["groups"]] == ["g1"]
     health = subprocess.run([*run, "health"], env=subprocess_env, capture_output=True, text=True, timeout=30)
     assert health.returncode == 0, health.stdout + health.stderr
+
+
+def test_batch_job(procs: Procs, r: redis.Redis, keys: Keys, subprocess_env: dict[str, str], tmp_path: Path,
+                   redis_url: str, redis_server: EmbeddedRedis) -> None:
+    batch = [sys.executable, "-m", "producer", "batch"]
+    source, out = tmp_path / "prompts.jsonl", tmp_path / "results.jsonl"
+    prompts = [f"line {i:02d} " + "z" * 10 for i in range(20)]
+    source.write_text("".join(json.dumps({"prompt": p, "max_tokens": 64}) + "\n" for p in prompts))
+    env = dict(subprocess_env)
+    if redis_url.startswith("redis+cluster://"):  # RQ runs on one server: its queue goes there
+        refused = subprocess.run([*batch, "submit", str(source), "--out", str(out)], env=env, capture_output=True,
+                                 text=True, timeout=60)
+        assert refused.returncode != 0 and "RYZ_BATCH_REDIS_URL" in refused.stderr
+        env["RYZ_BATCH_REDIS_URL"] = redis_server.url
+    procs.balancer()
+    procs.worker("g1")
+    submitted = subprocess.run([*batch, "submit", str(source), "--out", str(out)], env=env,
+                               capture_output=True, text=True, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    wait_groups(r, keys, {"g1"}, timeout=STARTUP_S)
+    procs.spawn("producer", "batch", "worker", env=env)
+    records = wait_for(lambda: out.exists() and len(out.read_text().splitlines()) == len(prompts)
+                       and [json.loads(line) for line in out.read_text().splitlines()], timeout=60,
+                       what="the batch output")
+    assert sorted(rec["text"] for rec in records) == prompts
