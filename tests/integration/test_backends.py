@@ -162,3 +162,28 @@ def test_batch_job(procs: Procs, r: redis.Redis, keys: Keys, subprocess_env: dic
                        and [json.loads(line) for line in out.read_text().splitlines()], timeout=60,
                        what="the batch output")
     assert sorted(rec["text"] for rec in records) == prompts
+
+
+def test_gateway(procs: Procs, r: redis.Redis, keys: Keys) -> None:
+    import openai
+
+    procs.balancer()
+    procs.worker("g1")
+    log = procs.log_dir / f"{len(procs.started):02d}-producer.log"  # the name Procs.spawn gives it
+    procs.spawn("producer", "gateway", "--port", "0")
+    wait_groups(r, keys, {"g1"}, timeout=STARTUP_S)
+
+    def served() -> str | None:
+        for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
+            if line.startswith("ryzanstein gateway: serving "):
+                return line.split()[3]
+        return None
+
+    url = wait_for(served, timeout=STARTUP_S, what="the gateway")
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    done = client.completions.create(model="echo", prompt="through the gateway", max_tokens=64)
+    assert done.choices[0].text == "through the gateway"
+    chunks = client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=64, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).startswith("user: hi")
+    assert [m.id for m in client.models.list()] == ["echo"]
