@@ -92,18 +92,20 @@ def connect(url: str, settings: Settings, *, decode_responses: bool = False) -> 
     if target.kind == "cluster":
         from redis.cluster import ClusterNode, RedisCluster
 
-        cluster = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes], retry=retry,
-                               require_full_coverage=False, decode_responses=decode_responses,
-                               **_credentials(target), socket_timeout=settings.socket_timeout_s,
+        nodes = [ClusterNode(host, port) for host, port in target.nodes]  # type: ignore[no-untyped-call]
+        cluster = RedisCluster(startup_nodes=nodes, retry=retry, require_full_coverage=False,
+                               decode_responses=decode_responses, **_credentials(target),
+                               socket_timeout=settings.socket_timeout_s,
                                socket_connect_timeout=settings.connect_timeout_s)
         return cast("redis.Redis", cluster)
     if target.kind == "sentinel":
         from redis.sentinel import Sentinel
 
-        sentinel = Sentinel(list(target.nodes), sentinel_kwargs=_sentinel_options(target, settings))
-        master: redis.Redis = sentinel.master_for(cast("str", target.service), db=target.db, retry=retry,
-                                                  decode_responses=decode_responses, **_credentials(target),
-                                                  **_options(settings))
+        sentinel = Sentinel(list(target.nodes),  # type: ignore[no-untyped-call]
+                            sentinel_kwargs=_sentinel_options(target, settings))
+        master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+            cast("str", target.service), db=target.db, retry=retry, decode_responses=decode_responses,
+            **_credentials(target), **_options(settings))
         return master
     return redis.Redis.from_url(url, decode_responses=decode_responses, retry=retry, **_options(settings))
 
@@ -126,7 +128,8 @@ def connect_async(url: str, settings: Settings, *, decode_responses: bool = Fals
     if target.kind == "sentinel":
         from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 
-        sentinel = AsyncSentinel(list(target.nodes), sentinel_kwargs=_sentinel_options(target, settings))
+        sentinel = AsyncSentinel(list(target.nodes),  # type: ignore[no-untyped-call]
+                                 sentinel_kwargs=_sentinel_options(target, settings))
         master: redis.asyncio.Redis = sentinel.master_for(
             cast("str", target.service), db=target.db, retry=retry, decode_responses=decode_responses,
             **_credentials(target), **_options(settings))

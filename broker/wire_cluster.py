@@ -21,8 +21,14 @@ import threading
 from typing import Any
 
 from redis.cluster import RedisCluster
-from redis.exceptions import (AskError, ClusterDownError, MovedError, RedisClusterException, ResponseError,
-                              SlotNotCoveredError)
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    RedisClusterException,
+    ResponseError,
+    SlotNotCoveredError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from broker.keys import key_slot
@@ -122,7 +128,7 @@ class ClusterWire:
         if conn is None:
             node = self._cluster.nodes_manager.get_node(host=address[0], port=address[1])
             if node is None or node.redis_connection is None:
-                node = self._cluster.get_default_node()  # an ASK target not in the slot map: its settings
+                node = self._cluster.get_default_node()  # type: ignore[no-untyped-call]  # an ASK target not in the slot map: its settings
             pool = node.redis_connection.connection_pool
             conn = pool.connection_class(**{**pool.connection_kwargs, "host": address[0], "port": address[1]})
             conn.connect()

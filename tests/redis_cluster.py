@@ -15,10 +15,14 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import redis
 
 from broker.embedded import die_with_parent
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 NODE_TIMEOUT_MS = 500  # cluster-node-timeout: a dead master is failed over ~2x this after its death
 
@@ -120,7 +124,7 @@ class LocalCluster:
     def url(self) -> str:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports[: self.masters])
 
-    def start(self) -> LocalCluster:
+    def start(self) -> Self:
         try:
             for port in self.ports:
                 self._servers.spawn(port, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
@@ -194,7 +198,7 @@ class LocalCluster:
     def stop(self) -> None:
         self._servers.stop()
 
-    def __enter__(self) -> LocalCluster:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -216,7 +220,7 @@ class LocalSentinel:
     def url(self) -> str:
         return f"redis+sentinel://127.0.0.1:{self.sentinel_port}/{self.service}"
 
-    def start(self) -> LocalSentinel:
+    def start(self) -> Self:
         try:
             self._servers.spawn(self.master_port)
             self._servers.spawn(self.replica_port, "--replicaof", "127.0.0.1", str(self.master_port))
@@ -248,7 +252,7 @@ class LocalSentinel:
     def stop(self) -> None:
         self._servers.stop()
 
-    def __enter__(self) -> LocalSentinel:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -15,9 +15,9 @@ from typing import Any, TextIO
 
 from broker.cli_common import add_common, settings_from_args, setup_logging
 from broker.connection import connect, mask_url, resolve_url
-from broker.redis_url import parse_url
 from broker.errors import ConfigError
 from broker.keys import Keys
+from broker.redis_url import parse_url
 
 DEFAULT_WINDOW = 64
 DEFAULT_RETRIES = 3
