@@ -13,6 +13,7 @@ import redis
 import redis.asyncio
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
@@ -84,7 +85,7 @@ def connect(url: str, settings: Settings, *, decode_responses: bool = False) -> 
 
     A cluster URL gives redis-py's ``RedisCluster``, typed as ``redis.Redis`` (it has the same command
     methods; ``is_cluster`` tells them apart where it matters: Lua loading, the hot path's ``Wire``,
-    multi-key commands). It reads the slot map at once: raises ``RedisClusterException`` when no
+    multi-key commands). It reads the slot map at once: raises redis' ``ConnectionError`` when no
     startup node answers. A sentinel URL gives a client of the master the Sentinels name now.
     """
     target = parse_url(url)
@@ -93,10 +94,13 @@ def connect(url: str, settings: Settings, *, decode_responses: bool = False) -> 
         from redis.cluster import ClusterNode, RedisCluster
 
         nodes = [ClusterNode(host, port) for host, port in target.nodes]  # type: ignore[no-untyped-call]
-        cluster = RedisCluster(startup_nodes=nodes, retry=retry, require_full_coverage=False,
-                               decode_responses=decode_responses, **_credentials(target),
-                               socket_timeout=settings.socket_timeout_s,
-                               socket_connect_timeout=settings.connect_timeout_s)
+        try:
+            cluster = RedisCluster(startup_nodes=nodes, retry=retry, require_full_coverage=False,
+                                   decode_responses=decode_responses, **_credentials(target),
+                                   socket_timeout=settings.socket_timeout_s,
+                                   socket_connect_timeout=settings.connect_timeout_s)
+        except RedisClusterException as exc:  # not a RedisError: made one, for the one-line CLI errors
+            raise RedisConnectionError(f"no startup node answers ({exc})") from exc
         return cast("redis.Redis", cluster)
     if target.kind == "sentinel":
         from redis.sentinel import Sentinel

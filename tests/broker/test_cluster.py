@@ -179,3 +179,18 @@ def test_a_cross_slot_command_fails_loudly_on_the_cluster(cluster_url: str) -> N
         pipe.set("{b}:x", 1)
         pipe.execute()
     client.close()
+
+
+def test_an_unreachable_cluster_is_one_line_without_the_password(tmp_path: object) -> None:
+    import subprocess
+    import sys
+
+    from tests.redis_cluster import cluster_ports
+
+    ports = cluster_ports(2)  # free: nothing listens there
+    url = f"redis+cluster://app:secretpw@127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}"
+    done = subprocess.run([sys.executable, "-m", "ryzanstein", "status", "--redis-url", url], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"ryzanstein status: cannot reach the Redis Cluster at 127.0.0.1:{ports[0]},")
+    assert "secretpw" not in done.stderr + done.stdout and "Traceback" not in done.stderr
