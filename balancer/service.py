@@ -34,7 +34,7 @@ from balancer.pending import Final, Waiting
 from balancer.poison import PUBLISHER, PoisonHandling
 from balancer.routing import AffinityTable, Router, RoutingPolicy, prefix_key
 from balancer.telemetry import BalancerTelemetry
-from broker.connection import TRANSIENT_ERRORS, RedisClock, server_time
+from broker.connection import TRANSIENT_ERRORS, RedisClock, is_cluster, server_time
 from broker.consumer import Next, StreamConsumer, serve
 from broker.dead_letter import Attempts, DeadLetters
 from broker.errors import InvalidRequest
@@ -148,6 +148,10 @@ class Balancer(IngressReader, PoisonHandling, Dispatcher):
                  self.name, len(self.waiting))
 
     def _redis_uptime_s(self) -> float:
+        """Uptime of the server holding the heartbeats (on a cluster, the registry's master)."""
+        if is_cluster(self.redis):
+            node = self.redis.get_node_from_key(self.keys.groups)  # type: ignore[attr-defined]
+            return float(self.redis.info("server", target_nodes=node).get("uptime_in_seconds", 1 << 30))
         return float(self.redis.info("server").get("uptime_in_seconds", 1 << 30))
 
     def _retry(self, fn: Callable[[], object]) -> None:

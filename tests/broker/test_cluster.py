@@ -194,3 +194,16 @@ def test_an_unreachable_cluster_is_one_line_without_the_password(tmp_path: objec
     assert done.returncode == 1
     assert done.stderr.startswith(f"ryzanstein status: cannot reach the Redis Cluster at 127.0.0.1:{ports[0]},")
     assert "secretpw" not in done.stderr + done.stdout and "Traceback" not in done.stderr
+
+
+def test_the_balancer_reads_the_registry_masters_uptime(cluster_url: str,
+                                                                     redis_cluster: LocalCluster) -> None:
+    from balancer.service import Balancer
+    from broker.keys import Keys
+
+    client = connect(cluster_url, Settings())
+    balancer = Balancer(client, settings=Settings(redis_url=cluster_url, prefix="up"), name="b")
+    with redis_cluster.node(redis_cluster.master_of(Keys("up").groups)) as registry:
+        uptime = float(registry.info("server")["uptime_in_seconds"])
+    assert abs(balancer._redis_uptime_s() - uptime) <= 1.0
+    client.close()

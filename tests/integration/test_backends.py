@@ -1,6 +1,8 @@
 """The pipeline end to end on each kind of Redis: one server and a Redis Cluster (3 masters + 3
 replicas; tests/redis_cluster.py). Real balancer and worker processes, the Python clients (sync and
-asyncio) and ``ryzanstein status``; every URL is the backend's (``redis+cluster://`` for the cluster)."""
+asyncio), the gateway, batch jobs and ``ryzanstein status``/``health``; every URL is the backend's
+(``redis+cluster://`` for the cluster). Tests whose single-server form lives elsewhere (test_pipeline,
+test_gateway, test_batch, ...) run on the cluster only, to keep the suite's time."""
 
 from __future__ import annotations
 
@@ -61,13 +63,14 @@ def test_submit_and_stream_with_both_clients(procs: Procs, r: redis.Redis, keys:
     assert len(asyncio.run(both())) == 3
 
 
+@pytest.mark.parametrize("redis_url", ["cluster"], indirect=True)  # single server: test_pipeline & co.
 def test_requests_on_every_master_answered_exactly_once(procs: Procs, r: redis.Redis, keys: Keys) -> None:
     procs.balancer()
     procs.worker("g1")
     procs.worker("g2")
     wait_groups(r, keys, {"g1", "g2"}, timeout=STARTUP_S)
-    ids = send_many(r, keys, 200, tag="m", stream="1", max_tokens="64")
-    wait_for(lambda: all_finished(r, keys, ids), timeout=60, what="200 results")
+    ids = send_many(r, keys, 1000, tag="m", stream="1", max_tokens="64")
+    wait_for(lambda: all_finished(r, keys, ids), timeout=120, what="1000 results")
     for rid in ids:
         finals = final_events(r, keys.result(rid))
         assert len(finals) == 1 and finals[0][b"text"] == f"echo {rid}".encode(), rid
@@ -127,6 +130,7 @@ def test_killed_group_fails_over(procs: Procs, r: redis.Redis, keys: Keys) -> No
     assert check_answered_once(r, keys, prompts) >= 1
 
 
+@pytest.mark.parametrize("redis_url", ["cluster"], indirect=True)  # single server: test_pipeline & co.
 def test_status_and_health(procs: Procs, r: redis.Redis, keys: Keys, subprocess_env: dict[str, str]) -> None:
     procs.balancer()
     procs.worker("g1")
@@ -140,6 +144,7 @@ def test_status_and_health(procs: Procs, r: redis.Redis, keys: Keys, subprocess_
     assert health.returncode == 0, health.stdout + health.stderr
 
 
+@pytest.mark.parametrize("redis_url", ["cluster"], indirect=True)  # single server: test_pipeline & co.
 def test_batch_job(procs: Procs, r: redis.Redis, keys: Keys, subprocess_env: dict[str, str], tmp_path: Path,
                    redis_url: str, redis_server: EmbeddedRedis) -> None:
     batch = [sys.executable, "-m", "producer", "batch"]
@@ -165,6 +170,7 @@ def test_batch_job(procs: Procs, r: redis.Redis, keys: Keys, subprocess_env: dic
     assert sorted(rec["text"] for rec in records) == prompts
 
 
+@pytest.mark.parametrize("redis_url", ["cluster"], indirect=True)  # single server: test_pipeline & co.
 def test_gateway(procs: Procs, r: redis.Redis, keys: Keys) -> None:
     import openai
 
