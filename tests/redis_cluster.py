@@ -157,7 +157,8 @@ class LocalCluster:
         return out
 
     def wait_healthy(self, *, timeout_s: float = 20.0) -> None:
-        """Until every live node reports ``cluster_state:ok`` with all 16384 slots served by live masters."""
+        """Until every live node reports ``cluster_state:ok`` with all 16384 slots served by live masters,
+        and every live replica is in sync with its master."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -168,13 +169,22 @@ class LocalCluster:
                         states.append(conn.cluster("info"))
                 masters = self.primaries()
                 if (all(s["cluster_state"] == "ok" and int(s["cluster_slots_ok"]) == 16384 for s in states)
-                        and set(masters) <= set(live)):
+                        and set(masters) <= set(live) and self._replicas_in_sync(set(live) - set(masters))):
                     return
             except (redis.ConnectionError, redis.ResponseError, redis.TimeoutError):
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError("the cluster did not become healthy")
             time.sleep(0.05)
+
+    def _replicas_in_sync(self, replicas: set[int]) -> bool:
+        """Every live replica has finished its sync with its master (else it could not be promoted)."""
+        for port in replicas:
+            with self.node(port) as conn:
+                info = conn.info("replication")
+            if info.get("role") == "slave" and info.get("master_link_status") != "up":
+                return False
+        return True
 
     def flush(self) -> None:
         for port in self.primaries():
