@@ -13,9 +13,9 @@ import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from broker.redis_url import parse_url
-
 from redis import exceptions as rex
+
+from broker.redis_url import parse_url
 
 EXIT_FATAL = 2  # configuration: credentials, permissions, TLS
 EXIT_UNAVAILABLE = 1  # Redis unreachable or refusing writes: a later try may work
