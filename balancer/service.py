@@ -99,7 +99,7 @@ class Balancer(IngressReader, PoisonHandling, Dispatcher):
             cancel_stream=self.keys.cancel, cancel_horizon_ms=int(settings.cancel_horizon_s * 1000),
             clock=self.clock, ack=self._write_acks)
         # The ingress streams read (broker.sources), by name: the shared one, then the tenants' (refresh_sources).
-        self.sources: dict[str, Source] = {s.stream: s for s in sources(self.keys)}
+        self.sources: dict[str, Source] = {s.stream: s for s in sources(self.keys)}  # + shards: setup
         self._read_start = 0  # the source whose share of a read comes first: it rotates (fairness)
         self.attempts = Attempts()  # entries whose handling failed, backing off before the next try
         self._duplicates: list[Final] = []  # duplicate_id events found by _dispatch, for its next round
@@ -126,12 +126,12 @@ class Balancer(IngressReader, PoisonHandling, Dispatcher):
     def refresh_sources(self) -> None:
         """Read the tenants (``{p}:tenants``, broker.sources): each one's ingress and cancel streams
         are read from now on (their consumer groups made when new); a tenant removed is no longer read."""
-        found = sources(self.keys, read_tenants(self.redis, self.keys))
+        found = sources(self.keys, read_tenants(self.redis, self.keys), shards=self.settings.ingress_shards)
         if [s.stream for s in found] != list(self.sources):
             self.ingress.set_streams([s.stream for s in found[1:]],
                                      {s.cancel: s.tenant for s in found[1:] if s.tenant is not None})
             self.sources = {s.stream: s for s in found}
-            log.info("reading %d ingress streams (%d tenants)", len(found), len(found) - 1)
+            log.info("reading %d ingress streams (%d tenants)", len(found), sum(s.tenant is not None for s in found))
 
     def run(self) -> None:
         recreate = False

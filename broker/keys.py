@@ -126,6 +126,10 @@ class Keys:
         """The tenants whose ingress streams every balancer reads (broker.sources)."""
         return f"{self.prefix}:tenants"
 
+    def requests_shard(self, index: int) -> str:
+        """Ingress shard ``index`` (Settings.ingress_shards): one more stream every balancer reads."""
+        return f"{self.prefix}:requests:{index}"
+
     def tenant_requests(self, tenant: str) -> str:
         """A tenant's own ingress stream: its requests, and only its, come in there."""
         return f"{self.tenant_space(tenant)}requests"
@@ -212,7 +216,7 @@ class Keys:
         tenants = f"{self.prefix}:t:"
         if key.startswith(tenants):  # a tenant's ingress and cancel streams (no ':' in tenant names)
             return key[len(tenants):].partition(":")[2] in ("requests", "cancel")
-        return key in own or key.startswith((f"{{{self.groups}}}:", f"{{{self.prefix}:g:",
+        return key in own or key.startswith((f"{{{self.groups}}}:", f"{{{self.prefix}:g:", f"{self.requests}:",
                                              f"{self.prefix}:balancer:", f"{self.prefix}:id:"))
 
     def reply_to_problem(self, key: str, request_id: str, *, tenant: str | None = None) -> str | None:

@@ -228,3 +228,18 @@ def test_tenant_streams_are_the_pipelines_own_keys(keys: Keys) -> None:
     assert not keys.is_internal(f"{keys.prefix}:t:alice:x:requests")  # a stream of alice's own choosing
     assert keys.reply_to_problem(keys.result("r1"), "r1", tenant="alice") is not None
     assert keys.reply_to_problem(keys.reply_stream("r1", tenant="alice"), "r1", tenant="alice") is None
+
+
+def test_ingress_shards_are_shared_sources_with_ids_of_their_own() -> None:
+    from broker.sources import sources
+
+    keys = Keys("p")
+    found = sources(keys, ["acme"], shards=3)
+    assert [s.stream for s in found] == ["p:requests", "p:requests:0", "p:requests:1", "p:requests:2",
+                                         "p:t:acme:requests"]
+    assert [s.cancel for s in found[:4]] == ["p:cancel"] * 4 and found[4].cancel == "p:t:acme:cancel"
+    assert [s.tenant for s in found] == [None, None, None, None, "acme"]
+    ids = [s.default_id("1-0") for s in found]
+    assert ids == ["1-0", "requests:0:1-0", "requests:1:1-0", "requests:2:1-0", "acme:1-0"]
+    assert [s.stream for s in sources(keys, shards=1)] == ["p:requests"]  # the default: one stream
+    assert all(keys.is_internal(s.stream) for s in found)

@@ -194,3 +194,23 @@ def test_gateway(procs: Procs, r: redis.Redis, keys: Keys) -> None:
                                             max_tokens=64, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).startswith("user: hi")
     assert [m.id for m in client.models.list()] == ["echo"]
+
+
+@pytest.mark.parametrize("redis_url", ["cluster"], indirect=True)
+def test_sharded_ingress(procs: Procs, r: redis.Redis, keys: Keys, redis_url: str) -> None:
+    shards = 4
+    procs.balancer(RYZ_INGRESS_SHARDS=str(shards))
+    procs.worker("g1")
+    wait_groups(r, keys, {"g1"}, timeout=STARTUP_S)
+    client = Client(settings=Settings(redis_url=redis_url, prefix=keys.prefix, ingress_shards=shards))
+    handles = [client.submit(f"sharded {i:02d}", max_tokens=64) for i in range(40)]
+    assert {h.ingress for h in handles} <= {keys.requests_shard(i) for i in range(shards)}
+    assert len({h.ingress for h in handles}) >= 2  # 40 random picks of 4
+    assert [client.result(h, timeout=60).text for h in handles] == [f"sharded {i:02d}" for i in range(40)]
+    r.xadd(keys.requests_shard(2), {"prompt": "no id, on a shard"})  # redis-cli's way, on a shard
+    r.xadd(keys.requests, {"id": "plain", "prompt": "the shared stream still works"})
+    wait_for(lambda: final_events(r, keys.result("plain")), timeout=30, what="the shared stream's request")
+    [no_id] = wait_for(lambda: [k for k in r.scan_iter(match=f"{keys.prefix}:result:requests:2:*")], timeout=30,
+                       what="the shard's request without id")
+    wait_for(lambda: final_events(r, no_id.decode()), timeout=30, what="its final event")
+    client.close()
