@@ -10,6 +10,7 @@ Key schema (``p`` is the prefix, ``ryz`` by default):
 | key | type | what |
 |---|---|---|
 | ``p:requests`` | stream | ingress; consumer group ``balancers`` |
+| ``p:requests:<n>`` | stream | ingress shard ``n`` (``Settings.ingress_shards`` > 1), read like ``p:requests`` |
 | ``p:cancel`` | stream | cancellations, read by every balancer and group |
 | ``p:result:<id>`` | stream | default reply stream of request ``<id>`` |
 | ``{<reply>}:state:<id>`` | hash | owner group, epoch, tokens published, final flag (companion of the reply) |
