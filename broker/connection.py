@@ -91,11 +91,13 @@ def connect(url: str, settings: Settings, *, decode_responses: bool = False) -> 
     target = parse_url(url)
     retry = Retry(_backoff(settings), 3)
     if target.kind == "cluster":
-        from redis.cluster import ClusterNode, RedisCluster
+        from redis.cluster import ClusterNode
+
+        from broker.cluster_client import ClusterClient
 
         nodes = [ClusterNode(host, port) for host, port in target.nodes]  # type: ignore[no-untyped-call]
         try:
-            cluster = RedisCluster(startup_nodes=nodes, retry=retry, require_full_coverage=False,
+            cluster = ClusterClient(startup_nodes=nodes, retry=retry, require_full_coverage=False,
                                    decode_responses=decode_responses, **_credentials(target),
                                    socket_timeout=settings.socket_timeout_s,
                                    socket_connect_timeout=settings.connect_timeout_s)
@@ -122,9 +124,11 @@ def connect_async(url: str, settings: Settings, *, decode_responses: bool = Fals
     target = parse_url(url)
     retry = AsyncRetry(_backoff(settings), 3)
     if target.kind == "cluster":
-        from redis.asyncio.cluster import ClusterNode, RedisCluster
+        from redis.asyncio.cluster import ClusterNode
 
-        cluster = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes], retry=retry,
+        from broker.cluster_client import AsyncClusterClient
+
+        cluster = AsyncClusterClient(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes], retry=retry,
                                require_full_coverage=False, decode_responses=decode_responses,
                                **_credentials(target), socket_timeout=settings.socket_timeout_s,
                                socket_connect_timeout=settings.connect_timeout_s)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 import redis
@@ -207,3 +208,29 @@ def test_the_balancer_reads_the_registry_masters_uptime(cluster_url: str,
         uptime = float(registry.info("server")["uptime_in_seconds"])
     assert abs(balancer._redis_uptime_s() - uptime) <= 1.0
     client.close()
+
+
+def test_stream_reads_survive_the_death_of_the_clients_default_node() -> None:
+    """redis-py asks its default node for the keys of XREAD/XREADGROUP: once that node died, every
+    stream read failed for ever, its replica promoted or not (broker.cluster_client)."""
+    with LocalCluster() as cluster:
+        client = connect(cluster.url, Settings())
+        dead = int(client.get_default_node().port)  # type: ignore[attr-defined]
+        key = next(k for k in (f"s{i}" for i in range(100)) if cluster.master_of(k) != dead)  # stays up
+        client.xadd(key, {"f": "v"})
+        client.xgroup_create(key, "g", id="0")
+
+        async def scenario() -> Any:
+            aclient = connect_async(cluster.url, Settings())
+            await aclient.xadd(key, {"f": "w"})  # the slot map read while every node lives
+            cluster.kill(dead)
+            assert client.xread({key: "0"})[0][1][0][1] == {b"f": b"v"}
+            assert client.xreadgroup("g", "c", {key: ">"})[0][1][0][1] == {b"f": b"v"}
+            aclient.get_default_node = lambda: next(  # type: ignore[method-assign]
+                n for n in aclient.get_nodes() if n.port == dead)  # type: ignore[attr-defined]
+            got = await aclient.xread({key: "0"})
+            await aclient.aclose()
+            return got
+
+        assert len(asyncio.run(scenario())[0][1]) == 2
+        client.close()
