@@ -16,7 +16,8 @@ Every balancer reads every source, one consumer group (``balancers``) per stream
 (XAUTOCLAIM) per stream; one read takes a bounded share of each (``shares``), so a tenant that
 floods its stream delays no other. The shards of the shared stream (``Settings.ingress_shards``,
 ``{p}:requests:<n>``: on a Redis Cluster, ingress spread over the masters) are more entries of the
-list ``sources`` returns, shared sources whose entries sent without ``id`` get ``requests:<n>:<entry id>``.
+list ``sources`` returns: shared sources (an entry sent there without ``id`` gets its entry id, as on
+``{p}:requests``; entry ids of two shards may meet, so clients of shards send ids, as ours do).
 """
 
 from __future__ import annotations
@@ -42,13 +43,9 @@ class Source:
     stream: str
     cancel: str
     tenant: str | None = None
-    shard: int | None = None  # an ingress shard of the shared source (``{p}:requests:<shard>``)
 
     def default_id(self, entry_id: str) -> str:
-        """The request id of an entry sent without ``id``: its entry id, under the tenant's name, or
-        ``requests:<shard>:<entry id>`` on a shard (no tenant is named ``requests:<n>``: no ':')."""
-        if self.shard is not None:
-            return f"requests:{self.shard}:{entry_id}"
+        """The request id of an entry sent without ``id``: its entry id, under the tenant's name."""
         return default_request_id(entry_id, self.tenant)
 
 
@@ -61,7 +58,7 @@ def sources(keys: Keys, tenants: Iterable[str] = (), *, shards: int = 1) -> list
     """The shared source first, then its ingress shards (``shards`` > 1: ``{p}:requests:0`` ..
     ``:shards-1``, cancelled through ``{p}:cancel``), then one per tenant (in the order given)."""
     return [Source(keys.requests, keys.cancel),
-            *(Source(keys.requests_shard(i), keys.cancel, shard=i) for i in range(shards if shards > 1 else 0)),
+            *(Source(keys.requests_shard(i), keys.cancel) for i in range(shards if shards > 1 else 0)),
             *(Source(keys.tenant_requests(t), keys.tenant_cancel(t), t) for t in tenants)]
 
 

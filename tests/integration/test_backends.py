@@ -207,10 +207,10 @@ def test_sharded_ingress(procs: Procs, r: redis.Redis, keys: Keys, redis_url: st
     assert {h.ingress for h in handles} <= {keys.requests_shard(i) for i in range(shards)}
     assert len({h.ingress for h in handles}) >= 2  # 40 random picks of 4
     assert [client.result(h, timeout=60).text for h in handles] == [f"sharded {i:02d}" for i in range(40)]
-    r.xadd(keys.requests_shard(2), {"prompt": "no id, on a shard"})  # redis-cli's way, on a shard
+    entry = r.xadd(keys.requests_shard(2), {"prompt": "no id, on a shard", "max_tokens": "64"})  # redis-cli's way, on a shard
     r.xadd(keys.requests, {"id": "plain", "prompt": "the shared stream still works"})
     wait_for(lambda: final_events(r, keys.result("plain")), timeout=30, what="the shared stream's request")
-    [no_id] = wait_for(lambda: [k for k in r.scan_iter(match=f"{keys.prefix}:result:requests:2:*")], timeout=30,
-                       what="the shard's request without id")
-    wait_for(lambda: final_events(r, no_id.decode()), timeout=30, what="its final event")
+    [final] = wait_for(lambda: final_events(r, keys.result(entry.decode())), timeout=30,
+                       what="the shard's request without id, answered under its entry id")
+    assert final[b"text"] == b"no id, on a shard"
     client.close()
