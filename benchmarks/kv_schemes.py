@@ -285,7 +285,7 @@ def run(model_dir: Path, names: list[str], gen: int) -> dict[str, object]:
     prompts = [ids for _, ids in text_prompts(model_dir)]
     saved = model_dir / f"kv_schemes-greedy-{gen}.pt"  # the fp32 generations, kept with the model
     seqs: list[torch.Tensor] = torch.load(saved) if saved.exists() else []
-    if [s[: len(p)].tolist() for s in seqs] != prompts:
+    if [s[: len(ids)].tolist() for s, ids in zip(seqs, prompts)] != prompts or len(seqs) != len(prompts):
         seqs = []
         for ids in prompts:
             ids_t = torch.tensor([ids])
