@@ -45,13 +45,13 @@ def _of(model: str | None) -> str:
 
 
 def decide(waiting: list[Waiting], *, router: Router, rules: Rules, now_ms: float, now: float,
-           closed: frozenset[str], full: frozenset[str], cancelled: Callable[[str, str | None], bool],
+           closed: frozenset[str], full: frozenset[str], cancelled: Callable[[str, str | None, str | None], bool],
            ready: Callable[[bytes], bool]) -> Decision:
     """Decide for ``waiting`` in priority order (lower ``priority`` first, then arrival).
 
     ``now_ms``: the Redis clock (deadlines, waits); ``now``: the monotonic clock the router's
     affinity and pauses run on. ``closed``/``full``: groups that refused work lately as closed
-    (skipped) or full (no room). ``cancelled(id, cancel_token)``: whether a cancel read applies;
+    (skipped) or full (no room). ``cancelled(id, cancel_token, tenant)``: whether a cancel read applies;
     ``ready(entry_id)``: False while a request backs off after a failure (it is skipped). Assigned
     requests are counted into the router's view (``Router.sent``); a request's model, once
     resolved, is set on it, and its cost on the ``Waiting``.
@@ -72,7 +72,7 @@ def decide(waiting: list[Waiting], *, router: Router, rules: Rules, now_ms: floa
                 load = router.totals(model=model)
                 totals[model] = [load.requests, load.tokens]
             total = totals[model]
-            if cancelled(request.id, request.cancel_token):
+            if cancelled(request.id, request.cancel_token, request.tenant):
                 final = done_event(request.id, text="", token_ids=[], finish_reason="cancelled", prompt_tokens=0)
             elif request.deadline_ms is not None and now_ms >= request.deadline_ms:
                 final = error_event(request.id, "timeout", f"deadline of {request.timeout_s}s passed before dispatch")

@@ -23,6 +23,7 @@ from broker.connection import TRANSIENT_ERRORS
 from broker.keys import QUEUE_GROUP, Keys
 from broker.scripts import Claim, Scripts, pack_events
 from broker.settings import Settings
+from broker.signing import SigningKey
 from broker.wire import Batch
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ class Dispatcher:
     router: Router
     limits: Limits
     telemetry: BalancerTelemetry
+    signing: SigningKey  # signs queue entries (broker.lua.queue_signature)
     waiting: dict[bytes, Waiting]
     counts: Counter[str]
     _closed_until: dict[str, float]
@@ -229,7 +231,7 @@ class Dispatcher:
             accepting=self.keys.group_accepting(group), queue_tokens=self.keys.group_queue_tokens(group),
             request=self._wire(w, group), epoch=epoch, marker_ttl_ms=self.settings.result_ttl_s * 1000,
             cost=w.cost, max_entries=self.limits.group_requests if bounded else 0,
-            max_tokens=self.limits.group_tokens if bounded else 0, client=pipe)
+            max_tokens=self.limits.group_tokens if bounded else 0, signing_key=self.signing.current(), client=pipe)
         return handle
 
     def _wire(self, w: Waiting, group: str) -> bytes:

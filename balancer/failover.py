@@ -81,7 +81,7 @@ class Failover:
             pipe = self.redis.pipeline(transaction=False)
             for entry_id, fields in entries:
                 try:
-                    entry = queue_entry(fields)
+                    entry = queue_entry(fields, signing=self.signing)  # (a forged one is dropped)
                     pipe.xadd(self.keys.requests, entry.request.to_ingress(from_owner=group, epoch=entry.epoch,
                                                                              signing_key=signing_key))
                     moved += 1

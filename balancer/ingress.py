@@ -1,21 +1,25 @@
-"""A balancer's reads of the ingress stream: new entries (bounded in count and bytes) and the
-entries of balancers that died (broker.reclaim), through its ``StreamConsumer`` (broker.consumer,
-which reads the cancels beside them and sends the acknowledgements). Part of ``Balancer`` (a mixin:
-the state it uses is the balancer's, declared below)."""
+"""A balancer's reads of the ingress streams (broker.sources: the shared one and each tenant's): new
+entries (bounded in count and bytes, a fair share of each stream per read) and the entries of
+balancers that died (broker.reclaim), through its ``StreamConsumer`` (broker.consumer, which reads
+the cancels beside them and sends the acknowledgements). Entries are named by ref (broker.consumer).
+Part of ``Balancer`` (a mixin: the state it uses is the balancer's, declared below)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from redis import Redis
+from redis.exceptions import ResponseError
 
 from broker.consumer import StreamConsumer
 from broker.dead_letter import Attempts
 from broker.keys import INGRESS_GROUP, Keys
 from broker.scripts import Scripts, ingress_entries
 from broker.settings import Settings
+from broker.sources import Source, shares
 from broker.validation import best_effort_reply_to
 from broker.wire import Batch
 
@@ -42,6 +46,8 @@ class IngressReader:
     batcher: AdaptiveBatcher
     telemetry: BalancerTelemetry
     ingress: StreamConsumer
+    sources: dict[str, Source]
+    _read_start: int
     attempts: Attempts
     waiting: dict[bytes, Waiting]
     counts: Counter[str]
@@ -79,21 +85,32 @@ class IngressReader:
         until_ms = max(1, int((wake - now) * 1000))
         block = None if ready and can_route else min(self.settings.balancer_block_ms, until_ms)
 
+        read: list[tuple[str, int]] = []
+
         def build(batch: Batch) -> None:
             if block is None:
-                self._read_ingress(batch, self._read_count)
+                read[:] = self._read_ingress(batch, self._read_count)
             else:
-                # Idle: one entry at a time, whatever its size; the rest follow without blocking.
-                batch.xreadgroup(INGRESS_GROUP, self.name, {self.keys.requests: ">"}, count=1, block=block)
+                # Idle: one entry of each stream at a time, whatever its size; the rest follow without blocking.
+                batch.xreadgroup(INGRESS_GROUP, self.name, dict.fromkeys(self.ingress.streams, ">"),
+                                 count=1, block=block)
 
-        got = self.ingress.read(build)
-        (fresh,) = got.replies
+        got = self.ingress.read(build, raise_errors=False)
         if block is None:
-            entries = ingress_entries(fresh)
+            entries, full = self._entries(read, got.replies)
+            if full and len(entries) < self._read_count:  # some streams had less than their share
+                entries += self._read_more(self._read_count - len(entries), full)
         else:
-            entries = [e for _s, items in (fresh or []) for e in items]
-            if entries and self._read_count > 1:
-                entries += self._read_more(self._read_count - 1)
+            (fresh,) = got.replies
+            if isinstance(fresh, ResponseError) and "NOGROUP" in str(fresh) and len(self.ingress.streams) > 1:
+                self.ingress.recreate(self.ingress.streams)  # a tenant deleted its stream: made again
+                fresh = None
+            elif isinstance(fresh, Exception):
+                raise fresh
+            entries = [(self.ingress.ref(stream.decode(), eid), f) for stream, items in (fresh or [])
+                       for eid, f in items]
+            if entries and self._read_count > len(entries):
+                entries += self._read_more(self._read_count - len(entries))
         self.batcher.observe(len(entries), self._monotonic())
         wait = self.batcher.wait_s(len(entries))
         if wait > 0 and len(entries) < self._read_count:
@@ -106,16 +123,63 @@ class IngressReader:
         got.check()
         return entries
 
-    def _read_ingress(self, client: Batch, count: int) -> None:
-        """Add a non-blocking read of up to ``count`` new entries to ``client`` (READ_INGRESS)."""
-        self.scripts.read_ingress(ingress=self.keys.requests, consumer_group=INGRESS_GROUP, consumer=self.name,
-                                  count=count, max_entry_bytes=self.settings.max_request_bytes, client=client)
+    def _read_ingress(self, client: Batch, count: int, streams: list[str] | None = None) -> list[tuple[str, int]]:
+        """Add non-blocking reads of up to ``count`` new entries in all of ``streams`` (default: every
+        ingress stream) to ``client`` (READ_INGRESS, one per stream): an equal share of each, the
+        first share rotating (broker.sources.shares), so that a stream flooded with entries delays
+        no other. The (stream, entries asked) read, in order."""
+        streams = streams if streams is not None else self.ingress.streams
+        counts = shares(count, len(streams), start=self._read_start % max(1, len(streams)))
+        self._read_start += 1
+        read = [(stream, n) for stream, n in zip(streams, counts) if n > 0]
+        for stream, n in read:
+            self.scripts.read_ingress(ingress=stream, consumer_group=INGRESS_GROUP, consumer=self.name,
+                                      count=n, max_entry_bytes=self.settings.max_request_bytes, client=client)
+        return read
 
-    def _read_more(self, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        _, (raw,) = self.scripts.execute(lambda batch: self._read_ingress(batch, count))
-        if isinstance(raw, Exception):
-            raise raw
-        return ingress_entries(raw)
+    def _entries(self, read: list[tuple[str, int]], replies: list[object]
+                 ) -> tuple[list[tuple[bytes, dict[bytes, bytes]]], list[str]]:
+        """The entries (by ref) of READ_INGRESS ``replies`` to ``read``, and the streams that gave all
+        that was asked (they may hold more). A tenant's stream deleted since (NOGROUP) gets its
+        consumer group again; any other error reply is raised."""
+        out: list[tuple[bytes, dict[bytes, bytes]]] = []
+        full: list[str] = []
+        for (stream, asked), raw in zip(read, replies):
+            if isinstance(raw, ResponseError) and "NOGROUP" in str(raw) and stream != self.ingress.stream:
+                self.ingress.recreate([stream])
+            elif isinstance(raw, Exception):
+                raise raw
+            else:
+                got = ingress_entries(raw)
+                out += [(self.ingress.ref(stream, eid), f) for eid, f in got]
+                if len(got) >= asked:
+                    full.append(stream)
+        return out, full
+
+    def _read_more(self, count: int, streams: list[str] | None = None) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """Up to ``count`` more entries of ``streams`` (default: all), without blocking: a fair share
+        of each; what the streams with fewer entries left goes, once more, to those that gave their
+        full share (max-min fair: a lone busy stream still fills the read)."""
+        out: list[tuple[bytes, dict[bytes, bytes]]] = []
+        for _pass in range(2):
+            left = count - len(out)
+            if left <= 0 or streams == []:
+                break
+            read, replies = self.scripts.execute(functools.partial(self._read_ingress, count=left, streams=streams))
+            got, streams = self._entries(read, replies)
+            out += got
+        return out
+
+    def _tenant_of(self, stream: str) -> str | None:
+        source = self.sources.get(stream)
+        return source.tenant if source is not None else None
+
+    def _reply_of(self, ref: bytes, fields: dict[bytes, bytes], *,
+                  signing_key: bytes | None = None) -> tuple[str, str]:
+        """(request id, reply stream) to tell about an entry that cannot be handled (by ref)."""
+        stream, entry_id = self.ingress.locate(ref)
+        return best_effort_reply_to(fields, entry_id=entry_id.decode(), prefix=self.settings.prefix,
+                                    signing_key=signing_key, tenant=self._tenant_of(stream), now_ms=self.clock.now_ms())
 
     def _reclaim(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
         """Entries of balancers that died (idle past claim_idle_ms) become ours; ours stay fresh.
@@ -127,7 +191,7 @@ class IngressReader:
         if found.gone:
             self._ack(found.gone)
         for entry_id, fields, deliveries in found.overdelivered:
-            rid, reply = best_effort_reply_to(fields, entry_id=entry_id.decode(), prefix=self.settings.prefix)
+            rid, reply = self._reply_of(entry_id, fields)
             self._give_up(entry_id, rid, reply, f"delivered {deliveries} times and never handled",
                           fields=fields)
         if found.entries:

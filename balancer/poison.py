@@ -13,6 +13,7 @@ from redis.exceptions import ResponseError
 
 from balancer.pending import Final, Waiting
 from balancer.request_ids import Holder
+from broker.consumer import StreamConsumer
 from broker.dead_letter import Attempts, DeadLetters, describe, is_transient
 from broker.events import error_event
 from broker.keys import Keys
@@ -39,6 +40,7 @@ class PoisonHandling:
     scripts: Scripts
     telemetry: BalancerTelemetry
     dead_letters: DeadLetters
+    ingress: StreamConsumer
     attempts: Attempts
     waiting: dict[bytes, Waiting]
     counts: Counter[str]
@@ -56,8 +58,9 @@ class PoisonHandling:
         code = "internal"
         if isinstance(problem, ResponseError) and ("WRONGTYPE" in reason or "NOPERM" in reason):
             code, reason = "invalid_request", f"field 'reply_to': events cannot be written there ({reason})"
+        source, raw_id = self.ingress.locate(entry_id)  # (entry_id: the entry's ref, broker.consumer)
         delivered = self.dead_letters.give_up(
-            source=self.keys.requests, entry_id=entry_id, request_id=request_id, reply_to=reply_to,
+            source=source, entry_id=raw_id, request_id=request_id, reply_to=reply_to,
             reason=reason, code=code, reply_to_failed=reply_to_failed, fields=fields)
         self.waiting.pop(entry_id, None)
         self.attempts.forget(entry_id)

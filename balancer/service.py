@@ -44,7 +44,8 @@ from broker.registry import read_groups, read_queue_loads
 from broker.scripts import OVERSIZE_FIELD, Scripts
 from broker.settings import Settings
 from broker.signing import SigningKey
-from broker.validation import best_effort_reply_to, parse_request
+from broker.sources import Source, read_tenants, sources
+from broker.validation import parse_request
 from broker.wire import Batch
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,9 @@ class Balancer(IngressReader, PoisonHandling, Dispatcher):
             redis, self.scripts, stream=self.keys.requests, group=INGRESS_GROUP, consumer=self.name,
             cancel_stream=self.keys.cancel, cancel_horizon_ms=int(settings.cancel_horizon_s * 1000),
             clock=self.clock, ack=self._write_acks)
+        # The ingress streams read (broker.sources), by name: the shared one, then the tenants' (refresh_sources).
+        self.sources: dict[str, Source] = {s.stream: s for s in sources(self.keys)}
+        self._read_start = 0  # the source whose share of a read comes first: it rotates (fairness)
         self.attempts = Attempts()  # entries whose handling failed, backing off before the next try
         self._duplicates: list[Final] = []  # duplicate_id events found by _dispatch, for its next round
         self._failed_over: dict[str, int] = {}  # dead group -> heartbeat_ms when its queue was taken over
@@ -116,7 +120,18 @@ class Balancer(IngressReader, PoisonHandling, Dispatcher):
     def setup(self) -> None:
         # From id 0: requests sent before the first balancer started are served too.
         self.ingress.create_group()
+        self.refresh_sources()
         self.signing.get()
+
+    def refresh_sources(self) -> None:
+        """Read the tenants (``{p}:tenants``, broker.sources): each one's ingress and cancel streams
+        are read from now on (their consumer groups made when new); a tenant removed is no longer read."""
+        found = sources(self.keys, read_tenants(self.redis, self.keys))
+        if [s.stream for s in found] != list(self.sources):
+            self.ingress.set_streams([s.stream for s in found[1:]],
+                                     {s.cancel: s.tenant for s in found[1:] if s.tenant is not None})
+            self.sources = {s.stream: s for s in found}
+            log.info("reading %d ingress streams (%d tenants)", len(found), len(found) - 1)
 
     def run(self) -> None:
         recreate = False
@@ -163,6 +178,8 @@ class Balancer(IngressReader, PoisonHandling, Dispatcher):
         now = self._monotonic()
         if now >= self._next_refresh:
             self._next_refresh = now + self.settings.groups_refresh_s
+            self.refresh_sources()
+            self.signing.get()  # a key deleted and made anew: queue entries are signed under the new one
             self.refresh_groups()
         entries: list[tuple[bytes, dict[bytes, bytes]]] = []
         if now >= self._next_claim:
@@ -204,7 +221,7 @@ class Balancer(IngressReader, PoisonHandling, Dispatcher):
             except Exception as exc:
                 if isinstance(exc, TRANSIENT_ERRORS):
                     raise
-                rid, reply = best_effort_reply_to(fields, entry_id=entry_id.decode(), prefix=self.settings.prefix)
+                rid, reply = self._reply_of(entry_id, fields)
                 self._give_up(entry_id, rid, reply, exc, fields=fields)
                 continue
             if final is not None:
@@ -222,8 +239,10 @@ class Balancer(IngressReader, PoisonHandling, Dispatcher):
             self._dispatch([], finals)
 
     def _admit(self, entry_id: bytes, fields: dict[bytes, bytes], now_ms: float) -> Final | None:
-        """Validate one entry: it waits for a group, or gets its final event (returned)."""
-        eid = entry_id.decode()
+        """Validate one entry (``entry_id``: its ref, broker.consumer): it waits for a group, or gets its
+        final event (returned). Its source's tenant is the request's (broker.sources)."""
+        stream, raw_id = self.ingress.locate(entry_id)
+        eid, tenant = raw_id.decode(), self._tenant_of(stream)
         try:
             if OVERSIZE_FIELD in fields:  # a stub of READ_INGRESS: the body stayed in Redis
                 raise InvalidRequest(f"request is {int(fields[OVERSIZE_FIELD])} bytes, over the limit of "
@@ -231,13 +250,12 @@ class Balancer(IngressReader, PoisonHandling, Dispatcher):
             request = parse_request(fields, entry_id=eid, prefix=self.settings.prefix,
                                     max_request_bytes=self.settings.max_request_bytes,
                                     default_max_tokens=self.settings.default_max_tokens,
-                                    signing_key=self.signing.for_entry(fields))
+                                    signing_key=self.signing.for_entry(fields), tenant=tenant, now_ms=now_ms)
             # What cannot be serialized cannot be queued: found here, it ends this entry alone
             # (the guard around _admit), rather than failing every later dispatch pipeline.
             request.to_wire()
         except InvalidRequest as exc:
-            rid, reply = best_effort_reply_to(fields, entry_id=eid, prefix=self.settings.prefix,
-                                              signing_key=self.signing.for_entry(fields))
+            rid, reply = self._reply_of(entry_id, fields, signing_key=self.signing.for_entry(fields))
             final = Final(entry_id, rid, reply, error_event(rid, exc.code, str(exc)), hold=True, invalid=True)
             self.counts["invalid_request"] += 1
             self.telemetry.finished(rid, final.fields)
@@ -282,10 +300,10 @@ class Balancer(IngressReader, PoisonHandling, Dispatcher):
     def flush_acks(self) -> None:
         self.ingress.flush_acks()
 
-    def _write_acks(self, batch: Batch, entry_ids: list[bytes]) -> None:
-        """Acknowledge and delete ingress entries (XACK, XDEL)."""
-        batch.xack(self.keys.requests, INGRESS_GROUP, *entry_ids)
-        batch.xdel(self.keys.requests, *entry_ids)
+    def _write_acks(self, batch: Batch, stream: str, entry_ids: list[bytes]) -> None:
+        """Acknowledge and delete entries of an ingress stream (XACK, XDEL)."""
+        batch.xack(stream, INGRESS_GROUP, *entry_ids)
+        batch.xdel(stream, *entry_ids)
 
     # --- groups: health and failover -------------------------------------------------------------
 
@@ -343,6 +361,11 @@ class Balancer(IngressReader, PoisonHandling, Dispatcher):
     def _housekeeping(self) -> None:
         """Forget old cancellations; trim the cancel stream; drop long-gone balancer consumers."""
         self.ingress.trim_cancels()
-        for consumer in self.redis.xinfo_consumers(self.keys.requests, INGRESS_GROUP):
-            if consumer["pending"] == 0 and consumer["idle"] > 3_600_000 and consumer["name"] != self.name.encode():
-                self.redis.xgroup_delconsumer(self.keys.requests, INGRESS_GROUP, consumer["name"])
+        for stream in self.sources:
+            try:
+                consumers = self.redis.xinfo_consumers(stream, INGRESS_GROUP)
+            except ResponseError:  # a tenant's stream deleted since: the next read makes it again
+                continue
+            for consumer in consumers:
+                if consumer["pending"] == 0 and consumer["idle"] > 3_600_000 and consumer["name"] != self.name.encode():
+                    self.redis.xgroup_delconsumer(stream, INGRESS_GROUP, consumer["name"])

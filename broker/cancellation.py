@@ -7,12 +7,16 @@ ACL recipe of docs/OPERATIONS.md clients may write ``{p}:cancel`` and ``{p}:requ
 neither, so no one else learns the secret, and knowing a request's id is no longer enough to end it.
 Balancers and worker groups keep what they read for a horizon (``Settings.cancel_horizon_s``, by
 10 minutes), so that a cancel that comes before its request still applies.
+
+A tenant's cancel stream (``{p}:t:<tenant>:cancel``, broker.sources) ends that tenant's requests only,
+and ``{p}:cancel`` only requests of the shared ingress stream: a cancel is remembered with the
+tenant of the stream it was read from, and matches a request of the same tenant.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
+from typing import Any, NamedTuple
 
 from broker.protocol import ID_RE, MAX_TOKEN_BYTES, is_later_entry_id
 from broker.settings import Settings
@@ -24,6 +28,14 @@ HORIZON_MS = int(Settings.model_fields["cancel_horizon_s"].default * 1000)  # th
 MAX_REMEMBERED = 50_000
 
 
+class Cancel(NamedTuple):
+    """One cancel entry as read: the request id it names, its token, the tenant of its stream."""
+
+    request_id: str
+    token: str | None
+    tenant: str | None = None
+
+
 def _text(value: Any) -> str | None:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
@@ -31,20 +43,21 @@ def _text(value: Any) -> str | None:
 
 
 class Cancellations:
-    """Cancel entries seen lately: (request id, token or None) -> when last seen (Redis ms), oldest
-    first. Only what a request could match is kept: an id of the protocol's form (``ID_RE``) and a
+    """Cancel entries seen lately: (tenant, request id, token or None) -> when last seen (Redis ms),
+    oldest first. Only what a request could match is kept: an id of the protocol's form (``ID_RE``) and a
     token within the protocol's size; anything else is no request's cancel and is forgotten at once."""
 
     def __init__(self, *, horizon_ms: float = HORIZON_MS, max_remembered: int = MAX_REMEMBERED) -> None:
         self.horizon_ms = horizon_ms
-        self._pairs: OrderedDict[tuple[str, str | None], float] = OrderedDict()
-        self._ids: dict[str, int] = {}  # request id -> pairs remembered for it
+        self._pairs: OrderedDict[Cancel, float] = OrderedDict()
+        self._ids: dict[tuple[str | None, str], int] = {}  # (tenant, request id) -> cancels remembered
         self._max = max_remembered
         self._next_prune = 0.0
 
-    def add(self, fields: dict[Any, Any], now_ms: float, *, entry_id: bytes | str | None = None
-            ) -> tuple[str, str | None] | None:
-        """Take in one cancel entry's fields; its (request id, token), or None when it names no id a
+    def add(self, fields: dict[Any, Any], now_ms: float, *, entry_id: bytes | str | None = None,
+            tenant: str | None = None) -> Cancel | None:
+        """Take in one cancel entry's fields, read from ``tenant``'s cancel stream (None: the shared
+        one); the ``Cancel`` it is, or None when it names no id a
         request can have, carries a token no request can have, or names a stream entry id later than
         the cancel's own ``entry_id`` (the id a later request sent without 'id' will get: remembered,
         it would cancel that request before it is sent)."""
@@ -57,29 +70,30 @@ class Cancellations:
         token = _text(fields.get(b"token", fields.get("token"))) or None
         if token is not None and len(token.encode()) > MAX_TOKEN_BYTES:
             return None
-        pair = (rid, token)
+        pair = Cancel(rid, token, tenant)
         if pair in self._pairs:
             self._pairs.move_to_end(pair)
         else:
-            self._ids[rid] = self._ids.get(rid, 0) + 1
+            self._ids[(tenant, rid)] = self._ids.get((tenant, rid), 0) + 1
             while len(self._pairs) >= self._max:
                 self._forget_oldest()
         self._pairs[pair] = now_ms
         return pair
 
     def _forget_oldest(self) -> None:
-        (rid, _token), _when = self._pairs.popitem(last=False)
-        left = self._ids[rid] - 1
+        (rid, _token, tenant), _when = self._pairs.popitem(last=False)
+        left = self._ids[(tenant, rid)] - 1
         if left:
-            self._ids[rid] = left
+            self._ids[(tenant, rid)] = left
         else:
-            del self._ids[rid]
+            del self._ids[(tenant, rid)]
 
-    def matches(self, request_id: str, cancel_token: str | None) -> bool:
-        """Whether a cancel seen for ``request_id`` applies to a request with ``cancel_token``."""
+    def matches(self, request_id: str, cancel_token: str | None, tenant: str | None = None) -> bool:
+        """Whether a cancel seen for ``request_id`` applies to a request with ``cancel_token`` of
+        ``tenant`` (read from that tenant's cancel stream)."""
         if cancel_token is None:
-            return request_id in self._ids
-        return (request_id, cancel_token) in self._pairs
+            return (tenant, request_id) in self._ids
+        return Cancel(request_id, cancel_token, tenant) in self._pairs
 
     def prune(self, now_ms: float) -> None:
         """Forget cancels older than the horizon (a pass at most once a minute)."""
@@ -91,12 +105,15 @@ class Cancellations:
             self._forget_oldest()
 
     def __contains__(self, request_id: str) -> bool:
-        return request_id in self._ids
+        """Whether a cancel of the shared cancel stream named ``request_id``."""
+        return (None, request_id) in self._ids
 
     def __len__(self) -> int:
         return len(self._pairs)
 
 
-def applies(cancel_token: str | None, token: str | None) -> bool:
-    """Whether one cancel entry carrying ``token`` ends a request sent with ``cancel_token``."""
-    return cancel_token is None or cancel_token == token
+def applies(cancel_token: str | None, token: str | None, *, tenant: str | None = None,
+            cancel_tenant: str | None = None) -> bool:
+    """Whether one cancel entry carrying ``token``, read from ``cancel_tenant``'s cancel stream, ends a
+    request of ``tenant`` sent with ``cancel_token``."""
+    return tenant == cancel_tenant and (cancel_token is None or cancel_token == token)

@@ -29,6 +29,9 @@ Key schema (``p`` is the prefix, ``ryz`` by default):
 | ``p:balancers`` | zset | balancers, scored by their last stats write (ms) |
 | ``p:balancer:<name>`` | hash | a balancer's stats: batch-size histogram, counts, failovers |
 | ``p:client:<uuid>`` | stream | shared reply stream of one client instance |
+| ``p:tenants`` | set | tenants with an ingress stream of their own (``ryzanstein tenant add``) |
+| ``p:t:<tenant>:requests`` | stream | a tenant's ingress; consumer group ``balancers`` (broker.sources) |
+| ``p:t:<tenant>:cancel`` | stream | a tenant's cancellations: they end that tenant's requests only |
 | ``p:t:<tenant>:...`` | stream | reply streams of a tenant's clients (``result:<id>``, ``client:<uuid>``) |
 | ``p:batch:<job>:replies`` | stream | reply stream of the requests of one batch job |
 
@@ -118,6 +121,19 @@ class Keys:
     def result(self, request_id: str) -> str:
         return f"{self.prefix}:result:{request_id}"
 
+    @property
+    def tenants(self) -> str:
+        """The tenants whose ingress streams every balancer reads (broker.sources)."""
+        return f"{self.prefix}:tenants"
+
+    def tenant_requests(self, tenant: str) -> str:
+        """A tenant's own ingress stream: its requests, and only its, come in there."""
+        return f"{self.tenant_space(tenant)}requests"
+
+    def tenant_cancel(self, tenant: str) -> str:
+        """A tenant's own cancel stream: its entries end that tenant's requests only."""
+        return f"{self.tenant_space(tenant)}cancel"
+
     @staticmethod
     def state(reply_key: str, request_id: str) -> str:
         """State of one request; per request, since several requests may share a reply stream."""
@@ -192,12 +208,18 @@ class Keys:
 
     def is_internal(self, key: str) -> bool:
         """Whether ``key`` is one of ryzanstein's own keys (never a valid ``reply_to``)."""
-        own = (self.requests, self.cancel, self.groups, self.balancers, self.dead, self.signing_key)
+        own = (self.requests, self.cancel, self.groups, self.balancers, self.dead, self.signing_key, self.tenants)
+        tenants = f"{self.prefix}:t:"
+        if key.startswith(tenants):  # a tenant's ingress and cancel streams (no ':' in tenant names)
+            return key[len(tenants):].partition(":")[2] in ("requests", "cancel")
         return key in own or key.startswith((f"{{{self.groups}}}:", f"{{{self.prefix}:g:",
                                              f"{self.prefix}:balancer:", f"{self.prefix}:id:"))
 
-    def reply_to_problem(self, key: str, request_id: str) -> str | None:
+    def reply_to_problem(self, key: str, request_id: str, *, tenant: str | None = None) -> str | None:
         """Why ``key`` may not be the reply stream of request ``request_id``; None when it may.
+
+        A request of ``tenant`` (one that came in on the tenant's own ingress stream) replies only
+        inside the tenant's space (``tenant_space``): the only keys its client may read.
 
         Never one of the pipeline's own keys (``is_internal``), never the state of a request (a
         companion: ``state``, ``generated``, ``generated_text``, under anyone's reply stream), never
@@ -207,6 +229,8 @@ class Keys:
         """
         if self.is_internal(key) or key.startswith("rq:"):
             return "must not be one of ryzanstein's own keys"
+        if tenant is not None and not key.startswith(self.tenant_space(tenant)):
+            return f"must name a stream of this request's tenant (under {self.tenant_space(tenant)!r})"
         if hash_tag(key) is not None and _COMPANION.search(key):
             return "must not be the state of a request"
         if len(key) > 2 and key[0] == "{" and key[-1] == "}" and hash_tag(key) == key[1:-1]:

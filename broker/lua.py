@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from broker.protocol import GenerationRequest
+from broker.signing import SigningKey, sign
 
 CLAIM_OWNER = """
 -- Pin a request to a group, learn the group it is already pinned to, or take it over from a group
@@ -64,6 +65,7 @@ DISPATCH = """
 -- ARGV[4] = the request's cost, tokens (prompt + max_tokens)
 -- ARGV[5] = most entries the queue may hold (0: no bound)
 -- ARGV[6] = most tokens the queue may hold (0: no bound)
+-- ARGV[7] = (optional) the entry's signature (broker.lua.queue_signature), stored as field 's'
 -- Returns {'ok', entry id}, {'dup'} when this (request, epoch) was dispatched before, {'closed'}
 -- when the group takes no more work, or {'full'} when the request would break a bound (the caller
 -- routes elsewhere). An empty queue takes any request, however costly.
@@ -78,7 +80,12 @@ if n > 0 then
   if max_tokens > 0 and queued + cost > max_tokens then return {'full'} end
 end
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
-local id = redis.call('XADD', KEYS[1], '*', 'r', ARGV[1], 'e', ARGV[2], 'c', cost)
+local id
+if ARGV[7] then
+  id = redis.call('XADD', KEYS[1], '*', 'r', ARGV[1], 'e', ARGV[2], 'c', cost, 's', ARGV[7])
+else
+  id = redis.call('XADD', KEYS[1], '*', 'r', ARGV[1], 'e', ARGV[2], 'c', cost)
+end
 if KEYS[4] then redis.call('INCRBY', KEYS[4], cost) end
 return {'ok', id}
 """
@@ -86,17 +93,33 @@ return {'ok', id}
 
 @dataclass(frozen=True, slots=True)
 class QueueEntry:
-    """A group queue entry, as DISPATCH writes it (fields r, e, c)."""
+    """A group queue entry, as DISPATCH writes it (fields r, e, c, s)."""
 
     request: GenerationRequest  # r: the request, msgpack (GenerationRequest.to_wire)
     epoch: int  # e: the epoch it was dispatched under; the group publishes under it
     cost: int  # c: tokens it adds to the queue's token counter (0 in entries written before it existed)
 
 
-def queue_entry(fields: dict[bytes, bytes]) -> QueueEntry:
+class ForgedEntry(ValueError):
+    """A queue entry not signed by the pipeline: a client wrote it there directly."""
+
+
+def queue_signature(key: bytes, request: bytes, epoch: int, cost: int) -> str:
+    """What a balancer signs a queue entry with (field s): HMAC-SHA256 under the pipeline's key
+    (broker.signing) of its epoch, cost and request bytes, hex."""
+    return sign(key, b"%d:%d:" % (epoch, cost) + request)
+
+
+def queue_entry(fields: dict[bytes, bytes], *, signing: SigningKey | None) -> QueueEntry:
     """Decode a queue entry's fields (the one place that reads them); KeyError or ValueError
-    (msgpack's, pydantic's) when malformed."""
-    return QueueEntry(GenerationRequest.from_wire(fields[b"r"]), int(fields[b"e"]), int(fields.get(b"c", b"0")))
+    (msgpack's, pydantic's) when malformed. Unless ``signing`` is None (to describe a refused entry),
+    the entry must be signed under its key (``queue_signature``, field s), else ``ForgedEntry``:
+    only balancers write queues, and a request put there by anyone else (possible where the ACL
+    recipe of docs/OPERATIONS.md is not used) would skip validation, ``reply_to`` rules included."""
+    epoch, cost = int(fields[b"e"]), int(fields.get(b"c", b"0"))
+    if signing is not None and not signing.verifies(b"%d:%d:" % (epoch, cost) + fields[b"r"], fields.get(b"s")):
+        raise ForgedEntry("queue entry not signed by the pipeline (written to the queue directly?)")
+    return QueueEntry(GenerationRequest.from_wire(fields[b"r"]), epoch, cost)
 
 
 ACK = """

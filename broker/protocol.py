@@ -130,6 +130,9 @@ class GenerationRequest(BaseModel):
     model: str | None = Field(default=None, pattern=f"^{MODEL_NAME_RE.pattern}$")
     # Milliseconds on the Redis clock when the request first entered the ingress stream.
     enqueued_ms: int = 0
+    # The tenant whose ingress stream the request came in on (broker.sources); None: the shared one.
+    # Only that tenant's cancel stream cancels it.
+    tenant: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     # Set when a group hands the request back (draining) or is failed over: the balancer takes the
     # request over from this owner, if it still holds this epoch (see broker.lua.CLAIM_OWNER).
     takeover_from: str | None = None
@@ -176,6 +179,7 @@ class GenerationRequest(BaseModel):
             "_enqueued_ms": self.enqueued_ms,
             "_takeover": [from_owner, epoch],
             "_weights": self.weights,
+            "_tenant": self.tenant,
         }
         packed = msgpack.packb({k: v for k, v in payload.items() if v is not None}, use_bin_type=True)
         return {"payload": packed, SIGNATURE_FIELD: sign(signing_key, packed)}

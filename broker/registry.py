@@ -52,6 +52,7 @@ class GroupLoad:
     # What each of the ``tp`` ranks holds, in rank order: its weights and its KV cache (its heads).
     rank_weight_bytes: list[int] = field(default_factory=list)
     rank_kv_bytes: list[int] = field(default_factory=list)
+    rank_hosts: list[str] = field(default_factory=list)  # the host name of each rank (a group may span hosts)
     phase: str = ""  # while loading: the start-up phase (load, pack, KV allocation, kernel compile)
     # The names requests reach this group's model by (``model``), the first one canonical; and a
     # fingerprint of its weights, which tells two versions served under one name apart.
@@ -118,6 +119,10 @@ def parse_group(info: dict[bytes, bytes], *, now_ms: float, dead_after_s: float)
         if not all(isinstance(n, str) for n in served):
             raise ValueError("served_models")
         values["served_models"] = served
+        hosts = json.loads(values.get("rank_hosts") or "[]")  # absent in heartbeats of older groups
+        if not all(isinstance(h, str) for h in hosts):
+            raise ValueError("rank_hosts")
+        values["rank_hosts"] = hosts
         values.pop("alive", None)
         values.pop("heartbeat_age_s", None)
         status = GroupStatus(**values)

@@ -38,6 +38,7 @@ from broker.lua import (
     READ_CANCELS,
     READ_INGRESS,
     RETIRE_QUEUE,
+    queue_signature,
 )
 from broker.wire import Batch, Wire
 
@@ -197,16 +198,18 @@ class Scripts:
 
     def dispatch(self, *, queue: str, marker: str, accepting: str, queue_tokens: str | None, request: bytes,
                  epoch: int, marker_ttl_ms: int, cost: int = 0, max_entries: int = 0, max_tokens: int = 0,
-                 client: Pipe | None = None) -> Any:
+                 signing_key: bytes | None = None, client: Pipe | None = None) -> Any:
         """DISPATCH: add ``request`` (msgpack, ``GenerationRequest.to_wire``) to a group's ``queue`` under
         ``epoch``, once per ``marker`` (``Keys.dispatch_marker``, kept ``marker_ttl_ms``), while
         ``accepting`` exists and the queue stays within ``max_entries`` entries and ``max_tokens``
-        tokens of ``cost`` (0: no bound; counted in ``queue_tokens``, None: not counted).
+        tokens of ``cost`` (0: no bound; counted in ``queue_tokens``, None: not counted). ``signing_key``:
+        the entry is signed under it (``broker.lua.queue_signature``); groups refuse entries that are not.
 
         Reply: ``[b'ok', entry id]``, ``[b'dup']``, ``[b'closed']`` or ``[b'full']``.
         """
         keys = [queue, marker, accepting, *([queue_tokens] if queue_tokens is not None else [])]
-        return self._dispatch(keys, [request, epoch, marker_ttl_ms, cost, max_entries, max_tokens], client)
+        signed = [queue_signature(signing_key, request, epoch, cost)] if signing_key is not None else []
+        return self._dispatch(keys, [request, epoch, marker_ttl_ms, cost, max_entries, max_tokens, *signed], client)
 
     def publish(self, *, reply_stream: str, progress: Progress, publisher: str, epoch: int, ttl_ms: int,
                 events: bytes, client: Pipe | None = None) -> Any:

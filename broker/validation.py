@@ -31,6 +31,7 @@ from broker.protocol import (
 from broker.refused import unhonoured_field
 from broker.sampling_fields import check_sampling, parse_sampling
 from broker.signing import SIGNATURE_FIELD, verify
+from broker.sources import default_request_id
 
 
 def _fields_size(fields: dict[Any, Any]) -> int:
@@ -66,14 +67,19 @@ def parse_request(
     max_request_bytes: int,
     default_max_tokens: int = 16,
     signing_key: bytes | None = None,
+    tenant: str | None = None,
+    now_ms: float | None = None,
 ) -> GenerationRequest:
     """Validate one ingress entry. Raises ``InvalidRequest`` (and nothing else) on bad input.
 
     Fields whose names start with ``_`` are the pipeline's own (``to_ingress``): they count only in
     a ``payload`` signed under ``signing_key`` (broker.signing); anywhere else they are refused.
+    ``tenant``: the tenant whose ingress stream the entry came from (broker.sources; a signed
+    ``_tenant`` counts instead), which binds the request's id default and ``reply_to``. ``now_ms``:
+    the Redis clock; an entry id past it (an explicit one) bounds no id (see ``is_later_entry_id``).
     """
     try:
-        return _parse(fields, entry_id, prefix, max_request_bytes, default_max_tokens, signing_key)
+        return _parse(fields, entry_id, prefix, max_request_bytes, default_max_tokens, signing_key, tenant, now_ms)
     except InvalidRequest:
         raise
     except ValidationError as exc:
@@ -91,7 +97,7 @@ def _signed(raw: dict[str, Any], signing_key: bytes | None) -> bool:
 
 def _parse(
     fields: dict[Any, Any], entry_id: str, prefix: str, max_bytes: int, default_max_tokens: int,
-    signing_key: bytes | None,
+    signing_key: bytes | None, tenant: str | None, now_ms: float | None,
 ) -> GenerationRequest:
     size = _fields_size(fields)
     if size > max_bytes:
@@ -112,12 +118,14 @@ def _parse(
         raise InvalidRequest(f"field {show(internal)}: names starting with '_' are internal to the pipeline "
                              "(docs/PROTOCOL.md); leave them out")
 
-    request_id = entry_id if raw.get("id") is None else as_text("id", raw["id"])
+    if signed and isinstance(raw.get("_tenant"), (bytes, str)):
+        tenant = as_text("_tenant", raw["_tenant"])  # moved back onto the shared stream by the pipeline
+    request_id = default_request_id(entry_id, tenant) if raw.get("id") is None else as_text("id", raw["id"])
     if (name := unhonoured_field(raw)) is not None:
         raise InvalidRequest(f"field '{name}': not supported by this server (leave it unset)")
     if not ID_RE.fullmatch(request_id):
         raise InvalidRequest(f"field 'id': must be 1-128 characters of [A-Za-z0-9_.:-], got {show(request_id)}")
-    if not signed and is_later_entry_id(request_id, entry_id):
+    if not signed and raw.get("id") is not None and _squats(request_id, entry_id, tenant, now_ms):
         # a later request sent without an id gets that entry id as its id: taken now, it would be squatted
         raise InvalidRequest(f"field 'id': {show(request_id)} has the shape of a stream entry id after this "
                              "request's own; such ids are the ids of later requests sent without 'id'")
@@ -134,12 +142,12 @@ def _parse(
     stream = as_bool("stream", raw["stream"]) if raw.get("stream") is not None else False
     check_sampling(sampling, stream=stream)
 
-    reply_to = f"{prefix}:result:{request_id}"
+    reply_to = Keys(prefix).reply_stream(request_id, tenant=tenant)
     if raw.get("reply_to") is not None:
         reply_to = as_text("reply_to", raw["reply_to"])
         if not reply_to or len(reply_to.encode()) > MAX_KEY_BYTES:
             raise InvalidRequest(f"field 'reply_to': must be a key name of 1-{MAX_KEY_BYTES} bytes")
-        if problem := Keys(prefix).reply_to_problem(reply_to, request_id):
+        if problem := Keys(prefix).reply_to_problem(reply_to, request_id, tenant=tenant):
             raise InvalidRequest(f"field 'reply_to': {problem}")
 
     cancel_token = None
@@ -173,7 +181,18 @@ def _parse(
         takeover_from=takeover_from,
         takeover_epoch=takeover_epoch,
         weights=weights,
+        tenant=tenant,
     )
+
+
+def _squats(request_id: str, entry_id: str, tenant: str | None, now_ms: float | None) -> bool:
+    """Whether an explicit ``request_id`` is the id a later request sent without 'id' would get: an
+    entry id after this entry's own. A tenant's stream may carry entry ids ahead of the clock (it
+    names them itself) while later shared entries get ids by the clock: there the clock bounds it."""
+    if tenant is None or now_ms is None:
+        return is_later_entry_id(request_id, entry_id)
+    bound = f"{min(entry_ms(entry_id), int(now_ms))}-0"
+    return request_id == bound or is_later_entry_id(request_id, bound)
 
 
 def _model(value: Any) -> str:
@@ -183,13 +202,13 @@ def _model(value: Any) -> str:
     return name
 
 
-def best_effort_reply_to(fields: dict[Any, Any], *, entry_id: str, prefix: str,
-                         signing_key: bytes | None = None) -> tuple[str, str]:
+def best_effort_reply_to(fields: dict[Any, Any], *, entry_id: str, prefix: str, signing_key: bytes | None = None,
+                         tenant: str | None = None, now_ms: float | None = None) -> tuple[str, str]:
     """(request id, reply stream) for an error about a request that failed validation.
 
     The client looks for its result under the id it sent, so use that when it is usable as part of a
     key, and the entry id otherwise (also for an id shaped like a later entry id, unless the pipeline
-    signed the entry: ``parse_request``).
+    signed the entry: ``parse_request``). A request of ``tenant`` is answered in the tenant's space.
     """
     raw = {(k.decode("utf-8", "replace") if isinstance(k, bytes) else str(k)): v for k, v in fields.items()}
     signed = _signed(raw, signing_key)
@@ -198,13 +217,15 @@ def best_effort_reply_to(fields: dict[Any, Any], *, entry_id: str, prefix: str,
             raw = _unpack_payload(raw["payload"])
         except InvalidRequest:
             raw = {}
-    request_id = entry_id
+    if signed and (named := _key_text(raw.get("_tenant"))) is not None:
+        tenant = named
+    request_id = default_request_id(entry_id, tenant)
     text = _key_text(raw.get("id"))
-    if text is not None and (signed or not is_later_entry_id(text, entry_id)):
+    if text is not None and (signed or not _squats(text, entry_id, tenant, now_ms)):
         request_id = text  # (a later entry's id is not this request's to answer under)
-    reply_to = f"{prefix}:result:{request_id}"
+    reply_to = Keys(prefix).reply_stream(request_id, tenant=tenant)
     text = _key_text(raw.get("reply_to"))
-    if text is not None and Keys(prefix).reply_to_problem(text, request_id) is None:
+    if text is not None and Keys(prefix).reply_to_problem(text, request_id, tenant=tenant) is None:
         reply_to = text
     return request_id, reply_to
 

@@ -48,8 +48,10 @@ step take that long (for tests and benchmarks).
 Tensor parallelism: with --tp K this process is rank 0, the leader (Redis, scheduling, sampling),
 and starts ranks 1..K-1 (python -m gpu_workers, which die with it). Under torchrun (RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT set) every rank runs this same command and rank 0
-leads; a group can then span hosts. If any rank dies or waits on another longer than --tp-timeout,
-the whole group stops and its requests fail over to other groups.
+leads; a group can then span hosts, its ranks' gloo bound to the interface towards MASTER_ADDR
+(GLOO_SOCKET_IFNAME overrides; docs/OPERATIONS.md, "A group across hosts"). If any rank dies or
+waits on another longer than --tp-timeout, the whole group stops and its requests fail over to
+other groups.
 Exit codes: 0 drained (or stopped), 2 bad configuration, 4 a rank was lost.
 """
 
@@ -182,9 +184,16 @@ def _run_rank(args: argparse.Namespace, settings: Settings, url: str, options: E
         return _lead(args, settings, url, build_engine(args.model, options))  # refuses --tp > 1
     path = model_dir(args.model)
     load_config(path).check_tp(options.tp)
-    group = start_group(options.tp, device=args.device, follower_argv=_follower_argv(args, settings, path, options),
-                        timeout_s=settings.tp_timeout_s, startup_timeout_s=settings.tp_startup_timeout_s,
-                        threads=settings.threads)
+    try:
+        group = start_group(options.tp, device=args.device, follower_argv=_follower_argv(args, settings, path, options),
+                            timeout_s=settings.tp_timeout_s, startup_timeout_s=settings.tp_startup_timeout_s,
+                            threads=settings.threads)
+    except EngineFailed as exc:
+        log.error("%s; exiting", exc)
+        beacon = getattr(args, "loading_beacon", None)
+        if beacon is not None:  # the leader: no group will come of this start
+            beacon.withdraw()
+        return EXIT_ENGINE_FAILED
     code = EXIT_ENGINE_FAILED
     try:
         if not group.is_leader:

@@ -28,6 +28,7 @@ class EngineInfo:
     # What each rank of the group holds, in rank order (empty for engines without a model).
     rank_weight_bytes: tuple[int, ...] = ()
     rank_kv_bytes: tuple[int, ...] = ()
+    rank_hosts: tuple[str, ...] = ()  # the host name of each rank
     # What clients need to render chat for this model (published in the registry): the template's
     # Jinja source (None: the model has none) and the special tokens' texts it may write.
     chat_template: str | None = None

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from redis import Redis
 from redis.exceptions import ResponseError
 
-from broker.cancellation import applies
+from broker.cancellation import Cancel, applies
 from broker.chat import publish_template, template_digest
 from broker.connection import TRANSIENT_ERRORS, RedisClock
 from broker.consumer import Next, StreamConsumer, serve
@@ -39,6 +39,7 @@ from broker.registry import GroupLoad
 from broker.scripts import Scripts
 from broker.settings import Settings
 from broker.signing import SigningKey
+from broker.sources import tenant_cancels
 from broker.tokenizers import publish_tokenizer, tokenizer_digest
 from broker.wire import Batch
 from gpu_workers.engine import Engine
@@ -111,6 +112,7 @@ class WorkerGroup(QueueIntake, EngineSteps):
             redis, self.scripts, stream=self.keys.group_queue(self.name), group=QUEUE_GROUP, consumer=CONSUMER,
             cancel_stream=self.keys.cancel, cancel_horizon_ms=int(settings.cancel_horizon_s * 1000),
             clock=self.clock, ack=self._write_acks)
+        self.signing = SigningKey(redis, self.keys, monotonic=monotonic)  # queue entries' and hand-backs' key
         self.holding = Holding()
         self.held: dict[str, Held] = self.holding.held  # request id -> what the group holds of it
         self.completed = 0
@@ -282,21 +284,22 @@ class WorkerGroup(QueueIntake, EngineSteps):
             return batch.xreadgroup(QUEUE_GROUP, CONSUMER, {self.queue.stream: ">"}, count=room, block=block)
 
         got = self.queue.read(build)
-        for rid, token in got.cancels:
-            self._cancel(rid, token)
+        for cancel in got.cancels:
+            self._cancel(cancel)
         if read_queue:
             for _stream, entries in got.replies[0] or []:
                 for entry_id, fields in entries:
                     self._admit_safely(entry_id, fields)
         got.check()
 
-    def _cancel(self, rid: str, token: str | None) -> None:
+    def _cancel(self, cancel: Cancel) -> None:
         """A cancel entry read: the request it names ends, if the entry is its owner's (broker.cancellation)."""
-        held = self.held.get(rid)
-        if held is not None and not held.final and applies(held.request.cancel_token, token):
+        held = self.held.get(cancel.request_id)
+        if held is not None and not held.final and applies(held.request.cancel_token, cancel.token,
+                                                           tenant=held.request.tenant, cancel_tenant=cancel.tenant):
             self._finish(held, "cancelled")
 
-    def _write_acks(self, batch: Batch, entry_ids: list[bytes]) -> None:
+    def _write_acks(self, batch: Batch, _queue: str, entry_ids: list[bytes]) -> None:
         """Acknowledge (and delete) finished queue entries, taking their cost off the token counter (ACK)."""
         self.scripts.ack(queue=self.queue.stream, queue_tokens=self.keys.group_queue_tokens(self.name),
                          consumer_group=QUEUE_GROUP, entry_ids=entry_ids, client=batch)
@@ -328,6 +331,7 @@ class WorkerGroup(QueueIntake, EngineSteps):
             if self._tokenizer_spec:
                 publish_tokenizer(self.redis, self.keys, self._tokenizer_spec)
             self._next_template_publish = now + TEMPLATE_REPUBLISH_S
+        self.queue.set_streams([], tenant_cancels(self.redis, self.keys))  # tenants' cancels (broker.sources)
         queued = self.redis.xlen(self.keys.group_queue(self.name))
         self._queue_depth = max(0, queued - len(self._running))
         load = self.load()
@@ -373,7 +377,7 @@ class WorkerGroup(QueueIntake, EngineSteps):
         for entries in self.queue.new_entries(count=500):
             for entry_id, fields in entries:
                 try:
-                    entry = queue_entry(fields)
+                    entry = queue_entry(fields, signing=self.signing)
                 except Exception:
                     log.exception("dropping malformed queue entry %s", entry_id)
                     self.queue.ack([entry_id])
@@ -385,7 +389,7 @@ class WorkerGroup(QueueIntake, EngineSteps):
     def _hand_back(self, request: GenerationRequest, epoch: int, entry_id: bytes) -> None:
         # XADD first, then ack: a crash in between leaves a duplicate entry, which CLAIM_OWNER's
         # epoch check and the dispatch marker make harmless; the reverse order could lose it.
-        signing_key = SigningKey(self.redis, self.keys).get()  # signed: no client can forge a hand-back
+        signing_key = self.signing.get()  # signed: no client can forge a hand-back
         self.redis.xadd(self.keys.requests, request.to_ingress(from_owner=self.name, epoch=epoch,
                                                                signing_key=signing_key))
         self.queue.ack([entry_id])

@@ -17,8 +17,9 @@ from broker.connection import TRANSIENT_ERRORS, RedisClock
 from broker.consumer import StreamConsumer
 from broker.dead_letter import DeadLetters, describe
 from broker.keys import Keys
-from broker.lua import queue_entry
+from broker.lua import ForgedEntry, queue_entry
 from broker.protocol import limit_problem
+from broker.signing import SigningKey
 from gpu_workers.engine import Engine
 from gpu_workers.holding import Held, Holding
 from gpu_workers.output import OutputState
@@ -41,6 +42,7 @@ class QueueIntake:
     weights: str
     clock: RedisClock
     queue: StreamConsumer
+    signing: SigningKey  # checks the signatures of queue entries (broker.lua.queue_entry)
     publisher: Publisher
     dead_letters: DeadLetters
     telemetry: GroupTelemetry
@@ -89,7 +91,12 @@ class QueueIntake:
 
     def _admit(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         try:
-            entry = queue_entry(fields)
+            entry = queue_entry(fields, signing=self.signing)
+        except ForgedEntry as exc:  # written by a client: none of its fields is trusted, nothing published
+            self.dead_letters.give_up(source=self.keys.group_queue(self.name), entry_id=entry_id, request_id=None,
+                                      reply_to=None, reason=str(exc), fields=fields)
+            self.queue.ack([entry_id])
+            return
         except Exception as exc:  # a malformed queue entry is a bug upstream: never crash on it
             log.exception("malformed queue entry %s", entry_id)
             self._give_up_entry(entry_id, fields, f"malformed queue entry ({type(exc).__name__})")
@@ -134,7 +141,7 @@ class QueueIntake:
         if (request.output_ids or request.choice_output_ids) and not self._replay(held):
             return
         now_ms = self.clock.now_ms()
-        if self.queue.cancels.matches(request.id, request.cancel_token):
+        if self.queue.cancels.matches(request.id, request.cancel_token, request.tenant):
             self._finish(held, "cancelled")
         elif request.deadline_ms is not None and now_ms >= request.deadline_ms:
             self._finish_error(held, "timeout", f"deadline of {request.timeout_s}s passed")
@@ -169,7 +176,7 @@ class QueueIntake:
     def _give_up_entry(self, entry_id: bytes, fields: dict[bytes, bytes], reason: str) -> None:
         """End the request of a queue entry that cannot be handled: its error, else {p}:dead."""
         try:
-            entry = queue_entry(fields)
+            entry = queue_entry(fields, signing=None)  # (its publish is fenced by the request's state)
         except Exception:  # noqa: BLE001 - not even readable: to {p}:dead as it is
             entry = None
         self.dead_letters.give_up(source=self.keys.group_queue(self.name), entry_id=entry_id,

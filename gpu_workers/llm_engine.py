@@ -109,6 +109,7 @@ class LlamaEngine:
             kv_dtype=options.kv.name,
             rank_weight_bytes=tuple(r.weight_bytes for r in self.ranks),
             rank_kv_bytes=tuple(r.kv_bytes for r in self.ranks),
+            rank_hosts=tuple(r.host for r in self.ranks),
             # a model without a tokenizer.json (random:<preset>) speaks bytes: the plain byte template
             chat_template=specials.chat_template or (None if has_tokenizer_json else PLAIN_CHAT_TEMPLATE),
             bos_token=specials.bos_token,

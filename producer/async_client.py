@@ -103,7 +103,7 @@ class AsyncClient(_ClientBase):
             self._pending[handle.id] = asyncio.Queue()
             self._ensure_dispatcher()
         try:
-            await self._send(self.keys.requests, fields)
+            await self._send(self.requests_stream, fields)
         except BaseException:
             self._pending.pop(handle.id, None)
             raise
@@ -145,7 +145,8 @@ class AsyncClient(_ClientBase):
         """Events of one request read straight from its reply stream (not the shared one)."""
         last_id = STREAM_START
         delays: Iterator[float] | None = None
-        expiry = ExpiryCheck(self.keys, handle, result_ttl_s=self.settings.result_ttl_s)
+        expiry = ExpiryCheck(self.keys, handle, result_ttl_s=self.settings.result_ttl_s,
+                             ingress=self.requests_stream)
         while True:
             block_ms = deadline.block_ms()  # TimeoutError is an OSError: not in the try
             try:
@@ -195,7 +196,7 @@ class AsyncClient(_ClientBase):
         wait (it may run while a task is being cancelled): the writer sends the cancel."""
         if self._closed:
             return
-        self._send(self.keys.cancel, self._cancel_fields(handle)).add_done_callback(_consume)
+        self._send(self.cancel_stream, self._cancel_fields(handle)).add_done_callback(_consume)
         queue = self._pending.get(handle.id)
         if queue is None:
             return
@@ -253,7 +254,7 @@ class AsyncClient(_ClientBase):
 
     async def cancel(self, request: Handle | str) -> None:
         """Ask for the request to end; it finishes with ``finish_reason`` ``cancelled``."""
-        await self._send(self.keys.cancel, self._cancel_fields(request))
+        await self._send(self.cancel_stream, self._cancel_fields(request))
 
     # --- the writer -------------------------------------------------------------------------
 

@@ -156,6 +156,18 @@ class _ClientBase:
         reply = reply_to or default_reply or self.keys.result(request_id)
         return Handle(request_id, reply, cancel_token=token), fields
 
+    @property
+    def requests_stream(self) -> str:
+        """Where this client sends requests: its tenant's own ingress stream (broker.sources), or the shared one."""
+        tenant = self.settings.tenant
+        return self.keys.tenant_requests(tenant) if tenant else self.keys.requests
+
+    @property
+    def cancel_stream(self) -> str:
+        """Where this client sends cancels: its tenant's own cancel stream, or the shared one."""
+        tenant = self.settings.tenant
+        return self.keys.tenant_cancel(tenant) if tenant else self.keys.cancel
+
     def _cancel_fields(self, request: Handle | str) -> dict[str, str]:
         """The cancel entry for a request: its id, and its token when this client sent it."""
         handle = self._handle(request)
@@ -203,7 +215,7 @@ class Client(_ClientBase):
     def submit(self, prompt: str | None = None, **options: Unpack[RequestOptions]) -> Handle:
         """Put a request on the ingress stream; returns at once with the handle to wait on."""
         handle, fields = self._prepare(prompt, options, default_reply=None)
-        entry_id = self._redis.xadd(self.keys.requests, fields)  # type: ignore[arg-type]
+        entry_id = self._redis.xadd(self.requests_stream, fields)  # type: ignore[arg-type]
         return dataclasses.replace(handle, entry_id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
 
     def events(self, request: Handle | str, *, timeout: float | None = None) -> Iterator[Event]:
@@ -216,7 +228,8 @@ class Client(_ClientBase):
         deadline = self._deadline(timeout, handle.id)
         last_id = STREAM_START
         delays: Iterator[float] | None = None
-        expiry = ExpiryCheck(self.keys, handle, result_ttl_s=self.settings.result_ttl_s)
+        expiry = ExpiryCheck(self.keys, handle, result_ttl_s=self.settings.result_ttl_s,
+                             ingress=self.requests_stream)
         while True:
             block_ms = deadline.block_ms()  # TimeoutError is an OSError: not in the try
             try:
@@ -322,7 +335,7 @@ class Client(_ClientBase):
 
     def cancel(self, request: Handle | str) -> None:
         """Ask for the request to end; it finishes with ``finish_reason`` ``cancelled``."""
-        self._redis.xadd(self.keys.cancel, self._cancel_fields(request))  # type: ignore[arg-type]
+        self._redis.xadd(self.cancel_stream, self._cancel_fields(request))  # type: ignore[arg-type]
 
     def close(self) -> None:
         self._redis.close()

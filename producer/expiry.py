@@ -23,8 +23,9 @@ from producer.request import Handle
 
 
 class ExpiryCheck:
-    def __init__(self, keys: Keys, handle: Handle, *, result_ttl_s: float) -> None:
+    def __init__(self, keys: Keys, handle: Handle, *, result_ttl_s: float, ingress: str | None = None) -> None:
         self.keys = keys
+        self.ingress = ingress or keys.requests  # the stream the request was sent on (a tenant's own)
         self.handle = handle
         self.result_ttl_s = result_ttl_s
         self._misses = 0
@@ -36,7 +37,7 @@ class ExpiryCheck:
         pipe.exists(self.keys.state(h.reply_to, h.id))
         pipe.exists(self.keys.request_id(h.id))
         if h.entry_id:
-            pipe.xrange(self.keys.requests, h.entry_id, h.entry_id, count=1)
+            pipe.xrange(self.ingress, h.entry_id, h.entry_id, count=1)
 
     def verdict(self, results: list[Any]) -> None:
         """Raise ResultExpired when nothing of the request is left (often enough in a row). Look-ups

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("gpu_workers.cli", "one worker group of K ranks"),
     "submit": ("producer.submit", "send one request and print the result"),
     "status": ("ryzanstein.status", "worker groups, their health and load, queue depths"),
+    "tenant": ("ryzanstein.tenant", "add, remove or list tenants: ingress streams of their own, and their ACL users"),
     "health": ("ryzanstein.health", "exit 0 if a process, a group, or the deployment is healthy (for probes)"),
     **FRONT_ENDS,  # gateway, batch: the client front ends (producer/), also `python -m producer gateway|batch`
     "demo": ("ryzanstein.demo", "start the stack on the embedded Redis, send a few requests, print, stop"),

@@ -8,7 +8,8 @@ Two ways to start a group of K ranks, one code path after that:
   marking them as its own: they connect to its store directly and die with it.
 - ``torchrun --nproc-per-node K [--nnodes N ...] -m gpu_workers --tp K ...``: torchrun starts every
   rank, on any number of hosts, and sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT; the
-  ranks meet through ``env://``.
+  ranks meet through ``env://``, and gloo binds to the interface each host reaches MASTER_ADDR
+  through (gpu_workers.parallel.network).
 
 Process groups: the default group (gloo) serves startup, where ranks wait for each other's weight
 loading, and waits up to ``startup_timeout_s``. Serving uses groups with the short ``timeout_s``:
@@ -38,10 +39,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from broker.errors import ConfigError
+from broker.errors import ConfigError, EngineFailed
 from gpu_workers.cpu_threads import torch_threads
 from gpu_workers.engine import EXIT_ENGINE_FAILED
 from gpu_workers.model.layers import TPContext
+from gpu_workers.parallel.network import choose_gloo_interface
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +197,8 @@ def start_group(
             raise ConfigError(f"--tp {size} but WORLD_SIZE is {env.world_size}")
         elif env.spawned:
             store = dist.TCPStore(env.master_addr, env.master_port, size, is_master=False, timeout=startup)
+        else:  # torchrun's ranks, maybe on several hosts: gloo over the network the rendezvous is on
+            choose_gloo_interface(env.master_addr, env.master_port, os.environ)
         cuda = device.startswith("cuda")
         if cuda:
             torch.cuda.set_device(env.local_rank)
@@ -209,11 +213,7 @@ def start_group(
         )
         if followers:
             threading.Thread(target=_watch_startup, args=(group,), name="tp-startup-watch", daemon=True).start()
-        init: dict[str, Any] = {"store": store} if store is not None else {"init_method": "env://"}
-        dist.init_process_group("gloo", rank=env.rank, world_size=size, timeout=startup, **init)
-        short = timedelta(seconds=timeout_s)
-        group.compute = dist.new_group(backend="nccl" if cuda else "gloo", timeout=short)
-        group.control = dist.new_group(backend="gloo", timeout=short) if cuda else group.compute
+        _form(group, env, store=store, startup=startup, cuda=cuda)
     except BaseException:
         for proc in followers:
             proc.kill()
@@ -221,6 +221,22 @@ def start_group(
     log.info("rank %d of %d joined (%s, %s, %d torch threads)", env.rank, size, socket.gethostname(),
              group.device, torch.get_num_threads())
     return group
+
+
+def _form(group: TensorParallelGroup, env: RankEnv, *, store: Any, startup: timedelta, cuda: bool) -> None:
+    """The group's process groups, once every rank has joined. EngineFailed if they cannot all
+    connect within ``startup``: a rank that failed before joining (on another host, say, one
+    without the model files) or that no other can reach."""
+    init: dict[str, Any] = {"store": store} if store is not None else {"init_method": "env://"}
+    try:
+        dist.init_process_group("gloo", rank=env.rank, world_size=group.size, timeout=startup, **init)
+        short = timedelta(seconds=group.timeout_s)
+        group.compute = dist.new_group(backend="nccl" if cuda else "gloo", timeout=short)
+        group.control = dist.new_group(backend="gloo", timeout=short) if cuda else group.compute
+    except RuntimeError as exc:  # torch's DistError (a store timeout) and gloo's connection errors
+        what = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise EngineFailed(f"the {group.size} ranks did not all join the group within {startup.total_seconds():.0f}s "
+                           f"(tp_startup_timeout_s; rendezvous {env.master_addr}:{env.master_port}): {what}") from exc
 
 
 def _spawn(env: RankEnv, rank: int, argv: list[str]) -> subprocess.Popen[bytes]:

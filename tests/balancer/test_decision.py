@@ -19,7 +19,7 @@ def waiting(rid: str, *, priority: int = 0, since_ms: float = 0.0, moved: bool =
     return Waiting(rid.encode(), request, since_ms, moved=moved)
 
 
-def never(_rid: str, _token: str | None) -> bool:
+def never(_rid: str, _token: str | None, _tenant: str | None = None) -> bool:
     return False
 
 
@@ -39,7 +39,7 @@ def test_requests_go_by_priority_until_the_total_bound_then_end_overloaded() -> 
 
 def test_cancelled_and_timed_out_requests_end_before_routing() -> None:
     ws = [waiting("c"), waiting("late", timeout_s=0.999)]  # late: its deadline (1000 ms) is now
-    d = run(ws, group("a"), cancelled=lambda rid, _t: rid == "c")
+    d = run(ws, group("a"), cancelled=lambda rid, *_: rid == "c")
     assert {w.request.id: f.get("finish_reason") or f.get("code") for w, f in d.finals} == \
         {"c": "cancelled", "late": "timeout"}
     assert d.assignments == []

@@ -37,6 +37,7 @@ from tests.gpu_workers.helpers import (
     assert_one_clean_completion,
     events,
     finals,
+    queue_fields,
     run_until,
 )
 
@@ -216,7 +217,7 @@ def test_a_group_refuses_to_continue_tokens_made_by_other_weights(
         request = GenerationRequest(id=rid, prompt="abcdef", reply_to=keys.result(rid), stream=True,
                                     output_ids=tuple(b"abc"), weights=weights,
                                     sampling={"max_tokens": 6})  # type: ignore[arg-type]
-        r.xadd(keys.group_queue("v2"), {"r": request.to_wire(), "e": "1", "c": "1"})
+        r.xadd(keys.group_queue("v2"), queue_fields(r, keys, request, 1, 1))
         r.hset(keys.state(keys.result(rid), rid), mapping={"owner": "v2", "epoch": "1", "next": "3"})
     run_until(group.tick, lambda: all(finals(events(r, keys.result(i))) for i in ("other", "same", "unstamped")))
     error = only_error(r, keys.result("other"), "unavailable")

@@ -29,6 +29,7 @@ from tests.gpu_workers.helpers import (
     assert_one_clean_completion,
     events,
     finals,
+    queue_fields,
     run_until,
     tokens,
 )
@@ -81,7 +82,7 @@ def fill(r: redis.Redis, keys: Keys, group: str, n: int) -> None:
     """Queue entries another balancer put on ``group``."""
     for i in range(n):
         other = GenerationRequest(id=f"other-{group}-{i}", prompt="o", reply_to=keys.result(f"other-{i}"))
-        r.xadd(keys.group_queue(group), {"r": other.to_wire(), "e": "1", "c": "1"})
+        r.xadd(keys.group_queue(group), queue_fields(r, keys, other, 1, 1))
 
 
 def queued(r: redis.Redis, keys: Keys, group: str) -> list[tuple[GenerationRequest, int]]:
@@ -549,9 +550,9 @@ def record_read_blocks(monkeypatch: pytest.MonkeyPatch) -> list[int | None]:
         blocks.append(k.get("block"))
         return real_read(self, *a, **k)
 
-    def read_ingress(self: Balancer, client: Any, count: int) -> None:
+    def read_ingress(self: Balancer, client: Any, *args: Any, **kwargs: Any) -> list[tuple[str, int]]:
         blocks.append(None)
-        real_script_read(self, client, count)
+        return real_script_read(self, client, *args, **kwargs)
 
     monkeypatch.setattr(Batch, "xreadgroup", xreadgroup)
     monkeypatch.setattr(Balancer, "_read_ingress", read_ingress)

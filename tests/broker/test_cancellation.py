@@ -60,6 +60,6 @@ def test_a_cancel_naming_a_later_entry_id_is_not_remembered() -> None:
     seen = Cancellations()
     assert seen.add({b"id": b"9000000000000-0"}, 0.0, entry_id=b"8000000000000-0") is None
     assert "9000000000000-0" not in seen
-    assert seen.add({b"id": b"7000000000000-0"}, 0.0, entry_id=b"8000000000000-0") == ("7000000000000-0", None)
+    assert seen.add({b"id": b"7000000000000-0"}, 0.0, entry_id=b"8000000000000-0") == ("7000000000000-0", None, None)
     assert seen.matches("7000000000000-0", None)
-    assert seen.add({b"id": b"my-request"}, 0.0, entry_id=b"8000000000000-0") == ("my-request", None)
+    assert seen.add({b"id": b"my-request"}, 0.0, entry_id=b"8000000000000-0") == ("my-request", None, None)

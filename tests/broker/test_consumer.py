@@ -16,9 +16,9 @@ from broker.wire import Batch
 
 
 def consumer(r: redis.Redis, keys: Keys, *, horizon_ms: int = 600_000) -> StreamConsumer:
-    def ack(batch: Batch, ids: list[bytes]) -> None:
-        batch.xack("s", "g", *ids)
-        batch.xdel("s", *ids)
+    def ack(batch: Batch, stream: str, ids: list[bytes]) -> None:
+        batch.xack(stream, "g", *ids)
+        batch.xdel(stream, *ids)
 
     return StreamConsumer(r, Scripts(r), stream="s", group="g", consumer="c", cancel_stream=keys.cancel,
                           cancel_horizon_ms=horizon_ms, clock=RedisClock(r.time), ack=ack)
@@ -52,7 +52,7 @@ def test_the_cancel_feed_starts_after_the_last_cancel_and_remembers_for_its_hori
     c.create_group()
     r.xadd(keys.cancel, {"id": "new", "token": "t"})
     got = c.read(lambda batch: None)
-    assert got.cancels == [("new", "t")] and got.replies == []
+    assert got.cancels == [("new", "t", None)] and got.replies == []
     assert c.cancels.matches("new", "t") and "old" not in c.cancels
     c.cancels.prune(c.clock.now_ms() + 61_000)  # past the 1 s horizon (and the once-a-minute pass)
     assert "new" not in c.cancels
@@ -72,7 +72,7 @@ def test_a_redis_without_the_cancel_script_loses_no_entry_and_no_cancel(r: redis
     got.check()
     assert [eid for _s, entries in got.replies[0] or [] for eid, _f in entries] == [entry]
     assert got.cancels == []
-    assert c.read(lambda batch: None).cancels == [("r1", "t")]
+    assert c.read(lambda batch: None).cancels == [("r1", "t", None)]
 
 
 def test_cancel_entries_are_read_bounded_whatever_their_size(r: redis.Redis, keys: Keys) -> None:
@@ -84,7 +84,7 @@ def test_cancel_entries_are_read_bounded_whatever_their_size(r: redis.Redis, key
     r.xadd(keys.cancel, {"id": "r2", "token": "t" * 300, "extra": "z" * 1000})
     r.xadd(keys.cancel, {"id": "r3"})
     # the 1 MiB id names no request; r2's token is longer than any request's (256 bytes): no cancel
-    assert c.read(lambda batch: None).cancels == [("r3", None)]
+    assert c.read(lambda batch: None).cancels == [("r3", None, None)]
     assert "r2" not in c.cancels
 
 

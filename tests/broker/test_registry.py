@@ -44,7 +44,8 @@ def info_of(group: GroupLoad, heartbeat_ms: int = HB_MS) -> dict[bytes, bytes]:
 
 
 def test_heartbeat_fields_round_trip() -> None:
-    group = load(state="draining", rank_weight_bytes=[2_000_000, 1_999_000], rank_kv_bytes=[4096, 4096])
+    group = load(state="draining", rank_weight_bytes=[2_000_000, 1_999_000], rank_kv_bytes=[4096, 4096],
+                 rank_hosts=["node-a", "node-b"])
     status = parse_group(info_of(group), now_ms=HB_MS + 500, dead_after_s=3.0)
     assert status is not None
     assert GroupLoad(**{f.name: getattr(status, f.name) for f in dataclasses.fields(GroupLoad)}) == group
@@ -54,9 +55,16 @@ def test_heartbeat_fields_round_trip() -> None:
 
 def test_heartbeat_of_a_group_without_per_rank_memory() -> None:
     info = info_of(load())
-    del info[b"rank_weight_bytes"], info[b"rank_kv_bytes"]  # written by a build before these fields
+    del info[b"rank_weight_bytes"], info[b"rank_kv_bytes"], info[b"rank_hosts"]  # a build before these fields
     status = parse_group(info, now_ms=HB_MS, dead_after_s=3.0)
     assert status is not None and status.rank_weight_bytes == [] and status.rank_kv_bytes == []
+    assert status.rank_hosts == []
+
+
+def test_a_heartbeat_with_rank_hosts_that_are_not_names_is_refused() -> None:
+    info = info_of(load())
+    info[b"rank_hosts"] = b"[1, 2]"
+    assert parse_group(info, now_ms=HB_MS, dead_after_s=3.0) is None
 
 
 @pytest.mark.parametrize(

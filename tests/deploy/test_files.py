@@ -54,7 +54,7 @@ def test_every_yaml_file_parses(path: Path) -> None:
 def test_there_are_the_promised_files() -> None:
     names = {str(p.relative_to(DEPLOY)) for p in DEPLOY.rglob("*") if p.is_file()}
     assert {"Dockerfile", "Dockerfile.cuda", "docker-compose.yml", "k8s/kustomization.yaml", "k8s/redis.yaml",
-            "k8s/balancer.yaml", "k8s/worker.yaml", "k8s/worker-gpu.yaml", "k8s/servicemonitor.yaml",
+            "k8s/balancer.yaml", "k8s/worker.yaml", "k8s/worker-gpu.yaml", "k8s/worker-multihost.yaml", "k8s/servicemonitor.yaml",
             "k8s/gateway.yaml", "k8s/models.yaml", "monitoring/grafana-dashboard.json", "monitoring/alerts.yml",
             "systemd/ryzanstein-balancer@.service", "systemd/ryzanstein-worker@.service",
             "systemd/ryzanstein-gateway@.service"} <= names

@@ -8,8 +8,10 @@ from typing import Any
 
 from broker.events import FINAL_EVENTS
 from broker.keys import QUEUE_GROUP, Keys
+from broker.lua import queue_signature
 from broker.protocol import GenerationRequest, SamplingParams
 from broker.scripts import Scripts, claim_result
+from broker.signing import SigningKey
 
 TTL_MS = 60_000
 
@@ -65,9 +67,17 @@ def dispatch(r: Any, keys: Keys, group: str, request: GenerationRequest, epoch: 
         queue=keys.group_queue(group), marker=keys.dispatch_marker(group, request.id, epoch),
         accepting=keys.group_accepting(group), queue_tokens=keys.group_queue_tokens(group),
         request=request.to_wire(), epoch=epoch, marker_ttl_ms=TTL_MS, cost=cost,
+        signing_key=SigningKey(r, keys).get(),
     )
     assert status[0] == b"ok", status
     return bytes(status[1])
+
+
+def queue_fields(r: Any, keys: Keys, request: GenerationRequest, epoch: int, cost: int = 0) -> dict[str, Any]:
+    """The fields of a queue entry as a balancer signs it (for tests that XADD one by hand)."""
+    wire = request.to_wire()
+    return {"r": wire, "e": str(epoch), "c": str(cost),
+            "s": queue_signature(SigningKey(r, keys).get(), wire, epoch, cost)}
 
 
 def enqueue(r: Any, keys: Keys, group: str, request: GenerationRequest, *, cost: int = 0) -> int:

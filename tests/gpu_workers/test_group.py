@@ -29,6 +29,7 @@ from tests.gpu_workers.helpers import (
     finals,
     make_request,
     pending,
+    queue_fields,
     run_until,
     state_key,
     take_over,
@@ -278,7 +279,7 @@ def test_same_entry_delivered_twice_at_one_epoch_runs_once(r: redis.Redis, keys:
     group = make_group()
     request = make_request(keys, "twice", "abc")
     epoch = enqueue(r, keys, "g1", request)
-    r.xadd(keys.group_queue("g1"), {"r": request.to_wire(), "e": str(epoch)})  # a duplicate dispatch
+    r.xadd(keys.group_queue("g1"), queue_fields(r, keys, request, epoch))  # a duplicate dispatch
     run_until(group.tick, finished(r, request.reply_to))
     run_until(group.tick, lambda: not group.held)
     assert_one_clean_completion(events(r, request.reply_to), text="abc")
@@ -294,7 +295,7 @@ def test_newer_epoch_of_a_held_request_replaces_it_without_duplicate_tokens(
         group.tick()
     # handed back and routed to the same group again (a new epoch)
     assert take_over(r, keys, request, to="g1", frm="g1", epoch=epoch) == ("g1", epoch + 1)
-    r.xadd(keys.group_queue("g1"), {"r": request.to_wire(), "e": str(epoch + 1)})
+    r.xadd(keys.group_queue("g1"), queue_fields(r, keys, request, epoch + 1))
     run_until(group.tick, finished(r, request.reply_to))
     assert_one_clean_completion(events(r, request.reply_to), text="0123456789")
     assert r.xlen(keys.group_queue("g1")) == 0 and pending(r, keys, "g1") == 0

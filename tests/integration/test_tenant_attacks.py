@@ -1,6 +1,8 @@
 """Attacks on the documented ACL recipe (docs/OPERATIONS.md, "Tenants") found by a fresh-eyes review
-of issue "Shared use without trust", on the system Redis 7. Each test shows one defect (fails until
-it is fixed).
+of issue "Shared use without trust", on the system Redis 7: a tenant that may XADD a shared stream can
+trim it (MAXLEN/MINID) or close it (an explicit maximal entry id), since ACLs grant commands and
+keys, not arguments. Fixed by ingress and cancel streams per tenant (broker.sources): the recipe gives
+a tenant no shared stream, and what it does to its own hurts its own requests only.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from broker.settings import Settings
 from gpu_workers.echo import EchoEngine
 from gpu_workers.group import WorkerGroup
 from producer.client import Client
-from tests.gpu_workers.helpers import FakeMonotonic, events, finals
+from tests.gpu_workers.helpers import FakeMonotonic, events, finals, run_until
 from tests.integration.test_tenants import as_user, server  # noqa: F401 - fixtures
 
 TRIMMING_XADDS = [
@@ -26,13 +28,6 @@ TRIMMING_XADDS = [
 ]
 
 
-# Not yet fixed (issue 14 stays open on it): Redis ACLs grant commands and keys, not arguments, so a
-# tenant allowed to XADD a shared stream may also trim it (MAXLEN/MINID) or give it an explicit id.
-# The fix is one ingress stream per tenant (its own keys, consumed by every balancer), the
-# multi-stream reading issue 19's sharded ingress needs too. strict: the day it holds, this fails.
-OPEN = pytest.mark.xfail(strict=True, reason="a tenant can trim or close the shared ingress streams (issue 14, open)")
-
-@OPEN
 @pytest.mark.parametrize(("stream", "trim"), TRIMMING_XADDS)
 def test_a_tenant_cannot_trim_the_shared_streams_through_xadd(
         as_user: Callable[[str], str], prefix: str, keys: Keys, mono: FakeMonotonic,  # noqa: F811
@@ -80,7 +75,6 @@ def test_a_tenant_cannot_trim_the_shared_streams_through_xadd(
     alice.close()
 
 
-@OPEN
 @pytest.mark.parametrize("stream", ["requests", "cancel"])
 def test_a_tenant_cannot_exhaust_the_entry_ids_of_the_shared_streams(
         as_user: Callable[[str], str], prefix: str, keys: Keys, mono: FakeMonotonic,  # noqa: F811
@@ -120,4 +114,38 @@ def test_a_tenant_cannot_exhaust_the_entry_ids_of_the_shared_streams(
         balancer.tick()
         group.tick()
     assert len(finals(events(app, handle.reply_to))) == 1
+    alice.close()
+
+
+def test_what_a_tenant_does_to_its_own_streams_hurts_no_other(
+        as_user: Callable[[str], str], prefix: str, keys: Keys, mono: FakeMonotonic) -> None:  # noqa: F811
+    """bob may trim, delete or exhaust his own ingress and cancel streams (the recipe lets him): every
+    balancer goes on reading alice's, and her requests and cancels are answered."""
+    app = redis.Redis.from_url(as_user("ryz-app"))
+    settings = Settings(prefix=prefix, balancer_block_ms=1, worker_block_ms=1)
+    balancer = Balancer(app, settings=settings, name="b1", monotonic=mono, redis_uptime_s=lambda: 1e9)
+    balancer.setup()
+    group = WorkerGroup(app, EchoEngine(), settings=settings, name="g1", monotonic=mono)
+    group.register()
+    balancer.refresh_groups()
+    bob = redis.Redis.from_url(as_user("bob"))
+    bob.xadd(keys.tenant_requests("bob"), {"id": "b1", "prompt": "y"})
+    bob.xadd(keys.tenant_requests("bob"), {"id": "b2", "prompt": "y"}, maxlen=0, approximate=False)
+    bob.xadd(keys.tenant_cancel("bob"), {"id": "b3"}, id="18446744073709551615-18446744073709551615")
+    for _ in range(3):
+        balancer.tick()
+        group.tick()
+    bob.delete(keys.tenant_requests("bob"))  # its consumer group with it
+    bob.xadd(keys.tenant_requests("bob"), {"id": "b4", "prompt": "y"}, id="18446744073709551615-18446744073709551615")
+    with pytest.raises(redis.exceptions.ResponseError, match="exhausted"):
+        bob.xadd(keys.tenant_requests("bob"), {"id": "b5", "prompt": "y"})  # his stream alone is closed
+    alice = Client(settings=Settings(redis_url=as_user("alice"), prefix=prefix, tenant="alice"))
+    kept = alice.submit("alice's request", max_tokens=5)
+    ended = alice.submit("alice's long request " * 8, max_tokens=150)
+    alice.cancel(ended)
+    run_until(lambda: (balancer.tick(), group.tick()),
+              lambda: all(finals(events(app, h.reply_to)) for h in (kept, ended)), limit=100)
+    assert [e.get("finish_reason") for h in (kept, ended) for e in finals(events(app, h.reply_to))] == [
+        "length", "cancelled"]
+    assert balancer.counts["dispatched"] >= 1
     alice.close()

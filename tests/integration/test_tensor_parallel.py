@@ -20,6 +20,7 @@ import pytest
 import redis
 import torch
 
+from broker.embedded import free_port
 from broker.keys import QUEUE_GROUP, Keys
 from broker.registry import read_groups
 from gpu_workers.engine import EXIT_ENGINE_FAILED, EngineRequest
@@ -33,8 +34,8 @@ pytestmark = pytest.mark.integration
 NEW_TOKENS = 128  # long enough that requests are mid-generation when a rank goes
 TP_TIMEOUT_S = 2.0
 # How late the test process may see an exit beyond the group's own bound, when CI's two cores are
-# shared with a whole suite (a leader was seen 1.08 s after a kill and 4.9 s after a stop there).
-SCHEDULING_SLACK_S = 3.5
+# shared with a whole suite (a leader was seen 4.9 s after a stop there, and 7.1 s at load 12).
+SCHEDULING_SLACK_S = 6.0
 KV = ["--kv-dtype", "fp32", "--kv-memory", "8MiB"]
 
 
@@ -117,8 +118,9 @@ def lose_a_rank(procs: Procs, r: redis.Redis, keys: Keys, model_dir: Path, refer
                 sig: signal.Signals, *, within_s: float, tp_timeout_s: float) -> list[str]:
     """Start a 2-rank group, let it generate, send ``sig`` to its non-leader rank; check that the
     leader exits (within ``within_s``) and the rank is gone, that the heartbeat stopped and nothing
-    wrong or final was published, and that every request is still pending in the group's queue."""
-    procs.balancer()
+    wrong or final was published, and that every request is still pending in the group's queue (the
+    balancer waits 20 s, not 3, before it fails a silent group over: time to look, on a loaded host)."""
+    procs.balancer(RYZ_DEAD_AFTER_S="20")
     leader, follower = start_group(procs, model_dir, "tp", tp_timeout_s=tp_timeout_s)
     wait_groups(r, keys, {"tp"}, timeout=60)
     ids = submit(r, keys)
@@ -146,9 +148,9 @@ def test_killed_rank_stops_the_group_and_its_work_fails_over(
     procs: Procs, r: redis.Redis, keys: Keys, model_dir: Path, reference: list[list[int]]
 ) -> None:
     # Seen at once (the closed connection), not by the timeout: with a 30 s timeout, an exit within
-    # a few seconds can only come from the kill being noticed.
-    ids = lose_a_rank(procs, r, keys, model_dir, reference, signal.SIGKILL,
-                      within_s=1.0 + SCHEDULING_SLACK_S, tp_timeout_s=30.0)
+    # a third of it can only come from the kill being noticed (4.85 s was seen at a load of 11 on
+    # two cores, past the 4.5 s this allowed before).
+    ids = lose_a_rank(procs, r, keys, model_dir, reference, signal.SIGKILL, within_s=10.0, tp_timeout_s=30.0)
 
     procs.spawn("gpu_workers", "--model", str(model_dir), "--group", "solo", *KV)
     wait_for(lambda: all_finished(r, keys, ids), timeout=90, what="failover to finish every request")
@@ -216,3 +218,16 @@ def test_torchrun_group_beside_a_spawned_one(procs: Procs, r: redis.Redis, keys:
         weights, kv = group["rank_weight_bytes"], group["rank_kv_bytes"]
         assert len(weights) == 2 and weights[0] == weights[1] > 0
         assert len(kv) == 2 and kv[0] == kv[1] and 7 * 2**20 < kv[0] <= 8 * 2**20  # --kv-memory is per rank
+
+
+def test_a_rank_that_never_joins_ends_the_start(procs: Procs, r: redis.Redis, keys: Keys, model_dir: Path) -> None:
+    """Rank 0 under torchrun whose other rank never comes (on another host it failed before joining,
+    e.g. without the model files there): after tp_startup_timeout_s it exits 4 with a line that says
+    so, and its 'loading' entry leaves the registry."""
+    torchrun_env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RYZ_TP_STARTUP_TIMEOUT_S": "3"}
+    leader = procs.spawn("gpu_workers", "--model", str(model_dir), "--group", "alone", *KV, env=torchrun_env)
+    wait_for(lambda: r.zscore(keys.groups, "alone") is not None, timeout=60, what="the group to show as loading")
+    assert leader.wait(timeout=60) == EXIT_ENGINE_FAILED
+    assert "the 2 ranks did not all join the group within 3s" in procs.logs()
+    assert r.zscore(keys.groups, "alone") is None

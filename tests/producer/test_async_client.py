@@ -217,3 +217,18 @@ def test_a_refused_xadd_fails_that_submit_only(settings: Settings, r: redis.Redi
         return handle.id in client._pending
 
     assert run_with(settings, body) is True
+
+
+def test_an_async_tenants_client_sends_on_its_tenants_own_streams(
+    settings: Settings, r: redis.Redis, keys: Keys
+) -> None:
+    async def body(client: AsyncClient) -> Handle:
+        handle = await client.submit("hi", max_tokens=2)
+        await client.cancel(handle)
+        return handle
+
+    handle = run_with(settings.model_copy(update={"tenant": "alice"}), body)
+    [(_entry_id, fields)] = r.xrange(keys.tenant_requests("alice"))
+    assert fields[b"reply_to"].decode().startswith(keys.tenant_space("alice"))
+    assert [f[b"id"] for _e, f in r.xrange(keys.tenant_cancel("alice"))] == [handle.id.encode()]
+    assert r.xlen(keys.requests) == 0 and r.xlen(keys.cancel) == 0

@@ -282,3 +282,16 @@ def test_structured_output_options_become_the_protocol_fields() -> None:
         structured = parse_request(fields, entry_id="1-0", prefix="ryz", max_request_bytes=1 << 20).sampling.structured
         assert structured is not None and (structured.kind, structured.field) == expected, options
     assert request_fields("x", request_id="a", guided_json=schema)["guided_json"] == json.dumps(schema)
+
+
+def test_a_tenants_client_sends_on_its_tenants_own_streams(settings: Settings, r: redis.Redis, keys: Keys) -> None:
+    """RYZ_TENANT / Settings(tenant=...): requests and cancels go to the tenant's own streams
+    (broker.sources), never the shared ones; replies come back in the tenant's space."""
+    with Client(settings=settings.model_copy(update={"tenant": "alice"})) as tenant_client:
+        handle = tenant_client.submit("hi", max_tokens=2)
+        tenant_client.cancel(handle)
+    [(entry_id, fields)] = r.xrange(keys.tenant_requests("alice"))
+    assert handle.entry_id == entry_id.decode() and handle.reply_to == keys.reply_stream(handle.id, tenant="alice")
+    assert fields[b"reply_to"] == handle.reply_to.encode()
+    assert [f[b"id"] for _e, f in r.xrange(keys.tenant_cancel("alice"))] == [handle.id.encode()]
+    assert r.xlen(keys.requests) == 0 and r.xlen(keys.cancel) == 0
