@@ -40,6 +40,20 @@ class Decision:
     failed: list[tuple[Waiting, Exception]] = field(default_factory=list)  # deciding raised: to give up
 
 
+def fair_order(waiting: list[Waiting]) -> list[Waiting]:
+    """``waiting`` in turns of its sources (each tenant, and the shared stream: ``request.tenant``):
+    each source's first request, then each one's second, ...; within a turn, and within a source, by
+    ``priority`` then arrival. So the room left in the groups' queues is shared max-min fairly, and a
+    tenant's priorities order its own requests only: a flood at the lowest priority takes no more
+    than its turns. With one source it is plain priority order."""
+    ranked: dict[str | None, int] = {}
+    keyed = []
+    for w in sorted(waiting, key=lambda w: (w.request.priority, w.request.enqueued_ms)):
+        rank = ranked[w.request.tenant] = ranked.get(w.request.tenant, -1) + 1
+        keyed.append((rank, w))
+    return [w for _rank, w in sorted(keyed, key=lambda rw: (rw[0], rw[1].request.priority, rw[1].request.enqueued_ms))]
+
+
 def _of(model: str | None) -> str:
     return f" of model {model!r}" if model is not None else ""
 
@@ -47,7 +61,8 @@ def _of(model: str | None) -> str:
 def decide(waiting: list[Waiting], *, router: Router, rules: Rules, now_ms: float, now: float,
            closed: frozenset[str], full: frozenset[str], cancelled: Callable[[str, str | None, str | None], bool],
            ready: Callable[[bytes], bool]) -> Decision:
-    """Decide for ``waiting`` in priority order (lower ``priority`` first, then arrival).
+    """Decide for ``waiting`` in turns of its sources (``fair_order``): in priority order (lower
+    ``priority`` first, then arrival) within each source.
 
     ``now_ms``: the Redis clock (deadlines, waits); ``now``: the monotonic clock the router's
     affinity and pauses run on. ``closed``/``full``: groups that refused work lately as closed
@@ -60,7 +75,7 @@ def decide(waiting: list[Waiting], *, router: Router, rules: Rules, now_ms: floa
     limits = rules.limits
     totals: dict[str | None, list[int]] = {}  # model -> [requests, tokens] on its groups, as sent
     held_back = 0  # requests that stay waiting here: bounded like the groups' queues
-    for w in sorted(waiting, key=lambda w: (w.request.priority, w.request.enqueued_ms)):
+    for w in fair_order(waiting):
         if not ready(w.entry_id):
             continue  # failed lately: backing off
         try:

@@ -125,9 +125,11 @@ class Balancer(IngressReader, PoisonHandling, Dispatcher):
 
     def refresh_sources(self) -> None:
         """Read the tenants (``{p}:tenants``, broker.sources): each one's ingress and cancel streams
-        are read from now on (their consumer groups made when new); a tenant removed is no longer read."""
-        found = sources(self.keys, read_tenants(self.redis, self.keys))
-        if [s.stream for s in found] != list(self.sources):
+        are read from now on (their consumer groups made when new). A removed tenant's stream
+        (``{p}:tenants:removed``) is still read: its entries are answered with ``invalid_request``."""
+        found = sources(self.keys, read_tenants(self.redis, self.keys),
+                        read_tenants(self.redis, self.keys, removed=True))
+        if found != list(self.sources.values()):
             self.ingress.set_streams([s.stream for s in found[1:]],
                                      {s.cancel: s.tenant for s in found[1:] if s.tenant is not None})
             self.sources = {s.stream: s for s in found}
@@ -244,6 +246,9 @@ class Balancer(IngressReader, PoisonHandling, Dispatcher):
         stream, raw_id = self.ingress.locate(entry_id)
         eid, tenant = raw_id.decode(), self._tenant_of(stream)
         try:
+            if (source := self.sources.get(stream)) is not None and source.removed:
+                raise InvalidRequest(f"tenant {source.tenant!r} was removed (ryzanstein tenant remove): "
+                                     "its requests are no longer served")
             if OVERSIZE_FIELD in fields:  # a stub of READ_INGRESS: the body stayed in Redis
                 raise InvalidRequest(f"request is {int(fields[OVERSIZE_FIELD])} bytes, over the limit of "
                                      f"{self.settings.max_request_bytes} bytes")

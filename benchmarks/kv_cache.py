@@ -131,7 +131,7 @@ def make_run(runner: ModelRunner, name: str, lengths: list[int], steps: int, rng
 
 
 def decode_steps(runner: ModelRunner, run: DecodeRun, steps: int, rng: random.Random) -> None:
-    runner.kv_cache = run.cache
+    runner.use_kv_cache(run.cache)
     vocab = runner.config.vocab_size
     for _ in range(steps):
         chunks = [Chunk([rng.randrange(vocab)], p, t, True) for p, t in zip(run.positions, run.tables)]

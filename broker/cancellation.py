@@ -22,8 +22,9 @@ from broker.protocol import ID_RE, MAX_TOKEN_BYTES, is_later_entry_id
 from broker.settings import Settings
 
 HORIZON_MS = int(Settings.model_fields["cancel_horizon_s"].default * 1000)  # the setting's default
-# (request id, token) pairs remembered at most, the oldest forgotten first: memory stays bounded
-# whatever is written to the cancel stream, and a stranger's wrong tokens cannot push out the
+# (request id, token) pairs remembered at most, the oldest of the tenant with the most forgotten
+# first: memory stays bounded whatever is written to the cancel streams, a tenant's flood pushes out
+# its own cancels only, and a stranger's wrong tokens on the shared stream cannot push out the
 # owner's except by outnumbering every cancel of the last HORIZON_MS (a flood, seen in the metrics).
 MAX_REMEMBERED = 50_000
 
@@ -43,13 +44,16 @@ def _text(value: Any) -> str | None:
 
 
 class Cancellations:
-    """Cancel entries seen lately: (tenant, request id, token or None) -> when last seen (Redis ms),
-    oldest first. Only what a request could match is kept: an id of the protocol's form (``ID_RE``) and a
-    token within the protocol's size; anything else is no request's cancel and is forgotten at once."""
+    """Cancel entries seen lately: per tenant (None: the shared stream), (request id, token or None)
+    -> when last seen (Redis ms), oldest first. Only what a request could match is kept: an id of the
+    protocol's form (``ID_RE``) and a token within the protocol's size; anything else is no request's
+    cancel and is forgotten at once. At ``max_remembered`` in all, the oldest cancel of the tenant
+    that has the most is forgotten: a tenant flooding its cancel stream pushes out its own only."""
 
     def __init__(self, *, horizon_ms: float = HORIZON_MS, max_remembered: int = MAX_REMEMBERED) -> None:
         self.horizon_ms = horizon_ms
-        self._pairs: OrderedDict[Cancel, float] = OrderedDict()
+        self._pairs: dict[str | None, OrderedDict[Cancel, float]] = {}  # tenant -> its cancels, oldest first
+        self._count = 0
         self._ids: dict[tuple[str | None, str], int] = {}  # (tenant, request id) -> cancels remembered
         self._max = max_remembered
         self._next_prune = 0.0
@@ -71,17 +75,22 @@ class Cancellations:
         if token is not None and len(token.encode()) > MAX_TOKEN_BYTES:
             return None
         pair = Cancel(rid, token, tenant)
-        if pair in self._pairs:
-            self._pairs.move_to_end(pair)
+        if pair in self._pairs.get(tenant, ()):
+            self._pairs[tenant].move_to_end(pair)
         else:
+            while self._count >= self._max:
+                self._forget_oldest(max(self._pairs, key=lambda t: len(self._pairs[t])))
             self._ids[(tenant, rid)] = self._ids.get((tenant, rid), 0) + 1
-            while len(self._pairs) >= self._max:
-                self._forget_oldest()
-        self._pairs[pair] = now_ms
+            self._count += 1
+        self._pairs.setdefault(tenant, OrderedDict())[pair] = now_ms
         return pair
 
-    def _forget_oldest(self) -> None:
-        (rid, _token, tenant), _when = self._pairs.popitem(last=False)
+    def _forget_oldest(self, tenant: str | None) -> None:
+        pairs = self._pairs[tenant]
+        (rid, _token, _tenant), _when = pairs.popitem(last=False)
+        if not pairs:
+            del self._pairs[tenant]
+        self._count -= 1
         left = self._ids[(tenant, rid)] - 1
         if left:
             self._ids[(tenant, rid)] = left
@@ -93,7 +102,7 @@ class Cancellations:
         ``tenant`` (read from that tenant's cancel stream)."""
         if cancel_token is None:
             return (tenant, request_id) in self._ids
-        return Cancel(request_id, cancel_token, tenant) in self._pairs
+        return Cancel(request_id, cancel_token, tenant) in self._pairs.get(tenant, ())
 
     def prune(self, now_ms: float) -> None:
         """Forget cancels older than the horizon (a pass at most once a minute)."""
@@ -101,15 +110,16 @@ class Cancellations:
             return
         self._next_prune = now_ms + 60_000
         horizon = now_ms - self.horizon_ms
-        while self._pairs and next(iter(self._pairs.values())) < horizon:
-            self._forget_oldest()
+        for tenant in list(self._pairs):
+            while tenant in self._pairs and next(iter(self._pairs[tenant].values())) < horizon:
+                self._forget_oldest(tenant)
 
     def __contains__(self, request_id: str) -> bool:
         """Whether a cancel of the shared cancel stream named ``request_id``."""
         return (None, request_id) in self._ids
 
     def __len__(self) -> int:
-        return len(self._pairs)
+        return self._count
 
 
 def applies(cancel_token: str | None, token: str | None, *, tenant: str | None = None,

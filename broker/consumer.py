@@ -44,6 +44,7 @@ from broker.failures import describe, raise_if_fatal
 from broker.reclaim import Reclaimed, Reclaimer
 from broker.scripts import Scripts
 from broker.settings import Settings
+from broker.sources import cancel_counts
 from broker.wire import Batch
 
 log = logging.getLogger(__name__)
@@ -274,10 +275,10 @@ class StreamConsumer:
                 self._write_acks(batch, acks)
             first = len(batch)
             build(batch)
-            feeds = list(self.cancel_feeds)
+            feeds = list(self.cancel_feeds)  # the shared stream's CANCEL_READ_COUNT, as many for all tenants'
             cancel_at = [self.scripts.read_cancels(cancel_stream=stream, after=self._cancel_cursors.get(stream, b"0-0"),
-                                                   count=CANCEL_READ_COUNT, max_field_bytes=CANCEL_FIELD_BYTES,
-                                                   client=batch) for stream in feeds]
+                                                   count=n, max_field_bytes=CANCEL_FIELD_BYTES, client=batch)
+                         for stream, n in zip(feeds, cancel_counts(feeds, self.cancel_stream, CANCEL_READ_COUNT))]
             results = self.scripts.wire.execute(batch)
             own = results[first:cancel_at[0]]
             if not any(isinstance(raw, NoScriptError) for raw in own):

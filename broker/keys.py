@@ -30,6 +30,7 @@ Key schema (``p`` is the prefix, ``ryz`` by default):
 | ``p:balancer:<name>`` | hash | a balancer's stats: batch-size histogram, counts, failovers |
 | ``p:client:<uuid>`` | stream | shared reply stream of one client instance |
 | ``p:tenants`` | set | tenants with an ingress stream of their own (``ryzanstein tenant add``) |
+| ``p:tenants:removed`` | set | tenants removed: balancers answer what is left on their streams |
 | ``p:t:<tenant>:requests`` | stream | a tenant's ingress; consumer group ``balancers`` (broker.sources) |
 | ``p:t:<tenant>:cancel`` | stream | a tenant's cancellations: they end that tenant's requests only |
 | ``p:t:<tenant>:...`` | stream | reply streams of a tenant's clients (``result:<id>``, ``client:<uuid>``) |
@@ -126,6 +127,11 @@ class Keys:
         """The tenants whose ingress streams every balancer reads (broker.sources)."""
         return f"{self.prefix}:tenants"
 
+    @property
+    def tenants_removed(self) -> str:
+        """Tenants removed (``ryzanstein tenant remove``): their streams are read to answer what is left."""
+        return f"{self.prefix}:tenants:removed"
+
     def tenant_requests(self, tenant: str) -> str:
         """A tenant's own ingress stream: its requests, and only its, come in there."""
         return f"{self.tenant_space(tenant)}requests"
@@ -208,7 +214,8 @@ class Keys:
 
     def is_internal(self, key: str) -> bool:
         """Whether ``key`` is one of ryzanstein's own keys (never a valid ``reply_to``)."""
-        own = (self.requests, self.cancel, self.groups, self.balancers, self.dead, self.signing_key, self.tenants)
+        own = (self.requests, self.cancel, self.groups, self.balancers, self.dead, self.signing_key, self.tenants,
+               self.tenants_removed)
         tenants = f"{self.prefix}:t:"
         if key.startswith(tenants):  # a tenant's ingress and cancel streams (no ':' in tenant names)
             return key[len(tenants):].partition(":")[2] in ("requests", "cancel")
@@ -219,7 +226,8 @@ class Keys:
         """Why ``key`` may not be the reply stream of request ``request_id``; None when it may.
 
         A request of ``tenant`` (one that came in on the tenant's own ingress stream) replies only
-        inside the tenant's space (``tenant_space``): the only keys its client may read.
+        inside the tenant's space (``tenant_space``): the only keys its client may read; a request of
+        no tenant never replies under any tenant's space (nor its companions' ``{<space>``).
 
         Never one of the pipeline's own keys (``is_internal``), never the state of a request (a
         companion: ``state``, ``generated``, ``generated_text``, under anyone's reply stream), never
@@ -231,6 +239,9 @@ class Keys:
             return "must not be one of ryzanstein's own keys"
         if tenant is not None and not key.startswith(self.tenant_space(tenant)):
             return f"must name a stream of this request's tenant (under {self.tenant_space(tenant)!r})"
+        if tenant is None and key.startswith((f"{self.prefix}:t:", f"{{{self.prefix}:t:")):
+            # a tenant reads these (its user's keys): only its own requests write there
+            return f"must not name a tenant's key (under {self.prefix + ':t:'!r}): only its own requests reply there"
         if hash_tag(key) is not None and _COMPANION.search(key):
             return "must not be the state of a request"
         if len(key) > 2 and key[0] == "{" and key[-1] == "}" and hash_tag(key) == key[1:-1]:

@@ -6,14 +6,17 @@ A process that answers is not a path that works: with no balancer running, reque
 
 - a **balancer** is reading: the youngest balancer heartbeat (``{p}:balancers``, written after each
   ingress read, about every second) is younger than ``balancer_dead_after_s``; and no request has
-  waited unread on the ingress stream for longer than that (a balancer that heartbeats but does not
-  read would leave them there);
+  waited unread on the shared ingress stream for longer than that (a balancer that heartbeats but
+  does not read would leave them there). The tenants' streams (broker.sources) count in the number
+  of requests waiting (``tenants``), not in that age: a tenant names its entry ids itself (an
+  explicit ``XADD`` id, after deleting its stream), so their age is the tenant's to forge, and no
+  tenant may make the path look broken to everyone;
 - a **group** serves: at least one registered group is alive and ready (``GroupStatus.routable``),
   and so for every model name a registered group serves (a model whose groups all died, or are
   still loading, cannot be served).
 
 ``judge`` is the rule, a pure function; ``read_path`` and ``read_path_async`` read its inputs in
-two round trips with the sync and the asyncio Redis clients.
+three round trips with the sync and the asyncio Redis clients.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.client import Pipeline as AsyncPipeline
 from redis.client import Pipeline
-from redis.exceptions import ResponseError
 
-from broker.keys import INGRESS_GROUP, Keys
+from broker.ingress_depth import StreamDepth, add_reads, depth_of, ingress_streams
+from broker.keys import Keys
 from broker.registry import GroupStatus, groups_from_reply, served_names, zset_members
+from broker.sources import TENANT_RE
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,8 +41,9 @@ class PathView:
 
     groups: list[GroupStatus]
     balancer_age_s: float | None  # of the youngest balancer heartbeat; None: no balancer registered
-    unread: int  # ingress entries no balancer has read yet
+    unread: int  # entries of the shared ingress stream no balancer has read yet
     oldest_unread_age_s: float | None  # how long the oldest of them has waited; None: none waits
+    tenants: dict[str, int] = field(default_factory=dict)  # tenant -> entries of its stream no balancer has read yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +64,8 @@ def judge(view: PathView, *, balancer_dead_after_s: float) -> PathHealth:
     serving = [g for g in view.groups if g.routable]
     models = served_names(serving)
     problems = []
-    waiting = f" ({view.unread} requests waiting)" if view.unread else ""
+    unread = view.unread + sum(view.tenants.values())
+    waiting = f" ({unread} requests waiting)" if unread else ""
     if view.balancer_age_s is None:
         problems.append(f"no balancer is running{waiting}")
     elif view.balancer_age_s > balancer_dead_after_s:
@@ -82,86 +88,75 @@ def judge(view: PathView, *, balancer_dead_after_s: float) -> PathHealth:
 
 # --- reading ---------------------------------------------------------------------------------------
 
-def _first_pipeline(pipe: Pipeline | AsyncPipeline, keys: Keys, names: list[str]) -> None:
+def _first_pipeline(pipe: Pipeline | AsyncPipeline, keys: Keys, names: list[str],
+                    streams: list[tuple[str, str | None]]) -> None:
     pipe.time()
     for name in names:
         pipe.hgetall(keys.group_info(name))
     pipe.zrevrange(keys.balancers, 0, 0, withscores=True)
-    pipe.xinfo_groups(keys.requests)
+    for stream, _tenant in streams:
+        add_reads(pipe, stream)
 
 
-def _after_first(reply: list[Any], names: list[str], *, dead_after_s: float
-                 ) -> tuple[list[GroupStatus], float, float | None, str, Any]:
-    """Groups, Redis now (ms), youngest balancer age, and the id after which entries are unread
-    (``-`` when no balancer ever created the consumer group: every entry is unread)."""
+def _after_first(reply: list[Any], names: list[str], streams: list[tuple[str, str | None]], *,
+                 dead_after_s: float) -> tuple[list[GroupStatus], float, float | None, list[StreamDepth]]:
+    """Groups, Redis now (ms), youngest balancer age, and each ingress stream's depth."""
     for raw in reply[: 2 + len(names)]:
         if isinstance(raw, Exception):
             raise raw
     groups = groups_from_reply(reply[: 1 + len(names)], dead_after_s=dead_after_s)
     secs, micros = reply[0]
     now_ms = secs * 1000.0 + micros / 1000.0
-    youngest, infos = reply[1 + len(names)], reply[2 + len(names)]
+    youngest, rest = reply[1 + len(names)], reply[2 + len(names):]
     balancer_age_s = max(0.0, (now_ms - float(youngest[0][1])) / 1000.0) if youngest else None
-    after = "-"
-    if not isinstance(infos, ResponseError):
-        for info in infos:
-            if _text(info["name"]) == INGRESS_GROUP:
-                after = "(" + _text(info["last-delivered-id"])
-    return groups, now_ms, balancer_age_s, after, infos
+    depths = [depth_of(stream, tenant, length, infos)
+              for (stream, tenant), length, infos in zip(streams, rest[0::2], rest[1::2])]
+    return groups, now_ms, balancer_age_s, depths
 
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _unread(now_ms: float, first: list[Any], count: int) -> tuple[int, float | None]:
-    if not first or count <= 0:
-        return 0, None
-    entry_ms = int(_text(first[0][0]).split("-", 1)[0])
-    return count, max(0.0, (now_ms - entry_ms) / 1000.0)
+def _view(groups: list[GroupStatus], now_ms: float, balancer_age_s: float | None, depths: list[StreamDepth],
+          first: Any) -> PathView:
+    shared, tenants = depths[0], depths[1:]
+    age = None
+    if shared.unread > 0 and isinstance(first, list) and first:
+        age = max(0.0, (now_ms - int(_text(first[0][0]).split("-", 1)[0])) / 1000.0)
+    return PathView(groups, balancer_age_s, shared.unread if age is not None else 0, age,
+                    {t.tenant: t.unread for t in tenants if t.tenant is not None})
+
+
+def _names(reply: list[Any], keys: Keys) -> tuple[list[str], list[tuple[str, str | None]]]:
+    groups, members = reply
+    tenants = sorted(n for n in (_text(m) for m in members) if TENANT_RE.fullmatch(n))
+    return zset_members(groups), ingress_streams(keys, tenants)
 
 
 def read_path(redis: Redis, keys: Keys, *, dead_after_s: float) -> PathView:
     """The path as Redis shows it now (sync client); raises the Redis error when unreachable."""
-    names = zset_members(redis.zrange(keys.groups, 0, -1))
     pipe = redis.pipeline(transaction=False)
-    _first_pipeline(pipe, keys, names)
-    groups, now_ms, balancer_age_s, after, infos = _after_first(
-        pipe.execute(raise_on_error=False), names, dead_after_s=dead_after_s)
+    pipe.zrange(keys.groups, 0, -1)
+    pipe.smembers(keys.tenants)
+    names, streams = _names(pipe.execute(), keys)
     pipe = redis.pipeline(transaction=False)
-    pipe.xrange(keys.requests, after, "+", count=1)
-    pipe.xlen(keys.requests)
-    first, length = pipe.execute(raise_on_error=False)
-    unread, age = _unread(now_ms, first if isinstance(first, list) else [], _unread_count(infos, length, after))
-    return PathView(groups, balancer_age_s, unread, age)
+    _first_pipeline(pipe, keys, names, streams)
+    groups, now_ms, balancer_age_s, depths = _after_first(
+        pipe.execute(raise_on_error=False), names, streams, dead_after_s=dead_after_s)
+    first = redis.xrange(keys.requests, depths[0].after, "+", count=1) if depths[0].unread else []
+    return _view(groups, now_ms, balancer_age_s, depths, first)
 
 
 async def read_path_async(redis: AsyncRedis, keys: Keys, *, dead_after_s: float) -> PathView:
     """``read_path`` with the asyncio client."""
-    names = zset_members(await redis.zrange(keys.groups, 0, -1))
     pipe = redis.pipeline(transaction=False)
-    _first_pipeline(pipe, keys, names)
-    groups, now_ms, balancer_age_s, after, infos = _after_first(
-        await pipe.execute(raise_on_error=False), names, dead_after_s=dead_after_s)
+    pipe.zrange(keys.groups, 0, -1)
+    pipe.smembers(keys.tenants)
+    names, streams = _names(await pipe.execute(), keys)
     pipe = redis.pipeline(transaction=False)
-    pipe.xrange(keys.requests, after, "+", count=1)
-    pipe.xlen(keys.requests)
-    first, length = await pipe.execute(raise_on_error=False)
-    unread, age = _unread(now_ms, first if isinstance(first, list) else [], _unread_count(infos, length, after))
-    return PathView(groups, balancer_age_s, unread, age)
-
-
-def _unread_count(infos: Any, length: Any, after: str) -> int:
-    """Entries not yet delivered to a balancer: the consumer group's ``lag`` (Redis >= 7), else the
-    stream's length less what balancers hold (an upper bound: acknowledged entries are deleted)."""
-    if isinstance(length, Exception):
-        raise length
-    if after == "-" or isinstance(infos, ResponseError):
-        return int(length)
-    for info in infos:
-        if _text(info["name"]) == INGRESS_GROUP:
-            lag = info.get("lag")
-            if lag is not None:
-                return int(lag)
-            return max(0, int(length) - int(info["pending"]))
-    return int(length)
+    _first_pipeline(pipe, keys, names, streams)
+    groups, now_ms, balancer_age_s, depths = _after_first(
+        await pipe.execute(raise_on_error=False), names, streams, dead_after_s=dead_after_s)
+    first = await redis.xrange(keys.requests, depths[0].after, "+", count=1) if depths[0].unread else []
+    return _view(groups, now_ms, balancer_age_s, depths, first)

@@ -41,6 +41,7 @@ class Source:
     stream: str
     cancel: str
     tenant: str | None = None
+    removed: bool = False  # a tenant removed (``{p}:tenants:removed``): its entries are answered, not served
 
     def default_id(self, entry_id: str) -> str:
         """The request id of an entry sent without ``id``: its entry id, under the tenant's name."""
@@ -52,16 +53,22 @@ def default_request_id(entry_id: str, tenant: str | None) -> str:
     return entry_id if tenant is None else f"{tenant}:{entry_id}"
 
 
-def sources(keys: Keys, tenants: Iterable[str] = ()) -> list[Source]:
-    """The shared source first, then one per tenant (in the order given)."""
+def sources(keys: Keys, tenants: Iterable[str] = (), removed: Iterable[str] = ()) -> list[Source]:
+    """The shared source first, then one per tenant (in the order given), then one per ``removed``
+    tenant that is no tenant now: its stream is still read, so that what was sent there before (or
+    is still sent) gets an answer (``invalid_request``) rather than none."""
+    tenants = list(tenants)
     return [Source(keys.requests, keys.cancel),
-            *(Source(keys.tenant_requests(t), keys.tenant_cancel(t), t) for t in tenants)]
+            *(Source(keys.tenant_requests(t), keys.tenant_cancel(t), t) for t in tenants),
+            *(Source(keys.tenant_requests(t), keys.tenant_cancel(t), t, removed=True)
+              for t in removed if t not in tenants)]
 
 
-def read_tenants(redis: Redis, keys: Keys) -> list[str]:
-    """The tenants in ``{p}:tenants``, sorted; a member that is no valid tenant name is skipped (logged)."""
+def read_tenants(redis: Redis, keys: Keys, *, removed: bool = False) -> list[str]:
+    """The tenants in ``{p}:tenants`` (``removed``: in ``{p}:tenants:removed``), sorted; a member that
+    is no valid tenant name is skipped (logged)."""
     out = []
-    for raw in redis.smembers(keys.tenants):
+    for raw in redis.smembers(keys.tenants_removed if removed else keys.tenants):
         name = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
         if TENANT_RE.fullmatch(name):
             out.append(name)
@@ -71,8 +78,9 @@ def read_tenants(redis: Redis, keys: Keys) -> list[str]:
 
 
 def tenant_cancels(redis: Redis, keys: Keys) -> dict[str, str]:
-    """The tenants' cancel streams, each with its tenant (what a worker group reads besides ``{p}:cancel``)."""
-    return {keys.tenant_cancel(t): t for t in read_tenants(redis, keys)}
+    """The tenants' cancel streams, each with its tenant (what a worker group reads besides
+    ``{p}:cancel``); a removed tenant's too: its requests in flight can still be cancelled."""
+    return {keys.tenant_cancel(t): t for t in (*read_tenants(redis, keys), *read_tenants(redis, keys, removed=True))}
 
 
 def shares(total: int, streams: int, *, start: int = 0) -> list[int]:
@@ -87,6 +95,15 @@ def shares(total: int, streams: int, *, start: int = 0) -> list[int]:
     for k in range(extra):
         out[(start + k) % streams] += 1
     return out
+
+
+def cancel_counts(feeds: list[str], shared: str, total: int) -> list[int]:
+    """Cancel entries to read from each of ``feeds`` in one read: ``total`` from the ``shared`` cancel
+    stream, and ``total`` shared equally among the tenants' (``shares``, at least one each): the
+    cost of a read does not grow with the tenants, and a tenant flooding its cancel stream delays
+    its own cancels only."""
+    tenants = iter(shares(total, sum(f != shared for f in feeds)))
+    return [total if f == shared else max(1, next(tenants)) for f in feeds]
 
 
 def tenant_acl(keys: Keys, tenant: str, password: str) -> str:

@@ -19,6 +19,7 @@ from broker.errors import InvalidRequest
 from broker.fields import as_bool, as_float, as_int, as_text, as_token_ids, show
 from broker.keys import Keys
 from broker.protocol import (
+    ENTRY_ID_RE,
     ID_RE,
     MAX_KEY_BYTES,
     MAX_TOKEN_BYTES,
@@ -31,7 +32,7 @@ from broker.protocol import (
 from broker.refused import unhonoured_field
 from broker.sampling_fields import check_sampling, parse_sampling
 from broker.signing import SIGNATURE_FIELD, verify
-from broker.sources import default_request_id
+from broker.sources import TENANT_RE, default_request_id
 
 
 def _fields_size(fields: dict[Any, Any]) -> int:
@@ -125,10 +126,9 @@ def _parse(
         raise InvalidRequest(f"field '{name}': not supported by this server (leave it unset)")
     if not ID_RE.fullmatch(request_id):
         raise InvalidRequest(f"field 'id': must be 1-128 characters of [A-Za-z0-9_.:-], got {show(request_id)}")
-    if not signed and raw.get("id") is not None and _squats(request_id, entry_id, tenant, now_ms):
-        # a later request sent without an id gets that entry id as its id: taken now, it would be squatted
-        raise InvalidRequest(f"field 'id': {show(request_id)} has the shape of a stream entry id after this "
-                             "request's own; such ids are the ids of later requests sent without 'id'")
+    if not signed and raw.get("id") is not None and (why := _squats(request_id, entry_id, tenant, now_ms)):
+        # a later request sent without an id gets that id: taken now, it would be squatted
+        raise InvalidRequest(f"field 'id': {show(request_id)} {why}")
 
     has_prompt, has_ids = raw.get("prompt") is not None, raw.get("prompt_ids") is not None
     if has_prompt == has_ids:
@@ -185,14 +185,27 @@ def _parse(
     )
 
 
-def _squats(request_id: str, entry_id: str, tenant: str | None, now_ms: float | None) -> bool:
-    """Whether an explicit ``request_id`` is the id a later request sent without 'id' would get: an
-    entry id after this entry's own. A tenant's stream may carry entry ids ahead of the clock (it
-    names them itself) while later shared entries get ids by the clock: there the clock bounds it."""
+def _squats(request_id: str, entry_id: str, tenant: str | None, now_ms: float | None) -> str | None:
+    """Why an explicit ``request_id`` is the id a later request sent without 'id' would get (None: it
+    is not): an entry id after this entry's own, or ``<tenant>:<entry id>`` with such an entry id,
+    the id of a later request of that tenant (broker.sources.default_request_id; any tenant's, this
+    request's own or another's). A tenant's stream may carry entry ids ahead of the clock (it names
+    them itself) while later shared entries get ids by the clock: there the clock bounds it."""
+    owner, colon, rest = request_id.partition(":")
+    named = colon and TENANT_RE.fullmatch(owner) and ENTRY_ID_RE.fullmatch(rest)
+    later_id = rest if named else request_id
     if tenant is None or now_ms is None:
-        return is_later_entry_id(request_id, entry_id)
-    bound = f"{min(entry_ms(entry_id), int(now_ms))}-0"
-    return request_id == bound or is_later_entry_id(request_id, bound)
+        later = is_later_entry_id(later_id, entry_id)
+    else:
+        bound = f"{min(entry_ms(entry_id), int(now_ms))}-0"
+        later = later_id == bound or is_later_entry_id(later_id, bound)
+    if not later:
+        return None
+    if named:
+        return (f"has the form '<tenant>:<entry id>' of the id a later request of tenant {show(owner)} sent "
+                "without 'id' gets (docs/PROTOCOL.md, \"Tenants\"); choose another id")
+    return ("has the shape of a stream entry id after this request's own; such ids are the ids of later "
+            "requests sent without 'id'")
 
 
 def _model(value: Any) -> str:

@@ -7,6 +7,7 @@ at most one token, and requests leave when the engine finishes them or the loop 
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -75,12 +76,20 @@ class StepOutput:
     prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
 
 
+class RejectionReason(enum.Enum):
+    """Why the engine dropped a request without finishing it (the service maps each to the error
+    code its client sees: gpu_workers.engine_mapping)."""
+
+    UNSERVABLE = "unservable"  # it can never run as asked (EngineRequestError: its grammar does not compile)
+    FAILED = "failed"  # the engine failed on it alone (a grammar compile crashed, a token broke its grammar)
+
+
 @dataclass(frozen=True, slots=True)
 class Rejection:
     """A request the engine dropped without finishing it: it ends with an ``error`` event."""
 
     request_id: str
-    code: str  # an error code of docs/PROTOCOL.md: invalid_request (a grammar that does not compile), internal
+    reason: RejectionReason
     message: str  # for a person: names the field and the problem
 
 

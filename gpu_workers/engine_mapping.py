@@ -1,8 +1,9 @@
 """The boundary between the service and the engine: a validated ``broker.protocol`` request's
-sampling fields as the engine's own ``gpu_workers.sampling_params`` types.
+sampling fields as the engine's own ``gpu_workers.sampling_params`` types, and the engine's
+rejections (``RejectionReason``) as the error codes of docs/PROTOCOL.md.
 
-The group loop (gpu_workers.steps) maps every request here before ``Engine.add``; an engine's
-``EngineRequestError`` goes back to the client as ``invalid_request``, as its ``Rejection`` codes do.
+The group loop (gpu_workers.steps) maps every request here before ``Engine.add``, and every request
+the engine drops (a ``Rejection``, or an ``EngineRequestError`` raised by ``add``) back here.
 What the engine does not read (stop strings, ``n``/``best_of``, ``fit_max_tokens``) stays with the
 group: ``SamplingParams.for_choice`` splits a request of several completions before the mapping.
 """
@@ -10,8 +11,21 @@ group: ``SamplingParams.for_choice`` splits a request of several completions bef
 from __future__ import annotations
 
 from broker import protocol
+from broker.errors import InvalidRequest, RyzansteinError
 from broker.structured import StructuredOutput
+from gpu_workers.engine import RejectionReason
 from gpu_workers.sampling_params import SamplingParams, StructuredSpec
+
+# The ``error`` event code a request the engine dropped ends with, by the engine's reason.
+REJECTION_CODES: dict[RejectionReason, str] = {
+    RejectionReason.UNSERVABLE: InvalidRequest.code,  # invalid_request: the client must change it
+    RejectionReason.FAILED: RyzansteinError.code,  # internal: the server's failure, not the request's
+}
+
+
+def error_code(reason: RejectionReason) -> str:
+    """The protocol error code (docs/PROTOCOL.md) of a request the engine dropped for ``reason``."""
+    return REJECTION_CODES[reason]
 
 
 def engine_structured(structured: StructuredOutput) -> StructuredSpec:

@@ -20,7 +20,7 @@ import torch
 
 from broker.chat import PLAIN_CHAT_TEMPLATE
 from gpu_workers.block_manager import BlockManager
-from gpu_workers.engine import EngineInfo, EngineRequest, EngineStats, Rejection, StepOutput
+from gpu_workers.engine import EngineInfo, EngineRequest, EngineStats, Rejection, RejectionReason, StepOutput
 from gpu_workers.hf_tokenizer import load_tokenizer
 from gpu_workers.logits_processors import RowContext, bad_words_token_ids
 from gpu_workers.model.config import load_config
@@ -209,14 +209,14 @@ class LlamaEngine:
                 assert seq is not None
                 self.scheduler.add(seq)
             except EngineRequestError as exc:
-                self._reject(request_id, "invalid_request", str(exc))
+                self._reject(request_id, RejectionReason.UNSERVABLE, str(exc))
             except Exception as exc:  # the compile thread's failure is this request's alone
                 log.exception("request %s: structured output failed to compile", request_id)
-                self._reject(request_id, "internal", f"structured output failed to compile ({type(exc).__name__})")
+                self._reject(request_id, RejectionReason.FAILED, f"structured output failed to compile ({type(exc).__name__})")
 
-    def _reject(self, request_id: str, code: str, message: str) -> None:
+    def _reject(self, request_id: str, reason: RejectionReason, message: str) -> None:
         self._requests.pop(request_id, None)
-        self._rejected.append(Rejection(request_id, code, message))
+        self._rejected.append(Rejection(request_id, reason, message))
         self._release_parked(request_id)  # the completions sharing its prompt go on without it
 
     def step(self) -> list[StepOutput]:
@@ -270,7 +270,7 @@ class LlamaEngine:
             finish = None
             if state.grammar is not None and not state.grammar.consume_token(token):
                 log.error("request %s: the grammar refused the sampled token %d", seq.request_id, token)
-                self._reject(seq.request_id, "internal", "the sampled token does not match the structured output")
+                self._reject(seq.request_id, RejectionReason.FAILED, "the sampled token does not match the structured output")
                 self.scheduler.finish(seq.request_id)
                 self.runner.release(seq.request_id)
                 continue

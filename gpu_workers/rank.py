@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from broker.errors import ConfigError
-from gpu_workers.block_manager import KVCacheGroups
+from gpu_workers.kv_cache_groups import KVCacheGroups
 from gpu_workers.kv_memory import kv_budget_bytes
 from gpu_workers.model.config import ModelConfig, load_config
 from gpu_workers.model.kv_cache import kv_bytes_per_block

@@ -43,7 +43,7 @@ class Sequence:
     num_computed_tokens: int = 0  # leading tokens whose K/V are in the cache
     num_cached_tokens: int = 0  # prefix-cache hit at the last allocation, in tokens (stats)
     # Physical blocks, per block_size tokens one for each KV cache group, interleaved (entry i * G + k:
-    # group k's block for the i-th block_size tokens; gpu_workers.block_manager.KVCacheGroups).
+    # group k's block for the i-th block_size tokens; gpu_workers.kv_cache_groups.KVCacheGroups).
     block_table: list[int] = field(default_factory=list)
     # Leading blocks (per group) that the sliding-window groups have given back or never held: wholly
     # before their window, nothing reads them again; their entries are stale ids or NULL_BLOCK.

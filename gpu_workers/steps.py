@@ -4,8 +4,8 @@ is the group's, declared below).
 
 A request ends exactly once (``_finish``/``_finish_error`` queue its final event); its queue entry
 is acknowledged only once that event is written (``_publish``). Requests reach the engine as its
-own types (gpu_workers.engine_mapping); one it can never run (``EngineRequestError``) ends with
-``invalid_request``. An engine that raises otherwise is never fatal: the request it raised on ends
+own types (gpu_workers.engine_mapping); one it can never run (``EngineRequestError``,
+``RejectionReason.UNSERVABLE``) ends with ``invalid_request`` (the mapping's code for it). An engine that raises otherwise is never fatal: the request it raised on ends
 with error ``internal`` (gpu_workers.isolation) and the rest goes on.
 """
 
@@ -20,8 +20,8 @@ from broker.consumer import StreamConsumer
 from broker.errors import EngineFailed
 from broker.events import choice_entry, done_event, error_event, token_event
 from broker.logs import request_extra
-from gpu_workers.engine import Engine, EngineRequest
-from gpu_workers.engine_mapping import engine_sampling
+from gpu_workers.engine import Engine, EngineRequest, RejectionReason
+from gpu_workers.engine_mapping import engine_sampling, error_code
 from gpu_workers.holding import Event, Held, Holding, engine_id, split_engine_id
 from gpu_workers.isolation import Isolation
 from gpu_workers.keepalive import StepKeepalive
@@ -105,13 +105,13 @@ class EngineSteps:
         except EngineRequestError as exc:  # one the engine can never run (it could never fit its KV cache)
             for engine_request_id in held.engine_ids():
                 self.engine.abort(engine_request_id)
-            self._finish_error(held, "invalid_request", str(exc))
+            self._finish_error(held, error_code(RejectionReason.UNSERVABLE), str(exc))
             return
         except Exception as exc:
             log.exception("request %s: the engine refused it", request.id)
             for engine_request_id in held.engine_ids():
                 self.engine.abort(engine_request_id)
-            self._finish_error(held, "internal", f"the engine failed on this request ({type(exc).__name__})")
+            self._finish_error(held, error_code(RejectionReason.FAILED), f"the engine failed on this request ({type(exc).__name__})")
             return
         self.holding.started(held)
         if held.started_ms is None:
@@ -136,7 +136,7 @@ class EngineSteps:
         for rejection in self.engine.rejected():  # dropped by the engine (a grammar that does not compile)
             # (a completion of several: the request ends with its error, the others are aborted)
             if (dropped := self.held.get(split_engine_id(rejection.request_id)[0])) is not None and not dropped.final:
-                self._finish_error(dropped, rejection.code, rejection.message)
+                self._finish_error(dropped, error_code(rejection.reason), rejection.message)
         self.telemetry.step([out if split_engine_id(out.request_id)[1] is None else
                              dataclasses.replace(out, request_id=split_engine_id(out.request_id)[0])
                              for out in outputs])

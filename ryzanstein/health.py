@@ -9,7 +9,7 @@ Three questions, by the options given:
   also taking work (not draining)?
 - neither: does the request path work: Redis answers, a balancer reads the ingress stream (no
   request waits unread), and at least one group is alive and taking work
-  (``broker.path_health``)?
+  (``broker.path_health``)? The requests waiting unread on each tenant's stream are printed too.
 """
 
 from __future__ import annotations
@@ -78,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
         return 0 if ok else 1
     health = judge(view, balancer_dead_after_s=settings.balancer_dead_after_s)
     served = f"{len(health.serving)} of {len(view.groups)} groups alive and taking work"
-    print(f"ok: {served}; a balancer reads the ingress stream" if health.ok
-          else f"unhealthy: {health.reason} ({served})", flush=True)
+    waiting = [f"{t} {n}" for t, n in sorted(view.tenants.items(), key=lambda tn: (-tn[1], tn[0])) if n]
+    tenants = f"; unread on tenants' streams: {', '.join(waiting)}" if waiting else ""
+    print(f"ok: {served}; a balancer reads the ingress stream{tenants}" if health.ok
+          else f"unhealthy: {health.reason} ({served}){tenants}", flush=True)
     return 0 if health.ok else 1

@@ -1,6 +1,7 @@
 """``ryzanstein status``: the worker groups, their health and load, balancers, and queue depths.
 
-One snapshot is read from Redis (the group registry, the ingress stream and its consumer group);
+One snapshot is read from Redis (the group registry, the ingress streams, the shared one and each
+tenant's (broker.sources), with their consumer groups);
 ``--watch`` reads one every few seconds, clears the terminal, and adds each group's request rate
 since the previous snapshot. ``--json`` prints the snapshot as one JSON object (one per line with
 ``--watch``), with the fields CONTRACT.md promises and more.
@@ -14,8 +15,9 @@ import json
 import shutil
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
 from redis import Redis
@@ -23,13 +25,16 @@ from redis.exceptions import ResponseError
 
 from broker.cli_common import settings_from_args, setup_logging
 from broker.connection import TRANSIENT_ERRORS, connect, resolve_url
+from broker.ingress_depth import StreamDepth, add_reads, depth_of, ingress_streams
 from broker.keys import INGRESS_GROUP, Keys
 from broker.registry import GroupStatus, read_groups
 from broker.settings import Settings
+from broker.sources import read_tenants
 
 DEFAULT_WATCH_S = 2.0
 IDLE_AFTER_S = 2.0  # a live balancer that read nothing for this long is idle (its reads return empty)
 _CLEAR_SCREEN = "\x1b[H\x1b[2J"
+TENANTS_SHOWN = 10  # the table shows the tenants with the most entries waiting; --json all of them
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +57,7 @@ class BalancerInfo:
     """A consumer of the ingress stream, as Redis sees it."""
 
     name: str
-    pending: int  # entries it read and has not acknowledged
+    pending: int  # entries it read and has not acknowledged (of every ingress stream)
     idle_s: float  # since it last read entries (Redis does not count reads that return nothing)
     heartbeat_age_s: float | None = None  # of its stats key, written after every read; None: none
 
@@ -60,34 +65,42 @@ class BalancerInfo:
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     groups: list[GroupStatus]
-    ingress_depth: int  # entries on the ingress stream (new, or read and not yet acknowledged)
+    ingress_depth: int  # entries on the ingress streams, all of them (new, or read and not yet acknowledged)
     ingress_pending: int  # of those, read by a balancer and not yet acknowledged
     balancers: list[BalancerInfo]
     taken_at_s: float  # monotonic seconds, for rates between two snapshots
+    tenants: list[StreamDepth] = field(default_factory=list)  # each tenant's stream (included above)
 
 
 def read_snapshot(redis: Redis, keys: Keys, *, dead_after_s: float, now_s: float) -> Snapshot:
     """Everything ``status`` shows, as Redis has it now (``now_s``: the caller's monotonic time)."""
     groups = read_groups(redis, keys, dead_after_s=dead_after_s)
+    streams = ingress_streams(keys, read_tenants(redis, keys))
     pipe = redis.pipeline(transaction=False)
-    pipe.xlen(keys.requests)
-    pipe.xinfo_groups(keys.requests)
     pipe.xinfo_consumers(keys.requests, INGRESS_GROUP)
     pipe.time()
     pipe.zrange(keys.balancers, 0, -1, withscores=True)
-    depth, infos, consumers, (secs, micros), beats = pipe.execute(raise_on_error=False)
-    if isinstance(depth, Exception):
-        raise depth
+    for stream, _tenant in streams:
+        add_reads(pipe, stream)
+    for stream, _tenant in streams[1:]:
+        pipe.xinfo_consumers(stream, INGRESS_GROUP)
+    consumers, (secs, micros), beats, *replies = pipe.execute(raise_on_error=False)
+    reads, held = replies[: 2 * len(streams)], replies[2 * len(streams):]
+    depths = [depth_of(stream, tenant, length, infos)
+              for (stream, tenant), length, infos in zip(streams, reads[0::2], reads[1::2])]
+    pending: Counter[str] = Counter()  # each balancer's entries of the tenants' streams
+    for reply in held:
+        if isinstance(reply, list):  # (a tenant's stream not made yet: NOGROUP)
+            pending.update({_text(c["name"]): int(c["pending"]) for c in reply})
     now_ms = secs * 1000.0 + micros / 1000.0
     beat_age = {_text(name): max(0.0, (now_ms - score) / 1000.0) for name, score in beats}
-    pending = 0
-    if not isinstance(infos, ResponseError):  # no ingress stream yet: no balancer ever started
-        pending = sum(int(g["pending"]) for g in infos if _text(g["name"]) == INGRESS_GROUP)
     balancers = [] if isinstance(consumers, ResponseError) else [
-        BalancerInfo(_text(c["name"]), int(c["pending"]), int(c["idle"]) / 1000.0, beat_age.get(_text(c["name"])))
+        BalancerInfo(_text(c["name"]), int(c["pending"]) + pending[_text(c["name"])], int(c["idle"]) / 1000.0,
+                     beat_age.get(_text(c["name"])))
         for c in consumers
     ]
-    return Snapshot(groups, int(depth), pending, sorted(balancers, key=lambda b: b.name), now_s)
+    return Snapshot(groups, sum(d.depth for d in depths), sum(d.pending for d in depths),
+                    sorted(balancers, key=lambda b: b.name), now_s, depths[1:])
 
 
 def _text(value: bytes | str) -> str:
@@ -122,6 +135,8 @@ def status_json(snapshot: Snapshot, rates: dict[str, float] | None = None) -> di
         "ingress_depth": snapshot.ingress_depth,
         "ingress_pending": snapshot.ingress_pending,
         "balancers": [asdict(b) for b in snapshot.balancers],
+        **({"tenants": {t.tenant: {"depth": t.depth, "pending": t.pending, "unread": t.unread}
+                        for t in snapshot.tenants}} if snapshot.tenants else {}),
     }
 
 
@@ -256,7 +271,7 @@ def _balancer_state(b: BalancerInfo, *, dead_after_s: float) -> str:
 def render_table(snapshot: Snapshot, *, rates: dict[str, float] | None = None, title: str | None = None,
                  width: int = 80, balancer_dead_after_s: float = 10.0) -> str:
     """The snapshot for a person, within ``width`` columns: groups, balancers, then totals and the
-    ingress depth."""
+    ingress depth (all streams), then the tenants with the most entries waiting on their streams."""
     lines = [title, ""] if title else []
     groups = sorted(snapshot.groups, key=lambda g: (model_name(g), g.name))  # grouped by model
     if groups:
@@ -289,6 +304,11 @@ def render_table(snapshot: Snapshot, *, rates: dict[str, float] | None = None, t
                       + (f", {len(m['weights'])} weights versions" if len(m["weights"]) > 1 else "")
                       for name, m in models.items()]
     lines.append(f"ingress: {snapshot.ingress_depth} entries ({snapshot.ingress_pending} being routed by balancers)")
+    busy = sorted((t for t in snapshot.tenants if t.depth), key=lambda t: (-t.depth, t.tenant or ""))
+    lines += [f"  tenant {t.tenant}: {t.depth} entries ({t.pending} being routed, {t.unread} unread)"
+              for t in busy[:TENANTS_SHOWN]]
+    if len(busy) > TENANTS_SHOWN:
+        lines.append(f"  ... and {len(busy) - TENANTS_SHOWN} more tenants with entries (--json lists all)")
     return "\n".join(lines)
 
 

@@ -4,8 +4,10 @@
 balancer and worker group ``{p}:t:NAME:cancel`` within ``groups_refresh_s``) and prints the
 ``ACL SETUSER`` command of docs/OPERATIONS.md ("Tenants") that gives NAME's Redis user its own keys
 and nothing else; ``--apply`` runs it too (the URL's user needs ``ACL`` rights). ``remove NAME``
-takes NAME out of the set (its streams are no longer read; entries left there stay) and, with
-``--apply``, deletes its Redis user. ``list`` prints the tenants, one a line.
+moves NAME from the set to ``{p}:tenants:removed``: its requests are no longer served, but balancers
+still read its stream and answer every entry found there (left over, pending on a balancer that
+died, or sent since) with ``invalid_request``, so that none is lost without a word; with
+``--apply`` it also deletes NAME's Redis user (nothing more comes in). ``list`` prints the tenants, one a line.
 """
 
 from __future__ import annotations
@@ -48,9 +50,11 @@ def run(args: argparse.Namespace) -> int:
             if args.apply:
                 redis.execute_command(*command.split())
             redis.sadd(keys.tenants, args.name)
+            redis.srem(keys.tenants_removed, args.name)
             print(command)
         else:
             redis.srem(keys.tenants, args.name)
+            redis.sadd(keys.tenants_removed, args.name)
             if args.apply:
                 redis.acl_deluser(args.name)
             print(f"ACL DELUSER {args.name}")

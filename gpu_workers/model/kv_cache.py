@@ -26,11 +26,13 @@ formats store uint8 codes of ``value / scale`` (gpu_workers.model.fp8) with fp32
 - per token (``fp8_e4m3_per_token``): one exact scale per (token, KV head), 4 bytes per token per
   head: the alternative per-block scales were measured against; not offered on the command line.
 
-Reads: on CPUs, decode attention over fp8 (and fp32) blocks runs in one fused kernel
-(``decode_attention``: gpu_workers.model.fp8_kernels) that converts codes as it reads them, only the
-blocks each sequence lists and only up to its length; elsewhere (GPUs, or no C compiler)
-``gather_blocks`` copies the blocks and converts them, returning the scales for attention to apply
-to scores and probabilities.
+Reads: ``gather`` (a prefill chunk's context by slot), ``gather_blocks`` (whole blocks, converted to
+the compute dtype, fp8 scales returned for attention to apply to scores and probabilities),
+``in_place`` (an fp32 pool as it lies) and ``decode_attention`` (the fused CPU kernel,
+gpu_workers.model.fp8_kernels, converting codes as it reads them, only the blocks each sequence
+lists and only up to its length). Which of them decode attention uses is its decode backend's,
+chosen once per cache (gpu_workers.model.decode_backends) from ``fused_attention`` and
+``reads_in_place``.
 
 The pool must start zeroed: attention reads whole blocks and masks the unused slots, and a masked
 NaN would still poison the weighted sum (no write ever produces a NaN or inf code).

@@ -12,7 +12,7 @@ sliding window (``ModelConfig.layer_window``) attend only to it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from gpu_workers.model.attention import AttentionBatch, PagedAttention
 from gpu_workers.model.config import ModelConfig
 from gpu_workers.model.kv_cache import KVCache
 from gpu_workers.model.layers import (
+    LinearBase,
     MergedColumnParallelLinear,
     PackedWeight,
     ParallelLMHead,
@@ -32,6 +33,9 @@ from gpu_workers.model.layers import (
     VocabParallelEmbedding,
 )
 from gpu_workers.model.rope import RotaryEmbedding, apply_rotary
+
+if TYPE_CHECKING:
+    from gpu_workers.kv_cache_groups import KVCacheGroups
 
 # (checkpoint name part, our parameter name part, shard id)
 STACKED_PARAMS: tuple[tuple[str, str, Any], ...] = (
@@ -145,6 +149,12 @@ class LlamaForCausalLM(nn.Module):
                                                   scaling=config.sliding_rope_scaling)
         self.sliding_layers = {i for i in range(config.num_hidden_layers) if config.layer_window(i) is not None}
 
+    def place_kv_cache(self, groups: KVCacheGroups) -> None:
+        """Each layer's attention reads and writes its KV cache group's blocks, at its index in the group."""
+        for module in self.modules():
+            if isinstance(module, PagedAttention):
+                module.place(*groups.locate(module.layer))
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings [T, hidden] of ``input_ids`` [T]."""
         return self.model.embed_tokens(input_ids)
@@ -172,10 +182,12 @@ class LlamaForCausalLM(nn.Module):
         return sum(m.packed_bytes() for m in self.modules() if isinstance(m, PackedWeight))
 
     def num_weights(self) -> int:
-        """Weights this rank holds, dense or packed, each counted once."""
+        """Weights this rank holds, dense, packed or 4-bit, each counted once."""
         packed = sum(m.packed.numel() for m in self.modules()
                      if isinstance(m, PackedWeight) and m.packed is not None and m.weight.numel() == 0)
-        return sum(p.numel() for p in self.parameters()) + packed
+        quantized = sum(m.quantized.out_features * m.quantized.in_features for m in self.modules()
+                        if isinstance(m, LinearBase) and m.quantized is not None)
+        return sum(p.numel() for p in self.parameters()) + packed + quantized
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits [N, vocab] for final hidden states [N, hidden]."""

@@ -13,9 +13,9 @@ RULES = Rules(LIMITS, no_group_wait_s=30.0)
 
 
 def waiting(rid: str, *, priority: int = 0, since_ms: float = 0.0, moved: bool = False,
-            timeout_s: float | None = None) -> Waiting:
-    request = GenerationRequest(id=rid, reply_to=f"r:{rid}", prompt="hi", priority=priority, enqueued_ms=1,
-                                timeout_s=timeout_s)
+            timeout_s: float | None = None, tenant: str | None = None, enqueued_ms: int = 1) -> Waiting:
+    request = GenerationRequest(id=rid, reply_to=f"r:{rid}", prompt="hi", priority=priority, enqueued_ms=enqueued_ms,
+                                timeout_s=timeout_s, tenant=tenant)
     return Waiting(rid.encode(), request, since_ms, moved=moved)
 
 
@@ -35,6 +35,20 @@ def test_requests_go_by_priority_until_the_total_bound_then_end_overloaded() -> 
     assert [w.request.id for w, _g in d.assignments] == ["high", "mid"]
     [(w, final)] = d.finals
     assert w.request.id == "low" and final["code"] == "overloaded"
+
+
+def test_no_tenant_outranks_another_with_its_priorities_or_its_numbers() -> None:
+    """alice's flood, each at priority -100 and sent first, takes the room of one request in turn
+    with bob's and the shared stream's; priority orders each source's own requests only."""
+    ws = [waiting(f"a{n}", priority=-100, tenant="alice", enqueued_ms=n) for n in range(6)]
+    ws += [waiting("b-late", priority=3, tenant="bob", enqueued_ms=90), waiting("b", tenant="bob", enqueued_ms=99),
+           waiting("s", priority=7, enqueued_ms=50)]
+    r = router(group("a"), limits=LIMITS)  # type: ignore[arg-type]
+    rules = Rules(Limits(group_requests=10, group_tokens=10_000, total_requests=6, total_tokens=10_000), 30.0)
+    d = decide(ws, router=r, rules=rules, now_ms=1000.0, now=0.0, closed=frozenset(), full=frozenset(),
+               cancelled=never, ready=lambda _e: True)
+    assert [w.request.id for w, _g in d.assignments] == ["a0", "b", "s", "a1", "b-late", "a2"]
+    assert sorted(w.request.id for w, f in d.finals if f["code"] == "overloaded") == ["a3", "a4", "a5"]
 
 
 def test_cancelled_and_timed_out_requests_end_before_routing() -> None:

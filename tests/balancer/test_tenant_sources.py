@@ -1,7 +1,8 @@
 """Ingress and cancel streams per tenant (broker.sources), on a real Redis (6.2 and 7): every balancer
 reads every tenant's stream fairly, in one consumer group per stream with crash recovery per stream;
 a request's tenant is its stream (ids, reply_to, cancels); what a tenant does to its own stream
-touches only its own requests. The ACL side runs in tests/integration/test_tenants.py."""
+touches only its own requests; no source takes the ids of another's requests sent without id; a
+removed tenant's requests are answered. The ACL side runs in tests/integration/test_tenants.py."""
 
 from __future__ import annotations
 
@@ -228,3 +229,119 @@ def test_tenant_streams_are_the_pipelines_own_keys(keys: Keys) -> None:
     assert not keys.is_internal(f"{keys.prefix}:t:alice:x:requests")  # a stream of alice's own choosing
     assert keys.reply_to_problem(keys.result("r1"), "r1", tenant="alice") is not None
     assert keys.reply_to_problem(keys.reply_stream("r1", tenant="alice"), "r1", tenant="alice") is None
+
+
+def test_no_source_takes_the_ids_of_a_tenants_requests_sent_without_id(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer) -> None:
+    """alice's requests sent without 'id' get ``alice:<entry id>``, predictable from the clock: bob
+    (or a shared-stream client) sending those ids first is refused, alice's request is served."""
+    r.sadd(keys.tenants, "alice", "bob")
+    balancer = make_balancer()
+    fake_group(r, keys, "g1")
+    balancer.refresh_groups()
+    send(r, keys.tenant_requests("bob"), id="alice:9000000000000-0", prompt="squat", reply_to=keys.tenant_space("bob") + "x")
+    send(r, keys.requests, id="alice:9000000000000-1", prompt="squat", reply_to="inbox:shared")
+    own = send(r, keys.tenant_requests("alice"), id="alice:9000000000001-0", prompt="own, later").decode()
+    balancer.tick()  # refused; the own one answered under its entry's id (the id it asked for is not its)
+    for stream in (keys.tenant_space("bob") + "x", "inbox:shared", keys.reply_stream(f"alice:{own}", tenant="alice")):
+        [refused] = finals(events(r, stream))
+        assert refused["code"] == "invalid_request" and "without 'id'" in refused["message"], stream
+    r.xadd(keys.tenant_requests("alice"), {"prompt": "mine"}, id="9000000000000-0")
+    r.xadd(keys.tenant_requests("alice"), {"prompt": "mine too"}, id="9000000000000-1")
+    r.xadd(keys.tenant_requests("alice"), {"id": "alice:1-0", "prompt": "own, earlier"})
+    run_until(balancer.tick, lambda: len(queued(r, keys, "g1")) == 3, limit=10)
+    assert sorted((req.id, req.tenant) for req, _e in queued(r, keys, "g1")) == [
+        ("alice:1-0", "alice"), ("alice:9000000000000-0", "alice"), ("alice:9000000000000-1", "alice")]
+    assert not events(r, keys.reply_stream("alice:9000000000000-0", tenant="alice"))  # no duplicate_id
+
+
+def test_a_removed_tenants_requests_are_answered_not_lost(
+        r: redis.Redis, prefix: str, keys: Keys, make_balancer: MakeBalancer, redis_url: str) -> None:
+    """alice's a1 waits in b1 (no group), a2 is unread, then alice is removed and b1 dies; a3 comes
+    after. b2 answers each once with invalid_request in alice's space and serves none; alice's
+    stream is left empty. Added again, alice is served."""
+    assert main(["tenant", "add", "alice", "--redis-url", redis_url, "--prefix", prefix]) == 0
+    b1 = make_balancer("b1", claim_idle_ms=0)
+    send(r, keys.tenant_requests("alice"), id="a1", prompt="hi")
+    b1.tick()
+    assert waiting_ids(b1) == {"a1"}
+    send(r, keys.tenant_requests("alice"), id="a2", prompt="hi")
+    assert main(["tenant", "remove", "alice", "--redis-url", redis_url, "--prefix", prefix]) == 0
+    send(r, keys.tenant_requests("alice"), id="a3", prompt="hi")
+    fake_group(r, keys, "g1")
+    b2 = make_balancer("b2", claim_idle_ms=0)
+    b2.refresh_groups()
+    replies = {rid: keys.reply_stream(rid, tenant="alice") for rid in ("a1", "a2", "a3")}
+    run_until(b2.tick, lambda: all(finals(events(r, s)) for s in replies.values()), limit=10)
+    for _ in range(3):
+        b2.tick()
+    for stream in replies.values():
+        [refused] = finals(events(r, stream))
+        assert refused["code"] == "invalid_request" and "removed" in refused["message"]
+    assert queued(r, keys, "g1") == []
+    b2.flush_acks()
+    assert r.xlen(keys.tenant_requests("alice")) == 0
+    assert r.xpending(keys.tenant_requests("alice"), INGRESS_GROUP)["pending"] == 0
+    assert main(["tenant", "add", "alice", "--redis-url", redis_url, "--prefix", prefix]) == 0
+    send(r, keys.tenant_requests("alice"), id="a4", prompt="back")
+    b2.refresh_sources()
+    run_until(b2.tick, lambda: [req.id for req, _e in queued(r, keys, "g1")] == ["a4"], limit=10)
+
+
+def test_a_shared_request_writes_nothing_into_a_tenants_keys(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer) -> None:
+    """A client of ``{p}:requests`` naming alice's AsyncClient stream (or a key her user reads, under
+    ``{<space>``) as reply_to would put events where alice takes them as answers: refused, answered on
+    its own default stream."""
+    r.sadd(keys.tenants, "alice")
+    balancer = make_balancer()
+    fake_group(r, keys, "g1")
+    balancer.refresh_groups()
+    targets = [keys.client_replies("uuid1", tenant="alice"), "{" + keys.tenant_space("alice") + "x}:y"]
+    for n, target in enumerate(targets):
+        send(r, keys.requests, id=f"s{n}", prompt="hi", reply_to=target)
+    balancer.tick()
+    for n, target in enumerate(targets):
+        [refused] = finals(events(r, keys.reply_stream(f"s{n}")))
+        assert refused["code"] == "invalid_request" and "tenant's key" in refused["message"]
+        assert not r.exists(target)
+    assert queued(r, keys, "g1") == []
+
+
+def test_a_removed_tenants_request_in_flight_can_still_be_cancelled(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, mono: FakeMonotonic) -> None:
+    """alice is removed while her request runs in a group: her cancel still ends it."""
+    r.sadd(keys.tenants, "alice")
+    balancer = make_balancer()
+    group = WorkerGroup(r, EchoEngine(), settings=balancer.settings, name="g1", monotonic=mono)
+    group.register()
+    balancer.refresh_groups()
+    reply = keys.client_replies("a", tenant="alice")
+    send(r, keys.tenant_requests("alice"), id="long", prompt="word " * 60, max_tokens=200, stream=1, reply_to=reply)
+    run_until(lambda: (balancer.tick(), group.tick()), lambda: len(events(r, reply)) >= 2, limit=50)
+    r.smove(keys.tenants, keys.tenants_removed, "alice")  # what `ryzanstein tenant remove` does
+    group.heartbeat(force=True)  # the group reads the tenants again
+    send(r, keys.tenant_cancel("alice"), id="long")
+    run_until(lambda: (balancer.tick(), group.tick()), lambda: bool(finals(events(r, reply))), limit=20)
+    assert [e.get("finish_reason") for e in finals(events(r, reply))] == ["cancelled"]
+
+
+def test_a_request_dispatched_before_its_tenants_removal_is_not_answered_again(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer) -> None:
+    """b1 queues alice's a1 and dies before acknowledging it; alice is removed; b2 claims the entry:
+    a1 stays with its group, no second (removal) answer, the entry acknowledged."""
+    r.sadd(keys.tenants, "alice")
+    fake_group(r, keys, "g1")
+    b1 = make_balancer("b1", claim_idle_ms=0)
+    b1.refresh_groups()
+    send(r, keys.tenant_requests("alice"), id="a1", prompt="hi")
+    b1.tick()
+    assert [req.id for req, _e in queued(r, keys, "g1")] == ["a1"]
+    r.smove(keys.tenants, keys.tenants_removed, "alice")
+    b2 = make_balancer("b2", claim_idle_ms=0)
+    b2.refresh_groups()
+    run_until(b2.tick, lambda: b2.counts["reclaimed"] >= 1, limit=10)
+    b2.tick()
+    b2.flush_acks()
+    assert events(r, keys.reply_stream("a1", tenant="alice")) == [] and events(r, keys.dead) == []
+    assert r.xlen(keys.tenant_requests("alice")) == 0 and [req.id for req, _e in queued(r, keys, "g1")] == ["a1"]

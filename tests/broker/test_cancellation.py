@@ -63,3 +63,19 @@ def test_a_cancel_naming_a_later_entry_id_is_not_remembered() -> None:
     assert seen.add({b"id": b"7000000000000-0"}, 0.0, entry_id=b"8000000000000-0") == ("7000000000000-0", None, None)
     assert seen.matches("7000000000000-0", None)
     assert seen.add({b"id": b"my-request"}, 0.0, entry_id=b"8000000000000-0") == ("my-request", None, None)
+
+
+def test_a_tenant_flooding_its_cancel_stream_pushes_out_its_own_cancels_only() -> None:
+    """At the bound, the oldest cancel of the tenant with the most goes: bob's and the shared
+    stream's early cancels (sent before their requests) outlive alice's flood; the total stays bounded."""
+    seen = Cancellations(max_remembered=100)
+    seen.add({b"id": b"b1", b"token": b"bob's"}, 0, tenant="bob")
+    seen.add({b"id": b"s1"}, 0)
+    seen.add({b"id": b"a0"}, 0, tenant="alice")
+    for n in range(1, 1000):
+        seen.add({b"id": f"a{n}".encode()}, 1, tenant="alice")
+    assert len(seen) == 100
+    assert seen.matches("b1", "bob's", tenant="bob") and seen.matches("s1", None) and "s1" in seen
+    assert seen.matches("a999", None, tenant="alice") and not seen.matches("a0", None, tenant="alice")
+    seen.prune(HORIZON_MS + 2)  # past the horizon of all: every tenant's go
+    assert len(seen) == 0 and not seen.matches("b1", "bob's", tenant="bob")

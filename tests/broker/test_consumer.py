@@ -119,3 +119,30 @@ def test_serve_leaves_when_the_caller_says_so() -> None:
     serve(iteration, settings=Settings(), what="test", stopped=lambda: False, wait=lambda _s: None,
           on_nogroup=lambda _exc: Next.LEAVE)
     assert calls == [1]
+
+
+def test_one_read_takes_a_bounded_share_of_the_tenants_cancel_streams(r: redis.Redis, keys: Keys) -> None:
+    """Three tenants each with 1000 cancel entries: one read takes CANCEL_READ_COUNT of the shared
+    stream and as many of the tenants' together (a third each), not 1000 of each: the cost of a
+    read does not grow with the tenants; the next reads take the rest."""
+    from broker.consumer import CANCEL_READ_COUNT
+
+    c = consumer(r, keys)
+    c.create_group()
+    tenants = ["alice", "bob", "carol"]
+    c.set_streams([], {keys.tenant_cancel(t): t for t in tenants})
+    c.read(lambda batch: None)  # (loads the scripts)
+    for t in tenants:
+        pipe = r.pipeline(transaction=False)
+        for n in range(CANCEL_READ_COUNT):
+            pipe.xadd(keys.tenant_cancel(t), {"id": f"{t}{n}"})
+        pipe.execute()
+    got = c.read(lambda batch: None).cancels
+    assert len(got) <= CANCEL_READ_COUNT and {cancel.tenant for cancel in got} == set(tenants)
+    assert all(abs(sum(x.tenant == t for x in got) - CANCEL_READ_COUNT // 3) <= 1 for t in tenants)
+    total = len(got)
+    while total < 3 * CANCEL_READ_COUNT:
+        more = c.read(lambda batch: None).cancels
+        assert more
+        total += len(more)
+    assert total == 3 * CANCEL_READ_COUNT

@@ -154,3 +154,28 @@ def test_health_command_fails_without_a_balancer(r: redis.Redis, keys: Keys, sub
     done = health()
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.startswith("ok: 1 of 1 groups alive and taking work")
+
+
+def test_tenants_streams_count_as_waiting_but_their_entry_ids_age_nothing(
+        r: redis.Redis, keys: Keys, subprocess_env: dict[str, str]) -> None:
+    """alice's unread entries are counted (the health line names her); an entry id she chose far in
+    the past (after deleting her stream) makes no one think the path broken; bob's stream, never
+    made, is empty."""
+    _register(r, keys)
+    r.sadd(keys.tenants, "alice", "bob")
+    r.zadd(keys.balancers, {"b1": _now_ms(r)})
+    r.xadd(keys.tenant_requests("alice"), {"id": "old"}, id="1-0")  # no consumer group: all unread
+    r.xgroup_create(keys.tenant_requests("alice"), INGRESS_GROUP, id="0")
+    r.xadd(keys.tenant_requests("alice"), {"id": "new"})
+    view = read_path(r, keys, dead_after_s=3.0)
+    assert (view.unread, view.oldest_unread_age_s, view.tenants) == (0, None, {"alice": 2, "bob": 0})
+    assert judge(view, balancer_dead_after_s=LIMIT_S).ok
+    r.zadd(keys.balancers, {"b1": _now_ms(r) - 60_000})
+    assert judge(read_path(r, keys, dead_after_s=3.0), balancer_dead_after_s=LIMIT_S).reason == (
+        "no balancer has read the ingress stream for 60s (2 requests waiting)")
+    r.zadd(keys.balancers, {"b1": _now_ms(r)})
+    done = subprocess.run([sys.executable, "-m", "ryzanstein", "health"], env=subprocess_env,
+                          capture_output=True, text=True, timeout=60, check=False,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().endswith("; unread on tenants' streams: alice 2")

@@ -1,5 +1,6 @@
 """The engine stands on its own request types: no engine module imports the service's protocol,
-structured-output or error types, and the group's mapping carries every field the engine reads."""
+structured-output or error types, the group's mapping carries every field the engine reads, and the
+engine's rejection reasons map to the protocol's error codes."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 from broker.protocol import SamplingParams
 from broker.structured import StructuredOutput
 from gpu_workers import sampling_params
-from gpu_workers.engine_mapping import engine_sampling
+from gpu_workers.engine import RejectionReason
+from gpu_workers.engine_mapping import engine_sampling, error_code
 
 GPU_WORKERS = Path(__file__).resolve().parents[2] / "gpu_workers"
 ENGINE_MODULES = ("engine.py", "sampling_params.py", "llm_engine.py", "scheduler.py", "block_manager.py",
@@ -61,3 +63,12 @@ def test_several_completions_are_mapped_one_by_one() -> None:
     with pytest.raises(ValueError, match="for_choice"):
         engine_sampling(service)
     assert [engine_sampling(service.for_choice(c)).seed for c in range(2)] == [5, 6]
+
+
+def test_engine_rejections_map_to_protocol_error_codes() -> None:
+    """The engine says why it dropped a request in its own terms; the service's mapping gives the
+    client's code: a request that can never run is the client's to change, a failure is the server's."""
+    assert {reason: error_code(reason) for reason in RejectionReason} == {
+        RejectionReason.UNSERVABLE: "invalid_request", RejectionReason.FAILED: "internal"}
+    assert not {reason.value for reason in RejectionReason} & {"invalid_request", "internal"}
+    assert "broker.errors" not in imported(GPU_WORKERS / "engine.py")

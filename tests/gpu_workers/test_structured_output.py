@@ -20,6 +20,7 @@ from broker.keys import Keys
 from broker.settings import Settings
 from broker.validation import parse_request
 from gpu_workers.engine import EngineRequest, Rejection, StepOutput
+from gpu_workers.engine_mapping import error_code
 from gpu_workers.group import WorkerGroup
 from gpu_workers.llm_engine import LlamaEngine
 from gpu_workers.sampling_params import SamplingParams, StructuredSpec
@@ -149,7 +150,7 @@ def test_a_spec_that_does_not_compile_ends_its_request_alone(model_dir: Path) ->
     tokens, finished, rejected = run(engine, requests)
     by_id = {r.request_id: r for r in rejected}
     assert set(by_id) == {"bad-type", "bad-regex", "bad-grammar"}
-    assert all(r.code == "invalid_request" for r in rejected)
+    assert all(error_code(r.reason) == "invalid_request" for r in rejected)
     assert "'guided_json'" in by_id["bad-type"].message and "frobnicate" in by_id["bad-type"].message, by_id
     assert "'guided_regex'" in by_id["bad-regex"].message and "unclosed group" in by_id["bad-regex"].message
     assert "'guided_grammar'" in by_id["bad-grammar"].message and "missing" in by_id["bad-grammar"].message
@@ -198,7 +199,7 @@ def test_a_moved_request_continues_its_grammar_on_another_engine(model_dir: Path
     # tokens that do not match the grammar (another request's) are refused by name, not continued
     stray = EngineRequest("x", PROMPT, request.sampling, output_ids=list(b"not json"))
     _, _, rejected = run(engine, [stray])
-    assert [r.code for r in rejected] == ["invalid_request"] and "moved" in rejected[0].message
+    assert [error_code(r.reason) for r in rejected] == ["invalid_request"] and "moved" in rejected[0].message
 
 
 def test_random_draws_stay_reproducible_under_a_grammar(model_dir: Path) -> None:

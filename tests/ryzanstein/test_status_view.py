@@ -177,3 +177,33 @@ def test_groups_are_shown_by_served_model_with_their_names_and_versions() -> Non
         "random:tiny": {"groups": ["g-a1"], "aliases": [], "alive": 1, "weights": ["t"]}}
     assert {g["name"]: g["model"] for g in out["groups"]}["g-b1"] == "/srv/models/chat-v2"  # the key kept as it was
     assert {g["name"]: g["served_models"] for g in out["groups"]}["g-b1"] == ["chat", "chat-latest"]
+
+
+def test_status_counts_every_tenants_stream(r: redis.Redis, keys: Keys) -> None:
+    """Depth, pending and unread per tenant, in the totals and each balancer's count too; the table lists the busiest tenants
+    (TENANTS_SHOWN of them), --json all; a tenant whose stream does not exist counts as empty."""
+    from ryzanstein.status import TENANTS_SHOWN
+
+    tenants = [f"t{n:02d}" for n in range(TENANTS_SHOWN + 2)]
+    r.sadd(keys.tenants, *tenants)
+    r.xadd(keys.requests, {"id": "s", "prompt": "x"})
+    for n, tenant in enumerate(tenants[1:], start=1):  # t01 one entry ... t11 eleven; t00 none
+        stream = keys.tenant_requests(tenant)
+        r.xgroup_create(stream, INGRESS_GROUP, id="0", mkstream=True)
+        for i in range(n):
+            r.xadd(stream, {"id": f"{tenant}-{i}", "prompt": "x"})
+    r.xgroup_create(keys.requests, INGRESS_GROUP, id="0")
+    r.xreadgroup(INGRESS_GROUP, "bal-1", {keys.requests: ">"}, count=1)
+    r.xreadgroup(INGRESS_GROUP, "bal-1", {keys.tenant_requests("t11"): ">"}, count=3)
+
+    snap = read_snapshot(r, keys, dead_after_s=3.0, now_s=0.0)
+
+    assert (snap.ingress_depth, snap.ingress_pending) == (1 + sum(range(1, len(tenants))), 4)
+    assert [(b.name, b.pending) for b in snap.balancers] == [("bal-1", 4)]  # of every stream
+    out = status_json(snap)["tenants"]
+    assert out["t11"] == {"depth": 11, "pending": 3, "unread": 8} and out["t00"] == {"depth": 0, "pending": 0, "unread": 0}
+    assert len(out) == len(tenants)
+    lines = render_table(snap).splitlines()
+    shown = [line.split()[1] for line in lines if line.startswith("  tenant ")]
+    assert shown == [f"t{n:02d}:" for n in range(len(tenants) - 1, 1, -1)]  # busiest first, t01 left out
+    assert lines[-1] == "  ... and 1 more tenants with entries (--json lists all)"
