@@ -30,7 +30,12 @@ and fp8_e4m3_per_token (a scale per token and KV head: what per-block scales wer
   per-block scales do not care about magnitudes, static per-tensor scales do. With a real model
   (--model a checkpoint directory or a GGUF file, not random:), accuracy runs on that model alone,
   over varied text prompts (chat turns through its chat template, code, prose, a long context:
-  benchmarks/real_model.py), --gen-tokens each (128 unless given).
+  benchmarks/real_model.py), --gen-tokens each (128 unless given);
+- schemes (a real model only): the same comparison for KV quantization schemes simulated in
+  transformers' forward, block by block as a cache applies them (benchmarks/kv_schemes.py): fp32,
+  bf16, fp8_e4m3 and fp8_e5m2 as the engine stores them today, per-tensor 1.0, and the centred
+  scheme of gpu_workers/model/kv_quant.py (with the sink and newest blocks in bf16), with each
+  scheme's capacity against fp32 and where top-1 flips, fp32's own top-1/top-2 logit gap.
 
 Prints tables; writes JSON to benchmarks/results/kv_cache-<timestamp>.json.
 """
@@ -64,6 +69,8 @@ BLOCK = 16
 DEFAULT = "fp8_e4m3"
 FORMATS = ["fp32", "bf16", "fp8_e4m3", "fp8_e5m2", "fp8_e4m3_per_tensor", "fp8_e4m3_per_token"]
 TORCH_FALLBACK = "fp8_e4m3 (torch)"
+# benchmarks/kv_schemes.py's names: the engine's formats and the centred scheme of kv_quant.py
+SCHEMES = ["fp32", "bf16", "fp8_e4m3 (block-pow2)", "fp8_e5m2 (block-pow2)", "per-tensor 1.0", "kv_quant + own + sink"]
 CLEAR_GAP = 0.1  # a "clear" top-1: logit gap to the runner-up >= this x the logits' std
 
 
@@ -358,6 +365,8 @@ def print_report(results: dict[str, object]) -> None:
                 print(f"{'':<22} {fmt:<22} {r['mean_kl']:>9.2e} {r['top1_agreement']:>7.2%} "
                       f"{r['top1_agreement_clear']:>7.2%} {r['tokens_kept_mean']:>6.1f} {r['tokens_kept_min']:>4} "
                       f"{r.get('greedy_equal', float('nan')):>6.0%} {r['logit_rel_error']:>9.2e}")
+    if "schemes" in results:
+        print("(schemes: printed above as they ran)")
     print("\nTargets:")
     for name, ok in results["targets"].items():  # type: ignore[union-attr]
         print(f"  [{'met' if ok else 'MISSED'}] {name}")
@@ -371,6 +380,10 @@ def targets(results: dict[str, object]) -> dict[str, bool]:
         out["capacity >= 1.9x bf16 at equal memory"] = mem["vs_bf16"] >= 1.9
     if "speed" in results:
         out["decode tok/s at equal batch >= 0.85x fp32"] = results["speed"]["equal_batch"][DEFAULT]["vs_fp32"] >= 0.85  # type: ignore[index]
+    if "schemes" in results:
+        r = results["schemes"]["schemes"]["kv_quant + own + sink"]  # type: ignore[index]
+        out["centred fp8 (kv_quant.py): top-1 >= 99%, mean KL <= 1e-3, capacity >= 3.5x fp32"] = (
+            r["top1_agreement"] >= 0.99 and r["mean_kl"] <= 1e-3 and r["capacity_vs_fp32_at_1024"] >= 3.5)
     if "accuracy" in results:
         for model, rows in results["accuracy"].items():  # type: ignore[union-attr]
             r = rows[DEFAULT]
@@ -402,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--gen-tokens", type=int, default=None, help="generated tokens per accuracy sequence "
                         "(default 256 on random models, 128 on a real one)")
-    parser.add_argument("--parts", default="memory,speed,accuracy")
+    parser.add_argument("--parts", default="memory,speed,accuracy,schemes", help="schemes: a real model only")
     parser.add_argument("--quick", action="store_true", help="2 rounds of 4 steps, 64-token generations, fewer models")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -431,6 +444,11 @@ def main(argv: list[str] | None = None) -> int:
                                        gen=args.gen_tokens, real=real)
         if real:
             results["sequences"] = len(text_prompts(model_dir))
+    if "schemes" in parts and real:
+        from benchmarks import kv_schemes
+
+        print(f"\nSchemes simulated block by block against the fp32 cache (load {load_average()}):")
+        results["schemes"] = kv_schemes.run(model_dir, SCHEMES, args.gen_tokens)
     results["targets"] = targets(results)
     results["load_end"] = load_average()
     print_report(results)

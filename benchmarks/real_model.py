@@ -8,6 +8,7 @@ measure the very weights the file holds.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -42,6 +43,7 @@ def model_dir_of(path: Path) -> Path:
     key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     out = default_cache_dir() / "bench-models" / f"{path.stem}-{key}"
     if out.is_dir():
+        _keep_chat_template(path, out)  # (directories written before it was carried over)
         return out
     import transformers
 
@@ -54,6 +56,7 @@ def model_dir_of(path: Path) -> Path:
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
+    _keep_chat_template(path, tmp)
     try:
         os.replace(tmp, out)
     except OSError:  # another process wrote it meanwhile
@@ -63,15 +66,35 @@ def model_dir_of(path: Path) -> Path:
     return out
 
 
+def _keep_chat_template(gguf: Path, model_dir: Path) -> None:
+    """Write the GGUF file's chat template into ``model_dir``'s tokenizer config where transformers'
+    GGUF loader dropped it (Gemma 3's)."""
+    config_path = model_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    if config.get("chat_template") or (model_dir / "chat_template.jinja").exists():
+        return
+    from gpu_workers.model.gguf_file import metadata, open_reader
+
+    template = metadata(open_reader(gguf)).get("tokenizer.chat_template")
+    if isinstance(template, str):
+        config["chat_template"] = template
+        config_path.write_text(json.dumps(config, indent=2))
+
+
 def text_prompts(model_dir: Path) -> list[tuple[str, list[int]]]:
-    """(kind, token ids) of ``PROMPTS`` under the model's own tokenizer and chat template."""
+    """(kind, token ids) of ``PROMPTS`` under the model's own tokenizer and chat template (without
+    one, chat turns as plain "User: ... Assistant:" text; untemplated text starts with BOS where
+    the tokenizer adds one)."""
     import transformers
 
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     out = []
     for kind, text in PROMPTS:
-        if kind == "chat" or kind == "long":
+        templated = (kind == "chat" or kind == "long") and tok.chat_template is not None
+        if templated:  # (the template writes BOS itself where the model wants one)
             text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                            add_generation_prompt=True)
-        out.append((kind, tok(text, add_special_tokens=False).input_ids))
+        elif kind == "chat" or kind == "long":  # a base model (Gemma 3 270M's file has no template)
+            text = f"User: {text}\nAssistant:"
+        out.append((kind, tok(text, add_special_tokens=not templated).input_ids))
     return out
