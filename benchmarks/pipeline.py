@@ -207,11 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.cluster:
         from benchmarks.pipeline_cluster import print_cluster, run_cluster
 
-        results = {**run_cluster(args, ms), "load": open("/proc/loadavg").read().split()[:3],
-                   "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-                   "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        print_cluster(results)
-        write_results(results, "pipeline-cluster", args.out)
+        cluster_results = {**run_cluster(args, ms), "load": [round(x, 2) for x in os.getloadavg()],
+                           "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+                           "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        print_cluster(cluster_results)
+        write_results(cluster_results, "pipeline-cluster", args.out)
         return 0
 
     results: dict[str, object] = {
