@@ -21,6 +21,7 @@ from typing import cast
 
 from redis import Redis
 
+from broker.connection import pipe_time, time_pair
 from broker.consumer import Entry
 from broker.keys import Keys
 from broker.lua import queue_entry
@@ -97,7 +98,8 @@ class Failover:
     def heartbeat_age_ms(self, group: str) -> float | None:
         """How old the group's heartbeat is now, on the Redis clock; None when it is not registered."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.time()
+        pipe_time(pipe, self.keys.groups)
         pipe.zscore(self.keys.groups, group)
-        (secs, micros), score = pipe.execute()
+        raw_time, score = pipe.execute()
+        secs, micros = time_pair(raw_time)
         return None if score is None else secs * 1000.0 + micros / 1000.0 - score

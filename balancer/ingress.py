@@ -9,14 +9,15 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from redis import Redis
 from redis.exceptions import ResponseError
 
+from broker.connection import is_cluster
 from broker.consumer import StreamConsumer
 from broker.dead_letter import Attempts
-from broker.keys import INGRESS_GROUP, Keys
+from broker.keys import INGRESS_GROUP, Keys, key_slot
 from broker.scripts import Scripts, ingress_entries
 from broker.settings import Settings
 from broker.sources import Source, shares
@@ -33,6 +34,19 @@ if TYPE_CHECKING:
     from broker.connection import RedisClock
 
 log = logging.getLogger("balancer.service")
+
+
+# An idle balancer's blocking read on a Redis Cluster whose ingress streams (shards, tenants) lie in
+# several slots: it blocks on one slot's streams only, so it wakes this often to read the others.
+CLUSTER_IDLE_BLOCK_MS = 50
+
+
+def slot_groups(streams: list[str]) -> list[list[str]]:
+    """``streams`` grouped by hash slot (one XREADGROUP may read the streams of one slot only)."""
+    groups: dict[int, list[str]] = {}
+    for stream in streams:
+        groups.setdefault(key_slot(stream), []).append(stream)
+    return list(groups.values())
 
 
 class IngressReader:
@@ -92,8 +106,14 @@ class IngressReader:
                 read[:] = self._read_ingress(batch, self._read_count)
             else:
                 # Idle: one entry of each stream at a time, whatever its size; the rest follow without blocking.
-                batch.xreadgroup(INGRESS_GROUP, self.name, dict.fromkeys(self.ingress.streams, ">"),
-                                 count=1, block=block)
+                # On a Redis Cluster one read covers the streams of one slot: one per slot, the last
+                # blocking (briefly when there are several, so that no slot's entries wait long).
+                groups = slot_groups(self.ingress.streams) if is_cluster(self.redis) else [self.ingress.streams]
+                for n, streams in enumerate(groups):
+                    last = n == len(groups) - 1
+                    batch.xreadgroup(INGRESS_GROUP, self.name, dict.fromkeys(streams, ">"), count=1,
+                                     block=(block if len(groups) == 1 else min(block, CLUSTER_IDLE_BLOCK_MS))
+                                     if last else None)
 
         got = self.ingress.read(build, raise_errors=False)
         if block is None:
@@ -101,12 +121,14 @@ class IngressReader:
             if full and len(entries) < self._read_count:  # some streams had less than their share
                 entries += self._read_more(self._read_count - len(entries), full)
         else:
-            (fresh,) = got.replies
-            if isinstance(fresh, ResponseError) and "NOGROUP" in str(fresh) and len(self.ingress.streams) > 1:
-                self.ingress.recreate(self.ingress.streams)  # a tenant deleted its stream: made again
-                fresh = None
-            elif isinstance(fresh, Exception):
-                raise fresh
+            fresh: list[Any] = []
+            for reply in got.replies:
+                if isinstance(reply, ResponseError) and "NOGROUP" in str(reply) and len(self.ingress.streams) > 1:
+                    self.ingress.recreate(self.ingress.streams)  # a tenant deleted its stream: made again
+                elif isinstance(reply, Exception):
+                    raise reply
+                else:
+                    fresh += reply or []
             entries = [(self.ingress.ref(stream.decode(), eid), f) for stream, items in (fresh or [])
                        for eid, f in items]
             if entries and self._read_count > len(entries):

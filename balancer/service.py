@@ -34,7 +34,7 @@ from balancer.pending import Final, Waiting
 from balancer.poison import PUBLISHER, PoisonHandling
 from balancer.routing import AffinityTable, Router, RoutingPolicy, prefix_key
 from balancer.telemetry import BalancerTelemetry
-from broker.connection import TRANSIENT_ERRORS, RedisClock
+from broker.connection import TRANSIENT_ERRORS, RedisClock, is_cluster, server_time
 from broker.consumer import Next, StreamConsumer, serve
 from broker.dead_letter import Attempts, DeadLetters
 from broker.errors import InvalidRequest
@@ -70,7 +70,7 @@ class Balancer(IngressReader, PoisonHandling, Dispatcher):
         self.keys = Keys(settings.prefix)
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.scripts = Scripts(redis)
-        self.clock = RedisClock(redis.time)
+        self.clock = RedisClock(lambda: server_time(redis, self.keys.groups))
         self.limits = Limits.from_settings(settings)
         self.rules = Rules(self.limits, no_group_wait_s=settings.no_group_wait_s, default_model=settings.default_model)
         self.router = Router(policy=RoutingPolicy(), limits=self.limits, adaptive=adaptive_routing,
@@ -99,7 +99,7 @@ class Balancer(IngressReader, PoisonHandling, Dispatcher):
             cancel_stream=self.keys.cancel, cancel_horizon_ms=int(settings.cancel_horizon_s * 1000),
             clock=self.clock, ack=self._write_acks)
         # The ingress streams read (broker.sources), by name: the shared one, then the tenants' (refresh_sources).
-        self.sources: dict[str, Source] = {s.stream: s for s in sources(self.keys)}
+        self.sources: dict[str, Source] = {s.stream: s for s in sources(self.keys)}  # + shards: setup
         self._read_start = 0  # the source whose share of a read comes first: it rotates (fairness)
         self.attempts = Attempts()  # entries whose handling failed, backing off before the next try
         self._duplicates: list[Final] = []  # duplicate_id events found by _dispatch, for its next round
@@ -125,15 +125,16 @@ class Balancer(IngressReader, PoisonHandling, Dispatcher):
 
     def refresh_sources(self) -> None:
         """Read the tenants (``{p}:tenants``, broker.sources): each one's ingress and cancel streams
-        are read from now on (their consumer groups made when new). A removed tenant's stream
-        (``{p}:tenants:removed``) is still read: its entries are answered with ``invalid_request``."""
+        are read from now on (their consumer groups made when new), and the ingress shards
+        (Settings.ingress_shards). A removed tenant's stream (``{p}:tenants:removed``) is still read:
+        its entries are answered with ``invalid_request``."""
         found = sources(self.keys, read_tenants(self.redis, self.keys),
-                        read_tenants(self.redis, self.keys, removed=True))
+                        read_tenants(self.redis, self.keys, removed=True), shards=self.settings.ingress_shards)
         if found != list(self.sources.values()):
             self.ingress.set_streams([s.stream for s in found[1:]],
                                      {s.cancel: s.tenant for s in found[1:] if s.tenant is not None})
             self.sources = {s.stream: s for s in found}
-            log.info("reading %d ingress streams (%d tenants)", len(found), len(found) - 1)
+            log.info("reading %d ingress streams (%d tenants)", len(found), sum(s.tenant is not None for s in found))
 
     def run(self) -> None:
         recreate = False
@@ -165,6 +166,10 @@ class Balancer(IngressReader, PoisonHandling, Dispatcher):
                  self.name, len(self.waiting))
 
     def _redis_uptime_s(self) -> float:
+        """Uptime of the server holding the heartbeats (on a cluster, the registry's master)."""
+        if is_cluster(self.redis):
+            node = self.redis.get_node_from_key(self.keys.groups)  # type: ignore[attr-defined]
+            return float(self.redis.info("server", target_nodes=node).get("uptime_in_seconds", 1 << 30))
         return float(self.redis.info("server").get("uptime_in_seconds", 1 << 30))
 
     def _retry(self, fn: Callable[[], object]) -> None:

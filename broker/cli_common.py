@@ -19,7 +19,9 @@ from broker.settings import Settings, load_settings
 
 def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-url", default=None,
-                        help="Redis URL (redis://, rediss://, unix://; user:password@ for ACL). "
+                        help="Redis URL: redis://, rediss:// (TLS), unix://; a Redis Cluster: "
+                             "redis+cluster://host:port[,host:port...] (rediss+cluster:// for TLS); Sentinel: "
+                             "redis+sentinel://host:port[,host:port...]/service[/db]; user:password@ for ACL. "
                              "Default: $RYZ_REDIS_URL, else the embedded broker of `ryzanstein up`/`broker`.")
     parser.add_argument("--prefix", default=None, help="key prefix (default: $RYZ_PREFIX, else 'ryz')")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

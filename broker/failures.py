@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 
 from redis import exceptions as rex
 
+from broker.redis_url import parse_url
+
 EXIT_FATAL = 2  # configuration: credentials, permissions, TLS
 EXIT_UNAVAILABLE = 1  # Redis unreachable or refusing writes: a later try may work
 
@@ -30,6 +32,11 @@ def where(url: str | None) -> str:
     """The server of ``url`` without credentials, for messages (``host:port`` or the socket path)."""
     if not url:
         return "Redis"
+    target = parse_url(url)
+    if target.kind == "cluster":
+        return "the Redis Cluster at " + ",".join(f"{host}:{port}" for host, port in target.nodes)
+    if target.kind == "sentinel":
+        return f"Redis '{target.service}' of the Sentinels at " + ",".join(f"{h}:{p}" for h, p in target.nodes)
     parts = urlsplit(url)
     if parts.scheme == "unix":
         return f"Redis at {parts.path}"

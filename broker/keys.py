@@ -10,6 +10,7 @@ Key schema (``p`` is the prefix, ``ryz`` by default):
 | key | type | what |
 |---|---|---|
 | ``p:requests`` | stream | ingress; consumer group ``balancers`` |
+| ``p:requests:<n>`` | stream | ingress shard ``n`` (``Settings.ingress_shards`` > 1), read like ``p:requests`` |
 | ``p:cancel`` | stream | cancellations, read by every balancer and group |
 | ``p:result:<id>`` | stream | default reply stream of request ``<id>`` |
 | ``{<reply>}:state:<id>`` | hash | owner group, epoch, tokens published, final flag (companion of the reply) |
@@ -132,6 +133,10 @@ class Keys:
         """Tenants removed (``ryzanstein tenant remove``): their streams are read to answer what is left."""
         return f"{self.prefix}:tenants:removed"
 
+    def requests_shard(self, index: int) -> str:
+        """Ingress shard ``index`` (Settings.ingress_shards): one more stream every balancer reads."""
+        return f"{self.prefix}:requests:{index}"
+
     def tenant_requests(self, tenant: str) -> str:
         """A tenant's own ingress stream: its requests, and only its, come in there."""
         return f"{self.tenant_space(tenant)}requests"
@@ -219,7 +224,7 @@ class Keys:
         tenants = f"{self.prefix}:t:"
         if key.startswith(tenants):  # a tenant's ingress and cancel streams (no ':' in tenant names)
             return key[len(tenants):].partition(":")[2] in ("requests", "cancel")
-        return key in own or key.startswith((f"{{{self.groups}}}:", f"{{{self.prefix}:g:",
+        return key in own or key.startswith((f"{{{self.groups}}}:", f"{{{self.prefix}:g:", f"{self.requests}:",
                                              f"{self.prefix}:balancer:", f"{self.prefix}:id:"))
 
     def reply_to_problem(self, key: str, request_id: str, *, tenant: str | None = None) -> str | None:

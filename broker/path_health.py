@@ -29,6 +29,7 @@ from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.client import Pipeline as AsyncPipeline
 from redis.client import Pipeline
 
+from broker.connection import pipe_time, time_pair
 from broker.ingress_depth import StreamDepth, add_reads, depth_of, ingress_streams
 from broker.keys import Keys
 from broker.registry import GroupStatus, groups_from_reply, served_names, zset_members
@@ -90,7 +91,7 @@ def judge(view: PathView, *, balancer_dead_after_s: float) -> PathHealth:
 
 def _first_pipeline(pipe: Pipeline | AsyncPipeline, keys: Keys, names: list[str],
                     streams: list[tuple[str, str | None]]) -> None:
-    pipe.time()
+    pipe_time(pipe, keys.groups)
     for name in names:
         pipe.hgetall(keys.group_info(name))
     pipe.zrevrange(keys.balancers, 0, 0, withscores=True)
@@ -105,7 +106,7 @@ def _after_first(reply: list[Any], names: list[str], streams: list[tuple[str, st
         if isinstance(raw, Exception):
             raise raw
     groups = groups_from_reply(reply[: 1 + len(names)], dead_after_s=dead_after_s)
-    secs, micros = reply[0]
+    secs, micros = time_pair(reply[0])
     now_ms = secs * 1000.0 + micros / 1000.0
     youngest, rest = reply[1 + len(names)], reply[2 + len(names):]
     balancer_age_s = max(0.0, (now_ms - float(youngest[0][1])) / 1000.0) if youngest else None

@@ -11,6 +11,7 @@ from typing import Any
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
+from broker.connection import pipe_time, time_pair
 from broker.keys import Keys
 
 _INT_FIELDS = ("tp", "kv_capacity_tokens", "kv_used_tokens", "running", "waiting", "queue_depth",
@@ -155,7 +156,7 @@ def read_groups(redis: Redis, keys: Keys, *, dead_after_s: float) -> list[GroupS
     """Every registered group, alive or not, with ages on the Redis clock."""
     names = zset_members(redis.zrange(keys.groups, 0, -1))
     pipe = redis.pipeline(transaction=False)
-    pipe.time()
+    pipe_time(pipe, keys.groups)
     for name in names:
         pipe.hgetall(keys.group_info(name))
     return groups_from_reply(pipe.execute(), dead_after_s=dead_after_s)
@@ -165,7 +166,7 @@ async def read_groups_async(redis: AsyncRedis, keys: Keys, *, dead_after_s: floa
     """``read_groups`` on an asyncio Redis client."""
     names = zset_members(await redis.zrange(keys.groups, 0, -1))
     pipe = redis.pipeline(transaction=False)
-    pipe.time()
+    pipe_time(pipe, keys.groups)
     for name in names:
         pipe.hgetall(keys.group_info(name))
     return groups_from_reply(await pipe.execute(), dead_after_s=dead_after_s)
@@ -174,7 +175,8 @@ async def read_groups_async(redis: AsyncRedis, keys: Keys, *, dead_after_s: floa
 def groups_from_reply(reply: list[Any], *, dead_after_s: float) -> list[GroupStatus]:
     """The groups of a ``[TIME, HGETALL info...]`` pipeline reply, sorted by name; ages on the
     Redis clock. Shared by ``read_groups`` and the gateway's asyncio reader."""
-    (secs, micros), *infos = reply
+    raw_time, *infos = reply
+    secs, micros = time_pair(raw_time)
     now_ms = secs * 1000.0 + micros / 1000.0
     out = []
     for info in infos:

@@ -25,6 +25,7 @@ from typing import Any, Protocol, TypeVar
 
 import msgpack
 from redis import Redis
+from redis.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from broker.keys import Progress
@@ -41,6 +42,7 @@ from broker.lua import (
     queue_signature,
 )
 from broker.wire import Batch, Wire
+from broker.wire_cluster import ClusterWire
 
 __all__ = ["OVERSIZE_FIELD", "Claim", "Pipe", "PublishResult", "Scripts", "claim_result", "ingress_entries",
            "pack_events", "publish_result"]
@@ -169,7 +171,8 @@ class Scripts:
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        self.wire = Wire(redis)  # the hot loops' round trips (broker.wire)
+        # The hot loops' round trips (broker.wire; on a cluster, per node: broker.wire_cluster).
+        self.wire: Wire | ClusterWire = ClusterWire(redis) if isinstance(redis, RedisCluster) else Wire(redis)
         self._claim_owner = _Script(redis, CLAIM_OWNER)
         self._dispatch = _Script(redis, DISPATCH)
         self._publish = _Script(redis, PUBLISH)
@@ -251,7 +254,12 @@ class Scripts:
         return self._heartbeat([registry, info], [group, *fields], client)
 
     def load(self) -> None:
-        """Make sure Redis has every script (a restarted or flushed server has none)."""
+        """Make sure Redis has every script (a restarted or flushed server has none; on a cluster,
+        every master: a promoted replica has none)."""
+        if isinstance(self.redis, RedisCluster):
+            for source in self._sources:
+                self.redis.script_load(source)  # sent to every master
+            return
         pipe = self.redis.pipeline(transaction=False)
         for source in self._sources:
             pipe.script_load(source)

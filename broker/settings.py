@@ -23,6 +23,10 @@ class Settings(BaseSettings):
     # Clients of a tenant (docs/OPERATIONS.md, "Tenants") reply to streams under {prefix}:t:<tenant>:,
     # the only keys their Redis user may read.
     tenant: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    # Sharded ingress (broker.sources): with N > 1, balancers read ``{p}:requests:0`` .. ``:N-1`` besides
+    # ``{p}:requests``, and the Python clients send each request to one of the N at random, so that on a
+    # Redis Cluster ingress is spread over the masters. Balancers and clients must agree on N.
+    ingress_shards: int = Field(default=1, ge=1, le=1024)
     # Socket timeout must stay above the longest blocking read below, or idle reads would time out.
     socket_timeout_s: float = 10.0
     connect_timeout_s: float = 5.0
@@ -142,6 +146,10 @@ class Settings(BaseSettings):
     batch_progress_interval_s: float = Field(
         default=1.0, description="How often a batch job syncs its output file and saves its progress."
     )
+    # RQ runs on one Redis server only: with a Redis Cluster (redis+cluster://) for the pipeline, the
+    # batch jobs' RQ queue lives on this one (any single-server URL form); the requests still go to
+    # the cluster. Default: the pipeline's own Redis.
+    batch_redis_url: str | None = None
 
 
 def load_settings(**overrides: Any) -> Settings:

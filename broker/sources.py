@@ -14,8 +14,10 @@ meet), and only entries of the tenant's own cancel stream cancel it (broker.canc
 
 Every balancer reads every source, one consumer group (``balancers``) per stream, crash recovery
 (XAUTOCLAIM) per stream; one read takes a bounded share of each (``shares``), so a tenant that
-floods its stream delays no other. More sources (sharded ingress, ``{p}:requests:<n>``) are more
-entries of the list ``sources`` returns.
+floods its stream delays no other. The shards of the shared stream (``Settings.ingress_shards``,
+``{p}:requests:<n>``: on a Redis Cluster, ingress spread over the masters) are more entries of the
+list ``sources`` returns: shared sources (an entry sent there without ``id`` gets its entry id, as on
+``{p}:requests``; entry ids of two shards may meet, so clients of shards send ids, as ours do).
 """
 
 from __future__ import annotations
@@ -53,12 +55,15 @@ def default_request_id(entry_id: str, tenant: str | None) -> str:
     return entry_id if tenant is None else f"{tenant}:{entry_id}"
 
 
-def sources(keys: Keys, tenants: Iterable[str] = (), removed: Iterable[str] = ()) -> list[Source]:
-    """The shared source first, then one per tenant (in the order given), then one per ``removed``
-    tenant that is no tenant now: its stream is still read, so that what was sent there before (or
-    is still sent) gets an answer (``invalid_request``) rather than none."""
+def sources(keys: Keys, tenants: Iterable[str] = (), removed: Iterable[str] = (), *,
+            shards: int = 1) -> list[Source]:
+    """The shared source first, then its ingress shards (``shards`` > 1: ``{p}:requests:0`` ..
+    ``:shards-1``, cancelled through ``{p}:cancel``), then one per tenant (in the order given), then
+    one per ``removed`` tenant that is no tenant now: its stream is still read, so that what was
+    sent there before (or is still sent) gets an answer (``invalid_request``) rather than none."""
     tenants = list(tenants)
     return [Source(keys.requests, keys.cancel),
+            *(Source(keys.requests_shard(i), keys.cancel) for i in range(shards if shards > 1 else 0)),
             *(Source(keys.tenant_requests(t), keys.tenant_cancel(t), t) for t in tenants),
             *(Source(keys.tenant_requests(t), keys.tenant_cancel(t), t, removed=True)
               for t in removed if t not in tenants)]

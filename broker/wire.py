@@ -116,10 +116,14 @@ class Wire:
             return []
         with self._lock:
             if self._conn is None:
-                self._conn = self._pool.connection_class(**self._pool.connection_kwargs)
+                fresh = self._pool.connection_class(**self._pool.connection_kwargs)
+                # Here, not in the first send: a Sentinel-managed connection asks the Sentinels for the
+                # master in its connect() (sending first would connect to its default address).
+                fresh.connect()
+                self._conn = fresh
             conn = self._conn
             try:
-                conn.send_packed_command(_pack(conn, batch.commands))
+                conn.send_packed_command(pack_commands(conn, batch.commands))
                 replies: list[Any] = []
                 for _ in batch.commands:
                     try:
@@ -141,8 +145,8 @@ class Wire:
                 self._conn = None
 
 
-
-def _pack(conn: Any, commands: list[tuple[Any, ...]]) -> Any:
+def pack_commands(conn: Any, commands: list[tuple[Any, ...]]) -> Any:
+    """``commands`` packed for one ``send_packed_command`` on ``conn``."""
     if _pack_command is None:
         return conn.pack_commands(commands)
     return [b"".join(_pack_command(command) for command in commands)]

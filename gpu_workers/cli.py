@@ -93,6 +93,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
                         help="most tokens the model engine computes per step, decodes and prefill chunks "
                              "together; at least --max-num-seqs (default: $RYZ_MAX_NUM_BATCHED_TOKENS, else 512)")
+    parser.add_argument("--quantization", default=None, choices=["gguf"],
+                        help="gguf: keep a .gguf model's Q4_0/Q4_1/Q4_K linear weights 4-bit (CPU only; torch's "
+                             "int4 kernel with bf16 activations below 64 tokens a step, exact fp32 dequantization "
+                             "from 64; ~0.9 bytes a weight against 4); default: dequantize every weight to fp32")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch CPU threads per rank (default: $RYZ_THREADS, else $OMP_NUM_THREADS, else the "
                              "CPUs this process may use, capped by its cgroup's CPU quota, shared by the host's "
@@ -102,6 +106,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 def engine_argv(args: argparse.Namespace) -> list[str]:
     """The engine flags of ``args`` (parsed with ``add_engine_args``) as a worker's command line."""
     argv = ["--kv-dtype", args.kv_dtype, "--device", args.device]
+    if args.quantization is not None:
+        argv += ["--quantization", args.quantization]
     if args.served_model_name:
         argv += ["--served-model-name", *args.served_model_name]
     if args.kv_memory is not None:
@@ -123,7 +129,7 @@ def worker_options(args: argparse.Namespace, settings: Settings, *, tp: int) -> 
     settings = settings.model_copy(update={name: value for name, value in flags.items() if value is not None})
     options = EngineOptions(tp=tp, kv_dtype=args.kv_dtype, kv_memory=args.kv_memory, device=args.device,
                             echo_token_delay_ms=settings.echo_token_delay_ms, max_num_seqs=settings.max_num_seqs,
-                            max_num_batched_tokens=settings.max_num_batched_tokens)
+                            max_num_batched_tokens=settings.max_num_batched_tokens, quantization=args.quantization)
     return settings, options
 
 
@@ -182,7 +188,7 @@ def _run_rank(args: argparse.Namespace, settings: Settings, url: str, options: E
 
     if args.model == "echo":
         return _lead(args, settings, url, build_engine(args.model, options))  # refuses --tp > 1
-    path = model_dir(args.model)
+    path = model_dir(args.model, quantization=options.quantization)
     load_config(path).check_tp(options.tp)
     try:
         group = start_group(options.tp, device=args.device, follower_argv=_follower_argv(args, settings, path, options),
@@ -218,7 +224,8 @@ def _follower_argv(args: argparse.Namespace, settings: Settings, path: Path, opt
 def _lead(args: argparse.Namespace, settings: Settings, url: str, engine: Engine) -> int:
     group = WorkerGroup(connect(url, settings), engine, settings=settings, name=args.group,
                         served_models=served_model_names(args.model, args.served_model_name),
-                        weights=weights_fingerprint(None if args.model == "echo" else model_dir(args.model)))
+                        weights=weights_fingerprint(None if args.model == "echo" else model_dir(
+                            args.model, quantization=args.quantization)))
     server = serve_metrics(group.telemetry.registry, group.telemetry.probe, host=settings.metrics_host,
                            port=settings.metrics_port)
     group.telemetry.port = server.port if server is not None else None

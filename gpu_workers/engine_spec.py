@@ -27,6 +27,7 @@ class EngineOptions:
     echo_token_delay_ms: float = 0.0  # the echo engine's time per step (see Settings)
     max_num_seqs: int = 128  # a model engine's batch limits (see Settings); echo has none
     max_num_batched_tokens: int = 512
+    quantization: str | None = None  # --quantization: "gguf" keeps a GGUF file's 4-bit weights 4-bit
 
     def __post_init__(self) -> None:
         """ConfigError for an unknown KV format or limits the scheduler cannot work with (before any
@@ -47,14 +48,15 @@ class EngineOptions:
                                   max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens)
 
 
-def model_dir(spec: str) -> Path:
-    """The directory of a model ``spec`` (not ``echo``): written first for ``random:<preset>``."""
+def model_dir(spec: str, *, quantization: str | None = None) -> Path:
+    """The directory of a model ``spec`` (not ``echo``): written first for ``random:<preset>``;
+    ``quantization`` as in ``loader.resolve_model``."""
     from gpu_workers.model.loader import resolve_model
     from gpu_workers.model.presets import materialize
 
-    if spec.startswith("random:"):
+    if spec.startswith("random:") and quantization is None:
         return materialize(spec.removeprefix("random:"))
-    return resolve_model(spec)
+    return resolve_model(spec, quantization=quantization)
 
 
 def build_engine(spec: str, options: EngineOptions, *, group: TensorParallelGroup | None = None) -> Engine:
@@ -63,8 +65,8 @@ def build_engine(spec: str, options: EngineOptions, *, group: TensorParallelGrou
     With ``options.tp`` > 1, ``group`` is the started tensor-parallel group this process leads.
     """
     if spec == "echo":
-        if options.tp != 1:
-            raise ConfigError("--model echo runs on one process: --tp must be 1")
+        if options.tp != 1 or options.quantization is not None:
+            raise ConfigError("--model echo runs on one process without weights: --tp must be 1, no --quantization")
         from gpu_workers.echo import EchoEngine
 
         return EchoEngine(token_delay_s=options.echo_token_delay_ms / 1000.0)
@@ -72,4 +74,4 @@ def build_engine(spec: str, options: EngineOptions, *, group: TensorParallelGrou
         raise ConfigError(f"--tp {options.tp} needs a started group of {options.tp} ranks (see gpu_workers.parallel)")
     from gpu_workers.llm_engine import LlamaEngine
 
-    return LlamaEngine(model_dir(spec), name=spec, options=options.llama(), tp=group)
+    return LlamaEngine(model_dir(spec, quantization=options.quantization), name=spec, options=options.llama(), tp=group)

@@ -27,7 +27,7 @@ from redis.exceptions import ResponseError
 
 from broker.cancellation import Cancel, applies
 from broker.chat import publish_template, template_digest
-from broker.connection import TRANSIENT_ERRORS, RedisClock
+from broker.connection import TRANSIENT_ERRORS, RedisClock, server_time
 from broker.consumer import Next, StreamConsumer, serve
 from broker.dead_letter import DeadLetters
 from broker.errors import EngineFailed
@@ -106,7 +106,7 @@ class WorkerGroup(QueueIntake, EngineSteps):
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.state = GroupState.READY
         self.scripts = Scripts(redis)
-        self.clock = RedisClock(redis.time)
+        self.clock = RedisClock(lambda: server_time(redis, self.keys.groups))
         self._monotonic = monotonic
         self.queue = StreamConsumer(
             redis, self.scripts, stream=self.keys.group_queue(self.name), group=QUEUE_GROUP, consumer=CONSUMER,
@@ -232,7 +232,8 @@ class WorkerGroup(QueueIntake, EngineSteps):
             self.queue.flush_acks()
             pipe = self.redis.pipeline(transaction=False)
             pipe.zrem(self.keys.groups, self.name)
-            pipe.delete(self.keys.group_info(self.name), self.keys.group_accepting(self.name))
+            pipe.delete(self.keys.group_info(self.name))  # one key per DEL: the two are in different slots
+            pipe.delete(self.keys.group_accepting(self.name))
             pipe.execute()
             log.info("group %s deregistered", self.name)
         except TRANSIENT_ERRORS as exc:

@@ -146,7 +146,7 @@ class AsyncClient(_ClientBase):
         last_id = STREAM_START
         delays: Iterator[float] | None = None
         expiry = ExpiryCheck(self.keys, handle, result_ttl_s=self.settings.result_ttl_s,
-                             ingress=self.requests_stream)
+                             ingress=handle.ingress or self.requests_stream)
         while True:
             block_ms = deadline.block_ms()  # TimeoutError is an OSError: not in the try
             try:

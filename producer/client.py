@@ -158,9 +158,14 @@ class _ClientBase:
 
     @property
     def requests_stream(self) -> str:
-        """Where this client sends requests: its tenant's own ingress stream (broker.sources), or the shared one."""
+        """Where this client sends requests: its tenant's own ingress stream (broker.sources), else the
+        shared one, or one of its shards picked at random (``ingress_shards`` > 1)."""
         tenant = self.settings.tenant
-        return self.keys.tenant_requests(tenant) if tenant else self.keys.requests
+        if tenant:
+            return self.keys.tenant_requests(tenant)
+        if self.settings.ingress_shards > 1:
+            return self.keys.requests_shard(random.randrange(self.settings.ingress_shards))
+        return self.keys.requests
 
     @property
     def cancel_stream(self) -> str:
@@ -215,8 +220,10 @@ class Client(_ClientBase):
     def submit(self, prompt: str | None = None, **options: Unpack[RequestOptions]) -> Handle:
         """Put a request on the ingress stream; returns at once with the handle to wait on."""
         handle, fields = self._prepare(prompt, options, default_reply=None)
-        entry_id = self._redis.xadd(self.requests_stream, fields)  # type: ignore[arg-type]
-        return dataclasses.replace(handle, entry_id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
+        stream = self.requests_stream
+        entry_id = self._redis.xadd(stream, fields)  # type: ignore[arg-type]
+        return dataclasses.replace(handle, entry_id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
+                                   ingress=stream)
 
     def events(self, request: Handle | str, *, timeout: float | None = None) -> Iterator[Event]:
         """The request's events in order, from the first, up to and including its final one.
@@ -229,7 +236,7 @@ class Client(_ClientBase):
         last_id = STREAM_START
         delays: Iterator[float] | None = None
         expiry = ExpiryCheck(self.keys, handle, result_ttl_s=self.settings.result_ttl_s,
-                             ingress=self.requests_stream)
+                             ingress=handle.ingress or self.requests_stream)
         while True:
             block_ms = deadline.block_ms()  # TimeoutError is an OSError: not in the try
             try:

@@ -72,6 +72,8 @@ class Handle:
     # The ingress entry that carried it (XADD's reply), when this client sent it: lets a reader tell
     # a result that expired from one not written yet (producer.expiry).
     entry_id: str | None = field(default=None, compare=False)
+    # The ingress stream that entry went to (a tenant's own, or one of the shards: ingress_shards).
+    ingress: str | None = field(default=None, compare=False)
     # The request's cancel token (a secret: only a cancel carrying it ends the request).
     cancel_token: str | None = field(default=None, compare=False, repr=False)
 

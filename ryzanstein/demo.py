@@ -21,10 +21,8 @@ import threading
 import time
 import urllib.request
 
-import redis
-
 from broker.cli_common import settings_from_args, setup_logging
-from broker.connection import mask_url
+from broker.connection import connect, mask_url
 from broker.errors import RequestFailed
 from broker.keys import Keys
 from broker.settings import Settings
@@ -149,7 +147,7 @@ def _real_model(settings: Settings, url: str, model: str) -> None:
 
 def _raw_fields(url: str, prefix: str, prompt: str) -> None:
     keys = Keys(prefix)
-    r = redis.Redis.from_url(url, decode_responses=True)
+    r = connect(url, Settings(), decode_responses=True)
     try:
         fields = {"id": "demo-raw", "prompt": prompt, "max_tokens": "24", "temperature": "0"}
         shown = " ".join(f"{k} {json.dumps(v)}" for k, v in fields.items())

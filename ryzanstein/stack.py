@@ -20,10 +20,8 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING
 
-import redis
-
 from broker.cli_common import add_metrics, settings_from_args, setup_logging
-from broker.connection import mask_url
+from broker.connection import connect, mask_url
 from broker.embedded import EmbeddedRedis, announce, die_with_parent, withdraw
 from broker.errors import ConfigError
 from broker.failures import EXIT_FATAL
@@ -101,7 +99,7 @@ class Stack:
         The balancer fails a request that finds no live group for ``no_group_wait_s`` (30 s), which a
         model's load on a busy machine can exceed: callers that send right after start wait here first."""
         began = time.monotonic()
-        r = redis.Redis.from_url(self.url)
+        r = connect(self.url, self.settings)
         try:
             while time.monotonic() - began < timeout_s:
                 groups = read_groups(r, Keys(self.settings.prefix), dead_after_s=self.settings.dead_after_s)

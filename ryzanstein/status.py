@@ -24,7 +24,7 @@ from redis import Redis
 from redis.exceptions import ResponseError
 
 from broker.cli_common import settings_from_args, setup_logging
-from broker.connection import TRANSIENT_ERRORS, connect, resolve_url
+from broker.connection import TRANSIENT_ERRORS, connect, pipe_time, resolve_url, time_pair
 from broker.ingress_depth import StreamDepth, add_reads, depth_of, ingress_streams
 from broker.keys import INGRESS_GROUP, Keys
 from broker.registry import GroupStatus, read_groups
@@ -78,13 +78,14 @@ def read_snapshot(redis: Redis, keys: Keys, *, dead_after_s: float, now_s: float
     streams = ingress_streams(keys, read_tenants(redis, keys))
     pipe = redis.pipeline(transaction=False)
     pipe.xinfo_consumers(keys.requests, INGRESS_GROUP)
-    pipe.time()
+    pipe_time(pipe, keys.groups)
     pipe.zrange(keys.balancers, 0, -1, withscores=True)
     for stream, _tenant in streams:
         add_reads(pipe, stream)
     for stream, _tenant in streams[1:]:
         pipe.xinfo_consumers(stream, INGRESS_GROUP)
-    consumers, (secs, micros), beats, *replies = pipe.execute(raise_on_error=False)
+    consumers, raw_time, beats, *replies = pipe.execute(raise_on_error=False)
+    secs, micros = time_pair(raw_time)
     reads, held = replies[: 2 * len(streams)], replies[2 * len(streams):]
     depths = [depth_of(stream, tenant, length, infos)
               for (stream, tenant), length, infos in zip(streams, reads[0::2], reads[1::2])]

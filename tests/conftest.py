@@ -14,6 +14,7 @@ from broker.embedded import EmbeddedRedis
 from broker.keys import Keys
 from broker.settings import Settings
 from tests.gpu_workers.helpers import FakeMonotonic
+from tests.redis_cluster import LocalCluster
 
 
 @pytest.fixture(scope="session")
@@ -87,3 +88,20 @@ def any_redis(request: pytest.FixtureRequest) -> Iterator[redis.Redis]:
     client.flushall()
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalCluster]:
+    """A real Redis Cluster (3 masters + 3 replicas, system redis-server 7) for the whole session;
+    tests that kill a node start a ``LocalCluster`` of their own."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip("no redis-server / redis-cli on PATH")
+    with LocalCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster_url(redis_cluster: LocalCluster) -> str:
+    """The ``redis+cluster://`` URL of the session's cluster, every master flushed."""
+    redis_cluster.flush()
+    return redis_cluster.url

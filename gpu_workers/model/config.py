@@ -97,6 +97,7 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None  # attention scores scaled by its -1/2 power, not head_dim's
     final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap)
     checkpoint_prefix: str = ""  # of the text model's tensor names (a multimodal checkpoint's language_model.)
+    quantization: str | None = None  # "gguf": a GGUF file's 4-bit weights kept quantized (model.quantization)
 
     def layer_window(self, layer: int) -> int | None:
         """The sliding window of ``layer`` (tokens it attends to, its own included), or None: all."""
@@ -178,9 +179,12 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         for name in ("attn_logit_softcapping", "use_bidirectional_attention"):
             if raw.get(name):
                 raise ConfigError(f"{name} {raw[name]!r} is not supported (only null or false)")
+    quantization = None
     if raw.get("quantization_config") is not None:
         method = raw["quantization_config"].get("quant_method", "?")
-        raise ConfigError(f"quantized checkpoints (quantization_config: {method!r}) are not supported")
+        if method != "gguf":  # a GGUF file served with --quantization gguf (gguf_file.materialize_gguf)
+            raise ConfigError(f"quantized checkpoints (quantization_config: {method!r}) are not supported")
+        quantization = method
 
     hidden = r.integer("hidden_size")
     heads = r.integer("num_attention_heads")
@@ -245,6 +249,7 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         final_logit_softcapping=(_optional_number(raw, "final_logit_softcapping")
                                  if gemma and arch not in CHECKPOINT_PREFIXES else None),
         checkpoint_prefix=CHECKPOINT_PREFIXES.get(arch, ""),
+        quantization=quantization,
     )
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from broker.errors import ConfigError
+from gpu_workers.model.quantization import block_parts
 
 LINK_NAME = "model.gguf"  # in a materialized directory: the GGUF file the weights are read from
 FORMAT_VERSION = 3  # bump when the files written change, so stale caches are not rewritten in place
@@ -128,9 +129,11 @@ class GGUFTensor:
     its dims listed in the other order.
     """
 
-    def __init__(self, tensor: Any, layout: _Layout = _Layout(), ranges: tuple[slice, ...] | None = None) -> None:
+    def __init__(self, tensor: Any, layout: _Layout = _Layout(), ranges: tuple[slice, ...] | None = None,
+                 part: str | None = None) -> None:
         self._tensor = tensor
         self._layout = layout
+        self._part = part
         self._full = tuple(int(n) for n in reversed(tensor.shape.tolist()))
         self._ranges = ranges or tuple(slice(0, n) for n in self._full)
 
@@ -144,7 +147,18 @@ class GGUFTensor:
             raise ValueError(f"narrow({dim}, {start}, {length}) outside shape {self.shape}")
         ranges = list(self._ranges)
         ranges[dim] = slice(r.start + start, r.start + start + length)
-        return GGUFTensor(self._tensor, self._layout, tuple(ranges))
+        return GGUFTensor(self._tensor, self._layout, tuple(ranges), self._part)
+
+    @property
+    def tensor_type(self) -> Any:
+        """The stored quantization type (a ``gguf.GGMLQuantizationType``)."""
+        return self._tensor.tensor_type
+
+    def part(self, name: str) -> GGUFTensor:
+        """The same tensor whose ``load`` gives one of ``quantization.PARTS`` of each weight (its
+        4-bit code, or its block's scale or zero) instead of its value; the type must be one of
+        ``quantization.int4_types``."""
+        return GGUFTensor(self._tensor, self._layout, self._ranges, name)
 
     def load(self) -> torch.Tensor:
         import gguf
@@ -157,9 +171,12 @@ class GGUFTensor:
             rows = self._row_index()
             data = np.asarray(data).reshape(self._full[0], -1)[rows]  # [rows, bytes or elements per row]
             data, cols = self._columns(data, kind)
-            values = gguf.quants.dequantize(data, kind)[:, cols]
+            if self._part is None:
+                values = gguf.quants.dequantize(data, kind)[:, cols]
+            else:
+                values = block_parts(data, kind)[self._part][:, cols]
         out = torch.from_numpy(np.array(values, dtype=np.float32))  # a copy: the file's pages are read-only
-        return out + self._layout.add if self._layout.add else out
+        return out + self._layout.add if self._layout.add and self._part is None else out
 
     def _row_index(self) -> np.ndarray:
         """GGUF row of each of our rows in range: llama.cpp's ``permute`` undone (per head, the rows
@@ -248,8 +265,12 @@ def _check_quant_type(tensor: Any, source: Path) -> None:
         ) from None
 
 
-def materialize_gguf(path: Path, *, cache_dir: Path) -> Path:
+def materialize_gguf(path: Path, *, cache_dir: Path, quantization: str | None = None) -> Path:
     """The model directory describing GGUF file ``path`` (written once into ``cache_dir/gguf``).
+
+    ``quantization="gguf"``: its config.json says ``"quantization_config": {"quant_method": "gguf"}``,
+    and the loader keeps the file's 4-bit weights quantized (``gpu_workers.model.quantization``);
+    None: the weights are dequantized to the model's dtype.
 
     The directory's name hashes the file's absolute path, size and modification time, so a
     replaced file gets a new directory. Written to a temporary directory renamed into place.
@@ -260,12 +281,14 @@ def materialize_gguf(path: Path, *, cache_dir: Path) -> Path:
     path = Path(path).expanduser().resolve()
     stat = path.stat()
     key = hashlib.sha256(f"{FORMAT_VERSION}:{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    final = Path(cache_dir) / "gguf" / f"{path.stem}-{key}"
+    final = Path(cache_dir) / "gguf" / f"{path.stem}-{key}{'-' + quantization if quantization else ''}"
     if (final / "config.json").is_file():
         return final
     reader = open_reader(path)
     meta = metadata(reader)
     config = gguf_config(meta, {t.name for t in reader.tensors})
+    if quantization is not None:
+        config["quantization_config"] = {"quant_method": quantization}
     files = tokenizer_files(meta, path)
     generation = {k: v for k, v in files.pop("generation_config.json").items() if v is not None}
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from gpu_workers.model.quantization import PARTS, Int4Weight
+
 
 @dataclass(frozen=True, slots=True)
 class TPContext:
@@ -155,8 +157,11 @@ class GemmaRMSNorm(RMSNorm):
         return (x32 * (1.0 + self.weight.float())).to(x.dtype)
 
 
-class _Linear(PackedWeight, nn.Module):
-    """A linear layer holding this rank's [out_local, in_local] weight slice."""
+class LinearBase(PackedWeight, nn.Module):
+    """A linear layer holding this rank's [out_local, in_local] weight slice: dense (packed for
+    oneDNN once loaded), or 4-bit (``quantized``, from ``load_quantized``)."""
+
+    quantized: Int4Weight | None = None
 
     def __init__(self, in_local: int, out_local: int, *, bias: bool, tp: TPContext, dtype: torch.dtype) -> None:
         super().__init__()
@@ -172,8 +177,31 @@ class _Linear(PackedWeight, nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: Loadable, shard_id: Any = None) -> None:
         raise NotImplementedError
 
+    def load_quantized(self, tensors: list[tuple[Loadable, Any]]) -> None:
+        """Load the weight from GGUF tensors of a 4-bit type (``quantization.int4_types``), kept
+        4-bit: ``tensors`` are each (checkpoint tensor, shard id) of this weight, as for
+        ``weight_loader``, which narrows each part (codes, scales, zeros) as it narrows the values.
+        The dense weight is freed. ValueError when the shard cuts through 32-weight blocks."""
+        parts = {name: nn.Parameter(torch.zeros(self.weight.shape), requires_grad=False) for name in PARTS}
+        for loaded, shard_id in tensors:
+            for name, part in parts.items():
+                self.weight_loader(part, loaded.part(name), shard_id)  # type: ignore[union-attr]
+        self.quantized = Int4Weight(parts["codes"].data, parts["scale"].data, parts["zero"].data)
+        self.weight.data = self.weight.data.new_empty(0)
+
+    def packed_bytes(self) -> int:
+        """Bytes of the oneDNN-packed or the 4-bit weight."""
+        return super().packed_bytes() + (0 if self.quantized is None else self.quantized.nbytes())
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x`` [..., in_local] times this rank's weight, plus ``bias``."""
+        if self.quantized is None:
+            return linear(x, self.weight, bias, self.packed)
+        y = self.quantized(x)
+        return y if bias is None else y + bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.packed)
+        return self.matmul(x, self.bias)
 
 
 def _offsets(sizes: list[int]) -> list[int]:
@@ -187,7 +215,7 @@ def _split(total: int, tp: TPContext, what: str) -> int:
     return total // tp.size
 
 
-class ColumnParallelLinear(_Linear):
+class ColumnParallelLinear(LinearBase):
     """Output features split over ranks; the output stays sharded."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, tp: TPContext, dtype: torch.dtype) -> None:
@@ -200,7 +228,7 @@ class ColumnParallelLinear(_Linear):
         param.data.copy_(_take(loaded, 0, self.tp.rank * size, size))
 
 
-class MergedColumnParallelLinear(_Linear):
+class MergedColumnParallelLinear(LinearBase):
     """Several column-parallel linears of one input in one matmul (gate and up projections):
     the output is this rank's slice of each, concatenated; ``shard_id`` is the part's index."""
 
@@ -223,7 +251,7 @@ class MergedColumnParallelLinear(_Linear):
         param.data.narrow(0, offset, size).copy_(_take(loaded, 0, self.tp.rank * size, size))
 
 
-class QKVParallelLinear(_Linear):
+class QKVParallelLinear(LinearBase):
     """q, k and v projections in one matmul, split over ranks by heads.
 
     Output layout per rank: [q heads | k heads | v heads], each head ``head_dim`` wide. When there
@@ -260,7 +288,7 @@ class QKVParallelLinear(_Linear):
         param.data.narrow(0, self._offset[shard_id] * d, size).copy_(part)
 
 
-class RowParallelLinear(_Linear):
+class RowParallelLinear(LinearBase):
     """Input features split over ranks; partial outputs are summed across ranks. The bias is
     added once, by rank 0, before the sum."""
 
@@ -277,7 +305,7 @@ class RowParallelLinear(_Linear):
         param.data.copy_(_take(loaded, 1, self.tp.rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, self.bias if self.tp.rank == 0 else None, self.packed)
+        y = self.matmul(x, self.bias if self.tp.rank == 0 else None)
         if self.tp.size > 1:
             dist.all_reduce(y, group=self.tp.group)
         return y

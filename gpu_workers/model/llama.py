@@ -22,6 +22,7 @@ from gpu_workers.model.attention import AttentionBatch, PagedAttention
 from gpu_workers.model.config import ModelConfig
 from gpu_workers.model.kv_cache import KVCache
 from gpu_workers.model.layers import (
+    LinearBase,
     MergedColumnParallelLinear,
     PackedWeight,
     ParallelLMHead,
@@ -181,10 +182,12 @@ class LlamaForCausalLM(nn.Module):
         return sum(m.packed_bytes() for m in self.modules() if isinstance(m, PackedWeight))
 
     def num_weights(self) -> int:
-        """Weights this rank holds, dense or packed, each counted once."""
+        """Weights this rank holds, dense, packed or 4-bit, each counted once."""
         packed = sum(m.packed.numel() for m in self.modules()
                      if isinstance(m, PackedWeight) and m.packed is not None and m.weight.numel() == 0)
-        return sum(p.numel() for p in self.parameters()) + packed
+        quantized = sum(m.quantized.out_features * m.quantized.in_features for m in self.modules()
+                        if isinstance(m, LinearBase) and m.quantized is not None)
+        return sum(p.numel() for p in self.parameters()) + packed + quantized
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits [N, vocab] for final hidden states [N, hidden]."""

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from torch import nn
 
 from broker.errors import ConfigError
-from gpu_workers.model.layers import default_weight_loader
+from gpu_workers.model.layers import LinearBase, default_weight_loader
 from gpu_workers.startup import track
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ HUB_FILES = ("*.json", "*.safetensors", "*.jinja", "additional_chat_templates/*"
              "*.tiktoken", "merges.txt", "vocab.txt")
 
 
-def resolve_model(spec: str) -> Path:
+def resolve_model(spec: str, *, quantization: str | None = None) -> Path:
     """The local directory of the model named by ``spec``.
 
     A directory is used as it is; a GGUF file gets a directory of its metadata in the cache (see
@@ -50,8 +50,20 @@ def resolve_model(spec: str) -> Path:
     is written once into the cache (see ``presets``); ``owner/name`` is fetched from the Hugging Face
     hub (``HUB_FILES``: config, generation config, weights, and every file the tokenizer and chat
     template need), which needs ``huggingface_hub`` and network or a warm HF cache.
+
+    ``quantization`` (``--quantization``): "gguf" keeps a GGUF file's 4-bit weights quantized
+    (``gguf_file.materialize_gguf``); ConfigError for another value or a model that is no GGUF file.
     """
+    from gpu_workers.model.quantization import METHODS
+
     path = Path(spec).expanduser()
+    if quantization is not None:
+        if quantization not in METHODS:
+            raise ConfigError(f"--quantization {quantization!r}: one of {', '.join(METHODS)}")
+        if path.is_dir() and (path / GGUF_LINK).exists():  # a directory materialized from a GGUF file
+            path = (path / GGUF_LINK).resolve()
+        if not path.is_file():
+            raise ConfigError(f"--quantization {quantization} needs a .gguf model file, not {spec!r}")
     if path.is_dir():
         return path
     if path.is_file():
@@ -60,7 +72,7 @@ def resolve_model(spec: str) -> Path:
 
         if not is_gguf(path):
             raise ConfigError(f"model {spec!r}: a file, but not a GGUF file (pass a model directory or a .gguf file)")
-        return materialize_gguf(path, cache_dir=default_cache_dir())
+        return materialize_gguf(path, cache_dir=default_cache_dir(), quantization=quantization)
     if spec.startswith("random:"):
         from gpu_workers.model.presets import materialize
 
@@ -184,7 +196,9 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
 
 def _load_gguf_weights(model: nn.Module, model_dir: Path) -> None:
     """``load_weights`` for a directory materialized from a GGUF file: each rank dequantizes only
-    the rows (and block-aligned columns) of its shards."""
+    the rows (and block-aligned columns) of its shards. With ``quantization_config`` "gguf", the
+    linear layers whose tensors are all of a 4-bit type stay 4-bit (``LinearBase.load_quantized``);
+    the others, and embeddings and norms, are dequantized."""
     from gpu_workers.model.gguf_file import gguf_tensors, open_reader
 
     source = (model_dir / GGUF_LINK).resolve()
@@ -193,13 +207,48 @@ def _load_gguf_weights(model: nn.Module, model_dir: Path) -> None:
     wanted: dict[str, tuple[str, Any]] = model.checkpoint_map()  # type: ignore[operator]
     tensors = gguf_tensors(reader, config, list(wanted), source=source)
     params = dict(model.named_parameters())
+    quantized = _quantized_weights(model, tensors, wanted) if "quantization_config" in config else {}
     for name, (param_name, shard_id) in wanted.items():
+        if param_name in quantized:
+            continue
         param = params[param_name]
         loader = getattr(param, "weight_loader", default_weight_loader)
         try:
             loader(param, tensors[name], shard_id)
         except (ValueError, RuntimeError) as e:
             raise ConfigError(f"{source}: tensor {name}: {e}") from None
+    for param_name, parts in quantized.items():
+        module = model.get_submodule(param_name.rpartition(".")[0])
+        assert isinstance(module, LinearBase)
+        try:
+            module.load_quantized(parts)
+        except (ValueError, RuntimeError) as e:
+            raise ConfigError(f"{source}: {param_name} kept 4-bit (--quantization gguf): {e}") from None
+    if quantized:
+        log.info("--quantization gguf: %d of %d linear weights kept 4-bit", len(quantized),
+                 sum(1 for m in model.modules() if isinstance(m, LinearBase)))
+
+
+def _quantized_weights(model: nn.Module, tensors: dict[str, Any], wanted: dict[str, tuple[str, Any]]
+                       ) -> dict[str, list[tuple[Any, Any]]]:
+    """Parameter name -> its (GGUF tensor, shard id) parts, for each linear weight whose parts are
+    all of a 4-bit type (``quantization.int4_types``) and whose shard is whole 32x32 tiles (the
+    kernel's blocks). ConfigError off the CPU: the kernel is torch's CPU one."""
+    from gpu_workers.model.quantization import GROUP_SIZE, int4_types
+
+    parts: dict[str, list[tuple[Any, Any]]] = {}
+    for name, (param_name, shard_id) in wanted.items():
+        parts.setdefault(param_name, []).append((tensors[name], shard_id))
+    kept = {}
+    for param_name, items in parts.items():
+        module = model.get_submodule(param_name.rpartition(".")[0])
+        if (isinstance(module, LinearBase) and param_name.endswith(".weight")
+                and not any(n % GROUP_SIZE for n in module.weight.shape)
+                and all(t.tensor_type in int4_types() for t, _ in items)):
+            if module.weight.device.type != "cpu":
+                raise ConfigError("--quantization gguf runs on CPUs only (torch's int4 CPU kernel)")
+            kept[param_name] = items
+    return kept
 
 
 def _names(names: list[str], limit: int = 8) -> str:

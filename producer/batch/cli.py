@@ -17,6 +17,7 @@ from broker.cli_common import add_common, settings_from_args, setup_logging
 from broker.connection import connect, mask_url, resolve_url
 from broker.errors import ConfigError
 from broker.keys import Keys
+from broker.redis_url import parse_url
 
 DEFAULT_WINDOW = 64
 DEFAULT_RETRIES = 3
@@ -105,11 +106,23 @@ def run(args: argparse.Namespace) -> int:
     keys = Keys(settings.prefix)
     if args.verb == "worker":
         return _worker(args, settings, keys)
-    conn = connect(resolve_url(settings), settings)
+    conn = connect(rq_url(settings, resolve_url(settings)), settings)
     try:
         return {"submit": _submit, "status": _status, "resume": _resume}[args.verb](args, conn, keys)
     finally:
         conn.close()
+
+
+def rq_url(settings: Any, pipeline_url: str) -> str:
+    """The Redis of the RQ queue: ``batch_redis_url``, else the pipeline's, which RQ cannot use when it
+    is a cluster (ConfigError)."""
+    if settings.batch_redis_url:
+        return str(settings.batch_redis_url)
+    if parse_url(pipeline_url).kind == "cluster":
+        raise ConfigError("batch jobs keep their RQ queue on one Redis server, and RQ does not run on a Redis "
+                          "Cluster: set RYZ_BATCH_REDIS_URL to a single-server URL (the requests still go to "
+                          "the cluster)")
+    return pipeline_url
 
 
 # --- submit -------------------------------------------------------------------------------------
@@ -167,7 +180,7 @@ def _submit(args: argparse.Namespace, conn: Any, keys: Keys) -> int:
 def _worker(args: argparse.Namespace, settings: Any, keys: Keys) -> int:
     from producer.batch.queue import BatchWorker, batch_queue
 
-    url = resolve_url(settings, wait_s=args.wait_broker)
+    url = rq_url(settings, resolve_url(settings, wait_s=args.wait_broker))
     conn = connect(url, settings)
     if args.jobs < 1:
         raise ConfigError(f"--jobs {args.jobs}: at least 1")
@@ -177,7 +190,7 @@ def _worker(args: argparse.Namespace, settings: Any, keys: Keys) -> int:
         # RQ's pool forks the workers, restarts any that die, and stops them all on SIGTERM/SIGINT;
         # each BatchWorker reads its heartbeat TTL from the environment (RYZ_BATCH_HEARTBEAT_TTL_S).
         pool = WorkerPool([batch_queue(conn, keys)], connection=conn, num_workers=args.jobs, worker_class=BatchWorker)
-        print(f"batch workers: {args.jobs} on queue {keys.batch_queue} at {url}", flush=True)
+        print(f"batch workers: {args.jobs} on queue {keys.batch_queue} at {mask_url(url)}", flush=True)
         pool.start(burst=args.burst, logging_level=args.log_level)
         return 0
     worker = BatchWorker([batch_queue(conn, keys)], connection=conn, name=args.name,

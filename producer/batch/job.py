@@ -31,7 +31,7 @@ from typing import Any
 import redis
 
 from balancer.models import resolve_model
-from broker.connection import TRANSIENT_ERRORS, backoff_delays
+from broker.connection import TRANSIENT_ERRORS, backoff_delays, connect, resolve_url
 from broker.errors import InvalidRequest, RequestFailed, Unavailable
 from broker.keys import Keys
 from broker.registry import read_groups
@@ -351,6 +351,12 @@ def run_batch(spec: dict[str, Any]) -> dict[str, Any]:
         job.save_meta()
 
     settings = load_settings(prefix=batch.prefix)
-    result = BatchRun(job.connection, batch, job_id=job.id, settings=settings, save_progress=save, run=run).run()
+    # With a queue of its own (a cluster pipeline: batch_redis_url), the requests go to the pipeline's Redis.
+    pipeline = connect(resolve_url(settings), settings) if settings.batch_redis_url else job.connection
+    try:
+        result = BatchRun(pipeline, batch, job_id=job.id, settings=settings, save_progress=save, run=run).run()
+    finally:
+        if pipeline is not job.connection:
+            pipeline.close()
     log.info("batch job %s: %d/%d lines done, %d errors", job.id, result.done, result.total, result.errors)
     return asdict(result)

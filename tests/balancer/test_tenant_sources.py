@@ -345,3 +345,16 @@ def test_a_request_dispatched_before_its_tenants_removal_is_not_answered_again(
     b2.flush_acks()
     assert events(r, keys.reply_stream("a1", tenant="alice")) == [] and events(r, keys.dead) == []
     assert r.xlen(keys.tenant_requests("alice")) == 0 and [req.id for req, _e in queued(r, keys, "g1")] == ["a1"]
+
+def test_ingress_shards_are_shared_sources() -> None:
+    from broker.sources import sources
+
+    keys = Keys("p")
+    found = sources(keys, ["acme"], shards=3)
+    assert [s.stream for s in found] == ["p:requests", "p:requests:0", "p:requests:1", "p:requests:2",
+                                         "p:t:acme:requests"]
+    assert [s.cancel for s in found[:4]] == ["p:cancel"] * 4 and found[4].cancel == "p:t:acme:cancel"
+    assert [s.tenant for s in found] == [None, None, None, None, "acme"]
+    assert [s.default_id("1-0") for s in found] == ["1-0", "1-0", "1-0", "1-0", "acme:1-0"]
+    assert [s.stream for s in sources(keys, shards=1)] == ["p:requests"]  # the default: one stream
+    assert all(keys.is_internal(s.stream) for s in found)

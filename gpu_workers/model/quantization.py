@@ -1,0 +1,159 @@
+"""Weight-only quantized linears from GGUF files (``--quantization gguf``): 4-bit weights kept 4-bit.
+
+A GGUF block of 32 weights stores small integer codes and one or two block constants; every
+4-bit type GGUF has is ``w = code * scale + zero`` per 32 weights of a row:
+
+* Q4_0: codes 0..15, ``scale = d``, ``zero = -8 d``;
+* Q4_1: codes 0..15, ``scale = d``, ``zero = m``;
+* Q4_K: 256-weight super-blocks of eight 32-weight sub-blocks, codes 0..15,
+  ``scale = d * sc``, ``zero = -dmin * mn`` (6-bit ``sc``, ``mn`` per sub-block).
+
+``block_parts`` splits blocks into those three parts (the ``gguf`` package's
+``dequantize_blocks`` up to the last multiply, so ``codes * scale + zero`` equals its output), and
+``Int4Weight`` packs them for torch's CPU kernel ``aten._weight_int4pack_mm_for_cpu`` (group size
+32: one group per GGUF block). The kernel takes bf16 activations, scales and zeros and returns
+bf16, so the product differs from the fp32 matmul of the dequantized weights by bf16 rounding of
+the activations, the block constants and the output (the codes are exact);
+``benchmarks/quant_parity.py`` measures what that does to greedy tokens and to the next-token
+distribution. Steps of ``DENSE_FROM_ROWS`` tokens or more (prefill) dequantize the weight to fp32
+instead, exactly, and multiply as fp32 weights do.
+
+On the 2-core AVX2 CPU measured (``benchmarks/quant_matmul.py``), the kernel takes ~0.3x the time
+of oneDNN's fp32 linear at 1 token, ~0.65x at 8 and ~1.8x at 64: a win where decode streams the
+weights from memory, a loss for large batches and prefill. Its fp32-activation
+path and the int8 kernel (``aten._weight_int8pack_mm``) are unvectorized here (3-15x slower than
+fp32), so 8-bit types (Q8_0, Q5_x, Q6_K) stay dequantized to fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+GROUP_SIZE = 32  # weights per block constant: a GGUF block (Q4_K: a sub-block)
+PARTS = ("codes", "scale", "zero")
+METHODS = ("gguf",)  # --quantization values (vLLM's name for serving a GGUF file's quantized weights)
+# Rows (tokens in a step) from which a call dequantizes to fp32 instead of using the int4 kernel
+# (measured on one [3072, 576] weight at load ~10: the kernel wins at 1-8 rows, the two break
+# even at ~64, and dequantizing wins 2.2x at 256 rows; fp32 weights stay faster than both there).
+DENSE_FROM_ROWS = 64
+
+
+def int4_types() -> frozenset[Any]:
+    """The GGUF quantization types ``block_parts`` splits (``gguf.GGMLQuantizationType`` members)."""
+    import gguf
+
+    t = gguf.GGMLQuantizationType
+    return frozenset({t.Q4_0, t.Q4_1, t.Q4_K})
+
+
+def _nibbles(qs: np.ndarray, n_blocks: int, width: int) -> np.ndarray:
+    """4-bit codes [n_blocks, -1] of packed bytes: per ``width`` codes, low nibbles first."""
+    shifted = qs.reshape((n_blocks, -1, 1, width // 2)) >> np.array([0, 4], dtype=np.uint8).reshape((1, 1, 2, 1))
+    return (shifted & np.uint8(0x0F)).reshape((n_blocks, -1)).astype(np.float32)
+
+
+def block_parts(blocks: np.ndarray, kind: Any) -> dict[str, np.ndarray]:
+    """``codes``, ``scale`` and ``zero`` of each weight, fp32 arrays [rows, weights per row], of
+    GGUF blocks ``blocks`` [rows, bytes per row] of type ``kind`` (one of ``int4_types``).
+
+    ``codes * scale + zero`` equals ``gguf.quants.dequantize(blocks, kind)`` exactly; ``scale`` and
+    ``zero`` are constant over each 32 weights. ValueError for another type.
+    """
+    import gguf
+
+    t = gguf.GGMLQuantizationType
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    rows = blocks.shape[0]
+    data = np.ascontiguousarray(blocks).reshape(-1, size)  # [blocks, bytes per block]
+    n = data.shape[0]
+
+    def f16(b: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(b).view(np.float16).astype(np.float32)  # [n, 1]
+
+    if kind in (t.Q4_0, t.Q4_1):
+        d = f16(data[:, :2])
+        codes = _nibbles(data[:, 4 if kind == t.Q4_1 else 2:], n, block)
+        zero = f16(data[:, 2:4]) if kind == t.Q4_1 else d * np.float32(-8)
+        scale = np.broadcast_to(d, codes.shape)
+        zero = np.broadcast_to(zero, codes.shape)
+    elif kind == t.Q4_K:
+        d, dmin = f16(data[:, :2]), f16(data[:, 2:4])
+        sc, mn = gguf.quants.Q4_K.get_scale_min(data[:, 4:4 + gguf.quants.Q4_K.K_SCALE_SIZE])
+        codes = _nibbles(data[:, 4 + gguf.quants.Q4_K.K_SCALE_SIZE:], n, 64)
+        sub = (d * sc.astype(np.float32)).reshape(n, -1, 1)  # [n, 8, 1]: per 32-weight sub-block
+        scale = np.broadcast_to(sub, (n, 8, GROUP_SIZE)).reshape(n, block)
+        zero = np.broadcast_to(-(dmin * mn.astype(np.float32)).reshape(n, -1, 1), (n, 8, GROUP_SIZE)).reshape(n, block)
+    else:
+        raise ValueError(f"quantization {kind.name} has no 4-bit split (only Q4_0, Q4_1, Q4_K)")
+    return {"codes": codes.reshape(rows, -1), "scale": np.ascontiguousarray(scale).reshape(rows, -1),
+            "zero": np.ascontiguousarray(zero).reshape(rows, -1)}
+
+
+class Int4Weight:
+    """A [out, in] weight as 4-bit codes with a scale and a zero per 32 inputs (CPU only).
+
+    Up to ``dense_from - 1`` rows, ``aten._weight_int4pack_mm_for_cpu`` multiplies (bf16
+    activations and block constants); from ``dense_from`` rows on (prefill, large decode batches),
+    where that kernel is slower than fp32's, the weight is dequantized to fp32 for the call (exact
+    GGUF values) and multiplied by oneDNN / MKL. Holds ~0.9 bytes per weight against fp32's 4:
+    the kernel's packed codes (read back for the dequantization), its bf16 block constants, and
+    fp32 ones for the exact dequantization.
+    """
+
+    dense_from = DENSE_FROM_ROWS
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        """``codes`` [out, in] integers 0..15 (any dtype), ``scale`` and ``zero`` [out, in] with one
+        value per 32 inputs (``block_parts``' layout, e.g. after a tensor-parallel narrow).
+        ValueError when ``out`` or ``in`` is not a multiple of 32, or the constants vary within a
+        group (a shard that cuts through GGUF blocks)."""
+        out_features, in_features = codes.shape
+        if in_features % GROUP_SIZE:
+            raise ValueError(f"{in_features} inputs: not a multiple of the {GROUP_SIZE}-weight quantization blocks")
+        groups = in_features // GROUP_SIZE
+        scale_g = scale.reshape(out_features, groups, GROUP_SIZE)
+        zero_g = zero.reshape(out_features, groups, GROUP_SIZE)
+        if not (torch.equal(scale_g, scale_g[..., :1].expand_as(scale_g))
+                and torch.equal(zero_g, zero_g[..., :1].expand_as(zero_g))):
+            raise ValueError(f"the weight's columns do not start on a {GROUP_SIZE}-weight quantization block")
+        if out_features % GROUP_SIZE:
+            raise ValueError(f"{out_features} outputs: not a multiple of {GROUP_SIZE} (the kernel's row blocks)")
+        self.out_features, self.in_features = out_features, in_features
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+        if not torch.equal(self._codes(), codes.to(torch.uint8)):
+            raise RuntimeError("this torch packs int4 weights in another layout than Int4Weight._codes reads")
+        self.scale, self.zero = scale_g[..., :1].contiguous(), zero_g[..., :1].contiguous()  # [out, groups, 1]
+        # the kernel computes (code - 8) * scale + zero'
+        s, z = self.scale[..., 0], self.zero[..., 0]  # [out, groups]
+        self.scales_zeros = torch.stack([s.t(), (z + 8 * s).t()], dim=-1).to(torch.bfloat16).contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [..., in] (fp32 or bf16) times the weight: [..., out] in ``x``'s dtype."""
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] >= self.dense_from:
+            from gpu_workers.model.layers import linear  # layers imports this module
+
+            y = linear(rows, self.dequantize().to(x.dtype))
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(torch.bfloat16), self.packed, GROUP_SIZE,
+                                                           self.scales_zeros).to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 weight [out, in]: ``code * scale + zero``, rounded as the ``gguf`` package rounds
+        (no fused multiply-add), so the GGUF file's dequantized values exactly."""
+        codes = self._codes().reshape(self.out_features, -1, GROUP_SIZE).float()  # [out, groups, 32]
+        return (codes * self.scale + self.zero).reshape(self.out_features, self.in_features)
+
+    def _codes(self) -> torch.Tensor:
+        """The codes [out, in] (uint8) read back from the kernel's layout: per block of 32 rows and
+        per input, 16 bytes whose low nibbles are rows 0-15 and high nibbles rows 16-31."""
+        blocks = self.packed.view(torch.uint8).reshape(self.out_features // 32, self.in_features, 16)
+        codes = torch.cat([blocks & 0x0F, blocks >> 4], dim=2)  # [out / 32, in, 32]
+        return codes.transpose(1, 2).reshape(self.out_features, self.in_features)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales_zeros, self.scale, self.zero))
