@@ -12,6 +12,7 @@ import torch
 
 from gpu_workers.engine import EngineRequest
 from gpu_workers.model import fp8_kernels
+from gpu_workers.model.fp8 import code_values
 from gpu_workers.model_runner import Chunk, ModelRunner
 from gpu_workers.sampling_params import SamplingParams
 from tests.gpu_workers.model.hf_models import build, save
@@ -116,10 +117,33 @@ def test_capacity_at_a_fixed_kv_memory(llama_dir: Path) -> None:
 
 
 def test_tensor_parallel_ranks_keep_their_heads_in_fp8(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Scales are per KV head, so each rank's fp8 blocks hold exactly the single rank's codes for its
-    heads: two ranks give the single rank's logits."""
+    """Scales are per KV head, so each rank's fp8 blocks hold the single rank's codes for its heads:
+    exactly in the first layer, whose K/V both compute from the same embeddings with the same
+    column slices (a column-sharded matmul gives the full one's bits), and within one code step in
+    later ones; two ranks give the single rank's logits.
+
+    Later layers are not bit-exact: a row-parallel o_proj/down_proj sums each rank's half of the
+    input features and then all-reduces, a different summation order than one matmul over all of
+    them (Megatron's split, on every device). Their fp32 K/V then differ by ~1e-6, and a value near
+    a rounding boundary takes the neighbouring code (1 of 1,024 on an AVX2 EPYC, code 156 vs 157).
+    Scales shared across heads, or a rank storing the other head, change the first layer's codes."""
     path = save(build("qwen2"), tmp_path)  # 2 KV heads
     single, ranks = ranks_match_one_rank(path, 2, monkeypatch, kv_dtype="fp8_e4m3", rel=1e-4)
     assert ranks[0].kv_cache.num_kv_heads == 1
+    bs = single.kv_cache.block_size
+
+    def scales(runner: ModelRunner) -> torch.Tensor:  # [layer, k|v, head, block]
+        assert runner.kv_cache.scales is not None
+        return runner.kv_cache.scales
+
+    def dequantized(runner: ModelRunner, head: int) -> torch.Tensor:  # [layer, k|v, slot, D]
+        per_slot = scales(runner)[:, :, head].repeat_interleave(bs, dim=-1)[..., None]
+        return code_values(runner.kv_cache.values[:, :, head], torch.float8_e4m3fn, torch.float32) * per_slot
+
     for rank, runner in enumerate(ranks):
-        assert torch.equal(runner.kv_cache.values[:, :, 0], single.kv_cache.values[:, :, rank])
+        assert torch.equal(runner.kv_cache.values[0, :, 0], single.kv_cache.values[0, :, rank])
+        assert torch.equal(scales(runner)[0, :, 0], scales(single)[0, :, rank])
+        ours, theirs = dequantized(runner, 0), dequantized(single, rank)
+        # one e4m3 step: 2^-3 of the larger magnitude (normals), 2^-9 of the scale (subnormals)
+        step = 2.0**-3 * torch.maximum(ours.abs(), theirs.abs()) + 2.0**-9 * scales(single).max()
+        assert bool(((ours - theirs).abs() <= step).all()), f"rank {rank}: a code moved by more than one step"
