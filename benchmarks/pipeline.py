@@ -1,6 +1,7 @@
 """Pipeline benchmark: the echo engine end to end, next to RQ and a raw Redis round trip.
 
     python benchmarks/pipeline.py            (or: make bench-pipeline)
+    python benchmarks/pipeline.py --cluster  (on Redis Clusters of 1 and 3 masters: pipeline_cluster.py)
 
 Starts a fresh embedded Redis and the whole stack (one balancer, 2 echo worker groups, each its own
 process) and measures, in one run on one machine:
@@ -182,7 +183,7 @@ def rq_simpleworker(url: str, n: int) -> float:
 # --- main ---------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--groups", type=int, default=2)
     parser.add_argument("--requests", type=int, default=20_000, help="requests in the sustained run")
@@ -192,7 +193,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--offered-seconds", type=float, default=8.0)
     parser.add_argument("--rq-jobs", type=int, default=500)
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/...)")
-    args = parser.parse_args(argv)
+    cluster = parser.add_argument_group("Redis Cluster (benchmarks/pipeline_cluster.py)")
+    cluster.add_argument("--cluster", action="store_true",
+                         help="run on local Redis Clusters instead: sustained req/s for each of --masters and "
+                              "--shards, next to the raw cluster round trip (needs redis-server 7 and redis-cli)")
+    cluster.add_argument("--masters", type=int, nargs="+", default=[1, 3], help="cluster sizes (masters, each with a replica)")
+    cluster.add_argument("--shards", type=int, nargs="+", default=[1, 4], help="ingress streams (RYZ_INGRESS_SHARDS)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.cluster:
+        from benchmarks.pipeline_cluster import print_cluster, run_cluster
+
+        cluster_results = {**run_cluster(args, ms), "load": [round(x, 2) for x in os.getloadavg()],
+                           "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+                           "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        print_cluster(cluster_results)
+        write_results(cluster_results, "pipeline-cluster", args.out)
+        return 0
 
     results: dict[str, object] = {
         "benchmark": "pipeline", "engine": "echo", "groups": args.groups,

@@ -1,8 +1,9 @@
 """Real local Redis Clusters and Sentinels for the tests: system ``redis-server`` (7.x) child processes.
 
 ``LocalCluster``: 3 masters + 3 replicas (``redis-server --cluster-enabled yes`` and
-``redis-cli --cluster create ... --cluster-replicas 1``) on free loopback ports, a small
-``cluster-node-timeout`` so that a killed master's replica is promoted within about a second.
+``redis-cli --cluster create ... --cluster-replicas 1``; the same steps by hand for fewer than 3
+masters) on free loopback ports, a small ``cluster-node-timeout`` so that a killed master's replica
+is promoted within about a second.
 ``LocalSentinel``: one master, one replica and one sentinel watching them.
 """
 
@@ -110,7 +111,7 @@ class _Servers:
 
 
 class LocalCluster:
-    """A Redis Cluster of ``masters`` masters with one replica each, on loopback.
+    """A Redis Cluster of ``masters`` masters (1 or more) with one replica each, on loopback.
 
     ``url``: its ``redis+cluster://`` URL naming every master as a startup node.
     """
@@ -132,14 +133,40 @@ class LocalCluster:
                                     # The cluster answers for the slots it still covers while one is down.
                                     "--cluster-require-full-coverage", "no")
             self._servers.wait_ready(self.ports)
-            subprocess.run([_binary("redis-cli"), "--cluster", "create",
-                            *(f"127.0.0.1:{p}" for p in self.ports), "--cluster-replicas", "1", "--cluster-yes"],
-                           check=True, capture_output=True, timeout=30)
+            if self.masters >= 3:
+                subprocess.run([_binary("redis-cli"), "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+                                "--cluster-replicas", "1", "--cluster-yes"], check=True, capture_output=True, timeout=30)
+            else:  # redis-cli --cluster create wants 3 masters at least: the same steps by hand
+                self._create_by_hand()
             self.wait_healthy()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _create_by_hand(self, *, timeout_s: float = 20.0) -> None:
+        """Slots split evenly over the masters (CLUSTER ADDSLOTSRANGE), every node met, then each
+        replica told whose it is (CLUSTER REPLICATE) once it knows every node."""
+        masters, replicas = self.ports[: self.masters], self.ports[self.masters:]
+        bounds = [16384 * i // self.masters for i in range(self.masters + 1)]
+        for port, start, end in zip(masters, bounds, bounds[1:]):
+            with self.node(port) as conn:
+                conn.execute_command("CLUSTER", "ADDSLOTSRANGE", start, end - 1)
+        for port in self.ports[1:]:
+            with self.node(port) as conn:
+                conn.execute_command("CLUSTER", "MEET", "127.0.0.1", self.ports[0])
+        deadline = time.monotonic() + timeout_s
+        for port in self.ports:
+            with self.node(port) as conn:
+                while int(conn.cluster("info")["cluster_known_nodes"]) < len(self.ports):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("the cluster's nodes did not meet")
+                    time.sleep(0.05)
+        for port, master in zip(replicas, masters):
+            with self.node(master) as conn:
+                master_id = conn.execute_command("CLUSTER", "MYID").decode()
+            with self.node(port) as conn:
+                conn.execute_command("CLUSTER", "REPLICATE", master_id)
 
     def node(self, port: int) -> redis.Redis:
         return redis.Redis(port=port, socket_timeout=2.0, socket_connect_timeout=1.0)

@@ -11,6 +11,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import redis
 
 from broker.connection import connect
 from broker.embedded import EmbeddedRedis
-from broker.keys import Keys
+from broker.keys import INGRESS_GROUP, Keys
 from broker.settings import Settings
 from producer.async_client import AsyncClient
 from producer.client import Client
@@ -128,6 +129,43 @@ def test_killed_group_fails_over(procs: Procs, r: redis.Redis, keys: Keys) -> No
     victim.send_signal(signal.SIGKILL)
     wait_for(lambda: all_finished(r, keys, list(prompts)), timeout=60, what="every request after the failover")
     assert check_answered_once(r, keys, prompts) >= 1
+
+
+def held_by(r: redis.Redis, keys: Keys, balancer: str) -> int:
+    """Ingress entries ``balancer`` has read and not acknowledged (0 before it has read any)."""
+    try:
+        consumers = r.xinfo_consumers(keys.requests, INGRESS_GROUP)
+    except redis.ResponseError:  # no balancer has created the consumer group yet
+        return 0
+    return sum(int(c["pending"]) for c in consumers if c["name"].decode() == balancer)
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize("redis_url", ["cluster"], indirect=True)  # single server: chaos/test_balancer_and_redis
+def test_killed_balancer_requests_claimed(procs: Procs, r: redis.Redis, keys: Keys) -> None:
+    balancers = {name: procs.spawn("balancer", "--name", name) for name in ("b1", "b2")}
+
+    def ingress_group() -> bool:
+        try:
+            return bool(r.xinfo_groups(keys.requests))
+        except redis.ResponseError:  # no stream yet
+            return False
+
+    wait_for(ingress_group, timeout=STARTUP_S, what="the balancers' consumer group")
+    prompts: dict[str, str] = {}
+    for n in range(4):  # no group yet: both balancers read requests and hold them, waiting for one
+        prompts |= submit_distinct(r, keys, 10, tag=f"k{n}-")
+        time.sleep(0.05)
+    wait_for(lambda: sum(held_by(r, keys, name) for name in balancers) == len(prompts), what="the balancers to hold them")
+    held = {name: held_by(r, keys, name) for name in balancers}
+    victim = max(held, key=lambda name: held[name])  # the other one claims what it held
+    balancers[victim].send_signal(signal.SIGKILL)
+    procs.worker("g1")
+    wait_groups(r, keys, {"g1"}, timeout=STARTUP_S)
+    wait_for(lambda: held_by(r, keys, victim) == 0, timeout=30, what=f"{victim}'s requests to be claimed")
+    wait_for(lambda: all_finished(r, keys, list(prompts)), timeout=60, what="every request after the claim")
+    assert check_answered_once(r, keys, prompts) == 0  # claimed, then dispatched once: never moved
+    assert r.xpending(keys.requests, INGRESS_GROUP)["pending"] == 0
 
 
 @pytest.mark.parametrize("redis_url", ["cluster"], indirect=True)  # single server: test_pipeline & co.
