@@ -100,7 +100,7 @@ async def offered(url: str, prefix: str, rate: float, duration_s: float) -> tupl
 
 RAW_ECHO = r"""
 import sys, redis
-r = redis.Redis.from_url(sys.argv[1])
+r = getattr(redis, sys.argv[2]).from_url(sys.argv[1])  # redis.Redis or redis.RedisCluster
 last = "$"
 while True:
     got = r.xread({"raw:in": last}, block=0, count=100)
@@ -114,11 +114,12 @@ while True:
 
 
 class RawEcho:
-    """The floor for latency: XADD + blocking XREAD through one echo process that answers with XADD."""
+    """The floor for latency: XADD + blocking XREAD through one echo process that answers with XADD.
+    ``client_class``: ``redis.Redis``, or ``redis.RedisCluster`` for the raw cluster round trip."""
 
-    def __init__(self, url: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", RAW_ECHO, url])
-        self.redis = redis.Redis.from_url(url)
+    def __init__(self, url: str, *, client_class: type[redis.Redis | redis.RedisCluster] = redis.Redis) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", RAW_ECHO, url, client_class.__name__])
+        self.redis = client_class.from_url(url)
         self.sent = 0
         time.sleep(0.5)  # let the echo process block on its read (it reads from "$")
         self.round_trips(20)  # warm up
@@ -138,6 +139,7 @@ class RawEcho:
     def close(self) -> None:
         self.proc.kill()
         self.proc.wait()
+        self.redis.close()
 
 
 def interleaved(url: str, prefix: str, n: int, rounds: int = 10) -> tuple[list[float], list[float]]:

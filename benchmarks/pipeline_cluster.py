@@ -16,55 +16,26 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 import time
 from typing import Any
 
 import redis
 
 from benchmarks.common import log
+from benchmarks.pipeline import PROMPT, RawEcho
 from broker.settings import Settings
 from producer.async_client import AsyncClient
 from ryzanstein.stack import Stack
 from tests.redis_cluster import LocalCluster
 
-PROMPT = "x"  # one byte: the echo engine answers with exactly one token
-
-RAW_CLUSTER_ECHO = r"""
-import sys, redis
-r = redis.RedisCluster.from_url(sys.argv[1])
-last = "$"
-while True:
-    got = r.xread({"raw:in": last}, block=0, count=100)
-    for _s, entries in got:
-        pipe = r.pipeline(transaction=False)
-        for entry_id, f in entries:
-            last = entry_id
-            pipe.xadd(b"raw:out:" + f[b"id"], {"text": f[b"prompt"]})
-        pipe.execute()
-"""
-
 
 def raw_round_trips(plain_url: str, n: int) -> list[float]:
     """``n`` raw cluster round trips (seconds) through one echo process, after 20 to warm up."""
-    echo = subprocess.Popen([sys.executable, "-c", RAW_CLUSTER_ECHO, plain_url])
-    client = redis.RedisCluster.from_url(plain_url)
-    out: list[float] = []
+    echo = RawEcho(plain_url, client_class=redis.RedisCluster)
     try:
-        time.sleep(0.5)  # let the echo process block on its read (it reads from "$")
-        for i in range(n + 20):
-            t0 = time.perf_counter()
-            client.xadd("raw:in", {"id": str(i), "prompt": PROMPT})
-            got = client.xread({f"raw:out:{i}": "0-0"}, block=10_000)
-            assert got, "raw cluster echo did not answer"
-            if i >= 20:
-                out.append(time.perf_counter() - t0)
+        return echo.round_trips(n)
     finally:
-        echo.kill()
-        echo.wait()
-        client.close()
-    return out
+        echo.close()
 
 
 async def sustained(settings: Settings, n: int, window: int) -> tuple[float, list[float]]:
