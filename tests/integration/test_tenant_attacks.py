@@ -12,14 +12,11 @@ from collections.abc import Callable
 import pytest
 import redis
 
-from balancer.service import Balancer
 from broker.keys import Keys
 from broker.settings import Settings
-from gpu_workers.echo import EchoEngine
-from gpu_workers.group import WorkerGroup
 from producer.client import Client
 from tests.gpu_workers.helpers import FakeMonotonic, events, finals, run_until
-from tests.integration.test_tenants import as_user, server  # noqa: F401 - fixtures
+from tests.integration.test_tenants import app_pipeline, as_user, server  # noqa: F401 - fixtures
 
 TRIMMING_XADDS = [
     ("requests", ["MAXLEN", "0"]),
@@ -44,13 +41,7 @@ def test_a_tenant_cannot_trim_the_shared_streams_through_xadd(
       redis-cli --user bob --pass BOB-PASSWORD XADD ryz:requests MAXLEN 0 '*' id x prompt y
       XLEN ryz:requests  -> 0 ; victim1 is never answered
     """
-    app = redis.Redis.from_url(as_user("ryz-app"))
-    settings = Settings(prefix=prefix, balancer_block_ms=1, worker_block_ms=1)
-    balancer = Balancer(app, settings=settings, name="b1", monotonic=mono, redis_uptime_s=lambda: 1e9)
-    balancer.setup()
-    group = WorkerGroup(app, EchoEngine(), settings=settings, name="g1", monotonic=mono)
-    group.register()
-    balancer.refresh_groups()
+    app, balancer, group = app_pipeline(as_user, prefix, mono)
     alice = Client(settings=Settings(redis_url=as_user("alice"), prefix=prefix, tenant="alice"))
     bob = redis.Redis.from_url(as_user("bob"))
 
@@ -89,13 +80,7 @@ def test_a_tenant_cannot_exhaust_the_entry_ids_of_the_shared_streams(
       redis-cli --user bob --pass BOB-PASSWORD XADD ryz:requests 18446744073709551615-18446744073709551615 id x prompt y
       redis-cli XADD ryz:requests '*' id victim prompt hi   -> ERR The stream has exhausted the last possible ID
     """
-    app = redis.Redis.from_url(as_user("ryz-app"))
-    settings = Settings(prefix=prefix, balancer_block_ms=1, worker_block_ms=1)
-    balancer = Balancer(app, settings=settings, name="b1", monotonic=mono, redis_uptime_s=lambda: 1e9)
-    balancer.setup()
-    group = WorkerGroup(app, EchoEngine(), settings=settings, name="g1", monotonic=mono)
-    group.register()
-    balancer.refresh_groups()
+    app, balancer, group = app_pipeline(as_user, prefix, mono)
     bob = redis.Redis.from_url(as_user("bob"))
     name = keys.requests if stream == "requests" else keys.cancel
     try:
@@ -121,13 +106,7 @@ def test_what_a_tenant_does_to_its_own_streams_hurts_no_other(
         as_user: Callable[[str], str], prefix: str, keys: Keys, mono: FakeMonotonic) -> None:  # noqa: F811
     """bob may trim, delete or exhaust his own ingress and cancel streams (the recipe lets him): every
     balancer goes on reading alice's, and her requests and cancels are answered."""
-    app = redis.Redis.from_url(as_user("ryz-app"))
-    settings = Settings(prefix=prefix, balancer_block_ms=1, worker_block_ms=1)
-    balancer = Balancer(app, settings=settings, name="b1", monotonic=mono, redis_uptime_s=lambda: 1e9)
-    balancer.setup()
-    group = WorkerGroup(app, EchoEngine(), settings=settings, name="g1", monotonic=mono)
-    group.register()
-    balancer.refresh_groups()
+    app, balancer, group = app_pipeline(as_user, prefix, mono)
     bob = redis.Redis.from_url(as_user("bob"))
     bob.xadd(keys.tenant_requests("bob"), {"id": "b1", "prompt": "y"})
     bob.xadd(keys.tenant_requests("bob"), {"id": "b2", "prompt": "y"}, maxlen=0, approximate=False)

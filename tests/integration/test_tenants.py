@@ -83,8 +83,10 @@ def test_the_cli_applies_and_deletes_a_tenants_user(server: EmbeddedRedis, prefi
         redis.Redis.from_url(server.url.replace("redis://", "redis://carol:CAROL-PW@")).ping()
 
 
-def test_tenants_are_kept_apart(as_user: Callable[[str], str], server: EmbeddedRedis, prefix: str, keys: Keys,
-                                mono: FakeMonotonic) -> None:
+def app_pipeline(as_user: Callable[[str], str], prefix: str,
+                 mono: FakeMonotonic) -> tuple[redis.Redis, Balancer, WorkerGroup]:
+    """A balancer and an echo group logged in as the recipe's ``ryz-app`` user, set up and known to
+    each other: the pipeline tenants' clients talk to."""
     app = redis.Redis.from_url(as_user("ryz-app"))
     settings = Settings(prefix=prefix, balancer_block_ms=1, worker_block_ms=1)
     balancer = Balancer(app, settings=settings, name="b1", monotonic=mono, redis_uptime_s=lambda: 1e9)
@@ -92,6 +94,12 @@ def test_tenants_are_kept_apart(as_user: Callable[[str], str], server: EmbeddedR
     group = WorkerGroup(app, EchoEngine(), settings=settings, name="g1", monotonic=mono)
     group.register()
     balancer.refresh_groups()
+    return app, balancer, group
+
+
+def test_tenants_are_kept_apart(as_user: Callable[[str], str], server: EmbeddedRedis, prefix: str, keys: Keys,
+                                mono: FakeMonotonic) -> None:
+    app, balancer, group = app_pipeline(as_user, prefix, mono)
 
     def serve(until: Callable[[], bool]) -> None:
         run_until(lambda: (balancer.tick(), group.tick()), until, limit=200)
