@@ -186,18 +186,26 @@ def test_a_moved_request_keeps_its_tenant_only_when_signed(r: redis.Redis, keys:
         parse_request(fields, entry_id="1-0", prefix=keys.prefix, max_request_bytes=1 << 20, signing_key=b"x" * 64)
 
 
-def test_a_worker_group_takes_cancels_from_the_tenants_stream_only(
-        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, mono: FakeMonotonic) -> None:
-    """Running in a group, alice's request is not ended by a cancel of its id on bob's or the shared
-    cancel stream, and is by one on hers."""
-    r.sadd(keys.tenants, "alice", "bob")
-    balancer = make_balancer()
+def alice_streaming_in_a_group(r: redis.Redis, keys: Keys, balancer: Balancer,
+                               mono: FakeMonotonic) -> tuple[WorkerGroup, str]:
+    """An echo group ``g1`` streaming alice's long request ``long`` (sent on her stream): the group and
+    the reply stream (an AsyncClient's of alice) its tokens go to."""
     group = WorkerGroup(r, EchoEngine(), settings=balancer.settings, name="g1", monotonic=mono)
     group.register()
     balancer.refresh_groups()
     reply = keys.client_replies("a", tenant="alice")
     send(r, keys.tenant_requests("alice"), id="long", prompt="word " * 60, max_tokens=200, stream=1, reply_to=reply)
     run_until(lambda: (balancer.tick(), group.tick()), lambda: len(events(r, reply)) >= 2, limit=50)
+    return group, reply
+
+
+def test_a_worker_group_takes_cancels_from_the_tenants_stream_only(
+        r: redis.Redis, keys: Keys, make_balancer: MakeBalancer, mono: FakeMonotonic) -> None:
+    """Running in a group, alice's request is not ended by a cancel of its id on bob's or the shared
+    cancel stream, and is by one on hers."""
+    r.sadd(keys.tenants, "alice", "bob")
+    balancer = make_balancer()
+    group, reply = alice_streaming_in_a_group(r, keys, balancer, mono)
     send(r, keys.tenant_cancel("bob"), id="long")
     send(r, keys.cancel, id="long")
     for _ in range(3):
@@ -313,12 +321,7 @@ def test_a_removed_tenants_request_in_flight_can_still_be_cancelled(
     """alice is removed while her request runs in a group: her cancel still ends it."""
     r.sadd(keys.tenants, "alice")
     balancer = make_balancer()
-    group = WorkerGroup(r, EchoEngine(), settings=balancer.settings, name="g1", monotonic=mono)
-    group.register()
-    balancer.refresh_groups()
-    reply = keys.client_replies("a", tenant="alice")
-    send(r, keys.tenant_requests("alice"), id="long", prompt="word " * 60, max_tokens=200, stream=1, reply_to=reply)
-    run_until(lambda: (balancer.tick(), group.tick()), lambda: len(events(r, reply)) >= 2, limit=50)
+    group, reply = alice_streaming_in_a_group(r, keys, balancer, mono)
     r.smove(keys.tenants, keys.tenants_removed, "alice")  # what `ryzanstein tenant remove` does
     group.heartbeat(force=True)  # the group reads the tenants again
     send(r, keys.tenant_cancel("alice"), id="long")
