@@ -49,6 +49,7 @@ from benchmarks.common import log, pct, write_results
 CACHE = Path.home() / ".cache" / "ryzanstein"
 FIRST_ID = 100  # random prompt ids start here: past SmolLM2's and Gemma's special tokens
 PAIRS = ("fp32", "4-bit")
+LABELS = {"fp32": ("ryz fp32", "llama F32"), "4-bit": ("ryz 4-bit", "llama Q4_1")}  # column heads
 
 
 def parse_concurrency(text: str) -> list[int]:
@@ -110,14 +111,14 @@ def ratio_rows(runs: dict[str, dict[str, dict[int, dict[str, float]]]], levels: 
 def format_table(rows: list[dict[str, Any]], runs: dict[str, dict[str, dict[int, dict[str, float]]]]) -> str:
     """The rows as printed: output tok/s and ratio per pair, then TTFT p50/p99 of every system."""
     pairs = [p for p in PAIRS if p in runs]
-    head = "".join(f" | {'ryz ' + p:>11} {'llama ' + p:>12} {'ratio':>6}" for p in pairs)
+    head = "".join(f" | {LABELS[p][0]:>11} {LABELS[p][1]:>12} {'ratio':>6}" for p in pairs)
     lines = ["output tok/s", f"{'concurrency':>11}{head}"]
     for row in rows:
         cells = "".join(f" | {row[p]['ryzanstein']:>11} {row[p]['llama.cpp']:>12} "
                         f"{_fmt_ratio(row[p]['ratio']):>6}" if p in row else f" | {'-':>31}" for p in pairs)
         lines.append(f"{row['concurrency']:>11}{cells}")
     lines += ["", "TTFT p50 / p99 ms", f"{'concurrency':>11}" + "".join(
-        f" | {side[:5] + ' ' + p:>19}" for p in pairs for side in ("ryzanstein", "llama.cpp"))]
+        f" | {label:>19}" for p in pairs for label in LABELS[p])]
     for row in rows:
         level = row["concurrency"]
         cells = ""
