@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from gpu_workers.model.quantization import PARTS, Int4Weight
+from gpu_workers.model.quantization import PARTS, Int4Weight, Int8Weight
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,9 +159,9 @@ class GemmaRMSNorm(RMSNorm):
 
 class LinearBase(PackedWeight, nn.Module):
     """A linear layer holding this rank's [out_local, in_local] weight slice: dense (packed for
-    oneDNN once loaded), or 4-bit (``quantized``, from ``load_quantized``)."""
+    oneDNN once loaded), or 4- or 8-bit (``quantized``, from ``load_quantized``)."""
 
-    quantized: Int4Weight | None = None
+    quantized: Int4Weight | Int8Weight | None = None
 
     def __init__(self, in_local: int, out_local: int, *, bias: bool, tp: TPContext, dtype: torch.dtype) -> None:
         super().__init__()
@@ -177,20 +177,22 @@ class LinearBase(PackedWeight, nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: Loadable, shard_id: Any = None) -> None:
         raise NotImplementedError
 
-    def load_quantized(self, tensors: list[tuple[Loadable, Any]]) -> None:
-        """Load the weight from GGUF tensors of a 4-bit type (``quantization.int4_types``), kept
-        4-bit: ``tensors`` are each (checkpoint tensor, shard id) of this weight, as for
-        ``weight_loader``, which narrows each part (codes, scales, zeros) as it narrows the values.
-        The dense weight is freed. ValueError when the shard cuts through 32-weight blocks."""
+    def load_quantized(self, tensors: list[tuple[Loadable, Any]], *,
+                       kind: type[Int4Weight | Int8Weight] = Int4Weight) -> None:
+        """Load the weight from GGUF tensors of a 4-bit type (``quantization.int4_types``; or of
+        ``int8_types`` for ``kind`` Int8Weight), kept as ``kind``: ``tensors`` are each (checkpoint
+        tensor, shard id) of this weight, as for ``weight_loader``, which narrows each part (codes,
+        scales, zeros) as it narrows the values. The dense weight is freed. ValueError when the
+        shard cuts through quantization blocks."""
         parts = {name: nn.Parameter(torch.zeros(self.weight.shape), requires_grad=False) for name in PARTS}
         for loaded, shard_id in tensors:
             for name, part in parts.items():
                 self.weight_loader(part, loaded.part(name), shard_id)  # type: ignore[union-attr]
-        self.quantized = Int4Weight(parts["codes"].data, parts["scale"].data, parts["zero"].data)
+        self.quantized = kind(parts["codes"].data, parts["scale"].data, parts["zero"].data)
         self.weight.data = self.weight.data.new_empty(0)
 
     def packed_bytes(self) -> int:
-        """Bytes of the oneDNN-packed or the 4-bit weight."""
+        """Bytes of the oneDNN-packed or the quantized weight."""
         return super().packed_bytes() + (0 if self.quantized is None else self.quantized.nbytes())
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
