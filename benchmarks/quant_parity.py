@@ -80,7 +80,8 @@ def teacher_forced(engine: LlamaEngine, prompt: list[int], continuation: list[in
     ``continuation`` but the last [len(continuation) - 1, vocab], each step fed that token (KV blocks
     from 0): the decode steps of a single sequence, as a server runs them."""
     runner = engine.runner
-    blocks = list(range(-(-(len(prompt) + len(continuation)) // runner.block_size)))
+    per_group = -(-(len(prompt) + len(continuation)) // runner.block_size)
+    blocks = list(range(per_group * runner.kv_groups.num_groups))  # sliding-window models: several groups
     prefill = runner.run([Chunk(prompt, 0, blocks, want_logits=True, all_logits=True)])
     steps = [runner.run([Chunk([token], len(prompt) + i, blocks, want_logits=True)])
              for i, token in enumerate(continuation[:-1])]

@@ -184,11 +184,7 @@ class LinearBase(PackedWeight, nn.Module):
         tensor, shard id) of this weight, as for ``weight_loader``, which narrows each part (codes,
         scales, zeros) as it narrows the values. The dense weight is freed. ValueError when the
         shard cuts through quantization blocks."""
-        parts = {name: nn.Parameter(torch.zeros(self.weight.shape), requires_grad=False) for name in PARTS}
-        for loaded, shard_id in tensors:
-            for name, part in parts.items():
-                self.weight_loader(part, loaded.part(name), shard_id)  # type: ignore[union-attr]
-        self.quantized = kind(parts["codes"].data, parts["scale"].data, parts["zero"].data)
+        self.quantized = kind(*_load_parts(self.weight, self.weight_loader, tensors))
         self.weight.data = self.weight.data.new_empty(0)
 
     def packed_bytes(self) -> int:
@@ -204,6 +200,16 @@ class LinearBase(PackedWeight, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
+
+
+def _load_parts(weight: nn.Parameter, weight_loader: Any, tensors: list[tuple[Loadable, Any]]) -> list[torch.Tensor]:
+    """The codes, scale and zero [weight's shape] of GGUF ``tensors`` (each (tensor, shard id)),
+    narrowed by ``weight_loader`` as it narrows the values."""
+    parts = [nn.Parameter(torch.zeros(weight.shape), requires_grad=False) for _ in PARTS]
+    for loaded, shard_id in tensors:
+        for name, part in zip(PARTS, parts, strict=True):
+            weight_loader(part, loaded.part(name), shard_id)  # type: ignore[union-attr]
+    return [p.data for p in parts]
 
 
 def _offsets(sizes: list[int]) -> list[int]:
@@ -315,7 +321,11 @@ class RowParallelLinear(LinearBase):
 
 class VocabParallelEmbedding(nn.Module):
     """Embedding rows split over ranks (vocab padded to a multiple of the ranks); each rank looks
-    up the ids it owns, zeros the others, and the all-reduce assembles the rows."""
+    up the ids it owns, zeros the others, and the all-reduce assembles the rows. ``quantized``
+    (``load_quantized``): the rows kept as a GGUF file's 8-bit (or 4-, 5-, 6-bit) blocks, each
+    looked-up row dequantized exactly."""
+
+    quantized: Int8Weight | None = None
 
     def __init__(self, vocab_size: int, hidden_size: int, *, tp: TPContext, dtype: torch.dtype) -> None:
         super().__init__()
@@ -332,11 +342,19 @@ class VocabParallelEmbedding(nn.Module):
         param.data[real:].zero_()
         param.data[:real].copy_(_take(loaded, 0, self.first, real))
 
+    def load_quantized(self, tensors: list[tuple[Loadable, Any]], *, kind: type[Int8Weight] = Int8Weight) -> None:
+        """As ``LinearBase.load_quantized``, of ``int8_types`` tensors, kept as ``Int8Weight``."""
+        self.quantized = kind(*_load_parts(self.weight, self.weight_loader, tensors))
+        self.weight.data = self.weight.data.new_empty(0)
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight) if self.quantized is None else self.quantized.rows(ids)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.embedding(ids, self.weight)
+            return self._lookup(ids)
         mine = (ids >= self.first) & (ids < self.first + self.rows)
-        y = F.embedding((ids - self.first) * mine, self.weight) * mine[:, None].to(self.weight.dtype)
+        y = self._lookup((ids - self.first) * mine) * mine[:, None].to(self.weight.dtype)
         dist.all_reduce(y, group=self.tp.group)
         return y
 
@@ -350,7 +368,10 @@ class ParallelLMHead(PackedWeight, VocabParallelEmbedding):
     [hidden, V / tp] matmul more per step than the gather does (benchmarks/tensor_parallel.py)."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = linear(hidden, self.weight, packed=self.packed)  # [N, V / tp]
+        if self.quantized is None:
+            logits = linear(hidden, self.weight, packed=self.packed)  # [N, V / tp]
+        else:  # the kernel at every row count: dequantizing the head for a call costs 4 bytes a weight
+            logits = self.quantized.multiply(hidden)
         if self.tp.size > 1:
             parts = [torch.empty_like(logits) for _ in range(self.tp.size)] if self.tp.rank == 0 else None
             dist.gather(logits, parts, dst=0, group=self.tp.group)  # group rank 0 is global rank 0

@@ -260,18 +260,28 @@ class Int8Weight:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` [..., in] (fp32 or bf16) times the weight: [..., out] in ``x``'s dtype."""
-        rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] >= self.dense_from:
-            from gpu_workers.model.layers import linear  # layers imports this module
+        if x.reshape(-1, self.in_features).shape[0] < self.dense_from:
+            return self.multiply(x)
+        from gpu_workers.model.layers import linear  # layers imports this module
 
-            y = linear(rows, self.dequantize().to(x.dtype))
-        else:
-            y = self._kernels.matmul(rows, self.codes, self.scale, self.zero, self.group).to(x.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return linear(x, self.dequantize().to(x.dtype))
+
+    def multiply(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [..., in] times the weight by the kernel alone, at any row count: [..., out]."""
+        y = self._kernels.matmul(x.reshape(-1, self.in_features), self.codes, self.scale, self.zero, self.group)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 weight [out, in]: ``code * scale (+ zero)``, the GGUF file's dequantized values."""
         return self._kernels.dequantize(self.codes, self.scale, self.zero, self.group)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` [...] (int64) of the fp32 weight: [..., in], as ``dequantize`` gives them."""
+        codes = self.codes[ids].float().reshape(*ids.shape, -1, self.group)  # [..., groups, group]
+        w = codes * self.scale[ids][..., None]
+        if self.zero is not None:
+            w = w + self.zero[ids][..., None]
+        return w.reshape(*ids.shape, self.in_features)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero) if t is not None)

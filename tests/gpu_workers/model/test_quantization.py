@@ -278,9 +278,9 @@ def _kept(runner: Any) -> dict[str, str]:
 
 def test_a_mixed_gguf_file_keeps_its_4_and_8_bit_layers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Layer 0 of 4-bit types but Q6_K down; layer 1 with a Q8_0 v beside Q4_K q/k, Q8_0 gate beside
-    a Q5_1 up, a Q5_0 o; a Q8_0 embedding: all-4-bit layers stay Int4Weight, the others Int8Weight,
-    the embedding fp32; a 64-token prefill gives the fp32 path's logits, a decode step logits within
-    bf16 rounding (the int4 kernel's)."""
+    a Q5_1 up, a Q5_0 o; a Q8_0 embedding, a Q4_0 LM head: all-4-bit linear layers stay Int4Weight,
+    the others, the embedding and the head Int8Weight; a 64-token prefill gives the fp32 path's
+    logits, a decode step logits within bf16 rounding (the int4 kernel's)."""
     from gpu_workers.model_runner import Chunk
     from tests.gpu_workers.model.gguf_files import vocab_size
 
@@ -297,7 +297,8 @@ def test_a_mixed_gguf_file_keeps_its_4_and_8_bit_layers(tmp_path: Path, monkeypa
         mod.format(0, "self_attn.qkv_proj"): "Int4Weight", mod.format(0, "self_attn.o_proj"): "Int4Weight",
         mod.format(0, "mlp.gate_up_proj"): "Int4Weight", mod.format(0, "mlp.down_proj"): "Int8Weight",
         mod.format(1, "self_attn.qkv_proj"): "Int8Weight", mod.format(1, "self_attn.o_proj"): "Int8Weight",
-        mod.format(1, "mlp.gate_up_proj"): "Int8Weight", mod.format(1, "mlp.down_proj"): "Int8Weight"}
+        mod.format(1, "mlp.gate_up_proj"): "Int8Weight", mod.format(1, "mlp.down_proj"): "Int8Weight",
+        "model.embed_tokens": "Int8Weight", "lm_head": "Int8Weight"}
     assert runners["gguf"].weight_bytes() < 0.6 * runners[None].weight_bytes()
     prompt = [random.Random(1).randrange(vocab_size()) for _ in range(64)]
     prefill = {q: r.run([Chunk(prompt, 0, list(range(9)), True, all_logits=True)]) for q, r in runners.items()}
@@ -308,16 +309,18 @@ def test_a_mixed_gguf_file_keeps_its_4_and_8_bit_layers(tmp_path: Path, monkeypa
 
 
 def test_an_8_bit_gguf_file_decodes_as_its_fp32_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Q8_0 linears and Q6_K down projections, all kept 8-bit: decode steps (the int8 kernel) give
-    the dequantized fp32 weights' logits up to fp32 rounding, not the int4 kernel's bf16 rounding."""
+    """Q8_0 linears, embedding and LM head, Q6_K down projections, all kept 8-bit: decode steps (the
+    int8 kernel; embedding rows dequantized on lookup) give the dequantized fp32 weights' logits up
+    to fp32 rounding, not the int4 kernel's bf16 rounding."""
     from gpu_workers.model_runner import Chunk
     from tests.gpu_workers.model.gguf_files import vocab_size
 
     monkeypatch.setenv("RYZ_CACHE_DIR", str(tmp_path / "cache"))
     quant = {"token_embd.weight": "Q8_0", "*": "Q8_0"} | {f"blk.{i}.ffn_down.weight": "Q6_K" for i in range(2)}
     runners = _runners(tmp_path, quant)
-    assert set(_kept(runners["gguf"]).values()) == {"Int8Weight"} and len(_kept(runners["gguf"])) == 8
-    assert runners["gguf"].weight_bytes() < 0.5 * runners[None].weight_bytes()
+    kept = _kept(runners["gguf"])
+    assert set(kept.values()) == {"Int8Weight"} and len(kept) == 10 and {"model.embed_tokens", "lm_head"} <= set(kept)
+    assert runners["gguf"].weight_bytes() < 0.35 * runners[None].weight_bytes()
     prompt = [random.Random(2).randrange(vocab_size()) for _ in range(12)]
     logits = {}
     for q, runner in runners.items():
