@@ -1,28 +1,35 @@
-"""Weight-only quantized linears from GGUF files (``--quantization gguf``): 4-bit weights kept 4-bit.
+"""Weight-only quantized linears from GGUF files (``--quantization gguf``): blocks kept quantized.
 
-A GGUF block of 32 weights stores small integer codes and one or two block constants; every
-4-bit type GGUF has is ``w = code * scale + zero`` per 32 weights of a row:
+A GGUF block stores small integer codes and one or two block constants; every type split here
+is ``w = code * scale + zero`` per 32 weights of a row (Q6_K: per 16):
 
-* Q4_0: codes 0..15, ``scale = d``, ``zero = -8 d``;
-* Q4_1: codes 0..15, ``scale = d``, ``zero = m``;
+* Q4_0: codes 0..15, ``scale = d``, ``zero = -8 d``; Q4_1: codes 0..15, ``scale = d``, ``zero = m``;
 * Q4_K: 256-weight super-blocks of eight 32-weight sub-blocks, codes 0..15,
-  ``scale = d * sc``, ``zero = -dmin * mn`` (6-bit ``sc``, ``mn`` per sub-block).
+  ``scale = d * sc``, ``zero = -dmin * mn`` (6-bit ``sc``, ``mn`` per sub-block);
+* Q5_0: codes -16..15, Q5_1: 0..31 (``zero = m``), Q8_0: -128..127, ``scale = d``;
+* Q6_K: codes -32..31, ``scale = d * sc`` per 16 weights (int8 ``sc``).
 
 ``block_parts`` splits blocks into those three parts (the ``gguf`` package's
-``dequantize_blocks`` up to the last multiply, so ``codes * scale + zero`` equals its output), and
-``Int4Weight`` packs them for torch's CPU kernel ``aten._weight_int4pack_mm_for_cpu`` (group size
-32: one group per GGUF block). The kernel takes bf16 activations, scales and zeros and returns
-bf16, so the product differs from the fp32 matmul of the dequantized weights by bf16 rounding of
-the activations, the block constants and the output (the codes are exact);
+``dequantize_blocks`` up to the last multiply, so ``codes * scale + zero`` equals its output).
+
+``Int4Weight`` packs 4-bit codes for torch's CPU kernel ``aten._weight_int4pack_mm_for_cpu``
+(group size 32: one group per GGUF block). The kernel takes bf16 activations, scales and zeros and
+returns bf16, so the product differs from the fp32 matmul of the dequantized weights by bf16
+rounding of the activations, the block constants and the output (the codes are exact);
 ``benchmarks/quant_parity.py`` measures what that does to greedy tokens and to the next-token
 distribution. Steps of ``DENSE_FROM_ROWS`` tokens or more (prefill) dequantize the weight to fp32
 instead, exactly, and multiply as fp32 weights do.
 
-On the 2-core AVX2 CPU measured (``benchmarks/quant_matmul.py``), the kernel takes ~0.3x the time
-of oneDNN's fp32 linear at 1 token, ~0.65x at 8 and ~1.8x at 64: a win where decode streams the
-weights from memory, a loss for large batches and prefill. Its fp32-activation
-path and the int8 kernel (``aten._weight_int8pack_mm``) are unvectorized here (3-15x slower than
-fp32), so 8-bit types (Q8_0, Q5_x, Q6_K) stay dequantized to fp32.
+``Int8Weight`` keeps the other types (and fused layers mixing them with 4-bit parts, embeddings,
+LM heads) as int8 codes with fp32 block constants, multiplied by the C kernel of
+``quant_kernels`` on fp32 activations: the products are the dequantized fp32 weights', only the
+order of the sum differs. torch has no usable kernel for it here: ``aten._weight_int8pack_mm``
+takes one scale per output row and is unvectorized on AVX2, ``torch._int_mm`` quantizes the
+activations and is slower still.
+
+On the 2-core AVX2 CPU measured (``benchmarks/quant_matmul.py``, SmolLM2's layers, heavy load),
+the int4 kernel takes ~0.5x the time of oneDNN's fp32 linear at 1 token, ~1.1x at 8 and ~2.2x at
+64; the int8 kernel ~0.6x at 1, ~0.8x at 8-16, ~1.3x at 32 (hence ``INT8_DENSE_FROM_ROWS``).
 """
 
 from __future__ import annotations

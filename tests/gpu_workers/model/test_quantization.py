@@ -260,13 +260,13 @@ def test_smollm2_served_4_bit() -> None:
     assert (want.argmax(-1) == got.argmax(-1)).float().mean() >= 0.9
 
 
-def _runners(tmp_path: Path, quant: dict[str, str]) -> dict[str | None, Any]:
+def _runners(tmp_path: Path, quant: dict[str, str], *, tied: bool = False) -> dict[str | None, Any]:
     """ModelRunners of a small llama GGUF file stored as ``quant`` says, dequantized (None) and with
     ``--quantization gguf``."""
     from gpu_workers.model_runner import ModelRunner
     from tests.gpu_workers.model.gguf_files import llama_model, vocab_size, write_gguf
 
-    path = write_gguf(tmp_path / "mixed.gguf", llama_model(vocab=vocab_size()), quant=quant)
+    path = write_gguf(tmp_path / "mixed.gguf", llama_model(vocab=vocab_size(), tied=tied), quant=quant)
     return {q: ModelRunner(resolve_model(str(path), quantization=q), num_blocks=16, block_size=8)
             for q in (None, "gguf")}
 
@@ -308,7 +308,9 @@ def test_a_mixed_gguf_file_keeps_its_4_and_8_bit_layers(tmp_path: Path, monkeypa
     assert torch.allclose(step["gguf"], step[None], rtol=0.05, atol=0.05 * step[None].abs().max().item())
 
 
-def test_an_8_bit_gguf_file_decodes_as_its_fp32_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("tied", [False, True], ids=["own-head", "tied-head"])
+def test_an_8_bit_gguf_file_decodes_as_its_fp32_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        tied: bool) -> None:
     """Q8_0 linears, embedding and LM head, Q6_K down projections, all kept 8-bit: decode steps (the
     int8 kernel; embedding rows dequantized on lookup) give the dequantized fp32 weights' logits up
     to fp32 rounding, not the int4 kernel's bf16 rounding."""
@@ -317,7 +319,9 @@ def test_an_8_bit_gguf_file_decodes_as_its_fp32_weights(tmp_path: Path, monkeypa
 
     monkeypatch.setenv("RYZ_CACHE_DIR", str(tmp_path / "cache"))
     quant = {"token_embd.weight": "Q8_0", "*": "Q8_0"} | {f"blk.{i}.ffn_down.weight": "Q6_K" for i in range(2)}
-    runners = _runners(tmp_path, quant)
+    runners = _runners(tmp_path, quant, tied=tied)
+    model = runners["gguf"].model
+    assert (model.lm_head.quantized is model.model.embed_tokens.quantized) == tied
     kept = _kept(runners["gguf"])
     assert set(kept.values()) == {"Int8Weight"} and len(kept) == 10 and {"model.embed_tokens", "lm_head"} <= set(kept)
     assert runners["gguf"].weight_bytes() < 0.35 * runners[None].weight_bytes()
