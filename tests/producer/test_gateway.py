@@ -52,7 +52,8 @@ def test_completion_request_maps_to_ryzanstein_options() -> None:
 
 def test_sampling_controls_map_to_the_protocol_fields() -> None:
     controls = {"presence_penalty": 0.5, "frequency_penalty": -1.0, "repetition_penalty": 1.3, "min_p": 0.1,
-                "min_tokens": 2, "ignore_eos": True, "logit_bias": {"7": -100.0}, "bad_words": ["no"]}
+                "min_tokens": 2, "ignore_eos": True, "stop_token_ids": [5, 7], "logit_bias": {"7": -100.0},
+                "bad_words": ["no"]}
     gen = parse_completion({"model": "m", "prompt": "hi", **controls})
     assert gen.options == {"max_tokens": None, "temperature": None, "top_p": None, "top_k": None, "seed": None,
                            "stop": None, "priority": None, "timeout_s": None, **controls}
