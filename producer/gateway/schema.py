@@ -140,11 +140,14 @@ UNHONOURED_PARAMS: dict[str, frozenset[str] | None] = {
     "documents": None,
     "mm_processor_kwargs": None,
     "return_tokens_as_token_ids": _OFF,
+    # vLLM's: chat prompts get only the special tokens their template writes (its default, false)
+    "add_special_tokens": _OFF,
 }
 
 
-# Completions honour ``echo`` (the prompt in front of each choice's text, and its logprobs).
-_COMPLETION_UNHONOURED = {k: v for k, v in UNHONOURED_PARAMS.items() if k != "echo"}
+# Completions honour ``echo`` (the prompt in front of each choice's text, and its logprobs), and
+# their prompts get the tokenizer's special tokens (a BOS), vLLM's default for them.
+_COMPLETION_UNHONOURED = {**{k: v for k, v in UNHONOURED_PARAMS.items() if k != "echo"}, "add_special_tokens": _ON}
 
 
 def _check_unhonoured(raw: dict[str, Any], table: dict[str, frozenset[str] | None] = UNHONOURED_PARAMS) -> None:

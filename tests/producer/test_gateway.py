@@ -253,6 +253,7 @@ REFUSED_SAMPLES: dict[str, Any] = {  # a value of each that would change the out
     "web_search_options": {}, "modalities": ["text", "audio"], "echo": True, "add_generation_prompt": False,
     "continue_final_message": True, "chat_template": "{{ messages }}", "chat_template_kwargs": {"x": 1},
     "documents": [{"text": "d"}], "mm_processor_kwargs": {"a": 1}, "return_tokens_as_token_ids": True,
+    "add_special_tokens": True,  # (chat; completions: false)
 }
 
 
@@ -266,8 +267,11 @@ def test_every_refused_parameter_is_a_400_naming_it() -> None:
                       lambda b: parse_chat({"model": "m", "messages": messages, **b}, default_max_tokens=4)):
             if name == "echo" and parse({}).kind == "completion":
                 continue  # completions honour echo
+            sent = value
+            if name == "add_special_tokens" and parse({}).kind == "completion":
+                sent = False  # completions add the tokenizer's special tokens, chat only the template's
             with pytest.raises(ApiError) as caught:
-                parse({name: value})
+                parse({name: sent})
             assert (caught.value.status, caught.value.param) == (400, name), name
             assert name in caught.value.message
 
@@ -276,9 +280,9 @@ def test_neutral_values_and_unknown_parameters_pass() -> None:
     neutral = {"n": 1, "best_of": 1, "use_beam_search": False, "skip_special_tokens": True, "echo": False,
                "add_generation_prompt": True, "modalities": ["text"], "chat_template_kwargs": {},
                "response_format": {"type": "text"}, "guided_json": None, "some_new_thing": {"a": 1}}
-    assert parse_completion({"model": "m", "prompt": "x", **neutral}).prompt == "x"
-    assert parse_chat({"model": "m", "messages": [{"role": "user", "content": "x"}], **neutral},
-                      default_max_tokens=4).kind == "chat"
+    assert parse_completion({"model": "m", "prompt": "x", **neutral, "add_special_tokens": True}).prompt == "x"
+    assert parse_chat({"model": "m", "messages": [{"role": "user", "content": "x"}], **neutral,
+                       "add_special_tokens": False}, default_max_tokens=4).kind == "chat"
 
 
 # --- several completions, echo, prompt logprobs ---------------------------------------------------
