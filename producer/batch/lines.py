@@ -9,8 +9,9 @@ Input: JSON Lines, one request per line, e.g.::
 
 Exactly one of ``prompt``, ``prompt_ids`` and ``messages`` (chat: rendered with the chat template);
 optional request fields as in the protocol (``max_tokens`` — ``max_completion_tokens`` is the same
-—, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``, ``priority``, ``timeout_s``, the
-sampling controls ``presence_penalty`` ... ``bad_words``, ``n``/``best_of``, ``prompt_logprobs``, and
+—, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``, ``stop_token_ids``, ``priority``,
+``timeout_s``, the sampling controls ``presence_penalty`` ... ``bad_words``, ``n``/``best_of``,
+``prompt_logprobs``, and
 structured output: ``guided_json``, ``guided_regex``, ``guided_choice``, ``guided_grammar``,
 ``response_format``, ``structured_outputs``); optional ``id``, echoed in the result. A line in
 OpenAI's batch format (``custom_id`` + ``body``) is read as its body with ``custom_id`` as the id.
@@ -45,7 +46,7 @@ from producer.request import Completion, GenerationOptions
 OptionField = Literal["max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "priority", "timeout_s",
                       # sampling controls (PROTOCOL.md)
                       "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens",
-                      "ignore_eos", "logit_bias", "bad_words",
+                      "ignore_eos", "stop_token_ids", "logit_bias", "bad_words",
                       # several completions (the record's "choices") and prompt logprobs (its "prompt_logprobs")
                       "n", "best_of", "prompt_logprobs",
                       # structured output (PROTOCOL.md)

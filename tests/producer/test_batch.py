@@ -45,7 +45,8 @@ def test_good_lines() -> None:
 
 def test_sampling_controls_are_passed_on() -> None:
     controls = {"presence_penalty": 0.5, "frequency_penalty": 1.0, "repetition_penalty": 1.2, "min_p": 0.1,
-                "min_tokens": 1, "ignore_eos": True, "logit_bias": {"5": -100}, "bad_words": ["x"]}
+                "min_tokens": 1, "ignore_eos": True, "stop_token_ids": [7, 9], "logit_bias": {"5": -100},
+                "bad_words": ["x"]}
     line = parse_line(2, json.dumps({"prompt": "hi", **controls}))
     assert isinstance(line, LineRequest) and line.options == controls
 
