@@ -51,6 +51,27 @@ def test_sampling_controls_are_passed_on() -> None:
     assert isinstance(line, LineRequest) and line.options == controls
 
 
+@pytest.mark.parametrize(("fields", "refused"), [
+    ({"prompt": "hi", "logprobs": True}, "logprobs"),
+    ({"prompt": "hi", "top_logprobs": 2}, "top_logprobs"),
+    ({"prompt": "hi", "echo": True}, "echo"),
+    ({"prompt": "hi", "add_special_tokens": False}, "add_special_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "add_special_tokens": True}, "add_special_tokens"),
+    ({"prompt": "hi", "use_beam_search": True}, "use_beam_search"),
+])
+def test_fields_a_result_record_cannot_honour_make_the_line_bad(fields: dict[str, object], refused: str) -> None:
+    bad = parse_line(4, json.dumps({"custom_id": "r", "body": fields}))
+    assert isinstance(bad, BadLine) and bad.user_id == "r" and f"field '{refused}'" in bad.message
+
+
+@pytest.mark.parametrize("fields", [
+    {"prompt": "hi", "logprobs": False, "top_logprobs": 0, "echo": False, "add_special_tokens": True},
+    {"messages": [{"role": "user", "content": "hi"}], "add_special_tokens": False, "logprobs": None},
+])
+def test_fields_at_their_defaults_pass(fields: dict[str, object]) -> None:
+    assert isinstance(parse_line(5, json.dumps(fields)), LineRequest)
+
+
 @pytest.mark.parametrize("structured", [
     {"guided_json": {"type": "object"}}, {"guided_regex": "[0-9]+"}, {"guided_choice": ["a", "b"]},
     {"guided_grammar": 'root ::= "a"'}, {"response_format": {"type": "json_object"}},
