@@ -35,6 +35,7 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's usage in every chunk: refused when true
 
 
 class _Common(BaseModel):
@@ -158,6 +159,9 @@ def _check_unhonoured(raw: dict[str, Any], table: dict[str, frozenset[str] | Non
 def _check_unsupported(body: _Common) -> None:
     if body.stream_options is not None and not body.stream:
         raise _refuse("stream_options", "only allowed when stream is true")
+    if body.stream_options is not None and body.stream_options.continuous_usage_stats:
+        raise _refuse("stream_options.continuous_usage_stats",
+                      "not supported by this server (usage comes in the last chunk with include_usage)")
     n = body.n if body.n is not None else 1
     if not 1 <= n <= MAX_N:
         raise _refuse("n", f"must be in 1..{MAX_N}")

@@ -69,6 +69,8 @@ def test_sampling_controls_map_to_the_protocol_fields() -> None:
     ({"logprobs": 21}, "logprobs"),
     ({"logprobs": -1}, "logprobs"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+     "stream_options.continuous_usage_stats"),
     ({"prompt": ["a", "b"]}, "prompt"),
     ({"prompt": {"text": "a"}}, "prompt"),
     ({"max_tokens": "many"}, "max_tokens"),
