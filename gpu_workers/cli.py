@@ -95,9 +95,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="most tokens the model engine computes per step, decodes and prefill chunks "
                              "together; at least --max-num-seqs (default: $RYZ_MAX_NUM_BATCHED_TOKENS, else 512)")
     parser.add_argument("--quantization", default=None, choices=["gguf"],
-                        help="gguf: keep a .gguf model's Q4_0/Q4_1/Q4_K linear weights 4-bit (CPU only; torch's "
-                             "int4 kernel with bf16 activations below 64 tokens a step, exact fp32 dequantization "
-                             "from 64; ~0.9 bytes a weight against 4); default: dequantize every weight to fp32")
+                        help="gguf: keep a .gguf model's quantized weights quantized (CPU only): Q4_0/Q4_1/Q4_K "
+                             "linear layers 4-bit (torch's int4 kernel, bf16 activations, below 64 tokens a step; "
+                             "exact fp32 dequantization from 64; ~0.9 bytes a weight), Q5_0/Q5_1/Q6_K/Q8_0 ones and "
+                             "the embedding and LM head 8-bit (our C kernel, fp32 activations, exact products, below "
+                             "32 tokens; ~1.1-1.3 bytes a weight); default: dequantize every weight to fp32")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch CPU threads per rank (default: $RYZ_THREADS, else $OMP_NUM_THREADS, else the "
                              "CPUs this process may use, capped by its cgroup's CPU quota, shared by the host's "

@@ -34,6 +34,7 @@ from gpu_workers.model.layers import (
     TPContext,
     VocabParallelEmbedding,
 )
+from gpu_workers.model.quantization import Int8Weight
 from gpu_workers.model.rope import RotaryEmbedding, apply_rotary
 
 if TYPE_CHECKING:
@@ -208,10 +209,21 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, PackedWeight) and module is not self.lm_head:
                 module.pack()
-        self.lm_head.pack(keep_dense=self.lm_head.weight is self.model.embed_tokens.weight)
+        tied = self.lm_head.weight is self.model.embed_tokens.weight
+        if tied and self.model.embed_tokens.quantized is not None:  # kept 8-bit: the head reads the same blocks
+            self.lm_head.quantized = self.model.embed_tokens.quantized
+        self.lm_head.pack(keep_dense=tied)
+
+    def _quantized_embeddings(self) -> list[Int8Weight]:
+        """The embedding's and the LM head's quantized weights, a tied one once."""
+        found = {id(m.quantized): m.quantized for m in self.modules()
+                 if isinstance(m, VocabParallelEmbedding) and m.quantized is not None}
+        return list(found.values())
 
     def packed_bytes(self) -> int:
-        return sum(m.packed_bytes() for m in self.modules() if isinstance(m, PackedWeight))
+        """Bytes of packed and quantized weights (not counted among the parameters)."""
+        return (sum(m.packed_bytes() for m in self.modules() if isinstance(m, PackedWeight))
+                + sum(q.nbytes() for q in self._quantized_embeddings()))
 
     def num_weights(self) -> int:
         """Weights this rank holds, dense, packed or 4-bit, each counted once."""
@@ -219,6 +231,7 @@ class LlamaForCausalLM(nn.Module):
                      if isinstance(m, PackedWeight) and m.packed is not None and m.weight.numel() == 0)
         quantized = sum(m.quantized.out_features * m.quantized.in_features for m in self.modules()
                         if isinstance(m, LinearBase) and m.quantized is not None)
+        quantized += sum(q.out_features * q.in_features for q in self._quantized_embeddings())
         return sum(p.numel() for p in self.parameters()) + packed + quantized
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
