@@ -1,10 +1,10 @@
 """The code is ruff-clean (STYLE.md) and mypy-clean, with the ruff and mypy the test extras pin and
 pyproject's settings (mypy: strict on broker/, balancer/, the scheduler and the block manager).
 
-mypy takes over a minute on two cores with a cold cache (a fresh clone) and a single core: when
-this test is selected, tests/conftest.py starts it as soon as the tests are collected
-(``start_mypy``), beside the other tests, which mostly leave the second core idle; the test then
-waits for its verdict."""
+mypy works on one core and takes over a minute with a cold cache (a fresh clone): when this test
+is selected, tests/conftest.py starts it as soon as the tests are collected (``start_mypy``), beside
+the tests before it, which mostly leave the second of two cores idle; the test then waits for its
+verdict."""
 
 from __future__ import annotations
 
