@@ -162,10 +162,15 @@ class LinearBase(PackedWeight, nn.Module):
     oneDNN once loaded), or 4-bit (``quantized``, from ``load_quantized``)."""
 
     quantized: Int4Weight | None = None
+    # In a compiled model (gpu_workers.model.compilation): the layer's index among the model's
+    # linears, by which the graph calls it through the opaque op ``ryzanstein::linear`` (eager
+    # calls are unchanged).
+    op_index: int | None = None
 
     def __init__(self, in_local: int, out_local: int, *, bias: bool, tp: TPContext, dtype: torch.dtype) -> None:
         super().__init__()
         self.tp = tp
+        self.out_local = out_local
         self.weight = nn.Parameter(torch.empty(out_local, in_local, dtype=dtype), requires_grad=False)
         self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
         if bias:
@@ -201,6 +206,12 @@ class LinearBase(PackedWeight, nn.Module):
         return y if bias is None else y + bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.op_index is not None and torch.compiler.is_compiling():
+            return torch.ops.ryzanstein.linear(x, self.op_index, self.out_local)
+        return self.forward_eager(x)
+
+    def forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output, computed here and now (never through the compiled graph's op)."""
         return self.matmul(x, self.bias)
 
 
@@ -304,7 +315,7 @@ class RowParallelLinear(LinearBase):
         _check_shape(loaded, (param.shape[0], self.in_features))
         param.data.copy_(_take(loaded, 1, self.tp.rank * size, size))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_eager(self, x: torch.Tensor) -> torch.Tensor:
         y = self.matmul(x, self.bias if self.tp.rank == 0 else None)
         if self.tp.size > 1:
             dist.all_reduce(y, group=self.tp.group)
