@@ -7,9 +7,7 @@ one row, ~18x at 8; ``benchmarks/quant_matmul.py``); ``torch._int_mm`` quantizes
 slower still here. The C kernel multiplies fp32 activations by the weights dequantized in registers,
 so its products are those of the fp32 matmul of the dequantized weights.
 
-Built as ``fp8_kernels`` builds its library: the machine's C compiler (``$CC``, else ``cc``),
-``-march=native``, cached under the ryzanstein cache directory keyed by the source, the flags, the
-compiler and the CPU's feature flags. Where no compiler works (or the CPU lacks AVX2 and FMA),
+Built and cached by ``c_build.build_library``, as the fp8 kernels are. Where no compiler works (or the CPU lacks AVX2 and FMA),
 ``load`` logs why once and returns None, and the loader dequantizes those weights to fp32 instead.
 """
 
@@ -17,24 +15,19 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-from gpu_workers.model.presets import default_cache_dir
+from gpu_workers.model.c_build import build_library, cpu_flags
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("quant_kernels.c")
 # No -ffp-contract: each weight is rounded as gguf rounds it (a multiply, then an add), not fused.
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off")
-BUILD_TIMEOUT_S = 120
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -81,43 +74,9 @@ class Int8Kernels:
 def load() -> Int8Kernels | None:
     """The kernels, built if needed; None (logged once) where they cannot be built."""
     try:
-        if not {b"avx2", b"fma"} <= set(_cpu_flags().split()):
+        if not {b"avx2", b"fma"} <= set(cpu_flags().split()):
             raise OSError("the CPU lacks AVX2 or FMA")
-        return Int8Kernels(ctypes.CDLL(str(_build())))
+        return Int8Kernels(ctypes.CDLL(str(build_library(SOURCE, FLAGS, stem="int8"))))
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("int8 weight kernels unavailable (%s): 8-bit GGUF weights are dequantized to fp32", e)
         return None
-
-
-def _build() -> Path:
-    compiler = os.environ.get("CC") or "cc"
-    if shutil.which(compiler) is None:
-        raise OSError(f"no C compiler {compiler!r} on PATH")
-    source = SOURCE.read_bytes()
-    version = subprocess.run([compiler, "--version"], capture_output=True, timeout=30, check=True).stdout
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version, _cpu_flags()]))
-    out_dir = default_cache_dir() / "kernels"
-    path = out_dir / f"int8-{key.hexdigest()[:16]}.so"
-    if path.exists():
-        return path
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=out_dir)
-    os.close(fd)
-    try:
-        done = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
-                              check=False, timeout=BUILD_TIMEOUT_S)
-        if done.returncode != 0:
-            raise OSError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
-        os.replace(tmp, path)  # atomic: a racing build leaves one complete library
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def _cpu_flags() -> bytes:
-    try:
-        with open("/proc/cpuinfo", "rb") as f:
-            return next((line for line in f if line.startswith(b"flags")), b"")
-    except OSError:
-        return b""
