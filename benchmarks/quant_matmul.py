@@ -13,6 +13,11 @@ one-weight loop flatters fp32, whose weights are 4-8x larger). The kernels:
   inputs, bf16 activations (the input cast to bf16 and the output back to fp32 are timed);
   ``int4-g32-fp32``: the same kernel fed fp32 (exact against the dequantized weights).
 * ``int8``: ``aten._weight_int8pack_mm``, int8 weights with a scale per output, fp32 activations.
+* ``int8-q8_0`` / ``int8-q6_k``: ``quantization.Int8Weight``'s C kernel (``quant_kernels``), int8
+  codes with an fp32 scale per 32 (Q8_0) or 16 (Q6_K) inputs, fp32 activations, exact products;
+  below ``INT8_DENSE_FROM_ROWS`` rows only, as the engine calls it (timed at every row count here).
+* ``int8-intmm``: ``torch._int_mm`` on activations quantized per row to int8 (timed), one scale per
+  output (not exact: no per-block scales, activations rounded).
 * ``int8-fbgemm``: ``torch.ao.nn.quantized.dynamic.Linear`` (fbgemm; activations quantized to 8 bits
   per call, so not weight-only).
 
@@ -44,7 +49,7 @@ from gpu_workers.model.loader import resolve_model
 
 Call = Callable[[torch.Tensor], torch.Tensor]
 # Kernels without a vectorized path here (~10-100x slower than fp32), timed up to this many rows.
-SLOW = {"int4-g32-fp32": 8, "int8": 8}
+SLOW = {"int4-g32-fp32": 8, "int8": 8, "int8-intmm": 1}
 
 
 def _loadavg() -> float:
@@ -72,6 +77,30 @@ def _int8(w: torch.Tensor) -> Call:
     return lambda x: torch.ops.aten._weight_int8pack_mm(x, q, scales)
 
 
+def _int8_blocks(w: torch.Tensor, group: int) -> Call:
+    from gpu_workers.model import quant_kernels
+
+    kernels = quant_kernels.load()
+    assert kernels is not None, "the int8 kernels did not build (see the log)"
+    codes = torch.randint(-128, 128, w.shape, dtype=torch.int8)
+    scale = torch.rand(w.shape[0], w.shape[1] // group) / 64
+    return lambda x: kernels.matmul(x, codes, scale, None, group)
+
+
+def _int_mm(w: torch.Tensor) -> Call:
+    q = torch.randint(-128, 128, (w.shape[1], w.shape[0]), dtype=torch.int8)  # [in, out]
+    scales = torch.rand(w.shape[0]) / 64
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        step = x.abs().amax(-1, keepdim=True) / 127  # [rows, 1]
+        xq = (x / step).round().to(torch.int8)
+        pad = max(0, 17 - xq.shape[0])  # the CPU kernel wants more than 16 rows
+        out = torch._int_mm(torch.cat([xq, xq.new_zeros(pad, xq.shape[1])]), q)[:x.shape[0]]
+        return out.float() * step * scales
+
+    return call
+
+
 def _fbgemm(w: torch.Tensor) -> Call:
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
@@ -96,6 +125,10 @@ def kernels(k: int) -> dict[str, Callable[[torch.Tensor], Call]]:
             out[f"int4-g{group}"] = lambda w, g=group: _int4(w, g, torch.bfloat16)
     out["int4-g32-fp32"] = lambda w: _int4(w, 32, torch.float32)
     out["int8"] = _int8
+    out["int8-q8_0"] = lambda w: _int8_blocks(w, 32)
+    if k % 16 == 0:
+        out["int8-q6_k"] = lambda w: _int8_blocks(w, 16)
+    out["int8-intmm"] = _int_mm
     out["int8-fbgemm"] = _fbgemm
     return out
 

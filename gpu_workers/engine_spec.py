@@ -28,6 +28,7 @@ class EngineOptions:
     max_num_seqs: int = 128  # a model engine's batch limits (see Settings); echo has none
     max_num_batched_tokens: int = 512
     quantization: str | None = None  # --quantization: "gguf" keeps a GGUF file's 4-bit weights 4-bit
+    compilation_level: int = 0  # --compilation-config / --enforce-eager (gpu_workers.model.compilation)
 
     def __post_init__(self) -> None:
         """ConfigError for an unknown KV format or limits the scheduler cannot work with (before any
@@ -45,7 +46,8 @@ class EngineOptions:
         from gpu_workers.llm_engine import LlamaEngineOptions
 
         return LlamaEngineOptions(kv_dtype=self.kv_dtype, kv_memory=self.kv_memory, device=self.device,
-                                  max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens)
+                                  max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+                                  compilation_level=self.compilation_level)
 
 
 def model_dir(spec: str, *, quantization: str | None = None) -> Path:

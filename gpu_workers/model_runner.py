@@ -14,12 +14,15 @@ every group gets its own view of the step. Without, one group holds every layer 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from broker.errors import ConfigError
 from gpu_workers.kv_cache_groups import KVCacheGroups
+from gpu_workers.model.compilation import INDUCTOR_OPTIONS
 from gpu_workers.model.config import ModelConfig, load_config
 from gpu_workers.model.decode_backends import DecodeBackends
 from gpu_workers.model.families import model_class
@@ -31,6 +34,8 @@ from gpu_workers.startup import phase
 from gpu_workers.step_inputs import Chunk, StepBuilder
 
 __all__ = ["CPU_DECODE_GROUP_TOKENS", "Chunk", "ModelRunner"]
+
+log = logging.getLogger(__name__)
 
 # Decode attention gathers each group's K/V into one buffer; on CPUs groups of about this many
 # (padded) context tokens keep that buffer in cache (measured on random:small, fp32).
@@ -103,6 +108,22 @@ class ModelRunner:
         )
         self._steps = StepBuilder(self.config, block_size=self.block_size, kv_groups=self.kv_groups,
                                   backends=self.decode_backends, device=self.device)
+
+    def compile(self, options: dict[str, Any] | None = None) -> bool:
+        """Run the decoder layers as one ``torch.compile`` graph from now on
+        (gpu_workers.model.compilation), compiled here, once the KV cache is allocated: a step of
+        one token and one of two (the graph for any larger step) write into block 0, which no
+        sequence holds yet. ``options``: inductor's (default ``INDUCTOR_OPTIONS``). Only one CPU
+        rank compiles (False: this runner stays eager)."""
+        if self.device.type != "cpu" or self.tp.size > 1:
+            log.info("compilation: eager (the compiled decoder runs on one CPU rank only)")
+            return False
+        with phase("compile", "torch.compile, inductor C++: the decoder layers, for 1 token and for more"):
+            self.model.compile(INDUCTOR_OPTIONS if options is None else options)
+            table = [0] * self.kv_groups.num_groups
+            for n in (1, 2):
+                self.run([Chunk([0], 0, table, want_logits=True)] * n)
+        return True
 
     def _new_kv_cache(self, num_blocks: int) -> KVCache:
         return KVCache(

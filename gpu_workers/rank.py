@@ -16,6 +16,7 @@ import torch
 from broker.errors import ConfigError
 from gpu_workers.kv_cache_groups import KVCacheGroups
 from gpu_workers.kv_memory import kv_budget_bytes
+from gpu_workers.model.compilation import CompilationLevel
 from gpu_workers.model.config import ModelConfig, load_config
 from gpu_workers.model.kv_cache import kv_bytes_per_block
 from gpu_workers.model.kv_format import KVFormat, kv_format
@@ -34,6 +35,9 @@ class LlamaEngineOptions:
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 512  # per-step token budget (chunked prefill)
     prefix_caching: bool = True
+    # vLLM's CompilationConfig.level: 0 eager (--enforce-eager), 3 the decoder layers compiled by
+    # torch.compile (gpu_workers.model.compilation; one CPU rank only, others stay eager)
+    compilation_level: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kv_dtype", kv_format(self.kv_dtype))  # ConfigError for an unknown name
@@ -83,6 +87,8 @@ def build_runner(model_dir: Path, options: LlamaEngineOptions, *, tp: TensorPara
         num_blocks = tp.agree_min(num_blocks)  # every rank, before any of them can refuse
     check(num_blocks)
     runner.allocate_kv_cache(num_blocks)
+    if options.compilation_level >= CompilationLevel.PIECEWISE:
+        runner.compile()
     return runner
 
 

@@ -13,8 +13,19 @@ import redis
 from broker.embedded import EmbeddedRedis
 from broker.keys import Keys
 from broker.settings import Settings
+from tests import test_lint
 from tests.gpu_workers.helpers import FakeMonotonic
 from tests.redis_cluster import LocalCluster
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """mypy's test, when selected, starts mypy now: it runs beside the tests before it (tests/test_lint.py)."""
+    if any(item.nodeid == test_lint.MYPY_TEST for item in session.items):
+        test_lint.start_mypy()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    test_lint.stop_mypy()
 
 
 @pytest.fixture(scope="session")

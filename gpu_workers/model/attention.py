@@ -60,15 +60,23 @@ class PagedAttention(nn.Module):
         self.head_dim = head_dim
         self.scale = head_dim**-0.5 if scale is None else scale
         self.sliding_window = sliding_window
+        # In a compiled model (gpu_workers.model.compilation): this layer's index among the model's
+        # attentions, by which the graph calls it through the opaque op ``ryzanstein::attention``.
+        self.op_index: int | None = None
 
     def place(self, kv_group: int, cache_layer: int) -> None:
         """Read and write KV cache group ``kv_group``'s blocks, at layer ``cache_layer`` of them."""
         self.kv_group, self.cache_layer = kv_group, cache_layer
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch, cache: KVCache
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch | None, cache: KVCache | None
     ) -> torch.Tensor:
-        """Attention output [T, H * D] for queries ``q`` [T, H, D] and new keys/values [T, Hkv, D]."""
+        """Attention output [T, H * D] for queries ``q`` [T, H, D] and new keys/values [T, Hkv, D].
+        ``batch`` and ``cache`` None: in a compiled graph, through ``ryzanstein::attention``, which
+        reads them from the forward context (gpu_workers.model.compilation)."""
+        if batch is None or cache is None:
+            assert self.op_index is not None, "an eager step needs its batch and cache"
+            return torch.ops.ryzanstein.attention(q, k, v, self.op_index)
         if batch.groups:
             batch = batch.groups[self.kv_group]
         cache.write(self.cache_layer, batch.slot_mapping, k, v)

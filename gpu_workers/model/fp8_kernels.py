@@ -1,10 +1,8 @@
 """The fused KV-cache kernels of fp8_kernels.c (decode attention over fp8 blocks, and over fp32 blocks),
 compiled on first use and loaded with ctypes.
 
-One shared library per (head_dim, block_size), built with the machine's C compiler (``$CC``, else
-``cc``) for the CPU it runs on (``-march=native``) and cached under the ryzanstein cache directory,
-keyed by the source, the flags, the compiler and the CPU's feature flags: a cache shared between
-different machines never hands one a library built for another. Building takes well under a second.
+One shared library per (head_dim, block_size), built for the CPU it runs on and cached by
+``c_build.build_library``. Building takes well under a second.
 
 Where no compiler works, ``load`` logs why once and returns None: the cache then falls back to
 gathering and converting blocks with torch (slower, same results up to float rounding).
@@ -14,17 +12,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-from gpu_workers.model.presets import default_cache_dir
+from gpu_workers.model.c_build import build_library
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +31,6 @@ FLAGS = (
 LIBS = ("-lm",)
 FORMAT_CODES = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}
 F32_CODE = 2
-BUILD_TIMEOUT_S = 120
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -137,37 +130,5 @@ def load(head_dim: int, block_size: int) -> Fp8Kernels | None:
 
 
 def _build(head_dim: int, block_size: int) -> Path:
-    compiler = os.environ.get("CC") or "cc"
-    if shutil.which(compiler) is None:
-        raise OSError(f"no C compiler {compiler!r} on PATH")
     defines = (f"-DDIM={head_dim}", f"-DBS={block_size}")
-    source = SOURCE.read_bytes()
-    version = subprocess.run([compiler, "--version"], capture_output=True, timeout=30, check=True).stdout
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS + defines + LIBS).encode(), version, _cpu_flags()]))
-    out_dir = default_cache_dir() / "kernels"
-    path = out_dir / f"fp8-d{head_dim}-bs{block_size}-{key.hexdigest()[:16]}.so"
-    if path.exists():
-        return path
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=out_dir)
-    os.close(fd)
-    try:
-        done = subprocess.run(
-            [compiler, *FLAGS, *defines, "-o", tmp, str(SOURCE), *LIBS], capture_output=True, text=True, check=False,
-            timeout=BUILD_TIMEOUT_S,
-        )
-        if done.returncode != 0:
-            raise OSError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
-        os.replace(tmp, path)  # atomic: a racing build leaves one complete library
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def _cpu_flags() -> bytes:
-    try:
-        with open("/proc/cpuinfo", "rb") as f:
-            return next((line for line in f if line.startswith(b"flags")), b"")
-    except OSError:
-        return b""
+    return build_library(SOURCE, FLAGS + defines, stem=f"fp8-d{head_dim}-bs{block_size}", libs=LIBS)

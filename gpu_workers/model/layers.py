@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from gpu_workers.model.quantization import PARTS, Int4Weight
+from gpu_workers.model.quantization import PARTS, Int4Weight, Int8Weight
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,13 +159,18 @@ class GemmaRMSNorm(RMSNorm):
 
 class LinearBase(PackedWeight, nn.Module):
     """A linear layer holding this rank's [out_local, in_local] weight slice: dense (packed for
-    oneDNN once loaded), or 4-bit (``quantized``, from ``load_quantized``)."""
+    oneDNN once loaded), or 4- or 8-bit (``quantized``, from ``load_quantized``)."""
 
-    quantized: Int4Weight | None = None
+    quantized: Int4Weight | Int8Weight | None = None
+    # In a compiled model (gpu_workers.model.compilation): the layer's index among the model's
+    # linears, by which the graph calls it through the opaque op ``ryzanstein::linear`` (eager
+    # calls are unchanged).
+    op_index: int | None = None
 
     def __init__(self, in_local: int, out_local: int, *, bias: bool, tp: TPContext, dtype: torch.dtype) -> None:
         super().__init__()
         self.tp = tp
+        self.out_local = out_local
         self.weight = nn.Parameter(torch.empty(out_local, in_local, dtype=dtype), requires_grad=False)
         self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
         if bias:
@@ -177,20 +182,18 @@ class LinearBase(PackedWeight, nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: Loadable, shard_id: Any = None) -> None:
         raise NotImplementedError
 
-    def load_quantized(self, tensors: list[tuple[Loadable, Any]]) -> None:
-        """Load the weight from GGUF tensors of a 4-bit type (``quantization.int4_types``), kept
-        4-bit: ``tensors`` are each (checkpoint tensor, shard id) of this weight, as for
-        ``weight_loader``, which narrows each part (codes, scales, zeros) as it narrows the values.
-        The dense weight is freed. ValueError when the shard cuts through 32-weight blocks."""
-        parts = {name: nn.Parameter(torch.zeros(self.weight.shape), requires_grad=False) for name in PARTS}
-        for loaded, shard_id in tensors:
-            for name, part in parts.items():
-                self.weight_loader(part, loaded.part(name), shard_id)  # type: ignore[union-attr]
-        self.quantized = Int4Weight(parts["codes"].data, parts["scale"].data, parts["zero"].data)
+    def load_quantized(self, tensors: list[tuple[Loadable, Any]], *,
+                       kind: type[Int4Weight | Int8Weight] = Int4Weight) -> None:
+        """Load the weight from GGUF tensors of a 4-bit type (``quantization.int4_types``; or of
+        ``int8_types`` for ``kind`` Int8Weight), kept as ``kind``: ``tensors`` are each (checkpoint
+        tensor, shard id) of this weight, as for ``weight_loader``, which narrows each part (codes,
+        scales, zeros) as it narrows the values. The dense weight is freed. ValueError when the
+        shard cuts through quantization blocks."""
+        self.quantized = kind(*_load_parts(self.weight, self.weight_loader, tensors))
         self.weight.data = self.weight.data.new_empty(0)
 
     def packed_bytes(self) -> int:
-        """Bytes of the oneDNN-packed or the 4-bit weight."""
+        """Bytes of the oneDNN-packed or the quantized weight."""
         return super().packed_bytes() + (0 if self.quantized is None else self.quantized.nbytes())
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -201,7 +204,23 @@ class LinearBase(PackedWeight, nn.Module):
         return y if bias is None else y + bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.op_index is not None and torch.compiler.is_compiling():
+            return torch.ops.ryzanstein.linear(x, self.op_index, self.out_local)
+        return self.forward_eager(x)
+
+    def forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output, computed here and now (never through the compiled graph's op)."""
         return self.matmul(x, self.bias)
+
+
+def _load_parts(weight: nn.Parameter, weight_loader: Any, tensors: list[tuple[Loadable, Any]]) -> list[torch.Tensor]:
+    """The codes, scale and zero [weight's shape] of GGUF ``tensors`` (each (tensor, shard id)),
+    narrowed by ``weight_loader`` as it narrows the values."""
+    parts = [nn.Parameter(torch.zeros(weight.shape), requires_grad=False) for _ in PARTS]
+    for loaded, shard_id in tensors:
+        for name, part in zip(PARTS, parts, strict=True):
+            weight_loader(part, loaded.part(name), shard_id)  # type: ignore[union-attr]
+    return [p.data for p in parts]
 
 
 def _offsets(sizes: list[int]) -> list[int]:
@@ -304,7 +323,7 @@ class RowParallelLinear(LinearBase):
         _check_shape(loaded, (param.shape[0], self.in_features))
         param.data.copy_(_take(loaded, 1, self.tp.rank * size, size))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_eager(self, x: torch.Tensor) -> torch.Tensor:
         y = self.matmul(x, self.bias if self.tp.rank == 0 else None)
         if self.tp.size > 1:
             dist.all_reduce(y, group=self.tp.group)
@@ -313,7 +332,11 @@ class RowParallelLinear(LinearBase):
 
 class VocabParallelEmbedding(nn.Module):
     """Embedding rows split over ranks (vocab padded to a multiple of the ranks); each rank looks
-    up the ids it owns, zeros the others, and the all-reduce assembles the rows."""
+    up the ids it owns, zeros the others, and the all-reduce assembles the rows. ``quantized``
+    (``load_quantized``): the rows kept as a GGUF file's 8-bit (or 4-, 5-, 6-bit) blocks, each
+    looked-up row dequantized exactly."""
+
+    quantized: Int8Weight | None = None
 
     def __init__(self, vocab_size: int, hidden_size: int, *, tp: TPContext, dtype: torch.dtype) -> None:
         super().__init__()
@@ -330,11 +353,19 @@ class VocabParallelEmbedding(nn.Module):
         param.data[real:].zero_()
         param.data[:real].copy_(_take(loaded, 0, self.first, real))
 
+    def load_quantized(self, tensors: list[tuple[Loadable, Any]], *, kind: type[Int8Weight] = Int8Weight) -> None:
+        """As ``LinearBase.load_quantized``, of ``int8_types`` tensors, kept as ``Int8Weight``."""
+        self.quantized = kind(*_load_parts(self.weight, self.weight_loader, tensors))
+        self.weight.data = self.weight.data.new_empty(0)
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight) if self.quantized is None else self.quantized.rows(ids)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.embedding(ids, self.weight)
+            return self._lookup(ids)
         mine = (ids >= self.first) & (ids < self.first + self.rows)
-        y = F.embedding((ids - self.first) * mine, self.weight) * mine[:, None].to(self.weight.dtype)
+        y = self._lookup((ids - self.first) * mine) * mine[:, None].to(self.weight.dtype)
         dist.all_reduce(y, group=self.tp.group)
         return y
 
@@ -348,7 +379,10 @@ class ParallelLMHead(PackedWeight, VocabParallelEmbedding):
     [hidden, V / tp] matmul more per step than the gather does (benchmarks/tensor_parallel.py)."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = linear(hidden, self.weight, packed=self.packed)  # [N, V / tp]
+        if self.quantized is None:
+            logits = linear(hidden, self.weight, packed=self.packed)  # [N, V / tp]
+        else:  # the kernel at every row count: dequantizing the head for a call costs 4 bytes a weight
+            logits = self.quantized.multiply(hidden)
         if self.tp.size > 1:
             parts = [torch.empty_like(logits) for _ in range(self.tp.size)] if self.tp.rank == 0 else None
             dist.gather(logits, parts, dst=0, group=self.tp.group)  # group rank 0 is global rank 0

@@ -12,6 +12,7 @@ sliding window (``ModelConfig.layer_window``) attend only to it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpu_workers.model.attention import AttentionBatch, PagedAttention
+from gpu_workers.model.compilation import ForwardContext, compile_decoder, forward_context
 from gpu_workers.model.config import ModelConfig
 from gpu_workers.model.kv_cache import KVCache
 from gpu_workers.model.layers import (
@@ -32,6 +34,7 @@ from gpu_workers.model.layers import (
     TPContext,
     VocabParallelEmbedding,
 )
+from gpu_workers.model.quantization import Int8Weight
 from gpu_workers.model.rope import RotaryEmbedding, apply_rotary
 
 if TYPE_CHECKING:
@@ -75,7 +78,8 @@ class LlamaAttention(nn.Module):
                                    scale=config.attention_scale, sliding_window=config.layer_window(layer))
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch, cache: KVCache
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch | None,
+        cache: KVCache | None,
     ) -> torch.Tensor:
         t, h, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)  # [T, (H + 2 Hkv) * D]
@@ -112,7 +116,8 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config, tp, dtype)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch, cache: KVCache
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch | None,
+        cache: KVCache | None,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -148,6 +153,8 @@ class LlamaForCausalLM(nn.Module):
             self.sliding_rotary = RotaryEmbedding(config, theta=config.sliding_rope_theta,
                                                   scaling=config.sliding_rope_scaling)
         self.sliding_layers = {i for i in range(config.num_hidden_layers) if config.layer_window(i) is not None}
+        self._compiled: Callable[..., torch.Tensor] | None = None
+        self._context: ForwardContext | None = None
 
     def place_kv_cache(self, groups: KVCacheGroups) -> None:
         """Each layer's attention reads and writes its KV cache group's blocks, at its index in the group."""
@@ -163,12 +170,38 @@ class LlamaForCausalLM(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, kv_cache: KVCache
     ) -> torch.Tensor:
         """Final hidden states [T, hidden] of tokens ``input_ids`` [T] at ``positions`` [T]."""
-        rope = self.rotary(positions, self.dtype, batch.rope_seq_lens)  # cos, sin [T, 1, D / 2] each
-        local_rope = rope if self.sliding_rotary is None else self.sliding_rotary(positions, self.dtype)
+        cos, sin = self.rotary(positions, self.dtype, batch.rope_seq_lens)  # [T, 1, D / 2] each
+        local_cos, local_sin = (cos, sin) if self.sliding_rotary is None else self.sliding_rotary(positions, self.dtype)
         x = self.embed(input_ids)  # [T, hidden]
+        if self._compiled is None:
+            return self.decoder(x, cos, sin, local_cos, local_sin, batch, kv_cache)
+        assert self._context is not None
+        with forward_context(self._context, batch, kv_cache):
+            return self._compiled(x, cos, sin, local_cos, local_sin)
+
+    def decoder(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, local_cos: torch.Tensor, local_sin: torch.Tensor,
+        batch: AttentionBatch | None = None, kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """The decoder layers and final norm: hidden states [T, hidden] of input embeddings ``x``
+        [T, hidden], rotated by ``cos``, ``sin`` (sliding-window layers: ``local_cos``, ``local_sin``),
+        each [T, 1, D / 2]. ``batch`` and ``kv_cache`` None: compiled, attention reads the forward context."""
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, *(local_rope if i in self.sliding_layers else rope), batch, kv_cache)
+            local = i in self.sliding_layers
+            x = layer(x, local_cos if local else cos, local_sin if local else sin, batch, kv_cache)
         return self.model.norm(x)
+
+    def compile(self, options: dict[str, Any] | None = None) -> None:
+        """From now on ``forward`` runs the decoder layers as one inductor graph
+        (gpu_workers.model.compilation), compiled at the first step of each shape kind."""
+        linears = [m for m in self.modules() if isinstance(m, LinearBase)]
+        attentions = [m for m in self.modules() if isinstance(m, PagedAttention)]
+        for i, linear in enumerate(linears):
+            linear.op_index = i
+        for i, attention in enumerate(attentions):
+            attention.op_index = i
+        self._context = ForwardContext(linears, attentions)
+        self._compiled = compile_decoder(self.decoder, options)
 
     def pack_weights(self) -> None:
         """Once the weights are loaded: large fp32 CPU linears switch to oneDNN's packed layout
@@ -176,10 +209,21 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, PackedWeight) and module is not self.lm_head:
                 module.pack()
-        self.lm_head.pack(keep_dense=self.lm_head.weight is self.model.embed_tokens.weight)
+        tied = self.lm_head.weight is self.model.embed_tokens.weight
+        if tied and self.model.embed_tokens.quantized is not None:  # kept 8-bit: the head reads the same blocks
+            self.lm_head.quantized = self.model.embed_tokens.quantized
+        self.lm_head.pack(keep_dense=tied)
+
+    def _quantized_embeddings(self) -> list[Int8Weight]:
+        """The embedding's and the LM head's quantized weights, a tied one once."""
+        found = {id(m.quantized): m.quantized for m in self.modules()
+                 if isinstance(m, VocabParallelEmbedding) and m.quantized is not None}
+        return list(found.values())
 
     def packed_bytes(self) -> int:
-        return sum(m.packed_bytes() for m in self.modules() if isinstance(m, PackedWeight))
+        """Bytes of packed and quantized weights (not counted among the parameters)."""
+        return (sum(m.packed_bytes() for m in self.modules() if isinstance(m, PackedWeight))
+                + sum(q.nbytes() for q in self._quantized_embeddings()))
 
     def num_weights(self) -> int:
         """Weights this rank holds, dense, packed or 4-bit, each counted once."""
@@ -187,6 +231,7 @@ class LlamaForCausalLM(nn.Module):
                      if isinstance(m, PackedWeight) and m.packed is not None and m.weight.numel() == 0)
         quantized = sum(m.quantized.out_features * m.quantized.in_features for m in self.modules()
                         if isinstance(m, LinearBase) and m.quantized is not None)
+        quantized += sum(q.out_features * q.in_features for q in self._quantized_embeddings())
         return sum(p.numel() for p in self.parameters()) + packed + quantized
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

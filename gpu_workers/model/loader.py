@@ -21,7 +21,8 @@ from safetensors import safe_open
 from torch import nn
 
 from broker.errors import ConfigError
-from gpu_workers.model.layers import LinearBase, default_weight_loader
+from gpu_workers.model.layers import LinearBase, VocabParallelEmbedding, default_weight_loader
+from gpu_workers.model.quantization import Int4Weight, Int8Weight
 from gpu_workers.startup import track
 
 log = logging.getLogger(__name__)
@@ -197,8 +198,9 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
 def _load_gguf_weights(model: nn.Module, model_dir: Path) -> None:
     """``load_weights`` for a directory materialized from a GGUF file: each rank dequantizes only
     the rows (and block-aligned columns) of its shards. With ``quantization_config`` "gguf", the
-    linear layers whose tensors are all of a 4-bit type stay 4-bit (``LinearBase.load_quantized``);
-    the others, and embeddings and norms, are dequantized."""
+    linear layers whose tensors are all of a 4-bit type stay 4-bit, those of 5- to 8-bit types (or
+    4-bit parts fused with them), the embedding and an untied LM head 8-bit (``load_quantized``,
+    ``_quantized_weights``); the others, and norms, are dequantized."""
     from gpu_workers.model.gguf_file import gguf_tensors, open_reader
 
     source = (model_dir / GGUF_LINK).resolve()
@@ -217,37 +219,51 @@ def _load_gguf_weights(model: nn.Module, model_dir: Path) -> None:
             loader(param, tensors[name], shard_id)
         except (ValueError, RuntimeError) as e:
             raise ConfigError(f"{source}: tensor {name}: {e}") from None
-    for param_name, parts in quantized.items():
+    for param_name, (kind, parts) in quantized.items():
         module = model.get_submodule(param_name.rpartition(".")[0])
-        assert isinstance(module, LinearBase)
         try:
-            module.load_quantized(parts)
+            if isinstance(module, LinearBase):
+                module.load_quantized(parts, kind=kind)
+            else:
+                assert isinstance(module, VocabParallelEmbedding) and kind is Int8Weight
+                module.load_quantized(parts, kind=kind)
         except (ValueError, RuntimeError) as e:
-            raise ConfigError(f"{source}: {param_name} kept 4-bit (--quantization gguf): {e}") from None
+            raise ConfigError(f"{source}: {param_name} kept quantized (--quantization gguf): {e}") from None
     if quantized:
-        log.info("--quantization gguf: %d of %d linear weights kept 4-bit", len(quantized),
-                 sum(1 for m in model.modules() if isinstance(m, LinearBase)))
+        log.info("--quantization gguf: of %d linear and embedding weights, %d kept 4-bit and %d 8-bit",
+                 sum(1 for m in model.modules() if isinstance(m, LinearBase | VocabParallelEmbedding)),
+                 sum(kind is Int4Weight for kind, _ in quantized.values()),
+                 sum(kind is Int8Weight for kind, _ in quantized.values()))
 
 
 def _quantized_weights(model: nn.Module, tensors: dict[str, Any], wanted: dict[str, tuple[str, Any]]
-                       ) -> dict[str, list[tuple[Any, Any]]]:
-    """Parameter name -> its (GGUF tensor, shard id) parts, for each linear weight whose parts are
-    all of a 4-bit type (``quantization.int4_types``) and whose shard is whole 32x32 tiles (the
-    kernel's blocks). ConfigError off the CPU: the kernel is torch's CPU one."""
-    from gpu_workers.model.quantization import GROUP_SIZE, int4_types
+                       ) -> dict[str, tuple[type[Int4Weight | Int8Weight], list[tuple[Any, Any]]]]:
+    """Parameter name -> (how it is kept, its (GGUF tensor, shard id) parts), for each linear,
+    embedding or LM head weight whose shard's columns are whole 32-weight blocks and whose parts are
+    all of a 4-bit type (``quantization.int4_types``: Int4Weight, for linear layers of whole 32-row
+    tiles), or else all of ``int8_types`` (Int8Weight, where ``quant_kernels`` builds). ConfigError
+    off the CPU: the kernels are CPU ones."""
+    from gpu_workers.model import quant_kernels
+    from gpu_workers.model.quantization import GROUP_SIZE, int4_types, int8_types
 
     parts: dict[str, list[tuple[Any, Any]]] = {}
     for name, (param_name, shard_id) in wanted.items():
         parts.setdefault(param_name, []).append((tensors[name], shard_id))
-    kept = {}
+    kept: dict[str, tuple[type[Int4Weight | Int8Weight], list[tuple[Any, Any]]]] = {}
     for param_name, items in parts.items():
         module = model.get_submodule(param_name.rpartition(".")[0])
-        if (isinstance(module, LinearBase) and param_name.endswith(".weight")
-                and not any(n % GROUP_SIZE for n in module.weight.shape)
-                and all(t.tensor_type in int4_types() for t, _ in items)):
-            if module.weight.device.type != "cpu":
-                raise ConfigError("--quantization gguf runs on CPUs only (torch's int4 CPU kernel)")
-            kept[param_name] = items
+        if not (isinstance(module, LinearBase | VocabParallelEmbedding) and param_name.endswith(".weight")
+                and module.weight.shape[1] % GROUP_SIZE == 0):
+            continue
+        types = {t.tensor_type for t, _ in items}
+        # the int4 kernel packs 32 rows together; embeddings and LM heads: Int8Weight (row lookups)
+        int4 = isinstance(module, LinearBase) and module.weight.shape[0] % GROUP_SIZE == 0
+        kind = Int4Weight if int4 and types <= int4_types() else Int8Weight if types <= int8_types() else None
+        if kind is None or (kind is Int8Weight and quant_kernels.load() is None):
+            continue
+        if module.weight.device.type != "cpu":
+            raise ConfigError("--quantization gguf runs on CPUs only (torch's int4 kernel, our int8 one)")
+        kept[param_name] = (kind, items)
     return kept
 
 

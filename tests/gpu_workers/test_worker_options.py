@@ -83,3 +83,19 @@ def test_threads_flag_reaches_the_settings_and_the_ranks_a_leader_starts(monkeyp
     assert settings.threads == 1
     assert parser.parse_args(["worker", *_follower_argv(worker, settings, Path("/m"), options)]).threads == 1
     assert "--threads" in engine_argv(parser.parse_args(["up", "--threads", "2"]))
+
+
+def test_compilation_level_flags_over_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--compilation-config`` (vLLM's level) over RYZ_COMPILATION_LEVEL over 0 (eager);
+    ``--enforce-eager`` wins over both; ``up`` passes them on to its workers."""
+    monkeypatch.delenv("RYZ_COMPILATION_LEVEL", raising=False)
+    assert options_of()[1].compilation_level == 0
+    assert options_of()[1].llama().compilation_level == 0
+    assert options_of("--compilation-config", '{"level": 3}')[1].llama().compilation_level == 3
+    monkeypatch.setenv("RYZ_COMPILATION_LEVEL", "3")
+    assert options_of()[1].compilation_level == 3
+    assert options_of("-O", "0")[1].compilation_level == 0
+    assert options_of("--enforce-eager")[1].compilation_level == 0
+    up = engine_argv(build_parser().parse_args(["up", "-O", "3", "--enforce-eager"]))
+    assert options_of(*up)[1].compilation_level == 0
+    assert options_of(*engine_argv(build_parser().parse_args(["up", "-O", "3"])))[1].compilation_level == 3

