@@ -24,6 +24,9 @@ The decode share of the matmul peak compares the engine's steps with peak measur
 between them, so that both meet the same machine state.
 
 Prints a table and writes JSON to benchmarks/results/serving-<timestamp>.json.
+
+With ``--llama-cpp DIR`` it runs instead the side-by-side comparison with llama.cpp's llama-server on
+the same GGUF weights (``--concurrency``, ``--prompt-tokens``, ``--max-tokens``): benchmarks/llama_cpp.py.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
+from benchmarks import llama_cpp
 from benchmarks.common import (
     Matmuls,
     linear_flops_per_token,
@@ -282,7 +286,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="stop transformers' continuous batching after this long (on CPUs it is very slow); "
                              "the speedup over it is then reported as a lower bound")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/...)")
+    llama_cpp.add_arguments(parser)
     args = parser.parse_args(argv)
+    args.started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    if args.llama_cpp is not None:
+        return llama_cpp.compare(args)
 
     from gpu_workers.model.loader import resolve_model
     from gpu_workers.model.presets import materialize
