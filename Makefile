@@ -4,6 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ryzanstein-installed
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test`: the suite's integration tests wait on the processes they start,
+# so two workers finish a 2-core machine's run in ~15 minutes instead of ~22. Each test file runs
+# whole in one worker (--dist loadfile), with its own redis-server. PYTEST_WORKERS=0: one process.
+PYTEST_WORKERS ?= 2
 
 .PHONY: install demo test bench-pipeline bench-serving bench-failover bench-matmul up lint clean
 
@@ -30,7 +34,8 @@ demo: install
 	$(BIN)/ryzanstein demo
 
 test: install $(MODELS_STAMP)
-	@rc=0; $(BIN)/python -m pytest $(PYTEST_ARGS) || rc=$$?; \
+	@rc=0; $(BIN)/python -m pytest $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadfile) \
+	  $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
 bench-pipeline: install

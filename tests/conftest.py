@@ -1,4 +1,5 @@
-"""Shared fixtures: one real redis-server per test session (our embedded launcher), flushed per test."""
+"""Shared fixtures: one real redis-server per test session (per pytest-xdist worker under `make test`;
+our embedded launcher), flushed per test."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from tests.redis_cluster import LocalCluster
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """mypy's test, when selected, starts mypy now: it runs beside the tests before it (tests/test_lint.py)."""
-    if any(item.nodeid == test_lint.MYPY_TEST for item in session.items):
+    # Under pytest-xdist every worker collects every test: none starts mypy early, its test starts it.
+    if "PYTEST_XDIST_WORKER" not in os.environ and any(item.nodeid == test_lint.MYPY_TEST for item in session.items):
         test_lint.start_mypy()
 
 
