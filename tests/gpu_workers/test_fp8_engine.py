@@ -1,6 +1,7 @@
-"""The Llama engine on an fp8 KV cache: greedy tokens of clear-margin sequences equal the fp32
-cache's (batched, with prefix-cache hits, under preemption), tensor-parallel ranks keep their heads'
-blocks in fp8, and a fixed --kv-memory holds ~4x the fp32 tokens."""
+"""The Llama engine on an fp8 KV cache, the default staged fp8_e4m3 and fp8_e4m3_block: greedy
+tokens of clear-margin sequences equal the fp32 cache's (batched, with prefix-cache hits, under
+preemption), tensor-parallel ranks keep their heads' blocks in fp8, and a fixed --kv-memory holds
+~4x the fp32 tokens (fp8_e4m3_block) or what the staged format's sizing says."""
 
 from __future__ import annotations
 
