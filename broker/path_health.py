@@ -6,17 +6,19 @@ A process that answers is not a path that works: with no balancer running, reque
 
 - a **balancer** is reading: the youngest balancer heartbeat (``{p}:balancers``, written after each
   ingress read, about every second) is younger than ``balancer_dead_after_s``; and no request has
-  waited unread on the shared ingress stream for longer than that (a balancer that heartbeats but
-  does not read would leave them there). The tenants' streams (broker.sources) count in the number
-  of requests waiting (``tenants``), not in that age: a tenant names its entry ids itself (an
-  explicit ``XADD`` id, after deleting its stream), so their age is the tenant's to forge, and no
-  tenant may make the path look broken to everyone;
+  waited unread on the shared ingress stream or one of its shards (``Settings.ingress_shards``) for
+  longer than that (a balancer that heartbeats but does not read would leave them there). The
+  streams of the tenants, removed ones too (broker.sources), count in the number of requests
+  waiting (``tenants``), not in that age: a tenant names its entry ids itself (an explicit ``XADD``
+  id, after deleting its stream), so their age is the tenant's to forge, and no tenant may make the
+  path look broken to everyone;
 - a **group** serves: at least one registered group is alive and ready (``GroupStatus.routable``),
   and so for every model name a registered group serves (a model whose groups all died, or are
   still loading, cannot be served).
 
 ``judge`` is the rule, a pure function; ``read_path`` and ``read_path_async`` read its inputs in
-three round trips with the sync and the asyncio Redis clients.
+three round trips with the sync and the asyncio Redis clients, from every ingress stream balancers
+read (``broker.sources.sources`` with the shard count passed in).
 """
 
 from __future__ import annotations
@@ -30,10 +32,10 @@ from redis.asyncio.client import Pipeline as AsyncPipeline
 from redis.client import Pipeline
 
 from broker.connection import pipe_time, time_pair
-from broker.ingress_depth import StreamDepth, add_reads, depth_of, ingress_streams
+from broker.ingress_depth import StreamDepth, add_reads, depth_of
 from broker.keys import Keys
 from broker.registry import GroupStatus, groups_from_reply, served_names, zset_members
-from broker.sources import TENANT_RE
+from broker.sources import TENANT_RE, Source, sources
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,9 +44,10 @@ class PathView:
 
     groups: list[GroupStatus]
     balancer_age_s: float | None  # of the youngest balancer heartbeat; None: no balancer registered
-    unread: int  # entries of the shared ingress stream no balancer has read yet
+    unread: int  # entries of the shared ingress stream and its shards no balancer has read yet
     oldest_unread_age_s: float | None  # how long the oldest of them has waited; None: none waits
-    tenants: dict[str, int] = field(default_factory=dict)  # tenant -> entries of its stream no balancer has read yet
+    # tenant (removed ones too) -> entries of its stream no balancer has read yet
+    tenants: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,17 +92,16 @@ def judge(view: PathView, *, balancer_dead_after_s: float) -> PathHealth:
 
 # --- reading ---------------------------------------------------------------------------------------
 
-def _first_pipeline(pipe: Pipeline | AsyncPipeline, keys: Keys, names: list[str],
-                    streams: list[tuple[str, str | None]]) -> None:
+def _first_pipeline(pipe: Pipeline | AsyncPipeline, keys: Keys, names: list[str], streams: list[Source]) -> None:
     pipe_time(pipe, keys.groups)
     for name in names:
         pipe.hgetall(keys.group_info(name))
     pipe.zrevrange(keys.balancers, 0, 0, withscores=True)
-    for stream, _tenant in streams:
-        add_reads(pipe, stream)
+    for source in streams:
+        add_reads(pipe, source.stream)
 
 
-def _after_first(reply: list[Any], names: list[str], streams: list[tuple[str, str | None]], *,
+def _after_first(reply: list[Any], names: list[str], streams: list[Source], *,
                  dead_after_s: float) -> tuple[list[GroupStatus], float, float | None, list[StreamDepth]]:
     """Groups, Redis now (ms), youngest balancer age, and each ingress stream's depth."""
     for raw in reply[: 2 + len(names)]:
@@ -110,8 +112,7 @@ def _after_first(reply: list[Any], names: list[str], streams: list[tuple[str, st
     now_ms = secs * 1000.0 + micros / 1000.0
     youngest, rest = reply[1 + len(names)], reply[2 + len(names):]
     balancer_age_s = max(0.0, (now_ms - float(youngest[0][1])) / 1000.0) if youngest else None
-    depths = [depth_of(stream, tenant, length, infos)
-              for (stream, tenant), length, infos in zip(streams, rest[0::2], rest[1::2])]
+    depths = [depth_of(source, length, infos) for source, length, infos in zip(streams, rest[0::2], rest[1::2])]
     return groups, now_ms, balancer_age_s, depths
 
 
@@ -119,45 +120,71 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _waiting(depths: list[StreamDepth]) -> list[StreamDepth]:
+    """The shared streams (``{p}:requests`` and its shards) with unread entries: their first unread
+    entry is read next (``XRANGE <after> + COUNT 1``), for its age."""
+    return [d for d in depths if d.tenant is None and d.unread]
+
+
 def _view(groups: list[GroupStatus], now_ms: float, balancer_age_s: float | None, depths: list[StreamDepth],
-          first: Any) -> PathView:
-    shared, tenants = depths[0], depths[1:]
-    age = None
-    if shared.unread > 0 and isinstance(first, list) and first:
-        age = max(0.0, (now_ms - int(_text(first[0][0]).split("-", 1)[0])) / 1000.0)
-    return PathView(groups, balancer_age_s, shared.unread if age is not None else 0, age,
-                    {t.tenant: t.unread for t in tenants if t.tenant is not None})
+          firsts: list[Any]) -> PathView:
+    """``firsts``: the XRANGE replies for ``_waiting(depths)``, in order."""
+    unread, ages = 0, []
+    for depth, first in zip(_waiting(depths), firsts):
+        if isinstance(first, list) and first:  # (else: read meanwhile, or trimmed)
+            unread += depth.unread
+            ages.append(max(0.0, (now_ms - int(_text(first[0][0]).split("-", 1)[0])) / 1000.0))
+    return PathView(groups, balancer_age_s, unread, max(ages, default=None),
+                    {t.tenant: t.unread for t in depths if t.tenant is not None})
 
 
-def _names(reply: list[Any], keys: Keys) -> tuple[list[str], list[tuple[str, str | None]]]:
-    groups, members = reply
-    tenants = sorted(n for n in (_text(m) for m in members) if TENANT_RE.fullmatch(n))
-    return zset_members(groups), ingress_streams(keys, tenants)
+def _tenant_names(members: Any) -> list[str]:
+    return sorted(n for n in (_text(m) for m in members) if TENANT_RE.fullmatch(n))
 
 
-def read_path(redis: Redis, keys: Keys, *, dead_after_s: float) -> PathView:
-    """The path as Redis shows it now (sync client); raises the Redis error when unreachable."""
-    pipe = redis.pipeline(transaction=False)
+def _names(reply: list[Any], keys: Keys, shards: int) -> tuple[list[str], list[Source]]:
+    groups, tenants, removed = reply
+    return zset_members(groups), sources(keys, _tenant_names(tenants), _tenant_names(removed), shards=shards)
+
+
+def _add_name_reads(pipe: Pipeline | AsyncPipeline, keys: Keys) -> None:
     pipe.zrange(keys.groups, 0, -1)
     pipe.smembers(keys.tenants)
-    names, streams = _names(pipe.execute(), keys)
+    pipe.smembers(keys.tenants_removed)
+
+
+def read_path(redis: Redis, keys: Keys, *, dead_after_s: float, shards: int) -> PathView:
+    """The path as Redis shows it now (sync client), with ``shards`` ingress shards
+    (``Settings.ingress_shards``); raises the Redis error when unreachable."""
+    pipe = redis.pipeline(transaction=False)
+    _add_name_reads(pipe, keys)
+    names, streams = _names(pipe.execute(), keys, shards)
     pipe = redis.pipeline(transaction=False)
     _first_pipeline(pipe, keys, names, streams)
     groups, now_ms, balancer_age_s, depths = _after_first(
         pipe.execute(raise_on_error=False), names, streams, dead_after_s=dead_after_s)
-    first = redis.xrange(keys.requests, depths[0].after, "+", count=1) if depths[0].unread else []
-    return _view(groups, now_ms, balancer_age_s, depths, first)
+    firsts: list[Any] = []
+    if waiting := _waiting(depths):
+        pipe = redis.pipeline(transaction=False)
+        for depth in waiting:
+            pipe.xrange(depth.stream, depth.after, "+", count=1)
+        firsts = pipe.execute(raise_on_error=False)
+    return _view(groups, now_ms, balancer_age_s, depths, firsts)
 
 
-async def read_path_async(redis: AsyncRedis, keys: Keys, *, dead_after_s: float) -> PathView:
+async def read_path_async(redis: AsyncRedis, keys: Keys, *, dead_after_s: float, shards: int) -> PathView:
     """``read_path`` with the asyncio client."""
     pipe = redis.pipeline(transaction=False)
-    pipe.zrange(keys.groups, 0, -1)
-    pipe.smembers(keys.tenants)
-    names, streams = _names(await pipe.execute(), keys)
+    _add_name_reads(pipe, keys)
+    names, streams = _names(await pipe.execute(), keys, shards)
     pipe = redis.pipeline(transaction=False)
     _first_pipeline(pipe, keys, names, streams)
     groups, now_ms, balancer_age_s, depths = _after_first(
         await pipe.execute(raise_on_error=False), names, streams, dead_after_s=dead_after_s)
-    first = await redis.xrange(keys.requests, depths[0].after, "+", count=1) if depths[0].unread else []
-    return _view(groups, now_ms, balancer_age_s, depths, first)
+    firsts: list[Any] = []
+    if waiting := _waiting(depths):
+        pipe = redis.pipeline(transaction=False)
+        for depth in waiting:
+            pipe.xrange(depth.stream, depth.after, "+", count=1)
+        firsts = await pipe.execute(raise_on_error=False)
+    return _view(groups, now_ms, balancer_age_s, depths, firsts)

@@ -76,10 +76,12 @@ class OutputState:
             rendered = self._render(token_id, logprobs) if logprobs is not None else None
             self.logprobs.append(rendered)
         searched_from = max(0, len(self.text) - self._longest_stop + 1)
-        self.text += self._detok.push(token_id)
+        ends_on_it = token_id in self._eos
+        if not ends_on_it:  # an EOS or stop id that ends the completion is kept out of its text (vLLM's rule)
+            self.text += self._detok.push(token_id)
 
         finish = None
-        if token_id in self._eos or engine_finish is not None:
+        if ends_on_it or engine_finish is not None:
             finish = engine_finish or "stop"
         elif (len(self.token_ids) >= self.sampling.max_tokens
               or self.prompt_len + len(self.token_ids) >= self._max_context):

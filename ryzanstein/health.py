@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     redis = connect(resolve_url(settings), settings)
     try:
-        view = read_path(redis, Keys(settings.prefix), dead_after_s=settings.dead_after_s)
+        view = read_path(redis, Keys(settings.prefix), dead_after_s=settings.dead_after_s,
+                         shards=settings.ingress_shards)
     except TRANSIENT_ERRORS + (RedisError,) as exc:
         problem = describe(exc, settings.redis_url)
         print(f"unhealthy: {problem.line if problem else exc}", flush=True)

@@ -1,7 +1,8 @@
 """``ryzanstein status``: the worker groups, their health and load, balancers, and queue depths.
 
-One snapshot is read from Redis (the group registry, the ingress streams, the shared one and each
-tenant's (broker.sources), with their consumer groups);
+One snapshot is read from Redis (the group registry, and every ingress stream balancers read: the
+shared one, its shards, each tenant's and each removed tenant's (broker.sources), with their
+consumer groups);
 ``--watch`` reads one every few seconds, clears the terminal, and adds each group's request rate
 since the previous snapshot. ``--json`` prints the snapshot as one JSON object (one per line with
 ``--watch``), with the fields CONTRACT.md promises and more.
@@ -25,11 +26,11 @@ from redis.exceptions import ResponseError
 
 from broker.cli_common import settings_from_args, setup_logging
 from broker.connection import TRANSIENT_ERRORS, connect, pipe_time, resolve_url, time_pair
-from broker.ingress_depth import StreamDepth, add_reads, depth_of, ingress_streams
+from broker.ingress_depth import StreamDepth, add_reads, depth_of
 from broker.keys import INGRESS_GROUP, Keys
 from broker.registry import GroupStatus, read_groups
 from broker.settings import Settings
-from broker.sources import read_tenants
+from broker.sources import read_tenants, sources
 
 DEFAULT_WATCH_S = 2.0
 IDLE_AFTER_S = 2.0  # a live balancer that read nothing for this long is idle (its reads return empty)
@@ -65,33 +66,35 @@ class BalancerInfo:
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     groups: list[GroupStatus]
-    ingress_depth: int  # entries on the ingress streams, all of them (new, or read and not yet acknowledged)
+    # entries on the ingress streams, all of them (shared, shards, tenants, removed tenants): new, or
+    # read and not yet acknowledged
+    ingress_depth: int
     ingress_pending: int  # of those, read by a balancer and not yet acknowledged
     balancers: list[BalancerInfo]
     taken_at_s: float  # monotonic seconds, for rates between two snapshots
-    tenants: list[StreamDepth] = field(default_factory=list)  # each tenant's stream (included above)
+    tenants: list[StreamDepth] = field(default_factory=list)  # each current tenant's stream (included above)
 
 
-def read_snapshot(redis: Redis, keys: Keys, *, dead_after_s: float, now_s: float) -> Snapshot:
-    """Everything ``status`` shows, as Redis has it now (``now_s``: the caller's monotonic time)."""
+def read_snapshot(redis: Redis, keys: Keys, *, dead_after_s: float, now_s: float, shards: int) -> Snapshot:
+    """Everything ``status`` shows, as Redis has it now (``now_s``: the caller's monotonic time),
+    with ``shards`` ingress shards (``Settings.ingress_shards``)."""
     groups = read_groups(redis, keys, dead_after_s=dead_after_s)
-    streams = ingress_streams(keys, read_tenants(redis, keys))
+    streams = sources(keys, read_tenants(redis, keys), read_tenants(redis, keys, removed=True), shards=shards)
     pipe = redis.pipeline(transaction=False)
     pipe.xinfo_consumers(keys.requests, INGRESS_GROUP)
     pipe_time(pipe, keys.groups)
     pipe.zrange(keys.balancers, 0, -1, withscores=True)
-    for stream, _tenant in streams:
-        add_reads(pipe, stream)
-    for stream, _tenant in streams[1:]:
-        pipe.xinfo_consumers(stream, INGRESS_GROUP)
+    for source in streams:
+        add_reads(pipe, source.stream)
+    for source in streams[1:]:
+        pipe.xinfo_consumers(source.stream, INGRESS_GROUP)
     consumers, raw_time, beats, *replies = pipe.execute(raise_on_error=False)
     secs, micros = time_pair(raw_time)
     reads, held = replies[: 2 * len(streams)], replies[2 * len(streams):]
-    depths = [depth_of(stream, tenant, length, infos)
-              for (stream, tenant), length, infos in zip(streams, reads[0::2], reads[1::2])]
-    pending: Counter[str] = Counter()  # each balancer's entries of the tenants' streams
+    depths = [depth_of(source, length, infos) for source, length, infos in zip(streams, reads[0::2], reads[1::2])]
+    pending: Counter[str] = Counter()  # each balancer's entries of the other streams (shards, tenants)
     for reply in held:
-        if isinstance(reply, list):  # (a tenant's stream not made yet: NOGROUP)
+        if isinstance(reply, list):  # (a stream not made yet: NOGROUP)
             pending.update({_text(c["name"]): int(c["pending"]) for c in reply})
     now_ms = secs * 1000.0 + micros / 1000.0
     beat_age = {_text(name): max(0.0, (now_ms - score) / 1000.0) for name, score in beats}
@@ -101,7 +104,8 @@ def read_snapshot(redis: Redis, keys: Keys, *, dead_after_s: float, now_s: float
         for c in consumers
     ]
     return Snapshot(groups, sum(d.depth for d in depths), sum(d.pending for d in depths),
-                    sorted(balancers, key=lambda b: b.name), now_s, depths[1:])
+                    sorted(balancers, key=lambda b: b.name), now_s,
+                    [d for d in depths if d.tenant is not None and not d.removed])
 
 
 def _text(value: bytes | str) -> str:
@@ -338,7 +342,7 @@ class _Viewer:
     def show(self, *, every_s: float | None = None) -> None:
         """Print one snapshot; ``every_s``: the --watch interval, for the title."""
         snapshot = read_snapshot(self.redis, self.keys, dead_after_s=self.settings.dead_after_s,
-                                 now_s=time.monotonic())
+                                 now_s=time.monotonic(), shards=self.settings.ingress_shards)
         rates = request_rates(self.previous, snapshot) if self.previous is not None else None
         self.previous = snapshot
         if self.as_json:

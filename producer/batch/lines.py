@@ -9,14 +9,16 @@ Input: JSON Lines, one request per line, e.g.::
 
 Exactly one of ``prompt``, ``prompt_ids`` and ``messages`` (chat: rendered with the chat template);
 optional request fields as in the protocol (``max_tokens`` — ``max_completion_tokens`` is the same
-—, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``, ``priority``, ``timeout_s``, the
-sampling controls ``presence_penalty`` ... ``bad_words``, ``n``/``best_of``, ``prompt_logprobs``, and
+—, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``, ``stop_token_ids``, ``priority``,
+``timeout_s``, the sampling controls ``presence_penalty`` ... ``bad_words``, ``n``/``best_of``,
+``prompt_logprobs``, and
 structured output: ``guided_json``, ``guided_regex``, ``guided_choice``, ``guided_grammar``,
 ``response_format``, ``structured_outputs``); optional ``id``, echoed in the result. A line in
 OpenAI's batch format (``custom_id`` + ``body``) is read as its body with ``custom_id`` as the id.
 Fields the protocol refuses by name (``use_beam_search``, ``allowed_token_ids``...:
-``broker.refused.UNHONOURED_FIELDS``) make the line bad; other fields are ignored; blank lines are
-skipped.
+``broker.refused.UNHONOURED_FIELDS``) make the line bad, and so do ``logprobs``, ``top_logprobs`` and
+``echo`` (a result record carries none of them) and ``add_special_tokens`` set against vLLM's default
+(true for a prompt, false for a chat); other fields are ignored; blank lines are skipped.
 
 Output: one JSON object per input line, in the order the results come in::
 
@@ -36,7 +38,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from broker.errors import InvalidRequest
-from broker.refused import unhonoured_field
+from broker.refused import UNHONOURED_FIELDS, unhonoured_field
 from broker.validation import parse_request
 from producer.chat_template import normalize_messages
 from producer.request import Completion, GenerationOptions
@@ -45,7 +47,7 @@ from producer.request import Completion, GenerationOptions
 OptionField = Literal["max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "priority", "timeout_s",
                       # sampling controls (PROTOCOL.md)
                       "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens",
-                      "ignore_eos", "logit_bias", "bad_words",
+                      "ignore_eos", "stop_token_ids", "logit_bias", "bad_words",
                       # several completions (the record's "choices") and prompt logprobs (its "prompt_logprobs")
                       "n", "best_of", "prompt_logprobs",
                       # structured output (PROTOCOL.md)
@@ -54,6 +56,17 @@ OptionField = Literal["max_tokens", "temperature", "top_p", "top_k", "seed", "st
 OPTION_FIELDS: tuple[OptionField, ...] = get_args(OptionField)
 PROMPT_FIELDS = ("prompt", "prompt_ids", "messages")
 _CHECK_ID = "batch-line"  # a valid request id, only for validating a line's fields
+
+# Fields a line is refused for when set to a value that would change its output: the protocol's, and
+# the ones a result record cannot carry or a batch cannot honour. ``add_special_tokens`` follows vLLM's
+# defaults, as the gateway: a prompt gets the tokenizer's special tokens (true), a chat only what its
+# template writes (false).
+_OFF, _ON = frozenset({"0", "false"}), frozenset({"1", "true"})
+_BATCH_UNHONOURED: dict[str, frozenset[str] | None] = {
+    **UNHONOURED_FIELDS, "logprobs": _OFF, "top_logprobs": frozenset({"0"}), "echo": _OFF,
+}
+_PROMPT_UNHONOURED = {**_BATCH_UNHONOURED, "add_special_tokens": _ON}
+_CHAT_UNHONOURED = {**_BATCH_UNHONOURED, "add_special_tokens": _OFF}
 
 
 @dataclass(frozen=True)
@@ -95,9 +108,10 @@ def parse_line(line: int, text: str, *, defaults: GenerationOptions | None = Non
     user_id = _scalar_id(obj.get("id"))
     if isinstance(obj.get("body"), dict) and "custom_id" in obj:
         user_id, obj = _scalar_id(obj["custom_id"]), obj["body"]
-    if (refused := unhonoured_field(obj)) is not None:
-        return BadLine(line, user_id, f"field '{refused}': not supported by this server (leave it unset)")
     given = [name for name in PROMPT_FIELDS if obj.get(name) is not None]
+    refused_table = _CHAT_UNHONOURED if given == ["messages"] else _PROMPT_UNHONOURED
+    if (refused := unhonoured_field(obj, refused_table)) is not None:
+        return BadLine(line, user_id, f"field '{refused}': not supported by this server (leave it unset)")
     if len(given) != 1:
         return BadLine(line, user_id, "exactly one of 'prompt', 'prompt_ids' and 'messages' must be given")
 

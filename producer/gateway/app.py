@@ -104,7 +104,8 @@ class Gateway(Generating):
         """200 while the path works (a balancer reads the ingress stream, a group serves), else 503
         with the reason (broker.path_health)."""
         try:
-            view = await read_path_async(self.redis, self.keys, dead_after_s=self.settings.dead_after_s)
+            view = await read_path_async(self.redis, self.keys, dead_after_s=self.settings.dead_after_s,
+                                         shards=self.settings.ingress_shards)
         except TRANSIENT_ERRORS as exc:
             return JSONResponse({"status": "unavailable", "reason": f"Redis is unreachable: {exc}"}, 503)
         health = judge(view, balancer_dead_after_s=self.settings.balancer_dead_after_s)

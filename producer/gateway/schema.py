@@ -5,7 +5,7 @@ Requests are validated here: what ryzanstein cannot do (tools, beam search...)
 is refused with a 400 naming the parameter, rather than silently ignored; parameters that change
 nothing in the output (``user``, ``metadata``, ``store``...) are accepted and ignored. Extensions, sent
 by the openai package through ``extra_body``: vLLM's ``repetition_penalty``, ``min_p``,
-``min_tokens``, ``ignore_eos``, ``bad_words``; structured output: OpenAI's ``response_format``
+``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ``bad_words``; structured output: OpenAI's ``response_format``
 (``json_object``, ``json_schema``) and vLLM's ``guided_json``, ``guided_regex``, ``guided_choice``,
 ``guided_grammar``, ``structured_outputs`` (broker.structured; a shape it refuses is a 400 naming the
 field, a schema or grammar that does not compile one from the worker group); ryzanstein's
@@ -35,6 +35,7 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's usage in every chunk: refused when true
 
 
 class _Common(BaseModel):
@@ -61,6 +62,7 @@ class _Common(BaseModel):
     min_p: float | None = None
     min_tokens: int | None = None
     ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     # structured output (vLLM's guided_* fields through extra_body; OpenAI's response_format)
     response_format: Any = None
@@ -139,11 +141,14 @@ UNHONOURED_PARAMS: dict[str, frozenset[str] | None] = {
     "documents": None,
     "mm_processor_kwargs": None,
     "return_tokens_as_token_ids": _OFF,
+    # vLLM's: chat prompts get only the special tokens their template writes (its default, false)
+    "add_special_tokens": _OFF,
 }
 
 
-# Completions honour ``echo`` (the prompt in front of each choice's text, and its logprobs).
-_COMPLETION_UNHONOURED = {k: v for k, v in UNHONOURED_PARAMS.items() if k != "echo"}
+# Completions honour ``echo`` (the prompt in front of each choice's text, and its logprobs), and
+# their prompts get the tokenizer's special tokens (a BOS), vLLM's default for them.
+_COMPLETION_UNHONOURED = {**{k: v for k, v in UNHONOURED_PARAMS.items() if k != "echo"}, "add_special_tokens": _ON}
 
 
 def _check_unhonoured(raw: dict[str, Any], table: dict[str, frozenset[str] | None] = UNHONOURED_PARAMS) -> None:
@@ -154,6 +159,9 @@ def _check_unhonoured(raw: dict[str, Any], table: dict[str, frozenset[str] | Non
 def _check_unsupported(body: _Common) -> None:
     if body.stream_options is not None and not body.stream:
         raise _refuse("stream_options", "only allowed when stream is true")
+    if body.stream_options is not None and body.stream_options.continuous_usage_stats:
+        raise _refuse("stream_options.continuous_usage_stats",
+                      "not supported by this server (usage comes in the last chunk with include_usage)")
     n = body.n if body.n is not None else 1
     if not 1 <= n <= MAX_N:
         raise _refuse("n", f"must be in 1..{MAX_N}")
@@ -165,7 +173,7 @@ def _check_unsupported(body: _Common) -> None:
 
 # Sampling controls, passed on as the protocol fields of the same names when set.
 Control = Literal["presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens", "ignore_eos",
-                  "logit_bias", "bad_words"]
+                  "stop_token_ids", "logit_bias", "bad_words"]
 CONTROLS: tuple[Control, ...] = get_args(Control)
 # The same for several completions and prompt logprobs (vLLM's extension).
 Passed = Literal[Control, "n", "best_of", "prompt_logprobs"]

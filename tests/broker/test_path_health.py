@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 
@@ -91,13 +92,13 @@ def _register(r: redis.Redis, keys: Keys, name: str = "g1") -> None:
 
 
 def test_read_path_sees_balancers_and_unread_requests(r: redis.Redis, keys: Keys) -> None:
-    view = read_path(r, keys, dead_after_s=3.0)
+    view = read_path(r, keys, dead_after_s=3.0, shards=1)
     assert (view.groups, view.balancer_age_s, view.unread, view.oldest_unread_age_s) == ([], None, 0, None)
 
     now = _now_ms(r)
     # no consumer group yet (no balancer ever started): every entry is unread
     r.xadd(keys.requests, {"id": "a"}, id=f"{now - 20_000}-0")
-    view = read_path(r, keys, dead_after_s=3.0)
+    view = read_path(r, keys, dead_after_s=3.0, shards=1)
     assert view.unread == 1 and 19.0 < view.oldest_unread_age_s < 30.0  # type: ignore[operator]
 
     # a balancer read the first entry; a second one arrived since and waits
@@ -106,7 +107,7 @@ def test_read_path_sees_balancers_and_unread_requests(r: redis.Redis, keys: Keys
     r.xadd(keys.requests, {"id": "b"}, id=f"{now - 12_000}-0")
     r.zadd(keys.balancers, {"b1": now - 4_000})
     _register(r, keys)
-    view = read_path(r, keys, dead_after_s=3.0)
+    view = read_path(r, keys, dead_after_s=3.0, shards=1)
     assert [g.name for g in view.groups] == ["g1"]
     assert 4.0 <= view.balancer_age_s < 10.0  # type: ignore[operator]
     assert view.unread == 1 and 12.0 <= view.oldest_unread_age_s < 20.0  # type: ignore[operator]
@@ -114,7 +115,7 @@ def test_read_path_sees_balancers_and_unread_requests(r: redis.Redis, keys: Keys
 
     r.xreadgroup(INGRESS_GROUP, "b1", {keys.requests: ">"})  # read at last
     r.zadd(keys.balancers, {"b1": _now_ms(r)})
-    view = read_path(r, keys, dead_after_s=3.0)
+    view = read_path(r, keys, dead_after_s=3.0, shards=1)
     assert (view.unread, view.oldest_unread_age_s) == (0, None)
     assert judge(view, balancer_dead_after_s=LIMIT_S).ok
 
@@ -167,11 +168,11 @@ def test_tenants_streams_count_as_waiting_but_their_entry_ids_age_nothing(
     r.xadd(keys.tenant_requests("alice"), {"id": "old"}, id="1-0")  # no consumer group: all unread
     r.xgroup_create(keys.tenant_requests("alice"), INGRESS_GROUP, id="0")
     r.xadd(keys.tenant_requests("alice"), {"id": "new"})
-    view = read_path(r, keys, dead_after_s=3.0)
+    view = read_path(r, keys, dead_after_s=3.0, shards=1)
     assert (view.unread, view.oldest_unread_age_s, view.tenants) == (0, None, {"alice": 2, "bob": 0})
     assert judge(view, balancer_dead_after_s=LIMIT_S).ok
     r.zadd(keys.balancers, {"b1": _now_ms(r) - 60_000})
-    assert judge(read_path(r, keys, dead_after_s=3.0), balancer_dead_after_s=LIMIT_S).reason == (
+    assert judge(read_path(r, keys, dead_after_s=3.0, shards=1), balancer_dead_after_s=LIMIT_S).reason == (
         "no balancer has read the ingress stream for 60s (2 requests waiting)")
     r.zadd(keys.balancers, {"b1": _now_ms(r)})
     done = subprocess.run([sys.executable, "-m", "ryzanstein", "health"], env=subprocess_env,
@@ -179,3 +180,32 @@ def test_tenants_streams_count_as_waiting_but_their_entry_ids_age_nothing(
                           cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip().endswith("; unread on tenants' streams: alice 2")
+
+
+def test_shards_and_removed_tenants_count(r: redis.Redis, keys: Keys, settings: Settings, redis_url: str,
+                                          subprocess_env: dict[str, str]) -> None:
+    """A request waiting unread on an ingress shard (``RYZ_INGRESS_SHARDS``) counts, in the number
+    waiting and in the age, as on ``{p}:requests``; a removed tenant's stream (still read by
+    balancers) counts in the number waiting. The gateway and ``ryzanstein health`` read the shards
+    their settings name."""
+    _register(r, keys)
+    r.zadd(keys.balancers, {"b1": _now_ms(r)})
+    now = _now_ms(r)
+    r.xadd(keys.requests_shard(1), {"id": "s"}, id=f"{now - 20_000}-0")  # no consumer group: unread
+    r.sadd(keys.tenants_removed, "carol")
+    r.xadd(keys.tenant_requests("carol"), {"id": "c"})
+    view = read_path(r, keys, dead_after_s=3.0, shards=2)
+    assert view.unread == 1 and 19.0 < view.oldest_unread_age_s < 30.0  # type: ignore[operator]
+    assert view.tenants == {"carol": 1}
+    assert judge(view, balancer_dead_after_s=LIMIT_S).reason == "1 requests have waited 20s unread by any balancer"
+    assert read_path(r, keys, dead_after_s=3.0, shards=1).unread == 0  # a stack without shards has no such stream
+
+    with TestClient(create_app(settings.model_copy(update={"ingress_shards": 2}), redis_url, GatewayConfig())) as http:
+        answer = http.get("/health")
+    waited = re.compile(r"^1 requests have waited [0-9]+s unread by any balancer")  # (20 s and counting)
+    assert answer.status_code == 503 and waited.match(answer.json()["reason"]), answer.json()
+    done = subprocess.run([sys.executable, "-m", "ryzanstein", "health"], env={**subprocess_env, "RYZ_INGRESS_SHARDS": "2"},
+                          capture_output=True, text=True, timeout=60, check=False,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert done.returncode == 1 and waited.match(done.stdout.removeprefix("unhealthy: ")), done.stdout
+    assert done.stdout.rstrip().endswith("unread on tenants' streams: carol 1")

@@ -249,6 +249,8 @@ def test_stop_token_ids_end_the_request_like_eos() -> None:
     results = [out.push(t) for t in b"hi?"]
     assert [r.finish_reason for r in results] == [None, None, "stop"]
     assert out.token_ids == list(b"hi?")
+    # the stop token's text is left out (vLLM's, without include_stop_str_in_output), in every delta too
+    assert out.text == "hi" == "".join(r.text for r in results)
     # EOS still ends a request that has its own stop tokens
     other = state()
     assert other.push(EOS).finish_reason == "stop"

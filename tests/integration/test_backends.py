@@ -178,14 +178,16 @@ def test_killed_balancer_requests_claimed(procs: Procs, r: redis.Redis, keys: Ke
 
 @pytest.mark.parametrize("redis_url", ["cluster"], indirect=True)  # single server: test_pipeline & co.
 def test_status_and_health(procs: Procs, r: redis.Redis, keys: Keys, subprocess_env: dict[str, str]) -> None:
-    procs.balancer()
+    shards = {"RYZ_INGRESS_SHARDS": "3"}  # ingress streams on several masters, each read in the same pipelines
+    procs.balancer(**shards)
     procs.worker("g1")
     wait_groups(r, keys, {"g1"}, timeout=STARTUP_S)
-    run = [sys.executable, "-m", "ryzanstein"]
-    status = subprocess.run([*run, "status", "--json"], env=subprocess_env, capture_output=True, text=True,
+    run, env = [sys.executable, "-m", "ryzanstein"], {**subprocess_env, **shards}
+    status = subprocess.run([*run, "status", "--json"], env=env, capture_output=True, text=True,
                             timeout=30, check=True)
     assert [g["name"] for g in json.loads(status.stdout)["groups"]] == ["g1"]
-    health = subprocess.run([*run, "health"], env=subprocess_env, capture_output=True, text=True, timeout=30,
+    assert json.loads(status.stdout)["ingress_depth"] == 0
+    health = subprocess.run([*run, "health"], env=env, capture_output=True, text=True, timeout=30,
                             check=False)
     assert health.returncode == 0, health.stdout + health.stderr
 

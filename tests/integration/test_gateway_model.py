@@ -1,23 +1,31 @@
 """The gateway over a real model, as the official ``openai`` package meets it: a random checkpoint
 saved by transformers behind a balancer, a worker group and a gateway process. Greedy logprobs equal
-transformers' log-softmax of the same logits (completions and chat, streamed and not); sampling
-controls sent through ``extra_body`` give the tokens transformers' logits processors give."""
+transformers' log-softmax of the same logits (completions and chat, streamed and not); each penalty,
+``logit_bias``, ``stop_token_ids`` and ``min_tokens`` give the tokens transformers' logits processors
+give."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
 import redis
 import torch
-from transformers import AutoModelForCausalLM, RepetitionPenaltyLogitsProcessor
+from transformers import (
+    AutoModelForCausalLM,
+    LogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
+)
 
 from broker.keys import Keys
 from gpu_workers.hf_tokenizer import load_tokenizer
-from tests.gpu_workers.reference import save_hf_model
-from tests.gpu_workers.test_engine_controls import hf_generate
+from tests.gpu_workers.reference import MIN_MARGIN, save_hf_model
+from tests.gpu_workers.test_engine_controls import FrequencyPresence, hf_generate
 from tests.integration.conftest import Procs, wait_for, wait_groups
 
 pytestmark = pytest.mark.integration
@@ -107,6 +115,31 @@ def test_logprobs_and_controls_through_the_openai_client(procs: Procs, r: redis.
     done = client.completions.create(model=model, prompt=prompt, max_tokens=NEW, temperature=0,
                                      extra_body={"repetition_penalty": 1.5})
     assert done.choices[0].text == decode(penalized) != decode(tokens)
+    # each penalty, logit_bias and the stop controls, as the openai package sends them
+    controls: dict[str, tuple[dict[str, Any], list[LogitsProcessor], int | None]] = {
+        "penalties": ({"frequency_penalty": -0.5, "presence_penalty": 0.5},
+                      [FrequencyPresence(len(prompt), -0.5, 0.5)], None),
+        "penalties, other signs": ({"frequency_penalty": 0.2, "presence_penalty": -0.4},
+                                   [FrequencyPresence(len(prompt), 0.2, -0.4)], None),
+        "logit_bias": ({"logit_bias": {str(tokens[0]): -100, str(tokens[3]): 3}},
+                       [SequenceBiasLogitsProcessor([[[tokens[0]], -100.0], [[tokens[3]], 3.0]])], None),
+        "stop_token_ids": ({"extra_body": {"stop_token_ids": [tokens[3]]}}, [], tokens[3]),
+        "min_tokens": ({"extra_body": {"stop_token_ids": [tokens[3]], "min_tokens": 4}},
+                       [MinNewTokensLengthLogitsProcessor(len(prompt), 4, [tokens[3]])], tokens[3]),
+    }
+    seen = {tuple(tokens), tuple(penalized)}
+    for name, (kwargs, processors, stop_id) in controls.items():
+        expected, margin = hf_generate(model_dir, prompt, processors, eos=stop_id)
+        assert margin >= MIN_MARGIN, f"{name}: the reference has a near-tie ({margin:.2e})"
+        assert tuple(expected) not in seen, f"{name}: changes nothing the other cases did not"
+        seen.add(tuple(expected))
+        done = client.completions.create(model=model, prompt=prompt, max_tokens=NEW, temperature=0, **kwargs)
+        if stop_id is None:
+            assert (done.choices[0].text, done.choices[0].finish_reason) == (decode(expected), "length"), name
+        else:  # ended by the stop id, whose text is left out (vLLM's rule); counted in the usage
+            assert expected[-1] == stop_id and len(expected) < NEW
+            assert (done.choices[0].text, done.choices[0].finish_reason) == (decode(expected[:-1]), "stop"), name
+        assert done.usage.completion_tokens == len(expected), name
 
     # chat without max_tokens: the rest of the context (the default, 1024, is more), never a 400
     long = [{"role": "user", "content": "y" * 990}]
@@ -220,3 +253,42 @@ def test_n_best_of_prompt_logprobs_and_tokenize_through_the_openai_client(
     assert chat_ids["count"] == done.usage.prompt_tokens
     assert httpx.post(f"{root}/tokenize", json={"model": "nope", "prompt": "x"}).status_code == 404
     assert httpx.post(f"{root}/detokenize", json={"model": model, "tokens": [10**6]}).status_code == 400
+
+
+@pytest.fixture(scope="module")
+def eos_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_hf_model(tmp_path_factory.mktemp("gateway-structured"), seed=3, eos_token_id=319)
+
+
+def test_fifty_random_schemas_through_the_openai_client(procs: Procs, r: redis.Redis, keys: Keys,
+                                                        eos_model_dir: Path) -> None:
+    """Whatever a random-weights model writes under a schema (OpenAI's ``response_format`` and
+    vLLM's ``guided_json``, by turns), sampled, parses and validates against it."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    import jsonschema
+
+    from benchmarks.json_schemas import random_schemas
+
+    procs.balancer()
+    procs.worker("llama", "--model", str(eos_model_dir), "--kv-dtype", "fp32", "--kv-memory", "32MiB")
+    log = procs.log_dir / f"{len(procs.started):02d}-producer.log"
+    procs.spawn("producer", "gateway", "--port", "0")
+    wait_groups(r, keys, {"llama"}, timeout=60)
+    url = wait_for(lambda: served_url(log), timeout=30, what="the gateway")
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=300)
+    schemas = random_schemas(50, seed=18)
+
+    def ask(i: int) -> openai.types.Completion:
+        constraint = ({"response_format": {"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schemas[i]}}}
+                      if i % 2 == 0 else {"guided_json": schemas[i]})
+        return client.completions.create(model=eos_model_dir.name, prompt="Answer in JSON: ", max_tokens=600,
+                                         temperature=1.0, seed=i, extra_body=constraint)
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, range(len(schemas))))
+    for schema, answer in zip(schemas, answers):
+        choice = answer.choices[0]
+        assert choice.finish_reason == "stop", (schema, choice.text)  # ended where the schema is complete
+        jsonschema.validate(json.loads(choice.text), schema)

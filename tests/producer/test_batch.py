@@ -45,9 +45,31 @@ def test_good_lines() -> None:
 
 def test_sampling_controls_are_passed_on() -> None:
     controls = {"presence_penalty": 0.5, "frequency_penalty": 1.0, "repetition_penalty": 1.2, "min_p": 0.1,
-                "min_tokens": 1, "ignore_eos": True, "logit_bias": {"5": -100}, "bad_words": ["x"]}
+                "min_tokens": 1, "ignore_eos": True, "stop_token_ids": [7, 9], "logit_bias": {"5": -100},
+                "bad_words": ["x"]}
     line = parse_line(2, json.dumps({"prompt": "hi", **controls}))
     assert isinstance(line, LineRequest) and line.options == controls
+
+
+@pytest.mark.parametrize(("fields", "refused"), [
+    ({"prompt": "hi", "logprobs": True}, "logprobs"),
+    ({"prompt": "hi", "top_logprobs": 2}, "top_logprobs"),
+    ({"prompt": "hi", "echo": True}, "echo"),
+    ({"prompt": "hi", "add_special_tokens": False}, "add_special_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "add_special_tokens": True}, "add_special_tokens"),
+    ({"prompt": "hi", "use_beam_search": True}, "use_beam_search"),
+])
+def test_fields_a_result_record_cannot_honour_make_the_line_bad(fields: dict[str, object], refused: str) -> None:
+    bad = parse_line(4, json.dumps({"custom_id": "r", "body": fields}))
+    assert isinstance(bad, BadLine) and bad.user_id == "r" and f"field '{refused}'" in bad.message
+
+
+@pytest.mark.parametrize("fields", [
+    {"prompt": "hi", "logprobs": False, "top_logprobs": 0, "echo": False, "add_special_tokens": True},
+    {"messages": [{"role": "user", "content": "hi"}], "add_special_tokens": False, "logprobs": None},
+])
+def test_fields_at_their_defaults_pass(fields: dict[str, object]) -> None:
+    assert isinstance(parse_line(5, json.dumps(fields)), LineRequest)
 
 
 @pytest.mark.parametrize("structured", [

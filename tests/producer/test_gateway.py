@@ -52,7 +52,8 @@ def test_completion_request_maps_to_ryzanstein_options() -> None:
 
 def test_sampling_controls_map_to_the_protocol_fields() -> None:
     controls = {"presence_penalty": 0.5, "frequency_penalty": -1.0, "repetition_penalty": 1.3, "min_p": 0.1,
-                "min_tokens": 2, "ignore_eos": True, "logit_bias": {"7": -100.0}, "bad_words": ["no"]}
+                "min_tokens": 2, "ignore_eos": True, "stop_token_ids": [5, 7], "logit_bias": {"7": -100.0},
+                "bad_words": ["no"]}
     gen = parse_completion({"model": "m", "prompt": "hi", **controls})
     assert gen.options == {"max_tokens": None, "temperature": None, "top_p": None, "top_k": None, "seed": None,
                            "stop": None, "priority": None, "timeout_s": None, **controls}
@@ -68,6 +69,8 @@ def test_sampling_controls_map_to_the_protocol_fields() -> None:
     ({"logprobs": 21}, "logprobs"),
     ({"logprobs": -1}, "logprobs"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+     "stream_options.continuous_usage_stats"),
     ({"prompt": ["a", "b"]}, "prompt"),
     ({"prompt": {"text": "a"}}, "prompt"),
     ({"max_tokens": "many"}, "max_tokens"),
@@ -252,6 +255,7 @@ REFUSED_SAMPLES: dict[str, Any] = {  # a value of each that would change the out
     "web_search_options": {}, "modalities": ["text", "audio"], "echo": True, "add_generation_prompt": False,
     "continue_final_message": True, "chat_template": "{{ messages }}", "chat_template_kwargs": {"x": 1},
     "documents": [{"text": "d"}], "mm_processor_kwargs": {"a": 1}, "return_tokens_as_token_ids": True,
+    "add_special_tokens": True,  # (chat; completions: false)
 }
 
 
@@ -265,8 +269,11 @@ def test_every_refused_parameter_is_a_400_naming_it() -> None:
                       lambda b: parse_chat({"model": "m", "messages": messages, **b}, default_max_tokens=4)):
             if name == "echo" and parse({}).kind == "completion":
                 continue  # completions honour echo
+            sent = value
+            if name == "add_special_tokens" and parse({}).kind == "completion":
+                sent = False  # completions add the tokenizer's special tokens, chat only the template's
             with pytest.raises(ApiError) as caught:
-                parse({name: value})
+                parse({name: sent})
             assert (caught.value.status, caught.value.param) == (400, name), name
             assert name in caught.value.message
 
@@ -275,9 +282,9 @@ def test_neutral_values_and_unknown_parameters_pass() -> None:
     neutral = {"n": 1, "best_of": 1, "use_beam_search": False, "skip_special_tokens": True, "echo": False,
                "add_generation_prompt": True, "modalities": ["text"], "chat_template_kwargs": {},
                "response_format": {"type": "text"}, "guided_json": None, "some_new_thing": {"a": 1}}
-    assert parse_completion({"model": "m", "prompt": "x", **neutral}).prompt == "x"
-    assert parse_chat({"model": "m", "messages": [{"role": "user", "content": "x"}], **neutral},
-                      default_max_tokens=4).kind == "chat"
+    assert parse_completion({"model": "m", "prompt": "x", **neutral, "add_special_tokens": True}).prompt == "x"
+    assert parse_chat({"model": "m", "messages": [{"role": "user", "content": "x"}], **neutral,
+                       "add_special_tokens": False}, default_max_tokens=4).kind == "chat"
 
 
 # --- several completions, echo, prompt logprobs ---------------------------------------------------

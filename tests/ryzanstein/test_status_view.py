@@ -108,7 +108,7 @@ def test_snapshot_lists_balancers_and_what_they_hold(r: redis.Redis, keys: Keys)
     now_ms = secs * 1000 + micros // 1000
     r.zadd(keys.balancers, {"bal-1": now_ms - 500, "bal-2": now_ms - 300})  # both heartbeat: alive
 
-    snap = read_snapshot(r, keys, dead_after_s=3.0, now_s=7.0)
+    snap = read_snapshot(r, keys, dead_after_s=3.0, now_s=7.0, shards=1)
 
     assert (snap.ingress_depth, snap.ingress_pending, snap.taken_at_s) == (3, 2, 7.0)
     assert [(b.name, b.pending) for b in snap.balancers] == [("bal-1", 2), ("bal-2", 0)]
@@ -196,7 +196,7 @@ def test_status_counts_every_tenants_stream(r: redis.Redis, keys: Keys) -> None:
     r.xreadgroup(INGRESS_GROUP, "bal-1", {keys.requests: ">"}, count=1)
     r.xreadgroup(INGRESS_GROUP, "bal-1", {keys.tenant_requests("t11"): ">"}, count=3)
 
-    snap = read_snapshot(r, keys, dead_after_s=3.0, now_s=0.0)
+    snap = read_snapshot(r, keys, dead_after_s=3.0, now_s=0.0, shards=1)
 
     assert (snap.ingress_depth, snap.ingress_pending) == (1 + sum(range(1, len(tenants))), 4)
     assert [(b.name, b.pending) for b in snap.balancers] == [("bal-1", 4)]  # of every stream
@@ -207,3 +207,28 @@ def test_status_counts_every_tenants_stream(r: redis.Redis, keys: Keys) -> None:
     shown = [line.split()[1] for line in lines if line.startswith("  tenant ")]
     assert shown == [f"t{n:02d}:" for n in range(len(tenants) - 1, 1, -1)]  # busiest first, t01 left out
     assert lines[-1] == "  ... and 1 more tenants with entries (--json lists all)"
+
+
+def test_status_counts_the_shards_and_removed_tenants(r: redis.Redis, keys: Keys) -> None:
+    """Entries on the ingress shards (``RYZ_INGRESS_SHARDS``) and on a removed tenant's stream (still
+    read by balancers) count in the totals and in each balancer's pending; the tenants listed are
+    the current ones."""
+    r.xgroup_create(keys.requests, INGRESS_GROUP, id="0", mkstream=True)
+    r.xadd(keys.requests, {"id": "q", "prompt": "x"})
+    r.xreadgroup(INGRESS_GROUP, "bal-1", {keys.requests: ">"})
+    r.xgroup_create(keys.requests_shard(0), INGRESS_GROUP, id="0", mkstream=True)
+    for i in range(3):
+        r.xadd(keys.requests_shard(0), {"id": f"s{i}", "prompt": "x"})
+    r.xadd(keys.requests_shard(2), {"id": "late", "prompt": "x"})  # no consumer group yet
+    r.xreadgroup(INGRESS_GROUP, "bal-1", {keys.requests_shard(0): ">"}, count=2)
+    r.sadd(keys.tenants, "alice")
+    r.sadd(keys.tenants_removed, "carol")
+    r.xadd(keys.tenant_requests("carol"), {"id": "c", "prompt": "x"})
+
+    snap = read_snapshot(r, keys, dead_after_s=3.0, now_s=0.0, shards=3)
+
+    assert (snap.ingress_depth, snap.ingress_pending) == (1 + 3 + 1 + 1, 1 + 2)
+    assert [(b.name, b.pending) for b in snap.balancers] == [("bal-1", 1 + 2)]
+    assert [t.tenant for t in snap.tenants] == ["alice"]
+    # read without the shards, as a status command without the setting would
+    assert read_snapshot(r, keys, dead_after_s=3.0, now_s=0.0, shards=1).ingress_depth == 1 + 1
