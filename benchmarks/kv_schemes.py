@@ -19,13 +19,15 @@ by position with the fp32 cache: mean KL(fp32 || scheme), top-1 agreement, and, 
 differs, fp32's own top-1/top-2 logit gap (a flip at a gap < 0.05 is a near-tie).
 
 Scheme names: K part + V part + dense blocks, e.g. "centred-channel + sink" (see SCHEMES). K parts:
-- block-pow2: one power-of-two scale per (block, head) (the engine's fp8_e4m3 today); block: exact;
+- block-pow2: one power-of-two scale per (block, head) (the engine's fp8_e4m3_block); block: exact;
 - token: one exact scale per (token, head);
 - channel: one exact scale per (block, channel) (KIVI: Liu et al. 2024; KVQuant: Hooper et al. 2024);
 - centred: minus the per-(block, channel) midpoint (KIVI's zero point; stored in fp8 under one
   scale per block), residual under one scale per block; centred-channel: residual scale per channel.
 V is quantized per token unless the name says otherwise. The chosen scheme,
-gpu_workers/model/kv_quant.py's, is "kv_quant" (its own functions, bit for bit).
+gpu_workers/model/kv_quant.py's, is "kv_quant" (its own functions, bit for bit): the engine's
+default fp8_e4m3 (gpu_workers/model/kv_staged.py), which quantizes a block from its bf16 values
+(tests/gpu_workers/model/test_kv_staged.py checks the engine against this simulation).
 Writes JSON to benchmarks/results/kv_schemes-<timestamp>.json.
 """
 

@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 import torch
 
 from benchmarks.common import linear_flops_per_token, matmul_peak_gflops
+from gpu_workers.model.kv_staged import StagedKVCache
 from gpu_workers.model.loader import resolve_model
 from gpu_workers.model_runner import Chunk, ModelRunner
 
@@ -50,11 +51,21 @@ def main(argv: list[str] | None = None) -> int:
     blocks = list(range(sum(per_seq)))
     rng.shuffle(blocks)
     tables = [blocks[sum(per_seq[:i]) : sum(per_seq[: i + 1])] for i in range(batch)]
+    staging: list[tuple[int, ...]] = [()] * batch
+    if runner.kv_format.staged:  # block 0 (the sink) and a staging block per sequence in bf16 (ids from num_blocks)
+        runner.allocate_kv_cache(sum(per_seq), 2 * batch)
+        tables = [[sum(per_seq) + j, *t[1:]] for j, t in enumerate(tables)]
+        staging = [(sum(per_seq) + batch + j,) for j in range(batch)]
     vocab = runner.config.vocab_size
     if args.prefill:
         for i in range(0, batch, 8):
-            runner.run([Chunk([rng.randrange(vocab) for _ in range(lengths[j])], 0, tables[j], True)
+            runner.run([Chunk([rng.randrange(vocab) for _ in range(lengths[j])], 0, tables[j], True, staging=staging[j])
                         for j in range(i, min(batch, i + 8))])
+    elif runner.kv_format.staged:  # codes like a model's: what a decode step costs does not depend on them
+        staged = runner.kv_cache
+        assert isinstance(staged, StagedKVCache)
+        staged.values.copy_(torch.randint(0, 120, staged.values.shape, dtype=torch.uint8))
+        staged.dense.normal_()
     else:  # values like a model's: what a decode step costs does not depend on them
         cache = runner.kv_cache
         for layer in range(cache.num_layers):
@@ -65,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     positions = list(lengths)
 
     def step() -> float:
-        chunks = [Chunk([rng.randrange(vocab)], positions[j], tables[j], True) for j in range(batch)]
+        chunks = [Chunk([rng.randrange(vocab)], positions[j], tables[j], True, staging=staging[j]) for j in range(batch)]
         t = time.perf_counter()
         runner.run(chunks)
         for j in range(batch):

@@ -25,6 +25,12 @@ blocks are ever shared. A hit of ``n`` blocks needs every full-attention group's
 cached, but a sliding group's only from the one holding the first key the next query sees
 (``n * block_size - W + 1``): earlier entries are placeholders (``NULL_BLOCK``), counted as released.
 
+Dense blocks (a staged KV format, gpu_workers.model.kv_staged): ``num_dense_blocks`` more blocks, ids
+``num_blocks`` on, in bf16 beside the fp8 pool. Every group's block 0 of a sequence (its attention
+sink) is a dense block, shared through the prefix cache like any full block, and each sequence holds
+one staging block per group (``Sequence.staging``) for its newest, incomplete block. Dense blocks
+have free lists of their own; ``num_free_blocks`` and the token counts are the fp8 pool's.
+
 A freed block that carries a hash keeps its K/V and stays findable: free cached blocks form an LRU,
 and a later lookup revives them. A fresh block is taken from never-hashed free blocks first, then by
 evicting the least recently freed cached block (its hash is dropped).
@@ -84,7 +90,8 @@ class BlockManager:
     """
 
     def __init__(self, num_blocks: int, block_size: int = 16, *, prefix_caching: bool = True,
-                 groups: KVCacheGroups = FULL_ATTENTION) -> None:
+                 groups: KVCacheGroups = FULL_ATTENTION, num_dense_blocks: int = 0) -> None:
+        """``num_dense_blocks``: a staged KV format's bf16 blocks (sinks, staging), 0 for the others."""
         if num_blocks < groups.num_groups or block_size < 1:
             raise ValueError(f"need num_blocks >= {groups.num_groups} (one per KV cache group) and "
                              f"block_size >= 1, got {num_blocks}, {block_size}")
@@ -94,9 +101,16 @@ class BlockManager:
         self.groups = groups
         self._g = groups.num_groups
         self._sliding = [k for k, w in enumerate(groups.windows) if w is not None]
-        self.blocks = [Block(i) for i in range(num_blocks)]
-        self._fresh: deque[int] = deque(range(num_blocks))  # free, no hash: taken first
-        self._cached_free: OrderedDict[int, None] = OrderedDict()  # free, hashed: LRU first
+        if num_dense_blocks and num_dense_blocks < 2 * groups.num_groups:
+            raise ValueError(f"need num_dense_blocks >= {2 * groups.num_groups} (a sink and a staging block "
+                             f"per KV cache group), got {num_dense_blocks}")
+        self.num_dense_blocks = num_dense_blocks
+        self.blocks = [Block(i) for i in range(num_blocks + num_dense_blocks)]
+        # per kind of block (0: the fp8 or plain pool, 1: dense), free ones without a hash (taken first)
+        # and free hashed ones (LRU first)
+        self._fresh: tuple[deque[int], deque[int]] = (deque(range(num_blocks)),
+                                                      deque(range(num_blocks, num_blocks + num_dense_blocks)))
+        self._cached_free: tuple[OrderedDict[int, None], OrderedDict[int, None]] = (OrderedDict(), OrderedDict())
         self._by_hash: dict[bytes, int] = {}
         self._chains: dict[Sequence, _Chain] = {}
         self.prefix_query_tokens = 0
@@ -106,8 +120,12 @@ class BlockManager:
 
     @property
     def num_free_blocks(self) -> int:
-        """Blocks with no holder, cached ones included (they are evicted on demand)."""
-        return len(self._fresh) + len(self._cached_free)
+        """Blocks (of the fp8 or plain pool) with no holder, cached ones included (they are evicted on demand)."""
+        return len(self._fresh[0]) + len(self._cached_free[0])
+
+    @property
+    def num_free_dense_blocks(self) -> int:
+        return len(self._fresh[1]) + len(self._cached_free[1])
 
     @property
     def num_used_blocks(self) -> int:
@@ -115,7 +133,7 @@ class BlockManager:
 
     @property
     def num_cached_free_blocks(self) -> int:
-        return len(self._cached_free)
+        return len(self._cached_free[0]) + len(self._cached_free[1])
 
     @property
     def capacity_tokens(self) -> int:
@@ -169,14 +187,19 @@ class BlockManager:
         num_hit, skipped, hits = self._lookup(seq)
         num_hit_tokens = num_hit * self.block_size
         target = min(seq.num_tokens, num_hit_tokens + max_new_tokens)
-        num_new = (self.num_blocks_for(target) - num_hit) * self._g
+        # the kind of each new block: dense for block 0 (the sink) with a staged format
+        kinds = [int(self.num_dense_blocks > 0 and i == 0)
+                 for i in range(num_hit, self.num_blocks_for(target)) for _ in range(self._g)]
+        staging = self._g if self.num_dense_blocks else 0
         taken = [b for b in hits if b != NULL_BLOCK]
-        num_revived = sum(1 for b in taken if self.blocks[b].ref_count == 0)
-        if num_new > self.num_free_blocks - num_revived:
+        revived = [sum(1 for b in taken if self.blocks[b].ref_count == 0 and self._kind(b) == k) for k in (0, 1)]
+        if (kinds.count(0) > self.num_free_blocks - revived[0]
+                or kinds.count(1) + staging > self.num_free_dense_blocks - revived[1]):
             return False
         for b in taken:
             self._take_cached(b)
-        seq.block_table = hits + [self._take_fresh() for _ in range(num_new)]
+        seq.block_table = hits + [self._take_fresh(k) for k in kinds]
+        seq.staging = [self._take_fresh(1) for _ in range(staging)]
         seq.num_computed_tokens = seq.num_cached_tokens = num_hit_tokens
         seq.num_released_blocks = skipped
         if self.prefix_caching:
@@ -223,10 +246,12 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         """Release ``seq``'s blocks (tail first, so its tail is evicted first) and reset its progress."""
+        for block_id in seq.staging:
+            self._release(block_id)
         for idx in reversed(range(len(seq.block_table))):
             if not self._is_released(seq, idx):
                 self._release(seq.block_table[idx])
-        seq.block_table = []
+        seq.block_table, seq.staging = [], []
         seq.num_computed_tokens = seq.num_released_blocks = 0
         self._chains.pop(seq, None)
 
@@ -309,17 +334,21 @@ class BlockManager:
         """Leading blocks a sliding group needs not hold once ``num_hit`` blocks are computed."""
         return 0 if window is None else max(0, num_hit * self.block_size + 1 - window) // self.block_size
 
+    def _kind(self, block_id: int) -> int:
+        """0: a block of the fp8 (or plain) pool; 1: a dense block."""
+        return int(block_id >= self.num_blocks)
+
     def _take_cached(self, block_id: int) -> None:
         block = self.blocks[block_id]
         if block.ref_count == 0:
-            del self._cached_free[block_id]
+            del self._cached_free[self._kind(block_id)][block_id]
         block.ref_count += 1
 
-    def _take_fresh(self) -> int:
-        if self._fresh:
-            block_id = self._fresh.popleft()
+    def _take_fresh(self, kind: int = 0) -> int:
+        if self._fresh[kind]:
+            block_id = self._fresh[kind].popleft()
         else:
-            block_id, _ = self._cached_free.popitem(last=False)
+            block_id, _ = self._cached_free[kind].popitem(last=False)
             block = self.blocks[block_id]
             assert block.hash is not None
             del self._by_hash[block.hash]
@@ -333,6 +362,6 @@ class BlockManager:
         block.ref_count -= 1
         if block.ref_count == 0:
             if block.hash is None:
-                self._fresh.append(block_id)
+                self._fresh[self._kind(block_id)].append(block_id)
             else:
-                self._cached_free[block_id] = None
+                self._cached_free[self._kind(block_id)][block_id] = None

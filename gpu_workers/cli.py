@@ -79,7 +79,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                              "canonical name); default: the directory's last component, the hub id, "
                              "random:<preset> or echo")
     parser.add_argument("--kv-dtype", default="fp8_e4m3", choices=KV_DTYPES, metavar="D",
-                        help="KV cache dtype: fp8_e4m3 (default; a scale per block and KV head), fp8_e5m2, "
+                        help="KV cache dtype: fp8_e4m3 (default; keys centred per block and channel, values per "
+                             "token, each sequence's first and newest blocks in bf16), fp8_e4m3_block (a "
+                             "power-of-two scale per block and KV head), fp8_e5m2 (the same in e5m2), "
                              "fp8_e4m3_per_tensor (one static scale per layer), bf16, fp16, fp32")
     parser.add_argument("--kv-memory", default=None,
                         help="KV cache size per rank, e.g. 2GiB (default: a share of free memory)")

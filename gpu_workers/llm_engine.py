@@ -93,7 +93,7 @@ class LlamaEngine:
         # rank 0 tells the other ranks what to compute each step (only once all have started)
         self.runner: ModelRunner | LeaderRunner = LeaderRunner(runner, tp) if tp is not None else runner
         self.blocks = BlockManager(num_blocks, BLOCK_SIZE, prefix_caching=options.prefix_caching,
-                                   groups=runner.kv_groups)
+                                   groups=runner.kv_groups, num_dense_blocks=runner.kv_cache.num_dense_blocks)
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(
             max_num_seqs=options.max_num_seqs, max_num_batched_tokens=options.max_num_batched_tokens,
         ))
@@ -126,7 +126,7 @@ class LlamaEngine:
         log.info(
             "engine %s ready in %.1fs: %d KV blocks of %d layers (%d tokens of every layer, %.1f MiB per "
             "rank, %s), max context %d", name, time.perf_counter() - started, num_blocks,
-            runner.kv_groups.layers_per_block, capacity, runner.kv_cache.bytes_per_block() * num_blocks / 2**20,
+            runner.kv_groups.layers_per_block, capacity, runner.kv_cache.nbytes() / 2**20,
             options.kv, self.info.max_context,
         )
 
@@ -235,6 +235,7 @@ class LlamaEngine:
                 want_logits=c.samples,
                 seq=c.seq,
                 all_logits=(p := self._requests[c.seq.request_id].prompt_logprobs) is not None and p.wants(c.start),
+                staging=tuple(c.seq.staging),
             )
             for c in plan.chunks
         ]

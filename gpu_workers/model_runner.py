@@ -28,6 +28,7 @@ from gpu_workers.model.decode_backends import DecodeBackends
 from gpu_workers.model.families import model_class
 from gpu_workers.model.kv_cache import KVCache
 from gpu_workers.model.kv_format import KVFormat, kv_format
+from gpu_workers.model.kv_staged import StagedKVCache
 from gpu_workers.model.layers import TPContext
 from gpu_workers.model.loader import load_weights
 from gpu_workers.startup import phase
@@ -93,10 +94,14 @@ class ModelRunner:
         if num_blocks is not None:
             self.allocate_kv_cache(num_blocks)
 
-    def allocate_kv_cache(self, num_blocks: int) -> None:
-        """The KV cache of ``num_blocks`` blocks (once, before the first ``run``)."""
-        with phase("KV allocation", f"{num_blocks} blocks of {self.block_size} tokens, {self.kv_dtype}"):
-            self.use_kv_cache(self._new_kv_cache(num_blocks))
+    def allocate_kv_cache(self, num_blocks: int, num_dense_blocks: int | None = None) -> None:
+        """The KV cache of ``num_blocks`` blocks (once, before the first ``run``); a staged format
+        (gpu_workers.model.kv_staged) adds ``num_dense_blocks`` bf16 blocks, ids ``num_blocks`` on
+        (None: as many as ``num_blocks``)."""
+        dense = (num_blocks if num_dense_blocks is None else num_dense_blocks) if self.kv_format.staged else 0
+        what = f" and {dense} bf16 blocks" if dense else ""
+        with phase("KV allocation", f"{num_blocks} blocks{what} of {self.block_size} tokens, {self.kv_dtype}"):
+            self.use_kv_cache(self._new_kv_cache(num_blocks, dense))
 
     def use_kv_cache(self, cache: KVCache) -> None:
         """Run steps over ``cache`` (one of this runner's shape), read by the decode backends chosen
@@ -118,6 +123,10 @@ class ModelRunner:
         if self.device.type != "cpu" or self.tp.size > 1:
             log.info("compilation: eager (the compiled decoder runs on one CPU rank only)")
             return False
+        if self.kv_format.staged:
+            log.info("compilation: eager (the staged %s KV cache is not compiled yet; "
+                     "--kv-dtype fp32, bf16 or fp8_e4m3_block compile)", self.kv_dtype)
+            return False
         with phase("compile", "torch.compile, inductor C++: the decoder layers, for 1 token and for more"):
             self.model.compile(INDUCTOR_OPTIONS if options is None else options)
             table = [0] * self.kv_groups.num_groups
@@ -125,17 +134,15 @@ class ModelRunner:
                 self.run([Chunk([0], 0, table, want_logits=True)] * n)
         return True
 
-    def _new_kv_cache(self, num_blocks: int) -> KVCache:
-        return KVCache(
-            num_layers=self.kv_groups.layers_per_block,
-            num_blocks=num_blocks,
-            block_size=self.block_size,
-            num_kv_heads=self.config.kv_heads_per_rank(self.tp.size),
-            head_dim=self.config.head_dim,
-            kv_dtype=self.kv_format,
-            dtype=self.dtype,
-            device=self.device,
-        )
+    def _new_kv_cache(self, num_blocks: int, num_dense_blocks: int) -> KVCache:
+        shape: dict[str, Any] = {
+            "num_layers": self.kv_groups.layers_per_block, "num_blocks": num_blocks, "block_size": self.block_size,
+            "num_kv_heads": self.config.kv_heads_per_rank(self.tp.size), "head_dim": self.config.head_dim,
+            "kv_dtype": self.kv_format, "dtype": self.dtype, "device": self.device,
+        }
+        if self.kv_format.staged:
+            return StagedKVCache(num_dense_blocks=num_dense_blocks, **shape)
+        return KVCache(**shape)
 
     def run(self, chunks: list[Chunk]) -> torch.Tensor:
         """fp32 logits [n, vocab] of the chunks with ``want_logits``, in the order given; a chunk

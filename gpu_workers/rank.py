@@ -63,10 +63,22 @@ def build_runner(model_dir: Path, options: LlamaEngineOptions, *, tp: TensorPara
     most = options.max_num_seqs * groups.peak_blocks(config.max_context, BLOCK_SIZE,
                                                      chunk=options.max_num_batched_tokens)
     local_ranks = tp.local_size if tp else 1
+    # a staged format (gpu_workers.model.kv_staged): bf16 blocks for every sequence's sink and staging
+    # block, per group, out of the same budget
+    dense_bytes = (config.num_hidden_layers * 2 * config.kv_heads_per_rank(size)
+                   * options.kv.dense_bytes_per_head_block(BLOCK_SIZE, config.head_dim)) // groups.num_groups
 
-    def blocks() -> int:
+    def dense_blocks(budget: int) -> int:
+        """Two per sequence and group, at most a sixteenth of the budget (but always one sequence's)."""
+        if not options.kv.staged:
+            return 0
+        return min(2 * groups.num_groups * options.max_num_seqs, max(2 * groups.num_groups, budget // 16 // dense_bytes))
+
+    def blocks() -> tuple[int, int]:
+        """(blocks, dense blocks) the budget holds."""
         budget = kv_budget_bytes(options.kv_memory, device=options.device, ranks_on_host=local_ranks)
-        return min(budget // bytes_per_block, most)
+        dense = dense_blocks(budget)
+        return min((budget - dense * dense_bytes) // bytes_per_block, most), dense
 
     def check(num_blocks: int) -> None:
         if num_blocks < groups.num_groups:
@@ -76,17 +88,18 @@ def build_runner(model_dir: Path, options: LlamaEngineOptions, *, tp: TensorPara
                               f"with kv dtype {options.kv_dtype})")
 
     if options.kv_memory is not None:
-        check(blocks())  # a size that holds nothing fails before minutes of loading
+        check(blocks()[0])  # a size that holds nothing fails before minutes of loading
     runner = ModelRunner(
         model_dir, num_blocks=None, block_size=BLOCK_SIZE, kv_dtype=options.kv,
         dtype=options.dtype, device=tp.device if tp is not None else options.device,
         tp=tp.context if tp is not None else None, kv_groups=groups,
     )
-    num_blocks = blocks()  # a share of free memory is measured now, with the weights loaded
+    num_blocks, num_dense = blocks()  # a share of free memory is measured now, with the weights loaded
     if tp is not None:
         num_blocks = tp.agree_min(num_blocks)  # every rank, before any of them can refuse
+        num_dense = tp.agree_min(num_dense)
     check(num_blocks)
-    runner.allocate_kv_cache(num_blocks)
+    runner.allocate_kv_cache(num_blocks, num_dense)
     if options.compilation_level >= CompilationLevel.PIECEWISE:
         runner.compile()
     return runner
@@ -103,6 +116,6 @@ def rank_report(runner: ModelRunner, tp: TensorParallelGroup | None, *, load_s: 
     cache = runner.kv_cache
     return RankReport(
         rank=tp.rank if tp is not None else 0, host=socket.gethostname(), pid=os.getpid(),
-        weight_bytes=runner.weight_bytes(), kv_bytes=cache.bytes_per_block() * cache.num_blocks,
+        weight_bytes=runner.weight_bytes(), kv_bytes=cache.nbytes(),
         load_s=round(load_s, 3), peak_rss_bytes=peak_rss_bytes(),
     )

@@ -48,6 +48,9 @@ class Sequence:
     # Leading blocks (per group) that the sliding-window groups have given back or never held: wholly
     # before their window, nothing reads them again; their entries are stale ids or NULL_BLOCK.
     num_released_blocks: int = 0
+    # A staged KV format only (gpu_workers.model.kv_staged): one dense staging block per KV cache group,
+    # where the newest, incomplete block's K/V are kept in bf16 until it completes.
+    staging: list[int] = field(default_factory=list)
     first_scheduled: float | None = None  # when it first got a chunk (queue-time stats)
     # Never take blocks from the prefix cache: every prompt token is computed (a request that asked
     # for prompt logprobs needs the logits a cache hit would skip). Its blocks are still offered.

@@ -19,6 +19,7 @@ from gpu_workers.kv_cache_groups import KVCacheGroups
 from gpu_workers.model.attention_metadata import AttentionBatch, PrefillChunk
 from gpu_workers.model.config import ModelConfig
 from gpu_workers.model.decode_backends import DecodeBackends, DecodeSpan
+from gpu_workers.model.kv_staged import StagedWrites
 
 if TYPE_CHECKING:
     from gpu_workers.sequence import Sequence
@@ -37,6 +38,9 @@ class Chunk:
     seq: Sequence | None = None
     # Logits of every token of the chunk, not only of its last (prompt logprobs).
     all_logits: bool = False
+    # A staged cache only (gpu_workers.model.kv_staged): the sequence's staging block in every KV
+    # cache group (dense block ids), where its newest, incomplete block is kept in bf16
+    staging: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -62,6 +66,10 @@ class StepBuilder:
         # step) and whether some layer of it attends to everything
         self.group_windows = [sorted({w for i in g if (w := layer_windows[i]) is not None}) for g in kv_groups.layers]
         self.group_full = [any(layer_windows[i] is None for i in g) for g in kv_groups.layers]
+        cache = backends.full.cache
+        # a staged cache: block ids from num_blocks on are its dense (bf16) blocks
+        self.staged = cache.format.staged
+        self.first_dense = cache.num_blocks
 
     def build(self, chunks: list[Chunk]) -> StepInputs:
         """Flatten ``chunks`` (decodes first, then prefill chunks) and build attention metadata;
@@ -90,7 +98,8 @@ class StepBuilder:
         views = []
         for k in range(num_groups):
             own = chunks if num_groups == 1 else [
-                Chunk(c.token_ids, c.start, c.block_table[k::num_groups], c.want_logits) for c in chunks]
+                Chunk(c.token_ids, c.start, c.block_table[k::num_groups], c.want_logits, staging=c.staging[k : k + 1])
+                for c in chunks]
             views.append(self._group_view(k, [own[i] for i in decodes], positions[0],
                                           [(own[i], first_row[i]) for i in prefills], rope_seq_lens))
         batch = views[0]
@@ -127,6 +136,9 @@ class StepBuilder:
         for c, row in prefills:
             slots.append(self._add_prefill(batch, c, row, full=full_view))
         batch.slot_mapping = self._to_device(torch.cat(slots))
+        if self.staged:
+            batch.staged = self._staged_writes([*((c, i) for i, c in enumerate(decodes)), *prefills],
+                                               len(batch.slot_mapping))
         for window in windows:
             batch.windowed[window] = batch if window not in narrow else self._windowed(batch, window, decodes, prefills)
         return batch
@@ -144,8 +156,8 @@ class StepBuilder:
         for first, count in backend.split(used):
             width = used[first + count - 1]  # sorted by length: the last is the widest
             table = torch.tensor(
-                [c.block_table[:n] + [0] * (width - n) for c, n in zip(decodes[first : first + count],
-                                                                      used[first : first + count])],
+                [self._own(c, c.block_table[:n]) + [0] * (width - n) for c, n in zip(decodes[first : first + count],
+                                                                                  used[first : first + count])],
                 dtype=torch.long,
             )  # [B, MB], padded with block 0 (masked)
             batch.decode_groups.append(backend.build(DecodeSpan(first, table, positions[first : first + count])))
@@ -162,6 +174,9 @@ class StepBuilder:
         blocks = torch.tensor(c.block_table[: -(-end // bs)], dtype=torch.long)
         context_slots = (blocks[:, None] * bs + torch.arange(bs)).view(-1)[:end]  # [end]
         kv_slots = mask = None
+        if self.staged:
+            batch.prefills.append(self._staged_chunk(c, first, context_slots, 0, None))
+            return context_slots[c.start :]
         if c.start:
             kv_slots = self._to_device(context_slots)
             queries = torch.arange(c.start, end)
@@ -181,8 +196,8 @@ class StepBuilder:
         for first, count in backend.split([hi - lo for lo, hi in spans]):
             group, span = decodes[first : first + count], spans[first : first + count]
             width = max(hi - lo for lo, hi in span)
-            table = torch.tensor([c.block_table[lo:hi] + [0] * (width - hi + lo) for c, (lo, hi) in zip(group, span)],
-                                 dtype=torch.long)  # [B, MB]
+            table = torch.tensor([self._own(c, c.block_table[lo:hi]) + [0] * (width - hi + lo)
+                                  for c, (lo, hi) in zip(group, span)], dtype=torch.long)  # [B, MB]
             view.decode_groups.append(backend.build(DecodeSpan(
                 first, table, positions=torch.tensor([c.start for c in group]),
                 key_start=torch.tensor([lo * bs for lo, _ in span])[:, None], window=window,
@@ -190,6 +205,11 @@ class StepBuilder:
         for c, row in prefills:
             end = c.start + len(c.token_ids)
             lo = max(0, c.start + 1 - window)  # the first key any of the chunk's queries sees
+            if self.staged:
+                blocks = torch.tensor(c.block_table[lo // bs : -(-end // bs)], dtype=torch.long)
+                slots = (blocks[:, None] * bs + torch.arange(bs)).view(-1)[lo % bs : lo % bs + end - lo]
+                view.prefills.append(self._staged_chunk(c, row, slots, lo, window))
+                continue
             kv_slots = mask = None  # (a first chunk within the window: plain causal attention)
             if c.start or end > window:
                 keys = torch.arange(lo, end)[None, :]  # [1, S]
@@ -201,6 +221,87 @@ class StepBuilder:
                     kv_slots = self._to_device(slots)
             view.prefills.append(PrefillChunk(row, len(c.token_ids), c.start, kv_slots, mask))
         return view
+
+    # --- the staged cache (gpu_workers.model.kv_staged) -------------------------------------------
+
+    def _own(self, c: Chunk, table: list[int]) -> list[int]:
+        """A decode's block table (its blocks up to its query's), with a staged cache the staging
+        block in place of the query's own block (unless that is block 0, the dense sink)."""
+        if not self.staged or c.start < self.block_size:
+            return table
+        return table[:-1] + [self._staging(c)]
+
+    def _staging(self, c: Chunk) -> int:
+        if not c.staging or c.staging[0] < self.first_dense:
+            raise ValueError(f"a staged KV cache needs each chunk's staging block (a dense block id), got {c.staging}")
+        return c.staging[0]
+
+    def _sink_slot(self, c: Chunk, offset: int) -> int:
+        """The dense slot of token ``offset`` of the sequence's block 0 (its sink)."""
+        if c.block_table[0] < self.first_dense:
+            raise ValueError(f"a staged KV cache needs block 0 of each table to be a dense block, got {c.block_table[0]}")
+        return (c.block_table[0] - self.first_dense) * self.block_size + offset
+
+    def _stage_slot(self, c: Chunk, position: int) -> int:
+        """The dense slot of ``position`` (of the sequence's newest block) in its staging block."""
+        return (self._staging(c) - self.first_dense) * self.block_size + position % self.block_size
+
+    def _staged_chunk(self, c: Chunk, first: int, kv_slots: torch.Tensor, lo: int, window: int | None) -> PrefillChunk:
+        """A prefill chunk over a staged cache: its context ``kv_slots`` [S] (keys ``lo`` .. end), read
+        twice (as stored, then in bf16), its mask [n, 2S] picking per query what decode would read."""
+        bs, start, end = self.block_size, c.start, c.start + len(c.token_ids)
+        keys = torch.arange(lo, end)[None, :]  # [1, S]
+        queries = torch.arange(start, end)[:, None]  # [n, 1]
+        seen = keys <= queries
+        if window is not None:
+            seen &= keys > queries - window
+        own = (keys // bs == queries // bs) | (keys < bs)  # read in bf16: its own block and the sink
+        mask = torch.cat((seen & ~own, seen & own), dim=1)
+        staged_from = max(lo, start - start % bs)  # tokens of the first query's block cached before it
+        stage = self._sink_slot if start < bs else self._stage_slot
+        dense = torch.tensor([stage(c, p) for p in range(staged_from, start)], dtype=torch.long)
+        return PrefillChunk(first, len(c.token_ids), start, self._to_device(kv_slots), self._to_device(mask),
+                            dense_slots=self._to_device(dense), dense_from=staged_from - lo)
+
+    def _staged_writes(self, chunks: list[tuple[Chunk, int]], num_tokens: int) -> StagedWrites:
+        """The step's writes into a staged cache for ``chunks`` (each with its first row, ``num_tokens``
+        rows in all): tokens of block 0 and of each chunk's last block in bf16 (the sink, the staging
+        block), and blocks that complete quantized into their fp8 blocks (from the staged tokens
+        cached before the chunk and the chunk's own)."""
+        bs = self.block_size
+        dense_rows: list[int] = []
+        dense_slots: list[int] = []
+        late_rows: list[int] = []
+        late_slots: list[int] = []
+        complete: list[int] = []
+        src: list[int] = []
+        staged: list[int] = []
+        for c, row in chunks:
+            start, end = c.start, c.start + len(c.token_ids)
+            last = (end - 1) // bs
+            for b in range(start // bs, last + 1):
+                lo, hi = max(start, b * bs), min(end, (b + 1) * bs)
+                rows = range(row + lo - start, row + hi - start)
+                if b == 0:
+                    dense_rows += rows
+                    dense_slots += [self._sink_slot(c, p) for p in range(lo, hi)]
+                    continue
+                if b == last:  # decodes read it now; a prefill chunk its first block's staged tokens
+                    late = len(c.token_ids) > 1
+                    (late_rows if late else dense_rows).extend(rows)
+                    (late_slots if late else dense_slots).extend(self._stage_slot(c, p) for p in range(lo, hi))
+                if hi == (b + 1) * bs:
+                    complete.append(c.block_table[b])
+                    for p in range(b * bs, lo):
+                        src.append(num_tokens + len(staged))
+                        staged.append(self._stage_slot(c, p))
+                    src += rows
+
+        def tensor(xs: list[int]) -> torch.Tensor:
+            return self._to_device(torch.tensor(xs, dtype=torch.long))
+
+        return StagedWrites(tensor(dense_rows), tensor(dense_slots), tensor(complete), tensor(src), tensor(staged),
+                            tensor(late_rows), tensor(late_slots))
 
     def _rope_seq_lens(self, ordered: list[Chunk]) -> torch.Tensor | None:
         """Per-token sequence lengths for dynamic NTK RoPE, when some sequence needs scaling."""

@@ -17,7 +17,9 @@ into their cache slots, then attends:
   logits do not depend on what was cached before it or on how its prompt was chunked. (vLLM lets
   a first chunk attend to its unquantized K/V; that made a warm prefix cache change answers.)
   Only where the cache stores the compute dtype itself does a first chunk use its fresh K/V: they
-  are the very values a read would return.
+  are the very values a read would return. With the staged fp8 cache (gpu_workers.model.kv_staged)
+  a chunk's keys are its context twice, as stored and as each query's own block holds them in bf16,
+  and its mask picks for every query the copy a decode at its position would read.
 
 Sliding-window layers (``sliding_window`` W: a query at position p sees keys p - W < k <= p, as
 transformers' ``sliding_window_overlay``) read the step's view for their window
@@ -41,6 +43,7 @@ from torch import nn
 
 from gpu_workers.model.attention_metadata import AttentionBatch, DecodeMetadata, PrefillChunk
 from gpu_workers.model.kv_cache import KVCache
+from gpu_workers.model.kv_staged import StagedKVCache
 
 __all__ = ["AttentionBatch", "PagedAttention", "PrefillChunk"]
 
@@ -79,7 +82,12 @@ class PagedAttention(nn.Module):
             return torch.ops.ryzanstein.attention(q, k, v, self.op_index)
         if batch.groups:
             batch = batch.groups[self.kv_group]
-        cache.write(self.cache_layer, batch.slot_mapping, k, v)
+        staged = batch.staged
+        if staged is not None:
+            assert isinstance(cache, StagedKVCache)
+            cache.write_staged(self.cache_layer, staged, k, v)
+        else:
+            cache.write(self.cache_layer, batch.slot_mapping, k, v)
         if self.sliding_window is not None:
             batch = batch.windowed[self.sliding_window]
         nd = batch.num_decode
@@ -91,6 +99,8 @@ class PagedAttention(nn.Module):
         for p in batch.prefills:
             span = slice(p.first, p.first + p.length)
             out[span] = self._prefill(q[span], k[span], v[span], batch.slot_mapping[span], p, batch)
+        if staged is not None:
+            cache.write_late(self.cache_layer, staged, k, v)  # type: ignore[attr-defined]
         return out.view(q.shape[0], -1)
 
     def _decode(self, q: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 
 if TYPE_CHECKING:
     from gpu_workers.model.decode_backends import DecodeBackend
+    from gpu_workers.model.kv_staged import StagedWrites
 
 
 @dataclass(slots=True)
@@ -24,8 +25,13 @@ class PrefillChunk:
     # attends only to its own new tokens (nothing cached before it), read back from their slots
     kv_slots: torch.Tensor | None
     # [length, S] bool (or [length, length] when kv_slots is None), True where a key is visible;
-    # None: plain causal attention over its own tokens
+    # None: plain causal attention over its own tokens. A staged cache (gpu_workers.model.kv_staged):
+    # [length, 2S], the keys read back as stored, then the same keys as its own block holds them (bf16)
     mask: torch.Tensor | None
+    # A staged cache only: dense slots [m] of the tokens of its first query's block cached before it
+    # (staged), keys [dense_from, dense_from + m) of the context
+    dense_slots: torch.Tensor | None = None
+    dense_from: int = 0
 
 
 @dataclass(slots=True)
@@ -54,3 +60,5 @@ class AttentionBatch:
     windowed: dict[int, AttentionBatch] = field(default_factory=dict)
     # Every KV cache group's view of this step, by group (this batch is group 0's); empty: one group.
     groups: list[AttentionBatch] = field(default_factory=list)
+    # A staged cache's writes (gpu_workers.model.kv_staged), in place of ``slot_mapping``; None: other caches.
+    staged: StagedWrites | None = None

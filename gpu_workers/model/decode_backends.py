@@ -18,6 +18,8 @@ own metadata once per step (``build``), and every layer then calls ``decode`` wi
 - ``GatheredDecode``: every other cache (bf16, fp16, fp8 with any scales; GPUs): each group's blocks
   are copied into [Hkv, B, L, D] in the compute dtype, then two batched matmuls; fp8 scales
   multiply the scores and the probabilities. Metadata: block tables and the mask.
+- ``StagedDecode``: the staged fp8 cache (``fp8_e4m3``, gpu_workers.model.kv_staged): gathered, fp8
+  blocks read back and the sink and staging blocks in bf16; prefill chunks read their context twice.
 
 A cache's backends are chosen once, when it is made (``DecodeBackends.choose``): the first class in
 ``DECODE_BACKENDS`` whose ``supports`` accepts the cache (its KVFormat, device and kernels) reads
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 
 from gpu_workers.model.attention_metadata import DecodeMetadata, PrefillChunk
 from gpu_workers.model.kv_cache import KVCache
+from gpu_workers.model.kv_staged import DENSE_DTYPE, StagedKVCache
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,8 +233,39 @@ class GatheredDecode(DecodeBackend[GatheredMetadata]):
         return torch.matmul(probs, kv.v)  # [Hkv, B, G, D]
 
 
+class StagedDecode(GatheredDecode):
+    """The staged fp8 cache (gpu_workers.model.kv_staged): decode as ``GatheredDecode`` (fp8 blocks read
+    back, the sink and the staging block in bf16: the step's tables name the staging block in place
+    of each query's own block); a prefill chunk reads its context twice, as stored and as its
+    queries' own blocks hold it in bf16, and its mask picks per query."""
+
+    name = "staged"
+
+    @classmethod
+    def supports(cls, cache: KVCache) -> bool:
+        return cache.format.staged
+
+    def prefill_context(self, layer: int, k: torch.Tensor, v: torch.Tensor, own_slots: torch.Tensor,
+                        chunk: PrefillChunk) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [Hkv, 2S, D]: the S context keys as stored, then as bf16 (the staged tokens
+        of the first query's block, and the chunk's own tokens rounded to bf16)."""
+        cache = self.cache
+        assert isinstance(cache, StagedKVCache) and chunk.kv_slots is not None
+        stored = cache.gather(layer, chunk.kv_slots)  # [Hkv, S, D] each
+        n = k.shape[0]
+        dense: list[torch.Tensor] = []
+        for x, new in zip(stored, (k, v)):
+            x = x.clone()
+            if chunk.dense_slots is not None and chunk.dense_slots.numel():
+                staged = cache.gather_dense(layer, chunk.dense_slots)[len(dense)]
+                x[:, chunk.dense_from : chunk.dense_from + staged.shape[1]] = staged
+            x[:, x.shape[1] - n :] = new.to(DENSE_DTYPE).to(x.dtype).transpose(0, 1)
+            dense.append(x)
+        return torch.cat((stored[0], dense[0]), dim=1), torch.cat((stored[1], dense[1]), dim=1)
+
+
 # In order of preference: a cache is read by the first that supports it (GatheredDecode reads any).
-DECODE_BACKENDS: tuple[type[DecodeBackend[Any]], ...] = (FusedDecode, InPlaceDecode, GatheredDecode)
+DECODE_BACKENDS: tuple[type[DecodeBackend[Any]], ...] = (StagedDecode, FusedDecode, InPlaceDecode, GatheredDecode)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,10 +8,12 @@ Layout per layer and K/V: [num_kv_heads, num_blocks, block_size, head_dim], head
 blocks of many sequences gathered for one head form one contiguous [tokens, head_dim] matrix per
 (head, sequence): attention then runs as a single batched matmul with no further copy.
 
-KV formats (``--kv-dtype``, gpu_workers.model.kv_format): fp32, bf16 and fp16 store values as they are. fp8
+KV formats (``--kv-dtype``, gpu_workers.model.kv_format): fp32, bf16 and fp16 store values as they are.
+The default, ``fp8_e4m3``, centres keys per (block, channel) and keeps each sequence's sink and newest
+block in bf16: its cache is gpu_workers.model.kv_staged's ``StagedKVCache``, a subclass. The other fp8
 formats store uint8 codes of ``value / scale`` (gpu_workers.model.fp8) with fp32 scales:
 
-- per block (``fp8_e4m3``, the default, and ``fp8_e5m2``): one power-of-two scale per (block, KV
+- per block (``fp8_e4m3_block``, the default until issue 17, and ``fp8_e5m2``): one power-of-two scale per (block, KV
   head) for K and one for V, the smallest that holds the block's largest value. A block fills token
   by token; a token larger than the block's scale allows grows it, and the block's earlier codes are
   rescaled, which is exact for a power-of-two ratio (only values pushed below the smallest subnormal
@@ -103,6 +105,7 @@ class KVCache:
         self.storage_dtype = self.format.storage
         self.dtype = dtype  # what reads return: the model's compute dtype
         self.num_blocks = num_blocks
+        self.num_dense_blocks = 0  # a staged cache's bf16 blocks (gpu_workers.model.kv_staged)
         self.block_size = block_size
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -121,7 +124,7 @@ class KVCache:
             "tensor": (num_layers, 2),
         }
         self.scales = None
-        if self.format.scale is not None:
+        if self.format.scale in scale_shape:
             fill = STATIC_SCALE if self.format.scale == "tensor" else 1.0
             self.scales = torch.full(scale_shape[self.format.scale], fill, dtype=SCALE_DTYPE, device=device)
         self.kernels: fp8_kernels.Fp8Kernels | None = None
@@ -140,6 +143,10 @@ class KVCache:
         """Bytes one block takes across all layers, K and V, scales included."""
         per_head = self.format.bytes_per_head_block(self.block_size, self.head_dim)
         return self.num_layers * 2 * self.num_kv_heads * per_head
+
+    def nbytes(self) -> int:
+        """Bytes of the whole cache (its blocks, scales included)."""
+        return self.bytes_per_block() * self.num_blocks
 
     # --- writes ---------------------------------------------------------------------------------
 

@@ -1,8 +1,8 @@
 """The centred fp8 KV scheme: pure functions that quantize one cache block of K or V and read it back.
 
-Not wired into the cache yet (gpu_workers/model/kv_cache.py keeps its per-block formats): these are
-the numerics a cache backend applies when a block completes, measured on real models by
-benchmarks/kv_schemes.py (results: benchmarks/results/kv-quant-*.md).
+The numerics of the default ``fp8_e4m3`` cache (gpu_workers/model/kv_staged.py), applied when a
+block completes, measured on real models by benchmarks/kv_schemes.py (simulated) and
+benchmarks/kv_cache.py --model (the engine's cache; results: benchmarks/results/kv-quant-*.md).
 
 Keys (one KV head's block, [..., T, D] with T <= block size):
     centre[d]   = (min_t k[t, d] + max_t k[t, d]) / 2, stored as fp8 under one fp32 scale per block;

@@ -21,8 +21,11 @@ Wire format: one flat int64 list, read in order.
                new_tokens    how many token ids for this sequence follow in the token section
                new_blocks    how many block ids for this sequence follow in the block section
                replace       1: those blocks are its whole table; 0: they extend it
+               staging       how many staging block ids follow in the staging section (a staged
+                             KV format's, gpu_workers.model.kv_staged: one per KV cache group)
     tokens   the chunks' new token ids, chunk after chunk
     blocks   the chunks' new block ids, chunk after chunk
+    staging  the chunks' staging block ids, chunk after chunk
 
 Prompts never appear in logs: followers log nothing per request.
 """
@@ -35,7 +38,7 @@ from gpu_workers.model_runner import Chunk
 
 STEP, PING, STOP = 1, 2, 3
 HEADER = 4
-CHUNK_FIELDS = 7
+CHUNK_FIELDS = 8
 
 
 def control_message(kind: int) -> list[int]:
@@ -71,6 +74,7 @@ class StepEncoder:
         records: list[int] = []
         tokens: list[int] = []
         blocks: list[int] = []
+        staging: list[int] = []
         for c in chunks:
             seq = c.seq
             if seq is None:
@@ -88,12 +92,13 @@ class StepEncoder:
             if replace or new_blocks:
                 sent.table = list(table)
             records += [sent.handle, c.start, len(c.token_ids), int(c.want_logits) | int(c.all_logits) << 1,
-                        len(new_tokens), len(new_blocks), int(replace)]
+                        len(new_tokens), len(new_blocks), int(replace), len(c.staging)]
             tokens += new_tokens
             blocks += new_blocks
+            staging += c.staging
         released, self._released = self._released, []
         header = [STEP, 0, len(chunks), len(released)]
-        message = header + released + records + tokens + blocks
+        message = header + released + records + tokens + blocks + staging
         message[1] = len(message)
         return message
 
@@ -121,8 +126,9 @@ class StepDecoder:
         records = [message[pos + i * CHUNK_FIELDS : pos + (i + 1) * CHUNK_FIELDS] for i in range(num_chunks)]
         tok = pos + num_chunks * CHUNK_FIELDS
         blk = tok + sum(r[4] for r in records)
+        stg = blk + sum(r[5] for r in records)
         chunks = []
-        for handle, start, num_tokens, want_logits, new_tokens, new_blocks, replace in records:
+        for handle, start, num_tokens, want_logits, new_tokens, new_blocks, replace, num_staging in records:
             seq = self.seqs.setdefault(handle, _Mirror())
             seq.tokens += message[tok : tok + new_tokens]
             tok += new_tokens
@@ -134,7 +140,8 @@ class StepDecoder:
             if len(seq.tokens) < start + num_tokens:
                 raise ValueError(f"sequence {handle}: chunk ends at token {start + num_tokens}, {len(seq.tokens)} known")
             chunks.append(Chunk(seq.tokens[start : start + num_tokens], start, seq.table, bool(want_logits & 1),
-                                all_logits=bool(want_logits & 2)))
-        if blk != length:
-            raise ValueError(f"step message of {length} ints has {blk} ints of content")
+                                all_logits=bool(want_logits & 2), staging=tuple(message[stg : stg + num_staging])))
+            stg += num_staging
+        if stg != length:
+            raise ValueError(f"step message of {length} ints has {stg} ints of content")
         return chunks

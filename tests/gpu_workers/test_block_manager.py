@@ -366,8 +366,8 @@ def test_a_sliding_block_evicted_inside_the_window_shortens_the_hit() -> None:
     ids = {h: b.block_id for b in bm.blocks if (h := b.hash) is not None}
     sliding = [ids[bm._group_hash(chain[i], 1)] for i in (1, 5)]  # one before the window, one inside
     for block_id in reversed(sliding):
-        bm._cached_free.move_to_end(block_id, last=False)  # next to be evicted
-    hog = seq("hog", [99] * (len(bm._fresh) * BS // 2 + 1))  # takes every fresh block and two cached
+        bm._cached_free[0].move_to_end(block_id, last=False)  # next to be evicted
+    hog = seq("hog", [99] * (len(bm._fresh[0]) * BS // 2 + 1))  # takes every fresh block and two cached
     assert bm.allocate(hog, hog.num_tokens)
     assert all(bm.blocks[b].hash is None for b in sliding)
     bm.free(hog)
@@ -386,3 +386,31 @@ def test_longest_sequence_counts_the_window_only_once() -> None:
     assert BlockManager(20, BS).longest_sequence(5) == 20 * BS
     sliding = BlockManager(6, BS, groups=KVCacheGroups((8,), ((0,),)))
     assert sliding.longest_sequence(1) is None and sliding.longest_sequence(16) == 6 * BS
+
+
+def test_a_staged_format_takes_sinks_and_staging_blocks_from_the_dense_pool() -> None:
+    """With dense blocks (the staged fp8 format): every sequence's block 0 (its sink) and its staging
+    block are dense ids (``num_blocks`` on), the rest fp8 ones; a shared prefix shares its sink;
+    allocation waits when either pool is short, all or nothing; free gives back both kinds."""
+    bm = BlockManager(6, BS, num_dense_blocks=4)
+    a = seq("a", list(range(10)))
+    assert bm.allocate(a, 10)
+    assert a.block_table[0] >= 6 and all(b < 6 for b in a.block_table[1:]) and len(a.staging) == 1
+    assert a.staging[0] >= 6 and a.staging[0] != a.block_table[0]
+    assert (bm.num_free_blocks, bm.num_free_dense_blocks) == (4, 2)
+    compute(bm, a)
+    b = seq("b", list(range(8)) + [99, 98])  # shares a's two full blocks, sink included
+    assert bm.allocate(b, 4)
+    assert b.block_table[:2] == a.block_table[:2] and b.num_cached_tokens == 8
+    assert bm.blocks[a.block_table[0]].ref_count == 2 and (bm.num_free_blocks, bm.num_free_dense_blocks) == (3, 1)
+    c = seq("c", [50, 51])  # an fp8 block is free, but no dense pair (sink + staging): nothing taken
+    assert not bm.allocate(c, 4)
+    assert (bm.num_free_blocks, bm.num_free_dense_blocks, c.block_table, c.staging) == (3, 1, [], [])
+    bm.free(a)
+    assert a.staging == [] and bm.num_free_dense_blocks == 2  # a's staging block; its sink is b's too
+    assert bm.allocate(c, 4) and c.block_table[0] >= 6 and len(c.staging) == 1
+    bm.free(b)
+    bm.free(c)
+    assert (bm.num_free_blocks, bm.num_free_dense_blocks) == (6, 4)
+    with pytest.raises(ValueError, match="num_dense_blocks >= 2"):
+        BlockManager(6, BS, num_dense_blocks=1)

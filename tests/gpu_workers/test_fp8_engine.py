@@ -1,6 +1,7 @@
-"""The Llama engine on an fp8 KV cache: greedy tokens of clear-margin sequences equal the fp32
-cache's (batched, with prefix-cache hits, under preemption), tensor-parallel ranks keep their heads'
-blocks in fp8, and a fixed --kv-memory holds ~4x the fp32 tokens."""
+"""The Llama engine on an fp8 KV cache, the default staged fp8_e4m3 and fp8_e4m3_block: greedy
+tokens of clear-margin sequences equal the fp32 cache's (batched, with prefix-cache hits, under
+preemption), tensor-parallel ranks keep their heads' blocks in fp8, and a fixed --kv-memory holds
+~4x the fp32 tokens (fp8_e4m3_block) or what the staged format's sizing says."""
 
 from __future__ import annotations
 
@@ -70,22 +71,24 @@ def requests(prompts: list[list[int]]) -> list[EngineRequest]:
     return [EngineRequest(f"r{i}", p, GREEDY) for i, p in enumerate(prompts)]
 
 
-@pytest.mark.parametrize("kernels", [True, False], ids=["fused-kernels", "torch-gather"])
-def test_fp8_greedy_matches_the_fp32_reference(llama_dir: Path, monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("kv_dtype,kernels", [("fp8_e4m3", False), ("fp8_e4m3_block", True), ("fp8_e4m3_block", False)],
+                         ids=["staged", "block-fused-kernels", "block-torch-gather"])
+def test_fp8_greedy_matches_the_fp32_reference(llama_dir: Path, monkeypatch: pytest.MonkeyPatch, kv_dtype: str,
                                                kernels: bool) -> None:
     if not kernels:
         monkeypatch.setattr(fp8_kernels, "load", lambda *a: None)
     prompts, expected = clear_prompts(llama_dir, 5)
-    engine = engine_for(llama_dir, kv_dtype="fp8_e4m3", max_num_batched_tokens=32, max_num_seqs=16)
+    engine = engine_for(llama_dir, kv_dtype=kv_dtype, max_num_batched_tokens=32, max_num_seqs=16)
     assert engine.runner.kv_cache.fused_attention is kernels
     out = generate(engine, requests(prompts))
     assert [out[f"r{i}"] for i in range(len(prompts))] == expected
 
 
-def test_fp8_prefix_cache_hits_keep_tokens(llama_dir: Path) -> None:
+@pytest.mark.parametrize("kv_dtype", ["fp8_e4m3", "fp8_e4m3_block"])
+def test_fp8_prefix_cache_hits_keep_tokens(llama_dir: Path, kv_dtype: str) -> None:
     prefix = [random.Random(7).randrange(320) for _ in range(48)]
     prompts, expected = clear_prompts(llama_dir, 3, prefix=prefix)
-    engine = engine_for(llama_dir, kv_dtype="fp8_e4m3")
+    engine = engine_for(llama_dir, kv_dtype=kv_dtype)
     first = generate(engine, requests(prompts[:1]))
     rest = generate(engine, [EngineRequest(f"r{i}", p, GREEDY) for i, p in enumerate(prompts) if i])
     assert engine.stats().prefix_cache_hit_rate > 0.3
@@ -96,7 +99,7 @@ def test_fp8_preemption_keeps_tokens_and_capacity_is_honest(llama_dir: Path) -> 
     # 44-token prompts take 3 blocks and need a 4th at their 5th token: six of them cannot all fit
     prompts, expected = clear_prompts(llama_dir, 6, lengths=(44,))
     # 2 layers x 2 (K, V) x 2 KV heads x (16 x 16 one-byte values + a 4-byte scale) = 2,080 bytes a block
-    engine = engine_for(llama_dir, kv_dtype="fp8_e4m3", kv_memory=str(10 * 2080 + 2079))
+    engine = engine_for(llama_dir, kv_dtype="fp8_e4m3_block", kv_memory=str(10 * 2080 + 2079))
     assert engine.stats().kv_capacity_tokens == 160
     cache = engine.runner.kv_cache
     allocated = cache.values.numel() + cache.scales.numel() * 4
@@ -108,12 +111,22 @@ def test_fp8_preemption_keeps_tokens_and_capacity_is_honest(llama_dir: Path) -> 
 
 
 def test_capacity_at_a_fixed_kv_memory(llama_dir: Path) -> None:
-    capacity = {d: engine_for(llama_dir, kv_dtype=d, kv_memory="1MiB").stats().kv_capacity_tokens
-                for d in ("fp32", "bf16", "fp8_e4m3", "fp8_e5m2", "fp8_e4m3_per_tensor")}
-    assert capacity["fp8_e4m3"] == capacity["fp8_e5m2"]
-    assert capacity["fp8_e4m3"] >= 3.8 * capacity["fp32"]
-    assert capacity["fp8_e4m3"] >= 1.9 * capacity["bf16"]
+    engines = {d: engine_for(llama_dir, kv_dtype=d, kv_memory="1MiB")
+               for d in ("fp32", "bf16", "fp8_e4m3", "fp8_e4m3_block", "fp8_e5m2", "fp8_e4m3_per_tensor")}
+    capacity = {d: e.stats().kv_capacity_tokens for d, e in engines.items()}
+    assert capacity["fp8_e4m3_block"] == capacity["fp8_e5m2"]
+    assert capacity["fp8_e4m3_block"] >= 3.8 * capacity["fp32"]
+    assert capacity["fp8_e4m3_block"] >= 1.9 * capacity["bf16"]
     assert capacity["fp8_e4m3_per_tensor"] == 4 * capacity["fp32"]  # no per-block scales to store
+    # The staged format: a sixteenth of the budget in bf16 blocks (sinks and staging blocks) of
+    # 2 layers x 2 (K, V) x 2 KV heads x 16 x 16 x 2 bytes = 4,096 bytes, the rest in fp8 blocks of
+    # 2 x 2 x (16 x 16 codes) + 2 x (K: 16 centre codes, a 4-byte centre scale, 16 bf16 channel
+    # scales; V: 16 bf16 token scales) = 2,384 bytes. Head_dim 16 makes the scales weigh: 3.2x fp32
+    # here, 3.5x at SmolLM2's head_dim 64 (benchmarks/kv_cache.py).
+    staged = engines["fp8_e4m3"].runner.kv_cache
+    assert (staged.num_dense_blocks, staged.bytes_per_dense_block(), staged.bytes_per_block()) == (16, 4096, 2384)
+    assert staged.nbytes() <= 2**20 < staged.nbytes() + 2384
+    assert capacity["fp8_e4m3"] == (2**20 - 16 * 4096) // 2384 * 16 >= 3.2 * capacity["fp32"]
 
 
 def test_tensor_parallel_ranks_keep_their_heads_in_fp8(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -128,7 +141,7 @@ def test_tensor_parallel_ranks_keep_their_heads_in_fp8(tmp_path: Path, monkeypat
     a rounding boundary takes the neighbouring code (1 of 1,024 on an AVX2 EPYC, code 156 vs 157).
     Scales shared across heads, or a rank storing the other head, change the first layer's codes."""
     path = save(build("qwen2"), tmp_path)  # 2 KV heads
-    single, ranks = ranks_match_one_rank(path, 2, monkeypatch, kv_dtype="fp8_e4m3", rel=1e-4)
+    single, ranks = ranks_match_one_rank(path, 2, monkeypatch, kv_dtype="fp8_e4m3_block", rel=1e-4)
     assert ranks[0].kv_cache.num_kv_heads == 1
     bs = single.kv_cache.block_size
 
@@ -147,3 +160,11 @@ def test_tensor_parallel_ranks_keep_their_heads_in_fp8(tmp_path: Path, monkeypat
         # one e4m3 step: 2^-3 of the larger magnitude (normals), 2^-9 of the scale (subnormals)
         step = 2.0**-3 * torch.maximum(ours.abs(), theirs.abs()) + 2.0**-9 * scales(single).max()
         assert bool(((ours - theirs).abs() <= step).all()), f"rank {rank}: a code moved by more than one step"
+
+
+def test_staged_tensor_parallel_ranks_match_one_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The staged format's scales (K centres and channel scales, V token scales) are per KV head too:
+    two ranks, one KV head each, give the single rank's logits, prefill and decode."""
+    path = save(build("qwen2"), tmp_path)  # 2 KV heads
+    _single, ranks = ranks_match_one_rank(path, 2, monkeypatch, kv_dtype="fp8_e4m3", rel=1e-4)
+    assert ranks[0].kv_cache.num_kv_heads == 1 and ranks[0].kv_cache.format.staged

@@ -53,3 +53,12 @@ def test_compilation_config_levels() -> None:
     for bad in ("2", '{"mode": 3}', "fast"):
         with pytest.raises(argparse.ArgumentTypeError):
             compilation_level(bad)
+
+
+def test_a_staged_fp8_cache_stays_eager(tmp_path: Path) -> None:
+    """The staged fp8_e4m3 cache (the default) is not compiled yet: compile() says so and changes nothing."""
+    path = save(build("gemma3"), tmp_path)
+    runner = ModelRunner(path, num_blocks=12, block_size=8, kv_dtype="fp8_e4m3")
+    before = runner.model.forward
+    assert not runner.compile()
+    assert runner.model.forward == before

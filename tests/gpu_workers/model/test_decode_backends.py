@@ -38,7 +38,7 @@ def names(cache: KVCache) -> tuple[str, str]:
     ("fp32", False, ("in-place", "in-place")),
     ("bf16", True, ("gathered", "gathered")),
     ("fp16", True, ("gathered", "gathered")),
-    ("fp8_e4m3", True, ("fused", "gathered")),
+    ("fp8_e4m3_block", True, ("fused", "gathered")),
     ("fp8_e5m2", False, ("gathered", "gathered")),
     ("fp8_e4m3_per_tensor", True, ("fused", "gathered")),
     ("fp8_e4m3_per_token", True, ("gathered", "gathered")),
@@ -75,7 +75,7 @@ def reference(cache: KVCache, layer: int, q: torch.Tensor, span: DecodeSpan) -> 
     return out
 
 
-@pytest.mark.parametrize("kv_dtype", ["fp32", "bf16", "fp8_e4m3", "fp8_e4m3_per_tensor", "fp8_e4m3_per_token"])
+@pytest.mark.parametrize("kv_dtype", ["fp32", "bf16", "fp8_e4m3_block", "fp8_e4m3_per_tensor", "fp8_e4m3_per_token"])
 def test_every_backend_reads_the_attention_its_metadata_describes(kv_dtype: str) -> None:
     torch.manual_seed(0)
     x = torch.randn(12 * BS, HKV, D)

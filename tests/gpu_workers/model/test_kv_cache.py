@@ -14,7 +14,7 @@ from gpu_workers.model.kv_cache import KV_FORMATS, KVCache, kv_bytes_per_block, 
 from gpu_workers.model_runner import Chunk, ModelRunner
 from tests.gpu_workers.model.hf_models import build, random_tokens, save
 
-FP8 = ["fp8_e4m3", "fp8_e5m2", "fp8_e4m3_per_tensor", "fp8_e4m3_per_token"]
+FP8 = ["fp8_e4m3_block", "fp8_e5m2", "fp8_e4m3_per_tensor", "fp8_e4m3_per_token"]
 ALL = ["fp32", "bf16", "fp16", *FP8]
 E4M3_HALF_ULP = 2.0**-4
 
@@ -40,7 +40,7 @@ def test_token_by_token_equals_all_at_once(fused: bool) -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(12, 3, 16, generator=gen) * torch.logspace(-2, 2, 12)[:, None, None]  # later tokens larger
     slots = slots_of([3, 0, 5])
-    whole, stepwise = make_cache("fp8_e4m3", fused=fused), make_cache("fp8_e4m3", fused=fused)
+    whole, stepwise = make_cache("fp8_e4m3_block", fused=fused), make_cache("fp8_e4m3_block", fused=fused)
     whole.write(1, slots, x, -x)
     for t in range(12):
         stepwise.write(1, slots[t : t + 1], x[t : t + 1], -x[t : t + 1])
@@ -56,7 +56,7 @@ def test_token_by_token_equals_all_at_once(fused: bool) -> None:
 def test_a_block_written_from_its_first_slot_starts_afresh() -> None:
     """A freed block keeps its last owner's codes and scale; its next owner's first write must not
     inherit that scale (tiny values under a huge scale would all round to zero)."""
-    cache = make_cache("fp8_e4m3")
+    cache = make_cache("fp8_e4m3_block")
     cache.write(0, slots_of([2]), torch.full((4, 3, 16), 1e4), torch.full((4, 3, 16), 1e4))
     small = torch.randn(2, 3, 16) * 1e-3
     cache.write(0, slots_of([2])[:2], small, small)
@@ -68,7 +68,7 @@ def test_a_block_written_from_its_first_slot_starts_afresh() -> None:
 def test_writes_never_touch_other_blocks() -> None:
     """Full blocks shared through the prefix cache are never written again; a later block growing
     its scale (a huge token) must leave their codes and scales alone."""
-    cache = make_cache("fp8_e4m3")
+    cache = make_cache("fp8_e4m3_block")
     cache.write(0, slots_of([4, 1]), torch.randn(8, 3, 16), torch.randn(8, 3, 16))
     values, scales = cache.values.clone(), cache.scales.clone()
     cache.write(0, slots_of([0])[:1], torch.randn(1, 3, 16), torch.randn(1, 3, 16))
@@ -123,7 +123,7 @@ def test_block_gather_matches_slot_gather(kv_dtype: str) -> None:
         assert torch.equal(k[:, 0, :4], x[20:24].transpose(0, 1))
 
 
-@pytest.mark.parametrize("kv_dtype", ["fp32", "fp8_e4m3", "fp8_e5m2", "fp8_e4m3_per_tensor"])
+@pytest.mark.parametrize("kv_dtype", ["fp32", "fp8_e4m3_block", "fp8_e5m2", "fp8_e4m3_per_tensor"])
 def test_fused_attention_matches_the_gathered_path(kv_dtype: str) -> None:
     fused = make_cache(kv_dtype, block_size=16, head_dim=64, num_kv_heads=2)
     if not fused.fused_attention:
@@ -147,7 +147,7 @@ def test_fused_attention_matches_the_gathered_path(kv_dtype: str) -> None:
 # --- sizes --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kv_dtype,tp", [("fp32", 1), ("bf16", 2), ("fp8_e4m3", 1), ("fp8_e5m2", 4),
+@pytest.mark.parametrize("kv_dtype,tp", [("fp32", 1), ("bf16", 2), ("fp8_e4m3_block", 1), ("fp8_e5m2", 4),
                                          ("fp8_e4m3_per_tensor", 1), ("fp8_e4m3_per_token", 2)])
 def test_sizes_agree(tmp_path: Path, kv_dtype: str, tp: int) -> None:
     config = load_config(save(build("llama-gqa"), tmp_path))  # 2 layers, 2 KV heads, head_dim 16
@@ -159,23 +159,23 @@ def test_sizes_agree(tmp_path: Path, kv_dtype: str, tp: int) -> None:
         per_block += cache.scales.numel() * cache.scales.element_size() // 5
     assert cache.bytes_per_block() == per_block == kv_bytes_per_block(config, kv_dtype, block_size=16, tp_size=tp)
     element = {"fp32": 4, "bf16": 2}.get(kv_dtype, 1)
-    scale_bytes = {"fp8_e4m3": 4, "fp8_e5m2": 4, "fp8_e4m3_per_token": 4 * 16}.get(kv_dtype, 0)
+    scale_bytes = {"fp8_e4m3_block": 4, "fp8_e5m2": 4, "fp8_e4m3_per_token": 4 * 16}.get(kv_dtype, 0)
     assert per_block == 2 * 2 * heads * (16 * 16 * element + scale_bytes)
     assert kv_bytes_per_token(config, kv_dtype, tp) == per_block / 16
 
 
 def test_per_block_scales_cost_a_quarter_byte_per_token_per_head(tmp_path: Path) -> None:
     config = load_config(save(build("llama-gqa"), tmp_path))
-    per_layer_head_kv = kv_bytes_per_token(config, "fp8_e4m3") / (2 * 2 * 2)  # layers x K/V x heads
+    per_layer_head_kv = kv_bytes_per_token(config, "fp8_e4m3_block") / (2 * 2 * 2)  # layers x K/V x heads
     assert per_layer_head_kv == 16 + 0.25
-    ratio = kv_bytes_per_token(config, "fp32") / kv_bytes_per_token(config, "fp8_e4m3")
-    assert ratio > 3.9 and kv_bytes_per_token(config, "bf16") / kv_bytes_per_token(config, "fp8_e4m3") > 1.95
+    ratio = kv_bytes_per_token(config, "fp32") / kv_bytes_per_token(config, "fp8_e4m3_block")
+    assert ratio > 3.9 and kv_bytes_per_token(config, "bf16") / kv_bytes_per_token(config, "fp8_e4m3_block") > 1.95
 
 
 # --- through the model --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kv_dtype,rel", [("bf16", 0.02), ("fp16", 0.005), ("fp8_e4m3", 0.1), ("fp8_e5m2", 0.2),
+@pytest.mark.parametrize("kv_dtype,rel", [("bf16", 0.02), ("fp16", 0.005), ("fp8_e4m3_block", 0.1), ("fp8_e5m2", 0.2),
                                           ("fp8_e4m3_per_tensor", 0.1), ("fp8_e4m3_per_token", 0.1)])
 def test_low_precision_cache_logits_close_to_fp32(tmp_path: Path, kv_dtype: str, rel: float) -> None:
     """Decode logits with a compressed cache stay near the fp32-cache ones (loose bound)."""
@@ -202,8 +202,8 @@ def test_prefill_reads_fp8_context_like_decode(tmp_path: Path) -> None:
     path = save(build("llama-gqa"), tmp_path)
     prompt = random_tokens(random.Random(3), 21)
     table = list(range(6))
-    chunked = ModelRunner(path, num_blocks=6, block_size=4, kv_dtype="fp8_e4m3")
-    stepped = ModelRunner(path, num_blocks=6, block_size=4, kv_dtype="fp8_e4m3")
+    chunked = ModelRunner(path, num_blocks=6, block_size=4, kv_dtype="fp8_e4m3_block")
+    stepped = ModelRunner(path, num_blocks=6, block_size=4, kv_dtype="fp8_e4m3_block")
     chunked.run([Chunk(prompt[:1], 0, table, False)])
     got = chunked.run([Chunk(prompt[1:], 1, table, True)])
     for i in range(len(prompt)):
@@ -214,7 +214,7 @@ def test_prefill_reads_fp8_context_like_decode(tmp_path: Path) -> None:
 
 def test_code_values_of_a_gather_are_finite_after_reuse() -> None:
     """Stale slots of a reused block (codes from an earlier owner) stay finite under any scale."""
-    cache = make_cache("fp8_e4m3")
+    cache = make_cache("fp8_e4m3_block")
     cache.write(0, slots_of([1]), torch.full((4, 3, 16), 3e38), torch.full((4, 3, 16), -3e38))
     cache.write(0, slots_of([1])[:1], torch.full((1, 3, 16), 1e-30), torch.zeros(1, 3, 16))
     kv = cache.gather_blocks(0, torch.tensor([[1]]))

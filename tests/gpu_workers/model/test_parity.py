@@ -183,7 +183,7 @@ def test_greedy_generation_matches(tmp_path: Path) -> None:
         logits = runner.run([Chunk([s[-1]], len(s) - 1, t, True) for s, t in zip(seqs, tables)])
 
 
-@pytest.mark.parametrize("kv_dtype", ["fp32", "bf16", "fp8_e4m3", "fp8_e5m2", "fp8_e4m3_per_tensor"])
+@pytest.mark.parametrize("kv_dtype", ["fp32", "bf16", "fp8_e4m3", "fp8_e4m3_block", "fp8_e5m2", "fp8_e4m3_per_tensor"])
 @pytest.mark.parametrize("name", ["gemma3", "mistral"])
 def test_sliding_windows_read_the_same_keys_in_decode_and_prefill(tmp_path: Path, name: str, kv_dtype: str) -> None:
     """In every KV format, a sliding-window layer's decode (block tables cut to the window) and a
@@ -206,13 +206,16 @@ def test_sliding_windows_read_the_same_keys_in_decode_and_prefill(tmp_path: Path
     seq = random_tokens(rng, 31)
     table = [9, 3, 12, 0, 5, 7, 1, 14]
     decoded, chunked = (ModelRunner(path, num_blocks=16, block_size=4, kv_dtype=kv_dtype) for _ in "ab")
+    staging: tuple[int, ...] = ()
+    if decoded.kv_format.staged:  # block 0 and the staging block are dense blocks (ids 16 on)
+        table, staging = [16, *table[1:]], (17,)
     for runner in (decoded, chunked):
-        runner.run([Chunk(seq[:11], 0, table, False)])
+        runner.run([Chunk(seq[:11], 0, table, False, staging=staging)])
     rel = FP8_TOLERANCE if decoded.kv_cache.fp8 else TOLERANCE[kv_dtype]
     for p in range(11, 31, 2):
-        decoded.run([Chunk([seq[p]], p, table, False)])
-        alone = decoded.run([Chunk([seq[p + 1]], p + 1, table, True)])[0]
-        in_chunk = chunked.run([Chunk(seq[p : p + 2], p, table, True)])[0]
+        decoded.run([Chunk([seq[p]], p, table, False, staging=staging)])
+        alone = decoded.run([Chunk([seq[p + 1]], p + 1, table, True, staging=staging)])[0]
+        in_chunk = chunked.run([Chunk(seq[p : p + 2], p, table, True, staging=staging)])[0]
         assert_close(alone, in_chunk, rel=rel, what=f"{name} {kv_dtype} at {p + 1}")
 
 

@@ -69,24 +69,39 @@ def schedules(draw: st.DrawFn) -> Schedule:
 
 class Blocks:
     """A trivial block allocator over one runner's cache (fresh ids; nothing is ever reused here
-    except the shared prefix blocks, which is what the prefix cache does)."""
+    except the shared prefix blocks, which is what the prefix cache does). A staged cache
+    (``fp8_e4m3``, gpu_workers.model.kv_staged) takes a table's block 0 (the sink) and each
+    sequence's staging block from its dense blocks, ids from ``num_blocks`` on."""
 
-    def __init__(self) -> None:
+    def __init__(self, runner: ModelRunner) -> None:
         self.next = 0
+        self.staged = runner.kv_format.staged
+        self.next_dense = runner.kv_cache.num_blocks
 
-    def take(self, n: int) -> list[int]:
+    def take(self, n: int, *, first: bool = False) -> list[int]:
+        """``n`` blocks; ``first``: a table's first ones (a staged cache's block 0 is a dense block)."""
+        if first and self.staged:
+            return [self.dense(), *self.take(n - 1)]
         self.next += n
         return list(range(self.next - n, self.next))
+
+    def dense(self) -> int:
+        self.next_dense += 1
+        return self.next_dense - 1
+
+    def staging(self) -> tuple[int, ...]:
+        return (self.dense(),) if self.staged else ()
 
 
 def cold_run(runner: ModelRunner, prompt: list[int]) -> tuple[list[int], torch.Tensor]:
     """Greedy tokens [GEN] and logits [GEN, vocab] of ``prompt`` alone on a fresh cache, prefilled whole."""
     runner.allocate_kv_cache(16)
-    table = list(range(16))
-    logits = [runner.run([Chunk(prompt, 0, table, True)])[0]]
+    blocks = Blocks(runner)
+    table, staging = blocks.take(16, first=True), blocks.staging()
+    logits = [runner.run([Chunk(prompt, 0, table, True, staging=staging)])[0]]
     tokens = [int(logits[-1].argmax())]
     for i in range(GEN - 1):
-        logits.append(runner.run([Chunk([tokens[-1]], len(prompt) + i, table, True)])[0])
+        logits.append(runner.run([Chunk([tokens[-1]], len(prompt) + i, table, True, staging=staging)])[0])
         tokens.append(int(logits[-1].argmax()))
     return tokens, torch.stack(logits)
 
@@ -94,26 +109,27 @@ def cold_run(runner: ModelRunner, prompt: list[int]) -> tuple[list[int], torch.T
 def warm_run(runner: ModelRunner, s: Schedule, forced: list[int]) -> torch.Tensor:
     """Logits [GEN, vocab] of ``s.prompt`` followed by the ``forced`` tokens, reached through ``s``."""
     runner.allocate_kv_cache(200)
-    blocks = Blocks()
+    blocks = Blocks(runner)
     shared = s.shared_blocks * BS
     if shared:  # another request computes the shared prefix first, in one chunk, with its own tail
         donor = s.prompt[:shared] + s.donor_tail
-        donor_table = blocks.take(-(-len(donor) // BS) + 1)
-        runner.run([Chunk(donor, 0, donor_table, True)])
+        donor_table = blocks.take(-(-len(donor) // BS) + 1, first=True)
+        runner.run([Chunk(donor, 0, donor_table, True, staging=blocks.staging())])
         prefix = donor_table[: s.shared_blocks]
     else:
         prefix = []
-    neighbours = [(n, 0, blocks.take(-(-(len(n) + 40) // BS))) for n in s.neighbours]
+    neighbours = [(n, 0, blocks.take(-(-(len(n) + 40) // BS), first=True), blocks.staging()) for n in s.neighbours]
+    staging = blocks.staging()
 
     def step(chunk: Chunk) -> torch.Tensor:
         """Run ``chunk`` with every neighbour's next chunk (prefill of up to 5 tokens, then decodes)."""
         others = []
-        for i, (tokens, done, table) in enumerate(neighbours):
+        for i, (tokens, done, table, own_staging) in enumerate(neighbours):
             new = tokens[done : done + 5] if done < len(tokens) else [random.Random(done).randrange(VOCAB)]
             if done >= len(tokens):
                 tokens.append(new[0])
-            others.append(Chunk(new, done, table, done + len(new) >= len(tokens)))
-            neighbours[i] = (tokens, done + len(new), table)
+            others.append(Chunk(new, done, table, done + len(new) >= len(tokens), staging=own_staging))
+            neighbours[i] = (tokens, done + len(new), table, own_staging)
         order = [chunk, *others]
         random.Random(len(others) + chunk.start).shuffle(order)  # chunks come in any order
         logits = runner.run(order)
@@ -124,21 +140,22 @@ def warm_run(runner: ModelRunner, s: Schedule, forced: list[int]) -> torch.Tenso
         done, i, last = start, 0, torch.empty(0)
         while done < len(tokens):
             n = min(s.chunks[i % len(s.chunks)], len(tokens) - done)
-            last = step(Chunk(tokens[done : done + n], done, table, done + n == len(tokens)))
+            last = step(Chunk(tokens[done : done + n], done, table, done + n == len(tokens), staging=staging))
             done, i = done + n, i + 1
         return last
 
     capacity = -(-(len(s.prompt) + GEN) // BS)
-    table = prefix + blocks.take(capacity - len(prefix))
+    table = prefix + blocks.take(capacity - len(prefix), first=not prefix)
     logits = [prefill(s.prompt, shared, table)]
     seq = list(s.prompt)
     for i in range(GEN - 1):
         seq.append(forced[i])
         if s.preempt_after == i:  # its blocks are gone: recompute prompt and generated tokens elsewhere
-            table = blocks.take(capacity)
+            table = blocks.take(capacity, first=True)
+            staging = blocks.staging()
             logits.append(prefill(seq, 0, table))
         else:
-            logits.append(step(Chunk([seq[-1]], len(seq) - 1, table, True)))
+            logits.append(step(Chunk([seq[-1]], len(seq) - 1, table, True, staging=staging)))
     return torch.stack(logits)
 
 

@@ -213,8 +213,12 @@ def ranks_match_one_rank(path: Path, size: int, monkeypatch: pytest.MonkeyPatch,
     rng = random.Random(0)
     prompts = [random_tokens(rng, n) for n in (9, 4)]
     tables = [[3, 1, 8, 0], [5, 2]]
-    steps = [[Chunk(p, 0, t, True) for p, t in zip(prompts, tables)]]
-    steps += [[Chunk([7 + i], len(p) + i, t, True) for p, t in zip(prompts, tables)] for i in range(3)]
+    staging: list[tuple[int, ...]] = [(), ()]
+    if single.kv_format.staged:  # block 0 and the staging blocks are dense blocks (ids 16 on)
+        tables, staging = [[16, 1, 8, 0], [17, 2]], [(18,), (19,)]
+    steps = [[Chunk(p, 0, t, True, staging=s) for p, t, s in zip(prompts, tables, staging)]]
+    steps += [[Chunk([7 + i], len(p) + i, t, True, staging=s) for p, t, s in zip(prompts, tables, staging)]
+              for i in range(3)]
     for chunks in steps:
         expected = single.run(chunks)
         results: list[torch.Tensor | None] = [None] * size

@@ -31,12 +31,12 @@ BS = 4
 
 def chunks_of(plan: SchedulerOutput) -> list[Chunk]:
     """What LlamaEngine.step hands its runner."""
-    return [Chunk(c.seq.token_ids[c.start : c.start + c.num_tokens], c.start, c.seq.block_table, c.samples, seq=c.seq)
-            for c in plan.chunks]
+    return [Chunk(c.seq.token_ids[c.start : c.start + c.num_tokens], c.start, c.seq.block_table, c.samples, seq=c.seq,
+                  staging=tuple(c.seq.staging)) for c in plan.chunks]
 
 
-def as_tuples(chunks: list[Chunk]) -> list[tuple[list[int], int, list[int], bool]]:
-    return [(list(c.token_ids), c.start, list(c.block_table), c.want_logits) for c in chunks]
+def as_tuples(chunks: list[Chunk]) -> list[tuple[list[int], int, list[int], bool, tuple[int, ...]]]:
+    return [(list(c.token_ids), c.start, list(c.block_table), c.want_logits, c.staging) for c in chunks]
 
 
 def test_prefill_then_decodes_send_each_token_once() -> None:
@@ -110,9 +110,10 @@ def test_control_messages_and_malformed_ones() -> None:
 @pytest.mark.parametrize("seed", range(4))
 def test_followers_rebuild_every_chunk_of_a_real_schedule(seed: int) -> None:
     """Many sequences through a small cache: chunked prefill, shared prefixes (prefix-cache hits),
-    preemptions (tables replaced, tokens recomputed without being sent again), finish and abort."""
+    preemptions (tables replaced, tokens recomputed without being sent again), finish and abort;
+    odd seeds with a staged KV format's dense blocks (sinks, each sequence's staging block)."""
     rng = random.Random(seed)
-    scheduler = Scheduler(BlockManager(14, BS, prefix_caching=True),
+    scheduler = Scheduler(BlockManager(14, BS, prefix_caching=True, num_dense_blocks=8 * (seed % 2)),
                           SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=12))
     encoder, decoder = StepEncoder(), StepDecoder()
     shared = [rng.randrange(1000) for _ in range(9)]
@@ -141,7 +142,9 @@ def test_followers_rebuild_every_chunk_of_a_real_schedule(seed: int) -> None:
         assert as_tuples(decoder.decode(message)) == as_tuples(chunks)
         records = message[HEADER + message[3] :]
         for i, c in enumerate(chunks):
-            _handle, start, n, _logits, new_tokens, _new_blocks, replace = records[i * CHUNK_FIELDS : (i + 1) * CHUNK_FIELDS]
+            _handle, start, n, _logits, new_tokens, _new_blocks, replace, staging = records[
+                i * CHUNK_FIELDS : (i + 1) * CHUNK_FIELDS]
+            assert staging == (1 if seed % 2 else 0)
             rid = c.seq.request_id
             replaced += bool(replace and rid in sent)
             sent[rid] = sent.get(rid, 0) + new_tokens
