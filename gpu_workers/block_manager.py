@@ -128,6 +128,11 @@ class BlockManager:
         return len(self._fresh[1]) + len(self._cached_free[1])
 
     @property
+    def dense_utilization(self) -> float:
+        """Share of the bf16 pool (sinks, staging blocks) held by sequences; 0.0 without one."""
+        return 1 - self.num_free_dense_blocks / self.num_dense_blocks if self.num_dense_blocks else 0.0
+
+    @property
     def num_used_blocks(self) -> int:
         return self.num_blocks - self.num_free_blocks
 

@@ -319,7 +319,9 @@ class LlamaEngine:
             running=self.scheduler.num_running,
             waiting=self.scheduler.num_waiting + len(self._compiling),
             kv_capacity_tokens=self.blocks.capacity_tokens,
-            kv_used_tokens=self.blocks.used_tokens,
+            # the tighter pool: a staged cache's bf16 blocks can run out while fp8 ones are free
+            kv_used_tokens=max(self.blocks.used_tokens,
+                               round(self.blocks.capacity_tokens * self.blocks.dense_utilization)),
             prefix_cache_hit_rate=self.blocks.hit_rate,
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=self.blocks.prefix_query_tokens,

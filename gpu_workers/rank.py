@@ -69,10 +69,12 @@ def build_runner(model_dir: Path, options: LlamaEngineOptions, *, tp: TensorPara
                    * options.kv.dense_bytes_per_head_block(BLOCK_SIZE, config.head_dim)) // groups.num_groups
 
     def dense_blocks(budget: int) -> int:
-        """Two per sequence and group, at most a sixteenth of the budget (but always one sequence's)."""
+        """Two per sequence and group, at most a quarter of the budget (but always one sequence's): every
+        running sequence holds a sink and a staging block per group, so fewer would cap the sequences
+        run at once below --max-num-seqs while fp8 blocks sit free."""
         if not options.kv.staged:
             return 0
-        return min(2 * groups.num_groups * options.max_num_seqs, max(2 * groups.num_groups, budget // 16 // dense_bytes))
+        return min(2 * groups.num_groups * options.max_num_seqs, max(2 * groups.num_groups, budget // 4 // dense_bytes))
 
     def blocks() -> tuple[int, int]:
         """(blocks, dense blocks) the budget holds."""

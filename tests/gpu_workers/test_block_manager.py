@@ -409,8 +409,12 @@ def test_a_staged_format_takes_sinks_and_staging_blocks_from_the_dense_pool() ->
     bm.free(a)
     assert a.staging == [] and bm.num_free_dense_blocks == 2  # a's staging block; its sink is b's too
     assert bm.allocate(c, 4) and c.block_table[0] >= 6 and len(c.staging) == 1
+    # all four dense blocks held (b's staging, the shared sink, c's two) while fp8 ones are free:
+    # the dense pool is the tighter one, and the engine reports it (kv_used_tokens)
+    assert bm.dense_utilization == 1.0 and bm.used_tokens < bm.capacity_tokens
     bm.free(b)
     bm.free(c)
-    assert (bm.num_free_blocks, bm.num_free_dense_blocks) == (6, 4)
+    assert (bm.num_free_blocks, bm.num_free_dense_blocks) == (6, 4) and bm.dense_utilization == 0.0
+    assert BlockManager(6, BS).dense_utilization == 0.0
     with pytest.raises(ValueError, match="num_dense_blocks >= 2"):
         BlockManager(6, BS, num_dense_blocks=1)
