@@ -54,15 +54,23 @@ def served_url(log: Path) -> str | None:
     return None
 
 
-def test_logprobs_and_controls_through_the_openai_client(procs: Procs, r: redis.Redis, keys: Keys,
-                                                         model_dir: Path) -> None:
+def gateway_on(procs: Procs, r: redis.Redis, keys: Keys, model_dir: Path, kv_memory: str, *worker_flags: str,
+               timeout: float = 60) -> tuple[openai.OpenAI, str]:
+    """A balancer, a worker group "llama" serving ``model_dir`` with an fp32 KV cache (and
+    ``worker_flags``) and a gateway, started and ready: the openai client on the gateway (no
+    retries, ``timeout`` seconds) and its base URL."""
     procs.balancer()
-    procs.worker("llama", "--model", str(model_dir), "--kv-dtype", "fp32", "--kv-memory", "8MiB")
+    procs.worker("llama", "--model", str(model_dir), "--kv-dtype", "fp32", "--kv-memory", kv_memory, *worker_flags)
     log = procs.log_dir / f"{len(procs.started):02d}-producer.log"
     procs.spawn("producer", "gateway", "--port", "0")
     wait_groups(r, keys, {"llama"}, timeout=60)
     url = wait_for(lambda: served_url(log), timeout=30, what="the gateway")
-    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=timeout), url
+
+
+def test_logprobs_and_controls_through_the_openai_client(procs: Procs, r: redis.Redis, keys: Keys,
+                                                         model_dir: Path) -> None:
+    client, _ = gateway_on(procs, r, keys, model_dir, "8MiB")
     model = model_dir.name  # the served name: the directory's last component
     prompt = [17, 250, 3, 99, 140, 8, 61]
 
@@ -168,14 +176,7 @@ def test_n_best_of_prompt_logprobs_and_tokenize_through_the_openai_client(
 
     from broker.registry import read_groups
 
-    procs.balancer()
-    procs.worker("llama", "--model", str(model_dir), "--kv-dtype", "fp32", "--kv-memory", "8MiB",
-                 "--metrics-port", "0", "--metrics-host", "127.0.0.1")
-    log = procs.log_dir / f"{len(procs.started):02d}-producer.log"
-    procs.spawn("producer", "gateway", "--port", "0")
-    wait_groups(r, keys, {"llama"}, timeout=60)
-    url = wait_for(lambda: served_url(log), timeout=30, what="the gateway")
-    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+    client, url = gateway_on(procs, r, keys, model_dir, "8MiB", "--metrics-port", "0", "--metrics-host", "127.0.0.1")
     model = model_dir.name
     (group,) = read_groups(r, keys, dead_after_s=10.0)
     assert group.metrics_port
@@ -271,13 +272,7 @@ def test_fifty_random_schemas_through_the_openai_client(procs: Procs, r: redis.R
 
     from benchmarks.json_schemas import random_schemas
 
-    procs.balancer()
-    procs.worker("llama", "--model", str(eos_model_dir), "--kv-dtype", "fp32", "--kv-memory", "32MiB")
-    log = procs.log_dir / f"{len(procs.started):02d}-producer.log"
-    procs.spawn("producer", "gateway", "--port", "0")
-    wait_groups(r, keys, {"llama"}, timeout=60)
-    url = wait_for(lambda: served_url(log), timeout=30, what="the gateway")
-    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=300)
+    client, _ = gateway_on(procs, r, keys, eos_model_dir, "32MiB", timeout=300)
     schemas = random_schemas(50, seed=18)
 
     def ask(i: int) -> openai.types.Completion:
