@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.ryzanstein-installed
 PYTEST_ARGS ?=
 # pytest-xdist workers for `make test`: the suite's integration tests wait on the processes they start,
-# so two workers finish a 2-core machine's run in ~15 minutes instead of ~22. Each test file runs
+# so two workers finish a 2-core machine's run in ~11 minutes instead of ~22. Each test file runs
 # whole in one worker (--dist loadfile), with its own redis-server. PYTEST_WORKERS=0: one process.
 PYTEST_WORKERS ?= 2
 
