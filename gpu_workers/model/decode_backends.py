@@ -253,12 +253,14 @@ class StagedDecode(GatheredDecode):
         assert isinstance(cache, StagedKVCache) and chunk.kv_slots is not None
         stored = cache.gather(layer, chunk.kv_slots)  # [Hkv, S, D] each
         n = k.shape[0]
+        slots = chunk.dense_slots
+        # K and V at once
+        staged = cache.gather_dense(layer, slots) if slots is not None and slots.numel() else (None, None)
         dense: list[torch.Tensor] = []
-        for x, new in zip(stored, (k, v)):
+        for x, new, old in zip(stored, (k, v), staged):
             x = x.clone()
-            if chunk.dense_slots is not None and chunk.dense_slots.numel():
-                staged = cache.gather_dense(layer, chunk.dense_slots)[len(dense)]
-                x[:, chunk.dense_from : chunk.dense_from + staged.shape[1]] = staged
+            if old is not None:
+                x[:, chunk.dense_from : chunk.dense_from + old.shape[1]] = old
             x[:, x.shape[1] - n :] = new.to(DENSE_DTYPE).to(x.dtype).transpose(0, 1)
             dense.append(x)
         return torch.cat((stored[0], dense[0]), dim=1), torch.cat((stored[1], dense[1]), dim=1)
