@@ -68,7 +68,7 @@ from gpu_workers.kv_memory import parse_size
 from gpu_workers.model.config import load_config
 from gpu_workers.model.kv_cache import KVCache, kv_bytes_per_block, kv_bytes_per_token
 from gpu_workers.model.kv_format import kv_format
-from gpu_workers.model.kv_staged import StagedKVCache
+from gpu_workers.model.kv_staged import StagedKVCache, dense_pool_blocks
 from gpu_workers.model.presets import default_cache_dir, materialize
 from gpu_workers.model_runner import Chunk, ModelRunner
 
@@ -100,7 +100,7 @@ def memory_table(model_dir: Path, kv_memory: str, seq_len: int) -> dict[str, dic
         if kv.staged:  # as gpu_workers/rank.py sizes it: bf16 blocks (sink, staging) first, 2 per sequence
             dense_bytes = (config.num_hidden_layers * 2 * config.num_key_value_heads
                            * kv.dense_bytes_per_head_block(BLOCK, config.head_dim))
-            dense = min(2 * MAX_NUM_SEQS, max(2, budget // 4 // dense_bytes))
+            dense = dense_pool_blocks(budget, dense_bytes, num_groups=1, max_num_seqs=MAX_NUM_SEQS)
             blocks = (budget - dense * dense_bytes) // per_block
             # a sequence's block 0 is its (dense) sink: the rest are fp8, its newest one staged besides
             sequences = min(blocks // max(1, blocks_per_seq - 1), dense // 2)

@@ -20,6 +20,7 @@ from gpu_workers.model.compilation import CompilationLevel
 from gpu_workers.model.config import ModelConfig, load_config
 from gpu_workers.model.kv_cache import kv_bytes_per_block
 from gpu_workers.model.kv_format import KVFormat, kv_format
+from gpu_workers.model.kv_staged import dense_pool_blocks
 from gpu_workers.model_runner import ModelRunner
 from gpu_workers.parallel.launch import RankReport, TensorParallelGroup, peak_rss_bytes
 
@@ -69,12 +70,9 @@ def build_runner(model_dir: Path, options: LlamaEngineOptions, *, tp: TensorPara
                    * options.kv.dense_bytes_per_head_block(BLOCK_SIZE, config.head_dim)) // groups.num_groups
 
     def dense_blocks(budget: int) -> int:
-        """Two per sequence and group, at most a quarter of the budget (but always one sequence's): every
-        running sequence holds a sink and a staging block per group, so fewer would cap the sequences
-        run at once below --max-num-seqs while fp8 blocks sit free."""
         if not options.kv.staged:
             return 0
-        return min(2 * groups.num_groups * options.max_num_seqs, max(2 * groups.num_groups, budget // 4 // dense_bytes))
+        return dense_pool_blocks(budget, dense_bytes, num_groups=groups.num_groups, max_num_seqs=options.max_num_seqs)
 
     def blocks() -> tuple[int, int]:
         """(blocks, dense blocks) the budget holds."""

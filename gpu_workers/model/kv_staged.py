@@ -40,6 +40,14 @@ from gpu_workers.model.kv_cache import BlockKV, KVCache
 DENSE_DTYPE = torch.bfloat16
 
 
+def dense_pool_blocks(budget: int, dense_bytes: int, *, num_groups: int, max_num_seqs: int) -> int:
+    """Dense (bf16) blocks a staged cache sets aside out of ``budget`` bytes, each ``dense_bytes``: a
+    sink and a staging block per KV cache group for every sequence ``max_num_seqs`` allows, at most a
+    quarter of the budget (but always one sequence's). Fewer would cap the sequences run at once
+    below ``max_num_seqs`` while fp8 blocks sit free."""
+    return min(2 * num_groups * max_num_seqs, max(2 * num_groups, budget // 4 // dense_bytes))
+
+
 @dataclass(slots=True)
 class StagedWrites:
     """A step's writes into a staged cache (one KV cache group's view), computed once per step and
