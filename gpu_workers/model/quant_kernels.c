@@ -1,5 +1,6 @@
-/* Weight-only 8-bit matmul for GGUF blocks kept quantized (gpu_workers/model/quant_kernels.py).
+/* Weight-only 8-bit and 4-bit matmuls for GGUF blocks kept quantized (gpu_workers/model/quant_kernels.py).
  *
+ * 8-bit:
  * y[m, n] = sum_k x[m, k] * w[n, k] with w[n, k] = code[n, k] * scale[n, k / G] (+ zero[n, k / G]),
  * codes int8, block constants fp32, G the block width (16 or 32). Each weight is dequantized in
  * registers exactly as the gguf package rounds it (a multiply, then an add: this file is built with
@@ -83,4 +84,101 @@ void int8_dequantize(const int8_t *codes, const float *scale, const float *zero,
             out[n * k_len + k] = zero ? w + zero[g] : w;
         }
     }
+}
+
+/* 4-bit codes (0..15), packed for the kernel: per 64 inputs (two 32-weight blocks) 32 bytes read as 8
+ * 32-bit lanes, lane i holding code[k0 + i + 8 j] in bits 4j..4j+3 (j = 0..7), so that one shift and one
+ * mask give 8 consecutive codes in 32-bit lanes, ready to convert (no shuffles); a trailing 32-weight block
+ * (K an odd number of blocks) in 16 bytes, 8 16-bit lanes of 4 codes. K / 2 bytes per output row in all.
+ * Block constants fp32 [N, K / 32]: w = code * scale + zero, a multiply then an add (-ffp-contract=off),
+ * as the gguf package rounds, then fp32 fused multiply-adds with fp32 activations. */
+
+static inline __m256 weights4(__m256i lanes, int j, __m256 scale, __m256 zero) {
+    __m256i c = _mm256_and_si256(_mm256_srli_epi32(lanes, 4 * j), _mm256_set1_epi32(0x0F));
+    return _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(c), scale), zero);
+}
+
+/* q4rowsMT: one output n for MT rows of x; CH accumulator chains per row, as rowsMT. */
+#define Q4ROWS(MT, CH)                                                                                    \
+    static void q4rows##MT(const float *x, int64_t k_len, const uint8_t *codes, const float *scale,       \
+                           const float *zero, float *y, int64_t n_len) {                                  \
+        __m256 acc[MT * CH];                                                                              \
+        for (int i = 0; i < MT * CH; i++) acc[i] = _mm256_setzero_ps();                                   \
+        int64_t k = 0, g = 0;                                                                             \
+        for (; k + 64 <= k_len; k += 64, g += 2, codes += 32) {                                           \
+            __m256i lanes = _mm256_loadu_si256((const __m256i *)codes);                                   \
+            _Pragma("GCC unroll 8")                                                                     \
+            for (int j = 0; j < 8; j++) {                                                                 \
+                __m256 w = weights4(lanes, j, _mm256_set1_ps(scale[g + j / 4]),                           \
+                                    _mm256_set1_ps(zero[g + j / 4]));                                     \
+                for (int i = 0; i < MT; i++)                                                              \
+                    acc[i * CH + j % CH] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + i * k_len + k + 8 * j), \
+                                                           acc[i * CH + j % CH]);                         \
+            }                                                                                             \
+        }                                                                                                 \
+        if (k < k_len) {                                                                                  \
+            __m256i lanes = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)codes));               \
+            __m256 s = _mm256_set1_ps(scale[g]), z = _mm256_set1_ps(zero[g]);                             \
+            _Pragma("GCC unroll 4")                                                                     \
+            for (int j = 0; j < 4; j++) {                                                                 \
+                __m256 w = weights4(lanes, j, s, z);                                                      \
+                for (int i = 0; i < MT; i++)                                                              \
+                    acc[i * CH + j % CH] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + i * k_len + k + 8 * j), \
+                                                           acc[i * CH + j % CH]);                         \
+            }                                                                                             \
+        }                                                                                                 \
+        for (int i = 0; i < MT; i++) {                                                                    \
+            __m256 sum = acc[i * CH];                                                                     \
+            for (int c = 1; c < CH; c++) sum = _mm256_add_ps(sum, acc[i * CH + c]);                       \
+            y[i * n_len] = hsum(sum);                                                                     \
+        }                                                                                                 \
+    }
+Q4ROWS(1, 4)
+Q4ROWS(2, 2)
+Q4ROWS(4, 1)
+Q4ROWS(8, 1)
+
+/* x [M, K] fp32, codes [N, K / 2] packed as above, scale and zero [N, K / 32] fp32, y [M, N] fp32.
+ * Returns 0, or -1 unless K is a multiple of 32. */
+int int4_matmul(const float *x, int64_t m_len, int64_t k_len, const uint8_t *codes, const float *scale,
+                const float *zero, int64_t n_len, float *y, int threads) {
+    if (k_len <= 0 || k_len % 32) return -1;
+    int64_t groups = k_len / 32;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < n_len; n++) {
+        const uint8_t *c = codes + n * (k_len / 2);
+        const float *s = scale + n * groups, *z = zero + n * groups;
+        int64_t m = 0;
+        for (; m + 8 <= m_len; m += 8) q4rows8(x + m * k_len, k_len, c, s, z, y + m * n_len + n, n_len);
+        if (m_len - m >= 4) { q4rows4(x + m * k_len, k_len, c, s, z, y + m * n_len + n, n_len); m += 4; }
+        if (m_len - m >= 2) { q4rows2(x + m * k_len, k_len, c, s, z, y + m * n_len + n, n_len); m += 2; }
+        if (m_len - m >= 1) q4rows1(x + m * k_len, k_len, c, s, z, y + m * n_len + n, n_len);
+    }
+    return 0;
+}
+
+/* The fp32 weight [N, K] of int4_matmul's operands: code * scale + zero, as the kernel rounds it. */
+int int4_dequantize(const uint8_t *codes, const float *scale, const float *zero, int64_t n_len, int64_t k_len,
+                    float *out, int threads) {
+    if (k_len <= 0 || k_len % 32) return -1;
+    int64_t groups = k_len / 32;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < n_len; n++) {
+        const uint8_t *c = codes + n * (k_len / 2);
+        const float *s = scale + n * groups, *z = zero + n * groups;
+        float *o = out + n * k_len;
+        int64_t k = 0, g = 0;
+        for (; k + 64 <= k_len; k += 64, g += 2, c += 32) {
+            __m256i lanes = _mm256_loadu_si256((const __m256i *)c);
+            for (int j = 0; j < 8; j++)
+                _mm256_storeu_ps(o + k + 8 * j, weights4(lanes, j, _mm256_set1_ps(s[g + j / 4]),
+                                                         _mm256_set1_ps(z[g + j / 4])));
+        }
+        if (k < k_len) {
+            __m256i lanes = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)c));
+            for (int j = 0; j < 4; j++)
+                _mm256_storeu_ps(o + k + 8 * j, weights4(lanes, j, _mm256_set1_ps(s[g]), _mm256_set1_ps(z[g])));
+        }
+    }
+    return 0;
 }
