@@ -91,11 +91,35 @@ void int8_dequantize(const int8_t *codes, const float *scale, const float *zero,
  * mask give 8 consecutive codes in 32-bit lanes, ready to convert (no shuffles); a trailing 32-weight block
  * (K an odd number of blocks) in 16 bytes, 8 16-bit lanes of 4 codes. K / 2 bytes per output row in all.
  * Block constants fp32 [N, K / 32]: w = code * scale + zero, a multiply then an add (-ffp-contract=off),
- * as the gguf package rounds, then fp32 fused multiply-adds with fp32 activations. */
+ * as the gguf package rounds, then fp32 fused multiply-adds with fp32 activations. Where the compiler
+ * targets AVX-512VL (-march=native on such a CPU), each block's 16 possible weights are computed once and
+ * looked up (vpermt2ps on 256-bit vectors: 3 instructions per 8 weights instead of 6); the values are
+ * the same. Rows of x in tiles of 8, 4, 2, 1 as int8_matmul; threads split the outputs. */
 
-static inline __m256 weights4(__m256i lanes, int j, __m256 scale, __m256 zero) {
-    __m256i c = _mm256_and_si256(_mm256_srli_epi32(lanes, 4 * j), _mm256_set1_epi32(0x0F));
-    return _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(c), scale), zero);
+/* A block's constants in the form its weights are made from: with AVX-512VL, the 16 weights its codes
+ * can stand for (code c -> c * scale + zero, rounded as below), looked up by one two-table permute per
+ * 8 codes; with AVX2 alone, the scale and zero broadcast, each weight converted, multiplied and added. */
+typedef struct { __m256 a, b; } block4;
+
+static inline block4 block_of(float scale, float zero) {
+    __m256 s = _mm256_set1_ps(scale), z = _mm256_set1_ps(zero);
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+    __m256 lo = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), hi = _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15);
+    return (block4){_mm256_add_ps(_mm256_mul_ps(lo, s), z), _mm256_add_ps(_mm256_mul_ps(hi, s), z)};
+#else
+    return (block4){s, z};
+#endif
+}
+
+/* The 8 weights of nibble j (codes of inputs i + 8 j) of 8 lanes. */
+static inline __m256 weights4(__m256i lanes, int j, block4 b) {
+    __m256i c = _mm256_srli_epi32(lanes, 4 * j);
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+    return _mm256_permutex2var_ps(b.a, c, b.b);  /* index bits 0-3: the permute ignores the others */
+#else
+    c = _mm256_and_si256(c, _mm256_set1_epi32(0x0F));
+    return _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(c), b.a), b.b);
+#endif
 }
 
 /* q4rowsMT: one output n for MT rows of x; CH accumulator chains per row, as rowsMT. */
@@ -107,10 +131,10 @@ static inline __m256 weights4(__m256i lanes, int j, __m256 scale, __m256 zero) {
         int64_t k = 0, g = 0;                                                                             \
         for (; k + 64 <= k_len; k += 64, g += 2, codes += 32) {                                           \
             __m256i lanes = _mm256_loadu_si256((const __m256i *)codes);                                   \
+            block4 b[2] = {block_of(scale[g], zero[g]), block_of(scale[g + 1], zero[g + 1])};            \
             _Pragma("GCC unroll 8")                                                                     \
             for (int j = 0; j < 8; j++) {                                                                 \
-                __m256 w = weights4(lanes, j, _mm256_set1_ps(scale[g + j / 4]),                           \
-                                    _mm256_set1_ps(zero[g + j / 4]));                                     \
+                __m256 w = weights4(lanes, j, b[j / 4]);                                                  \
                 for (int i = 0; i < MT; i++)                                                              \
                     acc[i * CH + j % CH] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + i * k_len + k + 8 * j), \
                                                            acc[i * CH + j % CH]);                         \
@@ -118,10 +142,10 @@ static inline __m256 weights4(__m256i lanes, int j, __m256 scale, __m256 zero) {
         }                                                                                                 \
         if (k < k_len) {                                                                                  \
             __m256i lanes = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)codes));               \
-            __m256 s = _mm256_set1_ps(scale[g]), z = _mm256_set1_ps(zero[g]);                             \
+            block4 b = block_of(scale[g], zero[g]);                                                       \
             _Pragma("GCC unroll 4")                                                                     \
             for (int j = 0; j < 4; j++) {                                                                 \
-                __m256 w = weights4(lanes, j, s, z);                                                      \
+                __m256 w = weights4(lanes, j, b);                                                         \
                 for (int i = 0; i < MT; i++)                                                              \
                     acc[i * CH + j % CH] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + i * k_len + k + 8 * j), \
                                                            acc[i * CH + j % CH]);                         \
@@ -170,14 +194,13 @@ int int4_dequantize(const uint8_t *codes, const float *scale, const float *zero,
         int64_t k = 0, g = 0;
         for (; k + 64 <= k_len; k += 64, g += 2, c += 32) {
             __m256i lanes = _mm256_loadu_si256((const __m256i *)c);
-            for (int j = 0; j < 8; j++)
-                _mm256_storeu_ps(o + k + 8 * j, weights4(lanes, j, _mm256_set1_ps(s[g + j / 4]),
-                                                         _mm256_set1_ps(z[g + j / 4])));
+            block4 b[2] = {block_of(s[g], z[g]), block_of(s[g + 1], z[g + 1])};
+            for (int j = 0; j < 8; j++) _mm256_storeu_ps(o + k + 8 * j, weights4(lanes, j, b[j / 4]));
         }
         if (k < k_len) {
             __m256i lanes = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)c));
-            for (int j = 0; j < 4; j++)
-                _mm256_storeu_ps(o + k + 8 * j, weights4(lanes, j, _mm256_set1_ps(s[g]), _mm256_set1_ps(z[g])));
+            block4 b = block_of(s[g], z[g]);
+            for (int j = 0; j < 4; j++) _mm256_storeu_ps(o + k + 8 * j, weights4(lanes, j, b));
         }
     }
     return 0;

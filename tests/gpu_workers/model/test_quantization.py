@@ -100,12 +100,31 @@ def _assert_fp32_product(got: torch.Tensor, x: torch.Tensor, dense: torch.Tensor
     assert ((got.double() - want).abs() <= 1e-5 * bound + 1e-30).all(), ((got.double() - want).abs() / bound).max()
 
 
+def _kernels(isa: str) -> Any:
+    """``quant_kernels``' library as built for this CPU (``native``: the AVX-512VL table lookup
+    where the CPU has it), or without AVX-512 (``avx2``: the convert-multiply-add path)."""
+    import ctypes
+
+    from gpu_workers.model import c_build, quant_kernels
+
+    if quant_kernels.load() is None:
+        pytest.skip("the C kernels do not build here")
+    if isa == "native":
+        return quant_kernels.load()
+    if b"avx512vl" not in c_build.cpu_flags().split():
+        pytest.skip("no AVX-512 here: the native build is the AVX2 one")
+    path = c_build.build_library(quant_kernels.SOURCE, (*quant_kernels.FLAGS, "-mno-avx512f"), stem="quant-avx2")
+    return quant_kernels.QuantKernels(ctypes.CDLL(str(path)))
+
+
 @pytest.mark.parametrize("kind", INT4, ids=lambda k: k.name)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_int4_kernel_multiplies_as_the_dequantized_fp32_weight(kind: T, threads: int) -> None:
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+def test_int4_kernel_multiplies_as_the_dequantized_fp32_weight(kind: T, threads: int, isa: str) -> None:
     """The C kernel at every row count 1..17 (tiles of 8, 4, 2, 1 rows and their remainders), on
     shapes with whole 64-input lanes, a trailing 32-input block (96, 288), one block (32), and
     outputs that are not multiples of 32: the fp32 product of the GGUF file's dequantized weight."""
+    kernels = _kernels(isa)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -114,6 +133,7 @@ def test_int4_kernel_multiplies_as_the_dequantized_fp32_weight(kind: T, threads:
                 continue
             parts, dense = _int4_parts(kind, out, cols, seed=out + cols)
             weight = Int4Weight(parts["codes"], parts["scale"], parts["zero"])
+            weight._kernels = kernels
             assert torch.equal(weight.dequantize(), dense)
             assert torch.equal(weight.codes(), parts["codes"].to(torch.uint8))
             for rows in range(1, 18):
