@@ -158,25 +158,34 @@ static inline __m256 weights4(__m256i lanes, int j, block4 b) {
         }                                                                                                 \
     }
 Q4ROWS(1, 4)
-Q4ROWS(2, 2)
-Q4ROWS(4, 1)
+Q4ROWS(2, 4)
+Q4ROWS(4, 2)
 Q4ROWS(8, 1)
+
+/* Outputs per thread's block: each row tile of x (8 rows of K floats: 18 KiB at K = 576) meets the
+ * block's weights while they are in L1/L2, so that more than 8 rows neither thrash L1 with x nor read
+ * the weights from memory once per tile. */
+#define Q4_OUTPUTS 16
 
 /* x [M, K] fp32, codes [N, K / 2] packed as above, scale and zero [N, K / 32] fp32, y [M, N] fp32.
  * Returns 0, or -1 unless K is a multiple of 32. */
 int int4_matmul(const float *x, int64_t m_len, int64_t k_len, const uint8_t *codes, const float *scale,
                 const float *zero, int64_t n_len, float *y, int threads) {
     if (k_len <= 0 || k_len % 32) return -1;
-    int64_t groups = k_len / 32;
+    int64_t groups = k_len / 32, blocks = (n_len + Q4_OUTPUTS - 1) / Q4_OUTPUTS;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < n_len; n++) {
-        const uint8_t *c = codes + n * (k_len / 2);
-        const float *s = scale + n * groups, *z = zero + n * groups;
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t n0 = b * Q4_OUTPUTS, n1 = n0 + Q4_OUTPUTS < n_len ? n0 + Q4_OUTPUTS : n_len;
+#define Q4_TILE(MT)                                                                                       \
+        for (int64_t n = n0; n < n1; n++)                                                                 \
+            q4rows##MT(x + m * k_len, k_len, codes + n * (k_len / 2), scale + n * groups, zero + n * groups, \
+                       y + m * n_len + n, n_len);
         int64_t m = 0;
-        for (; m + 8 <= m_len; m += 8) q4rows8(x + m * k_len, k_len, c, s, z, y + m * n_len + n, n_len);
-        if (m_len - m >= 4) { q4rows4(x + m * k_len, k_len, c, s, z, y + m * n_len + n, n_len); m += 4; }
-        if (m_len - m >= 2) { q4rows2(x + m * k_len, k_len, c, s, z, y + m * n_len + n, n_len); m += 2; }
-        if (m_len - m >= 1) q4rows1(x + m * k_len, k_len, c, s, z, y + m * n_len + n, n_len);
+        for (; m + 8 <= m_len; m += 8) { Q4_TILE(8) }
+        if (m_len - m >= 4) { Q4_TILE(4) m += 4; }
+        if (m_len - m >= 2) { Q4_TILE(2) m += 2; }
+        if (m_len - m >= 1) { Q4_TILE(1) }
+#undef Q4_TILE
     }
     return 0;
 }

@@ -172,6 +172,9 @@ class Int4Weight:
     ``out`` a multiple of ``torch_int4_row_block()`` (32, or 64 with AVX-512).
     """
 
+    # False: new weights take torch's kernel even where the C one builds (benchmarks' A/B only)
+    c_kernel = True
+
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
         """``codes`` [out, in] integers 0..15 (any dtype), ``scale`` and ``zero`` [out, in] with one
         value per 32 inputs (``block_parts``' layout, e.g. after a tensor-parallel narrow).
@@ -192,7 +195,7 @@ class Int4Weight:
         self.out_features, self.in_features = out_features, in_features
         self.scale = scale_g[..., 0].to(torch.float32).contiguous()  # [out, groups]
         self.zero = zero_g[..., 0].to(torch.float32).contiguous()  # [out, groups]
-        self._kernels = quant_kernels.load()
+        self._kernels = quant_kernels.load() if self.c_kernel else None
         self._torch: _TorchInt4 | None = None
         if self._kernels is not None:
             self.packed = quant_kernels.pack_int4(codes)  # [out, in / 2] uint8
