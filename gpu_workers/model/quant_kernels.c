@@ -122,10 +122,11 @@ static inline __m256 weights4(__m256i lanes, int j, block4 b) {
 #endif
 }
 
-/* q4rowsMT: one output n for MT rows of x; CH accumulator chains per row, as rowsMT. */
+/* q4rowsMT: one output n for MT rows of x over k_len inputs (rows ldx floats apart); CH accumulator
+ * chains per row, as rowsMT. The sums are stored in y, or added to it (add: a later slice of K). */
 #define Q4ROWS(MT, CH)                                                                                    \
-    static void q4rows##MT(const float *x, int64_t k_len, const uint8_t *codes, const float *scale,       \
-                           const float *zero, float *y, int64_t n_len) {                                  \
+    static void q4rows##MT(const float *x, int64_t ldx, int64_t k_len, const uint8_t *codes,              \
+                           const float *scale, const float *zero, float *y, int64_t n_len, int add) {     \
         __m256 acc[MT * CH];                                                                              \
         for (int i = 0; i < MT * CH; i++) acc[i] = _mm256_setzero_ps();                                   \
         int64_t k = 0, g = 0;                                                                             \
@@ -136,7 +137,7 @@ static inline __m256 weights4(__m256i lanes, int j, block4 b) {
             for (int j = 0; j < 8; j++) {                                                                 \
                 __m256 w = weights4(lanes, j, b[j / 4]);                                                  \
                 for (int i = 0; i < MT; i++)                                                              \
-                    acc[i * CH + j % CH] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + i * k_len + k + 8 * j), \
+                    acc[i * CH + j % CH] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + i * ldx + k + 8 * j)    , \
                                                            acc[i * CH + j % CH]);                         \
             }                                                                                             \
         }                                                                                                 \
@@ -147,14 +148,14 @@ static inline __m256 weights4(__m256i lanes, int j, block4 b) {
             for (int j = 0; j < 4; j++) {                                                                 \
                 __m256 w = weights4(lanes, j, b);                                                         \
                 for (int i = 0; i < MT; i++)                                                              \
-                    acc[i * CH + j % CH] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + i * k_len + k + 8 * j), \
+                    acc[i * CH + j % CH] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + i * ldx + k + 8 * j)    , \
                                                            acc[i * CH + j % CH]);                         \
             }                                                                                             \
         }                                                                                                 \
         for (int i = 0; i < MT; i++) {                                                                    \
             __m256 sum = acc[i * CH];                                                                     \
             for (int c = 1; c < CH; c++) sum = _mm256_add_ps(sum, acc[i * CH + c]);                       \
-            y[i * n_len] = hsum(sum);                                                                     \
+            y[i * n_len] = add ? y[i * n_len] + hsum(sum) : hsum(sum);                                    \
         }                                                                                                 \
     }
 Q4ROWS(1, 4)
@@ -162,10 +163,11 @@ Q4ROWS(2, 4)
 Q4ROWS(4, 2)
 Q4ROWS(8, 1)
 
-/* Outputs per thread's block: each row tile of x (8 rows of K floats: 18 KiB at K = 576) meets the
- * block's weights while they are in L1/L2, so that more than 8 rows neither thrash L1 with x nor read
- * the weights from memory once per tile. */
+/* Outputs per thread's block, and inputs per slice of K: each row tile of x (8 rows of at most 512 floats,
+ * 16 KiB) meets the block's slice of weights while both are in L1, so that tiles of 8 rows neither stream
+ * x from L2 (8 rows of K = 1536 are 48 KiB) nor, past 8 rows, read the weights from memory once per tile. */
 #define Q4_OUTPUTS 16
+#define Q4_INPUTS 512
 
 /* x [M, K] fp32, codes [N, K / 2] packed as above, scale and zero [N, K / 32] fp32, y [M, N] fp32.
  * Returns 0, or -1 unless K is a multiple of 32. */
@@ -176,16 +178,20 @@ int int4_matmul(const float *x, int64_t m_len, int64_t k_len, const uint8_t *cod
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         int64_t n0 = b * Q4_OUTPUTS, n1 = n0 + Q4_OUTPUTS < n_len ? n0 + Q4_OUTPUTS : n_len;
+        for (int64_t k0 = 0; k0 < k_len; k0 += Q4_INPUTS) {
+            int64_t kn = k_len - k0 < Q4_INPUTS ? k_len - k0 : Q4_INPUTS;
 #define Q4_TILE(MT)                                                                                       \
-        for (int64_t n = n0; n < n1; n++)                                                                 \
-            q4rows##MT(x + m * k_len, k_len, codes + n * (k_len / 2), scale + n * groups, zero + n * groups, \
-                       y + m * n_len + n, n_len);
-        int64_t m = 0;
-        for (; m + 8 <= m_len; m += 8) { Q4_TILE(8) }
-        if (m_len - m >= 4) { Q4_TILE(4) m += 4; }
-        if (m_len - m >= 2) { Q4_TILE(2) m += 2; }
-        if (m_len - m >= 1) { Q4_TILE(1) }
+            for (int64_t n = n0; n < n1; n++)                                                             \
+                q4rows##MT(x + m * k_len + k0, k_len, kn, codes + n * (k_len / 2) + k0 / 2,              \
+                           scale + n * groups + k0 / 32, zero + n * groups + k0 / 32, y + m * n_len + n,  \
+                           n_len, k0 > 0);
+            int64_t m = 0;
+            for (; m + 8 <= m_len; m += 8) { Q4_TILE(8) }
+            if (m_len - m >= 4) { Q4_TILE(4) m += 4; }
+            if (m_len - m >= 2) { Q4_TILE(2) m += 2; }
+            if (m_len - m >= 1) { Q4_TILE(1) }
 #undef Q4_TILE
+        }
     }
     return 0;
 }

@@ -122,13 +122,15 @@ def _kernels(isa: str) -> Any:
 @pytest.mark.parametrize("isa", ["native", "avx2"])
 def test_int4_kernel_multiplies_as_the_dequantized_fp32_weight(kind: T, threads: int, isa: str) -> None:
     """The C kernel at every row count 1..17 (tiles of 8, 4, 2, 1 rows and their remainders), on
-    shapes with whole 64-input lanes, a trailing 32-input block (96, 288), one block (32), and
-    outputs that are not multiples of 32: the fp32 product of the GGUF file's dequantized weight."""
+    shapes with whole 64-input lanes, a trailing 32-input block (96, 288), one block (32), several
+    512-input slices of K ending in a partial one or a lone block (800, 1056, 1024), and outputs
+    that are not multiples of 32 or of the 16-output thread blocks: the fp32 product of the GGUF
+    file's dequantized weight."""
     kernels = _kernels(isa)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for out, cols in [(40, 256), (7, 96), (33, 288), (5, 32)]:
+        for out, cols in [(40, 256), (7, 96), (33, 288), (5, 32), (9, 800), (3, 1056), (17, 1024)]:
             if kind == T.Q4_K and cols % 256:  # 256-weight super-blocks
                 continue
             parts, dense = _int4_parts(kind, out, cols, seed=out + cols)
