@@ -163,9 +163,10 @@ Q4ROWS(2, 4)
 Q4ROWS(4, 2)
 Q4ROWS(8, 1)
 
-/* Outputs per thread's block, and inputs per slice of K: each row tile of x (8 rows of at most 512 floats,
- * 16 KiB) meets the block's slice of weights while both are in L1, so that tiles of 8 rows neither stream
- * x from L2 (8 rows of K = 1536 are 48 KiB) nor, past 8 rows, read the weights from memory once per tile. */
+/* Outputs per thread's block, and inputs per slice of K from 8 rows on: each row tile of x (8 rows of at
+ * most 512 floats, 16 KiB) meets the block's slice of weights while both are in L1, so that tiles of 8
+ * rows neither stream x from L2 (8 rows of K = 1536 are 48 KiB) nor, past 8 rows, read the weights from
+ * memory once per tile. */
 #define Q4_OUTPUTS 16
 #define Q4_INPUTS 512
 
@@ -175,11 +176,12 @@ int int4_matmul(const float *x, int64_t m_len, int64_t k_len, const uint8_t *cod
                 const float *zero, int64_t n_len, float *y, int threads) {
     if (k_len <= 0 || k_len % 32) return -1;
     int64_t groups = k_len / 32, blocks = (n_len + Q4_OUTPUTS - 1) / Q4_OUTPUTS;
+    int64_t slice = m_len >= 8 ? Q4_INPUTS : k_len;  /* fewer rows: x fits L1, and whole rows stream best */
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         int64_t n0 = b * Q4_OUTPUTS, n1 = n0 + Q4_OUTPUTS < n_len ? n0 + Q4_OUTPUTS : n_len;
-        for (int64_t k0 = 0; k0 < k_len; k0 += Q4_INPUTS) {
-            int64_t kn = k_len - k0 < Q4_INPUTS ? k_len - k0 : Q4_INPUTS;
+        for (int64_t k0 = 0; k0 < k_len; k0 += slice) {
+            int64_t kn = k_len - k0 < slice ? k_len - k0 : slice;
 #define Q4_TILE(MT)                                                                                       \
             for (int64_t n = n0; n < n1; n++)                                                             \
                 q4rows##MT(x + m * k_len + k0, k_len, kn, codes + n * (k_len / 2) + k0 / 2,              \
