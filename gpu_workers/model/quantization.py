@@ -43,9 +43,9 @@ GROUP_SIZE = 32  # weights per block constant: a GGUF block (Q4_K: a sub-block)
 PARTS = ("codes", "scale", "zero")
 METHODS = ("gguf",)  # --quantization values (vLLM's name for serving a GGUF file's quantized weights)
 # Rows (tokens in a step) from which Int4Weight dequantizes to fp32 instead of using the C int4 kernel
-# (benchmarks/quant_matmul.py, SmolLM2's linear layers, 2 threads, load ~4, quant_matmul-20261201-051046:
-# the kernel takes 0.25x oneDNN's fp32 time at 1 row, 0.56x at 4, 0.80x at 8, 1.13x at 16, 1.32x at 32;
-# dequantizing for the call 1.35x at 16, 1.16x at 32), and the same for torch's int4 kernel, its
+# (benchmarks/quant_matmul.py, SmolLM2's linear layers, 2 threads, load 4.5-4.9, quant_matmul-20261201-053146:
+# the kernel takes 0.23x oneDNN's fp32 time at 1 row, 0.49x at 4, 0.79x at 8, 1.03x at 16, 1.20x at 32;
+# dequantizing for the call 1.19x at 16, 1.09x at 32), and the same for torch's int4 kernel, its
 # fallback (one [3072, 576] weight at load ~10: it wins at 1-8 rows, the two break even at ~64).
 DENSE_FROM_ROWS = 32
 TORCH_INT4_DENSE_FROM_ROWS = 64
