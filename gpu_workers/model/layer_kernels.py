@@ -131,6 +131,6 @@ def enabled(*operands: torch.Tensor) -> LayerKernels | None:
         return None
     grad = torch.is_grad_enabled()
     for t in operands:
-        if t.dtype != torch.float32 or t.device.type != "cpu" or (grad and t.requires_grad):
+        if t.dtype is not torch.float32 or not t.is_cpu or (grad and t.requires_grad):
             return None
     return load()
