@@ -14,8 +14,8 @@
 #define PARALLEL_ROWS 32
 
 /* y = x * rsqrt(mean(x^2) + eps), then times weight (or 1 + weight: Gemma's): one row of n. The fp32
- * squares are summed in double, then rounded once: a running fp32 sum drifts with n (~20 ulps at 8192),
- * where torch's pairwise sums stay within a few. */
+ * squares are summed in double, then rounded once: a running fp32 sum drifted with n (1.3e-6 relative at
+ * 8192 against a float64 norm, torch's pairwise sums 2e-7). */
 static inline void norm_row(const float *x, const float *weight, float eps, int offset, int64_t n, float *y) {
     double sum = 0.0;
     for (int64_t i = 0; i < n; i++) sum += (double)(x[i] * x[i]);

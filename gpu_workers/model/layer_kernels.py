@@ -7,8 +7,9 @@ for a ctypes call): with SmolLM2's 30 layers, milliseconds of a ~35 ms step. Eag
 under ``torch.compile`` (``--compilation-config 3``) the torch forms stay, for inductor to fuse.
 
 ``enabled(*operands)`` says whether the operands take these kernels: all fp32, on the CPU, none
-needing its gradient, not being compiled, and the library built (``c_build.build_library``; where no compiler works, ``load`` logs why once
-and the torch forms are used). ``RYZ_LAYER_KERNELS=0`` turns them off (A/B measurements).
+needing its gradient, not being compiled, and the library built (``c_build.build_library``; where
+no compiler works, ``load`` logs why once and the torch forms are used). ``RYZ_LAYER_KERNELS=0``
+turns them off (A/B measurements).
 """
 
 from __future__ import annotations
