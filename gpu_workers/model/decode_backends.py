@@ -223,17 +223,33 @@ class GatheredDecode(DecodeBackend[GatheredMetadata]):
         return GatheredMetadata(span.first, span.count, self._to_device(span.block_tables), self._bias(span))
 
     def decode(self, layer: int, q: torch.Tensor, meta: GatheredMetadata) -> torch.Tensor:
-        kv = self.cache.gather_blocks(layer, meta.block_tables)  # K, V [Hkv, B, L, D]
-        scores = torch.matmul(q, kv.k.transpose(-1, -2)).float()  # [Hkv, B, G, L]
-        if kv.k_scale is not None:
-            scores.mul_(kv.k_scale)
-        probs = torch.softmax(scores.add_(meta.bias), dim=-1).to(q.dtype)
-        if kv.v_scale is not None:
-            probs.mul_(kv.v_scale)
-        return torch.matmul(probs, kv.v)  # [Hkv, B, G, D]
+        return gathered_attention(self.cache, layer, q, meta.block_tables, meta.bias)
 
 
-class StagedDecode(GatheredDecode):
+def gathered_attention(cache: KVCache, layer: int, q: torch.Tensor, block_tables: torch.Tensor,
+                       bias: torch.Tensor) -> torch.Tensor:
+    """Attention [Hkv, B, G, D] of scaled queries ``q`` [Hkv, B, G, D] over the blocks ``block_tables``
+    [B, MB] of cache layer ``layer``, copied out in the compute dtype, ``bias`` [1, B, 1, L] added to the scores."""
+    kv = cache.gather_blocks(layer, block_tables)  # K, V [Hkv, B, L, D]
+    scores = torch.matmul(q, kv.k.transpose(-1, -2)).float()  # [Hkv, B, G, L]
+    if kv.k_scale is not None:
+        scores.mul_(kv.k_scale)
+    probs = torch.softmax(scores.add_(bias), dim=-1).to(q.dtype)
+    if kv.v_scale is not None:
+        probs.mul_(kv.v_scale)
+    return torch.matmul(probs, kv.v)  # [Hkv, B, G, D]
+
+
+@dataclass(slots=True)
+class StagedMetadata(DecodeMetadata):
+    block_tables: torch.Tensor  # [B, MB]
+    # [B] int64: each sequence's context length, its new token included, where the fused kernel reads the
+    # span (a full-attention view, fp32 compute, kernels built); None: gathered, masked by ``bias``
+    lens: torch.Tensor | None
+    bias: torch.Tensor | None  # [1, B, 1, L] fp32: 0 for the keys seen, -inf elsewhere
+
+
+class StagedDecode(DecodeBackend[StagedMetadata]):
     """The staged fp8 cache (gpu_workers.model.kv_staged): decode as ``GatheredDecode`` (fp8 blocks read
     back, the sink and the staging block in bf16: the step's tables name the staging block in place
     of each query's own block); a prefill chunk reads its context twice, as stored and as its
@@ -244,6 +260,18 @@ class StagedDecode(GatheredDecode):
     @classmethod
     def supports(cls, cache: KVCache) -> bool:
         return cache.format.staged
+
+    def build(self, span: DecodeSpan) -> StagedMetadata:
+        tables = self._to_device(span.block_tables)
+        if self.cache.fused_attention and span.key_start is None and span.window is None:
+            return StagedMetadata(span.first, span.count, tables, span.positions + 1, None)
+        return StagedMetadata(span.first, span.count, tables, None, self._bias(span))
+
+    def decode(self, layer: int, q: torch.Tensor, meta: StagedMetadata) -> torch.Tensor:
+        if meta.lens is not None:
+            return self.cache.decode_attention(layer, q, meta.block_tables, meta.lens)
+        assert meta.bias is not None
+        return gathered_attention(self.cache, layer, q, meta.block_tables, meta.bias)
 
     def prefill_context(self, layer: int, k: torch.Tensor, v: torch.Tensor, own_slots: torch.Tensor,
                         chunk: PrefillChunk) -> tuple[torch.Tensor, torch.Tensor]:

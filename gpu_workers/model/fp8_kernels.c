@@ -236,3 +236,193 @@ int decode_attention(const void *k_pool, const void *v_pool, const float *k_scal
     }
     return failed ? -2 : 0;
 }
+
+/* ---- the staged fp8 cache (gpu_workers/model/kv_staged.py, kv_quant.py) ------------------------------------
+ * One layer's tensors (all contiguous):
+ *   codes         [2, heads, num_blocks * BS, DIM] uint8   K residual codes, V codes
+ *   centre        [heads, num_blocks, DIM] uint8           K's per-channel centre codes
+ *   centre_scale  [heads, num_blocks] float                their scale
+ *   k_scale       [heads, num_blocks, DIM] bf16            K's per-channel residual scales
+ *   v_scale       [heads, num_blocks * BS] bf16            V's per-token scales
+ *   dense         [2, heads, num_dense * BS, DIM] bf16     the sink and staging blocks
+ * Block ids < num_blocks are fp8 blocks; ids num_blocks .. num_blocks + num_dense - 1 are dense blocks, and
+ * slot s >= num_blocks * BS is dense slot s - num_blocks * BS. Read back (kv_quant.dequantize_keys/values):
+ *   K[t, d] = code(k[t, d]) * k_scale[d] + code(centre[d]) * centre_scale,   V[t, d] = code(v[t, d]) * v_scale[t]. */
+
+typedef struct {
+    const uint8_t *codes, *centre;
+    const float *centre_scale;
+    const uint16_t *k_scale, *v_scale, *dense;
+    int64_t heads, num_blocks, num_dense;
+    int fmt;
+} staged_layer;
+
+static inline float bf16_value(uint16_t x) {
+    const uint32_t bits = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline void bf16_rows(const uint16_t *restrict src, float *restrict dst, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dst[i] = bf16_value(src[i]);
+}
+
+/* fp8 code values of n elements, scales not applied */
+static inline void code_rows(const uint8_t *restrict src, float *restrict dst, int64_t n, int fmt) {
+    convert(src, dst, n, 1.0f, fmt);
+}
+
+/* First of head h's rows of K (kv 0) or V (kv 1) of dense block id blk (>= num_blocks). */
+static inline const uint16_t *dense_rows(const staged_layer *c, int kv, int64_t h, int64_t blk) {
+    return c->dense + ((kv * c->heads + h) * c->num_dense + (blk - c->num_blocks)) * BS * DIM;
+}
+
+static inline const uint8_t *code_block(const staged_layer *c, int kv, int64_t h, int64_t blk) {
+    return c->codes + ((kv * c->heads + h) * c->num_blocks + blk) * BS * DIM;
+}
+
+/* s[g * span + t] = q[g] . K[t] for the tn rows of head h's block blk, each of the G queries. */
+static void staged_block_scores(const staged_layer *c, int64_t h, int64_t blk, int tn, const float *q, int64_t groups,
+                                float *s, int64_t span, float *scratch) {
+    if (blk >= c->num_blocks) {
+        bf16_rows(dense_rows(c, 0, h, blk), scratch, tn * DIM);
+        for (int64_t g = 0; g < groups; g++) block_scores(q + g * DIM, scratch, tn, s + g * span);
+        return;
+    }
+    /* q . (r * scale + centre) = (q * scale) . r + q . centre: the scales fold into the query */
+    const int64_t hb = h * c->num_blocks + blk;
+    const uint16_t *ks = c->k_scale + hb * DIM;
+    const uint8_t *cc = c->centre + hb * DIM;
+    const float cs = c->centre_scale[hb];
+    float qs[DIM];
+    code_rows(code_block(c, 0, h, blk), scratch, tn * DIM, c->fmt);
+    for (int64_t g = 0; g < groups; g++) {
+        const float *qg = q + g * DIM;
+        float qc = 0.0f;
+#pragma omp simd reduction(+ : qc)
+        for (int d = 0; d < DIM; d++) {
+            qs[d] = qg[d] * bf16_value(ks[d]);
+            qc += qg[d] * (fp8_value(cc[d], c->fmt) * cs);
+        }
+        float *sg = s + g * span;
+        block_scores(qs, scratch, tn, sg);
+        for (int t = 0; t < tn; t++) sg[t] += qc;
+    }
+}
+
+/* o[g] += sum_t w[g * span + t] V[t] over the tn rows of head h's block blk, each of the G queries. */
+static void staged_block_sum(const staged_layer *c, int64_t h, int64_t blk, int tn, const float *w, int64_t groups,
+                             int64_t span, float *o, float *scratch) {
+    if (blk >= c->num_blocks) {
+        bf16_rows(dense_rows(c, 1, h, blk), scratch, tn * DIM);
+        for (int64_t g = 0; g < groups; g++) block_weighted_sum(w + g * span, scratch, tn, o + g * DIM);
+        return;
+    }
+    const uint16_t *vs = c->v_scale + (h * c->num_blocks + blk) * BS;
+    float ws[BS];
+    code_rows(code_block(c, 1, h, blk), scratch, tn * DIM, c->fmt);
+    for (int64_t g = 0; g < groups; g++) {
+        for (int t = 0; t < tn; t++) ws[t] = w[g * span + t] * bf16_value(vs[t]); /* per-token scales fold into the weights */
+        block_weighted_sum(ws, scratch, tn, o + g * DIM);
+    }
+}
+
+static inline void staged_prefetch(const staged_layer *c, int kv, int64_t h, int64_t blk) {
+    const char *first = blk >= c->num_blocks ? (const char *)dense_rows(c, kv, h, blk) : (const char *)code_block(c, kv, h, blk);
+    const int64_t bytes = blk >= c->num_blocks ? BS * DIM * 2 : BS * DIM;
+    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(first + i);
+}
+
+/* Decode attention over a staged cache: as decode_attention (same arguments for tables, lens, q, out), each
+ * block read from the fp8 pool or the dense pool by its id, fp8 codes converted as they are read. */
+int staged_decode_attention(const uint8_t *codes, const uint8_t *centre, const float *centre_scale,
+                            const uint16_t *k_scale, const uint16_t *v_scale, const uint16_t *dense,
+                            const int64_t *tables, const int64_t *lens, const float *q, float *out, int64_t heads,
+                            int64_t batch, int64_t width, int64_t groups, int64_t num_blocks, int64_t num_dense,
+                            int fmt, int threads) {
+    if (!tables_valid(tables, batch * width, num_blocks + num_dense)) return -1;
+    for (int64_t b = 0; b < batch; b++)
+        if (lens[b] < 1 || lens[b] > width * BS) return -1;
+    const staged_layer c = {codes, centre, centre_scale, k_scale, v_scale, dense, heads, num_blocks, num_dense, fmt};
+    const int64_t n = heads * batch, span = width * BS;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *s = malloc(sizeof(float) * (size_t)(groups * span + groups)); /* scores, then 1 / sums */
+        float scratch[BS * DIM];
+        if (!s) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t i = 0; i < n; i++) {
+            if (!s) continue;
+            const int64_t h = i / batch, b = i % batch, len = lens[b];
+            const int64_t *table = tables + b * width;
+            float *o = out + i * groups * DIM, *inv = s + groups * span;
+            for (int64_t j = 0; j * BS < len; j++) {
+                const int tn = len - j * BS < BS ? (int)(len - j * BS) : BS;
+                if ((j + 1) * BS < len) staged_prefetch(&c, 0, h, table[j + 1]);
+                staged_block_scores(&c, h, table[j], tn, q + i * groups * DIM, groups, s + j * BS, span, scratch);
+            }
+            for (int64_t g = 0; g < groups; g++) {
+                float *sg = s + g * span, top = sg[0], sum = 0.0f;
+#pragma omp simd reduction(max : top)
+                for (int64_t t = 1; t < len; t++) top = sg[t] > top ? sg[t] : top;
+#pragma omp simd reduction(+ : sum)
+                for (int64_t t = 0; t < len; t++) sum += (sg[t] = exp_neg(sg[t] - top));
+                inv[g] = 1.0f / sum;
+            }
+            memset(o, 0, sizeof(float) * groups * DIM);
+            for (int64_t j = 0; j * BS < len; j++) {
+                const int tn = len - j * BS < BS ? (int)(len - j * BS) : BS;
+                if ((j + 1) * BS < len) staged_prefetch(&c, 1, h, table[j + 1]);
+                staged_block_sum(&c, h, table[j], tn, s + j * BS, groups, span, o, scratch);
+            }
+            for (int64_t g = 0; g < groups; g++)
+#pragma omp simd
+                for (int d = 0; d < DIM; d++) o[g * DIM + d] *= inv[g];
+        }
+        free(s);
+    }
+    return failed ? -2 : 0;
+}
+
+/* out [2, heads, n, DIM] float: K and V of the n slots (fp8 slots read back, dense ones as they are), in one pass:
+ * a prefill chunk's context (gather) and decode's blocks (gather_blocks, as their slots). Bit for bit what
+ * kv_quant.dequantize_keys/values compute: products rounded before the sum (no fused multiply-add). */
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+int staged_gather(const uint8_t *codes, const uint8_t *centre, const float *centre_scale, const uint16_t *k_scale,
+                  const uint16_t *v_scale, const uint16_t *dense, const int64_t *slots, float *out, int64_t heads,
+                  int64_t n, int64_t num_blocks, int64_t num_dense, int fmt, int threads) {
+    const int64_t fp8_slots = num_blocks * BS;
+    for (int64_t i = 0; i < n; i++)
+        if (slots[i] < 0 || slots[i] >= (num_blocks + num_dense) * BS) return -1;
+    const staged_layer c = {codes, centre, centre_scale, k_scale, v_scale, dense, heads, num_blocks, num_dense, fmt};
+#pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
+    for (int64_t h = 0; h < heads; h++)
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t slot = slots[i];
+            float *k = out + (h * n + i) * DIM, *v = out + ((heads + h) * n + i) * DIM;
+            if (slot >= fp8_slots) {
+                const int64_t off = (h * num_dense * BS + slot - fp8_slots) * DIM;
+                bf16_rows(c.dense + off, k, DIM);
+                bf16_rows(c.dense + heads * num_dense * BS * DIM + off, v, DIM);
+                continue;
+            }
+            const int64_t hb = h * num_blocks + slot / BS;
+            const uint8_t *kc = codes + (h * fp8_slots + slot) * DIM, *vc = codes + ((heads + h) * fp8_slots + slot) * DIM;
+            const uint16_t *ks = k_scale + hb * DIM;
+            const uint8_t *cc = centre + hb * DIM;
+            const float cs = centre_scale[hb], vs = bf16_value(v_scale[h * fp8_slots + slot]);
+#pragma omp simd
+            for (int d = 0; d < DIM; d++) {
+                k[d] = fp8_value(kc[d], fmt) * bf16_value(ks[d]) + fp8_value(cc[d], fmt) * cs;
+                v[d] = fp8_value(vc[d], fmt) * vs;
+            }
+        }
+    return 0;
+}
+#pragma GCC pop_options
