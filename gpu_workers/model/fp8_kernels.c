@@ -426,3 +426,160 @@ int staged_gather(const uint8_t *codes, const uint8_t *centre, const float *cent
     return 0;
 }
 #pragma GCC pop_options
+
+/* ---- staged writes: kv_quant.quantize_keys/values bit for bit (fp32 arithmetic in torch's order) ------------ */
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off", "no-associative-math", "signed-zeros", "trapping-math")
+
+#define E4M3_MAX 448.0f
+#define MAX_INPUT 0x1p127f
+#define MIN_SCALE 0x1p-126f /* fp32's smallest normal, which is bf16's too */
+
+static inline float bits_float(uint32_t u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint32_t float_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+/* bf16 of x, rounded to nearest even (c10::round_to_nearest_even; inputs are never NaN here) */
+static inline uint16_t bf16_round(float x) {
+    const uint32_t u = float_bits(x);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* e4m3fn code of x, |x| <= 448, rounded to nearest even (c10's fp8e4m3fn_from_fp32_value) */
+static inline uint8_t e4m3_code(float x) {
+    uint32_t u = float_bits(x);
+    const uint32_t sign = u & 0x80000000u;
+    u ^= sign;
+    uint8_t r;
+    if (u < (121u << 23)) { /* below e4m3's smallest normal: the sum rounds the value onto the subnormal grid */
+        const uint32_t denorm = 141u << 23;
+        r = (uint8_t)(float_bits(bits_float(u) + bits_float(denorm)) - denorm);
+    } else {
+        const uint32_t odd = (u >> 20) & 1u;
+        u += ((uint32_t)(7 - 127) << 23) + 0x7ffffu + odd;
+        r = (uint8_t)(u >> 20);
+    }
+    return r | (uint8_t)(sign >> 24);
+}
+
+/* kv_quant.stored_scale: bf16 >= amax / 448 (and >= MIN_SCALE), rounded up */
+static inline uint16_t stored_scale(float amax) {
+    float exact = amax / E4M3_MAX;
+    exact = exact < MIN_SCALE ? MIN_SCALE : exact;
+    const uint16_t rounded = bf16_round(exact);
+    return bf16_value(rounded) < exact ? (uint16_t)(rounded + 1) : rounded;
+}
+
+/* fp8.quantize: code of x / scale, inputs clamped to +-2^127 and quotients to +-448 */
+static inline uint8_t quantize_one(float x, float scale) {
+    x = x < -MAX_INPUT ? -MAX_INPUT : (x > MAX_INPUT ? MAX_INPUT : x);
+    float q = x / scale;
+    q = q < -E4M3_MAX ? -E4M3_MAX : (q > E4M3_MAX ? E4M3_MAX : q);
+    return e4m3_code(q);
+}
+
+/* Quantize one completed block of one head: k, v [BS, DIM] (bf16 values as float) into block blk's codes,
+ * centre, scales (kv_quant.quantize_keys, quantize_values). */
+static void quantize_block(uint8_t *codes, uint8_t *centre, float *centre_scale, uint16_t *k_scale,
+                           uint16_t *v_scale, int64_t heads, int64_t num_blocks, int64_t h, int64_t blk,
+                           const float *k, const float *v) {
+    const int64_t hb = h * num_blocks + blk, fp8_slots = num_blocks * BS;
+    uint8_t *kc = codes + (h * fp8_slots + blk * BS) * DIM, *vc = codes + ((heads + h) * fp8_slots + blk * BS) * DIM;
+    float c[DIM], amax = 0.0f;
+    for (int d = 0; d < DIM; d++) {
+        float lo = k[d], hi = k[d];
+        for (int t = 1; t < BS; t++) {
+            lo = k[t * DIM + d] < lo ? k[t * DIM + d] : lo;
+            hi = k[t * DIM + d] > hi ? k[t * DIM + d] : hi;
+        }
+        c[d] = (lo + hi) / 2.0f;
+        amax = fabsf(c[d]) > amax ? fabsf(c[d]) : amax;
+    }
+    float cs = amax / E4M3_MAX;
+    cs = cs < MIN_SCALE ? MIN_SCALE : cs;
+    centre_scale[hb] = cs;
+    float scale[DIM];
+    for (int d = 0; d < DIM; d++) {
+        const uint8_t code = quantize_one(c[d], cs);
+        centre[hb * DIM + d] = code;
+        c[d] = fp8_value(code, E4M3) * cs; /* the stored centre */
+        float ramax = 0.0f;
+        for (int t = 0; t < BS; t++) {
+            const float r = fabsf(k[t * DIM + d] - c[d]);
+            ramax = r > ramax ? r : ramax;
+        }
+        const uint16_t s = stored_scale(ramax);
+        k_scale[hb * DIM + d] = s;
+        scale[d] = bf16_value(s);
+    }
+    for (int t = 0; t < BS; t++)
+        for (int d = 0; d < DIM; d++) kc[t * DIM + d] = quantize_one(k[t * DIM + d] - c[d], scale[d]);
+    for (int t = 0; t < BS; t++) {
+        float vmax = 0.0f;
+        for (int d = 0; d < DIM; d++) vmax = fabsf(v[t * DIM + d]) > vmax ? fabsf(v[t * DIM + d]) : vmax;
+        const uint16_t s = stored_scale(vmax);
+        v_scale[h * fp8_slots + blk * BS + t] = s;
+        const float sf = bf16_value(s);
+        for (int d = 0; d < DIM; d++) vc[t * DIM + d] = quantize_one(v[t * DIM + d], sf);
+    }
+}
+
+/* A step's writes into one layer of a staged cache (kv_staged.StagedKVCache.write_staged): the new tokens'
+ * k, v [T, heads, DIM] float, rounded to bf16; each completed block (its ids complete[C], its tokens
+ * complete_src[C * BS]: row r < T of k/v, or dense slot staged_slots[r - T]) quantized into its fp8 block;
+ * then rows dense_rows[Td] stored in dense slots dense_slots[Td]. Returns -1 (nothing written) for an id,
+ * a row or a slot out of range. */
+int staged_write(uint8_t *codes, uint8_t *centre, float *centre_scale, uint16_t *k_scale, uint16_t *v_scale,
+                 uint16_t *dense, const float *k, const float *v, int64_t tokens, const int64_t *complete, int64_t nc,
+                 const int64_t *complete_src, const int64_t *staged_slots, int64_t ns, const int64_t *dense_rows,
+                 const int64_t *dense_slots, int64_t nd, int64_t heads, int64_t num_blocks, int64_t num_dense,
+                 int threads) {
+    const int64_t dense_slot_count = num_dense * BS;
+    for (int64_t i = 0; i < nc; i++)
+        if (complete[i] < 0 || complete[i] >= num_blocks) return -1;
+    for (int64_t i = 0; i < nc * BS; i++)
+        if (complete_src[i] < 0 || complete_src[i] >= tokens + ns) return -1;
+    for (int64_t i = 0; i < ns; i++)
+        if (staged_slots[i] < 0 || staged_slots[i] >= dense_slot_count) return -1;
+    for (int64_t i = 0; i < nd; i++)
+        if (dense_rows[i] < 0 || dense_rows[i] >= tokens || dense_slots[i] < 0 || dense_slots[i] >= dense_slot_count)
+            return -1;
+    const uint16_t *dense_v = dense + heads * dense_slot_count * DIM;
+#pragma omp parallel for num_threads(threads) schedule(static) collapse(2) if (nc * heads > 1)
+    for (int64_t h = 0; h < heads; h++)
+        for (int64_t i = 0; i < nc; i++) {
+            float kb[BS * DIM], vb[BS * DIM];
+            for (int t = 0; t < BS; t++) {
+                const int64_t r = complete_src[i * BS + t];
+                if (r < tokens) {
+                    for (int d = 0; d < DIM; d++) {
+                        kb[t * DIM + d] = bf16_value(bf16_round(k[(r * heads + h) * DIM + d]));
+                        vb[t * DIM + d] = bf16_value(bf16_round(v[(r * heads + h) * DIM + d]));
+                    }
+                } else {
+                    const int64_t off = (h * dense_slot_count + staged_slots[r - tokens]) * DIM;
+                    bf16_rows(dense + off, kb + t * DIM, DIM);
+                    bf16_rows(dense_v + off, vb + t * DIM, DIM);
+                }
+            }
+            quantize_block(codes, centre, centre_scale, k_scale, v_scale, heads, num_blocks, h, complete[i], kb, vb);
+        }
+    for (int64_t h = 0; h < heads; h++) /* after the completions, which read staged slots these may overwrite */
+        for (int64_t i = 0; i < nd; i++) {
+            const int64_t r = dense_rows[i], off = (h * dense_slot_count + dense_slots[i]) * DIM;
+            for (int d = 0; d < DIM; d++) {
+                dense[off + d] = bf16_round(k[(r * heads + h) * DIM + d]);
+                dense[heads * dense_slot_count * DIM + off + d] = bf16_round(v[(r * heads + h) * DIM + d]);
+            }
+        }
+    return 0;
+}
+#pragma GCC pop_options

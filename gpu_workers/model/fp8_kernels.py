@@ -40,6 +40,7 @@ _SIGNATURES = {
     "decode_attention": [_P, _P, _P, _P, _I, _I, _P, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_int, ctypes.c_int],
     "staged_decode_attention": [_P] * 10 + [_I] * 6 + [ctypes.c_int, ctypes.c_int],
     "staged_gather": [_P] * 8 + [_I] * 4 + [ctypes.c_int, ctypes.c_int],
+    "staged_write": [_P] * 8 + [_I, _P, _I, _P, _P, _I, _P, _P, _I, _I, _I, _I, ctypes.c_int],
 }
 
 
@@ -134,6 +135,31 @@ class Fp8Kernels:
         if rc != 0:
             raise KernelError("a slot outside the KV cache")
         return out
+
+    def staged_write(self, layer: StagedLayer, k: torch.Tensor, v: torch.Tensor, *, complete_blocks: torch.Tensor,
+                     complete_src: torch.Tensor, staged_slots: torch.Tensor, dense_rows: torch.Tensor,
+                     dense_slots: torch.Tensor) -> None:
+        """Store new tokens' fp32 ``k``, ``v`` [T, Hkv, D] into one layer of a staged cache, as
+        kv_staged.StagedKVCache.write_staged (the plan's fields, int64, as named there): completed blocks
+        quantized (kv_quant's functions, the same codes and scales bit for bit), then the bf16 rows.
+        Raises KernelError (nothing written) for an id, row or slot out of range; e4m3 only."""
+        if layer.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"staged_write: {layer.dtype} codes (e4m3 only)")
+        k, v = k.contiguous(), v.contiguous()
+        index = [t.contiguous() for t in (complete_blocks, complete_src, staged_slots, dense_rows, dense_slots)]
+        if k.dtype != torch.float32 or k.shape != v.shape or k.shape[1:] != (layer.heads, self.head_dim) or any(
+                t.dtype != torch.int64 for t in index):
+            raise ValueError(f"staged_write arguments: k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)}")
+        complete_blocks, complete_src, staged_slots, dense_rows, dense_slots = index
+        num_blocks, num_dense, _ = layer.sizes(self.block_size)
+        rc = self._lib.staged_write(
+            *layer.pointers(), k.data_ptr(), v.data_ptr(), k.shape[0], complete_blocks.data_ptr(),
+            complete_blocks.numel(), complete_src.data_ptr(), staged_slots.data_ptr(), staged_slots.numel(),
+            dense_rows.data_ptr(), dense_slots.data_ptr(), dense_rows.numel(), layer.heads, num_blocks, num_dense,
+            torch.get_num_threads(),
+        )
+        if rc != 0:
+            raise KernelError("a staged write names a block, row or slot outside the KV cache or the step")
 
     def dequantize_rows(self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """fp32 values [..., D] of ``codes`` [..., D], each row times its scale (``scales`` [...])."""

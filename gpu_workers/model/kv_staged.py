@@ -134,6 +134,11 @@ class StagedKVCache(KVCache):
     def write_staged(self, layer: int, plan: StagedWrites, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the step's new tokens' ``k``, ``v`` [T, Hkv, D] as ``plan`` says: completed blocks
         quantized into their fp8 blocks (read from the staging blocks first), then the bf16 writes."""
+        if self.kernels is not None and k.dtype == torch.float32 and self.storage_dtype == torch.float8_e4m3fn:
+            self.kernels.staged_write(self.kernel_layer(layer), k, v, complete_blocks=plan.complete_blocks,
+                                      complete_src=plan.complete_src, staged_slots=plan.staged_slots,
+                                      dense_rows=plan.dense_rows, dense_slots=plan.dense_slots)
+            return
         fresh = torch.stack((k, v)).to(DENSE_DTYPE).transpose(1, 2)  # [2, Hkv, T, D]
         if plan.complete_blocks.numel():
             heads, bs, d = self.num_kv_heads, self.block_size, self.head_dim

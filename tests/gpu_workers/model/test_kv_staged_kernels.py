@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gpu_workers.model.decode_backends import gathered_attention
-from gpu_workers.model.kv_staged import StagedKVCache
+from gpu_workers.model.kv_staged import StagedKVCache, StagedWrites
 
 D, LAYERS, NB, ND = 64, 2, 24, 12
 
@@ -37,13 +37,13 @@ def random_cache(*, heads: int, block_size: int, seed: int = 0) -> StagedKVCache
     return cache
 
 
-def torch_twin(cache: StagedKVCache) -> StagedKVCache:
-    """A cache without kernels reading the very same tensors."""
+def torch_twin(cache: StagedKVCache, *, copy: bool = False) -> StagedKVCache:
+    """A cache without kernels reading the very same tensors (``copy``: copies of them)."""
     twin = StagedKVCache(num_dense_blocks=cache.num_dense_blocks, num_layers=cache.num_layers,
                          num_blocks=cache.num_blocks, block_size=cache.block_size, num_kv_heads=cache.num_kv_heads,
                          head_dim=cache.head_dim, kv_dtype="fp8_e4m3", fused_kernels=False)
     for name in ("values", "dense", "k_centre", "k_centre_scale", "k_scale", "v_scale"):
-        setattr(twin, name, getattr(cache, name))
+        setattr(twin, name, getattr(cache, name).clone() if copy else getattr(cache, name))
     assert twin.kernels is None
     return twin
 
@@ -139,3 +139,42 @@ def test_bad_ids_are_refused() -> None:
         cache.decode_attention(0, torch.randn(1, 1, 1, D), torch.tensor([[NB + ND]]), torch.tensor([3]))
     with pytest.raises(KernelError):
         cache.gather(0, torch.tensor([(NB + ND) * 16]))
+
+
+STATE = ("values", "dense", "k_centre", "k_centre_scale", "k_scale", "v_scale")
+
+
+def fresh_kv(tokens: int, heads: int, *, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """New K and V [T, Hkv, D] fp32 with trained-model quirks: per-channel offsets (outlier channels),
+    a wide range of magnitudes, exact zeros (an all-zero token), tiny values (fp8 subnormals)."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(tokens, heads, D, generator=g) + torch.randn(1, heads, D, generator=g) * 8
+    v = torch.randn(tokens, heads, D, generator=g) * torch.rand(tokens, heads, 1, generator=g).pow(4) * 10
+    v[0] = 0.0
+    k[1, :, :4] = -0.0
+    v[2, :, ::3] *= 1e-4
+    return k, v
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("heads", [1, 3])
+def test_writes_equal_the_torch_path_bit_for_bit(block_size: int, heads: int) -> None:
+    """A step that completes three blocks (one from staged tokens and new ones, two from new ones
+    alone) and stores sink and staging rows: every tensor of the cache, codes and scales, equal."""
+    cache = random_cache(heads=heads, block_size=block_size, seed=5)
+    have_kernels(cache)
+    plain = torch_twin(cache, copy=True)
+    bs, t = block_size, 3 * block_size
+    k, v = fresh_kv(t, heads, seed=block_size + heads)
+    staged = torch.arange(5, dtype=torch.int64) + 2 * bs  # dense block 2 held 5 staged tokens
+    src = torch.cat((t + torch.arange(5), torch.arange(bs - 5), torch.arange(bs - 5, 2 * bs - 5),
+                     torch.randperm(t, generator=torch.Generator().manual_seed(0))[:bs]))
+    plan = StagedWrites(
+        dense_rows=torch.arange(2 * bs - 5, t), dense_slots=torch.arange(2 * bs, 3 * bs + 5),  # over the staged tokens read
+        complete_blocks=torch.tensor([7, 3, 20]), complete_src=src, staged_slots=staged,
+        late_rows=torch.zeros(0, dtype=torch.int64), late_slots=torch.zeros(0, dtype=torch.int64))
+    for c in (cache, plain):
+        c.write_staged(1, plan, k, v)
+    for name in STATE:
+        assert torch.equal(getattr(cache, name), getattr(plain, name)), name
+    assert not torch.equal(cache.values[1], random_cache(heads=heads, block_size=block_size, seed=5).values[1])
