@@ -249,6 +249,8 @@ int decode_attention(const void *k_pool, const void *v_pool, const float *k_scal
  * slot s >= num_blocks * BS is dense slot s - num_blocks * BS. Read back (kv_quant.dequantize_keys/values):
  *   K[t, d] = code(k[t, d]) * k_scale[d] + code(centre[d]) * centre_scale,   V[t, d] = code(v[t, d]) * v_scale[t]. */
 
+#define SERIAL_ROWS 4096 /* K/V rows (of all heads) below which a staged kernel runs on one thread */
+
 typedef struct {
     const uint8_t *codes, *centre;
     const float *centre_scale;
@@ -347,6 +349,10 @@ int staged_decode_attention(const uint8_t *codes, const uint8_t *centre, const f
     const staged_layer c = {codes, centre, centre_scale, k_scale, v_scale, dense, heads, num_blocks, num_dense, fmt};
     const int64_t n = heads * batch, span = width * BS;
     int failed = 0;
+    /* a few thousand rows take microseconds: waking threads (descheduled ones, on a loaded host) costs more */
+    int64_t rows = 0;
+    for (int64_t b = 0; b < batch; b++) rows += heads * lens[b];
+    if (rows < SERIAL_ROWS) threads = 1;
 #pragma omp parallel num_threads(threads)
     {
         float *s = malloc(sizeof(float) * (size_t)(groups * span + groups)); /* scores, then 1 / sums */
@@ -401,7 +407,7 @@ int staged_gather(const uint8_t *codes, const uint8_t *centre, const float *cent
     for (int64_t i = 0; i < n; i++)
         if (slots[i] < 0 || slots[i] >= (num_blocks + num_dense) * BS) return -1;
     const staged_layer c = {codes, centre, centre_scale, k_scale, v_scale, dense, heads, num_blocks, num_dense, fmt};
-#pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
+#pragma omp parallel for num_threads(threads) schedule(static) collapse(2) if (heads * n >= SERIAL_ROWS)
     for (int64_t h = 0; h < heads; h++)
         for (int64_t i = 0; i < n; i++) {
             const int64_t slot = slots[i];
@@ -553,7 +559,7 @@ int staged_write(uint8_t *codes, uint8_t *centre, float *centre_scale, uint16_t 
         if (dense_rows[i] < 0 || dense_rows[i] >= tokens || dense_slots[i] < 0 || dense_slots[i] >= dense_slot_count)
             return -1;
     const uint16_t *dense_v = dense + heads * dense_slot_count * DIM;
-#pragma omp parallel for num_threads(threads) schedule(static) collapse(2) if (nc * heads > 1)
+#pragma omp parallel for num_threads(threads) schedule(static) collapse(2) if (nc * heads * BS >= SERIAL_ROWS)
     for (int64_t h = 0; h < heads; h++)
         for (int64_t i = 0; i < nc; i++) {
             float kb[BS * DIM], vb[BS * DIM];
