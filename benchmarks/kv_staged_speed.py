@@ -3,7 +3,7 @@
     python benchmarks/kv_staged_speed.py --model SmolLM2-135M-Instruct.Q4_1.gguf --batch 1,8,64
 
 Three model runners on the same weights: ``fp32`` KV, ``fp8_e4m3`` (the staged cache, read and written
-by the C kernels of gpu_workers/model/fp8_kernels.c) and ``fp8_e4m3 torch`` (the same cache with the
+by the C kernels of gpu_workers/model/kv_staged_kernels.c) and ``fp8_e4m3 torch`` (the same cache with the
 kernels off: its torch path, what the cache ran before the kernels). Each round times a few decode
 steps of each in turn, so that all three see the same load on a shared machine; the figures are
 medians over all rounds' steps, with the fp8 ones as a ratio of fp32's speed. Contexts are random
@@ -57,7 +57,7 @@ class Bench:
             cache.values.copy_(torch.randint(0, 120, cache.values.shape, dtype=torch.uint8))
             cache.dense.normal_()
             if config.endswith("torch"):
-                cache.kernels = None  # the torch path: reads and writes as before the kernels
+                cache.staged_kernels = None  # the torch path: reads and writes as before the kernels
         else:
             for layer in range(cache.num_layers):
                 k = torch.randn(cache.num_blocks * cache.block_size, cache.num_kv_heads, cache.head_dim)

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from gpu_workers.model import fp8_kernels, kv_quant
+from gpu_workers.model import kv_quant, kv_staged_kernels
 from gpu_workers.model.fp8 import SCALE_DTYPE
 from gpu_workers.model.kv_cache import BlockKV, KVCache
 
@@ -73,7 +73,7 @@ class StagedKVCache(KVCache):
 
     def __init__(self, *, num_dense_blocks: int, fused_kernels: bool = True, **kwargs: Any) -> None:
         """``num_dense_blocks``: bf16 blocks for sinks and staging; ``fused_kernels``: read with the C
-        kernels of gpu_workers.model.fp8_kernels on CPUs where they build (False: torch only); the rest
+        kernels of gpu_workers.model.kv_staged_kernels on CPUs where they build (False: torch only); the rest
         as ``KVCache``'s."""
         super().__init__(**{**kwargs, "fused_kernels": False})
         assert self.format.staged, f"{self.format} is not a staged format"
@@ -86,12 +86,13 @@ class StagedKVCache(KVCache):
         self.k_centre_scale = torch.ones(layers, heads, nb, dtype=SCALE_DTYPE, device=device)
         self.k_scale = torch.ones(layers, heads, nb, d, dtype=DENSE_DTYPE, device=device)  # per channel
         self.v_scale = torch.ones(layers, heads, nb * self.block_size, dtype=DENSE_DTYPE, device=device)  # per token
+        self.staged_kernels: kv_staged_kernels.StagedKernels | None = None
         if fused_kernels and device.type == "cpu":
-            self.kernels = fp8_kernels.load(d, self.block_size)
+            self.staged_kernels = kv_staged_kernels.load(d, self.block_size)
 
-    def kernel_layer(self, layer: int) -> fp8_kernels.StagedLayer:
+    def kernel_layer(self, layer: int) -> kv_staged_kernels.StagedLayer:
         """Layer ``layer``'s tensors as the C kernels read them."""
-        return fp8_kernels.StagedLayer(self.values[layer], self.k_centre[layer], self.k_centre_scale[layer],
+        return kv_staged_kernels.StagedLayer(self.values[layer], self.k_centre[layer], self.k_centre_scale[layer],
                                        self.k_scale[layer], self.v_scale[layer], self.dense[layer], self.storage_dtype)
 
     def bytes_per_dense_block(self) -> int:
@@ -115,16 +116,16 @@ class StagedKVCache(KVCache):
     def fused_attention(self) -> bool:
         """Whether decode attention can run in one C kernel (``decode_attention``: full attention views,
         fp32 compute, on a CPU where the kernels build)."""
-        return self.kernels is not None and self.dtype == torch.float32
+        return self.staged_kernels is not None and self.dtype == torch.float32
 
     def decode_attention(self, layer: int, q: torch.Tensor, block_tables: torch.Tensor,
                          lens: torch.Tensor) -> torch.Tensor:
         """Attention [Hkv, B, G, D] of scaled queries ``q`` [Hkv, B, G, D] over the first ``lens`` [B]
         tokens of the blocks ``block_tables`` [B, MB] list (fp8 and dense ids), as ``gather_blocks``
         reads them."""
-        assert self.kernels is not None
+        assert self.staged_kernels is not None
         out = torch.empty(q.shape, dtype=torch.float32)
-        return self.kernels.staged_decode_attention(self.kernel_layer(layer), block_tables, lens, q.contiguous(), out)
+        return self.staged_kernels.staged_decode_attention(self.kernel_layer(layer), block_tables, lens, q.contiguous(), out)
 
     # --- writes ---------------------------------------------------------------------------------
 
@@ -134,8 +135,8 @@ class StagedKVCache(KVCache):
     def write_staged(self, layer: int, plan: StagedWrites, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the step's new tokens' ``k``, ``v`` [T, Hkv, D] as ``plan`` says: completed blocks
         quantized into their fp8 blocks (read from the staging blocks first), then the bf16 writes."""
-        if self.kernels is not None and k.dtype == torch.float32 and self.storage_dtype == torch.float8_e4m3fn:
-            self.kernels.staged_write(self.kernel_layer(layer), k, v, complete_blocks=plan.complete_blocks,
+        if self.staged_kernels is not None and k.dtype == torch.float32 and self.storage_dtype == torch.float8_e4m3fn:
+            self.staged_kernels.staged_write(self.kernel_layer(layer), k, v, complete_blocks=plan.complete_blocks,
                                       complete_src=plan.complete_src, staged_slots=plan.staged_slots,
                                       dense_rows=plan.dense_rows, dense_slots=plan.dense_slots)
             return
@@ -182,8 +183,8 @@ class StagedKVCache(KVCache):
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V [Hkv, S, D] in the compute dtype of ``slots`` [S] (dense slots are those past the
         fp8 pool's, ``num_blocks * block_size + dense slot``)."""
-        if self.kernels is not None:
-            kv = self.kernels.staged_gather(self.kernel_layer(layer), slots).to(self.dtype)
+        if self.staged_kernels is not None:
+            kv = self.staged_kernels.staged_gather(self.kernel_layer(layer), slots).to(self.dtype)
             return kv[0], kv[1]
         fp8_slots = self.num_blocks * self.block_size
         dense = slots >= fp8_slots
@@ -204,9 +205,9 @@ class StagedKVCache(KVCache):
         b, mb = block_tables.shape
         ids = block_tables.reshape(-1)
         heads, bs, d, nb = self.num_kv_heads, self.block_size, self.head_dim, self.num_blocks
-        if self.kernels is not None:
+        if self.staged_kernels is not None:
             slots = (ids[:, None] * bs + torch.arange(bs)).view(-1)  # [B * MB * BS]
-            kv = self.kernels.staged_gather(self.kernel_layer(layer), slots).to(self.dtype).view(2, heads, b, mb * bs, d)
+            kv = self.staged_kernels.staged_gather(self.kernel_layer(layer), slots).to(self.dtype).view(2, heads, b, mb * bs, d)
             return BlockKV(kv[0], kv[1])
         dense = ids >= nb
         fp8_ids = torch.where(dense, 0, ids)

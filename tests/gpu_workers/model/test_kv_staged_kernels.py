@@ -1,4 +1,4 @@
-"""The staged fp8 cache's C kernels (gpu_workers/model/fp8_kernels.c, ``staged_*``) against its torch path
+"""The staged fp8 cache's C kernels (gpu_workers/model/kv_staged_kernels.c) against its torch path
 (kv_staged.StagedKVCache with ``fused_kernels=False``) on random caches: reads (``gather``,
 ``gather_blocks``) bit for bit, decode attention to fp32 rounding, over tables that mix fp8 blocks with
 dense (sink and staging) ones, block sizes 16 and 32, batches 1..9, several KV heads and head shards."""
@@ -44,7 +44,7 @@ def torch_twin(cache: StagedKVCache, *, copy: bool = False) -> StagedKVCache:
                          head_dim=cache.head_dim, kv_dtype="fp8_e4m3", fused_kernels=False)
     for name in ("values", "dense", "k_centre", "k_centre_scale", "k_scale", "v_scale"):
         setattr(twin, name, getattr(cache, name).clone() if copy else getattr(cache, name))
-    assert twin.kernels is None
+    assert twin.staged_kernels is None
     return twin
 
 
@@ -67,7 +67,7 @@ BS_OF = [16]  # the block size staged_tables sizes lengths by (set per test)
 
 
 def have_kernels(cache: StagedKVCache) -> None:
-    if cache.kernels is None:
+    if cache.staged_kernels is None:
         pytest.skip("no C compiler: the kernels cannot be built here")
 
 
@@ -131,7 +131,7 @@ def test_a_head_shard_reads_as_its_heads_of_the_whole_cache() -> None:
 
 
 def test_bad_ids_are_refused() -> None:
-    from gpu_workers.model.fp8_kernels import KernelError
+    from gpu_workers.model.fp8_kernels import KernelError  # the staged kernels raise it too
 
     cache = random_cache(heads=1, block_size=16)
     have_kernels(cache)
