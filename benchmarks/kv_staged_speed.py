@@ -96,8 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill-chunk", type=int, default=32)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch (and kernel) threads; 1 keeps figures steady on a host that others load")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batch.split(",")]
     configs = args.configs.split(",")
     model = resolve_model(args.model)
