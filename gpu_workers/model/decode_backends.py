@@ -18,8 +18,11 @@ own metadata once per step (``build``), and every layer then calls ``decode`` wi
 - ``GatheredDecode``: every other cache (bf16, fp16, fp8 with any scales; GPUs): each group's blocks
   are copied into [Hkv, B, L, D] in the compute dtype, then two batched matmuls; fp8 scales
   multiply the scores and the probabilities. Metadata: block tables and the mask.
-- ``StagedDecode``: the staged fp8 cache (``fp8_e4m3``, gpu_workers.model.kv_staged): gathered, fp8
-  blocks read back and the sink and staging blocks in bf16; prefill chunks read their context twice.
+- ``StagedDecode``: the staged fp8 cache (``fp8_e4m3``, gpu_workers.model.kv_staged): full-attention
+  views in one C kernel per layer as ``FusedDecode`` (gpu_workers.model.kv_staged_kernels: fp8 blocks
+  converted as they are read, the sink and staging blocks read from the bf16 pool) where the kernels
+  build and compute is fp32; otherwise, and for sliding windows, gathered (fp8 blocks read back, the
+  sink and staging blocks in bf16) like ``GatheredDecode``. Prefill chunks read their context twice.
 
 A cache's backends are chosen once, when it is made (``DecodeBackends.choose``): the first class in
 ``DECODE_BACKENDS`` whose ``supports`` accepts the cache (its KVFormat, device and kernels) reads

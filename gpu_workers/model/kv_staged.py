@@ -24,6 +24,10 @@ quantized from its staged tokens and the step's own into its fp8 home block (its
 Reads: ``gather_blocks`` (decode: fp8 blocks read back, dense ones as they are) and ``gather`` (a
 prefill chunk's context, by slot). Scales per KV head, so the cache shards by head with tensor
 parallelism like the others.
+
+On CPUs where a C compiler builds them, gpu_workers.model.kv_staged_kernels does each layer's reads,
+decode attention and writes in one call each (the same codes and reads bit for bit; attention to fp32
+rounding); the torch code below is the reference and the fallback.
 """
 
 from __future__ import annotations
