@@ -282,19 +282,15 @@ class StagedDecode(DecodeBackend[StagedMetadata]):
         of the first query's block, and the chunk's own tokens rounded to bf16)."""
         cache = self.cache
         assert isinstance(cache, StagedKVCache) and chunk.kv_slots is not None
-        stored = cache.gather(layer, chunk.kv_slots)  # [Hkv, S, D] each
-        n = k.shape[0]
-        slots = chunk.dense_slots
-        # K and V at once
-        staged = cache.gather_dense(layer, slots) if slots is not None and slots.numel() else (None, None)
-        dense: list[torch.Tensor] = []
-        for x, new, old in zip(stored, (k, v), staged):
-            x = x.clone()
-            if old is not None:
-                x[:, chunk.dense_from : chunk.dense_from + old.shape[1]] = old
-            x[:, x.shape[1] - n :] = new.to(DENSE_DTYPE).to(x.dtype).transpose(0, 1)
-            dense.append(x)
-        return torch.cat((stored[0], dense[0]), dim=1), torch.cat((stored[1], dense[1]), dim=1)
+        s, n = chunk.kv_slots.shape[0], k.shape[0]
+        own = chunk.kv_slots.clone()  # the context as the first query's block holds it: its staged tokens in bf16
+        if chunk.dense_slots is not None and chunk.dense_slots.numel():
+            dense = chunk.dense_slots + cache.num_blocks * cache.block_size  # dense slots as gather reads them
+            own[chunk.dense_from : chunk.dense_from + dense.shape[0]] = dense
+        keys, values = cache.gather(layer, torch.cat((chunk.kv_slots, own)))  # [Hkv, 2S, D] each, one read
+        keys[:, 2 * s - n :] = k.to(DENSE_DTYPE).transpose(0, 1)  # the chunk's own tokens, rounded to bf16
+        values[:, 2 * s - n :] = v.to(DENSE_DTYPE).transpose(0, 1)
+        return keys, values
 
 
 # In order of preference: a cache is read by the first that supports it (GatheredDecode reads any).
