@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=128, help="context tokens of each decode sequence")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3, help="decode steps per config per round")
+    parser.add_argument("--prefill-rounds", type=int, default=4)
     parser.add_argument("--prefill-seqs", type=int, default=8)
     parser.add_argument("--prefill-chunk", type=int, default=32)
     parser.add_argument("--block-size", type=int, default=16)
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 times[c] += [bench.decode(positions[c]) for _ in range(args.steps)]
         report(results["decode"], f"batch {batch}", times, per=batch, unit="decode", load=os.getloadavg()[0])
     times = {c: [] for c in configs}
-    for _ in range(max(2, args.rounds // 2)):
+    for _ in range(args.prefill_rounds):
         for c, bench in benches.items():
             times[c].append(bench.prefill(args.prefill_seqs, args.context, args.prefill_chunk))
     report(results["prefill"], f"{args.prefill_seqs} x {args.context} tokens, chunks of {args.prefill_chunk}", times,
