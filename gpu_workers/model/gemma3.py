@@ -50,8 +50,9 @@ class Gemma3DecoderLayer(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch | None,
         cache: KVCache | None,
     ) -> torch.Tensor:
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, batch, cache))
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        normed, x = self.pre_feedforward_layernorm.add_forward(
+            self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, batch, cache)), x)
+        return x + self.post_feedforward_layernorm(self.mlp(normed))
 
 
 class Gemma3ForCausalLM(LlamaForCausalLM):

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from gpu_workers.model import layer_kernels
 from gpu_workers.model.quantization import PARTS, Int4Weight, Int8Weight
 
 
@@ -140,18 +141,35 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype), requires_grad=False)
 
+    offset = False  # the scale is weight (Gemma's: 1 + weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # transformers' LlamaRMSNorm: statistics in fp32, scale applied in the input dtype
+        if (kernels := layer_kernels.enabled(x)) is not None:
+            return kernels.rms_norm(x, self.weight, self.eps, offset=self.offset)
+        return self.norm(x)
+
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The torch form. transformers' LlamaRMSNorm: statistics in fp32, scale applied in the input dtype."""
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this norm of ``x + residual``, ``x + residual``), both [T, size]: the residual add of a decoder
+        layer and the norm after it, one pass with the layer kernels (vLLM's ``fused_add_rms_norm``)."""
+        if (kernels := layer_kernels.enabled(x)) is not None:
+            return kernels.fused_add_rms_norm(x, residual, self.weight, self.eps, offset=self.offset)
+        summed = x + residual
+        return self.norm(summed), summed
 
 
 class GemmaRMSNorm(RMSNorm):
     """Gemma's RMSNorm: the scale is ``1 + weight``, applied in fp32 before the cast back
     (transformers' Gemma3RMSNorm)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    offset = True
+
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (x32 * (1.0 + self.weight.float())).to(x.dtype)

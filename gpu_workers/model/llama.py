@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpu_workers.model import layer_kernels
 from gpu_workers.model.attention import AttentionBatch, PagedAttention
 from gpu_workers.model.compilation import ForwardContext, compile_decoder, forward_context
 from gpu_workers.model.config import ModelConfig
@@ -103,7 +104,10 @@ class LlamaMLP(nn.Module):
         self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, I / tp] each
+        gate_up = self.gate_up_proj(x)  # [T, 2 I / tp]: gate, then up
+        if self.act is F.silu and (kernels := layer_kernels.enabled(gate_up)) is not None:
+            return self.down_proj(kernels.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)  # [T, I / tp] each
         return self.down_proj(self.act(gate).mul_(up))
 
 
@@ -119,8 +123,9 @@ class LlamaDecoderLayer(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch | None,
         cache: KVCache | None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        normed, x = self.post_attention_layernorm.add_forward(
+            self.self_attn(self.input_layernorm(x), cos, sin, batch, cache), x)
+        return x + self.mlp(normed)
 
 
 class LlamaModel(nn.Module):

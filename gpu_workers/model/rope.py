@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from gpu_workers.model import layer_kernels
 from gpu_workers.model.config import ModelConfig, RopeScaling
 
 
@@ -84,5 +85,7 @@ class RotaryEmbedding(torch.nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` [T, N, D] (any number N of query and key heads) by position; returns a new tensor."""
+    if (kernels := layer_kernels.enabled(x)) is not None:
+        return kernels.rotary_embedding(x, cos, sin)
     x1, x2 = x.chunk(2, dim=-1)  # [T, N, D/2] each
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

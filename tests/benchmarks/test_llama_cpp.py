@@ -73,3 +73,26 @@ def test_llama_server_listens_on_loopback_with_a_slot_per_request() -> None:
     assert flags["--host"] == "127.0.0.1" and flags["--port"] == "8123"
     assert flags["-np"] == "64" and flags["-c"] == str(64 * 272)
     assert flags["-ctk"] == flags["-ctv"] == "f32" and flags["-t"] == "2"
+
+
+def test_the_fp8_kv_pair_adds_ours_fp8_over_fp32_kv_per_level() -> None:
+    runs = {"fp32": {"ryzanstein": {1: summary(30.0), 8: summary(80.0)}, "llama.cpp": {1: summary(30.0)}},
+            "fp8-kv": {"ryzanstein": {1: summary(27.0)}, "llama.cpp": {1: summary(25.0)}}}
+    rows = llama_cpp.ratio_rows(runs, [1, 8])
+    assert rows[0]["fp8_over_fp32_kv"] == 0.9 and rows[0]["fp8-kv"]["ratio"] == 1.08
+    assert "fp8_over_fp32_kv" not in rows[1]  # no fp8 run at 8
+    lines = llama_cpp.format_table(rows, runs).splitlines()
+    assert lines[1].endswith("fp8/fp32 KV") and lines[2].split("|")[-1].split() == ["0.90x"]
+    assert lines[3].split("|")[-1].split() == ["-"]
+
+
+def test_llama_server_gets_flash_attention_only_for_a_quantized_kv_cache() -> None:
+    def argv(kv: str) -> list[str]:
+        return llama_cpp.llama_server_argv(Path("s"), Path("m"), port=1, threads=2, parallel=1, ctx_per_slot=8,
+                                           kv_type=kv)
+
+    quantized = argv("q8_0")
+    assert quantized[quantized.index("-ctk") + 1] == quantized[quantized.index("-ctv") + 1] == "q8_0"
+    assert quantized[quantized.index("-fa") + 1] == "on"
+    assert "-fa" not in argv("f32")
+    assert set(llama_cpp.LLAMA_KV) == set(llama_cpp.PAIRS)
