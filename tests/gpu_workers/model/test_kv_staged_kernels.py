@@ -14,12 +14,12 @@ from gpu_workers.model.kv_staged import StagedKVCache, StagedWrites
 D, LAYERS, NB, ND = 64, 2, 24, 12
 
 
-def random_cache(*, heads: int, block_size: int, seed: int = 0) -> StagedKVCache:
+def random_cache(*, heads: int, block_size: int, seed: int = 0, head_dim: int = D) -> StagedKVCache:
     """A staged cache (kernels on) whose every tensor holds random values of its kind: fp8 codes that
     are finite (no NaN codes), positive scales, bf16 dense values."""
     g = torch.Generator().manual_seed(seed)
     cache = StagedKVCache(num_dense_blocks=ND, num_layers=LAYERS, num_blocks=NB, block_size=block_size,
-                          num_kv_heads=heads, head_dim=D, kv_dtype="fp8_e4m3")
+                          num_kv_heads=heads, head_dim=head_dim, kv_dtype="fp8_e4m3")
 
     def codes(shape: torch.Size) -> torch.Tensor:
         magnitude = torch.randint(0, 0x7F, shape, generator=g, dtype=torch.uint8)  # 0x7f: NaN
@@ -110,6 +110,21 @@ def test_decode_attention_equals_the_gathered_path(block_size: int, heads: int, 
         want = gathered_attention(plain, 1, q, tables, bias_of(lens, 6 * block_size))
         # fp32 rounding of sums of terms as large as the largest value (codes up to 448 x scales up to 0.05)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+
+
+def test_gemma_head_dim_256() -> None:
+    """Gemma 3's head_dim (a library built for it): reads bit for bit, decode attention to fp32 rounding."""
+    cache = random_cache(heads=1, block_size=16, seed=11, head_dim=256)
+    have_kernels(cache)
+    plain = torch_twin(cache)
+    BS_OF[0] = 16
+    tables, lens = staged_tables(3, 4, seed=5)
+    got, want = cache.gather_blocks(0, tables), plain.gather_blocks(0, tables)
+    assert torch.equal(got.k, want.k) and torch.equal(got.v, want.v)
+    q = torch.randn(1, 3, 4, 256) * 0.01
+    want_out = gathered_attention(plain, 0, q, tables, bias_of(lens, 4 * 16))
+    torch.testing.assert_close(cache.decode_attention(0, q, tables, lens), want_out, rtol=1e-5,
+                               atol=1e-6 * want_out.abs().max().item())
 
 
 def test_a_head_shard_reads_as_its_heads_of_the_whole_cache() -> None:
