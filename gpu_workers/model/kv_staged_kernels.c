@@ -171,6 +171,15 @@ int staged_decode_attention(const uint8_t *codes, const uint8_t *centre, const f
  * kv_quant.dequantize_keys/values compute: products rounded before the sum (no fused multiply-add). */
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
+static inline void read_row(const uint8_t *restrict kc, const uint8_t *restrict vc, const uint8_t *restrict cc, float cs,
+                            const uint16_t *restrict ks, float vs, float *restrict k, float *restrict v, const int fmt) {
+#pragma omp simd
+    for (int d = 0; d < DIM; d++) {
+        k[d] = fp8_value(kc[d], fmt) * bf16_value(ks[d]) + fp8_value(cc[d], fmt) * cs;
+        v[d] = fp8_value(vc[d], fmt) * vs;
+    }
+}
+
 int staged_gather(const uint8_t *codes, const uint8_t *centre, const float *centre_scale, const uint16_t *k_scale,
                   const uint16_t *v_scale, const uint16_t *dense, const int64_t *slots, float *out, int64_t heads,
                   int64_t n, int64_t num_blocks, int64_t num_dense, int fmt, int threads) {
@@ -191,14 +200,11 @@ int staged_gather(const uint8_t *codes, const uint8_t *centre, const float *cent
             }
             const int64_t hb = h * num_blocks + slot / BS;
             const uint8_t *kc = codes + (h * fp8_slots + slot) * DIM, *vc = codes + ((heads + h) * fp8_slots + slot) * DIM;
-            const uint16_t *ks = k_scale + hb * DIM;
-            const uint8_t *cc = centre + hb * DIM;
-            const float cs = centre_scale[hb], vs = bf16_value(v_scale[h * fp8_slots + slot]);
-#pragma omp simd
-            for (int d = 0; d < DIM; d++) {
-                k[d] = fp8_value(kc[d], fmt) * bf16_value(ks[d]) + fp8_value(cc[d], fmt) * cs;
-                v[d] = fp8_value(vc[d], fmt) * vs;
-            }
+            const float vs = bf16_value(v_scale[h * fp8_slots + slot]);
+            if (fmt == E4M3) /* the format a constant in each copy, so that the row loops vectorize */
+                read_row(kc, vc, centre + hb * DIM, centre_scale[hb], k_scale + hb * DIM, vs, k, v, E4M3);
+            else
+                read_row(kc, vc, centre + hb * DIM, centre_scale[hb], k_scale + hb * DIM, vs, k, v, E5M2);
         }
     return 0;
 }
@@ -230,21 +236,16 @@ static inline uint16_t bf16_round(float x) {
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-/* e4m3fn code of x, |x| <= 448, rounded to nearest even (c10's fp8e4m3fn_from_fp32_value) */
+/* e4m3fn code of x, |x| <= 448, rounded to nearest even (c10's fp8e4m3fn_from_fp32_value), both of its
+ * branches computed and one selected, so that loops over it vectorize */
 static inline uint8_t e4m3_code(float x) {
     uint32_t u = float_bits(x);
-    const uint32_t sign = u & 0x80000000u;
+    const uint32_t sign = u & 0x80000000u, denorm = 141u << 23;
     u ^= sign;
-    uint8_t r;
-    if (u < (121u << 23)) { /* below e4m3's smallest normal: the sum rounds the value onto the subnormal grid */
-        const uint32_t denorm = 141u << 23;
-        r = (uint8_t)(float_bits(bits_float(u) + bits_float(denorm)) - denorm);
-    } else {
-        const uint32_t odd = (u >> 20) & 1u;
-        u += ((uint32_t)(7 - 127) << 23) + 0x7ffffu + odd;
-        r = (uint8_t)(u >> 20);
-    }
-    return r | (uint8_t)(sign >> 24);
+    /* below e4m3's smallest normal: the sum rounds the value onto the subnormal grid */
+    const uint32_t subnormal = float_bits(bits_float(u) + bits_float(denorm)) - denorm;
+    const uint32_t normal = (u + ((uint32_t)(7 - 127) << 23) + 0x7ffffu + ((u >> 20) & 1u)) >> 20;
+    return (uint8_t)((u < (121u << 23) ? subnormal : normal) | (sign >> 24));
 }
 
 /* kv_quant.stored_scale: bf16 >= amax / 448 (and >= MIN_SCALE), rounded up */
