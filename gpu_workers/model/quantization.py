@@ -12,28 +12,28 @@ is ``w = code * scale + zero`` per 32 weights of a row (Q6_K: per 16):
 ``block_parts`` splits blocks into those three parts (the ``gguf`` package's
 ``dequantize_blocks`` up to the last multiply, so ``codes * scale + zero`` equals its output).
 
-``Int4Weight`` packs 4-bit codes for torch's CPU kernel ``aten._weight_int4pack_mm_for_cpu``
-(group size 32: one group per GGUF block). The kernel takes bf16 activations, scales and zeros and
-returns bf16, so the product differs from the fp32 matmul of the dequantized weights by bf16
-rounding of the activations, the block constants and the output (the codes are exact);
-``benchmarks/quant_parity.py`` measures what that does to greedy tokens and to the next-token
-distribution. Steps of ``DENSE_FROM_ROWS`` tokens or more (prefill) dequantize the weight to fp32
-instead, exactly, and multiply as fp32 weights do.
+``Int4Weight`` keeps 4-bit codes two per byte with fp32 block constants (group size 32: one
+group per GGUF block), multiplied by the C kernel of ``quant_kernels`` (``int4_matmul``) on fp32
+activations: each weight is dequantized in registers exactly as ``block_parts`` rounds it, so the
+products are the fp32 matmul of the dequantized weights up to the order of the sum (torch's
+``aten._weight_int4pack_mm_for_cpu``, the fallback without a C compiler, rounds activations, block
+constants and outputs to bf16); ``benchmarks/quant_parity.py`` measures greedy tokens and the
+next-token distribution against fp32 weights. Steps of ``DENSE_FROM_ROWS`` tokens or more
+(prefill) dequantize the weight to fp32 instead, exactly, and multiply as fp32 weights do.
 
 ``Int8Weight`` keeps the other types (and fused layers mixing them with 4-bit parts, embeddings,
 LM heads) as int8 codes with fp32 block constants, multiplied by the C kernel of
-``quant_kernels`` on fp32 activations: the products are the dequantized fp32 weights', only the
-order of the sum differs. torch has no usable kernel for it here: ``aten._weight_int8pack_mm``
-takes one scale per output row and is unvectorized on AVX2, ``torch._int_mm`` quantizes the
-activations and is slower still.
+``quant_kernels`` on fp32 activations, exact in the same way. torch has no usable kernel for it
+here: ``aten._weight_int8pack_mm`` takes one scale per output row and is unvectorized on AVX2,
+``torch._int_mm`` quantizes the activations and is slower still.
 
-On the 2-core AVX2 CPU measured (``benchmarks/quant_matmul.py``, SmolLM2's layers, heavy load),
-the int4 kernel takes ~0.5x the time of oneDNN's fp32 linear at 1 token, ~1.1x at 8 and ~2.2x at
-64; the int8 kernel ~0.6x at 1, ~0.8x at 8-16, ~1.3x at 32 (hence ``INT8_DENSE_FROM_ROWS``).
+Crossovers against oneDNN's fp32 linear (``benchmarks/quant_matmul.py``, SmolLM2's layers, 2
+threads): see ``DENSE_FROM_ROWS`` and ``INT8_DENSE_FROM_ROWS``.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -42,10 +42,13 @@ import torch
 GROUP_SIZE = 32  # weights per block constant: a GGUF block (Q4_K: a sub-block)
 PARTS = ("codes", "scale", "zero")
 METHODS = ("gguf",)  # --quantization values (vLLM's name for serving a GGUF file's quantized weights)
-# Rows (tokens in a step) from which a call dequantizes to fp32 instead of using the int4 kernel
-# (measured on one [3072, 576] weight at load ~10: the kernel wins at 1-8 rows, the two break
-# even at ~64, and dequantizing wins 2.2x at 256 rows; fp32 weights stay faster than both there).
-DENSE_FROM_ROWS = 64
+# Rows (tokens in a step) from which Int4Weight dequantizes to fp32 instead of using the C int4 kernel
+# (benchmarks/quant_matmul.py, SmolLM2's linear layers, 2 threads, load 4.5-4.9, quant_matmul-20261201-053146:
+# the kernel takes 0.23x oneDNN's fp32 time at 1 row, 0.49x at 4, 0.79x at 8, 1.03x at 16, 1.20x at 32;
+# dequantizing for the call 1.19x at 16, 1.09x at 32), and the same for torch's int4 kernel, its
+# fallback (one [3072, 576] weight at load ~10: it wins at 1-8 rows, the two break even at ~64).
+DENSE_FROM_ROWS = 32
+TORCH_INT4_DENSE_FROM_ROWS = 64
 # The same for Int8Weight's C kernel (benchmarks/quant_matmul.py on SmolLM2's layers, 2 threads:
 # ~0.7x the fp32 time at 1-8 rows, ~0.9x at 16, ~1.4x at 32).
 INT8_DENSE_FROM_ROWS = 32
@@ -156,23 +159,32 @@ def block_parts(blocks: np.ndarray, kind: Any) -> dict[str, np.ndarray]:
 
 
 class Int4Weight:
-    """A [out, in] weight as 4-bit codes with a scale and a zero per 32 inputs (CPU only).
+    """A [out, in] weight as 4-bit codes with an fp32 scale and zero per 32 inputs (CPU only).
 
-    Up to ``dense_from - 1`` rows, ``aten._weight_int4pack_mm_for_cpu`` multiplies (bf16
-    activations and block constants); from ``dense_from`` rows on (prefill, large decode batches),
-    where that kernel is slower than fp32's, the weight is dequantized to fp32 for the call (exact
-    GGUF values) and multiplied by oneDNN / MKL. Holds ~0.9 bytes per weight against fp32's 4:
-    the kernel's packed codes (read back for the dequantization), its bf16 block constants, and
-    fp32 ones for the exact dequantization.
+    Up to ``dense_from - 1`` rows (decode), the C kernel of ``quant_kernels`` (``int4_matmul``)
+    multiplies fp32 activations by the weights dequantized in registers: the GGUF file's dequantized
+    values exactly, so the products are the fp32 matmul's of the dequantized weight up to the order
+    of the sum. From ``dense_from`` rows on (prefill, large batches), where oneDNN's fp32 matmul is
+    faster, the weight is dequantized to fp32 for the call. Holds 0.75 bytes per weight against
+    fp32's 4: the codes two per byte, and the fp32 scale and zero of each 32.
+
+    Where the C kernels cannot be built (``quant_kernels.load`` is None), torch's
+    ``aten._weight_int4pack_mm_for_cpu`` multiplies instead (``_TorchInt4``), with bf16
+    activations, block constants and outputs, below ``TORCH_INT4_DENSE_FROM_ROWS`` rows; it needs
+    ``out`` a multiple of ``torch_int4_row_block()`` (32, or 64 with AVX-512).
     """
 
-    dense_from = DENSE_FROM_ROWS
+    # False: new weights take torch's kernel even where the C one builds (benchmarks' A/B only)
+    c_kernel = True
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
         """``codes`` [out, in] integers 0..15 (any dtype), ``scale`` and ``zero`` [out, in] with one
         value per 32 inputs (``block_parts``' layout, e.g. after a tensor-parallel narrow).
-        ValueError when ``out`` or ``in`` is not a multiple of 32, or the constants vary within a
-        group (a shard that cuts through GGUF blocks)."""
+        ValueError when ``in`` is not a multiple of 32 (or, for torch's kernel, ``out`` not one of
+        ``torch_int4_row_block()``), a code is
+        outside 0..15, or the constants vary within a group (a shard that cuts through GGUF blocks)."""
+        from gpu_workers.model import quant_kernels
+
         out_features, in_features = codes.shape
         if in_features % GROUP_SIZE:
             raise ValueError(f"{in_features} inputs: not a multiple of the {GROUP_SIZE}-weight quantization blocks")
@@ -182,16 +194,18 @@ class Int4Weight:
         if not (torch.equal(scale_g, scale_g[..., :1].expand_as(scale_g))
                 and torch.equal(zero_g, zero_g[..., :1].expand_as(zero_g))):
             raise ValueError(f"the weight's columns do not start on a {GROUP_SIZE}-weight quantization block")
-        if out_features % GROUP_SIZE:
-            raise ValueError(f"{out_features} outputs: not a multiple of {GROUP_SIZE} (the kernel's row blocks)")
         self.out_features, self.in_features = out_features, in_features
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
-        if not torch.equal(self._codes(), codes.to(torch.uint8)):
-            raise RuntimeError("this torch packs int4 weights in another layout than Int4Weight._codes reads")
-        self.scale, self.zero = scale_g[..., :1].contiguous(), zero_g[..., :1].contiguous()  # [out, groups, 1]
-        # the kernel computes (code - 8) * scale + zero'
-        s, z = self.scale[..., 0], self.zero[..., 0]  # [out, groups]
-        self.scales_zeros = torch.stack([s.t(), (z + 8 * s).t()], dim=-1).to(torch.bfloat16).contiguous()
+        self.scale = scale_g[..., 0].to(torch.float32).contiguous()  # [out, groups]
+        self.zero = zero_g[..., 0].to(torch.float32).contiguous()  # [out, groups]
+        self._kernels = quant_kernels.load() if self.c_kernel else None
+        self._torch: _TorchInt4 | None = None
+        if self._kernels is not None:
+            self.packed = quant_kernels.pack_int4(codes)  # [out, in / 2] uint8
+            self.dense_from = DENSE_FROM_ROWS
+        else:
+            self._torch = _TorchInt4(codes, self.scale, self.zero)
+            self.packed = self._torch.packed
+            self.dense_from = TORCH_INT4_DENSE_FROM_ROWS
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` [..., in] (fp32 or bf16) times the weight: [..., out] in ``x``'s dtype."""
@@ -201,25 +215,86 @@ class Int4Weight:
 
             y = linear(rows, self.dequantize().to(x.dtype))
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(torch.bfloat16), self.packed, GROUP_SIZE,
-                                                           self.scales_zeros).to(x.dtype)
+            y = self.multiply(rows).to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def multiply(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [M, in] times the weight by the int4 kernel alone, at any row count: [M, out], fp32
+        from the C kernel (bf16 from torch's, the fallback)."""
+        if self._kernels is not None:
+            return self._kernels.int4_matmul(x, self.packed, self.scale, self.zero)
+        assert self._torch is not None
+        return self._torch.matmul(x)
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 weight [out, in]: ``code * scale + zero``, rounded as the ``gguf`` package rounds
         (no fused multiply-add), so the GGUF file's dequantized values exactly."""
-        codes = self._codes().reshape(self.out_features, -1, GROUP_SIZE).float()  # [out, groups, 32]
-        return (codes * self.scale + self.zero).reshape(self.out_features, self.in_features)
+        if self._kernels is not None:
+            return self._kernels.int4_dequantize(self.packed, self.scale, self.zero)
+        codes = self.codes().reshape(self.out_features, -1, GROUP_SIZE).float()  # [out, groups, 32]
+        return (codes * self.scale[..., None] + self.zero[..., None]).reshape(self.out_features, self.in_features)
 
-    def _codes(self) -> torch.Tensor:
-        """The codes [out, in] (uint8) read back from the kernel's layout: per block of 32 rows and
-        per input, 16 bytes whose low nibbles are rows 0-15 and high nibbles rows 16-31."""
-        blocks = self.packed.view(torch.uint8).reshape(self.out_features // 32, self.in_features, 16)
-        codes = torch.cat([blocks & 0x0F, blocks >> 4], dim=2)  # [out / 32, in, 32]
-        return codes.transpose(1, 2).reshape(self.out_features, self.in_features)
+    def codes(self) -> torch.Tensor:
+        """The codes [out, in] (uint8), read back from the packed layout."""
+        from gpu_workers.model import quant_kernels
+
+        return quant_kernels.unpack_int4(self.packed) if self._torch is None else self._torch.codes()
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales_zeros, self.scale, self.zero))
+        """Bytes held: the packed codes and the block constants (and torch's bf16 copy of them)."""
+        held = [self.packed, self.scale, self.zero] + ([self._torch.scales_zeros] if self._torch else [])
+        return sum(t.numel() * t.element_size() for t in held)
+
+
+@functools.cache
+def torch_int4_row_block() -> int:
+    """Rows that torch's ``_convert_weight_to_int4pack_for_cpu`` packs together on this CPU (64
+    where torch runs AVX-512 code, else 32), found by packing a probe; ``out`` must be a multiple."""
+    probe = torch.arange(64 * 32, dtype=torch.int32).reshape(64, 32) % 15
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+    for block in (64, 32):
+        if torch.equal(_torch_int4_codes(packed, block, 64, 32), probe.to(torch.uint8)):
+            return block
+    raise RuntimeError("this torch packs int4 weights in another layout than _TorchInt4 reads")
+
+
+def _torch_int4_codes(packed: torch.Tensor, block: int, out_features: int, in_features: int) -> torch.Tensor:
+    """The codes [out, in] (uint8) of torch's int4 CPU layout: per block of ``block`` rows and per
+    input, ``block / 2`` bytes whose low nibbles are the block's first half of rows, high the second."""
+    blocks = packed.view(torch.uint8).reshape(out_features // block, in_features, block // 2)
+    codes = torch.cat([blocks & 0x0F, blocks >> 4], dim=2)  # [out / block, in, block]
+    return codes.transpose(1, 2).reshape(out_features, in_features)
+
+
+class _TorchInt4:
+    """4-bit codes in the layout of torch's ``aten._weight_int4pack_mm_for_cpu`` (group 32): the
+    fallback of ``Int4Weight`` without a C compiler. The kernel takes bf16 activations and block
+    constants and returns bf16: the product differs from the fp32 matmul of the dequantized weight
+    by those roundings (``benchmarks/quant_parity.py``)."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        """``codes`` [out, in] 0..15, ``scale`` and ``zero`` fp32 [out, in / 32]. ValueError when
+        ``out`` is not a multiple of ``torch_int4_row_block()``; RuntimeError when this torch packs
+        in a layout not read here."""
+        out_features, in_features = codes.shape
+        self.block = torch_int4_row_block()
+        if out_features % self.block:
+            raise ValueError(f"{out_features} outputs: not a multiple of {self.block} (torch's int4 row blocks)")
+        self.out_features, self.in_features = out_features, in_features
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+        if not torch.equal(self.codes(), codes.to(torch.uint8)):
+            raise RuntimeError("this torch packs int4 weights in another layout than _TorchInt4.codes reads")
+        # the kernel computes (code - 8) * scale + zero'
+        self.scales_zeros = torch.stack([scale.t(), (zero + 8 * scale).t()], dim=-1).to(torch.bfloat16).contiguous()
+
+    def matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` [M, in] times the weight: [M, out] bf16."""
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(torch.bfloat16), self.packed, GROUP_SIZE,
+                                                          self.scales_zeros)
+
+    def codes(self) -> torch.Tensor:
+        """The codes [out, in] (uint8) read back from torch's layout."""
+        return _torch_int4_codes(self.packed, self.block, self.out_features, self.in_features)
 
 
 class Int8Weight:
