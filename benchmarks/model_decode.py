@@ -29,6 +29,25 @@ from gpu_workers.model.loader import resolve_model
 from gpu_workers.model_runner import Chunk, ModelRunner
 
 
+def prefill(runner: ModelRunner, tables: list[list[int]], staging: list[tuple[int, ...]], lengths: list[int], *,
+            chunk: int | None, rng: random.Random, label: str) -> None:
+    """Prefill each sequence's random prompt of ``lengths`` tokens, 8 sequences a step, in chunks of
+    ``chunk`` tokens (None: whole); with ``chunk``, print the time taken and the prefill tok/s."""
+    vocab = runner.config.vocab_size
+    prompts = [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
+    step = chunk or max(lengths)
+    t = time.perf_counter()
+    for i in range(0, len(prompts), 8):
+        group = range(i, min(len(prompts), i + 8))
+        for start in range(0, max(lengths[j] for j in group), step):
+            runner.run([Chunk(prompts[j][start : start + step], start, tables[j], start + step >= lengths[j],
+                              staging=staging[j]) for j in group if start < lengths[j]])
+    took = time.perf_counter() - t
+    if chunk:
+        print(f"{label}: prefill of {sum(lengths)} tokens in chunks of {chunk}: {took * 1e3:.0f} ms = "
+              f"{sum(lengths) / took:.0f} tok/s")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="random:small")
@@ -39,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--group-tokens", type=int, default=None, help="decode attention group budget (tokens)")
     parser.add_argument("--prefill", action="store_true", help="really prefill the contexts (slow)")
+    parser.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                        help="prefill in chunks of N tokens (chunks after the first read their context from the "
+                             "cache), timed and reported as prefill tok/s (implies --prefill)")
     parser.add_argument("--profile", action="store_true", help="print a torch profile of a few steps")
     args = parser.parse_args(argv)
 
@@ -57,10 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         tables = [[sum(per_seq) + j, *t[1:]] for j, t in enumerate(tables)]
         staging = [(sum(per_seq) + batch + j,) for j in range(batch)]
     vocab = runner.config.vocab_size
-    if args.prefill:
-        for i in range(0, batch, 8):
-            runner.run([Chunk([rng.randrange(vocab) for _ in range(lengths[j])], 0, tables[j], True, staging=staging[j])
-                        for j in range(i, min(batch, i + 8))])
+    if args.prefill or args.prefill_chunk:
+        prefill(runner, tables, staging, lengths, chunk=args.prefill_chunk, rng=rng, label=f"{args.model} {args.kv_dtype} KV")
     elif runner.kv_format.staged:  # codes like a model's: what a decode step costs does not depend on them
         staged = runner.kv_cache
         assert isinstance(staged, StagedKVCache)

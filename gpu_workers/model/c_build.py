@@ -22,9 +22,11 @@ from gpu_workers.model.presets import default_cache_dir
 BUILD_TIMEOUT_S = 120
 
 
-def build_library(source: Path, flags: Sequence[str], *, stem: str, libs: Sequence[str] = ()) -> Path:
+def build_library(source: Path, flags: Sequence[str], *, stem: str, libs: Sequence[str] = (),
+                  depends: Sequence[Path] = ()) -> Path:
     """The path of ``source`` built with ``flags`` (defines included) and linked with ``libs``, as
-    ``<cache>/kernels/<stem>-<key>.so``; built only when no such file exists.
+    ``<cache>/kernels/<stem>-<key>.so``; built only when no such file exists. ``depends``: files that
+    ``source`` includes (part of the key).
 
     Raises OSError when there is no compiler or it fails (its last 500 characters of stderr), and
     subprocess.SubprocessError when it runs past ``BUILD_TIMEOUT_S``."""
@@ -32,8 +34,8 @@ def build_library(source: Path, flags: Sequence[str], *, stem: str, libs: Sequen
     if shutil.which(compiler) is None:
         raise OSError(f"no C compiler {compiler!r} on PATH")
     version = subprocess.run([compiler, "--version"], capture_output=True, timeout=30, check=True).stdout
-    key = hashlib.sha256(b"\0".join([source.read_bytes(), " ".join([*flags, *libs]).encode(), version,
-                                     cpu_flags()]))
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), *(d.read_bytes() for d in depends),
+                                     " ".join([*flags, *libs]).encode(), version, cpu_flags()]))
     out_dir = default_cache_dir() / "kernels"
     path = out_dir / f"{stem}-{key.hexdigest()[:16]}.so"
     if path.exists():

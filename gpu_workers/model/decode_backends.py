@@ -18,8 +18,11 @@ own metadata once per step (``build``), and every layer then calls ``decode`` wi
 - ``GatheredDecode``: every other cache (bf16, fp16, fp8 with any scales; GPUs): each group's blocks
   are copied into [Hkv, B, L, D] in the compute dtype, then two batched matmuls; fp8 scales
   multiply the scores and the probabilities. Metadata: block tables and the mask.
-- ``StagedDecode``: the staged fp8 cache (``fp8_e4m3``, gpu_workers.model.kv_staged): gathered, fp8
-  blocks read back and the sink and staging blocks in bf16; prefill chunks read their context twice.
+- ``StagedDecode``: the staged fp8 cache (``fp8_e4m3``, gpu_workers.model.kv_staged): full-attention
+  views in one C kernel per layer as ``FusedDecode`` (gpu_workers.model.kv_staged_kernels: fp8 blocks
+  converted as they are read, the sink and staging blocks read from the bf16 pool) where the kernels
+  build and compute is fp32; otherwise, and for sliding windows, gathered (fp8 blocks read back, the
+  sink and staging blocks in bf16) like ``GatheredDecode``. Prefill chunks read their context twice.
 
 A cache's backends are chosen once, when it is made (``DecodeBackends.choose``): the first class in
 ``DECODE_BACKENDS`` whose ``supports`` accepts the cache (its KVFormat, device and kernels) reads
@@ -223,17 +226,33 @@ class GatheredDecode(DecodeBackend[GatheredMetadata]):
         return GatheredMetadata(span.first, span.count, self._to_device(span.block_tables), self._bias(span))
 
     def decode(self, layer: int, q: torch.Tensor, meta: GatheredMetadata) -> torch.Tensor:
-        kv = self.cache.gather_blocks(layer, meta.block_tables)  # K, V [Hkv, B, L, D]
-        scores = torch.matmul(q, kv.k.transpose(-1, -2)).float()  # [Hkv, B, G, L]
-        if kv.k_scale is not None:
-            scores.mul_(kv.k_scale)
-        probs = torch.softmax(scores.add_(meta.bias), dim=-1).to(q.dtype)
-        if kv.v_scale is not None:
-            probs.mul_(kv.v_scale)
-        return torch.matmul(probs, kv.v)  # [Hkv, B, G, D]
+        return gathered_attention(self.cache, layer, q, meta.block_tables, meta.bias)
 
 
-class StagedDecode(GatheredDecode):
+def gathered_attention(cache: KVCache, layer: int, q: torch.Tensor, block_tables: torch.Tensor,
+                       bias: torch.Tensor) -> torch.Tensor:
+    """Attention [Hkv, B, G, D] of scaled queries ``q`` [Hkv, B, G, D] over the blocks ``block_tables``
+    [B, MB] of cache layer ``layer``, copied out in the compute dtype, ``bias`` [1, B, 1, L] added to the scores."""
+    kv = cache.gather_blocks(layer, block_tables)  # K, V [Hkv, B, L, D]
+    scores = torch.matmul(q, kv.k.transpose(-1, -2)).float()  # [Hkv, B, G, L]
+    if kv.k_scale is not None:
+        scores.mul_(kv.k_scale)
+    probs = torch.softmax(scores.add_(bias), dim=-1).to(q.dtype)
+    if kv.v_scale is not None:
+        probs.mul_(kv.v_scale)
+    return torch.matmul(probs, kv.v)  # [Hkv, B, G, D]
+
+
+@dataclass(slots=True)
+class StagedMetadata(DecodeMetadata):
+    block_tables: torch.Tensor  # [B, MB]
+    # [B] int64: each sequence's context length, its new token included, where the fused kernel reads the
+    # span (a full-attention view, fp32 compute, kernels built); None: gathered, masked by ``bias``
+    lens: torch.Tensor | None
+    bias: torch.Tensor | None  # [1, B, 1, L] fp32: 0 for the keys seen, -inf elsewhere
+
+
+class StagedDecode(DecodeBackend[StagedMetadata]):
     """The staged fp8 cache (gpu_workers.model.kv_staged): decode as ``GatheredDecode`` (fp8 blocks read
     back, the sink and the staging block in bf16: the step's tables name the staging block in place
     of each query's own block); a prefill chunk reads its context twice, as stored and as its
@@ -245,25 +264,33 @@ class StagedDecode(GatheredDecode):
     def supports(cls, cache: KVCache) -> bool:
         return cache.format.staged
 
+    def build(self, span: DecodeSpan) -> StagedMetadata:
+        tables = self._to_device(span.block_tables)
+        if self.cache.fused_attention and span.key_start is None and span.window is None:
+            return StagedMetadata(span.first, span.count, tables, span.positions + 1, None)
+        return StagedMetadata(span.first, span.count, tables, None, self._bias(span))
+
+    def decode(self, layer: int, q: torch.Tensor, meta: StagedMetadata) -> torch.Tensor:
+        if meta.lens is not None:
+            return self.cache.decode_attention(layer, q, meta.block_tables, meta.lens)
+        assert meta.bias is not None
+        return gathered_attention(self.cache, layer, q, meta.block_tables, meta.bias)
+
     def prefill_context(self, layer: int, k: torch.Tensor, v: torch.Tensor, own_slots: torch.Tensor,
                         chunk: PrefillChunk) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [Hkv, 2S, D]: the S context keys as stored, then as bf16 (the staged tokens
         of the first query's block, and the chunk's own tokens rounded to bf16)."""
         cache = self.cache
         assert isinstance(cache, StagedKVCache) and chunk.kv_slots is not None
-        stored = cache.gather(layer, chunk.kv_slots)  # [Hkv, S, D] each
-        n = k.shape[0]
-        slots = chunk.dense_slots
-        # K and V at once
-        staged = cache.gather_dense(layer, slots) if slots is not None and slots.numel() else (None, None)
-        dense: list[torch.Tensor] = []
-        for x, new, old in zip(stored, (k, v), staged):
-            x = x.clone()
-            if old is not None:
-                x[:, chunk.dense_from : chunk.dense_from + old.shape[1]] = old
-            x[:, x.shape[1] - n :] = new.to(DENSE_DTYPE).to(x.dtype).transpose(0, 1)
-            dense.append(x)
-        return torch.cat((stored[0], dense[0]), dim=1), torch.cat((stored[1], dense[1]), dim=1)
+        s, n = chunk.kv_slots.shape[0], k.shape[0]
+        own = chunk.kv_slots.clone()  # the context as the first query's block holds it: its staged tokens in bf16
+        if chunk.dense_slots is not None and chunk.dense_slots.numel():
+            dense = chunk.dense_slots + cache.num_blocks * cache.block_size  # dense slots as gather reads them
+            own[chunk.dense_from : chunk.dense_from + dense.shape[0]] = dense
+        keys, values = cache.gather(layer, torch.cat((chunk.kv_slots, own)))  # [Hkv, 2S, D] each, one read
+        keys[:, 2 * s - n :] = k.to(DENSE_DTYPE).transpose(0, 1)  # the chunk's own tokens, rounded to bf16
+        values[:, 2 * s - n :] = v.to(DENSE_DTYPE).transpose(0, 1)
+        return keys, values
 
 
 # In order of preference: a cache is read by the first that supports it (GatheredDecode reads any).

@@ -24,6 +24,10 @@ quantized from its staged tokens and the step's own into its fp8 home block (its
 Reads: ``gather_blocks`` (decode: fp8 blocks read back, dense ones as they are) and ``gather`` (a
 prefill chunk's context, by slot). Scales per KV head, so the cache shards by head with tensor
 parallelism like the others.
+
+On CPUs where a C compiler builds them, gpu_workers.model.kv_staged_kernels does each layer's reads,
+decode attention and writes in one call each (the same codes and reads bit for bit; attention to fp32
+rounding); the torch code below is the reference and the fallback.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import Any
 
 import torch
 
-from gpu_workers.model import kv_quant
+from gpu_workers.model import kv_quant, kv_staged_kernels
 from gpu_workers.model.fp8 import SCALE_DTYPE
 from gpu_workers.model.kv_cache import BlockKV, KVCache
 
@@ -71,8 +75,10 @@ class StagedKVCache(KVCache):
     """The fp8 pool (``values``: uint8 codes [layer, k|v, head, slot, D], and the scales) and the bf16
     dense pool (``dense`` [layer, k|v, head, dense slot, D])."""
 
-    def __init__(self, *, num_dense_blocks: int, **kwargs: Any) -> None:
-        """``num_dense_blocks``: bf16 blocks for sinks and staging; the rest as ``KVCache``'s."""
+    def __init__(self, *, num_dense_blocks: int, fused_kernels: bool = True, **kwargs: Any) -> None:
+        """``num_dense_blocks``: bf16 blocks for sinks and staging; ``fused_kernels``: read with the C
+        kernels of gpu_workers.model.kv_staged_kernels on CPUs where they build (False: torch only); the rest
+        as ``KVCache``'s."""
         super().__init__(**{**kwargs, "fused_kernels": False})
         assert self.format.staged, f"{self.format} is not a staged format"
         layers, heads, d, nb = self.num_layers, self.num_kv_heads, self.head_dim, self.num_blocks
@@ -84,6 +90,14 @@ class StagedKVCache(KVCache):
         self.k_centre_scale = torch.ones(layers, heads, nb, dtype=SCALE_DTYPE, device=device)
         self.k_scale = torch.ones(layers, heads, nb, d, dtype=DENSE_DTYPE, device=device)  # per channel
         self.v_scale = torch.ones(layers, heads, nb * self.block_size, dtype=DENSE_DTYPE, device=device)  # per token
+        self.staged_kernels: kv_staged_kernels.StagedKernels | None = None
+        if fused_kernels and device.type == "cpu":
+            self.staged_kernels = kv_staged_kernels.load(d, self.block_size)
+
+    def kernel_layer(self, layer: int) -> kv_staged_kernels.StagedLayer:
+        """Layer ``layer``'s tensors as the C kernels read them."""
+        return kv_staged_kernels.StagedLayer(self.values[layer], self.k_centre[layer], self.k_centre_scale[layer],
+                                       self.k_scale[layer], self.v_scale[layer], self.dense[layer], self.storage_dtype)
 
     def bytes_per_dense_block(self) -> int:
         """Bytes one dense block takes across all layers, K and V."""
@@ -104,7 +118,18 @@ class StagedKVCache(KVCache):
 
     @property
     def fused_attention(self) -> bool:
-        return False
+        """Whether decode attention can run in one C kernel (``decode_attention``: full attention views,
+        fp32 compute, on a CPU where the kernels build)."""
+        return self.staged_kernels is not None and self.dtype == torch.float32
+
+    def decode_attention(self, layer: int, q: torch.Tensor, block_tables: torch.Tensor,
+                         lens: torch.Tensor) -> torch.Tensor:
+        """Attention [Hkv, B, G, D] of scaled queries ``q`` [Hkv, B, G, D] over the first ``lens`` [B]
+        tokens of the blocks ``block_tables`` [B, MB] list (fp8 and dense ids), as ``gather_blocks``
+        reads them."""
+        assert self.staged_kernels is not None
+        out = torch.empty(q.shape, dtype=torch.float32)
+        return self.staged_kernels.staged_decode_attention(self.kernel_layer(layer), block_tables, lens, q.contiguous(), out)
 
     # --- writes ---------------------------------------------------------------------------------
 
@@ -114,6 +139,11 @@ class StagedKVCache(KVCache):
     def write_staged(self, layer: int, plan: StagedWrites, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the step's new tokens' ``k``, ``v`` [T, Hkv, D] as ``plan`` says: completed blocks
         quantized into their fp8 blocks (read from the staging blocks first), then the bf16 writes."""
+        if self.staged_kernels is not None and k.dtype == torch.float32 and self.storage_dtype == torch.float8_e4m3fn:
+            self.staged_kernels.staged_write(self.kernel_layer(layer), k, v, complete_blocks=plan.complete_blocks,
+                                      complete_src=plan.complete_src, staged_slots=plan.staged_slots,
+                                      dense_rows=plan.dense_rows, dense_slots=plan.dense_slots)
+            return
         fresh = torch.stack((k, v)).to(DENSE_DTYPE).transpose(1, 2)  # [2, Hkv, T, D]
         if plan.complete_blocks.numel():
             heads, bs, d = self.num_kv_heads, self.block_size, self.head_dim
@@ -157,6 +187,9 @@ class StagedKVCache(KVCache):
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V [Hkv, S, D] in the compute dtype of ``slots`` [S] (dense slots are those past the
         fp8 pool's, ``num_blocks * block_size + dense slot``)."""
+        if self.staged_kernels is not None:
+            kv = self.staged_kernels.staged_gather(self.kernel_layer(layer), slots).to(self.dtype)
+            return kv[0], kv[1]
         fp8_slots = self.num_blocks * self.block_size
         dense = slots >= fp8_slots
         kv = self._read_slots(layer, torch.where(dense, 0, slots))
@@ -176,6 +209,10 @@ class StagedKVCache(KVCache):
         b, mb = block_tables.shape
         ids = block_tables.reshape(-1)
         heads, bs, d, nb = self.num_kv_heads, self.block_size, self.head_dim, self.num_blocks
+        if self.staged_kernels is not None:
+            slots = (ids[:, None] * bs + torch.arange(bs)).view(-1)  # [B * MB * BS]
+            kv = self.staged_kernels.staged_gather(self.kernel_layer(layer), slots).to(self.dtype).view(2, heads, b, mb * bs, d)
+            return BlockKV(kv[0], kv[1])
         dense = ids >= nb
         fp8_ids = torch.where(dense, 0, ids)
         codes = self.values[layer].view(2, heads, nb, bs, d).index_select(2, fp8_ids)  # [2, Hkv, n, BS, D]

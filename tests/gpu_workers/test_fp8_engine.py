@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gpu_workers.engine import EngineRequest
-from gpu_workers.model import fp8_kernels
+from gpu_workers.model import fp8_kernels, kv_staged_kernels
 from gpu_workers.model.fp8 import code_values
 from gpu_workers.model_runner import Chunk, ModelRunner
 from gpu_workers.sampling_params import SamplingParams
@@ -71,12 +71,14 @@ def requests(prompts: list[list[int]]) -> list[EngineRequest]:
     return [EngineRequest(f"r{i}", p, GREEDY) for i, p in enumerate(prompts)]
 
 
-@pytest.mark.parametrize("kv_dtype,kernels", [("fp8_e4m3", False), ("fp8_e4m3_block", True), ("fp8_e4m3_block", False)],
-                         ids=["staged", "block-fused-kernels", "block-torch-gather"])
+@pytest.mark.parametrize("kv_dtype,kernels", [("fp8_e4m3", True), ("fp8_e4m3", False), ("fp8_e4m3_block", True),
+                                              ("fp8_e4m3_block", False)],
+                         ids=["staged-kernels", "staged-torch", "block-fused-kernels", "block-torch-gather"])
 def test_fp8_greedy_matches_the_fp32_reference(llama_dir: Path, monkeypatch: pytest.MonkeyPatch, kv_dtype: str,
                                                kernels: bool) -> None:
     if not kernels:
         monkeypatch.setattr(fp8_kernels, "load", lambda *a: None)
+        monkeypatch.setattr(kv_staged_kernels, "load", lambda *a: None)
     prompts, expected = clear_prompts(llama_dir, 5)
     engine = engine_for(llama_dir, kv_dtype=kv_dtype, max_num_batched_tokens=32, max_num_seqs=16)
     assert engine.runner.kv_cache.fused_attention is kernels
