@@ -6,9 +6,10 @@ of 3-8 operations (RMSNorm ~35 us, RoPE ~25 us per call on the 2-core CPU measur
 for a ctypes call): with SmolLM2's 30 layers, milliseconds of a ~35 ms step. Eager mode only:
 under ``torch.compile`` (``--compilation-config 3``) the torch forms stay, for inductor to fuse.
 
-``enabled(x)`` says whether a tensor takes these kernels: fp32, on the CPU, not being compiled,
-and the library built (``c_build.build_library``; where no compiler works, ``load`` logs why once
-and the torch forms are used). ``RYZ_LAYER_KERNELS=0`` turns them off (A/B measurements).
+``enabled(*operands)`` says whether the operands take these kernels: all fp32, on the CPU, none
+needing its gradient, not being compiled, and the library built (``c_build.build_library``; where
+no compiler works, ``load`` logs why once and the torch forms are used). ``RYZ_LAYER_KERNELS=0``
+turns them off (A/B measurements).
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ _N = ctypes.c_int
 
 
 class LayerKernels:
-    """Typed entry points; every tensor fp32, on the CPU. Outputs are new tensors unless stated."""
+    """Typed entry points; every tensor fp32, on the CPU (``enabled`` checks that: nothing here can,
+    the C code reads raw memory). Outputs are new tensors. ValueError for shapes the C code would
+    read past."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         lib.rms_norm.argtypes = [_P, _P, _F, _N, _I, _I, _P, _N]
@@ -49,46 +52,64 @@ class LayerKernels:
         self._lib = lib
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, *, offset: bool) -> torch.Tensor:
-        """``x * rsqrt(mean(x^2) + eps) * weight`` over the last dim of ``x`` [..., n]; ``offset``:
-        times ``1 + weight`` (Gemma)."""
-        x = x.contiguous()
+        """``x * rsqrt(mean(x^2) + eps) * weight`` over the last dim of ``x`` [..., n], ``weight`` [n];
+        ``offset``: times ``1 + weight`` (Gemma)."""
+        x, weight = x.contiguous(), _check_weight(weight, x)
         out = torch.empty_like(x)
         n = x.shape[-1]
-        self._lib.rms_norm(x.data_ptr(), weight.data_ptr(), eps, int(offset), x.numel() // n, n, out.data_ptr(),
-                           torch.get_num_threads())
+        if out.numel():
+            self._lib.rms_norm(x.data_ptr(), weight.data_ptr(), eps, int(offset), x.numel() // n, n, out.data_ptr(),
+                               torch.get_num_threads())
         return out
 
     def fused_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,
                            offset: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(RMSNorm(x + residual), x + residual) for ``x``, ``residual`` [..., n] of one shape."""
-        x, residual = x.contiguous(), residual.contiguous()
+        """(RMSNorm(x + residual), x + residual) for ``x``, ``residual`` [..., n] of one shape, ``weight`` [n]."""
+        x, residual, weight = x.contiguous(), residual.contiguous(), _check_weight(weight, x)
         if residual.shape != x.shape:
             raise ValueError(f"residual {tuple(residual.shape)} against x {tuple(x.shape)}")
         out, summed = torch.empty_like(x), torch.empty_like(x)
         n = x.shape[-1]
-        self._lib.fused_add_rms_norm(x.data_ptr(), residual.data_ptr(), weight.data_ptr(), eps, int(offset),
-                                     x.numel() // n, n, out.data_ptr(), summed.data_ptr(), torch.get_num_threads())
+        if out.numel():
+            self._lib.fused_add_rms_norm(x.data_ptr(), residual.data_ptr(), weight.data_ptr(), eps, int(offset),
+                                         x.numel() // n, n, out.data_ptr(), summed.data_ptr(),
+                                         torch.get_num_threads())
         return out, summed
 
     def rotary_embedding(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """``x`` [T, N, D] (heads D apart; rows may be strided, e.g. a slice of the fused QKV output)
-        rotated by ``cos``, ``sin`` [T, 1, D / 2]: a new contiguous [T, N, D]."""
+        rotated by ``cos``, ``sin`` [T, 1, D / 2] (or [1, 1, D / 2], one position for all): a new
+        contiguous [T, N, D]. ValueError for other cos, sin shapes (per-head angles) or an odd D."""
         t, heads, d = x.shape
+        if d % 2 or cos.shape not in ((t, 1, d // 2), (1, 1, d // 2)) or sin.shape != cos.shape:
+            raise ValueError(f"cos {tuple(cos.shape)}, sin {tuple(sin.shape)} against x {tuple(x.shape)}: "
+                             f"need [T or 1, 1, D / 2] each")
         if x.stride(2) != 1 or x.stride(1) != d:
             x = x.contiguous()
-        cos, sin = cos.contiguous(), sin.contiguous()
+        cos, sin = (c.expand(t, 1, d // 2).contiguous() for c in (cos, sin))
         out = torch.empty(t, heads, d, dtype=x.dtype)
         self._lib.rotary_embedding(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), t, heads, d,
                                    out.data_ptr(), torch.get_num_threads())
         return out
 
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """``silu(gate) * up`` for ``gate_up`` [T, 2 I] (gate first): [T, I]."""
+        """``silu(gate) * up`` for ``gate_up`` [..., 2 I] (gate first): [..., I]. ValueError for an odd
+        last dim."""
+        if gate_up.shape[-1] % 2:
+            raise ValueError(f"gate_up {tuple(gate_up.shape)}: the last dim is not two halves")
         gate_up = gate_up.contiguous()
-        t, n = gate_up.shape[0], gate_up.shape[1] // 2
-        out = torch.empty(t, n, dtype=gate_up.dtype)
-        self._lib.silu_and_mul(gate_up.data_ptr(), t, n, out.data_ptr(), torch.get_num_threads())
+        n = gate_up.shape[-1] // 2
+        out = torch.empty(*gate_up.shape[:-1], n, dtype=gate_up.dtype)
+        if out.numel():
+            self._lib.silu_and_mul(gate_up.data_ptr(), out.numel() // n, n, out.data_ptr(), torch.get_num_threads())
         return out
+
+
+def _check_weight(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``weight`` contiguous, after checking it is [n] for ``x`` [..., n]: the C code reads n values."""
+    if weight.shape != x.shape[-1:]:
+        raise ValueError(f"weight {tuple(weight.shape)} against x {tuple(x.shape)}")
+    return weight.contiguous()
 
 
 @functools.cache
@@ -103,8 +124,14 @@ def load() -> LayerKernels | None:
         return None
 
 
-def enabled(x: torch.Tensor) -> LayerKernels | None:
-    """The kernels when ``x`` takes them (fp32, CPU, eager), else None."""
-    if x.dtype != torch.float32 or x.device.type != "cpu" or torch.compiler.is_compiling():
+def enabled(*operands: torch.Tensor) -> LayerKernels | None:
+    """The kernels when ``operands`` (an operation's every tensor input) take them, else None: each
+    fp32 on the CPU (the C code reads fp32 memory; the torch forms promote mixed dtypes), none
+    needing a gradient (the C code records no autograd graph), in eager mode."""
+    if torch.compiler.is_compiling():
         return None
+    grad = torch.is_grad_enabled()
+    for t in operands:
+        if t.dtype is not torch.float32 or not t.is_cpu or (grad and t.requires_grad):
+            return None
     return load()

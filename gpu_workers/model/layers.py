@@ -144,7 +144,7 @@ class RMSNorm(nn.Module):
     offset = False  # the scale is weight (Gemma's: 1 + weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (kernels := layer_kernels.enabled(x)) is not None:
+        if (kernels := layer_kernels.enabled(x, self.weight)) is not None:
             return kernels.rms_norm(x, self.weight, self.eps, offset=self.offset)
         return self.norm(x)
 
@@ -157,7 +157,7 @@ class RMSNorm(nn.Module):
     def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(this norm of ``x + residual``, ``x + residual``), both [T, size]: the residual add of a decoder
         layer and the norm after it, one pass with the layer kernels (vLLM's ``fused_add_rms_norm``)."""
-        if (kernels := layer_kernels.enabled(x)) is not None:
+        if (kernels := layer_kernels.enabled(x, residual, self.weight)) is not None:
             return kernels.fused_add_rms_norm(x, residual, self.weight, self.eps, offset=self.offset)
         summed = x + residual
         return self.norm(summed), summed

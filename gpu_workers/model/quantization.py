@@ -274,12 +274,14 @@ class _TorchInt4:
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
         """``codes`` [out, in] 0..15, ``scale`` and ``zero`` fp32 [out, in / 32]. ValueError when
-        ``out`` is not a multiple of ``torch_int4_row_block()``; RuntimeError when this torch packs
-        in a layout not read here."""
+        ``out`` is not a multiple of ``torch_int4_row_block()`` or a code is outside 0..15;
+        RuntimeError when this torch packs in a layout not read here."""
         out_features, in_features = codes.shape
         self.block = torch_int4_row_block()
         if out_features % self.block:
             raise ValueError(f"{out_features} outputs: not a multiple of {self.block} (torch's int4 row blocks)")
+        if codes.numel() and (codes.min() < 0 or codes.max() > 15):  # torch packs them without an error
+            raise ValueError("4-bit codes outside 0..15")
         self.out_features, self.in_features = out_features, in_features
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
         if not torch.equal(self.codes(), codes.to(torch.uint8)):

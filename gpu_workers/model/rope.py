@@ -84,8 +84,9 @@ class RotaryEmbedding(torch.nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [T, N, D] (any number N of query and key heads) by position; returns a new tensor."""
-    if (kernels := layer_kernels.enabled(x)) is not None:
+    """Rotate ``x`` [T, N, D] (any number N of query and key heads) by position, ``cos``, ``sin``
+    [T, 1, D / 2] (``RotaryEmbedding``'s); returns a new tensor."""
+    if (kernels := layer_kernels.enabled(x, cos, sin)) is not None:
         return kernels.rotary_embedding(x, cos, sin)
     x1, x2 = x.chunk(2, dim=-1)  # [T, N, D/2] each
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -204,6 +204,23 @@ def test_int4_falls_back_to_torchs_kernel_without_a_compiler(kind: T, monkeypatc
         Int4Weight(parts["codes"][:16], parts["scale"][:16], parts["zero"][:16])
 
 
+@pytest.mark.parametrize("c_kernel", [True, False], ids=["c", "torch-fallback"])
+@pytest.mark.parametrize("bad", [16, -1])
+def test_int4_weight_refuses_codes_outside_4_bits(c_kernel: bool, bad: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ValueError, as documented, on either kernel (torch's fallback raised a RuntimeError blaming
+    torch's packing layout)."""
+    from gpu_workers.model import quant_kernels
+
+    if not c_kernel:
+        monkeypatch.setattr(quant_kernels, "load", lambda: None)
+    elif quant_kernels.load() is None:
+        pytest.skip("the C kernels do not build here")
+    codes = torch.randint(0, 16, (64, 64))
+    codes[3, 5] = bad
+    with pytest.raises(ValueError, match="0..15"):
+        Int4Weight(codes, torch.ones(64, 64), torch.zeros(64, 64))
+
+
 def _weight8(kind: T, rows: int = 40, cols: int = 256) -> tuple[Int8Weight, torch.Tensor]:
     blocks = random_blocks(kind, rows, cols, seed=2)
     parts = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in block_parts(blocks, kind).items()}
