@@ -20,7 +20,7 @@
  * slot s >= num_blocks * BS is dense slot s - num_blocks * BS. Read back (kv_quant.dequantize_keys/values):
  *   K[t, d] = code(k[t, d]) * k_scale[d] + code(centre[d]) * centre_scale,   V[t, d] = code(v[t, d]) * v_scale[t]. */
 
-#define SERIAL_ROWS 4096 /* K/V rows (of all heads) below which a staged kernel runs on one thread */
+/* SERIAL_ROWS (fp8_kernels.c): K/V rows below which a staged kernel runs on one thread */
 
 typedef struct {
     const uint8_t *codes, *centre;

@@ -160,6 +160,30 @@ def test_fused_fp8_attention_matches_torch(dtype: torch.dtype, head_dim: int, bl
         torch.testing.assert_close(out[:, b], ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("lens", [[40, 7], [600, 1, 17, 600, 600, 600, 600, 600]], ids=["one-thread", "threads"])
+def test_fused_attention_runs_long_contexts_on_threads_and_short_ones_on_one(lens: list[int]) -> None:
+    """Below SERIAL_ROWS (4096) K rows of all heads the kernel keeps to one thread, from there on it
+    splits (head, sequence) pairs between threads: both give the reference's values, also fp32 pools."""
+    kernels = need_kernels(64, 16)
+    g = torch.Generator().manual_seed(2)
+    heads, width = 2, -(-max(lens) // 16)
+    tables = torch.randperm(len(lens) * width, generator=g).view(len(lens), width)
+    k, v = (torch.randn(heads, len(lens) * width, 16, 64, generator=g) for _ in range(2))
+    q = torch.randn(heads, len(lens), 3, 64, generator=g) * 0.125
+    assert (sum(lens) * heads >= 4096) == (len(lens) > 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = kernels.decode_attention(k, v, None, None, tables, torch.tensor(lens), q, torch.float32,
+                                       torch.empty_like(q))
+    finally:
+        torch.set_num_threads(before)
+    keys, values = (x[:, tables.reshape(-1)].view(heads, len(lens), width * 16, 64) for x in (k, v))
+    for b, n in enumerate(lens):
+        ref = torch.softmax(q[:, b] @ keys[:, b, :n].transpose(-1, -2), dim=-1) @ values[:, b, :n]
+        torch.testing.assert_close(out[:, b], ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
 def test_kernels_refuse_blocks_outside_the_pool_and_bad_shapes() -> None:
     kernels = need_kernels(16, 4)
     codes = torch.zeros(2, 5, 4, 16, dtype=torch.uint8)
