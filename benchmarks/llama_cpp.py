@@ -21,7 +21,11 @@ concurrency level), temperature 0, ``ignore_eos`` so that every request makes ``
 tokens. Ours goes through the gateway (``python -m producer gateway``) over the whole stack
 (embedded Redis, a balancer, one worker group). At each concurrency level the four systems run one
 after another (ours, llama.cpp, per pair), so both meet the same machine state; ``C`` client tasks
-keep ``C`` requests in flight (closed loop) until ``max(C, --min-requests)`` are done.
+keep ``C`` requests in flight (closed loop) until ``max(C, --min-requests)`` are done. Each engine
+waits for work as it does by default: our workers' OpenMP threads sleep at once
+(``OMP_WAIT_POLICY=PASSIVE``, gpu_workers/cpu_threads.py), llama-server's spin a while first (its
+OpenMP default; the PASSIVE our process set is kept out of its environment); set
+``GOMP_SPINCOUNT`` to give both the same bounded spin.
 
 Per system and level: output tok/s (all tokens over the wall time), TTFT p50/p99 (from each
 request's send to its first text); per level the ratio ours / llama.cpp; the greedy texts of the
@@ -41,7 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,6 +177,18 @@ def llama_server_argv(binary: Path, gguf: Path, *, port: int, threads: int, para
             "-ctk", kv_type, "-ctv", kv_type, *flash, "--no-webui"]
 
 
+def llama_server_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """llama-server's environment: ours without the ``OMP_WAIT_POLICY=PASSIVE`` that importing
+    gpu_workers set (llama.cpp's CPU build threads with OpenMP too, and its default, spinning, is what
+    its users run); a policy the operator set is passed on."""
+    import gpu_workers
+
+    env = dict(environ)
+    if gpu_workers.WAIT_POLICY_SET_HERE:
+        env.pop("OMP_WAIT_POLICY", None)
+    return env
+
+
 # --- HTTP ------------------------------------------------------------------------------------------
 
 
@@ -289,7 +305,7 @@ def llama_server(bin_dir: Path, gguf: Path, args: argparse.Namespace, threads: i
                              parallel=max(args.concurrency), ctx_per_slot=args.prompt_tokens + args.max_tokens + 16,
                              kv_type=kv_type)
     with tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=llama_server_env(os.environ))
         try:
             _wait_http(f"http://127.0.0.1:{port}/health", proc, timeout_s=300, what="llama-server")
             yield f"http://127.0.0.1:{port}"
@@ -397,6 +413,8 @@ def compare(args: argparse.Namespace) -> int:
                                                       threads=threads, parallel=max(args.concurrency),
                                                       ctx_per_slot=args.prompt_tokens + args.max_tokens + 16,
                                                       kv_type=LLAMA_KV[pair]) for pair in setups},
+        "openmp": {side: {k: env.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+                   for side, env in (("ryzanstein", dict(os.environ)), ("llama.cpp", llama_server_env(os.environ)))},
         "machine": {"cpus": os.cpu_count(), "threads": threads, "load_1m_before_runs": loads,
                     "load_1m_max": max(loads)},
         "started": args.started, "runs": {p: {s: {str(k): v for k, v in lv.items()} for s, lv in sides.items()}

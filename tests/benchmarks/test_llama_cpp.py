@@ -96,3 +96,13 @@ def test_llama_server_gets_flash_attention_only_for_a_quantized_kv_cache() -> No
     assert quantized[quantized.index("-fa") + 1] == "on"
     assert "-fa" not in argv("f32")
     assert set(llama_cpp.LLAMA_KV) == set(llama_cpp.PAIRS)
+
+
+def test_llama_server_runs_without_the_passive_policy_our_import_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gpu_workers
+
+    environ = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000", "PATH": "/bin"}
+    monkeypatch.setattr(gpu_workers, "WAIT_POLICY_SET_HERE", True)
+    assert llama_cpp.llama_server_env(environ) == {"GOMP_SPINCOUNT": "1000", "PATH": "/bin"}
+    monkeypatch.setattr(gpu_workers, "WAIT_POLICY_SET_HERE", False)  # the operator's own policy is kept
+    assert llama_cpp.llama_server_env(environ) == environ
