@@ -48,19 +48,19 @@ class Matmuls:
     def __init__(self, m: int, k: int, n: int) -> None:
         import torch
 
-        from gpu_workers.model import layers
+        from gpu_workers.model import cpu_matmul
 
         self.flops = 2 * m * k * n
         self.x, self.w = torch.randn(m, k), torch.randn(n, k)  # w as a linear layer holds it: [out, in]
         self.w_t = self.w.t()
-        self.packed = layers.pack_weight(self.w) if layers.onednn_available() else None
+        self.packed = cpu_matmul.pack_weight(self.w) if cpu_matmul.onednn_available() else None
         self.libraries = MATMUL_LIBRARIES if self.packed is not None else MATMUL_LIBRARIES[:1]
 
     def gflops(self, library: str, iters: int = 20) -> float:
         """GFLOP/s through ``library``: "mkl" (torch's matmul, MKL's sgemm on CPUs), "onednn"
         (oneDNN's linear on a dense weight) or "onednn-packed" (on a weight packed in oneDNN's
         layout: what the engine's large layers run)."""
-        from gpu_workers.model import layers
+        from gpu_workers.model import cpu_matmul
 
         if library == "mkl":
             def fn() -> object:
@@ -69,7 +69,7 @@ class Matmuls:
             weight = self.packed if library == "onednn-packed" else self.w
 
             def fn() -> object:
-                return layers.onednn_linear(self.x, weight)
+                return cpu_matmul.onednn_linear(self.x, weight)
         for _ in range(3):
             fn()
         start = time.perf_counter()

@@ -40,7 +40,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the workers run (gpu_w
 import torch
 
 from benchmarks.common import write_results
-from gpu_workers.model.layers import LinearBase, PackedWeight
+from gpu_workers.model.cpu_matmul import PackedWeight
+from gpu_workers.model.layers import LinearBase
 from gpu_workers.model.loader import resolve_model
 from gpu_workers.model.packaged import gemma3_270m_gguf, smollm2_gguf
 from gpu_workers.model_runner import Chunk, ModelRunner

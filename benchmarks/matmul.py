@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 import torch
 
 from benchmarks.common import MATMUL_LIBRARIES, Matmuls, linear_shapes, log, write_results
-from gpu_workers.model import layers
+from gpu_workers.model import cpu_matmul
 from gpu_workers.model.config import load_config
 from gpu_workers.model.loader import resolve_model
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/...)")
     args = parser.parse_args(argv)
-    if not layers.onednn_available():
+    if not cpu_matmul.onednn_available():
         print("this torch has no oneDNN linear: nothing to compare", file=sys.stderr)
         return 1
 

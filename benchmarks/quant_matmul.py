@@ -13,7 +13,7 @@ one-weight loop flatters fp32, whose weights are 4-8x larger). The kernels:
   two per byte with an fp32 scale and zero per 32 inputs, fp32 activations, exact products; below
   ``DENSE_FROM_ROWS`` rows only, as the engine calls it (timed at every row count here);
   ``int4-c-dense``: ``Int4Weight``'s path from ``DENSE_FROM_ROWS`` rows on, the weight dequantized
-  to fp32 by the C kernel for the call and multiplied by ``layers.linear`` (timed at every row count).
+  to fp32 by the C kernel for the call and multiplied by ``cpu_matmul.linear`` (timed at every row count).
 * ``int4-gN``: ``aten._weight_int4pack_mm_for_cpu``, 4-bit weights with a scale and a zero per N
   inputs, bf16 activations (the input cast to bf16 and the output back to fp32 are timed);
   ``int4-g32-fp32``: the same kernel fed fp32 (exact against the dequantized weights).
@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import linear_shapes, log, write_results
-from gpu_workers.model import layers
+from gpu_workers.model import cpu_matmul
 from gpu_workers.model.config import load_config
 from gpu_workers.model.loader import resolve_model
 
@@ -79,13 +79,13 @@ def _int4_c(w: torch.Tensor, *, dense: bool) -> Call:
     weight = Int4Weight(torch.randint(0, 16, (n, k)), scale, -8 * scale)
     assert weight.nbytes() == n * k * 3 // 4
     if dense:
-        return lambda x: layers.linear(x, weight.dequantize())
+        return lambda x: cpu_matmul.linear(x, weight.dequantize())
     return weight.multiply
 
 
 def _onednn(w: torch.Tensor) -> Call:
-    packed = layers.pack_weight(w)
-    return lambda x: layers.onednn_linear(x, packed)
+    packed = cpu_matmul.pack_weight(w)
+    return lambda x: cpu_matmul.onednn_linear(x, packed)
 
 
 def _int8(w: torch.Tensor) -> Call:

@@ -210,7 +210,7 @@ class LlamaForCausalLM(nn.Module):
 
     def pack_weights(self) -> None:
         """Once the weights are loaded: large fp32 CPU linears switch to oneDNN's packed layout
-        (``layers.PackedWeight``); a tied LM head keeps the dense weight the embedding reads."""
+        (``cpu_matmul.PackedWeight``); a tied LM head keeps the dense weight the embedding reads."""
         for module in self.modules():
             if isinstance(module, PackedWeight) and module is not self.lm_head:
                 module.pack()

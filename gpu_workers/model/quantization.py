@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from gpu_workers.model.cpu_matmul import linear
+
 GROUP_SIZE = 32  # weights per block constant: a GGUF block (Q4_K: a sub-block)
 PARTS = ("codes", "scale", "zero")
 METHODS = ("gguf",)  # --quantization values (vLLM's name for serving a GGUF file's quantized weights)
@@ -211,7 +213,6 @@ class Int4Weight:
         """``x`` [..., in] (fp32 or bf16) times the weight: [..., out] in ``x``'s dtype."""
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] >= self.dense_from:
-            from gpu_workers.model.layers import linear  # layers imports this module
 
             y = linear(rows, self.dequantize().to(x.dtype))
         else:
@@ -346,7 +347,6 @@ class Int8Weight:
         """``x`` [..., in] (fp32 or bf16) times the weight: [..., out] in ``x``'s dtype."""
         if x.reshape(-1, self.in_features).shape[0] < self.dense_from:
             return self.multiply(x)
-        from gpu_workers.model.layers import linear  # layers imports this module
 
         return linear(x, self.dequantize().to(x.dtype))
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from broker.errors import ConfigError
-from gpu_workers.model import layers
+from gpu_workers.model import cpu_matmul
 from gpu_workers.model.layers import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear, TPContext
 from gpu_workers.model.loader import resolve_model
 from gpu_workers.model.quantization import TORCH_INT4_DENSE_FROM_ROWS, Int4Weight, Int8Weight, block_parts
@@ -82,7 +82,7 @@ def test_int4_weight_dequantizes_to_the_gguf_values(kind: T) -> None:
 def test_large_steps_multiply_the_exact_dequantized_weight() -> None:
     weight, dense = _weight()
     x = torch.randn(weight.dense_from, 256)
-    assert torch.equal(weight(x), layers.linear(x, dense))
+    assert torch.equal(weight(x), cpu_matmul.linear(x, dense))
 
 
 def _int4_parts(kind: T, rows: int, cols: int, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -199,7 +199,7 @@ def test_int4_falls_back_to_torchs_kernel_without_a_compiler(kind: T, monkeypatc
     assert not torch.equal(got, want)  # the kernel ran (bf16), not the dense path
     assert torch.allclose(got, want, rtol=0.02, atol=0.02 * want.abs().max().item())
     x = torch.randn(weight.dense_from, 256)
-    assert torch.equal(weight(x), layers.linear(x, dense))
+    assert torch.equal(weight(x), cpu_matmul.linear(x, dense))
     with pytest.raises(ValueError, match="torch's int4 row blocks"):
         Int4Weight(parts["codes"][:16], parts["scale"][:16], parts["zero"][:16])
 
@@ -249,7 +249,7 @@ def test_int8_weight_multiplies_as_the_dequantized_fp32_weight(kind: T, rows: in
     fp32_error = (x @ dense.t() - want).abs().max().item()
     assert (got - want).abs().max().item() <= 4 * fp32_error + 1e-6
     if rows >= weight.dense_from:
-        assert torch.equal(got, layers.linear(x, dense))
+        assert torch.equal(got, cpu_matmul.linear(x, dense))
     else:  # bf16 activations: the same fp32 kernel, the result rounded to bf16
         assert torch.equal(weight(x.bfloat16()), weight(x.bfloat16().float()).bfloat16())
 
