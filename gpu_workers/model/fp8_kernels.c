@@ -181,6 +181,26 @@ static inline void prefetch_block(const void *pool, int64_t h, int64_t blk, int6
     for (int64_t c = 0; c < BS * DIM * row_bytes; c += 64) __builtin_prefetch(first + c);
 }
 
+/* Each of the groups' score rows s[g * span + t], t < len, replaced by exp(score - its max), and inv[g] set
+ * to 1 / their sum: the softmax's weights before the division, which scale_outputs applies to the output. */
+static inline void softmax_weights(float *s, int64_t groups, int64_t span, int64_t len, float *inv) {
+    for (int64_t g = 0; g < groups; g++) {
+        float *sg = s + g * span, top = sg[0], sum = 0.0f;
+#pragma omp simd reduction(max : top)
+        for (int64_t t = 1; t < len; t++) top = sg[t] > top ? sg[t] : top;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < len; t++) sum += (sg[t] = exp_neg(sg[t] - top));
+        inv[g] = 1.0f / sum;
+    }
+}
+
+/* o[g] *= inv[g] for the groups' DIM-wide output rows. */
+static inline void scale_outputs(float *o, int64_t groups, const float *inv) {
+    for (int64_t g = 0; g < groups; g++)
+#pragma omp simd
+        for (int d = 0; d < DIM; d++) o[g * DIM + d] *= inv[g];
+}
+
 /* Decode attention: out[h, b, g] = sum_t softmax_t(q[h, b, g] . K[h, t]) V[h, t] over the lens[b] tokens of
  * sequence b, which lie in the blocks tables[b, :]. K and V pools are fp32 (fmt F32; scales unused) or fp8
  * codes (E4M3, E5M2) with their scales; each block's rows serve all G queries of the head. The softmax's
@@ -219,14 +239,7 @@ int decode_attention(const void *k_pool, const void *v_pool, const float *k_scal
                                                num_blocks, tn, fmt, scratch);
                 for (int64_t g = 0; g < groups; g++) block_scores(qh + g * DIM, rows, tn, s + g * span + j * BS);
             }
-            for (int64_t g = 0; g < groups; g++) {
-                float *sg = s + g * span, top = sg[0], sum = 0.0f;
-#pragma omp simd reduction(max : top)
-                for (int64_t t = 1; t < len; t++) top = sg[t] > top ? sg[t] : top;
-#pragma omp simd reduction(+ : sum)
-                for (int64_t t = 0; t < len; t++) sum += (sg[t] = exp_neg(sg[t] - top));
-                inv[g] = 1.0f / sum;
-            }
+            softmax_weights(s, groups, span, len, inv);
             memset(o, 0, sizeof(float) * groups * DIM);
             for (int64_t j = 0; j * BS < len; j++) {
                 const int tn = len - j * BS < BS ? (int)(len - j * BS) : BS;
@@ -235,9 +248,7 @@ int decode_attention(const void *k_pool, const void *v_pool, const float *k_scal
                                                num_blocks, tn, fmt, scratch);
                 for (int64_t g = 0; g < groups; g++) block_weighted_sum(s + g * span + j * BS, rows, tn, o + g * DIM);
             }
-            for (int64_t g = 0; g < groups; g++)
-#pragma omp simd
-                for (int d = 0; d < DIM; d++) o[g * DIM + d] *= inv[g];
+            scale_outputs(o, groups, inv);
         }
         free(s);
     }

@@ -15,6 +15,7 @@ import functools
 import logging
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,17 +45,22 @@ class KernelError(RuntimeError):
     """A kernel refused its input (a block id outside the pool)."""
 
 
+def typed(lib: ctypes.CDLL, signatures: dict[str, Any]) -> ctypes.CDLL:
+    """``lib`` with each function of ``signatures`` given its argument types and an int result."""
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes = argtypes
+        fn.restype = ctypes.c_int
+    return lib
+
+
 class Fp8Kernels:
     """Typed entry points into one compiled library; all tensors are CPU tensors."""
 
     def __init__(self, lib: ctypes.CDLL, *, head_dim: int, block_size: int) -> None:
         self.head_dim = head_dim
         self.block_size = block_size
-        for name, argtypes in _SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.argtypes = argtypes
-            fn.restype = ctypes.c_int
-        self._lib = lib
+        self._lib = typed(lib, _SIGNATURES)
 
     def decode_attention(
         self, k_pool: torch.Tensor, v_pool: torch.Tensor, k_scales: torch.Tensor | None, v_scales: torch.Tensor | None,

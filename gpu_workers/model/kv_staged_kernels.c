@@ -143,23 +143,14 @@ int staged_decode_attention(const uint8_t *codes, const uint8_t *centre, const f
                 if ((j + 1) * BS < len) staged_prefetch(&c, 0, h, table[j + 1]);
                 staged_block_scores(&c, h, table[j], tn, q + i * groups * DIM, groups, s + j * BS, span, scratch);
             }
-            for (int64_t g = 0; g < groups; g++) {
-                float *sg = s + g * span, top = sg[0], sum = 0.0f;
-#pragma omp simd reduction(max : top)
-                for (int64_t t = 1; t < len; t++) top = sg[t] > top ? sg[t] : top;
-#pragma omp simd reduction(+ : sum)
-                for (int64_t t = 0; t < len; t++) sum += (sg[t] = exp_neg(sg[t] - top));
-                inv[g] = 1.0f / sum;
-            }
+            softmax_weights(s, groups, span, len, inv);
             memset(o, 0, sizeof(float) * groups * DIM);
             for (int64_t j = 0; j * BS < len; j++) {
                 const int tn = len - j * BS < BS ? (int)(len - j * BS) : BS;
                 if ((j + 1) * BS < len) staged_prefetch(&c, 1, h, table[j + 1]);
                 staged_block_sum(&c, h, table[j], tn, s + j * BS, groups, span, o, scratch);
             }
-            for (int64_t g = 0; g < groups; g++)
-#pragma omp simd
-                for (int d = 0; d < DIM; d++) o[g * DIM + d] *= inv[g];
+            scale_outputs(o, groups, inv);
         }
         free(s);
     }

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from gpu_workers.model.c_build import build_library
-from gpu_workers.model.fp8_kernels import FLAGS, FORMAT_CODES, LIBS, KernelError
+from gpu_workers.model.fp8_kernels import FLAGS, FORMAT_CODES, LIBS, KernelError, typed
 from gpu_workers.model.fp8_kernels import SOURCE as FP8_SOURCE
 
 log = logging.getLogger(__name__)
@@ -70,11 +70,7 @@ class StagedKernels:
     def __init__(self, lib: ctypes.CDLL, *, head_dim: int, block_size: int) -> None:
         self.head_dim = head_dim
         self.block_size = block_size
-        for name, argtypes in _SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.argtypes = argtypes
-            fn.restype = ctypes.c_int
-        self._lib = lib
+        self._lib = typed(lib, _SIGNATURES)
 
     def staged_decode_attention(self, layer: StagedLayer, tables: torch.Tensor, lens: torch.Tensor, q: torch.Tensor,
                                 out: torch.Tensor) -> torch.Tensor:
