@@ -253,10 +253,11 @@ class StagedMetadata(DecodeMetadata):
 
 
 class StagedDecode(DecodeBackend[StagedMetadata]):
-    """The staged fp8 cache (gpu_workers.model.kv_staged): decode as ``GatheredDecode`` (fp8 blocks read
-    back, the sink and the staging block in bf16: the step's tables name the staging block in place
-    of each query's own block); a prefill chunk reads its context twice, as stored and as its
-    queries' own blocks hold it in bf16, and its mask picks per query."""
+    """The staged fp8 cache (gpu_workers.model.kv_staged): decode over the step's tables, which name the
+    staging block in place of each query's own block, in the cache's C kernel (full-attention views,
+    fp32 compute, kernels built) or else as ``GatheredDecode`` (fp8 blocks read back, the sink and the
+    staging block in bf16); a prefill chunk reads its context twice, as stored and as its queries' own
+    blocks hold it in bf16, and its mask picks per query."""
 
     name = "staged"
 

@@ -97,7 +97,8 @@ class StagedKVCache(KVCache):
     def kernel_layer(self, layer: int) -> kv_staged_kernels.StagedLayer:
         """Layer ``layer``'s tensors as the C kernels read them."""
         return kv_staged_kernels.StagedLayer(self.values[layer], self.k_centre[layer], self.k_centre_scale[layer],
-                                       self.k_scale[layer], self.v_scale[layer], self.dense[layer], self.storage_dtype)
+                                             self.k_scale[layer], self.v_scale[layer], self.dense[layer],
+                                             self.storage_dtype)
 
     def bytes_per_dense_block(self) -> int:
         """Bytes one dense block takes across all layers, K and V."""
@@ -129,7 +130,8 @@ class StagedKVCache(KVCache):
         reads them."""
         assert self.staged_kernels is not None
         out = torch.empty(q.shape, dtype=torch.float32)
-        return self.staged_kernels.staged_decode_attention(self.kernel_layer(layer), block_tables, lens, q.contiguous(), out)
+        return self.staged_kernels.staged_decode_attention(self.kernel_layer(layer), block_tables, lens,
+                                                           q.contiguous(), out)
 
     # --- writes ---------------------------------------------------------------------------------
 
@@ -141,8 +143,8 @@ class StagedKVCache(KVCache):
         quantized into their fp8 blocks (read from the staging blocks first), then the bf16 writes."""
         if self.staged_kernels is not None and k.dtype == torch.float32 and self.storage_dtype == torch.float8_e4m3fn:
             self.staged_kernels.staged_write(self.kernel_layer(layer), k, v, complete_blocks=plan.complete_blocks,
-                                      complete_src=plan.complete_src, staged_slots=plan.staged_slots,
-                                      dense_rows=plan.dense_rows, dense_slots=plan.dense_slots)
+                                             complete_src=plan.complete_src, staged_slots=plan.staged_slots,
+                                             dense_rows=plan.dense_rows, dense_slots=plan.dense_slots)
             return
         fresh = torch.stack((k, v)).to(DENSE_DTYPE).transpose(1, 2)  # [2, Hkv, T, D]
         if plan.complete_blocks.numel():
@@ -211,7 +213,8 @@ class StagedKVCache(KVCache):
         heads, bs, d, nb = self.num_kv_heads, self.block_size, self.head_dim, self.num_blocks
         if self.staged_kernels is not None:
             slots = (ids[:, None] * bs + torch.arange(bs)).view(-1)  # [B * MB * BS]
-            kv = self.staged_kernels.staged_gather(self.kernel_layer(layer), slots).to(self.dtype).view(2, heads, b, mb * bs, d)
+            kv = self.staged_kernels.staged_gather(self.kernel_layer(layer), slots).to(self.dtype)
+            kv = kv.view(2, heads, b, mb * bs, d)
             return BlockKV(kv[0], kv[1])
         dense = ids >= nb
         fp8_ids = torch.where(dense, 0, ids)

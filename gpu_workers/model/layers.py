@@ -10,7 +10,7 @@ checkpoint tensor to this rank's shard. ``loaded`` is a torch.Tensor or a lazy c
 (``gpu_workers.model.loader.CheckpointTensor``) that reads only the narrowed part from disk.
 Collectives are plain lines in ``forward`` guarded by ``tp.size > 1``.
 
-How the fp32 matmuls run on CPUs (the dense decode kernel, oneDNN, packed weights): ``cpu_matmul``.
+How the fp32 matmuls run on CPUs (oneDNN, packed weights): ``cpu_matmul``.
 """
 
 from __future__ import annotations

@@ -77,7 +77,6 @@ class QuantKernels:
                                   n, k, group, out.data_ptr(), torch.get_num_threads())
         return out
 
-
     def int4_matmul(self, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
                     zero: torch.Tensor) -> torch.Tensor:
         """``x`` [M, K] fp32 times the weight [N, K] ``code * scale + zero``: [M, N] fp32. ``packed``

@@ -213,7 +213,6 @@ class Int4Weight:
         """``x`` [..., in] (fp32 or bf16) times the weight: [..., out] in ``x``'s dtype."""
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] >= self.dense_from:
-
             y = linear(rows, self.dequantize().to(x.dtype))
         else:
             y = self.multiply(rows).to(x.dtype)
