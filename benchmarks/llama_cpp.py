@@ -374,9 +374,11 @@ def compare(args: argparse.Namespace) -> int:
     prompts = {level: [[rng.randrange(FIRST_ID, vocab) for _ in range(args.prompt_tokens)]
                        for _ in range(max(level, args.min_requests))]
                for level in args.concurrency for rng in [random.Random(args.seed * 1000 + level)]}
-    ours_args = ["--kv-dtype", "fp32", "--threads", str(threads)]
-    setups = {"fp32": (ours_args, f32), "fp8-kv": (["--kv-dtype", "fp8_e4m3", *ours_args[2:]], f32),
-              "4-bit": ([*ours_args, "--quantization", "gguf"], source)}
+    def ours(kv_dtype: str, *more: str) -> list[str]:  # our worker's flags
+        return ["--kv-dtype", kv_dtype, "--threads", str(threads), *more]
+
+    setups = {"fp32": (ours("fp32"), f32), "fp8-kv": (ours("fp8_e4m3"), f32),
+              "4-bit": (ours("fp32", "--quantization", "gguf"), source)}
     setups = {pair: setups[pair] for pair in args.pairs.split(",")}
     runs: dict[str, dict[str, dict[int, dict[str, float]]]] = {}
     texts: dict[str, dict[int, list[str]]] = {"ryzanstein": {}, "llama.cpp": {}}
