@@ -49,9 +49,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 # Before torch: the engine measured in this process and transformers' runs wait for their OpenMP
-# threads as the workers do (gpu_workers sets the same; spinning on a loaded host made a 135M
-# model's decode step 30x slower: gpu_workers/cpu_threads.py).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# threads as the workers do (spinning on a loaded host made a 135M model's decode step 30x slower:
+# gpu_workers/cpu_threads.py). Importing gpu_workers sets the policy and records that it was not the
+# operator's, so that llama-server (--llama-cpp) runs on its own default (benchmarks/llama_cpp.py).
+import gpu_workers  # noqa: F401, I001
 
 import torch
 

@@ -106,3 +106,20 @@ def test_llama_server_runs_without_the_passive_policy_our_import_set(monkeypatch
     assert llama_cpp.llama_server_env(environ) == {"GOMP_SPINCOUNT": "1000", "PATH": "/bin"}
     monkeypatch.setattr(gpu_workers, "WAIT_POLICY_SET_HERE", False)  # the operator's own policy is kept
     assert llama_cpp.llama_server_env(environ) == environ
+
+
+def test_the_serving_entry_point_leaves_llama_server_its_own_policy() -> None:
+    """``benchmarks/serving.py --llama-cpp`` is how the comparison runs: a fresh interpreter importing
+    it, with no policy of the operator's, must start llama-server without ``OMP_WAIT_POLICY``, while its
+    own torch threads sleep as a worker's do (serving.py once set PASSIVE itself before gpu_workers
+    could tell it was not the operator's, and llama-server inherited it)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, benchmarks.serving; from benchmarks import llama_cpp; "
+            "print(os.environ.get('OMP_WAIT_POLICY'), llama_cpp.llama_server_env(os.environ).get('OMP_WAIT_POLICY'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2], check=True).stdout.split()
+    assert out == ["PASSIVE", "None"]
