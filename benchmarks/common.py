@@ -36,7 +36,7 @@ def linear_flops_per_token(cfg: Any) -> int:
     return sum(2 * k * n * count for k, n, count in linear_shapes(cfg).values())
 
 
-MATMUL_LIBRARIES = ("mkl", "onednn", "onednn-packed")
+MATMUL_LIBRARIES = ("mkl", "onednn", "onednn-packed", "panel")
 
 
 class Matmuls:
@@ -53,20 +53,34 @@ class Matmuls:
         self.flops = 2 * m * k * n
         self.x, self.w = torch.randn(m, k), torch.randn(n, k)  # w as a linear layer holds it: [out, in]
         self.w_t = self.w.t()
+        from gpu_workers.model import panel_matmul
+
         self.packed = cpu_matmul.pack_weight(self.w) if cpu_matmul.onednn_available() else None
-        self.libraries = MATMUL_LIBRARIES if self.packed is not None else MATMUL_LIBRARIES[:1]
+        self.panel_kernels = panel_matmul.load()
+        self.panels = None if self.panel_kernels is None else self.panel_kernels.pack(self.w)
+        self.libraries = tuple(lib for lib in MATMUL_LIBRARIES
+                               if lib == "mkl" or (lib == "panel" and self.panels is not None)
+                               or (lib.startswith("onednn") and self.packed is not None))
 
     def gflops(self, library: str, iters: int = 20) -> float:
         """GFLOP/s through ``library``: "mkl" (torch's matmul, MKL's sgemm on CPUs), "onednn"
-        (oneDNN's linear on a dense weight) or "onednn-packed" (on a weight packed in oneDNN's
-        layout: what the engine's large layers run)."""
+        (oneDNN's linear on a dense weight), "onednn-packed" (on a weight packed in oneDNN's
+        layout) or "panel" (our kernel on 16-feature panels: what the engine's large layers run,
+        gpu_workers.model.panel_matmul)."""
         from gpu_workers.model import cpu_matmul
 
         if library == "mkl":
             def fn() -> object:
                 return self.x @ self.w_t
+        elif library == "panel":
+            kernels, panels, n = self.panel_kernels, self.panels, self.w.shape[0]
+            assert kernels is not None and panels is not None
+
+            def fn() -> object:
+                return kernels.matmul(self.x, panels, n)
         else:
             weight = self.packed if library == "onednn-packed" else self.w
+            assert weight is not None
 
             def fn() -> object:
                 return cpu_matmul.onednn_linear(self.x, weight)

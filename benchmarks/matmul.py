@@ -4,8 +4,8 @@
     python benchmarks/matmul.py --rows 64 --model random:tiny
 
 For each layer shape [rows, in] x [in, out] it times torch's matmul (MKL's sgemm on CPUs), oneDNN's
-linear on the dense weight, and oneDNN's linear on the weight packed in its own layout (what the
-engine runs, ``gpu_workers.model.layers``), and prints GFLOP/s next to each library's speed on a
+linear on the dense weight, oneDNN's linear on the weight packed in its own layout, and our panel
+kernel (what the engine runs, ``gpu_workers.model.panel_matmul``), and prints GFLOP/s next to each library's speed on a
 2048x2048 square. The libraries are timed in turns, shape by shape, so that a VM's minute-to-minute
 swings meet all of them alike. Writes JSON under benchmarks/results/.
 """
@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch
 
-from benchmarks.common import MATMUL_LIBRARIES, Matmuls, linear_shapes, log, write_results
+from benchmarks.common import Matmuls, linear_shapes, log, write_results
 from gpu_workers.model import cpu_matmul
 from gpu_workers.model.config import load_config
 from gpu_workers.model.loader import resolve_model
@@ -30,9 +30,9 @@ from gpu_workers.model.loader import resolve_model
 def gflops_by_library(rows: int, k: int, n: int, iters: int, rounds: int = 3) -> dict[str, float]:
     """Each library's best of ``rounds``, the libraries taking turns."""
     operands = Matmuls(rows, k, n)
-    best = dict.fromkeys(MATMUL_LIBRARIES, 0.0)
+    best = dict.fromkeys(operands.libraries, 0.0)
     for _ in range(rounds):
-        for lib in MATMUL_LIBRARIES:
+        for lib in operands.libraries:
             best[lib] = max(best[lib], operands.gflops(lib, iters))
     return best
 
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         print("this torch has no oneDNN linear: nothing to compare", file=sys.stderr)
         return 1
 
+    libraries = Matmuls(1, 16, 16).libraries  # those this machine has
     log("2048x2048 squares ...")
     square = gflops_by_library(2048, 2048, 2048, iters=5)
     shapes = linear_shapes(load_config(resolve_model(args.model)))
@@ -60,12 +61,12 @@ def main(argv: list[str] | None = None) -> int:
                              **{lib: round(v, 1) for lib, v in speeds.items()}})
 
     print(f"\n{args.model}: fp32 GFLOP/s, {torch.get_num_threads()} threads")
-    print(f"{'rows':>5} {'layer':>8} {'shape':>12} " + " ".join(f"{lib:>14}" for lib in MATMUL_LIBRARIES))
+    print(f"{'rows':>5} {'layer':>8} {'shape':>12} " + " ".join(f"{lib:>14}" for lib in libraries))
     print(f"{'':>5} {'square':>8} {'2048x2048':>12} "
-          + " ".join(f"{square[lib]:>14.0f}" for lib in MATMUL_LIBRARIES))
+          + " ".join(f"{square[lib]:>14.0f}" for lib in libraries))
     for r in rows_out:
         print(f"{r['rows']:>5} {r['layer']:>8} {str(r['in']) + 'x' + str(r['out']):>12} "
-              + " ".join(f"{r[lib]:>14.0f}" for lib in MATMUL_LIBRARIES))
+              + " ".join(f"{r[lib]:>14.0f}" for lib in libraries))
     # a forward's matmul time by library, per row count: what the layer mix costs as the engine runs it
     print("\nper forward (all layers), ms:")
     totals = {}
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         mix = [r for r in rows_out if r["rows"] == rows]
         totals[rows] = {
             lib: round(sum(2 * rows * r["in"] * r["out"] * r["per_forward"] / (r[lib] * 1e9) for r in mix) * 1e3, 2)
-            for lib in MATMUL_LIBRARIES}
+            for lib in libraries}
         print(f"{rows:>5} rows: " + ", ".join(f"{lib} {ms}" for lib, ms in totals[rows].items()))
     write_results({"benchmark": "matmul", "model": args.model, "threads": torch.get_num_threads(),
                    "torch": torch.__version__, "square_2048": {k: round(v, 1) for k, v in square.items()},

@@ -10,7 +10,7 @@ checkpoint tensor to this rank's shard. ``loaded`` is a torch.Tensor or a lazy c
 (``gpu_workers.model.loader.CheckpointTensor``) that reads only the narrowed part from disk.
 Collectives are plain lines in ``forward`` guarded by ``tp.size > 1``.
 
-How the fp32 matmuls run on CPUs (oneDNN, packed weights): ``cpu_matmul``.
+How the fp32 matmuls run on CPUs (packed weights, our panel kernel or oneDNN): ``cpu_matmul``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpu_workers.model import layer_kernels
-from gpu_workers.model.cpu_matmul import PackedWeight, linear
+from gpu_workers.model.cpu_matmul import PackedWeight
 from gpu_workers.model.quantization import PARTS, Int4Weight, Int8Weight
 
 
@@ -150,13 +150,13 @@ class LinearBase(PackedWeight, nn.Module):
         self.weight.data = self.weight.data.new_empty(0)
 
     def packed_bytes(self) -> int:
-        """Bytes of the oneDNN-packed or the quantized weight."""
+        """Bytes of the packed or the quantized weight."""
         return super().packed_bytes() + (0 if self.quantized is None else self.quantized.nbytes())
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x`` [..., in_local] times this rank's weight, plus ``bias``."""
         if self.quantized is None:
-            return linear(x, self.weight, bias, self.packed)
+            return self.packed_matmul(x, bias)
         y = self.quantized(x)
         return y if bias is None else y + bias
 
@@ -337,7 +337,7 @@ class ParallelLMHead(PackedWeight, VocabParallelEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.quantized is None:
-            logits = linear(hidden, self.weight, packed=self.packed)  # [N, V / tp]
+            logits = self.packed_matmul(hidden)  # [N, V / tp]
         else:  # the kernel at every row count: dequantizing the head for a call costs 4 bytes a weight
             logits = self.quantized.multiply(hidden)
         if self.tp.size > 1:

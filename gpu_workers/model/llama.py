@@ -209,7 +209,7 @@ class LlamaForCausalLM(nn.Module):
         self._compiled = compile_decoder(self.decoder, options)
 
     def pack_weights(self) -> None:
-        """Once the weights are loaded: large fp32 CPU linears switch to oneDNN's packed layout
+        """Once the weights are loaded: large fp32 CPU linears switch to a packed layout
         (``cpu_matmul.PackedWeight``); a tied LM head keeps the dense weight the embedding reads."""
         for module in self.modules():
             if isinstance(module, PackedWeight) and module is not self.lm_head:
@@ -232,8 +232,8 @@ class LlamaForCausalLM(nn.Module):
 
     def num_weights(self) -> int:
         """Weights this rank holds, dense, packed or 4-bit, each counted once."""
-        packed = sum(m.packed.numel() for m in self.modules()
-                     if isinstance(m, PackedWeight) and m.packed is not None and m.weight.numel() == 0)
+        packed = sum(m.packed_weights() for m in self.modules()
+                     if isinstance(m, PackedWeight) and m.weight.numel() == 0)
         quantized = sum(m.quantized.out_features * m.quantized.in_features for m in self.modules()
                         if isinstance(m, LinearBase) and m.quantized is not None)
         quantized += sum(q.out_features * q.in_features for q in self._quantized_embeddings())

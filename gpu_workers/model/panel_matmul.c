@@ -1,0 +1,125 @@
+/* fp32 matrix multiply on weights packed in panels of 16 output features (gpu_workers/model/panel_matmul.py).
+ *
+ * A weight W [N, K] (a linear layer's [out, in]) is stored as ceil(N / 16) panels, each [K, 16]: panel p
+ * holds W[16p .. 16p + 15, k] for k = 0 .. K-1, the 16 values of one k contiguous (64 bytes), a partial
+ * last panel padded with zeros. y = x @ W^T + bias then streams each panel once, front to back, whatever
+ * the number of rows of x: at decode batch sizes the multiply is a read of the weights, and this layout
+ * reads them as one forward stream per panel (the classic packed-B layout of BLIS/GotoBLAS GEMMs, with
+ * the whole K depth in one panel).
+ *
+ * Each output y[m, n] is one thread's sum over k = 0, 1, ..., K-1 in that order, one fused
+ * multiply-add at a time (then + bias[n]): the same operations whatever M is, whichever rows share the
+ * call, however many threads run. A row's result is therefore independent of its batch neighbours,
+ * bit for bit (what batch-invariant kernels aim at: Thinking Machines, "Defeating Nondeterminism in LLM
+ * Inference", 2025).
+ *
+ * Tiles of up to TILE_ROWS rows of x by two panels keep 2 * TILE_ROWS 16-float accumulators in
+ * registers (GCC vector extensions: one zmm each with AVX-512, two ymm with AVX2); threads split the
+ * panel pairs, and rows are taken in blocks whose slice of x stays in a core's L2 cache while the
+ * thread's panels stream past it.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define PANEL 16
+#ifdef __AVX512F__ /* 32 vector registers: 8 rows by 2 panels = 16 accumulators of one zmm */
+#define TILE_ROWS 8
+#define TILE_PANELS 2
+#else /* 16 (AVX2): 6 rows by 1 panel = 12 accumulator ymm */
+#define TILE_ROWS 6
+#define TILE_PANELS 1
+#endif
+#define X_BLOCK_BYTES (512 * 1024) /* a row block's slice of x, read again for every panel pair */
+
+typedef float v16 __attribute__((vector_size(64)));
+
+static inline __attribute__((always_inline)) void tile(const float *x, int64_t ldx, const float *w0, const float *w1,
+                                                       int64_t K, const float *bias, float *y, int64_t ldy,
+                                                       int rows, int panels, int cols) {
+    v16 acc[TILE_ROWS][2];
+    for (int r = 0; r < rows; r++) {
+        acc[r][0] = (v16){0};
+        acc[r][1] = (v16){0};
+    }
+    for (int64_t k = 0; k < K; k++) {
+        v16 a = *(const v16 *)(w0 + k * PANEL);
+        v16 b = panels == 2 ? *(const v16 *)(w1 + k * PANEL) : (v16){0};
+        for (int r = 0; r < rows; r++) {
+            float s = x[r * ldx + k];
+            acc[r][0] += a * s;
+            if (panels == 2) acc[r][1] += b * s;
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        float out[2 * PANEL];
+        memcpy(out, &acc[r][0], sizeof(v16));
+        memcpy(out + PANEL, &acc[r][1], sizeof(v16));
+        if (bias)
+            for (int j = 0; j < cols; j++) out[j] += bias[j];
+        memcpy(y + r * ldy, out, (size_t)cols * sizeof(float));
+    }
+}
+
+/* tile() with rows and panels as constants, so that the accumulators live in registers. */
+#define TILE_CASE(R)                                                                                           \
+    case R:                                                                                                    \
+        if (panels == 2)                                                                                       \
+            tile(x, ldx, w0, w1, K, bias, y, ldy, R, 2, cols);                                                 \
+        else                                                                                                   \
+            tile(x, ldx, w0, w1, K, bias, y, ldy, R, 1, cols);                                                 \
+        break;
+
+static void tile_any(const float *x, int64_t ldx, const float *w0, const float *w1, int64_t K, const float *bias,
+                     float *y, int64_t ldy, int rows, int panels, int cols) {
+    switch (rows) {
+        TILE_CASE(1)
+        TILE_CASE(2)
+        TILE_CASE(3)
+        TILE_CASE(4)
+        TILE_CASE(5)
+        TILE_CASE(6)
+#if TILE_ROWS > 6
+        TILE_CASE(7)
+        TILE_CASE(8)
+#endif
+    }
+}
+
+/* y [M, N] (row stride ldy) = x [M, K] (row stride ldx) @ W^T + bias, W packed as above (ceil(N / 16)
+ * panels of [K, 16]); bias [N] or NULL. threads: OpenMP threads (1: none started). */
+void panel_matmul(const float *x, int64_t M, int64_t K, int64_t ldx, const float *packed, int64_t N,
+                  const float *bias, float *y, int64_t ldy, int threads) {
+    int64_t panels = (N + PANEL - 1) / PANEL;
+    int64_t units = (panels + TILE_PANELS - 1) / TILE_PANELS;
+    int64_t block = X_BLOCK_BYTES / (K * (int64_t)sizeof(float));
+    block = block < TILE_ROWS ? TILE_ROWS : block - block % TILE_ROWS;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    for (int64_t m0 = 0; m0 < M; m0 += block) {
+        int64_t m1 = m0 + block < M ? m0 + block : M;
+#pragma omp for schedule(static) nowait
+        for (int64_t u = 0; u < units; u++) {
+            int64_t p = TILE_PANELS * u;
+            int np = p + 1 < panels ? TILE_PANELS : 1;
+            int64_t n0 = p * PANEL;
+            int cols = (int)(N - n0 < np * PANEL ? N - n0 : np * PANEL);
+            const float *w0 = packed + p * K * PANEL;
+            const float *w1 = np == 2 ? w0 + K * PANEL : w0;
+            for (int64_t m = m0; m < m1; m += TILE_ROWS) {
+                int rows = (int)(m1 - m < TILE_ROWS ? m1 - m : TILE_ROWS);
+                tile_any(x + m * ldx, ldx, w0, w1, K, bias ? bias + n0 : 0, y + m * ldy + n0, ldy, rows, np, cols);
+            }
+        }
+    }
+}
+
+/* packed (ceil(N / 16) panels of [K, 16]) from w [N, K] row-major (row stride ldw); the padding of a
+ * partial last panel is zero. */
+void panel_pack(const float *w, int64_t N, int64_t K, int64_t ldw, float *packed) {
+    int64_t panels = (N + PANEL - 1) / PANEL;
+    for (int64_t p = 0; p < panels; p++)
+        for (int64_t k = 0; k < K; k++)
+            for (int j = 0; j < PANEL; j++) {
+                int64_t n = p * PANEL + j;
+                packed[(p * K + k) * PANEL + j] = n < N ? w[n * ldw + k] : 0.0f;
+            }
+}

@@ -1,0 +1,127 @@
+"""The panel matmul kernel (gpu_workers/model/panel_matmul.c): F.linear's results, batch invariance,
+both tilings, and the CPU linears' choice between it and oneDNN."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpu_workers.model import cpu_matmul, layers, panel_matmul
+from gpu_workers.model.c_build import build_library
+
+kernels = panel_matmul.load()
+pytestmark = pytest.mark.skipif(kernels is None, reason="no C compiler (or RYZ_CPU_MATMUL=onednn): no panel kernel")
+# N not a multiple of 16 (a padded last panel, an odd panel out of a pair), K odd, M across the tiles
+SHAPES = [(37, 19), (16, 1), (48, 576), (576, 96)]
+ROWS = [1, 2, 5, 6, 7, 8, 9, 17, 64]
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x.double(), weight.double(), None if bias is None else bias.double()).float()
+
+
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_equals_f_linear_up_to_rounding(n: int, k: int, bias: bool) -> None:
+    assert kernels is not None
+    gen = torch.Generator().manual_seed(n * k)
+    weight, b = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen) if bias else None
+    packed = kernels.pack(weight)
+    assert packed.shape == ((n + 15) // 16, k, 16)
+    for m in ROWS:
+        x = torch.randn(m, k, generator=gen)
+        got = kernels.matmul(x, packed, n, b)
+        torch.testing.assert_close(got, reference(x, weight, b), rtol=1e-5, atol=1e-5 * k ** 0.5)
+    # rows of a wider tensor (a slice of a fused projection's output) and a leading batch dim
+    wide = torch.randn(3, 5, k + 7, generator=gen)[..., 7:]
+    torch.testing.assert_close(kernels.matmul(wide, packed, n, b), reference(wide, weight, b),
+                               rtol=1e-5, atol=1e-5 * k ** 0.5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_row_s_result_does_not_depend_on_the_rows_beside_it(threads: int) -> None:
+    """Every output is one in-order sum: the same bits alone, in any batch, at any thread count."""
+    assert kernels is not None
+    gen = torch.Generator().manual_seed(3)
+    weight, bias = torch.randn(200, 300, generator=gen), torch.randn(200, generator=gen)
+    packed = kernels.pack(weight)
+    x = torch.randn(23, 300, generator=gen)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = torch.cat([kernels.matmul(x[i:i + 1], packed, 200, bias) for i in range(23)])
+        torch.set_num_threads(threads)
+        for m in (2, 7, 8, 9, 23):
+            assert torch.equal(kernels.matmul(x[:m], packed, 200, bias), alone[:m]), m
+        assert torch.equal(kernels.matmul(x[5:16], packed, 200, bias), alone[5:16])
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_avx2_tiling_gives_the_same_bits() -> None:
+    """Built without AVX-512 the kernel tiles 6 rows by one panel (8 by two with it): the sums, and
+    so the results, are the same."""
+    try:
+        lib = ctypes.CDLL(str(build_library(panel_matmul.SOURCE, (*panel_matmul.FLAGS, "-mno-avx512f"),
+                                            stem="panel-avx2-test")))
+    except OSError as e:
+        pytest.skip(f"cannot build without AVX-512 here: {e}")
+    avx2 = panel_matmul.PanelKernels(lib)
+    assert kernels is not None
+    gen = torch.Generator().manual_seed(4)
+    weight, bias = torch.randn(70, 129, generator=gen), torch.randn(70, generator=gen)
+    packed = kernels.pack(weight)
+    assert torch.equal(avx2.pack(weight), packed)
+    for m in (1, 6, 7, 13, 40):
+        x = torch.randn(m, 129, generator=gen)
+        assert torch.equal(avx2.matmul(x, packed, 70, bias), kernels.matmul(x, packed, 70, bias)), m
+
+
+def test_operands_it_would_misread_are_refused() -> None:
+    assert kernels is not None
+    packed = kernels.pack(torch.randn(20, 8))
+    with pytest.raises(ValueError, match="x"):
+        kernels.matmul(torch.randn(2, 9), packed, 20)
+    with pytest.raises(ValueError, match="outputs"):
+        kernels.matmul(torch.randn(2, 8), packed, 40)  # would read a panel past the end
+    with pytest.raises(ValueError, match="bias"):
+        kernels.matmul(torch.randn(2, 8), packed, 20, torch.randn(19))
+    with pytest.raises(ValueError, match="fp32"):
+        kernels.matmul(torch.randn(2, 8, dtype=torch.float64), packed, 20)
+    with pytest.raises(ValueError, match="fp32"):
+        kernels.pack(torch.randn(20, 8).bfloat16())
+
+
+@pytest.mark.parametrize("backend", ["panel", "onednn"])
+def test_a_packed_linear_keeps_its_results_and_counts_its_weights(monkeypatch: pytest.MonkeyPatch,
+                                                                   backend: str) -> None:
+    if backend == "onednn":
+        if not cpu_matmul.onednn_available():
+            pytest.skip("this torch has no oneDNN linear")
+        monkeypatch.setattr(panel_matmul, "load", lambda: None)  # as with RYZ_CPU_MATMUL=onednn
+    gen = torch.Generator().manual_seed(5)
+    layer = layers.ColumnParallelLinear(600, 1000, bias=True, tp=layers.TPContext(), dtype=torch.float32)
+    for p in layer.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=gen))
+    x = torch.randn(3, 600, generator=gen)
+    expected = reference(x, layer.weight.data, layer.bias.data)
+    assert layer.pack()
+    assert layer.weight.numel() == 0 and layer.packed is not None
+    assert (layer.packed.layout is torch.strided) == (backend == "panel")
+    assert layer.packed_weights() == 1000 * 600
+    assert layer.packed_bytes() >= 4 * 1000 * 600
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_the_onednn_setting_turns_the_kernel_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RYZ_CPU_MATMUL", "onednn")
+    panel_matmul.load.cache_clear()
+    try:
+        assert panel_matmul.load() is None
+    finally:
+        monkeypatch.delenv("RYZ_CPU_MATMUL")
+        panel_matmul.load.cache_clear()
+    assert panel_matmul.load() is not None
