@@ -13,13 +13,15 @@
  * bit for bit (what batch-invariant kernels aim at: Thinking Machines, "Defeating Nondeterminism in LLM
  * Inference", 2025).
  *
- * Tiles of up to TILE_ROWS rows of x by two panels keep 2 * TILE_ROWS 16-float accumulators in
- * registers (GCC vector extensions: one zmm each with AVX-512, two ymm with AVX2); threads split the
- * panel pairs, and rows are taken in blocks whose slice of x stays in a core's L2 cache while the
- * thread's panels stream past it.
+ * Tiles of up to TILE_ROWS rows of x by TILE_PANELS panels keep their accumulators in registers (GCC
+ * vector extensions: a 16-float vector is one zmm with AVX-512, two ymm with AVX2); threads claim
+ * chunks of panels (work_pool.h), and rows are taken in blocks whose slice of x stays in a core's L2
+ * cache while the panels stream past it.
  */
 #include <stdint.h>
 #include <string.h>
+
+#include "work_pool.h"
 
 #define PANEL 16
 #ifdef __AVX512F__ /* 32 vector registers: 8 rows by 2 panels = 16 accumulators of one zmm */
@@ -30,6 +32,7 @@
 #define TILE_PANELS 1
 #endif
 #define X_BLOCK_BYTES (512 * 1024) /* a row block's slice of x, read again for every panel pair */
+#define CHUNKS_PER_THREAD 4        /* a late or preempted thread leaves the others little to wait for */
 
 typedef float v16 __attribute__((vector_size(64)));
 
@@ -85,31 +88,47 @@ static void tile_any(const float *x, int64_t ldx, const float *w0, const float *
     }
 }
 
-/* y [M, N] (row stride ldy) = x [M, K] (row stride ldx) @ W^T + bias, W packed as above (ceil(N / 16)
- * panels of [K, 16]); bias [N] or NULL. threads: OpenMP threads (1: none started). */
-void panel_matmul(const float *x, int64_t M, int64_t K, int64_t ldx, const float *packed, int64_t N,
-                  const float *bias, float *y, int64_t ldy, int threads) {
-    int64_t panels = (N + PANEL - 1) / PANEL;
-    int64_t units = (panels + TILE_PANELS - 1) / TILE_PANELS;
-    int64_t block = X_BLOCK_BYTES / (K * (int64_t)sizeof(float));
-    block = block < TILE_ROWS ? TILE_ROWS : block - block % TILE_ROWS;
-#pragma omp parallel num_threads(threads) if (threads > 1)
-    for (int64_t m0 = 0; m0 < M; m0 += block) {
-        int64_t m1 = m0 + block < M ? m0 + block : M;
-#pragma omp for schedule(static) nowait
-        for (int64_t u = 0; u < units; u++) {
-            int64_t p = TILE_PANELS * u;
-            int np = p + 1 < panels ? TILE_PANELS : 1;
-            int64_t n0 = p * PANEL;
-            int cols = (int)(N - n0 < np * PANEL ? N - n0 : np * PANEL);
-            const float *w0 = packed + p * K * PANEL;
-            const float *w1 = np == 2 ? w0 + K * PANEL : w0;
-            for (int64_t m = m0; m < m1; m += TILE_ROWS) {
-                int rows = (int)(m1 - m < TILE_ROWS ? m1 - m : TILE_ROWS);
-                tile_any(x + m * ldx, ldx, w0, w1, K, bias ? bias + n0 : 0, y + m * ldy + n0, ldy, rows, np, cols);
-            }
+struct matmul_args {
+    const float *x, *packed, *bias;
+    float *y;
+    int64_t M, K, ldx, N, ldy, panels, units, block, groups, group_units;
+};
+
+/* One chunk: one row block of x by one group of panel units. */
+static void matmul_chunk(const void *arg, int64_t chunk) {
+    const struct matmul_args *a = arg;
+    int64_t m0 = chunk / a->groups * a->block, g = chunk % a->groups;
+    int64_t m1 = m0 + a->block < a->M ? m0 + a->block : a->M;
+    int64_t u1 = (g + 1) * a->group_units < a->units ? (g + 1) * a->group_units : a->units;
+    for (int64_t u = g * a->group_units; u < u1; u++) {
+        int64_t p = TILE_PANELS * u;
+        int np = p + 1 < a->panels ? TILE_PANELS : 1;
+        int64_t n0 = p * PANEL;
+        int cols = (int)(a->N - n0 < np * PANEL ? a->N - n0 : np * PANEL);
+        const float *w0 = a->packed + p * a->K * PANEL;
+        const float *w1 = np == 2 ? w0 + a->K * PANEL : w0;
+        for (int64_t m = m0; m < m1; m += TILE_ROWS) {
+            int rows = (int)(m1 - m < TILE_ROWS ? m1 - m : TILE_ROWS);
+            tile_any(a->x + m * a->ldx, a->ldx, w0, w1, a->K, a->bias ? a->bias + n0 : 0, a->y + m * a->ldy + n0,
+                     a->ldy, rows, np, cols);
         }
     }
+}
+
+/* y [M, N] (row stride ldy) = x [M, K] (row stride ldx) @ W^T + bias, W packed as above (ceil(N / 16)
+ * panels of [K, 16]); bias [N] or NULL. threads: the calling thread and threads-1 of the work pool
+ * (work_pool.h) share the chunks, about CHUNKS_PER_THREAD each per row block. */
+void panel_matmul(const float *x, int64_t M, int64_t K, int64_t ldx, const float *packed, int64_t N,
+                  const float *bias, float *y, int64_t ldy, int threads) {
+    struct matmul_args a = {x, packed, bias, y, M, K, ldx, N, ldy};
+    a.panels = (N + PANEL - 1) / PANEL;
+    a.units = (a.panels + TILE_PANELS - 1) / TILE_PANELS;
+    a.block = X_BLOCK_BYTES / (K * (int64_t)sizeof(float));
+    a.block = a.block < TILE_ROWS ? TILE_ROWS : a.block - a.block % TILE_ROWS;
+    a.group_units = threads > 1 ? a.units / (threads * CHUNKS_PER_THREAD) : a.units;
+    a.group_units = a.group_units < 1 ? 1 : a.group_units;
+    a.groups = (a.units + a.group_units - 1) / a.group_units;
+    pool_run(matmul_chunk, &a, (M + a.block - 1) / a.block * a.groups, threads);
 }
 
 /* packed (ceil(N / 16) panels of [K, 16]) from w [N, K] row-major (row stride ldw); the padding of a

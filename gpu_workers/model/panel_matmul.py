@@ -32,8 +32,13 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("panel_matmul.c")
 # -ffp-contract=fast: each step of a sum is one fused multiply-add, in every tile shape alike
-FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=fast")
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-ffp-contract=fast")
+DEPENDS = (SOURCE.with_name("work_pool.h"),)
 PANEL = 16  # output features per panel (panel_matmul.c)
+# Layers from this size are packed (below it F.linear's MKL call costs little more); products of fewer
+# multiply-adds than SERIAL_MACS run on the calling thread alone, cheaper than waking another.
+MIN_WEIGHTS = 1 << 14
+SERIAL_MACS = 1 << 16
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -79,7 +84,7 @@ class PanelKernels:
         if out.numel():
             self._lib.panel_matmul(rows.data_ptr(), rows.shape[0], k, rows.stride(0), packed.data_ptr(), out_features,
                                    None if bias is None else bias.data_ptr(), out.data_ptr(), out_features,
-                                   torch.get_num_threads())
+                                   1 if out.numel() * k < SERIAL_MACS else torch.get_num_threads())
         return out.view(*x.shape[:-1], out_features)
 
 
@@ -94,7 +99,7 @@ def load() -> PanelKernels | None:
     if os.environ.get("RYZ_CPU_MATMUL", "panel") == "onednn":
         return None
     try:
-        return PanelKernels(ctypes.CDLL(str(build_library(SOURCE, FLAGS, stem="panel"))))
+        return PanelKernels(ctypes.CDLL(str(build_library(SOURCE, FLAGS, stem="panel", depends=DEPENDS))))
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("panel matmul kernels unavailable (%s): fp32 CPU linears use oneDNN", e)
         return None

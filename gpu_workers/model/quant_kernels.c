@@ -6,10 +6,15 @@
  * registers exactly as the gguf package rounds it (a multiply, then an add: this file is built with
  * -ffp-contract=off) and multiplied by fp32 activations with fp32 accumulation: the products are the
  * fp32 matmul's of the dequantized weight, only the order of the sum differs. Rows of x go in tiles
- * of 8 (then 4, 2, 1), so each converted weight vector feeds 8 fused multiply-adds; threads split the outputs.
+ * of 8 (then 4, 2, 1), so each converted weight vector feeds 8 fused multiply-adds; threads claim
+ * chunks of the outputs (work_pool.h: no thread waits for one that has not started).
  */
-#include <stdint.h>
 #include <immintrin.h>
+#include <stdint.h>
+
+#include "work_pool.h"
+
+#define CHUNKS_PER_THREAD 4 /* a late or preempted thread leaves the others little to wait for */
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -52,23 +57,48 @@ ROWS(2, 2)
 ROWS(4, 1)
 ROWS(8, 1)
 
-/* x [M, K] fp32, codes [N, K] int8, scale and zero [N, K / group] fp32 (zero may be NULL),
- * y [M, N] fp32. K a multiple of 32 and of group, group a multiple of 8. Returns 0, or -1 on bad sizes. */
-int int8_matmul(const float *x, int64_t m_len, int64_t k_len, const int8_t *codes, const float *scale,
-                const float *zero, int64_t n_len, int64_t group, float *y, int threads) {
-    if (group <= 0 || group % 8 || k_len % group || k_len % 32) return -1;
-    int64_t groups = k_len / group;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < n_len; n++) {
-        const int8_t *c = codes + n * k_len;
-        const float *s = scale + n * groups;
-        const float *z = zero ? zero + n * groups : 0;
+struct int8_args {
+    const float *x, *scale, *zero;
+    const int8_t *codes;
+    float *y;
+    int64_t m_len, k_len, n_len, group, per_chunk;
+};
+
+static void int8_chunk(const void *arg, int64_t chunk) {
+    const struct int8_args *a = arg;
+    int64_t k_len = a->k_len, n_len = a->n_len, m_len = a->m_len, groups = k_len / a->group, group = a->group;
+    int64_t n1 = (chunk + 1) * a->per_chunk < n_len ? (chunk + 1) * a->per_chunk : n_len;
+    for (int64_t n = chunk * a->per_chunk; n < n1; n++) {
+        const int8_t *c = a->codes + n * k_len;
+        const float *s = a->scale + n * groups;
+        const float *z = a->zero ? a->zero + n * groups : 0;
+        const float *x = a->x;
+        float *y = a->y;
         int64_t m = 0;
         for (; m + 8 <= m_len; m += 8) rows8(x + m * k_len, k_len, c, s, z, group, y + m * n_len + n, n_len);
         if (m_len - m >= 4) { rows4(x + m * k_len, k_len, c, s, z, group, y + m * n_len + n, n_len); m += 4; }
         if (m_len - m >= 2) { rows2(x + m * k_len, k_len, c, s, z, group, y + m * n_len + n, n_len); m += 2; }
         if (m_len - m >= 1) rows1(x + m * k_len, k_len, c, s, z, group, y + m * n_len + n, n_len);
     }
+}
+
+/* Chunks of about CHUNKS_PER_THREAD per thread over `items` outputs: (items per chunk, chunks). */
+static void split(int64_t items, int threads, int64_t *per_chunk, int64_t *chunks) {
+    int64_t per = threads > 1 ? items / (threads * CHUNKS_PER_THREAD) : items;
+    *per_chunk = per < 1 ? 1 : per;
+    *chunks = (items + *per_chunk - 1) / *per_chunk;
+}
+
+/* x [M, K] fp32, codes [N, K] int8, scale and zero [N, K / group] fp32 (zero may be NULL),
+ * y [M, N] fp32. K a multiple of 32 and of group, group a multiple of 8. Returns 0, or -1 on bad sizes.
+ * threads: the caller and threads-1 of the work pool (work_pool.h) share the outputs. */
+int int8_matmul(const float *x, int64_t m_len, int64_t k_len, const int8_t *codes, const float *scale,
+                const float *zero, int64_t n_len, int64_t group, float *y, int threads) {
+    if (group <= 0 || group % 8 || k_len % group || k_len % 32) return -1;
+    struct int8_args a = {x, scale, zero, codes, y, m_len, k_len, n_len, group};
+    int64_t chunks;
+    split(n_len, threads, &a.per_chunk, &chunks);
+    pool_run(int8_chunk, &a, chunks, threads);
     return 0;
 }
 
@@ -170,15 +200,23 @@ Q4ROWS(8, 1)
 #define Q4_OUTPUTS 16
 #define Q4_INPUTS 512
 
-/* x [M, K] fp32, codes [N, K / 2] packed as above, scale and zero [N, K / 32] fp32, y [M, N] fp32.
- * Returns 0, or -1 unless K is a multiple of 32. */
-int int4_matmul(const float *x, int64_t m_len, int64_t k_len, const uint8_t *codes, const float *scale,
-                const float *zero, int64_t n_len, float *y, int threads) {
-    if (k_len <= 0 || k_len % 32) return -1;
-    int64_t groups = k_len / 32, blocks = (n_len + Q4_OUTPUTS - 1) / Q4_OUTPUTS;
+struct int4_args {
+    const float *x, *scale, *zero;
+    const uint8_t *codes;
+    float *y;
+    int64_t m_len, k_len, n_len, per_chunk;
+};
+
+static void int4_chunk(const void *arg, int64_t chunk) {
+    const struct int4_args *a = arg;
+    const float *x = a->x, *scale = a->scale, *zero = a->zero;
+    const uint8_t *codes = a->codes;
+    float *y = a->y;
+    int64_t m_len = a->m_len, k_len = a->k_len, n_len = a->n_len, groups = k_len / 32;
+    int64_t blocks = (n_len + Q4_OUTPUTS - 1) / Q4_OUTPUTS;
     int64_t slice = m_len >= 8 ? Q4_INPUTS : k_len;  /* fewer rows: x fits L1, and whole rows stream best */
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
+    int64_t b1 = (chunk + 1) * a->per_chunk < blocks ? (chunk + 1) * a->per_chunk : blocks;
+    for (int64_t b = chunk * a->per_chunk; b < b1; b++) {
         int64_t n0 = b * Q4_OUTPUTS, n1 = n0 + Q4_OUTPUTS < n_len ? n0 + Q4_OUTPUTS : n_len;
         for (int64_t k0 = 0; k0 < k_len; k0 += slice) {
             int64_t kn = k_len - k0 < slice ? k_len - k0 : slice;
@@ -195,6 +233,17 @@ int int4_matmul(const float *x, int64_t m_len, int64_t k_len, const uint8_t *cod
 #undef Q4_TILE
         }
     }
+}
+
+/* x [M, K] fp32, codes [N, K / 2] packed as above, scale and zero [N, K / 32] fp32, y [M, N] fp32.
+ * Returns 0, or -1 unless K is a multiple of 32. threads: as int8_matmul's. */
+int int4_matmul(const float *x, int64_t m_len, int64_t k_len, const uint8_t *codes, const float *scale,
+                const float *zero, int64_t n_len, float *y, int threads) {
+    if (k_len <= 0 || k_len % 32) return -1;
+    struct int4_args a = {x, scale, zero, codes, y, m_len, k_len, n_len};
+    int64_t chunks;
+    split((n_len + Q4_OUTPUTS - 1) / Q4_OUTPUTS, threads, &a.per_chunk, &chunks);
+    pool_run(int4_chunk, &a, chunks, threads);
     return 0;
 }
 

@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("quant_kernels.c")
 # No -ffp-contract: each weight is rounded as gguf rounds it (a multiply, then an add), not fused.
-FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off")
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-pthread", "-ffp-contract=off")
+DEPENDS = (SOURCE.with_name("work_pool.h"),)
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -148,7 +149,7 @@ def load() -> QuantKernels | None:
     try:
         if not {b"avx2", b"fma"} <= set(cpu_flags().split()):
             raise OSError("the CPU lacks AVX2 or FMA")
-        return QuantKernels(ctypes.CDLL(str(build_library(SOURCE, FLAGS, stem="quant"))))
+        return QuantKernels(ctypes.CDLL(str(build_library(SOURCE, FLAGS, stem="quant", depends=DEPENDS))))
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("int8/int4 weight kernels unavailable (%s): 8-bit GGUF weights are dequantized to fp32, "
                     "4-bit ones multiplied by torch's bf16 int4 kernel", e)

@@ -66,7 +66,7 @@ def test_the_avx2_tiling_gives_the_same_bits() -> None:
     so the results, are the same."""
     try:
         lib = ctypes.CDLL(str(build_library(panel_matmul.SOURCE, (*panel_matmul.FLAGS, "-mno-avx512f"),
-                                            stem="panel-avx2-test")))
+                                            stem="panel-avx2-test", depends=panel_matmul.DEPENDS)))
     except OSError as e:
         pytest.skip(f"cannot build without AVX-512 here: {e}")
     avx2 = panel_matmul.PanelKernels(lib)
