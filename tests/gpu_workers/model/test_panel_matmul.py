@@ -125,3 +125,37 @@ def test_the_onednn_setting_turns_the_kernel_off(monkeypatch: pytest.MonkeyPatch
         monkeypatch.delenv("RYZ_CPU_MATMUL")
         panel_matmul.load.cache_clear()
     assert panel_matmul.load() is not None
+
+
+def _child_matmul(conn: object, x: torch.Tensor, packed: torch.Tensor) -> None:
+    torch.set_num_threads(2)
+    assert kernels is not None
+    conn.send(kernels.matmul(x, packed, 100))  # type: ignore[attr-defined]
+
+
+def test_a_forked_child_starts_its_own_pool_threads() -> None:
+    """The pool's threads do not survive fork(); a child that multiplies must not wait for them
+    (work_pool.h resets the pool in the child)."""
+    import multiprocessing
+
+    assert kernels is not None
+    gen = torch.Generator().manual_seed(6)
+    packed = kernels.pack(torch.randn(100, 64, generator=gen))
+    x = torch.randn(3, 64, generator=gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = kernels.matmul(x, packed, 100)  # the parent's pool has started
+    finally:
+        torch.set_num_threads(before)
+    ctx = multiprocessing.get_context("fork")
+    here, there = ctx.Pipe()
+    child = ctx.Process(target=_child_matmul, args=(there, x, packed))
+    child.start()
+    try:
+        assert here.poll(60), "the child's matmul did not finish"
+        assert torch.equal(here.recv(), expected)
+    finally:
+        child.join(10)
+        if child.is_alive():
+            child.kill()
