@@ -8,24 +8,11 @@
  * threads only from PARALLEL_ROWS on: a decode step's few rows cost less than waking a thread.
  * Names as vLLM's CPU ops (csrc/cpu/layernorm.cpp, pos_encoding.cpp, activation.cpp).
  */
-#include <math.h>
 #include <stdint.h>
 
-#define PARALLEL_ROWS 32
+#include "layer_ops.h"
 
-/* y = x * rsqrt(mean(x^2) + eps), then times weight (or 1 + weight: Gemma's): one row of n. The fp32
- * squares are summed in double, then rounded once: a running fp32 sum drifted with n (1.3e-6 relative at
- * 8192 against a float64 norm, torch's pairwise sums 2e-7). */
-static inline void norm_row(const float *x, const float *weight, float eps, int offset, int64_t n, float *y) {
-    double sum = 0.0;
-    for (int64_t i = 0; i < n; i++) sum += (double)(x[i] * x[i]);
-    float inv = 1.0f / sqrtf((float)sum / (float)n + eps);
-    if (offset) {
-        for (int64_t i = 0; i < n; i++) y[i] = (x[i] * inv) * (1.0f + weight[i]);
-    } else {
-        for (int64_t i = 0; i < n; i++) y[i] = weight[i] * (x[i] * inv);
-    }
-}
+#define PARALLEL_ROWS 32
 
 /* out[t] = RMSNorm(x[t]) for rows of n; x and out [rows, n] contiguous (may be the same). */
 void rms_norm(const float *x, const float *weight, float eps, int offset, int64_t rows, int64_t n, float *out,
@@ -40,10 +27,7 @@ void fused_add_rms_norm(const float *x, const float *residual, const float *weig
                         int64_t rows, int64_t n, float *out, float *sum, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (rows >= PARALLEL_ROWS)
     for (int64_t t = 0; t < rows; t++) {
-        float *r = sum + t * n;
-        const float *xt = x + t * n, *rt = residual + t * n;
-        for (int64_t i = 0; i < n; i++) r[i] = xt[i] + rt[i];
-        norm_row(r, weight, eps, offset, n, out + t * n);
+        add_norm_row(x + t * n, residual + t * n, weight, eps, offset, n, out + t * n, sum + t * n);
     }
 }
 
@@ -54,25 +38,13 @@ void rotary_embedding(const float *x, int64_t x_stride, const float *cos, const 
                       int64_t heads, int64_t d, float *out, int threads) {
     int64_t half = d / 2;
 #pragma omp parallel for num_threads(threads) schedule(static) if (rows >= PARALLEL_ROWS)
-    for (int64_t t = 0; t < rows; t++) {
-        const float *c = cos + t * half, *s = sin + t * half;
-        for (int64_t h = 0; h < heads; h++) {
-            const float *x1 = x + t * x_stride + h * d, *x2 = x1 + half;
-            float *y1 = out + (t * heads + h) * d, *y2 = y1 + half;
-            for (int64_t i = 0; i < half; i++) {
-                y1[i] = x1[i] * c[i] - x2[i] * s[i];
-                y2[i] = x2[i] * c[i] + x1[i] * s[i];
-            }
-        }
-    }
+    for (int64_t t = 0; t < rows; t++)
+        for (int64_t h = 0; h < heads; h++)
+            rope_head(x + t * x_stride + h * d, cos + t * half, sin + t * half, half, out + (t * heads + h) * d);
 }
 
 /* out[t] = silu(gate) * up for gate_up [rows, 2 n] (gate the first n of a row), out [rows, n]. */
 void silu_and_mul(const float *gate_up, int64_t rows, int64_t n, float *out, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (rows >= PARALLEL_ROWS)
-    for (int64_t t = 0; t < rows; t++) {
-        const float *g = gate_up + t * 2 * n, *u = g + n;
-        float *y = out + t * n;
-        for (int64_t i = 0; i < n; i++) y[i] = (g[i] / (1.0f + expf(-g[i]))) * u[i];
-    }
+    for (int64_t t = 0; t < rows; t++) silu_mul_row(gate_up + t * 2 * n, n, out + t * n);
 }

@@ -118,7 +118,7 @@ def load() -> LayerKernels | None:
     if os.environ.get("RYZ_LAYER_KERNELS", "1") == "0":
         return None
     try:
-        return LayerKernels(ctypes.CDLL(str(build_library(SOURCE, FLAGS, stem="layer"))))
+        return LayerKernels(ctypes.CDLL(str(build_library(SOURCE, FLAGS, stem="layer", depends=(SOURCE.with_name("layer_ops.h"),)))))
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("layer kernels unavailable (%s): RMSNorm, RoPE and SiLU run as torch operations", e)
         return None

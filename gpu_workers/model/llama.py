@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpu_workers.model import layer_kernels
+from gpu_workers.model import fused_decoder, layer_kernels
 from gpu_workers.model.attention import AttentionBatch, PagedAttention
 from gpu_workers.model.compilation import ForwardContext, compile_decoder, forward_context
 from gpu_workers.model.config import ModelConfig
@@ -40,6 +40,7 @@ from gpu_workers.model.rope import RotaryEmbedding, apply_rotary
 
 if TYPE_CHECKING:
     from gpu_workers.kv_cache_groups import KVCacheGroups
+    from gpu_workers.model.fused_decoder import FusedDecoder
 
 # (checkpoint name part, our parameter name part, shard id)
 STACKED_PARAMS: tuple[tuple[str, str, Any], ...] = (
@@ -160,6 +161,7 @@ class LlamaForCausalLM(nn.Module):
         self.sliding_layers = {i for i in range(config.num_hidden_layers) if config.layer_window(i) is not None}
         self._compiled: Callable[..., torch.Tensor] | None = None
         self._context: ForwardContext | None = None
+        self._fused: FusedDecoder | None = None  # the eager CPU fast path, once the weights are packed
 
     def place_kv_cache(self, groups: KVCacheGroups) -> None:
         """Each layer's attention reads and writes its KV cache group's blocks, at its index in the group."""
@@ -191,6 +193,9 @@ class LlamaForCausalLM(nn.Module):
         """The decoder layers and final norm: hidden states [T, hidden] of input embeddings ``x``
         [T, hidden], rotated by ``cos``, ``sin`` (sliding-window layers: ``local_cos``, ``local_sin``),
         each [T, 1, D / 2]. ``batch`` and ``kv_cache`` None: compiled, attention reads the forward context."""
+        if (self._fused is not None and batch is not None and kv_cache is not None and not x.requires_grad
+                and not torch.compiler.is_compiling() and 2 * cos.shape[-1] == self.config.head_dim):
+            return self._fused(x, cos, sin, local_cos, local_sin, batch, kv_cache)
         for i, layer in enumerate(self.model.layers):
             local = i in self.sliding_layers
             x = layer(x, local_cos if local else cos, local_sin if local else sin, batch, kv_cache)
@@ -218,6 +223,7 @@ class LlamaForCausalLM(nn.Module):
         if tied and self.model.embed_tokens.quantized is not None:  # kept 8-bit: the head reads the same blocks
             self.lm_head.quantized = self.model.embed_tokens.quantized
         self.lm_head.pack(keep_dense=tied)
+        self._fused = fused_decoder.prepare(self)
 
     def _quantized_embeddings(self) -> list[Int8Weight]:
         """The embedding's and the LM head's quantized weights, a tied one once."""

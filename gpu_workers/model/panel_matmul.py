@@ -42,6 +42,7 @@ SERIAL_MACS = 1 << 16
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
+_F = ctypes.c_float
 
 
 class PanelKernels:
@@ -50,7 +51,12 @@ class PanelKernels:
     def __init__(self, lib: ctypes.CDLL) -> None:
         lib.panel_matmul.argtypes = [_P, _I, _I, _I, _P, _I, _P, _P, _I, ctypes.c_int]
         lib.panel_pack.argtypes = [_P, _I, _I, _I, _P]
-        lib.panel_matmul.restype = lib.panel_pack.restype = None
+        lib.decoder_attention_in.argtypes = [_P, _P, _P, _F, ctypes.c_int, _I, _I, _P, _I, _P, _P, _P, _I, _I, _P, _P,
+                                             _P, ctypes.c_int]
+        lib.decoder_mlp.argtypes = [_P, _I, _I, _P, _P, _P, _P, _F, ctypes.c_int, _P, _P, _I, _P, _P, _I, _I, _P, _P,
+                                    _P, _P, _P, _P, ctypes.c_int]
+        for f in (lib.panel_matmul, lib.panel_pack, lib.decoder_attention_in, lib.decoder_mlp):
+            f.restype = None
         self._lib = lib
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
@@ -86,6 +92,74 @@ class PanelKernels:
                                    None if bias is None else bias.data_ptr(), out.data_ptr(), out_features,
                                    1 if out.numel() * k < SERIAL_MACS else torch.get_num_threads())
         return out.view(*x.shape[:-1], out_features)
+
+
+    def decoder_attention_in(self, x: torch.Tensor, residual: torch.Tensor | None, norm_w: torch.Tensor, eps: float,
+                             offset: bool, wqkv: torch.Tensor, nqkv: int, bqkv: torch.Tensor | None,
+                             cos: torch.Tensor, sin: torch.Tensor, rope_heads: int, head_dim: int,
+                             stream: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
+        """A decoder layer's half before attention (panel_matmul.c ``decoder_attention_in``) for ``x``
+        [T, H]: ``stream`` [T, H] <- x + residual (untouched when ``residual`` is None), ``normed``
+        [T, H] <- RMSNorm of that, and returned: its QKV projection [T, nqkv] by the panels ``wqkv``
+        (+ ``bqkv``), the first ``rope_heads`` heads of ``head_dim`` rotated by ``cos``, ``sin``
+        [T, head_dim / 2]. ValueError for operands the C code would misread."""
+        t, hidden = x.shape
+        operands = [x, norm_w, wqkv, cos, sin, stream, normed] + [o for o in (residual, bqkv) if o is not None]
+        _check_contiguous(operands)
+        half = head_dim // 2
+        if (norm_w.shape != (hidden,) or stream.shape != x.shape or normed.shape != x.shape
+                or (residual is not None and residual.shape != x.shape) or cos.shape != (t, half)
+                or sin.shape != (t, half) or rope_heads * head_dim > nqkv or head_dim % 2
+                or (bqkv is not None and bqkv.shape != (nqkv,)) or not _panels_of(wqkv, hidden, nqkv)):
+            raise ValueError(f"decoder_attention_in: x {tuple(x.shape)}, panels {tuple(wqkv.shape)} of {nqkv}, "
+                             f"cos {tuple(cos.shape)}, {rope_heads} heads of {head_dim}")
+        qkv = torch.empty(t, nqkv)
+        self._lib.decoder_attention_in(x.data_ptr(), _ptr(residual), norm_w.data_ptr(), eps, int(offset), t, hidden,
+                                       wqkv.data_ptr(), nqkv, _ptr(bqkv), cos.data_ptr(), sin.data_ptr(), rope_heads,
+                                       head_dim, stream.data_ptr(), normed.data_ptr(), qkv.data_ptr(),
+                                       torch.get_num_threads())
+        return qkv
+
+    def decoder_mlp(self, context: torch.Tensor, stream: torch.Tensor, wo: torch.Tensor, bo: torch.Tensor | None,
+                    post_w: torch.Tensor, eps: float, offset: bool, wgu: torch.Tensor, bgu: torch.Tensor | None,
+                    inter: int, wd: torch.Tensor, bd: torch.Tensor | None, mlp_stream: torch.Tensor,
+                    out: torch.Tensor) -> None:
+        """A decoder layer's half after attention (panel_matmul.c ``decoder_mlp``) for the attention
+        output ``context`` [T, A] and the residual ``stream`` [T, H]: ``mlp_stream`` [T, H] <-
+        context @ Wo^T + bo + stream, ``out`` [T, H] <- the MLP (gate/up ``wgu`` of 2 ``inter``
+        outputs, SiLU-and-multiply, down ``wd``) of its post-attention RMSNorm. The layer's output is
+        out + mlp_stream. ValueError for operands the C code would misread."""
+        t, attn_dim = context.shape
+        hidden = stream.shape[1]
+        operands = [context, stream, wo, post_w, wgu, wd, mlp_stream, out] + [b for b in (bo, bgu, bd) if b is not None]
+        _check_contiguous(operands)
+        if (stream.shape != (t, hidden) or mlp_stream.shape != stream.shape or out.shape != stream.shape
+                or post_w.shape != (hidden,) or not _panels_of(wo, attn_dim, hidden)
+                or not _panels_of(wgu, hidden, 2 * inter) or not _panels_of(wd, inter, hidden)
+                or any(b is not None and b.shape != (n,) for b, n in ((bo, hidden), (bgu, 2 * inter), (bd, hidden)))):
+            raise ValueError(f"decoder_mlp: context {tuple(context.shape)}, stream {tuple(stream.shape)}, panels "
+                             f"{tuple(wo.shape)}, {tuple(wgu.shape)}, {tuple(wd.shape)}, inter {inter}")
+        h, n2, gu, a = torch.empty(t, hidden), torch.empty(t, hidden), torch.empty(t, 2 * inter), torch.empty(t, inter)
+        self._lib.decoder_mlp(context.data_ptr(), attn_dim, attn_dim, stream.data_ptr(), wo.data_ptr(), _ptr(bo),
+                              post_w.data_ptr(), eps, int(offset), wgu.data_ptr(), _ptr(bgu), inter, wd.data_ptr(),
+                              _ptr(bd), t, hidden, h.data_ptr(), mlp_stream.data_ptr(), n2.data_ptr(), gu.data_ptr(),
+                              a.data_ptr(), out.data_ptr(), torch.get_num_threads())
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _panels_of(packed: torch.Tensor, k: int, n: int) -> bool:
+    """Whether ``packed`` is the panels of a [n, k] weight."""
+    return packed.shape == ((n + PANEL - 1) // PANEL, k, PANEL)
+
+
+def _check_contiguous(operands: list[torch.Tensor]) -> None:
+    for t in operands:
+        _check_fp32(t)
+        if not t.is_contiguous():
+            raise ValueError(f"operand {tuple(t.shape)} is not contiguous")
 
 
 def _check_fp32(t: torch.Tensor) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpu_workers.model import cpu_matmul
+from gpu_workers.model import cpu_matmul, panel_matmul
 from gpu_workers.model.kv_cache import KVCache
 from gpu_workers.model_runner import Chunk, ModelRunner
 from tests.gpu_workers.model.hf_models import (
@@ -61,11 +61,13 @@ def test_whole_prompts_in_one_run(checkpoint: tuple[str, Path, object]) -> None:
 
 
 def test_packed_weights(checkpoint: tuple[str, Path, object], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every linear packed for oneDNN (the threshold lowered to pack these small ones): same logits,
-    dense copies freed, except a tied LM head's, which the embedding still reads."""
-    if not cpu_matmul.onednn_available():
-        pytest.skip("this torch has no oneDNN linear")
+    """Every linear packed (in panels, or for oneDNN where the panel kernel is not built; the
+    thresholds lowered to pack these small ones): same logits, dense copies freed, except a tied LM
+    head's, which the embedding still reads."""
+    if panel_matmul.load() is None and not cpu_matmul.onednn_available():
+        pytest.skip("neither the panel kernel nor oneDNN's linear here")
     monkeypatch.setattr(cpu_matmul, "ONEDNN_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(panel_matmul, "MIN_WEIGHTS", 0)
     name, path, hf = checkpoint
     rng = random.Random(3)
     prompts = [random_tokens(rng, n) for n in (9, 1, 20)]
