@@ -57,7 +57,7 @@ CACHE = Path.home() / ".cache" / "ryzanstein"
 FIRST_ID = 100  # random prompt ids start here: past SmolLM2's and Gemma's special tokens
 PAIRS = ("fp32", "fp8-kv", "4-bit")
 LABELS = {"fp32": ("ryz fp32", "llama F32"), "fp8-kv": ("ryz fp8 KV", "llama q8_0 KV"),
-          "4-bit": ("ryz 4-bit", "llama Q4_1")}  # column heads
+          "4-bit": ("ryz 4-bit", "llama GGUF")}  # column heads (4-bit: the source file itself, Q4_1 for SmolLM2)
 LLAMA_KV = {"fp32": "f32", "fp8-kv": "q8_0", "4-bit": "f32"}  # llama-server's -ctk/-ctv per pair
 
 

@@ -9,7 +9,7 @@ under ``torch.compile`` (``--compilation-config 3``) the torch forms stay, for i
 ``enabled(*operands)`` says whether the operands take these kernels: all fp32, on the CPU, none
 needing its gradient, not being compiled, and the library built (``c_build.build_library``; where
 no compiler works, ``load`` logs why once and the torch forms are used). ``RYZ_LAYER_KERNELS=0``
-turns them off (A/B measurements).
+turns them off, and with them the fused decoder path (``fused_decoder``; A/B measurements).
 """
 
 from __future__ import annotations
