@@ -47,6 +47,7 @@ static struct {
     int started;
     int atfork;
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+static pthread_mutex_t pool_caller = PTHREAD_MUTEX_INITIALIZER; /* held by the thread running a job */
 
 static inline uint64_t pool_now_ns(void) {
     struct timespec t;
@@ -100,6 +101,7 @@ static void *pool_worker(void *arg) {
 }
 
 static void pool_after_fork(void) { /* a forked child has none of the parent's threads */
+    pthread_mutex_init(&pool_caller, 0);
     pthread_mutex_init(&pool.lock, 0);
     pthread_cond_init(&pool.wake, 0);
     atomic_store(&pool.sleepers, 0);
@@ -107,12 +109,13 @@ static void pool_after_fork(void) { /* a forked child has none of the parent's t
 }
 
 /* Run fn(arg, c) for c in 0 .. chunks-1 on the calling thread and up to threads-1 workers; returns
- * when all have run. Not reentrant: one caller at a time (a worker process's main thread). */
+ * when all have run. One caller uses the pool at a time (a worker process's main thread); another
+ * thread calling meanwhile runs its chunks alone rather than wait. */
 static void pool_run(pool_fn fn, const void *arg, int64_t chunks, int threads) {
     int helpers = threads - 1 < POOL_MAX_WORKERS ? threads - 1 : POOL_MAX_WORKERS;
     if (helpers > chunks - 1)
         helpers = (int)(chunks - 1);
-    if (helpers <= 0) {
+    if (helpers <= 0 || pthread_mutex_trylock(&pool_caller) != 0) {
         for (int64_t c = 0; c < chunks; c++)
             fn(arg, c);
         return;
@@ -147,6 +150,7 @@ static void pool_run(pool_fn fn, const void *arg, int64_t chunks, int threads) {
             sched_yield(); /* the chunk's thread lost its core: let it have ours */
         else
             pool_relax();
+    pthread_mutex_unlock(&pool_caller);
 }
 
 #endif

@@ -160,3 +160,36 @@ def test_a_forked_child_starts_its_own_pool_threads() -> None:
         child.join(10)
         if child.is_alive():
             child.kill()
+
+
+def test_two_calling_threads_at_once_get_their_own_results() -> None:
+    """ctypes lets go of the GIL: a second Python thread multiplying while the first holds the pool
+    runs its chunks alone instead of mixing its job into the first's. (A race: on a loaded 2-core
+    host the two calls seldom overlap, and this passed against the pool without its caller lock too;
+    it catches the mix-up only when they do.)"""
+    import threading
+
+    assert kernels is not None
+    gen = torch.Generator().manual_seed(7)
+    weights = [torch.randn(300, 1024, generator=gen) for _ in range(2)]
+    packed = [kernels.pack(w) for w in weights]
+    xs = [torch.randn(16, 1024, generator=gen) for _ in range(2)]
+    expected = [kernels.matmul(x, p, 300) for x, p in zip(xs, packed)]
+    wrong: list[int] = []
+
+    def work(i: int) -> None:
+        for _ in range(300):
+            if not torch.equal(kernels.matmul(xs[i], packed[i], 300), expected[i]):  # type: ignore[union-attr]
+                wrong.append(i)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        torch.set_num_threads(before)
+    assert not wrong
