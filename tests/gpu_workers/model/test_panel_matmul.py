@@ -166,7 +166,8 @@ def test_two_calling_threads_at_once_get_their_own_results() -> None:
     """ctypes lets go of the GIL: a second Python thread multiplying while the first holds the pool
     runs its chunks alone instead of mixing its job into the first's. (A race: on a loaded 2-core
     host the two calls seldom overlap, and this passed against the pool without its caller lock too;
-    it catches the mix-up only when they do.)"""
+    it catches the mix-up only when they do. test_tensor_parallel.py, whose ranks are threads of one
+    process, failed 2 runs of 3 without the lock and passes with it.)"""
     import threading
 
     assert kernels is not None
