@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("panel_matmul.c")
 # -ffp-contract=fast: each step of a sum is one fused multiply-add, in every tile shape alike
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-ffp-contract=fast")
-DEPENDS = (SOURCE.with_name("work_pool.h"),)
+DEPENDS = (SOURCE.with_name("work_pool.h"), SOURCE.with_name("layer_ops.h"))  # its includes: the build key
 PANEL = 16  # output features per panel (panel_matmul.c)
 # Layers from this size are packed (below it F.linear's MKL call costs little more); products of fewer
 # multiply-adds than SERIAL_MACS run on the calling thread alone, cheaper than waking another.

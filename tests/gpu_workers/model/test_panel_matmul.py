@@ -194,3 +194,13 @@ def test_two_calling_threads_at_once_get_their_own_results() -> None:
     finally:
         torch.set_num_threads(before)
     assert not wrong
+
+
+def test_every_header_the_source_includes_keys_the_build() -> None:
+    """A library is rebuilt when a file in its cache key changes: panel_matmul.c's headers must all be
+    there, or an edit to layer_ops.h leaves the fused path on the old row operations (and off the
+    bits of layer_kernels.c, rebuilt with the new ones)."""
+    import re
+
+    included = set(re.findall(r'#include "([^"]+)"', panel_matmul.SOURCE.read_text()))
+    assert included == {d.name for d in panel_matmul.DEPENDS}
