@@ -122,7 +122,7 @@ static void matmul_chunk(const void *arg, int64_t chunk) {
 }
 
 /* y [M, N] (row stride ldy) = x [M, K] (row stride ldx) @ W^T + bias, W packed as above (ceil(N / 16)
- * panels of [K, 16]); bias [N] or NULL. threads: the calling thread and threads-1 of the work pool
+ * panels of [K, 16], 64-byte aligned); bias [N] or NULL. threads: the calling thread and threads-1 of the work pool
  * (work_pool.h) share the chunks, about CHUNKS_PER_THREAD each per row block. */
 void panel_matmul(const float *x, int64_t M, int64_t K, int64_t ldx, const float *packed, int64_t N,
                   const float *bias, float *y, int64_t ldy, int threads) {

@@ -196,6 +196,18 @@ def test_two_calling_threads_at_once_get_their_own_results() -> None:
     assert not wrong
 
 
+def test_misaligned_panels_are_refused() -> None:
+    """The kernel loads each k's 16 weights as one 64-byte-aligned vector: panels at another offset
+    (a contiguous view 4 bytes into a buffer) crashed the process; they are refused."""
+    assert kernels is not None
+    packed = kernels.pack(torch.randn(100, 300))
+    shifted = torch.empty(packed.numel() + 1)[1:].view(packed.shape)
+    shifted.copy_(packed)
+    assert shifted.is_contiguous() and shifted.data_ptr() % 64
+    with pytest.raises(ValueError, match="aligned"):
+        kernels.matmul(torch.randn(9, 300), shifted, 100)
+
+
 def test_every_header_the_source_includes_keys_the_build() -> None:
     """A library is rebuilt when a file in its cache key changes: panel_matmul.c's headers must all be
     there, or an edit to layer_ops.h leaves the fused path on the old row operations (and off the
