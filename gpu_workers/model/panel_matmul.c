@@ -129,7 +129,7 @@ void panel_matmul(const float *x, int64_t M, int64_t K, int64_t ldx, const float
     struct matmul_args a = {x, packed, bias, y, M, K, ldx, N, ldy};
     a.panels = (N + PANEL - 1) / PANEL;
     a.units = (a.panels + TILE_PANELS - 1) / TILE_PANELS;
-    a.block = X_BLOCK_BYTES / (K * (int64_t)sizeof(float));
+    a.block = K > 0 ? X_BLOCK_BYTES / (K * (int64_t)sizeof(float)) : TILE_ROWS; /* K = 0: y = bias */
     a.block = a.block < TILE_ROWS ? TILE_ROWS : a.block - a.block % TILE_ROWS;
     a.group_units = threads > 1 ? a.units / (threads * CHUNKS_PER_THREAD) : a.units;
     a.group_units = a.group_units < 1 ? 1 : a.group_units;

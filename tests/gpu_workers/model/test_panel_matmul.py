@@ -208,6 +208,20 @@ def test_misaligned_panels_are_refused() -> None:
         kernels.matmul(torch.randn(9, 300), shifted, 100)
 
 
+def test_zero_inputs_give_the_bias() -> None:
+    """K = 0 (an MLP of no intermediate features): each output is its bias, as F.linear's; the row
+    block size divided by K and the process died of SIGFPE."""
+    assert kernels is not None
+    gen = torch.Generator().manual_seed(8)
+    t, hidden = 3, 32
+    context, stream = torch.randn(t, hidden, generator=gen), torch.randn(t, hidden, generator=gen)
+    wo, post_w = kernels.pack(torch.randn(hidden, hidden, generator=gen)), torch.randn(hidden, generator=gen)
+    wgu, wd, bd = kernels.pack(torch.empty(0, hidden)), kernels.pack(torch.empty(hidden, 0)), torch.randn(hidden)
+    mlp_stream, out = torch.empty(t, hidden), torch.empty(t, hidden)
+    kernels.decoder_mlp(context, stream, wo, None, post_w, 1e-6, False, wgu, None, 0, wd, bd, mlp_stream, out)
+    assert torch.equal(out, bd.expand(t, hidden))
+
+
 def test_every_header_the_source_includes_keys_the_build() -> None:
     """A library is rebuilt when a file in its cache key changes: panel_matmul.c's headers must all be
     there, or an edit to layer_ops.h leaves the fused path on the old row operations (and off the
