@@ -122,14 +122,14 @@ static void matmul_chunk(const void *arg, int64_t chunk) {
 }
 
 /* y [M, N] (row stride ldy) = x [M, K] (row stride ldx) @ W^T + bias, W packed as above (ceil(N / 16)
- * panels of [K, 16]); bias [N] or NULL. threads: the calling thread and threads-1 of the work pool
+ * panels of [K, 16], 64-byte aligned); bias [N] or NULL. threads: the calling thread and threads-1 of the work pool
  * (work_pool.h) share the chunks, about CHUNKS_PER_THREAD each per row block. */
 void panel_matmul(const float *x, int64_t M, int64_t K, int64_t ldx, const float *packed, int64_t N,
                   const float *bias, float *y, int64_t ldy, int threads) {
     struct matmul_args a = {x, packed, bias, y, M, K, ldx, N, ldy};
     a.panels = (N + PANEL - 1) / PANEL;
     a.units = (a.panels + TILE_PANELS - 1) / TILE_PANELS;
-    a.block = X_BLOCK_BYTES / (K * (int64_t)sizeof(float));
+    a.block = K > 0 ? X_BLOCK_BYTES / (K * (int64_t)sizeof(float)) : TILE_ROWS; /* K = 0: y = bias */
     a.block = a.block < TILE_ROWS ? TILE_ROWS : a.block - a.block % TILE_ROWS;
     a.group_units = threads > 1 ? a.units / (threads * CHUNKS_PER_THREAD) : a.units;
     a.group_units = a.group_units < 1 ? 1 : a.group_units;

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("panel_matmul.c")
 # -ffp-contract=fast: each step of a sum is one fused multiply-add, in every tile shape alike
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-ffp-contract=fast")
-DEPENDS = (SOURCE.with_name("work_pool.h"),)
+DEPENDS = (SOURCE.with_name("work_pool.h"), SOURCE.with_name("layer_ops.h"))  # its includes: the build key
 PANEL = 16  # output features per panel (panel_matmul.c)
 # Layers from this size are packed (below it F.linear's MKL call costs little more); products of fewer
 # multiply-adds than SERIAL_MACS run on the calling thread alone, cheaper than waking another.
@@ -79,6 +79,7 @@ class PanelKernels:
         if (x.shape[-1] != k or packed.dim() != 3 or packed.shape[2] != PANEL or not packed.is_contiguous()
                 or packed.shape[0] != (out_features + PANEL - 1) // PANEL):
             raise ValueError(f"x {tuple(x.shape)} against panels {tuple(packed.shape)} of {out_features} outputs")
+        _check_aligned(packed)
         if bias is not None:
             if bias.shape != (out_features,):
                 raise ValueError(f"bias {tuple(bias.shape)} for {out_features} outputs")
@@ -151,8 +152,15 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def _panels_of(packed: torch.Tensor, k: int, n: int) -> bool:
-    """Whether ``packed`` is the panels of a [n, k] weight."""
+    """Whether ``packed`` is the panels of a [n, k] weight (ValueError where they are not aligned)."""
+    _check_aligned(packed)
     return packed.shape == ((n + PANEL - 1) // PANEL, k, PANEL)
+
+
+def _check_aligned(packed: torch.Tensor) -> None:
+    """The kernel loads each k's PANEL weights as one aligned 64-byte vector (a misaligned one faults)."""
+    if packed.data_ptr() % 64:
+        raise ValueError(f"panels at address {packed.data_ptr():#x} are not 64-byte aligned (pack() output is)")
 
 
 def _check_contiguous(operands: list[torch.Tensor]) -> None:

@@ -194,3 +194,39 @@ def test_two_calling_threads_at_once_get_their_own_results() -> None:
     finally:
         torch.set_num_threads(before)
     assert not wrong
+
+
+def test_misaligned_panels_are_refused() -> None:
+    """The kernel loads each k's 16 weights as one 64-byte-aligned vector: panels at another offset
+    (a contiguous view 4 bytes into a buffer) crashed the process; they are refused."""
+    assert kernels is not None
+    packed = kernels.pack(torch.randn(100, 300))
+    shifted = torch.empty(packed.numel() + 1)[1:].view(packed.shape)
+    shifted.copy_(packed)
+    assert shifted.is_contiguous() and shifted.data_ptr() % 64
+    with pytest.raises(ValueError, match="aligned"):
+        kernels.matmul(torch.randn(9, 300), shifted, 100)
+
+
+def test_zero_inputs_give_the_bias() -> None:
+    """K = 0 (an MLP of no intermediate features): each output is its bias, as F.linear's; the row
+    block size divided by K and the process died of SIGFPE."""
+    assert kernels is not None
+    gen = torch.Generator().manual_seed(8)
+    t, hidden = 3, 32
+    context, stream = torch.randn(t, hidden, generator=gen), torch.randn(t, hidden, generator=gen)
+    wo, post_w = kernels.pack(torch.randn(hidden, hidden, generator=gen)), torch.randn(hidden, generator=gen)
+    wgu, wd, bd = kernels.pack(torch.empty(0, hidden)), kernels.pack(torch.empty(hidden, 0)), torch.randn(hidden)
+    mlp_stream, out = torch.empty(t, hidden), torch.empty(t, hidden)
+    kernels.decoder_mlp(context, stream, wo, None, post_w, 1e-6, False, wgu, None, 0, wd, bd, mlp_stream, out)
+    assert torch.equal(out, bd.expand(t, hidden))
+
+
+def test_every_header_the_source_includes_keys_the_build() -> None:
+    """A library is rebuilt when a file in its cache key changes: panel_matmul.c's headers must all be
+    there, or an edit to layer_ops.h leaves the fused path on the old row operations (and off the
+    bits of layer_kernels.c, rebuilt with the new ones)."""
+    import re
+
+    included = set(re.findall(r'#include "([^"]+)"', panel_matmul.SOURCE.read_text()))
+    assert included == {d.name for d in panel_matmul.DEPENDS}
