@@ -5,9 +5,11 @@
  * codes int8, block constants fp32, G the block width (16 or 32). Each weight is dequantized in
  * registers exactly as the gguf package rounds it (a multiply, then an add: this file is built with
  * -ffp-contract=off) and multiplied by fp32 activations with fp32 accumulation: the products are the
- * fp32 matmul's of the dequantized weight, only the order of the sum differs. Rows of x go in tiles
- * of 8 (then 4, 2, 1), so each converted weight vector feeds 8 fused multiply-adds; threads claim
- * chunks of the outputs (work_pool.h: no thread waits for one that has not started).
+ * fp32 matmul's of the dequantized weight, only the order of the sum differs. 16 weights at a time
+ * (one zmm, or two ymm), for tiles of up to 4 outputs by 4 rows of x, so that each converted weight
+ * vector feeds several fused multiply-adds; each output's sum has the same order in every tile, so a
+ * row's result does not depend on its batch. Threads claim chunks of the outputs (work_pool.h: no
+ * thread waits for one that has not started).
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -23,63 +25,114 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-static inline __m256 weights8(const int8_t *codes, __m256 scale, __m256 zero, int has_zero) {
-    __m128i c = _mm_loadl_epi64((const __m128i *)codes);
-    __m256 w = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c)), scale);
-    return has_zero ? _mm256_add_ps(w, zero) : w;
+/* 16 fp32 lanes: one zmm with AVX-512, two ymm (lanes 0-7, 8-15) with AVX2. The operations are the
+ * same lane by lane, and sum16 adds the lanes in the same tree (8 + 8, then hsum's), so both builds
+ * give the same bits. */
+#ifdef __AVX512F__
+typedef __m512 f16;
+static inline f16 zero16(void) { return _mm512_setzero_ps(); }
+static inline f16 set16(float v) { return _mm512_set1_ps(v); }
+static inline f16 load16(const float *p) { return _mm512_loadu_ps(p); }
+static inline f16 codes16(const int8_t *c) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)c)));
 }
+static inline f16 mul16(f16 a, f16 b) { return _mm512_mul_ps(a, b); }
+static inline f16 add16(f16 a, f16 b) { return _mm512_add_ps(a, b); }
+static inline f16 fma16(f16 a, f16 b, f16 c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float sum16(f16 v) {
+    return hsum(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
+}
+#else
+typedef struct { __m256 lo, hi; } f16;
+static inline f16 zero16(void) { return (f16){_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+static inline f16 set16(float v) { return (f16){_mm256_set1_ps(v), _mm256_set1_ps(v)}; }
+static inline f16 load16(const float *p) { return (f16){_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+static inline f16 codes16(const int8_t *c) {
+    __m128i v = _mm_loadu_si128((const __m128i *)c);
+    return (f16){_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)),
+                 _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(v, v)))};
+}
+static inline f16 mul16(f16 a, f16 b) { return (f16){_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+static inline f16 add16(f16 a, f16 b) { return (f16){_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+static inline f16 fma16(f16 a, f16 b, f16 c) {
+    return (f16){_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
+}
+static inline float sum16(f16 v) { return hsum(_mm256_add_ps(v.lo, v.hi)); }
+#endif
 
-/* rowsMT: one output n for MT rows of x, a branch-free loop per tile height. CH accumulator chains a
- * row (4 for 1 row, 2 for 2) so that the fused multiply-adds do not wait on one another. */
-#define ROWS(MT, CH)                                                                                      \
-    static void rows##MT(const float *x, int64_t k_len, const int8_t *codes, const float *scale,          \
-                         const float *zero, int64_t group, float *y, int64_t n_len) {                      \
-        __m256 acc[MT * CH];                                                                              \
-        for (int i = 0; i < MT * CH; i++) acc[i] = _mm256_setzero_ps();                                   \
-        for (int64_t k = 0; k < k_len; k += 32) {                                                         \
-            for (int c = 0; c < 4; c++) {                                                                 \
-                int64_t kk = k + 8 * c, g = kk / group;                                                   \
-                __m256 w = weights8(codes + kk, _mm256_set1_ps(scale[g]),                                 \
-                                    zero ? _mm256_set1_ps(zero[g]) : _mm256_setzero_ps(), zero != 0);     \
-                for (int i = 0; i < MT; i++)                                                              \
-                    acc[i * CH + c % CH] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + i * k_len + kk),        \
-                                                           acc[i * CH + c % CH]);                         \
+/* tileNT_MT: NT outputs (rows of codes, ldc bytes apart) for MT rows of x. Each output y[m, n] is one
+ * chain of 16-lane fused multiply-adds over k = 0, 16, 32, ... in order, then sum16: the same
+ * operations whatever the tile, so a row's result does not depend on the rows beside it (batch
+ * invariance) nor on how the outputs are split between threads. Weights: code * scale (+ zero),
+ * a multiply then an add, as the gguf package rounds them; scale index k >> shift (group 2^shift). */
+#define TILE8(NT, MT)                                                                                     \
+    static void tile##NT##_##MT(const float *x, int64_t k_len, const int8_t *codes, const float *scale,  \
+                                const float *zero, int shift, float *y, int64_t n_len) {                 \
+        int64_t groups = k_len >> shift;                                                                  \
+        f16 acc[NT][MT];                                                                                  \
+        for (int j = 0; j < NT; j++)                                                                      \
+            for (int i = 0; i < MT; i++) acc[j][i] = zero16();                                            \
+        for (int64_t k = 0; k < k_len; k += 16) {                                                         \
+            int64_t g = k >> shift;                                                                       \
+            f16 xs[MT];                                                                                   \
+            for (int i = 0; i < MT; i++) xs[i] = load16(x + i * k_len + k);                               \
+            for (int j = 0; j < NT; j++) {                                                                \
+                f16 w = mul16(codes16(codes + j * k_len + k), set16(scale[j * groups + g]));              \
+                if (zero) w = add16(w, set16(zero[j * groups + g]));                                      \
+                for (int i = 0; i < MT; i++) acc[j][i] = fma16(w, xs[i], acc[j][i]);                      \
             }                                                                                             \
         }                                                                                                 \
-        for (int i = 0; i < MT; i++) {                                                                    \
-            __m256 sum = acc[i * CH];                                                                     \
-            for (int c = 1; c < CH; c++) sum = _mm256_add_ps(sum, acc[i * CH + c]);                       \
-            y[i * n_len] = hsum(sum);                                                                     \
-        }                                                                                                 \
+        for (int j = 0; j < NT; j++)                                                                      \
+            for (int i = 0; i < MT; i++) y[i * n_len + j] = sum16(acc[j][i]);                             \
     }
-ROWS(1, 4)
-ROWS(2, 2)
-ROWS(4, 1)
-ROWS(8, 1)
+#ifdef __AVX512F__ /* 32 registers: up to 16 accumulators */
+#define INT8_OUTPUTS 4
+TILE8(4, 1) TILE8(4, 2) TILE8(4, 4) TILE8(1, 1) TILE8(1, 2) TILE8(1, 4)
+#else /* 16 ymm, two per f16: up to 4 accumulators */
+#define INT8_OUTPUTS 2
+TILE8(2, 1) TILE8(2, 2) TILE8(1, 1) TILE8(1, 2) TILE8(1, 4)
+#endif
 
 struct int8_args {
     const float *x, *scale, *zero;
     const int8_t *codes;
     float *y;
-    int64_t m_len, k_len, n_len, group, per_chunk;
+    int64_t m_len, k_len, n_len, per_chunk;
+    int shift;
 };
+
+/* Rows m0.. of x by outputs n0 .. n0 + nt - 1 (nt = INT8_OUTPUTS or 1), in row tiles of 4, 2, 1. */
+static void int8_outputs(const struct int8_args *a, int64_t n0, int nt) {
+    int64_t k_len = a->k_len, n_len = a->n_len, groups = k_len >> a->shift;
+    const int8_t *c = a->codes + n0 * k_len;
+    const float *s = a->scale + n0 * groups, *z = a->zero ? a->zero + n0 * groups : 0;
+    int64_t m = 0;
+#define INT8_CALL(NT, MT) tile##NT##_##MT(a->x + m * k_len, k_len, c, s, z, a->shift, a->y + m * n_len + n0, n_len)
+#ifdef __AVX512F__
+    if (nt == INT8_OUTPUTS) {
+        for (; m + 4 <= a->m_len; m += 4) INT8_CALL(4, 4);
+        if (a->m_len - m >= 2) { INT8_CALL(4, 2); m += 2; }
+        if (a->m_len - m >= 1) INT8_CALL(4, 1);
+        return;
+    }
+#else
+    if (nt == INT8_OUTPUTS) {
+        for (; m + 2 <= a->m_len; m += 2) INT8_CALL(2, 2);
+        if (a->m_len - m >= 1) INT8_CALL(2, 1);
+        return;
+    }
+#endif
+    for (; m + 4 <= a->m_len; m += 4) INT8_CALL(1, 4);
+    if (a->m_len - m >= 2) { INT8_CALL(1, 2); m += 2; }
+    if (a->m_len - m >= 1) INT8_CALL(1, 1);
+#undef INT8_CALL
+}
 
 static void int8_chunk(const void *arg, int64_t chunk) {
     const struct int8_args *a = arg;
-    int64_t k_len = a->k_len, n_len = a->n_len, m_len = a->m_len, groups = k_len / a->group, group = a->group;
-    int64_t n1 = (chunk + 1) * a->per_chunk < n_len ? (chunk + 1) * a->per_chunk : n_len;
-    for (int64_t n = chunk * a->per_chunk; n < n1; n++) {
-        const int8_t *c = a->codes + n * k_len;
-        const float *s = a->scale + n * groups;
-        const float *z = a->zero ? a->zero + n * groups : 0;
-        const float *x = a->x;
-        float *y = a->y;
-        int64_t m = 0;
-        for (; m + 8 <= m_len; m += 8) rows8(x + m * k_len, k_len, c, s, z, group, y + m * n_len + n, n_len);
-        if (m_len - m >= 4) { rows4(x + m * k_len, k_len, c, s, z, group, y + m * n_len + n, n_len); m += 4; }
-        if (m_len - m >= 2) { rows2(x + m * k_len, k_len, c, s, z, group, y + m * n_len + n, n_len); m += 2; }
-        if (m_len - m >= 1) rows1(x + m * k_len, k_len, c, s, z, group, y + m * n_len + n, n_len);
-    }
+    int64_t n = chunk * a->per_chunk, n1 = n + a->per_chunk < a->n_len ? n + a->per_chunk : a->n_len;
+    for (; n + INT8_OUTPUTS <= n1; n += INT8_OUTPUTS) int8_outputs(a, n, INT8_OUTPUTS);
+    for (; n < n1; n++) int8_outputs(a, n, 1);
 }
 
 /* Chunks of about CHUNKS_PER_THREAD per thread over `items` outputs: (items per chunk, chunks). */
@@ -90,14 +143,16 @@ static void split(int64_t items, int threads, int64_t *per_chunk, int64_t *chunk
 }
 
 /* x [M, K] fp32, codes [N, K] int8, scale and zero [N, K / group] fp32 (zero may be NULL),
- * y [M, N] fp32. K a multiple of 32 and of group, group a multiple of 8. Returns 0, or -1 on bad sizes.
+ * y [M, N] fp32. K a multiple of 32, group 16 or 32. Returns 0, or -1 on bad sizes.
  * threads: the caller and threads-1 of the work pool (work_pool.h) share the outputs. */
 int int8_matmul(const float *x, int64_t m_len, int64_t k_len, const int8_t *codes, const float *scale,
                 const float *zero, int64_t n_len, int64_t group, float *y, int threads) {
-    if (group <= 0 || group % 8 || k_len % group || k_len % 32) return -1;
-    struct int8_args a = {x, scale, zero, codes, y, m_len, k_len, n_len, group};
+    if ((group != 16 && group != 32) || k_len <= 0 || k_len % 32) return -1;
+    struct int8_args a = {x, scale, zero, codes, y, m_len, k_len, n_len, 0, group == 16 ? 4 : 5};
     int64_t chunks;
     split(n_len, threads, &a.per_chunk, &chunks);
+    a.per_chunk = (a.per_chunk + INT8_OUTPUTS - 1) / INT8_OUTPUTS * INT8_OUTPUTS; /* whole output tiles */
+    chunks = (n_len + a.per_chunk - 1) / a.per_chunk;
     pool_run(int8_chunk, &a, chunks, threads);
     return 0;
 }

@@ -56,17 +56,22 @@ class QuantKernels:
                group: int) -> torch.Tensor:
         """``x`` [M, K] fp32 times the weight [N, K] ``codes * scale (+ zero)``: [M, N] fp32.
         ``codes`` int8 [N, K], ``scale`` and ``zero`` fp32 [N, K / group], all contiguous.
-        ValueError unless K is a multiple of 32 and of ``group``, a multiple of 8."""
+        ValueError unless K is a positive multiple of 32 and ``group`` 16 or 32, or for operands of
+        other shapes or dtypes."""
         x = x.to(torch.float32).contiguous()
         (m, k), n = x.shape, codes.shape[0]
-        if codes.shape[1] != k:
-            raise ValueError(f"x {tuple(x.shape)} against weight codes {tuple(codes.shape)}")
+        constants = [scale] if zero is None else [scale, zero]
+        if (codes.shape[1] != k or codes.dtype is not torch.int8 or group not in (16, 32)
+                or any(c.shape != (n, k // group) or c.dtype is not torch.float32 for c in constants)
+                or not all(t.is_contiguous() for t in (codes, *constants))):
+            raise ValueError(f"x {tuple(x.shape)} against weight codes {tuple(codes.shape)} ({codes.dtype}), "
+                             f"constants {[tuple(c.shape) for c in constants]} in groups of {group}")
         y = torch.empty(m, n, dtype=torch.float32)
         rc = self._lib.int8_matmul(x.data_ptr(), m, k, codes.data_ptr(), scale.data_ptr(),
                                    None if zero is None else zero.data_ptr(), n, group, y.data_ptr(),
                                    torch.get_num_threads())
         if rc != 0:
-            raise ValueError(f"{k} inputs in groups of {group}: need multiples of 32 and of the group")
+            raise ValueError(f"{k} inputs: need a positive multiple of 32")
         return y
 
     def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,

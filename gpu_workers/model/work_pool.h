@@ -131,7 +131,7 @@ static void pool_run(pool_fn fn, const void *arg, int64_t chunks, int threads) {
         pthread_detach(t);
         pool.started++;
     }
-    uint64_t gen = (atomic_load(&pool.next) >> 32) + 1;
+    uint64_t gen = ((atomic_load(&pool.next) >> 32) + 1) & 0xffffffffu; /* wraps within the 32 bits it has */
     struct pool_job *job = &pool.slots[gen & 1];
     job->fn = fn;
     job->arg = arg;

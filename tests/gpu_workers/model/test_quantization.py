@@ -254,6 +254,34 @@ def test_int8_weight_multiplies_as_the_dequantized_fp32_weight(kind: T, rows: in
         assert torch.equal(weight(x.bfloat16()), weight(x.bfloat16().float()).bfloat16())
 
 
+@pytest.mark.parametrize("kind", [T.Q8_0, T.Q6_K, T.Q5_1], ids=lambda k: k.name)
+def test_int8_kernel_rows_do_not_depend_on_their_batch(kind: T) -> None:
+    """A row's outputs are the same bits alone, at any place in a batch of 1..17 rows (every tile
+    height and remainder), at 1 and 2 threads, in the AVX2 build as in the native one; outputs that
+    fill no whole tile (N = 7 and 9) and K of one 32-block (Q6_K: one 256-weight super-block) or
+    several included."""
+    kernels = {"native": _kernels("native")}
+    from gpu_workers.model import c_build
+
+    if b"avx512f" in c_build.cpu_flags().split():
+        kernels["avx2"] = _kernels("avx2")
+    before = torch.get_num_threads()
+    try:
+        for out, cols in [(7, 256 if kind == T.Q6_K else 32), (40, 512), (9, 768)]:
+            weight, _dense = _weight8(kind, rows=out, cols=cols)
+            batch = torch.randn(17, cols, generator=torch.Generator().manual_seed(out))
+            alone = torch.cat([weight.multiply(batch[i : i + 1]) for i in range(17)])
+            for name, lib in kernels.items():
+                weight._kernels = lib
+                for threads in (1, 2):
+                    torch.set_num_threads(threads)
+                    for rows in range(1, 18):
+                        got = weight.multiply(batch[:rows])
+                        assert torch.equal(got, alone[:rows]), (name, threads, out, cols, rows)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_int8_weight_refuses_shards_that_cut_blocks() -> None:
     with pytest.raises(ValueError, match="16-weight quantization block"):
         Int8Weight(torch.zeros(4, 64), torch.arange(64.0).repeat(4, 1), torch.zeros(4, 64))
