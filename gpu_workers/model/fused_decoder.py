@@ -10,9 +10,12 @@ operations in the same order with the same rounding as the one-operation-a-call 
 states are the same bits (tests/gpu_workers/model/test_fused_decoder.py).
 
 ``prepare(model)`` says whether a model takes this path: a Llama-family layer (RMSNorm, SiLU, no
-query/key norms) on one rank (no all-reduce between the halves), every linear packed in panels
-(fp32 on a CPU, ``cpu_matmul``), the layer kernels loaded (``RYZ_LAYER_KERNELS=0`` turns both off).
-Compiled models (``--compilation-config``) and autograd keep the module path.
+query/key norms) on one rank (no all-reduce between the halves), every linear either packed in
+panels (fp32 on a CPU, ``cpu_matmul``) or kept quantized for the C kernels of ``quant_kernels``
+(``--quantization gguf``: the C code calls the same kernel the module path calls), the layer
+kernels loaded (``RYZ_LAYER_KERNELS=0`` turns both off). Compiled models (``--compilation-config``)
+and autograd keep the module path, and so do steps of ``max_rows`` tokens or more where a
+quantized linear would dequantize its weight for the call (``dense_from``: a prefill).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 
 from gpu_workers.model import layer_kernels, panel_matmul
 from gpu_workers.model.layers import LinearBase, RMSNorm
+from gpu_workers.model.quantization import GROUP_SIZE, Int4Weight, Int8Weight
 
 if TYPE_CHECKING:
     from gpu_workers.model.attention import AttentionBatch
@@ -31,27 +35,41 @@ if TYPE_CHECKING:
     from gpu_workers.model.llama import LlamaDecoderLayer, LlamaForCausalLM
 
 
-def _panels(linear: LinearBase) -> bool:
-    return (linear.tp.size == 1 and linear.quantized is None and linear.packed is not None
-            and linear.packed.layout is torch.strided)
+def _linear(linear: LinearBase) -> tuple[panel_matmul.Linear, int] | None:
+    """``linear`` as the C halves take it, and the rows from which its module path leaves the
+    kernel (a quantized weight's ``dense_from``); None where it cannot take the fused path."""
+    if linear.tp.size != 1:
+        return None
+    bias = None if linear.bias is None else linear.bias.data
+    q = linear.quantized
+    if q is None:
+        if linear.packed is None or linear.packed.layout is not torch.strided:
+            return None
+        return panel_matmul.panels_linear(linear.packed, linear.packed.shape[1], linear.packed_out, bias), _NO_LIMIT
+    if isinstance(q, Int4Weight) and q._kernels is not None:
+        fn = q._kernels.address("int4_linear")
+        return (panel_matmul.kernel_linear(fn, q.packed, q.scale, q.zero, GROUP_SIZE, q.in_features, q.out_features,
+                                           bias), q.dense_from)
+    if isinstance(q, Int8Weight):
+        fn = q._kernels.address("int8_matmul")
+        return (panel_matmul.kernel_linear(fn, q.codes, q.scale, q.zero, q.group, q.in_features, q.out_features,
+                                           bias), q.dense_from)
+    return None
 
 
-def _bias(linear: LinearBase) -> torch.Tensor | None:
-    return None if linear.bias is None else linear.bias.data
-
-
-def _packed(linear: LinearBase) -> torch.Tensor:
-    assert linear.packed is not None  # prepare() checked
-    return linear.packed
+_NO_LIMIT = 1 << 62
 
 
 class FusedDecoder:
     """The decoder layers of one model on the fused path (``prepare`` checked that they can)."""
 
-    def __init__(self, model: LlamaForCausalLM, layers: list[LlamaDecoderLayer], kernels: panel_matmul.PanelKernels,
+    def __init__(self, model: LlamaForCausalLM, layers: list[LlamaDecoderLayer],
+                 linears: list[tuple[panel_matmul.Linear, ...]], max_rows: int, kernels: panel_matmul.PanelKernels,
                  one_op_kernels: layer_kernels.LayerKernels) -> None:
         self.model = model
         self.layers = layers
+        self.linears = linears  # per layer: qkv, o, gate_up, down
+        self.max_rows = max_rows  # steps of fewer tokens take this path (llama.py's decoder)
         self.kernels = kernels
         self.layer_kernels = one_op_kernels
 
@@ -71,34 +89,23 @@ class FusedDecoder:
         for i, layer in enumerate(self.layers):
             c, s = angles["local" if i in self.model.sliding_layers else "global"]
             attn = layer.self_attn
-            qkv = self._attention_in(layer, h, residual, c, s, stream, normed)  # [T, (H + 2 Hkv) D]
+            qkv_proj, o_proj, gate_up, down = self.linears[i]
+            norm = layer.input_layernorm
+            qkv = self.kernels.decoder_attention_in(  # [T, (H + 2 Hkv) D]; stream <- h + residual
+                h, residual, norm.weight.data, norm.eps, norm.offset, qkv_proj, c, s,
+                attn.num_heads + attn.num_kv_heads, attn.head_dim, stream, normed)
             d, heads, kv_heads = attn.head_dim, attn.num_heads, attn.num_kv_heads
             q = qkv[:, : heads * d].view(t, heads, d)
             k = qkv[:, heads * d : (heads + kv_heads) * d].view(t, kv_heads, d)
             v = qkv[:, (heads + kv_heads) * d :].view(t, kv_heads, d)
             context = attn.attn(q, k, v, batch, cache).contiguous()  # [T, H * D]
-            self._mlp(layer, context, h if residual is None else stream, mlp_stream, out)
+            post = layer.post_attention_layernorm
+            self.kernels.decoder_mlp(context, h if residual is None else stream, o_proj, post.weight.data, post.eps,
+                                     post.offset, gate_up, down, mlp_stream, out)
             h, residual = out, mlp_stream  # the layer's output is out + mlp_stream, added by the next
         assert residual is not None
         final = self.model.model.norm
         return self.layer_kernels.fused_add_rms_norm(h, residual, final.weight, final.eps, offset=final.offset)[0]
-
-    def _attention_in(self, layer: LlamaDecoderLayer, h: torch.Tensor, residual: torch.Tensor | None,
-                      cos: torch.Tensor, sin: torch.Tensor, stream: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
-        """``decoder_attention_in``: writes ``h + residual`` to ``stream`` (unless ``residual`` is None);
-        returns the rotated QKV projection [T, (H + 2 Hkv) D]."""
-        attn, norm = layer.self_attn, layer.input_layernorm
-        return self.kernels.decoder_attention_in(
-            h, residual, norm.weight.data, norm.eps, norm.offset, _packed(attn.qkv_proj), attn.qkv_proj.packed_out,
-            _bias(attn.qkv_proj), cos, sin, attn.num_heads + attn.num_kv_heads, attn.head_dim, stream, normed)
-
-    def _mlp(self, layer: LlamaDecoderLayer, context: torch.Tensor, stream: torch.Tensor, mlp_stream: torch.Tensor,
-             out: torch.Tensor) -> None:
-        o, mlp, norm = layer.self_attn.o_proj, layer.mlp, layer.post_attention_layernorm
-        gate_up, down = mlp.gate_up_proj, mlp.down_proj
-        self.kernels.decoder_mlp(context, stream, _packed(o), _bias(o), norm.weight.data, norm.eps, norm.offset,
-                                 _packed(gate_up), _bias(gate_up), gate_up.packed_out // 2, _packed(down),
-                                 _bias(down), mlp_stream, out)
 
 
 def prepare(model: LlamaForCausalLM) -> FusedDecoder | None:
@@ -111,15 +118,20 @@ def prepare(model: LlamaForCausalLM) -> FusedDecoder | None:
     if not isinstance(model.model.norm, RMSNorm):
         return None
     layers: list[LlamaDecoderLayer] = []
+    linears: list[tuple[panel_matmul.Linear, ...]] = []
+    max_rows = _NO_LIMIT
     for layer in model.model.layers:
         if type(layer) is not LlamaDecoderLayer:
             return None
         attn, mlp = layer.self_attn, layer.mlp
         if attn.qk_norm or mlp.act is not F.silu:
             return None
-        if not all(_panels(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)):
+        found = [_linear(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+        if any(f is None for f in found):
             return None
+        linears.append(tuple(f[0] for f in found if f is not None))
+        max_rows = min([max_rows] + [f[1] for f in found if f is not None])
         if not (isinstance(layer.input_layernorm, RMSNorm) and isinstance(layer.post_attention_layernorm, RMSNorm)):
             return None
         layers.append(layer)
-    return FusedDecoder(model, layers, kernels, one_op)
+    return FusedDecoder(model, layers, linears, max_rows, kernels, one_op)

@@ -194,7 +194,8 @@ class LlamaForCausalLM(nn.Module):
         [T, hidden], rotated by ``cos``, ``sin`` (sliding-window layers: ``local_cos``, ``local_sin``),
         each [T, 1, D / 2]. ``batch`` and ``kv_cache`` None: compiled, attention reads the forward context."""
         if (self._fused is not None and batch is not None and kv_cache is not None and not x.requires_grad
-                and not torch.compiler.is_compiling() and 2 * cos.shape[-1] == self.config.head_dim):
+                and not torch.compiler.is_compiling() and 2 * cos.shape[-1] == self.config.head_dim
+                and x.shape[0] < self._fused.max_rows):
             return self._fused(x, cos, sin, local_cos, local_sin, batch, kv_cache)
         for i, layer in enumerate(self.model.layers):
             local = i in self.sliding_layers

@@ -149,43 +149,68 @@ void panel_pack(const float *w, int64_t N, int64_t K, int64_t ldw, float *packed
             }
 }
 
-/* A Llama decoder layer's two halves around attention, for T rows (tokens) of hidden size H, on
- * panel-packed weights (llama.py's LlamaDecoderLayer and its fused path): the operations, their order
- * and their rounding are those of the layer's one-operation-a-call form (layer_kernels.c, panel_matmul
- * above), in one call each, so the results are the same bits. The small operations run on the calling
- * thread (at decode batch sizes they cost less than a hand-off); the matmuls split over the pool.
+/* A linear layer's weight as the decoder halves below take it: fp32 panels (fn NULL: panel_matmul),
+ * or another library's kernel fn with its operands (quant_kernels.c's int8_matmul and int4_linear,
+ * which keep GGUF weights quantized), called as fn(x, M, k, w, scale, zero, n, group, y, threads) on
+ * contiguous rows; bias [n] or NULL, added after the sum as panel_matmul adds it. */
+typedef int (*linear_fn)(const float *x, int64_t m, int64_t k, const void *w, const float *scale, const float *zero,
+                         int64_t n, int64_t group, float *y, int threads);
+struct linear {
+    const void *w;
+    const float *scale, *zero, *bias;
+    linear_fn fn;
+    int64_t k, n, group;
+};
+
+/* y [T, L->n] = x [T, L->k] (contiguous) through L. */
+static void linear_apply(const struct linear *L, const float *x, int64_t T, float *y, int threads) {
+    if (!L->fn) {
+        panel_matmul(x, T, L->k, L->k, L->w, L->n, L->bias, y, L->n, threads);
+        return;
+    }
+    L->fn(x, T, L->k, L->w, L->scale, L->zero, L->n, L->group, y, threads);
+    if (L->bias)
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t j = 0; j < L->n; j++) y[t * L->n + j] += L->bias[j];
+}
+
+/* A Llama decoder layer's two halves around attention, for T rows (tokens) of hidden size H
+ * (llama.py's LlamaDecoderLayer and its fused path): the operations, their order and their rounding
+ * are those of the layer's one-operation-a-call form (layer_kernels.c, the linears' own kernels), in
+ * one call each, so the results are the same bits. The small operations run on the calling thread (at
+ * decode batch sizes they cost less than a hand-off); the matmuls split over their kernel's pool.
  *
  * Attention in: s = x + residual (s = x where residual is NULL), n = RMSNorm(s) * norm_w (1 + norm_w:
- * offset), qkv = n @ Wqkv^T + bqkv [T, nqkv], then the first rope_heads heads of d of each qkv row (the
- * query and key heads) rotated in place by cos, sin [T, d / 2]. s_out, n [T, H] scratch-or-output. */
+ * offset), qkv = n @ Wqkv^T + bqkv [T, qkv->n], then the first rope_heads heads of d of each qkv row
+ * (the query and key heads) rotated in place by cos, sin [T, d / 2]. s_out, n [T, H] scratch-or-output. */
 void decoder_attention_in(const float *x, const float *residual, const float *norm_w, float eps, int offset,
-                          int64_t T, int64_t H, const float *wqkv, int64_t nqkv, const float *bqkv, const float *cos,
-                          const float *sin, int64_t rope_heads, int64_t d, float *s_out, float *n, float *qkv,
-                          int threads) {
+                          int64_t T, int64_t H, const struct linear *wqkv, const float *cos, const float *sin,
+                          int64_t rope_heads, int64_t d, float *s_out, float *n, float *qkv, int threads) {
     for (int64_t t = 0; t < T; t++) {
         if (residual)
             add_norm_row(x + t * H, residual + t * H, norm_w, eps, offset, H, n + t * H, s_out + t * H);
         else
             norm_row(x + t * H, norm_w, eps, offset, H, n + t * H);
     }
-    panel_matmul(n, T, H, H, wqkv, nqkv, bqkv, qkv, nqkv, threads);
+    linear_apply(wqkv, n, T, qkv, threads);
+    int64_t nqkv = wqkv->n;
     for (int64_t t = 0; t < T; t++)
         for (int64_t h = 0; h < rope_heads; h++)
             rope_head(qkv + t * nqkv + h * d, cos + t * (d / 2), sin + t * (d / 2), d / 2, qkv + t * nqkv + h * d);
 }
 
-/* The MLP half: h = attn @ Wo^T + bo (attn [T, attn_dim], row stride lda), s2 = h + s, n2 = RMSNorm(s2) *
- * post_w, gu = n2 @ Wgu^T + bgu [T, 2 inter], a = silu(gate) * up [T, inter], out = a @ Wd^T + bd [T, H].
- * The layer's output is out + s2 (added by the next layer's decoder_attention_in, or before the final
- * norm). h, n2, gu, a: scratch. */
-void decoder_mlp(const float *attn, int64_t lda, int64_t attn_dim, const float *s, const float *wo, const float *bo,
-                 const float *post_w, float eps, int offset, const float *wgu, const float *bgu, int64_t inter,
-                 const float *wd, const float *bd, int64_t T, int64_t H, float *h, float *s2, float *n2, float *gu,
-                 float *a, float *out, int threads) {
-    panel_matmul(attn, T, attn_dim, lda, wo, H, bo, h, H, threads);
+/* The MLP half: h = attn @ Wo^T + bo (attn [T, wo->k]), s2 = h + s, n2 = RMSNorm(s2) * post_w,
+ * gu = n2 @ Wgu^T + bgu [T, 2 inter] (inter = wgu->n / 2), a = silu(gate) * up [T, inter],
+ * out = a @ Wd^T + bd [T, H]. The layer's output is out + s2 (added by the next layer's
+ * decoder_attention_in, or before the final norm). h, n2, gu, a: scratch. */
+void decoder_mlp(const float *attn, const float *s, const struct linear *wo, const float *post_w, float eps,
+                 int offset, const struct linear *wgu, const struct linear *wd, int64_t T, int64_t H, float *h,
+                 float *s2, float *n2, float *gu, float *a, float *out, int threads) {
+    int64_t inter = wgu->n / 2;
+    linear_apply(wo, attn, T, h, threads);
     for (int64_t t = 0; t < T; t++)
         add_norm_row(h + t * H, s + t * H, post_w, eps, offset, H, n2 + t * H, s2 + t * H);
-    panel_matmul(n2, T, H, H, wgu, 2 * inter, bgu, gu, 2 * inter, threads);
+    linear_apply(wgu, n2, T, gu, threads);
     for (int64_t t = 0; t < T; t++) silu_mul_row(gu + t * 2 * inter, inter, a + t * inter);
-    panel_matmul(a, T, inter, inter, wd, H, bd, out, H, threads);
+    linear_apply(wd, a, T, out, threads);
 }

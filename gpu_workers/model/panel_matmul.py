@@ -51,10 +51,10 @@ class PanelKernels:
     def __init__(self, lib: ctypes.CDLL) -> None:
         lib.panel_matmul.argtypes = [_P, _I, _I, _I, _P, _I, _P, _P, _I, ctypes.c_int]
         lib.panel_pack.argtypes = [_P, _I, _I, _I, _P]
-        lib.decoder_attention_in.argtypes = [_P, _P, _P, _F, ctypes.c_int, _I, _I, _P, _I, _P, _P, _P, _I, _I, _P, _P,
-                                             _P, ctypes.c_int]
-        lib.decoder_mlp.argtypes = [_P, _I, _I, _P, _P, _P, _P, _F, ctypes.c_int, _P, _P, _I, _P, _P, _I, _I, _P, _P,
-                                    _P, _P, _P, _P, ctypes.c_int]
+        lib.decoder_attention_in.argtypes = [_P, _P, _P, _F, ctypes.c_int, _I, _I, _P, _P, _P, _I, _I, _P, _P, _P,
+                                             ctypes.c_int]
+        lib.decoder_mlp.argtypes = [_P, _P, _P, _P, _F, ctypes.c_int, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P,
+                                    ctypes.c_int]
         for f in (lib.panel_matmul, lib.panel_pack, lib.decoder_attention_in, lib.decoder_mlp):
             f.restype = None
         self._lib = lib
@@ -96,55 +96,86 @@ class PanelKernels:
 
 
     def decoder_attention_in(self, x: torch.Tensor, residual: torch.Tensor | None, norm_w: torch.Tensor, eps: float,
-                             offset: bool, wqkv: torch.Tensor, nqkv: int, bqkv: torch.Tensor | None,
-                             cos: torch.Tensor, sin: torch.Tensor, rope_heads: int, head_dim: int,
-                             stream: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
+                             offset: bool, qkv: Linear, cos: torch.Tensor, sin: torch.Tensor, rope_heads: int,
+                             head_dim: int, stream: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
         """A decoder layer's half before attention (panel_matmul.c ``decoder_attention_in``) for ``x``
         [T, H]: ``stream`` [T, H] <- x + residual (untouched when ``residual`` is None), ``normed``
-        [T, H] <- RMSNorm of that, and returned: its QKV projection [T, nqkv] by the panels ``wqkv``
-        (+ ``bqkv``), the first ``rope_heads`` heads of ``head_dim`` rotated by ``cos``, ``sin``
+        [T, H] <- RMSNorm of that, and returned: its QKV projection [T, qkv.n] through ``qkv`` (its
+        bias added), the first ``rope_heads`` heads of ``head_dim`` rotated by ``cos``, ``sin``
         [T, head_dim / 2]. ValueError for operands the C code would misread."""
         t, hidden = x.shape
-        operands = [x, norm_w, wqkv, cos, sin, stream, normed] + [o for o in (residual, bqkv) if o is not None]
+        operands = [x, norm_w, cos, sin, stream, normed] + ([] if residual is None else [residual])
         _check_contiguous(operands)
         half = head_dim // 2
         if (norm_w.shape != (hidden,) or stream.shape != x.shape or normed.shape != x.shape
                 or (residual is not None and residual.shape != x.shape) or cos.shape != (t, half)
-                or sin.shape != (t, half) or rope_heads * head_dim > nqkv or head_dim % 2
-                or (bqkv is not None and bqkv.shape != (nqkv,)) or not _panels_of(wqkv, hidden, nqkv)):
-            raise ValueError(f"decoder_attention_in: x {tuple(x.shape)}, panels {tuple(wqkv.shape)} of {nqkv}, "
+                or sin.shape != (t, half) or rope_heads * head_dim > qkv.n or head_dim % 2 or qkv.k != hidden):
+            raise ValueError(f"decoder_attention_in: x {tuple(x.shape)}, a linear of {qkv.k} -> {qkv.n}, "
                              f"cos {tuple(cos.shape)}, {rope_heads} heads of {head_dim}")
-        qkv = torch.empty(t, nqkv)
+        out = torch.empty(t, qkv.n)
         self._lib.decoder_attention_in(x.data_ptr(), _ptr(residual), norm_w.data_ptr(), eps, int(offset), t, hidden,
-                                       wqkv.data_ptr(), nqkv, _ptr(bqkv), cos.data_ptr(), sin.data_ptr(), rope_heads,
-                                       head_dim, stream.data_ptr(), normed.data_ptr(), qkv.data_ptr(),
-                                       torch.get_num_threads())
-        return qkv
+                                       ctypes.byref(qkv), cos.data_ptr(), sin.data_ptr(), rope_heads, head_dim,
+                                       stream.data_ptr(), normed.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        return out
 
-    def decoder_mlp(self, context: torch.Tensor, stream: torch.Tensor, wo: torch.Tensor, bo: torch.Tensor | None,
-                    post_w: torch.Tensor, eps: float, offset: bool, wgu: torch.Tensor, bgu: torch.Tensor | None,
-                    inter: int, wd: torch.Tensor, bd: torch.Tensor | None, mlp_stream: torch.Tensor,
-                    out: torch.Tensor) -> None:
+    def decoder_mlp(self, context: torch.Tensor, stream: torch.Tensor, o: Linear, post_w: torch.Tensor, eps: float,
+                    offset: bool, gate_up: Linear, down: Linear, mlp_stream: torch.Tensor, out: torch.Tensor) -> None:
         """A decoder layer's half after attention (panel_matmul.c ``decoder_mlp``) for the attention
         output ``context`` [T, A] and the residual ``stream`` [T, H]: ``mlp_stream`` [T, H] <-
-        context @ Wo^T + bo + stream, ``out`` [T, H] <- the MLP (gate/up ``wgu`` of 2 ``inter``
-        outputs, SiLU-and-multiply, down ``wd``) of its post-attention RMSNorm. The layer's output is
-        out + mlp_stream. ValueError for operands the C code would misread."""
+        o(context) + stream, ``out`` [T, H] <- the MLP (``gate_up`` of 2 I outputs, SiLU-and-multiply,
+        ``down``) of its post-attention RMSNorm. The layer's output is out + mlp_stream. ValueError for
+        operands the C code would misread."""
         t, attn_dim = context.shape
         hidden = stream.shape[1]
-        operands = [context, stream, wo, post_w, wgu, wd, mlp_stream, out] + [b for b in (bo, bgu, bd) if b is not None]
-        _check_contiguous(operands)
+        _check_contiguous([context, stream, post_w, mlp_stream, out])
+        inter = gate_up.n // 2
         if (stream.shape != (t, hidden) or mlp_stream.shape != stream.shape or out.shape != stream.shape
-                or post_w.shape != (hidden,) or not _panels_of(wo, attn_dim, hidden)
-                or not _panels_of(wgu, hidden, 2 * inter) or not _panels_of(wd, inter, hidden)
-                or any(b is not None and b.shape != (n,) for b, n in ((bo, hidden), (bgu, 2 * inter), (bd, hidden)))):
-            raise ValueError(f"decoder_mlp: context {tuple(context.shape)}, stream {tuple(stream.shape)}, panels "
-                             f"{tuple(wo.shape)}, {tuple(wgu.shape)}, {tuple(wd.shape)}, inter {inter}")
+                or post_w.shape != (hidden,) or (o.k, o.n) != (attn_dim, hidden) or gate_up.n % 2
+                or (gate_up.k, down.k, down.n) != (hidden, inter, hidden)):
+            raise ValueError(f"decoder_mlp: context {tuple(context.shape)}, stream {tuple(stream.shape)}, linears "
+                             f"{o.k} -> {o.n}, {gate_up.k} -> {gate_up.n}, {down.k} -> {down.n}")
         h, n2, gu, a = torch.empty(t, hidden), torch.empty(t, hidden), torch.empty(t, 2 * inter), torch.empty(t, inter)
-        self._lib.decoder_mlp(context.data_ptr(), attn_dim, attn_dim, stream.data_ptr(), wo.data_ptr(), _ptr(bo),
-                              post_w.data_ptr(), eps, int(offset), wgu.data_ptr(), _ptr(bgu), inter, wd.data_ptr(),
-                              _ptr(bd), t, hidden, h.data_ptr(), mlp_stream.data_ptr(), n2.data_ptr(), gu.data_ptr(),
-                              a.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        self._lib.decoder_mlp(context.data_ptr(), stream.data_ptr(), ctypes.byref(o), post_w.data_ptr(), eps,
+                              int(offset), ctypes.byref(gate_up), ctypes.byref(down), t, hidden, h.data_ptr(),
+                              mlp_stream.data_ptr(), n2.data_ptr(), gu.data_ptr(), a.data_ptr(), out.data_ptr(),
+                              torch.get_num_threads())
+
+
+class Linear(ctypes.Structure):
+    """A linear layer's weight as the decoder halves take it (panel_matmul.c ``struct linear``), made by
+    ``panels_linear`` or ``kernel_linear``, which check its operands; it holds their tensors, so the
+    addresses it carries stay valid while it lives."""
+
+    _fields_ = [("w", _P), ("scale", _P), ("zero", _P), ("bias", _P), ("fn", _P), ("k", _I), ("n", _I), ("group", _I)]
+    _tensors: tuple[torch.Tensor | None, ...]
+
+
+def panels_linear(packed: torch.Tensor, in_features: int, out_features: int, bias: torch.Tensor | None) -> Linear:
+    """The linear of ``pack``'s panels of a [out_features, in_features] weight, plus ``bias``
+    [out_features]. ValueError for panels of another shape, misaligned, or other dtypes."""
+    _check_contiguous([packed] + ([] if bias is None else [bias]))
+    if not _panels_of(packed, in_features, out_features) or (bias is not None and bias.shape != (out_features,)):
+        raise ValueError(f"panels {tuple(packed.shape)} for a linear of {in_features} -> {out_features}")
+    linear = Linear(packed.data_ptr(), None, None, _ptr(bias), None, in_features, out_features, 0)
+    linear._tensors = (packed, bias)
+    return linear
+
+
+def kernel_linear(fn: int, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int,
+                  in_features: int, out_features: int, bias: torch.Tensor | None) -> Linear:
+    """The linear computed by another library's kernel at address ``fn`` (quant_kernels'
+    ``int8_matmul``, ``int4_linear``: ``fn(x, M, k, w, scale, zero, n, group, y, threads)``) on its
+    weight ``w`` and fp32 block constants ``scale``, ``zero`` [out_features, in_features / group],
+    plus ``bias`` [out_features]. The caller vouches for ``w``'s layout; the rest is checked (ValueError)."""
+    constants = [scale] + ([] if zero is None else [zero]) + ([] if bias is None else [bias])
+    _check_contiguous(constants)
+    if (not w.is_contiguous() or group <= 0 or in_features % group
+            or any(c.shape != (out_features, in_features // group) for c in constants[: 1 + (zero is not None)])
+            or (bias is not None and bias.shape != (out_features,))):
+        raise ValueError(f"kernel operands for a linear of {in_features} -> {out_features} in groups of {group}")
+    linear = Linear(w.data_ptr(), scale.data_ptr(), _ptr(zero), _ptr(bias), fn, in_features, out_features, group)
+    linear._tensors = (w, scale, zero, bias)
+    return linear
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

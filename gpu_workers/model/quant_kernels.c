@@ -326,3 +326,11 @@ int int4_dequantize(const uint8_t *codes, const float *scale, const float *zero,
     }
     return 0;
 }
+
+/* int4_matmul with int8_matmul's signature (group: 32, implied), as panel_matmul.c's decoder halves call a
+ * linear's kernel. */
+int int4_linear(const float *x, int64_t m_len, int64_t k_len, const uint8_t *codes, const float *scale,
+                const float *zero, int64_t n_len, int64_t group, float *y, int threads) {
+    (void)group;
+    return int4_matmul(x, m_len, k_len, codes, scale, zero, n_len, y, threads);
+}

@@ -52,6 +52,16 @@ class QuantKernels:
         lib.int4_dequantize.restype = ctypes.c_int
         self._lib = lib
 
+    def address(self, name: str) -> int:
+        """The address of the kernel ``name``, ``int8_matmul`` or ``int4_linear`` (``int4_matmul`` with
+        ``int8_matmul``'s arguments), for the fused decoder layers' C code to call
+        (panel_matmul.kernel_linear). The library stays loaded while this object lives."""
+        if name not in ("int8_matmul", "int4_linear"):
+            raise ValueError(f"no kernel {name!r} to call from C")
+        address = ctypes.cast(getattr(self._lib, name), ctypes.c_void_p).value
+        assert address is not None
+        return address
+
     def matmul(self, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                group: int) -> torch.Tensor:
         """``x`` [M, K] fp32 times the weight [N, K] ``codes * scale (+ zero)``: [M, N] fp32.

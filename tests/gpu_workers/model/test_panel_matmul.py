@@ -215,10 +215,12 @@ def test_zero_inputs_give_the_bias() -> None:
     gen = torch.Generator().manual_seed(8)
     t, hidden = 3, 32
     context, stream = torch.randn(t, hidden, generator=gen), torch.randn(t, hidden, generator=gen)
-    wo, post_w = kernels.pack(torch.randn(hidden, hidden, generator=gen)), torch.randn(hidden, generator=gen)
-    wgu, wd, bd = kernels.pack(torch.empty(0, hidden)), kernels.pack(torch.empty(hidden, 0)), torch.randn(hidden)
+    wo = panel_matmul.panels_linear(kernels.pack(torch.randn(hidden, hidden, generator=gen)), hidden, hidden, None)
+    post_w, bd = torch.randn(hidden, generator=gen), torch.randn(hidden)
+    wgu = panel_matmul.panels_linear(kernels.pack(torch.empty(0, hidden)), hidden, 0, None)
+    wd = panel_matmul.panels_linear(kernels.pack(torch.empty(hidden, 0)), 0, hidden, bd)
     mlp_stream, out = torch.empty(t, hidden), torch.empty(t, hidden)
-    kernels.decoder_mlp(context, stream, wo, None, post_w, 1e-6, False, wgu, None, 0, wd, bd, mlp_stream, out)
+    kernels.decoder_mlp(context, stream, wo, post_w, 1e-6, False, wgu, wd, mlp_stream, out)
     assert torch.equal(out, bd.expand(t, hidden))
 
 

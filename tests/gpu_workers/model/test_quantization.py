@@ -18,7 +18,14 @@ from broker.errors import ConfigError
 from gpu_workers.model import cpu_matmul
 from gpu_workers.model.layers import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear, TPContext
 from gpu_workers.model.loader import resolve_model
-from gpu_workers.model.quantization import TORCH_INT4_DENSE_FROM_ROWS, Int4Weight, Int8Weight, block_parts
+from gpu_workers.model.quantization import (
+    DENSE_FROM_ROWS,
+    INT8_DENSE_FROM_ROWS,
+    TORCH_INT4_DENSE_FROM_ROWS,
+    Int4Weight,
+    Int8Weight,
+    block_parts,
+)
 
 T = gguf.GGMLQuantizationType
 INT4 = [T.Q4_0, T.Q4_1, T.Q4_K]
@@ -461,6 +468,48 @@ def test_a_mixed_gguf_file_keeps_its_4_and_8_bit_layers(tmp_path: Path, monkeypa
     assert torch.allclose(prefill["gguf"], prefill[None], rtol=1e-4, atol=1e-4)
     step = {q: r.run([Chunk([7], 64, list(range(9)), True)]) for q, r in runners.items()}
     assert torch.allclose(step["gguf"], step[None], rtol=1e-4, atol=1e-5 * step[None].abs().max().item())
+
+
+def test_quantized_layers_take_the_fused_path_with_the_module_path_s_bits(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """4-bit and 8-bit linears kept quantized (a layer of each kind, as in the mixed file above) run
+    in the fused decoder halves (fused_decoder.py), which call the same C kernels: decode steps of 1
+    and 3 rows give the module path's logits bit for bit; a prefill of dense_from rows or more,
+    where the module path dequantizes the weights, keeps the module path."""
+    from gpu_workers.model import fused_decoder, layer_kernels, panel_matmul
+    from gpu_workers.model_runner import Chunk
+    from tests.gpu_workers.model.gguf_files import vocab_size
+
+    if panel_matmul.load() is None or layer_kernels.load() is None:
+        pytest.skip("no C compiler: no fused path")
+    monkeypatch.setenv("RYZ_CACHE_DIR", str(tmp_path / "cache"))
+    quant = {"token_embd.weight": "Q8_0", "*": "Q4_1", "blk.1.attn_v.weight": "Q8_0", "blk.1.ffn_down.weight": "Q6_K"}
+    runner = _runners(tmp_path, quant)["gguf"]
+    fused = runner.model._fused
+    assert fused is not None and fused.max_rows == min(DENSE_FROM_ROWS, INT8_DENSE_FROM_ROWS)
+    assert set(_kept(runner).values()) == {"Int4Weight", "Int8Weight"}
+    calls: list[int] = []
+    original = fused_decoder.FusedDecoder.__call__
+    monkeypatch.setattr(fused_decoder.FusedDecoder, "__call__", lambda self, x, *a: calls.append(x.shape[0])
+                        or original(self, x, *a))
+    rng = random.Random(2)
+    prompts = [[rng.randrange(vocab_size()) for _ in range(n)] for n in (40, 5, 9)]
+    tables = [list(range(0, 6)), list(range(6, 8)), list(range(8, 10))]
+
+    def run() -> list[torch.Tensor]:
+        out = [runner.run([Chunk(prompts[0], 0, tables[0], True)])]  # 40 rows: the module path
+        out.append(runner.run([Chunk(p, 0, t, True) for p, t in zip(prompts[1:], tables[1:])]))  # 14 rows
+        out.append(runner.run([Chunk([7], 40, tables[0], True)]))
+        out.append(runner.run([Chunk([3], n, t, True) for n, t in ((41, tables[0]), (5, tables[1]), (9, tables[2]))]))
+        return out
+
+    with torch.inference_mode():
+        got = run()
+        assert calls == [14, 1, 3]
+        runner.model._fused = None
+        want = run()
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["own-head", "tied-head"])
