@@ -274,6 +274,32 @@ TILE4(4, 1) TILE4(4, 2) TILE4(4, 4) TILE4(1, 1) TILE4(1, 2) TILE4(1, 4)
 TILE4(2, 1) TILE4(2, 2) TILE4(1, 1) TILE4(1, 2) TILE4(1, 4)
 #endif
 
+#ifdef __AVX512F__
+/* q4tile4_4 on the 4 outputs' weights already dequantized (fp32 [4, K], by dequantize_row): the same
+ * chains, the same bits, without dequantizing them again for each tile of rows. */
+static void wtile4_4(const float *x, int64_t k_len, const float *w, float *y, int64_t n_len) {
+    f16 acc[4][4];
+    for (int j = 0; j < 4; j++)
+        for (int i = 0; i < 4; i++) acc[j][i] = zero16();
+    for (int64_t k = 0; k < k_len; k += 16) {
+        f16 xs[4];
+        for (int i = 0; i < 4; i++) xs[i] = load16(x + i * k_len + k);
+        for (int j = 0; j < 4; j++) {
+            f16 wj = load16(w + j * k_len + k);
+            for (int i = 0; i < 4; i++) acc[j][i] = fma16(wj, xs[i], acc[j][i]);
+        }
+    }
+    for (int j = 0; j < 4; j++)
+        for (int i = 0; i < 4; i++) y[i * n_len + j] = sum16(acc[j][i]);
+}
+#endif
+static void dequantize_row(const uint8_t *c, const float *s, const float *z, int64_t k_len, float *o);
+
+/* Rows from which, and inputs up to which, a tile of outputs is dequantized once into an L1 buffer
+ * (AVX-512) for all its tiles of rows: at 16 rows of SmolLM2's layers ~20% faster, at 8 ~5%. */
+#define INT4_BUFFER_ROWS 8
+#define INT4_BUFFER_INPUTS 2048
+
 struct int4_args {
     const float *x, *scale, *zero;
     const uint8_t *codes;
@@ -282,7 +308,8 @@ struct int4_args {
 };
 
 /* Rows of x by outputs n0 .. n0 + nt - 1 (nt = INT4_OUTPUTS or 1), in row tiles of 4, 2, 1: the
- * weights' tile stays in L1 while every row tile reads it. */
+ * weights' tile (or, from INT4_BUFFER_ROWS rows, its dequantized copy) stays in L1 while every row
+ * tile reads it. */
 static void int4_outputs(const struct int4_args *a, int64_t n0, int nt) {
     int64_t k_len = a->k_len, n_len = a->n_len, groups = k_len / 32;
     const uint8_t *c = a->codes + n0 * (k_len / 2);
@@ -291,6 +318,13 @@ static void int4_outputs(const struct int4_args *a, int64_t n0, int nt) {
 #define INT4_CALL(NT, MT) q4tile##NT##_##MT(a->x + m * k_len, k_len, c, s, z, a->y + m * n_len + n0, n_len)
 #ifdef __AVX512F__
     if (nt == INT4_OUTPUTS) {
+        if (a->m_len >= INT4_BUFFER_ROWS && k_len <= INT4_BUFFER_INPUTS) {
+            float w[INT4_OUTPUTS * INT4_BUFFER_INPUTS] __attribute__((aligned(64)));
+            for (int j = 0; j < INT4_OUTPUTS; j++)
+                dequantize_row(c + j * (k_len / 2), s + j * groups, z + j * groups, k_len, w + j * k_len);
+            for (; m + 4 <= a->m_len; m += 4)
+                wtile4_4(a->x + m * k_len, k_len, w, a->y + m * n_len + n0, n_len);
+        }
         for (; m + 4 <= a->m_len; m += 4) INT4_CALL(4, 4);
         if (a->m_len - m >= 2) { INT4_CALL(4, 2); m += 2; }
         if (a->m_len - m >= 1) INT4_CALL(4, 1);
@@ -330,22 +364,24 @@ int int4_matmul(const float *x, int64_t m_len, int64_t k_len, const uint8_t *cod
     return 0;
 }
 
+/* One output's K weights, fp32: code * scale + zero, as the kernel rounds them. */
+static void dequantize_row(const uint8_t *c, const float *s, const float *z, int64_t k_len, float *o) {
+    for (int64_t k = 0; k < k_len; k += 64) {
+        int64_t g = k / 32;
+        codes4 v = k + 64 <= k_len ? codes64(c + k / 2) : codes32(c + k / 2);
+        for (int s16 = 0; s16 < (k + 64 <= k_len ? 4 : 2); s16++)
+            store16(o + k + 16 * s16, weights16(v, s16, block_of(s[g + s16 / 2], z[g + s16 / 2])));
+    }
+}
+
 /* The fp32 weight [N, K] of int4_matmul's operands: code * scale + zero, as the kernel rounds it. */
 int int4_dequantize(const uint8_t *codes, const float *scale, const float *zero, int64_t n_len, int64_t k_len,
                     float *out, int threads) {
     if (k_len <= 0 || k_len % 32) return -1;
     int64_t groups = k_len / 32;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < n_len; n++) {
-        const uint8_t *c = codes + n * (k_len / 2);
-        const float *s = scale + n * groups, *z = zero + n * groups;
-        float *o = out + n * k_len;
-        for (int64_t k = 0; k < k_len; k += 64) {
-            int64_t g = k / 32;
-            codes4 v = k + 64 <= k_len ? codes64(c + k / 2) : codes32(c + k / 2);
-            for (int s16 = 0; s16 < (k + 64 <= k_len ? 4 : 2); s16++)
-                store16(o + k + 16 * s16, weights16(v, s16, block_of(s[g + s16 / 2], z[g + s16 / 2])));
-        }
-    }
+    for (int64_t n = 0; n < n_len; n++)
+        dequantize_row(codes + n * (k_len / 2), scale + n * groups, zero + n * groups, k_len,
+                       out + n * k_len);
     return 0;
 }
