@@ -108,8 +108,9 @@ def _assert_fp32_product(got: torch.Tensor, x: torch.Tensor, dense: torch.Tensor
 
 
 def _kernels(isa: str) -> Any:
-    """``quant_kernels``' library as built for this CPU (``native``: the AVX-512VL table lookup
-    where the CPU has it), or without AVX-512 (``avx2``: the convert-multiply-add path)."""
+    """``quant_kernels``' library as built for this CPU (``native``: the AVX-512 paths, the int4
+    table lookup, where the CPU has them), or without AVX-512 (``avx2``: two ymm for each 16 lanes,
+    the int4 convert-multiply-add path)."""
     import ctypes
 
     from gpu_workers.model import c_build, quant_kernels
@@ -118,7 +119,7 @@ def _kernels(isa: str) -> Any:
         pytest.skip("the C kernels do not build here")
     if isa == "native":
         return quant_kernels.load()
-    if b"avx512vl" not in c_build.cpu_flags().split():
+    if b"avx512f" not in c_build.cpu_flags().split():
         pytest.skip("no AVX-512 here: the native build is the AVX2 one")
     path = c_build.build_library(quant_kernels.SOURCE, (*quant_kernels.FLAGS, "-mno-avx512f"), stem="quant-avx2")
     return quant_kernels.QuantKernels(ctypes.CDLL(str(path)))
@@ -128,11 +129,10 @@ def _kernels(isa: str) -> Any:
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("isa", ["native", "avx2"])
 def test_int4_kernel_multiplies_as_the_dequantized_fp32_weight(kind: T, threads: int, isa: str) -> None:
-    """The C kernel at every row count 1..17 (tiles of 8, 4, 2, 1 rows and their remainders), on
-    shapes with whole 64-input lanes, a trailing 32-input block (96, 288), one block (32), several
-    512-input slices of K ending in a partial one or a lone block (800, 1056, 1024), and outputs
-    that are not multiples of 32 or of the 16-output thread blocks: the fp32 product of the GGUF
-    file's dequantized weight."""
+    """The C kernel at every row count 1..17 (tiles of 4, 2, 1 rows and their remainders), on
+    shapes with whole 64-input lanes, a trailing 32-input block (96, 288, 800, 1056), one block
+    (32), longer K (1024), and outputs that are not multiples of 32 or of the 4- (AVX2: 2-) output
+    tiles: the fp32 product of the GGUF file's dequantized weight."""
     kernels = _kernels(isa)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -148,6 +148,41 @@ def test_int4_kernel_multiplies_as_the_dequantized_fp32_weight(kind: T, threads:
             for rows in range(1, 18):
                 x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows))
                 _assert_fp32_product(weight.multiply(x), x, dense)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("kind", INT4, ids=lambda k: k.name)
+def test_int4_kernel_rows_do_not_depend_on_their_batch(kind: T) -> None:
+    """A row's outputs are the same bits alone, at any place in a batch of 1..17 rows (every tile
+    height and remainder), at 1 and 2 threads, in the AVX2 build as in the native one (the AVX-512
+    table lookup); outputs that fill no whole tile (N = 7 and 9), K of one 32-block, of whole 64-input
+    lanes, and ending in a trailing block (Q4_K: 256-weight super-blocks, so 256 and 768 only)."""
+    kernels = {"native": _kernels("native")}
+    from gpu_workers.model import c_build
+
+    if b"avx512f" in c_build.cpu_flags().split():
+        kernels["avx2"] = _kernels("avx2")
+    before = torch.get_num_threads()
+    try:
+        for out, cols in [(7, 32), (40, 256), (9, 96), (18, 768), (5, 800)]:
+            if kind == T.Q4_K and cols % 256:
+                continue
+            parts, _dense = _int4_parts(kind, out, cols, seed=out + cols)
+            weight = Int4Weight(parts["codes"], parts["scale"], parts["zero"])
+            batch = torch.randn(17, cols, generator=torch.Generator().manual_seed(out))
+            weight._kernels = kernels["native"]
+            torch.set_num_threads(1)
+            alone = torch.cat([weight.multiply(batch[i : i + 1]) for i in range(17)])
+            for name, lib in kernels.items():
+                weight._kernels = lib
+                for threads in (1, 2):
+                    torch.set_num_threads(threads)
+                    for rows in range(1, 18):
+                        for start in (0, 17 - rows):  # the batch's first rows, and its last
+                            got = weight.multiply(batch[start : start + rows])
+                            want = alone[start : start + rows]
+                            assert torch.equal(got, want), (name, threads, out, cols, rows, start)
     finally:
         torch.set_num_threads(before)
 
