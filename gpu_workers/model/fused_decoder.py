@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from gpu_workers.model import layer_kernels, panel_matmul
 from gpu_workers.model.layers import LinearBase, RMSNorm
@@ -32,7 +33,7 @@ from gpu_workers.model.quantization import GROUP_SIZE, Int4Weight, Int8Weight
 if TYPE_CHECKING:
     from gpu_workers.model.attention import AttentionBatch
     from gpu_workers.model.kv_cache import KVCache
-    from gpu_workers.model.llama import LlamaDecoderLayer, LlamaForCausalLM
+    from gpu_workers.model.llama import LlamaForCausalLM
 
 
 def _linear(linear: LinearBase) -> tuple[panel_matmul.Linear, int] | None:
@@ -63,12 +64,16 @@ _NO_LIMIT = 1 << 62
 class FusedDecoder:
     """The decoder layers of one model on the fused path (``prepare`` checked that they can)."""
 
-    def __init__(self, model: LlamaForCausalLM, layers: list[LlamaDecoderLayer],
-                 linears: list[tuple[panel_matmul.Linear, ...]], max_rows: int, kernels: panel_matmul.PanelKernels,
-                 one_op_kernels: layer_kernels.LayerKernels) -> None:
+    def __init__(self, model: LlamaForCausalLM, layers: list[nn.Module], linears: list[tuple[panel_matmul.Linear, ...]],
+                 qk_norms: list[tuple[torch.Tensor, torch.Tensor, float] | None], max_rows: int,
+                 kernels: panel_matmul.PanelKernels, one_op_kernels: layer_kernels.LayerKernels) -> None:
         self.model = model
         self.layers = layers
+        from gpu_workers.model.gemma3 import Gemma3DecoderLayer  # (gemma3 imports llama, which imports this)
+
+        self.gemma = bool(layers) and isinstance(layers[0], Gemma3DecoderLayer)  # all of one class (prepare)
         self.linears = linears  # per layer: qkv, o, gate_up, down
+        self.qk_norms = qk_norms  # per layer: q and k norm weights and eps, or None
         self.max_rows = max_rows  # steps of fewer tokens take this path (llama.py's decoder)
         self.kernels = kernels
         self.layer_kernels = one_op_kernels
@@ -91,25 +96,37 @@ class FusedDecoder:
             attn = layer.self_attn
             qkv_proj, o_proj, gate_up, down = self.linears[i]
             norm = layer.input_layernorm
-            qkv = self.kernels.decoder_attention_in(  # [T, (H + 2 Hkv) D]; stream <- h + residual
-                h, residual, norm.weight.data, norm.eps, norm.offset, qkv_proj, c, s,
-                attn.num_heads + attn.num_kv_heads, attn.head_dim, stream, normed)
             d, heads, kv_heads = attn.head_dim, attn.num_heads, attn.num_kv_heads
+            qkv = self.kernels.decoder_attention_in(  # [T, (H + 2 Hkv) D]; stream <- h + residual
+                h, residual, norm.weight.data, norm.eps, norm.offset, qkv_proj, c, s, heads, kv_heads, d, stream,
+                normed, self.qk_norms[i])
             q = qkv[:, : heads * d].view(t, heads, d)
             k = qkv[:, heads * d : (heads + kv_heads) * d].view(t, kv_heads, d)
             v = qkv[:, (heads + kv_heads) * d :].view(t, kv_heads, d)
             context = attn.attn(q, k, v, batch, cache).contiguous()  # [T, H * D]
+            if self.gemma:
+                post, pre_ff = layer.post_attention_layernorm, layer.pre_feedforward_layernorm
+                gu = self.kernels.gemma_mlp_in(context, h, o_proj, post.weight.data, pre_ff.weight.data, post.eps,
+                                               gate_up, mlp_stream)
+                gate, up = gu.chunk(2, dim=-1)  # the activation as LlamaMLP runs it (GeLU: torch's)
+                self.kernels.gemma_mlp_out(layer.mlp.act(gate).mul_(up), mlp_stream, down,
+                                           layer.post_feedforward_layernorm.weight.data, post.eps, out)
+                h = out  # the layer's output, whole
+                out, stream = stream, out  # the next layer writes its output elsewhere than its input
+                continue
             post = layer.post_attention_layernorm
             self.kernels.decoder_mlp(context, h if residual is None else stream, o_proj, post.weight.data, post.eps,
                                      post.offset, gate_up, down, mlp_stream, out)
             h, residual = out, mlp_stream  # the layer's output is out + mlp_stream, added by the next
-        assert residual is not None
         final = self.model.model.norm
+        if residual is None:  # Gemma's: each layer adds its own residual
+            return self.layer_kernels.rms_norm(h, final.weight, final.eps, offset=final.offset)
         return self.layer_kernels.fused_add_rms_norm(h, residual, final.weight, final.eps, offset=final.offset)[0]
 
 
 def prepare(model: LlamaForCausalLM) -> FusedDecoder | None:
     """The fused path for ``model`` (its weights packed), or None where some layer cannot take it."""
+    from gpu_workers.model.gemma3 import Gemma3DecoderLayer
     from gpu_workers.model.llama import LlamaDecoderLayer
 
     kernels, one_op = panel_matmul.load(), layer_kernels.load()
@@ -117,21 +134,31 @@ def prepare(model: LlamaForCausalLM) -> FusedDecoder | None:
         return None
     if not isinstance(model.model.norm, RMSNorm):
         return None
-    layers: list[LlamaDecoderLayer] = []
+    layers: list[nn.Module] = []
     linears: list[tuple[panel_matmul.Linear, ...]] = []
+    qk_norms: list[tuple[torch.Tensor, torch.Tensor, float] | None] = []
     max_rows = _NO_LIMIT
     for layer in model.model.layers:
-        if type(layer) is not LlamaDecoderLayer:
+        if type(layer) not in (LlamaDecoderLayer, Gemma3DecoderLayer) or type(layer) is not type(model.model.layers[0]):
             return None
         attn, mlp = layer.self_attn, layer.mlp
-        if attn.qk_norm or mlp.act is not F.silu:
+        norms = [m for m in layer.children() if isinstance(m, RMSNorm)]
+        if any(n.offset != layer.input_layernorm.offset for n in norms):
             return None
+        if type(layer) is LlamaDecoderLayer and mlp.act is not F.silu:  # Gemma's activation stays torch's
+            return None
+        if type(layer) is Gemma3DecoderLayer and len({n.eps for n in norms[1:]}) != 1:  # the C halves take one eps
+            return None
+        if attn.qk_norm:
+            if attn.q_norm.offset != layer.input_layernorm.offset or attn.q_norm.eps != attn.k_norm.eps:
+                return None
+            qk_norms.append((attn.q_norm.weight.data, attn.k_norm.weight.data, attn.q_norm.eps))
+        else:
+            qk_norms.append(None)
         found = [_linear(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
         if any(f is None for f in found):
             return None
         linears.append(tuple(f[0] for f in found if f is not None))
         max_rows = min([max_rows] + [f[1] for f in found if f is not None])
-        if not (isinstance(layer.input_layernorm, RMSNorm) and isinstance(layer.post_attention_layernorm, RMSNorm)):
-            return None
         layers.append(layer)
-    return FusedDecoder(model, layers, linears, max_rows, kernels, one_op)
+    return FusedDecoder(model, layers, linears, qk_norms, max_rows, kernels, one_op)

@@ -174,18 +174,22 @@ static void linear_apply(const struct linear *L, const float *x, int64_t T, floa
             for (int64_t j = 0; j < L->n; j++) y[t * L->n + j] += L->bias[j];
 }
 
-/* A Llama decoder layer's two halves around attention, for T rows (tokens) of hidden size H
- * (llama.py's LlamaDecoderLayer and its fused path): the operations, their order and their rounding
- * are those of the layer's one-operation-a-call form (layer_kernels.c, the linears' own kernels), in
- * one call each, so the results are the same bits. The small operations run on the calling thread (at
- * decode batch sizes they cost less than a hand-off); the matmuls split over their kernel's pool.
+/* A decoder layer in C calls around its attention, for T rows (tokens) of hidden size H (llama.py's
+ * LlamaDecoderLayer, gemma3.py's Gemma3DecoderLayer, and fused_decoder.py): the operations, their
+ * order and their rounding are those of the layer's one-operation-a-call form (layer_kernels.c, the
+ * linears' own kernels), so the results are the same bits. The small operations run on the calling
+ * thread (at decode batch sizes they cost less than a hand-off); the matmuls split over their
+ * kernel's pool.
  *
  * Attention in: s = x + residual (s = x where residual is NULL), n = RMSNorm(s) * norm_w (1 + norm_w:
- * offset), qkv = n @ Wqkv^T + bqkv [T, qkv->n], then the first rope_heads heads of d of each qkv row
- * (the query and key heads) rotated in place by cos, sin [T, d / 2]. s_out, n [T, H] scratch-or-output. */
+ * offset), qkv = n @ Wqkv^T + bqkv [T, qkv->n]; then each of the heads query and kv_heads key heads of
+ * d (the first heads + kv_heads of each qkv row) RMS-normalized by q_norm_w or k_norm_w [d] where
+ * these are given (Qwen3's and Gemma 3's q/k norms, with qk_eps and the same offset), and rotated in
+ * place by cos, sin [T, d / 2]. s_out, n [T, H] scratch-or-output. */
 void decoder_attention_in(const float *x, const float *residual, const float *norm_w, float eps, int offset,
-                          int64_t T, int64_t H, const struct linear *wqkv, const float *cos, const float *sin,
-                          int64_t rope_heads, int64_t d, float *s_out, float *n, float *qkv, int threads) {
+                          int64_t T, int64_t H, const struct linear *wqkv, const float *q_norm_w,
+                          const float *k_norm_w, float qk_eps, int64_t heads, int64_t kv_heads, const float *cos,
+                          const float *sin, int64_t d, float *s_out, float *n, float *qkv, int threads) {
     for (int64_t t = 0; t < T; t++) {
         if (residual)
             add_norm_row(x + t * H, residual + t * H, norm_w, eps, offset, H, n + t * H, s_out + t * H);
@@ -195,8 +199,38 @@ void decoder_attention_in(const float *x, const float *residual, const float *no
     linear_apply(wqkv, n, T, qkv, threads);
     int64_t nqkv = wqkv->n;
     for (int64_t t = 0; t < T; t++)
-        for (int64_t h = 0; h < rope_heads; h++)
-            rope_head(qkv + t * nqkv + h * d, cos + t * (d / 2), sin + t * (d / 2), d / 2, qkv + t * nqkv + h * d);
+        for (int64_t h = 0; h < heads + kv_heads; h++) {
+            float *head = qkv + t * nqkv + h * d;
+            const float *w = h < heads ? q_norm_w : k_norm_w;
+            if (w)
+                norm_row(head, w, qk_eps, offset, d, head); /* in place: each value is read before it is written */
+            rope_head(head, cos + t * (d / 2), sin + t * (d / 2), d / 2, head);
+        }
+}
+
+/* Gemma 3's layer after attention, up to its activation: o = attn @ Wo^T (attn [T, wo->k]),
+ * p = RMSNorm(o) * (1 + post_attn_w), s2 = p + s, n2 = RMSNorm(s2) * (1 + pre_ff_w), gu = n2 @ Wgu^T
+ * [T, wgu->n]. o, p, n2: scratch. The activation (GeLU, tanh form) stays torch's, then gemma_mlp_out. */
+void gemma_mlp_in(const float *attn, const float *s, const struct linear *wo, const float *post_attn_w,
+                  const float *pre_ff_w, float eps, const struct linear *wgu, int64_t T, int64_t H, float *o,
+                  float *p, float *s2, float *n2, float *gu, int threads) {
+    linear_apply(wo, attn, T, o, threads);
+    for (int64_t t = 0; t < T; t++) {
+        norm_row(o + t * H, post_attn_w, eps, 1, H, p + t * H);
+        add_norm_row(p + t * H, s + t * H, pre_ff_w, eps, 1, H, n2 + t * H, s2 + t * H);
+    }
+    linear_apply(wgu, n2, T, gu, threads);
+}
+
+/* Gemma 3's layer after its activation a [T, wd->k]: dn = a @ Wd^T, out = s2 + RMSNorm(dn) * (1 +
+ * post_ff_w) [T, H], the layer's output. dn, q: scratch. */
+void gemma_mlp_out(const float *a, const float *s2, const struct linear *wd, const float *post_ff_w, float eps,
+                   int64_t T, int64_t H, float *dn, float *q, float *out, int threads) {
+    linear_apply(wd, a, T, dn, threads);
+    for (int64_t t = 0; t < T; t++) {
+        norm_row(dn + t * H, post_ff_w, eps, 1, H, q + t * H);
+        for (int64_t i = 0; i < H; i++) out[t * H + i] = s2[t * H + i] + q[t * H + i];
+    }
 }
 
 /* The MLP half: h = attn @ Wo^T + bo (attn [T, wo->k]), s2 = h + s, n2 = RMSNorm(s2) * post_w,

@@ -51,11 +51,14 @@ class PanelKernels:
     def __init__(self, lib: ctypes.CDLL) -> None:
         lib.panel_matmul.argtypes = [_P, _I, _I, _I, _P, _I, _P, _P, _I, ctypes.c_int]
         lib.panel_pack.argtypes = [_P, _I, _I, _I, _P]
-        lib.decoder_attention_in.argtypes = [_P, _P, _P, _F, ctypes.c_int, _I, _I, _P, _P, _P, _I, _I, _P, _P, _P,
-                                             ctypes.c_int]
+        lib.decoder_attention_in.argtypes = [_P, _P, _P, _F, ctypes.c_int, _I, _I, _P, _P, _P, _F, _I, _I, _P, _P, _I,
+                                             _P, _P, _P, ctypes.c_int]
         lib.decoder_mlp.argtypes = [_P, _P, _P, _P, _F, ctypes.c_int, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P,
                                     ctypes.c_int]
-        for f in (lib.panel_matmul, lib.panel_pack, lib.decoder_attention_in, lib.decoder_mlp):
+        lib.gemma_mlp_in.argtypes = [_P, _P, _P, _P, _P, _F, _P, _I, _I, _P, _P, _P, _P, _P, ctypes.c_int]
+        lib.gemma_mlp_out.argtypes = [_P, _P, _P, _P, _F, _I, _I, _P, _P, _P, ctypes.c_int]
+        for f in (lib.panel_matmul, lib.panel_pack, lib.decoder_attention_in, lib.decoder_mlp, lib.gemma_mlp_in,
+                  lib.gemma_mlp_out):
             f.restype = None
         self._lib = lib
 
@@ -96,26 +99,32 @@ class PanelKernels:
 
 
     def decoder_attention_in(self, x: torch.Tensor, residual: torch.Tensor | None, norm_w: torch.Tensor, eps: float,
-                             offset: bool, qkv: Linear, cos: torch.Tensor, sin: torch.Tensor, rope_heads: int,
-                             head_dim: int, stream: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
-        """A decoder layer's half before attention (panel_matmul.c ``decoder_attention_in``) for ``x``
+                             offset: bool, qkv: Linear, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+                             head_dim: int, stream: torch.Tensor, normed: torch.Tensor,
+                             qk_norms: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
+        """A decoder layer's part before attention (panel_matmul.c ``decoder_attention_in``) for ``x``
         [T, H]: ``stream`` [T, H] <- x + residual (untouched when ``residual`` is None), ``normed``
         [T, H] <- RMSNorm of that, and returned: its QKV projection [T, qkv.n] through ``qkv`` (its
-        bias added), the first ``rope_heads`` heads of ``head_dim`` rotated by ``cos``, ``sin``
-        [T, head_dim / 2]. ValueError for operands the C code would misread."""
+        bias added), the ``heads`` query and ``kv_heads`` key heads of ``head_dim`` RMS-normalized by
+        ``qk_norms`` (q weight [head_dim], k weight [head_dim], eps; the layer norm's ``offset``)
+        where given, and rotated by ``cos``, ``sin`` [T, head_dim / 2]. ValueError for operands the C
+        code would misread."""
         t, hidden = x.shape
-        operands = [x, norm_w, cos, sin, stream, normed] + ([] if residual is None else [residual])
+        q_norm, k_norm, qk_eps = qk_norms if qk_norms is not None else (None, None, 0.0)
+        operands = [x, norm_w, cos, sin, stream, normed] + [o for o in (residual, q_norm, k_norm) if o is not None]
         _check_contiguous(operands)
         half = head_dim // 2
         if (norm_w.shape != (hidden,) or stream.shape != x.shape or normed.shape != x.shape
                 or (residual is not None and residual.shape != x.shape) or cos.shape != (t, half)
-                or sin.shape != (t, half) or rope_heads * head_dim > qkv.n or head_dim % 2 or qkv.k != hidden):
+                or sin.shape != (t, half) or (heads + kv_heads) * head_dim > qkv.n or head_dim % 2 or qkv.k != hidden
+                or any(w is not None and w.shape != (head_dim,) for w in (q_norm, k_norm))):
             raise ValueError(f"decoder_attention_in: x {tuple(x.shape)}, a linear of {qkv.k} -> {qkv.n}, "
-                             f"cos {tuple(cos.shape)}, {rope_heads} heads of {head_dim}")
+                             f"cos {tuple(cos.shape)}, {heads} + {kv_heads} heads of {head_dim}")
         out = torch.empty(t, qkv.n)
         self._lib.decoder_attention_in(x.data_ptr(), _ptr(residual), norm_w.data_ptr(), eps, int(offset), t, hidden,
-                                       ctypes.byref(qkv), cos.data_ptr(), sin.data_ptr(), rope_heads, head_dim,
-                                       stream.data_ptr(), normed.data_ptr(), out.data_ptr(), torch.get_num_threads())
+                                       ctypes.byref(qkv), _ptr(q_norm), _ptr(k_norm), qk_eps, heads, kv_heads,
+                                       cos.data_ptr(), sin.data_ptr(), head_dim, stream.data_ptr(), normed.data_ptr(),
+                                       out.data_ptr(), torch.get_num_threads())
         return out
 
     def decoder_mlp(self, context: torch.Tensor, stream: torch.Tensor, o: Linear, post_w: torch.Tensor, eps: float,
@@ -139,6 +148,42 @@ class PanelKernels:
                               int(offset), ctypes.byref(gate_up), ctypes.byref(down), t, hidden, h.data_ptr(),
                               mlp_stream.data_ptr(), n2.data_ptr(), gu.data_ptr(), a.data_ptr(), out.data_ptr(),
                               torch.get_num_threads())
+
+
+    def gemma_mlp_in(self, context: torch.Tensor, stream: torch.Tensor, o: Linear, post_attn_w: torch.Tensor,
+                     pre_ff_w: torch.Tensor, eps: float, gate_up: Linear, mlp_stream: torch.Tensor) -> torch.Tensor:
+        """Gemma 3's layer after attention up to its activation (panel_matmul.c ``gemma_mlp_in``) for
+        the attention output ``context`` [T, A] and the layer input ``stream`` [T, H]: ``mlp_stream``
+        [T, H] <- RMSNorm(o(context)) + stream (post-attention norm), and returned: ``gate_up`` [T, 2 I]
+        of the pre-feedforward norm of that. ValueError for operands the C code would misread."""
+        t, attn_dim = context.shape
+        hidden = stream.shape[1]
+        _check_contiguous([context, stream, post_attn_w, pre_ff_w, mlp_stream])
+        if (stream.shape != (t, hidden) or mlp_stream.shape != stream.shape or post_attn_w.shape != (hidden,)
+                or pre_ff_w.shape != (hidden,) or (o.k, o.n) != (attn_dim, hidden) or gate_up.k != hidden):
+            raise ValueError(f"gemma_mlp_in: context {tuple(context.shape)}, stream {tuple(stream.shape)}, linears "
+                             f"{o.k} -> {o.n}, {gate_up.k} -> {gate_up.n}")
+        o_out, p, n2, gu = torch.empty(t, hidden), torch.empty(t, hidden), torch.empty(t, hidden), torch.empty(t, gate_up.n)
+        self._lib.gemma_mlp_in(context.data_ptr(), stream.data_ptr(), ctypes.byref(o), post_attn_w.data_ptr(),
+                               pre_ff_w.data_ptr(), eps, ctypes.byref(gate_up), t, hidden, o_out.data_ptr(),
+                               p.data_ptr(), mlp_stream.data_ptr(), n2.data_ptr(), gu.data_ptr(), torch.get_num_threads())
+        return gu
+
+    def gemma_mlp_out(self, act: torch.Tensor, mlp_stream: torch.Tensor, down: Linear, post_ff_w: torch.Tensor,
+                      eps: float, out: torch.Tensor) -> None:
+        """Gemma 3's layer after its activation (panel_matmul.c ``gemma_mlp_out``): ``out`` [T, H] <-
+        ``mlp_stream`` + RMSNorm(down(act)) (post-feedforward norm), the layer's output. ``act``
+        [T, I]. ValueError for operands the C code would misread."""
+        t, inter = act.shape
+        hidden = mlp_stream.shape[1]
+        _check_contiguous([act, mlp_stream, post_ff_w, out])
+        if (mlp_stream.shape != (t, hidden) or out.shape != mlp_stream.shape or post_ff_w.shape != (hidden,)
+                or (down.k, down.n) != (inter, hidden)):
+            raise ValueError(f"gemma_mlp_out: act {tuple(act.shape)}, stream {tuple(mlp_stream.shape)}, "
+                             f"a linear of {down.k} -> {down.n}")
+        dn, q = torch.empty(t, hidden), torch.empty(t, hidden)
+        self._lib.gemma_mlp_out(act.data_ptr(), mlp_stream.data_ptr(), ctypes.byref(down), post_ff_w.data_ptr(), eps,
+                                t, hidden, dn.data_ptr(), q.data_ptr(), out.data_ptr(), torch.get_num_threads())
 
 
 class Linear(ctypes.Structure):

@@ -529,7 +529,7 @@ def test_quantized_layers_take_the_fused_path_with_the_module_path_s_bits(tmp_pa
                         or original(self, x, *a))
     rng = random.Random(2)
     prompts = [[rng.randrange(vocab_size()) for _ in range(n)] for n in (40, 5, 9)]
-    tables = [list(range(0, 6)), list(range(6, 8)), list(range(8, 10))]
+    tables = [list(range(6)), list(range(6, 8)), list(range(8, 10))]
 
     def run() -> list[torch.Tensor]:
         out = [runner.run([Chunk(prompts[0], 0, tables[0], True)])]  # 40 rows: the module path
