@@ -20,11 +20,10 @@ quantized linear would dequantize its weight for the call (``dense_from``: a pre
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias, cast
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from gpu_workers.model import layer_kernels, panel_matmul
 from gpu_workers.model.layers import LinearBase, RMSNorm
@@ -32,8 +31,11 @@ from gpu_workers.model.quantization import GROUP_SIZE, Int4Weight, Int8Weight
 
 if TYPE_CHECKING:
     from gpu_workers.model.attention import AttentionBatch
+    from gpu_workers.model.gemma3 import Gemma3DecoderLayer
     from gpu_workers.model.kv_cache import KVCache
-    from gpu_workers.model.llama import LlamaForCausalLM
+    from gpu_workers.model.llama import LlamaDecoderLayer, LlamaForCausalLM
+
+    DecoderLayer: TypeAlias = LlamaDecoderLayer | Gemma3DecoderLayer
 
 
 def _linear(linear: LinearBase) -> tuple[panel_matmul.Linear, int] | None:
@@ -64,7 +66,7 @@ _NO_LIMIT = 1 << 62
 class FusedDecoder:
     """The decoder layers of one model on the fused path (``prepare`` checked that they can)."""
 
-    def __init__(self, model: LlamaForCausalLM, layers: list[nn.Module], linears: list[tuple[panel_matmul.Linear, ...]],
+    def __init__(self, model: LlamaForCausalLM, layers: list[DecoderLayer], linears: list[tuple[panel_matmul.Linear, ...]],
                  qk_norms: list[tuple[torch.Tensor, torch.Tensor, float] | None], max_rows: int,
                  kernels: panel_matmul.PanelKernels, one_op_kernels: layer_kernels.LayerKernels) -> None:
         self.model = model
@@ -105,12 +107,13 @@ class FusedDecoder:
             v = qkv[:, (heads + kv_heads) * d :].view(t, kv_heads, d)
             context = attn.attn(q, k, v, batch, cache).contiguous()  # [T, H * D]
             if self.gemma:
-                post, pre_ff = layer.post_attention_layernorm, layer.pre_feedforward_layernorm
-                gu = self.kernels.gemma_mlp_in(context, h, o_proj, post.weight.data, pre_ff.weight.data, post.eps,
-                                               gate_up, mlp_stream)
+                gemma = cast("Gemma3DecoderLayer", layer)
+                post_attn, pre_ff = gemma.post_attention_layernorm, gemma.pre_feedforward_layernorm
+                gu = self.kernels.gemma_mlp_in(context, h, o_proj, post_attn.weight.data, pre_ff.weight.data,
+                                               post_attn.eps, gate_up, mlp_stream)
                 gate, up = gu.chunk(2, dim=-1)  # the activation as LlamaMLP runs it (GeLU: torch's)
-                self.kernels.gemma_mlp_out(layer.mlp.act(gate).mul_(up), mlp_stream, down,
-                                           layer.post_feedforward_layernorm.weight.data, post.eps, out)
+                self.kernels.gemma_mlp_out(gemma.mlp.act(gate).mul_(up), mlp_stream, down,
+                                           gemma.post_feedforward_layernorm.weight.data, post_attn.eps, out)
                 h = out  # the layer's output, whole
                 out, stream = stream, out  # the next layer writes its output elsewhere than its input
                 continue
@@ -134,13 +137,14 @@ def prepare(model: LlamaForCausalLM) -> FusedDecoder | None:
         return None
     if not isinstance(model.model.norm, RMSNorm):
         return None
-    layers: list[nn.Module] = []
+    layers: list[DecoderLayer] = []
     linears: list[tuple[panel_matmul.Linear, ...]] = []
     qk_norms: list[tuple[torch.Tensor, torch.Tensor, float] | None] = []
     max_rows = _NO_LIMIT
-    for layer in model.model.layers:
-        if type(layer) not in (LlamaDecoderLayer, Gemma3DecoderLayer) or type(layer) is not type(model.model.layers[0]):
+    for module in model.model.layers:
+        if type(module) not in (LlamaDecoderLayer, Gemma3DecoderLayer) or type(module) is not type(model.model.layers[0]):
             return None
+        layer = cast("DecoderLayer", module)
         attn, mlp = layer.self_attn, layer.mlp
         norms = [m for m in layer.children() if isinstance(m, RMSNorm)]
         if any(n.offset != layer.input_layernorm.offset for n in norms):
