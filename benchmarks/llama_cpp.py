@@ -19,8 +19,10 @@ Both sides are reached the same way: OpenAI ``POST /v1/completions`` over HTTP w
 prompts as token ids (random ids of exactly ``--prompt-tokens`` tokens, one seeded set per
 concurrency level), temperature 0, ``ignore_eos`` so that every request makes ``--max-tokens``
 tokens. Ours goes through the gateway (``python -m producer gateway``) over the whole stack
-(embedded Redis, a balancer, one worker group). At each concurrency level the four systems run one
-after another (ours, llama.cpp, per pair), so both meet the same machine state; ``C`` client tasks
+(embedded Redis, a balancer, one worker group). At each concurrency level the two systems of a pair
+run one after another, so both meet the same machine state, ``--rounds`` times, the order alternating
+(ours first, then llama.cpp first, ...): this VM's memory bandwidth, which a decode step at one
+sequence is bound by, moved between 20 and 32 GB/s within minutes on 2026-12-02; ``C`` client tasks
 keep ``C`` requests in flight (closed loop) until ``max(C, --min-requests)`` are done. Each engine
 waits for work as it does by default: our workers' OpenMP threads sleep at once
 (``OMP_WAIT_POLICY=PASSIVE``, gpu_workers/cpu_threads.py), llama-server's spin a while first (its
@@ -30,7 +32,8 @@ OpenMP default; the PASSIVE our process set is kept out of its environment); set
 Per system and level: output tok/s (all tokens over the wall time), TTFT p50/p99 (from each
 request's send to its first text); per level the ratio ours / llama.cpp; the greedy texts of the
 fp32 pair compared request by request; the load average before each run (a shared host's other
-work slows both sides). Results JSON: benchmarks/results/serving-llama-cpp-<timestamp>.json.
+work slows both sides); with several rounds, the figures pool them and each round's ratio is printed
+and kept (``round_ratios``). Results JSON: benchmarks/results/serving-llama-cpp-<timestamp>.json.
 """
 
 from __future__ import annotations
@@ -92,6 +95,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"which pairs run: {', '.join(PAIRS)} (default all)")
     group.add_argument("--threads", type=int, default=None,
                        help="threads of both engines (default: the machine's CPUs)")
+    group.add_argument("--rounds", type=int, default=1,
+                       help="runs of each level per system, the systems' order alternating from round to round "
+                            "(default 1); the figures pool every round's requests, the table gives each round's "
+                            "ratio too (a shared host's memory bandwidth moves by tens of percent in minutes)")
 
 
 # --- the table (pure) -----------------------------------------------------------------------------
@@ -207,6 +214,13 @@ class Run:
                 "output_tok_per_s": round(self.tokens / self.wall_s, 1),
                 "ttft_p50_ms": round(pct(self.ttft_s, 50) * 1000, 1),
                 "ttft_p99_ms": round(pct(self.ttft_s, 99) * 1000, 1), "load_1m": self.load}
+
+
+def pooled(runs: list[Run]) -> Run:
+    """Several rounds of one system at one level as one run: their tokens over their summed wall time,
+    every request's TTFT, the first round's texts, the highest load average seen before a round."""
+    return Run(wall_s=sum(r.wall_s for r in runs), ttft_s=[t for r in runs for t in r.ttft_s], texts=runs[0].texts,
+               tokens=sum(r.tokens for r in runs), load=max(r.load for r in runs))
 
 
 async def _complete(client: Any, base: str, model: str, prompt: list[int], max_tokens: int) -> tuple[float, str]:
@@ -363,6 +377,8 @@ def compare(args: argparse.Namespace) -> int:
     if source.suffix != ".gguf" or not source.is_file():
         raise SystemExit("--llama-cpp needs --model FILE.gguf (the weights both engines serve)")
     threads = args.threads or os.cpu_count() or 1
+    if args.rounds < 1:
+        raise SystemExit("--rounds: at least 1")
     if not set(args.pairs.split(",")) <= set(PAIRS):
         raise SystemExit(f"--pairs: {args.pairs!r} is not a subset of {','.join(PAIRS)}")
     f32 = args.llama_f32 or f32_gguf(args.llama_cpp, source)
@@ -382,6 +398,7 @@ def compare(args: argparse.Namespace) -> int:
     setups = {pair: setups[pair] for pair in args.pairs.split(",")}
     runs: dict[str, dict[str, dict[int, dict[str, float]]]] = {}
     texts: dict[str, dict[int, list[str]]] = {"ryzanstein": {}, "llama.cpp": {}}
+    round_ratios: dict[str, dict[int, list[float | None]]] = {}  # pair -> level -> ours / llama.cpp per round
     loads = [round(os.getloadavg()[0], 2)]
     for pair, (worker_args, llama_gguf) in setups.items():
         log(f"{pair}: starting ryzanstein ({' '.join(worker_args)}) and llama-server ({llama_gguf.name}) ...")
@@ -392,14 +409,23 @@ def compare(args: argparse.Namespace) -> int:
             for base, model in bases.values():  # warm: a short request each
                 asyncio.run(_run_level(base, model, [[FIRST_ID + 1] * 8], concurrency=1, max_tokens=4))
             for level in args.concurrency:
-                for side, (base, model) in bases.items():
-                    run = asyncio.run(_run_level(base, model, prompts[level], concurrency=level,
-                                                 max_tokens=args.max_tokens))
-                    runs[pair][side][level] = run.summary()
-                    loads.append(run.load)
-                    log(f"  {pair} {side} at {level}: {run.summary()}")
+                rounds: dict[str, list[Run]] = {side: [] for side in bases}
+                for r in range(args.rounds):
+                    for side in list(bases)[:: 1 if r % 2 == 0 else -1]:  # ours first, then llama.cpp first, ...
+                        base, model = bases[side]
+                        run = asyncio.run(_run_level(base, model, prompts[level], concurrency=level,
+                                                     max_tokens=args.max_tokens))
+                        rounds[side].append(run)
+                        loads.append(run.load)
+                        log(f"  {pair} {side} at {level}, round {r + 1}: {run.summary()}")
+                for side, done in rounds.items():
+                    runs[pair][side][level] = pooled(done).summary()
                     if pair == "fp32":
-                        texts[side][level] = run.texts
+                        texts[side][level] = done[0].texts
+                if args.rounds > 1:
+                    round_ratios.setdefault(pair, {})[level] = [
+                        ratio(a.tokens / a.wall_s, b.tokens / b.wall_s)
+                        for a, b in zip(rounds["ryzanstein"], rounds["llama.cpp"], strict=True)]
     rows = ratio_rows(runs, args.concurrency)
     equality = {level: text_equality(texts["ryzanstein"][level], texts["llama.cpp"][level])
                 for level in args.concurrency if level in texts["ryzanstein"]}
@@ -422,11 +448,15 @@ def compare(args: argparse.Namespace) -> int:
         "started": args.started, "runs": {p: {s: {str(k): v for k, v in lv.items()} for s, lv in sides.items()}
                                           for p, sides in runs.items()},
         "ratios": rows, "fp32_greedy_text_equality": {str(k): v for k, v in equality.items()},
+        "rounds": args.rounds, "round_ratios": {p: {str(k): v for k, v in lv.items()} for p, lv in round_ratios.items()},
     }
     print(f"\nryzanstein (gateway, HTTP) vs llama-server (HTTP), {source.name}, {args.prompt_tokens}-token prompts, "
           f"{args.max_tokens} new tokens, temperature 0, {threads} threads each, load average "
           f"{min(loads)}-{max(loads)}\n")
     print(format_table(rows, runs))
+    for pair, levels in round_ratios.items():
+        print(f"{pair}, ours / llama.cpp round by round: " + "; ".join(
+            f"{level}: " + " ".join(_fmt_ratio(r) for r in ratios) for level, ratios in levels.items()))
     print("\nfp32 pair, greedy texts identical: " + ", ".join(
         f"{e['identical']}/{e['requests']} at {level}" for level, e in equality.items()))
     write_results(results, "serving-llama-cpp", args.out)

@@ -123,3 +123,14 @@ def test_the_serving_entry_point_leaves_llama_server_its_own_policy() -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).resolve().parents[2], check=True).stdout.split()
     assert out == ["PASSIVE", "None"]
+
+
+def test_rounds_pool_their_requests() -> None:
+    """Several rounds of one system at one level count as one run: tokens over summed wall time, every
+    TTFT, the first round's texts, the highest load."""
+    a = llama_cpp.Run(wall_s=10.0, ttft_s=[0.1, 0.2], texts=["x", "y"], tokens=256, load=1.0)
+    b = llama_cpp.Run(wall_s=6.0, ttft_s=[0.3, 0.4], texts=["z", "w"], tokens=256, load=2.5)
+    pooled = llama_cpp.pooled([a, b])
+    assert pooled.summary()["output_tok_per_s"] == 32.0  # 512 tokens in 16 s
+    assert pooled.ttft_s == [0.1, 0.2, 0.3, 0.4] and pooled.texts == ["x", "y"] and pooled.load == 2.5
+    assert parse("--rounds", "3").rounds == 3 and parse().rounds == 1
