@@ -32,7 +32,7 @@ OpenMP default; the PASSIVE our process set is kept out of its environment); set
 Per system and level: output tok/s (all tokens over the wall time), TTFT p50/p99 (from each
 request's send to its first text); per level the ratio ours / llama.cpp; the greedy texts of the
 fp32 pair compared request by request; the load average before each run (a shared host's other
-work slows both sides); with several rounds, the figures pool them and each round's ratio is printed
+work slows both sides); with several rounds (each on its own prompts, out of both prefix caches), the figures pool them and each round's ratio is printed
 and kept (``round_ratios``). Results JSON: benchmarks/results/serving-llama-cpp-<timestamp>.json.
 """
 
@@ -387,9 +387,12 @@ def compare(args: argparse.Namespace) -> int:
     from gguf import GGUFReader
 
     vocab = len(GGUFReader(source).fields["tokenizer.ggml.tokens"].data)
-    prompts = {level: [[rng.randrange(FIRST_ID, vocab) for _ in range(args.prompt_tokens)]
-                       for _ in range(max(level, args.min_requests))]
-               for level in args.concurrency for rng in [random.Random(args.seed * 1000 + level)]}
+    # One seeded prompt set per level and round (round 0's seed as before rounds existed): a round that
+    # repeated the last one's prompts would meet both engines' prefix caches.
+    prompts = {(level, r): [[rng.randrange(FIRST_ID, vocab) for _ in range(args.prompt_tokens)]
+                            for _ in range(max(level, args.min_requests))]
+               for level in args.concurrency for r in range(args.rounds)
+               for rng in [random.Random(args.seed * 1000 + level + 100_000 * r)]}
     def ours(kv_dtype: str, *more: str) -> list[str]:  # our worker's flags
         return ["--kv-dtype", kv_dtype, "--threads", str(threads), *more]
 
@@ -413,7 +416,7 @@ def compare(args: argparse.Namespace) -> int:
                 for r in range(args.rounds):
                     for side in list(bases)[:: 1 if r % 2 == 0 else -1]:  # ours first, then llama.cpp first, ...
                         base, model = bases[side]
-                        run = asyncio.run(_run_level(base, model, prompts[level], concurrency=level,
+                        run = asyncio.run(_run_level(base, model, prompts[level, r], concurrency=level,
                                                      max_tokens=args.max_tokens))
                         rounds[side].append(run)
                         loads.append(run.load)
