@@ -32,8 +32,8 @@ OpenMP default; the PASSIVE our process set is kept out of its environment); set
 Per system and level: output tok/s (all tokens over the wall time), TTFT p50/p99 (from each
 request's send to its first text); per level the ratio ours / llama.cpp; the greedy texts of the
 fp32 pair compared request by request; the load average before each run (a shared host's other
-work slows both sides); with several rounds (each on its own prompts, out of both prefix caches), the figures pool them and each round's ratio is printed
-and kept (``round_ratios``). Results JSON: benchmarks/results/serving-llama-cpp-<timestamp>.json.
+work slows both sides); with several rounds (each on its own prompts, out of both prefix caches),
+the figures pool them and each round's ratio is printed and kept (``round_ratios``). Results JSON: benchmarks/results/serving-llama-cpp-<timestamp>.json.
 """
 
 from __future__ import annotations
