@@ -158,31 +158,35 @@ def test_int4_kernel_rows_do_not_depend_on_their_batch(kind: T) -> None:
     height and remainder), at 1 and 2 threads, in the AVX2 build as in the native one (the AVX-512
     table lookup); outputs that fill no whole tile (N = 7 and 9), K of one 32-block, of whole 64-input
     lanes, and ending in a trailing block (Q4_K: 256-weight super-blocks, so 256 and 768 only)."""
-    kernels = {"native": _kernels("native")}
+    for out, cols in [(7, 32), (40, 256), (9, 96), (18, 768), (5, 800)]:
+        if kind == T.Q4_K and cols % 256:
+            continue
+        parts, _dense = _int4_parts(kind, out, cols, seed=out + cols)
+        _assert_rows_do_not_depend_on_their_batch(Int4Weight(parts["codes"], parts["scale"], parts["zero"]), out)
+
+
+def _assert_rows_do_not_depend_on_their_batch(weight: Int4Weight | Int8Weight, seed: int) -> None:
+    """``weight.multiply`` of 1..17 rows, the batch's first rows and its last, at 1 and 2 threads, by
+    the native kernels and (on an AVX-512 CPU) the AVX2 build: each row the bits it has alone."""
     from gpu_workers.model import c_build
 
+    kernels = {"native": _kernels("native")}
     if b"avx512f" in c_build.cpu_flags().split():
         kernels["avx2"] = _kernels("avx2")
+    batch = torch.randn(17, weight.in_features, generator=torch.Generator().manual_seed(seed))
     before = torch.get_num_threads()
     try:
-        for out, cols in [(7, 32), (40, 256), (9, 96), (18, 768), (5, 800)]:
-            if kind == T.Q4_K and cols % 256:
-                continue
-            parts, _dense = _int4_parts(kind, out, cols, seed=out + cols)
-            weight = Int4Weight(parts["codes"], parts["scale"], parts["zero"])
-            batch = torch.randn(17, cols, generator=torch.Generator().manual_seed(out))
-            weight._kernels = kernels["native"]
-            torch.set_num_threads(1)
-            alone = torch.cat([weight.multiply(batch[i : i + 1]) for i in range(17)])
-            for name, lib in kernels.items():
-                weight._kernels = lib
-                for threads in (1, 2):
-                    torch.set_num_threads(threads)
-                    for rows in range(1, 18):
-                        for start in (0, 17 - rows):  # the batch's first rows, and its last
-                            got = weight.multiply(batch[start : start + rows])
-                            want = alone[start : start + rows]
-                            assert torch.equal(got, want), (name, threads, out, cols, rows, start)
+        weight._kernels = kernels["native"]
+        torch.set_num_threads(1)
+        alone = torch.cat([weight.multiply(batch[i : i + 1]) for i in range(17)])
+        for name, lib in kernels.items():
+            weight._kernels = lib
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                for rows in range(1, 18):
+                    for start in (0, 17 - rows):
+                        got = weight.multiply(batch[start : start + rows])
+                        assert torch.equal(got, alone[start : start + rows]), (name, threads, rows, start)
     finally:
         torch.set_num_threads(before)
 
@@ -298,30 +302,11 @@ def test_int8_weight_multiplies_as_the_dequantized_fp32_weight(kind: T, rows: in
 
 @pytest.mark.parametrize("kind", [T.Q8_0, T.Q6_K, T.Q5_1], ids=lambda k: k.name)
 def test_int8_kernel_rows_do_not_depend_on_their_batch(kind: T) -> None:
-    """A row's outputs are the same bits alone, at any place in a batch of 1..17 rows (every tile
-    height and remainder), at 1 and 2 threads, in the AVX2 build as in the native one; outputs that
-    fill no whole tile (N = 7 and 9) and K of one 32-block (Q6_K: one 256-weight super-block) or
-    several included."""
-    kernels = {"native": _kernels("native")}
-    from gpu_workers.model import c_build
-
-    if b"avx512f" in c_build.cpu_flags().split():
-        kernels["avx2"] = _kernels("avx2")
-    before = torch.get_num_threads()
-    try:
-        for out, cols in [(7, 256 if kind == T.Q6_K else 32), (40, 512), (9, 768)]:
-            weight, _dense = _weight8(kind, rows=out, cols=cols)
-            batch = torch.randn(17, cols, generator=torch.Generator().manual_seed(out))
-            alone = torch.cat([weight.multiply(batch[i : i + 1]) for i in range(17)])
-            for name, lib in kernels.items():
-                weight._kernels = lib
-                for threads in (1, 2):
-                    torch.set_num_threads(threads)
-                    for rows in range(1, 18):
-                        got = weight.multiply(batch[:rows])
-                        assert torch.equal(got, alone[:rows]), (name, threads, out, cols, rows)
-    finally:
-        torch.set_num_threads(before)
+    """As the int4 kernel's: outputs that fill no whole tile (N = 7 and 9) and K of one 32-block
+    (Q6_K: one 256-weight super-block) or several included."""
+    for out, cols in [(7, 256 if kind == T.Q6_K else 32), (40, 512), (9, 768)]:
+        weight, _dense = _weight8(kind, rows=out, cols=cols)
+        _assert_rows_do_not_depend_on_their_batch(weight, out)
 
 
 def test_int8_weight_refuses_shards_that_cut_blocks() -> None:
