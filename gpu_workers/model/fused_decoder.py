@@ -1,21 +1,24 @@
-"""A Llama decoder layer in two C calls around its attention (panel_matmul.c): the CPU's eager fast path.
+"""A decoder layer in a few C calls around its attention (panel_matmul.c): the CPU's eager fast path.
 
 Eagerly, a layer is ~14 Python-level calls (norms, the four matmuls, RoPE, SiLU, residual adds, the
 modules around them); at decode batch sizes each costs more in dispatch than in arithmetic, ~5 ms of
-a ~25 ms SmolLM2 step on the 2-CPU VM (measured with the matmuls replaced by no-ops). Here each layer
-is ``decoder_attention_in`` (residual add, input norm, QKV matmul, RoPE), the layer's own attention
-(``PagedAttention``: the KV cache write and read, any format), then ``decoder_mlp`` (o_proj, residual
-add, post-attention norm, gate/up matmul, SiLU-and-multiply, down matmul). The C code does the same
-operations in the same order with the same rounding as the one-operation-a-call path, so the hidden
-states are the same bits (tests/gpu_workers/model/test_fused_decoder.py).
+a ~25 ms SmolLM2 step on the 2-CPU VM (measured with the matmuls replaced by no-ops). Here a Llama
+layer is ``decoder_attention_in`` (residual add, input norm, QKV matmul, query/key norms where the
+model has them (Qwen3), RoPE), the layer's own attention (``PagedAttention``: the KV cache write and
+read, any format), then ``decoder_mlp`` (o_proj, residual add, post-attention norm, gate/up matmul,
+SiLU-and-multiply, down matmul). A Gemma 3 layer, which norms its attention and MLP outputs before
+each residual add, takes ``decoder_attention_in``, its attention, ``gemma_mlp_in``, torch's GeLU
+(tanh form) and multiply, and ``gemma_mlp_out``. The C code does the same operations in the same
+order with the same rounding as the one-operation-a-call path, so the hidden states are the same
+bits (tests/gpu_workers/model/test_fused_decoder.py).
 
-``prepare(model)`` says whether a model takes this path: a Llama-family layer (RMSNorm, SiLU, no
-query/key norms) on one rank (no all-reduce between the halves), every linear either packed in
-panels (fp32 on a CPU, ``cpu_matmul``) or kept quantized for the C kernels of ``quant_kernels``
-(``--quantization gguf``: the C code calls the same kernel the module path calls), the layer
-kernels loaded (``RYZ_LAYER_KERNELS=0`` turns both off). Compiled models (``--compilation-config``)
-and autograd keep the module path, and so do steps of ``max_rows`` tokens or more where a
-quantized linear would dequantize its weight for the call (``dense_from``: a prefill).
+``prepare(model)`` says whether a model takes this path: Llama-family layers (RMSNorm, SiLU) or Gemma
+3's, on one rank (no all-reduce between the calls), every linear either packed in panels (fp32 on a
+CPU, ``cpu_matmul``) or kept quantized for the C kernels of ``quant_kernels`` (``--quantization
+gguf``: the C code calls the same kernel the module path calls), the layer kernels loaded
+(``RYZ_LAYER_KERNELS=0`` turns both off). Compiled models (``--compilation-config``) and autograd
+keep the module path, and so do steps of ``max_rows`` tokens or more where a quantized linear would
+dequantize its weight for the call (``dense_from``: a prefill).
 """
 
 from __future__ import annotations
