@@ -62,7 +62,7 @@ static inline f16 fma16(f16 a, f16 b, f16 c) {
 static inline float sum16(f16 v) { return hsum(_mm256_add_ps(v.lo, v.hi)); }
 #endif
 
-/* tileNT_MT: NT outputs (rows of codes, ldc bytes apart) for MT rows of x. Each output y[m, n] is one
+/* tileNT_MT: NT outputs (rows of codes, k_len bytes apart) for MT rows of x. Each output y[m, n] is one
  * chain of 16-lane fused multiply-adds over k = 0, 16, 32, ... in order, then sum16: the same
  * operations whatever the tile, so a row's result does not depend on the rows beside it (batch
  * invariance) nor on how the outputs are split between threads. Weights: code * scale (+ zero),
