@@ -140,10 +140,12 @@ static void int8_chunk(const void *arg, int64_t chunk) {
     for (; n < n1; n++) int8_outputs(a, n, 1);
 }
 
-/* Chunks of about CHUNKS_PER_THREAD per thread over `items` outputs: (items per chunk, chunks). */
-static void split(int64_t items, int threads, int64_t *per_chunk, int64_t *chunks) {
+/* Chunks of about CHUNKS_PER_THREAD per thread over `items` outputs, each whole tiles of `tile` outputs:
+ * (items per chunk, chunks). */
+static void split(int64_t items, int threads, int tile, int64_t *per_chunk, int64_t *chunks) {
     int64_t per = threads > 1 ? items / (threads * CHUNKS_PER_THREAD) : items;
-    *per_chunk = per < 1 ? 1 : per;
+    per = per < 1 ? 1 : per;
+    *per_chunk = (per + tile - 1) / tile * tile;
     *chunks = (items + *per_chunk - 1) / *per_chunk;
 }
 
@@ -155,9 +157,7 @@ int int8_matmul(const float *x, int64_t m_len, int64_t k_len, const int8_t *code
     if ((group != 16 && group != 32) || k_len <= 0 || k_len % 32) return -1;
     struct int8_args a = {x, scale, zero, codes, y, m_len, k_len, n_len, 0, group == 16 ? 4 : 5};
     int64_t chunks;
-    split(n_len, threads, &a.per_chunk, &chunks);
-    a.per_chunk = (a.per_chunk + INT8_OUTPUTS - 1) / INT8_OUTPUTS * INT8_OUTPUTS; /* whole output tiles */
-    chunks = (n_len + a.per_chunk - 1) / a.per_chunk;
+    split(n_len, threads, INT8_OUTPUTS, &a.per_chunk, &chunks);
     pool_run(int8_chunk, &a, chunks, threads);
     return 0;
 }
@@ -360,9 +360,7 @@ int int4_matmul(const float *x, int64_t m_len, int64_t k_len, const uint8_t *cod
     if (k_len <= 0 || k_len % 32) return -1;
     struct int4_args a = {x, scale, zero, codes, y, m_len, k_len, n_len, 0};
     int64_t chunks;
-    split(n_len, threads, &a.per_chunk, &chunks);
-    a.per_chunk = (a.per_chunk + INT4_OUTPUTS - 1) / INT4_OUTPUTS * INT4_OUTPUTS; /* whole output tiles */
-    chunks = (n_len + a.per_chunk - 1) / a.per_chunk;
+    split(n_len, threads, INT4_OUTPUTS, &a.per_chunk, &chunks);
     pool_run(int4_chunk, &a, chunks, threads);
     return 0;
 }
