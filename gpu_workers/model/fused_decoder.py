@@ -149,12 +149,14 @@ def prepare(model: LlamaForCausalLM) -> FusedDecoder | None:
             return None
         layer = cast("DecoderLayer", module)
         attn, mlp = layer.self_attn, layer.mlp
-        norms = [m for m in layer.children() if isinstance(m, RMSNorm)]
-        if any(n.offset != layer.input_layernorm.offset for n in norms):
+        norms = [layer.input_layernorm, layer.post_attention_layernorm]
+        if isinstance(layer, Gemma3DecoderLayer):
+            norms += [layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm]
+            if len({n.eps for n in norms[1:]}) != 1:  # the C calls after attention take one eps
+                return None
+        elif mlp.act is not F.silu:  # Gemma's activation stays torch's; Llama's C half computes SiLU
             return None
-        if type(layer) is LlamaDecoderLayer and mlp.act is not F.silu:  # Gemma's activation stays torch's
-            return None
-        if type(layer) is Gemma3DecoderLayer and len({n.eps for n in norms[1:]}) != 1:  # the C halves take one eps
+        if not all(isinstance(n, RMSNorm) and n.offset == norms[0].offset for n in norms):
             return None
         if attn.qk_norm:
             if attn.q_norm.offset != layer.input_layernorm.offset or attn.q_norm.eps != attn.k_norm.eps:
