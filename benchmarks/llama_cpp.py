@@ -33,7 +33,8 @@ Per system and level: output tok/s (all tokens over the wall time), TTFT p50/p99
 request's send to its first text); per level the ratio ours / llama.cpp; the greedy texts of the
 fp32 pair compared request by request; the load average before each run (a shared host's other
 work slows both sides); with several rounds (each on its own prompts, out of both prefix caches),
-the figures pool them and each round's ratio is printed and kept (``round_ratios``). Results JSON: benchmarks/results/serving-llama-cpp-<timestamp>.json.
+the figures pool them and each round's ratio is printed and kept (``round_ratios``). Results JSON:
+benchmarks/results/serving-llama-cpp-<timestamp>.json.
 """
 
 from __future__ import annotations
@@ -451,7 +452,8 @@ def compare(args: argparse.Namespace) -> int:
         "started": args.started, "runs": {p: {s: {str(k): v for k, v in lv.items()} for s, lv in sides.items()}
                                           for p, sides in runs.items()},
         "ratios": rows, "fp32_greedy_text_equality": {str(k): v for k, v in equality.items()},
-        "rounds": args.rounds, "round_ratios": {p: {str(k): v for k, v in lv.items()} for p, lv in round_ratios.items()},
+        "rounds": args.rounds,
+        "round_ratios": {p: {str(k): v for k, v in lv.items()} for p, lv in round_ratios.items()},
     }
     print(f"\nryzanstein (gateway, HTTP) vs llama-server (HTTP), {source.name}, {args.prompt_tokens}-token prompts, "
           f"{args.max_tokens} new tokens, temperature 0, {threads} threads each, load average "
