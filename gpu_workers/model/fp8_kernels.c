@@ -254,3 +254,76 @@ int decode_attention(const void *k_pool, const void *v_pool, const float *k_scal
     }
     return failed ? -2 : 0;
 }
+
+/* --- one layer's attention in a decode-only step, for the fused decoder (fused_decoder.py) --------------------
+ *
+ * The fused decoder hands each layer's attention to its cache's library through one function of the type
+ * attend_fn (panel_matmul.c calls it by address between decoder_attention_in and decoder_mlp): store the step's
+ * new K and V, then attend. Its operands:
+ *   qkv      [B, (heads + 2 kv_heads) DIM] float   the layer's QKV rows after RoPE (queries unscaled), one per sequence
+ *   context  [B, heads DIM] float                  the attention output, as PagedAttention returns it
+ * and two structs: the layer's cache (attention_layer, fixed for the cache's life) and the step (attention_step,
+ * shared by every layer of a KV cache group). Queries are scaled (q * scale, one rounding) and laid out [Hkv, B,
+ * G, DIM] as PagedAttention._decode_group lays them, then the same kernel as the module path reads the cache, so
+ * the results are the same bits. Returns 0, -1 (a slot, block id or length out of range: nothing written for a
+ * slot), -2 (no scratch memory). */
+struct attention_layer {
+    void *k, *v;                               /* fp32 pools [kv_heads, num_blocks * BS, DIM] */
+    uint8_t *codes, *centre;                   /* a staged cache's layer (kv_staged_kernels.c) */
+    float *centre_scale;
+    uint16_t *k_scale, *v_scale, *dense;
+    int64_t num_blocks, num_dense, heads, kv_heads;
+    float scale;                               /* of the query-key products */
+};
+struct attention_step {
+    const int64_t *tables, *lens, *slots;      /* [B, width], [B], [B] (each new token's cache slot) */
+    int64_t batch, width;
+    /* a staged cache's writes (kv_staged.StagedWrites): completed blocks and their sources, dense rows */
+    const int64_t *complete, *complete_src, *staged_slots, *dense_rows, *dense_slots;
+    int64_t nc, ns, nd;
+};
+
+/* q [Hkv, B, G, DIM] <- each sequence's query heads of qkv times scale */
+static void gather_queries(const struct attention_layer *L, int64_t batch, const float *qkv, float *q) {
+    const int64_t groups = L->heads / L->kv_heads, nqkv = (L->heads + 2 * L->kv_heads) * DIM;
+    for (int64_t h = 0; h < L->kv_heads; h++)
+        for (int64_t b = 0; b < batch; b++)
+            for (int64_t g = 0; g < groups; g++) {
+                const float *src = qkv + b * nqkv + (h * groups + g) * DIM;
+                float *dst = q + ((h * batch + b) * groups + g) * DIM;
+                for (int d = 0; d < DIM; d++) dst[d] = src[d] * L->scale;
+            }
+}
+
+/* context [B, heads DIM] <- out [Hkv, B, G, DIM] */
+static void scatter_outputs(const struct attention_layer *L, int64_t batch, const float *out, float *context) {
+    const int64_t groups = L->heads / L->kv_heads;
+    for (int64_t h = 0; h < L->kv_heads; h++)
+        for (int64_t b = 0; b < batch; b++)
+            memcpy(context + (b * L->heads + h * groups) * DIM, out + (h * batch + b) * groups * DIM,
+                   sizeof(float) * groups * DIM);
+}
+
+/* attend_fn of an fp32 cache (KVCache.write's stores, then decode_attention with fmt F32). */
+int attend_fp32(const struct attention_layer *L, const struct attention_step *S, const float *qkv, float *context,
+                int threads) {
+    const int64_t batch = S->batch, slots = L->num_blocks * BS, nqkv = (L->heads + 2 * L->kv_heads) * DIM;
+    if (L->kv_heads < 1 || L->heads % L->kv_heads) return -1;
+    for (int64_t b = 0; b < batch; b++)
+        if (S->slots[b] < 0 || S->slots[b] >= slots) return -1;
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t h = 0; h < L->kv_heads; h++) {
+            const float *k = qkv + b * nqkv + (L->heads + h) * DIM, *v = k + L->kv_heads * DIM;
+            memcpy((float *)L->k + (h * slots + S->slots[b]) * DIM, k, sizeof(float) * DIM);
+            memcpy((float *)L->v + (h * slots + S->slots[b]) * DIM, v, sizeof(float) * DIM);
+        }
+    float *q = malloc(sizeof(float) * (size_t)(2 * batch * L->heads * DIM));
+    if (!q) return -2;
+    gather_queries(L, batch, qkv, q);
+    const float none = 0.0f;
+    int rc = decode_attention(L->k, L->v, &none, &none, 0, 0, S->tables, S->lens, q, q + batch * L->heads * DIM,
+                              L->kv_heads, batch, S->width, L->heads / L->kv_heads, L->num_blocks, F32, threads);
+    if (rc == 0) scatter_outputs(L, batch, q + batch * L->heads * DIM, context);
+    free(q);
+    return rc;
+}

@@ -41,6 +41,26 @@ _SIGNATURES = {
 }
 
 
+class AttentionLayer(ctypes.Structure):
+    """One layer of a cache as an ``attend_fn`` reads it (fp8_kernels.c ``struct attention_layer``): made by
+    ``KVCache.attention_kernel``; it holds the tensors whose addresses it carries."""
+
+    _fields_ = [("k", _P), ("v", _P), ("codes", _P), ("centre", _P), ("centre_scale", _P), ("k_scale", _P),
+                ("v_scale", _P), ("dense", _P), ("num_blocks", _I), ("num_dense", _I), ("heads", _I),
+                ("kv_heads", _I), ("scale", ctypes.c_float)]
+    _tensors: tuple[torch.Tensor, ...]
+
+
+class AttentionStep(ctypes.Structure):
+    """A decode-only step's view of one KV cache group as an ``attend_fn`` reads it (fp8_kernels.c ``struct
+    attention_step``): made by ``fused_decoder.attention_step``; it holds the tensors whose addresses it carries."""
+
+    _fields_ = [("tables", _P), ("lens", _P), ("slots", _P), ("batch", _I), ("width", _I), ("complete", _P),
+                ("complete_src", _P), ("staged_slots", _P), ("dense_rows", _P), ("dense_slots", _P), ("nc", _I),
+                ("ns", _I), ("nd", _I)]
+    _tensors: tuple[torch.Tensor, ...]
+
+
 class KernelError(RuntimeError):
     """A kernel refused its input (a block id outside the pool)."""
 
@@ -102,6 +122,11 @@ class Fp8Kernels:
             raise KernelError("a block table names a block outside the KV cache, or a length outside its blocks")
         return out
 
+    def attend_address(self) -> int:
+        """The address of ``attend_fp32`` (an fp32 cache's ``attend_fn``), for the fused decoder's C code
+        to call. The library stays loaded while this object lives."""
+        return function_address(self._lib, "attend_fp32")
+
     def dequantize_rows(self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """fp32 values [..., D] of ``codes`` [..., D], each row times its scale (``scales`` [...])."""
         codes, scales = codes.contiguous(), scales.to(torch.float32).expand(codes.shape[:-1]).contiguous()
@@ -113,6 +138,12 @@ class Fp8Kernels:
             codes.data_ptr(), scales.data_ptr(), out.data_ptr(), rows, FORMAT_CODES[dtype], torch.get_num_threads()
         )
         return out
+
+
+def function_address(lib: ctypes.CDLL, name: str) -> int:
+    address = ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+    assert address is not None
+    return address
 
 
 def _scale_strides(scales: torch.Tensor) -> tuple[int, int]:

@@ -23,17 +23,18 @@ dequantize its weight for the call (``dense_from``: a prefill).
 
 from __future__ import annotations
 
+import ctypes
 from typing import TYPE_CHECKING, TypeAlias, cast
 
 import torch
 import torch.nn.functional as F
 
-from gpu_workers.model import layer_kernels, panel_matmul
+from gpu_workers.model import fp8_kernels, layer_kernels, panel_matmul
 from gpu_workers.model.layers import LinearBase, RMSNorm
 from gpu_workers.model.quantization import GROUP_SIZE, Int4Weight, Int8Weight
 
 if TYPE_CHECKING:
-    from gpu_workers.model.attention import AttentionBatch
+    from gpu_workers.model.attention import AttentionBatch, PagedAttention
     from gpu_workers.model.gemma3 import Gemma3DecoderLayer
     from gpu_workers.model.kv_cache import KVCache
     from gpu_workers.model.llama import LlamaDecoderLayer, LlamaForCausalLM
@@ -82,6 +83,10 @@ class FusedDecoder:
         self.max_rows = max_rows  # steps of fewer tokens take this path (llama.py's decoder)
         self.kernels = kernels
         self.layer_kernels = one_op_kernels
+        # the C attention of the cache last seen (built once per cache: its layers' pools do not move)
+        self._cache: KVCache | None = None
+        self._kernels: list[tuple[int, fp8_kernels.AttentionLayer]] | None = None
+        self._whole: panel_matmul.DecoderLayers | None = None  # Llama-family layers, for decoder_layers
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, local_cos: torch.Tensor,
                  local_sin: torch.Tensor, batch: AttentionBatch, cache: KVCache) -> torch.Tensor:
@@ -93,6 +98,13 @@ class FusedDecoder:
         for key, (c, s) in (("global", (cos, sin)), ("local", (local_cos, local_sin))):
             half = c.shape[-1]
             angles[key] = tuple(a.reshape(-1, half).expand(t, half).contiguous() for a in (c, s))
+        final = self.model.model.norm
+        attention = self._attention(batch, cache, t)
+        if attention is not None and attention.whole is not None:
+            c, s = angles["global"]
+            last, last_residual = self.kernels.decoder_layers(attention.whole, x, c, s, attention.steps)
+            return self.layer_kernels.fused_add_rms_norm(last, last_residual, final.weight, final.eps,
+                                                         offset=final.offset)[0]
         stream, mlp_stream, out, normed = (torch.empty(t, hidden) for _ in range(4))
         residual: torch.Tensor | None = None  # the stream before this layer's add (None at layer 0)
         h = x
@@ -105,10 +117,15 @@ class FusedDecoder:
             qkv = self.kernels.decoder_attention_in(  # [T, (H + 2 Hkv) D]; stream <- h + residual
                 h, residual, norm.weight.data, norm.eps, norm.offset, qkv_proj, c, s, heads, kv_heads, d, stream,
                 normed, self.qk_norms[i])
-            q = qkv[:, : heads * d].view(t, heads, d)
-            k = qkv[:, heads * d : (heads + kv_heads) * d].view(t, kv_heads, d)
-            v = qkv[:, (heads + kv_heads) * d :].view(t, kv_heads, d)
-            context = attn.attn(q, k, v, batch, cache).contiguous()  # [T, H * D]
+            kernel = attention.layer(i, attn.attn) if attention is not None else None
+            if kernel is not None:  # the cache's C function: the K/V write and decode attention in one call
+                context = torch.empty(t, heads * d)
+                panel_matmul.attend(*kernel, qkv, context)
+            else:
+                q = qkv[:, : heads * d].view(t, heads, d)
+                k = qkv[:, heads * d : (heads + kv_heads) * d].view(t, kv_heads, d)
+                v = qkv[:, (heads + kv_heads) * d :].view(t, kv_heads, d)
+                context = attn.attn(q, k, v, batch, cache).contiguous()  # [T, H * D]
             if self.gemma:
                 gemma = cast("Gemma3DecoderLayer", layer)
                 post_attn, pre_ff = gemma.post_attention_layernorm, gemma.pre_feedforward_layernorm
@@ -124,10 +141,102 @@ class FusedDecoder:
             self.kernels.decoder_mlp(context, h if residual is None else stream, o_proj, post.weight.data, post.eps,
                                      post.offset, gate_up, down, mlp_stream, out)
             h, residual = out, mlp_stream  # the layer's output is out + mlp_stream, added by the next
-        final = self.model.model.norm
         if residual is None:  # Gemma's: each layer adds its own residual
             return self.layer_kernels.rms_norm(h, final.weight, final.eps, offset=final.offset)
         return self.layer_kernels.fused_add_rms_norm(h, residual, final.weight, final.eps, offset=final.offset)[0]
+
+    def _attention(self, batch: AttentionBatch, cache: KVCache, tokens: int) -> _StepAttention | None:
+        """This step's C attention (its cache's ``attend_fn`` per layer), or None where the step or the cache
+        has none (a prefill chunk in the step, a cache format without the function)."""
+        if self._cache is not cache:
+            self._cache, self._kernels, self._whole = cache, self._attention_kernels(cache), None
+            if self._kernels is not None and not self.gemma and not self.model.sliding_layers:
+                self._whole = self._decoder_layers(self._kernels)
+        if self._kernels is None:
+            return None
+        steps = [attention_step(view, tokens) for view in (batch.groups or [batch])]
+        if any(step is None for step in steps):
+            return None
+        return _StepAttention(self._kernels, cast("list[fp8_kernels.AttentionStep]", steps), batch.groups or [batch],
+                              self._whole)
+
+    def _attention_kernels(self, cache: KVCache) -> list[tuple[int, fp8_kernels.AttentionLayer]] | None:
+        kernels = []
+        for layer in self.layers:
+            attn = layer.self_attn.attn
+            kernel = cache.attention_kernel(attn.cache_layer, heads=attn.num_heads, scale=attn.scale)
+            if kernel is None:
+                return None
+            kernels.append(kernel)
+        return kernels
+
+    def _decoder_layers(self, kernels: list[tuple[int, fp8_kernels.AttentionLayer]]) -> panel_matmul.DecoderLayers:
+        """The Llama-family layers as ``decoder_layers`` takes them (all of one shape: ``prepare``)."""
+        structs: list[panel_matmul.DecoderLayer] = []
+        keep: list[object] = []
+        for i, layer in enumerate(self.layers):
+            attn, post = layer.self_attn, layer.post_attention_layernorm
+            norm = layer.input_layernorm
+            q_norm, k_norm, qk_eps = self.qk_norms[i] or (None, None, 0.0)
+            address, attention = kernels[i]
+            linears = [ctypes.pointer(lin) for lin in self.linears[i]]
+            structs.append(panel_matmul.DecoderLayer(
+                norm.weight.data.data_ptr(), post.weight.data.data_ptr(), panel_matmul._ptr(q_norm),
+                panel_matmul._ptr(k_norm), norm.eps, post.eps, qk_eps, int(norm.offset), attn.num_heads,
+                attn.num_kv_heads, attn.head_dim, attn.attn.kv_group, *linears, address, ctypes.addressof(attention)))
+            keep += [norm.weight.data, post.weight.data, q_norm, k_norm, attention, *linears, *self.linears[i]]
+        first = self.layers[0]
+        return panel_matmul.DecoderLayers(
+            structs, keep, hidden=first.input_layernorm.weight.shape[0], heads=first.self_attn.num_heads,
+            kv_heads=first.self_attn.num_kv_heads, head_dim=first.self_attn.head_dim,
+            intermediate=self.linears[0][2].n // 2, groups=1 + max(layer.self_attn.attn.kv_group for layer in self.layers))
+
+
+class _StepAttention:
+    """One step's C attention: each layer's ``attend_fn`` and the step of its KV cache group."""
+
+    def __init__(self, kernels: list[tuple[int, fp8_kernels.AttentionLayer]], steps: list[fp8_kernels.AttentionStep],
+                 views: list[AttentionBatch], whole: panel_matmul.DecoderLayers | None) -> None:
+        self.kernels, self.steps, self.views, self.whole = kernels, steps, views, whole
+
+    def layer(self, i: int, attn: PagedAttention) -> tuple[int, fp8_kernels.AttentionLayer, fp8_kernels.AttentionStep] | None:
+        """Layer ``i``'s function, cache operand and step; None for a sliding-window layer whose window
+        does not hold every sequence's context (its own view of the step: the module path reads it)."""
+        view = self.views[attn.kv_group]
+        if attn.sliding_window is not None and view.windowed[attn.sliding_window] is not view:
+            return None
+        address, layer = self.kernels[i]
+        return address, layer, self.steps[attn.kv_group]
+
+
+def attention_step(batch: AttentionBatch, tokens: int) -> fp8_kernels.AttentionStep | None:
+    """``batch`` (one KV cache group's view of a step of ``tokens`` tokens) as an ``attend_fn`` reads it,
+    or None where it is not a decode-only step read by the fused kernels (a prefill chunk, several decode
+    groups, a gathered read)."""
+    from gpu_workers.model.decode_backends import FusedMetadata, StagedMetadata
+
+    if batch.prefills or batch.num_decode != tokens or len(batch.decode_groups) != 1:
+        return None
+    meta = batch.decode_groups[0]
+    if not isinstance(meta, (FusedMetadata, StagedMetadata)) or meta.lens is None:
+        return None
+    tables, lens, slots = (t.to(torch.int64).contiguous() for t in (meta.block_tables, meta.lens, batch.slot_mapping))
+    if tables.device.type != "cpu" or tuple(lens.shape) != (tokens,) or tuple(slots.shape) != (tokens,):
+        return None
+    keep = [tables, lens, slots]
+    step = fp8_kernels.AttentionStep(tables.data_ptr(), lens.data_ptr(), slots.data_ptr(), tokens, tables.shape[1])
+    plan = batch.staged
+    if plan is not None:
+        if plan.late_rows.numel():
+            return None
+        index = [t.to(torch.int64).contiguous() for t in (plan.complete_blocks, plan.complete_src, plan.staged_slots,
+                                                           plan.dense_rows, plan.dense_slots)]
+        step.complete, step.complete_src, step.staged_slots, step.dense_rows, step.dense_slots = (
+            t.data_ptr() for t in index)
+        step.nc, step.ns, step.nd = index[0].numel(), index[2].numel(), index[3].numel()
+        keep += index
+    step._tensors = tuple(keep)
+    return step
 
 
 def prepare(model: LlamaForCausalLM) -> FusedDecoder | None:

@@ -227,6 +227,18 @@ class KVCache:
         for), on a CPU, with fp32 compute; blocks are read where they lie, up to each sequence's length."""
         return self.kernels is not None and self.dtype == torch.float32
 
+    def attention_kernel(self, layer: int, *, heads: int, scale: float) -> tuple[int, fp8_kernels.AttentionLayer] | None:
+        """Layer ``layer``'s writes and decode attention as one C function (an ``attend_fn``, fp8_kernels.c,
+        for the fused decoder) for ``heads`` query heads and query-key ``scale``: its address and the
+        layer's operands; None where this cache has none (an fp32 cache without the kernels, other formats)."""
+        if self.kernels is None or self.format.scale is not None or self.dtype != torch.float32:
+            return None
+        k, v = self.values[layer]
+        layer_ = fp8_kernels.AttentionLayer(k=k.data_ptr(), v=v.data_ptr(), num_blocks=self.num_blocks, heads=heads,
+                                            kv_heads=self.num_kv_heads, scale=scale)
+        layer_._tensors = (k, v)
+        return self.kernels.attend_address(), layer_
+
     def decode_attention(self, layer: int, q: torch.Tensor, block_tables: torch.Tensor,
                          lens: torch.Tensor) -> torch.Tensor:
         """Attention [Hkv, B, G, D] of scaled queries ``q`` [Hkv, B, G, D] over the first ``lens`` [B]

@@ -39,6 +39,7 @@ import torch
 
 from gpu_workers.model import kv_quant, kv_staged_kernels
 from gpu_workers.model.fp8 import SCALE_DTYPE
+from gpu_workers.model.fp8_kernels import AttentionLayer
 from gpu_workers.model.kv_cache import BlockKV, KVCache
 
 DENSE_DTYPE = torch.bfloat16
@@ -122,6 +123,17 @@ class StagedKVCache(KVCache):
         """Whether decode attention can run in one C kernel (``decode_attention``: full attention views,
         fp32 compute, on a CPU where the kernels build)."""
         return self.staged_kernels is not None and self.dtype == torch.float32
+
+    def attention_kernel(self, layer: int, *, heads: int, scale: float) -> tuple[int, AttentionLayer] | None:
+        """As ``KVCache.attention_kernel``: ``attend_staged`` (``write_staged``'s stores, then
+        ``decode_attention``) where the kernels are loaded, compute is fp32 and the codes e4m3."""
+        if not self.fused_attention or self.storage_dtype != torch.float8_e4m3fn or self.staged_kernels is None:
+            return None
+        t = self.kernel_layer(layer)
+        num_blocks, num_dense, _ = t.sizes(self.block_size)
+        layer_ = AttentionLayer(None, None, *t.pointers(), num_blocks, num_dense, heads, self.num_kv_heads, scale)
+        layer_._tensors = (t.codes, t.centre, t.centre_scale, t.k_scale, t.v_scale, t.dense)
+        return self.staged_kernels.attend_address(), layer_
 
     def decode_attention(self, layer: int, q: torch.Tensor, block_tables: torch.Tensor,
                          lens: torch.Tensor) -> torch.Tensor:

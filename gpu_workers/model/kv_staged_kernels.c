@@ -352,3 +352,30 @@ int staged_write(uint8_t *codes, uint8_t *centre, float *centre_scale, uint16_t 
     return 0;
 }
 #pragma GCC pop_options
+
+/* attend_fn of a staged cache (fp8_kernels.c's attention_layer, attention_step): staged_write of the step's
+ * K and V, then staged_decode_attention (e4m3 codes). */
+int attend_staged(const struct attention_layer *L, const struct attention_step *S, const float *qkv, float *context,
+                  int threads) {
+    const int64_t batch = S->batch, nqkv = (L->heads + 2 * L->kv_heads) * DIM, kv = L->kv_heads * DIM;
+    if (L->kv_heads < 1 || L->heads % L->kv_heads) return -1;
+    float *buf = malloc(sizeof(float) * (size_t)(2 * batch * (kv + L->heads * DIM)));
+    if (!buf) return -2;
+    float *k = buf, *v = k + batch * kv, *q = v + batch * kv, *out = q + batch * L->heads * DIM;
+    for (int64_t b = 0; b < batch; b++) { /* staged_write takes K and V as [B, kv_heads, DIM] */
+        memcpy(k + b * kv, qkv + b * nqkv + L->heads * DIM, sizeof(float) * kv);
+        memcpy(v + b * kv, qkv + b * nqkv + L->heads * DIM + kv, sizeof(float) * kv);
+    }
+    int rc = staged_write(L->codes, L->centre, L->centre_scale, L->k_scale, L->v_scale, L->dense, k, v, batch,
+                          S->complete, S->nc, S->complete_src, S->staged_slots, S->ns, S->dense_rows, S->dense_slots,
+                          S->nd, L->kv_heads, L->num_blocks, L->num_dense, threads);
+    if (rc == 0) {
+        gather_queries(L, batch, qkv, q);
+        rc = staged_decode_attention(L->codes, L->centre, L->centre_scale, L->k_scale, L->v_scale, L->dense,
+                                     S->tables, S->lens, q, out, L->kv_heads, batch, S->width, L->heads / L->kv_heads,
+                                     L->num_blocks, L->num_dense, E4M3, threads);
+    }
+    if (rc == 0) scatter_outputs(L, batch, out, context);
+    free(buf);
+    return rc;
+}

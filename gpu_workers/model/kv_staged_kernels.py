@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from gpu_workers.model.c_build import build_library
-from gpu_workers.model.fp8_kernels import FLAGS, FORMAT_CODES, LIBS, KernelError, typed
+from gpu_workers.model.fp8_kernels import FLAGS, FORMAT_CODES, LIBS, KernelError, function_address, typed
 from gpu_workers.model.fp8_kernels import SOURCE as FP8_SOURCE
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,11 @@ class StagedKernels:
         self.head_dim = head_dim
         self.block_size = block_size
         self._lib = typed(lib, _SIGNATURES)
+
+    def attend_address(self) -> int:
+        """The address of ``attend_staged`` (a staged e4m3 cache's ``attend_fn``: ``staged_write``, then
+        ``staged_decode_attention``), for the fused decoder's C code to call."""
+        return function_address(self._lib, "attend_staged")
 
     def staged_decode_attention(self, layer: StagedLayer, tables: torch.Tensor, lens: torch.Tensor, q: torch.Tensor,
                                 out: torch.Tensor) -> torch.Tensor:

@@ -248,3 +248,44 @@ void decoder_mlp(const float *attn, const float *s, const struct linear *wo, con
     for (int64_t t = 0; t < T; t++) silu_mul_row(gu + t * 2 * inter, inter, a + t * inter);
     linear_apply(wd, a, T, out, threads);
 }
+
+/* One layer's attention in a decode-only step, done by the KV cache's library (fp8_kernels.c's attend_fp32,
+ * kv_staged_kernels.c's attend_staged): store the step's K and V from qkv [B, (heads + 2 kv_heads) d] (after
+ * RoPE), attend, write context [B, heads d]. layer and step are that library's structs. Returns 0 or < 0. */
+typedef int (*attend_fn)(const void *layer, const void *step, const float *qkv, float *context, int threads);
+
+/* A Llama-family decoder layer as decoder_layers runs it (fused_decoder.py builds them): its norms (q_norm_w,
+ * k_norm_w NULL where it has none), linears, heads, and its attention (attend with its cache layer operand, for
+ * the step of its KV cache group). */
+struct decoder_layer {
+    const float *norm_w, *post_w, *q_norm_w, *k_norm_w;
+    float eps, post_eps, qk_eps;
+    int offset;
+    int64_t heads, kv_heads, d, group;
+    const struct linear *qkv, *o, *gate_up, *down;
+    attend_fn attend;
+    const void *attention;
+};
+
+/* A decode-only step through n Llama-family layers, each decoder_attention_in, its attend, decoder_mlp: what
+ * fused_decoder.py's loop of those calls computes, the same bits, with no return to Python between layers.
+ * x [T, H]: the input embeddings; cos, sin [T, d / 2]; steps[g]: KV cache group g's attention step. Buffers as
+ * that loop's: the last layer's output is out + mlp_stream [T, H]. Returns 0, or the first failing attend's
+ * code (the layers after it are not run). */
+int decoder_layers(const struct decoder_layer *layers, int64_t n, const float *x, int64_t T, int64_t H,
+                   const float *cos, const float *sin, const void *const *steps, float *stream, float *mlp_stream,
+                   float *out, float *normed, float *qkv, float *context, float *h, float *n2, float *gu, float *a,
+                   int threads) {
+    const float *in = x, *residual = NULL;
+    for (int64_t i = 0; i < n; i++) {
+        const struct decoder_layer *L = layers + i;
+        decoder_attention_in(in, residual, L->norm_w, L->eps, L->offset, T, H, L->qkv, L->q_norm_w, L->k_norm_w,
+                             L->qk_eps, L->heads, L->kv_heads, cos, sin, L->d, stream, normed, qkv, threads);
+        int rc = L->attend(L->attention, steps[L->group], qkv, context, threads);
+        if (rc) return rc;
+        decoder_mlp(context, residual ? stream : in, L->o, L->post_w, L->post_eps, L->offset, L->gate_up, L->down,
+                    T, H, h, mlp_stream, n2, gu, a, out, threads);
+        in = out, residual = mlp_stream;
+    }
+    return 0;
+}

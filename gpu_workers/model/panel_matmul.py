@@ -22,6 +22,7 @@ import functools
 import logging
 import os
 import subprocess
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -60,6 +61,9 @@ class PanelKernels:
         for f in (lib.panel_matmul, lib.panel_pack, lib.decoder_attention_in, lib.decoder_mlp, lib.gemma_mlp_in,
                   lib.gemma_mlp_out):
             f.restype = None
+        lib.decoder_layers.argtypes = [_P, _I, _P, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P,
+                                       ctypes.c_int]
+        lib.decoder_layers.restype = ctypes.c_int
         self._lib = lib
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
@@ -186,6 +190,38 @@ class PanelKernels:
                                 t, hidden, dn.data_ptr(), q.data_ptr(), out.data_ptr(), torch.get_num_threads())
 
 
+    def decoder_layers(self, layers: DecoderLayers, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       steps: Sequence[ctypes.Structure]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decode-only step through ``layers`` (panel_matmul.c ``decoder_layers``: each layer's
+        ``decoder_attention_in``, its cache's attend function, ``decoder_mlp``, with no return to Python
+        between them) for the input embeddings ``x`` [T, H] and RoPE ``cos``, ``sin`` [T, d / 2];
+        ``steps[g]``: KV cache group g's ``fp8_kernels.AttentionStep``. Returns the last layer's output
+        as its two addends (out, mlp_stream) [T, H] each. ValueError for operands the C code would
+        misread, KernelError (fp8_kernels) when an attention refuses its step."""
+        from gpu_workers.model.fp8_kernels import KernelError
+
+        t, hidden = x.shape
+        half = layers.head_dim // 2
+        _check_contiguous([x, cos, sin])
+        if hidden != layers.hidden or cos.shape != (t, half) or sin.shape != (t, half) or len(steps) != layers.groups:
+            raise ValueError(f"decoder_layers: x {tuple(x.shape)}, cos {tuple(cos.shape)}, {len(steps)} steps "
+                             f"for layers of {layers.hidden} with {layers.groups} KV cache groups")
+        stream, mlp_stream, out, normed, h, n2 = (torch.empty(t, hidden) for _ in range(6))
+        qkv, context = torch.empty(t, layers.qkv_width), torch.empty(t, layers.attn_width)
+        gu, a = torch.empty(t, 2 * layers.intermediate), torch.empty(t, layers.intermediate)
+        step_ptrs = (ctypes.c_void_p * len(steps))(*(ctypes.addressof(s) for s in steps))
+        rc = self._lib.decoder_layers(ctypes.addressof(layers.array), len(layers.array), x.data_ptr(), t, hidden,
+                                      cos.data_ptr(), sin.data_ptr(), step_ptrs, stream.data_ptr(),
+                                      mlp_stream.data_ptr(), out.data_ptr(), normed.data_ptr(), qkv.data_ptr(),
+                                      context.data_ptr(), h.data_ptr(), n2.data_ptr(), gu.data_ptr(), a.data_ptr(),
+                                      torch.get_num_threads())
+        if rc == -2:
+            raise MemoryError("decoder_layers: no scratch memory for attention")
+        if rc != 0:
+            raise KernelError("a decode step names a slot, block or length outside the KV cache")
+        return out, mlp_stream
+
+
 class Linear(ctypes.Structure):
     """A linear layer's weight as the decoder halves take it (panel_matmul.c ``struct linear``), made by
     ``panels_linear`` or ``kernel_linear``, which check its operands; it holds their tensors, so the
@@ -193,6 +229,50 @@ class Linear(ctypes.Structure):
 
     _fields_ = [("w", _P), ("scale", _P), ("zero", _P), ("bias", _P), ("fn", _P), ("k", _I), ("n", _I), ("group", _I)]
     _tensors: tuple[torch.Tensor | None, ...]
+
+
+_ATTEND = ctypes.CFUNCTYPE(ctypes.c_int, _P, _P, _P, _P, ctypes.c_int)
+
+
+class DecoderLayer(ctypes.Structure):
+    """One Llama-family layer as ``decoder_layers`` runs it (panel_matmul.c ``struct decoder_layer``)."""
+
+    _fields_ = [("norm_w", _P), ("post_w", _P), ("q_norm_w", _P), ("k_norm_w", _P), ("eps", _F), ("post_eps", _F),
+                ("qk_eps", _F), ("offset", ctypes.c_int), ("heads", _I), ("kv_heads", _I), ("d", _I), ("group", _I),
+                ("qkv", ctypes.POINTER(Linear)), ("o", ctypes.POINTER(Linear)), ("gate_up", ctypes.POINTER(Linear)),
+                ("down", ctypes.POINTER(Linear)), ("attend", _P), ("attention", _P)]
+
+
+class DecoderLayers:
+    """The layers of a model for ``decoder_layers``, all of one shape (hidden size, heads, head size,
+    intermediate size); it holds every object whose address the structs carry."""
+
+    def __init__(self, layers: list[DecoderLayer], keep: Sequence[object], *, hidden: int, heads: int, kv_heads: int,
+                 head_dim: int, intermediate: int, groups: int) -> None:
+        self.array = (DecoderLayer * len(layers))(*layers)
+        self._keep = keep
+        self.hidden, self.head_dim, self.intermediate, self.groups = hidden, head_dim, intermediate, groups
+        self.qkv_width, self.attn_width = (heads + 2 * kv_heads) * head_dim, heads * head_dim
+
+
+def attend(address: int, layer: ctypes.Structure, step: ctypes.Structure, qkv: torch.Tensor,
+           context: torch.Tensor) -> None:
+    """One layer's attention through its cache's ``attend_fn`` at ``address`` (panel_matmul.c): the step's
+    K and V from ``qkv`` [T, (H + 2 Hkv) D] stored, ``context`` [T, H D] written. The caller vouches for
+    the shapes; KernelError where the function refuses its step."""
+    from gpu_workers.model.fp8_kernels import KernelError
+
+    rc = _attend_fn(address)(ctypes.addressof(layer), ctypes.addressof(step), qkv.data_ptr(), context.data_ptr(),
+                          torch.get_num_threads())
+    if rc == -2:
+        raise MemoryError("attention: no scratch memory")
+    if rc != 0:
+        raise KernelError("a decode step names a slot, block or length outside the KV cache")
+
+
+@functools.cache
+def _attend_fn(address: int) -> Callable[..., int]:
+    return _ATTEND(address)
 
 
 def panels_linear(packed: torch.Tensor, in_features: int, out_features: int, bias: torch.Tensor | None) -> Linear:

@@ -62,17 +62,33 @@ def test_the_fused_path_gives_the_module_path_s_bits(model_dirs: dict[str, Path]
     runner = ModelRunner(model_dirs[name], num_blocks=None, block_size=4, kv_dtype=kv_dtype)
     fused = runner.model._fused
     assert fused is not None, f"{name} should take the fused path"
-    calls = []
+    calls: list[str] = []
     monkeypatch.setattr(fused_decoder.FusedDecoder, "__call__",
-                        lambda self, *a: calls.append(1) or original(self, *a))
+                        lambda self, *a: calls.append("step") or original(self, *a))
+    monkeypatch.setattr(panel_matmul.PanelKernels, "decoder_layers",
+                        lambda self, *a: calls.append("layers") or original_layers(self, *a))
+    monkeypatch.setattr(panel_matmul, "attend", lambda *a: calls.append("attend") or original_attend(*a))
     fused_logits = batched_run(runner)
-    assert len(calls) == 1 + STEPS
+    assert calls.count("step") == 1 + STEPS
+    # The decode steps' attention: the cache's C function where it has one (fp32, and fp8_e4m3 whose
+    # blocks complete during these steps at block size 4), in one C call for the whole step where every
+    # layer attends to the whole context (no sliding window, no Gemma layer with its torch GeLU); here
+    # every sliding window is narrower than the longest prompt, so those layers keep the module path.
+    windows = [layer.self_attn.attn.sliding_window for layer in runner.model.model.layers]
+    if kv_dtype not in ("fp32", "fp8_e4m3"):
+        assert "attend" not in calls and "layers" not in calls
+    elif name == "gemma3" or any(windows):
+        assert calls.count("attend") == STEPS * windows.count(None) and "layers" not in calls
+    else:
+        assert calls.count("layers") == STEPS and "attend" not in calls
     runner.model._fused = None
     module_logits = batched_run(runner)
     assert torch.equal(fused_logits, module_logits)
 
 
 original = fused_decoder.FusedDecoder.__call__
+original_layers = panel_matmul.PanelKernels.decoder_layers
+original_attend = panel_matmul.attend
 
 
 def test_layers_the_c_halves_do_not_compute_keep_the_module_path(model_dirs: dict[str, Path]) -> None:
@@ -94,3 +110,39 @@ def test_without_panels_or_layer_kernels_the_module_path_stays(model_dirs: dict[
     monkeypatch.undo()
     monkeypatch.setattr(panel_matmul, "load", lambda: None)  # as RYZ_CPU_MATMUL=onednn
     assert ModelRunner(model_dirs["llama-gqa"], num_blocks=None, block_size=4, kv_dtype="fp32").model._fused is None
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp32", "fp8_e4m3"])
+def test_the_c_attention_refuses_a_step_outside_the_cache(model_dirs: dict[str, Path], kv_dtype: str) -> None:
+    """A write slot, a block id or a length outside the cache: KernelError, and a refused write leaves
+    the pools as they were."""
+    from gpu_workers.model.fp8_kernels import AttentionStep, KernelError
+
+    runner = ModelRunner(model_dirs["llama-gqa"], num_blocks=None, block_size=4, kv_dtype=kv_dtype)
+    runner.allocate_kv_cache(8)
+    cache = runner.kv_cache
+    attn = runner.model.model.layers[0].self_attn
+    kernel = cache.attention_kernel(attn.attn.cache_layer, heads=attn.num_heads, scale=attn.attn.scale)
+    assert kernel is not None
+    qkv = torch.randn(1, (attn.num_heads + 2 * attn.num_kv_heads) * attn.head_dim)
+    context = torch.empty(1, attn.num_heads * attn.head_dim)
+    staged = kv_dtype == "fp8_e4m3"
+    first = cache.num_blocks if staged else 0  # a valid block: the staged cache's first dense block (a sink)
+    ids = cache.num_blocks + cache.num_dense_blocks  # the id space of the table
+    slots = 4 * (cache.num_dense_blocks if staged else cache.num_blocks)  # of the write (dense for staged)
+
+    def attend(slot: int, block: int, length: int) -> None:
+        tables, lens, where, rows = (torch.tensor(v) for v in ([[block]], [length], [slot], [0]))
+        step = AttentionStep(tables.data_ptr(), lens.data_ptr(), where.data_ptr(), 1, 1)
+        if staged:  # the plan's bf16 write of the token (row 0) at its dense slot
+            step.dense_rows, step.dense_slots, step.nd = rows.data_ptr(), where.data_ptr(), 1
+        panel_matmul.attend(*kernel, step, qkv, context)
+
+    attend(0, first, 1)  # a valid step
+    for slot, block, length in [(slots, first, 1), (-1, first, 1), (0, ids, 1), (0, -1, 1), (0, first, 5),
+                                (0, first, 0)]:
+        before = (cache.dense if staged else cache.values).clone()
+        with pytest.raises(KernelError):
+            attend(slot, block, length)
+        if slot != 0:
+            assert torch.equal(cache.dense if staged else cache.values, before)
