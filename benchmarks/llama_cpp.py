@@ -382,6 +382,8 @@ def compare(args: argparse.Namespace) -> int:
         raise SystemExit("--rounds: at least 1")
     if not set(args.pairs.split(",")) <= set(PAIRS):
         raise SystemExit(f"--pairs: {args.pairs!r} is not a subset of {','.join(PAIRS)}")
+    if args.llama_f32 is not None and not args.llama_f32.is_file():
+        raise SystemExit(f"--llama-f32: no file {args.llama_f32}")
     f32 = args.llama_f32 or f32_gguf(args.llama_cpp, source)
     version = subprocess.run([str(args.llama_cpp / "llama-server"), "--version"], check=False,
                              capture_output=True, text=True)

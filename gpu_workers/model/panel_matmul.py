@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from gpu_workers.model import huge_pages
 from gpu_workers.model.c_build import build_library
 
 log = logging.getLogger(__name__)
@@ -67,12 +68,13 @@ class PanelKernels:
         self._lib = lib
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
-        """``weight`` [out, in] (fp32, CPU) as panels [ceil(out / 16), in, 16], zero-padded."""
+        """``weight`` [out, in] (fp32, CPU) as panels [ceil(out / 16), in, 16], zero-padded, in memory
+        asked to be backed by 2 MiB pages (huge_pages.empty: every decode step streams them)."""
         _check_fp32(weight)
         if weight.dim() != 2 or weight.stride(1) != 1:
             weight = weight.reshape(weight.shape[0], -1).contiguous()
         n, k = weight.shape
-        packed = torch.empty((n + PANEL - 1) // PANEL, k, PANEL)
+        packed = huge_pages.empty(((n + PANEL - 1) // PANEL, k, PANEL))  # streamed every step: 2 MiB pages
         self._lib.panel_pack(weight.data_ptr(), n, k, weight.stride(0), packed.data_ptr())
         return packed
 

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gpu_workers.model import huge_pages
 from gpu_workers.model.cpu_matmul import linear
 
 GROUP_SIZE = 32  # weights per block constant: a GGUF block (Q4_K: a sub-block)
@@ -202,7 +203,7 @@ class Int4Weight:
         self._kernels = quant_kernels.load() if self.c_kernel else None
         self._torch: _TorchInt4 | None = None
         if self._kernels is not None:
-            self.packed = quant_kernels.pack_int4(codes)  # [out, in / 2] uint8
+            self.packed = huge_pages.copy_of(quant_kernels.pack_int4(codes))  # [out, in / 2] uint8, 2 MiB pages
             self.dense_from = DENSE_FROM_ROWS
         else:
             self._torch = _TorchInt4(codes, self.scale, self.zero)
@@ -336,7 +337,7 @@ class Int8Weight:
         else:
             raise ValueError(f"the weight's columns do not start on a {GROUP_SIZE // 2}-weight quantization block")
         self.out_features, self.in_features, self.group = out_features, in_features, group
-        self.codes = codes.to(torch.int8).contiguous()
+        self.codes = huge_pages.copy_of(codes.to(torch.int8))  # streamed every step: 2 MiB pages
         if not torch.equal(self.codes.to(codes.dtype), codes):
             raise ValueError("codes outside -128..127")
         self.scale = scale_g[..., 0].to(torch.float32).contiguous()  # [out, in / group]

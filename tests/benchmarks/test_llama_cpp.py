@@ -134,3 +134,13 @@ def test_rounds_pool_their_requests() -> None:
     assert pooled.summary()["output_tok_per_s"] == 32.0  # 512 tokens in 16 s
     assert pooled.ttft_s == [0.1, 0.2, 0.3, 0.4] and pooled.texts == ["x", "y"] and pooled.load == 2.5
     assert parse("--rounds", "3").rounds == 3 and parse().rounds == 1
+
+
+def test_a_missing_f32_file_stops_before_anything_runs(tmp_path: Path) -> None:
+    """--llama-f32 naming no file: a usage error up front, not a llama-server that exits mid-run."""
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    args = parse("--llama-cpp", str(tmp_path), "--llama-f32", str(tmp_path / "missing.gguf"))
+    args.model, args.threads, args.rounds, args.pairs = str(model), 2, 1, "fp32"
+    with pytest.raises(SystemExit, match="--llama-f32: no file"):
+        llama_cpp.compare(args)
