@@ -71,12 +71,15 @@ class DecodeBackend(Generic[M]):
     name: ClassVar[str]
     reads_windows: ClassVar[bool] = True  # whether it reads sliding-window views
 
-    def __init__(self, cache: KVCache, *, queries_per_kv_head: int, group_tokens: int | None) -> None:
+    def __init__(self, cache: KVCache, *, queries_per_kv_head: int, group_tokens: int | None,
+                 windowed: bool = False) -> None:
         """``queries_per_kv_head``: G, query heads per KV head on this rank; ``group_tokens``: most
-        padded context tokens per decode group (None: all decodes in one group)."""
+        padded context tokens per decode group (None: all decodes in one group); ``windowed``: it
+        reads sliding-window views (``DecodeBackends.windowed``)."""
         self.cache = cache
         self.queries_per_kv_head = queries_per_kv_head
         self.group_tokens = group_tokens
+        self.windowed = windowed
 
     @classmethod
     def supports(cls, cache: KVCache) -> bool:
@@ -265,6 +268,11 @@ class StagedDecode(DecodeBackend[StagedMetadata]):
     def supports(cls, cache: KVCache) -> bool:
         return cache.format.staged
 
+    def split(self, widths: list[int]) -> list[tuple[int, int]]:
+        if self.cache.fused_attention and not self.windowed:  # the C kernel stops at each length, as FusedDecode's
+            return [(0, len(widths))] if widths else []
+        return super().split(widths)
+
     def build(self, span: DecodeSpan) -> StagedMetadata:
         tables = self._to_device(span.block_tables)
         if self.cache.fused_attention and span.key_start is None and span.window is None:
@@ -309,6 +317,6 @@ class DecodeBackends:
     def choose(cls, cache: KVCache, *, queries_per_kv_head: int, group_tokens: int | None) -> DecodeBackends:
         def first(*, window: bool) -> DecodeBackend[Any]:
             backend = next(b for b in DECODE_BACKENDS if b.supports(cache) and (b.reads_windows or not window))
-            return backend(cache, queries_per_kv_head=queries_per_kv_head, group_tokens=group_tokens)
+            return backend(cache, queries_per_kv_head=queries_per_kv_head, group_tokens=group_tokens, windowed=window)
 
         return cls(first(window=False), first(window=True))

@@ -12,6 +12,15 @@ each residual add, takes ``decoder_attention_in``, its attention, ``gemma_mlp_in
 order with the same rounding as the one-operation-a-call path, so the hidden states are the same
 bits (tests/gpu_workers/model/test_fused_decoder.py).
 
+In a decode-only step whose cache has an ``attend_fn`` (``KVCache.attention_kernel``: an fp32 cache,
+or the staged ``fp8_e4m3`` one, with their kernels built), a layer's attention is one C call too: the
+K/V write and the decode attention the module path would run (fp8_kernels.c ``attend_fp32``,
+kv_staged_kernels.c ``attend_staged``), on the step's tables, lengths and writes gathered once per
+step (``attention_step``). Llama-family models without sliding windows then run the whole step in
+one call, ``decoder_layers`` (panel_matmul.c), calling each layer's ``attend_fn`` by address. Gemma 3
+and sliding-window layers (where the window holds every sequence's context) call it per layer;
+prefill steps, several decode groups and the other KV formats keep ``PagedAttention``.
+
 ``prepare(model)`` says whether a model takes this path: Llama-family layers (RMSNorm, SiLU) or Gemma
 3's, on one rank (no all-reduce between the calls), every linear either packed in panels (fp32 on a
 CPU, ``cpu_matmul``) or kept quantized for the C kernels of ``quant_kernels`` (``--quantization

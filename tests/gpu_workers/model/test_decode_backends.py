@@ -19,6 +19,7 @@ from gpu_workers.model.decode_backends import (
     GatheredMetadata,
 )
 from gpu_workers.model.kv_cache import KVCache
+from gpu_workers.model.kv_staged import StagedKVCache
 
 BS, HKV, G, D = 4, 2, 3, 16
 
@@ -107,6 +108,21 @@ def test_decode_groups_split_by_the_budget_but_the_fused_kernel_takes_all() -> N
     assert GatheredDecode(cache, queries_per_kv_head=G, group_tokens=None).split(widths) == [(0, 6)]
     assert FusedDecode(cache, queries_per_kv_head=G, group_tokens=24).split(widths) == [(0, 6)]
     assert gathered.split([]) == []
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_staged_cache_s_c_kernel_takes_all_its_full_attention_decodes_in_one_group(fused: bool) -> None:
+    """As FusedDecode's (padding costs its kernel nothing), and so the fused decoder's C attention
+    (one step struct per KV cache group) serves a large batch too; its sliding-window views and the
+    torch reads (no kernels) split by the budget."""
+    cache = StagedKVCache(num_layers=2, num_blocks=12, block_size=BS, num_kv_heads=HKV, head_dim=D,
+                          kv_dtype="fp8_e4m3", num_dense_blocks=8, fused_kernels=fused)
+    if fused and not cache.fused_attention:
+        pytest.skip("no C compiler: no staged kernels")
+    backends = DecodeBackends.choose(cache, queries_per_kv_head=G, group_tokens=24)
+    widths = [1, 1, 2, 3, 3, 5]
+    assert backends.full.split(widths) == ([(0, 6)] if fused else [(0, 3), (3, 2), (5, 1)])
+    assert backends.windowed.split(widths) == [(0, 3), (3, 2), (5, 1)]
 
 
 def test_a_new_backend_is_one_class_and_one_entry(monkeypatch: pytest.MonkeyPatch) -> None:
