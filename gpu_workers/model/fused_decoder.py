@@ -159,15 +159,23 @@ class FusedDecoder:
         has none (a prefill chunk in the step, a cache format without the function)."""
         if self._cache is not cache:
             self._cache, self._kernels, self._whole = cache, self._attention_kernels(cache), None
-            if self._kernels is not None and not self.gemma and not self.model.sliding_layers:
+            if (self._kernels is not None and not self.gemma and not self.model.sliding_layers
+                    and len({self._shape(i) for i in range(len(self.layers))}) == 1):  # decoder_layers' buffers
                 self._whole = self._decoder_layers(self._kernels)
         if self._kernels is None:
             return None
         steps = [attention_step(view, tokens) for view in (batch.groups or [batch])]
         if any(step is None for step in steps):
             return None
+        whole = self._whole if self._whole is not None and len(steps) == self._whole.groups else None
         return _StepAttention(self._kernels, cast("list[fp8_kernels.AttentionStep]", steps), batch.groups or [batch],
-                              self._whole)
+                              whole)
+
+    def _shape(self, i: int) -> tuple[int, ...]:
+        """Layer ``i``'s sizes: hidden, heads, KV heads, head size, and its linears' (in, out)."""
+        attn = self.layers[i].self_attn
+        return (self.layers[i].input_layernorm.weight.shape[0], attn.num_heads, attn.num_kv_heads, attn.head_dim,
+                *(size for linear in self.linears[i] for size in (linear.k, linear.n)))
 
     def _attention_kernels(self, cache: KVCache) -> list[tuple[int, fp8_kernels.AttentionLayer]] | None:
         kernels = []
