@@ -238,7 +238,8 @@ def attention_step(batch: AttentionBatch, tokens: int) -> fp8_kernels.AttentionS
     if not isinstance(meta, (FusedMetadata, StagedMetadata)) or meta.lens is None:
         return None
     tables, lens, slots = (t.to(torch.int64).contiguous() for t in (meta.block_tables, meta.lens, batch.slot_mapping))
-    if tables.device.type != "cpu" or tuple(lens.shape) != (tokens,) or tuple(slots.shape) != (tokens,):
+    if (tables.device.type != "cpu" or tables.dim() != 2 or tables.shape[0] != tokens or tuple(lens.shape) != (tokens,)
+            or tuple(slots.shape) != (tokens,)):
         return None
     keep = [tables, lens, slots]
     step = fp8_kernels.AttentionStep(tables.data_ptr(), lens.data_ptr(), slots.data_ptr(), tokens, tables.shape[1])
@@ -248,6 +249,9 @@ def attention_step(batch: AttentionBatch, tokens: int) -> fp8_kernels.AttentionS
             return None
         index = [t.to(torch.int64).contiguous() for t in (plan.complete_blocks, plan.complete_src, plan.staged_slots,
                                                            plan.dense_rows, plan.dense_slots)]
+        block_size = batch.decode_backend.cache.block_size  # the C code reads these many entries of each
+        if index[1].numel() != index[0].numel() * block_size or index[4].numel() != index[3].numel():
+            return None
         step.complete, step.complete_src, step.staged_slots, step.dense_rows, step.dense_slots = (
             t.data_ptr() for t in index)
         step.nc, step.ns, step.nd = index[0].numel(), index[2].numel(), index[3].numel()

@@ -146,3 +146,28 @@ def test_the_c_attention_refuses_a_step_outside_the_cache(model_dirs: dict[str, 
             attend(slot, block, length)
         if slot != 0:
             assert torch.equal(cache.dense if staged else cache.values, before)
+
+
+def test_a_step_whose_staged_plan_does_not_add_up_keeps_the_module_path() -> None:
+    """The C code reads block_size sources per completed block and a slot per dense row: a plan
+    where those counts disagree (or a table of another batch) is not handed to it."""
+    from types import SimpleNamespace
+
+    from gpu_workers.model.attention_metadata import AttentionBatch
+    from gpu_workers.model.decode_backends import StagedMetadata
+    from gpu_workers.model.kv_staged import StagedWrites
+
+    def step(complete_src: int, dense_slots: int, table_rows: int = 1) -> object:
+        i64 = lambda n: torch.zeros(n, dtype=torch.int64)
+        plan = StagedWrites(dense_rows=i64(1), dense_slots=i64(dense_slots), complete_blocks=i64(1),
+                            complete_src=i64(complete_src), staged_slots=i64(3), late_rows=i64(0), late_slots=i64(0))
+        meta = StagedMetadata(0, 1, torch.zeros(table_rows, 2, dtype=torch.int64), torch.tensor([5]), None)
+        backend = SimpleNamespace(cache=SimpleNamespace(block_size=4))
+        batch = AttentionBatch(slot_mapping=torch.tensor([5]), decode_backend=backend,  # type: ignore[arg-type]
+                               num_decode=1, decode_groups=[meta], staged=plan)
+        return fused_decoder.attention_step(batch, 1)
+
+    assert step(4, 1) is not None
+    assert step(3, 1) is None and step(5, 1) is None  # one completed block of 4 tokens: 4 sources
+    assert step(4, 0) is None and step(4, 2) is None  # one dense row: one dense slot
+    assert step(4, 1, table_rows=2) is None
