@@ -9,6 +9,7 @@ builds leave one complete library.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import shutil
@@ -62,3 +63,11 @@ def cpu_flags() -> bytes:
             return next((line for line in f if line.startswith(b"flags")), b"")
     except OSError:
         return b""
+
+
+def function_address(lib: ctypes.CDLL, name: str) -> int:
+    """The address of ``lib``'s exported function ``name``, for other C code to call it by (valid while
+    ``lib`` stays loaded)."""
+    address = ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+    assert address is not None
+    return address

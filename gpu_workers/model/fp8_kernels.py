@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from gpu_workers.model.c_build import build_library
+from gpu_workers.model.c_build import build_library, function_address
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +138,6 @@ class Fp8Kernels:
             codes.data_ptr(), scales.data_ptr(), out.data_ptr(), rows, FORMAT_CODES[dtype], torch.get_num_threads()
         )
         return out
-
-
-def function_address(lib: ctypes.CDLL, name: str) -> int:
-    address = ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
-    assert address is not None
-    return address
 
 
 def _scale_strides(scales: torch.Tensor) -> tuple[int, int]:

@@ -164,12 +164,12 @@ class FusedDecoder:
                 self._whole = self._decoder_layers(self._kernels)
         if self._kernels is None:
             return None
-        steps = [attention_step(view, tokens) for view in (batch.groups or [batch])]
+        views = batch.groups or [batch]
+        steps = [attention_step(view, tokens) for view in views]
         if any(step is None for step in steps):
             return None
         whole = self._whole if self._whole is not None and len(steps) == self._whole.groups else None
-        return _StepAttention(self._kernels, cast("list[fp8_kernels.AttentionStep]", steps), batch.groups or [batch],
-                              whole)
+        return _StepAttention(self._kernels, cast("list[fp8_kernels.AttentionStep]", steps), views, whole)
 
     def _shape(self, i: int) -> tuple[int, ...]:
         """Layer ``i``'s sizes: hidden, heads, KV heads, head size, and its linears' (in, out)."""

@@ -76,8 +76,7 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.T
     numel = 1
     for n in shape:
         numel *= n
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return _ARENAS.take(numel * itemsize).view(dtype).view(shape)
+    return _ARENAS.take(numel * dtype.itemsize).view(dtype).view(shape)
 
 
 def copy_of(t: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from gpu_workers.model.c_build import build_library
-from gpu_workers.model.fp8_kernels import FLAGS, FORMAT_CODES, LIBS, KernelError, function_address, typed
+from gpu_workers.model.c_build import build_library, function_address
+from gpu_workers.model.fp8_kernels import FLAGS, FORMAT_CODES, LIBS, KernelError, typed
 from gpu_workers.model.fp8_kernels import SOURCE as FP8_SOURCE
 
 log = logging.getLogger(__name__)

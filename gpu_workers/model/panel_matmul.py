@@ -200,8 +200,6 @@ class PanelKernels:
         ``steps[g]``: KV cache group g's ``fp8_kernels.AttentionStep``. Returns the last layer's output
         as its two addends (out, mlp_stream) [T, H] each. ValueError for operands the C code would
         misread, KernelError (fp8_kernels) when an attention refuses its step."""
-        from gpu_workers.model.fp8_kernels import KernelError
-
         t, hidden = x.shape
         half = layers.head_dim // 2
         _check_contiguous([x, cos, sin])
@@ -217,10 +215,7 @@ class PanelKernels:
                                       mlp_stream.data_ptr(), out.data_ptr(), normed.data_ptr(), qkv.data_ptr(),
                                       context.data_ptr(), h.data_ptr(), n2.data_ptr(), gu.data_ptr(), a.data_ptr(),
                                       torch.get_num_threads())
-        if rc == -2:
-            raise MemoryError("decoder_layers: no scratch memory for attention")
-        if rc != 0:
-            raise KernelError("a decode step names a slot, block or length outside the KV cache")
+        _check_attend(rc, "decoder_layers")
         return out, mlp_stream
 
 
@@ -262,12 +257,17 @@ def attend(address: int, layer: ctypes.Structure, step: ctypes.Structure, qkv: t
     """One layer's attention through its cache's ``attend_fn`` at ``address`` (panel_matmul.c): the step's
     K and V from ``qkv`` [T, (H + 2 Hkv) D] stored, ``context`` [T, H D] written. The caller vouches for
     the shapes; KernelError where the function refuses its step."""
-    from gpu_workers.model.fp8_kernels import KernelError
-
     rc = _attend_fn(address)(ctypes.addressof(layer), ctypes.addressof(step), qkv.data_ptr(), context.data_ptr(),
                           torch.get_num_threads())
+    _check_attend(rc, "attention")
+
+
+def _check_attend(rc: int, what: str) -> None:
+    """An ``attend_fn``'s code (or ``decoder_layers``', which passes it on) as the exception it stands for."""
+    from gpu_workers.model.fp8_kernels import KernelError
+
     if rc == -2:
-        raise MemoryError("attention: no scratch memory")
+        raise MemoryError(f"{what}: no scratch memory")
     if rc != 0:
         raise KernelError("a decode step names a slot, block or length outside the KV cache")
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from gpu_workers.model.c_build import build_library, cpu_flags
+from gpu_workers.model.c_build import build_library, cpu_flags, function_address
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,7 @@ class QuantKernels:
         (panel_matmul.kernel_linear). The library stays loaded while this object lives."""
         if name not in ("int8_matmul", "int4_linear"):
             raise ValueError(f"no kernel {name!r} to call from C")
-        address = ctypes.cast(getattr(self._lib, name), ctypes.c_void_p).value
-        assert address is not None
-        return address
+        return function_address(self._lib, name)
 
     def matmul(self, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                group: int) -> torch.Tensor:
