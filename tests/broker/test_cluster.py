@@ -10,7 +10,8 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
-from broker.connection import connect, connect_async, is_cluster, mask_url
+from broker.cluster_client import command_keys
+from broker.connection import connect, connect_async, is_cluster, mask_url, pipe_time
 from broker.errors import ConfigError
 from broker.keys import key_slot
 from broker.redis_url import RedisTarget, parse_url
@@ -210,25 +211,56 @@ def test_the_balancer_reads_the_registry_masters_uptime(cluster_url: str,
     client.close()
 
 
-def test_stream_reads_survive_the_death_of_the_clients_default_node() -> None:
-    """redis-py asks its default node for the keys of XREAD/XREADGROUP: once that node died, every
-    stream read failed for ever, its replica promoted or not (broker.cluster_client)."""
+@pytest.mark.parametrize(("args", "keys"), [
+    (("XREADGROUP", "GROUP", "g", "c", "COUNT", 1, "STREAMS", "a", "b", ">", ">"), ["a", "b"]),
+    ((b"XREAD", b"BLOCK", 5, b"STREAMS", b"s", b"0"), [b"s"]),
+    (("EVAL", "return 1", 2, "k1", "k2", "arg"), ["k1", "k2"]),
+    (("evalsha", "abc", "1", b"k"), [b"k"]),
+    (("FCALL_RO", "f", 0, "arg"), []),
+    (("EVALSHA", "abc", 3, "k"), None),  # more keys than arguments: Redis' own error says so
+    (("EVAL", "x", "many"), None),
+    (("XREAD", "COUNT", 1), None),
+    (("GET", "k"), None),
+])
+def test_movable_keys_are_read_from_the_command(args: tuple[Any, ...], keys: list[Any] | None) -> None:
+    assert command_keys(args) == keys
+
+
+def test_stream_reads_and_scripts_survive_the_death_of_the_clients_default_node() -> None:
+    """redis-py asks its default node for the keys of XREAD/XREADGROUP, and in a pipeline for those of
+    EVAL/EVALSHA too: once that node died, every such command failed for ever, its replica promoted or
+    not, as nothing on that path reads the slot map again (broker.cluster_client). The commands here
+    go to a master that stays up, at once after the kill."""
     with LocalCluster() as cluster:
         client = connect(cluster.url, Settings())
         dead = int(client.get_default_node().port)  # type: ignore[attr-defined]
         key = next(k for k in (f"s{i}" for i in range(100)) if cluster.master_of(k) != dead)  # stays up
         client.xadd(key, {"f": "v"})
         client.xgroup_create(key, "g", id="0")
+        sha = client.script_load("return redis.call('XLEN', KEYS[1])")  # type: ignore[no-untyped-call]
 
         async def scenario() -> Any:
             aclient = connect_async(cluster.url, Settings())
             await aclient.xadd(key, {"f": "w"})  # the slot map read while every node lives
             cluster.kill(dead)
             assert client.xread({key: "0"})[0][1][0][1] == {b"f": b"v"}
-            assert client.xreadgroup("g", "c", {key: ">"})[0][1][0][1] == {b"f": b"v"}
+            assert client.xreadgroup("g", "c", {key: ">"}, count=1)[0][1][0][1] == {b"f": b"v"}
+            assert client.evalsha(sha, 1, key) == 2
+            pipe = client.pipeline(transaction=False)
+            pipe_time(pipe, key)  # an EVAL: the registry read's clock (broker.registry)
+            pipe.execute_command("EVALSHA", sha, 1, key)
+            pipe.xreadgroup("g", "c", {key: ">"})
+            pipe.xlen(key)
+            (secs, _micros), length, (read,), xlen = pipe.execute()
+            assert int(secs) > 0 and length == 2 and read[1][0][1] == {b"f": b"w"} and xlen == 2
             aclient.get_default_node = lambda: next(  # type: ignore[method-assign]
                 n for n in aclient.get_nodes() if n.port == dead)  # type: ignore[attr-defined]
             got = await aclient.xread({key: "0"})
+            assert await aclient.evalsha(sha, 1, key) == 2
+            apipe = aclient.pipeline(transaction=False)
+            apipe.execute_command("EVALSHA", sha, 1, key)
+            apipe.xread({key: "0"})
+            assert (await apipe.execute())[0] == 2
             await aclient.aclose()
             return got
 

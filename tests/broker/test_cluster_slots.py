@@ -99,6 +99,8 @@ def test_no_pipeline_is_a_transaction() -> None:
     found = 0
     for package in ("balancer", "broker", "gpu_workers", "producer", "ryzanstein"):
         for path in (ROOT / package).rglob("*.py"):
+            if path == ROOT / "broker" / "cluster_client.py":
+                continue  # ClusterClient.pipeline forwards its caller's flag to redis-py's
             for call in _pipeline_calls(ast.parse(path.read_text())):
                 found += 1
                 where = f"{path.relative_to(ROOT)}:{call.lineno}"
