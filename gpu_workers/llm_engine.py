@@ -22,14 +22,14 @@ from broker.chat import PLAIN_CHAT_TEMPLATE
 from gpu_workers.block_manager import BlockManager
 from gpu_workers.engine import EngineInfo, EngineRequest, EngineStats, Rejection, RejectionReason, StepOutput
 from gpu_workers.hf_tokenizer import load_tokenizer
-from gpu_workers.logits_processors import RowContext, bad_words_token_ids
+from gpu_workers.logits_processors import RowContext, bad_words_token_ids, is_controlled
 from gpu_workers.model.config import load_config
 from gpu_workers.model_runner import Chunk, ModelRunner
 from gpu_workers.parallel.launch import TensorParallelGroup
 from gpu_workers.parallel.runner import LeaderRunner
 from gpu_workers.prompt_logprobs import PromptLogprobs
 from gpu_workers.rank import BLOCK_SIZE, LlamaEngineOptions, build_runner, rank_report
-from gpu_workers.sampler import sample_with_logprobs
+from gpu_workers.sampler import Sampled, sample_with_logprobs
 from gpu_workers.sampling_params import EngineRequestError, SamplingParams
 from gpu_workers.scheduler import Scheduler, SchedulerConfig
 from gpu_workers.sequence import Sequence
@@ -245,17 +245,28 @@ class LlamaEngine:
         # The masks are filled while the model runs (llguidance releases the GIL); rows in sampling order.
         masks = self._mask_pool.submit(self.grammars.fill, list(matchers.values()), list(matchers),
                                        len(states)) if matchers else None
-        logits = self._take_prompt_logits(chunks, self.runner.run(chunks))
-        sampled = sample_with_logprobs(
-            logits,
-            [st.sampling for st in states],
-            seeds=[st.seed for st in states],
-            steps=[s.num_tokens - s.num_prompt_tokens for s in sampled_seqs],
-            contexts=[RowContext(s.token_ids, s.num_prompt_tokens, st.stop_ids, st.bad_words_ids)
-                      for s, st in zip(sampled_seqs, states)],
-            top_logprobs=[st.sampling.top_logprobs if st.sampling.logprobs else None for st in states],
-            grammar=masks.result() if masks is not None else None,
-        ) if sampled_seqs else None
+        contexts = [RowContext(s.token_ids, s.num_prompt_tokens, st.stop_ids, st.bad_words_ids)
+                    for s, st in zip(sampled_seqs, states)]
+        # Only argmaxes wanted (greedy, no logprobs, no controls, no grammar, no prompt logprobs): the
+        # runner may give the tokens without every logit (gpu_workers.model.greedy_head).
+        runner = self.runner
+        greedy = (bool(sampled_seqs) and not matchers and not any(c.all_logits for c in chunks)
+                  and all(st.sampling.temperature == 0.0 and not st.sampling.logprobs
+                          and not is_controlled(st.sampling, ctx) for st, ctx in zip(states, contexts)))
+        out = runner.run(chunks, greedy=True) if greedy and isinstance(runner, ModelRunner) else runner.run(chunks)
+        if out.dtype == torch.int64:  # the greedy tokens themselves
+            sampled: Sampled | None = Sampled(out.tolist(), [None] * len(states))
+        else:
+            logits = self._take_prompt_logits(chunks, out)
+            sampled = sample_with_logprobs(
+                logits,
+                [st.sampling for st in states],
+                seeds=[st.seed for st in states],
+                steps=[s.num_tokens - s.num_prompt_tokens for s in sampled_seqs],
+                contexts=contexts,
+                top_logprobs=[st.sampling.top_logprobs if st.sampling.logprobs else None for st in states],
+                grammar=masks.result() if masks is not None else None,
+            ) if sampled_seqs else None
         tokens = sampled.token_ids if sampled is not None else []
         logprobs = sampled.logprobs if sampled is not None else []
         self.scheduler.postprocess(plan, {s.request_id: t for s, t in zip(sampled_seqs, tokens)})

@@ -144,9 +144,11 @@ class ModelRunner:
             return StagedKVCache(num_dense_blocks=num_dense_blocks, **shape)
         return KVCache(**shape)
 
-    def run(self, chunks: list[Chunk]) -> torch.Tensor:
+    def run(self, chunks: list[Chunk], *, greedy: bool = False) -> torch.Tensor:
         """fp32 logits [n, vocab] of the chunks with ``want_logits``, in the order given; a chunk
         with ``all_logits`` gives a row for each of its tokens instead (its last one included).
+        ``greedy``: the caller needs only each row's argmax (no chunk has ``all_logits``); where the
+        model can give it without the logits (``greedy_tokens``), the token ids [n] (int64) instead.
 
         Chunks may come in any order, one per sequence; each writes its tokens' K/V into its blocks.
         """
@@ -155,7 +157,10 @@ class ModelRunner:
                 return torch.empty(0, self.config.vocab_size, device=self.device)
             step = self._steps.build(chunks)
             hidden = self.model(step.input_ids, step.positions, step.batch, self.kv_cache)  # [T, hidden]
-            return self.model.compute_logits(hidden.index_select(0, step.logit_rows))
+            rows = hidden.index_select(0, step.logit_rows)
+            if greedy and (tokens := self.model.greedy_tokens(rows)) is not None:
+                return tokens
+            return self.model.compute_logits(rows)
 
     def release(self, request_id: str) -> None:
         """A sequence is gone for good. One rank keeps no per-sequence state: nothing to forget."""

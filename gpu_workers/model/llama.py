@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpu_workers.model import fused_decoder, layer_kernels
+from gpu_workers.model import fused_decoder, greedy_head, layer_kernels
 from gpu_workers.model.attention import AttentionBatch, PagedAttention
 from gpu_workers.model.compilation import ForwardContext, compile_decoder, forward_context
 from gpu_workers.model.config import ModelConfig
@@ -41,6 +41,7 @@ from gpu_workers.model.rope import RotaryEmbedding, apply_rotary
 if TYPE_CHECKING:
     from gpu_workers.kv_cache_groups import KVCacheGroups
     from gpu_workers.model.fused_decoder import FusedDecoder
+    from gpu_workers.model.greedy_head import GreedyHead
 
 # (checkpoint name part, our parameter name part, shard id)
 STACKED_PARAMS: tuple[tuple[str, str, Any], ...] = (
@@ -162,6 +163,7 @@ class LlamaForCausalLM(nn.Module):
         self._compiled: Callable[..., torch.Tensor] | None = None
         self._context: ForwardContext | None = None
         self._fused: FusedDecoder | None = None  # the eager CPU fast path, once the weights are packed
+        self._greedy: GreedyHead | None = None  # the head's bf16 screen for greedy steps, once packed
 
     def place_kv_cache(self, groups: KVCacheGroups) -> None:
         """Each layer's attention reads and writes its KV cache group's blocks, at its index in the group."""
@@ -223,7 +225,10 @@ class LlamaForCausalLM(nn.Module):
         tied = self.lm_head.weight is self.model.embed_tokens.weight
         if tied and self.model.embed_tokens.quantized is not None:  # kept 8-bit: the head reads the same blocks
             self.lm_head.quantized = self.model.embed_tokens.quantized
+        dense = self.lm_head.weight.data  # (an untied head's is freed by pack: the screen is made from it first)
         self.lm_head.pack(keep_dense=tied)
+        self._greedy = (greedy_head.build(dense, self.lm_head.packed)
+                        if self.lm_head.quantized is None and self.lm_head.tp.size == 1 else None)
         self._fused = fused_decoder.prepare(self)
 
     def _quantized_embeddings(self) -> list[Int8Weight]:
@@ -235,7 +240,8 @@ class LlamaForCausalLM(nn.Module):
     def packed_bytes(self) -> int:
         """Bytes of packed and quantized weights (not counted among the parameters)."""
         return (sum(m.packed_bytes() for m in self.modules() if isinstance(m, PackedWeight))
-                + sum(q.nbytes() for q in self._quantized_embeddings()))
+                + sum(q.nbytes() for q in self._quantized_embeddings())
+                + (self._greedy.nbytes() if self._greedy is not None else 0))
 
     def num_weights(self) -> int:
         """Weights this rank holds, dense, packed or 4-bit, each counted once."""
@@ -247,8 +253,16 @@ class LlamaForCausalLM(nn.Module):
         return sum(p.numel() for p in self.parameters()) + packed + quantized
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 logits [N, vocab] for final hidden states [N, hidden]."""
+        """fp32 logits [N, vocab] for final hidden states [N, hidden]. (``greedy_tokens`` gives their
+        argmax without computing them all: a model that changes them here must say so there.)"""
         return self.lm_head(hidden).float()
+
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The argmax of ``compute_logits(hidden)`` per row, token ids [N] (int64), read through a bf16
+        screen of the head (gpu_workers.model.greedy_head); None where there is none or it cannot tell."""
+        if self._greedy is None or self.config.final_logit_softcapping is not None:
+            return None
+        return self._greedy.tokens(hidden)
 
     def checkpoint_map(self) -> dict[str, tuple[str, Any]]:
         """Every checkpoint tensor name this model needs -> (parameter name, shard id or None)."""

@@ -20,6 +20,9 @@
  */
 #include <stdint.h>
 #include <string.h>
+#ifdef __AVX512BF16__
+#include <immintrin.h> /* vdpbf16ps, for bf16_screen */
+#endif
 
 #include "work_pool.h"
 
@@ -100,25 +103,29 @@ struct matmul_args {
     int64_t M, K, ldx, N, ldy, panels, units, block, groups, group_units;
 };
 
+/* Rows m0 .. m1 - 1 (m0 a multiple of TILE_ROWS) of x by panel unit u (TILE_PANELS panels: outputs
+ * TILE_PANELS * PANEL * u on). */
+static void matmul_unit(const struct matmul_args *a, int64_t u, int64_t m0, int64_t m1) {
+    int64_t p = TILE_PANELS * u;
+    int np = p + 1 < a->panels ? TILE_PANELS : 1;
+    int64_t n0 = p * PANEL;
+    int cols = (int)(a->N - n0 < np * PANEL ? a->N - n0 : np * PANEL);
+    const float *w0 = a->packed + p * a->K * PANEL;
+    const float *w1 = np == 2 ? w0 + a->K * PANEL : w0;
+    for (int64_t m = m0; m < m1; m += TILE_ROWS) {
+        int rows = (int)(m1 - m < TILE_ROWS ? m1 - m : TILE_ROWS);
+        tile_any(a->x + m * a->ldx, a->ldx, w0, w1, a->K, a->bias ? a->bias + n0 : 0, a->y + m * a->ldy + n0,
+                 a->ldy, rows, np, cols);
+    }
+}
+
 /* One chunk: one row block of x by one group of panel units. */
 static void matmul_chunk(const void *arg, int64_t chunk) {
     const struct matmul_args *a = arg;
     int64_t m0 = chunk / a->groups * a->block, g = chunk % a->groups;
     int64_t m1 = m0 + a->block < a->M ? m0 + a->block : a->M;
     int64_t u1 = (g + 1) * a->group_units < a->units ? (g + 1) * a->group_units : a->units;
-    for (int64_t u = g * a->group_units; u < u1; u++) {
-        int64_t p = TILE_PANELS * u;
-        int np = p + 1 < a->panels ? TILE_PANELS : 1;
-        int64_t n0 = p * PANEL;
-        int cols = (int)(a->N - n0 < np * PANEL ? a->N - n0 : np * PANEL);
-        const float *w0 = a->packed + p * a->K * PANEL;
-        const float *w1 = np == 2 ? w0 + a->K * PANEL : w0;
-        for (int64_t m = m0; m < m1; m += TILE_ROWS) {
-            int rows = (int)(m1 - m < TILE_ROWS ? m1 - m : TILE_ROWS);
-            tile_any(a->x + m * a->ldx, a->ldx, w0, w1, a->K, a->bias ? a->bias + n0 : 0, a->y + m * a->ldy + n0,
-                     a->ldy, rows, np, cols);
-        }
-    }
+    for (int64_t u = g * a->group_units; u < u1; u++) matmul_unit(a, u, m0, m1);
 }
 
 /* y [M, N] (row stride ldy) = x [M, K] (row stride ldx) @ W^T + bias, W packed as above (ceil(N / 16)
@@ -135,6 +142,140 @@ void panel_matmul(const float *x, int64_t M, int64_t K, int64_t ldx, const float
     a.group_units = a.group_units < 1 ? 1 : a.group_units;
     a.groups = (a.units + a.group_units - 1) / a.group_units;
     pool_run(matmul_chunk, &a, (M + a.block - 1) / a.block * a.groups, threads);
+}
+
+/* Outputs per panel unit: panel_matmul_units computes whole units. */
+int panel_unit_outputs(void) { return TILE_PANELS * PANEL; }
+
+/* panel_matmul's y for the `count` panel units listed (unit u: outputs panel_unit_outputs() * u on, as
+ * many as there are), every row of x, on the calling thread: the same tiles, so the same bits as
+ * panel_matmul gives those outputs. The other outputs of y are not written. */
+void panel_matmul_units(const float *x, int64_t M, int64_t K, int64_t ldx, const float *packed, int64_t N,
+                        const float *bias, const int64_t *units, int64_t count, float *y, int64_t ldy) {
+    struct matmul_args a = {x, packed, bias, y, M, K, ldx, N, ldy};
+    a.panels = (N + PANEL - 1) / PANEL;
+    a.units = (a.panels + TILE_PANELS - 1) / TILE_PANELS;
+    for (int64_t i = 0; i < count; i++)
+        if (units[i] >= 0 && units[i] < a.units) matmul_unit(&a, units[i], 0, M);
+}
+
+/* Greedy decoding's screen of an LM head (gpu_workers/model/greedy_head.py): y[m, n] ~ sum over k of
+ * w[n, k] * x[m, k] on a bf16 copy of the weight, in panels of 16 outputs whose inputs go in pairs:
+ * [ceil(N / 16), K / 2, 16, 2] (K even), one 32-bit lane per output holding inputs 2i (low half) and
+ * 2i + 1. With AVX512-BF16, each pair of products is one vdpbf16ps lane on the inputs rounded to bf16
+ * (xb: [M, K / 2] such pairs); without, each bf16 weight is widened (a shift, or a mask) and multiplied
+ * by the fp32 input. fp32 sums either way. Half the bytes of the fp32 head; how far it can be from
+ * panel_matmul's sums is bounded by the caller (for the bf16 inputs, the larger bound). Four panels at
+ * a time for up to four rows of x. threads: as panel_matmul's. */
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+#define SCREEN_PANELS 4
+#define SCREEN_ROWS 4
+
+struct screen_args {
+    const float *x;
+    const uint32_t *xb;
+    const uint32_t *w;
+    float *y;
+    int64_t M, K, N, panels, per_chunk;
+};
+
+static inline __attribute__((always_inline)) void screen_tile(const struct screen_args *a, int64_t p, int np,
+                                                              int64_t m0, int rows) {
+    v16 acc[SCREEN_PANELS][SCREEN_ROWS];
+    for (int j = 0; j < SCREEN_PANELS; j++)
+        for (int r = 0; r < SCREEN_ROWS; r++) acc[j][r] = (v16){0};
+    int64_t pairs = a->K / 2;
+    const uint32_t *w = a->w + p * pairs * PANEL;
+    for (int64_t i = 0; i < pairs; i++) {
+        for (int j = 0; j < np; j++) {
+            u32x16 h;
+            memcpy(&h, w + (j * pairs + i) * PANEL, sizeof h);
+#ifdef __AVX512BF16__
+            for (int r = 0; r < rows; r++)
+                acc[j][r] = (v16)_mm512_dpbf16_ps((__m512)acc[j][r], (__m512bh)(__m512i)h,
+                                                  (__m512bh)_mm512_set1_epi32((int)a->xb[(m0 + r) * pairs + i]));
+#else
+            v16 even = (v16)(h << 16), odd = (v16)(h & 0xFFFF0000u);
+            for (int r = 0; r < rows; r++) {
+                const float *x = a->x + (m0 + r) * a->K + 2 * i;
+                acc[j][r] += even * x[0];
+                acc[j][r] += odd * x[1];
+            }
+#endif
+        }
+    }
+    for (int j = 0; j < np; j++) {
+        int64_t n0 = (p + j) * PANEL;
+        int cols = (int)(a->N - n0 < PANEL ? a->N - n0 : PANEL);
+        for (int r = 0; r < rows; r++) {
+            float out[PANEL];
+            memcpy(out, &acc[j][r], sizeof out);
+            memcpy(a->y + (m0 + r) * a->N + n0, out, (size_t)cols * sizeof(float));
+        }
+    }
+}
+
+static void screen_chunk(const void *arg, int64_t chunk) {
+    const struct screen_args *a = arg;
+    int64_t p0 = chunk * a->per_chunk, p1 = p0 + a->per_chunk < a->panels ? p0 + a->per_chunk : a->panels;
+    for (int64_t p = p0; p < p1; p += SCREEN_PANELS) {
+        int np = (int)(p1 - p < SCREEN_PANELS ? p1 - p : SCREEN_PANELS);
+        for (int64_t m0 = 0; m0 < a->M; m0 += SCREEN_ROWS) {
+            int rows = (int)(a->M - m0 < SCREEN_ROWS ? a->M - m0 : SCREEN_ROWS);
+            if (np == SCREEN_PANELS && rows == 1)
+                screen_tile(a, p, SCREEN_PANELS, m0, 1);
+            else
+                screen_tile(a, p, np, m0, rows);
+        }
+    }
+}
+
+/* Whether bf16_screen multiplies bf16-rounded inputs (AVX512-BF16) rather than the fp32 ones. */
+int bf16_screen_rounds_inputs(void) {
+#ifdef __AVX512BF16__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* x [M, K] fp32, xb [M, K / 2] its bf16 pairs, w the pair panels above, y [M, N]. Returns 0, or -1 on
+ * bad sizes. */
+int bf16_screen(const float *x, const uint32_t *xb, int64_t M, int64_t K, const uint32_t *w, int64_t N, float *y,
+                int threads) {
+    if (K <= 0 || K % 2 || N <= 0 || M <= 0) return -1;
+    struct screen_args a = {x, xb, w, y, M, K, N, (N + PANEL - 1) / PANEL, 0};
+    int64_t groups = (a.panels + SCREEN_PANELS - 1) / SCREEN_PANELS;
+    int64_t per = threads > 1 ? groups / (threads * CHUNKS_PER_THREAD) : groups;
+    a.per_chunk = (per < 1 ? 1 : per) * SCREEN_PANELS;
+    pool_run(screen_chunk, &a, (a.panels + a.per_chunk - 1) / a.per_chunk, threads);
+    return 0;
+}
+
+/* The candidates of a screen (greedy_head.py): for each row m of y [M, N] (screened logits), the
+ * outputs n with y + b >= max over n' of (y - b), b = (sa[m] * ea[n] + sb[m] * eb[n]) * margin + floor_err, in
+ * float64, written in increasing n to ids[m * cap ..] (counts[m] of them). Returns 0; -1 where a row has
+ * more than cap candidates or a value is not finite (the caller then computes every logit). */
+int greedy_candidates(const float *y, int64_t M, int64_t N, const double *ea, const double *eb, const double *sa,
+                      const double *sb, double margin, double floor_err, int64_t *ids, int64_t cap, int64_t *counts) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *row = y + m * N;
+        double floor = -__builtin_inf();
+        for (int64_t n = 0; n < N; n++) {
+            double v = (double)row[n];
+            if (!__builtin_isfinite(v)) return -1;
+            double lo = v - ((sa[m] * ea[n] + sb[m] * eb[n]) * margin + floor_err);
+            floor = lo > floor ? lo : floor;
+        }
+        int64_t c = 0;
+        for (int64_t n = 0; n < N; n++)
+            if ((double)row[n] + (sa[m] * ea[n] + sb[m] * eb[n]) * margin + floor_err >= floor) {
+                if (c == cap) return -1;
+                ids[m * cap + c++] = n;
+            }
+        counts[m] = c;
+    }
+    return 0;
 }
 
 /* packed (ceil(N / 16) panels of [K, 16]) from w [N, K] row-major (row stride ldw); the padding of a

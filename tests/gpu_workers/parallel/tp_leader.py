@@ -33,8 +33,8 @@ def run_greedy(engine: LlamaEngine, prompts: list[list[int]], max_tokens: int) -
     logits: list[torch.Tensor] = []
     run = engine.runner.run
 
-    def recording(chunks: Any) -> torch.Tensor:
-        out = run(chunks)
+    def recording(chunks: Any, **_options: Any) -> torch.Tensor:
+        out = run(chunks)  # the logits, always (a greedy step's screen would give only its tokens)
         logits.append(out.clone())
         return out
 

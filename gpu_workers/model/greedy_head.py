@@ -1,0 +1,116 @@
+"""Greedy decoding's LM head at half the bytes, its tokens exactly those of the fp32 head.
+
+At temperature 0 (no logprobs, no logit controls, no grammar) a step needs each row's argmax of the
+logits, not the logits. At small batches the fp32 head is a read of its weights: SmolLM2-135M's,
+49152 x 576, are 113 MB of a 540 MB decode step, Gemma 3 270M's, 262144 x 640, 671 MB of ~1 GB.
+``GreedyHead`` reads a bf16 copy instead (``bf16_screen``, panel_matmul.c), bounds how far each
+screened logit can be from the one the fp32 head computes, and computes in fp32, with the fp32 head's
+own kernel (``matmul_units``: the same tiles, the same bits), only the logits whose upper bound
+reaches the best one's lower bound. Every other logit is provably below the argmax, so the token is
+the fp32 head's (ties: the lowest id, as ``torch.argmax``).
+
+The bound, per output n and row x [K] (w_n the fp32 weights, b_n their bf16 rounding, x' the inputs
+as the screen multiplies them: rounded to bf16 with AVX512-BF16, else x itself; u = 2^-24,
+g = K u / (1 - K u)):
+
+    |fp32 logit - screened logit| <= ||x|| (||w_n - b_n|| + g ||w_n||) + ||b_n|| (||x - x'|| + g ||x'||)
+
+(w x - b x' = (w - b) x + b (x - x'), Cauchy-Schwarz on each; g bounds the rounding of a sum of K
+products in fp32 in any order, for each of the two sums: Higham, "Accuracy and Stability of Numerical
+Algorithms", 2nd ed., sec. 3.1), the weights' norms taken in float64 at load and the inputs' at each
+step, with a relative margin and an absolute term for the denormals vdpbf16ps flushes. Where a value
+is not finite, a row has more than ``MAX_CANDIDATES`` candidates, or the step has more than
+``MAX_ROWS`` rows, ``tokens`` returns None and the caller computes the logits.
+
+``RYZ_GREEDY_SCREEN=0`` turns it off (A/B measurements).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from gpu_workers.model import huge_pages, panel_matmul
+
+log = logging.getLogger(__name__)
+
+UNIT_ROUNDOFF = 2.0**-24  # fp32
+MARGIN = 1.0 + 1e-6  # on each bound, for the float64 arithmetic that computes it
+MAX_CANDIDATES = 64  # a row with more: the full head (each candidate computes its unit of the fp32 head)
+MAX_ROWS = 4  # steps of more rows compute the full logits (the screen would read its weights twice: SCREEN_ROWS)
+OVERFLOW = 1e36  # ||x|| ||w_n|| above this: an fp32 logit could overflow, the full head decides
+
+
+def enabled() -> bool:
+    return os.environ.get("RYZ_GREEDY_SCREEN", "1") != "0"
+
+
+class GreedyHead:
+    """An fp32 LM head's argmax by a bf16 screen (module docstring). ``weight`` [V, K] fp32 (dense, K
+    even), ``packed`` its panels (``PanelKernels.pack``): the fp32 head's operand."""
+
+    def __init__(self, weight: torch.Tensor, packed: torch.Tensor, kernels: panel_matmul.PanelKernels) -> None:
+        vocab, k = weight.shape
+        if k % 2 or not bool(torch.isfinite(weight).all()):
+            raise ValueError(f"no screen for a [{vocab}, {k}] head (an odd K, or weights not all finite)")
+        self.kernels, self.packed = kernels, packed
+        self.vocab, self.k = vocab, k
+        self.panels = huge_pages.copy_of(kernels.screen_panels(packed))  # streamed every greedy step
+        w64, b64 = weight.double(), weight.to(torch.bfloat16).double()
+        self.gamma = k * UNIT_ROUNDOFF / (1 - k * UNIT_ROUNDOFF)
+        self.error_x = (w64 - b64).norm(dim=1) + self.gamma * w64.norm(dim=1)  # [V]: times ||x||
+        self.error_rounded = b64.norm(dim=1)  # [V]: times ||x - x'|| + g ||x'||
+        self.max_row_norm = float(w64.norm(dim=1).max())
+        # vdpbf16ps flushes denormals: inputs (each product off by at most max |w| 2^-126) and results (2^-126 a
+        # step), twice over
+        self.floor_err = k * (float(w64.abs().max()) + 2) * 2.0**-125
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.panels, self.error_x, self.error_rounded))
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The argmax over the vocabulary of each row of the fp32 head's logits for ``x`` [M, K] (fp32):
+        token ids [M] (int64); None where the screen cannot tell (the caller computes the logits)."""
+        if x.dim() != 2 or x.shape[1] != self.k or not 0 < x.shape[0] <= MAX_ROWS or x.dtype != torch.float32:
+            return None
+        x = x.contiguous()
+        x64 = x.double()
+        x_norm = x64.norm(dim=1)  # [M]
+        if not bool(torch.isfinite(x_norm).all()) or float(x_norm.max()) * self.max_row_norm > OVERFLOW:
+            return None
+        rounded = x.to(torch.bfloat16).double() if self.kernels.screen_rounds_inputs else x64
+        x_rounded = (x64 - rounded).norm(dim=1) + self.gamma * rounded.norm(dim=1)  # [M]
+        screened = self.kernels.bf16_screen(x, self.panels, self.vocab)  # [M, V]
+        found = self.kernels.greedy_candidates(screened, (self.error_x, self.error_rounded, x_norm, x_rounded),
+                                               MARGIN, self.floor_err, MAX_CANDIDATES)
+        if found is None:
+            return None
+        ids, counts = found
+        rows = [ids[m, : int(counts[m])] for m in range(x.shape[0])]  # each ascending
+        units = sorted({int(i) // self.kernels.unit_outputs for row in rows for i in row.tolist()})
+        logits = torch.empty(x.shape[0], self.vocab)  # only the candidates' units are written
+        self.kernels.matmul_units(x, self.packed, self.vocab, torch.tensor(units, dtype=torch.int64), logits)
+        out = torch.empty(x.shape[0], dtype=torch.long)
+        for m, row in enumerate(rows):
+            values = logits[m, row]
+            if not bool(torch.isfinite(values).all()):
+                return None
+            out[m] = row[values.argmax()]  # the first of equal maxima: the lowest id, as torch.argmax
+        return out
+
+
+def build(weight: torch.Tensor, packed: torch.Tensor | None) -> GreedyHead | None:
+    """A screen for the fp32 head ``weight`` [V, K] packed as ``packed`` (panels), or None where there
+    is none to build (turned off, no panels, no kernels, a head it cannot bound)."""
+    if not enabled() or packed is None or packed.layout is not torch.strided or weight.dtype is not torch.float32:
+        return None
+    kernels = panel_matmul.load()
+    if kernels is None or weight.dim() != 2 or weight.device.type != "cpu":
+        return None
+    try:
+        return GreedyHead(weight, packed, kernels)
+    except ValueError as exc:
+        log.info("greedy head screen not used: %s", exc)
+        return None
