@@ -18,7 +18,10 @@ g = K u / (1 - K u)):
 (w x - b x' = (w - b) x + b (x - x'), Cauchy-Schwarz on each; g bounds the rounding of a sum of K
 products in fp32 in any order, for each of the two sums: Higham, "Accuracy and Stability of Numerical
 Algorithms", 2nd ed., sec. 3.1), the weights' norms taken in float64 at load and the inputs' at each
-step, with a relative margin and an absolute term for the denormals vdpbf16ps flushes. Where a value
+step, with a relative margin and an absolute term for the denormal results vdpbf16ps flushes (its
+denormal inputs, weights or x', count as zeros in b_n and x'). vdpbf16ps is taken to round as Intel's
+manual describes it, each pair of products two fused multiply-adds rounded to nearest even: K roundings
+a sum, as g assumes (measured bit for bit on the AMD EPYC development VM). Where a value
 is not finite, a row has more than ``MAX_CANDIDATES`` candidates, or the step has more than
 ``MAX_ROWS`` rows, ``tokens`` returns None and the caller computes the logits.
 
@@ -41,6 +44,8 @@ MARGIN = 1.0 + 1e-6  # on each bound, for the float64 arithmetic that computes i
 MAX_CANDIDATES = 64  # a row with more: the full head (each candidate computes its unit of the fp32 head)
 MAX_ROWS = 4  # steps of more rows compute the full logits (the screen would read its weights twice: SCREEN_ROWS)
 OVERFLOW = 1e36  # ||x|| ||w_n|| above this: an fp32 logit could overflow, the full head decides
+SMALLEST_NORMAL = 2.0**-126  # fp32's and bf16's
+NORM_ROWS = 8192  # head rows whose norms are taken at once, in float64
 
 
 def enabled() -> bool:
@@ -57,15 +62,30 @@ class GreedyHead:
             raise ValueError(f"no screen for a [{vocab}, {k}] head (an odd K, or weights not all finite)")
         self.kernels, self.packed = kernels, packed
         self.vocab, self.k = vocab, k
+        if k * UNIT_ROUNDOFF >= 0.5:
+            raise ValueError(f"{k} inputs: too many for the rounding bound")
         self.panels = huge_pages.copy_of(kernels.screen_panels(packed))  # streamed every greedy step
-        w64, b64 = weight.double(), weight.to(torch.bfloat16).double()
         self.gamma = k * UNIT_ROUNDOFF / (1 - k * UNIT_ROUNDOFF)
-        self.error_x = (w64 - b64).norm(dim=1) + self.gamma * w64.norm(dim=1)  # [V]: times ||x||
-        self.error_rounded = b64.norm(dim=1)  # [V]: times ||x - x'|| + g ||x'||
-        self.max_row_norm = float(w64.norm(dim=1).max())
-        # vdpbf16ps flushes denormals: inputs (each product off by at most max |w| 2^-126) and results (2^-126 a
-        # step), twice over
-        self.floor_err = k * (float(w64.abs().max()) + 2) * 2.0**-125
+        self.error_x = torch.empty(vocab, dtype=torch.float64)  # [V]: times ||x||
+        self.error_rounded = torch.empty(vocab, dtype=torch.float64)  # [V]: times ||x - x'|| + g ||x'||
+        row_norm = torch.empty(vocab, dtype=torch.float64)
+        for start in range(0, vocab, NORM_ROWS):  # in float64 a chunk at a time (a whole head would be GBs)
+            rows = slice(start, start + NORM_ROWS)
+            w64 = weight[rows].double()
+            b64 = self.screened(weight[rows].to(torch.bfloat16).double())
+            row_norm[rows] = w64.norm(dim=1)
+            self.error_x[rows] = (w64 - b64).norm(dim=1) + self.gamma * row_norm[rows]
+            self.error_rounded[rows] = b64.norm(dim=1)
+        self.max_row_norm = float(row_norm.max())
+        # vdpbf16ps flushes denormal results to zero (at most 2^-126 a step; its inputs: ``screened``), twice over
+        self.floor_err = k * 2.0**-125
+
+    def screened(self, values: torch.Tensor) -> torch.Tensor:
+        """bf16 ``values`` (as float64) as the screen multiplies them: with AVX512-BF16, denormals as zero
+        (vdpbf16ps reads them so), so that the rounding terms of the bound count what that loses."""
+        if not self.kernels.screen_rounds_inputs:
+            return values
+        return torch.where(values.abs() < SMALLEST_NORMAL, torch.zeros_like(values), values)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.panels, self.error_x, self.error_rounded))
@@ -80,7 +100,7 @@ class GreedyHead:
         x_norm = x64.norm(dim=1)  # [M]
         if not bool(torch.isfinite(x_norm).all()) or float(x_norm.max()) * self.max_row_norm > OVERFLOW:
             return None
-        rounded = x.to(torch.bfloat16).double() if self.kernels.screen_rounds_inputs else x64
+        rounded = self.screened(x.to(torch.bfloat16).double()) if self.kernels.screen_rounds_inputs else x64
         x_rounded = (x64 - rounded).norm(dim=1) + self.gamma * rounded.norm(dim=1)  # [M]
         screened = self.kernels.bf16_screen(x, self.panels, self.vocab)  # [M, V]
         found = self.kernels.greedy_candidates(screened, (self.error_x, self.error_rounded, x_norm, x_rounded),

@@ -98,6 +98,23 @@ def test_a_row_that_bf16_rounding_demotes_still_wins(build: int) -> None:
     assert got is not None and got.tolist() == [11]
 
 
+@pytest.mark.parametrize("build", range(3))
+def test_weights_too_small_for_bf16_still_count(build: int) -> None:
+    """A weight that is a denormal in bf16 is read as zero by vdpbf16ps: the bound counts that loss
+    (row 0's fp32 logit 2^-30 leads row 1's 2^-31, and the screen sees row 0 at zero)."""
+    builds = _builds()
+    if build >= len(builds):
+        pytest.skip("that build is this machine's own here")
+    k_ = builds[build]
+    weight = torch.zeros(2, 2)
+    weight[0, 1], weight[1, 0] = 2.0**-130, 2.0**-126
+    x = torch.tensor([[2.0**95, 2.0**100]])
+    packed = k_.pack(weight)
+    assert k_.matmul(x, packed, 2)[0].tolist() == [2.0**-30, 2.0**-31]
+    got = greedy_head.GreedyHead(weight, packed, k_).tokens(x)
+    assert got is not None and got.tolist() == [0]
+
+
 def test_the_units_computed_alone_have_the_bits_of_the_whole_matmul() -> None:
     assert kernels is not None
     gen = torch.Generator().manual_seed(1)
