@@ -30,6 +30,7 @@ is not finite, a row has more than ``MAX_CANDIDATES`` candidates, or the step ha
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 
@@ -52,6 +53,66 @@ def enabled() -> bool:
     return os.environ.get("RYZ_GREEDY_SCREEN", "1") != "0"
 
 
+class ScreenKernels:
+    """The screen's entry points in panel_matmul.c's library, typed; ValueError for operands the C code
+    would misread."""
+
+    def __init__(self, kernels: panel_matmul.PanelKernels) -> None:
+        lib = kernels.lib
+        p, i = ctypes.c_void_p, ctypes.c_int64
+        lib.bf16_screen.argtypes = [p, p, i, i, p, i, p, ctypes.c_int]
+        lib.bf16_screen.restype = ctypes.c_int
+        lib.bf16_screen_rounds_inputs.argtypes = []
+        lib.bf16_screen_rounds_inputs.restype = ctypes.c_int
+        lib.greedy_candidates.argtypes = [p, i, i, p, p, p, p, ctypes.c_double, ctypes.c_double, p, i, p]
+        lib.greedy_candidates.restype = ctypes.c_int
+        self._lib = lib
+        self.rounds_inputs = bool(lib.bf16_screen_rounds_inputs())  # bf16_screen's x: rounded to bf16 (vdpbf16ps)
+
+    @staticmethod
+    def panels(packed: torch.Tensor) -> torch.Tensor:
+        """``PanelKernels.pack``'s fp32 panels [P, K, 16] (K even) as ``bf16_screen`` reads them: rounded
+        to bf16, inputs in pairs, [P, K / 2, 16, 2]."""
+        count, k, width = packed.shape
+        if k % 2:
+            raise ValueError(f"{k} inputs: bf16_screen takes them in pairs")
+        return packed.view(count, k // 2, 2, width).transpose(2, 3).to(torch.bfloat16).contiguous()
+
+    def bf16_screen(self, x: torch.Tensor, panels: torch.Tensor, out_features: int) -> torch.Tensor:
+        """``x`` [M, K] fp32 times a weight of ``out_features`` rows in bf16 pair ``panels`` (``panels``),
+        summed in fp32: [M, out_features]; with ``rounds_inputs``, of ``x`` rounded to bf16."""
+        k = x.shape[-1] if x.dim() == 2 else -1
+        if (x.dtype != torch.float32 or x.dim() != 2 or panels.dim() != 4 or panels.dtype != torch.bfloat16
+                or 2 * panels.shape[1] != k or panels.shape[2:] != (panel_matmul.PANEL, 2)
+                or panels.shape[0] != (out_features + panel_matmul.PANEL - 1) // panel_matmul.PANEL
+                or not x.is_contiguous() or not panels.is_contiguous() or x.shape[0] == 0):
+            raise ValueError(f"x {tuple(x.shape)} {x.dtype} against bf16 panels {tuple(panels.shape)} {panels.dtype}")
+        pairs = x.to(torch.bfloat16).view(torch.int32)  # [M, K / 2]: inputs 2i (low half), 2i + 1
+        out = torch.empty(x.shape[0], out_features)
+        if self._lib.bf16_screen(x.data_ptr(), pairs.data_ptr(), x.shape[0], k, panels.data_ptr(), out_features,
+                                 out.data_ptr(), torch.get_num_threads()) != 0:
+            raise ValueError(f"bf16_screen refused x {tuple(x.shape)} against {tuple(panels.shape)}")
+        return out
+
+    def candidates(self, screened: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                   floor_err: float, cap: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For each row of ``screened`` [M, N] (fp32), the outputs n whose ``screened + b`` reaches the
+        row's largest ``screened - b``, b = ``(sa[m] ea[n] + sb[m] eb[n]) MARGIN + floor_err`` with
+        ``bounds`` = (ea, eb [N], sa, sb [M]), float64: (ids [M, cap] int64, counts [M]), row m's first
+        counts[m] ids in increasing order; None where a row has more than ``cap`` or a value is not finite."""
+        m, n = screened.shape
+        ea, eb, sa, sb = (t.contiguous() for t in bounds)
+        if (screened.dtype != torch.float32 or not screened.is_contiguous()
+                or any(t.dtype != torch.float64 for t in (ea, eb, sa, sb))
+                or ea.shape != (n,) or eb.shape != (n,) or sa.shape != (m,) or sb.shape != (m,) or cap < 1):
+            raise ValueError(f"screened {tuple(screened.shape)} against bounds {[tuple(t.shape) for t in bounds]}")
+        ids = torch.empty(m, cap, dtype=torch.int64)
+        counts = torch.empty(m, dtype=torch.int64)
+        rc = self._lib.greedy_candidates(screened.data_ptr(), m, n, ea.data_ptr(), eb.data_ptr(), sa.data_ptr(),
+                                         sb.data_ptr(), MARGIN, floor_err, ids.data_ptr(), cap, counts.data_ptr())
+        return (ids, counts) if rc == 0 else None
+
+
 class GreedyHead:
     """An fp32 LM head's argmax by a bf16 screen (module docstring). ``weight`` [V, K] fp32 (dense, K
     even), ``packed`` its panels (``PanelKernels.pack``): the fp32 head's operand."""
@@ -61,10 +122,11 @@ class GreedyHead:
         if k % 2 or not bool(torch.isfinite(weight).all()):
             raise ValueError(f"no screen for a [{vocab}, {k}] head (an odd K, or weights not all finite)")
         self.kernels, self.packed = kernels, packed
+        self.screen = ScreenKernels(kernels)
         self.vocab, self.k = vocab, k
         if k * UNIT_ROUNDOFF >= 0.5:
             raise ValueError(f"{k} inputs: too many for the rounding bound")
-        self.panels = huge_pages.copy_of(kernels.screen_panels(packed))  # streamed every greedy step
+        self.panels = huge_pages.copy_of(ScreenKernels.panels(packed))  # streamed every greedy step
         self.gamma = k * UNIT_ROUNDOFF / (1 - k * UNIT_ROUNDOFF)
         self.error_x = torch.empty(vocab, dtype=torch.float64)  # [V]: times ||x||
         self.error_rounded = torch.empty(vocab, dtype=torch.float64)  # [V]: times ||x - x'|| + g ||x'||
@@ -83,7 +145,7 @@ class GreedyHead:
     def screened(self, values: torch.Tensor) -> torch.Tensor:
         """bf16 ``values`` (as float64) as the screen multiplies them: with AVX512-BF16, denormals as zero
         (vdpbf16ps reads them so), so that the rounding terms of the bound count what that loses."""
-        if not self.kernels.screen_rounds_inputs:
+        if not self.screen.rounds_inputs:
             return values
         return torch.where(values.abs() < SMALLEST_NORMAL, torch.zeros_like(values), values)
 
@@ -100,11 +162,11 @@ class GreedyHead:
         x_norm = x64.norm(dim=1)  # [M]
         if not bool(torch.isfinite(x_norm).all()) or float(x_norm.max()) * self.max_row_norm > OVERFLOW:
             return None
-        rounded = self.screened(x.to(torch.bfloat16).double()) if self.kernels.screen_rounds_inputs else x64
+        rounded = self.screened(x.to(torch.bfloat16).double()) if self.screen.rounds_inputs else x64
         x_rounded = (x64 - rounded).norm(dim=1) + self.gamma * rounded.norm(dim=1)  # [M]
-        screened = self.kernels.bf16_screen(x, self.panels, self.vocab)  # [M, V]
-        found = self.kernels.greedy_candidates(screened, (self.error_x, self.error_rounded, x_norm, x_rounded),
-                                               MARGIN, self.floor_err, MAX_CANDIDATES)
+        screened = self.screen.bf16_screen(x, self.panels, self.vocab)  # [M, V]
+        found = self.screen.candidates(screened, (self.error_x, self.error_rounded, x_norm, x_rounded), self.floor_err,
+                                       MAX_CANDIDATES)
         if found is None:
             return None
         ids, counts = found

@@ -69,15 +69,9 @@ class PanelKernels:
         lib.panel_matmul_units.restype = None
         lib.panel_unit_outputs.argtypes = []
         lib.panel_unit_outputs.restype = ctypes.c_int
-        lib.bf16_screen.argtypes = [_P, _P, _I, _I, _P, _I, _P, ctypes.c_int]
-        lib.bf16_screen.restype = ctypes.c_int
-        lib.bf16_screen_rounds_inputs.argtypes = []
-        lib.bf16_screen_rounds_inputs.restype = ctypes.c_int
-        lib.greedy_candidates.argtypes = [_P, _I, _I, _P, _P, _P, _P, ctypes.c_double, ctypes.c_double, _P, _I, _P]
-        lib.greedy_candidates.restype = ctypes.c_int
         self._lib = lib
+        self.lib = lib  # for the entry points another module types itself (greedy_head's screen)
         self.unit_outputs: int = lib.panel_unit_outputs()  # outputs per unit of matmul_units
-        self.screen_rounds_inputs = bool(lib.bf16_screen_rounds_inputs())  # bf16_screen's x: rounded to bf16
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` [out, in] (fp32, CPU) as panels [ceil(out / 16), in, 16], zero-padded, in memory
@@ -131,49 +125,6 @@ class PanelKernels:
         _check_aligned(packed)
         self._lib.panel_matmul_units(x.data_ptr(), x.shape[0], k, k, packed.data_ptr(), out_features, None,
                                      units.data_ptr(), units.numel(), out.data_ptr(), out_features)
-
-    def bf16_screen(self, x: torch.Tensor, panels: torch.Tensor, out_features: int) -> torch.Tensor:
-        """``x`` [M, K] fp32 times a weight of ``out_features`` rows in bf16 pair ``panels`` (``screen_panels``),
-        summed in fp32: [M, out_features]; with ``screen_rounds_inputs``, of ``x`` rounded to bf16."""
-        _check_fp32(x)
-        k = x.shape[-1] if x.dim() == 2 else -1
-        if (x.dim() != 2 or panels.dim() != 4 or panels.dtype != torch.bfloat16 or 2 * panels.shape[1] != k
-                or panels.shape[2:] != (PANEL, 2) or panels.shape[0] != (out_features + PANEL - 1) // PANEL
-                or not x.is_contiguous() or not panels.is_contiguous() or x.shape[0] == 0):
-            raise ValueError(f"x {tuple(x.shape)} against bf16 panels {tuple(panels.shape)} {panels.dtype}")
-        pairs = x.to(torch.bfloat16).view(torch.int32)  # [M, K / 2]: inputs 2i (low half), 2i + 1
-        out = torch.empty(x.shape[0], out_features)
-        if self._lib.bf16_screen(x.data_ptr(), pairs.data_ptr(), x.shape[0], k, panels.data_ptr(), out_features,
-                                 out.data_ptr(), torch.get_num_threads()) != 0:
-            raise ValueError(f"bf16_screen refused x {tuple(x.shape)} against {tuple(panels.shape)}")
-        return out
-
-    @staticmethod
-    def screen_panels(packed: torch.Tensor) -> torch.Tensor:
-        """``pack``'s fp32 panels [P, K, 16] (K even) as ``bf16_screen`` reads them: rounded to bf16,
-        inputs in pairs, [P, K / 2, 16, 2]."""
-        p, k, _ = packed.shape
-        if k % 2:
-            raise ValueError(f"{k} inputs: bf16_screen takes them in pairs")
-        return packed.view(p, k // 2, 2, PANEL).transpose(2, 3).to(torch.bfloat16).contiguous()
-
-    def greedy_candidates(self, screened: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                          torch.Tensor], margin: float, floor_err: float, cap: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """For each row of ``screened`` [M, N] (fp32), the outputs n whose ``screened + b`` reaches the
-        row's largest ``screened - b``, b = ``(sa[m] ea[n] + sb[m] eb[n]) margin + floor_err`` with
-        ``bounds`` = (ea, eb [N], sa, sb [M]), float64: (ids [M, cap] int64, counts [M]), row m's first
-        counts[m] ids in increasing order; None where a row has more than ``cap`` or a value is not finite."""
-        _check_fp32(screened)
-        m, n = screened.shape
-        ea, eb, sa, sb = (t.contiguous() for t in bounds)
-        if (not screened.is_contiguous() or any(t.dtype != torch.float64 for t in (ea, eb, sa, sb))
-                or ea.shape != (n,) or eb.shape != (n,) or sa.shape != (m,) or sb.shape != (m,) or cap < 1):
-            raise ValueError(f"screened {tuple(screened.shape)} against bounds {[tuple(t.shape) for t in bounds]}")
-        ids = torch.empty(m, cap, dtype=torch.int64)
-        counts = torch.empty(m, dtype=torch.int64)
-        rc = self._lib.greedy_candidates(screened.data_ptr(), m, n, ea.data_ptr(), eb.data_ptr(), sa.data_ptr(),
-                                         sb.data_ptr(), margin, floor_err, ids.data_ptr(), cap, counts.data_ptr())
-        return (ids, counts) if rc == 0 else None
 
     def decoder_attention_in(self, x: torch.Tensor, residual: torch.Tensor | None, norm_w: torch.Tensor, eps: float,
                              offset: bool, qkv: Linear, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,

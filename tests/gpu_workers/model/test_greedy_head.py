@@ -92,7 +92,8 @@ def test_a_row_that_bf16_rounding_demotes_still_wins(build: int) -> None:
     x = torch.cat([torch.full((k // 2,), 1.125), torch.ones(k // 2)])[None]  # bf16 values: not rounded
     packed = k_.pack(weight)
     full = k_.matmul(x, packed, 300)
-    screened = k_.bf16_screen(x, k_.screen_panels(packed), 300)
+    screen = greedy_head.ScreenKernels(k_)
+    screened = screen.bf16_screen(x, screen.panels(packed), 300)
     assert full[0].argmax() == 11 and screened[0].argmax() == 5  # the trap is set
     got = greedy_head.GreedyHead(weight, packed, k_).tokens(x)
     assert got is not None and got.tolist() == [11]
