@@ -119,14 +119,12 @@ class GreedyHead:
 
     def __init__(self, weight: torch.Tensor, packed: torch.Tensor, kernels: panel_matmul.PanelKernels) -> None:
         vocab, k = weight.shape
-        if k % 2 or not bool(torch.isfinite(weight).all()):
-            raise ValueError(f"no screen for a [{vocab}, {k}] head (an odd K, or weights not all finite)")
+        if not bool(torch.isfinite(weight).all()) or k * UNIT_ROUNDOFF >= 0.5:
+            raise ValueError(f"no screen for a [{vocab}, {k}] head (weights not all finite, or too many inputs)")
         self.kernels, self.packed = kernels, packed
         self.screen = ScreenKernels(kernels)
         self.vocab, self.k = vocab, k
-        if k * UNIT_ROUNDOFF >= 0.5:
-            raise ValueError(f"{k} inputs: too many for the rounding bound")
-        self.panels = huge_pages.copy_of(ScreenKernels.panels(packed))  # streamed every greedy step
+        self.panels = huge_pages.copy_of(ScreenKernels.panels(packed))  # streamed every greedy step (odd K: refused)
         self.gamma = k * UNIT_ROUNDOFF / (1 - k * UNIT_ROUNDOFF)
         self.error_x = torch.empty(vocab, dtype=torch.float64)  # [V]: times ||x||
         self.error_rounded = torch.empty(vocab, dtype=torch.float64)  # [V]: times ||x - x'|| + g ||x'||

@@ -69,8 +69,7 @@ class PanelKernels:
         lib.panel_matmul_units.restype = None
         lib.panel_unit_outputs.argtypes = []
         lib.panel_unit_outputs.restype = ctypes.c_int
-        self._lib = lib
-        self.lib = lib  # for the entry points another module types itself (greedy_head's screen)
+        self.lib = lib  # (public: greedy_head types the screen's entry points on it)
         self.unit_outputs: int = lib.panel_unit_outputs()  # outputs per unit of matmul_units
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
@@ -81,7 +80,7 @@ class PanelKernels:
             weight = weight.reshape(weight.shape[0], -1).contiguous()
         n, k = weight.shape
         packed = huge_pages.empty(((n + PANEL - 1) // PANEL, k, PANEL))  # streamed every step: 2 MiB pages
-        self._lib.panel_pack(weight.data_ptr(), n, k, weight.stride(0), packed.data_ptr())
+        self.lib.panel_pack(weight.data_ptr(), n, k, weight.stride(0), packed.data_ptr())
         return packed
 
     def matmul(self, x: torch.Tensor, packed: torch.Tensor, out_features: int,
@@ -104,7 +103,7 @@ class PanelKernels:
             rows = rows.contiguous()
         out = torch.empty(rows.shape[0], out_features)
         if out.numel():
-            self._lib.panel_matmul(rows.data_ptr(), rows.shape[0], k, rows.stride(0), packed.data_ptr(), out_features,
+            self.lib.panel_matmul(rows.data_ptr(), rows.shape[0], k, rows.stride(0), packed.data_ptr(), out_features,
                                    None if bias is None else bias.data_ptr(), out.data_ptr(), out_features,
                                    1 if out.numel() * k < SERIAL_MACS else torch.get_num_threads())
         return out.view(*x.shape[:-1], out_features)
@@ -123,7 +122,7 @@ class PanelKernels:
             raise ValueError(f"x {tuple(x.shape)}, panels {tuple(packed.shape)}, out {tuple(out.shape)}, "
                              f"units {tuple(units.shape)} {units.dtype}")
         _check_aligned(packed)
-        self._lib.panel_matmul_units(x.data_ptr(), x.shape[0], k, k, packed.data_ptr(), out_features, None,
+        self.lib.panel_matmul_units(x.data_ptr(), x.shape[0], k, k, packed.data_ptr(), out_features, None,
                                      units.data_ptr(), units.numel(), out.data_ptr(), out_features)
 
     def decoder_attention_in(self, x: torch.Tensor, residual: torch.Tensor | None, norm_w: torch.Tensor, eps: float,
@@ -149,7 +148,7 @@ class PanelKernels:
             raise ValueError(f"decoder_attention_in: x {tuple(x.shape)}, a linear of {qkv.k} -> {qkv.n}, "
                              f"cos {tuple(cos.shape)}, {heads} + {kv_heads} heads of {head_dim}")
         out = torch.empty(t, qkv.n)
-        self._lib.decoder_attention_in(x.data_ptr(), _ptr(residual), norm_w.data_ptr(), eps, int(offset), t, hidden,
+        self.lib.decoder_attention_in(x.data_ptr(), _ptr(residual), norm_w.data_ptr(), eps, int(offset), t, hidden,
                                        ctypes.byref(qkv), _ptr(q_norm), _ptr(k_norm), qk_eps, heads, kv_heads,
                                        cos.data_ptr(), sin.data_ptr(), head_dim, stream.data_ptr(), normed.data_ptr(),
                                        out.data_ptr(), torch.get_num_threads())
@@ -172,7 +171,7 @@ class PanelKernels:
             raise ValueError(f"decoder_mlp: context {tuple(context.shape)}, stream {tuple(stream.shape)}, linears "
                              f"{o.k} -> {o.n}, {gate_up.k} -> {gate_up.n}, {down.k} -> {down.n}")
         h, n2, gu, a = torch.empty(t, hidden), torch.empty(t, hidden), torch.empty(t, 2 * inter), torch.empty(t, inter)
-        self._lib.decoder_mlp(context.data_ptr(), stream.data_ptr(), ctypes.byref(o), post_w.data_ptr(), eps,
+        self.lib.decoder_mlp(context.data_ptr(), stream.data_ptr(), ctypes.byref(o), post_w.data_ptr(), eps,
                               int(offset), ctypes.byref(gate_up), ctypes.byref(down), t, hidden, h.data_ptr(),
                               mlp_stream.data_ptr(), n2.data_ptr(), gu.data_ptr(), a.data_ptr(), out.data_ptr(),
                               torch.get_num_threads())
@@ -192,7 +191,7 @@ class PanelKernels:
             raise ValueError(f"gemma_mlp_in: context {tuple(context.shape)}, stream {tuple(stream.shape)}, linears "
                              f"{o.k} -> {o.n}, {gate_up.k} -> {gate_up.n}")
         o_out, p, n2, gu = torch.empty(t, hidden), torch.empty(t, hidden), torch.empty(t, hidden), torch.empty(t, gate_up.n)
-        self._lib.gemma_mlp_in(context.data_ptr(), stream.data_ptr(), ctypes.byref(o), post_attn_w.data_ptr(),
+        self.lib.gemma_mlp_in(context.data_ptr(), stream.data_ptr(), ctypes.byref(o), post_attn_w.data_ptr(),
                                pre_ff_w.data_ptr(), eps, ctypes.byref(gate_up), t, hidden, o_out.data_ptr(),
                                p.data_ptr(), mlp_stream.data_ptr(), n2.data_ptr(), gu.data_ptr(), torch.get_num_threads())
         return gu
@@ -210,7 +209,7 @@ class PanelKernels:
             raise ValueError(f"gemma_mlp_out: act {tuple(act.shape)}, stream {tuple(mlp_stream.shape)}, "
                              f"a linear of {down.k} -> {down.n}")
         dn, q = torch.empty(t, hidden), torch.empty(t, hidden)
-        self._lib.gemma_mlp_out(act.data_ptr(), mlp_stream.data_ptr(), ctypes.byref(down), post_ff_w.data_ptr(), eps,
+        self.lib.gemma_mlp_out(act.data_ptr(), mlp_stream.data_ptr(), ctypes.byref(down), post_ff_w.data_ptr(), eps,
                                 t, hidden, dn.data_ptr(), q.data_ptr(), out.data_ptr(), torch.get_num_threads())
 
 
@@ -232,7 +231,7 @@ class PanelKernels:
         qkv, context = torch.empty(t, layers.qkv_width), torch.empty(t, layers.attn_width)
         gu, a = torch.empty(t, 2 * layers.intermediate), torch.empty(t, layers.intermediate)
         step_ptrs = (ctypes.c_void_p * len(steps))(*(ctypes.addressof(s) for s in steps))
-        rc = self._lib.decoder_layers(ctypes.addressof(layers.array), len(layers.array), x.data_ptr(), t, hidden,
+        rc = self.lib.decoder_layers(ctypes.addressof(layers.array), len(layers.array), x.data_ptr(), t, hidden,
                                       cos.data_ptr(), sin.data_ptr(), step_ptrs, stream.data_ptr(),
                                       mlp_stream.data_ptr(), out.data_ptr(), normed.data_ptr(), qkv.data_ptr(),
                                       context.data_ptr(), h.data_ptr(), n2.data_ptr(), gu.data_ptr(), a.data_ptr(),

@@ -148,6 +148,10 @@ def test_where_it_cannot_tell_it_says_so() -> None:
     inf[3, 3] = float("inf")
     with pytest.raises(ValueError, match="finite"):
         greedy_head.GreedyHead(inf, kernels.pack(inf), kernels)
+    odd = torch.randn(40, 63, generator=gen)
+    with pytest.raises(ValueError, match="pairs"):
+        greedy_head.GreedyHead(odd, kernels.pack(odd), kernels)
+    assert greedy_head.build(odd, kernels.pack(odd)) is None  # the full head serves it
 
 
 @pytest.fixture(scope="module")
